@@ -1,0 +1,70 @@
+// native-types.ts: a hand-written mirror of the exports of native/addon/addon_cpu.cpp and addon_cuda.cpp.
+// Buffers are typed arrays of the exact element type; sizes are element counts. Outputs first, sizes last.
+
+export interface CpuAddon {
+    /** row-major C[M,N] = alpha * op(A) @ op(B) + beta * C (cblas_sgemm contract) */
+    sgemm(transA: boolean, transB: boolean, M: number, N: number, K: number, alpha: number,
+        A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number): void;
+    setNumThreads(n: number): void;
+    getNumThreads(): number;
+
+    bf16ToF32(out: Float32Array, inp: Uint16Array, n: number): void;
+    f16ToF32(out: Float32Array, inp: Uint16Array, n: number): void;
+    f32ToBf16(out: Uint16Array, inp: Float32Array, n: number): void;
+    f32ToF16(out: Uint16Array, inp: Float32Array, n: number): void;
+    /** y += x */
+    addInplace(y: Float32Array, x: Float32Array, n: number): void;
+    /** out[N,C] = inp + bias[C] */
+    addBias(out: Float32Array, inp: Float32Array, bias: Float32Array, N: number, C: number): void;
+
+    /** returns the index of the first id outside [0, V), or -1 */
+    embeddingForward(out: Float32Array, ids: Int32Array, table: Float32Array, N: number, V: number, C: number): number;
+    embeddingBackward(dtable: Float32Array, dout: Float32Array, ids: Int32Array, N: number, V: number, C: number): void;
+
+    rmsnormForward(out: Float32Array, rstd: Float32Array | null, inp: Float32Array, weight: Float32Array,
+        N: number, C: number, eps: number): void;
+    rmsnormBackward(dinp: Float32Array, dweight: Float32Array | null, dout: Float32Array, inp: Float32Array,
+        weight: Float32Array, rstd: Float32Array, N: number, C: number): void;
+
+    ropeForward(out: Float32Array, inp: Float32Array, pos: Int32Array, invFreq: Float32Array, attentionScaling: number,
+        N: number, H: number, D: number): void;
+    ropeBackward(dinp: Float32Array, dout: Float32Array, pos: Int32Array, invFreq: Float32Array,
+        attentionScaling: number, N: number, H: number, D: number): void;
+
+    attentionForward(out: Float32Array, lse: Float32Array | null, q: Float32Array, k: Float32Array, v: Float32Array,
+        keyValid: Uint8Array | null, seg: Int32Array | null,
+        B: number, T: number, S: number, Hq: number, Hkv: number, D: number, qOffset: number, scale: number): void;
+    attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array, q: Float32Array,
+        k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
+        keyValid: Uint8Array | null, seg: Int32Array | null,
+        B: number, T: number, S: number, Hq: number, Hkv: number, D: number, qOffset: number, scale: number): void;
+
+    swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
+    swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array, up: Float32Array,
+        n: number): void;
+
+    /** returns the number of rows with a target >= 0 */
+    crossEntropyForward(loss: Float32Array, lse: Float32Array | null, logits: Float32Array, targets: Int32Array,
+        N: number, V: number): number;
+    crossEntropyBackward(dlogits: Float32Array, logits: Float32Array, lse: Float32Array, targets: Int32Array,
+        dlossScale: number, N: number, V: number): void;
+}
+
+export interface CudaDeviceInfo {
+    runtimeVersion: number;
+    driverVersion: number;
+    /** why no device could be counted (no driver, no GPU), or null */
+    error: string | null;
+    devices: {index: number; name: string; major: number; minor: number; totalBytes: number; freeBytes?: number}[];
+    /** the cuBLASLt library that dlopen found, or null */
+    cublasLt: string | null;
+}
+
+export interface CudaAddon {
+    deviceInfo(): CudaDeviceInfo;
+    // host-array round trips of single kernels, for checking them against the CPU ops
+    rmsnormForward(out: Float32Array, rstd: Float32Array | null, inp: Float32Array, weight: Float32Array,
+        N: number, C: number, eps: number): void;
+    swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
+    bf16ToF32(out: Float32Array, inp: Uint16Array, n: number): void;
+}

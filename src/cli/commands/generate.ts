@@ -1,0 +1,70 @@
+// qlora generate: continue a prompt (or answer it as a chat turn) with the model.
+import type {Command} from "commander";
+import {QloraError} from "../../errors.js";
+import {loadModel} from "../../api/models.js";
+import {DEFAULT_SAMPLING, generate} from "../../model/generate.js";
+import {action, parseFloatOption, parseIntOption} from "../run.js";
+
+interface GenerateFlags {
+    model?: string;
+    prompt: string;
+    maxNewTokens: number;
+    greedy?: boolean;
+    temperature: number;
+    topK: number;
+    topP: number;
+    seed: number;
+    chat?: boolean;
+    system?: string;
+    json?: boolean;
+}
+
+export function registerGenerate(program: Command): void {
+    program.command("generate")
+        .description("generate text from a prompt with a model (the embedded tiny-qwen2 by default)")
+        .requiredOption("-p, --prompt <text>", "the prompt to continue")
+        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
+        .option("-n, --max-new-tokens <n>", "the most tokens to generate", parseIntOption("--max-new-tokens", 1), 64)
+        .option("--greedy", "greedy decoding (argmax) instead of sampling")
+        .option("--temperature <t>", "sampling temperature", parseFloatOption("--temperature"), DEFAULT_SAMPLING.temperature)
+        .option("--top-k <k>", "sample from the k most likely tokens (0: all)", parseIntOption("--top-k", 0), DEFAULT_SAMPLING.topK)
+        .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP)
+        .option("--seed <n>", "random seed for sampling", parseIntOption("--seed", 0), DEFAULT_SAMPLING.seed)
+        .option("--chat", "wrap the prompt as a user message with the model's chat template")
+        .option("--system <text>", "a system message (with --chat)")
+        .option("--json", 'print one line {"prompt_ids":[...],"output_ids":[...],"text":"..."} instead of streaming text')
+        .action(action(async (flags: GenerateFlags) => {
+            const {model, tokenizer} = await loadModel(flags.model);
+            let text = flags.prompt;
+            if (flags.chat) {
+                const messages = flags.system ? [{role: "system", content: flags.system}] : [];
+                messages.push({role: "user", content: flags.prompt});
+                text = tokenizer.applyChatTemplate(messages, {addGenerationPrompt: true});
+            } else if (flags.system) throw new QloraError("--system needs --chat");
+            const promptIds = tokenizer.encode(text);
+            const eos = new Set<number>(model.config.eosTokenIds);
+            if (tokenizer.eosTokenId !== null) eos.add(tokenizer.eosTokenId);
+            const decoder = tokenizer.createStreamDecoder();
+            if (!flags.json && !flags.chat) process.stdout.write(text);
+            const result = generate(model, promptIds, {
+                maxNewTokens: flags.maxNewTokens,
+                greedy: flags.greedy ?? false,
+                temperature: flags.temperature,
+                topK: flags.topK,
+                topP: flags.topP,
+                seed: flags.seed,
+                eosTokenIds: [...eos],
+                onToken: flags.json ? undefined : (id) => {
+                    if (!eos.has(id)) process.stdout.write(decoder.push(id));
+                },
+            });
+            if (flags.json) {
+                const newText = tokenizer.decode(result.newIds.filter((id) => !eos.has(id)), {skipSpecialTokens: false});
+                console.log(JSON.stringify({
+                    prompt_ids: promptIds,
+                    output_ids: result.outputIds,
+                    text: flags.chat ? newText : flags.prompt + newText,
+                }));
+            } else process.stdout.write("\n");
+        }));
+}

@@ -1,0 +1,22 @@
+// main.ts: the qlora command line.
+import {Command} from "commander";
+import {readFileSync} from "node:fs";
+import path from "node:path";
+import {packageRoot} from "../backend/native.js";
+import {registerGenerate} from "./commands/generate.js";
+import {registerInspect} from "./commands/inspect.js";
+import {reportError} from "./run.js";
+
+const pkg = JSON.parse(readFileSync(path.join(packageRoot, "package.json"), "utf8")) as {version: string};
+
+const program = new Command("qlora")
+    .description("QLoRA fine-tuning of large language models on Node.js")
+    .version(pkg.version, "-v, --version")
+    .option("--debug", "print stack traces of errors")
+    .showHelpAfterError()
+    .showSuggestionAfterError(true);
+
+registerGenerate(program);
+registerInspect(program);
+
+program.parseAsync(process.argv).catch(reportError);

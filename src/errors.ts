@@ -1,0 +1,16 @@
+// Errors meant for users: one line that names the file (or key) and says what is wrong and what to do.
+// The CLI prints `error: <message>` without a stack trace for these unless --debug is given.
+
+export class QloraError extends Error {
+    /** the file (or config key) the problem is in, when there is one */
+    readonly file?: string;
+    constructor(message: string, options?: {file?: string; cause?: unknown}) {
+        super(options?.file ? `${options.file}: ${message}` : message, {cause: options?.cause});
+        this.name = "QloraError";
+        this.file = options?.file;
+    }
+}
+
+export function isQloraError(err: unknown): err is QloraError {
+    return err instanceof QloraError;
+}

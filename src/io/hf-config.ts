@@ -1,0 +1,550 @@
+// Hugging Face config.json for the decoder family we implement (llama, qwen2, mistral), normalized to one
+// camelCase shape, plus the RoPE inverse frequencies transformers derives from it.
+//
+// Defaults follow transformers' LlamaConfig / Qwen2Config / MistralConfig for keys a file may leave out. Both the
+// transformers 4 layout (top-level rope_theta, rope_scaling, torch_dtype) and the transformers 5 one
+// (rope_parameters, dtype) are accepted.
+
+import {promises as fs} from "node:fs";
+import path from "node:path";
+import {QloraError} from "../errors.js";
+
+export type ModelType = "llama" | "qwen2" | "mistral";
+
+const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ["llama", "qwen2", "mistral"];
+
+export type RopeType = "default" | "linear" | "dynamic" | "llama3" | "yarn" | "longrope";
+
+const SUPPORTED_ROPE_TYPES: readonly RopeType[] = ["default", "linear", "dynamic", "llama3", "yarn", "longrope"];
+
+export interface RopeScaling {
+    type: RopeType;
+    factor?: number;
+    lowFreqFactor?: number;
+    highFreqFactor?: number;
+    originalMaxPositionEmbeddings?: number;
+    betaFast?: number;
+    betaSlow?: number;
+    attentionFactor?: number;
+    mscale?: number;
+    mscaleAllDim?: number;
+    /** the scaling object as written in the file */
+    raw: Record<string, unknown>;
+}
+
+export interface ModelConfig {
+    modelType: ModelType;
+    architectures: string[];
+    vocabSize: number;
+    hiddenSize: number;
+    intermediateSize: number;
+    numHiddenLayers: number;
+    numAttentionHeads: number;
+    numKeyValueHeads: number;
+    headDim: number;
+    rmsNormEps: number;
+    ropeTheta: number;
+    ropeScaling: RopeScaling | null;
+    maxPositionEmbeddings: number;
+    tieWordEmbeddings: boolean;
+    /** bias on q_proj, k_proj, v_proj (qwen2: always; llama: the attention_bias key) */
+    attentionBias: boolean;
+    /** bias on o_proj (llama: attention_bias; qwen2 and mistral: never) */
+    attentionOutputBias: boolean;
+    /** bias on gate/up/down projections (llama: mlp_bias) */
+    mlpBias: boolean;
+    /** always "silu": other activations are rejected */
+    hiddenAct: string;
+    /** sliding-window attention width when the model uses it, else null */
+    slidingWindow: number | null;
+    bosTokenId: number | null;
+    eosTokenIds: number[];
+    padTokenId: number | null;
+    torchDtype: "float32" | "float16" | "bfloat16" | null;
+    quantizationConfig: Record<string, unknown> | null;
+    /** the whole file as parsed */
+    raw: Record<string, unknown>;
+    /** the file the config came from (for messages) */
+    file: string;
+}
+
+export const CONFIG_FILE_NAME = "config.json";
+
+/** Reads and validates `<dir>/config.json`. */
+export async function loadModelConfig(dir: string): Promise<ModelConfig> {
+    const file = path.join(dir, CONFIG_FILE_NAME);
+    let text: string;
+    try {
+        text = await fs.readFile(file, "utf8");
+    } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === "ENOENT" || code === "ENOTDIR") {
+            throw new QloraError(
+                `has no ${CONFIG_FILE_NAME}; a Hugging Face model folder needs config.json next to its weights ` +
+                "(download the whole model repository, not only the weights)",
+                {file: dir, cause: err}
+            );
+        }
+        throw new QloraError(`cannot read the file: ${(err as Error).message}`, {file, cause: err});
+    }
+    let json: unknown;
+    try {
+        json = JSON.parse(text);
+    } catch (err) {
+        throw new QloraError(`is not valid JSON (${(err as Error).message}); re-download it or fix the syntax`, {file, cause: err});
+    }
+    return parseModelConfig(json, file);
+}
+
+// ------------------------------------------------------------------
+// typed key readers: each error names the file and the key
+
+class ConfigReader {
+    constructor(readonly json: Record<string, unknown>, readonly file: string) {}
+
+    fail(key: string, message: string): never {
+        throw new QloraError(`"${key}" ${message}`, {file: this.file});
+    }
+
+    has(key: string): boolean {
+        return this.json[key] !== undefined && this.json[key] !== null;
+    }
+
+    positiveInt(key: string, fallback?: number): number {
+        const value = this.json[key];
+        if (value === undefined || value === null) {
+            if (fallback !== undefined) return fallback;
+            this.fail(key, "is missing; every model config needs it (is this a complete Hugging Face config.json?)");
+        }
+        if (typeof value !== "number" || !Number.isSafeInteger(value) || value <= 0) {
+            this.fail(key, `is ${JSON.stringify(value)}, expected a positive integer`);
+        }
+        return value;
+    }
+
+    positiveNumber(key: string, fallback?: number): number {
+        const value = this.json[key];
+        if (value === undefined || value === null) {
+            if (fallback !== undefined) return fallback;
+            this.fail(key, "is missing; every model config needs it");
+        }
+        if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
+            this.fail(key, `is ${JSON.stringify(value)}, expected a positive number`);
+        }
+        return value;
+    }
+
+    boolean(key: string, fallback: boolean): boolean {
+        const value = this.json[key];
+        if (value === undefined || value === null) return fallback;
+        if (typeof value !== "boolean") this.fail(key, `is ${JSON.stringify(value)}, expected true or false`);
+        return value;
+    }
+
+    tokenId(key: string): number | null {
+        const value = this.json[key];
+        if (value === undefined || value === null) return null;
+        if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0) {
+            this.fail(key, `is ${JSON.stringify(value)}, expected a token id (a non-negative integer) or null`);
+        }
+        return value;
+    }
+
+    tokenIds(key: string): number[] {
+        const value = this.json[key];
+        if (value === undefined || value === null) return [];
+        const list = Array.isArray(value) ? value : [value];
+        for (const id of list) {
+            if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 0) {
+                this.fail(key, `is ${JSON.stringify(value)}, expected a token id or a list of token ids`);
+            }
+        }
+        return list as number[];
+    }
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+    return value !== null && typeof value === "object" && !Array.isArray(value);
+}
+
+// ------------------------------------------------------------------
+// parsing
+
+/** Validates a parsed config.json; `file` is used in error messages. */
+export function parseModelConfig(json: unknown, file: string): ModelConfig {
+    if (!isPlainObject(json)) {
+        throw new QloraError(`should hold a JSON object, found ${Array.isArray(json) ? "an array" : JSON.stringify(json)}`, {file});
+    }
+    const config: ConfigReader = new ConfigReader(json, file);
+
+    const modelType = json.model_type;
+    if (typeof modelType !== "string") {
+        config.fail("model_type", `is ${JSON.stringify(modelType)}; a Hugging Face config.json names its architecture in model_type (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`);
+    }
+    if (!(SUPPORTED_MODEL_TYPES as readonly string[]).includes(modelType)) {
+        throw new QloraError(`model_type "${modelType}" is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`, {file});
+    }
+    const family = modelType as ModelType;
+
+    const architectures = json.architectures ?? [];
+    if (!Array.isArray(architectures) || !architectures.every((a) => typeof a === "string")) {
+        config.fail("architectures", `is ${JSON.stringify(architectures)}, expected a list of class names`);
+    }
+
+    const vocabSize = config.positiveInt("vocab_size");
+    const hiddenSize = config.positiveInt("hidden_size");
+    const intermediateSize = config.positiveInt("intermediate_size");
+    const numHiddenLayers = config.positiveInt("num_hidden_layers");
+    const numAttentionHeads = config.positiveInt("num_attention_heads");
+    const numKeyValueHeads = config.positiveInt("num_key_value_heads", numAttentionHeads);
+    if (numAttentionHeads % numKeyValueHeads !== 0) {
+        config.fail("num_key_value_heads", `is ${numKeyValueHeads}, which does not divide num_attention_heads (${numAttentionHeads}); grouped-query attention needs an even split`);
+    }
+    let headDim: number;
+    if (config.has("head_dim")) {
+        headDim = config.positiveInt("head_dim");
+    } else {
+        if (hiddenSize % numAttentionHeads !== 0) {
+            config.fail("hidden_size", `is ${hiddenSize}, not divisible by num_attention_heads (${numAttentionHeads}); give head_dim explicitly`);
+        }
+        headDim = hiddenSize / numAttentionHeads;
+    }
+
+    const rmsNormEps = config.positiveNumber("rms_norm_eps", 1e-6);
+    const maxPositionEmbeddings = config.positiveInt("max_position_embeddings", family === "mistral" ? 4096 * 32 : family === "qwen2" ? 32768 : 2048);
+
+    const ropeParameters = json.rope_parameters;
+    if (ropeParameters !== undefined && ropeParameters !== null && !isPlainObject(ropeParameters)) {
+        config.fail("rope_parameters", `is ${JSON.stringify(ropeParameters)}, expected an object such as {"rope_type": "default", "rope_theta": 10000}`);
+    }
+    const ropeTheta = readRopeTheta(config, isPlainObject(ropeParameters) ? ropeParameters : null);
+    const ropeScaling = readRopeScaling(config, isPlainObject(ropeParameters) ? ropeParameters : null);
+
+    const hiddenAct = json.hidden_act ?? "silu";
+    if (hiddenAct !== "silu") {
+        config.fail("hidden_act", `is ${JSON.stringify(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/mistral, which uses "silu"`);
+    }
+
+    // qwen2 always puts a bias on q/k/v and never on o_proj; llama's attention_bias covers all four
+    let attentionBias: boolean;
+    let attentionOutputBias: boolean;
+    if (family === "qwen2") {
+        attentionBias = true;
+        attentionOutputBias = false;
+    } else if (family === "llama") {
+        attentionBias = config.boolean("attention_bias", false);
+        attentionOutputBias = attentionBias;
+    } else {
+        attentionBias = false;
+        attentionOutputBias = false;
+    }
+    const mlpBias = family === "llama" ? config.boolean("mlp_bias", false) : false;
+
+    const slidingWindow = readSlidingWindow(config, family);
+    const torchDtype = readTorchDtype(config);
+
+    const quantizationConfig = json.quantization_config ?? null;
+    if (quantizationConfig !== null && !isPlainObject(quantizationConfig)) {
+        config.fail("quantization_config", `is ${JSON.stringify(quantizationConfig)}, expected an object`);
+    }
+
+    return {
+        modelType: family,
+        architectures: architectures as string[],
+        vocabSize,
+        hiddenSize,
+        intermediateSize,
+        numHiddenLayers,
+        numAttentionHeads,
+        numKeyValueHeads,
+        headDim,
+        rmsNormEps,
+        ropeTheta,
+        ropeScaling,
+        maxPositionEmbeddings,
+        tieWordEmbeddings: config.boolean("tie_word_embeddings", false),
+        attentionBias,
+        attentionOutputBias,
+        mlpBias,
+        hiddenAct: "silu",
+        slidingWindow,
+        bosTokenId: config.tokenId("bos_token_id"),
+        eosTokenIds: config.tokenIds("eos_token_id"),
+        padTokenId: config.tokenId("pad_token_id"),
+        torchDtype,
+        quantizationConfig: quantizationConfig as Record<string, unknown> | null,
+        raw: json,
+        file
+    };
+}
+
+function readRopeTheta(config: ConfigReader, ropeParameters: Record<string, unknown> | null): number {
+    if (config.has("rope_theta")) return config.positiveNumber("rope_theta");
+    if (ropeParameters && ropeParameters.rope_theta !== undefined && ropeParameters.rope_theta !== null) {
+        const theta = ropeParameters.rope_theta;
+        if (typeof theta !== "number" || !Number.isFinite(theta) || theta <= 0) {
+            config.fail("rope_parameters.rope_theta", `is ${JSON.stringify(theta)}, expected a positive number`);
+        }
+        return theta;
+    }
+    return 10000; // the default of LlamaConfig, Qwen2Config and MistralConfig alike
+}
+
+function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, unknown> | null): RopeScaling | null {
+    let key: string;
+    let scaling: Record<string, unknown>;
+    const ropeScaling = config.json.rope_scaling;
+    if (ropeScaling !== undefined && ropeScaling !== null) {
+        if (!isPlainObject(ropeScaling)) {
+            config.fail("rope_scaling", `is ${JSON.stringify(ropeScaling)}, expected an object such as {"rope_type": "linear", "factor": 2.0} or null`);
+        }
+        key = "rope_scaling";
+        scaling = ropeScaling;
+    } else if (ropeParameters) {
+        key = "rope_parameters";
+        scaling = ropeParameters;
+    } else {
+        return null;
+    }
+
+    const rawType = scaling.rope_type ?? scaling.type ?? "default";
+    // "su" is the name early Phi-3 configs used for longrope (transformers maps it the same way)
+    const type = rawType === "su" ? "longrope" : rawType;
+    if (typeof type !== "string" || !(SUPPORTED_ROPE_TYPES as readonly string[]).includes(type)) {
+        config.fail(`${key}.rope_type`, `is ${JSON.stringify(rawType)}, which qlora does not implement (supported: ${SUPPORTED_ROPE_TYPES.join(", ")})`);
+    }
+    if (type === "default") return null;
+
+    const optionalNumber = (name: string): number | undefined => {
+        const value = scaling[name];
+        if (value === undefined || value === null) return undefined;
+        if (typeof value !== "number" || !Number.isFinite(value)) config.fail(`${key}.${name}`, `is ${JSON.stringify(value)}, expected a number`);
+        return value;
+    };
+    const requiredPositive = (name: string): number => {
+        const value = optionalNumber(name);
+        if (value === undefined) config.fail(`${key}.${name}`, `is missing; rope type "${type}" needs it`);
+        if (value <= 0) config.fail(`${key}.${name}`, `is ${value}, expected a positive number`);
+        return value;
+    };
+
+    const result: RopeScaling = {type: type as RopeType, raw: scaling};
+    const factor = type === "longrope" ? optionalNumber("factor") : requiredPositive("factor");
+    if (factor !== undefined) result.factor = factor;
+    if (type === "llama3") {
+        result.lowFreqFactor = requiredPositive("low_freq_factor");
+        result.highFreqFactor = requiredPositive("high_freq_factor");
+        result.originalMaxPositionEmbeddings = requiredPositive("original_max_position_embeddings");
+        if (result.highFreqFactor === result.lowFreqFactor) {
+            config.fail(`${key}.high_freq_factor`, "equals low_freq_factor; llama3 rope interpolates between them, so they must differ");
+        }
+    } else {
+        const original = optionalNumber("original_max_position_embeddings");
+        if (original !== undefined) result.originalMaxPositionEmbeddings = original;
+    }
+    const optionalKeys: Array<[keyof RopeScaling, string]> = [
+        ["betaFast", "beta_fast"], ["betaSlow", "beta_slow"], ["attentionFactor", "attention_factor"],
+        ["mscale", "mscale"], ["mscaleAllDim", "mscale_all_dim"]
+    ];
+    for (const [field, name] of optionalKeys) {
+        const value = optionalNumber(name);
+        if (value !== undefined) (result as unknown as Record<string, unknown>)[field] = value;
+    }
+    if (type === "longrope") {
+        for (const name of ["short_factor", "long_factor"]) {
+            const list = scaling[name];
+            if (!Array.isArray(list) || !list.every((x) => typeof x === "number" && Number.isFinite(x) && x > 0)) {
+                config.fail(`${key}.${name}`, `is ${JSON.stringify(list)}, expected a list of positive numbers (one per rotary frequency)`);
+            }
+        }
+    }
+    return result;
+}
+
+function readSlidingWindow(config: ConfigReader, family: ModelType): number | null {
+    if (family === "llama") return null;
+    // MistralConfig defaults to a 4096 window when the key is absent; an explicit null turns it off
+    const value = family === "mistral" && !("sliding_window" in config.json) ? 4096 : config.json.sliding_window;
+    if (value === undefined || value === null) return null;
+    if (typeof value !== "number" || !Number.isSafeInteger(value) || value <= 0) {
+        config.fail("sliding_window", `is ${JSON.stringify(value)}, expected a positive integer or null`);
+    }
+    // qwen2 only slides when use_sliding_window is set (and then only above max_window_layers)
+    if (family === "qwen2" && config.json.use_sliding_window !== true) return null;
+    return value;
+}
+
+function readTorchDtype(config: ConfigReader): ModelConfig["torchDtype"] {
+    const key = config.has("dtype") ? "dtype" : "torch_dtype";
+    const value = config.json[key];
+    if (value === undefined || value === null || value === "auto") return null;
+    // some exports write "torch.bfloat16"
+    const name = typeof value === "string" ? value.replace(/^torch\./, "") : value;
+    if (name === "float32" || name === "float16" || name === "bfloat16") return name;
+    if (name === "half") return "float16";
+    if (name === "float") return "float32";
+    config.fail(key, `is ${JSON.stringify(value)}, expected "float32", "float16" or "bfloat16"`);
+}
+
+// ------------------------------------------------------------------
+// RoPE inverse frequencies (transformers' ROPE_INIT_FUNCTIONS)
+//
+// transformers builds inv_freq in float32 torch ops; each step below rounds to f32 (Math.fround) the way those
+// ops do, so our table matches theirs to the last bit or so. Python scalars in a tensor op are cast to f32 first.
+
+const f32 = Math.fround;
+
+export interface RopeFrequencies {
+    /** [rotaryDim / 2] inverse frequencies */
+    invFreq: Float32Array<ArrayBuffer>;
+    /** multiplies cos and sin (yarn/longrope attention scaling; 1 otherwise) */
+    attentionScaling: number;
+}
+
+function rotaryDim(cfg: ModelConfig): number {
+    const partial = cfg.raw.partial_rotary_factor ?? (cfg.ropeScaling?.raw.partial_rotary_factor) ?? 1;
+    if (typeof partial !== "number" || !(partial > 0 && partial <= 1)) {
+        throw new QloraError(`"partial_rotary_factor" is ${JSON.stringify(partial)}, expected a number in (0, 1]`, {file: cfg.file});
+    }
+    return Math.trunc(cfg.headDim * partial);
+}
+
+/** base ** (arange(0, dim, 2) / dim) in f32, as torch computes it */
+function ropePositionFrequencies(base: number, dim: number): Float32Array<ArrayBuffer> {
+    const half = Math.floor((dim + 1) / 2);
+    const frequencies = new Float32Array(half);
+    const baseF32 = f32(base);
+    for (let i = 0; i < half; i++) {
+        const exponent = f32((2 * i) / dim);
+        frequencies[i] = f32(Math.pow(baseF32, exponent));
+    }
+    return frequencies;
+}
+
+function defaultInvFreq(base: number, dim: number): Float32Array<ArrayBuffer> {
+    const frequencies = ropePositionFrequencies(base, dim);
+    const invFreq = new Float32Array(frequencies.length);
+    for (let i = 0; i < invFreq.length; i++) invFreq[i] = f32(1 / frequencies[i]);
+    return invFreq;
+}
+
+export function computeRopeInvFreq(cfg: ModelConfig): RopeFrequencies {
+    const dim = rotaryDim(cfg);
+    const base = cfg.ropeTheta;
+    const scaling = cfg.ropeScaling;
+    if (!scaling || scaling.type === "default" || scaling.type === "dynamic") {
+        // dynamic NTK only changes the base once a sequence exceeds max_position_embeddings; at init it is default
+        return {invFreq: defaultInvFreq(base, dim), attentionScaling: 1};
+    }
+    switch (scaling.type) {
+        case "linear": {
+            const invFreq = defaultInvFreq(base, dim);
+            const factor = f32(scaling.factor!);
+            for (let i = 0; i < invFreq.length; i++) invFreq[i] = f32(invFreq[i] / factor);
+            return {invFreq, attentionScaling: 1};
+        }
+        case "llama3":
+            return {invFreq: llama3InvFreq(defaultInvFreq(base, dim), scaling), attentionScaling: 1};
+        case "yarn":
+            return yarnFrequencies(cfg, scaling, base, dim);
+        case "longrope":
+            return longropeFrequencies(cfg, scaling, base, dim);
+    }
+}
+
+function llama3InvFreq(invFreq: Float32Array, scaling: RopeScaling): Float32Array<ArrayBuffer> {
+    const factor = scaling.factor!;
+    const lowFreqFactor = scaling.lowFreqFactor!;
+    const highFreqFactor = scaling.highFreqFactor!;
+    const oldContextLen = scaling.originalMaxPositionEmbeddings!;
+    const lowFreqWavelen = f32(oldContextLen / lowFreqFactor);
+    const highFreqWavelen = f32(oldContextLen / highFreqFactor);
+    const twoPi = f32(2 * Math.PI);
+    const out = new Float32Array(invFreq.length);
+    for (let i = 0; i < invFreq.length; i++) {
+        // torch evaluates `scalar / tensor` as reciprocal(tensor) * scalar
+        const wavelen = f32(f32(1 / invFreq[i]) * twoPi);
+        // long wavelengths (low frequencies) are slowed down by the factor, short ones kept
+        const scaled = wavelen > lowFreqWavelen ? f32(invFreq[i] / f32(factor)) : invFreq[i];
+        const isMediumFrequency = !(wavelen < highFreqWavelen) && !(wavelen > lowFreqWavelen);
+        if (!isMediumFrequency) {
+            out[i] = scaled;
+            continue;
+        }
+        // in between: blend smoothly from "divided by factor" to "unchanged"
+        const smooth = f32(f32(f32(f32(1 / wavelen) * f32(oldContextLen)) - f32(lowFreqFactor)) / f32(highFreqFactor - lowFreqFactor));
+        const slowed = f32(f32(f32(1 - smooth) * scaled) / f32(factor));
+        out[i] = f32(slowed + f32(smooth * scaled));
+    }
+    return out;
+}
+
+function yarnFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, dim: number): RopeFrequencies {
+    const factor = scaling.factor!;
+    const originalMaxPositions = scaling.originalMaxPositionEmbeddings || cfg.maxPositionEmbeddings;
+    const getMscale = (scale: number, mscale = 1): number => (scale <= 1 ? 1 : 0.1 * mscale * Math.log(scale) + 1);
+    let attentionScaling = scaling.attentionFactor;
+    if (attentionScaling === undefined) {
+        attentionScaling = scaling.mscale && scaling.mscaleAllDim
+            ? getMscale(factor, scaling.mscale) / getMscale(factor, scaling.mscaleAllDim)
+            : getMscale(factor);
+    }
+    const betaFast = scaling.betaFast || 32;
+    const betaSlow = scaling.betaSlow || 1;
+    // the dimension index at which a frequency completes `rotations` turns over the original context
+    const correctionDim = (rotations: number): number =>
+        (dim * Math.log(originalMaxPositions / (rotations * 2 * Math.PI))) / (2 * Math.log(base));
+    const truncate = scaling.raw.truncate !== false;
+    let low = correctionDim(betaFast);
+    let high = correctionDim(betaSlow);
+    if (truncate) {
+        low = Math.floor(low);
+        high = Math.ceil(high);
+    }
+    low = Math.max(low, 0);
+    high = Math.min(high, dim - 1);
+    if (low === high) high += 0.001; // avoid dividing by zero in the ramp
+
+    const positionFrequencies = ropePositionFrequencies(base, dim);
+    const invFreq = new Float32Array(positionFrequencies.length);
+    const factorF32 = f32(factor);
+    const lowF32 = f32(low);
+    const rampWidth = f32(high - low);
+    for (let i = 0; i < invFreq.length; i++) {
+        const extrapolation = f32(1 / positionFrequencies[i]);
+        const interpolation = f32(1 / f32(factorF32 * positionFrequencies[i]));
+        const ramp = Math.min(Math.max(f32(f32(i - lowF32) / rampWidth), 0), 1);
+        const extrapolationFactor = f32(1 - ramp);
+        invFreq[i] = f32(f32(interpolation * f32(1 - extrapolationFactor)) + f32(extrapolation * extrapolationFactor));
+    }
+    return {invFreq, attentionScaling};
+}
+
+function longropeFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, dim: number): RopeFrequencies {
+    const topLevelOriginal = cfg.raw.original_max_position_embeddings;
+    let factor = scaling.factor;
+    let originalMaxPositions = cfg.maxPositionEmbeddings;
+    if (typeof topLevelOriginal === "number" && topLevelOriginal > 0) {
+        // Phi-3 style: the ratio of the extended to the pretrained context is the factor
+        originalMaxPositions = topLevelOriginal;
+        factor = cfg.maxPositionEmbeddings / topLevelOriginal;
+    }
+    let attentionScaling = scaling.attentionFactor;
+    if (attentionScaling === undefined) {
+        attentionScaling = factor === undefined || factor <= 1
+            ? 1
+            : Math.sqrt(1 + Math.log(factor) / Math.log(originalMaxPositions));
+    }
+    // at init (no sequence longer than the original context seen yet) transformers uses short_factor
+    const shortFactor = scaling.raw.short_factor as number[];
+    const positionFrequencies = ropePositionFrequencies(base, dim);
+    if (shortFactor.length !== positionFrequencies.length) {
+        throw new QloraError(
+            `"rope_scaling.short_factor" has ${shortFactor.length} entries but the rotary dimension needs ${positionFrequencies.length}`,
+            {file: cfg.file}
+        );
+    }
+    const invFreq = new Float32Array(positionFrequencies.length);
+    for (let i = 0; i < invFreq.length; i++) invFreq[i] = f32(1 / f32(f32(shortFactor[i]) * positionFrequencies[i]));
+    return {invFreq, attentionScaling};
+}

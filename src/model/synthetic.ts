@@ -1,0 +1,50 @@
+// synthetic.ts: writes Hugging Face checkpoints with random weights for any architecture size (tests of
+// configurations the embedded model does not have, and benchmarks of 0.5B / 7B shapes without a download).
+import {promises as fs} from "node:fs";
+import path from "node:path";
+import {Rng} from "../backend/rng.js";
+import {f32ToHalf} from "../backend/cpu.js";
+import {parseModelConfig, type ModelConfig} from "../io/hf-config.js";
+import {writeShardedSafetensors, type TensorToWrite} from "../io/safetensors.js";
+import {expectedTensors} from "./weights.js";
+
+export interface SyntheticOptions {
+    /** config.json contents (Hugging Face keys) */
+    config: Record<string, unknown>;
+    dtype?: "F32" | "BF16" | "F16";
+    seed?: number;
+    /** standard deviation of the projection and embedding weights */
+    std?: number;
+    maxShardBytes?: number;
+}
+
+/** writes config.json + safetensors with N(0, std) weights, norms around 1 and small biases; returns the config */
+export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptions): Promise<ModelConfig> {
+    await fs.mkdir(dir, {recursive: true});
+    const configFile = path.join(dir, "config.json");
+    const cfg = parseModelConfig(opts.config, configFile);
+    const rng = new Rng(opts.seed ?? 0);
+    const std = opts.std ?? 0.02;
+    const dtype = opts.dtype ?? "BF16";
+    const tensors: TensorToWrite[] = [];
+    for (const [name, shape] of expectedTensors(cfg)) {
+        const n = shape.reduce((a, b) => a * b, 1);
+        const values = new Float32Array(n);
+        const isNorm = name.endsWith("norm.weight");
+        const isBias = name.endsWith(".bias");
+        for (let i = 0; i < n; i++) {
+            const z = rng.normal();
+            values[i] = isNorm ? 1 + 0.1 * z : isBias ? 0.1 * z : std * z;
+        }
+        tensors.push({name, dtype, shape, data: dtype === "F32" ? values : f32ToHalf(values, dtype)});
+    }
+    await writeShardedSafetensors(dir, "model", tensors, opts.maxShardBytes ?? 4 * 2 ** 30, {format: "pt"});
+    await writeFileAtomic(configFile, JSON.stringify(opts.config, null, 2) + "\n");
+    return cfg;
+}
+
+async function writeFileAtomic(file: string, text: string): Promise<void> {
+    const tmp = `${file}.tmp-${process.pid}`;
+    await fs.writeFile(tmp, text);
+    await fs.rename(tmp, file);
+}

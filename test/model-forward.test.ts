@@ -1,0 +1,124 @@
+// The decoder forward against transformers' golden outputs (../shared/fixtures/ref-qwen2) and against an
+// independent float64 reference on configurations the fixture does not cover.
+import {test} from "node:test";
+import assert from "node:assert/strict";
+import {mkdtempSync, readFileSync, rmSync} from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import {DecoderModel, KVCache} from "../src/model/decoder.js";
+import {generate} from "../src/model/generate.js";
+import {SafetensorsCheckpoint, SafetensorsFile} from "../src/io/safetensors.js";
+import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
+import {readTensorF32} from "../src/model/weights.js";
+import {referenceForward, type Tensors} from "./helpers/reference-decoder.js";
+import {FIXTURES, MODEL_DIR} from "./helpers/paths.js";
+
+const model = await DecoderModel.load(MODEL_DIR);
+
+async function readBatch() {
+    const f = await SafetensorsFile.open(path.join(FIXTURES, "batch.safetensors"));
+    const ids = await f.readI32("input_ids");
+    const mask = await f.readI32("attention_mask");
+    const labels = await f.readI32("labels");
+    const [B, T] = f.info("input_ids").shape;
+    await f.close();
+    return {ids, mask: Uint8Array.from(mask), labels, B, T};
+}
+
+test("logits and loss match transformers on the fixture batch (fp32, CPU)", async () => {
+    const {ids, mask, labels, B, T} = await readBatch();
+    const logits = model.forward(ids, B, T, {attentionMask: mask});
+    const ref = await SafetensorsFile.open(path.join(FIXTURES, "forward.safetensors"));
+    const refLogits = await ref.readF32("logits");
+    const refLoss = (await ref.readF32("loss"))[0];
+    await ref.close();
+    const V = model.config.vocabSize;
+    let maxDiff = 0, checked = 0;
+    for (let b = 0; b < B; b++)
+        for (let t = 0; t < T; t++) {
+            if (!mask[b * T + t]) continue;
+            checked++;
+            const o = (b * T + t) * V;
+            for (let v = 0; v < V; v++) maxDiff = Math.max(maxDiff, Math.abs(logits[o + v] - refLogits[o + v]));
+        }
+    const {loss} = model.causalLmLoss(logits, labels, B, T);
+    console.log(`logits: ${checked} positions, max abs diff ${maxDiff.toExponential(3)}; loss ${loss.toFixed(6)} vs ${refLoss.toFixed(6)}`);
+    assert.ok(checked > 64, "the batch has unpadded positions in both rows");
+    assert.ok(maxDiff <= 2e-3, `logits max abs diff ${maxDiff} > 2e-3`);
+    assert.ok(Math.abs(loss - refLoss) <= 1e-4, `loss ${loss} vs ${refLoss}`);
+});
+
+test("greedy generation reproduces greedy.json token for token", () => {
+    const ref = JSON.parse(readFileSync(path.join(FIXTURES, "greedy.json"), "utf8")) as {prompt_ids: number[]; output_ids: number[]};
+    const maxNew = ref.output_ids.length - ref.prompt_ids.length;
+    const out = generate(model, ref.prompt_ids, {maxNewTokens: maxNew, greedy: true, eosTokenIds: []});
+    assert.deepEqual(out.outputIds, ref.output_ids);
+});
+
+test("incremental decoding with the KV cache gives the logits of a full forward", () => {
+    const ids = Int32Array.from([3915, 559, 1954, 621, 259, 2245, 884, 2176, 9073]);
+    const full = model.forward(ids, 1, ids.length);
+    const V = model.config.vocabSize;
+    const cache = new KVCache(model.config, 1, 16);
+    model.forward(ids.subarray(0, 5), 1, 5, {cache});
+    let maxDiff = 0;
+    for (let t = 5; t < ids.length; t++) {
+        const step = model.forward(ids.subarray(t, t + 1), 1, 1, {cache});
+        for (let v = 0; v < V; v++) maxDiff = Math.max(maxDiff, Math.abs(step[v] - full[t * V + v]));
+    }
+    assert.equal(cache.length, ids.length);
+    assert.ok(maxDiff < 1e-4, `cache vs full max diff ${maxDiff}`);
+});
+
+async function checkAgainstReference(config: Record<string, unknown>, dtype: "F32" | "BF16", tol: number) {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-synth-"));
+    try {
+        const cfg = await writeSyntheticCheckpoint(dir, {config, dtype, seed: 7, std: 0.08});
+        const m = await DecoderModel.load(dir);
+        const ckpt = await SafetensorsCheckpoint.open(dir);
+        const weights: Tensors = new Map();
+        for (const name of ckpt.names()) weights.set(name, Float64Array.from(await readTensorF32(ckpt, name)));
+        await ckpt.close();
+        const ids = [1, 17, 250, 3, 99, 42, 7, 199, 5, 0, 128];
+        const ref = referenceForward(cfg, weights, ids, m.invFreq, m.attentionScaling);
+        const got = m.forward(Int32Array.from(ids), 1, ids.length);
+        let maxDiff = 0, maxRef = 0;
+        for (let i = 0; i < ref.length; i++) {
+            maxDiff = Math.max(maxDiff, Math.abs(got[i] - ref[i]));
+            maxRef = Math.max(maxRef, Math.abs(ref[i]));
+        }
+        console.log(`${cfg.modelType} ${dtype}: max |ref| ${maxRef.toFixed(3)}, max abs diff ${maxDiff.toExponential(3)}`);
+        assert.ok(maxRef > 0.1, "the synthetic model produces non-trivial logits");
+        assert.ok(maxDiff <= tol * maxRef, `max abs diff ${maxDiff} > ${tol} * ${maxRef}`);
+        return m;
+    } finally {
+        rmSync(dir, {recursive: true, force: true});
+    }
+}
+
+const llamaConfig = {
+    architectures: ["LlamaForCausalLM"], model_type: "llama", vocab_size: 300, hidden_size: 128,
+    intermediate_size: 200, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 48,
+    rms_norm_eps: 1e-5, rope_theta: 500000.0, max_position_embeddings: 256, tie_word_embeddings: false,
+    attention_bias: false, mlp_bias: false, hidden_act: "silu", torch_dtype: "float32",
+};
+
+test("a llama checkpoint: untied embeddings, no biases, head_dim != hidden/heads, rope theta 5e5", async () => {
+    const m = await checkAgainstReference(llamaConfig, "F32", 1e-4);
+    assert.equal(m.config.headDim, 48);
+    assert.notEqual(m.params.lmHead, m.params.embed);
+});
+
+test("a llama checkpoint with llama3 rope scaling and bf16 weights", async () => {
+    await checkAgainstReference({
+        ...llamaConfig,
+        rope_scaling: {rope_type: "llama3", factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64},
+    }, "BF16", 1e-4);
+});
+
+test("a mistral checkpoint (GQA 8:1, no biases)", async () => {
+    await checkAgainstReference({
+        ...llamaConfig, architectures: ["MistralForCausalLM"], model_type: "mistral", num_attention_heads: 8,
+        num_key_value_heads: 1, head_dim: 16, rope_theta: 10000.0, sliding_window: null,
+    }, "F32", 1e-4);
+});
