@@ -3,6 +3,7 @@
 // the op's worker threads; the TypeScript layer calls them from a training loop, not from a server.
 #include <napi.h>
 #include "../include/qlora_ops.h"
+#include "cpu_bindings.h"
 #include "napi_util.h"
 
 using namespace qlora_napi;
@@ -300,6 +301,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     fn("swigluBackward", SwigluBackward);
     fn("crossEntropyForward", CrossEntropyForward);
     fn("crossEntropyBackward", CrossEntropyBackward);
+    register_quant_ops(env, exports);
+    register_optim_ops(env, exports);
     return exports;
 }
 

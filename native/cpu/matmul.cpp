@@ -111,8 +111,8 @@ void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
 
 // ------------------------------------------------------------------------------------------------
 // packing: dst[k * W + r] for r < W (zero for r >= rows), k < kc
-//   pack_t: source element (r, k) at src[r * ld + k]  (k contiguous: a transpose)
-//   pack_n: source element (r, k) at src[k * ld + r]  (r contiguous: a copy)
+//   pack_t: source element (r, k) at src[r * ld + k]  (k contiguous: a transpose); `more`: another panel
+//   follows (its rows are prefetched)
 
 #if QLORA_X86
 static inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
@@ -163,7 +163,7 @@ static inline void store_partial(float* p, __m256 v, int w) {
 #endif
 
 template <int W>
-void pack_t(float* QLORA_RESTRICT dst, const float* src, int64_t ld, int rows, int64_t kc) {
+void pack_t(float* QLORA_RESTRICT dst, const float* src, int64_t ld, int rows, int64_t kc, bool more) {
     int64_t k0 = 0;
 #if QLORA_X86
     const float* zero = zero_row(kc);
@@ -174,7 +174,13 @@ void pack_t(float* QLORA_RESTRICT dst, const float* src, int64_t ld, int rows, i
             p[i] = r < rows ? src + (int64_t)r * ld : zero;
         }
         const int w = std::min(8, W - g);
+        // prefetch the next 8 source rows (of this panel, or of the next one when `more`) while
+        // transposing these; software prefetch since the row segments are too short for the hardware
+        const bool pf = g + 8 < rows || (g + 8 >= W && more);
+        const float* pf0 = src + (int64_t)std::min(g + 8, W) * ld;
         for (k0 = 0; k0 + 8 <= kc; k0 += 8) {
+            if (pf && (k0 & 15) == 0)
+                for (int i = 0; i < 8; i++) _mm_prefetch((const char*)(pf0 + i * ld + k0), _MM_HINT_T0);
             __m256 r0 = _mm256_loadu_ps(p[0] + k0), r1 = _mm256_loadu_ps(p[1] + k0);
             __m256 r2 = _mm256_loadu_ps(p[2] + k0), r3 = _mm256_loadu_ps(p[3] + k0);
             __m256 r4 = _mm256_loadu_ps(p[4] + k0), r5 = _mm256_loadu_ps(p[5] + k0);
@@ -198,42 +204,44 @@ void pack_t(float* QLORA_RESTRICT dst, const float* src, int64_t ld, int rows, i
     }
 }
 
+// pack rows [0, m) x k [0, kc) of op(X) into panels of W rows (op(X) element (r, k) at
+// X[r * rs + k * cs]; exactly one of rs, cs is 1). Panel q (rows q*W ...) lands at dst + q * W * kc.
 template <int W>
-void pack_n(float* QLORA_RESTRICT dst, const float* src, int64_t ld, int rows, int64_t kc) {
-    if (rows == W) {
-        for (int64_t k = 0; k < kc; k++) {
-            const float* s = src + k * ld;
-            float* d = dst + k * W;
-#if QLORA_X86
-            int r = 0;
-            for (; r + 8 <= W; r += 8) _mm256_storeu_ps(d + r, _mm256_loadu_ps(s + r));
-            for (; r < W; r++) d[r] = s[r];
-#else
-            for (int r = 0; r < W; r++) d[r] = s[r];
-#endif
+void pack_block(float* dst, const float* X, int64_t rs, int64_t cs, int64_t m, int64_t kc) {
+    if (cs == 1) {  // k contiguous: transpose each panel
+        for (int64_t r0 = 0; r0 < m; r0 += W) {
+            int rows = (int)std::min<int64_t>(W, m - r0);
+            pack_t<W>(dst + r0 * kc, X + r0 * rs, rs, rows, kc, r0 + W < m);
         }
         return;
     }
+    // rows contiguous (rs == 1): a copy; walk each source row once across all panels
+    const int64_t full = m / W * W;
     for (int64_t k = 0; k < kc; k++) {
-        const float* s = src + k * ld;
+        const float* s = X + k * cs;
+#if QLORA_X86
+        _mm_prefetch((const char*)(s + 4 * cs), _MM_HINT_T0);
+        _mm_prefetch((const char*)(s + 4 * cs + 16), _MM_HINT_T0);
+#endif
         float* d = dst + k * W;
-        int r = 0;
-        for (; r < rows; r++) d[r] = s[r];
-        for (; r < W; r++) d[r] = 0.0f;
-    }
-}
-
-// pack rows [0, m) x k [0, kc) of op(X) into panels of W rows (op(X) element (r, k) at
-// X[r * rs + k * cs]; exactly one of rs, cs is 1)
-template <int W>
-void pack_block(float* dst, const float* X, int64_t rs, int64_t cs, int64_t m, int64_t kc) {
-    for (int64_t r0 = 0; r0 < m; r0 += W) {
-        int rows = (int)std::min<int64_t>(W, m - r0);
-        float* d = dst + r0 * kc;  // panel r0 / W, W * kc floats each
-        if (cs == 1)
-            pack_t<W>(d, X + r0 * rs, rs, rows, kc);
-        else
-            pack_n<W>(d, X + r0 * rs, cs, rows, kc);
+        int64_t r0 = 0;
+        for (; r0 < full; r0 += W) {
+            float* dd = d + r0 * kc;
+            const float* ss = s + r0;
+#if QLORA_X86
+            int r = 0;
+            for (; r + 8 <= W; r += 8) _mm256_storeu_ps(dd + r, _mm256_loadu_ps(ss + r));
+            for (; r < W; r++) dd[r] = ss[r];
+#else
+            for (int r = 0; r < W; r++) dd[r] = ss[r];
+#endif
+        }
+        if (r0 < m) {
+            float* dd = d + r0 * kc;
+            int r = 0;
+            for (; r < m - r0; r++) dd[r] = s[r0 + r];
+            for (; r < W; r++) dd[r] = 0.0f;
+        }
     }
 }
 
@@ -437,7 +445,11 @@ void choose_grid(const Config& cf, int64_t M, int64_t N, int nt, int* tm_out, in
     *tn_out = btn;
 }
 
-void gemm_packed(const Config& cf, const Problem& p) {
+void gemm_packed(const Config& cf0, const Problem& p) {
+    Config cf = cf0;
+    if (getenv("QLORA_DBG_KC")) cf.KC = atoi(getenv("QLORA_DBG_KC"));
+    if (getenv("QLORA_DBG_MC")) cf.MC = atoi(getenv("QLORA_DBG_MC"));
+    if (getenv("QLORA_DBG_NC")) cf.NC = atoi(getenv("QLORA_DBG_NC"));
     const double flops = 2.0 * (double)p.M * (double)p.N * (double)p.K;
     int nt = qlora::num_threads();
     // at least ~0.5 MFLOP per thread, else the fork/join costs more than it saves

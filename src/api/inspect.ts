@@ -35,7 +35,7 @@ export async function inspectModel(dir: string): Promise<ModelDescription> {
             parameters += numel;
             bytes += info.byteLength;
             dtypes[info.dtype] = (dtypes[info.dtype] ?? 0) + numel;
-            files.add(path.basename(ckpt.fileOf(name)));
+            files.add(path.basename(ckpt.fileFor(name).path));
         }
     } finally {
         await ckpt.close();

@@ -403,7 +403,11 @@ export class SafetensorsFile {
 }
 
 async function readHeader(handle: fs.FileHandle, file: string): Promise<ParsedHeader> {
-    const {size: fileSize} = await handle.stat();
+    const stat = await handle.stat();
+    if (stat.isDirectory()) {
+        throw new QloraError("is a folder, not a safetensors file; open it with SafetensorsCheckpoint, or give the file itself", {file});
+    }
+    const fileSize = stat.size;
     if (fileSize < 8) {
         throw new QloraError(
             `the file has ${fileSize} bytes, too few for a safetensors file (it starts with an 8-byte header length); ` +

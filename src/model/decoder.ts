@@ -150,7 +150,7 @@ export class DecoderModel {
             layer.proj.v_proj.forward(v, xn, N);
             ops.ropeForward(q, q, pos, this.invFreq, this.attentionScaling, N, Hq, D);
             ops.ropeForward(k, k, pos, this.invFreq, this.attentionScaling, N, Hkv, D);
-            let kAll = k, vAll = v;
+            let kAll: Float32Array = k, vAll: Float32Array = v;
             if (cache) {
                 const row = Hkv * D;
                 for (let b = 0; b < B; b++) {
@@ -180,7 +180,7 @@ export class DecoderModel {
     /** logits [rows, V] = hidden[rows] @ lm_head^T */
     logits(hidden: Float32Array, rows: number[] | null, totalRows: number): Float32Array {
         const C = this.config.hiddenSize, V = this.config.vocabSize;
-        let h = hidden, M = totalRows;
+        let h: Float32Array = hidden, M = totalRows;
         if (rows) {
             h = new Float32Array(rows.length * C);
             rows.forEach((r, i) => h.set(hidden.subarray(r * C, (r + 1) * C), i * C));

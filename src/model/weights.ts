@@ -70,7 +70,7 @@ export async function readTensorF32(ckpt: SafetensorsCheckpoint, name: string): 
 export async function openCheckpoint(dir: string, cfg: ModelConfig): Promise<SafetensorsCheckpoint> {
     const ckpt = await SafetensorsCheckpoint.open(dir);
     try {
-        const fileOf = (name: string) => path.basename(ckpt.info(name).file ?? dir);
+        const fileOf = (name: string) => path.basename(ckpt.fileFor(name).path);
         for (const [name, shape] of expectedTensors(cfg)) {
             if (!ckpt.has(name)) {
                 if (name === "lm_head.weight")

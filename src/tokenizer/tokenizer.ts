@@ -141,6 +141,7 @@ export class HfTokenizer {
     }
 
     decode(ids: readonly number[], options: DecodeOptions = {}): string {
+        if (ids.length === 0) return ""; // the library rejects an empty list
         return this.tokenizer.decode(ids as number[], {skip_special_tokens: options.skipSpecialTokens ?? false});
     }
 

@@ -1,0 +1,7 @@
+// cpu_bindings.h: each op family binds its own functions into the CPU addon's exports (one file each:
+// native/addon/cpu_<family>.cpp), so adding a family touches no other binding file.
+#pragma once
+#include <napi.h>
+
+void register_quant_ops(Napi::Env env, Napi::Object exports);  // cpu_quant.cpp
+void register_optim_ops(Napi::Env env, Napi::Object exports);  // cpu_optim.cpp

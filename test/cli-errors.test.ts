@@ -1,0 +1,107 @@
+// Bad input to the CLI: one line naming the file and the problem, exit code 1, no stack trace.
+import {test} from "node:test";
+import assert from "node:assert/strict";
+import {spawnSync} from "node:child_process";
+import {copyFileSync, mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync} from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import {MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
+
+const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
+
+function qlora(...args: string[]) {
+    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {encoding: "utf8", cwd: REPO_ROOT});
+    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
+}
+
+function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp)[]) {
+    assert.equal(r.code, 1, `exit code (stderr: ${r.stderr})`);
+    const lines = r.stderr.trim().split("\n");
+    assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
+    assert.match(lines[0], /^.*error:/);
+    assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
+    for (const f of fragments) assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+}
+
+const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-cli-"));
+process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
+
+/** a copy of the embedded model with some files changed */
+function modelCopy(name: string, edit: (dir: string) => void): string {
+    const dir = path.join(tmp, name);
+    mkdirSync(dir);
+    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+        copyFileSync(path.join(MODEL_DIR, f), path.join(dir, f));
+    edit(dir);
+    return dir;
+}
+
+function editConfig(dir: string, change: (c: Record<string, unknown>) => void) {
+    const file = path.join(dir, "config.json");
+    const c = JSON.parse(readFileSync(file, "utf8"));
+    change(c);
+    writeFileSync(file, JSON.stringify(c));
+}
+
+test("generate --json prints the prompt and output ids and the text", () => {
+    const r = qlora("generate", "--prompt", "床前明月光，", "--greedy", "--max-new-tokens", "4", "--json");
+    assert.equal(r.code, 0, r.stderr);
+    const out = JSON.parse(r.stdout.trim());
+    assert.deepEqual(out.prompt_ids, [3915, 559, 1954, 621, 259]);
+    assert.deepEqual(out.output_ids, [3915, 559, 1954, 621, 259, 2245, 884, 2176, 9073]);
+    assert.ok(out.text.startsWith("床前明月光，零露"), out.text);
+});
+
+test("a missing model folder", () => {
+    expectError(qlora("generate", "--model", path.join(tmp, "nope"), "--prompt", "x"), "nope", "does not exist");
+});
+
+test("a folder without config.json", () => {
+    const dir = modelCopy("noconfig", (d) => rmSync(path.join(d, "config.json")));
+    expectError(qlora("inspect", "--model", dir), "config.json");
+});
+
+test("a folder without weights", () => {
+    const dir = modelCopy("noweights", (d) => rmSync(path.join(d, "model.safetensors")));
+    expectError(qlora("generate", "--model", dir, "--prompt", "x"), "safetensors");
+});
+
+test("an unknown architecture", () => {
+    const dir = modelCopy("gpt2", (d) => editConfig(d, (c) => { c.model_type = "gpt2"; }));
+    expectError(qlora("generate", "--model", dir, "--prompt", "x"), "config.json", "gpt2");
+});
+
+test("a truncated safetensors file", () => {
+    const dir = modelCopy("truncated", (d) => {
+        const f = path.join(d, "model.safetensors");
+        writeFileSync(f, readFileSync(f).subarray(0, 1_000_000));
+    });
+    expectError(qlora("generate", "--model", dir, "--prompt", "x"), "model.safetensors");
+});
+
+test("a corrupt safetensors header", () => {
+    const dir = modelCopy("corrupt", (d) => {
+        const f = path.join(d, "model.safetensors");
+        const bytes = readFileSync(f);
+        bytes.write("#", 8); // the header no longer starts with {
+        writeFileSync(f, bytes);
+    });
+    expectError(qlora("generate", "--model", dir, "--prompt", "x"), "model.safetensors", /header|JSON/i);
+});
+
+test("weights whose shapes do not match config.json", () => {
+    const dir = modelCopy("shapes", (d) => editConfig(d, (c) => { c.intermediate_size = 512; }));
+    expectError(qlora("generate", "--model", dir, "--prompt", "x"), "gate_proj", "[768, 256]", "[512, 256]");
+});
+
+test("a prompt longer than the context", () => {
+    const dir = modelCopy("short", (d) => editConfig(d, (c) => { c.max_position_embeddings = 8; }));
+    expectError(qlora("generate", "--model", dir, "--prompt", "one two three four five six seven eight nine ten"),
+        "context length", "8");
+});
+
+test("--debug shows the stack trace", () => {
+    const r = qlora("generate", "--model", path.join(tmp, "nope"), "--prompt", "x", "--debug");
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /\n\s+at /);
+});
