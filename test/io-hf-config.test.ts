@@ -132,6 +132,7 @@ describe("config.json parsing", () => {
             file: undefined
         });
         assert.equal(cfg.raw.transformers_version, "5.17.0");
+        assert.equal((await loadModelConfig(path.join(tinyQwenDir, "config.json"))).hiddenSize, 256);
     });
 
     test("llama 3.1 with top-level rope_theta, llama3 rope_scaling and explicit head_dim", () => {

@@ -70,9 +70,10 @@ export interface ModelConfig {
 
 export const CONFIG_FILE_NAME = "config.json";
 
-/** Reads and validates `<dir>/config.json`. */
+/** Reads and validates `<dir>/config.json` (a path to the config file itself works too). */
 export async function loadModelConfig(dir: string): Promise<ModelConfig> {
-    const file = path.join(dir, CONFIG_FILE_NAME);
+    const givenFile = dir.endsWith(".json") && (await fs.stat(dir).catch(() => null))?.isFile();
+    const file = givenFile ? dir : path.join(dir, CONFIG_FILE_NAME);
     let text: string;
     try {
         text = await fs.readFile(file, "utf8");
