@@ -66,6 +66,10 @@ export class Rng {
         return Array.from(this.s);
     }
 
+    setState(state: number[]): void {
+        this.s.set(state);
+    }
+
     static fromState(state: number[]): Rng {
         return new Rng(Uint32Array.from(state));
     }

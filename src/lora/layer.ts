@@ -1,0 +1,159 @@
+// layer.ts: a linear layer with a LoRA branch (PEFT's LoraLayer for Linear / Linear4bit), forward and a
+// hand-written backward.
+//
+//   y = base(x) + s * (drop(x) A^T) B^T          A [r, in], B [out, r], s = alpha / r (or alpha / sqrt(r))
+//
+// Saved by forwardTrain for backward: the layer input x (the caller keeps that buffer alive), the dropout mask,
+// drop(x) and xa = drop(x) A^T [M, r]. Backward (gradient rule: parameter grads +=, the input grad = or +=):
+//   dB += s dy^T xa;  dxa = s dy B;  dA += dxa^T drop(x);  dx = dy W + (dxa A) * mask;  dbias += colsum(dy)
+import {cpu} from "../backend/cpu.js";
+import type {Rng} from "../backend/rng.js";
+import type {LinearLayer, TrainableLinear} from "../backend/linear.js";
+
+export interface TrainableTensor {
+    /** the name PEFT saves it under, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight */
+    name: string;
+    param: Float32Array;
+    grad: Float32Array;
+    shape: number[];
+    /** AdamW weight decay applies (not to biases) */
+    decay: boolean;
+}
+
+export interface LoraWeights {
+    r: number;
+    scaling: number;
+    dropout: number;
+    A: Float32Array; // [r, in]
+    B: Float32Array; // [out, r]
+}
+
+interface Saved {
+    x: Float32Array;
+    M: number;
+    xd: Float32Array; // drop(x), or x itself without dropout
+    mask: Float32Array | null; // 0 or 1/(1-p) per element
+    xa: Float32Array; // [M, r]
+}
+
+export class LoraLinear implements TrainableLinear {
+    readonly dA: Float32Array | null;
+    readonly dB: Float32Array | null;
+    /** trainable bias gradient (bias "all"/"lora_only"), else null */
+    readonly dBias: Float32Array | null;
+    private saved: Saved | null = null;
+    /** dropout is active only in training mode */
+    training = false;
+
+    constructor(readonly module: string, readonly base: LinearLayer, readonly lora: LoraWeights | null,
+        trainBias: boolean, private readonly rng: Rng | null) {
+        this.dA = lora ? new Float32Array(lora.A.length) : null;
+        this.dB = lora ? new Float32Array(lora.B.length) : null;
+        this.dBias = trainBias && base.bias ? new Float32Array(base.bias.length) : null;
+    }
+
+    get inFeatures(): number {
+        return this.base.inFeatures;
+    }
+    get outFeatures(): number {
+        return this.base.outFeatures;
+    }
+    get bias(): Float32Array | null {
+        return this.base.bias;
+    }
+
+    trainableTensors(): TrainableTensor[] {
+        const out: TrainableTensor[] = [];
+        const prefix = `base_model.model.${this.module}`;
+        if (this.lora && this.dA && this.dB) {
+            out.push({name: `${prefix}.lora_A.weight`, param: this.lora.A, grad: this.dA, shape: [this.lora.r, this.inFeatures], decay: true});
+            out.push({name: `${prefix}.lora_B.weight`, param: this.lora.B, grad: this.dB, shape: [this.outFeatures, this.lora.r], decay: true});
+        }
+        if (this.dBias && this.base.bias)
+            out.push({name: `${prefix}.bias`, param: this.base.bias, grad: this.dBias, shape: [this.outFeatures], decay: false});
+        return out;
+    }
+
+    /** inference forward (no dropout, nothing saved) */
+    forward(out: Float32Array, x: Float32Array, M: number): void {
+        this.base.forward(out, x, M);
+        if (!this.lora) return;
+        const {r, A, B, scaling} = this.lora;
+        const K = this.inFeatures, N = this.outFeatures, ops = cpu();
+        const xa = new Float32Array(M * r);
+        ops.sgemm(false, true, M, r, K, 1, x, K, A, K, 0, xa, r);
+        ops.sgemm(false, true, M, N, r, scaling, xa, r, B, r, 1, out, N);
+    }
+
+    /** dx = dy (W + s B A), without touching parameter gradients */
+    backwardInput(dx: Float32Array, dy: Float32Array, M: number, accumulate: boolean): void {
+        this.base.backwardInput(dx, dy, M, accumulate);
+        if (!this.lora) return;
+        const {r, A, B, scaling} = this.lora;
+        const K = this.inFeatures, N = this.outFeatures, ops = cpu();
+        const dxa = new Float32Array(M * r);
+        ops.sgemm(false, false, M, r, N, scaling, dy, N, B, r, 0, dxa, r);
+        ops.sgemm(false, false, M, K, r, 1, dxa, r, A, K, 1, dx, K);
+    }
+
+    /** training forward: saves what backward needs; x must stay unchanged until backward */
+    forwardTrain(out: Float32Array, x: Float32Array, M: number): void {
+        this.base.forward(out, x, M);
+        if (!this.lora) {
+            this.saved = {x, M, xd: x, mask: null, xa: new Float32Array(0)};
+            return;
+        }
+        const {r, A, B, scaling, dropout} = this.lora;
+        const K = this.inFeatures, N = this.outFeatures, ops = cpu();
+        let xd = x, mask: Float32Array | null = null;
+        if (this.training && dropout > 0) {
+            // inverted dropout on the LoRA branch's input only (the base path sees x)
+            const keep = 1 / (1 - dropout);
+            mask = new Float32Array(M * K);
+            xd = new Float32Array(M * K);
+            for (let i = 0; i < mask.length; i++) {
+                mask[i] = this.rng!.next() >= dropout ? keep : 0;
+                xd[i] = x[i] * mask[i];
+            }
+        }
+        const xa = new Float32Array(M * r);
+        ops.sgemm(false, true, M, r, K, 1, xd, K, A, K, 0, xa, r);
+        ops.sgemm(false, true, M, N, r, scaling, xa, r, B, r, 1, out, N);
+        this.saved = {x, M, xd, mask, xa};
+    }
+
+    /** dx (= or += when accumulate) from dy [M, out]; accumulates the parameter gradients */
+    backward(dx: Float32Array, dy: Float32Array, accumulate: boolean): void {
+        const s = this.saved;
+        if (!s) throw new Error(`${this.module}: backward without a training forward`);
+        const M = s.M, K = this.inFeatures, N = this.outFeatures, ops = cpu();
+        this.base.backwardInput(dx, dy, M, accumulate);
+        if (this.dBias) {
+            for (let m = 0; m < M; m++)
+                for (let n = 0; n < N; n++) this.dBias[n] += dy[m * N + n];
+        }
+        if (this.lora && this.dA && this.dB) {
+            const {r, A, B, scaling} = this.lora;
+            // dB[N, r] += s * dy^T[N, M] @ xa[M, r]
+            ops.sgemm(true, false, N, r, M, scaling, dy, N, s.xa, r, 1, this.dB, r);
+            // dxa[M, r] = s * dy[M, N] @ B[N, r]
+            const dxa = new Float32Array(M * r);
+            ops.sgemm(false, false, M, r, N, scaling, dy, N, B, r, 0, dxa, r);
+            // dA[r, K] += dxa^T[r, M] @ xd[M, K]
+            ops.sgemm(true, false, r, K, M, 1, dxa, r, s.xd, K, 1, this.dA, K);
+            // dx += (dxa @ A) * mask
+            if (s.mask) {
+                const t = new Float32Array(M * K);
+                ops.sgemm(false, false, M, K, r, 1, dxa, r, A, K, 0, t, K);
+                for (let i = 0; i < t.length; i++) dx[i] += t[i] * s.mask[i];
+            } else ops.sgemm(false, false, M, K, r, 1, dxa, r, A, K, 1, dx, K);
+        }
+        this.saved = null;
+    }
+
+    zeroGrad(): void {
+        this.dA?.fill(0);
+        this.dB?.fill(0);
+        this.dBias?.fill(0);
+    }
+}

@@ -1,0 +1,115 @@
+// LoRA against peft: loading peft's adapter, the trainable-parameter line, and the gradients of one
+// forward/backward on the fixture batch (lora_grads.safetensors), with and without gradient checkpointing.
+import {test} from "node:test";
+import assert from "node:assert/strict";
+import {mkdtempSync, readFileSync, rmSync} from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import {DecoderModel} from "../src/model/decoder.js";
+import {DecoderTrainer, type TrainBatch} from "../src/model/training.js";
+import {SafetensorsFile} from "../src/io/safetensors.js";
+import {applyLora, loadAdapter, saveAdapter, trainableParametersLine} from "../src/lora/adapter.js";
+import {FIXTURES, MODEL_DIR} from "./helpers/paths.js";
+
+export async function fixtureBatch(): Promise<TrainBatch> {
+    const f = await SafetensorsFile.open(path.join(FIXTURES, "batch.safetensors"));
+    const inputIds = await f.readI32("input_ids");
+    const mask = await f.readI32("attention_mask");
+    const labels = await f.readI32("labels");
+    const [B, T] = f.info("input_ids").shape;
+    await f.close();
+    const positionIds = new Int32Array(B * T).map((_, i) => i % T);
+    return {B, T, inputIds, labels, attentionMask: Uint8Array.from(mask), positionIds, segIds: null};
+}
+
+export function relL2(a: Float32Array, b: Float32Array): number {
+    let num = 0, den = 0;
+    for (let i = 0; i < a.length; i++) {
+        num += (a[i] - b[i]) ** 2;
+        den += b[i] ** 2;
+    }
+    return Math.sqrt(num / den);
+}
+
+export async function checkGrads(modelLoader: () => Promise<DecoderModel>, fixtureFile: string, refLossValue: number,
+    checkpointing: boolean): Promise<void> {
+    const model = await modelLoader();
+    const lora = await loadAdapter(path.join(FIXTURES, "adapter"), model);
+    lora.setTraining(true);
+    const trainer = new DecoderTrainer(model);
+    const batch = await fixtureBatch();
+    // two passes: the first counts targets, as the trainer does before scaling the loss
+    const {targets} = trainer.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+    const res = trainer.forwardBackward(batch, {lossScale: 1 / targets, gradientCheckpointing: checkpointing, lossChunkRows: 37});
+    const loss = res.lossSum / res.targets;
+    const ref = await SafetensorsFile.open(path.join(FIXTURES, fixtureFile));
+    const refLoss = (await ref.readF32("loss"))[0];
+    let worst = 0, checked = 0;
+    for (const t of lora.trainableTensors()) {
+        const g = await ref.readF32(t.name);
+        const err = relL2(t.grad, g);
+        worst = Math.max(worst, err);
+        checked++;
+        assert.ok(err <= 1e-3, `${t.name}: relative L2 error ${err}`);
+    }
+    await ref.close();
+    console.log(`${fixtureFile} (checkpointing ${checkpointing}): loss ${loss.toFixed(6)} vs ${refLoss.toFixed(6)}, ` +
+        `${checked} tensors, worst relative L2 ${worst.toExponential(3)}`);
+    assert.equal(checked, 112);
+    assert.ok(Math.abs(loss - refLoss) < 1e-4);
+    assert.ok(Math.abs(refLoss - refLossValue) < 1e-4, "the fixture is the one the README describes");
+}
+
+test("peft's adapter loads and the trainable-parameter line equals peft's", async () => {
+    const model = await DecoderModel.load(MODEL_DIR);
+    const lora = await loadAdapter(path.join(FIXTURES, "adapter"), model);
+    assert.equal(lora.layers.size, 56);
+    const expected = readFileSync(path.join(FIXTURES, "trainable_r8.txt"), "utf8").trim();
+    assert.equal(trainableParametersLine(lora), expected);
+    // a fresh adapter with the same config gives the same line
+    const fresh = applyLora(await DecoderModel.load(MODEL_DIR), {r: 8, lora_alpha: 16, target_modules: "all-linear"});
+    assert.equal(trainableParametersLine(fresh), expected);
+});
+
+test("LoRA gradients match peft (fp32 base)", async () => {
+    await checkGrads(() => DecoderModel.load(MODEL_DIR), "lora_grads.safetensors", 3.76989, false);
+});
+
+test("LoRA gradients match peft with gradient checkpointing", async () => {
+    await checkGrads(() => DecoderModel.load(MODEL_DIR), "lora_grads.safetensors", 3.76989, true);
+});
+
+test("an adapter saved by qlora has peft's key names, shapes, dtypes and config fields, and loads back", async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-adapter-"));
+    try {
+        const model = await DecoderModel.load(MODEL_DIR);
+        const lora = applyLora(model, {r: 8, lora_alpha: 16, target_modules: ["q_proj", "k_proj", "v_proj", "o_proj",
+            "gate_proj", "up_proj", "down_proj"], base_model_name_or_path: "tiny-qwen2"});
+        for (const t of lora.trainableTensors()) t.param.forEach((_, i, a) => { a[i] = Math.sin(i + t.name.length); });
+        await saveAdapter(dir, lora);
+        const ours = await SafetensorsFile.open(path.join(dir, "adapter_model.safetensors"));
+        const peft = await SafetensorsFile.open(path.join(FIXTURES, "adapter", "adapter_model.safetensors"));
+        assert.deepEqual(ours.names().sort(), peft.names().sort());
+        for (const n of peft.names()) {
+            assert.deepEqual(ours.info(n).shape, peft.info(n).shape, n);
+            assert.equal(ours.info(n).dtype, peft.info(n).dtype, n);
+        }
+        assert.deepEqual(ours.metadata, peft.metadata);
+        await ours.close();
+        await peft.close();
+        const cfg = JSON.parse(readFileSync(path.join(dir, "adapter_config.json"), "utf8"));
+        const peftCfg = JSON.parse(readFileSync(path.join(FIXTURES, "adapter", "adapter_config.json"), "utf8"));
+        for (const key of ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "use_dora",
+            "fan_in_fan_out", "init_lora_weights", "base_model_name_or_path", "modules_to_save", "inference_mode"])
+            assert.deepEqual(cfg[key], peftCfg[key], key);
+        assert.deepEqual([...cfg.target_modules].sort(), [...peftCfg.target_modules].sort());
+        assert.deepEqual(Object.keys(cfg), Object.keys(cfg).sort(), "keys sorted as PEFT writes them");
+        // round trip: the loaded model gives the same logits
+        const reloaded = await loadAdapter(dir, await DecoderModel.load(MODEL_DIR));
+        const ids = Int32Array.from([3915, 559, 1954, 621, 259]);
+        const a = lora.model.forward(ids, 1, 5), b = reloaded.model.forward(ids, 1, 5);
+        assert.deepEqual(Array.from(a.subarray(0, 50)), Array.from(b.subarray(0, 50)));
+    } finally {
+        rmSync(dir, {recursive: true, force: true});
+    }
+});
