@@ -450,6 +450,8 @@ void gemm_packed(const Config& cf0, const Problem& p) {
     if (getenv("QLORA_DBG_KC")) cf.KC = atoi(getenv("QLORA_DBG_KC"));
     if (getenv("QLORA_DBG_MC")) cf.MC = atoi(getenv("QLORA_DBG_MC"));
     if (getenv("QLORA_DBG_NC")) cf.NC = atoi(getenv("QLORA_DBG_NC"));
+    cf.MC = std::max<int64_t>(cf.MR, cf.MC / cf.MR * cf.MR);
+    cf.NC = std::max<int64_t>(cf.NR, cf.NC / cf.NR * cf.NR);
     const double flops = 2.0 * (double)p.M * (double)p.N * (double)p.K;
     int nt = qlora::num_threads();
     // at least ~0.5 MFLOP per thread, else the fork/join costs more than it saves
