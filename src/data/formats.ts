@@ -1,0 +1,311 @@
+// formats.ts: dataset record layouts (SPEC-training §1) — detection from the first record's keys and the
+// conversion of every record to one of three shapes the tokenizer step knows: plain text, prompt/completion
+// (text or chat messages) and chat messages. Alpaca and user templates become prompt/completion, ShareGPT
+// becomes messages.
+
+import {QloraError} from "../errors.js";
+import type {ChatMessage} from "../tokenizer/index.js";
+import {describeJsonValue} from "./readers.js";
+import type {DataRecord} from "./readers.js";
+
+export type DatasetFormat = "alpaca" | "text" | "prompt_completion" | "messages" | "sharegpt" | "template" | "tokenized";
+
+export const DATASET_FORMATS: readonly DatasetFormat[] = ["alpaca", "text", "prompt_completion", "messages", "sharegpt", "template", "tokenized"];
+
+/** The project's default Alpaca template (DESIGN.md), for records with a non-empty `input`. */
+export const ALPACA_TEMPLATE = "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n{output}";
+/** The default Alpaca template for records whose `input` is empty or missing. */
+export const ALPACA_TEMPLATE_NO_INPUT = "### 指令:\n{instruction}\n\n### 回答:\n{output}";
+
+/** one record, ready to tokenize */
+export type Example =
+    | {kind: "text"; text: string}
+    | {kind: "prompt_completion"; prompt: string; completion: string}
+    | {kind: "chat_prompt_completion"; prompt: ChatMessage[]; completion: ChatMessage[]; templateExtra?: Record<string, unknown>}
+    | {kind: "messages"; messages: ChatMessage[]; templateExtra?: Record<string, unknown>}
+    | {kind: "tokenized"; inputIds: number[]; labels: number[] | null};
+
+export interface FormatOptions {
+    /** "auto" (default): detected from the first record's keys; a `template` implies "template" */
+    dataset_format?: DatasetFormat | "auto";
+    /**
+     * a prompt template with `{field}` placeholders filled from each record (`{{`/`}}` for literal braces); the
+     * response is the record's `response_field`; when the template contains `{<response_field>}` too, the prompt
+     * is everything before it and the completion is the response plus what follows it
+     */
+    template?: string | null;
+    /** the field holding the response for `template` (default "output") */
+    response_field?: string;
+    /** the field holding the text of "text" records (default "text") */
+    dataset_text_field?: string;
+}
+
+/** Where a record came from, for error messages: "file:LINE" or "file", and its index in the file. */
+export interface RecordWhere {
+    file?: string;
+    index: number;
+}
+
+const ROLE_MAP: Record<string, string> = {
+    human: "user",
+    user: "user",
+    gpt: "assistant",
+    bot: "assistant",
+    chatgpt: "assistant",
+    model: "assistant",
+    assistant: "assistant",
+    system: "system",
+    tool: "tool",
+    function: "tool",
+    observation: "tool"
+};
+
+/** Maps a ShareGPT `from` value to a chat role: human→user, gpt/bot→assistant, system, unknown→user. */
+export function mapShareGptRole(from: string): string {
+    return ROLE_MAP[from.toLowerCase()] ?? "user";
+}
+
+const EXPECTED_KEYS: Record<DatasetFormat, string> = {
+    alpaca: `"instruction", "output" and optionally "input"`,
+    text: `"text" (or the field named by dataset_text_field)`,
+    prompt_completion: `"prompt" and "completion"`,
+    messages: `"messages": [{"role", "content"}, …]`,
+    sharegpt: `"conversations": [{"from", "value"}, …]`,
+    template: "the template's fields and the response field",
+    tokenized: `"input_ids" (and optionally "labels")`
+};
+
+/**
+ * Detects the format from a record's keys: `messages` → messages, `conversations` → sharegpt, `prompt` +
+ * `completion` → prompt_completion, `instruction` → alpaca, the text field → text, `input_ids` → tokenized.
+ * A given `template` wins; an explicit `dataset_format` is returned as is.
+ */
+export function detectFormat(record: DataRecord, options: FormatOptions = {}, where?: RecordWhere): DatasetFormat {
+    const given = options.dataset_format ?? "auto";
+    if (given !== "auto") {
+        if (!DATASET_FORMATS.includes(given)) {
+            throw new QloraError(`dataset_format "${given}" is not one of auto, ${DATASET_FORMATS.join(", ")}`);
+        }
+        return given;
+    }
+    if (options.template) return "template";
+    const has = (key: string): boolean => Object.prototype.hasOwnProperty.call(record, key) && record[key] !== undefined;
+    if (has("input_ids")) return "tokenized";
+    if (has("messages")) return "messages";
+    if (has("conversations")) return "sharegpt";
+    if (has("prompt") && has("completion")) return "prompt_completion";
+    if (has("instruction")) return "alpaca";
+    if (has(options.dataset_text_field ?? "text")) return "text";
+    throw new QloraError(
+        `${recordName(where)}cannot tell the dataset format from its keys (${keyList(record)}); records need ` +
+        `"instruction"/"input"/"output" (alpaca), "text", "prompt"/"completion", "messages" or "conversations" ` +
+        "(ShareGPT); or set dataset_format, or give a template with {field} placeholders",
+        {file: where?.file}
+    );
+}
+
+/** Converts one record of `format` to an Example, or throws a QloraError naming the record and the expected keys. */
+export function formatRecord(record: DataRecord, format: DatasetFormat, options: FormatOptions = {}, where?: RecordWhere): Example {
+    const fail = (problem: string): never => {
+        throw new QloraError(
+            `${recordName(where)}${problem}; ${format} records need ${EXPECTED_KEYS[format]} (found keys: ${keyList(record)})`,
+            {file: where?.file}
+        );
+    };
+    const str = (key: string, optional = false): string => {
+        const value = record[key];
+        if (value === undefined || value === null) return optional ? "" : fail(`missing "${key}"`);
+        if (typeof value === "string") return value;
+        if (typeof value === "number" || typeof value === "boolean") return String(value);
+        return fail(`"${key}" is ${describeJsonValue(value)}, not a string`);
+    };
+    switch (format) {
+        case "text":
+            return {kind: "text", text: str(options.dataset_text_field ?? "text")};
+        case "alpaca": {
+            const instruction = str("instruction");
+            const input = str("input", true);
+            const output = str("output");
+            const template = input.trim() !== "" ? ALPACA_TEMPLATE : ALPACA_TEMPLATE_NO_INPUT;
+            return splitTemplate(template, {instruction, input, output}, "output", fail);
+        }
+        case "template": {
+            const template = options.template;
+            if (!template) throw new QloraError(`dataset_format "template" needs a template string with {field} placeholders`);
+            const responseField = options.response_field ?? "output";
+            const values: Record<string, string> = {};
+            for (const field of new Set([...templateFields(template), responseField])) {
+                // a placeholder may name a nested value: {meta.topic}
+                const value = field.includes(".") ? field.split(".").reduce<unknown>((v, k) => (v !== null && typeof v === "object" ? (v as DataRecord)[k] : undefined), record) : record[field];
+                if (value === undefined || value === null) {
+                    throw new QloraError(
+                        `${recordName(where)}missing "${field}"; the template needs ${[...templateFields(template), responseField].map((f) => `"${f}"`).join(", ")} ` +
+                        `(found keys: ${keyList(record)})`,
+                        {file: where?.file}
+                    );
+                }
+                values[field] = typeof value === "string" ? value : typeof value === "object" ? JSON.stringify(value) : String(value);
+            }
+            return splitTemplate(template, values, responseField, fail);
+        }
+        case "prompt_completion": {
+            const prompt = record.prompt;
+            const completion = record.completion;
+            if (prompt === undefined || prompt === null) fail(`missing "prompt"`);
+            if (completion === undefined || completion === null) fail(`missing "completion"`);
+            if (Array.isArray(prompt) || Array.isArray(completion)) {
+                if (!Array.isArray(prompt) || !Array.isArray(completion)) fail(`"prompt" and "completion" should both be strings or both lists of messages`);
+                return {
+                    kind: "chat_prompt_completion",
+                    prompt: readMessages(prompt as unknown[], "prompt", fail),
+                    completion: readMessages(completion as unknown[], "completion", fail),
+                    templateExtra: templateExtraOf(record)
+                };
+            }
+            return {kind: "prompt_completion", prompt: str("prompt"), completion: str("completion")};
+        }
+        case "messages": {
+            const messages = record.messages;
+            if (!Array.isArray(messages)) return fail(messages === undefined ? `missing "messages"` : `"messages" is ${describeJsonValue(messages)}, not a list`);
+            if (messages.length === 0) fail(`"messages" is empty`);
+            return {kind: "messages", messages: readMessages(messages, "messages", fail), templateExtra: templateExtraOf(record)};
+        }
+        case "sharegpt": {
+            const turns = record.conversations;
+            if (!Array.isArray(turns)) return fail(turns === undefined ? `missing "conversations"` : `"conversations" is ${describeJsonValue(turns)}, not a list`);
+            if (turns.length === 0) fail(`"conversations" is empty`);
+            const messages: ChatMessage[] = [];
+            // LLaMA-Factory's ShareGPT variant keeps the system prompt beside the turns
+            if (typeof record.system === "string" && record.system !== "") messages.push({role: "system", content: record.system});
+            turns.forEach((turn, i) => {
+                if (turn === null || typeof turn !== "object") fail(`conversations[${i}] is ${describeJsonValue(turn)}, not an object`);
+                const t = turn as DataRecord;
+                const from = t.from ?? t.role;
+                const value = t.value ?? t.content;
+                if (typeof from !== "string") fail(`conversations[${i}] has no "from"`);
+                if (typeof value !== "string") fail(`conversations[${i}] has no string "value"`);
+                messages.push({role: mapShareGptRole(from as string), content: value as string});
+            });
+            return {kind: "messages", messages, templateExtra: templateExtraOf(record)};
+        }
+        case "tokenized": {
+            const ids = record.input_ids;
+            if (!isIntList(ids)) return fail(ids === undefined ? `missing "input_ids"` : `"input_ids" is not a list of integers`);
+            const labels = record.labels;
+            if (labels !== undefined && labels !== null && (!isIntList(labels) || labels.length !== ids.length)) {
+                fail(`"labels" should be a list of integers as long as "input_ids"`);
+            }
+            return {kind: "tokenized", inputIds: ids, labels: (labels as number[] | undefined) ?? null};
+        }
+    }
+}
+
+/** the `{field}` placeholders of a template, in order of appearance */
+export function templateFields(template: string): string[] {
+    const fields: string[] = [];
+    for (const part of parseTemplate(template)) if (part.field !== undefined && !fields.includes(part.field)) fields.push(part.field);
+    return fields;
+}
+
+interface TemplatePart {
+    text?: string;
+    field?: string;
+}
+
+function parseTemplate(template: string): TemplatePart[] {
+    const parts: TemplatePart[] = [];
+    let text = "";
+    for (let i = 0; i < template.length; i++) {
+        const c = template[i];
+        if ((c === "{" || c === "}") && template[i + 1] === c) {
+            text += c; // {{ and }} are literal braces
+            i++;
+            continue;
+        }
+        if (c === "{") {
+            const close = template.indexOf("}", i);
+            const name = close > i ? template.slice(i + 1, close) : "";
+            if (/^[A-Za-z_][\w.-]*$/.test(name)) {
+                if (text) parts.push({text});
+                text = "";
+                parts.push({field: name});
+                i = close;
+                continue;
+            }
+        }
+        text += c;
+    }
+    if (text) parts.push({text});
+    return parts;
+}
+
+/** Fills a template; `{responseField}` splits it into prompt (before) and completion (the response and after). */
+function splitTemplate(template: string, values: Record<string, string>, responseField: string, fail: (problem: string) => never): Example {
+    let prompt = "";
+    let completion = "";
+    let inCompletion = false;
+    for (const part of parseTemplate(template)) {
+        let piece: string;
+        if (part.field === undefined) {
+            piece = part.text ?? "";
+        } else {
+            if (part.field === responseField) inCompletion = true;
+            const value = values[part.field];
+            if (value === undefined) fail(`missing "${part.field}"`);
+            piece = value;
+        }
+        if (inCompletion) completion += piece;
+        else prompt += piece;
+    }
+    if (!inCompletion) completion = values[responseField] ?? fail(`missing "${responseField}"`);
+    return {kind: "prompt_completion", prompt, completion};
+}
+
+function readMessages(list: unknown[], key: string, fail: (problem: string) => never): ChatMessage[] {
+    return list.map((raw, i) => {
+        if (raw === null || typeof raw !== "object" || Array.isArray(raw)) fail(`${key}[${i}] is ${describeJsonValue(raw)}, not an object`);
+        const message = raw as DataRecord;
+        if (typeof message.role !== "string") {
+            if (typeof message.from === "string") fail(`${key}[${i}] has "from" instead of "role" (ShareGPT style); use "conversations" for ShareGPT data or rename the keys`);
+            fail(`${key}[${i}] has no "role"`);
+        }
+        let content = message.content;
+        // OpenAI-style content parts: keep the text parts
+        if (Array.isArray(content)) {
+            content = content.map((p) => (typeof p === "string" ? p : p && typeof p === "object" && typeof (p as DataRecord).text === "string" ? (p as DataRecord).text : "")).join("");
+        }
+        if (content === undefined || content === null) content = "";
+        if (typeof content !== "string") fail(`${key}[${i}].content is ${describeJsonValue(content)}, not a string`);
+        return {...message, role: message.role as string, content: content as string};
+    });
+}
+
+// SPEC-training §1: `tools` (a list, or that list as a JSON string) and `chat_template_kwargs` go to the template
+function templateExtraOf(record: DataRecord): Record<string, unknown> | undefined {
+    let extra: Record<string, unknown> | undefined;
+    let tools = record.tools;
+    if (typeof tools === "string" && tools.trim().startsWith("[")) {
+        try {
+            tools = JSON.parse(tools);
+        } catch {
+            // left as the string
+        }
+    }
+    if (tools !== undefined && tools !== null && tools !== "") extra = {tools};
+    const kwargs = record.chat_template_kwargs;
+    if (kwargs !== null && typeof kwargs === "object" && !Array.isArray(kwargs)) extra = {...extra, ...(kwargs as Record<string, unknown>)};
+    return extra;
+}
+
+function isIntList(value: unknown): value is number[] {
+    return Array.isArray(value) && value.every((v) => Number.isInteger(v));
+}
+
+function recordName(where?: RecordWhere): string {
+    return where ? `record ${where.index}: ` : "";
+}
+
+function keyList(record: DataRecord): string {
+    const keys = Object.keys(record);
+    return keys.length === 0 ? "none" : keys.slice(0, 12).join(", ") + (keys.length > 12 ? ", …" : "");
+}

@@ -1,0 +1,129 @@
+// loader.ts: micro-batches over epochs in an order fixed by a seed. The position of the next batch
+// ({epoch, index, rngState}) is plain JSON: a checkpoint stores it and a resumed run gets exactly the batches
+// the interrupted run would have got.
+
+import {Rng} from "../backend/rng.js";
+import {collate} from "./collate.js";
+import type {Batch, CollateOptions} from "./collate.js";
+import type {TokenizedRow} from "./packing.js";
+
+export interface LoaderPosition {
+    /** the epoch of the next batch (0-based) */
+    epoch: number;
+    /** the index of the next batch within its epoch */
+    index: number;
+    /** the generator state at the start of `epoch`, before that epoch's shuffle */
+    rngState: number[];
+}
+
+export interface DataLoaderOptions extends CollateOptions {
+    /** rows per micro-batch (per_device_train_batch_size) */
+    batchSize: number;
+    /** shuffle the rows anew every epoch (default true; false for evaluation) */
+    shuffle?: boolean;
+    /** seed of the shuffles (default 42) */
+    seed?: number;
+    /** drop the last, smaller batch of an epoch (dataloader_drop_last, default false) */
+    dropLast?: boolean;
+}
+
+export interface LoadedBatch {
+    batch: Batch;
+    /** the epoch and index of this batch */
+    epoch: number;
+    index: number;
+    /** the row indices it holds, for logging and tests */
+    rows: number[];
+}
+
+/**
+ * Yields micro-batches forever, epoch after epoch (`next()`), or one pass (`epoch()` / iteration). Epoch e's order
+ * is a Fisher-Yates shuffle drawn from an Rng whose state at the start of the epoch is saved in the position; the
+ * state after the shuffle starts epoch e+1.
+ */
+export class DataLoader {
+    readonly rows: readonly TokenizedRow[];
+    readonly options: Readonly<DataLoaderOptions>;
+    private epochIndex = 0;
+    private batchIndex = 0;
+    private epochStartState: number[];
+    /** the generator state after this epoch's shuffle: the start of the next epoch */
+    private nextEpochState: number[] = [];
+    private order: number[] = [];
+
+    constructor(rows: readonly TokenizedRow[], options: DataLoaderOptions, position?: LoaderPosition) {
+        if (rows.length === 0) throw new RangeError("the data loader has no rows");
+        if (!Number.isInteger(options.batchSize) || options.batchSize < 1) throw new RangeError(`batch size must be a positive integer, got ${options.batchSize}`);
+        this.rows = rows;
+        this.options = {shuffle: true, seed: 42, dropLast: false, ...options};
+        if (this.batchesPerEpoch === 0) throw new RangeError(`with dropLast, ${rows.length} rows make no batch of ${options.batchSize}`);
+        this.epochStartState = new Rng(this.options.seed).getState();
+        if (position) this.seek(position);
+        else this.startEpoch(0, this.epochStartState);
+    }
+
+    /** micro-batches in one epoch */
+    get batchesPerEpoch(): number {
+        const n = this.rows.length;
+        const size = this.options.batchSize;
+        return this.options.dropLast ? Math.floor(n / size) : Math.ceil(n / size);
+    }
+
+    /** where the next batch comes from; save it to resume */
+    get position(): LoaderPosition {
+        return {epoch: this.epochIndex, index: this.batchIndex, rngState: this.epochStartState.slice()};
+    }
+
+    /** Moves to a saved position (the next batch will be the one at that position). */
+    seek(position: LoaderPosition): void {
+        if (!Number.isInteger(position.epoch) || position.epoch < 0 || !Number.isInteger(position.index) || position.index < 0 ||
+            !Array.isArray(position.rngState) || position.rngState.length !== 4) {
+            throw new RangeError(`invalid data loader position ${JSON.stringify(position)}`);
+        }
+        this.startEpoch(position.epoch, position.rngState);
+        // a position at the end of an epoch moves on to the next one
+        this.batchIndex = position.index;
+        if (this.batchIndex >= this.batchesPerEpoch) this.nextEpoch();
+    }
+
+    /** The next micro-batch; at the end of an epoch the next one starts with a new order. */
+    next(): LoadedBatch {
+        const epoch = this.epochIndex;
+        const index = this.batchIndex;
+        const size = this.options.batchSize;
+        const rows = this.order.slice(index * size, Math.min((index + 1) * size, this.order.length));
+        const batch = collate(rows.map((i) => this.rows[i]), this.options);
+        this.batchIndex++;
+        if (this.batchIndex >= this.batchesPerEpoch) this.nextEpoch();
+        return {batch, epoch, index, rows};
+    }
+
+    /** The batches left in the current epoch (all of it when at its start). */
+    *epoch(): Generator<LoadedBatch> {
+        const epoch = this.epochIndex;
+        while (this.epochIndex === epoch) yield this.next();
+    }
+
+    [Symbol.iterator](): Generator<LoadedBatch> {
+        return this.epoch();
+    }
+
+    private startEpoch(epoch: number, state: readonly number[]): void {
+        this.epochIndex = epoch;
+        this.batchIndex = 0;
+        this.epochStartState = state.slice();
+        const indices = this.rows.map((_, i) => i);
+        if (this.options.shuffle) {
+            const rng = Rng.fromState(state.slice());
+            rng.shuffle(indices);
+            this.nextEpochState = rng.getState();
+        } else {
+            this.nextEpochState = state.slice();
+        }
+        this.order = indices;
+    }
+
+    private nextEpoch(): void {
+        this.startEpoch(this.epochIndex + 1, this.nextEpochState);
+    }
+}
