@@ -9,6 +9,7 @@ import {DecoderModel} from "../src/model/decoder.js";
 import {DecoderTrainer, type TrainBatch} from "../src/model/training.js";
 import {SafetensorsFile} from "../src/io/safetensors.js";
 import {applyLora, loadAdapter, saveAdapter, trainableParametersLine} from "../src/lora/adapter.js";
+import {bitsAndBytesConfig} from "../src/quant/config.js";
 import {FIXTURES, MODEL_DIR} from "./helpers/paths.js";
 
 export async function fixtureBatch(): Promise<TrainBatch> {
@@ -112,4 +113,18 @@ test("an adapter saved by qlora has peft's key names, shapes, dtypes and config 
     } finally {
         rmSync(dir, {recursive: true, force: true});
     }
+});
+
+test("QLoRA gradients match peft + bitsandbytes (pre-quantized bnb-4bit checkpoint)", async () => {
+    await checkGrads(() => DecoderModel.load(path.join(FIXTURES, "bnb-4bit")), "qlora_grads.safetensors", 3.84951, true);
+});
+
+test("QLoRA gradients match when qlora quantizes the bf16 model itself (load_in_4bit, compute float32)", async () => {
+    const quantization = bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_quant_type: "nf4",
+        bnb_4bit_use_double_quant: true, bnb_4bit_compute_dtype: "float32"});
+    await checkGrads(async () => {
+        const m = await DecoderModel.load(MODEL_DIR, {quantization});
+        assert.ok(m.quantized);
+        return m;
+    }, "qlora_grads.safetensors", 3.84951, false);
 });

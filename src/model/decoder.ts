@@ -7,8 +7,21 @@
 import {QloraError} from "../errors.js";
 import {cpu} from "../backend/cpu.js";
 import {computeRopeInvFreq, loadModelConfig, type ModelConfig} from "../io/hf-config.js";
-import {DenseLinear, type LinearLayer} from "./linear.js";
+import {DenseLinear, type LinearLayer} from "../backend/linear.js";
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readTensorF32, type ProjName} from "./weights.js";
+import type {BitsAndBytesConfig} from "../quant/config.js";
+import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
+import {Linear4bit} from "../quant/linear4bit.js";
+import {quantize4bit, type QuantState4bit} from "../quant/nf4.js";
+import type {SafetensorsCheckpoint} from "../io/safetensors.js";
+
+export interface LoadOptions {
+    /**
+     * quantize the projections to 4 bits as they are read (QLoRA). A checkpoint that is already quantized
+     * (config.json has a bitsandbytes quantization_config) loads its 4-bit weights whatever this says.
+     */
+    quantization?: BitsAndBytesConfig | null;
+}
 
 export interface DecoderLayer {
     inputNorm: Float32Array; // [C]
@@ -56,14 +69,28 @@ export class DecoderModel {
         this.attentionScaling = rope.attentionScaling;
     }
 
-    /** loads config.json and the safetensors weights of a Hugging Face model folder, in fp32 */
-    static async load(dir: string): Promise<DecoderModel> {
+    /** loads config.json and the safetensors weights of a Hugging Face model folder (fp32, or 4-bit projections) */
+    static async load(dir: string, opts: LoadOptions = {}): Promise<DecoderModel> {
         const cfg = await loadModelConfig(dir);
-        return DecoderModel.fromCheckpoint(dir, cfg);
+        return DecoderModel.fromCheckpoint(dir, cfg, opts);
     }
 
-    static async fromCheckpoint(dir: string, cfg: ModelConfig): Promise<DecoderModel> {
-        const ckpt = await openCheckpoint(dir, cfg);
+    static async fromCheckpoint(dir: string, cfg: ModelConfig, opts: LoadOptions = {}): Promise<DecoderModel> {
+        let preQuantized: Map<string, QuantState4bit> | null = null;
+        if (cfg.quantizationConfig) {
+            const bnb = await loadBnb4bitCheckpoint(dir);
+            preQuantized = bnb.states;
+            await bnb.ckpt.close();
+            for (const [name, state] of preQuantized) {
+                const m = /^model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight$/.exec(name);
+                const expected = m ? projShape(cfg, m[1] as ProjName) : null;
+                if (!expected || state.shape[0] !== expected[0] || state.shape[1] !== expected[1])
+                    throw new QloraError(`4-bit tensor "${name}" has shape [${state.shape.join(", ")}], which config.json ` +
+                        `does not describe` + (expected ? ` (expected [${expected.join(", ")}])` : ""), {file: dir});
+            }
+        }
+        const quant = opts.quantization?.load_in_4bit ? opts.quantization : null;
+        const ckpt = await openCheckpoint(dir, cfg, new Set(preQuantized?.keys() ?? []));
         try {
             const read = (name: string) => readTensorF32(ckpt, name);
             const embed = await read("model.embed_tokens.weight");
@@ -72,9 +99,12 @@ export class DecoderModel {
                 const proj = {} as Record<ProjName, LinearLayer>;
                 for (const p of PROJ_NAMES) {
                     const [outF, inF] = projShape(cfg, p);
-                    const weight = await read(`${projModule(l, p)}.weight`);
+                    const name = `${projModule(l, p)}.weight`;
                     const bias = projHasBias(cfg, p) ? await read(`${projModule(l, p)}.bias`) : null;
-                    proj[p] = new DenseLinear({outFeatures: outF, inFeatures: inF, weight, bias});
+                    const state = preQuantized?.get(name);
+                    if (state) proj[p] = new Linear4bit(state, bias);
+                    else if (quant) proj[p] = new Linear4bit(await quantizeWeight(ckpt, name, [outF, inF], quant), bias);
+                    else proj[p] = new DenseLinear({outFeatures: outF, inFeatures: inF, weight: await read(name), bias});
                 }
                 layers.push({
                     inputNorm: await read(`model.layers.${l}.input_layernorm.weight`),
@@ -88,6 +118,12 @@ export class DecoderModel {
         } finally {
             await ckpt.close();
         }
+    }
+
+    /** true when the projections are 4-bit */
+    get quantized(): boolean {
+        return this.params.layers.some((l) => Object.values(l.proj).some((p) => p instanceof Linear4bit ||
+            (p as {base?: unknown}).base instanceof Linear4bit));
     }
 
     get maxPositions(): number {
@@ -206,4 +242,16 @@ export class DecoderModel {
         for (let i = 0; i < losses.length; i++) sum += losses[i];
         return {loss: count > 0 ? sum / count : NaN, count};
     }
+}
+
+/**
+ * Quantizes one projection as bitsandbytes does when transformers loads it: from the tensor in the compute
+ * dtype (bf16 checkpoints with a bf16 compute dtype quantize the bf16 values; otherwise their f32 upcast).
+ */
+async function quantizeWeight(ckpt: SafetensorsCheckpoint, name: string, shape: [number, number],
+    cfg: BitsAndBytesConfig): Promise<QuantState4bit> {
+    const opts = {quantType: cfg.bnb_4bit_quant_type, compressStatistics: cfg.bnb_4bit_use_double_quant, shape};
+    if (ckpt.info(name).dtype === "BF16" && cfg.bnb_4bit_compute_dtype === "bfloat16")
+        return quantize4bit({bf16: (await ckpt.readTyped(name)) as Uint16Array}, opts);
+    return quantize4bit(await readTensorF32(ckpt, name), {...opts, dtype: "float32"});
 }

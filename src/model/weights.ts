@@ -67,11 +67,12 @@ export async function readTensorF32(ckpt: SafetensorsCheckpoint, name: string): 
  * Opens the checkpoint in `dir` and checks that every tensor the config implies exists with the right shape.
  * `skip` names tensors the caller reads itself (quantized projections).
  */
-export async function openCheckpoint(dir: string, cfg: ModelConfig): Promise<SafetensorsCheckpoint> {
+export async function openCheckpoint(dir: string, cfg: ModelConfig, skip: Set<string> = new Set()): Promise<SafetensorsCheckpoint> {
     const ckpt = await SafetensorsCheckpoint.open(dir);
     try {
         const fileOf = (name: string) => path.basename(ckpt.fileFor(name).path);
         for (const [name, shape] of expectedTensors(cfg)) {
+            if (skip.has(name)) continue;
             if (!ckpt.has(name)) {
                 if (name === "lm_head.weight")
                     throw new QloraError(`lm_head.weight is missing and config.json says tie_word_embeddings is false ` +
