@@ -5,6 +5,7 @@ import path from "node:path";
 import {packageRoot} from "../backend/native.js";
 import {registerGenerate} from "./commands/generate.js";
 import {registerInspect} from "./commands/inspect.js";
+import {registerTrain} from "./commands/train.js";
 import {reportError} from "./run.js";
 
 const pkg = JSON.parse(readFileSync(path.join(packageRoot, "package.json"), "utf8")) as {version: string};
@@ -16,6 +17,7 @@ const program = new Command("qlora")
     .showHelpAfterError()
     .showSuggestionAfterError(true);
 
+registerTrain(program);
 registerGenerate(program);
 registerInspect(program);
 

@@ -1,0 +1,105 @@
+// qlora train [CONFIG.yaml|CONFIG.json] [--key value ...]: QLoRA fine-tuning with the seed recipe's keys.
+import path from "node:path";
+import type {Command} from "commander";
+import cliProgress from "cli-progress";
+import pc from "picocolors";
+import {DEFAULT_MODEL_DIR, resolveModelDir} from "../../api/models.js";
+import {EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA, runTraining} from "../../api/train.js";
+import {loadTrainConfig, TrainConfigSchema} from "../../api/train-config.js";
+import {QloraError} from "../../errors.js";
+import type {TrainLogRecord} from "../../train/trainer.js";
+import {action} from "../run.js";
+
+function formatDuration(s: number): string {
+    if (!Number.isFinite(s)) return "?";
+    s = Math.round(s);
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+    return h ? `${h}:${String(m).padStart(2, "0")}:${String(sec).padStart(2, "0")}` : `${m}:${String(sec).padStart(2, "0")}`;
+}
+
+function logLine(r: TrainLogRecord): string {
+    return `step ${String(r.step).padStart(String(r.total_steps).length)}/${r.total_steps} | loss ${r.loss.toFixed(4)} | ` +
+        `lr ${r.learning_rate.toExponential(2)} | grad_norm ${r.grad_norm.toFixed(3)} | ` +
+        `${Math.round(r.tokens_per_second)} tok/s | ${formatDuration(r.elapsed_s)} elapsed, ${formatDuration(r.remaining_s)} left | ` +
+        `mem ${(r.memory_bytes / 2 ** 20).toFixed(0)} MiB`;
+}
+
+/** the keys, their defaults and descriptions, for --help */
+function keysHelp(): string {
+    const lines: string[] = [];
+    for (const [key, schema] of Object.entries(TrainConfigSchema.shape)) {
+        const parsed = (schema as {safeParse(v: unknown): {success: boolean; data?: unknown}}).safeParse(undefined);
+        const def = parsed.success ? JSON.stringify(parsed.data) : "";
+        const desc = (schema as {description?: string}).description ?? "";
+        lines.push(`  --${key.padEnd(28)} ${pc.dim(`default ${def}`)}${desc ? `  ${desc}` : ""}`);
+    }
+    return lines.join("\n");
+}
+
+export function registerTrain(program: Command): void {
+    program.command("train")
+        .description("fine-tune a model with QLoRA (with no arguments: the embedded tiny-qwen2 on the example data)")
+        .argument("[args...]", "an optional CONFIG.yaml or CONFIG.json, then --key value pairs")
+        .allowUnknownOption(true)
+        .helpOption("-h, --help", "show the keys")
+        .addHelpText("after", `\nKeys (in the config file, or as --key value; flags override the file):\n${keysHelp()}\n`)
+        .action(action(async (args: string[]) => {
+            const configFile = args.length > 0 && !args[0].startsWith("--") ? args[0] : null;
+            const flags = (configFile ? args.slice(1) : args).filter((a) => a !== "--debug");
+            const config = await loadTrainConfig(configFile, flags);
+            const usingExample = config.dataset === null;
+            const model = resolveModelDir(config.model ?? undefined);
+            const resolved = {
+                ...config,
+                model,
+                dataset: config.dataset ?? EXAMPLE_TRAIN_DATA,
+                eval_dataset: config.eval_dataset ?? (usingExample ? EXAMPLE_EVAL_DATA : null),
+            };
+            const tty = process.stdout.isTTY === true;
+            let bar: cliProgress.SingleBar | null = null;
+            const print = (line: string) => {
+                if (bar) bar.stop();
+                console.log(line);
+                if (bar) bar = null;
+            };
+            const result = await runTraining(resolved, {
+                onStart(info) {
+                    const kv = (k: string, v: string | number) => console.log(`${pc.dim(k.padEnd(14))} ${v}`);
+                    console.log(pc.bold("qlora train"));
+                    kv("model", `${info.modelDir}${info.modelDir === DEFAULT_MODEL_DIR ? " (embedded)" : ""}`);
+                    kv("device", `${info.device} (compute ${info.computeDtype})`);
+                    kv("quantization", info.quantization);
+                    kv("data", `${resolved.dataset} (${info.train.stats.format}, ${info.train.stats.rows} rows, ` +
+                        `${info.train.stats.tokens} tokens${info.train.stats.truncated ? `, ${info.train.stats.truncated} truncated` : ""}` +
+                        `${info.train.stats.dropped ? `, ${info.train.stats.dropped} dropped` : ""})`);
+                    if (info.eval) kv("eval data", `${resolved.eval_dataset} (${info.eval.stats.rows} rows)`);
+                    kv("steps", `${info.totalSteps} (warmup ${info.warmupSteps}; batch ${resolved.per_device_train_batch_size} x ` +
+                        `${resolved.gradient_accumulation_steps} accumulation = ${info.effectiveBatch})`);
+                    kv("optimizer", `${resolved.optim}, lr ${resolved.learning_rate}, ${resolved.lr_scheduler_type}`);
+                    kv("output", path.resolve(resolved.output_dir));
+                    if (info.resumedFrom) kv("resumed from", `${info.resumedFrom} (step ${info.startStep})`);
+                    console.log(info.trainableLine);
+                },
+                onStep(step, total) {
+                    if (!tty) return;
+                    if (!bar) {
+                        bar = new cliProgress.SingleBar({format: " {bar} {value}/{total} steps | {eta_formatted} left",
+                            hideCursor: true, clearOnComplete: true}, cliProgress.Presets.shades_classic);
+                        bar.start(total, step);
+                    } else bar.update(step);
+                },
+                onLog: (r) => print(logLine(r)),
+                onEval: (r) => print(pc.cyan(`eval  step ${r.step} | eval_loss ${r.eval_loss.toFixed(4)} | ` +
+                    `perplexity ${r.eval_perplexity.toFixed(2)} | ${r.eval_tokens} tokens`)),
+                onSave: (dir, removed) => print(pc.dim(`save  ${dir}${removed.length ? ` (removed ${removed.map((d) => path.basename(d)).join(", ")})` : ""}`)),
+                onWarning: (m) => print(pc.yellow(`warning: ${m}`)),
+            });
+            (bar as cliProgress.SingleBar | null)?.stop();
+            console.log(`${pc.green("done")}: ${result.globalStep} steps, final loss ${result.trainLoss.toFixed(4)}` +
+                (result.evalLoss !== null ? `, eval loss ${result.evalLoss.toFixed(4)}` : ""));
+            console.log(`adapter  ${result.finalDir}`);
+            console.log(`metrics  ${result.metricsFile}`);
+            console.log(`report   ${result.reportFile}`);
+            if (!configFile && flags.length === 0 && !Number.isFinite(result.trainLoss)) throw new QloraError("training produced no loss");
+        }));
+}
