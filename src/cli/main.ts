@@ -3,8 +3,10 @@ import {Command} from "commander";
 import {readFileSync} from "node:fs";
 import path from "node:path";
 import {packageRoot} from "../backend/native.js";
+import {registerEval} from "./commands/eval.js";
 import {registerGenerate} from "./commands/generate.js";
 import {registerInspect} from "./commands/inspect.js";
+import {registerMerge} from "./commands/merge.js";
 import {registerTrain} from "./commands/train.js";
 import {reportError} from "./run.js";
 
@@ -19,6 +21,8 @@ const program = new Command("qlora")
 
 registerTrain(program);
 registerGenerate(program);
+registerEval(program);
+registerMerge(program);
 registerInspect(program);
 
 program.parseAsync(process.argv).catch(reportError);

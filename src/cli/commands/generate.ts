@@ -7,6 +7,8 @@ import {action, parseFloatOption, parseIntOption} from "../run.js";
 
 interface GenerateFlags {
     model?: string;
+    adapter?: string;
+    loadIn4bit?: boolean;
     prompt: string;
     maxNewTokens: number;
     greedy?: boolean;
@@ -24,6 +26,8 @@ export function registerGenerate(program: Command): void {
         .description("generate text from a prompt with a model (the embedded tiny-qwen2 by default)")
         .requiredOption("-p, --prompt <text>", "the prompt to continue")
         .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
+        .option("-a, --adapter <dir>", "a PEFT adapter folder to apply (e.g. qlora_output/final)")
+        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
         .option("-n, --max-new-tokens <n>", "the most tokens to generate", parseIntOption("--max-new-tokens", 1), 64)
         .option("--greedy", "greedy decoding (argmax) instead of sampling")
         .option("--temperature <t>", "sampling temperature", parseFloatOption("--temperature"), DEFAULT_SAMPLING.temperature)
@@ -34,7 +38,7 @@ export function registerGenerate(program: Command): void {
         .option("--system <text>", "a system message (with --chat)")
         .option("--json", 'print one line {"prompt_ids":[...],"output_ids":[...],"text":"..."} instead of streaming text')
         .action(action(async (flags: GenerateFlags) => {
-            const {model, tokenizer} = await loadModel(flags.model);
+            const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
             let text = flags.prompt;
             if (flags.chat) {
                 const messages = flags.system ? [{role: "system", content: flags.system}] : [];
@@ -42,8 +46,7 @@ export function registerGenerate(program: Command): void {
                 text = tokenizer.applyChatTemplate(messages, {addGenerationPrompt: true});
             } else if (flags.system) throw new QloraError("--system needs --chat");
             const promptIds = tokenizer.encode(text);
-            const eos = new Set<number>(model.config.eosTokenIds);
-            if (tokenizer.eosTokenId !== null) eos.add(tokenizer.eosTokenId);
+            const eos = new Set<number>(eosTokenIds);
             const decoder = tokenizer.createStreamDecoder();
             if (!flags.json && !flags.chat) process.stdout.write(text);
             const result = generate(model, promptIds, {
@@ -59,12 +62,11 @@ export function registerGenerate(program: Command): void {
                 },
             });
             if (flags.json) {
-                const newText = tokenizer.decode(result.newIds.filter((id) => !eos.has(id)), {skipSpecialTokens: false});
-                console.log(JSON.stringify({
-                    prompt_ids: promptIds,
-                    output_ids: result.outputIds,
-                    text: flags.chat ? newText : flags.prompt + newText,
-                }));
+                // text: the decoded output (prompt included, as transformers' decode(output_ids)); with --chat
+                // only the answer. A final eos token is not part of the text.
+                const ids = flags.chat ? result.newIds : result.outputIds;
+                const shown = result.stopReason === "eos" ? ids.slice(0, -1) : ids;
+                console.log(JSON.stringify({prompt_ids: promptIds, output_ids: result.outputIds, text: tokenizer.decode(shown)}));
             } else process.stdout.write("\n");
         }));
 }

@@ -1,0 +1,50 @@
+// qlora eval: loss and perplexity on a data file, optionally with an adapter and a 4-bit base.
+import type {Command} from "commander";
+import {evaluateLoss} from "../../api/evaluate.js";
+import {loadModel} from "../../api/models.js";
+import type {DataOptions} from "../../data/index.js";
+import {action, parseIntOption} from "../run.js";
+
+interface EvalFlags {
+    model?: string;
+    adapter?: string;
+    loadIn4bit?: boolean;
+    data: string;
+    datasetFormat?: string;
+    maxSeqLength: number;
+    batchSize: number;
+    allTokens?: boolean;
+    json?: boolean;
+}
+
+export function registerEval(program: Command): void {
+    program.command("eval")
+        .description("loss and perplexity of a model (and adapter) on a JSON, JSONL or Parquet data file")
+        .requiredOption("-d, --data <file>", "the data to evaluate on (any format qlora train reads)")
+        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
+        .option("-a, --adapter <dir>", "a PEFT adapter folder to apply")
+        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
+        .option("--dataset-format <format>", "alpaca, text, prompt_completion, messages or sharegpt (default: detected)")
+        .option("--max-seq-length <n>", "truncate examples to this many tokens", parseIntOption("--max-seq-length", 2), 1024)
+        .option("--batch-size <n>", "examples per forward pass", parseIntOption("--batch-size", 1), 8)
+        .option("--all-tokens", "score every token, not only responses / assistant turns")
+        .option("--json", "print the result as one JSON line")
+        .action(action(async (flags: EvalFlags) => {
+            const loaded = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
+            const options: DataOptions = {
+                dataset_format: flags.datasetFormat as DataOptions["dataset_format"],
+                max_seq_length: flags.maxSeqLength,
+                completion_only_loss: !flags.allTokens,
+                assistant_only_loss: !flags.allTokens,
+            };
+            const r = await evaluateLoss(loaded, flags.data, options, flags.batchSize);
+            if (flags.json) {
+                console.log(JSON.stringify({loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, rows: r.rows,
+                    format: r.stats.format, adapter: flags.adapter ?? null}));
+                return;
+            }
+            console.log(`data        ${flags.data} (${r.stats.format}, ${r.rows} examples, ${r.tokens} scored tokens)`);
+            console.log(`loss        ${r.loss.toFixed(4)}`);
+            console.log(`perplexity  ${r.perplexity.toFixed(3)}`);
+        }));
+}

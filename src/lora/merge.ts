@@ -1,0 +1,142 @@
+// merge.ts: W' = W + (alpha / r) * B A folded into the base weights, written as a Hugging Face model folder
+// (config.json, sharded safetensors + index, tokenizer and generation config) in bf16 or f16.
+//
+// Two bases to merge into (SPEC-peft §11):
+//  - "original" (default): the checkpoint's own 16-bit weights. This is what PEFT's merge_and_unload on a
+//    16-bit model does and what most users ship, but a QLoRA adapter was trained against dequant(NF4(W)),
+//    so the merged model differs from the trained one by the quantization error.
+//  - "nf4": dequant(NF4(W)) + delta, exactly the weights the adapter saw in training, stored in 16 bits. The
+//    merged model then behaves like the trained QLoRA model, at the cost of carrying the 4-bit rounding of W.
+import {promises as fs} from "node:fs";
+import path from "node:path";
+import {QloraError} from "../errors.js";
+import {cpu, f32ToHalf, halfToF32} from "../backend/cpu.js";
+import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
+import {loadModelConfig} from "../io/hf-config.js";
+import {SafetensorsCheckpoint, SafetensorsFile, writeShardedSafetensors, type TensorToWrite} from "../io/safetensors.js";
+import {expectedTensors, readTensorF32} from "../model/weights.js";
+import {dequantize4bit, quantize4bit} from "../quant/nf4.js";
+import {ADAPTER_WEIGHTS_FILE, readAdapterConfig} from "./adapter.js";
+import {loraScaling} from "./config.js";
+
+export interface MergeOptions {
+    model: string;
+    adapter: string;
+    out: string;
+    dtype?: "bf16" | "f16";
+    /** merge into the dequantized NF4 base the adapter was trained on, instead of the 16-bit weights */
+    againstNf4?: boolean;
+    maxShardBytes?: number;
+}
+
+const EXTRA_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"];
+
+interface LoraPair {
+    A: Float32Array; // [r, in]
+    B: Float32Array; // [out, r]
+    r: number;
+}
+
+/** W[out, in] += scaling * B A (f32) */
+export function addLoraDelta(W: Float32Array, pair: LoraPair, scaling: number, outF: number, inF: number): void {
+    cpu().sgemm(false, false, outF, inF, pair.r, scaling, pair.B, pair.r, pair.A, inF, 1, W, inF);
+}
+
+async function readAdapterPairs(adapterDir: string): Promise<Map<string, LoraPair>> {
+    const file = path.join(adapterDir, ADAPTER_WEIGHTS_FILE);
+    const st = await SafetensorsFile.open(file).catch((err) => {
+        throw new QloraError(`cannot open the adapter weights (${(err as Error).message.split("\n")[0]})`, {file});
+    });
+    const pairs = new Map<string, Partial<LoraPair>>();
+    try {
+        for (const name of st.names()) {
+            const m = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(name);
+            if (!m) throw new QloraError(`tensor "${name}" is not a LoRA weight qlora can merge`, {file});
+            const info = st.info(name);
+            const data = info.dtype === "F32" ? await st.readF32(name)
+                : halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype as "BF16" | "F16");
+            const p = pairs.get(m[1]) ?? {};
+            if (m[2] === "lora_A") {
+                p.A = data;
+                p.r = info.shape[0];
+            } else p.B = data;
+            pairs.set(m[1], p);
+        }
+    } finally {
+        await st.close();
+    }
+    const out = new Map<string, LoraPair>();
+    for (const [mod, p] of pairs) {
+        if (!p.A || !p.B) throw new QloraError(`module ${mod} has only one of lora_A / lora_B`, {file});
+        out.set(mod, p as LoraPair);
+    }
+    return out;
+}
+
+export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; merged: number; tensors: number}> {
+    const dtype = opts.dtype ?? "bf16";
+    const cfg = await loadModelConfig(opts.model);
+    if (cfg.quantizationConfig)
+        throw new QloraError("the base is a pre-quantized 4-bit checkpoint; merge into its original 16-bit model " +
+            "(and use --against-nf4 to keep the 4-bit rounding the adapter was trained with)", {file: opts.model});
+    const adapterCfg = await readAdapterConfig(opts.adapter);
+    const scaling = loraScaling(adapterCfg);
+    const pairs = await readAdapterPairs(opts.adapter);
+    const shapes = expectedTensors(cfg);
+    // check every LoRA pair against the base before writing anything
+    for (const [mod, p] of pairs) {
+        const shape = shapes.get(`${mod}.weight`);
+        const prefix = `base_model.model.${mod}`;
+        if (!shape) throw new QloraError(`tensor "${prefix}.lora_A.weight" belongs to module ${mod}, which the base ` +
+            "model does not have: the adapter was trained on another base model", {file: opts.adapter});
+        if (p.A.length !== p.r * shape[1])
+            throw new QloraError(`tensor "${prefix}.lora_A.weight" has ${p.A.length} elements but the base's ${mod} ` +
+                `needs [${p.r}, ${shape[1]}]: the adapter was trained on another base model`, {file: opts.adapter});
+        if (p.B.length !== shape[0] * p.r)
+            throw new QloraError(`tensor "${prefix}.lora_B.weight" has ${p.B.length} elements but the base's ${mod} ` +
+                `needs [${shape[0]}, ${p.r}]: the adapter was trained on another base model`, {file: opts.adapter});
+    }
+    const ckpt = await SafetensorsCheckpoint.open(opts.model);
+    let merged = 0;
+    const tensors: TensorToWrite[] = [];
+    try {
+        for (const [name, shape] of shapes) {
+            if (!ckpt.has(name)) throw new QloraError(`tensor "${name}" is missing from the base checkpoint`, {file: opts.model});
+            let w = await readTensorF32(ckpt, name);
+            const mod = name.replace(/\.weight$/, "");
+            const pair = name.endsWith(".weight") ? pairs.get(mod) : undefined;
+            if (pair) {
+                if (opts.againstNf4) {
+                    // the base as QLoRA training saw it: NF4 + double quant of the bf16 weights, dequantized
+                    const bits = f32ToHalf(w, "BF16");
+                    w = dequantize4bit(quantize4bit({bf16: bits}, {shape: [shape[0], shape[1]]}), {roundToDtype: false});
+                }
+                addLoraDelta(w, pair, scaling, shape[0], shape[1]);
+                merged++;
+            }
+            tensors.push({name, dtype: dtype === "bf16" ? "BF16" : "F16", shape, data: f32ToHalf(w, dtype === "bf16" ? "BF16" : "F16")});
+        }
+    } finally {
+        await ckpt.close();
+    }
+    if (merged !== pairs.size) throw new QloraError(`only ${merged} of the adapter's ${pairs.size} modules were merged`);
+    const out = path.resolve(opts.out);
+    await writeDirAtomic(out, async (tmp) => {
+        await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {format: "pt",
+            qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
+            qlora_adapter: path.basename(path.resolve(opts.adapter))});
+        const config = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
+        if ("dtype" in config) config.dtype = config.torch_dtype;
+        delete (config as Record<string, unknown>).quantization_config;
+        await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
+        for (const f of EXTRA_FILES) {
+            try {
+                await fs.copyFile(path.join(opts.model, f), path.join(tmp, f));
+            } catch (err) {
+                if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+            }
+        }
+    });
+    return {out, merged, tensors: tensors.length};
+}
