@@ -3,6 +3,7 @@ import {Command} from "commander";
 import {readFileSync} from "node:fs";
 import path from "node:path";
 import {packageRoot} from "../backend/native.js";
+import {registerChat} from "./commands/chat.js";
 import {registerEval} from "./commands/eval.js";
 import {registerGenerate} from "./commands/generate.js";
 import {registerInspect} from "./commands/inspect.js";
@@ -23,6 +24,7 @@ registerTrain(program);
 registerGenerate(program);
 registerEval(program);
 registerMerge(program);
+registerChat(program);
 registerInspect(program);
 
 program.parseAsync(process.argv).catch(reportError);

@@ -1,0 +1,91 @@
+// qlora chat: a conversation with the model through its chat template, tokens streamed as they come.
+// Works on a terminal (a prompt per turn) and with a pipe (one user message per input line).
+import readline from "node:readline";
+import type {Command} from "commander";
+import pc from "picocolors";
+import {loadModel} from "../../api/models.js";
+import {DEFAULT_SAMPLING, generate} from "../../model/generate.js";
+import type {ChatMessage} from "../../tokenizer/index.js";
+import {action, parseFloatOption, parseIntOption} from "../run.js";
+
+interface ChatFlags {
+    model?: string;
+    adapter?: string;
+    loadIn4bit?: boolean;
+    system?: string;
+    maxNewTokens: number;
+    greedy?: boolean;
+    temperature: number;
+    topK: number;
+    topP: number;
+    seed: number;
+}
+
+export function registerChat(program: Command): void {
+    program.command("chat")
+        .description("chat with a model (and adapter) through its chat template; /reset clears the history, /exit quits")
+        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
+        .option("-a, --adapter <dir>", "a PEFT adapter folder to apply")
+        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
+        .option("--system <text>", "a system message at the start of the conversation")
+        .option("-n, --max-new-tokens <n>", "the most tokens per answer", parseIntOption("--max-new-tokens", 1), 256)
+        .option("--greedy", "greedy decoding instead of sampling")
+        .option("--temperature <t>", "sampling temperature", parseFloatOption("--temperature"), DEFAULT_SAMPLING.temperature)
+        .option("--top-k <k>", "sample from the k most likely tokens (0: all)", parseIntOption("--top-k", 0), DEFAULT_SAMPLING.topK)
+        .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP)
+        .option("--seed <n>", "random seed of the first answer (each answer uses seed + turn)", parseIntOption("--seed", 0), 0)
+        .action(action(async (flags: ChatFlags) => {
+            const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
+            if (!tokenizer.hasChatTemplate) tokenizer.applyChatTemplate([], {}); // throws the "no chat template" error
+            const tty = process.stdin.isTTY === true && process.stdout.isTTY === true;
+            const eos = new Set(eosTokenIds);
+            const initial: ChatMessage[] = flags.system ? [{role: "system", content: flags.system}] : [];
+            let history: ChatMessage[] = [...initial];
+            let turn = 0;
+            if (tty) console.log(pc.dim("qlora chat: type a message; /reset clears the history, /exit quits"));
+            const rl = readline.createInterface({input: process.stdin, output: tty ? process.stdout : undefined, terminal: tty});
+            const ask = () => {
+                if (!tty) return;
+                rl.setPrompt(pc.green("> "));
+                rl.prompt();
+            };
+            ask();
+            for await (const line of rl) {
+                const text = line.trim();
+                if (text === "/exit" || text === "/quit") break;
+                if (text === "/reset") {
+                    history = [...initial];
+                    console.log(pc.dim("(history cleared)"));
+                    ask();
+                    continue;
+                }
+                if (!text) {
+                    ask();
+                    continue;
+                }
+                history.push({role: "user", content: text});
+                const prompt = tokenizer.applyChatTemplate(history, {addGenerationPrompt: true});
+                let ids = tokenizer.encode(prompt);
+                // keep the newest turns when the conversation outgrows the context
+                while (ids.length + 1 > model.maxPositions && history.length > initial.length + 1) {
+                    history.splice(initial.length, 2);
+                    ids = tokenizer.encode(tokenizer.applyChatTemplate(history, {addGenerationPrompt: true}));
+                }
+                const decoder = tokenizer.createStreamDecoder({skipSpecialTokens: true});
+                const result = generate(model, ids, {
+                    maxNewTokens: Math.min(flags.maxNewTokens, model.maxPositions - ids.length),
+                    greedy: flags.greedy ?? false, temperature: flags.temperature, topK: flags.topK, topP: flags.topP,
+                    seed: flags.seed + turn, eosTokenIds: [...eos],
+                    onToken: (id) => {
+                        if (!eos.has(id)) process.stdout.write(decoder.push(id));
+                    },
+                });
+                process.stdout.write(decoder.flush() + "\n");
+                const answerIds = result.stopReason === "eos" ? result.newIds.slice(0, -1) : result.newIds;
+                history.push({role: "assistant", content: tokenizer.decode(answerIds, {skipSpecialTokens: true})});
+                turn++;
+                ask();
+            }
+            rl.close();
+        }));
+}
