@@ -1,0 +1,23 @@
+// The library API of qlora: what `import ... from "qlora"` gives.
+export {QloraError} from "../errors.js";
+export {DEFAULT_MODEL_DIR, loadModel, resolveModelDir} from "./models.js";
+export type {LoadedModel, LoadModelOptions} from "./models.js";
+export {fineTune, runTraining, EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA} from "./train.js";
+export {TrainConfigSchema, loadTrainConfig, resolveTrainConfig} from "./train-config.js";
+export type {TrainConfig, TrainConfigInput} from "./train-config.js";
+export {evaluateLoss} from "./evaluate.js";
+export type {EvalResult} from "./evaluate.js";
+export {inspectModel} from "./inspect.js";
+export type {ModelDescription} from "./inspect.js";
+export {generate, DEFAULT_SAMPLING} from "../model/generate.js";
+export type {GenerateOptions, GenerateResult, SamplingOptions} from "../model/generate.js";
+export {DecoderModel, KVCache} from "../model/decoder.js";
+export {applyLora, loadAdapter, saveAdapter, trainableParametersLine} from "../lora/adapter.js";
+export type {LoraModel} from "../lora/adapter.js";
+export type {LoraConfig} from "../lora/config.js";
+export {mergeAdapter} from "../lora/merge.js";
+export type {MergeOptions} from "../lora/merge.js";
+export {bitsAndBytesConfig} from "../quant/config.js";
+export type {BitsAndBytesConfig} from "../quant/config.js";
+export {HfTokenizer} from "../tokenizer/index.js";
+export type {TrainReporter, TrainResult, TrainLogRecord} from "../train/trainer.js";
