@@ -60,11 +60,35 @@ export interface CudaDeviceInfo {
     cublasLt: string | null;
 }
 
+/** allocator statistics, in bytes */
+export interface CudaMemoryStats {
+    allocated: number;
+    reserved: number;
+    peakAllocated: number;
+    peakReserved: number;
+    numAllocs: number;
+    deviceFree?: number;
+    deviceTotal?: number;
+}
+
+/**
+ * The CUDA addon. Device buffers are numbers holding device addresses; every op is queued on one stream and
+ * download() waits for it. Op families add their functions (see native/addon/cuda_*.cpp and the interfaces in
+ * src/backend/cuda-*-types.ts).
+ */
 export interface CudaAddon {
     deviceInfo(): CudaDeviceInfo;
-    // host-array round trips of single kernels, for checking them against the CPU ops
-    rmsnormForward(out: Float32Array, rstd: Float32Array | null, inp: Float32Array, weight: Float32Array,
-        N: number, C: number, eps: number): void;
-    swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
-    bf16ToF32(out: Float32Array, inp: Uint16Array, n: number): void;
+    setDevice(index: number): void;
+    alloc(bytes: number): number;
+    free(ptr: number): void;
+    /** host to device (synchronous) at dst + offset bytes */
+    upload(dst: number, src: ArrayBufferView, dstOffsetBytes?: number): void;
+    /** device to host, after the stream's queued work */
+    download(dst: ArrayBufferView, src: number, srcOffsetBytes?: number): void;
+    memset(dst: number, byte: number, bytes: number): void;
+    copy(dst: number, src: number, bytes: number): void;
+    synchronize(): void;
+    memoryStats(): CudaMemoryStats;
+    resetPeakMemoryStats(): void;
+    emptyCache(): void;
 }

@@ -1,0 +1,148 @@
+// cuda_memory.cpp: device buffers for JavaScript: alloc/free through the caching allocator, copies to and
+// from typed arrays, memset, synchronize, and the allocator's statistics.
+#include "cuda_bindings.h"
+#include "napi_util.h"
+#include "../cuda/runtime.h"
+
+using namespace qlora_napi;
+
+// alloc(bytes) -> address
+static Napi::Value Alloc(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t bytes = int_arg(info, 0);
+    QLORA_CHECK_ARGS(env);
+    cudaError_t err;
+    void* p = qlora_cuda::device_alloc((size_t)bytes, &err);
+    if (!p) {
+        auto s = qlora_cuda::memory_stats();
+        Napi::Error::New(env, "out of GPU memory allocating " + std::to_string(bytes) + " bytes (" +
+                                  std::to_string(s.allocated >> 20) + " MiB allocated, " +
+                                  std::to_string(s.reserved >> 20) + " MiB reserved): " + cudaGetErrorString(err))
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    return Napi::Number::New(env, (double)reinterpret_cast<uintptr_t>(p));
+}
+
+static Napi::Value Free(const Napi::CallbackInfo& info) {
+    void* p = device_ptr_arg(info, 0, true);
+    qlora_cuda::device_free(p);
+    return info.Env().Undefined();
+}
+
+// upload(dst, src: TypedArray, dstOffsetBytes = 0): async copy on the stream (src must stay alive until the
+// next synchronize; the TS wrapper keeps a reference)
+static Napi::Value Upload(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    char* dst = (char*)device_ptr_arg(info, 0);
+    QLORA_CHECK_ARGS(env);
+    if (!info[1].IsTypedArray()) {
+        Napi::TypeError::New(env, "upload: expected a typed array").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    auto arr = info[1].As<Napi::TypedArray>();
+    int64_t offset = info.Length() > 2 && info[2].IsNumber() ? int_arg(info, 2) : 0;
+    const char* src = (const char*)arr.ArrayBuffer().Data() + arr.ByteOffset();
+    // a synchronous copy: pageable host memory would be staged anyway, and the array may be collected after
+    cuda_throw(env, cudaMemcpyAsync(dst + offset, src, arr.ByteLength(), cudaMemcpyHostToDevice, qlora_cuda::stream()),
+               "upload");
+    cuda_throw(env, cudaStreamSynchronize(qlora_cuda::stream()), "upload");
+    return env.Undefined();
+}
+
+// download(dst: TypedArray, src, srcOffsetBytes = 0): waits for the stream, then copies
+static Napi::Value Download(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsTypedArray()) {
+        Napi::TypeError::New(env, "download: expected a typed array").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    auto arr = info[0].As<Napi::TypedArray>();
+    const char* src = (const char*)device_ptr_arg(info, 1);
+    QLORA_CHECK_ARGS(env);
+    int64_t offset = info.Length() > 2 && info[2].IsNumber() ? int_arg(info, 2) : 0;
+    char* dst = (char*)arr.ArrayBuffer().Data() + arr.ByteOffset();
+    if (cuda_throw(env, cudaMemcpyAsync(dst, src + offset, arr.ByteLength(), cudaMemcpyDeviceToHost, qlora_cuda::stream()),
+                   "download"))
+        return env.Undefined();
+    cuda_throw(env, cudaStreamSynchronize(qlora_cuda::stream()), "download");
+    return env.Undefined();
+}
+
+// memset(dst, byte, bytes)
+static Napi::Value Memset(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    void* dst = device_ptr_arg(info, 0);
+    int64_t value = int_arg(info, 1), bytes = int_arg(info, 2);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, cudaMemsetAsync(dst, (int)value, (size_t)bytes, qlora_cuda::stream()), "memset");
+    return env.Undefined();
+}
+
+// copy(dst, src, bytes): device to device
+static Napi::Value Copy(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    void* dst = device_ptr_arg(info, 0);
+    void* src = device_ptr_arg(info, 1);
+    int64_t bytes = int_arg(info, 2);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToDevice, qlora_cuda::stream()), "copy");
+    return env.Undefined();
+}
+
+static Napi::Value Synchronize(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    cuda_throw(env, cudaStreamSynchronize(qlora_cuda::stream()), "synchronize");
+    return env.Undefined();
+}
+
+// memoryStats() -> {allocated, reserved, peakAllocated, peakReserved, numAllocs, deviceFree, deviceTotal}
+static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto s = qlora_cuda::memory_stats();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("allocated", (double)s.allocated);
+    o.Set("reserved", (double)s.reserved);
+    o.Set("peakAllocated", (double)s.peak_allocated);
+    o.Set("peakReserved", (double)s.peak_reserved);
+    o.Set("numAllocs", (double)s.num_allocs);
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+        o.Set("deviceFree", (double)free_b);
+        o.Set("deviceTotal", (double)total_b);
+    }
+    return o;
+}
+
+static Napi::Value ResetPeak(const Napi::CallbackInfo& info) {
+    qlora_cuda::reset_peak_stats();
+    return info.Env().Undefined();
+}
+
+static Napi::Value EmptyCache(const Napi::CallbackInfo& info) {
+    qlora_cuda::empty_cache();
+    return info.Env().Undefined();
+}
+
+// setDevice(index)
+static Napi::Value SetDevice(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t i = int_arg(info, 0);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, cudaSetDevice((int)i), "setDevice");
+    return env.Undefined();
+}
+
+void register_cuda_memory(Napi::Env env, Napi::Object exports) {
+    exports.Set("alloc", Napi::Function::New(env, Alloc, "alloc"));
+    exports.Set("free", Napi::Function::New(env, Free, "free"));
+    exports.Set("upload", Napi::Function::New(env, Upload, "upload"));
+    exports.Set("download", Napi::Function::New(env, Download, "download"));
+    exports.Set("memset", Napi::Function::New(env, Memset, "memset"));
+    exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
+    exports.Set("synchronize", Napi::Function::New(env, Synchronize, "synchronize"));
+    exports.Set("memoryStats", Napi::Function::New(env, MemoryStats, "memoryStats"));
+    exports.Set("resetPeakMemoryStats", Napi::Function::New(env, ResetPeak, "resetPeakMemoryStats"));
+    exports.Set("emptyCache", Napi::Function::New(env, EmptyCache, "emptyCache"));
+    exports.Set("setDevice", Napi::Function::New(env, SetDevice, "setDevice"));
+}

@@ -1,0 +1,31 @@
+// runtime.h: the CUDA backend's process-wide state: the stream every kernel runs on and the caching device
+// allocator (size-class free lists, so a training step reuses its buffers without cudaMalloc/cudaFree).
+#pragma once
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+namespace qlora_cuda {
+
+// the stream all ops are queued on (created on first use)
+cudaStream_t stream();
+
+struct MemoryStats {
+    size_t allocated;       // bytes handed out and not freed
+    size_t reserved;        // bytes held from cudaMalloc (allocated + cached)
+    size_t peak_allocated;  // highest `allocated` since the last reset
+    size_t peak_reserved;
+    size_t num_allocs;      // cudaMalloc calls
+};
+
+// a device buffer of at least `bytes` (rounded up to a size class); nullptr with `err` set on failure.
+// When cudaMalloc fails, the cache is emptied and the allocation retried once.
+void* device_alloc(size_t bytes, cudaError_t* err);
+// returns a buffer to the cache (it stays reserved)
+void device_free(void* ptr);
+// gives every cached, unused buffer back to the driver
+void empty_cache();
+MemoryStats memory_stats();
+void reset_peak_stats();
+
+}  // namespace qlora_cuda
