@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Prepares what the GPU machine needs (it has CUDA but no Node.js and no registry), under .device/ (ignored):
+#   node.xz        this machine's node binary (../shared/device/pack-node.sh)
+#   js/            src, test and bench compiled to JavaScript (no tsx needed there)
+#   node_modules/  the runtime dependencies only
+#   shared/        the fixtures the GPU tests read (../shared does not travel)
+# The native addons come from build/ (carry it too). Then, on the device: bash scripts/device-run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+../shared/device/pack-node.sh >/dev/null
+rm -rf .device/js .device/node_modules .device/shared
+npx tsc -p tsconfig.json --outDir .device/js --noEmit false --declaration false --sourceMap false
+mkdir -p .device/node_modules
+for dep in $(node -p "Object.keys(require('./package.json').dependencies).join(' ')"); do
+    mkdir -p ".device/node_modules/$(dirname "$dep")"
+    cp -r "node_modules/$dep" ".device/node_modules/$dep"
+done
+# transitive runtime dependencies of those packages
+for dep in $(node -e '
+    const seen = new Set(); const root = require("./package.json").dependencies;
+    const walk = (n) => { if (seen.has(n)) return; seen.add(n);
+        try { const p = require(`./node_modules/${n}/package.json`); Object.keys(p.dependencies ?? {}).forEach(walk); } catch {} };
+    Object.keys(root).forEach(walk); console.log([...seen].filter((n) => !(n in root)).join(" "));'); do
+    mkdir -p ".device/node_modules/$(dirname "$dep")"
+    cp -r "node_modules/$dep" ".device/node_modules/$dep"
+done
+mkdir -p .device/shared/fixtures/ref-qwen2 .device/shared/bench
+for f in adapter batch.safetensors forward.safetensors greedy.json lora_grads.safetensors qlora_grads.safetensors trainable_r8.txt; do
+    cp -r "../shared/fixtures/ref-qwen2/$f" .device/shared/fixtures/ref-qwen2/
+done
+cp ../shared/bench/peer_lora.py .device/shared/bench/
+du -sh .device/* build/Release

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (after scripts/device-pack.sh here, with .device and build carried):
+#   bash scripts/device-run.sh test            the GPU tests (test/gpu/*)
+#   bash scripts/device-run.sh bench [args]    the GPU benchmark
+# Output goes to stdout and, when $OUT is set, to $OUT/*.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+if ! command -v node >/dev/null; then
+    xz -dc .device/node.xz > /usr/local/bin/node && chmod +x /usr/local/bin/node
+fi
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+export QLORA_NATIVE_DIR="$root/build/Release" QLORA_SHARED="$root/.device/shared"
+# the compiled tree needs the package's data beside it
+for p in models examples package.json node_modules; do
+    [ -e ".device/js/$p" ] || ln -s "$root/$([ "$p" = node_modules ] && echo .device/node_modules || echo "$p")" ".device/js/$p"
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+what=${1:-test}; shift || true
+case "$what" in
+    test) node --test --test-reporter=spec $(find .device/js/test/gpu -name '*.test.js' | sort) 2>&1 | tee "${OUT:-/tmp}/gpu-tests.log" ;;
+    bench) node .device/js/bench/gpu.js "$@" 2>&1 | tee "${OUT:-/tmp}/gpu-bench.log" ;;
+    *) node "$what" "$@" ;;
+esac
