@@ -34,7 +34,7 @@ def main():
         threads = os.environ.get("OPENBLAS_NUM_THREADS")
 
     min_time = float(req.get("minTime", 0.25))
-    max_reps = int(req.get("maxReps", 50))
+    max_reps = int(req.get("maxReps", 2000))
     rng = np.random.default_rng(0)
     results = []
     for s in req["shapes"]:
