@@ -61,6 +61,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     register_cuda_gemm(env, exports);
     register_cuda_kernels(env, exports);
     register_cuda_attention(env, exports);
+    register_cuda_lora(env, exports);
     return exports;
 }
 

@@ -13,6 +13,7 @@ void register_cuda_memory(Napi::Env env, Napi::Object exports);     // cuda_memo
 void register_cuda_gemm(Napi::Env env, Napi::Object exports);       // cuda_gemm.cpp
 void register_cuda_kernels(Napi::Env env, Napi::Object exports);    // cuda_kernels.cpp
 void register_cuda_attention(Napi::Env env, Napi::Object exports);  // cuda_attention.cpp
+void register_cuda_lora(Napi::Env env, Napi::Object exports);       // cuda_lora.cpp
 
 namespace qlora_napi {
 

@@ -1,7 +1,205 @@
-// cuda_gemm.cpp: bindings of the CUDA gemm ops.
+// cuda_gemm.cpp: bindings of the CUDA gemm ops: cuBLASLt GEMM (row-major, the CPU sgemm contract) and the
+// NF4/FP4 dequantization. Device buffers are addresses (numbers); dtypes are "f32" | "bf16" | "f16".
+#include <string>
 #include "cuda_bindings.h"
+#include "napi_util.h"
+#include "../cuda/gemm.h"
+#include "../cuda/nf4.h"
+#include "../cuda/runtime.h"
+
+using namespace qlora_napi;
+
+namespace {
+
+// "f32" | "bf16" | "f16" -> QLORA_CUDA_*; -1 with a pending TypeError otherwise
+int dtype_arg(const Napi::CallbackInfo& info, size_t i) {
+    if (info[i].IsString()) {
+        std::string s = info[i].As<Napi::String>().Utf8Value();
+        if (s == "f32") return QLORA_CUDA_F32;
+        if (s == "bf16") return QLORA_CUDA_BF16;
+        if (s == "f16") return QLORA_CUDA_F16;
+    }
+    Napi::TypeError::New(info.Env(), "argument " + std::to_string(i) + ": expected a dtype \"f32\", \"bf16\" or \"f16\"")
+        .ThrowAsJavaScriptException();
+    return -1;
+}
+
+void gemm_throw(Napi::Env env, int status) {
+    const char* msg = qlora_cuda_gemm_last_error();
+    std::string text = std::string("gemm: ") + (msg && *msg ? msg : "failed (status " + std::to_string(status) + ")");
+    if (status == QLORA_GEMM_ERR_ARG)
+        Napi::RangeError::New(env, text).ThrowAsJavaScriptException();
+    else
+        Napi::Error::New(env, text).ThrowAsJavaScriptException();
+}
+
+// gemm(transA, transB, M, N, K, alpha, A, lda, dtypeA, B, ldb, dtypeB, beta, C, ldc, dtypeC)
+// row-major C[M,N] = alpha * op(A) @ op(B) + beta * C
+Napi::Value Gemm(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 16) {
+        Napi::TypeError::New(env, "gemm: expected 16 arguments").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    const bool ta = bool_arg(info, 0), tb = bool_arg(info, 1);
+    const int64_t M = int_arg(info, 2), N = int_arg(info, 3), K = int_arg(info, 4);
+    const double alpha = num_arg(info, 5);
+    const void* A = device_ptr_arg(info, 6, true);
+    const int64_t lda = int_arg(info, 7);
+    const int dA = dtype_arg(info, 8);
+    const void* B = device_ptr_arg(info, 9, true);
+    const int64_t ldb = int_arg(info, 10);
+    const int dB = dtype_arg(info, 11);
+    const double beta = num_arg(info, 12);
+    void* C = device_ptr_arg(info, 13);
+    const int64_t ldc = int_arg(info, 14);
+    const int dC = dtype_arg(info, 15);
+    QLORA_CHECK_ARGS(env);
+    int st = qlora_cuda_gemm(ta, tb, M, N, K, (float)alpha, A, lda, dA, B, ldb, dB, (float)beta, C, ldc, dC,
+                             qlora_cuda::stream());
+    if (st != QLORA_GEMM_OK) gemm_throw(env, st);
+    return env.Undefined();
+}
+
+// gemmStridedBatched(transA, transB, M, N, K, alpha, A, lda, strideA, dtypeA, B, ldb, strideB, dtypeB,
+//                    beta, C, ldc, strideC, dtypeC, batch); strides in elements
+Napi::Value GemmStridedBatched(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 20) {
+        Napi::TypeError::New(env, "gemmStridedBatched: expected 20 arguments").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    const bool ta = bool_arg(info, 0), tb = bool_arg(info, 1);
+    const int64_t M = int_arg(info, 2), N = int_arg(info, 3), K = int_arg(info, 4);
+    const double alpha = num_arg(info, 5);
+    const void* A = device_ptr_arg(info, 6, true);
+    const int64_t lda = int_arg(info, 7), strideA = int_arg(info, 8);
+    const int dA = dtype_arg(info, 9);
+    const void* B = device_ptr_arg(info, 10, true);
+    const int64_t ldb = int_arg(info, 11), strideB = int_arg(info, 12);
+    const int dB = dtype_arg(info, 13);
+    const double beta = num_arg(info, 14);
+    void* C = device_ptr_arg(info, 15);
+    const int64_t ldc = int_arg(info, 16), strideC = int_arg(info, 17);
+    const int dC = dtype_arg(info, 18);
+    const int64_t batch = int_arg(info, 19);
+    QLORA_CHECK_ARGS(env);
+    int st = qlora_cuda_gemm_strided_batched(ta, tb, M, N, K, (float)alpha, A, lda, strideA, dA, B, ldb, strideB,
+                                             dB, (float)beta, C, ldc, strideC, dC, batch, qlora_cuda::stream());
+    if (st != QLORA_GEMM_OK) gemm_throw(env, st);
+    return env.Undefined();
+}
+
+// dequantize4bit(out, outDtype, packed, absmax|0, absmaxQ|0, nestedAbsmax|0, nestedCode|0, offset, code,
+//                blocksize, nestedBlocksize, n)
+Napi::Value Dequantize4bit(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 12) {
+        Napi::TypeError::New(env, "dequantize4bit: expected 12 arguments").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    void* out = device_ptr_arg(info, 0);
+    const int outDtype = dtype_arg(info, 1);
+    const uint8_t* packed = (const uint8_t*)device_ptr_arg(info, 2);
+    const float* absmax = (const float*)device_ptr_arg(info, 3, true);
+    const uint8_t* absmaxQ = (const uint8_t*)device_ptr_arg(info, 4, true);
+    const float* nestedAbsmax = (const float*)device_ptr_arg(info, 5, true);
+    const float* nestedCode = (const float*)device_ptr_arg(info, 6, true);
+    const double offset = num_arg(info, 7);
+    const float* code = (const float*)device_ptr_arg(info, 8);
+    const int64_t blocksize = int_arg(info, 9), nestedBlocksize = int_arg(info, 10), n = int_arg(info, 11);
+    QLORA_CHECK_ARGS(env);
+    if (n < 0 || blocksize < 1 || (absmaxQ && (!nestedAbsmax || !nestedCode || nestedBlocksize < 1)) ||
+        (!absmaxQ && !absmax)) {
+        Napi::RangeError::New(env, "dequantize4bit: needs n >= 0, blocksize >= 1 and either absmax, or absmaxQ with "
+                                   "nestedAbsmax, nestedCode and nestedBlocksize >= 1")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    cuda_throw(env,
+               qlora_cuda_dequantize_4bit(out, outDtype, packed, absmax, absmaxQ, nestedAbsmax, nestedCode,
+                                          (float)offset, code, blocksize, nestedBlocksize, n, qlora_cuda::stream()),
+               "dequantize4bit");
+    return env.Undefined();
+}
+
+// gemv4bit(y, yDtype, x, xDtype, packed, absmax|0, absmaxQ|0, nestedAbsmax|0, nestedCode|0, offset, code,
+//          blocksize, nestedBlocksize, M, N, K): y[M, N] = x[M, K] @ W^T for M <= 8, W[N, K] 4-bit
+Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 16) {
+        Napi::TypeError::New(env, "gemv4bit: expected 16 arguments").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    void* y = device_ptr_arg(info, 0);
+    const int yDtype = dtype_arg(info, 1);
+    const void* x = device_ptr_arg(info, 2);
+    const int xDtype = dtype_arg(info, 3);
+    const uint8_t* packed = (const uint8_t*)device_ptr_arg(info, 4);
+    const float* absmax = (const float*)device_ptr_arg(info, 5, true);
+    const uint8_t* absmaxQ = (const uint8_t*)device_ptr_arg(info, 6, true);
+    const float* nestedAbsmax = (const float*)device_ptr_arg(info, 7, true);
+    const float* nestedCode = (const float*)device_ptr_arg(info, 8, true);
+    const double offset = num_arg(info, 9);
+    const float* code = (const float*)device_ptr_arg(info, 10);
+    const int64_t blocksize = int_arg(info, 11), nestedBlocksize = int_arg(info, 12);
+    const int64_t M = int_arg(info, 13), N = int_arg(info, 14), K = int_arg(info, 15);
+    QLORA_CHECK_ARGS(env);
+    if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || N < 0 || K < 0 || (yDtype != QLORA_CUDA_F32 && yDtype != xDtype) ||
+        (absmaxQ && (!nestedAbsmax || !nestedCode)) || (!absmaxQ && !absmax)) {
+        Napi::RangeError::New(env, "gemv4bit: needs 1 <= M <= " + std::to_string(QLORA_GEMV_4BIT_MAX_M) +
+                                       ", y in f32 or x's dtype, and either absmax or absmaxQ with nestedAbsmax and "
+                                       "nestedCode")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    cudaError_t err = qlora_cuda_gemv_4bit(y, yDtype, x, xDtype, packed, absmax, absmaxQ, nestedAbsmax, nestedCode,
+                                           (float)offset, code, blocksize, nestedBlocksize, M, N, K,
+                                           qlora_cuda::stream());
+    if (err == cudaErrorNotSupported) {
+        Napi::RangeError::New(env, "gemv4bit: unsupported layout (needs K % 8 == 0, power-of-two block sizes >= 8, "
+                                   "16-byte aligned x, 4-byte aligned packed): dequantize4bit + gemm instead")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    cuda_throw(env, err, "gemv4bit");
+    return env.Undefined();
+}
+
+// gemmInfo() -> {library, version, calls, heuristicRuns, cachedPlans, fallbackCalls}; throws when cuBLASLt
+// cannot be loaded
+Napi::Value GemmInfo(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const char* lib = nullptr;
+    size_t version = 0;
+    int st = qlora_cuda_gemm_library(&lib, &version);
+    if (st != QLORA_GEMM_OK) {
+        Napi::Error::New(env, qlora_cuda_gemm_last_error()).ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    QloraGemmStats s = qlora_cuda_gemm_stats();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("library", lib);
+    o.Set("version", (double)version);
+    o.Set("calls", (double)s.calls);
+    o.Set("heuristicRuns", (double)s.heuristic_runs);
+    o.Set("cachedPlans", (double)s.cached_plans);
+    o.Set("fallbackCalls", (double)s.fallback_calls);
+    return o;
+}
+
+Napi::Value GemmClearCache(const Napi::CallbackInfo& info) {
+    qlora_cuda_gemm_clear_cache();
+    return info.Env().Undefined();
+}
+
+}  // namespace
 
 void register_cuda_gemm(Napi::Env env, Napi::Object exports) {
-    (void)env;
-    (void)exports;
+    exports.Set("gemm", Napi::Function::New(env, Gemm, "gemm"));
+    exports.Set("gemmStridedBatched", Napi::Function::New(env, GemmStridedBatched, "gemmStridedBatched"));
+    exports.Set("dequantize4bit", Napi::Function::New(env, Dequantize4bit, "dequantize4bit"));
+    exports.Set("gemv4bit", Napi::Function::New(env, Gemv4bit, "gemv4bit"));
+    exports.Set("gemmInfo", Napi::Function::New(env, GemmInfo, "gemmInfo"));
+    exports.Set("gemmClearCache", Napi::Function::New(env, GemmClearCache, "gemmClearCache"));
 }

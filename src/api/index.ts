@@ -21,3 +21,5 @@ export {bitsAndBytesConfig} from "../quant/config.js";
 export type {BitsAndBytesConfig} from "../quant/config.js";
 export {HfTokenizer} from "../tokenizer/index.js";
 export type {TrainReporter, TrainResult, TrainLogRecord} from "../train/trainer.js";
+export {cudaAvailability, cudaMemoryStats, resolveDevice} from "../backend/cuda.js";
+export type {CudaMemoryStats} from "../backend/native-types.js";

@@ -16,6 +16,8 @@ export interface SyntheticOptions {
     /** standard deviation of the projection and embedding weights */
     std?: number;
     maxShardBytes?: number;
+    /** uniform instead of normal values of the same std (much faster for multi-billion-parameter benchmarks) */
+    fast?: boolean;
 }
 
 /** writes config.json + safetensors with N(0, std) weights, norms around 1 and small biases; returns the config */
@@ -32,9 +34,22 @@ export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptio
         const values = new Float32Array(n);
         const isNorm = name.endsWith("norm.weight");
         const isBias = name.endsWith(".bias");
-        for (let i = 0; i < n; i++) {
-            const z = rng.normal();
-            values[i] = isNorm ? 1 + 0.1 * z : isBias ? 0.1 * z : std * z;
+        if (opts.fast) {
+            // uniform on [-sqrt(3), sqrt(3)] (unit variance) from a xorshift32 seeded by the Rng
+            let s = rng.nextU32() | 1;
+            const scale = (isNorm ? 0.1 : isBias ? 0.1 : std) * Math.sqrt(3) / 2147483648;
+            const base = isNorm ? 1 : 0;
+            for (let i = 0; i < n; i++) {
+                s ^= s << 13;
+                s ^= s >>> 17;
+                s ^= s << 5;
+                values[i] = base + (s | 0) * scale;
+            }
+        } else {
+            for (let i = 0; i < n; i++) {
+                const z = rng.normal();
+                values[i] = isNorm ? 1 + 0.1 * z : isBias ? 0.1 * z : std * z;
+            }
         }
         tensors.push({name, dtype, shape, data: dtype === "F32" ? values : f32ToHalf(values, dtype)});
     }

@@ -8,7 +8,7 @@ import {QloraError} from "../errors.js";
 import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {SafetensorsFile, writeSafetensors, type TensorToWrite} from "../io/safetensors.js";
 import {saveAdapter, type LoraModel} from "../lora/adapter.js";
-import type {AdamW, OptimizerStateDict} from "../optim/adamw.js";
+import type {OptimizerStateDict} from "../optim/adamw.js";
 import type {LRScheduler, LRSchedulerState} from "../optim/schedule.js";
 import type {LoaderPosition} from "../data/index.js";
 
@@ -40,7 +40,7 @@ export interface RngStateFile {
 
 export interface CheckpointParts {
     lora: LoraModel;
-    optimizer: AdamW;
+    optimizerState: OptimizerStateDict;
     scheduler: LRScheduler;
     trainerState: TrainerState;
     rng: RngStateFile;
@@ -63,7 +63,7 @@ export async function saveCheckpoint(dir: string, parts: CheckpointParts): Promi
     await writeDirAtomic(dir, async (tmp) => {
         await saveAdapter(tmp, parts.lora);
         await copyTokenizerFiles(parts.modelDir, tmp);
-        const opt = parts.optimizer.stateDict();
+        const opt = parts.optimizerState;
         const tensors: TensorToWrite[] = Object.entries(opt.tensors).map(([name, data]) => ({
             name, dtype: data instanceof Uint8Array ? "U8" : "F32", shape: [data.length], data,
         }));

@@ -7,14 +7,13 @@ import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
 import {cpu} from "../backend/cpu.js";
+import {resolveDevice} from "../backend/cuda.js";
 import {Rng} from "../backend/rng.js";
 import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {DataLoader, loadDataset, padTokenIdOf, type Batch, type DataOptions, type PreparedDataset} from "../data/index.js";
 import {applyLora, loadAdapter, saveAdapter, trainableParametersLine, type LoraModel} from "../lora/adapter.js";
 import {DecoderModel} from "../model/decoder.js";
-import {DecoderTrainer, type TrainBatch} from "../model/training.js";
-import {createOptimizer, weightDecayFor} from "../optim/adamw.js";
-import {clipGradNorm} from "../optim/clip.js";
+import type {TrainBatch} from "../model/training.js";
 import {LRScheduler, resolveWarmupSteps} from "../optim/schedule.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {HfTokenizer} from "../tokenizer/index.js";
@@ -22,6 +21,7 @@ import {
     CHECKPOINT_PREFIX, copyTokenizerFiles, loadCheckpointState, resolveResumeDir, rotateCheckpoints, saveCheckpoint,
     type TrainerState,
 } from "./checkpoint.js";
+import {createEngine} from "./engine.js";
 import {writeReport, type MetricRecord} from "./report.js";
 
 /** the trainer's settings: the seed's names (a TrainConfig from src/api satisfies it) */
@@ -103,7 +103,10 @@ export interface TrainLogRecord {
     num_tokens: number;
     elapsed_s: number;
     remaining_s: number;
+    /** the process's resident memory on the CPU; the caching allocator's allocated bytes on the GPU */
     memory_bytes: number;
+    peak_memory_bytes: number;
+    memory_kind: string;
 }
 
 export interface TrainReporter {
@@ -123,10 +126,6 @@ export interface TrainResult {
     evalLoss: number | null;
     metricsFile: string;
     reportFile: string;
-}
-
-function memoryBytes(): number {
-    return process.memoryUsage().rss;
 }
 
 /** steps given as a float in [0, 1) are a ratio of the total steps, rounded up (transformers) */
@@ -156,9 +155,7 @@ async function prepareOutputDir(dir: string): Promise<void> {
 }
 
 export async function train(config: TrainerConfig, reporter: TrainReporter = {}): Promise<TrainResult> {
-    if (config.device === "cuda")
-        throw new QloraError("device: the CUDA training backend is not part of this build yet; train on the CPU " +
-            "with --device cpu (or auto)");
+    const device = resolveDevice(config.device);
     if (config.threads) cpu().setNumThreads(config.threads);
     const outputDir = path.resolve(config.output_dir);
     await prepareOutputDir(outputDir);
@@ -199,11 +196,9 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     }, {initRng: new Rng(config.seed), dropoutRng});
     lora.config.base_model_name_or_path ??= path.basename(config.model);
     lora.setTraining(true);
-    const tensors = lora.trainableTensors();
-    const optimizer = createOptimizer(config.optim, tensors.map((t) => ({
-        name: t.name, param: t.param, grad: t.grad, weightDecay: t.decay && weightDecayFor(t.name),
-    })), {adam_beta1: config.adam_beta1, adam_beta2: config.adam_beta2, adam_epsilon: config.adam_epsilon,
-        weight_decay: config.weight_decay});
+    const engine = createEngine(device, model, lora, config.optim, {adam_beta1: config.adam_beta1,
+        adam_beta2: config.adam_beta2, adam_epsilon: config.adam_epsilon, weight_decay: config.weight_decay},
+    dropoutRng, config.seed);
 
     // steps: one step = gradient_accumulation_steps micro-batches
     const loader = new DataLoader(trainData.rows, {batchSize: config.per_device_train_batch_size,
@@ -225,7 +220,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     };
     if (resumeDir) {
         const saved = await loadCheckpointState(resumeDir);
-        optimizer.loadStateDict(saved.optimizer);
+        engine.loadOptimizerState(saved.optimizer);
         scheduler.loadStateDict(saved.scheduler);
         dropoutRng.setState(saved.rng.dropout);
         loader.seek(saved.rng.loader);
@@ -233,6 +228,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
         if (state.max_steps !== totalSteps)
             reporter.onWarning?.(`the checkpoint was made for ${state.max_steps} steps, this run has ${totalSteps}`);
         state.max_steps = totalSteps;
+        engine.setMicroBatchIndex(state.global_step * GA);
     }
 
     // metrics.jsonl: on resume, keep only what happened up to the checkpoint
@@ -253,10 +249,9 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     };
     await writeMetrics();
 
-    const trainer = new DecoderTrainer(model, dropoutRng);
     const trainableLine = trainableParametersLine(lora);
     reporter.onStart?.({
-        modelDir: config.model, device: "cpu", computeDtype: "float32",
+        modelDir: config.model, device, computeDtype: engine.computeDtype,
         quantization: quantization ? `${quantization.bnb_4bit_quant_type}${quantization.bnb_4bit_use_double_quant ? " + double quant" : ""}`
             : (model.quantized ? "pre-quantized 4-bit" : "none (16-bit LoRA)"),
         trainableLine, train: trainData, eval: evalData, totalSteps, warmupSteps, startStep: state.global_step,
@@ -272,17 +267,18 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
             padTokenId: padTokenIdOf(tokenizer), shuffle: false, seed: 0});
         let sum = 0, count = 0;
         for (const {batch} of evalLoader.epoch()) {
-            const r = trainer.forwardBackward(toTrainBatch(batch), {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+            const r = engine.forwardBackward(toTrainBatch(batch), {lossScale: 0, gradientCheckpointing: false, noBackward: true});
             sum += r.lossSum;
             count += r.targets;
         }
         lora.setTraining(true);
         return {loss: sum / Math.max(1, count), tokens: count};
     };
-    const checkpointParts = () => ({lora, optimizer, scheduler, trainerState: state, modelDir: config.model,
-        rng: {dropout: dropoutRng.getState(), loader: loader.position}});
-
-    const grads = tensors.map((t) => t.grad);
+    const checkpointParts = () => {
+        engine.syncToHost();
+        return {lora, optimizerState: engine.optimizerState(), scheduler, trainerState: state, modelDir: config.model,
+            rng: {dropout: dropoutRng.getState(), loader: loader.position}};
+    };
     const startTime = Date.now();
     const startStep = state.global_step;
     let windowStart = Date.now();
@@ -297,11 +293,11 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
             epoch = next.epoch + (next.index + 1) / loader.batchesPerEpoch;
         }
         const numItems = micro.reduce((a, b) => a + b.numTargets, 0);
-        lora.zeroGrad();
+        engine.zeroGrad();
         let lossSum = 0, tokens = 0;
         for (const b of micro) {
             if (b.numTargets === 0) continue;
-            const r = trainer.forwardBackward(toTrainBatch(b), {lossScale: 1 / numItems,
+            const r = engine.forwardBackward(toTrainBatch(b), {lossScale: 1 / numItems,
                 gradientCheckpointing: config.gradient_checkpointing});
             lossSum += r.lossSum;
             tokens += b.attentionMask.reduce((a, v) => a + v, 0);
@@ -311,12 +307,12 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
         if (!Number.isFinite(loss))
             throw new QloraError(`the loss is ${loss} at step ${step}: training diverged. Lower learning_rate ` +
                 `(now ${config.learning_rate}), keep max_grad_norm > 0, or check the data for empty or broken examples`);
-        const gradNorm = clipGradNorm(grads, config.max_grad_norm);
+        const gradNorm = engine.clipGradNorm(config.max_grad_norm);
         if (!Number.isFinite(gradNorm))
             throw new QloraError(`the gradient norm is ${gradNorm} at step ${step}: training diverged. Lower learning_rate ` +
                 `(now ${config.learning_rate}) or max_grad_norm`);
         const lr = scheduler.getLr();
-        optimizer.step(lr);
+        engine.optimizerStep(lr);
         scheduler.step();
         state.global_step = step;
         state.epoch = epoch;
@@ -336,7 +332,8 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
                 loss: Number((acc.lossSum / acc.steps).toFixed(4)), learning_rate: lr, grad_norm: gradNorm,
                 tokens_per_second: acc.tokens / Math.max(1e-9, (now - windowStart) / 1000),
                 num_tokens: state.num_input_tokens_seen, elapsed_s: elapsed,
-                remaining_s: elapsed / (step - startStep) * (totalSteps - step), memory_bytes: memoryBytes(),
+                remaining_s: elapsed / (step - startStep) * (totalSteps - step), memory_bytes: engine.memory().current,
+                peak_memory_bytes: engine.memory().peak, memory_kind: engine.memory().label,
             };
             state.log_history.push({loss: rec.loss, grad_norm: gradNorm, learning_rate: lr, epoch: rec.epoch, step});
             state.qlora_log_accumulator = {lossSum: 0, steps: 0, tokens: 0};
@@ -362,6 +359,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
 
     // the final adapter, PEFT's layout, with the tokenizer files beside it
     const finalDir = path.join(outputDir, "final");
+    engine.syncToHost();
     await writeDirAtomic(finalDir, async (tmp) => {
         await saveAdapter(tmp, lora);
         await copyTokenizerFiles(config.model, tmp);

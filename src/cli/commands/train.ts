@@ -21,7 +21,7 @@ function logLine(r: TrainLogRecord): string {
     return `step ${String(r.step).padStart(String(r.total_steps).length)}/${r.total_steps} | loss ${r.loss.toFixed(4)} | ` +
         `lr ${r.learning_rate.toExponential(2)} | grad_norm ${r.grad_norm.toFixed(3)} | ` +
         `${Math.round(r.tokens_per_second)} tok/s | ${formatDuration(r.elapsed_s)} elapsed, ${formatDuration(r.remaining_s)} left | ` +
-        `mem ${(r.memory_bytes / 2 ** 20).toFixed(0)} MiB`;
+        `${r.memory_kind} mem ${(r.memory_bytes / 2 ** 20).toFixed(0)} MiB (peak ${(r.peak_memory_bytes / 2 ** 20).toFixed(0)} MiB)`;
 }
 
 /** the keys, their defaults and descriptions, for --help */

@@ -1,0 +1,117 @@
+// bench/gpu.ts: QLoRA and bf16 LoRA training throughput on the GPU for Qwen2-7B / Qwen2-0.5B architectures with
+// random weights (written by qlora's own code), beside transformers + peft measured by
+// ../shared/bench/peer_lora.py in the same command, and the bitsandbytes QLoRA figures of RESULTS.md.
+// The step: r=16, alpha 32, dropout 0.05, all 7 projections, batch 4 x 512 random tokens, gradient checkpointing,
+// paged_adamw_8bit (QLoRA) or adamw_torch (LoRA); 3 warm-up and 10 timed steps.
+//
+//   node bench/gpu.js [--models qwen2-0.5b,qwen2-7b] [--modes qlora,lora] [--shape 4x512] [--steps 10]
+//                     [--dir /tmp/models] [--peer path/to/peer_lora.py]
+import {spawnSync} from "node:child_process";
+import {existsSync} from "node:fs";
+import path from "node:path";
+import {performance} from "node:perf_hooks";
+import {cuda, cudaMemoryStats} from "../src/backend/cuda.js";
+import {Rng} from "../src/backend/rng.js";
+import {applyLora} from "../src/lora/adapter.js";
+import {DecoderModel} from "../src/model/decoder.js";
+import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
+import {bitsAndBytesConfig} from "../src/quant/config.js";
+import {createEngine} from "../src/train/engine.js";
+
+const arg = (name: string, def: string) => {
+    const i = process.argv.indexOf(`--${name}`);
+    return i > 0 ? process.argv[i + 1] : def;
+};
+const models = arg("models", "qwen2-0.5b,qwen2-7b").split(",");
+const modes = arg("modes", "qlora,lora").split(",");
+const [bs, seq] = arg("shape", "4x512").split("x").map(Number);
+const steps = Number(arg("steps", "10")), warmup = 3;
+const dir = arg("dir", "/tmp/models");
+const peer = arg("peer", "");
+
+const CONFIGS: Record<string, Record<string, unknown>> = {
+    "qwen2-0.5b": {vocab_size: 151936, hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24,
+        num_attention_heads: 14, num_key_value_heads: 2, tie_word_embeddings: true},
+    "qwen2-7b": {vocab_size: 152064, hidden_size: 3584, intermediate_size: 18944, num_hidden_layers: 28,
+        num_attention_heads: 28, num_key_value_heads: 4, tie_word_embeddings: false},
+};
+// transformers + peft + bitsandbytes QLoRA on the H200 (../shared/bench/RESULTS.md; bitsandbytes is not installed there)
+const BNB_QLORA: Record<string, {tokS: number; peak: number}> = {"qwen2-7b": {tokS: 3264, peak: 12.89}, "qwen2-0.5b": {tokS: 6477, peak: 5.61}};
+
+interface Row {model: string; impl: string; mode: string; tokS: number; samplesS: number; stepMs: number; peakGiB: number; note?: string}
+const rows: Row[] = [];
+
+for (const name of models) {
+    const modelDir = path.join(dir, name);
+    if (!existsSync(path.join(modelDir, "config.json"))) {
+        const t0 = performance.now();
+        await writeSyntheticCheckpoint(modelDir, {config: {architectures: ["Qwen2ForCausalLM"], model_type: "qwen2",
+            ...CONFIGS[name], max_position_embeddings: 32768, rope_theta: 1e6, rms_norm_eps: 1e-6, hidden_act: "silu",
+            torch_dtype: "bfloat16", use_cache: true}, dtype: "BF16", seed: 0, std: 0.02, fast: true});
+        console.log(`wrote ${modelDir} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    }
+    for (const mode of modes) {
+        cuda().emptyCache();
+        const t0 = performance.now();
+        const model = await DecoderModel.load(modelDir, {quantization: mode === "qlora"
+            ? bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_quant_type: "nf4", bnb_4bit_use_double_quant: true,
+                bnb_4bit_compute_dtype: "bfloat16"}) : null});
+        const lora = applyLora(model, {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"}, {initRng: new Rng(0)});
+        lora.setTraining(true);
+        cuda().resetPeakMemoryStats();
+        const engine = createEngine("cuda", model, lora, mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch", {}, new Rng(1), 0);
+        const loadS = (performance.now() - t0) / 1000;
+        const rng = new Rng(1);
+        const V = Number(CONFIGS[name].vocab_size), N = bs * seq;
+        const batches = Array.from({length: 4}, () => {
+            const ids = Int32Array.from({length: N}, () => rng.int(V));
+            return {B: bs, T: seq, inputIds: ids, labels: ids, attentionMask: null,
+                positionIds: Int32Array.from({length: N}, (_, i) => i % seq), segIds: null};
+        });
+        let t1 = 0;
+        const losses: number[] = [];
+        for (let i = 0; i < warmup + steps; i++) {
+            if (i === warmup) {
+                cuda().synchronize();
+                t1 = performance.now();
+            }
+            const b = batches[i % 4];
+            engine.zeroGrad();
+            const r = engine.forwardBackward(b, {lossScale: 1 / (N - bs), gradientCheckpointing: true});
+            engine.clipGradNorm(0);
+            engine.optimizerStep(2e-4);
+            losses.push(r.lossSum / r.targets);
+        }
+        cuda().synchronize();
+        const dt = (performance.now() - t1) / 1000;
+        const peak = cudaMemoryStats().peakAllocated / 2 ** 30;
+        rows.push({model: name, impl: "qlora (this project)", mode, tokS: steps * N / dt, samplesS: steps * bs / dt,
+            stepMs: 1000 * dt / steps, peakGiB: peak, note: `load ${loadS.toFixed(0)} s, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`});
+        console.log(JSON.stringify(rows[rows.length - 1]));
+    }
+    if (peer) {
+        const r = spawnSync("python3", [peer, "--model", name, "--dir", dir, "--modes", "lora", "--shapes", `${bs}x${seq}`,
+            "--steps", String(steps)], {encoding: "utf8"});
+        for (const line of r.stdout.split("\n").filter((l) => l.startsWith("{"))) {
+            const j = JSON.parse(line);
+            if (j.error) console.log(`peer error: ${j.error}`);
+            else rows.push({model: name, impl: "transformers + peft", mode: j.mode, tokS: j.tokens_per_s, samplesS: j.samples_per_s,
+                stepMs: j.step_ms, peakGiB: j.peak_gib, note: `measured in this run, loss ${j.loss_first} -> ${j.loss_last}`});
+        }
+        if (r.status !== 0) console.log(`peer exited with ${r.status}: ${r.stderr.slice(-500)}`);
+    }
+    const bnb = BNB_QLORA[name];
+    rows.push({model: name, impl: "transformers + peft + bitsandbytes", mode: "qlora", tokS: bnb.tokS, samplesS: bnb.tokS / seq,
+        stepMs: 1000 * bs * seq / bnb.tokS, peakGiB: bnb.peak, note: "RESULTS.md (bitsandbytes not installed here)"});
+}
+
+console.log(`\nbatch ${bs} x ${seq}, r=16 alpha 32 dropout 0.05 on all 7 projections, gradient checkpointing, ${steps} timed steps\n`);
+console.log("| model | implementation | method | tokens/s | samples/s | step ms | peak GiB | notes |");
+console.log("|---|---|---|---|---|---|---|---|");
+for (const r of rows) console.log(`| ${r.model} | ${r.impl} | ${r.mode} | ${r.tokS.toFixed(0)} | ${r.samplesS.toFixed(2)} | ` +
+    `${r.stepMs.toFixed(0)} | ${r.peakGiB.toFixed(2)} | ${r.note ?? ""} |`);
+for (const name of models) {
+    const ours = rows.find((r) => r.model === name && r.mode === "qlora" && r.impl.startsWith("qlora"));
+    if (ours) console.log(`${name}: QLoRA ${(ours.tokS / BNB_QLORA[name].tokS).toFixed(2)}x the tokens/s of bitsandbytes, ` +
+        `${(ours.peakGiB / BNB_QLORA[name].peak).toFixed(2)}x its peak memory`);
+}

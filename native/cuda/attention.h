@@ -1,0 +1,51 @@
+// attention.h: flash-style attention on the GPU (FlashAttention-2 forward and backward), bf16 in HBM with fp32
+// accumulation on the tensor cores (mma.sync m16n8k16). Same layout and semantics as the CPU op
+// (native/include/qlora_ops.h, qlora_cpu_attention_*):
+//
+//   q[B,T,Hq,D], k/v[B,S,Hkv,D], out[B,T,Hq,D] (bf16), lse[B,Hq,T] (f32, natural log, -inf for a query with no
+//   visible key, whose out row is zeros). Query t sits at key position q_offset + t; key j is visible to it when
+//   j <= q_offset + t, key_valid[b,j] != 0 (NULL: all valid) and seg[b,j] == seg[b,q_offset+t] (NULL: one segment).
+//   Grouped-query heads: Hq = G * Hkv, query head h reads kv head h / G.
+//
+// Head dims 64 and 128 (qlora_cuda_attention_supports_head_dim); other D return cudaErrorInvalidValue. All bf16
+// pointers must be 16-byte aligned (the caching allocator's buffers are). Every launcher queues its work on `stream`
+// and returns the launch status (cudaErrorInvalidValue for bad sizes, see qlora_cuda_attention_check).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// 1 when D has a kernel (64, 128), else 0
+int qlora_cuda_attention_supports_head_dim(int64_t D);
+
+// NULL when the sizes and pointers are acceptable, else a sentence saying what is wrong (a static string).
+// `seg_given`: whether seg will be passed (it requires q_offset + T <= S, so that seg[b, q_offset + t] exists).
+const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, int n_ptrs, int seg_given, int64_t B, int64_t T,
+                                       int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset);
+
+// out[B,T,Hq,D] (=), lse[B,Hq,T] (= ; may be NULL)
+cudaError_t qlora_cuda_attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
+                                         const __nv_bfloat16* k, const __nv_bfloat16* v, const uint8_t* key_valid,
+                                         const int32_t* seg, int64_t B, int64_t T, int64_t S, int64_t Hq,
+                                         int64_t Hkv, int64_t D, int64_t q_offset, float scale,
+                                         cudaStream_t stream);
+
+// dq[B,T,Hq,D] (=), dk/dv[B,S,Hkv,D] (=), all bf16; recomputes the probabilities from q, k and the forward's lse.
+// Uses an f32 workspace from the caching allocator (qlora_cuda::device_alloc): D_i[B,Hq,T], and dq/dk/dv
+// accumulators (B*T*Hq*D + 2*B*S*Hkv*D floats), returned to the cache once the work is queued (stream-ordered on
+// qlora_cuda::stream(); on any other stream the launcher waits for its work before returning the workspace).
+cudaError_t qlora_cuda_attention_backward(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,
+                                          const __nv_bfloat16* dout, const __nv_bfloat16* q,
+                                          const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                          const __nv_bfloat16* out, const float* lse, const uint8_t* key_valid,
+                                          const int32_t* seg, int64_t B, int64_t T, int64_t S, int64_t Hq,
+                                          int64_t Hkv, int64_t D, int64_t q_offset, float scale,
+                                          cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,126 @@
+// kernels.h: the CUDA backend's elementwise and row-wise kernels, as a plain C ABI (launchers).
+//
+// The CUDA counterparts of the CPU ops in native/include/qlora_ops.h, for the training step on the GPU:
+// activations are bf16 in device memory (uint16_t bits), math is fp32, statistics (rstd, lse, loss) are fp32 and
+// parameter gradients fp32. Every launcher queues its work on `stream` and returns the launch error (or
+// cudaErrorInvalidValue for bad sizes); nothing synchronizes. Outputs first, then inputs, sizes last, then the
+// stream; shapes in the comments. All pointers are device pointers.
+//
+// Gradient rule as on the CPU: parameter gradients accumulate (+=), activation gradients overwrite (=).
+// Any alignment works; 16-byte aligned buffers (what the allocator hands out) with row lengths that are multiples
+// of 8 elements take the vectorized paths.
+//
+// Sources: elementwise.cu (conversions, fill, scale, add, axpy, cast-add, SwiGLU), embedding.cu, norm.cu
+// (RMSNorm, residual + RMSNorm), rope.cu, cross_entropy.cu.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ------------------------------------------------------------------
+// conversions (round to nearest even; bit-identical to the CPU backend's for finite values)
+
+cudaError_t qlora_cuda_bf16_to_f32(float* out, const uint16_t* inp, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_f16_to_f32(float* out, const uint16_t* inp, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_f32_to_bf16(uint16_t* out, const float* inp, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_f32_to_f16(uint16_t* out, const float* inp, int64_t n, cudaStream_t stream);
+
+// ------------------------------------------------------------------
+// elementwise
+
+// x[n] = value (bf16: value rounded to bf16)
+cudaError_t qlora_cuda_fill_f32(float* x, float value, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_fill_bf16(uint16_t* x, float value, int64_t n, cudaStream_t stream);
+// x[n] *= s
+cudaError_t qlora_cuda_scale_f32(float* x, float s, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_scale_bf16(uint16_t* x, float s, int64_t n, cudaStream_t stream);
+// y[n] += x[n] (bf16: fp32 sum rounded to bf16; f32: bit-identical to the CPU's add_inplace)
+cudaError_t qlora_cuda_add_f32(float* y, const float* x, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_add_bf16(uint16_t* y, const uint16_t* x, int64_t n, cudaStream_t stream);
+// y[n] = fmaf(alpha, x[n], y[n])   (f32)
+cudaError_t qlora_cuda_axpy_f32(float* y, float alpha, const float* x, int64_t n, cudaStream_t stream);
+// y[n] (f32) = fmaf(alpha, x[n] (bf16), y[n]): accumulates a bf16 gradient into an fp32 one
+cudaError_t qlora_cuda_cast_add_bf16_f32(float* y, const uint16_t* x, float alpha, int64_t n, cudaStream_t stream);
+
+// ------------------------------------------------------------------
+// embedding
+
+// out[N,C] (bf16) = table[ids[n], :] (bf16 [V,C]). Rows whose id is outside [0, V) are written as zeros and
+// reported through `bad` (nullable, 2 int32 on the device, reset by this call): bad[0] = how many ids were out of
+// range, bad[1] = the first such row (INT32_MAX when none). Download `bad` when convenient; nothing syncs here.
+cudaError_t qlora_cuda_embedding_forward(uint16_t* out, int32_t* bad, const int32_t* ids, const uint16_t* table,
+                                         int64_t N, int64_t V, int64_t C, cudaStream_t stream);
+// dtable[ids[n], :] (f32 [V,C]) += dout[n, :] (bf16 [N,C]); float atomics (order-dependent in the last bit when
+// an id repeats); ids outside [0, V) are skipped
+cudaError_t qlora_cuda_embedding_backward(float* dtable, const uint16_t* dout, const int32_t* ids, int64_t N,
+                                          int64_t V, int64_t C, cudaStream_t stream);
+
+// ------------------------------------------------------------------
+// RMSNorm: out = inp * rstd * weight, rstd = 1/sqrt(mean(inp^2) + eps), fp32 accumulation
+
+// out[N,C] (bf16), rstd[N] (f32, nullable), inp[N,C] (bf16), weight[C] (bf16). out may alias inp.
+cudaError_t qlora_cuda_rmsnorm_forward(uint16_t* out, float* rstd, const uint16_t* inp, const uint16_t* weight,
+                                       int64_t N, int64_t C, float eps, cudaStream_t stream);
+// h = x + y (rounded to bf16, the residual stream), out = rmsnorm(h): h[N,C], out[N,C] (bf16), rstd[N] (f32,
+// nullable), x[N,C], y[N,C], weight[C] (bf16). h may alias x or y (the in-place residual add); out may not alias
+// x or y.
+cudaError_t qlora_cuda_residual_rmsnorm_forward(uint16_t* h, uint16_t* out, float* rstd, const uint16_t* x,
+                                                const uint16_t* y, const uint16_t* weight, int64_t N, int64_t C,
+                                                float eps, cudaStream_t stream);
+// dinp[N,C] (bf16; = , or += when accumulate != 0, e.g. into the residual gradient), dweight[C] (f32, +=, nullable
+// for a frozen norm; float atomics), dout[N,C] (bf16), inp[N,C] (bf16), weight[C] (bf16), rstd[N] (f32).
+// dinp may alias dout.
+cudaError_t qlora_cuda_rmsnorm_backward(uint16_t* dinp, float* dweight, const uint16_t* dout, const uint16_t* inp,
+                                        const uint16_t* weight, const float* rstd, int64_t N, int64_t C,
+                                        int accumulate, cudaStream_t stream);
+
+// ------------------------------------------------------------------
+// RoPE, rotate-half layout (pairs (i, i + D/2) in each head); angle = f32(pos * inv_freq[i]), precise cos/sin
+// (the CPU's cosf/sinf to within an ulp), times attention_scaling.
+
+// out[N,H,D] (bf16, in place allowed), inp[N,H,D] (bf16), pos[N] (i32), inv_freq[D/2] (f32). Consecutive tokens
+// are row_stride elements apart in both inp and out (row_stride >= H*D, or <= 0 for packed rows: H*D; more for
+// the q or k part of a fused qkv buffer). D even, D <= 2048.
+cudaError_t qlora_cuda_rope_forward(uint16_t* out, const uint16_t* inp, const int32_t* pos, const float* inv_freq,
+                                    float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t row_stride,
+                                    cudaStream_t stream);
+// the transposed rotation: dinp = R(pos)^T dout (in place allowed)
+cudaError_t qlora_cuda_rope_backward(uint16_t* dinp, const uint16_t* dout, const int32_t* pos,
+                                     const float* inv_freq, float attention_scaling, int64_t N, int64_t H, int64_t D,
+                                     int64_t row_stride, cudaStream_t stream);
+
+// ------------------------------------------------------------------
+// SwiGLU: out = silu(gate) * up (bf16)
+
+// out[n], gate[n], up[n]; out may alias gate or up
+cudaError_t qlora_cuda_swiglu_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up, int64_t n,
+                                      cudaStream_t stream);
+// dgate[n] (=), dup[n] (=); dgate may alias gate, dup may alias up, either may alias dout
+cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout, const uint16_t* gate,
+                                       const uint16_t* up, int64_t n, cudaStream_t stream);
+
+// ------------------------------------------------------------------
+// softmax cross-entropy over a chunk of rows of bf16 logits (the lm_head output), one block per row, fp32 online
+// max/sum. targets < 0 (or >= V) are ignored: loss 0, not counted, zero gradient row.
+
+// loss[N] (f32), lse[N] (f32, nullable), count (one int32 on the device, nullable: += the number of counted rows,
+// so chunks add up; zero it first), logits[N,V] (bf16), targets[N] (i32)
+cudaError_t qlora_cuda_cross_entropy_forward(float* loss, float* lse, int32_t* count, const uint16_t* logits,
+                                             const int32_t* targets, int64_t N, int64_t V, cudaStream_t stream);
+// dlogits[N,V] (bf16, =) = (softmax(logits) - onehot(target)) * dloss_scale; dlogits may alias logits (in place).
+// lse[N] from the forward.
+cudaError_t qlora_cuda_cross_entropy_backward(uint16_t* dlogits, const uint16_t* logits, const float* lse,
+                                              const int32_t* targets, float dloss_scale, int64_t N, int64_t V,
+                                              cudaStream_t stream);
+// forward and backward in one pass per row: loss, lse, count as the forward, then the logits are overwritten
+// in place by their gradient (the row is re-read from L2 rather than from device memory)
+cudaError_t qlora_cuda_cross_entropy_fused(float* loss, float* lse, int32_t* count, uint16_t* logits,
+                                           const int32_t* targets, float dloss_scale, int64_t N, int64_t V,
+                                           cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

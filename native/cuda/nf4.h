@@ -1,0 +1,39 @@
+// nf4.h: bitsandbytes-compatible NF4/FP4 dequantization on the GPU (SPEC-quant.md §3, §6).
+//
+// Bit-identical to the CPU reference qlora_cpu_dequantize_4bit_rows (native/cpu/quant.cpp):
+//   scale_j = absmax[j]                                                        (plain f32 scales), or
+//   scale_j = fl32(fl32(nested_code[absmax_q[j]] * nested_absmax[j / nested_blocksize]) + offset)  (double quant)
+//   W[i]    = fl32(code[nibble(i)] * scale_(i / blocksize)), rounded (nearest even) to the output dtype
+// nibble(2k) = packed[k] >> 4, nibble(2k+1) = packed[k] & 0xF (the first element in the HIGH nibble).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// out[n] (out_dtype: QLORA_CUDA_F32 / BF16 / F16 of gemm.h) <- packed[ceil(n/2)], code[16] (device).
+// Scales: absmax_q == NULL: absmax[ceil(n/blocksize)] f32; else absmax_q[nblocks] u8,
+// nested_absmax[ceil(nblocks/nested_blocksize)] f32, nested_code[256] f32 and offset (absmax is ignored).
+// blocksize >= 1 (any; the fast path needs a multiple of 8, as every bnb block size is); nested_blocksize >= 1.
+// Queued on `stream`; returns launch errors (cudaErrorInvalidValue for bad arguments).
+cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* packed, const float* absmax,
+                                       const uint8_t* absmax_q, const float* nested_absmax,
+                                       const float* nested_code, float offset, const float* code,
+                                       int64_t blocksize, int64_t nested_blocksize, int64_t n, cudaStream_t stream);
+
+// Fused dequantization + GEMV for generation: y[M, N] = x[M, K] @ W^T with W[N, K] the 4-bit weight above
+// (n = N * K; each weight is rounded to x's dtype before the product, as dequantize-then-GEMM does), fp32
+// accumulation. 1 <= M <= QLORA_GEMV_4BIT_MAX_M; x (x_dtype) row-major [M, K], 16-byte aligned; y (f32 or
+// x_dtype) row-major [M, N]. Needs K % 8 == 0, a power-of-two blocksize >= 8 (and nested_blocksize) and a 4-byte
+// aligned `packed`: returns cudaErrorNotSupported otherwise (then dequantize and use the GEMM).
+#define QLORA_GEMV_4BIT_MAX_M 8
+cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x, int x_dtype, const uint8_t* packed,
+                                 const float* absmax, const uint8_t* absmax_q, const float* nested_absmax,
+                                 const float* nested_code, float offset, const float* code, int64_t blocksize,
+                                 int64_t nested_blocksize, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,124 @@
+// engine.ts: where a training step runs. The trainer's loop is the same on both devices; an engine owns the
+// step's compute (forward/backward), the gradients, clipping and the optimizer.
+import {cudaMemoryStats} from "../backend/cuda.js";
+import type {LoraModel} from "../lora/adapter.js";
+import type {DecoderModel} from "../model/decoder.js";
+import {CudaAdamW, CudaTrainer} from "../model/cuda-trainer.js";
+import {DecoderTrainer, type ForwardBackwardOptions, type LossResult, type TrainBatch} from "../model/training.js";
+import {createOptimizer, optimizerDynamicMaps, optimizerOptionsFor, weightDecayFor, type AdamW,
+    type OptimizerArgs, type OptimizerStateDict} from "../optim/adamw.js";
+import {clipGradNorm} from "../optim/clip.js";
+import type {Rng} from "../backend/rng.js";
+
+export interface TrainEngine {
+    readonly device: "cpu" | "cuda";
+    readonly computeDtype: string;
+    forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult;
+    zeroGrad(): void;
+    /** the gradient norm before clipping */
+    clipGradNorm(maxNorm: number): number;
+    optimizerStep(lr: number): void;
+    /** makes the host LoRA tensors current (before saving an adapter) */
+    syncToHost(): void;
+    optimizerState(): OptimizerStateDict;
+    loadOptimizerState(state: OptimizerStateDict): void;
+    /** micro-batches done so far (GPU dropout masks derive from it; set on resume) */
+    setMicroBatchIndex(n: number): void;
+    /** bytes in use: the process on the CPU, the caching allocator on the GPU */
+    memory(): {current: number; peak: number; label: string};
+}
+
+export function createEngine(device: "cpu" | "cuda", model: DecoderModel, lora: LoraModel, optim: string,
+    args: OptimizerArgs, dropoutRng: Rng, seed: number): TrainEngine {
+    return device === "cuda" ? new CudaEngine(model, lora, optim, args, seed) : new CpuEngine(model, lora, optim, args, dropoutRng);
+}
+
+class CpuEngine implements TrainEngine {
+    readonly device = "cpu" as const;
+    readonly computeDtype = "float32";
+    private readonly trainer: DecoderTrainer;
+    private readonly optimizer: AdamW;
+    private readonly grads: Float32Array[];
+    private peakRss = 0;
+
+    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs, dropoutRng: Rng) {
+        this.trainer = new DecoderTrainer(model, dropoutRng);
+        const tensors = lora.trainableTensors();
+        this.optimizer = createOptimizer(optim, tensors.map((t) => ({name: t.name, param: t.param, grad: t.grad,
+            weightDecay: t.decay && weightDecayFor(t.name)})), args);
+        this.grads = tensors.map((t) => t.grad);
+    }
+
+    forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
+        return this.trainer.forwardBackward(batch, opts);
+    }
+    zeroGrad(): void {
+        this.lora.zeroGrad();
+    }
+    clipGradNorm(maxNorm: number): number {
+        return clipGradNorm(this.grads, maxNorm);
+    }
+    optimizerStep(lr: number): void {
+        this.optimizer.step(lr);
+    }
+    syncToHost(): void {}
+    setMicroBatchIndex(): void {}
+    optimizerState(): OptimizerStateDict {
+        return this.optimizer.stateDict();
+    }
+    loadOptimizerState(state: OptimizerStateDict): void {
+        this.optimizer.loadStateDict(state);
+    }
+    memory() {
+        const rss = process.memoryUsage().rss;
+        this.peakRss = Math.max(this.peakRss, rss);
+        return {current: rss, peak: this.peakRss, label: "rss"};
+    }
+}
+
+class CudaEngine implements TrainEngine {
+    readonly device = "cuda" as const;
+    readonly computeDtype = "bfloat16";
+    private readonly trainer: CudaTrainer;
+    private readonly optimizer: CudaAdamW;
+
+    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs, seed: number) {
+        this.trainer = new CudaTrainer(model, seed);
+        const names = new Set(lora.trainableTensors().map((t) => t.name));
+        const device = this.trainer.deviceTensors();
+        if (device.length !== names.size || device.some((t) => !names.has(t.name)))
+            throw new Error("the device tensors do not match the LoRA model's trainable tensors");
+        const o = optimizerOptionsFor(optim, args);
+        this.optimizer = new CudaAdamW(device.map((t) => ({...t, decay: weightDecayFor(t.name)})), o, optimizerDynamicMaps());
+    }
+
+    forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
+        return this.trainer.forwardBackward(batch, opts);
+    }
+    zeroGrad(): void {
+        this.trainer.zeroGrad();
+    }
+    clipGradNorm(maxNorm: number): number {
+        return this.optimizer.clipGradNorm(maxNorm);
+    }
+    optimizerStep(lr: number): void {
+        this.optimizer.step(lr);
+        this.trainer.afterOptimizerStep();
+    }
+    syncToHost(): void {
+        this.trainer.syncToHost();
+    }
+    setMicroBatchIndex(n: number): void {
+        this.trainer.microStep = n;
+    }
+    optimizerState(): OptimizerStateDict {
+        return this.optimizer.stateDict();
+    }
+    loadOptimizerState(state: OptimizerStateDict): void {
+        this.optimizer.loadStateDict(state);
+    }
+    memory() {
+        const s = cudaMemoryStats();
+        return {current: s.allocated, peak: s.peakAllocated, label: "gpu"};
+    }
+}

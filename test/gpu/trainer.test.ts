@@ -1,0 +1,75 @@
+// The CUDA training step against the fixtures (bf16 tolerances) and against the CPU run's loss curve.
+import {test} from "node:test";
+import assert from "node:assert/strict";
+import {mkdtempSync, readFileSync, rmSync} from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import {cudaAvailability, cudaMemoryStats} from "../../src/backend/cuda.js";
+import {DecoderModel} from "../../src/model/decoder.js";
+import {CudaTrainer} from "../../src/model/cuda-trainer.js";
+import {SafetensorsFile} from "../../src/io/safetensors.js";
+import {loadAdapter} from "../../src/lora/adapter.js";
+import {bitsAndBytesConfig} from "../../src/quant/config.js";
+import {fineTune} from "../../src/api/train.js";
+import {fixtureBatch, relL2} from "../helpers/fixtures.js";
+import {FIXTURES, MODEL_DIR} from "../helpers/paths.js";
+
+const avail = cudaAvailability();
+if (!avail.usable) {
+    test("CUDA trainer", {skip: avail.reason ?? "no GPU"}, () => {});
+} else {
+    const gradCheck = async (load: () => Promise<DecoderModel>, fixture: string, checkpointing: boolean) => {
+        const model = await load();
+        const lora = await loadAdapter(path.join(FIXTURES, "adapter"), model);
+        const trainer = new CudaTrainer(model);
+        const batch = await fixtureBatch();
+        const {targets} = trainer.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        trainer.zeroGrad();
+        const res = trainer.forwardBackward(batch, {lossScale: 1 / targets, gradientCheckpointing: checkpointing, lossChunkRows: 48});
+        trainer.syncToHost(true);
+        const ref = await SafetensorsFile.open(path.join(FIXTURES, fixture));
+        const refLoss = (await ref.readF32("loss"))[0];
+        const errs: number[] = [];
+        for (const t of lora.trainableTensors()) errs.push(relL2(t.grad, await ref.readF32(t.name)));
+        await ref.close();
+        errs.sort((a, b) => a - b);
+        const loss = res.lossSum / res.targets;
+        console.log(`${fixture} on CUDA (checkpointing ${checkpointing}): loss ${loss.toFixed(5)} vs ${refLoss.toFixed(5)}; ` +
+            `relative L2 of the ${errs.length} gradients: median ${errs[errs.length >> 1].toExponential(2)}, worst ${errs[errs.length - 1].toExponential(2)}`);
+        assert.ok(Math.abs(loss - refLoss) < 2e-2, `loss ${loss} vs ${refLoss}`);
+        assert.ok(errs[errs.length >> 1] < 3e-2 && errs[errs.length - 1] < 1e-1, "bf16 gradient tolerance");
+    };
+
+    test("LoRA gradients on the GPU match peft within bf16 tolerance", async () => {
+        await gradCheck(() => DecoderModel.load(MODEL_DIR), "lora_grads.safetensors", false);
+    });
+
+    test("QLoRA gradients on the GPU (NF4 + double quant, checkpointing) match peft + bitsandbytes", async () => {
+        await gradCheck(() => DecoderModel.load(MODEL_DIR, {quantization: bitsAndBytesConfig({load_in_4bit: true,
+            bnb_4bit_compute_dtype: "float32"})}), "qlora_grads.safetensors", true);
+    });
+
+    test("a 50-step QLoRA run on the GPU follows the CPU run's loss curve", async () => {
+        const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-gpu-"));
+        try {
+            const common = {max_steps: 50, logging_steps: 1, lora_dropout: 0, max_seq_length: 128, save_steps: 1000,
+                learning_rate: 5e-4, per_device_train_batch_size: 4};
+            await fineTune({...common, device: "cpu", output_dir: path.join(dir, "cpu")});
+            await fineTune({...common, device: "cuda", output_dir: path.join(dir, "cuda")});
+            const losses = (d: string) => readFileSync(path.join(dir, d, "metrics.jsonl"), "utf8").trim().split("\n")
+                .map((l) => JSON.parse(l)).filter((r) => r.type === "train").map((r) => r.loss as number);
+            const cpu = losses("cpu"), gpu = losses("cuda");
+            assert.equal(cpu.length, 50);
+            assert.equal(gpu.length, 50);
+            let mad = 0;
+            for (let i = 0; i < 50; i++) mad += Math.abs(cpu[i] - gpu[i]) / 50;
+            const show = (xs: number[]) => [0, 9, 19, 29, 39, 49].map((i) => xs[i].toFixed(3)).join(" ");
+            console.log(`loss at steps 1,10,20,30,40,50  cpu: ${show(cpu)}  cuda: ${show(gpu)}  mean |diff| ${mad.toFixed(4)}`);
+            console.log(`GPU memory after the run: ${JSON.stringify(cudaMemoryStats())}`);
+            assert.ok(mad < 0.05 * (cpu.reduce((a, b) => a + b, 0) / 50), `mean abs difference ${mad}`);
+            assert.ok(gpu[49] < gpu[0] - 0.5, "the GPU run's loss falls");
+        } finally {
+            rmSync(dir, {recursive: true, force: true});
+        }
+    });
+}
