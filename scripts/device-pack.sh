@@ -24,9 +24,15 @@ for dep in $(node -e '
     mkdir -p ".device/node_modules/$(dirname "$dep")"
     cp -r "node_modules/$dep" ".device/node_modules/$dep"
 done
+# the carried tree is limited to 64 MiB: no type declarations, maps or sources in the runtime packages
+find .device/node_modules \( -name '*.d.ts' -o -name '*.d.cts' -o -name '*.d.mts' -o -name '*.map' -o -name '*.md' \) -delete
+rm -rf .device/node_modules/zod/src  # zod's TypeScript sources (its JavaScript is beside them)
+# the addons for the H200 only (sm_90), built in their own folder so the full build stays as it is
+CUDA_ARCHS="90-real" QLORA_BUILD_DIR=build-device QLORA_CUDA=ON node scripts/build-native.mjs >/dev/null
+rm -rf .device/build && mkdir -p .device/build/Release && cp build-device/Release/*.node .device/build/Release/
 mkdir -p .device/shared/fixtures/ref-qwen2 .device/shared/bench
-for f in adapter batch.safetensors forward.safetensors greedy.json lora_grads.safetensors qlora_grads.safetensors trainable_r8.txt; do
+for f in adapter batch.safetensors greedy.json lora_grads.safetensors qlora_grads.safetensors trainable_r8.txt; do
     cp -r "../shared/fixtures/ref-qwen2/$f" .device/shared/fixtures/ref-qwen2/
 done
 cp ../shared/bench/peer_lora.py .device/shared/bench/
-du -sh .device/* build/Release
+du -sh .device/* .device/build/Release

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (after scripts/device-pack.sh here, with .device and build carried):
+# Runs on the GPU machine (after scripts/device-pack.sh here, with .device carried):
 #   bash scripts/device-run.sh test            the GPU tests (test/gpu/*)
 #   bash scripts/device-run.sh bench [args]    the GPU benchmark
 # Output goes to stdout and, when $OUT is set, to $OUT/*.log.
@@ -10,7 +10,7 @@ if ! command -v node >/dev/null; then
     xz -dc .device/node.xz > /usr/local/bin/node && chmod +x /usr/local/bin/node
 fi
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
-export QLORA_NATIVE_DIR="$root/build/Release" QLORA_SHARED="$root/.device/shared"
+export QLORA_NATIVE_DIR="$root/.device/build/Release" QLORA_SHARED="$root/.device/shared"
 # the compiled tree needs the package's data beside it
 for p in models examples package.json node_modules; do
     [ -e ".device/js/$p" ] || ln -s "$root/$([ "$p" = node_modules ] && echo .device/node_modules || echo "$p")" ".device/js/$p"

@@ -303,6 +303,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     fn("crossEntropyBackward", CrossEntropyBackward);
     register_quant_ops(env, exports);
     register_optim_ops(env, exports);
+    register_gguf_ops(env, exports);
     return exports;
 }
 

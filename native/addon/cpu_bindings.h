@@ -5,3 +5,4 @@
 
 void register_quant_ops(Napi::Env env, Napi::Object exports);  // cpu_quant.cpp
 void register_optim_ops(Napi::Env env, Napi::Object exports);  // cpu_optim.cpp
+void register_gguf_ops(Napi::Env env, Napi::Object exports);   // cpu_gguf.cpp

@@ -5,6 +5,7 @@ import path from "node:path";
 import {packageRoot} from "../backend/native.js";
 import {registerChat} from "./commands/chat.js";
 import {registerEval} from "./commands/eval.js";
+import {registerExport} from "./commands/export.js";
 import {registerGenerate} from "./commands/generate.js";
 import {registerInspect} from "./commands/inspect.js";
 import {registerMerge} from "./commands/merge.js";
@@ -26,5 +27,6 @@ registerEval(program);
 registerMerge(program);
 registerChat(program);
 registerInspect(program);
+registerExport(program);
 
 program.parseAsync(process.argv).catch(reportError);

@@ -106,9 +106,11 @@ if (!availability.usable) {
             const got = download(dC);
             // f32 accumulation in another order: |err| <= 1e-5 sqrt(K) S (the worst case K * 2^-24 * S is
             // smaller for K <= 1000); a 16-bit C adds one rounding of the result: half an ulp, 2^-9 (bf16) or
-            // 2^-12 (f16) relative, allowed twice over, plus f16's subnormal spacing
+            // 2^-12 (f16) relative, allowed four times over (one whole ulp: when cuBLASLt's heuristic offers no
+            // plan with fp32 split-K reduction, partial sums may be reduced in the 16-bit output type; seen on the
+            // H200 for 64x96x128 with beta = 1: one ulp off), plus f16's subnormal spacing
             const accTol = 1e-5 * Math.sqrt(Math.max(K, 1));
-            const relTol = c.dtypeC === "bf16" ? 2 ** -8 : c.dtypeC === "f16" ? 2 ** -10 : 0;
+            const relTol = c.dtypeC === "bf16" ? 2 ** -7 : c.dtypeC === "f16" ? 2 ** -9 : 0;
             const absTol = c.dtypeC === "f16" ? 1e-7 : 1e-30;
             const what = `${c.dtypeAB}->${c.dtypeC} transA=${transA} transB=${transB} M=${M} N=${N} K=${K} ` +
                 `alpha=${alpha} beta=${beta} lda=${lda} ldb=${ldb} ldc=${ldc}`;

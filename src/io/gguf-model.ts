@@ -1,0 +1,154 @@
+// gguf-model.ts: how a Hugging Face llama/qwen2 decoder maps onto llama.cpp's GGUF model: architecture, tensor
+// names, the q/k row permutation of llama, hyper-parameter metadata and the llama3 rope factors
+// (SPEC-gguf §5, §6; convert_hf_to_gguf's LlamaModel / Qwen2Model).
+import {QloraError} from "../errors.js";
+import type {ModelConfig} from "./hf-config.js";
+import type {GgufMetadata} from "./gguf.js";
+
+/** the llama.cpp architectures qlora exports */
+export type GgufArch = "qwen2" | "llama";
+
+const CAUSAL_LM_CLASSES = new Set(["Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"]);
+
+/**
+ * The llama.cpp architecture of a model: qwen2 for Qwen2/2.5, llama for Llama and Mistral (as the converter
+ * does). Anything else is a QloraError naming config.json.
+ */
+export function ggufArchFor(cfg: ModelConfig): GgufArch {
+    const unsupported = cfg.architectures.find((a) => !CAUSAL_LM_CLASSES.has(a));
+    if (unsupported)
+        throw new QloraError(`architecture ${unsupported} cannot be exported to GGUF (supported: ` +
+            `${[...CAUSAL_LM_CLASSES].join(", ")})`, {file: cfg.file});
+    switch (cfg.modelType) {
+        case "qwen2": return "qwen2";
+        case "llama":
+        case "mistral": return "llama";
+        default:
+            throw new QloraError(`model_type "${String(cfg.modelType)}" cannot be exported to GGUF (supported: qwen2, llama, mistral)`,
+                {file: cfg.file});
+    }
+}
+
+/** the GGUF block tensor of each Hugging Face projection (tensor_mapping.py) */
+export const GGUF_PROJ_NAMES = {
+    q_proj: "attn_q", k_proj: "attn_k", v_proj: "attn_v", o_proj: "attn_output",
+    gate_proj: "ffn_gate", up_proj: "ffn_up", down_proj: "ffn_down",
+} as const;
+
+/** `blk.N.attn_q.weight` for a module name such as model.layers.N.self_attn.q_proj (suffix ".weight" or ".bias") */
+export function ggufNameOfModule(module: string, suffix = "weight"): string | null {
+    const m = /^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$/.exec(module);
+    if (!m || !(m[2] in GGUF_PROJ_NAMES)) return null;
+    return `blk.${m[1]}.${GGUF_PROJ_NAMES[m[2] as keyof typeof GGUF_PROJ_NAMES]}.${suffix}`;
+}
+
+/** llama's q_proj/k_proj rows need the NORM-RoPE permutation (qwen2 uses NEOX RoPE: names only) */
+export function permutesQk(arch: GgufArch): boolean {
+    return arch === "llama";
+}
+
+/**
+ * LlamaModel.permute: within each head of `headDim` rows, new row 2i + j = old row j·headDim/2 + i (j ∈ {0,1}),
+ * turning Hugging Face's half-split RoPE layout into llama.cpp's interleaved pairs. `x` is [nHead·headDim, cols].
+ */
+export function permuteQkRows(x: Float32Array, nHead: number, cols: number): Float32Array {
+    const rows = x.length / cols;
+    if (!Number.isInteger(rows) || rows % nHead !== 0 || (rows / nHead) % 2 !== 0)
+        throw new Error(`permuteQkRows: ${x.length} values do not split into ${nHead} heads of an even size`);
+    const headDim = rows / nHead, half = headDim / 2;
+    const out = new Float32Array(x.length);
+    for (let h = 0; h < nHead; h++)
+        for (let i = 0; i < half; i++)
+            for (let j = 0; j < 2; j++) {
+                const src = (h * headDim + j * half + i) * cols;
+                out.set(x.subarray(src, src + cols), (h * headDim + 2 * i + j) * cols);
+            }
+    return out;
+}
+
+/** heads of the permutation for a projection (q: attention heads, k: key/value heads), or 0 for none */
+export function permutationHeads(arch: GgufArch, cfg: ModelConfig, proj: string): number {
+    if (!permutesQk(arch)) return 0;
+    if (proj === "q_proj") return cfg.numAttentionHeads;
+    if (proj === "k_proj") return cfg.numKeyValueHeads;
+    return 0;
+}
+
+/** the rotary dimension (head_dim × partial_rotary_factor) */
+function rotaryDim(cfg: ModelConfig): number {
+    const partial = cfg.raw.partial_rotary_factor ?? cfg.ropeScaling?.raw.partial_rotary_factor ?? 1;
+    return Math.trunc(cfg.headDim * (typeof partial === "number" ? partial : 1));
+}
+
+/** writes {arch}.* hyper-parameters (SPEC-gguf §6): counts as UINT32, floats as FLOAT32 */
+export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufArch): void {
+    const a = arch;
+    md.u32(`${a}.context_length`, cfg.maxPositionEmbeddings);
+    md.u32(`${a}.embedding_length`, cfg.hiddenSize);
+    md.u32(`${a}.block_count`, cfg.numHiddenLayers);
+    md.u32(`${a}.feed_forward_length`, cfg.intermediateSize);
+    md.u32(`${a}.attention.head_count`, cfg.numAttentionHeads);
+    md.u32(`${a}.attention.head_count_kv`, cfg.numKeyValueHeads);
+    md.f32(`${a}.rope.freq_base`, cfg.ropeTheta);
+    md.f32(`${a}.attention.layer_norm_rms_epsilon`, cfg.rmsNormEps);
+    const explicitHeadDim = cfg.raw.head_dim !== undefined && cfg.raw.head_dim !== null;
+    if (explicitHeadDim || cfg.headDim * cfg.numAttentionHeads !== cfg.hiddenSize) {
+        md.u32(`${a}.attention.key_length`, cfg.headDim);
+        md.u32(`${a}.attention.value_length`, cfg.headDim);
+    }
+    if (arch === "llama") {
+        md.u32(`${a}.vocab_size`, cfg.vocabSize);
+        md.u32(`${a}.rope.dimension_count`, rotaryDim(cfg));
+    } else if (rotaryDim(cfg) !== cfg.headDim || explicitHeadDim) {
+        md.u32(`${a}.rope.dimension_count`, rotaryDim(cfg));
+    }
+    const scaling = cfg.ropeScaling;
+    if (!scaling) return;
+    switch (scaling.type) {
+        case "linear":
+            md.string(`${a}.rope.scaling.type`, "linear");
+            md.f32(`${a}.rope.scaling.factor`, scaling.factor!);
+            break;
+        case "yarn":
+            md.string(`${a}.rope.scaling.type`, "yarn");
+            md.f32(`${a}.rope.scaling.factor`, scaling.factor!);
+            md.u32(`${a}.rope.scaling.original_context_length`, scaling.originalMaxPositionEmbeddings ?? cfg.maxPositionEmbeddings);
+            if (scaling.attentionFactor !== undefined) md.f32(`${a}.rope.scaling.yarn_attn_factor`, scaling.attentionFactor);
+            if (scaling.betaFast !== undefined) md.f32(`${a}.rope.scaling.yarn_beta_fast`, scaling.betaFast);
+            if (scaling.betaSlow !== undefined) md.f32(`${a}.rope.scaling.yarn_beta_slow`, scaling.betaSlow);
+            break;
+        case "llama3":
+            // carried by the rope_freqs.weight tensor (llama3RopeFactors)
+            if (arch !== "llama")
+                throw new QloraError(`rope_scaling type "llama3" on a ${cfg.modelType} model cannot be exported to GGUF`, {file: cfg.file});
+            break;
+        case "dynamic":
+            // the converter writes nothing: dynamic NTK changes nothing within the trained context
+            break;
+        default:
+            throw new QloraError(`rope_scaling type "${scaling.type}" is not supported by llama.cpp's ${arch} ` +
+                "architecture, so the model cannot be exported to GGUF", {file: cfg.file});
+    }
+}
+
+/** llama3 rope scaling: the per-frequency divisors llama.cpp reads from rope_freqs.weight [rotaryDim/2], else null */
+export function llama3RopeFactors(cfg: ModelConfig): Float32Array | null {
+    const s = cfg.ropeScaling;
+    if (!s || s.type !== "llama3") return null;
+    const dim = cfg.headDim;
+    const factor = s.factor ?? 8, low = s.lowFreqFactor ?? 1, high = s.highFreqFactor ?? 4;
+    const oldContext = s.originalMaxPositionEmbeddings ?? 8192;
+    const lowWavelen = oldContext / low, highWavelen = oldContext / high;
+    const out = new Float32Array(dim / 2);
+    for (let k = 0; k < out.length; k++) {
+        const freq = Math.fround(1 / Math.fround(Math.pow(cfg.ropeTheta, Math.fround((2 * k) / dim))));
+        const wavelen = (2 * Math.PI) / freq;
+        if (wavelen < highWavelen) out[k] = 1;
+        else if (wavelen > lowWavelen) out[k] = factor;
+        else {
+            const smooth = (oldContext / wavelen - low) / (high - low);
+            out[k] = 1 / ((1 - smooth) / factor + smooth);
+        }
+    }
+    return out;
+}
