@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (after scripts/device-pack.sh here, with .device carried):
-#   bash scripts/device-run.sh test            the GPU tests (test/gpu/*)
+#   bash scripts/device-run.sh test [filter]   the GPU tests (test/gpu/*filter*)
 #   bash scripts/device-run.sh bench [args]    the GPU benchmark
 # Output goes to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
@@ -18,7 +18,7 @@ done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 what=${1:-test}; shift || true
 case "$what" in
-    test) node --test --test-reporter=spec $(find .device/js/test/gpu -name '*.test.js' | sort) 2>&1 | tee "${OUT:-/tmp}/gpu-tests.log" ;;
+    test) node --test --test-reporter=spec $(find .device/js/test/gpu -name "*${1:-}*.test.js" | sort) 2>&1 | tee "${OUT:-/tmp}/gpu-tests.log" ;;
     bench) node .device/js/bench/gpu.js "$@" 2>&1 | tee "${OUT:-/tmp}/gpu-bench.log" ;;
     *) node "$what" "$@" ;;
 esac
