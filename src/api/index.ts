@@ -23,3 +23,5 @@ export {HfTokenizer} from "../tokenizer/index.js";
 export type {TrainReporter, TrainResult, TrainLogRecord} from "../train/trainer.js";
 export {cudaAvailability, cudaMemoryStats, resolveDevice} from "../backend/cuda.js";
 export type {CudaMemoryStats} from "../backend/native-types.js";
+export {exportGguf, exportGgufLora} from "./export-gguf.js";
+export type {ExportGgufOptions, ExportGgufResult, ExportGgufLoraOptions, ExportGgufLoraResult} from "./export-gguf.js";

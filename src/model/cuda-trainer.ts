@@ -327,6 +327,33 @@ export class CudaTrainer {
         return loss;
     }
 
+    /** the logits [B*T, V] (f32 on the host) of a forward pass in bf16: for checking against the CPU and the fixtures */
+    forwardLogits(batch: TrainBatch): Float32Array {
+        const cfg = this.model.config, k = cudaKernelOps(), g = cudaGemmOps();
+        const {B, T} = batch;
+        const N = B * T, C = cfg.hiddenSize, V = cfg.vocabSize;
+        const ids = DeviceBuffer.from("i32", batch.inputIds);
+        const pos = DeviceBuffer.from("i32", batch.positionIds);
+        const keyValid = batch.attentionMask ? DeviceBuffer.from("u8", batch.attentionMask) : null;
+        const seg = batch.segIds ? DeviceBuffer.from("i32", batch.segIds) : null;
+        const ctx = {B, T, N, pos, keyValid, seg, training: false};
+        let x = DeviceBuffer.alloc("bf16", N * C);
+        k.embeddingForward(x.ptr, null, ids.ptr, this.embed.ptr, N, cfg.vocabSize, C);
+        for (let l = 0; l < cfg.numHiddenLayers; l++) {
+            const a = this.blockForward(l, x, ctx);
+            this.freeActs(a);
+            x.free();
+            x = a.out;
+        }
+        const xf = DeviceBuffer.alloc("bf16", N * C);
+        k.rmsnormForward(xf.ptr, null, x.ptr, this.finalNorm.ptr, N, C, cfg.rmsNormEps);
+        const logits = DeviceBuffer.alloc("f32", N * V);
+        g.gemm(false, true, N, V, C, 1, xf.ptr, C, "bf16", this.lmHead.ptr, C, "bf16", 0, logits.ptr, V, "f32");
+        const out = logits.toHost() as Float32Array;
+        for (const b of [ids, pos, keyValid, seg, x, xf, logits]) b?.free();
+        return out;
+    }
+
     /** frees a block's saved activations except its input and output (the neighbours' buffers) */
     private freeActs(a: BlockActs): void {
         for (const key of ["xn1", "rstd1", "q", "k", "v", "att", "lse", "h", "xn2", "rstd2", "gate", "up", "act"] as const) a[key].free();

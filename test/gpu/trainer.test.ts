@@ -40,6 +40,25 @@ if (!avail.usable) {
         assert.ok(errs[errs.length >> 1] < 3e-2 && errs[errs.length - 1] < 1e-1, "bf16 gradient tolerance");
     };
 
+    test("bf16 logits on the GPU match the fp32 forward (which matches transformers within 1.5e-5) within 2e-2 relative L2", async () => {
+        const model = await DecoderModel.load(MODEL_DIR);
+        const batch = await fixtureBatch();
+        const gpu = new CudaTrainer(model).forwardLogits(batch);
+        const ref = model.forward(batch.inputIds, batch.B, batch.T, {attentionMask: batch.attentionMask!});
+        const V = model.config.vocabSize;
+        let num = 0, den = 0;
+        for (let r = 0; r < batch.B * batch.T; r++) {
+            if (!batch.attentionMask![r]) continue; // padded positions are not compared (as in the fixture's README)
+            for (let v = 0; v < V; v++) {
+                num += (gpu[r * V + v] - ref[r * V + v]) ** 2;
+                den += ref[r * V + v] ** 2;
+            }
+        }
+        const err = Math.sqrt(num / den);
+        console.log(`GPU bf16 logits vs fp32: relative L2 ${err.toExponential(3)}`);
+        assert.ok(err <= 2e-2);
+    });
+
     test("LoRA gradients on the GPU match peft within bf16 tolerance", async () => {
         await gradCheck(() => DecoderModel.load(MODEL_DIR), "lora_grads.safetensors", false);
     });
