@@ -38,15 +38,17 @@ export function registerChat(program: Command): void {
             const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
             if (!tokenizer.hasChatTemplate) tokenizer.applyChatTemplate([], {}); // throws the "no chat template" error
             const tty = process.stdin.isTTY === true && process.stdout.isTTY === true;
+            // colour only on a terminal: a pipe gets the plain conversation, whatever CI or FORCE_COLOR say
+            const c = pc.createColors(tty);
             const eos = new Set(eosTokenIds);
             const initial: ChatMessage[] = flags.system ? [{role: "system", content: flags.system}] : [];
             let history: ChatMessage[] = [...initial];
             let turn = 0;
-            if (tty) console.log(pc.dim("qlora chat: type a message; /reset clears the history, /exit quits"));
+            if (tty) console.log(c.dim("qlora chat: type a message; /reset clears the history, /exit quits"));
             const rl = readline.createInterface({input: process.stdin, output: tty ? process.stdout : undefined, terminal: tty});
             const ask = () => {
                 if (!tty) return;
-                rl.setPrompt(pc.green("> "));
+                rl.setPrompt(c.green("> "));
                 rl.prompt();
             };
             ask();
@@ -55,7 +57,7 @@ export function registerChat(program: Command): void {
                 if (text === "/exit" || text === "/quit") break;
                 if (text === "/reset") {
                     history = [...initial];
-                    console.log(pc.dim("(history cleared)"));
+                    console.log(c.dim("(history cleared)"));
                     ask();
                     continue;
                 }
