@@ -5,7 +5,7 @@
 // paged_adamw_8bit (QLoRA) or adamw_torch (LoRA); 3 warm-up and 10 timed steps.
 //
 //   node bench/gpu.js [--models qwen2-0.5b,qwen2-7b] [--modes qlora,lora] [--shape 4x512] [--steps 10]
-//                     [--dir /tmp/models] [--peer path/to/peer_lora.py]
+//                     [--dir /tmp/models] [--peer path/to/peer_lora.py] [--offload]
 import {spawnSync} from "node:child_process";
 import {existsSync} from "node:fs";
 import path from "node:path";
@@ -28,6 +28,7 @@ const [bs, seq] = arg("shape", "4x512").split("x").map(Number);
 const steps = Number(arg("steps", "10")), warmup = 3;
 const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
+const offload = process.argv.includes("--offload");
 
 const CONFIGS: Record<string, Record<string, unknown>> = {
     "qwen2-0.5b": {vocab_size: 151936, hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24,
@@ -59,7 +60,7 @@ for (const name of models) {
         const lora = applyLora(model, {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"}, {initRng: new Rng(0)});
         lora.setTraining(true);
         cuda().resetPeakMemoryStats();
-        const engine = createEngine("cuda", model, lora, mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch", {}, new Rng(1), 0);
+        const engine = createEngine("cuda", model, lora, mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch", {}, new Rng(1), 0, offload);
         const loadS = (performance.now() - t0) / 1000;
         const rng = new Rng(1);
         const V = Number(CONFIGS[name].vocab_size), N = bs * seq;
@@ -85,7 +86,7 @@ for (const name of models) {
         cuda().synchronize();
         const dt = (performance.now() - t1) / 1000;
         const peak = cudaMemoryStats().peakAllocated / 2 ** 30;
-        rows.push({model: name, impl: "qlora (this project)", mode, tokS: steps * N / dt, samplesS: steps * bs / dt,
+        rows.push({model: name, impl: `qlora (this project)${offload ? ", offloaded checkpoints" : ""}`, mode, tokS: steps * N / dt, samplesS: steps * bs / dt,
             stepMs: 1000 * dt / steps, peakGiB: peak, note: `load ${loadS.toFixed(0)} s, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`});
         console.log(JSON.stringify(rows[rows.length - 1]));
     }

@@ -59,6 +59,8 @@ export const TrainConfigSchema = z.object({
     fp16: z.boolean().default(false),
     bf16: z.boolean().default(true).describe("bf16 compute on the GPU (the CPU backend computes in float32)"),
     gradient_checkpointing: z.boolean().default(true),
+    gradient_checkpointing_offload: z.boolean().default(false)
+        .describe("GPU: keep the checkpointed block inputs in host memory (less GPU memory, slower)"),
     logging_steps: z.number().positive().default(10),
     eval_steps: z.number().positive().nullable().default(null).describe("evaluate every N steps (default: logging_steps, when an eval set is given)"),
     save_steps: z.number().positive().default(500),

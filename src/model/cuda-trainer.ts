@@ -89,7 +89,13 @@ export class CudaTrainer {
     /** bumped every micro-batch: part of the dropout seeds (the trainer sets it on resume) */
     microStep = 0;
 
-    constructor(readonly model: DecoderModel, readonly seed = 0) {
+    /**
+     * `offloadActivations`: with gradient checkpointing, each block's input goes to host memory once the next
+     * block has read it and comes back for the recomputation (Unsloth's offloaded checkpointing): the device then
+     * holds one block input instead of one per layer, at the cost of a copy each way per layer (synchronous
+     * here: the copies are not yet overlapped with compute).
+     */
+    constructor(readonly model: DecoderModel, readonly seed = 0, readonly offloadActivations = false) {
         const cfg = model.config;
         this.embed = bf16Upload(model.params.embed);
         this.lmHead = model.params.lmHead === model.params.embed ? this.embed : bf16Upload(model.params.lmHead);
@@ -283,11 +289,18 @@ export class CudaTrainer {
         if (badHost[0] > 0) throw new QloraError(`token id at position ${badHost[1]} is outside the vocabulary`);
 
         const checkpoint = opts.gradientCheckpointing && training;
+        const offload = checkpoint && this.offloadActivations;
         const inputs: DeviceBuffer[] = [x0];
+        const offloaded: (Uint16Array | null)[] = [];
         const acts: (BlockActs | null)[] = [];
         let x = x0;
         for (let l = 0; l < L; l++) {
             const a = this.blockForward(l, x, ctx);
+            if (offload) {
+                // block l's input is read again only by its recomputation in the backward
+                offloaded[l] = x.toHost() as Uint16Array;
+                x.free();
+            }
             x = a.out;
             inputs.push(x);
             if (checkpoint || !training) {
@@ -312,6 +325,11 @@ export class CudaTrainer {
         xf.free();
         rstdF.free();
         for (let l = L - 1; l >= 0; l--) {
+            const host = offloaded[l];
+            if (host) {
+                inputs[l] = DeviceBuffer.from("bf16", host);
+                offloaded[l] = null;
+            }
             const a = acts[l] ?? this.blockForward(l, inputs[l], ctx);
             const dPrev = this.blockBackward(l, a, dx, ctx);
             dx.free();

@@ -28,9 +28,11 @@ export interface TrainEngine {
     memory(): {current: number; peak: number; label: string};
 }
 
+/** `offloadActivations`: offloaded gradient checkpointing on the GPU (on the CPU the block inputs are host memory already) */
 export function createEngine(device: "cpu" | "cuda", model: DecoderModel, lora: LoraModel, optim: string,
-    args: OptimizerArgs, dropoutRng: Rng, seed: number): TrainEngine {
-    return device === "cuda" ? new CudaEngine(model, lora, optim, args, seed) : new CpuEngine(model, lora, optim, args, dropoutRng);
+    args: OptimizerArgs, dropoutRng: Rng, seed: number, offloadActivations = false): TrainEngine {
+    return device === "cuda" ? new CudaEngine(model, lora, optim, args, seed, offloadActivations)
+        : new CpuEngine(model, lora, optim, args, dropoutRng);
 }
 
 class CpuEngine implements TrainEngine {
@@ -82,8 +84,9 @@ class CudaEngine implements TrainEngine {
     private readonly trainer: CudaTrainer;
     private readonly optimizer: CudaAdamW;
 
-    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs, seed: number) {
-        this.trainer = new CudaTrainer(model, seed);
+    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs, seed: number,
+        offloadActivations: boolean) {
+        this.trainer = new CudaTrainer(model, seed, offloadActivations);
         const names = new Set(lora.trainableTensors().map((t) => t.name));
         const device = this.trainer.deviceTensors();
         if (device.length !== names.size || device.some((t) => !names.has(t.name)))

@@ -67,6 +67,7 @@ export interface TrainerConfig {
     fp16: boolean;
     bf16: boolean;
     gradient_checkpointing: boolean;
+    gradient_checkpointing_offload: boolean;
     logging_steps: number;
     eval_steps: number | null;
     save_steps: number;
@@ -198,7 +199,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     lora.setTraining(true);
     const engine = createEngine(device, model, lora, config.optim, {adam_beta1: config.adam_beta1,
         adam_beta2: config.adam_beta2, adam_epsilon: config.adam_epsilon, weight_decay: config.weight_decay},
-    dropoutRng, config.seed);
+    dropoutRng, config.seed, config.gradient_checkpointing && config.gradient_checkpointing_offload);
 
     // steps: one step = gradient_accumulation_steps micro-batches
     const loader = new DataLoader(trainData.rows, {batchSize: config.per_device_train_batch_size,

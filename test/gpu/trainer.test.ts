@@ -68,6 +68,28 @@ if (!avail.usable) {
             bnb_4bit_compute_dtype: "float32"})}), "qlora_grads.safetensors", true);
     });
 
+    test("offloaded gradient checkpointing gives the same gradients and uses less GPU memory", async () => {
+        const batch = await fixtureBatch();
+        const run = async (offload: boolean) => {
+            const model = await DecoderModel.load(MODEL_DIR);
+            const lora = await loadAdapter(path.join(FIXTURES, "adapter"), model);
+            const trainer = new CudaTrainer(model, 0, offload);
+            trainer.zeroGrad();
+            cudaMemoryStats();
+            const before = cudaMemoryStats().allocated;
+            (await import("../../src/backend/cuda.js")).cuda().resetPeakMemoryStats();
+            const r = trainer.forwardBackward(batch, {lossScale: 1 / 100, gradientCheckpointing: true});
+            const peak = cudaMemoryStats().peakAllocated - before;
+            trainer.syncToHost(true);
+            return {loss: r.lossSum, grads: lora.trainableTensors().map((t) => t.grad.slice()), peak};
+        };
+        const a = await run(false), b = await run(true);
+        console.log(`activation peak above the weights: ${(a.peak / 2 ** 20).toFixed(2)} MiB kept, ${(b.peak / 2 ** 20).toFixed(2)} MiB offloaded`);
+        assert.equal(a.loss, b.loss);
+        a.grads.forEach((g, i) => assert.deepEqual(b.grads[i], g));
+        assert.ok(b.peak <= a.peak);
+    });
+
     test("a 50-step QLoRA run on the GPU follows the CPU run's loss curve", async () => {
         const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-gpu-"));
         try {
