@@ -76,6 +76,9 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
     try {
         // the adapter is checked against the config's shapes; its A/B (and trained biases) are merged per tensor
         const lora = opts.adapterDir ? await loadAdapter(opts.adapterDir, shapeOnlyModel(cfg, true)) : null;
+        if (lora?.config.use_dora)
+            throw new QloraError("a DoRA adapter cannot be merged during GGUF export; run qlora merge first and export " +
+                "the merged model", {file: opts.adapterDir});
 
         const md = new GgufMetadata();
         md.string("general.architecture", arch);
@@ -259,6 +262,9 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
     if (adapterConfig.bias !== "none")
         throw new QloraError(`the adapter trains biases (bias: "${adapterConfig.bias}"), which a llama.cpp LoRA adapter ` +
             "cannot carry; merge it into the model instead: qlora export gguf --adapter", {file: opts.adapterDir});
+    if (adapterConfig.use_dora)
+        throw new QloraError("llama.cpp LoRA adapters cannot express DoRA; merge the adapter (qlora merge) and export " +
+            "the merged model instead", {file: opts.adapterDir});
     const lora: LoraModel = await loadAdapter(opts.adapterDir, shapeOnlyModel(cfg, false));
 
     const r = lora.config.r;

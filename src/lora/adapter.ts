@@ -10,7 +10,7 @@ import {SafetensorsFile, writeSafetensors, type TensorToWrite} from "../io/safet
 import type {DecoderModel} from "../model/decoder.js";
 import {expectedTensors, PROJ_NAMES, projModule, type ProjName} from "../model/weights.js";
 import {LORA_DEFAULTS, loraScaling, validateLoraConfig, type LoraConfig} from "./config.js";
-import {LoraLinear, type TrainableTensor} from "./layer.js";
+import {baseWeightF32, doraRowNorms, LoraLinear, type TrainableTensor} from "./layer.js";
 import {matchTargets} from "./targets.js";
 
 export const ADAPTER_CONFIG_FILE = "adapter_config.json";
@@ -71,7 +71,14 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
                 B = new Float32Array(N * r);
                 initLora(A, K, r, config.init_lora_weights, initRng, B);
             }
-            lora = {r, scaling, dropout: config.lora_dropout, A, B};
+            let magnitude: Float32Array | null = null;
+            if (config.use_dora) {
+                const keyM = `base_model.model.${m.name}.lora_magnitude_vector`;
+                // PEFT's init: m = ||W + s B A|| per row (the adapter starts as a no-op)
+                magnitude = opts.weights?.get(keyM) ?? doraRowNorms(baseWeightF32(base), {A, B, r, scaling}, N, K);
+                if (magnitude.length !== N) throw new QloraError(`${keyM} has ${magnitude.length} values, the module has ${N} outputs`);
+            }
+            lora = {r, scaling, dropout: config.lora_dropout, A, B, magnitude};
         }
         const layer = new LoraLinear(m.name, base, lora, trainBias, opts.dropoutRng ?? null);
         model.params.layers[m.layer].proj[m.proj] = layer;
@@ -216,6 +223,13 @@ export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropo
         const modules = new Map(linearModules(model).map((m) => [m.name, m]));
         for (const name of st.names()) {
             const info = st.info(name);
+            const mag = /^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$/.exec(name);
+            if (mag) {
+                if (!config.use_dora) throw new QloraError(`tensor "${name}" is a DoRA magnitude but adapter_config.json ` +
+                    "says use_dora is false", {file});
+                weights.set(`base_model.model.${mag[1]}.lora_magnitude_vector`, await st.readF32(name));
+                continue;
+            }
             const m = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(name);
             if (!m) {
                 if (/\.bias$/.test(name)) continue; // trained biases are applied below

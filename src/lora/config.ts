@@ -49,7 +49,6 @@ export function validateLoraConfig(cfg: LoraConfig, where = "lora config"): Lora
     if (!(cfg.lora_dropout >= 0 && cfg.lora_dropout < 1)) bad("lora_dropout", `must be in [0, 1) (got ${cfg.lora_dropout})`);
     if (!["none", "all", "lora_only"].includes(cfg.bias)) bad("bias", `must be "none", "all" or "lora_only" (got "${cfg.bias}")`);
     if (cfg.task_type !== "CAUSAL_LM") bad("task_type", `only CAUSAL_LM is supported (got "${cfg.task_type}")`);
-    if (cfg.use_dora) bad("use_dora", "DoRA is not supported by qlora yet; train plain LoRA (use_dora: false)");
     if (cfg.modules_to_save && cfg.modules_to_save.length > 0)
         bad("modules_to_save", "training full copies of modules is not supported by qlora yet; remove modules_to_save");
     if (Array.isArray(cfg.target_modules) && cfg.target_modules.length === 0) bad("target_modules", "is an empty list");

@@ -36,6 +36,8 @@ interface LoraPair {
     A: Float32Array; // [r, in]
     B: Float32Array; // [out, r]
     r: number;
+    /** DoRA's magnitude [out], when the adapter is a DoRA adapter */
+    magnitude?: Float32Array;
 }
 
 /** W[out, in] += scaling * B A (f32) */
@@ -51,6 +53,13 @@ async function readAdapterPairs(adapterDir: string): Promise<Map<string, LoraPai
     const pairs = new Map<string, Partial<LoraPair>>();
     try {
         for (const name of st.names()) {
+            const mag = /^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$/.exec(name);
+            if (mag) {
+                const p = pairs.get(mag[1]) ?? {};
+                p.magnitude = await st.readF32(name);
+                pairs.set(mag[1], p);
+                continue;
+            }
             const m = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(name);
             if (!m) throw new QloraError(`tensor "${name}" is not a LoRA weight qlora can merge`, {file});
             const info = st.info(name);
@@ -113,6 +122,16 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
                     w = dequantize4bit(quantize4bit({bf16: bits}, {shape: [shape[0], shape[1]]}), {roundToDtype: false});
                 }
                 addLoraDelta(w, pair, scaling, shape[0], shape[1]);
+                if (pair.magnitude) {
+                    // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
+                    const inF = shape[1];
+                    for (let j = 0; j < shape[0]; j++) {
+                        let ss = 0;
+                        for (let i = 0; i < inF; i++) ss += w[j * inF + i] ** 2;
+                        const k = pair.magnitude[j] / Math.sqrt(ss);
+                        for (let i = 0; i < inF; i++) w[j * inF + i] *= k;
+                    }
+                }
                 merged++;
             }
             tensors.push({name, dtype: dtype === "bf16" ? "BF16" : "F16", shape, data: f32ToHalf(w, dtype === "bf16" ? "BF16" : "F16")});

@@ -139,6 +139,7 @@ export class CudaTrainer {
         let dl: DeviceLora | null = null;
         if (lora?.lora) {
             if (lora.dBias) throw new QloraError("training biases (bias: all / lora_only) is not supported on CUDA yet; use bias: none");
+            if (lora.lora.magnitude) throw new QloraError("DoRA (use_dora) is not supported on CUDA yet; train it with --device cpu");
             const l = lora.lora;
             dl = {host: lora, r: l.r, scaling: l.scaling, dropout: l.dropout, A: DeviceBuffer.from("f32", l.A),
                 B: DeviceBuffer.from("f32", l.B), dA: DeviceBuffer.zeros("f32", l.A.length), dB: DeviceBuffer.zeros("f32", l.B.length),
