@@ -104,3 +104,66 @@ test("dropout masks are replayed when gradient checkpointing recomputes a block"
     a.g.forEach((g, i) => { worst = Math.max(worst, maxRelDiff(c.g[i], g)); });
     assert.ok(worst < 1e-6, `checkpointed gradients differ by ${worst}`);
 });
+
+test("modules_to_save trains full copies of lm_head and embed_tokens: gradients match finite differences; saved, loaded and merged", async () => {
+    const {mkdtempSync, rmSync} = await import("node:fs");
+    const os = await import("node:os");
+    const path = await import("node:path");
+    const {loadAdapter, saveAdapter, trainableParametersLine} = await import("../src/lora/adapter.js");
+    const {mergeAdapter} = await import("../src/lora/merge.js");
+    const {SafetensorsFile} = await import("../src/io/safetensors.js");
+    const model = await DecoderModel.load(MODEL_DIR);
+    const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: ["q_proj"], modules_to_save: ["lm_head", "embed_tokens"]},
+        {initRng: new Rng(3)});
+    lora.setTraining(true);
+    assert.notEqual(model.params.lmHead, model.params.embed, "the tied output layer is untied into two trained copies");
+    const names = lora.trainableTensors().map((t) => t.name);
+    assert.ok(names.includes("base_model.model.lm_head.weight") && names.includes("base_model.model.model.embed_tokens.weight"));
+    // all params = base + LoRA + the two copies, as peft counts them
+    // q_proj LoRA (8 layers x 4 x (256 + 256)) + two 16384 x 256 copies; all = the base (tied embedding once) + those
+    const trainable = 8 * 4 * 512 + 2 * 16384 * 256, all = 10_494_208 + trainable;
+    assert.equal(trainableParametersLine(lora), `trainable params: ${trainable.toLocaleString("en-US")} || all params: ` +
+        `${all.toLocaleString("en-US")} || trainable%: ${(100 * trainable / all).toFixed(4)}`);
+    const trainer = new DecoderTrainer(model);
+    const rows = randomRows(1, 41);
+    const b = asTrain(collate(rows, {padTokenId: 16381}));
+    lora.zeroGrad();
+    trainer.forwardBackward(b, {lossScale: 1, gradientCheckpointing: true});
+    const loss = () => trainer.forwardBackward(b, {lossScale: 0, gradientCheckpointing: false, noBackward: true}).lossSum;
+    const C = model.config.hiddenSize;
+    for (const t of lora.trainableTensors().filter((x) => !x.name.includes("lora_"))) {
+        // an element of a row the batch actually uses: the first target token's row (head) / the first input id's row (embedding)
+        const row = t.name.includes("lm_head") ? rows[0].labels[rows[0].labels.length - 1] : rows[0].inputIds[0];
+        for (const i of [row * C, row * C + 7]) {
+            const v = t.param[i], eps = 1e-2;
+            t.param[i] = v + eps;
+            const lp = loss();
+            t.param[i] = v - eps;
+            const lm = loss();
+            t.param[i] = v;
+            const fd = (lp - lm) / (2 * eps);
+            assert.ok(Math.abs(fd - t.grad[i]) <= 2e-2 * Math.max(1e-2, Math.abs(fd)), `${t.name}[${i}]: ${t.grad[i]} vs ${fd}`);
+        }
+    }
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-mts-"));
+    try {
+        for (const t of lora.trainableTensors()) if (!t.name.includes("lora_")) t.param[5] += 0.5; // make the copies differ
+        await saveAdapter(path.join(dir, "a"), lora);
+        const st = await SafetensorsFile.open(path.join(dir, "a", "adapter_model.safetensors"));
+        assert.deepEqual(st.info("base_model.model.lm_head.weight").shape, [16384, 256]);
+        await st.close();
+        const ids = Int32Array.from(rows[0].inputIds);
+        const ref = model.forward(ids, 1, ids.length);
+        const back = await loadAdapter(path.join(dir, "a"), await DecoderModel.load(MODEL_DIR));
+        assert.deepEqual(Array.from(back.model.forward(ids, 1, ids.length)), Array.from(ref));
+        await mergeAdapter({model: MODEL_DIR, adapter: path.join(dir, "a"), out: path.join(dir, "m"), dtype: "f16"});
+        const merged = await DecoderModel.load(path.join(dir, "m"));
+        assert.equal(merged.config.tieWordEmbeddings, false);
+        const x = merged.forward(ids, 1, ids.length);
+        let d = 0;
+        for (let i = 0; i < x.length; i++) d = Math.max(d, Math.abs(x[i] - ref[i]));
+        assert.ok(d < 0.05, `merged vs adapter: ${d}`);
+    } finally {
+        rmSync(dir, {recursive: true, force: true});
+    }
+});

@@ -76,6 +76,9 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
     try {
         // the adapter is checked against the config's shapes; its A/B (and trained biases) are merged per tensor
         const lora = opts.adapterDir ? await loadAdapter(opts.adapterDir, shapeOnlyModel(cfg, true)) : null;
+        if (lora?.config.modules_to_save?.length)
+            throw new QloraError("an adapter with modules_to_save (full lm_head / embed_tokens copies) cannot be merged " +
+                "during GGUF export; run qlora merge first and export the merged model", {file: opts.adapterDir});
         if (lora?.config.use_dora)
             throw new QloraError("a DoRA adapter cannot be merged during GGUF export; run qlora merge first and export " +
                 "the merged model", {file: opts.adapterDir});
@@ -262,6 +265,9 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
     if (adapterConfig.bias !== "none")
         throw new QloraError(`the adapter trains biases (bias: "${adapterConfig.bias}"), which a llama.cpp LoRA adapter ` +
             "cannot carry; merge it into the model instead: qlora export gguf --adapter", {file: opts.adapterDir});
+    if (adapterConfig.modules_to_save?.length)
+        throw new QloraError("llama.cpp LoRA adapters cannot carry full module copies (modules_to_save); merge the adapter " +
+            "(qlora merge) and export the merged model instead", {file: opts.adapterDir});
     if (adapterConfig.use_dora)
         throw new QloraError("llama.cpp LoRA adapters cannot express DoRA; merge the adapter (qlora merge) and export " +
             "the merged model instead", {file: opts.adapterDir});

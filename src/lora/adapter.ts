@@ -51,6 +51,7 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
     const scaling = loraScaling(config);
     const initRng = opts.initRng ?? new Rng(0);
     const layers = new Map<string, LoraLinear>();
+    const full = fullCopies(model, config.modules_to_save ?? [], opts.weights);
     for (const m of modules) {
         const base = model.params.layers[m.layer].proj[m.proj];
         const isTarget = targets.has(m.name);
@@ -86,10 +87,45 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
     }
     return {
         model, config, layers,
-        trainableTensors: () => [...layers.values()].flatMap((l) => l.trainableTensors()),
+        trainableTensors: () => [...layers.values()].flatMap((l) => l.trainableTensors()).concat(full),
         setTraining: (on) => layers.forEach((l) => { l.training = on; }),
-        zeroGrad: () => layers.forEach((l) => l.zeroGrad()),
+        zeroGrad: () => {
+            layers.forEach((l) => l.zeroGrad());
+            full.forEach((t) => t.grad.fill(0));
+        },
     };
+}
+
+/**
+ * modules_to_save: trainable full copies of the embedding and/or the output layer (PEFT's ModulesToSaveWrapper).
+ * The model switches to the copies (a tied output layer becomes untied); saved as base_model.model.lm_head.weight
+ * and base_model.model.model.embed_tokens.weight.
+ */
+function fullCopies(model: DecoderModel, names: string[], weights?: Map<string, Float32Array>): TrainableTensor[] {
+    const out: TrainableTensor[] = [];
+    const p = model.params;
+    const V = model.config.vocabSize, C = model.config.hiddenSize;
+    const wanted = new Set(names.map((n) => n.replace(/^model\./, "")));
+    const copy = (key: string, from: Float32Array) => {
+        const w = weights?.get(key) ?? Float32Array.from(from);
+        if (w.length !== V * C) throw new QloraError(`${key} has ${w.length} values, the model needs [${V}, ${C}]`);
+        return w;
+    };
+    p.fullGrads = {};
+    if (wanted.has("lm_head")) {
+        const key = "base_model.model.lm_head.weight";
+        p.lmHead = copy(key, p.lmHead);
+        p.fullGrads.lmHead = new Float32Array(V * C);
+        out.push({name: key, param: p.lmHead, grad: p.fullGrads.lmHead, shape: [V, C], decay: true});
+    }
+    if (wanted.has("embed_tokens")) {
+        const key = "base_model.model.model.embed_tokens.weight";
+        // as in PEFT, a tied output layer keeps the original weight: only the input embedding is the trained copy
+        p.embed = copy(key, p.embed);
+        p.fullGrads.embed = new Float32Array(V * C);
+        out.push({name: key, param: p.embed, grad: p.fullGrads.embed, shape: [V, C], decay: true, fp32State: true});
+    }
+    return out;
 }
 
 /** PEFT's init: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5)), B = 0; "gaussian": A ~ N(0, 1/r) */
@@ -121,7 +157,8 @@ export function trainableParametersLine(lora: LoraModel): string {
     const tensors = lora.trainableTensors();
     // biases are already part of the base count; LoRA matrices are new parameters
     const trainable = tensors.reduce((a, t) => a + t.param.length, 0);
-    const added = tensors.filter((t) => t.name.includes(".lora_")).reduce((a, t) => a + t.param.length, 0);
+    // LoRA matrices and full copies (modules_to_save) are parameters next to the base's; trained biases are the base's
+    const added = tensors.filter((t) => !t.name.endsWith(".bias")).reduce((a, t) => a + t.param.length, 0);
     const all = baseParameterCount(lora.model) + added;
     const fmt = (x: number) => x.toLocaleString("en-US");
     return `trainable params: ${fmt(trainable)} || all params: ${fmt(all)} || trainable%: ${(100 * trainable / all).toFixed(4)}`;
@@ -228,6 +265,16 @@ export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropo
                 if (!config.use_dora) throw new QloraError(`tensor "${name}" is a DoRA magnitude but adapter_config.json ` +
                     "says use_dora is false", {file});
                 weights.set(`base_model.model.${mag[1]}.lora_magnitude_vector`, await st.readF32(name));
+                continue;
+            }
+            if (/^base_model\.model\.(lm_head|model\.embed_tokens)(?:\.modules_to_save\.default)?\.weight$/.test(name)) {
+                const key = name.replace(".modules_to_save.default", "");
+                const expected = [model.config.vocabSize, model.config.hiddenSize];
+                if (info.shape[0] !== expected[0] || info.shape[1] !== expected[1])
+                    throw new QloraError(`tensor "${name}" has shape [${info.shape.join(", ")}] but this model needs ` +
+                        `[${expected.join(", ")}]: the adapter was trained on another base model`, {file});
+                weights.set(key, info.dtype === "F32" ? await st.readF32(name)
+                    : halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype as "BF16" | "F16"));
                 continue;
             }
             const m = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(name);

@@ -40,6 +40,9 @@ export const DEFAULT_TARGETS: Record<string, string[]> = {
     mistral: ["q_proj", "v_proj"],
 };
 
+/** the modules modules_to_save can name: full trainable copies of the output layer and the embedding */
+export const SAVABLE_MODULES = ["lm_head", "embed_tokens"];
+
 export function validateLoraConfig(cfg: LoraConfig, where = "lora config"): LoraConfig {
     const bad = (key: string, msg: string): never => {
         throw new QloraError(`${key}: ${msg}`, {file: where});
@@ -49,8 +52,9 @@ export function validateLoraConfig(cfg: LoraConfig, where = "lora config"): Lora
     if (!(cfg.lora_dropout >= 0 && cfg.lora_dropout < 1)) bad("lora_dropout", `must be in [0, 1) (got ${cfg.lora_dropout})`);
     if (!["none", "all", "lora_only"].includes(cfg.bias)) bad("bias", `must be "none", "all" or "lora_only" (got "${cfg.bias}")`);
     if (cfg.task_type !== "CAUSAL_LM") bad("task_type", `only CAUSAL_LM is supported (got "${cfg.task_type}")`);
-    if (cfg.modules_to_save && cfg.modules_to_save.length > 0)
-        bad("modules_to_save", "training full copies of modules is not supported by qlora yet; remove modules_to_save");
+    for (const m of cfg.modules_to_save ?? [])
+        if (!SAVABLE_MODULES.includes(m.replace(/^(model\.)/, "")))
+            bad("modules_to_save", `"${m}" cannot be trained in full by qlora (supported: ${SAVABLE_MODULES.join(", ")})`);
     if (Array.isArray(cfg.target_modules) && cfg.target_modules.length === 0) bad("target_modules", "is an empty list");
     return cfg;
 }

@@ -26,6 +26,8 @@ export interface TrainableTensor {
     shape: number[];
     /** AdamW weight decay applies (not to biases) */
     decay: boolean;
+    /** keep 32-bit optimizer state under 8-bit optimizers (transformers does so for embeddings) */
+    fp32State?: boolean;
 }
 
 export interface LoraWeights {

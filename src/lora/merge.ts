@@ -45,7 +45,10 @@ export function addLoraDelta(W: Float32Array, pair: LoraPair, scaling: number, o
     cpu().sgemm(false, false, outF, inF, pair.r, scaling, pair.B, pair.r, pair.A, inF, 1, W, inF);
 }
 
-async function readAdapterPairs(adapterDir: string): Promise<Map<string, LoraPair>> {
+/** full weights an adapter carries (modules_to_save): lm_head.weight / model.embed_tokens.weight */
+const FULL_WEIGHT = /^base_model\.model\.(lm_head|model\.embed_tokens)(?:\.modules_to_save\.default)?\.weight$/;
+
+async function readAdapterPairs(adapterDir: string, full: Map<string, Float32Array>): Promise<Map<string, LoraPair>> {
     const file = path.join(adapterDir, ADAPTER_WEIGHTS_FILE);
     const st = await SafetensorsFile.open(file).catch((err) => {
         throw new QloraError(`cannot open the adapter weights (${(err as Error).message.split("\n")[0]})`, {file});
@@ -53,6 +56,13 @@ async function readAdapterPairs(adapterDir: string): Promise<Map<string, LoraPai
     const pairs = new Map<string, Partial<LoraPair>>();
     try {
         for (const name of st.names()) {
+            const fw = FULL_WEIGHT.exec(name);
+            if (fw) {
+                const info = st.info(name);
+                full.set(`${fw[1]}.weight`, info.dtype === "F32" ? await st.readF32(name)
+                    : halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype as "BF16" | "F16"));
+                continue;
+            }
             const mag = /^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$/.exec(name);
             if (mag) {
                 const p = pairs.get(mag[1]) ?? {};
@@ -91,8 +101,18 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             "(and use --against-nf4 to keep the 4-bit rounding the adapter was trained with)", {file: opts.model});
     const adapterCfg = await readAdapterConfig(opts.adapter);
     const scaling = loraScaling(adapterCfg);
-    const pairs = await readAdapterPairs(opts.adapter);
-    const shapes = expectedTensors(cfg);
+    const full = new Map<string, Float32Array>();
+    const pairs = await readAdapterPairs(opts.adapter, full);
+    // a trained copy of either side of a tied embedding unties it (PEFT trains one copy; the other keeps the
+    // original): the merged model gets its own output layer
+    const untie = cfg.tieWordEmbeddings && full.size > 0;
+    const shapes = expectedTensors(untie ? {...cfg, tieWordEmbeddings: false} : cfg);
+    for (const [name, w] of full) {
+        const shape = shapes.get(name)!;
+        if (w.length !== shape[0] * shape[1])
+            throw new QloraError(`tensor "base_model.model.${name}" has ${w.length} values but the base's ${name} needs ` +
+                `[${shape.join(", ")}]: the adapter was trained on another base model`, {file: opts.adapter});
+    }
     // check every LoRA pair against the base before writing anything
     for (const [mod, p] of pairs) {
         const shape = shapes.get(`${mod}.weight`);
@@ -111,8 +131,11 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
     const tensors: TensorToWrite[] = [];
     try {
         for (const [name, shape] of shapes) {
-            if (!ckpt.has(name)) throw new QloraError(`tensor "${name}" is missing from the base checkpoint`, {file: opts.model});
-            let w = await readTensorF32(ckpt, name);
+            const replaced = full.get(name);
+            // an untied output layer starts from the tied embedding of the checkpoint
+            const source = untie && name === "lm_head.weight" ? "model.embed_tokens.weight" : name;
+            if (!replaced && !ckpt.has(source)) throw new QloraError(`tensor "${source}" is missing from the base checkpoint`, {file: opts.model});
+            let w = replaced ?? await readTensorF32(ckpt, source);
             const mod = name.replace(/\.weight$/, "");
             const pair = name.endsWith(".weight") ? pairs.get(mod) : undefined;
             if (pair) {
@@ -145,7 +168,8 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
         await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {format: "pt",
             qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
             qlora_adapter: path.basename(path.resolve(opts.adapter))});
-        const config = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
+        const config: Record<string, unknown> = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
+        if (untie) config.tie_word_embeddings = false;
         if ("dtype" in config) config.dtype = config.torch_dtype;
         delete (config as Record<string, unknown>).quantization_config;
         await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");

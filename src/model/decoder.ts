@@ -34,6 +34,8 @@ export interface DecoderParams {
     layers: DecoderLayer[];
     norm: Float32Array; // [C]
     lmHead: Float32Array; // [V, C], the embedding itself when tied
+    /** gradients of full weights that train (LoRA's modules_to_save): the embedding and/or the output layer */
+    fullGrads?: {embed?: Float32Array; lmHead?: Float32Array};
 }
 
 /** per-layer key/value buffers [B, capacity, Hkv, D] for incremental decoding */

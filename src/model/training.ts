@@ -130,6 +130,8 @@ export class DecoderTrainer {
             acts[l] = null;
         }
         if (rngAfterForward && this.dropoutRng) this.dropoutRng.setState(rngAfterForward);
+        const dEmbed = this.model.params.fullGrads?.embed;
+        if (dEmbed) ops.embeddingBackward(dEmbed, dx, batch.inputIds, N, cfg.vocabSize, C);
         return {lossSum, targets: count};
     }
 
@@ -157,6 +159,9 @@ export class DecoderTrainer {
             for (let i = 0; i < M; i++) lossSum += loss[i];
             if (dxf) {
                 ops.crossEntropyBackward(logits, logits, lse, tg, lossScale, M, V); // in place: dlogits
+                const dHead = this.model.params.fullGrads?.lmHead;
+                // a trained output layer (modules_to_save): dW[V, C] += dlogits^T h
+                if (dHead) ops.sgemm(true, false, V, C, M, 1, logits, V, h, C, 1, dHead, C);
                 const dh = new Float32Array(M * C);
                 ops.sgemm(false, false, M, C, V, 1, logits, V, head, C, 0, dh, C);
                 idx.forEach((r, i) => dxf.set(dh.subarray(i * C, (i + 1) * C), r * C));

@@ -1,5 +1,6 @@
 // engine.ts: where a training step runs. The trainer's loop is the same on both devices; an engine owns the
 // step's compute (forward/backward), the gradients, clipping and the optimizer.
+import {QloraError} from "../errors.js";
 import {cudaMemoryStats} from "../backend/cuda.js";
 import type {LoraModel} from "../lora/adapter.js";
 import type {DecoderModel} from "../model/decoder.js";
@@ -47,7 +48,7 @@ class CpuEngine implements TrainEngine {
         this.trainer = new DecoderTrainer(model, dropoutRng);
         const tensors = lora.trainableTensors();
         this.optimizer = createOptimizer(optim, tensors.map((t) => ({name: t.name, param: t.param, grad: t.grad,
-            weightDecay: t.decay && weightDecayFor(t.name)})), args);
+            weightDecay: t.decay && weightDecayFor(t.name), fp32State: t.fp32State})), args);
         this.grads = tensors.map((t) => t.grad);
     }
 
@@ -86,6 +87,8 @@ class CudaEngine implements TrainEngine {
 
     constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs, seed: number,
         offloadActivations: boolean) {
+        if (model.params.fullGrads?.embed || model.params.fullGrads?.lmHead)
+            throw new QloraError("modules_to_save is not supported on CUDA yet; train it with --device cpu");
         this.trainer = new CudaTrainer(model, seed, offloadActivations);
         const names = new Set(lora.trainableTensors().map((t) => t.name));
         const device = this.trainer.deviceTensors();
