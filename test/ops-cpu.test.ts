@@ -15,45 +15,14 @@ import {after, describe, test} from "node:test";
 import assert from "node:assert/strict";
 import {loadNative} from "../src/backend/native.js";
 import type {CpuAddon} from "../src/backend/native-types.js";
+import {Prng, randn32} from "./helpers/prng.js";
 
 const cpu: CpuAddon = loadNative();
 
 // ------------------------------------------------------------------
 // seeded PRNG (mulberry32) and helpers
 
-class Prng {
-    private s: number;
 
-    constructor(seed: number) {
-        this.s = seed >>> 0;
-    }
-
-    u32(): number {
-        let t = (this.s = (this.s + 0x6d2b79f5) >>> 0);
-        t = Math.imul(t ^ (t >>> 15), t | 1);
-        t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-        return (t ^ (t >>> 14)) >>> 0;
-    }
-
-    /** uniform in (0, 1) */
-    uniform(): number {
-        return (this.u32() + 0.5) / 4294967296;
-    }
-
-    normal(): number {
-        return Math.sqrt(-2 * Math.log(this.uniform())) * Math.cos(2 * Math.PI * this.uniform());
-    }
-
-    int(n: number): number {
-        return Math.floor(this.uniform() * n);
-    }
-}
-
-function randn32(rng: Prng, n: number, std = 1, mean = 0): Float32Array {
-    const a = new Float32Array(n);
-    for (let i = 0; i < n; i++) a[i] = mean + std * rng.normal();
-    return a;
-}
 
 function f64(a: ArrayLike<number>): Float64Array {
     return Float64Array.from(a);

@@ -1,6 +1,8 @@
 // run.ts: how every command reports failure: one line `error: ...` and exit code 1; the stack trace only
 // with --debug (or QLORA_DEBUG=1).
+import type {Command} from "commander";
 import pc from "picocolors";
+import {DEFAULT_SAMPLING} from "../model/generate.js";
 import {isQloraError, QloraError} from "../errors.js";
 
 export function debugEnabled(): boolean {
@@ -43,4 +45,21 @@ export function parseFloatOption(name: string): (value: string) => number {
         if (!Number.isFinite(n)) reportError(new QloraError(`${name} expects a number, got "${value}"`));
         return n;
     };
+}
+
+/** the model options every command that runs a model shares: --model, --adapter, --load-in-4bit */
+export function addModelOptions(cmd: Command, adapterHelp = "a PEFT adapter folder to apply (e.g. qlora_output/final)"): Command {
+    return cmd
+        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
+        .option("-a, --adapter <dir>", adapterHelp)
+        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it");
+}
+
+/** the decoding options of generate and chat: --greedy, --temperature, --top-k, --top-p */
+export function addSamplingOptions(cmd: Command): Command {
+    return cmd
+        .option("--greedy", "greedy decoding (argmax) instead of sampling")
+        .option("--temperature <t>", "sampling temperature", parseFloatOption("--temperature"), DEFAULT_SAMPLING.temperature)
+        .option("--top-k <k>", "sample from the k most likely tokens (0: all)", parseIntOption("--top-k", 0), DEFAULT_SAMPLING.topK)
+        .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP);
 }

@@ -17,42 +17,12 @@ import assert from "node:assert/strict";
 import {cudaAvailability, DeviceBuffer, type DeviceDtype} from "../../src/backend/cuda.js";
 import {cpu} from "../../src/backend/cpu.js";
 import {cudaKernelOps, type CudaKernelOps} from "../../src/backend/cuda-kernels-types.js";
+import {Prng, randn32 as randn} from "../helpers/prng.js";
 
 // ------------------------------------------------------------------
 // helpers
 
-class Prng {
-    private s: number;
 
-    constructor(seed: number) {
-        this.s = seed >>> 0;
-    }
-
-    u32(): number {
-        let t = (this.s = (this.s + 0x6d2b79f5) >>> 0);
-        t = Math.imul(t ^ (t >>> 15), t | 1);
-        t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-        return (t ^ (t >>> 14)) >>> 0;
-    }
-
-    uniform(): number {
-        return (this.u32() + 0.5) / 4294967296;
-    }
-
-    normal(): number {
-        return Math.sqrt(-2 * Math.log(this.uniform())) * Math.cos(2 * Math.PI * this.uniform());
-    }
-
-    int(n: number): number {
-        return Math.floor(this.uniform() * n);
-    }
-}
-
-function randn(rng: Prng, n: number, std = 1, mean = 0): Float32Array {
-    const a = new Float32Array(n);
-    for (let i = 0; i < n; i++) a[i] = mean + std * rng.normal();
-    return a;
-}
 
 /** x rounded to bf16: the bits (for the GPU) and their exact f32 values (for the CPU) */
 function bf16(x: Float32Array): {bits: Uint16Array; vals: Float32Array} {

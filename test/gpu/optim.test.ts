@@ -18,35 +18,9 @@ import {loadOptimOps} from "../../src/backend/native-optim-types.js";
 import {cudaKernelOps, type CudaKernelOps} from "../../src/backend/cuda-kernels-types.js";
 import {optimizerDynamicMaps} from "../../src/optim/adamw.js";
 import {clipGradNorm} from "../../src/optim/clip.js";
+import {Prng, randn32 as randn} from "../helpers/prng.js";
 
-class Prng {
-    private s: number;
 
-    constructor(seed: number) {
-        this.s = seed >>> 0;
-    }
-
-    u32(): number {
-        let t = (this.s = (this.s + 0x6d2b79f5) >>> 0);
-        t = Math.imul(t ^ (t >>> 15), t | 1);
-        t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-        return (t ^ (t >>> 14)) >>> 0;
-    }
-
-    uniform(): number {
-        return (this.u32() + 0.5) / 4294967296;
-    }
-
-    normal(): number {
-        return Math.sqrt(-2 * Math.log(this.uniform())) * Math.cos(2 * Math.PI * this.uniform());
-    }
-}
-
-function randn(rng: Prng, n: number, std = 1): Float32Array {
-    const a = new Float32Array(n);
-    for (let i = 0; i < n; i++) a[i] = std * rng.normal();
-    return a;
-}
 
 /** max |got - ref| / |ref| over finite values (0 where both are equal; NaN must match NaN) and the count of
  *  values that are not bit-identical */

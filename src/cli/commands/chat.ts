@@ -4,9 +4,9 @@ import readline from "node:readline";
 import type {Command} from "commander";
 import pc from "picocolors";
 import {loadModel} from "../../api/models.js";
-import {DEFAULT_SAMPLING, generate} from "../../model/generate.js";
+import {generate} from "../../model/generate.js";
 import type {ChatMessage} from "../../tokenizer/index.js";
-import {action, parseFloatOption, parseIntOption} from "../run.js";
+import {action, addModelOptions, addSamplingOptions, parseIntOption} from "../run.js";
 
 interface ChatFlags {
     model?: string;
@@ -22,17 +22,11 @@ interface ChatFlags {
 }
 
 export function registerChat(program: Command): void {
-    program.command("chat")
-        .description("chat with a model (and adapter) through its chat template; /reset clears the history, /exit quits")
-        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
-        .option("-a, --adapter <dir>", "a PEFT adapter folder to apply")
-        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
+    const cmd = program.command("chat")
+        .description("chat with a model (and adapter) through its chat template; /reset clears the history, /exit quits");
+    addSamplingOptions(addModelOptions(cmd))
         .option("--system <text>", "a system message at the start of the conversation")
         .option("-n, --max-new-tokens <n>", "the most tokens per answer", parseIntOption("--max-new-tokens", 1), 256)
-        .option("--greedy", "greedy decoding instead of sampling")
-        .option("--temperature <t>", "sampling temperature", parseFloatOption("--temperature"), DEFAULT_SAMPLING.temperature)
-        .option("--top-k <k>", "sample from the k most likely tokens (0: all)", parseIntOption("--top-k", 0), DEFAULT_SAMPLING.topK)
-        .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP)
         .option("--seed <n>", "random seed of the first answer (each answer uses seed + turn)", parseIntOption("--seed", 0), 0)
         .action(action(async (flags: ChatFlags) => {
             const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});

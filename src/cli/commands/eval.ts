@@ -3,7 +3,7 @@ import type {Command} from "commander";
 import {evaluateLoss} from "../../api/evaluate.js";
 import {loadModel} from "../../api/models.js";
 import type {DataOptions} from "../../data/index.js";
-import {action, parseIntOption} from "../run.js";
+import {action, addModelOptions, parseIntOption} from "../run.js";
 
 interface EvalFlags {
     model?: string;
@@ -18,12 +18,10 @@ interface EvalFlags {
 }
 
 export function registerEval(program: Command): void {
-    program.command("eval")
+    const cmd = program.command("eval")
         .description("loss and perplexity of a model (and adapter) on a JSON, JSONL or Parquet data file")
-        .requiredOption("-d, --data <file>", "the data to evaluate on (any format qlora train reads)")
-        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
-        .option("-a, --adapter <dir>", "a PEFT adapter folder to apply")
-        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
+        .requiredOption("-d, --data <file>", "the data to evaluate on (any format qlora train reads)");
+    addModelOptions(cmd)
         .option("--dataset-format <format>", "alpaca, text, prompt_completion, messages or sharegpt (default: detected)")
         .option("--max-seq-length <n>", "truncate examples to this many tokens", parseIntOption("--max-seq-length", 2), 1024)
         .option("--batch-size <n>", "examples per forward pass", parseIntOption("--batch-size", 1), 8)

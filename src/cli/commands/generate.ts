@@ -3,7 +3,7 @@ import type {Command} from "commander";
 import {QloraError} from "../../errors.js";
 import {loadModel} from "../../api/models.js";
 import {DEFAULT_SAMPLING, generate} from "../../model/generate.js";
-import {action, parseFloatOption, parseIntOption} from "../run.js";
+import {action, addModelOptions, addSamplingOptions, parseIntOption} from "../run.js";
 
 interface GenerateFlags {
     model?: string;
@@ -22,17 +22,11 @@ interface GenerateFlags {
 }
 
 export function registerGenerate(program: Command): void {
-    program.command("generate")
+    const cmd = program.command("generate")
         .description("generate text from a prompt with a model (the embedded tiny-qwen2 by default)")
-        .requiredOption("-p, --prompt <text>", "the prompt to continue")
-        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
-        .option("-a, --adapter <dir>", "a PEFT adapter folder to apply (e.g. qlora_output/final)")
-        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
+        .requiredOption("-p, --prompt <text>", "the prompt to continue");
+    addSamplingOptions(addModelOptions(cmd))
         .option("-n, --max-new-tokens <n>", "the most tokens to generate", parseIntOption("--max-new-tokens", 1), 64)
-        .option("--greedy", "greedy decoding (argmax) instead of sampling")
-        .option("--temperature <t>", "sampling temperature", parseFloatOption("--temperature"), DEFAULT_SAMPLING.temperature)
-        .option("--top-k <k>", "sample from the k most likely tokens (0: all)", parseIntOption("--top-k", 0), DEFAULT_SAMPLING.topK)
-        .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP)
         .option("--seed <n>", "random seed for sampling", parseIntOption("--seed", 0), DEFAULT_SAMPLING.seed)
         .option("--chat", "wrap the prompt as a user message with the model's chat template")
         .option("--system <text>", "a system message (with --chat)")
