@@ -28,6 +28,7 @@ const [bs, seq] = arg("shape", "4x512").split("x").map(Number);
 const steps = Number(arg("steps", "10")), warmup = 3;
 const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
+const BNB_QLORA = BNB_QLORA_BY_SHAPE[`${bs}x${seq}`] ?? {};
 const offload = process.argv.includes("--offload");
 
 const CONFIGS: Record<string, Record<string, unknown>> = {
@@ -37,7 +38,11 @@ const CONFIGS: Record<string, Record<string, unknown>> = {
         num_attention_heads: 28, num_key_value_heads: 4, tie_word_embeddings: false},
 };
 // transformers + peft + bitsandbytes QLoRA on the H200 (../shared/bench/RESULTS.md; bitsandbytes is not installed there)
-const BNB_QLORA: Record<string, {tokS: number; peak: number}> = {"qwen2-7b": {tokS: 3264, peak: 12.89}, "qwen2-0.5b": {tokS: 6477, peak: 5.61}};
+const BNB_QLORA_BY_SHAPE: Record<string, Record<string, {tokS: number; peak: number}>> = {
+    "4x512": {"qwen2-7b": {tokS: 3264, peak: 12.89}, "qwen2-0.5b": {tokS: 6477, peak: 5.61}},
+    "2x2048": {"qwen2-7b": {tokS: 3041, peak: 18.32}},
+    "1x4096": {"qwen2-7b": {tokS: 2199, peak: 18.85}},
+};
 
 interface Row {model: string; impl: string; mode: string; tokS: number; samplesS: number; stepMs: number; peakGiB: number; note?: string}
 const rows: Row[] = [];
@@ -102,7 +107,7 @@ for (const name of models) {
         if (r.status !== 0) console.log(`peer exited with ${r.status}: ${r.stderr.slice(-500)}`);
     }
     const bnb = BNB_QLORA[name];
-    rows.push({model: name, impl: "transformers + peft + bitsandbytes", mode: "qlora", tokS: bnb.tokS, samplesS: bnb.tokS / seq,
+    if (bnb) rows.push({model: name, impl: "transformers + peft + bitsandbytes", mode: "qlora", tokS: bnb.tokS, samplesS: bnb.tokS / seq,
         stepMs: 1000 * bs * seq / bnb.tokS, peakGiB: bnb.peak, note: "RESULTS.md (bitsandbytes not installed here)"});
 }
 
@@ -113,6 +118,6 @@ for (const r of rows) console.log(`| ${r.model} | ${r.impl} | ${r.mode} | ${r.to
     `${r.stepMs.toFixed(0)} | ${r.peakGiB.toFixed(2)} | ${r.note ?? ""} |`);
 for (const name of models) {
     const ours = rows.find((r) => r.model === name && r.mode === "qlora" && r.impl.startsWith("qlora"));
-    if (ours) console.log(`${name}: QLoRA ${(ours.tokS / BNB_QLORA[name].tokS).toFixed(2)}x the tokens/s of bitsandbytes, ` +
+    if (ours && BNB_QLORA[name]) console.log(`${name}: QLoRA ${(ours.tokS / BNB_QLORA[name].tokS).toFixed(2)}x the tokens/s of bitsandbytes, ` +
         `${(ours.peakGiB / BNB_QLORA[name].peak).toFixed(2)}x its peak memory`);
 }
