@@ -28,7 +28,6 @@ const [bs, seq] = arg("shape", "4x512").split("x").map(Number);
 const steps = Number(arg("steps", "10")), warmup = 3;
 const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
-const BNB_QLORA = BNB_QLORA_BY_SHAPE[`${bs}x${seq}`] ?? {};
 const offload = process.argv.includes("--offload");
 
 const CONFIGS: Record<string, Record<string, unknown>> = {
@@ -43,6 +42,7 @@ const BNB_QLORA_BY_SHAPE: Record<string, Record<string, {tokS: number; peak: num
     "2x2048": {"qwen2-7b": {tokS: 3041, peak: 18.32}},
     "1x4096": {"qwen2-7b": {tokS: 2199, peak: 18.85}},
 };
+const BNB_QLORA = BNB_QLORA_BY_SHAPE[`${bs}x${seq}`] ?? {};
 
 interface Row {model: string; impl: string; mode: string; tokS: number; samplesS: number; stepMs: number; peakGiB: number; note?: string}
 const rows: Row[] = [];
