@@ -6,7 +6,7 @@ import {Rng} from "../src/backend/rng.js";
 import {collate, packSequences, type TokenizedRow} from "../src/data/index.js";
 import {applyLora} from "../src/lora/adapter.js";
 import {DecoderModel} from "../src/model/decoder.js";
-import {DecoderTrainer, type TrainBatch} from "../src/model/training.js";
+import {DecoderTrainer} from "../src/model/training.js";
 import {MODEL_DIR} from "./helpers/paths.js";
 
 function row(ids: number[], promptLen: number): TokenizedRow {
@@ -30,9 +30,6 @@ async function loraModel(dropout = 0) {
     return {model, lora, trainer: new DecoderTrainer(model, dropoutRng), dropoutRng};
 }
 
-function asTrain(b: ReturnType<typeof collate>): TrainBatch {
-    return {B: b.B, T: b.T, inputIds: b.inputIds, labels: b.labels, attentionMask: b.attentionMask, positionIds: b.positionIds, segIds: b.segIds};
-}
 
 function maxRelDiff(a: Float32Array, b: Float32Array): number {
     let num = 0, den = 0;
@@ -49,13 +46,13 @@ test("gradient accumulation of 4 micro-batches of 1 gives the gradients of one b
     const big = collate(rows, {padTokenId: 16381});
     const total = big.numTargets;
     lora.zeroGrad();
-    const r1 = trainer.forwardBackward(asTrain(big), {lossScale: 1 / total, gradientCheckpointing: false});
+    const r1 = trainer.forwardBackward(big, {lossScale: 1 / total, gradientCheckpointing: false});
     const one = lora.trainableTensors().map((t) => t.grad.slice());
     lora.zeroGrad();
     let lossSum = 0;
     for (const r of rows) {
         const b = collate([r], {padTokenId: 16381});
-        lossSum += trainer.forwardBackward(asTrain(b), {lossScale: 1 / total, gradientCheckpointing: true}).lossSum;
+        lossSum += trainer.forwardBackward(b, {lossScale: 1 / total, gradientCheckpointing: true}).lossSum;
     }
     const acc = lora.trainableTensors().map((t) => t.grad);
     let worst = 0;
@@ -72,7 +69,7 @@ test("packing leaves each sample's loss unchanged (position ids restart, no atte
     const rows = randomRows(5, 23);
     let separate = 0, targets = 0;
     for (const r of rows) {
-        const res = trainer.forwardBackward(asTrain(collate([r], {padTokenId: 16381})), {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        const res = trainer.forwardBackward(collate([r], {padTokenId: 16381}), {lossScale: 0, gradientCheckpointing: false, noBackward: true});
         separate += res.lossSum;
         targets += res.targets;
     }
@@ -80,19 +77,19 @@ test("packing leaves each sample's loss unchanged (position ids restart, no atte
     assert.ok(packed.length < rows.length, "several samples share a row");
     const b = collate(packed, {padTokenId: 16381});
     assert.ok(b.segIds, "packed batches carry segment ids");
-    const res = trainer.forwardBackward(asTrain(b), {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+    const res = trainer.forwardBackward(b, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
     console.log(`${rows.length} samples in ${packed.length} packed rows: loss sum ${res.lossSum.toFixed(5)} vs ${separate.toFixed(5)} separately`);
     // packing drops the first label of each sample, which is a prompt token (-100) here, so the targets are the same
     assert.equal(res.targets, targets);
     assert.ok(Math.abs(res.lossSum - separate) / separate < 1e-5, `${res.lossSum} vs ${separate}`);
     // without segment ids the samples would see each other and the loss would change
-    const leaky = trainer.forwardBackward({...asTrain(b), segIds: null, positionIds: b.positionIds}, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+    const leaky = trainer.forwardBackward({...b, segIds: null, positionIds: b.positionIds}, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
     assert.ok(Math.abs(leaky.lossSum - separate) / separate > 1e-3, "the segment mask matters");
 });
 
 test("dropout masks are replayed when gradient checkpointing recomputes a block", async () => {
     const rows = randomRows(2, 31);
-    const b = asTrain(collate(rows, {padTokenId: 16381}));
+    const b = collate(rows, {padTokenId: 16381});
     const grads = async (checkpointing: boolean) => {
         const {lora, trainer} = await loraModel(0.3);
         const r = trainer.forwardBackward(b, {lossScale: 1 / 50, gradientCheckpointing: checkpointing});
@@ -126,7 +123,7 @@ test("modules_to_save trains full copies of lm_head and embed_tokens: gradients 
         `${all.toLocaleString("en-US")} || trainable%: ${(100 * trainable / all).toFixed(4)}`);
     const trainer = new DecoderTrainer(model);
     const rows = randomRows(1, 41);
-    const b = asTrain(collate(rows, {padTokenId: 16381}));
+    const b = collate(rows, {padTokenId: 16381});
     lora.zeroGrad();
     trainer.forwardBackward(b, {lossScale: 1, gradientCheckpointing: true});
     const loss = () => trainer.forwardBackward(b, {lossScale: 0, gradientCheckpointing: false, noBackward: true}).lossSum;

@@ -21,9 +21,7 @@ export async function evaluateLoss(loaded: LoadedModel, dataPath: string, option
     const loader = new DataLoader(data.rows, {batchSize, padTokenId: padTokenIdOf(loaded.tokenizer), shuffle: false, seed: 0});
     let sum = 0, count = 0;
     for (const {batch} of loader.epoch()) {
-        const r = runner.forwardBackward({B: batch.B, T: batch.T, inputIds: batch.inputIds, labels: batch.labels,
-            attentionMask: batch.attentionMask, positionIds: batch.positionIds, segIds: batch.segIds},
-        {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        const r = runner.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
         sum += r.lossSum;
         count += r.targets;
     }

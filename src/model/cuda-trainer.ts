@@ -7,9 +7,9 @@
 // outputs and rstd, q/k (after RoPE), v, the attention output and lse, h (residual after attention), gate, up
 // and act. LoRA dropout masks are a hash of (seed, layer, projection, step), so recomputation regenerates them.
 import {QloraError} from "../errors.js";
-import {cuda, DeviceBuffer, type DeviceDtype} from "../backend/cuda.js";
+import {cuda, DeviceBuffer} from "../backend/cuda.js";
 import {cudaAttentionOps} from "../backend/cuda-attention-types.js";
-import {cudaGemmOps, type GemmDtype} from "../backend/cuda-gemm-types.js";
+import {cudaGemmOps} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {DenseLinear, type LinearLayer} from "../backend/linear.js";
@@ -606,4 +606,3 @@ export class CudaAdamW {
     }
 }
 
-export type {DeviceDtype, GemmDtype};

@@ -13,7 +13,6 @@ import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {DataLoader, loadDataset, padTokenIdOf, type Batch, type DataOptions, type PreparedDataset} from "../data/index.js";
 import {applyLora, loadAdapter, saveAdapter, trainableParametersLine, type LoraModel} from "../lora/adapter.js";
 import {DecoderModel} from "../model/decoder.js";
-import type {TrainBatch} from "../model/training.js";
 import {LRScheduler, resolveWarmupSteps} from "../optim/schedule.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {HfTokenizer} from "../tokenizer/index.js";
@@ -134,10 +133,6 @@ function resolveSteps(value: number, total: number): number {
     return value < 1 ? Math.max(1, Math.ceil(value * total)) : Math.floor(value);
 }
 
-function toTrainBatch(b: Batch): TrainBatch {
-    return {B: b.B, T: b.T, inputIds: b.inputIds, labels: b.labels, attentionMask: b.attentionMask,
-        positionIds: b.positionIds, segIds: b.segIds};
-}
 
 /** where metrics.jsonl, checkpoints and report.html go; fails early when it cannot be written */
 async function prepareOutputDir(dir: string): Promise<void> {
@@ -268,7 +263,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
             padTokenId: padTokenIdOf(tokenizer), shuffle: false, seed: 0});
         let sum = 0, count = 0;
         for (const {batch} of evalLoader.epoch()) {
-            const r = engine.forwardBackward(toTrainBatch(batch), {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+            const r = engine.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
             sum += r.lossSum;
             count += r.targets;
         }
@@ -298,7 +293,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
         let lossSum = 0, tokens = 0;
         for (const b of micro) {
             if (b.numTargets === 0) continue;
-            const r = engine.forwardBackward(toTrainBatch(b), {lossScale: 1 / numItems,
+            const r = engine.forwardBackward(b, {lossScale: 1 / numItems,
                 gradientCheckpointing: config.gradient_checkpointing});
             lossSum += r.lossSum;
             tokens += b.attentionMask.reduce((a, v) => a + v, 0);

@@ -18,6 +18,7 @@ import {cudaAvailability, DeviceBuffer, type DeviceDtype} from "../../src/backen
 import {cpu} from "../../src/backend/cpu.js";
 import {cudaKernelOps, type CudaKernelOps} from "../../src/backend/cuda-kernels-types.js";
 import {Prng, randn32 as randn} from "../helpers/prng.js";
+import {timeIt} from "../helpers/gpu-timing.js";
 
 // ------------------------------------------------------------------
 // helpers
@@ -153,15 +154,6 @@ function downloadF32(k: CudaKernelOps, ptr: number, n: number): Float32Array {
     return out;
 }
 
-/** seconds per call, after a warm-up call */
-function timeIt(k: CudaKernelOps, fn: () => void, iters = 10): number {
-    fn();
-    k.synchronize();
-    const t0 = performance.now();
-    for (let i = 0; i < iters; i++) fn();
-    k.synchronize();
-    return (performance.now() - t0) / iters / 1e3;
-}
 
 // ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import {cudaKernelOps, type CudaKernelOps} from "../../src/backend/cuda-kernels-
 import {optimizerDynamicMaps} from "../../src/optim/adamw.js";
 import {clipGradNorm} from "../../src/optim/clip.js";
 import {Prng, randn32 as randn} from "../helpers/prng.js";
+import {timeIt} from "../helpers/gpu-timing.js";
 
 
 
@@ -72,14 +73,6 @@ function download<T extends Float32Array | Uint8Array>(k: CudaKernelOps, out: T,
     return out;
 }
 
-function timeIt(k: CudaKernelOps, fn: () => void, iters = 10): number {
-    fn();
-    k.synchronize();
-    const t0 = performance.now();
-    for (let i = 0; i < iters; i++) fn();
-    k.synchronize();
-    return (performance.now() - t0) / iters / 1e3;
-}
 
 const availability = cudaAvailability();
 if (!availability.usable) {
