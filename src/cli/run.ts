@@ -9,14 +9,61 @@ export function debugEnabled(): boolean {
     return process.argv.includes("--debug") || process.env.QLORA_DEBUG === "1";
 }
 
-export function reportError(err: unknown): never {
-    const debug = debugEnabled();
-    if (debug && err instanceof Error && err.stack) console.error(err.stack);
-    else {
-        const message = err instanceof Error ? err.message : String(err);
-        const hint = isQloraError(err) ? "" : pc.dim(" (an internal error: run again with --debug for the stack trace)");
-        console.error(`${pc.red("error:")} ${message.split("\n")[0]}${hint}`);
+/**
+ * Text from files (tensor names, JSON strings, template output) can hold ESC sequences, carriage returns,
+ * backspaces or bidi overrides that would rewrite the user's terminal: every message is printed with those
+ * escaped (\xNN, \u{NNNN}) and on one line.
+ */
+export function escapeForTerminal(text: string): string {
+    return text.replace(/[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, (c) => {
+        if (c === "\n") return "\\n";
+        if (c === "\r") return "\\r";
+        if (c === "\t") return "\\t";
+        const code = c.codePointAt(0)!;
+        return code < 0x100 ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u{${code.toString(16)}}`;
+    });
+}
+
+/** what the operating system's error codes mean for a user, with what to do */
+const SYSTEM_ERRORS: Record<string, string> = {
+    ENOENT: "no such file or folder",
+    EACCES: "permission denied",
+    EPERM: "operation not permitted",
+    ENOSPC: "the disk is full; free some space or write to another disk",
+    EDQUOT: "the disk quota is exceeded; free some space or write to another disk",
+    EROFS: "the file system is read-only; write somewhere else",
+    EISDIR: "expected a file, found a folder",
+    ENOTDIR: "a part of the path is not a folder",
+    ENAMETOOLONG: "the path is too long",
+    ELOOP: "too many levels of symbolic links",
+    EMFILE: "too many open files; raise the limit (ulimit -n)",
+    ENFILE: "too many open files in the system",
+    EIO: "an input/output error (a failing disk or network file system?)",
+    EFBIG: "the file is larger than the file system or ulimit -f allows",
+    ENOMEM: "out of memory",
+};
+
+/**
+ * The one line a failure prints. QloraErrors are written for users already. An operating-system error is
+ * named by its path and meaning; out-of-memory errors of V8 say so. Anything else is a bug in qlora: its
+ * message is kept and the user is pointed at --debug.
+ */
+export function errorLine(err: unknown): string {
+    if (isQloraError(err)) return escapeForTerminal(err.message);
+    const e = err as NodeJS.ErrnoException | undefined;
+    if (e && typeof e === "object" && typeof e.code === "string" && SYSTEM_ERRORS[e.code]) {
+        const where = e.path ? `${e.path}: ` : "";
+        return escapeForTerminal(`${where}${SYSTEM_ERRORS[e.code]} (${e.code}${e.syscall ? ` in ${e.syscall}` : ""})`);
     }
+    const message = err instanceof Error ? err.message : String(err);
+    if (err instanceof RangeError && /Array buffer allocation failed|Invalid (typed )?array length|Invalid string length/.test(message))
+        return escapeForTerminal(`out of memory: ${message}; the input is larger than this machine can hold, or corrupt`);
+    return escapeForTerminal(message) + pc.dim(" (an internal error: run again with --debug for the stack trace)");
+}
+
+export function reportError(err: unknown): never {
+    if (debugEnabled() && err instanceof Error && err.stack) console.error(err.stack);
+    else console.error(`${pc.red("error:")} ${errorLine(err)}`);
     process.exit(1);
 }
 

@@ -1,0 +1,43 @@
+// How the CLI prints a failure: one line, no raw control characters from files, operating-system errors named
+// by path and meaning instead of "internal error".
+import {test} from "node:test";
+import assert from "node:assert/strict";
+import {spawnSync} from "node:child_process";
+import {copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync} from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import {errorLine, escapeForTerminal} from "../src/cli/run.js";
+import {QloraError} from "../src/errors.js";
+import {MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
+
+const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
+const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-errline-"));
+process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
+
+test("control characters, line breaks and bidi overrides are escaped", () => {
+    assert.equal(escapeForTerminal("a\x1b[31mb\rc\bd\ne\u202ef\x9bg"), "a\\x1b[31mb\\rc\\x08d\\ne\\u{202e}f\\x9bg");
+    assert.equal(escapeForTerminal("plain 中文 text"), "plain 中文 text");
+});
+
+test("errors: QloraErrors as written, OS errors by path and meaning, other errors marked internal", () => {
+    assert.equal(errorLine(new QloraError("bad\x1b]0;title\x07", {file: "x.json"})), "x.json: bad\\x1b]0;title\\x07");
+    const enospc = Object.assign(new Error("ENOSPC: no space left on device, write"), {code: "ENOSPC", syscall: "write", path: "/out/f"});
+    assert.equal(errorLine(enospc), "/out/f: the disk is full; free some space or write to another disk (ENOSPC in write)");
+    assert.match(errorLine(new RangeError("Array buffer allocation failed")), /^out of memory: /);
+    assert.match(errorLine(new TypeError("x is undefined")), /^x is undefined.*internal error/);
+});
+
+test("a hostile model_type is printed escaped, on one line", () => {
+    const dir = path.join(tmp, "hostile");
+    mkdirSync(dir);
+    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+        copyFileSync(path.join(MODEL_DIR, f), path.join(dir, f));
+    const cfg = JSON.parse(readFileSync(path.join(dir, "config.json"), "utf8"));
+    cfg.model_type = "evil\x1b[2J\x1b[31m\nsecond line";
+    writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg));
+    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, "inspect", "--model", dir], {encoding: "utf8", cwd: REPO_ROOT});
+    assert.equal(r.status, 1, r.stderr);
+    assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+    assert.doesNotMatch(r.stderr, /\x1b\[2J/);
+    assert.match(r.stderr, /evil\\x1b\[2J/);
+});
