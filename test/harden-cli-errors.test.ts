@@ -41,3 +41,17 @@ test("a hostile model_type is printed escaped, on one line", () => {
     assert.doesNotMatch(r.stderr, /\x1b\[2J/);
     assert.match(r.stderr, /evil\\x1b\[2J/);
 });
+
+test("export gguf with a FIFO named tokenizer.json fails at once instead of hanging", () => {
+    const dir = path.join(tmp, "fifo");
+    mkdirSync(dir);
+    for (const f of ["config.json", "model.safetensors", "tokenizer_config.json"])
+        copyFileSync(path.join(MODEL_DIR, f), path.join(dir, f));
+    assert.equal(spawnSync("mkfifo", [path.join(dir, "tokenizer.json")]).status, 0);
+    const started = Date.now();
+    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, "export", "gguf", "--model", dir, "--out", path.join(tmp, "fifo.gguf")],
+        {encoding: "utf8", cwd: REPO_ROOT, timeout: 60_000});
+    assert.equal(r.status, 1, `exit ${r.status} signal ${r.signal}: ${r.stderr}`);
+    assert.match(r.stderr, /tokenizer\.json: expected a regular file, found a FIFO/);
+    assert.ok(Date.now() - started < 60_000);
+});

@@ -2,9 +2,9 @@
 // (tokenizer.json, tokenizer_config.json, chat_template.jinja, config.json), as convert_hf_to_gguf's
 // _set_vocab_gpt2 + gguf-py's SpecialVocab write it, for GPT-2-style byte-level BPE tokenizers (Qwen2/2.5/3,
 // Llama 3).
-import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import {pathExists, readTextFile} from "./files.js";
 import type {GgufMetadata} from "./gguf.js";
 
 /** llama.cpp token types (llama_token_type) */
@@ -49,15 +49,11 @@ const SPECIAL_ID_KEYS: Record<string, string> = {
 type Json = Record<string, unknown>;
 
 async function readJson(file: string, required: boolean): Promise<Json | null> {
-    let text: string;
-    try {
-        text = await fs.readFile(file, "utf8");
-    } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === "ENOENT" && !required) return null;
-        if ((err as NodeJS.ErrnoException).code === "ENOENT")
-            throw new QloraError("is missing; a GGUF export needs the model's tokenizer.json", {file});
-        throw new QloraError(`cannot read the file: ${(err as Error).message}`, {file});
+    if (!(await pathExists(file))) {
+        if (!required) return null;
+        throw new QloraError("is missing; a GGUF export needs the model's tokenizer.json", {file});
     }
+    const text = await readTextFile(file);
     try {
         const json = JSON.parse(text);
         if (json === null || typeof json !== "object" || Array.isArray(json)) throw new Error("not a JSON object");
@@ -216,11 +212,9 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         }
     }
     if (chatTemplate === null && namedChatTemplates.size === 0) {
-        try {
-            chatTemplate = await fs.readFile(path.join(dir, "chat_template.jinja"), "utf8");
-        } catch {
-            // no template: llama.cpp falls back to its own detection
-        }
+        // no template: llama.cpp falls back to its own detection
+        const file = path.join(dir, "chat_template.jinja");
+        if (await pathExists(file)) chatTemplate = await readTextFile(file, {what: "chat template", maxBytes: 4 << 20});
     }
 
     return {model: "gpt2", pre, tokens: list, tokenTypes, merges, specialIds, addBos: addBos ?? false, addEos,

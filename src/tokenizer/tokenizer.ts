@@ -3,11 +3,12 @@
 // Tokenization itself is @huggingface/tokenizers (pure JS, the tokenizer transformers.js uses); chat templates are
 // rendered with @huggingface/jinja, given the same variables transformers' apply_chat_template passes.
 
-import {promises as fs} from "node:fs";
 import path from "node:path";
 import {Tokenizer} from "@huggingface/tokenizers";
-import {Template} from "@huggingface/jinja";
+import type {Template} from "@huggingface/jinja";
 import {QloraError} from "../errors.js";
+import {readTextFile} from "../io/files.js";
+import {DEFAULT_TEMPLATE_LIMITS, isStackOverflow, parseTemplate, renderTemplate, TemplateLimitError} from "./bounded-template.js";
 
 export const TOKENIZER_FILE_NAME = "tokenizer.json";
 export const TOKENIZER_CONFIG_FILE_NAME = "tokenizer_config.json";
@@ -59,9 +60,20 @@ export interface StreamDecoder {
 const SPECIAL_TOKEN_ROLES = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"] as const;
 
 interface TemplateSource {
+    /** "default", or its name in a tokenizer_config.json list of templates */
+    name: string;
     text: string;
     /** where it came from, for messages */
     origin: string;
+}
+
+// what to do about a template that is too big, too slow or too deep for any real chat template
+const BROKEN_TEMPLATE_ADVICE = "the template is broken or hostile: fix or replace it (e.g. with the one from the model's original repository)";
+
+/** a template's own error message as part of a one-line QloraError: newlines folded, length capped */
+function templateMessage(err: unknown): string {
+    const text = (err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, " ").trim();
+    return text.length > 300 ? text.slice(0, 300) + "…" : text;
 }
 
 export class HfTokenizer {
@@ -110,9 +122,10 @@ export class HfTokenizer {
 
         const templates = readTemplatesFromConfig(config, configPath);
         const templatePath = path.join(dir, CHAT_TEMPLATE_FILE_NAME);
-        const templateFileText = await readOptionalText(templatePath);
+        // UTF-8 takes at most 4 bytes a character; parseTemplate reports a template longer than the limit
+        const templateFileText = await readOptionalText(templatePath, 4 * DEFAULT_TEMPLATE_LIMITS.templateChars);
         // a separate chat_template.jinja is what newer transformers saves, and it wins over the config's copy
-        if (templateFileText !== null) templates.set("default", {text: templateFileText, origin: templatePath});
+        if (templateFileText !== null) templates.set("default", {name: "default", text: templateFileText, origin: templatePath});
 
         let tokenizer: Tokenizer;
         try {
@@ -153,9 +166,13 @@ export class HfTokenizer {
         return this.tokenizer.id_to_token(id) ?? null;
     }
 
-    /** Renders messages with the model's chat template, as transformers' apply_chat_template(tokenize=False) does. */
+    /**
+     * Renders messages with the model's chat template, as transformers' apply_chat_template(tokenize=False) does,
+     * within DEFAULT_TEMPLATE_LIMITS (time, size, depth): the template comes from the model folder and is not trusted.
+     */
     applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
-        const template = this.compileTemplate(options.templateName);
+        const source = this.templateSource(options.templateName);
+        const template = this.compileTemplate(source);
         const variables: Record<string, unknown> = {
             messages,
             add_generation_prompt: options.addGenerationPrompt ?? false,
@@ -163,12 +180,15 @@ export class HfTokenizer {
             ...options.extra
         };
         try {
-            return template.render(variables);
+            return renderTemplate(template, variables);
         } catch (err) {
+            if (err instanceof TemplateLimitError) {
+                throw new QloraError(`the chat template "${source.name}" ${err.message}; ${BROKEN_TEMPLATE_ADVICE}`, {file: source.origin, cause: err});
+            }
             throw new QloraError(
-                `the chat template failed on these messages: ${(err as Error).message} ` +
+                `the chat template failed on these messages: ${templateMessage(err)} ` +
                 "(templates often require alternating user/assistant roles or a particular first role)",
-                {file: this.templateSource(options.templateName).origin, cause: err}
+                {file: source.origin, cause: err}
             );
         }
     }
@@ -259,35 +279,46 @@ export class HfTokenizer {
         );
     }
 
-    private compileTemplate(name: string | undefined): Template {
-        const source = this.templateSource(name);
-        let template = this.compiledTemplates.get(source.origin + "\0" + source.text);
+    private compileTemplate(source: TemplateSource): Template {
+        const key = source.origin + "\0" + source.text;
+        let template = this.compiledTemplates.get(key);
         if (!template) {
             try {
-                template = new Template(source.text);
+                template = parseTemplate(source.text);
             } catch (err) {
+                if (err instanceof TemplateLimitError) {
+                    throw new QloraError(`the chat template "${source.name}" ${err.message}; ${BROKEN_TEMPLATE_ADVICE}`, {file: source.origin, cause: err});
+                }
+                if (isStackOverflow(err)) {
+                    throw new QloraError(
+                        `the chat template "${source.name}" cannot be parsed: it nests brackets or blocks deeper than the ` +
+                        `parser can follow; ${BROKEN_TEMPLATE_ADVICE}`,
+                        {file: source.origin, cause: err}
+                    );
+                }
                 throw new QloraError(
-                    `the chat template cannot be parsed (${(err as Error).message}); it may use Jinja features ` +
+                    `the chat template cannot be parsed (${templateMessage(err)}); it may use Jinja features ` +
                     "@huggingface/jinja does not support — fix the template or pass one that parses",
                     {file: source.origin, cause: err}
                 );
             }
-            this.compiledTemplates.set(source.origin + "\0" + source.text, template);
+            this.compiledTemplates.set(key, template);
         }
         return template;
     }
 }
 
-async function readOptionalText(filePath: string): Promise<string | null> {
+// A missing optional file is null; anything else that stops reading it (a FIFO, a folder, no permission) is an error.
+async function readOptionalText(filePath: string, maxBytes?: number): Promise<string | null> {
     try {
-        return await fs.readFile(filePath, "utf8");
+        return await readTextFile(filePath, {maxBytes});
     } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
+        const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
         if (code === "ENOENT") return null;
         if (code === "ENOTDIR") {
             throw new QloraError("is not a folder; give the model folder that holds tokenizer.json", {file: path.dirname(filePath), cause: err});
         }
-        throw new QloraError(`cannot read the file: ${(err as Error).message}`, {file: filePath, cause: err});
+        throw err;
     }
 }
 
@@ -333,17 +364,17 @@ function readTemplatesFromConfig(config: Record<string, unknown>, configPath: st
         );
     };
     if (typeof value === "string") {
-        templates.set("default", {text: value, origin: configPath});
+        templates.set("default", {name: "default", text: value, origin: configPath});
     } else if (Array.isArray(value)) {
         for (const entry of value) {
             const {name, template} = (entry ?? {}) as {name?: unknown; template?: unknown};
             if (typeof name !== "string" || typeof template !== "string") invalid();
-            templates.set(name as string, {text: template as string, origin: configPath});
+            templates.set(name as string, {name: name as string, text: template as string, origin: configPath});
         }
     } else if (typeof value === "object") {
         for (const [name, template] of Object.entries(value as Record<string, unknown>)) {
             if (typeof template !== "string") invalid();
-            templates.set(name, {text: template as string, origin: configPath});
+            templates.set(name, {name, text: template as string, origin: configPath});
         }
     } else {
         invalid();
