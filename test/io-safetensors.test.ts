@@ -183,11 +183,16 @@ describe("safetensors write/read round trip", () => {
             await checkpoint.close();
         }
 
-        // everything fits: one model.safetensors, and the stale shards and index of the earlier save are removed
-        const single = await writeShardedSafetensors(dir, undefined, tensors, 10_000);
+        // a second save into a folder that already holds weights is refused and deletes nothing (the folder
+        // writers fill fresh temporary folders); everything fits in one file: one model.safetensors, no index
+        const before = (await fs.readdir(dir)).sort();
+        await assert.rejects(writeShardedSafetensors(dir, undefined, tensors, 10_000), /already holds model-00001-of-00003\.safetensors/);
+        assert.deepEqual((await fs.readdir(dir)).sort(), before);
+        const singleDir = path.join(tempDir, "single");
+        const single = await writeShardedSafetensors(singleDir, undefined, tensors, 10_000);
         assert.equal(single.indexFile, null);
-        assert.deepEqual(await fs.readdir(dir), ["model.safetensors"]);
-        const reopened = await SafetensorsCheckpoint.open(dir);
+        assert.deepEqual(await fs.readdir(singleDir), ["model.safetensors"]);
+        const reopened = await SafetensorsCheckpoint.open(singleDir);
         assert.equal(reopened.indexPath, null);
         assert.equal(reopened.names().length, 6);
         await reopened.close();

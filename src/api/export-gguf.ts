@@ -4,12 +4,14 @@
 // PEFT adapter merged in f32 first (W + scaling·B·A); exportGgufLora writes the adapter alone as a llama.cpp LoRA
 // GGUF to apply on top of a base GGUF. The pipeline is SPEC-gguf §8: map names, permute llama's q/k rows,
 // choose a type per tensor, quantize, write (streamed tensor by tensor; temporary name, then rename).
+import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
 import {cpu} from "../backend/cpu.js";
 import type {LinearLayer} from "../backend/linear.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
-import {GgufMetadata, writeGguf, type GgufTensor} from "../io/gguf.js";
+import {assertFileOutput, assertOutputSeparate} from "../io/atomic.js";
+import {GgufMetadata, hasGgufMagic, writeGguf, type GgufTensor} from "../io/gguf.js";
 import {
     encodeTensor, GGUF_FILE_TYPE, GGUF_OUTTYPES, GgmlType, ggmlTypeName, tensorTypeFor, type GgufOuttype,
 } from "../io/gguf-quants.js";
@@ -47,6 +49,8 @@ export interface ExportGgufOptions {
     name?: string;
     /** tokenizer.ggml.pre, when the tokenizer's pre-tokenizer is not recognized */
     preTokenizer?: string;
+    /** replace `out` when it is an existing GGUF file (never any other file) */
+    overwrite?: boolean;
     onProgress?: (p: ExportProgress) => void;
 }
 
@@ -64,6 +68,8 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
     if (!GGUF_OUTTYPES.includes(opts.outtype))
         throw new QloraError(`--outtype ${JSON.stringify(opts.outtype)} is not one of ${GGUF_OUTTYPES.join(", ")}`);
     const dir = resolveModelDir(opts.modelDir);
+    await assertGgufOutput(opts.out, opts.overwrite, [{path: dir, what: "model folder"},
+        ...(opts.adapterDir ? [{path: opts.adapterDir, what: "adapter folder"}] : [])]);
     const cfg = await loadModelConfig(dir);
     const arch = ggufArchFor(cfg);
     // everything that can be checked without the weights is checked before they are read
@@ -144,6 +150,22 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
     }
 }
 
+/**
+ * `out` must not be, or contain, an input folder or any file in one but a GGUF (the weights, config.json, the
+ * tokenizer: it may sit beside them), and an existing `out` is replaced only with `overwrite` and only when it is a
+ * GGUF file. Checked before anything is read, so a refused export is quick.
+ */
+async function assertGgufOutput(out: string, overwrite: boolean | undefined, folders: {path: string; what: string}[]): Promise<void> {
+    const inputs = [...folders];
+    for (const folder of folders) {
+        const names = await fs.readdir(folder.path).catch(() => [] as string[]); // a missing folder is reported later
+        for (const name of names)
+            if (!name.endsWith(".gguf")) inputs.push({path: path.join(folder.path, name), what: `${name} of the ${folder.what}`});
+    }
+    await assertOutputSeparate(out, inputs);
+    await assertFileOutput(out, {overwrite: overwrite ?? false, looksOwned: hasGgufMagic, what: "a GGUF file"});
+}
+
 interface WeightSource {
     /** one tensor as f32 (4-bit weights dequantized); `numel` is checked */
     read(name: string, numel: number): Promise<Float32Array>;
@@ -204,6 +226,8 @@ export interface ExportGgufLoraOptions {
     /** f32 (default, as convert_lora_to_gguf) or f16 */
     outtype?: GgufLoraOuttype;
     name?: string;
+    /** replace `out` when it is an existing GGUF file (never any other file) */
+    overwrite?: boolean;
     onProgress?: (p: ExportProgress) => void;
 }
 
@@ -259,6 +283,7 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
     if (outtype !== "f32" && outtype !== "f16")
         throw new QloraError(`--outtype ${JSON.stringify(outtype)} is not one of f32, f16 for a LoRA adapter`);
     const dir = resolveModelDir(opts.modelDir);
+    await assertGgufOutput(opts.out, opts.overwrite, [{path: opts.adapterDir, what: "adapter folder"}, {path: dir, what: "model folder"}]);
     const cfg = await loadModelConfig(dir);
     const arch = ggufArchFor(cfg);
     const adapterConfig = await readAdapterConfig(opts.adapterDir);

@@ -2,7 +2,7 @@
 export {QloraError} from "../errors.js";
 export {DEFAULT_MODEL_DIR, loadModel, resolveModelDir} from "./models.js";
 export type {LoadedModel, LoadModelOptions} from "./models.js";
-export {fineTune, runTraining, EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA} from "./train.js";
+export {fineTune, runTraining, TrainingInterrupted, EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA} from "./train.js";
 export {TrainConfigSchema, loadTrainConfig, resolveTrainConfig} from "./train-config.js";
 export type {TrainConfig, TrainConfigInput} from "./train-config.js";
 export {evaluateLoss} from "./evaluate.js";

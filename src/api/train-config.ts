@@ -6,8 +6,16 @@ import path from "node:path";
 import {parse as parseYaml} from "yaml";
 import {z} from "zod";
 import {QloraError} from "../errors.js";
+import {OPTIMIZER_NAMES} from "../optim/adamw.js";
+import {SCHEDULER_TYPES} from "../optim/schedule.js";
+import {RESUME_OVERRIDABLE_KEYS, resumeOverrideProblem} from "../train/training-args.js";
 
 const targetModules = z.union([z.array(z.string()).min(1), z.string().min(1)]);
+/** a step count (an integer >= 1), or a ratio of the total steps in (0, 1) as transformers reads these keys */
+const stepsOrRatio = z.number().positive().refine((v) => v < 1 || Number.isInteger(v),
+    "expected an integer step count, or a ratio of the total steps in (0, 1)");
+/** a probability-like coefficient in [0, 1) */
+const unitInterval = z.number().min(0, "expected a number in [0, 1)").lt(1, "expected a number in [0, 1)");
 
 export const TrainConfigSchema = z.object({
     // model and data
@@ -28,11 +36,11 @@ export const TrainConfigSchema = z.object({
         .describe("compute dtype on the GPU (the CPU backend computes in float32)"),
     bnb_4bit_use_double_quant: z.boolean().default(true).describe("quantize the 4-bit scales again (8-bit, block 256)"),
     // LoraConfig
-    r: z.number().int().default(16).describe("LoRA rank"),
-    lora_alpha: z.number().default(32),
+    r: z.number().int().positive("expected a positive integer").default(16).describe("LoRA rank"),
+    lora_alpha: z.number().positive("expected a positive number").default(32),
     target_modules: targetModules.default(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         .describe('module names, a regex (full match) or "all-linear"'),
-    lora_dropout: z.number().default(0.05),
+    lora_dropout: unitInterval.default(0.05),
     bias: z.enum(["none", "all", "lora_only"]).default("none"),
     use_rslora: z.boolean().default(false),
     use_dora: z.boolean().default(false),
@@ -41,33 +49,41 @@ export const TrainConfigSchema = z.object({
     init_lora_weights: z.union([z.boolean(), z.literal("gaussian")]).default(true),
     // TrainingArguments
     output_dir: z.string().default("./qlora_output"),
+    overwrite_output_dir: z.boolean().default(false)
+        .describe("replace an earlier run in output_dir (only its checkpoint-N, final, metrics.jsonl, report.html)"),
     num_train_epochs: z.number().positive().default(3),
-    max_steps: z.number().int().default(-1).describe("total optimizer steps; overrides num_train_epochs when > 0"),
+    max_steps: z.number().int().min(-1).refine((v) => v !== 0, "expected -1 (train num_train_epochs) or a positive step count")
+        .default(-1).describe("total optimizer steps; overrides num_train_epochs when > 0"),
     per_device_train_batch_size: z.number().int().positive().default(4),
     per_device_eval_batch_size: z.number().int().positive().default(8),
     gradient_accumulation_steps: z.number().int().positive().default(1),
     learning_rate: z.number().positive().default(2e-4),
     weight_decay: z.number().min(0).default(0),
-    adam_beta1: z.number().default(0.9),
-    adam_beta2: z.number().default(0.999),
-    adam_epsilon: z.number().default(1e-8),
+    adam_beta1: unitInterval.default(0.9),
+    adam_beta2: unitInterval.default(0.999),
+    adam_epsilon: z.number().positive("expected a positive number (0 divides by zero for parameters without gradient)").default(1e-8),
     max_grad_norm: z.number().min(0).default(1.0).describe("clip the gradient norm (0 disables)"),
-    optim: z.string().default("paged_adamw_8bit").describe("adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit"),
-    lr_scheduler_type: z.string().default("cosine").describe("cosine, linear, constant, constant_with_warmup, ..."),
+    optim: z.enum(OPTIMIZER_NAMES).default("paged_adamw_8bit").describe("adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit"),
+    lr_scheduler_type: z.enum(SCHEDULER_TYPES).default("cosine").describe("cosine, linear, constant, constant_with_warmup, ..."),
     warmup_ratio: z.number().min(0).max(1).default(0.03),
-    warmup_steps: z.number().min(0).default(0).describe("warmup steps (overrides warmup_ratio when > 0)"),
+    warmup_steps: z.number().min(0).refine((v) => v < 1 || Number.isInteger(v),
+        "expected an integer step count, or a ratio of the total steps in (0, 1)").default(0).describe("warmup steps (overrides warmup_ratio when > 0)"),
     fp16: z.boolean().default(false),
     bf16: z.boolean().default(true).describe("bf16 compute on the GPU (the CPU backend computes in float32)"),
     gradient_checkpointing: z.boolean().default(true),
     gradient_checkpointing_offload: z.boolean().default(false)
         .describe("GPU: keep the checkpointed block inputs in host memory (less GPU memory, slower)"),
-    logging_steps: z.number().positive().default(10),
-    eval_steps: z.number().positive().nullable().default(null).describe("evaluate every N steps (default: logging_steps, when an eval set is given)"),
-    save_steps: z.number().positive().default(500),
+    logging_steps: stepsOrRatio.default(10),
+    eval_steps: stepsOrRatio.nullable().default(null).describe("evaluate every N steps (default: logging_steps, when an eval set is given)"),
+    save_steps: stepsOrRatio.default(500),
     save_total_limit: z.number().int().positive().nullable().default(null),
     seed: z.number().int().default(42),
     resume_from_checkpoint: z.union([z.boolean(), z.string()]).default(false)
         .describe("true: the latest checkpoint-N in output_dir; or a checkpoint folder"),
+    resume_override: z.array(z.string()).default([]).superRefine((names, ctx) => {
+        const problem = resumeOverrideProblem(names);
+        if (problem) ctx.addIssue({code: "custom", message: problem});
+    }).describe(`settings that may change on resume: ${RESUME_OVERRIDABLE_KEYS.join(", ")}`),
     // qlora's own
     device: z.enum(["auto", "cpu", "cuda"]).default("auto"),
     threads: z.number().int().positive().nullable().default(null).describe("CPU threads (default: all cores)"),
@@ -146,7 +162,7 @@ export function parseFlags(args: string[]): Record<string, unknown> {
 
 function coerce(key: keyof TrainConfig, value: string): unknown {
     if (value === "null" || value === "none" && key !== "bias") return null;
-    if (key === "target_modules" || key === "modules_to_save") {
+    if (key === "target_modules" || key === "modules_to_save" || key === "resume_override") {
         if (key === "target_modules" && (value === "all-linear" || /[\\^$*+?()[\]{}|]/.test(value))) return value;
         return value.split(",").map((s) => s.trim()).filter(Boolean);
     }

@@ -2,6 +2,8 @@
 import path from "node:path";
 import {packageRoot} from "../backend/native.js";
 import {train, type TrainerConfig, type TrainReporter, type TrainResult} from "../train/trainer.js";
+
+export {TrainingInterrupted} from "../train/trainer.js";
 import {resolveTrainConfig, type TrainConfigInput} from "./train-config.js";
 import {DEFAULT_MODEL_DIR, resolveModelDir} from "./models.js";
 
@@ -16,7 +18,9 @@ export function runTraining(config: TrainerConfig, reporter: TrainReporter = {})
 
 /**
  * Fine-tunes with a typed config (the keys of `qlora train`); missing keys take the CLI's defaults, the model
- * defaults to the embedded tiny-qwen2 and the data to the example data.
+ * defaults to the embedded tiny-qwen2 and the data to the example data. While it runs, output_dir is locked, and a
+ * SIGINT/SIGTERM makes it finish the step, save a checkpoint and reject with TrainingInterrupted (a second signal
+ * exits the process); the signal handlers are removed when it returns.
  */
 export async function fineTune(input: TrainConfigInput = {}, reporter: TrainReporter = {}): Promise<TrainResult> {
     const config = resolveTrainConfig(input as Record<string, unknown>, "fineTune()");

@@ -1,11 +1,12 @@
 // gguf.ts: a GGUF v3 writer (SPEC-gguf §1): header, typed metadata, tensor infos, then the tensor data, each
 // tensor padded to the alignment. Tensor data is pulled from the caller one tensor (or one chunk) at a time and
 // streamed to the file, so a model of many GB never sits in memory; the file is written under a temporary name
-// and renamed when complete, and any failure (a full disk included) removes it and names the file.
+// (atomic.ts) and renamed when complete, and any failure (a full disk included) removes it and names the file.
 import {promises as fs} from "node:fs";
 import type {FileHandle} from "node:fs/promises";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import {createAtomicFile, recoverInterruptedWrites} from "./atomic.js";
 import {GGML_TYPE_TRAITS, ggmlTensorBytes, ggmlTypeName, type GgmlType} from "./gguf-quants.js";
 
 export const GGUF_MAGIC = 0x46554747; // "GGUF" little-endian
@@ -282,9 +283,15 @@ function isChunkIterable(d: GgufTensorData): d is Iterable<Uint8Array> | AsyncIt
 }
 
 
+/** true when `head` (a file's first bytes) starts with the GGUF magic: what `--overwrite` may replace */
+export function hasGgufMagic(head: Uint8Array): boolean {
+    return head.length >= 4 && (head[0] | (head[1] << 8) | (head[2] << 16) | (head[3] << 24)) >>> 0 === GGUF_MAGIC;
+}
+
 /**
- * Writes a GGUF file: `${file}.tmp-<pid>` first, renamed to `file` once every byte is on disk. On any failure the
- * temporary file is removed and a QloraError names `file` (a full disk says so).
+ * Writes a GGUF file: an exclusive temporary beside `file` first (atomic.ts), renamed to `file` once every byte is
+ * on disk. On any failure the temporary file is removed and a QloraError names `file` (a full disk says so). An
+ * existing `file` is replaced: callers that take the path from a user check it first (assertFileOutput).
  */
 export async function writeGguf(file: string, content: GgufContent, opts: WriteGgufOptions = {}): Promise<WriteGgufResult> {
     const alignment = content.alignment ?? GGUF_DEFAULT_ALIGNMENT;
@@ -295,11 +302,12 @@ export async function writeGguf(file: string, content: GgufContent, opts: WriteG
     } catch (err) {
         throw new QloraError(`cannot create the folder: ${(err as Error).message}`, {file: dir, cause: err});
     }
-    const tmp = `${file}.tmp-${process.pid}`;
-    let fh: FileHandle | null = null;
+    // temporaries an earlier, killed write of this file left behind (they can be many GB)
+    await recoverInterruptedWrites(dir, path.basename(file));
+    const out = await createAtomicFile(file);
+    const fh = out.handle;
     let written = 0;
     try {
-        fh = await fs.open(tmp, "w");
         await writeAll(fh, header);
         written += header.length;
         const zeros = new Uint8Array(alignment);
@@ -310,7 +318,7 @@ export async function writeGguf(file: string, content: GgufContent, opts: WriteG
             const put = async (chunk: Uint8Array) => {
                 if (got + chunk.length > bytes)
                     throw new Error(`tensor "${tensor.name}" produced more than its ${bytes} bytes`);
-                await writeAll(fh!, chunk);
+                await writeAll(fh, chunk);
                 got += chunk.length;
                 written += chunk.length;
             };
@@ -324,13 +332,9 @@ export async function writeGguf(file: string, content: GgufContent, opts: WriteG
             }
             opts.onTensor?.(i, tensor, bytes);
         }
-        await fh.sync();
-        await fh.close();
-        fh = null;
-        await fs.rename(tmp, file);
+        await out.commit();
     } catch (err) {
-        if (fh) await fh.close().catch(() => undefined);
-        await fs.rm(tmp, {force: true}).catch(() => undefined);
+        await out.abort();
         if (err instanceof QloraError) throw err;
         const code = (err as NodeJS.ErrnoException).code ?? "";
         const at = `${code} after ${formatBytes(written)} of the GGUF file`;

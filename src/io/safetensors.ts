@@ -9,9 +9,12 @@
 // All typed-array views assume a little-endian host (every platform Node ships for), which is the byte order
 // safetensors stores.
 
+import {constants as bufferConstants} from "node:buffer";
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import {openRegularFile, readTextFile} from "./files.js";
+import {createAtomicFile, writeFileAtomic} from "./atomic.js";
 
 // ------------------------------------------------------------------
 // dtypes
@@ -53,6 +56,9 @@ export interface TensorToWrite {
 
 /** safetensors' own limit (MAX_HEADER_SIZE in the Rust crate); anything larger is corruption, not a model */
 const MAX_HEADER_BYTES = 100_000_000;
+
+/** the largest typed array Node.js allocates (buffer.constants.MAX_LENGTH: 4 GiB on 64-bit Node 20) */
+const MAX_TENSOR_BYTES = bufferConstants.MAX_LENGTH;
 
 /** one read or write call moves at most this much: the OS caps a single call just below 2 GiB */
 const IO_CHUNK_BYTES = 1 << 30;
@@ -254,6 +260,9 @@ function parseHeader(header: unknown, file: string, dataStart: number, dataSize:
         }
         const [begin, end] = dataOffsets as [number, number];
         const expectedBytes = shapeNumel(shape) * SAFETENSORS_DTYPE_SIZES[dtype];
+        if (!Number.isSafeInteger(expectedBytes)) {
+            throw new QloraError(`tensor "${name}" has shape ${formatShape(shape)}, too large to be stored in any file: the header is corrupt`, {file});
+        }
         if (end - begin !== expectedBytes) {
             throw new QloraError(
                 `tensor "${name}" is ${dtype} ${formatShape(shape)} (${expectedBytes} bytes) but its data_offsets ` +
@@ -318,16 +327,12 @@ export class SafetensorsFile {
         this.metadata = Object.freeze(header.metadata);
     }
 
-    /** Opens the file and reads and validates its header only; tensor data is read on demand. */
+    /**
+     * Opens the file and reads and validates its header only; tensor data is read on demand. A FIFO, device or
+     * folder is refused at once (openRegularFile), so a hostile model folder cannot make loading hang.
+     */
     static async open(filePath: string): Promise<SafetensorsFile> {
-        let handle: fs.FileHandle;
-        try {
-            handle = await fs.open(filePath, "r");
-        } catch (err) {
-            const code = (err as NodeJS.ErrnoException).code;
-            const reason = code === "ENOENT" ? "no such file" : code === "EISDIR" ? "is a folder, not a file" : String((err as Error).message);
-            throw new QloraError(`cannot open safetensors file: ${reason}`, {file: filePath, cause: err});
-        }
+        const {handle} = await openRegularFile(filePath, "safetensors file");
         try {
             const header = await readHeader(handle, filePath);
             return new SafetensorsFile(filePath, handle, header);
@@ -362,6 +367,13 @@ export class SafetensorsFile {
     /** Reads exactly this tensor's bytes into a fresh buffer (offset 0, so any typed-array view is aligned). */
     async readBytes(name: string): Promise<Uint8Array<ArrayBuffer>> {
         const info = this.info(name);
+        if (info.byteLength > MAX_TENSOR_BYTES) {
+            throw new QloraError(
+                `tensor "${name}" is ${info.byteLength} bytes, more than the ${MAX_TENSOR_BYTES} one buffer can hold in ` +
+                "Node.js; qlora cannot load a single tensor this large",
+                {file: this.path}
+            );
+        }
         const bytes = new Uint8Array(info.byteLength);
         await readFully(this.openHandle(), bytes, info.dataOffset, this.path, `tensor "${name}"`);
         return bytes;
@@ -686,9 +698,10 @@ async function pathExists(filePath: string): Promise<boolean> {
 }
 
 async function readIndexWeightMap(indexPath: string): Promise<Map<string, string>> {
+    const text = await readTextFile(indexPath, {what: "safetensors index"});
     let index: unknown;
     try {
-        index = JSON.parse(await fs.readFile(indexPath, "utf8"));
+        index = JSON.parse(text);
     } catch (err) {
         throw new QloraError(`cannot read the index as JSON (${(err as Error).message}); re-download it`, {file: indexPath, cause: err});
     }
@@ -769,36 +782,30 @@ function encodeHeader(tensors: readonly TensorToWrite[], metadata: Record<string
 }
 
 /**
- * Writes a safetensors file: streams each tensor to a temporary file next to `filePath`, then renames it into
- * place, so a crash or error never leaves a half-written file under the real name.
+ * Writes a safetensors file: streams each tensor to an exclusive temporary file next to `filePath` (atomic.ts),
+ * then renames it into place, so a crash or error never leaves a half-written file under the real name.
  */
 export async function writeSafetensors(filePath: string, tensors: readonly TensorToWrite[], metadata?: Record<string, string>): Promise<void> {
     validateTensorsToWrite(tensors, filePath);
     validateMetadata(metadata, filePath);
     const header = encodeHeader(tensors, metadata);
-    const tempPath = `${filePath}.tmp-${process.pid}`;
-    let handle: fs.FileHandle | null = null;
+    const out = await createAtomicFile(filePath);
     try {
-        handle = await fs.open(tempPath, "w");
         const lengthField = Buffer.alloc(8);
         lengthField.writeBigUInt64LE(BigInt(header.length));
-        await writeFully(handle, lengthField, 0);
-        await writeFully(handle, header, 8);
+        await writeFully(out.handle, lengthField, 0);
+        await writeFully(out.handle, header, 8);
         let position = 8 + header.length;
         for (const tensor of tensors) {
-            await writeFully(handle, bytesOf(tensor.data), position);
+            await writeFully(out.handle, bytesOf(tensor.data), position);
             position += tensor.data.byteLength;
         }
-        await handle.sync();
-        await handle.close();
-        handle = null;
-        await fs.rename(tempPath, filePath);
     } catch (err) {
-        if (handle) await handle.close().catch(() => undefined);
-        await fs.rm(tempPath, {force: true}).catch(() => undefined);
+        await out.abort();
         if (err instanceof QloraError) throw err;
         throw new QloraError(`cannot write the file: ${(err as Error).message}`, {file: filePath, cause: err});
     }
+    await out.commit();
 }
 
 export interface ShardedWriteResult {
@@ -814,8 +821,9 @@ export interface ShardedWriteResult {
  * Writes a checkpoint the way transformers' save_pretrained does: `model.safetensors` when everything fits in
  * `maxShardBytes`, else `model-00001-of-0000N.safetensors`… plus `model.safetensors.index.json`
  * (`{metadata: {total_size}, weight_map}`, keys sorted, indent 2). Shards are filled greedily in the given order;
- * a tensor larger than the limit gets a shard of its own. Stale files of an earlier save with another layout are
- * removed afterwards, because transformers prefers `model.safetensors` over an index when both exist.
+ * a tensor larger than the limit gets a shard of its own. The folder must not hold weights of that name already:
+ * a save over an earlier one would mix the two (transformers prefers `model.safetensors` over an index), and
+ * removing the earlier files could delete the user's model. Write into a fresh folder (writeDirAtomic's).
  */
 export async function writeShardedSafetensors(
     dir: string,
@@ -828,7 +836,19 @@ export async function writeShardedSafetensors(
         throw new QloraError(`maximum shard size must be a positive number of bytes, got ${maxShardBytes}`, {file: dir});
     }
     validateTensorsToWrite(tensors, dir);
-    await fs.mkdir(dir, {recursive: true});
+    const singleName = `${baseName}.safetensors`;
+    const indexName = `${baseName}.safetensors.index.json`;
+    const shardPattern = new RegExp(`^${escapeRegExp(baseName)}-\\d{5}-of-\\d{5}\\.safetensors$`);
+    try {
+        await fs.mkdir(dir, {recursive: true});
+        const earlier = (await fs.readdir(dir)).filter((entry) => entry === singleName || entry === indexName || shardPattern.test(entry));
+        if (earlier.length > 0)
+            throw new QloraError(`already holds ${earlier.sort()[0]}${earlier.length > 1 ? ` and ${earlier.length - 1} more weight files` : ""} ` +
+                "of an earlier save; write the checkpoint into a new folder (qlora does not mix or delete weight files)", {file: dir});
+    } catch (err) {
+        if (err instanceof QloraError) throw err;
+        throw new QloraError(`cannot write into the folder: ${(err as Error).message}`, {file: dir, cause: err});
+    }
 
     const shards: TensorToWrite[][] = [];
     let current: TensorToWrite[] = [];
@@ -847,14 +867,9 @@ export async function writeShardedSafetensors(
     }
     if (current.length > 0 || shards.length === 0) shards.push(current);
 
-    const singleName = `${baseName}.safetensors`;
-    const indexName = `${baseName}.safetensors.index.json`;
-    const shardPattern = new RegExp(`^${escapeRegExp(baseName)}-\\d{5}-of-\\d{5}\\.safetensors$`);
-
     if (shards.length === 1) {
         const filePath = path.join(dir, singleName);
         await writeSafetensors(filePath, shards[0], metadata);
-        await removeStaleFiles(dir, (entry) => entry === indexName || shardPattern.test(entry));
         return {files: [filePath], indexFile: null, totalSize};
     }
 
@@ -868,29 +883,10 @@ export async function writeShardedSafetensors(
     const sortedWeightMap: Record<string, string> = {};
     for (const name of Object.keys(weightMap).sort()) sortedWeightMap[name] = weightMap[name];
     const indexPath = path.join(dir, indexName);
-    await writeTextAtomically(indexPath, JSON.stringify({metadata: {total_size: totalSize}, weight_map: sortedWeightMap}, null, 2) + "\n");
-    const written = new Set(shardNames);
-    await removeStaleFiles(dir, (entry) => entry === singleName || (shardPattern.test(entry) && !written.has(entry)));
+    await writeFileAtomic(indexPath, JSON.stringify({metadata: {total_size: totalSize}, weight_map: sortedWeightMap}, null, 2) + "\n");
     return {files: shardNames.map((name) => path.join(dir, name)), indexFile: indexPath, totalSize};
 }
 
 function escapeRegExp(text: string): string {
     return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-}
-
-async function removeStaleFiles(dir: string, isStale: (entry: string) => boolean): Promise<void> {
-    for (const entry of await fs.readdir(dir)) {
-        if (isStale(entry)) await fs.rm(path.join(dir, entry), {force: true});
-    }
-}
-
-async function writeTextAtomically(filePath: string, text: string): Promise<void> {
-    const tempPath = `${filePath}.tmp-${process.pid}`;
-    try {
-        await fs.writeFile(tempPath, text, "utf8");
-        await fs.rename(tempPath, filePath);
-    } catch (err) {
-        await fs.rm(tempPath, {force: true}).catch(() => undefined);
-        throw new QloraError(`cannot write the file: ${(err as Error).message}`, {file: filePath, cause: err});
-    }
 }

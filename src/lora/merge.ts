@@ -7,11 +7,11 @@
 //    so the merged model differs from the trained one by the quantization error.
 //  - "nf4": dequant(NF4(W)) + delta, exactly the weights the adapter saw in training, stored in 16 bits. The
 //    merged model then behaves like the trained QLoRA model, at the cost of carrying the 4-bit rounding of W.
-import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
 import {cpu, f32ToHalf, halfToF32} from "../backend/cpu.js";
-import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
+import {assertDirOutput, assertOutputSeparate, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
+import {pathExists, readRegularFile} from "../io/files.js";
 import {loadModelConfig} from "../io/hf-config.js";
 import {SafetensorsCheckpoint, SafetensorsFile, writeShardedSafetensors, type TensorToWrite} from "../io/safetensors.js";
 import {expectedTensors, readTensorF32} from "../model/weights.js";
@@ -27,7 +27,12 @@ export interface MergeOptions {
     /** merge into the dequantized NF4 base the adapter was trained on, instead of the 16-bit weights */
     againstNf4?: boolean;
     maxShardBytes?: number;
+    /** replace `out` when it is a folder an earlier qlora merge wrote (never any other folder) */
+    overwrite?: boolean;
 }
+
+/** the kind in the marker of a merged model folder: `--overwrite` replaces only folders of this kind */
+export const MERGED_MODEL_KIND = "merged-model";
 
 const EXTRA_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"];
@@ -95,6 +100,11 @@ async function readAdapterPairs(adapterDir: string, full: Map<string, Float32Arr
 
 export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; merged: number; tensors: number}> {
     const dtype = opts.dtype ?? "bf16";
+    const out = path.resolve(opts.out);
+    // the output is checked before anything is read: a refused merge is quick, and never touches its inputs
+    await assertOutputSeparate(out, [{path: opts.model, what: "base model folder"}, {path: opts.adapter, what: "adapter folder"}]);
+    const outputPolicy = {replace: opts.overwrite ? "owned" : "never", kind: MERGED_MODEL_KIND, overwriteHint: "--overwrite"} as const;
+    await assertDirOutput(out, outputPolicy);
     const cfg = await loadModelConfig(opts.model);
     if (cfg.quantizationConfig)
         throw new QloraError("the base is a pre-quantized 4-bit checkpoint; merge into its original 16-bit model " +
@@ -163,7 +173,6 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
         await ckpt.close();
     }
     if (merged !== pairs.size) throw new QloraError(`only ${merged} of the adapter's ${pairs.size} modules were merged`);
-    const out = path.resolve(opts.out);
     await writeDirAtomic(out, async (tmp) => {
         await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {format: "pt",
             qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
@@ -174,12 +183,10 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
         delete (config as Record<string, unknown>).quantization_config;
         await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
         for (const f of EXTRA_FILES) {
-            try {
-                await fs.copyFile(path.join(opts.model, f), path.join(tmp, f));
-            } catch (err) {
-                if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
-            }
+            const source = path.join(opts.model, f);
+            // read through files.ts: a FIFO or a folder under a tokenizer file's name is an error, not a hang
+            if (await pathExists(source)) await writeFileAtomic(path.join(tmp, f), await readRegularFile(source, {what: f}));
         }
-    });
+    }, outputPolicy);
     return {out, merged, tensors: tensors.length};
 }

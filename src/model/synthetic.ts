@@ -1,9 +1,9 @@
 // synthetic.ts: writes Hugging Face checkpoints with random weights for any architecture size (tests of
 // configurations the embedded model does not have, and benchmarks of 0.5B / 7B shapes without a download).
-import {promises as fs} from "node:fs";
 import path from "node:path";
 import {Rng} from "../backend/rng.js";
 import {f32ToHalf} from "../backend/cpu.js";
+import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {parseModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {writeShardedSafetensors, type TensorToWrite} from "../io/safetensors.js";
 import {expectedTensors} from "./weights.js";
@@ -22,9 +22,7 @@ export interface SyntheticOptions {
 
 /** writes config.json + safetensors with N(0, std) weights, norms around 1 and small biases; returns the config */
 export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptions): Promise<ModelConfig> {
-    await fs.mkdir(dir, {recursive: true});
-    const configFile = path.join(dir, "config.json");
-    const cfg = parseModelConfig(opts.config, configFile);
+    const cfg = parseModelConfig(opts.config, path.join(dir, "config.json"));
     const rng = new Rng(opts.seed ?? 0);
     const std = opts.std ?? 0.02;
     const dtype = opts.dtype ?? "BF16";
@@ -53,13 +51,10 @@ export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptio
         }
         tensors.push({name, dtype, shape, data: dtype === "F32" ? values : f32ToHalf(values, dtype)});
     }
-    await writeShardedSafetensors(dir, "model", tensors, opts.maxShardBytes ?? 4 * 2 ** 30, {format: "pt"});
-    await writeFileAtomic(configFile, JSON.stringify(opts.config, null, 2) + "\n");
+    // a fresh folder swapped into place (an existing `dir` must be empty or an earlier synthetic checkpoint)
+    await writeDirAtomic(dir, async (tmp) => {
+        await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 4 * 2 ** 30, {format: "pt"});
+        await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(opts.config, null, 2) + "\n");
+    }, {replace: "owned", kind: "synthetic-model"});
     return cfg;
-}
-
-async function writeFileAtomic(file: string, text: string): Promise<void> {
-    const tmp = `${file}.tmp-${process.pid}`;
-    await fs.writeFile(tmp, text);
-    await fs.rename(tmp, file);
 }

@@ -9,6 +9,7 @@
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {
     SafetensorsCheckpoint, writeShardedSafetensors, type SafetensorsDtype, type ShardedWriteResult, type TensorToWrite
 } from "../io/safetensors.js";
@@ -277,7 +278,8 @@ export interface WriteBnb4bitOptions {
 /**
  * Writes a `*-bnb-4bit` checkpoint as transformers' save_pretrained does: config.json with quantization_config
  * and model.safetensors (sharded above maxShardBytes) with `__metadata__` {"format": "pt"}, tensors in the
- * Python writer's order, so a single-file checkpoint is byte-identical to one bnb/transformers saved.
+ * Python writer's order, so a single-file checkpoint is byte-identical to one bnb/transformers saved. The folder
+ * is written atomically (io/atomic.ts): an existing `dir` must be empty or an earlier checkpoint of this writer.
  */
 export async function writeBnb4bitCheckpoint(dir: string, options: WriteBnb4bitOptions): Promise<ShardedWriteResult> {
     const tensors: TensorToWrite[] = [...options.dense];
@@ -290,19 +292,17 @@ export async function writeBnb4bitCheckpoint(dir: string, options: WriteBnb4bitO
                 `the quantization config says bnb_4bit_use_double_quant ${options.quantization.bnb_4bit_use_double_quant}`, {file: dir});
         tensors.push(...quantStateTensors(name, state));
     }
-    const result = await writeShardedSafetensors(dir, "model", safetensorsWriteOrder(tensors),
-        options.maxShardBytes ?? 5_000_000_000, {format: "pt"});
     const config: Record<string, unknown> = {...options.config, quantization_config: quantizationConfigToJson(options.quantization)};
     const sorted: Record<string, unknown> = {};
     for (const key of Object.keys(config).sort()) sorted[key] = config[key];
-    const configFile = path.join(dir, "config.json");
-    const tmp = `${configFile}.tmp-${process.pid}`;
-    try {
-        await fs.writeFile(tmp, JSON.stringify(sorted, null, 2) + "\n", "utf8");
-        await fs.rename(tmp, configFile);
-    } catch (err) {
-        await fs.rm(tmp, {force: true}).catch(() => undefined);
-        throw new QloraError(`cannot write the file: ${(err as Error).message}`, {file: configFile, cause: err});
-    }
-    return result;
+    let written: ShardedWriteResult | undefined;
+    // a fresh folder swapped into place: never a mix with (or the deletion of) files already in `dir`
+    await writeDirAtomic(dir, async (tmp) => {
+        written = await writeShardedSafetensors(tmp, "model", safetensorsWriteOrder(tensors),
+            options.maxShardBytes ?? 5_000_000_000, {format: "pt"});
+        await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(sorted, null, 2) + "\n");
+    }, {replace: "owned", kind: "bnb-4bit-model"});
+    const inDir = (file: string) => path.join(dir, path.basename(file));
+    return {files: written!.files.map(inDir), indexFile: written!.indexFile && inDir(written!.indexFile),
+        totalSize: written!.totalSize};
 }

@@ -3,13 +3,14 @@
 // 8-bit, paged), LR schedules, logging, evaluation, checkpoints with exact resume, and the final adapter.
 //
 // It prints nothing: events go to a TrainReporter (the CLI prints them) and to output_dir/metrics.jsonl.
-import {promises as fs} from "node:fs";
+import {constants as fsConstants, promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
 import {cpu} from "../backend/cpu.js";
 import {resolveDevice} from "../backend/cuda.js";
 import {Rng} from "../backend/rng.js";
-import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
+import {assertDirOutput, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
+import {readTextFile} from "../io/files.js";
 import {DataLoader, loadDataset, padTokenIdOf, type Batch, type DataOptions, type PreparedDataset} from "../data/index.js";
 import {applyLora, loadAdapter, saveAdapter, trainableParametersLine, type LoraModel} from "../lora/adapter.js";
 import {DecoderModel} from "../model/decoder.js";
@@ -17,11 +18,19 @@ import {LRScheduler, resolveWarmupSteps} from "../optim/schedule.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {HfTokenizer} from "../tokenizer/index.js";
 import {
-    CHECKPOINT_PREFIX, copyTokenizerFiles, loadCheckpointState, resolveResumeDir, rotateCheckpoints, saveCheckpoint,
-    type TrainerState,
+    CHECKPOINT_KIND, CHECKPOINT_PREFIX, checkpointStep, copyTokenizerFiles, FINAL_ADAPTER_KIND, listCheckpoints,
+    loadCheckpointState, readCheckpointTrainingArgs, resolveResumeDir, rotateCheckpoints, saveCheckpoint, type TrainerState,
 } from "./checkpoint.js";
 import {createEngine} from "./engine.js";
+import {checkOutputPolicy, markOutputDir, openOutputDir, removeEarlierRun, type OutputDir} from "./output-dir.js";
 import {writeReport, type MetricRecord} from "./report.js";
+import {StopRequest, TrainingInterrupted, type StopSignal} from "./stop.js";
+import {
+    checkResumeData, checkResumeSettings, dataFingerprint, resumeOverrideProblem, trainingArgsOf, type ConfigChange,
+    type SavedTrainingArgs,
+} from "./training-args.js";
+
+export {TrainingInterrupted} from "./stop.js";
 
 /** the trainer's settings: the seed's names (a TrainConfig from src/api satisfies it) */
 export interface TrainerConfig {
@@ -73,6 +82,10 @@ export interface TrainerConfig {
     save_total_limit: number | null;
     seed: number;
     resume_from_checkpoint: boolean | string;
+    /** replace an earlier run in output_dir (its checkpoint-N, final, metrics.jsonl, report.html; nothing else) */
+    overwrite_output_dir?: boolean;
+    /** settings that may differ from the resumed checkpoint's (max_steps, learning_rate, ...: RESUME_OVERRIDABLE_KEYS) */
+    resume_override?: string[];
     device: "auto" | "cpu" | "cuda";
     threads: number | null;
 }
@@ -90,6 +103,8 @@ export interface TrainStartInfo {
     startStep: number;
     effectiveBatch: number;
     resumedFrom: string | null;
+    /** settings that differ from the resumed checkpoint's, applied because resume_override names them */
+    overrides: ConfigChange[];
 }
 
 export interface TrainLogRecord {
@@ -116,6 +131,8 @@ export interface TrainReporter {
     onEval?(rec: {step: number; eval_loss: number; eval_perplexity: number; eval_tokens: number}): void;
     onSave?(dir: string, removed: string[]): void;
     onWarning?(message: string): void;
+    /** a first SIGINT/SIGTERM: the run finishes its step, saves a checkpoint and stops */
+    onStopping?(signal: StopSignal): void;
 }
 
 export interface TrainResult {
@@ -133,29 +150,139 @@ function resolveSteps(value: number, total: number): number {
     return value < 1 ? Math.max(1, Math.ceil(value * total)) : Math.floor(value);
 }
 
+/** the longest row's length: a loop, since spreading a million rows into Math.max overflows the call stack */
+export function longestRow(rows: readonly {inputIds: ArrayLike<number>}[]): number {
+    let longest = 0;
+    for (const row of rows) if (row.inputIds.length > longest) longest = row.inputIds.length;
+    return longest;
+}
 
-/** where metrics.jsonl, checkpoints and report.html go; fails early when it cannot be written */
-async function prepareOutputDir(dir: string): Promise<void> {
+/** lets the event loop run (signals, I/O) between the synchronous compute of micro-batches */
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/**
+ * metrics.jsonl of the run being resumed, up to its checkpoint's step. A line that does not parse (a kill
+ * mid-append leaves a partial last line) is dropped with a warning; every other record is kept.
+ */
+export async function readMetricsForResume(file: string, upToStep: number, warn: (message: string) => void): Promise<MetricRecord[]> {
+    let text: string;
     try {
-        await fs.mkdir(dir, {recursive: true});
-        const probe = path.join(dir, `.write-test-${process.pid}`);
-        await fs.writeFile(probe, "");
-        await fs.rm(probe);
-        // temporary folders of a run that was killed while saving (never valid checkpoints)
-        for (const name of await fs.readdir(dir))
-            if (/^\..+\.(tmp|old)-\d+$/.test(name)) await fs.rm(path.join(dir, name), {recursive: true, force: true});
+        text = await readTextFile(file, {what: "metrics file"});
     } catch (err) {
-        throw new QloraError(`the output folder cannot be written (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); ` +
-            "choose another output_dir", {file: dir});
+        if (((err as Error).cause as NodeJS.ErrnoException | undefined)?.code === "ENOENT") return [];
+        throw err;
     }
+    const records: MetricRecord[] = [];
+    const bad: number[] = [];
+    text.split("\n").forEach((line, i) => {
+        if (line.trim() === "") return;
+        try {
+            const rec = JSON.parse(line) as MetricRecord;
+            if (typeof rec !== "object" || rec === null || typeof rec.type !== "string") throw new Error("not a record");
+            records.push(rec);
+        } catch {
+            bad.push(i + 1);
+        }
+    });
+    if (bad.length > 0)
+        warn(`${file}: dropped ${bad.length} line${bad.length === 1 ? "" : "s"} that ${bad.length === 1 ? "is" : "are"} not a ` +
+            `JSON record (line ${bad.slice(0, 3).join(", ")}${bad.length > 3 ? ", ..." : ""}: cut short by a kill?); kept the other ${records.length}`);
+    // the run goes on from the checkpoint: an "end" of an earlier finish of it is no longer the end
+    return records.filter((r) => r.type === "start" || (r.type !== "end" && typeof r.step === "number" && r.step <= upToStep));
+}
+
+/** what is known when the loss or the gradient norm is not finite, to say what caused it */
+export interface DivergenceFacts {
+    what: "loss" | "gradient norm";
+    value: number;
+    step: number;
+    /** the first step this process computes (global_step + 1 at the start, after a resume) */
+    firstStepHere: number;
+    resumedFrom: string | null;
+    /** the adapter's trainable weights are all finite */
+    adapterFinite: boolean;
+    learningRate: number;
+    maxGradNorm: number;
+}
+
+/**
+ * The message for a non-finite loss or gradient norm. Before any update of this run, the learning rate cannot be
+ * the cause: the model's weights, the data, or (on resume) the checkpoint are; after updates with finite adapter
+ * weights, it is the optimization (learning rate, clipping).
+ */
+export function divergenceMessage(f: DivergenceFacts): string {
+    const head = `the ${f.what} is ${f.value} at step ${f.step}`;
+    const tuning = `lower learning_rate (now ${f.learningRate}) and keep max_grad_norm > 0 (now ${f.maxGradNorm})`;
+    if (f.step === f.firstStepHere) {
+        if (!f.adapterFinite && f.resumedFrom)
+            return `${head}, the first step after resuming: the adapter weights in ${f.resumedFrom} are not finite (NaN/Inf); ` +
+                "resume from an earlier checkpoint";
+        if (!f.adapterFinite)
+            return `${head}, before any update: the adapter's initial weights are not finite; check init_lora_weights and r`;
+        return `${head}, before any update${f.resumedFrom ? " of this run" : ""} (the adapter weights are finite), so it is ` +
+            "not the learning rate: the base model's weights or the data give non-finite values; check the model files " +
+            "for NaN/Inf weights and the data for broken examples";
+    }
+    if (!f.adapterFinite)
+        return `${head}: the update of step ${f.step - 1} made the adapter weights non-finite (training diverged); ${tuning}`;
+    return `${head}: training diverged (the adapter weights are finite but grew too large); ${tuning}, or check the ` +
+        "data for broken examples";
+}
+
+function allFinite(lora: LoraModel): boolean {
+    for (const t of lora.trainableTensors()) {
+        const p = t.param;
+        for (let i = 0; i < p.length; i++) if (!Number.isFinite(p[i])) return false;
+    }
+    return true;
+}
+
+/**
+ * A resumed run writes final/ and may save checkpoints the folder already holds (those after the one it resumes
+ * from): each must be one qlora wrote, which is checked now rather than after the training.
+ */
+async function assertReplaceable(outputDir: string, resumeDir: string): Promise<void> {
+    const from = checkpointStep(resumeDir) ?? -1;
+    await assertDirOutput(path.join(outputDir, "final"), {replace: "owned", kind: FINAL_ADAPTER_KIND});
+    for (const c of await listCheckpoints(outputDir))
+        if (c.step > from) await assertDirOutput(c.dir, {replace: "owned", kind: CHECKPOINT_KIND});
 }
 
 export async function train(config: TrainerConfig, reporter: TrainReporter = {}): Promise<TrainResult> {
     const device = resolveDevice(config.device);
     if (config.threads) cpu().setNumThreads(config.threads);
-    const outputDir = path.resolve(config.output_dir);
-    await prepareOutputDir(outputDir);
+    const overrideProblem = resumeOverrideProblem(config.resume_override ?? []);
+    if (overrideProblem) throw new QloraError(`resume_override: ${overrideProblem}`);
+    const out = await openOutputDir(config.output_dir, [{path: config.model, what: "model folder"},
+        {path: config.dataset, what: "training dataset"}, {path: config.eval_dataset, what: "eval dataset"}]);
+    const stop = new StopRequest((signal) => reporter.onStopping?.(signal));
+    try {
+        return await trainInOutputDir(config, reporter, device, out, stop);
+    } finally {
+        stop.dispose();
+        await out.lock.release();
+        // a folder this run created and never wrote into (it failed before the first write) goes again
+        if (out.created) await fs.rmdir(out.dir).catch(() => undefined);
+    }
+}
+
+async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, device: "cpu" | "cuda", out: OutputDir,
+    stop: StopRequest): Promise<TrainResult> {
+    const outputDir = out.dir;
+    for (const line of out.recovered) reporter.onWarning?.(`output_dir: ${line}`);
     const resumeDir = await resolveResumeDir(outputDir, config.resume_from_checkpoint);
+    const earlierRun = checkOutputPolicy(out, {resumeDir, overwrite: config.overwrite_output_dir ?? false});
+    if (resumeDir && earlierRun.length === 0) await assertReplaceable(outputDir, resumeDir);
+
+    // a resumed run must be the run that was interrupted: checked before anything expensive is loaded
+    let savedArgs: SavedTrainingArgs | null = null;
+    let overrides: ConfigChange[] = [];
+    if (resumeDir) {
+        savedArgs = await readCheckpointTrainingArgs(resumeDir);
+        if (savedArgs) overrides = checkResumeSettings(savedArgs, config, resumeDir);
+        else reporter.onWarning?.(`${resumeDir} has no training_args.json (a checkpoint of an older qlora): changed ` +
+            "settings cannot be checked; resuming with the checkpoint's adapter, optimizer state and schedule");
+    }
 
     // model, tokenizer and data
     const tokenizer = await HfTokenizer.load(config.model);
@@ -176,10 +303,13 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     const trainData = await loadDataset(config.dataset, tokenizer, dataOptions);
     const evalData = config.eval_dataset ? await loadDataset(config.eval_dataset, tokenizer, {...dataOptions, packing: false}) : null;
     for (const w of [...trainData.warnings, ...(evalData?.warnings ?? [])]) reporter.onWarning?.(w);
-    const maxLen = Math.max(...trainData.rows.map((r) => r.inputIds.length));
+    const maxLen = longestRow(trainData.rows);
     if (maxLen > model.config.maxPositionEmbeddings)
         throw new QloraError(`max_seq_length ${config.max_seq_length} lets rows of ${maxLen} tokens through, longer than ` +
             `the model's context (${model.config.maxPositionEmbeddings}); lower max_seq_length`);
+    const fingerprint = dataFingerprint(trainData.rows);
+    if (savedArgs && resumeDir) checkResumeData(savedArgs, fingerprint, resumeDir);
+    if (stop.signal) throw new TrainingInterrupted(stop.signal, 0, null);
 
     // LoRA: fresh (PEFT's init from the seed), or the adapter of the checkpoint being resumed
     const dropoutRng = new Rng(config.seed + 1);
@@ -215,33 +345,49 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
         best_model_checkpoint: null, num_input_tokens_seen: 0, qlora_log_accumulator: {lossSum: 0, steps: 0, tokens: 0},
     };
     if (resumeDir) {
-        const saved = await loadCheckpointState(resumeDir);
-        engine.loadOptimizerState(saved.optimizer);
-        scheduler.loadStateDict(saved.scheduler);
+        const saved = await loadCheckpointState(resumeDir, {maxSteps: totalSteps, batchesPerEpoch: loader.batchesPerEpoch,
+            gradientAccumulationSteps: GA});
+        state = saved.trainerState;
+        if (savedArgs) {
+            // the settings equal the checkpoint's or were overridden on purpose: the optimizer's hyperparameters and
+            // the schedule are the run's (the schedule continues at the checkpoint's step)
+            saved.optimizer.metadata.options = {...saved.optimizer.metadata.options, betas: [config.adam_beta1, config.adam_beta2],
+                eps: config.adam_epsilon, weightDecay: config.weight_decay};
+            scheduler.loadStateDict({...scheduler.stateDict(), step: state.global_step});
+        } else {
+            scheduler.loadStateDict(saved.scheduler);
+            if (state.max_steps !== totalSteps)
+                reporter.onWarning?.(`the checkpoint was made for ${state.max_steps} steps, this run has ${totalSteps}`);
+        }
+        try {
+            engine.loadOptimizerState(saved.optimizer);
+        } catch (err) {
+            if (!(err instanceof QloraError)) throw err;
+            throw new QloraError(`${err.message.replace(/^optimizer state: /, "")}; the optimizer state does not fit this ` +
+                "run's trainable parameters: resume with the settings of the run, or from another checkpoint",
+            {file: path.join(resumeDir, "optimizer.json"), cause: err});
+        }
         dropoutRng.setState(saved.rng.dropout);
         loader.seek(saved.rng.loader);
-        state = saved.trainerState;
-        if (state.max_steps !== totalSteps)
-            reporter.onWarning?.(`the checkpoint was made for ${state.max_steps} steps, this run has ${totalSteps}`);
         state.max_steps = totalSteps;
         engine.setMicroBatchIndex(state.global_step * GA);
     }
+    const trainingArgs = trainingArgsOf(config, fingerprint);
 
     // metrics.jsonl: on resume, keep only what happened up to the checkpoint
     const metricsFile = path.join(outputDir, "metrics.jsonl");
-    let records: MetricRecord[] = [];
-    if (resumeDir) {
-        try {
-            records = (await fs.readFile(metricsFile, "utf8")).split("\n").filter(Boolean).map((l) => JSON.parse(l) as MetricRecord)
-                .filter((r) => r.type === "start" || (r.step ?? 0) <= state.global_step);
-        } catch {
-            records = [];
-        }
-    }
+    const records: MetricRecord[] = resumeDir
+        ? await readMetricsForResume(metricsFile, state.global_step, (m) => reporter.onWarning?.(m)) : [];
+    if (stop.signal) throw new TrainingInterrupted(stop.signal, state.global_step, resumeDir);
+
+    // the first write: the earlier run goes (overwrite_output_dir), the folder is marked as a training run's
+    if (earlierRun.length > 0) await removeEarlierRun(outputDir, earlierRun);
+    await markOutputDir(out);
     const writeMetrics = () => writeFileAtomic(metricsFile, records.map((r) => JSON.stringify(r)).join("\n") + "\n");
     const emit = async (rec: MetricRecord) => {
         records.push(rec);
-        await fs.appendFile(metricsFile, JSON.stringify(rec) + "\n");
+        // O_NOFOLLOW: the file is the regular one written above; a link planted under its name is not written through
+        await fs.appendFile(metricsFile, JSON.stringify(rec) + "\n", {flag: fsConstants.O_WRONLY | fsConstants.O_APPEND | fsConstants.O_CREAT | fsConstants.O_NOFOLLOW});
     };
     await writeMetrics();
 
@@ -251,12 +397,12 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
         quantization: quantization ? `${quantization.bnb_4bit_quant_type}${quantization.bnb_4bit_use_double_quant ? " + double quant" : ""}`
             : (model.quantized ? "pre-quantized 4-bit" : "none (16-bit LoRA)"),
         trainableLine, train: trainData, eval: evalData, totalSteps, warmupSteps, startStep: state.global_step,
-        effectiveBatch: config.per_device_train_batch_size * GA, resumedFrom: resumeDir,
+        effectiveBatch: config.per_device_train_batch_size * GA, resumedFrom: resumeDir, overrides,
     });
     if (!resumeDir) await emit({type: "start", time: new Date().toISOString(), trainable: trainableLine, total_steps: totalSteps,
         config: config as unknown as Record<string, unknown>});
 
-    const evaluate = (): {loss: number; tokens: number} | null => {
+    const evaluate = async (): Promise<{loss: number; tokens: number} | null> => {
         if (!evalData) return null;
         lora.setTraining(false);
         const evalLoader = new DataLoader(evalData.rows, {batchSize: config.per_device_eval_batch_size,
@@ -266,6 +412,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
             const r = engine.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
             sum += r.lossSum;
             count += r.targets;
+            await yieldToEventLoop();
         }
         lora.setTraining(true);
         return {loss: sum / Math.max(1, count), tokens: count};
@@ -273,7 +420,17 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     const checkpointParts = () => {
         engine.syncToHost();
         return {lora, optimizerState: engine.optimizerState(), scheduler, trainerState: state, modelDir: config.model,
-            rng: {dropout: dropoutRng.getState(), loader: loader.position}};
+            rng: {dropout: dropoutRng.getState(), loader: loader.position}, trainingArgs};
+    };
+    let lastSaved: string | null = resumeDir && path.dirname(resumeDir) === outputDir ? resumeDir : null;
+    const save = async (step: number): Promise<string> => {
+        const dir = path.join(outputDir, `${CHECKPOINT_PREFIX}${step}`);
+        await saveCheckpoint(dir, checkpointParts());
+        const removed = await rotateCheckpoints(outputDir, config.save_total_limit, dir);
+        await emit({type: "save", step, dir});
+        reporter.onSave?.(dir, removed);
+        lastSaved = dir;
+        return dir;
     };
     const startTime = Date.now();
     const startStep = state.global_step;
@@ -297,16 +454,18 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
                 gradientCheckpointing: config.gradient_checkpointing});
             lossSum += r.lossSum;
             tokens += b.attentionMask.reduce((a, v) => a + v, 0);
+            await yieldToEventLoop();
         }
         const loss = lossSum / Math.max(1, numItems);
         const step = state.global_step + 1;
-        if (!Number.isFinite(loss))
-            throw new QloraError(`the loss is ${loss} at step ${step}: training diverged. Lower learning_rate ` +
-                `(now ${config.learning_rate}), keep max_grad_norm > 0, or check the data for empty or broken examples`);
+        const diverged = (what: DivergenceFacts["what"], value: number) => {
+            engine.syncToHost();
+            return new QloraError(divergenceMessage({what, value, step, firstStepHere: startStep + 1, resumedFrom: resumeDir,
+                adapterFinite: allFinite(lora), learningRate: scheduler.getLr(), maxGradNorm: config.max_grad_norm}));
+        };
+        if (!Number.isFinite(loss)) throw diverged("loss", loss);
         const gradNorm = engine.clipGradNorm(config.max_grad_norm);
-        if (!Number.isFinite(gradNorm))
-            throw new QloraError(`the gradient norm is ${gradNorm} at step ${step}: training diverged. Lower learning_rate ` +
-                `(now ${config.learning_rate}) or max_grad_norm`);
+        if (!Number.isFinite(gradNorm)) throw diverged("gradient norm", gradNorm);
         const lr = scheduler.getLr();
         engine.optimizerStep(lr);
         scheduler.step();
@@ -338,28 +497,33 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
             reporter.onLog?.(rec);
         }
         if (evalData && (step % evalSteps === 0 || step === totalSteps)) {
-            const ev = evaluate()!;
+            const ev = (await evaluate())!;
             const rec = {step, eval_loss: ev.loss, eval_perplexity: Math.exp(ev.loss), eval_tokens: ev.tokens};
             state.log_history.push({eval_loss: ev.loss, epoch: state.epoch, step});
             await emit({type: "eval", ...rec});
             reporter.onEval?.(rec);
         }
-        if (step % saveSteps === 0 || step === totalSteps) {
-            const dir = path.join(outputDir, `${CHECKPOINT_PREFIX}${step}`);
-            await saveCheckpoint(dir, checkpointParts());
-            const removed = await rotateCheckpoints(outputDir, config.save_total_limit);
-            await emit({type: "save", step, dir});
-            reporter.onSave?.(dir, removed);
+        if (step % saveSteps === 0 || step === totalSteps) await save(step);
+        await yieldToEventLoop();
+        if (stop.signal) {
+            // SIGINT/SIGTERM: the step is done; keep it in a checkpoint (unless this step's was just saved)
+            const dir = lastSaved === path.join(outputDir, `${CHECKPOINT_PREFIX}${step}`) ? lastSaved : await save(step);
+            throw new TrainingInterrupted(stop.signal, step, dir);
         }
     }
 
+    // a run resumed at its last step trains nothing more: its last logged loss is the final one
+    if (!Number.isFinite(lastLoss)) {
+        const logged = state.log_history.filter((h) => typeof h.loss === "number");
+        if (logged.length > 0) lastLoss = logged[logged.length - 1].loss as number;
+    }
     // the final adapter, PEFT's layout, with the tokenizer files beside it
     const finalDir = path.join(outputDir, "final");
     engine.syncToHost();
     await writeDirAtomic(finalDir, async (tmp) => {
         await saveAdapter(tmp, lora);
         await copyTokenizerFiles(config.model, tmp);
-    });
+    }, {replace: "owned", kind: FINAL_ADAPTER_KIND});
     const trainLogs = records.filter((r) => r.type === "train");
     const evalLogs = records.filter((r) => r.type === "eval");
     const evalLoss = evalLogs.length ? Number(evalLogs[evalLogs.length - 1].eval_loss) : null;

@@ -15,6 +15,7 @@ interface GgufFlags {
     out: string;
     name?: string;
     preTokenizer?: string;
+    overwrite?: boolean;
 }
 
 interface GgufLoraFlags {
@@ -23,6 +24,7 @@ interface GgufLoraFlags {
     outtype: string;
     out: string;
     name?: string;
+    overwrite?: boolean;
 }
 
 /** one progress line per tensor on a terminal (overwritten in place); nothing in pipes and CI logs */
@@ -46,6 +48,7 @@ export function registerExport(program: Command): void {
         .option("-t, --outtype <type>", `tensor type: ${GGUF_OUTTYPES.join(", ")}`, "f16")
         .option("--name <text>", "general.name written into the file (default: the model folder's name)")
         .option("--pre-tokenizer <name>", "llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it is not recognized")
+        .option("--overwrite", "replace --out when it is an existing GGUF file")
         .action(action(async (flags: GgufFlags) => {
             if (!(GGUF_OUTTYPES as readonly string[]).includes(flags.outtype))
                 throw new QloraError(`--outtype must be one of ${GGUF_OUTTYPES.join(", ")}, got "${flags.outtype}"`);
@@ -57,6 +60,7 @@ export function registerExport(program: Command): void {
                 out: flags.out,
                 name: flags.name,
                 preTokenizer: flags.preTokenizer,
+                overwrite: flags.overwrite,
                 onProgress: progressPrinter(),
             });
             const types = Object.entries(result.typeCounts).map(([t, n]) => `${t} ${n}`).join(", ");
@@ -72,6 +76,7 @@ export function registerExport(program: Command): void {
         .option("-m, --model <dir>", "the base model folder the adapter was trained on (default: the embedded tiny-qwen2)")
         .option("-t, --outtype <type>", "tensor type: f32 or f16", "f32")
         .option("--name <text>", "general.name written into the file (default: the adapter folder's name)")
+        .option("--overwrite", "replace --out when it is an existing GGUF file")
         .action(action(async (flags: GgufLoraFlags) => {
             if (flags.outtype !== "f32" && flags.outtype !== "f16")
                 throw new QloraError(`--outtype must be f32 or f16 for a LoRA adapter, got "${flags.outtype}"`);
@@ -81,6 +86,7 @@ export function registerExport(program: Command): void {
                 out: flags.out,
                 outtype: flags.outtype as GgufLoraOuttype,
                 name: flags.name,
+                overwrite: flags.overwrite,
                 onProgress: progressPrinter(),
             });
             console.log(`wrote ${result.file} (${result.arch} LoRA, r ${result.r}, alpha ${result.alpha}): ` +

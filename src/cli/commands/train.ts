@@ -6,7 +6,7 @@ import pc from "picocolors";
 import {DEFAULT_MODEL_DIR, resolveModelDir} from "../../api/models.js";
 import {EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA, runTraining} from "../../api/train.js";
 import {loadTrainConfig, TrainConfigSchema} from "../../api/train-config.js";
-import type {TrainLogRecord} from "../../train/trainer.js";
+import {TrainingInterrupted, type TrainLogRecord} from "../../train/trainer.js";
 import {action} from "../run.js";
 
 function formatDuration(s: number): string {
@@ -21,6 +21,22 @@ function logLine(r: TrainLogRecord): string {
         `lr ${r.learning_rate.toExponential(2)} | grad_norm ${r.grad_norm.toFixed(3)} | ` +
         `${Math.round(r.tokens_per_second)} tok/s | ${formatDuration(r.elapsed_s)} elapsed, ${formatDuration(r.remaining_s)} left | ` +
         `${r.memory_kind} mem ${(r.memory_bytes / 2 ** 20).toFixed(0)} MiB (peak ${(r.peak_memory_bytes / 2 ** 20).toFixed(0)} MiB)`;
+}
+
+/** the command line that continues a stopped run: the same arguments, resuming from the latest checkpoint */
+function resumeCommand(args: string[]): string {
+    const kept: string[] = [];
+    for (let i = 0; i < args.length; i++) {
+        const a = args[i];
+        if (/^--resume[-_]from[-_]checkpoint$/.test(a)) {
+            if (args[i + 1] !== undefined && !args[i + 1].startsWith("--")) i++;
+            continue;
+        }
+        if (/^--resume[-_]from[-_]checkpoint=/.test(a)) continue;
+        kept.push(a);
+    }
+    const quote = (a: string) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`);
+    return ["qlora", "train", ...kept, "--resume_from_checkpoint", "true"].map(quote).join(" ");
 }
 
 /** the keys, their defaults and descriptions, for --help */
@@ -61,7 +77,7 @@ export function registerTrain(program: Command): void {
                 console.log(line);
                 if (bar) bar = null;
             };
-            const result = await runTraining(resolved, {
+            const run = runTraining(resolved, {
                 onStart(info) {
                     const kv = (k: string, v: string | number) => console.log(`${pc.dim(k.padEnd(14))} ${v}`);
                     console.log(pc.bold("qlora train"));
@@ -77,6 +93,8 @@ export function registerTrain(program: Command): void {
                     kv("optimizer", `${resolved.optim}, lr ${resolved.learning_rate}, ${resolved.lr_scheduler_type}`);
                     kv("output", path.resolve(resolved.output_dir));
                     if (info.resumedFrom) kv("resumed from", `${info.resumedFrom} (step ${info.startStep})`);
+                    for (const c of info.overrides)
+                        kv("override", `${c.key}: ${JSON.stringify(c.saved)} -> ${JSON.stringify(c.now)} (resume_override)`);
                     console.log(info.trainableLine);
                 },
                 onStep(step, total) {
@@ -92,7 +110,20 @@ export function registerTrain(program: Command): void {
                     `perplexity ${r.eval_perplexity.toFixed(2)} | ${r.eval_tokens} tokens`)),
                 onSave: (dir, removed) => print(pc.dim(`save  ${dir}${removed.length ? ` (removed ${removed.map((d) => path.basename(d)).join(", ")})` : ""}`)),
                 onWarning: (m) => print(pc.yellow(`warning: ${m}`)),
+                onStopping: (signal) => print(pc.yellow(`${signal}: finishing this step and saving a checkpoint ` +
+                    `(${signal === "SIGINT" ? "Ctrl+C again" : "a second SIGTERM"} stops at once)`)),
             });
+            let result: Awaited<typeof run>;
+            try {
+                result = await run;
+            } catch (err) {
+                if (!(err instanceof TrainingInterrupted)) throw err;
+                (bar as cliProgress.SingleBar | null)?.stop();
+                console.error(err.checkpointDir
+                    ? `stopped by ${err.signal} after step ${err.step}; saved ${err.checkpointDir}. Resume with: ${resumeCommand(args)}`
+                    : `stopped by ${err.signal} before the first step; nothing was trained`);
+                process.exit(err.exitCode);
+            }
             (bar as cliProgress.SingleBar | null)?.stop();
             console.log(`${pc.green("done")}: ${result.globalStep} steps, final loss ${result.trainLoss.toFixed(4)}` +
                 (result.evalLoss !== null ? `, eval loss ${result.evalLoss.toFixed(4)}` : ""));
