@@ -304,6 +304,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     register_quant_ops(env, exports);
     register_optim_ops(env, exports);
     register_gguf_ops(env, exports);
+    register_check_ops(env, exports);
     return exports;
 }
 

@@ -6,3 +6,4 @@
 void register_quant_ops(Napi::Env env, Napi::Object exports);  // cpu_quant.cpp
 void register_optim_ops(Napi::Env env, Napi::Object exports);  // cpu_optim.cpp
 void register_gguf_ops(Napi::Env env, Napi::Object exports);   // cpu_gguf.cpp
+void register_check_ops(Napi::Env env, Napi::Object exports);  // cpu_check.cpp

@@ -41,6 +41,18 @@ void qlora_cpu_f32_to_bf16(uint16_t* out, const float* inp, int64_t n);  // roun
 void qlora_cpu_f32_to_f16(uint16_t* out, const float* inp, int64_t n);   // round to nearest even
 
 // ------------------------------------------------------------------
+// checks
+
+// dtype argument of qlora_cpu_count_nonfinite
+#define QLORA_DTYPE_F32 0
+#define QLORA_DTYPE_BF16 1
+#define QLORA_DTYPE_F16 2
+
+// counts the NaN and the infinite values among n values of `dtype` (f32, or bf16/f16 bits), from the bit
+// patterns alone; weights are checked with it as they load, so it runs at memory speed
+void qlora_cpu_count_nonfinite(int dtype, const void* data, int64_t n, int64_t* nan_count, int64_t* inf_count);
+
+// ------------------------------------------------------------------
 // elementwise
 
 // y[n] += x[n]

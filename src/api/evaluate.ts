@@ -1,7 +1,7 @@
 // evaluate.ts: loss and perplexity of a model (with or without an adapter) on a data file, with the
 // training loss's definition (token mean over the targets; completion-only for instruction data by default).
 import {DataLoader, loadDataset, padTokenIdOf, type DataOptions, type PrepareStats} from "../data/index.js";
-import {DecoderTrainer} from "../model/training.js";
+import {checkRowsFitContext, DecoderTrainer} from "../model/training.js";
 import type {LoadedModel} from "./models.js";
 
 export interface EvalResult {
@@ -11,11 +11,17 @@ export interface EvalResult {
     tokens: number;
     rows: number;
     stats: PrepareStats;
+    /** what the data preparation changed (truncated or dropped examples), to be shown to the user */
+    warnings: string[];
 }
 
 export async function evaluateLoss(loaded: LoadedModel, dataPath: string, options: DataOptions = {},
     batchSize = 8): Promise<EvalResult> {
     const data = await loadDataset(dataPath, loaded.tokenizer, {...options, packing: false});
+    // the rule train applies: rows past the context are refused, not scored at positions the model never saw
+    let longest = 0;
+    for (const row of data.rows) longest = Math.max(longest, row.inputIds.length);
+    checkRowsFitContext(loaded.model.config, longest, "max_seq_length", data.options.maxSeqLength);
     loaded.lora?.setTraining(false);
     const runner = new DecoderTrainer(loaded.model);
     const loader = new DataLoader(data.rows, {batchSize, padTokenId: padTokenIdOf(loaded.tokenizer), shuffle: false, seed: 0});
@@ -26,5 +32,5 @@ export async function evaluateLoss(loaded: LoadedModel, dataPath: string, option
         count += r.targets;
     }
     const loss = sum / Math.max(1, count);
-    return {loss, perplexity: Math.exp(loss), tokens: count, rows: data.rows.length, stats: data.stats};
+    return {loss, perplexity: Math.exp(loss), tokens: count, rows: data.rows.length, stats: data.stats, warnings: data.warnings};
 }

@@ -1,8 +1,8 @@
 // models.ts: loading a model folder (config, weights, tokenizer) as one object, the entry point of the API.
 import {existsSync, statSync} from "node:fs";
-import {readFile} from "node:fs/promises";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import {pathExists, readTextFile} from "../io/files.js";
 import {packageRoot} from "../backend/native.js";
 import {DecoderModel} from "../model/decoder.js";
 import {loadAdapter, type LoraModel} from "../lora/adapter.js";
@@ -51,15 +51,30 @@ export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Prom
     return {dir: resolved, model, tokenizer, lora, eosTokenIds: [...eos]};
 }
 
-/** eos_token_id of generation_config.json (a number or a list), which chat models use to stop at end of turn */
+/** generation_config.json is a few kB; anything above this is not one */
+const MAX_GENERATION_CONFIG_BYTES = 16 << 20;
+
+/**
+ * eos_token_id of generation_config.json (a number or a list), which chat models use to stop at end of turn.
+ * A missing file is fine (config.json and the tokenizer decide); a broken one is an error, since ignoring it
+ * would silently generate past the end of every turn.
+ */
 async function generationConfigEos(dir: string): Promise<number[]> {
+    const file = path.join(dir, "generation_config.json");
+    if (!(await pathExists(file))) return [];
+    const text = await readTextFile(file, {what: "generation config", maxBytes: MAX_GENERATION_CONFIG_BYTES});
+    let cfg: unknown;
     try {
-        const cfg = JSON.parse(await readFile(path.join(dir, "generation_config.json"), "utf8")) as {eos_token_id?: unknown};
-        const eos = cfg.eos_token_id;
-        if (typeof eos === "number") return [eos];
-        if (Array.isArray(eos)) return eos.filter((x): x is number => typeof x === "number");
-    } catch {
-        // no generation_config.json, or an unreadable one: config.json and the tokenizer decide
+        cfg = JSON.parse(text);
+    } catch (err) {
+        throw new QloraError(`is not valid JSON (${(err as Error).message}); fix it or delete it`, {file, cause: err});
     }
-    return [];
+    if (cfg === null || typeof cfg !== "object" || Array.isArray(cfg))
+        throw new QloraError("should hold a JSON object; fix it or delete it", {file});
+    const eos = (cfg as {eos_token_id?: unknown}).eos_token_id;
+    if (eos === undefined || eos === null) return [];
+    const ids = Array.isArray(eos) ? eos : [eos];
+    if (!ids.every((id) => Number.isSafeInteger(id) && (id as number) >= 0))
+        throw new QloraError(`"eos_token_id" is ${JSON.stringify(eos)}, expected a token id or a list of token ids`, {file});
+    return ids as number[];
 }

@@ -1,11 +1,11 @@
 // train-config.ts: the one schema behind `qlora train`'s YAML/JSON file, its --flags and the TypeScript API.
 // Keys keep the seed recipe's names (BitsAndBytesConfig, LoraConfig, TrainingArguments, SFTConfig), so a user
 // can carry a Python config over. Precedence: flags > file > defaults.
-import {promises as fs} from "node:fs";
 import path from "node:path";
 import {parse as parseYaml} from "yaml";
 import {z} from "zod";
 import {QloraError} from "../errors.js";
+import {readTextFile} from "../io/files.js";
 import {OPTIMIZER_NAMES} from "../optim/adamw.js";
 import {SCHEDULER_TYPES} from "../optim/schedule.js";
 import {RESUME_OVERRIDABLE_KEYS, resumeOverrideProblem} from "../train/training-args.js";
@@ -114,12 +114,7 @@ export function resolveTrainConfig(input: Record<string, unknown>, source = "con
 
 /** reads a YAML or JSON config file into a plain object (not yet validated) */
 export async function readConfigFile(file: string): Promise<Record<string, unknown>> {
-    let text: string;
-    try {
-        text = await fs.readFile(file, "utf8");
-    } catch (err) {
-        throw new QloraError(`cannot read the config file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {file});
-    }
+    const text = await readTextFile(file, {what: "config file", maxBytes: 16 << 20});
     let parsed: unknown;
     try {
         parsed = path.extname(file).toLowerCase() === ".json" ? JSON.parse(text) : parseYaml(text);

@@ -1,6 +1,7 @@
 // cpu.ts: the CPU backend as the model layer uses it: thin, allocation-aware wrappers over the addon's ops.
 // Buffers are Float32Array with explicit sizes (as in llm.c); shapes are written in the comments.
 import {loadNative} from "./native.js";
+import {CHECK_DTYPE_CODE, loadCheckOps} from "./native-check-types.js";
 import type {CpuAddon} from "./native-types.js";
 
 export type {CpuAddon};
@@ -45,4 +46,13 @@ export function f32ToHalf(values: Float32Array, dtype: "BF16" | "F16"): Uint16Ar
     if (dtype === "BF16") cpu().f32ToBf16(out, values, values.length);
     else cpu().f32ToF16(out, values, values.length);
     return out;
+}
+
+export type FloatDtype = "F32" | "BF16" | "F16";
+
+/** how many values are NaN and how many ±Inf: f32 values, or the bits of bf16/f16 values (native, threaded) */
+export function countNonFinite(data: Float32Array | Uint16Array, dtype: FloatDtype = "F32"): {nan: number; inf: number} {
+    if ((dtype === "F32") !== (data instanceof Float32Array))
+        throw new TypeError(`countNonFinite: ${dtype} data must be a ${dtype === "F32" ? "Float32Array" : "Uint16Array of bits"}`);
+    return loadCheckOps().countNonfinite(data, CHECK_DTYPE_CODE[dtype], data.length);
 }

@@ -8,6 +8,7 @@
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import {readTextFile} from "./files.js";
 
 export type ModelType = "llama" | "qwen2" | "mistral";
 
@@ -70,15 +71,27 @@ export interface ModelConfig {
 
 export const CONFIG_FILE_NAME = "config.json";
 
+/** a config.json is a few kB; anything above this is not one */
+export const MAX_CONFIG_BYTES = 16 << 20;
+
+/**
+ * Sanity bounds on sizes, checked before anything is built from them (the real check is against the checkpoint's
+ * tensors, in model/weights.ts; these keep the paths that read only config.json from allocating from a lie).
+ * No released model has more than a few hundred layers; one tensor must fit in one typed array.
+ */
+export const MAX_HIDDEN_LAYERS = 10_000;
+export const MAX_TENSOR_ELEMENTS = 2 ** 32;
+
 /** Reads and validates `<dir>/config.json` (a path to the config file itself works too). */
 export async function loadModelConfig(dir: string): Promise<ModelConfig> {
     const givenFile = dir.endsWith(".json") && (await fs.stat(dir).catch(() => null))?.isFile();
     const file = givenFile ? dir : path.join(dir, CONFIG_FILE_NAME);
     let text: string;
     try {
-        text = await fs.readFile(file, "utf8");
+        // readTextFile refuses a FIFO or device instead of blocking on it, and caps the size
+        text = await readTextFile(file, {what: "config file", maxBytes: MAX_CONFIG_BYTES});
     } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
+        const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
         if (code === "ENOENT" || code === "ENOTDIR") {
             throw new QloraError(
                 `has no ${CONFIG_FILE_NAME}; a Hugging Face model folder needs config.json next to its weights ` +
@@ -86,7 +99,7 @@ export async function loadModelConfig(dir: string): Promise<ModelConfig> {
                 {file: dir, cause: err}
             );
         }
-        throw new QloraError(`cannot read the file: ${(err as Error).message}`, {file, cause: err});
+        throw err;
     }
     let json: unknown;
     try {
@@ -209,6 +222,25 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
             config.fail("hidden_size", `is ${hiddenSize}, not divisible by num_attention_heads (${numAttentionHeads}); give head_dim explicitly`);
         }
         headDim = hiddenSize / numAttentionHeads;
+    }
+    if (headDim % 2 !== 0) {
+        config.fail(config.has("head_dim") ? "head_dim" : "hidden_size",
+            `gives a head dimension of ${headDim}; rotary embeddings rotate pairs of dimensions, so it must be even`);
+    }
+    if (numHiddenLayers > MAX_HIDDEN_LAYERS) {
+        config.fail("num_hidden_layers", `is ${numHiddenLayers}, more than the ${MAX_HIDDEN_LAYERS} qlora accepts ` +
+            "(no released model has more than a few hundred); is config.json corrupt?");
+    }
+    const matrices: Array<[string, number, number]> = [
+        [`"vocab_size" x "hidden_size" (the embedding)`, vocabSize, hiddenSize],
+        [`"num_attention_heads" x "head_dim" x "hidden_size" (q_proj)`, numAttentionHeads * headDim, hiddenSize],
+        [`"intermediate_size" x "hidden_size" (the MLP projections)`, intermediateSize, hiddenSize]
+    ];
+    for (const [what, rows, cols] of matrices) {
+        if (rows * cols > MAX_TENSOR_ELEMENTS) {
+            throw new QloraError(`${what} = ${rows} x ${cols} values in one tensor, more than the ${MAX_TENSOR_ELEMENTS} ` +
+                "one tensor can hold; is config.json corrupt?", {file});
+        }
     }
 
     const rmsNormEps = config.positiveNumber("rms_norm_eps", 1e-6);
@@ -430,6 +462,20 @@ function defaultInvFreq(base: number, dim: number): Float32Array<ArrayBuffer> {
 }
 
 export function computeRopeInvFreq(cfg: ModelConfig): RopeFrequencies {
+    const rope = ropeFrequencies(cfg);
+    // extreme rope_theta or scaling factors overflow float32 (a factor of 1e-40 divides by a subnormal): the
+    // model would run on Inf/NaN or collapsed positions instead of failing
+    const bad = rope.invFreq.findIndex((x) => !(Number.isFinite(x) && x > 0));
+    if (bad >= 0 || !(Number.isFinite(rope.attentionScaling) && rope.attentionScaling > 0)) {
+        const key = cfg.ropeScaling ? (cfg.raw.rope_scaling ? "rope_scaling" : "rope_parameters") : "rope_theta";
+        throw new QloraError(`"${key}" gives ${bad >= 0 ? `rotary frequency ${bad} = ${rope.invFreq[bad]}` :
+            `attention scaling ${rope.attentionScaling}`}, outside float32's range (rope_theta ${cfg.ropeTheta}` +
+            `${cfg.ropeScaling ? `, ${cfg.ropeScaling.type} scaling` : ""}); is config.json corrupt?`, {file: cfg.file});
+    }
+    return rope;
+}
+
+function ropeFrequencies(cfg: ModelConfig): RopeFrequencies {
     const dim = rotaryDim(cfg);
     const base = cfg.ropeTheta;
     const scaling = cfg.ropeScaling;

@@ -6,10 +6,11 @@ import {QloraError} from "../errors.js";
 import {halfToF32} from "../backend/cpu.js";
 import {Rng} from "../backend/rng.js";
 import {writeFileAtomic} from "../io/atomic.js";
+import {readTextFile} from "../io/files.js";
 import {SafetensorsFile, writeSafetensors, type TensorToWrite} from "../io/safetensors.js";
 import type {DecoderModel} from "../model/decoder.js";
-import {expectedTensors, PROJ_NAMES, projModule, type ProjName} from "../model/weights.js";
-import {LORA_DEFAULTS, loraScaling, validateLoraConfig, type LoraConfig} from "./config.js";
+import {assertFinite, expectedTensors, PROJ_NAMES, projModule, type ProjName} from "../model/weights.js";
+import {checkRankFits, LORA_DEFAULTS, loraScaling, validateLoraConfig, type LoraConfig} from "./config.js";
 import {baseWeightF32, doraRowNorms, LoraLinear, type TrainableTensor} from "./layer.js";
 import {matchTargets} from "./targets.js";
 
@@ -41,6 +42,8 @@ export interface ApplyLoraOptions {
     dropoutRng?: Rng;
     /** use these weights (by PEFT key) instead of initializing */
     weights?: Map<string, Float32Array>;
+    /** where the LoRA settings come from, for messages (default "lora config") */
+    where?: string;
 }
 
 /** wraps the target modules of `model` in LoRA layers (in place) and returns the handle the trainer uses */
@@ -48,6 +51,11 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
     const config = validateLoraConfig({...LORA_DEFAULTS, ...partial});
     const modules = linearModules(model);
     const targets = new Set(matchTargets(modules.map((m) => m.name), config, model.config.modelType));
+    // r against every targeted module's shape before any A or B is allocated
+    checkRankFits(config.r, modules.filter((m) => targets.has(m.name)).map((m) => {
+        const base = model.params.layers[m.layer].proj[m.proj];
+        return {name: m.name, outFeatures: base.outFeatures, inFeatures: base.inFeatures};
+    }), opts.where);
     const scaling = loraScaling(config);
     const initRng = opts.initRng ?? new Rng(0);
     const layers = new Map<string, LoraLinear>();
@@ -65,6 +73,9 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
             if (opts.weights) {
                 const a = opts.weights.get(keyA), b = opts.weights.get(keyB);
                 if (!a || !b) throw new QloraError(`the adapter has no ${a ? keyB : keyA}, but its config targets ${m.name}`);
+                if (a.length !== r * K || b.length !== N * r)
+                    throw new QloraError(`${keyA} / ${keyB} have ${a.length} / ${b.length} values, but r = ${r} on ${m.name} ` +
+                        `([${N}, ${K}]) needs ${r * K} / ${N * r}`, {file: opts.where});
                 A = a;
                 B = b;
             } else {
@@ -220,21 +231,42 @@ export async function saveAdapter(dir: string, lora: LoraModel): Promise<void> {
     await writeFileAtomic(path.join(dir, ADAPTER_CONFIG_FILE), adapterConfigJson(lora.config, savedTargetModules(lora)));
 }
 
+/** adapter_config.json is a few kB; anything above this is not one */
+const MAX_ADAPTER_CONFIG_BYTES = 16 << 20;
+
+/** what an adapter's weights are read under: the adapter is corrupt, or training diverged before it was saved */
+export const CORRUPT_ADAPTER = "the adapter is corrupt (or was saved from a diverged training run): re-download or retrain it";
+
 /** reads adapter_config.json (PEFT's keys; unknown keys are ignored, missing ones take PEFT's defaults) */
 export async function readAdapterConfig(dir: string): Promise<LoraConfig> {
     const file = path.join(dir, ADAPTER_CONFIG_FILE);
-    let raw: Record<string, unknown>;
+    let text: string;
     try {
-        raw = JSON.parse(await fs.readFile(file, "utf8"));
+        text = await readTextFile(file, {what: "adapter config", maxBytes: MAX_ADAPTER_CONFIG_BYTES});
     } catch (err) {
-        const e = err as NodeJS.ErrnoException;
-        if (e.code === "ENOENT") throw new QloraError(`no ${ADAPTER_CONFIG_FILE} here: pass the folder of a PEFT adapter ` +
-            `(adapter_config.json + adapter_model.safetensors)`, {file: dir});
-        throw new QloraError(`invalid JSON (${e.message})`, {file});
+        const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
+        if (code === "ENOENT" || code === "ENOTDIR") throw new QloraError(`no ${ADAPTER_CONFIG_FILE} here: pass the folder of a PEFT adapter ` +
+            `(adapter_config.json + adapter_model.safetensors)`, {file: dir, cause: err});
+        throw err;
     }
-    if (raw.peft_type !== undefined && raw.peft_type !== "LORA")
-        throw new QloraError(`peft_type is "${String(raw.peft_type)}"; only LORA adapters are supported`, {file});
-    const pick = <K extends keyof LoraConfig>(k: K): LoraConfig[K] => (raw[k] ?? LORA_DEFAULTS[k]) as LoraConfig[K];
+    let raw: unknown;
+    try {
+        raw = JSON.parse(text);
+    } catch (err) {
+        throw new QloraError(`invalid JSON (${(err as Error).message})`, {file, cause: err});
+    }
+    if (raw === null || typeof raw !== "object" || Array.isArray(raw))
+        throw new QloraError(`holds ${Array.isArray(raw) ? "an array" : JSON.stringify(raw)}, expected a JSON object of LoraConfig keys`, {file});
+    const json = raw as Record<string, unknown>;
+    if (json.peft_type !== undefined && json.peft_type !== "LORA")
+        throw new QloraError(`peft_type is ${JSON.stringify(json.peft_type)}; only LORA adapters are supported`, {file});
+    // per-module ranks and alphas would silently change the scaling of some modules: refuse what qlora can't apply
+    for (const key of ["rank_pattern", "alpha_pattern"]) {
+        const value = json[key];
+        if (value !== undefined && value !== null && !(typeof value === "object" && !Array.isArray(value) && Object.keys(value).length === 0))
+            throw new QloraError(`${key} is ${JSON.stringify(value)}; per-module ranks and alphas are not supported (only {} or null)`, {file});
+    }
+    const pick = <K extends keyof LoraConfig>(k: K): LoraConfig[K] => (json[k] ?? LORA_DEFAULTS[k]) as LoraConfig[K];
     return validateLoraConfig({
         r: pick("r"), lora_alpha: pick("lora_alpha"), target_modules: pick("target_modules"), lora_dropout: pick("lora_dropout"),
         bias: pick("bias"), use_rslora: pick("use_rslora"), use_dora: pick("use_dora"), modules_to_save: pick("modules_to_save"),
@@ -243,81 +275,114 @@ export async function readAdapterConfig(dir: string): Promise<LoraConfig> {
     }, file);
 }
 
-/** loads a PEFT adapter folder into `model` (in place); shapes are checked against the model */
+/** reads an adapter tensor as f32 (from F32, F64, BF16 or F16), refusing NaN and Inf (merge reads through it too) */
+export async function readAdapterTensor(st: SafetensorsFile, name: string): Promise<Float32Array> {
+    const info = st.info(name);
+    const values = info.dtype === "BF16" || info.dtype === "F16"
+        ? halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype) : await st.readF32(name);
+    // after the conversion, on memory it touched (see readFloatTensor); bf16/f16 NaN and Inf stay NaN and Inf in f32
+    assertFinite(name, values, st.path, "F32", CORRUPT_ADAPTER);
+    return values;
+}
+
+/** how loadAdapter places one tensor of the adapter file */
+interface AdapterTensorPlan {
+    /** the tensor's name in the file */
+    name: string;
+    /** the PEFT key applyLora looks it up under */
+    key: string;
+    kind: "lora" | "magnitude" | "full" | "bias";
+}
+
+/**
+ * loads a PEFT adapter folder into `model` (in place). Every tensor's name and shape is checked against the model
+ * and adapter_config.json (r included) from the header before any tensor data is read, then each tensor is read
+ * and checked for NaN and Inf.
+ */
 export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropoutRng?: Rng} = {}): Promise<LoraModel> {
     const config = await readAdapterConfig(dir);
+    const configFile = path.join(dir, ADAPTER_CONFIG_FILE);
     const file = path.join(dir, ADAPTER_WEIGHTS_FILE);
     let st: SafetensorsFile;
     try {
         st = await SafetensorsFile.open(file);
     } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === "ENOENT" || /ENOENT|no such file/i.test((err as Error).message))
-            throw new QloraError(`no ${ADAPTER_WEIGHTS_FILE} beside adapter_config.json`, {file: dir});
+        const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
+        if (code === "ENOENT") throw new QloraError(`no ${ADAPTER_WEIGHTS_FILE} beside adapter_config.json`, {file: dir, cause: err});
         throw err;
     }
-    const weights = new Map<string, Float32Array>();
     try {
         const modules = new Map(linearModules(model).map((m) => [m.name, m]));
+        const baseOf = (module: string) => {
+            const m = modules.get(module)!;
+            return model.params.layers[m.layer].proj[m.proj];
+        };
+        const otherBase = "the adapter was trained on another base model";
+        const shapeError = (name: string, shape: readonly number[], expected: readonly number[]) =>
+            new QloraError(`tensor "${name}" has shape [${shape.join(", ")}] but this model needs [${expected.join(", ")}]: ${otherBase}`, {file});
+        const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
+        const plan: AdapterTensorPlan[] = [];
+        const halves = new Map<string, Set<string>>(); // module -> {"lora_A", "lora_B"}
         for (const name of st.names()) {
             const info = st.info(name);
             const mag = /^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$/.exec(name);
             if (mag) {
                 if (!config.use_dora) throw new QloraError(`tensor "${name}" is a DoRA magnitude but adapter_config.json ` +
                     "says use_dora is false", {file});
-                weights.set(`base_model.model.${mag[1]}.lora_magnitude_vector`, await st.readF32(name));
+                if (!modules.has(mag[1])) throw new QloraError(`tensor "${name}" belongs to module ${mag[1]}, which this model does not have: ${otherBase}`, {file});
+                const expected = [baseOf(mag[1]).outFeatures];
+                if (info.shape.reduce((a, b) => a * b, 1) !== expected[0]) throw shapeError(name, info.shape, expected);
+                plan.push({name, key: `base_model.model.${mag[1]}.lora_magnitude_vector`, kind: "magnitude"});
                 continue;
             }
             if (/^base_model\.model\.(lm_head|model\.embed_tokens)(?:\.modules_to_save\.default)?\.weight$/.test(name)) {
-                const key = name.replace(".modules_to_save.default", "");
                 const expected = [model.config.vocabSize, model.config.hiddenSize];
-                if (info.shape[0] !== expected[0] || info.shape[1] !== expected[1])
-                    throw new QloraError(`tensor "${name}" has shape [${info.shape.join(", ")}] but this model needs ` +
-                        `[${expected.join(", ")}]: the adapter was trained on another base model`, {file});
-                weights.set(key, info.dtype === "F32" ? await st.readF32(name)
-                    : halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype as "BF16" | "F16"));
+                if (!sameShape(info.shape, expected)) throw shapeError(name, info.shape, expected);
+                plan.push({name, key: name.replace(".modules_to_save.default", ""), kind: "full"});
                 continue;
             }
             const m = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(name);
             if (!m) {
-                if (/\.bias$/.test(name)) continue; // trained biases are applied below
+                const bias = /^base_model\.model\.(.+)\.bias$/.exec(name);
+                if (bias) {
+                    // trained biases replace the base biases (applied after applyLora, which makes them trainable)
+                    const base = modules.has(bias[1]) ? baseOf(bias[1]) : null;
+                    if (!base?.bias || config.bias === "none" || !sameShape(info.shape, [base.bias.length]))
+                        throw new QloraError(`tensor "${name}" does not match a bias of this model`, {file});
+                    plan.push({name, key: name, kind: "bias"});
+                    continue;
+                }
                 throw new QloraError(`tensor "${name}" is not a LoRA weight qlora can apply`, {file});
             }
-            const mod = modules.get(m[1]);
-            if (!mod) throw new QloraError(`tensor "${name}" belongs to module ${m[1]}, which this model does not have ` +
+            if (!modules.has(m[1])) throw new QloraError(`tensor "${name}" belongs to module ${m[1]}, which this model does not have ` +
                 `(was the adapter trained on another base model?)`, {file});
-            const base = model.params.layers[mod.layer].proj[mod.proj];
+            const base = baseOf(m[1]);
+            // r against the module first: a huge r in adapter_config.json is named as such, not as a shape mismatch
+            checkRankFits(config.r, [{name: m[1], outFeatures: base.outFeatures, inFeatures: base.inFeatures}], configFile);
             const expected = m[2] === "lora_A" ? [config.r, base.inFeatures] : [base.outFeatures, config.r];
-            if (info.shape.length !== 2 || info.shape[0] !== expected[0] || info.shape[1] !== expected[1])
-                throw new QloraError(`tensor "${name}" has shape [${info.shape.join(", ")}] but this model needs ` +
-                    `[${expected.join(", ")}]: the adapter was trained on another base model`, {file});
-            weights.set(name.replace(".default.weight", ".weight"), info.dtype === "F32" ? await st.readF32(name)
-                : halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype as "BF16" | "F16"));
+            if (!sameShape(info.shape, expected)) throw shapeError(name, info.shape, expected);
+            plan.push({name, key: name.replace(".default.weight", ".weight"), kind: "lora"});
+            const seen = halves.get(m[1]) ?? new Set<string>();
+            if (seen.has(m[2])) throw new QloraError(`module ${m[1]} has two ${m[2]} tensors (with and without ".default")`, {file});
+            halves.set(m[1], seen.add(m[2]));
         }
-        const lora = applyLora(model, {...config, target_modules: targetsFromWeights(weights)}, {weights, dropoutRng: opts.dropoutRng});
-        // trained biases replace the base biases
-        for (const name of st.names()) {
-            const m = /^base_model\.model\.(.+)\.bias$/.exec(name);
-            if (!m) continue;
-            const layer = lora.layers.get(m[1]);
-            const bias = layer?.bias;
-            if (!bias || bias.length !== st.info(name).shape.reduce((a, b) => a * b, 1))
-                throw new QloraError(`tensor "${name}" does not match a bias of this model`, {file});
-            bias.set(await st.readF32(name));
+        for (const [module, seen] of halves)
+            if (seen.size !== 2) throw new QloraError(`the adapter has ${[...seen][0]} but no ${seen.has("lora_A") ? "lora_B" : "lora_A"} ` +
+                `for ${module}`, {file});
+        if (halves.size === 0) throw new QloraError("the adapter holds no lora_A weights", {file});
+
+        const weights = new Map<string, Float32Array>();
+        for (const t of plan) if (t.kind !== "bias") weights.set(t.key, await readAdapterTensor(st, t.name));
+        const lora = applyLora(model, {...config, target_modules: [...halves.keys()]}, {weights, dropoutRng: opts.dropoutRng, where: configFile});
+        for (const t of plan) {
+            if (t.kind !== "bias") continue;
+            const bias = lora.layers.get(/^base_model\.model\.(.+)\.bias$/.exec(t.name)![1])?.bias;
+            if (!bias) throw new QloraError(`tensor "${t.name}" does not match a bias of this model`, {file});
+            bias.set(await readAdapterTensor(st, t.name));
         }
         lora.config.target_modules = config.target_modules;
         return lora;
     } finally {
         await st.close();
     }
-}
-
-/** the exact module names that have LoRA weights */
-function targetsFromWeights(weights: Map<string, Float32Array>): string[] {
-    const names = new Set<string>();
-    for (const k of weights.keys()) {
-        const m = /^base_model\.model\.(.+)\.lora_A\.weight$/.exec(k);
-        if (m) names.add(m[1]);
-    }
-    if (names.size === 0) throw new QloraError("the adapter holds no lora_A weights");
-    return [...names];
 }

@@ -9,15 +9,15 @@
 //    merged model then behaves like the trained QLoRA model, at the cost of carrying the 4-bit rounding of W.
 import path from "node:path";
 import {QloraError} from "../errors.js";
-import {cpu, f32ToHalf, halfToF32} from "../backend/cpu.js";
+import {cpu, f32ToHalf} from "../backend/cpu.js";
 import {assertDirOutput, assertOutputSeparate, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {pathExists, readRegularFile} from "../io/files.js";
 import {loadModelConfig} from "../io/hf-config.js";
 import {SafetensorsCheckpoint, SafetensorsFile, writeShardedSafetensors, type TensorToWrite} from "../io/safetensors.js";
-import {expectedTensors, readTensorF32} from "../model/weights.js";
+import {assertFinite, checkConfigAgainstCheckpoint, expectedTensors, readTensorF32} from "../model/weights.js";
 import {dequantize4bit, quantize4bit} from "../quant/nf4.js";
-import {ADAPTER_WEIGHTS_FILE, readAdapterConfig} from "./adapter.js";
-import {loraScaling} from "./config.js";
+import {ADAPTER_WEIGHTS_FILE, readAdapterConfig, readAdapterTensor} from "./adapter.js";
+import {checkRankFits, loraScaling} from "./config.js";
 
 export interface MergeOptions {
     model: string;
@@ -63,23 +63,20 @@ async function readAdapterPairs(adapterDir: string, full: Map<string, Float32Arr
         for (const name of st.names()) {
             const fw = FULL_WEIGHT.exec(name);
             if (fw) {
-                const info = st.info(name);
-                full.set(`${fw[1]}.weight`, info.dtype === "F32" ? await st.readF32(name)
-                    : halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype as "BF16" | "F16"));
+                full.set(`${fw[1]}.weight`, await readAdapterTensor(st, name));
                 continue;
             }
             const mag = /^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$/.exec(name);
             if (mag) {
                 const p = pairs.get(mag[1]) ?? {};
-                p.magnitude = await st.readF32(name);
+                p.magnitude = await readAdapterTensor(st, name);
                 pairs.set(mag[1], p);
                 continue;
             }
             const m = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(name);
             if (!m) throw new QloraError(`tensor "${name}" is not a LoRA weight qlora can merge`, {file});
             const info = st.info(name);
-            const data = info.dtype === "F32" ? await st.readF32(name)
-                : halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype as "BF16" | "F16");
+            const data = await readAdapterTensor(st, name);
             const p = pairs.get(m[1]) ?? {};
             if (m[2] === "lora_A") {
                 p.A = data;
@@ -129,6 +126,9 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
         const prefix = `base_model.model.${mod}`;
         if (!shape) throw new QloraError(`tensor "${prefix}.lora_A.weight" belongs to module ${mod}, which the base ` +
             "model does not have: the adapter was trained on another base model", {file: opts.adapter});
+        if (p.r !== adapterCfg.r)
+            throw new QloraError(`tensor "${prefix}.lora_A.weight" has rank ${p.r} but adapter_config.json says r ` +
+                `${adapterCfg.r}: the scaling alpha/r would be wrong; the adapter files do not belong together`, {file: opts.adapter});
         if (p.A.length !== p.r * shape[1])
             throw new QloraError(`tensor "${prefix}.lora_A.weight" has ${p.A.length} elements but the base's ${mod} ` +
                 `needs [${p.r}, ${shape[1]}]: the adapter was trained on another base model`, {file: opts.adapter});
@@ -136,10 +136,15 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             throw new QloraError(`tensor "${prefix}.lora_B.weight" has ${p.B.length} elements but the base's ${mod} ` +
                 `needs [${shape[0]}, ${p.r}]: the adapter was trained on another base model`, {file: opts.adapter});
     }
+    checkRankFits(adapterCfg.r, [...pairs.keys()].map((mod) => {
+        const [outFeatures, inFeatures] = shapes.get(`${mod}.weight`)!;
+        return {name: mod, outFeatures, inFeatures};
+    }), path.join(opts.adapter, "adapter_config.json"));
     const ckpt = await SafetensorsCheckpoint.open(opts.model);
     let merged = 0;
     const tensors: TensorToWrite[] = [];
     try {
+        checkConfigAgainstCheckpoint(cfg, ckpt);
         for (const [name, shape] of shapes) {
             const replaced = full.get(name);
             // an untied output layer starts from the tied embedding of the checkpoint
@@ -167,7 +172,12 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
                 }
                 merged++;
             }
-            tensors.push({name, dtype: dtype === "bf16" ? "BF16" : "F16", shape, data: f32ToHalf(w, dtype === "bf16" ? "BF16" : "F16")});
+            const halfDtype = dtype === "bf16" ? "BF16" : "F16";
+            const bits = f32ToHalf(w, halfDtype);
+            // f16 tops out at 65504: a merged weight beyond it would be written as Inf
+            assertFinite(name, bits, out, halfDtype, dtype === "f16" ? "the merged weights exceed the f16 range: merge with --dtype bf16"
+                : "the adapter or the base holds values out of range");
+            tensors.push({name, dtype: halfDtype, shape, data: bits});
         }
     } finally {
         await ckpt.close();

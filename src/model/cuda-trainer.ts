@@ -16,7 +16,7 @@ import {DenseLinear, type LinearLayer} from "../backend/linear.js";
 import {LoraLinear} from "../lora/layer.js";
 import {Linear4bit} from "../quant/linear4bit.js";
 import type {DecoderModel} from "./decoder.js";
-import {shiftTargets, type ForwardBackwardOptions, type LossResult, type TrainBatch} from "./training.js";
+import {checkPositionsFitContext, shiftTargets, type ForwardBackwardOptions, type LossResult, type TrainBatch} from "./training.js";
 import {PROJ_NAMES, type ProjName} from "./weights.js";
 import type {OptimizerStateDict} from "../optim/adamw.js";
 
@@ -270,6 +270,7 @@ export class CudaTrainer {
         const cfg = this.model.config, k = cudaKernelOps();
         const {B, T} = batch;
         const N = B * T, C = cfg.hiddenSize, L = cfg.numHiddenLayers;
+        checkPositionsFitContext(cfg, batch.positionIds);
         this.microStep++;
         const ids = DeviceBuffer.from("i32", batch.inputIds);
         const pos = DeviceBuffer.from("i32", batch.positionIds);

@@ -5,10 +5,10 @@
 //   h = x + o_proj(attn(rope(q_proj(norm1(x))), rope(k_proj(.)), v_proj(.)))
 //   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
 import {QloraError} from "../errors.js";
-import {cpu} from "../backend/cpu.js";
-import {computeRopeInvFreq, loadModelConfig, type ModelConfig} from "../io/hf-config.js";
+import {cpu, halfToF32} from "../backend/cpu.js";
+import {computeRopeInvFreq, loadModelConfig, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
 import {DenseLinear, type LinearLayer} from "../backend/linear.js";
-import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readTensorF32, type ProjName} from "./weights.js";
+import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readFloatTensor, readTensorF32, type ProjName} from "./weights.js";
 import type {BitsAndBytesConfig} from "../quant/config.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
 import {Linear4bit} from "../quant/linear4bit.js";
@@ -46,6 +46,11 @@ export class KVCache {
     length = 0;
     constructor(readonly cfg: ModelConfig, readonly batch: number, readonly capacity: number) {
         const n = batch * capacity * cfg.numKeyValueHeads * cfg.headDim;
+        // the cache is sized from the request (prompt + max new tokens, capped by the context): a request past
+        // what one buffer holds is an error that says what to lower, not a RangeError
+        if (!(Number.isSafeInteger(n) && n <= MAX_TENSOR_ELEMENTS))
+            throw new QloraError(`a key/value cache for ${capacity} positions (x ${batch} rows) needs ${n} values per layer, ` +
+                `more than one buffer holds (${MAX_TENSOR_ELEMENTS}); lower the number of new tokens or the prompt length`);
         this.k = Array.from({length: cfg.numHiddenLayers}, () => new Float32Array(n));
         this.v = Array.from({length: cfg.numHiddenLayers}, () => new Float32Array(n));
     }
@@ -78,6 +83,7 @@ export class DecoderModel {
     }
 
     static async fromCheckpoint(dir: string, cfg: ModelConfig, opts: LoadOptions = {}): Promise<DecoderModel> {
+        computeRopeInvFreq(cfg); // a rope config that overflows float32 fails here, before any weight is read
         let preQuantized: Map<string, QuantState4bit> | null = null;
         if (cfg.quantizationConfig) {
             const bnb = await loadBnb4bitCheckpoint(dir);
@@ -253,7 +259,9 @@ export class DecoderModel {
 async function quantizeWeight(ckpt: SafetensorsCheckpoint, name: string, shape: [number, number],
     cfg: BitsAndBytesConfig): Promise<QuantState4bit> {
     const opts = {quantType: cfg.bnb_4bit_quant_type, compressStatistics: cfg.bnb_4bit_use_double_quant, shape};
-    if (ckpt.info(name).dtype === "BF16" && cfg.bnb_4bit_compute_dtype === "bfloat16")
-        return quantize4bit({bf16: (await ckpt.readTyped(name)) as Uint16Array}, opts);
-    return quantize4bit(await readTensorF32(ckpt, name), {...opts, dtype: "float32"});
+    return readFloatTensor(ckpt, name, (t) => {
+        if (t.dtype === "BF16" && cfg.bnb_4bit_compute_dtype === "bfloat16") return quantize4bit({bf16: t.values}, opts);
+        const values = t.dtype === "F32" ? t.values : halfToF32(t.values, t.dtype);
+        return quantize4bit(values, {...opts, dtype: "float32"});
+    });
 }

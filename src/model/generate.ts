@@ -38,6 +38,8 @@ export function generate(model: DecoderModel, promptIds: number[], opts: Generat
         throw new QloraError(`temperature must be > 0 for sampling (got ${sampling.temperature}); use --greedy for argmax decoding`);
     if (!(sampling.topP > 0 && sampling.topP <= 1)) throw new QloraError(`top_p must be in (0, 1] (got ${sampling.topP})`);
     if (promptIds.length === 0) throw new QloraError("the prompt is empty: there is nothing to continue from");
+    if (!Number.isSafeInteger(opts.maxNewTokens) || opts.maxNewTokens < 0)
+        throw new QloraError(`max_new_tokens must be a non-negative integer (got ${opts.maxNewTokens})`);
     const context = model.maxPositions;
     if (promptIds.length > context)
         throw new QloraError(`the prompt has ${promptIds.length} tokens but the model's context length ` +

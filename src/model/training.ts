@@ -5,7 +5,9 @@
 // causal-LM cross-entropy (logits at t predict labels[t+1]) summed over targets and multiplied by lossScale, so
 // the trainer can pass 1 / (targets in the whole accumulated batch) and get the true token mean (SPEC-training §8).
 // The logits are computed in chunks of rows and never held for the whole batch.
+import {QloraError} from "../errors.js";
 import {cpu} from "../backend/cpu.js";
+import type {ModelConfig} from "../io/hf-config.js";
 import {trainable, type TrainableLinear} from "../backend/linear.js";
 import type {Rng} from "../backend/rng.js";
 import type {DecoderModel} from "./decoder.js";
@@ -59,6 +61,25 @@ interface BlockActs {
     out: Float32Array; // [N, C] block output
 }
 
+/**
+ * Rows longer than the model's context would run at RoPE positions the model never saw and give a finite,
+ * meaningless loss: train and eval refuse them alike, naming the length knob that let them through.
+ */
+export function checkRowsFitContext(cfg: ModelConfig, longestRow: number, knob: string, knobValue: number | null): void {
+    if (longestRow <= cfg.maxPositionEmbeddings) return;
+    throw new QloraError(`${knob} ${knobValue ?? "(no limit)"} lets rows of ${longestRow} tokens through, longer than the ` +
+        `model's context (max_position_embeddings ${cfg.maxPositionEmbeddings} in config.json); lower ${knob}`);
+}
+
+/** the same rule for a batch about to run (any caller of the trainers: positions past the context are refused) */
+export function checkPositionsFitContext(cfg: ModelConfig, positionIds: Int32Array): void {
+    let last = -1;
+    for (let i = 0; i < positionIds.length; i++) if (positionIds[i] > last) last = positionIds[i];
+    if (last >= cfg.maxPositionEmbeddings)
+        throw new QloraError(`a batch reaches position ${last}, past the model's context (max_position_embeddings ` +
+            `${cfg.maxPositionEmbeddings} in config.json); shorten the rows`);
+}
+
 /** next-token targets: target[b, t] = labels[b, t + 1], -100 at the last position */
 export function shiftTargets(labels: Int32Array, B: number, T: number): Int32Array {
     const targets = new Int32Array(B * T).fill(-100);
@@ -90,6 +111,7 @@ export class DecoderTrainer {
         const cfg = this.model.config, ops = cpu();
         const {B, T} = batch;
         const N = B * T, C = cfg.hiddenSize, L = cfg.numHiddenLayers;
+        checkPositionsFitContext(cfg, batch.positionIds);
         const x0 = new Float32Array(N * C);
         const bad = ops.embeddingForward(x0, batch.inputIds, this.model.params.embed, N, cfg.vocabSize, C);
         if (bad >= 0) throw new Error(`token id ${batch.inputIds[bad]} is outside the vocabulary`);

@@ -1,8 +1,9 @@
 // weights.ts: reads a Hugging Face decoder checkpoint (llama / qwen2 / mistral names) into fp32 buffers,
-// checking every tensor's shape against config.json before anything is computed.
+// checking config.json against the checkpoint's headers before anything is allocated, and every value read for
+// NaN and Inf.
 import path from "node:path";
 import {QloraError} from "../errors.js";
-import {halfToF32} from "../backend/cpu.js";
+import {countNonFinite, halfToF32, type FloatDtype} from "../backend/cpu.js";
 import type {ModelConfig} from "../io/hf-config.js";
 import {SafetensorsCheckpoint} from "../io/safetensors.js";
 
@@ -53,14 +54,77 @@ export function expectedTensors(cfg: ModelConfig): Map<string, number[]> {
     return m;
 }
 
-/** reads one tensor as fp32, whatever its float dtype */
-export async function readTensorF32(ckpt: SafetensorsCheckpoint, name: string): Promise<Float32Array> {
+export const CORRUPT_CHECKPOINT = "the checkpoint is corrupt: re-download it";
+
+/**
+ * Throws when `data` (f32 values, or the bits of bf16/f16 values) holds a NaN or an infinity: such a weight
+ * turns every output it touches into NaN, or worse, into finite nonsense after a max or a clamp. The message
+ * names the tensor, the file and the counts; `remedy` says what to do (default: re-download the checkpoint).
+ * The model loader (readFloatTensor, readTensorF32) and the adapter loader (readAdapterTensor) call it on what
+ * they read; code that reads weights another way (merge's adapter reader) calls it too.
+ */
+export function assertFinite(name: string, data: Float32Array | Uint16Array, file: string,
+    dtype: FloatDtype = "F32", remedy = CORRUPT_CHECKPOINT): void {
+    const {nan, inf} = countNonFinite(data, dtype);
+    if (nan === 0 && inf === 0) return;
+    const counts = [nan ? `${nan.toLocaleString("en-US")} NaN` : "", inf ? `${inf.toLocaleString("en-US")} infinite` : ""]
+        .filter(Boolean).join(" and ");
+    throw new QloraError(`tensor "${name}" holds ${counts} value${nan + inf === 1 ? "" : "s"} ` +
+        `(of ${data.length.toLocaleString("en-US")}): ${remedy}`, {file});
+}
+
+/** a float tensor as stored: f32 values, or the bits of bf16/f16 values */
+export type RawFloatTensor = {dtype: "F32"; values: Float32Array} | {dtype: "BF16" | "F16"; values: Uint16Array};
+
+/**
+ * Reads one float tensor as stored, hands it to `use` (a conversion, a quantizer) and then checks the values for
+ * NaN and Inf. The check runs after `use` on purpose: the first touch of freshly read memory is what costs on a
+ * loaded machine, so checking memory the conversion just touched adds about 1% to the load instead of 10-40%.
+ */
+export async function readFloatTensor<T>(ckpt: SafetensorsCheckpoint, name: string, use: (t: RawFloatTensor) => T): Promise<T> {
     const info = ckpt.info(name);
-    if (info.dtype === "BF16" || info.dtype === "F16") {
-        const bits = (await ckpt.readTyped(name)) as Uint16Array;
-        return halfToF32(bits, info.dtype);
+    const t: RawFloatTensor = info.dtype === "BF16" || info.dtype === "F16"
+        ? {dtype: info.dtype, values: (await ckpt.readTyped(name)) as Uint16Array}
+        : {dtype: "F32", values: await ckpt.readF32(name)};
+    const result = use(t);
+    assertFinite(name, t.values, ckpt.fileFor(name).path, t.dtype);
+    return result;
+}
+
+/** reads one tensor as fp32, whatever its float dtype; NaN and Inf are refused */
+export function readTensorF32(ckpt: SafetensorsCheckpoint, name: string): Promise<Float32Array> {
+    return readFloatTensor(ckpt, name, (t) => t.dtype === "F32" ? t.values : halfToF32(t.values, t.dtype));
+}
+
+const LAYER_TENSOR = /^model\.layers\.(\d+)\./;
+
+/**
+ * Checks config.json's sizes against the tensors the checkpoint's headers list, before anything is built from the
+ * config: the layer count (the highest model.layers.N + 1) and the embedding's [vocab_size, hidden_size]. Only
+ * then is the per-tensor list of expectedTensors built, so a config that claims a billion layers is an error
+ * here instead of an out-of-memory crash, and every buffer later allocated from the config has a tensor of that
+ * size in the files.
+ */
+export function checkConfigAgainstCheckpoint(cfg: ModelConfig, ckpt: SafetensorsCheckpoint): void {
+    const where = ckpt.indexPath ?? ckpt.path;
+    let layers = 0;
+    for (const name of ckpt.names()) {
+        const m = LAYER_TENSOR.exec(name);
+        if (m) layers = Math.max(layers, Number(m[1]) + 1);
     }
-    return ckpt.readF32(name);
+    if (layers !== cfg.numHiddenLayers)
+        throw new QloraError(`"num_hidden_layers" is ${cfg.numHiddenLayers} but the checkpoint (${where}) ` +
+            (layers === 0 ? "has no model.layers.N tensors" : `holds ${layers} layer${layers === 1 ? "" : "s"} ` +
+                `(model.layers.0 to model.layers.${layers - 1})`) +
+            ": the weights do not belong to this config.json (fix the config or re-download the model)", {file: cfg.file});
+    const embedName = "model.embed_tokens.weight";
+    if (ckpt.has(embedName)) {
+        const shape = ckpt.info(embedName).shape;
+        if (shape.length !== 2 || shape[0] !== cfg.vocabSize || shape[1] !== cfg.hiddenSize)
+            throw new QloraError(`"vocab_size" ${cfg.vocabSize} and "hidden_size" ${cfg.hiddenSize} imply ` +
+                `${embedName} [${cfg.vocabSize}, ${cfg.hiddenSize}], but the checkpoint holds [${shape.join(", ")}] ` +
+                `(${path.basename(ckpt.fileFor(embedName).path)}): the weights do not belong to this config.json`, {file: cfg.file});
+    }
 }
 
 /**
@@ -70,6 +134,7 @@ export async function readTensorF32(ckpt: SafetensorsCheckpoint, name: string): 
 export async function openCheckpoint(dir: string, cfg: ModelConfig, skip: Set<string> = new Set()): Promise<SafetensorsCheckpoint> {
     const ckpt = await SafetensorsCheckpoint.open(dir);
     try {
+        checkConfigAgainstCheckpoint(cfg, ckpt);
         const fileOf = (name: string) => path.basename(ckpt.fileFor(name).path);
         for (const [name, shape] of expectedTensors(cfg)) {
             if (skip.has(name)) continue;
@@ -89,7 +154,7 @@ export async function openCheckpoint(dir: string, cfg: ModelConfig, skip: Set<st
                     `(a quantized checkpoint needs --load-in-4bit support for its format)`, {file: fileOf(name)});
         }
     } catch (err) {
-        ckpt.close();
+        await ckpt.close();
         throw err;
     }
     return ckpt;

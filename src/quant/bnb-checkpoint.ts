@@ -6,9 +6,9 @@
 // `P.weight.nested_absmax` and `P.weight.nested_quant_map`, and `P.weight.quant_state.bitsandbytes__nf4` (or
 // `__fp4`): the UTF-8 bytes of a JSON object with quant_type, blocksize, dtype, shape and the nested fields.
 // A weight is pre-quantized iff that quant_state sibling exists; the decision is made per tensor.
-import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import {readTextFile} from "../io/files.js";
 import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {
     SafetensorsCheckpoint, writeShardedSafetensors, type SafetensorsDtype, type ShardedWriteResult, type TensorToWrite
@@ -168,12 +168,15 @@ export interface Bnb4bitCheckpoint {
  */
 export async function loadBnb4bitCheckpoint(dir: string): Promise<Bnb4bitCheckpoint> {
     const configFile = path.join(dir, "config.json");
+    const text = await readTextFile(configFile, {what: "config.json"});
     let config: Record<string, unknown>;
     try {
-        config = JSON.parse(await fs.readFile(configFile, "utf8")) as Record<string, unknown>;
+        config = JSON.parse(text) as Record<string, unknown>;
     } catch (err) {
-        throw new QloraError(`cannot read config.json: ${(err as Error).message}`, {file: configFile, cause: err});
+        throw new QloraError(`invalid JSON: ${(err as Error).message}`, {file: configFile, cause: err});
     }
+    if (config === null || typeof config !== "object" || Array.isArray(config))
+        throw new QloraError("expected a JSON object of model settings", {file: configFile});
     if (config.quantization_config === undefined)
         throw new QloraError("config.json has no quantization_config: not a pre-quantized bitsandbytes checkpoint " +
             "(load it as a normal model and quantize it with load_in_4bit)", {file: configFile});

@@ -2,6 +2,7 @@
 // block scales (SPEC-quant.md §2-§6). The arithmetic runs in the native addon (native/cpu/quant.cpp), which
 // reproduces bnb's CUDA kernels bit for bit; this file holds the code tables, the state and the orchestration.
 import {QloraError} from "../errors.js";
+import {countNonFinite} from "../backend/cpu.js";
 import {loadQuantOps, QUANT_TYPE_CODE, ROUND_DTYPE_CODE} from "../backend/native-quant-types.js";
 
 export type QuantType = "nf4" | "fp4";
@@ -211,6 +212,15 @@ export function validateQuantState(state: QuantState4bit, what = "quant state"):
             fail(`nested_quant_map has ${state.nestedQuantMap?.length ?? 0} entries, expected 256`);
     } else if (!state.absmax || state.absmax.length !== nblocks) {
         fail(`absmax has ${state.absmax?.length ?? 0} entries, expected ${nblocks}`);
+    }
+    // the float parts of a state scale every weight of their block: one NaN there is a block of NaN weights
+    if (!Number.isFinite(state.offset)) fail(`nested_offset is ${state.offset}; the checkpoint is corrupt: re-download it`);
+    const floats: Array<[string, Float32Array | null]> = [["quant_map", state.quantMap], ["absmax", state.absmax],
+        ["nested_absmax", state.nestedAbsmax], ["nested_quant_map", state.nestedQuantMap]];
+    for (const [name, values] of floats) {
+        if (!values) continue;
+        const {nan, inf} = countNonFinite(values);
+        if (nan + inf > 0) fail(`${name} holds ${nan} NaN and ${inf} infinite values; the checkpoint is corrupt: re-download it`);
     }
 }
 

@@ -14,6 +14,7 @@ import {readTextFile} from "../io/files.js";
 import {DataLoader, loadDataset, padTokenIdOf, type Batch, type DataOptions, type PreparedDataset} from "../data/index.js";
 import {applyLora, loadAdapter, saveAdapter, trainableParametersLine, type LoraModel} from "../lora/adapter.js";
 import {DecoderModel} from "../model/decoder.js";
+import {checkRowsFitContext} from "../model/training.js";
 import {LRScheduler, resolveWarmupSteps} from "../optim/schedule.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {HfTokenizer} from "../tokenizer/index.js";
@@ -304,9 +305,7 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     const evalData = config.eval_dataset ? await loadDataset(config.eval_dataset, tokenizer, {...dataOptions, packing: false}) : null;
     for (const w of [...trainData.warnings, ...(evalData?.warnings ?? [])]) reporter.onWarning?.(w);
     const maxLen = longestRow(trainData.rows);
-    if (maxLen > model.config.maxPositionEmbeddings)
-        throw new QloraError(`max_seq_length ${config.max_seq_length} lets rows of ${maxLen} tokens through, longer than ` +
-            `the model's context (${model.config.maxPositionEmbeddings}); lower max_seq_length`);
+    checkRowsFitContext(model.config, maxLen, "max_seq_length", config.max_seq_length);
     const fingerprint = dataFingerprint(trainData.rows);
     if (savedArgs && resumeDir) checkResumeData(savedArgs, fingerprint, resumeDir);
     if (stop.signal) throw new TrainingInterrupted(stop.signal, 0, null);

@@ -36,6 +36,8 @@ export function registerEval(program: Command): void {
                 assistant_only_loss: !flags.allTokens,
             };
             const r = await evaluateLoss(loaded, flags.data, options, flags.batchSize);
+            // on stderr, so --json output stays one line; truncated examples change what the loss measures
+            for (const w of r.warnings) console.error(`warning: ${w}`);
             if (flags.json) {
                 console.log(JSON.stringify({loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, rows: r.rows,
                     format: r.stats.format, adapter: flags.adapter ?? null}));

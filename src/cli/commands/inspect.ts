@@ -5,6 +5,21 @@ import {resolveModelDir} from "../../api/models.js";
 import {inspectModel} from "../../api/inspect.js";
 import {action} from "../run.js";
 
+// Control characters (C0, DEL, C1) and the invisible bidi/line-separator characters, which a hostile config.json,
+// tokenizer or tensor name could use to move the cursor, recolour or rewrite what the terminal shows.
+const UNSAFE_FOR_TERMINAL = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/** a string from the model folder, safe to print: unsafe characters escaped the way JSON.stringify writes them */
+function printable(text: string): string {
+    return text.replace(UNSAFE_FOR_TERMINAL, (ch) => {
+        const json = JSON.stringify(ch);
+        return json.length > 3 ? json.slice(1, -1) : `\\u${ch.charCodeAt(0).toString(16).padStart(4, "0")}`;
+    });
+}
+
+/** at most this many unused tensor names are listed */
+const UNUSED_SHOWN = 5;
+
 export function registerInspect(program: Command): void {
     program.command("inspect")
         .description("describe a model folder: architecture, parameters, dtypes, tokenizer and context length")
@@ -16,7 +31,8 @@ export function registerInspect(program: Command): void {
                 console.log(JSON.stringify(info, null, 2));
                 return;
             }
-            const line = (k: string, v: string | number) => console.log(`${pc.dim(k.padEnd(22))} ${v}`);
+            // every value printed goes through printable(): they come from files qlora did not write
+            const line = (k: string, v: string | number) => console.log(`${pc.dim(k.padEnd(22))} ${printable(String(v))}`);
             const c = info.config;
             line("model", info.dir);
             line("architecture", `${c.architectures.join(", ") || "?"} (model_type ${c.modelType})`);
@@ -39,5 +55,11 @@ export function registerInspect(program: Command): void {
                 .map((x) => x ?? "-").join(" / "));
             line("chat template", info.tokenizer.hasChatTemplate ? "yes" : "no");
             if (c.quantizationConfig) line("quantization", JSON.stringify(c.quantizationConfig));
+            if (info.unusedTensors.length > 0) {
+                const shown = info.unusedTensors.slice(0, UNUSED_SHOWN).map((n) => JSON.stringify(n)).join(", ");
+                const more = info.unusedTensors.length - UNUSED_SHOWN;
+                line("unused tensors", `${info.unusedTensors.length} (not described by config.json, ignored when loading): ` +
+                    shown + (more > 0 ? `, ... ${more} more` : ""));
+            }
         }));
 }
