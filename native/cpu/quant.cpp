@@ -11,7 +11,8 @@
 
 #include <immintrin.h>
 #include <math.h>
-#include <string.h>
+#include "../include/qlora_bnb.h"
+#include "../include/qlora_float.h"
 #include "../include/qlora_quant.h"
 #include "parallel.h"
 
@@ -47,27 +48,10 @@ inline uint8_t quantize_fp4(float u) {
     return (uint8_t)(kFp4CodeByRank[r] + sign);
 }
 
-inline float bf16_bits_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-// round to the nearest bf16 (ties to even) and back; NaN stays NaN
-inline float round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return f;
-    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 inline float round_f16(float f) { return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
 
 inline float round_to(float f, int round_dtype) {
-    if (round_dtype == QLORA_ROUND_BF16) return round_bf16(f);
+    if (round_dtype == QLORA_ROUND_BF16) return qlora::round_bf16(f);
     if (round_dtype == QLORA_ROUND_F16) return round_f16(f);
     return f;
 }
@@ -80,7 +64,7 @@ inline float load_f32<float>(const float* p, int64_t i) {
 }
 template <>
 inline float load_f32<uint16_t>(const uint16_t* p, int64_t i) {
-    return bf16_bits_to_f32(p[i]);
+    return qlora::bf16_to_f32(p[i]);
 }
 
 // blocks are processed independently; a byte never straddles two blocks because blocksize is even
@@ -119,34 +103,6 @@ void quantize_4bit(uint8_t* packed, float* absmax, const T* inp, int quant_type,
     });
 }
 
-// bnb's dQuantize<0>: a 7-step binary search from index 127, then the midpoint to the neighbour on the side
-// of x. Ties at a midpoint go to the lower index above the pivot and to the pivot below it, as in CUDA.
-inline uint8_t quantize_dynamic(const float* code, float x) {
-    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-    float lower = -1.0f, upper = 1.0f;
-    float val = code[pivot];
-    for (int i = 64; i > 0; i >>= 1) {
-        if (x > val) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
-        val = code[pivot];
-    }
-    if (upper_pivot == 255) upper = code[upper_pivot];
-    if (lower_pivot == 0) lower = code[lower_pivot];
-    if (x > val) {
-        float midpoint = (upper + val) * 0.5f;
-        return (uint8_t)(x > midpoint ? upper_pivot : pivot);
-    }
-    float midpoint = (lower + val) * 0.5f;
-    return (uint8_t)(x < midpoint ? lower_pivot : pivot);
-}
-
 }  // namespace
 
 extern "C" void qlora_cpu_quantize_4bit_f32(uint8_t* packed, float* absmax, const float* inp, int quant_type,
@@ -168,7 +124,7 @@ extern "C" void qlora_cpu_dequantize_4bit(float* out, const uint8_t* packed, con
 extern "C" void qlora_cpu_quantize_blockwise_8bit(uint8_t* q, float* absmax, const float* inp, const float* code,
                                                   int64_t blocksize, int64_t n) {
     const int64_t bs = blocksize, nblocks = (n + bs - 1) / bs;
-    const uint8_t zero_code = quantize_dynamic(code, 0.0f);
+    const uint8_t zero_code = qlora::bnb::dquantize(code, 0.0f);
     qlora::parallel_for(nblocks, std::max<int64_t>(1, 8192 / bs), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) {
             const int64_t begin = b * bs, end = std::min(n, begin + bs);
@@ -180,7 +136,7 @@ extern "C" void qlora_cpu_quantize_blockwise_8bit(uint8_t* q, float* absmax, con
                 continue;
             }
             const float r = 1.0f / amax;
-            for (int64_t i = begin; i < end; i++) q[i] = quantize_dynamic(code, inp[i] * r);
+            for (int64_t i = begin; i < end; i++) q[i] = qlora::bnb::dquantize(code, inp[i] * r);
         }
     });
 }
@@ -213,8 +169,8 @@ extern "C" void qlora_cpu_dequantize_4bit_rows(float* out, const uint8_t* packed
         for (int64_t b = b_first + c0; b < b_first + c1; b++) {
             float scale;
             if (absmax_q) {
-                scale = nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize];
-                scale = scale + offset;
+                scale = qlora::bnb::nested_block_absmax(nested_code[absmax_q[b]], nested_absmax[b / nested_blocksize],
+                                                        offset);
             } else {
                 scale = nested_absmax[b];
             }

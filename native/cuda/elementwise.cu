@@ -2,7 +2,6 @@
 //
 // One grid-stride kernel template: each op processes W elements per 16-byte access (`vec`) when every pointer
 // is 16-byte aligned, and one element at a time (`one`) for the tail or for unaligned pointers.
-#include <string.h>
 #include "kernels.h"
 #include "kernel_utils.cuh"
 
@@ -290,16 +289,9 @@ extern "C" cudaError_t qlora_cuda_fill_f32(float* x, float value, int64_t n, cud
     return launch(FillF32{x, value}, n, aligned16(x), stream);
 }
 
-// host-side bf16 rounding of the fill value (the same rounding as the device's f32_to_bf16)
-static uint16_t host_f32_to_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40u);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-}
-
 extern "C" cudaError_t qlora_cuda_fill_bf16(uint16_t* x, float value, int64_t n, cudaStream_t stream) {
-    return launch(FillBf16{x, host_f32_to_bf16(value)}, n, aligned16(x), stream);
+    // the fill value rounded on the host, by the device's f32_to_bf16
+    return launch(FillBf16{x, f32_to_bf16(value)}, n, aligned16(x), stream);
 }
 
 extern "C" cudaError_t qlora_cuda_scale_f32(float* x, float s, int64_t n, cudaStream_t stream) {

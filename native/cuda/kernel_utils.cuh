@@ -4,8 +4,9 @@
 //
 // The CUDA sources build with --use_fast_math (CMakeLists.txt): plain `a / b`, `sqrtf`, `expf`, `sinf` become
 // approximations, subnormals flush to zero and `a * b + c` contracts into an FMA. Where a result must equal the
-// CPU's bit for bit (the optimizer states, the residual adds), the kernels call the `ieee::` helpers below, which
-// are inline PTX without `.ftz`: the compiler can neither fuse nor approximate them.
+// CPU's bit for bit (the optimizer states, the residual adds), the kernels call the `ieee::` operations, which
+// are inline PTX without `.ftz`: the compiler can neither fuse nor approximate them. Those operations and the
+// bf16 conversions are written once for the CPU and the GPU in qlora_float.h; they are brought in here.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -13,20 +14,16 @@
 #include <math.h>
 #include <stdint.h>
 #include "common.cuh"
+#include "qlora_float.h"
 
 namespace qk {
 
 // ------------------------------------------------------------------
 // bf16 / f16 <-> f32
 
-__device__ __forceinline__ float bf16_to_f32(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
-
-// round to nearest even; NaN stays a quiet NaN with its sign and top payload bits (as the CPU backend does)
-__device__ __forceinline__ uint16_t f32_to_bf16(float f) {
-    const uint32_t b = __float_as_uint(f);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40u);
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-}
+// bf16: round to nearest even; NaN stays a quiet NaN with its sign and top payload bits (as the CPU backend does)
+using ::qlora::bf16_to_f32;
+using ::qlora::f32_to_bf16;
 
 __device__ __forceinline__ float f16_to_f32(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ uint16_t f32_to_f16(float f) { return __half_as_ushort(__float2half_rn(f)); }
@@ -58,57 +55,8 @@ __device__ __forceinline__ uint4 pack_bf16x8(const float f[8]) {
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
 
-// ------------------------------------------------------------------
 // IEEE single-precision operations, round to nearest even, subnormals kept (no .ftz), never contracted
-
-namespace ieee {
-__device__ __forceinline__ float mul(float a, float b) {
-    float r;
-    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float add(float a, float b) {
-    float r;
-    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float sub(float a, float b) {
-    float r;
-    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float fma(float a, float b, float c) {
-    float r;
-    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-    return r;
-}
-__device__ __forceinline__ float div(float a, float b) {
-    float r;
-    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float sqrt(float a) {
-    float r;
-    asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
-    return r;
-}
-// fmaxf semantics: the other operand when one is NaN
-__device__ __forceinline__ float max(float a, float b) {
-    float r;
-    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float abs(float a) { return __uint_as_float(__float_as_uint(a) & 0x7fffffffu); }
-// ordered comparisons without flushing subnormal operands (false when either is NaN)
-__device__ __forceinline__ bool gt(float a, float b) {
-    uint32_t r;
-    asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}" : "=r"(r) : "f"(a), "f"(b));
-    return r != 0;
-}
-__device__ __forceinline__ bool lt(float a, float b) { return gt(b, a); }
-__device__ __forceinline__ bool is_finite(float a) { return (__float_as_uint(a) & 0x7f800000u) != 0x7f800000u; }
-__device__ __forceinline__ bool sign_bit(float a) { return (__float_as_uint(a) >> 31) != 0; }
-}  // namespace ieee
+namespace ieee = ::qlora::ieee;
 
 // ------------------------------------------------------------------
 // reductions (blockDim.x a multiple of 32; every thread of the block must call them)

@@ -1,10 +1,11 @@
 // nf4.cu: NF4/FP4 dequantization (bitsandbytes layout) to f32/bf16/f16, bit-identical to the CPU reference.
 //
 // Exactness: the CPU computes every product and sum in f32 on its own (fp-contract off) and keeps subnormals.
-// This file is built with --use_fast_math (-ftz=true, -fmad=true), so the arithmetic that must match is written
-// as inline PTX: mul.rn.f32 / add.rn.f32 without .ftz are never fused into an FMA nor flushed. bf16/f16 results
-// come from cvt.rn.{bf16,f16}{,x2}.f32 (round to nearest even, subnormal results kept), the same rounding as the
-// CPU's; only the NaN payload can differ (NaN needs a NaN scale, which a valid state never has).
+// This file is built with --use_fast_math (-ftz=true, -fmad=true), so the arithmetic that must match is the
+// CPU's own code (qlora_bnb.h, qlora_float.h), whose device operations are inline PTX: mul.rn.f32 / add.rn.f32
+// without .ftz are never fused into an FMA nor flushed. bf16/f16 results come from cvt.rn.{bf16,f16}{,x2}.f32
+// (round to nearest even, subnormal results kept), the same rounding as the CPU's; only the NaN payload can
+// differ (NaN needs a NaN scale, which a valid state never has).
 //
 // Memory-bound: per 8 elements a thread reads one 32-bit word of codes and writes 16 bytes (bf16/f16) or 32
 // bytes (f32), so both the loads and the stores are fully coalesced across a warp; each thread handles UNROLL
@@ -13,23 +14,16 @@
 #include "common.cuh"
 #include "gemm.h"
 #include "nf4.h"
+#include "qlora_bnb.h"
+#include "qlora_float.h"
 
 namespace {
 
+using qlora::bnb::nested_block_absmax;
+using qlora::ieee::mul;
+
 constexpr int THREADS = 256;
 constexpr int UNROLL = 4;
-
-__device__ __forceinline__ float mul_rn(float a, float b) {
-    float d;
-    asm("mul.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
-
-__device__ __forceinline__ float add_rn(float a, float b) {
-    float d;
-    asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
 
 // two f32 -> packed bf16x2 / f16x2, `lo` in the low half (the lower address)
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
@@ -60,7 +54,8 @@ template <bool NESTED>
 __device__ __forceinline__ float block_scale(int64_t b, const float* absmax, const uint8_t* absmax_q,
                                              const float* nested_absmax, const float* s_nested, float offset,
                                              int nested_shift) {
-    if (NESTED) return add_rn(mul_rn(s_nested[__ldg(absmax_q + b)], __ldg(nested_absmax + (b >> nested_shift))), offset);
+    if (NESTED)
+        return nested_block_absmax(s_nested[__ldg(absmax_q + b)], __ldg(nested_absmax + (b >> nested_shift)), offset);
     return __ldg(absmax + b);
 }
 
@@ -100,8 +95,8 @@ dequant4bit_units(void* __restrict__ out, const uint32_t* __restrict__ packed, c
         float v[8];
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            v[2 * k] = mul_rn(s_code[(w[j] >> (8 * k + 4)) & 15u], scale[j]);
-            v[2 * k + 1] = mul_rn(s_code[(w[j] >> (8 * k)) & 15u], scale[j]);
+            v[2 * k] = mul(s_code[(w[j] >> (8 * k + 4)) & 15u], scale[j]);
+            v[2 * k + 1] = mul(s_code[(w[j] >> (8 * k)) & 15u], scale[j]);
         }
         if (OUT == QLORA_CUDA_F32) {
             float4* o = reinterpret_cast<float4*>(out) + 2 * u;
@@ -129,12 +124,12 @@ __global__ void dequant4bit_elements(void* __restrict__ out, const uint8_t* __re
         const int64_t b = i / blocksize;
         float scale;
         if (absmax_q)
-            scale = add_rn(mul_rn(__ldg(nested_code + absmax_q[b]), __ldg(nested_absmax + b / nested_blocksize)),
-                           offset);
+            scale = nested_block_absmax(__ldg(nested_code + absmax_q[b]), __ldg(nested_absmax + b / nested_blocksize),
+                                        offset);
         else
             scale = __ldg(absmax + b);
         const uint8_t byte = __ldg(packed + (i >> 1));
-        const float v = mul_rn(__ldg(code + ((i & 1) ? (byte & 15) : (byte >> 4))), scale);
+        const float v = mul(__ldg(code + ((i & 1) ? (byte & 15) : (byte >> 4))), scale);
         if (OUT == QLORA_CUDA_F32)
             reinterpret_cast<float*>(out)[i] = v;
         else if (OUT == QLORA_CUDA_BF16)
@@ -269,8 +264,8 @@ gemv4bit_kernel(void* __restrict__ y, bool y_f32, const void* __restrict__ x, co
         float wv[8];
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            wv[2 * k] = round_weight<XT>(mul_rn(s_code[(w >> (8 * k + 4)) & 15u], scale));
-            wv[2 * k + 1] = round_weight<XT>(mul_rn(s_code[(w >> (8 * k)) & 15u], scale));
+            wv[2 * k] = round_weight<XT>(mul(s_code[(w >> (8 * k + 4)) & 15u], scale));
+            wv[2 * k + 1] = round_weight<XT>(mul(s_code[(w >> (8 * k)) & 15u], scale));
         }
 #pragma unroll
         for (int r = 0; r < MR; r++) {

@@ -1,142 +1,83 @@
 // optim.cu: AdamW (torch, bitsandbytes 32-bit, bitsandbytes 8-bit blockwise), the gradient-norm reduction and
 // clipping scale, and paged (unified-memory) states (optim.h).
 //
-// Bit-exactness with native/cpu/optim.cpp: the host computes the per-step scalars with the CPU's expressions (the
-// same libm), and the kernels spell every device operation as an ieee:: call (kernel_utils.cuh), in the CPU's
-// order, with its explicit fmaf where the CPU has one and nowhere else.
+// Bit-exactness with native/cpu/optim.cpp: both run the same code, qlora_adamw.h (the per-step scalars, computed
+// on the host with the same libm, and the updates) and qlora_bnb.h (the 8-bit state codes), whose operations are
+// inline PTX on the device (qlora_float.h), so --use_fast_math can neither fuse nor approximate them.
 #include <limits.h>
 #include <math.h>
 #include "optim.h"
 #include "kernel_utils.cuh"
+#include "qlora_adamw.h"
 #include "runtime.h"
 
 using namespace qk;
+namespace adamw = qlora::adamw;
 
 namespace {
 
 constexpr int kThreads = 256;
 
 // ------------------------------------------------------------------
-// torch AdamW
+// torch AdamW and bitsandbytes 32-bit AdamW: elementwise, the update of qlora_adamw.h
 
-struct TorchScalars {
-    float decay, w1, b2, w2, neg_step_size, bc2_sqrt, eps;
-    bool decays;
+struct TorchStep {
+    adamw::TorchScalars c;
+    __device__ __forceinline__ void operator()(float& p, float& m, float& v, float g) const {
+        adamw::torch_update(p, m, v, g, c);
+    }
 };
 
-__device__ __forceinline__ void torch_update(float& p, float& m, float& v, float g, const TorchScalars& c) {
-    if (c.decays) p = ieee::mul(p, c.decay);
-    m = ieee::fma(c.w1, ieee::sub(g, m), m);                      // exp_avg.lerp_(grad, 1 - beta1)
-    v = ieee::mul(v, c.b2);                                       // exp_avg_sq.mul_(beta2)
-    v = ieee::add(v, ieee::mul(ieee::mul(c.w2, g), g));           //   .addcmul_(grad, grad, 1 - beta2)
-    const float denom = ieee::add(ieee::div(ieee::sqrt(v), c.bc2_sqrt), c.eps);
-    p = ieee::add(p, ieee::div(ieee::mul(c.neg_step_size, m), denom));  // addcdiv_
-}
-
-__global__ void __launch_bounds__(kThreads) adamw_torch_kernel(float* param, float* exp_avg, float* exp_avg_sq,
-                                                               const float* grad, TorchScalars c, int64_t nvec,
-                                                               int64_t n) {
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    for (int64_t i = tid; i < nvec; i += stride) {
-        float4 p = reinterpret_cast<float4*>(param)[i], m = reinterpret_cast<float4*>(exp_avg)[i];
-        float4 v = reinterpret_cast<float4*>(exp_avg_sq)[i];
-        const float4 g = reinterpret_cast<const float4*>(grad)[i];
-        torch_update(p.x, m.x, v.x, g.x, c);
-        torch_update(p.y, m.y, v.y, g.y, c);
-        torch_update(p.z, m.z, v.z, g.z, c);
-        torch_update(p.w, m.w, v.w, g.w, c);
-        reinterpret_cast<float4*>(param)[i] = p;
-        reinterpret_cast<float4*>(exp_avg)[i] = m;
-        reinterpret_cast<float4*>(exp_avg_sq)[i] = v;
+struct Bnb32Step {
+    adamw::BnbScalars c;
+    __device__ __forceinline__ void operator()(float& p, float& m, float& v, float g) const {
+        adamw::bnb32_update(p, m, v, g, c);
     }
-    for (int64_t i = nvec * 4 + tid; i < n; i += stride) {
-        float p = param[i], m = exp_avg[i], v = exp_avg_sq[i];
-        torch_update(p, m, v, grad[i], c);
-        param[i] = p;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-    }
-}
-
-// ------------------------------------------------------------------
-// bitsandbytes 32-bit AdamW
-
-struct Bnb32Scalars {
-    float step_size, correction2, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, decay;
-    bool decays;
 };
 
-__device__ __forceinline__ void bnb32_update(float& p, float& m, float& v, float g, const Bnb32Scalars& c) {
-    m = ieee::fma(m, c.beta1, ieee::mul(c.one_minus_beta1, g));
-    v = ieee::fma(v, c.beta2, ieee::mul(c.one_minus_beta2, ieee::mul(g, g)));
-    p = ieee::fma(c.step_size, ieee::div(m, ieee::fma(c.eps, c.correction2, ieee::sqrt(v))), p);
-    if (c.decays) p = ieee::mul(p, c.decay);
-}
-
-__global__ void __launch_bounds__(kThreads) adamw_bnb32_kernel(float* param, float* state1, float* state2,
-                                                               const float* grad, Bnb32Scalars c, int64_t nvec,
-                                                               int64_t n) {
+// float4 quads [0, nvec) (all four pointers 16-byte aligned), then the elements [4 * nvec, n) one by one
+template <class Step>
+__global__ void __launch_bounds__(kThreads) adamw_elementwise_kernel(float* param, float* state1, float* state2,
+                                                                     const float* grad, Step step, int64_t nvec,
+                                                                     int64_t n) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     for (int64_t i = tid; i < nvec; i += stride) {
         float4 p = reinterpret_cast<float4*>(param)[i], m = reinterpret_cast<float4*>(state1)[i];
         float4 v = reinterpret_cast<float4*>(state2)[i];
         const float4 g = reinterpret_cast<const float4*>(grad)[i];
-        bnb32_update(p.x, m.x, v.x, g.x, c);
-        bnb32_update(p.y, m.y, v.y, g.y, c);
-        bnb32_update(p.z, m.z, v.z, g.z, c);
-        bnb32_update(p.w, m.w, v.w, g.w, c);
+        step(p.x, m.x, v.x, g.x);
+        step(p.y, m.y, v.y, g.y);
+        step(p.z, m.z, v.z, g.z);
+        step(p.w, m.w, v.w, g.w);
         reinterpret_cast<float4*>(param)[i] = p;
         reinterpret_cast<float4*>(state1)[i] = m;
         reinterpret_cast<float4*>(state2)[i] = v;
     }
     for (int64_t i = nvec * 4 + tid; i < n; i += stride) {
         float p = param[i], m = state1[i], v = state2[i];
-        bnb32_update(p, m, v, grad[i], c);
+        step(p, m, v, grad[i]);
         param[i] = p;
         state1[i] = m;
         state2[i] = v;
     }
 }
 
+template <class Step>
+cudaError_t launch_elementwise(float* param, float* state1, float* state2, const float* grad, const Step& step,
+                               int64_t n, cudaStream_t stream) {
+    const bool aligned = aligned16(param) && aligned16(state1) && aligned16(state2) && aligned16(grad);
+    const int64_t nvec = aligned ? n / 4 : 0;
+    const int64_t work = nvec > n - nvec * 4 ? nvec : n - nvec * 4;
+    adamw_elementwise_kernel<Step><<<grid_for(work, kThreads), kThreads, 0, stream>>>(param, state1, state2, grad,
+                                                                                       step, nvec, n);
+    return cudaGetLastError();
+}
+
 // ------------------------------------------------------------------
 // bitsandbytes 8-bit blockwise AdamW
 
 constexpr int kMaxPerThread = 8;  // elements of a quantization block per thread: blocksize <= 8 * 256
-
-struct Bnb8Scalars {
-    float step_size, correction2, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, decay;
-    bool decays;
-};
-
-// bnb's quantize_2D<SIGNED>: a 7-step binary search from index 127, then the midpoint to the neighbour on the side
-// x lies (see native/cpu/optim.cpp); a NaN walks down to index 0
-template <bool SIGNED>
-__device__ __forceinline__ uint8_t quantize_2d(const float* code, float x) {
-    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-    float lower = SIGNED ? -1.0f : 0.0f, upper = 1.0f;
-    float val = code[127];
-#pragma unroll
-    for (int i = 64; i > 0; i >>= 1) {
-        if (ieee::gt(x, val)) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
-        val = code[pivot];
-    }
-    if (ieee::gt(x, val)) {
-        const float midpoint = ieee::mul(ieee::add(upper, val), 0.5f);
-        return (uint8_t)(ieee::gt(x, midpoint) ? upper_pivot : pivot);
-    }
-    const float midpoint = ieee::mul(ieee::add(lower, val), 0.5f);
-    return (uint8_t)(ieee::lt(x, midpoint) ? lower_pivot : pivot);
-}
 
 // the block-wide maxima of a and b, returned to every thread
 __device__ __forceinline__ void block_max2(float& a, float& b, float* ra, float* rb) {
@@ -156,7 +97,7 @@ template <int PER>
 __global__ void __launch_bounds__(kThreads) adamw_bnb8_kernel(float* param, uint8_t* state1, uint8_t* state2,
                                                               float* absmax1, float* absmax2, const float* grad,
                                                               const float* qmap1, const float* qmap2,
-                                                              Bnb8Scalars c, int64_t blocksize, int64_t n,
+                                                              adamw::BnbScalars c, int64_t blocksize, int64_t n,
                                                               int64_t nblocks) {
     __shared__ float q1[256], q2[256];
     __shared__ float red1[32], red2[32];
@@ -180,22 +121,14 @@ __global__ void __launch_bounds__(kThreads) adamw_bnb8_kernel(float* param, uint
                 const float g = grad[i];
                 gs[k] = g;
                 ps[k] = param[i];  // loaded early: more loads in flight before the block-wide max
-                if (ieee::is_finite(g)) {
-                    float v = ieee::mul(q2[state2[i]], old_absmax2);
-                    vs[k] = ieee::fma(ieee::mul(c.one_minus_beta2, g), g, ieee::mul(v, c.beta2));
-                    float m = ieee::mul(q1[state1[i]], old_absmax1);
-                    ms[k] = ieee::fma(c.one_minus_beta1, g, ieee::mul(m, c.beta1));
-                }
+                if (ieee::is_finite(g))
+                    adamw::bnb8_moments(ms[k], vs[k], g, q1[state1[i]], old_absmax1, q2[state2[i]], old_absmax2, c);
                 amax1 = ieee::max(amax1, ieee::abs(ms[k]));
                 amax2 = ieee::max(amax2, ieee::abs(vs[k]));
             }
         }
-        if (len < blocksize && threadIdx.x == 0) {
-            // bnb pads the last block with g = 0 and codes 128 / 0; the padding's m joins the new absmax
-            const float pad_m = ieee::mul(ieee::mul(q1[128], old_absmax1), c.beta1);
-            amax1 = ieee::max(amax1, ieee::abs(pad_m));
-            amax2 = ieee::max(amax2, 0.0f);
-        }
+        // bnb pads the last block with g = 0 and codes 128 / 0; the padding's m joins the new absmax
+        if (len < blocksize && threadIdx.x == 0) adamw::bnb8_pad_absmax(amax1, amax2, q1[128], old_absmax1, c);
         block_max2(amax1, amax2, red1, red2);  // (also orders every read of the old absmax before the write below)
         if (threadIdx.x == 0) {
             absmax1[b] = amax1;
@@ -207,18 +140,8 @@ __global__ void __launch_bounds__(kThreads) adamw_bnb8_kernel(float* param, uint
             if (j < len) {
                 const int64_t i = base + j;
                 const float m = ms[k], v = vs[k];
-                if (ieee::is_finite(gs[k])) {
-                    float p = ieee::fma(c.step_size, ieee::div(m, ieee::fma(c.correction2, c.eps, ieee::sqrt(v))),
-                                        ps[k]);
-                    if (c.decays) p = ieee::mul(p, c.decay);
-                    param[i] = p;
-                }
-                uint8_t c1 = quantize_2d<true>(q1, ieee::div(m, amax1));
-                const uint8_t c2 = quantize_2d<false>(q2, ieee::div(v, amax2));
-                // keep the sign of m: a small negative m that rounds to +0.0 (index 127) is stored as 126
-                if (ieee::sign_bit(q1[c1]) != ieee::sign_bit(m)) c1 = (uint8_t)(ieee::gt(m, 0.0f) ? c1 + 1 : c1 - 1);
-                state1[i] = c1;
-                state2[i] = c2;
+                if (ieee::is_finite(gs[k])) param[i] = adamw::bnb8_param(ps[k], m, v, c);
+                adamw::bnb8_codes(state1[i], state2[i], m, v, amax1, amax2, q1, q2);
             }
         }
     }
@@ -323,7 +246,7 @@ struct Bnb8Args {
     const float* grad;
     const float* qmap1;
     const float* qmap2;
-    Bnb8Scalars c;
+    adamw::BnbScalars c;
     int64_t blocksize, n, nblocks;
 };
 
@@ -351,25 +274,9 @@ extern "C" cudaError_t qlora_cuda_adamw_torch_step(float* param, float* exp_avg,
                                                    cudaStream_t stream) {
     if (n < 0) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
-    // the CPU's scalars, expression for expression (qlora_cpu_adamw_torch_step)
-    const double bc1 = 1.0 - pow(beta1, (double)step);
-    const double bc2 = 1.0 - pow(beta2, (double)step);
-    volatile double lr_wd = lr * weight_decay;  // never contracted into an fma with the subtraction
-    TorchScalars c;
-    c.decay = (float)(1.0 - lr_wd);
-    c.w1 = (float)(1.0 - beta1);
-    c.b2 = (float)beta2;
-    c.w2 = (float)(1.0 - beta2);
-    c.neg_step_size = (float)(-(lr / bc1));
-    c.bc2_sqrt = (float)pow(bc2, 0.5);
-    c.eps = (float)eps;
-    c.decays = weight_decay != 0.0;
-    const bool aligned = aligned16(param) && aligned16(exp_avg) && aligned16(exp_avg_sq) && aligned16(grad);
-    const int64_t nvec = aligned ? n / 4 : 0;
-    const int64_t work = nvec > n - nvec * 4 ? nvec : n - nvec * 4;
-    adamw_torch_kernel<<<grid_for(work, kThreads), kThreads, 0, stream>>>(param, exp_avg, exp_avg_sq, grad, c, nvec,
-                                                                          n);
-    return cudaGetLastError();
+    // the CPU's scalars (qlora_adamw.h, as qlora_cpu_adamw_torch_step)
+    const TorchStep update = {adamw::torch_scalars(lr, beta1, beta2, eps, weight_decay, step)};
+    return launch_elementwise(param, exp_avg, exp_avg_sq, grad, update, n, stream);
 }
 
 extern "C" cudaError_t qlora_cuda_adamw_bnb32_step(float* param, float* state1, float* state2, const float* grad,
@@ -379,23 +286,8 @@ extern "C" cudaError_t qlora_cuda_adamw_bnb32_step(float* param, float* state1, 
     if (n < 0) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     // qlora_cpu_adamw_bnb32_step's scalars
-    const float correction1 = 1.0f - powf(beta1, (float)step);
-    const float correction2 = sqrtf(1.0f - powf(beta2, (float)step));
-    Bnb32Scalars c;
-    c.step_size = -lr * correction2 / correction1;
-    c.correction2 = correction2;
-    c.eps = eps;
-    c.beta1 = beta1;
-    c.beta2 = beta2;
-    c.one_minus_beta1 = 1.0f - beta1;
-    c.one_minus_beta2 = 1.0f - beta2;
-    c.decay = fmaf(-lr, weight_decay, 1.0f);
-    c.decays = weight_decay > 0.0f;
-    const bool aligned = aligned16(param) && aligned16(state1) && aligned16(state2) && aligned16(grad);
-    const int64_t nvec = aligned ? n / 4 : 0;
-    const int64_t work = nvec > n - nvec * 4 ? nvec : n - nvec * 4;
-    adamw_bnb32_kernel<<<grid_for(work, kThreads), kThreads, 0, stream>>>(param, state1, state2, grad, c, nvec, n);
-    return cudaGetLastError();
+    const Bnb32Step update = {adamw::bnb_scalars(lr, beta1, beta2, eps, weight_decay, step)};
+    return launch_elementwise(param, state1, state2, grad, update, n, stream);
 }
 
 extern "C" cudaError_t qlora_cuda_adamw_bnb8_step(float* param, uint8_t* state1, uint8_t* state2, float* absmax1,
@@ -406,18 +298,7 @@ extern "C" cudaError_t qlora_cuda_adamw_bnb8_step(float* param, uint8_t* state1,
     if (n < 0 || blocksize < 1 || blocksize > (int64_t)kMaxPerThread * kThreads) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     // qlora_cpu_adamw_bnb8_step's scalars
-    const float correction1 = 1.0f - powf(beta1, (float)step);
-    const float correction2 = sqrtf(1.0f - powf(beta2, (float)step));
-    Bnb8Scalars c;
-    c.step_size = (-lr * correction2) / correction1;
-    c.correction2 = correction2;
-    c.eps = eps;
-    c.beta1 = beta1;
-    c.beta2 = beta2;
-    c.one_minus_beta1 = 1.0f - beta1;
-    c.one_minus_beta2 = 1.0f - beta2;
-    c.decay = fmaf(-lr, weight_decay, 1.0f);
-    c.decays = weight_decay > 0.0f;
+    const adamw::BnbScalars c = adamw::bnb_scalars(lr, beta1, beta2, eps, weight_decay, step);
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     const int threads = blocksize < kThreads ? round_up_warp(blocksize) : kThreads;
     const int64_t per = (blocksize + threads - 1) / threads;
