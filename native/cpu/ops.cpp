@@ -4,6 +4,7 @@
 #include <math.h>
 #include <string.h>
 #include <immintrin.h>
+#include "../include/qlora_float.h"
 #include "../include/qlora_ops.h"
 #include "parallel.h"
 
@@ -12,20 +13,8 @@ using qlora::parallel_for;
 // ------------------------------------------------------------------
 // dtype conversion
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // quiet NaN stays NaN
-    uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);                                 // round to nearest even
-    return (uint16_t)((bits + rounding) >> 16);
-}
+using qlora::bf16_to_f32;
+using qlora::f32_to_bf16;
 
 extern "C" void qlora_cpu_bf16_to_f32(float* out, const uint16_t* inp, int64_t n) {
     parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
