@@ -6,6 +6,7 @@
 import {constants as fsConstants, promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
+import type {TrainConfig} from "./config.js";
 import {cpu} from "../backend/cpu.js";
 import {resolveDevice} from "../backend/cuda.js";
 import {Rng} from "../backend/rng.js";
@@ -33,63 +34,8 @@ import {
 
 export {TrainingInterrupted} from "./stop.js";
 
-/** the trainer's settings: the seed's names (a TrainConfig from src/api satisfies it) */
-export interface TrainerConfig {
-    model: string;
-    dataset: string;
-    eval_dataset: string | null;
-    dataset_format: string;
-    template: string | null;
-    max_seq_length: number;
-    packing: boolean;
-    completion_only_loss: boolean;
-    assistant_only_loss: boolean;
-    load_in_4bit: boolean;
-    bnb_4bit_quant_type: "nf4" | "fp4";
-    bnb_4bit_compute_dtype: "bfloat16" | "float16" | "float32";
-    bnb_4bit_use_double_quant: boolean;
-    r: number;
-    lora_alpha: number;
-    target_modules: string[] | string;
-    lora_dropout: number;
-    bias: "none" | "all" | "lora_only";
-    use_rslora: boolean;
-    use_dora: boolean;
-    modules_to_save: string[] | null;
-    init_lora_weights: boolean | "gaussian";
-    output_dir: string;
-    num_train_epochs: number;
-    max_steps: number;
-    per_device_train_batch_size: number;
-    per_device_eval_batch_size: number;
-    gradient_accumulation_steps: number;
-    learning_rate: number;
-    weight_decay: number;
-    adam_beta1: number;
-    adam_beta2: number;
-    adam_epsilon: number;
-    max_grad_norm: number;
-    optim: string;
-    lr_scheduler_type: string;
-    warmup_ratio: number;
-    warmup_steps: number;
-    fp16: boolean;
-    bf16: boolean;
-    gradient_checkpointing: boolean;
-    gradient_checkpointing_offload: boolean;
-    logging_steps: number;
-    eval_steps: number | null;
-    save_steps: number;
-    save_total_limit: number | null;
-    seed: number;
-    resume_from_checkpoint: boolean | string;
-    /** replace an earlier run in output_dir (its checkpoint-N, final, metrics.jsonl, report.html; nothing else) */
-    overwrite_output_dir?: boolean;
-    /** settings that may differ from the resumed checkpoint's (max_steps, learning_rate, ...: RESUME_OVERRIDABLE_KEYS) */
-    resume_override?: string[];
-    device: "auto" | "cpu" | "cuda";
-    threads: number | null;
-}
+/** the trainer's settings: the config schema's keys with the model and data paths resolved */
+export type TrainerConfig = Omit<TrainConfig, "model" | "dataset" | "task_type"> & {model: string; dataset: string};
 
 export interface TrainStartInfo {
     modelDir: string;

@@ -31,8 +31,9 @@ export const RESUME_KEY_CLASSES: Record<keyof TrainerConfig, "free" | "override"
     gradient_checkpointing: "free", gradient_checkpointing_offload: "free", fp16: "free", bf16: "free",
 };
 
-const KEYS = Object.keys(RESUME_KEY_CLASSES) as (keyof TrainerConfig)[];
-export const RESUME_OVERRIDABLE_KEYS = KEYS.filter((k) => RESUME_KEY_CLASSES[k] === "override");
+// explicitly typed: the config schema (train/config.ts) reads these, and TrainerConfig is inferred from it
+const KEYS = Object.keys(RESUME_KEY_CLASSES) as string[] as (keyof TrainerConfig)[];
+export const RESUME_OVERRIDABLE_KEYS: string[] = KEYS.filter((k) => RESUME_KEY_CLASSES[k] === "override");
 
 /** null when `names` is a valid resume_override list, else what is wrong with it */
 export function resumeOverrideProblem(names: readonly string[]): string | null {
