@@ -29,6 +29,27 @@ export interface TrainEngine {
     memory(): {current: number; peak: number; label: string};
 }
 
+/**
+ * fp16, bf16 and bnb_4bit_compute_dtype are TrainingArguments / BitsAndBytesConfig keys users carry over from the
+ * Python recipe; what each engine can honour is checked here so none is silently ignored. The GPU engine computes
+ * in bf16 (fp32 accumulation, fp32 LoRA masters); fp16 compute with loss scaling is not implemented. The CPU
+ * engine computes in fp32, more precise than any setting asks for (the start line says so).
+ */
+export function checkComputeDtype(device: "cpu" | "cuda", cfg: {fp16: boolean; bf16: boolean;
+    bnb_4bit_compute_dtype: string; load_in_4bit: boolean}): void {
+    if (cfg.fp16 && cfg.bf16) throw new QloraError("fp16 and bf16 are both true; choose one (qlora computes in bf16 on the GPU)");
+    if (cfg.fp16 || (cfg.load_in_4bit && cfg.bnb_4bit_compute_dtype === "float16"))
+        throw new QloraError(`${cfg.fp16 ? "fp16: true" : "bnb_4bit_compute_dtype: float16"} asks for fp16 compute, which qlora ` +
+            "does not implement (every GPU it runs on, compute capability 8.0+, has bf16: the seed recipe's choice); " +
+            `set ${cfg.fp16 ? "fp16: false, bf16: true" : "bnb_4bit_compute_dtype: bfloat16"}`);
+    if (device === "cuda" && !cfg.bf16)
+        throw new QloraError("bf16: false asks for fp32 compute on the GPU, which qlora does not implement (it computes in " +
+            "bf16 with fp32 accumulation and fp32 LoRA weights); set bf16: true, or --device cpu for fp32 compute");
+    if (device === "cuda" && cfg.load_in_4bit && cfg.bnb_4bit_compute_dtype === "float32")
+        throw new QloraError("bnb_4bit_compute_dtype: float32 is not implemented on the GPU (qlora computes in bf16 there); " +
+            "set bnb_4bit_compute_dtype: bfloat16, or --device cpu for fp32 compute");
+}
+
 /** `offloadActivations`: offloaded gradient checkpointing on the GPU (on the CPU the block inputs are host memory already) */
 export function createEngine(device: "cpu" | "cuda", model: DecoderModel, lora: LoraModel, optim: string,
     args: OptimizerArgs, dropoutRng: Rng, seed: number, offloadActivations = false): TrainEngine {

@@ -23,7 +23,7 @@ import {
     CHECKPOINT_KIND, CHECKPOINT_PREFIX, checkpointStep, copyTokenizerFiles, FINAL_ADAPTER_KIND, listCheckpoints,
     loadCheckpointState, readCheckpointTrainingArgs, resolveResumeDir, rotateCheckpoints, saveCheckpoint, type TrainerState,
 } from "./checkpoint.js";
-import {createEngine} from "./engine.js";
+import {checkComputeDtype, createEngine} from "./engine.js";
 import {checkOutputPolicy, markOutputDir, openOutputDir, removeEarlierRun, type OutputDir} from "./output-dir.js";
 import {writeReport, type MetricRecord} from "./report.js";
 import {StopRequest, TrainingInterrupted, type StopSignal} from "./stop.js";
@@ -197,6 +197,7 @@ async function assertReplaceable(outputDir: string, resumeDir: string): Promise<
 
 export async function train(config: TrainerConfig, reporter: TrainReporter = {}): Promise<TrainResult> {
     const device = resolveDevice(config.device);
+    checkComputeDtype(device, config);
     if (config.threads) cpu().setNumThreads(config.threads);
     const overrideProblem = resumeOverrideProblem(config.resume_override ?? []);
     if (overrideProblem) throw new QloraError(`resume_override: ${overrideProblem}`);
