@@ -5,7 +5,8 @@ import os from "node:os";
 import path from "node:path";
 import {fileURLToPath} from "node:url";
 import {QloraError} from "../src/errors.js";
-import {computeRopeInvFreq, loadModelConfig, parseModelConfig, type ModelConfig} from "../src/io/hf-config.js";
+import {loadModelConfig, parseModelConfig, type ModelConfig} from "../src/io/hf-config.js";
+import {computeRopeInvFreq} from "../src/model/rope.js";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const tinyQwenDir = path.resolve(repoRoot, "..", "shared", "models", "tiny-qwen2");
@@ -113,6 +114,7 @@ describe("config.json parsing", () => {
             numAttentionHeads: 4,
             numKeyValueHeads: 2,
             headDim: 64,
+            rotaryDim: 64,
             rmsNormEps: 1e-6,
             ropeTheta: 1e6,
             ropeScaling: null,

@@ -74,11 +74,6 @@ export function permutationHeads(arch: GgufArch, cfg: ModelConfig, proj: string)
     return 0;
 }
 
-/** the rotary dimension (head_dim × partial_rotary_factor) */
-function rotaryDim(cfg: ModelConfig): number {
-    const partial = cfg.raw.partial_rotary_factor ?? cfg.ropeScaling?.raw.partial_rotary_factor ?? 1;
-    return Math.trunc(cfg.headDim * (typeof partial === "number" ? partial : 1));
-}
 
 /** writes {arch}.* hyper-parameters (SPEC-gguf §6): counts as UINT32, floats as FLOAT32 */
 export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufArch): void {
@@ -98,9 +93,9 @@ export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufAr
     }
     if (arch === "llama") {
         md.u32(`${a}.vocab_size`, cfg.vocabSize);
-        md.u32(`${a}.rope.dimension_count`, rotaryDim(cfg));
-    } else if (rotaryDim(cfg) !== cfg.headDim || explicitHeadDim) {
-        md.u32(`${a}.rope.dimension_count`, rotaryDim(cfg));
+        md.u32(`${a}.rope.dimension_count`, cfg.rotaryDim);
+    } else if (cfg.rotaryDim !== cfg.headDim || explicitHeadDim) {
+        md.u32(`${a}.rope.dimension_count`, cfg.rotaryDim);
     }
     const scaling = cfg.ropeScaling;
     if (!scaling) return;

@@ -43,6 +43,8 @@ export interface ModelConfig {
     numAttentionHeads: number;
     numKeyValueHeads: number;
     headDim: number;
+    /** the dimensions of each head that RoPE rotates: head_dim × partial_rotary_factor (all of them unless set) */
+    rotaryDim: number;
     rmsNormEps: number;
     ropeTheta: number;
     ropeScaling: RopeScaling | null;
@@ -252,6 +254,12 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     }
     const ropeTheta = readRopeTheta(config, isPlainObject(ropeParameters) ? ropeParameters : null);
     const ropeScaling = readRopeScaling(config, isPlainObject(ropeParameters) ? ropeParameters : null);
+    const partial = json.partial_rotary_factor ?? ropeScaling?.raw.partial_rotary_factor ?? 1;
+    if (typeof partial !== "number" || !(partial > 0 && partial <= 1))
+        config.fail("partial_rotary_factor", `is ${JSON.stringify(partial)}, expected a number in (0, 1]`);
+    const rotaryDim = Math.trunc(headDim * partial);
+    if (rotaryDim % 2 !== 0)
+        config.fail("partial_rotary_factor", `gives ${rotaryDim} rotary dimensions of the ${headDim} in a head; RoPE rotates pairs, so it must be even`);
 
     const hiddenAct = json.hidden_act ?? "silu";
     if (hiddenAct !== "silu") {
@@ -291,6 +299,7 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         numAttentionHeads,
         numKeyValueHeads,
         headDim,
+        rotaryDim,
         rmsNormEps,
         ropeTheta,
         ropeScaling,
@@ -417,181 +426,4 @@ function readTorchDtype(config: ConfigReader): ModelConfig["torchDtype"] {
     if (name === "half") return "float16";
     if (name === "float") return "float32";
     config.fail(key, `is ${JSON.stringify(value)}, expected "float32", "float16" or "bfloat16"`);
-}
-
-// ------------------------------------------------------------------
-// RoPE inverse frequencies (transformers' ROPE_INIT_FUNCTIONS)
-//
-// transformers builds inv_freq in float32 torch ops; each step below rounds to f32 (Math.fround) the way those
-// ops do, so our table matches theirs to the last bit or so. Python scalars in a tensor op are cast to f32 first.
-
-const f32 = Math.fround;
-
-export interface RopeFrequencies {
-    /** [rotaryDim / 2] inverse frequencies */
-    invFreq: Float32Array<ArrayBuffer>;
-    /** multiplies cos and sin (yarn/longrope attention scaling; 1 otherwise) */
-    attentionScaling: number;
-}
-
-function rotaryDim(cfg: ModelConfig): number {
-    const partial = cfg.raw.partial_rotary_factor ?? (cfg.ropeScaling?.raw.partial_rotary_factor) ?? 1;
-    if (typeof partial !== "number" || !(partial > 0 && partial <= 1)) {
-        throw new QloraError(`"partial_rotary_factor" is ${JSON.stringify(partial)}, expected a number in (0, 1]`, {file: cfg.file});
-    }
-    return Math.trunc(cfg.headDim * partial);
-}
-
-/** base ** (arange(0, dim, 2) / dim) in f32, as torch computes it */
-function ropePositionFrequencies(base: number, dim: number): Float32Array<ArrayBuffer> {
-    const half = Math.floor((dim + 1) / 2);
-    const frequencies = new Float32Array(half);
-    const baseF32 = f32(base);
-    for (let i = 0; i < half; i++) {
-        const exponent = f32((2 * i) / dim);
-        frequencies[i] = f32(Math.pow(baseF32, exponent));
-    }
-    return frequencies;
-}
-
-function defaultInvFreq(base: number, dim: number): Float32Array<ArrayBuffer> {
-    const frequencies = ropePositionFrequencies(base, dim);
-    const invFreq = new Float32Array(frequencies.length);
-    for (let i = 0; i < invFreq.length; i++) invFreq[i] = f32(1 / frequencies[i]);
-    return invFreq;
-}
-
-export function computeRopeInvFreq(cfg: ModelConfig): RopeFrequencies {
-    const rope = ropeFrequencies(cfg);
-    // extreme rope_theta or scaling factors overflow float32 (a factor of 1e-40 divides by a subnormal): the
-    // model would run on Inf/NaN or collapsed positions instead of failing
-    const bad = rope.invFreq.findIndex((x) => !(Number.isFinite(x) && x > 0));
-    if (bad >= 0 || !(Number.isFinite(rope.attentionScaling) && rope.attentionScaling > 0)) {
-        const key = cfg.ropeScaling ? (cfg.raw.rope_scaling ? "rope_scaling" : "rope_parameters") : "rope_theta";
-        throw new QloraError(`"${key}" gives ${bad >= 0 ? `rotary frequency ${bad} = ${rope.invFreq[bad]}` :
-            `attention scaling ${rope.attentionScaling}`}, outside float32's range (rope_theta ${cfg.ropeTheta}` +
-            `${cfg.ropeScaling ? `, ${cfg.ropeScaling.type} scaling` : ""}); is config.json corrupt?`, {file: cfg.file});
-    }
-    return rope;
-}
-
-function ropeFrequencies(cfg: ModelConfig): RopeFrequencies {
-    const dim = rotaryDim(cfg);
-    const base = cfg.ropeTheta;
-    const scaling = cfg.ropeScaling;
-    if (!scaling || scaling.type === "default" || scaling.type === "dynamic") {
-        // dynamic NTK only changes the base once a sequence exceeds max_position_embeddings; at init it is default
-        return {invFreq: defaultInvFreq(base, dim), attentionScaling: 1};
-    }
-    switch (scaling.type) {
-        case "linear": {
-            const invFreq = defaultInvFreq(base, dim);
-            const factor = f32(scaling.factor!);
-            for (let i = 0; i < invFreq.length; i++) invFreq[i] = f32(invFreq[i] / factor);
-            return {invFreq, attentionScaling: 1};
-        }
-        case "llama3":
-            return {invFreq: llama3InvFreq(defaultInvFreq(base, dim), scaling), attentionScaling: 1};
-        case "yarn":
-            return yarnFrequencies(cfg, scaling, base, dim);
-        case "longrope":
-            return longropeFrequencies(cfg, scaling, base, dim);
-    }
-}
-
-function llama3InvFreq(invFreq: Float32Array, scaling: RopeScaling): Float32Array<ArrayBuffer> {
-    const factor = scaling.factor!;
-    const lowFreqFactor = scaling.lowFreqFactor!;
-    const highFreqFactor = scaling.highFreqFactor!;
-    const oldContextLen = scaling.originalMaxPositionEmbeddings!;
-    const lowFreqWavelen = f32(oldContextLen / lowFreqFactor);
-    const highFreqWavelen = f32(oldContextLen / highFreqFactor);
-    const twoPi = f32(2 * Math.PI);
-    const out = new Float32Array(invFreq.length);
-    for (let i = 0; i < invFreq.length; i++) {
-        // torch evaluates `scalar / tensor` as reciprocal(tensor) * scalar
-        const wavelen = f32(f32(1 / invFreq[i]) * twoPi);
-        // long wavelengths (low frequencies) are slowed down by the factor, short ones kept
-        const scaled = wavelen > lowFreqWavelen ? f32(invFreq[i] / f32(factor)) : invFreq[i];
-        const isMediumFrequency = !(wavelen < highFreqWavelen) && !(wavelen > lowFreqWavelen);
-        if (!isMediumFrequency) {
-            out[i] = scaled;
-            continue;
-        }
-        // in between: blend smoothly from "divided by factor" to "unchanged"
-        const smooth = f32(f32(f32(f32(1 / wavelen) * f32(oldContextLen)) - f32(lowFreqFactor)) / f32(highFreqFactor - lowFreqFactor));
-        const slowed = f32(f32(f32(1 - smooth) * scaled) / f32(factor));
-        out[i] = f32(slowed + f32(smooth * scaled));
-    }
-    return out;
-}
-
-function yarnFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, dim: number): RopeFrequencies {
-    const factor = scaling.factor!;
-    const originalMaxPositions = scaling.originalMaxPositionEmbeddings || cfg.maxPositionEmbeddings;
-    const getMscale = (scale: number, mscale = 1): number => (scale <= 1 ? 1 : 0.1 * mscale * Math.log(scale) + 1);
-    let attentionScaling = scaling.attentionFactor;
-    if (attentionScaling === undefined) {
-        attentionScaling = scaling.mscale && scaling.mscaleAllDim
-            ? getMscale(factor, scaling.mscale) / getMscale(factor, scaling.mscaleAllDim)
-            : getMscale(factor);
-    }
-    const betaFast = scaling.betaFast || 32;
-    const betaSlow = scaling.betaSlow || 1;
-    // the dimension index at which a frequency completes `rotations` turns over the original context
-    const correctionDim = (rotations: number): number =>
-        (dim * Math.log(originalMaxPositions / (rotations * 2 * Math.PI))) / (2 * Math.log(base));
-    const truncate = scaling.raw.truncate !== false;
-    let low = correctionDim(betaFast);
-    let high = correctionDim(betaSlow);
-    if (truncate) {
-        low = Math.floor(low);
-        high = Math.ceil(high);
-    }
-    low = Math.max(low, 0);
-    high = Math.min(high, dim - 1);
-    if (low === high) high += 0.001; // avoid dividing by zero in the ramp
-
-    const positionFrequencies = ropePositionFrequencies(base, dim);
-    const invFreq = new Float32Array(positionFrequencies.length);
-    const factorF32 = f32(factor);
-    const lowF32 = f32(low);
-    const rampWidth = f32(high - low);
-    for (let i = 0; i < invFreq.length; i++) {
-        const extrapolation = f32(1 / positionFrequencies[i]);
-        const interpolation = f32(1 / f32(factorF32 * positionFrequencies[i]));
-        const ramp = Math.min(Math.max(f32(f32(i - lowF32) / rampWidth), 0), 1);
-        const extrapolationFactor = f32(1 - ramp);
-        invFreq[i] = f32(f32(interpolation * f32(1 - extrapolationFactor)) + f32(extrapolation * extrapolationFactor));
-    }
-    return {invFreq, attentionScaling};
-}
-
-function longropeFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, dim: number): RopeFrequencies {
-    const topLevelOriginal = cfg.raw.original_max_position_embeddings;
-    let factor = scaling.factor;
-    let originalMaxPositions = cfg.maxPositionEmbeddings;
-    if (typeof topLevelOriginal === "number" && topLevelOriginal > 0) {
-        // Phi-3 style: the ratio of the extended to the pretrained context is the factor
-        originalMaxPositions = topLevelOriginal;
-        factor = cfg.maxPositionEmbeddings / topLevelOriginal;
-    }
-    let attentionScaling = scaling.attentionFactor;
-    if (attentionScaling === undefined) {
-        attentionScaling = factor === undefined || factor <= 1
-            ? 1
-            : Math.sqrt(1 + Math.log(factor) / Math.log(originalMaxPositions));
-    }
-    // at init (no sequence longer than the original context seen yet) transformers uses short_factor
-    const shortFactor = scaling.raw.short_factor as number[];
-    const positionFrequencies = ropePositionFrequencies(base, dim);
-    if (shortFactor.length !== positionFrequencies.length) {
-        throw new QloraError(
-            `"rope_scaling.short_factor" has ${shortFactor.length} entries but the rotary dimension needs ${positionFrequencies.length}`,
-            {file: cfg.file}
-        );
-    }
-    const invFreq = new Float32Array(positionFrequencies.length);
-    for (let i = 0; i < invFreq.length; i++) invFreq[i] = f32(1 / f32(f32(shortFactor[i]) * positionFrequencies[i]));
-    return {invFreq, attentionScaling};
 }

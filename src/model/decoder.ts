@@ -6,7 +6,8 @@
 //   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
 import {QloraError} from "../errors.js";
 import {cpu, halfToF32} from "../backend/cpu.js";
-import {computeRopeInvFreq, loadModelConfig, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
+import {loadModelConfig, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
+import {computeRopeInvFreq} from "./rope.js";
 import {DenseLinear, type LinearLayer} from "../backend/linear.js";
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readFloatTensor, readTensorF32, type ProjName} from "./weights.js";
 import type {BitsAndBytesConfig} from "../quant/config.js";
