@@ -7,7 +7,6 @@
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
-import {cpu} from "../backend/cpu.js";
 import type {LinearLayer} from "../backend/linear.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {assertFileOutput, assertOutputSeparate} from "../io/atomic.js";
@@ -21,7 +20,7 @@ import {
 } from "../io/gguf-model.js";
 import {addVocabMetadata, readGgufVocab} from "../io/gguf-vocab.js";
 import {loadAdapter, readAdapterConfig, type LoraModel} from "../lora/adapter.js";
-import type {LoraLinear} from "../lora/layer.js";
+import {addDeltaWeight, type LoraLinear} from "../lora/layer.js";
 import {DecoderModel, type DecoderParams} from "../model/decoder.js";
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readTensorF32, type ProjName} from "../model/weights.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
@@ -205,12 +204,7 @@ function modelName(cfg: ModelConfig, dir: string): string {
 
 /** W [out, in] + scaling·B·A for a module with a LoRA branch (in place: `w` is a fresh array), else W */
 function mergeLora(w: Float32Array, layer: LoraLinear | null): Float32Array {
-    if (!layer?.lora) return w;
-    const {A, B, r, scaling} = layer.lora;
-    const N = layer.outFeatures, K = layer.inFeatures;
-    // W[N, K] += scaling · B[N, r] @ A[r, K]
-    cpu().sgemm(false, false, N, K, r, scaling, B, r, A, K, 1, w, K);
-    return w;
+    return layer?.lora ? addDeltaWeight(w, layer.lora, layer.outFeatures, layer.inFeatures) : w;
 }
 
 // ------------------------------------------------------------------

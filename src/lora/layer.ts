@@ -47,18 +47,41 @@ export function baseWeightF32(base: LinearLayer): Float32Array {
     throw new Error("DoRA needs a dense or 4-bit base layer");
 }
 
-/** ||W + s B A|| per output row (f64 sums) */
-export function doraRowNorms(W: Float32Array, lora: Pick<LoraWeights, "A" | "B" | "r" | "scaling">, outF: number,
+/**
+ * W[out, in] += scaling · B A, in place: the weight a LoRA branch adds. The one place it is computed (merge,
+ * GGUF export and DoRA's norm all call it).
+ */
+export function addDeltaWeight(W: Float32Array, lora: Pick<LoraWeights, "A" | "B" | "r" | "scaling">, outF: number,
     inF: number): Float32Array {
-    const Wc = Float32Array.from(W);
-    cpu().sgemm(false, false, outF, inF, lora.r, lora.scaling, lora.B, lora.r, lora.A, inF, 1, Wc, inF);
+    cpu().sgemm(false, false, outF, inF, lora.r, lora.scaling, lora.B, lora.r, lora.A, inF, 1, W, inF);
+    return W;
+}
+
+/** the L2 norm of each row of W[out, in] (f64 sums, rounded to f32 as PEFT's fp32 weight_norm is) */
+function rowNorms(W: Float32Array, outF: number, inF: number): Float32Array {
     const norms = new Float32Array(outF);
     for (let j = 0; j < outF; j++) {
         let ss = 0;
-        for (let i = 0; i < inF; i++) ss += Wc[j * inF + i] ** 2;
+        for (let i = 0; i < inF; i++) ss += W[j * inF + i] ** 2;
         norms[j] = Math.sqrt(ss);
     }
     return norms;
+}
+
+/** ||W + s B A|| per output row */
+export function doraRowNorms(W: Float32Array, lora: Pick<LoraWeights, "A" | "B" | "r" | "scaling">, outF: number,
+    inF: number): Float32Array {
+    return rowNorms(addDeltaWeight(Float32Array.from(W), lora, outF, inF), outF, inF);
+}
+
+/** DoRA's merged weight, in place: `merged` holds W + s B A and becomes (m / ||W + s B A||_row) (W + s B A) */
+export function applyDoraMagnitude(merged: Float32Array, magnitude: Float32Array, outF: number, inF: number): Float32Array {
+    const norms = rowNorms(merged, outF, inF);
+    for (let j = 0; j < outF; j++) {
+        const k = magnitude[j] / norms[j];
+        for (let i = 0; i < inF; i++) merged[j * inF + i] *= k;
+    }
+    return merged;
 }
 
 interface Saved {

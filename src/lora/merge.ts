@@ -9,7 +9,7 @@
 //    merged model then behaves like the trained QLoRA model, at the cost of carrying the 4-bit rounding of W.
 import path from "node:path";
 import {QloraError} from "../errors.js";
-import {cpu, f32ToHalf} from "../backend/cpu.js";
+import {f32ToHalf} from "../backend/cpu.js";
 import {assertDirOutput, assertOutputSeparate, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {pathExists, readRegularFile} from "../io/files.js";
 import {loadModelConfig} from "../io/hf-config.js";
@@ -18,6 +18,7 @@ import {assertFinite, checkConfigAgainstCheckpoint, expectedTensors, readTensorF
 import {dequantize4bit, quantize4bit} from "../quant/nf4.js";
 import {ADAPTER_WEIGHTS_FILE, readAdapterConfig, readAdapterTensor} from "./adapter.js";
 import {checkRankFits, loraScaling} from "./config.js";
+import {addDeltaWeight, applyDoraMagnitude} from "./layer.js";
 
 export interface MergeOptions {
     model: string;
@@ -43,11 +44,6 @@ interface LoraPair {
     r: number;
     /** DoRA's magnitude [out], when the adapter is a DoRA adapter */
     magnitude?: Float32Array;
-}
-
-/** W[out, in] += scaling * B A (f32) */
-export function addLoraDelta(W: Float32Array, pair: LoraPair, scaling: number, outF: number, inF: number): void {
-    cpu().sgemm(false, false, outF, inF, pair.r, scaling, pair.B, pair.r, pair.A, inF, 1, W, inF);
 }
 
 /** full weights an adapter carries (modules_to_save): lm_head.weight / model.embed_tokens.weight */
@@ -159,17 +155,9 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
                     const bits = f32ToHalf(w, "BF16");
                     w = dequantize4bit(quantize4bit({bf16: bits}, {shape: [shape[0], shape[1]]}), {roundToDtype: false});
                 }
-                addLoraDelta(w, pair, scaling, shape[0], shape[1]);
-                if (pair.magnitude) {
-                    // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
-                    const inF = shape[1];
-                    for (let j = 0; j < shape[0]; j++) {
-                        let ss = 0;
-                        for (let i = 0; i < inF; i++) ss += w[j * inF + i] ** 2;
-                        const k = pair.magnitude[j] / Math.sqrt(ss);
-                        for (let i = 0; i < inF; i++) w[j * inF + i] *= k;
-                    }
-                }
+                addDeltaWeight(w, {...pair, scaling}, shape[0], shape[1]);
+                // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
+                if (pair.magnitude) applyDoraMagnitude(w, pair.magnitude, shape[0], shape[1]);
                 merged++;
             }
             const halfDtype = dtype === "bf16" ? "BF16" : "F16";
