@@ -24,7 +24,7 @@ export function cudaAvailability(): CudaAvailability {
     if (info.error || info.devices.length === 0)
         return {usable: false, info, reason: `no usable NVIDIA GPU: ${info.error ?? "no device found"}` +
             (info.driverVersion === 0 ? " (no NVIDIA driver: install it, or check that libcuda.so.1 is on the library path)" : "")};
-    const best = Math.max(...info.devices.map((d) => d.major + d.minor / 10));
+    const best = info.devices.reduce((max, d) => Math.max(max, d.major + d.minor / 10), 0);
     if (best < MIN_COMPUTE_CAPABILITY)
         return {usable: false, info, reason: `the GPU (${info.devices[0].name}, compute capability ${best.toFixed(1)}) is ` +
             `older than the ${MIN_COMPUTE_CAPABILITY.toFixed(1)} (Ampere) the kernels need`};

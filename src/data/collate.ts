@@ -44,7 +44,9 @@ export function padTokenIdOf(tokenizer: {padTokenId: number | null; eosTokenId: 
 export function collate(rows: readonly TokenizedRow[], options: CollateOptions): Batch {
     const B = rows.length;
     if (B === 0) throw new RangeError("collate needs at least one row");
-    let T = Math.max(1, options.padToLength ?? 0, ...rows.map((r) => r.inputIds.length));
+    // a loop, not Math.max(...lengths): spreading a large array overflows the call stack
+    let T = Math.max(1, options.padToLength ?? 0);
+    for (const row of rows) T = Math.max(T, row.inputIds.length);
     const multiple = options.padToMultipleOf ?? 0;
     if (multiple > 1) T = Math.ceil(T / multiple) * multiple;
     const packed = rows.some((r) => r.seqLengths !== undefined);

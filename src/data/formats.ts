@@ -112,12 +112,14 @@ export function formatRecord(record: DataRecord, format: DatasetFormat, options:
             {file: where?.file}
         );
     };
+    // strings only: turning a number into text would pick one spelling of it silently (8, 8.0, 8e0 are one JSON number)
     const str = (key: string, optional = false): string => {
         const value = record[key];
-        if (value === undefined || value === null) return optional ? "" : fail(`missing "${key}"`);
+        if (value === undefined) return optional ? "" : fail(`missing "${key}"`);
+        if (value === null) return optional ? "" : fail(`"${key}" is null, not a string`);
         if (typeof value === "string") return value;
-        if (typeof value === "number" || typeof value === "boolean") return String(value);
-        return fail(`"${key}" is ${describeJsonValue(value)}, not a string`);
+        const quote = typeof value === "number" || typeof value === "boolean" ? ` (write it in quotes: "${String(value)}")` : "";
+        return fail(`"${key}" is ${describeJsonValue(value)}, not a string${quote}`);
     };
     switch (format) {
         case "text":

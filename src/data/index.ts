@@ -1,7 +1,7 @@
 // The data layer: dataset files → records → formatted examples → token ids and labels → (packed) rows →
 // micro-batches. See prepare.ts for the pipeline and DataOptions for the config keys it reads.
-export {readRecords, readJsonl, readParquet, locateRecord, lineColumnAt} from "./readers.js";
-export type {DataRecord, FileFormat, RecordSource, ReadResult, RecordLocation, ReadOptions} from "./readers.js";
+export {readRecords, streamRecords, readJsonl, readParquet, locateRecord, lineColumnAt} from "./readers.js";
+export type {DataRecord, FileFormat, RecordBatch, RecordSource, ReadResult, RecordLocation, ReadOptions} from "./readers.js";
 export {
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_NO_INPUT,

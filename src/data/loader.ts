@@ -3,6 +3,7 @@
 // the interrupted run would have got.
 
 import {Rng} from "../backend/rng.js";
+import {QloraError} from "../errors.js";
 import {collate} from "./collate.js";
 import type {Batch, CollateOptions} from "./collate.js";
 import type {TokenizedRow} from "./packing.js";
@@ -52,11 +53,11 @@ export class DataLoader {
     private order: number[] = [];
 
     constructor(rows: readonly TokenizedRow[], options: DataLoaderOptions, position?: LoaderPosition) {
-        if (rows.length === 0) throw new RangeError("the data loader has no rows");
-        if (!Number.isInteger(options.batchSize) || options.batchSize < 1) throw new RangeError(`batch size must be a positive integer, got ${options.batchSize}`);
+        if (rows.length === 0) throw new QloraError("the data loader has no rows");
+        if (!Number.isInteger(options.batchSize) || options.batchSize < 1) throw new QloraError(`batch size must be a positive integer, got ${options.batchSize}`);
         this.rows = rows;
         this.options = {shuffle: true, seed: 42, dropLast: false, ...options};
-        if (this.batchesPerEpoch === 0) throw new RangeError(`with dropLast, ${rows.length} rows make no batch of ${options.batchSize}`);
+        if (this.batchesPerEpoch === 0) throw new QloraError(`with dropLast, ${rows.length} rows make no batch of ${options.batchSize}`);
         this.epochStartState = new Rng(this.options.seed).getState();
         if (position) this.seek(position);
         else this.startEpoch(0, this.epochStartState);
@@ -74,11 +75,17 @@ export class DataLoader {
         return {epoch: this.epochIndex, index: this.batchIndex, rngState: this.epochStartState.slice()};
     }
 
-    /** Moves to a saved position (the next batch will be the one at that position). */
+    /**
+     * Moves to a saved position (the next batch will be the one at that position). A position that cannot come from
+     * this data and batch size (an index past the end of an epoch, a malformed generator state) is refused with a
+     * QloraError rather than resuming with other batches than the interrupted run would have had.
+     */
     seek(position: LoaderPosition): void {
-        if (!Number.isInteger(position.epoch) || position.epoch < 0 || !Number.isInteger(position.index) || position.index < 0 ||
-            !Array.isArray(position.rngState) || position.rngState.length !== 4) {
-            throw new RangeError(`invalid data loader position ${JSON.stringify(position)}`);
+        const problem = positionProblem(position, this.batchesPerEpoch);
+        if (problem !== null) {
+            throw new QloraError(`invalid data loader position ${JSON.stringify(position)?.slice(0, 200)}: ${problem}; ` +
+                `this data makes ${this.batchesPerEpoch} batches an epoch (${this.rows.length} rows, batch size ${this.options.batchSize}): ` +
+                "was the checkpoint made with other data or another batch size?");
         }
         this.startEpoch(position.epoch, position.rngState);
         // a position at the end of an epoch moves on to the next one
@@ -126,4 +133,19 @@ export class DataLoader {
     private nextEpoch(): void {
         this.startEpoch(this.epochIndex + 1, this.nextEpochState);
     }
+}
+
+/** what is wrong with a saved position for data of `batchesPerEpoch` batches an epoch, or null */
+function positionProblem(position: LoaderPosition, batchesPerEpoch: number): string | null {
+    if (position === null || typeof position !== "object") return "it is not an object";
+    const {epoch, index, rngState} = position;
+    if (!Number.isSafeInteger(epoch) || epoch < 0) return "the epoch must be a whole number ≥ 0";
+    // index == batchesPerEpoch is the end of an epoch (the next batch starts the next one)
+    if (!Number.isSafeInteger(index) || index < 0 || index > batchesPerEpoch) return `the batch index must be a whole number from 0 to ${batchesPerEpoch}`;
+    if (!Array.isArray(rngState) || rngState.length !== 4 || !rngState.every((w) => Number.isInteger(w) && w >= 0 && w <= 0xffffffff)) {
+        return "the generator state must be 4 whole numbers from 0 to 2^32-1";
+    }
+    // xoshiro's all-zero state yields only zeros: every epoch would keep the same order
+    if (rngState.every((w) => w === 0)) return "the generator state is all zeros";
+    return null;
 }

@@ -3,6 +3,7 @@
 // collation derives restarting position ids and segment ids; the label at the first token of every packed
 // sequence is set to -100 so that no token is trained to predict the next sequence's first token.
 
+import {RowStore} from "./row-store.js";
 import {IGNORE_INDEX} from "./tokenize.js";
 
 export type PackingStrategy = "bfd" | "bfd_split";
@@ -24,16 +25,14 @@ export interface TokenizedRow {
  */
 export function bestFitDecreasing(lengths: readonly number[], maxLength: number): number[][] {
     if (!Number.isInteger(maxLength) || maxLength < 1) throw new RangeError(`packing needs max_seq_length ≥ 1, got ${maxLength}`);
-    const order = lengths.map((_, i) => i).filter((i) => lengths[i] > 0);
-    order.sort((a, b) => lengths[b] - lengths[a] || a - b);
+    const order = longestFirst(lengths, maxLength);
     const tree = new SpaceTree(maxLength);
     // queues of bins by remaining space; FIFO within one space value
-    const binsBySpace = new Map<number, number[]>();
+    const binsBySpace = new Map<number, Fifo>();
     const bins: number[][] = [];
     const space: number[] = [];
     for (const index of order) {
         const length = lengths[index];
-        if (length > maxLength) throw new RangeError(`sequence ${index} has ${length} tokens, more than the packing length ${maxLength}`);
         const fit = tree.findAtLeast(length);
         let bin: number;
         if (fit < 0) {
@@ -42,8 +41,8 @@ export function bestFitDecreasing(lengths: readonly number[], maxLength: number)
             space.push(maxLength);
         } else {
             const queue = binsBySpace.get(fit)!;
-            bin = queue.shift()!;
-            if (queue.length === 0) {
+            bin = queue.shift();
+            if (queue.size === 0) {
                 binsBySpace.delete(fit);
                 tree.set(fit, false);
             }
@@ -55,7 +54,7 @@ export function bestFitDecreasing(lengths: readonly number[], maxLength: number)
             const queue = binsBySpace.get(left);
             if (queue) queue.push(bin);
             else {
-                binsBySpace.set(left, [bin]);
+                binsBySpace.set(left, new Fifo(bin));
                 tree.set(left, true);
             }
         }
@@ -64,35 +63,95 @@ export function bestFitDecreasing(lengths: readonly number[], maxLength: number)
 }
 
 /**
+ * The indices of the non-empty sequences, longest first and in index order among equal lengths: a counting sort,
+ * since lengths are bounded by maxLength (linear where a comparison sort of a million indices takes seconds)
+ */
+function longestFirst(lengths: readonly number[], maxLength: number): Int32Array {
+    const count = new Int32Array(maxLength + 2);
+    for (let i = 0; i < lengths.length; i++) {
+        const length = lengths[i];
+        if (length > maxLength) throw new RangeError(`sequence ${i} has ${length} tokens, more than the packing length ${maxLength}`);
+        if (length > 0) count[length]++;
+    }
+    // next[length]: where the next index of that length goes; longer lengths first
+    const next = new Int32Array(maxLength + 2);
+    let total = 0;
+    for (let length = maxLength; length >= 1; length--) {
+        next[length] = total;
+        total += count[length];
+    }
+    const order = new Int32Array(total);
+    for (let i = 0; i < lengths.length; i++) if (lengths[i] > 0) order[next[lengths[i]]++] = i;
+    return order;
+}
+
+/** a first-in first-out queue with O(1) shift (Array.prototype.shift copies a large array on every call) */
+class Fifo {
+    private items: number[];
+    private head = 0;
+
+    constructor(first: number) {
+        this.items = [first];
+    }
+
+    get size(): number {
+        return this.items.length - this.head;
+    }
+
+    push(item: number): void {
+        this.items.push(item);
+    }
+
+    shift(): number {
+        const item = this.items[this.head++];
+        // drop the consumed front now and then, so a long-lived queue does not keep growing
+        if (this.head >= 1024 && this.head * 2 >= this.items.length) {
+            this.items = this.items.slice(this.head);
+            this.head = 0;
+        }
+        return item;
+    }
+}
+
+/**
  * Packs sequences into rows of at most `maxLength` tokens. "bfd" truncates each sequence to `maxLength` first
  * (the overflow is discarded); "bfd_split" cuts it into `maxLength`-token fragments packed as independent
  * sequences. Empty sequences are dropped. In each row the first label of every sequence becomes -100.
  */
 export function packSequences(sequences: readonly {inputIds: ArrayLike<number>; labels: ArrayLike<number>}[], maxLength: number, strategy: PackingStrategy = "bfd"): TokenizedRow[] {
-    const pieces: {inputIds: ArrayLike<number>; labels: ArrayLike<number>; start: number; length: number}[] = [];
-    for (const seq of sequences) {
+    // pieces as parallel lists (sequence, start, length): a million small objects would cost more than the tokens
+    const pieceSequence: number[] = [];
+    const pieceStart: number[] = [];
+    const pieceLength: number[] = [];
+    sequences.forEach((seq, index) => {
         const total = seq.inputIds.length;
-        if (strategy === "bfd_split") {
-            for (let start = 0; start < total; start += maxLength) pieces.push({...seq, start, length: Math.min(maxLength, total - start)});
-        } else if (total > 0) {
-            pieces.push({...seq, start: 0, length: Math.min(maxLength, total)});
+        const step = strategy === "bfd_split" ? maxLength : Math.max(total, 1);
+        for (let start = 0; start < total; start += step) {
+            pieceSequence.push(index);
+            pieceStart.push(start);
+            pieceLength.push(Math.min(maxLength, total - start));
         }
-    }
-    const bins = bestFitDecreasing(pieces.map((p) => p.length), maxLength);
+    });
+    const bins = bestFitDecreasing(pieceLength, maxLength);
+    const store = new RowStore();
+    const inputIds = new Int32Array(maxLength);
+    const labels = new Int32Array(maxLength);
     return bins.map((bin) => {
-        const length = bin.reduce((sum, i) => sum + pieces[i].length, 0);
-        const inputIds = new Int32Array(length);
-        const labels = new Int32Array(length);
         let offset = 0;
-        for (const i of bin) {
-            const piece = pieces[i];
-            for (let t = 0; t < piece.length; t++) {
-                inputIds[offset + t] = piece.inputIds[piece.start + t];
-                labels[offset + t] = t === 0 ? IGNORE_INDEX : piece.labels[piece.start + t];
+        const seqLengths: number[] = [];
+        for (const piece of bin) {
+            const seq = sequences[pieceSequence[piece]];
+            const start = pieceStart[piece];
+            const length = pieceLength[piece];
+            for (let t = 0; t < length; t++) {
+                inputIds[offset + t] = seq.inputIds[start + t];
+                labels[offset + t] = t === 0 ? IGNORE_INDEX : seq.labels[start + t];
             }
-            offset += piece.length;
+            offset += length;
+            seqLengths.push(length);
         }
-        return {inputIds, labels, seqLengths: bin.map((i) => pieces[i].length)};
+        const row = store.add(inputIds.subarray(0, offset), labels.subarray(0, offset));
+        return {...row, seqLengths};
     });
 }
 

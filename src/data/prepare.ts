@@ -5,13 +5,14 @@
 import {Rng} from "../backend/rng.js";
 import {QloraError} from "../errors.js";
 import {detectFormat, formatRecord} from "./formats.js";
-import type {DatasetFormat, FormatOptions} from "./formats.js";
+import type {DatasetFormat, FormatOptions, RecordWhere} from "./formats.js";
 import {packSequences} from "./packing.js";
 import type {PackingStrategy, TokenizedRow} from "./packing.js";
-import {locateRecord, readRecords} from "./readers.js";
+import {locateRecord, streamRecords} from "./readers.js";
 import type {DataRecord, FileFormat, ReadOptions, ReadResult} from "./readers.js";
+import {GrowableInt32Array, RowStore} from "./row-store.js";
 import {countTargets, hasTrainableLabel, resolveEosToken, tokenizeExample, truncateExample} from "./tokenize.js";
-import type {DataTokenizer, TruncationMode} from "./tokenize.js";
+import type {DataTokenizer, TokenizedExample, TruncationMode} from "./tokenize.js";
 
 export const DEFAULT_MAX_SEQ_LENGTH = 1024;
 
@@ -93,8 +94,8 @@ export interface PreparedDataset {
 }
 
 export interface PrepareOptions {
-    /** called now and then while tokenizing */
-    onProgress?: (done: number, total: number) => void;
+    /** called now and then while tokenizing with the records done and their total (null while a file is streamed) */
+    onProgress?: (done: number, total: number | null) => void;
 }
 
 /** Fills in the defaults for data in `format`, checking combinations that cannot work. */
@@ -127,6 +128,129 @@ export function resolveDataOptions(options: DataOptions, format: DatasetFormat, 
     };
 }
 
+/**
+ * The preparation pipeline, one record at a time: records go in as they are read (add) and only their tokens are
+ * kept, in a RowStore; shuffling and packing run at the end (finish). Every failure is a QloraError that names the
+ * record (and its file and line).
+ */
+class DatasetBuilder {
+    private format: DatasetFormat | null = null;
+    private resolved: ResolvedDataOptions | null = null;
+    private fileFormat: FileFormat | null = null;
+    private readonly store = new RowStore();
+    private readonly kept: TokenizedRow[] = [];
+    private readonly lengths = new GrowableInt32Array();
+    private truncated = 0;
+    private dropped = 0;
+    private prefixMismatches = 0;
+
+    constructor(
+        private readonly tokenizer: DataTokenizer,
+        private readonly options: DataOptions,
+        private readonly prepareOptions: PrepareOptions,
+        private readonly total: number | null
+    ) {}
+
+    get records(): number {
+        return this.lengths.length;
+    }
+
+    add(record: DataRecord, where: RecordWhere, fileFormat: FileFormat | null): void {
+        if (this.format === null) {
+            this.format = detectFormat(record, this.options, where);
+            this.resolved = resolveDataOptions(this.options, this.format, this.tokenizer);
+            this.fileFormat = fileFormat;
+        }
+        const resolved = this.resolved!;
+        let tokenized: TokenizedExample;
+        try {
+            tokenized = tokenizeExample(formatRecord(record, this.format, this.options, where), this.tokenizer, resolved);
+        } catch (err) {
+            throw recordError(err, where);
+        }
+        if (tokenized.prefixMismatch) this.prefixMismatches++;
+        this.lengths.push(tokenized.inputIds.length);
+        const max = resolved.maxSeqLength;
+        if (max !== null && tokenized.inputIds.length > max) this.truncated++;
+        if (resolved.packing && resolved.packingStrategy === "bfd_split") {
+            // pieces are packed as independent sequences: keep the example when any piece has something to train
+            if (!piecesTrainable(tokenized.labels, max!)) this.dropped++;
+            else this.kept.push(this.store.add(tokenized.inputIds, tokenized.labels));
+        } else {
+            const cut = truncateExample(tokenized, max, resolved.truncationMode).example;
+            if (!hasTrainableLabel(cut.labels)) this.dropped++;
+            else this.kept.push(this.store.add(cut.inputIds, cut.labels));
+        }
+        const done = this.records;
+        if (this.prepareOptions.onProgress && (done % 256 === 0 || done === this.total)) this.prepareOptions.onProgress(done, this.total);
+    }
+
+    finish(): PreparedDataset {
+        const records = this.records;
+        if (records === 0 || this.resolved === null || this.format === null) throw new QloraError("the dataset is empty (no records)");
+        const resolved = this.resolved;
+        const {truncated, dropped, prefixMismatches, kept} = this;
+        const warnings: string[] = [];
+        if (dropped > 0) {
+            warnings.push(
+                `${dropped} of ${records} examples have no label left to train ` +
+                (resolved.maxSeqLength !== null ? `(empty responses, or prompts that fill max_seq_length ${resolved.maxSeqLength}) ` : "(empty responses) ") +
+                "and were dropped"
+            );
+        }
+        if (truncated > 0) warnings.push(`${truncated} of ${records} examples are longer than max_seq_length ${resolved.maxSeqLength} and were ${resolved.packing && resolved.packingStrategy === "bfd_split" ? "split" : "truncated"}`);
+        if (prefixMismatches > 0) {
+            warnings.push(
+                `${prefixMismatches} prompt/completion examples tokenize differently at the prompt/completion boundary ` +
+                "(the prompt's last token merges with the completion's first); the prompt's token count was masked anyway, as TRL does"
+            );
+        }
+        if (kept.length === 0) {
+            throw new QloraError(
+                `no example of the ${records} has a label to train (all dropped); check that records have responses` +
+                (resolved.maxSeqLength !== null ? ` and that prompts fit in max_seq_length ${resolved.maxSeqLength}` : "")
+            );
+        }
+        if (resolved.shuffleDataset) new Rng(resolved.seed).shuffle(kept);
+
+        const rows: TokenizedRow[] = resolved.packing ? packSequences(kept, resolved.maxSeqLength!, resolved.packingStrategy) : kept;
+        let tokens = 0;
+        let targets = 0;
+        for (const row of rows) {
+            tokens += row.inputIds.length;
+            targets += countTargets(row.labels);
+        }
+        return {
+            rows,
+            options: resolved,
+            stats: {
+                records,
+                format: this.format,
+                fileFormat: this.fileFormat,
+                truncated,
+                dropped,
+                examples: kept.length,
+                rows: rows.length,
+                tokens,
+                targets,
+                prefixMismatches,
+                lengths: this.lengths.toArray()
+            },
+            warnings
+        };
+    }
+}
+
+/** a failure while formatting or tokenizing a record, as a QloraError that names the record */
+function recordError(err: unknown, where: RecordWhere): QloraError {
+    // formatRecord's own errors name the record already
+    if (err instanceof QloraError && err.file === where.file && err.message.includes(`record ${where.index}: `)) return err;
+    let message = err instanceof Error ? err.message : String(err);
+    // e.g. a value nested so deeply that rendering it overflows the stack
+    if (err instanceof RangeError) message = `cannot be formatted (${message}); the record nests too deeply or is too large`;
+    return new QloraError(`record ${where.index}: ${message}`, {file: where.file, cause: err});
+}
+
 /** Runs the preparation pipeline over records already read (a ReadResult keeps file/line for errors). */
 export function prepareRecords(
     input: ReadResult | readonly DataRecord[],
@@ -137,94 +261,14 @@ export function prepareRecords(
     const read: ReadResult | null = Array.isArray(input) ? null : (input as ReadResult);
     const records: readonly DataRecord[] = read ? read.records : (input as readonly DataRecord[]);
     if (records.length === 0) throw new QloraError("the dataset is empty (no records)");
-    const whereOf = (index: number): {file?: string; index: number} => {
+    const whereOf = (index: number): RecordWhere => {
         const location = read ? locateRecord(read, index) : null;
         if (!location) return {index};
         return {file: location.line !== undefined ? `${location.file}:${location.line}` : location.file, index: location.indexInFile};
     };
-    const format = detectFormat(records[0], options, whereOf(0));
-    const resolved = resolveDataOptions(options, format, tokenizer);
-
-    const lengths = new Int32Array(records.length);
-    const kept: {inputIds: number[]; labels: number[]}[] = [];
-    let truncated = 0;
-    let dropped = 0;
-    let prefixMismatches = 0;
-    for (let i = 0; i < records.length; i++) {
-        const where = whereOf(i);
-        const example = formatRecord(records[i], format, options, where);
-        let tokenized;
-        try {
-            tokenized = tokenizeExample(example, tokenizer, resolved);
-        } catch (err) {
-            // chat template failures name the template file; say which record too
-            throw new QloraError(`record ${where.index}: ${(err as Error).message}`, {file: where.file, cause: err});
-        }
-        if (tokenized.prefixMismatch) prefixMismatches++;
-        lengths[i] = tokenized.inputIds.length;
-        const max = resolved.maxSeqLength;
-        if (max !== null && tokenized.inputIds.length > max) truncated++;
-        if (resolved.packing && resolved.packingStrategy === "bfd_split") {
-            // pieces are packed as independent sequences: keep the example when any piece has something to train
-            if (!piecesTrainable(tokenized.labels, max!)) dropped++;
-            else kept.push(tokenized);
-        } else {
-            const cut = truncateExample(tokenized, max, resolved.truncationMode).example;
-            if (!hasTrainableLabel(cut.labels)) dropped++;
-            else kept.push(cut);
-        }
-        if (prepareOptions.onProgress && (i % 256 === 255 || i === records.length - 1)) prepareOptions.onProgress(i + 1, records.length);
-    }
-    const warnings: string[] = [];
-    if (dropped > 0) {
-        warnings.push(
-            `${dropped} of ${records.length} examples have no label left to train ` +
-            (resolved.maxSeqLength !== null ? `(empty responses, or prompts that fill max_seq_length ${resolved.maxSeqLength}) ` : "(empty responses) ") +
-            "and were dropped"
-        );
-    }
-    if (truncated > 0) warnings.push(`${truncated} of ${records.length} examples are longer than max_seq_length ${resolved.maxSeqLength} and were ${resolved.packing && resolved.packingStrategy === "bfd_split" ? "split" : "truncated"}`);
-    if (prefixMismatches > 0) {
-        warnings.push(
-            `${prefixMismatches} prompt/completion examples tokenize differently at the prompt/completion boundary ` +
-            "(the prompt's last token merges with the completion's first); the prompt's token count was masked anyway, as TRL does"
-        );
-    }
-    if (kept.length === 0) {
-        throw new QloraError(
-            `no example of the ${records.length} has a label to train (all dropped); check that records have responses` +
-            (resolved.maxSeqLength !== null ? ` and that prompts fit in max_seq_length ${resolved.maxSeqLength}` : "")
-        );
-    }
-    if (resolved.shuffleDataset) new Rng(resolved.seed).shuffle(kept);
-
-    const rows: TokenizedRow[] = resolved.packing
-        ? packSequences(kept, resolved.maxSeqLength!, resolved.packingStrategy)
-        : kept.map((e) => ({inputIds: Int32Array.from(e.inputIds), labels: Int32Array.from(e.labels)}));
-    let tokens = 0;
-    let targets = 0;
-    for (const row of rows) {
-        tokens += row.inputIds.length;
-        targets += countTargets(row.labels);
-    }
-    return {
-        rows,
-        options: resolved,
-        stats: {
-            records: records.length,
-            format,
-            fileFormat: read ? read.format : null,
-            truncated,
-            dropped,
-            examples: kept.length,
-            rows: rows.length,
-            tokens,
-            targets,
-            prefixMismatches,
-            lengths
-        },
-        warnings
-    };
+    const builder = new DatasetBuilder(tokenizer, options, prepareOptions, records.length);
+    for (let i = 0; i < records.length; i++) builder.add(records[i], whereOf(i), read ? read.format : null);
+    return builder.finish();
 }
 
 function piecesTrainable(labels: number[], max: number): boolean {
@@ -235,15 +279,31 @@ function piecesTrainable(labels: number[], max: number): boolean {
     return false;
 }
 
-/** Reads a dataset file or folder and prepares it (readRecords + prepareRecords). */
+/**
+ * Reads a dataset file or folder and prepares it. Records are formatted and tokenized as they are read, so only
+ * the token rows stay in memory (a JSON array is parsed whole first, since JSON gives no record before the end).
+ */
 export async function loadDataset(
     pathOrDir: string,
     tokenizer: DataTokenizer,
     options: DataOptions & ReadOptions = {},
     prepareOptions: PrepareOptions = {}
 ): Promise<PreparedDataset> {
-    const read = await readRecords(pathOrDir, options);
-    return prepareRecords(read, tokenizer, options, prepareOptions);
+    const builder = new DatasetBuilder(tokenizer, options, prepareOptions, null);
+    let lastTurn = Date.now();
+    for await (const batch of streamRecords(pathOrDir, options)) {
+        const {records, lines, file, format, start} = batch;
+        for (let i = 0; i < records.length; i++) {
+            builder.add(records[i], {file: lines ? `${file}:${lines[i]}` : file, index: start + i}, format);
+        }
+        // batches of an array already in memory arrive without I/O: give the event loop a turn now and then, so
+        // signal handlers (Ctrl+C) run during minutes of tokenization
+        if (Date.now() - lastTurn > 100) {
+            await new Promise((resolve) => setImmediate(resolve));
+            lastTurn = Date.now();
+        }
+    }
+    return builder.finish();
 }
 
 export interface LengthBin {
@@ -276,7 +336,7 @@ export interface DatasetDescription {
 /** Summarises a prepared dataset: counts, the detected format and a token-length histogram. */
 export function describeDataset(prepared: PreparedDataset): DatasetDescription {
     const {stats, options} = prepared;
-    const sorted = Array.from(stats.lengths).sort((a, b) => a - b);
+    const sorted = stats.lengths.slice().sort(); // a typed array sorts numerically
     const at = (q: number): number => sorted[Math.min(sorted.length - 1, Math.floor(q * (sorted.length - 1) + 0.5))];
     return {
         records: stats.records,
@@ -292,7 +352,7 @@ export function describeDataset(prepared: PreparedDataset): DatasetDescription {
         lengths: {
             min: sorted[0],
             max: sorted[sorted.length - 1],
-            mean: sorted.reduce((s, v) => s + v, 0) / sorted.length,
+            mean: sum(sorted) / sorted.length,
             median: at(0.5),
             p95: at(0.95)
         },
@@ -329,10 +389,17 @@ export function formatDatasetDescription(d: DatasetDescription): string[] {
         `truncated   ${d.truncated}${d.maxSeqLength !== null ? ` (longer than ${d.maxSeqLength})` : ""}`,
         `dropped     ${d.dropped} (nothing to train)`
     ];
-    const widest = Math.max(...d.histogram.map((b) => b.count), 1);
+    let widest = 1;
+    for (const bin of d.histogram) widest = Math.max(widest, bin.count);
     for (const bin of d.histogram) {
         const bar = "#".repeat(Math.round((bin.count / widest) * 40));
         lines.push(`  ${String(bin.from).padStart(6)}–${String(bin.to - 1).padEnd(6)} ${String(bin.count).padStart(7)} ${bar}`);
     }
     return lines;
+}
+
+function sum(values: ArrayLike<number>): number {
+    let total = 0;
+    for (let i = 0; i < values.length; i++) total += values[i];
+    return total;
 }

@@ -1,14 +1,20 @@
-// readers.ts: dataset files to plain records. JSON arrays, JSONL (streamed, optionally gzipped), Parquet
-// (hyparquet, all codecs through hyparquet-compressors) and folders of those. Every record keeps where it came
-// from (file, and line for JSONL) so later errors can say "file:LINE: record N: …".
+// readers.ts: dataset files to plain records. JSON arrays, JSONL (streamed line by line, optionally gzipped),
+// Parquet (hyparquet, all codecs through hyparquet-compressors, one row group at a time) and folders of those.
+// streamRecords yields records in batches as they are read, so a large dataset is never held as text, records and
+// tokens at once; readRecords collects them. Every record keeps where it came from (file, and line for JSONL) so
+// later errors can say "file:LINE: record N: …". Files are opened through io/files.ts: a FIFO or a device given as
+// a dataset is refused instead of blocking forever.
 
-import {createReadStream, promises as fs} from "node:fs";
+import {constants as bufferConstants, isUtf8} from "node:buffer";
+import {promises as fs} from "node:fs";
 import path from "node:path";
-import readline from "node:readline";
 import {createGunzip} from "node:zlib";
-import {asyncBufferFromFile, parquetReadObjects} from "hyparquet";
+import {parquetMetadataAsync, parquetReadObjects, parquetSchema} from "hyparquet";
+import type {AsyncBuffer, FileMetaData, SchemaTree} from "hyparquet";
 import {compressors} from "hyparquet-compressors";
 import {QloraError} from "../errors.js";
+import {openRegularFile} from "../io/files.js";
+import {checkNotUtf16, firstInvalidUtf8, notUtf8, splitLines} from "./lines.js";
 
 /** one dataset record as read from the file (a JSON object, a Parquet row) */
 export type DataRecord = Record<string, unknown>;
@@ -31,6 +37,18 @@ export interface ReadResult {
     /** file format of the first file read */
     format: FileFormat;
     sources: RecordSource[];
+}
+
+/** records read one after the other from one file */
+export interface RecordBatch {
+    file: string;
+    /** "jsonl" for a .json file that holds JSON Lines */
+    format: FileFormat;
+    records: DataRecord[];
+    /** JSONL only: the 1-based line of each record */
+    lines: number[] | null;
+    /** the index in its file of records[0] */
+    start: number;
 }
 
 export interface RecordLocation {
@@ -63,6 +81,13 @@ const RECORD_KEYS = ["messages", "conversations", "prompt", "completion", "instr
 // metadata files of HF save_to_disk / hub folders, never data
 const NON_DATA_FILES = new Set(["dataset_info.json", "state.json", "dataset_dict.json", "dataset_infos.json"]);
 
+// records per batch of a JSON array (JSONL batches are the lines of one read chunk, Parquet ones a row group)
+const JSON_BATCH = 4096;
+// a JSON array is parsed whole, as one string: V8 strings stop at this many characters (UTF-8 has at least one
+// byte a character, so a file of at most this many bytes always fits)
+const MAX_JSON_BYTES = bufferConstants.MAX_STRING_LENGTH;
+const READ_CHUNK_BYTES = 1 << 20;
+
 /**
  * Reads a dataset file or folder into records.
  *
@@ -76,8 +101,31 @@ const NON_DATA_FILES = new Set(["dataset_info.json", "state.json", "dataset_dict
  *   splits of the `{train,valid,test}` layout are read with `split: "valid"` / `"test"`.
  *
  * Throws a QloraError naming the file (and line) for unreadable or malformed data and for an empty dataset.
+ * Holds every record; streamRecords reads the same data a batch at a time.
  */
 export async function readRecords(pathOrDir: string, options: ReadOptions = {}): Promise<ReadResult> {
+    const records: DataRecord[] = [];
+    const sources: RecordSource[] = [];
+    for await (const batch of streamRecords(pathOrDir, options)) {
+        let source = sources[sources.length - 1];
+        if (!source || source.file !== batch.file) {
+            source = {file: batch.file, format: batch.format, start: records.length, count: 0, lines: batch.lines ? [] : null};
+            sources.push(source);
+        }
+        // a loop, not push(...batch.records): a spread of a large array overflows the call stack
+        for (const record of batch.records) records.push(record);
+        if (source.lines && batch.lines) for (const line of batch.lines) source.lines.push(line);
+        source.count += batch.records.length;
+    }
+    return {records, format: sources[0].format, sources};
+}
+
+/**
+ * The records of a dataset file or folder (see readRecords for what is read), yielded in batches as they are read:
+ * a JSONL file is never held whole, a JSON array's parsed records are released batch by batch, a Parquet file is
+ * read one row group at a time. Throws the QloraErrors readRecords throws, an empty dataset included (at the end).
+ */
+export async function* streamRecords(pathOrDir: string, options: ReadOptions = {}): AsyncGenerator<RecordBatch> {
     let stat;
     try {
         stat = await fs.stat(pathOrDir);
@@ -85,28 +133,21 @@ export async function readRecords(pathOrDir: string, options: ReadOptions = {}):
         throw new QloraError("no such file or folder; give a .json, .jsonl or .parquet file or a folder of them", {file: pathOrDir, cause: err});
     }
     const files = stat.isDirectory() ? await findSplitFiles(pathOrDir, options.split ?? "train") : [pathOrDir];
-    const result: ReadResult = {records: [], format: fileFormatOf(files[0]), sources: []};
+    let count = 0;
     for (const file of files) {
-        const start = result.records.length;
         const format = fileFormatOf(file);
-        let lines: number[] | null = null;
-        if (format === "parquet") {
-            for (const record of await readParquet(file)) result.records.push(record);
-        } else {
-            const read = format === "jsonl" ? await readJsonl(file) : await readJson(file);
-            for (const record of read.records) result.records.push(record);
-            lines = read.lines;
+        const batches = format === "parquet" ? parquetBatches(file) : format === "jsonl" ? jsonlBatches(file) : jsonBatches(file);
+        for await (const batch of batches) {
+            count += batch.records.length;
+            yield batch;
         }
-        result.sources.push({file, format: lines ? "jsonl" : format, start, count: result.records.length - start, lines});
     }
-    if (result.records.length === 0) {
+    if (count === 0) {
         throw new QloraError(
             "the dataset is empty (no records); check the file, or the split read from the folder",
             {file: files.length === 1 ? files[0] : pathOrDir}
         );
     }
-    result.format = result.sources[0].format;
-    return result;
 }
 
 /** where record `index` of a read came from */
@@ -155,9 +196,21 @@ async function listDir(dir: string): Promise<{files: string[]; dirs: string[]}> 
     } catch {
         return {files: [], dirs: []};
     }
-    const files = entries.filter((e) => e.isFile() && isDataFile(e.name)).map((e) => e.name).sort();
-    const dirs = entries.filter((e) => e.isDirectory()).map((e) => e.name).sort();
-    return {files, dirs};
+    const files: string[] = [];
+    const dirs: string[] = [];
+    for (const entry of entries) {
+        let isFile = entry.isFile();
+        let isDir = entry.isDirectory();
+        // links are followed: the Hugging Face cache stores every file of a snapshot as a link into blobs/
+        if (entry.isSymbolicLink()) {
+            const target = await fs.stat(path.join(dir, entry.name)).catch(() => null);
+            isFile = target?.isFile() ?? false;
+            isDir = target?.isDirectory() ?? false;
+        }
+        if (isFile && isDataFile(entry.name)) files.push(entry.name);
+        else if (isDir) dirs.push(entry.name);
+    }
+    return {files: files.sort(), dirs: dirs.sort()};
 }
 
 async function findSplitFiles(dir: string, split: string): Promise<string[]> {
@@ -206,17 +259,70 @@ async function hasArrowFiles(dir: string): Promise<boolean> {
     }
 }
 
-async function readText(file: string): Promise<string> {
+function isGzip(file: string): boolean {
+    return file.toLowerCase().endsWith(".gz");
+}
+
+/** the bytes of a dataset file (decompressed when it ends in .gz), a chunk at a time */
+async function* fileChunks(file: string): AsyncGenerator<Buffer> {
+    const {handle} = await openRegularFile(file, "dataset file");
+    const raw = handle.createReadStream({highWaterMark: READ_CHUNK_BYTES});
+    const gzip = isGzip(file);
+    const stream = gzip ? raw.pipe(createGunzip()) : raw;
+    if (gzip) raw.on("error", (err) => stream.destroy(err)); // pipe() does not pass on the source's errors
     try {
-        if (file.toLowerCase().endsWith(".gz")) {
-            const chunks: Buffer[] = [];
-            for await (const chunk of createReadStream(file).pipe(createGunzip())) chunks.push(chunk as Buffer);
-            return Buffer.concat(chunks).toString("utf8");
-        }
-        return await fs.readFile(file, "utf8");
+        for await (const chunk of stream) yield chunk as Buffer;
     } catch (err) {
-        throw new QloraError(`cannot read the file: ${(err as Error).message}`, {file, cause: err});
+        const code = (err as NodeJS.ErrnoException).code ?? "";
+        if (gzip && code.startsWith("Z_")) throw new QloraError(`is not valid gzip data (${(err as Error).message}); is the file complete?`, {file, cause: err});
+        throw new QloraError(`cannot read the file (${code || (err as Error).message})`, {file, cause: err});
+    } finally {
+        // also closes the file handle
+        stream.destroy();
+        raw.destroy();
     }
+}
+
+/** a whole JSON file as text, refusing one that cannot be one string and bytes that are not UTF-8 */
+async function readJsonText(file: string): Promise<string> {
+    const tooLarge = (what: string): QloraError => new QloraError(
+        `${what} more than ${MAX_JSON_BYTES} bytes, the most a JSON array can have: it is parsed whole; convert it to ` +
+        "JSON Lines (a .jsonl file, one record per line), which is read line by line", {file});
+    let bytes: Buffer;
+    if (isGzip(file)) {
+        const chunks: Buffer[] = [];
+        let total = 0;
+        for await (const chunk of fileChunks(file)) {
+            total += chunk.length;
+            if (total > MAX_JSON_BYTES) throw tooLarge("decompresses to");
+            chunks.push(chunk);
+        }
+        bytes = Buffer.concat(chunks, total);
+    } else {
+        const {handle, size} = await openRegularFile(file, "dataset file");
+        try {
+            if (size > MAX_JSON_BYTES) throw tooLarge(`is ${size} bytes,`);
+            bytes = await handle.readFile();
+        } catch (err) {
+            if (err instanceof QloraError) throw err;
+            throw new QloraError(`cannot read the file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {file, cause: err});
+        } finally {
+            await handle.close().catch(() => undefined);
+        }
+        if (bytes.length > MAX_JSON_BYTES) throw tooLarge(`is ${bytes.length} bytes,`);
+    }
+    checkNotUtf16(bytes, file);
+    if (!isUtf8(bytes)) {
+        // name the line of the first bad byte
+        const at = firstInvalidUtf8(bytes);
+        const lineStart = at === 0 ? 0 : bytes.lastIndexOf(0x0a, at - 1) + 1;
+        const lineEnd = bytes.indexOf(0x0a, at);
+        let line = 1;
+        for (let i = bytes.indexOf(0x0a); i >= 0 && i < at; i = bytes.indexOf(0x0a, i + 1)) line++;
+        throw notUtf8(file, line, bytes.subarray(lineStart, lineEnd < 0 ? bytes.length : lineEnd));
+    }
+    const bom = bytes.length >= 3 && bytes[0] === 0xef && bytes[1] === 0xbb && bytes[2] === 0xbf;
+    return bytes.toString("utf8", bom ? 3 : 0);
 }
 
 /** 1-based line and column of a character offset */
@@ -224,11 +330,9 @@ export function lineColumnAt(text: string, offset: number): {line: number; colum
     let line = 1;
     let lineStart = 0;
     const end = Math.min(offset, text.length);
-    for (let i = 0; i < end; i++) {
-        if (text.charCodeAt(i) === 10) {
-            line++;
-            lineStart = i + 1;
-        }
+    for (let i = text.indexOf("\n"); i >= 0 && i < end; i = text.indexOf("\n", i + 1)) {
+        line++;
+        lineStart = i + 1;
     }
     return {line, column: end - lineStart + 1};
 }
@@ -243,28 +347,49 @@ function jsonErrorLine(message: string, text: string): number | null {
     return null;
 }
 
-// "… in JSON at position 37 (line 4 column 3)" → "… at column 3": the line is in the file name already
+// "… in JSON at position 37 (line 4 column 3)" → "… at column 3": the line is in the file name already; V8 quotes
+// the text around the error, whose line ends would break the one-line message
 function cleanJsonMessage(message: string, text: string): string {
     return message
+        .replace(/\r?\n|\r/g, "\\n")
         .replace(/\s*\(line \d+ column \d+\)/, "")
         .replace(/ in JSON at position (\d+)/, (_, position: string) => ` at column ${lineColumnAt(text, Number(position)).column}`);
 }
 
-async function readJson(file: string): Promise<{records: DataRecord[]; lines: number[] | null}> {
-    const text = stripBom(await readText(file));
-    let value: unknown;
+/**
+ * JSON.parse, with its failures other than a syntax error as QloraErrors (V8 throws RangeError on input nested
+ * beyond its limits); a SyntaxError is returned for the caller to describe
+ */
+function parseJson(text: string, where: string): {value: unknown} | {syntaxError: SyntaxError} {
     try {
-        value = JSON.parse(text);
+        return {value: JSON.parse(text)};
     } catch (err) {
+        if (err instanceof SyntaxError) return {syntaxError: err};
+        throw new QloraError(
+            `cannot be parsed as JSON (${(err as Error).message}): it nests too deeply or is too large; records are ` +
+            "objects of strings and lists of messages", {file: where, cause: err});
+    }
+}
+
+async function* jsonBatches(file: string): AsyncGenerator<RecordBatch> {
+    let text: string | null = await readJsonText(file);
+    const parsed = parseJson(text, file);
+    if ("syntaxError" in parsed) {
         // JSON Lines saved as .json (a common mix-up): more than one top-level value, each on its own line
-        if (/^\s*\{/.test(text) && looksLikeJsonLines(text)) return parseJsonLines(text, file);
-        const message = (err as Error).message;
+        if (/^\s*\{/.test(text) && looksLikeJsonLines(text)) {
+            text = null;
+            yield* jsonlBatches(file);
+            return;
+        }
+        const message = parsed.syntaxError.message;
         const line = jsonErrorLine(message, text);
         throw new QloraError(
             `invalid JSON (${cleanJsonMessage(message, text)}); the file should hold a JSON array of records`,
-            {file: line !== null ? `${file}:${line}` : file, cause: err}
+            {file: line !== null ? `${file}:${line}` : file, cause: parsed.syntaxError}
         );
     }
+    text = null; // the parsed records are all that is needed now
+    let value = parsed.value;
     if (!Array.isArray(value)) {
         if (value === null || typeof value !== "object") {
             throw new QloraError(`holds ${describeJsonValue(value)}; it should hold a JSON array of records (objects), or use JSON Lines in a .jsonl file`, {file});
@@ -276,96 +401,165 @@ async function readJson(file: string): Promise<{records: DataRecord[]; lines: nu
         value = !isRecord && arrays.length === 1 ? arrays[0][1] : [object];
     }
     const records = value as unknown[];
+    value = null;
+    // checked before any record is used: a bad record late in the file fails at once, not after tokenizing the rest
     for (let i = 0; i < records.length; i++) {
         if (records[i] === null || typeof records[i] !== "object" || Array.isArray(records[i])) {
             throw new QloraError(`record ${i} is ${describeJsonValue(records[i])}, not an object; every record must be a JSON object`, {file});
         }
     }
-    return {records: records as DataRecord[], lines: null};
+    for (let start = 0; start < records.length; start += JSON_BATCH) {
+        const end = Math.min(records.length, start + JSON_BATCH);
+        yield {file, format: "json", records: records.slice(start, end) as DataRecord[], lines: null, start};
+        records.fill(null, start, end); // let the records already used be collected
+    }
 }
 
 function looksLikeJsonLines(text: string): boolean {
-    const lines = text.split("\n").filter((l) => l.trim() !== "");
-    if (lines.length < 2) return false;
-    try {
-        JSON.parse(lines[0]);
-        return true;
-    } catch {
-        return false;
-    }
+    const firstEnd = text.indexOf("\n");
+    if (firstEnd < 0 || !/\S/.test(text.slice(firstEnd + 1, firstEnd + 4096))) return false;
+    return !("syntaxError" in safeParse(text.slice(0, firstEnd)));
 }
 
-function parseJsonLines(text: string, file: string): {records: DataRecord[]; lines: number[]} {
-    const records: DataRecord[] = [];
-    const lines: number[] = [];
-    const all = text.split("\n");
-    for (let i = 0; i < all.length; i++) {
-        const record = parseJsonLine(all[i], file, i + 1);
-        if (record) {
-            records.push(record);
-            lines.push(i + 1);
-        }
-    }
-    return {records, lines};
-}
-
-function parseJsonLine(raw: string, file: string, lineNumber: number): DataRecord | null {
-    const line = lineNumber === 1 ? stripBom(raw) : raw;
-    if (line.trim() === "") return null;
-    let value: unknown;
+function safeParse(text: string): {value: unknown} | {syntaxError: unknown} {
     try {
-        value = JSON.parse(line);
+        return {value: JSON.parse(text)};
     } catch (err) {
-        throw new QloraError(`invalid JSON (${cleanJsonMessage((err as Error).message, line)}); each line must be one JSON object`, {file: `${file}:${lineNumber}`, cause: err});
+        return {syntaxError: err};
     }
+}
+
+function parseJsonLine(line: string, file: string, lineNumber: number): DataRecord | null {
+    if (isBlank(line)) return null;
+    const where = `${file}:${lineNumber}`;
+    const parsed = parseJson(line, where);
+    if ("syntaxError" in parsed) {
+        // a file with CR-only line ends (old Mac) arrives as one line
+        const hint = line.includes("\r") ? " (the file has CR line ends: save it with LF or CRLF line ends)" : "";
+        throw new QloraError(`invalid JSON (${cleanJsonMessage(parsed.syntaxError.message, line)}); each line must be one JSON object${hint}`, {file: where, cause: parsed.syntaxError});
+    }
+    const value = parsed.value;
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
-        throw new QloraError(`the line holds ${describeJsonValue(value)}, not a JSON object; each line must be one record object`, {file: `${file}:${lineNumber}`});
+        throw new QloraError(`the line holds ${describeJsonValue(value)}, not a JSON object; each line must be one record object`, {file: where});
     }
     return value as DataRecord;
 }
 
-/** Streams a JSONL file (gzipped when it ends in .gz) with readline; blank lines are skipped. */
+function isBlank(line: string): boolean {
+    return line.length === 0 || /^\s*$/.test(line);
+}
+
+async function* jsonlBatches(file: string): AsyncGenerator<RecordBatch> {
+    let start = 0;
+    for await (const lines of splitLines(fileChunks(file), file)) {
+        const records: DataRecord[] = [];
+        const numbers: number[] = [];
+        for (const {text, line} of lines) {
+            const record = parseJsonLine(text, file, line);
+            if (record) {
+                records.push(record);
+                numbers.push(line);
+            }
+        }
+        if (records.length === 0) continue;
+        yield {file, format: "jsonl", records, lines: numbers, start};
+        start += records.length;
+    }
+}
+
+/** Reads a JSONL file (gzipped when it ends in .gz) line by line; blank lines are skipped. */
 export async function readJsonl(file: string): Promise<{records: DataRecord[]; lines: number[]}> {
     const records: DataRecord[] = [];
     const lines: number[] = [];
-    let input: NodeJS.ReadableStream;
-    try {
-        await fs.access(file);
-        const stream = createReadStream(file);
-        input = file.toLowerCase().endsWith(".gz") ? stream.pipe(createGunzip()) : stream;
-    } catch (err) {
-        throw new QloraError(`cannot read the file: ${(err as Error).message}`, {file, cause: err});
-    }
-    const reader = readline.createInterface({input, crlfDelay: Infinity});
-    let lineNumber = 0;
-    try {
-        for await (const line of reader) {
-            lineNumber++;
-            const record = parseJsonLine(line, file, lineNumber);
-            if (record) {
-                records.push(record);
-                lines.push(lineNumber);
-            }
-        }
-    } catch (err) {
-        if (err instanceof QloraError) throw err;
-        throw new QloraError(`cannot read the file: ${(err as Error).message}`, {file, cause: err});
-    } finally {
-        reader.close();
+    for await (const batch of jsonlBatches(file)) {
+        for (const record of batch.records) records.push(record);
+        for (const line of batch.lines!) lines.push(line);
     }
     return {records, lines};
 }
 
+/** hyparquet's view of an open file: positioned reads of the byte ranges it asks for */
+function fileAsyncBuffer(handle: fs.FileHandle, size: number): AsyncBuffer {
+    return {
+        byteLength: size,
+        async slice(start: number, end = size): Promise<ArrayBuffer> {
+            const out = new Uint8Array(Math.max(0, end - start));
+            let done = 0;
+            while (done < out.length) {
+                const {bytesRead} = await handle.read(out, done, out.length - done, start + done);
+                if (bytesRead === 0) throw new Error(`the file ends before byte ${end} (is it truncated?)`);
+                done += bytesRead;
+            }
+            return out.buffer;
+        }
+    };
+}
+
+async function* parquetBatches(file: string): AsyncGenerator<RecordBatch> {
+    const {handle, size} = await openRegularFile(file, "dataset file");
+    try {
+        const buffer = fileAsyncBuffer(handle, size);
+        let metadata: FileMetaData;
+        try {
+            metadata = await parquetMetadataAsync(buffer);
+        } catch (err) {
+            throw new QloraError(`cannot read it as Parquet: ${(err as Error).message}`, {file, cause: err});
+        }
+        // schema[0] is the root; the columns follow it
+        if (metadata.schema.length <= 1) throw new QloraError("the Parquet file has no columns", {file});
+        checkParquetColumns(metadata, file);
+        let rowStart = 0;
+        for (let group = 0; group < metadata.row_groups.length; group++) {
+            const expected = Number(metadata.row_groups[group].num_rows);
+            const rowEnd = rowStart + expected;
+            let rows: Record<string, unknown>[];
+            const rowsName = `records ${rowStart}–${rowEnd - 1} (row group ${group})`;
+            try {
+                rows = await parquetReadObjects({file: buffer, metadata, rowStart, rowEnd, compressors});
+            } catch (err) {
+                throw new QloraError(`cannot read ${rowsName} as Parquet: ${(err as Error).message}`, {file, cause: err});
+            }
+            if (rows.length !== expected) {
+                throw new QloraError(`${rowsName}: read ${rows.length} rows where the footer says ${expected}; the file is damaged`, {file});
+            }
+            if (rows.length > 0) yield {file, format: "parquet", records: rows.map((row) => normalizeParquetValue(row) as DataRecord), lines: null, start: rowStart};
+            rowStart = rowEnd;
+        }
+    } finally {
+        await handle.close().catch(() => undefined);
+    }
+}
+
+/**
+ * Every column chunk of every row group must name a column of the schema. hyparquet finds out only while it is
+ * already reading the other columns, and the reads it started then fail as unhandled promise rejections, which
+ * end the process.
+ */
+function checkParquetColumns(metadata: FileMetaData, file: string): void {
+    let schema: SchemaTree;
+    try {
+        schema = parquetSchema(metadata);
+    } catch (err) {
+        throw new QloraError(`cannot read it as Parquet: its schema is damaged (${(err as Error).message})`, {file, cause: err});
+    }
+    metadata.row_groups.forEach((group, index) => {
+        for (const chunk of group.columns) {
+            const names = chunk.meta_data?.path_in_schema;
+            let node: SchemaTree | undefined = schema;
+            for (const name of names ?? []) node = node?.children.find((child) => child.element.name === name);
+            if (!names || !node || chunk.file_path) {
+                const what = !names ? "a column without metadata" : chunk.file_path ? `column data in another file (${chunk.file_path})` : `a column "${names.join(".")}" its schema does not have`;
+                throw new QloraError(`cannot read it as Parquet: row group ${index} holds ${what}; the file is damaged or not supported`, {file});
+            }
+        }
+    });
+}
+
 /** Reads every row of a Parquet file as an object; int64 values become numbers (bigint when beyond 2^53). */
 export async function readParquet(file: string): Promise<DataRecord[]> {
-    let rows: Record<string, unknown>[];
-    try {
-        const buffer = await asyncBufferFromFile(file);
-        rows = await parquetReadObjects({file: buffer, compressors});
-    } catch (err) {
-        throw new QloraError(`cannot read it as Parquet: ${(err as Error).message}`, {file, cause: err});
-    }
-    return rows.map((row) => normalizeParquetValue(row) as DataRecord);
+    const records: DataRecord[] = [];
+    for await (const batch of parquetBatches(file)) for (const record of batch.records) records.push(record);
+    return records;
 }
 
 function normalizeParquetValue(value: unknown): unknown {
@@ -385,13 +579,11 @@ function escapeRegExp(text: string): string {
     return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 }
 
-function stripBom(text: string): string {
-    return text.charCodeAt(0) === 0xfeff ? text.slice(1) : text;
-}
-
 export function describeJsonValue(value: unknown): string {
     if (value === null) return "null";
     if (Array.isArray(value)) return "an array";
     if (typeof value === "string") return `a string (${JSON.stringify(value.length > 40 ? value.slice(0, 40) + "…" : value)})`;
+    if (value instanceof Uint8Array) return "binary data";
+    if (value instanceof Date) return "a date";
     return typeof value === "object" ? "an object" : `a ${typeof value}`;
 }

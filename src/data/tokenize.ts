@@ -17,6 +17,8 @@ export interface DataTokenizer {
     idToToken(id: number): string | null;
     tokenToId(token: string): number | null;
     readonly specialTokens?: readonly {content: string; id: number}[];
+    /** the number of token ids (added tokens included); pre-tokenized records are checked against it when given */
+    readonly vocabSize?: number;
 }
 
 export interface TokenizeOptions {
@@ -93,7 +95,22 @@ export function tokenizeExample(example: Example, tokenizer: DataTokenizer, opti
             return {inputIds, labels};
         }
         case "tokenized":
+            // an id outside the vocabulary would index past the embedding table
+            checkTokenIds(example.inputIds, "input_ids", tokenizer.vocabSize, false);
+            if (example.labels) checkTokenIds(example.labels, "labels", tokenizer.vocabSize, true);
             return {inputIds: example.inputIds.slice(), labels: example.labels ? example.labels.slice() : example.inputIds.slice()};
+    }
+}
+
+function checkTokenIds(ids: readonly number[], key: string, vocabSize: number | undefined, isLabels: boolean): void {
+    const limit = vocabSize ?? 2 ** 31;
+    for (let i = 0; i < ids.length; i++) {
+        const id = ids[i];
+        if ((id >= 0 && id < limit) || (isLabels && id === IGNORE_INDEX)) continue;
+        throw new QloraError(
+            `${key}[${i}] is ${id}, not a token id (0 to ${limit - 1}` + (isLabels ? `, or ${IGNORE_INDEX} for an untrained position)` : ")") +
+            (vocabSize !== undefined ? "; was the data tokenized with another tokenizer?" : "")
+        );
     }
 }
 
