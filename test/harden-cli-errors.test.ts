@@ -55,3 +55,8 @@ test("export gguf with a FIFO named tokenizer.json fails at once instead of hang
     assert.match(r.stderr, /tokenizer\.json: expected a regular file, found a FIFO/);
     assert.ok(Date.now() - started < 60_000);
 });
+
+test("a QloraError is one line whatever its parts hold (V8's JSON messages, keys with line breaks)", () => {
+    const e = new QloraError('unknown key "block\nkey "\r\n  (see --help)\u2028end', {file: "c.yaml"});
+    assert.equal(e.message, 'c.yaml: unknown key "block key " (see --help) end');
+});
