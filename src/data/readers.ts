@@ -9,12 +9,10 @@ import {constants as bufferConstants, isUtf8} from "node:buffer";
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {createGunzip} from "node:zlib";
-import {parquetMetadataAsync, parquetReadObjects, parquetSchema} from "hyparquet";
-import type {AsyncBuffer, FileMetaData, SchemaTree} from "hyparquet";
-import {compressors} from "hyparquet-compressors";
 import {QloraError} from "../errors.js";
 import {openRegularFile} from "../io/files.js";
 import {checkNotUtf16, firstInvalidUtf8, notUtf8, splitLines} from "./lines.js";
+import {decodeParquetIsolated} from "./parquet.js";
 
 /** one dataset record as read from the file (a JSON object, a Parquet row) */
 export type DataRecord = Record<string, unknown>;
@@ -478,81 +476,15 @@ export async function readJsonl(file: string): Promise<{records: DataRecord[]; l
     return {records, lines};
 }
 
-/** hyparquet's view of an open file: positioned reads of the byte ranges it asks for */
-function fileAsyncBuffer(handle: fs.FileHandle, size: number): AsyncBuffer {
-    return {
-        byteLength: size,
-        async slice(start: number, end = size): Promise<ArrayBuffer> {
-            const out = new Uint8Array(Math.max(0, end - start));
-            let done = 0;
-            while (done < out.length) {
-                const {bytesRead} = await handle.read(out, done, out.length - done, start + done);
-                if (bytesRead === 0) throw new Error(`the file ends before byte ${end} (is it truncated?)`);
-                done += bytesRead;
-            }
-            return out.buffer;
-        }
-    };
-}
-
-async function* parquetBatches(file: string): AsyncGenerator<RecordBatch> {
-    const {handle, size} = await openRegularFile(file, "dataset file");
-    try {
-        const buffer = fileAsyncBuffer(handle, size);
-        let metadata: FileMetaData;
-        try {
-            metadata = await parquetMetadataAsync(buffer);
-        } catch (err) {
-            throw new QloraError(`cannot read it as Parquet: ${(err as Error).message}`, {file, cause: err});
-        }
-        // schema[0] is the root; the columns follow it
-        if (metadata.schema.length <= 1) throw new QloraError("the Parquet file has no columns", {file});
-        checkParquetColumns(metadata, file);
-        let rowStart = 0;
-        for (let group = 0; group < metadata.row_groups.length; group++) {
-            const expected = Number(metadata.row_groups[group].num_rows);
-            const rowEnd = rowStart + expected;
-            let rows: Record<string, unknown>[];
-            const rowsName = `records ${rowStart}–${rowEnd - 1} (row group ${group})`;
-            try {
-                rows = await parquetReadObjects({file: buffer, metadata, rowStart, rowEnd, compressors});
-            } catch (err) {
-                throw new QloraError(`cannot read ${rowsName} as Parquet: ${(err as Error).message}`, {file, cause: err});
-            }
-            if (rows.length !== expected) {
-                throw new QloraError(`${rowsName}: read ${rows.length} rows where the footer says ${expected}; the file is damaged`, {file});
-            }
-            if (rows.length > 0) yield {file, format: "parquet", records: rows.map((row) => normalizeParquetValue(row) as DataRecord), lines: null, start: rowStart};
-            rowStart = rowEnd;
-        }
-    } finally {
-        await handle.close().catch(() => undefined);
-    }
-}
-
 /**
- * Every column chunk of every row group must name a column of the schema. hyparquet finds out only while it is
- * already reading the other columns, and the reads it started then fail as unhandled promise rejections, which
- * end the process.
+ * Parquet is decoded in a child process (data/parquet-child.ts): hyparquet trusts run lengths in damaged pages
+ * and can grow an array past V8's limit, which aborts the whole process (a fatal error no try/catch sees). In a
+ * child that abort, an out-of-memory or a hang is one clean error naming the file; the records come back over
+ * IPC one row group at a time.
  */
-function checkParquetColumns(metadata: FileMetaData, file: string): void {
-    let schema: SchemaTree;
-    try {
-        schema = parquetSchema(metadata);
-    } catch (err) {
-        throw new QloraError(`cannot read it as Parquet: its schema is damaged (${(err as Error).message})`, {file, cause: err});
-    }
-    metadata.row_groups.forEach((group, index) => {
-        for (const chunk of group.columns) {
-            const names = chunk.meta_data?.path_in_schema;
-            let node: SchemaTree | undefined = schema;
-            for (const name of names ?? []) node = node?.children.find((child) => child.element.name === name);
-            if (!names || !node || chunk.file_path) {
-                const what = !names ? "a column without metadata" : chunk.file_path ? `column data in another file (${chunk.file_path})` : `a column "${names.join(".")}" its schema does not have`;
-                throw new QloraError(`cannot read it as Parquet: row group ${index} holds ${what}; the file is damaged or not supported`, {file});
-            }
-        }
-    });
+async function* parquetBatches(file: string): AsyncGenerator<RecordBatch> {
+    for await (const {start, rows} of decodeParquetIsolated(file))
+        if (rows.length > 0) yield {file, format: "parquet", records: rows.map((row) => normalizeParquetValue(row) as DataRecord), lines: null, start};
 }
 
 /** Reads every row of a Parquet file as an object; int64 values become numbers (bigint when beyond 2^53). */
