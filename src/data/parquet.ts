@@ -21,8 +21,12 @@ export interface ParquetRowGroup {
     rows: Record<string, unknown>[];
 }
 
-/** the child's heap: a row group of an SFT data set is far smaller; a decoder gone wild stops here */
-const CHILD_HEAP_MB = 4096;
+/**
+ * the child's heap. A damaged run length makes hyparquet grow an array towards V8's 134M-element limit (about
+ * 1 GiB); this stops it a little earlier, as an out-of-memory. Row groups of SFT text data decode to far less
+ * (a row group of 100k rows of 2 KB is about 400 MB as JS strings); a larger one gets a message that says so.
+ */
+const CHILD_HEAP_MB = 1024;
 /** no row group takes this long to decode on any machine: a child silent for longer is stuck */
 const CHILD_SILENCE_MS = 10 * 60_000;
 
@@ -91,7 +95,12 @@ function checkParquetColumns(metadata: FileMetaData, file: string): void {
     } catch (err) {
         throw new QloraError(`cannot read it as Parquet: its schema is damaged (${(err as Error).message})`, {file, cause: err});
     }
+    let total = 0;
     metadata.row_groups.forEach((group, index) => {
+        const rows = Number(group.num_rows);
+        if (!Number.isSafeInteger(rows) || rows < 0)
+            throw new QloraError(`cannot read it as Parquet: row group ${index} says it holds ${group.num_rows} rows; the file is damaged`, {file});
+        total += rows;
         for (const chunk of group.columns) {
             const names = chunk.meta_data?.path_in_schema;
             let node: SchemaTree | undefined = schema;
@@ -100,8 +109,18 @@ function checkParquetColumns(metadata: FileMetaData, file: string): void {
                 const what = !names ? "a column without metadata" : chunk.file_path ? `column data in another file (${chunk.file_path})` : `a column "${names.join(".")}" its schema does not have`;
                 throw new QloraError(`cannot read it as Parquet: row group ${index} holds ${what}; the file is damaged or not supported`, {file});
             }
+            // a flat column (no repeated level) holds one value, or null, per row: the counts must agree before
+            // anything is allocated from them
+            const repeated = node.element.repetition_type === "REPEATED" || names.length > 1;
+            const values = Number(chunk.meta_data!.num_values);
+            if (!repeated && values !== rows)
+                throw new QloraError(`cannot read it as Parquet: row group ${index} says it holds ${rows} rows but its column ` +
+                    `"${names.join(".")}" holds ${values} values; the file is damaged`, {file});
         }
     });
+    if (total !== Number(metadata.num_rows))
+        throw new QloraError(`cannot read it as Parquet: the footer says ${metadata.num_rows} rows but its row groups hold ${total}; ` +
+            "the file is damaged", {file});
 }
 
 /** what the child sends: a row group, the end, or the one-line error of a QloraError it threw */
