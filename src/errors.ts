@@ -8,10 +8,29 @@ export class QloraError extends Error {
         // one line by contract: line breaks that arrive inside quoted values or library messages (V8's JSON
         // errors, YAML keys) are folded, so every caller's message prints as one line
         const text = options?.file ? `${options.file}: ${message}` : message;
-        super(text.replace(/\s*[\r\n\u2028\u2029]+\s*/g, " "), {cause: options?.cause});
+        super(shortenRuns(text.replace(/\s*[\r\n\u2028\u2029]+\s*/g, " ")), {cause: options?.cause});
         this.name = "QloraError";
         this.file = options?.file;
     }
+}
+
+/**
+ * A value quoted from a file, for a message: JSON as the user wrote it, cut to `max` characters, and never a
+ * throw (JSON.stringify overflows the stack on deeply nested input and throws on bigint).
+ */
+export function quoteValue(value: unknown, max = 80): string {
+    let text: string;
+    try {
+        text = JSON.stringify(value) ?? String(value);
+    } catch {
+        text = Array.isArray(value) ? "[…] (nested too deeply to show)" : "{…} (nested too deeply to show)";
+    }
+    return text.length > max ? `${text.slice(0, max)}… (${text.length} chars)` : text;
+}
+
+/** messages quote values from files: an unbroken run of 200+ characters is cut, keeping its start and end */
+function shortenRuns(text: string): string {
+    return text.replace(/\S{200,}/g, (run) => `${run.slice(0, 100)}…(${run.length} chars)…${run.slice(-40)}`);
 }
 
 export function isQloraError(err: unknown): err is QloraError {

@@ -60,3 +60,15 @@ test("a QloraError is one line whatever its parts hold (V8's JSON messages, keys
     const e = new QloraError('unknown key "block\nkey "\r\n  (see --help)\u2028end', {file: "c.yaml"});
     assert.equal(e.message, 'c.yaml: unknown key "block key " (see --help) end');
 });
+
+test("values quoted from files are cut, never throw, and a message never carries a megabyte of them", async () => {
+    const {quoteValue} = await import("../src/errors.js");
+    assert.equal(quoteValue("short"), '"short"');
+    assert.equal(quoteValue("A".repeat(1000)), `"${"A".repeat(79)}… (1002 chars)`);
+    let deep: unknown = 1;
+    for (let i = 0; i < 200_000; i++) deep = [deep];
+    assert.equal(quoteValue(deep), "[…] (nested too deeply to show)");
+    const e = new QloraError(`bias: must be "none" (got "${"lora_only".repeat(10_000)}")`, {file: "adapter_config.json"});
+    assert.ok(e.message.length < 300, `${e.message.length} chars`);
+    assert.match(e.message, /^adapter_config\.json: bias: must be "none" \(got "lora_only.*…\(90003 chars\)….*only"\)$/);
+});

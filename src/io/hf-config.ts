@@ -7,7 +7,7 @@
 
 import {promises as fs} from "node:fs";
 import path from "node:path";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "./files.js";
 
 export type ModelType = "llama" | "qwen2" | "mistral";
@@ -133,7 +133,7 @@ class ConfigReader {
             this.fail(key, "is missing; every model config needs it (is this a complete Hugging Face config.json?)");
         }
         if (typeof value !== "number" || !Number.isSafeInteger(value) || value <= 0) {
-            this.fail(key, `is ${JSON.stringify(value)}, expected a positive integer`);
+            this.fail(key, `is ${quoteValue(value)}, expected a positive integer`);
         }
         return value;
     }
@@ -145,7 +145,7 @@ class ConfigReader {
             this.fail(key, "is missing; every model config needs it");
         }
         if (typeof value !== "number" || !Number.isFinite(value) || value <= 0) {
-            this.fail(key, `is ${JSON.stringify(value)}, expected a positive number`);
+            this.fail(key, `is ${quoteValue(value)}, expected a positive number`);
         }
         return value;
     }
@@ -153,7 +153,7 @@ class ConfigReader {
     boolean(key: string, fallback: boolean): boolean {
         const value = this.json[key];
         if (value === undefined || value === null) return fallback;
-        if (typeof value !== "boolean") this.fail(key, `is ${JSON.stringify(value)}, expected true or false`);
+        if (typeof value !== "boolean") this.fail(key, `is ${quoteValue(value)}, expected true or false`);
         return value;
     }
 
@@ -161,7 +161,7 @@ class ConfigReader {
         const value = this.json[key];
         if (value === undefined || value === null) return null;
         if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0) {
-            this.fail(key, `is ${JSON.stringify(value)}, expected a token id (a non-negative integer) or null`);
+            this.fail(key, `is ${quoteValue(value)}, expected a token id (a non-negative integer) or null`);
         }
         return value;
     }
@@ -172,7 +172,7 @@ class ConfigReader {
         const list = Array.isArray(value) ? value : [value];
         for (const id of list) {
             if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 0) {
-                this.fail(key, `is ${JSON.stringify(value)}, expected a token id or a list of token ids`);
+                this.fail(key, `is ${quoteValue(value)}, expected a token id or a list of token ids`);
             }
         }
         return list as number[];
@@ -189,13 +189,13 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
 /** Validates a parsed config.json; `file` is used in error messages. */
 export function parseModelConfig(json: unknown, file: string): ModelConfig {
     if (!isPlainObject(json)) {
-        throw new QloraError(`should hold a JSON object, found ${Array.isArray(json) ? "an array" : JSON.stringify(json)}`, {file});
+        throw new QloraError(`should hold a JSON object, found ${Array.isArray(json) ? "an array" : quoteValue(json)}`, {file});
     }
     const config: ConfigReader = new ConfigReader(json, file);
 
     const modelType = json.model_type;
     if (typeof modelType !== "string") {
-        config.fail("model_type", `is ${JSON.stringify(modelType)}; a Hugging Face config.json names its architecture in model_type (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`);
+        config.fail("model_type", `is ${quoteValue(modelType)}; a Hugging Face config.json names its architecture in model_type (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`);
     }
     if (!(SUPPORTED_MODEL_TYPES as readonly string[]).includes(modelType)) {
         throw new QloraError(`model_type "${modelType}" is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`, {file});
@@ -204,7 +204,7 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
 
     const architectures = json.architectures ?? [];
     if (!Array.isArray(architectures) || !architectures.every((a) => typeof a === "string")) {
-        config.fail("architectures", `is ${JSON.stringify(architectures)}, expected a list of class names`);
+        config.fail("architectures", `is ${quoteValue(architectures)}, expected a list of class names`);
     }
 
     const vocabSize = config.positiveInt("vocab_size");
@@ -250,20 +250,20 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
 
     const ropeParameters = json.rope_parameters;
     if (ropeParameters !== undefined && ropeParameters !== null && !isPlainObject(ropeParameters)) {
-        config.fail("rope_parameters", `is ${JSON.stringify(ropeParameters)}, expected an object such as {"rope_type": "default", "rope_theta": 10000}`);
+        config.fail("rope_parameters", `is ${quoteValue(ropeParameters)}, expected an object such as {"rope_type": "default", "rope_theta": 10000}`);
     }
     const ropeTheta = readRopeTheta(config, isPlainObject(ropeParameters) ? ropeParameters : null);
     const ropeScaling = readRopeScaling(config, isPlainObject(ropeParameters) ? ropeParameters : null);
     const partial = json.partial_rotary_factor ?? ropeScaling?.raw.partial_rotary_factor ?? 1;
     if (typeof partial !== "number" || !(partial > 0 && partial <= 1))
-        config.fail("partial_rotary_factor", `is ${JSON.stringify(partial)}, expected a number in (0, 1]`);
+        config.fail("partial_rotary_factor", `is ${quoteValue(partial)}, expected a number in (0, 1]`);
     const rotaryDim = Math.trunc(headDim * partial);
     if (rotaryDim % 2 !== 0)
         config.fail("partial_rotary_factor", `gives ${rotaryDim} rotary dimensions of the ${headDim} in a head; RoPE rotates pairs, so it must be even`);
 
     const hiddenAct = json.hidden_act ?? "silu";
     if (hiddenAct !== "silu") {
-        config.fail("hidden_act", `is ${JSON.stringify(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/mistral, which uses "silu"`);
+        config.fail("hidden_act", `is ${quoteValue(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/mistral, which uses "silu"`);
     }
 
     // qwen2 always puts a bias on q/k/v and never on o_proj; llama's attention_bias covers all four
@@ -286,7 +286,7 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
 
     const quantizationConfig = json.quantization_config ?? null;
     if (quantizationConfig !== null && !isPlainObject(quantizationConfig)) {
-        config.fail("quantization_config", `is ${JSON.stringify(quantizationConfig)}, expected an object`);
+        config.fail("quantization_config", `is ${quoteValue(quantizationConfig)}, expected an object`);
     }
 
     return {
@@ -325,7 +325,7 @@ function readRopeTheta(config: ConfigReader, ropeParameters: Record<string, unkn
     if (ropeParameters && ropeParameters.rope_theta !== undefined && ropeParameters.rope_theta !== null) {
         const theta = ropeParameters.rope_theta;
         if (typeof theta !== "number" || !Number.isFinite(theta) || theta <= 0) {
-            config.fail("rope_parameters.rope_theta", `is ${JSON.stringify(theta)}, expected a positive number`);
+            config.fail("rope_parameters.rope_theta", `is ${quoteValue(theta)}, expected a positive number`);
         }
         return theta;
     }
@@ -338,7 +338,7 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
     const ropeScaling = config.json.rope_scaling;
     if (ropeScaling !== undefined && ropeScaling !== null) {
         if (!isPlainObject(ropeScaling)) {
-            config.fail("rope_scaling", `is ${JSON.stringify(ropeScaling)}, expected an object such as {"rope_type": "linear", "factor": 2.0} or null`);
+            config.fail("rope_scaling", `is ${quoteValue(ropeScaling)}, expected an object such as {"rope_type": "linear", "factor": 2.0} or null`);
         }
         key = "rope_scaling";
         scaling = ropeScaling;
@@ -353,14 +353,14 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
     // "su" is the name early Phi-3 configs used for longrope (transformers maps it the same way)
     const type = rawType === "su" ? "longrope" : rawType;
     if (typeof type !== "string" || !(SUPPORTED_ROPE_TYPES as readonly string[]).includes(type)) {
-        config.fail(`${key}.rope_type`, `is ${JSON.stringify(rawType)}, which qlora does not implement (supported: ${SUPPORTED_ROPE_TYPES.join(", ")})`);
+        config.fail(`${key}.rope_type`, `is ${quoteValue(rawType)}, which qlora does not implement (supported: ${SUPPORTED_ROPE_TYPES.join(", ")})`);
     }
     if (type === "default") return null;
 
     const optionalNumber = (name: string): number | undefined => {
         const value = scaling[name];
         if (value === undefined || value === null) return undefined;
-        if (typeof value !== "number" || !Number.isFinite(value)) config.fail(`${key}.${name}`, `is ${JSON.stringify(value)}, expected a number`);
+        if (typeof value !== "number" || !Number.isFinite(value)) config.fail(`${key}.${name}`, `is ${quoteValue(value)}, expected a number`);
         return value;
     };
     const requiredPositive = (name: string): number => {
@@ -396,7 +396,7 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
         for (const name of ["short_factor", "long_factor"]) {
             const list = scaling[name];
             if (!Array.isArray(list) || !list.every((x) => typeof x === "number" && Number.isFinite(x) && x > 0)) {
-                config.fail(`${key}.${name}`, `is ${JSON.stringify(list)}, expected a list of positive numbers (one per rotary frequency)`);
+                config.fail(`${key}.${name}`, `is ${quoteValue(list)}, expected a list of positive numbers (one per rotary frequency)`);
             }
         }
     }
@@ -409,7 +409,7 @@ function readSlidingWindow(config: ConfigReader, family: ModelType): number | nu
     const value = family === "mistral" && !("sliding_window" in config.json) ? 4096 : config.json.sliding_window;
     if (value === undefined || value === null) return null;
     if (typeof value !== "number" || !Number.isSafeInteger(value) || value <= 0) {
-        config.fail("sliding_window", `is ${JSON.stringify(value)}, expected a positive integer or null`);
+        config.fail("sliding_window", `is ${quoteValue(value)}, expected a positive integer or null`);
     }
     // qwen2 only slides when use_sliding_window is set (and then only above max_window_layers)
     if (family === "qwen2" && config.json.use_sliding_window !== true) return null;
@@ -425,5 +425,5 @@ function readTorchDtype(config: ConfigReader): ModelConfig["torchDtype"] {
     if (name === "float32" || name === "float16" || name === "bfloat16") return name;
     if (name === "half") return "float16";
     if (name === "float") return "float32";
-    config.fail(key, `is ${JSON.stringify(value)}, expected "float32", "float16" or "bfloat16"`);
+    config.fail(key, `is ${quoteValue(value)}, expected "float32", "float16" or "bfloat16"`);
 }
