@@ -1,7 +1,7 @@
 // run.ts: how every command reports failure: one line `error: ...` and exit code 1; the stack trace only
 // with --debug (or QLORA_DEBUG=1).
 import type {Command} from "commander";
-import pc from "picocolors";
+import {pc} from "./colors.js";
 import {DEFAULT_SAMPLING} from "../model/generate.js";
 import {isQloraError, QloraError} from "../errors.js";
 

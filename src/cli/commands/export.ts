@@ -1,7 +1,7 @@
 // qlora export: write a model (optionally with a PEFT adapter merged in) or an adapter alone as GGUF for
 // llama.cpp and everything built on it (node-llama-cpp, ollama, LM Studio).
 import type {Command} from "commander";
-import pc from "picocolors";
+import {pc} from "../colors.js";
 import {QloraError} from "../../errors.js";
 import {exportGguf, exportGgufLora, type ExportProgress, type GgufLoraOuttype} from "../../api/export-gguf.js";
 import {formatBytes} from "../../io/gguf.js";

@@ -1,6 +1,6 @@
 // qlora inspect: what a model folder holds: architecture, sizes, parameter count, dtypes, tokenizer.
 import type {Command} from "commander";
-import pc from "picocolors";
+import {pc} from "../colors.js";
 import {resolveModelDir} from "../../api/models.js";
 import {inspectModel} from "../../api/inspect.js";
 import {action} from "../run.js";

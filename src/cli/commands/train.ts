@@ -2,7 +2,7 @@
 import path from "node:path";
 import type {Command} from "commander";
 import cliProgress from "cli-progress";
-import pc from "picocolors";
+import {pc} from "../colors.js";
 import {DEFAULT_MODEL_DIR, resolveModelDir} from "../../api/models.js";
 import {EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA, runTraining} from "../../api/train.js";
 import {loadTrainConfig, TrainConfigSchema} from "../../api/train-config.js";
