@@ -1,0 +1,94 @@
+// fuzz.ts: long fuzz runs of qlora's input readers (issue 8). `npm test` runs a fixed-seed few hundred cases per
+// format (test/harden-fuzz.test.ts); this runs as many as asked, with a new seed each time unless one is given.
+//
+//   npm run fuzz -- --cases 10000                  every format, 10000 cases each, a random seed (printed)
+//   npm run fuzz -- --format gguf,yaml --seed 7    some formats, a fixed seed
+//   npm run fuzz -- --format config --seed 7 --case 123 [--cli]   replay one case (its folder is kept)
+//
+// Options: --verbose (every case's outcome), --control (with --case: the unmutated seed), --cli-cases N (CLI end-to-end cases per format; default cases/100, at least 2), --timeout MS (a worker
+// case), --cli-timeout MS, --rss-mb N (memory cap per case), --heap-mb N (the worker's V8 heap), --list.
+// Prints a table per format and every failure with its seed, case number and mutations; failing case folders are
+// kept under $TMPDIR/qlora-fuzz-failures/. Exit code 1 when any case failed.
+import {FORMATS} from "../test/fuzz/formats.js";
+import {
+    describeFailure, FAILURES_DIR, formatTable, FuzzSession, isFailure, summarize, type CaseResult, type FormatSummary,
+} from "../test/fuzz/harness.js";
+
+function parseArgs(argv: string[]): Map<string, string> {
+    const out = new Map<string, string>();
+    for (let i = 0; i < argv.length; i++) {
+        const a = argv[i];
+        if (!a.startsWith("--")) throw new Error(`unexpected argument "${a}"`);
+        const [k, inline] = a.slice(2).split("=", 2);
+        if (inline !== undefined) out.set(k, inline);
+        else if (argv[i + 1] !== undefined && !argv[i + 1].startsWith("--")) out.set(k, argv[++i]);
+        else out.set(k, "true");
+    }
+    return out;
+}
+
+function intArg(args: Map<string, string>, key: string, fallback: number): number {
+    const v = args.get(key);
+    if (v === undefined) return fallback;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0) throw new Error(`--${key} expects a non-negative integer, got "${v}"`);
+    return n;
+}
+
+async function main(): Promise<number> {
+    const args = parseArgs(process.argv.slice(2));
+    const known = new Set(["cases", "format", "seed", "case", "cli", "cli-cases", "timeout", "cli-timeout", "rss-mb", "heap-mb", "list", "verbose", "control"]);
+    for (const k of args.keys()) if (!known.has(k)) throw new Error(`unknown option --${k} (known: ${[...known].map((x) => `--${x}`).join(", ")})`);
+    if (args.has("list")) {
+        for (const f of FORMATS) console.log(`${f.name.padEnd(18)} ${f.description}`);
+        return 0;
+    }
+    const formats = args.get("format")?.split(",").map((s) => s.trim()).filter(Boolean) ?? FORMATS.map((f) => f.name);
+    for (const f of formats) if (!FORMATS.some((x) => x.name === f)) throw new Error(`unknown format "${f}" (--list shows them)`);
+    const seed = intArg(args, "seed", Math.floor(Math.random() * 2 ** 31));
+    const cases = intArg(args, "cases", 200);
+    const cliCases = intArg(args, "cli-cases", Math.max(2, Math.floor(cases / 100)));
+    const session = await FuzzSession.create({
+        seed,
+        timeoutMs: intArg(args, "timeout", 30_000), cliTimeoutMs: intArg(args, "cli-timeout", 90_000),
+        rssCapMb: intArg(args, "rss-mb", 1536), heapMb: intArg(args, "heap-mb", 1024),
+        keepFailures: true, verbose: args.has("verbose"), log: (l) => console.log(l),
+    });
+    const summaries: FormatSummary[] = [];
+    const failures: CaseResult[] = [];
+    try {
+        if (args.has("case")) {
+            const index = intArg(args, "case", 0);
+            const via = args.has("cli") ? "cli" : "lib";
+            for (const format of formats) {
+                const r = await session.runCase(format, index, via, !args.has("control"));
+                console.log(isFailure(r) ? describeFailure(r) : `ok: ${format} seed ${seed} case ${index} (${via}) ended ${r.primary}` +
+                    `${r.detail ? `: ${r.detail}` : ""}\n    mutations: ${r.mutations.join(" | ")}`);
+                summaries.push(summarize(format, via, [r]));
+                if (isFailure(r)) failures.push(r);
+            }
+        } else {
+            console.log(`qlora fuzz: seed ${seed}, ${cases} cases per format in the worker + ${cliCases} through the CLI; formats ${formats.join(", ")}`);
+            for (const format of formats) {
+                const started = Date.now();
+                const {control, lib, cli} = await session.runFormat(format, cases, cliCases);
+                summaries.push(summarize(format, "lib", lib), summarize(format, "cli", cli));
+                failures.push(...control.filter(isFailure), ...lib.filter(isFailure), ...cli.filter(isFailure));
+                console.log(formatTable(summaries.slice(-2)));
+                console.log(`${format}: ${lib.length + cli.length} cases in ${((Date.now() - started) / 1000).toFixed(1)} s, ` +
+                    `${lib.filter(isFailure).length + cli.filter(isFailure).length} failing` +
+                    (control.some(isFailure) ? "; THE CONTROL CASE FAILED: the seeds do not load, the counts mean little" : ""));
+            }
+        }
+    } finally {
+        await session.close();
+    }
+    console.log(`\nseed ${seed}\n${formatTable(summaries)}`);
+    if (failures.length) console.log(`\n${failures.length} failing cases (folders kept under ${FAILURES_DIR})`);
+    return failures.length ? 1 : 0;
+}
+
+main().then((code) => process.exit(code), (err) => {
+    console.error(`fuzz: ${(err as Error).stack ?? err}`);
+    process.exit(2);
+});
