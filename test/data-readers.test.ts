@@ -7,7 +7,7 @@ import {gzipSync} from "node:zlib";
 import {QloraError} from "../src/errors.js";
 import {lineColumnAt, locateRecord, readRecords} from "../src/data/index.js";
 import {DATASETS} from "./helpers/paths.js";
-import {writeParquet, type Column} from "./helpers/parquet-writer.js";
+import {writeParquet, type ParquetColumn as Column} from "./helpers/parquet-writer.js";
 
 let dir: string;
 

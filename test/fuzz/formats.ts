@@ -10,7 +10,7 @@ import {
     harvest, mutateBytes, mutateJson, mutateJsonl, mutateSafetensors, mutateTemplate, mutateYaml, tryParseJson,
     type Dictionary,
 } from "./mutators.js";
-import {writeParquet, type ParquetLies} from "./parquet-writer.js";
+import {writeParquet, type ParquetLies} from "../helpers/parquet-writer.js";
 import type {FuzzRng} from "./rng.js";
 import {TINY_MODEL, type Seeds} from "./seeds.js";
 

@@ -8,7 +8,7 @@ import {parse as parseYaml} from "yaml";
 import {fineTune} from "../../src/api/train.js";
 import {writeSyntheticCheckpoint} from "../../src/model/synthetic.js";
 import {DATASETS, REPO_ROOT, SHARED} from "../helpers/paths.js";
-import type {ParquetColumn} from "./parquet-writer.js";
+import type {ParquetColumn} from "../helpers/parquet-writer.js";
 
 /** the read-only tiny model the seeds take their tokenizer and config keys from */
 export const TINY_MODEL = path.join(SHARED, "models", "tiny-qwen2");
