@@ -51,7 +51,7 @@ async function main(): Promise<number> {
     const session = await FuzzSession.create({
         seed,
         timeoutMs: intArg(args, "timeout", 30_000), cliTimeoutMs: intArg(args, "cli-timeout", 90_000),
-        rssCapMb: intArg(args, "rss-mb", 1536), heapMb: intArg(args, "heap-mb", 1024),
+        rssCapMb: intArg(args, "rss-mb", 2048), heapMb: intArg(args, "heap-mb", 1024),
         keepFailures: true, verbose: args.has("verbose"), log: (l) => console.log(l),
     });
     const summaries: FormatSummary[] = [];

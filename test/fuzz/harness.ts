@@ -66,7 +66,7 @@ export interface FuzzOptions {
     timeoutMs?: number;
     /** time limit of one CLI case (ms) */
     cliTimeoutMs?: number;
-    /** RSS cap of the worker and of a CLI process (MiB) */
+    /** RSS cap of the worker and of a CLI process, children included (MiB; default 2048) */
     rssCapMb?: number;
     /** V8 heap limit of the worker (MiB) */
     heapMb?: number;
@@ -538,7 +538,8 @@ export class FuzzSession {
         const seeds = await buildSeeds(path.join(root, "seeds"));
         await fs.mkdir(path.join(root, "cases"));
         return new FuzzSession({
-            timeoutMs: 30_000, cliTimeoutMs: 90_000, rssCapMb: 1536, heapMb: 1024, keepFailures: true, verbose: false,
+            // 2 GiB: the worker (about 300 MiB) plus the Parquet decoder qlora forks, whose heap it caps at 1 GiB
+            timeoutMs: 30_000, cliTimeoutMs: 90_000, rssCapMb: 2048, heapMb: 1024, keepFailures: true, verbose: false,
             log: () => undefined, ...options,
         }, root, seeds);
     }
