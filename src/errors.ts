@@ -28,9 +28,18 @@ export function quoteValue(value: unknown, max = 80): string {
     return text.length > max ? `${text.slice(0, max)}… (${text.length} chars)` : text;
 }
 
-/** messages quote values from files: an unbroken run of 200+ characters is cut, keeping its start and end */
+/** messages quote values from files: an unbroken run of 200+ characters is cut, keeping its start and end (a
+ * linear scan: a regex over a run of megabytes overflows V8's stack) */
 function shortenRuns(text: string): string {
-    return text.replace(/\S{200,}/g, (run) => `${run.slice(0, 100)}…(${run.length} chars)…${run.slice(-40)}`);
+    let out = "", runStart = 0;
+    for (let i = 0; i <= text.length; i++) {
+        if (i < text.length && !/\s/.test(text[i])) continue;
+        const run = text.slice(runStart, i);
+        out += run.length >= 200 ? `${run.slice(0, 100)}…(${run.length} chars)…${run.slice(-40)}` : run;
+        if (i < text.length) out += text[i];
+        runStart = i + 1;
+    }
+    return out;
 }
 
 export function isQloraError(err: unknown): err is QloraError {

@@ -72,3 +72,8 @@ test("values quoted from files are cut, never throw, and a message never carries
     assert.ok(e.message.length < 300, `${e.message.length} chars`);
     assert.match(e.message, /^adapter_config\.json: bias: must be "none" \(got "lora_only.*…\(90003 chars\)….*only"\)$/);
 });
+
+test("a QloraError around a multi-megabyte unbroken value is built without overflowing the stack", () => {
+    const e = new QloraError(JSON.stringify(new Array(1e6).fill({a: 1})));
+    assert.ok(e.message.length < 200, `${e.message.length} chars`);
+});

@@ -9,7 +9,7 @@ import {randomBytes} from "node:crypto";
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {z} from "zod";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {readRegularFile, readTextFile} from "../io/files.js";
 import {SafetensorsFile, writeSafetensors, type TensorToWrite} from "../io/safetensors.js";
@@ -166,8 +166,7 @@ async function damagedAdvice(dir: string): Promise<string> {
 
 function describe(value: unknown): string {
     if (value === undefined) return "missing";
-    const s = JSON.stringify(value);
-    return `got ${s === undefined ? String(value) : s.length > 60 ? `${s.slice(0, 57)}...` : s}`;
+    return `got ${quoteValue(value, 57)}`;
 }
 
 /** validates `json` against `schema`; a bad field is one line naming the file and the field */

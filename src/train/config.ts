@@ -114,7 +114,8 @@ export function resolveTrainConfig(input: Record<string, unknown>, source = "con
 
 /** reads a YAML or JSON config file into a plain object (not yet validated) */
 export async function readConfigFile(file: string): Promise<Record<string, unknown>> {
-    const text = await readTextFile(file, {what: "config file", maxBytes: 16 << 20});
+    // a training config is a few KB: 1 MiB keeps a hostile YAML from exhausting the parser
+    const text = await readTextFile(file, {what: "config file", maxBytes: 1 << 20});
     let parsed: unknown;
     try {
         parsed = path.extname(file).toLowerCase() === ".json" ? JSON.parse(text) : parseYaml(text);
