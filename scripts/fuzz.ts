@@ -13,27 +13,7 @@ import {FORMATS} from "../test/fuzz/formats.js";
 import {
     describeFailure, FAILURES_DIR, formatTable, FuzzSession, isFailure, summarize, type CaseResult, type FormatSummary,
 } from "../test/fuzz/harness.js";
-
-function parseArgs(argv: string[]): Map<string, string> {
-    const out = new Map<string, string>();
-    for (let i = 0; i < argv.length; i++) {
-        const a = argv[i];
-        if (!a.startsWith("--")) throw new Error(`unexpected argument "${a}"`);
-        const [k, inline] = a.slice(2).split("=", 2);
-        if (inline !== undefined) out.set(k, inline);
-        else if (argv[i + 1] !== undefined && !argv[i + 1].startsWith("--")) out.set(k, argv[++i]);
-        else out.set(k, "true");
-    }
-    return out;
-}
-
-function intArg(args: Map<string, string>, key: string, fallback: number): number {
-    const v = args.get(key);
-    if (v === undefined) return fallback;
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < 0) throw new Error(`--${key} expects a non-negative integer, got "${v}"`);
-    return n;
-}
+import {intArg, parseArgs} from "./args.js";
 
 async function main(): Promise<number> {
     const args = parseArgs(process.argv.slice(2));

@@ -21,31 +21,13 @@ import path from "node:path";
 import {checkSafetensorsBytes} from "../test/fuzz/harness.js";
 import {FuzzRng} from "../test/fuzz/rng.js";
 import {REPO_ROOT} from "../test/helpers/paths.js";
+import {intArg, parseArgs} from "./args.js";
 
 const TSX = import.meta.resolve("tsx");
 const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
 const TEMP_ENTRY = /\.(tmp|new|old)(-\d+)?$|\.(tmp|new|old)-/;
 /** the temporary folder of a checkpoint-N or final/ write (`.NAME.tmp-R`, `.NAME.new-R`, `.NAME.old-R`) */
 const SAVE_TEMP = /^\.(checkpoint-\d+|final)\.(tmp|new|old)-/;
-
-function parseArgs(argv: string[]): Map<string, string> {
-    const out = new Map<string, string>();
-    for (let i = 0; i < argv.length; i++) {
-        const a = argv[i];
-        if (!a.startsWith("--")) throw new Error(`unexpected argument "${a}"`);
-        const [k, inline] = a.slice(2).split("=", 2);
-        out.set(k, inline ?? (argv[i + 1] !== undefined && !argv[i + 1].startsWith("--") ? argv[++i] : "true"));
-    }
-    return out;
-}
-
-function intArg(args: Map<string, string>, key: string, fallback: number): number {
-    const v = args.get(key);
-    if (v === undefined) return fallback;
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < 0) throw new Error(`--${key} expects a non-negative integer, got "${v}"`);
-    return n;
-}
 
 interface RunEnd {
     code: number | null;

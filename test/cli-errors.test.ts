@@ -2,10 +2,14 @@
 import {test} from "node:test";
 import assert from "node:assert/strict";
 import {spawnSync} from "node:child_process";
-import {copyFileSync, mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync} from "node:fs";
+import {mkdtempSync, readFileSync, rmSync, writeFileSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import {MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
+import {REPO_ROOT} from "./helpers/paths.js";
+import {copyModel, editConfig} from "./helpers/model-copy.js";
+
+/** a copy of the embedded model with some files changed */
+const modelCopy = (name: string, edit: (dir: string) => void) => copyModel(path.join(tmp, name), edit);
 
 const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
 
@@ -26,22 +30,7 @@ function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-cli-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 
-/** a copy of the embedded model with some files changed */
-function modelCopy(name: string, edit: (dir: string) => void): string {
-    const dir = path.join(tmp, name);
-    mkdirSync(dir);
-    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"])
-        copyFileSync(path.join(MODEL_DIR, f), path.join(dir, f));
-    edit(dir);
-    return dir;
-}
 
-function editConfig(dir: string, change: (c: Record<string, unknown>) => void) {
-    const file = path.join(dir, "config.json");
-    const c = JSON.parse(readFileSync(file, "utf8"));
-    change(c);
-    writeFileSync(file, JSON.stringify(c));
-}
 
 test("generate --json prints the prompt and output ids and the text", () => {
     const r = qlora("generate", "--prompt", "床前明月光，", "--greedy", "--max-new-tokens", "4", "--json");

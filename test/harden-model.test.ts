@@ -9,6 +9,7 @@ import {chmodSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync,
 import os from "node:os";
 import path from "node:path";
 import {FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
+import {copyModel, editConfig} from "./helpers/model-copy.js";
 import {QloraError} from "../src/errors.js";
 import {countNonFinite} from "../src/backend/cpu.js";
 import {Rng} from "../src/backend/rng.js";
@@ -49,21 +50,8 @@ function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp
 
 let copies = 0;
 /** a copy of the embedded model with some files changed */
-function modelCopy(edit: (dir: string) => void = () => undefined): string {
-    const dir = path.join(tmp, `model-${copies++}`);
-    mkdirSync(dir);
-    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"])
-        copyFileSync(path.join(MODEL_DIR, f), path.join(dir, f));
-    edit(dir);
-    return dir;
-}
+const modelCopy = (edit?: (dir: string) => void) => copyModel(path.join(tmp, `model-${copies++}`), edit);
 
-function editConfig(dir: string, change: (c: Record<string, unknown>) => void) {
-    const file = path.join(dir, "config.json");
-    const c = JSON.parse(readFileSync(file, "utf8"));
-    change(c);
-    writeFileSync(file, JSON.stringify(c));
-}
 
 /** overwrites element `index` of a tensor in a safetensors file with raw bits (bf16/f16: 2 bytes, f32: 4) */
 async function plantBits(file: string, tensor: string, index: number, bits: number) {
