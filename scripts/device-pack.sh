@@ -24,6 +24,8 @@ for dep in $(node -e '
     mkdir -p ".device/node_modules/$(dirname "$dep")"
     cp -r "node_modules/$dep" ".device/node_modules/$dep"
 done
+# the fuzz harness reads GGUF files with @huggingface/gguf (a development dependency, 0.5 MiB)
+cp -r node_modules/@huggingface/gguf .device/node_modules/@huggingface/gguf
 # the carried tree is limited to 64 MiB: no type declarations, maps or sources in the runtime packages
 find .device/node_modules \( -name '*.d.ts' -o -name '*.d.cts' -o -name '*.d.mts' -o -name '*.map' -o -name '*.md' \) -delete
 rm -rf .device/node_modules/zod/src  # zod's TypeScript sources (its JavaScript is beside them)
@@ -35,4 +37,7 @@ for f in adapter batch.safetensors greedy.json lora_grads.safetensors qlora_grad
     cp -r "../shared/fixtures/ref-qwen2/$f" .device/shared/fixtures/ref-qwen2/
 done
 cp ../shared/bench/peer_lora.py .device/shared/bench/
+# the fuzz seeds (the tiny model is linked to the package's copy on the device)
+mkdir -p .device/shared/datasets
+cp ../shared/datasets/{alpaca_zh_demo.json,alpaca_en_demo.json,messages_demo.jsonl,sharegpt_demo.json} .device/shared/datasets/
 du -sh .device/* .device/build/Release

@@ -2,6 +2,7 @@
 # Runs on the GPU machine (after scripts/device-pack.sh here, with .device carried):
 #   bash scripts/device-run.sh test [filter]   the GPU tests (test/gpu/*filter*)
 #   bash scripts/device-run.sh bench [args]    the GPU benchmark
+#   bash scripts/device-run.sh fuzz [args]     npm run fuzz on the machine's cores (--jobs N)
 # Output goes to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +16,12 @@ export QLORA_NATIVE_DIR="$root/.device/build/Release" QLORA_SHARED="$root/.devic
 for p in models examples package.json node_modules; do
     [ -e ".device/js/$p" ] || ln -s "$root/$([ "$p" = node_modules ] && echo .device/node_modules || echo "$p")" ".device/js/$p"
 done
+mkdir -p .device/shared/models && ln -sfn "$root/models/tiny-qwen2" .device/shared/models/tiny-qwen2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 what=${1:-test}; shift || true
 case "$what" in
     test) node --test --test-reporter=spec $(find .device/js/test/gpu -name "*${1:-}*.test.js" | sort) 2>&1 | tee "${OUT:-/tmp}/gpu-tests.log" ;;
     bench) node .device/js/bench/gpu.js "$@" 2>&1 | tee "${OUT:-/tmp}/gpu-bench.log" ;;
+    fuzz) node .device/js/scripts/fuzz.js "$@" 2>&1 | tee "${OUT:-/tmp}/fuzz.log" ;;
     *) node "$what" "$@" ;;
 esac

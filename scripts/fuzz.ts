@@ -5,6 +5,8 @@
 //   npm run fuzz -- --format gguf,yaml --seed 7    some formats, a fixed seed
 //   npm run fuzz -- --format config --seed 7 --case 123 [--cli]   replay one case (its folder is kept)
 //
+// --jobs N spreads each format's cases over N workers, and --start K runs case numbers K.. (case i of a seed is the
+// same case whatever the jobs or the run: two runs with --start 0 and --start 5000 make one run of 10000 cases).
 // Options: --verbose (every case's outcome), --control (with --case: the unmutated seed), --cli-cases N (CLI end-to-end cases per format; default cases/100, at least 2), --timeout MS (a worker
 // case), --cli-timeout MS, --rss-mb N (memory cap per case), --heap-mb N (the worker's V8 heap), --list.
 // Prints a table per format and every failure with its seed, case number and mutations; failing case folders are
@@ -17,7 +19,7 @@ import {intArg, parseArgs} from "./args.js";
 
 async function main(): Promise<number> {
     const args = parseArgs(process.argv.slice(2));
-    const known = new Set(["cases", "format", "seed", "case", "cli", "cli-cases", "timeout", "cli-timeout", "rss-mb", "heap-mb", "list", "verbose", "control"]);
+    const known = new Set(["cases", "format", "seed", "case", "cli", "cli-cases", "timeout", "cli-timeout", "rss-mb", "heap-mb", "list", "verbose", "control", "jobs", "start"]);
     for (const k of args.keys()) if (!known.has(k)) throw new Error(`unknown option --${k} (known: ${[...known].map((x) => `--${x}`).join(", ")})`);
     if (args.has("list")) {
         for (const f of FORMATS) console.log(`${f.name.padEnd(18)} ${f.description}`);
@@ -28,12 +30,16 @@ async function main(): Promise<number> {
     const seed = intArg(args, "seed", Math.floor(Math.random() * 2 ** 31));
     const cases = intArg(args, "cases", 200);
     const cliCases = intArg(args, "cli-cases", Math.max(2, Math.floor(cases / 100)));
-    const session = await FuzzSession.create({
+    const start = intArg(args, "start", 0), cliStart = Math.floor(start / 100);
+    const jobs = args.has("case") ? 1 : intArg(args, "jobs", 1);
+    if (jobs < 1) throw new Error("--jobs must be at least 1");
+    const sessions = await Promise.all(Array.from({length: jobs}, () => FuzzSession.create({
         seed,
         timeoutMs: intArg(args, "timeout", 30_000), cliTimeoutMs: intArg(args, "cli-timeout", 90_000),
         rssCapMb: intArg(args, "rss-mb", 2048), heapMb: intArg(args, "heap-mb", 1024),
         keepFailures: true, verbose: args.has("verbose"), log: (l) => console.log(l),
-    });
+    })));
+    const session = sessions[0];
     const summaries: FormatSummary[] = [];
     const failures: CaseResult[] = [];
     try {
@@ -48,10 +54,17 @@ async function main(): Promise<number> {
                 if (isFailure(r)) failures.push(r);
             }
         } else {
-            console.log(`qlora fuzz: seed ${seed}, ${cases} cases per format in the worker + ${cliCases} through the CLI; formats ${formats.join(", ")}`);
+            console.log(`qlora fuzz: seed ${seed}, ${cases} cases per format in the worker + ${cliCases} through the CLI${start ? ` from case ${start} (CLI ${cliStart})` : ""}; ` +
+                `formats ${formats.join(", ")}${jobs > 1 ? `; ${jobs} jobs` : ""}`);
             for (const format of formats) {
                 const started = Date.now();
-                const {control, lib, cli} = await session.runFormat(format, cases, cliCases);
+                // job j takes the j-th contiguous slice of the case numbers (and of the CLI case numbers)
+                const slice = (n: number, j: number) => [Math.floor((n * j) / jobs), Math.floor((n * (j + 1)) / jobs)];
+                const parts = await Promise.all(sessions.map((s, j) => {
+                    const [a, b] = slice(cases, j), [ca, cb] = slice(cliCases, j);
+                    return s.runFormat(format, b - a, cb - ca, start + a, cliStart + ca);
+                }));
+                const control = parts.flatMap((p) => p.control), lib = parts.flatMap((p) => p.lib), cli = parts.flatMap((p) => p.cli);
                 summaries.push(summarize(format, "lib", lib), summarize(format, "cli", cli));
                 failures.push(...control.filter(isFailure), ...lib.filter(isFailure), ...cli.filter(isFailure));
                 console.log(formatTable(summaries.slice(-2)));
@@ -61,7 +74,7 @@ async function main(): Promise<number> {
             }
         }
     } finally {
-        await session.close();
+        await Promise.all(sessions.map((s) => s.close()));
     }
     console.log(`\nseed ${seed}\n${formatTable(summaries)}`);
     if (failures.length) console.log(`\n${failures.length} failing cases (folders kept under ${FAILURES_DIR})`);

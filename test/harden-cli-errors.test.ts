@@ -77,3 +77,17 @@ test("a QloraError around a multi-megabyte unbroken value is built without overf
     const e = new QloraError(JSON.stringify(new Array(1e6).fill({a: 1})));
     assert.ok(e.message.length < 200, `${e.message.length} chars`);
 });
+
+test("a value nested 100000 deep in adapter_config.json or a dataset row is refused in one line, not a stack overflow", async () => {
+    const {readAdapterConfig} = await import("../src/lora/adapter.js");
+    const {formatRecord} = await import("../src/data/formats.js");
+    const deep = "[".repeat(100_000) + "]".repeat(100_000);
+    const dir = path.join(tmp, "deep-adapter");
+    mkdirSync(dir);
+    writeFileSync(path.join(dir, "adapter_config.json"), `{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "init_lora_weights": ${deep}}`);
+    await assert.rejects(readAdapterConfig(dir), (e: Error) => e instanceof QloraError &&
+        /adapter_config\.json: init_lora_weights: must be true, false or "gaussian" \(got \[…\] \(nested too deeply to show\)\)/.test(e.message));
+    const row = JSON.parse(`{"q": ${deep}, "a": "x"}`);
+    assert.throws(() => formatRecord(row, "template", {template: "Q: {q}\nA: {a}", response_field: "a"}),
+        (e: Error) => e instanceof QloraError && /"q" is nested too deeply to place in the template as JSON/.test(e.message));
+});

@@ -6,7 +6,7 @@
 // choose a type per tensor, quantize, write (streamed tensor by tensor; temporary name, then rename).
 import {promises as fs} from "node:fs";
 import path from "node:path";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import type {LinearLayer} from "../backend/linear.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {assertFileOutput, assertOutputSeparate} from "../io/atomic.js";
@@ -65,7 +65,7 @@ export interface ExportGgufResult {
 /** writes a llama.cpp GGUF model from a Hugging Face folder (and optionally a PEFT adapter merged into it) */
 export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufResult> {
     if (!GGUF_OUTTYPES.includes(opts.outtype))
-        throw new QloraError(`--outtype ${JSON.stringify(opts.outtype)} is not one of ${GGUF_OUTTYPES.join(", ")}`);
+        throw new QloraError(`--outtype ${quoteValue(opts.outtype)} is not one of ${GGUF_OUTTYPES.join(", ")}`);
     const dir = resolveModelDir(opts.modelDir);
     await assertGgufOutput(opts.out, opts.overwrite, [{path: dir, what: "model folder"},
         ...(opts.adapterDir ? [{path: opts.adapterDir, what: "adapter folder"}] : [])]);
@@ -275,7 +275,7 @@ function shapeOnlyModel(cfg: ModelConfig, biases: boolean): DecoderModel {
 export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<ExportGgufLoraResult> {
     const outtype = opts.outtype ?? "f32";
     if (outtype !== "f32" && outtype !== "f16")
-        throw new QloraError(`--outtype ${JSON.stringify(outtype)} is not one of f32, f16 for a LoRA adapter`);
+        throw new QloraError(`--outtype ${quoteValue(outtype)} is not one of f32, f16 for a LoRA adapter`);
     const dir = resolveModelDir(opts.modelDir);
     await assertGgufOutput(opts.out, opts.overwrite, [{path: opts.adapterDir, what: "adapter folder"}, {path: dir, what: "model folder"}]);
     const cfg = await loadModelConfig(dir);

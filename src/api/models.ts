@@ -1,7 +1,7 @@
 // models.ts: loading a model folder (config, weights, tokenizer) as one object, the entry point of the API.
 import {existsSync, statSync} from "node:fs";
 import path from "node:path";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {pathExists, readTextFile} from "../io/files.js";
 import {packageRoot} from "../backend/native.js";
 import {DecoderModel} from "../model/decoder.js";
@@ -75,6 +75,6 @@ async function generationConfigEos(dir: string): Promise<number[]> {
     if (eos === undefined || eos === null) return [];
     const ids = Array.isArray(eos) ? eos : [eos];
     if (!ids.every((id) => Number.isSafeInteger(id) && (id as number) >= 0))
-        throw new QloraError(`"eos_token_id" is ${JSON.stringify(eos)}, expected a token id or a list of token ids`, {file});
+        throw new QloraError(`"eos_token_id" is ${quoteValue(eos)}, expected a token id or a list of token ids`, {file});
     return ids as number[];
 }

@@ -61,6 +61,15 @@ const ROLE_MAP: Record<string, string> = {
 };
 
 /** Maps a ShareGPT `from` value to a chat role: human→user, gpt/bot→assistant, system, unknown→user. */
+/** an object or list value placed in a template as JSON; one nested too deeply for JSON.stringify is refused */
+function jsonText(value: object, field: string, fail: (msg: string) => never): string {
+    try {
+        return JSON.stringify(value);
+    } catch {
+        return fail(`"${field}" is nested too deeply to place in the template as JSON`);
+    }
+}
+
 export function mapShareGptRole(from: string): string {
     return ROLE_MAP[from.toLowerCase()] ?? "user";
 }
@@ -146,7 +155,7 @@ export function formatRecord(record: DataRecord, format: DatasetFormat, options:
                         {file: where?.file}
                     );
                 }
-                values[field] = typeof value === "string" ? value : typeof value === "object" ? JSON.stringify(value) : String(value);
+                values[field] = typeof value === "string" ? value : typeof value === "object" ? jsonText(value, field, fail) : String(value);
             }
             return splitTemplate(template, values, responseField, fail);
         }

@@ -3,7 +3,7 @@
 // the interrupted run would have got.
 
 import {Rng} from "../backend/rng.js";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {collate} from "./collate.js";
 import type {Batch, CollateOptions} from "./collate.js";
 import type {TokenizedRow} from "./packing.js";
@@ -83,7 +83,7 @@ export class DataLoader {
     seek(position: LoaderPosition): void {
         const problem = positionProblem(position, this.batchesPerEpoch);
         if (problem !== null) {
-            throw new QloraError(`invalid data loader position ${JSON.stringify(position)?.slice(0, 200)}: ${problem}; ` +
+            throw new QloraError(`invalid data loader position ${quoteValue(position, 200)}: ${problem}; ` +
                 `this data makes ${this.batchesPerEpoch} batches an epoch (${this.rows.length} rows, batch size ${this.options.batchSize}): ` +
                 "was the checkpoint made with other data or another batch size?");
         }

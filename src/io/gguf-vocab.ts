@@ -3,7 +3,7 @@
 // _set_vocab_gpt2 + gguf-py's SpecialVocab write it, for GPT-2-style byte-level BPE tokenizers (Qwen2/2.5/3,
 // Llama 3).
 import path from "node:path";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {pathExists, readTextFile} from "./files.js";
 import type {GgufMetadata} from "./gguf.js";
 
@@ -105,7 +105,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
     const modelConfig = await readJson(path.join(dir, "config.json"), false);
     const model = tokenizer.model as Json | undefined;
     if (!model || model.type !== "BPE")
-        throw new QloraError(`the tokenizer model is ${JSON.stringify(model?.type ?? null)}; the GGUF export supports ` +
+        throw new QloraError(`the tokenizer model is ${quoteValue(model?.type ?? null)}; the GGUF export supports ` +
             "byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3)", {file: tokenizerFile});
     if (model.byte_fallback === true)
         throw new QloraError("this is a SentencePiece-style BPE tokenizer (byte_fallback, as in Llama 2, TinyLlama or " +
@@ -125,7 +125,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
     const tokenTypes = new Array<number>(n).fill(TokenType.NORMAL);
     for (const [token, id] of Object.entries(vocab)) {
         if (!Number.isInteger(id) || id < 0 || id >= n)
-            throw new QloraError(`token ${JSON.stringify(token)} has id ${id}, outside the model's ${n} embedding rows ` +
+            throw new QloraError(`token ${quoteValue(token)} has id ${id}, outside the model's ${n} embedding rows ` +
                 "(config.json vocab_size)", {file: tokenizerFile});
         tokens[id] = token;
     }
@@ -134,7 +134,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         const id = added.id as number, content = added.content as string;
         if (!Number.isInteger(id) || typeof content !== "string") continue;
         if (id < 0 || id >= n)
-            throw new QloraError(`added token ${JSON.stringify(content)} has id ${id}, outside the model's ${n} ` +
+            throw new QloraError(`added token ${quoteValue(content)} has id ${id}, outside the model's ${n} ` +
                 "embedding rows (config.json vocab_size)", {file: tokenizerFile});
         tokens[id] = content;
         tokenTypes[id] = added.special === true || looksSpecial(content) ? TokenType.CONTROL : TokenType.USER_DEFINED;
@@ -149,7 +149,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         }
         const other = seen.get(token);
         if (other !== undefined)
-            throw new QloraError(`token ${JSON.stringify(token)} appears at ids ${other} and ${id}; llama.cpp rejects a ` +
+            throw new QloraError(`token ${quoteValue(token)} appears at ids ${other} and ${id}; llama.cpp rejects a ` +
                 "vocabulary with duplicate tokens", {file: tokenizerFile});
         seen.set(token, id);
         list[id] = token;
@@ -163,7 +163,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         if (typeof m === "string") return m;
         if (Array.isArray(m) && m.length === 2 && m.every((p) => typeof p === "string"))
             return (m as string[]).map((part) => part.replaceAll(" ", "\u0120")).join(" ");
-        throw new QloraError(`model.merges[${i}] is ${JSON.stringify(m)}, expected "a b" or ["a", "b"]`, {file: tokenizerFile});
+        throw new QloraError(`model.merges[${i}] is ${quoteValue(m)}, expected "a b" or ["a", "b"]`, {file: tokenizerFile});
     });
 
     // special ids: tokenizer_config's *_token matched against added tokens, then config.json's *_token_id

@@ -12,7 +12,7 @@
 import {constants as bufferConstants} from "node:buffer";
 import {promises as fs} from "node:fs";
 import path from "node:path";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {openRegularFile, readTextFile} from "./files.js";
 import {createAtomicFile, writeFileAtomic} from "./atomic.js";
 
@@ -246,17 +246,17 @@ function parseHeader(header: unknown, file: string, dataStart: number, dataSize:
         const {dtype, shape, data_offsets: dataOffsets} = entry as Record<string, unknown>;
         if (!isSafetensorsDtype(dtype)) {
             throw new QloraError(
-                `tensor "${name}" has dtype ${JSON.stringify(dtype)}, which qlora cannot read ` +
+                `tensor "${name}" has dtype ${quoteValue(dtype)}, which qlora cannot read ` +
                 `(supported: ${SUPPORTED_DTYPES.join(", ")}); convert the checkpoint to one of those`,
                 {file}
             );
         }
         if (!Array.isArray(shape) || !shape.every(isNonNegativeInteger)) {
-            throw new QloraError(`tensor "${name}" has shape ${JSON.stringify(shape)}, expected a list of non-negative integers: the header is corrupt`, {file});
+            throw new QloraError(`tensor "${name}" has shape ${quoteValue(shape)}, expected a list of non-negative integers: the header is corrupt`, {file});
         }
         if (!Array.isArray(dataOffsets) || dataOffsets.length !== 2 || !dataOffsets.every(isNonNegativeInteger) ||
             dataOffsets[0] > dataOffsets[1]) {
-            throw new QloraError(`tensor "${name}" has data_offsets ${JSON.stringify(dataOffsets)}, expected [begin, end] with 0 <= begin <= end: the header is corrupt`, {file});
+            throw new QloraError(`tensor "${name}" has data_offsets ${quoteValue(dataOffsets)}, expected [begin, end] with 0 <= begin <= end: the header is corrupt`, {file});
         }
         const [begin, end] = dataOffsets as [number, number];
         const expectedBytes = shapeNumel(shape) * SAFETENSORS_DTYPE_SIZES[dtype];
@@ -713,7 +713,7 @@ async function readIndexWeightMap(indexPath: string): Promise<Map<string, string
     for (const [name, shard] of Object.entries(weightMap as Record<string, unknown>)) {
         // shard names are plain file names next to the index; refuse anything that points elsewhere
         if (typeof shard !== "string" || shard === "" || shard !== path.basename(shard) || shard === "." || shard === "..") {
-            throw new QloraError(`"weight_map" entry "${name}" is ${JSON.stringify(shard)}, expected a shard file name in the same folder`, {file: indexPath});
+            throw new QloraError(`"weight_map" entry "${name}" is ${quoteValue(shard)}, expected a shard file name in the same folder`, {file: indexPath});
         }
         result.set(name, shard);
     }
@@ -732,7 +732,7 @@ function validateTensorsToWrite(tensors: readonly TensorToWrite[], file: string)
         if (seen.has(tensor.name)) throw new QloraError(`tensor "${tensor.name}" is given twice; tensor names must be unique`, {file});
         seen.add(tensor.name);
         if (!isSafetensorsDtype(tensor.dtype)) {
-            throw new QloraError(`tensor "${tensor.name}" has dtype ${JSON.stringify(tensor.dtype)} (supported: ${SUPPORTED_DTYPES.join(", ")})`, {file});
+            throw new QloraError(`tensor "${tensor.name}" has dtype ${quoteValue(tensor.dtype)} (supported: ${SUPPORTED_DTYPES.join(", ")})`, {file});
         }
         if (!tensor.shape.every(isNonNegativeInteger)) {
             throw new QloraError(`tensor "${tensor.name}" has shape ${JSON.stringify(tensor.shape)}, expected non-negative integers`, {file});

@@ -2,7 +2,7 @@
 // trainable-parameter line, and the adapter files PEFT writes and reads (SPEC-peft §9, §10).
 import {promises as fs} from "node:fs";
 import path from "node:path";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {halfToF32} from "../backend/cpu.js";
 import {Rng} from "../backend/rng.js";
 import {writeFileAtomic} from "../io/atomic.js";
@@ -256,15 +256,15 @@ export async function readAdapterConfig(dir: string): Promise<LoraConfig> {
         throw new QloraError(`invalid JSON (${(err as Error).message})`, {file, cause: err});
     }
     if (raw === null || typeof raw !== "object" || Array.isArray(raw))
-        throw new QloraError(`holds ${Array.isArray(raw) ? "an array" : JSON.stringify(raw)}, expected a JSON object of LoraConfig keys`, {file});
+        throw new QloraError(`holds ${Array.isArray(raw) ? "an array" : quoteValue(raw)}, expected a JSON object of LoraConfig keys`, {file});
     const json = raw as Record<string, unknown>;
     if (json.peft_type !== undefined && json.peft_type !== "LORA")
-        throw new QloraError(`peft_type is ${JSON.stringify(json.peft_type)}; only LORA adapters are supported`, {file});
+        throw new QloraError(`peft_type is ${quoteValue(json.peft_type)}; only LORA adapters are supported`, {file});
     // per-module ranks and alphas would silently change the scaling of some modules: refuse what qlora can't apply
     for (const key of ["rank_pattern", "alpha_pattern"]) {
         const value = json[key];
         if (value !== undefined && value !== null && !(typeof value === "object" && !Array.isArray(value) && Object.keys(value).length === 0))
-            throw new QloraError(`${key} is ${JSON.stringify(value)}; per-module ranks and alphas are not supported (only {} or null)`, {file});
+            throw new QloraError(`${key} is ${quoteValue(value)}; per-module ranks and alphas are not supported (only {} or null)`, {file});
     }
     const pick = <K extends keyof LoraConfig>(k: K): LoraConfig[K] => (json[k] ?? LORA_DEFAULTS[k]) as LoraConfig[K];
     return validateLoraConfig({

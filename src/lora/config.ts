@@ -1,5 +1,5 @@
 // config.ts: LoraConfig with PEFT's names and defaults (SPEC-peft §1, §5, §10), validated.
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 
 export type LoraBias = "none" | "all" | "lora_only";
 
@@ -47,7 +47,7 @@ export function validateLoraConfig(cfg: LoraConfig, where = "lora config"): Lora
     const bad = (key: string, msg: string): never => {
         throw new QloraError(`${key}: ${msg}`, {file: where});
     };
-    const shown = (value: unknown) => JSON.stringify(value) ?? String(value);
+    const shown = (value: unknown) => quoteValue(value);
     const isName = (value: unknown) => typeof value === "string" && value.length > 0;
     if (!Number.isInteger(cfg.r) || cfg.r <= 0) bad("r", `must be a positive integer (got ${shown(cfg.r)}); typical values are 8, 16, 32, 64`);
     if (!(typeof cfg.lora_alpha === "number" && Number.isFinite(cfg.lora_alpha) && cfg.lora_alpha > 0))

@@ -7,7 +7,7 @@
 // `__fp4`): the UTF-8 bytes of a JSON object with quant_type, blocksize, dtype, shape and the nested fields.
 // A weight is pre-quantized iff that quant_state sibling exists; the decision is made per tensor.
 import path from "node:path";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "../io/files.js";
 import {writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {
@@ -65,11 +65,11 @@ function parseQuantStateJson(bytes: Uint8Array, key: string, file: string): Quan
         throw new QloraError(`tensor "${key}" does not hold valid JSON (${(err as Error).message}); the checkpoint is corrupt`, {file});
     }
     if (json === null || typeof json !== "object" || Array.isArray(json))
-        throw new QloraError(`tensor "${key}" holds ${JSON.stringify(json)}, expected a JSON object`, {file});
+        throw new QloraError(`tensor "${key}" holds ${quoteValue(json)}, expected a JSON object`, {file});
     const obj = json as Record<string, unknown>;
     const field = (name: string, ok: (v: unknown) => boolean, expected: string): unknown => {
         if (!ok(obj[name]))
-            throw new QloraError(`tensor "${key}": field "${name}" is ${JSON.stringify(obj[name])}, expected ${expected}`, {file});
+            throw new QloraError(`tensor "${key}": field "${name}" is ${quoteValue(obj[name])}, expected ${expected}`, {file});
         return obj[name];
     };
     try {

@@ -1,7 +1,7 @@
 // config.ts: BitsAndBytesConfig, the 4-bit quantization settings under transformers' names (SPEC-quant §7.4).
 // Read from a checkpoint's config.json `quantization_config` (missing keys take transformers' defaults, since
 // that is what the file means) or from user options (missing keys take the toolkit's QLoRA defaults).
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {QUANT_TYPES, type QuantType} from "./nf4.js";
 
 export type ComputeDtype = "float32" | "bfloat16" | "float16";
@@ -44,7 +44,7 @@ const COMPUTE_DTYPES: readonly ComputeDtype[] = ["float32", "bfloat16", "float16
 const QUANT_STORAGES: readonly QuantStorage[] = ["uint8", "bfloat16", "float16", "float32"];
 
 function describe(value: unknown): string {
-    return value === undefined ? "undefined" : JSON.stringify(value);
+    return value === undefined ? "undefined" : quoteValue(value);
 }
 
 /** "torch.bfloat16", "bf16", "half"... to the canonical name, or null */

@@ -1,7 +1,7 @@
 // nf4.ts: bitsandbytes-compatible 4-bit blockwise quantization (NF4, FP4) with double quantization of the
 // block scales (SPEC-quant.md §2-§6). The arithmetic runs in the native addon (native/cpu/quant.cpp), which
 // reproduces bnb's CUDA kernels bit for bit; this file holds the code tables, the state and the orchestration.
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {countNonFinite} from "../backend/cpu.js";
 import {loadQuantOps, QUANT_TYPE_CODE, ROUND_DTYPE_CODE} from "../backend/native-quant-types.js";
 
@@ -137,12 +137,12 @@ function numel(shape: readonly number[]): number {
 
 export function checkQuantType(value: unknown, what = "quant_type"): QuantType {
     if (value === "nf4" || value === "fp4") return value;
-    throw new QloraError(`${what} is ${JSON.stringify(value)}; expected "nf4" or "fp4"`);
+    throw new QloraError(`${what} is ${quoteValue(value)}; expected "nf4" or "fp4"`);
 }
 
 export function checkBlocksize(value: unknown, what = "blocksize"): number {
     if (typeof value === "number" && VALID_BLOCKSIZES.includes(value)) return value;
-    throw new QloraError(`${what} is ${JSON.stringify(value)}; expected one of ${VALID_BLOCKSIZES.join(", ")}`);
+    throw new QloraError(`${what} is ${quoteValue(value)}; expected one of ${VALID_BLOCKSIZES.join(", ")}`);
 }
 
 export function codeTable(quantType: QuantType): Float32Array {
@@ -168,7 +168,7 @@ export function quantize4bit(values: Float32Array | {bf16: Uint16Array}, options
         throw new QloraError(`quantize4bit: shape [${shape.join(", ")}] has ${numel(shape)} elements but the data has ${n}`);
     const dtype = options.dtype ?? (isF32 ? "float32" : "bfloat16");
     if (!QUANT_DTYPES.includes(dtype))
-        throw new QloraError(`quantize4bit: dtype ${JSON.stringify(dtype)} is not one of ${QUANT_DTYPES.join(", ")}`);
+        throw new QloraError(`quantize4bit: dtype ${quoteValue(dtype)} is not one of ${QUANT_DTYPES.join(", ")}`);
 
     const ops = loadQuantOps();
     const nblocks = Math.ceil(n / blocksize);

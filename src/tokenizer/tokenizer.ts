@@ -6,7 +6,7 @@
 import path from "node:path";
 import {Tokenizer} from "@huggingface/tokenizers";
 import type {Template} from "@huggingface/jinja";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "../io/files.js";
 import {DEFAULT_TEMPLATE_LIMITS, isStackOverflow, parseTemplate, renderTemplate, TemplateLimitError} from "./bounded-template.js";
 
@@ -359,7 +359,7 @@ function readTemplatesFromConfig(config: Record<string, unknown>, configPath: st
     if (value === undefined || value === null) return templates;
     const invalid = (): never => {
         throw new QloraError(
-            `"chat_template" should be a template string or a list of {"name", "template"} objects, found ${JSON.stringify(value).slice(0, 80)}`,
+            `"chat_template" should be a template string or a list of {"name", "template"} objects, found ${quoteValue(value)}`,
             {file: configPath}
         );
     };

@@ -4,7 +4,7 @@
 import path from "node:path";
 import {parse as parseYaml} from "yaml";
 import {z} from "zod";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "../io/files.js";
 import {OPTIMIZER_NAMES} from "../optim/adamw.js";
 import {SCHEDULER_TYPES} from "../optim/schedule.js";
@@ -107,7 +107,7 @@ export function resolveTrainConfig(input: Record<string, unknown>, source = "con
     if (!result.success) {
         const issue = result.error.issues[0];
         const key = issue.path.join(".");
-        throw new QloraError(`${key}: ${issue.message}` + (key in input ? ` (got ${JSON.stringify(input[key])})` : ""), {file: source});
+        throw new QloraError(`${key}: ${issue.message}` + (key in input ? ` (got ${quoteValue(input[key])})` : ""), {file: source});
     }
     return result.data;
 }

@@ -5,7 +5,7 @@
 // silently because it cannot change the adapter the run ends with.
 import path from "node:path";
 import {z} from "zod";
-import {QloraError} from "../errors.js";
+import {QloraError, quoteValue} from "../errors.js";
 import type {TokenizedRow} from "../data/index.js";
 import type {TrainerConfig} from "./trainer.js";
 
@@ -125,7 +125,11 @@ export interface ConfigChange {
 }
 
 function same(a: unknown, b: unknown): boolean {
-    return JSON.stringify(a) === JSON.stringify(b);
+    try {
+        return JSON.stringify(a) === JSON.stringify(b);
+    } catch {
+        return false; // a saved value nested too deeply to serialize is not any setting qlora writes
+    }
 }
 
 /** the settings of `config` that differ from the saved run, split by what the resume rule allows */
@@ -150,7 +154,7 @@ export function compareTrainingArgs(saved: SavedTrainingArgs, config: TrainerCon
     return out;
 }
 
-const show = (v: unknown) => (typeof v === "string" ? v : JSON.stringify(v));
+const show = (v: unknown) => (typeof v === "string" ? v : quoteValue(v));
 
 /**
  * Refuses a resume whose settings differ from the checkpoint's, listing every difference (key: saved → new), unless

@@ -77,9 +77,12 @@ export interface FuzzOptions {
     log?: (line: string) => void;
 }
 
-const TSX = import.meta.resolve("tsx");
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
-const WORKER = path.join(path.dirname(new URL(import.meta.url).pathname), "worker.ts");
+/** ".ts" under tsx (development), ".js" when compiled (scripts/device-pack.sh): then no loader, and each process the
+ * cases start (the worker, the CLI, qlora's Parquet decoder) skips tsx's transpiling, about 1 s a process */
+const EXT = path.extname(new URL(import.meta.url).pathname);
+const LOADER = EXT === ".ts" ? ["--import", import.meta.resolve("tsx")] : [];
+const CLI = path.join(REPO_ROOT, "src", "cli", `main${EXT}`);
+const WORKER = path.join(path.dirname(new URL(import.meta.url).pathname), `worker${EXT}`);
 export const FAILURES_DIR = path.join(os.tmpdir(), "qlora-fuzz-failures");
 const MAX_MESSAGE_CHARS = 2000;
 
@@ -150,7 +153,7 @@ class WorkerHost {
 
     private async start(): Promise<ChildProcess> {
         const child = fork(WORKER, [], {
-            execArgv: ["--import", TSX, `--max-old-space-size=${this.heapMb}`],
+            execArgv: [...LOADER, `--max-old-space-size=${this.heapMb}`],
             stdio: ["ignore", "pipe", "pipe", "ipc"],
             cwd: REPO_ROOT,
             env: {...process.env, QLORA_DEBUG: ""},
@@ -418,7 +421,7 @@ function stripAnsi(s: string): string {
 async function runCli(args: string[], cwd: string, timeoutMs: number, rssCapMb: number):
     Promise<{primary: Primary; detail: string; badMessage: string | null; peakRssMb: number; ms: number}> {
     const started = Date.now();
-    const child = spawn(process.execPath, ["--import", TSX, CLI, ...args], {cwd, stdio: ["ignore", "pipe", "pipe"],
+    const child = spawn(process.execPath, [...LOADER, CLI, ...args], {cwd, stdio: ["ignore", "pipe", "pipe"],
         env: {...process.env, QLORA_DEBUG: "", NO_COLOR: "1", FORCE_COLOR: "0"}});
     let peak = 0, killedFor: "hang" | "memory" | null = null;
     // all of stderr (an error line can be megabytes long, and its start is what must say "error: "), up to 64 MiB
@@ -633,7 +636,7 @@ export class FuzzSession {
      * the control case (in the worker, and through the CLI when cliCases > 0), then cases [start, start + cases) in
      * the worker and cliCases through the CLI, side by side
      */
-    async runFormat(format: string, cases: number, cliCases: number, start = 0): Promise<{control: CaseResult[]; lib: CaseResult[]; cli: CaseResult[]}> {
+    async runFormat(format: string, cases: number, cliCases: number, start = 0, cliStart = start): Promise<{control: CaseResult[]; lib: CaseResult[]; cli: CaseResult[]}> {
         formatByName(format);
         const control: CaseResult[] = [], lib: CaseResult[] = [], cli: CaseResult[] = [];
         const report = (r: CaseResult) => {
@@ -656,7 +659,7 @@ export class FuzzSession {
             const c = await this.runCase(format, 0, "cli", false);
             control.push(c);
             report(c);
-            for (let i = start; i < start + cliCases; i++) {
+            for (let i = cliStart; i < cliStart + cliCases; i++) {
                 const r = await this.runCase(format, i, "cli");
                 cli.push(r);
                 report(r);

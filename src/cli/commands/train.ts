@@ -7,6 +7,7 @@ import {DEFAULT_MODEL_DIR, resolveModelDir} from "../../api/models.js";
 import {EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA, runTraining} from "../../api/train.js";
 import {loadTrainConfig, TrainConfigSchema} from "../../api/train-config.js";
 import {TrainingInterrupted, type TrainLogRecord} from "../../train/trainer.js";
+import {quoteValue} from "../../errors.js";
 import {action} from "../run.js";
 
 function formatDuration(s: number): string {
@@ -94,7 +95,7 @@ export function registerTrain(program: Command): void {
                     kv("output", path.resolve(resolved.output_dir));
                     if (info.resumedFrom) kv("resumed from", `${info.resumedFrom} (step ${info.startStep})`);
                     for (const c of info.overrides)
-                        kv("override", `${c.key}: ${JSON.stringify(c.saved)} -> ${JSON.stringify(c.now)} (resume_override)`);
+                        kv("override", `${c.key}: ${quoteValue(c.saved)} -> ${quoteValue(c.now)} (resume_override)`);
                     console.log(info.trainableLine);
                 },
                 onStep(step, total) {
