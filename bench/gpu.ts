@@ -12,7 +12,7 @@ import path from "node:path";
 import {performance} from "node:perf_hooks";
 import {cuda, cudaMemoryStats} from "../src/backend/cuda.js";
 import {Rng} from "../src/backend/rng.js";
-import {applyLora} from "../src/lora/adapter.js";
+import {applyLora} from "../src/peft/inject.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
 import {bitsAndBytesConfig} from "../src/quant/config.js";

@@ -6,7 +6,7 @@
 import {performance} from "node:perf_hooks";
 import {cpu} from "../src/backend/cpu.js";
 import {Rng} from "../src/backend/rng.js";
-import {applyLora} from "../src/lora/adapter.js";
+import {applyLora} from "../src/peft/inject.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {DecoderTrainer} from "../src/model/training.js";
 import {createOptimizer, weightDecayFor} from "../src/optim/adamw.js";

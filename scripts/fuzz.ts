@@ -35,7 +35,7 @@ async function main(): Promise<number> {
     if (jobs < 1) throw new Error("--jobs must be at least 1");
     const sessions = await Promise.all(Array.from({length: jobs}, () => FuzzSession.create({
         seed,
-        timeoutMs: intArg(args, "timeout", 30_000), cliTimeoutMs: intArg(args, "cli-timeout", 90_000),
+        timeoutMs: intArg(args, "timeout", 60_000), cliTimeoutMs: intArg(args, "cli-timeout", 90_000),
         rssCapMb: intArg(args, "rss-mb", 2048), heapMb: intArg(args, "heap-mb", 1024),
         keepFailures: true, verbose: args.has("verbose"), log: (l) => console.log(l),
     })));

@@ -79,7 +79,7 @@ test("a QloraError around a multi-megabyte unbroken value is built without overf
 });
 
 test("a value nested 100000 deep in adapter_config.json or a dataset row is refused in one line, not a stack overflow", async () => {
-    const {readAdapterConfig} = await import("../src/lora/adapter.js");
+    const {readAdapterConfig} = await import("../src/peft/adapter-files.js");
     const {formatRecord} = await import("../src/data/formats.js");
     const deep = "[".repeat(100_000) + "]".repeat(100_000);
     const dir = path.join(tmp, "deep-adapter");

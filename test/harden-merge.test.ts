@@ -6,7 +6,7 @@ import {cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync} fr
 import os from "node:os";
 import path from "node:path";
 import {SafetensorsFile, writeSafetensors, type TensorToWrite} from "../src/io/safetensors.js";
-import {mergeAdapter} from "../src/lora/merge.js";
+import {mergeAdapter} from "../src/peft/merge.js";
 import {FIXTURES, MODEL_DIR} from "./helpers/paths.js";
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-hmerge-"));

@@ -21,7 +21,7 @@ import {
 import {GgufMetadata, hasGgufMagic, writeGguf} from "../src/io/gguf.js";
 import {GgmlType} from "../src/io/gguf-quants.js";
 import {writeShardedSafetensors} from "../src/io/safetensors.js";
-import {mergeAdapter} from "../src/lora/merge.js";
+import {mergeAdapter} from "../src/peft/merge.js";
 import {FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
 
 const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");

@@ -6,7 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import {loadModel} from "../src/api/models.js";
 import {SafetensorsCheckpoint, SafetensorsFile} from "../src/io/safetensors.js";
-import {mergeAdapter} from "../src/lora/merge.js";
+import {mergeAdapter} from "../src/peft/merge.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {FIXTURES, MODEL_DIR} from "./helpers/paths.js";
 

@@ -4,7 +4,7 @@ import {test} from "node:test";
 import assert from "node:assert/strict";
 import {Rng} from "../src/backend/rng.js";
 import {collate, packSequences, type TokenizedRow} from "../src/data/index.js";
-import {applyLora} from "../src/lora/adapter.js";
+import {applyLora} from "../src/peft/inject.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {DecoderTrainer} from "../src/model/training.js";
 import {MODEL_DIR} from "./helpers/paths.js";
@@ -106,8 +106,9 @@ test("modules_to_save trains full copies of lm_head and embed_tokens: gradients 
     const {mkdtempSync, rmSync} = await import("node:fs");
     const os = await import("node:os");
     const path = await import("node:path");
-    const {loadAdapter, saveAdapter, trainableParametersLine} = await import("../src/lora/adapter.js");
-    const {mergeAdapter} = await import("../src/lora/merge.js");
+    const {loadAdapter, saveAdapter} = await import("../src/peft/adapter-files.js");
+    const {trainableParametersLine} = await import("../src/peft/inject.js");
+    const {mergeAdapter} = await import("../src/peft/merge.js");
     const {SafetensorsFile} = await import("../src/io/safetensors.js");
     const model = await DecoderModel.load(MODEL_DIR);
     const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: ["q_proj"], modules_to_save: ["lm_head", "embed_tokens"]},

@@ -7,7 +7,6 @@
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
-import type {LinearLayer} from "../backend/linear.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {assertFileOutput, assertOutputSeparate} from "../io/atomic.js";
 import {GgufMetadata, hasGgufMagic, writeGguf, type GgufTensor} from "../io/gguf.js";
@@ -19,10 +18,9 @@ import {
     permuteQkRows, type GgufArch,
 } from "../io/gguf-model.js";
 import {addVocabMetadata, readGgufVocab} from "../io/gguf-vocab.js";
-import {loadAdapter, readAdapterConfig, type LoraModel} from "../lora/adapter.js";
-import {addDeltaWeight, type LoraLinear} from "../lora/layer.js";
-import {DecoderModel, type DecoderParams} from "../model/decoder.js";
+import {addDeltaWeight} from "../lora/layer.js";
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readTensorF32, type ProjName} from "../model/weights.js";
+import {readAdapter} from "../peft/adapter-files.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
 import {dequantize4bit, type QuantState4bit} from "../quant/nf4.js";
 import {resolveModelDir} from "./models.js";
@@ -80,13 +78,14 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
     const weights = await openWeights(dir, cfg);
     try {
         // the adapter is checked against the config's shapes; its A/B (and trained biases) are merged per tensor
-        const lora = opts.adapterDir ? await loadAdapter(opts.adapterDir, shapeOnlyModel(cfg, true)) : null;
-        if (lora?.config.modules_to_save?.length)
-            throw new QloraError("an adapter with modules_to_save (full lm_head / embed_tokens copies) cannot be merged " +
-                "during GGUF export; run qlora merge first and export the merged model", {file: opts.adapterDir});
-        if (lora?.config.use_dora)
-            throw new QloraError("a DoRA adapter cannot be merged during GGUF export; run qlora merge first and export " +
-                "the merged model", {file: opts.adapterDir});
+        const adapter = opts.adapterDir ? await readAdapter(opts.adapterDir, cfg, {checkConfig: (c) => {
+            if (c.modules_to_save?.length)
+                throw new QloraError("an adapter with modules_to_save (full lm_head / embed_tokens copies) cannot be merged " +
+                    "during GGUF export; run qlora merge first and export the merged model", {file: opts.adapterDir});
+            if (c.use_dora)
+                throw new QloraError("a DoRA adapter cannot be merged during GGUF export; run qlora merge first and export " +
+                    "the merged model", {file: opts.adapterDir});
+        }}) : null;
 
         const md = new GgufMetadata();
         md.string("general.architecture", arch);
@@ -120,16 +119,17 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
                 const module = projModule(l, p);
                 const heads = permutationHeads(arch, cfg, p);
                 const base = `blk.${l}.${GGUF_PROJ_NAMES[p]}`;
-                const adapted = lora?.layers.get(module) ?? null;
+                const branch = adapter?.branches.get(module);
                 add(`${base}.weight`, outF, inF, async () => {
-                    const w = mergeLora(await weights.read(`${module}.weight`, outF * inF), adapted);
+                    const w = await weights.read(`${module}.weight`, outF * inF);
+                    // W + scaling·B·A (in place: `w` is a fresh array)
+                    if (branch) addDeltaWeight(w, branch, outF, inF);
                     return heads ? permuteQkRows(w, heads, inF) : w;
                 });
                 if (projHasBias(cfg, p)) {
                     add(`${base}.bias`, 1, outF, async () => {
-                        // a bias the adapter trained replaces the checkpoint's (loadAdapter wrote it over the NaNs)
-                        const trained = adapted?.bias && !Number.isNaN(adapted.bias[0]) ? adapted.bias : null;
-                        const b = trained ?? await weights.read(`${module}.bias`, outF);
+                        // a bias the adapter trained replaces the checkpoint's
+                        const b = adapter?.biases.get(`${module}.bias`) ?? await weights.read(`${module}.bias`, outF);
                         return heads ? permuteQkRows(b, heads, 1) : b;
                     });
                 }
@@ -202,11 +202,6 @@ function modelName(cfg: ModelConfig, dir: string): string {
     return name || "model";
 }
 
-/** W [out, in] + scaling·B·A for a module with a LoRA branch (in place: `w` is a fresh array), else W */
-function mergeLora(w: Float32Array, layer: LoraLinear | null): Float32Array {
-    return layer?.lora ? addDeltaWeight(w, layer.lora, layer.outFeatures, layer.inFeatures) : w;
-}
-
 // ------------------------------------------------------------------
 // LoRA adapter GGUF (SPEC-gguf §9)
 
@@ -235,42 +230,6 @@ export interface ExportGgufLoraResult {
     r: number;
 }
 
-/**
- * a layer that only knows its shape: enough for loadAdapter to check an adapter against a config. Its bias (when
- * it has one) is NaN until an adapter's trained bias is written into it.
- */
-class ShapeOnlyLinear implements LinearLayer {
-    readonly bias: Float32Array | null;
-    constructor(readonly outFeatures: number, readonly inFeatures: number, hasBias: boolean) {
-        this.bias = hasBias ? new Float32Array(outFeatures).fill(NaN) : null;
-    }
-    forward(): void {
-        throw new Error("ShapeOnlyLinear has no weights");
-    }
-    backwardInput(): void {
-        throw new Error("ShapeOnlyLinear has no weights");
-    }
-}
-
-/** a DecoderModel with the shapes of `cfg` and no weights (biases as NaN placeholders when `biases`) */
-function shapeOnlyModel(cfg: ModelConfig, biases: boolean): DecoderModel {
-    const empty = new Float32Array(0);
-    const params: DecoderParams = {
-        embed: empty,
-        norm: empty,
-        lmHead: empty,
-        layers: Array.from({length: cfg.numHiddenLayers}, () => ({
-            inputNorm: empty,
-            postNorm: empty,
-            proj: Object.fromEntries(PROJ_NAMES.map((p) => {
-                const [outF, inF] = projShape(cfg, p);
-                return [p, new ShapeOnlyLinear(outF, inF, biases && projHasBias(cfg, p))];
-            })) as unknown as Record<ProjName, LinearLayer>,
-        })),
-    };
-    return new DecoderModel(cfg, params);
-}
-
 /** writes a PEFT LoRA adapter as a llama.cpp LoRA GGUF for the base model in modelDir */
 export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<ExportGgufLoraResult> {
     const outtype = opts.outtype ?? "f32";
@@ -280,20 +239,20 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
     await assertGgufOutput(opts.out, opts.overwrite, [{path: opts.adapterDir, what: "adapter folder"}, {path: dir, what: "model folder"}]);
     const cfg = await loadModelConfig(dir);
     const arch = ggufArchFor(cfg);
-    const adapterConfig = await readAdapterConfig(opts.adapterDir);
-    if (adapterConfig.bias !== "none")
-        throw new QloraError(`the adapter trains biases (bias: "${adapterConfig.bias}"), which a llama.cpp LoRA adapter ` +
-            "cannot carry; merge it into the model instead: qlora export gguf --adapter", {file: opts.adapterDir});
-    if (adapterConfig.modules_to_save?.length)
-        throw new QloraError("llama.cpp LoRA adapters cannot carry full module copies (modules_to_save); merge the adapter " +
-            "(qlora merge) and export the merged model instead", {file: opts.adapterDir});
-    if (adapterConfig.use_dora)
-        throw new QloraError("llama.cpp LoRA adapters cannot express DoRA; merge the adapter (qlora merge) and export " +
-            "the merged model instead", {file: opts.adapterDir});
-    const lora: LoraModel = await loadAdapter(opts.adapterDir, shapeOnlyModel(cfg, false));
+    const adapter = await readAdapter(opts.adapterDir, cfg, {checkConfig: (c) => {
+        if (c.bias !== "none")
+            throw new QloraError(`the adapter trains biases (bias: "${c.bias}"), which a llama.cpp LoRA adapter ` +
+                "cannot carry; merge it into the model instead: qlora export gguf --adapter", {file: opts.adapterDir});
+        if (c.modules_to_save?.length)
+            throw new QloraError("llama.cpp LoRA adapters cannot carry full module copies (modules_to_save); merge the adapter " +
+                "(qlora merge) and export the merged model instead", {file: opts.adapterDir});
+        if (c.use_dora)
+            throw new QloraError("llama.cpp LoRA adapters cannot express DoRA; merge the adapter (qlora merge) and export " +
+                "the merged model instead", {file: opts.adapterDir});
+    }});
 
-    const r = lora.config.r;
-    const alpha = lora.config.use_rslora ? lora.config.lora_alpha * Math.sqrt(r) : lora.config.lora_alpha;
+    const r = adapter.config.r;
+    const alpha = adapter.config.use_rslora ? adapter.config.lora_alpha * Math.sqrt(r) : adapter.config.lora_alpha;
     const md = new GgufMetadata();
     md.string("general.architecture", arch);
     md.string("general.type", "adapter");
@@ -304,15 +263,12 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
 
     const type = outtype === "f16" ? GgmlType.F16 : GgmlType.F32;
     const tensors: GgufTensor[] = [];
-    const layers = [...lora.layers.values()].filter((l) => l.lora)
-        .sort((a, b) => compareModules(a.module, b.module));
-    for (const layer of layers) {
-        const {A, B, r: rank} = layer.lora!;
-        const name = ggufNameOfModule(layer.module);
-        if (!name) throw new QloraError(`the adapter targets ${layer.module}, which has no GGUF tensor`, {file: opts.adapterDir});
-        const proj = layer.module.slice(layer.module.lastIndexOf(".") + 1);
+    for (const module of [...adapter.branches.keys()].sort(compareModules)) {
+        const {A, B, r: rank, inFeatures: K, outFeatures: N} = adapter.branches.get(module)!;
+        const name = ggufNameOfModule(module);
+        if (!name) throw new QloraError(`the adapter targets ${module}, which has no GGUF tensor`, {file: opts.adapterDir});
+        const proj = module.slice(module.lastIndexOf(".") + 1);
         const heads = permutationHeads(arch, cfg, proj);
-        const K = layer.inFeatures, N = layer.outFeatures;
         // lora_A [r, in] → ne [in, r]; lora_B [out, r] → ne [r, out]; bytes unchanged, B's rows permuted for llama q/k
         tensors.push({name: `${name}.lora_a`, type, ne: [K, rank], data: () => encodeTensor(type, A, K, rank)});
         tensors.push({name: `${name}.lora_b`, type, ne: [rank, N],

@@ -5,7 +5,8 @@ import {QloraError, quoteValue} from "../errors.js";
 import {pathExists, readTextFile} from "../io/files.js";
 import {packageRoot} from "../backend/native.js";
 import {DecoderModel} from "../model/decoder.js";
-import {loadAdapter, type LoraModel} from "../lora/adapter.js";
+import {loadAdapter} from "../peft/adapter-files.js";
+import type {LoraModel} from "../peft/inject.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {HfTokenizer} from "../tokenizer/index.js";
 

@@ -2,6 +2,7 @@
 // (src/lora) and quantized bases (src/quant) slot in by wrapping or replacing a layer. It lives in the lowest
 // layer because both the model above and lora/quant beside it implement or call it.
 import {linearBackwardInput, linearForward, type DenseWeight} from "./cpu.js";
+import type {GraphLinear} from "./backend.js";
 
 export interface LinearLayer {
     readonly inFeatures: number;
@@ -80,4 +81,31 @@ export class FrozenLinear implements TrainableLinear {
 /** the layer itself when it trains, else a frozen wrapper */
 export function trainable(layer: LinearLayer): TrainableLinear {
     return isTrainable(layer) ? layer : new FrozenLinear(layer);
+}
+
+/**
+ * A host layer as the decoder graph sees it (GraphLinear over Float32Array). A training forward keeps what the
+ * backward needs inside the layer (forwardTrain), so nothing is handed back; the graph recomputes a block right
+ * before its backward under gradient checkpointing, which refreshes that state.
+ */
+export class HostGraphLinear implements GraphLinear<Float32Array> {
+    private readonly layer: TrainableLinear;
+    constructor(layer: LinearLayer) {
+        this.layer = trainable(layer);
+    }
+    get inFeatures(): number {
+        return this.layer.inFeatures;
+    }
+    get outFeatures(): number {
+        return this.layer.outFeatures;
+    }
+    forward(y: Float32Array, x: Float32Array, M: number, train: boolean): null {
+        if (train) this.layer.forwardTrain(y, x, M);
+        else this.layer.forward(y, x, M);
+        return null;
+    }
+    backward(dx: Float32Array, dy: Float32Array, _x: Float32Array, _saved: unknown, _M: number, accumulate: boolean): void {
+        this.layer.backward(dx, dy, accumulate);
+    }
+    release(): void {}
 }

@@ -1,14 +1,15 @@
 // decoder.ts: the decoder-only transformer family (Llama, Qwen2, Mistral), one implementation driven by
-// config.json. fp32 compute on the CPU backend; weights read from bf16/f16/f32 checkpoints.
-//
-// Block (pre-norm, as in transformers' LlamaDecoderLayer / Qwen2DecoderLayer):
-//   h = x + o_proj(attn(rope(q_proj(norm1(x))), rope(k_proj(.)), v_proj(.)))
-//   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
+// config.json: loading (fp32, or 4-bit projections) and the host model's forward, which runs the one decoder
+// graph (graph.ts) on the CPU backend. Weights are read from bf16/f16/f32 checkpoints.
 import {QloraError} from "../errors.js";
 import {cpu, halfToF32} from "../backend/cpu.js";
-import {loadModelConfig, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
+import {cpuBackend, type CpuTensors} from "../backend/cpu-backend.js";
+import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {computeRopeInvFreq} from "./rope.js";
-import {DenseLinear, type LinearLayer} from "../backend/linear.js";
+import {DenseLinear, HostGraphLinear, type LinearLayer} from "../backend/linear.js";
+import {DecoderGraph, KVCache, shiftTargets, type DropoutReplay, type GraphWeights} from "./graph.js";
+
+export {KVCache};
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readFloatTensor, readTensorF32, type ProjName} from "./weights.js";
 import type {BitsAndBytesConfig} from "../quant/config.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
@@ -39,30 +40,12 @@ export interface DecoderParams {
     fullGrads?: {embed?: Float32Array; lmHead?: Float32Array};
 }
 
-/** per-layer key/value buffers [B, capacity, Hkv, D] for incremental decoding */
-export class KVCache {
-    readonly k: Float32Array[];
-    readonly v: Float32Array[];
-    /** number of positions already filled */
-    length = 0;
-    constructor(readonly cfg: ModelConfig, readonly batch: number, readonly capacity: number) {
-        const n = batch * capacity * cfg.numKeyValueHeads * cfg.headDim;
-        // the cache is sized from the request (prompt + max new tokens, capped by the context): a request past
-        // what one buffer holds is an error that says what to lower, not a RangeError
-        if (!(Number.isSafeInteger(n) && n <= MAX_TENSOR_ELEMENTS))
-            throw new QloraError(`a key/value cache for ${capacity} positions (x ${batch} rows) needs ${n} values per layer, ` +
-                `more than one buffer holds (${MAX_TENSOR_ELEMENTS}); lower the number of new tokens or the prompt length`);
-        this.k = Array.from({length: cfg.numHiddenLayers}, () => new Float32Array(n));
-        this.v = Array.from({length: cfg.numHiddenLayers}, () => new Float32Array(n));
-    }
-}
-
 export interface ForwardOptions {
     /** [B, S] 1 for real tokens, 0 for padding (S = cache length + T with a cache, else T) */
     attentionMask?: Uint8Array;
     /** [B, T] positions; default: past length + 0..T-1 for every row (as transformers does without position_ids) */
     positionIds?: Int32Array;
-    cache?: KVCache;
+    cache?: KVCache<Float32Array>;
     /** compute logits only for these rows of the flattened [B*T] tokens (default: all) */
     logitRows?: number[];
 }
@@ -150,90 +133,29 @@ export class DecoderModel {
 
     /** the final hidden states [B*T, C] after the last norm */
     forwardHidden(ids: Int32Array, B: number, T: number, opts: ForwardOptions = {}): Float32Array {
-        const cfg = this.config, ops = cpu();
-        const C = cfg.hiddenSize, Hq = cfg.numAttentionHeads, Hkv = cfg.numKeyValueHeads, D = cfg.headDim;
-        const N = B * T;
-        const cache = opts.cache;
-        const past = cache ? cache.length : 0;
-        const S = cache ? cache.capacity : T;
-        if (ids.length !== N) throw new Error(`forward: ids has ${ids.length} elements, expected B*T = ${N}`);
-        if (cache && (cache.batch !== B || past + T > cache.capacity))
-            throw new QloraError(`the sequence needs ${past + T} positions but the cache holds ${cache.capacity}`);
-        if (past + T > cfg.maxPositionEmbeddings)
-            throw new QloraError(`the sequence has ${past + T} tokens but the model's context length ` +
-                `(max_position_embeddings) is ${cfg.maxPositionEmbeddings}`);
-
-        const pos = opts.positionIds ?? new Int32Array(N).map((_, i) => past + (i % T));
-        let keyValid: Uint8Array | null = null;
-        if (opts.attentionMask) {
-            const S_mask = past + T;
-            if (opts.attentionMask.length !== B * S_mask)
-                throw new Error(`forward: attentionMask has ${opts.attentionMask.length} elements, expected ${B * S_mask}`);
-            keyValid = new Uint8Array(B * S);
-            for (let b = 0; b < B; b++) keyValid.set(opts.attentionMask.subarray(b * S_mask, (b + 1) * S_mask), b * S);
-        }
-
-        const x = new Float32Array(N * C);
-        const bad = ops.embeddingForward(x, ids, this.params.embed, N, cfg.vocabSize, C);
-        if (bad >= 0) throw new QloraError(`token id ${ids[bad]} at position ${bad} is outside the vocabulary (${cfg.vocabSize} tokens)`);
-
-        const xn = new Float32Array(N * C);
-        const q = new Float32Array(N * Hq * D);
-        const k = new Float32Array(N * Hkv * D);
-        const v = new Float32Array(N * Hkv * D);
-        const att = new Float32Array(N * Hq * D);
-        const tmp = new Float32Array(N * C);
-        const gate = new Float32Array(N * cfg.intermediateSize);
-        const up = new Float32Array(N * cfg.intermediateSize);
-        const scale = 1 / Math.sqrt(D);
-        for (let l = 0; l < cfg.numHiddenLayers; l++) {
-            const layer = this.params.layers[l];
-            // attention
-            ops.rmsnormForward(xn, null, x, layer.inputNorm, N, C, cfg.rmsNormEps);
-            layer.proj.q_proj.forward(q, xn, N);
-            layer.proj.k_proj.forward(k, xn, N);
-            layer.proj.v_proj.forward(v, xn, N);
-            ops.ropeForward(q, q, pos, this.invFreq, this.attentionScaling, N, Hq, D);
-            ops.ropeForward(k, k, pos, this.invFreq, this.attentionScaling, N, Hkv, D);
-            let kAll: Float32Array = k, vAll: Float32Array = v;
-            if (cache) {
-                const row = Hkv * D;
-                for (let b = 0; b < B; b++) {
-                    cache.k[l].set(k.subarray(b * T * row, (b + 1) * T * row), (b * S + past) * row);
-                    cache.v[l].set(v.subarray(b * T * row, (b + 1) * T * row), (b * S + past) * row);
-                }
-                kAll = cache.k[l];
-                vAll = cache.v[l];
-            }
-            // with a cache, keys beyond past + t are hidden by causality, so S can be the whole capacity
-            ops.attentionForward(att, null, q, kAll, vAll, keyValid, null, B, T, S, Hq, Hkv, D, past, scale);
-            layer.proj.o_proj.forward(tmp, att, N);
-            ops.addInplace(x, tmp, N * C);
-            // MLP
-            ops.rmsnormForward(xn, null, x, layer.postNorm, N, C, cfg.rmsNormEps);
-            layer.proj.gate_proj.forward(gate, xn, N);
-            layer.proj.up_proj.forward(up, xn, N);
-            ops.swigluForward(gate, gate, up, N * cfg.intermediateSize);
-            layer.proj.down_proj.forward(tmp, gate, N);
-            ops.addInplace(x, tmp, N * C);
-        }
-        if (cache) cache.length = past + T;
-        ops.rmsnormForward(xn, null, x, this.params.norm, N, C, cfg.rmsNormEps);
-        return xn;
+        return this.hostGraph().forwardHidden(ids, B, T, opts);
     }
 
     /** logits [rows, V] = hidden[rows] @ lm_head^T */
     logits(hidden: Float32Array, rows: number[] | null, totalRows: number): Float32Array {
-        const C = this.config.hiddenSize, V = this.config.vocabSize;
-        let h: Float32Array = hidden, M = totalRows;
-        if (rows) {
-            h = new Float32Array(rows.length * C);
-            rows.forEach((r, i) => h.set(hidden.subarray(r * C, (r + 1) * C), i * C));
-            M = rows.length;
-        }
-        const out = new Float32Array(M * V);
-        cpu().sgemm(false, true, M, V, C, 1, h, C, this.params.lmHead, C, 0, out, V);
-        return out;
+        return cpuBackend().logits(hidden, rows, this.params.lmHead, totalRows, this.config.hiddenSize, this.config.vocabSize);
+    }
+
+    /**
+     * The decoder graph over the CPU backend with this model's current layers (LoRA wraps them after loading,
+     * so the graph is made when asked for). `replay` and `fullGrads` are the trainer's.
+     */
+    hostGraph(options: {replay?: DropoutReplay | null; fullGrads?: DecoderParams["fullGrads"]} = {}): DecoderGraph<CpuTensors> {
+        const p = this.params;
+        const weights: GraphWeights<CpuTensors> = {
+            embed: p.embed, lmHead: p.lmHead, finalNorm: p.norm, invFreq: this.invFreq,
+            layers: p.layers.map((layer) => {
+                const proj = {} as Record<ProjName, HostGraphLinear>;
+                for (const name of PROJ_NAMES) proj[name] = new HostGraphLinear(layer.proj[name]);
+                return {inputNorm: layer.inputNorm, postNorm: layer.postNorm, proj};
+            }),
+        };
+        return new DecoderGraph(cpuBackend(), this.config, weights, {attentionScaling: this.attentionScaling, ...options});
     }
 
     /**
@@ -242,9 +164,7 @@ export class DecoderModel {
      */
     causalLmLoss(logits: Float32Array, labels: Int32Array, B: number, T: number): {loss: number; count: number} {
         const V = this.config.vocabSize;
-        const targets = new Int32Array(B * T).fill(-100);
-        for (let b = 0; b < B; b++)
-            for (let t = 0; t + 1 < T; t++) targets[b * T + t] = labels[b * T + t + 1];
+        const targets = shiftTargets(labels, B, T);
         const losses = new Float32Array(B * T);
         const count = cpu().crossEntropyForward(losses, null, logits, targets, B * T, V);
         let sum = 0;

@@ -60,8 +60,8 @@ export const CORRUPT_CHECKPOINT = "the checkpoint is corrupt: re-download it";
  * Throws when `data` (f32 values, or the bits of bf16/f16 values) holds a NaN or an infinity: such a weight
  * turns every output it touches into NaN, or worse, into finite nonsense after a max or a clamp. The message
  * names the tensor, the file and the counts; `remedy` says what to do (default: re-download the checkpoint).
- * The model loader (readFloatTensor, readTensorF32) and the adapter loader (readAdapterTensor) call it on what
- * they read; code that reads weights another way (merge's adapter reader) calls it too.
+ * The model loader (readFloatTensor, readTensorF32) and the adapter reader (peft/adapter-files.ts readAdapter)
+ * call it on what they read.
  */
 export function assertFinite(name: string, data: Float32Array | Uint16Array, file: string,
     dtype: FloatDtype = "F32", remedy = CORRUPT_CHECKPOINT): void {

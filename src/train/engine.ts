@@ -2,9 +2,10 @@
 // step's compute (forward/backward), the gradients, clipping and the optimizer.
 import {QloraError} from "../errors.js";
 import {cudaMemoryStats} from "../backend/cuda.js";
-import type {LoraModel} from "../lora/adapter.js";
+import type {LoraModel} from "../peft/inject.js";
 import type {DecoderModel} from "../model/decoder.js";
-import {CudaAdamW, CudaTrainer} from "../model/cuda-trainer.js";
+import {CudaTrainer} from "../model/cuda-trainer.js";
+import {CudaAdamW} from "../optim/cuda-adamw.js";
 import {DecoderTrainer, type ForwardBackwardOptions, type LossResult, type TrainBatch} from "../model/training.js";
 import {createOptimizer, optimizerDynamicMaps, optimizerOptionsFor, weightDecayFor, type AdamW,
     type OptimizerArgs, type OptimizerStateDict} from "../optim/adamw.js";

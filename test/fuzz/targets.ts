@@ -7,7 +7,7 @@ import {loadTrainConfig} from "../../src/api/train-config.js";
 import {exportGguf, exportGgufLora} from "../../src/api/export-gguf.js";
 import {DataLoader, loadDataset, padTokenIdOf, type DataOptions} from "../../src/data/index.js";
 import {SafetensorsCheckpoint} from "../../src/io/safetensors.js";
-import {loadAdapter} from "../../src/lora/adapter.js";
+import {loadAdapter} from "../../src/peft/adapter-files.js";
 import {DecoderModel} from "../../src/model/decoder.js";
 import {HfTokenizer} from "../../src/tokenizer/index.js";
 import type {TargetKind} from "./formats.js";

@@ -8,7 +8,7 @@ import {cudaAvailability, cudaMemoryStats} from "../../src/backend/cuda.js";
 import {DecoderModel} from "../../src/model/decoder.js";
 import {CudaTrainer} from "../../src/model/cuda-trainer.js";
 import {SafetensorsFile} from "../../src/io/safetensors.js";
-import {loadAdapter} from "../../src/lora/adapter.js";
+import {loadAdapter} from "../../src/peft/adapter-files.js";
 import {bitsAndBytesConfig} from "../../src/quant/config.js";
 import {fineTune} from "../../src/api/train.js";
 import {fixtureBatch, relL2} from "../helpers/fixtures.js";

@@ -2,7 +2,7 @@
 import type {Command} from "commander";
 import {resolveModelDir} from "../../api/models.js";
 import {QloraError} from "../../errors.js";
-import {mergeAdapter} from "../../lora/merge.js";
+import {mergeAdapter} from "../../peft/merge.js";
 import {action} from "../run.js";
 
 export function registerMerge(program: Command): void {

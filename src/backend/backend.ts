@@ -1,0 +1,105 @@
+// backend.ts: the one interface the decoder graph (src/model/graph.ts) runs on. A backend owns its tensors'
+// storage and implements every op a decoder block needs, forward and backward; the graph is written once over
+// it and never asks which device it is on. Two implementations: cpu-backend.ts (fp32 in host memory, the
+// native CPU ops) and cuda-backend.ts (bf16 activations and fp32 statistics in device memory, the CUDA kernels).
+//
+// Conventions (as in llm.c and both native op sets): outputs first, sizes last; parameter gradients accumulate
+// (+=), activation gradients overwrite (=); an output may alias an input only where the op says so.
+
+/** the tensor types of one backend: float activations/weights, int32 indices, uint8 masks */
+export interface TensorTypes {
+    f: unknown;
+    i: unknown;
+    u8: unknown;
+}
+
+/** what one chunk of the loss reports */
+export interface LossResult {
+    /** sum of the cross-entropy over target tokens */
+    lossSum: number;
+    /** number of target tokens */
+    targets: number;
+}
+
+export interface Backend<X extends TensorTypes> {
+    readonly device: "cpu" | "cuda";
+    /** how activations are stored: fp32 on the CPU, bf16 (fp32 accumulation) on CUDA */
+    readonly activationDtype: "float32" | "bfloat16";
+    /** rows of logits the loss computes at a time unless the caller says */
+    readonly lossChunkRows: number;
+
+    // ---- storage
+    /** an activation tensor of n elements (contents undefined) */
+    activation(n: number): X["f"];
+    /** an fp32 tensor of n elements for statistics (rstd, lse) */
+    stats(n: number): X["f"];
+    /** n zeros in the activation dtype */
+    zeros(n: number): X["f"];
+    indices(host: Int32Array): X["i"];
+    mask(host: Uint8Array): X["u8"];
+    /** releases a tensor now (device memory); a no-op where the garbage collector owns storage */
+    free(t: X["f"] | X["i"] | X["u8"] | null): void;
+    /** a host copy of an activation tensor, and back: offloaded gradient checkpointing */
+    offload(t: X["f"]): X["f"] | Uint16Array | Float32Array;
+    restore(host: X["f"] | Uint16Array | Float32Array): X["f"];
+
+    // ---- ops
+    /** out[N, C] = table[ids]; returns the first position whose id is outside [0, V), or -1 */
+    embedding(out: X["f"], ids: X["i"], table: X["f"], N: number, V: number, C: number): number;
+    /** dtable[V, C] (fp32 host, +=) from dout[N, C]: a trained embedding (modules_to_save) */
+    embeddingBackward(dtable: Float32Array, dout: X["f"], ids: X["i"], N: number, V: number, C: number): void;
+    /** out = rmsnorm(x) * w; rstd[N] when not null */
+    rmsnorm(out: X["f"], rstd: X["f"] | null, x: X["f"], w: X["f"], N: number, C: number, eps: number): void;
+    /** h = x + y (h may alias y), out = rmsnorm(h) * w, rstd[N] of h */
+    residualRmsnorm(h: X["f"], out: X["f"], rstd: X["f"], x: X["f"], y: X["f"], w: X["f"], N: number, C: number, eps: number): void;
+    /** dx (=) from dy, the forward's input x, w and rstd (a frozen norm weight) */
+    rmsnormBackward(dx: X["f"], dy: X["f"], x: X["f"], w: X["f"], rstd: X["f"], N: number, C: number): void;
+    /** RoPE (rotate half) in place on [N, H, D] rows at positions pos[N] */
+    rope(x: X["f"], pos: X["i"], invFreq: X["f"], attentionScaling: number, N: number, H: number, D: number): void;
+    ropeBackward(dx: X["f"], pos: X["i"], invFreq: X["f"], attentionScaling: number, N: number, H: number, D: number): void;
+    /**
+     * causal grouped-query attention: out[B, T, Hq, D] from q[B, T, Hq, D] and k, v[B, S, Hkv, D]; query t sits at
+     * key position past + t; keyValid[B, S] hides padding, seg[B, T] keeps attention inside packed sequences;
+     * lse[B, Hq, T] saved for the backward when not null
+     */
+    attention(out: X["f"], lse: X["f"] | null, q: X["f"], k: X["f"], v: X["f"], keyValid: X["u8"] | null,
+        seg: X["i"] | null, B: number, T: number, S: number, Hq: number, Hkv: number, D: number, past: number,
+        scale: number): void;
+    attentionBackward(dq: X["f"], dk: X["f"], dv: X["f"], dout: X["f"], q: X["f"], k: X["f"], v: X["f"], out: X["f"],
+        lse: X["f"], keyValid: X["u8"] | null, seg: X["i"] | null, B: number, T: number, Hq: number, Hkv: number,
+        D: number, scale: number): void;
+    /** out = silu(gate) * up */
+    swiglu(out: X["f"], gate: X["f"], up: X["f"], n: number): void;
+    swigluBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void;
+    /** y += x */
+    addInplace(y: X["f"], x: X["f"], n: number): void;
+    /**
+     * rows [B*T) of cache[B, capacity, rowElems] from position `past` on = x[B, T, rowElems]: the KV cache write
+     */
+    cacheWrite(cache: X["f"], x: X["f"], B: number, T: number, capacity: number, past: number, rowElems: number): void;
+    /**
+     * the causal-LM loss of hidden states xf[N, C] through the output layer head[V, C], in chunks of rows:
+     * cross-entropy summed over rows whose target >= 0; with dxf, dxf[N, C] (=) gets the gradient scaled by
+     * lossScale, and dHead (fp32 host [V, C], +=) the output layer's when it trains
+     */
+    causalLmLoss(xf: X["f"], targets: Int32Array, head: X["f"], N: number, C: number, V: number, lossScale: number,
+        dxf: X["f"] | null, chunkRows: number, dHead: Float32Array | null): LossResult;
+    /** logits[rows, V] (fp32, host) = hidden[rows] head^T; all N rows when rows is null */
+    logits(hidden: X["f"], rows: number[] | null, head: X["f"], N: number, C: number, V: number): Float32Array;
+}
+
+/**
+ * A projection of a decoder block as the graph sees it, on one backend: the frozen base (dense or 4-bit) with its
+ * trainable parts (LoRA, DoRA, bias). forward returns what backward needs beyond the input (null when nothing);
+ * the graph keeps it with the block's activations and hands it back, or recomputes the block.
+ */
+export interface GraphLinear<F> {
+    readonly inFeatures: number;
+    readonly outFeatures: number;
+    /** y[M, out] (=) = layer(x[M, in]); `train`: dropout on, and keep what backward needs */
+    forward(y: F, x: F, M: number, train: boolean): unknown;
+    /** dx[M, in] (= or += when accumulate) from dy[M, out]; parameter gradients += */
+    backward(dx: F, dy: F, x: F, saved: unknown, M: number, accumulate: boolean): void;
+    /** frees what forward returned */
+    release(saved: unknown): void;
+}

@@ -1,0 +1,419 @@
+// graph.ts: the decoder (Llama / Qwen2 / Mistral), written once over the Backend interface: the training forward
+// (activations saved, or recomputed under gradient checkpointing, optionally offloaded to the host), the
+// hand-written backward (no autograd), and the inference forward with a KV cache. The CPU and the GPU run this
+// same code; what differs is the backend (fp32 host ops, or bf16 CUDA kernels) and the projection layers handed
+// in (GraphLinear: dense or 4-bit base, LoRA/DoRA, trained bias).
+//
+// Block (pre-norm, as transformers' LlamaDecoderLayer / Qwen2DecoderLayer):
+//   h = x + o_proj(attn(rope(q_proj(norm1(x))), rope(k_proj(.)), v_proj(.)))
+//   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
+//
+// The loss is transformers' causal-LM cross-entropy (logits at t predict labels[t+1]) summed over targets and
+// multiplied by lossScale, so the trainer can pass 1 / (targets in the whole accumulated batch) and get the true
+// token mean (SPEC-training §8); the backend computes it in chunks of rows and never holds the whole logits.
+// Gradient rule (llm.c): parameter gradients +=, activation gradients =, the residual stream +=.
+import {QloraError} from "../errors.js";
+import type {Backend, GraphLinear, LossResult, TensorTypes} from "../backend/backend.js";
+import {MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
+import type {ProjName} from "./weights.js";
+
+export type {LossResult};
+
+export interface TrainBatch {
+    B: number;
+    T: number;
+    inputIds: Int32Array; // [B*T]
+    /** [B*T], not shifted; negative values are ignored */
+    labels: Int32Array;
+    /** [B*T] 1 real, 0 padding (null: no padding) */
+    attentionMask: Uint8Array | null;
+    positionIds: Int32Array; // [B*T]
+    /** [B*T] packed-sequence index per token; attention stays inside a segment (null: one per row) */
+    segIds: Int32Array | null;
+}
+
+export interface ForwardBackwardOptions {
+    /** multiplies the summed loss before backward (1 / targets of the whole accumulated batch) */
+    lossScale: number;
+    gradientCheckpointing: boolean;
+    /** rows of logits computed at a time (memory of the loss: rows x vocab values); default: the backend's */
+    lossChunkRows?: number;
+    /** forward only (evaluation) */
+    noBackward?: boolean;
+}
+
+/** the model's tensors on one backend */
+export interface GraphWeights<X extends TensorTypes> {
+    embed: X["f"]; // [V, C]
+    /** [V, C]: the embedding itself when tied */
+    lmHead: X["f"];
+    finalNorm: X["f"]; // [C]
+    invFreq: X["f"]; // RoPE inverse frequencies [rotaryDim / 2]
+    layers: {inputNorm: X["f"]; postNorm: X["f"]; proj: Record<ProjName, GraphLinear<X["f"]>>}[];
+}
+
+/**
+ * Where random dropout masks come from a stateful generator (the CPU's LoRA layers), its state at each block's
+ * forward: a block recomputed under gradient checkpointing must see the masks of its first forward.
+ */
+export interface DropoutReplay {
+    save(): unknown;
+    restore(state: unknown): void;
+}
+
+export interface GraphOptions<X extends TensorTypes> {
+    attentionScaling: number;
+    replay?: DropoutReplay | null;
+    /** with gradient checkpointing, block inputs wait in host memory for the recomputation (Unsloth's offload) */
+    offloadActivations?: boolean;
+    /** gradients of full weights that train (modules_to_save): fp32 host [V, C] */
+    fullGrads?: {embed?: Float32Array; lmHead?: Float32Array};
+    /** only for the type: the backend's tensors */
+    tensors?: X;
+}
+
+/** per-layer key/value tensors [B, capacity, Hkv, D] for incremental decoding, on one backend */
+export class KVCache<F = Float32Array> {
+    readonly k: F[];
+    readonly v: F[];
+    /** number of positions already filled */
+    length = 0;
+    constructor(readonly cfg: ModelConfig, readonly batch: number, readonly capacity: number,
+        alloc: (n: number) => F = (n) => new Float32Array(n) as F) {
+        const n = batch * capacity * cfg.numKeyValueHeads * cfg.headDim;
+        // the cache is sized from the request (prompt + max new tokens, capped by the context): a request past
+        // what one buffer holds is an error that says what to lower, not a RangeError
+        if (!(Number.isSafeInteger(n) && n <= MAX_TENSOR_ELEMENTS))
+            throw new QloraError(`a key/value cache for ${capacity} positions (x ${batch} rows) needs ${n} values per layer, ` +
+                `more than one buffer holds (${MAX_TENSOR_ELEMENTS}); lower the number of new tokens or the prompt length`);
+        this.k = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
+        this.v = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
+    }
+}
+
+export interface InferenceOptions<F> {
+    /** [B, S] 1 for real tokens, 0 for padding (S = cache length + T with a cache, else T) */
+    attentionMask?: Uint8Array;
+    /** [B, T] positions; default: past length + 0..T-1 for every row (as transformers does without position_ids) */
+    positionIds?: Int32Array;
+    /** [B, T] packed-sequence index per token (scoring packed rows; not with a cache) */
+    segIds?: Int32Array;
+    cache?: KVCache<F>;
+}
+
+/**
+ * Rows longer than the model's context would run at RoPE positions the model never saw and give a finite,
+ * meaningless loss: train and eval refuse them alike, naming the length knob that let them through.
+ */
+export function checkRowsFitContext(cfg: ModelConfig, longestRow: number, knob: string, knobValue: number | null): void {
+    if (longestRow <= cfg.maxPositionEmbeddings) return;
+    throw new QloraError(`${knob} ${knobValue ?? "(no limit)"} lets rows of ${longestRow} tokens through, longer than the ` +
+        `model's context (max_position_embeddings ${cfg.maxPositionEmbeddings} in config.json); lower ${knob}`);
+}
+
+/** the same rule for a batch about to run (any caller of the graph: positions past the context are refused) */
+export function checkPositionsFitContext(cfg: ModelConfig, positionIds: Int32Array): void {
+    let last = -1;
+    for (let i = 0; i < positionIds.length; i++) if (positionIds[i] > last) last = positionIds[i];
+    if (last >= cfg.maxPositionEmbeddings)
+        throw new QloraError(`a batch reaches position ${last}, past the model's context (max_position_embeddings ` +
+            `${cfg.maxPositionEmbeddings} in config.json); shorten the rows`);
+}
+
+/** next-token targets: target[b, t] = labels[b, t + 1], -100 at the last position */
+export function shiftTargets(labels: Int32Array, B: number, T: number): Int32Array {
+    const targets = new Int32Array(B * T).fill(-100);
+    for (let b = 0; b < B; b++)
+        for (let t = 0; t + 1 < T; t++) {
+            const l = labels[b * T + t + 1];
+            targets[b * T + t] = l >= 0 ? l : -100;
+        }
+    return targets;
+}
+
+/** the batch's index tensors on the backend */
+interface StepContext<X extends TensorTypes> {
+    B: number;
+    T: number;
+    N: number;
+    pos: X["i"];
+    keyValid: X["u8"] | null;
+    seg: X["i"] | null;
+    /** inference: the cache the block appends its keys and values to */
+    cache: KVCache<X["f"]> | null;
+}
+
+/** what a block's backward needs from its forward */
+interface BlockActs<F> {
+    x: F; // block input [N, C]
+    xn1: F; // [N, C]
+    rstd1: F; // [N]
+    q: F; // [N, Hq*D] after RoPE
+    k: F; // [N, Hkv*D] after RoPE
+    v: F; // [N, Hkv*D]
+    att: F; // [N, Hq*D]
+    lse: F; // [B, Hq, T]
+    h: F; // [N, C] residual after attention
+    xn2: F;
+    rstd2: F;
+    gate: F; // [N, I]
+    up: F; // [N, I]
+    act: F; // [N, I] silu(gate) * up
+    out: F; // [N, C] block output
+    /** what each projection's forward kept for its backward */
+    saved: Map<ProjName, unknown>;
+}
+
+const INTERMEDIATE_ACTS = ["xn1", "rstd1", "q", "k", "v", "att", "lse", "h", "xn2", "rstd2", "gate", "up", "act"] as const;
+
+export class DecoderGraph<X extends TensorTypes> {
+    private readonly scale: number;
+
+    constructor(readonly backend: Backend<X>, readonly config: ModelConfig, readonly weights: GraphWeights<X>,
+        private readonly options: GraphOptions<X>) {
+        this.scale = 1 / Math.sqrt(config.headDim);
+    }
+
+    /** runs forward (and backward unless noBackward) on one micro-batch; parameter gradients accumulate */
+    forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
+        const be = this.backend, cfg = this.config, w = this.weights;
+        const {B, T} = batch;
+        const N = B * T, C = cfg.hiddenSize, V = cfg.vocabSize, L = cfg.numHiddenLayers;
+        checkPositionsFitContext(cfg, batch.positionIds);
+        const train = !opts.noBackward;
+        const ids = be.indices(batch.inputIds);
+        const ctx = this.context(B, T, batch.positionIds, batch.attentionMask, batch.segIds, null);
+        const x0 = this.embed(ids, batch.inputIds, N);
+
+        const checkpoint = opts.gradientCheckpointing && train;
+        const offload = checkpoint && !!this.options.offloadActivations;
+        const replay = checkpoint ? this.options.replay ?? null : null;
+        const inputs: (X["f"] | Uint16Array | Float32Array)[] = [x0];
+        const acts: (BlockActs<X["f"]> | null)[] = [];
+        const replayStates: unknown[] = [];
+        let x = x0;
+        for (let l = 0; l < L; l++) {
+            replayStates.push(replay?.save());
+            const a = this.blockForward(l, x, ctx, train);
+            // a block's input is read again only by its backward (or recomputation)
+            if (!train) be.free(x);
+            else if (offload) inputs[l] = be.offload(x);
+            x = a.out;
+            inputs.push(x);
+            if (checkpoint || !train) {
+                this.releaseActs(a, l);
+                acts.push(null);
+            } else acts.push(a);
+        }
+        // final norm, then the loss in chunks of rows
+        const xf = be.activation(N * C), rstdF = be.stats(N);
+        be.rmsnorm(xf, rstdF, x, w.finalNorm, N, C, cfg.rmsNormEps);
+        const targets = shiftTargets(batch.labels, B, T);
+        const dxf = train ? be.activation(N * C) : null;
+        const loss = be.causalLmLoss(xf, targets, w.lmHead, N, C, V, opts.lossScale, dxf, opts.lossChunkRows ?? be.lossChunkRows,
+            train ? this.options.fullGrads?.lmHead ?? null : null);
+        be.free(xf);
+        if (!train || !dxf) {
+            for (const t of [x, rstdF, ids]) be.free(t);
+            this.freeContext(ctx);
+            return loss;
+        }
+
+        // backward
+        let dx = be.activation(N * C);
+        be.rmsnormBackward(dx, dxf, x, w.finalNorm, rstdF, N, C);
+        be.free(dxf);
+        be.free(rstdF);
+        const replayAfterForward = replay?.save();
+        for (let l = L - 1; l >= 0; l--) {
+            const input = be.restore(inputs[l]);
+            inputs[l] = input;
+            let a = acts[l];
+            if (!a) {
+                if (replay) replay.restore(replayStates[l]);
+                a = this.blockForward(l, input, ctx, true);
+            }
+            const dPrev = this.blockBackward(l, a, dx, ctx);
+            be.free(dx);
+            dx = dPrev;
+            this.releaseActs(a, l);
+            be.free(a.out); // a recomputed block's own output, or inputs[l + 1] itself (freeing twice is harmless)
+            be.free(inputs[l + 1] as X["f"]);
+            acts[l] = null;
+        }
+        if (replay) replay.restore(replayAfterForward);
+        const dEmbed = this.options.fullGrads?.embed;
+        if (dEmbed) be.embeddingBackward(dEmbed, dx, ids, N, V, C);
+        for (const t of [dx, inputs[0] as X["f"], ids]) be.free(t);
+        this.freeContext(ctx);
+        return loss;
+    }
+
+    /**
+     * the final hidden states [B*T, C] after the last norm, for ids [B, T]. With a cache, the new keys and values
+     * are appended to it and attention covers the cached positions.
+     */
+    forwardHidden(idsHost: Int32Array, B: number, T: number, opts: InferenceOptions<X["f"]> = {}): X["f"] {
+        const be = this.backend, cfg = this.config;
+        const N = B * T, C = cfg.hiddenSize;
+        const cache = opts.cache ?? null;
+        const past = cache ? cache.length : 0;
+        const S = cache ? cache.capacity : T;
+        if (idsHost.length !== N) throw new Error(`forward: ids has ${idsHost.length} elements, expected B*T = ${N}`);
+        if (cache && (cache.batch !== B || past + T > cache.capacity))
+            throw new QloraError(`the sequence needs ${past + T} positions but the cache holds ${cache.capacity}`);
+        if (past + T > cfg.maxPositionEmbeddings)
+            throw new QloraError(`the sequence has ${past + T} tokens but the model's context length ` +
+                `(max_position_embeddings) is ${cfg.maxPositionEmbeddings}`);
+        const pos = opts.positionIds ?? new Int32Array(N).map((_, i) => past + (i % T));
+        let keyValid: Uint8Array | null = null;
+        if (opts.attentionMask) {
+            const sMask = past + T;
+            if (opts.attentionMask.length !== B * sMask)
+                throw new Error(`forward: attentionMask has ${opts.attentionMask.length} elements, expected ${B * sMask}`);
+            // with a cache, keys beyond past + t are hidden by causality, so the mask can span the whole capacity
+            keyValid = new Uint8Array(B * S);
+            for (let b = 0; b < B; b++) keyValid.set(opts.attentionMask.subarray(b * sMask, (b + 1) * sMask), b * S);
+        }
+        const ids = be.indices(idsHost);
+        if (opts.segIds && (cache || opts.segIds.length !== N))
+            throw new Error(`forward: segIds needs ${N} elements and no cache`);
+        const ctx = this.context(B, T, pos, keyValid, opts.segIds ?? null, cache);
+        let x = this.embed(ids, idsHost, N);
+        be.free(ids);
+        for (let l = 0; l < cfg.numHiddenLayers; l++) {
+            const a = this.blockForward(l, x, ctx, false);
+            this.releaseActs(a, l);
+            be.free(x);
+            x = a.out;
+        }
+        if (cache) cache.length = past + T;
+        this.freeContext(ctx);
+        const xf = be.activation(N * C);
+        be.rmsnorm(xf, null, x, this.weights.finalNorm, N, C, cfg.rmsNormEps);
+        be.free(x);
+        return xf;
+    }
+
+    /** logits [rows, V] (fp32, host) of final hidden states; all B*T rows unless `rows` is given */
+    logits(hidden: X["f"], rows: number[] | null, totalRows: number): Float32Array {
+        return this.backend.logits(hidden, rows, this.weights.lmHead, totalRows, this.config.hiddenSize, this.config.vocabSize);
+    }
+
+    private embed(ids: X["i"], idsHost: Int32Array, N: number): X["f"] {
+        const cfg = this.config;
+        const x = this.backend.activation(N * cfg.hiddenSize);
+        const bad = this.backend.embedding(x, ids, this.weights.embed, N, cfg.vocabSize, cfg.hiddenSize);
+        if (bad >= 0) {
+            this.backend.free(x);
+            throw new QloraError(`token id ${idsHost[bad]} at position ${bad} is outside the vocabulary (${cfg.vocabSize} tokens)`);
+        }
+        return x;
+    }
+
+    private context(B: number, T: number, pos: Int32Array, keyValid: Uint8Array | null, seg: Int32Array | null,
+        cache: KVCache<X["f"]> | null): StepContext<X> {
+        const be = this.backend;
+        // an all-ones mask hides nothing: the kernels skip the test
+        const hides = keyValid !== null && !keyValid.every((v) => v === 1);
+        return {B, T, N: B * T, pos: be.indices(pos), keyValid: hides ? be.mask(keyValid!) : null,
+            seg: seg ? be.indices(seg) : null, cache};
+    }
+
+    private freeContext(ctx: StepContext<X>): void {
+        for (const t of [ctx.pos, ctx.keyValid, ctx.seg]) this.backend.free(t);
+    }
+
+    /** frees a block's saved activations except its input and output (the neighbours' tensors) */
+    private releaseActs(a: BlockActs<X["f"]>, l: number): void {
+        for (const key of INTERMEDIATE_ACTS) this.backend.free(a[key]);
+        const proj = this.weights.layers[l].proj;
+        for (const [name, saved] of a.saved) proj[name].release(saved);
+        a.saved.clear();
+    }
+
+    private blockForward(l: number, x: X["f"], ctx: StepContext<X>, train: boolean): BlockActs<X["f"]> {
+        const be = this.backend, cfg = this.config, layer = this.weights.layers[l], p = layer.proj;
+        const {B, T, N} = ctx;
+        const C = cfg.hiddenSize, Hq = cfg.numAttentionHeads, Hkv = cfg.numKeyValueHeads, D = cfg.headDim;
+        const I = cfg.intermediateSize, eps = cfg.rmsNormEps;
+        const act = (n: number) => be.activation(n);
+        const a: BlockActs<X["f"]> = {
+            x, xn1: act(N * C), rstd1: be.stats(N), q: act(N * Hq * D), k: act(N * Hkv * D), v: act(N * Hkv * D),
+            att: act(N * Hq * D), lse: be.stats(B * Hq * T), h: act(N * C), xn2: act(N * C), rstd2: be.stats(N),
+            gate: act(N * I), up: act(N * I), act: act(N * I), out: act(N * C), saved: new Map(),
+        };
+        const project = (name: ProjName, y: X["f"], input: X["f"]) => {
+            const saved = p[name].forward(y, input, N, train);
+            if (saved !== null && saved !== undefined) a.saved.set(name, saved);
+        };
+        be.rmsnorm(a.xn1, a.rstd1, x, layer.inputNorm, N, C, eps);
+        project("q_proj", a.q, a.xn1);
+        project("k_proj", a.k, a.xn1);
+        project("v_proj", a.v, a.xn1);
+        be.rope(a.q, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hq, D);
+        be.rope(a.k, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hkv, D);
+        let keys = a.k, values = a.v, S = T, past = 0;
+        const cache = ctx.cache;
+        if (cache) {
+            past = cache.length;
+            S = cache.capacity;
+            be.cacheWrite(cache.k[l], a.k, B, T, S, past, Hkv * D);
+            be.cacheWrite(cache.v[l], a.v, B, T, S, past, Hkv * D);
+            keys = cache.k[l];
+            values = cache.v[l];
+        }
+        be.attention(a.att, train ? a.lse : null, a.q, keys, values, ctx.keyValid, ctx.seg, B, T, S, Hq, Hkv, D, past, this.scale);
+        project("o_proj", a.h, a.att);
+        be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);
+        project("gate_proj", a.gate, a.xn2);
+        project("up_proj", a.up, a.xn2);
+        be.swiglu(a.act, a.gate, a.up, N * I);
+        project("down_proj", a.out, a.act);
+        be.addInplace(a.out, a.h, N * C);
+        return a;
+    }
+
+    /** returns d(block input) from d(block output) */
+    private blockBackward(l: number, a: BlockActs<X["f"]>, dout: X["f"], ctx: StepContext<X>): X["f"] {
+        const be = this.backend, cfg = this.config, layer = this.weights.layers[l], p = layer.proj;
+        const {B, T, N} = ctx;
+        const C = cfg.hiddenSize, Hq = cfg.numAttentionHeads, Hkv = cfg.numKeyValueHeads, D = cfg.headDim;
+        const I = cfg.intermediateSize;
+        const act = (n: number) => be.activation(n);
+        const back = (name: ProjName, dx: X["f"], dy: X["f"], x: X["f"], accumulate: boolean) =>
+            p[name].backward(dx, dy, x, a.saved.get(name) ?? null, N, accumulate);
+        // MLP: out = h + down(silu(gate(xn2)) * up(xn2))
+        const dact = act(N * I);
+        back("down_proj", dact, dout, a.act, false);
+        const dgate = act(N * I), dup = act(N * I);
+        be.swigluBackward(dgate, dup, dact, a.gate, a.up, N * I);
+        be.free(dact);
+        const dxn = act(N * C);
+        back("gate_proj", dxn, dgate, a.xn2, false);
+        back("up_proj", dxn, dup, a.xn2, true);
+        be.free(dgate);
+        be.free(dup);
+        const dh = act(N * C);
+        be.rmsnormBackward(dh, dxn, a.h, layer.postNorm, a.rstd2, N, C);
+        be.addInplace(dh, dout, N * C); // the residual stream
+        // attention: h = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+        const datt = act(N * Hq * D);
+        back("o_proj", datt, dh, a.att, false);
+        const dq = act(N * Hq * D), dk = act(N * Hkv * D), dv = act(N * Hkv * D);
+        be.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, ctx.keyValid, ctx.seg, B, T, Hq, Hkv, D, this.scale);
+        be.free(datt);
+        be.ropeBackward(dq, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hq, D);
+        be.ropeBackward(dk, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hkv, D);
+        back("q_proj", dxn, dq, a.xn1, false);
+        back("k_proj", dxn, dk, a.xn1, true);
+        back("v_proj", dxn, dv, a.xn1, true);
+        for (const t of [dq, dk, dv]) be.free(t);
+        const dx = act(N * C);
+        be.rmsnormBackward(dx, dxn, a.x, layer.inputNorm, a.rstd1, N, C);
+        be.addInplace(dx, dh, N * C);
+        be.free(dxn);
+        be.free(dh);
+        return dx;
+    }
+}
