@@ -11,6 +11,7 @@ import {existsSync} from "node:fs";
 import path from "node:path";
 import {performance} from "node:perf_hooks";
 import {cuda, cudaMemoryStats} from "../src/backend/cuda.js";
+import {DropoutClock} from "../src/backend/dropout.js";
 import {Rng} from "../src/backend/rng.js";
 import {applyLora} from "../src/peft/inject.js";
 import {DecoderModel} from "../src/model/decoder.js";
@@ -65,7 +66,7 @@ for (const name of models) {
         const lora = applyLora(model, {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"}, {initRng: new Rng(0)});
         lora.setTraining(true);
         cuda().resetPeakMemoryStats();
-        const engine = createEngine("cuda", model, lora, mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch", {}, new Rng(1), 0, offload);
+        const engine = createEngine("cuda", model, lora, mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch", {}, new DropoutClock(0), offload);
         const loadS = (performance.now() - t0) / 1000;
         const rng = new Rng(1);
         const V = Number(CONFIGS[name].vocab_size), N = bs * seq;

@@ -5,6 +5,8 @@ import assert from "node:assert/strict";
 import {mkdtempSync, readFileSync, rmSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import {cpu} from "../src/backend/cpu.js";
+import {DropoutClock} from "../src/backend/dropout.js";
 import {Rng} from "../src/backend/rng.js";
 import {SafetensorsFile} from "../src/io/safetensors.js";
 import {loadAdapter, saveAdapter} from "../src/peft/adapter-files.js";
@@ -75,18 +77,19 @@ for (const dropout of [0, 0.3]) {
         const rand = (n: number, sc = 1) => Float32Array.from({length: n}, () => (2 * g.next() - 1) * sc);
         const W = rand(N * K, 0.5), bias = rand(N, 0.2), A = rand(r * K, 0.4), B = rand(N * r, 0.4), x = rand(M * K), R = rand(M * N);
         const mag = Float32Array.from({length: N}, () => 0.5 + g.next());
-        const rng = new Rng(21);
-        const state = rng.getState();
+        const clock = new DropoutClock(21);
         const layer = new LoraLinear("m", new DenseLinear({outFeatures: N, inFeatures: K, weight: W, bias}),
-            {r, scaling: s, dropout: p, A, B, magnitude: mag}, false, rng);
+            {r, scaling: s, dropout: p, A, B, magnitude: mag}, false, {clock, projection: 3});
         layer.training = true;
         const y = new Float32Array(M * N);
         layer.forwardTrain(y, x, M);
         const dx = new Float32Array(M * K);
         layer.backward(dx, R, false);
-        // the reference: the same mask (replayed), k from the initial weights and held fixed
-        const r2 = Rng.fromState(state);
-        const mask = Float64Array.from({length: M * K}, () => (p > 0 ? (r2.next() >= p ? 1 / (1 - p) : 0) : 1));
+        // the reference: the same mask (a function of the seed: test/dropout.test.ts checks it), k from the initial
+        // weights and held fixed
+        const drawn = new Float32Array(M * K);
+        if (p > 0) cpu().dropoutMask(drawn, clock.seedFor(3), p, M * K);
+        const mask = Float64Array.from({length: M * K}, (_, i) => (p > 0 ? drawn[i] : 1));
         const norm = Array.from({length: N}, (_, n) => {
             let ss = 0;
             for (let i = 0; i < K; i++) {

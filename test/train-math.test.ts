@@ -2,6 +2,7 @@
 // sample's loss unchanged, and dropout is replayed under gradient checkpointing.
 import {test} from "node:test";
 import assert from "node:assert/strict";
+import {DropoutClock} from "../src/backend/dropout.js";
 import {Rng} from "../src/backend/rng.js";
 import {collate, packSequences, type TokenizedRow} from "../src/data/index.js";
 import {applyLora} from "../src/peft/inject.js";
@@ -23,11 +24,11 @@ function randomRows(n: number, seed: number): TokenizedRow[] {
 
 async function loraModel(dropout = 0) {
     const model = await DecoderModel.load(MODEL_DIR);
-    const dropoutRng = new Rng(5);
+    const dropoutClock = new DropoutClock(5);
     const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: "all-linear", lora_dropout: dropout,
-        init_lora_weights: false}, {initRng: new Rng(3), dropoutRng});
+        init_lora_weights: false}, {initRng: new Rng(3), dropoutClock});
     lora.setTraining(true);
-    return {model, lora, trainer: new DecoderTrainer(model, dropoutRng), dropoutRng};
+    return {model, lora, trainer: new DecoderTrainer(model, dropoutClock), dropoutClock};
 }
 
 
@@ -87,7 +88,7 @@ test("packing leaves each sample's loss unchanged (position ids restart, no atte
     assert.ok(Math.abs(leaky.lossSum - separate) / separate > 1e-3, "the segment mask matters");
 });
 
-test("dropout masks are replayed when gradient checkpointing recomputes a block", async () => {
+test("a block recomputed under gradient checkpointing draws the dropout masks of its first forward", async () => {
     const rows = randomRows(2, 31);
     const b = collate(rows, {padTokenId: 16381});
     const grads = async (checkpointing: boolean) => {

@@ -220,6 +220,23 @@ static Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
+// dropoutMask(mask, seed, p, n); seed < 2^53
+static Napi::Value DropoutMask(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t n = int_arg(info, 3);
+    int64_t seed = int_arg(info, 1);
+    double p = num_arg(info, 2);
+    QLORA_CHECK_ARGS(env);
+    float* mask = array_arg<float>(info, 0, n);
+    QLORA_CHECK_ARGS(env);
+    if (seed < 0 || !(p >= 0.0 && p < 1.0)) {
+        Napi::RangeError::New(env, "dropoutMask: seed must be >= 0 and 0 <= p < 1").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    qlora_cpu_dropout_mask(mask, (uint64_t)seed, (float)p, n);
+    return env.Undefined();
+}
+
 // swigluForward(out, gate, up, n)
 static Napi::Value SwigluForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -297,6 +314,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     fn("ropeBackward", Rope<qlora_cpu_rope_backward>);
     fn("attentionForward", AttentionForward);
     fn("attentionBackward", AttentionBackward);
+    fn("dropoutMask", DropoutMask);
     fn("swigluForward", SwigluForward);
     fn("swigluBackward", SwigluBackward);
     fn("crossEntropyForward", CrossEntropyForward);

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <immintrin.h>
 #include "../include/qlora_float.h"
+#include "../include/qlora_dropout.h"
 #include "../include/qlora_ops.h"
 #include "parallel.h"
 
@@ -187,6 +188,16 @@ extern "C" void qlora_cpu_rope_backward(float* dinp, const float* dout, const in
                                         float attention_scaling, int64_t N, int64_t H, int64_t D) {
     // the rotation is orthogonal (times a scale): its transpose is the rotation by -angle
     rope_apply(dinp, dout, pos, inv_freq, attention_scaling, N, H, D, -1.0f);
+}
+
+// ------------------------------------------------------------------
+// dropout (the same masks as the CUDA kernels: native/include/qlora_dropout.h)
+
+extern "C" void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n) {
+    const float scale = 1.0f / (1.0f - p);
+    parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; i++) mask[i] = qlora_dropout_keep(seed, (uint64_t)i, p) ? scale : 0.0f;
+    });
 }
 
 // ------------------------------------------------------------------

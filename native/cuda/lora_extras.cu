@@ -1,19 +1,10 @@
 // lora_extras.cu: bias add and hash-based dropout for the LoRA step (see lora_extras.h).
 #include "kernel_utils.cuh"
 #include "lora_extras.h"
+#include "qlora_dropout.h"
 
 // ------------------------------------------------------------------
-// CUDA kernels
-
-__device__ __forceinline__ bool keep_element(uint64_t seed, uint64_t i, float p) {
-    // splitmix64 of (seed, index): independent of the launch shape, so forward and backward agree
-    uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    float u = (float)(z >> 40) * (1.0f / 16777216.0f);  // 24 random bits in [0, 1)
-    return u >= p;
-}
+// CUDA kernels (the mask: qlora_dropout_keep, shared with the CPU's qlora_cpu_dropout_mask)
 
 __global__ void add_bias_bf16_kernel(uint16_t* y, const uint16_t* bias, int64_t N, int64_t C) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -26,7 +17,7 @@ __global__ void dropout_bf16_kernel(uint16_t* out, const uint16_t* inp, uint64_t
                                     int64_t n) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float v = keep_element(seed, (uint64_t)i, p) ? qk::bf16_to_f32(inp[i]) * scale : 0.0f;
+    float v = qlora_dropout_keep(seed, (uint64_t)i, p) ? qk::bf16_to_f32(inp[i]) * scale : 0.0f;
     out[i] = qk::f32_to_bf16(v);
 }
 
@@ -34,7 +25,7 @@ __global__ void dropout_add_bf16_kernel(uint16_t* y, const uint16_t* x, uint64_t
                                         int64_t n) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    if (!keep_element(seed, (uint64_t)i, p)) return;
+    if (!qlora_dropout_keep(seed, (uint64_t)i, p)) return;
     y[i] = qk::f32_to_bf16(qk::bf16_to_f32(y[i]) + qk::bf16_to_f32(x[i]) * scale);
 }
 

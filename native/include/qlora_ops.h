@@ -114,6 +114,9 @@ void qlora_cpu_attention_backward(float* dq, float* dk, float* dv, const float* 
 // SwiGLU: out = silu(gate) * up
 
 // out[N], gate[N], up[N]
+// LoRA dropout: mask[i] = 1 / (1 - p) where element i is kept (qlora_dropout.h), else 0; 0 <= p < 1
+void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n);
+
 void qlora_cpu_swiglu_forward(float* out, const float* gate, const float* up, int64_t n);
 // dgate (=), dup (=)
 void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,

@@ -39,6 +39,8 @@ export interface CpuAddon {
         keyValid: Uint8Array | null, seg: Int32Array | null,
         B: number, T: number, S: number, Hq: number, Hkv: number, D: number, qOffset: number, scale: number): void;
 
+    /** mask[n] = 1 / (1 - p) where element i is kept, else 0: LoRA dropout, the CUDA kernels' masks (seed < 2^53) */
+    dropoutMask(mask: Float32Array, seed: number, p: number, n: number): void;
     swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
     swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array, up: Float32Array,
         n: number): void;

@@ -15,7 +15,7 @@
 import {cpu} from "../backend/cpu.js";
 import {DenseLinear} from "../backend/linear.js";
 import {Linear4bit} from "../quant/linear4bit.js";
-import type {Rng} from "../backend/rng.js";
+import type {DropoutClock} from "../backend/dropout.js";
 import type {LinearLayer, TrainableLinear} from "../backend/linear.js";
 
 export interface TrainableTensor {
@@ -94,6 +94,12 @@ interface Saved {
     dora: {k: Float32Array; norm: Float32Array; inner: Float32Array} | null;
 }
 
+/** where a layer's dropout masks come from: the run's clock and the layer's projection number (projectionIndex) */
+export interface LoraDropoutSource {
+    clock: DropoutClock;
+    projection: number;
+}
+
 export class LoraLinear implements TrainableLinear {
     readonly dA: Float32Array | null;
     readonly dB: Float32Array | null;
@@ -106,7 +112,7 @@ export class LoraLinear implements TrainableLinear {
     training = false;
 
     constructor(readonly module: string, readonly base: LinearLayer, readonly lora: LoraWeights | null,
-        trainBias: boolean, private readonly rng: Rng | null) {
+        trainBias: boolean, private readonly dropoutSource: LoraDropoutSource | null) {
         this.dA = lora ? new Float32Array(lora.A.length) : null;
         this.dB = lora ? new Float32Array(lora.B.length) : null;
         this.dBias = trainBias && base.bias ? new Float32Array(base.bias.length) : null;
@@ -189,13 +195,12 @@ export class LoraLinear implements TrainableLinear {
         let xd = x, mask: Float32Array | null = null;
         if (this.training && dropout > 0) {
             // inverted dropout on the LoRA branch's input only (the base path sees x)
-            const keep = 1 / (1 - dropout);
+            const src = this.dropoutSource;
+            if (!src) throw new Error(`${this.module}: dropout in training needs a DropoutClock`);
             mask = new Float32Array(M * K);
+            ops.dropoutMask(mask, src.clock.seedFor(src.projection), dropout, M * K);
             xd = new Float32Array(M * K);
-            for (let i = 0; i < mask.length; i++) {
-                mask[i] = this.rng!.next() >= dropout ? keep : 0;
-                xd[i] = x[i] * mask[i];
-            }
+            for (let i = 0; i < mask.length; i++) xd[i] = x[i] * mask[i];
         }
         const xa = new Float32Array(M * r);
         ops.sgemm(false, true, M, r, K, 1, xd, K, A, K, 0, xa, r);

@@ -2,10 +2,12 @@
 // backend, with the projections on the device: bf16 base weights (NF4 dequantized into one scratch buffer right
 // before each GEMM), fp32 LoRA master weights with bf16 copies for the GEMMs, fp32 gradients.
 //
-// LoRA dropout masks are a hash of (seed, micro-batch, projection, element), so a block recomputed under gradient
-// checkpointing regenerates them and nothing is replayed.
+// LoRA dropout masks are a hash of (seed, micro-batch, projection, element) shared with the CPU
+// (native/include/qlora_dropout.h, backend/dropout.ts): a block recomputed under gradient checkpointing
+// regenerates them, and the CPU and the GPU draw the same masks.
 import {QloraError} from "../errors.js";
 import type {GraphLinear} from "../backend/backend.js";
+import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
 import {cuda, DeviceBuffer} from "../backend/cuda.js";
 import {cudaGemmOps} from "../backend/cuda-gemm-types.js";
@@ -16,7 +18,7 @@ import {LoraLinear} from "../lora/layer.js";
 import {Linear4bit} from "../quant/linear4bit.js";
 import type {DecoderModel} from "./decoder.js";
 import {DecoderGraph, type ForwardBackwardOptions, type GraphWeights, type LossResult, type TrainBatch} from "./graph.js";
-import {PROJ_NAMES, type ProjName} from "./weights.js";
+import {PROJ_NAMES, projectionIndex, type ProjName} from "./weights.js";
 
 interface LoraExtraOps {
     addBiasBf16(y: number, bias: number, N: number, C: number): void;
@@ -146,8 +148,6 @@ export class CudaTrainer implements CudaLinearContext {
     readonly scratchW: DeviceBuffer; // bf16, the largest projection: dequantized weights land here
     private readonly graph: DecoderGraph<CudaTensors>;
     private readonly loras: DeviceLora[] = [];
-    /** bumped every micro-batch: part of the dropout seeds (the trainer sets it on resume) */
-    microStep = 0;
 
     /**
      * `offloadActivations`: with gradient checkpointing, each block's input goes to host memory once the next
@@ -155,20 +155,19 @@ export class CudaTrainer implements CudaLinearContext {
      * holds one block input instead of one per layer, at the cost of a copy each way per layer (synchronous
      * here: the copies are not yet overlapped with compute).
      */
-    constructor(readonly model: DecoderModel, readonly seed = 0, offloadActivations = false) {
+    constructor(readonly model: DecoderModel, readonly dropoutClock = new DropoutClock(0), offloadActivations = false) {
         const cfg = model.config, p = model.params;
         if (cfg.headDim !== 64 && cfg.headDim !== 128)
             throw new QloraError(`the CUDA attention kernels handle head_dim 64 and 128; this model has ${cfg.headDim}`);
         const maxW = p.layers.reduce((m, layer) => PROJ_NAMES.reduce((mm, n) => Math.max(mm, layer.proj[n].outFeatures * layer.proj[n].inFeatures), m), 0);
         this.scratchW = DeviceBuffer.alloc("bf16", maxW);
         const embed = bf16Upload(p.embed);
-        let index = 0;
         const weights: GraphWeights<CudaTensors> = {
             embed, lmHead: p.lmHead === p.embed ? embed : bf16Upload(p.lmHead), finalNorm: bf16Upload(p.norm),
             invFreq: DeviceBuffer.from("f32", model.invFreq),
-            layers: p.layers.map((layer) => {
+            layers: p.layers.map((layer, l) => {
                 const proj = {} as Record<ProjName, CudaLinear>;
-                for (const name of PROJ_NAMES) proj[name] = this.toDevice(layer.proj[name], index++);
+                for (const name of PROJ_NAMES) proj[name] = this.toDevice(layer.proj[name], projectionIndex(l, name));
                 return {inputNorm: bf16Upload(layer.inputNorm), postNorm: bf16Upload(layer.postNorm), proj};
             }),
         };
@@ -207,9 +206,9 @@ export class CudaTrainer implements CudaLinearContext {
         return new CudaLinear(w, dl, index, this);
     }
 
-    /** the mask seed of one projection in one micro-batch (< 2^53); a recomputation in the same micro-batch repeats it */
+    /** the mask seed of one projection in the current micro-batch: the CPU layers' seed (DropoutClock) */
     dropoutSeed(index: number): number {
-        return (this.seed % 1024) * 2 ** 40 + (this.microStep % 2 ** 24) * 2 ** 16 + index + 1;
+        return this.dropoutClock.seedFor(index);
     }
 
     private refreshLoraCopy(l: DeviceLora): void {
@@ -252,7 +251,7 @@ export class CudaTrainer implements CudaLinearContext {
     }
 
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
-        this.microStep++;
+        if (!opts.noBackward) this.dropoutClock.microBatch++;
         return this.graph.forwardBackward(batch, opts);
     }
 

@@ -7,7 +7,7 @@ import {cpuBackend, type CpuTensors} from "../backend/cpu-backend.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {computeRopeInvFreq} from "./rope.js";
 import {DenseLinear, HostGraphLinear, type LinearLayer} from "../backend/linear.js";
-import {DecoderGraph, KVCache, shiftTargets, type DropoutReplay, type GraphWeights} from "./graph.js";
+import {DecoderGraph, KVCache, shiftTargets, type GraphWeights} from "./graph.js";
 
 export {KVCache};
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readFloatTensor, readTensorF32, type ProjName} from "./weights.js";
@@ -143,9 +143,9 @@ export class DecoderModel {
 
     /**
      * The decoder graph over the CPU backend with this model's current layers (LoRA wraps them after loading,
-     * so the graph is made when asked for). `replay` and `fullGrads` are the trainer's.
+     * so the graph is made when asked for). `fullGrads`: the trainer's gradients of full weights (modules_to_save).
      */
-    hostGraph(options: {replay?: DropoutReplay | null; fullGrads?: DecoderParams["fullGrads"]} = {}): DecoderGraph<CpuTensors> {
+    hostGraph(options: {fullGrads?: DecoderParams["fullGrads"]} = {}): DecoderGraph<CpuTensors> {
         const p = this.params;
         const weights: GraphWeights<CpuTensors> = {
             embed: p.embed, lmHead: p.lmHead, finalNorm: p.norm, invFreq: this.invFreq,

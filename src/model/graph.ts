@@ -52,18 +52,8 @@ export interface GraphWeights<X extends TensorTypes> {
     layers: {inputNorm: X["f"]; postNorm: X["f"]; proj: Record<ProjName, GraphLinear<X["f"]>>}[];
 }
 
-/**
- * Where random dropout masks come from a stateful generator (the CPU's LoRA layers), its state at each block's
- * forward: a block recomputed under gradient checkpointing must see the masks of its first forward.
- */
-export interface DropoutReplay {
-    save(): unknown;
-    restore(state: unknown): void;
-}
-
 export interface GraphOptions<X extends TensorTypes> {
     attentionScaling: number;
-    replay?: DropoutReplay | null;
     /** with gradient checkpointing, block inputs wait in host memory for the recomputation (Unsloth's offload) */
     offloadActivations?: boolean;
     /** gradients of full weights that train (modules_to_save): fp32 host [V, C] */
@@ -187,13 +177,10 @@ export class DecoderGraph<X extends TensorTypes> {
 
         const checkpoint = opts.gradientCheckpointing && train;
         const offload = checkpoint && !!this.options.offloadActivations;
-        const replay = checkpoint ? this.options.replay ?? null : null;
         const inputs: (X["f"] | Uint16Array | Float32Array)[] = [x0];
         const acts: (BlockActs<X["f"]> | null)[] = [];
-        const replayStates: unknown[] = [];
         let x = x0;
         for (let l = 0; l < L; l++) {
-            replayStates.push(replay?.save());
             const a = this.blockForward(l, x, ctx, train);
             // a block's input is read again only by its backward (or recomputation)
             if (!train) be.free(x);
@@ -224,15 +211,13 @@ export class DecoderGraph<X extends TensorTypes> {
         be.rmsnormBackward(dx, dxf, x, w.finalNorm, rstdF, N, C);
         be.free(dxf);
         be.free(rstdF);
-        const replayAfterForward = replay?.save();
         for (let l = L - 1; l >= 0; l--) {
             const input = be.restore(inputs[l]);
             inputs[l] = input;
             let a = acts[l];
-            if (!a) {
-                if (replay) replay.restore(replayStates[l]);
-                a = this.blockForward(l, input, ctx, true);
-            }
+            // recomputed under gradient checkpointing: the dropout masks are a function of the micro-batch, so the
+            // recomputation draws the masks of the first forward
+            a ??= this.blockForward(l, input, ctx, true);
             const dPrev = this.blockBackward(l, a, dx, ctx);
             be.free(dx);
             dx = dPrev;
@@ -241,7 +226,6 @@ export class DecoderGraph<X extends TensorTypes> {
             be.free(inputs[l + 1] as X["f"]);
             acts[l] = null;
         }
-        if (replay) replay.restore(replayAfterForward);
         const dEmbed = this.options.fullGrads?.embed;
         if (dEmbed) be.embeddingBackward(dEmbed, dx, ids, N, V, C);
         for (const t of [dx, inputs[0] as X["f"], ids]) be.free(t);

@@ -1,8 +1,8 @@
 // training.ts: the training step on the CPU: the decoder graph (graph.ts) over the CPU backend, with the host
 // layers (dense / 4-bit bases, LoRA, DoRA, trained biases) and full-weight gradients for modules_to_save.
-import type {Rng} from "../backend/rng.js";
+import type {DropoutClock} from "../backend/dropout.js";
 import type {DecoderModel} from "./decoder.js";
-import type {DecoderGraph, DropoutReplay, ForwardBackwardOptions, LossResult, TrainBatch} from "./graph.js";
+import type {DecoderGraph, ForwardBackwardOptions, LossResult, TrainBatch} from "./graph.js";
 import type {CpuTensors} from "../backend/cpu-backend.js";
 
 export {checkPositionsFitContext, checkRowsFitContext, shiftTargets} from "./graph.js";
@@ -12,17 +12,16 @@ export class DecoderTrainer {
     private readonly graph: DecoderGraph<CpuTensors>;
 
     /**
-     * `dropoutRng`: the generator the LoRA dropout masks come from; with gradient checkpointing its state is
-     * replayed when a block is recomputed, so the recomputed block sees the masks of the first forward.
+     * `dropoutClock`: the clock the model's LoRA layers seed their dropout masks from (applyLora's); each training
+     * micro-batch advances it, so a block recomputed under gradient checkpointing draws the same masks.
      */
-    constructor(readonly model: DecoderModel, dropoutRng: Rng | null = null) {
-        const replay: DropoutReplay | null = dropoutRng
-            ? {save: () => dropoutRng.getState(), restore: (state) => dropoutRng.setState(state as number[])} : null;
-        this.graph = model.hostGraph({replay, fullGrads: model.params.fullGrads});
+    constructor(readonly model: DecoderModel, private readonly dropoutClock: DropoutClock | null = null) {
+        this.graph = model.hostGraph({fullGrads: model.params.fullGrads});
     }
 
     /** runs forward (and backward unless noBackward) on one micro-batch; parameter gradients accumulate */
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
+        if (!opts.noBackward && this.dropoutClock) this.dropoutClock.microBatch++;
         return this.graph.forwardBackward(batch, opts);
     }
 }

@@ -10,6 +10,11 @@ import {SafetensorsCheckpoint} from "../io/safetensors.js";
 export type ProjName = "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj";
 export const PROJ_NAMES: readonly ProjName[] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/** a projection's number in the model (layer-major, PROJ_NAMES order): part of its dropout seed on every device */
+export function projectionIndex(layer: number, proj: ProjName): number {
+    return layer * PROJ_NAMES.length + PROJ_NAMES.indexOf(proj);
+}
+
 /** the module path of a projection, as PEFT and Hugging Face name it */
 export function projModule(layer: number, proj: ProjName): string {
     const group = proj.endsWith("_proj") && ["gate_proj", "up_proj", "down_proj"].includes(proj) ? "mlp" : "self_attn";

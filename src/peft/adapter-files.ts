@@ -5,7 +5,7 @@ import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {halfToF32} from "../backend/cpu.js";
-import type {Rng} from "../backend/rng.js";
+import type {DropoutClock} from "../backend/dropout.js";
 import {writeFileAtomic} from "../io/atomic.js";
 import {readTextFile} from "../io/files.js";
 import type {ModelConfig} from "../io/hf-config.js";
@@ -298,7 +298,7 @@ export async function readAdapter(dir: string, model: ModelConfig, opts: ReadAda
  * loads a PEFT adapter folder into `model` (in place): readAdapter, then the branches are injected with their
  * weights (applyLora), and trained biases written over the base biases.
  */
-export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropoutRng?: Rng} = {}): Promise<LoraModel> {
+export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropoutClock?: DropoutClock} = {}): Promise<LoraModel> {
     const adapter = await readAdapter(dir, model.config);
     // applyLora looks weights up by the names PEFT saves them under
     const weights = new Map<string, Float32Array>();
@@ -309,7 +309,7 @@ export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropo
     }
     for (const [name, w] of adapter.fullWeights) weights.set(`base_model.model.${name}`, w);
     const lora = applyLora(model, {...adapter.config, target_modules: [...adapter.branches.keys()]},
-        {weights, dropoutRng: opts.dropoutRng, where: path.join(dir, ADAPTER_CONFIG_FILE)});
+        {weights, dropoutClock: opts.dropoutClock, where: path.join(dir, ADAPTER_CONFIG_FILE)});
     for (const [name, values] of adapter.biases) {
         // readAdapter checked each bias against the model and adapter_config.json's bias mode, so applyLora made it trainable
         const bias = lora.layers.get(name.replace(/\.bias$/, ""))?.bias;

@@ -2,13 +2,14 @@
 // initialization, modules_to_save copies and the trainable-parameter line (SPEC-peft §5, §9, §10).
 // It sits above model/ because it wraps a DecoderModel's layers; the LoRA layer itself is lora/layer.ts.
 import {QloraError} from "../errors.js";
+import type {DropoutClock} from "../backend/dropout.js";
 import {Rng} from "../backend/rng.js";
 import type {ModelConfig} from "../io/hf-config.js";
 import {checkRankFits, LORA_DEFAULTS, loraScaling, validateLoraConfig, type LoraConfig} from "../lora/config.js";
 import {baseWeightF32, doraRowNorms, LoraLinear, type TrainableTensor} from "../lora/layer.js";
 import {matchTargets} from "../lora/targets.js";
 import type {DecoderModel} from "../model/decoder.js";
-import {expectedTensors, PROJ_NAMES, projModule, type ProjName} from "../model/weights.js";
+import {expectedTensors, PROJ_NAMES, projectionIndex, projModule, type ProjName} from "../model/weights.js";
 
 export interface LoraModel {
     model: DecoderModel;
@@ -31,8 +32,8 @@ export function linearModules(cfg: ModelConfig): {name: string; layer: number; p
 export interface ApplyLoraOptions {
     /** draws A at initialization (PEFT: kaiming-uniform) */
     initRng?: Rng;
-    /** draws the dropout masks in training */
-    dropoutRng?: Rng;
+    /** the run's micro-batch clock the dropout masks are seeded from in training */
+    dropoutClock?: DropoutClock;
     /** use these weights (by PEFT key) instead of initializing */
     weights?: Map<string, Float32Array>;
     /** where the LoRA settings come from, for messages (default "lora config") */
@@ -85,7 +86,8 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
             }
             lora = {r, scaling, dropout: config.lora_dropout, A, B, magnitude};
         }
-        const layer = new LoraLinear(m.name, base, lora, trainBias, opts.dropoutRng ?? null);
+        const dropout = opts.dropoutClock ? {clock: opts.dropoutClock, projection: projectionIndex(m.layer, m.proj)} : null;
+        const layer = new LoraLinear(m.name, base, lora, trainBias, dropout);
         model.params.layers[m.layer].proj[m.proj] = layer;
         layers.set(m.name, layer);
     }

@@ -1,6 +1,6 @@
 // checkpoint.ts: output_dir/checkpoint-N/ folders as transformers' Trainer lays them out, with qlora's own
 // non-pickle state files: the adapter in PEFT's format, optimizer.safetensors + optimizer.json,
-// scheduler.json, rng_state.json (dropout generator and data position), trainer_state.json and
+// scheduler.json, rng_state.json (the data loader's position), trainer_state.json and
 // training_args.json (the run's settings, checked on resume).
 // Each folder is written under a temporary name and renamed (io/atomic.ts), so a killed run never leaves a half
 // checkpoint. Everything read back on resume is validated: a damaged file is refused with a line naming the file
@@ -51,11 +51,11 @@ const TrainerStateSchema = z.looseObject({
 export type TrainerState = z.infer<typeof TrainerStateSchema>;
 
 const RngStateSchema = z.object({
-    dropout: rngWords,
+    // checkpoints of earlier versions saved a dropout generator; the masks now follow from the step (DropoutClock)
+    dropout: rngWords.optional(),
     loader: z.object({epoch: nonNegInt, index: nonNegInt, rngState: rngWords}),
 });
 export interface RngStateFile {
-    dropout: number[];
     loader: LoaderPosition;
 }
 

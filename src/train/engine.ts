@@ -10,7 +10,7 @@ import {DecoderTrainer, type ForwardBackwardOptions, type LossResult, type Train
 import {createOptimizer, optimizerDynamicMaps, optimizerOptionsFor, weightDecayFor, type AdamW,
     type OptimizerArgs, type OptimizerStateDict} from "../optim/adamw.js";
 import {clipGradNorm} from "../optim/clip.js";
-import type {Rng} from "../backend/rng.js";
+import type {DropoutClock} from "../backend/dropout.js";
 
 export interface TrainEngine {
     readonly device: "cpu" | "cuda";
@@ -24,7 +24,7 @@ export interface TrainEngine {
     syncToHost(): void;
     optimizerState(): OptimizerStateDict;
     loadOptimizerState(state: OptimizerStateDict): void;
-    /** micro-batches done so far (GPU dropout masks derive from it; set on resume) */
+    /** training micro-batches done so far (the dropout masks derive from it; set on resume) */
     setMicroBatchIndex(n: number): void;
     /** bytes in use: the process on the CPU, the caching allocator on the GPU */
     memory(): {current: number; peak: number; label: string};
@@ -53,9 +53,9 @@ export function checkComputeDtype(device: "cpu" | "cuda", cfg: {fp16: boolean; b
 
 /** `offloadActivations`: offloaded gradient checkpointing on the GPU (on the CPU the block inputs are host memory already) */
 export function createEngine(device: "cpu" | "cuda", model: DecoderModel, lora: LoraModel, optim: string,
-    args: OptimizerArgs, dropoutRng: Rng, seed: number, offloadActivations = false): TrainEngine {
-    return device === "cuda" ? new CudaEngine(model, lora, optim, args, seed, offloadActivations)
-        : new CpuEngine(model, lora, optim, args, dropoutRng);
+    args: OptimizerArgs, dropoutClock: DropoutClock, offloadActivations = false): TrainEngine {
+    return device === "cuda" ? new CudaEngine(model, lora, optim, args, dropoutClock, offloadActivations)
+        : new CpuEngine(model, lora, optim, args, dropoutClock);
 }
 
 class CpuEngine implements TrainEngine {
@@ -66,8 +66,9 @@ class CpuEngine implements TrainEngine {
     private readonly grads: Float32Array[];
     private peakRss = 0;
 
-    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs, dropoutRng: Rng) {
-        this.trainer = new DecoderTrainer(model, dropoutRng);
+    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs,
+        private readonly dropoutClock: DropoutClock) {
+        this.trainer = new DecoderTrainer(model, dropoutClock);
         const tensors = lora.trainableTensors();
         this.optimizer = createOptimizer(optim, tensors.map((t) => ({name: t.name, param: t.param, grad: t.grad,
             weightDecay: t.decay && weightDecayFor(t.name), fp32State: t.fp32State})), args);
@@ -87,7 +88,9 @@ class CpuEngine implements TrainEngine {
         this.optimizer.step(lr);
     }
     syncToHost(): void {}
-    setMicroBatchIndex(): void {}
+    setMicroBatchIndex(n: number): void {
+        this.dropoutClock.microBatch = n;
+    }
     optimizerState(): OptimizerStateDict {
         return this.optimizer.stateDict();
     }
@@ -107,11 +110,11 @@ class CudaEngine implements TrainEngine {
     private readonly trainer: CudaTrainer;
     private readonly optimizer: CudaAdamW;
 
-    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs, seed: number,
-        offloadActivations: boolean) {
+    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs,
+        private readonly dropoutClock: DropoutClock, offloadActivations: boolean) {
         if (model.params.fullGrads?.embed || model.params.fullGrads?.lmHead)
             throw new QloraError("modules_to_save is not supported on CUDA yet; train it with --device cpu");
-        this.trainer = new CudaTrainer(model, seed, offloadActivations);
+        this.trainer = new CudaTrainer(model, dropoutClock, offloadActivations);
         const names = new Set(lora.trainableTensors().map((t) => t.name));
         const device = this.trainer.deviceTensors();
         if (device.length !== names.size || device.some((t) => !names.has(t.name)))
@@ -137,7 +140,7 @@ class CudaEngine implements TrainEngine {
         this.trainer.syncToHost();
     }
     setMicroBatchIndex(n: number): void {
-        this.trainer.microStep = n;
+        this.dropoutClock.microBatch = n;
     }
     optimizerState(): OptimizerStateDict {
         return this.optimizer.stateDict();

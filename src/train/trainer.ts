@@ -9,6 +9,7 @@ import {QloraError} from "../errors.js";
 import type {TrainConfig} from "./config.js";
 import {cpu} from "../backend/cpu.js";
 import {resolveDevice} from "../backend/cuda.js";
+import {DropoutClock} from "../backend/dropout.js";
 import {Rng} from "../backend/rng.js";
 import {assertDirOutput, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {readTextFile} from "../io/files.js";
@@ -259,19 +260,19 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     if (stop.signal) throw new TrainingInterrupted(stop.signal, 0, null);
 
     // LoRA: fresh (PEFT's init from the seed), or the adapter of the checkpoint being resumed
-    const dropoutRng = new Rng(config.seed + 1);
+    const dropoutClock = new DropoutClock(config.seed);
     let lora: LoraModel;
-    if (resumeDir) lora = await loadAdapter(resumeDir, model, {dropoutRng});
+    if (resumeDir) lora = await loadAdapter(resumeDir, model, {dropoutClock});
     else lora = applyLora(model, {
         r: config.r, lora_alpha: config.lora_alpha, target_modules: config.target_modules, lora_dropout: config.lora_dropout,
         bias: config.bias, use_rslora: config.use_rslora, use_dora: config.use_dora, modules_to_save: config.modules_to_save,
         init_lora_weights: config.init_lora_weights, base_model_name_or_path: path.basename(config.model),
-    }, {initRng: new Rng(config.seed), dropoutRng});
+    }, {initRng: new Rng(config.seed), dropoutClock});
     lora.config.base_model_name_or_path ??= path.basename(config.model);
     lora.setTraining(true);
     const engine = createEngine(device, model, lora, config.optim, {adam_beta1: config.adam_beta1,
         adam_beta2: config.adam_beta2, adam_epsilon: config.adam_epsilon, weight_decay: config.weight_decay},
-    dropoutRng, config.seed, config.gradient_checkpointing && config.gradient_checkpointing_offload);
+    dropoutClock, config.gradient_checkpointing && config.gradient_checkpointing_offload);
 
     // steps: one step = gradient_accumulation_steps micro-batches
     const loader = new DataLoader(trainData.rows, {batchSize: config.per_device_train_batch_size,
@@ -314,7 +315,6 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
                 "run's trainable parameters: resume with the settings of the run, or from another checkpoint",
             {file: path.join(resumeDir, "optimizer.json"), cause: err});
         }
-        dropoutRng.setState(saved.rng.dropout);
         loader.seek(saved.rng.loader);
         state.max_steps = totalSteps;
         engine.setMicroBatchIndex(state.global_step * GA);
@@ -367,7 +367,7 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     const checkpointParts = () => {
         engine.syncToHost();
         return {lora, optimizerState: engine.optimizerState(), scheduler, trainerState: state, modelDir: config.model,
-            rng: {dropout: dropoutRng.getState(), loader: loader.position}, trainingArgs};
+            rng: {loader: loader.position}, trainingArgs};
     };
     let lastSaved: string | null = resumeDir && path.dirname(resumeDir) === outputDir ? resumeDir : null;
     const save = async (step: number): Promise<string> => {

@@ -5,6 +5,7 @@ import {mkdtempSync, readFileSync, rmSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {cudaAvailability, cudaMemoryStats} from "../../src/backend/cuda.js";
+import {DropoutClock} from "../../src/backend/dropout.js";
 import {DecoderModel} from "../../src/model/decoder.js";
 import {CudaTrainer} from "../../src/model/cuda-trainer.js";
 import {SafetensorsFile} from "../../src/io/safetensors.js";
@@ -73,7 +74,7 @@ if (!avail.usable) {
         const run = async (offload: boolean) => {
             const model = await DecoderModel.load(MODEL_DIR);
             const lora = await loadAdapter(path.join(FIXTURES, "adapter"), model);
-            const trainer = new CudaTrainer(model, 0, offload);
+            const trainer = new CudaTrainer(model, new DropoutClock(0), offload);
             trainer.zeroGrad();
             cudaMemoryStats();
             const before = cudaMemoryStats().allocated;
