@@ -56,7 +56,7 @@ test("the clock: seeds differ by run, micro-batch and projection; evaluation pas
         {initRng: new Rng(3), dropoutClock: clock});
     lora.setTraining(true);
     const trainer = new DecoderTrainer(model, clock);
-    const row = (n: number): TokenizedRow => ({inputIds: Array.from({length: n}, (_, i) => 100 + i), labels: Array.from({length: n}, (_, i) => 100 + i)});
+    const row = (n: number): TokenizedRow => ({inputIds: Int32Array.from({length: n}, (_, i) => 100 + i), labels: Int32Array.from({length: n}, (_, i) => 100 + i)});
     const batch = collate([row(9)], {padTokenId: 0});
     const step = () => {
         lora.zeroGrad();

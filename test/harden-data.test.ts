@@ -221,7 +221,7 @@ describe("malformed data files", () => {
         }
         // a template renders a nested value with JSON.stringify, which recurses
         const objects = write("deep-object.jsonl", `{"meta": ${'{"a":'.repeat(200_000)}1${"}".repeat(200_000)}, "output": "x"}\n`);
-        await qloraError(load(objects, {template: "{meta} {output}"}), `${objects}:1: record 0: cannot be formatted (`);
+        await qloraError(load(objects, {template: "{meta} {output}"}), `${objects}:1: record 0: "meta" is nested too deeply to place in the template as JSON`);
     });
 
     test("Parquet: a truncated file, a damaged row group, no usable columns", async () => {

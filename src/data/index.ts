@@ -30,6 +30,7 @@ export {DataLoader} from "./loader.js";
 export type {DataLoaderOptions, LoadedBatch, LoaderPosition} from "./loader.js";
 export {
     DEFAULT_MAX_SEQ_LENGTH,
+    clipBudget,
     describeDataset,
     formatDatasetDescription,
     lengthHistogram,

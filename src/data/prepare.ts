@@ -58,6 +58,8 @@ export interface ResolvedDataOptions {
     completionOnlyLoss: boolean;
     assistantOnlyLoss: boolean;
     eosToken: string | null;
+    /** texts are clipped to this many characters before they are tokenized (null: never); see clipBudget */
+    maxChars: number | null;
     shuffleDataset: boolean;
     seed: number;
 }
@@ -123,9 +125,24 @@ export function resolveDataOptions(options: DataOptions, format: DatasetFormat, 
         completionOnlyLoss: promptCompletion ? (options.completion_only_loss ?? true) : false,
         assistantOnlyLoss: chat ? (options.assistant_only_loss ?? true) : false,
         eosToken: resolveEosToken(tokenizer, options.eos_token),
+        maxChars: mode === "keep_start" && !(packing && strategy === "bfd_split") ? clipBudget(maxSeqLength, tokenizer) : null,
         shuffleDataset: options.shuffle_dataset ?? false,
         seed: options.seed ?? 42
     };
+}
+
+/**
+ * Characters past which a text cannot reach the first max_seq_length tokens: a token spans at most the longest
+ * vocabulary entry's characters, so a text longer than max_seq_length x that has more tokens than are kept.
+ * Clipping there first makes a multi-megabyte record cost what its kept tokens cost (encoding is linear, about
+ * 2 us a character). Twice the bound, so that only a single word longer than half the budget could tokenize
+ * differently near the cut, and such a word lies far beyond the kept tokens. Only where the start is kept and
+ * nothing past max_seq_length is used (keep_start, no bfd_split).
+ */
+export function clipBudget(maxSeqLength: number | null, tokenizer: DataTokenizer): number | null {
+    const longest = tokenizer.longestTokenChars;
+    if (maxSeqLength === null || !longest) return null;
+    return 2 * maxSeqLength * longest + 64;
 }
 
 /**

@@ -19,6 +19,8 @@ export interface DataTokenizer {
     readonly specialTokens?: readonly {content: string; id: number}[];
     /** the number of token ids (added tokens included); pre-tokenized records are checked against it when given */
     readonly vocabSize?: number;
+    /** the characters of the longest vocabulary entry: no token spans more of a text (bounds the clip budget) */
+    readonly longestTokenChars?: number;
 }
 
 export interface TokenizeOptions {
@@ -28,6 +30,15 @@ export interface TokenizeOptions {
     assistantOnlyLoss: boolean;
     /** appended to text and completions unless they already end with it; null: append nothing */
     eosToken: string | null;
+    /** texts are cut to this many characters before encoding (prepare.ts clipBudget: past it nothing is kept) */
+    maxChars?: number | null;
+}
+
+/** the first `max` characters of `text` (never half a surrogate pair) */
+function clipText(text: string, max: number | null | undefined): string {
+    if (max === null || max === undefined || text.length <= max) return text;
+    const end = /[\uD800-\uDBFF]/.test(text[max - 1]) ? max - 1 : max;
+    return text.slice(0, end);
 }
 
 export interface TokenizedExample {
@@ -51,26 +62,28 @@ export function resolveEosToken(tokenizer: DataTokenizer, eosToken?: string | nu
 /** Token ids and labels of one example (before truncation). */
 export function tokenizeExample(example: Example, tokenizer: DataTokenizer, options: TokenizeOptions): TokenizedExample {
     const withEos = (text: string): string => (options.eosToken && !text.endsWith(options.eosToken) ? text + options.eosToken : text);
+    // a clipped text has more tokens than are kept, so its EOS (cut by truncation anyway) is left off
+    const clip = (text: string): string => clipText(text, options.maxChars);
     switch (example.kind) {
         case "text": {
             // tokenizer defaults for special tokens, as TRL does (a BOS for Llama, nothing for Qwen)
-            const ids = tokenizer.encode(withEos(example.text), {addSpecialTokens: true});
+            const ids = tokenizer.encode(clip(withEos(example.text)), {addSpecialTokens: true});
             return {inputIds: ids, labels: ids.slice()};
         }
         case "prompt_completion": {
-            const promptIds = tokenizer.encode(example.prompt, {addSpecialTokens: true});
-            const ids = tokenizer.encode(example.prompt + withEos(example.completion), {addSpecialTokens: true});
+            const promptIds = tokenizer.encode(clip(example.prompt), {addSpecialTokens: true});
+            const ids = tokenizer.encode(clip(example.prompt + withEos(example.completion)), {addSpecialTokens: true});
             return maskPrefix(ids, promptIds, options.completionOnlyLoss);
         }
         case "chat_prompt_completion": {
             const extra = example.templateExtra;
-            const promptIds = tokenizer.encode(tokenizer.applyChatTemplate(example.prompt, {addGenerationPrompt: true, extra}));
-            const ids = tokenizer.encode(tokenizer.applyChatTemplate([...example.prompt, ...example.completion], {extra}));
+            const promptIds = tokenizer.encode(clip(tokenizer.applyChatTemplate(example.prompt, {addGenerationPrompt: true, extra})));
+            const ids = tokenizer.encode(clip(tokenizer.applyChatTemplate([...example.prompt, ...example.completion], {extra})));
             return maskPrefix(ids, promptIds, options.completionOnlyLoss);
         }
         case "messages": {
             if (!options.assistantOnlyLoss) {
-                const ids = tokenizer.encode(tokenizer.applyChatTemplate(example.messages, {extra: example.templateExtra}));
+                const ids = tokenizer.encode(clip(tokenizer.applyChatTemplate(example.messages, {extra: example.templateExtra})));
                 return {inputIds: ids, labels: ids.slice()};
             }
             const {text, spans} = assistantSpans(example.messages, tokenizer, example.templateExtra);
@@ -79,7 +92,9 @@ export function tokenizeExample(example: Example, tokenizer: DataTokenizer, opti
             const inputIds: number[] = [];
             const labels: number[] = [];
             let cursor = 0;
+            const limit = clip(text).length;
             const push = (from: number, to: number, train: boolean): void => {
+                to = Math.min(to, limit);
                 if (to <= from) return;
                 for (const id of tokenizer.encode(text.slice(from, to))) {
                     inputIds.push(id);

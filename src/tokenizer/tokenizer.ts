@@ -85,6 +85,11 @@ export class HfTokenizer {
     readonly specialTokens: readonly SpecialToken[];
     /** number of distinct tokens, added tokens included (transformers' len(tokenizer)) */
     readonly vocabSize: number;
+    /**
+     * the characters of the longest vocabulary entry (added tokens included): no token covers more characters of
+     * a text (a byte-level entry has one character per byte, and a text character is at least one byte)
+     */
+    readonly longestTokenChars: number;
     private readonly tokenizer: Tokenizer;
     private readonly config: Record<string, unknown>;
     private readonly templates: Map<string, TemplateSource>;
@@ -95,7 +100,11 @@ export class HfTokenizer {
         this.tokenizer = tokenizer;
         this.config = config;
         this.templates = templates;
-        this.vocabSize = tokenizer.get_vocab(true).size;
+        const vocab = tokenizer.get_vocab(true);
+        this.vocabSize = vocab.size;
+        let longest = 1;
+        for (const token of vocab.keys()) if (token.length > longest) longest = token.length;
+        this.longestTokenChars = longest;
         this.bosTokenId = this.roleTokenId("bos_token");
         this.eosTokenId = this.roleTokenId("eos_token");
         this.padTokenId = this.roleTokenId("pad_token");
