@@ -351,3 +351,11 @@ describe("RoPE inverse frequencies", () => {
         assert.equal(computeRopeInvFreq(withAttentionFactor).attentionScaling, 0.5);
     });
 });
+
+test("partial_rotary_factor below 1 is refused: Llama/Qwen2/Mistral and the RoPE ops rotate whole heads", () => {
+    assertConfigError(withChanges(llama31Config, {partial_rotary_factor: 0.5}),
+        /"partial_rotary_factor" is 0\.5: RoPE over 64 of the 128 dimensions of a head is not supported for model_type "llama"/);
+    assertConfigError(withChanges(llama31Config, {rope_scaling: {...(llama31Config.rope_scaling as object), partial_rotary_factor: 0.25}}),
+        /"partial_rotary_factor" is 0\.25/);
+    assert.equal(parseModelConfig(withChanges(llama31Config, {partial_rotary_factor: 1}), "x/config.json").rotaryDim, 128);
+});

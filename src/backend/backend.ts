@@ -59,7 +59,7 @@ export interface Backend<X extends TensorTypes> {
     ropeBackward(dx: X["f"], pos: X["i"], invFreq: X["f"], attentionScaling: number, N: number, H: number, D: number): void;
     /**
      * causal grouped-query attention: out[B, T, Hq, D] from q[B, T, Hq, D] and k, v[B, S, Hkv, D]; query t sits at
-     * key position past + t; keyValid[B, S] hides padding, seg[B, T] keeps attention inside packed sequences;
+     * key position past + t; keyValid[B, S] hides padding, seg[B, S] keeps attention inside packed sequences;
      * lse[B, Hq, T] saved for the backward when not null
      */
     attention(out: X["f"], lse: X["f"] | null, q: X["f"], k: X["f"], v: X["f"], keyValid: X["u8"] | null,

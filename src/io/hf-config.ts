@@ -260,6 +260,11 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     const rotaryDim = Math.trunc(headDim * partial);
     if (rotaryDim % 2 !== 0)
         config.fail("partial_rotary_factor", `gives ${rotaryDim} rotary dimensions of the ${headDim} in a head; RoPE rotates pairs, so it must be even`);
+    // transformers' Llama/Qwen2/Mistral rotate every dimension of a head (their apply_rotary_pos_emb cannot take
+    // fewer), and so do qlora's RoPE kernels: a partial factor belongs to other architectures (Phi, GPT-NeoX)
+    if (rotaryDim !== headDim)
+        config.fail("partial_rotary_factor", `is ${partial}: RoPE over ${rotaryDim} of the ${headDim} dimensions of a head is not ` +
+            `supported for model_type ${quoteValue(json.model_type)} (transformers rotates all of them); remove the key or set it to 1`);
 
     const hiddenAct = json.hidden_act ?? "silu";
     if (hiddenAct !== "silu") {
