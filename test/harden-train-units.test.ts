@@ -25,6 +25,8 @@ test("the schema refuses values that make training silently wrong, naming the ke
         [{adam_beta2: -0.1}, /adam_beta2/],
         [{lora_dropout: 1}, /lora_dropout/],
         [{lora_alpha: 0}, /lora_alpha/],
+        [{lora_alpha: 1e308}, /lora_alpha: 1e\+308 with r 16 scales the LoRA update by 6\.25e\+306, past the 65536/],
+        [{lora_alpha: 70000, r: 1}, /lora_alpha: 70000 with r 1 scales the LoRA update by 7\.00e\+4/],
         [{r: 0}, /\br\b/],
         [{warmup_steps: 2.5}, /warmup_steps: expected an integer step count, or a ratio/],
         [{logging_steps: 1.5}, /logging_steps/],

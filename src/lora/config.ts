@@ -56,6 +56,8 @@ export function validateLoraConfig(cfg: LoraConfig, where = "lora config"): Lora
         bad("lora_dropout", `must be a number in [0, 1) (got ${shown(cfg.lora_dropout)})`);
     if (!["none", "all", "lora_only"].includes(cfg.bias)) bad("bias", `must be "none", "all" or "lora_only" (got ${shown(cfg.bias)})`);
     if (typeof cfg.use_rslora !== "boolean") bad("use_rslora", `must be true or false (got ${shown(cfg.use_rslora)})`);
+    const scalingProblem = loraScalingProblem(cfg);
+    if (scalingProblem) bad("lora_alpha", scalingProblem);
     if (typeof cfg.use_dora !== "boolean") bad("use_dora", `must be true or false (got ${shown(cfg.use_dora)})`);
     if (cfg.task_type !== "CAUSAL_LM") bad("task_type", `only CAUSAL_LM is supported (got ${shown(cfg.task_type)})`);
     if (typeof cfg.init_lora_weights !== "boolean" && typeof cfg.init_lora_weights !== "string")
@@ -93,6 +95,20 @@ export function checkRankFits(r: number, modules: Iterable<{name: string; outFea
 }
 
 /** the LoRA branch's scale: alpha / r, or alpha / sqrt(r) with rsLoRA */
+/**
+ * The largest LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) qlora accepts: PEFT takes any, but an update
+ * multiplied by more than 2^16 overflows activations to Inf (NaN logits) long before it trains; real configs use 0.5-4.
+ */
+export const MAX_LORA_SCALING = 65536;
+
+/** why lora_alpha, r and use_rslora give a scaling past MAX_LORA_SCALING, or null (adapter files and train configs) */
+export function loraScalingProblem(cfg: Pick<LoraConfig, "r" | "lora_alpha" | "use_rslora">): string | null {
+    const scaling = loraScaling(cfg);
+    if (!(scaling > MAX_LORA_SCALING)) return null;
+    return `${cfg.lora_alpha} with r ${cfg.r} scales the LoRA update by ${scaling.toPrecision(3)}, past the ${MAX_LORA_SCALING} ` +
+        "at which bf16/fp32 activations overflow to Inf and the outputs to NaN; typical values are alpha = r or 2r";
+}
+
 export function loraScaling(cfg: Pick<LoraConfig, "r" | "lora_alpha" | "use_rslora">): number {
     return cfg.use_rslora ? cfg.lora_alpha / Math.sqrt(cfg.r) : cfg.lora_alpha / cfg.r;
 }

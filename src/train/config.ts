@@ -6,6 +6,7 @@ import {parse as parseYaml} from "yaml";
 import {z} from "zod";
 import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "../io/files.js";
+import {loraScalingProblem} from "../lora/config.js";
 import {OPTIMIZER_NAMES} from "../optim/adamw.js";
 import {SCHEDULER_TYPES} from "../optim/schedule.js";
 import {RESUME_OVERRIDABLE_KEYS, resumeOverrideProblem} from "./training-args.js";
@@ -109,6 +110,8 @@ export function resolveTrainConfig(input: Record<string, unknown>, source = "con
         const key = issue.path.join(".");
         throw new QloraError(`${key}: ${issue.message}` + (key in input ? ` (got ${quoteValue(input[key])})` : ""), {file: source});
     }
+    const scalingProblem = loraScalingProblem(result.data);
+    if (scalingProblem) throw new QloraError(`lora_alpha: ${scalingProblem}`, {file: source});
     return result.data;
 }
 
