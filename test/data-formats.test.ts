@@ -109,7 +109,7 @@ describe("alpaca", () => {
         const file = path.join(dir, "missing.jsonl");
         await fs.writeFile(file, '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": "d"}\n');
         const read = await readRecords(file);
-        throwsQlora(() => prepareRecords(read, tokenizer), new RegExp(`^${escape(file)}:3: record 1: missing "output"; alpaca records need`));
+        throwsQlora(() => prepareRecords(read, tokenizer), new RegExp(`^${escapeRegex(file)}:3: record 1: missing "output"; alpaca records need`));
         const arrayFile = path.join(dir, "missing.json");
         await fs.writeFile(arrayFile, JSON.stringify([{messages: [{role: "user", content: "hi"}]}, {messages: "hello"}]));
         const arrayRead = await readRecords(arrayFile);
@@ -117,7 +117,7 @@ describe("alpaca", () => {
     });
 });
 
-function escape(s: string): string {
+function escapeRegex(s: string): string {
     return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 }
 

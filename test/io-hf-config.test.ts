@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import {fileURLToPath} from "node:url";
 import {QloraError} from "../src/errors.js";
-import {loadModelConfig, parseModelConfig, type ModelConfig} from "../src/io/hf-config.js";
+import {loadModelConfig, parseModelConfig, } from "../src/io/hf-config.js";
 import {computeRopeInvFreq} from "../src/model/rope.js";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");

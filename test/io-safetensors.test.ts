@@ -166,7 +166,7 @@ describe("safetensors write/read round trip", () => {
         const index = JSON.parse(await fs.readFile(path.join(dir, "model.safetensors.index.json"), "utf8"));
         assert.deepEqual(index.metadata, {total_size: 216});
         assert.equal(index.weight_map["layers.4.weight"], "model-00003-of-00003.safetensors");
-        assert.equal(index.weight_map["ids"], "model-00003-of-00003.safetensors");
+        assert.equal(index.weight_map.ids, "model-00003-of-00003.safetensors");
         assert.deepEqual(Object.keys(index.weight_map), Object.keys(index.weight_map).sort());
 
         const checkpoint = await SafetensorsCheckpoint.open(dir);

@@ -174,6 +174,7 @@ function conversionInputs(rng: Prng, mbits: number, eLo: number, eHi: number): U
         f32ToBits(2 ** -24), f32ToBits(2 ** -25), f32ToBits(2 ** -25 * (1 + 2 ** -23)), f32ToBits(3 * 2 ** -26),
         f32ToBits(2 ** -26), f32ToBits(2 ** -14), f32ToBits(2 ** -14 - 2 ** -25), f32ToBits(1023 * 2 ** -24 + 2 ** -25),
         f32ToBits(1 + 2 ** -8), f32ToBits(1 + 3 * 2 ** -8), f32ToBits(1 + 2 ** -11), f32ToBits(1 + 3 * 2 ** -11),
+        // biome-ignore lint/suspicious/noApproximativeNumericConstant: a float to round, not pi
         f32ToBits(-(1 + 2 ** -8)), f32ToBits(-(1 + 3 * 2 ** -11)), f32ToBits(0.1), f32ToBits(-3.14159),
     ];
     out.push(...special);

@@ -98,7 +98,7 @@ export function detectFormat(record: DataRecord, options: FormatOptions = {}, wh
         return given;
     }
     if (options.template) return "template";
-    const has = (key: string): boolean => Object.prototype.hasOwnProperty.call(record, key) && record[key] !== undefined;
+    const has = (key: string): boolean => Object.hasOwn(record, key) && record[key] !== undefined;
     if (has("input_ids")) return "tokenized";
     if (has("messages")) return "messages";
     if (has("conversations")) return "sharegpt";

@@ -6,7 +6,7 @@
 // a dataset is refused instead of blocking forever.
 
 import {constants as bufferConstants, isUtf8} from "node:buffer";
-import {promises as fs} from "node:fs";
+import {promises as fs, type Dirent, type Stats} from "node:fs";
 import path from "node:path";
 import {createGunzip} from "node:zlib";
 import {QloraError} from "../errors.js";
@@ -124,7 +124,7 @@ export async function readRecords(pathOrDir: string, options: ReadOptions = {}):
  * read one row group at a time. Throws the QloraErrors readRecords throws, an empty dataset included (at the end).
  */
 export async function* streamRecords(pathOrDir: string, options: ReadOptions = {}): AsyncGenerator<RecordBatch> {
-    let stat;
+    let stat: Stats;
     try {
         stat = await fs.stat(pathOrDir);
     } catch (err) {
@@ -188,7 +188,7 @@ function stripDataExtension(name: string): string {
 }
 
 async function listDir(dir: string): Promise<{files: string[]; dirs: string[]}> {
-    let entries;
+    let entries: Dirent[];
     try {
         entries = await fs.readdir(dir, {withFileTypes: true});
     } catch {

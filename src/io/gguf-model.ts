@@ -129,14 +129,14 @@ export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufAr
 /** llama3 rope scaling: the per-frequency divisors llama.cpp reads from rope_freqs.weight [rotaryDim/2], else null */
 export function llama3RopeFactors(cfg: ModelConfig): Float32Array | null {
     const s = cfg.ropeScaling;
-    if (!s || s.type !== "llama3") return null;
+    if (s?.type !== "llama3") return null;
     const dim = cfg.headDim;
     const factor = s.factor ?? 8, low = s.lowFreqFactor ?? 1, high = s.highFreqFactor ?? 4;
     const oldContext = s.originalMaxPositionEmbeddings ?? 8192;
     const lowWavelen = oldContext / low, highWavelen = oldContext / high;
     const out = new Float32Array(dim / 2);
     for (let k = 0; k < out.length; k++) {
-        const freq = Math.fround(1 / Math.fround(Math.pow(cfg.ropeTheta, Math.fround((2 * k) / dim))));
+        const freq = Math.fround(1 / Math.fround(cfg.ropeTheta ** Math.fround((2 * k) / dim)));
         const wavelen = (2 * Math.PI) / freq;
         if (wavelen < highWavelen) out[k] = 1;
         else if (wavelen > lowWavelen) out[k] = factor;

@@ -104,7 +104,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
     const config = await readJson(path.join(dir, "tokenizer_config.json"), false);
     const modelConfig = await readJson(path.join(dir, "config.json"), false);
     const model = tokenizer.model as Json | undefined;
-    if (!model || model.type !== "BPE")
+    if (model?.type !== "BPE")
         throw new QloraError(`the tokenizer model is ${quoteValue(model?.type ?? null)}; the GGUF export supports ` +
             "byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3)", {file: tokenizerFile});
     if (model.byte_fallback === true)

@@ -10,7 +10,7 @@
 // safetensors stores.
 
 import {constants as bufferConstants} from "node:buffer";
-import {promises as fs} from "node:fs";
+import {promises as fs, type Stats} from "node:fs";
 import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {openRegularFile, readTextFile} from "./files.js";
@@ -564,7 +564,7 @@ export class SafetensorsCheckpoint {
      * truncated shard is reported now rather than halfway through loading.
      */
     static async open(pathOrDir: string): Promise<SafetensorsCheckpoint> {
-        let stat;
+        let stat: Stats;
         try {
             stat = await fs.stat(pathOrDir);
         } catch (err) {

@@ -2,7 +2,7 @@
 // applied in that order (as transformers' logits warpers are), from a seeded generator.
 import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
-import {DecoderModel, KVCache} from "./decoder.js";
+import {type DecoderModel, KVCache} from "./decoder.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */

@@ -27,7 +27,7 @@ function ropePositionFrequencies(base: number, dim: number): Float32Array<ArrayB
     const baseF32 = f32(base);
     for (let i = 0; i < half; i++) {
         const exponent = f32((2 * i) / dim);
-        frequencies[i] = f32(Math.pow(baseF32, exponent));
+        frequencies[i] = f32(baseF32 ** exponent);
     }
     return frequencies;
 }

@@ -160,7 +160,7 @@ export function lrLambda(type: SchedulerType | string, t: number, W: number, T: 
         // transformers divides by T - W here (T = W is a ZeroDivisionError there); treat it as finished
         if (t > T || T - W <= 0) return lrEnd / baseLr;
         const pctRemaining = 1 - (t - W) / (T - W);
-        return ((baseLr - lrEnd) * Math.pow(pctRemaining, power) + lrEnd) / baseLr;
+        return ((baseLr - lrEnd) * pctRemaining ** power + lrEnd) / baseLr;
     }
     case "inverse_sqrt": {
         if (t < W) return warmupLinear(t, W);

@@ -208,7 +208,7 @@ export function validateQuantState(state: QuantState4bit, what = "quant state"):
         const nested = Math.ceil(nblocks / state.nestedBlocksize);
         if (!state.nestedAbsmax || state.nestedAbsmax.length !== nested)
             fail(`nested_absmax has ${state.nestedAbsmax?.length ?? 0} entries, expected ${nested}`);
-        if (!state.nestedQuantMap || state.nestedQuantMap.length !== 256)
+        if (state.nestedQuantMap?.length !== 256)
             fail(`nested_quant_map has ${state.nestedQuantMap?.length ?? 0} entries, expected 256`);
     } else if (!state.absmax || state.absmax.length !== nblocks) {
         fail(`absmax has ${state.absmax?.length ?? 0} entries, expected ${nblocks}`);

@@ -110,7 +110,7 @@ class CudaEngine implements TrainEngine {
     private readonly trainer: CudaTrainer;
     private readonly optimizer: CudaAdamW;
 
-    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs,
+    constructor(model: DecoderModel, lora: LoraModel, optim: string, args: OptimizerArgs,
         private readonly dropoutClock: DropoutClock, offloadActivations: boolean) {
         if (model.params.fullGrads?.embed || model.params.fullGrads?.lmHead)
             throw new QloraError("modules_to_save is not supported on CUDA yet; train it with --device cpu");

@@ -16,7 +16,7 @@
 // non-finite weights or logits).
 import {fork, spawn, type ChildProcess} from "node:child_process";
 import {createHash} from "node:crypto";
-import {promises as fs, readdirSync, readFileSync} from "node:fs";
+import {promises as fs, readdirSync, readFileSync, type Stats} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {gguf} from "@huggingface/gguf";
@@ -277,7 +277,7 @@ export async function snapshot(dir: string): Promise<Snapshot> {
         for (const name of names) {
             const r = rel ? `${rel}/${name}` : name;
             const p = path.join(dir, r);
-            let st;
+            let st: Stats;
             try {
                 st = await fs.lstat(p);
             } catch {

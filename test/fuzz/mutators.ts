@@ -152,6 +152,7 @@ export function harvest(value: unknown, extraKeys: readonly string[] = [], extra
 const INTERESTING_NUMBERS: readonly (number | Raw)[] = [
     0, -1, 1, 2, -2, 3, 7, 8, 16, 31, 32, 63, 64, 127, 128, 255, 256, 1023, 1024, 4096, 65535, 65536,
     2 ** 31 - 1, 2 ** 31, -(2 ** 31), 2 ** 32, 2 ** 32 + 1, 2 ** 53, -(2 ** 53), 1e15, 1e20, 1e100, 1e308, -1e308,
+    // biome-ignore lint/suspicious/noApproximativeNumericConstant: a number with a fraction, not pi
     0.5, -0.5, 1.5, 1e-300, 5e-324, 3.14159,
     new Raw("9007199254740993"), new Raw("1e400"), new Raw("-1e400"), new Raw("-0"), new Raw("1E2"),
     new Raw("100000000000000000000000000000"), new Raw("0.0000000000000000000000000000001"),
@@ -161,6 +162,7 @@ const INTERESTING_STRINGS: readonly string[] = [
     "", " ", "0", "-1", "1e400", "NaN", "nan", "Infinity", "-Infinity", "inf", "null", "true", "false", "undefined",
     "\u0000", "\u0000\u0001\u0007\b\t\n\v\f\r\u001b", "\uffff", "\ufeff", "😀", "\u202eevil", "名字", "\n\n\n",
     "%s%n%x", "../../../../../etc/passwd", "/dev/zero", "/dev/stdin", "/proc/self/mem", "/", ".", "..", "C:\\con",
+    // biome-ignore lint/suspicious/noTemplateCurlyInString: a hostile string, not a template
     "{{ x }}", "{% for %}", "{instruction}", "{", "${HOME}", "<|im_end|>", "<|endoftext|>", "\\", "\"",
 ];
 

@@ -402,7 +402,7 @@ if (!availability.usable) {
             for (const {N, H, D, stride, scaling} of cases) {
                 const half = D / 2;
                 const rowStride = stride ?? H * D;
-                const invFreq = Float32Array.from({length: half}, (_, i) => 1 / Math.pow(1e6, (2 * i) / D));
+                const invFreq = Float32Array.from({length: half}, (_, i) => 1 / 1e6 ** ((2 * i) / D));
                 const pos = Int32Array.from({length: N}, () => rng.int(32768));
                 pos[0] = 0;
                 if (N > 2) pos[N - 1] = 131071;
@@ -540,7 +540,7 @@ if (!availability.usable) {
                 line(`swigluForward ${N}x${C}`, 3 * N * C * 2,
                     timeIt(k, () => k.swigluForward(out.ptr, x.ptr, y.ptr, N * C)));
                 const pos = upload("i32", Int32Array.from({length: N}, (_, i) => i));
-                const inv = upload("f32", Float32Array.from({length: 64}, (_, i) => 1 / Math.pow(1e6, i / 64)));
+                const inv = upload("f32", Float32Array.from({length: 64}, (_, i) => 1 / 1e6 ** (i / 64)));
                 line(`ropeForward ${N}x28x128 in place`, 2 * N * C * 2,
                     timeIt(k, () => k.ropeForward(x.ptr, x.ptr, pos.ptr, inv.ptr, 1, N, 28, 128)));
             }
