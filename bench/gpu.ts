@@ -26,54 +26,120 @@ const arg = (name: string, def: string) => {
 const models = arg("models", "qwen2-0.5b,qwen2-7b").split(",");
 const modes = arg("modes", "qlora,lora").split(",");
 const [bs, seq] = arg("shape", "4x512").split("x").map(Number);
-const steps = Number(arg("steps", "10")), warmup = 3;
+const steps = Number(arg("steps", "10")),
+    warmup = 3;
 const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
 const offload = process.argv.includes("--offload");
 
 const CONFIGS: Record<string, Record<string, unknown>> = {
-    "qwen2-0.5b": {vocab_size: 151936, hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24,
-        num_attention_heads: 14, num_key_value_heads: 2, tie_word_embeddings: true},
-    "qwen2-7b": {vocab_size: 152064, hidden_size: 3584, intermediate_size: 18944, num_hidden_layers: 28,
-        num_attention_heads: 28, num_key_value_heads: 4, tie_word_embeddings: false},
+    "qwen2-0.5b": {
+        vocab_size: 151936,
+        hidden_size: 896,
+        intermediate_size: 4864,
+        num_hidden_layers: 24,
+        num_attention_heads: 14,
+        num_key_value_heads: 2,
+        tie_word_embeddings: true
+    },
+    "qwen2-7b": {
+        vocab_size: 152064,
+        hidden_size: 3584,
+        intermediate_size: 18944,
+        num_hidden_layers: 28,
+        num_attention_heads: 28,
+        num_key_value_heads: 4,
+        tie_word_embeddings: false
+    }
 };
 // transformers + peft + bitsandbytes QLoRA on the H200 (../shared/bench/RESULTS.md; bitsandbytes is not installed there)
 const BNB_QLORA_BY_SHAPE: Record<string, Record<string, {tokS: number; peak: number}>> = {
     "4x512": {"qwen2-7b": {tokS: 3264, peak: 12.89}, "qwen2-0.5b": {tokS: 6477, peak: 5.61}},
     "2x2048": {"qwen2-7b": {tokS: 3041, peak: 18.32}},
-    "1x4096": {"qwen2-7b": {tokS: 2199, peak: 18.85}},
+    "1x4096": {"qwen2-7b": {tokS: 2199, peak: 18.85}}
 };
 const BNB_QLORA = BNB_QLORA_BY_SHAPE[`${bs}x${seq}`] ?? {};
 
-interface Row {model: string; impl: string; mode: string; tokS: number; samplesS: number; stepMs: number; peakGiB: number; note?: string}
+interface Row {
+    model: string;
+    impl: string;
+    mode: string;
+    tokS: number;
+    samplesS: number;
+    stepMs: number;
+    peakGiB: number;
+    note?: string;
+}
 const rows: Row[] = [];
 
 for (const name of models) {
     const modelDir = path.join(dir, name);
     if (!existsSync(path.join(modelDir, "config.json"))) {
         const t0 = performance.now();
-        await writeSyntheticCheckpoint(modelDir, {config: {architectures: ["Qwen2ForCausalLM"], model_type: "qwen2",
-            ...CONFIGS[name], max_position_embeddings: 32768, rope_theta: 1e6, rms_norm_eps: 1e-6, hidden_act: "silu",
-            torch_dtype: "bfloat16", use_cache: true}, dtype: "BF16", seed: 0, std: 0.02, fast: true});
+        await writeSyntheticCheckpoint(modelDir, {
+            config: {
+                architectures: ["Qwen2ForCausalLM"],
+                model_type: "qwen2",
+                ...CONFIGS[name],
+                max_position_embeddings: 32768,
+                rope_theta: 1e6,
+                rms_norm_eps: 1e-6,
+                hidden_act: "silu",
+                torch_dtype: "bfloat16",
+                use_cache: true
+            },
+            dtype: "BF16",
+            seed: 0,
+            std: 0.02,
+            fast: true
+        });
         console.log(`wrote ${modelDir} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     }
     for (const mode of modes) {
         cuda().emptyCache();
         const t0 = performance.now();
-        const model = await DecoderModel.load(modelDir, {quantization: mode === "qlora"
-            ? bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_quant_type: "nf4", bnb_4bit_use_double_quant: true,
-                bnb_4bit_compute_dtype: "bfloat16"}) : null});
-        const lora = applyLora(model, {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"}, {initRng: new Rng(0)});
+        const model = await DecoderModel.load(modelDir, {
+            quantization:
+                mode === "qlora"
+                    ? bitsAndBytesConfig({
+                          load_in_4bit: true,
+                          bnb_4bit_quant_type: "nf4",
+                          bnb_4bit_use_double_quant: true,
+                          bnb_4bit_compute_dtype: "bfloat16"
+                      })
+                    : null
+        });
+        const lora = applyLora(
+            model,
+            {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"},
+            {initRng: new Rng(0)}
+        );
         lora.setTraining(true);
         cuda().resetPeakMemoryStats();
-        const engine = createEngine("cuda", model, lora, mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch", {}, new DropoutClock(0), offload);
+        const engine = createEngine(
+            "cuda",
+            model,
+            lora,
+            mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch",
+            {},
+            new DropoutClock(0),
+            offload
+        );
         const loadS = (performance.now() - t0) / 1000;
         const rng = new Rng(1);
-        const V = Number(CONFIGS[name].vocab_size), N = bs * seq;
+        const V = Number(CONFIGS[name].vocab_size),
+            N = bs * seq;
         const batches = Array.from({length: 4}, () => {
             const ids = Int32Array.from({length: N}, () => rng.int(V));
-            return {B: bs, T: seq, inputIds: ids, labels: ids, attentionMask: null,
-                positionIds: Int32Array.from({length: N}, (_, i) => i % seq), segIds: null};
+            return {
+                B: bs,
+                T: seq,
+                inputIds: ids,
+                labels: ids,
+                attentionMask: null,
+                positionIds: Int32Array.from({length: N}, (_, i) => i % seq),
+                segIds: null
+            };
         });
         let t1 = 0;
         const losses: number[] = [];
@@ -92,33 +158,70 @@ for (const name of models) {
         cuda().synchronize();
         const dt = (performance.now() - t1) / 1000;
         const peak = cudaMemoryStats().peakAllocated / 2 ** 30;
-        rows.push({model: name, impl: `qlora (this project)${offload ? ", offloaded checkpoints" : ""}`, mode, tokS: steps * N / dt, samplesS: steps * bs / dt,
-            stepMs: 1000 * dt / steps, peakGiB: peak, note: `load ${loadS.toFixed(0)} s, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`});
+        rows.push({
+            model: name,
+            impl: `qlora (this project)${offload ? ", offloaded checkpoints" : ""}`,
+            mode,
+            tokS: (steps * N) / dt,
+            samplesS: (steps * bs) / dt,
+            stepMs: (1000 * dt) / steps,
+            peakGiB: peak,
+            note: `load ${loadS.toFixed(0)} s, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`
+        });
         console.log(JSON.stringify(rows[rows.length - 1]));
     }
     if (peer) {
-        const r = spawnSync("python3", [peer, "--model", name, "--dir", dir, "--modes", "lora", "--shapes", `${bs}x${seq}`,
-            "--steps", String(steps)], {encoding: "utf8"});
+        const r = spawnSync(
+            "python3",
+            [peer, "--model", name, "--dir", dir, "--modes", "lora", "--shapes", `${bs}x${seq}`, "--steps", String(steps)],
+            {encoding: "utf8"}
+        );
         for (const line of r.stdout.split("\n").filter((l) => l.startsWith("{"))) {
             const j = JSON.parse(line);
             if (j.error) console.log(`peer error: ${j.error}`);
-            else rows.push({model: name, impl: "transformers + peft", mode: j.mode, tokS: j.tokens_per_s, samplesS: j.samples_per_s,
-                stepMs: j.step_ms, peakGiB: j.peak_gib, note: `measured in this run, loss ${j.loss_first} -> ${j.loss_last}`});
+            else
+                rows.push({
+                    model: name,
+                    impl: "transformers + peft",
+                    mode: j.mode,
+                    tokS: j.tokens_per_s,
+                    samplesS: j.samples_per_s,
+                    stepMs: j.step_ms,
+                    peakGiB: j.peak_gib,
+                    note: `measured in this run, loss ${j.loss_first} -> ${j.loss_last}`
+                });
         }
         if (r.status !== 0) console.log(`peer exited with ${r.status}: ${r.stderr.slice(-500)}`);
     }
     const bnb = BNB_QLORA[name];
-    if (bnb) rows.push({model: name, impl: "transformers + peft + bitsandbytes", mode: "qlora", tokS: bnb.tokS, samplesS: bnb.tokS / seq,
-        stepMs: 1000 * bs * seq / bnb.tokS, peakGiB: bnb.peak, note: "RESULTS.md (bitsandbytes not installed here)"});
+    if (bnb)
+        rows.push({
+            model: name,
+            impl: "transformers + peft + bitsandbytes",
+            mode: "qlora",
+            tokS: bnb.tokS,
+            samplesS: bnb.tokS / seq,
+            stepMs: (1000 * bs * seq) / bnb.tokS,
+            peakGiB: bnb.peak,
+            note: "RESULTS.md (bitsandbytes not installed here)"
+        });
 }
 
-console.log(`\nbatch ${bs} x ${seq}, r=16 alpha 32 dropout 0.05 on all 7 projections, gradient checkpointing, ${steps} timed steps\n`);
+console.log(
+    `\nbatch ${bs} x ${seq}, r=16 alpha 32 dropout 0.05 on all 7 projections, gradient checkpointing, ${steps} timed steps\n`
+);
 console.log("| model | implementation | method | tokens/s | samples/s | step ms | peak GiB | notes |");
 console.log("|---|---|---|---|---|---|---|---|");
-for (const r of rows) console.log(`| ${r.model} | ${r.impl} | ${r.mode} | ${r.tokS.toFixed(0)} | ${r.samplesS.toFixed(2)} | ` +
-    `${r.stepMs.toFixed(0)} | ${r.peakGiB.toFixed(2)} | ${r.note ?? ""} |`);
+for (const r of rows)
+    console.log(
+        `| ${r.model} | ${r.impl} | ${r.mode} | ${r.tokS.toFixed(0)} | ${r.samplesS.toFixed(2)} | ` +
+            `${r.stepMs.toFixed(0)} | ${r.peakGiB.toFixed(2)} | ${r.note ?? ""} |`
+    );
 for (const name of models) {
     const ours = rows.find((r) => r.model === name && r.mode === "qlora" && r.impl.startsWith("qlora"));
-    if (ours && BNB_QLORA[name]) console.log(`${name}: QLoRA ${(ours.tokS / BNB_QLORA[name].tokS).toFixed(2)}x the tokens/s of bitsandbytes, ` +
-        `${(ours.peakGiB / BNB_QLORA[name].peak).toFixed(2)}x its peak memory`);
+    if (ours && BNB_QLORA[name])
+        console.log(
+            `${name}: QLoRA ${(ours.tokS / BNB_QLORA[name].tokS).toFixed(2)}x the tokens/s of bitsandbytes, ` +
+                `${(ours.peakGiB / BNB_QLORA[name].peak).toFixed(2)}x its peak memory`
+        );
 }

@@ -68,7 +68,7 @@ const SHAPES: Shape[] = [
     fwd("gen 0.5B q_proj", 1, 896, 896),
     fwd("gen 0.5B gate", 1, 896, 4864),
     fwd("gen 0.5B gate", 4, 896, 4864),
-    fwd("gen 0.5B down", 8, 4864, 896),
+    fwd("gen 0.5B down", 8, 4864, 896)
 ];
 
 function parseArgs(argv: string[]) {
@@ -77,7 +77,7 @@ function parseArgs(argv: string[]) {
         filter: "",
         minTime: 0.25,
         rounds: 2,
-        peer: true,
+        peer: true
     };
     for (let i = 0; i < argv.length; i++) {
         const a = argv[i];
@@ -87,7 +87,9 @@ function parseArgs(argv: string[]) {
         else if (a === "--rounds") opts.rounds = Number(argv[++i]);
         else if (a === "--no-peer") opts.peer = false;
         else if (a === "--help" || a === "-h") {
-            console.log("usage: npx tsx bench/matmul.ts [--threads N] [--filter TEXT] [--min-time SECONDS] [--rounds N] [--no-peer]");
+            console.log(
+                "usage: npx tsx bench/matmul.ts [--threads N] [--filter TEXT] [--min-time SECONDS] [--rounds N] [--no-peer]"
+            );
             process.exit(0);
         } else throw new Error(`unknown argument ${a}`);
     }
@@ -108,12 +110,16 @@ function fillRandom(a: Float32Array, seed: number) {
 
 /** fraction of CPU time spent busy over a short window (other work on the machine skews a benchmark) */
 function busyFraction(ms = 300): number {
-    const snap = () => os.cpus().reduce((acc, c) => {
-        const t = c.times;
-        acc.idle += t.idle;
-        acc.total += t.user + t.nice + t.sys + t.idle + t.irq;
-        return acc;
-    }, {idle: 0, total: 0});
+    const snap = () =>
+        os.cpus().reduce(
+            (acc, c) => {
+                const t = c.times;
+                acc.idle += t.idle;
+                acc.total += t.user + t.nice + t.sys + t.idle + t.irq;
+                return acc;
+            },
+            {idle: 0, total: 0}
+        );
     const a = snap();
     const end = Date.now() + ms;
     while (Date.now() < end) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
@@ -129,16 +135,21 @@ function benchQlora(shapes: Shape[], threads: number, minTime: number): number[]
     addon.setNumThreads(threads);
     const out: number[] = [];
     for (const [idx, s] of shapes.entries()) {
-        const aRows = s.transA ? s.K : s.M, aCols = s.transA ? s.M : s.K;
-        const bRows = s.transB ? s.N : s.K, bCols = s.transB ? s.K : s.N;
-        const A = new Float32Array(aRows * aCols), B = new Float32Array(bRows * bCols);
+        const aRows = s.transA ? s.K : s.M,
+            aCols = s.transA ? s.M : s.K;
+        const bRows = s.transB ? s.N : s.K,
+            bCols = s.transB ? s.K : s.N;
+        const A = new Float32Array(aRows * aCols),
+            B = new Float32Array(bRows * bCols);
         const C = new Float32Array(s.M * s.N);
         fillRandom(A, 2 * idx + 1);
         fillRandom(B, 2 * idx + 2);
         const run = () => addon.sgemm(s.transA, s.transB, s.M, s.N, s.K, 1, A, aCols, B, bCols, 0, C, s.N);
         run();
         run();
-        let best = Infinity, total = 0, reps = 0;
+        let best = Infinity,
+            total = 0,
+            reps = 0;
         while (reps < 3 || (total < minTime && reps < 2000)) {
             const t0 = process.hrtime.bigint();
             run();
@@ -165,7 +176,7 @@ function benchNumpy(shapes: Shape[], threads: number, minTime: number): PeerResu
         input: JSON.stringify({shapes, minTime, maxReps: 2000}),
         encoding: "utf8",
         maxBuffer: 16 << 20,
-        env: {...process.env, OPENBLAS_NUM_THREADS: tn, OMP_NUM_THREADS: tn, MKL_NUM_THREADS: tn},
+        env: {...process.env, OPENBLAS_NUM_THREADS: tn, OMP_NUM_THREADS: tn, MKL_NUM_THREADS: tn}
     });
     const none = shapes.map(() => null);
     if (res.error) {
@@ -188,8 +199,10 @@ function main() {
     const shapes = SHAPES.filter((s) => s.label.includes(opts.filter));
     if (shapes.length === 0) throw new Error(`no shape matches --filter ${opts.filter}`);
     const cpu = os.cpus()[0]?.model ?? "unknown CPU";
-    console.log(`sgemm fp32, ${opts.threads} thread(s), ${cpu} (${os.availableParallelism()} cores), ` +
-        `best of >= 3 reps (${opts.minTime}s per shape)`);
+    console.log(
+        `sgemm fp32, ${opts.threads} thread(s), ${cpu} (${os.availableParallelism()} cores), ` +
+            `best of >= 3 reps (${opts.minTime}s per shape)`
+    );
     const busy = busyFraction();
     if (busy > 0.1)
         console.log(`note: the CPUs were ${(100 * busy).toFixed(0)}% busy before the run; other work skews both columns`);
@@ -214,20 +227,26 @@ function main() {
             `${s.transA ? "T" : "N"}${s.transB ? "T" : "N"}`,
             ours[i].toFixed(1),
             p == null ? "-" : p.toFixed(1),
-            p == null ? "-" : (ours[i] / p).toFixed(2),
+            p == null ? "-" : (ours[i] / p).toFixed(2)
         ];
     });
     const header = ["shape", "M N K", "op", "qlora GFLOP/s", "OpenBLAS GFLOP/s", "ratio"];
     const widths = header.map((h, c) => Math.max(h.length, ...rows.map((r) => r[c].length)));
-    const fmt = (r: string[]) => "| " + r.map((x, c) => (c <= 2 ? x.padEnd(widths[c]) : x.padStart(widths[c]))).join(" | ") + " |";
+    const fmt = (r: string[]) =>
+        "| " + r.map((x, c) => (c <= 2 ? x.padEnd(widths[c]) : x.padStart(widths[c]))).join(" | ") + " |";
     console.log(fmt(header));
     console.log("|" + widths.map((w, c) => (c <= 2 ? "-".repeat(w + 2) : "-".repeat(w + 1) + ":")).join("|") + "|");
     for (const r of rows) console.log(fmt(r));
-    const ratios = shapes.map((_, i) => peer.gflops[i]).map((p, i) => (p == null ? null : ours[i] / p)).filter((x): x is number => x != null);
+    const ratios = shapes
+        .map((_, i) => peer.gflops[i])
+        .map((p, i) => (p == null ? null : ours[i] / p))
+        .filter((x): x is number => x != null);
     if (ratios.length) {
         const geo = Math.exp(ratios.reduce((a, r) => a + Math.log(r), 0) / ratios.length);
-        console.log(`ratio qlora / peer: geometric mean ${geo.toFixed(2)}, min ${Math.min(...ratios).toFixed(2)} ` +
-            `(peer: ${peer.name}, OPENBLAS_NUM_THREADS=${opts.threads})`);
+        console.log(
+            `ratio qlora / peer: geometric mean ${geo.toFixed(2)}, min ${Math.min(...ratios).toFixed(2)} ` +
+                `(peer: ${peer.name}, OPENBLAS_NUM_THREADS=${opts.threads})`
+        );
     } else {
         console.log(`peer column missing: ${peer.error}`);
     }

@@ -24,18 +24,47 @@ try {
         const {records} = await readRecords(path.join(dataDir, file));
         const shuffled = new Rng(7).shuffle([...records]);
         const nEval = Math.max(20, Math.round(records.length * 0.1));
-        const trainFile = path.join(tmp, `train-${file}.jsonl`), evalFile = path.join(tmp, `eval-${file}.jsonl`);
-        writeFileSync(evalFile, shuffled.slice(0, nEval).map((r) => JSON.stringify(r)).join("\n") + "\n");
-        writeFileSync(trainFile, shuffled.slice(nEval).map((r) => JSON.stringify(r)).join("\n") + "\n");
+        const trainFile = path.join(tmp, `train-${file}.jsonl`),
+            evalFile = path.join(tmp, `eval-${file}.jsonl`);
+        writeFileSync(
+            evalFile,
+            shuffled
+                .slice(0, nEval)
+                .map((r) => JSON.stringify(r))
+                .join("\n") + "\n"
+        );
+        writeFileSync(
+            trainFile,
+            shuffled
+                .slice(nEval)
+                .map((r) => JSON.stringify(r))
+                .join("\n") + "\n"
+        );
         const out = path.join(tmp, file);
         const t0 = Date.now();
-        await fineTune({dataset: trainFile, eval_dataset: evalFile, output_dir: out, max_steps: steps, logging_steps: 10,
-            eval_steps: 10, max_seq_length: 256, per_device_train_batch_size: 4, learning_rate: 5e-4, device, save_steps: 100000});
-        const recs = readFileSync(path.join(out, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+        await fineTune({
+            dataset: trainFile,
+            eval_dataset: evalFile,
+            output_dir: out,
+            max_steps: steps,
+            logging_steps: 10,
+            eval_steps: 10,
+            max_seq_length: 256,
+            per_device_train_batch_size: 4,
+            learning_rate: 5e-4,
+            device,
+            save_steps: 100000
+        });
+        const recs = readFileSync(path.join(out, "metrics.jsonl"), "utf8")
+            .trim()
+            .split("\n")
+            .map((l) => JSON.parse(l));
         const train = new Map(recs.filter((r) => r.type === "train").map((r) => [r.step, r.loss]));
         const evals = recs.filter((r) => r.type === "eval");
-        console.log(`\n${file}: ${records.length - nEval} train / ${nEval} held-out records, ${steps} QLoRA steps ` +
-            `(r=16, batch 4, lr 5e-4, max_seq_length 256) on ${device}, ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+        console.log(
+            `\n${file}: ${records.length - nEval} train / ${nEval} held-out records, ${steps} QLoRA steps ` +
+                `(r=16, batch 4, lr 5e-4, max_seq_length 256) on ${device}, ${((Date.now() - t0) / 1000).toFixed(0)} s`
+        );
         console.log("| step | train loss (mean of 10 steps) | held-out loss |\n|---|---|---|");
         for (const e of evals) console.log(`| ${e.step} | ${train.get(e.step)?.toFixed(4) ?? "-"} | ${e.eval_loss.toFixed(4)} |`);
     }

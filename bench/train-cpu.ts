@@ -17,20 +17,35 @@ const arg = (name: string, def: number) => {
     const i = process.argv.indexOf(`--${name}`);
     return i > 0 ? Number(process.argv[i + 1]) : def;
 };
-const B = arg("batch", 4), T = arg("seq", 128), steps = arg("steps", 10);
+const B = arg("batch", 4),
+    T = arg("seq", 128),
+    steps = arg("steps", 10);
 const checkpointing = !process.argv.includes("--no-checkpointing");
 const N = B * T;
 
-const model = await DecoderModel.load(MODEL_DIR, {quantization: bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: "float32"})});
+const model = await DecoderModel.load(MODEL_DIR, {
+    quantization: bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: "float32"})
+});
 const cfg = model.config;
 const lora = applyLora(model, {r: 16, lora_alpha: 32, target_modules: "all-linear"}, {initRng: new Rng(1)});
 lora.setTraining(true);
 const tensors = lora.trainableTensors();
-const opt = createOptimizer("paged_adamw_8bit", tensors.map((t) => ({name: t.name, param: t.param, grad: t.grad, weightDecay: weightDecayFor(t.name)})));
+const opt = createOptimizer(
+    "paged_adamw_8bit",
+    tensors.map((t) => ({name: t.name, param: t.param, grad: t.grad, weightDecay: weightDecayFor(t.name)}))
+);
 const trainer = new DecoderTrainer(model);
 const rng = new Rng(7);
 const inputIds = Int32Array.from({length: N}, () => rng.int(cfg.vocabSize - 3));
-const batch = {B, T, inputIds, labels: inputIds, attentionMask: null, positionIds: Int32Array.from({length: N}, (_, i) => i % T), segIds: null};
+const batch = {
+    B,
+    T,
+    inputIds,
+    labels: inputIds,
+    attentionMask: null,
+    positionIds: Int32Array.from({length: N}, (_, i) => i % T),
+    segIds: null
+};
 
 // the step, timed
 const time = (fn: () => void, reps: number) => {
@@ -46,12 +61,23 @@ const stepTime = time(() => {
 }, steps);
 
 // the GEMMs of one step: [label, M, N, K, transA, transB, count]
-const C = cfg.hiddenSize, I = cfg.intermediateSize, V = cfg.vocabSize, L = cfg.numHiddenLayers, r = 16;
-const q = cfg.numAttentionHeads * cfg.headDim, kv = cfg.numKeyValueHeads * cfg.headDim;
+const C = cfg.hiddenSize,
+    I = cfg.intermediateSize,
+    V = cfg.vocabSize,
+    L = cfg.numHiddenLayers,
+    r = 16;
+const q = cfg.numAttentionHeads * cfg.headDim,
+    kv = cfg.numKeyValueHeads * cfg.headDim;
 const passes = checkpointing ? 2 : 1; // forward, plus the recomputation under checkpointing
 type Shape = [string, number, number, number, boolean, boolean, number];
 const shapes: Shape[] = [];
-for (const [name, out, inF] of [["q_proj", q, C], ["k/v_proj", kv, C], ["o_proj", C, q], ["gate/up_proj", I, C], ["down_proj", C, I]] as [string, number, number][]) {
+for (const [name, out, inF] of [
+    ["q_proj", q, C],
+    ["k/v_proj", kv, C],
+    ["o_proj", C, q],
+    ["gate/up_proj", I, C],
+    ["down_proj", C, I]
+] as [string, number, number][]) {
     const count = (name === "k/v_proj" || name === "gate/up_proj" ? 2 : 1) * L;
     shapes.push([`${name} fwd`, N, out, inF, false, true, count * passes]);
     shapes.push([`${name} dX`, N, inF, out, false, false, count]);
@@ -60,24 +86,33 @@ for (const [name, out, inF] of [["q_proj", q, C], ["k/v_proj", kv, C], ["o_proj"
 // logits are computed only for target rows (all N here)
 shapes.push(["lm_head fwd", N, V, C, false, true, 1], ["lm_head dX", N, C, V, false, false, 1]);
 
-let gemmTime = 0, flops = 0;
+let gemmTime = 0,
+    flops = 0;
 const rows: string[] = [];
 for (const [label, M, Nn, K, ta, tb, count] of shapes) {
-    const A = new Float32Array(M * K).fill(0.01), Bm = new Float32Array(Nn * K).fill(0.01), Cm = new Float32Array(M * Nn);
+    const A = new Float32Array(M * K).fill(0.01),
+        Bm = new Float32Array(Nn * K).fill(0.01),
+        Cm = new Float32Array(M * Nn);
     const t = time(() => cpu().sgemm(ta, tb, M, Nn, K, 1, A, ta ? M : K, Bm, tb ? K : Nn, 0, Cm, Nn), 3);
     const f = 2 * M * Nn * K;
     gemmTime += t * count;
     flops += f * count;
-    rows.push(`| ${label.padEnd(17)} | ${String(M).padStart(5)} ${String(Nn).padStart(6)} ${String(K).padStart(5)} | ${String(count).padStart(3)} | ${(f / t / 1e9).toFixed(1).padStart(7)} |`);
+    rows.push(
+        `| ${label.padEnd(17)} | ${String(M).padStart(5)} ${String(Nn).padStart(6)} ${String(K).padStart(5)} | ${String(count).padStart(3)} | ${(f / t / 1e9).toFixed(1).padStart(7)} |`
+    );
 }
-console.log(`tiny-qwen2 QLoRA step on the CPU: batch ${B} x ${T} tokens, r=16 on all 7 projections, NF4 + double quant, ` +
-    `paged_adamw_8bit, gradient checkpointing ${checkpointing ? "on" : "off"}, ${cpu().getNumThreads()} threads\n`);
+console.log(
+    `tiny-qwen2 QLoRA step on the CPU: batch ${B} x ${T} tokens, r=16 on all 7 projections, NF4 + double quant, ` +
+        `paged_adamw_8bit, gradient checkpointing ${checkpointing ? "on" : "off"}, ${cpu().getNumThreads()} threads\n`
+);
 console.log("| GEMM              |     M      N     K | per step | GFLOP/s |");
 console.log("|---|---|---|---|");
 rows.forEach((r) => console.log(r));
 console.log(`\n| measure | value |\n|---|---|`);
 console.log(`| step time | ${(stepTime * 1000).toFixed(1)} ms |`);
 console.log(`| training throughput | ${(N / stepTime).toFixed(0)} tokens/s |`);
-console.log(`| GEMM time per step at the measured rates | ${(gemmTime * 1000).toFixed(1)} ms (${(flops / 1e9).toFixed(2)} GFLOP) |`);
+console.log(
+    `| GEMM time per step at the measured rates | ${(gemmTime * 1000).toFixed(1)} ms (${(flops / 1e9).toFixed(2)} GFLOP) |`
+);
 console.log(`| bound from the matmul rate | ${(N / gemmTime).toFixed(0)} tokens/s |`);
-console.log(`| throughput / bound | ${(gemmTime / stepTime * 100).toFixed(0)}% |`);
+console.log(`| throughput / bound | ${((gemmTime / stepTime) * 100).toFixed(0)}% |`);

@@ -24,7 +24,9 @@ if (cuda !== "OFF" && !process.env.CUDACXX) {
 }
 const result = spawnSync(process.execPath, args, {stdio: "inherit", cwd: root});
 if (result.status !== 0) {
-    console.error("\nqlora: the native build failed. It needs cmake (>= 3.18), a C++17 compiler with OpenMP, and " +
-        "optionally nvcc for the CUDA backend. Fix the error above, then run: npm run build:native");
+    console.error(
+        "\nqlora: the native build failed. It needs cmake (>= 3.18), a C++17 compiler with OpenMP, and " +
+            "optionally nvcc for the CUDA backend. Fix the error above, then run: npm run build:native"
+    );
     process.exit(result.status ?? 1);
 }

@@ -25,17 +25,63 @@ interface ChatRecord {
 
 // a word list written for this project
 const WORDS = [
-    "apple", "river", "green", "stone", "cloud", "music", "paper", "light", "tiger", "house",
-    "water", "smile", "bread", "chair", "train", "ocean", "pencil", "garden", "window", "orange",
-    "silver", "purple", "rabbit", "summer", "winter", "bridge", "forest", "planet", "rocket", "candle",
-    "moon", "star", "fish", "bird", "tree", "book", "lamp", "door", "road", "rain",
-    "snow", "wind", "fire", "sand", "milk", "rice", "tea", "cup", "hat", "key"
+    "apple",
+    "river",
+    "green",
+    "stone",
+    "cloud",
+    "music",
+    "paper",
+    "light",
+    "tiger",
+    "house",
+    "water",
+    "smile",
+    "bread",
+    "chair",
+    "train",
+    "ocean",
+    "pencil",
+    "garden",
+    "window",
+    "orange",
+    "silver",
+    "purple",
+    "rabbit",
+    "summer",
+    "winter",
+    "bridge",
+    "forest",
+    "planet",
+    "rocket",
+    "candle",
+    "moon",
+    "star",
+    "fish",
+    "bird",
+    "tree",
+    "book",
+    "lamp",
+    "door",
+    "road",
+    "rain",
+    "snow",
+    "wind",
+    "fire",
+    "sand",
+    "milk",
+    "rice",
+    "tea",
+    "cup",
+    "hat",
+    "key"
 ];
 
 type Task = (rng: Rng, zh: boolean) => AlpacaRecord;
 
 const pick = <T>(rng: Rng, items: readonly T[]): T => items[rng.int(items.length)];
-const words = (rng: Rng, min: number, max: number): string[] => Array.from({length: min + rng.int(max - min + 1)}, () => pick(rng, WORDS));
+const words = (rng: Rng, min: number, max: number): string[] =>
+    Array.from({length: min + rng.int(max - min + 1)}, () => pick(rng, WORDS));
 const numbers = (rng: Rng, count: number, below: number): number[] => Array.from({length: count}, () => rng.int(below));
 
 const TASKS: Task[] = [
@@ -55,31 +101,59 @@ const TASKS: Task[] = [
     },
     (rng, zh) => {
         const [a, b] = numbers(rng, 2, 10);
-        return {instruction: zh ? "计算下面两个数的乘积。" : "Multiply the two numbers.", input: `${a} ${b}`, output: String(a * b)};
+        return {
+            instruction: zh ? "计算下面两个数的乘积。" : "Multiply the two numbers.",
+            input: `${a} ${b}`,
+            output: String(a * b)
+        };
     },
     (rng, zh) => {
         const ws = words(rng, 2, 5);
-        return {instruction: zh ? "把下面的单词倒序排列。" : "Reverse the order of the words.", input: ws.join(" "), output: ws.slice().reverse().join(" ")};
+        return {
+            instruction: zh ? "把下面的单词倒序排列。" : "Reverse the order of the words.",
+            input: ws.join(" "),
+            output: ws.slice().reverse().join(" ")
+        };
     },
     (rng, zh) => {
         const w = pick(rng, WORDS);
-        return {instruction: zh ? "数一数这个单词有几个字母。" : "Count the letters in the word.", input: w, output: String(w.length)};
+        return {
+            instruction: zh ? "数一数这个单词有几个字母。" : "Count the letters in the word.",
+            input: w,
+            output: String(w.length)
+        };
     },
     (rng, zh) => {
         const ws = words(rng, 1, 4);
-        return {instruction: zh ? "把下面的文字转换为大写。" : "Convert the text to uppercase.", input: ws.join(" "), output: ws.join(" ").toUpperCase()};
+        return {
+            instruction: zh ? "把下面的文字转换为大写。" : "Convert the text to uppercase.",
+            input: ws.join(" "),
+            output: ws.join(" ").toUpperCase()
+        };
     },
     (rng, zh) => {
         const xs = numbers(rng, 3 + rng.int(3), 100);
-        return {instruction: zh ? "找出最大的数。" : "Find the largest number.", input: xs.join(" "), output: String(Math.max(...xs))};
+        return {
+            instruction: zh ? "找出最大的数。" : "Find the largest number.",
+            input: xs.join(" "),
+            output: String(Math.max(...xs))
+        };
     },
     (rng, zh) => {
         const w = pick(rng, WORDS);
-        return {instruction: zh ? "把这个单词的字母倒过来写。" : "Spell the word backwards.", input: w, output: [...w].reverse().join("")};
+        return {
+            instruction: zh ? "把这个单词的字母倒过来写。" : "Spell the word backwards.",
+            input: w,
+            output: [...w].reverse().join("")
+        };
     },
     (rng, zh) => {
         const w = pick(rng, WORDS);
-        return {instruction: zh ? `把单词“${w}”重复三遍。` : `Repeat the word "${w}" three times.`, input: "", output: `${w} ${w} ${w}`};
+        return {
+            instruction: zh ? `把单词“${w}”重复三遍。` : `Repeat the word "${w}" three times.`,
+            input: "",
+            output: `${w} ${w} ${w}`
+        };
     }
 ];
 
@@ -109,7 +183,14 @@ function makeChat(rng: Rng, count: number): ChatRecord[] {
     const conversations: ChatRecord[] = [];
     for (let i = 0; i < count; i++) {
         const messages: ChatRecord["messages"] = [];
-        if (rng.next() < 0.3) messages.push({role: "system", content: rng.next() < 0.5 ? "你是一个简洁的助手，只回答结果。" : "You are a concise assistant. Answer with the result only."});
+        if (rng.next() < 0.3)
+            messages.push({
+                role: "system",
+                content:
+                    rng.next() < 0.5
+                        ? "你是一个简洁的助手，只回答结果。"
+                        : "You are a concise assistant. Answer with the result only."
+            });
         const turns = 1 + rng.int(2);
         for (let t = 0; t < turns; t++) {
             const record = makeRecord(rng);
@@ -132,7 +213,10 @@ async function writeAtomically(file: string, text: string): Promise<void> {
     await fs.rename(temp, file);
 }
 
-export async function makeExampleData(outDir: string, seed = 1234): Promise<{train: AlpacaRecord[]; eval: AlpacaRecord[]; chat: ChatRecord[]}> {
+export async function makeExampleData(
+    outDir: string,
+    seed = 1234
+): Promise<{train: AlpacaRecord[]; eval: AlpacaRecord[]; chat: ChatRecord[]}> {
     const train = makeAlpaca(new Rng(seed), 400, new Set());
     const trainKeys = new Set(train.map((r) => r.instruction + "\u0000" + r.input));
     const evalSplit = makeAlpaca(new Rng(seed + 1), 60, trainKeys);
@@ -154,5 +238,7 @@ if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.me
     const outDir = path.resolve(argValue("--out") ?? path.join(repoRoot, "examples", "data"));
     const seed = Number(argValue("--seed") ?? 1234);
     const {train, eval: evalSplit, chat} = await makeExampleData(outDir, seed);
-    console.log(`wrote ${train.length} training and ${evalSplit.length} eval alpaca records and ${chat.length} chat conversations to ${outDir}`);
+    console.log(
+        `wrote ${train.length} training and ${evalSplit.length} eval alpaca records and ${chat.length} chat conversations to ${outDir}`
+    );
 }

@@ -30,6 +30,6 @@ if (files.length === 0) {
 }
 const result = spawnSync(process.execPath, ["--import", "tsx", "--test", "--test-reporter=spec", ...files], {
     stdio: "inherit",
-    cwd: root,
+    cwd: root
 });
 process.exit(result.status ?? 1);

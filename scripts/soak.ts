@@ -66,10 +66,15 @@ async function runTrain(args: string[], out: string, kill: KillPlan, timeoutMs: 
     // temporaries a killed earlier run left behind are not this run's saves
     const leftovers = new Set(listing(out));
     const started = Date.now();
-    const child = spawn(process.execPath, ["--import", TSX, CLI, "train", ...args], {cwd: REPO_ROOT,
-        stdio: ["ignore", "ignore", "pipe"], env: {...process.env, NO_COLOR: "1", FORCE_COLOR: "0", QLORA_DEBUG: ""}});
+    const child = spawn(process.execPath, ["--import", TSX, CLI, "train", ...args], {
+        cwd: REPO_ROOT,
+        stdio: ["ignore", "ignore", "pipe"],
+        env: {...process.env, NO_COLOR: "1", FORCE_COLOR: "0", QLORA_DEBUG: ""}
+    });
     let stderr = "";
-    child.stderr!.on("data", (d: Buffer) => { stderr = (stderr + d.toString()).slice(-8000); });
+    child.stderr!.on("data", (d: Buffer) => {
+        stderr = (stderr + d.toString()).slice(-8000);
+    });
     const end: RunEnd = {code: null, signal: null, killed: false, hung: false, listing: [], inSave: false, stderr: "", ms: 0};
     let exited = false;
     const doKill = () => {
@@ -99,13 +104,17 @@ async function runTrain(args: string[], out: string, kill: KillPlan, timeoutMs: 
         }, 1);
         timers.push(poll);
     }
-    timers.push(setTimeout(() => {
-        if (!exited && !end.killed) {
-            end.hung = true;
-            child.kill("SIGKILL");
-        }
-    }, timeoutMs));
-    const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((r) => child.on("exit", (c, s) => r([c, s])));
+    timers.push(
+        setTimeout(() => {
+            if (!exited && !end.killed) {
+                end.hung = true;
+                child.kill("SIGKILL");
+            }
+        }, timeoutMs)
+    );
+    const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((r) =>
+        child.on("exit", (c, s) => r([c, s]))
+    );
     exited = true;
     for (const t of timers) {
         clearTimeout(t);
@@ -115,7 +124,14 @@ async function runTrain(args: string[], out: string, kill: KillPlan, timeoutMs: 
 }
 
 const ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"];
-const CHECKPOINT_FILES = [...ADAPTER_FILES, "trainer_state.json", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state.json"];
+const CHECKPOINT_FILES = [
+    ...ADAPTER_FILES,
+    "trainer_state.json",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "scheduler.json",
+    "rng_state.json"
+];
 
 /** what is wrong with a checkpoint-N or final/ folder (missing files, files that do not parse), or null */
 function checkFolder(dir: string, files: string[]): string | null {
@@ -174,7 +190,8 @@ function metricsView(out: string): MetricsView | string {
             return `metrics.jsonl line ${i + 1} is not JSON`;
         }
         // the fields that depend on the numbers only (not on time or memory)
-        if (r.type === "train") view.train.push(JSON.stringify([r.step, r.loss, r.learning_rate, r.grad_norm, r.epoch, r.num_tokens]));
+        if (r.type === "train")
+            view.train.push(JSON.stringify([r.step, r.loss, r.learning_rate, r.grad_norm, r.epoch, r.num_tokens]));
         if (r.type === "eval") view.eval.push(JSON.stringify([r.step, r.eval_loss, r.eval_tokens]));
     }
     return view;
@@ -183,14 +200,18 @@ function metricsView(out: string): MetricsView | string {
 function table(head: string[], row: (string | number)[]): string {
     const cells = row.map(String);
     const w = head.map((h, i) => Math.max(h.length, cells[i].length));
-    return [`| ${head.map((h, i) => h.padStart(w[i])).join(" | ")} |`, `|${w.map((x) => `${"-".repeat(x + 1)}:`).join("|")}|`,
-        `| ${cells.map((c, i) => c.padStart(w[i])).join(" | ")} |`].join("\n");
+    return [
+        `| ${head.map((h, i) => h.padStart(w[i])).join(" | ")} |`,
+        `|${w.map((x) => `${"-".repeat(x + 1)}:`).join("|")}|`,
+        `| ${cells.map((c, i) => c.padStart(w[i])).join(" | ")} |`
+    ].join("\n");
 }
 
 async function main(): Promise<number> {
     const args = parseArgs(process.argv.slice(2));
     const known = new Set(["kills", "seed", "steps", "max-kills-per-trial", "timeout", "keep", "model", "dataset"]);
-    for (const k of args.keys()) if (!known.has(k)) throw new Error(`unknown option --${k} (known: ${[...known].map((x) => `--${x}`).join(", ")})`);
+    for (const k of args.keys())
+        if (!known.has(k)) throw new Error(`unknown option --${k} (known: ${[...known].map((x) => `--${x}`).join(", ")})`);
     const targetKills = intArg(args, "kills", 20);
     const seed = intArg(args, "seed", Math.floor(Math.random() * 2 ** 31));
     const steps = intArg(args, "steps", 8);
@@ -201,13 +222,36 @@ async function main(): Promise<number> {
     const help = spawnSync(process.execPath, ["--import", TSX, CLI, "train", "--help"], {encoding: "utf8", cwd: REPO_ROOT});
     const hasOverwrite = /--overwrite_output_dir\b/.test(help.stdout);
     // the embedded tiny-qwen2 on the example data (with its eval split): 8 steps, a checkpoint after each
-    const base = ["--max_steps", String(steps), "--save_steps", "1", "--logging_steps", "1", "--eval_steps", "4",
-        "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--r", "4", "--lora_alpha", "8",
-        "--lora_dropout", "0.1", "--device", "cpu", "--threads", "1",
+    const base = [
+        "--max_steps",
+        String(steps),
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "4",
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "2",
+        "--r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_dropout",
+        "0.1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
         ...(args.has("model") ? ["--model", path.resolve(args.get("model")!)] : []),
-        ...(args.has("dataset") ? ["--dataset", path.resolve(args.get("dataset")!)] : [])];
-    console.log(`qlora soak: seed ${seed}, ${targetKills} kills, ${steps}-step runs (save_steps 1); scratch ${root}` +
-        `${hasOverwrite ? "" : " (no --overwrite_output_dir key: reruns without a checkpoint reuse the folder as it is)"}`);
+        ...(args.has("dataset") ? ["--dataset", path.resolve(args.get("dataset")!)] : [])
+    ];
+    console.log(
+        `qlora soak: seed ${seed}, ${targetKills} kills, ${steps}-step runs (save_steps 1); scratch ${root}` +
+            `${hasOverwrite ? "" : " (no --overwrite_output_dir key: reruns without a checkpoint reuse the folder as it is)"}`
+    );
 
     const refOut = path.join(root, "reference");
     const ref = await runTrain([...base, "--output_dir", refOut], refOut, null, timeoutMs);
@@ -215,29 +259,54 @@ async function main(): Promise<number> {
     const refAdapter = readFileSync(path.join(refOut, "final", "adapter_model.safetensors"));
     const refMetrics = metricsView(refOut);
     if (typeof refMetrics === "string") throw new Error(`the uninterrupted run's ${refMetrics}`);
-    console.log(`uninterrupted run: ${(ref.ms / 1000).toFixed(1)} s, ${refMetrics.train.length} train records, ${refMetrics.eval.length} eval records`);
+    console.log(
+        `uninterrupted run: ${(ref.ms / 1000).toFixed(1)} s, ${refMetrics.train.length} train records, ${refMetrics.eval.length} eval records`
+    );
 
-    const stats = {kills: 0, inSave: 0, resumed: 0, restarts: 0, trials: 0, finished: 0, identical: 0, mismatches: 0, crashes: 0,
-        hangs: 0, dataLosses: 0};
+    const stats = {
+        kills: 0,
+        inSave: 0,
+        resumed: 0,
+        restarts: 0,
+        trials: 0,
+        finished: 0,
+        identical: 0,
+        mismatches: 0,
+        crashes: 0,
+        hangs: 0,
+        dataLosses: 0
+    };
     const problems: string[] = [];
     let trial = 0;
     while (stats.kills < targetKills) {
         trial++;
         stats.trials++;
         const out = path.join(root, `trial-${trial}`);
-        let killsThisTrial = 0, resume = false, done = false;
+        let killsThisTrial = 0,
+            resume = false,
+            done = false;
         const history: string[] = [];
         while (!done) {
             const killIt = killsThisTrial < maxKillsPerTrial && rng.chance(0.75);
             // half the kills at a random moment, half inside the k-th save of the run (k over every save, final/ included)
-            const plan: KillPlan = !killIt ? null : rng.chance(0.5) ? {atMs: rng.int(Math.ceil(ref.ms * 1.1))}
-                : {inSave: rng.range(1, steps + 1), delayMs: rng.pick([0, 0, 1, 2, 5, 10, 20])};
+            const plan: KillPlan = !killIt
+                ? null
+                : rng.chance(0.5)
+                  ? {atMs: rng.int(Math.ceil(ref.ms * 1.1))}
+                  : {inSave: rng.range(1, steps + 1), delayMs: rng.pick([0, 0, 1, 2, 5, 10, 20])};
             const args = [...base, "--output_dir", out];
             if (resume) args.push("--resume_from_checkpoint", "true");
             else if (hasOverwrite && listing(out).length > 0) args.push("--overwrite_output_dir", "true");
             const end = await runTrain(args, out, plan, timeoutMs);
-            const how = plan === null ? "no kill" : "atMs" in plan ? `kill at ${plan.atMs} ms` : `kill ${plan.delayMs} ms into save ${plan.inSave}`;
-            history.push(`${resume ? "resume" : "fresh"} (${how}) -> ${end.killed ? `killed${end.inSave ? " inside a save" : ""}` : end.hung ? "hung" : `exit ${end.signal ?? end.code}`}`);
+            const how =
+                plan === null
+                    ? "no kill"
+                    : "atMs" in plan
+                      ? `kill at ${plan.atMs} ms`
+                      : `kill ${plan.delayMs} ms into save ${plan.inSave}`;
+            history.push(
+                `${resume ? "resume" : "fresh"} (${how}) -> ${end.killed ? `killed${end.inSave ? " inside a save" : ""}` : end.hung ? "hung" : `exit ${end.signal ?? end.code}`}`
+            );
             if (end.hung) {
                 stats.hangs++;
                 problems.push(`trial ${trial}: a run did not end in ${timeoutMs / 1000} s [${history.join("; ")}]`);
@@ -250,7 +319,9 @@ async function main(): Promise<number> {
                 const losses = checkAfterKill(out, end.listing);
                 if (losses.length) {
                     stats.dataLosses++;
-                    problems.push(`trial ${trial}: data loss after a kill (listing before it: ${end.listing.join(", ")}): ${losses.join("; ")} [${history.join("; ")}]`);
+                    problems.push(
+                        `trial ${trial}: data loss after a kill (listing before it: ${end.listing.join(", ")}): ${losses.join("; ")} [${history.join("; ")}]`
+                    );
                 }
                 resume = listing(out).some((n) => /^checkpoint-\d+$/.test(n));
                 if (resume) stats.resumed++;
@@ -259,7 +330,9 @@ async function main(): Promise<number> {
             }
             if (end.code !== 0) {
                 stats.crashes++;
-                problems.push(`trial ${trial}: exit ${end.signal ?? end.code}: ${end.stderr.split("\n").slice(-3).join(" / ")} [${history.join("; ")}]`);
+                problems.push(
+                    `trial ${trial}: exit ${end.signal ?? end.code}: ${end.stderr.split("\n").slice(-3).join(" / ")} [${history.join("; ")}]`
+                );
                 break;
             }
             done = true;
@@ -271,28 +344,63 @@ async function main(): Promise<number> {
             if (same && sameMetrics) stats.identical++;
             else {
                 stats.mismatches++;
-                const why = [!same ? "the adapter differs" : null,
-                    typeof metrics === "string" ? metrics : !sameMetrics ? `metrics differ (train ${metrics.train.length} vs ${refMetrics.train.length} records, ` +
-                        `first difference at train record ${metrics.train.findIndex((x, i) => x !== refMetrics.train[i])}; eval ${metrics.eval.length} vs ${refMetrics.eval.length})` : null]
-                    .filter(Boolean).join("; ");
+                const why = [
+                    !same ? "the adapter differs" : null,
+                    typeof metrics === "string"
+                        ? metrics
+                        : !sameMetrics
+                          ? `metrics differ (train ${metrics.train.length} vs ${refMetrics.train.length} records, ` +
+                            `first difference at train record ${metrics.train.findIndex((x, i) => x !== refMetrics.train[i])}; eval ${metrics.eval.length} vs ${refMetrics.eval.length})`
+                          : null
+                ]
+                    .filter(Boolean)
+                    .join("; ");
                 problems.push(`trial ${trial}: ${why} [${history.join("; ")}]`);
             }
         }
-        if (!args.has("keep") && !problems.some((p) => p.startsWith(`trial ${trial}:`))) await fs.rm(out, {recursive: true, force: true});
+        if (!args.has("keep") && !problems.some((p) => p.startsWith(`trial ${trial}:`)))
+            await fs.rm(out, {recursive: true, force: true});
         console.log(`trial ${trial}: ${history.join("; ")}`);
     }
     console.log("");
-    console.log(table(["kills", "kills inside a checkpoint/final write", "resumed runs", "restarts (no checkpoint yet)", "finished trials",
-        "bit-identical", "mismatches", "crashes", "hangs", "data losses"],
-    [stats.kills, stats.inSave, stats.resumed, stats.restarts, stats.finished, stats.identical, stats.mismatches, stats.crashes,
-        stats.hangs, stats.dataLosses]));
+    console.log(
+        table(
+            [
+                "kills",
+                "kills inside a checkpoint/final write",
+                "resumed runs",
+                "restarts (no checkpoint yet)",
+                "finished trials",
+                "bit-identical",
+                "mismatches",
+                "crashes",
+                "hangs",
+                "data losses"
+            ],
+            [
+                stats.kills,
+                stats.inSave,
+                stats.resumed,
+                stats.restarts,
+                stats.finished,
+                stats.identical,
+                stats.mismatches,
+                stats.crashes,
+                stats.hangs,
+                stats.dataLosses
+            ]
+        )
+    );
     for (const p of problems) console.log(`PROBLEM ${p}`);
     if (problems.length === 0 && !args.has("keep")) await fs.rm(root, {recursive: true, force: true});
     else console.log(`folders kept under ${root}`);
     return problems.length ? 1 : 0;
 }
 
-main().then((code) => process.exit(code), (err) => {
-    console.error(`soak: ${(err as Error).stack ?? err}`);
-    process.exit(2);
-});
+main().then(
+    (code) => process.exit(code),
+    (err) => {
+        console.error(`soak: ${(err as Error).stack ?? err}`);
+        process.exit(2);
+    }
+);

@@ -31,7 +31,8 @@ export function quoteValue(value: unknown, max = 80): string {
 /** messages quote values from files: an unbroken run of 200+ characters is cut, keeping its start and end (a
  * linear scan: a regex over a run of megabytes overflows V8's stack) */
 function shortenRuns(text: string): string {
-    let out = "", runStart = 0;
+    let out = "",
+        runStart = 0;
     for (let i = 0; i <= text.length; i++) {
         if (i < text.length && !/\s/.test(text[i])) continue;
         const run = text.slice(runStart, i);

@@ -24,13 +24,12 @@ function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp
     assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
     assert.match(lines[0], /^.*error:/);
     assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-    for (const f of fragments) assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+    for (const f of fragments)
+        assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
 }
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-cli-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
-
-
 
 test("generate --json prints the prompt and output ids and the text", () => {
     const r = qlora("generate", "--prompt", "床前明月光，", "--greedy", "--max-new-tokens", "4", "--json");
@@ -56,7 +55,11 @@ test("a folder without weights", () => {
 });
 
 test("an unknown architecture", () => {
-    const dir = modelCopy("gpt2", (d) => editConfig(d, (c) => { c.model_type = "gpt2"; }));
+    const dir = modelCopy("gpt2", (d) =>
+        editConfig(d, (c) => {
+            c.model_type = "gpt2";
+        })
+    );
     expectError(qlora("generate", "--model", dir, "--prompt", "x"), "config.json", "gpt2");
 });
 
@@ -79,14 +82,25 @@ test("a corrupt safetensors header", () => {
 });
 
 test("weights whose shapes do not match config.json", () => {
-    const dir = modelCopy("shapes", (d) => editConfig(d, (c) => { c.intermediate_size = 512; }));
+    const dir = modelCopy("shapes", (d) =>
+        editConfig(d, (c) => {
+            c.intermediate_size = 512;
+        })
+    );
     expectError(qlora("generate", "--model", dir, "--prompt", "x"), "gate_proj", "[768, 256]", "[512, 256]");
 });
 
 test("a prompt longer than the context", () => {
-    const dir = modelCopy("short", (d) => editConfig(d, (c) => { c.max_position_embeddings = 8; }));
-    expectError(qlora("generate", "--model", dir, "--prompt", "one two three four five six seven eight nine ten"),
-        "context length", "8");
+    const dir = modelCopy("short", (d) =>
+        editConfig(d, (c) => {
+            c.max_position_embeddings = 8;
+        })
+    );
+    expectError(
+        qlora("generate", "--model", dir, "--prompt", "one two three four five six seven eight nine ten"),
+        "context length",
+        "8"
+    );
 });
 
 test("--debug shows the stack trace", () => {

@@ -28,11 +28,18 @@ describe("example data", () => {
         assert.equal(made.eval.length, 60);
         assert.equal(made.chat.length, 120);
         for (const file of FILES) {
-            assert.equal(await fs.readFile(path.join(dir, file), "utf8"), await fs.readFile(path.join(EXAMPLES, file), "utf8"), `${file} is stale: run scripts/make-example-data.ts`);
+            assert.equal(
+                await fs.readFile(path.join(dir, file), "utf8"),
+                await fs.readFile(path.join(EXAMPLES, file), "utf8"),
+                `${file} is stale: run scripts/make-example-data.ts`
+            );
         }
         const key = (r: {instruction: string; input: string}): string => r.instruction + "\u0000" + r.input;
         const trainKeys = new Set(made.train.map(key));
-        assert.ok(made.eval.every((r) => !trainKeys.has(key(r))), "eval records are held out");
+        assert.ok(
+            made.eval.every((r) => !trainKeys.has(key(r))),
+            "eval records are held out"
+        );
         assert.ok(made.train.some((r) => r.input === "") && made.train.some((r) => r.input !== ""));
     });
 

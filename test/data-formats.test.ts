@@ -63,7 +63,10 @@ describe("format detection", () => {
         assert.equal(detectFormat({input_ids: [1, 2]}), "tokenized");
         assert.equal(detectFormat({instruction: "i", output: "o"}, {template: "Q: {instruction}\nA: "}), "template");
         assert.equal(detectFormat({instruction: "i", output: "o", text: "t"}, {dataset_format: "text"}), "text");
-        throwsQlora(() => detectFormat({question: "q", answer: "a"}, {}, {file: "d.jsonl:1", index: 0}), /d\.jsonl:1: record 0: cannot tell the dataset format from its keys \(question, answer\)/);
+        throwsQlora(
+            () => detectFormat({question: "q", answer: "a"}, {}, {file: "d.jsonl:1", index: 0}),
+            /d\.jsonl:1: record 0: cannot tell the dataset format from its keys \(question, answer\)/
+        );
         throwsQlora(() => detectFormat({text: "x"}, {dataset_format: "csv" as never}), /dataset_format "csv"/);
     });
 });
@@ -88,7 +91,11 @@ describe("alpaca", () => {
         const record = read.records[0] as {instruction: string; input: string; output: string};
         const example = formatRecord(record, "alpaca");
         assert.equal(record.input, "");
-        assert.deepEqual(example, {kind: "prompt_completion", prompt: `### 指令:\n${record.instruction}\n\n### 回答:\n`, completion: record.output});
+        assert.deepEqual(example, {
+            kind: "prompt_completion",
+            prompt: `### 指令:\n${record.instruction}\n\n### 回答:\n`,
+            completion: record.output
+        });
         const withInput = read.records.find((r) => r.input !== "") as {instruction: string; input: string; output: string};
         assert.deepEqual(formatRecord(withInput, "alpaca"), {
             kind: "prompt_completion",
@@ -109,18 +116,23 @@ describe("alpaca", () => {
         const file = path.join(dir, "missing.jsonl");
         await fs.writeFile(file, '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "input": "d"}\n');
         const read = await readRecords(file);
-        throwsQlora(() => prepareRecords(read, tokenizer), new RegExp(`^${escapeRegex(file)}:3: record 1: missing "output"; alpaca records need`));
+        throwsQlora(
+            () => prepareRecords(read, tokenizer),
+            new RegExp(`^${escapeRegex(file)}:3: record 1: missing "output"; alpaca records need`)
+        );
         const arrayFile = path.join(dir, "missing.json");
         await fs.writeFile(arrayFile, JSON.stringify([{messages: [{role: "user", content: "hi"}]}, {messages: "hello"}]));
         const arrayRead = await readRecords(arrayFile);
-        throwsQlora(() => prepareRecords(arrayRead, tokenizer), /missing\.json: record 1: "messages" is a string \("hello"\), not a list; messages records need "messages"/);
+        throwsQlora(
+            () => prepareRecords(arrayRead, tokenizer),
+            /missing\.json: record 1: "messages" is a string \("hello"\), not a list; messages records need "messages"/
+        );
     });
 });
 
 function escapeRegex(s: string): string {
     return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 }
-
 
 describe("user templates", () => {
     test("{field} placeholders and a separate response field", () => {
@@ -143,7 +155,13 @@ describe("user templates", () => {
 
     test("missing template fields name the expected keys", () => {
         throwsQlora(
-            () => formatRecord({q: "x"}, "template", {template: "Q: {q} {context}\nA: ", response_field: "a"}, {file: "f.jsonl:9", index: 8}),
+            () =>
+                formatRecord(
+                    {q: "x"},
+                    "template",
+                    {template: "Q: {q} {context}\nA: ", response_field: "a"},
+                    {file: "f.jsonl:9", index: 8}
+                ),
             /^f\.jsonl:9: record 8: missing "context"; the template needs "q", "context", "a" \(found keys: q\)$/
         );
     });
@@ -158,15 +176,18 @@ describe("ShareGPT and messages", () => {
         assert.equal(mapShareGptRole("user"), "user");
         assert.equal(mapShareGptRole("assistant"), "assistant");
         assert.equal(mapShareGptRole("narrator"), "user");
-        const example = formatRecord({
-            system: "Be brief.",
-            conversations: [
-                {from: "human", value: "hi"},
-                {from: "gpt", value: "hello"},
-                {from: "narrator", value: "later"},
-                {from: "bot", value: "bye"}
-            ]
-        }, "sharegpt");
+        const example = formatRecord(
+            {
+                system: "Be brief.",
+                conversations: [
+                    {from: "human", value: "hi"},
+                    {from: "gpt", value: "hello"},
+                    {from: "narrator", value: "later"},
+                    {from: "bot", value: "bye"}
+                ]
+            },
+            "sharegpt"
+        );
         assert.deepEqual(example, {
             kind: "messages",
             messages: [
@@ -185,25 +206,59 @@ describe("ShareGPT and messages", () => {
         const example = formatRecord(read.records[0], "sharegpt");
         assert.equal(example.kind, "messages");
         if (example.kind !== "messages") return;
-        assert.deepEqual(example.messages.map((m) => m.role), ["user", "assistant", "user", "assistant"]);
+        assert.deepEqual(
+            example.messages.map((m) => m.role),
+            ["user", "assistant", "user", "assistant"]
+        );
         assert.equal(example.messages[0].content, "Who are you?");
     });
 
     test("messages: validation, content parts, tools", () => {
-        throwsQlora(() => formatRecord({messages: [{from: "human", value: "x"}]}, "messages", {}, {index: 0}), /record 0: messages\[0\] has "from" instead of "role"/);
+        throwsQlora(
+            () => formatRecord({messages: [{from: "human", value: "x"}]}, "messages", {}, {index: 0}),
+            /record 0: messages\[0\] has "from" instead of "role"/
+        );
         throwsQlora(() => formatRecord({messages: []}, "messages"), /"messages" is empty/);
-        throwsQlora(() => formatRecord({conversations: [{from: "human"}]}, "sharegpt"), /conversations\[0\] has no string "value"/);
-        const example = formatRecord({
-            messages: [{role: "user", content: [{type: "text", text: "a"}, {type: "text", text: "b"}]}],
-            tools: '[{"type": "function"}]'
-        }, "messages");
-        assert.deepEqual(example, {kind: "messages", messages: [{role: "user", content: "ab"}], templateExtra: {tools: [{type: "function"}]}});
+        throwsQlora(
+            () => formatRecord({conversations: [{from: "human"}]}, "sharegpt"),
+            /conversations\[0\] has no string "value"/
+        );
+        const example = formatRecord(
+            {
+                messages: [
+                    {
+                        role: "user",
+                        content: [
+                            {type: "text", text: "a"},
+                            {type: "text", text: "b"}
+                        ]
+                    }
+                ],
+                tools: '[{"type": "function"}]'
+            },
+            "messages"
+        );
+        assert.deepEqual(example, {
+            kind: "messages",
+            messages: [{role: "user", content: "ab"}],
+            templateExtra: {tools: [{type: "function"}]}
+        });
     });
 
     test("prompt/completion, plain and conversational", () => {
-        assert.deepEqual(formatRecord({prompt: "p", completion: "c"}, "prompt_completion"), {kind: "prompt_completion", prompt: "p", completion: "c"});
-        const chat = formatRecord({prompt: [{role: "user", content: "q"}], completion: [{role: "assistant", content: "a"}]}, "prompt_completion");
+        assert.deepEqual(formatRecord({prompt: "p", completion: "c"}, "prompt_completion"), {
+            kind: "prompt_completion",
+            prompt: "p",
+            completion: "c"
+        });
+        const chat = formatRecord(
+            {prompt: [{role: "user", content: "q"}], completion: [{role: "assistant", content: "a"}]},
+            "prompt_completion"
+        );
         assert.equal(chat.kind, "chat_prompt_completion");
-        throwsQlora(() => formatRecord({prompt: "p"}, "prompt_completion"), /missing "completion"; prompt_completion records need "prompt" and "completion"/);
+        throwsQlora(
+            () => formatRecord({prompt: "p"}, "prompt_completion"),
+            /missing "completion"; prompt_completion records need "prompt" and "completion"/
+        );
     });
 });

@@ -31,13 +31,27 @@ describe("DataLoader", () => {
         assert.equal(loader.batchesPerEpoch, 6);
         const epoch0 = [...loader.epoch()];
         assert.equal(epoch0.length, 6);
-        assert.deepEqual(epoch0.map((b) => b.batch.B), [4, 4, 4, 4, 4, 3]);
-        assert.deepEqual(epoch0.flatMap((b) => b.rows).sort((a, b) => a - b), ROWS.map((_, i) => i));
+        assert.deepEqual(
+            epoch0.map((b) => b.batch.B),
+            [4, 4, 4, 4, 4, 3]
+        );
+        assert.deepEqual(
+            epoch0.flatMap((b) => b.rows).sort((a, b) => a - b),
+            ROWS.map((_, i) => i)
+        );
         // the rows' first tokens show which rows a batch holds
-        for (const b of epoch0) assert.deepEqual(b.rows, Array.from({length: b.batch.B}, (_, r) => b.batch.inputIds[r * b.batch.T]));
+        for (const b of epoch0)
+            assert.deepEqual(
+                b.rows,
+                Array.from({length: b.batch.B}, (_, r) => b.batch.inputIds[r * b.batch.T])
+            );
         const epoch1 = [...loader.epoch()];
         assert.equal(epoch1[0].epoch, 1);
-        assert.notDeepEqual(epoch1.flatMap((b) => b.rows), epoch0.flatMap((b) => b.rows), "a new order every epoch");
+        assert.notDeepEqual(
+            epoch1.flatMap((b) => b.rows),
+            epoch0.flatMap((b) => b.rows),
+            "a new order every epoch"
+        );
         const dropping = new DataLoader(ROWS, {batchSize: 4, padTokenId: 0, dropLast: true});
         assert.equal(dropping.batchesPerEpoch, 5);
         assert.ok([...dropping.epoch()].every((b) => b.batch.B === 4));
@@ -48,12 +62,21 @@ describe("DataLoader", () => {
         const b = take(new DataLoader(ROWS, {batchSize: 3, padTokenId: 0, seed: 11}), 20);
         same(a, b);
         const c = take(new DataLoader(ROWS, {batchSize: 3, padTokenId: 0, seed: 12}), 20);
-        assert.notDeepEqual(a.map((x) => x.rows), c.map((x) => x.rows));
+        assert.notDeepEqual(
+            a.map((x) => x.rows),
+            c.map((x) => x.rows)
+        );
         const ordered = [...new DataLoader(ROWS, {batchSize: 5, padTokenId: 0, shuffle: false})];
-        assert.deepEqual(ordered.flatMap((x) => x.rows), ROWS.map((_, i) => i));
+        assert.deepEqual(
+            ordered.flatMap((x) => x.rows),
+            ROWS.map((_, i) => i)
+        );
         // the epoch's order is the Rng's Fisher-Yates shuffle from the seed
         const expected = new Rng(11).shuffle(ROWS.map((_, i) => i));
-        assert.deepEqual(a.slice(0, 8).flatMap((x) => x.rows), expected);
+        assert.deepEqual(
+            a.slice(0, 8).flatMap((x) => x.rows),
+            expected
+        );
     });
 
     test("a saved position (through JSON) resumes with exactly the remaining batches", () => {
@@ -90,7 +113,8 @@ describe("shuffle_dataset", () => {
 
     test("shuffles before packing, deterministically from the seed", () => {
         const records = Array.from({length: 30}, (_, i) => ({text: `record ${i} ` + "x ".repeat(i % 7)}));
-        const rowsOf = (seed: number): number[][] => prepareRecords(records, tokenizer, {shuffle_dataset: true, seed}).rows.map((r) => Array.from(r.inputIds));
+        const rowsOf = (seed: number): number[][] =>
+            prepareRecords(records, tokenizer, {shuffle_dataset: true, seed}).rows.map((r) => Array.from(r.inputIds));
         assert.deepEqual(rowsOf(1), rowsOf(1));
         assert.notDeepEqual(rowsOf(1), rowsOf(2));
         const unshuffled = prepareRecords(records, tokenizer).rows.map((r) => Array.from(r.inputIds));

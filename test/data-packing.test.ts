@@ -3,7 +3,15 @@ import assert from "node:assert/strict";
 import path from "node:path";
 import {Rng} from "../src/backend/rng.js";
 import {HfTokenizer} from "../src/tokenizer/index.js";
-import {IGNORE_INDEX, bestFitDecreasing, collate, packSequences, padTokenIdOf, prepareRecords, readRecords} from "../src/data/index.js";
+import {
+    IGNORE_INDEX,
+    bestFitDecreasing,
+    collate,
+    packSequences,
+    padTokenIdOf,
+    prepareRecords,
+    readRecords
+} from "../src/data/index.js";
 import type {Batch, TokenizedRow} from "../src/data/index.js";
 import {DATASETS, MODEL_DIR} from "./helpers/paths.js";
 
@@ -17,7 +25,10 @@ const WORKED_EXAMPLE = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]].map(seq);
 
 /** a reference for the BFD rule: scan every bin; smallest space ≥ L, then the bin that reached that space first */
 function referenceBfd(lengths: number[], max: number): number[][] {
-    const order = lengths.map((_, i) => i).filter((i) => lengths[i] > 0).sort((a, b) => lengths[b] - lengths[a] || a - b);
+    const order = lengths
+        .map((_, i) => i)
+        .filter((i) => lengths[i] > 0)
+        .sort((a, b) => lengths[b] - lengths[a] || a - b);
     const bins: {items: number[]; space: number; reachedAt: number}[] = [];
     let clock = 0;
     for (const i of order) {
@@ -58,16 +69,43 @@ describe("best-fit decreasing", () => {
     test("the SPEC-training §5 worked example, bfd", () => {
         assert.deepEqual(bestFitDecreasing([4, 2, 3, 1], 4), [[0], [2, 3], [1]]);
         const rows = packSequences(WORKED_EXAMPLE, 4, "bfd");
-        assert.deepEqual(rows.map((r) => Array.from(r.inputIds)), [[1, 2, 3, 4], [8, 9, 10, 11], [6, 7]]);
-        assert.deepEqual(rows.map((r) => r.seqLengths), [[4], [3, 1], [2]]);
+        assert.deepEqual(
+            rows.map((r) => Array.from(r.inputIds)),
+            [
+                [1, 2, 3, 4],
+                [8, 9, 10, 11],
+                [6, 7]
+            ]
+        );
+        assert.deepEqual(
+            rows.map((r) => r.seqLengths),
+            [[4], [3, 1], [2]]
+        );
         // the first label of every packed sequence is -100
-        assert.deepEqual(rows.map((r) => Array.from(r.labels)), [[-100, 2, 3, 4], [-100, 9, 10, -100], [-100, 7]]);
+        assert.deepEqual(
+            rows.map((r) => Array.from(r.labels)),
+            [
+                [-100, 2, 3, 4],
+                [-100, 9, 10, -100],
+                [-100, 7]
+            ]
+        );
     });
 
     test("the SPEC-training §5 worked example, bfd_split", () => {
         const rows = packSequences(WORKED_EXAMPLE, 4, "bfd_split");
-        assert.deepEqual(rows.map((r) => Array.from(r.inputIds)), [[1, 2, 3, 4], [8, 9, 10, 5], [6, 7, 11]]);
-        assert.deepEqual(rows.map((r) => r.seqLengths), [[4], [3, 1], [2, 1]]);
+        assert.deepEqual(
+            rows.map((r) => Array.from(r.inputIds)),
+            [
+                [1, 2, 3, 4],
+                [8, 9, 10, 5],
+                [6, 7, 11]
+            ]
+        );
+        assert.deepEqual(
+            rows.map((r) => r.seqLengths),
+            [[4], [3, 1], [2, 1]]
+        );
     });
 
     test("equals a brute-force reference on random lengths; every sequence lands exactly once", () => {
@@ -78,7 +116,10 @@ describe("best-fit decreasing", () => {
             const bins = bestFitDecreasing(lengths, max);
             assert.deepEqual(bins, referenceBfd(lengths, max), `trial ${trial}`);
             const seen = bins.flat().sort((a, b) => a - b);
-            assert.deepEqual(seen, lengths.map((_, i) => i).filter((i) => lengths[i] > 0));
+            assert.deepEqual(
+                seen,
+                lengths.map((_, i) => i).filter((i) => lengths[i] > 0)
+            );
             for (const bin of bins) assert.ok(bin.reduce((s, i) => s + lengths[i], 0) <= max);
         }
     });
@@ -94,8 +135,14 @@ describe("collation", () => {
         assert.equal(padTokenIdOf(tokenizer), 16381);
         assert.equal(batch.B, 2);
         assert.equal(batch.T, 8);
-        assert.deepEqual(Array.from(batch.inputIds), [5, 6, 7, 16381, 16381, 16381, 16381, 16381, 8, 9, 10, 11, 12, 16381, 16381, 16381]);
-        assert.deepEqual(Array.from(batch.labels), [-100, 6, 7, -100, -100, -100, -100, -100, 8, -100, 10, 11, 12, -100, -100, -100]);
+        assert.deepEqual(
+            Array.from(batch.inputIds),
+            [5, 6, 7, 16381, 16381, 16381, 16381, 16381, 8, 9, 10, 11, 12, 16381, 16381, 16381]
+        );
+        assert.deepEqual(
+            Array.from(batch.labels),
+            [-100, 6, 7, -100, -100, -100, -100, -100, 8, -100, 10, 11, 12, -100, -100, -100]
+        );
         assert.deepEqual(Array.from(batch.attentionMask), [1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0]);
         assert.deepEqual(Array.from(batch.positionIds), [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7]);
         assert.equal(batch.segIds, null);
@@ -117,7 +164,11 @@ describe("collation", () => {
         for (const file of ["alpaca_zh_demo.json", "messages_demo.jsonl"]) {
             for (const strategy of ["bfd", "bfd_split"] as const) {
                 const records = (await readRecords(path.join(DATASETS, file))).records.slice(0, 300);
-                const prepared = prepareRecords(records, tokenizer, {max_seq_length: 256, packing: true, packing_strategy: strategy});
+                const prepared = prepareRecords(records, tokenizer, {
+                    max_seq_length: 256,
+                    packing: true,
+                    packing_strategy: strategy
+                });
                 assert.ok(prepared.rows.length < prepared.stats.examples, "packing merges examples");
                 let targets = 0;
                 let multi = 0;
@@ -125,7 +176,10 @@ describe("collation", () => {
                     const rows = prepared.rows.slice(i, i + 4);
                     for (const row of rows) {
                         assert.ok(row.inputIds.length <= 256);
-                        assert.equal(row.seqLengths!.reduce((s, n) => s + n, 0), row.inputIds.length);
+                        assert.equal(
+                            row.seqLengths!.reduce((s, n) => s + n, 0),
+                            row.inputIds.length
+                        );
                         if (row.seqLengths!.length > 1) multi++;
                     }
                     targets += assertTargetsStayInSegments(collate(rows, {padTokenId: 16381}));

@@ -55,7 +55,10 @@ describe("readRecords", () => {
     test("JSONL: blank lines are skipped and lines are remembered", async () => {
         const file = await write("blank.jsonl", '{"text": "a"}\n\n{"text": "b"}\r\n   \n{"text": "c"}');
         const read = await readRecords(file);
-        assert.deepEqual(read.records.map((r) => r.text), ["a", "b", "c"]);
+        assert.deepEqual(
+            read.records.map((r) => r.text),
+            ["a", "b", "c"]
+        );
         assert.deepEqual(read.sources[0].lines, [1, 3, 5]);
     });
 
@@ -63,7 +66,10 @@ describe("readRecords", () => {
         const file = await write("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n\n{"text": "c",}\n{"text": "d"}\n');
         const err = await rejectsWith(readRecords(file), /bad\.jsonl:4: invalid JSON \(/);
         assert.equal(err.file, `${file}:4`);
-        await rejectsWith(readRecords(await write("notobject.jsonl", '{"text": "a"}\n[1, 2]\n')), /notobject\.jsonl:2: .*not a JSON object/);
+        await rejectsWith(
+            readRecords(await write("notobject.jsonl", '{"text": "a"}\n[1, 2]\n')),
+            /notobject\.jsonl:2: .*not a JSON object/
+        );
     });
 
     test("invalid JSON reports the line computed from the error position", async () => {
@@ -74,7 +80,10 @@ describe("readRecords", () => {
 
     test("a .json file holding JSON Lines, {data: [...]} wrappers and gzipped JSONL", async () => {
         const lines = await readRecords(await write("lines.json", '{"text": "a"}\n{"text": "b"}\n'));
-        assert.deepEqual(lines.records.map((r) => r.text), ["a", "b"]);
+        assert.deepEqual(
+            lines.records.map((r) => r.text),
+            ["a", "b"]
+        );
         assert.equal(lines.format, "jsonl");
         const wrapped = await readRecords(await write("wrapped.json", '{"version": 1, "data": [{"text": "x"}]}'));
         assert.deepEqual(wrapped.records, [{text: "x"}]);

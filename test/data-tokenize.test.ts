@@ -52,7 +52,10 @@ function trainedRuns(ids: ArrayLike<number>, labels: ArrayLike<number>): number[
 
 describe("prompt/completion and alpaca", () => {
     test("completion-only masking masks exactly the prompt tokens; the response and EOS are trained", () => {
-        const example = formatRecord({instruction: "把下面的数字相加。", input: "3 5", output: "8"}, "alpaca") as Extract<Example, {kind: "prompt_completion"}>;
+        const example = formatRecord({instruction: "把下面的数字相加。", input: "3 5", output: "8"}, "alpaca") as Extract<
+            Example,
+            {kind: "prompt_completion"}
+        >;
         const promptIds = tokenizer.encode(example.prompt);
         const out = tokenizeExample(example, tokenizer, defaults);
         assert.deepEqual(out.inputIds, tokenizer.encode(example.prompt + "8" + EOS));
@@ -60,7 +63,10 @@ describe("prompt/completion and alpaca", () => {
         const responseIds = tokenizer.encode("8");
         const expectedPositions = Array.from({length: responseIds.length + 1}, (_, i) => promptIds.length + i);
         assert.deepEqual(trainedPositions(out.labels), expectedPositions);
-        assert.deepEqual(expectedPositions.map((p) => out.labels[p]), [...responseIds, EOS_ID]);
+        assert.deepEqual(
+            expectedPositions.map((p) => out.labels[p]),
+            [...responseIds, EOS_ID]
+        );
         assert.equal(out.prefixMismatch, undefined);
     });
 
@@ -104,7 +110,10 @@ describe("prompt/completion and alpaca", () => {
         const prepared = prepareRecords([{text: "x"}], tokenizer, {eos_token: "<|im_end|>"});
         assert.equal(prepared.rows[0].inputIds[prepared.rows[0].inputIds.length - 1], IM_END_ID);
         // the config's default assistant_only_loss: true is ignored for non-chat data
-        const alpaca = prepareRecords([{instruction: "x", output: "y"}], tokenizer, {assistant_only_loss: true, completion_only_loss: true});
+        const alpaca = prepareRecords([{instruction: "x", output: "y"}], tokenizer, {
+            assistant_only_loss: true,
+            completion_only_loss: true
+        });
         assert.deepEqual([alpaca.options.assistantOnlyLoss, alpaca.options.completionOnlyLoss], [false, true]);
     });
 });
@@ -120,13 +129,23 @@ describe("chat: assistant-only loss", () => {
 
     test("assistant spans cover the content and <|im_end|>, not the newline after it", () => {
         const {text, spans} = assistantSpans(messages, tokenizer);
-        assert.equal(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n");
-        assert.deepEqual(spans.map(([s, e]) => text.slice(s, e)), ["Hello!<|im_end|>", "4<|im_end|>"]);
+        assert.equal(
+            text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+        );
+        assert.deepEqual(
+            spans.map(([s, e]) => text.slice(s, e)),
+            ["Hello!<|im_end|>", "4<|im_end|>"]
+        );
     });
 
     test("only assistant tokens (and their end-of-turn token) are trained", () => {
         const out = tokenizeExample({kind: "messages", messages}, tokenizer, defaults);
-        assert.deepEqual(out.inputIds, tokenizer.encode(tokenizer.applyChatTemplate(messages)), "piecewise encoding equals encoding the whole");
+        assert.deepEqual(
+            out.inputIds,
+            tokenizer.encode(tokenizer.applyChatTemplate(messages)),
+            "piecewise encoding equals encoding the whole"
+        );
         const runs = trainedRuns(out.inputIds, out.labels);
         assert.deepEqual(runs, [tokenizer.encode("Hello!<|im_end|>"), tokenizer.encode("4<|im_end|>")]);
         assert.equal(runs[0][runs[0].length - 1], IM_END_ID);
@@ -135,7 +154,18 @@ describe("chat: assistant-only loss", () => {
     });
 
     test("without a system message the template's default one is masked; a first assistant turn is found by search", () => {
-        const out = tokenizeExample({kind: "messages", messages: [{role: "assistant", content: "I start."}, {role: "user", content: "ok"}, {role: "assistant", content: "fine"}]}, tokenizer, defaults);
+        const out = tokenizeExample(
+            {
+                kind: "messages",
+                messages: [
+                    {role: "assistant", content: "I start."},
+                    {role: "user", content: "ok"},
+                    {role: "assistant", content: "fine"}
+                ]
+            },
+            tokenizer,
+            defaults
+        );
         const runs = trainedRuns(out.inputIds, out.labels).map((r) => tokenizer.decode(r));
         assert.deepEqual(runs, ["I start.<|im_end|>", "fine<|im_end|>"]);
     });
@@ -149,7 +179,9 @@ describe("chat: assistant-only loss", () => {
             for (let i = 0; i < 25; i++) {
                 const example = formatRecord(read.records[i], format);
                 if (example.kind !== "messages") assert.fail("messages expected");
-                const expected = example.messages.filter((m) => m.role === "assistant").map((m) => m.content.trimEnd() + "<|im_end|>");
+                const expected = example.messages
+                    .filter((m) => m.role === "assistant")
+                    .map((m) => m.content.trimEnd() + "<|im_end|>");
                 const row = prepared.rows[i];
                 const runs = trainedRuns(row.inputIds, row.labels).map((r) => tokenizer.decode(r));
                 assert.deepEqual(runs, expected, `${file} record ${i}`);
@@ -158,7 +190,11 @@ describe("chat: assistant-only loss", () => {
     });
 
     test("conversational prompt/completion masks the rendered prompt", () => {
-        const example: Example = {kind: "chat_prompt_completion", prompt: [{role: "user", content: "hi"}], completion: [{role: "assistant", content: "yo"}]};
+        const example: Example = {
+            kind: "chat_prompt_completion",
+            prompt: [{role: "user", content: "hi"}],
+            completion: [{role: "assistant", content: "yo"}]
+        };
         const out = tokenizeExample(example, tokenizer, defaults);
         const runs = trainedRuns(out.inputIds, out.labels).map((r) => tokenizer.decode(r));
         assert.deepEqual(runs, ["yo<|im_end|>\n"]);
@@ -187,7 +223,10 @@ describe("truncation and dropping", () => {
         const description = describeDataset(prepared);
         assert.equal(description.truncated, 2);
         assert.equal(description.rows, 1);
-        assert.equal(description.histogram.reduce((s, b) => s + b.count, 0), 3);
+        assert.equal(
+            description.histogram.reduce((s, b) => s + b.count, 0),
+            3
+        );
         assert.throws(() => prepareRecords([long], tokenizer, {max_seq_length: 24}), /no example of the 1 has a label to train/);
     });
 
@@ -195,7 +234,9 @@ describe("truncation and dropping", () => {
         const broken = {
             encode: (text: string) => tokenizer.encode(text),
             applyChatTemplate: (): string => {
-                throw new QloraError("the chat template failed on these messages: roles must alternate", {file: "tokenizer_config.json"});
+                throw new QloraError("the chat template failed on these messages: roles must alternate", {
+                    file: "tokenizer_config.json"
+                });
             },
             eosTokenId: tokenizer.eosTokenId,
             padTokenId: tokenizer.padTokenId,
@@ -203,7 +244,18 @@ describe("truncation and dropping", () => {
             tokenToId: (token: string) => tokenizer.tokenToId(token)
         };
         assert.throws(
-            () => prepareRecords([{messages: [{role: "user", content: "a"}, {role: "assistant", content: "b"}]}], broken),
+            () =>
+                prepareRecords(
+                    [
+                        {
+                            messages: [
+                                {role: "user", content: "a"},
+                                {role: "assistant", content: "b"}
+                            ]
+                        }
+                    ],
+                    broken
+                ),
             /^QloraError: record 0: tokenizer_config\.json: the chat template failed on these messages/
         );
     });

@@ -24,7 +24,12 @@ function keepRef(seed: bigint, i: bigint, p: number): boolean {
 }
 
 test("dropoutMask keeps exactly the elements the splitmix64 rule keeps, scaled by 1 / (1 - p)", () => {
-    for (const [seed, p] of [[1, 0.1], [2 ** 52 + 12345, 0.3], [0, 0.05], [987654321, 0.5]] as const) {
+    for (const [seed, p] of [
+        [1, 0.1],
+        [2 ** 52 + 12345, 0.3],
+        [0, 0.05],
+        [987654321, 0.5]
+    ] as const) {
         const n = 20_001;
         const mask = new Float32Array(n).fill(NaN);
         cpu().dropoutMask(mask, seed, p, n);
@@ -43,7 +48,8 @@ test("dropoutMask keeps exactly the elements the splitmix64 rule keeps, scaled b
 });
 
 test("the clock: seeds differ by run, micro-batch and projection; evaluation passes do not advance it", async () => {
-    const a = new DropoutClock(7), b = new DropoutClock(8);
+    const a = new DropoutClock(7),
+        b = new DropoutClock(8);
     const seeds = new Set([a.seedFor(0), a.seedFor(1), b.seedFor(0)]);
     a.microBatch = 1;
     seeds.add(a.seedFor(0));
@@ -52,11 +58,17 @@ test("the clock: seeds differ by run, micro-batch and projection; evaluation pas
 
     const model = await DecoderModel.load(MODEL_DIR);
     const clock = new DropoutClock(5);
-    const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: ["q_proj"], lora_dropout: 0.2, init_lora_weights: false},
-        {initRng: new Rng(3), dropoutClock: clock});
+    const lora = applyLora(
+        model,
+        {r: 4, lora_alpha: 8, target_modules: ["q_proj"], lora_dropout: 0.2, init_lora_weights: false},
+        {initRng: new Rng(3), dropoutClock: clock}
+    );
     lora.setTraining(true);
     const trainer = new DecoderTrainer(model, clock);
-    const row = (n: number): TokenizedRow => ({inputIds: Int32Array.from({length: n}, (_, i) => 100 + i), labels: Int32Array.from({length: n}, (_, i) => 100 + i)});
+    const row = (n: number): TokenizedRow => ({
+        inputIds: Int32Array.from({length: n}, (_, i) => 100 + i),
+        labels: Int32Array.from({length: n}, (_, i) => 100 + i)
+    });
     const batch = collate([row(9)], {padTokenId: 0});
     const step = () => {
         lora.zeroGrad();

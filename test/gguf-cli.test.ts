@@ -37,7 +37,11 @@ function expectError(r: ReturnType<typeof qlora>, ...fragments: string[]) {
 function assertNothingWritten(file: string) {
     assert.equal(existsSync(file), false, `${file} must not exist`);
     const dir = path.dirname(file);
-    if (existsSync(dir)) assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith(path.basename(file))), []);
+    if (existsSync(dir))
+        assert.deepEqual(
+            readdirSync(dir).filter((f) => f.startsWith(path.basename(file))),
+            []
+        );
 }
 
 /** a copy of the embedded model with its config.json changed */
@@ -57,13 +61,25 @@ const OTHER_ADAPTER = path.join(tmp, "other-adapter");
 before(async () => {
     // an adapter trained on a smaller qwen2 (hidden 128, MLP 256): its shapes do not fit tiny-qwen2
     const otherBase = path.join(tmp, "other-base");
-    await writeSyntheticCheckpoint(otherBase, {config: {
-        architectures: ["Qwen2ForCausalLM"], model_type: "qwen2", vocab_size: 16384, hidden_size: 128,
-        intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1,
-        max_position_embeddings: 512, tie_word_embeddings: true,
-    }});
-    const lora = applyLora(await DecoderModel.load(otherBase), {r: 8, lora_alpha: 16, target_modules: "all-linear"},
-        {initRng: new Rng(1)});
+    await writeSyntheticCheckpoint(otherBase, {
+        config: {
+            architectures: ["Qwen2ForCausalLM"],
+            model_type: "qwen2",
+            vocab_size: 16384,
+            hidden_size: 128,
+            intermediate_size: 256,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true
+        }
+    });
+    const lora = applyLora(
+        await DecoderModel.load(otherBase),
+        {r: 8, lora_alpha: 16, target_modules: "all-linear"},
+        {initRng: new Rng(1)}
+    );
     await saveAdapter(OTHER_ADAPTER, lora);
 });
 
@@ -83,16 +99,23 @@ test("export gguf writes a file llama.cpp reads, and says what it wrote", async 
 test("an unknown --outtype", () => {
     const out = path.join(tmp, "x.gguf");
     expectError(qlora("export", "gguf", "--outtype", "q4_0", "--out", out), "--outtype", "f16, q8_0, q4_k_m");
-    expectError(qlora("export", "gguf-lora", "--adapter", path.join(FIXTURES, "adapter"), "--outtype", "q8_0", "--out", out),
-        "f32 or f16");
+    expectError(
+        qlora("export", "gguf-lora", "--adapter", path.join(FIXTURES, "adapter"), "--outtype", "q8_0", "--out", out),
+        "f32 or f16"
+    );
     assertNothingWritten(out);
 });
 
 test("an adapter trained on another base model: the first tensor whose shape differs is named", () => {
     const out = path.join(tmp, "merged.gguf");
     const tensor = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight";
-    expectError(qlora("export", "gguf", "--adapter", OTHER_ADAPTER, "--out", out), tensor, "[8, 256]", "[8, 768]",
-        "another base model");
+    expectError(
+        qlora("export", "gguf", "--adapter", OTHER_ADAPTER, "--out", out),
+        tensor,
+        "[8, 256]",
+        "[8, 768]",
+        "another base model"
+    );
     assertNothingWritten(out);
     const lora = path.join(tmp, "other.gguf");
     expectError(qlora("export", "gguf-lora", "--adapter", OTHER_ADAPTER, "--out", lora), tensor, "another base model");
@@ -110,13 +133,27 @@ test("an adapter that trains biases cannot become a LoRA GGUF (merge it instead)
 
 test("architectures llama.cpp cannot take from qlora are refused before any weight is read", () => {
     const out = path.join(tmp, "arch.gguf");
-    const classifier = modelWithConfig("classifier", (c) => { c.architectures = ["Qwen2ForSequenceClassification"]; });
-    expectError(qlora("export", "gguf", "--model", classifier, "--out", out), "config.json", "Qwen2ForSequenceClassification",
-        "cannot be exported to GGUF");
-    const gemma = modelWithConfig("gemma", (c) => { c.model_type = "gemma"; c.architectures = ["GemmaForCausalLM"]; });
+    const classifier = modelWithConfig("classifier", (c) => {
+        c.architectures = ["Qwen2ForSequenceClassification"];
+    });
+    expectError(
+        qlora("export", "gguf", "--model", classifier, "--out", out),
+        "config.json",
+        "Qwen2ForSequenceClassification",
+        "cannot be exported to GGUF"
+    );
+    const gemma = modelWithConfig("gemma", (c) => {
+        c.model_type = "gemma";
+        c.architectures = ["GemmaForCausalLM"];
+    });
     expectError(qlora("export", "gguf", "--model", gemma, "--out", out), "config.json", "gemma", "not supported");
     const longrope = modelWithConfig("longrope", (c) => {
-        c.rope_parameters = {rope_type: "longrope", rope_theta: 1e6, short_factor: Array(32).fill(1), long_factor: Array(32).fill(2)};
+        c.rope_parameters = {
+            rope_type: "longrope",
+            rope_theta: 1e6,
+            short_factor: Array(32).fill(1),
+            long_factor: Array(32).fill(2)
+        };
     });
     expectError(qlora("export", "gguf", "--model", longrope, "--out", out), "longrope", "cannot be exported to GGUF");
     assertNothingWritten(out);
@@ -133,8 +170,11 @@ test("a full disk: a one-line error, exit code 1, no partial file", () => {
     const mount = `mount -t tmpfs -o size=1m none "${dir}"`;
     const probe = spawnSync("unshare", ["-r", "-m", "sh", "-c", `${mount} && echo mounted`], {encoding: "utf8"});
     if (probe.stdout?.includes("mounted")) {
-        const full = spawnSync("unshare", ["-r", "-m", "sh", "-c",
-            `${mount} || exit 99; ${run}; rc=$?; echo "left:[$(ls -A "${dir}")]"; exit $rc`], {encoding: "utf8", cwd: REPO_ROOT});
+        const full = spawnSync(
+            "unshare",
+            ["-r", "-m", "sh", "-c", `${mount} || exit 99; ${run}; rc=$?; echo "left:[$(ls -A "${dir}")]"; exit $rc`],
+            {encoding: "utf8", cwd: REPO_ROOT}
+        );
         expectError({code: full.status, stdout: full.stdout, stderr: full.stderr}, out, "the disk is full", "ENOSPC");
         assert.match(full.stdout, /left:\[\]/);
     } else {

@@ -40,7 +40,7 @@ const HELD_OUT = [
     "My lord, the messenger is come from France with letters for the king, and he would speak with you before the dawn.",
     "青山隐隐水迢迢，落叶纷纷过小桥。独倚高楼人不见，一声长笛入云霄。",
     "Question: A farmer has 12 baskets with 9 apples in each basket. He sells 30 apples. How many apples are left?",
-    "Answer: He has 12 * 9 = 108 apples. After selling 30 he has 108 - 30 = 78 apples left. The answer is 78.",
+    "Answer: He has 12 * 9 = 108 apples. After selling 30 he has 108 - 30 = 78 apples left. The answer is 78."
 ].join("\n");
 
 let tokenizer: HfTokenizer;
@@ -63,7 +63,7 @@ test("every exported file parses (@huggingface/gguf, readGgufFileInfo) with the 
         f16: {F16: 57, F32: 41},
         q8_0: {Q8_0: 57, F32: 41},
         // token_embd (tied: it is also the output) and attn_v/ffn_down of layers 0, 3, 6, 7 get Q6_K
-        q4_k_m: {Q4_K: 48, Q6_K: 9, F32: 41},
+        q4_k_m: {Q4_K: 48, Q6_K: 9, F32: 41}
     };
     const typeNames: Record<number, string> = {0: "F32", 1: "F16", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K"};
     for (const outtype of ["f16", "q8_0", "q4_k_m"]) {
@@ -116,7 +116,11 @@ test("the f16 export decodes greedily to qlora's own tokens (same prompt ids)", 
             const promptIds = tokenizer.encode(prompt);
             const ours = qloraGreedy(model, promptIds, 24);
             const theirs = await llamaGreedy(llamaModel, promptIds, {maxNewTokens: 24, eosTokenIds: EOS});
-            assert.deepEqual(theirs, ours, `prompt ${JSON.stringify(prompt)}: ${tokenizer.decode(ours)} vs ${tokenizer.decode(theirs)}`);
+            assert.deepEqual(
+                theirs,
+                ours,
+                `prompt ${JSON.stringify(prompt)}: ${tokenizer.decode(ours)} vs ${tokenizer.decode(theirs)}`
+            );
         }
     } finally {
         await llamaModel.dispose();
@@ -139,23 +143,31 @@ test("q8_0 and q4_k_m keep the perplexity of f16 within 2% and 10% on held-out t
         }
     }
     const rel = (x: number) => `${(100 * (x / ppl.f16 - 1)).toFixed(2)}%`;
-    console.log(`perplexity on ${ids.length} held-out tokens: qlora f32 ${ppl.qlora_f32.toFixed(3)}, ` +
-        `llama.cpp f16 ${ppl.f16.toFixed(3)}, q8_0 ${ppl.q8_0.toFixed(3)} (${rel(ppl.q8_0)}), ` +
-        `q4_k_m ${ppl.q4_k_m.toFixed(3)} (${rel(ppl.q4_k_m)})`);
+    console.log(
+        `perplexity on ${ids.length} held-out tokens: qlora f32 ${ppl.qlora_f32.toFixed(3)}, ` +
+            `llama.cpp f16 ${ppl.f16.toFixed(3)}, q8_0 ${ppl.q8_0.toFixed(3)} (${rel(ppl.q8_0)}), ` +
+            `q4_k_m ${ppl.q4_k_m.toFixed(3)} (${rel(ppl.q4_k_m)})`
+    );
     assert.ok(Math.abs(ppl.f16 / ppl.qlora_f32 - 1) < 0.01, "llama.cpp f16 agrees with qlora's f32 forward");
     assert.ok(Math.abs(ppl.q8_0 / ppl.f16 - 1) <= 0.02, `q8_0 ${rel(ppl.q8_0)}`);
-    assert.ok(Math.abs(ppl.q4_k_m / ppl.f16 - 1) <= 0.10, `q4_k_m ${rel(ppl.q4_k_m)}`);
+    assert.ok(Math.abs(ppl.q4_k_m / ppl.f16 - 1) <= 0.1, `q4_k_m ${rel(ppl.q4_k_m)}`);
 });
 
 test("q8_0 and q4_k_m in llama.cpp match qlora running on the same dequantized weights", async () => {
     const ids = tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。To be, or not to be: that is the question.");
-    for (const [outtype, bound] of [["f16", 1e-4], ["q8_0", 1e-3], ["q4_k_m", 1e-2]] as const) {
+    for (const [outtype, bound] of [
+        ["f16", 1e-4],
+        ["q8_0", 1e-3],
+        ["q4_k_m", 1e-2]
+    ] as const) {
         const reference = roundTripModel(model, outtype).forward(Int32Array.from(ids), 1, ids.length);
         const m = await loadGguf(file(`tiny-${outtype}.gguf`));
         try {
             const {meanKl, top1Agreement} = await llamaMeanKl(m, ids, reference);
-            console.log(`${outtype}: mean KL ${meanKl.toExponential(2)} vs qlora on the dequantized weights, ` +
-                `top-1 agreement ${top1Agreement}`);
+            console.log(
+                `${outtype}: mean KL ${meanKl.toExponential(2)} vs qlora on the dequantized weights, ` +
+                    `top-1 agreement ${top1Agreement}`
+            );
             assert.ok(meanKl < bound, `${outtype}: mean KL ${meanKl}`);
             assert.ok(top1Agreement >= 0.9, `${outtype}: top-1 agreement ${top1Agreement}`);
         } finally {
@@ -175,7 +187,13 @@ test("base f16 + the LoRA GGUF gives the greedy tokens of the merged f16 export 
     assert.equal(md["adapter.lora.alpha"], 16);
     const a = parsed.tensorInfos.find((t) => t.name === "blk.0.ffn_down.weight.lora_a")!;
     const b = parsed.tensorInfos.find((t) => t.name === "blk.0.ffn_down.weight.lora_b")!;
-    assert.deepEqual([a.shape.map(Number), b.shape.map(Number)], [[768, 8], [8, 256]]);
+    assert.deepEqual(
+        [a.shape.map(Number), b.shape.map(Number)],
+        [
+            [768, 8],
+            [8, 256]
+        ]
+    );
 
     const withAdapter = await DecoderModel.load(MODEL_DIR);
     await loadAdapter(ADAPTER, withAdapter);
@@ -188,8 +206,11 @@ test("base f16 + the LoRA GGUF gives the greedy tokens of the merged f16 export 
             const plain = qloraGreedy(model, promptIds, 20);
             assert.notDeepEqual(ours, plain, "the adapter changes the output (its B is random)");
             const fromMerged = await llamaGreedy(merged, promptIds, {maxNewTokens: 20, eosTokenIds: EOS});
-            const fromLora = await llamaGreedy(base, promptIds, {maxNewTokens: 20, eosTokenIds: EOS,
-                lora: [{filePath: file("adapter.gguf")}]});
+            const fromLora = await llamaGreedy(base, promptIds, {
+                maxNewTokens: 20,
+                eosTokenIds: EOS,
+                lora: [{filePath: file("adapter.gguf")}]
+            });
             assert.deepEqual(fromLora, fromMerged, `base + LoRA vs merged, prompt ${JSON.stringify(prompt)}`);
             assert.deepEqual(fromMerged, ours, `merged vs qlora with the adapter, prompt ${JSON.stringify(prompt)}`);
         }
@@ -202,9 +223,16 @@ test("base f16 + the LoRA GGUF gives the greedy tokens of the merged f16 export 
 test("an adapter with trained biases is merged with its biases (qwen2 q/k/v biases replaced)", async () => {
     const adapterDir = path.join(tmp, "bias-adapter");
     const trained = await DecoderModel.load(MODEL_DIR);
-    const lora = applyLora(trained, {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj"], bias: "all",
-        init_lora_weights: false}, {initRng: new Rng(5)});
-    for (const t of lora.trainableTensors()) if (t.name.endsWith(".bias")) t.param.forEach((v, i, b) => { b[i] = v + 0.05 * Math.sin(i); });
+    const lora = applyLora(
+        trained,
+        {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj"], bias: "all", init_lora_weights: false},
+        {initRng: new Rng(5)}
+    );
+    for (const t of lora.trainableTensors())
+        if (t.name.endsWith(".bias"))
+            t.param.forEach((v, i, b) => {
+                b[i] = v + 0.05 * Math.sin(i);
+            });
     await saveAdapter(adapterDir, lora);
     const out = file("bias-merged-f16.gguf");
     await exportGguf({modelDir: MODEL_DIR, adapterDir, outtype: "f16", out});
@@ -224,7 +252,8 @@ test("an adapter with trained biases is merged with its biases (qwen2 q/k/v bias
 test("a pre-quantized bitsandbytes 4-bit folder exports its dequantized weights", async () => {
     const dir = path.join(tmp, "bnb-4bit");
     mkdirSync(dir);
-    for (const f of readdirSync(path.join(FIXTURES, "bnb-4bit"))) copyFileSync(path.join(FIXTURES, "bnb-4bit", f), path.join(dir, f));
+    for (const f of readdirSync(path.join(FIXTURES, "bnb-4bit")))
+        copyFileSync(path.join(FIXTURES, "bnb-4bit", f), path.join(dir, f));
     for (const f of ["tokenizer.json", "tokenizer_config.json"]) copyFileSync(path.join(MODEL_DIR, f), path.join(dir, f));
     const out = file("bnb-f16.gguf");
     await exportGguf({modelDir: dir, outtype: "f16", out});

@@ -32,22 +32,40 @@ let model: DecoderModel;
 before(async () => {
     await writeSyntheticCheckpoint(LLAMA_DIR, {
         config: {
-            architectures: ["LlamaForCausalLM"], model_type: "llama", vocab_size: 16384, hidden_size: 256,
-            intermediate_size: 512, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
-            max_position_embeddings: 1024, rms_norm_eps: 1e-5, rope_theta: 10000, tie_word_embeddings: false,
-            bos_token_id: 16381, eos_token_id: 16381, hidden_act: "silu",
+            architectures: ["LlamaForCausalLM"],
+            model_type: "llama",
+            vocab_size: 16384,
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 1024,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000,
+            tie_word_embeddings: false,
+            bos_token_id: 16381,
+            eos_token_id: 16381,
+            hidden_act: "silu"
         },
         seed: 7,
-        std: 0.08,
+        std: 0.08
     });
     for (const f of ["tokenizer.json", "tokenizer_config.json"]) copyFileSync(path.join(MODEL_DIR, f), path.join(LLAMA_DIR, f));
     tokenizer = await HfTokenizer.load(LLAMA_DIR);
     model = await DecoderModel.load(LLAMA_DIR);
     // an adapter with random A and B on every projection (init_lora_weights false), saved as PEFT does
     const trained = await DecoderModel.load(LLAMA_DIR);
-    const lora = applyLora(trained, {r: 4, lora_alpha: 8, target_modules: "all-linear", init_lora_weights: false},
-        {initRng: new Rng(3)});
-    for (const layer of lora.layers.values()) if (layer.lora) layer.lora.B.forEach((v, i, b) => { b[i] = v * 0.3; });
+    const lora = applyLora(
+        trained,
+        {r: 4, lora_alpha: 8, target_modules: "all-linear", init_lora_weights: false},
+        {initRng: new Rng(3)}
+    );
+    for (const layer of lora.layers.values())
+        if (layer.lora)
+            layer.lora.B.forEach((v, i, b) => {
+                b[i] = v * 0.3;
+            });
     await saveAdapter(ADAPTER_DIR, lora);
 });
 
@@ -61,7 +79,10 @@ test("a llama checkpoint exports (permuted q/k, output.weight) and llama.cpp mat
     assert.equal(md["llama.rope.dimension_count"], 64);
     assert.equal(md["llama.vocab_size"], 16384);
     assert.equal(md["llama.rope.freq_base"], 10000);
-    assert.ok(parsed.tensorInfos.some((t) => t.name === "output.weight"), "untied: output.weight is written");
+    assert.ok(
+        parsed.tensorInfos.some((t) => t.name === "output.weight"),
+        "untied: output.weight is written"
+    );
     assert.ok(!parsed.tensorInfos.some((t) => t.name.endsWith(".bias")), "llama has no q/k/v biases here");
 
     const ids = tokenizer.encode("床前明月光，疑是地上霜。The quick brown fox");
@@ -69,7 +90,9 @@ test("a llama checkpoint exports (permuted q/k, output.weight) and llama.cpp mat
     const llamaModel = await loadGguf(out);
     try {
         const {meanKl, top1Agreement} = await llamaMeanKl(llamaModel, ids, logits);
-        console.log(`llama f16: mean KL ${meanKl.toExponential(2)} over ${ids.length} positions, top-1 agreement ${top1Agreement}`);
+        console.log(
+            `llama f16: mean KL ${meanKl.toExponential(2)} over ${ids.length} positions, top-1 agreement ${top1Agreement}`
+        );
         assert.ok(meanKl < 1e-3, `mean KL ${meanKl}`);
         assert.equal(top1Agreement, 1);
         const promptIds = tokenizer.encode("春眠不觉晓，");
@@ -94,8 +117,10 @@ test("q4_k_m of the llama checkpoint matches qlora on the same dequantized weigh
     try {
         const {meanKl, top1Agreement} = await llamaMeanKl(llamaModel, ids, reference);
         const {meanKl: vsOriginal} = await llamaMeanKl(llamaModel, ids, original);
-        console.log(`llama q4_k_m: mean KL ${meanKl.toExponential(2)} vs the dequantized weights, ` +
-            `${vsOriginal.toExponential(2)} vs the original ones; top-1 agreement ${top1Agreement}`);
+        console.log(
+            `llama q4_k_m: mean KL ${meanKl.toExponential(2)} vs the dequantized weights, ` +
+                `${vsOriginal.toExponential(2)} vs the original ones; top-1 agreement ${top1Agreement}`
+        );
         assert.ok(meanKl < 1e-2 && meanKl < vsOriginal / 5, `mean KL ${meanKl}`);
     } finally {
         await llamaModel.dispose();
@@ -117,13 +142,19 @@ test("a LoRA GGUF on the llama base matches qlora with the adapter (lora_B of q/
         const {meanKl} = await llamaMeanKl(llamaModel, ids, logits, {lora: [{filePath: adapter}]});
         const {meanKl: withoutLora} = await llamaMeanKl(llamaModel, ids, logits);
         const {meanKl: baseKl} = await llamaMeanKl(llamaModel, ids, plain);
-        console.log(`llama LoRA: mean KL ${meanKl.toExponential(2)} with the adapter, ${withoutLora.toExponential(2)} without it`);
+        console.log(
+            `llama LoRA: mean KL ${meanKl.toExponential(2)} with the adapter, ${withoutLora.toExponential(2)} without it`
+        );
         assert.ok(baseKl < 1e-3, "the base alone matches the model without the adapter");
         assert.ok(withoutLora > 100 * meanKl, "the adapter matters");
         assert.ok(meanKl < 1e-3, `mean KL ${meanKl}`);
         const promptIds = tokenizer.encode("春眠不觉晓，");
         const ours = generate(withAdapter, promptIds, {maxNewTokens: 16, greedy: true, eosTokenIds: EOS}).newIds;
-        const theirs = await llamaGreedy(llamaModel, promptIds, {maxNewTokens: 16, eosTokenIds: EOS, lora: [{filePath: adapter}]});
+        const theirs = await llamaGreedy(llamaModel, promptIds, {
+            maxNewTokens: 16,
+            eosTokenIds: EOS,
+            lora: [{filePath: adapter}]
+        });
         assert.deepEqual(theirs, ours);
     } finally {
         await llamaModel.dispose();
@@ -131,14 +162,24 @@ test("a LoRA GGUF on the llama base matches qlora with the adapter (lora_B of q/
 });
 
 test("rope scaling (llama3 via rope_freqs.weight, linear, yarn) carries over to llama.cpp", async () => {
-    const base = {architectures: ["LlamaForCausalLM"], model_type: "llama", vocab_size: 16384, hidden_size: 256,
-        intermediate_size: 512, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2,
-        max_position_embeddings: 1024, rope_theta: 500000, tie_word_embeddings: true};
+    const base = {
+        architectures: ["LlamaForCausalLM"],
+        model_type: "llama",
+        vocab_size: 16384,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 1,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 1024,
+        rope_theta: 500000,
+        tie_word_embeddings: true
+    };
     const scalings = {
         none: null,
         llama3: {rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64},
         linear: {rope_type: "linear", factor: 4},
-        yarn: {rope_type: "yarn", factor: 4, original_max_position_embeddings: 256},
+        yarn: {rope_type: "yarn", factor: 4, original_max_position_embeddings: 256}
     };
     const ids = tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。To be, or not to be: that is the question.");
     let unscaled: Float32Array | null = null;

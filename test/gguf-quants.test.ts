@@ -9,7 +9,14 @@ import assert from "node:assert/strict";
 import {createHash} from "node:crypto";
 import {f32ToHalf} from "../src/backend/cpu.js";
 import {
-    decodeTensor, encodeTensor, GgmlType, ggmlTensorBytes, tensorTypeFor, typeFallback, useMoreBits, type GgufOuttype,
+    decodeTensor,
+    encodeTensor,
+    GgmlType,
+    ggmlTensorBytes,
+    tensorTypeFor,
+    typeFallback,
+    useMoreBits,
+    type GgufOuttype
 } from "../src/io/gguf-quants.js";
 import {QUANT_ROW, QUANT_ROWS, quantTestData} from "./helpers/gguf-quant-data.js";
 
@@ -17,25 +24,29 @@ const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 
 const GOLDEN: Record<string, {type: GgmlType; ref: string; encoded: string; decoded: string}> = {
     Q8_0: {
-        type: GgmlType.Q8_0, ref: "quantize_row_q8_0_ref",
+        type: GgmlType.Q8_0,
+        ref: "quantize_row_q8_0_ref",
         encoded: "8979b54c443d1bf6bd9c36ae6f9ff192e6ec7822ad14652d05fdad44b0c2708d",
-        decoded: "168baa9c67766ff24258f832741d9b7c2f6be57a4ad5a7b3c1004aab4f201ab8",
+        decoded: "168baa9c67766ff24258f832741d9b7c2f6be57a4ad5a7b3c1004aab4f201ab8"
     },
     Q5_0: {
-        type: GgmlType.Q5_0, ref: "quantize_row_q5_0_ref",
+        type: GgmlType.Q5_0,
+        ref: "quantize_row_q5_0_ref",
         encoded: "8c3bee61b7276848a8164e4ca31fe702a5a11b80a56aefcca78db228bd65de42",
-        decoded: "2e2c7762274361691b6242b1b432c3ff47e694f3b78ba92d42e8c57884f58ba4",
+        decoded: "2e2c7762274361691b6242b1b432c3ff47e694f3b78ba92d42e8c57884f58ba4"
     },
     Q4_K: {
-        type: GgmlType.Q4_K, ref: "quantize_row_q4_K_ref (make_qkx2_quants)",
+        type: GgmlType.Q4_K,
+        ref: "quantize_row_q4_K_ref (make_qkx2_quants)",
         encoded: "24f8d00118729017b87cd8a9fe1751ccafe4651818802167c99085a7ec642c61",
-        decoded: "d7079c635bc2ba9fae280eb0b22c47fde2b0e4cbdbdc365a45dd2a0b10756f4e",
+        decoded: "d7079c635bc2ba9fae280eb0b22c47fde2b0e4cbdbdc365a45dd2a0b10756f4e"
     },
     Q6_K: {
-        type: GgmlType.Q6_K, ref: "quantize_row_q6_K_ref (make_qx_quants)",
+        type: GgmlType.Q6_K,
+        ref: "quantize_row_q6_K_ref (make_qx_quants)",
         encoded: "6a3fba611592c4bced04bf1a39c52cd7a5196cb32376559538dcefda01b00e1c",
-        decoded: "072463671ef5aa91cc6949fc1cb5ecc7ab8476490b128ad11f0d03d33ce79d2f",
-    },
+        decoded: "072463671ef5aa91cc6949fc1cb5ecc7ab8476490b128ad11f0d03d33ce79d2f"
+    }
 };
 
 for (const [name, golden] of Object.entries(GOLDEN)) {
@@ -66,14 +77,33 @@ test("Q8_0 by hand: d = amax/127 as f16, codes round(x/d)", () => {
     const d = new DataView(bytes.buffer).getUint16(0, true);
     assert.equal(d, f32ToHalf(Float32Array.of(2 / 127), "F16")[0]);
     const codes = Array.from(new Int8Array(bytes.buffer, 2, 32));
-    assert.deepEqual(codes, Array.from(x, (v) => Math.sign(v) * Math.round(Math.abs(v) * 127 / 2)));
+    assert.deepEqual(
+        codes,
+        Array.from(x, (v) => Math.sign(v) * Math.round((Math.abs(v) * 127) / 2))
+    );
     const back = decodeTensor(GgmlType.Q8_0, bytes, 32, 1);
     for (let j = 0; j < 32; j++) assert.ok(Math.abs(back[j] - x[j]) < 0.01);
 });
 
 test("F16 is round-to-nearest-even with overflow to infinity, like the F16C conversion", () => {
-    const x = new Float32Array([0, -0, 1, -2.5, 1 / 3, 65504, 65519, 65520, 70000, -1e9, 1e-7, 6e-8, 3e-8, 2.98e-8,
-        Math.fround(1 + 2 ** -11), Math.fround(1 + 3 * 2 ** -11)]);
+    const x = new Float32Array([
+        0,
+        -0,
+        1,
+        -2.5,
+        1 / 3,
+        65504,
+        65519,
+        65520,
+        70000,
+        -1e9,
+        1e-7,
+        6e-8,
+        3e-8,
+        2.98e-8,
+        Math.fround(1 + 2 ** -11),
+        Math.fround(1 + 3 * 2 ** -11)
+    ]);
     const bytes = encodeTensor(GgmlType.F16, x, x.length, 1);
     const ours = new Uint16Array(bytes.buffer, 0, x.length);
     assert.deepEqual(Array.from(ours), Array.from(f32ToHalf(x, "F16")));
@@ -111,7 +141,16 @@ test("shape fallbacks: Q4_K → Q5_0, Q6_K → Q8_0 when 256 does not divide a r
 });
 
 /** the tensor list of a dense qwen2 model as (GGUF name, ne) */
-function qwen2Tensors(cfg: {C: number; ff: number; layers: number; heads: number; kv: number; hd: number; V: number; tied: boolean}) {
+function qwen2Tensors(cfg: {
+    C: number;
+    ff: number;
+    layers: number;
+    heads: number;
+    kv: number;
+    hd: number;
+    V: number;
+    tied: boolean;
+}) {
     const t: [string, number[]][] = [["token_embd.weight", [cfg.C, cfg.V]]];
     for (let l = 0; l < cfg.layers; l++) {
         const b = `blk.${l}`;
@@ -141,9 +180,14 @@ test("Q4_K_M reproduces the official Qwen2.5-0.5B-Instruct Q4_K_M type counts (S
     // n_embd 896 is not a multiple of 256, so most tensors fall back; the file has an output.weight
     const tensors = qwen2Tensors({C: 896, ff: 4864, layers: 24, heads: 14, kv: 2, hd: 64, V: 151936, tied: false});
     assert.deepEqual(typeCounts("q4_k_m", tensors, 24, false), {
-        [GgmlType.F32]: 121, [GgmlType.Q5_0]: 133, [GgmlType.Q8_0]: 13, [GgmlType.Q4_K]: 12, [GgmlType.Q6_K]: 12,
+        [GgmlType.F32]: 121,
+        [GgmlType.Q5_0]: 133,
+        [GgmlType.Q8_0]: 13,
+        [GgmlType.Q4_K]: 12,
+        [GgmlType.Q6_K]: 12
     });
-    const down = (l: number) => tensorTypeFor(`blk.${l}.ffn_down.weight`, [4864, 896], "q4_k_m", {blockCount: 24, tiedEmbeddings: false});
+    const down = (l: number) =>
+        tensorTypeFor(`blk.${l}.ffn_down.weight`, [4864, 896], "q4_k_m", {blockCount: 24, tiedEmbeddings: false});
     assert.equal(down(0), GgmlType.Q6_K);
     assert.equal(down(3), GgmlType.Q4_K);
     assert.equal(down(5), GgmlType.Q6_K);
@@ -152,7 +196,10 @@ test("Q4_K_M reproduces the official Qwen2.5-0.5B-Instruct Q4_K_M type counts (S
 test("tied embeddings get the output layer's type; f16/q8_0 follow the converter", () => {
     const ctxTied = {blockCount: 28, tiedEmbeddings: true};
     assert.equal(tensorTypeFor("token_embd.weight", [1536, 151936], "q4_k_m", ctxTied), GgmlType.Q6_K);
-    assert.equal(tensorTypeFor("token_embd.weight", [1536, 151936], "q4_k_m", {...ctxTied, tiedEmbeddings: false}), GgmlType.Q4_K);
+    assert.equal(
+        tensorTypeFor("token_embd.weight", [1536, 151936], "q4_k_m", {...ctxTied, tiedEmbeddings: false}),
+        GgmlType.Q4_K
+    );
     assert.equal(tensorTypeFor("token_embd.weight", [896, 151936], "q4_k_m", ctxTied), GgmlType.Q8_0);
     assert.equal(tensorTypeFor("blk.0.attn_q.weight", [1536, 1536], "f16", ctxTied), GgmlType.F16);
     assert.equal(tensorTypeFor("blk.0.attn_q.bias", [1536], "f16", ctxTied), GgmlType.F32);

@@ -40,10 +40,15 @@ test("a file with every metadata type and three tensor types reads back, offsets
     const tensors: GgufTensor[] = [
         {name: "a.weight", type: GgmlType.F32, ne: [48, 3], data: () => encodeTensor(GgmlType.F32, a, 48, 3)},
         {name: "b.bias", type: GgmlType.F32, ne: [5], data: () => encodeTensor(GgmlType.F32, b, 5, 1)},
-        {name: "c.weight", type: GgmlType.Q8_0, ne: [64, 4], data: async function* () {
-            for (let r = 0; r < 4; r++) yield encodeTensor(GgmlType.Q8_0, c.subarray(r * 64, (r + 1) * 64), 64, 1);
-        }},
-        {name: "d.weight", type: GgmlType.F16, ne: [3, 2], data: () => [encodeTensor(GgmlType.F16, values(6, 4), 3, 2)]},
+        {
+            name: "c.weight",
+            type: GgmlType.Q8_0,
+            ne: [64, 4],
+            data: async function* () {
+                for (let r = 0; r < 4; r++) yield encodeTensor(GgmlType.Q8_0, c.subarray(r * 64, (r + 1) * 64), 64, 1);
+            }
+        },
+        {name: "d.weight", type: GgmlType.F16, ne: [3, 2], data: () => [encodeTensor(GgmlType.F16, values(6, 4), 3, 2)]}
     ];
     const seen: string[] = [];
     const result = await writeGguf(file, {metadata: sampleMetadata(), tensors}, {onTensor: (_, t) => seen.push(t.name)});
@@ -70,12 +75,15 @@ test("a file with every metadata type and three tensor types reads back, offsets
     assert.deepEqual(md["test.strings"], ["a", "Ġb", "中文"]);
     assert.deepEqual(md["test.i32s"], [1, -2, 3]);
     const infos = parsed.tensorInfos;
-    assert.deepEqual(infos.map((t) => [t.name, t.shape.map(Number), t.dtype, Number(t.offset)]), [
-        ["a.weight", [48, 3], GgmlType.F32, 0],
-        ["b.bias", [5], GgmlType.F32, 576],
-        ["c.weight", [64, 4], GgmlType.Q8_0, 608],
-        ["d.weight", [3, 2], GgmlType.F16, 608 + 288], // 272 bytes of Q8_0 padded to 288
-    ]);
+    assert.deepEqual(
+        infos.map((t) => [t.name, t.shape.map(Number), t.dtype, Number(t.offset)]),
+        [
+            ["a.weight", [48, 3], GgmlType.F32, 0],
+            ["b.bias", [5], GgmlType.F32, 576],
+            ["c.weight", [64, 4], GgmlType.Q8_0, 608],
+            ["d.weight", [3, 2], GgmlType.F16, 608 + 288] // 272 bytes of Q8_0 padded to 288
+        ]
+    );
     const dataStart = Number(parsed.tensorDataOffset);
     assert.equal(dataStart % 32, 0);
     assert.equal(bytes.length, dataStart + 896 + 32, "the last tensor is padded too");
@@ -86,26 +94,33 @@ test("a file with every metadata type and three tensor types reads back, offsets
     const info = await readGgufFileInfo(file);
     assert.equal(info.version, 3);
     assert.equal(info.tensorInfo?.length, 4);
-    assert.deepEqual(readdirSync(tmp).filter((f) => f.includes(".tmp-")), []);
+    assert.deepEqual(
+        readdirSync(tmp).filter((f) => f.includes(".tmp-")),
+        []
+    );
 });
 
 test("a non-default alignment is written as general.alignment and respected", async () => {
     const file = path.join(tmp, "aligned.gguf");
     const tensors: GgufTensor[] = [
         {name: "x", type: GgmlType.F32, ne: [3], data: () => encodeTensor(GgmlType.F32, values(3, 0), 3, 1)},
-        {name: "y", type: GgmlType.F32, ne: [3], data: () => encodeTensor(GgmlType.F32, values(3, 1), 3, 1)},
+        {name: "y", type: GgmlType.F32, ne: [3], data: () => encodeTensor(GgmlType.F32, values(3, 1), 3, 1)}
     ];
     await writeGguf(file, {metadata: new GgufMetadata().string("general.architecture", "llama"), tensors, alignment: 64});
     const parsed = await gguf(file, {allowLocalFile: true});
     assert.equal((parsed.metadata as unknown as Record<string, unknown>)["general.alignment"], 64);
     assert.equal(Number(parsed.tensorDataOffset) % 64, 0);
-    assert.deepEqual(parsed.tensorInfos.map((t) => Number(t.offset)), [0, 64]);
+    assert.deepEqual(
+        parsed.tensorInfos.map((t) => Number(t.offset)),
+        [0, 64]
+    );
     assert.equal(alignUp(65, 64), 128);
 });
 
 test("metadata is checked: empty or repeated keys, empty arrays, out-of-range values", () => {
     const md = new GgufMetadata().u32("a.b", 1);
-    const bad = (fn: () => unknown, re: RegExp) => assert.throws(fn, (e: unknown) => isQloraError(e) && re.test((e as Error).message));
+    const bad = (fn: () => unknown, re: RegExp) =>
+        assert.throws(fn, (e: unknown) => isQloraError(e) && re.test((e as Error).message));
     bad(() => md.u32("a.b", 2), /set twice/);
     bad(() => md.u32("", 2), /not a dotted ASCII name/);
     bad(() => md.u32("a..b", 2), /not a dotted ASCII name/);
@@ -126,10 +141,13 @@ test("tensor infos are checked before anything is written", async () => {
         [[t("n".repeat(64), GgmlType.F32, [4])], /1 to 63 bytes/],
         [[t("q", GgmlType.Q8_0, [48, 2])], /cannot be stored as Q8_0/],
         [[t("z", GgmlType.F32, [1, 1, 1, 1, 1])], /1 to 4 positive integers/],
-        [[t("z", GgmlType.F32, [0])], /1 to 4 positive integers/],
+        [[t("z", GgmlType.F32, [0])], /1 to 4 positive integers/]
     ];
     for (const [tensors, re] of cases) {
-        await assert.rejects(writeGguf(file, {metadata: md, tensors}), (e: unknown) => isQloraError(e) && re.test((e as Error).message));
+        await assert.rejects(
+            writeGguf(file, {metadata: md, tensors}),
+            (e: unknown) => isQloraError(e) && re.test((e as Error).message)
+        );
         assert.equal(existsSync(file), false);
     }
 });
@@ -140,14 +158,26 @@ test("a failed write removes the temporary file and leaves an existing file of t
     const md = new GgufMetadata().string("general.architecture", "llama");
     const tensor = (data: GgufTensor["data"]): GgufTensor[] => [{name: "w", type: GgmlType.F32, ne: [8], data}];
     // the producer returns the wrong number of bytes
-    await assert.rejects(writeGguf(file, {metadata: md, tensors: tensor(() => new Uint8Array(12))}),
-        (e: unknown) => isQloraError(e) && /keep\.gguf: .*produced 12 bytes, expected 32/.test((e as Error).message));
+    await assert.rejects(
+        writeGguf(file, {metadata: md, tensors: tensor(() => new Uint8Array(12))}),
+        (e: unknown) => isQloraError(e) && /keep\.gguf: .*produced 12 bytes, expected 32/.test((e as Error).message)
+    );
     // the disk fills up (as a write would report it)
     const enospc = Object.assign(new Error("ENOSPC: no space left on device, write"), {code: "ENOSPC"});
-    await assert.rejects(writeGguf(file, {metadata: md, tensors: tensor(() => { throw enospc; })}),
-        (e: unknown) => isQloraError(e) && /keep\.gguf: the disk is full/.test((e as Error).message));
+    await assert.rejects(
+        writeGguf(file, {
+            metadata: md,
+            tensors: tensor(() => {
+                throw enospc;
+            })
+        }),
+        (e: unknown) => isQloraError(e) && /keep\.gguf: the disk is full/.test((e as Error).message)
+    );
     assert.equal(readFileSync(file, "utf8"), "the previous export");
-    assert.deepEqual(readdirSync(tmp).filter((f) => f.includes(".tmp-")), []);
+    assert.deepEqual(
+        readdirSync(tmp).filter((f) => f.includes(".tmp-")),
+        []
+    );
     // and a successful write replaces it
     await writeGguf(file, {metadata: md, tensors: tensor(() => new Uint8Array(32))});
     assert.ok(statSync(file).size > 32);

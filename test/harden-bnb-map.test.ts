@@ -15,8 +15,11 @@ const f32 = Math.fround;
 /** bnb's search (csrc kernels.cu): a 7-step binary search from index 127, then the midpoint to the neighbour on
  *  the side x lies; endsFromMap: dQuantize's re-reading of code[0] / code[255] */
 function bnbSearch(code: Float32Array, x: number, signed: boolean, endsFromMap: boolean): number {
-    let pivot = 127, upperPivot = 255, lowerPivot = 0;
-    let lower = signed ? -1 : 0, upper = 1;
+    let pivot = 127,
+        upperPivot = 255,
+        lowerPivot = 0;
+    let lower = signed ? -1 : 0,
+        upper = 1;
     let val = code[127];
     for (let i = 64; i > 0; i >>= 1) {
         if (x > val) {
@@ -45,7 +48,7 @@ function nextF32(x: number, up: boolean): number {
     const f = new Float32Array([x]);
     const u = new Int32Array(f.buffer);
     if (x === 0) return up ? 1.401298464324817e-45 : -1.401298464324817e-45;
-    u[0] += (x > 0) === up ? 1 : -1;
+    u[0] += x > 0 === up ? 1 : -1;
     return f[0];
 }
 
@@ -53,7 +56,7 @@ function nextF32(x: number, up: boolean): number {
 function narrowSignedMap(): Float32Array {
     const m = new Float32Array(256);
     for (let k = 0; k < 256; k++) m[k] = f32(-0.6 + (1.3 * k) / 255);
-    m[118] = 0;  // the entry nearest zero is zero, as in the dynamic map
+    m[118] = 0; // the entry nearest zero is zero, as in the dynamic map
     m[200] = m[201];
     return m.sort();
 }
@@ -82,7 +85,8 @@ function probeValues(code: Float32Array, seed: number): number[] {
 /** the values laid out in blocks of 256 that each start with 1, so every block's absmax is 1 and the ops quantize
  *  the values themselves (x * fl32(1 / 1) = x) */
 function blocksOfOne(xs: number[]): Float32Array {
-    const perBlock = 255, nblocks = Math.ceil(xs.length / perBlock);
+    const perBlock = 255,
+        nblocks = Math.ceil(xs.length / perBlock);
     const out = new Float32Array(nblocks * 256);
     for (let b = 0; b < nblocks; b++) {
         out[b * 256] = 1;
@@ -100,12 +104,19 @@ function countDisagreements(code: Float32Array, xs: Float32Array, signed: boolea
 describe("bnb's 8-bit searches (qlora_bnb.h)", () => {
     test("quantizeBlockwise8bit is dQuantize: ends re-read from the map, ties at midpoints, NaN to code 0", () => {
         const ops = loadQuantOps();
-        for (const [name, code] of [["signed dynamic", SIGNED_DYNAMIC_MAP], ["narrow", narrowSignedMap()]] as const) {
+        for (const [name, code] of [
+            ["signed dynamic", SIGNED_DYNAMIC_MAP],
+            ["narrow", narrowSignedMap()]
+        ] as const) {
             const x = blocksOfOne(probeValues(code, 7));
             const n = x.length;
-            const q = new Uint8Array(n), absmax = new Float32Array(n / 256);
+            const q = new Uint8Array(n),
+                absmax = new Float32Array(n / 256);
             ops.quantizeBlockwise8bit(q, absmax, x, code, 256, n);
-            assert.ok(absmax.every((a) => a === 1), `${name}: every block's absmax is 1`);
+            assert.ok(
+                absmax.every((a) => a === 1),
+                `${name}: every block's absmax is 1`
+            );
             for (let i = 0; i < n; i++) {
                 assert.equal(q[i], bnbSearch(code, x[i], true, true), `${name} map: code of ${x[i]} (element ${i})`);
             }
@@ -118,18 +129,25 @@ describe("bnb's 8-bit searches (qlora_bnb.h)", () => {
 
     test("the 8-bit AdamW state codes are quantize_2D: assumed ends [-1, 1] / [0, 1], then the sign fix", () => {
         const ops = loadOptimOps();
-        const qmap1 = narrowSignedMap(), qmap2 = narrowUnsignedMap();
+        const qmap1 = narrowSignedMap(),
+            qmap2 = narrowUnsignedMap();
         const g = blocksOfOne(probeValues(qmap1, 8).concat(probeValues(qmap2, 9), [Infinity, -Infinity]));
-        const n = g.length, nblocks = n / 256;
-        const param = new Float32Array(n), state1 = new Uint8Array(n).fill(127), state2 = new Uint8Array(n);
-        const absmax1 = new Float32Array(nblocks), absmax2 = new Float32Array(nblocks);
+        const n = g.length,
+            nblocks = n / 256;
+        const param = new Float32Array(n),
+            state1 = new Uint8Array(n).fill(127),
+            state2 = new Uint8Array(n);
+        const absmax1 = new Float32Array(nblocks),
+            absmax2 = new Float32Array(nblocks);
         // beta1 = beta2 = 0 and old scales of 0: m = g, v = fl32(g * g); each block's new absmax is 1 (its first g)
         ops.adamwBnb8Step(param, state1, state2, absmax1, absmax2, g, qmap1, qmap2, 0, 0, 0, 1e-8, 0, 1, 256, n);
         assert.ok(absmax1.every((a) => a === 1) && absmax2.every((a) => a === 1), "every block's new absmax is 1");
-        const ms = new Float32Array(n), vs = new Float32Array(n);
+        const ms = new Float32Array(n),
+            vs = new Float32Array(n);
         for (let i = 0; i < n; i++) {
             const finite = Number.isFinite(g[i]);
-            const m = finite ? f32(g[i] + 0) : 0, v = finite ? f32(g[i] * g[i]) : 0;
+            const m = finite ? f32(g[i] + 0) : 0,
+                v = finite ? f32(g[i] * g[i]) : 0;
             ms[i] = m;
             vs[i] = v;
             let c1 = bnbSearch(qmap1, m, true, false);
@@ -138,7 +156,9 @@ describe("bnb's 8-bit searches (qlora_bnb.h)", () => {
             assert.equal(state1[i], c1, `m = ${m} (element ${i})`);
             assert.equal(state2[i], c2, `v = ${v} (element ${i})`);
         }
-        assert.ok(countDisagreements(qmap1, ms, true) > 0 && countDisagreements(qmap2, vs, false) > 0,
-            "the narrow maps separate the two searches");
+        assert.ok(
+            countDisagreements(qmap1, ms, true) > 0 && countDisagreements(qmap2, vs, false) > 0,
+            "the narrow maps separate the two searches"
+        );
     });
 });

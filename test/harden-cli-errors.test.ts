@@ -21,7 +21,11 @@ test("control characters, line breaks and bidi overrides are escaped", () => {
 
 test("errors: QloraErrors as written, OS errors by path and meaning, other errors marked internal", () => {
     assert.equal(errorLine(new QloraError("bad\x1b]0;title\x07", {file: "x.json"})), "x.json: bad\\x1b]0;title\\x07");
-    const enospc = Object.assign(new Error("ENOSPC: no space left on device, write"), {code: "ENOSPC", syscall: "write", path: "/out/f"});
+    const enospc = Object.assign(new Error("ENOSPC: no space left on device, write"), {
+        code: "ENOSPC",
+        syscall: "write",
+        path: "/out/f"
+    });
     assert.equal(errorLine(enospc), "/out/f: the disk is full; free some space or write to another disk (ENOSPC in write)");
     assert.match(errorLine(new RangeError("Array buffer allocation failed")), /^out of memory: /);
     assert.match(errorLine(new TypeError("x is undefined")), /^x is undefined.*internal error/);
@@ -35,7 +39,10 @@ test("a hostile model_type is printed escaped, on one line", () => {
     const cfg = JSON.parse(readFileSync(path.join(dir, "config.json"), "utf8"));
     cfg.model_type = "evil\x1b[2J\x1b[31m\nsecond line";
     writeFileSync(path.join(dir, "config.json"), JSON.stringify(cfg));
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, "inspect", "--model", dir], {encoding: "utf8", cwd: REPO_ROOT});
+    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, "inspect", "--model", dir], {
+        encoding: "utf8",
+        cwd: REPO_ROOT
+    });
     assert.equal(r.status, 1, r.stderr);
     assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
     assert.doesNotMatch(r.stderr, /\x1b\[2J/);
@@ -49,8 +56,11 @@ test("export gguf with a FIFO named tokenizer.json fails at once instead of hang
         copyFileSync(path.join(MODEL_DIR, f), path.join(dir, f));
     assert.equal(spawnSync("mkfifo", [path.join(dir, "tokenizer.json")]).status, 0);
     const started = Date.now();
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, "export", "gguf", "--model", dir, "--out", path.join(tmp, "fifo.gguf")],
-        {encoding: "utf8", cwd: REPO_ROOT, timeout: 60_000});
+    const r = spawnSync(
+        process.execPath,
+        ["--import", "tsx", CLI, "export", "gguf", "--model", dir, "--out", path.join(tmp, "fifo.gguf")],
+        {encoding: "utf8", cwd: REPO_ROOT, timeout: 60_000}
+    );
     assert.equal(r.status, 1, `exit ${r.status} signal ${r.signal}: ${r.stderr}`);
     assert.match(r.stderr, /tokenizer\.json: expected a regular file, found a FIFO/);
     assert.ok(Date.now() - started < 60_000);
@@ -84,10 +94,21 @@ test("a value nested 100000 deep in adapter_config.json or a dataset row is refu
     const deep = "[".repeat(100_000) + "]".repeat(100_000);
     const dir = path.join(tmp, "deep-adapter");
     mkdirSync(dir);
-    writeFileSync(path.join(dir, "adapter_config.json"), `{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "init_lora_weights": ${deep}}`);
-    await assert.rejects(readAdapterConfig(dir), (e: Error) => e instanceof QloraError &&
-        /adapter_config\.json: init_lora_weights: must be true, false or "gaussian" \(got \[…\] \(nested too deeply to show\)\)/.test(e.message));
+    writeFileSync(
+        path.join(dir, "adapter_config.json"),
+        `{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "init_lora_weights": ${deep}}`
+    );
+    await assert.rejects(
+        readAdapterConfig(dir),
+        (e: Error) =>
+            e instanceof QloraError &&
+            /adapter_config\.json: init_lora_weights: must be true, false or "gaussian" \(got \[…\] \(nested too deeply to show\)\)/.test(
+                e.message
+            )
+    );
     const row = JSON.parse(`{"q": ${deep}, "a": "x"}`);
-    assert.throws(() => formatRecord(row, "template", {template: "Q: {q}\nA: {a}", response_field: "a"}),
-        (e: Error) => e instanceof QloraError && /"q" is nested too deeply to place in the template as JSON/.test(e.message));
+    assert.throws(
+        () => formatRecord(row, "template", {template: "Q: {q}\nA: {a}", response_field: "a"}),
+        (e: Error) => e instanceof QloraError && /"q" is nested too deeply to place in the template as JSON/.test(e.message)
+    );
 });

@@ -18,18 +18,44 @@ test("the settings each engine computes with are accepted", () => {
 
 test("fp16 compute, and fp32 compute on the GPU, are refused with what to set instead", () => {
     for (const device of ["cpu", "cuda"] as const) {
-        assert.throws(() => checkComputeDtype(device, {...base, fp16: true, bf16: false}), /fp16: true asks for fp16 compute.*set fp16: false, bf16: true/);
-        assert.throws(() => checkComputeDtype(device, {...base, bnb_4bit_compute_dtype: "float16"}), /set bnb_4bit_compute_dtype: bfloat16/);
+        assert.throws(
+            () => checkComputeDtype(device, {...base, fp16: true, bf16: false}),
+            /fp16: true asks for fp16 compute.*set fp16: false, bf16: true/
+        );
+        assert.throws(
+            () => checkComputeDtype(device, {...base, bnb_4bit_compute_dtype: "float16"}),
+            /set bnb_4bit_compute_dtype: bfloat16/
+        );
         assert.throws(() => checkComputeDtype(device, {...base, fp16: true}), /both true/);
     }
     assert.throws(() => checkComputeDtype("cuda", {...base, bf16: false}), /fp32 compute on the GPU/);
-    assert.throws(() => checkComputeDtype("cuda", {...base, bnb_4bit_compute_dtype: "float32"}), /float32 is not implemented on the GPU/);
+    assert.throws(
+        () => checkComputeDtype("cuda", {...base, bnb_4bit_compute_dtype: "float32"}),
+        /float32 is not implemented on the GPU/
+    );
 });
 
 test("qlora train --fp16 true --bf16 false exits 1 with one line", () => {
-    const r = spawnSync(process.execPath, ["--import", "tsx", path.join(REPO_ROOT, "src", "cli", "main.ts"), "train",
-        "--fp16", "true", "--bf16", "false", "--device", "cpu", "--max_steps", "1", "--output_dir", path.join(REPO_ROOT, ".never-written")],
-    {encoding: "utf8", cwd: REPO_ROOT});
+    const r = spawnSync(
+        process.execPath,
+        [
+            "--import",
+            "tsx",
+            path.join(REPO_ROOT, "src", "cli", "main.ts"),
+            "train",
+            "--fp16",
+            "true",
+            "--bf16",
+            "false",
+            "--device",
+            "cpu",
+            "--max_steps",
+            "1",
+            "--output_dir",
+            path.join(REPO_ROOT, ".never-written")
+        ],
+        {encoding: "utf8", cwd: REPO_ROOT}
+    );
     assert.equal(r.status, 1, r.stderr);
     assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
     assert.match(r.stderr, /fp16 compute/);

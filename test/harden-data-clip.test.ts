@@ -21,7 +21,8 @@ before(async () => {
 /** the real tokenizer, recording the longest text it was asked to encode; `clip: false` hides the bound */
 function spy(clip: boolean): DataTokenizer & {longest: number; total: number} {
     const s = {
-        longest: 0, total: 0,
+        longest: 0,
+        total: 0,
         encode: (text: string, options?: Parameters<HfTokenizer["encode"]>[1]) => {
             s.longest = Math.max(s.longest, text.length);
             s.total += text.length;
@@ -30,8 +31,11 @@ function spy(clip: boolean): DataTokenizer & {longest: number; total: number} {
         applyChatTemplate: tokenizer.applyChatTemplate.bind(tokenizer),
         idToToken: tokenizer.idToToken.bind(tokenizer),
         tokenToId: tokenizer.tokenToId.bind(tokenizer),
-        eosTokenId: tokenizer.eosTokenId, padTokenId: tokenizer.padTokenId, specialTokens: tokenizer.specialTokens,
-        vocabSize: tokenizer.vocabSize, longestTokenChars: clip ? tokenizer.longestTokenChars : undefined,
+        eosTokenId: tokenizer.eosTokenId,
+        padTokenId: tokenizer.padTokenId,
+        specialTokens: tokenizer.specialTokens,
+        vocabSize: tokenizer.vocabSize,
+        longestTokenChars: clip ? tokenizer.longestTokenChars : undefined
     };
     return s;
 }
@@ -42,10 +46,15 @@ test("the demo datasets give the same rows with and without the clip, and the cl
     const maxSeq = 24;
     assert.equal(clipBudget(maxSeq, tokenizer), 2 * maxSeq * tokenizer.longestTokenChars + 64);
     // whole-text losses, so that rows whose prompt fills max_seq_length stay; and the assistant-only path of chat
-    const cases = [["alpaca_zh_demo.json", {completion_only_loss: false}], ["alpaca_en_demo.json", {completion_only_loss: false}],
-        ["messages_demo.jsonl", {assistant_only_loss: false}], ["sharegpt_demo.json", {assistant_only_loss: false, max_seq_length: 8}]] as const;
+    const cases = [
+        ["alpaca_zh_demo.json", {completion_only_loss: false}],
+        ["alpaca_en_demo.json", {completion_only_loss: false}],
+        ["messages_demo.jsonl", {assistant_only_loss: false}],
+        ["sharegpt_demo.json", {assistant_only_loss: false, max_seq_length: 8}]
+    ] as const;
     for (const [file, options] of cases) {
-        const clipped = spy(true), full = spy(false);
+        const clipped = spy(true),
+            full = spy(false);
         const opts = {max_seq_length: maxSeq, ...options};
         const budget = clipBudget(opts.max_seq_length, tokenizer)!;
         const a = await loadDataset(path.join(DATASETS, file), clipped, opts);
@@ -63,12 +72,24 @@ test("assistant-only chat rows: pieces past the budget are not encoded, and the 
     const file = path.join(tmp, "chat.jsonl");
     const words = (n: number, w: string) => Array.from({length: n}, (_, i) => `${w}${i}`).join(" ");
     const lines = [
-        {messages: [{role: "user", content: "hi"}, {role: "assistant", content: words(3000, "long")}]},
-        {messages: [{role: "user", content: "q"}, {role: "assistant", content: "a"}, {role: "user", content: words(2000, "ask")},
-            {role: "assistant", content: "late answer"}]},
+        {
+            messages: [
+                {role: "user", content: "hi"},
+                {role: "assistant", content: words(3000, "long")}
+            ]
+        },
+        {
+            messages: [
+                {role: "user", content: "q"},
+                {role: "assistant", content: "a"},
+                {role: "user", content: words(2000, "ask")},
+                {role: "assistant", content: "late answer"}
+            ]
+        }
     ];
     writeFileSync(file, lines.map((l) => JSON.stringify(l)).join("\n") + "\n");
-    const clipped = spy(true), full = spy(false);
+    const clipped = spy(true),
+        full = spy(false);
     const a = await loadDataset(file, clipped, {max_seq_length: 32});
     const b = await loadDataset(file, full, {max_seq_length: 32});
     assert.equal(a.options.assistantOnlyLoss, true);
@@ -88,7 +109,10 @@ test("a 4M-character word is encoded only up to the budget; keep_end and bfd_spl
     assert.equal(data.rows.find((r) => r.inputIds.length === 64)?.inputIds.length, 64);
     assert.ok(s.longest <= clipBudget(64, tokenizer)!, `encoded ${s.longest} characters`);
     // the kept tokens are the first 64 of the whole word's encoding (a 20000-character prefix stands in for it)
-    assert.deepEqual(Array.from(data.rows.find((r) => r.inputIds.length === 64)!.inputIds), tokenizer.encode(word.slice(0, 20_000)).slice(0, 64));
+    assert.deepEqual(
+        Array.from(data.rows.find((r) => r.inputIds.length === 64)!.inputIds),
+        tokenizer.encode(word.slice(0, 20_000)).slice(0, 64)
+    );
     // where the tail is kept or every piece is used, nothing may be clipped (a shorter word: all of it is encoded)
     const shorter = path.join(tmp, "shorter.jsonl");
     writeFileSync(shorter, JSON.stringify({text: word.slice(0, 20_000)}) + "\n");

@@ -45,9 +45,13 @@ async function qloraError(promise: Promise<unknown>, ...fragments: (string | Reg
     } catch (err) {
         caught = err;
     }
-    assert.ok(caught instanceof QloraError, `expected a QloraError, got ${caught instanceof Error ? caught.stack : String(caught)}`);
+    assert.ok(
+        caught instanceof QloraError,
+        `expected a QloraError, got ${caught instanceof Error ? caught.stack : String(caught)}`
+    );
     assert.equal(caught.message.split("\n").length, 1, `one line: ${caught.message}`);
-    for (const f of fragments) assert.match(caught.message, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+    for (const f of fragments)
+        assert.match(caught.message, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
     return caught;
 }
 
@@ -84,7 +88,9 @@ describe("a million rows", () => {
         }
     });
 
-    test("qlora train starts training on 150k rows (a spread of the rows into Math.max overflowed the stack at ~120k)", {timeout: 120_000}, () => {
+    test("qlora train starts training on 150k rows (a spread of the rows into Math.max overflowed the stack at ~120k)", {
+        timeout: 120_000
+    }, () => {
         const rows = Array.from({length: 150_000}, (_, i) => `{"text": "n ${i}"}`).join("\n");
         const file = write("150k.jsonl", rows + "\n");
         const out = path.join(dir, "150k-out");
@@ -126,7 +132,8 @@ describe("malformed data files", () => {
         tokenizer = await HfTokenizer.load(MODEL_DIR);
     });
     const load = (file: string, options = {}) => loadDataset(file, tokenizer, options);
-    const alpaca = (fields: Record<string, unknown>): string => JSON.stringify({instruction: "add 3 5", input: "", output: "8", ...fields});
+    const alpaca = (fields: Record<string, unknown>): string =>
+        JSON.stringify({instruction: "add 3 5", input: "", output: "8", ...fields});
 
     test("wrong field types name the line (JSONL) or the record (JSON)", async () => {
         const good = alpaca({});
@@ -142,19 +149,35 @@ describe("malformed data files", () => {
         await qloraError(load(role), `${role}:1: record 0: messages[0] has no "role"`);
         // pre-tokenized ids must be token ids of the tokenizer (they index the embedding table)
         const ids = write("ids.jsonl", `{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 99999999]}\n`);
-        await qloraError(load(ids), `${ids}:2: record 1: input_ids[1] is 99999999, not a token id (0 to ${tokenizer.vocabSize - 1})`);
+        await qloraError(
+            load(ids),
+            `${ids}:2: record 1: input_ids[1] is 99999999, not a token id (0 to ${tokenizer.vocabSize - 1})`
+        );
         const negative = write("negative.jsonl", `{"input_ids": [1, 2], "labels": [-100, -5]}\n`);
         await qloraError(load(negative), `${negative}:1: record 0: labels[1] is -5, not a token id`);
     });
 
     test("bytes that are not UTF-8 are refused with their line, not decoded to U+FFFD", async () => {
-        const bad = Buffer.concat([Buffer.from(`${alpaca({})}\n${alpaca({})}\n{"instruction": "a`), Buffer.from([0xff, 0xfe]), Buffer.from(`", "output": "b"}\n`)]);
+        const bad = Buffer.concat([
+            Buffer.from(`${alpaca({})}\n${alpaca({})}\n{"instruction": "a`),
+            Buffer.from([0xff, 0xfe]),
+            Buffer.from(`", "output": "b"}\n`)
+        ]);
         const jsonl = write("latin1.jsonl", bad);
-        await qloraError(load(jsonl), `${jsonl}:3: the line is not valid UTF-8 (byte 0xff at byte 19 of the line); save the file as UTF-8`);
-        const json = write("latin1.json", Buffer.concat([Buffer.from("[\n"), bad.subarray(0, bad.length - 1), Buffer.from("]\n")]));
+        await qloraError(
+            load(jsonl),
+            `${jsonl}:3: the line is not valid UTF-8 (byte 0xff at byte 19 of the line); save the file as UTF-8`
+        );
+        const json = write(
+            "latin1.json",
+            Buffer.concat([Buffer.from("[\n"), bad.subarray(0, bad.length - 1), Buffer.from("]\n")])
+        );
         await qloraError(load(json), `${json}:4: the line is not valid UTF-8 (byte 0xff`);
         // a surrogate encoded in UTF-8 (CESU-8) is not UTF-8 either
-        const cesu = write("cesu.jsonl", Buffer.concat([Buffer.from('{"text": "'), Buffer.from([0xed, 0xa0, 0x80]), Buffer.from('"}\n')]));
+        const cesu = write(
+            "cesu.jsonl",
+            Buffer.concat([Buffer.from('{"text": "'), Buffer.from([0xed, 0xa0, 0x80]), Buffer.from('"}\n')])
+        );
         await qloraError(load(cesu), `${cesu}:1: the line is not valid UTF-8 (byte 0xed at byte 11`);
         const utf16 = write("utf16.jsonl", Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(`${alpaca({})}\n`, "utf16le")]));
         await qloraError(load(utf16), `${utf16}: is UTF-16 text`);
@@ -214,14 +237,26 @@ describe("malformed data files", () => {
             throw new RangeError("Maximum call stack size exceeded");
         };
         try {
-            await qloraError(load(arrays), `${arrays}: cannot be parsed as JSON (Maximum call stack size exceeded): it nests too deeply`);
-            await qloraError(load(line), `${line}:1: cannot be parsed as JSON (Maximum call stack size exceeded): it nests too deeply`);
+            await qloraError(
+                load(arrays),
+                `${arrays}: cannot be parsed as JSON (Maximum call stack size exceeded): it nests too deeply`
+            );
+            await qloraError(
+                load(line),
+                `${line}:1: cannot be parsed as JSON (Maximum call stack size exceeded): it nests too deeply`
+            );
         } finally {
             JSON.parse = parse;
         }
         // a template renders a nested value with JSON.stringify, which recurses
-        const objects = write("deep-object.jsonl", `{"meta": ${'{"a":'.repeat(200_000)}1${"}".repeat(200_000)}, "output": "x"}\n`);
-        await qloraError(load(objects, {template: "{meta} {output}"}), `${objects}:1: record 0: "meta" is nested too deeply to place in the template as JSON`);
+        const objects = write(
+            "deep-object.jsonl",
+            `{"meta": ${'{"a":'.repeat(200_000)}1${"}".repeat(200_000)}, "output": "x"}\n`
+        );
+        await qloraError(
+            load(objects, {template: "{meta} {output}"}),
+            `${objects}:1: record 0: "meta" is nested too deeply to place in the template as JSON`
+        );
     });
 
     test("Parquet: a truncated file, a damaged row group, no usable columns", async () => {
@@ -238,7 +273,10 @@ describe("malformed data files", () => {
         await qloraError(load(tiny), `${tiny}: cannot read it as Parquet: `);
         // the footer intact, the pages zeroed: the row group cannot be decoded
         const footerStart = whole.length - 8 - whole.readUInt32LE(whole.length - 8);
-        const hollow = write("pq/hollow.parquet", Buffer.concat([whole.subarray(0, 4), Buffer.alloc(footerStart - 4), whole.subarray(footerStart)]));
+        const hollow = write(
+            "pq/hollow.parquet",
+            Buffer.concat([whole.subarray(0, 4), Buffer.alloc(footerStart - 4), whole.subarray(footerStart)])
+        );
         await qloraError(load(hollow), `${hollow}: cannot read records 0–1 (row group 0) as Parquet: `);
         // a column chunk naming a column the schema lacks, after a column whose page is damaged: hyparquet notices
         // the name while the first column's read is under way, and that read's failure used to escape as an
@@ -251,7 +289,10 @@ describe("malformed data files", () => {
         process.on("unhandledRejection", onLeak);
         try {
             const file = write("pq/renamed.parquet", renamed);
-            await qloraError(load(file), `${file}: cannot read it as Parquet: row group 0 holds a column "outQut" its schema does not have`);
+            await qloraError(
+                load(file),
+                `${file}: cannot read it as Parquet: row group 0 holds a column "outQut" its schema does not have`
+            );
             await new Promise((resolve) => setTimeout(resolve, 50));
             assert.deepEqual(leaked, []);
         } finally {
@@ -287,9 +328,23 @@ describe("malformed data files", () => {
     test("qlora train --dataset FIFO exits with one line instead of hanging", {timeout: 120_000}, () => {
         const fifo = path.join(dir, "cli-fifo.jsonl");
         assert.equal(spawnSync("mkfifo", [fifo]).status, 0);
-        const r = spawnSync(process.execPath, ["--import", "tsx", path.join(REPO_ROOT, "src", "cli", "main.ts"), "train",
-            "--dataset", fifo, "--max_steps", "1", "--output_dir", path.join(dir, "cli-fifo-out"), ...TINY],
-        {encoding: "utf8", cwd: REPO_ROOT, timeout: 100_000});
+        const r = spawnSync(
+            process.execPath,
+            [
+                "--import",
+                "tsx",
+                path.join(REPO_ROOT, "src", "cli", "main.ts"),
+                "train",
+                "--dataset",
+                fifo,
+                "--max_steps",
+                "1",
+                "--output_dir",
+                path.join(dir, "cli-fifo-out"),
+                ...TINY
+            ],
+            {encoding: "utf8", cwd: REPO_ROOT, timeout: 100_000}
+        );
         assert.notEqual(r.signal, "SIGTERM", "timed out: the FIFO was opened for a blocking read");
         expectError({code: r.status, stdout: r.stdout, stderr: r.stderr}, fifo, "FIFO (named pipe)");
     });
@@ -304,19 +359,25 @@ describe("malformed data files", () => {
 });
 
 describe("DataLoader.seek", () => {
-    const rows: TokenizedRow[] = Array.from({length: 10}, (_, i) => ({inputIds: Int32Array.of(i, 1), labels: Int32Array.of(i, 1)}));
+    const rows: TokenizedRow[] = Array.from({length: 10}, (_, i) => ({
+        inputIds: Int32Array.of(i, 1),
+        labels: Int32Array.of(i, 1)
+    }));
 
     test("refuses a position that does not fit the data with a QloraError", () => {
         const loader = new DataLoader(rows, {batchSize: 3, padTokenId: 0}); // 4 batches an epoch
         const state = loader.position.rngState;
         const refuse = (position: unknown, fragment: string): void => {
-            assert.throws(() => loader.seek(position as never), (err: unknown) => {
-                assert.ok(err instanceof QloraError, `a QloraError, got ${String(err)}`);
-                assert.match(err.message, /^invalid data loader position /);
-                assert.ok(err.message.includes(fragment), err.message);
-                assert.ok(err.message.includes("this data makes 4 batches an epoch (10 rows, batch size 3)"), err.message);
-                return true;
-            });
+            assert.throws(
+                () => loader.seek(position as never),
+                (err: unknown) => {
+                    assert.ok(err instanceof QloraError, `a QloraError, got ${String(err)}`);
+                    assert.match(err.message, /^invalid data loader position /);
+                    assert.ok(err.message.includes(fragment), err.message);
+                    assert.ok(err.message.includes("this data makes 4 batches an epoch (10 rows, batch size 3)"), err.message);
+                    return true;
+                }
+            );
         };
         refuse({epoch: 0, index: 5, rngState: state}, "the batch index must be a whole number from 0 to 4");
         refuse({epoch: 0, index: 1.5, rngState: state}, "the batch index must be");

@@ -10,8 +10,16 @@ import os from "node:os";
 import path from "node:path";
 import {exportGgufLora} from "../src/api/export-gguf.js";
 import {
-    checkDisk, checkOutputFile, checkSafetensorsBytes, describeFailure, formatTable, FuzzSession, isFailure, snapshot, summarize,
-    type FormatSummary,
+    checkDisk,
+    checkOutputFile,
+    checkSafetensorsBytes,
+    describeFailure,
+    formatTable,
+    FuzzSession,
+    isFailure,
+    snapshot,
+    summarize,
+    type FormatSummary
 } from "./fuzz/harness.js";
 import {mutateJson, mutateSafetensors, serializeJson, Raw, splitSafetensors, harvest} from "./fuzz/mutators.js";
 import {caseSeed, FuzzRng} from "./fuzz/rng.js";
@@ -21,8 +29,16 @@ const SEED = 20240806;
 // fails (a failing case costs more: a hang waits out its time limit, a crash restarts the worker). Parquet is read
 // by a decoder process qlora forks per file (about 0.8 s), hence its few cases; `npm run fuzz` runs many more.
 const CASES: Record<string, number> = {
-    "safetensors": 120, "gguf": 50, "dataset-json": 80, "dataset-jsonl": 120, "dataset-parquet": 30, "config": 200,
-    "tokenizer_config": 50, "adapter_config": 200, "trainer_state": 30, "yaml": 80,
+    safetensors: 120,
+    gguf: 50,
+    "dataset-json": 80,
+    "dataset-jsonl": 120,
+    "dataset-parquet": 30,
+    config: 200,
+    tokenizer_config: 50,
+    adapter_config: 200,
+    trainer_state: 30,
+    yaml: 80
 };
 const CLI_CASES = 2;
 
@@ -75,7 +91,9 @@ describe("fuzz: every input format ends in success or a one-line error", () => {
         if (rows.length) console.log(`fuzz seed ${SEED}\n${formatTable(rows)}`);
     });
 
-    test("the worker's outcomes are classified: hang, memory, crash, escaped exception, stack trace, clean error", {timeout: 120_000}, async () => {
+    test("the worker's outcomes are classified: hang, memory, crash, escaped exception, stack trace, clean error", {
+        timeout: 120_000
+    }, async () => {
         const run = (kind: Parameters<FuzzSession["runInWorker"]>[0], params: Record<string, unknown> = {}, timeoutMs = 20_000) =>
             session.runInWorker(kind, params, timeoutMs);
         assert.equal((await run("probe-hang", {}, 1500)).primary, "hang");
@@ -111,7 +129,7 @@ describe("fuzz: every input format ends in success or a one-line error", () => {
             const bytes = await fs.readFile(out);
             await fs.writeFile(out, bytes.subarray(0, bytes.length - 100));
             await fs.mkdir(path.join(dir, "out", ".final.tmp-1234"));
-            await fs.writeFile(path.join(dir, "input.json"), "{\"x\": 1}");
+            await fs.writeFile(path.join(dir, "input.json"), '{"x": 1}');
             await fs.rm(path.join(dir, "other.json"));
             await fs.writeFile(path.join(dir, "stray.txt"), "");
             const found = await checkDisk(spec, dir, before, "ok");
@@ -120,7 +138,10 @@ describe("fuzz: every input format ends in success or a one-line error", () => {
             assert.match(found.halfWritten.join("; "), /out\/lora\.gguf: tensor data ends at \d+, the file has \d+ bytes/);
             assert.match(found.halfWritten.join("; "), /\.final\.tmp-1234: a temporary/);
             await fs.rm(out);
-            assert.match((await checkDisk(spec, dir, before, "ok")).halfWritten.join("; "), /out\/lora\.gguf: not written although the run succeeded/);
+            assert.match(
+                (await checkDisk(spec, dir, before, "ok")).halfWritten.join("; "),
+                /out\/lora\.gguf: not written although the run succeeded/
+            );
         } finally {
             await fs.rm(dir, {recursive: true, force: true});
         }
@@ -132,8 +153,10 @@ describe("fuzz: every input format ends in success or a one-line error", () => {
             rows.push(summarize(format, "lib", lib), summarize(format, "cli", cli));
             for (const c of control) assert.equal(c.primary, "ok", `the unmutated seed files must load: ${describeFailure(c)}`);
             const failures = [...lib, ...cli].filter(isFailure);
-            assert.ok(lib.some((r) => r.primary === "ok") && lib.some((r) => r.primary === "clean"),
-                "the cases reach both success and clean errors (mutations neither all harmless nor all fatal)");
+            assert.ok(
+                lib.some((r) => r.primary === "ok") && lib.some((r) => r.primary === "clean"),
+                "the cases reach both success and clean errors (mutations neither all harmless nor all fatal)"
+            );
             assert.equal(failures.length, 0, `${failures.length} failing cases:\n${failures.map(describeFailure).join("\n")}`);
         });
     }

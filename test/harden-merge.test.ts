@@ -15,7 +15,10 @@ const ADAPTER = path.join(FIXTURES, "adapter");
 const B_NAME = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight";
 
 /** a copy of the fixture adapter with its weights and/or config edited */
-async function adapterCopy(name: string, edit: {tensor?: (name: string, data: Float32Array) => void; config?: (c: Record<string, unknown>) => void}): Promise<string> {
+async function adapterCopy(
+    name: string,
+    edit: {tensor?: (name: string, data: Float32Array) => void; config?: (c: Record<string, unknown>) => void}
+): Promise<string> {
     const dir = path.join(tmp, name);
     cpSync(ADAPTER, dir, {recursive: true});
     if (edit.tensor) {
@@ -40,24 +43,45 @@ async function adapterCopy(name: string, edit: {tensor?: (name: string, data: Fl
 }
 
 test("a NaN in lora_B is refused, naming the tensor; nothing is written", async () => {
-    const adapter = await adapterCopy("nan", {tensor: (n, d) => { if (n === B_NAME) d[5] = NaN; }});
+    const adapter = await adapterCopy("nan", {
+        tensor: (n, d) => {
+            if (n === B_NAME) d[5] = NaN;
+        }
+    });
     const out = path.join(tmp, "out-nan");
-    await assert.rejects(mergeAdapter({model: MODEL_DIR, adapter, out}),
-        (e: Error) => e.message.includes(B_NAME) && /holds 1 NaN value/.test(e.message));
+    await assert.rejects(
+        mergeAdapter({model: MODEL_DIR, adapter, out}),
+        (e: Error) => e.message.includes(B_NAME) && /holds 1 NaN value/.test(e.message)
+    );
     assert.equal(existsSync(out), false);
 });
 
 test("lora_A's rank must equal adapter_config.json's r (the scaling alpha/r depends on it)", async () => {
-    const adapter = await adapterCopy("rank", {config: (c) => { c.r = 4; }});
-    await assert.rejects(mergeAdapter({model: MODEL_DIR, adapter, out: path.join(tmp, "out-rank")}),
-        /has rank 8 but adapter_config.json says r 4/);
+    const adapter = await adapterCopy("rank", {
+        config: (c) => {
+            c.r = 4;
+        }
+    });
+    await assert.rejects(
+        mergeAdapter({model: MODEL_DIR, adapter, out: path.join(tmp, "out-rank")}),
+        /has rank 8 but adapter_config.json says r 4/
+    );
 });
 
 test("merged weights beyond f16's range are refused with --dtype f16 and fine in bf16", async () => {
     // large lora_B values (a scaling that large is refused: test/harden-train-units.test.ts)
-    const adapter = await adapterCopy("huge", {tensor: (n, d) => { if (n.includes("lora_B")) d.forEach((v, i) => { d[i] = v * 4e8; }); }});
-    await assert.rejects(mergeAdapter({model: MODEL_DIR, adapter, out: path.join(tmp, "out-f16"), dtype: "f16"}),
-        /infinite value.*exceed the f16 range: merge with --dtype bf16/);
+    const adapter = await adapterCopy("huge", {
+        tensor: (n, d) => {
+            if (n.includes("lora_B"))
+                d.forEach((v, i) => {
+                    d[i] = v * 4e8;
+                });
+        }
+    });
+    await assert.rejects(
+        mergeAdapter({model: MODEL_DIR, adapter, out: path.join(tmp, "out-f16"), dtype: "f16"}),
+        /infinite value.*exceed the f16 range: merge with --dtype bf16/
+    );
     assert.equal(existsSync(path.join(tmp, "out-f16")), false);
     const r = await mergeAdapter({model: MODEL_DIR, adapter, out: path.join(tmp, "out-bf16"), dtype: "bf16"});
     assert.equal(r.merged, 56);

@@ -5,7 +5,18 @@
 import {test} from "node:test";
 import assert from "node:assert/strict";
 import {spawnSync} from "node:child_process";
-import {chmodSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, closeSync} from "node:fs";
+import {
+    chmodSync,
+    copyFileSync,
+    mkdirSync,
+    mkdtempSync,
+    openSync,
+    readFileSync,
+    rmSync,
+    writeFileSync,
+    writeSync,
+    closeSync
+} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
@@ -34,8 +45,12 @@ process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 function qlora(...args: string[]) {
     const env: NodeJS.ProcessEnv = {...process.env, NO_COLOR: "1"};
     delete env.FORCE_COLOR;
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args],
-        {encoding: "utf8", cwd: REPO_ROOT, timeout: 60_000, env});
+    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {
+        encoding: "utf8",
+        cwd: REPO_ROOT,
+        timeout: 60_000,
+        env
+    });
     return {code: r.status, stdout: r.stdout, stderr: r.stderr, signal: r.signal};
 }
 
@@ -46,13 +61,13 @@ function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp
     assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
     assert.match(lines[0], /error:/);
     assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-    for (const f of fragments) assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+    for (const f of fragments)
+        assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
 }
 
 let copies = 0;
 /** a copy of the embedded model with some files changed */
 const modelCopy = (edit?: (dir: string) => void) => copyModel(path.join(tmp, `model-${copies++}`), edit);
-
 
 /** overwrites element `index` of a tensor in a safetensors file with raw bits (bf16/f16: 2 bytes, f32: 4) */
 async function plantBits(file: string, tensor: string, index: number, bits: number) {
@@ -69,12 +84,15 @@ async function plantBits(file: string, tensor: string, index: number, bits: numb
     closeSync(fd);
 }
 
-const BF16_NAN = 0x7fc0, BF16_NEG_INF = 0xff80, F32_NAN = 0x7fc00000;
+const BF16_NAN = 0x7fc0,
+    BF16_NEG_INF = 0xff80,
+    F32_NAN = 0x7fc00000;
 
 async function rejectsQlora(promise: Promise<unknown>, ...fragments: (string | RegExp)[]) {
     await assert.rejects(promise, (err: unknown) => {
         assert.ok(err instanceof QloraError, `a QloraError, got ${(err as Error)?.stack ?? err}`);
-        for (const f of fragments) assert.match(err.message, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+        for (const f of fragments)
+            assert.match(err.message, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
         return true;
     });
 }
@@ -83,7 +101,11 @@ async function rejectsQlora(promise: Promise<unknown>, ...fragments: (string | R
 // finding 6: config.json is checked against the checkpoint before anything is allocated from it
 
 test("num_hidden_layers 1e9 is refused within a second, with one line naming the key", async () => {
-    const dir = modelCopy((d) => editConfig(d, (c) => { c.num_hidden_layers = 1_000_000_000; }));
+    const dir = modelCopy((d) =>
+        editConfig(d, (c) => {
+            c.num_hidden_layers = 1_000_000_000;
+        })
+    );
     const start = performance.now();
     await rejectsQlora(DecoderModel.load(dir), "config.json", `"num_hidden_layers" is 1000000000`);
     const elapsed = performance.now() - start;
@@ -94,30 +116,82 @@ test("num_hidden_layers 1e9 is refused within a second, with one line naming the
 test("a layer count or embedding the checkpoint does not hold is refused before the per-layer tensors are listed", async () => {
     // plausible sizes, but not those of the weights: the checkpoint's own layer count and embedding shape decide
     for (const layers of [9, 7, 5000]) {
-        const dir = modelCopy((d) => editConfig(d, (c) => { c.num_hidden_layers = layers; }));
+        const dir = modelCopy((d) =>
+            editConfig(d, (c) => {
+                c.num_hidden_layers = layers;
+            })
+        );
         const start = performance.now();
-        await rejectsQlora(DecoderModel.load(dir), `"num_hidden_layers" is ${layers} but the checkpoint`,
-            "holds 8 layers (model.layers.0 to model.layers.7)");
+        await rejectsQlora(
+            DecoderModel.load(dir),
+            `"num_hidden_layers" is ${layers} but the checkpoint`,
+            "holds 8 layers (model.layers.0 to model.layers.7)"
+        );
         assert.ok(performance.now() - start < 1000);
     }
-    const vocab = modelCopy((d) => editConfig(d, (c) => { c.vocab_size = 32000; }));
-    await rejectsQlora(DecoderModel.load(vocab), `"vocab_size" 32000 and "hidden_size" 256 imply model.embed_tokens.weight [32000, 256]`,
-        "holds [16384, 256]");
-    const inter = modelCopy((d) => editConfig(d, (c) => { c.intermediate_size = 1024; }));
+    const vocab = modelCopy((d) =>
+        editConfig(d, (c) => {
+            c.vocab_size = 32000;
+        })
+    );
+    await rejectsQlora(
+        DecoderModel.load(vocab),
+        `"vocab_size" 32000 and "hidden_size" 256 imply model.embed_tokens.weight [32000, 256]`,
+        "holds [16384, 256]"
+    );
+    const inter = modelCopy((d) =>
+        editConfig(d, (c) => {
+            c.intermediate_size = 1024;
+        })
+    );
     await rejectsQlora(DecoderModel.load(inter), "model.layers.0.mlp.gate_proj.weight", "[768, 256]", "[1024, 256]");
 });
 
 test("absurd sizes are refused from config.json alone, naming the keys", async () => {
     const cases: Array<[(c: Record<string, unknown>) => void, string[]]> = [
-        [(c) => { c.vocab_size = 1e12; }, [`"vocab_size" x "hidden_size"`, "1000000000000 x 256", "more than the 4294967296"]],
-        [(c) => { c.intermediate_size = 2 ** 40; }, [`"intermediate_size" x "hidden_size"`]],
-        [(c) => { c.head_dim = 2 ** 30; }, [`"num_attention_heads" x "head_dim" x "hidden_size"`]],
-        [(c) => { c.head_dim = 63; }, [`"head_dim" gives a head dimension of 63`, "must be even"]],
-        [(c) => { c.hidden_size = -1; }, [`"hidden_size" is -1, expected a positive integer`]],
-        [(c) => { c.num_hidden_layers = 1.5; }, [`"num_hidden_layers" is 1.5`]],
+        [
+            (c) => {
+                c.vocab_size = 1e12;
+            },
+            [`"vocab_size" x "hidden_size"`, "1000000000000 x 256", "more than the 4294967296"]
+        ],
+        [
+            (c) => {
+                c.intermediate_size = 2 ** 40;
+            },
+            [`"intermediate_size" x "hidden_size"`]
+        ],
+        [
+            (c) => {
+                c.head_dim = 2 ** 30;
+            },
+            [`"num_attention_heads" x "head_dim" x "hidden_size"`]
+        ],
+        [
+            (c) => {
+                c.head_dim = 63;
+            },
+            [`"head_dim" gives a head dimension of 63`, "must be even"]
+        ],
+        [
+            (c) => {
+                c.hidden_size = -1;
+            },
+            [`"hidden_size" is -1, expected a positive integer`]
+        ],
+        [
+            (c) => {
+                c.num_hidden_layers = 1.5;
+            },
+            [`"num_hidden_layers" is 1.5`]
+        ],
         // a scaling factor that overflows float32 would give Inf rotary frequencies, not an error
-        [(c) => { c.rope_parameters = {rope_type: "linear", factor: 1e-40, rope_theta: 1e6}; },
-            [`"rope_parameters" gives rotary frequency 0 = Infinity, outside float32's range`]],
+        [
+            (c) => {
+                c.rope_parameters = {rope_type: "linear", factor: 1e-40, rope_theta: 1e6};
+            },
+            [`"rope_parameters" gives rotary frequency 0 = Infinity, outside float32's range`]
+        ]
     ];
     for (const [edit, fragments] of cases) {
         const dir = modelCopy((d) => editConfig(d, edit));
@@ -127,8 +201,12 @@ test("absurd sizes are refused from config.json alone, naming the keys", async (
     }
     // the key/value cache is sized from the request: too large is an error that says what to lower
     const model = await DecoderModel.load(MODEL_DIR);
-    assert.throws(() => new KVCache(model.config, 1, 2 ** 40), (err: unknown) =>
-        err instanceof QloraError && /a key\/value cache for 1099511627776 positions .* lower the number of new tokens/.test(err.message));
+    assert.throws(
+        () => new KVCache(model.config, 1, 2 ** 40),
+        (err: unknown) =>
+            err instanceof QloraError &&
+            /a key\/value cache for 1099511627776 positions .* lower the number of new tokens/.test(err.message)
+    );
     assert.throws(() => generate(model, [1, 2], {maxNewTokens: NaN}), /max_new_tokens must be a non-negative integer/);
 });
 
@@ -144,19 +222,27 @@ test("countNonFinite and assertFinite (the check merge and export call) count Na
     f32[999] = -Infinity;
     f32[7] = 3.4028234663852886e38; // the largest finite f32 is finite
     assert.deepEqual(countNonFinite(f32), {nan: 2, inf: 1});
-    assert.throws(() => assertFinite("base_model.model.x.lora_B.weight", f32, "/a/adapter_model.safetensors"), (err: unknown) => {
-        assert.ok(err instanceof QloraError);
-        assert.equal(err.message, `/a/adapter_model.safetensors: tensor "base_model.model.x.lora_B.weight" holds 2 NaN and ` +
-            "1 infinite values (of 1,000): the checkpoint is corrupt: re-download it");
-        return true;
-    });
+    assert.throws(
+        () => assertFinite("base_model.model.x.lora_B.weight", f32, "/a/adapter_model.safetensors"),
+        (err: unknown) => {
+            assert.ok(err instanceof QloraError);
+            assert.equal(
+                err.message,
+                `/a/adapter_model.safetensors: tensor "base_model.model.x.lora_B.weight" holds 2 NaN and ` +
+                    "1 infinite values (of 1,000): the checkpoint is corrupt: re-download it"
+            );
+            return true;
+        }
+    );
     // bf16 and f16 bits: exponent all ones is Inf (mantissa 0) or NaN; the largest finite values are not flagged
     const bf16 = Uint16Array.from([0x3f80, 0x7f7f, 0xff7f, 0x7f80, 0xff80, 0x7fc0, 0xffff, 0x0001]);
     assert.deepEqual(countNonFinite(bf16, "BF16"), {nan: 2, inf: 2});
     const f16 = Uint16Array.from([0x3c00, 0x7bff, 0xfbff, 0x7c00, 0xfc00, 0x7e00, 0x7c01, 0x0001]);
     assert.deepEqual(countNonFinite(f16, "F16"), {nan: 2, inf: 2});
-    assert.throws(() => assertFinite("t", Uint16Array.from([0x3f80, 0x7f80]), "f", "BF16", "retrain it"),
-        /f: tensor "t" holds 1 infinite value \(of 2\): retrain it/);
+    assert.throws(
+        () => assertFinite("t", Uint16Array.from([0x3f80, 0x7f80]), "f", "BF16", "retrain it"),
+        /f: tensor "t" holds 1 infinite value \(of 2\): retrain it/
+    );
     // a buffer large enough to be split between threads (chunks of at least 2^24 values) counts every value once
     const big = new Uint16Array(2 ** 25 + 3).fill(0x3f80);
     for (const i of [0, 2 ** 24 - 1, 2 ** 24, 2 ** 25 + 2]) big[i] = BF16_NAN;
@@ -172,7 +258,10 @@ test("a NaN or an Inf in one bf16 weight is refused by generate, train, eval and
     expectError(qlora("generate", "--model", nanDir, "--prompt", "x", "--max-new-tokens", "1"), ...nanMessage);
     expectError(qlora("eval", "--model", nanDir, "--data", EVAL_DATA), ...nanMessage);
     // train quantizes the bf16 bits themselves (QLoRA defaults): the check runs on those bits
-    expectError(qlora("train", "--model", nanDir, "--max_steps", "1", "--output_dir", path.join(tmp, "train-nan")), ...nanMessage);
+    expectError(
+        qlora("train", "--model", nanDir, "--max_steps", "1", "--output_dir", path.join(tmp, "train-nan")),
+        ...nanMessage
+    );
     // --load-in-4bit (what generate, chat and eval pass: an f32 compute dtype, read through the f32 path)
     await rejectsQlora(loadModel(nanDir, {loadIn4bit: true}), ...nanMessage);
 
@@ -190,13 +279,22 @@ test("a NaN in an adapter's lora_B is refused by generate --adapter; a non-finit
     await saveAdapter(adapter, lora);
     const tensor = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight";
     await plantBits(path.join(adapter, "adapter_model.safetensors"), tensor, 5, F32_NAN);
-    expectError(qlora("generate", "--adapter", adapter, "--prompt", "x", "--max-new-tokens", "1"),
-        `adapter_model.safetensors: tensor "${tensor}" holds 1 NaN value (of 512)`, "the adapter is corrupt");
+    expectError(
+        qlora("generate", "--adapter", adapter, "--prompt", "x", "--max-new-tokens", "1"),
+        `adapter_model.safetensors: tensor "${tensor}" holds 1 NaN value (of 512)`,
+        "the adapter is corrupt"
+    );
 
-    const state = quantize4bit(new Float32Array(4096).map((_, i) => Math.sin(i)), {shape: [64, 64], compressStatistics: false});
+    const state = quantize4bit(
+        new Float32Array(4096).map((_, i) => Math.sin(i)),
+        {shape: [64, 64], compressStatistics: false}
+    );
     assert.doesNotThrow(() => validateQuantState(state));
     state.absmax![3] = Infinity;
-    assert.throws(() => validateQuantState(state, "4-bit weight \"w\""), /4-bit weight "w": absmax holds 0 NaN and 1 infinite values/);
+    assert.throws(
+        () => validateQuantState(state, '4-bit weight "w"'),
+        /4-bit weight "w": absmax holds 0 NaN and 1 infinite values/
+    );
 });
 
 test("a pre-quantized bnb-4bit checkpoint gets the same checks: layer count, NaN scales, NaN dense weights", async () => {
@@ -209,13 +307,22 @@ test("a pre-quantized bnb-4bit checkpoint gets the same checks: layer count, NaN
         }
         return Promise.resolve(edit(dir)).then(() => dir);
     };
-    const layers = await bnbCopy((d) => editConfig(d, (c) => { c.num_hidden_layers = 9; }));
+    const layers = await bnbCopy((d) =>
+        editConfig(d, (c) => {
+            c.num_hidden_layers = 9;
+        })
+    );
     await rejectsQlora(DecoderModel.load(layers), `"num_hidden_layers" is 9 but the checkpoint`, "holds 8 layers");
-    const scale = await bnbCopy((d) => plantBits(path.join(d, "model.safetensors"),
-        "model.layers.0.self_attn.q_proj.weight.nested_absmax", 2, F32_NAN));
-    await rejectsQlora(DecoderModel.load(scale), `4-bit weight "model.layers.0.self_attn.q_proj.weight": nested_absmax holds 1 NaN`);
-    const dense = await bnbCopy((d) => plantBits(path.join(d, "model.safetensors"),
-        "model.layers.3.input_layernorm.weight", 0, F32_NAN));
+    const scale = await bnbCopy((d) =>
+        plantBits(path.join(d, "model.safetensors"), "model.layers.0.self_attn.q_proj.weight.nested_absmax", 2, F32_NAN)
+    );
+    await rejectsQlora(
+        DecoderModel.load(scale),
+        `4-bit weight "model.layers.0.self_attn.q_proj.weight": nested_absmax holds 1 NaN`
+    );
+    const dense = await bnbCopy((d) =>
+        plantBits(path.join(d, "model.safetensors"), "model.layers.3.input_layernorm.weight", 0, F32_NAN)
+    );
     await rejectsQlora(DecoderModel.load(dense), `tensor "model.layers.3.input_layernorm.weight" holds 1 NaN value (of 256)`);
     // the untouched fixture still loads
     assert.equal((await DecoderModel.load(await bnbCopy(() => undefined))).quantized, true);
@@ -226,11 +333,17 @@ test("a pre-quantized bnb-4bit checkpoint gets the same checks: layer count, NaN
 
 test("r above the smallest targeted dimension is refused naming the module; r equal to it is accepted", async () => {
     // the tiny model's k_proj and v_proj are [128, 256]: LoRA's rank there is at most 128
-    expectError(qlora("train", "--r", "1000000", "--max_steps", "1", "--output_dir", path.join(tmp, "train-r")),
-        "r: 1000000 is larger than the targeted module model.layers.0.self_attn.k_proj allows", "[128, 256]", "use r <= 128");
+    expectError(
+        qlora("train", "--r", "1000000", "--max_steps", "1", "--output_dir", path.join(tmp, "train-r")),
+        "r: 1000000 is larger than the targeted module model.layers.0.self_attn.k_proj allows",
+        "[128, 256]",
+        "use r <= 128"
+    );
     const model = await DecoderModel.load(MODEL_DIR);
-    assert.throws(() => applyLora(model, {r: 129, target_modules: "all-linear"}),
-        /r: 129 is larger than the targeted module model\.layers\.0\.self_attn\.k_proj allows/);
+    assert.throws(
+        () => applyLora(model, {r: 129, target_modules: "all-linear"}),
+        /r: 129 is larger than the targeted module model\.layers\.0\.self_attn\.k_proj allows/
+    );
     // only q_proj and o_proj ([256, 256]) targeted: 256 is the bound
     assert.throws(() => applyLora(model, {r: 257, target_modules: ["q_proj", "o_proj"]}), /use r <= 256/);
     const lora = applyLora(model, {r: 128, target_modules: "all-linear"}, {initRng: new Rng(2)});
@@ -243,8 +356,12 @@ test("r above the smallest targeted dimension is refused naming the module; r eq
     await saveAdapter(adapter, applyLora(await DecoderModel.load(MODEL_DIR), {r: 4, target_modules: ["v_proj"]}));
     const cfgFile = path.join(adapter, "adapter_config.json");
     writeFileSync(cfgFile, JSON.stringify({...JSON.parse(readFileSync(cfgFile, "utf8")), r: 1_000_000}));
-    await rejectsQlora(loadAdapter(adapter, await DecoderModel.load(MODEL_DIR)), "adapter_config.json: r: 1000000 is larger than",
-        "model.layers.0.self_attn.v_proj", "use r <= 128");
+    await rejectsQlora(
+        loadAdapter(adapter, await DecoderModel.load(MODEL_DIR)),
+        "adapter_config.json: r: 1000000 is larger than",
+        "model.layers.0.self_attn.v_proj",
+        "use r <= 128"
+    );
 });
 
 test("a corrupt adapter_config.json is a QloraError naming the file and key, never a TypeError", async () => {
@@ -256,7 +373,7 @@ test("a corrupt adapter_config.json is a QloraError naming the file and key, nev
         [{r: 4, lora_dropout: "0.1"}, "lora_dropout: must be a number in [0, 1)"],
         [{r: "8"}, "r: must be a positive integer"],
         [{r: 4, use_dora: "yes"}, "use_dora: must be true or false"],
-        [{r: 4, alpha_pattern: {"q_proj": 64}}, "alpha_pattern is"],
+        [{r: 4, alpha_pattern: {q_proj: 64}}, "alpha_pattern is"]
     ];
     for (const [json, fragment] of cases) {
         const dir = path.join(tmp, `adapter-config-${cases.findIndex((c) => c[0] === json)}`);
@@ -267,8 +384,9 @@ test("a corrupt adapter_config.json is a QloraError naming the file and key, nev
 });
 
 test("target_modules patterns that would backtrack for hours are refused before they run; usual patterns match", () => {
-    const names = Array.from({length: 8}, (_, l) => ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"]
-        .map((p) => `model.layers.${l}.${p}`)).flat();
+    const names = Array.from({length: 8}, (_, l) =>
+        ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"].map((p) => `model.layers.${l}.${p}`)
+    ).flat();
     const match = (pattern: string) => matchTargets(names, {...LORA_DEFAULTS, target_modules: pattern}, "qwen2");
     // in a child process with a timeout: were the check gone, the match would block this process for hours
     const script = `import {matchTargets} from ${JSON.stringify(path.join(REPO_ROOT, "src", "lora", "targets.ts"))};
@@ -276,8 +394,11 @@ test("target_modules patterns that would backtrack for hours are refused before 
             try { matchTargets(${JSON.stringify(names)}, {target_modules: p}, "qwen2"); console.log("matched"); }
             catch (e) { console.log(e.message); }
         }`;
-    const r = spawnSync(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script],
-        {encoding: "utf8", cwd: REPO_ROOT, timeout: 30_000});
+    const r = spawnSync(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+        encoding: "utf8",
+        cwd: REPO_ROOT,
+        timeout: 30_000
+    });
     assert.equal(r.signal, null, "matching hung");
     const [nested, alternation, many] = r.stdout.trim().split("\n");
     assert.match(nested, /target_modules: the pattern "\(\.\*\)\*x" repeats a group that itself repeats/);
@@ -308,14 +429,23 @@ test("a FIFO named config.json, model.safetensors or adapter_config.json fails a
 });
 
 test("eval refuses rows longer than the model's context, as train does; rows cut to fit are scored with a warning", () => {
-    const dir = modelCopy((d) => editConfig(d, (c) => { c.max_position_embeddings = 64; }));
+    const dir = modelCopy((d) =>
+        editConfig(d, (c) => {
+            c.max_position_embeddings = 64;
+        })
+    );
     const data = path.join(tmp, "long.json");
-    writeFileSync(data, JSON.stringify([
-        {instruction: "Repeat the words.", input: "", output: Array.from({length: 80}, (_, i) => `word${i}`).join(" ")},
-        {instruction: "Add the numbers.", input: "1 2", output: "3"},
-    ]));
-    expectError(qlora("eval", "--model", dir, "--data", data),
-        /max_seq_length 1024 lets rows of \d+ tokens through, longer than the model's context \(max_position_embeddings 64/);
+    writeFileSync(
+        data,
+        JSON.stringify([
+            {instruction: "Repeat the words.", input: "", output: Array.from({length: 80}, (_, i) => `word${i}`).join(" ")},
+            {instruction: "Add the numbers.", input: "1 2", output: "3"}
+        ])
+    );
+    expectError(
+        qlora("eval", "--model", dir, "--data", data),
+        /max_seq_length 1024 lets rows of \d+ tokens through, longer than the model's context \(max_position_embeddings 64/
+    );
     const ok = qlora("eval", "--model", dir, "--data", data, "--max-seq-length", "64", "--json");
     assert.equal(ok.code, 0, ok.stderr);
     const result = JSON.parse(ok.stdout.trim());
@@ -327,7 +457,9 @@ test("eval refuses rows longer than the model's context, as train does; rows cut
 test("inspect prints control characters of tensor names and config strings escaped", () => {
     const evil = "evil\u001b[31mred\rback\u0008";
     const dir = modelCopy((d) => {
-        editConfig(d, (c) => { c.architectures = ["Qwen2\u001b[2JForCausalLM"]; });
+        editConfig(d, (c) => {
+            c.architectures = ["Qwen2\u001b[2JForCausalLM"];
+        });
         // an extra, empty tensor with a hostile name: header rewritten, data section kept
         const file = path.join(d, "model.safetensors");
         const bytes = readFileSync(file);

@@ -6,8 +6,18 @@ import {describe, test} from "node:test";
 import assert from "node:assert/strict";
 import {spawnSync} from "node:child_process";
 import {createHash} from "node:crypto";
-import {cpSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync,
-    writeFileSync} from "node:fs";
+import {
+    cpSync,
+    lstatSync,
+    mkdirSync,
+    mkdtempSync,
+    readdirSync,
+    readFileSync,
+    readlinkSync,
+    rmSync,
+    symlinkSync,
+    writeFileSync
+} from "node:fs";
 import {createRequire} from "node:module";
 import os from "node:os";
 import path from "node:path";
@@ -15,8 +25,13 @@ import {pathToFileURL} from "node:url";
 import {exportGguf, exportGgufLora} from "../src/api/export-gguf.js";
 import {isQloraError} from "../src/errors.js";
 import {
-    assertFileOutput, assertOutputSeparate, createAtomicFile, QLORA_MARKER_FILE, recoverInterruptedWrites, writeDirAtomic,
-    writeFileAtomic,
+    assertFileOutput,
+    assertOutputSeparate,
+    createAtomicFile,
+    QLORA_MARKER_FILE,
+    recoverInterruptedWrites,
+    writeDirAtomic,
+    writeFileAtomic
 } from "../src/io/atomic.js";
 import {GgufMetadata, hasGgufMagic, writeGguf} from "../src/io/gguf.js";
 import {GgmlType} from "../src/io/gguf-quants.js";
@@ -41,7 +56,8 @@ function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp
     const lines = r.stderr.trim().split("\n");
     assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
     assert.match(lines[0], /^error:/);
-    for (const f of fragments) assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+    for (const f of fragments)
+        assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
 }
 
 /** the same checks through the library calls (no process start): a QloraError with every fragment */
@@ -130,12 +146,17 @@ describe("qlora merge never replaces what it was not asked to replace", () => {
         writeFileSync(path.join(run, "metrics.jsonl"), '{"event":"start"}\n');
         const before = treeState(tmp);
         // the adapter of that run: --out contains it
-        expectError(qlora(["merge", "--model", model, "--adapter", path.join(run, "final"), "--out", run, "--overwrite"]),
-            "--out contains the adapter folder");
+        expectError(
+            qlora(["merge", "--model", model, "--adapter", path.join(run, "final"), "--out", run, "--overwrite"]),
+            "--out contains the adapter folder"
+        );
         // another adapter: the folder is not empty
         expectError(qlora(mergeArgs(run)), run, "not empty");
-        await rejectsWith(mergeAdapter({model, adapter, out: path.join(run, "checkpoint-4"), overwrite: true}),
-            path.join(run, "checkpoint-4"), "not written by qlora");
+        await rejectsWith(
+            mergeAdapter({model, adapter, out: path.join(run, "checkpoint-4"), overwrite: true}),
+            path.join(run, "checkpoint-4"),
+            "not written by qlora"
+        );
         assert.deepEqual(treeState(tmp), before);
     });
 
@@ -159,7 +180,10 @@ describe("qlora merge never replaces what it was not asked to replace", () => {
         assert.notEqual(now["model.safetensors"], merged["model.safetensors"], "f16 weights replaced the bf16 ones");
         assert.equal(JSON.parse(readFileSync(path.join(out, "config.json"), "utf8")).torch_dtype, "float16");
         // no temporaries or replaced copies are left beside it
-        assert.deepEqual(readdirSync(tmp).filter((n) => n.startsWith(".merged.")), []);
+        assert.deepEqual(
+            readdirSync(tmp).filter((n) => n.startsWith(".merged.")),
+            []
+        );
     });
 });
 
@@ -172,19 +196,36 @@ describe("qlora export never writes over its inputs or a file that is not a GGUF
         const notGguf = path.join(tmp, "report.gguf");
         writeFileSync(notGguf, "plain text with a .gguf name");
         const before = treeState(tmp);
-        expectError(qlora(["export", "gguf", "--model", model, "--out", path.join(model, "model.safetensors"), "--overwrite"]),
-            "--out is the model.safetensors of the model folder");
+        expectError(
+            qlora(["export", "gguf", "--model", model, "--out", path.join(model, "model.safetensors"), "--overwrite"]),
+            "--out is the model.safetensors of the model folder"
+        );
         expectError(qlora(["export", "gguf", "--model", model, "--out", notGguf, "--overwrite"]), notGguf, "not a GGUF file");
         const gguf = (out: string, overwrite = true) => exportGguf({modelDir: model, outtype: "f16", out, overwrite});
         await rejectsWith(gguf(path.join(model, "config.json")), "--out is the config.json of the model folder");
         await rejectsWith(gguf(model), "--out is the model folder");
-        await rejectsWith(exportGguf({modelDir: model, adapterDir: adapter, outtype: "f16", overwrite: true,
-            out: path.join(adapter, "adapter_model.safetensors")}), "--out is the adapter_model.safetensors of the adapter folder");
+        await rejectsWith(
+            exportGguf({
+                modelDir: model,
+                adapterDir: adapter,
+                outtype: "f16",
+                overwrite: true,
+                out: path.join(adapter, "adapter_model.safetensors")
+            }),
+            "--out is the adapter_model.safetensors of the adapter folder"
+        );
         await rejectsWith(gguf(tmp), "--out contains the model folder");
         await rejectsWith(gguf(notGguf, false), notGguf, "already exists; pass --overwrite");
         await rejectsWith(gguf(link), link, "symbolic link");
-        await rejectsWith(exportGgufLora({modelDir: model, adapterDir: adapter, overwrite: true,
-            out: path.join(adapter, "adapter_config.json")}), "--out is the adapter_config.json of the adapter folder");
+        await rejectsWith(
+            exportGgufLora({
+                modelDir: model,
+                adapterDir: adapter,
+                overwrite: true,
+                out: path.join(adapter, "adapter_config.json")
+            }),
+            "--out is the adapter_config.json of the adapter folder"
+        );
         assert.deepEqual(treeState(tmp), before);
     });
 
@@ -193,7 +234,11 @@ describe("qlora export never writes over its inputs or a file that is not a GGUF
         try {
             await exportGgufLora({modelDir: model, adapterDir: adapter, out});
             assert.ok(hasGgufMagic(readFileSync(out)));
-            await rejectsWith(exportGgufLora({modelDir: model, adapterDir: adapter, out}), out, "already exists; pass --overwrite");
+            await rejectsWith(
+                exportGgufLora({modelDir: model, adapterDir: adapter, out}),
+                out,
+                "already exists; pass --overwrite"
+            );
             writeFileSync(out, Buffer.concat([Buffer.from("GGUF"), Buffer.alloc(60)])); // an old (here: fake) GGUF
             const again = qlora(["export", "gguf-lora", "--model", model, "--adapter", adapter, "--out", out, "--overwrite"]);
             assert.equal(again.code, 0, again.stderr);
@@ -217,7 +262,10 @@ describe("temporaries are exclusive and random; symlinks are never followed", ()
         await writeFileAtomic(path.join(dir, "metrics.jsonl"), "one\n");
         await writeFileAtomic(path.join(dir, "report.html"), "<html></html>");
         const md = new GgufMetadata().string("general.architecture", "llama");
-        await writeGguf(path.join(dir, "model.gguf"), {metadata: md, tensors: [{name: "w", type: GgmlType.F32, ne: [8], data: () => new Uint8Array(32)}]});
+        await writeGguf(path.join(dir, "model.gguf"), {
+            metadata: md,
+            tensors: [{name: "w", type: GgmlType.F32, ne: [8], data: () => new Uint8Array(32)}]
+        });
         assert.equal(readFileSync(victim, "utf8"), "precious");
         assert.ok(lstatSync(path.join(dir, "report.html")).isFile(), "the link was replaced, not written through");
         assert.equal(readFileSync(path.join(dir, "metrics.jsonl"), "utf8"), "one\n");
@@ -225,7 +273,8 @@ describe("temporaries are exclusive and random; symlinks are never followed", ()
 
     test("temporary names are random, exclusive, and removed on abort", async () => {
         const file = path.join(tmp, "stream.bin");
-        const a = await createAtomicFile(file), b = await createAtomicFile(file);
+        const a = await createAtomicFile(file),
+            b = await createAtomicFile(file);
         assert.match(path.basename(a.path), /^\.stream\.bin\.tmp-[0-9a-f]{16}$/);
         assert.notEqual(a.path, b.path);
         await a.handle.write(Buffer.from("a"));
@@ -233,7 +282,10 @@ describe("temporaries are exclusive and random; symlinks are never followed", ()
         await a.abort();
         await b.commit();
         assert.equal(readFileSync(file, "utf8"), "b");
-        assert.deepEqual(readdirSync(tmp).filter((n) => n.startsWith(".stream.bin")), []);
+        assert.deepEqual(
+            readdirSync(tmp).filter((n) => n.startsWith(".stream.bin")),
+            []
+        );
     });
 
     test("recovery does not follow a symlink planted under a leftover name", async () => {
@@ -256,8 +308,10 @@ describe("writers never delete or mix the user's files", () => {
         writeFileSync(path.join(dir, "model-00001-of-00002.safetensors"), "shard 1");
         writeFileSync(path.join(dir, "model-00002-of-00002.safetensors"), "shard 2");
         const before = treeState(dir);
-        await assert.rejects(writeShardedSafetensors(dir, "model", [{name: "x", dtype: "F32", shape: [2], data: new Float32Array(2)}], 1e6),
-            (e: unknown) => isQloraError(e) && /already holds model-00001-of-00002\.safetensors/.test((e as Error).message));
+        await assert.rejects(
+            writeShardedSafetensors(dir, "model", [{name: "x", dtype: "F32", shape: [2], data: new Float32Array(2)}], 1e6),
+            (e: unknown) => isQloraError(e) && /already holds model-00001-of-00002\.safetensors/.test((e as Error).message)
+        );
         assert.deepEqual(treeState(dir), before);
     });
 
@@ -273,24 +327,42 @@ describe("writers never delete or mix the user's files", () => {
         mkdirSync(empty);
         await writeDirAtomic(empty, fill("1"), {replace: "never", kind: "k"});
         assert.equal(readFileSync(path.join(empty, "a.txt"), "utf8"), "1");
-        await assert.rejects(writeDirAtomic(empty, fill("2"), {replace: "never", kind: "k", overwriteHint: "--overwrite"}),
-            /\(an earlier qlora k\); pass --overwrite to replace it/);
+        await assert.rejects(
+            writeDirAtomic(empty, fill("2"), {replace: "never", kind: "k", overwriteHint: "--overwrite"}),
+            /\(an earlier qlora k\); pass --overwrite to replace it/
+        );
         await assert.rejects(writeDirAtomic(empty, fill("2"), {replace: "owned", kind: "other"}), /holds a qlora k, not a other/);
         // a failing fill leaves the old folder and no temporary
-        await assert.rejects(writeDirAtomic(empty, async () => { throw new Error("boom"); }, {replace: "owned", kind: "k"}), /boom/);
+        await assert.rejects(
+            writeDirAtomic(
+                empty,
+                async () => {
+                    throw new Error("boom");
+                },
+                {replace: "owned", kind: "k"}
+            ),
+            /boom/
+        );
         await writeDirAtomic(empty, fill("2"), {replace: "owned", kind: "k"});
         assert.equal(readFileSync(path.join(empty, "a.txt"), "utf8"), "2");
-        assert.deepEqual(readdirSync(tmp).filter((n) => n.startsWith(".empty.")), []);
+        assert.deepEqual(
+            readdirSync(tmp).filter((n) => n.startsWith(".empty.")),
+            []
+        );
         await assert.rejects(writeDirAtomic(adapter, fill("3"), {replace: "owned", kind: "k"}), /not written by qlora/);
     });
 
     test("assertOutputSeparate and assertFileOutput", async () => {
-        await assert.rejects(assertOutputSeparate(path.join(model, "..", "model"), [{path: model, what: "base model folder"}]),
-            /--out is the base model folder/);
+        await assert.rejects(
+            assertOutputSeparate(path.join(model, "..", "model"), [{path: model, what: "base model folder"}]),
+            /--out is the base model folder/
+        );
         await assertOutputSeparate(path.join(model, "sub", "new"), [{path: model, what: "base model folder"}]);
         await assertFileOutput(path.join(tmp, "does-not-exist.gguf"), {overwrite: false});
-        await assert.rejects(assertFileOutput(path.join(model, "config.json"), {overwrite: true, looksOwned: hasGgufMagic, what: "a GGUF file"}),
-            /not a GGUF file/);
+        await assert.rejects(
+            assertFileOutput(path.join(model, "config.json"), {overwrite: true, looksOwned: hasGgufMagic, what: "a GGUF file"}),
+            /not a GGUF file/
+        );
     });
 });
 
@@ -302,37 +374,62 @@ describe("an interrupted folder swap is completed or rolled back", () => {
         writeFileSync(path.join(p, "weights"), version);
         writeFileSync(path.join(p, QLORA_MARKER_FILE), JSON.stringify({written_by: "qlora", kind, version: "test"}));
     }
-    const R = "00112233445566ff", S = "aabbccddeeff0011";
+    const R = "00112233445566ff",
+        S = "aabbccddeeff0011";
     const version = (p: string) => readFileSync(path.join(p, "weights"), "utf8");
 
     test("each kill point leaves the newest complete folder and no leftovers", async () => {
         const cases: {name: string; make: (parent: string) => void; expect: string}[] = [
-            {name: "killed while filling", expect: "v1", make: (d) => {
-                folder(path.join(d, "final"), "v1");
-                mkdirSync(path.join(d, `.final.tmp-${R}`));
-                writeFileSync(path.join(d, `.final.tmp-${R}`, "weights"), "v2 (half");
-            }},
-            {name: "killed after the new folder was complete, before the old one moved aside", expect: "v2", make: (d) => {
-                folder(path.join(d, "final"), "v1");
-                folder(path.join(d, `.final.new-${R}`), "v2");
-            }},
-            {name: "killed between the two renames", expect: "v2", make: (d) => {
-                folder(path.join(d, `.final.old-${R}`), "v1");
-                folder(path.join(d, `.final.new-${R}`), "v2");
-            }},
-            {name: "killed before the old folder was removed", expect: "v2", make: (d) => {
-                folder(path.join(d, "final"), "v2");
-                folder(path.join(d, `.final.old-${R}`), "v1");
-            }},
-            {name: "an earlier version killed between its renames (pid names)", expect: "v1", make: (d) => {
-                folder(path.join(d, ".final.old-4242"), "v1");
-                folder(path.join(d, ".final.tmp-4242"), "v2 (never marked complete)");
-            }},
-            {name: "two kills: a swap left half-done, then a fill", expect: "v2", make: (d) => {
-                folder(path.join(d, `.final.old-${R}`), "v1");
-                folder(path.join(d, `.final.new-${R}`), "v2");
-                mkdirSync(path.join(d, `.final.tmp-${S}`));
-            }},
+            {
+                name: "killed while filling",
+                expect: "v1",
+                make: (d) => {
+                    folder(path.join(d, "final"), "v1");
+                    mkdirSync(path.join(d, `.final.tmp-${R}`));
+                    writeFileSync(path.join(d, `.final.tmp-${R}`, "weights"), "v2 (half");
+                }
+            },
+            {
+                name: "killed after the new folder was complete, before the old one moved aside",
+                expect: "v2",
+                make: (d) => {
+                    folder(path.join(d, "final"), "v1");
+                    folder(path.join(d, `.final.new-${R}`), "v2");
+                }
+            },
+            {
+                name: "killed between the two renames",
+                expect: "v2",
+                make: (d) => {
+                    folder(path.join(d, `.final.old-${R}`), "v1");
+                    folder(path.join(d, `.final.new-${R}`), "v2");
+                }
+            },
+            {
+                name: "killed before the old folder was removed",
+                expect: "v2",
+                make: (d) => {
+                    folder(path.join(d, "final"), "v2");
+                    folder(path.join(d, `.final.old-${R}`), "v1");
+                }
+            },
+            {
+                name: "an earlier version killed between its renames (pid names)",
+                expect: "v1",
+                make: (d) => {
+                    folder(path.join(d, ".final.old-4242"), "v1");
+                    folder(path.join(d, ".final.tmp-4242"), "v2 (never marked complete)");
+                }
+            },
+            {
+                name: "two kills: a swap left half-done, then a fill",
+                expect: "v2",
+                make: (d) => {
+                    folder(path.join(d, `.final.old-${R}`), "v1");
+                    folder(path.join(d, `.final.new-${R}`), "v2");
+                    mkdirSync(path.join(d, `.final.tmp-${S}`));
+                }
+            }
         ];
         for (const c of cases) {
             const parent = path.join(tmp, "swap", c.name.replace(/\W+/g, "-"));
@@ -362,10 +459,15 @@ describe("an interrupted folder swap is completed or rolled back", () => {
         folder(path.join(parent, `.final.old-${R}`), "v1");
         folder(path.join(parent, `.final.new-${R}`), "v2");
         // the recovered v2 is an earlier qlora checkpoint: "never" refuses it, "owned" replaces it
-        await assert.rejects(writeDirAtomic(path.join(parent, "final"), async () => undefined, {replace: "never", kind: K}),
-            /an earlier qlora checkpoint/);
+        await assert.rejects(
+            writeDirAtomic(path.join(parent, "final"), async () => undefined, {replace: "never", kind: K}),
+            /an earlier qlora checkpoint/
+        );
         assert.equal(version(path.join(parent, "final")), "v2");
-        await writeDirAtomic(path.join(parent, "final"), async (d) => writeFileSync(path.join(d, "weights"), "v3"), {replace: "owned", kind: K});
+        await writeDirAtomic(path.join(parent, "final"), async (d) => writeFileSync(path.join(d, "weights"), "v3"), {
+            replace: "owned",
+            kind: K
+        });
         assert.equal(version(path.join(parent, "final")), "v3");
         assert.deepEqual(readdirSync(parent), ["final"]);
     });

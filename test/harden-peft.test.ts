@@ -52,9 +52,16 @@ async function adapterCopy(name: string, edit: AdapterEdit): Promise<string> {
 
 test("merge writes an adapter's trained biases over the base's (it refused them before)", async () => {
     const adapter = path.join(tmp, "bias-adapter");
-    const lora = applyLora(await DecoderModel.load(MODEL_DIR), {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj"],
-        bias: "all", init_lora_weights: false}, {initRng: new Rng(5)});
-    for (const t of lora.trainableTensors()) if (t.name.endsWith(".bias")) t.param.forEach((v, i, b) => { b[i] = v + 0.05 * Math.sin(i + 1); });
+    const lora = applyLora(
+        await DecoderModel.load(MODEL_DIR),
+        {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj"], bias: "all", init_lora_weights: false},
+        {initRng: new Rng(5)}
+    );
+    for (const t of lora.trainableTensors())
+        if (t.name.endsWith(".bias"))
+            t.param.forEach((v, i, b) => {
+                b[i] = v + 0.05 * Math.sin(i + 1);
+            });
     await saveAdapter(adapter, lora);
     // k_proj has no LoRA branch: its bias is trained alone ("all")
     const trained = lora.layers.get("model.layers.0.self_attn.k_proj")!.bias!;
@@ -75,9 +82,15 @@ test("merge writes an adapter's trained biases over the base's (it refused them 
 });
 
 test("a rank that disagrees with adapter_config.json's r is named as such by loadAdapter, merge and the LoRA GGUF export", async () => {
-    const adapter = await adapterCopy("rank", {config: (c) => { c.r = 4; }});
-    const rank = new RegExp(String.raw`tensor "base_model\.model\.model\.layers\.\d+\.\w+\.\w+\.lora_A\.weight" ` +
-        String.raw`has rank 8 but adapter_config\.json says r 4: .*do not belong together`);
+    const adapter = await adapterCopy("rank", {
+        config: (c) => {
+            c.r = 4;
+        }
+    });
+    const rank = new RegExp(
+        String.raw`tensor "base_model\.model\.model\.layers\.\d+\.\w+\.\w+\.lora_A\.weight" ` +
+            String.raw`has rank 8 but adapter_config\.json says r 4: .*do not belong together`
+    );
     await assert.rejects(loadAdapter(adapter, await DecoderModel.load(MODEL_DIR)), rank);
     await assert.rejects(mergeAdapter({model: MODEL_DIR, adapter, out: path.join(tmp, "rank-merged")}), rank);
     const gguf = path.join(tmp, "rank.gguf");
@@ -93,15 +106,27 @@ test("merge refuses what loadAdapter refuses: a disowned DoRA magnitude, a weigh
         return {name, dtype: "F32", shape: [out], data: new Float32Array(out).fill(1)};
     };
     const cases: [string, AdapterEdit, RegExp][] = [
-        ["magnitude", {tensors: (t) => [...t, vector(t, Q0, `${Q0}.lora_magnitude_vector`)]},
-            new RegExp(`tensor "${Q0}.lora_magnitude_vector" is a DoRA magnitude but adapter_config.json says use_dora is false`)],
-        ["twice", {tensors: (t) => [...t, {...tensor(t, `${Q0}.lora_A.weight`), name: `${Q0}.lora_A.default.weight`}]},
-            new RegExp(`tensors "${Q0}.lora_A(\\.default)?.weight" and "${Q0}.lora_A(\\.default)?.weight" are the same weight`)],
-        ["lora-only-bias", {
-            // layer 0's k_proj loses its branch and gets a trained bias, which "lora_only" does not train
-            tensors: (t) => [...t.filter((x) => !x.name.startsWith(`${K0}.`)), vector(t, K0, `${K0}.bias`)],
-            config: (c) => { c.bias = "lora_only"; },
-        }, new RegExp(`tensor "${K0}.bias" does not match a bias of this model`)],
+        [
+            "magnitude",
+            {tensors: (t) => [...t, vector(t, Q0, `${Q0}.lora_magnitude_vector`)]},
+            new RegExp(`tensor "${Q0}.lora_magnitude_vector" is a DoRA magnitude but adapter_config.json says use_dora is false`)
+        ],
+        [
+            "twice",
+            {tensors: (t) => [...t, {...tensor(t, `${Q0}.lora_A.weight`), name: `${Q0}.lora_A.default.weight`}]},
+            new RegExp(`tensors "${Q0}.lora_A(\\.default)?.weight" and "${Q0}.lora_A(\\.default)?.weight" are the same weight`)
+        ],
+        [
+            "lora-only-bias",
+            {
+                // layer 0's k_proj loses its branch and gets a trained bias, which "lora_only" does not train
+                tensors: (t) => [...t.filter((x) => !x.name.startsWith(`${K0}.`)), vector(t, K0, `${K0}.bias`)],
+                config: (c) => {
+                    c.bias = "lora_only";
+                }
+            },
+            new RegExp(`tensor "${K0}.bias" does not match a bias of this model`)
+        ]
     ];
     for (const [name, edit, message] of cases) {
         const adapter = await adapterCopy(name, edit);

@@ -21,12 +21,15 @@ const BIG_STRING = "{% set big = namespace(s='x') %}{% for i in range(21) %}{% s
 /** the hostile templates, by name; each is refused with a message matching `expect` */
 const HOSTILE: Record<string, {template: string; expect: RegExp}> = {
     // finding 3 itself: 2.2 GB in 4.5 s, then Node aborted
-    "huge-range": {template: "{% for i in range(1000000000) %}x{% endfor %}", expect: /ran past its range\(\) limit: range\(0, 1000000000, 1\) would make 1,000,000,000 numbers, more than the 100,000/},
+    "huge-range": {
+        template: "{% for i in range(1000000000) %}x{% endfor %}",
+        expect: /ran past its range\(\) limit: range\(0, 1000000000, 1\) would make 1,000,000,000 numbers, more than the 100,000/
+    },
     "nested-loops": {
         template: "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
         expect: /ran past its (time limit of 2\.0 s|size limit: the values it built add up)/
     },
-    "doubling": {
+    doubling: {
         template: "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
         expect: /ran past its size limit: it built a value of 8,388,608 characters, more than the 4,19\d,\d{3} allowed/
     },
@@ -48,26 +51,53 @@ const HOSTILE: Record<string, {template: string; expect: RegExp}> = {
         expect: /ran past its size limit: it built a value of [\d,]+ characters/
     },
     // one call, a few characters in, 800 MB out
-    "indent-width": {template: "{{ 'a\\nb' | indent(400000000) }}", expect: /with indent\(…\) a text of up to 800,000,003 characters/},
-    "tojson-indent": {template: "{{ [1, 2, 3] | tojson(indent=300000000) }}", expect: /with tojson\(…\) a text of up to [\d,]+ characters/},
+    "indent-width": {
+        template: "{{ 'a\\nb' | indent(400000000) }}",
+        expect: /with indent\(…\) a text of up to 800,000,003 characters/
+    },
+    "tojson-indent": {
+        template: "{{ [1, 2, 3] | tojson(indent=300000000) }}",
+        expect: /with tojson\(…\) a text of up to [\d,]+ characters/
+    },
     // 2^21 matches, each replaced by 2^21 characters
-    "replace": {template: BIG_STRING + "{{ big.s.replace('x', big.s) }}", expect: /with replace\(…\) a text of 4,398,046,511,104 characters/},
-    "replace-filter": {template: BIG_STRING + "{{ big.s | replace('x', big.s) }}", expect: /with replace\(…\) a text of 4,398,046,511,104 characters/},
-    "replace-as-variable": {template: BIG_STRING + "{% set r = big.s['rep' ~ 'lace'] %}{{ r('x', big.s) }}", expect: /with replace\(…\) a text of/},
-    "join": {template: BIG_STRING + "{{ big.s | join(big.s) }}", expect: /with join\(…\) a text of up to 4,398,048,608,256 characters/},
+    replace: {
+        template: BIG_STRING + "{{ big.s.replace('x', big.s) }}",
+        expect: /with replace\(…\) a text of 4,398,046,511,104 characters/
+    },
+    "replace-filter": {
+        template: BIG_STRING + "{{ big.s | replace('x', big.s) }}",
+        expect: /with replace\(…\) a text of 4,398,046,511,104 characters/
+    },
+    "replace-as-variable": {
+        template: BIG_STRING + "{% set r = big.s['rep' ~ 'lace'] %}{{ r('x', big.s) }}",
+        expect: /with replace\(…\) a text of/
+    },
+    join: {
+        template: BIG_STRING + "{{ big.s | join(big.s) }}",
+        expect: /with join\(…\) a text of up to 4,398,048,608,256 characters/
+    },
     // each upper() is a fresh copy; kept in a list they would fill memory long before the time limit
     "fresh-copies": {
-        template: BIG_STRING + "{% set keep = namespace(a=[]) %}{% for i in range(100000) %}{% set keep.a = keep.a + [big.s.upper()] %}{% endfor %}",
+        template:
+            BIG_STRING +
+            "{% set keep = namespace(a=[]) %}{% for i in range(100000) %}{% set keep.a = keep.a + [big.s.upper()] %}{% endfor %}",
         expect: /ran past its size limit/
     },
     // a namespace grows after a list of 64 references to it was built: the list is measured again before printing
     "namespace-grows": {
-        template: "{% set box = namespace(s='') %}{% set ns = namespace(a=[box]) %}{% for i in range(6) %}{% set ns.a = ns.a + ns.a %}{% endfor %}" +
+        template:
+            "{% set box = namespace(s='') %}{% set ns = namespace(a=[box]) %}{% for i in range(6) %}{% set ns.a = ns.a + ns.a %}{% endfor %}" +
             "{% set big = namespace(s='x') %}{% for i in range(17) %}{% set big.s = big.s ~ big.s %}{% endfor %}{% set box.s = big.s %}{{ ns.a }}",
         expect: /ran past its size limit: it built a value of 8,389,\d{3} characters/
     },
-    "namespace-in-itself": {template: "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}", expect: /a namespace contains itself/},
-    "too-long": {template: "{# " + "x".repeat(1024 * 1024) + " #}", expect: /it is 1,048,582 characters long, more than the 1,048,576 a template may have/}
+    "namespace-in-itself": {
+        template: "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}",
+        expect: /a namespace contains itself/
+    },
+    "too-long": {
+        template: "{# " + "x".repeat(1024 * 1024) + " #}",
+        expect: /it is 1,048,582 characters long, more than the 1,048,576 a template may have/
+    }
 };
 
 let tempDir: string;
@@ -113,7 +143,9 @@ function expectQloraError(fn: () => unknown): {err: QloraError; seconds: number}
 describe("hostile chat templates are refused, naming the file and the template", () => {
     for (const [name, {expect}] of Object.entries(HOSTILE)) {
         test(name, {timeout: 60_000}, () => {
-            const {err, seconds} = expectQloraError(() => hostile.applyChatTemplate([{role: "user", content: "hi"}], {templateName: name}));
+            const {err, seconds} = expectQloraError(() =>
+                hostile.applyChatTemplate([{role: "user", content: "hi"}], {templateName: name})
+            );
             assert.ok(err.message.startsWith(`${configPath}: the chat template "${name}" `), err.message);
             assert.match(err.message, expect);
             assert.match(err.message, /the template is broken or hostile: fix or replace it/);
@@ -126,36 +158,55 @@ describe("hostile chat templates are refused, naming the file and the template",
         const dir = await tokenizerFolder("jinja-file", {"chat_template.jinja": HOSTILE["huge-range"].template});
         const tokenizer = await HfTokenizer.load(dir);
         const {err} = expectQloraError(() => tokenizer.applyChatTemplate([{role: "user", content: "hi"}]));
-        assert.match(err.message, new RegExp(`^${path.join(dir, "chat_template.jinja").replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}: the chat template "default" ran past its range\\(\\) limit`));
+        assert.match(
+            err.message,
+            new RegExp(
+                `^${path.join(dir, "chat_template.jinja").replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}: the chat template "default" ran past its range\\(\\) limit`
+            )
+        );
     });
 
     test("an empty loop inside a loop is stopped by the clock too", {timeout: 60_000}, () => {
         // no expression runs inside the inner loop: only its iterations can be counted
         const template = parseTemplate("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}");
         const start = performance.now();
-        assert.throws(() => renderTemplate(template, {}, {...DEFAULT_TEMPLATE_LIMITS, timeMs: 200}),
-            (err: unknown) => err instanceof TemplateLimitError && /time limit of 0\.2 s/.test(err.message));
+        assert.throws(
+            () => renderTemplate(template, {}, {...DEFAULT_TEMPLATE_LIMITS, timeMs: 200}),
+            (err: unknown) => err instanceof TemplateLimitError && /time limit of 0\.2 s/.test(err.message)
+        );
         assert.ok(performance.now() - start < 5000);
     });
 });
 
 describe("templates that fail keep failing with their own message", () => {
     test("raise_exception: the message, on one line", async () => {
-        const dir = await tokenizerFolder("raise", {"chat_template.jinja": "{{ raise_exception('Only user and\\nassistant roles are supported!') }}"});
+        const dir = await tokenizerFolder("raise", {
+            "chat_template.jinja": "{{ raise_exception('Only user and\\nassistant roles are supported!') }}"
+        });
         const tokenizer = await HfTokenizer.load(dir);
         const {err} = expectQloraError(() => tokenizer.applyChatTemplate([{role: "user", content: "hi"}]));
-        assert.match(err.message, /chat_template\.jinja: the chat template failed on these messages: Only user and assistant roles are supported!/);
+        assert.match(
+            err.message,
+            /chat_template\.jinja: the chat template failed on these messages: Only user and assistant roles are supported!/
+        );
     });
 
     test("an undefined variable used as a list", async () => {
-        const dir = await tokenizerFolder("undefined-list", {"chat_template.jinja": "{% for m in conversation %}{{ m }}{% endfor %}"});
+        const dir = await tokenizerFolder("undefined-list", {
+            "chat_template.jinja": "{% for m in conversation %}{{ m }}{% endfor %}"
+        });
         const tokenizer = await HfTokenizer.load(dir);
         const {err} = expectQloraError(() => tokenizer.applyChatTemplate([{role: "user", content: "hi"}]));
-        assert.match(err.message, /chat_template\.jinja: the chat template failed on these messages: Expected iterable or object type in for loop: got UndefinedValue/);
+        assert.match(
+            err.message,
+            /chat_template\.jinja: the chat template failed on these messages: Expected iterable or object type in for loop: got UndefinedValue/
+        );
     });
 
     test("a very long template error message is cut", async () => {
-        const dir = await tokenizerFolder("long-raise", {"chat_template.jinja": "{{ raise_exception('" + "y".repeat(10_000) + "') }}"});
+        const dir = await tokenizerFolder("long-raise", {
+            "chat_template.jinja": "{{ raise_exception('" + "y".repeat(10_000) + "') }}"
+        });
         const tokenizer = await HfTokenizer.load(dir);
         const {err} = expectQloraError(() => tokenizer.applyChatTemplate([{role: "user", content: "hi"}]));
         assert.ok(err.message.length < 600, `${err.message.length} characters`);
@@ -278,17 +329,43 @@ const LLAMA31_TOOLS = `{{- bos_token }}
 {%- endif %}
 `;
 
-const GEMMA = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}";
+const GEMMA =
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}";
 
 const TOOLS = [
-    {type: "function", function: {name: "get_weather", description: "Get the weather for a city", parameters: {type: "object", properties: {city: {type: "string", description: "City name"}, unit: {type: "string", enum: ["celsius", "fahrenheit"]}}, required: ["city"]}}},
-    {type: "function", function: {name: "search", description: "Search the web", parameters: {type: "object", properties: {query: {type: "string"}}, required: ["query"]}}}
+    {
+        type: "function",
+        function: {
+            name: "get_weather",
+            description: "Get the weather for a city",
+            parameters: {
+                type: "object",
+                properties: {
+                    city: {type: "string", description: "City name"},
+                    unit: {type: "string", enum: ["celsius", "fahrenheit"]}
+                },
+                required: ["city"]
+            }
+        }
+    },
+    {
+        type: "function",
+        function: {
+            name: "search",
+            description: "Search the web",
+            parameters: {type: "object", properties: {query: {type: "string"}}, required: ["query"]}
+        }
+    }
 ];
 const TOOL_CHAT = [
     {role: "system", content: "You are a helpful assistant."},
     {role: "user", content: "What's the weather in Paris? 床前明月光 😀"},
-    {role: "assistant", content: "", tool_calls: [{type: "function", function: {name: "get_weather", arguments: {city: "Paris"}}}]},
-    {role: "tool", content: "{\"temp\": 21}"},
+    {
+        role: "assistant",
+        content: "",
+        tool_calls: [{type: "function", function: {name: "get_weather", arguments: {city: "Paris"}}}]
+    },
+    {role: "tool", content: '{"temp": 21}'},
     {role: "assistant", content: "It is 21 °C in Paris."},
     {role: "user", content: "Thanks!\nAnd tomorrow?"}
 ];
@@ -297,15 +374,21 @@ describe("real templates render as before", () => {
     test("tiny-qwen2's template: byte for byte what it rendered before the limits", async () => {
         const tokenizer = await HfTokenizer.load(TINY_QWEN);
         const conversation = [
-            {role: "system", content: "Be terse."}, {role: "user", content: "2+2?"}, {role: "assistant", content: "4"},
+            {role: "system", content: "Be terse."},
+            {role: "user", content: "2+2?"},
+            {role: "assistant", content: "4"},
             {role: "user", content: "床前明月光 😀\n\tx"}
         ];
         // recorded with the unbounded Template.render
-        assert.equal(tokenizer.applyChatTemplate([{role: "user", content: "hi"}], {addGenerationPrompt: true}),
-            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
-        assert.equal(tokenizer.applyChatTemplate(conversation),
+        assert.equal(
+            tokenizer.applyChatTemplate([{role: "user", content: "hi"}], {addGenerationPrompt: true}),
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert.equal(
+            tokenizer.applyChatTemplate(conversation),
             "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n" +
-            "<|im_start|>user\n床前明月光 😀\n\tx<|im_end|>\n");
+                "<|im_start|>user\n床前明月光 😀\n\tx<|im_end|>\n"
+        );
         assert.equal(tokenizer.applyChatTemplate([], {addGenerationPrompt: true}), "<|im_start|>assistant\n");
         assert.equal(tokenizer.applyChatTemplate([]), "");
     });
@@ -313,8 +396,30 @@ describe("real templates render as before", () => {
     const cases: [string, string, Record<string, unknown>][] = [
         ["Qwen2.5 with tools", QWEN25_TOOLS, {messages: TOOL_CHAT, tools: TOOLS, add_generation_prompt: true}],
         ["Qwen2.5 without tools", QWEN25_TOOLS, {messages: TOOL_CHAT.slice(4), add_generation_prompt: false}],
-        ["Llama 3.1 with tools", LLAMA31_TOOLS, {messages: TOOL_CHAT, tools: TOOLS, add_generation_prompt: true, bos_token: "<|begin_of_text|>", date_string: "26 Jul 2024"}],
-        ["Gemma", GEMMA, {messages: [{role: "user", content: " hi "}, {role: "assistant", content: "hello"}, {role: "user", content: "how are you?"}], add_generation_prompt: true, bos_token: "<bos>"}]
+        [
+            "Llama 3.1 with tools",
+            LLAMA31_TOOLS,
+            {
+                messages: TOOL_CHAT,
+                tools: TOOLS,
+                add_generation_prompt: true,
+                bos_token: "<|begin_of_text|>",
+                date_string: "26 Jul 2024"
+            }
+        ],
+        [
+            "Gemma",
+            GEMMA,
+            {
+                messages: [
+                    {role: "user", content: " hi "},
+                    {role: "assistant", content: "hello"},
+                    {role: "user", content: "how are you?"}
+                ],
+                add_generation_prompt: true,
+                bos_token: "<bos>"
+            }
+        ]
     ];
     for (const [name, text, variables] of cases) {
         test(`${name}: the same text as the library's own render`, () => {
@@ -333,14 +438,18 @@ describe("real templates render as before", () => {
     });
 
     test("range() still counts like Python's", () => {
-        const text = "{{ range(5)|join(',') }}|{{ range(2, 11, 3)|join(',') }}|{{ range(5, 0, -2)|join(',') }}|{{ range(0)|length }}|{{ range(100000)|length }}";
+        const text =
+            "{{ range(5)|join(',') }}|{{ range(2, 11, 3)|join(',') }}|{{ range(5, 0, -2)|join(',') }}|{{ range(0)|length }}|{{ range(100000)|length }}";
         assert.equal(renderTemplate(parseTemplate(text), {}), "0,1,2,3,4|2,5,8|5,3,1|0|100000");
         assert.equal(renderTemplate(parseTemplate(text), {}), new Template(text).render({}));
     });
 
     test("a long conversation is not refused for being long", () => {
         // 2,000 turns, 5 MB of text: more than the 4 Mi characters a render of a short conversation may make
-        const messages = Array.from({length: 2000}, (_, i) => ({role: i % 2 ? "assistant" : "user", content: `turn ${i} `.repeat(250)}));
+        const messages = Array.from({length: 2000}, (_, i) => ({
+            role: i % 2 ? "assistant" : "user",
+            content: `turn ${i} `.repeat(250)
+        }));
         const variables = {messages, add_generation_prompt: true};
         const out = renderTemplate(parseTemplate(QWEN25_TOOLS), variables);
         assert.ok(out.length > DEFAULT_TEMPLATE_LIMITS.valueChars, `${out.length}`);
@@ -353,7 +462,8 @@ describe("tokenizer files are read without blocking", {skip: process.platform ==
         test(`a FIFO named ${file} fails at once`, {timeout: 20_000}, async () => {
             const dir = path.join(tempDir, `fifo-${file}`);
             await fs.mkdir(dir);
-            if (file !== "tokenizer.json") await fs.symlink(path.join(TINY_QWEN, "tokenizer.json"), path.join(dir, "tokenizer.json"));
+            if (file !== "tokenizer.json")
+                await fs.symlink(path.join(TINY_QWEN, "tokenizer.json"), path.join(dir, "tokenizer.json"));
             execFileSync("mkfifo", [path.join(dir, file)]);
             await assert.rejects(HfTokenizer.load(dir), (err: unknown) => {
                 assert.ok(err instanceof QloraError);
@@ -371,13 +481,33 @@ test("CLI: generate --chat with a hostile template exits 1 with one line, in sec
         await fs.symlink(path.join(MODEL_DIR, f), path.join(dir, f));
     await fs.writeFile(path.join(dir, "chat_template.jinja"), HOSTILE["huge-range"].template);
     const start = performance.now();
-    const r = spawnSync(process.execPath, ["--import", "tsx", path.join(REPO_ROOT, "src", "cli", "main.ts"), "generate",
-        "--chat", "--model", dir, "--prompt", "hi", "-n", "2"], {encoding: "utf8", cwd: REPO_ROOT, timeout: 50_000});
+    const r = spawnSync(
+        process.execPath,
+        [
+            "--import",
+            "tsx",
+            path.join(REPO_ROOT, "src", "cli", "main.ts"),
+            "generate",
+            "--chat",
+            "--model",
+            dir,
+            "--prompt",
+            "hi",
+            "-n",
+            "2"
+        ],
+        {encoding: "utf8", cwd: REPO_ROOT, timeout: 50_000}
+    );
     const seconds = (performance.now() - start) / 1000;
     assert.equal(r.status, 1, `exit code (stderr: ${r.stderr})`);
     const lines = r.stderr.trim().split("\n");
     assert.equal(lines.length, 1, r.stderr);
-    assert.ok(lines[0].startsWith(`error: ${path.join(dir, "chat_template.jinja")}: the chat template "default" ran past its range() limit`), lines[0]);
+    assert.ok(
+        lines[0].startsWith(
+            `error: ${path.join(dir, "chat_template.jinja")}: the chat template "default" ran past its range() limit`
+        ),
+        lines[0]
+    );
     assert.equal(r.stdout, "");
     assert.ok(seconds < 30, `took ${seconds.toFixed(1)} s`); // mostly starting node and tsx; the template fails at once
 });

@@ -12,7 +12,9 @@ const RUN = [...TINY, "--max_steps", "12", "--save_steps", "1000", "--lora_dropo
 
 function trainedSteps(dir: string): number {
     try {
-        return readFileSync(path.join(dir, "metrics.jsonl"), "utf8").split("\n").filter((l) => l.includes('"type":"train"')).length;
+        return readFileSync(path.join(dir, "metrics.jsonl"), "utf8")
+            .split("\n")
+            .filter((l) => l.includes('"type":"train"')).length;
     } catch {
         return 0;
     }
@@ -21,7 +23,8 @@ function trainedSteps(dir: string): number {
 const checkpoints = (dir: string) => readdirSync(dir).filter((n) => n.startsWith("checkpoint-"));
 
 test("SIGINT saves a checkpoint of the current step and exits 130; resuming gives a byte-equal adapter", async () => {
-    const full = path.join(tmp, "full"), stopped = path.join(tmp, "stopped");
+    const full = path.join(tmp, "full"),
+        stopped = path.join(tmp, "stopped");
     const run = qloraAsync(tmp, "train", ...RUN, "--output_dir", stopped);
     await waitFor(() => trainedSteps(stopped) >= 2);
     run.child.kill("SIGINT");
@@ -32,8 +35,13 @@ test("SIGINT saves a checkpoint of the current step and exits 130; resuming give
     assert.equal(saved.length, 1, saved.join(", "));
     const step = Number(saved[0].slice("checkpoint-".length));
     assert.ok(step >= 2 && step < 12, `stopped at step ${step}`);
-    assert.match(r.stderr, new RegExp(`stopped by SIGINT after step ${step}; saved .*checkpoint-${step}\\. Resume with: ` +
-        "qlora train .* --resume_from_checkpoint true"));
+    assert.match(
+        r.stderr,
+        new RegExp(
+            `stopped by SIGINT after step ${step}; saved .*checkpoint-${step}\\. Resume with: ` +
+                "qlora train .* --resume_from_checkpoint true"
+        )
+    );
     assert.ok(!exists(path.join(stopped, "final")), "the run did not finish");
     assert.ok(!exists(path.join(stopped, ".qlora.lock")), "the lock is released");
 

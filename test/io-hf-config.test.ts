@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import {fileURLToPath} from "node:url";
 import {QloraError} from "../src/errors.js";
-import {loadModelConfig, parseModelConfig, } from "../src/io/hf-config.js";
+import {loadModelConfig, parseModelConfig} from "../src/io/hf-config.js";
 import {computeRopeInvFreq} from "../src/model/rope.js";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
@@ -39,7 +39,13 @@ const llama31Config = {
     num_key_value_heads: 8,
     pretraining_tp: 1,
     rms_norm_eps: 1e-5,
-    rope_scaling: {factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192, rope_type: "llama3"},
+    rope_scaling: {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+        rope_type: "llama3"
+    },
     rope_theta: 500000.0,
     tie_word_embeddings: false,
     torch_dtype: "bfloat16",
@@ -79,12 +85,15 @@ function withChanges(base: Record<string, unknown>, changes: Record<string, unkn
 }
 
 function assertConfigError(json: unknown, pattern: RegExp): void {
-    assert.throws(() => parseModelConfig(json, "some/model/config.json"), (err: unknown) => {
-        assert.ok(err instanceof QloraError, `expected a QloraError, got ${String(err)}`);
-        assert.ok(err.message.startsWith("some/model/config.json: "), err.message);
-        assert.match(err.message, pattern);
-        return true;
-    });
+    assert.throws(
+        () => parseModelConfig(json, "some/model/config.json"),
+        (err: unknown) => {
+            assert.ok(err instanceof QloraError, `expected a QloraError, got ${String(err)}`);
+            assert.ok(err.message.startsWith("some/model/config.json: "), err.message);
+            assert.match(err.message, pattern);
+            return true;
+        }
+    );
 }
 
 /** the float64 formulas, written out independently of the implementation */
@@ -104,35 +113,38 @@ describe("config.json parsing", () => {
     test("tiny-qwen2 (transformers 5: rope_parameters, dtype)", async () => {
         const cfg = await loadModelConfig(tinyQwenDir);
         assert.equal(cfg.file, path.join(tinyQwenDir, "config.json"));
-        assert.deepEqual({...cfg, raw: undefined, file: undefined}, {
-            modelType: "qwen2",
-            architectures: ["Qwen2ForCausalLM"],
-            vocabSize: 16384,
-            hiddenSize: 256,
-            intermediateSize: 768,
-            numHiddenLayers: 8,
-            numAttentionHeads: 4,
-            numKeyValueHeads: 2,
-            headDim: 64,
-            rotaryDim: 64,
-            rmsNormEps: 1e-6,
-            ropeTheta: 1e6,
-            ropeScaling: null,
-            maxPositionEmbeddings: 2048,
-            tieWordEmbeddings: true,
-            attentionBias: true,
-            attentionOutputBias: false,
-            mlpBias: false,
-            hiddenAct: "silu",
-            slidingWindow: null,
-            bosTokenId: 16381,
-            eosTokenIds: [16381],
-            padTokenId: null,
-            torchDtype: "bfloat16",
-            quantizationConfig: null,
-            raw: undefined,
-            file: undefined
-        });
+        assert.deepEqual(
+            {...cfg, raw: undefined, file: undefined},
+            {
+                modelType: "qwen2",
+                architectures: ["Qwen2ForCausalLM"],
+                vocabSize: 16384,
+                hiddenSize: 256,
+                intermediateSize: 768,
+                numHiddenLayers: 8,
+                numAttentionHeads: 4,
+                numKeyValueHeads: 2,
+                headDim: 64,
+                rotaryDim: 64,
+                rmsNormEps: 1e-6,
+                ropeTheta: 1e6,
+                ropeScaling: null,
+                maxPositionEmbeddings: 2048,
+                tieWordEmbeddings: true,
+                attentionBias: true,
+                attentionOutputBias: false,
+                mlpBias: false,
+                hiddenAct: "silu",
+                slidingWindow: null,
+                bosTokenId: 16381,
+                eosTokenIds: [16381],
+                padTokenId: null,
+                torchDtype: "bfloat16",
+                quantizationConfig: null,
+                raw: undefined,
+                file: undefined
+            }
+        );
         assert.equal(cfg.raw.transformers_version, "5.17.0");
         assert.equal((await loadModelConfig(path.join(tinyQwenDir, "config.json"))).hiddenSize, 256);
     });
@@ -149,9 +161,17 @@ describe("config.json parsing", () => {
         assert.equal(cfg.tieWordEmbeddings, false);
         assert.equal(cfg.slidingWindow, null);
         assert.equal(cfg.torchDtype, "bfloat16");
-        assert.deepEqual({...cfg.ropeScaling, raw: undefined}, {
-            type: "llama3", factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192, raw: undefined
-        });
+        assert.deepEqual(
+            {...cfg.ropeScaling, raw: undefined},
+            {
+                type: "llama3",
+                factor: 8,
+                lowFreqFactor: 1,
+                highFreqFactor: 4,
+                originalMaxPositionEmbeddings: 8192,
+                raw: undefined
+            }
+        );
     });
 
     test("head_dim can differ from hidden_size / heads", () => {
@@ -181,8 +201,13 @@ describe("config.json parsing", () => {
 
     test("defaults: num_key_value_heads, tie_word_embeddings, rope_theta; qwen2 sliding window needs use_sliding_window", () => {
         const minimal = {
-            model_type: "qwen2", vocab_size: 100, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
-            num_attention_heads: 4, sliding_window: 4096
+            model_type: "qwen2",
+            vocab_size: 100,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            sliding_window: 4096
         };
         const cfg = parseModelConfig(minimal, "q/config.json");
         assert.equal(cfg.numKeyValueHeads, 4);
@@ -200,23 +225,38 @@ describe("config.json parsing", () => {
         const old = parseModelConfig(withChanges(mistralConfig, {rope_scaling: {type: "linear", factor: 2}}), "m/config.json");
         assert.equal(old.ropeScaling?.type, "linear");
         assert.equal(old.ropeScaling?.factor, 2);
-        const v5 = parseModelConfig(withChanges(llama31Config, {
-            rope_theta: undefined, rope_scaling: undefined,
-            rope_parameters: {rope_type: "yarn", rope_theta: 1e6, factor: 4, original_max_position_embeddings: 32768}
-        }), "l/config.json");
+        const v5 = parseModelConfig(
+            withChanges(llama31Config, {
+                rope_theta: undefined,
+                rope_scaling: undefined,
+                rope_parameters: {rope_type: "yarn", rope_theta: 1e6, factor: 4, original_max_position_embeddings: 32768}
+            }),
+            "l/config.json"
+        );
         assert.equal(v5.ropeTheta, 1e6);
         assert.equal(v5.ropeScaling?.type, "yarn");
         assert.equal(v5.ropeScaling?.originalMaxPositionEmbeddings, 32768);
-        const plain = parseModelConfig(withChanges(llama31Config, {
-            rope_theta: undefined, rope_scaling: null, rope_parameters: {rope_type: "default", rope_theta: 123}
-        }), "l/config.json");
+        const plain = parseModelConfig(
+            withChanges(llama31Config, {
+                rope_theta: undefined,
+                rope_scaling: null,
+                rope_parameters: {rope_type: "default", rope_theta: 123}
+            }),
+            "l/config.json"
+        );
         assert.equal(plain.ropeScaling, null);
         assert.equal(plain.ropeTheta, 123);
     });
 
     test("dtype spellings", () => {
-        assert.equal(parseModelConfig(withChanges(mistralConfig, {torch_dtype: "float32"}), "m/config.json").torchDtype, "float32");
-        assert.equal(parseModelConfig(withChanges(mistralConfig, {torch_dtype: undefined, dtype: "float16"}), "m/config.json").torchDtype, "float16");
+        assert.equal(
+            parseModelConfig(withChanges(mistralConfig, {torch_dtype: "float32"}), "m/config.json").torchDtype,
+            "float32"
+        );
+        assert.equal(
+            parseModelConfig(withChanges(mistralConfig, {torch_dtype: undefined, dtype: "float16"}), "m/config.json").torchDtype,
+            "float16"
+        );
         assert.equal(parseModelConfig(withChanges(mistralConfig, {torch_dtype: "auto"}), "m/config.json").torchDtype, null);
     });
 
@@ -229,7 +269,10 @@ describe("config.json parsing", () => {
 
 describe("config.json errors", () => {
     test("unsupported model_type", () => {
-        assertConfigError(withChanges(mistralConfig, {model_type: "gpt2"}), /model_type "gpt2" is not supported \(supported: llama, qwen2, mistral\)/);
+        assertConfigError(
+            withChanges(mistralConfig, {model_type: "gpt2"}),
+            /model_type "gpt2" is not supported \(supported: llama, qwen2, mistral\)/
+        );
         assertConfigError(withChanges(mistralConfig, {model_type: undefined}), /"model_type" is undefined/);
     });
 
@@ -245,32 +288,53 @@ describe("config.json errors", () => {
     test("invalid JSON", async () => {
         const dir = path.join(tempDir, "bad-json");
         await fs.mkdir(dir);
-        await fs.writeFile(path.join(dir, "config.json"), "{\"model_type\": ");
+        await fs.writeFile(path.join(dir, "config.json"), '{"model_type": ');
         await assert.rejects(loadModelConfig(dir), /config\.json: is not valid JSON/);
     });
 
     test("heads must divide evenly", () => {
-        assertConfigError(withChanges(mistralConfig, {num_key_value_heads: 5}), /"num_key_value_heads" is 5, which does not divide num_attention_heads \(32\)/);
+        assertConfigError(
+            withChanges(mistralConfig, {num_key_value_heads: 5}),
+            /"num_key_value_heads" is 5, which does not divide num_attention_heads \(32\)/
+        );
     });
 
     test("types and positivity are checked per key", () => {
-        assertConfigError(withChanges(mistralConfig, {hidden_size: "4096"}), /"hidden_size" is "4096", expected a positive integer/);
+        assertConfigError(
+            withChanges(mistralConfig, {hidden_size: "4096"}),
+            /"hidden_size" is "4096", expected a positive integer/
+        );
         assertConfigError(withChanges(mistralConfig, {num_hidden_layers: 0}), /"num_hidden_layers" is 0/);
         assertConfigError(withChanges(mistralConfig, {vocab_size: undefined}), /"vocab_size" is missing/);
         assertConfigError(withChanges(mistralConfig, {rms_norm_eps: -1}), /"rms_norm_eps" is -1, expected a positive number/);
-        assertConfigError(withChanges(mistralConfig, {tie_word_embeddings: "yes"}), /"tie_word_embeddings" is "yes", expected true or false/);
+        assertConfigError(
+            withChanges(mistralConfig, {tie_word_embeddings: "yes"}),
+            /"tie_word_embeddings" is "yes", expected true or false/
+        );
         assertConfigError(withChanges(mistralConfig, {eos_token_id: [2, "x"]}), /"eos_token_id"/);
         assertConfigError(withChanges(mistralConfig, {hidden_act: "gelu"}), /"hidden_act" is "gelu"/);
         assertConfigError(withChanges(mistralConfig, {torch_dtype: "int8"}), /"torch_dtype" is "int8"/);
-        assertConfigError(withChanges(mistralConfig, {hidden_size: 4095, head_dim: undefined}), /"hidden_size" is 4095, not divisible by num_attention_heads/);
+        assertConfigError(
+            withChanges(mistralConfig, {hidden_size: 4095, head_dim: undefined}),
+            /"hidden_size" is 4095, not divisible by num_attention_heads/
+        );
         assertConfigError([1, 2], /should hold a JSON object/);
     });
 
     test("rope scaling errors name the key", () => {
-        assertConfigError(withChanges(llama31Config, {rope_scaling: {rope_type: "llama3", factor: 8}}), /"rope_scaling\.low_freq_factor" is missing; rope type "llama3" needs it/);
-        assertConfigError(withChanges(llama31Config, {rope_scaling: {rope_type: "mrope", factor: 8}}), /"rope_scaling\.rope_type" is "mrope", which qlora does not implement/);
+        assertConfigError(
+            withChanges(llama31Config, {rope_scaling: {rope_type: "llama3", factor: 8}}),
+            /"rope_scaling\.low_freq_factor" is missing; rope type "llama3" needs it/
+        );
+        assertConfigError(
+            withChanges(llama31Config, {rope_scaling: {rope_type: "mrope", factor: 8}}),
+            /"rope_scaling\.rope_type" is "mrope", which qlora does not implement/
+        );
         assertConfigError(withChanges(llama31Config, {rope_scaling: {type: "linear"}}), /"rope_scaling\.factor" is missing/);
-        assertConfigError(withChanges(llama31Config, {rope_theta: undefined, rope_scaling: undefined, rope_parameters: {rope_theta: "big"}}), /"rope_parameters\.rope_theta" is "big"/);
+        assertConfigError(
+            withChanges(llama31Config, {rope_theta: undefined, rope_scaling: undefined, rope_parameters: {rope_theta: "big"}}),
+            /"rope_parameters\.rope_theta" is "big"/
+        );
     });
 });
 
@@ -318,23 +382,35 @@ describe("RoPE inverse frequencies", () => {
 
     test("linear divides by the factor; dynamic is default at init", () => {
         const linear = parseModelConfig(withChanges(mistralConfig, {rope_scaling: {type: "linear", factor: 4}}), "m/config.json");
-        assertClose(computeRopeInvFreq(linear).invFreq, defaultInvFreq64(10000, 128).map((f) => f / 4), 2e-7);
-        const dynamic = parseModelConfig(withChanges(mistralConfig, {rope_scaling: {type: "dynamic", factor: 4}}), "m/config.json");
+        assertClose(
+            computeRopeInvFreq(linear).invFreq,
+            defaultInvFreq64(10000, 128).map((f) => f / 4),
+            2e-7
+        );
+        const dynamic = parseModelConfig(
+            withChanges(mistralConfig, {rope_scaling: {type: "dynamic", factor: 4}}),
+            "m/config.json"
+        );
         assertClose(computeRopeInvFreq(dynamic).invFreq, defaultInvFreq64(10000, 128), 2e-7);
     });
 
     test("yarn: attention factor, extrapolated high frequencies, interpolated low ones", () => {
         // Qwen2.5's long-context recipe
-        const cfg = parseModelConfig(withChanges(mistralConfig, {
-            model_type: "qwen2", rope_theta: 1e6,
-            rope_scaling: {type: "yarn", factor: 4, original_max_position_embeddings: 32768}
-        }), "q/config.json");
+        const cfg = parseModelConfig(
+            withChanges(mistralConfig, {
+                model_type: "qwen2",
+                rope_theta: 1e6,
+                rope_scaling: {type: "yarn", factor: 4, original_max_position_embeddings: 32768}
+            }),
+            "q/config.json"
+        );
         const {invFreq, attentionScaling} = computeRopeInvFreq(cfg);
         assert.ok(Math.abs(attentionScaling - (0.1 * Math.log(4) + 1)) < 1e-12);
         const dim = 128;
         const base = defaultInvFreq64(1e6, dim);
         // hand-computed correction range for beta_fast 32, beta_slow 1
-        const correctionDim = (rotations: number): number => (dim * Math.log(32768 / (rotations * 2 * Math.PI))) / (2 * Math.log(1e6));
+        const correctionDim = (rotations: number): number =>
+            (dim * Math.log(32768 / (rotations * 2 * Math.PI))) / (2 * Math.log(1e6));
         const low = Math.max(Math.floor(correctionDim(32)), 0);
         const high = Math.min(Math.ceil(correctionDim(1)), dim - 1);
         const expected = base.map((freq, i) => {
@@ -345,17 +421,24 @@ describe("RoPE inverse frequencies", () => {
         assert.equal(invFreq[0], 1);
         assertClose([invFreq[63]], [base[63] / 4], 1e-6);
 
-        const withAttentionFactor = parseModelConfig(withChanges(mistralConfig, {
-            rope_scaling: {rope_type: "yarn", factor: 4, attention_factor: 0.5}
-        }), "q/config.json");
+        const withAttentionFactor = parseModelConfig(
+            withChanges(mistralConfig, {
+                rope_scaling: {rope_type: "yarn", factor: 4, attention_factor: 0.5}
+            }),
+            "q/config.json"
+        );
         assert.equal(computeRopeInvFreq(withAttentionFactor).attentionScaling, 0.5);
     });
 });
 
 test("partial_rotary_factor below 1 is refused: Llama/Qwen2/Mistral and the RoPE ops rotate whole heads", () => {
-    assertConfigError(withChanges(llama31Config, {partial_rotary_factor: 0.5}),
-        /"partial_rotary_factor" is 0\.5: RoPE over 64 of the 128 dimensions of a head is not supported for model_type "llama"/);
-    assertConfigError(withChanges(llama31Config, {rope_scaling: {...(llama31Config.rope_scaling as object), partial_rotary_factor: 0.25}}),
-        /"partial_rotary_factor" is 0\.25/);
+    assertConfigError(
+        withChanges(llama31Config, {partial_rotary_factor: 0.5}),
+        /"partial_rotary_factor" is 0\.5: RoPE over 64 of the 128 dimensions of a head is not supported for model_type "llama"/
+    );
+    assertConfigError(
+        withChanges(llama31Config, {rope_scaling: {...(llama31Config.rope_scaling as object), partial_rotary_factor: 0.25}}),
+        /"partial_rotary_factor" is 0\.25/
+    );
     assert.equal(parseModelConfig(withChanges(llama31Config, {partial_rotary_factor: 1}), "x/config.json").rotaryDim, 128);
 });

@@ -84,12 +84,18 @@ describe("safetensors write/read round trip", () => {
         // header padded so data starts 8-aligned, temp file gone
         const raw = await fs.readFile(filePath);
         assert.equal(Number(raw.readBigUInt64LE(0)) % 8, 0);
-        assert.deepEqual((await fs.readdir(tempDir)).filter((f) => f.includes(".tmp-")), []);
+        assert.deepEqual(
+            (await fs.readdir(tempDir)).filter((f) => f.includes(".tmp-")),
+            []
+        );
 
         const file = await SafetensorsFile.open(filePath);
         try {
             assert.deepEqual(file.metadata, {format: "pt", note: "héllo"});
-            assert.deepEqual(file.names(), tensors.map((t) => t.name));
+            assert.deepEqual(
+                file.names(),
+                tensors.map((t) => t.name)
+            );
             for (const tensor of tensors) {
                 const info = file.info(tensor.name);
                 assert.equal(info.dtype, tensor.dtype);
@@ -99,7 +105,10 @@ describe("safetensors write/read round trip", () => {
                 assert.deepEqual(bytes, new Uint8Array(tensor.data.buffer, tensor.data.byteOffset, tensor.data.byteLength));
                 const typed = await file.readTyped(tensor.name);
                 assert.equal(typed.constructor, tensor.dtype === "BOOL" ? Uint8Array : tensor.data.constructor);
-                assert.deepEqual(Array.from(typed as ArrayLike<number | bigint>), Array.from(tensor.data as unknown as ArrayLike<number | bigint>));
+                assert.deepEqual(
+                    Array.from(typed as ArrayLike<number | bigint>),
+                    Array.from(tensor.data as unknown as ArrayLike<number | bigint>)
+                );
             }
             assert.deepEqual(Array.from(await file.readF32("f64")), [1.5, -2.25, Math.fround(Math.PI), -0]);
             assert.deepEqual(Array.from(await file.readF32("f16")), [1, -2]);
@@ -124,7 +133,10 @@ describe("safetensors write/read round trip", () => {
         try {
             await assert.rejects(file.readI32("big"), /"big" holds 3000000000 at index 1, outside the int32 range/);
             await assert.rejects(file.readF32("ids"), /"ids" is I32, not a floating-point tensor/);
-            await assert.rejects(file.readBytes("nope"), (err: unknown) => err instanceof QloraError && /no tensor named "nope"/.test(err.message));
+            await assert.rejects(
+                file.readBytes("nope"),
+                (err: unknown) => err instanceof QloraError && /no tensor named "nope"/.test(err.message)
+            );
         } finally {
             await file.close();
         }
@@ -144,7 +156,10 @@ describe("safetensors write/read round trip", () => {
             /given twice/
         );
         await assert.rejects(writeSafetensors(path.join(tempDir, "no-such-dir", "a.safetensors"), []), QloraError);
-        assert.deepEqual((await fs.readdir(tempDir)).filter((f) => f.startsWith("bad-write") || f.includes(".tmp-")), []);
+        assert.deepEqual(
+            (await fs.readdir(tempDir)).filter((f) => f.startsWith("bad-write") || f.includes(".tmp-")),
+            []
+        );
     });
 
     test("sharded write gives HF names and an index, and reads back through the checkpoint", async () => {
@@ -186,7 +201,10 @@ describe("safetensors write/read round trip", () => {
         // a second save into a folder that already holds weights is refused and deletes nothing (the folder
         // writers fill fresh temporary folders); everything fits in one file: one model.safetensors, no index
         const before = (await fs.readdir(dir)).sort();
-        await assert.rejects(writeShardedSafetensors(dir, undefined, tensors, 10_000), /already holds model-00001-of-00003\.safetensors/);
+        await assert.rejects(
+            writeShardedSafetensors(dir, undefined, tensors, 10_000),
+            /already holds model-00001-of-00003\.safetensors/
+        );
         assert.deepEqual((await fs.readdir(dir)).sort(), before);
         const singleDir = path.join(tempDir, "single");
         const single = await writeShardedSafetensors(singleDir, undefined, tensors, 10_000);
@@ -200,24 +218,35 @@ describe("safetensors write/read round trip", () => {
 
     test("a tensor larger than the shard limit gets a shard of its own", async () => {
         const dir = path.join(tempDir, "big-tensor");
-        const result = await writeShardedSafetensors(dir, "model", [
-            {name: "a", dtype: "U8", shape: [10], data: new Uint8Array(10)},
-            {name: "huge", dtype: "U8", shape: [500], data: new Uint8Array(500)},
-            {name: "b", dtype: "U8", shape: [10], data: new Uint8Array(10)}
-        ], 100);
-        assert.deepEqual(result.files.map((f) => path.basename(f)), [
-            "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"
-        ]);
+        const result = await writeShardedSafetensors(
+            dir,
+            "model",
+            [
+                {name: "a", dtype: "U8", shape: [10], data: new Uint8Array(10)},
+                {name: "huge", dtype: "U8", shape: [500], data: new Uint8Array(500)},
+                {name: "b", dtype: "U8", shape: [10], data: new Uint8Array(10)}
+            ],
+            100
+        );
+        assert.deepEqual(
+            result.files.map((f) => path.basename(f)),
+            ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+        );
     });
 });
 
 describe("safetensors checkpoint errors", () => {
     test("a missing shard is named together with the index", async () => {
         const dir = path.join(tempDir, "missing-shard");
-        await writeShardedSafetensors(dir, "model", [
-            {name: "a", dtype: "F32", shape: [4], data: new Float32Array(4)},
-            {name: "b", dtype: "F32", shape: [4], data: new Float32Array(4)}
-        ], 16);
+        await writeShardedSafetensors(
+            dir,
+            "model",
+            [
+                {name: "a", dtype: "F32", shape: [4], data: new Float32Array(4)},
+                {name: "b", dtype: "F32", shape: [4], data: new Float32Array(4)}
+            ],
+            16
+        );
         await fs.rm(path.join(dir, "model-00002-of-00002.safetensors"));
         await assert.rejects(SafetensorsCheckpoint.open(dir), (err: unknown) => {
             assert.ok(err instanceof QloraError);
@@ -229,23 +258,34 @@ describe("safetensors checkpoint errors", () => {
 
     test("an index that points at the wrong shard is reported", async () => {
         const dir = path.join(tempDir, "wrong-index");
-        await writeShardedSafetensors(dir, "model", [
-            {name: "a", dtype: "F32", shape: [4], data: new Float32Array(4)},
-            {name: "b", dtype: "F32", shape: [4], data: new Float32Array(4)}
-        ], 16);
+        await writeShardedSafetensors(
+            dir,
+            "model",
+            [
+                {name: "a", dtype: "F32", shape: [4], data: new Float32Array(4)},
+                {name: "b", dtype: "F32", shape: [4], data: new Float32Array(4)}
+            ],
+            16
+        );
         const indexPath = path.join(dir, "model.safetensors.index.json");
         const index = JSON.parse(await fs.readFile(indexPath, "utf8"));
         index.weight_map.a = "model-00002-of-00002.safetensors";
         index.weight_map.b = "model-00001-of-00002.safetensors";
         await fs.writeFile(indexPath, JSON.stringify(index));
-        await assert.rejects(SafetensorsCheckpoint.open(dir), /tensor "a" is in "model-00002-of-00002.safetensors", but it is in "model-00001-of-00002.safetensors"/);
+        await assert.rejects(
+            SafetensorsCheckpoint.open(dir),
+            /tensor "a" is in "model-00002-of-00002.safetensors", but it is in "model-00001-of-00002.safetensors"/
+        );
     });
 
     test("a folder without weights says what it expected", async () => {
         const dir = path.join(tempDir, "no-weights");
         await fs.mkdir(dir);
         await fs.writeFile(path.join(dir, "pytorch_model.bin"), "x");
-        await assert.rejects(SafetensorsCheckpoint.open(dir), /neither model\.safetensors nor model\.safetensors\.index\.json.*safe_serialization/);
+        await assert.rejects(
+            SafetensorsCheckpoint.open(dir),
+            /neither model\.safetensors nor model\.safetensors\.index\.json.*safe_serialization/
+        );
         await assert.rejects(SafetensorsCheckpoint.open(path.join(tempDir, "does-not-exist")), QloraError);
     });
 });
@@ -268,7 +308,7 @@ describe("safetensors header validation", () => {
     });
 
     test("header that is not JSON", async () => {
-        const filePath = await writeRawFile("bad-json.safetensors", "{\"a\": [1, 2", 0);
+        const filePath = await writeRawFile("bad-json.safetensors", '{"a": [1, 2', 0);
         await assertOpenFails(filePath, /not valid JSON/);
     });
 
@@ -287,8 +327,15 @@ describe("safetensors header validation", () => {
     });
 
     test("truncated data section", async () => {
-        const filePath = await writeRawFile("truncated.safetensors", {x: {dtype: "F32", shape: [25], data_offsets: [0, 100]}}, 60);
-        await assertOpenFails(filePath, /header says tensor "x" ends at byte 100 but the file's data section has 60 bytes \(truncated download\? re-download the file\)/);
+        const filePath = await writeRawFile(
+            "truncated.safetensors",
+            {x: {dtype: "F32", shape: [25], data_offsets: [0, 100]}},
+            60
+        );
+        await assertOpenFails(
+            filePath,
+            /header says tensor "x" ends at byte 100 but the file's data section has 60 bytes \(truncated download\? re-download the file\)/
+        );
     });
 
     test("size that disagrees with shape and dtype", async () => {
@@ -297,10 +344,14 @@ describe("safetensors header validation", () => {
     });
 
     test("overlapping tensors", async () => {
-        const filePath = await writeRawFile("overlap.safetensors", {
-            a: {dtype: "F32", shape: [4], data_offsets: [0, 16]},
-            b: {dtype: "F32", shape: [4], data_offsets: [8, 24]}
-        }, 24);
+        const filePath = await writeRawFile(
+            "overlap.safetensors",
+            {
+                a: {dtype: "F32", shape: [4], data_offsets: [0, 16]},
+                b: {dtype: "F32", shape: [4], data_offsets: [8, 24]}
+            },
+            24
+        );
         await assertOpenFails(filePath, /tensors "a" .* and "b" .* overlap/);
     });
 
@@ -373,7 +424,10 @@ describe("safetensors fixtures", () => {
             for (const i of [0, 1, 12345, values.length - 1]) assert.equal(f32Bits(values[i]) >>> 16, bits[i]);
             assert.ok(values.every(Number.isFinite));
             assert.deepEqual(checkpoint.info("model.layers.0.self_attn.q_proj.bias").shape, [256]);
-            assert.equal(checkpoint.totalBytes, checkpoint.names().reduce((sum, n) => sum + checkpoint.info(n).byteLength, 0));
+            assert.equal(
+                checkpoint.totalBytes,
+                checkpoint.names().reduce((sum, n) => sum + checkpoint.info(n).byteLength, 0)
+            );
         } finally {
             await checkpoint.close();
         }
@@ -386,9 +440,22 @@ describe("safetensors fixtures", () => {
 
 describe("half-precision conversions", () => {
     test("f16 edge values decode exactly", () => {
-        const bits = new Uint16Array([0x0000, 0x8000, 0x3c00, 0xc000, 0x7bff, 0x0400, 0x03ff, 0x0001, 0x8001, 0x7c00, 0xfc00, 0x3555]);
+        const bits = new Uint16Array([
+            0x0000, 0x8000, 0x3c00, 0xc000, 0x7bff, 0x0400, 0x03ff, 0x0001, 0x8001, 0x7c00, 0xfc00, 0x3555
+        ]);
         const values = f16ToF32(bits);
-        assert.deepEqual(Array.from(values.subarray(0, 10)), [0, -0, 1, -2, 65504, 2 ** -14, 1023 * 2 ** -24, 2 ** -24, -(2 ** -24), Infinity]);
+        assert.deepEqual(Array.from(values.subarray(0, 10)), [
+            0,
+            -0,
+            1,
+            -2,
+            65504,
+            2 ** -14,
+            1023 * 2 ** -24,
+            2 ** -24,
+            -(2 ** -24),
+            Infinity
+        ]);
         assert.ok(Object.is(values[1], -0));
         assert.equal(values[10], -Infinity);
         assert.equal(values[11], Math.fround(0.333251953125));
@@ -422,7 +489,9 @@ describe("half-precision conversions", () => {
             [-Infinity, 0xfc00]
         ];
         const halves = f32ToF16(new Float32Array(cases.map(([value]) => value)));
-        cases.forEach(([value, expected], i) => assert.equal(halves[i], expected, `f32ToF16(${value}) = 0x${halves[i].toString(16)}`));
+        cases.forEach(([value, expected], i) =>
+            assert.equal(halves[i], expected, `f32ToF16(${value}) = 0x${halves[i].toString(16)}`)
+        );
         const nan = f32ToF16(new Float32Array([NaN, bitsToF32(0x7f800001), bitsToF32(0xffc00000)]));
         assert.ok(Array.from(f16ToF32(nan)).every(Number.isNaN));
         assert.equal(nan[2] & 0x8000, 0x8000); // sign kept
@@ -439,11 +508,12 @@ describe("half-precision conversions", () => {
             let hi = positive.length - 1;
             while (hi - lo > 1) {
                 const mid = (lo + hi) >> 1;
-                if (positive[mid] <= a) lo = mid; else hi = mid;
+                if (positive[mid] <= a) lo = mid;
+                else hi = mid;
             }
             const dLo = a - positive[lo];
             const dHi = positive[hi] - a;
-            const code = dLo < dHi ? lo : dHi < dLo ? hi : (lo % 2 === 0 ? lo : hi);
+            const code = dLo < dHi ? lo : dHi < dLo ? hi : lo % 2 === 0 ? lo : hi;
             return sign | code;
         };
         let seed = 12345;

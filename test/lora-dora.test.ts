@@ -21,19 +21,46 @@ import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-dora-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 const modelDir = path.join(tmp, "model");
-await writeSyntheticCheckpoint(modelDir, {dtype: "F32", seed: 3, std: 0.1, config: {architectures: ["LlamaForCausalLM"],
-    model_type: "llama", vocab_size: 97, hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2,
-    num_attention_heads: 2, num_key_value_heads: 1, rms_norm_eps: 1e-5, rope_theta: 10000, max_position_embeddings: 64,
-    tie_word_embeddings: false}});
+await writeSyntheticCheckpoint(modelDir, {
+    dtype: "F32",
+    seed: 3,
+    std: 0.1,
+    config: {
+        architectures: ["LlamaForCausalLM"],
+        model_type: "llama",
+        vocab_size: 97,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false
+    }
+});
 
 const ids = Int32Array.from([5, 17, 42, 3, 88, 61, 7, 29, 14, 50]);
-const batch: TrainBatch = {B: 1, T: ids.length, inputIds: ids, labels: ids, attentionMask: null,
-    positionIds: Int32Array.from(ids, (_, i) => i), segIds: null};
+const batch: TrainBatch = {
+    B: 1,
+    T: ids.length,
+    inputIds: ids,
+    labels: ids,
+    attentionMask: null,
+    positionIds: Int32Array.from(ids, (_, i) => i),
+    segIds: null
+};
 
 test("DoRA at initialization leaves the model unchanged", async () => {
     const base = await DecoderModel.load(modelDir);
     const ref = base.forward(ids, 1, ids.length);
-    const dora = applyLora(await DecoderModel.load(modelDir), {r: 4, lora_alpha: 8, target_modules: "all-linear", use_dora: true});
+    const dora = applyLora(await DecoderModel.load(modelDir), {
+        r: 4,
+        lora_alpha: 8,
+        target_modules: "all-linear",
+        use_dora: true
+    });
     const got = dora.model.forward(ids, 1, ids.length);
     let d = 0;
     for (let i = 0; i < ref.length; i++) d = Math.max(d, Math.abs(ref[i] - got[i]));
@@ -43,10 +70,17 @@ test("DoRA at initialization leaves the model unchanged", async () => {
 
 test("DoRA magnitude gradients agree with finite differences through the whole model", async () => {
     const model = await DecoderModel.load(modelDir);
-    const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: "all-linear", use_dora: true,
-        init_lora_weights: false}, {initRng: new Rng(2)});
+    const lora = applyLora(
+        model,
+        {r: 4, lora_alpha: 8, target_modules: "all-linear", use_dora: true, init_lora_weights: false},
+        {initRng: new Rng(2)}
+    );
     lora.setTraining(true);
-    for (const t of lora.trainableTensors()) if (t.name.endsWith("magnitude_vector")) t.param.forEach((v, i, a) => { a[i] = v * (1 + 0.3 * Math.sin(i)); });
+    for (const t of lora.trainableTensors())
+        if (t.name.endsWith("magnitude_vector"))
+            t.param.forEach((v, i, a) => {
+                a[i] = v * (1 + 0.3 * Math.sin(i));
+            });
     const trainer = new DecoderTrainer(model);
     const loss = () => trainer.forwardBackward(batch, {lossScale: 1, gradientCheckpointing: false, noBackward: true}).lossSum;
     lora.zeroGrad();
@@ -56,7 +90,8 @@ test("DoRA magnitude gradients agree with finite differences through the whole m
         // the norm does not depend on m, so the detached-norm gradient of m is the true derivative
         if (!t.name.endsWith("magnitude_vector") || !/layers\.[01]\.(self_attn\.q_proj|mlp\.down_proj)/.test(t.name)) continue;
         for (const i of [0, 5, t.param.length - 1]) {
-            const v = t.param[i], eps = 1e-2 * Math.abs(v);
+            const v = t.param[i],
+                eps = 1e-2 * Math.abs(v);
             t.param[i] = v + eps;
             const lp = loss();
             t.param[i] = v - eps;
@@ -72,14 +107,29 @@ test("DoRA magnitude gradients agree with finite differences through the whole m
 
 for (const dropout of [0, 0.3]) {
     test(`a DoRA layer's gradients equal a float64 reference with the norm detached (dropout ${dropout})`, () => {
-        const M = 5, K = 12, N = 7, r = 3, s = 2.5, p = dropout;
+        const M = 5,
+            K = 12,
+            N = 7,
+            r = 3,
+            s = 2.5,
+            p = dropout;
         const g = new Rng(9);
         const rand = (n: number, sc = 1) => Float32Array.from({length: n}, () => (2 * g.next() - 1) * sc);
-        const W = rand(N * K, 0.5), bias = rand(N, 0.2), A = rand(r * K, 0.4), B = rand(N * r, 0.4), x = rand(M * K), R = rand(M * N);
+        const W = rand(N * K, 0.5),
+            bias = rand(N, 0.2),
+            A = rand(r * K, 0.4),
+            B = rand(N * r, 0.4),
+            x = rand(M * K),
+            R = rand(M * N);
         const mag = Float32Array.from({length: N}, () => 0.5 + g.next());
         const clock = new DropoutClock(21);
-        const layer = new LoraLinear("m", new DenseLinear({outFeatures: N, inFeatures: K, weight: W, bias}),
-            {r, scaling: s, dropout: p, A, B, magnitude: mag}, false, {clock, projection: 3});
+        const layer = new LoraLinear(
+            "m",
+            new DenseLinear({outFeatures: N, inFeatures: K, weight: W, bias}),
+            {r, scaling: s, dropout: p, A, B, magnitude: mag},
+            false,
+            {clock, projection: 3}
+        );
         layer.training = true;
         const y = new Float32Array(M * N);
         layer.forwardTrain(y, x, M);
@@ -99,12 +149,20 @@ for (const dropout of [0, 0.3]) {
             }
             return Math.sqrt(ss);
         });
-        const L = (Wv: ArrayLike<number>, Av: ArrayLike<number>, Bv: ArrayLike<number>, mv: ArrayLike<number>, xv: ArrayLike<number>) => {
+        const L = (
+            Wv: ArrayLike<number>,
+            Av: ArrayLike<number>,
+            Bv: ArrayLike<number>,
+            mv: ArrayLike<number>,
+            xv: ArrayLike<number>
+        ) => {
             let total = 0;
             for (let m = 0; m < M; m++)
                 for (let n = 0; n < N; n++) {
                     const k = mv[n] / norm[n];
-                    let base = 0, baseD = 0, lor = 0;
+                    let base = 0,
+                        baseD = 0,
+                        lor = 0;
                     for (let i = 0; i < K; i++) {
                         base += xv[m * K + i] * Wv[n * K + i];
                         baseD += xv[m * K + i] * mask[m * K + i] * Wv[n * K + i];
@@ -120,7 +178,8 @@ for (const dropout of [0, 0.3]) {
             return total;
         };
         const fd = (arr: Float64Array, i: number, f: () => number) => {
-            const v = arr[i], eps = 1e-6;
+            const v = arr[i],
+                eps = 1e-6;
             arr[i] = v + eps;
             const lp = f();
             arr[i] = v - eps;
@@ -143,15 +202,24 @@ for (const dropout of [0, 0.3]) {
         check("B", Bd, layer.dB!);
         check("magnitude", md, layer.dMagnitude!);
         check("x", xd, dx);
-        console.log(`DoRA layer (dropout ${p}): A, B, magnitude and input gradients within ${worst.toExponential(2)} of the float64 reference`);
+        console.log(
+            `DoRA layer (dropout ${p}): A, B, magnitude and input gradients within ${worst.toExponential(2)} of the float64 reference`
+        );
     });
 }
 
 test("a DoRA adapter saves lora_magnitude_vector as PEFT does, loads back, and merges", async () => {
     const model = await DecoderModel.load(modelDir);
-    const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj", "down_proj"], use_dora: true,
-        init_lora_weights: false}, {initRng: new Rng(5)});
-    for (const t of lora.trainableTensors()) if (t.name.endsWith("magnitude_vector")) t.param.forEach((v, i, a) => { a[i] = v * 1.2; });
+    const lora = applyLora(
+        model,
+        {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj", "down_proj"], use_dora: true, init_lora_weights: false},
+        {initRng: new Rng(5)}
+    );
+    for (const t of lora.trainableTensors())
+        if (t.name.endsWith("magnitude_vector"))
+            t.param.forEach((v, i, a) => {
+                a[i] = v * 1.2;
+            });
     const ref = model.forward(ids, 1, ids.length);
     const dir = path.join(tmp, "adapter");
     await saveAdapter(dir, lora);
@@ -167,11 +235,14 @@ test("a DoRA adapter saves lora_magnitude_vector as PEFT does, loads back, and m
     await mergeAdapter({model: modelDir, adapter: dir, out: merged, dtype: "f16"});
     const m = await DecoderModel.load(merged);
     const x = m.forward(ids, 1, ids.length);
-    let d = 0, scale = 0;
+    let d = 0,
+        scale = 0;
     for (let i = 0; i < x.length; i++) {
         d = Math.max(d, Math.abs(x[i] - ref[i]));
         scale = Math.max(scale, Math.abs(ref[i]));
     }
-    console.log(`merged DoRA model vs DoRA adapter: max logit diff ${d.toExponential(2)} (logits up to ${scale.toFixed(2)}, f16 weights)`);
+    console.log(
+        `merged DoRA model vs DoRA adapter: max logit diff ${d.toExponential(2)} (logits up to ${scale.toFixed(2)}, f16 weights)`
+    );
     assert.ok(d < 1e-2 * scale);
 });

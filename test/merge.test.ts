@@ -28,9 +28,12 @@ test("merged weights equal peft's merge_and_unload within one bf16 ulp", async (
         assert.ok(existsSync(path.join(out, f)), f);
     const ref = await SafetensorsFile.open(path.join(FIXTURES, "merged_layers01.safetensors"));
     const ours = await SafetensorsCheckpoint.open(out);
-    let worst = 0, differing = 0, total = 0;
+    let worst = 0,
+        differing = 0,
+        total = 0;
     for (const name of ref.names()) {
-        const a = (await ours.readTyped(name)) as Uint16Array, b = (await ref.readTyped(name)) as Uint16Array;
+        const a = (await ours.readTyped(name)) as Uint16Array,
+            b = (await ref.readTyped(name)) as Uint16Array;
         assert.equal(ours.info(name).dtype, "BF16");
         assert.equal(a.length, b.length);
         for (let i = 0; i < a.length; i++) {
@@ -50,14 +53,16 @@ test("merged weights equal peft's merge_and_unload within one bf16 ulp", async (
     const merged = await DecoderModel.load(out);
     const withAdapter = await loadModel(MODEL_DIR, {adapter: ADAPTER});
     const ids = Int32Array.from([3915, 559, 1954, 621, 259, 2245, 884]);
-    const a = merged.forward(ids, 1, ids.length), b = withAdapter.model.forward(ids, 1, ids.length);
+    const a = merged.forward(ids, 1, ids.length),
+        b = withAdapter.model.forward(ids, 1, ids.length);
     let d = 0;
     for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]));
     assert.ok(d < 0.1, `logits differ by ${d}`);
 });
 
 test("--against-nf4 merges into the dequantized NF4 base and reproduces the QLoRA model more closely", async () => {
-    const orig = path.join(tmp, "orig"), nf4 = path.join(tmp, "nf4");
+    const orig = path.join(tmp, "orig"),
+        nf4 = path.join(tmp, "nf4");
     await mergeAdapter({model: MODEL_DIR, adapter: ADAPTER, out: orig});
     await mergeAdapter({model: MODEL_DIR, adapter: ADAPTER, out: nf4, againstNf4: true});
     const qlora = await loadModel(MODEL_DIR, {adapter: ADAPTER, loadIn4bit: true});
@@ -70,8 +75,11 @@ test("--against-nf4 merges into the dequantized NF4 base and reproduces the QLoR
         for (let i = 0; i < x.length; i++) s += (x[i] - ref[i]) ** 2;
         return Math.sqrt(s / x.length);
     };
-    const dOrig = await dist(orig), dNf4 = await dist(nf4);
-    console.log(`RMS logit distance to base(NF4) + adapter: original-weight merge ${dOrig.toFixed(4)}, NF4 merge ${dNf4.toFixed(4)}`);
+    const dOrig = await dist(orig),
+        dNf4 = await dist(nf4);
+    console.log(
+        `RMS logit distance to base(NF4) + adapter: original-weight merge ${dOrig.toFixed(4)}, NF4 merge ${dNf4.toFixed(4)}`
+    );
     assert.ok(dNf4 < dOrig / 2);
 });
 
@@ -79,9 +87,25 @@ test("an adapter of another base is refused, naming the first tensor whose shape
     const out = path.join(tmp, "wrong");
     const cfgDir = path.join(tmp, "other-base");
     const {writeSyntheticCheckpoint} = await import("../src/model/synthetic.js");
-    await writeSyntheticCheckpoint(cfgDir, {config: {architectures: ["Qwen2ForCausalLM"], model_type: "qwen2", vocab_size: 16384,
-        hidden_size: 128, intermediate_size: 256, num_hidden_layers: 8, num_attention_heads: 4, num_key_value_heads: 2,
-        rms_norm_eps: 1e-6, rope_theta: 1e6, max_position_embeddings: 512, tie_word_embeddings: true}});
-    await assert.rejects(mergeAdapter({model: cfgDir, adapter: ADAPTER, out}), /base_model\.model\.model\.layers\.\d+\.\w+\.\w+\.lora_[AB]\.weight.*another base model/);
+    await writeSyntheticCheckpoint(cfgDir, {
+        config: {
+            architectures: ["Qwen2ForCausalLM"],
+            model_type: "qwen2",
+            vocab_size: 16384,
+            hidden_size: 128,
+            intermediate_size: 256,
+            num_hidden_layers: 8,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true
+        }
+    });
+    await assert.rejects(
+        mergeAdapter({model: cfgDir, adapter: ADAPTER, out}),
+        /base_model\.model\.model\.layers\.\d+\.\w+\.\w+\.lora_[AB]\.weight.*another base model/
+    );
     assert.ok(!existsSync(out));
 });

@@ -33,7 +33,8 @@ test("logits and loss match transformers on the fixture batch (fp32, CPU)", asyn
     const refLoss = (await ref.readF32("loss"))[0];
     await ref.close();
     const V = model.config.vocabSize;
-    let maxDiff = 0, checked = 0;
+    let maxDiff = 0,
+        checked = 0;
     for (let b = 0; b < B; b++)
         for (let t = 0; t < T; t++) {
             if (!mask[b * T + t]) continue;
@@ -42,14 +43,19 @@ test("logits and loss match transformers on the fixture batch (fp32, CPU)", asyn
             for (let v = 0; v < V; v++) maxDiff = Math.max(maxDiff, Math.abs(logits[o + v] - refLogits[o + v]));
         }
     const {loss} = model.causalLmLoss(logits, labels, B, T);
-    console.log(`logits: ${checked} positions, max abs diff ${maxDiff.toExponential(3)}; loss ${loss.toFixed(6)} vs ${refLoss.toFixed(6)}`);
+    console.log(
+        `logits: ${checked} positions, max abs diff ${maxDiff.toExponential(3)}; loss ${loss.toFixed(6)} vs ${refLoss.toFixed(6)}`
+    );
     assert.ok(checked > 64, "the batch has unpadded positions in both rows");
     assert.ok(maxDiff <= 2e-3, `logits max abs diff ${maxDiff} > 2e-3`);
     assert.ok(Math.abs(loss - refLoss) <= 1e-4, `loss ${loss} vs ${refLoss}`);
 });
 
 test("greedy generation reproduces greedy.json token for token", () => {
-    const ref = JSON.parse(readFileSync(path.join(FIXTURES, "greedy.json"), "utf8")) as {prompt_ids: number[]; output_ids: number[]};
+    const ref = JSON.parse(readFileSync(path.join(FIXTURES, "greedy.json"), "utf8")) as {
+        prompt_ids: number[];
+        output_ids: number[];
+    };
     const maxNew = ref.output_ids.length - ref.prompt_ids.length;
     const out = generate(model, ref.prompt_ids, {maxNewTokens: maxNew, greedy: true, eosTokenIds: []});
     assert.deepEqual(out.outputIds, ref.output_ids);
@@ -82,7 +88,8 @@ async function checkAgainstReference(config: Record<string, unknown>, dtype: "F3
         const ids = [1, 17, 250, 3, 99, 42, 7, 199, 5, 0, 128];
         const ref = referenceForward(cfg, weights, ids, m.invFreq, m.attentionScaling);
         const got = m.forward(Int32Array.from(ids), 1, ids.length);
-        let maxDiff = 0, maxRef = 0;
+        let maxDiff = 0,
+            maxRef = 0;
         for (let i = 0; i < ref.length; i++) {
             maxDiff = Math.max(maxDiff, Math.abs(got[i] - ref[i]));
             maxRef = Math.max(maxRef, Math.abs(ref[i]));
@@ -97,10 +104,23 @@ async function checkAgainstReference(config: Record<string, unknown>, dtype: "F3
 }
 
 const llamaConfig = {
-    architectures: ["LlamaForCausalLM"], model_type: "llama", vocab_size: 300, hidden_size: 128,
-    intermediate_size: 200, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 48,
-    rms_norm_eps: 1e-5, rope_theta: 500000.0, max_position_embeddings: 256, tie_word_embeddings: false,
-    attention_bias: false, mlp_bias: false, hidden_act: "silu", torch_dtype: "float32",
+    architectures: ["LlamaForCausalLM"],
+    model_type: "llama",
+    vocab_size: 300,
+    hidden_size: 128,
+    intermediate_size: 200,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    head_dim: 48,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000.0,
+    max_position_embeddings: 256,
+    tie_word_embeddings: false,
+    attention_bias: false,
+    mlp_bias: false,
+    hidden_act: "silu",
+    torch_dtype: "float32"
 };
 
 test("a llama checkpoint: untied embeddings, no biases, head_dim != hidden/heads, rope theta 5e5", async () => {
@@ -110,15 +130,35 @@ test("a llama checkpoint: untied embeddings, no biases, head_dim != hidden/heads
 });
 
 test("a llama checkpoint with llama3 rope scaling and bf16 weights", async () => {
-    await checkAgainstReference({
-        ...llamaConfig,
-        rope_scaling: {rope_type: "llama3", factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64},
-    }, "BF16", 1e-4);
+    await checkAgainstReference(
+        {
+            ...llamaConfig,
+            rope_scaling: {
+                rope_type: "llama3",
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64
+            }
+        },
+        "BF16",
+        1e-4
+    );
 });
 
 test("a mistral checkpoint (GQA 8:1, no biases)", async () => {
-    await checkAgainstReference({
-        ...llamaConfig, architectures: ["MistralForCausalLM"], model_type: "mistral", num_attention_heads: 8,
-        num_key_value_heads: 1, head_dim: 16, rope_theta: 10000.0, sliding_window: null,
-    }, "F32", 1e-4);
+    await checkAgainstReference(
+        {
+            ...llamaConfig,
+            architectures: ["MistralForCausalLM"],
+            model_type: "mistral",
+            num_attention_heads: 8,
+            num_key_value_heads: 1,
+            head_dim: 16,
+            rope_theta: 10000.0,
+            sliding_window: null
+        },
+        "F32",
+        1e-4
+    );
 });

@@ -20,8 +20,20 @@ import {loadNative} from "../src/backend/native.js";
 import type {CpuAddon} from "../src/backend/native-types.js";
 import {Prng, randn32} from "./helpers/prng.js";
 import {
-    type AttnProblem, errorStats, f64, fdGrad, nanFilled, pick, refAttention, refAttentionBackward, refRmsnorm,
-    refRmsnormBackward, refRope, ropeAngles, rowLse, sample,
+    type AttnProblem,
+    errorStats,
+    f64,
+    fdGrad,
+    nanFilled,
+    pick,
+    refAttention,
+    refAttentionBackward,
+    refRmsnorm,
+    refRmsnormBackward,
+    refRope,
+    ropeAngles,
+    rowLse,
+    sample
 } from "./helpers/reference-ops.js";
 
 const cpu: CpuAddon = loadNative();
@@ -49,8 +61,9 @@ class Checker {
 
     private record(r: Result, extra = "", exact = false): boolean {
         results.push(r);
-        const stats = exact ? "bit-exact / predicate".padEnd(47) :
-            `maxabs ${fmt(r.maxAbs)}  maxrel ${fmt(r.maxRel)}  (tol ${fmt(r.tol)})`;
+        const stats = exact
+            ? "bit-exact / predicate".padEnd(47)
+            : `maxabs ${fmt(r.maxAbs)}  maxrel ${fmt(r.maxRel)}  (tol ${fmt(r.tol)})`;
         const line = `${r.ok ? "OK    " : "NOT OK"} ${r.label.padEnd(58)} ${stats}${extra}`;
         console.log(line);
         if (!r.ok) this.failed.push(line);
@@ -62,19 +75,27 @@ class Checker {
         assert.equal(got.length, ref.length, `${label}: length`);
         const {maxAbs, maxRel, worst} = errorStats(got, ref, floor);
         const ok = maxRel <= tol;
-        return this.record({label, maxAbs, maxRel, tol, ok},
-            ok || worst < 0 ? "" : `  worst at [${worst}]: got ${got[worst]} ref ${ref[worst]}`);
+        return this.record(
+            {label, maxAbs, maxRel, tol, ok},
+            ok || worst < 0 ? "" : `  worst at [${worst}]: got ${got[worst]} ref ${ref[worst]}`
+        );
     }
 
     /** bit-exact integer comparison (conversions), reporting the number of mismatches */
     exact(label: string, got: ArrayLike<number>, ref: ArrayLike<number>, show?: (i: number) => string): boolean {
         assert.equal(got.length, ref.length, `${label}: length`);
-        let bad = 0, first = -1;
-        for (let i = 0; i < ref.length; i++) if (got[i] !== ref[i]) { if (first < 0) first = i; bad++; }
+        let bad = 0,
+            first = -1;
+        for (let i = 0; i < ref.length; i++)
+            if (got[i] !== ref[i]) {
+                if (first < 0) first = i;
+                bad++;
+            }
         const ok = bad === 0;
-        const extra = ok ? `  (${ref.length} values)` :
-            `  ${bad}/${ref.length} mismatches, first at [${first}]: got ${got[first]} ref ${ref[first]}` +
-            (show ? ` ${show(first)}` : "");
+        const extra = ok
+            ? `  (${ref.length} values)`
+            : `  ${bad}/${ref.length} mismatches, first at [${first}]: got ${got[first]} ref ${ref[first]}` +
+              (show ? ` ${show(first)}` : "");
         return this.record({label, maxAbs: 0, maxRel: ok ? 0 : Infinity, tol: 0, ok}, extra, true);
     }
 
@@ -129,7 +150,8 @@ function decodeFloat(bits: number, ebits: number, mbits: number): number {
 }
 
 function roundHalfEven(q: number): number {
-    const f = Math.floor(q), d = q - f;
+    const f = Math.floor(q),
+        d = q - f;
     if (d > 0.5) return f + 1;
     if (d < 0.5) return f;
     return f % 2 === 0 ? f : f + 1;
@@ -140,7 +162,8 @@ function roundHalfEven(q: number): number {
  * ties to even, overflow to inf as IEEE round-to-nearest does. Not for NaN.
  */
 function encodeRne(x: number, ebits: number, mbits: number): number {
-    const bias = (1 << (ebits - 1)) - 1, allOnes = (1 << ebits) - 1;
+    const bias = (1 << (ebits - 1)) - 1,
+        allOnes = (1 << ebits) - 1;
     const sign = x < 0 || Object.is(x, -0) ? 2 ** (ebits + mbits) : 0;
     const a = Math.abs(x);
     if (a === Infinity) return sign + allOnes * 2 ** mbits;
@@ -152,33 +175,72 @@ function encodeRne(x: number, ebits: number, mbits: number): number {
         while (2 ** (e + 1) <= a) e++;
         e = Math.max(e, emin);
     }
-    let m = roundHalfEven(a / 2 ** (e - mbits));  // exact division by a power of two
-    if (m === 2 ** (mbits + 1)) { m = 2 ** mbits; e++; }
-    if (m < 2 ** mbits) return sign + m;  // subnormal (or zero)
-    if (e + bias >= allOnes) return sign + allOnes * 2 ** mbits;  // overflow
+    let m = roundHalfEven(a / 2 ** (e - mbits)); // exact division by a power of two
+    if (m === 2 ** (mbits + 1)) {
+        m = 2 ** mbits;
+        e++;
+    }
+    if (m < 2 ** mbits) return sign + m; // subnormal (or zero)
+    if (e + bias >= allOnes) return sign + allOnes * 2 ** mbits; // overflow
     return sign + (e + bias) * 2 ** mbits + (m - 2 ** mbits);
 }
 
 /** f32 bit patterns exercising conversion to a format with mbits mantissa bits and the given exponent range */
 function conversionInputs(rng: Prng, mbits: number, eLo: number, eHi: number): Uint32Array {
-    const drop = 23 - mbits, half = 1 << (drop - 1);
+    const drop = 23 - mbits,
+        half = 1 << (drop - 1);
     const out: number[] = [];
     const special = [
-        0x00000000, 0x80000000,  // +-0
-        0x3f800000, 0xbf800000,  // +-1
-        0x7f800000, 0xff800000,  // +-inf
-        0x7fc00000, 0xffc00000, 0x7f800001, 0xff800001, 0x7fbfffff, 0x7f810000, 0x7fc00001,  // NaNs (quiet, signaling)
-        0x00000001, 0x80000001, 0x007fffff, 0x00400000, 0x00008000, 0x00018000,  // f32 subnormals
-        0x00800000, 0x7f7fffff, 0xff7fffff, 0x7f7f8000, 0x7f7f7fff,  // FLT_MIN, FLT_MAX, near the bf16 overflow edge
-        f32ToBits(65504), f32ToBits(65519), f32ToBits(65519.996), f32ToBits(65520), f32ToBits(65536), f32ToBits(-65520),
-        f32ToBits(2 ** -24), f32ToBits(2 ** -25), f32ToBits(2 ** -25 * (1 + 2 ** -23)), f32ToBits(3 * 2 ** -26),
-        f32ToBits(2 ** -26), f32ToBits(2 ** -14), f32ToBits(2 ** -14 - 2 ** -25), f32ToBits(1023 * 2 ** -24 + 2 ** -25),
-        f32ToBits(1 + 2 ** -8), f32ToBits(1 + 3 * 2 ** -8), f32ToBits(1 + 2 ** -11), f32ToBits(1 + 3 * 2 ** -11),
+        0x00000000,
+        0x80000000, // +-0
+        0x3f800000,
+        0xbf800000, // +-1
+        0x7f800000,
+        0xff800000, // +-inf
+        0x7fc00000,
+        0xffc00000,
+        0x7f800001,
+        0xff800001,
+        0x7fbfffff,
+        0x7f810000,
+        0x7fc00001, // NaNs (quiet, signaling)
+        0x00000001,
+        0x80000001,
+        0x007fffff,
+        0x00400000,
+        0x00008000,
+        0x00018000, // f32 subnormals
+        0x00800000,
+        0x7f7fffff,
+        0xff7fffff,
+        0x7f7f8000,
+        0x7f7f7fff, // FLT_MIN, FLT_MAX, near the bf16 overflow edge
+        f32ToBits(65504),
+        f32ToBits(65519),
+        f32ToBits(65519.996),
+        f32ToBits(65520),
+        f32ToBits(65536),
+        f32ToBits(-65520),
+        f32ToBits(2 ** -24),
+        f32ToBits(2 ** -25),
+        f32ToBits(2 ** -25 * (1 + 2 ** -23)),
+        f32ToBits(3 * 2 ** -26),
+        f32ToBits(2 ** -26),
+        f32ToBits(2 ** -14),
+        f32ToBits(2 ** -14 - 2 ** -25),
+        f32ToBits(1023 * 2 ** -24 + 2 ** -25),
+        f32ToBits(1 + 2 ** -8),
+        f32ToBits(1 + 3 * 2 ** -8),
+        f32ToBits(1 + 2 ** -11),
+        f32ToBits(1 + 3 * 2 ** -11),
+        f32ToBits(-(1 + 2 ** -8)),
+        f32ToBits(-(1 + 3 * 2 ** -11)),
+        f32ToBits(0.1),
         // biome-ignore lint/suspicious/noApproximativeNumericConstant: a float to round, not pi
-        f32ToBits(-(1 + 2 ** -8)), f32ToBits(-(1 + 3 * 2 ** -11)), f32ToBits(0.1), f32ToBits(-3.14159),
+        f32ToBits(-3.14159)
     ];
     out.push(...special);
-    for (let i = 0; i < 40000; i++) out.push(rng.u32());  // any pattern
+    for (let i = 0; i < 40000; i++) out.push(rng.u32()); // any pattern
     for (let i = 0; i < 60000; i++) {
         // exponent in range, mantissa random / a tie / one off a tie, either parity of the kept lsb
         const sign = rng.u32() & 0x80000000;
@@ -202,7 +264,10 @@ describe("dtype conversion", () => {
         const n = 65536 + 3;
         const inp = new Uint16Array(n);
         for (let i = 0; i < n; i++) inp[i] = (i + 65533) & 0xffff;
-        for (const [name, ebits, mbits] of [["bf16ToF32", 8, 7], ["f16ToF32", 5, 10]] as const) {
+        for (const [name, ebits, mbits] of [
+            ["bf16ToF32", 8, 7],
+            ["f16ToF32", 5, 10]
+        ] as const) {
             const out = nanFilled(n);
             cpu[name](out, inp, n);
             const got = new Uint32Array(out.buffer);
@@ -215,20 +280,26 @@ describe("dtype conversion", () => {
                     // NaN: bf16 is a plain shift (payload kept); f16 must give a NaN of the same sign
                     ref[i] = name === "bf16ToF32" ? (inp[i] << 16) >>> 0 : got[i];
                     const g = got[i];
-                    if ((g & 0x7f800000) !== 0x7f800000 || (g & 0x7fffff) === 0 || (g >>> 31) !== inp[i] >>> 15)
-                        ref[i] = ~g >>> 0;  // force a mismatch
+                    if ((g & 0x7f800000) !== 0x7f800000 || (g & 0x7fffff) === 0 || g >>> 31 !== inp[i] >>> 15) ref[i] = ~g >>> 0; // force a mismatch
                 } else {
                     ref[i] = f32ToBits(v);
                 }
             }
-            c.exact(`${name}: exhaustive (±0, subnormals, inf, NaN)`, got, ref,
-                (i) => `input 0x${inp[i].toString(16)}${nan[i] ? " (NaN)" : ""}`);
+            c.exact(
+                `${name}: exhaustive (±0, subnormals, inf, NaN)`,
+                got,
+                ref,
+                (i) => `input 0x${inp[i].toString(16)}${nan[i] ? " (NaN)" : ""}`
+            );
             // the short, scalar-only path
             const small = Uint16Array.from([0x0001, 0x8000, 0x7c00, 0x3c00, 0x03ff]);
             const o5 = new Float32Array(5);
             cpu[name](o5, small, 5);
-            c.exact(`${name}: n=5 (scalar tail only)`, new Uint32Array(o5.buffer),
-                Uint32Array.from(small, (b) => f32ToBits(decodeFloat(b, ebits, mbits))));
+            c.exact(
+                `${name}: n=5 (scalar tail only)`,
+                new Uint32Array(o5.buffer),
+                Uint32Array.from(small, (b) => f32ToBits(decodeFloat(b, ebits, mbits)))
+            );
         }
         c.done();
     });
@@ -238,7 +309,7 @@ describe("dtype conversion", () => {
         const rng = new Prng(11);
         for (const [name, ebits, mbits, eLo, eHi] of [
             ["f32ToBf16", 8, 7, 0, 254],
-            ["f32ToF16", 5, 10, 127 - 27, 127 + 16],
+            ["f32ToF16", 5, 10, 127 - 27, 127 + 16]
         ] as const) {
             const bits = conversionInputs(rng, mbits, eLo, eHi);
             const n = bits.length;
@@ -257,21 +328,50 @@ describe("dtype conversion", () => {
                     ref[i] = encodeRne(x, ebits, mbits);
                 }
             }
-            c.exact(`${name}: ${n} f32 patterns (ties, near-ties, edges)`, out, ref,
-                (i) => `input 0x${bits[i].toString(16)} = ${bitsToF32(bits[i])}`);
+            c.exact(
+                `${name}: ${n} f32 patterns (ties, near-ties, edges)`,
+                out,
+                ref,
+                (i) => `input 0x${bits[i].toString(16)} = ${bitsToF32(bits[i])}`
+            );
             // spot checks spelled out, so a failure reads plainly
-            const spot: [number, number][] = name === "f32ToF16"
-                ? [[65504, 0x7bff], [65519, 0x7bff], [65520, 0x7c00], [1e6, 0x7c00], [-1e6, 0xfc00], [2 ** -24, 0x0001],
-                    [2 ** -25, 0x0000], [3 * 2 ** -26, 0x0001], [-(2 ** -25), 0x8000], [1 + 2 ** -11, 0x3c00],
-                    [1 + 3 * 2 ** -11, 0x3c02], [1e-10, 0x0000], [-0, 0x8000]]
-                : [[1 + 2 ** -8, 0x3f80], [1 + 3 * 2 ** -8, 0x3f82], [3.4028234663852886e38, 0x7f80],
-                    [bitsToF32(0x7f7f7fff), 0x7f7f], [bitsToF32(0x00000001), 0x0000], [bitsToF32(0x00008000), 0x0000],
-                    [bitsToF32(0x00018000), 0x0002], [-0, 0x8000], [-Infinity, 0xff80]];
+            const spot: [number, number][] =
+                name === "f32ToF16"
+                    ? [
+                          [65504, 0x7bff],
+                          [65519, 0x7bff],
+                          [65520, 0x7c00],
+                          [1e6, 0x7c00],
+                          [-1e6, 0xfc00],
+                          [2 ** -24, 0x0001],
+                          [2 ** -25, 0x0000],
+                          [3 * 2 ** -26, 0x0001],
+                          [-(2 ** -25), 0x8000],
+                          [1 + 2 ** -11, 0x3c00],
+                          [1 + 3 * 2 ** -11, 0x3c02],
+                          [1e-10, 0x0000],
+                          [-0, 0x8000]
+                      ]
+                    : [
+                          [1 + 2 ** -8, 0x3f80],
+                          [1 + 3 * 2 ** -8, 0x3f82],
+                          [3.4028234663852886e38, 0x7f80],
+                          [bitsToF32(0x7f7f7fff), 0x7f7f],
+                          [bitsToF32(0x00000001), 0x0000],
+                          [bitsToF32(0x00008000), 0x0000],
+                          [bitsToF32(0x00018000), 0x0002],
+                          [-0, 0x8000],
+                          [-Infinity, 0xff80]
+                      ];
             const sx = Float32Array.from(spot, (s) => s[0]);
             const so = new Uint16Array(spot.length);
             cpu[name](so, sx, spot.length);
-            c.exact(`${name}: spelled-out edge values`, so, spot.map((s) => s[1]),
-                (i) => `input ${spot[i][0]}`);
+            c.exact(
+                `${name}: spelled-out edge values`,
+                so,
+                spot.map((s) => s[1]),
+                (i) => `input ${spot[i][0]}`
+            );
         }
         c.done();
     });
@@ -283,8 +383,12 @@ describe("elementwise", () => {
     test("addBias (also in place)", () => {
         const c = new Checker();
         const rng = new Prng(22);
-        for (const [N, C] of [[5, 13], [300, 257]]) {
-            const inp = randn32(rng, N * C), bias = randn32(rng, C);
+        for (const [N, C] of [
+            [5, 13],
+            [300, 257]
+        ]) {
+            const inp = randn32(rng, N * C),
+                bias = randn32(rng, C);
             const ref = Float32Array.from(inp, (v, i) => v + bias[i % C]);
             const out = nanFilled(N * C);
             cpu.addBias(out, inp, bias, N, C);
@@ -314,7 +418,7 @@ describe("rmsnorm", () => {
     const cases = [
         {N: 7, C: 96, eps: 1e-6, fd: 10000},
         {N: 5, C: 13, eps: 1e-5, fd: 10000},
-        {N: 64, C: 1024, eps: 1e-6, fd: 200},
+        {N: 64, C: 1024, eps: 1e-6, fd: 200}
     ];
     for (const {N, C, eps, fd} of cases) {
         test(`rmsnorm N=${N} C=${C} eps=${eps}`, () => {
@@ -325,39 +429,57 @@ describe("rmsnorm", () => {
                 const s = [1, 10, 0.01][n % 3];
                 for (let k = 0; k < C; k++) x[n * C + k] *= s;
             }
-            x.fill(0, 2 * C, 3 * C);  // an all-zero row: out = 0, rstd = 1/sqrt(eps)
+            x.fill(0, 2 * C, 3 * C); // an all-zero row: out = 0, rstd = 1/sqrt(eps)
             const w = randn32(rng, C, 0.2, 1);
             const eps32 = Math.fround(eps);
             const ref = refRmsnorm(f64(x), f64(w), N, C, eps32);
-            const out = nanFilled(N * C), rstd = nanFilled(N);
+            const out = nanFilled(N * C),
+                rstd = nanFilled(N);
             cpu.rmsnormForward(out, rstd, x, w, N, C, eps32);
             c.close(`rmsnormForward: N=${N} C=${C} out`, out, ref.out, 1e-6);
             c.close(`rmsnormForward: N=${N} C=${C} rstd`, rstd, ref.rstd, 1e-6, 0);
             const out2 = nanFilled(N * C);
             cpu.rmsnormForward(out2, null, x, w, N, C, eps32);
-            c.exact(`rmsnormForward: N=${N} C=${C} rstd=null same out`, new Uint32Array(out2.buffer),
-                new Uint32Array(out.buffer));
+            c.exact(
+                `rmsnormForward: N=${N} C=${C} rstd=null same out`,
+                new Uint32Array(out2.buffer),
+                new Uint32Array(out.buffer)
+            );
 
             const g = randn32(rng, N * C);
-            const dinp = nanFilled(N * C);  // activation grad: overwritten
-            const pre = randn32(rng, C);  // parameter grad: accumulated
+            const dinp = nanFilled(N * C); // activation grad: overwritten
+            const pre = randn32(rng, C); // parameter grad: accumulated
             const dw = Float32Array.from(pre);
             cpu.rmsnormBackward(dinp, dw, g, x, w, rstd, N, C);
-            const x64 = f64(x), w64 = f64(w), g64 = f64(g);
+            const x64 = f64(x),
+                w64 = f64(w),
+                g64 = f64(g);
             const an = refRmsnormBackward(g64, x64, w64, N, C, eps32);
             c.close(`rmsnormBackward: N=${N} C=${C} dinp (=) vs analytic`, dinp, an.dx, 4e-6);
-            c.close(`rmsnormBackward: N=${N} C=${C} dweight (+=) vs analytic`, dw, an.dw.map((v, i) => v + pre[i]), 4e-6);
+            c.close(
+                `rmsnormBackward: N=${N} C=${C} dweight (+=) vs analytic`,
+                dw,
+                an.dw.map((v, i) => v + pre[i]),
+                4e-6
+            );
             const idx = sample(rng, N * C, fd);
             const fdx = fdGrad(() => refRmsnorm(x64, w64, N, C, eps32).out, x64, g64, idx);
             c.close(`rmsnormBackward: N=${N} C=${C} dinp vs FD`, pick(dinp, idx), fdx, 4e-6);
             const idw = sample(rng, C, 64);
             const fdw = fdGrad(() => refRmsnorm(x64, w64, N, C, eps32).out, w64, g64, idw);
-            c.close(`rmsnormBackward: N=${N} C=${C} dweight vs FD`,
-                Float64Array.from(idw, (i) => dw[i] - pre[i]), fdw, 4e-6);
+            c.close(
+                `rmsnormBackward: N=${N} C=${C} dweight vs FD`,
+                Float64Array.from(idw, (i) => dw[i] - pre[i]),
+                fdw,
+                4e-6
+            );
             const dinp2 = nanFilled(N * C);
             cpu.rmsnormBackward(dinp2, null, g, x, w, rstd, N, C);
-            c.exact(`rmsnormBackward: N=${N} C=${C} dweight=null same dinp`, new Uint32Array(dinp2.buffer),
-                new Uint32Array(dinp.buffer));
+            c.exact(
+                `rmsnormBackward: N=${N} C=${C} dweight=null same dinp`,
+                new Uint32Array(dinp2.buffer),
+                new Uint32Array(dinp.buffer)
+            );
             c.done();
         });
     }
@@ -370,14 +492,14 @@ describe("rope", () => {
     const cases = [
         {N: 6, H: 3, D: 64, base: 10000, scaling: 1, pos: [0, 1, 2, 17, 100, 511]},
         {N: 5, H: 2, D: 24, base: 1000000, scaling: 1.25, pos: [0, 3, 4095, 32767, 7]},
-        {N: 40, H: 4, D: 128, base: 500000, scaling: 1, pos: Array.from({length: 40}, (_, i) => 2 * i + 1)},
+        {N: 40, H: 4, D: 128, base: 500000, scaling: 1, pos: Array.from({length: 40}, (_, i) => 2 * i + 1)}
     ];
     for (const {N, H, D, base, scaling, pos: posList} of cases) {
         test(`rope N=${N} H=${H} D=${D} scaling=${scaling}`, () => {
             const c = new Checker();
             const rng = new Prng(51 + D);
             const half = D / 2;
-            const invFreq = Float32Array.from({length: half}, (_, i) => 1 / base ** (2 * i / D));
+            const invFreq = Float32Array.from({length: half}, (_, i) => 1 / base ** ((2 * i) / D));
             const pos = Int32Array.from(posList);
             const angles = ropeAngles(pos, invFreq);
             const sc = Math.fround(scaling);
@@ -392,7 +514,8 @@ describe("rope", () => {
             cpu.ropeForward(inplace, inplace, pos, invFreq, sc, N, H, D);
             c.exact(`ropeForward: ${tag} in place`, new Uint32Array(inplace.buffer), new Uint32Array(out.buffer));
 
-            const g = randn32(rng, N * H * D), g64 = f64(g);
+            const g = randn32(rng, N * H * D),
+                g64 = f64(g);
             const dinp = nanFilled(N * H * D);
             cpu.ropeBackward(dinp, g, pos, invFreq, sc, N, H, D);
             c.close(`ropeBackward: ${tag} vs analytic R^T dout`, dinp, refRope(g64, angles, sc, N, H, D, true), 2e-6);
@@ -405,7 +528,12 @@ describe("rope", () => {
             // backward(forward(x)) = scaling^2 x
             const rt = new Float32Array(N * H * D);
             cpu.ropeBackward(rt, out, pos, invFreq, sc, N, H, D);
-            c.close(`ropeBackward: ${tag} R^T R x = s^2 x`, rt, x64.map((v) => v * sc * sc), 2e-6);
+            c.close(
+                `ropeBackward: ${tag} R^T R x = s^2 x`,
+                rt,
+                x64.map((v) => v * sc * sc),
+                2e-6
+            );
             c.done();
         });
     }
@@ -423,39 +551,85 @@ interface AttnCase {
     Hkv: number;
     D: number;
     qOffset: number;
-    keyValid?: number[][];  // [B][S]
-    seg?: number[][];  // [B][S]
-    fd: number;  // FD coordinates sampled per tensor
-    expectMasked?: boolean;  // some query row sees no key
+    keyValid?: number[][]; // [B][S]
+    seg?: number[][]; // [B][S]
+    fd: number; // FD coordinates sampled per tensor
+    expectMasked?: boolean; // some query row sees no key
 }
 
 const attnCases: AttnCase[] = [
     {name: "causal gqa", B: 2, T: 7, S: 7, Hq: 4, Hkv: 2, D: 24, qOffset: 0, fd: 400},
     {name: "causal mha", B: 1, T: 16, S: 16, Hq: 3, Hkv: 3, D: 64, qOffset: 0, fd: 150},
     {
-        name: "key padding", B: 3, T: 9, S: 9, Hq: 4, Hkv: 2, D: 24, qOffset: 0, fd: 200, expectMasked: true,
+        name: "key padding",
+        B: 3,
+        T: 9,
+        S: 9,
+        Hq: 4,
+        Hkv: 2,
+        D: 24,
+        qOffset: 0,
+        fd: 200,
+        expectMasked: true,
         keyValid: [
             [1, 1, 1, 1, 1, 1, 1, 1, 1],
-            [0, 0, 0, 1, 1, 1, 1, 1, 1],  // left padding: queries 0..2 see no key
-            [1, 1, 1, 1, 1, 1, 1, 0, 0],  // right padding
+            [0, 0, 0, 1, 1, 1, 1, 1, 1], // left padding: queries 0..2 see no key
+            [1, 1, 1, 1, 1, 1, 1, 0, 0] // right padding
+        ]
+    },
+    {
+        name: "packed seg",
+        B: 2,
+        T: 10,
+        S: 10,
+        Hq: 2,
+        Hkv: 1,
+        D: 64,
+        qOffset: 0,
+        fd: 200,
+        expectMasked: true,
+        seg: [
+            [0, 0, 0, 1, 1, 1, 1, 2, 2, 2],
+            [5, 5, 5, 5, 5, 7, 7, 7, 7, 7]
         ],
+        keyValid: [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]
+        ] // query 5 of b=1 sees nothing
     },
     {
-        name: "packed seg", B: 2, T: 10, S: 10, Hq: 2, Hkv: 1, D: 64, qOffset: 0, fd: 200, expectMasked: true,
-        seg: [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [5, 5, 5, 5, 5, 7, 7, 7, 7, 7]],
-        keyValid: [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]],  // query 5 of b=1 sees nothing
+        name: "kv-cache",
+        B: 2,
+        T: 3,
+        S: 11,
+        Hq: 4,
+        Hkv: 2,
+        D: 64,
+        qOffset: 8,
+        fd: 150,
+        keyValid: [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+        ]
     },
     {
-        name: "kv-cache", B: 2, T: 3, S: 11, Hq: 4, Hkv: 2, D: 64, qOffset: 8, fd: 150,
-        keyValid: [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
-    },
-    {
-        name: "packed seg + kv-cache", B: 2, T: 4, S: 10, Hq: 4, Hkv: 2, D: 24, qOffset: 6, fd: 300,
-        seg: [[0, 0, 0, 0, 1, 1, 1, 1, 1, 1], [3, 3, 3, 3, 3, 3, 3, 4, 4, 4]],
+        name: "packed seg + kv-cache",
+        B: 2,
+        T: 4,
+        S: 10,
+        Hq: 4,
+        Hkv: 2,
+        D: 24,
+        qOffset: 6,
+        fd: 300,
+        seg: [
+            [0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+            [3, 3, 3, 3, 3, 3, 3, 4, 4, 4]
+        ]
     },
     {name: "decode T=1", B: 4, T: 1, S: 13, Hq: 4, Hkv: 4, D: 24, qOffset: 12, fd: 200},
     {name: "chunk q_offset<S-T", B: 1, T: 4, S: 12, Hq: 4, Hkv: 2, D: 24, qOffset: 5, fd: 300},
-    {name: "long", B: 1, T: 64, S: 64, Hq: 4, Hkv: 2, D: 64, qOffset: 0, fd: 25},
+    {name: "long", B: 1, T: 64, S: 64, Hq: 4, Hkv: 2, D: 64, qOffset: 0, fd: 25}
 ];
 
 describe("attention", () => {
@@ -468,11 +642,17 @@ describe("attention", () => {
             const kv = ac.keyValid ? Uint8Array.from(ac.keyValid.flat()) : null;
             const seg = ac.seg ? Int32Array.from(ac.seg.flat()) : null;
             const a: AttnProblem = {B, T, S, Hq, Hkv, D, qOffset, keyValid: kv, seg, scale: Math.fround(1 / Math.sqrt(D))};
-            const nq = B * T * Hq * D, nk = B * S * Hkv * D;
-            const q = randn32(rng, nq, 1.5), k = randn32(rng, nk, 1.5), v = randn32(rng, nk);
-            const q64 = f64(q), k64 = f64(k), v64 = f64(v);
+            const nq = B * T * Hq * D,
+                nk = B * S * Hkv * D;
+            const q = randn32(rng, nq, 1.5),
+                k = randn32(rng, nk, 1.5),
+                v = randn32(rng, nk);
+            const q64 = f64(q),
+                k64 = f64(k),
+                v64 = f64(v);
             const ref = refAttention(a, q64, k64, v64);
-            const out = nanFilled(nq), lse = nanFilled(B * Hq * T);
+            const out = nanFilled(nq),
+                lse = nanFilled(B * Hq * T);
             cpu.attentionForward(out, lse, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale);
             const short = ac.name;
             c.close(`attentionForward: ${short} out`, out, ref.out, 1e-5);
@@ -481,27 +661,34 @@ describe("attention", () => {
                 const masked = [...ref.lse.keys()].filter((i) => ref.lse[i] === -Infinity);
                 let zeros = masked.length > 0;
                 for (const i of masked) {
-                    const b = Math.floor(i / (Hq * T)), h = Math.floor(i / T) % Hq, t = i % T;
+                    const b = Math.floor(i / (Hq * T)),
+                        h = Math.floor(i / T) % Hq,
+                        t = i % T;
                     const o = ((b * T + t) * Hq + h) * D;
                     for (let d = 0; d < D; d++) if (!Object.is(out[o + d], 0)) zeros = false;
                     if (lse[i] !== -Infinity) zeros = false;
                 }
-                c.that(`attentionForward: ${short} fully-masked rows: out=0, lse=-inf`, zeros,
-                    `${masked.length} masked rows`);
+                c.that(`attentionForward: ${short} fully-masked rows: out=0, lse=-inf`, zeros, `${masked.length} masked rows`);
             }
             const out2 = nanFilled(nq);
             cpu.attentionForward(out2, null, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale);
-            c.exact(`attentionForward: ${short} lse=null same out`, new Uint32Array(out2.buffer),
-                new Uint32Array(out.buffer));
+            c.exact(`attentionForward: ${short} lse=null same out`, new Uint32Array(out2.buffer), new Uint32Array(out.buffer));
 
-            const g = randn32(rng, nq), g64 = f64(g);
-            const dq = nanFilled(nq), dk = nanFilled(nk), dv = nanFilled(nk);  // all (=): garbage must go
+            const g = randn32(rng, nq),
+                g64 = f64(g);
+            const dq = nanFilled(nq),
+                dk = nanFilled(nk),
+                dv = nanFilled(nk); // all (=): garbage must go
             cpu.attentionBackward(dq, dk, dv, g, q, k, v, out, lse, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale);
             const an = refAttentionBackward(a, q64, k64, v64, g64);
             c.close(`attentionBackward: ${short} dq vs analytic`, dq, an.dq, 2e-5);
             c.close(`attentionBackward: ${short} dk vs analytic`, dk, an.dk, 2e-5);
             c.close(`attentionBackward: ${short} dv vs analytic`, dv, an.dv, 2e-5);
-            for (const [nm, x, got] of [["dq", q64, dq], ["dk", k64, dk], ["dv", v64, dv]] as const) {
+            for (const [nm, x, got] of [
+                ["dq", q64, dq],
+                ["dk", k64, dk],
+                ["dv", v64, dv]
+            ] as const) {
                 const idx = sample(rng, x.length, ac.fd);
                 const fd = fdGrad(() => refAttention(a, q64, k64, v64).out, x, g64, idx);
                 c.close(`attentionBackward: ${short} ${nm} vs FD`, pick(got, idx), fd, 2e-5);
@@ -524,15 +711,18 @@ describe("cross-entropy", () => {
     test("crossEntropyForward / crossEntropyBackward, V=16389, ignored targets, in place", () => {
         const c = new Checker();
         const rng = new Prng(81);
-        const N = 7, V = 16389;
+        const N = 7,
+            V = 16389;
         const logits = randn32(rng, N * V, 3);
-        for (let v = 0; v < V; v++) logits[3 * V + v] += 40;  // a shifted row
-        logits[4 * V + 0] = 30;  // a confident row (target 0 carries ~all the mass)
+        for (let v = 0; v < V; v++) logits[3 * V + v] += 40; // a shifted row
+        logits[4 * V + 0] = 30; // a confident row (target 0 carries ~all the mass)
         const targets = Int32Array.from([17, -100, 5000, V - 1, 0, -1, 12345]);
-        const loss = nanFilled(N), lse = nanFilled(N);
+        const loss = nanFilled(N),
+            lse = nanFilled(N);
         const count = cpu.crossEntropyForward(loss, lse, logits, targets, N, V);
         c.that("crossEntropyForward: returns the number of counted rows", count === 5, `returned ${count}`);
-        const refLse = new Float64Array(N), refLoss = new Float64Array(N);
+        const refLse = new Float64Array(N),
+            refLoss = new Float64Array(N);
         for (let n = 0; n < N; n++) {
             refLse[n] = rowLse(logits, n * V, V);
             refLoss[n] = targets[n] >= 0 ? refLse[n] - logits[n * V + targets[n]] : 0;
@@ -565,21 +755,32 @@ describe("cross-entropy", () => {
         };
         const counted = Array.from({length: N * V}, (_, i) => i).filter((i) => targets[Math.floor(i / V)] >= 0);
         checkD("crossEntropyBackward: dlogits (=) vs analytic", counted, pick(dl, counted), pick(refD, counted));
-        c.close("crossEntropyBackward: ignored rows are zero", [...dl.subarray(V, 2 * V), ...dl.subarray(5 * V, 6 * V)],
-            new Float64Array(2 * V), 0, 1);
+        c.close(
+            "crossEntropyBackward: ignored rows are zero",
+            [...dl.subarray(V, 2 * V), ...dl.subarray(5 * V, 6 * V)],
+            new Float64Array(2 * V),
+            0,
+            1
+        );
         const inplace = Float32Array.from(logits);
         cpu.crossEntropyBackward(inplace, inplace, lse, targets, scale, N, V);
-        c.exact("crossEntropyBackward: in place (dlogits aliases logits)", new Uint32Array(inplace.buffer),
-            new Uint32Array(dl.buffer));
+        c.exact(
+            "crossEntropyBackward: in place (dlogits aliases logits)",
+            new Uint32Array(inplace.buffer),
+            new Uint32Array(dl.buffer)
+        );
         // FD of L = scale * sum(loss): perturbing logit v of row n moves only loss[n]; the row's lse under a
         // perturbation of +-h is lse + log1p(p_v * expm1(+-h)), which keeps the difference free of cancellation
         const idx = sample(rng, N * V, 400).filter((i) => targets[Math.floor(i / V)] >= 0);
-        for (let n = 0; n < N; n++) if (targets[n] >= 0) idx.push(n * V + targets[n]);  // every target logit
+        for (let n = 0; n < N; n++) if (targets[n] >= 0) idx.push(n * V + targets[n]); // every target logit
         const fd = Float64Array.from(idx, (i) => {
-            const n = Math.floor(i / V), v = i % V, t = targets[n];
-            const h = 1e-4, p = Math.exp(logits[i] - refLse[n]);
+            const n = Math.floor(i / V),
+                v = i % V,
+                t = targets[n];
+            const h = 1e-4,
+                p = Math.exp(logits[i] - refLse[n]);
             const d = Math.log1p(p * Math.expm1(h)) - Math.log1p(p * Math.expm1(-h)) - (v === t ? 2 * h : 0);
-            return scale * d / (2 * h);
+            return (scale * d) / (2 * h);
         });
         checkD("crossEntropyBackward: dlogits vs FD", idx, pick(dl, idx), fd);
         c.done();

@@ -97,25 +97,33 @@ describe("AdamW against bitsandbytes (optim.safetensors)", () => {
         test(`${prefix}: states bit-exact, parameters within the fast-math tolerance`, async () => {
             const p0 = await file.readF32(`${prefix}.p0`);
             assert.equal(p0.length, numel);
-            const param = p0.slice(), grad = new Float32Array(numel);
+            const param = p0.slice(),
+                grad = new Float32Array(numel);
             const opt = new AdamW([{name: "w", param, grad, weightDecay: true}], {...FIXTURE_OPTIONS, ...options});
             assert.equal(opt.paramInfo()[0].state, stateKind);
             // teacher-forced twin: starts every step from bnb's parameters
-            const forcedParam = p0.slice(), forcedGrad = new Float32Array(numel);
-            const forced = new AdamW([{name: "w", param: forcedParam, grad: forcedGrad, weightDecay: true}],
-                {...FIXTURE_OPTIONS, ...options});
+            const forcedParam = p0.slice(),
+                forcedGrad = new Float32Array(numel);
+            const forced = new AdamW([{name: "w", param: forcedParam, grad: forcedGrad, weightDecay: true}], {
+                ...FIXTURE_OPTIONS,
+                ...options
+            });
             for (let t = 1; t <= 3; t++) {
                 const g = await file.readF32(`${prefix}.grad${t - 1}`);
                 const ref = await file.readF32(`${prefix}.p${t}`);
                 grad.set(g);
                 opt.step(LR);
-                assert.ok(maxAbsDiff(param, ref) <= 1e-6 * maxAbs(ref),
-                    `step ${t}: max |p - ref| ${maxAbsDiff(param, ref)} > 1e-6 * ${maxAbs(ref)}`);
+                assert.ok(
+                    maxAbsDiff(param, ref) <= 1e-6 * maxAbs(ref),
+                    `step ${t}: max |p - ref| ${maxAbsDiff(param, ref)} > 1e-6 * ${maxAbs(ref)}`
+                );
                 forcedParam.set(await file.readF32(`${prefix}.p${t - 1}`));
                 forcedGrad.set(g);
                 forced.step(LR);
-                assert.ok(maxAbsDiff(forcedParam, ref) <= 4.5e-5 * LR,
-                    `step ${t} from bnb's parameters: max |p - ref| = ${maxAbsDiff(forcedParam, ref)}`);
+                assert.ok(
+                    maxAbsDiff(forcedParam, ref) <= 4.5e-5 * LR,
+                    `step ${t} from bnb's parameters: max |p - ref| = ${maxAbsDiff(forcedParam, ref)}`
+                );
             }
             const sd = opt.stateDict();
             const names = stateKind === "bnb8" ? ["state1", "state2", "absmax1", "absmax2"] : ["state1", "state2"];
@@ -136,7 +144,8 @@ describe("AdamW against bitsandbytes (optim.safetensors)", () => {
         // one step from bnb's parameters: bnb's order stays within 4.5e-5 * lr (above); torch's decay-first
         // order adds lr * wd * update (1e-5 of each update) and exceeds it
         const prefix = "adamw32";
-        const param = await file.readF32(`${prefix}.p0`), grad = await file.readF32(`${prefix}.grad0`);
+        const param = await file.readF32(`${prefix}.p0`),
+            grad = await file.readF32(`${prefix}.grad0`);
         const opt = new AdamW([{name: "w", param, grad, weightDecay: true}], {...FIXTURE_OPTIONS, variant: "torch"});
         opt.step(LR);
         const d = maxAbsDiff(param, await file.readF32(`${prefix}.p1`));
@@ -147,34 +156,55 @@ describe("AdamW against bitsandbytes (optim.safetensors)", () => {
 describe("AdamW semantics", () => {
     test("decay order: torch decays before the Adam step, bitsandbytes after", () => {
         // step 1 with g = 1: m_hat = v_hat = 1, update u = lr / (1 + eps); decay factor d = 1 - lr*wd
-        const lr = 0.1, wd = 0.1;
+        const lr = 0.1,
+            wd = 0.1;
         const run = (variant: "torch" | "bnb") => {
-            const param = new Float32Array([1]), grad = new Float32Array([1]);
+            const param = new Float32Array([1]),
+                grad = new Float32Array([1]);
             new AdamW([{name: "w", param, grad, weightDecay: true}], {weightDecay: wd, variant}).step(lr);
             return param[0];
         };
-        const u = lr / (1 + 1e-8), d = 1 - lr * wd;
+        const u = lr / (1 + 1e-8),
+            d = 1 - lr * wd;
         assert.ok(Math.abs(run("torch") - (d - u)) < 1e-6);
         assert.ok(Math.abs(run("bnb") - (1 - u) * d) < 1e-6);
         assert.ok(Math.abs(run("bnb") - run("torch") - u * lr * wd) < 1e-6);
     });
 
     test("weightDecay: false turns decay off for that tensor", () => {
-        const param = new Float32Array([1, 1]), grad = new Float32Array([0, 0]);
+        const param = new Float32Array([1, 1]),
+            grad = new Float32Array([0, 0]);
         const other = new Float32Array([1, 1]);
-        new AdamW([{name: "a", param, grad, weightDecay: false}, {name: "b", param: other, grad, weightDecay: true}],
-            {weightDecay: 0.1}).step(0.1);
-        assert.deepEqual([...param], [1, 1]);  // g = 0: no Adam update, and no decay
+        new AdamW(
+            [
+                {name: "a", param, grad, weightDecay: false},
+                {name: "b", param: other, grad, weightDecay: true}
+            ],
+            {weightDecay: 0.1}
+        ).step(0.1);
+        assert.deepEqual([...param], [1, 1]); // g = 0: no Adam update, and no decay
         assert.equal(other[0], Math.fround(Math.fround(1) * Math.fround(1 - 0.1 * 0.1)));
     });
 
     test("torch variant follows torch.optim.AdamW (float64 reference)", () => {
         const rng = new Rng(7);
-        const n = 5000, lr = 2e-3, wd = 0.05, b1 = 0.9, b2 = 0.95, eps = 1e-6;
-        const param = randomArray(rng, n, 0.05), grad = new Float32Array(n);
-        const p = Float64Array.from(param), m = new Float64Array(n), v = new Float64Array(n);
-        const opt = new AdamW([{name: "w", param, grad, weightDecay: true}],
-            {betas: [b1, b2], eps, weightDecay: wd, variant: "torch"});
+        const n = 5000,
+            lr = 2e-3,
+            wd = 0.05,
+            b1 = 0.9,
+            b2 = 0.95,
+            eps = 1e-6;
+        const param = randomArray(rng, n, 0.05),
+            grad = new Float32Array(n);
+        const p = Float64Array.from(param),
+            m = new Float64Array(n),
+            v = new Float64Array(n);
+        const opt = new AdamW([{name: "w", param, grad, weightDecay: true}], {
+            betas: [b1, b2],
+            eps,
+            weightDecay: wd,
+            variant: "torch"
+        });
         for (let t = 1; t <= 4; t++) {
             grad.set(randomArray(rng, n, 0.01));
             opt.step(lr);
@@ -182,7 +212,7 @@ describe("AdamW semantics", () => {
                 p[i] *= 1 - lr * wd;
                 m[i] = b1 * m[i] + (1 - b1) * grad[i];
                 v[i] = b2 * v[i] + (1 - b2) * grad[i] * grad[i];
-                p[i] -= lr / (1 - b1 ** t) * m[i] / (Math.sqrt(v[i] / (1 - b2 ** t)) + eps);
+                p[i] -= ((lr / (1 - b1 ** t)) * m[i]) / (Math.sqrt(v[i] / (1 - b2 ** t)) + eps);
             }
             let worst = 0;
             for (let i = 0; i < n; i++) worst = Math.max(worst, Math.abs(param[i] - p[i]));
@@ -192,22 +222,24 @@ describe("AdamW semantics", () => {
 
     test("8-bit: the sign fix stores a small negative m as index 126, not +0.0", () => {
         const n = 4096;
-        const param = new Float32Array(n), grad = new Float32Array(n);
-        grad[0] = 1;         // sets the block's absmax1 to 0.1
-        grad[1] = -1e-9;     // m = -1e-10: m / absmax rounds to the +0.0 entry (index 127)
+        const param = new Float32Array(n),
+            grad = new Float32Array(n);
+        grad[0] = 1; // sets the block's absmax1 to 0.1
+        grad[1] = -1e-9; // m = -1e-10: m / absmax rounds to the +0.0 entry (index 127)
         const opt = new AdamW([{name: "w", param, grad, weightDecay: false}], {optimBits: 8});
         opt.step(LR);
         const s1 = opt.stateDict().tensors["state.w.state1"];
-        assert.equal(s1[0], 255);  // m / absmax = 1.0
+        assert.equal(s1[0], 255); // m / absmax = 1.0
         assert.equal(s1[1], 126);
         assert.ok(optimizerDynamicMaps().signed[126] < 0);
-        assert.equal(s1[2], 127);  // g = 0: m = +0.0
+        assert.equal(s1[2], 127); // g = 0: m = +0.0
     });
 
     test("8-bit: non-finite gradients leave the element untouched and zero its state", () => {
         const n = 4096;
         const rng = new Rng(3);
-        const param = randomArray(rng, n, 0.1), grad = randomArray(rng, n, 0.01);
+        const param = randomArray(rng, n, 0.1),
+            grad = randomArray(rng, n, 0.01);
         grad[5] = NaN;
         grad[6] = Infinity;
         grad[7] = -Infinity;
@@ -225,11 +257,17 @@ describe("AdamW semantics", () => {
     });
 
     test("min_8bit_size: tensors under 4096 elements keep 32-bit state", () => {
-        const mk = (n: number, name: string): NamedParam =>
-            ({name, param: new Float32Array(n), grad: new Float32Array(n), weightDecay: true});
-        const opt = new AdamW([mk(4095, "small"), mk(4096, "large"), {...mk(8192, "embed"), fp32State: true}],
-            {optimBits: 8});
-        assert.deepEqual(opt.paramInfo().map((p) => p.state), ["bnb32", "bnb8", "bnb32"]);
+        const mk = (n: number, name: string): NamedParam => ({
+            name,
+            param: new Float32Array(n),
+            grad: new Float32Array(n),
+            weightDecay: true
+        });
+        const opt = new AdamW([mk(4095, "small"), mk(4096, "large"), {...mk(8192, "embed"), fp32State: true}], {optimBits: 8});
+        assert.deepEqual(
+            opt.paramInfo().map((p) => p.state),
+            ["bnb32", "bnb8", "bnb32"]
+        );
         assert.equal(opt.stateBytes(), 4095 * 8 + (4096 * 2 + 16 * 8) + 8192 * 8);
         const custom = new AdamW([mk(4095, "small")], {optimBits: 8, min8bitSize: 100});
         assert.equal(custom.paramInfo()[0].state, "bnb8");
@@ -238,17 +276,29 @@ describe("AdamW semantics", () => {
     test("paged: recorded for tensors of >= 1e5 elements, same math as unpaged", () => {
         const rng = new Rng(11);
         const n = 100_000;
-        const init = randomArray(rng, n, 0.05), g = randomArray(rng, n, 0.01);
+        const init = randomArray(rng, n, 0.05),
+            g = randomArray(rng, n, 0.01);
         const results = [false, true].map((paged) => {
-            const param = init.slice(), grad = g.slice();
-            const opt = new AdamW([{name: "w", param, grad, weightDecay: true},
-                {name: "s", param: new Float32Array(10), grad: new Float32Array(10), weightDecay: true}],
-            {optimBits: 8, paged});
+            const param = init.slice(),
+                grad = g.slice();
+            const opt = new AdamW(
+                [
+                    {name: "w", param, grad, weightDecay: true},
+                    {name: "s", param: new Float32Array(10), grad: new Float32Array(10), weightDecay: true}
+                ],
+                {optimBits: 8, paged}
+            );
             opt.step(LR);
             return {param, info: opt.paramInfo(), state: opt.stateDict().tensors["state.w.state1"]};
         });
-        assert.deepEqual(results[1].info.map((p) => p.paged), [true, false]);
-        assert.deepEqual(results[0].info.map((p) => p.paged), [false, false]);
+        assert.deepEqual(
+            results[1].info.map((p) => p.paged),
+            [true, false]
+        );
+        assert.deepEqual(
+            results[0].info.map((p) => p.paged),
+            [false, false]
+        );
         assert.equal(countDiffs(results[0].param, results[1].param), 0);
         assert.equal(countDiffs(results[0].state, results[1].state), 0);
     });
@@ -258,12 +308,14 @@ describe("AdamW semantics", () => {
         const saved = native.getNumThreads();
         const rng = new Rng(5);
         const n = 300_001;
-        const init = randomArray(rng, n, 0.05), g = randomArray(rng, n, 0.01);
+        const init = randomArray(rng, n, 0.05),
+            g = randomArray(rng, n, 0.01);
         const run = (threads: number) => {
             native.setNumThreads(threads);
             const out: Float32Array[] = [];
             for (const options of [{optimBits: 8 as const}, {optimBits: 32 as const, variant: "bnb" as const}, {}]) {
-                const param = init.slice(), grad = g.slice();
+                const param = init.slice(),
+                    grad = g.slice();
                 const opt = new AdamW([{name: "w", param, grad, weightDecay: true}], options);
                 opt.step(LR);
                 opt.step(LR);
@@ -273,7 +325,8 @@ describe("AdamW semantics", () => {
             return out;
         };
         try {
-            const one = run(1), many = run(Math.max(4, saved));
+            const one = run(1),
+                many = run(Math.max(4, saved));
             for (let k = 0; k < one.length; k++) assert.equal(countDiffs(one[k], many[k]), 0);
         } finally {
             native.setNumThreads(saved);
@@ -282,10 +335,15 @@ describe("AdamW semantics", () => {
 
     test("bad inputs are user errors", () => {
         const p = new Float32Array(4);
-        assert.throws(() => new AdamW([{name: "w", param: p, grad: new Float32Array(3), weightDecay: true}]),
-            QloraError);
-        assert.throws(() => new AdamW([{name: "w", param: p, grad: p, weightDecay: true},
-            {name: "w", param: p, grad: p, weightDecay: true}]), /listed twice/);
+        assert.throws(() => new AdamW([{name: "w", param: p, grad: new Float32Array(3), weightDecay: true}]), QloraError);
+        assert.throws(
+            () =>
+                new AdamW([
+                    {name: "w", param: p, grad: p, weightDecay: true},
+                    {name: "w", param: p, grad: p, weightDecay: true}
+                ]),
+            /listed twice/
+        );
         assert.throws(() => new AdamW([], {betas: [0.9, 1.5]}), /betas/);
         assert.throws(() => new AdamW([], {optimBits: 8, variant: "torch"}), /bitsandbytes variant/);
         const opt = new AdamW([{name: "w", param: p, grad: p, weightDecay: true}]);
@@ -324,20 +382,32 @@ describe("optimizer names and weight decay", () => {
     });
 
     test("an unknown name lists the valid ones", () => {
-        assert.throws(() => createOptimizer("adamw_9bit", []), (err: unknown) => {
-            assert.ok(err instanceof QloraError);
-            assert.match(err.message, /^optim: unknown optimizer "adamw_9bit"/);
-            for (const name of OPTIMIZER_NAMES) assert.ok(err.message.includes(name), name);
-            return true;
-        });
+        assert.throws(
+            () => createOptimizer("adamw_9bit", []),
+            (err: unknown) => {
+                assert.ok(err instanceof QloraError);
+                assert.match(err.message, /^optim: unknown optimizer "adamw_9bit"/);
+                for (const name of OPTIMIZER_NAMES) assert.ok(err.message.includes(name), name);
+                return true;
+            }
+        );
     });
 
     test("weightDecayFor excludes bias, layernorm and rmsnorm names (any case)", () => {
-        const decayed = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-            "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", "model.norm.weight", "lm_head.weight"];
-        const excluded = ["model.layers.0.self_attn.q_proj.bias", "model.layers.3.input_layernorm.weight",
-            "model.layers.3.post_attention_layernorm.weight", "encoder.LayerNorm.weight", "x.RMSNorm.weight",
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"];
+        const decayed = [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight",
+            "model.norm.weight",
+            "lm_head.weight"
+        ];
+        const excluded = [
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.3.input_layernorm.weight",
+            "model.layers.3.post_attention_layernorm.weight",
+            "encoder.LayerNorm.weight",
+            "x.RMSNorm.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+        ];
         for (const name of decayed) assert.equal(weightDecayFor(name), true, name);
         for (const name of excluded) assert.equal(weightDecayFor(name), false, name);
     });
@@ -354,22 +424,31 @@ describe("optimizer state save/load", () => {
 
     // one tensor of each state kind under each variant
     function makeParams(rng: Rng): NamedParam[] {
-        return [["a.lora_A.weight", 6000], ["a.lora_B.weight", 1000], ["a.bias", 300]].map(([name, n]) => ({
-            name: name as string, param: randomArray(rng, n as number, 0.05), grad: new Float32Array(n as number),
+        return [
+            ["a.lora_A.weight", 6000],
+            ["a.lora_B.weight", 1000],
+            ["a.bias", 300]
+        ].map(([name, n]) => ({
+            name: name as string,
+            param: randomArray(rng, n as number, 0.05),
+            grad: new Float32Array(n as number),
             weightDecay: weightDecayFor(name as string)
         }));
     }
 
     async function saveAndLoad(sd: OptimizerStateDict, name: string): Promise<OptimizerStateDict> {
         const tensors: TensorToWrite[] = Object.entries(sd.tensors).map(([key, data]) => ({
-            name: key, dtype: data instanceof Uint8Array ? "U8" : "F32", shape: [data.length], data
+            name: key,
+            dtype: data instanceof Uint8Array ? "U8" : "F32",
+            shape: [data.length],
+            data
         }));
         const file = path.join(tempDir, `${name}.safetensors`);
         await writeSafetensors(file, tensors);
         await fs.writeFile(path.join(tempDir, `${name}.json`), JSON.stringify(sd.metadata));
         const reader = await SafetensorsFile.open(file);
         const loaded: OptimizerStateDict["tensors"] = {};
-        for (const key of reader.names()) loaded[key] = await reader.readTyped(key) as Float32Array | Uint8Array;
+        for (const key of reader.names()) loaded[key] = (await reader.readTyped(key)) as Float32Array | Uint8Array;
         await reader.close();
         const json = await fs.readFile(path.join(tempDir, `${name}.json`), "utf8");
         const metadata = JSON.parse(json) as AdamWStateMetadata;
@@ -380,8 +459,9 @@ describe("optimizer state save/load", () => {
         test(`${optim}: resume from a checkpoint continues bit-identically`, async () => {
             const args = {weight_decay: 0.01};
             const gradRng = new Rng(99);
-            const grads = Array.from({length: 5},
-                () => makeParams(gradRng).map((p) => randomArray(gradRng, p.param.length, 0.01)));
+            const grads = Array.from({length: 5}, () =>
+                makeParams(gradRng).map((p) => randomArray(gradRng, p.param.length, 0.01))
+            );
             const lrs = [1e-3, 9e-4, 8e-4, 7e-4, 6e-4];
 
             const straight = makeParams(new Rng(1));
@@ -410,10 +490,10 @@ describe("optimizer state save/load", () => {
                 c.step(lrs[t]);
             }
             straight.forEach((p, i) => assert.equal(countDiffs(p.param, resumed[i].param), 0, p.name));
-            const sa = a.stateDict(), sc = c.stateDict();
+            const sa = a.stateDict(),
+                sc = c.stateDict();
             assert.deepEqual(Object.keys(sc.tensors).sort(), Object.keys(sa.tensors).sort());
-            for (const key of Object.keys(sa.tensors))
-                assert.equal(countDiffs(sa.tensors[key], sc.tensors[key]), 0, key);
+            for (const key of Object.keys(sa.tensors)) assert.equal(countDiffs(sa.tensors[key], sc.tensors[key]), 0, key);
             assert.deepEqual(sc.metadata, sa.metadata);
         });
     }
@@ -432,7 +512,8 @@ describe("optimizer state save/load", () => {
 
 describe("clipGradNorm", () => {
     test("returns the norm before clipping and scales by max / (norm + 1e-6) when that is < 1", () => {
-        const a = new Float32Array([3]), b = new Float32Array([0, 4]);
+        const a = new Float32Array([3]),
+            b = new Float32Array([0, 4]);
         assert.equal(clipGradNorm([a, b], 1), 5);
         const coef = Math.fround(1 / Math.fround(5 + 1e-6));
         assert.equal(a[0], Math.fround(3 * coef));

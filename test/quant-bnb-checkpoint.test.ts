@@ -11,10 +11,19 @@ import {SafetensorsCheckpoint, writeSafetensors, type TensorToWrite} from "../sr
 import {readTensorF32} from "../src/model/weights.js";
 import {dequantize4bit, quantize4bit, type QuantState4bit} from "../src/quant/nf4.js";
 import {
-    loadBnb4bitCheckpoint, pythonFloatRepr, quantStateJson, readQuantState, writeBnb4bitCheckpoint, type Bnb4bitCheckpoint
+    loadBnb4bitCheckpoint,
+    pythonFloatRepr,
+    quantStateJson,
+    readQuantState,
+    writeBnb4bitCheckpoint,
+    type Bnb4bitCheckpoint
 } from "../src/quant/bnb-checkpoint.js";
 import {
-    bitsAndBytesConfig, isModuleSkipped, parseQuantizationConfig, quantizationConfigToJson, TRANSFORMERS_BNB_DEFAULTS
+    bitsAndBytesConfig,
+    isModuleSkipped,
+    parseQuantizationConfig,
+    quantizationConfigToJson,
+    TRANSFORMERS_BNB_DEFAULTS
 } from "../src/quant/config.js";
 
 const BNB_DIR = path.join(FIXTURES, "bnb-4bit");
@@ -50,7 +59,9 @@ function assertStatesEqual(actual: QuantState4bit, expected: QuantState4bit, wha
     assert.ok(Object.is(actual.offset, expected.offset), `${what} offset`);
     assert.deepEqual(
         [actual.shape, actual.blocksize, actual.nestedBlocksize, actual.quantType, actual.dtype],
-        [expected.shape, expected.blocksize, expected.nestedBlocksize, expected.quantType, expected.dtype], what);
+        [expected.shape, expected.blocksize, expected.nestedBlocksize, expected.quantType, expected.dtype],
+        what
+    );
 }
 
 /** quantizes the bf16 base model the way from_pretrained(dtype=float32, nf4 + double quant) does */
@@ -75,8 +86,12 @@ async function denseTensors(ckpt: SafetensorsCheckpoint, names: string[]): Promi
 describe("reading the bitsandbytes checkpoint", () => {
     test("quantization_config and the set of quantized weights", () => {
         assert.deepEqual(bnb.quantization, {
-            load_in_4bit: true, bnb_4bit_quant_type: "nf4", bnb_4bit_compute_dtype: "float32",
-            bnb_4bit_use_double_quant: true, bnb_4bit_quant_storage: "uint8", llm_int8_skip_modules: null
+            load_in_4bit: true,
+            bnb_4bit_quant_type: "nf4",
+            bnb_4bit_compute_dtype: "float32",
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_quant_storage: "uint8",
+            llm_int8_skip_modules: null
         });
         assert.equal(bnb.states.size, 56);
         for (const name of bnb.states.keys()) assert.match(name, /^model\.layers\.\d\.(self_attn|mlp)\.\w+_proj\.weight$/);
@@ -91,7 +106,8 @@ describe("reading the bitsandbytes checkpoint", () => {
         const ours = await quantizeBase();
         for (const [name, state] of bnb.states) {
             assertStatesEqual(ours.get(name)!, state, name);
-            const a = dequantize4bit(state), b = dequantize4bit(ours.get(name)!);
+            const a = dequantize4bit(state),
+                b = dequantize4bit(ours.get(name)!);
             assertBytesEqual(a, b, `${name} dequantized`);
         }
     });
@@ -105,9 +121,18 @@ describe("reading the bitsandbytes checkpoint", () => {
 
     test("pythonFloatRepr follows Python's repr", () => {
         const cases: [number, string][] = [
-            [0.1265462338924408, "0.1265462338924408"], [1, "1.0"], [0, "0.0"], [-0, "-0.0"], [1e-5, "1e-05"],
-            [0.0001, "0.0001"], [123.5, "123.5"], [1e16, "1e+16"], [1234567890123456, "1234567890123456.0"],
-            [-2.5e-7, "-2.5e-07"], [Math.fround(0.1), "0.10000000149011612"], [1.5e300, "1.5e+300"]
+            [0.1265462338924408, "0.1265462338924408"],
+            [1, "1.0"],
+            [0, "0.0"],
+            [-0, "-0.0"],
+            [1e-5, "1e-05"],
+            [0.0001, "0.0001"],
+            [123.5, "123.5"],
+            [1e16, "1e+16"],
+            [1234567890123456, "1234567890123456.0"],
+            [-2.5e-7, "-2.5e-07"],
+            [Math.fround(0.1), "0.10000000149011612"],
+            [1.5e300, "1.5e+300"]
         ];
         for (const [x, s] of cases) assert.equal(pythonFloatRepr(x), s, String(x));
     });
@@ -124,8 +149,11 @@ describe("writing a bnb-4bit checkpoint", () => {
         }
         const config = JSON.parse(await fs.readFile(path.join(BASE_DIR, "config.json"), "utf8")) as Record<string, unknown>;
         await writeBnb4bitCheckpoint(dir, {config, quantization: bnb.quantization, states: await quantizeBase(), dense});
-        assertBytesEqual(await fs.readFile(path.join(dir, "model.safetensors")),
-            await fs.readFile(path.join(BNB_DIR, "model.safetensors")), "model.safetensors");
+        assertBytesEqual(
+            await fs.readFile(path.join(dir, "model.safetensors")),
+            await fs.readFile(path.join(BNB_DIR, "model.safetensors")),
+            "model.safetensors"
+        );
         const written = JSON.parse(await fs.readFile(path.join(dir, "config.json"), "utf8"));
         assert.deepEqual(written.quantization_config, bnb.config.quantization_config);
     });
@@ -133,11 +161,16 @@ describe("writing a bnb-4bit checkpoint", () => {
     test("load -> save -> load round trip keeps every byte", async () => {
         const dir = path.join(tempDir, "roundtrip");
         await writeBnb4bitCheckpoint(dir, {
-            config: bnb.config, quantization: bnb.quantization, states: bnb.states,
+            config: bnb.config,
+            quantization: bnb.quantization,
+            states: bnb.states,
             dense: await denseTensors(bnb.ckpt, bnb.denseNames)
         });
-        assertBytesEqual(await fs.readFile(path.join(dir, "model.safetensors")),
-            await fs.readFile(path.join(BNB_DIR, "model.safetensors")), "model.safetensors");
+        assertBytesEqual(
+            await fs.readFile(path.join(dir, "model.safetensors")),
+            await fs.readFile(path.join(BNB_DIR, "model.safetensors")),
+            "model.safetensors"
+        );
         const again = await loadBnb4bitCheckpoint(dir);
         try {
             assert.deepEqual(again.quantization, bnb.quantization);
@@ -153,12 +186,23 @@ describe("writing a bnb-4bit checkpoint", () => {
         const states = new Map<string, QuantState4bit>();
         for (const name of [...bnb.states.keys()].slice(0, 6)) {
             const bits = (await base.readTyped(name)) as Uint16Array;
-            states.set(name, quantize4bit({bf16: bits}, {shape: [...base.info(name).shape], quantType: "fp4", compressStatistics: false}));
+            states.set(
+                name,
+                quantize4bit({bf16: bits}, {shape: [...base.info(name).shape], quantType: "fp4", compressStatistics: false})
+            );
         }
-        const quantization = bitsAndBytesConfig({bnb_4bit_quant_type: "fp4", bnb_4bit_use_double_quant: false,
-            bnb_4bit_compute_dtype: "bfloat16"});
-        const result = await writeBnb4bitCheckpoint(dir, {config: {model_type: "qwen2"}, quantization, states, dense: [],
-            maxShardBytes: 100_000});
+        const quantization = bitsAndBytesConfig({
+            bnb_4bit_quant_type: "fp4",
+            bnb_4bit_use_double_quant: false,
+            bnb_4bit_compute_dtype: "bfloat16"
+        });
+        const result = await writeBnb4bitCheckpoint(dir, {
+            config: {model_type: "qwen2"},
+            quantization,
+            states,
+            dense: [],
+            maxShardBytes: 100_000
+        });
         assert.ok(result.files.length > 1 && result.indexFile);
         const again = await loadBnb4bitCheckpoint(dir);
         try {
@@ -190,29 +234,42 @@ describe("errors", () => {
         const dir = path.join(tempDir, "no-absmax");
         const missing = "model.layers.3.mlp.up_proj.weight.nested_absmax";
         await copyWithout(dir, (n) => n === missing);
-        await assert.rejects(loadBnb4bitCheckpoint(dir), (e: unknown) =>
-            e instanceof QloraError && e.message.includes(`"${missing}" is missing`) &&
-            e.message.includes("model.layers.3.mlp.up_proj.weight"));
+        await assert.rejects(
+            loadBnb4bitCheckpoint(dir),
+            (e: unknown) =>
+                e instanceof QloraError &&
+                e.message.includes(`"${missing}" is missing`) &&
+                e.message.includes("model.layers.3.mlp.up_proj.weight")
+        );
     });
 
     test("a packed weight without its quant_state is a QloraError naming the weight", async () => {
         const dir = path.join(tempDir, "no-quant-state");
         const weight = "model.layers.1.self_attn.k_proj.weight";
         await copyWithout(dir, (n) => n.startsWith(`${weight}.`));
-        await assert.rejects(loadBnb4bitCheckpoint(dir), (e: unknown) =>
-            e instanceof QloraError && e.message.includes(`"${weight}"`) && e.message.includes("quant_state"));
+        await assert.rejects(
+            loadBnb4bitCheckpoint(dir),
+            (e: unknown) => e instanceof QloraError && e.message.includes(`"${weight}"`) && e.message.includes("quant_state")
+        );
     });
 
     test("readQuantState of a dense tensor names it", async () => {
-        await assert.rejects(readQuantState(bnb.ckpt, "model.embed_tokens.weight"), (e: unknown) =>
-            e instanceof QloraError && e.message.includes("model.embed_tokens.weight"));
+        await assert.rejects(
+            readQuantState(bnb.ckpt, "model.embed_tokens.weight"),
+            (e: unknown) => e instanceof QloraError && e.message.includes("model.embed_tokens.weight")
+        );
     });
 
     test("bad quantization_config values name the key", () => {
         const good = bnb.config.quantization_config as Record<string, unknown>;
-        const bad = (patch: Record<string, unknown>, key: string) => assert.throws(
-            () => parseQuantizationConfig({...good, ...patch}, "config.json"),
-            (e: unknown) => e instanceof QloraError && e.message.includes(`quantization_config.${key}`) && e.message.startsWith("config.json: "));
+        const bad = (patch: Record<string, unknown>, key: string) =>
+            assert.throws(
+                () => parseQuantizationConfig({...good, ...patch}, "config.json"),
+                (e: unknown) =>
+                    e instanceof QloraError &&
+                    e.message.includes(`quantization_config.${key}`) &&
+                    e.message.startsWith("config.json: ")
+            );
         bad({bnb_4bit_quant_type: "int4"}, "bnb_4bit_quant_type");
         bad({bnb_4bit_compute_dtype: "float64"}, "bnb_4bit_compute_dtype");
         bad({bnb_4bit_use_double_quant: "yes"}, "bnb_4bit_use_double_quant");
@@ -220,8 +277,10 @@ describe("errors", () => {
         bad({quant_method: "gptq"}, "quant_method");
         bad({load_in_4bit: false, _load_in_4bit: false}, "load_in_4bit");
         bad({load_in_8bit: true}, "load_in_8bit");
-        assert.throws(() => bitsAndBytesConfig({bnb_4bit_quant_type: "nf8" as never}),
-            (e: unknown) => e instanceof QloraError && e.message.includes("BitsAndBytesConfig.bnb_4bit_quant_type"));
+        assert.throws(
+            () => bitsAndBytesConfig({bnb_4bit_quant_type: "nf8" as never}),
+            (e: unknown) => e instanceof QloraError && e.message.includes("BitsAndBytesConfig.bnb_4bit_quant_type")
+        );
     });
 });
 

@@ -10,7 +10,13 @@ import {readTensorF32} from "../src/model/weights.js";
 import {linearBackwardInput, linearForward} from "../src/backend/cpu.js";
 import {loadQuantOps} from "../src/backend/native-quant-types.js";
 import {
-    createDynamicMap, dequantize4bit, FP4_CODE, NF4_CODE, quantize4bit, SIGNED_DYNAMIC_MAP, stateAbsmax
+    createDynamicMap,
+    dequantize4bit,
+    FP4_CODE,
+    NF4_CODE,
+    quantize4bit,
+    SIGNED_DYNAMIC_MAP,
+    stateAbsmax
 } from "../src/quant/nf4.js";
 import {Linear4bit, quantizeLinearWeight} from "../src/quant/linear4bit.js";
 
@@ -38,8 +44,11 @@ function assertSame(actual: ArrayLike<number>, expected: ArrayLike<number>, what
 }
 
 function targetWeights(): string[] {
-    return fx.names().filter((n) => n.endsWith(".packed") && !n.includes("@") && !n.includes(".single."))
-        .map((n) => n.slice(0, -".packed".length)).sort();
+    return fx
+        .names()
+        .filter((n) => n.endsWith(".packed") && !n.includes("@") && !n.includes(".single."))
+        .map((n) => n.slice(0, -".packed".length))
+        .sort();
 }
 
 function f32UlpDistance(a: number, b: number): number {
@@ -75,8 +84,7 @@ describe("code tables", () => {
     test("the dynamic maps computed from their definition are within 2 ulp of bitsandbytes'", () => {
         const signed = createDynamicMap(true);
         assert.equal(signed.length, 256);
-        for (let i = 0; i < 256; i++)
-            assert.ok(f32UlpDistance(signed[i], SIGNED_DYNAMIC_MAP[i]) <= 2, `signed map entry ${i}`);
+        for (let i = 0; i < 256; i++) assert.ok(f32UlpDistance(signed[i], SIGNED_DYNAMIC_MAP[i]) <= 2, `signed map entry ${i}`);
         const unsigned = createDynamicMap(false);
         assert.equal(unsigned[0], 0);
         assert.equal(unsigned[255], 1);
@@ -86,7 +94,10 @@ describe("code tables", () => {
         assert.equal(SIGNED_DYNAMIC_MAP[0], Math.fround(-0.99296875));
     });
     test("FP4 table", () => {
-        assert.deepEqual(Array.from(FP4_CODE.subarray(0, 8)), [0, 0.0625, 8, 12, 4, 6, 2, 3].map((v) => Math.fround(v / 12)));
+        assert.deepEqual(
+            Array.from(FP4_CODE.subarray(0, 8)),
+            [0, 0.0625, 8, 12, 4, 6, 2, 3].map((v) => Math.fround(v / 12))
+        );
         assert.ok(Object.is(FP4_CODE[8], -0));
     });
 });
@@ -97,7 +108,12 @@ describe("NF4 + double quantization is bit-identical to bitsandbytes", () => {
         assert.equal(names.length, 56);
         for (const w of names) {
             const x = await readTensorF32(model, w);
-            const state = quantize4bit(x, {quantType: "nf4", blocksize: 64, compressStatistics: true, shape: [...model.info(w).shape]});
+            const state = quantize4bit(x, {
+                quantType: "nf4",
+                blocksize: 64,
+                compressStatistics: true,
+                shape: [...model.info(w).shape]
+            });
             assertSame(state.packed, await fx.readBytes(`${w}.packed`), `${w}.packed`);
             assertSame(state.absmaxQ!, await fx.readBytes(`${w}.absmax_q`), `${w}.absmax_q`);
             assertSame(state.nestedAbsmax!, await fx.readF32(`${w}.nested_absmax`), `${w}.nested_absmax`);
@@ -145,10 +161,14 @@ describe("decision rules and edge cases", () => {
     test("NF4: a value exactly on a threshold takes the lower code; codes count thresholds strictly exceeded", () => {
         // bnb's CUDA literals as nvcc rounds them (decimal straight to f32; 4 of them are 1 ulp away from
         // Math.fround of the same decimal, which rounds through f64)
-        const t = Array.from(new Float32Array(Uint32Array.from([
-            0xbf591cd9, 0xbf1c5270, 0xbeeb8480, 0xbeadea76, 0xbe703cec, 0xbe0d38bc, 0xbd3a7871, 0x3d22faff,
-            0x3df64863, 0x3e5067e0, 0x3e9582d4, 0x3ec753f9, 0x3f006d03, 0x3f248daf, 0x3f5c89d9
-        ]).buffer));
+        const t = Array.from(
+            new Float32Array(
+                Uint32Array.from([
+                    0xbf591cd9, 0xbf1c5270, 0xbeeb8480, 0xbeadea76, 0xbe703cec, 0xbe0d38bc, 0xbd3a7871, 0x3d22faff, 0x3df64863,
+                    0x3e5067e0, 0x3e9582d4, 0x3ec753f9, 0x3f006d03, 0x3f248daf, 0x3f5c89d9
+                ]).buffer
+            )
+        );
         // one block of 64 with absmax 1 so u = x exactly
         const x = new Float32Array(64);
         x[0] = 1;
@@ -170,15 +190,23 @@ describe("decision rules and edge cases", () => {
         const s = quantize4bit(x, {quantType: "fp4", blocksize: 32, compressStatistics: false});
         const nib = (i: number) => (i & 1 ? s.packed[i >> 1] & 15 : s.packed[i >> 1] >> 4);
         const codes = Array.from(x, (_, i) => nib(i));
-        assert.deepEqual(codes, [0b0011, 0b1011, 0b0011, 0b0010, 0b0101, 0b1101, 0b0100, 0b0111, 0b0110, 0b0110,
-            0b0001, 0b0001, 0b0000, 0b0000, 0b0111, 0b1010]);
+        assert.deepEqual(
+            codes,
+            [
+                0b0011, 0b1011, 0b0011, 0b0010, 0b0101, 0b1101, 0b0100, 0b0111, 0b0110, 0b0110, 0b0001, 0b0001, 0b0000, 0b0000,
+                0b0111, 0b1010
+            ]
+        );
         const back = dequantize4bit(s);
         codes.forEach((c, i) => assert.equal(back[i], FP4_CODE[c]));
     });
 
     test("round trip error is bounded by half the largest gap of the code (NF4 and FP4)", () => {
         const x = randn(64 * 50 + 17, 7); // a ragged last block
-        for (const [quantType, halfGap] of [["nf4", 0.152], ["fp4", 0.167]] as const) {
+        for (const [quantType, halfGap] of [
+            ["nf4", 0.152],
+            ["fp4", 0.167]
+        ] as const) {
             for (const compressStatistics of [false, true]) {
                 const s = quantize4bit(x, {quantType, compressStatistics});
                 const y = dequantize4bit(s);
@@ -212,7 +240,8 @@ describe("decision rules and edge cases", () => {
         const ops = loadQuantOps();
         const n = 1000;
         const x = randn(n, 11);
-        const q = new Uint8Array(n), absmax = new Float32Array(Math.ceil(n / 256));
+        const q = new Uint8Array(n),
+            absmax = new Float32Array(Math.ceil(n / 256));
         ops.quantizeBlockwise8bit(q, absmax, x, SIGNED_DYNAMIC_MAP, 256, n);
         for (let i = 0; i < n; i++) {
             const u = Math.fround(x[i] * Math.fround(1 / absmax[Math.floor(i / 256)]));
@@ -226,16 +255,27 @@ describe("decision rules and edge cases", () => {
 
     test("bad options are QloraErrors that name the option", () => {
         const x = new Float32Array(64);
-        assert.throws(() => quantize4bit(x, {quantType: "int4" as never}), (e: unknown) =>
-            e instanceof QloraError && /quant_type/.test(e.message) && /"int4"/.test(e.message));
-        assert.throws(() => quantize4bit(x, {blocksize: 48}), (e: unknown) => e instanceof QloraError && /blocksize/.test(e.message));
+        assert.throws(
+            () => quantize4bit(x, {quantType: "int4" as never}),
+            (e: unknown) => e instanceof QloraError && /quant_type/.test(e.message) && /"int4"/.test(e.message)
+        );
+        assert.throws(
+            () => quantize4bit(x, {blocksize: 48}),
+            (e: unknown) => e instanceof QloraError && /blocksize/.test(e.message)
+        );
         assert.throws(() => quantize4bit(x, {shape: [3, 7]}), QloraError);
     });
 
     test("native ops check their buffers", () => {
         const ops = loadQuantOps();
-        assert.throws(() => ops.quantize4bitF32(new Uint8Array(1), new Float32Array(1), new Float32Array(64), 0, 64, 64), RangeError);
-        assert.throws(() => ops.quantize4bitF32(new Uint8Array(32), new Float32Array(1), new Float32Array(64), 5, 64, 64), RangeError);
+        assert.throws(
+            () => ops.quantize4bitF32(new Uint8Array(1), new Float32Array(1), new Float32Array(64), 0, 64, 64),
+            RangeError
+        );
+        assert.throws(
+            () => ops.quantize4bitF32(new Uint8Array(32), new Float32Array(1), new Float32Array(64), 5, 64, 64),
+            RangeError
+        );
     });
 });
 
@@ -252,14 +292,17 @@ describe("Linear4bit", () => {
             assert.equal(layer.inFeatures, K);
             const dense = {outFeatures: N, inFeatures: K, weight: layer.dequantizeWeight(), bias};
             const M = 5;
-            const x = randn(M * K, 21), dy = randn(M * N, 22);
+            const x = randn(M * K, 21),
+                dy = randn(M * N, 22);
 
-            const expected = new Float32Array(M * N), out = new Float32Array(M * N);
+            const expected = new Float32Array(M * N),
+                out = new Float32Array(M * N);
             linearForward(expected, x, M, dense);
             layer.forward(out, x, M);
             assertSame(out, expected, "forward");
 
-            const dxExpected = new Float32Array(M * K).fill(0.5), dx = new Float32Array(M * K).fill(0.5);
+            const dxExpected = new Float32Array(M * K).fill(0.5),
+                dx = new Float32Array(M * K).fill(0.5);
             linearBackwardInput(dxExpected, dy, M, dense, true);
             layer.backwardInput(dx, dy, M, true);
             assertSame(dx, dxExpected, "backwardInput (accumulate)");
@@ -268,11 +311,13 @@ describe("Linear4bit", () => {
             const tiled = new Linear4bit(layer.state, bias, {tileElements: 3 * K + 5});
             const out2 = new Float32Array(M * N).fill(NaN);
             tiled.forward(out2, x, M);
-            for (let i = 0; i < out2.length; i++) assert.ok(Math.abs(out2[i] - expected[i]) <= 1e-5 * (1 + Math.abs(expected[i])), `tiled forward ${i}`);
+            for (let i = 0; i < out2.length; i++)
+                assert.ok(Math.abs(out2[i] - expected[i]) <= 1e-5 * (1 + Math.abs(expected[i])), `tiled forward ${i}`);
             const dx2 = new Float32Array(M * K).fill(NaN);
             linearBackwardInput(dxExpected, dy, M, dense, false);
             tiled.backwardInput(dx2, dy, M, false);
-            for (let i = 0; i < dx2.length; i++) assert.ok(Math.abs(dx2[i] - dxExpected[i]) <= 1e-5 * (1 + Math.abs(dxExpected[i])), `tiled backward ${i}`);
+            for (let i = 0; i < dx2.length; i++)
+                assert.ok(Math.abs(dx2[i] - dxExpected[i]) <= 1e-5 * (1 + Math.abs(dxExpected[i])), `tiled backward ${i}`);
         } finally {
             await bnb.close();
         }

@@ -24,7 +24,11 @@ after(async () => {
 });
 
 /** a copy of the tiny-qwen2 tokenizer in a temp folder, with tokenizer_config.json edited */
-async function tokenizerFolder(name: string, editConfig: ((config: Record<string, unknown>) => void) | null, extraFiles: Record<string, string> = {}): Promise<string> {
+async function tokenizerFolder(
+    name: string,
+    editConfig: ((config: Record<string, unknown>) => void) | null,
+    extraFiles: Record<string, string> = {}
+): Promise<string> {
     const dir = path.join(tempDir, name);
     await fs.mkdir(dir);
     await fs.copyFile(path.join(tinyQwenDir, "tokenizer.json"), path.join(dir, "tokenizer.json"));
@@ -47,7 +51,11 @@ describe("encode and decode", () => {
     });
 
     test("greedy.json: the prompt encodes to prompt_ids and output_ids decode to text", async () => {
-        const greedy = JSON.parse(await fs.readFile(greedyPath, "utf8")) as {prompt_ids: number[]; output_ids: number[]; text: string};
+        const greedy = JSON.parse(await fs.readFile(greedyPath, "utf8")) as {
+            prompt_ids: number[];
+            output_ids: number[];
+            text: string;
+        };
         const prompt = tokenizer.decode(greedy.prompt_ids);
         assert.equal(prompt, "床前明月光，");
         assert.deepEqual(tokenizer.encode(prompt), greedy.prompt_ids);
@@ -96,13 +104,19 @@ describe("chat template", () => {
     test("ChatML with the default system prompt", () => {
         assert.equal(tokenizer.hasChatTemplate, true);
         const text = tokenizer.applyChatTemplate([{role: "user", content: "hi"}], {addGenerationPrompt: true});
-        assert.equal(text, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert.equal(
+            text,
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
         const full = tokenizer.applyChatTemplate([
             {role: "system", content: "Be brief."},
             {role: "user", content: "hi"},
             {role: "assistant", content: "hello"}
         ]);
-        assert.equal(full, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n");
+        assert.equal(
+            full,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+        );
         const ids = tokenizer.encode(full);
         assert.equal(ids.filter((id) => id === 16382).length, 3);
         assert.equal(ids.filter((id) => id === 16383).length, 3);
@@ -110,14 +124,17 @@ describe("chat template", () => {
 
     test("special-token strings and extra variables reach the template", async () => {
         const dir = await tokenizerFolder("template-vars", (config) => {
-            config.chat_template = "{{ eos_token }}|{{ pad_token }}|{{ bos_token is defined }}|{{ greeting }}|{{ additional_special_tokens | length }}";
+            config.chat_template =
+                "{{ eos_token }}|{{ pad_token }}|{{ bos_token is defined }}|{{ greeting }}|{{ additional_special_tokens | length }}";
         });
         const custom = await HfTokenizer.load(dir);
         assert.equal(custom.applyChatTemplate([], {extra: {greeting: "hey"}}), "<|endoftext|>|<|endoftext|>|false|hey|2");
     });
 
     test("chat_template.jinja wins over the config's template", async () => {
-        const dir = await tokenizerFolder("template-file", () => undefined, {"chat_template.jinja": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"});
+        const dir = await tokenizerFolder("template-file", () => undefined, {
+            "chat_template.jinja": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        });
         const custom = await HfTokenizer.load(dir);
         assert.equal(custom.applyChatTemplate([{role: "user", content: "x"}]), "[user]x");
     });
@@ -133,20 +150,30 @@ describe("chat template", () => {
         assert.deepEqual(custom.chatTemplateNames, ["default", "tool_use"]);
         assert.equal(custom.applyChatTemplate([{role: "user", content: "x"}]), "D1");
         assert.equal(custom.applyChatTemplate([{role: "user", content: "x"}], {templateName: "tool_use"}), "T1");
-        assert.throws(() => custom.applyChatTemplate([], {templateName: "rag"}), /no chat template named "rag" \(available: default, tool_use\)/);
+        assert.throws(
+            () => custom.applyChatTemplate([], {templateName: "rag"}),
+            /no chat template named "rag" \(available: default, tool_use\)/
+        );
     });
 
     test("raise_exception in a template becomes a QloraError", async () => {
         const dir = await tokenizerFolder("template-raise", (config) => {
-            config.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok";
+            config.chat_template =
+                "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok";
         });
         const custom = await HfTokenizer.load(dir);
         assert.equal(custom.applyChatTemplate([{role: "user", content: "x"}]), "ok");
-        assert.throws(() => custom.applyChatTemplate([{role: "assistant", content: "x"}]), (err: unknown) => {
-            assert.ok(err instanceof QloraError);
-            assert.match(err.message, /tokenizer_config\.json: the chat template failed on these messages: .*Conversation must start with user/);
-            return true;
-        });
+        assert.throws(
+            () => custom.applyChatTemplate([{role: "assistant", content: "x"}]),
+            (err: unknown) => {
+                assert.ok(err instanceof QloraError);
+                assert.match(
+                    err.message,
+                    /tokenizer_config\.json: the chat template failed on these messages: .*Conversation must start with user/
+                );
+                return true;
+            }
+        );
     });
 
     test("no chat template: a clear error that suggests a model with one", async () => {
@@ -155,17 +182,27 @@ describe("chat template", () => {
         });
         const plain = await HfTokenizer.load(dir);
         assert.equal(plain.hasChatTemplate, false);
-        assert.throws(() => plain.applyChatTemplate([{role: "user", content: "hi"}]), (err: unknown) => {
-            assert.ok(err instanceof QloraError);
-            assert.ok(err.message.startsWith(dir));
-            assert.match(err.message, /has no chat template.*use a model that has one/);
-            return true;
-        });
+        assert.throws(
+            () => plain.applyChatTemplate([{role: "user", content: "hi"}]),
+            (err: unknown) => {
+                assert.ok(err instanceof QloraError);
+                assert.ok(err.message.startsWith(dir));
+                assert.match(err.message, /has no chat template.*use a model that has one/);
+                return true;
+            }
+        );
     });
 
     test("AddedToken objects in tokenizer_config.json are understood", async () => {
         const dir = await tokenizerFolder("added-token-objects", (config) => {
-            config.eos_token = {__type: "AddedToken", content: "<|im_end|>", lstrip: false, normalized: false, rstrip: false, single_word: false};
+            config.eos_token = {
+                __type: "AddedToken",
+                content: "<|im_end|>",
+                lstrip: false,
+                normalized: false,
+                rstrip: false,
+                single_word: false
+            };
         });
         const custom = await HfTokenizer.load(dir);
         assert.equal(custom.eosTokenId, 16383);
@@ -196,7 +233,7 @@ describe("load errors", () => {
     test("invalid JSON names the file", async () => {
         const dir = path.join(tempDir, "bad-json");
         await fs.mkdir(dir);
-        await fs.writeFile(path.join(dir, "tokenizer.json"), "{\"model\": ");
+        await fs.writeFile(path.join(dir, "tokenizer.json"), '{"model": ');
         await assert.rejects(HfTokenizer.load(dir), /tokenizer\.json: is not valid JSON/);
         const dir2 = await tokenizerFolder("bad-config", null, {"tokenizer_config.json": "nope"});
         await assert.rejects(HfTokenizer.load(dir2), /tokenizer_config\.json: is not valid JSON/);
@@ -239,7 +276,10 @@ describe("stream decoder", () => {
         assert.ok(ids.length > 1, "expected the emoji to be split into byte tokens");
         const decoder = tokenizer.createStreamDecoder();
         const pieces = ids.map((id) => decoder.push(id));
-        assert.deepEqual(pieces.slice(0, -1).filter((p) => p !== ""), []);
+        assert.deepEqual(
+            pieces.slice(0, -1).filter((p) => p !== ""),
+            []
+        );
         assert.equal(pieces[pieces.length - 1], "😀");
         assert.equal(decoder.flush(), "");
     });

@@ -13,8 +13,20 @@ const TSX = import.meta.resolve("tsx");
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-train-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 
-const FAST = ["--max_seq_length", "64", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-    "--lora_dropout", "0.1", "--r", "4", "--lora_alpha", "8"];
+const FAST = [
+    "--max_seq_length",
+    "64",
+    "--per_device_train_batch_size",
+    "2",
+    "--logging_steps",
+    "1",
+    "--lora_dropout",
+    "0.1",
+    "--r",
+    "4",
+    "--lora_alpha",
+    "8"
+];
 
 function qlora(...args: string[]) {
     const r = spawnSync(process.execPath, ["--import", TSX, CLI, ...args], {encoding: "utf8", cwd: tmp});
@@ -25,24 +37,54 @@ function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp
     assert.equal(r.code, 1, `exit code; stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
     const err = r.stderr.trim();
     assert.equal(err.split("\n").length, 1, `one line: ${err}`);
-    for (const f of fragments) assert.match(err, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+    for (const f of fragments)
+        assert.match(err, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
 }
 
 test("a short QLoRA run writes checkpoints, metrics.jsonl, report.html and a PEFT adapter; the loss falls", () => {
     const out = path.join(tmp, "run");
-    const r = qlora("train", ...FAST, "--max_steps", "12", "--save_steps", "5", "--save_total_limit", "2",
-        "--learning_rate", "1e-3", "--output_dir", out);
+    const r = qlora(
+        "train",
+        ...FAST,
+        "--max_steps",
+        "12",
+        "--save_steps",
+        "5",
+        "--save_total_limit",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--output_dir",
+        out
+    );
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+/);
     assert.match(r.stdout, /step 12\/12 \| loss [\d.]+ \| lr [\d.e+-]+ \| grad_norm [\d.]+ \| \d+ tok\/s/);
     // save_total_limit 2 keeps the two newest of checkpoint-5, -10, -12
-    assert.deepEqual(readdirSync(out).filter((n) => n.startsWith("checkpoint-")).sort(), ["checkpoint-10", "checkpoint-12"]);
-    for (const f of ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "optimizer.json",
-        "scheduler.json", "rng_state.json", "trainer_state.json", "tokenizer.json", "tokenizer_config.json"])
+    assert.deepEqual(
+        readdirSync(out)
+            .filter((n) => n.startsWith("checkpoint-"))
+            .sort(),
+        ["checkpoint-10", "checkpoint-12"]
+    );
+    for (const f of [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "rng_state.json",
+        "trainer_state.json",
+        "tokenizer.json",
+        "tokenizer_config.json"
+    ])
         assert.ok(existsSync(path.join(out, "checkpoint-12", f)), f);
     for (const f of ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"])
         assert.ok(existsSync(path.join(out, "final", f)), f);
-    const records = readFileSync(path.join(out, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    const records = readFileSync(path.join(out, "metrics.jsonl"), "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l));
     const trainRecs = records.filter((x) => x.type === "train");
     assert.equal(trainRecs.length, 12);
     const evals = records.filter((x) => x.type === "eval");
@@ -57,10 +99,14 @@ test("a short QLoRA run writes checkpoints, metrics.jsonl, report.html and a PEF
 
 test("a run killed with SIGKILL and resumed ends with an adapter bit-identical to an uninterrupted run", async () => {
     const args = [...FAST, "--max_steps", "30", "--save_steps", "3", "--optim", "paged_adamw_8bit", "--eval_steps", "7"];
-    const full = path.join(tmp, "full"), killed = path.join(tmp, "killed");
+    const full = path.join(tmp, "full"),
+        killed = path.join(tmp, "killed");
     assert.equal(qlora("train", ...args, "--output_dir", full).code, 0);
     // start the same run and kill it once its second checkpoint exists
-    const child = spawn(process.execPath, ["--import", TSX, CLI, "train", ...args, "--output_dir", killed], {cwd: tmp, stdio: "ignore"});
+    const child = spawn(process.execPath, ["--import", TSX, CLI, "train", ...args, "--output_dir", killed], {
+        cwd: tmp,
+        stdio: "ignore"
+    });
     const exited = new Promise<void>((resolve) => child.on("exit", () => resolve()));
     await new Promise<void>((resolve) => {
         const poll = setInterval(() => {
@@ -81,8 +127,13 @@ test("a run killed with SIGKILL and resumed ends with an adapter bit-identical t
     const a = readFileSync(path.join(full, "final", "adapter_model.safetensors"));
     const b = readFileSync(path.join(killed, "final", "adapter_model.safetensors"));
     assert.ok(a.equals(b), "the adapters are bit-identical");
-    const losses = (dir: string) => readFileSync(path.join(dir, "metrics.jsonl"), "utf8").trim().split("\n")
-        .map((l) => JSON.parse(l)).filter((x) => x.type === "train").map((x) => `${x.step}:${x.loss}`);
+    const losses = (dir: string) =>
+        readFileSync(path.join(dir, "metrics.jsonl"), "utf8")
+            .trim()
+            .split("\n")
+            .map((l) => JSON.parse(l))
+            .filter((x) => x.type === "train")
+            .map((x) => `${x.step}:${x.loss}`);
     assert.deepEqual(losses(killed), losses(full), "the same loss curve");
 });
 
@@ -96,8 +147,11 @@ test("bad input: a clear one-line error, exit 1, nothing left under a final name
     const empty = path.join(tmp, "empty.json");
     writeFileSync(empty, "[]");
     expectError(qlora("train", "--dataset", empty, "--output_dir", path.join(tmp, "o3")), "empty.json", /empty|no record/i);
-    expectError(qlora("train", "--target_modules", "q_proj,qkv_proj", "--output_dir", path.join(tmp, "o4")),
-        "qkv_proj", "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
+    expectError(
+        qlora("train", "--target_modules", "q_proj,qkv_proj", "--output_dir", path.join(tmp, "o4")),
+        "qkv_proj",
+        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+    );
     expectError(qlora("train", "--r", "0", "--output_dir", path.join(tmp, "o5")), /\br\b/, /positive/);
     expectError(qlora("train", "--learning_rat", "1e-4"), "learning_rat", "did you mean --learning_rate");
     const yaml = path.join(tmp, "cfg.yaml");
@@ -106,22 +160,45 @@ test("bad input: a clear one-line error, exit 1, nothing left under a final name
     const locked = path.join(tmp, "locked");
     mkdirSync(locked);
     chmodSync(locked, 0o500);
-    if (process.getuid?.() !== 0) // root writes anywhere; the message is checked with a path under a file instead
+    if (process.getuid?.() !== 0)
+        // root writes anywhere; the message is checked with a path under a file instead
         expectError(qlora("train", "--max_steps", "1", "--output_dir", path.join(locked, "out")), "locked", "cannot be written");
     const file = path.join(tmp, "a-file");
     writeFileSync(file, "x");
     expectError(qlora("train", "--max_steps", "1", "--output_dir", path.join(file, "out")), "a-file", "cannot be written");
     const diverge = path.join(tmp, "diverge");
-    const r = qlora("train", "--max_steps", "30", "--learning_rate", "1e30", "--max_grad_norm", "0", "--optim", "adamw_torch",
-        "--lr_scheduler_type", "constant", "--output_dir", diverge, ...FAST);
+    const r = qlora(
+        "train",
+        "--max_steps",
+        "30",
+        "--learning_rate",
+        "1e30",
+        "--max_grad_norm",
+        "0",
+        "--optim",
+        "adamw_torch",
+        "--lr_scheduler_type",
+        "constant",
+        "--output_dir",
+        diverge,
+        ...FAST
+    );
     expectError(r, /at step \d+/, "learning_rate");
     assert.ok(!existsSync(path.join(diverge, "final")), "no final adapter after a failed run");
 });
 
 test("alpaca_zh_demo trains with the seed template", () => {
     const out = path.join(tmp, "zh");
-    const r = qlora("train", "--dataset", path.join(DATASETS, "alpaca_zh_demo.json"), ...FAST, "--max_steps", "3",
-        "--output_dir", out);
+    const r = qlora(
+        "train",
+        "--dataset",
+        path.join(DATASETS, "alpaca_zh_demo.json"),
+        ...FAST,
+        "--max_steps",
+        "3",
+        "--output_dir",
+        out
+    );
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /alpaca/);
 });

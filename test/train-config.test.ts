@@ -37,8 +37,10 @@ test("flags override the file, the file overrides the defaults", async () => {
 });
 
 test("flag values are typed by the schema", () => {
-    assert.deepEqual(parseFlags(["--target_modules", "q_proj,k_proj", "--lora_dropout=0.1", "--resume_from_checkpoint", "out/checkpoint-5"]),
-        {target_modules: ["q_proj", "k_proj"], lora_dropout: 0.1, resume_from_checkpoint: "out/checkpoint-5"});
+    assert.deepEqual(
+        parseFlags(["--target_modules", "q_proj,k_proj", "--lora_dropout=0.1", "--resume_from_checkpoint", "out/checkpoint-5"]),
+        {target_modules: ["q_proj", "k_proj"], lora_dropout: 0.1, resume_from_checkpoint: "out/checkpoint-5"}
+    );
     assert.deepEqual(parseFlags(["--target_modules", "all-linear"]), {target_modules: "all-linear"});
     assert.deepEqual(parseFlags(["--target_modules", ".*\\.(q|v)_proj"]), {target_modules: ".*\\.(q|v)_proj"});
     assert.deepEqual(parseFlags(["--save_total_limit", "null", "--bias", "none"]), {save_total_limit: null, bias: "none"});
@@ -48,7 +50,10 @@ test("bad keys and values name the key and the closest valid one", () => {
     assert.equal(closestKey("learning_rat"), "learning_rate");
     assert.equal(closestKey("lora_alph"), "lora_alpha");
     assert.equal(closestKey("batch_size"), "per_device_train_batch_size");
-    assert.throws(() => resolveTrainConfig({gradient_accumulation: 4}), /unknown key "gradient_accumulation"; did you mean "gradient_accumulation_steps"/);
+    assert.throws(
+        () => resolveTrainConfig({gradient_accumulation: 4}),
+        /unknown key "gradient_accumulation"; did you mean "gradient_accumulation_steps"/
+    );
     assert.throws(() => resolveTrainConfig({max_steps: "ten"}), /max_steps: .*"ten"/);
     assert.throws(() => resolveTrainConfig({bnb_4bit_quant_type: "nf8"}), /bnb_4bit_quant_type/);
     assert.throws(() => parseFlags(["--lr", "1e-4"]), /unknown option --lr/);

@@ -18,22 +18,28 @@ function randomRows(n: number, seed: number): TokenizedRow[] {
     const rng = new Rng(seed);
     return Array.from({length: n}, () => {
         const len = 8 + rng.int(20);
-        return row(Array.from({length: len}, () => rng.int(16000)), 2 + rng.int(5));
+        return row(
+            Array.from({length: len}, () => rng.int(16000)),
+            2 + rng.int(5)
+        );
     });
 }
 
 async function loraModel(dropout = 0) {
     const model = await DecoderModel.load(MODEL_DIR);
     const dropoutClock = new DropoutClock(5);
-    const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: "all-linear", lora_dropout: dropout,
-        init_lora_weights: false}, {initRng: new Rng(3), dropoutClock});
+    const lora = applyLora(
+        model,
+        {r: 4, lora_alpha: 8, target_modules: "all-linear", lora_dropout: dropout, init_lora_weights: false},
+        {initRng: new Rng(3), dropoutClock}
+    );
     lora.setTraining(true);
     return {model, lora, trainer: new DecoderTrainer(model, dropoutClock), dropoutClock};
 }
 
-
 function maxRelDiff(a: Float32Array, b: Float32Array): number {
-    let num = 0, den = 0;
+    let num = 0,
+        den = 0;
     for (let i = 0; i < a.length; i++) {
         num = Math.max(num, Math.abs(a[i] - b[i]));
         den = Math.max(den, Math.abs(b[i]));
@@ -57,8 +63,12 @@ test("gradient accumulation of 4 micro-batches of 1 gives the gradients of one b
     }
     const acc = lora.trainableTensors().map((t) => t.grad);
     let worst = 0;
-    acc.forEach((g, i) => { worst = Math.max(worst, maxRelDiff(g, one[i])); });
-    console.log(`loss ${(r1.lossSum / total).toFixed(6)} vs ${(lossSum / total).toFixed(6)}; worst gradient difference ${worst.toExponential(3)}`);
+    acc.forEach((g, i) => {
+        worst = Math.max(worst, maxRelDiff(g, one[i]));
+    });
+    console.log(
+        `loss ${(r1.lossSum / total).toFixed(6)} vs ${(lossSum / total).toFixed(6)}; worst gradient difference ${worst.toExponential(3)}`
+    );
     assert.ok(Math.abs(r1.lossSum - lossSum) / r1.lossSum < 1e-5);
     assert.ok(worst < 1e-4, `gradients differ by ${worst} relative to their max`);
     // the gradients are not trivially zero
@@ -68,9 +78,14 @@ test("gradient accumulation of 4 micro-batches of 1 gives the gradients of one b
 test("packing leaves each sample's loss unchanged (position ids restart, no attention across samples)", async () => {
     const {trainer} = await loraModel();
     const rows = randomRows(5, 23);
-    let separate = 0, targets = 0;
+    let separate = 0,
+        targets = 0;
     for (const r of rows) {
-        const res = trainer.forwardBackward(collate([r], {padTokenId: 16381}), {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        const res = trainer.forwardBackward(collate([r], {padTokenId: 16381}), {
+            lossScale: 0,
+            gradientCheckpointing: false,
+            noBackward: true
+        });
         separate += res.lossSum;
         targets += res.targets;
     }
@@ -79,12 +94,17 @@ test("packing leaves each sample's loss unchanged (position ids restart, no atte
     const b = collate(packed, {padTokenId: 16381});
     assert.ok(b.segIds, "packed batches carry segment ids");
     const res = trainer.forwardBackward(b, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
-    console.log(`${rows.length} samples in ${packed.length} packed rows: loss sum ${res.lossSum.toFixed(5)} vs ${separate.toFixed(5)} separately`);
+    console.log(
+        `${rows.length} samples in ${packed.length} packed rows: loss sum ${res.lossSum.toFixed(5)} vs ${separate.toFixed(5)} separately`
+    );
     // packing drops the first label of each sample, which is a prompt token (-100) here, so the targets are the same
     assert.equal(res.targets, targets);
     assert.ok(Math.abs(res.lossSum - separate) / separate < 1e-5, `${res.lossSum} vs ${separate}`);
     // without segment ids the samples would see each other and the loss would change
-    const leaky = trainer.forwardBackward({...b, segIds: null, positionIds: b.positionIds}, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+    const leaky = trainer.forwardBackward(
+        {...b, segIds: null, positionIds: b.positionIds},
+        {lossScale: 0, gradientCheckpointing: false, noBackward: true}
+    );
     assert.ok(Math.abs(leaky.lossSum - separate) / separate > 1e-3, "the segment mask matters");
 });
 
@@ -96,10 +116,13 @@ test("a block recomputed under gradient checkpointing draws the dropout masks of
         const r = trainer.forwardBackward(b, {lossScale: 1 / 50, gradientCheckpointing: checkpointing});
         return {loss: r.lossSum, g: lora.trainableTensors().map((t) => t.grad.slice())};
     };
-    const a = await grads(false), c = await grads(true);
+    const a = await grads(false),
+        c = await grads(true);
     assert.equal(a.loss, c.loss);
     let worst = 0;
-    a.g.forEach((g, i) => { worst = Math.max(worst, maxRelDiff(c.g[i], g)); });
+    a.g.forEach((g, i) => {
+        worst = Math.max(worst, maxRelDiff(c.g[i], g));
+    });
     assert.ok(worst < 1e-6, `checkpointed gradients differ by ${worst}`);
 });
 
@@ -112,17 +135,24 @@ test("modules_to_save trains full copies of lm_head and embed_tokens: gradients 
     const {mergeAdapter} = await import("../src/peft/merge.js");
     const {SafetensorsFile} = await import("../src/io/safetensors.js");
     const model = await DecoderModel.load(MODEL_DIR);
-    const lora = applyLora(model, {r: 4, lora_alpha: 8, target_modules: ["q_proj"], modules_to_save: ["lm_head", "embed_tokens"]},
-        {initRng: new Rng(3)});
+    const lora = applyLora(
+        model,
+        {r: 4, lora_alpha: 8, target_modules: ["q_proj"], modules_to_save: ["lm_head", "embed_tokens"]},
+        {initRng: new Rng(3)}
+    );
     lora.setTraining(true);
     assert.notEqual(model.params.lmHead, model.params.embed, "the tied output layer is untied into two trained copies");
     const names = lora.trainableTensors().map((t) => t.name);
     assert.ok(names.includes("base_model.model.lm_head.weight") && names.includes("base_model.model.model.embed_tokens.weight"));
     // all params = base + LoRA + the two copies, as peft counts them
     // q_proj LoRA (8 layers x 4 x (256 + 256)) + two 16384 x 256 copies; all = the base (tied embedding once) + those
-    const trainable = 8 * 4 * 512 + 2 * 16384 * 256, all = 10_494_208 + trainable;
-    assert.equal(trainableParametersLine(lora), `trainable params: ${trainable.toLocaleString("en-US")} || all params: ` +
-        `${all.toLocaleString("en-US")} || trainable%: ${(100 * trainable / all).toFixed(4)}`);
+    const trainable = 8 * 4 * 512 + 2 * 16384 * 256,
+        all = 10_494_208 + trainable;
+    assert.equal(
+        trainableParametersLine(lora),
+        `trainable params: ${trainable.toLocaleString("en-US")} || all params: ` +
+            `${all.toLocaleString("en-US")} || trainable%: ${((100 * trainable) / all).toFixed(4)}`
+    );
     const trainer = new DecoderTrainer(model);
     const rows = randomRows(1, 41);
     const b = collate(rows, {padTokenId: 16381});
@@ -134,7 +164,8 @@ test("modules_to_save trains full copies of lm_head and embed_tokens: gradients 
         // an element of a row the batch actually uses: the first target token's row (head) / the first input id's row (embedding)
         const row = t.name.includes("lm_head") ? rows[0].labels[rows[0].labels.length - 1] : rows[0].inputIds[0];
         for (const i of [row * C, row * C + 7]) {
-            const v = t.param[i], eps = 1e-2;
+            const v = t.param[i],
+                eps = 1e-2;
             t.param[i] = v + eps;
             const lp = loss();
             t.param[i] = v - eps;

@@ -44,16 +44,16 @@ static Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
 }
 
 // bf16ToF32(out, inp, n) and friends
-#define CONVERT(NAME, FN, OUT_T, IN_T)                            \
-    static Napi::Value NAME(const Napi::CallbackInfo& info) {     \
-        Napi::Env env = info.Env();                               \
-        int64_t n = int_arg(info, 2);                             \
-        QLORA_CHECK_ARGS(env);                                    \
-        OUT_T* out = array_arg<OUT_T>(info, 0, n);                \
-        const IN_T* inp = array_arg<IN_T>(info, 1, n);            \
-        QLORA_CHECK_ARGS(env);                                    \
-        FN(out, inp, n);                                          \
-        return env.Undefined();                                   \
+#define CONVERT(NAME, FN, OUT_T, IN_T)                        \
+    static Napi::Value NAME(const Napi::CallbackInfo& info) { \
+        Napi::Env env = info.Env();                           \
+        int64_t n = int_arg(info, 2);                         \
+        QLORA_CHECK_ARGS(env);                                \
+        OUT_T* out = array_arg<OUT_T>(info, 0, n);            \
+        const IN_T* inp = array_arg<IN_T>(info, 1, n);        \
+        QLORA_CHECK_ARGS(env);                                \
+        FN(out, inp, n);                                      \
+        return env.Undefined();                               \
     }
 CONVERT(Bf16ToF32, qlora_cpu_bf16_to_f32, float, uint16_t)
 CONVERT(F16ToF32, qlora_cpu_f16_to_f32, float, uint16_t)

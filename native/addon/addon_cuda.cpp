@@ -15,7 +15,8 @@ using namespace qlora_napi;
 
 static const char* kCublasLtNames[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"};
 
-// deviceInfo() -> {runtimeVersion, driverVersion, error|null, devices: [{index, name, major, minor, totalBytes, freeBytes}], cublasLt: string|null}
+// deviceInfo() -> {runtimeVersion, driverVersion, error|null, devices: [{index, name, major, minor, totalBytes,
+// freeBytes}], cublasLt: string|null}
 static Napi::Value DeviceInfo(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Object res = Napi::Object::New(env);

@@ -17,8 +17,10 @@ static Napi::Value CountNonfinite(const Napi::CallbackInfo& info) {
         return env.Undefined();
     }
     const void* data = nullptr;
-    if (dtype == QLORA_DTYPE_F32) data = array_arg<float>(info, 0, n);
-    else if (dtype == QLORA_DTYPE_BF16 || dtype == QLORA_DTYPE_F16) data = array_arg<uint16_t>(info, 0, n);
+    if (dtype == QLORA_DTYPE_F32)
+        data = array_arg<float>(info, 0, n);
+    else if (dtype == QLORA_DTYPE_BF16 || dtype == QLORA_DTYPE_F16)
+        data = array_arg<uint16_t>(info, 0, n);
     else {
         Napi::RangeError::New(env, "countNonfinite: dtype must be 0 (f32), 1 (bf16) or 2 (f16)")
             .ThrowAsJavaScriptException();

@@ -8,8 +8,7 @@ using namespace qlora_napi;
 
 static bool check_sizes(Napi::Env env, const char* op, int64_t n, int64_t step) {
     if (n < 0 || step < 1) {
-        Napi::RangeError::New(env, std::string(op) + ": n must be >= 0 and step >= 1")
-            .ThrowAsJavaScriptException();
+        Napi::RangeError::New(env, std::string(op) + ": n must be >= 0 and step >= 1").ThrowAsJavaScriptException();
         return false;
     }
     return true;
@@ -72,8 +71,8 @@ static Napi::Value AdamwBnb8Step(const Napi::CallbackInfo& info) {
     const float* qmap1 = array_arg<float>(info, 6, 256);
     const float* qmap2 = array_arg<float>(info, 7, 256);
     QLORA_CHECK_ARGS(env);
-    qlora_cpu_adamw_bnb8_step(param, s1, s2, absmax1, absmax2, grad, qmap1, qmap2, lr, beta1, beta2, eps, wd,
-                              step, blocksize, n);
+    qlora_cpu_adamw_bnb8_step(param, s1, s2, absmax1, absmax2, grad, qmap1, qmap2, lr, beta1, beta2, eps, wd, step,
+                              blocksize, n);
     return env.Undefined();
 }
 

@@ -19,7 +19,8 @@ static Napi::Value Quantize4bit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     int64_t qt = int_arg(info, 3), bs = int_arg(info, 4), n = int_arg(info, 5);
     QLORA_CHECK_ARGS(env);
-    if (!check(env, qt == QLORA_QUANT_NF4 || qt == QLORA_QUANT_FP4, "quantize4bit: quantType must be 0 (nf4) or 1 (fp4)") ||
+    if (!check(env, qt == QLORA_QUANT_NF4 || qt == QLORA_QUANT_FP4,
+               "quantize4bit: quantType must be 0 (nf4) or 1 (fp4)") ||
         !check(env, bs >= 2 && bs % 2 == 0, "quantize4bit: blocksize must be a positive even number") ||
         !check(env, n >= 0, "quantize4bit: n must be >= 0"))
         return env.Undefined();
@@ -111,8 +112,8 @@ static Napi::Value Dequantize4bitRows(const Napi::CallbackInfo& info) {
     const float* nested_code = array_arg<float>(info, 4, nested ? 256 : 0, !nested);
     const float* code = array_arg<float>(info, 6, 16);
     QLORA_CHECK_ARGS(env);
-    qlora_cpu_dequantize_4bit_rows(out, packed, absmax_q, nested_absmax, nested_code, offset, code, bs, nbs,
-                                   (int)rd, row0, rows, cols);
+    qlora_cpu_dequantize_4bit_rows(out, packed, absmax_q, nested_absmax, nested_code, offset, code, bs, nbs, (int)rd,
+                                   row0, rows, cols);
     return env.Undefined();
 }
 

@@ -30,8 +30,7 @@ bool sizes(const Napi::CallbackInfo& info, size_t first, int64_t* s, float* scal
     return !info.Env().IsExceptionPending();
 }
 
-bool check(const Napi::CallbackInfo& info, const char* op, const void* const* ptrs, int n, bool seg,
-           const int64_t* s) {
+bool check(const Napi::CallbackInfo& info, const char* op, const void* const* ptrs, int n, bool seg, const int64_t* s) {
     const char* why = qlora_cuda_attention_check(ptrs, n, seg ? 1 : 0, s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
     if (!why) return true;
     Napi::RangeError::New(info.Env(), std::string(op) + ": " + why).ThrowAsJavaScriptException();
@@ -52,14 +51,14 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     if (!device_ptrs(info, 0, 7, nullable, p) || !sizes(info, 7, s, &scale)) return env.Undefined();
     const void* bf16_ptrs[4] = {p[0], p[2], p[3], p[4]};
     if (!check(info, "attentionForward", bf16_ptrs, 4, p[6] != nullptr, s)) return env.Undefined();
-    cuda_throw(env,
-               qlora_cuda_attention_forward(static_cast<__nv_bfloat16*>(p[0]), static_cast<float*>(p[1]),
-                                            static_cast<const __nv_bfloat16*>(p[2]),
-                                            static_cast<const __nv_bfloat16*>(p[3]),
-                                            static_cast<const __nv_bfloat16*>(p[4]), static_cast<const uint8_t*>(p[5]),
-                                            static_cast<const int32_t*>(p[6]), s[0], s[1], s[2], s[3], s[4], s[5],
-                                            s[6], scale, qlora_cuda::stream()),
-               "attentionForward");
+    cuda_throw(
+        env,
+        qlora_cuda_attention_forward(static_cast<__nv_bfloat16*>(p[0]), static_cast<float*>(p[1]),
+                                     static_cast<const __nv_bfloat16*>(p[2]), static_cast<const __nv_bfloat16*>(p[3]),
+                                     static_cast<const __nv_bfloat16*>(p[4]), static_cast<const uint8_t*>(p[5]),
+                                     static_cast<const int32_t*>(p[6]), s[0], s[1], s[2], s[3], s[4], s[5], s[6], scale,
+                                     qlora_cuda::stream()),
+        "attentionForward");
     return env.Undefined();
 }
 
@@ -77,16 +76,15 @@ Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     if (!device_ptrs(info, 0, 11, nullable, p) || !sizes(info, 11, s, &scale)) return env.Undefined();
     const void* bf16_ptrs[8] = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
     if (!check(info, "attentionBackward", bf16_ptrs, 8, p[10] != nullptr, s)) return env.Undefined();
-    cuda_throw(env,
-               qlora_cuda_attention_backward(
-                   static_cast<__nv_bfloat16*>(p[0]), static_cast<__nv_bfloat16*>(p[1]),
-                   static_cast<__nv_bfloat16*>(p[2]), static_cast<const __nv_bfloat16*>(p[3]),
-                   static_cast<const __nv_bfloat16*>(p[4]), static_cast<const __nv_bfloat16*>(p[5]),
-                   static_cast<const __nv_bfloat16*>(p[6]), static_cast<const __nv_bfloat16*>(p[7]),
-                   static_cast<const float*>(p[8]), static_cast<const uint8_t*>(p[9]),
-                   static_cast<const int32_t*>(p[10]), s[0], s[1], s[2], s[3], s[4], s[5], s[6], scale,
-                   qlora_cuda::stream()),
-               "attentionBackward");
+    cuda_throw(
+        env,
+        qlora_cuda_attention_backward(
+            static_cast<__nv_bfloat16*>(p[0]), static_cast<__nv_bfloat16*>(p[1]), static_cast<__nv_bfloat16*>(p[2]),
+            static_cast<const __nv_bfloat16*>(p[3]), static_cast<const __nv_bfloat16*>(p[4]),
+            static_cast<const __nv_bfloat16*>(p[5]), static_cast<const __nv_bfloat16*>(p[6]),
+            static_cast<const __nv_bfloat16*>(p[7]), static_cast<const float*>(p[8]), static_cast<const uint8_t*>(p[9]),
+            static_cast<const int32_t*>(p[10]), s[0], s[1], s[2], s[3], s[4], s[5], s[6], scale, qlora_cuda::stream()),
+        "attentionBackward");
     return env.Undefined();
 }
 

@@ -19,7 +19,8 @@ int dtype_arg(const Napi::CallbackInfo& info, size_t i) {
         if (s == "bf16") return QLORA_CUDA_BF16;
         if (s == "f16") return QLORA_CUDA_F16;
     }
-    Napi::TypeError::New(info.Env(), "argument " + std::to_string(i) + ": expected a dtype \"f32\", \"bf16\" or \"f16\"")
+    Napi::TypeError::New(info.Env(),
+                         "argument " + std::to_string(i) + ": expected a dtype \"f32\", \"bf16\" or \"f16\"")
         .ThrowAsJavaScriptException();
     return -1;
 }
@@ -84,8 +85,8 @@ Napi::Value GemmStridedBatched(const Napi::CallbackInfo& info) {
     const int dC = dtype_arg(info, 18);
     const int64_t batch = int_arg(info, 19);
     QLORA_CHECK_ARGS(env);
-    int st = qlora_cuda_gemm_strided_batched(ta, tb, M, N, K, (float)alpha, A, lda, strideA, dA, B, ldb, strideB,
-                                             dB, (float)beta, C, ldc, strideC, dC, batch, qlora_cuda::stream());
+    int st = qlora_cuda_gemm_strided_batched(ta, tb, M, N, K, (float)alpha, A, lda, strideA, dA, B, ldb, strideB, dB,
+                                             (float)beta, C, ldc, strideC, dC, batch, qlora_cuda::stream());
     if (st != QLORA_GEMM_OK) gemm_throw(env, st);
     return env.Undefined();
 }
@@ -111,8 +112,9 @@ Napi::Value Dequantize4bit(const Napi::CallbackInfo& info) {
     QLORA_CHECK_ARGS(env);
     if (n < 0 || blocksize < 1 || (absmaxQ && (!nestedAbsmax || !nestedCode || nestedBlocksize < 1)) ||
         (!absmaxQ && !absmax)) {
-        Napi::RangeError::New(env, "dequantize4bit: needs n >= 0, blocksize >= 1 and either absmax, or absmaxQ with "
-                                   "nestedAbsmax, nestedCode and nestedBlocksize >= 1")
+        Napi::RangeError::New(env,
+                              "dequantize4bit: needs n >= 0, blocksize >= 1 and either absmax, or absmaxQ with "
+                              "nestedAbsmax, nestedCode and nestedBlocksize >= 1")
             .ThrowAsJavaScriptException();
         return env.Undefined();
     }
@@ -153,12 +155,13 @@ Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
             .ThrowAsJavaScriptException();
         return env.Undefined();
     }
-    cudaError_t err = qlora_cuda_gemv_4bit(y, yDtype, x, xDtype, packed, absmax, absmaxQ, nestedAbsmax, nestedCode,
-                                           (float)offset, code, blocksize, nestedBlocksize, M, N, K,
-                                           qlora_cuda::stream());
+    cudaError_t err =
+        qlora_cuda_gemv_4bit(y, yDtype, x, xDtype, packed, absmax, absmaxQ, nestedAbsmax, nestedCode, (float)offset,
+                             code, blocksize, nestedBlocksize, M, N, K, qlora_cuda::stream());
     if (err == cudaErrorNotSupported) {
-        Napi::RangeError::New(env, "gemv4bit: unsupported layout (needs K % 8 == 0, power-of-two block sizes >= 8, "
-                                   "16-byte aligned x, 4-byte aligned packed): dequantize4bit + gemm instead")
+        Napi::RangeError::New(env,
+                              "gemv4bit: unsupported layout (needs K % 8 == 0, power-of-two block sizes >= 8, "
+                              "16-byte aligned x, 4-byte aligned packed): dequantize4bit + gemm instead")
             .ThrowAsJavaScriptException();
         return env.Undefined();
     }

@@ -218,8 +218,8 @@ Napi::Value RmsnormBackward(const Napi::CallbackInfo& info) {
 // ------------------------------------------------------------------
 // RoPE: (out, inp, pos, invFreq, attentionScaling, N, H, D, rowStride = H*D)
 
-template <cudaError_t (*F)(uint16_t*, const uint16_t*, const int32_t*, const float*, float, int64_t, int64_t,
-                           int64_t, int64_t, cudaStream_t)>
+template <cudaError_t (*F)(uint16_t*, const uint16_t*, const int32_t*, const float*, float, int64_t, int64_t, int64_t,
+                           int64_t, cudaStream_t)>
 Napi::Value Rope(const Napi::CallbackInfo& info, const char* op) {
     Napi::Env env = info.Env();
     uint16_t* out = dev<uint16_t>(info, 0);
@@ -403,8 +403,8 @@ bool buffer_lists(const Napi::CallbackInfo& info, size_t i_ptrs, size_t i_lens, 
         Napi::Value p = a.Get(k), n = l.Get(k);
         if (!p.IsNumber() || !n.IsNumber() || p.As<Napi::Number>().DoubleValue() <= 0 ||
             n.As<Napi::Number>().Int64Value() < 0) {
-            Napi::TypeError::New(env, std::string(op) + ": entry " + std::to_string(k) +
-                                          " is not a device buffer with a length >= 0")
+            Napi::TypeError::New(
+                env, std::string(op) + ": entry " + std::to_string(k) + " is not a device buffer with a length >= 0")
                 .ThrowAsJavaScriptException();
             return false;
         }

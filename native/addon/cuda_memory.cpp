@@ -62,7 +62,8 @@ static Napi::Value Download(const Napi::CallbackInfo& info) {
     QLORA_CHECK_ARGS(env);
     int64_t offset = info.Length() > 2 && info[2].IsNumber() ? int_arg(info, 2) : 0;
     char* dst = (char*)arr.ArrayBuffer().Data() + arr.ByteOffset();
-    if (cuda_throw(env, cudaMemcpyAsync(dst, src + offset, arr.ByteLength(), cudaMemcpyDeviceToHost, qlora_cuda::stream()),
+    if (cuda_throw(env,
+                   cudaMemcpyAsync(dst, src + offset, arr.ByteLength(), cudaMemcpyDeviceToHost, qlora_cuda::stream()),
                    "download"))
         return env.Undefined();
     cuda_throw(env, cudaStreamSynchronize(qlora_cuda::stream()), "download");

@@ -25,10 +25,10 @@ static inline bool visible(const uint8_t* key_valid, const int32_t* seg, int64_t
     return true;
 }
 
-extern "C" void qlora_cpu_attention_forward(float* out, float* lse, const float* q, const float* k,
-                                            const float* v, const uint8_t* key_valid, const int32_t* seg,
-                                            int64_t B, int64_t T, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
-                                            int64_t q_offset, float scale) {
+extern "C" void qlora_cpu_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                                            const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T,
+                                            int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset,
+                                            float scale) {
     int64_t G = Hq / Hkv;
     // one task per (b, h, t) query row
     parallel_for(B * Hq * T, 4, [&](int64_t begin, int64_t end) {

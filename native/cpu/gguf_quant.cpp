@@ -104,9 +104,13 @@ inline int nearest_int(float fval) {
 }
 
 template <typename T>
-inline T min_(T a, T b) { return a < b ? a : b; }
+inline T min_(T a, T b) {
+    return a < b ? a : b;
+}
 template <typename T>
-inline T max_(T a, T b) { return a > b ? a : b; }
+inline T max_(T a, T b) {
+    return a > b ? a : b;
+}
 
 // ------------------------------------------------------------------
 // Q8_0
@@ -174,8 +178,8 @@ void dequantize_block_q5_0(const block_q5_0* x, float* y) {
 // K-quant helpers
 
 // scale and -min of an affine code with weights (ggml's make_qkx2_quants, use_mad = false)
-float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min,
-                       uint8_t* Laux, float rmin, float rdelta, int nstep) {
+float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min, uint8_t* Laux,
+                       float rmin, float rdelta, int nstep) {
     float min = x[0];
     float max = x[0];
     float sum_w = weights[0];
@@ -484,13 +488,26 @@ struct TypeInfo {
 
 bool type_info(int type, TypeInfo& t) {
     switch (type) {
-        case QLORA_GGML_F32: t = {1, 4, 1 << 16}; return true;
-        case QLORA_GGML_F16: t = {1, 2, 1 << 16}; return true;
-        case QLORA_GGML_Q8_0: t = {QK8_0, (int)sizeof(block_q8_0), 1024}; return true;
-        case QLORA_GGML_Q5_0: t = {QK5_0, (int)sizeof(block_q5_0), 1024}; return true;
-        case QLORA_GGML_Q4_K: t = {QK_K, (int)sizeof(block_q4_K), 16}; return true;
-        case QLORA_GGML_Q6_K: t = {QK_K, (int)sizeof(block_q6_K), 16}; return true;
-        default: return false;
+        case QLORA_GGML_F32:
+            t = {1, 4, 1 << 16};
+            return true;
+        case QLORA_GGML_F16:
+            t = {1, 2, 1 << 16};
+            return true;
+        case QLORA_GGML_Q8_0:
+            t = {QK8_0, (int)sizeof(block_q8_0), 1024};
+            return true;
+        case QLORA_GGML_Q5_0:
+            t = {QK5_0, (int)sizeof(block_q5_0), 1024};
+            return true;
+        case QLORA_GGML_Q4_K:
+            t = {QK_K, (int)sizeof(block_q4_K), 16};
+            return true;
+        case QLORA_GGML_Q6_K:
+            t = {QK_K, (int)sizeof(block_q6_K), 16};
+            return true;
+        default:
+            return false;
     }
 }
 
@@ -511,16 +528,26 @@ extern "C" int qlora_gguf_quantize(int type, uint8_t* out, const float* x, int64
             const float* xb = x + i * t.block;
             uint8_t* yb = out + i * t.bytes;
             switch (type) {
-                case QLORA_GGML_F32: memcpy(yb, xb, 4); break;
+                case QLORA_GGML_F32:
+                    memcpy(yb, xb, 4);
+                    break;
                 case QLORA_GGML_F16: {
                     uint16_t h = fp32_to_fp16(*xb);
                     memcpy(yb, &h, 2);
                     break;
                 }
-                case QLORA_GGML_Q8_0: quantize_block_q8_0(xb, (block_q8_0*)yb); break;
-                case QLORA_GGML_Q5_0: quantize_block_q5_0(xb, (block_q5_0*)yb); break;
-                case QLORA_GGML_Q4_K: quantize_block_q4_K(xb, (block_q4_K*)yb); break;
-                case QLORA_GGML_Q6_K: quantize_block_q6_K(xb, (block_q6_K*)yb); break;
+                case QLORA_GGML_Q8_0:
+                    quantize_block_q8_0(xb, (block_q8_0*)yb);
+                    break;
+                case QLORA_GGML_Q5_0:
+                    quantize_block_q5_0(xb, (block_q5_0*)yb);
+                    break;
+                case QLORA_GGML_Q4_K:
+                    quantize_block_q4_K(xb, (block_q4_K*)yb);
+                    break;
+                case QLORA_GGML_Q6_K:
+                    quantize_block_q6_K(xb, (block_q6_K*)yb);
+                    break;
             }
         }
     });
@@ -536,17 +563,27 @@ extern "C" int qlora_gguf_dequantize(int type, float* out, const uint8_t* in, in
             const uint8_t* xb = in + i * t.bytes;
             float* yb = out + i * t.block;
             switch (type) {
-                case QLORA_GGML_F32: memcpy(yb, xb, 4); break;
+                case QLORA_GGML_F32:
+                    memcpy(yb, xb, 4);
+                    break;
                 case QLORA_GGML_F16: {
                     uint16_t h;
                     memcpy(&h, xb, 2);
                     *yb = fp16_to_fp32(h);
                     break;
                 }
-                case QLORA_GGML_Q8_0: dequantize_block_q8_0((const block_q8_0*)xb, yb); break;
-                case QLORA_GGML_Q5_0: dequantize_block_q5_0((const block_q5_0*)xb, yb); break;
-                case QLORA_GGML_Q4_K: dequantize_block_q4_K((const block_q4_K*)xb, yb); break;
-                case QLORA_GGML_Q6_K: dequantize_block_q6_K((const block_q6_K*)xb, yb); break;
+                case QLORA_GGML_Q8_0:
+                    dequantize_block_q8_0((const block_q8_0*)xb, yb);
+                    break;
+                case QLORA_GGML_Q5_0:
+                    dequantize_block_q5_0((const block_q5_0*)xb, yb);
+                    break;
+                case QLORA_GGML_Q4_K:
+                    dequantize_block_q4_K((const block_q4_K*)xb, yb);
+                    break;
+                case QLORA_GGML_Q6_K:
+                    dequantize_block_q6_K((const block_q6_K*)xb, yb);
+                    break;
             }
         }
     });

@@ -115,8 +115,8 @@ void scale_c(int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
 //   follows (its rows are prefetched)
 
 #if QLORA_X86
-static inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
-                              __m256& r6, __m256& r7) {
+static inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
+                              __m256& r7) {
     __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
     __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
     __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -250,12 +250,12 @@ void pack_block(float* dst, const float* X, int64_t rs, int64_t cs, int64_t m, i
 // micro-kernels: C[m, n] (m <= MR, n <= NR) = alpha * Ap (MR x kc) @ Bp (kc x NR) + beta * C
 //   beta == 0: C is not read. Ap: k-major, MR floats per k; Bp: k-major, NR floats per k.
 
-typedef void (*MicroKernel)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc,
-                            float alpha, float beta, int m, int n);
+typedef void (*MicroKernel)(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, float alpha,
+                            float beta, int m, int n);
 
 template <int MR, int NR>
-void kernel_scalar(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLORA_RESTRICT Bp, float* C,
-                   int64_t ldc, float alpha, float beta, int m, int n) {
+void kernel_scalar(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLORA_RESTRICT Bp, float* C, int64_t ldc,
+                   float alpha, float beta, int m, int n) {
     float acc[MR][NR] = {};
     for (int64_t k = 0; k < kc; k++) {
         const float* a = Ap + k * MR;
@@ -272,8 +272,8 @@ void kernel_scalar(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLOR
 #if QLORA_X86
 // AVX2 + FMA: MR x 16 (two ymm per row), 2*MR accumulators
 template <int MR>
-void kernel_avx2(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLORA_RESTRICT Bp, float* C,
-                 int64_t ldc, float alpha, float beta, int m, int n) {
+void kernel_avx2(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLORA_RESTRICT Bp, float* C, int64_t ldc,
+                 float alpha, float beta, int m, int n) {
     constexpr int NR = 16;
     __m256 acc0[MR], acc1[MR];
     QLORA_UNROLL for (int i = 0; i < MR; i++) {
@@ -322,12 +322,11 @@ void kernel_avx2(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLORA_
 
 // AVX-512: MR x (16 * NV), MR * NV accumulators; edges by masked loads/stores
 template <int MR, int NV>
-QLORA_AVX512 void kernel_avx512(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLORA_RESTRICT Bp,
-                                float* C, int64_t ldc, float alpha, float beta, int m, int n) {
+QLORA_AVX512 void kernel_avx512(int64_t kc, const float* QLORA_RESTRICT Ap, const float* QLORA_RESTRICT Bp, float* C,
+                                int64_t ldc, float alpha, float beta, int m, int n) {
     constexpr int NR = 16 * NV;
     __m512 acc[MR][NV];
-    QLORA_UNROLL for (int i = 0; i < MR; i++) QLORA_UNROLL for (int v = 0; v < NV; v++) acc[i][v] =
-        _mm512_setzero_ps();
+    QLORA_UNROLL for (int i = 0; i < MR; i++) QLORA_UNROLL for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
     const float* a = Ap;
     const float* b = Bp;
     for (int64_t k = 0; k < kc; k++) {
@@ -489,11 +488,10 @@ QLORA_AVX512 static inline float hsum512(__m512 v) {
 
 // transB = 1: C[MB, nw] (+)= alpha * X[MB, K] . W[nw, K]^T, X rows contiguous (ldx), W rows (ldw)
 template <int MB, int NW>
-QLORA_AVX512 void skinny_dot_avx512(int64_t K, const float* X, int64_t ldx, const float* W, int64_t ldw,
-                                    float* C, int64_t ldc, float alpha, float beta) {
+QLORA_AVX512 void skinny_dot_avx512(int64_t K, const float* X, int64_t ldx, const float* W, int64_t ldw, float* C,
+                                    int64_t ldc, float alpha, float beta) {
     __m512 acc[MB][NW];
-    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int w = 0; w < NW; w++) acc[i][w] =
-        _mm512_setzero_ps();
+    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int w = 0; w < NW; w++) acc[i][w] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 wv[NW];
@@ -522,11 +520,10 @@ QLORA_AVX512 void skinny_dot_avx512(int64_t K, const float* X, int64_t ldx, cons
 }
 
 template <int MB, int NW>
-void skinny_dot_avx2(int64_t K, const float* X, int64_t ldx, const float* W, int64_t ldw, float* C,
-                     int64_t ldc, float alpha, float beta) {
+void skinny_dot_avx2(int64_t K, const float* X, int64_t ldx, const float* W, int64_t ldw, float* C, int64_t ldc,
+                     float alpha, float beta) {
     __m256 acc[MB][NW];
-    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int w = 0; w < NW; w++) acc[i][w] =
-        _mm256_setzero_ps();
+    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int w = 0; w < NW; w++) acc[i][w] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 wv[NW];
@@ -554,11 +551,10 @@ void skinny_dot_avx2(int64_t K, const float* X, int64_t ldx, const float* W, int
 
 // transB = 0: C[MB, n] (+)= alpha * X @ B[K, n]; X(i, k) at X[i * xs_i + k * xs_k]; vectors along n
 template <int MB, int NV>
-QLORA_AVX512 void skinny_axpy_avx512(int64_t K, const float* X, int64_t xs_i, int64_t xs_k, const float* B,
-                                     int64_t ldb, float* C, int64_t ldc, float alpha, float beta, int n) {
+QLORA_AVX512 void skinny_axpy_avx512(int64_t K, const float* X, int64_t xs_i, int64_t xs_k, const float* B, int64_t ldb,
+                                     float* C, int64_t ldc, float alpha, float beta, int n) {
     __m512 acc[MB][NV];
-    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int v = 0; v < NV; v++) acc[i][v] =
-        _mm512_setzero_ps();
+    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
     __mmask16 mask[NV];
     QLORA_UNROLL for (int v = 0; v < NV; v++) {
         int rem = n - 16 * v;
@@ -590,12 +586,11 @@ QLORA_AVX512 void skinny_axpy_avx512(int64_t K, const float* X, int64_t xs_i, in
 }
 
 template <int MB, int NV>
-void skinny_axpy_avx2(int64_t K, const float* X, int64_t xs_i, int64_t xs_k, const float* B, int64_t ldb,
-                      float* C, int64_t ldc, float alpha, float beta, int n) {
+void skinny_axpy_avx2(int64_t K, const float* X, int64_t xs_i, int64_t xs_k, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, float alpha, float beta, int n) {
     constexpr int NR = 8 * NV;
     __m256 acc[MB][NV];
-    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int v = 0; v < NV; v++) acc[i][v] =
-        _mm256_setzero_ps();
+    QLORA_UNROLL for (int i = 0; i < MB; i++) QLORA_UNROLL for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_ps();
     const bool full = n == NR;
     alignas(32) float brow[NR];
     for (int64_t k = 0; k < K; k++) {
@@ -625,8 +620,8 @@ constexpr int SKINNY_M = 8;
 // per-M dispatch tables (M = 1..8) for the skinny kernels
 #if QLORA_X86
 typedef void (*DotFn)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, float, float);
-typedef void (*AxpyFn)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, float,
-                       float, int);
+typedef void (*AxpyFn)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, float, float,
+                       int);
 
 // rows of W per dot call, and zmm/ymm vectors per axpy call, by M (about 24 accumulators)
 constexpr int dot_nw(int mb) { return mb == 1 ? 8 : mb == 2 ? 6 : mb <= 4 ? 4 : mb <= 6 ? 3 : 3; }
@@ -684,10 +679,12 @@ void gemm_skinny(bool avx512, const Problem& p, bool transB, const float* A, int
         auto body = [&](int64_t u0, int64_t u1) {
             int64_t j0 = u0 * unit, j1 = std::min(N, u1 * unit);
             switch (M) {
-#define QLORA_CASE(mb) \
-    case mb: skinny_dot_run<mb>(avx512, j0, j1, K, X, ldx, p.B, p.b_rs, p.C, p.ldc, p.alpha, p.beta); break;
-                QLORA_CASE(1) QLORA_CASE(2) QLORA_CASE(3) QLORA_CASE(4)
-                QLORA_CASE(5) QLORA_CASE(6) QLORA_CASE(7) QLORA_CASE(8)
+#define QLORA_CASE(mb)                                                                           \
+    case mb:                                                                                     \
+        skinny_dot_run<mb>(avx512, j0, j1, K, X, ldx, p.B, p.b_rs, p.C, p.ldc, p.alpha, p.beta); \
+        break;
+                QLORA_CASE(1)
+                QLORA_CASE(2) QLORA_CASE(3) QLORA_CASE(4) QLORA_CASE(5) QLORA_CASE(6) QLORA_CASE(7) QLORA_CASE(8)
 #undef QLORA_CASE
             }
         };
@@ -702,12 +699,12 @@ void gemm_skinny(bool avx512, const Problem& p, bool transB, const float* A, int
         auto body = [&](int64_t u0, int64_t u1) {
             int64_t j0 = u0 * unit, j1 = std::min(N, u1 * unit);
             switch (M) {
-#define QLORA_CASE(mb)                                                                                  \
-    case mb:                                                                                            \
+#define QLORA_CASE(mb)                                                                                   \
+    case mb:                                                                                             \
         skinny_axpy_run<mb>(avx512, j0, j1, K, A, xs_i, xs_k, p.B, p.b_cs, p.C, p.ldc, p.alpha, p.beta); \
         break;
-                QLORA_CASE(1) QLORA_CASE(2) QLORA_CASE(3) QLORA_CASE(4)
-                QLORA_CASE(5) QLORA_CASE(6) QLORA_CASE(7) QLORA_CASE(8)
+                QLORA_CASE(1)
+                QLORA_CASE(2) QLORA_CASE(3) QLORA_CASE(4) QLORA_CASE(5) QLORA_CASE(6) QLORA_CASE(7) QLORA_CASE(8)
 #undef QLORA_CASE
             }
         };
@@ -742,10 +739,16 @@ void pack_block_fn(float* dst, const float* X, int64_t rs, int64_t cs, int64_t m
 const Config& config_for(int which) {
 #if QLORA_X86
     constexpr int MR = QLORA_SGEMM_MR512, NR = 16 * QLORA_SGEMM_NV512;
-    static const Config avx512 = {MR,  NR,  /*MC*/ 320, /*KC*/ 256, /*NC*/ 512, &kernel_avx512<MR, QLORA_SGEMM_NV512>,
-                                  &pack_block_fn<MR>, &pack_block_fn<NR>};
-    static const Config avx2 = {6, 16, /*MC*/ 240, /*KC*/ 256, /*NC*/ 512, &kernel_avx2<6>, &pack_block_fn<6>,
-                                &pack_block_fn<16>};
+    static const Config avx512 = {MR,
+                                  NR,
+                                  /*MC*/ 320,
+                                  /*KC*/ 256,
+                                  /*NC*/ 512,
+                                  &kernel_avx512<MR, QLORA_SGEMM_NV512>,
+                                  &pack_block_fn<MR>,
+                                  &pack_block_fn<NR>};
+    static const Config avx2 = {
+        6, 16, /*MC*/ 240, /*KC*/ 256, /*NC*/ 512, &kernel_avx2<6>, &pack_block_fn<6>, &pack_block_fn<16>};
     if (which == ISA_AVX512) return avx512;
     if (which == ISA_AVX2) return avx2;
 #endif
@@ -756,9 +759,8 @@ const Config& config_for(int which) {
 
 }  // namespace
 
-extern "C" void qlora_cpu_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
-                                const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                                int64_t ldc) {
+extern "C" void qlora_cpu_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0 || alpha == 0.0f) {
         scale_c(M, N, beta, C, ldc);

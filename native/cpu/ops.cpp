@@ -75,8 +75,8 @@ extern "C" void qlora_cpu_add_bias(float* out, const float* inp, const float* bi
 // ------------------------------------------------------------------
 // embedding
 
-extern "C" int64_t qlora_cpu_embedding_forward(float* out, const int32_t* ids, const float* table, int64_t N,
-                                               int64_t V, int64_t C) {
+extern "C" int64_t qlora_cpu_embedding_forward(float* out, const int32_t* ids, const float* table, int64_t N, int64_t V,
+                                               int64_t C) {
     for (int64_t n = 0; n < N; n++)
         if (ids[n] < 0 || ids[n] >= V) return -1 - n;
     parallel_for(N, (1 << 14) / (C + 1) + 1, [&](int64_t b, int64_t e) {
@@ -101,8 +101,8 @@ extern "C" void qlora_cpu_embedding_backward(float* dtable, const float* dout, c
 // ------------------------------------------------------------------
 // RMSNorm
 
-extern "C" void qlora_cpu_rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight,
-                                          int64_t N, int64_t C, float eps) {
+extern "C" void qlora_cpu_rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
+                                          int64_t C, float eps) {
     parallel_for(N, (1 << 14) / (C + 1) + 1, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; n++) {
             const float* x = inp + n * C;
@@ -229,8 +229,8 @@ extern "C" void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float*
 // ------------------------------------------------------------------
 // softmax cross-entropy
 
-extern "C" int64_t qlora_cpu_cross_entropy_forward(float* loss, float* lse, const float* logits,
-                                                   const int32_t* targets, int64_t N, int64_t V) {
+extern "C" int64_t qlora_cpu_cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets,
+                                                   int64_t N, int64_t V) {
     parallel_for(N, 1, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; n++) {
             const float* x = logits + n * V;

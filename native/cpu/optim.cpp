@@ -63,8 +63,8 @@ extern "C" void qlora_cpu_optim_dynamic_map(float* out, int is_signed) {
 // torch AdamW and bitsandbytes 32-bit AdamW
 
 extern "C" void qlora_cpu_adamw_torch_step(float* param, float* exp_avg, float* exp_avg_sq, const float* grad,
-                                           double lr, double beta1, double beta2, double eps,
-                                           double weight_decay, int64_t step, int64_t n) {
+                                           double lr, double beta1, double beta2, double eps, double weight_decay,
+                                           int64_t step, int64_t n) {
     const auto update = [](float& p, float& m, float& v, float g, const adamw::TorchScalars& c) {
         adamw::torch_update(p, m, v, g, c);
     };
@@ -72,9 +72,9 @@ extern "C" void qlora_cpu_adamw_torch_step(float* param, float* exp_avg, float* 
                      update, n);
 }
 
-extern "C" void qlora_cpu_adamw_bnb32_step(float* param, float* state1, float* state2, const float* grad,
-                                           float lr, float beta1, float beta2, float eps, float weight_decay,
-                                           int64_t step, int64_t n) {
+extern "C" void qlora_cpu_adamw_bnb32_step(float* param, float* state1, float* state2, const float* grad, float lr,
+                                           float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                                           int64_t n) {
     const auto update = [](float& p, float& m, float& v, float g, const adamw::BnbScalars& c) {
         adamw::bnb32_update(p, m, v, g, c);
     };
@@ -86,9 +86,9 @@ extern "C" void qlora_cpu_adamw_bnb32_step(float* param, float* state1, float* s
 // bitsandbytes 8-bit blockwise AdamW
 
 extern "C" void qlora_cpu_adamw_bnb8_step(float* param, uint8_t* state1, uint8_t* state2, float* absmax1,
-                                          float* absmax2, const float* grad, const float* qmap1,
-                                          const float* qmap2, float lr, float beta1, float beta2, float eps,
-                                          float weight_decay, int64_t step, int64_t blocksize, int64_t n) {
+                                          float* absmax2, const float* grad, const float* qmap1, const float* qmap2,
+                                          float lr, float beta1, float beta2, float eps, float weight_decay,
+                                          int64_t step, int64_t blocksize, int64_t n) {
     if (n <= 0 || blocksize <= 0) return;
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     const adamw::BnbScalars scalars = adamw::bnb_scalars(lr, beta1, beta2, eps, weight_decay, step);

@@ -23,10 +23,9 @@ namespace {
 // straight from decimal to f32 as nvcc does: 4 of them (t0, t8, t12, t14) are 1 ulp away from the f32
 // midpoints of the code table that bnb's pure-torch backend compares against.
 const float kNf4Thresholds[15] = {
-    -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
-    -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
-    0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
-    0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f};
+    -0.8480964004993439f,  -0.6106329262256622f,   -0.4599952697753906f, -0.33967943489551544f, -0.23460740596055984f,
+    -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,   0.2035212516784668f,
+    0.2920137718319893f,   0.3893125355243683f,    0.5016634166240692f,  0.6427869200706482f,   0.8614784181118011f};
 
 inline uint8_t quantize_nf4(float u) {
     int c = 0;
@@ -35,8 +34,7 @@ inline uint8_t quantize_nf4(float u) {
 }
 
 // bnb's dQuantizeFP4: sign bit from u < 0, magnitude by the thresholds between the sorted FP4 magnitudes
-const float kFp4Thresholds[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f,
-                                 0.4166667f, 0.583333f, 0.8333333f};
+const float kFp4Thresholds[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f};
 // low 3 bits of the code of the k-th smallest magnitude: 0, 0.0052, 0.1667, 0.25, 0.333, 0.5, 0.667, 1
 const uint8_t kFp4CodeByRank[8] = {0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011};
 
@@ -117,8 +115,8 @@ extern "C" void qlora_cpu_quantize_4bit_bf16(uint8_t* packed, float* absmax, con
 
 extern "C" void qlora_cpu_dequantize_4bit(float* out, const uint8_t* packed, const float* absmax, const float* code,
                                           int64_t blocksize, int round_dtype, int64_t n) {
-    qlora_cpu_dequantize_4bit_rows(out, packed, nullptr, absmax, nullptr, 0.0f, code, blocksize, 1, round_dtype, 0,
-                                   1, n);
+    qlora_cpu_dequantize_4bit_rows(out, packed, nullptr, absmax, nullptr, 0.0f, code, blocksize, 1, round_dtype, 0, 1,
+                                   n);
 }
 
 extern "C" void qlora_cpu_quantize_blockwise_8bit(uint8_t* q, float* absmax, const float* inp, const float* code,

@@ -89,9 +89,9 @@ static void run_case(const Case& c, int threads) {
     g_count++;
     if (!ok) {
         g_fail++;
-        fprintf(stderr, "FAIL ta=%d tb=%d M=%lld N=%lld K=%lld alpha=%g beta=%g pads=%lld,%lld,%lld threads=%d\n",
-                c.ta, c.tb, (long long)M, (long long)N, (long long)K, c.alpha, c.beta, (long long)c.pad_a,
-                (long long)c.pad_b, (long long)c.pad_c, threads);
+        fprintf(stderr, "FAIL ta=%d tb=%d M=%lld N=%lld K=%lld alpha=%g beta=%g pads=%lld,%lld,%lld threads=%d\n", c.ta,
+                c.tb, (long long)M, (long long)N, (long long)K, c.alpha, c.beta, (long long)c.pad_a, (long long)c.pad_b,
+                (long long)c.pad_c, threads);
     }
 }
 
@@ -102,8 +102,8 @@ int main(int argc, char** argv) {
     fflush(stdout);
 
     const int64_t sizes[][3] = {
-        {1, 1, 1},   {7, 13, 5},    {37, 129, 300}, {130, 67, 1000}, {1, 300, 77},  {3, 70, 33},
-        {8, 97, 260}, {9, 50, 17},   {6, 16, 8},     {12, 32, 256},   {13, 33, 257}, {64, 128, 64},
+        {1, 1, 1},      {7, 13, 5},    {37, 129, 300}, {130, 67, 1000}, {1, 300, 77},  {3, 70, 33},
+        {8, 97, 260},   {9, 50, 17},   {6, 16, 8},     {12, 32, 256},   {13, 33, 257}, {64, 128, 64},
         {200, 40, 600}, {5, 2000, 40}, {2, 7, 1300},   {300, 300, 3},
     };
     const float ab[][2] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.5f, -0.75f}, {-2.0f, 0.0f}};

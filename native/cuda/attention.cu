@@ -63,8 +63,7 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // 16 bytes global -> shared, asynchronously; zero-fills the destination when !pred
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(pred ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(pred ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -169,9 +168,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
     constexpr int BM = Tr::BM, BN = Tr::BN, LD = Tr::LD;
     static_assert(D % 16 == 0 && BN <= kThreads, "bad tile shape");
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [BM][LD], reused to stage O
-    bf16* sK = sQ + BM * LD;                        // [2][BN][LD]
-    bf16* sV = sK + 2 * BN * LD;                    // [2][BN][LD]
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);            // [BM][LD], reused to stage O
+    bf16* sK = sQ + BM * LD;                                 // [2][BN][LD]
+    bf16* sV = sK + 2 * BN * LD;                             // [2][BN][LD]
     int* sValid = reinterpret_cast<int*>(sV + 2 * BN * LD);  // [BN]: key j < S and key_valid
     int* sSeg = sValid + BN;                                 // [BN]
 
@@ -400,7 +399,7 @@ __global__ void f32_to_bf16_kernel(bf16* __restrict__ dst, const float* __restri
 
 template <int D>
 struct BwdTraits {
-    static constexpr int BN = 64;                // keys per block (16 per warp)
+    static constexpr int BN = 64;                 // keys per block (16 per warp)
     static constexpr int BM = D <= 64 ? 64 : 32;  // queries per step (registers: dK, dV of 16 x D per warp)
     static constexpr int LD = D + 8;
     static constexpr int LDS = BM + 8;  // dS^T tile [BN][BM]
@@ -414,14 +413,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
     constexpr int BM = Tr::BM, BN = Tr::BN, LD = Tr::LD, LDS = Tr::LDS;
     static_assert(D % 16 == 0 && BM % 16 == 0 && BM <= kThreads && (kThreads / 32) % (BM / 16) == 0, "bad tiles");
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [BN][LD]
-    bf16* sV = sK + BN * LD;                        // [BN][LD]
-    bf16* sQ = sV + BN * LD;                        // [2][BM][LD]
-    bf16* sdO = sQ + 2 * BM * LD;                   // [2][BM][LD]
-    bf16* sdS = sdO + 2 * BM * LD;                  // [BN][LDS]: dS^T
+    bf16* sK = reinterpret_cast<bf16*>(smem_raw);            // [BN][LD]
+    bf16* sV = sK + BN * LD;                                 // [BN][LD]
+    bf16* sQ = sV + BN * LD;                                 // [2][BM][LD]
+    bf16* sdO = sQ + 2 * BM * LD;                            // [2][BM][LD]
+    bf16* sdS = sdO + 2 * BM * LD;                           // [BN][LDS]: dS^T
     float* sLse = reinterpret_cast<float*>(sdS + BN * LDS);  // [BM]: lse * log2e (+inf: no probability)
-    float* sDi = sLse + BM;                                   // [BM]
-    int* sQseg = reinterpret_cast<int*>(sDi + BM);            // [BM]
+    float* sDi = sLse + BM;                                  // [BM]
+    int* sQseg = reinterpret_cast<int*>(sDi + BM);           // [BM]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int n0 = blockIdx.x * BN;
@@ -538,8 +537,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
                 const int il = nt * 8 + (lane & 3) * 2 + (e & 1), r = e >> 1;
                 float pr = exp2f(st[nt][e] * p.scale_log2 - sLse[il]);
                 if (need_mask) {
-                    const bool vis =
-                        kvis[r] && kpos[r] <= q_offset + m0 + il && (!segb || kseg[r] == sQseg[il]);
+                    const bool vis = kvis[r] && kpos[r] <= q_offset + m0 + il && (!segb || kseg[r] == sQseg[il]);
                     pr = vis ? pr : 0.0f;
                 }
                 st[nt][e] = pr;
@@ -672,8 +670,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
 template <int D>
 cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
     using Tr = FwdTraits<D>;
-    QLORA_CUDA_TRY(cudaFuncSetAttribute(attn_fwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)Tr::smem_bytes));
+    QLORA_CUDA_TRY(
+        cudaFuncSetAttribute(attn_fwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::smem_bytes));
     dim3 grid(CEIL_DIV(p.T, Tr::BM), p.B * p.Hq);
     attn_fwd_kernel<D><<<grid, kThreads, Tr::smem_bytes, stream>>>(p);
     return cudaGetLastError();
@@ -696,8 +694,8 @@ int bwd_heads_per_block(int64_t kv_blocks, int G) {
 template <int D>
 cudaError_t launch_bwd(Params p, cudaStream_t stream) {
     using Tr = BwdTraits<D>;
-    QLORA_CUDA_TRY(cudaFuncSetAttribute(attn_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)Tr::smem_bytes));
+    QLORA_CUDA_TRY(
+        cudaFuncSetAttribute(attn_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::smem_bytes));
     const int n_tiles = CEIL_DIV(p.S, Tr::BN);
     p.heads_per_block = bwd_heads_per_block((int64_t)n_tiles * p.B * p.Hkv, p.G);
     dim3 grid(n_tiles, p.B * p.Hkv, p.G / p.heads_per_block);
@@ -736,10 +734,10 @@ extern "C" const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, 
     return nullptr;
 }
 
-extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k,
-                                                    const bf16* v, const uint8_t* key_valid, const int32_t* seg,
-                                                    int64_t B, int64_t T, int64_t S, int64_t Hq, int64_t Hkv,
-                                                    int64_t D, int64_t q_offset, float scale, cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                                    const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T,
+                                                    int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset,
+                                                    float scale, cudaStream_t stream) {
     const void* ptrs[] = {out, q, k, v};
     if (qlora_cuda_attention_check(ptrs, 4, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset))
         return cudaErrorInvalidValue;
@@ -767,9 +765,9 @@ extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const
 
 extern "C" cudaError_t qlora_cuda_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
                                                      const bf16* k, const bf16* v, const bf16* out, const float* lse,
-                                                     const uint8_t* key_valid, const int32_t* seg, int64_t B,
-                                                     int64_t T, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
-                                                     int64_t q_offset, float scale, cudaStream_t stream) {
+                                                     const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T,
+                                                     int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset,
+                                                     float scale, cudaStream_t stream) {
     const void* ptrs[] = {dq, dk, dv, dout, q, k, v, out};
     if (qlora_cuda_attention_check(ptrs, 8, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset) || !lse)
         return cudaErrorInvalidValue;

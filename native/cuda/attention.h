@@ -28,22 +28,20 @@ const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, int n_ptrs,
                                        int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset);
 
 // out[B,T,Hq,D] (=), lse[B,Hq,T] (= ; may be NULL)
-cudaError_t qlora_cuda_attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
-                                         const __nv_bfloat16* k, const __nv_bfloat16* v, const uint8_t* key_valid,
-                                         const int32_t* seg, int64_t B, int64_t T, int64_t S, int64_t Hq,
-                                         int64_t Hkv, int64_t D, int64_t q_offset, float scale,
-                                         cudaStream_t stream);
+cudaError_t qlora_cuda_attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                         const __nv_bfloat16* v, const uint8_t* key_valid, const int32_t* seg,
+                                         int64_t B, int64_t T, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
+                                         int64_t q_offset, float scale, cudaStream_t stream);
 
 // dq[B,T,Hq,D] (=), dk/dv[B,S,Hkv,D] (=), all bf16; recomputes the probabilities from q, k and the forward's lse.
 // Uses an f32 workspace from the caching allocator (qlora_cuda::device_alloc): D_i[B,Hq,T], and dq/dk/dv
 // accumulators (B*T*Hq*D + 2*B*S*Hkv*D floats), returned to the cache once the work is queued (stream-ordered on
 // qlora_cuda::stream(); on any other stream the launcher waits for its work before returning the workspace).
 cudaError_t qlora_cuda_attention_backward(__nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,
-                                          const __nv_bfloat16* dout, const __nv_bfloat16* q,
-                                          const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                          const __nv_bfloat16* out, const float* lse, const uint8_t* key_valid,
-                                          const int32_t* seg, int64_t B, int64_t T, int64_t S, int64_t Hq,
-                                          int64_t Hkv, int64_t D, int64_t q_offset, float scale,
+                                          const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                          const __nv_bfloat16* v, const __nv_bfloat16* out, const float* lse,
+                                          const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T, int64_t S,
+                                          int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset, float scale,
                                           cudaStream_t stream);
 
 #ifdef __cplusplus

@@ -140,10 +140,9 @@ __device__ __forceinline__ void write_grad_row(uint16_t* d, const uint16_t* x, i
 
 // forward (FUSED: then the row's gradient in place)
 template <bool FUSED>
-__global__ void __launch_bounds__(kMaxThreads) cross_entropy_forward_kernel(float* loss, float* lse_out,
-                                                                            int32_t* count, uint16_t* logits,
-                                                                            const int32_t* targets, float scale,
-                                                                            int64_t N, int64_t V) {
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_forward_kernel(float* loss, float* lse_out, int32_t* count, uint16_t* logits, const int32_t* targets,
+                                 float scale, int64_t N, int64_t V) {
     __shared__ float sm[32], ss[32];
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
         uint16_t* x = logits + n * V;
@@ -162,11 +161,9 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_forward_kernel(floa
     }
 }
 
-__global__ void __launch_bounds__(kMaxThreads) cross_entropy_backward_kernel(uint16_t* dlogits,
-                                                                             const uint16_t* logits,
-                                                                             const float* lse,
-                                                                             const int32_t* targets, float scale,
-                                                                             int64_t N, int64_t V) {
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_backward_kernel(uint16_t* dlogits, const uint16_t* logits, const float* lse, const int32_t* targets,
+                                  float scale, int64_t N, int64_t V) {
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
         const int64_t t = targets[n];
         write_grad_row(dlogits + n * V, logits + n * V, V, t, t >= 0 && t < V, lse[n], scale);
@@ -177,14 +174,14 @@ int threads_for(int64_t V) { return V >= 16384 ? kMaxThreads : 128; }
 
 }  // namespace
 
-extern "C" cudaError_t qlora_cuda_cross_entropy_forward(float* loss, float* lse, int32_t* count,
-                                                        const uint16_t* logits, const int32_t* targets, int64_t N,
-                                                        int64_t V, cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_cross_entropy_forward(float* loss, float* lse, int32_t* count, const uint16_t* logits,
+                                                        const int32_t* targets, int64_t N, int64_t V,
+                                                        cudaStream_t stream) {
     if (N < 0 || V <= 0) return N == 0 ? cudaSuccess : cudaErrorInvalidValue;
     if (N == 0) return cudaSuccess;
     const unsigned grid = (unsigned)(N < INT_MAX ? N : INT_MAX);
-    cross_entropy_forward_kernel<false><<<grid, threads_for(V), 0, stream>>>(
-        loss, lse, count, const_cast<uint16_t*>(logits), targets, 0.0f, N, V);
+    cross_entropy_forward_kernel<false>
+        <<<grid, threads_for(V), 0, stream>>>(loss, lse, count, const_cast<uint16_t*>(logits), targets, 0.0f, N, V);
     return cudaGetLastError();
 }
 
@@ -194,18 +191,18 @@ extern "C" cudaError_t qlora_cuda_cross_entropy_backward(uint16_t* dlogits, cons
     if (N < 0 || V <= 0) return N == 0 ? cudaSuccess : cudaErrorInvalidValue;
     if (N == 0) return cudaSuccess;
     const unsigned grid = (unsigned)(N < INT_MAX ? N : INT_MAX);
-    cross_entropy_backward_kernel<<<grid, threads_for(V), 0, stream>>>(dlogits, logits, lse, targets, dloss_scale,
-                                                                       N, V);
+    cross_entropy_backward_kernel<<<grid, threads_for(V), 0, stream>>>(dlogits, logits, lse, targets, dloss_scale, N,
+                                                                       V);
     return cudaGetLastError();
 }
 
 extern "C" cudaError_t qlora_cuda_cross_entropy_fused(float* loss, float* lse, int32_t* count, uint16_t* logits,
-                                                      const int32_t* targets, float dloss_scale, int64_t N,
-                                                      int64_t V, cudaStream_t stream) {
+                                                      const int32_t* targets, float dloss_scale, int64_t N, int64_t V,
+                                                      cudaStream_t stream) {
     if (N < 0 || V <= 0) return N == 0 ? cudaSuccess : cudaErrorInvalidValue;
     if (N == 0) return cudaSuccess;
     const unsigned grid = (unsigned)(N < INT_MAX ? N : INT_MAX);
-    cross_entropy_forward_kernel<true><<<grid, threads_for(V), 0, stream>>>(loss, lse, count, logits, targets,
-                                                                            dloss_scale, N, V);
+    cross_entropy_forward_kernel<true>
+        <<<grid, threads_for(V), 0, stream>>>(loss, lse, count, logits, targets, dloss_scale, N, V);
     return cudaGetLastError();
 }

@@ -15,9 +15,9 @@ __global__ void reset_bad_kernel(int32_t* bad) {
 }
 
 // one block per row; vectorized copy when rows are 16-byte aligned (C % 8 == 0, aligned buffers)
-__global__ void __launch_bounds__(kThreads) embedding_forward_kernel(uint16_t* out, int32_t* bad, const int32_t* ids,
-                                                                     const uint16_t* table, int64_t V, int64_t C,
-                                                                     bool vec) {
+__global__ void __launch_bounds__(kThreads)
+    embedding_forward_kernel(uint16_t* out, int32_t* bad, const int32_t* ids, const uint16_t* table, int64_t V,
+                             int64_t C, bool vec) {
     const int64_t n = blockIdx.x;
     const int32_t id = ids[n];
     uint16_t* dst = out + n * C;
@@ -36,9 +36,8 @@ __global__ void __launch_bounds__(kThreads) embedding_forward_kernel(uint16_t* o
     }
 }
 
-__global__ void __launch_bounds__(kThreads) embedding_backward_kernel(float* dtable, const uint16_t* dout,
-                                                                      const int32_t* ids, int64_t V, int64_t C,
-                                                                      bool vec) {
+__global__ void __launch_bounds__(kThreads)
+    embedding_backward_kernel(float* dtable, const uint16_t* dout, const int32_t* ids, int64_t V, int64_t C, bool vec) {
     const int64_t n = blockIdx.x;
     const int32_t id = ids[n];
     if (id < 0 || id >= V) return;
@@ -72,8 +71,8 @@ extern "C" cudaError_t qlora_cuda_embedding_forward(uint16_t* out, int32_t* bad,
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t qlora_cuda_embedding_backward(float* dtable, const uint16_t* dout, const int32_t* ids,
-                                                     int64_t N, int64_t V, int64_t C, cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_embedding_backward(float* dtable, const uint16_t* dout, const int32_t* ids, int64_t N,
+                                                     int64_t V, int64_t C, cudaStream_t stream) {
     if (N < 0 || V < 0 || C < 0 || N > INT_MAX) return cudaErrorInvalidValue;
     if (N == 0 || C == 0) return cudaSuccess;
     const bool vec = C % 8 == 0 && aligned16(dout);

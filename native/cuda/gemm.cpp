@@ -97,24 +97,21 @@ struct LtApi {
     size_t (*GetVersion)(void);
     cublasStatus_t (*MatmulDescCreate)(cublasLtMatmulDesc_t*, cublasComputeType_t, cudaDataType_t);
     cublasStatus_t (*MatmulDescDestroy)(cublasLtMatmulDesc_t);
-    cublasStatus_t (*MatmulDescSetAttribute)(cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t, const void*,
-                                             size_t);
+    cublasStatus_t (*MatmulDescSetAttribute)(cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t, const void*, size_t);
     cublasStatus_t (*MatrixLayoutCreate)(cublasLtMatrixLayout_t*, cudaDataType_t, uint64_t, uint64_t, int64_t);
     cublasStatus_t (*MatrixLayoutDestroy)(cublasLtMatrixLayout_t);
-    cublasStatus_t (*MatrixLayoutSetAttribute)(cublasLtMatrixLayout_t, cublasLtMatrixLayoutAttribute_t,
-                                               const void*, size_t);
+    cublasStatus_t (*MatrixLayoutSetAttribute)(cublasLtMatrixLayout_t, cublasLtMatrixLayoutAttribute_t, const void*,
+                                               size_t);
     cublasStatus_t (*MatmulPreferenceCreate)(cublasLtMatmulPreference_t*);
     cublasStatus_t (*MatmulPreferenceDestroy)(cublasLtMatmulPreference_t);
     cublasStatus_t (*MatmulPreferenceSetAttribute)(cublasLtMatmulPreference_t, cublasLtMatmulPreferenceAttributes_t,
                                                    const void*, size_t);
     cublasStatus_t (*MatmulAlgoGetHeuristic)(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t,
                                              cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
-                                             cublasLtMatmulPreference_t, int, cublasLtMatmulHeuristicResult_t*,
-                                             int*);
-    cublasStatus_t (*Matmul)(cublasLtHandle_t, cublasLtMatmulDesc_t, const void*, const void*,
-                             cublasLtMatrixLayout_t, const void*, cublasLtMatrixLayout_t, const void*, const void*,
-                             cublasLtMatrixLayout_t, void*, cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*,
-                             void*, size_t, cudaStream_t);
+                                             cublasLtMatmulPreference_t, int, cublasLtMatmulHeuristicResult_t*, int*);
+    cublasStatus_t (*Matmul)(cublasLtHandle_t, cublasLtMatmulDesc_t, const void*, const void*, cublasLtMatrixLayout_t,
+                             const void*, cublasLtMatrixLayout_t, const void*, const void*, cublasLtMatrixLayout_t,
+                             void*, cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*, void*, size_t, cudaStream_t);
 };
 
 const char* const kLibNames[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"};
@@ -123,17 +120,28 @@ constexpr size_t kMaxPlans = 4096;             // the cache is emptied when it g
 
 const char* status_name(cublasStatus_t s) {
     switch (s) {
-        case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
-        case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-        case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-        case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-        case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-        case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
-        case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-        case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
-        case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-        case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
-        default: return "unknown cuBLAS status";
+        case CUBLAS_STATUS_SUCCESS:
+            return "CUBLAS_STATUS_SUCCESS";
+        case CUBLAS_STATUS_NOT_INITIALIZED:
+            return "CUBLAS_STATUS_NOT_INITIALIZED";
+        case CUBLAS_STATUS_ALLOC_FAILED:
+            return "CUBLAS_STATUS_ALLOC_FAILED";
+        case CUBLAS_STATUS_INVALID_VALUE:
+            return "CUBLAS_STATUS_INVALID_VALUE";
+        case CUBLAS_STATUS_ARCH_MISMATCH:
+            return "CUBLAS_STATUS_ARCH_MISMATCH";
+        case CUBLAS_STATUS_MAPPING_ERROR:
+            return "CUBLAS_STATUS_MAPPING_ERROR";
+        case CUBLAS_STATUS_EXECUTION_FAILED:
+            return "CUBLAS_STATUS_EXECUTION_FAILED";
+        case CUBLAS_STATUS_INTERNAL_ERROR:
+            return "CUBLAS_STATUS_INTERNAL_ERROR";
+        case CUBLAS_STATUS_NOT_SUPPORTED:
+            return "CUBLAS_STATUS_NOT_SUPPORTED";
+        case CUBLAS_STATUS_LICENSE_ERROR:
+            return "CUBLAS_STATUS_LICENSE_ERROR";
+        default:
+            return "unknown cuBLAS status";
     }
 }
 
@@ -143,10 +151,17 @@ const char* dtype_name(int d) {
 
 bool to_cuda_dtype(int d, cudaDataType_t* out) {
     switch (d) {
-        case QLORA_CUDA_F32: *out = CUDA_R_32F; return true;    // library_types.h: 0
-        case QLORA_CUDA_BF16: *out = CUDA_R_16BF; return true;  // 14
-        case QLORA_CUDA_F16: *out = CUDA_R_16F; return true;    // 2
-        default: return false;
+        case QLORA_CUDA_F32:
+            *out = CUDA_R_32F;
+            return true;  // library_types.h: 0
+        case QLORA_CUDA_BF16:
+            *out = CUDA_R_16BF;
+            return true;  // 14
+        case QLORA_CUDA_F16:
+            *out = CUDA_R_16F;
+            return true;  // 2
+        default:
+            return false;
     }
 }
 
@@ -293,32 +308,31 @@ uint32_t alignment_of(const void* p, int64_t stride_bytes = 0) {
 std::string shape_str(const PlanKey& k) {
     char buf[320];
     snprintf(buf, sizeof(buf),
-             "transA=%d transB=%d M=%lld N=%lld K=%lld lda=%lld ldb=%lld ldc=%lld %s x %s -> %s batch=%lld",
-             k.transA, k.transB, (long long)k.M, (long long)k.N, (long long)k.K, (long long)k.lda,
-             (long long)k.ldb, (long long)k.ldc, dtype_name(k.dtypeAB), dtype_name(k.dtypeAB),
-             dtype_name(k.dtypeC), (long long)k.batch);
+             "transA=%d transB=%d M=%lld N=%lld K=%lld lda=%lld ldb=%lld ldc=%lld %s x %s -> %s batch=%lld", k.transA,
+             k.transB, (long long)k.M, (long long)k.N, (long long)k.K, (long long)k.lda, (long long)k.ldb,
+             (long long)k.ldc, dtype_name(k.dtypeAB), dtype_name(k.dtypeAB), dtype_name(k.dtypeC), (long long)k.batch);
     return buf;
 }
 
-#define LT_TRY(call, what)                                                                        \
-    do {                                                                                          \
-        cublasStatus_t st__ = (call);                                                             \
-        if (st__ != CUBLAS_STATUS_SUCCESS) {                                                      \
-            *err = std::string(what) + ": " + status_name(st__) + " (" + shape_str(key) + ")";   \
-            return false;                                                                         \
-        }                                                                                         \
+#define LT_TRY(call, what)                                                                     \
+    do {                                                                                       \
+        cublasStatus_t st__ = (call);                                                          \
+        if (st__ != CUBLAS_STATUS_SUCCESS) {                                                   \
+            *err = std::string(what) + ": " + status_name(st__) + " (" + shape_str(key) + ")"; \
+            return false;                                                                      \
+        }                                                                                      \
     } while (0)
 
-bool make_layout(cublasLtMatrixLayout_t* out, cudaDataType_t t, uint64_t rows, uint64_t cols, int64_t ld,
-                 int64_t batch, int64_t stride, const PlanKey& key, std::string* err) {
+bool make_layout(cublasLtMatrixLayout_t* out, cudaDataType_t t, uint64_t rows, uint64_t cols, int64_t ld, int64_t batch,
+                 int64_t stride, const PlanKey& key, std::string* err) {
     LT_TRY(g_api.MatrixLayoutCreate(out, t, rows, cols, ld), "cublasLtMatrixLayoutCreate");
     if (batch > 1) {
         int32_t count = (int32_t)batch;
         LT_TRY(g_api.MatrixLayoutSetAttribute(*out, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)),
                "cublasLtMatrixLayoutSetAttribute(BATCH_COUNT)");
-        LT_TRY(g_api.MatrixLayoutSetAttribute(*out, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
-                                              sizeof(stride)),
-               "cublasLtMatrixLayoutSetAttribute(STRIDED_BATCH_OFFSET)");
+        LT_TRY(
+            g_api.MatrixLayoutSetAttribute(*out, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)),
+            "cublasLtMatrixLayoutSetAttribute(STRIDED_BATCH_OFFSET)");
     }
     return true;
 }
@@ -338,12 +352,12 @@ bool build_plan(const PlanKey& key, Plan& p, std::string* err) {
            "cublasLtMatmulDescSetAttribute(TRANSB)");
     // cuBLAS A = our B seen column-major: op(B)^T is [N, K]; stored [N rows, K cols] (no transpose) or
     // [K rows, N cols] (transposed)
-    if (!make_layout(&p.a, tab, key.transB ? key.K : key.N, key.transB ? key.N : key.K, key.ldb, key.batch,
-                     key.strideB, key, err))
+    if (!make_layout(&p.a, tab, key.transB ? key.K : key.N, key.transB ? key.N : key.K, key.ldb, key.batch, key.strideB,
+                     key, err))
         return false;
     // cuBLAS B = our A: op(A)^T is [K, M]; stored [K rows, M cols] or [M rows, K cols]
-    if (!make_layout(&p.b, tab, key.transA ? key.M : key.K, key.transA ? key.K : key.M, key.lda, key.batch,
-                     key.strideA, key, err))
+    if (!make_layout(&p.b, tab, key.transA ? key.M : key.K, key.transA ? key.K : key.M, key.lda, key.batch, key.strideA,
+                     key, err))
         return false;
     if (!make_layout(&p.c, tc, key.N, key.M, key.ldc, key.batch, key.strideC, key, err)) return false;
 
@@ -353,14 +367,14 @@ bool build_plan(const PlanKey& key, Plan& p, std::string* err) {
     uint32_t alA = key.alignB, alB = key.alignA, alC = key.alignC;  // cuBLAS's A/B are our B/A
     bool ok = g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) ==
                   CUBLAS_STATUS_SUCCESS &&
-              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA,
-                                                 sizeof(alA)) == CUBLAS_STATUS_SUCCESS &&
-              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB,
-                                                 sizeof(alB)) == CUBLAS_STATUS_SUCCESS &&
-              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alC,
-                                                 sizeof(alC)) == CUBLAS_STATUS_SUCCESS &&
-              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &alC,
-                                                 sizeof(alC)) == CUBLAS_STATUS_SUCCESS;
+              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA, sizeof(alA)) ==
+                  CUBLAS_STATUS_SUCCESS &&
+              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB, sizeof(alB)) ==
+                  CUBLAS_STATUS_SUCCESS &&
+              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alC, sizeof(alC)) ==
+                  CUBLAS_STATUS_SUCCESS &&
+              g_api.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &alC, sizeof(alC)) ==
+                  CUBLAS_STATUS_SUCCESS;
     if (!ok) {
         g_api.MatmulPreferenceDestroy(pref);
         *err = "cublasLtMatmulPreferenceSetAttribute failed (" + shape_str(key) + ")";
@@ -376,8 +390,7 @@ bool build_plan(const PlanKey& key, Plan& p, std::string* err) {
     cublasLtMatmulHeuristicResult_t results[4];
     memset(results, 0, sizeof(results));
     int found = 0;
-    cublasStatus_t st =
-        g_api.MatmulAlgoGetHeuristic(g_handle, p.desc, p.a, p.b, p.c, p.c, pref, 4, results, &found);
+    cublasStatus_t st = g_api.MatmulAlgoGetHeuristic(g_handle, p.desc, p.a, p.b, p.c, p.c, pref, 4, results, &found);
     if (narrow_c && (st != CUBLAS_STATUS_SUCCESS || found == 0)) {
         // nothing with fp32 split-K reduction: let cuBLASLt choose freely
         uint32_t mask = 7;  // CUBLASLT_REDUCTION_SCHEME_MASK: every scheme
@@ -406,16 +419,17 @@ bool build_plan(const PlanKey& key, Plan& p, std::string* err) {
 int run_fallback(const PlanKey& k, float alpha, const void* A, const void* B, float beta, void* C,
                  cudaStream_t stream) {
     // the same column-major problem cuBLAS would get: C^T[N, M] = op(B)^T [N, K] @ op(A)^T [K, M]
-    cudaError_t e = qlora_cuda_gemm_fallback_colmajor(k.transB, k.transA, k.N, k.M, k.K, alpha, B, k.ldb,
-                                                      k.strideB, A, k.lda, k.strideA, k.dtypeAB, beta, C, k.ldc,
-                                                      k.strideC, k.dtypeC, k.batch, stream);
-    if (e != cudaSuccess) return fail(QLORA_GEMM_ERR_CUDA, std::string("gemm fallback kernel: ") + cudaGetErrorString(e));
+    cudaError_t e =
+        qlora_cuda_gemm_fallback_colmajor(k.transB, k.transA, k.N, k.M, k.K, alpha, B, k.ldb, k.strideB, A, k.lda,
+                                          k.strideA, k.dtypeAB, beta, C, k.ldc, k.strideC, k.dtypeC, k.batch, stream);
+    if (e != cudaSuccess)
+        return fail(QLORA_GEMM_ERR_CUDA, std::string("gemm fallback kernel: ") + cudaGetErrorString(e));
     return QLORA_GEMM_OK;
 }
 
 int gemm_impl(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
-              int64_t strideA, int dtypeA, const void* B, int64_t ldb, int64_t strideB, int dtypeB, float beta,
-              void* C, int64_t ldc, int64_t strideC, int dtypeC, int64_t batch, cudaStream_t stream) {
+              int64_t strideA, int dtypeA, const void* B, int64_t ldb, int64_t strideB, int dtypeB, float beta, void* C,
+              int64_t ldc, int64_t strideC, int dtypeC, int64_t batch, cudaStream_t stream) {
     t_last_error.clear();
     cudaDataType_t tmp;
     if (!to_cuda_dtype(dtypeA, &tmp) || !to_cuda_dtype(dtypeB, &tmp) || !to_cuda_dtype(dtypeC, &tmp))
@@ -431,9 +445,10 @@ int gemm_impl(int transA, int transB, int64_t M, int64_t N, int64_t K, float alp
     const int64_t colsA = transA ? M : K, colsB = transB ? K : N;
     if (lda < (colsA > 1 ? colsA : 1) || ldb < (colsB > 1 ? colsB : 1) || ldc < N) {
         char buf[200];
-        snprintf(buf, sizeof(buf), "gemm: leading dimensions too small (lda=%lld needs >= %lld, ldb=%lld needs >= "
-                 "%lld, ldc=%lld needs >= %lld)", (long long)lda, (long long)colsA, (long long)ldb,
-                 (long long)colsB, (long long)ldc, (long long)N);
+        snprintf(buf, sizeof(buf),
+                 "gemm: leading dimensions too small (lda=%lld needs >= %lld, ldb=%lld needs >= "
+                 "%lld, ldc=%lld needs >= %lld)",
+                 (long long)lda, (long long)colsA, (long long)ldb, (long long)colsB, (long long)ldc, (long long)N);
         return fail(QLORA_GEMM_ERR_ARG, buf);
     }
     if (!C || (K > 0 && (!A || !B))) return fail(QLORA_GEMM_ERR_ARG, "gemm: null matrix");
@@ -490,8 +505,8 @@ int gemm_impl(int transA, int transB, int64_t M, int64_t N, int64_t K, float alp
                                          g_workspace, p.workspace, stream);
         if (st == CUBLAS_STATUS_SUCCESS) return QLORA_GEMM_OK;
         if (st != CUBLAS_STATUS_NOT_SUPPORTED)
-            return fail(QLORA_GEMM_ERR_CUBLAS, std::string("cublasLtMatmul: ") + status_name(st) + " (" +
-                                                   shape_str(key) + ")");
+            return fail(QLORA_GEMM_ERR_CUBLAS,
+                        std::string("cublasLtMatmul: ") + status_name(st) + " (" + shape_str(key) + ")");
         p.fallback = true;  // the heuristic's algorithm refused the problem: use the built-in kernel from now on
     }
     g_stats.fallback_calls++;
@@ -503,14 +518,14 @@ int gemm_impl(int transA, int transB, int64_t M, int64_t N, int64_t K, float alp
 extern "C" int qlora_cuda_gemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
                                int64_t lda, int dtypeA, const void* B, int64_t ldb, int dtypeB, float beta, void* C,
                                int64_t ldc, int dtypeC, cudaStream_t stream) {
-    return gemm_impl(transA, transB, M, N, K, alpha, A, lda, 0, dtypeA, B, ldb, 0, dtypeB, beta, C, ldc, 0, dtypeC,
-                     1, stream);
+    return gemm_impl(transA, transB, M, N, K, alpha, A, lda, 0, dtypeA, B, ldb, 0, dtypeB, beta, C, ldc, 0, dtypeC, 1,
+                     stream);
 }
 
 extern "C" int qlora_cuda_gemm_strided_batched(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
-                                               const void* A, int64_t lda, int64_t strideA, int dtypeA,
-                                               const void* B, int64_t ldb, int64_t strideB, int dtypeB, float beta,
-                                               void* C, int64_t ldc, int64_t strideC, int dtypeC, int64_t batch,
+                                               const void* A, int64_t lda, int64_t strideA, int dtypeA, const void* B,
+                                               int64_t ldb, int64_t strideB, int dtypeB, float beta, void* C,
+                                               int64_t ldc, int64_t strideC, int dtypeC, int64_t batch,
                                                cudaStream_t stream) {
     return gemm_impl(transA, transB, M, N, K, alpha, A, lda, strideA, dtypeA, B, ldb, strideB, dtypeB, beta, C, ldc,
                      strideC, dtypeC, batch, stream);

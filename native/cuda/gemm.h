@@ -27,16 +27,16 @@ extern "C" {
 #define QLORA_GEMM_ERR_CUBLAS 3   // a cuBLASLt call failed (the message names the status)
 #define QLORA_GEMM_ERR_CUDA 4     // a CUDA runtime call failed (allocation, launch)
 
-int qlora_cuda_gemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
-                    int64_t lda, int dtypeA, const void* B, int64_t ldb, int dtypeB, float beta, void* C,
-                    int64_t ldc, int dtypeC, cudaStream_t stream);
+int qlora_cuda_gemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
+                    int dtypeA, const void* B, int64_t ldb, int dtypeB, float beta, void* C, int64_t ldc, int dtypeC,
+                    cudaStream_t stream);
 
 // `batch` independent GEMMs of the same shape; matrix i of A starts at A + i * strideA elements (likewise B, C).
 // A stride of 0 reuses one matrix for the whole batch (allowed for A and B).
-int qlora_cuda_gemm_strided_batched(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
-                                    const void* A, int64_t lda, int64_t strideA, int dtypeA, const void* B,
-                                    int64_t ldb, int64_t strideB, int dtypeB, float beta, void* C, int64_t ldc,
-                                    int64_t strideC, int dtypeC, int64_t batch, cudaStream_t stream);
+int qlora_cuda_gemm_strided_batched(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+                                    int64_t lda, int64_t strideA, int dtypeA, const void* B, int64_t ldb,
+                                    int64_t strideB, int dtypeB, float beta, void* C, int64_t ldc, int64_t strideC,
+                                    int dtypeC, int64_t batch, cudaStream_t stream);
 
 // the message of the last failed gemm call on this thread ("" when none)
 const char* qlora_cuda_gemm_last_error(void);
@@ -60,10 +60,9 @@ void qlora_cuda_gemm_clear_cache(void);
 // cuBLASLt has no algorithm for a shape/alignment, and for K == 0. Column-major arguments as cuBLAS sees them:
 //   C[m,n] (ldc) = alpha * opA(A) @ opB(B) + beta * C, with opA(A)[m,k], opB(B)[k,n]; strides in elements.
 cudaError_t qlora_cuda_gemm_fallback_colmajor(int opA, int opB, int64_t m, int64_t n, int64_t k, float alpha,
-                                              const void* A, int64_t lda, int64_t strideA, const void* B,
-                                              int64_t ldb, int64_t strideB, int dtypeAB, float beta, void* C,
-                                              int64_t ldc, int64_t strideC, int dtypeC, int64_t batch,
-                                              cudaStream_t stream);
+                                              const void* A, int64_t lda, int64_t strideA, const void* B, int64_t ldb,
+                                              int64_t strideB, int dtypeAB, float beta, void* C, int64_t ldc,
+                                              int64_t strideC, int dtypeC, int64_t batch, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -100,11 +100,11 @@ cudaError_t launch(int opA, int opB, int64_t m, int64_t n, int64_t k, float alph
 
 }  // namespace
 
-extern "C" cudaError_t qlora_cuda_gemm_fallback_colmajor(int opA, int opB, int64_t m, int64_t n, int64_t k,
-                                                         float alpha, const void* A, int64_t lda, int64_t strideA,
-                                                         const void* B, int64_t ldb, int64_t strideB, int dtypeAB,
-                                                         float beta, void* C, int64_t ldc, int64_t strideC,
-                                                         int dtypeC, int64_t batch, cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_gemm_fallback_colmajor(int opA, int opB, int64_t m, int64_t n, int64_t k, float alpha,
+                                                         const void* A, int64_t lda, int64_t strideA, const void* B,
+                                                         int64_t ldb, int64_t strideB, int dtypeAB, float beta, void* C,
+                                                         int64_t ldc, int64_t strideC, int dtypeC, int64_t batch,
+                                                         cudaStream_t stream) {
     if (m <= 0 || n <= 0 || batch <= 0) return cudaSuccess;
 #define QLORA_FALLBACK(TI, TO) \
     launch<TI, TO>(opA, opB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch, stream)

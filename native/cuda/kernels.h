@@ -55,8 +55,8 @@ cudaError_t qlora_cuda_embedding_forward(uint16_t* out, int32_t* bad, const int3
                                          int64_t N, int64_t V, int64_t C, cudaStream_t stream);
 // dtable[ids[n], :] (f32 [V,C]) += dout[n, :] (bf16 [N,C]); float atomics (order-dependent in the last bit when
 // an id repeats); ids outside [0, V) are skipped
-cudaError_t qlora_cuda_embedding_backward(float* dtable, const uint16_t* dout, const int32_t* ids, int64_t N,
-                                          int64_t V, int64_t C, cudaStream_t stream);
+cudaError_t qlora_cuda_embedding_backward(float* dtable, const uint16_t* dout, const int32_t* ids, int64_t N, int64_t V,
+                                          int64_t C, cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // RMSNorm: out = inp * rstd * weight, rstd = 1/sqrt(mean(inp^2) + eps), fp32 accumulation
@@ -74,8 +74,8 @@ cudaError_t qlora_cuda_residual_rmsnorm_forward(uint16_t* h, uint16_t* out, floa
 // for a frozen norm; float atomics), dout[N,C] (bf16), inp[N,C] (bf16), weight[C] (bf16), rstd[N] (f32).
 // dinp may alias dout.
 cudaError_t qlora_cuda_rmsnorm_backward(uint16_t* dinp, float* dweight, const uint16_t* dout, const uint16_t* inp,
-                                        const uint16_t* weight, const float* rstd, int64_t N, int64_t C,
-                                        int accumulate, cudaStream_t stream);
+                                        const uint16_t* weight, const float* rstd, int64_t N, int64_t C, int accumulate,
+                                        cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // RoPE, rotate-half layout (pairs (i, i + D/2) in each head); angle = f32(pos * inv_freq[i]), precise cos/sin
@@ -88,9 +88,9 @@ cudaError_t qlora_cuda_rope_forward(uint16_t* out, const uint16_t* inp, const in
                                     float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t row_stride,
                                     cudaStream_t stream);
 // the transposed rotation: dinp = R(pos)^T dout (in place allowed)
-cudaError_t qlora_cuda_rope_backward(uint16_t* dinp, const uint16_t* dout, const int32_t* pos,
-                                     const float* inv_freq, float attention_scaling, int64_t N, int64_t H, int64_t D,
-                                     int64_t row_stride, cudaStream_t stream);
+cudaError_t qlora_cuda_rope_backward(uint16_t* dinp, const uint16_t* dout, const int32_t* pos, const float* inv_freq,
+                                     float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t row_stride,
+                                     cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // SwiGLU: out = silu(gate) * up (bf16)

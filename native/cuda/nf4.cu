@@ -63,10 +63,10 @@ __device__ __forceinline__ float block_scale(int64_t b, const float* absmax, con
 // blocksize = 1 << block_shift >= 8, so a unit never straddles two blocks.
 template <int OUT, bool NESTED>
 __global__ void __launch_bounds__(THREADS)
-dequant4bit_units(void* __restrict__ out, const uint32_t* __restrict__ packed, const float* __restrict__ absmax,
-                  const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
-                  const float* __restrict__ nested_code, float offset, const float* __restrict__ code,
-                  int block_shift, int nested_shift, int64_t units) {
+    dequant4bit_units(void* __restrict__ out, const uint32_t* __restrict__ packed, const float* __restrict__ absmax,
+                      const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
+                      const float* __restrict__ nested_code, float offset, const float* __restrict__ code,
+                      int block_shift, int nested_shift, int64_t units) {
     __shared__ float s_code[16];
     __shared__ float s_nested[NESTED ? 256 : 1];
     if (threadIdx.x < 16) s_code[threadIdx.x] = code[threadIdx.x];
@@ -83,8 +83,8 @@ dequant4bit_units(void* __restrict__ out, const uint32_t* __restrict__ packed, c
         scale[j] = 0.0f;
         if (u < units) {
             w[j] = __ldg(packed + u);
-            scale[j] = block_scale<NESTED>((u << 3) >> block_shift, absmax, absmax_q, nested_absmax, s_nested,
-                                           offset, nested_shift);
+            scale[j] = block_scale<NESTED>((u << 3) >> block_shift, absmax, absmax_q, nested_absmax, s_nested, offset,
+                                           nested_shift);
         }
     }
 #pragma unroll
@@ -176,13 +176,13 @@ cudaError_t dequantize(void* out, const uint8_t* packed, const float* absmax, co
             if (blocks > INT32_MAX) return cudaErrorInvalidValue;
             const uint32_t* p32 = reinterpret_cast<const uint32_t*>(packed);
             if (absmax_q)
-                dequant4bit_units<OUT, true><<<(unsigned)blocks, THREADS, 0, stream>>>(
-                    out, p32, absmax, absmax_q, nested_absmax, nested_code, offset, code, block_shift, nested_shift,
-                    units);
+                dequant4bit_units<OUT, true>
+                    <<<(unsigned)blocks, THREADS, 0, stream>>>(out, p32, absmax, absmax_q, nested_absmax, nested_code,
+                                                               offset, code, block_shift, nested_shift, units);
             else
-                dequant4bit_units<OUT, false><<<(unsigned)blocks, THREADS, 0, stream>>>(
-                    out, p32, absmax, absmax_q, nested_absmax, nested_code, offset, code, block_shift, nested_shift,
-                    units);
+                dequant4bit_units<OUT, false>
+                    <<<(unsigned)blocks, THREADS, 0, stream>>>(out, p32, absmax, absmax_q, nested_absmax, nested_code,
+                                                               offset, code, block_shift, nested_shift, units);
             QLORA_CUDA_TRY(cudaGetLastError());
         }
         done = units * 8;
@@ -230,7 +230,8 @@ __device__ __forceinline__ void load_x8(const void* x, int64_t i, float (&v)[8])
             } else {
                 float lo, hi;
                 asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
-                    : "=f"(lo), "=f"(hi) : "r"(words[k]));
+                    : "=f"(lo), "=f"(hi)
+                    : "r"(words[k]));
                 v[2 * k] = lo;
                 v[2 * k + 1] = hi;
             }
@@ -240,10 +241,10 @@ __device__ __forceinline__ void load_x8(const void* x, int64_t i, float (&v)[8])
 
 template <int XT, int MR, bool NESTED>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv4bit_kernel(void* __restrict__ y, bool y_f32, const void* __restrict__ x, const uint32_t* __restrict__ packed,
-                const float* __restrict__ absmax, const uint8_t* __restrict__ absmax_q,
-                const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,
-                const float* __restrict__ code, int block_shift, int nested_shift, int64_t N, int64_t K) {
+    gemv4bit_kernel(void* __restrict__ y, bool y_f32, const void* __restrict__ x, const uint32_t* __restrict__ packed,
+                    const float* __restrict__ absmax, const uint8_t* __restrict__ absmax_q,
+                    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,
+                    const float* __restrict__ code, int block_shift, int nested_shift, int64_t N, int64_t K) {
     __shared__ float s_code[16];
     __shared__ float s_nested[NESTED ? 256 : 1];
     if (threadIdx.x < 16) s_code[threadIdx.x] = code[threadIdx.x];
@@ -321,10 +322,10 @@ cudaError_t launch_gemv(int64_t M, void* y, bool y_f32, const void* x, const uin
                         const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, float offset,
                         const float* code, int block_shift, int nested_shift, int64_t N, int64_t K,
                         cudaStream_t stream) {
-#define QLORA_GEMV_M(MR)                                                                                         \
-    case MR:                                                                                                     \
-        return launch_gemv_m<XT, MR>(y, y_f32, x, packed, absmax, absmax_q, nested_absmax, nested_code, offset, \
-                                     code, block_shift, nested_shift, N, K, stream)
+#define QLORA_GEMV_M(MR)                                                                                              \
+    case MR:                                                                                                          \
+        return launch_gemv_m<XT, MR>(y, y_f32, x, packed, absmax, absmax_q, nested_absmax, nested_code, offset, code, \
+                                     block_shift, nested_shift, N, K, stream)
     switch (M) {
         QLORA_GEMV_M(1);
         QLORA_GEMV_M(2);
@@ -334,18 +335,19 @@ cudaError_t launch_gemv(int64_t M, void* y, bool y_f32, const void* x, const uin
         QLORA_GEMV_M(6);
         QLORA_GEMV_M(7);
         QLORA_GEMV_M(8);
-        default: return cudaErrorInvalidValue;
+        default:
+            return cudaErrorInvalidValue;
     }
 #undef QLORA_GEMV_M
 }
 
 }  // namespace
 
-extern "C" cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* packed,
-                                                  const float* absmax, const uint8_t* absmax_q,
-                                                  const float* nested_absmax, const float* nested_code, float offset,
-                                                  const float* code, int64_t blocksize, int64_t nested_blocksize,
-                                                  int64_t n, cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* packed, const float* absmax,
+                                                  const uint8_t* absmax_q, const float* nested_absmax,
+                                                  const float* nested_code, float offset, const float* code,
+                                                  int64_t blocksize, int64_t nested_blocksize, int64_t n,
+                                                  cudaStream_t stream) {
     if (n < 0 || blocksize < 1) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     if (!out || !packed || !code) return cudaErrorInvalidValue;
@@ -355,8 +357,8 @@ extern "C" cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, cons
             return dequantize<QLORA_CUDA_F32>(out, packed, absmax, absmax_q, nested_absmax, nested_code, offset, code,
                                               blocksize, nested_blocksize, n, stream);
         case QLORA_CUDA_BF16:
-            return dequantize<QLORA_CUDA_BF16>(out, packed, absmax, absmax_q, nested_absmax, nested_code, offset,
-                                               code, blocksize, nested_blocksize, n, stream);
+            return dequantize<QLORA_CUDA_BF16>(out, packed, absmax, absmax_q, nested_absmax, nested_code, offset, code,
+                                               blocksize, nested_blocksize, n, stream);
         case QLORA_CUDA_F16:
             return dequantize<QLORA_CUDA_F16>(out, packed, absmax, absmax_q, nested_absmax, nested_code, offset, code,
                                               blocksize, nested_blocksize, n, stream);

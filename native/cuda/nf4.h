@@ -19,9 +19,9 @@ extern "C" {
 // blocksize >= 1 (any; the fast path needs a multiple of 8, as every bnb block size is); nested_blocksize >= 1.
 // Queued on `stream`; returns launch errors (cudaErrorInvalidValue for bad arguments).
 cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* packed, const float* absmax,
-                                       const uint8_t* absmax_q, const float* nested_absmax,
-                                       const float* nested_code, float offset, const float* code,
-                                       int64_t blocksize, int64_t nested_blocksize, int64_t n, cudaStream_t stream);
+                                       const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code,
+                                       float offset, const float* code, int64_t blocksize, int64_t nested_blocksize,
+                                       int64_t n, cudaStream_t stream);
 
 // Fused dequantization + GEMV for generation: y[M, N] = x[M, K] @ W^T with W[N, K] the 4-bit weight above
 // (n = N * K; each weight is rounded to x's dtype before the product, as dequantize-then-GEMM does), fp32

@@ -27,10 +27,9 @@ __device__ __forceinline__ void st(uint16_t* p, int64_t j, uint4 v) { reinterpre
 
 // RESIDUAL: h = bf16(x + y) is written and normalized; otherwise x is normalized (h, y unused)
 template <int K, bool RESIDUAL>
-__global__ void __launch_bounds__(kMaxThreads) rmsnorm_forward_vec(uint16_t* h, uint16_t* out, float* rstd,
-                                                                   const uint16_t* x, const uint16_t* y,
-                                                                   const uint16_t* weight, int64_t N, int64_t C,
-                                                                   float eps) {
+__global__ void __launch_bounds__(kMaxThreads)
+    rmsnorm_forward_vec(uint16_t* h, uint16_t* out, float* rstd, const uint16_t* x, const uint16_t* y,
+                        const uint16_t* weight, int64_t N, int64_t C, float eps) {
     __shared__ float scratch[32];
     const int64_t nvec = C / 8;
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
@@ -78,10 +77,9 @@ __global__ void __launch_bounds__(kMaxThreads) rmsnorm_forward_vec(uint16_t* h, 
 }
 
 template <bool RESIDUAL>
-__global__ void __launch_bounds__(kScalarThreads) rmsnorm_forward_scalar(uint16_t* h, uint16_t* out, float* rstd,
-                                                                         const uint16_t* x, const uint16_t* y,
-                                                                         const uint16_t* weight, int64_t N,
-                                                                         int64_t C, float eps) {
+__global__ void __launch_bounds__(kScalarThreads)
+    rmsnorm_forward_scalar(uint16_t* h, uint16_t* out, float* rstd, const uint16_t* x, const uint16_t* y,
+                           const uint16_t* weight, int64_t N, int64_t C, float eps) {
     __shared__ float scratch[32];
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
         const int64_t row = n * C;
@@ -129,21 +127,21 @@ cudaError_t launch_forward(uint16_t* h, uint16_t* out, float* rstd, const uint16
     }
     const int threads = round_up_warp((nvec + K - 1) / K);
     switch (K) {
-    case 1:
-        rmsnorm_forward_vec<1, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
-        break;
-    case 2:
-        rmsnorm_forward_vec<2, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
-        break;
-    case 4:
-        rmsnorm_forward_vec<4, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
-        break;
-    case 8:
-        rmsnorm_forward_vec<8, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
-        break;
-    default:
-        rmsnorm_forward_vec<16, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
-        break;
+        case 1:
+            rmsnorm_forward_vec<1, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
+            break;
+        case 2:
+            rmsnorm_forward_vec<2, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
+            break;
+        case 4:
+            rmsnorm_forward_vec<4, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
+            break;
+        case 8:
+            rmsnorm_forward_vec<8, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
+            break;
+        default:
+            rmsnorm_forward_vec<16, RESIDUAL><<<grid, threads, 0, stream>>>(h, out, rstd, x, y, weight, N, C, eps);
+            break;
     }
     return cudaGetLastError();
 }
@@ -155,10 +153,9 @@ cudaError_t launch_forward(uint16_t* h, uint16_t* out, float* rstd, const uint16
 // columns' dweight over the rows it visits in registers, then adds them with one atomic per column per block.
 
 template <int K>
-__global__ void __launch_bounds__(kMaxThreads) rmsnorm_backward_vec(uint16_t* dinp, float* dweight,
-                                                                    const uint16_t* dout, const uint16_t* inp,
-                                                                    const uint16_t* weight, const float* rstd,
-                                                                    int64_t N, int64_t C, bool accumulate) {
+__global__ void __launch_bounds__(kMaxThreads)
+    rmsnorm_backward_vec(uint16_t* dinp, float* dweight, const uint16_t* dout, const uint16_t* inp,
+                         const uint16_t* weight, const float* rstd, int64_t N, int64_t C, bool accumulate) {
     __shared__ float scratch[32];
     const int64_t nvec = C / 8;
     float w[K][8], dw[K][8];
@@ -224,10 +221,9 @@ __global__ void __launch_bounds__(kMaxThreads) rmsnorm_backward_vec(uint16_t* di
     }
 }
 
-__global__ void __launch_bounds__(kScalarThreads) rmsnorm_backward_scalar(uint16_t* dinp, float* dweight,
-                                                                          const uint16_t* dout, const uint16_t* inp,
-                                                                          const uint16_t* weight, const float* rstd,
-                                                                          int64_t N, int64_t C, bool accumulate) {
+__global__ void __launch_bounds__(kScalarThreads)
+    rmsnorm_backward_scalar(uint16_t* dinp, float* dweight, const uint16_t* dout, const uint16_t* inp,
+                            const uint16_t* weight, const float* rstd, int64_t N, int64_t C, bool accumulate) {
     __shared__ float scratch[32];
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
         const int64_t row = n * C;
@@ -255,10 +251,9 @@ extern "C" cudaError_t qlora_cuda_rmsnorm_forward(uint16_t* out, float* rstd, co
     return launch_forward<false>(nullptr, out, rstd, inp, nullptr, weight, N, C, eps, stream);
 }
 
-extern "C" cudaError_t qlora_cuda_residual_rmsnorm_forward(uint16_t* h, uint16_t* out, float* rstd,
-                                                           const uint16_t* x, const uint16_t* y,
-                                                           const uint16_t* weight, int64_t N, int64_t C, float eps,
-                                                           cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_residual_rmsnorm_forward(uint16_t* h, uint16_t* out, float* rstd, const uint16_t* x,
+                                                           const uint16_t* y, const uint16_t* weight, int64_t N,
+                                                           int64_t C, float eps, cudaStream_t stream) {
     return launch_forward<true>(h, out, rstd, x, y, weight, N, C, eps, stream);
 }
 
@@ -274,8 +269,8 @@ static cudaError_t launch_backward_vec(int threads, uint16_t* dinp, float* dweig
         const int64_t cap = (int64_t)num_sms() * (per_sm > 0 ? per_sm : 1);
         if (grid > cap) grid = cap;
     }
-    rmsnorm_backward_vec<K><<<(unsigned)grid, threads, 0, stream>>>(dinp, dweight, dout, inp, weight, rstd, N, C,
-                                                                     accumulate);
+    rmsnorm_backward_vec<K>
+        <<<(unsigned)grid, threads, 0, stream>>>(dinp, dweight, dout, inp, weight, rstd, N, C, accumulate);
     return cudaGetLastError();
 }
 
@@ -290,17 +285,16 @@ extern "C" cudaError_t qlora_cuda_rmsnorm_backward(uint16_t* dinp, float* dweigh
     const int K = aligned ? pick_k(nvec) : 0;
     if (K == 0 || K > 4) {
         const unsigned grid = (unsigned)(N < INT_MAX ? N : INT_MAX);
-        rmsnorm_backward_scalar<<<grid, kScalarThreads, 0, stream>>>(dinp, dweight, dout, inp, weight, rstd, N, C,
-                                                                      acc);
+        rmsnorm_backward_scalar<<<grid, kScalarThreads, 0, stream>>>(dinp, dweight, dout, inp, weight, rstd, N, C, acc);
         return cudaGetLastError();
     }
     const int threads = round_up_warp((nvec + K - 1) / K);
     switch (K) {
-    case 1:
-        return launch_backward_vec<1>(threads, dinp, dweight, dout, inp, weight, rstd, N, C, acc, stream);
-    case 2:
-        return launch_backward_vec<2>(threads, dinp, dweight, dout, inp, weight, rstd, N, C, acc, stream);
-    default:
-        return launch_backward_vec<4>(threads, dinp, dweight, dout, inp, weight, rstd, N, C, acc, stream);
+        case 1:
+            return launch_backward_vec<1>(threads, dinp, dweight, dout, inp, weight, rstd, N, C, acc, stream);
+        case 2:
+            return launch_backward_vec<2>(threads, dinp, dweight, dout, inp, weight, rstd, N, C, acc, stream);
+        default:
+            return launch_backward_vec<4>(threads, dinp, dweight, dout, inp, weight, rstd, N, C, acc, stream);
     }
 }

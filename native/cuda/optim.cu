@@ -37,9 +37,9 @@ struct Bnb32Step {
 
 // float4 quads [0, nvec) (all four pointers 16-byte aligned), then the elements [4 * nvec, n) one by one
 template <class Step>
-__global__ void __launch_bounds__(kThreads) adamw_elementwise_kernel(float* param, float* state1, float* state2,
-                                                                     const float* grad, Step step, int64_t nvec,
-                                                                     int64_t n) {
+__global__ void __launch_bounds__(kThreads)
+    adamw_elementwise_kernel(float* param, float* state1, float* state2, const float* grad, Step step, int64_t nvec,
+                             int64_t n) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     for (int64_t i = tid; i < nvec; i += stride) {
@@ -69,8 +69,8 @@ cudaError_t launch_elementwise(float* param, float* state1, float* state2, const
     const bool aligned = aligned16(param) && aligned16(state1) && aligned16(state2) && aligned16(grad);
     const int64_t nvec = aligned ? n / 4 : 0;
     const int64_t work = nvec > n - nvec * 4 ? nvec : n - nvec * 4;
-    adamw_elementwise_kernel<Step><<<grid_for(work, kThreads), kThreads, 0, stream>>>(param, state1, state2, grad,
-                                                                                       step, nvec, n);
+    adamw_elementwise_kernel<Step>
+        <<<grid_for(work, kThreads), kThreads, 0, stream>>>(param, state1, state2, grad, step, nvec, n);
     return cudaGetLastError();
 }
 
@@ -94,11 +94,10 @@ __device__ __forceinline__ void block_max2(float& a, float& b, float* ra, float*
 // grid-stride over quantization blocks; element j of a block is handled by thread j % blockDim.x (coalesced),
 // PER elements a thread (blocksize <= PER * blockDim.x)
 template <int PER>
-__global__ void __launch_bounds__(kThreads) adamw_bnb8_kernel(float* param, uint8_t* state1, uint8_t* state2,
-                                                              float* absmax1, float* absmax2, const float* grad,
-                                                              const float* qmap1, const float* qmap2,
-                                                              adamw::BnbScalars c, int64_t blocksize, int64_t n,
-                                                              int64_t nblocks) {
+__global__ void __launch_bounds__(kThreads)
+    adamw_bnb8_kernel(float* param, uint8_t* state1, uint8_t* state2, float* absmax1, float* absmax2, const float* grad,
+                      const float* qmap1, const float* qmap2, adamw::BnbScalars c, int64_t blocksize, int64_t n,
+                      int64_t nblocks) {
     __shared__ float q1[256], q2[256];
     __shared__ float red1[32], red2[32];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
@@ -182,8 +181,8 @@ __global__ void __launch_bounds__(kThreads) sum_squares_partial_kernel(BufferLis
 }
 
 // one block: sums the partials in a fixed order
-__global__ void __launch_bounds__(kThreads) sum_squares_final_kernel(double* out, const double* partials,
-                                                                     int nparts, int accumulate) {
+__global__ void __launch_bounds__(kThreads)
+    sum_squares_final_kernel(double* out, const double* partials, int nparts, int accumulate) {
     __shared__ double scratch[32];
     double acc = 0.0;
     for (int i = threadIdx.x; i < nparts; i += blockDim.x) acc += partials[i];
@@ -257,9 +256,8 @@ cudaError_t launch_bnb8(const Bnb8Args& a, int threads, cudaStream_t stream) {
     QLORA_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, adamw_bnb8_kernel<PER>, threads, 0));
     int64_t grid = (int64_t)num_sms() * (per_sm > 0 ? per_sm : 1);
     if (grid > a.nblocks) grid = a.nblocks;
-    adamw_bnb8_kernel<PER><<<(unsigned)grid, threads, 0, stream>>>(a.param, a.state1, a.state2, a.absmax1, a.absmax2,
-                                                                   a.grad, a.qmap1, a.qmap2, a.c, a.blocksize, a.n,
-                                                                   a.nblocks);
+    adamw_bnb8_kernel<PER><<<(unsigned)grid, threads, 0, stream>>>(
+        a.param, a.state1, a.state2, a.absmax1, a.absmax2, a.grad, a.qmap1, a.qmap2, a.c, a.blocksize, a.n, a.nblocks);
     return cudaGetLastError();
 }
 
@@ -268,10 +266,9 @@ cudaError_t launch_bnb8(const Bnb8Args& a, int threads, cudaStream_t stream) {
 // ------------------------------------------------------------------
 // launchers
 
-extern "C" cudaError_t qlora_cuda_adamw_torch_step(float* param, float* exp_avg, float* exp_avg_sq,
-                                                   const float* grad, double lr, double beta1, double beta2,
-                                                   double eps, double weight_decay, int64_t step, int64_t n,
-                                                   cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_adamw_torch_step(float* param, float* exp_avg, float* exp_avg_sq, const float* grad,
+                                                   double lr, double beta1, double beta2, double eps,
+                                                   double weight_decay, int64_t step, int64_t n, cudaStream_t stream) {
     if (n < 0) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     // the CPU's scalars (qlora_adamw.h, as qlora_cpu_adamw_torch_step)
@@ -280,9 +277,8 @@ extern "C" cudaError_t qlora_cuda_adamw_torch_step(float* param, float* exp_avg,
 }
 
 extern "C" cudaError_t qlora_cuda_adamw_bnb32_step(float* param, float* state1, float* state2, const float* grad,
-                                                   float lr, float beta1, float beta2, float eps,
-                                                   float weight_decay, int64_t step, int64_t n,
-                                                   cudaStream_t stream) {
+                                                   float lr, float beta1, float beta2, float eps, float weight_decay,
+                                                   int64_t step, int64_t n, cudaStream_t stream) {
     if (n < 0) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     // qlora_cpu_adamw_bnb32_step's scalars
@@ -309,8 +305,8 @@ extern "C" cudaError_t qlora_cuda_adamw_bnb8_step(float* param, uint8_t* state1,
     return launch_bnb8<kMaxPerThread>(a, threads, stream);
 }
 
-extern "C" cudaError_t qlora_cuda_optim_sum_squares(double* out, const float* const* ptrs, const int64_t* ns,
-                                                    int count, int accumulate, cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_optim_sum_squares(double* out, const float* const* ptrs, const int64_t* ns, int count,
+                                                    int accumulate, cudaStream_t stream) {
     if (count < 0) return cudaErrorInvalidValue;
     const int grid = num_sms() * 4;
     cudaError_t err = cudaSuccess;

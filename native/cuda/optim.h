@@ -19,9 +19,9 @@ extern "C" {
 
 // torch.optim.AdamW (decay first, then Adam), as qlora_cpu_adamw_torch_step. param[n], exp_avg[n],
 // exp_avg_sq[n] updated; grad[n]. Scalars are doubles, as torch's Python floats.
-cudaError_t qlora_cuda_adamw_torch_step(float* param, float* exp_avg, float* exp_avg_sq, const float* grad,
-                                        double lr, double beta1, double beta2, double eps, double weight_decay,
-                                        int64_t step, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_adamw_torch_step(float* param, float* exp_avg, float* exp_avg_sq, const float* grad, double lr,
+                                        double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                                        int64_t n, cudaStream_t stream);
 
 // bitsandbytes 32-bit AdamW (Adam, then decay), as qlora_cpu_adamw_bnb32_step. param[n], state1[n], state2[n]
 // updated; grad[n]
@@ -33,10 +33,10 @@ cudaError_t qlora_cuda_adamw_bnb32_step(float* param, float* state1, float* stat
 // `blocksize` elements (1..2048; bnb uses 256). param[n], state1[n] (u8 codes, signed map), state2[n] (u8 codes,
 // unsigned map), absmax1/absmax2[ceil(n/blocksize)] updated; grad[n], qmap1[256], qmap2[256] (f32, on the device:
 // qlora_cpu_optim_dynamic_map's output). Whether a tensor gets 8-bit state (min_8bit_size) is the caller's call.
-cudaError_t qlora_cuda_adamw_bnb8_step(float* param, uint8_t* state1, uint8_t* state2, float* absmax1,
-                                       float* absmax2, const float* grad, const float* qmap1, const float* qmap2,
-                                       float lr, float beta1, float beta2, float eps, float weight_decay,
-                                       int64_t step, int64_t blocksize, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_adamw_bnb8_step(float* param, uint8_t* state1, uint8_t* state2, float* absmax1, float* absmax2,
+                                       const float* grad, const float* qmap1, const float* qmap2, float lr, float beta1,
+                                       float beta2, float eps, float weight_decay, int64_t step, int64_t blocksize,
+                                       int64_t n, cudaStream_t stream);
 
 // out[0] (one double on the device) = (accumulate ? out[0] : 0) + sum over the buffers of sum(x[i]^2), in double.
 // ptrs[count] and ns[count] are HOST arrays naming device buffers (e.g. every LoRA gradient). The order of the

@@ -17,9 +17,9 @@ constexpr int kThreads = 128;
 constexpr int64_t kMaxHalf = 1024;
 
 template <bool VEC>
-__global__ void __launch_bounds__(kThreads) rope_kernel(uint16_t* out, const uint16_t* inp, const int32_t* pos,
-                                                        const float* inv_freq, float scaling, float sign, int64_t N,
-                                                        int64_t H, int64_t D, int64_t stride) {
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(uint16_t* out, const uint16_t* inp, const int32_t* pos, const float* inv_freq, float scaling,
+                float sign, int64_t N, int64_t H, int64_t D, int64_t stride) {
     extern __shared__ float table[];  // cos[half], sin[half] (sin carries the sign of the direction)
     const int half = (int)(D / 2);
     float* cs = table;
@@ -97,8 +97,8 @@ extern "C" cudaError_t qlora_cuda_rope_forward(uint16_t* out, const uint16_t* in
 }
 
 extern "C" cudaError_t qlora_cuda_rope_backward(uint16_t* dinp, const uint16_t* dout, const int32_t* pos,
-                                                const float* inv_freq, float attention_scaling, int64_t N,
-                                                int64_t H, int64_t D, int64_t row_stride, cudaStream_t stream) {
+                                                const float* inv_freq, float attention_scaling, int64_t N, int64_t H,
+                                                int64_t D, int64_t row_stride, cudaStream_t stream) {
     // the rotation is orthogonal (times a scale): its transpose is the rotation by -angle
     return launch(dinp, dout, pos, inv_freq, attention_scaling, -1.0f, N, H, D, row_stride, stream);
 }

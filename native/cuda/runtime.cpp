@@ -13,8 +13,8 @@ namespace qlora_cuda {
 
 static cudaStream_t g_stream = nullptr;
 static std::mutex g_mutex;
-static std::map<size_t, std::vector<void*>> g_free;      // rounded size -> cached blocks
-static std::unordered_map<void*, size_t> g_live;         // block -> rounded size
+static std::map<size_t, std::vector<void*>> g_free;  // rounded size -> cached blocks
+static std::unordered_map<void*, size_t> g_live;     // block -> rounded size
 static MemoryStats g_stats = {0, 0, 0, 0, 0};
 
 cudaStream_t stream() {

@@ -15,7 +15,7 @@ struct MemoryStats {
     size_t reserved;        // bytes held from cudaMalloc (allocated + cached)
     size_t peak_allocated;  // highest `allocated` since the last reset
     size_t peak_reserved;
-    size_t num_allocs;      // cudaMalloc calls
+    size_t num_allocs;  // cudaMalloc calls
 };
 
 // a device buffer of at least `bytes` (rounded up to a size class); nullptr with `err` set on failure.

@@ -28,9 +28,8 @@ int qlora_cpu_get_num_threads(void);
 //   C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C
 // op(A) = A (A is [M, lda>=K]) or A^T (A is [K, lda>=M]) when transA != 0; likewise for B.
 // beta == 0 means C is write-only (NaNs in C are not propagated).
-void qlora_cpu_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
-                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                     int64_t ldc);
+void qlora_cpu_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                     const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
 // ------------------------------------------------------------------
 // dtype conversion
@@ -64,21 +63,20 @@ void qlora_cpu_add_bias(float* out, const float* inp, const float* bias, int64_t
 // embedding
 
 // out[N,C] = table[ids[n], :]; ids outside [0, V) are an error reported through the return value (-1 - n)
-int64_t qlora_cpu_embedding_forward(float* out, const int32_t* ids, const float* table, int64_t N,
-                                    int64_t V, int64_t C);
+int64_t qlora_cpu_embedding_forward(float* out, const int32_t* ids, const float* table, int64_t N, int64_t V,
+                                    int64_t C);
 // dtable[ids[n], :] += dout[n, :]   (parameter gradient: accumulates)
-void qlora_cpu_embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t N,
-                                  int64_t C);
+void qlora_cpu_embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t N, int64_t C);
 
 // ------------------------------------------------------------------
 // RMSNorm: out = inp * rstd * weight, rstd = 1/sqrt(mean(inp^2) + eps)
 
 // out[N,C], rstd[N] (saved for backward, may be NULL), inp[N,C], weight[C]
-void qlora_cpu_rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
-                               int64_t C, float eps);
+void qlora_cpu_rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N, int64_t C,
+                               float eps);
 // dinp[N,C] (=), dweight[C] (+=, may be NULL for a frozen norm), dout[N,C], inp[N,C], weight[C], rstd[N]
-void qlora_cpu_rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
-                                const float* weight, const float* rstd, int64_t N, int64_t C);
+void qlora_cpu_rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                                const float* rstd, int64_t N, int64_t C);
 
 // ------------------------------------------------------------------
 // RoPE, "rotate half" layout as in transformers (pairs (i, i + D/2) within each head)
@@ -100,15 +98,13 @@ void qlora_cpu_rope_backward(float* dinp, const float* dout, const int32_t* pos,
 // A query with no visible key gets zeros. out[B,T,Hq,D]; lse[B,Hq,T] is the log-sum-exp of the scaled
 // scores, saved for backward (may be NULL).
 void qlora_cpu_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                                 const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T,
-                                 int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset,
-                                 float scale);
+                                 const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T, int64_t S,
+                                 int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset, float scale);
 // dq (=), dk (=), dv (=); recomputes the probabilities from q, k and lse
-void qlora_cpu_attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
-                                  const float* k, const float* v, const float* out, const float* lse,
-                                  const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T,
-                                  int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset,
-                                  float scale);
+void qlora_cpu_attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
+                                  const float* v, const float* out, const float* lse, const uint8_t* key_valid,
+                                  const int32_t* seg, int64_t B, int64_t T, int64_t S, int64_t Hq, int64_t Hkv,
+                                  int64_t D, int64_t q_offset, float scale);
 
 // ------------------------------------------------------------------
 // SwiGLU: out = silu(gate) * up
@@ -119,20 +115,20 @@ void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n);
 
 void qlora_cpu_swiglu_forward(float* out, const float* gate, const float* up, int64_t n);
 // dgate (=), dup (=)
-void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
-                               const float* up, int64_t n);
+void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                               int64_t n);
 
 // ------------------------------------------------------------------
 // softmax cross-entropy over rows of logits
 //
 // logits[N,V], targets[N] (-100 or any negative: ignored). loss[N] (0 for ignored rows), lse[N] saved.
 // Returns the number of counted rows.
-int64_t qlora_cpu_cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets,
-                                        int64_t N, int64_t V);
+int64_t qlora_cpu_cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets, int64_t N,
+                                        int64_t V);
 // dlogits[N,V] (=) = (softmax(logits) - onehot(target)) * dloss_scale; zero rows for ignored targets.
 // dlogits may alias logits (in-place, so the full fp32 logits are never held twice)
-void qlora_cpu_cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
-                                      const int32_t* targets, float dloss_scale, int64_t N, int64_t V);
+void qlora_cpu_cross_entropy_backward(float* dlogits, const float* logits, const float* lse, const int32_t* targets,
+                                      float dloss_scale, int64_t N, int64_t V);
 
 #ifdef __cplusplus
 }

@@ -22,16 +22,15 @@ extern "C" {
 // Python scalars are; they are rounded to float32 where torch rounds them.
 // param[n], exp_avg[n], exp_avg_sq[n] updated; grad[n]
 void qlora_cpu_adamw_torch_step(float* param, float* exp_avg, float* exp_avg_sq, const float* grad, double lr,
-                                double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                                int64_t n);
+                                double beta1, double beta2, double eps, double weight_decay, int64_t step, int64_t n);
 
 // bitsandbytes 32-bit AdamW (kOptimizer32bit2State, ADAM): the path of `optim_bits=32` and of parameters
 // below min_8bit_size. In float32: c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t), step_size = -lr*c2/c1;
 //   m = fmaf(m, beta1, (1-beta1)*g);  v = fmaf(v, beta2, (1-beta2)*(g*g))
 //   p = fmaf(step_size, m / fmaf(eps, c2, sqrt(v)), p);  then if wd > 0: p *= fmaf(-lr, wd, 1)  (decay AFTER)
 // Non-finite gradients propagate (as in bnb's kernel). param[n], state1[n], state2[n] updated; grad[n]
-void qlora_cpu_adamw_bnb32_step(float* param, float* state1, float* state2, const float* grad, float lr,
-                                float beta1, float beta2, float eps, float weight_decay, int64_t step, int64_t n);
+void qlora_cpu_adamw_bnb32_step(float* param, float* state1, float* state2, const float* grad, float lr, float beta1,
+                                float beta2, float eps, float weight_decay, int64_t step, int64_t n);
 
 // bitsandbytes 8-bit blockwise AdamW (kOptimizerStatic8bit2StateBlockwise), one step. Per block of
 // `blocksize` elements: decode m = qmap1[state1]*absmax1, v = qmap2[state2]*absmax2; update
@@ -43,8 +42,7 @@ void qlora_cpu_adamw_bnb32_step(float* param, float* state1, float* state2, cons
 // grad[n], qmap1[256] (signed dynamic map), qmap2[256] (unsigned dynamic map)
 void qlora_cpu_adamw_bnb8_step(float* param, uint8_t* state1, uint8_t* state2, float* absmax1, float* absmax2,
                                const float* grad, const float* qmap1, const float* qmap2, float lr, float beta1,
-                               float beta2, float eps, float weight_decay, int64_t step, int64_t blocksize,
-                               int64_t n);
+                               float beta2, float eps, float weight_decay, int64_t step, int64_t blocksize, int64_t n);
 
 // bnb create_dynamic_map(signed, max_exponent_bits=7, total_bits=8), bit-identical to the float32 map bnb
 // builds with torch (torch's CPU linspace computes start + step*i (first half) and end - step*(steps-1-i)

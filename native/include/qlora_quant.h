@@ -23,8 +23,8 @@ extern "C" {
 // packed[ceil(n/2)], absmax[ceil(n/blocksize)] <- inp[n] (f32).
 // u = x * fl32(1/absmax); the code is the number of decision thresholds u strictly exceeds (bnb's
 // dQuantizeNF4/dQuantizeFP4 trees). An all-zero block gets code 7 (NF4 exact zero) / 0 (FP4 +0).
-void qlora_cpu_quantize_4bit_f32(uint8_t* packed, float* absmax, const float* inp, int quant_type,
-                                 int64_t blocksize, int64_t n);
+void qlora_cpu_quantize_4bit_f32(uint8_t* packed, float* absmax, const float* inp, int quant_type, int64_t blocksize,
+                                 int64_t n);
 // the same from bf16 bits: inp[n] (bf16)
 void qlora_cpu_quantize_4bit_bf16(uint8_t* packed, float* absmax, const uint16_t* inp, int quant_type,
                                   int64_t blocksize, int64_t n);
@@ -52,8 +52,8 @@ void qlora_cpu_dequantize_blockwise_8bit(float* out, const uint8_t* q, const flo
 // code[16]. With absmax_q == NULL, `nested_absmax` is read as the plain f32 absmax[nblocks] (no double quant).
 void qlora_cpu_dequantize_4bit_rows(float* out, const uint8_t* packed, const uint8_t* absmax_q,
                                     const float* nested_absmax, const float* nested_code, float offset,
-                                    const float* code, int64_t blocksize, int64_t nested_blocksize,
-                                    int round_dtype, int64_t row_begin, int64_t rows, int64_t cols);
+                                    const float* code, int64_t blocksize, int64_t nested_blocksize, int round_dtype,
+                                    int64_t row_begin, int64_t rows, int64_t cols);
 
 #ifdef __cplusplus
 }

@@ -15,8 +15,12 @@ export interface EvalResult {
     warnings: string[];
 }
 
-export async function evaluateLoss(loaded: LoadedModel, dataPath: string, options: DataOptions = {},
-    batchSize = 8): Promise<EvalResult> {
+export async function evaluateLoss(
+    loaded: LoadedModel,
+    dataPath: string,
+    options: DataOptions = {},
+    batchSize = 8
+): Promise<EvalResult> {
     const data = await loadDataset(dataPath, loaded.tokenizer, {...options, packing: false});
     // the rule train applies: rows past the context are refused, not scored at positions the model never saw
     let longest = 0;
@@ -25,7 +29,8 @@ export async function evaluateLoss(loaded: LoadedModel, dataPath: string, option
     loaded.lora?.setTraining(false);
     const runner = new DecoderTrainer(loaded.model);
     const loader = new DataLoader(data.rows, {batchSize, padTokenId: padTokenIdOf(loaded.tokenizer), shuffle: false, seed: 0});
-    let sum = 0, count = 0;
+    let sum = 0,
+        count = 0;
     for (const {batch} of loader.epoch()) {
         const r = runner.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
         sum += r.lossSum;

@@ -11,11 +11,23 @@ import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {assertFileOutput, assertOutputSeparate} from "../io/atomic.js";
 import {GgufMetadata, hasGgufMagic, writeGguf, type GgufTensor} from "../io/gguf.js";
 import {
-    encodeTensor, GGUF_FILE_TYPE, GGUF_OUTTYPES, GgmlType, ggmlTypeName, tensorTypeFor, type GgufOuttype,
+    encodeTensor,
+    GGUF_FILE_TYPE,
+    GGUF_OUTTYPES,
+    GgmlType,
+    ggmlTypeName,
+    tensorTypeFor,
+    type GgufOuttype
 } from "../io/gguf-quants.js";
 import {
-    addArchMetadata, GGUF_PROJ_NAMES, ggufArchFor, ggufNameOfModule, llama3RopeFactors, permutationHeads,
-    permuteQkRows, type GgufArch,
+    addArchMetadata,
+    GGUF_PROJ_NAMES,
+    ggufArchFor,
+    ggufNameOfModule,
+    llama3RopeFactors,
+    permutationHeads,
+    permuteQkRows,
+    type GgufArch
 } from "../io/gguf-model.js";
 import {addVocabMetadata, readGgufVocab} from "../io/gguf-vocab.js";
 import {addDeltaWeight} from "../lora/layer.js";
@@ -65,8 +77,10 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
     if (!GGUF_OUTTYPES.includes(opts.outtype))
         throw new QloraError(`--outtype ${quoteValue(opts.outtype)} is not one of ${GGUF_OUTTYPES.join(", ")}`);
     const dir = resolveModelDir(opts.modelDir);
-    await assertGgufOutput(opts.out, opts.overwrite, [{path: dir, what: "model folder"},
-        ...(opts.adapterDir ? [{path: opts.adapterDir, what: "adapter folder"}] : [])]);
+    await assertGgufOutput(opts.out, opts.overwrite, [
+        {path: dir, what: "model folder"},
+        ...(opts.adapterDir ? [{path: opts.adapterDir, what: "adapter folder"}] : [])
+    ]);
     const cfg = await loadModelConfig(dir);
     const arch = ggufArchFor(cfg);
     // everything that can be checked without the weights is checked before they are read
@@ -78,14 +92,24 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
     const weights = await openWeights(dir, cfg);
     try {
         // the adapter is checked against the config's shapes; its A/B (and trained biases) are merged per tensor
-        const adapter = opts.adapterDir ? await readAdapter(opts.adapterDir, cfg, {checkConfig: (c) => {
-            if (c.modules_to_save?.length)
-                throw new QloraError("an adapter with modules_to_save (full lm_head / embed_tokens copies) cannot be merged " +
-                    "during GGUF export; run qlora merge first and export the merged model", {file: opts.adapterDir});
-            if (c.use_dora)
-                throw new QloraError("a DoRA adapter cannot be merged during GGUF export; run qlora merge first and export " +
-                    "the merged model", {file: opts.adapterDir});
-        }}) : null;
+        const adapter = opts.adapterDir
+            ? await readAdapter(opts.adapterDir, cfg, {
+                  checkConfig: (c) => {
+                      if (c.modules_to_save?.length)
+                          throw new QloraError(
+                              "an adapter with modules_to_save (full lm_head / embed_tokens copies) cannot be merged " +
+                                  "during GGUF export; run qlora merge first and export the merged model",
+                              {file: opts.adapterDir}
+                          );
+                      if (c.use_dora)
+                          throw new QloraError(
+                              "a DoRA adapter cannot be merged during GGUF export; run qlora merge first and export " +
+                                  "the merged model",
+                              {file: opts.adapterDir}
+                          );
+                  }
+              })
+            : null;
 
         const md = new GgufMetadata();
         md.string("general.architecture", arch);
@@ -114,7 +138,9 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
             add(`blk.${l}.attn_norm.weight`, 1, C, () => weights.read(`model.layers.${l}.input_layernorm.weight`, C));
             for (const p of PROJ_NAMES) {
                 if (p === "gate_proj")
-                    add(`blk.${l}.ffn_norm.weight`, 1, C, () => weights.read(`model.layers.${l}.post_attention_layernorm.weight`, C));
+                    add(`blk.${l}.ffn_norm.weight`, 1, C, () =>
+                        weights.read(`model.layers.${l}.post_attention_layernorm.weight`, C)
+                    );
                 const [outF, inF] = projShape(cfg, p);
                 const module = projModule(l, p);
                 const heads = permutationHeads(arch, cfg, p);
@@ -129,7 +155,7 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
                 if (projHasBias(cfg, p)) {
                     add(`${base}.bias`, 1, outF, async () => {
                         // a bias the adapter trained replaces the checkpoint's
-                        const b = adapter?.biases.get(`${module}.bias`) ?? await weights.read(`${module}.bias`, outF);
+                        const b = adapter?.biases.get(`${module}.bias`) ?? (await weights.read(`${module}.bias`, outF));
                         return heads ? permuteQkRows(b, heads, 1) : b;
                     });
                 }
@@ -139,10 +165,14 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
         if (!tied) add("output.weight", cfg.vocabSize, C, () => weights.read("lm_head.weight", cfg.vocabSize * C));
         if (ropeFactors) add("rope_freqs.weight", 1, ropeFactors.length, async () => ropeFactors);
 
-        const written = await writeGguf(opts.out, {metadata: md, tensors}, {
-            onTensor: (index, tensor, bytes) =>
-                opts.onProgress?.({index, count: tensors.length, name: tensor.name, type: ggmlTypeName(tensor.type), bytes}),
-        });
+        const written = await writeGguf(
+            opts.out,
+            {metadata: md, tensors},
+            {
+                onTensor: (index, tensor, bytes) =>
+                    opts.onProgress?.({index, count: tensors.length, name: tensor.name, type: ggmlTypeName(tensor.type), bytes})
+            }
+        );
         return {file: written.file, arch, bytes: written.bytes, tensorCount: written.tensorCount, typeCounts};
     } finally {
         await weights.close();
@@ -154,7 +184,11 @@ export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufRes
  * tokenizer: it may sit beside them), and an existing `out` is replaced only with `overwrite` and only when it is a
  * GGUF file. Checked before anything is read, so a refused export is quick.
  */
-async function assertGgufOutput(out: string, overwrite: boolean | undefined, folders: {path: string; what: string}[]): Promise<void> {
+async function assertGgufOutput(
+    out: string,
+    overwrite: boolean | undefined,
+    folders: {path: string; what: string}[]
+): Promise<void> {
     const inputs = [...folders];
     for (const folder of folders) {
         const names = await fs.readdir(folder.path).catch(() => [] as string[]); // a missing folder is reported later
@@ -185,10 +219,12 @@ async function openWeights(dir: string, cfg: ModelConfig): Promise<WeightSource>
             const state = states.get(name);
             const values = state ? dequantize4bit(state) : await readTensorF32(ckpt, name);
             if (values.length !== numel)
-                throw new QloraError(`tensor "${name}" has ${values.length} values, but config.json implies ${numel}`, {file: dir});
+                throw new QloraError(`tensor "${name}" has ${values.length} values, but config.json implies ${numel}`, {
+                    file: dir
+                });
             return values;
         },
-        close: () => ckpt.close(),
+        close: () => ckpt.close()
     };
 }
 /** fails early on configs whose metadata cannot be written (rope types llama.cpp lacks) */
@@ -236,20 +272,34 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
     if (outtype !== "f32" && outtype !== "f16")
         throw new QloraError(`--outtype ${quoteValue(outtype)} is not one of f32, f16 for a LoRA adapter`);
     const dir = resolveModelDir(opts.modelDir);
-    await assertGgufOutput(opts.out, opts.overwrite, [{path: opts.adapterDir, what: "adapter folder"}, {path: dir, what: "model folder"}]);
+    await assertGgufOutput(opts.out, opts.overwrite, [
+        {path: opts.adapterDir, what: "adapter folder"},
+        {path: dir, what: "model folder"}
+    ]);
     const cfg = await loadModelConfig(dir);
     const arch = ggufArchFor(cfg);
-    const adapter = await readAdapter(opts.adapterDir, cfg, {checkConfig: (c) => {
-        if (c.bias !== "none")
-            throw new QloraError(`the adapter trains biases (bias: "${c.bias}"), which a llama.cpp LoRA adapter ` +
-                "cannot carry; merge it into the model instead: qlora export gguf --adapter", {file: opts.adapterDir});
-        if (c.modules_to_save?.length)
-            throw new QloraError("llama.cpp LoRA adapters cannot carry full module copies (modules_to_save); merge the adapter " +
-                "(qlora merge) and export the merged model instead", {file: opts.adapterDir});
-        if (c.use_dora)
-            throw new QloraError("llama.cpp LoRA adapters cannot express DoRA; merge the adapter (qlora merge) and export " +
-                "the merged model instead", {file: opts.adapterDir});
-    }});
+    const adapter = await readAdapter(opts.adapterDir, cfg, {
+        checkConfig: (c) => {
+            if (c.bias !== "none")
+                throw new QloraError(
+                    `the adapter trains biases (bias: "${c.bias}"), which a llama.cpp LoRA adapter ` +
+                        "cannot carry; merge it into the model instead: qlora export gguf --adapter",
+                    {file: opts.adapterDir}
+                );
+            if (c.modules_to_save?.length)
+                throw new QloraError(
+                    "llama.cpp LoRA adapters cannot carry full module copies (modules_to_save); merge the adapter " +
+                        "(qlora merge) and export the merged model instead",
+                    {file: opts.adapterDir}
+                );
+            if (c.use_dora)
+                throw new QloraError(
+                    "llama.cpp LoRA adapters cannot express DoRA; merge the adapter (qlora merge) and export " +
+                        "the merged model instead",
+                    {file: opts.adapterDir}
+                );
+        }
+    });
 
     const r = adapter.config.r;
     const alpha = adapter.config.use_rslora ? adapter.config.lora_alpha * Math.sqrt(r) : adapter.config.lora_alpha;
@@ -271,13 +321,21 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
         const heads = permutationHeads(arch, cfg, proj);
         // lora_A [r, in] → ne [in, r]; lora_B [out, r] → ne [r, out]; bytes unchanged, B's rows permuted for llama q/k
         tensors.push({name: `${name}.lora_a`, type, ne: [K, rank], data: () => encodeTensor(type, A, K, rank)});
-        tensors.push({name: `${name}.lora_b`, type, ne: [rank, N],
-            data: () => encodeTensor(type, heads ? permuteQkRows(B, heads, rank) : B, rank, N)});
+        tensors.push({
+            name: `${name}.lora_b`,
+            type,
+            ne: [rank, N],
+            data: () => encodeTensor(type, heads ? permuteQkRows(B, heads, rank) : B, rank, N)
+        });
     }
-    const written = await writeGguf(opts.out, {metadata: md, tensors}, {
-        onTensor: (index, tensor, bytes) =>
-            opts.onProgress?.({index, count: tensors.length, name: tensor.name, type: ggmlTypeName(tensor.type), bytes}),
-    });
+    const written = await writeGguf(
+        opts.out,
+        {metadata: md, tensors},
+        {
+            onTensor: (index, tensor, bytes) =>
+                opts.onProgress?.({index, count: tensors.length, name: tensor.name, type: ggmlTypeName(tensor.type), bytes})
+        }
+    );
     return {file: written.file, arch, bytes: written.bytes, tensorCount: written.tensorCount, alpha, r};
 }
 

@@ -30,7 +30,8 @@ export async function inspectModel(dir: string): Promise<ModelDescription> {
     const expected = expectedTensors(config);
     const ckpt = await SafetensorsCheckpoint.open(dir);
     const dtypes: Record<string, number> = {};
-    let parameters = 0, bytes = 0;
+    let parameters = 0,
+        bytes = 0;
     const files = new Set<string>();
     const unusedTensors: string[] = [];
     try {
@@ -51,14 +52,20 @@ export async function inspectModel(dir: string): Promise<ModelDescription> {
     }
     const tok = await HfTokenizer.load(dir);
     return {
-        dir, config, parameters, dtypes, files: [...files], bytes, unusedTensors,
+        dir,
+        config,
+        parameters,
+        dtypes,
+        files: [...files],
+        bytes,
+        unusedTensors,
         tokenizer: {
             vocabSize: tok.vocabSize,
             eosTokenId: tok.eosTokenId,
             padTokenId: tok.padTokenId,
             bosTokenId: tok.bosTokenId,
             specialTokens: tok.specialTokens.map((t) => ({content: t.content, id: t.id})),
-            hasChatTemplate: tok.hasChatTemplate,
-        },
+            hasChatTemplate: tok.hasChatTemplate
+        }
     };
 }

@@ -32,10 +32,16 @@ export interface LoadModelOptions {
 
 export function resolveModelDir(dir: string | undefined): string {
     const resolved = path.resolve(dir ?? DEFAULT_MODEL_DIR);
-    if (!existsSync(resolved)) throw new QloraError("the model folder does not exist (pass a Hugging Face model folder " +
-        "with config.json, *.safetensors and tokenizer.json)", {file: resolved});
-    if (!statSync(resolved).isDirectory()) throw new QloraError("expected a model folder, got a file " +
-        "(pass the folder that holds config.json)", {file: resolved});
+    if (!existsSync(resolved))
+        throw new QloraError(
+            "the model folder does not exist (pass a Hugging Face model folder " +
+                "with config.json, *.safetensors and tokenizer.json)",
+            {file: resolved}
+        );
+    if (!statSync(resolved).isDirectory())
+        throw new QloraError("expected a model folder, got a file " + "(pass the folder that holds config.json)", {
+            file: resolved
+        });
     return resolved;
 }
 

@@ -25,10 +25,13 @@ export function runTraining(config: TrainerConfig, reporter: TrainReporter = {})
 export async function fineTune(input: TrainConfigInput = {}, reporter: TrainReporter = {}): Promise<TrainResult> {
     const config = resolveTrainConfig(input as Record<string, unknown>, "fineTune()");
     const usingExample = config.dataset === null;
-    return train({
-        ...config,
-        model: resolveModelDir(config.model ?? DEFAULT_MODEL_DIR),
-        dataset: config.dataset ?? EXAMPLE_TRAIN_DATA,
-        eval_dataset: config.eval_dataset ?? (usingExample ? EXAMPLE_EVAL_DATA : null),
-    }, reporter);
+    return train(
+        {
+            ...config,
+            model: resolveModelDir(config.model ?? DEFAULT_MODEL_DIR),
+            dataset: config.dataset ?? EXAMPLE_TRAIN_DATA,
+            eval_dataset: config.eval_dataset ?? (usingExample ? EXAMPLE_EVAL_DATA : null)
+        },
+        reporter
+    );
 }

@@ -51,7 +51,17 @@ export interface Backend<X extends TensorTypes> {
     /** out = rmsnorm(x) * w; rstd[N] when not null */
     rmsnorm(out: X["f"], rstd: X["f"] | null, x: X["f"], w: X["f"], N: number, C: number, eps: number): void;
     /** h = x + y (h may alias y), out = rmsnorm(h) * w, rstd[N] of h */
-    residualRmsnorm(h: X["f"], out: X["f"], rstd: X["f"], x: X["f"], y: X["f"], w: X["f"], N: number, C: number, eps: number): void;
+    residualRmsnorm(
+        h: X["f"],
+        out: X["f"],
+        rstd: X["f"],
+        x: X["f"],
+        y: X["f"],
+        w: X["f"],
+        N: number,
+        C: number,
+        eps: number
+    ): void;
     /** dx (=) from dy, the forward's input x, w and rstd (a frozen norm weight) */
     rmsnormBackward(dx: X["f"], dy: X["f"], x: X["f"], w: X["f"], rstd: X["f"], N: number, C: number): void;
     /** RoPE (rotate half) in place on [N, H, D] rows at positions pos[N] */
@@ -62,12 +72,42 @@ export interface Backend<X extends TensorTypes> {
      * key position past + t; keyValid[B, S] hides padding, seg[B, S] keeps attention inside packed sequences;
      * lse[B, Hq, T] saved for the backward when not null
      */
-    attention(out: X["f"], lse: X["f"] | null, q: X["f"], k: X["f"], v: X["f"], keyValid: X["u8"] | null,
-        seg: X["i"] | null, B: number, T: number, S: number, Hq: number, Hkv: number, D: number, past: number,
-        scale: number): void;
-    attentionBackward(dq: X["f"], dk: X["f"], dv: X["f"], dout: X["f"], q: X["f"], k: X["f"], v: X["f"], out: X["f"],
-        lse: X["f"], keyValid: X["u8"] | null, seg: X["i"] | null, B: number, T: number, Hq: number, Hkv: number,
-        D: number, scale: number): void;
+    attention(
+        out: X["f"],
+        lse: X["f"] | null,
+        q: X["f"],
+        k: X["f"],
+        v: X["f"],
+        keyValid: X["u8"] | null,
+        seg: X["i"] | null,
+        B: number,
+        T: number,
+        S: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        past: number,
+        scale: number
+    ): void;
+    attentionBackward(
+        dq: X["f"],
+        dk: X["f"],
+        dv: X["f"],
+        dout: X["f"],
+        q: X["f"],
+        k: X["f"],
+        v: X["f"],
+        out: X["f"],
+        lse: X["f"],
+        keyValid: X["u8"] | null,
+        seg: X["i"] | null,
+        B: number,
+        T: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        scale: number
+    ): void;
     /** out = silu(gate) * up */
     swiglu(out: X["f"], gate: X["f"], up: X["f"], n: number): void;
     swigluBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void;
@@ -82,8 +122,18 @@ export interface Backend<X extends TensorTypes> {
      * cross-entropy summed over rows whose target >= 0; with dxf, dxf[N, C] (=) gets the gradient scaled by
      * lossScale, and dHead (fp32 host [V, C], +=) the output layer's when it trains
      */
-    causalLmLoss(xf: X["f"], targets: Int32Array, head: X["f"], N: number, C: number, V: number, lossScale: number,
-        dxf: X["f"] | null, chunkRows: number, dHead: Float32Array | null): LossResult;
+    causalLmLoss(
+        xf: X["f"],
+        targets: Int32Array,
+        head: X["f"],
+        N: number,
+        C: number,
+        V: number,
+        lossScale: number,
+        dxf: X["f"] | null,
+        chunkRows: number,
+        dHead: Float32Array | null
+    ): LossResult;
     /** logits[rows, V] (fp32, host) = hidden[rows] head^T; all N rows when rows is null */
     logits(hidden: X["f"], rows: number[] | null, head: X["f"], N: number, C: number, V: number): Float32Array;
 }

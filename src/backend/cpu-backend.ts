@@ -43,53 +43,150 @@ export class CpuBackend implements Backend<CpuTensors> {
     embeddingBackward(dtable: Float32Array, dout: Float32Array, ids: Int32Array, N: number, V: number, C: number): void {
         cpu().embeddingBackward(dtable, dout, ids, N, V, C);
     }
-    rmsnorm(out: Float32Array, rstd: Float32Array | null, x: Float32Array, w: Float32Array, N: number, C: number, eps: number): void {
+    rmsnorm(
+        out: Float32Array,
+        rstd: Float32Array | null,
+        x: Float32Array,
+        w: Float32Array,
+        N: number,
+        C: number,
+        eps: number
+    ): void {
         cpu().rmsnormForward(out, rstd, x, w, N, C, eps);
     }
-    residualRmsnorm(h: Float32Array, out: Float32Array, rstd: Float32Array, x: Float32Array, y: Float32Array, w: Float32Array,
-        N: number, C: number, eps: number): void {
+    residualRmsnorm(
+        h: Float32Array,
+        out: Float32Array,
+        rstd: Float32Array,
+        x: Float32Array,
+        y: Float32Array,
+        w: Float32Array,
+        N: number,
+        C: number,
+        eps: number
+    ): void {
         const ops = cpu();
         if (h !== y) h.set(y.subarray(0, N * C));
         ops.addInplace(h, x, N * C); // y + x: the same sum as x + y, bit for bit
         ops.rmsnormForward(out, rstd, h, w, N, C, eps);
     }
-    rmsnormBackward(dx: Float32Array, dy: Float32Array, x: Float32Array, w: Float32Array, rstd: Float32Array, N: number, C: number): void {
+    rmsnormBackward(
+        dx: Float32Array,
+        dy: Float32Array,
+        x: Float32Array,
+        w: Float32Array,
+        rstd: Float32Array,
+        N: number,
+        C: number
+    ): void {
         cpu().rmsnormBackward(dx, null, dy, x, w, rstd, N, C);
     }
-    rope(x: Float32Array, pos: Int32Array, invFreq: Float32Array, attentionScaling: number, N: number, H: number, D: number): void {
+    rope(
+        x: Float32Array,
+        pos: Int32Array,
+        invFreq: Float32Array,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number
+    ): void {
         cpu().ropeForward(x, x, pos, invFreq, attentionScaling, N, H, D);
     }
-    ropeBackward(dx: Float32Array, pos: Int32Array, invFreq: Float32Array, attentionScaling: number, N: number, H: number, D: number): void {
+    ropeBackward(
+        dx: Float32Array,
+        pos: Int32Array,
+        invFreq: Float32Array,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number
+    ): void {
         cpu().ropeBackward(dx, dx, pos, invFreq, attentionScaling, N, H, D);
     }
-    attention(out: Float32Array, lse: Float32Array | null, q: Float32Array, k: Float32Array, v: Float32Array,
-        keyValid: Uint8Array | null, seg: Int32Array | null, B: number, T: number, S: number, Hq: number, Hkv: number,
-        D: number, past: number, scale: number): void {
+    attention(
+        out: Float32Array,
+        lse: Float32Array | null,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        keyValid: Uint8Array | null,
+        seg: Int32Array | null,
+        B: number,
+        T: number,
+        S: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        past: number,
+        scale: number
+    ): void {
         cpu().attentionForward(out, lse, q, k, v, keyValid, seg, B, T, S, Hq, Hkv, D, past, scale);
     }
-    attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array, q: Float32Array, k: Float32Array,
-        v: Float32Array, out: Float32Array, lse: Float32Array, keyValid: Uint8Array | null, seg: Int32Array | null, B: number,
-        T: number, Hq: number, Hkv: number, D: number, scale: number): void {
+    attentionBackward(
+        dq: Float32Array,
+        dk: Float32Array,
+        dv: Float32Array,
+        dout: Float32Array,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        out: Float32Array,
+        lse: Float32Array,
+        keyValid: Uint8Array | null,
+        seg: Int32Array | null,
+        B: number,
+        T: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        scale: number
+    ): void {
         cpu().attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid, seg, B, T, T, Hq, Hkv, D, 0, scale);
     }
     swiglu(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void {
         cpu().swigluForward(out, gate, up, n);
     }
-    swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array, up: Float32Array, n: number): void {
+    swigluBackward(
+        dgate: Float32Array,
+        dup: Float32Array,
+        dout: Float32Array,
+        gate: Float32Array,
+        up: Float32Array,
+        n: number
+    ): void {
         cpu().swigluBackward(dgate, dup, dout, gate, up, n);
     }
     addInplace(y: Float32Array, x: Float32Array, n: number): void {
         cpu().addInplace(y, x, n);
     }
-    cacheWrite(cache: Float32Array, x: Float32Array, B: number, T: number, capacity: number, past: number, rowElems: number): void {
+    cacheWrite(
+        cache: Float32Array,
+        x: Float32Array,
+        B: number,
+        T: number,
+        capacity: number,
+        past: number,
+        rowElems: number
+    ): void {
         for (let b = 0; b < B; b++)
             cache.set(x.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + past) * rowElems);
     }
 
-    causalLmLoss(xf: Float32Array, targets: Int32Array, head: Float32Array, N: number, C: number, V: number, lossScale: number,
-        dxf: Float32Array | null, chunkRows: number, dHead: Float32Array | null): LossResult {
+    causalLmLoss(
+        xf: Float32Array,
+        targets: Int32Array,
+        head: Float32Array,
+        N: number,
+        C: number,
+        V: number,
+        lossScale: number,
+        dxf: Float32Array | null,
+        chunkRows: number,
+        dHead: Float32Array | null
+    ): LossResult {
         const ops = cpu();
-        let lossSum = 0, count = 0;
+        let lossSum = 0,
+            count = 0;
         // only rows with a target need logits
         const rows: number[] = [];
         for (let i = 0; i < N; i++) if (targets[i] >= 0) rows.push(i);
@@ -102,7 +199,8 @@ export class CpuBackend implements Backend<CpuTensors> {
             idx.forEach((r, i) => (tg[i] = targets[r]));
             const logits = new Float32Array(M * V);
             ops.sgemm(false, true, M, V, C, 1, h, C, head, C, 0, logits, V);
-            const loss = new Float32Array(M), lse = new Float32Array(M);
+            const loss = new Float32Array(M),
+                lse = new Float32Array(M);
             count += ops.crossEntropyForward(loss, lse, logits, tg, M, V);
             for (let i = 0; i < M; i++) lossSum += loss[i];
             if (dxf) {

@@ -13,17 +13,49 @@ export interface CudaAttentionOps {
      * and seg[b,j] == seg[b,qOffset+t] (i32 [B,S], null: one segment; needs qOffset + T <= S). A query with no
      * visible key gets zeros and lse = -inf. D must be 64 or 128; bf16 buffers 16-byte aligned.
      */
-    attentionForward(out: number, lse: number | null, q: number, k: number, v: number, keyValid: number | null,
-        seg: number | null, B: number, T: number, S: number, Hq: number, Hkv: number, D: number, qOffset: number,
-        scale: number): void;
+    attentionForward(
+        out: number,
+        lse: number | null,
+        q: number,
+        k: number,
+        v: number,
+        keyValid: number | null,
+        seg: number | null,
+        B: number,
+        T: number,
+        S: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        qOffset: number,
+        scale: number
+    ): void;
     /**
      * Flash attention backward: dq[B,T,Hq,D], dk/dv[B,S,Hkv,D] (bf16, =) from dout, the forward's inputs, its out
      * (bf16) and lse (f32). Recomputes the probabilities; dk/dv of a kv head sum over its G = Hq / Hkv query heads.
      * Takes an f32 workspace of about (B*T*Hq + 2*B*S*Hkv) * D floats from the caching allocator.
      */
-    attentionBackward(dq: number, dk: number, dv: number, dout: number, q: number, k: number, v: number,
-        out: number, lse: number, keyValid: number | null, seg: number | null, B: number, T: number, S: number,
-        Hq: number, Hkv: number, D: number, qOffset: number, scale: number): void;
+    attentionBackward(
+        dq: number,
+        dk: number,
+        dv: number,
+        dout: number,
+        q: number,
+        k: number,
+        v: number,
+        out: number,
+        lse: number,
+        keyValid: number | null,
+        seg: number | null,
+        B: number,
+        T: number,
+        S: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        qOffset: number,
+        scale: number
+    ): void;
     /** whether the kernels handle head dim D (64 and 128) */
     attentionSupportsHeadDim(D: number): boolean;
 }

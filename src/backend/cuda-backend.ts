@@ -61,53 +61,184 @@ export class CudaBackend implements Backend<CudaTensors> {
         cuda().download(dtable, d.ptr);
         d.free();
     }
-    rmsnorm(out: DeviceBuffer, rstd: DeviceBuffer | null, x: DeviceBuffer, w: DeviceBuffer, N: number, C: number, eps: number): void {
+    rmsnorm(
+        out: DeviceBuffer,
+        rstd: DeviceBuffer | null,
+        x: DeviceBuffer,
+        w: DeviceBuffer,
+        N: number,
+        C: number,
+        eps: number
+    ): void {
         cudaKernelOps().rmsnormForward(out.ptr, rstd?.ptr ?? null, x.ptr, w.ptr, N, C, eps);
     }
-    residualRmsnorm(h: DeviceBuffer, out: DeviceBuffer, rstd: DeviceBuffer, x: DeviceBuffer, y: DeviceBuffer, w: DeviceBuffer,
-        N: number, C: number, eps: number): void {
+    residualRmsnorm(
+        h: DeviceBuffer,
+        out: DeviceBuffer,
+        rstd: DeviceBuffer,
+        x: DeviceBuffer,
+        y: DeviceBuffer,
+        w: DeviceBuffer,
+        N: number,
+        C: number,
+        eps: number
+    ): void {
         cudaKernelOps().residualRmsnormForward(h.ptr, out.ptr, rstd.ptr, x.ptr, y.ptr, w.ptr, N, C, eps);
     }
-    rmsnormBackward(dx: DeviceBuffer, dy: DeviceBuffer, x: DeviceBuffer, w: DeviceBuffer, rstd: DeviceBuffer, N: number, C: number): void {
+    rmsnormBackward(
+        dx: DeviceBuffer,
+        dy: DeviceBuffer,
+        x: DeviceBuffer,
+        w: DeviceBuffer,
+        rstd: DeviceBuffer,
+        N: number,
+        C: number
+    ): void {
         cudaKernelOps().rmsnormBackward(dx.ptr, null, dy.ptr, x.ptr, w.ptr, rstd.ptr, N, C);
     }
-    rope(x: DeviceBuffer, pos: DeviceBuffer, invFreq: DeviceBuffer, attentionScaling: number, N: number, H: number, D: number): void {
+    rope(
+        x: DeviceBuffer,
+        pos: DeviceBuffer,
+        invFreq: DeviceBuffer,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number
+    ): void {
         cudaKernelOps().ropeForward(x.ptr, x.ptr, pos.ptr, invFreq.ptr, attentionScaling, N, H, D);
     }
-    ropeBackward(dx: DeviceBuffer, pos: DeviceBuffer, invFreq: DeviceBuffer, attentionScaling: number, N: number, H: number, D: number): void {
+    ropeBackward(
+        dx: DeviceBuffer,
+        pos: DeviceBuffer,
+        invFreq: DeviceBuffer,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number
+    ): void {
         cudaKernelOps().ropeBackward(dx.ptr, dx.ptr, pos.ptr, invFreq.ptr, attentionScaling, N, H, D);
     }
-    attention(out: DeviceBuffer, lse: DeviceBuffer | null, q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer,
-        keyValid: DeviceBuffer | null, seg: DeviceBuffer | null, B: number, T: number, S: number, Hq: number, Hkv: number,
-        D: number, past: number, scale: number): void {
-        cudaAttentionOps().attentionForward(out.ptr, lse?.ptr ?? null, q.ptr, k.ptr, v.ptr, keyValid?.ptr ?? null,
-            seg?.ptr ?? null, B, T, S, Hq, Hkv, D, past, scale);
+    attention(
+        out: DeviceBuffer,
+        lse: DeviceBuffer | null,
+        q: DeviceBuffer,
+        k: DeviceBuffer,
+        v: DeviceBuffer,
+        keyValid: DeviceBuffer | null,
+        seg: DeviceBuffer | null,
+        B: number,
+        T: number,
+        S: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        past: number,
+        scale: number
+    ): void {
+        cudaAttentionOps().attentionForward(
+            out.ptr,
+            lse?.ptr ?? null,
+            q.ptr,
+            k.ptr,
+            v.ptr,
+            keyValid?.ptr ?? null,
+            seg?.ptr ?? null,
+            B,
+            T,
+            S,
+            Hq,
+            Hkv,
+            D,
+            past,
+            scale
+        );
     }
-    attentionBackward(dq: DeviceBuffer, dk: DeviceBuffer, dv: DeviceBuffer, dout: DeviceBuffer, q: DeviceBuffer, k: DeviceBuffer,
-        v: DeviceBuffer, out: DeviceBuffer, lse: DeviceBuffer, keyValid: DeviceBuffer | null, seg: DeviceBuffer | null, B: number,
-        T: number, Hq: number, Hkv: number, D: number, scale: number): void {
-        cudaAttentionOps().attentionBackward(dq.ptr, dk.ptr, dv.ptr, dout.ptr, q.ptr, k.ptr, v.ptr, out.ptr, lse.ptr,
-            keyValid?.ptr ?? null, seg?.ptr ?? null, B, T, T, Hq, Hkv, D, 0, scale);
+    attentionBackward(
+        dq: DeviceBuffer,
+        dk: DeviceBuffer,
+        dv: DeviceBuffer,
+        dout: DeviceBuffer,
+        q: DeviceBuffer,
+        k: DeviceBuffer,
+        v: DeviceBuffer,
+        out: DeviceBuffer,
+        lse: DeviceBuffer,
+        keyValid: DeviceBuffer | null,
+        seg: DeviceBuffer | null,
+        B: number,
+        T: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        scale: number
+    ): void {
+        cudaAttentionOps().attentionBackward(
+            dq.ptr,
+            dk.ptr,
+            dv.ptr,
+            dout.ptr,
+            q.ptr,
+            k.ptr,
+            v.ptr,
+            out.ptr,
+            lse.ptr,
+            keyValid?.ptr ?? null,
+            seg?.ptr ?? null,
+            B,
+            T,
+            T,
+            Hq,
+            Hkv,
+            D,
+            0,
+            scale
+        );
     }
     swiglu(out: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, n: number): void {
         cudaKernelOps().swigluForward(out.ptr, gate.ptr, up.ptr, n);
     }
-    swigluBackward(dgate: DeviceBuffer, dup: DeviceBuffer, dout: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, n: number): void {
+    swigluBackward(
+        dgate: DeviceBuffer,
+        dup: DeviceBuffer,
+        dout: DeviceBuffer,
+        gate: DeviceBuffer,
+        up: DeviceBuffer,
+        n: number
+    ): void {
         cudaKernelOps().swigluBackward(dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n);
     }
     addInplace(y: DeviceBuffer, x: DeviceBuffer, n: number): void {
         cudaKernelOps().addInplaceBf16(y.ptr, x.ptr, n);
     }
-    cacheWrite(cache: DeviceBuffer, x: DeviceBuffer, B: number, T: number, capacity: number, past: number, rowElems: number): void {
+    cacheWrite(
+        cache: DeviceBuffer,
+        x: DeviceBuffer,
+        B: number,
+        T: number,
+        capacity: number,
+        past: number,
+        rowElems: number
+    ): void {
         const bytes = T * rowElems * ACT_BYTES;
         for (let b = 0; b < B; b++)
             cuda().copy(cache.ptr + (b * capacity + past) * rowElems * ACT_BYTES, x.ptr + b * bytes, bytes);
     }
 
-    causalLmLoss(xf: DeviceBuffer, targetsHost: Int32Array, head: DeviceBuffer, N: number, C: number, V: number, lossScale: number,
-        dxf: DeviceBuffer | null, chunkRows: number, dHead: Float32Array | null): LossResult {
+    causalLmLoss(
+        xf: DeviceBuffer,
+        targetsHost: Int32Array,
+        head: DeviceBuffer,
+        N: number,
+        C: number,
+        V: number,
+        lossScale: number,
+        dxf: DeviceBuffer | null,
+        chunkRows: number,
+        dHead: Float32Array | null
+    ): LossResult {
         if (dHead) throw new Error("a trained output layer (modules_to_save) has no CUDA loss yet");
-        const g = cudaGemmOps(), k = cudaKernelOps();
+        const g = cudaGemmOps(),
+            k = cudaKernelOps();
         const targets = DeviceBuffer.from("i32", targetsHost);
         const lossBuf = DeviceBuffer.alloc("f32", N);
         const count = DeviceBuffer.zeros("i32", 1);
@@ -116,11 +247,46 @@ export class CudaBackend implements Backend<CudaTensors> {
         const logits = DeviceBuffer.alloc("bf16", rows * V);
         for (let start = 0; start < N; start += rows) {
             const M = Math.min(rows, N - start);
-            g.gemm(false, true, M, V, C, 1, xf.ptr + start * C * ACT_BYTES, C, "bf16", head.ptr, C, "bf16", 0, logits.ptr, V, "bf16");
-            const tgt = targets.ptr + start * 4, lossRow = lossBuf.ptr + start * 4;
+            g.gemm(
+                false,
+                true,
+                M,
+                V,
+                C,
+                1,
+                xf.ptr + start * C * ACT_BYTES,
+                C,
+                "bf16",
+                head.ptr,
+                C,
+                "bf16",
+                0,
+                logits.ptr,
+                V,
+                "bf16"
+            );
+            const tgt = targets.ptr + start * 4,
+                lossRow = lossBuf.ptr + start * 4;
             if (dxf) {
                 k.crossEntropyFused(lossRow, null, count.ptr, logits.ptr, tgt, lossScale, M, V);
-                g.gemm(false, false, M, C, V, 1, logits.ptr, V, "bf16", head.ptr, C, "bf16", 0, dxf.ptr + start * C * ACT_BYTES, C, "bf16");
+                g.gemm(
+                    false,
+                    false,
+                    M,
+                    C,
+                    V,
+                    1,
+                    logits.ptr,
+                    V,
+                    "bf16",
+                    head.ptr,
+                    C,
+                    "bf16",
+                    0,
+                    dxf.ptr + start * C * ACT_BYTES,
+                    C,
+                    "bf16"
+                );
             } else k.crossEntropyForward(lossRow, null, count.ptr, logits.ptr, tgt, M, V);
         }
         const lossHost = lossBuf.toHost() as Float32Array;
@@ -135,8 +301,27 @@ export class CudaBackend implements Backend<CudaTensors> {
         const g = cudaGemmOps();
         const M = rows ? rows.length : N;
         const out = DeviceBuffer.alloc("f32", M * V);
-        if (rows) rows.forEach((r, i) => g.gemm(false, true, 1, V, C, 1, hidden.ptr + r * C * ACT_BYTES, C, "bf16", head.ptr, C, "bf16",
-            0, out.ptr + i * V * 4, V, "f32"));
+        if (rows)
+            rows.forEach((r, i) =>
+                g.gemm(
+                    false,
+                    true,
+                    1,
+                    V,
+                    C,
+                    1,
+                    hidden.ptr + r * C * ACT_BYTES,
+                    C,
+                    "bf16",
+                    head.ptr,
+                    C,
+                    "bf16",
+                    0,
+                    out.ptr + i * V * 4,
+                    V,
+                    "f32"
+                )
+            );
         else g.gemm(false, true, N, V, C, 1, hidden.ptr, C, "bf16", head.ptr, C, "bf16", 0, out.ptr, V, "f32");
         const host = out.toHost() as Float32Array;
         out.free();

@@ -30,32 +30,91 @@ export interface CudaGemmOps {
      * [M, lda >= K]) or A^T (A is [K, lda >= M]) when transA; likewise B. beta == 0: C is write-only.
      * A and B share one dtype; C is "f32" or that dtype. fp32 accumulation (f32 inputs: no TF32).
      */
-    gemm(transA: boolean, transB: boolean, M: number, N: number, K: number, alpha: number,
-        A: number, lda: number, dtypeA: GemmDtype, B: number, ldb: number, dtypeB: GemmDtype,
-        beta: number, C: number, ldc: number, dtypeC: GemmDtype): void;
+    gemm(
+        transA: boolean,
+        transB: boolean,
+        M: number,
+        N: number,
+        K: number,
+        alpha: number,
+        A: number,
+        lda: number,
+        dtypeA: GemmDtype,
+        B: number,
+        ldb: number,
+        dtypeB: GemmDtype,
+        beta: number,
+        C: number,
+        ldc: number,
+        dtypeC: GemmDtype
+    ): void;
     /** `batch` GEMMs of one shape; matrix i starts at ptr + i * stride elements (stride 0 reuses A or B) */
-    gemmStridedBatched(transA: boolean, transB: boolean, M: number, N: number, K: number, alpha: number,
-        A: number, lda: number, strideA: number, dtypeA: GemmDtype, B: number, ldb: number, strideB: number,
-        dtypeB: GemmDtype, beta: number, C: number, ldc: number, strideC: number, dtypeC: GemmDtype,
-        batch: number): void;
+    gemmStridedBatched(
+        transA: boolean,
+        transB: boolean,
+        M: number,
+        N: number,
+        K: number,
+        alpha: number,
+        A: number,
+        lda: number,
+        strideA: number,
+        dtypeA: GemmDtype,
+        B: number,
+        ldb: number,
+        strideB: number,
+        dtypeB: GemmDtype,
+        beta: number,
+        C: number,
+        ldc: number,
+        strideC: number,
+        dtypeC: GemmDtype,
+        batch: number
+    ): void;
     /**
      * bitsandbytes NF4/FP4 dequantization, bit-identical to the CPU's dequantize4bit: out[n] (outDtype) from
      * packed[ceil(n/2)] (u8, first element in the high nibble) and code[16] (f32). Scales: absmax[nblocks] (f32)
      * with absmaxQ = 0, or double quantized: absmaxQ[nblocks] (u8), nestedAbsmax[ceil(nblocks/nestedBlocksize)]
      * (f32), nestedCode[256] (f32) and offset. Pass 0 for the pointers that do not apply.
      */
-    dequantize4bit(out: number, outDtype: GemmDtype, packed: number, absmax: number, absmaxQ: number,
-        nestedAbsmax: number, nestedCode: number, offset: number, code: number, blocksize: number,
-        nestedBlocksize: number, n: number): void;
+    dequantize4bit(
+        out: number,
+        outDtype: GemmDtype,
+        packed: number,
+        absmax: number,
+        absmaxQ: number,
+        nestedAbsmax: number,
+        nestedCode: number,
+        offset: number,
+        code: number,
+        blocksize: number,
+        nestedBlocksize: number,
+        n: number
+    ): void;
     /**
      * Fused dequantization + GEMV for generation: y[M, N] = x[M, K] @ W^T, W[N, K] the 4-bit weight (same
      * arguments as dequantize4bit, n = N * K), each weight rounded to xDtype before the product, fp32 accumulation.
      * 1 <= M <= 8; yDtype is "f32" or xDtype. Throws a RangeError for layouts it does not handle (K % 8 != 0,
      * non-power-of-two block sizes, misaligned x): use dequantize4bit + gemm there.
      */
-    gemv4bit(y: number, yDtype: GemmDtype, x: number, xDtype: GemmDtype, packed: number, absmax: number,
-        absmaxQ: number, nestedAbsmax: number, nestedCode: number, offset: number, code: number, blocksize: number,
-        nestedBlocksize: number, M: number, N: number, K: number): void;
+    gemv4bit(
+        y: number,
+        yDtype: GemmDtype,
+        x: number,
+        xDtype: GemmDtype,
+        packed: number,
+        absmax: number,
+        absmaxQ: number,
+        nestedAbsmax: number,
+        nestedCode: number,
+        offset: number,
+        code: number,
+        blocksize: number,
+        nestedBlocksize: number,
+        M: number,
+        N: number,
+        K: number
+    ): void;
     /** loads cuBLASLt if needed (throws with the reason when it cannot) and reports it */
     gemmInfo(): GemmInfo;
     /** drops the cached matmul plans */

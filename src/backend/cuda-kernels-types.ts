@@ -42,32 +42,66 @@ export interface CudaKernelOps extends CudaAddon {
      * out[N,C] (bf16) = table[ids[n]] (bf16 [V,C]). `bad` (nullable) is 2 int32 on the device, reset by the call:
      * [number of ids outside [0, V), first such row or 2^31-1]; those rows are written as zeros.
      */
-    embeddingForward(out: number, bad: number | null, ids: number, table: number, N: number, V: number,
-        C: number): void;
+    embeddingForward(out: number, bad: number | null, ids: number, table: number, N: number, V: number, C: number): void;
     /** dtable[ids[n]] (f32 [V,C]) += dout[n] (bf16 [N,C]); out-of-range ids are skipped */
     embeddingBackward(dtable: number, dout: number, ids: number, N: number, V: number, C: number): void;
 
     // ------------------------------------------------------------------
     // RMSNorm (bf16 in/out, bf16 weight, f32 rstd)
     /** out[N,C] = inp * rstd * weight; rstd[N] saved when not null; out may alias inp */
-    rmsnormForward(out: number, rstd: number | null, inp: number, weight: number, N: number, C: number,
-        eps: number): void;
+    rmsnormForward(out: number, rstd: number | null, inp: number, weight: number, N: number, C: number, eps: number): void;
     /** h = bf16(x + y) (h may alias x or y), out = rmsnorm(h), rstd[N] of h */
-    residualRmsnormForward(h: number, out: number, rstd: number | null, x: number, y: number, weight: number,
-        N: number, C: number, eps: number): void;
+    residualRmsnormForward(
+        h: number,
+        out: number,
+        rstd: number | null,
+        x: number,
+        y: number,
+        weight: number,
+        N: number,
+        C: number,
+        eps: number
+    ): void;
     /**
      * dinp[N,C] (bf16; =, or += when accumulate), dweight[C] (f32 +=, null for a frozen norm), from dout, inp,
      * weight and the forward's rstd. dinp may alias dout.
      */
-    rmsnormBackward(dinp: number, dweight: number | null, dout: number, inp: number, weight: number, rstd: number,
-        N: number, C: number, accumulate?: boolean): void;
+    rmsnormBackward(
+        dinp: number,
+        dweight: number | null,
+        dout: number,
+        inp: number,
+        weight: number,
+        rstd: number,
+        N: number,
+        C: number,
+        accumulate?: boolean
+    ): void;
 
     // ------------------------------------------------------------------
     // RoPE (rotate half), bf16 [N,H,D] rows `rowStride` elements apart (default H*D); in place allowed
-    ropeForward(out: number, inp: number, pos: number, invFreq: number, attentionScaling: number, N: number,
-        H: number, D: number, rowStride?: number): void;
-    ropeBackward(dinp: number, dout: number, pos: number, invFreq: number, attentionScaling: number, N: number,
-        H: number, D: number, rowStride?: number): void;
+    ropeForward(
+        out: number,
+        inp: number,
+        pos: number,
+        invFreq: number,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number,
+        rowStride?: number
+    ): void;
+    ropeBackward(
+        dinp: number,
+        dout: number,
+        pos: number,
+        invFreq: number,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number,
+        rowStride?: number
+    ): void;
 
     // ------------------------------------------------------------------
     // SwiGLU (bf16)
@@ -79,25 +113,84 @@ export interface CudaKernelOps extends CudaAddon {
     // ------------------------------------------------------------------
     // cross-entropy over bf16 logits [N,V]; targets < 0 (or >= V) are ignored
     /** loss[N], lse[N] (nullable), count (nullable int32 on the device: += counted rows) */
-    crossEntropyForward(loss: number, lse: number | null, count: number | null, logits: number, targets: number,
-        N: number, V: number): void;
+    crossEntropyForward(
+        loss: number,
+        lse: number | null,
+        count: number | null,
+        logits: number,
+        targets: number,
+        N: number,
+        V: number
+    ): void;
     /** dlogits[N,V] (bf16, =) = (softmax - onehot) * dlossScale; dlogits may equal logits */
-    crossEntropyBackward(dlogits: number, logits: number, lse: number, targets: number, dlossScale: number,
-        N: number, V: number): void;
+    crossEntropyBackward(
+        dlogits: number,
+        logits: number,
+        lse: number,
+        targets: number,
+        dlossScale: number,
+        N: number,
+        V: number
+    ): void;
     /** the forward, then the logits overwritten in place by their gradient (one pass over HBM) */
-    crossEntropyFused(loss: number, lse: number | null, count: number | null, logits: number, targets: number,
-        dlossScale: number, N: number, V: number): void;
+    crossEntropyFused(
+        loss: number,
+        lse: number | null,
+        count: number | null,
+        logits: number,
+        targets: number,
+        dlossScale: number,
+        N: number,
+        V: number
+    ): void;
 
     // ------------------------------------------------------------------
     // optimizer (fp32 params/grads; bit-identical to loadOptimOps()'s functions of the same names)
-    adamwTorchStep(param: number, expAvg: number, expAvgSq: number, grad: number, lr: number, beta1: number,
-        beta2: number, eps: number, weightDecay: number, step: number, n: number): void;
-    adamwBnb32Step(param: number, state1: number, state2: number, grad: number, lr: number, beta1: number,
-        beta2: number, eps: number, weightDecay: number, step: number, n: number): void;
+    adamwTorchStep(
+        param: number,
+        expAvg: number,
+        expAvgSq: number,
+        grad: number,
+        lr: number,
+        beta1: number,
+        beta2: number,
+        eps: number,
+        weightDecay: number,
+        step: number,
+        n: number
+    ): void;
+    adamwBnb32Step(
+        param: number,
+        state1: number,
+        state2: number,
+        grad: number,
+        lr: number,
+        beta1: number,
+        beta2: number,
+        eps: number,
+        weightDecay: number,
+        step: number,
+        n: number
+    ): void;
     /** 8-bit blockwise; state1/state2 u8 [n], absmax1/absmax2 f32 [ceil(n/blocksize)], qmap1/qmap2 f32 [256] */
-    adamwBnb8Step(param: number, state1: number, state2: number, absmax1: number, absmax2: number, grad: number,
-        qmap1: number, qmap2: number, lr: number, beta1: number, beta2: number, eps: number, weightDecay: number,
-        step: number, blocksize: number, n: number): void;
+    adamwBnb8Step(
+        param: number,
+        state1: number,
+        state2: number,
+        absmax1: number,
+        absmax2: number,
+        grad: number,
+        qmap1: number,
+        qmap2: number,
+        lr: number,
+        beta1: number,
+        beta2: number,
+        eps: number,
+        weightDecay: number,
+        step: number,
+        blocksize: number,
+        n: number
+    ): void;
     /** out (one f64 on the device) = (accumulate ? out : 0) + sum of squares over the f32 buffers, in double */
     optimSumSquares(out: number, buffers: readonly number[], lengths: readonly number[], accumulate?: boolean): void;
     /**

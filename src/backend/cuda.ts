@@ -18,19 +18,41 @@ export interface CudaAvailability {
 export function cudaAvailability(): CudaAvailability {
     const addon = loadCudaAddon();
     if (!addon)
-        return {usable: false, info: null, reason: `the CUDA backend is not built: ${cudaAddonError()}. Install the CUDA ` +
-            "toolkit (nvcc) and run: npm run build:native"};
+        return {
+            usable: false,
+            info: null,
+            reason:
+                `the CUDA backend is not built: ${cudaAddonError()}. Install the CUDA ` +
+                "toolkit (nvcc) and run: npm run build:native"
+        };
     const info = addon.deviceInfo();
     if (info.error || info.devices.length === 0)
-        return {usable: false, info, reason: `no usable NVIDIA GPU: ${info.error ?? "no device found"}` +
-            (info.driverVersion === 0 ? " (no NVIDIA driver: install it, or check that libcuda.so.1 is on the library path)" : "")};
+        return {
+            usable: false,
+            info,
+            reason:
+                `no usable NVIDIA GPU: ${info.error ?? "no device found"}` +
+                (info.driverVersion === 0
+                    ? " (no NVIDIA driver: install it, or check that libcuda.so.1 is on the library path)"
+                    : "")
+        };
     const best = info.devices.reduce((max, d) => Math.max(max, d.major + d.minor / 10), 0);
     if (best < MIN_COMPUTE_CAPABILITY)
-        return {usable: false, info, reason: `the GPU (${info.devices[0].name}, compute capability ${best.toFixed(1)}) is ` +
-            `older than the ${MIN_COMPUTE_CAPABILITY.toFixed(1)} (Ampere) the kernels need`};
+        return {
+            usable: false,
+            info,
+            reason:
+                `the GPU (${info.devices[0].name}, compute capability ${best.toFixed(1)}) is ` +
+                `older than the ${MIN_COMPUTE_CAPABILITY.toFixed(1)} (Ampere) the kernels need`
+        };
     if (!info.cublasLt)
-        return {usable: false, info, reason: "libcublasLt.so (CUDA 12 or 13) was not found: install the CUDA toolkit's " +
-            "cuBLAS (e.g. the libcublas-13-0 package) or add its lib64 folder to LD_LIBRARY_PATH"};
+        return {
+            usable: false,
+            info,
+            reason:
+                "libcublasLt.so (CUDA 12 or 13) was not found: install the CUDA toolkit's " +
+                "cuBLAS (e.g. the libcublas-13-0 package) or add its lib64 folder to LD_LIBRARY_PATH"
+        };
     return {usable: true, info, reason: null};
 }
 
@@ -59,7 +81,11 @@ const DTYPE_BYTES: Record<DeviceDtype, number> = {f32: 4, bf16: 2, f16: 2, u8: 1
 /** a device buffer: an address, a dtype and a length in elements */
 export class DeviceBuffer {
     private freed = false;
-    constructor(readonly ptr: number, readonly dtype: DeviceDtype, readonly length: number) {}
+    constructor(
+        readonly ptr: number,
+        readonly dtype: DeviceDtype,
+        readonly length: number
+    ) {}
 
     static alloc(dtype: DeviceDtype, length: number): DeviceBuffer {
         return new DeviceBuffer(cuda().alloc(Math.max(1, length) * DTYPE_BYTES[dtype]), dtype, length);
@@ -84,8 +110,14 @@ export class DeviceBuffer {
 
     /** copies the buffer to the host (waits for queued work) */
     toHost(): Float32Array | Uint16Array | Uint8Array | Int32Array {
-        const out = this.dtype === "f32" ? new Float32Array(this.length) : this.dtype === "i32" ? new Int32Array(this.length)
-            : this.dtype === "u8" ? new Uint8Array(this.length) : new Uint16Array(this.length);
+        const out =
+            this.dtype === "f32"
+                ? new Float32Array(this.length)
+                : this.dtype === "i32"
+                  ? new Int32Array(this.length)
+                  : this.dtype === "u8"
+                    ? new Uint8Array(this.length)
+                    : new Uint16Array(this.length);
         cuda().download(out, this.ptr);
         return out;
     }

@@ -12,6 +12,8 @@ export class DropoutClock {
 
     /** the mask seed of projection `projection` in the current micro-batch (an integer < 2^53) */
     seedFor(projection: number): number {
-        return (((this.runSeed % 1024) + 1024) % 1024) * 2 ** 40 + (this.microBatch % 2 ** 24) * 2 ** 16 + (projection % 2 ** 16) + 1;
+        return (
+            (((this.runSeed % 1024) + 1024) % 1024) * 2 ** 40 + (this.microBatch % 2 ** 24) * 2 ** 16 + (projection % 2 ** 16) + 1
+        );
     }
 }

@@ -3,8 +3,21 @@
 
 export interface CpuAddon {
     /** row-major C[M,N] = alpha * op(A) @ op(B) + beta * C (cblas_sgemm contract) */
-    sgemm(transA: boolean, transB: boolean, M: number, N: number, K: number, alpha: number,
-        A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number): void;
+    sgemm(
+        transA: boolean,
+        transB: boolean,
+        M: number,
+        N: number,
+        K: number,
+        alpha: number,
+        A: Float32Array,
+        lda: number,
+        B: Float32Array,
+        ldb: number,
+        beta: number,
+        C: Float32Array,
+        ldc: number
+    ): void;
     setNumThreads(n: number): void;
     getNumThreads(): number;
 
@@ -21,35 +34,116 @@ export interface CpuAddon {
     embeddingForward(out: Float32Array, ids: Int32Array, table: Float32Array, N: number, V: number, C: number): number;
     embeddingBackward(dtable: Float32Array, dout: Float32Array, ids: Int32Array, N: number, V: number, C: number): void;
 
-    rmsnormForward(out: Float32Array, rstd: Float32Array | null, inp: Float32Array, weight: Float32Array,
-        N: number, C: number, eps: number): void;
-    rmsnormBackward(dinp: Float32Array, dweight: Float32Array | null, dout: Float32Array, inp: Float32Array,
-        weight: Float32Array, rstd: Float32Array, N: number, C: number): void;
+    rmsnormForward(
+        out: Float32Array,
+        rstd: Float32Array | null,
+        inp: Float32Array,
+        weight: Float32Array,
+        N: number,
+        C: number,
+        eps: number
+    ): void;
+    rmsnormBackward(
+        dinp: Float32Array,
+        dweight: Float32Array | null,
+        dout: Float32Array,
+        inp: Float32Array,
+        weight: Float32Array,
+        rstd: Float32Array,
+        N: number,
+        C: number
+    ): void;
 
-    ropeForward(out: Float32Array, inp: Float32Array, pos: Int32Array, invFreq: Float32Array, attentionScaling: number,
-        N: number, H: number, D: number): void;
-    ropeBackward(dinp: Float32Array, dout: Float32Array, pos: Int32Array, invFreq: Float32Array,
-        attentionScaling: number, N: number, H: number, D: number): void;
+    ropeForward(
+        out: Float32Array,
+        inp: Float32Array,
+        pos: Int32Array,
+        invFreq: Float32Array,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number
+    ): void;
+    ropeBackward(
+        dinp: Float32Array,
+        dout: Float32Array,
+        pos: Int32Array,
+        invFreq: Float32Array,
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number
+    ): void;
 
-    attentionForward(out: Float32Array, lse: Float32Array | null, q: Float32Array, k: Float32Array, v: Float32Array,
-        keyValid: Uint8Array | null, seg: Int32Array | null,
-        B: number, T: number, S: number, Hq: number, Hkv: number, D: number, qOffset: number, scale: number): void;
-    attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array, q: Float32Array,
-        k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
-        keyValid: Uint8Array | null, seg: Int32Array | null,
-        B: number, T: number, S: number, Hq: number, Hkv: number, D: number, qOffset: number, scale: number): void;
+    attentionForward(
+        out: Float32Array,
+        lse: Float32Array | null,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        keyValid: Uint8Array | null,
+        seg: Int32Array | null,
+        B: number,
+        T: number,
+        S: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        qOffset: number,
+        scale: number
+    ): void;
+    attentionBackward(
+        dq: Float32Array,
+        dk: Float32Array,
+        dv: Float32Array,
+        dout: Float32Array,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        out: Float32Array,
+        lse: Float32Array,
+        keyValid: Uint8Array | null,
+        seg: Int32Array | null,
+        B: number,
+        T: number,
+        S: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        qOffset: number,
+        scale: number
+    ): void;
 
     /** mask[n] = 1 / (1 - p) where element i is kept, else 0: LoRA dropout, the CUDA kernels' masks (seed < 2^53) */
     dropoutMask(mask: Float32Array, seed: number, p: number, n: number): void;
     swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
-    swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array, up: Float32Array,
-        n: number): void;
+    swigluBackward(
+        dgate: Float32Array,
+        dup: Float32Array,
+        dout: Float32Array,
+        gate: Float32Array,
+        up: Float32Array,
+        n: number
+    ): void;
 
     /** returns the number of rows with a target >= 0 */
-    crossEntropyForward(loss: Float32Array, lse: Float32Array | null, logits: Float32Array, targets: Int32Array,
-        N: number, V: number): number;
-    crossEntropyBackward(dlogits: Float32Array, logits: Float32Array, lse: Float32Array, targets: Int32Array,
-        dlossScale: number, N: number, V: number): void;
+    crossEntropyForward(
+        loss: Float32Array,
+        lse: Float32Array | null,
+        logits: Float32Array,
+        targets: Int32Array,
+        N: number,
+        V: number
+    ): number;
+    crossEntropyBackward(
+        dlogits: Float32Array,
+        logits: Float32Array,
+        lse: Float32Array,
+        targets: Int32Array,
+        dlossScale: number,
+        N: number,
+        V: number
+    ): void;
 }
 
 export interface CudaDeviceInfo {

@@ -21,8 +21,10 @@ export function loadNative(): CpuAddon {
     if (cpuAddon) return cpuAddon;
     const file = addonPath("qlora_cpu");
     if (!existsSync(file))
-        throw new QloraError("the native addon is not built. Run: npm run build:native " +
-            "(it needs cmake and a C++17 compiler)", {file});
+        throw new QloraError(
+            "the native addon is not built. Run: npm run build:native " + "(it needs cmake and a C++17 compiler)",
+            {file}
+        );
     cpuAddon = require(file) as CpuAddon;
     return cpuAddon;
 }

@@ -40,7 +40,7 @@ const SYSTEM_ERRORS: Record<string, string> = {
     ENFILE: "too many open files in the system",
     EIO: "an input/output error (a failing disk or network file system?)",
     EFBIG: "the file is larger than the file system or ulimit -f allows",
-    ENOMEM: "out of memory",
+    ENOMEM: "out of memory"
 };
 
 /**
@@ -56,7 +56,10 @@ export function errorLine(err: unknown): string {
         return escapeForTerminal(`${where}${SYSTEM_ERRORS[e.code]} (${e.code}${e.syscall ? ` in ${e.syscall}` : ""})`);
     }
     const message = err instanceof Error ? err.message : String(err);
-    if (err instanceof RangeError && /Array buffer allocation failed|Invalid (typed )?array length|Invalid string length/.test(message))
+    if (
+        err instanceof RangeError &&
+        /Array buffer allocation failed|Invalid (typed )?array length|Invalid string length/.test(message)
+    )
         return escapeForTerminal(`out of memory: ${message}; the input is larger than this machine can hold, or corrupt`);
     return escapeForTerminal(message) + pc.dim(" (an internal error: run again with --debug for the stack trace)");
 }
@@ -107,6 +110,11 @@ export function addSamplingOptions(cmd: Command): Command {
     return cmd
         .option("--greedy", "greedy decoding (argmax) instead of sampling")
         .option("--temperature <t>", "sampling temperature", parseFloatOption("--temperature"), DEFAULT_SAMPLING.temperature)
-        .option("--top-k <k>", "sample from the k most likely tokens (0: all)", parseIntOption("--top-k", 0), DEFAULT_SAMPLING.topK)
+        .option(
+            "--top-k <k>",
+            "sample from the k most likely tokens (0: all)",
+            parseIntOption("--top-k", 0),
+            DEFAULT_SAMPLING.topK
+        )
         .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP);
 }

@@ -10,7 +10,15 @@ import type {DataRecord} from "./readers.js";
 
 export type DatasetFormat = "alpaca" | "text" | "prompt_completion" | "messages" | "sharegpt" | "template" | "tokenized";
 
-export const DATASET_FORMATS: readonly DatasetFormat[] = ["alpaca", "text", "prompt_completion", "messages", "sharegpt", "template", "tokenized"];
+export const DATASET_FORMATS: readonly DatasetFormat[] = [
+    "alpaca",
+    "text",
+    "prompt_completion",
+    "messages",
+    "sharegpt",
+    "template",
+    "tokenized"
+];
 
 /** The project's default Alpaca template (DESIGN.md), for records with a non-empty `input`. */
 export const ALPACA_TEMPLATE = "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n{output}";
@@ -107,14 +115,19 @@ export function detectFormat(record: DataRecord, options: FormatOptions = {}, wh
     if (has(options.dataset_text_field ?? "text")) return "text";
     throw new QloraError(
         `${recordName(where)}cannot tell the dataset format from its keys (${keyList(record)}); records need ` +
-        `"instruction"/"input"/"output" (alpaca), "text", "prompt"/"completion", "messages" or "conversations" ` +
-        "(ShareGPT); or set dataset_format, or give a template with {field} placeholders",
+            `"instruction"/"input"/"output" (alpaca), "text", "prompt"/"completion", "messages" or "conversations" ` +
+            "(ShareGPT); or set dataset_format, or give a template with {field} placeholders",
         {file: where?.file}
     );
 }
 
 /** Converts one record of `format` to an Example, or throws a QloraError naming the record and the expected keys. */
-export function formatRecord(record: DataRecord, format: DatasetFormat, options: FormatOptions = {}, where?: RecordWhere): Example {
+export function formatRecord(
+    record: DataRecord,
+    format: DatasetFormat,
+    options: FormatOptions = {},
+    where?: RecordWhere
+): Example {
     const fail = (problem: string): never => {
         throw new QloraError(
             `${recordName(where)}${problem}; ${format} records need ${EXPECTED_KEYS[format]} (found keys: ${keyList(record)})`,
@@ -147,15 +160,23 @@ export function formatRecord(record: DataRecord, format: DatasetFormat, options:
             const values: Record<string, string> = {};
             for (const field of new Set([...templateFields(template), responseField])) {
                 // a placeholder may name a nested value: {meta.topic}
-                const value = field.includes(".") ? field.split(".").reduce<unknown>((v, k) => (v !== null && typeof v === "object" ? (v as DataRecord)[k] : undefined), record) : record[field];
+                const value = field.includes(".")
+                    ? field
+                          .split(".")
+                          .reduce<unknown>(
+                              (v, k) => (v !== null && typeof v === "object" ? (v as DataRecord)[k] : undefined),
+                              record
+                          )
+                    : record[field];
                 if (value === undefined || value === null) {
                     throw new QloraError(
                         `${recordName(where)}missing "${field}"; the template needs ${[...templateFields(template), responseField].map((f) => `"${f}"`).join(", ")} ` +
-                        `(found keys: ${keyList(record)})`,
+                            `(found keys: ${keyList(record)})`,
                         {file: where?.file}
                     );
                 }
-                values[field] = typeof value === "string" ? value : typeof value === "object" ? jsonText(value, field, fail) : String(value);
+                values[field] =
+                    typeof value === "string" ? value : typeof value === "object" ? jsonText(value, field, fail) : String(value);
             }
             return splitTemplate(template, values, responseField, fail);
         }
@@ -165,7 +186,8 @@ export function formatRecord(record: DataRecord, format: DatasetFormat, options:
             if (prompt === undefined || prompt === null) fail(`missing "prompt"`);
             if (completion === undefined || completion === null) fail(`missing "completion"`);
             if (Array.isArray(prompt) || Array.isArray(completion)) {
-                if (!Array.isArray(prompt) || !Array.isArray(completion)) fail(`"prompt" and "completion" should both be strings or both lists of messages`);
+                if (!Array.isArray(prompt) || !Array.isArray(completion))
+                    fail(`"prompt" and "completion" should both be strings or both lists of messages`);
                 return {
                     kind: "chat_prompt_completion",
                     prompt: readMessages(prompt as unknown[], "prompt", fail),
@@ -177,19 +199,27 @@ export function formatRecord(record: DataRecord, format: DatasetFormat, options:
         }
         case "messages": {
             const messages = record.messages;
-            if (!Array.isArray(messages)) return fail(messages === undefined ? `missing "messages"` : `"messages" is ${describeJsonValue(messages)}, not a list`);
+            if (!Array.isArray(messages))
+                return fail(
+                    messages === undefined ? `missing "messages"` : `"messages" is ${describeJsonValue(messages)}, not a list`
+                );
             if (messages.length === 0) fail(`"messages" is empty`);
             return {kind: "messages", messages: readMessages(messages, "messages", fail), templateExtra: templateExtraOf(record)};
         }
         case "sharegpt": {
             const turns = record.conversations;
-            if (!Array.isArray(turns)) return fail(turns === undefined ? `missing "conversations"` : `"conversations" is ${describeJsonValue(turns)}, not a list`);
+            if (!Array.isArray(turns))
+                return fail(
+                    turns === undefined ? `missing "conversations"` : `"conversations" is ${describeJsonValue(turns)}, not a list`
+                );
             if (turns.length === 0) fail(`"conversations" is empty`);
             const messages: ChatMessage[] = [];
             // LLaMA-Factory's ShareGPT variant keeps the system prompt beside the turns
-            if (typeof record.system === "string" && record.system !== "") messages.push({role: "system", content: record.system});
+            if (typeof record.system === "string" && record.system !== "")
+                messages.push({role: "system", content: record.system});
             turns.forEach((turn, i) => {
-                if (turn === null || typeof turn !== "object") fail(`conversations[${i}] is ${describeJsonValue(turn)}, not an object`);
+                if (turn === null || typeof turn !== "object")
+                    fail(`conversations[${i}] is ${describeJsonValue(turn)}, not an object`);
                 const t = turn as DataRecord;
                 const from = t.from ?? t.role;
                 const value = t.value ?? t.content;
@@ -214,7 +244,8 @@ export function formatRecord(record: DataRecord, format: DatasetFormat, options:
 /** the `{field}` placeholders of a template, in order of appearance */
 export function templateFields(template: string): string[] {
     const fields: string[] = [];
-    for (const part of parseTemplate(template)) if (part.field !== undefined && !fields.includes(part.field)) fields.push(part.field);
+    for (const part of parseTemplate(template))
+        if (part.field !== undefined && !fields.includes(part.field)) fields.push(part.field);
     return fields;
 }
 
@@ -251,7 +282,12 @@ function parseTemplate(template: string): TemplatePart[] {
 }
 
 /** Fills a template; `{responseField}` splits it into prompt (before) and completion (the response and after). */
-function splitTemplate(template: string, values: Record<string, string>, responseField: string, fail: (problem: string) => never): Example {
+function splitTemplate(
+    template: string,
+    values: Record<string, string>,
+    responseField: string,
+    fail: (problem: string) => never
+): Example {
     let prompt = "";
     let completion = "";
     let inCompletion = false;
@@ -274,16 +310,28 @@ function splitTemplate(template: string, values: Record<string, string>, respons
 
 function readMessages(list: unknown[], key: string, fail: (problem: string) => never): ChatMessage[] {
     return list.map((raw, i) => {
-        if (raw === null || typeof raw !== "object" || Array.isArray(raw)) fail(`${key}[${i}] is ${describeJsonValue(raw)}, not an object`);
+        if (raw === null || typeof raw !== "object" || Array.isArray(raw))
+            fail(`${key}[${i}] is ${describeJsonValue(raw)}, not an object`);
         const message = raw as DataRecord;
         if (typeof message.role !== "string") {
-            if (typeof message.from === "string") fail(`${key}[${i}] has "from" instead of "role" (ShareGPT style); use "conversations" for ShareGPT data or rename the keys`);
+            if (typeof message.from === "string")
+                fail(
+                    `${key}[${i}] has "from" instead of "role" (ShareGPT style); use "conversations" for ShareGPT data or rename the keys`
+                );
             fail(`${key}[${i}] has no "role"`);
         }
         let content = message.content;
         // OpenAI-style content parts: keep the text parts
         if (Array.isArray(content)) {
-            content = content.map((p) => (typeof p === "string" ? p : p && typeof p === "object" && typeof (p as DataRecord).text === "string" ? (p as DataRecord).text : "")).join("");
+            content = content
+                .map((p) =>
+                    typeof p === "string"
+                        ? p
+                        : p && typeof p === "object" && typeof (p as DataRecord).text === "string"
+                          ? (p as DataRecord).text
+                          : ""
+                )
+                .join("");
         }
         if (content === undefined || content === null) content = "";
         if (typeof content !== "string") fail(`${key}[${i}].content is ${describeJsonValue(content)}, not a string`);
@@ -304,7 +352,8 @@ function templateExtraOf(record: DataRecord): Record<string, unknown> | undefine
     }
     if (tools !== undefined && tools !== null && tools !== "") extra = {tools};
     const kwargs = record.chat_template_kwargs;
-    if (kwargs !== null && typeof kwargs === "object" && !Array.isArray(kwargs)) extra = {...extra, ...(kwargs as Record<string, unknown>)};
+    if (kwargs !== null && typeof kwargs === "object" && !Array.isArray(kwargs))
+        extra = {...extra, ...(kwargs as Record<string, unknown>)};
     return extra;
 }
 

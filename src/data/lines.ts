@@ -24,7 +24,11 @@ const CR = 0x0d;
  * cost a million promise round trips). Throws a QloraError naming `file` and the line for a line longer than
  * `maxLineBytes`, for bytes that are not UTF-8 and for a UTF-16 file.
  */
-export async function* splitLines(chunks: AsyncIterable<Buffer>, file: string, maxLineBytes = MAX_LINE_BYTES): AsyncGenerator<TextLine[]> {
+export async function* splitLines(
+    chunks: AsyncIterable<Buffer>,
+    file: string,
+    maxLineBytes = MAX_LINE_BYTES
+): AsyncGenerator<TextLine[]> {
     let pending: Buffer[] = [];
     let pendingBytes = 0;
     let lineNumber = 0;
@@ -60,7 +64,7 @@ export async function* splitLines(chunks: AsyncIterable<Buffer>, file: string, m
 function lineTooLong(file: string, line: number, maxLineBytes: number): QloraError {
     return new QloraError(
         `the line is longer than ${formatBytes(maxLineBytes)}; JSON Lines files hold one record per line ` +
-        "(is this a JSON array or a file without line ends? give it a .json name, or split the records into lines)",
+            "(is this a JSON array or a file without line ends? give it a .json name, or split the records into lines)",
         {file: `${file}:${line}`}
     );
 }
@@ -90,7 +94,7 @@ export function notUtf8(file: string, line: number, bytes: Uint8Array): QloraErr
     const at = firstInvalidUtf8(bytes);
     return new QloraError(
         `the line is not valid UTF-8 (byte 0x${bytes[at].toString(16).padStart(2, "0")} at byte ${at + 1} of the line); ` +
-        "save the file as UTF-8",
+            "save the file as UTF-8",
         {file: `${file}:${line}`}
     );
 }
@@ -105,7 +109,9 @@ export function firstInvalidUtf8(bytes: Uint8Array): number {
             continue;
         }
         // the length of the sequence and the range of its second byte (RFC 3629: no overlongs, no surrogates)
-        let n: number, lo = 0x80, hi = 0xbf;
+        let n: number,
+            lo = 0x80,
+            hi = 0xbf;
         if (b >= 0xc2 && b <= 0xdf) n = 2;
         else if (b >= 0xe0 && b <= 0xef) {
             n = 3;

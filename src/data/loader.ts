@@ -54,10 +54,12 @@ export class DataLoader {
 
     constructor(rows: readonly TokenizedRow[], options: DataLoaderOptions, position?: LoaderPosition) {
         if (rows.length === 0) throw new QloraError("the data loader has no rows");
-        if (!Number.isInteger(options.batchSize) || options.batchSize < 1) throw new QloraError(`batch size must be a positive integer, got ${options.batchSize}`);
+        if (!Number.isInteger(options.batchSize) || options.batchSize < 1)
+            throw new QloraError(`batch size must be a positive integer, got ${options.batchSize}`);
         this.rows = rows;
         this.options = {shuffle: true, seed: 42, dropLast: false, ...options};
-        if (this.batchesPerEpoch === 0) throw new QloraError(`with dropLast, ${rows.length} rows make no batch of ${options.batchSize}`);
+        if (this.batchesPerEpoch === 0)
+            throw new QloraError(`with dropLast, ${rows.length} rows make no batch of ${options.batchSize}`);
         this.epochStartState = new Rng(this.options.seed).getState();
         if (position) this.seek(position);
         else this.startEpoch(0, this.epochStartState);
@@ -83,9 +85,11 @@ export class DataLoader {
     seek(position: LoaderPosition): void {
         const problem = positionProblem(position, this.batchesPerEpoch);
         if (problem !== null) {
-            throw new QloraError(`invalid data loader position ${quoteValue(position, 200)}: ${problem}; ` +
-                `this data makes ${this.batchesPerEpoch} batches an epoch (${this.rows.length} rows, batch size ${this.options.batchSize}): ` +
-                "was the checkpoint made with other data or another batch size?");
+            throw new QloraError(
+                `invalid data loader position ${quoteValue(position, 200)}: ${problem}; ` +
+                    `this data makes ${this.batchesPerEpoch} batches an epoch (${this.rows.length} rows, batch size ${this.options.batchSize}): ` +
+                    "was the checkpoint made with other data or another batch size?"
+            );
         }
         this.startEpoch(position.epoch, position.rngState);
         // a position at the end of an epoch moves on to the next one
@@ -99,7 +103,10 @@ export class DataLoader {
         const index = this.batchIndex;
         const size = this.options.batchSize;
         const rows = this.order.slice(index * size, Math.min((index + 1) * size, this.order.length));
-        const batch = collate(rows.map((i) => this.rows[i]), this.options);
+        const batch = collate(
+            rows.map((i) => this.rows[i]),
+            this.options
+        );
         this.batchIndex++;
         if (this.batchIndex >= this.batchesPerEpoch) this.nextEpoch();
         return {batch, epoch, index, rows};
@@ -141,8 +148,13 @@ function positionProblem(position: LoaderPosition, batchesPerEpoch: number): str
     const {epoch, index, rngState} = position;
     if (!Number.isSafeInteger(epoch) || epoch < 0) return "the epoch must be a whole number ≥ 0";
     // index == batchesPerEpoch is the end of an epoch (the next batch starts the next one)
-    if (!Number.isSafeInteger(index) || index < 0 || index > batchesPerEpoch) return `the batch index must be a whole number from 0 to ${batchesPerEpoch}`;
-    if (!Array.isArray(rngState) || rngState.length !== 4 || !rngState.every((w) => Number.isInteger(w) && w >= 0 && w <= 0xffffffff)) {
+    if (!Number.isSafeInteger(index) || index < 0 || index > batchesPerEpoch)
+        return `the batch index must be a whole number from 0 to ${batchesPerEpoch}`;
+    if (
+        !Array.isArray(rngState) ||
+        rngState.length !== 4 ||
+        !rngState.every((w) => Number.isInteger(w) && w >= 0 && w <= 0xffffffff)
+    ) {
         return "the generator state must be 4 whole numbers from 0 to 2^32-1";
     }
     // xoshiro's all-zero state yields only zeros: every epoch would keep the same order

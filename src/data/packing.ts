@@ -70,7 +70,8 @@ function longestFirst(lengths: readonly number[], maxLength: number): Int32Array
     const count = new Int32Array(maxLength + 2);
     for (let i = 0; i < lengths.length; i++) {
         const length = lengths[i];
-        if (length > maxLength) throw new RangeError(`sequence ${i} has ${length} tokens, more than the packing length ${maxLength}`);
+        if (length > maxLength)
+            throw new RangeError(`sequence ${i} has ${length} tokens, more than the packing length ${maxLength}`);
         if (length > 0) count[length]++;
     }
     // next[length]: where the next index of that length goes; longer lengths first
@@ -118,7 +119,11 @@ class Fifo {
  * (the overflow is discarded); "bfd_split" cuts it into `maxLength`-token fragments packed as independent
  * sequences. Empty sequences are dropped. In each row the first label of every sequence becomes -100.
  */
-export function packSequences(sequences: readonly {inputIds: ArrayLike<number>; labels: ArrayLike<number>}[], maxLength: number, strategy: PackingStrategy = "bfd"): TokenizedRow[] {
+export function packSequences(
+    sequences: readonly {inputIds: ArrayLike<number>; labels: ArrayLike<number>}[],
+    maxLength: number,
+    strategy: PackingStrategy = "bfd"
+): TokenizedRow[] {
     // pieces as parallel lists (sequence, start, length): a million small objects would cost more than the tokens
     const pieceSequence: number[] = [];
     const pieceStart: number[] = [];

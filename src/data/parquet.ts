@@ -73,7 +73,10 @@ export async function* decodeParquetInProcess(file: string): AsyncGenerator<Parq
                 throw new QloraError(`cannot read ${rowsName} as Parquet: ${(err as Error).message}`, {file, cause: err});
             }
             if (rows.length !== expected) {
-                throw new QloraError(`${rowsName}: read ${rows.length} rows where the footer says ${expected}; the file is damaged`, {file});
+                throw new QloraError(
+                    `${rowsName}: read ${rows.length} rows where the footer says ${expected}; the file is damaged`,
+                    {file}
+                );
             }
             yield {start: rowStart, rows};
             rowStart = rowEnd;
@@ -99,32 +102,51 @@ function checkParquetColumns(metadata: FileMetaData, file: string): void {
     metadata.row_groups.forEach((group, index) => {
         const rows = Number(group.num_rows);
         if (!Number.isSafeInteger(rows) || rows < 0)
-            throw new QloraError(`cannot read it as Parquet: row group ${index} says it holds ${group.num_rows} rows; the file is damaged`, {file});
+            throw new QloraError(
+                `cannot read it as Parquet: row group ${index} says it holds ${group.num_rows} rows; the file is damaged`,
+                {file}
+            );
         total += rows;
         for (const chunk of group.columns) {
             const names = chunk.meta_data?.path_in_schema;
             let node: SchemaTree | undefined = schema;
             for (const name of names ?? []) node = node?.children.find((child) => child.element.name === name);
             if (!names || !node || chunk.file_path) {
-                const what = !names ? "a column without metadata" : chunk.file_path ? `column data in another file (${chunk.file_path})` : `a column "${names.join(".")}" its schema does not have`;
-                throw new QloraError(`cannot read it as Parquet: row group ${index} holds ${what}; the file is damaged or not supported`, {file});
+                const what = !names
+                    ? "a column without metadata"
+                    : chunk.file_path
+                      ? `column data in another file (${chunk.file_path})`
+                      : `a column "${names.join(".")}" its schema does not have`;
+                throw new QloraError(
+                    `cannot read it as Parquet: row group ${index} holds ${what}; the file is damaged or not supported`,
+                    {file}
+                );
             }
             // a flat column (no repeated level) holds one value, or null, per row: the counts must agree before
             // anything is allocated from them
             const repeated = node.element.repetition_type === "REPEATED" || names.length > 1;
             const values = Number(chunk.meta_data!.num_values);
             if (!repeated && values !== rows)
-                throw new QloraError(`cannot read it as Parquet: row group ${index} says it holds ${rows} rows but its column ` +
-                    `"${names.join(".")}" holds ${values} values; the file is damaged`, {file});
+                throw new QloraError(
+                    `cannot read it as Parquet: row group ${index} says it holds ${rows} rows but its column ` +
+                        `"${names.join(".")}" holds ${values} values; the file is damaged`,
+                    {file}
+                );
         }
     });
     if (total !== Number(metadata.num_rows))
-        throw new QloraError(`cannot read it as Parquet: the footer says ${metadata.num_rows} rows but its row groups hold ${total}; ` +
-            "the file is damaged", {file});
+        throw new QloraError(
+            `cannot read it as Parquet: the footer says ${metadata.num_rows} rows but its row groups hold ${total}; ` +
+                "the file is damaged",
+            {file}
+        );
 }
 
 /** what the child sends: a row group, the end, or the one-line error of a QloraError it threw */
-export type ParquetChildMessage = {kind: "group"; group: ParquetRowGroup} | {kind: "done"} | {kind: "error"; message: string; user: boolean};
+export type ParquetChildMessage =
+    | {kind: "group"; group: ParquetRowGroup}
+    | {kind: "done"}
+    | {kind: "error"; message: string; user: boolean};
 
 /** the child entry beside this module, run the way this module runs (compiled .js, or .ts under tsx) */
 function childEntry(): string {
@@ -150,7 +172,7 @@ export async function* decodeParquetIsolated(file: string): AsyncGenerator<Parqu
     const child = fork(childEntry(), [file], {
         execArgv: [...loaderArgs(), `--max-old-space-size=${CHILD_HEAP_MB}`],
         serialization: "advanced", // bigint, Uint8Array and Date survive the trip
-        stdio: ["ignore", "ignore", "pipe", "ipc"],
+        stdio: ["ignore", "ignore", "pipe", "ipc"]
     });
     let stderr = "";
     child.stderr?.on("data", (chunk: Buffer) => {
@@ -186,8 +208,12 @@ export async function* decodeParquetIsolated(file: string): AsyncGenerator<Parqu
                     timer = setTimeout(() => resolve(true), CHILD_SILENCE_MS);
                 });
                 clearTimeout(timer);
-                if (silent) throw new QloraError(`cannot read it as Parquet: decoding the rows after record ${rowsSoFar} ` +
-                    `made no progress in ${CHILD_SILENCE_MS / 60_000} minutes; the file is damaged`, {file});
+                if (silent)
+                    throw new QloraError(
+                        `cannot read it as Parquet: decoding the rows after record ${rowsSoFar} ` +
+                            `made no progress in ${CHILD_SILENCE_MS / 60_000} minutes; the file is damaged`,
+                        {file}
+                    );
             }
             const m = queue.shift();
             if (m?.kind === "group") {
@@ -201,9 +227,12 @@ export async function* decodeParquetIsolated(file: string): AsyncGenerator<Parqu
             } else {
                 const how = exited!.signal ? `was killed by ${exited!.signal}` : `exited with code ${exited!.code}`;
                 const oom = /heap out of memory|invalid size error|Allocation failed/i.test(stderr);
-                throw new QloraError(`cannot read it as Parquet: the decoder ${oom ? "ran out of memory" : "crashed"} on the ` +
-                    `rows after record ${rowsSoFar} (it ${how}); the file is damaged, or a row group is larger than ` +
-                    `${CHILD_HEAP_MB} MiB decoded`, {file});
+                throw new QloraError(
+                    `cannot read it as Parquet: the decoder ${oom ? "ran out of memory" : "crashed"} on the ` +
+                        `rows after record ${rowsSoFar} (it ${how}); the file is damaged, or a row group is larger than ` +
+                        `${CHILD_HEAP_MB} MiB decoded`,
+                    {file}
+                );
             }
         }
     } finally {

@@ -104,7 +104,12 @@ export interface PrepareOptions {
 export function resolveDataOptions(options: DataOptions, format: DatasetFormat, tokenizer: DataTokenizer): ResolvedDataOptions {
     const chat = format === "messages" || format === "sharegpt";
     const promptCompletion = format === "alpaca" || format === "prompt_completion" || format === "template";
-    const maxSeqLength = options.max_seq_length !== undefined ? options.max_seq_length : options.max_length !== undefined ? options.max_length : DEFAULT_MAX_SEQ_LENGTH;
+    const maxSeqLength =
+        options.max_seq_length !== undefined
+            ? options.max_seq_length
+            : options.max_length !== undefined
+              ? options.max_length
+              : DEFAULT_MAX_SEQ_LENGTH;
     if (maxSeqLength !== null && (!Number.isInteger(maxSeqLength) || maxSeqLength < 2)) {
         throw new QloraError(`max_seq_length must be an integer ≥ 2 (or null for no limit), got ${maxSeqLength}`);
     }
@@ -112,10 +117,13 @@ export function resolveDataOptions(options: DataOptions, format: DatasetFormat, 
     if (packing && maxSeqLength === null) throw new QloraError("packing needs max_seq_length (the length of a packed row)");
     const strategy = options.packing_strategy ?? "bfd";
     if (strategy !== "bfd" && strategy !== "bfd_split") {
-        throw new QloraError(`packing_strategy "${strategy}" is not supported; use "bfd" or "bfd_split" ("wrapped" would let examples attend to each other)`);
+        throw new QloraError(
+            `packing_strategy "${strategy}" is not supported; use "bfd" or "bfd_split" ("wrapped" would let examples attend to each other)`
+        );
     }
     const mode = options.truncation_mode ?? "keep_start";
-    if (mode !== "keep_start" && mode !== "keep_end") throw new QloraError(`truncation_mode must be "keep_start" or "keep_end", got "${mode}"`);
+    if (mode !== "keep_start" && mode !== "keep_end")
+        throw new QloraError(`truncation_mode must be "keep_start" or "keep_end", got "${mode}"`);
     return {
         format,
         maxSeqLength,
@@ -199,38 +207,47 @@ class DatasetBuilder {
             else this.kept.push(this.store.add(cut.inputIds, cut.labels));
         }
         const done = this.records;
-        if (this.prepareOptions.onProgress && (done % 256 === 0 || done === this.total)) this.prepareOptions.onProgress(done, this.total);
+        if (this.prepareOptions.onProgress && (done % 256 === 0 || done === this.total))
+            this.prepareOptions.onProgress(done, this.total);
     }
 
     finish(): PreparedDataset {
         const records = this.records;
-        if (records === 0 || this.resolved === null || this.format === null) throw new QloraError("the dataset is empty (no records)");
+        if (records === 0 || this.resolved === null || this.format === null)
+            throw new QloraError("the dataset is empty (no records)");
         const resolved = this.resolved;
         const {truncated, dropped, prefixMismatches, kept} = this;
         const warnings: string[] = [];
         if (dropped > 0) {
             warnings.push(
                 `${dropped} of ${records} examples have no label left to train ` +
-                (resolved.maxSeqLength !== null ? `(empty responses, or prompts that fill max_seq_length ${resolved.maxSeqLength}) ` : "(empty responses) ") +
-                "and were dropped"
+                    (resolved.maxSeqLength !== null
+                        ? `(empty responses, or prompts that fill max_seq_length ${resolved.maxSeqLength}) `
+                        : "(empty responses) ") +
+                    "and were dropped"
             );
         }
-        if (truncated > 0) warnings.push(`${truncated} of ${records} examples are longer than max_seq_length ${resolved.maxSeqLength} and were ${resolved.packing && resolved.packingStrategy === "bfd_split" ? "split" : "truncated"}`);
+        if (truncated > 0)
+            warnings.push(
+                `${truncated} of ${records} examples are longer than max_seq_length ${resolved.maxSeqLength} and were ${resolved.packing && resolved.packingStrategy === "bfd_split" ? "split" : "truncated"}`
+            );
         if (prefixMismatches > 0) {
             warnings.push(
                 `${prefixMismatches} prompt/completion examples tokenize differently at the prompt/completion boundary ` +
-                "(the prompt's last token merges with the completion's first); the prompt's token count was masked anyway, as TRL does"
+                    "(the prompt's last token merges with the completion's first); the prompt's token count was masked anyway, as TRL does"
             );
         }
         if (kept.length === 0) {
             throw new QloraError(
                 `no example of the ${records} has a label to train (all dropped); check that records have responses` +
-                (resolved.maxSeqLength !== null ? ` and that prompts fit in max_seq_length ${resolved.maxSeqLength}` : "")
+                    (resolved.maxSeqLength !== null ? ` and that prompts fit in max_seq_length ${resolved.maxSeqLength}` : "")
             );
         }
         if (resolved.shuffleDataset) new Rng(resolved.seed).shuffle(kept);
 
-        const rows: TokenizedRow[] = resolved.packing ? packSequences(kept, resolved.maxSeqLength!, resolved.packingStrategy) : kept;
+        const rows: TokenizedRow[] = resolved.packing
+            ? packSequences(kept, resolved.maxSeqLength!, resolved.packingStrategy)
+            : kept;
         let tokens = 0;
         let targets = 0;
         for (const row of rows) {
@@ -281,7 +298,10 @@ export function prepareRecords(
     const whereOf = (index: number): RecordWhere => {
         const location = read ? locateRecord(read, index) : null;
         if (!location) return {index};
-        return {file: location.line !== undefined ? `${location.file}:${location.line}` : location.file, index: location.indexInFile};
+        return {
+            file: location.line !== undefined ? `${location.file}:${location.line}` : location.file,
+            index: location.indexInFile
+        };
     };
     const builder = new DatasetBuilder(tokenizer, options, prepareOptions, records.length);
     for (let i = 0; i < records.length; i++) builder.add(records[i], whereOf(i), read ? read.format : null);

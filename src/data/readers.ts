@@ -128,7 +128,10 @@ export async function* streamRecords(pathOrDir: string, options: ReadOptions = {
     try {
         stat = await fs.stat(pathOrDir);
     } catch (err) {
-        throw new QloraError("no such file or folder; give a .json, .jsonl or .parquet file or a folder of them", {file: pathOrDir, cause: err});
+        throw new QloraError("no such file or folder; give a .json, .jsonl or .parquet file or a folder of them", {
+            file: pathOrDir,
+            cause: err
+        });
     }
     const files = stat.isDirectory() ? await findSplitFiles(pathOrDir, options.split ?? "train") : [pathOrDir];
     let count = 0;
@@ -141,10 +144,9 @@ export async function* streamRecords(pathOrDir: string, options: ReadOptions = {
         }
     }
     if (count === 0) {
-        throw new QloraError(
-            "the dataset is empty (no records); check the file, or the split read from the folder",
-            {file: files.length === 1 ? files[0] : pathOrDir}
-        );
+        throw new QloraError("the dataset is empty (no records); check the file, or the split read from the folder", {
+            file: files.length === 1 ? files[0] : pathOrDir
+        });
     }
 }
 
@@ -153,7 +155,9 @@ export function locateRecord(read: Pick<ReadResult, "sources">, index: number): 
     for (const source of read.sources) {
         if (index >= source.start && index < source.start + source.count) {
             const indexInFile = index - source.start;
-            return source.lines ? {file: source.file, line: source.lines[indexInFile], indexInFile} : {file: source.file, indexInFile};
+            return source.lines
+                ? {file: source.file, line: source.lines[indexInFile], indexInFile}
+                : {file: source.file, indexInFile};
         }
     }
     return null;
@@ -171,7 +175,7 @@ function fileFormatOf(file: string): FileFormat {
 function arrowError(file: string): QloraError {
     return new QloraError(
         "Arrow files (datasets' save_to_disk format) are not read; export the split with " +
-        "dataset.to_json(\"train.jsonl\") or dataset.to_parquet(\"train.parquet\") and give that file",
+            'dataset.to_json("train.jsonl") or dataset.to_parquet("train.parquet") and give that file',
         {file}
     );
 }
@@ -217,7 +221,9 @@ async function findSplitFiles(dir: string, split: string): Promise<string[]> {
         const {files, dirs} = await listDir(base);
         for (const name of names) {
             // train.jsonl, then train.json, then train.parquet…: one file of the split
-            const exact = DATA_EXTENSIONS.map((ext) => files.find((f) => f.toLowerCase() === name + ext)).find((f) => f !== undefined);
+            const exact = DATA_EXTENSIONS.map((ext) => files.find((f) => f.toLowerCase() === name + ext)).find(
+                (f) => f !== undefined
+            );
             if (exact) return [path.join(base, exact)];
             // shards: train-00000-of-00002.parquet, train_0.jsonl
             const shards = files.filter((f) => new RegExp(`^${escapeRegExp(name)}[-_.]`, "i").test(stripDataExtension(f) + "."));
@@ -243,8 +249,8 @@ async function findSplitFiles(dir: string, split: string): Promise<string[]> {
     if (files.length === 0 && (await hasArrowFiles(dir))) throw arrowError(dir);
     throw new QloraError(
         `has no "${split}" split: looked for ${names[0]}.jsonl, ${names[0]}.json, ${names[0]}.parquet, ${names[0]}-*.parquet ` +
-        `and a ${names[0]}/ folder (also under data/)` +
-        (files.length > 0 ? `; found ${files.slice(0, 5).join(", ")}` : "; found no .json, .jsonl or .parquet files"),
+            `and a ${names[0]}/ folder (also under data/)` +
+            (files.length > 0 ? `; found ${files.slice(0, 5).join(", ")}` : "; found no .json, .jsonl or .parquet files"),
         {file: dir}
     );
 }
@@ -272,7 +278,8 @@ async function* fileChunks(file: string): AsyncGenerator<Buffer> {
         for await (const chunk of stream) yield chunk as Buffer;
     } catch (err) {
         const code = (err as NodeJS.ErrnoException).code ?? "";
-        if (gzip && code.startsWith("Z_")) throw new QloraError(`is not valid gzip data (${(err as Error).message}); is the file complete?`, {file, cause: err});
+        if (gzip && code.startsWith("Z_"))
+            throw new QloraError(`is not valid gzip data (${(err as Error).message}); is the file complete?`, {file, cause: err});
         throw new QloraError(`cannot read the file (${code || (err as Error).message})`, {file, cause: err});
     } finally {
         // also closes the file handle
@@ -283,9 +290,12 @@ async function* fileChunks(file: string): AsyncGenerator<Buffer> {
 
 /** a whole JSON file as text, refusing one that cannot be one string and bytes that are not UTF-8 */
 async function readJsonText(file: string): Promise<string> {
-    const tooLarge = (what: string): QloraError => new QloraError(
-        `${what} more than ${MAX_JSON_BYTES} bytes, the most a JSON array can have: it is parsed whole; convert it to ` +
-        "JSON Lines (a .jsonl file, one record per line), which is read line by line", {file});
+    const tooLarge = (what: string): QloraError =>
+        new QloraError(
+            `${what} more than ${MAX_JSON_BYTES} bytes, the most a JSON array can have: it is parsed whole; convert it to ` +
+                "JSON Lines (a .jsonl file, one record per line), which is read line by line",
+            {file}
+        );
     let bytes: Buffer;
     if (isGzip(file)) {
         const chunks: Buffer[] = [];
@@ -303,7 +313,10 @@ async function readJsonText(file: string): Promise<string> {
             bytes = await handle.readFile();
         } catch (err) {
             if (err instanceof QloraError) throw err;
-            throw new QloraError(`cannot read the file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {file, cause: err});
+            throw new QloraError(`cannot read the file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {
+                file,
+                cause: err
+            });
         } finally {
             await handle.close().catch(() => undefined);
         }
@@ -351,7 +364,10 @@ function cleanJsonMessage(message: string, text: string): string {
     return message
         .replace(/\r?\n|\r/g, "\\n")
         .replace(/\s*\(line \d+ column \d+\)/, "")
-        .replace(/ in JSON at position (\d+)/, (_, position: string) => ` at column ${lineColumnAt(text, Number(position)).column}`);
+        .replace(
+            / in JSON at position (\d+)/,
+            (_, position: string) => ` at column ${lineColumnAt(text, Number(position)).column}`
+        );
 }
 
 /**
@@ -365,7 +381,9 @@ function parseJson(text: string, where: string): {value: unknown} | {syntaxError
         if (err instanceof SyntaxError) return {syntaxError: err};
         throw new QloraError(
             `cannot be parsed as JSON (${(err as Error).message}): it nests too deeply or is too large; records are ` +
-            "objects of strings and lists of messages", {file: where, cause: err});
+                "objects of strings and lists of messages",
+            {file: where, cause: err}
+        );
     }
 }
 
@@ -381,16 +399,19 @@ async function* jsonBatches(file: string): AsyncGenerator<RecordBatch> {
         }
         const message = parsed.syntaxError.message;
         const line = jsonErrorLine(message, text);
-        throw new QloraError(
-            `invalid JSON (${cleanJsonMessage(message, text)}); the file should hold a JSON array of records`,
-            {file: line !== null ? `${file}:${line}` : file, cause: parsed.syntaxError}
-        );
+        throw new QloraError(`invalid JSON (${cleanJsonMessage(message, text)}); the file should hold a JSON array of records`, {
+            file: line !== null ? `${file}:${line}` : file,
+            cause: parsed.syntaxError
+        });
     }
     text = null; // the parsed records are all that is needed now
     let value = parsed.value;
     if (!Array.isArray(value)) {
         if (value === null || typeof value !== "object") {
-            throw new QloraError(`holds ${describeJsonValue(value)}; it should hold a JSON array of records (objects), or use JSON Lines in a .jsonl file`, {file});
+            throw new QloraError(
+                `holds ${describeJsonValue(value)}; it should hold a JSON array of records (objects), or use JSON Lines in a .jsonl file`,
+                {file}
+            );
         }
         const object = value as DataRecord;
         // {"data": [...]}, {"train": [...]}: one array-valued key holding the records; anything else is one record
@@ -403,7 +424,10 @@ async function* jsonBatches(file: string): AsyncGenerator<RecordBatch> {
     // checked before any record is used: a bad record late in the file fails at once, not after tokenizing the rest
     for (let i = 0; i < records.length; i++) {
         if (records[i] === null || typeof records[i] !== "object" || Array.isArray(records[i])) {
-            throw new QloraError(`record ${i} is ${describeJsonValue(records[i])}, not an object; every record must be a JSON object`, {file});
+            throw new QloraError(
+                `record ${i} is ${describeJsonValue(records[i])}, not an object; every record must be a JSON object`,
+                {file}
+            );
         }
     }
     for (let start = 0; start < records.length; start += JSON_BATCH) {
@@ -434,11 +458,17 @@ function parseJsonLine(line: string, file: string, lineNumber: number): DataReco
     if ("syntaxError" in parsed) {
         // a file with CR-only line ends (old Mac) arrives as one line
         const hint = line.includes("\r") ? " (the file has CR line ends: save it with LF or CRLF line ends)" : "";
-        throw new QloraError(`invalid JSON (${cleanJsonMessage(parsed.syntaxError.message, line)}); each line must be one JSON object${hint}`, {file: where, cause: parsed.syntaxError});
+        throw new QloraError(
+            `invalid JSON (${cleanJsonMessage(parsed.syntaxError.message, line)}); each line must be one JSON object${hint}`,
+            {file: where, cause: parsed.syntaxError}
+        );
     }
     const value = parsed.value;
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
-        throw new QloraError(`the line holds ${describeJsonValue(value)}, not a JSON object; each line must be one record object`, {file: where});
+        throw new QloraError(
+            `the line holds ${describeJsonValue(value)}, not a JSON object; each line must be one record object`,
+            {file: where}
+        );
     }
     return value as DataRecord;
 }
@@ -484,7 +514,14 @@ export async function readJsonl(file: string): Promise<{records: DataRecord[]; l
  */
 async function* parquetBatches(file: string): AsyncGenerator<RecordBatch> {
     for await (const {start, rows} of decodeParquetIsolated(file))
-        if (rows.length > 0) yield {file, format: "parquet", records: rows.map((row) => normalizeParquetValue(row) as DataRecord), lines: null, start};
+        if (rows.length > 0)
+            yield {
+                file,
+                format: "parquet",
+                records: rows.map((row) => normalizeParquetValue(row) as DataRecord),
+                lines: null,
+                start
+            };
 }
 
 /** Reads every row of a Parquet file as an object; int64 values become numbers (bigint when beyond 2^53). */

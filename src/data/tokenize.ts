@@ -52,7 +52,9 @@ export interface TokenizedExample {
 export function resolveEosToken(tokenizer: DataTokenizer, eosToken?: string | null): string | null {
     if (eosToken) {
         if (tokenizer.tokenToId(eosToken) === null) {
-            throw new QloraError(`eos_token "${eosToken}" is not a token of the tokenizer's vocabulary; use the token the model stops on`);
+            throw new QloraError(
+                `eos_token "${eosToken}" is not a token of the tokenizer's vocabulary; use the token the model stops on`
+            );
         }
         return eosToken;
     }
@@ -61,7 +63,8 @@ export function resolveEosToken(tokenizer: DataTokenizer, eosToken?: string | nu
 
 /** Token ids and labels of one example (before truncation). */
 export function tokenizeExample(example: Example, tokenizer: DataTokenizer, options: TokenizeOptions): TokenizedExample {
-    const withEos = (text: string): string => (options.eosToken && !text.endsWith(options.eosToken) ? text + options.eosToken : text);
+    const withEos = (text: string): string =>
+        options.eosToken && !text.endsWith(options.eosToken) ? text + options.eosToken : text;
     // a clipped text has more tokens than are kept, so its EOS (cut by truncation anyway) is left off
     const clip = (text: string): string => clipText(text, options.maxChars);
     switch (example.kind) {
@@ -77,7 +80,9 @@ export function tokenizeExample(example: Example, tokenizer: DataTokenizer, opti
         }
         case "chat_prompt_completion": {
             const extra = example.templateExtra;
-            const promptIds = tokenizer.encode(clip(tokenizer.applyChatTemplate(example.prompt, {addGenerationPrompt: true, extra})));
+            const promptIds = tokenizer.encode(
+                clip(tokenizer.applyChatTemplate(example.prompt, {addGenerationPrompt: true, extra}))
+            );
             const ids = tokenizer.encode(clip(tokenizer.applyChatTemplate([...example.prompt, ...example.completion], {extra})));
             return maskPrefix(ids, promptIds, options.completionOnlyLoss);
         }
@@ -113,7 +118,10 @@ export function tokenizeExample(example: Example, tokenizer: DataTokenizer, opti
             // an id outside the vocabulary would index past the embedding table
             checkTokenIds(example.inputIds, "input_ids", tokenizer.vocabSize, false);
             if (example.labels) checkTokenIds(example.labels, "labels", tokenizer.vocabSize, true);
-            return {inputIds: example.inputIds.slice(), labels: example.labels ? example.labels.slice() : example.inputIds.slice()};
+            return {
+                inputIds: example.inputIds.slice(),
+                labels: example.labels ? example.labels.slice() : example.inputIds.slice()
+            };
     }
 }
 
@@ -123,8 +131,9 @@ function checkTokenIds(ids: readonly number[], key: string, vocabSize: number | 
         const id = ids[i];
         if ((id >= 0 && id < limit) || (isLabels && id === IGNORE_INDEX)) continue;
         throw new QloraError(
-            `${key}[${i}] is ${id}, not a token id (0 to ${limit - 1}` + (isLabels ? `, or ${IGNORE_INDEX} for an untrained position)` : ")") +
-            (vocabSize !== undefined ? "; was the data tokenized with another tokenizer?" : "")
+            `${key}[${i}] is ${id}, not a token id (0 to ${limit - 1}` +
+                (isLabels ? `, or ${IGNORE_INDEX} for an untrained position)` : ")") +
+                (vocabSize !== undefined ? "; was the data tokenized with another tokenizer?" : "")
         );
     }
 }
@@ -146,8 +155,13 @@ function maskPrefix(ids: number[], promptIds: number[], completionOnly: boolean)
  * need a first user turn), the turn's content is searched for instead and the special token right after it
  * joins the span.
  */
-export function assistantSpans(messages: readonly ChatMessage[], tokenizer: DataTokenizer, extra?: Record<string, unknown>): {text: string; spans: [number, number][]} {
-    const render = (list: readonly ChatMessage[], addGenerationPrompt: boolean): string => tokenizer.applyChatTemplate(list, {addGenerationPrompt, extra});
+export function assistantSpans(
+    messages: readonly ChatMessage[],
+    tokenizer: DataTokenizer,
+    extra?: Record<string, unknown>
+): {text: string; spans: [number, number][]} {
+    const render = (list: readonly ChatMessage[], addGenerationPrompt: boolean): string =>
+        tokenizer.applyChatTemplate(list, {addGenerationPrompt, extra});
     const text = render(messages, false);
     const spans: [number, number][] = [];
     let cursor = 0;
@@ -163,7 +177,14 @@ export function assistantSpans(messages: readonly ChatMessage[], tokenizer: Data
         } catch {
             // templates that insist on a user turn first or alternating roles: fall back to searching
         }
-        if (before !== null && after !== null && text.startsWith(before) && text.startsWith(after) && after.length > before.length && before.length >= cursor) {
+        if (
+            before !== null &&
+            after !== null &&
+            text.startsWith(before) &&
+            text.startsWith(after) &&
+            after.length > before.length &&
+            before.length >= cursor
+        ) {
             start = before.length;
             end = after.length;
         } else {
@@ -201,8 +222,13 @@ export function countTargets(labels: ArrayLike<number>): number {
 export type TruncationMode = "keep_start" | "keep_end";
 
 /** Cuts an example to `maxLength` tokens: the first ones (keep_start, the default) or the last ones (keep_end). */
-export function truncateExample<T extends {inputIds: number[]; labels: number[]}>(example: T, maxLength: number | null, mode: TruncationMode = "keep_start"): {example: T; truncated: boolean} {
+export function truncateExample<T extends {inputIds: number[]; labels: number[]}>(
+    example: T,
+    maxLength: number | null,
+    mode: TruncationMode = "keep_start"
+): {example: T; truncated: boolean} {
     if (maxLength === null || example.inputIds.length <= maxLength) return {example, truncated: false};
-    const cut = (list: number[]): number[] => (mode === "keep_end" ? list.slice(list.length - maxLength) : list.slice(0, maxLength));
+    const cut = (list: number[]): number[] =>
+        mode === "keep_end" ? list.slice(list.length - maxLength) : list.slice(0, maxLength);
     return {example: {...example, inputIds: cut(example.inputIds), labels: cut(example.labels)}, truncated: true};
 }

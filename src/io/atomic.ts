@@ -49,11 +49,16 @@ function writeError(err: unknown, file: string, what = "file"): QloraError {
     if (err instanceof QloraError) return err;
     const code = (err as NodeJS.ErrnoException).code;
     if (code === "ENOSPC" || code === "EDQUOT")
-        return new QloraError(`the disk is full (${code}) while writing the ${what}; free some space or write to another ` +
-            "disk. Nothing was left under this name", {file, cause: err});
+        return new QloraError(
+            `the disk is full (${code}) while writing the ${what}; free some space or write to another ` +
+                "disk. Nothing was left under this name",
+            {file, cause: err}
+        );
     if (code === "EACCES" || code === "EPERM" || code === "EROFS")
-        return new QloraError(`cannot write the ${what} (${code}: permission denied or read-only); choose a folder ` +
-            "you can write to", {file, cause: err});
+        return new QloraError(
+            `cannot write the ${what} (${code}: permission denied or read-only); choose a folder ` + "you can write to",
+            {file, cause: err}
+        );
     return new QloraError(`cannot write the ${what}: ${(err as Error).message}`, {file, cause: err});
 }
 
@@ -102,12 +107,18 @@ async function fsyncTree(dir: string): Promise<void> {
  * Opens an exclusive temporary file with a random name beside `file` for a streaming write (safetensors, GGUF).
  * commit() fsyncs it and renames it over `file`; abort() removes it. Errors are QloraErrors naming `file`.
  */
-export async function createAtomicFile(file: string): Promise<{handle: FileHandle; path: string; commit(): Promise<void>; abort(): Promise<void>}> {
+export async function createAtomicFile(
+    file: string
+): Promise<{handle: FileHandle; path: string; commit(): Promise<void>; abort(): Promise<void>}> {
     const tmp = leftoverName(file, "tmp", randomSuffix());
     let handle: fs.FileHandle;
     try {
         // O_EXCL: never open something planted under the name (a symlink to another user's file included)
-        handle = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | (constants.O_NOFOLLOW ?? 0), 0o666);
+        handle = await fs.open(
+            tmp,
+            constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | (constants.O_NOFOLLOW ?? 0),
+            0o666
+        );
     } catch (err) {
         throw writeError(err, file);
     }
@@ -173,7 +184,9 @@ let versionCache: string | undefined;
 async function qloraVersion(): Promise<string> {
     if (versionCache === undefined) {
         try {
-            versionCache = String((JSON.parse(await readTextFile(path.join(packageRoot, "package.json"))) as {version?: unknown}).version ?? "");
+            versionCache = String(
+                (JSON.parse(await readTextFile(path.join(packageRoot, "package.json"))) as {version?: unknown}).version ?? ""
+            );
         } catch {
             versionCache = "";
         }
@@ -205,8 +218,10 @@ export async function assertDirOutput(dir: string, opts: DirOutputOptions): Prom
     const st = await lstatOrNull(dir);
     if (!st) return;
     if (st.isSymbolicLink())
-        throw new QloraError("is a symbolic link; qlora does not replace links: give the real folder's path or choose " +
-            "another path", {file: dir});
+        throw new QloraError(
+            "is a symbolic link; qlora does not replace links: give the real folder's path or choose " + "another path",
+            {file: dir}
+        );
     if (!st.isDirectory())
         throw new QloraError("already exists and is not a folder; choose another path (qlora never replaces it)", {file: dir});
     let entries: string[];
@@ -218,13 +233,19 @@ export async function assertDirOutput(dir: string, opts: DirOutputOptions): Prom
     if (entries.length === 0) return;
     const marker = await readQloraMarker(dir);
     if (!marker)
-        throw new QloraError("already exists, is not empty and was not written by qlora (it has no " +
-            `${QLORA_MARKER_FILE}); choose another path or empty it yourself (qlora only replaces folders it wrote)`, {file: dir});
+        throw new QloraError(
+            "already exists, is not empty and was not written by qlora (it has no " +
+                `${QLORA_MARKER_FILE}); choose another path or empty it yourself (qlora only replaces folders it wrote)`,
+            {file: dir}
+        );
     if (marker.kind !== opts.kind)
         throw new QloraError(`already holds a qlora ${marker.kind}, not a ${opts.kind}; choose another path`, {file: dir});
     if (opts.replace === "never")
-        throw new QloraError(`already exists and is not empty (an earlier qlora ${marker.kind}); ` +
-            (opts.overwriteHint ? `pass ${opts.overwriteHint} to replace it, or choose another path` : "choose another path"), {file: dir});
+        throw new QloraError(
+            `already exists and is not empty (an earlier qlora ${marker.kind}); ` +
+                (opts.overwriteHint ? `pass ${opts.overwriteHint} to replace it, or choose another path` : "choose another path"),
+            {file: dir}
+        );
 }
 
 /**
@@ -234,8 +255,11 @@ export async function assertDirOutput(dir: string, opts: DirOutputOptions): Prom
  * QLORA_MARKER_FILE of opts.kind. An empty existing folder is always fine. Without opts: {replace: "owned",
  * kind: "folder"}.
  */
-export async function writeDirAtomic(dir: string, fill: (tmpDir: string) => Promise<void>,
-    opts: DirOutputOptions = {replace: "owned", kind: "folder"}): Promise<void> {
+export async function writeDirAtomic(
+    dir: string,
+    fill: (tmpDir: string) => Promise<void>,
+    opts: DirOutputOptions = {replace: "owned", kind: "folder"}
+): Promise<void> {
     dir = path.resolve(dir);
     const parent = path.dirname(dir);
     if (parent === dir) throw new QloraError("is the root of the file system; choose a folder path", {file: dir});
@@ -285,7 +309,12 @@ export async function writeDirAtomic(dir: string, fill: (tmpDir: string) => Prom
     } catch (err) {
         // put the old folder back and drop the new one (the command failed); if the old one cannot go back, both
         // stay under their leftover names for recoverInterruptedWrites
-        const restored = !hadOld || await fs.rename(old, dir).then(() => true, () => false);
+        const restored =
+            !hadOld ||
+            (await fs.rename(old, dir).then(
+                () => true,
+                () => false
+            ));
         if (restored) await fs.rm(fresh, {recursive: true, force: true}).catch(() => undefined);
         throw writeError(err, dir, "folder");
     }
@@ -330,8 +359,11 @@ export async function recoverInterruptedWrites(parent: string, only?: string): P
             await recoverSwap(parent, base, list, done);
         } catch (err) {
             if (err instanceof QloraError) throw err;
-            throw new QloraError(`cannot finish an interrupted write of ${base} (${errorCode(err)}); ` +
-                `check the folder's permissions (${done.length} other leftovers were handled)`, {file: parent, cause: err});
+            throw new QloraError(
+                `cannot finish an interrupted write of ${base} (${errorCode(err)}); ` +
+                    `check the folder's permissions (${done.length} other leftovers were handled)`,
+                {file: parent, cause: err}
+            );
         }
     }
     if (done.length > 0) await fsyncDir(parent);
@@ -367,7 +399,9 @@ async function recoverSwap(parent: string, base: string, list: Leftover[], done:
                 olds.unshift({name: aside, stage: "old", mtimeMs: Date.now()});
             }
             await fs.rename(path.join(parent, winner.name), target);
-            done.push(`moved ${winner.name} into place as ${base} (it was complete; the write was killed before the swap finished)`);
+            done.push(
+                `moved ${winner.name} into place as ${base} (it was complete; the write was killed before the swap finished)`
+            );
             for (const other of news.slice(1)) await remove(other.name, "an older complete copy, superseded");
         } else {
             done.push(`left ${winner.name}: ${base} exists and was not written by qlora as a ${winnerKind}`);
@@ -418,11 +452,17 @@ export async function assertOutputSeparate(out: string, inputs: {path: string; w
         if (!input.path) continue;
         const inReal = await realPathDeep(input.path);
         if (inReal === outReal)
-            throw new QloraError(`${flag} is the ${input.what}${path.resolve(input.path) === path.resolve(out) ? "" : ` (${input.path})`}; ` +
-                "qlora never writes over its inputs: choose another path", {file: out});
+            throw new QloraError(
+                `${flag} is the ${input.what}${path.resolve(input.path) === path.resolve(out) ? "" : ` (${input.path})`}; ` +
+                    "qlora never writes over its inputs: choose another path",
+                {file: out}
+            );
         if (isInside(inReal, outReal))
-            throw new QloraError(`${flag} contains the ${input.what} (${input.path}); qlora never writes over its inputs: ` +
-                "choose another path", {file: out});
+            throw new QloraError(
+                `${flag} contains the ${input.what} (${input.path}); qlora never writes over its inputs: ` +
+                    "choose another path",
+                {file: out}
+            );
     }
 }
 
@@ -431,15 +471,21 @@ export async function assertOutputSeparate(out: string, inputs: {path: string; w
  * even then it must be a regular file that looksOwned(its first bytes) accepts (GGUF magic for GGUF outputs),
  * never a folder, a symlink or a device.
  */
-export async function assertFileOutput(file: string, opts: {overwrite: boolean; flag?: string; looksOwned?: (head: Uint8Array) => boolean; what?: string; overwriteHint?: string}): Promise<void> {
+export async function assertFileOutput(
+    file: string,
+    opts: {overwrite: boolean; flag?: string; looksOwned?: (head: Uint8Array) => boolean; what?: string; overwriteHint?: string}
+): Promise<void> {
     const st = await lstatOrNull(file);
     if (!st) return;
     const hint = opts.overwriteHint ?? "--overwrite";
     if (st.isSymbolicLink())
         throw new QloraError("is a symbolic link; qlora does not write through or replace links: give a new file's path", {file});
     if (st.isDirectory())
-        throw new QloraError(`is a folder; ${opts.flag ?? "--out"} takes the path of the file to write (e.g. ` +
-            `${path.join(file, "model.gguf")})`, {file});
+        throw new QloraError(
+            `is a folder; ${opts.flag ?? "--out"} takes the path of the file to write (e.g. ` +
+                `${path.join(file, "model.gguf")})`,
+            {file}
+        );
     if (!st.isFile()) throw new QloraError("exists and is not a regular file; choose another path", {file});
     if (!opts.overwrite) throw new QloraError(`already exists; pass ${hint} to replace it, or choose another path`, {file});
     if (opts.looksOwned) {
@@ -453,7 +499,10 @@ export async function assertFileOutput(file: string, opts: {overwrite: boolean; 
             await handle.close().catch(() => undefined);
         }
         if (!opts.looksOwned(head))
-            throw new QloraError(`exists and is not ${opts.what ?? "a file qlora writes"}; ${hint} replaces only such ` +
-                "files: choose another path", {file});
+            throw new QloraError(
+                `exists and is not ${opts.what ?? "a file qlora writes"}; ${hint} replaces only such ` +
+                    "files: choose another path",
+                {file}
+            );
     }
 }

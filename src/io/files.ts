@@ -28,7 +28,8 @@ export async function openRegularFile(file: string, what = "file"): Promise<{han
     } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if (code === "ENOENT") throw new QloraError(`the ${what} does not exist`, {file, cause: err});
-        if (code === "EACCES" || code === "EPERM") throw new QloraError(`the ${what} cannot be read (permission denied)`, {file, cause: err});
+        if (code === "EACCES" || code === "EPERM")
+            throw new QloraError(`the ${what} cannot be read (permission denied)`, {file, cause: err});
         if (code === "EISDIR") throw new QloraError(`expected a ${what}, found a folder`, {file, cause: err});
         throw new QloraError(`cannot open the ${what} (${code ?? (err as Error).message})`, {file, cause: err});
     }
@@ -37,7 +38,10 @@ export async function openRegularFile(file: string, what = "file"): Promise<{han
         st = await handle.stat();
     } catch (err) {
         await handle.close().catch(() => undefined);
-        throw new QloraError(`cannot read the ${what} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {file, cause: err});
+        throw new QloraError(`cannot read the ${what} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {
+            file,
+            cause: err
+        });
     }
     if (!st.isFile()) {
         await handle.close().catch(() => undefined);
@@ -53,8 +57,10 @@ export async function readRegularFile(file: string, opts: {what?: string; maxByt
     const {handle, size} = await openRegularFile(file, what);
     try {
         if (size > maxBytes)
-            throw new QloraError(`the ${what} is ${size} bytes, more than the ${maxBytes} a ${what} may have; ` +
-                "is this the right file?", {file});
+            throw new QloraError(
+                `the ${what} is ${size} bytes, more than the ${maxBytes} a ${what} may have; ` + "is this the right file?",
+                {file}
+            );
         const buf = Buffer.allocUnsafe(size);
         let done = 0;
         while (done < size) {
@@ -65,7 +71,10 @@ export async function readRegularFile(file: string, opts: {what?: string; maxByt
         return done === size ? buf : buf.subarray(0, done);
     } catch (err) {
         if (err instanceof QloraError) throw err;
-        throw new QloraError(`cannot read the ${what} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {file, cause: err});
+        throw new QloraError(`cannot read the ${what} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {
+            file,
+            cause: err
+        });
     } finally {
         await handle.close().catch(() => undefined);
     }

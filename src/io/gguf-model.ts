@@ -17,22 +17,33 @@ const CAUSAL_LM_CLASSES = new Set(["Qwen2ForCausalLM", "LlamaForCausalLM", "Mist
 export function ggufArchFor(cfg: ModelConfig): GgufArch {
     const unsupported = cfg.architectures.find((a) => !CAUSAL_LM_CLASSES.has(a));
     if (unsupported)
-        throw new QloraError(`architecture ${unsupported} cannot be exported to GGUF (supported: ` +
-            `${[...CAUSAL_LM_CLASSES].join(", ")})`, {file: cfg.file});
+        throw new QloraError(
+            `architecture ${unsupported} cannot be exported to GGUF (supported: ` + `${[...CAUSAL_LM_CLASSES].join(", ")})`,
+            {file: cfg.file}
+        );
     switch (cfg.modelType) {
-        case "qwen2": return "qwen2";
+        case "qwen2":
+            return "qwen2";
         case "llama":
-        case "mistral": return "llama";
+        case "mistral":
+            return "llama";
         default:
-            throw new QloraError(`model_type "${String(cfg.modelType)}" cannot be exported to GGUF (supported: qwen2, llama, mistral)`,
-                {file: cfg.file});
+            throw new QloraError(
+                `model_type "${String(cfg.modelType)}" cannot be exported to GGUF (supported: qwen2, llama, mistral)`,
+                {file: cfg.file}
+            );
     }
 }
 
 /** the GGUF block tensor of each Hugging Face projection (tensor_mapping.py) */
 export const GGUF_PROJ_NAMES = {
-    q_proj: "attn_q", k_proj: "attn_k", v_proj: "attn_v", o_proj: "attn_output",
-    gate_proj: "ffn_gate", up_proj: "ffn_up", down_proj: "ffn_down",
+    q_proj: "attn_q",
+    k_proj: "attn_k",
+    v_proj: "attn_v",
+    o_proj: "attn_output",
+    gate_proj: "ffn_gate",
+    up_proj: "ffn_up",
+    down_proj: "ffn_down"
 } as const;
 
 /** `blk.N.attn_q.weight` for a module name such as model.layers.N.self_attn.q_proj (suffix ".weight" or ".bias") */
@@ -55,7 +66,8 @@ export function permuteQkRows(x: Float32Array, nHead: number, cols: number): Flo
     const rows = x.length / cols;
     if (!Number.isInteger(rows) || rows % nHead !== 0 || (rows / nHead) % 2 !== 0)
         throw new Error(`permuteQkRows: ${x.length} values do not split into ${nHead} heads of an even size`);
-    const headDim = rows / nHead, half = headDim / 2;
+    const headDim = rows / nHead,
+        half = headDim / 2;
     const out = new Float32Array(x.length);
     for (let h = 0; h < nHead; h++)
         for (let i = 0; i < half; i++)
@@ -73,7 +85,6 @@ export function permutationHeads(arch: GgufArch, cfg: ModelConfig, proj: string)
     if (proj === "k_proj") return cfg.numKeyValueHeads;
     return 0;
 }
-
 
 /** writes {arch}.* hyper-parameters (SPEC-gguf §6): counts as UINT32, floats as FLOAT32 */
 export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufArch): void {
@@ -107,7 +118,10 @@ export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufAr
         case "yarn":
             md.string(`${a}.rope.scaling.type`, "yarn");
             md.f32(`${a}.rope.scaling.factor`, scaling.factor!);
-            md.u32(`${a}.rope.scaling.original_context_length`, scaling.originalMaxPositionEmbeddings ?? cfg.maxPositionEmbeddings);
+            md.u32(
+                `${a}.rope.scaling.original_context_length`,
+                scaling.originalMaxPositionEmbeddings ?? cfg.maxPositionEmbeddings
+            );
             if (scaling.attentionFactor !== undefined) md.f32(`${a}.rope.scaling.yarn_attn_factor`, scaling.attentionFactor);
             if (scaling.betaFast !== undefined) md.f32(`${a}.rope.scaling.yarn_beta_fast`, scaling.betaFast);
             if (scaling.betaSlow !== undefined) md.f32(`${a}.rope.scaling.yarn_beta_slow`, scaling.betaSlow);
@@ -115,14 +129,19 @@ export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufAr
         case "llama3":
             // carried by the rope_freqs.weight tensor (llama3RopeFactors)
             if (arch !== "llama")
-                throw new QloraError(`rope_scaling type "llama3" on a ${cfg.modelType} model cannot be exported to GGUF`, {file: cfg.file});
+                throw new QloraError(`rope_scaling type "llama3" on a ${cfg.modelType} model cannot be exported to GGUF`, {
+                    file: cfg.file
+                });
             break;
         case "dynamic":
             // the converter writes nothing: dynamic NTK changes nothing within the trained context
             break;
         default:
-            throw new QloraError(`rope_scaling type "${scaling.type}" is not supported by llama.cpp's ${arch} ` +
-                "architecture, so the model cannot be exported to GGUF", {file: cfg.file});
+            throw new QloraError(
+                `rope_scaling type "${scaling.type}" is not supported by llama.cpp's ${arch} ` +
+                    "architecture, so the model cannot be exported to GGUF",
+                {file: cfg.file}
+            );
     }
 }
 
@@ -131,9 +150,12 @@ export function llama3RopeFactors(cfg: ModelConfig): Float32Array | null {
     const s = cfg.ropeScaling;
     if (s?.type !== "llama3") return null;
     const dim = cfg.headDim;
-    const factor = s.factor ?? 8, low = s.lowFreqFactor ?? 1, high = s.highFreqFactor ?? 4;
+    const factor = s.factor ?? 8,
+        low = s.lowFreqFactor ?? 1,
+        high = s.highFreqFactor ?? 4;
     const oldContext = s.originalMaxPositionEmbeddings ?? 8192;
-    const lowWavelen = oldContext / low, highWavelen = oldContext / high;
+    const lowWavelen = oldContext / low,
+        highWavelen = oldContext / high;
     const out = new Float32Array(dim / 2);
     for (let k = 0; k < out.length; k++) {
         const freq = Math.fround(1 / Math.fround(cfg.ropeTheta ** Math.fround((2 * k) / dim)));

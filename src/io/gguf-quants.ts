@@ -6,8 +6,20 @@ import {loadGgufOps} from "../backend/native-gguf-types.js";
 
 /** ggml type ids (gguf-py GGMLQuantizationType) */
 export const GgmlType = {
-    F32: 0, F16: 1, Q4_0: 2, Q4_1: 3, Q5_0: 6, Q5_1: 7, Q8_0: 8, Q2_K: 10, Q3_K: 11, Q4_K: 12, Q5_K: 13, Q6_K: 14,
-    Q8_K: 15, BF16: 30,
+    F32: 0,
+    F16: 1,
+    Q4_0: 2,
+    Q4_1: 3,
+    Q5_0: 6,
+    Q5_1: 7,
+    Q8_0: 8,
+    Q2_K: 10,
+    Q3_K: 11,
+    Q4_K: 12,
+    Q5_K: 13,
+    Q6_K: 14,
+    Q8_K: 15,
+    BF16: 30
 } as const;
 export type GgmlType = (typeof GgmlType)[keyof typeof GgmlType];
 
@@ -34,12 +46,18 @@ export const GGML_TYPE_TRAITS: Readonly<Record<GgmlType, TypeTraits>> = {
     [GgmlType.Q5_K]: {name: "Q5_K", blockSize: 256, typeSize: 176},
     [GgmlType.Q6_K]: {name: "Q6_K", blockSize: 256, typeSize: 210},
     [GgmlType.Q8_K]: {name: "Q8_K", blockSize: 256, typeSize: 292},
-    [GgmlType.BF16]: {name: "BF16", blockSize: 1, typeSize: 2},
+    [GgmlType.BF16]: {name: "BF16", blockSize: 1, typeSize: 2}
 };
 
 /** the types qlora can encode */
-export const ENCODABLE_TYPES: readonly GgmlType[] = [GgmlType.F32, GgmlType.F16, GgmlType.Q8_0, GgmlType.Q5_0,
-    GgmlType.Q4_K, GgmlType.Q6_K];
+export const ENCODABLE_TYPES: readonly GgmlType[] = [
+    GgmlType.F32,
+    GgmlType.F16,
+    GgmlType.Q8_0,
+    GgmlType.Q5_0,
+    GgmlType.Q4_K,
+    GgmlType.Q6_K
+];
 
 export function ggmlTypeName(type: GgmlType): string {
     return GGML_TYPE_TRAITS[type]?.name ?? `type ${type}`;
@@ -118,12 +136,21 @@ export function typeFallback(type: GgmlType, rowLength: number): GgmlType {
     let result: GgmlType = type;
     if (rowLength % GGML_TYPE_TRAITS[type].blockSize !== 0) {
         switch (type) {
-            case GgmlType.Q4_K: result = GgmlType.Q5_0; break;
-            case GgmlType.Q5_K: result = GgmlType.Q5_1; break;
-            case GgmlType.Q6_K: result = GgmlType.Q8_0; break;
+            case GgmlType.Q4_K:
+                result = GgmlType.Q5_0;
+                break;
+            case GgmlType.Q5_K:
+                result = GgmlType.Q5_1;
+                break;
+            case GgmlType.Q6_K:
+                result = GgmlType.Q8_0;
+                break;
             case GgmlType.Q2_K:
-            case GgmlType.Q3_K: result = GgmlType.Q4_0; break;
-            default: break;
+            case GgmlType.Q3_K:
+                result = GgmlType.Q4_0;
+                break;
+            default:
+                break;
         }
         if (rowLength % GGML_TYPE_TRAITS[result].blockSize !== 0) result = GgmlType.F16;
     }

@@ -31,8 +31,14 @@ export interface GgufVocab {
 
 // the Split regexes of the byte-level BPE pre-tokenizers llama.cpp implements, as tokenizer.json writes them
 const PRE_TOKENIZER_PATTERNS: ReadonlyArray<[string, string]> = [
-    ["qwen2", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
-    ["llama-bpe", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"],
+    [
+        "qwen2",
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+    ],
+    [
+        "llama-bpe",
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+    ]
 ];
 
 const SPECIAL_TOKEN_TYPES = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"] as const;
@@ -43,7 +49,7 @@ const SPECIAL_ID_KEYS: Record<string, string> = {
     unk: "tokenizer.ggml.unknown_token_id",
     sep: "tokenizer.ggml.seperator_token_id", // sic: gguf-py's spelling
     pad: "tokenizer.ggml.padding_token_id",
-    mask: "tokenizer.ggml.mask_token_id",
+    mask: "tokenizer.ggml.mask_token_id"
 };
 
 type Json = Record<string, unknown>;
@@ -86,7 +92,8 @@ function looksSpecial(token: string): boolean {
 
 function tokenContent(entry: unknown): string | null {
     if (typeof entry === "string") return entry;
-    if (entry && typeof entry === "object" && typeof (entry as Json).content === "string") return (entry as Json).content as string;
+    if (entry && typeof entry === "object" && typeof (entry as Json).content === "string")
+        return (entry as Json).content as string;
     return null;
 }
 
@@ -105,19 +112,27 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
     const modelConfig = await readJson(path.join(dir, "config.json"), false);
     const model = tokenizer.model as Json | undefined;
     if (model?.type !== "BPE")
-        throw new QloraError(`the tokenizer model is ${quoteValue(model?.type ?? null)}; the GGUF export supports ` +
-            "byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3)", {file: tokenizerFile});
+        throw new QloraError(
+            `the tokenizer model is ${quoteValue(model?.type ?? null)}; the GGUF export supports ` +
+                "byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3)",
+            {file: tokenizerFile}
+        );
     if (model.byte_fallback === true)
-        throw new QloraError("this is a SentencePiece-style BPE tokenizer (byte_fallback, as in Llama 2, TinyLlama or " +
-            "Mistral v0.1); the GGUF export supports byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3) only so far",
-            {file: tokenizerFile});
+        throw new QloraError(
+            "this is a SentencePiece-style BPE tokenizer (byte_fallback, as in Llama 2, TinyLlama or " +
+                "Mistral v0.1); the GGUF export supports byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3) only so far",
+            {file: tokenizerFile}
+        );
     const vocab = model.vocab as Record<string, number> | undefined;
     if (!vocab || typeof vocab !== "object") throw new QloraError("model.vocab is missing", {file: tokenizerFile});
 
     const pre = opts.preTokenizer ?? detectPreTokenizer(tokenizer);
     if (!pre)
-        throw new QloraError("its pre_tokenizer matches none that qlora maps to llama.cpp (qwen2, llama-bpe, gpt-2); " +
-            "pass the llama.cpp name with --pre-tokenizer (see llama-vocab.cpp)", {file: tokenizerFile});
+        throw new QloraError(
+            "its pre_tokenizer matches none that qlora maps to llama.cpp (qwen2, llama-bpe, gpt-2); " +
+                "pass the llama.cpp name with --pre-tokenizer (see llama-vocab.cpp)",
+            {file: tokenizerFile}
+        );
 
     // ids -> strings: the BPE vocabulary, then added tokens
     const n = opts.vocabSize;
@@ -125,17 +140,23 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
     const tokenTypes = new Array<number>(n).fill(TokenType.NORMAL);
     for (const [token, id] of Object.entries(vocab)) {
         if (!Number.isInteger(id) || id < 0 || id >= n)
-            throw new QloraError(`token ${quoteValue(token)} has id ${id}, outside the model's ${n} embedding rows ` +
-                "(config.json vocab_size)", {file: tokenizerFile});
+            throw new QloraError(
+                `token ${quoteValue(token)} has id ${id}, outside the model's ${n} embedding rows ` + "(config.json vocab_size)",
+                {file: tokenizerFile}
+            );
         tokens[id] = token;
     }
     const addedTokens = (Array.isArray(tokenizer.added_tokens) ? tokenizer.added_tokens : []) as Json[];
     for (const added of addedTokens) {
-        const id = added.id as number, content = added.content as string;
+        const id = added.id as number,
+            content = added.content as string;
         if (!Number.isInteger(id) || typeof content !== "string") continue;
         if (id < 0 || id >= n)
-            throw new QloraError(`added token ${quoteValue(content)} has id ${id}, outside the model's ${n} ` +
-                "embedding rows (config.json vocab_size)", {file: tokenizerFile});
+            throw new QloraError(
+                `added token ${quoteValue(content)} has id ${id}, outside the model's ${n} ` +
+                    "embedding rows (config.json vocab_size)",
+                {file: tokenizerFile}
+            );
         tokens[id] = content;
         tokenTypes[id] = added.special === true || looksSpecial(content) ? TokenType.CONTROL : TokenType.USER_DEFINED;
     }
@@ -149,8 +170,11 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         }
         const other = seen.get(token);
         if (other !== undefined)
-            throw new QloraError(`token ${quoteValue(token)} appears at ids ${other} and ${id}; llama.cpp rejects a ` +
-                "vocabulary with duplicate tokens", {file: tokenizerFile});
+            throw new QloraError(
+                `token ${quoteValue(token)} appears at ids ${other} and ${id}; llama.cpp rejects a ` +
+                    "vocabulary with duplicate tokens",
+                {file: tokenizerFile}
+            );
         seen.set(token, id);
         list[id] = token;
     }
@@ -217,8 +241,18 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         if (await pathExists(file)) chatTemplate = await readTextFile(file, {what: "chat template", maxBytes: 4 << 20});
     }
 
-    return {model: "gpt2", pre, tokens: list, tokenTypes, merges, specialIds, addBos: addBos ?? false, addEos,
-        chatTemplate, namedChatTemplates};
+    return {
+        model: "gpt2",
+        pre,
+        tokens: list,
+        tokenTypes,
+        merges,
+        specialIds,
+        addBos: addBos ?? false,
+        addEos,
+        chatTemplate,
+        namedChatTemplates
+    };
 }
 
 /** writes tokenizer.* keys */

@@ -18,8 +18,19 @@ export const GGML_MAX_DIMS = 4;
 
 /** GGUF metadata value types */
 export const GgufValueType = {
-    UINT8: 0, INT8: 1, UINT16: 2, INT16: 3, UINT32: 4, INT32: 5, FLOAT32: 6, BOOL: 7, STRING: 8, ARRAY: 9,
-    UINT64: 10, INT64: 11, FLOAT64: 12,
+    UINT8: 0,
+    INT8: 1,
+    UINT16: 2,
+    INT16: 3,
+    UINT32: 4,
+    INT32: 5,
+    FLOAT32: 6,
+    BOOL: 7,
+    STRING: 8,
+    ARRAY: 9,
+    UINT64: 10,
+    INT64: 11,
+    FLOAT64: 12
 } as const;
 
 /** the scalar types a metadata value or array element can have */
@@ -31,19 +42,34 @@ export type GgufValue =
     | {type: "array"; itemType: GgufScalarType; items: readonly Scalar[]};
 
 const TYPE_ID: Record<GgufScalarType, number> = {
-    u8: GgufValueType.UINT8, i8: GgufValueType.INT8, u16: GgufValueType.UINT16, i16: GgufValueType.INT16,
-    u32: GgufValueType.UINT32, i32: GgufValueType.INT32, f32: GgufValueType.FLOAT32, bool: GgufValueType.BOOL,
-    string: GgufValueType.STRING, u64: GgufValueType.UINT64, i64: GgufValueType.INT64, f64: GgufValueType.FLOAT64,
+    u8: GgufValueType.UINT8,
+    i8: GgufValueType.INT8,
+    u16: GgufValueType.UINT16,
+    i16: GgufValueType.INT16,
+    u32: GgufValueType.UINT32,
+    i32: GgufValueType.INT32,
+    f32: GgufValueType.FLOAT32,
+    bool: GgufValueType.BOOL,
+    string: GgufValueType.STRING,
+    u64: GgufValueType.UINT64,
+    i64: GgufValueType.INT64,
+    f64: GgufValueType.FLOAT64
 };
 
 const INT_RANGE: Partial<Record<GgufScalarType, [number, number]>> = {
-    u8: [0, 0xff], i8: [-0x80, 0x7f], u16: [0, 0xffff], i16: [-0x8000, 0x7fff], u32: [0, 0xffffffff],
-    i32: [-0x80000000, 0x7fffffff],
+    u8: [0, 0xff],
+    i8: [-0x80, 0x7f],
+    u16: [0, 0xffff],
+    i16: [-0x8000, 0x7fff],
+    u32: [0, 0xffffffff],
+    i32: [-0x80000000, 0x7fffffff]
 };
 
 function checkScalar(key: string, type: GgufScalarType, v: Scalar): void {
     const bad = (what: string) => {
-        throw new QloraError(`GGUF metadata "${key}": ${JSON.stringify(typeof v === "bigint" ? v.toString() : v)} is not ${what}`);
+        throw new QloraError(
+            `GGUF metadata "${key}": ${JSON.stringify(typeof v === "bigint" ? v.toString() : v)} is not ${what}`
+        );
     };
     if (type === "string") {
         if (typeof v !== "string") bad("a string");
@@ -78,12 +104,24 @@ export class GgufMetadata {
         return this;
     }
 
-    u32(key: string, v: number): this { return this.set(key, {type: "u32", value: v}); }
-    i32(key: string, v: number): this { return this.set(key, {type: "i32", value: v}); }
-    u64(key: string, v: number | bigint): this { return this.set(key, {type: "u64", value: v}); }
-    f32(key: string, v: number): this { return this.set(key, {type: "f32", value: v}); }
-    bool(key: string, v: boolean): this { return this.set(key, {type: "bool", value: v}); }
-    string(key: string, v: string): this { return this.set(key, {type: "string", value: v}); }
+    u32(key: string, v: number): this {
+        return this.set(key, {type: "u32", value: v});
+    }
+    i32(key: string, v: number): this {
+        return this.set(key, {type: "i32", value: v});
+    }
+    u64(key: string, v: number | bigint): this {
+        return this.set(key, {type: "u64", value: v});
+    }
+    f32(key: string, v: number): this {
+        return this.set(key, {type: "f32", value: v});
+    }
+    bool(key: string, v: boolean): this {
+        return this.set(key, {type: "bool", value: v});
+    }
+    string(key: string, v: string): this {
+        return this.set(key, {type: "string", value: v});
+    }
     array(key: string, itemType: GgufScalarType, items: readonly Scalar[]): this {
         return this.set(key, {type: "array", itemType, items});
     }
@@ -148,16 +186,66 @@ class ByteSink {
         this.buf = Buffer.alloc(Math.max(1 << 16, n));
         this.pos = 0;
     }
-    u8(v: number): void { this.ensure(1); this.buf.writeUInt8(v, this.pos); this.pos += 1; this.length += 1; }
-    i8(v: number): void { this.ensure(1); this.buf.writeInt8(v, this.pos); this.pos += 1; this.length += 1; }
-    u16(v: number): void { this.ensure(2); this.buf.writeUInt16LE(v, this.pos); this.pos += 2; this.length += 2; }
-    i16(v: number): void { this.ensure(2); this.buf.writeInt16LE(v, this.pos); this.pos += 2; this.length += 2; }
-    u32(v: number): void { this.ensure(4); this.buf.writeUInt32LE(v, this.pos); this.pos += 4; this.length += 4; }
-    i32(v: number): void { this.ensure(4); this.buf.writeInt32LE(v, this.pos); this.pos += 4; this.length += 4; }
-    f32(v: number): void { this.ensure(4); this.buf.writeFloatLE(v, this.pos); this.pos += 4; this.length += 4; }
-    f64(v: number): void { this.ensure(8); this.buf.writeDoubleLE(v, this.pos); this.pos += 8; this.length += 8; }
-    u64(v: number | bigint): void { this.ensure(8); this.buf.writeBigUInt64LE(BigInt(v), this.pos); this.pos += 8; this.length += 8; }
-    i64(v: number | bigint): void { this.ensure(8); this.buf.writeBigInt64LE(BigInt(v), this.pos); this.pos += 8; this.length += 8; }
+    u8(v: number): void {
+        this.ensure(1);
+        this.buf.writeUInt8(v, this.pos);
+        this.pos += 1;
+        this.length += 1;
+    }
+    i8(v: number): void {
+        this.ensure(1);
+        this.buf.writeInt8(v, this.pos);
+        this.pos += 1;
+        this.length += 1;
+    }
+    u16(v: number): void {
+        this.ensure(2);
+        this.buf.writeUInt16LE(v, this.pos);
+        this.pos += 2;
+        this.length += 2;
+    }
+    i16(v: number): void {
+        this.ensure(2);
+        this.buf.writeInt16LE(v, this.pos);
+        this.pos += 2;
+        this.length += 2;
+    }
+    u32(v: number): void {
+        this.ensure(4);
+        this.buf.writeUInt32LE(v, this.pos);
+        this.pos += 4;
+        this.length += 4;
+    }
+    i32(v: number): void {
+        this.ensure(4);
+        this.buf.writeInt32LE(v, this.pos);
+        this.pos += 4;
+        this.length += 4;
+    }
+    f32(v: number): void {
+        this.ensure(4);
+        this.buf.writeFloatLE(v, this.pos);
+        this.pos += 4;
+        this.length += 4;
+    }
+    f64(v: number): void {
+        this.ensure(8);
+        this.buf.writeDoubleLE(v, this.pos);
+        this.pos += 8;
+        this.length += 8;
+    }
+    u64(v: number | bigint): void {
+        this.ensure(8);
+        this.buf.writeBigUInt64LE(BigInt(v), this.pos);
+        this.pos += 8;
+        this.length += 8;
+    }
+    i64(v: number | bigint): void {
+        this.ensure(8);
+        this.buf.writeBigInt64LE(BigInt(v), this.pos);
+        this.pos += 8;
+        this.length += 8;
+    }
     bytes(b: Uint8Array): void {
         this.ensure(b.length);
         this.buf.set(b, this.pos);
@@ -176,18 +264,42 @@ class ByteSink {
 
 function writeScalar(sink: ByteSink, type: GgufScalarType, v: Scalar): void {
     switch (type) {
-        case "u8": sink.u8(v as number); break;
-        case "i8": sink.i8(v as number); break;
-        case "u16": sink.u16(v as number); break;
-        case "i16": sink.i16(v as number); break;
-        case "u32": sink.u32(v as number); break;
-        case "i32": sink.i32(v as number); break;
-        case "f32": sink.f32(v as number); break;
-        case "f64": sink.f64(v as number); break;
-        case "bool": sink.u8(v ? 1 : 0); break;
-        case "string": sink.string(v as string); break;
-        case "u64": sink.u64(v as number | bigint); break;
-        case "i64": sink.i64(v as number | bigint); break;
+        case "u8":
+            sink.u8(v as number);
+            break;
+        case "i8":
+            sink.i8(v as number);
+            break;
+        case "u16":
+            sink.u16(v as number);
+            break;
+        case "i16":
+            sink.i16(v as number);
+            break;
+        case "u32":
+            sink.u32(v as number);
+            break;
+        case "i32":
+            sink.i32(v as number);
+            break;
+        case "f32":
+            sink.f32(v as number);
+            break;
+        case "f64":
+            sink.f64(v as number);
+            break;
+        case "bool":
+            sink.u8(v ? 1 : 0);
+            break;
+        case "string":
+            sink.string(v as string);
+            break;
+        case "u64":
+            sink.u64(v as number | bigint);
+            break;
+        case "i64":
+            sink.i64(v as number | bigint);
+            break;
     }
 }
 
@@ -215,8 +327,10 @@ function planTensors(tensors: readonly GgufTensor[], alignment: number): Planned
             throw new QloraError(`GGUF tensor "${name}" has dimensions [${ne.join(", ")}]; expected 1 to 4 positive integers`);
         if (!GGML_TYPE_TRAITS[type]) throw new QloraError(`GGUF tensor "${name}" has an unknown ggml type ${type}`);
         if (ne[0] % GGML_TYPE_TRAITS[type].blockSize !== 0)
-            throw new QloraError(`GGUF tensor "${name}": rows of ${ne[0]} values cannot be stored as ${ggmlTypeName(type)} ` +
-                `(blocks of ${GGML_TYPE_TRAITS[type].blockSize})`);
+            throw new QloraError(
+                `GGUF tensor "${name}": rows of ${ne[0]} values cannot be stored as ${ggmlTypeName(type)} ` +
+                    `(blocks of ${GGML_TYPE_TRAITS[type].blockSize})`
+            );
         const bytes = ggmlTensorBytes(type, ne);
         const planned = {tensor, bytes, offset};
         offset += alignUp(bytes, alignment);
@@ -282,7 +396,6 @@ function isChunkIterable(d: GgufTensorData): d is Iterable<Uint8Array> | AsyncIt
     return !(d instanceof Uint8Array);
 }
 
-
 /** true when `head` (a file's first bytes) starts with the GGUF magic: what `--overwrite` may replace */
 export function hasGgufMagic(head: Uint8Array): boolean {
     return head.length >= 4 && (head[0] | (head[1] << 8) | (head[2] << 16) | (head[3] << 24)) >>> 0 === GGUF_MAGIC;
@@ -316,8 +429,7 @@ export async function writeGguf(file: string, content: GgufContent, opts: WriteG
             const data = await tensor.data();
             let got = 0;
             const put = async (chunk: Uint8Array) => {
-                if (got + chunk.length > bytes)
-                    throw new Error(`tensor "${tensor.name}" produced more than its ${bytes} bytes`);
+                if (got + chunk.length > bytes) throw new Error(`tensor "${tensor.name}" produced more than its ${bytes} bytes`);
                 await writeAll(fh, chunk);
                 got += chunk.length;
                 written += chunk.length;
@@ -339,11 +451,16 @@ export async function writeGguf(file: string, content: GgufContent, opts: WriteG
         const code = (err as NodeJS.ErrnoException).code ?? "";
         const at = `${code} after ${formatBytes(written)} of the GGUF file`;
         if (code === "ENOSPC" || code === "EDQUOT")
-            throw new QloraError(`the disk is full (${at}); free some space or write to another disk. Nothing was ` +
-                "left under this name", {file, cause: err});
+            throw new QloraError(
+                `the disk is full (${at}); free some space or write to another disk. Nothing was ` + "left under this name",
+                {file, cause: err}
+            );
         if (code === "EFBIG")
-            throw new QloraError(`the file grew larger than the file system or the file-size limit (ulimit -f) allows ` +
-                `(${at}); write to another disk. Nothing was left under this name`, {file, cause: err});
+            throw new QloraError(
+                `the file grew larger than the file system or the file-size limit (ulimit -f) allows ` +
+                    `(${at}); write to another disk. Nothing was left under this name`,
+                {file, cause: err}
+            );
         throw new QloraError(`cannot write the GGUF file: ${(err as Error).message}`, {file, cause: err});
     }
     return {file, bytes: written, tensorCount: planned.length};
@@ -352,7 +469,8 @@ export async function writeGguf(file: string, content: GgufContent, opts: WriteG
 export function formatBytes(n: number): string {
     if (n < 1024) return `${n} B`;
     const units = ["KiB", "MiB", "GiB", "TiB"];
-    let v = n / 1024, u = 0;
+    let v = n / 1024,
+        u = 0;
     while (v >= 1024 && u < units.length - 1) {
         v /= 1024;
         u++;

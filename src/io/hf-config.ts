@@ -97,7 +97,7 @@ export async function loadModelConfig(dir: string): Promise<ModelConfig> {
         if (code === "ENOENT" || code === "ENOTDIR") {
             throw new QloraError(
                 `has no ${CONFIG_FILE_NAME}; a Hugging Face model folder needs config.json next to its weights ` +
-                "(download the whole model repository, not only the weights)",
+                    "(download the whole model repository, not only the weights)",
                 {file: dir, cause: err}
             );
         }
@@ -107,7 +107,10 @@ export async function loadModelConfig(dir: string): Promise<ModelConfig> {
     try {
         json = JSON.parse(text);
     } catch (err) {
-        throw new QloraError(`is not valid JSON (${(err as Error).message}); re-download it or fix the syntax`, {file, cause: err});
+        throw new QloraError(`is not valid JSON (${(err as Error).message}); re-download it or fix the syntax`, {
+            file,
+            cause: err
+        });
     }
     return parseModelConfig(json, file);
 }
@@ -116,7 +119,10 @@ export async function loadModelConfig(dir: string): Promise<ModelConfig> {
 // typed key readers: each error names the file and the key
 
 class ConfigReader {
-    constructor(readonly json: Record<string, unknown>, readonly file: string) {}
+    constructor(
+        readonly json: Record<string, unknown>,
+        readonly file: string
+    ) {}
 
     fail(key: string, message: string): never {
         throw new QloraError(`"${key}" ${message}`, {file: this.file});
@@ -195,10 +201,15 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
 
     const modelType = json.model_type;
     if (typeof modelType !== "string") {
-        config.fail("model_type", `is ${quoteValue(modelType)}; a Hugging Face config.json names its architecture in model_type (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`);
+        config.fail(
+            "model_type",
+            `is ${quoteValue(modelType)}; a Hugging Face config.json names its architecture in model_type (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`
+        );
     }
     if (!(SUPPORTED_MODEL_TYPES as readonly string[]).includes(modelType)) {
-        throw new QloraError(`model_type "${modelType}" is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`, {file});
+        throw new QloraError(`model_type "${modelType}" is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(", ")})`, {
+            file
+        });
     }
     const family = modelType as ModelType;
 
@@ -214,24 +225,35 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     const numAttentionHeads = config.positiveInt("num_attention_heads");
     const numKeyValueHeads = config.positiveInt("num_key_value_heads", numAttentionHeads);
     if (numAttentionHeads % numKeyValueHeads !== 0) {
-        config.fail("num_key_value_heads", `is ${numKeyValueHeads}, which does not divide num_attention_heads (${numAttentionHeads}); grouped-query attention needs an even split`);
+        config.fail(
+            "num_key_value_heads",
+            `is ${numKeyValueHeads}, which does not divide num_attention_heads (${numAttentionHeads}); grouped-query attention needs an even split`
+        );
     }
     let headDim: number;
     if (config.has("head_dim")) {
         headDim = config.positiveInt("head_dim");
     } else {
         if (hiddenSize % numAttentionHeads !== 0) {
-            config.fail("hidden_size", `is ${hiddenSize}, not divisible by num_attention_heads (${numAttentionHeads}); give head_dim explicitly`);
+            config.fail(
+                "hidden_size",
+                `is ${hiddenSize}, not divisible by num_attention_heads (${numAttentionHeads}); give head_dim explicitly`
+            );
         }
         headDim = hiddenSize / numAttentionHeads;
     }
     if (headDim % 2 !== 0) {
-        config.fail(config.has("head_dim") ? "head_dim" : "hidden_size",
-            `gives a head dimension of ${headDim}; rotary embeddings rotate pairs of dimensions, so it must be even`);
+        config.fail(
+            config.has("head_dim") ? "head_dim" : "hidden_size",
+            `gives a head dimension of ${headDim}; rotary embeddings rotate pairs of dimensions, so it must be even`
+        );
     }
     if (numHiddenLayers > MAX_HIDDEN_LAYERS) {
-        config.fail("num_hidden_layers", `is ${numHiddenLayers}, more than the ${MAX_HIDDEN_LAYERS} qlora accepts ` +
-            "(no released model has more than a few hundred); is config.json corrupt?");
+        config.fail(
+            "num_hidden_layers",
+            `is ${numHiddenLayers}, more than the ${MAX_HIDDEN_LAYERS} qlora accepts ` +
+                "(no released model has more than a few hundred); is config.json corrupt?"
+        );
     }
     const matrices: Array<[string, number, number]> = [
         [`"vocab_size" x "hidden_size" (the embedding)`, vocabSize, hiddenSize],
@@ -240,17 +262,26 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     ];
     for (const [what, rows, cols] of matrices) {
         if (rows * cols > MAX_TENSOR_ELEMENTS) {
-            throw new QloraError(`${what} = ${rows} x ${cols} values in one tensor, more than the ${MAX_TENSOR_ELEMENTS} ` +
-                "one tensor can hold; is config.json corrupt?", {file});
+            throw new QloraError(
+                `${what} = ${rows} x ${cols} values in one tensor, more than the ${MAX_TENSOR_ELEMENTS} ` +
+                    "one tensor can hold; is config.json corrupt?",
+                {file}
+            );
         }
     }
 
     const rmsNormEps = config.positiveNumber("rms_norm_eps", 1e-6);
-    const maxPositionEmbeddings = config.positiveInt("max_position_embeddings", family === "mistral" ? 4096 * 32 : family === "qwen2" ? 32768 : 2048);
+    const maxPositionEmbeddings = config.positiveInt(
+        "max_position_embeddings",
+        family === "mistral" ? 4096 * 32 : family === "qwen2" ? 32768 : 2048
+    );
 
     const ropeParameters = json.rope_parameters;
     if (ropeParameters !== undefined && ropeParameters !== null && !isPlainObject(ropeParameters)) {
-        config.fail("rope_parameters", `is ${quoteValue(ropeParameters)}, expected an object such as {"rope_type": "default", "rope_theta": 10000}`);
+        config.fail(
+            "rope_parameters",
+            `is ${quoteValue(ropeParameters)}, expected an object such as {"rope_type": "default", "rope_theta": 10000}`
+        );
     }
     const ropeTheta = readRopeTheta(config, isPlainObject(ropeParameters) ? ropeParameters : null);
     const ropeScaling = readRopeScaling(config, isPlainObject(ropeParameters) ? ropeParameters : null);
@@ -259,16 +290,25 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         config.fail("partial_rotary_factor", `is ${quoteValue(partial)}, expected a number in (0, 1]`);
     const rotaryDim = Math.trunc(headDim * partial);
     if (rotaryDim % 2 !== 0)
-        config.fail("partial_rotary_factor", `gives ${rotaryDim} rotary dimensions of the ${headDim} in a head; RoPE rotates pairs, so it must be even`);
+        config.fail(
+            "partial_rotary_factor",
+            `gives ${rotaryDim} rotary dimensions of the ${headDim} in a head; RoPE rotates pairs, so it must be even`
+        );
     // transformers' Llama/Qwen2/Mistral rotate every dimension of a head (their apply_rotary_pos_emb cannot take
     // fewer), and so do qlora's RoPE kernels: a partial factor belongs to other architectures (Phi, GPT-NeoX)
     if (rotaryDim !== headDim)
-        config.fail("partial_rotary_factor", `is ${partial}: RoPE over ${rotaryDim} of the ${headDim} dimensions of a head is not ` +
-            `supported for model_type ${quoteValue(json.model_type)} (transformers rotates all of them); remove the key or set it to 1`);
+        config.fail(
+            "partial_rotary_factor",
+            `is ${partial}: RoPE over ${rotaryDim} of the ${headDim} dimensions of a head is not ` +
+                `supported for model_type ${quoteValue(json.model_type)} (transformers rotates all of them); remove the key or set it to 1`
+        );
 
     const hiddenAct = json.hidden_act ?? "silu";
     if (hiddenAct !== "silu") {
-        config.fail("hidden_act", `is ${quoteValue(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/mistral, which uses "silu"`);
+        config.fail(
+            "hidden_act",
+            `is ${quoteValue(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/mistral, which uses "silu"`
+        );
     }
 
     // qwen2 always puts a bias on q/k/v and never on o_proj; llama's attention_bias covers all four
@@ -343,7 +383,10 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
     const ropeScaling = config.json.rope_scaling;
     if (ropeScaling !== undefined && ropeScaling !== null) {
         if (!isPlainObject(ropeScaling)) {
-            config.fail("rope_scaling", `is ${quoteValue(ropeScaling)}, expected an object such as {"rope_type": "linear", "factor": 2.0} or null`);
+            config.fail(
+                "rope_scaling",
+                `is ${quoteValue(ropeScaling)}, expected an object such as {"rope_type": "linear", "factor": 2.0} or null`
+            );
         }
         key = "rope_scaling";
         scaling = ropeScaling;
@@ -358,14 +401,18 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
     // "su" is the name early Phi-3 configs used for longrope (transformers maps it the same way)
     const type = rawType === "su" ? "longrope" : rawType;
     if (typeof type !== "string" || !(SUPPORTED_ROPE_TYPES as readonly string[]).includes(type)) {
-        config.fail(`${key}.rope_type`, `is ${quoteValue(rawType)}, which qlora does not implement (supported: ${SUPPORTED_ROPE_TYPES.join(", ")})`);
+        config.fail(
+            `${key}.rope_type`,
+            `is ${quoteValue(rawType)}, which qlora does not implement (supported: ${SUPPORTED_ROPE_TYPES.join(", ")})`
+        );
     }
     if (type === "default") return null;
 
     const optionalNumber = (name: string): number | undefined => {
         const value = scaling[name];
         if (value === undefined || value === null) return undefined;
-        if (typeof value !== "number" || !Number.isFinite(value)) config.fail(`${key}.${name}`, `is ${quoteValue(value)}, expected a number`);
+        if (typeof value !== "number" || !Number.isFinite(value))
+            config.fail(`${key}.${name}`, `is ${quoteValue(value)}, expected a number`);
         return value;
     };
     const requiredPositive = (name: string): number => {
@@ -383,15 +430,21 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
         result.highFreqFactor = requiredPositive("high_freq_factor");
         result.originalMaxPositionEmbeddings = requiredPositive("original_max_position_embeddings");
         if (result.highFreqFactor === result.lowFreqFactor) {
-            config.fail(`${key}.high_freq_factor`, "equals low_freq_factor; llama3 rope interpolates between them, so they must differ");
+            config.fail(
+                `${key}.high_freq_factor`,
+                "equals low_freq_factor; llama3 rope interpolates between them, so they must differ"
+            );
         }
     } else {
         const original = optionalNumber("original_max_position_embeddings");
         if (original !== undefined) result.originalMaxPositionEmbeddings = original;
     }
     const optionalKeys: Array<[keyof RopeScaling, string]> = [
-        ["betaFast", "beta_fast"], ["betaSlow", "beta_slow"], ["attentionFactor", "attention_factor"],
-        ["mscale", "mscale"], ["mscaleAllDim", "mscale_all_dim"]
+        ["betaFast", "beta_fast"],
+        ["betaSlow", "beta_slow"],
+        ["attentionFactor", "attention_factor"],
+        ["mscale", "mscale"],
+        ["mscaleAllDim", "mscale_all_dim"]
     ];
     for (const [field, name] of optionalKeys) {
         const value = optionalNumber(name);
@@ -401,7 +454,10 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
         for (const name of ["short_factor", "long_factor"]) {
             const list = scaling[name];
             if (!Array.isArray(list) || !list.every((x) => typeof x === "number" && Number.isFinite(x) && x > 0)) {
-                config.fail(`${key}.${name}`, `is ${quoteValue(list)}, expected a list of positive numbers (one per rotary frequency)`);
+                config.fail(
+                    `${key}.${name}`,
+                    `is ${quoteValue(list)}, expected a list of positive numbers (one per rotary frequency)`
+                );
             }
         }
     }

@@ -66,12 +66,26 @@ function bootId(): string | null {
 function parseOwner(text: string): LockOwner | null {
     try {
         const o = JSON.parse(text) as Partial<LockOwner>;
-        if (typeof o !== "object" || o === null || !Number.isSafeInteger(o.pid) || (o.pid as number) <= 0 ||
-            typeof o.hostname !== "string" || typeof o.token !== "string" || !/^[0-9a-f]{32}$/.test(o.token))
+        if (
+            typeof o !== "object" ||
+            o === null ||
+            !Number.isSafeInteger(o.pid) ||
+            (o.pid as number) <= 0 ||
+            typeof o.hostname !== "string" ||
+            typeof o.token !== "string" ||
+            !/^[0-9a-f]{32}$/.test(o.token)
+        )
             return null;
-        return {pid: o.pid!, hostname: o.hostname, started: String(o.started ?? "?"), command: String(o.command ?? "qlora"),
-            argv: String(o.argv ?? ""), token: o.token, boot_id: typeof o.boot_id === "string" ? o.boot_id : null,
-            start_ticks: typeof o.start_ticks === "string" ? o.start_ticks : null};
+        return {
+            pid: o.pid!,
+            hostname: o.hostname,
+            started: String(o.started ?? "?"),
+            command: String(o.command ?? "qlora"),
+            argv: String(o.argv ?? ""),
+            token: o.token,
+            boot_id: typeof o.boot_id === "string" ? o.boot_id : null,
+            start_ticks: typeof o.start_ticks === "string" ? o.start_ticks : null
+        };
     } catch {
         return null;
     }
@@ -185,7 +199,9 @@ function readSmallFileSync(file: string): string | null {
 function parseGuard(text: string | null): {pid: number; hostname: string} | null {
     try {
         const g = JSON.parse(text ?? "") as {pid?: unknown; hostname?: unknown};
-        return Number.isSafeInteger(g.pid) && typeof g.hostname === "string" ? {pid: g.pid as number, hostname: g.hostname} : null;
+        return Number.isSafeInteger(g.pid) && typeof g.hostname === "string"
+            ? {pid: g.pid as number, hostname: g.hostname}
+            : null;
     } catch {
         return null;
     }
@@ -206,7 +222,8 @@ async function removeOldTemporaries(dir: string): Promise<void> {
     for (const name of names) {
         if (!/^\.qlora\.lock\.([0-9a-f]{16}\.tmp|takeover-[0-9a-f]{32})$/.test(name)) continue;
         const st = await fs.lstat(path.join(dir, name)).catch(() => null);
-        if (st?.isFile() && Date.now() - st.mtimeMs > 60_000) await fs.rm(path.join(dir, name), {force: true}).catch(() => undefined);
+        if (st?.isFile() && Date.now() - st.mtimeMs > 60_000)
+            await fs.rm(path.join(dir, name), {force: true}).catch(() => undefined);
     }
 }
 
@@ -220,9 +237,16 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
  */
 export async function acquireFolderLock(dir: string, command: string, what: string): Promise<FolderLock> {
     const file = path.join(dir, LOCK_FILE);
-    const owner: LockOwner = {pid: process.pid, hostname: os.hostname(), started: new Date().toISOString(), command,
-        argv: process.argv.slice(1).join(" "), token: randomBytes(16).toString("hex"), boot_id: bootId(),
-        start_ticks: processStartTicks(process.pid)};
+    const owner: LockOwner = {
+        pid: process.pid,
+        hostname: os.hostname(),
+        started: new Date().toISOString(),
+        command,
+        argv: process.argv.slice(1).join(" "),
+        token: randomBytes(16).toString("hex"),
+        boot_id: bootId(),
+        start_ticks: processStartTicks(process.pid)
+    };
     // registered before the file exists, so an owner check in this process never takes the new lock for stale
     heldTokens.add(owner.token);
     try {
@@ -239,15 +263,21 @@ export async function acquireFolderLock(dir: string, command: string, what: stri
                     await sleep(20);
                     continue;
                 }
-                throw new QloraError(`${what} has a lock file that cannot be read (${current.why}); if no qlora process ` +
-                    `is using ${what}, remove ${file}`, {file: dir});
+                throw new QloraError(
+                    `${what} has a lock file that cannot be read (${current.why}); if no qlora process ` +
+                        `is using ${what}, remove ${file}`,
+                    {file: dir}
+                );
             }
             const liveness = ownerLiveness(current.owner);
             if (liveness !== "dead") {
                 const o = current.owner;
                 const where = o.hostname === os.hostname() ? "" : ` on host ${o.hostname}`;
-                throw new QloraError(`${what} is in use by ${o.command} (pid ${o.pid}${where}, started ${o.started}); wait ` +
-                    `for it or choose another ${what} (if that process is gone, remove ${file})`, {file: dir});
+                throw new QloraError(
+                    `${what} is in use by ${o.command} (pid ${o.pid}${where}, started ${o.started}); wait ` +
+                        `for it or choose another ${what} (if that process is gone, remove ${file})`,
+                    {file: dir}
+                );
             }
             if (!(await removeStale(file, current.owner))) await sleep(10 + Math.random() * 40);
         }
@@ -289,6 +319,6 @@ function holdLock(file: string, owner: LockOwner): FolderLock {
             } finally {
                 heldTokens.delete(owner.token);
             }
-        },
+        }
     };
 }

@@ -22,7 +22,16 @@ import {createAtomicFile, writeFileAtomic} from "./atomic.js";
 export type SafetensorsDtype = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
 
 export const SAFETENSORS_DTYPE_SIZES: Readonly<Record<SafetensorsDtype, number>> = {
-    F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1
+    F64: 8,
+    F32: 4,
+    F16: 2,
+    BF16: 2,
+    I64: 8,
+    I32: 4,
+    I16: 2,
+    I8: 1,
+    U8: 1,
+    BOOL: 1
 };
 
 const SUPPORTED_DTYPES = Object.keys(SAFETENSORS_DTYPE_SIZES) as SafetensorsDtype[];
@@ -33,8 +42,14 @@ export function isSafetensorsDtype(value: unknown): value is SafetensorsDtype {
 
 /** The typed array `readTyped` returns for each dtype (F16/BF16 stay raw bits: Node 20 has no Float16Array). */
 export type SafetensorsTypedArray =
-    Float64Array<ArrayBuffer> | Float32Array<ArrayBuffer> | Uint16Array<ArrayBuffer> | BigInt64Array<ArrayBuffer> |
-    Int32Array<ArrayBuffer> | Int16Array<ArrayBuffer> | Int8Array<ArrayBuffer> | Uint8Array<ArrayBuffer>;
+    | Float64Array<ArrayBuffer>
+    | Float32Array<ArrayBuffer>
+    | Uint16Array<ArrayBuffer>
+    | BigInt64Array<ArrayBuffer>
+    | Int32Array<ArrayBuffer>
+    | Int16Array<ArrayBuffer>
+    | Int8Array<ArrayBuffer>
+    | Uint8Array<ArrayBuffer>;
 
 export interface TensorInfo {
     readonly name: string;
@@ -196,7 +211,7 @@ async function readFully(handle: fs.FileHandle, target: Uint8Array, position: nu
         if (bytesRead === 0) {
             throw new QloraError(
                 `the file ended after ${position + done} bytes while reading ${what} ` +
-                "(truncated download or a file being written? re-download the file)",
+                    "(truncated download or a file being written? re-download the file)",
                 {file}
             );
         }
@@ -241,45 +256,69 @@ function parseHeader(header: unknown, file: string, dataStart: number, dataSize:
             continue;
         }
         if (entry === null || typeof entry !== "object" || Array.isArray(entry)) {
-            throw new QloraError(`header entry for tensor "${name}" is ${describeJsonValue(entry)}, expected an object with dtype, shape and data_offsets`, {file});
+            throw new QloraError(
+                `header entry for tensor "${name}" is ${describeJsonValue(entry)}, expected an object with dtype, shape and data_offsets`,
+                {file}
+            );
         }
         const {dtype, shape, data_offsets: dataOffsets} = entry as Record<string, unknown>;
         if (!isSafetensorsDtype(dtype)) {
             throw new QloraError(
                 `tensor "${name}" has dtype ${quoteValue(dtype)}, which qlora cannot read ` +
-                `(supported: ${SUPPORTED_DTYPES.join(", ")}); convert the checkpoint to one of those`,
+                    `(supported: ${SUPPORTED_DTYPES.join(", ")}); convert the checkpoint to one of those`,
                 {file}
             );
         }
         if (!Array.isArray(shape) || !shape.every(isNonNegativeInteger)) {
-            throw new QloraError(`tensor "${name}" has shape ${quoteValue(shape)}, expected a list of non-negative integers: the header is corrupt`, {file});
+            throw new QloraError(
+                `tensor "${name}" has shape ${quoteValue(shape)}, expected a list of non-negative integers: the header is corrupt`,
+                {file}
+            );
         }
-        if (!Array.isArray(dataOffsets) || dataOffsets.length !== 2 || !dataOffsets.every(isNonNegativeInteger) ||
-            dataOffsets[0] > dataOffsets[1]) {
-            throw new QloraError(`tensor "${name}" has data_offsets ${quoteValue(dataOffsets)}, expected [begin, end] with 0 <= begin <= end: the header is corrupt`, {file});
+        if (
+            !Array.isArray(dataOffsets) ||
+            dataOffsets.length !== 2 ||
+            !dataOffsets.every(isNonNegativeInteger) ||
+            dataOffsets[0] > dataOffsets[1]
+        ) {
+            throw new QloraError(
+                `tensor "${name}" has data_offsets ${quoteValue(dataOffsets)}, expected [begin, end] with 0 <= begin <= end: the header is corrupt`,
+                {file}
+            );
         }
         const [begin, end] = dataOffsets as [number, number];
         const expectedBytes = shapeNumel(shape) * SAFETENSORS_DTYPE_SIZES[dtype];
         if (!Number.isSafeInteger(expectedBytes)) {
-            throw new QloraError(`tensor "${name}" has shape ${formatShape(shape)}, too large to be stored in any file: the header is corrupt`, {file});
+            throw new QloraError(
+                `tensor "${name}" has shape ${formatShape(shape)}, too large to be stored in any file: the header is corrupt`,
+                {file}
+            );
         }
         if (end - begin !== expectedBytes) {
             throw new QloraError(
                 `tensor "${name}" is ${dtype} ${formatShape(shape)} (${expectedBytes} bytes) but its data_offsets ` +
-                `[${begin}, ${end}] span ${end - begin} bytes: the header is corrupt; re-download or re-export the file`,
+                    `[${begin}, ${end}] span ${end - begin} bytes: the header is corrupt; re-download or re-export the file`,
                 {file}
             );
         }
         if (end > dataSize) {
             throw new QloraError(
                 `header says tensor "${name}" ends at byte ${end} but the file's data section has ${dataSize} bytes ` +
-                "(truncated download? re-download the file)",
+                    "(truncated download? re-download the file)",
                 {file}
             );
         }
-        tensors.set(name, Object.freeze({
-            name, dtype, shape: Object.freeze([...shape]) as readonly number[], byteLength: expectedBytes, dataOffset: dataStart + begin, file
-        }));
+        tensors.set(
+            name,
+            Object.freeze({
+                name,
+                dtype,
+                shape: Object.freeze([...shape]) as readonly number[],
+                byteLength: expectedBytes,
+                dataOffset: dataStart + begin,
+                file
+            })
+        );
         if (end > begin) ranges.push({name, begin, end}); // empty tensors occupy no bytes, so they can't overlap
     }
     ranges.sort((a, b) => a.begin - b.begin || a.end - b.end);
@@ -289,7 +328,7 @@ function parseHeader(header: unknown, file: string, dataStart: number, dataSize:
         if (current.begin < previous.end) {
             throw new QloraError(
                 `tensors "${previous.name}" (bytes ${previous.begin}-${previous.end}) and "${current.name}" ` +
-                `(bytes ${current.begin}-${current.end}) overlap: the header is corrupt; re-download or re-export the file`,
+                    `(bytes ${current.begin}-${current.end}) overlap: the header is corrupt; re-download or re-export the file`,
                 {file}
             );
         }
@@ -299,12 +338,18 @@ function parseHeader(header: unknown, file: string, dataStart: number, dataSize:
 
 function parseMetadata(entry: unknown, file: string): Record<string, string> {
     if (entry === null || typeof entry !== "object" || Array.isArray(entry)) {
-        throw new QloraError(`"__metadata__" is ${describeJsonValue(entry)}, expected an object of strings: the header is corrupt`, {file});
+        throw new QloraError(
+            `"__metadata__" is ${describeJsonValue(entry)}, expected an object of strings: the header is corrupt`,
+            {file}
+        );
     }
     const metadata: Record<string, string> = {};
     for (const [key, value] of Object.entries(entry as Record<string, unknown>)) {
         if (typeof value !== "string") {
-            throw new QloraError(`"__metadata__" key "${key}" is ${describeJsonValue(value)}; safetensors metadata values must be strings`, {file});
+            throw new QloraError(
+                `"__metadata__" key "${key}" is ${describeJsonValue(value)}; safetensors metadata values must be strings`,
+                {file}
+            );
         }
         metadata[key] = value;
     }
@@ -354,10 +399,13 @@ export class SafetensorsFile {
     info(name: string): TensorInfo {
         const info = this.tensors.get(name);
         if (!info) {
-            const some = this.names().slice(0, 3).map((n) => `"${n}"`).join(", ");
+            const some = this.names()
+                .slice(0, 3)
+                .map((n) => `"${n}"`)
+                .join(", ");
             throw new QloraError(
                 `no tensor named "${name}" (the file holds ${this.tensors.size} tensors${some ? `, e.g. ${some}` : ""}); ` +
-                "is this the right checkpoint for the model?",
+                    "is this the right checkpoint for the model?",
                 {file: this.path}
             );
         }
@@ -370,7 +418,7 @@ export class SafetensorsFile {
         if (info.byteLength > MAX_TENSOR_BYTES) {
             throw new QloraError(
                 `tensor "${name}" is ${info.byteLength} bytes, more than the ${MAX_TENSOR_BYTES} one buffer can hold in ` +
-                "Node.js; qlora cannot load a single tensor this large",
+                    "Node.js; qlora cannot load a single tensor this large",
                 {file: this.path}
             );
         }
@@ -417,13 +465,15 @@ export class SafetensorsFile {
 async function readHeader(handle: fs.FileHandle, file: string): Promise<ParsedHeader> {
     const stat = await handle.stat();
     if (stat.isDirectory()) {
-        throw new QloraError("is a folder, not a safetensors file; open it with SafetensorsCheckpoint, or give the file itself", {file});
+        throw new QloraError("is a folder, not a safetensors file; open it with SafetensorsCheckpoint, or give the file itself", {
+            file
+        });
     }
     const fileSize = stat.size;
     if (fileSize < 8) {
         throw new QloraError(
             `the file has ${fileSize} bytes, too few for a safetensors file (it starts with an 8-byte header length); ` +
-            "re-download the file",
+                "re-download the file",
             {file}
         );
     }
@@ -433,7 +483,7 @@ async function readHeader(handle: fs.FileHandle, file: string): Promise<ParsedHe
     if (headerLength > BigInt(MAX_HEADER_BYTES)) {
         throw new QloraError(
             `the header length field says ${headerLength} bytes, above safetensors' 100 MB limit: ` +
-            "this is not a safetensors file, or a corrupt one",
+                "this is not a safetensors file, or a corrupt one",
             {file}
         );
     }
@@ -441,7 +491,7 @@ async function readHeader(handle: fs.FileHandle, file: string): Promise<ParsedHe
     if (8 + headerBytesCount > fileSize) {
         throw new QloraError(
             `the header length field says ${headerBytesCount} bytes but only ${fileSize - 8} bytes follow it ` +
-            "(truncated download, or not a safetensors file? re-download the file)",
+                "(truncated download, or not a safetensors file? re-download the file)",
             {file}
         );
     }
@@ -470,26 +520,38 @@ function typedView(dtype: SafetensorsDtype, bytes: Uint8Array<ArrayBuffer>): Saf
     const {buffer, byteOffset, byteLength} = bytes;
     const count = byteLength / SAFETENSORS_DTYPE_SIZES[dtype];
     switch (dtype) {
-        case "F64": return new Float64Array(buffer, byteOffset, count);
-        case "F32": return new Float32Array(buffer, byteOffset, count);
+        case "F64":
+            return new Float64Array(buffer, byteOffset, count);
+        case "F32":
+            return new Float32Array(buffer, byteOffset, count);
         case "F16":
-        case "BF16": return new Uint16Array(buffer, byteOffset, count);
-        case "I64": return new BigInt64Array(buffer, byteOffset, count);
-        case "I32": return new Int32Array(buffer, byteOffset, count);
-        case "I16": return new Int16Array(buffer, byteOffset, count);
-        case "I8": return new Int8Array(buffer, byteOffset, count);
+        case "BF16":
+            return new Uint16Array(buffer, byteOffset, count);
+        case "I64":
+            return new BigInt64Array(buffer, byteOffset, count);
+        case "I32":
+            return new Int32Array(buffer, byteOffset, count);
+        case "I16":
+            return new Int16Array(buffer, byteOffset, count);
+        case "I8":
+            return new Int8Array(buffer, byteOffset, count);
         case "U8":
-        case "BOOL": return bytes;
+        case "BOOL":
+            return bytes;
     }
 }
 
 function toF32(info: TensorInfo, bytes: Uint8Array<ArrayBuffer>, file: string): Float32Array<ArrayBuffer> {
     const values = typedView(info.dtype, bytes);
     switch (info.dtype) {
-        case "F32": return values as Float32Array<ArrayBuffer>;
-        case "F16": return f16ToF32(values as Uint16Array);
-        case "BF16": return bf16ToF32(values as Uint16Array);
-        case "F64": return Float32Array.from(values as Float64Array);
+        case "F32":
+            return values as Float32Array<ArrayBuffer>;
+        case "F16":
+            return f16ToF32(values as Uint16Array);
+        case "BF16":
+            return bf16ToF32(values as Uint16Array);
+        case "F64":
+            return Float32Array.from(values as Float64Array);
         default:
             throw new QloraError(
                 `tensor "${info.name}" is ${info.dtype}, not a floating-point tensor; read it with readI32 or readTyped`,
@@ -501,22 +563,24 @@ function toF32(info: TensorInfo, bytes: Uint8Array<ArrayBuffer>, file: string): 
 function toI32(info: TensorInfo, bytes: Uint8Array<ArrayBuffer>, file: string): Int32Array<ArrayBuffer> {
     const values = typedView(info.dtype, bytes);
     switch (info.dtype) {
-        case "I32": return values as Int32Array<ArrayBuffer>;
+        case "I32":
+            return values as Int32Array<ArrayBuffer>;
         case "I16":
         case "I8":
         case "U8":
-        case "BOOL": return Int32Array.from(values as Int16Array | Int8Array | Uint8Array);
+        case "BOOL":
+            return Int32Array.from(values as Int16Array | Int8Array | Uint8Array);
         case "I64": {
             // an i64 fits in i32 exactly when its high word is the sign extension of its low word
             const words = new Int32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
             const out = new Int32Array(words.length / 2);
             for (let i = 0; i < out.length; i++) {
                 const low = words[2 * i];
-                if (words[2 * i + 1] !== (low >> 31)) {
+                if (words[2 * i + 1] !== low >> 31) {
                     const value = (values as BigInt64Array)[i];
                     throw new QloraError(
                         `tensor "${info.name}" holds ${value} at index ${i}, outside the int32 range; ` +
-                        "token ids and labels must fit in 32 bits",
+                            "token ids and labels must fit in 32 bits",
                         {file}
                     );
                 }
@@ -548,7 +612,12 @@ export class SafetensorsCheckpoint {
     readonly totalBytes: number;
     private readonly fileOfTensor: Map<string, SafetensorsFile>;
 
-    private constructor(checkpointPath: string, indexPath: string | null, files: SafetensorsFile[], fileOfTensor: Map<string, SafetensorsFile>) {
+    private constructor(
+        checkpointPath: string,
+        indexPath: string | null,
+        files: SafetensorsFile[],
+        fileOfTensor: Map<string, SafetensorsFile>
+    ) {
         this.path = checkpointPath;
         this.indexPath = indexPath;
         this.files = files;
@@ -568,7 +637,10 @@ export class SafetensorsCheckpoint {
         try {
             stat = await fs.stat(pathOrDir);
         } catch (err) {
-            throw new QloraError("no such file or folder; give a model folder or a .safetensors file", {file: pathOrDir, cause: err});
+            throw new QloraError("no such file or folder; give a model folder or a .safetensors file", {
+                file: pathOrDir,
+                cause: err
+            });
         }
         if (!stat.isDirectory()) return SafetensorsCheckpoint.fromFiles(pathOrDir, null, [pathOrDir], null);
 
@@ -602,10 +674,17 @@ export class SafetensorsCheckpoint {
         } catch {
             // the listing is only for the hint
         }
-        throw new QloraError(`the folder has neither ${SAFETENSORS_SINGLE_FILE} nor ${SAFETENSORS_INDEX_FILE}${hint}`, {file: pathOrDir});
+        throw new QloraError(`the folder has neither ${SAFETENSORS_SINGLE_FILE} nor ${SAFETENSORS_INDEX_FILE}${hint}`, {
+            file: pathOrDir
+        });
     }
 
-    private static async fromFiles(checkpointPath: string, indexPath: string | null, filePaths: string[], weightMap: Map<string, string> | null): Promise<SafetensorsCheckpoint> {
+    private static async fromFiles(
+        checkpointPath: string,
+        indexPath: string | null,
+        filePaths: string[],
+        weightMap: Map<string, string> | null
+    ): Promise<SafetensorsCheckpoint> {
         const files: SafetensorsFile[] = [];
         try {
             for (const filePath of filePaths) files.push(await SafetensorsFile.open(filePath));
@@ -614,7 +693,10 @@ export class SafetensorsCheckpoint {
                 for (const name of file.names()) {
                     const other = fileOfTensor.get(name);
                     if (other) {
-                        throw new QloraError(`tensor "${name}" is in both ${other.path} and ${file.path}: the checkpoint is inconsistent`, {file: indexPath ?? checkpointPath});
+                        throw new QloraError(
+                            `tensor "${name}" is in both ${other.path} and ${file.path}: the checkpoint is inconsistent`,
+                            {file: indexPath ?? checkpointPath}
+                        );
                     }
                     fileOfTensor.set(name, file);
                 }
@@ -625,7 +707,7 @@ export class SafetensorsCheckpoint {
                     if (!holder || path.basename(holder.path) !== shard) {
                         throw new QloraError(
                             `says tensor "${name}" is in "${shard}", but ${holder ? `it is in "${path.basename(holder.path)}"` : "no shard holds it"}: ` +
-                            "the index does not match the shards (mixed downloads? re-download the checkpoint)",
+                                "the index does not match the shards (mixed downloads? re-download the checkpoint)",
                             {file: indexPath}
                         );
                     }
@@ -656,7 +738,7 @@ export class SafetensorsCheckpoint {
         if (!file) {
             throw new QloraError(
                 `no tensor named "${name}" in the checkpoint (${this.fileOfTensor.size} tensors in ${this.files.length} file(s)); ` +
-                "is this the right checkpoint for the model?",
+                    "is this the right checkpoint for the model?",
                 {file: this.indexPath ?? this.path}
             );
         }
@@ -703,17 +785,26 @@ async function readIndexWeightMap(indexPath: string): Promise<Map<string, string
     try {
         index = JSON.parse(text);
     } catch (err) {
-        throw new QloraError(`cannot read the index as JSON (${(err as Error).message}); re-download it`, {file: indexPath, cause: err});
+        throw new QloraError(`cannot read the index as JSON (${(err as Error).message}); re-download it`, {
+            file: indexPath,
+            cause: err
+        });
     }
     const weightMap = (index as {weight_map?: unknown} | null)?.weight_map;
     if (weightMap === null || typeof weightMap !== "object" || Array.isArray(weightMap)) {
-        throw new QloraError(`"weight_map" is ${describeJsonValue(weightMap)}, expected an object from tensor name to shard file; re-download the index`, {file: indexPath});
+        throw new QloraError(
+            `"weight_map" is ${describeJsonValue(weightMap)}, expected an object from tensor name to shard file; re-download the index`,
+            {file: indexPath}
+        );
     }
     const result = new Map<string, string>();
     for (const [name, shard] of Object.entries(weightMap as Record<string, unknown>)) {
         // shard names are plain file names next to the index; refuse anything that points elsewhere
         if (typeof shard !== "string" || shard === "" || shard !== path.basename(shard) || shard === "." || shard === "..") {
-            throw new QloraError(`"weight_map" entry "${name}" is ${quoteValue(shard)}, expected a shard file name in the same folder`, {file: indexPath});
+            throw new QloraError(
+                `"weight_map" entry "${name}" is ${quoteValue(shard)}, expected a shard file name in the same folder`,
+                {file: indexPath}
+            );
         }
         result.set(name, shard);
     }
@@ -729,19 +820,26 @@ function validateTensorsToWrite(tensors: readonly TensorToWrite[], file: string)
         if (tensor.name === "__metadata__") {
             throw new QloraError(`cannot write a tensor named "__metadata__": the name is reserved by safetensors`, {file});
         }
-        if (seen.has(tensor.name)) throw new QloraError(`tensor "${tensor.name}" is given twice; tensor names must be unique`, {file});
+        if (seen.has(tensor.name))
+            throw new QloraError(`tensor "${tensor.name}" is given twice; tensor names must be unique`, {file});
         seen.add(tensor.name);
         if (!isSafetensorsDtype(tensor.dtype)) {
-            throw new QloraError(`tensor "${tensor.name}" has dtype ${quoteValue(tensor.dtype)} (supported: ${SUPPORTED_DTYPES.join(", ")})`, {file});
+            throw new QloraError(
+                `tensor "${tensor.name}" has dtype ${quoteValue(tensor.dtype)} (supported: ${SUPPORTED_DTYPES.join(", ")})`,
+                {file}
+            );
         }
         if (!tensor.shape.every(isNonNegativeInteger)) {
-            throw new QloraError(`tensor "${tensor.name}" has shape ${JSON.stringify(tensor.shape)}, expected non-negative integers`, {file});
+            throw new QloraError(
+                `tensor "${tensor.name}" has shape ${JSON.stringify(tensor.shape)}, expected non-negative integers`,
+                {file}
+            );
         }
         const expectedBytes = shapeNumel(tensor.shape) * SAFETENSORS_DTYPE_SIZES[tensor.dtype];
         if (tensor.data.byteLength !== expectedBytes) {
             throw new QloraError(
                 `tensor "${tensor.name}" is ${tensor.dtype} ${formatShape(tensor.shape)} (${expectedBytes} bytes) ` +
-                `but its data has ${tensor.data.byteLength} bytes`,
+                    `but its data has ${tensor.data.byteLength} bytes`,
                 {file}
             );
         }
@@ -752,7 +850,10 @@ function validateMetadata(metadata: Record<string, string> | undefined, file: st
     if (!metadata) return;
     for (const [key, value] of Object.entries(metadata)) {
         if (typeof value !== "string") {
-            throw new QloraError(`metadata key "${key}" is ${describeJsonValue(value)}; safetensors metadata values must be strings`, {file});
+            throw new QloraError(
+                `metadata key "${key}" is ${describeJsonValue(value)}; safetensors metadata values must be strings`,
+                {file}
+            );
         }
     }
 }
@@ -785,7 +886,11 @@ function encodeHeader(tensors: readonly TensorToWrite[], metadata: Record<string
  * Writes a safetensors file: streams each tensor to an exclusive temporary file next to `filePath` (atomic.ts),
  * then renames it into place, so a crash or error never leaves a half-written file under the real name.
  */
-export async function writeSafetensors(filePath: string, tensors: readonly TensorToWrite[], metadata?: Record<string, string>): Promise<void> {
+export async function writeSafetensors(
+    filePath: string,
+    tensors: readonly TensorToWrite[],
+    metadata?: Record<string, string>
+): Promise<void> {
     validateTensorsToWrite(tensors, filePath);
     validateMetadata(metadata, filePath);
     const header = encodeHeader(tensors, metadata);
@@ -841,10 +946,15 @@ export async function writeShardedSafetensors(
     const shardPattern = new RegExp(`^${escapeRegExp(baseName)}-\\d{5}-of-\\d{5}\\.safetensors$`);
     try {
         await fs.mkdir(dir, {recursive: true});
-        const earlier = (await fs.readdir(dir)).filter((entry) => entry === singleName || entry === indexName || shardPattern.test(entry));
+        const earlier = (await fs.readdir(dir)).filter(
+            (entry) => entry === singleName || entry === indexName || shardPattern.test(entry)
+        );
         if (earlier.length > 0)
-            throw new QloraError(`already holds ${earlier.sort()[0]}${earlier.length > 1 ? ` and ${earlier.length - 1} more weight files` : ""} ` +
-                "of an earlier save; write the checkpoint into a new folder (qlora does not mix or delete weight files)", {file: dir});
+            throw new QloraError(
+                `already holds ${earlier.sort()[0]}${earlier.length > 1 ? ` and ${earlier.length - 1} more weight files` : ""} ` +
+                    "of an earlier save; write the checkpoint into a new folder (qlora does not mix or delete weight files)",
+                {file: dir}
+            );
     } catch (err) {
         if (err instanceof QloraError) throw err;
         throw new QloraError(`cannot write into the folder: ${(err as Error).message}`, {file: dir, cause: err});
@@ -874,7 +984,9 @@ export async function writeShardedSafetensors(
     }
 
     const count = shards.length;
-    const shardNames = shards.map((_, i) => `${baseName}-${String(i + 1).padStart(5, "0")}-of-${String(count).padStart(5, "0")}.safetensors`);
+    const shardNames = shards.map(
+        (_, i) => `${baseName}-${String(i + 1).padStart(5, "0")}-of-${String(count).padStart(5, "0")}.safetensors`
+    );
     const weightMap: Record<string, string> = {};
     for (let i = 0; i < count; i++) {
         await writeSafetensors(path.join(dir, shardNames[i]), shards[i], metadata);
@@ -883,7 +995,10 @@ export async function writeShardedSafetensors(
     const sortedWeightMap: Record<string, string> = {};
     for (const name of Object.keys(weightMap).sort()) sortedWeightMap[name] = weightMap[name];
     const indexPath = path.join(dir, indexName);
-    await writeFileAtomic(indexPath, JSON.stringify({metadata: {total_size: totalSize}, weight_map: sortedWeightMap}, null, 2) + "\n");
+    await writeFileAtomic(
+        indexPath,
+        JSON.stringify({metadata: {total_size: totalSize}, weight_map: sortedWeightMap}, null, 2) + "\n"
+    );
     return {files: shardNames.map((name) => path.join(dir, name)), indexFile: indexPath, totalSize};
 }
 

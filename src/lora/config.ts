@@ -30,14 +30,14 @@ export const LORA_DEFAULTS: LoraConfig = {
     modules_to_save: null,
     task_type: "CAUSAL_LM",
     init_lora_weights: true,
-    base_model_name_or_path: null,
+    base_model_name_or_path: null
 };
 
 /** PEFT's default targets per model_type (constants.py) */
 export const DEFAULT_TARGETS: Record<string, string[]> = {
     llama: ["q_proj", "v_proj"],
     qwen2: ["q_proj", "v_proj"],
-    mistral: ["q_proj", "v_proj"],
+    mistral: ["q_proj", "v_proj"]
 };
 
 /** the modules modules_to_save can name: full trainable copies of the output layer and the embedding */
@@ -49,12 +49,14 @@ export function validateLoraConfig(cfg: LoraConfig, where = "lora config"): Lora
     };
     const shown = (value: unknown) => quoteValue(value);
     const isName = (value: unknown) => typeof value === "string" && value.length > 0;
-    if (!Number.isInteger(cfg.r) || cfg.r <= 0) bad("r", `must be a positive integer (got ${shown(cfg.r)}); typical values are 8, 16, 32, 64`);
+    if (!Number.isInteger(cfg.r) || cfg.r <= 0)
+        bad("r", `must be a positive integer (got ${shown(cfg.r)}); typical values are 8, 16, 32, 64`);
     if (!(typeof cfg.lora_alpha === "number" && Number.isFinite(cfg.lora_alpha) && cfg.lora_alpha > 0))
         bad("lora_alpha", `must be a positive number (got ${shown(cfg.lora_alpha)})`);
     if (!(typeof cfg.lora_dropout === "number" && cfg.lora_dropout >= 0 && cfg.lora_dropout < 1))
         bad("lora_dropout", `must be a number in [0, 1) (got ${shown(cfg.lora_dropout)})`);
-    if (!["none", "all", "lora_only"].includes(cfg.bias)) bad("bias", `must be "none", "all" or "lora_only" (got ${shown(cfg.bias)})`);
+    if (!["none", "all", "lora_only"].includes(cfg.bias))
+        bad("bias", `must be "none", "all" or "lora_only" (got ${shown(cfg.bias)})`);
     if (typeof cfg.use_rslora !== "boolean") bad("use_rslora", `must be true or false (got ${shown(cfg.use_rslora)})`);
     const scalingProblem = loraScalingProblem(cfg);
     if (scalingProblem) bad("lora_alpha", scalingProblem);
@@ -81,17 +83,24 @@ export function validateLoraConfig(cfg: LoraConfig, where = "lora config"): Lora
  * adds nothing but memory (r = 1000000 on a 256-wide model asks for gigabytes). Checked for every targeted module
  * before any LoRA weight is allocated or read; the error names the tightest module and the largest valid r.
  */
-export function checkRankFits(r: number, modules: Iterable<{name: string; outFeatures: number; inFeatures: number}>,
-    where = "lora config"): void {
+export function checkRankFits(
+    r: number,
+    modules: Iterable<{name: string; outFeatures: number; inFeatures: number}>,
+    where = "lora config"
+): void {
     let tightest: {name: string; outFeatures: number; inFeatures: number} | null = null;
     for (const m of modules)
-        if (!tightest || Math.min(m.outFeatures, m.inFeatures) < Math.min(tightest.outFeatures, tightest.inFeatures)) tightest = m;
+        if (!tightest || Math.min(m.outFeatures, m.inFeatures) < Math.min(tightest.outFeatures, tightest.inFeatures))
+            tightest = m;
     if (!tightest) return;
     const limit = Math.min(tightest.outFeatures, tightest.inFeatures);
     if (r > limit)
-        throw new QloraError(`r: ${r} is larger than the targeted module ${tightest.name} allows: its weight is ` +
-            `[${tightest.outFeatures}, ${tightest.inFeatures}] (out, in), and LoRA's rank is at most ` +
-            `min(in_features, out_features) = ${limit}; use r <= ${limit}`, {file: where});
+        throw new QloraError(
+            `r: ${r} is larger than the targeted module ${tightest.name} allows: its weight is ` +
+                `[${tightest.outFeatures}, ${tightest.inFeatures}] (out, in), and LoRA's rank is at most ` +
+                `min(in_features, out_features) = ${limit}; use r <= ${limit}`,
+            {file: where}
+        );
 }
 
 /** the LoRA branch's scale: alpha / r, or alpha / sqrt(r) with rsLoRA */
@@ -105,8 +114,10 @@ export const MAX_LORA_SCALING = 65536;
 export function loraScalingProblem(cfg: Pick<LoraConfig, "r" | "lora_alpha" | "use_rslora">): string | null {
     const scaling = loraScaling(cfg);
     if (!(scaling > MAX_LORA_SCALING)) return null;
-    return `${cfg.lora_alpha} with r ${cfg.r} scales the LoRA update by ${scaling.toPrecision(3)}, past the ${MAX_LORA_SCALING} ` +
-        "at which bf16/fp32 activations overflow to Inf and the outputs to NaN; typical values are alpha = r or 2r";
+    return (
+        `${cfg.lora_alpha} with r ${cfg.r} scales the LoRA update by ${scaling.toPrecision(3)}, past the ${MAX_LORA_SCALING} ` +
+        "at which bf16/fp32 activations overflow to Inf and the outputs to NaN; typical values are alpha = r or 2r"
+    );
 }
 
 export function loraScaling(cfg: Pick<LoraConfig, "r" | "lora_alpha" | "use_rslora">): number {

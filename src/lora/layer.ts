@@ -51,8 +51,12 @@ export function baseWeightF32(base: LinearLayer): Float32Array {
  * W[out, in] += scaling · B A, in place: the weight a LoRA branch adds. The one place it is computed (merge,
  * GGUF export and DoRA's norm all call it).
  */
-export function addDeltaWeight(W: Float32Array, lora: Pick<LoraWeights, "A" | "B" | "r" | "scaling">, outF: number,
-    inF: number): Float32Array {
+export function addDeltaWeight(
+    W: Float32Array,
+    lora: Pick<LoraWeights, "A" | "B" | "r" | "scaling">,
+    outF: number,
+    inF: number
+): Float32Array {
     cpu().sgemm(false, false, outF, inF, lora.r, lora.scaling, lora.B, lora.r, lora.A, inF, 1, W, inF);
     return W;
 }
@@ -69,8 +73,12 @@ function rowNorms(W: Float32Array, outF: number, inF: number): Float32Array {
 }
 
 /** ||W + s B A|| per output row */
-export function doraRowNorms(W: Float32Array, lora: Pick<LoraWeights, "A" | "B" | "r" | "scaling">, outF: number,
-    inF: number): Float32Array {
+export function doraRowNorms(
+    W: Float32Array,
+    lora: Pick<LoraWeights, "A" | "B" | "r" | "scaling">,
+    outF: number,
+    inF: number
+): Float32Array {
     return rowNorms(addDeltaWeight(Float32Array.from(W), lora, outF, inF), outF, inF);
 }
 
@@ -111,8 +119,13 @@ export class LoraLinear implements TrainableLinear {
     /** dropout is active only in training mode */
     training = false;
 
-    constructor(readonly module: string, readonly base: LinearLayer, readonly lora: LoraWeights | null,
-        trainBias: boolean, private readonly dropoutSource: LoraDropoutSource | null) {
+    constructor(
+        readonly module: string,
+        readonly base: LinearLayer,
+        readonly lora: LoraWeights | null,
+        trainBias: boolean,
+        private readonly dropoutSource: LoraDropoutSource | null
+    ) {
         this.dA = lora ? new Float32Array(lora.A.length) : null;
         this.dB = lora ? new Float32Array(lora.B.length) : null;
         this.dBias = trainBias && base.bias ? new Float32Array(base.bias.length) : null;
@@ -133,12 +146,29 @@ export class LoraLinear implements TrainableLinear {
         const out: TrainableTensor[] = [];
         const prefix = `base_model.model.${this.module}`;
         if (this.lora && this.dA && this.dB) {
-            out.push({name: `${prefix}.lora_A.weight`, param: this.lora.A, grad: this.dA, shape: [this.lora.r, this.inFeatures], decay: true});
-            out.push({name: `${prefix}.lora_B.weight`, param: this.lora.B, grad: this.dB, shape: [this.outFeatures, this.lora.r], decay: true});
+            out.push({
+                name: `${prefix}.lora_A.weight`,
+                param: this.lora.A,
+                grad: this.dA,
+                shape: [this.lora.r, this.inFeatures],
+                decay: true
+            });
+            out.push({
+                name: `${prefix}.lora_B.weight`,
+                param: this.lora.B,
+                grad: this.dB,
+                shape: [this.outFeatures, this.lora.r],
+                decay: true
+            });
         }
         if (this.lora?.magnitude && this.dMagnitude)
-            out.push({name: `${prefix}.lora_magnitude_vector`, param: this.lora.magnitude, grad: this.dMagnitude,
-                shape: [this.outFeatures], decay: true});
+            out.push({
+                name: `${prefix}.lora_magnitude_vector`,
+                param: this.lora.magnitude,
+                grad: this.dMagnitude,
+                shape: [this.outFeatures],
+                decay: true
+            });
         if (this.dBias && this.base.bias)
             out.push({name: `${prefix}.bias`, param: this.base.bias, grad: this.dBias, shape: [this.outFeatures], decay: false});
         return out;
@@ -157,7 +187,9 @@ export class LoraLinear implements TrainableLinear {
         this.base.forward(out, x, M);
         if (!this.lora) return;
         const {r, A, B, scaling} = this.lora;
-        const K = this.inFeatures, N = this.outFeatures, ops = cpu();
+        const K = this.inFeatures,
+            N = this.outFeatures,
+            ops = cpu();
         const xa = new Float32Array(M * r);
         ops.sgemm(false, true, M, r, K, 1, x, K, A, K, 0, xa, r);
         ops.sgemm(false, true, M, N, r, scaling, xa, r, B, r, 1, out, N);
@@ -171,13 +203,15 @@ export class LoraLinear implements TrainableLinear {
             const norm = doraRowNorms(baseWeightF32(this.base), this.lora, N, this.inFeatures);
             const g = new Float32Array(M * N);
             for (let m = 0; m < M; m++)
-                for (let n = 0; n < N; n++) g[m * N + n] = dy[m * N + n] * this.lora.magnitude[n] / norm[n];
+                for (let n = 0; n < N; n++) g[m * N + n] = (dy[m * N + n] * this.lora.magnitude[n]) / norm[n];
             dy = g;
         }
         this.base.backwardInput(dx, dy, M, accumulate);
         if (!this.lora) return;
         const {r, A, B, scaling} = this.lora;
-        const K = this.inFeatures, N = this.outFeatures, ops = cpu();
+        const K = this.inFeatures,
+            N = this.outFeatures,
+            ops = cpu();
         const dxa = new Float32Array(M * r);
         ops.sgemm(false, false, M, r, N, scaling, dy, N, B, r, 0, dxa, r);
         ops.sgemm(false, false, M, K, r, 1, dxa, r, A, K, 1, dx, K);
@@ -191,8 +225,11 @@ export class LoraLinear implements TrainableLinear {
             return;
         }
         const {r, A, B, scaling, dropout, magnitude} = this.lora;
-        const K = this.inFeatures, N = this.outFeatures, ops = cpu();
-        let xd = x, mask: Float32Array | null = null;
+        const K = this.inFeatures,
+            N = this.outFeatures,
+            ops = cpu();
+        let xd = x,
+            mask: Float32Array | null = null;
         if (this.training && dropout > 0) {
             // inverted dropout on the LoRA branch's input only (the base path sees x)
             const src = this.dropoutSource;
@@ -232,19 +269,22 @@ export class LoraLinear implements TrainableLinear {
     backward(dx: Float32Array, dy: Float32Array, accumulate: boolean): void {
         const s = this.saved;
         if (!s) throw new Error(`${this.module}: backward without a training forward`);
-        const M = s.M, K = this.inFeatures, N = this.outFeatures, ops = cpu();
+        const M = s.M,
+            K = this.inFeatures,
+            N = this.outFeatures,
+            ops = cpu();
         this.base.backwardInput(dx, dy, M, accumulate);
         if (this.dBias) {
-            for (let m = 0; m < M; m++)
-                for (let n = 0; n < N; n++) this.dBias[n] += dy[m * N + n];
+            for (let m = 0; m < M; m++) for (let n = 0; n < N; n++) this.dBias[n] += dy[m * N + n];
         }
         if (s.dora && this.dMagnitude) {
             const {k, norm, inner} = s.dora;
             // dm = colsum(dy * inner) / norm
             for (let m = 0; m < M; m++)
-                for (let n = 0; n < N; n++) this.dMagnitude[n] += dy[m * N + n] * inner[m * N + n] / norm[n];
+                for (let n = 0; n < N; n++) this.dMagnitude[n] += (dy[m * N + n] * inner[m * N + n]) / norm[n];
             // the (k - 1) base term, through the dropout mask; the LoRA branch then sees dy * k
-            const g1 = new Float32Array(M * N), g = new Float32Array(M * N);
+            const g1 = new Float32Array(M * N),
+                g = new Float32Array(M * N);
             for (let m = 0; m < M; m++)
                 for (let n = 0; n < N; n++) {
                     g1[m * N + n] = dy[m * N + n] * (k[n] - 1);

@@ -18,16 +18,20 @@ export function matchTargets(moduleNames: string[], cfg: LoraConfig, modelType: 
         }
         const matched = moduleNames.filter((n) => re.test(n));
         if (matched.length === 0)
-            throw new QloraError(`target_modules: the pattern "${targets}" matches no module (a full match against names ` +
-                `like ${moduleNames[0]}); linear modules: ${suffixes(moduleNames).join(", ")}`);
+            throw new QloraError(
+                `target_modules: the pattern "${targets}" matches no module (a full match against names ` +
+                    `like ${moduleNames[0]}); linear modules: ${suffixes(moduleNames).join(", ")}`
+            );
         return matched;
     }
     const matched = new Set<string>();
     for (const t of targets) {
         const hits = moduleNames.filter((n) => n === t || n.endsWith(`.${t}`));
         if (hits.length === 0)
-            throw new QloraError(`target_modules: "${t}" matches no module of this model; the linear modules are ` +
-                `${suffixes(moduleNames).join(", ")} (or use "all-linear")`);
+            throw new QloraError(
+                `target_modules: "${t}" matches no module of this model; the linear modules are ` +
+                    `${suffixes(moduleNames).join(", ")} (or use "all-linear")`
+            );
         hits.forEach((h) => matched.add(h));
     }
     return moduleNames.filter((n) => matched.has(n));
@@ -49,11 +53,14 @@ const MAX_UNBOUNDED_REPETITIONS = 4;
  */
 function checkNoNestedRepetition(pattern: string): void {
     const refuse = (why: string): never => {
-        throw new QloraError(`target_modules: the pattern "${pattern}" ${why}, which can take exponential time to match ` +
-            "a module name; write it with fewer, unnested repetitions");
+        throw new QloraError(
+            `target_modules: the pattern "${pattern}" ${why}, which can take exponential time to match ` +
+                "a module name; write it with fewer, unnested repetitions"
+        );
     };
     const groups: boolean[] = []; // per open group: does it hold a repetition or an alternation?
-    let inClass = false, unbounded = 0;
+    let inClass = false,
+        unbounded = 0;
     for (let i = 0; i < pattern.length; i++) {
         const ch = pattern[i];
         if (ch === "\\") {
@@ -65,7 +72,8 @@ function checkNoNestedRepetition(pattern: string): void {
             continue;
         }
         const repeats = ch === "*" || ch === "+" || (ch === "{" && /^\{\d*,\}/.test(pattern.slice(i)));
-        if (repeats && ++unbounded > MAX_UNBOUNDED_REPETITIONS) refuse(`has more than ${MAX_UNBOUNDED_REPETITIONS} unbounded repetitions`);
+        if (repeats && ++unbounded > MAX_UNBOUNDED_REPETITIONS)
+            refuse(`has more than ${MAX_UNBOUNDED_REPETITIONS} unbounded repetitions`);
         if (ch === "[") inClass = true;
         else if (ch === "(") groups.push(false);
         else if ((repeats || ch === "{" || ch === "|") && groups.length > 0) groups[groups.length - 1] = true;

@@ -33,8 +33,15 @@ interface DeviceWeight {
     bias: DeviceBuffer | null; // bf16 [out]
     dense: DeviceBuffer | null; // bf16 [out, in]
     nf4: {
-        packed: DeviceBuffer; absmax: DeviceBuffer | null; absmaxQ: DeviceBuffer | null; nestedAbsmax: DeviceBuffer | null;
-        nestedCode: DeviceBuffer | null; code: DeviceBuffer; offset: number; blocksize: number; nestedBlocksize: number;
+        packed: DeviceBuffer;
+        absmax: DeviceBuffer | null;
+        absmaxQ: DeviceBuffer | null;
+        nestedAbsmax: DeviceBuffer | null;
+        nestedCode: DeviceBuffer | null;
+        code: DeviceBuffer;
+        offset: number;
+        blocksize: number;
+        nestedBlocksize: number;
     } | null;
 }
 
@@ -68,8 +75,12 @@ interface CudaLinearContext {
 
 /** one projection on the device: y = x W^T (+ b) (+ s drop(x) A^T B^T); forward hands xa = drop(x) A^T to backward */
 class CudaLinear implements GraphLinear<DeviceBuffer> {
-    constructor(readonly w: DeviceWeight, readonly lora: DeviceLora | null, private readonly index: number,
-        private readonly ctx: CudaLinearContext) {}
+    constructor(
+        readonly w: DeviceWeight,
+        readonly lora: DeviceLora | null,
+        private readonly index: number,
+        private readonly ctx: CudaLinearContext
+    ) {}
 
     get inFeatures(): number {
         return this.w.inF;
@@ -83,8 +94,20 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
         const {w} = this;
         if (w.dense) return w.dense;
         const q = w.nf4!;
-        cudaGemmOps().dequantize4bit(this.ctx.scratchW.ptr, "bf16", q.packed.ptr, q.absmax?.ptr ?? 0, q.absmaxQ?.ptr ?? 0,
-            q.nestedAbsmax?.ptr ?? 0, q.nestedCode?.ptr ?? 0, q.offset, q.code.ptr, q.blocksize, q.nestedBlocksize, w.outF * w.inF);
+        cudaGemmOps().dequantize4bit(
+            this.ctx.scratchW.ptr,
+            "bf16",
+            q.packed.ptr,
+            q.absmax?.ptr ?? 0,
+            q.absmaxQ?.ptr ?? 0,
+            q.nestedAbsmax?.ptr ?? 0,
+            q.nestedCode?.ptr ?? 0,
+            q.offset,
+            q.code.ptr,
+            q.blocksize,
+            q.nestedBlocksize,
+            w.outF * w.inF
+        );
         return this.ctx.scratchW;
     }
 
@@ -98,8 +121,26 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
     }
 
     forward(y: DeviceBuffer, x: DeviceBuffer, N: number, train: boolean): DeviceBuffer | null {
-        const g = cudaGemmOps(), {w} = this;
-        g.gemm(false, true, N, w.outF, w.inF, 1, x.ptr, w.inF, "bf16", this.weight().ptr, w.inF, "bf16", 0, y.ptr, w.outF, "bf16");
+        const g = cudaGemmOps(),
+            {w} = this;
+        g.gemm(
+            false,
+            true,
+            N,
+            w.outF,
+            w.inF,
+            1,
+            x.ptr,
+            w.inF,
+            "bf16",
+            this.weight().ptr,
+            w.inF,
+            "bf16",
+            0,
+            y.ptr,
+            w.outF,
+            "bf16"
+        );
         if (w.bias) extraOps().addBiasBf16(y.ptr, w.bias.ptr, N, w.outF);
         const l = this.lora;
         if (!l) return null;
@@ -114,10 +155,28 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
     }
 
     backward(dx: DeviceBuffer, dy: DeviceBuffer, x: DeviceBuffer, saved: unknown, N: number, accumulate: boolean): void {
-        const g = cudaGemmOps(), {w} = this;
-        g.gemm(false, false, N, w.inF, w.outF, 1, dy.ptr, w.outF, "bf16", this.weight().ptr, w.inF, "bf16", accumulate ? 1 : 0,
-            dx.ptr, w.inF, "bf16");
-        const l = this.lora, xa = saved as DeviceBuffer | null;
+        const g = cudaGemmOps(),
+            {w} = this;
+        g.gemm(
+            false,
+            false,
+            N,
+            w.inF,
+            w.outF,
+            1,
+            dy.ptr,
+            w.outF,
+            "bf16",
+            this.weight().ptr,
+            w.inF,
+            "bf16",
+            accumulate ? 1 : 0,
+            dx.ptr,
+            w.inF,
+            "bf16"
+        );
+        const l = this.lora,
+            xa = saved as DeviceBuffer | null;
         if (!l || !xa) return;
         // dB[out, r] += s dy^T xa
         g.gemm(true, false, w.outF, l.r, N, l.scaling, dy.ptr, w.outF, "bf16", xa.ptr, l.r, "bf16", 1, l.dB.ptr, l.r, "f32");
@@ -155,51 +214,83 @@ export class CudaTrainer implements CudaLinearContext {
      * holds one block input instead of one per layer, at the cost of a copy each way per layer (synchronous
      * here: the copies are not yet overlapped with compute).
      */
-    constructor(readonly model: DecoderModel, readonly dropoutClock = new DropoutClock(0), offloadActivations = false) {
-        const cfg = model.config, p = model.params;
+    constructor(
+        readonly model: DecoderModel,
+        readonly dropoutClock = new DropoutClock(0),
+        offloadActivations = false
+    ) {
+        const cfg = model.config,
+            p = model.params;
         if (cfg.headDim !== 64 && cfg.headDim !== 128)
             throw new QloraError(`the CUDA attention kernels handle head_dim 64 and 128; this model has ${cfg.headDim}`);
-        const maxW = p.layers.reduce((m, layer) => PROJ_NAMES.reduce((mm, n) => Math.max(mm, layer.proj[n].outFeatures * layer.proj[n].inFeatures), m), 0);
+        const maxW = p.layers.reduce(
+            (m, layer) => PROJ_NAMES.reduce((mm, n) => Math.max(mm, layer.proj[n].outFeatures * layer.proj[n].inFeatures), m),
+            0
+        );
         this.scratchW = DeviceBuffer.alloc("bf16", maxW);
         const embed = bf16Upload(p.embed);
         const weights: GraphWeights<CudaTensors> = {
-            embed, lmHead: p.lmHead === p.embed ? embed : bf16Upload(p.lmHead), finalNorm: bf16Upload(p.norm),
+            embed,
+            lmHead: p.lmHead === p.embed ? embed : bf16Upload(p.lmHead),
+            finalNorm: bf16Upload(p.norm),
             invFreq: DeviceBuffer.from("f32", model.invFreq),
             layers: p.layers.map((layer, l) => {
                 const proj = {} as Record<ProjName, CudaLinear>;
                 for (const name of PROJ_NAMES) proj[name] = this.toDevice(layer.proj[name], projectionIndex(l, name));
                 return {inputNorm: bf16Upload(layer.inputNorm), postNorm: bf16Upload(layer.postNorm), proj};
-            }),
+            })
         };
-        this.graph = new DecoderGraph(cudaBackend(), cfg, weights, {attentionScaling: model.attentionScaling, offloadActivations});
+        this.graph = new DecoderGraph(cudaBackend(), cfg, weights, {
+            attentionScaling: model.attentionScaling,
+            offloadActivations
+        });
     }
 
     private toDevice(layer: LinearLayer, index: number): CudaLinear {
         const lora = layer instanceof LoraLinear ? layer : null;
         const base = lora ? lora.base : layer;
-        const w: DeviceWeight = {outF: base.outFeatures, inF: base.inFeatures, bias: base.bias ? bf16Upload(base.bias) : null,
-            dense: null, nf4: null};
+        const w: DeviceWeight = {
+            outF: base.outFeatures,
+            inF: base.inFeatures,
+            bias: base.bias ? bf16Upload(base.bias) : null,
+            dense: null,
+            nf4: null
+        };
         if (base instanceof Linear4bit) {
             const s = base.state;
             w.nf4 = {
-                packed: DeviceBuffer.from("u8", s.packed), code: DeviceBuffer.from("f32", s.quantMap),
+                packed: DeviceBuffer.from("u8", s.packed),
+                code: DeviceBuffer.from("f32", s.quantMap),
                 absmax: s.absmax ? DeviceBuffer.from("f32", s.absmax) : null,
                 absmaxQ: s.absmaxQ ? DeviceBuffer.from("u8", s.absmaxQ) : null,
                 nestedAbsmax: s.nestedAbsmax ? DeviceBuffer.from("f32", s.nestedAbsmax) : null,
                 nestedCode: s.nestedQuantMap ? DeviceBuffer.from("f32", s.nestedQuantMap) : null,
-                offset: s.offset, blocksize: s.blocksize, nestedBlocksize: s.nestedBlocksize,
+                offset: s.offset,
+                blocksize: s.blocksize,
+                nestedBlocksize: s.nestedBlocksize
             };
         } else if (base instanceof DenseLinear) {
             w.dense = bf16Upload(base.weightF32());
         } else throw new QloraError("the CUDA trainer supports dense and 4-bit projections");
         let dl: DeviceLora | null = null;
         if (lora?.lora) {
-            if (lora.dBias) throw new QloraError("training biases (bias: all / lora_only) is not supported on CUDA yet; use bias: none");
-            if (lora.lora.magnitude) throw new QloraError("DoRA (use_dora) is not supported on CUDA yet; train it with --device cpu");
+            if (lora.dBias)
+                throw new QloraError("training biases (bias: all / lora_only) is not supported on CUDA yet; use bias: none");
+            if (lora.lora.magnitude)
+                throw new QloraError("DoRA (use_dora) is not supported on CUDA yet; train it with --device cpu");
             const l = lora.lora;
-            dl = {host: lora, r: l.r, scaling: l.scaling, dropout: l.dropout, A: DeviceBuffer.from("f32", l.A),
-                B: DeviceBuffer.from("f32", l.B), dA: DeviceBuffer.zeros("f32", l.A.length), dB: DeviceBuffer.zeros("f32", l.B.length),
-                Ab: DeviceBuffer.alloc("bf16", l.A.length), Bb: DeviceBuffer.alloc("bf16", l.B.length)};
+            dl = {
+                host: lora,
+                r: l.r,
+                scaling: l.scaling,
+                dropout: l.dropout,
+                A: DeviceBuffer.from("f32", l.A),
+                B: DeviceBuffer.from("f32", l.B),
+                dA: DeviceBuffer.zeros("f32", l.A.length),
+                dB: DeviceBuffer.zeros("f32", l.B.length),
+                Ab: DeviceBuffer.alloc("bf16", l.A.length),
+                Bb: DeviceBuffer.alloc("bf16", l.B.length)
+            };
             this.loras.push(dl);
             this.refreshLoraCopy(dl);
         }
@@ -221,7 +312,7 @@ export class CudaTrainer implements CudaLinearContext {
     deviceTensors(): {name: string; param: DeviceBuffer; grad: DeviceBuffer}[] {
         return this.loras.flatMap((l) => [
             {name: `base_model.model.${l.host.module}.lora_A.weight`, param: l.A, grad: l.dA},
-            {name: `base_model.model.${l.host.module}.lora_B.weight`, param: l.B, grad: l.dB},
+            {name: `base_model.model.${l.host.module}.lora_B.weight`, param: l.B, grad: l.dB}
         ]);
     }
 
@@ -258,8 +349,11 @@ export class CudaTrainer implements CudaLinearContext {
     /** the logits [B*T, V] (f32 on the host) of a forward pass in bf16: for checking against the CPU and the fixtures */
     forwardLogits(batch: TrainBatch): Float32Array {
         const {B, T} = batch;
-        const hidden = this.graph.forwardHidden(batch.inputIds, B, T, {positionIds: batch.positionIds,
-            attentionMask: batch.attentionMask ?? undefined, segIds: batch.segIds ?? undefined});
+        const hidden = this.graph.forwardHidden(batch.inputIds, B, T, {
+            positionIds: batch.positionIds,
+            attentionMask: batch.attentionMask ?? undefined,
+            segIds: batch.segIds ?? undefined
+        });
         const logits = this.graph.logits(hidden, null, B * T);
         hidden.free();
         return logits;

@@ -10,7 +10,16 @@ import {DenseLinear, HostGraphLinear, type LinearLayer} from "../backend/linear.
 import {DecoderGraph, KVCache, shiftTargets, type GraphWeights} from "./graph.js";
 
 export {KVCache};
-import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readFloatTensor, readTensorF32, type ProjName} from "./weights.js";
+import {
+    openCheckpoint,
+    PROJ_NAMES,
+    projHasBias,
+    projModule,
+    projShape,
+    readFloatTensor,
+    readTensorF32,
+    type ProjName
+} from "./weights.js";
 import type {BitsAndBytesConfig} from "../quant/config.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
 import {Linear4bit} from "../quant/linear4bit.js";
@@ -54,7 +63,10 @@ export class DecoderModel {
     readonly invFreq: Float32Array;
     readonly attentionScaling: number;
 
-    constructor(readonly config: ModelConfig, readonly params: DecoderParams) {
+    constructor(
+        readonly config: ModelConfig,
+        readonly params: DecoderParams
+    ) {
         const rope = computeRopeInvFreq(config);
         this.invFreq = rope.invFreq;
         this.attentionScaling = rope.attentionScaling;
@@ -77,8 +89,12 @@ export class DecoderModel {
                 const m = /^model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight$/.exec(name);
                 const expected = m ? projShape(cfg, m[1] as ProjName) : null;
                 if (!expected || state.shape[0] !== expected[0] || state.shape[1] !== expected[1])
-                    throw new QloraError(`4-bit tensor "${name}" has shape [${state.shape.join(", ")}], which config.json ` +
-                        `does not describe` + (expected ? ` (expected [${expected.join(", ")}])` : ""), {file: dir});
+                    throw new QloraError(
+                        `4-bit tensor "${name}" has shape [${state.shape.join(", ")}], which config.json ` +
+                            `does not describe` +
+                            (expected ? ` (expected [${expected.join(", ")}])` : ""),
+                        {file: dir}
+                    );
             }
         }
         const quant = opts.quantization?.load_in_4bit ? opts.quantization : null;
@@ -101,7 +117,7 @@ export class DecoderModel {
                 layers.push({
                     inputNorm: await read(`model.layers.${l}.input_layernorm.weight`),
                     postNorm: await read(`model.layers.${l}.post_attention_layernorm.weight`),
-                    proj,
+                    proj
                 });
             }
             const norm = await read("model.norm.weight");
@@ -114,8 +130,9 @@ export class DecoderModel {
 
     /** true when the projections are 4-bit */
     get quantized(): boolean {
-        return this.params.layers.some((l) => Object.values(l.proj).some((p) => p instanceof Linear4bit ||
-            (p as {base?: unknown}).base instanceof Linear4bit));
+        return this.params.layers.some((l) =>
+            Object.values(l.proj).some((p) => p instanceof Linear4bit || (p as {base?: unknown}).base instanceof Linear4bit)
+        );
     }
 
     get maxPositions(): number {
@@ -148,12 +165,15 @@ export class DecoderModel {
     hostGraph(options: {fullGrads?: DecoderParams["fullGrads"]} = {}): DecoderGraph<CpuTensors> {
         const p = this.params;
         const weights: GraphWeights<CpuTensors> = {
-            embed: p.embed, lmHead: p.lmHead, finalNorm: p.norm, invFreq: this.invFreq,
+            embed: p.embed,
+            lmHead: p.lmHead,
+            finalNorm: p.norm,
+            invFreq: this.invFreq,
             layers: p.layers.map((layer) => {
                 const proj = {} as Record<ProjName, HostGraphLinear>;
                 for (const name of PROJ_NAMES) proj[name] = new HostGraphLinear(layer.proj[name]);
                 return {inputNorm: layer.inputNorm, postNorm: layer.postNorm, proj};
-            }),
+            })
         };
         return new DecoderGraph(cpuBackend(), this.config, weights, {attentionScaling: this.attentionScaling, ...options});
     }
@@ -177,8 +197,12 @@ export class DecoderModel {
  * Quantizes one projection as bitsandbytes does when transformers loads it: from the tensor in the compute
  * dtype (bf16 checkpoints with a bf16 compute dtype quantize the bf16 values; otherwise their f32 upcast).
  */
-async function quantizeWeight(ckpt: SafetensorsCheckpoint, name: string, shape: [number, number],
-    cfg: BitsAndBytesConfig): Promise<QuantState4bit> {
+async function quantizeWeight(
+    ckpt: SafetensorsCheckpoint,
+    name: string,
+    shape: [number, number],
+    cfg: BitsAndBytesConfig
+): Promise<QuantState4bit> {
     const opts = {quantType: cfg.bnb_4bit_quant_type, compressStatistics: cfg.bnb_4bit_use_double_quant, shape};
     return readFloatTensor(ckpt, name, (t) => {
         if (t.dtype === "BF16" && cfg.bnb_4bit_compute_dtype === "bfloat16") return quantize4bit({bf16: t.values}, opts);

@@ -35,15 +35,19 @@ export const DEFAULT_SAMPLING: SamplingOptions = {greedy: false, temperature: 0.
 export function generate(model: DecoderModel, promptIds: number[], opts: GenerateOptions): GenerateResult {
     const sampling = {...DEFAULT_SAMPLING, ...stripUndefined(opts)};
     if (!sampling.greedy && !(sampling.temperature > 0))
-        throw new QloraError(`temperature must be > 0 for sampling (got ${sampling.temperature}); use --greedy for argmax decoding`);
+        throw new QloraError(
+            `temperature must be > 0 for sampling (got ${sampling.temperature}); use --greedy for argmax decoding`
+        );
     if (!(sampling.topP > 0 && sampling.topP <= 1)) throw new QloraError(`top_p must be in (0, 1] (got ${sampling.topP})`);
     if (promptIds.length === 0) throw new QloraError("the prompt is empty: there is nothing to continue from");
     if (!Number.isSafeInteger(opts.maxNewTokens) || opts.maxNewTokens < 0)
         throw new QloraError(`max_new_tokens must be a non-negative integer (got ${opts.maxNewTokens})`);
     const context = model.maxPositions;
     if (promptIds.length > context)
-        throw new QloraError(`the prompt has ${promptIds.length} tokens but the model's context length ` +
-            `(max_position_embeddings in config.json) is ${context}; shorten the prompt`);
+        throw new QloraError(
+            `the prompt has ${promptIds.length} tokens but the model's context length ` +
+                `(max_position_embeddings in config.json) is ${context}; shorten the prompt`
+        );
     const capacity = Math.min(context, promptIds.length + opts.maxNewTokens);
     const cache = new KVCache(model.config, 1, capacity);
     const rng = new Rng(sampling.seed);
@@ -91,7 +95,8 @@ export function pickToken(logits: Float32Array, s: SamplingOptions, rng: Rng): n
     probs = probs.map((p) => p / sum);
     if (s.topP < 1) {
         // keep the most likely tokens until their mass reaches top_p (always at least one)
-        let mass = 0, keep = 0;
+        let mass = 0,
+            keep = 0;
         while (keep < probs.length && (keep === 0 || mass < s.topP)) mass += probs[keep++];
         order = order.slice(0, keep);
         probs = probs.slice(0, keep);

@@ -68,14 +68,20 @@ export class KVCache<F = Float32Array> {
     readonly v: F[];
     /** number of positions already filled */
     length = 0;
-    constructor(readonly cfg: ModelConfig, readonly batch: number, readonly capacity: number,
-        alloc: (n: number) => F = (n) => new Float32Array(n) as F) {
+    constructor(
+        readonly cfg: ModelConfig,
+        readonly batch: number,
+        readonly capacity: number,
+        alloc: (n: number) => F = (n) => new Float32Array(n) as F
+    ) {
         const n = batch * capacity * cfg.numKeyValueHeads * cfg.headDim;
         // the cache is sized from the request (prompt + max new tokens, capped by the context): a request past
         // what one buffer holds is an error that says what to lower, not a RangeError
         if (!(Number.isSafeInteger(n) && n <= MAX_TENSOR_ELEMENTS))
-            throw new QloraError(`a key/value cache for ${capacity} positions (x ${batch} rows) needs ${n} values per layer, ` +
-                `more than one buffer holds (${MAX_TENSOR_ELEMENTS}); lower the number of new tokens or the prompt length`);
+            throw new QloraError(
+                `a key/value cache for ${capacity} positions (x ${batch} rows) needs ${n} values per layer, ` +
+                    `more than one buffer holds (${MAX_TENSOR_ELEMENTS}); lower the number of new tokens or the prompt length`
+            );
         this.k = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
         this.v = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
     }
@@ -97,8 +103,10 @@ export interface InferenceOptions<F> {
  */
 export function checkRowsFitContext(cfg: ModelConfig, longestRow: number, knob: string, knobValue: number | null): void {
     if (longestRow <= cfg.maxPositionEmbeddings) return;
-    throw new QloraError(`${knob} ${knobValue ?? "(no limit)"} lets rows of ${longestRow} tokens through, longer than the ` +
-        `model's context (max_position_embeddings ${cfg.maxPositionEmbeddings} in config.json); lower ${knob}`);
+    throw new QloraError(
+        `${knob} ${knobValue ?? "(no limit)"} lets rows of ${longestRow} tokens through, longer than the ` +
+            `model's context (max_position_embeddings ${cfg.maxPositionEmbeddings} in config.json); lower ${knob}`
+    );
 }
 
 /** the same rule for a batch about to run (any caller of the graph: positions past the context are refused) */
@@ -106,8 +114,10 @@ export function checkPositionsFitContext(cfg: ModelConfig, positionIds: Int32Arr
     let last = -1;
     for (let i = 0; i < positionIds.length; i++) if (positionIds[i] > last) last = positionIds[i];
     if (last >= cfg.maxPositionEmbeddings)
-        throw new QloraError(`a batch reaches position ${last}, past the model's context (max_position_embeddings ` +
-            `${cfg.maxPositionEmbeddings} in config.json); shorten the rows`);
+        throw new QloraError(
+            `a batch reaches position ${last}, past the model's context (max_position_embeddings ` +
+                `${cfg.maxPositionEmbeddings} in config.json); shorten the rows`
+        );
 }
 
 /** next-token targets: target[b, t] = labels[b, t + 1], -100 at the last position */
@@ -159,16 +169,25 @@ const INTERMEDIATE_ACTS = ["xn1", "rstd1", "q", "k", "v", "att", "lse", "h", "xn
 export class DecoderGraph<X extends TensorTypes> {
     private readonly scale: number;
 
-    constructor(readonly backend: Backend<X>, readonly config: ModelConfig, readonly weights: GraphWeights<X>,
-        private readonly options: GraphOptions<X>) {
+    constructor(
+        readonly backend: Backend<X>,
+        readonly config: ModelConfig,
+        readonly weights: GraphWeights<X>,
+        private readonly options: GraphOptions<X>
+    ) {
         this.scale = 1 / Math.sqrt(config.headDim);
     }
 
     /** runs forward (and backward unless noBackward) on one micro-batch; parameter gradients accumulate */
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
-        const be = this.backend, cfg = this.config, w = this.weights;
+        const be = this.backend,
+            cfg = this.config,
+            w = this.weights;
         const {B, T} = batch;
-        const N = B * T, C = cfg.hiddenSize, V = cfg.vocabSize, L = cfg.numHiddenLayers;
+        const N = B * T,
+            C = cfg.hiddenSize,
+            V = cfg.vocabSize,
+            L = cfg.numHiddenLayers;
         checkPositionsFitContext(cfg, batch.positionIds);
         const train = !opts.noBackward;
         const ids = be.indices(batch.inputIds);
@@ -193,12 +212,23 @@ export class DecoderGraph<X extends TensorTypes> {
             } else acts.push(a);
         }
         // final norm, then the loss in chunks of rows
-        const xf = be.activation(N * C), rstdF = be.stats(N);
+        const xf = be.activation(N * C),
+            rstdF = be.stats(N);
         be.rmsnorm(xf, rstdF, x, w.finalNorm, N, C, cfg.rmsNormEps);
         const targets = shiftTargets(batch.labels, B, T);
         const dxf = train ? be.activation(N * C) : null;
-        const loss = be.causalLmLoss(xf, targets, w.lmHead, N, C, V, opts.lossScale, dxf, opts.lossChunkRows ?? be.lossChunkRows,
-            train ? this.options.fullGrads?.lmHead ?? null : null);
+        const loss = be.causalLmLoss(
+            xf,
+            targets,
+            w.lmHead,
+            N,
+            C,
+            V,
+            opts.lossScale,
+            dxf,
+            opts.lossChunkRows ?? be.lossChunkRows,
+            train ? (this.options.fullGrads?.lmHead ?? null) : null
+        );
         be.free(xf);
         if (!train || !dxf) {
             for (const t of [x, rstdF, ids]) be.free(t);
@@ -238,8 +268,10 @@ export class DecoderGraph<X extends TensorTypes> {
      * are appended to it and attention covers the cached positions.
      */
     forwardHidden(idsHost: Int32Array, B: number, T: number, opts: InferenceOptions<X["f"]> = {}): X["f"] {
-        const be = this.backend, cfg = this.config;
-        const N = B * T, C = cfg.hiddenSize;
+        const be = this.backend,
+            cfg = this.config;
+        const N = B * T,
+            C = cfg.hiddenSize;
         const cache = opts.cache ?? null;
         const past = cache ? cache.length : 0;
         const S = cache ? cache.capacity : T;
@@ -247,8 +279,10 @@ export class DecoderGraph<X extends TensorTypes> {
         if (cache && (cache.batch !== B || past + T > cache.capacity))
             throw new QloraError(`the sequence needs ${past + T} positions but the cache holds ${cache.capacity}`);
         if (past + T > cfg.maxPositionEmbeddings)
-            throw new QloraError(`the sequence has ${past + T} tokens but the model's context length ` +
-                `(max_position_embeddings) is ${cfg.maxPositionEmbeddings}`);
+            throw new QloraError(
+                `the sequence has ${past + T} tokens but the model's context length ` +
+                    `(max_position_embeddings) is ${cfg.maxPositionEmbeddings}`
+            );
         const pos = opts.positionIds ?? new Int32Array(N).map((_, i) => past + (i % T));
         let keyValid: Uint8Array | null = null;
         if (opts.attentionMask) {
@@ -290,18 +324,33 @@ export class DecoderGraph<X extends TensorTypes> {
         const bad = this.backend.embedding(x, ids, this.weights.embed, N, cfg.vocabSize, cfg.hiddenSize);
         if (bad >= 0) {
             this.backend.free(x);
-            throw new QloraError(`token id ${idsHost[bad]} at position ${bad} is outside the vocabulary (${cfg.vocabSize} tokens)`);
+            throw new QloraError(
+                `token id ${idsHost[bad]} at position ${bad} is outside the vocabulary (${cfg.vocabSize} tokens)`
+            );
         }
         return x;
     }
 
-    private context(B: number, T: number, pos: Int32Array, keyValid: Uint8Array | null, seg: Int32Array | null,
-        cache: KVCache<X["f"]> | null): StepContext<X> {
+    private context(
+        B: number,
+        T: number,
+        pos: Int32Array,
+        keyValid: Uint8Array | null,
+        seg: Int32Array | null,
+        cache: KVCache<X["f"]> | null
+    ): StepContext<X> {
         const be = this.backend;
         // an all-ones mask hides nothing: the kernels skip the test
         const hides = keyValid !== null && !keyValid.every((v) => v === 1);
-        return {B, T, N: B * T, pos: be.indices(pos), keyValid: hides ? be.mask(keyValid!) : null,
-            seg: seg ? be.indices(seg) : null, cache};
+        return {
+            B,
+            T,
+            N: B * T,
+            pos: be.indices(pos),
+            keyValid: hides ? be.mask(keyValid!) : null,
+            seg: seg ? be.indices(seg) : null,
+            cache
+        };
     }
 
     private freeContext(ctx: StepContext<X>): void {
@@ -317,15 +366,35 @@ export class DecoderGraph<X extends TensorTypes> {
     }
 
     private blockForward(l: number, x: X["f"], ctx: StepContext<X>, train: boolean): BlockActs<X["f"]> {
-        const be = this.backend, cfg = this.config, layer = this.weights.layers[l], p = layer.proj;
+        const be = this.backend,
+            cfg = this.config,
+            layer = this.weights.layers[l],
+            p = layer.proj;
         const {B, T, N} = ctx;
-        const C = cfg.hiddenSize, Hq = cfg.numAttentionHeads, Hkv = cfg.numKeyValueHeads, D = cfg.headDim;
-        const I = cfg.intermediateSize, eps = cfg.rmsNormEps;
+        const C = cfg.hiddenSize,
+            Hq = cfg.numAttentionHeads,
+            Hkv = cfg.numKeyValueHeads,
+            D = cfg.headDim;
+        const I = cfg.intermediateSize,
+            eps = cfg.rmsNormEps;
         const act = (n: number) => be.activation(n);
         const a: BlockActs<X["f"]> = {
-            x, xn1: act(N * C), rstd1: be.stats(N), q: act(N * Hq * D), k: act(N * Hkv * D), v: act(N * Hkv * D),
-            att: act(N * Hq * D), lse: be.stats(B * Hq * T), h: act(N * C), xn2: act(N * C), rstd2: be.stats(N),
-            gate: act(N * I), up: act(N * I), act: act(N * I), out: act(N * C), saved: new Map(),
+            x,
+            xn1: act(N * C),
+            rstd1: be.stats(N),
+            q: act(N * Hq * D),
+            k: act(N * Hkv * D),
+            v: act(N * Hkv * D),
+            att: act(N * Hq * D),
+            lse: be.stats(B * Hq * T),
+            h: act(N * C),
+            xn2: act(N * C),
+            rstd2: be.stats(N),
+            gate: act(N * I),
+            up: act(N * I),
+            act: act(N * I),
+            out: act(N * C),
+            saved: new Map()
         };
         const project = (name: ProjName, y: X["f"], input: X["f"]) => {
             const saved = p[name].forward(y, input, N, train);
@@ -337,7 +406,10 @@ export class DecoderGraph<X extends TensorTypes> {
         project("v_proj", a.v, a.xn1);
         be.rope(a.q, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hq, D);
         be.rope(a.k, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hkv, D);
-        let keys = a.k, values = a.v, S = T, past = 0;
+        let keys = a.k,
+            values = a.v,
+            S = T,
+            past = 0;
         const cache = ctx.cache;
         if (cache) {
             past = cache.length;
@@ -347,7 +419,23 @@ export class DecoderGraph<X extends TensorTypes> {
             keys = cache.k[l];
             values = cache.v[l];
         }
-        be.attention(a.att, train ? a.lse : null, a.q, keys, values, ctx.keyValid, ctx.seg, B, T, S, Hq, Hkv, D, past, this.scale);
+        be.attention(
+            a.att,
+            train ? a.lse : null,
+            a.q,
+            keys,
+            values,
+            ctx.keyValid,
+            ctx.seg,
+            B,
+            T,
+            S,
+            Hq,
+            Hkv,
+            D,
+            past,
+            this.scale
+        );
         project("o_proj", a.h, a.att);
         be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);
         project("gate_proj", a.gate, a.xn2);
@@ -360,9 +448,15 @@ export class DecoderGraph<X extends TensorTypes> {
 
     /** returns d(block input) from d(block output) */
     private blockBackward(l: number, a: BlockActs<X["f"]>, dout: X["f"], ctx: StepContext<X>): X["f"] {
-        const be = this.backend, cfg = this.config, layer = this.weights.layers[l], p = layer.proj;
+        const be = this.backend,
+            cfg = this.config,
+            layer = this.weights.layers[l],
+            p = layer.proj;
         const {B, T, N} = ctx;
-        const C = cfg.hiddenSize, Hq = cfg.numAttentionHeads, Hkv = cfg.numKeyValueHeads, D = cfg.headDim;
+        const C = cfg.hiddenSize,
+            Hq = cfg.numAttentionHeads,
+            Hkv = cfg.numKeyValueHeads,
+            D = cfg.headDim;
         const I = cfg.intermediateSize;
         const act = (n: number) => be.activation(n);
         const back = (name: ProjName, dx: X["f"], dy: X["f"], x: X["f"], accumulate: boolean) =>
@@ -370,7 +464,8 @@ export class DecoderGraph<X extends TensorTypes> {
         // MLP: out = h + down(silu(gate(xn2)) * up(xn2))
         const dact = act(N * I);
         back("down_proj", dact, dout, a.act, false);
-        const dgate = act(N * I), dup = act(N * I);
+        const dgate = act(N * I),
+            dup = act(N * I);
         be.swigluBackward(dgate, dup, dact, a.gate, a.up, N * I);
         be.free(dact);
         const dxn = act(N * C);
@@ -384,7 +479,9 @@ export class DecoderGraph<X extends TensorTypes> {
         // attention: h = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
         const datt = act(N * Hq * D);
         back("o_proj", datt, dh, a.att, false);
-        const dq = act(N * Hq * D), dk = act(N * Hkv * D), dv = act(N * Hkv * D);
+        const dq = act(N * Hq * D),
+            dk = act(N * Hkv * D),
+            dv = act(N * Hkv * D);
         be.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, ctx.keyValid, ctx.seg, B, T, Hq, Hkv, D, this.scale);
         be.free(datt);
         be.ropeBackward(dq, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hq, D);

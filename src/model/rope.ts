@@ -19,7 +19,6 @@ export interface RopeFrequencies {
     attentionScaling: number;
 }
 
-
 /** base ** (arange(0, dim, 2) / dim) in f32, as torch computes it */
 function ropePositionFrequencies(base: number, dim: number): Float32Array<ArrayBuffer> {
     const half = Math.floor((dim + 1) / 2);
@@ -46,9 +45,13 @@ export function computeRopeInvFreq(cfg: ModelConfig): RopeFrequencies {
     const bad = rope.invFreq.findIndex((x) => !(Number.isFinite(x) && x > 0));
     if (bad >= 0 || !(Number.isFinite(rope.attentionScaling) && rope.attentionScaling > 0)) {
         const key = cfg.ropeScaling ? (cfg.raw.rope_scaling ? "rope_scaling" : "rope_parameters") : "rope_theta";
-        throw new QloraError(`"${key}" gives ${bad >= 0 ? `rotary frequency ${bad} = ${rope.invFreq[bad]}` :
-            `attention scaling ${rope.attentionScaling}`}, outside float32's range (rope_theta ${cfg.ropeTheta}` +
-            `${cfg.ropeScaling ? `, ${cfg.ropeScaling.type} scaling` : ""}); is config.json corrupt?`, {file: cfg.file});
+        throw new QloraError(
+            `"${key}" gives ${
+                bad >= 0 ? `rotary frequency ${bad} = ${rope.invFreq[bad]}` : `attention scaling ${rope.attentionScaling}`
+            }, outside float32's range (rope_theta ${cfg.ropeTheta}` +
+                `${cfg.ropeScaling ? `, ${cfg.ropeScaling.type} scaling` : ""}); is config.json corrupt?`,
+            {file: cfg.file}
+        );
     }
     return rope;
 }
@@ -97,7 +100,9 @@ function llama3InvFreq(invFreq: Float32Array, scaling: RopeScaling): Float32Arra
             continue;
         }
         // in between: blend smoothly from "divided by factor" to "unchanged"
-        const smooth = f32(f32(f32(f32(1 / wavelen) * f32(oldContextLen)) - f32(lowFreqFactor)) / f32(highFreqFactor - lowFreqFactor));
+        const smooth = f32(
+            f32(f32(f32(1 / wavelen) * f32(oldContextLen)) - f32(lowFreqFactor)) / f32(highFreqFactor - lowFreqFactor)
+        );
         const slowed = f32(f32(f32(1 - smooth) * scaled) / f32(factor));
         out[i] = f32(slowed + f32(smooth * scaled));
     }
@@ -110,9 +115,10 @@ function yarnFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, d
     const getMscale = (scale: number, mscale = 1): number => (scale <= 1 ? 1 : 0.1 * mscale * Math.log(scale) + 1);
     let attentionScaling = scaling.attentionFactor;
     if (attentionScaling === undefined) {
-        attentionScaling = scaling.mscale && scaling.mscaleAllDim
-            ? getMscale(factor, scaling.mscale) / getMscale(factor, scaling.mscaleAllDim)
-            : getMscale(factor);
+        attentionScaling =
+            scaling.mscale && scaling.mscaleAllDim
+                ? getMscale(factor, scaling.mscale) / getMscale(factor, scaling.mscaleAllDim)
+                : getMscale(factor);
     }
     const betaFast = scaling.betaFast || 32;
     const betaSlow = scaling.betaSlow || 1;
@@ -156,9 +162,8 @@ function longropeFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: numbe
     }
     let attentionScaling = scaling.attentionFactor;
     if (attentionScaling === undefined) {
-        attentionScaling = factor === undefined || factor <= 1
-            ? 1
-            : Math.sqrt(1 + Math.log(factor) / Math.log(originalMaxPositions));
+        attentionScaling =
+            factor === undefined || factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(originalMaxPositions));
     }
     // at init (no sequence longer than the original context seen yet) transformers uses short_factor
     const shortFactor = scaling.raw.short_factor as number[];

@@ -35,7 +35,7 @@ export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptio
         if (opts.fast) {
             // uniform on [-sqrt(3), sqrt(3)] (unit variance) from a xorshift32 seeded by the Rng
             let s = rng.nextU32() | 1;
-            const scale = (isNorm ? 0.1 : isBias ? 0.1 : std) * Math.sqrt(3) / 2147483648;
+            const scale = ((isNorm ? 0.1 : isBias ? 0.1 : std) * Math.sqrt(3)) / 2147483648;
             const base = isNorm ? 1 : 0;
             for (let i = 0; i < n; i++) {
                 s ^= s << 13;
@@ -52,9 +52,13 @@ export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptio
         tensors.push({name, dtype, shape, data: dtype === "F32" ? values : f32ToHalf(values, dtype)});
     }
     // a fresh folder swapped into place (an existing `dir` must be empty or an earlier synthetic checkpoint)
-    await writeDirAtomic(dir, async (tmp) => {
-        await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 4 * 2 ** 30, {format: "pt"});
-        await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(opts.config, null, 2) + "\n");
-    }, {replace: "owned", kind: "synthetic-model"});
+    await writeDirAtomic(
+        dir,
+        async (tmp) => {
+            await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 4 * 2 ** 30, {format: "pt"});
+            await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(opts.config, null, 2) + "\n");
+        },
+        {replace: "owned", kind: "synthetic-model"}
+    );
     return cfg;
 }

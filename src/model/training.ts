@@ -15,7 +15,10 @@ export class DecoderTrainer {
      * `dropoutClock`: the clock the model's LoRA layers seed their dropout masks from (applyLora's); each training
      * micro-batch advances it, so a block recomputed under gradient checkpointing draws the same masks.
      */
-    constructor(readonly model: DecoderModel, private readonly dropoutClock: DropoutClock | null = null) {
+    constructor(
+        readonly model: DecoderModel,
+        private readonly dropoutClock: DropoutClock | null = null
+    ) {
         this.graph = model.hostGraph({fullGrads: model.params.fullGrads});
     }
 

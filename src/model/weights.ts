@@ -23,15 +23,21 @@ export function projModule(layer: number, proj: ProjName): string {
 
 /** [out, in] of each projection, from the config */
 export function projShape(cfg: ModelConfig, proj: ProjName): [number, number] {
-    const C = cfg.hiddenSize, D = cfg.headDim;
+    const C = cfg.hiddenSize,
+        D = cfg.headDim;
     switch (proj) {
-        case "q_proj": return [cfg.numAttentionHeads * D, C];
+        case "q_proj":
+            return [cfg.numAttentionHeads * D, C];
         case "k_proj":
-        case "v_proj": return [cfg.numKeyValueHeads * D, C];
-        case "o_proj": return [C, cfg.numAttentionHeads * D];
+        case "v_proj":
+            return [cfg.numKeyValueHeads * D, C];
+        case "o_proj":
+            return [C, cfg.numAttentionHeads * D];
         case "gate_proj":
-        case "up_proj": return [cfg.intermediateSize, C];
-        case "down_proj": return [C, cfg.intermediateSize];
+        case "up_proj":
+            return [cfg.intermediateSize, C];
+        case "down_proj":
+            return [C, cfg.intermediateSize];
     }
 }
 
@@ -68,14 +74,23 @@ export const CORRUPT_CHECKPOINT = "the checkpoint is corrupt: re-download it";
  * The model loader (readFloatTensor, readTensorF32) and the adapter reader (peft/adapter-files.ts readAdapter)
  * call it on what they read.
  */
-export function assertFinite(name: string, data: Float32Array | Uint16Array, file: string,
-    dtype: FloatDtype = "F32", remedy = CORRUPT_CHECKPOINT): void {
+export function assertFinite(
+    name: string,
+    data: Float32Array | Uint16Array,
+    file: string,
+    dtype: FloatDtype = "F32",
+    remedy = CORRUPT_CHECKPOINT
+): void {
     const {nan, inf} = countNonFinite(data, dtype);
     if (nan === 0 && inf === 0) return;
     const counts = [nan ? `${nan.toLocaleString("en-US")} NaN` : "", inf ? `${inf.toLocaleString("en-US")} infinite` : ""]
-        .filter(Boolean).join(" and ");
-    throw new QloraError(`tensor "${name}" holds ${counts} value${nan + inf === 1 ? "" : "s"} ` +
-        `(of ${data.length.toLocaleString("en-US")}): ${remedy}`, {file});
+        .filter(Boolean)
+        .join(" and ");
+    throw new QloraError(
+        `tensor "${name}" holds ${counts} value${nan + inf === 1 ? "" : "s"} ` +
+            `(of ${data.length.toLocaleString("en-US")}): ${remedy}`,
+        {file}
+    );
 }
 
 /** a float tensor as stored: f32 values, or the bits of bf16/f16 values */
@@ -88,9 +103,10 @@ export type RawFloatTensor = {dtype: "F32"; values: Float32Array} | {dtype: "BF1
  */
 export async function readFloatTensor<T>(ckpt: SafetensorsCheckpoint, name: string, use: (t: RawFloatTensor) => T): Promise<T> {
     const info = ckpt.info(name);
-    const t: RawFloatTensor = info.dtype === "BF16" || info.dtype === "F16"
-        ? {dtype: info.dtype, values: (await ckpt.readTyped(name)) as Uint16Array}
-        : {dtype: "F32", values: await ckpt.readF32(name)};
+    const t: RawFloatTensor =
+        info.dtype === "BF16" || info.dtype === "F16"
+            ? {dtype: info.dtype, values: (await ckpt.readTyped(name)) as Uint16Array}
+            : {dtype: "F32", values: await ckpt.readF32(name)};
     const result = use(t);
     assertFinite(name, t.values, ckpt.fileFor(name).path, t.dtype);
     return result;
@@ -98,7 +114,7 @@ export async function readFloatTensor<T>(ckpt: SafetensorsCheckpoint, name: stri
 
 /** reads one tensor as fp32, whatever its float dtype; NaN and Inf are refused */
 export function readTensorF32(ckpt: SafetensorsCheckpoint, name: string): Promise<Float32Array> {
-    return readFloatTensor(ckpt, name, (t) => t.dtype === "F32" ? t.values : halfToF32(t.values, t.dtype));
+    return readFloatTensor(ckpt, name, (t) => (t.dtype === "F32" ? t.values : halfToF32(t.values, t.dtype)));
 }
 
 const LAYER_TENSOR = /^model\.layers\.(\d+)\./;
@@ -118,17 +134,24 @@ export function checkConfigAgainstCheckpoint(cfg: ModelConfig, ckpt: Safetensors
         if (m) layers = Math.max(layers, Number(m[1]) + 1);
     }
     if (layers !== cfg.numHiddenLayers)
-        throw new QloraError(`"num_hidden_layers" is ${cfg.numHiddenLayers} but the checkpoint (${where}) ` +
-            (layers === 0 ? "has no model.layers.N tensors" : `holds ${layers} layer${layers === 1 ? "" : "s"} ` +
-                `(model.layers.0 to model.layers.${layers - 1})`) +
-            ": the weights do not belong to this config.json (fix the config or re-download the model)", {file: cfg.file});
+        throw new QloraError(
+            `"num_hidden_layers" is ${cfg.numHiddenLayers} but the checkpoint (${where}) ` +
+                (layers === 0
+                    ? "has no model.layers.N tensors"
+                    : `holds ${layers} layer${layers === 1 ? "" : "s"} ` + `(model.layers.0 to model.layers.${layers - 1})`) +
+                ": the weights do not belong to this config.json (fix the config or re-download the model)",
+            {file: cfg.file}
+        );
     const embedName = "model.embed_tokens.weight";
     if (ckpt.has(embedName)) {
         const shape = ckpt.info(embedName).shape;
         if (shape.length !== 2 || shape[0] !== cfg.vocabSize || shape[1] !== cfg.hiddenSize)
-            throw new QloraError(`"vocab_size" ${cfg.vocabSize} and "hidden_size" ${cfg.hiddenSize} imply ` +
-                `${embedName} [${cfg.vocabSize}, ${cfg.hiddenSize}], but the checkpoint holds [${shape.join(", ")}] ` +
-                `(${path.basename(ckpt.fileFor(embedName).path)}): the weights do not belong to this config.json`, {file: cfg.file});
+            throw new QloraError(
+                `"vocab_size" ${cfg.vocabSize} and "hidden_size" ${cfg.hiddenSize} imply ` +
+                    `${embedName} [${cfg.vocabSize}, ${cfg.hiddenSize}], but the checkpoint holds [${shape.join(", ")}] ` +
+                    `(${path.basename(ckpt.fileFor(embedName).path)}): the weights do not belong to this config.json`,
+                {file: cfg.file}
+            );
     }
 }
 
@@ -136,7 +159,11 @@ export function checkConfigAgainstCheckpoint(cfg: ModelConfig, ckpt: Safetensors
  * Opens the checkpoint in `dir` and checks that every tensor the config implies exists with the right shape.
  * `skip` names tensors the caller reads itself (quantized projections).
  */
-export async function openCheckpoint(dir: string, cfg: ModelConfig, skip: Set<string> = new Set()): Promise<SafetensorsCheckpoint> {
+export async function openCheckpoint(
+    dir: string,
+    cfg: ModelConfig,
+    skip: Set<string> = new Set()
+): Promise<SafetensorsCheckpoint> {
     const ckpt = await SafetensorsCheckpoint.open(dir);
     try {
         checkConfigAgainstCheckpoint(cfg, ckpt);
@@ -145,18 +172,30 @@ export async function openCheckpoint(dir: string, cfg: ModelConfig, skip: Set<st
             if (skip.has(name)) continue;
             if (!ckpt.has(name)) {
                 if (name === "lm_head.weight")
-                    throw new QloraError(`lm_head.weight is missing and config.json says tie_word_embeddings is false ` +
-                        `(set "tie_word_embeddings": true if the output layer shares the embedding)`, {file: dir});
-                throw new QloraError(`tensor "${name}" is missing from the checkpoint (config.json describes ` +
-                    `${cfg.numHiddenLayers} layers of a ${cfg.modelType} model); is the download complete?`, {file: dir});
+                    throw new QloraError(
+                        `lm_head.weight is missing and config.json says tie_word_embeddings is false ` +
+                            `(set "tie_word_embeddings": true if the output layer shares the embedding)`,
+                        {file: dir}
+                    );
+                throw new QloraError(
+                    `tensor "${name}" is missing from the checkpoint (config.json describes ` +
+                        `${cfg.numHiddenLayers} layers of a ${cfg.modelType} model); is the download complete?`,
+                    {file: dir}
+                );
             }
             const info = ckpt.info(name);
             if (info.shape.length !== shape.length || info.shape.some((d, i) => d !== shape[i]))
-                throw new QloraError(`tensor "${name}" has shape [${info.shape.join(", ")}] but config.json implies ` +
-                    `[${shape.join(", ")}]; the weights do not belong to this config.json`, {file: fileOf(name)});
+                throw new QloraError(
+                    `tensor "${name}" has shape [${info.shape.join(", ")}] but config.json implies ` +
+                        `[${shape.join(", ")}]; the weights do not belong to this config.json`,
+                    {file: fileOf(name)}
+                );
             if (!["F32", "F16", "BF16"].includes(info.dtype))
-                throw new QloraError(`tensor "${name}" has dtype ${info.dtype}; expected F32, F16 or BF16 ` +
-                    `(a quantized checkpoint needs --load-in-4bit support for its format)`, {file: fileOf(name)});
+                throw new QloraError(
+                    `tensor "${name}" has dtype ${info.dtype}; expected F32, F16 or BF16 ` +
+                        `(a quantized checkpoint needs --load-in-4bit support for its format)`,
+                    {file: fileOf(name)}
+                );
         }
     } catch (err) {
         await ckpt.close();

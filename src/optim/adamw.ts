@@ -97,8 +97,15 @@ interface Slot {
 /** bnb pages the state of tensors with at least this many elements (SPEC-quant §10) */
 export const PAGED_MIN_NUMEL = 100_000;
 
-const DEFAULTS = {betas: [0.9, 0.999] as [number, number], eps: 1e-8, weightDecay: 0.01, optimBits: 32 as const,
-    paged: false, min8bitSize: 4096, blocksize: 256};
+const DEFAULTS = {
+    betas: [0.9, 0.999] as [number, number],
+    eps: 1e-8,
+    weightDecay: 0.01,
+    optimBits: 32 as const,
+    paged: false,
+    min8bitSize: 4096,
+    blocksize: 256
+};
 
 let dynamicMaps: {signed: Float32Array; unsigned: Float32Array} | undefined;
 
@@ -106,7 +113,8 @@ let dynamicMaps: {signed: Float32Array; unsigned: Float32Array} | undefined;
 export function optimizerDynamicMaps(): {signed: Float32Array; unsigned: Float32Array} {
     if (!dynamicMaps) {
         const ops = loadOptimOps();
-        const signed = new Float32Array(256), unsigned = new Float32Array(256);
+        const signed = new Float32Array(256),
+            unsigned = new Float32Array(256);
         ops.optimDynamicMap(signed, true);
         ops.optimDynamicMap(unsigned, false);
         dynamicMaps = {signed, unsigned};
@@ -136,21 +144,39 @@ function resolveOptions(options: AdamWOptions): ResolvedAdamWOptions {
     const check = (ok: boolean, key: string, what: string) => {
         if (!ok) throw new QloraError(`expected ${what}`, {file: key});
     };
-    check(resolved.betas.length === 2 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
-        "betas", `two numbers in [0, 1), got [${resolved.betas.join(", ")}]`);
+    check(
+        resolved.betas.length === 2 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
+        "betas",
+        `two numbers in [0, 1), got [${resolved.betas.join(", ")}]`
+    );
     check(Number.isFinite(resolved.eps) && resolved.eps >= 0, "eps", `a number >= 0, got ${resolved.eps}`);
-    check(Number.isFinite(resolved.weightDecay) && resolved.weightDecay >= 0, "weight_decay",
-        `a number >= 0, got ${resolved.weightDecay}`);
+    check(
+        Number.isFinite(resolved.weightDecay) && resolved.weightDecay >= 0,
+        "weight_decay",
+        `a number >= 0, got ${resolved.weightDecay}`
+    );
     check(optimBits === 32 || optimBits === 8, "optim_bits", `32 or 8, got ${String(optimBits)}`);
-    check(Number.isSafeInteger(resolved.min8bitSize) && resolved.min8bitSize >= 0, "min_8bit_size",
-        `an integer >= 0, got ${resolved.min8bitSize}`);
-    check(Number.isSafeInteger(resolved.blocksize) && resolved.blocksize >= 1, "blocksize",
-        `an integer >= 1, got ${resolved.blocksize}`);
-    check(resolved.variant === "torch" || resolved.variant === "bnb", "variant",
-        `"torch" or "bnb", got ${String(resolved.variant)}`);
+    check(
+        Number.isSafeInteger(resolved.min8bitSize) && resolved.min8bitSize >= 0,
+        "min_8bit_size",
+        `an integer >= 0, got ${resolved.min8bitSize}`
+    );
+    check(
+        Number.isSafeInteger(resolved.blocksize) && resolved.blocksize >= 1,
+        "blocksize",
+        `an integer >= 1, got ${resolved.blocksize}`
+    );
+    check(
+        resolved.variant === "torch" || resolved.variant === "bnb",
+        "variant",
+        `"torch" or "bnb", got ${String(resolved.variant)}`
+    );
     if (resolved.variant === "torch" && optimBits === 8)
-        throw new QloraError("8-bit states exist only in the bitsandbytes variant; use variant \"bnb\" " +
-            "(or an optimizer name such as adamw_8bit)", {file: "variant"});
+        throw new QloraError(
+            '8-bit states exist only in the bitsandbytes variant; use variant "bnb" ' +
+                "(or an optimizer name such as adamw_8bit)",
+            {file: "variant"}
+        );
     return resolved;
 }
 
@@ -162,27 +188,32 @@ function stateKindFor(numel: number, fp32State: boolean, options: ResolvedAdamWO
 
 function newState(kind: StateKind, numel: number, blocksize: number): ParamState {
     switch (kind) {
-    case "torch32":
-        return {kind, expAvg: new Float32Array(numel), expAvgSq: new Float32Array(numel)};
-    case "bnb32":
-        return {kind, state1: new Float32Array(numel), state2: new Float32Array(numel)};
-    case "bnb8": {
-        const nblocks = Math.ceil(numel / blocksize);
-        return {kind, state1: new Uint8Array(numel), state2: new Uint8Array(numel),
-            absmax1: new Float32Array(nblocks), absmax2: new Float32Array(nblocks)};
-    }
+        case "torch32":
+            return {kind, expAvg: new Float32Array(numel), expAvgSq: new Float32Array(numel)};
+        case "bnb32":
+            return {kind, state1: new Float32Array(numel), state2: new Float32Array(numel)};
+        case "bnb8": {
+            const nblocks = Math.ceil(numel / blocksize);
+            return {
+                kind,
+                state1: new Uint8Array(numel),
+                state2: new Uint8Array(numel),
+                absmax1: new Float32Array(nblocks),
+                absmax2: new Float32Array(nblocks)
+            };
+        }
     }
 }
 
 /** the state tensors of one parameter, by their suffix in the state dict */
 function stateTensors(state: ParamState): Record<string, OptimizerStateTensor> {
     switch (state.kind) {
-    case "torch32":
-        return {exp_avg: state.expAvg, exp_avg_sq: state.expAvgSq};
-    case "bnb32":
-        return {state1: state.state1, state2: state.state2};
-    case "bnb8":
-        return {state1: state.state1, state2: state.state2, absmax1: state.absmax1, absmax2: state.absmax2};
+        case "torch32":
+            return {exp_avg: state.expAvg, exp_avg_sq: state.expAvgSq};
+        case "bnb32":
+            return {state1: state.state1, state2: state.state2};
+        case "bnb8":
+            return {state1: state.state1, state2: state.state2, absmax1: state.absmax1, absmax2: state.absmax2};
     }
 }
 
@@ -203,15 +234,22 @@ export class AdamW {
         this.slots = params.map((p) => {
             if (seen.has(p.name)) throw new QloraError(`parameter "${p.name}" is listed twice`, {file: "optimizer"});
             seen.add(p.name);
-            if (!(p.param instanceof Float32Array) || !(p.grad instanceof Float32Array) ||
-                p.param.length !== p.grad.length)
-                throw new QloraError(`parameter "${p.name}": param and grad must be Float32Arrays of the same ` +
-                    `length (got ${p.param.length} and ${p.grad.length})`, {file: "optimizer"});
+            if (!(p.param instanceof Float32Array) || !(p.grad instanceof Float32Array) || p.param.length !== p.grad.length)
+                throw new QloraError(
+                    `parameter "${p.name}": param and grad must be Float32Arrays of the same ` +
+                        `length (got ${p.param.length} and ${p.grad.length})`,
+                    {file: "optimizer"}
+                );
             const numel = p.param.length;
             const kind = stateKindFor(numel, p.fp32State ?? false, this.options);
             return {
-                info: {name: p.name, numel, state: kind, weightDecay: p.weightDecay,
-                    paged: this.options.paged && numel >= PAGED_MIN_NUMEL},
+                info: {
+                    name: p.name,
+                    numel,
+                    state: kind,
+                    weightDecay: p.weightDecay,
+                    paged: this.options.paged && numel >= PAGED_MIN_NUMEL
+                },
                 param: p.param,
                 grad: p.grad,
                 state: newState(kind, numel, this.options.blocksize)
@@ -232,8 +270,7 @@ export class AdamW {
     /** bytes of optimizer state (8-bit: 2 bytes an element + 8 bytes a block; 32-bit: 8 bytes an element) */
     stateBytes(): number {
         let bytes = 0;
-        for (const s of this.slots)
-            for (const t of Object.values(stateTensors(s.state))) bytes += t.byteLength;
+        for (const s of this.slots) for (const t of Object.values(stateTensors(s.state))) bytes += t.byteLength;
         return bytes;
     }
 
@@ -242,7 +279,11 @@ export class AdamW {
         if (!Number.isFinite(lr) || lr < 0)
             throw new QloraError(`expected a learning rate >= 0, got ${lr}`, {file: "learning_rate"});
         const t = this.steps + 1;
-        const {betas: [beta1, beta2], eps, blocksize} = this.options;
+        const {
+            betas: [beta1, beta2],
+            eps,
+            blocksize
+        } = this.options;
         const maps = this.slots.some((s) => s.state.kind === "bnb8") ? optimizerDynamicMaps() : undefined;
         for (const slot of this.slots) {
             const {param, grad, state, info} = slot;
@@ -250,16 +291,32 @@ export class AdamW {
             const n = info.numel;
             if (n === 0) continue;
             switch (state.kind) {
-            case "torch32":
-                this.ops.adamwTorchStep(param, state.expAvg, state.expAvgSq, grad, lr, beta1, beta2, eps, wd, t, n);
-                break;
-            case "bnb32":
-                this.ops.adamwBnb32Step(param, state.state1, state.state2, grad, lr, beta1, beta2, eps, wd, t, n);
-                break;
-            case "bnb8":
-                this.ops.adamwBnb8Step(param, state.state1, state.state2, state.absmax1, state.absmax2, grad,
-                    maps!.signed, maps!.unsigned, lr, beta1, beta2, eps, wd, t, blocksize, n);
-                break;
+                case "torch32":
+                    this.ops.adamwTorchStep(param, state.expAvg, state.expAvgSq, grad, lr, beta1, beta2, eps, wd, t, n);
+                    break;
+                case "bnb32":
+                    this.ops.adamwBnb32Step(param, state.state1, state.state2, grad, lr, beta1, beta2, eps, wd, t, n);
+                    break;
+                case "bnb8":
+                    this.ops.adamwBnb8Step(
+                        param,
+                        state.state1,
+                        state.state2,
+                        state.absmax1,
+                        state.absmax2,
+                        grad,
+                        maps!.signed,
+                        maps!.unsigned,
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        wd,
+                        t,
+                        blocksize,
+                        n
+                    );
+                    break;
             }
         }
         this.steps = t;
@@ -283,8 +340,13 @@ export class AdamW {
         }
         return {
             tensors,
-            metadata: {format: "qlora.adamw", version: 1, step: this.steps,
-                options: {...this.options, betas: [...this.options.betas]}, params: this.paramInfo()}
+            metadata: {
+                format: "qlora.adamw",
+                version: 1,
+                step: this.steps,
+                options: {...this.options, betas: [...this.options.betas]},
+                params: this.paramInfo()
+            }
         };
     }
 
@@ -297,44 +359,61 @@ export class AdamW {
         const meta = saved.metadata;
         const where = {file: "optimizer state"};
         if (meta?.format !== "qlora.adamw" || meta.version !== 1)
-            throw new QloraError(`not a qlora AdamW state (format ${String(meta?.format)}, version ` +
-                `${String(meta?.version)})`, where);
-        if (!Number.isSafeInteger(meta.step) || meta.step < 0)
-            throw new QloraError(`bad step count ${String(meta.step)}`, where);
+            throw new QloraError(
+                `not a qlora AdamW state (format ${String(meta?.format)}, version ` + `${String(meta?.version)})`,
+                where
+            );
+        if (!Number.isSafeInteger(meta.step) || meta.step < 0) throw new QloraError(`bad step count ${String(meta.step)}`, where);
         if (meta.params.length !== this.slots.length)
-            throw new QloraError(`the saved state has ${meta.params.length} parameters, the optimizer ` +
-                `${this.slots.length}; resume with the same trainable parameters`, where);
+            throw new QloraError(
+                `the saved state has ${meta.params.length} parameters, the optimizer ` +
+                    `${this.slots.length}; resume with the same trainable parameters`,
+                where
+            );
         const hasBnb8 = this.slots.some((s) => s.state.kind === "bnb8");
         if (hasBnb8 && meta.options.blocksize !== this.options.blocksize)
-            throw new QloraError(`the saved 8-bit state has blocksize ${meta.options.blocksize}, the optimizer ` +
-                `${this.options.blocksize}`, where);
+            throw new QloraError(
+                `the saved 8-bit state has blocksize ${meta.options.blocksize}, the optimizer ` + `${this.options.blocksize}`,
+                where
+            );
         const restored: ParamState[] = [];
         for (let i = 0; i < this.slots.length; i++) {
-            const slot = this.slots[i], info = meta.params[i];
+            const slot = this.slots[i],
+                info = meta.params[i];
             if (info.name !== slot.info.name || info.numel !== slot.info.numel || info.state !== slot.info.state)
-                throw new QloraError(`saved parameter ${i} is "${info.name}" (${info.numel} elements, ` +
-                    `${info.state} state), the optimizer has "${slot.info.name}" (${slot.info.numel} elements, ` +
-                    `${slot.info.state} state); resume with the same model, adapter and optimizer`, where);
+                throw new QloraError(
+                    `saved parameter ${i} is "${info.name}" (${info.numel} elements, ` +
+                        `${info.state} state), the optimizer has "${slot.info.name}" (${slot.info.numel} elements, ` +
+                        `${slot.info.state} state); resume with the same model, adapter and optimizer`,
+                    where
+                );
             const state = newState(slot.state.kind, slot.info.numel, this.options.blocksize);
             for (const [suffix, target] of Object.entries(stateTensors(state))) {
                 const key = `state.${info.name}.${suffix}`;
                 const source = saved.tensors[key];
-                if (!source)
-                    throw new QloraError(`missing tensor "${key}"`, where);
+                if (!source) throw new QloraError(`missing tensor "${key}"`, where);
                 if (source.constructor !== target.constructor || source.length !== target.length)
-                    throw new QloraError(`tensor "${key}" is a ${source.constructor.name}[${source.length}], ` +
-                        `expected a ${target.constructor.name}[${target.length}]`, where);
+                    throw new QloraError(
+                        `tensor "${key}" is a ${source.constructor.name}[${source.length}], ` +
+                            `expected a ${target.constructor.name}[${target.length}]`,
+                        where
+                    );
                 target.set(source);
             }
             restored.push(state);
         }
         if (hasBnb8) {
             const maps = optimizerDynamicMaps();
-            for (const [key, map] of [["qmap1", maps.signed], ["qmap2", maps.unsigned]] as const) {
+            for (const [key, map] of [
+                ["qmap1", maps.signed],
+                ["qmap2", maps.unsigned]
+            ] as const) {
                 const source = saved.tensors[key];
                 if (source && (source.length !== 256 || source.some((x, j) => x !== map[j])))
-                    throw new QloraError(`tensor "${key}" differs from bitsandbytes' dynamic map that this ` +
-                        "optimizer quantizes with", where);
+                    throw new QloraError(
+                        `tensor "${key}" differs from bitsandbytes' dynamic map that this ` + "optimizer quantizes with",
+                        where
+                    );
             }
         }
         for (let i = 0; i < this.slots.length; i++) this.slots[i].state = restored[i];
@@ -348,9 +427,16 @@ export class AdamW {
 // ------------------------------------------------------------------
 // transformers `optim=` names
 
-export const OPTIMIZER_NAMES = ["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit",
-    "paged_adamw_8bit", "paged_adamw_32bit", "paged_adamw"] as const;
-export type OptimizerName = typeof OPTIMIZER_NAMES[number];
+export const OPTIMIZER_NAMES = [
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw"
+] as const;
+export type OptimizerName = (typeof OPTIMIZER_NAMES)[number];
 
 /** the TrainingArguments fields the optimizer reads (transformers' defaults when absent) */
 export interface OptimizerArgs {
@@ -368,8 +454,7 @@ export function isOptimizerName(name: string): name is OptimizerName {
 /** the AdamW options a transformers `optim=` name stands for (SPEC-quant §11) */
 export function optimizerOptionsFor(optimName: string, args: OptimizerArgs = {}): ResolvedAdamWOptions {
     if (!isOptimizerName(optimName))
-        throw new QloraError(`unknown optimizer "${optimName}"; expected one of ${OPTIMIZER_NAMES.join(", ")}`,
-            {file: "optim"});
+        throw new QloraError(`unknown optimizer "${optimName}"; expected one of ${OPTIMIZER_NAMES.join(", ")}`, {file: "optim"});
     const common = {
         betas: [args.adam_beta1 ?? 0.9, args.adam_beta2 ?? 0.999] as [number, number],
         eps: args.adam_epsilon ?? 1e-8,
@@ -379,12 +464,20 @@ export function optimizerOptionsFor(optimName: string, args: OptimizerArgs = {})
     if (optimName === "adamw_torch" || optimName === "adamw_torch_fused")
         return resolveOptions({...common, optimBits: 32, paged: false, variant: "torch"});
     // bitsandbytes family: is_paged = "paged" in name, optim_bits = 8 if "8bit" in name else 32
-    return resolveOptions({...common, optimBits: optimName.includes("8bit") ? 8 : 32,
-        paged: optimName.includes("paged"), variant: "bnb"});
+    return resolveOptions({
+        ...common,
+        optimBits: optimName.includes("8bit") ? 8 : 32,
+        paged: optimName.includes("paged"),
+        variant: "bnb"
+    });
 }
 
 /** the optimizer transformers' Trainer builds for `optim=optimName` */
-export function createOptimizer(optimName: string, params: readonly NamedParam[], args: OptimizerArgs = {},
-    overrides: Pick<AdamWOptions, "min8bitSize" | "blocksize"> = {}): AdamW {
+export function createOptimizer(
+    optimName: string,
+    params: readonly NamedParam[],
+    args: OptimizerArgs = {},
+    overrides: Pick<AdamWOptions, "min8bitSize" | "blocksize"> = {}
+): AdamW {
     return new AdamW(params, {...optimizerOptionsFor(optimName, args), ...overrides});
 }

@@ -17,8 +17,7 @@ export function gradNorm(grads: readonly Float32Array[]): number {
  * A non-finite norm leaves the gradients as they are (coef < 1 is false for NaN).
  */
 export function clipGradNorm(grads: readonly Float32Array[], maxNorm: number): number {
-    if (!Number.isFinite(maxNorm))
-        throw new QloraError(`expected a finite number, got ${maxNorm}`, {file: "max_grad_norm"});
+    if (!Number.isFinite(maxNorm)) throw new QloraError(`expected a finite number, got ${maxNorm}`, {file: "max_grad_norm"});
     const norm = gradNorm(grads);
     if (maxNorm <= 0) return norm;
     const coef = Math.fround(maxNorm / Math.fround(Math.fround(norm) + 1e-6));

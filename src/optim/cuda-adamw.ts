@@ -9,15 +9,36 @@ import type {OptimizerStateDict} from "./adamw.js";
 
 /** AdamW over device tensors (the transformers optim names; 8-bit states for >= 4096 elements) */
 export class CudaAdamW {
-    private readonly slots: {name: string; param: DeviceBuffer; grad: DeviceBuffer; kind: "torch32" | "bnb32" | "bnb8";
-        s1: number; s2: number; a1: number; a2: number; decay: boolean; n: number}[] = [];
+    private readonly slots: {
+        name: string;
+        param: DeviceBuffer;
+        grad: DeviceBuffer;
+        kind: "torch32" | "bnb32" | "bnb8";
+        s1: number;
+        s2: number;
+        a1: number;
+        a2: number;
+        decay: boolean;
+        n: number;
+    }[] = [];
     private readonly qmaps: {signed: DeviceBuffer; unsigned: DeviceBuffer} | null = null;
     private steps = 0;
     private readonly sumsq: DeviceBuffer;
 
-    constructor(tensors: {name: string; param: DeviceBuffer; grad: DeviceBuffer; decay: boolean}[],
-        readonly opts: {optimBits: 32 | 8; paged: boolean; variant: "torch" | "bnb"; betas: [number, number]; eps: number;
-            weightDecay: number; min8bitSize: number; blocksize: number}, maps: {signed: Float32Array; unsigned: Float32Array}) {
+    constructor(
+        tensors: {name: string; param: DeviceBuffer; grad: DeviceBuffer; decay: boolean}[],
+        readonly opts: {
+            optimBits: 32 | 8;
+            paged: boolean;
+            variant: "torch" | "bnb";
+            betas: [number, number];
+            eps: number;
+            weightDecay: number;
+            min8bitSize: number;
+            blocksize: number;
+        },
+        maps: {signed: Float32Array; unsigned: Float32Array}
+    ) {
         const k = cudaKernelOps();
         const alloc = (bytes: number) => {
             const ptr = opts.paged ? k.allocPagedState(bytes) : cuda().alloc(bytes);
@@ -29,8 +50,18 @@ export class CudaAdamW {
             const kind = opts.variant === "torch" ? "torch32" : opts.optimBits === 8 && n >= opts.min8bitSize ? "bnb8" : "bnb32";
             const bytes = kind === "bnb8" ? n : n * 4;
             const blocks = Math.ceil(n / opts.blocksize);
-            this.slots.push({name: t.name, param: t.param, grad: t.grad, kind, s1: alloc(bytes), s2: alloc(bytes),
-                a1: kind === "bnb8" ? alloc(blocks * 4) : 0, a2: kind === "bnb8" ? alloc(blocks * 4) : 0, decay: t.decay, n});
+            this.slots.push({
+                name: t.name,
+                param: t.param,
+                grad: t.grad,
+                kind,
+                s1: alloc(bytes),
+                s2: alloc(bytes),
+                a1: kind === "bnb8" ? alloc(blocks * 4) : 0,
+                a2: kind === "bnb8" ? alloc(blocks * 4) : 0,
+                decay: t.decay,
+                n
+            });
         }
         if (this.slots.some((s) => s.kind === "bnb8"))
             this.qmaps = {signed: DeviceBuffer.from("f32", maps.signed), unsigned: DeviceBuffer.from("f32", maps.unsigned)};
@@ -40,7 +71,8 @@ export class CudaAdamW {
     /** clips to maxNorm (0: no clipping) and returns the norm before clipping */
     clipGradNorm(maxNorm: number): number {
         const k = cudaKernelOps();
-        const bufs = this.slots.map((s) => s.grad.ptr), lens = this.slots.map((s) => s.n);
+        const bufs = this.slots.map((s) => s.grad.ptr),
+            lens = this.slots.map((s) => s.n);
         k.optimSumSquares(this.sumsq.ptr, bufs, lens);
         const host = new Float64Array(1);
         cuda().download(host, this.sumsq.ptr);
@@ -50,14 +82,34 @@ export class CudaAdamW {
     }
 
     step(lr: number): void {
-        const k = cudaKernelOps(), o = this.opts;
+        const k = cudaKernelOps(),
+            o = this.opts;
         this.steps++;
         for (const s of this.slots) {
             const wd = s.decay ? o.weightDecay : 0;
-            if (s.kind === "torch32") k.adamwTorchStep(s.param.ptr, s.s1, s.s2, s.grad.ptr, lr, o.betas[0], o.betas[1], o.eps, wd, this.steps, s.n);
-            else if (s.kind === "bnb32") k.adamwBnb32Step(s.param.ptr, s.s1, s.s2, s.grad.ptr, lr, o.betas[0], o.betas[1], o.eps, wd, this.steps, s.n);
-            else k.adamwBnb8Step(s.param.ptr, s.s1, s.s2, s.a1, s.a2, s.grad.ptr, this.qmaps!.signed.ptr, this.qmaps!.unsigned.ptr,
-                lr, o.betas[0], o.betas[1], o.eps, wd, this.steps, o.blocksize, s.n);
+            if (s.kind === "torch32")
+                k.adamwTorchStep(s.param.ptr, s.s1, s.s2, s.grad.ptr, lr, o.betas[0], o.betas[1], o.eps, wd, this.steps, s.n);
+            else if (s.kind === "bnb32")
+                k.adamwBnb32Step(s.param.ptr, s.s1, s.s2, s.grad.ptr, lr, o.betas[0], o.betas[1], o.eps, wd, this.steps, s.n);
+            else
+                k.adamwBnb8Step(
+                    s.param.ptr,
+                    s.s1,
+                    s.s2,
+                    s.a1,
+                    s.a2,
+                    s.grad.ptr,
+                    this.qmaps!.signed.ptr,
+                    this.qmaps!.unsigned.ptr,
+                    lr,
+                    o.betas[0],
+                    o.betas[1],
+                    o.eps,
+                    wd,
+                    this.steps,
+                    o.blocksize,
+                    s.n
+                );
         }
     }
 
@@ -88,17 +140,35 @@ export class CudaAdamW {
             tensors.qmap1 = this.qmaps.signed.toHost() as Float32Array;
             tensors.qmap2 = this.qmaps.unsigned.toHost() as Float32Array;
         }
-        return {tensors, metadata: {format: "qlora.adamw", version: 1, step: this.steps,
-            options: {...this.opts, betas: [...this.opts.betas]},
-            params: this.slots.map((s) => ({name: s.name, numel: s.n, state: s.kind, weightDecay: s.decay,
-                paged: this.opts.paged && s.n >= 100_000}))}};
+        return {
+            tensors,
+            metadata: {
+                format: "qlora.adamw",
+                version: 1,
+                step: this.steps,
+                options: {...this.opts, betas: [...this.opts.betas]},
+                params: this.slots.map((s) => ({
+                    name: s.name,
+                    numel: s.n,
+                    state: s.kind,
+                    weightDecay: s.decay,
+                    paged: this.opts.paged && s.n >= 100_000
+                }))
+            }
+        };
     }
 
     loadStateDict(saved: OptimizerStateDict): void {
         const meta = saved.metadata;
-        if (meta.params.length !== this.slots.length || meta.params.some((p, i) => p.name !== this.slots[i].name ||
-            p.numel !== this.slots[i].n || p.state !== this.slots[i].kind))
-            throw new QloraError("the saved optimizer state does not match these trainable parameters; resume with the same config");
+        if (
+            meta.params.length !== this.slots.length ||
+            meta.params.some(
+                (p, i) => p.name !== this.slots[i].name || p.numel !== this.slots[i].n || p.state !== this.slots[i].kind
+            )
+        )
+            throw new QloraError(
+                "the saved optimizer state does not match these trainable parameters; resume with the same config"
+            );
         const put = (ptr: number, key: string) => {
             const t = saved.tensors[key];
             if (!t) throw new QloraError(`the saved optimizer state has no ${key}`);
@@ -121,7 +191,9 @@ export class CudaAdamW {
     }
 
     get stateBytes(): number {
-        return this.slots.reduce((a, s) => a + (s.kind === "bnb8" ? 2 * s.n + 8 * Math.ceil(s.n / this.opts.blocksize) : 8 * s.n), 0);
+        return this.slots.reduce(
+            (a, s) => a + (s.kind === "bnb8" ? 2 * s.n + 8 * Math.ceil(s.n / this.opts.blocksize) : 8 * s.n),
+            0
+        );
     }
 }
-

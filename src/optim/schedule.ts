@@ -4,9 +4,19 @@
 // in double precision like Python's floats.
 import {QloraError} from "../errors.js";
 
-export const SCHEDULER_TYPES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-    "cosine_with_min_lr", "cosine_warmup_with_min_lr", "polynomial", "inverse_sqrt", "warmup_stable_decay"] as const;
-export type SchedulerType = typeof SCHEDULER_TYPES[number];
+export const SCHEDULER_TYPES = [
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "polynomial",
+    "inverse_sqrt",
+    "warmup_stable_decay"
+] as const;
+export type SchedulerType = (typeof SCHEDULER_TYPES)[number];
 
 export type WarmupShape = "linear" | "cosine" | "1-sqrt";
 
@@ -43,8 +53,7 @@ export const SCHEDULER_KWARGS: Readonly<Record<SchedulerType, readonly (keyof Sc
     cosine_warmup_with_min_lr: ["num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"],
     polynomial: ["lr_end", "power"],
     inverse_sqrt: ["timescale"],
-    warmup_stable_decay: ["num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
-        "num_cycles"]
+    warmup_stable_decay: ["num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio", "num_cycles"]
 };
 
 export function isSchedulerType(type: string): type is SchedulerType {
@@ -57,11 +66,13 @@ function fail(message: string): never {
 
 function checkType(type: string): SchedulerType {
     if (type === "reduce_lr_on_plateau")
-        throw new QloraError("reduce_lr_on_plateau is not supported; choose one of " + SCHEDULER_TYPES.join(", "),
-            {file: "lr_scheduler_type"});
+        throw new QloraError("reduce_lr_on_plateau is not supported; choose one of " + SCHEDULER_TYPES.join(", "), {
+            file: "lr_scheduler_type"
+        });
     if (!isSchedulerType(type))
-        throw new QloraError(`unknown schedule "${type}"; expected one of ${SCHEDULER_TYPES.join(", ")}`,
-            {file: "lr_scheduler_type"});
+        throw new QloraError(`unknown schedule "${type}"; expected one of ${SCHEDULER_TYPES.join(", ")}`, {
+            file: "lr_scheduler_type"
+        });
     return type;
 }
 
@@ -70,15 +81,16 @@ function checkKwargs(type: SchedulerType, kwargs: SchedulerKwargs): void {
     for (const key of Object.keys(kwargs)) {
         if ((kwargs as Record<string, unknown>)[key] === undefined) continue;
         if (!(allowed as readonly string[]).includes(key))
-            fail(`"${key}" is not an argument of the ${type} schedule` +
-                (allowed.length ? ` (it takes ${allowed.join(", ")})` : " (it takes none)"));
+            fail(
+                `"${key}" is not an argument of the ${type} schedule` +
+                    (allowed.length ? ` (it takes ${allowed.join(", ")})` : " (it takes none)")
+            );
     }
 }
 
 /** min_lr_rate from min_lr or min_lr_rate (transformers: exactly one of them) */
 function minLrRate(kwargs: SchedulerKwargs, baseLr: number | undefined): number {
-    if (kwargs.min_lr !== undefined && kwargs.min_lr_rate !== undefined)
-        fail("set only one of min_lr and min_lr_rate");
+    if (kwargs.min_lr !== undefined && kwargs.min_lr_rate !== undefined) fail("set only one of min_lr and min_lr_rate");
     if (kwargs.min_lr !== undefined) {
         if (baseLr === undefined || !(baseLr > 0)) fail("min_lr needs the peak learning rate (baseLr > 0)");
         return kwargs.min_lr / baseLr;
@@ -91,14 +103,14 @@ const warmupLinear = (t: number, W: number) => t / Math.max(1, W);
 
 function shape(kind: WarmupShape, p: number, decay: boolean, numCycles: number): number {
     switch (kind) {
-    case "linear":
-        return decay ? 1 - p : p;
-    case "cosine":
-        return decay ? 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * p)) : 0.5 * (1 - Math.cos(Math.PI * p));
-    case "1-sqrt":
-        return decay ? 1 - Math.sqrt(p) : 1 - Math.sqrt(1 - p);
-    default:
-        return fail(`${decay ? "decay_type" : "warmup_type"} must be linear, cosine or 1-sqrt, got "${String(kind)}"`);
+        case "linear":
+            return decay ? 1 - p : p;
+        case "cosine":
+            return decay ? 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * p)) : 0.5 * (1 - Math.cos(Math.PI * p));
+        case "1-sqrt":
+            return decay ? 1 - Math.sqrt(p) : 1 - Math.sqrt(1 - p);
+        default:
+            return fail(`${decay ? "decay_type" : "warmup_type"} must be linear, cosine or 1-sqrt, got "${String(kind)}"`);
     }
 }
 
@@ -106,88 +118,94 @@ function shape(kind: WarmupShape, p: number, decay: boolean, numCycles: number):
  * λ(t) of schedule `type`: t = optimizer steps taken, W = warmup steps, T = total steps. `baseLr` (the peak lr)
  * is needed by polynomial and by min_lr.
  */
-export function lrLambda(type: SchedulerType | string, t: number, W: number, T: number,
-    kwargs: SchedulerKwargs = {}, baseLr?: number): number {
+export function lrLambda(
+    type: SchedulerType | string,
+    t: number,
+    W: number,
+    T: number,
+    kwargs: SchedulerKwargs = {},
+    baseLr?: number
+): number {
     const kind = checkType(type);
     checkKwargs(kind, kwargs);
     switch (kind) {
-    case "constant":
-        return 1;
-    case "constant_with_warmup":
-        return t < W ? t / Math.max(1, W) : 1;
-    case "linear":
-        if (t < W) return warmupLinear(t, W);
-        return Math.max(0, (T - t) / Math.max(1, T - W));
-    case "cosine": {
-        if (t < W) return warmupLinear(t, W);
-        const numCycles = kwargs.num_cycles ?? 0.5;
-        const progress = (t - W) / Math.max(1, T - W);
-        return Math.max(0, 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * progress)));
-    }
-    case "cosine_with_restarts": {
-        if (t < W) return warmupLinear(t, W);
-        const numCycles = kwargs.num_cycles ?? 1;
-        const progress = (t - W) / Math.max(1, T - W);
-        if (progress >= 1) return 0;
-        return Math.max(0, 0.5 * (1 + Math.cos(Math.PI * pyMod(numCycles * progress, 1))));
-    }
-    case "cosine_with_min_lr": {
-        const rate = minLrRate(kwargs, baseLr);
-        if (t < W) return warmupLinear(t, W);
-        const numCycles = kwargs.num_cycles ?? 0.5;
-        const progress = (t - W) / Math.max(1, T - W);
-        const factor = 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * progress));
-        return Math.max(0, factor * (1 - rate) + rate);
-    }
-    case "cosine_warmup_with_min_lr": {
-        const rate = minLrRate(kwargs, baseLr);
-        if (t < W) {
-            if (kwargs.warmup_lr_rate === undefined) return (t + 1) / Math.max(1, W);
-            const w = kwargs.warmup_lr_rate;
-            return w + (1 - w) * t / Math.max(1, W - 1);
+        case "constant":
+            return 1;
+        case "constant_with_warmup":
+            return t < W ? t / Math.max(1, W) : 1;
+        case "linear":
+            if (t < W) return warmupLinear(t, W);
+            return Math.max(0, (T - t) / Math.max(1, T - W));
+        case "cosine": {
+            if (t < W) return warmupLinear(t, W);
+            const numCycles = kwargs.num_cycles ?? 0.5;
+            const progress = (t - W) / Math.max(1, T - W);
+            return Math.max(0, 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * progress)));
         }
-        const numCycles = kwargs.num_cycles ?? 0.5;
-        const progress = (t - W + 1) / Math.max(1, T - W);
-        const factor = 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * progress));
-        return Math.max(0, factor * (1 - rate) + rate);
-    }
-    case "polynomial": {
-        const lrEnd = kwargs.lr_end ?? 1e-7;
-        const power = kwargs.power ?? 1.0;
-        if (baseLr === undefined) fail("the polynomial schedule needs the peak learning rate (baseLr)");
-        if (!(baseLr > lrEnd)) fail(`lr_end (${lrEnd}) must be smaller than the learning rate (${baseLr})`);
-        if (t < W) return warmupLinear(t, W);
-        // transformers divides by T - W here (T = W is a ZeroDivisionError there); treat it as finished
-        if (t > T || T - W <= 0) return lrEnd / baseLr;
-        const pctRemaining = 1 - (t - W) / (T - W);
-        return ((baseLr - lrEnd) * pctRemaining ** power + lrEnd) / baseLr;
-    }
-    case "inverse_sqrt": {
-        if (t < W) return warmupLinear(t, W);
-        const timescale = kwargs.timescale ?? (W || 10_000);
-        const shift = timescale - W;
-        return 1 / Math.sqrt((t + shift) / timescale);
-    }
-    case "warmup_stable_decay": {
-        const decaySteps = kwargs.num_decay_steps;
-        if (decaySteps === undefined) fail("the warmup_stable_decay schedule needs num_decay_steps");
-        const stableSteps = kwargs.num_stable_steps ?? T - W - decaySteps;
-        const minRatio = kwargs.min_lr_ratio ?? 0;
-        const numCycles = kwargs.num_cycles ?? 0.5;
-        const warmupType = kwargs.warmup_type ?? "linear";
-        const decayType = kwargs.decay_type ?? "cosine";
-        if (t < W) {
-            const factor = shape(warmupType, t / Math.max(1, W), false, numCycles);
-            return Math.max(0, factor * (1 - minRatio) + minRatio);
+        case "cosine_with_restarts": {
+            if (t < W) return warmupLinear(t, W);
+            const numCycles = kwargs.num_cycles ?? 1;
+            const progress = (t - W) / Math.max(1, T - W);
+            if (progress >= 1) return 0;
+            return Math.max(0, 0.5 * (1 + Math.cos(Math.PI * pyMod(numCycles * progress, 1))));
         }
-        if (t < W + stableSteps) return 1;
-        if (t < W + stableSteps + decaySteps) {
-            const progress = (t - W - stableSteps) / Math.max(1, decaySteps);
-            const factor = shape(decayType, progress, true, numCycles);
-            return Math.max(0, factor * (1 - minRatio) + minRatio);
+        case "cosine_with_min_lr": {
+            const rate = minLrRate(kwargs, baseLr);
+            if (t < W) return warmupLinear(t, W);
+            const numCycles = kwargs.num_cycles ?? 0.5;
+            const progress = (t - W) / Math.max(1, T - W);
+            const factor = 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * progress));
+            return Math.max(0, factor * (1 - rate) + rate);
         }
-        return minRatio;
-    }
+        case "cosine_warmup_with_min_lr": {
+            const rate = minLrRate(kwargs, baseLr);
+            if (t < W) {
+                if (kwargs.warmup_lr_rate === undefined) return (t + 1) / Math.max(1, W);
+                const w = kwargs.warmup_lr_rate;
+                return w + ((1 - w) * t) / Math.max(1, W - 1);
+            }
+            const numCycles = kwargs.num_cycles ?? 0.5;
+            const progress = (t - W + 1) / Math.max(1, T - W);
+            const factor = 0.5 * (1 + Math.cos(Math.PI * numCycles * 2 * progress));
+            return Math.max(0, factor * (1 - rate) + rate);
+        }
+        case "polynomial": {
+            const lrEnd = kwargs.lr_end ?? 1e-7;
+            const power = kwargs.power ?? 1.0;
+            if (baseLr === undefined) fail("the polynomial schedule needs the peak learning rate (baseLr)");
+            if (!(baseLr > lrEnd)) fail(`lr_end (${lrEnd}) must be smaller than the learning rate (${baseLr})`);
+            if (t < W) return warmupLinear(t, W);
+            // transformers divides by T - W here (T = W is a ZeroDivisionError there); treat it as finished
+            if (t > T || T - W <= 0) return lrEnd / baseLr;
+            const pctRemaining = 1 - (t - W) / (T - W);
+            return ((baseLr - lrEnd) * pctRemaining ** power + lrEnd) / baseLr;
+        }
+        case "inverse_sqrt": {
+            if (t < W) return warmupLinear(t, W);
+            const timescale = kwargs.timescale ?? (W || 10_000);
+            const shift = timescale - W;
+            return 1 / Math.sqrt((t + shift) / timescale);
+        }
+        case "warmup_stable_decay": {
+            const decaySteps = kwargs.num_decay_steps;
+            if (decaySteps === undefined) fail("the warmup_stable_decay schedule needs num_decay_steps");
+            const stableSteps = kwargs.num_stable_steps ?? T - W - decaySteps;
+            const minRatio = kwargs.min_lr_ratio ?? 0;
+            const numCycles = kwargs.num_cycles ?? 0.5;
+            const warmupType = kwargs.warmup_type ?? "linear";
+            const decayType = kwargs.decay_type ?? "cosine";
+            if (t < W) {
+                const factor = shape(warmupType, t / Math.max(1, W), false, numCycles);
+                return Math.max(0, factor * (1 - minRatio) + minRatio);
+            }
+            if (t < W + stableSteps) return 1;
+            if (t < W + stableSteps + decaySteps) {
+                const progress = (t - W - stableSteps) / Math.max(1, decaySteps);
+                const factor = shape(decayType, progress, true, numCycles);
+                return Math.max(0, factor * (1 - minRatio) + minRatio);
+            }
+            return minRatio;
+        }
     }
 }
 
@@ -207,8 +225,7 @@ export function resolveWarmupSteps(args: {warmup_steps?: number; warmup_ratio?: 
         throw new QloraError(`expected a number >= 0, got ${steps}`, {file: "warmup_steps"});
     if (steps >= 1) {
         if (!Number.isInteger(steps))
-            throw new QloraError(`expected an integer step count or a ratio in [0, 1), got ${steps}`,
-                {file: "warmup_steps"});
+            throw new QloraError(`expected an integer step count or a ratio in [0, 1), got ${steps}`, {file: "warmup_steps"});
         return steps;
     }
     if (steps > 0) return Math.ceil(totalSteps * steps);
@@ -248,8 +265,7 @@ export class LRScheduler {
     private static validate(s: Omit<LRSchedulerState, "type"> & {type: string}): LRSchedulerState {
         const type = checkType(s.type);
         const intAtLeast0 = (v: number, key: string) => {
-            if (!Number.isSafeInteger(v) || v < 0)
-                throw new QloraError(`expected an integer >= 0, got ${v}`, {file: key});
+            if (!Number.isSafeInteger(v) || v < 0) throw new QloraError(`expected an integer >= 0, got ${v}`, {file: key});
         };
         if (!Number.isFinite(s.baseLr) || s.baseLr < 0)
             throw new QloraError(`expected a number >= 0, got ${s.baseLr}`, {file: "learning_rate"});
@@ -257,7 +273,7 @@ export class LRScheduler {
         intAtLeast0(s.totalSteps, "max_steps");
         intAtLeast0(s.step, "scheduler step");
         const state = {...s, type};
-        lrLambda(type, 0, state.warmupSteps, state.totalSteps, state.kwargs, state.baseLr);  // checks the kwargs
+        lrLambda(type, 0, state.warmupSteps, state.totalSteps, state.kwargs, state.baseLr); // checks the kwargs
         return state;
     }
 

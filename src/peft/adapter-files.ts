@@ -47,9 +47,13 @@ export function adapterConfigJson(cfg: LoraConfig, targetModules: string[]): str
         target_modules: targetModules,
         task_type: cfg.task_type,
         use_dora: cfg.use_dora,
-        use_rslora: cfg.use_rslora,
+        use_rslora: cfg.use_rslora
     };
-    const sorted = Object.fromEntries(Object.keys(fields).sort().map((k) => [k, fields[k]]));
+    const sorted = Object.fromEntries(
+        Object.keys(fields)
+            .sort()
+            .map((k) => [k, fields[k]])
+    );
     return JSON.stringify(sorted, null, 2);
 }
 
@@ -67,7 +71,8 @@ export async function saveAdapter(dir: string, lora: LoraModel): Promise<void> {
     await fs.mkdir(dir, {recursive: true}).catch((err) => {
         throw new QloraError(`cannot create the adapter folder: ${(err as Error).message}`, {file: dir});
     });
-    const tensors: TensorToWrite[] = lora.trainableTensors()
+    const tensors: TensorToWrite[] = lora
+        .trainableTensors()
         .sort((a, b) => a.name.localeCompare(b.name))
         .map((t) => ({name: t.name, dtype: "F32", shape: t.shape, data: t.param}));
     await writeSafetensors(path.join(dir, ADAPTER_WEIGHTS_FILE), tensors, {format: "pt"});
@@ -88,8 +93,12 @@ export async function readAdapterConfig(dir: string): Promise<LoraConfig> {
         text = await readTextFile(file, {what: "adapter config", maxBytes: MAX_ADAPTER_CONFIG_BYTES});
     } catch (err) {
         const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
-        if (code === "ENOENT" || code === "ENOTDIR") throw new QloraError(`no ${ADAPTER_CONFIG_FILE} here: pass the folder of a PEFT adapter ` +
-            `(adapter_config.json + adapter_model.safetensors)`, {file: dir, cause: err});
+        if (code === "ENOENT" || code === "ENOTDIR")
+            throw new QloraError(
+                `no ${ADAPTER_CONFIG_FILE} here: pass the folder of a PEFT adapter ` +
+                    `(adapter_config.json + adapter_model.safetensors)`,
+                {file: dir, cause: err}
+            );
         throw err;
     }
     let raw: unknown;
@@ -99,30 +108,52 @@ export async function readAdapterConfig(dir: string): Promise<LoraConfig> {
         throw new QloraError(`invalid JSON (${(err as Error).message})`, {file, cause: err});
     }
     if (raw === null || typeof raw !== "object" || Array.isArray(raw))
-        throw new QloraError(`holds ${Array.isArray(raw) ? "an array" : quoteValue(raw)}, expected a JSON object of LoraConfig keys`, {file});
+        throw new QloraError(
+            `holds ${Array.isArray(raw) ? "an array" : quoteValue(raw)}, expected a JSON object of LoraConfig keys`,
+            {file}
+        );
     const json = raw as Record<string, unknown>;
     if (json.peft_type !== undefined && json.peft_type !== "LORA")
         throw new QloraError(`peft_type is ${quoteValue(json.peft_type)}; only LORA adapters are supported`, {file});
     // per-module ranks and alphas would silently change the scaling of some modules: refuse what qlora can't apply
     for (const key of ["rank_pattern", "alpha_pattern"]) {
         const value = json[key];
-        if (value !== undefined && value !== null && !(typeof value === "object" && !Array.isArray(value) && Object.keys(value).length === 0))
-            throw new QloraError(`${key} is ${quoteValue(value)}; per-module ranks and alphas are not supported (only {} or null)`, {file});
+        if (
+            value !== undefined &&
+            value !== null &&
+            !(typeof value === "object" && !Array.isArray(value) && Object.keys(value).length === 0)
+        )
+            throw new QloraError(
+                `${key} is ${quoteValue(value)}; per-module ranks and alphas are not supported (only {} or null)`,
+                {file}
+            );
     }
     const pick = <K extends keyof LoraConfig>(k: K): LoraConfig[K] => (json[k] ?? LORA_DEFAULTS[k]) as LoraConfig[K];
-    return validateLoraConfig({
-        r: pick("r"), lora_alpha: pick("lora_alpha"), target_modules: pick("target_modules"), lora_dropout: pick("lora_dropout"),
-        bias: pick("bias"), use_rslora: pick("use_rslora"), use_dora: pick("use_dora"), modules_to_save: pick("modules_to_save"),
-        task_type: pick("task_type"), init_lora_weights: pick("init_lora_weights"),
-        base_model_name_or_path: pick("base_model_name_or_path"),
-    }, file);
+    return validateLoraConfig(
+        {
+            r: pick("r"),
+            lora_alpha: pick("lora_alpha"),
+            target_modules: pick("target_modules"),
+            lora_dropout: pick("lora_dropout"),
+            bias: pick("bias"),
+            use_rslora: pick("use_rslora"),
+            use_dora: pick("use_dora"),
+            modules_to_save: pick("modules_to_save"),
+            task_type: pick("task_type"),
+            init_lora_weights: pick("init_lora_weights"),
+            base_model_name_or_path: pick("base_model_name_or_path")
+        },
+        file
+    );
 }
 
 /** reads an adapter tensor as f32 (from F32, F64, BF16 or F16), refusing NaN and Inf */
 async function readAdapterTensor(st: SafetensorsFile, name: string): Promise<Float32Array> {
     const info = st.info(name);
-    const values = info.dtype === "BF16" || info.dtype === "F16"
-        ? halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype) : await st.readF32(name);
+    const values =
+        info.dtype === "BF16" || info.dtype === "F16"
+            ? halfToF32((await st.readTyped(name)) as Uint16Array, info.dtype)
+            : await st.readF32(name);
     // after the conversion, on memory it touched (see readFloatTensor); bf16/f16 NaN and Inf stay NaN and Inf in f32
     assertFinite(name, values, st.path, "F32", CORRUPT_ADAPTER);
     return values;
@@ -185,29 +216,42 @@ export async function readAdapter(dir: string, model: ModelConfig, opts: ReadAda
         st = await SafetensorsFile.open(file);
     } catch (err) {
         const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
-        if (code === "ENOENT") throw new QloraError(`no ${ADAPTER_WEIGHTS_FILE} beside adapter_config.json`, {file: dir, cause: err});
+        if (code === "ENOENT")
+            throw new QloraError(`no ${ADAPTER_WEIGHTS_FILE} beside adapter_config.json`, {file: dir, cause: err});
         throw err;
     }
     try {
-        const modules = new Map(linearModules(model).map((m) => {
-            const [outFeatures, inFeatures] = projShape(model, m.proj);
-            return [m.name, {outFeatures, inFeatures, hasBias: projHasBias(model, m.proj)}];
-        }));
+        const modules = new Map(
+            linearModules(model).map((m) => {
+                const [outFeatures, inFeatures] = projShape(model, m.proj);
+                return [m.name, {outFeatures, inFeatures, hasBias: projHasBias(model, m.proj)}];
+            })
+        );
         const otherBase = "the adapter was trained on another base model";
         const shapeError = (name: string, shape: readonly number[], expected: readonly number[]) =>
-            new QloraError(`tensor "${name}" has shape [${shape.join(", ")}] but this model needs [${expected.join(", ")}]: ${otherBase}`, {file});
+            new QloraError(
+                `tensor "${name}" has shape [${shape.join(", ")}] but this model needs [${expected.join(", ")}]: ${otherBase}`,
+                {file}
+            );
         const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
         const moduleOf = (name: string, module: string) => {
             const m = modules.get(module);
-            if (!m) throw new QloraError(`tensor "${name}" belongs to module ${module}, which this model does not have ` +
-                `(was the adapter trained on another base model?)`, {file});
+            if (!m)
+                throw new QloraError(
+                    `tensor "${name}" belongs to module ${module}, which this model does not have ` +
+                        `(was the adapter trained on another base model?)`,
+                    {file}
+                );
             return m;
         };
         const placed: PlacedTensor[] = [];
         const placedBy = new Map<string, string>(); // kind:target -> the tensor name that goes there
         const place = (t: PlacedTensor) => {
             const first = placedBy.get(`${t.kind}:${t.target}`);
-            if (first) throw new QloraError(`tensors "${first}" and "${t.name}" are the same weight (with and without ".default")`, {file});
+            if (first)
+                throw new QloraError(`tensors "${first}" and "${t.name}" are the same weight (with and without ".default")`, {
+                    file
+                });
             placedBy.set(`${t.kind}:${t.target}`, t.name);
             placed.push(t);
         };
@@ -215,8 +259,11 @@ export async function readAdapter(dir: string, model: ModelConfig, opts: ReadAda
             const info = st.info(name);
             const mag = MAGNITUDE_TENSOR.exec(name);
             if (mag) {
-                if (!config.use_dora) throw new QloraError(`tensor "${name}" is a DoRA magnitude but adapter_config.json ` +
-                    "says use_dora is false", {file});
+                if (!config.use_dora)
+                    throw new QloraError(
+                        `tensor "${name}" is a DoRA magnitude but adapter_config.json ` + "says use_dora is false",
+                        {file}
+                    );
                 const expected = [moduleOf(name, mag[1]).outFeatures];
                 if (info.shape.reduce((a, b) => a * b, 1) !== expected[0]) throw shapeError(name, info.shape, expected);
                 place({name, kind: "magnitude", target: mag[1]});
@@ -248,8 +295,11 @@ export async function readAdapter(dir: string, model: ModelConfig, opts: ReadAda
             checkRankFits(config.r, [{name: module, ...base}], configFile);
             const rank = half === "lora_A" ? info.shape[0] : info.shape[1];
             if (info.shape.length === 2 && rank !== config.r)
-                throw new QloraError(`tensor "${name}" has rank ${rank} but adapter_config.json says r ${config.r}: the scaling ` +
-                    "alpha/r would be wrong; the adapter files do not belong together", {file: dir});
+                throw new QloraError(
+                    `tensor "${name}" has rank ${rank} but adapter_config.json says r ${config.r}: the scaling ` +
+                        "alpha/r would be wrong; the adapter files do not belong together",
+                    {file: dir}
+                );
             const expected = half === "lora_A" ? [config.r, base.inFeatures] : [base.outFeatures, config.r];
             if (!sameShape(info.shape, expected)) throw shapeError(name, info.shape, expected);
             place({name, kind: half as "lora_A" | "lora_B", target: module});
@@ -258,13 +308,18 @@ export async function readAdapter(dir: string, model: ModelConfig, opts: ReadAda
         for (const module of branchModules) {
             const has = (half: string) => placedBy.has(`${half}:${module}`);
             if (!has("lora_A") || !has("lora_B"))
-                throw new QloraError(`the adapter has ${has("lora_A") ? "lora_A" : "lora_B"} but no ${has("lora_A") ? "lora_B" : "lora_A"} ` +
-                    `for ${module}`, {file});
+                throw new QloraError(
+                    `the adapter has ${has("lora_A") ? "lora_A" : "lora_B"} but no ${has("lora_A") ? "lora_B" : "lora_A"} ` +
+                        `for ${module}`,
+                    {file}
+                );
         }
         if (branchModules.size === 0) throw new QloraError("the adapter holds no lora_A weights", {file});
         for (const t of placed) {
             if (t.kind === "magnitude" && !branchModules.has(t.target))
-                throw new QloraError(`tensor "${t.name}" is a DoRA magnitude of ${t.target}, which has no lora_A / lora_B`, {file});
+                throw new QloraError(`tensor "${t.name}" is a DoRA magnitude of ${t.target}, which has no lora_A / lora_B`, {
+                    file
+                });
             // "lora_only": PEFT trains the biases of the LoRA-wrapped modules only
             if (t.kind === "bias" && config.bias === "lora_only" && !branchModules.has(t.target.replace(/\.bias$/, "")))
                 throw new QloraError(`tensor "${t.name}" does not match a bias of this model`, {file});
@@ -286,7 +341,15 @@ export async function readAdapter(dir: string, model: ModelConfig, opts: ReadAda
         const scaling = loraScaling(config);
         for (const [module, b] of partial) {
             const {outFeatures, inFeatures} = modules.get(module)!;
-            adapter.branches.set(module, {r: config.r, scaling, A: b.A!, B: b.B!, magnitude: b.magnitude ?? null, outFeatures, inFeatures});
+            adapter.branches.set(module, {
+                r: config.r,
+                scaling,
+                A: b.A!,
+                B: b.B!,
+                magnitude: b.magnitude ?? null,
+                outFeatures,
+                inFeatures
+            });
         }
         return adapter;
     } finally {
@@ -298,7 +361,11 @@ export async function readAdapter(dir: string, model: ModelConfig, opts: ReadAda
  * loads a PEFT adapter folder into `model` (in place): readAdapter, then the branches are injected with their
  * weights (applyLora), and trained biases written over the base biases.
  */
-export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropoutClock?: DropoutClock} = {}): Promise<LoraModel> {
+export async function loadAdapter(
+    dir: string,
+    model: DecoderModel,
+    opts: {dropoutClock?: DropoutClock} = {}
+): Promise<LoraModel> {
     const adapter = await readAdapter(dir, model.config);
     // applyLora looks weights up by the names PEFT saves them under
     const weights = new Map<string, Float32Array>();
@@ -308,8 +375,11 @@ export async function loadAdapter(dir: string, model: DecoderModel, opts: {dropo
         if (b.magnitude) weights.set(`base_model.model.${module}.lora_magnitude_vector`, b.magnitude);
     }
     for (const [name, w] of adapter.fullWeights) weights.set(`base_model.model.${name}`, w);
-    const lora = applyLora(model, {...adapter.config, target_modules: [...adapter.branches.keys()]},
-        {weights, dropoutClock: opts.dropoutClock, where: path.join(dir, ADAPTER_CONFIG_FILE)});
+    const lora = applyLora(
+        model,
+        {...adapter.config, target_modules: [...adapter.branches.keys()]},
+        {weights, dropoutClock: opts.dropoutClock, where: path.join(dir, ADAPTER_CONFIG_FILE)}
+    );
     for (const [name, values] of adapter.biases) {
         // readAdapter checked each bias against the model and adapter_config.json's bias mode, so applyLora made it trainable
         const bias = lora.layers.get(name.replace(/\.bias$/, ""))?.bias;

@@ -44,12 +44,24 @@ export interface ApplyLoraOptions {
 export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opts: ApplyLoraOptions = {}): LoraModel {
     const config = validateLoraConfig({...LORA_DEFAULTS, ...partial});
     const modules = linearModules(model.config);
-    const targets = new Set(matchTargets(modules.map((m) => m.name), config, model.config.modelType));
+    const targets = new Set(
+        matchTargets(
+            modules.map((m) => m.name),
+            config,
+            model.config.modelType
+        )
+    );
     // r against every targeted module's shape before any A or B is allocated
-    checkRankFits(config.r, modules.filter((m) => targets.has(m.name)).map((m) => {
-        const base = model.params.layers[m.layer].proj[m.proj];
-        return {name: m.name, outFeatures: base.outFeatures, inFeatures: base.inFeatures};
-    }), opts.where);
+    checkRankFits(
+        config.r,
+        modules
+            .filter((m) => targets.has(m.name))
+            .map((m) => {
+                const base = model.params.layers[m.layer].proj[m.proj];
+                return {name: m.name, outFeatures: base.outFeatures, inFeatures: base.inFeatures};
+            }),
+        opts.where
+    );
     const scaling = loraScaling(config);
     const initRng = opts.initRng ?? new Rng(0);
     const layers = new Map<string, LoraLinear>();
@@ -61,15 +73,22 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
         if (!isTarget && !(trainBias && base.bias)) continue;
         let lora = null;
         if (isTarget) {
-            const r = config.r, K = base.inFeatures, N = base.outFeatures;
-            const keyA = `base_model.model.${m.name}.lora_A.weight`, keyB = `base_model.model.${m.name}.lora_B.weight`;
+            const r = config.r,
+                K = base.inFeatures,
+                N = base.outFeatures;
+            const keyA = `base_model.model.${m.name}.lora_A.weight`,
+                keyB = `base_model.model.${m.name}.lora_B.weight`;
             let A: Float32Array, B: Float32Array;
             if (opts.weights) {
-                const a = opts.weights.get(keyA), b = opts.weights.get(keyB);
+                const a = opts.weights.get(keyA),
+                    b = opts.weights.get(keyB);
                 if (!a || !b) throw new QloraError(`the adapter has no ${a ? keyB : keyA}, but its config targets ${m.name}`);
                 if (a.length !== r * K || b.length !== N * r)
-                    throw new QloraError(`${keyA} / ${keyB} have ${a.length} / ${b.length} values, but r = ${r} on ${m.name} ` +
-                        `([${N}, ${K}]) needs ${r * K} / ${N * r}`, {file: opts.where});
+                    throw new QloraError(
+                        `${keyA} / ${keyB} have ${a.length} / ${b.length} values, but r = ${r} on ${m.name} ` +
+                            `([${N}, ${K}]) needs ${r * K} / ${N * r}`,
+                        {file: opts.where}
+                    );
                 A = a;
                 B = b;
             } else {
@@ -82,7 +101,8 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
                 const keyM = `base_model.model.${m.name}.lora_magnitude_vector`;
                 // PEFT's init: m = ||W + s B A|| per row (the adapter starts as a no-op)
                 magnitude = opts.weights?.get(keyM) ?? doraRowNorms(baseWeightF32(base), {A, B, r, scaling}, N, K);
-                if (magnitude.length !== N) throw new QloraError(`${keyM} has ${magnitude.length} values, the module has ${N} outputs`);
+                if (magnitude.length !== N)
+                    throw new QloraError(`${keyM} has ${magnitude.length} values, the module has ${N} outputs`);
             }
             lora = {r, scaling, dropout: config.lora_dropout, A, B, magnitude};
         }
@@ -92,13 +112,18 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
         layers.set(m.name, layer);
     }
     return {
-        model, config, layers,
+        model,
+        config,
+        layers,
         trainableTensors: () => [...layers.values()].flatMap((l) => l.trainableTensors()).concat(full),
-        setTraining: (on) => layers.forEach((l) => { l.training = on; }),
+        setTraining: (on) =>
+            layers.forEach((l) => {
+                l.training = on;
+            }),
         zeroGrad: () => {
             layers.forEach((l) => l.zeroGrad());
             full.forEach((t) => t.grad.fill(0));
-        },
+        }
     };
 }
 
@@ -110,7 +135,8 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
 function fullCopies(model: DecoderModel, names: string[], weights?: Map<string, Float32Array>): TrainableTensor[] {
     const out: TrainableTensor[] = [];
     const p = model.params;
-    const V = model.config.vocabSize, C = model.config.hiddenSize;
+    const V = model.config.vocabSize,
+        C = model.config.hiddenSize;
     const wanted = new Set(names.map((n) => n.replace(/^model\./, "")));
     const copy = (key: string, from: Float32Array) => {
         const w = weights?.get(key) ?? Float32Array.from(from);
@@ -143,7 +169,8 @@ function initLora(A: Float32Array, fanIn: number, r: number, init: boolean | str
         for (let i = 0; i < A.length; i++) A[i] = (2 * rng.next() - 1) * bound;
     } else if (init === false) {
         // nn.Linear's default for both (testing only: the adapter is not a no-op at step 0)
-        const boundA = 1 / Math.sqrt(fanIn), boundB = 1 / Math.sqrt(r);
+        const boundA = 1 / Math.sqrt(fanIn),
+            boundB = 1 / Math.sqrt(r);
         for (let i = 0; i < A.length; i++) A[i] = (2 * rng.next() - 1) * boundA;
         for (let i = 0; i < B.length; i++) B[i] = (2 * rng.next() - 1) * boundB;
     } else {
@@ -167,5 +194,5 @@ export function trainableParametersLine(lora: LoraModel): string {
     const added = tensors.filter((t) => !t.name.endsWith(".bias")).reduce((a, t) => a + t.param.length, 0);
     const all = baseParameterCount(lora.model) + added;
     const fmt = (x: number) => x.toLocaleString("en-US");
-    return `trainable params: ${fmt(trainable)} || all params: ${fmt(all)} || trainable%: ${(100 * trainable / all).toFixed(4)}`;
+    return `trainable params: ${fmt(trainable)} || all params: ${fmt(all)} || trainable%: ${((100 * trainable) / all).toFixed(4)}`;
 }

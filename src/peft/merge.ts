@@ -34,20 +34,38 @@ export interface MergeOptions {
 /** the kind in the marker of a merged model folder: `--overwrite` replaces only folders of this kind */
 export const MERGED_MODEL_KIND = "merged-model";
 
-const EXTRA_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"];
+const EXTRA_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json"
+];
 
 export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; merged: number; tensors: number}> {
     const dtype = opts.dtype ?? "bf16";
     const out = path.resolve(opts.out);
     // the output is checked before anything is read: a refused merge is quick, and never touches its inputs
-    await assertOutputSeparate(out, [{path: opts.model, what: "base model folder"}, {path: opts.adapter, what: "adapter folder"}]);
-    const outputPolicy = {replace: opts.overwrite ? "owned" : "never", kind: MERGED_MODEL_KIND, overwriteHint: "--overwrite"} as const;
+    await assertOutputSeparate(out, [
+        {path: opts.model, what: "base model folder"},
+        {path: opts.adapter, what: "adapter folder"}
+    ]);
+    const outputPolicy = {
+        replace: opts.overwrite ? "owned" : "never",
+        kind: MERGED_MODEL_KIND,
+        overwriteHint: "--overwrite"
+    } as const;
     await assertDirOutput(out, outputPolicy);
     const cfg = await loadModelConfig(opts.model);
     if (cfg.quantizationConfig)
-        throw new QloraError("the base is a pre-quantized 4-bit checkpoint; merge into its original 16-bit model " +
-            "(and use --against-nf4 to keep the 4-bit rounding the adapter was trained with)", {file: opts.model});
+        throw new QloraError(
+            "the base is a pre-quantized 4-bit checkpoint; merge into its original 16-bit model " +
+                "(and use --against-nf4 to keep the 4-bit rounding the adapter was trained with)",
+            {file: opts.model}
+        );
     // every adapter tensor is checked against the base's shapes (and read) before anything is written
     const adapter = await readAdapter(opts.adapter, cfg);
     // a trained copy of either side of a tied embedding unties it (PEFT trains one copy; the other keeps the
@@ -64,8 +82,9 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             const replaced = adapter.fullWeights.get(name) ?? adapter.biases.get(name);
             // an untied output layer starts from the tied embedding of the checkpoint
             const source = untie && name === "lm_head.weight" ? "model.embed_tokens.weight" : name;
-            if (!replaced && !ckpt.has(source)) throw new QloraError(`tensor "${source}" is missing from the base checkpoint`, {file: opts.model});
-            let w = replaced ?? await readTensorF32(ckpt, source);
+            if (!replaced && !ckpt.has(source))
+                throw new QloraError(`tensor "${source}" is missing from the base checkpoint`, {file: opts.model});
+            let w = replaced ?? (await readTensorF32(ckpt, source));
             const mod = name.replace(/\.weight$/, "");
             const branch = name.endsWith(".weight") ? adapter.branches.get(mod) : undefined;
             if (branch) {
@@ -82,28 +101,42 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             const halfDtype = dtype === "bf16" ? "BF16" : "F16";
             const bits = f32ToHalf(w, halfDtype);
             // f16 tops out at 65504: a merged weight beyond it would be written as Inf
-            assertFinite(name, bits, out, halfDtype, dtype === "f16" ? "the merged weights exceed the f16 range: merge with --dtype bf16"
-                : "the adapter or the base holds values out of range");
+            assertFinite(
+                name,
+                bits,
+                out,
+                halfDtype,
+                dtype === "f16"
+                    ? "the merged weights exceed the f16 range: merge with --dtype bf16"
+                    : "the adapter or the base holds values out of range"
+            );
             tensors.push({name, dtype: halfDtype, shape, data: bits});
         }
     } finally {
         await ckpt.close();
     }
-    if (merged !== adapter.branches.size) throw new QloraError(`only ${merged} of the adapter's ${adapter.branches.size} modules were merged`);
-    await writeDirAtomic(out, async (tmp) => {
-        await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {format: "pt",
-            qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
-            qlora_adapter: path.basename(path.resolve(opts.adapter))});
-        const config: Record<string, unknown> = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
-        if (untie) config.tie_word_embeddings = false;
-        if ("dtype" in config) config.dtype = config.torch_dtype;
-        delete (config as Record<string, unknown>).quantization_config;
-        await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
-        for (const f of EXTRA_FILES) {
-            const source = path.join(opts.model, f);
-            // read through files.ts: a FIFO or a folder under a tokenizer file's name is an error, not a hang
-            if (await pathExists(source)) await writeFileAtomic(path.join(tmp, f), await readRegularFile(source, {what: f}));
-        }
-    }, outputPolicy);
+    if (merged !== adapter.branches.size)
+        throw new QloraError(`only ${merged} of the adapter's ${adapter.branches.size} modules were merged`);
+    await writeDirAtomic(
+        out,
+        async (tmp) => {
+            await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {
+                format: "pt",
+                qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
+                qlora_adapter: path.basename(path.resolve(opts.adapter))
+            });
+            const config: Record<string, unknown> = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
+            if (untie) config.tie_word_embeddings = false;
+            if ("dtype" in config) config.dtype = config.torch_dtype;
+            delete (config as Record<string, unknown>).quantization_config;
+            await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
+            for (const f of EXTRA_FILES) {
+                const source = path.join(opts.model, f);
+                // read through files.ts: a FIFO or a folder under a tokenizer file's name is an error, not a hang
+                if (await pathExists(source)) await writeFileAtomic(path.join(tmp, f), await readRegularFile(source, {what: f}));
+            }
+        },
+        outputPolicy
+    );
     return {out, merged, tensors: tensors.length};
 }

@@ -52,7 +52,12 @@ function normaliseDtype(value: unknown): string | null {
     if (typeof value !== "string") return null;
     const name = value.replace(/^torch\./, "").toLowerCase();
     const aliases: Record<string, string> = {
-        bf16: "bfloat16", fp16: "float16", half: "float16", fp32: "float32", float: "float32", u8: "uint8"
+        bf16: "bfloat16",
+        fp16: "float16",
+        half: "float16",
+        fp32: "float32",
+        float: "float32",
+        u8: "uint8"
     };
     return aliases[name] ?? name;
 }
@@ -69,8 +74,10 @@ function readBool(obj: Record<string, unknown>, key: string, fallback: boolean, 
 function resolve(obj: Record<string, unknown>, defaults: Readonly<BitsAndBytesConfig>, fail: Fail): BitsAndBytesConfig {
     if (obj.load_in_8bit === true || obj._load_in_8bit === true)
         fail("load_in_8bit", "is true: 8-bit (LLM.int8) weights are not supported; use load_in_4bit");
-    const load4 = obj.load_in_4bit !== undefined ? readBool(obj, "load_in_4bit", defaults.load_in_4bit, fail)
-        : readBool(obj, "_load_in_4bit", defaults.load_in_4bit, fail);
+    const load4 =
+        obj.load_in_4bit !== undefined
+            ? readBool(obj, "load_in_4bit", defaults.load_in_4bit, fail)
+            : readBool(obj, "_load_in_4bit", defaults.load_in_4bit, fail);
 
     let quantType = defaults.bnb_4bit_quant_type;
     if (obj.bnb_4bit_quant_type !== undefined) {
@@ -84,7 +91,10 @@ function resolve(obj: Record<string, unknown>, defaults: Readonly<BitsAndBytesCo
     if (obj.bnb_4bit_compute_dtype !== undefined && obj.bnb_4bit_compute_dtype !== null) {
         const name = normaliseDtype(obj.bnb_4bit_compute_dtype);
         if (!name || !COMPUTE_DTYPES.includes(name as ComputeDtype))
-            fail("bnb_4bit_compute_dtype", `is ${describe(obj.bnb_4bit_compute_dtype)}, expected "float32", "bfloat16" or "float16"`);
+            fail(
+                "bnb_4bit_compute_dtype",
+                `is ${describe(obj.bnb_4bit_compute_dtype)}, expected "float32", "bfloat16" or "float16"`
+            );
         computeDtype = name as ComputeDtype;
     }
 
@@ -92,7 +102,10 @@ function resolve(obj: Record<string, unknown>, defaults: Readonly<BitsAndBytesCo
     if (obj.bnb_4bit_quant_storage !== undefined && obj.bnb_4bit_quant_storage !== null) {
         const name = normaliseDtype(obj.bnb_4bit_quant_storage);
         if (!name || !QUANT_STORAGES.includes(name as QuantStorage))
-            fail("bnb_4bit_quant_storage", `is ${describe(obj.bnb_4bit_quant_storage)}, expected "uint8" (or "bfloat16", "float16", "float32")`);
+            fail(
+                "bnb_4bit_quant_storage",
+                `is ${describe(obj.bnb_4bit_quant_storage)}, expected "uint8" (or "bfloat16", "float16", "float32")`
+            );
         storage = name as QuantStorage;
     }
 
@@ -126,8 +139,11 @@ export function parseQuantizationConfig(json: unknown, file: string): BitsAndByt
         throw new QloraError(`quantization_config is ${describe(json)}, expected an object`, {file});
     const obj = json as Record<string, unknown>;
     if (obj.quant_method !== undefined && obj.quant_method !== "bitsandbytes")
-        fail("quant_method", `is ${describe(obj.quant_method)}: only bitsandbytes 4-bit checkpoints are supported ` +
-            "(use the unquantized model, or a *-bnb-4bit checkpoint)");
+        fail(
+            "quant_method",
+            `is ${describe(obj.quant_method)}: only bitsandbytes 4-bit checkpoints are supported ` +
+                "(use the unquantized model, or a *-bnb-4bit checkpoint)"
+        );
     const cfg = resolve(obj, TRANSFORMERS_BNB_DEFAULTS, fail);
     if (!cfg.load_in_4bit) fail("load_in_4bit", "is false: the checkpoint is not a 4-bit bitsandbytes checkpoint");
     return cfg;

@@ -37,7 +37,11 @@ export class Linear4bit implements LinearLayer {
     /** rows of W dequantized per GEMM */
     private readonly tileRows: number;
 
-    constructor(readonly state: QuantState4bit, readonly bias: Float32Array | null = null, options: Linear4bitOptions = {}) {
+    constructor(
+        readonly state: QuantState4bit,
+        readonly bias: Float32Array | null = null,
+        options: Linear4bitOptions = {}
+    ) {
         if (state.shape.length !== 2)
             throw new QloraError(`Linear4bit: the weight must be 2-D [out, in], got shape [${state.shape.join(", ")}]`);
         [this.outFeatures, this.inFeatures] = state.shape;
@@ -60,7 +64,8 @@ export class Linear4bit implements LinearLayer {
     /** out[M, out] = x[M, in] @ W^T + bias */
     forward(out: Float32Array, x: Float32Array, M: number): void {
         const ops = cpu();
-        const N = this.outFeatures, K = this.inFeatures;
+        const N = this.outFeatures,
+            K = this.inFeatures;
         const w = scratch(this.tileRows * K);
         for (let r0 = 0; r0 < N; r0 += this.tileRows) {
             const rows = Math.min(this.tileRows, N - r0);
@@ -74,7 +79,8 @@ export class Linear4bit implements LinearLayer {
     /** dx[M, in] (= or += when accumulate) = dy[M, out] @ W: the gradient through the frozen weight */
     backwardInput(dx: Float32Array, dy: Float32Array, M: number, accumulate: boolean): void {
         const ops = cpu();
-        const N = this.outFeatures, K = this.inFeatures;
+        const N = this.outFeatures,
+            K = this.inFeatures;
         const w = scratch(this.tileRows * K);
         for (let r0 = 0; r0 < N; r0 += this.tileRows) {
             const rows = Math.min(this.tileRows, N - r0);
@@ -86,11 +92,18 @@ export class Linear4bit implements LinearLayer {
 }
 
 /** quantizes weight [out, in] (f32) into a Linear4bit; NF4, block 64, double quantization unless told otherwise */
-export function quantizeLinearWeight(weight: Float32Array, outFeatures: number, inFeatures: number,
-    bias: Float32Array | null = null, options: Quantize4bitOptions & Linear4bitOptions = {}): Linear4bit {
+export function quantizeLinearWeight(
+    weight: Float32Array,
+    outFeatures: number,
+    inFeatures: number,
+    bias: Float32Array | null = null,
+    options: Quantize4bitOptions & Linear4bitOptions = {}
+): Linear4bit {
     if (weight.length !== outFeatures * inFeatures)
-        throw new QloraError(`quantizeLinearWeight: weight has ${weight.length} elements, ` +
-            `[${outFeatures}, ${inFeatures}] needs ${outFeatures * inFeatures}`);
+        throw new QloraError(
+            `quantizeLinearWeight: weight has ${weight.length} elements, ` +
+                `[${outFeatures}, ${inFeatures}] needs ${outFeatures * inFeatures}`
+        );
     const state = quantize4bit(weight, {...options, shape: [outFeatures, inFeatures]});
     return new Linear4bit(state, bias, options);
 }

@@ -42,7 +42,9 @@ const Interpreter = JinjaInterpreter as new (env: Environment) => Interpreter;
 // not go on rendering without the limits
 for (const method of ["evaluate", "evaluateBlock"]) {
     if (typeof (JinjaInterpreter.prototype as Record<string, unknown>)[method] !== "function") {
-        throw new Error(`@huggingface/jinja's Interpreter has no ${method}(); bounded-template.ts must be updated for this version`);
+        throw new Error(
+            `@huggingface/jinja's Interpreter has no ${method}(); bounded-template.ts must be updated for this version`
+        );
     }
 }
 
@@ -102,22 +104,25 @@ export function parseTemplate(text: string, limits: Readonly<TemplateLimits> = D
     if (text.length > limits.templateChars) {
         throw new TemplateLimitError(
             `ran past its size limit: it is ${formatCount(text.length)} characters long, more than the ` +
-            `${formatCount(limits.templateChars)} a template may have (real ones are under 64 K)`
+                `${formatCount(limits.templateChars)} a template may have (real ones are under 64 K)`
         );
     }
     return new Template(text);
 }
 
 /** Renders a parsed template as Template.render does, under `limits`. */
-export function renderTemplate(template: Template, variables: Record<string, unknown>,
-                               limits: Readonly<TemplateLimits> = DEFAULT_TEMPLATE_LIMITS): string {
+export function renderTemplate(
+    template: Template,
+    variables: Record<string, unknown>,
+    limits: Readonly<TemplateLimits> = DEFAULT_TEMPLATE_LIMITS
+): string {
     try {
         const env: Environment = new JinjaEnvironment();
         setupGlobals(env, limits);
         const measure = new Measurer();
         let inputChars = 0;
         for (const [key, value] of Object.entries(variables)) inputChars += measure.chars(env.set(key, value));
-        const timeMs = limits.timeMs + limits.timeMsPerInputMiB * inputChars / (1024 * 1024);
+        const timeMs = limits.timeMs + (limits.timeMsPerInputMiB * inputChars) / (1024 * 1024);
         const interpreter = new BoundedInterpreter(env, measure, {
             deadline: performance.now() + timeMs,
             timeMs,
@@ -129,10 +134,14 @@ export function renderTemplate(template: Template, variables: Record<string, unk
     } catch (err) {
         // the checks above keep a template well inside V8's limits; these are the backstops for anything missed
         if (isStackOverflow(err)) {
-            throw new TemplateLimitError("ran past the stack: its macros or data nest too deeply (a macro that calls itself without end?)");
+            throw new TemplateLimitError(
+                "ran past the stack: its macros or data nest too deeply (a macro that calls itself without end?)"
+            );
         }
         if (err instanceof RangeError && /Invalid (string|array) length/.test(err.message)) {
-            throw new TemplateLimitError(`ran past its size limit: it built a value larger than JavaScript allows (${err.message})`);
+            throw new TemplateLimitError(
+                `ran past its size limit: it built a value larger than JavaScript allows (${err.message})`
+            );
         }
         throw err;
     }
@@ -165,7 +174,7 @@ function boundedRange(maxLength: number, start: number, stop?: number, step = 1)
     if (length > maxLength) {
         throw new TemplateLimitError(
             `ran past its range() limit: range(${[start, stop, step].join(", ")}) would make ${formatCount(length)} numbers, ` +
-            `more than the ${formatCount(maxLength)} one range() may make`
+                `more than the ${formatCount(maxLength)} one range() may make`
         );
     }
     const result: number[] = [];
@@ -181,15 +190,24 @@ function strftimeNow(format: string): string {
     const pad2 = (n: number): string => (n < 10 ? "0" + n : n.toString());
     return format.replace(/%[YmdbBHM%]/g, (token) => {
         switch (token) {
-            case "%Y": return date.getFullYear().toString();
-            case "%m": return pad2(date.getMonth() + 1);
-            case "%d": return pad2(date.getDate());
-            case "%b": return new Intl.DateTimeFormat(undefined, {month: "short"}).format(date);
-            case "%B": return new Intl.DateTimeFormat(undefined, {month: "long"}).format(date);
-            case "%H": return pad2(date.getHours());
-            case "%M": return pad2(date.getMinutes());
-            case "%%": return "%";
-            default: return token;
+            case "%Y":
+                return date.getFullYear().toString();
+            case "%m":
+                return pad2(date.getMonth() + 1);
+            case "%d":
+                return pad2(date.getDate());
+            case "%b":
+                return new Intl.DateTimeFormat(undefined, {month: "short"}).format(date);
+            case "%B":
+                return new Intl.DateTimeFormat(undefined, {month: "long"}).format(date);
+            case "%H":
+                return pad2(date.getHours());
+            case "%M":
+                return pad2(date.getMinutes());
+            case "%%":
+                return "%";
+            default:
+                return token;
         }
     });
 }
@@ -261,8 +279,19 @@ interface Bounds {
 // evaluations that hand back a value that already exists (a variable, a field of one, a branch) or a constant of the
 // template's text: they make nothing new, so they are not measured
 const PASS_THROUGH = new Set([
-    "Identifier", "Ternary", "SelectExpression", "StringLiteral", "IntegerLiteral", "FloatLiteral", "Comment",
-    "Break", "Continue", "Set", "Macro", "TestExpression", "UnaryExpression"
+    "Identifier",
+    "Ternary",
+    "SelectExpression",
+    "StringLiteral",
+    "IntegerLiteral",
+    "FloatLiteral",
+    "Comment",
+    "Break",
+    "Continue",
+    "Set",
+    "Macro",
+    "TestExpression",
+    "UnaryExpression"
 ]);
 // `a and b`, `a or b` give back one of their operands
 const LOGICAL_OPERATORS = new Set(["and", "or"]);
@@ -280,7 +309,11 @@ class BoundedInterpreter extends Interpreter {
     private steps = 0;
     private totalChars = 0;
 
-    constructor(env: Environment, private readonly measure: Measurer, private readonly bounds: Bounds) {
+    constructor(
+        env: Environment,
+        private readonly measure: Measurer,
+        private readonly bounds: Bounds
+    ) {
         super(env);
     }
 
@@ -358,7 +391,7 @@ class BoundedInterpreter extends Interpreter {
     private refuseSize(chars: number, what = "a value of"): never {
         throw new TemplateLimitError(
             `ran past its size limit: it built ${what} ${formatCount(chars)} characters, more than the ` +
-            `${formatCount(this.bounds.maxValueChars)} allowed for this render`
+                `${formatCount(this.bounds.maxValueChars)} allowed for this render`
         );
     }
 
@@ -368,23 +401,28 @@ class BoundedInterpreter extends Interpreter {
     private evaluateFilter(node: Statement, environment: Environment): RuntimeValue {
         const filter = node.filter as Statement;
         const callee = filter.callee as Statement | undefined;
-        const name = filter.type === "CallExpression" && callee?.type === "Identifier" ? callee.value as string : "";
+        const name = filter.type === "CallExpression" && callee?.type === "Identifier" ? (callee.value as string) : "";
         if (!SIZE_CHECKED_FILTERS.has(name)) return super.evaluate(node, environment);
-        const operand = node.type === "FilterExpression"
-            ? this.evaluate(node.operand as Statement, environment)
-            : super.evaluate({type: "Program", body: node.body}, environment); // what the filter block renders to
+        const operand =
+            node.type === "FilterExpression"
+                ? this.evaluate(node.operand as Statement, environment)
+                : super.evaluate({type: "Program", body: node.body}, environment); // what the filter block renders to
         const {nodes, positional, keyword} = this.evaluateArgumentValues(filter.args as Statement[], environment);
         this.checkFilterSize(name, operand, positional, keyword);
-        return super.evaluate({type: "FilterExpression", operand: precomputed(operand), filter: {...filter, args: nodes}}, environment);
+        return super.evaluate(
+            {type: "FilterExpression", operand: precomputed(operand), filter: {...filter, args: nodes}},
+            environment
+        );
     }
 
     // `s.replace` (or `s['replace']`, or a computed name) comes back wrapped in a check of the result's size, however
     // it is called later; other members are left to the library
     private evaluateMember(node: Statement, environment: Environment): RuntimeValue {
         const property = node.property as Statement;
-        const staticName = !node.computed || property.type === "StringLiteral" || property.type === "IntegerLiteral"
-            ? property.value
-            : undefined;
+        const staticName =
+            !node.computed || property.type === "StringLiteral" || property.type === "IntegerLiteral"
+                ? property.value
+                : undefined;
         if ((staticName !== undefined && staticName !== "replace") || property.type === "SliceExpression") {
             return super.evaluate(node, environment);
         }
@@ -405,15 +443,21 @@ class BoundedInterpreter extends Interpreter {
             // keyword arguments come last, as one KeywordArgumentsValue
             const last = args.at(-1);
             const keywordArgs = last?.type === "KeywordArgumentsValue";
-            this.checkReplaceSize(text, keywordArgs ? args.slice(0, -1) : args,
-                keywordArgs ? last.value as Map<string, RuntimeValue> : new Map());
+            this.checkReplaceSize(
+                text,
+                keywordArgs ? args.slice(0, -1) : args,
+                keywordArgs ? (last.value as Map<string, RuntimeValue>) : new Map()
+            );
             return replace(args, scope);
         });
     }
 
     // the library's evaluateArguments, keeping the values: positional ones (and *spreads) first, then keyword ones
     // (and **spreads); `nodes` are the arguments again, as precomputed values
-    private evaluateArgumentValues(args: Statement[], environment: Environment): {nodes: Statement[]; positional: RuntimeValue[]; keyword: Map<string, RuntimeValue>} {
+    private evaluateArgumentValues(
+        args: Statement[],
+        environment: Environment
+    ): {nodes: Statement[]; positional: RuntimeValue[]; keyword: Map<string, RuntimeValue>} {
         const nodes: Statement[] = new Array(args.length);
         const positional: RuntimeValue[] = [];
         const keyword = new Map<string, RuntimeValue>();
@@ -422,7 +466,7 @@ class BoundedInterpreter extends Interpreter {
             if (arg.type === "SpreadExpression") {
                 const value = this.evaluate(arg.argument as Statement, environment);
                 nodes[i] = {...arg, argument: precomputed(value)};
-                if (Array.isArray(value.value)) positional.push(...value.value as RuntimeValue[]);
+                if (Array.isArray(value.value)) positional.push(...(value.value as RuntimeValue[]));
             } else {
                 const value = this.evaluate(arg, environment);
                 nodes[i] = precomputed(value);
@@ -437,14 +481,20 @@ class BoundedInterpreter extends Interpreter {
             } else if (arg.type === "KeywordSpreadExpression") {
                 const value = this.evaluate(arg.argument as Statement, environment);
                 nodes[i] = {...arg, argument: precomputed(value)};
-                if (value.value instanceof Map) for (const [key, v] of value.value as Map<string, RuntimeValue>) keyword.set(key, v);
+                if (value.value instanceof Map)
+                    for (const [key, v] of value.value as Map<string, RuntimeValue>) keyword.set(key, v);
             }
         });
         return {nodes, positional, keyword};
     }
 
     /** refuses a filter call whose result could pass the size limit (wrong argument types are left to the library) */
-    private checkFilterSize(name: string, operand: RuntimeValue, positional: RuntimeValue[], keyword: Map<string, RuntimeValue>): void {
+    private checkFilterSize(
+        name: string,
+        operand: RuntimeValue,
+        positional: RuntimeValue[],
+        keyword: Map<string, RuntimeValue>
+    ): void {
         const text = stringOf(operand);
         let estimate = 0;
         if (name === "replace") {
@@ -469,7 +519,8 @@ class BoundedInterpreter extends Interpreter {
             const indent = Math.max(numberOf(keyword.get("indent")) ?? 0, 0);
             const separators = keyword.get("separators")?.value;
             let separatorChars = 0;
-            if (Array.isArray(separators)) for (const s of separators as RuntimeValue[]) separatorChars += stringOf(s)?.length ?? 0;
+            if (Array.isArray(separators))
+                for (const s of separators as RuntimeValue[]) separatorChars += stringOf(s)?.length ?? 0;
             // at most 6 characters per one measured (\uXXXX), and each value on a line of its own, indented by its depth
             estimate = 6 * m.chars + m.values * (1 + m.depth * indent + separatorChars);
         }
@@ -494,11 +545,11 @@ function precomputed(value: RuntimeValue): Statement {
 }
 
 function stringOf(value: RuntimeValue | undefined): string | null {
-    return value?.type === "StringValue" ? value.value as string : null;
+    return value?.type === "StringValue" ? (value.value as string) : null;
 }
 
 function numberOf(value: RuntimeValue | undefined): number | null {
-    return value?.type === "IntegerValue" || value?.type === "FloatValue" ? value.value as number : null;
+    return value?.type === "IntegerValue" || value?.type === "FloatValue" ? (value.value as number) : null;
 }
 
 /** occurrences of `part` (not empty) in `text`, counting no further than `limit` */

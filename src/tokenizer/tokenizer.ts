@@ -68,7 +68,8 @@ interface TemplateSource {
 }
 
 // what to do about a template that is too big, too slow or too deep for any real chat template
-const BROKEN_TEMPLATE_ADVICE = "the template is broken or hostile: fix or replace it (e.g. with the one from the model's original repository)";
+const BROKEN_TEMPLATE_ADVICE =
+    "the template is broken or hostile: fix or replace it (e.g. with the one from the model's original repository)";
 
 /** a template's own error message as part of a one-line QloraError: newlines folded, length capped */
 function templateMessage(err: unknown): string {
@@ -95,7 +96,12 @@ export class HfTokenizer {
     private readonly templates: Map<string, TemplateSource>;
     private readonly compiledTemplates = new Map<string, Template>();
 
-    private constructor(dir: string, tokenizer: Tokenizer, config: Record<string, unknown>, templates: Map<string, TemplateSource>) {
+    private constructor(
+        dir: string,
+        tokenizer: Tokenizer,
+        config: Record<string, unknown>,
+        templates: Map<string, TemplateSource>
+    ) {
         this.dir = dir;
         this.tokenizer = tokenizer;
         this.config = config;
@@ -118,8 +124,8 @@ export class HfTokenizer {
         if (tokenizerText === null) {
             throw new QloraError(
                 `has no ${TOKENIZER_FILE_NAME}; qlora needs the fast-tokenizer file that Hugging Face model repositories ` +
-                "ship (for a model with only tokenizer.model or vocab.json, load and save it with transformers' " +
-                "AutoTokenizer once to create tokenizer.json)",
+                    "ship (for a model with only tokenizer.model or vocab.json, load and save it with transformers' " +
+                    "AutoTokenizer once to create tokenizer.json)",
                 {file: dir}
             );
         }
@@ -142,7 +148,7 @@ export class HfTokenizer {
         } catch (err) {
             throw new QloraError(
                 `cannot build a tokenizer from it (${(err as Error).message}); the file may be from an unsupported ` +
-                "tokenizer type or corrupt (re-download it)",
+                    "tokenizer type or corrupt (re-download it)",
                 {file: tokenizerPath, cause: err}
             );
         }
@@ -192,11 +198,14 @@ export class HfTokenizer {
             return renderTemplate(template, variables);
         } catch (err) {
             if (err instanceof TemplateLimitError) {
-                throw new QloraError(`the chat template "${source.name}" ${err.message}; ${BROKEN_TEMPLATE_ADVICE}`, {file: source.origin, cause: err});
+                throw new QloraError(`the chat template "${source.name}" ${err.message}; ${BROKEN_TEMPLATE_ADVICE}`, {
+                    file: source.origin,
+                    cause: err
+                });
             }
             throw new QloraError(
                 `the chat template failed on these messages: ${templateMessage(err)} ` +
-                "(templates often require alternating user/assistant roles or a particular first role)",
+                    "(templates often require alternating user/assistant roles or a particular first role)",
                 {file: source.origin, cause: err}
             );
         }
@@ -272,13 +281,15 @@ export class HfTokenizer {
 
     private templateSource(name: string | undefined): TemplateSource {
         const wanted = name ?? "default";
-        const source = this.templates.get(wanted) ?? (name === undefined && this.templates.size === 1 ? [...this.templates.values()][0] : undefined);
+        const source =
+            this.templates.get(wanted) ??
+            (name === undefined && this.templates.size === 1 ? [...this.templates.values()][0] : undefined);
         if (source) return source;
         if (this.templates.size === 0) {
             throw new QloraError(
                 `the tokenizer has no chat template (no "chat_template" in ${TOKENIZER_CONFIG_FILE_NAME} and no ` +
-                `${CHAT_TEMPLATE_FILE_NAME}); use a model that has one (usually its "-Instruct" or "-Chat" variant), ` +
-                "or train on plain text / prompt-completion data instead of chat messages",
+                    `${CHAT_TEMPLATE_FILE_NAME}); use a model that has one (usually its "-Instruct" or "-Chat" variant), ` +
+                    "or train on plain text / prompt-completion data instead of chat messages",
                 {file: this.dir}
             );
         }
@@ -296,18 +307,21 @@ export class HfTokenizer {
                 template = parseTemplate(source.text);
             } catch (err) {
                 if (err instanceof TemplateLimitError) {
-                    throw new QloraError(`the chat template "${source.name}" ${err.message}; ${BROKEN_TEMPLATE_ADVICE}`, {file: source.origin, cause: err});
+                    throw new QloraError(`the chat template "${source.name}" ${err.message}; ${BROKEN_TEMPLATE_ADVICE}`, {
+                        file: source.origin,
+                        cause: err
+                    });
                 }
                 if (isStackOverflow(err)) {
                     throw new QloraError(
                         `the chat template "${source.name}" cannot be parsed: it nests brackets or blocks deeper than the ` +
-                        `parser can follow; ${BROKEN_TEMPLATE_ADVICE}`,
+                            `parser can follow; ${BROKEN_TEMPLATE_ADVICE}`,
                         {file: source.origin, cause: err}
                     );
                 }
                 throw new QloraError(
                     `the chat template cannot be parsed (${templateMessage(err)}); it may use Jinja features ` +
-                    "@huggingface/jinja does not support — fix the template or pass one that parses",
+                        "@huggingface/jinja does not support — fix the template or pass one that parses",
                     {file: source.origin, cause: err}
                 );
             }
@@ -325,7 +339,10 @@ async function readOptionalText(filePath: string, maxBytes?: number): Promise<st
         const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
         if (code === "ENOENT") return null;
         if (code === "ENOTDIR") {
-            throw new QloraError("is not a folder; give the model folder that holds tokenizer.json", {file: path.dirname(filePath), cause: err});
+            throw new QloraError("is not a folder; give the model folder that holds tokenizer.json", {
+                file: path.dirname(filePath),
+                cause: err
+            });
         }
         throw err;
     }

@@ -22,16 +22,27 @@ import {parseTrainingArgs, TRAINING_ARGS_FILE, type SavedTrainingArgs} from "./t
 
 export const CHECKPOINT_PREFIX = "checkpoint-";
 const CHECKPOINT_NAME = /^checkpoint-(\d+)$/;
-const TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"];
+const TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json"
+];
 /** the marker kinds (io/atomic.ts) of the folders a training run writes */
 export const CHECKPOINT_KIND = "checkpoint";
 export const FINAL_ADAPTER_KIND = "adapter";
 
 const nonNegInt = z.number().int("expected an integer >= 0").min(0, "expected an integer >= 0");
-const finite = z.number();  // zod refuses NaN and ±Infinity
+const finite = z.number(); // zod refuses NaN and ±Infinity
 const uint32 = z.number().int().min(0).max(0xffffffff);
-const rngWords = z.array(uint32).length(4).refine((w) => w.some((x) => x !== 0), "the generator state cannot be all zeros");
+const rngWords = z
+    .array(uint32)
+    .length(4)
+    .refine((w) => w.some((x) => x !== 0), "the generator state cannot be all zeros");
 
 const TrainerStateSchema = z.looseObject({
     global_step: nonNegInt,
@@ -46,14 +57,14 @@ const TrainerStateSchema = z.looseObject({
     best_metric: finite.nullable(),
     best_model_checkpoint: z.string().nullable(),
     num_input_tokens_seen: nonNegInt,
-    qlora_log_accumulator: z.object({lossSum: finite, steps: nonNegInt, tokens: nonNegInt}),
+    qlora_log_accumulator: z.object({lossSum: finite, steps: nonNegInt, tokens: nonNegInt})
 });
 export type TrainerState = z.infer<typeof TrainerStateSchema>;
 
 const RngStateSchema = z.object({
     // checkpoints of earlier versions saved a dropout generator; the masks now follow from the step (DropoutClock)
     dropout: rngWords.optional(),
-    loader: z.object({epoch: nonNegInt, index: nonNegInt, rngState: rngWords}),
+    loader: z.object({epoch: nonNegInt, index: nonNegInt, rngState: rngWords})
 });
 export interface RngStateFile {
     loader: LoaderPosition;
@@ -65,7 +76,7 @@ const SchedulerStateSchema = z.object({
     warmupSteps: nonNegInt,
     totalSteps: nonNegInt,
     kwargs: z.record(z.string(), z.unknown()),
-    step: nonNegInt,
+    step: nonNegInt
 });
 
 const OptimizerMetadataSchema = z.object({
@@ -80,15 +91,17 @@ const OptimizerMetadataSchema = z.object({
         paged: z.boolean(),
         min8bitSize: nonNegInt,
         blocksize: z.number().int().positive(),
-        variant: z.enum(["torch", "bnb"]),
+        variant: z.enum(["torch", "bnb"])
     }),
-    params: z.array(z.looseObject({
-        name: z.string().min(1),
-        numel: z.number().int().positive(),
-        state: z.enum(["torch32", "bnb32", "bnb8"]),
-        weightDecay: z.boolean(),
-        paged: z.boolean(),
-    })),
+    params: z.array(
+        z.looseObject({
+            name: z.string().min(1),
+            numel: z.number().int().positive(),
+            state: z.enum(["torch32", "bnb32", "bnb8"]),
+            weightDecay: z.boolean(),
+            paged: z.boolean()
+        })
+    )
 });
 
 export interface CheckpointParts {
@@ -121,20 +134,27 @@ export async function copyTokenizerFiles(modelDir: string, dir: string): Promise
 }
 
 export async function saveCheckpoint(dir: string, parts: CheckpointParts): Promise<void> {
-    await writeDirAtomic(dir, async (tmp) => {
-        await saveAdapter(tmp, parts.lora);
-        await copyTokenizerFiles(parts.modelDir, tmp);
-        const opt = parts.optimizerState;
-        const tensors: TensorToWrite[] = Object.entries(opt.tensors).map(([name, data]) => ({
-            name, dtype: data instanceof Uint8Array ? "U8" : "F32", shape: [data.length], data,
-        }));
-        await writeSafetensors(path.join(tmp, "optimizer.safetensors"), tensors, {format: "qlora"});
-        await writeFileAtomic(path.join(tmp, "optimizer.json"), JSON.stringify(opt.metadata, null, 2));
-        await writeFileAtomic(path.join(tmp, "scheduler.json"), JSON.stringify(parts.scheduler.stateDict(), null, 2));
-        await writeFileAtomic(path.join(tmp, "rng_state.json"), JSON.stringify(parts.rng, null, 2));
-        await writeFileAtomic(path.join(tmp, "trainer_state.json"), JSON.stringify(parts.trainerState, null, 2));
-        await writeFileAtomic(path.join(tmp, TRAINING_ARGS_FILE), JSON.stringify(parts.trainingArgs, null, 2));
-    }, {replace: "owned", kind: CHECKPOINT_KIND});
+    await writeDirAtomic(
+        dir,
+        async (tmp) => {
+            await saveAdapter(tmp, parts.lora);
+            await copyTokenizerFiles(parts.modelDir, tmp);
+            const opt = parts.optimizerState;
+            const tensors: TensorToWrite[] = Object.entries(opt.tensors).map(([name, data]) => ({
+                name,
+                dtype: data instanceof Uint8Array ? "U8" : "F32",
+                shape: [data.length],
+                data
+            }));
+            await writeSafetensors(path.join(tmp, "optimizer.safetensors"), tensors, {format: "qlora"});
+            await writeFileAtomic(path.join(tmp, "optimizer.json"), JSON.stringify(opt.metadata, null, 2));
+            await writeFileAtomic(path.join(tmp, "scheduler.json"), JSON.stringify(parts.scheduler.stateDict(), null, 2));
+            await writeFileAtomic(path.join(tmp, "rng_state.json"), JSON.stringify(parts.rng, null, 2));
+            await writeFileAtomic(path.join(tmp, "trainer_state.json"), JSON.stringify(parts.trainerState, null, 2));
+            await writeFileAtomic(path.join(tmp, TRAINING_ARGS_FILE), JSON.stringify(parts.trainingArgs, null, 2));
+        },
+        {replace: "owned", kind: CHECKPOINT_KIND}
+    );
 }
 
 export interface LoadedCheckpoint {
@@ -160,9 +180,12 @@ export interface ResumeExpectations {
 async function damagedAdvice(dir: string): Promise<string> {
     const step = checkpointStep(dir);
     const earlier = step === null ? [] : (await listCheckpoints(path.dirname(dir))).filter((c) => c.step < step);
-    return "the checkpoint is damaged: " + (earlier.length > 0
-        ? `resume from an earlier one (--resume_from_checkpoint ${earlier[earlier.length - 1].dir})`
-        : "resume from an earlier checkpoint, or start a new run (--overwrite_output_dir true)");
+    return (
+        "the checkpoint is damaged: " +
+        (earlier.length > 0
+            ? `resume from an earlier one (--resume_from_checkpoint ${earlier[earlier.length - 1].dir})`
+            : "resume from an earlier checkpoint, or start a new run (--overwrite_output_dir true)")
+    );
 }
 
 function describe(value: unknown): string {
@@ -178,7 +201,10 @@ function validate<T>(schema: z.ZodType<T>, json: unknown, file: string, advice: 
     let value: unknown = json;
     for (const key of issue.path) value = (value as Record<PropertyKey, unknown> | undefined)?.[key as PropertyKey];
     const field = issue.path.join(".") || "(top level)";
-    const what = value === undefined && issue.path.length > 0 ? "missing" : `${issue.message.replace(/^Invalid input: /, "")} (${describe(value)})`;
+    const what =
+        value === undefined && issue.path.length > 0
+            ? "missing"
+            : `${issue.message.replace(/^Invalid input: /, "")} (${describe(value)})`;
     throw new QloraError(`${field}: ${what}; ${advice}`, {file});
 }
 
@@ -201,16 +227,36 @@ function inconsistent(file: string, message: string, advice: string): never {
 }
 
 /** the state tensors each parameter needs, by state kind: [suffix, dtype, elements] */
-function expectedStateTensors(state: "torch32" | "bnb32" | "bnb8", numel: number, blocksize: number): [string, "F32" | "U8", number][] {
-    if (state === "torch32") return [["exp_avg", "F32", numel], ["exp_avg_sq", "F32", numel]];
-    if (state === "bnb32") return [["state1", "F32", numel], ["state2", "F32", numel]];
+function expectedStateTensors(
+    state: "torch32" | "bnb32" | "bnb8",
+    numel: number,
+    blocksize: number
+): [string, "F32" | "U8", number][] {
+    if (state === "torch32")
+        return [
+            ["exp_avg", "F32", numel],
+            ["exp_avg_sq", "F32", numel]
+        ];
+    if (state === "bnb32")
+        return [
+            ["state1", "F32", numel],
+            ["state2", "F32", numel]
+        ];
     const blocks = Math.ceil(numel / blocksize);
-    return [["state1", "U8", numel], ["state2", "U8", numel], ["absmax1", "F32", blocks], ["absmax2", "F32", blocks]];
+    return [
+        ["state1", "U8", numel],
+        ["state2", "U8", numel],
+        ["absmax1", "F32", blocks],
+        ["absmax2", "F32", blocks]
+    ];
 }
 
 /** optimizer.safetensors: exactly the tensors optimizer.json's parameter list needs, of the right dtype and size, finite */
-async function readOptimizerTensors(file: string, meta: z.infer<typeof OptimizerMetadataSchema>, advice: string):
-    Promise<Record<string, OptimizerStateTensor>> {
+async function readOptimizerTensors(
+    file: string,
+    meta: z.infer<typeof OptimizerMetadataSchema>,
+    advice: string
+): Promise<Record<string, OptimizerStateTensor>> {
     let st: SafetensorsFile;
     try {
         st = await SafetensorsFile.open(file);
@@ -229,7 +275,8 @@ async function readOptimizerTensors(file: string, meta: z.infer<typeof Optimizer
         }
         const present = new Set(st.names());
         for (const name of present)
-            if (!expected.has(name)) inconsistent(file, `tensor "${name}" is not part of the state that optimizer.json describes`, advice);
+            if (!expected.has(name))
+                inconsistent(file, `tensor "${name}" is not part of the state that optimizer.json describes`, advice);
         for (const [name, [dtype, n]] of expected) {
             if (!present.has(name)) {
                 if (name === "qmap1" || name === "qmap2") continue; // optional: the map is bitsandbytes' fixed one
@@ -270,7 +317,7 @@ export async function readCheckpointTrainingArgs(dir: string, advice?: string): 
         advice ??= await damagedAdvice(dir);
         throw new QloraError(`${(err as Error).message.replace(`${file}: `, "")}; ${advice}`, {file, cause: err});
     }
-    return parseTrainingArgs(text, file, advice ?? await damagedAdvice(dir));
+    return parseTrainingArgs(text, file, advice ?? (await damagedAdvice(dir)));
 }
 
 /** the N of a checkpoint-N folder, or null for a folder of another name */
@@ -297,12 +344,20 @@ export async function loadCheckpointState(dir: string, expect?: ResumeExpectatio
     if (step > trainerState.max_steps)
         inconsistent(stateFile, `global_step: ${step} is beyond the run's max_steps (${trainerState.max_steps})`, advice);
     if (expect && step > expect.maxSteps)
-        throw new QloraError(`global_step: the checkpoint is at step ${step}, beyond this run's ${expect.maxSteps} steps; ` +
-            "to train longer, raise max_steps and name it in resume_override (--resume_override max_steps), or resume " +
-            "from an earlier checkpoint", {file: stateFile});
+        throw new QloraError(
+            `global_step: the checkpoint is at step ${step}, beyond this run's ${expect.maxSteps} steps; ` +
+                "to train longer, raise max_steps and name it in resume_override (--resume_override max_steps), or resume " +
+                "from an earlier checkpoint",
+            {file: stateFile}
+        );
 
     const schedulerFile = f("scheduler.json");
-    const scheduler = validate(SchedulerStateSchema, await readJson(schedulerFile, advice), schedulerFile, advice) as LRSchedulerState;
+    const scheduler = validate(
+        SchedulerStateSchema,
+        await readJson(schedulerFile, advice),
+        schedulerFile,
+        advice
+    ) as LRSchedulerState;
     if (scheduler.step !== step)
         inconsistent(schedulerFile, `step: ${scheduler.step} differs from trainer_state.json's global_step ${step}`, advice);
 
@@ -312,9 +367,12 @@ export async function loadCheckpointState(dir: string, expect?: ResumeExpectatio
         const {epoch, index} = rng.loader;
         const consumed = epoch * expect.batchesPerEpoch + index;
         if (index > expect.batchesPerEpoch || consumed !== step * expect.gradientAccumulationSteps)
-            throw new QloraError(`loader: the data position (epoch ${epoch}, batch ${index}) is not where step ${step} ends ` +
-                `with this data (${expect.batchesPerEpoch} batches an epoch, ${expect.gradientAccumulationSteps} per step): the ` +
-                `data or the batch size changed since the checkpoint, or ${advice}`, {file: rngFile});
+            throw new QloraError(
+                `loader: the data position (epoch ${epoch}, batch ${index}) is not where step ${step} ends ` +
+                    `with this data (${expect.batchesPerEpoch} batches an epoch, ${expect.gradientAccumulationSteps} per step): the ` +
+                    `data or the batch size changed since the checkpoint, or ${advice}`,
+                {file: rngFile}
+            );
     }
 
     const optimizerFile = f("optimizer.json");
@@ -336,7 +394,7 @@ export async function loadCheckpointState(dir: string, expect?: ResumeExpectatio
         scheduler,
         rng,
         trainerState,
-        trainingArgs,
+        trainingArgs
     };
 }
 
@@ -393,14 +451,19 @@ export async function resolveResumeDir(outputDir: string, resume: boolean | stri
         try {
             await fs.access(path.join(dir, "trainer_state.json"));
         } catch {
-            throw new QloraError("resume_from_checkpoint: no trainer_state.json in this folder " +
-                "(pass a checkpoint-N folder of an earlier run, or true for the latest one)", {file: dir});
+            throw new QloraError(
+                "resume_from_checkpoint: no trainer_state.json in this folder " +
+                    "(pass a checkpoint-N folder of an earlier run, or true for the latest one)",
+                {file: dir}
+            );
         }
         return dir;
     }
     const all = await listCheckpoints(outputDir);
     if (all.length === 0)
-        throw new QloraError(`resume_from_checkpoint: no checkpoint-N folder in ${outputDir} to resume from ` +
-            "(train without resume_from_checkpoint to start the run)");
+        throw new QloraError(
+            `resume_from_checkpoint: no checkpoint-N folder in ${outputDir} to resume from ` +
+                "(train without resume_from_checkpoint to start the run)"
+        );
     return all[all.length - 1].dir;
 }

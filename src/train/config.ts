@@ -13,82 +13,133 @@ import {RESUME_OVERRIDABLE_KEYS, resumeOverrideProblem} from "./training-args.js
 
 const targetModules = z.union([z.array(z.string()).min(1), z.string().min(1)]);
 /** a step count (an integer >= 1), or a ratio of the total steps in (0, 1) as transformers reads these keys */
-const stepsOrRatio = z.number().positive().refine((v) => v < 1 || Number.isInteger(v),
-    "expected an integer step count, or a ratio of the total steps in (0, 1)");
+const stepsOrRatio = z
+    .number()
+    .positive()
+    .refine((v) => v < 1 || Number.isInteger(v), "expected an integer step count, or a ratio of the total steps in (0, 1)");
 /** a probability-like coefficient in [0, 1) */
 const unitInterval = z.number().min(0, "expected a number in [0, 1)").lt(1, "expected a number in [0, 1)");
 
-export const TrainConfigSchema = z.object({
-    // model and data
-    model: z.string().nullable().default(null).describe("Hugging Face model folder (default: the embedded tiny-qwen2)"),
-    dataset: z.string().nullable().default(null).describe("training data: JSON, JSONL or Parquet file, or a folder (default: the embedded example data)"),
-    eval_dataset: z.string().nullable().default(null).describe("held-out data for eval_loss (default: none, or the example's eval split)"),
-    dataset_format: z.enum(["auto", "alpaca", "text", "prompt_completion", "messages", "sharegpt"]).default("auto")
-        .describe("record format; detected from the first record's keys unless given"),
-    template: z.string().nullable().default(null).describe("a prompt template with {field} placeholders for custom records"),
-    max_seq_length: z.number().int().positive().default(512).describe("truncate each example to this many tokens"),
-    packing: z.boolean().default(false).describe("pack examples into rows of max_seq_length (no attention across examples)"),
-    completion_only_loss: z.boolean().default(true).describe("train on the response tokens only (prompt tokens get no loss)"),
-    assistant_only_loss: z.boolean().default(true).describe("for chat data: train on assistant turns only"),
-    // BitsAndBytesConfig
-    load_in_4bit: z.boolean().default(true).describe("quantize the frozen base to 4 bits (QLoRA)"),
-    bnb_4bit_quant_type: z.enum(["nf4", "fp4"]).default("nf4"),
-    bnb_4bit_compute_dtype: z.enum(["bfloat16", "float16", "float32"]).default("bfloat16")
-        .describe("compute dtype on the GPU (the CPU backend computes in float32)"),
-    bnb_4bit_use_double_quant: z.boolean().default(true).describe("quantize the 4-bit scales again (8-bit, block 256)"),
-    // LoraConfig
-    r: z.number().int().positive("expected a positive integer").default(16).describe("LoRA rank"),
-    lora_alpha: z.number().positive("expected a positive number").default(32),
-    target_modules: targetModules.default(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        .describe('module names, a regex (full match) or "all-linear"'),
-    lora_dropout: unitInterval.default(0.05),
-    bias: z.enum(["none", "all", "lora_only"]).default("none"),
-    use_rslora: z.boolean().default(false),
-    use_dora: z.boolean().default(false),
-    modules_to_save: z.array(z.string()).nullable().default(null),
-    task_type: z.literal("CAUSAL_LM").default("CAUSAL_LM"),
-    init_lora_weights: z.union([z.boolean(), z.literal("gaussian")]).default(true),
-    // TrainingArguments
-    output_dir: z.string().default("./qlora_output"),
-    overwrite_output_dir: z.boolean().default(false)
-        .describe("replace an earlier run in output_dir (only its checkpoint-N, final, metrics.jsonl, report.html)"),
-    num_train_epochs: z.number().positive().default(3),
-    max_steps: z.number().int().min(-1).refine((v) => v !== 0, "expected -1 (train num_train_epochs) or a positive step count")
-        .default(-1).describe("total optimizer steps; overrides num_train_epochs when > 0"),
-    per_device_train_batch_size: z.number().int().positive().default(4),
-    per_device_eval_batch_size: z.number().int().positive().default(8),
-    gradient_accumulation_steps: z.number().int().positive().default(1),
-    learning_rate: z.number().positive().default(2e-4),
-    weight_decay: z.number().min(0).default(0),
-    adam_beta1: unitInterval.default(0.9),
-    adam_beta2: unitInterval.default(0.999),
-    adam_epsilon: z.number().positive("expected a positive number (0 divides by zero for parameters without gradient)").default(1e-8),
-    max_grad_norm: z.number().min(0).default(1.0).describe("clip the gradient norm (0 disables)"),
-    optim: z.enum(OPTIMIZER_NAMES).default("paged_adamw_8bit").describe("adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit"),
-    lr_scheduler_type: z.enum(SCHEDULER_TYPES).default("cosine").describe("cosine, linear, constant, constant_with_warmup, ..."),
-    warmup_ratio: z.number().min(0).max(1).default(0.03),
-    warmup_steps: z.number().min(0).refine((v) => v < 1 || Number.isInteger(v),
-        "expected an integer step count, or a ratio of the total steps in (0, 1)").default(0).describe("warmup steps (overrides warmup_ratio when > 0)"),
-    fp16: z.boolean().default(false),
-    bf16: z.boolean().default(true).describe("bf16 compute on the GPU (the CPU backend computes in float32)"),
-    gradient_checkpointing: z.boolean().default(true),
-    gradient_checkpointing_offload: z.boolean().default(false)
-        .describe("GPU: keep the checkpointed block inputs in host memory (less GPU memory, slower)"),
-    logging_steps: stepsOrRatio.default(10),
-    eval_steps: stepsOrRatio.nullable().default(null).describe("evaluate every N steps (default: logging_steps, when an eval set is given)"),
-    save_steps: stepsOrRatio.default(500),
-    save_total_limit: z.number().int().positive().nullable().default(null),
-    seed: z.number().int().default(42),
-    resume_from_checkpoint: z.union([z.boolean(), z.string()]).default(false)
-        .describe("true: the latest checkpoint-N in output_dir; or a checkpoint folder"),
-    resume_override: z.array(z.string()).default([]).superRefine((names, ctx) => {
-        const problem = resumeOverrideProblem(names);
-        if (problem) ctx.addIssue({code: "custom", message: problem});
-    }).describe(`settings that may change on resume: ${RESUME_OVERRIDABLE_KEYS.join(", ")}`),
-    // qlora's own
-    device: z.enum(["auto", "cpu", "cuda"]).default("auto"),
-    threads: z.number().int().positive().nullable().default(null).describe("CPU threads (default: all cores)"),
-}).strict();
+export const TrainConfigSchema = z
+    .object({
+        // model and data
+        model: z.string().nullable().default(null).describe("Hugging Face model folder (default: the embedded tiny-qwen2)"),
+        dataset: z
+            .string()
+            .nullable()
+            .default(null)
+            .describe("training data: JSON, JSONL or Parquet file, or a folder (default: the embedded example data)"),
+        eval_dataset: z
+            .string()
+            .nullable()
+            .default(null)
+            .describe("held-out data for eval_loss (default: none, or the example's eval split)"),
+        dataset_format: z
+            .enum(["auto", "alpaca", "text", "prompt_completion", "messages", "sharegpt"])
+            .default("auto")
+            .describe("record format; detected from the first record's keys unless given"),
+        template: z.string().nullable().default(null).describe("a prompt template with {field} placeholders for custom records"),
+        max_seq_length: z.number().int().positive().default(512).describe("truncate each example to this many tokens"),
+        packing: z.boolean().default(false).describe("pack examples into rows of max_seq_length (no attention across examples)"),
+        completion_only_loss: z.boolean().default(true).describe("train on the response tokens only (prompt tokens get no loss)"),
+        assistant_only_loss: z.boolean().default(true).describe("for chat data: train on assistant turns only"),
+        // BitsAndBytesConfig
+        load_in_4bit: z.boolean().default(true).describe("quantize the frozen base to 4 bits (QLoRA)"),
+        bnb_4bit_quant_type: z.enum(["nf4", "fp4"]).default("nf4"),
+        bnb_4bit_compute_dtype: z
+            .enum(["bfloat16", "float16", "float32"])
+            .default("bfloat16")
+            .describe("compute dtype on the GPU (the CPU backend computes in float32)"),
+        bnb_4bit_use_double_quant: z.boolean().default(true).describe("quantize the 4-bit scales again (8-bit, block 256)"),
+        // LoraConfig
+        r: z.number().int().positive("expected a positive integer").default(16).describe("LoRA rank"),
+        lora_alpha: z.number().positive("expected a positive number").default(32),
+        target_modules: targetModules
+            .default(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+            .describe('module names, a regex (full match) or "all-linear"'),
+        lora_dropout: unitInterval.default(0.05),
+        bias: z.enum(["none", "all", "lora_only"]).default("none"),
+        use_rslora: z.boolean().default(false),
+        use_dora: z.boolean().default(false),
+        modules_to_save: z.array(z.string()).nullable().default(null),
+        task_type: z.literal("CAUSAL_LM").default("CAUSAL_LM"),
+        init_lora_weights: z.union([z.boolean(), z.literal("gaussian")]).default(true),
+        // TrainingArguments
+        output_dir: z.string().default("./qlora_output"),
+        overwrite_output_dir: z
+            .boolean()
+            .default(false)
+            .describe("replace an earlier run in output_dir (only its checkpoint-N, final, metrics.jsonl, report.html)"),
+        num_train_epochs: z.number().positive().default(3),
+        max_steps: z
+            .number()
+            .int()
+            .min(-1)
+            .refine((v) => v !== 0, "expected -1 (train num_train_epochs) or a positive step count")
+            .default(-1)
+            .describe("total optimizer steps; overrides num_train_epochs when > 0"),
+        per_device_train_batch_size: z.number().int().positive().default(4),
+        per_device_eval_batch_size: z.number().int().positive().default(8),
+        gradient_accumulation_steps: z.number().int().positive().default(1),
+        learning_rate: z.number().positive().default(2e-4),
+        weight_decay: z.number().min(0).default(0),
+        adam_beta1: unitInterval.default(0.9),
+        adam_beta2: unitInterval.default(0.999),
+        adam_epsilon: z
+            .number()
+            .positive("expected a positive number (0 divides by zero for parameters without gradient)")
+            .default(1e-8),
+        max_grad_norm: z.number().min(0).default(1.0).describe("clip the gradient norm (0 disables)"),
+        optim: z
+            .enum(OPTIMIZER_NAMES)
+            .default("paged_adamw_8bit")
+            .describe("adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit"),
+        lr_scheduler_type: z
+            .enum(SCHEDULER_TYPES)
+            .default("cosine")
+            .describe("cosine, linear, constant, constant_with_warmup, ..."),
+        warmup_ratio: z.number().min(0).max(1).default(0.03),
+        warmup_steps: z
+            .number()
+            .min(0)
+            .refine(
+                (v) => v < 1 || Number.isInteger(v),
+                "expected an integer step count, or a ratio of the total steps in (0, 1)"
+            )
+            .default(0)
+            .describe("warmup steps (overrides warmup_ratio when > 0)"),
+        fp16: z.boolean().default(false),
+        bf16: z.boolean().default(true).describe("bf16 compute on the GPU (the CPU backend computes in float32)"),
+        gradient_checkpointing: z.boolean().default(true),
+        gradient_checkpointing_offload: z
+            .boolean()
+            .default(false)
+            .describe("GPU: keep the checkpointed block inputs in host memory (less GPU memory, slower)"),
+        logging_steps: stepsOrRatio.default(10),
+        eval_steps: stepsOrRatio
+            .nullable()
+            .default(null)
+            .describe("evaluate every N steps (default: logging_steps, when an eval set is given)"),
+        save_steps: stepsOrRatio.default(500),
+        save_total_limit: z.number().int().positive().nullable().default(null),
+        seed: z.number().int().default(42),
+        resume_from_checkpoint: z
+            .union([z.boolean(), z.string()])
+            .default(false)
+            .describe("true: the latest checkpoint-N in output_dir; or a checkpoint folder"),
+        resume_override: z
+            .array(z.string())
+            .default([])
+            .superRefine((names, ctx) => {
+                const problem = resumeOverrideProblem(names);
+                if (problem) ctx.addIssue({code: "custom", message: problem});
+            })
+            .describe(`settings that may change on resume: ${RESUME_OVERRIDABLE_KEYS.join(", ")}`),
+        // qlora's own
+        device: z.enum(["auto", "cpu", "cuda"]).default("auto"),
+        threads: z.number().int().positive().nullable().default(null).describe("CPU threads (default: all cores)")
+    })
+    .strict();
 
 export type TrainConfig = z.infer<typeof TrainConfigSchema>;
 export type TrainConfigInput = z.input<typeof TrainConfigSchema>;
@@ -100,15 +151,19 @@ export function resolveTrainConfig(input: Record<string, unknown>, source = "con
     for (const key of Object.keys(input)) {
         if (!(TRAIN_CONFIG_KEYS as string[]).includes(key)) {
             const near = closestKey(key);
-            throw new QloraError(`unknown key "${key}"` + (near ? `; did you mean "${near}"?` : "") +
-                " (qlora train --help lists the keys)", {file: source});
+            throw new QloraError(
+                `unknown key "${key}"` + (near ? `; did you mean "${near}"?` : "") + " (qlora train --help lists the keys)",
+                {file: source}
+            );
         }
     }
     const result = TrainConfigSchema.safeParse(input);
     if (!result.success) {
         const issue = result.error.issues[0];
         const key = issue.path.join(".");
-        throw new QloraError(`${key}: ${issue.message}` + (key in input ? ` (got ${quoteValue(input[key])})` : ""), {file: source});
+        throw new QloraError(`${key}: ${issue.message}` + (key in input ? ` (got ${quoteValue(input[key])})` : ""), {
+            file: source
+        });
     }
     const scalingProblem = loraScalingProblem(result.data);
     if (scalingProblem) throw new QloraError(`lora_alpha: ${scalingProblem}`, {file: source});
@@ -123,7 +178,10 @@ export async function readConfigFile(file: string): Promise<Record<string, unkno
     try {
         parsed = path.extname(file).toLowerCase() === ".json" ? JSON.parse(text) : parseYaml(text);
     } catch (err) {
-        throw new QloraError(`invalid ${path.extname(file).toLowerCase() === ".json" ? "JSON" : "YAML"}: ${(err as Error).message.split("\n")[0]}`, {file});
+        throw new QloraError(
+            `invalid ${path.extname(file).toLowerCase() === ".json" ? "JSON" : "YAML"}: ${(err as Error).message.split("\n")[0]}`,
+            {file}
+        );
     }
     if (parsed === null || parsed === undefined) return {};
     if (typeof parsed !== "object" || Array.isArray(parsed))
@@ -160,10 +218,13 @@ export function parseFlags(args: string[]): Record<string, unknown> {
 }
 
 function coerce(key: keyof TrainConfig, value: string): unknown {
-    if (value === "null" || value === "none" && key !== "bias") return null;
+    if (value === "null" || (value === "none" && key !== "bias")) return null;
     if (key === "target_modules" || key === "modules_to_save" || key === "resume_override") {
         if (key === "target_modules" && (value === "all-linear" || /[\\^$*+?()[\]{}|]/.test(value))) return value;
-        return value.split(",").map((s) => s.trim()).filter(Boolean);
+        return value
+            .split(",")
+            .map((s) => s.trim())
+            .filter(Boolean);
     }
     if (value === "true") return true;
     if (value === "false") return false;
@@ -173,7 +234,8 @@ function coerce(key: keyof TrainConfig, value: string): unknown {
 
 /** the valid key nearest to `key` by edit distance, when it is near enough to be a typo */
 export function closestKey(key: string): string | null {
-    let best: string | null = null, bestDist = Infinity;
+    let best: string | null = null,
+        bestDist = Infinity;
     for (const k of TRAIN_CONFIG_KEYS) {
         const d = editDistance(key, k);
         if (d < bestDist) {

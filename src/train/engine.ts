@@ -7,8 +7,15 @@ import type {DecoderModel} from "../model/decoder.js";
 import {CudaTrainer} from "../model/cuda-trainer.js";
 import {CudaAdamW} from "../optim/cuda-adamw.js";
 import {DecoderTrainer, type ForwardBackwardOptions, type LossResult, type TrainBatch} from "../model/training.js";
-import {createOptimizer, optimizerDynamicMaps, optimizerOptionsFor, weightDecayFor, type AdamW,
-    type OptimizerArgs, type OptimizerStateDict} from "../optim/adamw.js";
+import {
+    createOptimizer,
+    optimizerDynamicMaps,
+    optimizerOptionsFor,
+    weightDecayFor,
+    type AdamW,
+    type OptimizerArgs,
+    type OptimizerStateDict
+} from "../optim/adamw.js";
 import {clipGradNorm} from "../optim/clip.js";
 import type {DropoutClock} from "../backend/dropout.js";
 
@@ -36,25 +43,41 @@ export interface TrainEngine {
  * in bf16 (fp32 accumulation, fp32 LoRA masters); fp16 compute with loss scaling is not implemented. The CPU
  * engine computes in fp32, more precise than any setting asks for (the start line says so).
  */
-export function checkComputeDtype(device: "cpu" | "cuda", cfg: {fp16: boolean; bf16: boolean;
-    bnb_4bit_compute_dtype: string; load_in_4bit: boolean}): void {
+export function checkComputeDtype(
+    device: "cpu" | "cuda",
+    cfg: {fp16: boolean; bf16: boolean; bnb_4bit_compute_dtype: string; load_in_4bit: boolean}
+): void {
     if (cfg.fp16 && cfg.bf16) throw new QloraError("fp16 and bf16 are both true; choose one (qlora computes in bf16 on the GPU)");
     if (cfg.fp16 || (cfg.load_in_4bit && cfg.bnb_4bit_compute_dtype === "float16"))
-        throw new QloraError(`${cfg.fp16 ? "fp16: true" : "bnb_4bit_compute_dtype: float16"} asks for fp16 compute, which qlora ` +
-            "does not implement (every GPU it runs on, compute capability 8.0+, has bf16: the seed recipe's choice); " +
-            `set ${cfg.fp16 ? "fp16: false, bf16: true" : "bnb_4bit_compute_dtype: bfloat16"}`);
+        throw new QloraError(
+            `${cfg.fp16 ? "fp16: true" : "bnb_4bit_compute_dtype: float16"} asks for fp16 compute, which qlora ` +
+                "does not implement (every GPU it runs on, compute capability 8.0+, has bf16: the seed recipe's choice); " +
+                `set ${cfg.fp16 ? "fp16: false, bf16: true" : "bnb_4bit_compute_dtype: bfloat16"}`
+        );
     if (device === "cuda" && !cfg.bf16)
-        throw new QloraError("bf16: false asks for fp32 compute on the GPU, which qlora does not implement (it computes in " +
-            "bf16 with fp32 accumulation and fp32 LoRA weights); set bf16: true, or --device cpu for fp32 compute");
+        throw new QloraError(
+            "bf16: false asks for fp32 compute on the GPU, which qlora does not implement (it computes in " +
+                "bf16 with fp32 accumulation and fp32 LoRA weights); set bf16: true, or --device cpu for fp32 compute"
+        );
     if (device === "cuda" && cfg.load_in_4bit && cfg.bnb_4bit_compute_dtype === "float32")
-        throw new QloraError("bnb_4bit_compute_dtype: float32 is not implemented on the GPU (qlora computes in bf16 there); " +
-            "set bnb_4bit_compute_dtype: bfloat16, or --device cpu for fp32 compute");
+        throw new QloraError(
+            "bnb_4bit_compute_dtype: float32 is not implemented on the GPU (qlora computes in bf16 there); " +
+                "set bnb_4bit_compute_dtype: bfloat16, or --device cpu for fp32 compute"
+        );
 }
 
 /** `offloadActivations`: offloaded gradient checkpointing on the GPU (on the CPU the block inputs are host memory already) */
-export function createEngine(device: "cpu" | "cuda", model: DecoderModel, lora: LoraModel, optim: string,
-    args: OptimizerArgs, dropoutClock: DropoutClock, offloadActivations = false): TrainEngine {
-    return device === "cuda" ? new CudaEngine(model, lora, optim, args, dropoutClock, offloadActivations)
+export function createEngine(
+    device: "cpu" | "cuda",
+    model: DecoderModel,
+    lora: LoraModel,
+    optim: string,
+    args: OptimizerArgs,
+    dropoutClock: DropoutClock,
+    offloadActivations = false
+): TrainEngine {
+    return device === "cuda"
+        ? new CudaEngine(model, lora, optim, args, dropoutClock, offloadActivations)
         : new CpuEngine(model, lora, optim, args, dropoutClock);
 }
 
@@ -66,12 +89,26 @@ class CpuEngine implements TrainEngine {
     private readonly grads: Float32Array[];
     private peakRss = 0;
 
-    constructor(model: DecoderModel, private readonly lora: LoraModel, optim: string, args: OptimizerArgs,
-        private readonly dropoutClock: DropoutClock) {
+    constructor(
+        model: DecoderModel,
+        private readonly lora: LoraModel,
+        optim: string,
+        args: OptimizerArgs,
+        private readonly dropoutClock: DropoutClock
+    ) {
         this.trainer = new DecoderTrainer(model, dropoutClock);
         const tensors = lora.trainableTensors();
-        this.optimizer = createOptimizer(optim, tensors.map((t) => ({name: t.name, param: t.param, grad: t.grad,
-            weightDecay: t.decay && weightDecayFor(t.name), fp32State: t.fp32State})), args);
+        this.optimizer = createOptimizer(
+            optim,
+            tensors.map((t) => ({
+                name: t.name,
+                param: t.param,
+                grad: t.grad,
+                weightDecay: t.decay && weightDecayFor(t.name),
+                fp32State: t.fp32State
+            })),
+            args
+        );
         this.grads = tensors.map((t) => t.grad);
     }
 
@@ -110,8 +147,14 @@ class CudaEngine implements TrainEngine {
     private readonly trainer: CudaTrainer;
     private readonly optimizer: CudaAdamW;
 
-    constructor(model: DecoderModel, lora: LoraModel, optim: string, args: OptimizerArgs,
-        private readonly dropoutClock: DropoutClock, offloadActivations: boolean) {
+    constructor(
+        model: DecoderModel,
+        lora: LoraModel,
+        optim: string,
+        args: OptimizerArgs,
+        private readonly dropoutClock: DropoutClock,
+        offloadActivations: boolean
+    ) {
         if (model.params.fullGrads?.embed || model.params.fullGrads?.lmHead)
             throw new QloraError("modules_to_save is not supported on CUDA yet; train it with --device cpu");
         this.trainer = new CudaTrainer(model, dropoutClock, offloadActivations);
@@ -120,7 +163,11 @@ class CudaEngine implements TrainEngine {
         if (device.length !== names.size || device.some((t) => !names.has(t.name)))
             throw new Error("the device tensors do not match the LoRA model's trainable tensors");
         const o = optimizerOptionsFor(optim, args);
-        this.optimizer = new CudaAdamW(device.map((t) => ({...t, decay: weightDecayFor(t.name)})), o, optimizerDynamicMaps());
+        this.optimizer = new CudaAdamW(
+            device.map((t) => ({...t, decay: weightDecayFor(t.name)})),
+            o,
+            optimizerDynamicMaps()
+        );
     }
 
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {

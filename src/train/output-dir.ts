@@ -4,7 +4,13 @@
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
-import {assertOutputSeparate, QLORA_MARKER_FILE, readQloraMarker, recoverInterruptedWrites, writeQloraMarker} from "../io/atomic.js";
+import {
+    assertOutputSeparate,
+    QLORA_MARKER_FILE,
+    readQloraMarker,
+    recoverInterruptedWrites,
+    writeQloraMarker
+} from "../io/atomic.js";
 import {acquireFolderLock, LOCK_FILE, type FolderLock} from "../io/lock.js";
 import {finishInterruptedRemovals, removeRunFolder} from "./checkpoint.js";
 
@@ -30,7 +36,8 @@ export interface OutputDir {
 
 /** the entries of output_dir, split into an earlier run's files and everything else (the lock and marker aside) */
 async function classifyEntries(dir: string): Promise<{run: string[]; other: string[]}> {
-    const run: string[] = [], other: string[] = [];
+    const run: string[] = [],
+        other: string[] = [];
     for (const entry of await fs.readdir(dir, {withFileTypes: true})) {
         const name = entry.name;
         if (name === QLORA_MARKER_FILE || name.startsWith(LOCK_FILE)) continue;
@@ -45,7 +52,7 @@ async function classifyEntries(dir: string): Promise<{run: string[]; other: stri
 function writeFailure(dir: string, err: unknown): QloraError {
     if (err instanceof QloraError) return err;
     const code = (err as NodeJS.ErrnoException).code;
-    const why = code === "EEXIST" || code === "ENOTDIR" ? `${code}: a file is in the way` : code ?? (err as Error).message;
+    const why = code === "EEXIST" || code === "ENOTDIR" ? `${code}: a file is in the way` : (code ?? (err as Error).message);
     return new QloraError(`the output folder cannot be written (${why}); choose another output_dir`, {file: dir, cause: err});
 }
 
@@ -56,11 +63,16 @@ function writeFailure(dir: string, err: unknown): QloraError {
  */
 export async function openOutputDir(outputDir: string, inputs: {path: string | null; what: string}[]): Promise<OutputDir> {
     const dir = path.resolve(outputDir);
-    await assertOutputSeparate(dir, inputs.filter((i): i is {path: string; what: string} => !!i.path), "output_dir");
+    await assertOutputSeparate(
+        dir,
+        inputs.filter((i): i is {path: string; what: string} => !!i.path),
+        "output_dir"
+    );
     let created = false;
     try {
         const st = await fs.stat(dir).catch(() => null);
-        if (st && !st.isDirectory()) throw new QloraError("output_dir is a file, not a folder; choose another output_dir", {file: dir});
+        if (st && !st.isDirectory())
+            throw new QloraError("output_dir is a file, not a folder; choose another output_dir", {file: dir});
         if (!st) created = (await fs.mkdir(dir, {recursive: true})) !== undefined;
     } catch (err) {
         throw writeFailure(dir, err);
@@ -73,11 +85,13 @@ export async function openOutputDir(outputDir: string, inputs: {path: string | n
         throw writeFailure(dir, err);
     }
     try {
-        const recovered = [...await recoverInterruptedWrites(dir), ...await finishInterruptedRemovals(dir)];
+        const recovered = [...(await recoverInterruptedWrites(dir)), ...(await finishInterruptedRemovals(dir))];
         const {run, other} = await classifyEntries(dir);
         const marker = await readQloraMarker(dir);
         if (marker && marker.kind !== TRAIN_OUTPUT_KIND)
-            throw new QloraError(`output_dir holds a qlora ${marker.kind}, not a training run; choose another output_dir`, {file: dir});
+            throw new QloraError(`output_dir holds a qlora ${marker.kind}, not a training run; choose another output_dir`, {
+                file: dir
+            });
         return {dir, lock, runEntries: run, otherEntries: other, marked: marker !== null, created, recovered};
     } catch (err) {
         await lock.release();
@@ -86,7 +100,8 @@ export async function openOutputDir(outputDir: string, inputs: {path: string | n
 }
 
 /** the user's choice for an output_dir that holds an earlier run */
-const CHOICES = "pass --resume_from_checkpoint true to continue it, --overwrite_output_dir true to replace it, or choose another output_dir";
+const CHOICES =
+    "pass --resume_from_checkpoint true to continue it, --overwrite_output_dir true to replace it, or choose another output_dir";
 
 /**
  * The output folder policy (transformers' Trainer's, with overwrite_output_dir): an earlier run in output_dir is
@@ -97,17 +112,28 @@ export function checkOutputPolicy(out: OutputDir, opts: {resumeDir: string | nul
     const {dir, runEntries, otherEntries, marked} = out;
     const shown = (names: string[]) => names.slice(0, 4).join(", ") + (names.length > 4 ? `, ... (${names.length} in all)` : "");
     if (runEntries.length === 0 && otherEntries.length > 0 && !marked)
-        throw new QloraError(`output_dir is not empty and was not written by qlora (${shown(otherEntries)}); choose a new or ` +
-            "empty output_dir (qlora never writes into a folder of other files)", {file: dir});
+        throw new QloraError(
+            `output_dir is not empty and was not written by qlora (${shown(otherEntries)}); choose a new or ` +
+                "empty output_dir (qlora never writes into a folder of other files)",
+            {file: dir}
+        );
     const resumeInside = opts.resumeDir !== null && path.dirname(path.resolve(opts.resumeDir)) === dir;
     if (opts.resumeDir !== null && opts.overwrite && resumeInside)
-        throw new QloraError("overwrite_output_dir would remove the checkpoint that resume_from_checkpoint continues " +
-            `(${path.basename(opts.resumeDir)}); pass one of them`, {file: dir});
+        throw new QloraError(
+            "overwrite_output_dir would remove the checkpoint that resume_from_checkpoint continues " +
+                `(${path.basename(opts.resumeDir)}); pass one of them`,
+            {file: dir}
+        );
     if (runEntries.length === 0 || resumeInside) return [];
     if (!opts.overwrite)
-        throw new QloraError(`output_dir holds an earlier run (${shown(runEntries)}); ` + (opts.resumeDir === null ? CHOICES
-            : `resume_from_checkpoint continues a checkpoint of another folder: pass --overwrite_output_dir true to replace ` +
-              "this folder's run, or choose another output_dir"), {file: dir});
+        throw new QloraError(
+            `output_dir holds an earlier run (${shown(runEntries)}); ` +
+                (opts.resumeDir === null
+                    ? CHOICES
+                    : `resume_from_checkpoint continues a checkpoint of another folder: pass --overwrite_output_dir true to replace ` +
+                      "this folder's run, or choose another output_dir"),
+            {file: dir}
+        );
     return runEntries;
 }
 

@@ -17,25 +17,35 @@ function uplotAssets(): {js: string; css: string} {
     const dist = path.dirname(require.resolve("uplot/dist/uPlot.iife.min.js"));
     return {
         js: readFileSync(path.join(dist, "uPlot.iife.min.js"), "utf8"),
-        css: readFileSync(path.join(dist, "uPlot.min.css"), "utf8"),
+        css: readFileSync(path.join(dist, "uPlot.min.css"), "utf8")
     };
 }
 
 function escapeHtml(s: string): string {
-    return s.replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;"})[c]!);
+    return s.replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]!);
 }
 
-export async function writeReport(file: string, title: string, summary: Record<string, string | number>,
-    records: MetricRecord[]): Promise<void> {
+export async function writeReport(
+    file: string,
+    title: string,
+    summary: Record<string, string | number>,
+    records: MetricRecord[]
+): Promise<void> {
     const {js, css} = uplotAssets();
     const train = records.filter((r) => r.type === "train");
     const evals = records.filter((r) => r.type === "eval");
     const data = {
-        train: {step: train.map((r) => r.step), loss: train.map((r) => r.loss), lr: train.map((r) => r.learning_rate),
-            gradNorm: train.map((r) => r.grad_norm)},
-        eval: {step: evals.map((r) => r.step), loss: evals.map((r) => r.eval_loss)},
+        train: {
+            step: train.map((r) => r.step),
+            loss: train.map((r) => r.loss),
+            lr: train.map((r) => r.learning_rate),
+            gradNorm: train.map((r) => r.grad_norm)
+        },
+        eval: {step: evals.map((r) => r.step), loss: evals.map((r) => r.eval_loss)}
     };
-    const rows = Object.entries(summary).map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(String(v))}</td></tr>`).join("");
+    const rows = Object.entries(summary)
+        .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(String(v))}</td></tr>`)
+        .join("");
     // the JSON goes into a <script> block: escape "<" so no "</script>" can end it early
     const json = JSON.stringify(data).replace(/</g, "\\u003c");
     const html = `<!doctype html>

@@ -19,9 +19,12 @@ export class TrainingInterrupted extends QloraError {
     readonly checkpointDir: string | null;
     readonly step: number;
     constructor(signal: StopSignal, step: number, checkpointDir: string | null) {
-        super(`training stopped by ${signal} ` + (checkpointDir
-            ? `after step ${step}; the work so far is in ${checkpointDir}: run again with resume_from_checkpoint true to continue`
-            : "before the first step; nothing was trained"));
+        super(
+            `training stopped by ${signal} ` +
+                (checkpointDir
+                    ? `after step ${step}; the work so far is in ${checkpointDir}: run again with resume_from_checkpoint true to continue`
+                    : "before the first step; nothing was trained")
+        );
         this.name = "TrainingInterrupted";
         this.signal = signal;
         this.exitCode = exitCodeFor(signal);

@@ -22,16 +22,31 @@ import {LRScheduler, resolveWarmupSteps} from "../optim/schedule.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {HfTokenizer} from "../tokenizer/index.js";
 import {
-    CHECKPOINT_KIND, CHECKPOINT_PREFIX, checkpointStep, copyTokenizerFiles, FINAL_ADAPTER_KIND, listCheckpoints,
-    loadCheckpointState, readCheckpointTrainingArgs, resolveResumeDir, rotateCheckpoints, saveCheckpoint, type TrainerState,
+    CHECKPOINT_KIND,
+    CHECKPOINT_PREFIX,
+    checkpointStep,
+    copyTokenizerFiles,
+    FINAL_ADAPTER_KIND,
+    listCheckpoints,
+    loadCheckpointState,
+    readCheckpointTrainingArgs,
+    resolveResumeDir,
+    rotateCheckpoints,
+    saveCheckpoint,
+    type TrainerState
 } from "./checkpoint.js";
 import {checkComputeDtype, createEngine} from "./engine.js";
 import {checkOutputPolicy, markOutputDir, openOutputDir, removeEarlierRun, type OutputDir} from "./output-dir.js";
 import {writeReport, type MetricRecord} from "./report.js";
 import {StopRequest, TrainingInterrupted, type StopSignal} from "./stop.js";
 import {
-    checkResumeData, checkResumeSettings, dataFingerprint, resumeOverrideProblem, trainingArgsOf, type ConfigChange,
-    type SavedTrainingArgs,
+    checkResumeData,
+    checkResumeSettings,
+    dataFingerprint,
+    resumeOverrideProblem,
+    trainingArgsOf,
+    type ConfigChange,
+    type SavedTrainingArgs
 } from "./training-args.js";
 
 export {TrainingInterrupted} from "./stop.js";
@@ -113,7 +128,11 @@ const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resol
  * metrics.jsonl of the run being resumed, up to its checkpoint's step. A line that does not parse (a kill
  * mid-append leaves a partial last line) is dropped with a warning; every other record is kept.
  */
-export async function readMetricsForResume(file: string, upToStep: number, warn: (message: string) => void): Promise<MetricRecord[]> {
+export async function readMetricsForResume(
+    file: string,
+    upToStep: number,
+    warn: (message: string) => void
+): Promise<MetricRecord[]> {
     let text: string;
     try {
         text = await readTextFile(file, {what: "metrics file"});
@@ -134,8 +153,10 @@ export async function readMetricsForResume(file: string, upToStep: number, warn:
         }
     });
     if (bad.length > 0)
-        warn(`${file}: dropped ${bad.length} line${bad.length === 1 ? "" : "s"} that ${bad.length === 1 ? "is" : "are"} not a ` +
-            `JSON record (line ${bad.slice(0, 3).join(", ")}${bad.length > 3 ? ", ..." : ""}: cut short by a kill?); kept the other ${records.length}`);
+        warn(
+            `${file}: dropped ${bad.length} line${bad.length === 1 ? "" : "s"} that ${bad.length === 1 ? "is" : "are"} not a ` +
+                `JSON record (line ${bad.slice(0, 3).join(", ")}${bad.length > 3 ? ", ..." : ""}: cut short by a kill?); kept the other ${records.length}`
+        );
     // the run goes on from the checkpoint: an "end" of an earlier finish of it is no longer the end
     return records.filter((r) => r.type === "start" || (r.type !== "end" && typeof r.step === "number" && r.step <= upToStep));
 }
@@ -164,18 +185,24 @@ export function divergenceMessage(f: DivergenceFacts): string {
     const tuning = `lower learning_rate (now ${f.learningRate}) and keep max_grad_norm > 0 (now ${f.maxGradNorm})`;
     if (f.step === f.firstStepHere) {
         if (!f.adapterFinite && f.resumedFrom)
-            return `${head}, the first step after resuming: the adapter weights in ${f.resumedFrom} are not finite (NaN/Inf); ` +
-                "resume from an earlier checkpoint";
+            return (
+                `${head}, the first step after resuming: the adapter weights in ${f.resumedFrom} are not finite (NaN/Inf); ` +
+                "resume from an earlier checkpoint"
+            );
         if (!f.adapterFinite)
             return `${head}, before any update: the adapter's initial weights are not finite; check init_lora_weights and r`;
-        return `${head}, before any update${f.resumedFrom ? " of this run" : ""} (the adapter weights are finite), so it is ` +
+        return (
+            `${head}, before any update${f.resumedFrom ? " of this run" : ""} (the adapter weights are finite), so it is ` +
             "not the learning rate: the base model's weights or the data give non-finite values; check the model files " +
-            "for NaN/Inf weights and the data for broken examples";
+            "for NaN/Inf weights and the data for broken examples"
+        );
     }
     if (!f.adapterFinite)
         return `${head}: the update of step ${f.step - 1} made the adapter weights non-finite (training diverged); ${tuning}`;
-    return `${head}: training diverged (the adapter weights are finite but grew too large); ${tuning}, or check the ` +
-        "data for broken examples";
+    return (
+        `${head}: training diverged (the adapter weights are finite but grew too large); ${tuning}, or check the ` +
+        "data for broken examples"
+    );
 }
 
 function allFinite(lora: LoraModel): boolean {
@@ -203,8 +230,11 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     if (config.threads) cpu().setNumThreads(config.threads);
     const overrideProblem = resumeOverrideProblem(config.resume_override ?? []);
     if (overrideProblem) throw new QloraError(`resume_override: ${overrideProblem}`);
-    const out = await openOutputDir(config.output_dir, [{path: config.model, what: "model folder"},
-        {path: config.dataset, what: "training dataset"}, {path: config.eval_dataset, what: "eval dataset"}]);
+    const out = await openOutputDir(config.output_dir, [
+        {path: config.model, what: "model folder"},
+        {path: config.dataset, what: "training dataset"},
+        {path: config.eval_dataset, what: "eval dataset"}
+    ]);
     const stop = new StopRequest((signal) => reporter.onStopping?.(signal));
     try {
         return await trainInOutputDir(config, reporter, device, out, stop);
@@ -216,8 +246,13 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     }
 }
 
-async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, device: "cpu" | "cuda", out: OutputDir,
-    stop: StopRequest): Promise<TrainResult> {
+async function trainInOutputDir(
+    config: TrainerConfig,
+    reporter: TrainReporter,
+    device: "cpu" | "cuda",
+    out: OutputDir,
+    stop: StopRequest
+): Promise<TrainResult> {
     const outputDir = out.dir;
     for (const line of out.recovered) reporter.onWarning?.(`output_dir: ${line}`);
     const resumeDir = await resolveResumeDir(outputDir, config.resume_from_checkpoint);
@@ -230,28 +265,37 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     if (resumeDir) {
         savedArgs = await readCheckpointTrainingArgs(resumeDir);
         if (savedArgs) overrides = checkResumeSettings(savedArgs, config, resumeDir);
-        else reporter.onWarning?.(`${resumeDir} has no training_args.json (a checkpoint of an older qlora): changed ` +
-            "settings cannot be checked; resuming with the checkpoint's adapter, optimizer state and schedule");
+        else
+            reporter.onWarning?.(
+                `${resumeDir} has no training_args.json (a checkpoint of an older qlora): changed ` +
+                    "settings cannot be checked; resuming with the checkpoint's adapter, optimizer state and schedule"
+            );
     }
 
     // model, tokenizer and data
     const tokenizer = await HfTokenizer.load(config.model);
-    const quantization = config.load_in_4bit ? bitsAndBytesConfig({
-        load_in_4bit: true, bnb_4bit_quant_type: config.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype: config.bnb_4bit_compute_dtype, bnb_4bit_use_double_quant: config.bnb_4bit_use_double_quant,
-    }) : null;
+    const quantization = config.load_in_4bit
+        ? bitsAndBytesConfig({
+              load_in_4bit: true,
+              bnb_4bit_quant_type: config.bnb_4bit_quant_type,
+              bnb_4bit_compute_dtype: config.bnb_4bit_compute_dtype,
+              bnb_4bit_use_double_quant: config.bnb_4bit_use_double_quant
+          })
+        : null;
     const model = await DecoderModel.load(config.model, {quantization});
     const dataOptions: DataOptions = {
-        dataset_format: config.dataset_format === "auto" ? undefined : config.dataset_format as DataOptions["dataset_format"],
+        dataset_format: config.dataset_format === "auto" ? undefined : (config.dataset_format as DataOptions["dataset_format"]),
         template: config.template ?? undefined,
         max_seq_length: config.max_seq_length,
         packing: config.packing,
         completion_only_loss: config.completion_only_loss,
         assistant_only_loss: config.assistant_only_loss,
-        seed: config.seed,
+        seed: config.seed
     };
     const trainData = await loadDataset(config.dataset, tokenizer, dataOptions);
-    const evalData = config.eval_dataset ? await loadDataset(config.eval_dataset, tokenizer, {...dataOptions, packing: false}) : null;
+    const evalData = config.eval_dataset
+        ? await loadDataset(config.eval_dataset, tokenizer, {...dataOptions, packing: false})
+        : null;
     for (const w of [...trainData.warnings, ...(evalData?.warnings ?? [])]) reporter.onWarning?.(w);
     const maxLen = longestRow(trainData.rows);
     checkRowsFitContext(model.config, maxLen, "max_seq_length", config.max_seq_length);
@@ -263,20 +307,47 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     const dropoutClock = new DropoutClock(config.seed);
     let lora: LoraModel;
     if (resumeDir) lora = await loadAdapter(resumeDir, model, {dropoutClock});
-    else lora = applyLora(model, {
-        r: config.r, lora_alpha: config.lora_alpha, target_modules: config.target_modules, lora_dropout: config.lora_dropout,
-        bias: config.bias, use_rslora: config.use_rslora, use_dora: config.use_dora, modules_to_save: config.modules_to_save,
-        init_lora_weights: config.init_lora_weights, base_model_name_or_path: path.basename(config.model),
-    }, {initRng: new Rng(config.seed), dropoutClock});
+    else
+        lora = applyLora(
+            model,
+            {
+                r: config.r,
+                lora_alpha: config.lora_alpha,
+                target_modules: config.target_modules,
+                lora_dropout: config.lora_dropout,
+                bias: config.bias,
+                use_rslora: config.use_rslora,
+                use_dora: config.use_dora,
+                modules_to_save: config.modules_to_save,
+                init_lora_weights: config.init_lora_weights,
+                base_model_name_or_path: path.basename(config.model)
+            },
+            {initRng: new Rng(config.seed), dropoutClock}
+        );
     lora.config.base_model_name_or_path ??= path.basename(config.model);
     lora.setTraining(true);
-    const engine = createEngine(device, model, lora, config.optim, {adam_beta1: config.adam_beta1,
-        adam_beta2: config.adam_beta2, adam_epsilon: config.adam_epsilon, weight_decay: config.weight_decay},
-    dropoutClock, config.gradient_checkpointing && config.gradient_checkpointing_offload);
+    const engine = createEngine(
+        device,
+        model,
+        lora,
+        config.optim,
+        {
+            adam_beta1: config.adam_beta1,
+            adam_beta2: config.adam_beta2,
+            adam_epsilon: config.adam_epsilon,
+            weight_decay: config.weight_decay
+        },
+        dropoutClock,
+        config.gradient_checkpointing && config.gradient_checkpointing_offload
+    );
 
     // steps: one step = gradient_accumulation_steps micro-batches
-    const loader = new DataLoader(trainData.rows, {batchSize: config.per_device_train_batch_size,
-        padTokenId: padTokenIdOf(tokenizer), shuffle: true, seed: config.seed});
+    const loader = new DataLoader(trainData.rows, {
+        batchSize: config.per_device_train_batch_size,
+        padTokenId: padTokenIdOf(tokenizer),
+        shuffle: true,
+        seed: config.seed
+    });
     const GA = config.gradient_accumulation_steps;
     const stepsPerEpoch = Math.max(1, Math.ceil(loader.batchesPerEpoch / GA));
     const totalSteps = config.max_steps > 0 ? config.max_steps : Math.ceil(config.num_train_epochs * stepsPerEpoch);
@@ -287,20 +358,36 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     const saveSteps = resolveSteps(config.save_steps, totalSteps);
 
     let state: TrainerState = {
-        global_step: 0, epoch: 0, max_steps: totalSteps, num_train_epochs: config.num_train_epochs,
-        logging_steps: loggingSteps, eval_steps: evalSteps, save_steps: saveSteps,
-        train_batch_size: config.per_device_train_batch_size, log_history: [], best_metric: null,
-        best_model_checkpoint: null, num_input_tokens_seen: 0, qlora_log_accumulator: {lossSum: 0, steps: 0, tokens: 0},
+        global_step: 0,
+        epoch: 0,
+        max_steps: totalSteps,
+        num_train_epochs: config.num_train_epochs,
+        logging_steps: loggingSteps,
+        eval_steps: evalSteps,
+        save_steps: saveSteps,
+        train_batch_size: config.per_device_train_batch_size,
+        log_history: [],
+        best_metric: null,
+        best_model_checkpoint: null,
+        num_input_tokens_seen: 0,
+        qlora_log_accumulator: {lossSum: 0, steps: 0, tokens: 0}
     };
     if (resumeDir) {
-        const saved = await loadCheckpointState(resumeDir, {maxSteps: totalSteps, batchesPerEpoch: loader.batchesPerEpoch,
-            gradientAccumulationSteps: GA});
+        const saved = await loadCheckpointState(resumeDir, {
+            maxSteps: totalSteps,
+            batchesPerEpoch: loader.batchesPerEpoch,
+            gradientAccumulationSteps: GA
+        });
         state = saved.trainerState;
         if (savedArgs) {
             // the settings equal the checkpoint's or were overridden on purpose: the optimizer's hyperparameters and
             // the schedule are the run's (the schedule continues at the checkpoint's step)
-            saved.optimizer.metadata.options = {...saved.optimizer.metadata.options, betas: [config.adam_beta1, config.adam_beta2],
-                eps: config.adam_epsilon, weightDecay: config.weight_decay};
+            saved.optimizer.metadata.options = {
+                ...saved.optimizer.metadata.options,
+                betas: [config.adam_beta1, config.adam_beta2],
+                eps: config.adam_epsilon,
+                weightDecay: config.weight_decay
+            };
             scheduler.loadStateDict({...scheduler.stateDict(), step: state.global_step});
         } else {
             scheduler.loadStateDict(saved.scheduler);
@@ -311,9 +398,11 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
             engine.loadOptimizerState(saved.optimizer);
         } catch (err) {
             if (!(err instanceof QloraError)) throw err;
-            throw new QloraError(`${err.message.replace(/^optimizer state: /, "")}; the optimizer state does not fit this ` +
-                "run's trainable parameters: resume with the settings of the run, or from another checkpoint",
-            {file: path.join(resumeDir, "optimizer.json"), cause: err});
+            throw new QloraError(
+                `${err.message.replace(/^optimizer state: /, "")}; the optimizer state does not fit this ` +
+                    "run's trainable parameters: resume with the settings of the run, or from another checkpoint",
+                {file: path.join(resumeDir, "optimizer.json"), cause: err}
+            );
         }
         loader.seek(saved.rng.loader);
         state.max_steps = totalSteps;
@@ -324,7 +413,8 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     // metrics.jsonl: on resume, keep only what happened up to the checkpoint
     const metricsFile = path.join(outputDir, "metrics.jsonl");
     const records: MetricRecord[] = resumeDir
-        ? await readMetricsForResume(metricsFile, state.global_step, (m) => reporter.onWarning?.(m)) : [];
+        ? await readMetricsForResume(metricsFile, state.global_step, (m) => reporter.onWarning?.(m))
+        : [];
     if (stop.signal) throw new TrainingInterrupted(stop.signal, state.global_step, resumeDir);
 
     // the first write: the earlier run goes (overwrite_output_dir), the folder is marked as a training run's
@@ -334,27 +424,52 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     const emit = async (rec: MetricRecord) => {
         records.push(rec);
         // O_NOFOLLOW: the file is the regular one written above; a link planted under its name is not written through
-        await fs.appendFile(metricsFile, JSON.stringify(rec) + "\n", {flag: fsConstants.O_WRONLY | fsConstants.O_APPEND | fsConstants.O_CREAT | fsConstants.O_NOFOLLOW});
+        await fs.appendFile(metricsFile, JSON.stringify(rec) + "\n", {
+            flag: fsConstants.O_WRONLY | fsConstants.O_APPEND | fsConstants.O_CREAT | fsConstants.O_NOFOLLOW
+        });
     };
     await writeMetrics();
 
     const trainableLine = trainableParametersLine(lora);
     reporter.onStart?.({
-        modelDir: config.model, device, computeDtype: engine.computeDtype,
-        quantization: quantization ? `${quantization.bnb_4bit_quant_type}${quantization.bnb_4bit_use_double_quant ? " + double quant" : ""}`
-            : (model.quantized ? "pre-quantized 4-bit" : "none (16-bit LoRA)"),
-        trainableLine, train: trainData, eval: evalData, totalSteps, warmupSteps, startStep: state.global_step,
-        effectiveBatch: config.per_device_train_batch_size * GA, resumedFrom: resumeDir, overrides,
+        modelDir: config.model,
+        device,
+        computeDtype: engine.computeDtype,
+        quantization: quantization
+            ? `${quantization.bnb_4bit_quant_type}${quantization.bnb_4bit_use_double_quant ? " + double quant" : ""}`
+            : model.quantized
+              ? "pre-quantized 4-bit"
+              : "none (16-bit LoRA)",
+        trainableLine,
+        train: trainData,
+        eval: evalData,
+        totalSteps,
+        warmupSteps,
+        startStep: state.global_step,
+        effectiveBatch: config.per_device_train_batch_size * GA,
+        resumedFrom: resumeDir,
+        overrides
     });
-    if (!resumeDir) await emit({type: "start", time: new Date().toISOString(), trainable: trainableLine, total_steps: totalSteps,
-        config: config as unknown as Record<string, unknown>});
+    if (!resumeDir)
+        await emit({
+            type: "start",
+            time: new Date().toISOString(),
+            trainable: trainableLine,
+            total_steps: totalSteps,
+            config: config as unknown as Record<string, unknown>
+        });
 
     const evaluate = async (): Promise<{loss: number; tokens: number} | null> => {
         if (!evalData) return null;
         lora.setTraining(false);
-        const evalLoader = new DataLoader(evalData.rows, {batchSize: config.per_device_eval_batch_size,
-            padTokenId: padTokenIdOf(tokenizer), shuffle: false, seed: 0});
-        let sum = 0, count = 0;
+        const evalLoader = new DataLoader(evalData.rows, {
+            batchSize: config.per_device_eval_batch_size,
+            padTokenId: padTokenIdOf(tokenizer),
+            shuffle: false,
+            seed: 0
+        });
+        let sum = 0,
+            count = 0;
         for (const {batch} of evalLoader.epoch()) {
             const r = engine.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
             sum += r.lossSum;
@@ -366,8 +481,15 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     };
     const checkpointParts = () => {
         engine.syncToHost();
-        return {lora, optimizerState: engine.optimizerState(), scheduler, trainerState: state, modelDir: config.model,
-            rng: {loader: loader.position}, trainingArgs};
+        return {
+            lora,
+            optimizerState: engine.optimizerState(),
+            scheduler,
+            trainerState: state,
+            modelDir: config.model,
+            rng: {loader: loader.position},
+            trainingArgs
+        };
     };
     let lastSaved: string | null = resumeDir && path.dirname(resumeDir) === outputDir ? resumeDir : null;
     const save = async (step: number): Promise<string> => {
@@ -394,11 +516,11 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
         }
         const numItems = micro.reduce((a, b) => a + b.numTargets, 0);
         engine.zeroGrad();
-        let lossSum = 0, tokens = 0;
+        let lossSum = 0,
+            tokens = 0;
         for (const b of micro) {
             if (b.numTargets === 0) continue;
-            const r = engine.forwardBackward(b, {lossScale: 1 / numItems,
-                gradientCheckpointing: config.gradient_checkpointing});
+            const r = engine.forwardBackward(b, {lossScale: 1 / numItems, gradientCheckpointing: config.gradient_checkpointing});
             lossSum += r.lossSum;
             tokens += b.attentionMask.reduce((a, v) => a + v, 0);
             await yieldToEventLoop();
@@ -407,8 +529,18 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
         const step = state.global_step + 1;
         const diverged = (what: DivergenceFacts["what"], value: number) => {
             engine.syncToHost();
-            return new QloraError(divergenceMessage({what, value, step, firstStepHere: startStep + 1, resumedFrom: resumeDir,
-                adapterFinite: allFinite(lora), learningRate: scheduler.getLr(), maxGradNorm: config.max_grad_norm}));
+            return new QloraError(
+                divergenceMessage({
+                    what,
+                    value,
+                    step,
+                    firstStepHere: startStep + 1,
+                    resumedFrom: resumeDir,
+                    adapterFinite: allFinite(lora),
+                    learningRate: scheduler.getLr(),
+                    maxGradNorm: config.max_grad_norm
+                })
+            );
         };
         if (!Number.isFinite(loss)) throw diverged("loss", loss);
         const gradNorm = engine.clipGradNorm(config.max_grad_norm);
@@ -430,12 +562,19 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
             const now = Date.now();
             const elapsed = (now - startTime) / 1000;
             const rec: TrainLogRecord = {
-                step, total_steps: totalSteps, epoch: Number(epoch.toFixed(4)),
-                loss: Number((acc.lossSum / acc.steps).toFixed(4)), learning_rate: lr, grad_norm: gradNorm,
+                step,
+                total_steps: totalSteps,
+                epoch: Number(epoch.toFixed(4)),
+                loss: Number((acc.lossSum / acc.steps).toFixed(4)),
+                learning_rate: lr,
+                grad_norm: gradNorm,
                 tokens_per_second: acc.tokens / Math.max(1e-9, (now - windowStart) / 1000),
-                num_tokens: state.num_input_tokens_seen, elapsed_s: elapsed,
-                remaining_s: elapsed / (step - startStep) * (totalSteps - step), memory_bytes: engine.memory().current,
-                peak_memory_bytes: engine.memory().peak, memory_kind: engine.memory().label,
+                num_tokens: state.num_input_tokens_seen,
+                elapsed_s: elapsed,
+                remaining_s: (elapsed / (step - startStep)) * (totalSteps - step),
+                memory_bytes: engine.memory().current,
+                peak_memory_bytes: engine.memory().peak,
+                memory_kind: engine.memory().label
             };
             state.log_history.push({loss: rec.loss, grad_norm: gradNorm, learning_rate: lr, epoch: rec.epoch, step});
             state.qlora_log_accumulator = {lossSum: 0, steps: 0, tokens: 0};
@@ -467,23 +606,42 @@ async function trainInOutputDir(config: TrainerConfig, reporter: TrainReporter, 
     // the final adapter, PEFT's layout, with the tokenizer files beside it
     const finalDir = path.join(outputDir, "final");
     engine.syncToHost();
-    await writeDirAtomic(finalDir, async (tmp) => {
-        await saveAdapter(tmp, lora);
-        await copyTokenizerFiles(config.model, tmp);
-    }, {replace: "owned", kind: FINAL_ADAPTER_KIND});
+    await writeDirAtomic(
+        finalDir,
+        async (tmp) => {
+            await saveAdapter(tmp, lora);
+            await copyTokenizerFiles(config.model, tmp);
+        },
+        {replace: "owned", kind: FINAL_ADAPTER_KIND}
+    );
     const trainLogs = records.filter((r) => r.type === "train");
     const evalLogs = records.filter((r) => r.type === "eval");
     const evalLoss = evalLogs.length ? Number(evalLogs[evalLogs.length - 1].eval_loss) : null;
-    await emit({type: "end", step: state.global_step, final_dir: finalDir, train_loss: lastLoss, eval_loss: evalLoss,
-        time: new Date().toISOString()});
+    await emit({
+        type: "end",
+        step: state.global_step,
+        final_dir: finalDir,
+        train_loss: lastLoss,
+        eval_loss: evalLoss,
+        time: new Date().toISOString()
+    });
     const reportFile = path.join(outputDir, "report.html");
-    const first = trainLogs[0], last = trainLogs[trainLogs.length - 1];
-    await writeReport(reportFile, `qlora training report: ${path.basename(config.model)}`, {
-        model: config.model, dataset: config.dataset, "eval dataset": config.eval_dataset ?? "none",
-        steps: state.global_step, trainable: trainableLine,
-        "first / last logged loss": first && last ? `${first.loss} / ${last.loss}` : "-",
-        "final eval loss": evalLoss === null ? "-" : evalLoss.toFixed(4),
-        "final adapter": finalDir,
-    }, records);
+    const first = trainLogs[0],
+        last = trainLogs[trainLogs.length - 1];
+    await writeReport(
+        reportFile,
+        `qlora training report: ${path.basename(config.model)}`,
+        {
+            model: config.model,
+            dataset: config.dataset,
+            "eval dataset": config.eval_dataset ?? "none",
+            steps: state.global_step,
+            trainable: trainableLine,
+            "first / last logged loss": first && last ? `${first.loss} / ${last.loss}` : "-",
+            "final eval loss": evalLoss === null ? "-" : evalLoss.toFixed(4),
+            "final adapter": finalDir
+        },
+        records
+    );
     return {outputDir, finalDir, globalStep: state.global_step, trainLoss: lastLoss, evalLoss, metricsFile, reportFile};
 }

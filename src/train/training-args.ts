@@ -16,19 +16,58 @@ export const TRAINING_ARGS_FILE = "training_args.json";
  * on resume. A Record over every key, so a new key cannot be added without deciding its class.
  */
 export const RESUME_KEY_CLASSES: Record<keyof TrainerConfig, "free" | "override" | "fixed"> = {
-    model: "fixed", dataset: "fixed", dataset_format: "fixed", template: "fixed", max_seq_length: "fixed",
-    packing: "fixed", completion_only_loss: "fixed", assistant_only_loss: "fixed",
-    load_in_4bit: "fixed", bnb_4bit_quant_type: "fixed", bnb_4bit_compute_dtype: "fixed", bnb_4bit_use_double_quant: "fixed",
-    r: "fixed", lora_alpha: "fixed", target_modules: "fixed", lora_dropout: "fixed", bias: "fixed", use_rslora: "fixed",
-    use_dora: "fixed", modules_to_save: "fixed", init_lora_weights: "fixed",
-    per_device_train_batch_size: "fixed", gradient_accumulation_steps: "fixed", optim: "fixed", seed: "fixed",
-    max_steps: "override", num_train_epochs: "override", learning_rate: "override", weight_decay: "override",
-    adam_beta1: "override", adam_beta2: "override", adam_epsilon: "override", max_grad_norm: "override",
-    lr_scheduler_type: "override", warmup_ratio: "override", warmup_steps: "override",
-    eval_dataset: "free", per_device_eval_batch_size: "free", output_dir: "free", logging_steps: "free",
-    eval_steps: "free", save_steps: "free", save_total_limit: "free", resume_from_checkpoint: "free",
-    overwrite_output_dir: "free", resume_override: "free", device: "free", threads: "free",
-    gradient_checkpointing: "free", gradient_checkpointing_offload: "free", fp16: "free", bf16: "free",
+    model: "fixed",
+    dataset: "fixed",
+    dataset_format: "fixed",
+    template: "fixed",
+    max_seq_length: "fixed",
+    packing: "fixed",
+    completion_only_loss: "fixed",
+    assistant_only_loss: "fixed",
+    load_in_4bit: "fixed",
+    bnb_4bit_quant_type: "fixed",
+    bnb_4bit_compute_dtype: "fixed",
+    bnb_4bit_use_double_quant: "fixed",
+    r: "fixed",
+    lora_alpha: "fixed",
+    target_modules: "fixed",
+    lora_dropout: "fixed",
+    bias: "fixed",
+    use_rslora: "fixed",
+    use_dora: "fixed",
+    modules_to_save: "fixed",
+    init_lora_weights: "fixed",
+    per_device_train_batch_size: "fixed",
+    gradient_accumulation_steps: "fixed",
+    optim: "fixed",
+    seed: "fixed",
+    max_steps: "override",
+    num_train_epochs: "override",
+    learning_rate: "override",
+    weight_decay: "override",
+    adam_beta1: "override",
+    adam_beta2: "override",
+    adam_epsilon: "override",
+    max_grad_norm: "override",
+    lr_scheduler_type: "override",
+    warmup_ratio: "override",
+    warmup_steps: "override",
+    eval_dataset: "free",
+    per_device_eval_batch_size: "free",
+    output_dir: "free",
+    logging_steps: "free",
+    eval_steps: "free",
+    save_steps: "free",
+    save_total_limit: "free",
+    resume_from_checkpoint: "free",
+    overwrite_output_dir: "free",
+    resume_override: "free",
+    device: "free",
+    threads: "free",
+    gradient_checkpointing: "free",
+    gradient_checkpointing_offload: "free",
+    fp16: "free",
+    bf16: "free"
 };
 
 // explicitly typed: the config schema (train/config.ts) reads these, and TrainerConfig is inferred from it
@@ -58,9 +97,13 @@ export interface DataFingerprint {
 
 export function dataFingerprint(rows: readonly TokenizedRow[]): DataFingerprint {
     // two 32-bit FNV-style lanes over each token with its "trained" bit (labels are the ids or -100), and each length
-    let h1 = 0x811c9dc5 | 0, h2 = 0x2545f491 | 0, tokens = 0;
+    let h1 = 0x811c9dc5 | 0,
+        h2 = 0x2545f491 | 0,
+        tokens = 0;
     for (const row of rows) {
-        const ids = row.inputIds, labels = row.labels, n = ids.length;
+        const ids = row.inputIds,
+            labels = row.labels,
+            n = ids.length;
         h1 = Math.imul(h1 ^ n, 0x01000193);
         h2 = Math.imul(h2 ^ n, 0x5bd1e995);
         for (let i = 0; i < n; i++) {
@@ -99,7 +142,7 @@ const SavedArgsSchema = z.object({
     format: z.literal("qlora.training_args"),
     version: z.literal(1),
     config: z.record(z.string(), z.unknown()),
-    data: z.object({rows: z.number().int().min(0), tokens: z.number().int().min(0), hash: z.string()}),
+    data: z.object({rows: z.number().int().min(0), tokens: z.number().int().min(0), hash: z.string()})
 });
 
 /** parses training_args.json; a QloraError naming the file when it is not one */
@@ -133,8 +176,13 @@ function same(a: unknown, b: unknown): boolean {
 }
 
 /** the settings of `config` that differ from the saved run, split by what the resume rule allows */
-export function compareTrainingArgs(saved: SavedTrainingArgs, config: TrainerConfig): {
-    fixed: ConfigChange[]; notNamed: ConfigChange[]; overridden: ConfigChange[];
+export function compareTrainingArgs(
+    saved: SavedTrainingArgs,
+    config: TrainerConfig
+): {
+    fixed: ConfigChange[];
+    notNamed: ConfigChange[];
+    overridden: ConfigChange[];
 } {
     const out = {fixed: [] as ConfigChange[], notNamed: [] as ConfigChange[], overridden: [] as ConfigChange[]};
     const named = new Set<string>(config.resume_override ?? []);
@@ -144,7 +192,8 @@ export function compareTrainingArgs(saved: SavedTrainingArgs, config: TrainerCon
         if (cls === "free" || !(key in saved.config)) continue;
         // num_train_epochs means nothing while max_steps sets the length
         if (key === "num_train_epochs" && bothStepCounted) continue;
-        const was = saved.config[key], now = normalize(key, config[key]);
+        const was = saved.config[key],
+            now = normalize(key, config[key]);
         if (same(was, now)) continue;
         const change = {key, saved: was, now};
         if (cls === "fixed") out.fixed.push(change);
@@ -166,20 +215,28 @@ export function checkResumeSettings(saved: SavedTrainingArgs, config: TrainerCon
     const list = [...fixed, ...notNamed].map((c) => `${c.key}: ${show(c.saved)} → ${show(c.now)}`).join(", ");
     const parts: string[] = [];
     if (fixed.length > 0)
-        parts.push(`${fixed.map((c) => c.key).join(", ")} cannot change on resume (${fixed.length === 1 ? "it defines" : "they define"} ` +
-            "the adapter or the data order): put them back, or start a new run (another output_dir, or --overwrite_output_dir true)");
+        parts.push(
+            `${fixed.map((c) => c.key).join(", ")} cannot change on resume (${fixed.length === 1 ? "it defines" : "they define"} ` +
+                "the adapter or the data order): put them back, or start a new run (another output_dir, or --overwrite_output_dir true)"
+        );
     if (notNamed.length > 0)
-        parts.push(`to change ${notNamed.map((c) => c.key).join(", ")} on resume, name ${notNamed.length === 1 ? "it" : "them"} in ` +
-            `resume_override (--resume_override ${[...new Set([...(config.resume_override ?? []), ...notNamed.map((c) => c.key)])].join(",")})`);
-    throw new QloraError(`resume_from_checkpoint: the settings differ from the run being resumed (${list}); ${parts.join("; ")}`,
-        {file: path.join(checkpointDir, TRAINING_ARGS_FILE)});
+        parts.push(
+            `to change ${notNamed.map((c) => c.key).join(", ")} on resume, name ${notNamed.length === 1 ? "it" : "them"} in ` +
+                `resume_override (--resume_override ${[...new Set([...(config.resume_override ?? []), ...notNamed.map((c) => c.key)])].join(",")})`
+        );
+    throw new QloraError(
+        `resume_from_checkpoint: the settings differ from the run being resumed (${list}); ${parts.join("; ")}`,
+        {file: path.join(checkpointDir, TRAINING_ARGS_FILE)}
+    );
 }
 
 /** refuses data that differs from what the checkpoint's run trained on */
 export function checkResumeData(saved: SavedTrainingArgs, now: DataFingerprint, checkpointDir: string): void {
     if (saved.data.rows === now.rows && saved.data.tokens === now.tokens && saved.data.hash === now.hash) return;
-    throw new QloraError(`resume_from_checkpoint: the training data differs from the data the run started with ` +
-        `(${saved.data.rows} rows, ${saved.data.tokens} tokens, hash ${saved.data.hash} → ${now.rows} rows, ${now.tokens} tokens, ` +
-        `hash ${now.hash}); resume with the same data file, or start a new run (another output_dir, or --overwrite_output_dir true)`,
-    {file: path.join(checkpointDir, TRAINING_ARGS_FILE)});
+    throw new QloraError(
+        `resume_from_checkpoint: the training data differs from the data the run started with ` +
+            `(${saved.data.rows} rows, ${saved.data.tokens} tokens, hash ${saved.data.hash} → ${now.rows} rows, ${now.tokens} tokens, ` +
+            `hash ${now.hash}); resume with the same data file, or start a new run (another output_dir, or --overwrite_output_dir true)`,
+        {file: path.join(checkpointDir, TRAINING_ARGS_FILE)}
+    );
 }

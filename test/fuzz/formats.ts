@@ -7,18 +7,37 @@ import path from "node:path";
 import {gunzipSync, gzipSync} from "node:zlib";
 import {parse as parseYaml} from "yaml";
 import {
-    harvest, mutateBytes, mutateJson, mutateJsonl, mutateSafetensors, mutateTemplate, mutateYaml, tryParseJson,
-    type Dictionary,
+    harvest,
+    mutateBytes,
+    mutateJson,
+    mutateJsonl,
+    mutateSafetensors,
+    mutateTemplate,
+    mutateYaml,
+    tryParseJson,
+    type Dictionary
 } from "./mutators.js";
 import {writeParquet, type ParquetLies} from "../helpers/parquet-writer.js";
 import type {FuzzRng} from "./rng.js";
 import {TINY_MODEL, type Seeds} from "./seeds.js";
 
 /** what the worker runs (test/fuzz/targets.ts) */
-export type TargetKind = "load-model" | "load-adapter" | "resume" | "export-gguf" | "export-gguf-lora" | "load-dataset" |
-    "tokenizer" | "train-config" |
+export type TargetKind =
+    | "load-model"
+    | "load-adapter"
+    | "resume"
+    | "export-gguf"
+    | "export-gguf-lora"
+    | "load-dataset"
+    | "tokenizer"
+    | "train-config"
     // the harness's own test: each way a case can end
-    "probe-hang" | "probe-alloc" | "probe-abort" | "probe-throw" | "probe-escape" | "probe-qlora-error";
+    | "probe-hang"
+    | "probe-alloc"
+    | "probe-abort"
+    | "probe-throw"
+    | "probe-escape"
+    | "probe-qlora-error";
 
 export interface CaseSpec {
     format: string;
@@ -83,34 +102,226 @@ function dictionaryFor(id: string, value: unknown, extraKeys: readonly string[],
     return d;
 }
 
-const CONFIG_KEYS = ["rope_scaling", "rope_parameters", "quantization_config", "torch_dtype", "dtype", "head_dim", "attention_bias",
-    "mlp_bias", "hidden_act", "sliding_window", "use_sliding_window", "partial_rotary_factor", "rope_theta",
-    "max_position_embeddings", "num_key_value_heads", "text_config", "pretraining_tp", "tie_word_embeddings", "vocab_size",
-    "rms_norm_eps", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "eos_token_id",
-    "bos_token_id", "pad_token_id", "model_type", "architectures", "factor", "rope_type", "original_max_position_embeddings",
-    "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "short_factor", "long_factor", "attention_factor",
-    "load_in_4bit", "bnb_4bit_quant_type", "quant_method", "bnb_4bit_use_double_quant"];
-const CONFIG_STRINGS = ["llama", "mistral", "qwen2", "gpt2", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-    "bfloat16", "float16", "float32", "float8_e4m3fn", "torch.bfloat16", "yarn", "llama3", "linear", "dynamic", "longrope",
-    "default", "silu", "gelu", "relu", "bitsandbytes", "nf4", "fp4", "gptq", "full_attention", "sliding_attention"];
-const TOKENIZER_KEYS = ["chat_template", "eos_token", "pad_token", "bos_token", "unk_token", "added_tokens_decoder",
-    "model_max_length", "additional_special_tokens", "extra_special_tokens", "add_bos_token", "add_eos_token",
-    "tokenizer_class", "clean_up_tokenization_spaces", "padding_side", "content", "special", "lstrip", "rstrip",
-    "normalized", "single_word", "split_special_tokens"];
-const TOKENIZER_STRINGS = ["<|im_end|>", "<|endoftext|>", "<|im_start|>", "<unk>", "</s>", "<s>", "[PAD]", "left", "right",
-    "PreTrainedTokenizerFast", "LlamaTokenizer", "BPE", "WordPiece", "Unigram", "ByteLevel", "{{ bos_token }}"];
-const ADAPTER_KEYS = ["r", "lora_alpha", "target_modules", "peft_type", "use_dora", "use_rslora", "modules_to_save", "bias",
-    "lora_dropout", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "fan_in_fan_out", "task_type", "base_model_name_or_path", "target_parameters", "exclude_modules", "inference_mode"];
-const ADAPTER_STRINGS = ["LORA", "PREFIX_TUNING", "IA3", "all-linear", ".*", ".*q_proj", "q_proj", "lm_head", "embed_tokens",
-    "CAUSAL_LM", "SEQ_CLS", "gaussian", "pissa", "olora", "loftq", "none", "all", "lora_only", "model.layers.0.self_attn.q_proj"];
-const DATA_KEYS = ["instruction", "input", "output", "text", "prompt", "completion", "messages", "conversations", "role",
-    "content", "from", "value", "system", "input_ids", "labels", "tools", "chosen", "rejected", "history", "data", "train"];
-const DATA_STRINGS = ["user", "assistant", "system", "human", "gpt", "tool", "function", "observation", "bogus_role",
-    "<|im_end|>", "<|im_start|>assistant\n", "### 回答:"];
-const STATE_KEYS = ["global_step", "epoch", "max_steps", "log_history", "qlora_log_accumulator", "num_input_tokens_seen",
-    "train_batch_size", "logging_steps", "eval_steps", "save_steps", "best_metric", "best_model_checkpoint", "lossSum",
-    "steps", "tokens", "dropout", "loader", "rngState", "index", "last_epoch", "step", "_step_count", "base_lrs"];
+const CONFIG_KEYS = [
+    "rope_scaling",
+    "rope_parameters",
+    "quantization_config",
+    "torch_dtype",
+    "dtype",
+    "head_dim",
+    "attention_bias",
+    "mlp_bias",
+    "hidden_act",
+    "sliding_window",
+    "use_sliding_window",
+    "partial_rotary_factor",
+    "rope_theta",
+    "max_position_embeddings",
+    "num_key_value_heads",
+    "text_config",
+    "pretraining_tp",
+    "tie_word_embeddings",
+    "vocab_size",
+    "rms_norm_eps",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "eos_token_id",
+    "bos_token_id",
+    "pad_token_id",
+    "model_type",
+    "architectures",
+    "factor",
+    "rope_type",
+    "original_max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "beta_fast",
+    "beta_slow",
+    "short_factor",
+    "long_factor",
+    "attention_factor",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    "quant_method",
+    "bnb_4bit_use_double_quant"
+];
+const CONFIG_STRINGS = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "gpt2",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "bfloat16",
+    "float16",
+    "float32",
+    "float8_e4m3fn",
+    "torch.bfloat16",
+    "yarn",
+    "llama3",
+    "linear",
+    "dynamic",
+    "longrope",
+    "default",
+    "silu",
+    "gelu",
+    "relu",
+    "bitsandbytes",
+    "nf4",
+    "fp4",
+    "gptq",
+    "full_attention",
+    "sliding_attention"
+];
+const TOKENIZER_KEYS = [
+    "chat_template",
+    "eos_token",
+    "pad_token",
+    "bos_token",
+    "unk_token",
+    "added_tokens_decoder",
+    "model_max_length",
+    "additional_special_tokens",
+    "extra_special_tokens",
+    "add_bos_token",
+    "add_eos_token",
+    "tokenizer_class",
+    "clean_up_tokenization_spaces",
+    "padding_side",
+    "content",
+    "special",
+    "lstrip",
+    "rstrip",
+    "normalized",
+    "single_word",
+    "split_special_tokens"
+];
+const TOKENIZER_STRINGS = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<unk>",
+    "</s>",
+    "<s>",
+    "[PAD]",
+    "left",
+    "right",
+    "PreTrainedTokenizerFast",
+    "LlamaTokenizer",
+    "BPE",
+    "WordPiece",
+    "Unigram",
+    "ByteLevel",
+    "{{ bos_token }}"
+];
+const ADAPTER_KEYS = [
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "peft_type",
+    "use_dora",
+    "use_rslora",
+    "modules_to_save",
+    "bias",
+    "lora_dropout",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "task_type",
+    "base_model_name_or_path",
+    "target_parameters",
+    "exclude_modules",
+    "inference_mode"
+];
+const ADAPTER_STRINGS = [
+    "LORA",
+    "PREFIX_TUNING",
+    "IA3",
+    "all-linear",
+    ".*",
+    ".*q_proj",
+    "q_proj",
+    "lm_head",
+    "embed_tokens",
+    "CAUSAL_LM",
+    "SEQ_CLS",
+    "gaussian",
+    "pissa",
+    "olora",
+    "loftq",
+    "none",
+    "all",
+    "lora_only",
+    "model.layers.0.self_attn.q_proj"
+];
+const DATA_KEYS = [
+    "instruction",
+    "input",
+    "output",
+    "text",
+    "prompt",
+    "completion",
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+    "system",
+    "input_ids",
+    "labels",
+    "tools",
+    "chosen",
+    "rejected",
+    "history",
+    "data",
+    "train"
+];
+const DATA_STRINGS = [
+    "user",
+    "assistant",
+    "system",
+    "human",
+    "gpt",
+    "tool",
+    "function",
+    "observation",
+    "bogus_role",
+    "<|im_end|>",
+    "<|im_start|>assistant\n",
+    "### 回答:"
+];
+const STATE_KEYS = [
+    "global_step",
+    "epoch",
+    "max_steps",
+    "log_history",
+    "qlora_log_accumulator",
+    "num_input_tokens_seen",
+    "train_batch_size",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "best_metric",
+    "best_model_checkpoint",
+    "lossSum",
+    "steps",
+    "tokens",
+    "dropout",
+    "loader",
+    "rngState",
+    "index",
+    "last_epoch",
+    "step",
+    "_step_count",
+    "base_lrs"
+];
 
 /** share of a file's mutations that are plain byte edits whatever the file's structure */
 const BYTES_SHARE = 0.15;
@@ -118,7 +329,13 @@ const BYTES_SHARE = 0.15;
 const SPECIAL_SHARE = 0.04;
 
 /** one to three mutations of one family (with byte edits mixed in) applied to a file of the case */
-async function mutateFile(ctx: BuildContext, rel: string, mutator: Mutator, dict: Dictionary | null, log: string[]): Promise<void> {
+async function mutateFile(
+    ctx: BuildContext,
+    rel: string,
+    mutator: Mutator,
+    dict: Dictionary | null,
+    log: string[]
+): Promise<void> {
     const file = path.join(ctx.dir, rel);
     if (!ctx.mutate) return;
     if (ctx.rng.chance(SPECIAL_SHARE)) {
@@ -142,8 +359,18 @@ async function mutateFile(ctx: BuildContext, rel: string, mutator: Mutator, dict
 
 /** a file that is not a regular file of sane size: qlora must refuse it, not block or read it whole */
 async function replaceWithSpecial(file: string, rng: FuzzRng, log: string[], rel: string): Promise<void> {
-    const kind = rng.pick(["fifo", "folder", "empty", "/dev/zero", "/dev/urandom", "/dev/null", "dangling link",
-        "link loop", "sparse 1.5 GB", "sparse 5 GB"] as const);
+    const kind = rng.pick([
+        "fifo",
+        "folder",
+        "empty",
+        "/dev/zero",
+        "/dev/urandom",
+        "/dev/null",
+        "dangling link",
+        "link loop",
+        "sparse 1.5 GB",
+        "sparse 5 GB"
+    ] as const);
     await fs.rm(file, {recursive: true, force: true});
     if (kind === "fifo") {
         const r = spawnSync("mkfifo", [file]);
@@ -158,7 +385,9 @@ async function replaceWithSpecial(file: string, rng: FuzzRng, log: string[], rel
         await h.truncate(kind === "sparse 1.5 GB" ? 1.5 * 2 ** 30 : 5 * 2 ** 30);
         await h.close();
     }
-    log.push(`${rel}: replaced by ${kind === "fifo" ? "a FIFO" : kind === "folder" ? "a folder" : kind.startsWith("/dev/") ? `a link to ${kind}` : `a ${kind} file`}`);
+    log.push(
+        `${rel}: replaced by ${kind === "fifo" ? "a FIFO" : kind === "folder" ? "a folder" : kind.startsWith("/dev/") ? `a link to ${kind}` : `a ${kind} file`}`
+    );
 }
 
 const GENERATE = ["--prompt", "hi", "--greedy", "--max-new-tokens", "2"];
@@ -168,7 +397,7 @@ function resumeCase(ctx: BuildContext): {params: Record<string, unknown>; cli: s
     const config = {...ctx.seeds.runConfig, output_dir: ctx.dir, resume_from_checkpoint: true};
     return {
         params: {config},
-        cli: ["train", ...ctx.seeds.runFlags, "--output_dir", ctx.dir, "--resume_from_checkpoint", "true"],
+        cli: ["train", ...ctx.seeds.runFlags, "--output_dir", ctx.dir, "--resume_from_checkpoint", "true"]
     };
 }
 
@@ -187,87 +416,194 @@ const safetensors: FormatDef = {
     description: "model shards, sharded index, adapter and optimizer state files: header fields, length word, data",
     async build(ctx) {
         const log: string[] = [];
-        const variant = ctx.rng.weighted([[3, "model"], [2, "sharded"], [3, "adapter"], [1, "optimizer"], [0.5, "tiny-qwen2"]] as const);
+        const variant = ctx.rng.weighted([
+            [3, "model"],
+            [2, "sharded"],
+            [3, "adapter"],
+            [1, "optimizer"],
+            [0.5, "tiny-qwen2"]
+        ] as const);
         if (variant === "model" || variant === "sharded" || variant === "tiny-qwen2") {
             // tiny-qwen2: the real 21 MB checkpoint, now and then (its load costs about 0.5 s)
-            await copyInto(variant === "model" ? ctx.seeds.small : variant === "sharded" ? ctx.seeds.sharded : TINY_MODEL, ctx.dir);
+            await copyInto(
+                variant === "model" ? ctx.seeds.small : variant === "sharded" ? ctx.seeds.sharded : TINY_MODEL,
+                ctx.dir
+            );
             const files = (await fs.readdir(ctx.dir)).filter((f) => f.endsWith(".safetensors")).sort();
             if (variant === "sharded" && ctx.rng.chance(0.25)) {
                 const index = "model.safetensors.index.json";
                 await mutateFile(ctx, index, "json", await jsonDict("index", path.join(ctx.dir, index), [], files), log);
             } else await mutateFile(ctx, ctx.rng.pick(files), "safetensors", null, log);
-            return {format: "safetensors", index: ctx.index, variant, kind: "load-model", params: {model: ctx.dir}, mutations: log,
-                writes: [], expectOutputs: [], cli: ["generate", "--model", ctx.dir, ...GENERATE]};
+            return {
+                format: "safetensors",
+                index: ctx.index,
+                variant,
+                kind: "load-model",
+                params: {model: ctx.dir},
+                mutations: log,
+                writes: [],
+                expectOutputs: [],
+                cli: ["generate", "--model", ctx.dir, ...GENERATE]
+            };
         }
         if (variant === "adapter") {
             await copyInto(ctx.rng.chance(0.7) ? ctx.seeds.adapter : ctx.seeds.adapterDora, ctx.dir);
             await mutateFile(ctx, "adapter_model.safetensors", "safetensors", null, log);
-            return {format: "safetensors", index: ctx.index, variant, kind: "load-adapter",
-                params: {adapter: ctx.dir, model: ctx.seeds.small}, mutations: log, writes: [], expectOutputs: [],
-                cli: ["generate", "--model", ctx.seeds.small, "--adapter", ctx.dir, ...GENERATE]};
+            return {
+                format: "safetensors",
+                index: ctx.index,
+                variant,
+                kind: "load-adapter",
+                params: {adapter: ctx.dir, model: ctx.seeds.small},
+                mutations: log,
+                writes: [],
+                expectOutputs: [],
+                cli: ["generate", "--model", ctx.seeds.small, "--adapter", ctx.dir, ...GENERATE]
+            };
         }
         await copyInto(ctx.seeds.run, ctx.dir);
         await mutateFile(ctx, "checkpoint-2/optimizer.safetensors", "safetensors", null, log);
         const {params, cli} = resumeCase(ctx);
-        return {format: "safetensors", index: ctx.index, variant, kind: "resume", params, mutations: log, writes: RESUME_WRITES,
-            expectOutputs: ["final/adapter_model.safetensors"], cli};
-    },
+        return {
+            format: "safetensors",
+            index: ctx.index,
+            variant,
+            kind: "resume",
+            params,
+            mutations: log,
+            writes: RESUME_WRITES,
+            expectOutputs: ["final/adapter_model.safetensors"],
+            cli
+        };
+    }
 };
 
 const gguf: FormatDef = {
     name: "gguf",
-    description: "GGUF export (qlora writes GGUF, it reads none): mutated model, tokenizer and adapter inputs; the .gguf written must parse",
+    description:
+        "GGUF export (qlora writes GGUF, it reads none): mutated model, tokenizer and adapter inputs; the .gguf written must parse",
     async build(ctx) {
         const log: string[] = [];
-        const model = path.join(ctx.dir, "model"), adapter = path.join(ctx.dir, "adapter"), outDir = path.join(ctx.dir, "out");
+        const model = path.join(ctx.dir, "model"),
+            adapter = path.join(ctx.dir, "adapter"),
+            outDir = path.join(ctx.dir, "out");
         if (ctx.rng.chance(0.6)) {
             await copyInto(ctx.seeds.small, model);
             const withAdapter = ctx.rng.chance(0.3);
             if (withAdapter) await copyInto(ctx.seeds.adapter, adapter);
-            const target = ctx.rng.weighted([[25, "config.json"], [15, "tokenizer_config.json"], [10, "tokenizer.json"],
-                [30, "model.safetensors"], ...(withAdapter ? [[10, "adapter_config.json"], [10, "adapter_model.safetensors"]] as const : [])]);
+            const target = ctx.rng.weighted([
+                [25, "config.json"],
+                [15, "tokenizer_config.json"],
+                [10, "tokenizer.json"],
+                [30, "model.safetensors"],
+                ...(withAdapter
+                    ? ([
+                          [10, "adapter_config.json"],
+                          [10, "adapter_model.safetensors"]
+                      ] as const)
+                    : [])
+            ]);
             const rel = target.startsWith("adapter") ? `adapter/${target}` : `model/${target}`;
             if (target.endsWith(".safetensors")) await mutateFile(ctx, rel, "safetensors", null, log);
             else {
-                const keys = target === "config.json" ? CONFIG_KEYS : target === "adapter_config.json" ? ADAPTER_KEYS : TOKENIZER_KEYS;
-                const strings = target === "config.json" ? CONFIG_STRINGS : target === "adapter_config.json" ? ADAPTER_STRINGS : TOKENIZER_STRINGS;
+                const keys =
+                    target === "config.json" ? CONFIG_KEYS : target === "adapter_config.json" ? ADAPTER_KEYS : TOKENIZER_KEYS;
+                const strings =
+                    target === "config.json"
+                        ? CONFIG_STRINGS
+                        : target === "adapter_config.json"
+                          ? ADAPTER_STRINGS
+                          : TOKENIZER_STRINGS;
                 await mutateFile(ctx, rel, "json", await jsonDict(`gguf:${target}`, path.join(ctx.dir, rel), keys, strings), log);
             }
             const outtype = ctx.rng.pick(["f32", "f16", "q8_0", "q4_k_m"]);
             const out = path.join(outDir, "model.gguf");
-            return {format: "gguf", index: ctx.index, variant: withAdapter ? "model+adapter" : "model", kind: "export-gguf",
-                params: {model, adapter: withAdapter ? adapter : null, outtype, out}, mutations: log,
-                writes: [/^out(\/|$)/], expectOutputs: ["out/model.gguf"],
-                cli: ["export", "gguf", "--model", model, "--out", out, "--outtype", outtype, ...(withAdapter ? ["--adapter", adapter] : [])]};
+            return {
+                format: "gguf",
+                index: ctx.index,
+                variant: withAdapter ? "model+adapter" : "model",
+                kind: "export-gguf",
+                params: {model, adapter: withAdapter ? adapter : null, outtype, out},
+                mutations: log,
+                writes: [/^out(\/|$)/],
+                expectOutputs: ["out/model.gguf"],
+                cli: [
+                    "export",
+                    "gguf",
+                    "--model",
+                    model,
+                    "--out",
+                    out,
+                    "--outtype",
+                    outtype,
+                    ...(withAdapter ? ["--adapter", adapter] : [])
+                ]
+            };
         }
         await fs.mkdir(model, {recursive: true});
         await fs.copyFile(path.join(ctx.seeds.small, "config.json"), path.join(model, "config.json"));
         // the LoRA seed only: a DoRA adapter with trained biases cannot be a llama.cpp LoRA (refused by design)
         await copyInto(ctx.seeds.adapter, adapter);
-        const target = ctx.rng.weighted([[40, "adapter/adapter_config.json"], [40, "adapter/adapter_model.safetensors"], [20, "model/config.json"]] as const);
+        const target = ctx.rng.weighted([
+            [40, "adapter/adapter_config.json"],
+            [40, "adapter/adapter_model.safetensors"],
+            [20, "model/config.json"]
+        ] as const);
         if (target.endsWith(".safetensors")) await mutateFile(ctx, target, "safetensors", null, log);
-        else if (target === "model/config.json") await mutateFile(ctx, target, "json", await jsonDict("gguf:config", path.join(ctx.dir, target), CONFIG_KEYS, CONFIG_STRINGS), log);
-        else await mutateFile(ctx, target, "json", await jsonDict("gguf:adapter", path.join(ctx.dir, target), ADAPTER_KEYS, ADAPTER_STRINGS), log);
+        else if (target === "model/config.json")
+            await mutateFile(
+                ctx,
+                target,
+                "json",
+                await jsonDict("gguf:config", path.join(ctx.dir, target), CONFIG_KEYS, CONFIG_STRINGS),
+                log
+            );
+        else
+            await mutateFile(
+                ctx,
+                target,
+                "json",
+                await jsonDict("gguf:adapter", path.join(ctx.dir, target), ADAPTER_KEYS, ADAPTER_STRINGS),
+                log
+            );
         const outtype = ctx.rng.pick(["f32", "f16"]);
         const out = path.join(outDir, "lora.gguf");
-        return {format: "gguf", index: ctx.index, variant: "lora", kind: "export-gguf-lora", params: {model, adapter, outtype, out},
-            mutations: log, writes: [/^out(\/|$)/], expectOutputs: ["out/lora.gguf"],
-            cli: ["export", "gguf-lora", "--adapter", adapter, "--model", model, "--out", out, "--outtype", outtype]};
-    },
+        return {
+            format: "gguf",
+            index: ctx.index,
+            variant: "lora",
+            kind: "export-gguf-lora",
+            params: {model, adapter, outtype, out},
+            mutations: log,
+            writes: [/^out(\/|$)/],
+            expectOutputs: ["out/lora.gguf"],
+            cli: ["export", "gguf-lora", "--adapter", adapter, "--model", model, "--out", out, "--outtype", outtype]
+        };
+    }
 };
 
 function dataOptions(rng: FuzzRng): Record<string, unknown> {
     const options: Record<string, unknown> = {max_seq_length: rng.pick([64, 64, 64, 16, 2048])};
     if (rng.chance(0.3)) options.packing = true;
     if (rng.chance(0.1)) options.dataset_format = rng.pick(["alpaca", "text", "prompt_completion", "messages", "sharegpt"]);
-    if (rng.chance(0.05)) options.template = rng.pick(["### {instruction}\n{output}", "{text}", "{missing}", "{", "{{instruction}}"]);
+    if (rng.chance(0.05))
+        options.template = rng.pick(["### {instruction}\n{output}", "{text}", "{missing}", "{", "{{instruction}}"]);
     return options;
 }
 
 function datasetCase(ctx: BuildContext, format: string, variant: string, file: string, log: string[]): CaseSpec {
     const options = ctx.mutate ? dataOptions(ctx.rng) : {max_seq_length: 64};
-    return {format, index: ctx.index, variant, kind: "load-dataset", params: {data: file, options, tokenizer: ctx.seeds.small}, mutations: log, writes: [],
-        expectOutputs: [], cli: ["eval", "--data", file, "--model", ctx.seeds.small, "--max-seq-length", String(options.max_seq_length)]};
+    return {
+        format,
+        index: ctx.index,
+        variant,
+        kind: "load-dataset",
+        params: {data: file, options, tokenizer: ctx.seeds.small},
+        mutations: log,
+        writes: [],
+        expectOutputs: [],
+        cli: ["eval", "--data", file, "--model", ctx.seeds.small, "--max-seq-length", String(options.max_seq_length)]
+    };
 }
 
 const datasetJson: FormatDef = {
@@ -280,7 +616,7 @@ const datasetJson: FormatDef = {
         await fs.copyFile(seed, path.join(ctx.dir, rel));
         await mutateFile(ctx, rel, "json", await jsonDict(`data:${rel}`, seed, DATA_KEYS, DATA_STRINGS), log);
         return datasetCase(ctx, "dataset-json", rel, path.join(ctx.dir, rel), log);
-    },
+    }
 };
 
 const datasetJsonl: FormatDef = {
@@ -294,7 +630,12 @@ const datasetJsonl: FormatDef = {
         const file = path.join(ctx.dir, rel);
         await fs.copyFile(seed, file);
         const plainSeed = gz ? seed.slice(0, -3) : seed;
-        const dict = await jsonDict(`data:${path.basename(plainSeed)}`, plainSeed.replace(/\.jsonl$/, ".json"), DATA_KEYS, DATA_STRINGS);
+        const dict = await jsonDict(
+            `data:${path.basename(plainSeed)}`,
+            plainSeed.replace(/\.jsonl$/, ".json"),
+            DATA_KEYS,
+            DATA_STRINGS
+        );
         if (gz && ctx.mutate && ctx.rng.chance(0.6)) {
             // mutate the text inside, then compress it again
             const inner = path.join(ctx.dir, "inner.jsonl");
@@ -306,21 +647,39 @@ const datasetJsonl: FormatDef = {
             await fs.rm(inner, {recursive: true, force: true});
         } else await mutateFile(ctx, rel, gz ? "bytes" : "jsonl", dict, log);
         return datasetCase(ctx, "dataset-jsonl", rel, file, log);
-    },
+    }
 };
 
-const PARQUET_LIES: readonly (keyof ParquetLies)[] = ["uncompressedPageSize", "compressedPageSize", "numValues", "numRows",
-    "dataPageOffset", "codec", "physicalType", "numChildren", "repetition", "footerLength", "dropMagic"];
+const PARQUET_LIES: readonly (keyof ParquetLies)[] = [
+    "uncompressedPageSize",
+    "compressedPageSize",
+    "numValues",
+    "numRows",
+    "dataPageOffset",
+    "codec",
+    "physicalType",
+    "numChildren",
+    "repetition",
+    "footerLength",
+    "dropMagic"
+];
 
 function lieValue(rng: FuzzRng, lie: keyof ParquetLies): ParquetLies[keyof ParquetLies] {
     switch (lie) {
-    case "codec": return rng.pick([0, 1, 2, 3, 4, 5, 6, 7, 99]);
-    case "physicalType": return rng.pick([0, 1, 2, 3, 4, 5, 6, 7, 42]);
-    case "numChildren": return rng.pick([0, 1, 5, 100, 2 ** 31 - 1, -1]);
-    case "repetition": return rng.pick([1, 2, 7]);
-    case "footerLength": return rng.pick([0, 1, 8, 100_000, 2 ** 31, 0xffffffff]);
-    case "dropMagic": return rng.pick(["head", "tail"] as const);
-    default: return rng.pick<number | bigint>([0, -1, 1, 3, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2n ** 62n, 1_000_000, 100_000_000]);
+        case "codec":
+            return rng.pick([0, 1, 2, 3, 4, 5, 6, 7, 99]);
+        case "physicalType":
+            return rng.pick([0, 1, 2, 3, 4, 5, 6, 7, 42]);
+        case "numChildren":
+            return rng.pick([0, 1, 5, 100, 2 ** 31 - 1, -1]);
+        case "repetition":
+            return rng.pick([1, 2, 7]);
+        case "footerLength":
+            return rng.pick([0, 1, 8, 100_000, 2 ** 31, 0xffffffff]);
+        case "dropMagic":
+            return rng.pick(["head", "tail"] as const);
+        default:
+            return rng.pick<number | bigint>([0, -1, 1, 3, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2n ** 62n, 1_000_000, 100_000_000]);
     }
 }
 
@@ -339,14 +698,14 @@ const datasetParquet: FormatDef = {
                 const lie = ctx.rng.pick(PARQUET_LIES);
                 (lies as Record<string, unknown>)[lie] = lieValue(ctx.rng, lie);
             }
-            log.push(`parquet: written with ${JSON.stringify(lies, (_, v) => typeof v === "bigint" ? `${v}n` : v)}`);
+            log.push(`parquet: written with ${JSON.stringify(lies, (_, v) => (typeof v === "bigint" ? `${v}n` : v))}`);
         }
         const rel = "train.parquet";
         await fs.writeFile(path.join(ctx.dir, rel), writeParquet(columns, codec, lies));
         log.unshift(`parquet: columns ${columns.map((c) => c.name).join(",")}, codec ${codec}`);
         if (!structural || ctx.rng.chance(0.3)) await mutateFile(ctx, rel, "bytes", null, log);
         return datasetCase(ctx, "dataset-parquet", columns.map((c) => c.name).join("+"), path.join(ctx.dir, rel), log);
-    },
+    }
 };
 
 const config: FormatDef = {
@@ -355,11 +714,26 @@ const config: FormatDef = {
     async build(ctx) {
         const log: string[] = [];
         await copyInto(ctx.seeds.small, ctx.dir);
-        await mutateFile(ctx, "config.json", "json", await jsonDict("config", path.join(ctx.seeds.small, "config.json"), CONFIG_KEYS, CONFIG_STRINGS), log);
+        await mutateFile(
+            ctx,
+            "config.json",
+            "json",
+            await jsonDict("config", path.join(ctx.seeds.small, "config.json"), CONFIG_KEYS, CONFIG_STRINGS),
+            log
+        );
         const cli = ctx.rng.chance(0.5) ? ["inspect", "--model", ctx.dir] : ["generate", "--model", ctx.dir, ...GENERATE];
-        return {format: "config", index: ctx.index, variant: "config.json", kind: "load-model", params: {model: ctx.dir},
-            mutations: log, writes: [], expectOutputs: [], cli};
-    },
+        return {
+            format: "config",
+            index: ctx.index,
+            variant: "config.json",
+            kind: "load-model",
+            params: {model: ctx.dir},
+            mutations: log,
+            writes: [],
+            expectOutputs: [],
+            cli
+        };
+    }
 };
 
 const tokenizerConfig: FormatDef = {
@@ -369,13 +743,36 @@ const tokenizerConfig: FormatDef = {
         const log: string[] = [];
         const withTemplateFile = ctx.rng.chance(0.25);
         await copyInto(withTemplateFile ? ctx.seeds.smallTemplate : ctx.seeds.small, ctx.dir);
-        const target = ctx.rng.weighted([[withTemplateFile ? 40 : 80, "tokenizer_config.json"],
-            [withTemplateFile ? 50 : 0, "chat_template.jinja"], [10, "tokenizer.json"]] as const);
+        const target = ctx.rng.weighted([
+            [withTemplateFile ? 40 : 80, "tokenizer_config.json"],
+            [withTemplateFile ? 50 : 0, "chat_template.jinja"],
+            [10, "tokenizer.json"]
+        ] as const);
         const file = path.join(ctx.dir, target);
         if (target === "chat_template.jinja") await mutateFile(ctx, target, "template", null, log);
         else if (target === "tokenizer.json") {
-            await mutateFile(ctx, target, "json", await jsonDict("tokenizer.json", file, ["model", "pre_tokenizer", "decoder",
-                "normalizer", "added_tokens", "vocab", "merges", "type", "post_processor"], TOKENIZER_STRINGS), log);
+            await mutateFile(
+                ctx,
+                target,
+                "json",
+                await jsonDict(
+                    "tokenizer.json",
+                    file,
+                    [
+                        "model",
+                        "pre_tokenizer",
+                        "decoder",
+                        "normalizer",
+                        "added_tokens",
+                        "vocab",
+                        "merges",
+                        "type",
+                        "post_processor"
+                    ],
+                    TOKENIZER_STRINGS
+                ),
+                log
+            );
         } else {
             const dict = await jsonDict("tokenizer_config", file, TOKENIZER_KEYS, TOKENIZER_STRINGS);
             const parsed = JSON.parse(await fs.readFile(file, "utf8")) as Record<string, unknown>;
@@ -384,8 +781,10 @@ const tokenizerConfig: FormatDef = {
                 const sub: string[] = [];
                 if (ctx.rng.chance(0.8)) parsed.chat_template = mutateTemplate(parsed.chat_template, ctx.rng, sub);
                 else {
-                    parsed.chat_template = [{name: "default", template: parsed.chat_template},
-                        {name: ctx.rng.pick(["tool_use", "default", ""]), template: ctx.rng.pick(["{{ x", "ok", 5, null])}];
+                    parsed.chat_template = [
+                        {name: "default", template: parsed.chat_template},
+                        {name: ctx.rng.pick(["tool_use", "default", ""]), template: ctx.rng.pick(["{{ x", "ok", 5, null])}
+                    ];
                     sub.push("chat_template as a list of named templates (with a second, odd one)");
                 }
                 log.push(...sub.map((s) => `${target}: chat_template: ${s}`));
@@ -393,10 +792,18 @@ const tokenizerConfig: FormatDef = {
                 if (ctx.rng.chance(0.3)) await mutateFile(ctx, target, "json", dict, log);
             } else await mutateFile(ctx, target, "json", dict, log);
         }
-        return {format: "tokenizer_config", index: ctx.index, variant: withTemplateFile ? `${target} (template file)` : target,
-            kind: "tokenizer", params: {model: ctx.dir, messages: ctx.seeds.data.messages}, mutations: log, writes: [],
-            expectOutputs: [], cli: ["generate", "--model", ctx.dir, "--chat", ...GENERATE]};
-    },
+        return {
+            format: "tokenizer_config",
+            index: ctx.index,
+            variant: withTemplateFile ? `${target} (template file)` : target,
+            kind: "tokenizer",
+            params: {model: ctx.dir, messages: ctx.seeds.data.messages},
+            mutations: log,
+            writes: [],
+            expectOutputs: [],
+            cli: ["generate", "--model", ctx.dir, "--chat", ...GENERATE]
+        };
+    }
 };
 
 const adapterConfig: FormatDef = {
@@ -406,32 +813,71 @@ const adapterConfig: FormatDef = {
         const log: string[] = [];
         const dora = ctx.rng.chance(0.3);
         await copyInto(dora ? ctx.seeds.adapterDora : ctx.seeds.adapter, ctx.dir);
-        await mutateFile(ctx, "adapter_config.json", "json",
-            await jsonDict(`adapter:${dora}`, path.join(ctx.dir, "adapter_config.json"), ADAPTER_KEYS, ADAPTER_STRINGS), log);
-        return {format: "adapter_config", index: ctx.index, variant: dora ? "dora" : "lora", kind: "load-adapter",
-            params: {adapter: ctx.dir, model: ctx.seeds.small}, mutations: log, writes: [], expectOutputs: [],
-            cli: ["generate", "--model", ctx.seeds.small, "--adapter", ctx.dir, ...GENERATE]};
-    },
+        await mutateFile(
+            ctx,
+            "adapter_config.json",
+            "json",
+            await jsonDict(`adapter:${dora}`, path.join(ctx.dir, "adapter_config.json"), ADAPTER_KEYS, ADAPTER_STRINGS),
+            log
+        );
+        return {
+            format: "adapter_config",
+            index: ctx.index,
+            variant: dora ? "dora" : "lora",
+            kind: "load-adapter",
+            params: {adapter: ctx.dir, model: ctx.seeds.small},
+            mutations: log,
+            writes: [],
+            expectOutputs: [],
+            cli: ["generate", "--model", ctx.seeds.small, "--adapter", ctx.dir, ...GENERATE]
+        };
+    }
 };
 
 const trainerState: FormatDef = {
     name: "trainer_state",
-    description: "checkpoint state files (trainer_state.json mostly; rng_state, scheduler, optimizer.json, metrics.jsonl) under a resumed run",
+    description:
+        "checkpoint state files (trainer_state.json mostly; rng_state, scheduler, optimizer.json, metrics.jsonl) under a resumed run",
     async build(ctx) {
         const log: string[] = [];
         await copyInto(ctx.seeds.run, ctx.dir);
         // trainer_state.json mostly, then the other state files the checkpoint holds (whatever this version writes)
-        const others = (await fs.readdir(path.join(ctx.dir, "checkpoint-2"))).filter((f) => f.endsWith(".json") &&
-            f !== "trainer_state.json" && !/^(tokenizer|adapter_config|generation_config|special_tokens)/.test(f)).sort();
-        const target = ctx.rng.weighted<string>([[50, "checkpoint-2/trainer_state.json"],
-            ...others.map((f) => [42 / others.length, `checkpoint-2/${f}`] as const), [8, "metrics.jsonl"]]);
+        const others = (await fs.readdir(path.join(ctx.dir, "checkpoint-2")))
+            .filter(
+                (f) =>
+                    f.endsWith(".json") &&
+                    f !== "trainer_state.json" &&
+                    !/^(tokenizer|adapter_config|generation_config|special_tokens)/.test(f)
+            )
+            .sort();
+        const target = ctx.rng.weighted<string>([
+            [50, "checkpoint-2/trainer_state.json"],
+            ...others.map((f) => [42 / others.length, `checkpoint-2/${f}`] as const),
+            [8, "metrics.jsonl"]
+        ]);
         const file = path.join(ctx.dir, target);
-        if (target === "metrics.jsonl") await mutateFile(ctx, target, "jsonl", dictionaryFor("metrics", null, ["type", "step", "loss"], ["train", "eval", "save", "start", "end"]), log);
+        if (target === "metrics.jsonl")
+            await mutateFile(
+                ctx,
+                target,
+                "jsonl",
+                dictionaryFor("metrics", null, ["type", "step", "loss"], ["train", "eval", "save", "start", "end"]),
+                log
+            );
         else await mutateFile(ctx, target, "json", await jsonDict(`state:${target}`, file, STATE_KEYS, []), log);
         const {params, cli} = resumeCase(ctx);
-        return {format: "trainer_state", index: ctx.index, variant: path.basename(target), kind: "resume", params, mutations: log,
-            writes: RESUME_WRITES, expectOutputs: ["final/adapter_model.safetensors"], cli};
-    },
+        return {
+            format: "trainer_state",
+            index: ctx.index,
+            variant: path.basename(target),
+            kind: "resume",
+            params,
+            mutations: log,
+            writes: RESUME_WRITES,
+            expectOutputs: ["final/adapter_model.safetensors"],
+            cli
+        };
+    }
 };
 
 const yaml: FormatDef = {
@@ -443,18 +889,53 @@ const yaml: FormatDef = {
         const rel = json ? "config.json" : "config.yaml";
         await fs.copyFile(json ? ctx.seeds.configJson : ctx.seeds.yaml, path.join(ctx.dir, rel));
         const seedValue = parseYaml(await fs.readFile(ctx.seeds.yaml, "utf8")) as Record<string, unknown>;
-        const dict = dictionaryFor("yaml", seedValue, ["unknown_key", "overwrite_output_dir"], ["cosine", "linear", "constant",
-            "adamw_torch", "adamw_8bit", "paged_adamw_32bit", "sgd", "all-linear", "cuda", "auto", "lm_head", "embed_tokens"]);
+        const dict = dictionaryFor(
+            "yaml",
+            seedValue,
+            ["unknown_key", "overwrite_output_dir"],
+            [
+                "cosine",
+                "linear",
+                "constant",
+                "adamw_torch",
+                "adamw_8bit",
+                "paged_adamw_32bit",
+                "sgd",
+                "all-linear",
+                "cuda",
+                "auto",
+                "lm_head",
+                "embed_tokens"
+            ]
+        );
         await mutateFile(ctx, rel, json ? "json" : "yaml", dict, log);
         const out = path.join(ctx.dir, "out");
-        return {format: "yaml", index: ctx.index, variant: rel, kind: "train-config", params: {config: path.join(ctx.dir, rel), out},
-            mutations: log, writes: [/^out(\/|$)/], expectOutputs: [],
-            cli: ["train", path.join(ctx.dir, rel), "--output_dir", out, "--max_steps", "2", "--gradient_accumulation_steps", "1"]};
-    },
+        return {
+            format: "yaml",
+            index: ctx.index,
+            variant: rel,
+            kind: "train-config",
+            params: {config: path.join(ctx.dir, rel), out},
+            mutations: log,
+            writes: [/^out(\/|$)/],
+            expectOutputs: [],
+            cli: ["train", path.join(ctx.dir, rel), "--output_dir", out, "--max_steps", "2", "--gradient_accumulation_steps", "1"]
+        };
+    }
 };
 
-export const FORMATS: readonly FormatDef[] = [safetensors, gguf, datasetJson, datasetJsonl, datasetParquet, config,
-    tokenizerConfig, adapterConfig, trainerState, yaml];
+export const FORMATS: readonly FormatDef[] = [
+    safetensors,
+    gguf,
+    datasetJson,
+    datasetJsonl,
+    datasetParquet,
+    config,
+    tokenizerConfig,
+    adapterConfig,
+    trainerState,
+    yaml
+];
 
 export function formatByName(name: string): FormatDef {
     const f = FORMATS.find((x) => x.name === name);

@@ -55,9 +55,15 @@ export interface CaseResult {
 }
 
 export function isFailure(r: CaseResult): boolean {
-    return r.harnessError !== undefined || (r.control === true && r.primary !== "ok") ||
-        (r.primary !== "ok" && r.primary !== "clean") || r.halfWritten.length > 0 || r.inputsChanged.length > 0 ||
-        r.badMessage !== null || r.nonFinite !== null;
+    return (
+        r.harnessError !== undefined ||
+        (r.control === true && r.primary !== "ok") ||
+        (r.primary !== "ok" && r.primary !== "clean") ||
+        r.halfWritten.length > 0 ||
+        r.inputsChanged.length > 0 ||
+        r.badMessage !== null ||
+        r.nonFinite !== null
+    );
 }
 
 export interface FuzzOptions {
@@ -94,7 +100,8 @@ function processTree(pid: number): number[] {
         out.push(p);
         try {
             for (const tid of readdirSync(`/proc/${p}/task`))
-                for (const child of readFileSync(`/proc/${p}/task/${tid}/children`, "utf8").split(" ").filter(Boolean)) visit(Number(child));
+                for (const child of readFileSync(`/proc/${p}/task/${tid}/children`, "utf8").split(" ").filter(Boolean))
+                    visit(Number(child));
         } catch {
             // the process ended meanwhile
         }
@@ -139,8 +146,9 @@ function short(text: string, max = 300): string {
 // ------------------------------------------------------------------
 // the worker process
 
-type RunOutcome = {reply: WorkerReply; peakRssMb: number; ms: number} |
-    {died: "crash" | "hang" | "memory"; detail: string; peakRssMb: number; ms: number};
+type RunOutcome =
+    | {reply: WorkerReply; peakRssMb: number; ms: number}
+    | {died: "crash" | "hang" | "memory"; detail: string; peakRssMb: number; ms: number};
 
 class WorkerHost {
     private child: ChildProcess | null = null;
@@ -156,7 +164,7 @@ class WorkerHost {
             execArgv: [...LOADER, `--max-old-space-size=${this.heapMb}`],
             stdio: ["ignore", "pipe", "pipe", "ipc"],
             cwd: REPO_ROOT,
-            env: {...process.env, QLORA_DEBUG: ""},
+            env: {...process.env, QLORA_DEBUG: ""}
         });
         this.stderrTail = "";
         child.stdout!.on("data", () => undefined);
@@ -169,7 +177,10 @@ class WorkerHost {
             this.exitListeners.forEach((l) => l(code, signal));
         });
         await new Promise<void>((resolve, reject) => {
-            const timer = setTimeout(() => reject(new Error(`the fuzz worker did not start in 120 s: ${this.stderrTail}`)), 120_000);
+            const timer = setTimeout(
+                () => reject(new Error(`the fuzz worker did not start in 120 s: ${this.stderrTail}`)),
+                120_000
+            );
             const onMessage = (m: unknown) => {
                 if ((m as {ready?: boolean}).ready) {
                     clearTimeout(timer);
@@ -191,11 +202,16 @@ class WorkerHost {
         return child;
     }
 
-    async run(kind: WorkerRequest["kind"], params: Record<string, unknown>, timeoutMs: number, rssCapMb: number): Promise<RunOutcome> {
+    async run(
+        kind: WorkerRequest["kind"],
+        params: Record<string, unknown>,
+        timeoutMs: number,
+        rssCapMb: number
+    ): Promise<RunOutcome> {
         // a worker that has grown to half the cap between cases (leaks add up over thousands of cases) is replaced,
         // so the next case is not blamed for memory it did not take
         if (this.child && readRssMb(this.child.pid!) > rssCapMb / 2) await this.stop();
-        const child = this.child ?? await this.start();
+        const child = this.child ?? (await this.start());
         const pid = child.pid!;
         const id = this.nextId++;
         const started = Date.now();
@@ -229,7 +245,10 @@ class WorkerHost {
                 if (reply.id !== id && reply.status !== "escaped") return;
                 if (reply.status === "escaped") {
                     // the worker exits right after this message; the case is a crash once it has
-                    ending ??= {died: "crash", detail: `an exception escaped the case: ${short(reply.stack || reply.message, 1500)}`};
+                    ending ??= {
+                        died: "crash",
+                        detail: `an exception escaped the case: ${short(reply.stack || reply.message, 1500)}`
+                    };
                     return;
                 }
                 if (ending) return;
@@ -238,8 +257,10 @@ class WorkerHost {
             const onExit = (code: number | null, signal: NodeJS.Signals | null) => {
                 const tail = this.stderrTail;
                 const oom = /heap limit|out of memory|Allocation failed/i.test(tail);
-                const died = ending ?? {died: oom ? "memory" as const : "crash" as const,
-                    detail: `worker exited (${signal ?? `code ${code}`}): ${short(tail, 1500)}`};
+                const died = ending ?? {
+                    died: oom ? ("memory" as const) : ("crash" as const),
+                    detail: `worker exited (${signal ?? `code ${code}`}): ${short(tail, 1500)}`
+                };
                 finish({...died, peakRssMb: peak, ms: Date.now() - started});
             };
             this.listeners.add(onMessage);
@@ -291,7 +312,13 @@ export async function snapshot(dir: string): Promise<Snapshot> {
                 // small files by content; big ones (weights, tokenizer.json, sparse giants) by inode and change time:
                 // any write or replacement changes ctime or the inode, and hashing megabytes twice a case is slow
                 if (st.size > 256 * 1024) out.set(r, `file:${st.size}:${st.ino}:${st.mtimeMs}:${st.ctimeMs}`);
-                else out.set(r, `file:${createHash("sha1").update(await fs.readFile(p)).digest("hex")}`);
+                else
+                    out.set(
+                        r,
+                        `file:${createHash("sha1")
+                            .update(await fs.readFile(p))
+                            .digest("hex")}`
+                    );
             } else out.set(r, st.isFIFO() ? "fifo" : "special");
         }
     };
@@ -300,7 +327,18 @@ export async function snapshot(dir: string): Promise<Snapshot> {
 }
 
 const TEMP_NAME = /\.tmp\b|\.tmp-|\.old-|\.new-|\.(tmp|old|new|partial|lock)$|\.write-test/i;
-const SAFETENSORS_DTYPE_BYTES: Record<string, number> = {F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1};
+const SAFETENSORS_DTYPE_BYTES: Record<string, number> = {
+    F64: 8,
+    F32: 4,
+    F16: 2,
+    BF16: 2,
+    I64: 8,
+    I32: 4,
+    I16: 2,
+    I8: 1,
+    U8: 1,
+    BOOL: 1
+};
 
 /** an independent safetensors check (not qlora's reader): header, dtypes, sizes, ranges, no overlap, no gap at the end */
 export function checkSafetensorsBytes(buf: Buffer): string | null {
@@ -320,10 +358,13 @@ export function checkSafetensorsBytes(buf: Buffer): string | null {
         if (name === "__metadata__") continue;
         const size = SAFETENSORS_DTYPE_BYTES[e?.dtype];
         if (!size) return `tensor ${name}: dtype ${JSON.stringify(e?.dtype)}`;
-        if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) return `tensor ${name}: shape ${JSON.stringify(e.shape)}`;
+        if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
+            return `tensor ${name}: shape ${JSON.stringify(e.shape)}`;
         const [b, end] = e.data_offsets ?? [];
-        if (!Number.isSafeInteger(b) || !Number.isSafeInteger(end) || b > end || end > dataLen) return `tensor ${name}: data_offsets ${JSON.stringify(e.data_offsets)} (data ${dataLen} bytes)`;
-        if (end - b !== e.shape.reduce((a, d) => a * d, 1) * size) return `tensor ${name}: ${end - b} bytes for ${e.dtype} ${JSON.stringify(e.shape)}`;
+        if (!Number.isSafeInteger(b) || !Number.isSafeInteger(end) || b > end || end > dataLen)
+            return `tensor ${name}: data_offsets ${JSON.stringify(e.data_offsets)} (data ${dataLen} bytes)`;
+        if (end - b !== e.shape.reduce((a, d) => a * d, 1) * size)
+            return `tensor ${name}: ${end - b} bytes for ${e.dtype} ${JSON.stringify(e.shape)}`;
         if (end > b) ranges.push([b, end, name]);
     }
     ranges.sort((x, y) => x[0] - y[0]);
@@ -342,7 +383,10 @@ async function checkGguf(file: string): Promise<string | null> {
         const size = (await fs.stat(file)).size;
         let end = 0n;
         for (const t of parsed.tensorInfos) {
-            const bytes = ggmlTensorBytes(t.dtype as unknown as GgmlType, t.shape.map((d) => Number(d)));
+            const bytes = ggmlTensorBytes(
+                t.dtype as unknown as GgmlType,
+                t.shape.map((d) => Number(d))
+            );
             const e = t.offset + BigInt(bytes);
             if (e > end) end = e;
         }
@@ -374,13 +418,25 @@ export async function checkOutputFile(file: string): Promise<string | null> {
 }
 
 const ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"];
-const CHECKPOINT_FILES = [...ADAPTER_FILES, "trainer_state.json", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state.json"];
+const CHECKPOINT_FILES = [
+    ...ADAPTER_FILES,
+    "trainer_state.json",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "scheduler.json",
+    "rng_state.json"
+];
 
 /** what a case left in its folder, against the snapshot taken before it ran */
-export async function checkDisk(spec: Pick<CaseSpec, "writes" | "expectOutputs">, dir: string, before: Snapshot,
-    primary: Primary): Promise<{halfWritten: string[]; inputsChanged: string[]}> {
+export async function checkDisk(
+    spec: Pick<CaseSpec, "writes" | "expectOutputs">,
+    dir: string,
+    before: Snapshot,
+    primary: Primary
+): Promise<{halfWritten: string[]; inputsChanged: string[]}> {
     const after = await snapshot(dir);
-    const halfWritten: string[] = [], inputsChanged: string[] = [];
+    const halfWritten: string[] = [],
+        inputsChanged: string[] = [];
     const mayWrite = (rel: string) => spec.writes.some((re) => re.test(rel));
     for (const [rel, sig] of before) {
         if (mayWrite(rel)) continue;
@@ -406,7 +462,9 @@ export async function checkDisk(spec: Pick<CaseSpec, "writes" | "expectOutputs">
                 if (!after.has(`${rel}/${f}`)) halfWritten.push(`${rel}: ${f} is missing`);
         }
     }
-    if (primary === "ok") for (const rel of spec.expectOutputs) if (!after.has(rel)) halfWritten.push(`${rel}: not written although the run succeeded`);
+    if (primary === "ok")
+        for (const rel of spec.expectOutputs)
+            if (!after.has(rel)) halfWritten.push(`${rel}: not written although the run succeeded`);
     return {halfWritten, inputsChanged};
 }
 
@@ -418,12 +476,20 @@ function stripAnsi(s: string): string {
     return s.replace(/\u001b\[[0-9;]*m/g, "");
 }
 
-async function runCli(args: string[], cwd: string, timeoutMs: number, rssCapMb: number):
-    Promise<{primary: Primary; detail: string; badMessage: string | null; peakRssMb: number; ms: number}> {
+async function runCli(
+    args: string[],
+    cwd: string,
+    timeoutMs: number,
+    rssCapMb: number
+): Promise<{primary: Primary; detail: string; badMessage: string | null; peakRssMb: number; ms: number}> {
     const started = Date.now();
-    const child = spawn(process.execPath, [...LOADER, CLI, ...args], {cwd, stdio: ["ignore", "pipe", "pipe"],
-        env: {...process.env, QLORA_DEBUG: "", NO_COLOR: "1", FORCE_COLOR: "0"}});
-    let peak = 0, killedFor: "hang" | "memory" | null = null;
+    const child = spawn(process.execPath, [...LOADER, CLI, ...args], {
+        cwd,
+        stdio: ["ignore", "pipe", "pipe"],
+        env: {...process.env, QLORA_DEBUG: "", NO_COLOR: "1", FORCE_COLOR: "0"}
+    });
+    let peak = 0,
+        killedFor: "hang" | "memory" | null = null;
     // all of stderr (an error line can be megabytes long, and its start is what must say "error: "), up to 64 MiB
     const stderrChunks: Buffer[] = [];
     let stderrBytes = 0;
@@ -446,23 +512,43 @@ async function runCli(args: string[], cwd: string, timeoutMs: number, rssCapMb: 
             killTree(child);
         }
     }, timeoutMs);
-    const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((r) => child.on("exit", (c, s) => r([c, s])));
+    const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((r) =>
+        child.on("exit", (c, s) => r([c, s]))
+    );
     clearInterval(poll);
     clearTimeout(timer);
     const ms = Date.now() - started;
     const err = stripAnsi(Buffer.concat(stderrChunks).toString("utf8")).trim();
-    if (killedFor) return {primary: killedFor, detail: killedFor === "hang" ? `no exit in ${timeoutMs} ms` : `RSS over ${rssCapMb} MiB`, badMessage: null, peakRssMb: peak, ms};
+    if (killedFor)
+        return {
+            primary: killedFor,
+            detail: killedFor === "hang" ? `no exit in ${timeoutMs} ms` : `RSS over ${rssCapMb} MiB`,
+            badMessage: null,
+            peakRssMb: peak,
+            ms
+        };
     if (code === 0) return {primary: "ok", detail: "", badMessage: null, peakRssMb: peak, ms};
     if (code !== 1) {
         const oom = /heap limit|out of memory|Allocation failed/i.test(err);
-        return {primary: oom ? "memory" : "crash", detail: `exit ${signal ?? code}: ${short(err, 1500)}`, badMessage: null, peakRssMb: peak, ms};
+        return {
+            primary: oom ? "memory" : "crash",
+            detail: `exit ${signal ?? code}: ${short(err, 1500)}`,
+            badMessage: null,
+            peakRssMb: peak,
+            ms
+        };
     }
     const lines = err.split("\n").filter((l) => l.trim());
     if (/an internal error|\n\s+at .+:\d+:\d+/.test(err) || lines.some((l) => /^\s+at /.test(l)))
         return {primary: "stack", detail: short(err, 1500), badMessage: null, peakRssMb: peak, ms};
-    const bad = lines.length !== 1 ? `stderr has ${lines.length} lines: ${short(err, 600)}`
-        : !lines[0].startsWith("error: ") ? `stderr does not start with "error: ": ${short(err, 300)}`
-            : lines[0].length > MAX_MESSAGE_CHARS ? `a ${lines[0].length}-character error line` : null;
+    const bad =
+        lines.length !== 1
+            ? `stderr has ${lines.length} lines: ${short(err, 600)}`
+            : !lines[0].startsWith("error: ")
+              ? `stderr does not start with "error: ": ${short(err, 300)}`
+              : lines[0].length > MAX_MESSAGE_CHARS
+                ? `a ${lines[0].length}-character error line`
+                : null;
     return {primary: "clean", detail: short(lines[0] ?? "", 500), badMessage: bad, peakRssMb: peak, ms};
 }
 
@@ -490,24 +576,69 @@ export interface FormatSummary {
 export function summarize(format: string, via: "lib" | "cli", results: CaseResult[]): FormatSummary {
     const count = (p: (r: CaseResult) => boolean) => results.filter(p).length;
     return {
-        format, via, cases: results.length,
-        ok: count((r) => r.primary === "ok"), clean: count((r) => r.primary === "clean"),
-        crash: count((r) => r.primary === "crash"), hang: count((r) => r.primary === "hang"),
-        stack: count((r) => r.primary === "stack"), memory: count((r) => r.primary === "memory"),
-        halfWritten: count((r) => r.halfWritten.length > 0), inputsChanged: count((r) => r.inputsChanged.length > 0),
-        badMessage: count((r) => r.badMessage !== null), nonFinite: count((r) => r.nonFinite !== null),
-        peakRssMb: Math.max(0, ...results.map((r) => r.peakRssMb)), msTotal: results.reduce((s, r) => s + r.ms, 0),
+        format,
+        via,
+        cases: results.length,
+        ok: count((r) => r.primary === "ok"),
+        clean: count((r) => r.primary === "clean"),
+        crash: count((r) => r.primary === "crash"),
+        hang: count((r) => r.primary === "hang"),
+        stack: count((r) => r.primary === "stack"),
+        memory: count((r) => r.primary === "memory"),
+        halfWritten: count((r) => r.halfWritten.length > 0),
+        inputsChanged: count((r) => r.inputsChanged.length > 0),
+        badMessage: count((r) => r.badMessage !== null),
+        nonFinite: count((r) => r.nonFinite !== null),
+        peakRssMb: Math.max(0, ...results.map((r) => r.peakRssMb)),
+        msTotal: results.reduce((s, r) => s + r.ms, 0)
     };
 }
 
 export function formatTable(rows: FormatSummary[]): string {
-    const head = ["format", "via", "cases", "ok", "clean errors", "crashes", "hangs", "stack traces", "memory blow-ups",
-        "half-written", "inputs changed", "bad messages", "NaN accepted", "peak RSS MiB", "avg ms"];
-    const body = rows.map((r) => [r.format, r.via, r.cases, r.ok, r.clean, r.crash, r.hang, r.stack, r.memory, r.halfWritten,
-        r.inputsChanged, r.badMessage, r.nonFinite, Math.round(r.peakRssMb), r.cases ? Math.round(r.msTotal / r.cases) : 0].map(String));
+    const head = [
+        "format",
+        "via",
+        "cases",
+        "ok",
+        "clean errors",
+        "crashes",
+        "hangs",
+        "stack traces",
+        "memory blow-ups",
+        "half-written",
+        "inputs changed",
+        "bad messages",
+        "NaN accepted",
+        "peak RSS MiB",
+        "avg ms"
+    ];
+    const body = rows.map((r) =>
+        [
+            r.format,
+            r.via,
+            r.cases,
+            r.ok,
+            r.clean,
+            r.crash,
+            r.hang,
+            r.stack,
+            r.memory,
+            r.halfWritten,
+            r.inputsChanged,
+            r.badMessage,
+            r.nonFinite,
+            Math.round(r.peakRssMb),
+            r.cases ? Math.round(r.msTotal / r.cases) : 0
+        ].map(String)
+    );
     const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
-    const line = (cells: string[]) => `| ${cells.map((c, i) => i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i])).join(" | ")} |`;
-    return [line(head), `|${widths.map((w, i) => i < 2 ? `:${"-".repeat(w + 1)}` : `${"-".repeat(w + 1)}:`).join("|")}|`, ...body.map(line)].join("\n");
+    const line = (cells: string[]) =>
+        `| ${cells.map((c, i) => (i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(" | ")} |`;
+    return [
+        line(head),
+        `|${widths.map((w, i) => (i < 2 ? `:${"-".repeat(w + 1)}` : `${"-".repeat(w + 1)}:`)).join("|")}|`,
+        ...body.map(line)
+    ].join("\n");
 }
 
 export function describeFailure(r: CaseResult): string {
@@ -517,22 +648,26 @@ export function describeFailure(r: CaseResult): string {
         ...r.halfWritten.map((h) => `half-written: ${h}`),
         ...r.inputsChanged.map((h) => `input changed: ${h}`),
         r.badMessage ? `bad message: ${r.badMessage}` : null,
-        r.nonFinite ? `NaN accepted: ${r.nonFinite}` : null,
+        r.nonFinite ? `NaN accepted: ${r.nonFinite}` : null
     ].filter(Boolean);
     return [
-        r.control ? `FAIL ${r.format} control case (${r.via}, ${r.variant}): the seed files as written must load` :
-            `FAIL ${r.format} seed ${r.seed} case ${r.index} (${r.via}, ${r.variant}) — replay: npm run fuzz -- --format ${r.format} --seed ${r.seed} --case ${r.index}${r.via === "cli" ? " --cli" : ""}`,
+        r.control
+            ? `FAIL ${r.format} control case (${r.via}, ${r.variant}): the seed files as written must load`
+            : `FAIL ${r.format} seed ${r.seed} case ${r.index} (${r.via}, ${r.variant}) — replay: npm run fuzz -- --format ${r.format} --seed ${r.seed} --case ${r.index}${r.via === "cli" ? " --cli" : ""}`,
         ...problems.map((p) => `    ${p}`),
         `    mutations: ${r.mutations.join(" | ") || "(none)"}`,
         ...(r.command ? [`    command: qlora ${r.command}`] : []),
-        ...(r.kept ? [`    case folder kept: ${r.kept}`] : []),
+        ...(r.kept ? [`    case folder kept: ${r.kept}`] : [])
     ].join("\n");
 }
 
 export class FuzzSession {
     private readonly worker: WorkerHost;
-    private constructor(readonly options: Required<Omit<FuzzOptions, "log">> & {log: (l: string) => void}, readonly root: string,
-        readonly seeds: Seeds) {
+    private constructor(
+        readonly options: Required<Omit<FuzzOptions, "log">> & {log: (l: string) => void},
+        readonly root: string,
+        readonly seeds: Seeds
+    ) {
         this.worker = new WorkerHost(options.heapMb);
     }
 
@@ -540,14 +675,29 @@ export class FuzzSession {
         const root = await fs.mkdtemp(path.join(os.tmpdir(), "qlora-fuzz-"));
         const seeds = await buildSeeds(path.join(root, "seeds"));
         await fs.mkdir(path.join(root, "cases"));
-        return new FuzzSession({
-            // 2 GiB: the worker (about 300 MiB) plus the Parquet decoder qlora forks, whose heap it caps at 1 GiB
-            timeoutMs: 30_000, cliTimeoutMs: 90_000, rssCapMb: 2048, heapMb: 1024, keepFailures: true, verbose: false,
-            log: () => undefined, ...options,
-        }, root, seeds);
+        return new FuzzSession(
+            {
+                // 2 GiB: the worker (about 300 MiB) plus the Parquet decoder qlora forks, whose heap it caps at 1 GiB
+                timeoutMs: 30_000,
+                cliTimeoutMs: 90_000,
+                rssCapMb: 2048,
+                heapMb: 1024,
+                keepFailures: true,
+                verbose: false,
+                log: () => undefined,
+                ...options
+            },
+            root,
+            seeds
+        );
     }
 
-    private async buildCase(format: string, index: number, via: "lib" | "cli", mutate = true): Promise<{spec: CaseSpec; dir: string; before: Snapshot}> {
+    private async buildCase(
+        format: string,
+        index: number,
+        via: "lib" | "cli",
+        mutate = true
+    ): Promise<{spec: CaseSpec; dir: string; before: Snapshot}> {
         const dir = path.join(this.root, "cases", `${format}-${via}-${index}${mutate ? "" : "-control"}`);
         await fs.rm(dir, {recursive: true, force: true});
         await fs.mkdir(dir, {recursive: true});
@@ -557,11 +707,20 @@ export class FuzzSession {
     }
 
     /** runs one target in the worker and classifies how it ended */
-    async runInWorker(kind: TargetKind, params: Record<string, unknown>, timeoutMs = this.options.timeoutMs):
-        Promise<Pick<CaseResult, "primary" | "detail" | "badMessage" | "nonFinite" | "ms" | "peakRssMb">> {
+    async runInWorker(
+        kind: TargetKind,
+        params: Record<string, unknown>,
+        timeoutMs = this.options.timeoutMs
+    ): Promise<Pick<CaseResult, "primary" | "detail" | "badMessage" | "nonFinite" | "ms" | "peakRssMb">> {
         const out = await this.worker.run(kind, params, timeoutMs, this.options.rssCapMb);
-        const r = {primary: "ok" as Primary, detail: "", badMessage: null as string | null, nonFinite: null as string | null,
-            ms: out.ms, peakRssMb: out.peakRssMb};
+        const r = {
+            primary: "ok" as Primary,
+            detail: "",
+            badMessage: null as string | null,
+            nonFinite: null as string | null,
+            ms: out.ms,
+            peakRssMb: out.peakRssMb
+        };
         if ("died" in out) {
             r.primary = out.died;
             r.detail = out.detail;
@@ -571,11 +730,21 @@ export class FuzzSession {
             const m = out.reply.message;
             r.primary = "clean";
             r.detail = short(m, 500);
-            r.badMessage = m.trim() === "" ? "an empty message" : m.includes("\n") ? `${m.split("\n").length} lines: ${short(m, 400)}`
-                : m.length > MAX_MESSAGE_CHARS ? `a ${m.length}-character message: ${short(m, 200)}` : null;
+            r.badMessage =
+                m.trim() === ""
+                    ? "an empty message"
+                    : m.includes("\n")
+                      ? `${m.split("\n").length} lines: ${short(m, 400)}`
+                      : m.length > MAX_MESSAGE_CHARS
+                        ? `a ${m.length}-character message: ${short(m, 200)}`
+                        : null;
         } else if (out.reply.status === "internal") {
             r.primary = "stack";
-            r.detail = `${out.reply.name}: ${short(out.reply.message, 300)}\n${out.reply.stack.split("\n").slice(1, 6).map((l) => `      ${l.trim()}`).join("\n")}`;
+            r.detail = `${out.reply.name}: ${short(out.reply.message, 300)}\n${out.reply.stack
+                .split("\n")
+                .slice(1, 6)
+                .map((l) => `      ${l.trim()}`)
+                .join("\n")}`;
         }
         return r;
     }
@@ -591,20 +760,53 @@ export class FuzzSession {
             built = await this.buildCase(format, index, via, mutate);
         } catch (err) {
             // a bug of the harness, not of qlora: reported, and the run goes on
-            return {format, index, seed: o.seed, variant: "?", via, primary: "ok", detail: "", halfWritten: [], inputsChanged: [],
-                badMessage: null, nonFinite: null, mutations: [], ms: 0, peakRssMb: 0, control: !mutate,
-                harnessError: (err as Error).stack ?? String(err)};
+            return {
+                format,
+                index,
+                seed: o.seed,
+                variant: "?",
+                via,
+                primary: "ok",
+                detail: "",
+                halfWritten: [],
+                inputsChanged: [],
+                badMessage: null,
+                nonFinite: null,
+                mutations: [],
+                ms: 0,
+                peakRssMb: 0,
+                control: !mutate,
+                harnessError: (err as Error).stack ?? String(err)
+            };
         }
         const {spec, dir, before} = built;
         const result: CaseResult = {
-            format, index, seed: o.seed, variant: spec.variant, via, primary: "ok", detail: "", halfWritten: [], inputsChanged: [],
-            badMessage: null, nonFinite: null, mutations: spec.mutations, ms: 0, peakRssMb: 0,
-            ...(via === "cli" ? {command: spec.cli.join(" ")} : {}),
+            format,
+            index,
+            seed: o.seed,
+            variant: spec.variant,
+            via,
+            primary: "ok",
+            detail: "",
+            halfWritten: [],
+            inputsChanged: [],
+            badMessage: null,
+            nonFinite: null,
+            mutations: spec.mutations,
+            ms: 0,
+            peakRssMb: 0,
+            ...(via === "cli" ? {command: spec.cli.join(" ")} : {})
         };
         if (via === "lib") Object.assign(result, await this.runInWorker(spec.kind, spec.params, o.timeoutMs));
         else {
             const out = await runCli(spec.cli, dir, o.cliTimeoutMs, o.rssCapMb);
-            Object.assign(result, {primary: out.primary, detail: out.detail, badMessage: out.badMessage, peakRssMb: out.peakRssMb, ms: out.ms});
+            Object.assign(result, {
+                primary: out.primary,
+                detail: out.detail,
+                badMessage: out.badMessage,
+                peakRssMb: out.peakRssMb,
+                ms: out.ms
+            });
         }
         // a process killed mid-write may leave temporaries: that is the kill, not the code under test
         if (result.primary !== "hang" && result.primary !== "memory" && result.primary !== "crash") {
@@ -621,12 +823,19 @@ export class FuzzSession {
             if (result.primary !== "ok") result.detail = `the unmutated seed files did not load: ${result.detail}`;
         }
         if (isFailure(result) && o.keepFailures) {
-            const kept = path.join(FAILURES_DIR, mutate ? `${format}-s${o.seed}-c${index}${via === "cli" ? "-cli" : ""}` : `${format}-control-${via}`);
+            const kept = path.join(
+                FAILURES_DIR,
+                mutate ? `${format}-s${o.seed}-c${index}${via === "cli" ? "-cli" : ""}` : `${format}-control-${via}`
+            );
             await fs.mkdir(FAILURES_DIR, {recursive: true});
             await fs.rm(kept, {recursive: true, force: true});
             await fs.rename(dir, kept);
-            await fs.writeFile(path.join(kept, "FUZZ-CASE.txt"), describeFailure({...result, kept}) + "\n" +
-                "(paths inside point at the run's scratch folder, which is deleted at the end; the replay command rebuilds the case)\n");
+            await fs.writeFile(
+                path.join(kept, "FUZZ-CASE.txt"),
+                describeFailure({...result, kept}) +
+                    "\n" +
+                    "(paths inside point at the run's scratch folder, which is deleted at the end; the replay command rebuilds the case)\n"
+            );
             result.kept = kept;
         } else await fs.rm(dir, {recursive: true, force: true}).catch(() => undefined);
         return result;
@@ -636,13 +845,24 @@ export class FuzzSession {
      * the control case (in the worker, and through the CLI when cliCases > 0), then cases [start, start + cases) in
      * the worker and cliCases through the CLI, side by side
      */
-    async runFormat(format: string, cases: number, cliCases: number, start = 0, cliStart = start): Promise<{control: CaseResult[]; lib: CaseResult[]; cli: CaseResult[]}> {
+    async runFormat(
+        format: string,
+        cases: number,
+        cliCases: number,
+        start = 0,
+        cliStart = start
+    ): Promise<{control: CaseResult[]; lib: CaseResult[]; cli: CaseResult[]}> {
         formatByName(format);
-        const control: CaseResult[] = [], lib: CaseResult[] = [], cli: CaseResult[] = [];
+        const control: CaseResult[] = [],
+            lib: CaseResult[] = [],
+            cli: CaseResult[] = [];
         const report = (r: CaseResult) => {
             if (isFailure(r)) this.options.log(describeFailure(r));
-            else if (this.options.verbose) this.options.log(`${r.format} ${r.control ? "control" : `case ${r.index}`} (${r.via}, ${r.variant}): ` +
-                `${r.primary}${r.detail ? ` — ${short(r.detail, 200)}` : ""} [${r.ms} ms]`);
+            else if (this.options.verbose)
+                this.options.log(
+                    `${r.format} ${r.control ? "control" : `case ${r.index}`} (${r.via}, ${r.variant}): ` +
+                        `${r.primary}${r.detail ? ` — ${short(r.detail, 200)}` : ""} [${r.ms} ms]`
+                );
         };
         const libLoop = (async () => {
             const c = await this.runCase(format, 0, "lib", false);

@@ -45,9 +45,13 @@ function smallConfig(tiny: Record<string, unknown>): Record<string, unknown> {
     const layers = 2;
     return {
         ...tiny,
-        hidden_size: 32, intermediate_size: 64, num_hidden_layers: layers, num_attention_heads: 4, num_key_value_heads: 2,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: layers,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
         max_position_embeddings: 256,
-        layer_types: Array.isArray(tiny.layer_types) ? (tiny.layer_types as unknown[]).slice(0, layers) : undefined,
+        layer_types: Array.isArray(tiny.layer_types) ? (tiny.layer_types as unknown[]).slice(0, layers) : undefined
     };
 }
 
@@ -74,7 +78,7 @@ export function toFlags(config: Record<string, unknown>): string[] {
 
 export async function buildSeeds(root: string): Promise<Seeds> {
     await fs.mkdir(root, {recursive: true});
-    const tinyConfig = await readJsonFile(path.join(TINY_MODEL, "config.json")) as Record<string, unknown>;
+    const tinyConfig = (await readJsonFile(path.join(TINY_MODEL, "config.json"))) as Record<string, unknown>;
     const config = smallConfig(tinyConfig);
 
     const small = path.join(root, "small");
@@ -83,7 +87,7 @@ export async function buildSeeds(root: string): Promise<Seeds> {
 
     const smallTemplate = path.join(root, "small-template");
     await copyFiles(small, smallTemplate, ["config.json", "model.safetensors", ...TOKENIZER_FILES]);
-    const tokCfg = await readJsonFile(path.join(small, "tokenizer_config.json")) as Record<string, unknown>;
+    const tokCfg = (await readJsonFile(path.join(small, "tokenizer_config.json"))) as Record<string, unknown>;
     await fs.writeFile(path.join(smallTemplate, "chat_template.jinja"), String(tokCfg.chat_template ?? ""));
     delete tokCfg.chat_template;
     await fs.writeFile(path.join(smallTemplate, "tokenizer_config.json"), JSON.stringify(tokCfg, null, 2) + "\n");
@@ -95,14 +99,24 @@ export async function buildSeeds(root: string): Promise<Seeds> {
     // data: a few records of each format from the shared data sets
     const dataDir = path.join(root, "data");
     await fs.mkdir(dataDir, {recursive: true});
-    const zh = await readJsonFile(path.join(DATASETS, "alpaca_zh_demo.json")) as Record<string, unknown>[];
-    const en = await readJsonFile(path.join(DATASETS, "alpaca_en_demo.json")) as Record<string, unknown>[];
-    const alpaca = [...zh.slice(0, 4), ...en.slice(0, 3)].map((r) => ({instruction: clip(r.instruction), input: clip(r.input), output: clip(r.output)}));
-    const messages = (await fs.readFile(path.join(DATASETS, "messages_demo.jsonl"), "utf8")).split("\n").filter(Boolean).slice(0, 5)
+    const zh = (await readJsonFile(path.join(DATASETS, "alpaca_zh_demo.json"))) as Record<string, unknown>[];
+    const en = (await readJsonFile(path.join(DATASETS, "alpaca_en_demo.json"))) as Record<string, unknown>[];
+    const alpaca = [...zh.slice(0, 4), ...en.slice(0, 3)].map((r) => ({
+        instruction: clip(r.instruction),
+        input: clip(r.input),
+        output: clip(r.output)
+    }));
+    const messages = (await fs.readFile(path.join(DATASETS, "messages_demo.jsonl"), "utf8"))
+        .split("\n")
+        .filter(Boolean)
+        .slice(0, 5)
         .map((l) => JSON.parse(l) as {messages: {role: string; content: string}[]})
         .map((r) => ({messages: r.messages.map((m) => ({role: m.role, content: clip(m.content)}))}));
-    const sharegpt = (await readJsonFile(path.join(DATASETS, "sharegpt_demo.json")) as {conversations: {from: string; value: string}[]}[])
-        .slice(0, 3).map((r) => ({conversations: r.conversations.slice(0, 4).map((c) => ({from: c.from, value: clip(c.value)}))}));
+    const sharegpt = (
+        (await readJsonFile(path.join(DATASETS, "sharegpt_demo.json"))) as {conversations: {from: string; value: string}[]}[]
+    )
+        .slice(0, 3)
+        .map((r) => ({conversations: r.conversations.slice(0, 4).map((c) => ({from: c.from, value: clip(c.value)}))}));
     const text = alpaca.map((r) => ({text: `${r.instruction}\n${r.output}`}));
     const promptCompletion = alpaca.map((r) => ({prompt: r.instruction, completion: r.output}));
     const sets: Record<string, unknown[]> = {alpaca, messages, sharegpt, text, prompt_completion: promptCompletion};
@@ -121,26 +135,43 @@ export async function buildSeeds(root: string): Promise<Seeds> {
         }
     }
     const parquetColumns: ParquetColumn[][] = [
-        [{name: "instruction", kind: "string", values: alpaca.map((r) => r.instruction)},
+        [
+            {name: "instruction", kind: "string", values: alpaca.map((r) => r.instruction)},
             {name: "input", kind: "string", values: alpaca.map((r) => r.input)},
-            {name: "output", kind: "string", values: alpaca.map((r) => r.output)}],
-        [{name: "text", kind: "string", values: text.map((r) => r.text)},
-            {name: "id", kind: "int64", values: text.map((_, i) => i)}],
-        [{name: "prompt", kind: "string", values: promptCompletion.map((r) => r.prompt)},
-            {name: "completion", kind: "string", values: promptCompletion.map((r) => r.completion)}],
+            {name: "output", kind: "string", values: alpaca.map((r) => r.output)}
+        ],
+        [
+            {name: "text", kind: "string", values: text.map((r) => r.text)},
+            {name: "id", kind: "int64", values: text.map((_, i) => i)}
+        ],
+        [
+            {name: "prompt", kind: "string", values: promptCompletion.map((r) => r.prompt)},
+            {name: "completion", kind: "string", values: promptCompletion.map((r) => r.completion)}
+        ]
     ];
 
     // a finished run of the small model: its checkpoints and final adapter are the seeds of the state files
     const runConfig: Record<string, unknown> = {
-        model: small, dataset: path.join(dataDir, "alpaca.jsonl"), max_steps: 3, save_steps: 1, max_seq_length: 64,
-        per_device_train_batch_size: 2, logging_steps: 1, r: 2, lora_alpha: 4, lora_dropout: 0.1, learning_rate: 1e-3,
-        device: "cpu", threads: 1,
+        model: small,
+        dataset: path.join(dataDir, "alpaca.jsonl"),
+        max_steps: 3,
+        save_steps: 1,
+        max_seq_length: 64,
+        per_device_train_batch_size: 2,
+        logging_steps: 1,
+        r: 2,
+        lora_alpha: 4,
+        lora_dropout: 0.1,
+        learning_rate: 1e-3,
+        device: "cpu",
+        threads: 1
     };
     const run = path.join(root, "run");
     await fineTune({...runConfig, output_dir: run});
     const adapter = path.join(root, "adapter");
     await fs.cp(path.join(run, "final"), adapter, {recursive: true});
-    for (const name of ["checkpoint-3", "final", "report.html"]) await fs.rm(path.join(run, name), {recursive: true, force: true});
+    for (const name of ["checkpoint-3", "final", "report.html"])
+        await fs.rm(path.join(run, name), {recursive: true, force: true});
     const doraRun = path.join(root, "run-dora");
     await fineTune({...runConfig, max_steps: 1, use_dora: true, bias: "lora_only", output_dir: doraRun});
     const adapterDora = path.join(root, "adapter-dora");
@@ -149,9 +180,18 @@ export async function buildSeeds(root: string): Promise<Seeds> {
 
     // a training config: the example config with every key, pointed at the small model and data
     const overrides: Record<string, string> = {
-        model: JSON.stringify(small), dataset: JSON.stringify(path.join(dataDir, "alpaca.jsonl")), max_steps: "2",
-        max_seq_length: "64", per_device_train_batch_size: "2", logging_steps: "1", save_steps: "1", r: "4", lora_alpha: "8",
-        device: '"cpu"', threads: "1", output_dir: '"./fuzz_output"',
+        model: JSON.stringify(small),
+        dataset: JSON.stringify(path.join(dataDir, "alpaca.jsonl")),
+        max_steps: "2",
+        max_seq_length: "64",
+        per_device_train_batch_size: "2",
+        logging_steps: "1",
+        save_steps: "1",
+        r: "4",
+        lora_alpha: "8",
+        device: '"cpu"',
+        threads: "1",
+        output_dir: '"./fuzz_output"'
     };
     let yamlText = await fs.readFile(path.join(REPO_ROOT, "examples", "qlora.yaml"), "utf8");
     for (const [k, v] of Object.entries(overrides)) {
@@ -163,6 +203,19 @@ export async function buildSeeds(root: string): Promise<Seeds> {
     const configJson = path.join(root, "config.json");
     await fs.writeFile(configJson, JSON.stringify(parseYaml(yamlText), null, 2) + "\n");
 
-    return {root, small, smallTemplate, sharded, adapter, adapterDora, run, runConfig, runFlags: toFlags(runConfig), data,
-        parquetColumns, yaml, configJson};
+    return {
+        root,
+        small,
+        smallTemplate,
+        sharded,
+        adapter,
+        adapterDora,
+        run,
+        runConfig,
+        runFlags: toFlags(runConfig),
+        data,
+        parquetColumns,
+        yaml,
+        configJson
+    };
 }

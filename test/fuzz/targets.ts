@@ -55,98 +55,123 @@ async function seedTokenizer(dir: string): Promise<HfTokenizer> {
     return cachedTokenizer.tokenizer;
 }
 
-const CHAT = [{role: "system", content: "You are brief."}, {role: "user", content: "把下面的数字相加。 3 5"},
-    {role: "assistant", content: "8"}, {role: "user", content: "hi 😀"}];
+const CHAT = [
+    {role: "system", content: "You are brief."},
+    {role: "user", content: "把下面的数字相加。 3 5"},
+    {role: "assistant", content: "8"},
+    {role: "user", content: "hi 😀"}
+];
 
 export async function runTarget(kind: TargetKind, p: Record<string, unknown>): Promise<TargetOutcome> {
     switch (kind) {
-    case "load-model": {
-        const dir = p.model as string;
-        // every tensor, also those the model does not use, through the raw reader
-        const ckpt = await SafetensorsCheckpoint.open(dir);
-        try {
-            for (const name of ckpt.names()) await ckpt.readTyped(name);
-        } finally {
-            await ckpt.close();
+        case "load-model": {
+            const dir = p.model as string;
+            // every tensor, also those the model does not use, through the raw reader
+            const ckpt = await SafetensorsCheckpoint.open(dir);
+            try {
+                for (const name of ckpt.names()) await ckpt.readTyped(name);
+            } finally {
+                await ckpt.close();
+            }
+            const model = await DecoderModel.load(dir);
+            const bad = findNonFinite(model.params, "params") ?? forwardCheck(model);
+            return bad ? {nonFinite: bad} : {};
         }
-        const model = await DecoderModel.load(dir);
-        const bad = findNonFinite(model.params, "params") ?? forwardCheck(model);
-        return bad ? {nonFinite: bad} : {};
-    }
-    case "load-adapter": {
-        const model = await DecoderModel.load(p.model as string);
-        const lora = await loadAdapter(p.adapter as string, model);
-        lora.setTraining(false);
-        const bad = findNonFinite(lora.trainableTensors().map((t) => ({[t.name]: t.param})), "adapter") ?? forwardCheck(model);
-        return bad ? {nonFinite: bad} : {};
-    }
-    case "resume":
-        await fineTune(p.config as Record<string, unknown>);
-        return {};
-    case "export-gguf":
-        await exportGguf({modelDir: p.model as string, adapterDir: (p.adapter as string | null) ?? undefined,
-            outtype: p.outtype as "f32", out: p.out as string});
-        return {};
-    case "export-gguf-lora":
-        await exportGgufLora({adapterDir: p.adapter as string, modelDir: p.model as string, out: p.out as string,
-            outtype: p.outtype as "f32"});
-        return {};
-    case "load-dataset": {
-        const tokenizer = await seedTokenizer(p.tokenizer as string);
-        const prepared = await loadDataset(p.data as string, tokenizer, p.options as DataOptions);
-        // the batches training would draw (collation of whatever rows came out)
-        const loader = new DataLoader(prepared.rows, {batchSize: 2, padTokenId: padTokenIdOf(tokenizer), shuffle: true, seed: 1});
-        for (const _ of loader.epoch()) { /* collate every batch */ }
-        return {};
-    }
-    case "tokenizer": {
-        const tokenizer = await HfTokenizer.load(p.model as string);
-        const text = tokenizer.hasChatTemplate ? tokenizer.applyChatTemplate(CHAT, {addGenerationPrompt: true}) : "hello 世界";
-        const ids = tokenizer.encode(text);
-        tokenizer.encode(text, {addSpecialTokens: true});
-        tokenizer.decode(ids);
-        tokenizer.decode(ids, {skipSpecialTokens: true});
-        const stream = tokenizer.createStreamDecoder();
-        for (const id of ids) stream.push(id);
-        stream.flush();
-        // chat data through the template with assistant masks, as training prepares it
-        if (tokenizer.hasChatTemplate) await loadDataset(p.messages as string, tokenizer, {max_seq_length: 64});
-        return {};
-    }
-    // the harness's own test (test/harden-fuzz.test.ts): one target per way a case can end
-    case "probe-hang":
-        await new Promise(() => undefined);
-        return {};
-    case "probe-alloc": {
-        const held: Buffer[] = [];
-        for (;;) {
-            held.push(Buffer.alloc(64 * 2 ** 20, 1));
-            await new Promise((r) => setTimeout(r, 5));
+        case "load-adapter": {
+            const model = await DecoderModel.load(p.model as string);
+            const lora = await loadAdapter(p.adapter as string, model);
+            lora.setTraining(false);
+            const bad =
+                findNonFinite(
+                    lora.trainableTensors().map((t) => ({[t.name]: t.param})),
+                    "adapter"
+                ) ?? forwardCheck(model);
+            return bad ? {nonFinite: bad} : {};
         }
-    }
-    case "probe-abort":
-        process.abort();
-        return {};
-    case "probe-throw":
-        throw new TypeError("probe: not a QloraError");
-    case "probe-escape":
-        setTimeout(() => {
-            throw new Error("probe: thrown from a timer");
-        }, 0);
-        await new Promise((r) => setTimeout(r, 1000));
-        return {};
-    case "probe-qlora-error": {
-        const err = new QloraError("probe: a clean error", {file: "probe.json"});
-        // set after construction: QloraError folds line breaks itself, the harness must catch them anyway
-        if (typeof p.message === "string") err.message = p.message;
-        throw err;
-    }
-    case "train-config": {
-        const config = await loadTrainConfig(p.config as string, ["--output_dir", p.out as string, "--max_steps", "2"]);
-        // bounded work: a valid config with many micro-batches per step is not a hang
-        if (config.gradient_accumulation_steps > 4) config.gradient_accumulation_steps = 4;
-        await fineTune(config as unknown as Record<string, unknown>);
-        return {};
-    }
+        case "resume":
+            await fineTune(p.config as Record<string, unknown>);
+            return {};
+        case "export-gguf":
+            await exportGguf({
+                modelDir: p.model as string,
+                adapterDir: (p.adapter as string | null) ?? undefined,
+                outtype: p.outtype as "f32",
+                out: p.out as string
+            });
+            return {};
+        case "export-gguf-lora":
+            await exportGgufLora({
+                adapterDir: p.adapter as string,
+                modelDir: p.model as string,
+                out: p.out as string,
+                outtype: p.outtype as "f32"
+            });
+            return {};
+        case "load-dataset": {
+            const tokenizer = await seedTokenizer(p.tokenizer as string);
+            const prepared = await loadDataset(p.data as string, tokenizer, p.options as DataOptions);
+            // the batches training would draw (collation of whatever rows came out)
+            const loader = new DataLoader(prepared.rows, {
+                batchSize: 2,
+                padTokenId: padTokenIdOf(tokenizer),
+                shuffle: true,
+                seed: 1
+            });
+            for (const _ of loader.epoch()) {
+                /* collate every batch */
+            }
+            return {};
+        }
+        case "tokenizer": {
+            const tokenizer = await HfTokenizer.load(p.model as string);
+            const text = tokenizer.hasChatTemplate
+                ? tokenizer.applyChatTemplate(CHAT, {addGenerationPrompt: true})
+                : "hello 世界";
+            const ids = tokenizer.encode(text);
+            tokenizer.encode(text, {addSpecialTokens: true});
+            tokenizer.decode(ids);
+            tokenizer.decode(ids, {skipSpecialTokens: true});
+            const stream = tokenizer.createStreamDecoder();
+            for (const id of ids) stream.push(id);
+            stream.flush();
+            // chat data through the template with assistant masks, as training prepares it
+            if (tokenizer.hasChatTemplate) await loadDataset(p.messages as string, tokenizer, {max_seq_length: 64});
+            return {};
+        }
+        // the harness's own test (test/harden-fuzz.test.ts): one target per way a case can end
+        case "probe-hang":
+            await new Promise(() => undefined);
+            return {};
+        case "probe-alloc": {
+            const held: Buffer[] = [];
+            for (;;) {
+                held.push(Buffer.alloc(64 * 2 ** 20, 1));
+                await new Promise((r) => setTimeout(r, 5));
+            }
+        }
+        case "probe-abort":
+            process.abort();
+            return {};
+        case "probe-throw":
+            throw new TypeError("probe: not a QloraError");
+        case "probe-escape":
+            setTimeout(() => {
+                throw new Error("probe: thrown from a timer");
+            }, 0);
+            await new Promise((r) => setTimeout(r, 1000));
+            return {};
+        case "probe-qlora-error": {
+            const err = new QloraError("probe: a clean error", {file: "probe.json"});
+            // set after construction: QloraError folds line breaks itself, the harness must catch them anyway
+            if (typeof p.message === "string") err.message = p.message;
+            throw err;
+        }
+        case "train-config": {
+            const config = await loadTrainConfig(p.config as string, ["--output_dir", p.out as string, "--max_steps", "2"]);
+            // bounded work: a valid config with many micro-batches per step is not a hang
+            if (config.gradient_accumulation_steps > 4) config.gradient_accumulation_steps = 4;
+            await fineTune(config as unknown as Record<string, unknown>);
+            return {};
+        }
     }
 }

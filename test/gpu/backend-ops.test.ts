@@ -6,4 +6,4 @@ import {cudaAvailability} from "../../src/backend/cuda.js";
 import {cudaIo, registerBackendOpTests} from "../helpers/backend-ops.js";
 
 const availability = cudaAvailability();
-registerBackendOpTests(cudaIo, availability.usable ? null : availability.reason ?? "CUDA is not usable");
+registerBackendOpTests(cudaIo, availability.usable ? null : (availability.reason ?? "CUDA is not usable"));

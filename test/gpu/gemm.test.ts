@@ -86,7 +86,9 @@ if (!availability.usable) {
         const {transA, transB, M, N, K, alpha, beta} = c;
         const [rowsA, colsA] = transA ? [K, M] : [M, K];
         const [rowsB, colsB] = transB ? [N, K] : [K, N];
-        const lda = colsA + c.pad[0], ldb = colsB + c.pad[1], ldc = N + c.pad[2];
+        const lda = colsA + c.pad[0],
+            ldb = colsB + c.pad[1],
+            ldc = N + c.pad[2];
         const A = matrix(rng, rowsA, colsA, lda, c.dtypeAB);
         const B = matrix(rng, rowsB, colsB, ldb, c.dtypeAB);
         // beta == 0: C is write-only, so its interior starts as NaN on the GPU
@@ -96,13 +98,27 @@ if (!availability.usable) {
         cpu().sgemm(transA, transB, M, N, K, alpha, A.ref, lda, B.ref, ldb, beta, ref, ldc);
         // S = |alpha| |A| |B| + |beta| |C|: the scale of each element's rounding error
         const S = C.ref.map(Math.abs);
-        cpu().sgemm(transA, transB, M, N, K, Math.abs(alpha), A.ref.map(Math.abs), lda, B.ref.map(Math.abs), ldb,
-            Math.abs(beta), S, ldc);
+        cpu().sgemm(
+            transA,
+            transB,
+            M,
+            N,
+            K,
+            Math.abs(alpha),
+            A.ref.map(Math.abs),
+            lda,
+            B.ref.map(Math.abs),
+            ldb,
+            Math.abs(beta),
+            S,
+            ldc
+        );
 
-        const dA = upload(A.gpu, c.dtypeAB), dB = upload(B.gpu, c.dtypeAB), dC = upload(C.gpu, c.dtypeC);
+        const dA = upload(A.gpu, c.dtypeAB),
+            dB = upload(B.gpu, c.dtypeAB),
+            dC = upload(C.gpu, c.dtypeC);
         try {
-            ops.gemm(transA, transB, M, N, K, alpha, dA.ptr, lda, c.dtypeAB, dB.ptr, ldb, c.dtypeAB, beta, dC.ptr, ldc,
-                c.dtypeC);
+            ops.gemm(transA, transB, M, N, K, alpha, dA.ptr, lda, c.dtypeAB, dB.ptr, ldb, c.dtypeAB, beta, dC.ptr, ldc, c.dtypeC);
             const got = download(dC);
             // f32 accumulation in another order: |err| <= 1e-5 sqrt(K) S (the worst case K * 2^-24 * S is
             // smaller for K <= 1000); a 16-bit C adds one rounding of the result: half an ulp, 2^-9 (bf16) or
@@ -112,7 +128,8 @@ if (!availability.usable) {
             const accTol = 1e-5 * Math.sqrt(Math.max(K, 1));
             const relTol = c.dtypeC === "bf16" ? 2 ** -7 : c.dtypeC === "f16" ? 2 ** -9 : 0;
             const absTol = c.dtypeC === "f16" ? 1e-7 : 1e-30;
-            const what = `${c.dtypeAB}->${c.dtypeC} transA=${transA} transB=${transB} M=${M} N=${N} K=${K} ` +
+            const what =
+                `${c.dtypeAB}->${c.dtypeC} transA=${transA} transB=${transB} M=${M} N=${N} K=${K} ` +
                 `alpha=${alpha} beta=${beta} lda=${lda} ldb=${ldb} ldc=${ldc}`;
             for (let r = 0; r < M; r++) {
                 for (let col = 0; col < ldc; col++) {
@@ -124,8 +141,10 @@ if (!availability.usable) {
                     const err = Math.abs(got[i] - ref[i]);
                     const tol = accTol * S[i] + relTol * Math.abs(ref[i]) + absTol;
                     if (!(err <= tol))
-                        assert.fail(`${what}: C[${r}, ${col}] = ${got[i]}, CPU ${ref[i]} (|err| ${err.toExponential(2)} > ` +
-                            `tol ${tol.toExponential(2)})`);
+                        assert.fail(
+                            `${what}: C[${r}, ${col}] = ${got[i]}, CPU ${ref[i]} (|err| ${err.toExponential(2)} > ` +
+                                `tol ${tol.toExponential(2)})`
+                        );
                 }
             }
         } finally {
@@ -135,13 +154,24 @@ if (!availability.usable) {
         }
     }
 
-    const SHAPES: [number, number, number][] = [[1, 1, 1], [7, 13, 5], [37, 129, 300], [130, 67, 1000]];
-    const DTYPES: [GemmDtype, GemmDtype][] = [["f32", "f32"], ["bf16", "f32"], ["bf16", "bf16"], ["f16", "f32"], ["f16", "f16"]];
+    const SHAPES: [number, number, number][] = [
+        [1, 1, 1],
+        [7, 13, 5],
+        [37, 129, 300],
+        [130, 67, 1000]
+    ];
+    const DTYPES: [GemmDtype, GemmDtype][] = [
+        ["f32", "f32"],
+        ["bf16", "f32"],
+        ["bf16", "bf16"],
+        ["f16", "f32"],
+        ["f16", "f16"]
+    ];
     // minimal leading dimensions; padded to keep 16-byte rows aligned; padded by odd amounts
     const SCALARS: {alpha: number; beta: number; pad: [number, number, number]}[] = [
         {alpha: 1, beta: 0, pad: [0, 0, 0]},
         {alpha: 0.75, beta: -1.25, pad: [8, 16, 8]},
-        {alpha: -0.5, beta: 1, pad: [3, 5, 1]},
+        {alpha: -0.5, beta: 1, pad: [3, 5, 1]}
     ];
 
     describe("gemm vs CPU sgemm", () => {
@@ -151,8 +181,7 @@ if (!availability.usable) {
                 test(`${dtypeAB} -> ${dtypeC}, ${M}x${N}x${K}, all transposes, alpha/beta, leading dims`, () => {
                     for (const transA of [false, true])
                         for (const transB of [false, true])
-                            for (const s of SCALARS)
-                                check({transA, transB, M, N, K, dtypeAB, dtypeC, ...s}, seed++);
+                            for (const s of SCALARS) check({transA, transB, M, N, K, dtypeAB, dtypeC, ...s}, seed++);
                 });
             }
         }
@@ -169,7 +198,11 @@ if (!availability.usable) {
         test("aligned shapes run on cuBLASLt, not the fallback kernel", () => {
             const before = ops.gemmInfo().fallbackCalls;
             for (const [dtypeAB, dtypeC] of DTYPES)
-                for (const [transA, transB] of [[false, false], [false, true], [true, false]] as const)
+                for (const [transA, transB] of [
+                    [false, false],
+                    [false, true],
+                    [true, false]
+                ] as const)
                     check({transA, transB, M: 256, N: 192, K: 320, alpha: 1, beta: 0.5, pad: [0, 0, 0], dtypeAB, dtypeC}, 7);
             const info = ops.gemmInfo();
             assert.equal(info.fallbackCalls, before, "calls fell back to the built-in kernel");
@@ -177,19 +210,51 @@ if (!availability.usable) {
         });
 
         test("repeated shapes reuse the cached plan (no new heuristic run)", () => {
-            check({transA: false, transB: true, M: 64, N: 96, K: 128, alpha: 1, beta: 0, pad: [0, 0, 0], dtypeAB: "bf16", dtypeC: "bf16"}, 11);
+            check(
+                {
+                    transA: false,
+                    transB: true,
+                    M: 64,
+                    N: 96,
+                    K: 128,
+                    alpha: 1,
+                    beta: 0,
+                    pad: [0, 0, 0],
+                    dtypeAB: "bf16",
+                    dtypeC: "bf16"
+                },
+                11
+            );
             const runs = ops.gemmInfo().heuristicRuns;
-            check({transA: false, transB: true, M: 64, N: 96, K: 128, alpha: 2, beta: 1, pad: [0, 0, 0], dtypeAB: "bf16", dtypeC: "bf16"}, 12);
+            check(
+                {
+                    transA: false,
+                    transB: true,
+                    M: 64,
+                    N: 96,
+                    K: 128,
+                    alpha: 2,
+                    beta: 1,
+                    pad: [0, 0, 0],
+                    dtypeAB: "bf16",
+                    dtypeC: "bf16"
+                },
+                12
+            );
             assert.equal(ops.gemmInfo().heuristicRuns, runs);
         });
 
         test("K = 0 gives C = beta * C (beta = 0: zeros, even over NaN)", () => {
-            const M = 4, N = 3;
+            const M = 4,
+                N = 3;
             const c0 = Float32Array.from({length: M * N}, (_, i) => i - 5);
             const C = DeviceBuffer.from("f32", c0);
             const dummy = DeviceBuffer.zeros("f32", 1);
             ops.gemm(false, false, M, N, 0, 1, dummy.ptr, 1, "f32", dummy.ptr, N, "f32", 2, C.ptr, N, "f32");
-            assert.deepEqual(Array.from(C.toHost() as Float32Array), Array.from(c0, (v) => 2 * v));
+            assert.deepEqual(
+                Array.from(C.toHost() as Float32Array),
+                Array.from(c0, (v) => 2 * v)
+            );
             const Cn = DeviceBuffer.from("f32", new Float32Array(M * N).fill(NaN));
             ops.gemm(false, false, M, N, 0, 1, dummy.ptr, 1, "f32", dummy.ptr, N, "f32", 0, Cn.ptr, N, "f32");
             assert.deepEqual(Array.from(Cn.toHost() as Float32Array), new Array(M * N).fill(0));
@@ -199,16 +264,55 @@ if (!availability.usable) {
         });
 
         test("strided batched (shared A with stride 0, padded strides)", () => {
-            for (const [dtypeAB, dtypeC] of [["f32", "f32"], ["bf16", "f32"], ["bf16", "bf16"]] as [GemmDtype, GemmDtype][]) {
+            for (const [dtypeAB, dtypeC] of [
+                ["f32", "f32"],
+                ["bf16", "f32"],
+                ["bf16", "bf16"]
+            ] as [GemmDtype, GemmDtype][]) {
                 const rng = new Rng(99);
-                const batch = 3, M = 5, N = 7, K = 9;
-                const strideB = K * N + 2, strideC = M * N + 3;
-                const a = roundTo(Float32Array.from({length: M * K}, () => rng.next() * 2 - 1), dtypeAB);
-                const b = roundTo(Float32Array.from({length: batch * strideB}, () => rng.next() * 2 - 1), dtypeAB);
-                const c = roundTo(Float32Array.from({length: batch * strideC}, () => rng.next() * 2 - 1), dtypeC);
-                const dA = upload(a, dtypeAB), dB = upload(b, dtypeAB), dC = upload(c, dtypeC);
-                ops.gemmStridedBatched(false, false, M, N, K, 1.5, dA.ptr, K, 0, dtypeAB, dB.ptr, N, strideB, dtypeAB,
-                    0.5, dC.ptr, N, strideC, dtypeC, batch);
+                const batch = 3,
+                    M = 5,
+                    N = 7,
+                    K = 9;
+                const strideB = K * N + 2,
+                    strideC = M * N + 3;
+                const a = roundTo(
+                    Float32Array.from({length: M * K}, () => rng.next() * 2 - 1),
+                    dtypeAB
+                );
+                const b = roundTo(
+                    Float32Array.from({length: batch * strideB}, () => rng.next() * 2 - 1),
+                    dtypeAB
+                );
+                const c = roundTo(
+                    Float32Array.from({length: batch * strideC}, () => rng.next() * 2 - 1),
+                    dtypeC
+                );
+                const dA = upload(a, dtypeAB),
+                    dB = upload(b, dtypeAB),
+                    dC = upload(c, dtypeC);
+                ops.gemmStridedBatched(
+                    false,
+                    false,
+                    M,
+                    N,
+                    K,
+                    1.5,
+                    dA.ptr,
+                    K,
+                    0,
+                    dtypeAB,
+                    dB.ptr,
+                    N,
+                    strideB,
+                    dtypeAB,
+                    0.5,
+                    dC.ptr,
+                    N,
+                    strideC,
+                    dtypeC,
+                    batch
+                );
                 const got = download(dC);
                 for (let z = 0; z < batch; z++) {
                     const ref = c.slice(z * strideC, z * strideC + M * N);
@@ -216,7 +320,10 @@ if (!availability.usable) {
                     for (let i = 0; i < M * N; i++) {
                         const g = got[z * strideC + i];
                         const tol = 1e-5 * Math.abs(ref[i]) + (dtypeC === "bf16" ? 2 ** -8 * Math.abs(ref[i]) : 0) + 1e-5;
-                        assert.ok(Math.abs(g - ref[i]) <= tol, `${dtypeAB}->${dtypeC} batch ${z} element ${i}: ${g} vs ${ref[i]}`);
+                        assert.ok(
+                            Math.abs(g - ref[i]) <= tol,
+                            `${dtypeAB}->${dtypeC} batch ${z} element ${i}: ${g} vs ${ref[i]}`
+                        );
                     }
                     // the gap between two C matrices is untouched
                     for (let i = M * N; i < strideC && z * strideC + i < got.length; i++)
@@ -230,14 +337,22 @@ if (!availability.usable) {
 
         test("argument errors throw with a clear message", () => {
             const buf = DeviceBuffer.zeros("f32", 64);
-            assert.throws(() => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 4, "bf16", buf.ptr, 4, "f32", 0, buf.ptr, 4, "f32"),
-                /same dtype/);
-            assert.throws(() => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 4, "f32", buf.ptr, 4, "f32", 0, buf.ptr, 4, "bf16"),
-                /C must be f32 or the input dtype/);
-            assert.throws(() => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 3, "f32", buf.ptr, 4, "f32", 0, buf.ptr, 4, "f32"),
-                /leading dimensions/);
-            assert.throws(() => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 4, "f64" as GemmDtype, buf.ptr, 4, "f32", 0,
-                buf.ptr, 4, "f32"), /dtype/);
+            assert.throws(
+                () => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 4, "bf16", buf.ptr, 4, "f32", 0, buf.ptr, 4, "f32"),
+                /same dtype/
+            );
+            assert.throws(
+                () => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 4, "f32", buf.ptr, 4, "f32", 0, buf.ptr, 4, "bf16"),
+                /C must be f32 or the input dtype/
+            );
+            assert.throws(
+                () => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 3, "f32", buf.ptr, 4, "f32", 0, buf.ptr, 4, "f32"),
+                /leading dimensions/
+            );
+            assert.throws(
+                () => ops.gemm(false, false, 4, 4, 4, 1, buf.ptr, 4, "f64" as GemmDtype, buf.ptr, 4, "f32", 0, buf.ptr, 4, "f32"),
+                /dtype/
+            );
             buf.free();
         });
     });
@@ -258,8 +373,10 @@ if (!availability.usable) {
                 for (let i = 0; i < iters; i++) call();
                 addon.synchronize();
                 const ms = (performance.now() - t0) / iters;
-                console.log(`gemm ${n}^3 ${dtypeAB}->${dtypeC} (x @ W^T): ${ms.toFixed(3)} ms, ` +
-                    `${(2 * n ** 3 / ms / 1e9).toFixed(1)} TFLOP/s`);
+                console.log(
+                    `gemm ${n}^3 ${dtypeAB}->${dtypeC} (x @ W^T): ${ms.toFixed(3)} ms, ` +
+                        `${((2 * n ** 3) / ms / 1e9).toFixed(1)} TFLOP/s`
+                );
                 A.free();
                 B.free();
                 C.free();

@@ -23,8 +23,6 @@ import {timeIt} from "../helpers/gpu-timing.js";
 // ------------------------------------------------------------------
 // helpers
 
-
-
 /** x rounded to bf16: the bits (for the GPU) and their exact f32 values (for the CPU) */
 function bf16(x: Float32Array): {bits: Uint16Array; vals: Float32Array} {
     const bits = new Uint16Array(x.length);
@@ -48,7 +46,8 @@ function rms(a: ArrayLike<number>): number {
 
 function relL2(got: ArrayLike<number>, ref: ArrayLike<number>): number {
     assert.equal(got.length, ref.length);
-    let num = 0, den = 0;
+    let num = 0,
+        den = 0;
     for (let i = 0; i < ref.length; i++) {
         const d = got[i] - ref[i];
         num += d * d;
@@ -64,7 +63,7 @@ function maxRel(got: ArrayLike<number>, ref: ArrayLike<number>): number {
     let m = 0;
     for (let i = 0; i < ref.length; i++) {
         const e = Math.abs(got[i] - ref[i]) / (Math.abs(ref[i]) + floor);
-        if (!(e <= m)) m = e;  // NaN propagates
+        if (!(e <= m)) m = e; // NaN propagates
     }
     return m;
 }
@@ -79,8 +78,7 @@ function bf16Ulp(x: number): number {
 function beyondUlp(got: ArrayLike<number>, ref: ArrayLike<number>, floorRel = 1e-5): number {
     const floor = floorRel * rms(ref);
     let count = 0;
-    for (let i = 0; i < ref.length; i++)
-        if (!(Math.abs(got[i] - ref[i]) <= bf16Ulp(ref[i]) + floor)) count++;
+    for (let i = 0; i < ref.length; i++) if (!(Math.abs(got[i] - ref[i]) <= bf16Ulp(ref[i]) + floor)) count++;
     return count;
 }
 
@@ -99,14 +97,16 @@ function report(ok: boolean, what: string, detail: string): void {
 }
 
 /** asserts a bf16 output: relative L2 <= tol; strict: also <= 1 ulp element-wise */
-function checkBf16(what: string, gotBits: Uint16Array, ref: Float32Array, strict: boolean, tol = 1e-2,
-    floorRel = 1e-5): void {
+function checkBf16(what: string, gotBits: Uint16Array, ref: Float32Array, strict: boolean, tol = 1e-2, floorRel = 1e-5): void {
     const got = bitsToF32(gotBits);
     const l2 = relL2(got, ref);
     const beyond = beyondUlp(got, ref, floorRel);
     const ok = l2 <= tol && (!strict || beyond === 0);
-    report(ok, what, `relL2 ${fmt(l2)} (tol ${fmt(tol)}), > 1 ulp: ${beyond} of ${ref.length}` +
-        (strict ? " (must be 0)" : " (printed only)"));
+    report(
+        ok,
+        what,
+        `relL2 ${fmt(l2)} (tol ${fmt(tol)}), > 1 ulp: ${beyond} of ${ref.length}` + (strict ? " (must be 0)" : " (printed only)")
+    );
     assert.ok(l2 <= tol, `${what}: relative L2 error ${l2} > ${tol}`);
     if (strict) assert.equal(beyond, 0, `${what}: ${beyond} elements differ from the CPU by more than 1 bf16 ulp`);
 }
@@ -135,8 +135,12 @@ function alloc(dtype: DeviceDtype, n: number): DeviceBuffer {
 }
 
 /** a buffer whose data starts `offsetBytes` past a 256-byte aligned address (misaligned for 16-byte loads) */
-function uploadAt(k: CudaKernelOps, dtype: DeviceDtype, data: Float32Array | Uint16Array | Int32Array,
-    offsetBytes: number): number {
+function uploadAt(
+    k: CudaKernelOps,
+    dtype: DeviceDtype,
+    data: Float32Array | Uint16Array | Int32Array,
+    offsetBytes: number
+): number {
     const b = alloc(dtype, data.length + 16);
     k.upload(b.ptr, data, offsetBytes);
     return b.ptr + offsetBytes;
@@ -153,7 +157,6 @@ function downloadF32(k: CudaKernelOps, ptr: number, n: number): Float32Array {
     k.download(out, ptr);
     return out;
 }
-
 
 // ------------------------------------------------------------------
 
@@ -207,8 +210,7 @@ if (!availability.usable) {
                     const gotH = downloadBf16(k, outH.ptr, n);
                     const isNanH = (h: number) => (h & 0x7c00) === 0x7c00 && (h & 0x3ff) !== 0;
                     let dH = 0;
-                    for (let i = 0; i < n; i++)
-                        if (isNanH(refH[i]) ? !isNanH(gotH[i]) : gotH[i] !== refH[i]) dH++;
+                    for (let i = 0; i < n; i++) if (isNanH(refH[i]) ? !isNanH(gotH[i]) : gotH[i] !== refH[i]) dH++;
                     report(dH === 0, `f32ToF16 n=${n} offset=${offset}`, `${dH} differing codes`);
                     assert.equal(dH, 0);
 
@@ -229,17 +231,25 @@ if (!availability.usable) {
         test("fill, scale, add, axpy, castAdd", () => {
             const rng = new Prng(2);
             for (const n of [1, 13, 4096, 100_003]) {
-                const x = randn(rng, n), y = randn(rng, n);
-                const xb = bf16(x), yb = bf16(y);
+                const x = randn(rng, n),
+                    y = randn(rng, n);
+                const xb = bf16(x),
+                    yb = bf16(y);
 
                 // fill
                 const f = alloc("f32", n);
                 k.fillF32(f.ptr, 0.3, n);
-                assert.ok(downloadF32(k, f.ptr, n).every((v) => v === Math.fround(0.3)), "fillF32");
+                assert.ok(
+                    downloadF32(k, f.ptr, n).every((v) => v === Math.fround(0.3)),
+                    "fillF32"
+                );
                 const fb = alloc("bf16", n);
                 k.fillBf16(fb.ptr, 0.3, n);
                 const want = bf16(Float32Array.of(0.3)).bits[0];
-                assert.ok(downloadBf16(k, fb.ptr, n).every((v) => v === want), "fillBf16");
+                assert.ok(
+                    downloadBf16(k, fb.ptr, n).every((v) => v === want),
+                    "fillBf16"
+                );
 
                 // scale (f32: exact float products)
                 const s = 0.7311;
@@ -254,14 +264,16 @@ if (!availability.usable) {
                 assert.equal(bitsEqualCount(downloadBf16(k, xsb.ptr, n), refSb), 0, "scaleBf16");
 
                 // add: f32 bit-identical to the CPU's addInplace; bf16 = bf16(f32 sum)
-                const ya = upload("f32", y), xa = upload("f32", x);
+                const ya = upload("f32", y),
+                    xa = upload("f32", x);
                 k.addInplace(ya.ptr, xa.ptr, n);
                 const refA = y.slice();
                 c.addInplace(refA, x, n);
                 const gotA = downloadF32(k, ya.ptr, n);
                 const dA = bitsEqualCount(new Uint32Array(gotA.buffer), new Uint32Array(refA.buffer));
                 assert.equal(dA, 0, "addInplace");
-                const yab = upload("bf16", yb.bits), xab = upload("bf16", xb.bits);
+                const yab = upload("bf16", yb.bits),
+                    xab = upload("bf16", xb.bits);
                 k.addInplaceBf16(yab.ptr, xab.ptr, n);
                 const refAb = bf16(yb.vals.map((v, i) => Math.fround(v + xb.vals[i]))).bits;
                 assert.equal(bitsEqualCount(downloadBf16(k, yab.ptr, n), refAb), 0, "addInplaceBf16");
@@ -284,16 +296,21 @@ if (!availability.usable) {
         test("embedding forward (exact rows, bad ids flagged) and backward (+=)", () => {
             const rng = new Prng(3);
             const V = 1000;
-            for (const [N, C] of [[1, 64], [37, 257], [19, 3584]]) {
+            for (const [N, C] of [
+                [1, 64],
+                [37, 257],
+                [19, 3584]
+            ]) {
                 const table = bf16(randn(rng, V * C));
                 const ids = Int32Array.from({length: N}, () => rng.int(V));
-                const tableDev = upload("bf16", table.bits), idsDev = upload("i32", ids);
-                const out = alloc("bf16", N * C), bad = alloc("i32", 2);
+                const tableDev = upload("bf16", table.bits),
+                    idsDev = upload("i32", ids);
+                const out = alloc("bf16", N * C),
+                    bad = alloc("i32", 2);
                 k.embeddingForward(out.ptr, bad.ptr, idsDev.ptr, tableDev.ptr, N, V, C);
                 const got = downloadBf16(k, out.ptr, N * C);
                 let diff = 0;
-                for (let n = 0; n < N; n++)
-                    for (let j = 0; j < C; j++) if (got[n * C + j] !== table.bits[ids[n] * C + j]) diff++;
+                for (let n = 0; n < N; n++) for (let j = 0; j < C; j++) if (got[n * C + j] !== table.bits[ids[n] * C + j]) diff++;
                 assert.equal(diff, 0, "embedding rows");
                 assert.deepEqual(Array.from(bad.toHost() as Int32Array), [0, 2147483647]);
 
@@ -305,7 +322,10 @@ if (!availability.usable) {
                     k.embeddingForward(out.ptr, bad.ptr, badDev.ptr, tableDev.ptr, N, V, C);
                     assert.deepEqual(Array.from(bad.toHost() as Int32Array), [2, 5]);
                     const got2 = downloadBf16(k, out.ptr, N * C);
-                    assert.ok(got2.subarray(5 * C, 6 * C).every((v) => v === 0), "a bad id's row is zeros");
+                    assert.ok(
+                        got2.subarray(5 * C, 6 * C).every((v) => v === 0),
+                        "a bad id's row is zeros"
+                    );
                     assert.equal(got2[4 * C], table.bits[badIds[4] * C]);
                 }
 
@@ -322,17 +342,28 @@ if (!availability.usable) {
             }
         });
 
-        const normShapes: [number, number][] = [[1, 64], [3, 257], [17, 3584], [64, 4096], [4, 16384], [2, 40000]];
+        const normShapes: [number, number][] = [
+            [1, 64],
+            [3, 257],
+            [17, 3584],
+            [64, 4096],
+            [4, 16384],
+            [2, 40000]
+        ];
 
         test("rmsnorm forward and residual + rmsnorm forward", () => {
             const rng = new Prng(4);
             const eps = 1e-6;
             for (const [N, C] of normShapes) {
-                const x = bf16(randn(rng, N * C, 1.5, 0.2)), w = bf16(randn(rng, C, 0.2, 1));
-                const refOut = new Float32Array(N * C), refRstd = new Float32Array(N);
+                const x = bf16(randn(rng, N * C, 1.5, 0.2)),
+                    w = bf16(randn(rng, C, 0.2, 1));
+                const refOut = new Float32Array(N * C),
+                    refRstd = new Float32Array(N);
                 c.rmsnormForward(refOut, refRstd, x.vals, w.vals, N, C, eps);
-                const xDev = upload("bf16", x.bits), wDev = upload("bf16", w.bits);
-                const out = alloc("bf16", N * C), rstd = alloc("f32", N);
+                const xDev = upload("bf16", x.bits),
+                    wDev = upload("bf16", w.bits);
+                const out = alloc("bf16", N * C),
+                    rstd = alloc("f32", N);
                 k.rmsnormForward(out.ptr, rstd.ptr, xDev.ptr, wDev.ptr, N, C, eps);
                 checkBf16(`rmsnormForward N=${N} C=${C} out`, downloadBf16(k, out.ptr, N * C), refOut, true);
                 checkF32(`rmsnormForward N=${N} C=${C} rstd`, downloadF32(k, rstd.ptr, N), refRstd);
@@ -345,9 +376,11 @@ if (!availability.usable) {
                 // residual: h = bf16(x + y) exactly, in place into x's buffer
                 const y = bf16(randn(rng, N * C, 0.5));
                 const hRef = bf16(x.vals.map((v, i) => Math.fround(v + y.vals[i])));
-                const refOut2 = new Float32Array(N * C), refRstd2 = new Float32Array(N);
+                const refOut2 = new Float32Array(N * C),
+                    refRstd2 = new Float32Array(N);
                 c.rmsnormForward(refOut2, refRstd2, hRef.vals, w.vals, N, C, eps);
-                const hDev = upload("bf16", x.bits), yDev = upload("bf16", y.bits);
+                const hDev = upload("bf16", x.bits),
+                    yDev = upload("bf16", y.bits);
                 k.residualRmsnormForward(hDev.ptr, out.ptr, rstd.ptr, hDev.ptr, yDev.ptr, wDev.ptr, N, C, eps);
                 const dh = bitsEqualCount(downloadBf16(k, hDev.ptr, N * C), hRef.bits);
                 report(dh === 0, `residualRmsnormForward N=${N} C=${C} h`, `${dh} differing`);
@@ -360,20 +393,24 @@ if (!availability.usable) {
         test("rmsnorm backward (dinp =, +=; dweight +=)", () => {
             const rng = new Prng(5);
             for (const [N, C] of normShapes) {
-                const x = bf16(randn(rng, N * C, 1.5, 0.2)), w = bf16(randn(rng, C, 0.2, 1));
+                const x = bf16(randn(rng, N * C, 1.5, 0.2)),
+                    w = bf16(randn(rng, C, 0.2, 1));
                 const g = bf16(randn(rng, N * C));
                 const rstd = new Float32Array(N);
                 c.rmsnormForward(new Float32Array(N * C), rstd, x.vals, w.vals, N, C, 1e-6);
                 const dw0 = randn(rng, C);
-                const refDx = new Float32Array(N * C), refDw = dw0.slice();
+                const refDx = new Float32Array(N * C),
+                    refDw = dw0.slice();
                 c.rmsnormBackward(refDx, refDw, g.vals, x.vals, w.vals, rstd, N, C);
 
-                const xDev = upload("bf16", x.bits), wDev = upload("bf16", w.bits), gDev = upload("bf16", g.bits);
-                const rDev = upload("f32", rstd), dwDev = upload("f32", dw0);
+                const xDev = upload("bf16", x.bits),
+                    wDev = upload("bf16", w.bits),
+                    gDev = upload("bf16", g.bits);
+                const rDev = upload("f32", rstd),
+                    dwDev = upload("f32", dw0);
                 const dx = alloc("bf16", N * C);
                 k.rmsnormBackward(dx.ptr, dwDev.ptr, gDev.ptr, xDev.ptr, wDev.ptr, rDev.ptr, N, C);
-                checkBf16(`rmsnormBackward N=${N} C=${C} dinp`, downloadBf16(k, dx.ptr, N * C), refDx, false, 1e-2,
-                    1e-4);
+                checkBf16(`rmsnormBackward N=${N} C=${C} dinp`, downloadBf16(k, dx.ptr, N * C), refDx, false, 1e-2, 1e-4);
                 checkF32(`rmsnormBackward N=${N} C=${C} dweight (+=)`, downloadF32(k, dwDev.ptr, C), refDw);
 
                 // accumulate into an existing gradient, no dweight; dinp aliasing dout
@@ -381,12 +418,17 @@ if (!availability.usable) {
                 const acc = upload("bf16", old.bits);
                 k.rmsnormBackward(acc.ptr, null, gDev.ptr, xDev.ptr, wDev.ptr, rDev.ptr, N, C, true);
                 const refAcc = refDx.map((v, i) => v + old.vals[i]);
-                checkBf16(`rmsnormBackward N=${N} C=${C} dinp +=`, downloadBf16(k, acc.ptr, N * C), refAcc, false, 1e-2,
-                    1e-4);
+                checkBf16(`rmsnormBackward N=${N} C=${C} dinp +=`, downloadBf16(k, acc.ptr, N * C), refAcc, false, 1e-2, 1e-4);
                 const inPlace = upload("bf16", g.bits);
                 k.rmsnormBackward(inPlace.ptr, null, inPlace.ptr, xDev.ptr, wDev.ptr, rDev.ptr, N, C);
-                checkBf16(`rmsnormBackward N=${N} C=${C} dinp = dout (in place)`, downloadBf16(k, inPlace.ptr, N * C),
-                    refDx, false, 1e-2, 1e-4);
+                checkBf16(
+                    `rmsnormBackward N=${N} C=${C} dinp = dout (in place)`,
+                    downloadBf16(k, inPlace.ptr, N * C),
+                    refDx,
+                    false,
+                    1e-2,
+                    1e-4
+                );
             }
         });
 
@@ -409,20 +451,24 @@ if (!availability.usable) {
                 const buf = bf16(randn(rng, N * rowStride));
                 // the packed [N,H,D] part the op touches
                 const packed = new Float32Array(N * H * D);
-                for (let n = 0; n < N; n++)
-                    packed.set(buf.vals.subarray(n * rowStride, n * rowStride + H * D), n * H * D);
-                const posDev = upload("i32", pos), fDev = upload("f32", invFreq);
+                for (let n = 0; n < N; n++) packed.set(buf.vals.subarray(n * rowStride, n * rowStride + H * D), n * H * D);
+                const posDev = upload("i32", pos),
+                    fDev = upload("f32", invFreq);
                 const tag = `N=${N} H=${H} D=${D} stride=${rowStride}`;
                 for (const dir of ["forward", "backward"] as const) {
                     const ref = new Float32Array(N * H * D);
                     if (dir === "forward") c.ropeForward(ref, packed, pos, invFreq, scaling, N, H, D);
                     else c.ropeBackward(ref, packed, pos, invFreq, scaling, N, H, D);
                     // out of place into a second strided buffer, then in place
-                    const inDev = upload("bf16", buf.bits), outDev = upload("bf16", buf.bits);
+                    const inDev = upload("bf16", buf.bits),
+                        outDev = upload("bf16", buf.bits);
                     const fn = dir === "forward" ? k.ropeForward.bind(k) : k.ropeBackward.bind(k);
                     fn(outDev.ptr, inDev.ptr, posDev.ptr, fDev.ptr, scaling, N, H, D, rowStride);
                     fn(inDev.ptr, inDev.ptr, posDev.ptr, fDev.ptr, scaling, N, H, D, rowStride);
-                    for (const [name, dev] of [["out of place", outDev], ["in place", inDev]] as const) {
+                    for (const [name, dev] of [
+                        ["out of place", outDev],
+                        ["in place", inDev]
+                    ] as const) {
                         const all = downloadBf16(k, dev.ptr, N * rowStride);
                         const got = new Uint16Array(N * H * D);
                         let untouched = 0;
@@ -442,13 +488,20 @@ if (!availability.usable) {
             const rng = new Prng(7);
             for (const n of [1, 257, 8000, (1 << 20) + 5]) {
                 for (const offset of [0, 2]) {
-                    const gate = bf16(randn(rng, n, 2)), up = bf16(randn(rng, n)), dout = bf16(randn(rng, n));
-                    const refOut = new Float32Array(n), refDg = new Float32Array(n), refDu = new Float32Array(n);
+                    const gate = bf16(randn(rng, n, 2)),
+                        up = bf16(randn(rng, n)),
+                        dout = bf16(randn(rng, n));
+                    const refOut = new Float32Array(n),
+                        refDg = new Float32Array(n),
+                        refDu = new Float32Array(n);
                     c.swigluForward(refOut, gate.vals, up.vals, n);
                     c.swigluBackward(refDg, refDu, dout.vals, gate.vals, up.vals, n);
-                    const gDev = uploadAt(k, "bf16", gate.bits, offset), uDev = uploadAt(k, "bf16", up.bits, offset);
+                    const gDev = uploadAt(k, "bf16", gate.bits, offset),
+                        uDev = uploadAt(k, "bf16", up.bits, offset);
                     const dDev = uploadAt(k, "bf16", dout.bits, offset);
-                    const out = alloc("bf16", n), dg = alloc("bf16", n), du = alloc("bf16", n);
+                    const out = alloc("bf16", n),
+                        dg = alloc("bf16", n),
+                        du = alloc("bf16", n);
                     k.swigluForward(out.ptr, gDev, uDev, n);
                     checkBf16(`swigluForward n=${n} offset=${offset}`, downloadBf16(k, out.ptr, n), refOut, true);
                     k.swigluBackward(dg.ptr, du.ptr, dDev, gDev, uDev, n);
@@ -476,15 +529,19 @@ if (!availability.usable) {
                 if (N > 1) targets[1] = -100;
                 if (N > 2) targets[2] = V - 1;
                 if (N > 3) targets[3] = 0;
-                const refLoss = new Float32Array(N), refLse = new Float32Array(N);
+                const refLoss = new Float32Array(N),
+                    refLse = new Float32Array(N);
                 const refCount = c.crossEntropyForward(refLoss, refLse, logits.vals, targets, N, V);
                 const scale = 1 / Math.max(1, refCount);
                 const refD = new Float32Array(N * V);
                 c.crossEntropyBackward(refD, logits.vals, refLse, targets, scale, N, V);
                 const tag = `N=${N} V=${V} offset=${offset}`;
 
-                const xDev = uploadAt(k, "bf16", logits.bits, offset), tDev = upload("i32", targets);
-                const loss = alloc("f32", N), lse = alloc("f32", N), count = alloc("i32", 1);
+                const xDev = uploadAt(k, "bf16", logits.bits, offset),
+                    tDev = upload("i32", targets);
+                const loss = alloc("f32", N),
+                    lse = alloc("f32", N),
+                    count = alloc("i32", 1);
                 k.memset(count.ptr, 0, 4);
                 k.crossEntropyForward(loss.ptr, lse.ptr, count.ptr, xDev, tDev.ptr, N, V);
                 checkF32(`crossEntropyForward ${tag} loss`, downloadF32(k, loss.ptr, N), refLoss);
@@ -500,7 +557,10 @@ if (!availability.usable) {
                 const inPlace = downloadBf16(k, xDev, N * V);
                 checkBf16(`crossEntropyBackward ${tag} in place`, inPlace, refD, false);
                 if (N > 1)
-                    assert.ok(inPlace.subarray(V, 2 * V).every((v) => v === 0), "an ignored row's gradient is 0");
+                    assert.ok(
+                        inPlace.subarray(V, 2 * V).every((v) => v === 0),
+                        "an ignored row's gradient is 0"
+                    );
 
                 // fused = forward + in-place backward, bit for bit
                 const yDev = uploadAt(k, "bf16", logits.bits, offset);
@@ -517,45 +577,93 @@ if (!availability.usable) {
 
         test("timing (printed only)", () => {
             const rows: string[] = [];
-            const line = (what: string, bytes: number, sec: number) => rows.push(`  ${what.padEnd(44)} ` +
-                `${(sec * 1e6).toFixed(1).padStart(9)} us ${(bytes / sec / 1e9).toFixed(0).padStart(6)} GB/s`);
+            const line = (what: string, bytes: number, sec: number) =>
+                rows.push(
+                    `  ${what.padEnd(44)} ` +
+                        `${(sec * 1e6).toFixed(1).padStart(9)} us ${(bytes / sec / 1e9).toFixed(0).padStart(6)} GB/s`
+                );
             {
-                const N = 8192, C = 3584;
-                const x = alloc("bf16", N * C), out = alloc("bf16", N * C), w = alloc("bf16", C), r = alloc("f32", N);
-                const y = alloc("bf16", N * C), h = alloc("bf16", N * C), dx = alloc("bf16", N * C);
+                const N = 8192,
+                    C = 3584;
+                const x = alloc("bf16", N * C),
+                    out = alloc("bf16", N * C),
+                    w = alloc("bf16", C),
+                    r = alloc("f32", N);
+                const y = alloc("bf16", N * C),
+                    h = alloc("bf16", N * C),
+                    dx = alloc("bf16", N * C);
                 const dw = alloc("f32", C);
                 k.fillBf16(x.ptr, 0.5, N * C);
                 k.fillBf16(y.ptr, 0.25, N * C);
                 k.fillBf16(w.ptr, 1, C);
                 k.fillF32(dw.ptr, 0, C);
                 const io = 2 * N * C * 2;
-                line(`rmsnormForward ${N}x${C} bf16`, io,
-                    timeIt(k, () => k.rmsnormForward(out.ptr, r.ptr, x.ptr, w.ptr, N, C, 1e-6)));
-                line(`residualRmsnormForward ${N}x${C}`, 4 * N * C * 2,
-                    timeIt(k, () => k.residualRmsnormForward(h.ptr, out.ptr, r.ptr, x.ptr, y.ptr, w.ptr, N, C, 1e-6)));
-                line(`rmsnormBackward ${N}x${C} (no dweight)`, 3 * N * C * 2,
-                    timeIt(k, () => k.rmsnormBackward(dx.ptr, null, y.ptr, x.ptr, w.ptr, r.ptr, N, C)));
-                line(`rmsnormBackward ${N}x${C} (+ dweight)`, 3 * N * C * 2,
-                    timeIt(k, () => k.rmsnormBackward(dx.ptr, dw.ptr, y.ptr, x.ptr, w.ptr, r.ptr, N, C)));
-                line(`swigluForward ${N}x${C}`, 3 * N * C * 2,
-                    timeIt(k, () => k.swigluForward(out.ptr, x.ptr, y.ptr, N * C)));
-                const pos = upload("i32", Int32Array.from({length: N}, (_, i) => i));
-                const inv = upload("f32", Float32Array.from({length: 64}, (_, i) => 1 / 1e6 ** (i / 64)));
-                line(`ropeForward ${N}x28x128 in place`, 2 * N * C * 2,
-                    timeIt(k, () => k.ropeForward(x.ptr, x.ptr, pos.ptr, inv.ptr, 1, N, 28, 128)));
+                line(
+                    `rmsnormForward ${N}x${C} bf16`,
+                    io,
+                    timeIt(k, () => k.rmsnormForward(out.ptr, r.ptr, x.ptr, w.ptr, N, C, 1e-6))
+                );
+                line(
+                    `residualRmsnormForward ${N}x${C}`,
+                    4 * N * C * 2,
+                    timeIt(k, () => k.residualRmsnormForward(h.ptr, out.ptr, r.ptr, x.ptr, y.ptr, w.ptr, N, C, 1e-6))
+                );
+                line(
+                    `rmsnormBackward ${N}x${C} (no dweight)`,
+                    3 * N * C * 2,
+                    timeIt(k, () => k.rmsnormBackward(dx.ptr, null, y.ptr, x.ptr, w.ptr, r.ptr, N, C))
+                );
+                line(
+                    `rmsnormBackward ${N}x${C} (+ dweight)`,
+                    3 * N * C * 2,
+                    timeIt(k, () => k.rmsnormBackward(dx.ptr, dw.ptr, y.ptr, x.ptr, w.ptr, r.ptr, N, C))
+                );
+                line(
+                    `swigluForward ${N}x${C}`,
+                    3 * N * C * 2,
+                    timeIt(k, () => k.swigluForward(out.ptr, x.ptr, y.ptr, N * C))
+                );
+                const pos = upload(
+                    "i32",
+                    Int32Array.from({length: N}, (_, i) => i)
+                );
+                const inv = upload(
+                    "f32",
+                    Float32Array.from({length: 64}, (_, i) => 1 / 1e6 ** (i / 64))
+                );
+                line(
+                    `ropeForward ${N}x28x128 in place`,
+                    2 * N * C * 2,
+                    timeIt(k, () => k.ropeForward(x.ptr, x.ptr, pos.ptr, inv.ptr, 1, N, 28, 128))
+                );
             }
             {
-                const N = 2048, V = 151936;
-                const logits = alloc("bf16", N * V), loss = alloc("f32", N), lse = alloc("f32", N);
-                const targets = upload("i32", Int32Array.from({length: N}, (_, i) => (i * 7919) % V));
+                const N = 2048,
+                    V = 151936;
+                const logits = alloc("bf16", N * V),
+                    loss = alloc("f32", N),
+                    lse = alloc("f32", N);
+                const targets = upload(
+                    "i32",
+                    Int32Array.from({length: N}, (_, i) => (i * 7919) % V)
+                );
                 k.fillBf16(logits.ptr, 0.5, N * V);
                 const bytes = N * V * 2;
-                line(`crossEntropyForward ${N}x${V}`, bytes,
-                    timeIt(k, () => k.crossEntropyForward(loss.ptr, lse.ptr, null, logits.ptr, targets.ptr, N, V)));
-                line(`crossEntropyBackward ${N}x${V} in place`, 2 * bytes,
-                    timeIt(k, () => k.crossEntropyBackward(logits.ptr, logits.ptr, lse.ptr, targets.ptr, 1e-3, N, V)));
-                line(`crossEntropyFused ${N}x${V}`, 2 * bytes,
-                    timeIt(k, () => k.crossEntropyFused(loss.ptr, lse.ptr, null, logits.ptr, targets.ptr, 1e-3, N, V)));
+                line(
+                    `crossEntropyForward ${N}x${V}`,
+                    bytes,
+                    timeIt(k, () => k.crossEntropyForward(loss.ptr, lse.ptr, null, logits.ptr, targets.ptr, N, V))
+                );
+                line(
+                    `crossEntropyBackward ${N}x${V} in place`,
+                    2 * bytes,
+                    timeIt(k, () => k.crossEntropyBackward(logits.ptr, logits.ptr, lse.ptr, targets.ptr, 1e-3, N, V))
+                );
+                line(
+                    `crossEntropyFused ${N}x${V}`,
+                    2 * bytes,
+                    timeIt(k, () => k.crossEntropyFused(loss.ptr, lse.ptr, null, logits.ptr, targets.ptr, 1e-3, N, V))
+                );
             }
             console.log(`cuda kernels timing (GB/s = bytes read + written once / time):\n${rows.join("\n")}`);
         });

@@ -26,7 +26,11 @@ if (!avail.usable) {
         const batch = await fixtureBatch();
         const {targets} = trainer.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
         trainer.zeroGrad();
-        const res = trainer.forwardBackward(batch, {lossScale: 1 / targets, gradientCheckpointing: checkpointing, lossChunkRows: 48});
+        const res = trainer.forwardBackward(batch, {
+            lossScale: 1 / targets,
+            gradientCheckpointing: checkpointing,
+            lossChunkRows: 48
+        });
         trainer.syncToHost(true);
         const ref = await SafetensorsFile.open(path.join(FIXTURES, fixture));
         const refLoss = (await ref.readF32("loss"))[0];
@@ -35,8 +39,10 @@ if (!avail.usable) {
         await ref.close();
         errs.sort((a, b) => a - b);
         const loss = res.lossSum / res.targets;
-        console.log(`${fixture} on CUDA (checkpointing ${checkpointing}): loss ${loss.toFixed(5)} vs ${refLoss.toFixed(5)}; ` +
-            `relative L2 of the ${errs.length} gradients: median ${errs[errs.length >> 1].toExponential(2)}, worst ${errs[errs.length - 1].toExponential(2)}`);
+        console.log(
+            `${fixture} on CUDA (checkpointing ${checkpointing}): loss ${loss.toFixed(5)} vs ${refLoss.toFixed(5)}; ` +
+                `relative L2 of the ${errs.length} gradients: median ${errs[errs.length >> 1].toExponential(2)}, worst ${errs[errs.length - 1].toExponential(2)}`
+        );
         assert.ok(Math.abs(loss - refLoss) < 2e-2, `loss ${loss} vs ${refLoss}`);
         assert.ok(errs[errs.length >> 1] < 3e-2 && errs[errs.length - 1] < 1e-1, "bf16 gradient tolerance");
     };
@@ -47,7 +53,8 @@ if (!avail.usable) {
         const gpu = new CudaTrainer(model).forwardLogits(batch);
         const ref = model.forward(batch.inputIds, batch.B, batch.T, {attentionMask: batch.attentionMask!});
         const V = model.config.vocabSize;
-        let num = 0, den = 0;
+        let num = 0,
+            den = 0;
         for (let r = 0; r < batch.B * batch.T; r++) {
             if (!batch.attentionMask![r]) continue; // padded positions are not compared (as in the fixture's README)
             for (let v = 0; v < V; v++) {
@@ -65,8 +72,14 @@ if (!avail.usable) {
     });
 
     test("QLoRA gradients on the GPU (NF4 + double quant, checkpointing) match peft + bitsandbytes", async () => {
-        await gradCheck(() => DecoderModel.load(MODEL_DIR, {quantization: bitsAndBytesConfig({load_in_4bit: true,
-            bnb_4bit_compute_dtype: "float32"})}), "qlora_grads.safetensors", true);
+        await gradCheck(
+            () =>
+                DecoderModel.load(MODEL_DIR, {
+                    quantization: bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: "float32"})
+                }),
+            "qlora_grads.safetensors",
+            true
+        );
     });
 
     test("offloaded gradient checkpointing gives the same gradients and uses less GPU memory", async () => {
@@ -84,8 +97,11 @@ if (!avail.usable) {
             trainer.syncToHost(true);
             return {loss: r.lossSum, grads: lora.trainableTensors().map((t) => t.grad.slice()), peak};
         };
-        const a = await run(false), b = await run(true);
-        console.log(`activation peak above the weights: ${(a.peak / 2 ** 20).toFixed(2)} MiB kept, ${(b.peak / 2 ** 20).toFixed(2)} MiB offloaded`);
+        const a = await run(false),
+            b = await run(true);
+        console.log(
+            `activation peak above the weights: ${(a.peak / 2 ** 20).toFixed(2)} MiB kept, ${(b.peak / 2 ** 20).toFixed(2)} MiB offloaded`
+        );
         assert.equal(a.loss, b.loss);
         a.grads.forEach((g, i) => assert.deepEqual(b.grads[i], g));
         assert.ok(b.peak <= a.peak);
@@ -94,13 +110,26 @@ if (!avail.usable) {
     test("a 50-step QLoRA run on the GPU follows the CPU run's loss curve", async () => {
         const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-gpu-"));
         try {
-            const common = {max_steps: 50, logging_steps: 1, lora_dropout: 0, max_seq_length: 128, save_steps: 1000,
-                learning_rate: 5e-4, per_device_train_batch_size: 4};
+            const common = {
+                max_steps: 50,
+                logging_steps: 1,
+                lora_dropout: 0,
+                max_seq_length: 128,
+                save_steps: 1000,
+                learning_rate: 5e-4,
+                per_device_train_batch_size: 4
+            };
             await fineTune({...common, device: "cpu", output_dir: path.join(dir, "cpu")});
             await fineTune({...common, device: "cuda", output_dir: path.join(dir, "cuda")});
-            const losses = (d: string) => readFileSync(path.join(dir, d, "metrics.jsonl"), "utf8").trim().split("\n")
-                .map((l) => JSON.parse(l)).filter((r) => r.type === "train").map((r) => r.loss as number);
-            const cpu = losses("cpu"), gpu = losses("cuda");
+            const losses = (d: string) =>
+                readFileSync(path.join(dir, d, "metrics.jsonl"), "utf8")
+                    .trim()
+                    .split("\n")
+                    .map((l) => JSON.parse(l))
+                    .filter((r) => r.type === "train")
+                    .map((r) => r.loss as number);
+            const cpu = losses("cpu"),
+                gpu = losses("cuda");
             assert.equal(cpu.length, 50);
             assert.equal(gpu.length, 50);
             let mad = 0;

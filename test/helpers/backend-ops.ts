@@ -30,9 +30,26 @@ import {parseModelConfig} from "../../src/io/hf-config.js";
 import {computeRopeInvFreq} from "../../src/model/rope.js";
 import {Prng, randn32} from "./prng.js";
 import {
-    type AttnProblem, errorStats, f64, fdGrad, nanFilled, pick, refAttention, refAttentionBackward, refCausalLmLoss,
-    refEmbedding, refEmbeddingBackward, refLogits, refRmsnorm, refRmsnormBackward, refRope, refSwiglu,
-    refSwigluBackward, rms, ropeAngles, sample,
+    type AttnProblem,
+    errorStats,
+    f64,
+    fdGrad,
+    nanFilled,
+    pick,
+    refAttention,
+    refAttentionBackward,
+    refCausalLmLoss,
+    refEmbedding,
+    refEmbeddingBackward,
+    refLogits,
+    refRmsnorm,
+    refRmsnormBackward,
+    refRope,
+    refSwiglu,
+    refSwigluBackward,
+    rms,
+    ropeAngles,
+    sample
 } from "./reference-ops.js";
 
 export type ActivationDtype = Backend<TensorTypes>["activationDtype"];
@@ -60,7 +77,7 @@ export function cpuIo(): BackendIo<CpuTensors> {
         round: (host) => Float32Array.from(host),
         upload: (host) => Float32Array.from(host), // a copy: in-place ops must not write the caller's array
         uploadStats: (host) => Float32Array.from(host),
-        download: (t) => Float64Array.from(t),
+        download: (t) => Float64Array.from(t)
     };
 }
 
@@ -74,7 +91,7 @@ export function cudaIo(): BackendIo<CudaTensors> {
             if (t.dtype === "bf16") return Float64Array.from(halfToF32(t.toHost() as Uint16Array, "BF16"));
             if (t.dtype === "f32") return Float64Array.from(t.toHost() as Float32Array);
             throw new Error(`download: a ${t.dtype} buffer is no float tensor`);
-        },
+        }
     };
 }
 
@@ -105,7 +122,10 @@ export class CaseRun<X extends TensorTypes> {
     readonly checks: CheckResult[] = [];
     private readonly owned: (X["f"] | X["i"] | X["u8"])[] = [];
 
-    constructor(readonly io: BackendIo<X>, readonly rng: Prng) {
+    constructor(
+        readonly io: BackendIo<X>,
+        readonly rng: Prng
+    ) {
         this.be = io.be;
         this.dtype = io.be.activationDtype;
     }
@@ -159,19 +179,38 @@ export class CaseRun<X extends TensorTypes> {
         const e = errorStats(got, ref, minFloor > 0 ? Math.max(floor ?? rms(ref), minFloor) : floor);
         const t = tol[this.dtype];
         const ok = e.maxRel <= t;
-        this.checks.push({what, maxRel: e.maxRel, tol: t, ok,
-            detail: ok || e.worst < 0 ? "" : `maxabs ${fmt(e.maxAbs)}, worst at [${e.worst}]: got ${got[e.worst]} ref ${ref[e.worst]}`});
+        this.checks.push({
+            what,
+            maxRel: e.maxRel,
+            tol: t,
+            ok,
+            detail:
+                ok || e.worst < 0 ? "" : `maxabs ${fmt(e.maxAbs)}, worst at [${e.worst}]: got ${got[e.worst]} ref ${ref[e.worst]}`
+        });
     }
 
     /** the same numbers (NaN matches NaN, -0 matches 0) */
     exact(what: string, got: ArrayLike<number>, ref: ArrayLike<number>): void {
-        let bad = 0, first = -1;
+        let bad = 0,
+            first = -1;
         const n = Math.max(got.length, ref.length);
         for (let i = 0; i < n; i++)
-            if (!(got[i] === ref[i] || (Number.isNaN(got[i]) && Number.isNaN(ref[i])))) { if (first < 0) first = i; bad++; }
+            if (!(got[i] === ref[i] || (Number.isNaN(got[i]) && Number.isNaN(ref[i])))) {
+                if (first < 0) first = i;
+                bad++;
+            }
         const ok = bad === 0 && got.length === ref.length;
-        this.checks.push({what, maxRel: ok ? 0 : Infinity, tol: 0, ok, detail: ok ? "" : got.length !== ref.length
-            ? `${got.length} values, expected ${ref.length}` : `${bad}/${n} differ, first at [${first}]: got ${got[first]} ref ${ref[first]}`});
+        this.checks.push({
+            what,
+            maxRel: ok ? 0 : Infinity,
+            tol: 0,
+            ok,
+            detail: ok
+                ? ""
+                : got.length !== ref.length
+                  ? `${got.length} values, expected ${ref.length}`
+                  : `${bad}/${n} differ, first at [${first}]: got ${got[first]} ref ${ref[first]}`
+        });
     }
 
     that(what: string, ok: boolean, detail = ""): void {
@@ -193,11 +232,30 @@ export class CaseRun<X extends TensorTypes> {
  * serve every case.
  */
 const OP_NAMES = {
-    embedding: true, embeddingBackward: true, rmsnorm: true, residualRmsnorm: true, rmsnormBackward: true, rope: true,
-    ropeBackward: true, attention: true, attentionBackward: true, swiglu: true, swigluBackward: true, addInplace: true,
-    cacheWrite: true, causalLmLoss: true, logits: true, zeros: true, offload: true,
-} satisfies Record<Exclude<keyof Backend<TensorTypes>, "device" | "activationDtype" | "lossChunkRows" | "activation" |
-    "stats" | "indices" | "mask" | "free" | "restore">, true>;
+    embedding: true,
+    embeddingBackward: true,
+    rmsnorm: true,
+    residualRmsnorm: true,
+    rmsnormBackward: true,
+    rope: true,
+    ropeBackward: true,
+    attention: true,
+    attentionBackward: true,
+    swiglu: true,
+    swigluBackward: true,
+    addInplace: true,
+    cacheWrite: true,
+    causalLmLoss: true,
+    logits: true,
+    zeros: true,
+    offload: true
+} satisfies Record<
+    Exclude<
+        keyof Backend<TensorTypes>,
+        "device" | "activationDtype" | "lossChunkRows" | "activation" | "stats" | "indices" | "mask" | "free" | "restore"
+    >,
+    true
+>;
 export type OpName = keyof typeof OP_NAMES;
 export const BACKEND_OPS = Object.keys(OP_NAMES) as OpName[];
 
@@ -217,9 +275,16 @@ export const OP_CASES: OpCase[] = [];
 
 // ---- embedding
 
-for (const [N, V, C] of [[1, 5, 8], [3, 11, 24], [17, 50, 40], [23, 50, 37], [200, 64, 300]]) {
+for (const [N, V, C] of [
+    [1, 5, 8],
+    [3, 11, 24],
+    [17, 50, 40],
+    [23, 50, 37],
+    [200, 64, 300]
+]) {
     OP_CASES.push({
-        op: "embedding", shape: `N=${N} V=${V} C=${C}`,
+        op: "embedding",
+        shape: `N=${N} V=${V} C=${C}`,
         run(r) {
             const table = r.randn(V * C);
             const ids = Int32Array.from({length: N}, () => r.rng.int(V));
@@ -229,26 +294,42 @@ for (const [N, V, C] of [[1, 5, 8], [3, 11, 24], [17, 50, 40], [23, 50, 37], [20
             const bad = r.be.embedding(out, r.indices(ids), table.t, N, V, C);
             r.that("returns -1", bad === -1, `returned ${bad}`);
             r.exact("rows", r.get(out), refEmbedding(ids, table.v, C));
-        },
+        }
     });
 }
 // out-of-range ids: the first bad position is reported (the caller names it in its error)
-for (const [ids, first] of [[[1, 2, 3, 10, 4, -1], 3], [[0, -1, 9], 1], [[-7], 0], [[0, 9, 5, -7, 110], 3],
-    [[9, 9, 0, 10], 3], [[...Array.from({length: 16}, (_, i) => i % 10), 10], 16]] as const) {
+for (const [ids, first] of [
+    [[1, 2, 3, 10, 4, -1], 3],
+    [[0, -1, 9], 1],
+    [[-7], 0],
+    [[0, 9, 5, -7, 110], 3],
+    [[9, 9, 0, 10], 3],
+    [[...Array.from({length: 16}, (_, i) => i % 10), 10], 16]
+] as const) {
     OP_CASES.push({
-        op: "embedding", shape: `bad ids [${ids.join(",")}] V=10`,
+        op: "embedding",
+        shape: `bad ids [${ids.join(",")}] V=10`,
         run(r) {
-            const V = 10, C = 8, N = ids.length;
+            const V = 10,
+                C = 8,
+                N = ids.length;
             const table = r.randn(V * C);
             const bad = r.be.embedding(r.out(N * C), r.indices(ids), table.t, N, V, C);
             r.that(`first bad position ${first}`, bad === first, `returned ${bad}`);
-        },
+        }
     });
 }
 
-for (const [N, V, C] of [[1, 4, 8], [3, 5, 24], [17, 9, 40], [23, 9, 37], [120, 40, 300]]) {
+for (const [N, V, C] of [
+    [1, 4, 8],
+    [3, 5, 24],
+    [17, 9, 40],
+    [23, 9, 37],
+    [120, 40, 300]
+]) {
     OP_CASES.push({
-        op: "embeddingBackward", shape: `N=${N} V=${V} C=${C}`,
+        op: "embeddingBackward",
+        shape: `N=${N} V=${V} C=${C}`,
         run(r) {
             const ids = Int32Array.from({length: N}, () => r.rng.int(V - 1)); // id V-1 never occurs
             if (N >= 3) ids[1] = ids[2] = V - 2; // repeats sum
@@ -260,10 +341,20 @@ for (const [N, V, C] of [[1, 4, 8], [3, 5, 24], [17, 9, 40], [23, 9, 37], [120, 
             r.be.embeddingBackward(dtable, dout.t, idsT, N, V, C);
             const grad = refEmbeddingBackward(dout.v, ids, V, C);
             const tol = {float32: 1e-6, bfloat16: 1e-5};
-            r.close("dtable += grad", dtable, grad.map((g, i) => g + pre[i]), tol);
+            r.close(
+                "dtable += grad",
+                dtable,
+                grad.map((g, i) => g + pre[i]),
+                tol
+            );
             r.exact("unused row untouched", dtable.subarray((V - 1) * C), pre.subarray((V - 1) * C));
             r.be.embeddingBackward(dtable, dout.t, idsT, N, V, C);
-            r.close("twice", dtable, grad.map((g, i) => 2 * g + pre[i]), tol);
+            r.close(
+                "twice",
+                dtable,
+                grad.map((g, i) => 2 * g + pre[i]),
+                tol
+            );
             // FD of L = sum(embedding(table) * dout)
             const t64 = f64(randn32(r.rng, V * C));
             const idx = sample(r.rng, V * C, 64);
@@ -271,7 +362,7 @@ for (const [N, V, C] of [[1, 4, 8], [3, 5, 24], [17, 9, 40], [23, 9, 37], [120, 
             const fresh = new Float32Array(V * C);
             r.be.embeddingBackward(fresh, dout.t, idsT, N, V, C);
             r.close("vs FD", pick(fresh, idx), fd, tol);
-        },
+        }
     });
 }
 
@@ -287,7 +378,7 @@ const NORM_SHAPES: NormShape[] = [
     {N: 1, C: 8, eps: 1e-6, fd: 8},
     {N: 3, C: 24, eps: 1e-5, fd: 72},
     {N: 17, C: 40, eps: 1e-6, fd: 100},
-    {N: 64, C: 1024, eps: 1e-6, fd: 40},
+    {N: 64, C: 1024, eps: 1e-6, fd: 40}
 ];
 
 /** x with rows of very different scales and (N >= 3) an all-zero row: out = 0, rstd = 1/sqrt(eps) */
@@ -308,11 +399,14 @@ for (const s of NORM_SHAPES) {
     const {N, C} = s;
     const eps = Math.fround(s.eps);
     OP_CASES.push({
-        op: "rmsnorm", shape: normTag(s),
+        op: "rmsnorm",
+        shape: normTag(s),
         run(r) {
-            const x = normInput(r, N, C), w = r.randn(C, 0.2, 1);
+            const x = normInput(r, N, C),
+                w = r.randn(C, 0.2, 1);
             const ref = refRmsnorm(x.v, w.v, N, C, eps);
-            const out = r.out(N * C), rstd = r.stats(N);
+            const out = r.out(N * C),
+                rstd = r.stats(N);
             r.be.rmsnorm(out, rstd, x.t, w.t, N, C, eps);
             const got = r.get(out);
             r.close("out", got, ref.out, {float32: 1e-6, bfloat16: BF16_OUT});
@@ -320,15 +414,22 @@ for (const s of NORM_SHAPES) {
             const out2 = r.out(N * C);
             r.be.rmsnorm(out2, null, x.t, w.t, N, C, eps);
             r.exact("rstd=null: same out", r.get(out2), got);
-        },
+        }
     });
     OP_CASES.push({
-        op: "residualRmsnorm", shape: normTag(s),
+        op: "residualRmsnorm",
+        shape: normTag(s),
         run(r) {
-            const x = r.randn(N * C), y = r.randn(N * C, 2), w = r.randn(C, 0.2, 1);
-            const h = r.out(N * C), out = r.out(N * C), rstd = r.stats(N);
+            const x = r.randn(N * C),
+                y = r.randn(N * C, 2),
+                w = r.randn(C, 0.2, 1);
+            const h = r.out(N * C),
+                out = r.out(N * C),
+                rstd = r.stats(N);
             r.be.residualRmsnorm(h, out, rstd, x.t, y.t, w.t, N, C, eps);
-            const hGot = r.get(h), outGot = r.get(out), rstdGot = r.get(rstd);
+            const hGot = r.get(h),
+                outGot = r.get(out),
+                rstdGot = r.get(rstd);
             // h: the fp32 sum as the backend stores it (bf16 on CUDA); out and rstd are those of the stored h, which
             // is what the backward reads
             r.exact("h = x + y", hGot, f64(r.io.round(Float32Array.from(x.v, (v, i) => v + y.v[i]))));
@@ -336,17 +437,22 @@ for (const s of NORM_SHAPES) {
             r.close("out", outGot, ref.out, {float32: 1e-6, bfloat16: BF16_OUT});
             r.close("rstd", rstdGot, ref.rstd, RSTD_TOL, 0);
             // the graph passes the residual as both y and h
-            const yh = r.upload(Float32Array.from(y.v)), out2 = r.out(N * C), rstd2 = r.stats(N);
+            const yh = r.upload(Float32Array.from(y.v)),
+                out2 = r.out(N * C),
+                rstd2 = r.stats(N);
             r.be.residualRmsnorm(yh.t, out2, rstd2, x.t, yh.t, w.t, N, C, eps);
             r.exact("h aliasing y: same h", r.get(yh.t), hGot);
             r.exact("h aliasing y: same out", r.get(out2), outGot);
             r.exact("h aliasing y: same rstd", r.get(rstd2), rstdGot);
-        },
+        }
     });
     OP_CASES.push({
-        op: "rmsnormBackward", shape: normTag(s),
+        op: "rmsnormBackward",
+        shape: normTag(s),
         run(r) {
-            const x = normInput(r, N, C), w = r.randn(C, 0.2, 1), dy = r.randn(N * C);
+            const x = normInput(r, N, C),
+                w = r.randn(C, 0.2, 1),
+                dy = r.randn(N * C);
             const rstd = r.stats(N); // the forward's, as the graph keeps it
             r.be.rmsnorm(r.out(N * C), rstd, x.t, w.t, N, C, eps);
             const dx = r.out(N * C);
@@ -354,10 +460,11 @@ for (const s of NORM_SHAPES) {
             const got = r.get(dx);
             const tol = {float32: 4e-6, bfloat16: BF16_OUT};
             r.close("dx (=) vs analytic", got, refRmsnormBackward(dy.v, x.v, w.v, N, C, eps).dx, tol);
-            const x64 = f64(x.v), idx = sample(r.rng, N * C, s.fd);
+            const x64 = f64(x.v),
+                idx = sample(r.rng, N * C, s.fd);
             const fd = fdGrad(() => refRmsnorm(x64, w.v, N, C, eps).out, x64, dy.v, idx);
             r.close("dx vs FD", pick(got, idx), fd, tol);
-        },
+        }
     });
 }
 
@@ -376,16 +483,51 @@ interface RopeShape {
 const ROPE_SHAPES: RopeShape[] = [
     {N: 1, H: 1, D: 64, config: {}, rope: "default", pos: [4095]},
     {N: 3, H: 2, D: 64, config: {rope_theta: 1000000, max_position_embeddings: 32768}, rope: "theta=1e6", pos: [0, 1, 32767]},
-    {N: 17, H: 4, D: 128, rope: "llama3", pos: Array.from({length: 17}, (_, i) => 2 * i + 1),
-        config: {rope_theta: 500000, rope_scaling: {rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4,
-            original_max_position_embeddings: 8192}}},
-    {N: 5, H: 3, D: 128, rope: "yarn (scaling != 1)", pos: [0, 3, 4095, 8191, 7],
-        config: {max_position_embeddings: 8192, rope_scaling: {rope_type: "yarn", factor: 4, original_max_position_embeddings: 2048}}},
+    {
+        N: 17,
+        H: 4,
+        D: 128,
+        rope: "llama3",
+        pos: Array.from({length: 17}, (_, i) => 2 * i + 1),
+        config: {
+            rope_theta: 500000,
+            rope_scaling: {
+                rope_type: "llama3",
+                factor: 8,
+                low_freq_factor: 1,
+                high_freq_factor: 4,
+                original_max_position_embeddings: 8192
+            }
+        }
+    },
+    {
+        N: 5,
+        H: 3,
+        D: 128,
+        rope: "yarn (scaling != 1)",
+        pos: [0, 3, 4095, 8191, 7],
+        config: {
+            max_position_embeddings: 8192,
+            rope_scaling: {rope_type: "yarn", factor: 4, original_max_position_embeddings: 2048}
+        }
+    }
 ];
 
 function ropeFrequencies(s: RopeShape): {invFreq: Float32Array; scaling: number} {
-    const cfg = parseModelConfig({model_type: "llama", vocab_size: 32, hidden_size: s.H * s.D, intermediate_size: 64,
-        num_hidden_layers: 1, num_attention_heads: s.H, num_key_value_heads: 1, head_dim: s.D, ...s.config}, "config.json");
+    const cfg = parseModelConfig(
+        {
+            model_type: "llama",
+            vocab_size: 32,
+            hidden_size: s.H * s.D,
+            intermediate_size: 64,
+            num_hidden_layers: 1,
+            num_attention_heads: s.H,
+            num_key_value_heads: 1,
+            head_dim: s.D,
+            ...s.config
+        },
+        "config.json"
+    );
     const {invFreq, attentionScaling} = computeRopeInvFreq(cfg);
     if (invFreq.length !== s.D / 2) throw new Error(`rope case: ${invFreq.length} frequencies for D=${s.D}`);
     return {invFreq, scaling: Math.fround(attentionScaling)};
@@ -396,16 +538,18 @@ for (const s of ROPE_SHAPES) {
     const shape = `N=${N} H=${H} D=${D} ${s.rope}`;
     const tol = {float32: 2e-6, bfloat16: BF16_OUT};
     OP_CASES.push({
-        op: "rope", shape,
+        op: "rope",
+        shape,
         run(r) {
             const {invFreq, scaling} = ropeFrequencies(s);
             const x = r.randn(N * H * D);
             r.be.rope(x.t, r.indices(pos), r.uploadStats(invFreq), scaling, N, H, D); // in place
             r.close("x (in place)", r.get(x.t), refRope(x.v, ropeAngles(pos, invFreq), scaling, N, H, D), tol);
-        },
+        }
     });
     OP_CASES.push({
-        op: "ropeBackward", shape,
+        op: "ropeBackward",
+        shape,
         run(r) {
             const {invFreq, scaling} = ropeFrequencies(s);
             const angles = ropeAngles(pos, invFreq);
@@ -413,10 +557,11 @@ for (const s of ROPE_SHAPES) {
             r.be.ropeBackward(g.t, r.indices(pos), r.uploadStats(invFreq), scaling, N, H, D);
             const got = r.get(g.t);
             r.close("dx (in place) vs analytic R^T dy", got, refRope(g.v, angles, scaling, N, H, D, true), tol);
-            const x64 = f64(randn32(r.rng, N * H * D)), idx = sample(r.rng, N * H * D, 64);
+            const x64 = f64(randn32(r.rng, N * H * D)),
+                idx = sample(r.rng, N * H * D, 64);
             const fd = fdGrad(() => refRope(x64, angles, scaling, N, H, D), x64, g.v, idx);
             r.close("dx vs FD", pick(got, idx), fd, tol);
-        },
+        }
     });
 }
 
@@ -444,19 +589,61 @@ const ATTN_SHAPES: AttnShape[] = [
     {name: "causal gqa 2", B: 2, T: 3, S: 3, Hq: 2, Hkv: 1, D: 64, past: 0, fd: 24},
     {name: "causal gqa 4", B: 1, T: 17, S: 17, Hq: 4, Hkv: 1, D: 128, past: 0, fd: 16},
     {name: "causal mha", B: 2, T: 17, S: 17, Hq: 2, Hkv: 2, D: 64, past: 0, fd: 16},
-    {name: "key padding", B: 3, T: 9, S: 9, Hq: 4, Hkv: 2, D: 64, past: 0, fd: 24, expectMasked: true, keyValid: [
-        [1, 1, 1, 1, 1, 1, 1, 1, 1],
-        [0, 0, 0, 1, 1, 1, 1, 1, 1], // left padding: queries 0..2 see no key
-        [1, 1, 1, 1, 1, 1, 1, 0, 0], // right padding
-    ]},
-    {name: "packed seg", B: 2, T: 10, S: 10, Hq: 2, Hkv: 1, D: 128, past: 0, fd: 24, expectMasked: true,
-        seg: [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [5, 5, 5, 5, 5, 7, 7, 7, 7, 7]],
-        keyValid: [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]]}, // query 5 of b=1 sees nothing
-    {name: "kv-cache past=8", B: 2, T: 3, S: 11, Hq: 4, Hkv: 2, D: 64, past: 8, fd: 0,
-        keyValid: [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]]},
+    {
+        name: "key padding",
+        B: 3,
+        T: 9,
+        S: 9,
+        Hq: 4,
+        Hkv: 2,
+        D: 64,
+        past: 0,
+        fd: 24,
+        expectMasked: true,
+        keyValid: [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 0, 1, 1, 1, 1, 1, 1], // left padding: queries 0..2 see no key
+            [1, 1, 1, 1, 1, 1, 1, 0, 0] // right padding
+        ]
+    },
+    {
+        name: "packed seg",
+        B: 2,
+        T: 10,
+        S: 10,
+        Hq: 2,
+        Hkv: 1,
+        D: 128,
+        past: 0,
+        fd: 24,
+        expectMasked: true,
+        seg: [
+            [0, 0, 0, 1, 1, 1, 1, 2, 2, 2],
+            [5, 5, 5, 5, 5, 7, 7, 7, 7, 7]
+        ],
+        keyValid: [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]
+        ]
+    }, // query 5 of b=1 sees nothing
+    {
+        name: "kv-cache past=8",
+        B: 2,
+        T: 3,
+        S: 11,
+        Hq: 4,
+        Hkv: 2,
+        D: 64,
+        past: 8,
+        fd: 0,
+        keyValid: [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+        ]
+    },
     {name: "decode T=1 past=12", B: 2, T: 1, S: 13, Hq: 4, Hkv: 4, D: 128, past: 12, fd: 0},
     // a cache filled up to past + T = 9 of its 12 positions: keys past the queries are hidden by causality
-    {name: "cache chunk past=5", B: 1, T: 4, S: 12, Hq: 4, Hkv: 2, D: 64, past: 5, fd: 0},
+    {name: "cache chunk past=5", B: 1, T: 4, S: 12, Hq: 4, Hkv: 2, D: 64, past: 5, fd: 0}
 ];
 
 interface AttnInputs<X extends TensorTypes> {
@@ -470,31 +657,52 @@ interface AttnInputs<X extends TensorTypes> {
 
 function attnInputs<X extends TensorTypes>(r: CaseRun<X>, s: AttnShape): AttnInputs<X> {
     const {B, T, S, Hq, Hkv, D} = s;
-    const a: AttnProblem = {B, T, S, Hq, Hkv, D, qOffset: s.past, keyValid: s.keyValid?.flat() ?? null,
-        seg: s.seg?.flat() ?? null, scale: Math.fround(1 / Math.sqrt(D))};
-    return {a, q: r.randn(B * T * Hq * D, 1.5), k: r.randn(B * S * Hkv * D, 1.5), v: r.randn(B * S * Hkv * D),
-        kv: a.keyValid ? r.mask(a.keyValid) : null, seg: a.seg ? r.indices(a.seg) : null};
+    const a: AttnProblem = {
+        B,
+        T,
+        S,
+        Hq,
+        Hkv,
+        D,
+        qOffset: s.past,
+        keyValid: s.keyValid?.flat() ?? null,
+        seg: s.seg?.flat() ?? null,
+        scale: Math.fround(1 / Math.sqrt(D))
+    };
+    return {
+        a,
+        q: r.randn(B * T * Hq * D, 1.5),
+        k: r.randn(B * S * Hkv * D, 1.5),
+        v: r.randn(B * S * Hkv * D),
+        kv: a.keyValid ? r.mask(a.keyValid) : null,
+        seg: a.seg ? r.indices(a.seg) : null
+    };
 }
 
 const attnTag = (s: AttnShape) => `${s.name} B=${s.B} T=${s.T} S=${s.S} Hq=${s.Hq} Hkv=${s.Hkv} D=${s.D} past=${s.past}`;
 
 for (const s of ATTN_SHAPES) {
     OP_CASES.push({
-        op: "attention", shape: attnTag(s),
+        op: "attention",
+        shape: attnTag(s),
         run(r) {
             const {B, T, S, Hq, Hkv, D, past} = s;
             const {a, q, k, v, kv, seg} = attnInputs(r, s);
             const ref = refAttention(a, q.v, k.v, v.v);
-            const out = r.out(B * T * Hq * D), lse = r.stats(B * Hq * T);
+            const out = r.out(B * T * Hq * D),
+                lse = r.stats(B * Hq * T);
             r.be.attention(out, lse, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, past, a.scale);
-            const got = r.get(out), lseGot = r.get(lse);
+            const got = r.get(out),
+                lseGot = r.get(lse);
             r.close("out", got, ref.out, {float32: 1e-5, bfloat16: BF16_OUT});
             r.close("lse", lseGot, ref.lse, {float32: 2e-6, bfloat16: 2e-3});
             if (s.expectMasked) {
                 const masked = [...ref.lse.keys()].filter((i) => ref.lse[i] === -Infinity);
                 let zeros = masked.length > 0;
                 for (const i of masked) {
-                    const b = Math.floor(i / (Hq * T)), h = Math.floor(i / T) % Hq, t = i % T;
+                    const b = Math.floor(i / (Hq * T)),
+                        h = Math.floor(i / T) % Hq,
+                        t = i % T;
                     const o = ((b * T + t) * Hq + h) * D;
                     for (let d = 0; d < D; d++) if (got[o + d] !== 0) zeros = false;
                     if (lseGot[i] !== -Infinity) zeros = false;
@@ -504,19 +712,23 @@ for (const s of ATTN_SHAPES) {
             const out2 = r.out(B * T * Hq * D);
             r.be.attention(out2, null, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, past, a.scale);
             r.exact("lse=null: same out", r.get(out2), got);
-        },
+        }
     });
     // the backward trains on whole sequences: no cache
     if (s.past !== 0) continue;
     OP_CASES.push({
-        op: "attentionBackward", shape: attnTag(s),
+        op: "attentionBackward",
+        shape: attnTag(s),
         run(r) {
             const {B, T, S, Hq, Hkv, D} = s;
             const {a, q, k, v, kv, seg} = attnInputs(r, s);
-            const out = r.out(B * T * Hq * D), lse = r.stats(B * Hq * T);
+            const out = r.out(B * T * Hq * D),
+                lse = r.stats(B * Hq * T);
             r.be.attention(out, lse, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, 0, a.scale);
             const g = r.randn(B * T * Hq * D);
-            const dq = r.out(B * T * Hq * D), dk = r.out(B * S * Hkv * D), dv = r.out(B * S * Hkv * D);
+            const dq = r.out(B * T * Hq * D),
+                dk = r.out(B * S * Hkv * D),
+                dv = r.out(B * S * Hkv * D);
             r.be.attentionBackward(dq, dk, dv, g.t, q.t, k.t, v.t, out, lse, kv, seg, B, T, Hq, Hkv, D, a.scale);
             const an = refAttentionBackward(a, q.v, k.v, v.v, g.v);
             const tol = {float32: 2e-5, bfloat16: 3e-2};
@@ -524,15 +736,27 @@ for (const s of ATTN_SHAPES) {
             // noise on the GPU (D_i is taken from the bf16 out); gradients of this problem are ~0.1..1, so noise
             // is judged against 1e-4 at least
             const minFloor = 1e-4;
-            const q64 = f64(q.v), k64 = f64(k.v), v64 = f64(v.v);
-            for (const [name, x, got, ref] of [["dq", q64, dq, an.dq], ["dk", k64, dk, an.dk], ["dv", v64, dv, an.dv]] as const) {
+            const q64 = f64(q.v),
+                k64 = f64(k.v),
+                v64 = f64(v.v);
+            for (const [name, x, got, ref] of [
+                ["dq", q64, dq, an.dq],
+                ["dk", k64, dk, an.dk],
+                ["dv", v64, dv, an.dv]
+            ] as const) {
                 const d = r.get(got);
                 r.close(`${name} (=) vs analytic`, d, ref, tol, undefined, minFloor);
                 const idx = sample(r.rng, x.length, s.fd);
-                r.close(`${name} vs FD`, pick(d, idx), fdGrad(() => refAttention(a, q64, k64, v64).out, x, g.v, idx), tol,
-                    rms(ref), minFloor);
+                r.close(
+                    `${name} vs FD`,
+                    pick(d, idx),
+                    fdGrad(() => refAttention(a, q64, k64, v64).out, x, g.v, idx),
+                    tol,
+                    rms(ref),
+                    minFloor
+                );
             }
-        },
+        }
     });
 }
 
@@ -542,39 +766,58 @@ const SWIGLU_EDGES = [0, -0, 1e-30, -1e-30, 20, -20, 88, -88, 89, -89, 100, -100
 
 function swigluInputs<X extends TensorTypes>(r: CaseRun<X>, n: number): {gate: Held<X["f"]>; up: Held<X["f"]>} {
     const gate = randn32(r.rng, n, 4);
-    SWIGLU_EDGES.forEach((e, i) => { if (i < n) gate[i] = e; });
+    SWIGLU_EDGES.forEach((e, i) => {
+        if (i < n) gate[i] = e;
+    });
     return {gate: r.upload(gate), up: r.randn(n)};
 }
 
 for (const n of [1, 3, 9, 17, 100003]) {
     OP_CASES.push({
-        op: "swiglu", shape: `n=${n}`,
+        op: "swiglu",
+        shape: `n=${n}`,
         run(r) {
             const {gate, up} = swigluInputs(r, n);
             const out = r.out(n);
             r.be.swiglu(out, gate.t, up.t, n);
             r.close("out", r.get(out), refSwiglu(gate.v, up.v), {float32: 2e-6, bfloat16: BF16_OUT});
-        },
+        }
     });
     OP_CASES.push({
-        op: "swigluBackward", shape: `n=${n}`,
+        op: "swigluBackward",
+        shape: `n=${n}`,
         run(r) {
             const {gate, up} = swigluInputs(r, n);
             const dout = r.randn(n);
-            const dgate = r.out(n), dup = r.out(n);
+            const dgate = r.out(n),
+                dup = r.out(n);
             r.be.swigluBackward(dgate, dup, dout.t, gate.t, up.t, n);
             const ref = refSwigluBackward(dout.v, gate.v, up.v);
             const tol = {float32: 4e-6, bfloat16: BF16_OUT};
-            const dg = r.get(dgate), du = r.get(dup);
+            const dg = r.get(dgate),
+                du = r.get(dup);
             r.close("dgate (=) vs analytic", dg, ref.dgate, tol);
             r.close("dup (=) vs analytic", du, ref.dup, tol);
             // FD at the edge values and a sample of the rest
             const idx = [...new Set([...sample(r.rng, n, 48), ...SWIGLU_EDGES.keys()].filter((i) => i < n))];
             // out[i] depends on gate[i] and up[i] only: the forward of the sampled elements alone gives the same FD
-            const g64 = pick(gate.v, idx), u64 = pick(up.v, idx), d64 = pick(dout.v, idx), local = [...idx.keys()];
-            r.close("dgate vs FD", pick(dg, idx), fdGrad(() => refSwiglu(g64, u64), g64, d64, local), tol);
-            r.close("dup vs FD", pick(du, idx), fdGrad(() => refSwiglu(g64, u64), u64, d64, local), tol);
-        },
+            const g64 = pick(gate.v, idx),
+                u64 = pick(up.v, idx),
+                d64 = pick(dout.v, idx),
+                local = [...idx.keys()];
+            r.close(
+                "dgate vs FD",
+                pick(dg, idx),
+                fdGrad(() => refSwiglu(g64, u64), g64, d64, local),
+                tol
+            );
+            r.close(
+                "dup vs FD",
+                pick(du, idx),
+                fdGrad(() => refSwiglu(g64, u64), u64, d64, local),
+                tol
+            );
+        }
     });
 }
 
@@ -582,27 +825,36 @@ for (const n of [1, 3, 9, 17, 100003]) {
 
 for (const n of [1, 7, 17, 100003]) {
     OP_CASES.push({
-        op: "addInplace", shape: `n=${n}`,
+        op: "addInplace",
+        shape: `n=${n}`,
         run(r) {
-            const y = r.randn(n), x = r.randn(n);
+            const y = r.randn(n),
+                x = r.randn(n);
             r.be.addInplace(y.t, x.t, n);
             // one fp32 rounding of the exact sum, then the backend's storage rounding (bf16 on CUDA)
             r.exact("y += x", r.get(y.t), f64(r.io.round(Float32Array.from(y.v, (v, i) => v + x.v[i]))));
-        },
+        }
     });
 }
 
-for (const [B, T, capacity, past, rowElems] of [[1, 1, 5, 0, 8], [2, 3, 11, 8, 24], [2, 3, 7, 2, 128], [3, 17, 20, 3, 40]]) {
+for (const [B, T, capacity, past, rowElems] of [
+    [1, 1, 5, 0, 8],
+    [2, 3, 11, 8, 24],
+    [2, 3, 7, 2, 128],
+    [3, 17, 20, 3, 40]
+]) {
     OP_CASES.push({
-        op: "cacheWrite", shape: `B=${B} T=${T} capacity=${capacity} past=${past} row=${rowElems}`,
+        op: "cacheWrite",
+        shape: `B=${B} T=${T} capacity=${capacity} past=${past} row=${rowElems}`,
         run(r) {
-            const cache = r.randn(B * capacity * rowElems), x = r.randn(B * T * rowElems);
+            const cache = r.randn(B * capacity * rowElems),
+                x = r.randn(B * T * rowElems);
             r.be.cacheWrite(cache.t, x.t, B, T, capacity, past, rowElems);
             const want = f64(cache.v);
             for (let b = 0; b < B; b++)
                 want.set(x.v.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + past) * rowElems);
             r.exact("rows [past, past + T) written, the rest untouched", r.get(cache.t), want);
-        },
+        }
     });
 }
 
@@ -610,20 +862,22 @@ for (const [B, T, capacity, past, rowElems] of [[1, 1, 5, 0, 8], [2, 3, 11, 8, 2
 
 for (const n of [1, 17, 4099]) {
     OP_CASES.push({
-        op: "zeros", shape: `n=${n}`,
+        op: "zeros",
+        shape: `n=${n}`,
         run(r) {
             r.exact("all 0", r.get(r.own(r.be.zeros(n))), new Float64Array(n));
             r.that("activation(n) holds n values", r.get(r.own(r.be.activation(n))).length === n);
             r.that("stats(n) holds n values", r.get(r.own(r.be.stats(n))).length === n);
-        },
+        }
     });
     OP_CASES.push({
-        op: "offload", shape: `n=${n} then restore`,
+        op: "offload",
+        shape: `n=${n} then restore`,
         run(r) {
             const x = r.randn(n);
             const host = r.be.offload(x.t); // x.t is given up (freed on CUDA)
             r.exact("restore(offload(x)) = x", r.get(r.own(r.be.restore(host))), x.v);
-        },
+        }
     });
 }
 
@@ -644,17 +898,27 @@ const LOSS_SHAPES: LossShape[] = [
     {N: 3, C: 24, V: 50, targets: [-100, 7, 49], chunkRows: 1},
     {N: 17, C: 40, V: 37, targets: [5, -100, 0, 36, 12, 12, -1, 30, 2, -100, -100, 7, 8, 9, 33, 1, -100], chunkRows: 4},
     {N: 5, C: 8, V: 11, targets: [-100, -100, -1, -100, -100], chunkRows: 2},
-    {N: 17, C: 40, V: 37, targets: [5, -100, 0, 36, 12, 12, -1, 30, 2, -100, -100, 7, 8, 9, 33, 1, -100], chunkRows: 5, dHead: true},
+    {
+        N: 17,
+        C: 40,
+        V: 37,
+        targets: [5, -100, 0, 36, 12, 12, -1, 30, 2, -100, -100, 7, 8, 9, 33, 1, -100],
+        chunkRows: 5,
+        dHead: true
+    }
 ];
 
 for (const s of LOSS_SHAPES) {
     const {N, C, V, targets} = s;
     OP_CASES.push({
-        op: "causalLmLoss", shape: `N=${N} C=${C} V=${V} chunkRows=${s.chunkRows ?? "default"}${s.dHead ? " dHead" : ""}` +
+        op: "causalLmLoss",
+        shape:
+            `N=${N} C=${C} V=${V} chunkRows=${s.chunkRows ?? "default"}${s.dHead ? " dHead" : ""}` +
             ` (${targets.filter((t) => t < 0).length} ignored)`,
-        unsupported: (be) => s.dHead && be.device === "cuda" ? "a trained output layer has no CUDA loss yet" : null,
+        unsupported: (be) => (s.dHead && be.device === "cuda" ? "a trained output layer has no CUDA loss yet" : null),
         run(r) {
-            const xf = r.randn(N * C), head = r.randn(V * C, 0.5);
+            const xf = r.randn(N * C),
+                head = r.randn(V * C, 0.5);
             const tg = Int32Array.from(targets);
             const count = targets.filter((t) => t >= 0).length;
             const lossScale = Math.fround(1 / Math.max(count, 1));
@@ -670,34 +934,57 @@ for (const s of LOSS_SHAPES) {
             const got = r.get(dxf);
             const tol = {float32: 1e-5, bfloat16: 3e-2};
             const ignoredRows = [...targets.keys()].filter((n) => targets[n] < 0);
-            r.that("dxf rows without a target are 0",
-                ignoredRows.every((n) => got.subarray(n * C, (n + 1) * C).every((v) => v === 0)));
+            r.that(
+                "dxf rows without a target are 0",
+                ignoredRows.every((n) => got.subarray(n * C, (n + 1) * C).every((v) => v === 0))
+            );
             if (count > 0) {
                 r.close("dxf (=) vs analytic", got, ref.dxf, tol);
                 // FD of L = lossScale * lossSum through the float64 reference
-                const x64 = f64(xf.v), idx = sample(r.rng, N * C, 48);
-                const fd = fdGrad(() => Float64Array.of(refCausalLmLoss(x64, tg, head.v, N, C, V, lossScale).lossSum * lossScale),
-                    x64, [1], idx);
+                const x64 = f64(xf.v),
+                    idx = sample(r.rng, N * C, 48);
+                const fd = fdGrad(
+                    () => Float64Array.of(refCausalLmLoss(x64, tg, head.v, N, C, V, lossScale).lossSum * lossScale),
+                    x64,
+                    [1],
+                    idx
+                );
                 r.close("dxf vs FD", pick(got, idx), fd, tol);
             }
-            if (dHead) r.close("dHead += grad", dHead, ref.dHead.map((g, i) => g + preHead[i]), {float32: 1e-5, bfloat16: 3e-2});
+            if (dHead)
+                r.close(
+                    "dHead += grad",
+                    dHead,
+                    ref.dHead.map((g, i) => g + preHead[i]),
+                    {float32: 1e-5, bfloat16: 3e-2}
+                );
             // evaluation: no gradient, the same loss
             const res2 = r.be.causalLmLoss(xf.t, tg, head.t, N, C, V, lossScale, null, chunkRows, null);
-            r.that("dxf=null: same loss", res2.lossSum === res.lossSum && res2.targets === res.targets,
-                `got ${res2.lossSum} / ${res2.targets}`);
-        },
+            r.that(
+                "dxf=null: same loss",
+                res2.lossSum === res.lossSum && res2.targets === res.targets,
+                `got ${res2.lossSum} / ${res2.targets}`
+            );
+        }
     });
 }
 
-for (const [N, C, V, rows] of [[1, 8, 11, null], [17, 40, 50, null], [17, 40, 50, [16, 0, 5, 5]], [3, 24, 37, [2]]] as const) {
+for (const [N, C, V, rows] of [
+    [1, 8, 11, null],
+    [17, 40, 50, null],
+    [17, 40, 50, [16, 0, 5, 5]],
+    [3, 24, 37, [2]]
+] as const) {
     OP_CASES.push({
-        op: "logits", shape: `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}`,
+        op: "logits",
+        shape: `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}`,
         run(r) {
-            const hidden = r.randn(N * C), head = r.randn(V * C, 0.5);
+            const hidden = r.randn(N * C),
+                head = r.randn(V * C, 0.5);
             const got = r.be.logits(hidden.t, rows ? [...rows] : null, head.t, N, C, V);
             const want = refLogits(hidden.v, rows ? [...rows] : Array.from({length: N}, (_, i) => i), head.v, C, V);
             r.close("logits (fp32)", got, want, {float32: 1e-5, bfloat16: 1e-3});
-        },
+        }
     });
 }
 
@@ -725,7 +1012,7 @@ export function runCase<X extends TensorTypes>(io: BackendIo<X>, c: OpCase): Cas
     try {
         c.run(r);
     } catch (e) {
-        r.that("runs", false, `threw ${e instanceof Error ? e.stack ?? e.message : String(e)}`);
+        r.that("runs", false, `threw ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
     } finally {
         r.release();
     }
@@ -734,12 +1021,21 @@ export function runCase<X extends TensorTypes>(io: BackendIo<X>, c: OpCase): Cas
     const ratio = (k: CheckResult) => (k.tol > 0 ? k.maxRel / k.tol : k.ok ? 0 : Infinity);
     const worst = r.checks.reduce<CheckResult | null>((w, k) => (!w || ratio(k) > ratio(w) ? k : w), null);
     const ok = r.checks.length > 0 && r.checks.every((k) => k.ok);
-    const stats = worst && worst.tol > 0 ? `maxRel=${fmt(worst.maxRel)} (tol ${fmt(worst.tol)}, ${worst.what})` :
-        worst ? `exact (${worst.what})` : "no checks";
-    const line = `${ok ? "OK    " : "NOT OK"} ${io.be.device} ${c.op.padEnd(17)} ${c.shape.padEnd(52)} ${stats}` +
+    const stats =
+        worst && worst.tol > 0
+            ? `maxRel=${fmt(worst.maxRel)} (tol ${fmt(worst.tol)}, ${worst.what})`
+            : worst
+              ? `exact (${worst.what})`
+              : "no checks";
+    const line =
+        `${ok ? "OK    " : "NOT OK"} ${io.be.device} ${c.op.padEnd(17)} ${c.shape.padEnd(52)} ${stats}` +
         `  [${r.checks.length} checks, ${ms.toFixed(0)} ms]`;
-    const failures = r.checks.filter((k) => !k.ok).map((k) =>
-        `    ${k.what}: ${k.tol > 0 ? `maxRel ${fmt(k.maxRel)} > tol ${fmt(k.tol)}` : "failed"}${k.detail ? `; ${k.detail}` : ""}`);
+    const failures = r.checks
+        .filter((k) => !k.ok)
+        .map(
+            (k) =>
+                `    ${k.what}: ${k.tol > 0 ? `maxRel ${fmt(k.maxRel)} > tol ${fmt(k.tol)}` : "failed"}${k.detail ? `; ${k.detail}` : ""}`
+        );
     return {ok, line, failures, ms};
 }
 

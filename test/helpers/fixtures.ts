@@ -17,11 +17,11 @@ export async function fixtureBatch(): Promise<TrainBatch> {
 }
 
 export function relL2(a: Float32Array, b: Float32Array): number {
-    let num = 0, den = 0;
+    let num = 0,
+        den = 0;
     for (let i = 0; i < a.length; i++) {
         num += (a[i] - b[i]) ** 2;
         den += b[i] ** 2;
     }
     return Math.sqrt(num / den);
 }
-

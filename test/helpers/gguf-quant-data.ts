@@ -31,16 +31,44 @@ export function quantTestData(seed = 1234): Float32Array {
         }
         const half = row.subarray(256); // the second super-block of the row gets a special shape
         switch (r % 12) {
-            case 0: half.fill(0); break;
-            case 1: half.forEach((v, i) => { half[i] = Math.abs(v) + 0.01; }); break;
-            case 2: half.forEach((v, i) => { half[i] = -Math.abs(v) - 0.01; }); break;
-            case 3: half.forEach((v, i) => { half[i] = v * 1e-18; }); break;
-            case 4: half.fill(0.75); break;
-            case 5: for (let i = 0; i < 256; i += 64) half.fill(0, i, i + 32); break;
-            case 6: half.fill(-2.5); break;
-            case 7: for (let i = 0; i < 256; i += 16) half[i] = 100; break;
-            case 8: half.forEach((v, i) => { half[i] = Math.abs(v); }); half[17] = 0; break;
-            default: break;
+            case 0:
+                half.fill(0);
+                break;
+            case 1:
+                half.forEach((v, i) => {
+                    half[i] = Math.abs(v) + 0.01;
+                });
+                break;
+            case 2:
+                half.forEach((v, i) => {
+                    half[i] = -Math.abs(v) - 0.01;
+                });
+                break;
+            case 3:
+                half.forEach((v, i) => {
+                    half[i] = v * 1e-18;
+                });
+                break;
+            case 4:
+                half.fill(0.75);
+                break;
+            case 5:
+                for (let i = 0; i < 256; i += 64) half.fill(0, i, i + 32);
+                break;
+            case 6:
+                half.fill(-2.5);
+                break;
+            case 7:
+                for (let i = 0; i < 256; i += 16) half[i] = 100;
+                break;
+            case 8:
+                half.forEach((v, i) => {
+                    half[i] = Math.abs(v);
+                });
+                half[17] = 0;
+                break;
+            default:
+                break;
         }
     }
     return x;

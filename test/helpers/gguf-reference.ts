@@ -20,12 +20,14 @@ export function roundTripModel(model: DecoderModel, outtype: GgufOuttype): Decod
     const layers: DecoderLayer[] = p.layers.map((layer, l) => ({
         inputNorm: layer.inputNorm,
         postNorm: layer.postNorm,
-        proj: Object.fromEntries(PROJ_NAMES.map((proj) => {
-            const base = layer.proj[proj] as DenseLinear;
-            const {outFeatures, inFeatures} = base;
-            const weight = roundTrip(`blk.${l}.${GGUF_PROJ_NAMES[proj]}.weight`, base.dense.weight, outFeatures, inFeatures);
-            return [proj, new DenseLinear({outFeatures, inFeatures, weight, bias: base.bias})];
-        })) as unknown as Record<ProjName, DenseLinear>,
+        proj: Object.fromEntries(
+            PROJ_NAMES.map((proj) => {
+                const base = layer.proj[proj] as DenseLinear;
+                const {outFeatures, inFeatures} = base;
+                const weight = roundTrip(`blk.${l}.${GGUF_PROJ_NAMES[proj]}.weight`, base.dense.weight, outFeatures, inFeatures);
+                return [proj, new DenseLinear({outFeatures, inFeatures, weight, bias: base.bias})];
+            })
+        ) as unknown as Record<ProjName, DenseLinear>
     }));
     return new DecoderModel(cfg, {embed, layers, norm: p.norm, lmHead});
 }

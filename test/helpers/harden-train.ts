@@ -12,8 +12,18 @@ const TSX = import.meta.resolve("tsx");
 
 /** the smallest settings that still train: the tiny model, 64 tokens, batch 1, one thread; a log line every step,
  * the example eval split only at the end */
-export const TINY = ["--max_seq_length", "64", "--per_device_train_batch_size", "1", "--threads", "1", "--logging_steps", "1",
-    "--eval_steps", "1000"];
+export const TINY = [
+    "--max_seq_length",
+    "64",
+    "--per_device_train_batch_size",
+    "1",
+    "--threads",
+    "1",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "1000"
+];
 
 export function scratch(name: string): string {
     const dir = mkdtempSync(path.join(os.tmpdir(), `qlora-${name}-`));
@@ -34,11 +44,17 @@ export function qlora(cwd: string, ...args: string[]): CliResult {
 
 export function qloraAsync(cwd: string, ...args: string[]): {child: ChildProcess; done: Promise<CliResult>; stdout(): string} {
     const child = spawn(process.execPath, ["--import", TSX, CLI, ...args], {cwd});
-    let stdout = "", stderr = "";
-    child.stdout!.on("data", (d) => { stdout += d; });
-    child.stderr!.on("data", (d) => { stderr += d; });
-    const done = new Promise<CliResult>((resolve) => child.on("exit", (code, signal) =>
-        resolve({code: code ?? (signal ? -1 : null), stdout, stderr})));
+    let stdout = "",
+        stderr = "";
+    child.stdout!.on("data", (d) => {
+        stdout += d;
+    });
+    child.stderr!.on("data", (d) => {
+        stderr += d;
+    });
+    const done = new Promise<CliResult>((resolve) =>
+        child.on("exit", (code, signal) => resolve({code: code ?? (signal ? -1 : null), stdout, stderr}))
+    );
     return {child, done, stdout: () => stdout};
 }
 
@@ -48,7 +64,8 @@ export function expectError(r: CliResult, ...fragments: (string | RegExp)[]): st
     const err = r.stderr.trim();
     assert.equal(err.split("\n").length, 1, `one line: ${err}`);
     assert.doesNotMatch(err, /\n\s+at /, "no stack trace");
-    for (const f of fragments) assert.match(err, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
+    for (const f of fragments)
+        assert.match(err, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
     return err;
 }
 
@@ -57,7 +74,8 @@ export function treeHash(dir: string): Record<string, string> {
     const out: Record<string, string> = {};
     const walk = (d: string) => {
         for (const name of readdirSync(d).sort()) {
-            const p = path.join(d, name), rel = path.relative(dir, p);
+            const p = path.join(d, name),
+                rel = path.relative(dir, p);
             const st = lstatSync(p);
             if (st.isDirectory()) {
                 out[rel + "/"] = "dir";
@@ -70,7 +88,10 @@ export function treeHash(dir: string): Record<string, string> {
 }
 
 export function metrics(dir: string): Record<string, unknown>[] {
-    return readFileSync(path.join(dir, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    return readFileSync(path.join(dir, "metrics.jsonl"), "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l));
 }
 
 /** resolves once `check` holds (polled every few ms), or rejects after `ms` */

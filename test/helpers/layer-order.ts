@@ -6,8 +6,20 @@ import path from "node:path";
 import ts from "typescript";
 
 /** the layers, highest first */
-export const LAYER_ORDER = ["cli", "api", "train", "data", "peft", "model", "lora", "quant", "optim", "tokenizer", "io",
-    "backend"] as const;
+export const LAYER_ORDER = [
+    "cli",
+    "api",
+    "train",
+    "data",
+    "peft",
+    "model",
+    "lora",
+    "quant",
+    "optim",
+    "tokenizer",
+    "io",
+    "backend"
+] as const;
 
 /** the layer of a path relative to src/ ("lora/layer.ts" -> "lora"); null for files directly under src/ */
 function layerOf(file: string): string | null {

@@ -19,7 +19,7 @@ export function testLlama(): Promise<Llama> {
         build: "never",
         logger: (level, message) => {
             llamaLog.push(`${level}: ${message}`);
-        },
+        }
     });
     return llamaPromise;
 }
@@ -48,7 +48,7 @@ export async function llamaGreedy(model: LlamaModel, promptIds: number[], opts: 
     const context = await model.createContext({
         contextSize: Math.max(256, promptIds.length + opts.maxNewTokens + 16),
         threads: TEST_THREADS,
-        lora: opts.lora ? {adapters: opts.lora.map((a) => ({filePath: a.filePath, scale: a.scale ?? 1}))} : undefined,
+        lora: opts.lora ? {adapters: opts.lora.map((a) => ({filePath: a.filePath, scale: a.scale ?? 1}))} : undefined
     });
     try {
         const sequence = context.getSequence();
@@ -56,7 +56,7 @@ export async function llamaGreedy(model: LlamaModel, promptIds: number[], opts: 
         const out: number[] = [];
         let input: number[] = promptIds;
         while (out.length < opts.maxNewTokens) {
-            const items = input.map((t, i) => (i === input.length - 1 ? [t, {generateNext: {token: true}}] as const : t));
+            const items = input.map((t, i) => (i === input.length - 1 ? ([t, {generateNext: {token: true}}] as const) : t));
             const result = await sequence.controlledEvaluate(items as Parameters<typeof sequence.controlledEvaluate>[0]);
             const token = result[input.length - 1]?.next.token;
             if (token === undefined || token === null) throw new Error("llama.cpp produced no token");
@@ -75,11 +75,14 @@ export async function llamaPerplexity(model: LlamaModel, tokens: number[], chunk
     const context = await model.createContext({contextSize: Math.max(256, tokens.length + 16), threads: TEST_THREADS});
     try {
         const sequence = context.getSequence();
-        let nll = 0, count = 0;
+        let nll = 0,
+            count = 0;
         for (let start = 0; start < tokens.length - 1; start += chunk) {
             const end = Math.min(start + chunk, tokens.length - 1);
             const items = tokens.slice(start, end).map((t) => [t, {generateNext: {probabilities: true}}] as const);
-            const result = await sequence.controlledEvaluate(items as unknown as Parameters<typeof sequence.controlledEvaluate>[0]);
+            const result = await sequence.controlledEvaluate(
+                items as unknown as Parameters<typeof sequence.controlledEvaluate>[0]
+            );
             for (let i = start; i < end; i++) {
                 const probabilities = result[i - start]?.next.probabilities;
                 if (!probabilities) throw new Error(`no probabilities at position ${i}`);
@@ -97,22 +100,31 @@ export async function llamaPerplexity(model: LlamaModel, tokens: number[], chunk
  * mean KL(reference ‖ llama.cpp) of the next-token distributions over every position of `tokens`;
  * `referenceLogits` is [tokens.length, V] (qlora's forward)
  */
-export async function llamaMeanKl(model: LlamaModel, tokens: number[], referenceLogits: Float32Array,
-    opts: {lora?: {filePath: string; scale?: number}[]} = {}): Promise<{meanKl: number; top1Agreement: number}> {
+export async function llamaMeanKl(
+    model: LlamaModel,
+    tokens: number[],
+    referenceLogits: Float32Array,
+    opts: {lora?: {filePath: string; scale?: number}[]} = {}
+): Promise<{meanKl: number; top1Agreement: number}> {
     const V = referenceLogits.length / tokens.length;
     const context = await model.createContext({
-        contextSize: Math.max(256, tokens.length + 16), threads: TEST_THREADS,
-        lora: opts.lora ? {adapters: opts.lora.map((a) => ({filePath: a.filePath, scale: a.scale ?? 1}))} : undefined,
+        contextSize: Math.max(256, tokens.length + 16),
+        threads: TEST_THREADS,
+        lora: opts.lora ? {adapters: opts.lora.map((a) => ({filePath: a.filePath, scale: a.scale ?? 1}))} : undefined
     });
     try {
         const items = tokens.map((t) => [t, {generateNext: {probabilities: true}}] as const);
-        const result = await context.getSequence().controlledEvaluate(items as unknown as Parameters<LlamaContextSequence["controlledEvaluate"]>[0]);
-        let kl = 0, agree = 0;
+        const result = await context
+            .getSequence()
+            .controlledEvaluate(items as unknown as Parameters<LlamaContextSequence["controlledEvaluate"]>[0]);
+        let kl = 0,
+            agree = 0;
         for (let i = 0; i < tokens.length; i++) {
             const q = result[i]?.next.probabilities;
             if (!q) throw new Error(`no probabilities at position ${i}`);
             const row = referenceLogits.subarray(i * V, (i + 1) * V);
-            let max = -Infinity, arg = 0;
+            let max = -Infinity,
+                arg = 0;
             for (let v = 0; v < V; v++) if (row[v] > max) [max, arg] = [row[v], v];
             let sum = 0;
             for (let v = 0; v < V; v++) sum += Math.exp(row[v] - max);

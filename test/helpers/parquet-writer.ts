@@ -17,7 +17,7 @@ class Compact {
     }
     zigzag(v: number | bigint): void {
         const x = BigInt(v);
-        this.varint(x >= 0n ? x << 1n : ((-x) << 1n) - 1n);
+        this.varint(x >= 0n ? x << 1n : (-x << 1n) - 1n);
     }
     field(id: number, type: number): void {
         const delta = id - this.last[this.last.length - 1];
@@ -167,7 +167,10 @@ export function writeParquet(columns: ParquetColumn[], codec: "none" | "gzip" = 
         meta.endStruct();
         meta.endStruct();
     }
-    meta.i64(2, metas.reduce((s, m) => s + m.size, 0));
+    meta.i64(
+        2,
+        metas.reduce((s, m) => s + m.size, 0)
+    );
     meta.i64(3, lies.numRows ?? rows);
     meta.endStruct();
     meta.endStruct();

@@ -35,8 +35,10 @@ function rope(x: Float64Array, T: number, H: number, D: number, invFreq: Float32
             const o = (t * H + h) * D;
             for (let i = 0; i < half; i++) {
                 const a = t * invFreq[i];
-                const c = Math.cos(a) * scaling, s = Math.sin(a) * scaling;
-                const x0 = x[o + i], x1 = x[o + i + half];
+                const c = Math.cos(a) * scaling,
+                    s = Math.sin(a) * scaling;
+                const x0 = x[o + i],
+                    x1 = x[o + i + half];
                 x[o + i] = x0 * c - x1 * s;
                 x[o + i + half] = x1 * c + x0 * s;
             }
@@ -44,10 +46,20 @@ function rope(x: Float64Array, T: number, H: number, D: number, invFreq: Float32
 }
 
 /** logits [T, V] of one unpadded sequence */
-export function referenceForward(cfg: ModelConfig, w: Tensors, ids: number[], invFreq: Float32Array | Float64Array,
-    scaling = 1): Float64Array {
-    const T = ids.length, C = cfg.hiddenSize, Hq = cfg.numAttentionHeads, Hkv = cfg.numKeyValueHeads, D = cfg.headDim;
-    const I = cfg.intermediateSize, V = cfg.vocabSize;
+export function referenceForward(
+    cfg: ModelConfig,
+    w: Tensors,
+    ids: number[],
+    invFreq: Float32Array | Float64Array,
+    scaling = 1
+): Float64Array {
+    const T = ids.length,
+        C = cfg.hiddenSize,
+        Hq = cfg.numAttentionHeads,
+        Hkv = cfg.numKeyValueHeads,
+        D = cfg.headDim;
+    const I = cfg.intermediateSize,
+        V = cfg.vocabSize;
     const get = (n: string) => {
         const t = w.get(n);
         if (!t) throw new Error(`reference: missing ${n}`);
@@ -78,7 +90,7 @@ export function referenceForward(cfg: ModelConfig, w: Tensors, ids: number[], in
                     m = Math.max(m, s[j]);
                 }
                 let z = 0;
-                for (let j = 0; j <= t; j++) z += (s[j] = Math.exp(s[j] - m));
+                for (let j = 0; j <= t; j++) z += s[j] = Math.exp(s[j] - m);
                 for (let j = 0; j <= t; j++)
                     for (let e = 0; e < D; e++) att[(t * Hq + h) * D + e] += (s[j] / z) * v[(j * Hkv + hk) * D + e];
             }

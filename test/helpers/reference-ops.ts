@@ -42,8 +42,13 @@ export interface ErrorStats {
 
 /** the root mean square of the finite values */
 export function rms(a: ArrayLike<number>): number {
-    let ss = 0, nf = 0;
-    for (let i = 0; i < a.length; i++) if (Number.isFinite(a[i])) { ss += a[i] * a[i]; nf++; }
+    let ss = 0,
+        nf = 0;
+    for (let i = 0; i < a.length; i++)
+        if (Number.isFinite(a[i])) {
+            ss += a[i] * a[i];
+            nf++;
+        }
     return Math.sqrt(ss / Math.max(nf, 1));
 }
 
@@ -51,9 +56,12 @@ export function rms(a: ArrayLike<number>): number {
 export function errorStats(got: ArrayLike<number>, ref: ArrayLike<number>, floor?: number): ErrorStats {
     if (got.length !== ref.length) throw new Error(`errorStats: ${got.length} values against ${ref.length}`);
     const fl = floor ?? rms(ref);
-    let maxAbs = 0, maxRel = 0, worst = -1;
+    let maxAbs = 0,
+        maxRel = 0,
+        worst = -1;
     for (let i = 0; i < ref.length; i++) {
-        const g = got[i], r = ref[i];
+        const g = got[i],
+            r = ref[i];
         let abs: number, rel: number;
         if (!Number.isFinite(r) || !Number.isFinite(g)) {
             abs = rel = Object.is(g, r) || (Number.isNaN(g) && Number.isNaN(r)) ? 0 : Infinity;
@@ -75,7 +83,13 @@ export function errorStats(got: ArrayLike<number>, ref: ArrayLike<number>, floor
  * central finite differences of L(x) = sum(forward(x) * R) with respect to x[i] for i in idx, in float64.
  * forward is called with x modified in place (and restored).
  */
-export function fdGrad(forward: () => Float64Array, x: Float64Array, R: ArrayLike<number>, idx: number[], h = 1e-5): Float64Array {
+export function fdGrad(
+    forward: () => Float64Array,
+    x: Float64Array,
+    R: ArrayLike<number>,
+    idx: number[],
+    h = 1e-5
+): Float64Array {
     const g = new Float64Array(idx.length);
     idx.forEach((i, k) => {
         const x0 = x[i];
@@ -108,8 +122,15 @@ export function refEmbeddingBackward(dout: ArrayLike<number>, ids: ArrayLike<num
 // ------------------------------------------------------------------
 // RMSNorm (HF: y = w * x / sqrt(mean(x^2) + eps))
 
-export function refRmsnorm(x: ArrayLike<number>, w: ArrayLike<number>, N: number, C: number, eps: number): {out: Float64Array; rstd: Float64Array} {
-    const out = new Float64Array(N * C), rstd = new Float64Array(N);
+export function refRmsnorm(
+    x: ArrayLike<number>,
+    w: ArrayLike<number>,
+    N: number,
+    C: number,
+    eps: number
+): {out: Float64Array; rstd: Float64Array} {
+    const out = new Float64Array(N * C),
+        rstd = new Float64Array(N);
     for (let n = 0; n < N; n++) {
         let ss = 0;
         for (let k = 0; k < C; k++) ss += x[n * C + k] ** 2;
@@ -121,16 +142,23 @@ export function refRmsnorm(x: ArrayLike<number>, w: ArrayLike<number>, N: number
 }
 
 /** dx and dw of L = sum(rmsnorm(x) * g) */
-export function refRmsnormBackward(g: ArrayLike<number>, x: ArrayLike<number>, w: ArrayLike<number>, N: number, C: number,
-    eps: number): {dx: Float64Array; dw: Float64Array} {
-    const dx = new Float64Array(N * C), dw = new Float64Array(C);
+export function refRmsnormBackward(
+    g: ArrayLike<number>,
+    x: ArrayLike<number>,
+    w: ArrayLike<number>,
+    N: number,
+    C: number,
+    eps: number
+): {dx: Float64Array; dw: Float64Array} {
+    const dx = new Float64Array(N * C),
+        dw = new Float64Array(C);
     const {rstd} = refRmsnorm(x, w, N, C, eps);
     for (let n = 0; n < N; n++) {
         const r = rstd[n];
         let s = 0;
         for (let k = 0; k < C; k++) s += w[k] * g[n * C + k] * x[n * C + k];
         for (let k = 0; k < C; k++) {
-            dx[n * C + k] = r * w[k] * g[n * C + k] - x[n * C + k] * r ** 3 * s / C;
+            dx[n * C + k] = r * w[k] * g[n * C + k] - (x[n * C + k] * r ** 3 * s) / C;
             dw[k] += g[n * C + k] * x[n * C + k] * r;
         }
     }
@@ -142,22 +170,32 @@ export function refRmsnormBackward(g: ArrayLike<number>, x: ArrayLike<number>, w
 // (inv_freq @ position_ids in float32); cos/sin then taken in float64.
 
 export function ropeAngles(pos: ArrayLike<number>, invFreq: Float32Array): Float64Array {
-    const half = invFreq.length, a = new Float64Array(pos.length * half);
+    const half = invFreq.length,
+        a = new Float64Array(pos.length * half);
     for (let n = 0; n < pos.length; n++) for (let i = 0; i < half; i++) a[n * half + i] = Math.fround(pos[n] * invFreq[i]);
     return a;
 }
 
 /** x * cos + rotate_half(x) * sin on [N, H, D] rows; `inverse`: the transpose (rotation by -angle), i.e. the backward */
-export function refRope(x: ArrayLike<number>, angles: Float64Array, scaling: number, N: number, H: number, D: number,
-    inverse = false): Float64Array {
-    const half = D / 2, out = new Float64Array(N * H * D);
+export function refRope(
+    x: ArrayLike<number>,
+    angles: Float64Array,
+    scaling: number,
+    N: number,
+    H: number,
+    D: number,
+    inverse = false
+): Float64Array {
+    const half = D / 2,
+        out = new Float64Array(N * H * D);
     for (let n = 0; n < N; n++) {
         for (let h = 0; h < H; h++) {
             const o = (n * H + h) * D;
             for (let i = 0; i < half; i++) {
                 const cs = Math.cos(angles[n * half + i]) * scaling;
                 const sn = (inverse ? -1 : 1) * Math.sin(angles[n * half + i]) * scaling;
-                const x0 = x[o + i], x1 = x[o + i + half];
+                const x0 = x[o + i],
+                    x1 = x[o + i + half];
                 // rotate_half(x) = cat(-x[half:], x[:half])
                 out[o + i] = x0 * cs - x1 * sn;
                 out[o + i + half] = x1 * cs + x0 * sn;
@@ -194,32 +232,49 @@ export function attnVisible(a: AttnProblem, b: number, j: number, qpos: number):
 }
 
 /** softmax(q k^T * scale + mask) v in float64; lse[B, Hq, T] of the scaled scores (-inf for a row with no visible key) */
-export function refAttention(a: AttnProblem, q: ArrayLike<number>, k: ArrayLike<number>, v: ArrayLike<number>): {out: Float64Array; lse: Float64Array} {
+export function refAttention(
+    a: AttnProblem,
+    q: ArrayLike<number>,
+    k: ArrayLike<number>,
+    v: ArrayLike<number>
+): {out: Float64Array; lse: Float64Array} {
     const {B, T, S, Hq, Hkv, D, qOffset} = a;
     const G = Hq / Hkv;
-    const out = new Float64Array(B * T * Hq * D), lse = new Float64Array(B * Hq * T);
+    const out = new Float64Array(B * T * Hq * D),
+        lse = new Float64Array(B * Hq * T);
     const p = new Float64Array(S);
     for (let b = 0; b < B; b++) {
         for (let h = 0; h < Hq; h++) {
-            const hk = Math.floor(h / G);  // repeat_kv: query head h uses kv head h // G
+            const hk = Math.floor(h / G); // repeat_kv: query head h uses kv head h // G
             for (let t = 0; t < T; t++) {
-                const qpos = qOffset + t, qo = ((b * T + t) * Hq + h) * D;
+                const qpos = qOffset + t,
+                    qo = ((b * T + t) * Hq + h) * D;
                 let m = -Infinity;
                 for (let j = 0; j < S; j++) {
-                    if (!attnVisible(a, b, j, qpos)) { p[j] = -Infinity; continue; }
+                    if (!attnVisible(a, b, j, qpos)) {
+                        p[j] = -Infinity;
+                        continue;
+                    }
                     const ko = ((b * S + j) * Hkv + hk) * D;
                     let s = 0;
                     for (let d = 0; d < D; d++) s += q[qo + d] * k[ko + d];
                     p[j] = s * a.scale;
                     if (p[j] > m) m = p[j];
                 }
-                if (m === -Infinity) { lse[(b * Hq + h) * T + t] = -Infinity; continue; }
+                if (m === -Infinity) {
+                    lse[(b * Hq + h) * T + t] = -Infinity;
+                    continue;
+                }
                 let sum = 0;
-                for (let j = 0; j < S; j++) { p[j] = p[j] === -Infinity ? 0 : Math.exp(p[j] - m); sum += p[j]; }
+                for (let j = 0; j < S; j++) {
+                    p[j] = p[j] === -Infinity ? 0 : Math.exp(p[j] - m);
+                    sum += p[j];
+                }
                 lse[(b * Hq + h) * T + t] = m + Math.log(sum);
                 for (let j = 0; j < S; j++) {
                     if (p[j] === 0) continue;
-                    const w = p[j] / sum, vo = ((b * S + j) * Hkv + hk) * D;
+                    const w = p[j] / sum,
+                        vo = ((b * S + j) * Hkv + hk) * D;
                     for (let d = 0; d < D; d++) out[qo + d] += w * v[vo + d];
                 }
             }
@@ -229,27 +284,40 @@ export function refAttention(a: AttnProblem, q: ArrayLike<number>, k: ArrayLike<
 }
 
 /** dq, dk, dv of L = sum(attention(q, k, v) * g) */
-export function refAttentionBackward(a: AttnProblem, q: ArrayLike<number>, k: ArrayLike<number>, v: ArrayLike<number>,
-    g: ArrayLike<number>): {dq: Float64Array; dk: Float64Array; dv: Float64Array} {
+export function refAttentionBackward(
+    a: AttnProblem,
+    q: ArrayLike<number>,
+    k: ArrayLike<number>,
+    v: ArrayLike<number>,
+    g: ArrayLike<number>
+): {dq: Float64Array; dk: Float64Array; dv: Float64Array} {
     const {B, T, S, Hq, Hkv, D, qOffset} = a;
     const G = Hq / Hkv;
     const {out, lse} = refAttention(a, q, k, v);
-    const dq = new Float64Array(q.length), dk = new Float64Array(k.length), dv = new Float64Array(v.length);
+    const dq = new Float64Array(q.length),
+        dk = new Float64Array(k.length),
+        dv = new Float64Array(v.length);
     for (let b = 0; b < B; b++) {
         for (let h = 0; h < Hq; h++) {
             const hk = Math.floor(h / G);
             for (let t = 0; t < T; t++) {
                 const l = lse[(b * Hq + h) * T + t];
                 if (l === -Infinity) continue;
-                const qpos = qOffset + t, qo = ((b * T + t) * Hq + h) * D;
+                const qpos = qOffset + t,
+                    qo = ((b * T + t) * Hq + h) * D;
                 let di = 0;
                 for (let d = 0; d < D; d++) di += g[qo + d] * out[qo + d];
                 for (let j = 0; j < S; j++) {
                     if (!attnVisible(a, b, j, qpos)) continue;
                     const ko = ((b * S + j) * Hkv + hk) * D;
-                    let s = 0, dp = 0;
-                    for (let d = 0; d < D; d++) { s += q[qo + d] * k[ko + d]; dp += g[qo + d] * v[ko + d]; }
-                    const pj = Math.exp(s * a.scale - l), ds = pj * (dp - di) * a.scale;
+                    let s = 0,
+                        dp = 0;
+                    for (let d = 0; d < D; d++) {
+                        s += q[qo + d] * k[ko + d];
+                        dp += g[qo + d] * v[ko + d];
+                    }
+                    const pj = Math.exp(s * a.scale - l),
+                        ds = pj * (dp - di) * a.scale;
                     for (let d = 0; d < D; d++) {
                         dv[ko + d] += pj * g[qo + d];
                         dk[ko + d] += ds * q[qo + d];
@@ -274,10 +342,18 @@ export function refSwiglu(gate: ArrayLike<number>, up: ArrayLike<number>): Float
 }
 
 /** dgate, dup of L = sum(swiglu(gate, up) * dout) */
-export function refSwigluBackward(dout: ArrayLike<number>, gate: ArrayLike<number>, up: ArrayLike<number>): {dgate: Float64Array; dup: Float64Array} {
-    const n = gate.length, dgate = new Float64Array(n), dup = new Float64Array(n);
+export function refSwigluBackward(
+    dout: ArrayLike<number>,
+    gate: ArrayLike<number>,
+    up: ArrayLike<number>
+): {dgate: Float64Array; dup: Float64Array} {
+    const n = gate.length,
+        dgate = new Float64Array(n),
+        dup = new Float64Array(n);
     for (let i = 0; i < n; i++) {
-        const x = gate[i], u = up[i], d = dout[i];
+        const x = gate[i],
+            u = up[i],
+            d = dout[i];
         const s = 1 / (1 + Math.exp(-x));
         dup[i] = d * x * s;
         dgate[i] = d * u * s * (1 + x * (1 - s));
@@ -298,7 +374,13 @@ export function rowLse(x: ArrayLike<number>, off: number, V: number): number {
 }
 
 /** logits[rows, V] = hidden[rows] head^T (hidden [N, C], head [V, C]) */
-export function refLogits(hidden: ArrayLike<number>, rows: number[], head: ArrayLike<number>, C: number, V: number): Float64Array {
+export function refLogits(
+    hidden: ArrayLike<number>,
+    rows: number[],
+    head: ArrayLike<number>,
+    C: number,
+    V: number
+): Float64Array {
     const out = new Float64Array(rows.length * V);
     rows.forEach((r, i) => {
         for (let v = 0; v < V; v++) {
@@ -314,12 +396,21 @@ export function refLogits(hidden: ArrayLike<number>, rows: number[], head: Array
  * the causal-LM loss of hidden states xf[N, C] through head[V, C]: the cross-entropy summed over rows whose
  * target is in [0, V), their count, and the gradients of lossScale * lossSum with respect to xf and head
  */
-export function refCausalLmLoss(xf: ArrayLike<number>, targets: ArrayLike<number>, head: ArrayLike<number>, N: number,
-    C: number, V: number, lossScale: number): {lossSum: number; targets: number; dxf: Float64Array; dHead: Float64Array} {
+export function refCausalLmLoss(
+    xf: ArrayLike<number>,
+    targets: ArrayLike<number>,
+    head: ArrayLike<number>,
+    N: number,
+    C: number,
+    V: number,
+    lossScale: number
+): {lossSum: number; targets: number; dxf: Float64Array; dHead: Float64Array} {
     const all = Array.from({length: N}, (_, i) => i);
     const logits = refLogits(xf, all, head, C, V);
-    const dxf = new Float64Array(N * C), dHead = new Float64Array(V * C);
-    let lossSum = 0, count = 0;
+    const dxf = new Float64Array(N * C),
+        dHead = new Float64Array(V * C);
+    let lossSum = 0,
+        count = 0;
     const d = new Float64Array(V);
     for (let n = 0; n < N; n++) {
         const t = targets[n];

@@ -22,66 +22,80 @@ interface ChatFlags {
 }
 
 export function registerChat(program: Command): void {
-    const cmd = program.command("chat")
+    const cmd = program
+        .command("chat")
         .description("chat with a model (and adapter) through its chat template; /reset clears the history, /exit quits");
     addSamplingOptions(addModelOptions(cmd))
         .option("--system <text>", "a system message at the start of the conversation")
         .option("-n, --max-new-tokens <n>", "the most tokens per answer", parseIntOption("--max-new-tokens", 1), 256)
         .option("--seed <n>", "random seed of the first answer (each answer uses seed + turn)", parseIntOption("--seed", 0), 0)
-        .action(action(async (flags: ChatFlags) => {
-            const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
-            if (!tokenizer.hasChatTemplate) tokenizer.applyChatTemplate([], {}); // throws the "no chat template" error
-            const tty = process.stdin.isTTY === true && process.stdout.isTTY === true;
-            // colour only on a terminal: a pipe gets the plain conversation, whatever CI or FORCE_COLOR say
-            const c = pc.createColors(tty);
-            const eos = new Set(eosTokenIds);
-            const initial: ChatMessage[] = flags.system ? [{role: "system", content: flags.system}] : [];
-            let history: ChatMessage[] = [...initial];
-            let turn = 0;
-            if (tty) console.log(c.dim("qlora chat: type a message; /reset clears the history, /exit quits"));
-            const rl = readline.createInterface({input: process.stdin, output: tty ? process.stdout : undefined, terminal: tty});
-            const ask = () => {
-                if (!tty) return;
-                rl.setPrompt(c.green("> "));
-                rl.prompt();
-            };
-            ask();
-            for await (const line of rl) {
-                const text = line.trim();
-                if (text === "/exit" || text === "/quit") break;
-                if (text === "/reset") {
-                    history = [...initial];
-                    console.log(c.dim("(history cleared)"));
-                    ask();
-                    continue;
-                }
-                if (!text) {
-                    ask();
-                    continue;
-                }
-                history.push({role: "user", content: text});
-                const prompt = tokenizer.applyChatTemplate(history, {addGenerationPrompt: true});
-                let ids = tokenizer.encode(prompt);
-                // keep the newest turns when the conversation outgrows the context
-                while (ids.length + 1 > model.maxPositions && history.length > initial.length + 1) {
-                    history.splice(initial.length, 2);
-                    ids = tokenizer.encode(tokenizer.applyChatTemplate(history, {addGenerationPrompt: true}));
-                }
-                const decoder = tokenizer.createStreamDecoder({skipSpecialTokens: true});
-                const result = generate(model, ids, {
-                    maxNewTokens: Math.min(flags.maxNewTokens, model.maxPositions - ids.length),
-                    greedy: flags.greedy ?? false, temperature: flags.temperature, topK: flags.topK, topP: flags.topP,
-                    seed: flags.seed + turn, eosTokenIds: [...eos],
-                    onToken: (id) => {
-                        if (!eos.has(id)) process.stdout.write(decoder.push(id));
-                    },
+        .action(
+            action(async (flags: ChatFlags) => {
+                const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {
+                    adapter: flags.adapter,
+                    loadIn4bit: flags.loadIn4bit
                 });
-                process.stdout.write(decoder.flush() + "\n");
-                const answerIds = result.stopReason === "eos" ? result.newIds.slice(0, -1) : result.newIds;
-                history.push({role: "assistant", content: tokenizer.decode(answerIds, {skipSpecialTokens: true})});
-                turn++;
+                if (!tokenizer.hasChatTemplate) tokenizer.applyChatTemplate([], {}); // throws the "no chat template" error
+                const tty = process.stdin.isTTY === true && process.stdout.isTTY === true;
+                // colour only on a terminal: a pipe gets the plain conversation, whatever CI or FORCE_COLOR say
+                const c = pc.createColors(tty);
+                const eos = new Set(eosTokenIds);
+                const initial: ChatMessage[] = flags.system ? [{role: "system", content: flags.system}] : [];
+                let history: ChatMessage[] = [...initial];
+                let turn = 0;
+                if (tty) console.log(c.dim("qlora chat: type a message; /reset clears the history, /exit quits"));
+                const rl = readline.createInterface({
+                    input: process.stdin,
+                    output: tty ? process.stdout : undefined,
+                    terminal: tty
+                });
+                const ask = () => {
+                    if (!tty) return;
+                    rl.setPrompt(c.green("> "));
+                    rl.prompt();
+                };
                 ask();
-            }
-            rl.close();
-        }));
+                for await (const line of rl) {
+                    const text = line.trim();
+                    if (text === "/exit" || text === "/quit") break;
+                    if (text === "/reset") {
+                        history = [...initial];
+                        console.log(c.dim("(history cleared)"));
+                        ask();
+                        continue;
+                    }
+                    if (!text) {
+                        ask();
+                        continue;
+                    }
+                    history.push({role: "user", content: text});
+                    const prompt = tokenizer.applyChatTemplate(history, {addGenerationPrompt: true});
+                    let ids = tokenizer.encode(prompt);
+                    // keep the newest turns when the conversation outgrows the context
+                    while (ids.length + 1 > model.maxPositions && history.length > initial.length + 1) {
+                        history.splice(initial.length, 2);
+                        ids = tokenizer.encode(tokenizer.applyChatTemplate(history, {addGenerationPrompt: true}));
+                    }
+                    const decoder = tokenizer.createStreamDecoder({skipSpecialTokens: true});
+                    const result = generate(model, ids, {
+                        maxNewTokens: Math.min(flags.maxNewTokens, model.maxPositions - ids.length),
+                        greedy: flags.greedy ?? false,
+                        temperature: flags.temperature,
+                        topK: flags.topK,
+                        topP: flags.topP,
+                        seed: flags.seed + turn,
+                        eosTokenIds: [...eos],
+                        onToken: (id) => {
+                            if (!eos.has(id)) process.stdout.write(decoder.push(id));
+                        }
+                    });
+                    process.stdout.write(decoder.flush() + "\n");
+                    const answerIds = result.stopReason === "eos" ? result.newIds.slice(0, -1) : result.newIds;
+                    history.push({role: "assistant", content: tokenizer.decode(answerIds, {skipSpecialTokens: true})});
+                    turn++;
+                    ask();
+                }
+                rl.close();
+            })
+        );
 }

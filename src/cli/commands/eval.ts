@@ -18,7 +18,8 @@ interface EvalFlags {
 }
 
 export function registerEval(program: Command): void {
-    const cmd = program.command("eval")
+    const cmd = program
+        .command("eval")
         .description("loss and perplexity of a model (and adapter) on a JSON, JSONL or Parquet data file")
         .requiredOption("-d, --data <file>", "the data to evaluate on (any format qlora train reads)");
     addModelOptions(cmd)
@@ -27,24 +28,34 @@ export function registerEval(program: Command): void {
         .option("--batch-size <n>", "examples per forward pass", parseIntOption("--batch-size", 1), 8)
         .option("--all-tokens", "score every token, not only responses / assistant turns")
         .option("--json", "print the result as one JSON line")
-        .action(action(async (flags: EvalFlags) => {
-            const loaded = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
-            const options: DataOptions = {
-                dataset_format: flags.datasetFormat as DataOptions["dataset_format"],
-                max_seq_length: flags.maxSeqLength,
-                completion_only_loss: !flags.allTokens,
-                assistant_only_loss: !flags.allTokens,
-            };
-            const r = await evaluateLoss(loaded, flags.data, options, flags.batchSize);
-            // on stderr, so --json output stays one line; truncated examples change what the loss measures
-            for (const w of r.warnings) console.error(`warning: ${w}`);
-            if (flags.json) {
-                console.log(JSON.stringify({loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, rows: r.rows,
-                    format: r.stats.format, adapter: flags.adapter ?? null}));
-                return;
-            }
-            console.log(`data        ${flags.data} (${r.stats.format}, ${r.rows} examples, ${r.tokens} scored tokens)`);
-            console.log(`loss        ${r.loss.toFixed(4)}`);
-            console.log(`perplexity  ${r.perplexity.toFixed(3)}`);
-        }));
+        .action(
+            action(async (flags: EvalFlags) => {
+                const loaded = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
+                const options: DataOptions = {
+                    dataset_format: flags.datasetFormat as DataOptions["dataset_format"],
+                    max_seq_length: flags.maxSeqLength,
+                    completion_only_loss: !flags.allTokens,
+                    assistant_only_loss: !flags.allTokens
+                };
+                const r = await evaluateLoss(loaded, flags.data, options, flags.batchSize);
+                // on stderr, so --json output stays one line; truncated examples change what the loss measures
+                for (const w of r.warnings) console.error(`warning: ${w}`);
+                if (flags.json) {
+                    console.log(
+                        JSON.stringify({
+                            loss: r.loss,
+                            perplexity: r.perplexity,
+                            tokens: r.tokens,
+                            rows: r.rows,
+                            format: r.stats.format,
+                            adapter: flags.adapter ?? null
+                        })
+                    );
+                    return;
+                }
+                console.log(`data        ${flags.data} (${r.stats.format}, ${r.rows} examples, ${r.tokens} scored tokens)`);
+                console.log(`loss        ${r.loss.toFixed(4)}`);
+                console.log(`perplexity  ${r.perplexity.toFixed(3)}`);
+            })
+        );
 }

@@ -37,8 +37,7 @@ function progressPrinter(): ((p: ExportProgress) => void) | undefined {
 }
 
 export function registerExport(program: Command): void {
-    const exp = program.command("export")
-        .description("export a model or an adapter to another format (GGUF for llama.cpp)");
+    const exp = program.command("export").description("export a model or an adapter to another format (GGUF for llama.cpp)");
 
     exp.command("gguf")
         .description("write a llama.cpp GGUF model (f16, q8_0 or q4_k_m), optionally with a PEFT adapter merged in")
@@ -49,25 +48,31 @@ export function registerExport(program: Command): void {
         .option("--name <text>", "general.name written into the file (default: the model folder's name)")
         .option("--pre-tokenizer <name>", "llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it is not recognized")
         .option("--overwrite", "replace --out when it is an existing GGUF file")
-        .action(action(async (flags: GgufFlags) => {
-            if (!(GGUF_OUTTYPES as readonly string[]).includes(flags.outtype))
-                throw new QloraError(`--outtype must be one of ${GGUF_OUTTYPES.join(", ")}, got "${flags.outtype}"`);
-            const started = Date.now();
-            const result = await exportGguf({
-                modelDir: flags.model,
-                adapterDir: flags.adapter,
-                outtype: flags.outtype as GgufOuttype,
-                out: flags.out,
-                name: flags.name,
-                preTokenizer: flags.preTokenizer,
-                overwrite: flags.overwrite,
-                onProgress: progressPrinter(),
-            });
-            const types = Object.entries(result.typeCounts).map(([t, n]) => `${t} ${n}`).join(", ");
-            console.log(`wrote ${result.file} (${result.arch}, ${flags.outtype}${flags.adapter ? ", adapter merged" : ""}): ` +
-                `${result.tensorCount} tensors [${types}], ${formatBytes(result.bytes)} in ` +
-                `${((Date.now() - started) / 1000).toFixed(1)} s`);
-        }));
+        .action(
+            action(async (flags: GgufFlags) => {
+                if (!(GGUF_OUTTYPES as readonly string[]).includes(flags.outtype))
+                    throw new QloraError(`--outtype must be one of ${GGUF_OUTTYPES.join(", ")}, got "${flags.outtype}"`);
+                const started = Date.now();
+                const result = await exportGguf({
+                    modelDir: flags.model,
+                    adapterDir: flags.adapter,
+                    outtype: flags.outtype as GgufOuttype,
+                    out: flags.out,
+                    name: flags.name,
+                    preTokenizer: flags.preTokenizer,
+                    overwrite: flags.overwrite,
+                    onProgress: progressPrinter()
+                });
+                const types = Object.entries(result.typeCounts)
+                    .map(([t, n]) => `${t} ${n}`)
+                    .join(", ");
+                console.log(
+                    `wrote ${result.file} (${result.arch}, ${flags.outtype}${flags.adapter ? ", adapter merged" : ""}): ` +
+                        `${result.tensorCount} tensors [${types}], ${formatBytes(result.bytes)} in ` +
+                        `${((Date.now() - started) / 1000).toFixed(1)} s`
+                );
+            })
+        );
 
     exp.command("gguf-lora")
         .description("write a PEFT LoRA adapter as a llama.cpp LoRA GGUF, to apply on top of the base model's GGUF")
@@ -77,19 +82,23 @@ export function registerExport(program: Command): void {
         .option("-t, --outtype <type>", "tensor type: f32 or f16", "f32")
         .option("--name <text>", "general.name written into the file (default: the adapter folder's name)")
         .option("--overwrite", "replace --out when it is an existing GGUF file")
-        .action(action(async (flags: GgufLoraFlags) => {
-            if (flags.outtype !== "f32" && flags.outtype !== "f16")
-                throw new QloraError(`--outtype must be f32 or f16 for a LoRA adapter, got "${flags.outtype}"`);
-            const result = await exportGgufLora({
-                adapterDir: flags.adapter,
-                modelDir: flags.model,
-                out: flags.out,
-                outtype: flags.outtype as GgufLoraOuttype,
-                name: flags.name,
-                overwrite: flags.overwrite,
-                onProgress: progressPrinter(),
-            });
-            console.log(`wrote ${result.file} (${result.arch} LoRA, r ${result.r}, alpha ${result.alpha}): ` +
-                `${result.tensorCount} tensors, ${formatBytes(result.bytes)}`);
-        }));
+        .action(
+            action(async (flags: GgufLoraFlags) => {
+                if (flags.outtype !== "f32" && flags.outtype !== "f16")
+                    throw new QloraError(`--outtype must be f32 or f16 for a LoRA adapter, got "${flags.outtype}"`);
+                const result = await exportGgufLora({
+                    adapterDir: flags.adapter,
+                    modelDir: flags.model,
+                    out: flags.out,
+                    outtype: flags.outtype as GgufLoraOuttype,
+                    name: flags.name,
+                    overwrite: flags.overwrite,
+                    onProgress: progressPrinter()
+                });
+                console.log(
+                    `wrote ${result.file} (${result.arch} LoRA, r ${result.r}, alpha ${result.alpha}): ` +
+                        `${result.tensorCount} tensors, ${formatBytes(result.bytes)}`
+                );
+            })
+        );
 }

@@ -22,7 +22,8 @@ interface GenerateFlags {
 }
 
 export function registerGenerate(program: Command): void {
-    const cmd = program.command("generate")
+    const cmd = program
+        .command("generate")
         .description("generate text from a prompt with a model (the embedded tiny-qwen2 by default)")
         .requiredOption("-p, --prompt <text>", "the prompt to continue");
     addSamplingOptions(addModelOptions(cmd))
@@ -31,36 +32,45 @@ export function registerGenerate(program: Command): void {
         .option("--chat", "wrap the prompt as a user message with the model's chat template")
         .option("--system <text>", "a system message (with --chat)")
         .option("--json", 'print one line {"prompt_ids":[...],"output_ids":[...],"text":"..."} instead of streaming text')
-        .action(action(async (flags: GenerateFlags) => {
-            const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
-            let text = flags.prompt;
-            if (flags.chat) {
-                const messages = flags.system ? [{role: "system", content: flags.system}] : [];
-                messages.push({role: "user", content: flags.prompt});
-                text = tokenizer.applyChatTemplate(messages, {addGenerationPrompt: true});
-            } else if (flags.system) throw new QloraError("--system needs --chat");
-            const promptIds = tokenizer.encode(text);
-            const eos = new Set<number>(eosTokenIds);
-            const decoder = tokenizer.createStreamDecoder();
-            if (!flags.json && !flags.chat) process.stdout.write(text);
-            const result = generate(model, promptIds, {
-                maxNewTokens: flags.maxNewTokens,
-                greedy: flags.greedy ?? false,
-                temperature: flags.temperature,
-                topK: flags.topK,
-                topP: flags.topP,
-                seed: flags.seed,
-                eosTokenIds: [...eos],
-                onToken: flags.json ? undefined : (id) => {
-                    if (!eos.has(id)) process.stdout.write(decoder.push(id));
-                },
-            });
-            if (flags.json) {
-                // text: the decoded output (prompt included, as transformers' decode(output_ids)); with --chat
-                // only the answer. A final eos token is not part of the text.
-                const ids = flags.chat ? result.newIds : result.outputIds;
-                const shown = result.stopReason === "eos" ? ids.slice(0, -1) : ids;
-                console.log(JSON.stringify({prompt_ids: promptIds, output_ids: result.outputIds, text: tokenizer.decode(shown)}));
-            } else process.stdout.write("\n");
-        }));
+        .action(
+            action(async (flags: GenerateFlags) => {
+                const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {
+                    adapter: flags.adapter,
+                    loadIn4bit: flags.loadIn4bit
+                });
+                let text = flags.prompt;
+                if (flags.chat) {
+                    const messages = flags.system ? [{role: "system", content: flags.system}] : [];
+                    messages.push({role: "user", content: flags.prompt});
+                    text = tokenizer.applyChatTemplate(messages, {addGenerationPrompt: true});
+                } else if (flags.system) throw new QloraError("--system needs --chat");
+                const promptIds = tokenizer.encode(text);
+                const eos = new Set<number>(eosTokenIds);
+                const decoder = tokenizer.createStreamDecoder();
+                if (!flags.json && !flags.chat) process.stdout.write(text);
+                const result = generate(model, promptIds, {
+                    maxNewTokens: flags.maxNewTokens,
+                    greedy: flags.greedy ?? false,
+                    temperature: flags.temperature,
+                    topK: flags.topK,
+                    topP: flags.topP,
+                    seed: flags.seed,
+                    eosTokenIds: [...eos],
+                    onToken: flags.json
+                        ? undefined
+                        : (id) => {
+                              if (!eos.has(id)) process.stdout.write(decoder.push(id));
+                          }
+                });
+                if (flags.json) {
+                    // text: the decoded output (prompt included, as transformers' decode(output_ids)); with --chat
+                    // only the answer. A final eos token is not part of the text.
+                    const ids = flags.chat ? result.newIds : result.outputIds;
+                    const shown = result.stopReason === "eos" ? ids.slice(0, -1) : ids;
+                    console.log(
+                        JSON.stringify({prompt_ids: promptIds, output_ids: result.outputIds, text: tokenizer.decode(shown)})
+                    );
+                } else process.stdout.write("\n");
+            })
+        );
 }

@@ -6,19 +6,43 @@ import {mergeAdapter} from "../../peft/merge.js";
 import {action} from "../run.js";
 
 export function registerMerge(program: Command): void {
-    program.command("merge")
+    program
+        .command("merge")
         .description("merge a LoRA adapter into its base: W + (alpha/r) B A, saved as a 16-bit Hugging Face model")
         .requiredOption("-a, --adapter <dir>", "the PEFT adapter folder (e.g. qlora_output/final)")
         .requiredOption("-o, --out <dir>", "the folder to write (new or empty; never the model or adapter folder)")
         .option("-m, --model <dir>", "the base model folder (default: the embedded tiny-qwen2)")
         .option("--dtype <dtype>", "bf16 or f16", "bf16")
-        .option("--against-nf4", "merge into the dequantized NF4 base the QLoRA adapter was trained on " +
-            "(matches the trained model; default: the original 16-bit weights)")
+        .option(
+            "--against-nf4",
+            "merge into the dequantized NF4 base the QLoRA adapter was trained on " +
+                "(matches the trained model; default: the original 16-bit weights)"
+        )
         .option("--overwrite", "replace --out when it holds an earlier qlora merge (never any other folder)")
-        .action(action(async (flags: {adapter: string; out: string; model?: string; dtype: string; againstNf4?: boolean; overwrite?: boolean}) => {
-            if (flags.dtype !== "bf16" && flags.dtype !== "f16") throw new QloraError(`--dtype must be bf16 or f16 (got "${flags.dtype}")`);
-            const r = await mergeAdapter({model: resolveModelDir(flags.model), adapter: flags.adapter, out: flags.out,
-                dtype: flags.dtype, againstNf4: flags.againstNf4, overwrite: flags.overwrite});
-            console.log(`merged ${r.merged} modules into ${r.tensors} tensors (${flags.dtype}${flags.againstNf4 ? ", against the NF4 base" : ""}): ${r.out}`);
-        }));
+        .action(
+            action(
+                async (flags: {
+                    adapter: string;
+                    out: string;
+                    model?: string;
+                    dtype: string;
+                    againstNf4?: boolean;
+                    overwrite?: boolean;
+                }) => {
+                    if (flags.dtype !== "bf16" && flags.dtype !== "f16")
+                        throw new QloraError(`--dtype must be bf16 or f16 (got "${flags.dtype}")`);
+                    const r = await mergeAdapter({
+                        model: resolveModelDir(flags.model),
+                        adapter: flags.adapter,
+                        out: flags.out,
+                        dtype: flags.dtype,
+                        againstNf4: flags.againstNf4,
+                        overwrite: flags.overwrite
+                    });
+                    console.log(
+                        `merged ${r.merged} modules into ${r.tensors} tensors (${flags.dtype}${flags.againstNf4 ? ", against the NF4 base" : ""}): ${r.out}`
+                    );
+                }
+            )
+        );
 }

@@ -13,15 +13,19 @@ import {action} from "../run.js";
 function formatDuration(s: number): string {
     if (!Number.isFinite(s)) return "?";
     s = Math.round(s);
-    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+    const h = Math.floor(s / 3600),
+        m = Math.floor((s % 3600) / 60),
+        sec = s % 60;
     return h ? `${h}:${String(m).padStart(2, "0")}:${String(sec).padStart(2, "0")}` : `${m}:${String(sec).padStart(2, "0")}`;
 }
 
 function logLine(r: TrainLogRecord): string {
-    return `step ${String(r.step).padStart(String(r.total_steps).length)}/${r.total_steps} | loss ${r.loss.toFixed(4)} | ` +
+    return (
+        `step ${String(r.step).padStart(String(r.total_steps).length)}/${r.total_steps} | loss ${r.loss.toFixed(4)} | ` +
         `lr ${r.learning_rate.toExponential(2)} | grad_norm ${r.grad_norm.toFixed(3)} | ` +
         `${Math.round(r.tokens_per_second)} tok/s | ${formatDuration(r.elapsed_s)} elapsed, ${formatDuration(r.remaining_s)} left | ` +
-        `${r.memory_kind} mem ${(r.memory_bytes / 2 ** 20).toFixed(0)} MiB (peak ${(r.peak_memory_bytes / 2 ** 20).toFixed(0)} MiB)`;
+        `${r.memory_kind} mem ${(r.memory_bytes / 2 ** 20).toFixed(0)} MiB (peak ${(r.peak_memory_bytes / 2 ** 20).toFixed(0)} MiB)`
+    );
 }
 
 /** the command line that continues a stopped run: the same arguments, resuming from the latest checkpoint */
@@ -53,83 +57,117 @@ function keysHelp(): string {
 }
 
 export function registerTrain(program: Command): void {
-    program.command("train")
+    program
+        .command("train")
         .description("fine-tune a model with QLoRA (with no arguments: the embedded tiny-qwen2 on the example data)")
         .argument("[args...]", "an optional CONFIG.yaml or CONFIG.json, then --key value pairs")
         .allowUnknownOption(true)
         .helpOption("-h, --help", "show the keys")
         .addHelpText("after", `\nKeys (in the config file, or as --key value; flags override the file):\n${keysHelp()}\n`)
-        .action(action(async (args: string[]) => {
-            const configFile = args.length > 0 && !args[0].startsWith("--") ? args[0] : null;
-            const flags = (configFile ? args.slice(1) : args).filter((a) => a !== "--debug");
-            const config = await loadTrainConfig(configFile, flags);
-            const usingExample = config.dataset === null;
-            const model = resolveModelDir(config.model ?? undefined);
-            const resolved = {
-                ...config,
-                model,
-                dataset: config.dataset ?? EXAMPLE_TRAIN_DATA,
-                eval_dataset: config.eval_dataset ?? (usingExample ? EXAMPLE_EVAL_DATA : null),
-            };
-            const tty = process.stdout.isTTY === true;
-            let bar: cliProgress.SingleBar | null = null;
-            const print = (line: string) => {
-                if (bar) bar.stop();
-                console.log(line);
-                if (bar) bar = null;
-            };
-            const run = runTraining(resolved, {
-                onStart(info) {
-                    const kv = (k: string, v: string | number) => console.log(`${pc.dim(k.padEnd(14))} ${v}`);
-                    console.log(pc.bold("qlora train"));
-                    kv("model", `${info.modelDir}${info.modelDir === DEFAULT_MODEL_DIR ? " (embedded)" : ""}`);
-                    kv("device", `${info.device} (compute ${info.computeDtype})`);
-                    kv("quantization", info.quantization);
-                    kv("data", `${resolved.dataset} (${info.train.stats.format}, ${info.train.stats.rows} rows, ` +
-                        `${info.train.stats.tokens} tokens${info.train.stats.truncated ? `, ${info.train.stats.truncated} truncated` : ""}` +
-                        `${info.train.stats.dropped ? `, ${info.train.stats.dropped} dropped` : ""})`);
-                    if (info.eval) kv("eval data", `${resolved.eval_dataset} (${info.eval.stats.rows} rows)`);
-                    kv("steps", `${info.totalSteps} (warmup ${info.warmupSteps}; batch ${resolved.per_device_train_batch_size} x ` +
-                        `${resolved.gradient_accumulation_steps} accumulation = ${info.effectiveBatch})`);
-                    kv("optimizer", `${resolved.optim}, lr ${resolved.learning_rate}, ${resolved.lr_scheduler_type}`);
-                    kv("output", path.resolve(resolved.output_dir));
-                    if (info.resumedFrom) kv("resumed from", `${info.resumedFrom} (step ${info.startStep})`);
-                    for (const c of info.overrides)
-                        kv("override", `${c.key}: ${quoteValue(c.saved)} -> ${quoteValue(c.now)} (resume_override)`);
-                    console.log(info.trainableLine);
-                },
-                onStep(step, total) {
-                    if (!tty) return;
-                    if (!bar) {
-                        bar = new cliProgress.SingleBar({format: " {bar} {value}/{total} steps | {eta_formatted} left",
-                            hideCursor: true, clearOnComplete: true}, cliProgress.Presets.shades_classic);
-                        bar.start(total, step);
-                    } else bar.update(step);
-                },
-                onLog: (r) => print(logLine(r)),
-                onEval: (r) => print(pc.cyan(`eval  step ${r.step} | eval_loss ${r.eval_loss.toFixed(4)} | ` +
-                    `perplexity ${r.eval_perplexity.toFixed(2)} | ${r.eval_tokens} tokens`)),
-                onSave: (dir, removed) => print(pc.dim(`save  ${dir}${removed.length ? ` (removed ${removed.map((d) => path.basename(d)).join(", ")})` : ""}`)),
-                onWarning: (m) => print(pc.yellow(`warning: ${m}`)),
-                onStopping: (signal) => print(pc.yellow(`${signal}: finishing this step and saving a checkpoint ` +
-                    `(${signal === "SIGINT" ? "Ctrl+C again" : "a second SIGTERM"} stops at once)`)),
-            });
-            let result: Awaited<typeof run>;
-            try {
-                result = await run;
-            } catch (err) {
-                if (!(err instanceof TrainingInterrupted)) throw err;
+        .action(
+            action(async (args: string[]) => {
+                const configFile = args.length > 0 && !args[0].startsWith("--") ? args[0] : null;
+                const flags = (configFile ? args.slice(1) : args).filter((a) => a !== "--debug");
+                const config = await loadTrainConfig(configFile, flags);
+                const usingExample = config.dataset === null;
+                const model = resolveModelDir(config.model ?? undefined);
+                const resolved = {
+                    ...config,
+                    model,
+                    dataset: config.dataset ?? EXAMPLE_TRAIN_DATA,
+                    eval_dataset: config.eval_dataset ?? (usingExample ? EXAMPLE_EVAL_DATA : null)
+                };
+                const tty = process.stdout.isTTY === true;
+                let bar: cliProgress.SingleBar | null = null;
+                const print = (line: string) => {
+                    if (bar) bar.stop();
+                    console.log(line);
+                    if (bar) bar = null;
+                };
+                const run = runTraining(resolved, {
+                    onStart(info) {
+                        const kv = (k: string, v: string | number) => console.log(`${pc.dim(k.padEnd(14))} ${v}`);
+                        console.log(pc.bold("qlora train"));
+                        kv("model", `${info.modelDir}${info.modelDir === DEFAULT_MODEL_DIR ? " (embedded)" : ""}`);
+                        kv("device", `${info.device} (compute ${info.computeDtype})`);
+                        kv("quantization", info.quantization);
+                        kv(
+                            "data",
+                            `${resolved.dataset} (${info.train.stats.format}, ${info.train.stats.rows} rows, ` +
+                                `${info.train.stats.tokens} tokens${info.train.stats.truncated ? `, ${info.train.stats.truncated} truncated` : ""}` +
+                                `${info.train.stats.dropped ? `, ${info.train.stats.dropped} dropped` : ""})`
+                        );
+                        if (info.eval) kv("eval data", `${resolved.eval_dataset} (${info.eval.stats.rows} rows)`);
+                        kv(
+                            "steps",
+                            `${info.totalSteps} (warmup ${info.warmupSteps}; batch ${resolved.per_device_train_batch_size} x ` +
+                                `${resolved.gradient_accumulation_steps} accumulation = ${info.effectiveBatch})`
+                        );
+                        kv("optimizer", `${resolved.optim}, lr ${resolved.learning_rate}, ${resolved.lr_scheduler_type}`);
+                        kv("output", path.resolve(resolved.output_dir));
+                        if (info.resumedFrom) kv("resumed from", `${info.resumedFrom} (step ${info.startStep})`);
+                        for (const c of info.overrides)
+                            kv("override", `${c.key}: ${quoteValue(c.saved)} -> ${quoteValue(c.now)} (resume_override)`);
+                        console.log(info.trainableLine);
+                    },
+                    onStep(step, total) {
+                        if (!tty) return;
+                        if (!bar) {
+                            bar = new cliProgress.SingleBar(
+                                {
+                                    format: " {bar} {value}/{total} steps | {eta_formatted} left",
+                                    hideCursor: true,
+                                    clearOnComplete: true
+                                },
+                                cliProgress.Presets.shades_classic
+                            );
+                            bar.start(total, step);
+                        } else bar.update(step);
+                    },
+                    onLog: (r) => print(logLine(r)),
+                    onEval: (r) =>
+                        print(
+                            pc.cyan(
+                                `eval  step ${r.step} | eval_loss ${r.eval_loss.toFixed(4)} | ` +
+                                    `perplexity ${r.eval_perplexity.toFixed(2)} | ${r.eval_tokens} tokens`
+                            )
+                        ),
+                    onSave: (dir, removed) =>
+                        print(
+                            pc.dim(
+                                `save  ${dir}${removed.length ? ` (removed ${removed.map((d) => path.basename(d)).join(", ")})` : ""}`
+                            )
+                        ),
+                    onWarning: (m) => print(pc.yellow(`warning: ${m}`)),
+                    onStopping: (signal) =>
+                        print(
+                            pc.yellow(
+                                `${signal}: finishing this step and saving a checkpoint ` +
+                                    `(${signal === "SIGINT" ? "Ctrl+C again" : "a second SIGTERM"} stops at once)`
+                            )
+                        )
+                });
+                let result: Awaited<typeof run>;
+                try {
+                    result = await run;
+                } catch (err) {
+                    if (!(err instanceof TrainingInterrupted)) throw err;
+                    (bar as cliProgress.SingleBar | null)?.stop();
+                    console.error(
+                        err.checkpointDir
+                            ? `stopped by ${err.signal} after step ${err.step}; saved ${err.checkpointDir}. Resume with: ${resumeCommand(args)}`
+                            : `stopped by ${err.signal} before the first step; nothing was trained`
+                    );
+                    process.exit(err.exitCode);
+                }
                 (bar as cliProgress.SingleBar | null)?.stop();
-                console.error(err.checkpointDir
-                    ? `stopped by ${err.signal} after step ${err.step}; saved ${err.checkpointDir}. Resume with: ${resumeCommand(args)}`
-                    : `stopped by ${err.signal} before the first step; nothing was trained`);
-                process.exit(err.exitCode);
-            }
-            (bar as cliProgress.SingleBar | null)?.stop();
-            console.log(`${pc.green("done")}: ${result.globalStep} steps, final loss ${result.trainLoss.toFixed(4)}` +
-                (result.evalLoss !== null ? `, eval loss ${result.evalLoss.toFixed(4)}` : ""));
-            console.log(`adapter  ${result.finalDir}`);
-            console.log(`metrics  ${result.metricsFile}`);
-            console.log(`report   ${result.reportFile}`);
-        }));
+                console.log(
+                    `${pc.green("done")}: ${result.globalStep} steps, final loss ${result.trainLoss.toFixed(4)}` +
+                        (result.evalLoss !== null ? `, eval loss ${result.evalLoss.toFixed(4)}` : "")
+                );
+                console.log(`adapter  ${result.finalDir}`);
+                console.log(`metrics  ${result.metricsFile}`);
+                console.log(`report   ${result.reportFile}`);
+            })
+        );
 }
