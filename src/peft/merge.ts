@@ -8,6 +8,7 @@
 //  - "nf4": dequant(NF4(W)) + delta, exactly the weights the adapter saw in training, stored in 16 bits. The
 //    merged model then behaves like the trained QLoRA model, at the cost of carrying the 4-bit rounding of W.
 import path from "node:path";
+import {TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
 import {QloraError} from "../errors.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {assertDirOutput, assertOutputSeparate, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
@@ -33,17 +34,6 @@ export interface MergeOptions {
 
 /** the kind in the marker of a merged model folder: `--overwrite` replaces only folders of this kind */
 export const MERGED_MODEL_KIND = "merged-model";
-
-const EXTRA_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json"
-];
 
 export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; merged: number; tensors: number}> {
     const dtype = opts.dtype ?? "bf16";
@@ -130,7 +120,7 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             if ("dtype" in config) config.dtype = config.torch_dtype;
             delete (config as Record<string, unknown>).quantization_config;
             await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
-            for (const f of EXTRA_FILES) {
+            for (const f of TOKENIZER_FOLDER_FILES) {
                 const source = path.join(opts.model, f);
                 // read through files.ts: a FIFO or a folder under a tokenizer file's name is an error, not a hang
                 if (await pathExists(source)) await writeFileAtomic(path.join(tmp, f), await readRegularFile(source, {what: f}));

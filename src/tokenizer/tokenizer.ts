@@ -10,6 +10,19 @@ import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "../io/files.js";
 import {DEFAULT_TEMPLATE_LIMITS, isStackOverflow, parseTemplate, renderTemplate, TemplateLimitError} from "./bounded-template.js";
 
+/** the files of a model folder that define its tokenizer and generation settings: copied along with a model or
+ * an adapter (merged models, checkpoints) so the output is usable on its own */
+export const TOKENIZER_FOLDER_FILES: readonly string[] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json"
+];
+
 export const TOKENIZER_FILE_NAME = "tokenizer.json";
 export const TOKENIZER_CONFIG_FILE_NAME = "tokenizer_config.json";
 export const CHAT_TEMPLATE_FILE_NAME = "chat_template.jinja";

@@ -6,6 +6,7 @@
 // checkpoint. Everything read back on resume is validated: a damaged file is refused with a line naming the file
 // and the field, never trusted into a run that silently goes wrong.
 import {randomBytes} from "node:crypto";
+import {TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {z} from "zod";
@@ -22,16 +23,6 @@ import {parseTrainingArgs, TRAINING_ARGS_FILE, type SavedTrainingArgs} from "./t
 
 export const CHECKPOINT_PREFIX = "checkpoint-";
 const CHECKPOINT_NAME = /^checkpoint-(\d+)$/;
-const TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json"
-];
 /** the marker kinds (io/atomic.ts) of the folders a training run writes */
 export const CHECKPOINT_KIND = "checkpoint";
 export const FINAL_ADAPTER_KIND = "adapter";
@@ -120,7 +111,7 @@ export interface CheckpointParts {
  * through io/files.ts, so a FIFO or a folder under one of these names is an error, not a hang
  */
 export async function copyTokenizerFiles(modelDir: string, dir: string): Promise<void> {
-    for (const f of TOKENIZER_FILES) {
+    for (const f of TOKENIZER_FOLDER_FILES) {
         const source = path.join(modelDir, f);
         let data: Buffer;
         try {
