@@ -1,5 +1,5 @@
 // The layering of docs/DESIGN.md holds in src/: every relative import points to the importing file's own folder,
-// a lower layer, or a file directly under src/ (order: cli > api > train > data > peft > model > lora > quant >
+// a lower layer, or a file directly under src/ (order: cli > api > export > train > data > peft > model > lora > quant >
 // optim > tokenizer > io > backend).
 import {test} from "node:test";
 import assert from "node:assert/strict";
@@ -24,7 +24,7 @@ function sourceFiles(dir = SRC, files = new Map<string, string>()): Map<string, 
 test("every import in src/ points to its own layer or a lower one", () => {
     const files = sourceFiles();
     // the scan sees the tree: the layers' main files are there
-    for (const f of ["cli/main.ts", "peft/merge.ts", "lora/layer.ts", "backend/native.ts", "errors.ts"])
+    for (const f of ["cli/main.ts", "export/gguf-model.ts", "peft/merge.ts", "lora/layer.ts", "backend/native.ts", "errors.ts"])
         assert.ok(files.has(f), f);
     assert.deepEqual(layerViolations(files), []);
 });

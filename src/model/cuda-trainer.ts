@@ -12,6 +12,7 @@ import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
 import {cuda, DeviceBuffer} from "../backend/cuda.js";
 import {cudaGemmOps} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
+import {cudaLoraOps} from "../backend/cuda-lora-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {DenseLinear, type LinearLayer} from "../backend/linear.js";
 import {LoraLinear} from "../lora/layer.js";
@@ -19,12 +20,6 @@ import {Linear4bit} from "../quant/linear4bit.js";
 import type {DecoderModel} from "./decoder.js";
 import {DecoderGraph, type ForwardBackwardOptions, type GraphWeights, type LossResult, type TrainBatch} from "./graph.js";
 import {PROJ_NAMES, projectionIndex, type ProjName} from "./weights.js";
-
-interface LoraExtraOps {
-    addBiasBf16(y: number, bias: number, N: number, C: number): void;
-    dropoutBf16(out: number, inp: number, seed: number, p: number, n: number): void;
-    dropoutAddBf16(y: number, x: number, seed: number, p: number, n: number): void;
-}
 
 /** a projection's frozen weight on the device */
 interface DeviceWeight {
@@ -61,10 +56,6 @@ interface DeviceLora {
 
 function bf16Upload(values: Float32Array): DeviceBuffer {
     return DeviceBuffer.from("bf16", f32ToHalf(values, "BF16"));
-}
-
-function extraOps(): LoraExtraOps {
-    return cuda() as unknown as LoraExtraOps;
 }
 
 /** the scratch buffer dequantized weights land in, and the dropout seed of the current micro-batch */
@@ -116,7 +107,7 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
         const l = this.lora!;
         if (l.dropout <= 0) return null;
         const out = DeviceBuffer.alloc("bf16", N * this.w.inF);
-        extraOps().dropoutBf16(out.ptr, x.ptr, this.ctx.dropoutSeed(this.index), l.dropout, N * this.w.inF);
+        cudaLoraOps().dropoutBf16(out.ptr, x.ptr, this.ctx.dropoutSeed(this.index), l.dropout, N * this.w.inF);
         return out;
     }
 
@@ -141,7 +132,7 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
             w.outF,
             "bf16"
         );
-        if (w.bias) extraOps().addBiasBf16(y.ptr, w.bias.ptr, N, w.outF);
+        if (w.bias) cudaLoraOps().addBiasBf16(y.ptr, w.bias.ptr, N, w.outF);
         const l = this.lora;
         if (!l) return null;
         const dropped = train ? this.dropped(x, N) : null;
@@ -190,7 +181,7 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
         if (dropped) {
             // drop(x) is no longer needed: reuse it as the [N, in] temporary
             g.gemm(false, false, N, w.inF, l.r, 1, dxa.ptr, l.r, "bf16", l.Ab.ptr, w.inF, "bf16", 0, dropped.ptr, w.inF, "bf16");
-            extraOps().dropoutAddBf16(dx.ptr, dropped.ptr, this.ctx.dropoutSeed(this.index), l.dropout, N * w.inF);
+            cudaLoraOps().dropoutAddBf16(dx.ptr, dropped.ptr, this.ctx.dropoutSeed(this.index), l.dropout, N * w.inF);
             dropped.free();
         } else {
             g.gemm(false, false, N, w.inF, l.r, 1, dxa.ptr, l.r, "bf16", l.Ab.ptr, w.inF, "bf16", 1, dx.ptr, w.inF, "bf16");

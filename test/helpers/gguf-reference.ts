@@ -3,7 +3,7 @@
 // Rows are encoded independently, so llama's q/k row permutation commutes with the round trip and is left out.
 import {DenseLinear} from "../../src/backend/linear.js";
 import {decodeTensor, encodeTensor, tensorTypeFor, type GgufOuttype} from "../../src/io/gguf-quants.js";
-import {GGUF_PROJ_NAMES} from "../../src/io/gguf-model.js";
+import {GGUF_PROJ_NAMES} from "../../src/export/gguf-metadata.js";
 import {DecoderModel, type DecoderLayer} from "../../src/model/decoder.js";
 import {PROJ_NAMES, type ProjName} from "../../src/model/weights.js";
 

@@ -9,6 +9,7 @@ import ts from "typescript";
 export const LAYER_ORDER = [
     "cli",
     "api",
+    "export",
     "train",
     "data",
     "peft",

@@ -1,9 +1,11 @@
-// gguf-model.ts: how a Hugging Face llama/qwen2 decoder maps onto llama.cpp's GGUF model: architecture, tensor
+// gguf-metadata.ts: how a Hugging Face llama/qwen2 decoder maps onto llama.cpp's GGUF model: architecture, tensor
 // names, the q/k row permutation of llama, hyper-parameter metadata and the llama3 rope factors
-// (SPEC-gguf §5, §6; convert_hf_to_gguf's LlamaModel / Qwen2Model).
+// (SPEC-gguf §5, §6; convert_hf_to_gguf's LlamaModel / Qwen2Model). Model knowledge, so it sits in export/ and
+// io/ keeps only the GGUF format.
 import {QloraError} from "../errors.js";
-import type {ModelConfig} from "./hf-config.js";
-import type {GgufMetadata} from "./gguf.js";
+import type {ModelConfig} from "../io/hf-config.js";
+import type {GgufMetadata} from "../io/gguf.js";
+import type {ProjName} from "../model/weights.js";
 
 /** the llama.cpp architectures qlora exports */
 export type GgufArch = "qwen2" | "llama";
@@ -44,7 +46,7 @@ export const GGUF_PROJ_NAMES = {
     gate_proj: "ffn_gate",
     up_proj: "ffn_up",
     down_proj: "ffn_down"
-} as const;
+} as const satisfies Record<ProjName, string>;
 
 /** `blk.N.attn_q.weight` for a module name such as model.layers.N.self_attn.q_proj (suffix ".weight" or ".bias") */
 export function ggufNameOfModule(module: string, suffix = "weight"): string | null {
