@@ -108,3 +108,22 @@ test("--debug shows the stack trace", () => {
     assert.equal(r.code, 1);
     assert.match(r.stderr, /\n\s+at /);
 });
+
+test("--device: cpu runs on the host, auto falls back to it silently without a GPU, cuda names what is missing", async () => {
+    const {cudaAvailability} = await import("../src/backend/cuda.js");
+    const args = ["generate", "--prompt", "床前明月光，", "--greedy", "--max-new-tokens", "4", "--json"];
+    const cpuRun = qlora(...args, "--device", "cpu");
+    assert.equal(cpuRun.code, 0, cpuRun.stderr);
+    assert.equal(cpuRun.stderr, "");
+    assert.deepEqual(JSON.parse(cpuRun.stdout).output_ids, [3915, 559, 1954, 621, 259, 2245, 884, 2176, 9073]);
+    expectError(qlora(...args, "--device", "gpu"), '--device expects auto, cpu or cuda, got "gpu"');
+    const evalArgs = ["eval", "--data", path.join(REPO_ROOT, "examples", "data", "alpaca_eval.json"), "--json"];
+    if (!cudaAvailability().usable) {
+        const auto = qlora(...args);
+        assert.equal(auto.code, 0, auto.stderr);
+        assert.equal(auto.stdout, cpuRun.stdout);
+        assert.equal(auto.stderr, "", "no GPU: auto says nothing");
+        expectError(qlora(...args, "--device", "cuda"), /--device cuda: /);
+        expectError(qlora(...evalArgs, "--device", "cuda"), /--device cuda: /);
+    }
+});

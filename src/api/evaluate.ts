@@ -1,7 +1,7 @@
 // evaluate.ts: loss and perplexity of a model (with or without an adapter) on a data file, with the
 // training loss's definition (token mean over the targets; completion-only for instruction data by default).
 import {DataLoader, loadDataset, padTokenIdOf, type DataOptions, type PrepareStats} from "../data/index.js";
-import {checkRowsFitContext, DecoderTrainer} from "../model/training.js";
+import {checkRowsFitContext} from "../model/training.js";
 import type {LoadedModel} from "./models.js";
 
 export interface EvalResult {
@@ -27,12 +27,11 @@ export async function evaluateLoss(
     for (const row of data.rows) longest = Math.max(longest, row.inputIds.length);
     checkRowsFitContext(loaded.model.config, longest, "max_seq_length", data.options.maxSeqLength);
     loaded.lora?.setTraining(false);
-    const runner = new DecoderTrainer(loaded.model);
     const loader = new DataLoader(data.rows, {batchSize, padTokenId: padTokenIdOf(loaded.tokenizer), shuffle: false, seed: 0});
     let sum = 0,
         count = 0;
     for (const {batch} of loader.epoch()) {
-        const r = runner.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        const r = loaded.lm.score(batch);
         sum += r.lossSum;
         count += r.targets;
     }

@@ -4,6 +4,9 @@ import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {pathExists, readTextFile} from "../io/files.js";
 import {packageRoot} from "../backend/native.js";
+import {cudaAvailability, resolveDevice} from "../backend/cuda.js";
+import type {CausalLm} from "../model/causal-lm.js";
+import {CudaModel} from "../model/cuda-model.js";
 import {DecoderModel} from "../model/decoder.js";
 import {loadAdapter} from "../peft/adapter-files.js";
 import type {LoraModel} from "../peft/inject.js";
@@ -15,7 +18,13 @@ export const DEFAULT_MODEL_DIR = path.join(packageRoot, "models", "tiny-qwen2");
 
 export interface LoadedModel {
     dir: string;
+    /** the model as loaded, in host memory (its layers carry the adapter) */
     model: DecoderModel;
+    /** what generation, chat and evaluation run: the host model, or the model on the GPU */
+    lm: CausalLm;
+    device: "cpu" | "cuda";
+    /** why that device, when it is worth telling (the GPU chosen, or passed over for a reason) */
+    deviceNote: string | null;
     tokenizer: HfTokenizer;
     /** the adapter applied, when one was given */
     lora: LoraModel | null;
@@ -28,6 +37,8 @@ export interface LoadModelOptions {
     adapter?: string;
     /** quantize the projections to NF4 with double quantization as they load (as QLoRA trains them) */
     loadIn4bit?: boolean;
+    /** where to run: auto (default: the GPU when one is usable), cpu or cuda */
+    device?: "auto" | "cpu" | "cuda";
 }
 
 export function resolveModelDir(dir: string | undefined): string {
@@ -48,14 +59,31 @@ export function resolveModelDir(dir: string | undefined): string {
 /** loads config.json, the safetensors weights (fp32 on the CPU) and the tokenizer of a model folder */
 export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Promise<LoadedModel> {
     const resolved = resolveModelDir(dir);
-    const quantization = opts.loadIn4bit ? bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: "float32"}) : null;
+    const requested = opts.device ?? "auto";
+    let device = resolveDevice(requested);
+    // the GPU computes in bf16, so a bf16 checkpoint is quantized from its bf16 values there (as QLoRA trains it)
+    const computeDtype = device === "cuda" ? "bfloat16" : "float32";
+    const quantization = opts.loadIn4bit ? bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: computeDtype}) : null;
     const model = await DecoderModel.load(resolved, {quantization});
     const tokenizer = await HfTokenizer.load(resolved);
     const lora = opts.adapter ? await loadAdapter(path.resolve(opts.adapter), model) : null;
     const eos = new Set<number>(model.config.eosTokenIds);
     if (tokenizer.eosTokenId !== null) eos.add(tokenizer.eosTokenId);
     for (const id of await generationConfigEos(resolved)) eos.add(id);
-    return {dir: resolved, model, tokenizer, lora, eosTokenIds: [...eos]};
+    let lm: CausalLm = model;
+    let deviceNote: string | null = null;
+    if (device === "cuda") {
+        try {
+            lm = new CudaModel(model);
+            deviceNote = `device: cuda (${cudaAvailability().info?.devices[0]?.name ?? "GPU"})`;
+        } catch (err) {
+            // what the GPU path cannot run yet (DoRA, trained biases, some head sizes): auto falls back and says so
+            if (requested === "cuda" || !(err instanceof QloraError)) throw err;
+            device = "cpu";
+            deviceNote = `device: cpu (the GPU cannot run this model: ${err.message})`;
+        }
+    }
+    return {dir: resolved, model, lm, device, deviceNote, tokenizer, lora, eosTokenIds: [...eos]};
 }
 
 /** generation_config.json is a few kB; anything above this is not one */

@@ -3,7 +3,8 @@
 import type {Command} from "commander";
 import {pc} from "./colors.js";
 import {DEFAULT_SAMPLING} from "../model/generate.js";
-import {isQloraError, QloraError} from "../errors.js";
+import {isQloraError, QloraError, quoteValue} from "../errors.js";
+import {loadModel, type LoadedModel} from "../api/models.js";
 
 export function debugEnabled(): boolean {
     return process.argv.includes("--debug") || process.env.QLORA_DEBUG === "1";
@@ -97,12 +98,32 @@ export function parseFloatOption(name: string): (value: string) => number {
     };
 }
 
-/** the model options every command that runs a model shares: --model, --adapter, --load-in-4bit */
+/** the model options every command that runs a model shares: --model, --adapter, --load-in-4bit, --device */
 export function addModelOptions(cmd: Command, adapterHelp = "a PEFT adapter folder to apply (e.g. qlora_output/final)"): Command {
     return cmd
         .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
         .option("-a, --adapter <dir>", adapterHelp)
-        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it");
+        .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
+        .option("--device <device>", "auto (the GPU when one is usable), cpu or cuda", parseDevice, "auto");
+}
+
+function parseDevice(value: string): "auto" | "cpu" | "cuda" {
+    if (value === "auto" || value === "cpu" || value === "cuda") return value;
+    return reportError(new QloraError(`--device expects auto, cpu or cuda, got ${quoteValue(value)}`));
+}
+
+export interface ModelFlags {
+    model?: string;
+    adapter?: string;
+    loadIn4bit?: boolean;
+    device?: "auto" | "cpu" | "cuda";
+}
+
+/** loads what the model options name, and says on stderr which device runs it when that is worth telling */
+export async function loadModelFromFlags(flags: ModelFlags): Promise<LoadedModel> {
+    const loaded = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit, device: flags.device});
+    if (loaded.deviceNote) console.error(pc.dim(escapeForTerminal(loaded.deviceNote)));
+    return loaded;
 }
 
 /** the decoding options of generate and chat: --greedy, --temperature, --top-k, --top-p */

@@ -7,7 +7,8 @@ import {cpuBackend, type CpuTensors} from "../backend/cpu-backend.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {computeRopeInvFreq} from "./rope.js";
 import {DenseLinear, HostGraphLinear, type LinearLayer} from "../backend/linear.js";
-import {DecoderGraph, KVCache, shiftTargets, type GraphWeights} from "./graph.js";
+import {DecoderGraph, KVCache, shiftTargets, type GraphWeights, type LossResult, type TrainBatch} from "./graph.js";
+import type {CausalLm} from "./causal-lm.js";
 
 export {KVCache};
 import {
@@ -59,7 +60,8 @@ export interface ForwardOptions {
     logitRows?: number[];
 }
 
-export class DecoderModel {
+export class DecoderModel implements CausalLm {
+    readonly device = "cpu" as const;
     readonly invFreq: Float32Array;
     readonly attentionScaling: number;
 
@@ -146,6 +148,14 @@ export class DecoderModel {
     forward(ids: Int32Array, B: number, T: number, opts: ForwardOptions = {}): Float32Array {
         const hidden = this.forwardHidden(ids, B, T, opts);
         return this.logits(hidden, opts.logitRows ?? null, B * T);
+    }
+
+    newCache(batch: number, capacity: number): KVCache<Float32Array> {
+        return new KVCache(this.config, batch, capacity);
+    }
+
+    score(batch: TrainBatch): LossResult {
+        return this.hostGraph().forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
     }
 
     /** the final hidden states [B*T, C] after the last norm */

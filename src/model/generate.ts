@@ -2,7 +2,7 @@
 // applied in that order (as transformers' logits warpers are), from a seeded generator.
 import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
-import {type DecoderModel, KVCache} from "./decoder.js";
+import type {CausalLm, LmCache} from "./causal-lm.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */
@@ -32,7 +32,8 @@ export interface GenerateResult {
 
 export const DEFAULT_SAMPLING: SamplingOptions = {greedy: false, temperature: 0.7, topK: 50, topP: 0.9, seed: 0};
 
-export function generate(model: DecoderModel, promptIds: number[], opts: GenerateOptions): GenerateResult {
+/** decodes on the model's device (CPU or GPU: any CausalLm); sampling runs on the host */
+export function generate(model: CausalLm, promptIds: number[], opts: GenerateOptions): GenerateResult {
     const sampling = {...DEFAULT_SAMPLING, ...stripUndefined(opts)};
     if (!sampling.greedy && !(sampling.temperature > 0))
         throw new QloraError(
@@ -42,14 +43,29 @@ export function generate(model: DecoderModel, promptIds: number[], opts: Generat
     if (promptIds.length === 0) throw new QloraError("the prompt is empty: there is nothing to continue from");
     if (!Number.isSafeInteger(opts.maxNewTokens) || opts.maxNewTokens < 0)
         throw new QloraError(`max_new_tokens must be a non-negative integer (got ${opts.maxNewTokens})`);
-    const context = model.maxPositions;
+    const context = model.config.maxPositionEmbeddings;
     if (promptIds.length > context)
         throw new QloraError(
             `the prompt has ${promptIds.length} tokens but the model's context length ` +
                 `(max_position_embeddings in config.json) is ${context}; shorten the prompt`
         );
     const capacity = Math.min(context, promptIds.length + opts.maxNewTokens);
-    const cache = new KVCache(model.config, 1, capacity);
+    const cache = model.newCache(1, capacity);
+    try {
+        return decode(model, cache, promptIds, opts, sampling, capacity);
+    } finally {
+        cache.release();
+    }
+}
+
+function decode(
+    model: CausalLm,
+    cache: LmCache,
+    promptIds: number[],
+    opts: GenerateOptions,
+    sampling: SamplingOptions,
+    capacity: number
+): GenerateResult {
     const rng = new Rng(sampling.seed);
     const eos = new Set(opts.eosTokenIds ?? model.config.eosTokenIds);
     const out = [...promptIds];

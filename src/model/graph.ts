@@ -72,7 +72,8 @@ export class KVCache<F = Float32Array> {
         readonly cfg: ModelConfig,
         readonly batch: number,
         readonly capacity: number,
-        alloc: (n: number) => F = (n) => new Float32Array(n) as F
+        alloc: (n: number) => F = (n) => new Float32Array(n) as F,
+        private readonly free: (t: F) => void = () => undefined
     ) {
         const n = batch * capacity * cfg.numKeyValueHeads * cfg.headDim;
         // the cache is sized from the request (prompt + max new tokens, capped by the context): a request past
@@ -84,6 +85,12 @@ export class KVCache<F = Float32Array> {
             );
         this.k = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
         this.v = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
+    }
+
+    /** frees the buffers (device memory); the cache is unusable afterwards */
+    release(): void {
+        for (const t of [...this.k, ...this.v]) this.free(t);
+        this.length = 0;
     }
 }
 

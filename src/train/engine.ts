@@ -4,7 +4,7 @@ import {QloraError} from "../errors.js";
 import {cudaMemoryStats} from "../backend/cuda.js";
 import type {LoraModel} from "../peft/inject.js";
 import type {DecoderModel} from "../model/decoder.js";
-import {CudaTrainer} from "../model/cuda-trainer.js";
+import {CudaModel} from "../model/cuda-model.js";
 import {CudaAdamW} from "../optim/cuda-adamw.js";
 import {DecoderTrainer, type ForwardBackwardOptions, type LossResult, type TrainBatch} from "../model/training.js";
 import {
@@ -144,7 +144,7 @@ class CpuEngine implements TrainEngine {
 class CudaEngine implements TrainEngine {
     readonly device = "cuda" as const;
     readonly computeDtype = "bfloat16";
-    private readonly trainer: CudaTrainer;
+    private readonly trainer: CudaModel;
     private readonly optimizer: CudaAdamW;
 
     constructor(
@@ -157,7 +157,7 @@ class CudaEngine implements TrainEngine {
     ) {
         if (model.params.fullGrads?.embed || model.params.fullGrads?.lmHead)
             throw new QloraError("modules_to_save is not supported on CUDA yet; train it with --device cpu");
-        this.trainer = new CudaTrainer(model, dropoutClock, offloadActivations);
+        this.trainer = new CudaModel(model, dropoutClock, offloadActivations);
         const names = new Set(lora.trainableTensors().map((t) => t.name));
         const device = this.trainer.deviceTensors();
         if (device.length !== names.size || device.some((t) => !names.has(t.name)))

@@ -7,7 +7,7 @@ import path from "node:path";
 import {cudaAvailability, cudaMemoryStats} from "../../src/backend/cuda.js";
 import {DropoutClock} from "../../src/backend/dropout.js";
 import {DecoderModel} from "../../src/model/decoder.js";
-import {CudaTrainer} from "../../src/model/cuda-trainer.js";
+import {CudaModel} from "../../src/model/cuda-model.js";
 import {SafetensorsFile} from "../../src/io/safetensors.js";
 import {loadAdapter} from "../../src/peft/adapter-files.js";
 import {bitsAndBytesConfig} from "../../src/quant/config.js";
@@ -22,7 +22,7 @@ if (!avail.usable) {
     const gradCheck = async (load: () => Promise<DecoderModel>, fixture: string, checkpointing: boolean) => {
         const model = await load();
         const lora = await loadAdapter(path.join(FIXTURES, "adapter"), model);
-        const trainer = new CudaTrainer(model);
+        const trainer = new CudaModel(model);
         const batch = await fixtureBatch();
         const {targets} = trainer.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
         trainer.zeroGrad();
@@ -50,7 +50,7 @@ if (!avail.usable) {
     test("bf16 logits on the GPU match the fp32 forward (which matches transformers within 1.5e-5) within 2e-2 relative L2", async () => {
         const model = await DecoderModel.load(MODEL_DIR);
         const batch = await fixtureBatch();
-        const gpu = new CudaTrainer(model).forwardLogits(batch);
+        const gpu = new CudaModel(model).forwardLogits(batch);
         const ref = model.forward(batch.inputIds, batch.B, batch.T, {attentionMask: batch.attentionMask!});
         const V = model.config.vocabSize;
         let num = 0,
@@ -87,7 +87,7 @@ if (!avail.usable) {
         const run = async (offload: boolean) => {
             const model = await DecoderModel.load(MODEL_DIR);
             const lora = await loadAdapter(path.join(FIXTURES, "adapter"), model);
-            const trainer = new CudaTrainer(model, new DropoutClock(0), offload);
+            const trainer = new CudaModel(model, new DropoutClock(0), offload);
             trainer.zeroGrad();
             cudaMemoryStats();
             const before = cudaMemoryStats().allocated;

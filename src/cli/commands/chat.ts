@@ -3,15 +3,15 @@
 import readline from "node:readline";
 import type {Command} from "commander";
 import pc from "picocolors";
-import {loadModel} from "../../api/models.js";
 import {generate} from "../../model/generate.js";
 import type {ChatMessage} from "../../tokenizer/index.js";
-import {action, addModelOptions, addSamplingOptions, parseIntOption} from "../run.js";
+import {action, addModelOptions, loadModelFromFlags, type ModelFlags, addSamplingOptions, parseIntOption} from "../run.js";
 
 interface ChatFlags {
     model?: string;
     adapter?: string;
     loadIn4bit?: boolean;
+    device?: ModelFlags["device"];
     system?: string;
     maxNewTokens: number;
     greedy?: boolean;
@@ -31,10 +31,7 @@ export function registerChat(program: Command): void {
         .option("--seed <n>", "random seed of the first answer (each answer uses seed + turn)", parseIntOption("--seed", 0), 0)
         .action(
             action(async (flags: ChatFlags) => {
-                const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {
-                    adapter: flags.adapter,
-                    loadIn4bit: flags.loadIn4bit
-                });
+                const {lm, tokenizer, eosTokenIds} = await loadModelFromFlags(flags);
                 if (!tokenizer.hasChatTemplate) tokenizer.applyChatTemplate([], {}); // throws the "no chat template" error
                 const tty = process.stdin.isTTY === true && process.stdout.isTTY === true;
                 // colour only on a terminal: a pipe gets the plain conversation, whatever CI or FORCE_COLOR say
@@ -72,13 +69,13 @@ export function registerChat(program: Command): void {
                     const prompt = tokenizer.applyChatTemplate(history, {addGenerationPrompt: true});
                     let ids = tokenizer.encode(prompt);
                     // keep the newest turns when the conversation outgrows the context
-                    while (ids.length + 1 > model.maxPositions && history.length > initial.length + 1) {
+                    while (ids.length + 1 > lm.config.maxPositionEmbeddings && history.length > initial.length + 1) {
                         history.splice(initial.length, 2);
                         ids = tokenizer.encode(tokenizer.applyChatTemplate(history, {addGenerationPrompt: true}));
                     }
                     const decoder = tokenizer.createStreamDecoder({skipSpecialTokens: true});
-                    const result = generate(model, ids, {
-                        maxNewTokens: Math.min(flags.maxNewTokens, model.maxPositions - ids.length),
+                    const result = generate(lm, ids, {
+                        maxNewTokens: Math.min(flags.maxNewTokens, lm.config.maxPositionEmbeddings - ids.length),
                         greedy: flags.greedy ?? false,
                         temperature: flags.temperature,
                         topK: flags.topK,

@@ -1,14 +1,14 @@
 // qlora eval: loss and perplexity on a data file, optionally with an adapter and a 4-bit base.
 import type {Command} from "commander";
 import {evaluateLoss} from "../../api/evaluate.js";
-import {loadModel} from "../../api/models.js";
 import type {DataOptions} from "../../data/index.js";
-import {action, addModelOptions, parseIntOption} from "../run.js";
+import {action, addModelOptions, loadModelFromFlags, type ModelFlags, parseIntOption} from "../run.js";
 
 interface EvalFlags {
     model?: string;
     adapter?: string;
     loadIn4bit?: boolean;
+    device?: ModelFlags["device"];
     data: string;
     datasetFormat?: string;
     maxSeqLength: number;
@@ -30,7 +30,7 @@ export function registerEval(program: Command): void {
         .option("--json", "print the result as one JSON line")
         .action(
             action(async (flags: EvalFlags) => {
-                const loaded = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit});
+                const loaded = await loadModelFromFlags(flags);
                 const options: DataOptions = {
                     dataset_format: flags.datasetFormat as DataOptions["dataset_format"],
                     max_seq_length: flags.maxSeqLength,

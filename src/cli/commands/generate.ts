@@ -1,14 +1,14 @@
 // qlora generate: continue a prompt (or answer it as a chat turn) with the model.
 import type {Command} from "commander";
 import {QloraError} from "../../errors.js";
-import {loadModel} from "../../api/models.js";
 import {DEFAULT_SAMPLING, generate} from "../../model/generate.js";
-import {action, addModelOptions, addSamplingOptions, parseIntOption} from "../run.js";
+import {action, addModelOptions, loadModelFromFlags, type ModelFlags, addSamplingOptions, parseIntOption} from "../run.js";
 
 interface GenerateFlags {
     model?: string;
     adapter?: string;
     loadIn4bit?: boolean;
+    device?: ModelFlags["device"];
     prompt: string;
     maxNewTokens: number;
     greedy?: boolean;
@@ -34,10 +34,7 @@ export function registerGenerate(program: Command): void {
         .option("--json", 'print one line {"prompt_ids":[...],"output_ids":[...],"text":"..."} instead of streaming text')
         .action(
             action(async (flags: GenerateFlags) => {
-                const {model, tokenizer, eosTokenIds} = await loadModel(flags.model, {
-                    adapter: flags.adapter,
-                    loadIn4bit: flags.loadIn4bit
-                });
+                const {lm, tokenizer, eosTokenIds} = await loadModelFromFlags(flags);
                 let text = flags.prompt;
                 if (flags.chat) {
                     const messages = flags.system ? [{role: "system", content: flags.system}] : [];
@@ -48,7 +45,7 @@ export function registerGenerate(program: Command): void {
                 const eos = new Set<number>(eosTokenIds);
                 const decoder = tokenizer.createStreamDecoder();
                 if (!flags.json && !flags.chat) process.stdout.write(text);
-                const result = generate(model, promptIds, {
+                const result = generate(lm, promptIds, {
                     maxNewTokens: flags.maxNewTokens,
                     greedy: flags.greedy ?? false,
                     temperature: flags.temperature,

@@ -1,6 +1,7 @@
-// cuda-trainer.ts: the QLoRA/LoRA training step on an NVIDIA GPU: the decoder graph (graph.ts) over the CUDA
-// backend, with the projections on the device: bf16 base weights (NF4 dequantized into one scratch buffer right
-// before each GEMM), fp32 LoRA master weights with bf16 copies for the GEMMs, fp32 gradients.
+// cuda-model.ts: a model on an NVIDIA GPU, for training (the QLoRA/LoRA step) and for inference (generation with a
+// KV cache in device memory, evaluation): the decoder graph (graph.ts) over the CUDA backend, with the projections
+// on the device: bf16 base weights (NF4 dequantized into one scratch buffer right before each GEMM, or the fused
+// 4-bit GEMV when decoding a few rows), fp32 LoRA master weights with bf16 copies for the GEMMs, fp32 gradients.
 //
 // LoRA dropout masks are a hash of (seed, micro-batch, projection, element) shared with the CPU
 // (native/include/qlora_dropout.h, backend/dropout.ts): a block recomputed under gradient checkpointing
@@ -10,7 +11,7 @@ import type {GraphLinear} from "../backend/backend.js";
 import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
 import {cuda, DeviceBuffer} from "../backend/cuda.js";
-import {cudaGemmOps} from "../backend/cuda-gemm-types.js";
+import {cudaGemmOps, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
 import {cudaLoraOps} from "../backend/cuda-lora-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
@@ -18,7 +19,16 @@ import {DenseLinear, type LinearLayer} from "../backend/linear.js";
 import {LoraLinear} from "../lora/layer.js";
 import {Linear4bit} from "../quant/linear4bit.js";
 import type {DecoderModel} from "./decoder.js";
-import {DecoderGraph, type ForwardBackwardOptions, type GraphWeights, type LossResult, type TrainBatch} from "./graph.js";
+import {
+    DecoderGraph,
+    KVCache,
+    type ForwardBackwardOptions,
+    type GraphWeights,
+    type LossResult,
+    type TrainBatch
+} from "./graph.js";
+import type {CausalLm, LmForwardOptions} from "./causal-lm.js";
+import type {ModelConfig} from "../io/hf-config.js";
 import {PROJ_NAMES, projectionIndex, type ProjName} from "./weights.js";
 
 /** a projection's frozen weight on the device */
@@ -111,9 +121,41 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
         return out;
     }
 
-    forward(y: DeviceBuffer, x: DeviceBuffer, N: number, train: boolean): DeviceBuffer | null {
+    /** whether the fused 4-bit GEMV takes this layer's layout (false after it refused once) */
+    private gemvUsable = true;
+
+    /** y[N, out] = x W^T: for a few rows of a 4-bit weight (decoding) the fused dequantize + GEMV, else a GEMM */
+    private baseProduct(y: DeviceBuffer, x: DeviceBuffer, N: number): void {
         const g = cudaGemmOps(),
-            {w} = this;
+            {w} = this,
+            q = w.nf4;
+        if (q && this.gemvUsable && N <= GEMV_4BIT_MAX_M) {
+            try {
+                g.gemv4bit(
+                    y.ptr,
+                    "bf16",
+                    x.ptr,
+                    "bf16",
+                    q.packed.ptr,
+                    q.absmax?.ptr ?? 0,
+                    q.absmaxQ?.ptr ?? 0,
+                    q.nestedAbsmax?.ptr ?? 0,
+                    q.nestedCode?.ptr ?? 0,
+                    q.offset,
+                    q.code.ptr,
+                    q.blocksize,
+                    q.nestedBlocksize,
+                    N,
+                    w.outF,
+                    w.inF
+                );
+                return;
+            } catch (err) {
+                // a layout the kernel does not handle (K % 8, block size): dequantize + GEMM from now on
+                if (!(err instanceof RangeError)) throw err;
+                this.gemvUsable = false;
+            }
+        }
         g.gemm(
             false,
             true,
@@ -132,6 +174,32 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
             w.outF,
             "bf16"
         );
+    }
+
+    forward(y: DeviceBuffer, x: DeviceBuffer, N: number, train: boolean): DeviceBuffer | null {
+        const g = cudaGemmOps(),
+            {w} = this;
+        // training keeps the GEMM: the GEMV rounds differently, and the backward's product must match the forward's
+        if (train)
+            g.gemm(
+                false,
+                true,
+                N,
+                w.outF,
+                w.inF,
+                1,
+                x.ptr,
+                w.inF,
+                "bf16",
+                this.weight().ptr,
+                w.inF,
+                "bf16",
+                0,
+                y.ptr,
+                w.outF,
+                "bf16"
+            );
+        else this.baseProduct(y, x, N);
         if (w.bias) cudaLoraOps().addBiasBf16(y.ptr, w.bias.ptr, N, w.outF);
         const l = this.lora;
         if (!l) return null;
@@ -194,7 +262,8 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
     }
 }
 
-export class CudaTrainer implements CudaLinearContext {
+export class CudaModel implements CudaLinearContext, CausalLm {
+    readonly device = "cuda" as const;
     readonly scratchW: DeviceBuffer; // bf16, the largest projection: dequantized weights land here
     private readonly graph: DecoderGraph<CudaTensors>;
     private readonly loras: DeviceLora[] = [];
@@ -348,5 +417,34 @@ export class CudaTrainer implements CudaLinearContext {
         const logits = this.graph.logits(hidden, null, B * T);
         hidden.free();
         return logits;
+    }
+
+    get config(): ModelConfig {
+        return this.model.config;
+    }
+
+    /** logits [rows, V] for ids [B, T], appending to `cache` (a KV cache of this model's newCache) */
+    forward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions = {}): Float32Array {
+        const hidden = this.graph.forwardHidden(ids, B, T, {cache: opts.cache as KVCache<DeviceBuffer> | undefined});
+        try {
+            return this.graph.logits(hidden, opts.logitRows ?? null, B * T);
+        } finally {
+            hidden.free();
+        }
+    }
+
+    /** a KV cache in device memory (bf16); release() frees it */
+    newCache(batch: number, capacity: number): KVCache<DeviceBuffer> {
+        return new KVCache<DeviceBuffer>(
+            this.model.config,
+            batch,
+            capacity,
+            (n) => DeviceBuffer.zeros("bf16", n),
+            (t) => t.free()
+        );
+    }
+
+    score(batch: TrainBatch): LossResult {
+        return this.graph.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
     }
 }

@@ -1,0 +1,33 @@
+// causal-lm.ts: what generation, chat and evaluation need of a model, whatever device it runs on: logits for
+// new tokens with a KV cache, and the loss of a batch. The host DecoderModel and the device CudaModel both run the
+// one decoder graph (graph.ts) and implement this.
+import type {ModelConfig} from "../io/hf-config.js";
+import type {LossResult, TrainBatch} from "./graph.js";
+
+/** a KV cache as its users see it (graph.ts KVCache, in the memory of the model that made it) */
+export interface LmCache {
+    readonly batch: number;
+    readonly capacity: number;
+    /** positions filled so far */
+    readonly length: number;
+    /** frees its memory; the cache is unusable afterwards */
+    release(): void;
+}
+
+export interface LmForwardOptions {
+    /** the cache the new keys and values are appended to (from newCache of the same model) */
+    cache?: LmCache;
+    /** compute logits only for these rows of the flattened [B*T] tokens (default: all) */
+    logitRows?: number[];
+}
+
+export interface CausalLm {
+    readonly config: ModelConfig;
+    readonly device: "cpu" | "cuda";
+    /** logits [rows, V] (fp32, host memory) for ids [B, T] */
+    forward(ids: Int32Array, B: number, T: number, opts?: LmForwardOptions): Float32Array;
+    /** an empty KV cache for `batch` rows of `capacity` positions, in the model's memory; release() frees it */
+    newCache(batch: number, capacity: number): LmCache;
+    /** the summed loss and target count of a batch, forward only (evaluation) */
+    score(batch: TrainBatch): LossResult;
+}
