@@ -3,6 +3,7 @@
 #   bash scripts/device-run.sh test [filter]   the GPU tests (test/gpu/*filter*)
 #   bash scripts/device-run.sh bench [args]    the GPU benchmark
 #   bash scripts/device-run.sh fuzz [args]     npm run fuzz on the machine's cores (--jobs N)
+#   bash scripts/device-run.sh soak [args]     npm run soak
 # Output goes to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +24,6 @@ case "$what" in
     test) node --test --test-reporter=spec $(find .device/js/test/gpu -name "*${1:-}*.test.js" | sort) 2>&1 | tee "${OUT:-/tmp}/gpu-tests.log" ;;
     bench) node .device/js/bench/gpu.js "$@" 2>&1 | tee "${OUT:-/tmp}/gpu-bench.log" ;;
     fuzz) node .device/js/scripts/fuzz.js "$@" 2>&1 | tee "${OUT:-/tmp}/fuzz.log" ;;
+    soak) node .device/js/scripts/soak.js "$@" 2>&1 | tee "${OUT:-/tmp}/soak.log" ;;
     *) node "$what" "$@" ;;
 esac

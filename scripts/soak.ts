@@ -23,8 +23,10 @@ import {FuzzRng} from "../test/fuzz/rng.js";
 import {REPO_ROOT} from "../test/helpers/paths.js";
 import {intArg, parseArgs} from "./args.js";
 
-const TSX = import.meta.resolve("tsx");
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
+/** ".ts" under tsx, ".js" compiled (scripts/device-pack.sh): compiled runs skip tsx's transpiling in each process */
+const EXT = path.extname(new URL(import.meta.url).pathname);
+const LOADER = EXT === ".ts" ? ["--import", import.meta.resolve("tsx")] : [];
+const CLI = path.join(REPO_ROOT, "src", "cli", `main${EXT}`);
 const TEMP_ENTRY = /\.(tmp|new|old)(-\d+)?$|\.(tmp|new|old)-/;
 /** the temporary folder of a checkpoint-N or final/ write (`.NAME.tmp-R`, `.NAME.new-R`, `.NAME.old-R`) */
 const SAVE_TEMP = /^\.(checkpoint-\d+|final)\.(tmp|new|old)-/;
@@ -66,7 +68,7 @@ async function runTrain(args: string[], out: string, kill: KillPlan, timeoutMs: 
     // temporaries a killed earlier run left behind are not this run's saves
     const leftovers = new Set(listing(out));
     const started = Date.now();
-    const child = spawn(process.execPath, ["--import", TSX, CLI, "train", ...args], {
+    const child = spawn(process.execPath, [...LOADER, CLI, "train", ...args], {
         cwd: REPO_ROOT,
         stdio: ["ignore", "ignore", "pipe"],
         env: {...process.env, NO_COLOR: "1", FORCE_COLOR: "0", QLORA_DEBUG: ""}
@@ -219,7 +221,7 @@ async function main(): Promise<number> {
     const timeoutMs = intArg(args, "timeout", 180) * 1000;
     const rng = new FuzzRng(seed);
     const root = await fs.mkdtemp(path.join(os.tmpdir(), "qlora-soak-"));
-    const help = spawnSync(process.execPath, ["--import", TSX, CLI, "train", "--help"], {encoding: "utf8", cwd: REPO_ROOT});
+    const help = spawnSync(process.execPath, [...LOADER, CLI, "train", "--help"], {encoding: "utf8", cwd: REPO_ROOT});
     const hasOverwrite = /--overwrite_output_dir\b/.test(help.stdout);
     // the embedded tiny-qwen2 on the example data (with its eval split): 8 steps, a checkpoint after each
     const base = [
