@@ -24,6 +24,7 @@ import {copyModel, editConfig} from "./helpers/model-copy.js";
 import {QloraError} from "../src/errors.js";
 import {countNonFinite} from "../src/backend/cpu.js";
 import {Rng} from "../src/backend/rng.js";
+import {DenseLinear} from "../src/backend/linear.js";
 import {SafetensorsFile} from "../src/io/safetensors.js";
 import {loadModel} from "../src/api/models.js";
 import {DecoderModel, KVCache} from "../src/model/decoder.js";
@@ -481,4 +482,30 @@ test("inspect prints control characters of tensor names and config strings escap
     // the model still loads: the extra tensor is ignored, as transformers ignores unexpected keys
     const json = qlora("inspect", "--model", dir, "--json");
     assert.deepEqual(JSON.parse(json.stdout).unusedTensors, [evil]);
+});
+
+test("finite weights far out of range (3e38 passes the NaN/Inf check) make forward and scoring refuse, not return Inf", async () => {
+    const model = await DecoderModel.load(MODEL_DIR);
+    const ids = Int32Array.from([3915, 559, 1954]);
+    assert.ok(model.forward(ids, 1, 3).every(Number.isFinite));
+    const q = model.params.layers[2].proj.v_proj as DenseLinear;
+    q.weightF32().fill(3e38, 0, 256);
+    assert.throws(
+        () => model.forward(ids, 1, 3),
+        (err: unknown) =>
+            err instanceof QloraError &&
+            /the model's forward pass overflowed: \d+ of 49152 logits are NaN or infinite\. A weight of the model or of the adapter is far out of range/.test(
+                err.message
+            )
+    );
+    const batch = {
+        B: 1,
+        T: 3,
+        inputIds: ids,
+        labels: ids,
+        attentionMask: null,
+        positionIds: Int32Array.from([0, 1, 2]),
+        segIds: null
+    };
+    assert.throws(() => model.score(batch), /the model's forward pass overflowed: the loss is (NaN|Infinity)/);
 });

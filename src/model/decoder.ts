@@ -165,7 +165,7 @@ export class DecoderModel implements CausalLm {
 
     /** logits [rows, V] = hidden[rows] @ lm_head^T */
     logits(hidden: Float32Array, rows: number[] | null, totalRows: number): Float32Array {
-        return cpuBackend().logits(hidden, rows, this.params.lmHead, totalRows, this.config.hiddenSize, this.config.vocabSize);
+        return this.hostGraph().logits(hidden, rows, totalRows);
     }
 
     /**

@@ -14,6 +14,7 @@
 // Gradient rule (llm.c): parameter gradients +=, activation gradients =, the residual stream +=.
 import {QloraError} from "../errors.js";
 import type {Backend, GraphLinear, LossResult, TensorTypes} from "../backend/backend.js";
+import {countNonFinite} from "../backend/cpu.js";
 import {MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
 import type {ProjName} from "./weights.js";
 
@@ -138,6 +139,14 @@ export function shiftTargets(labels: Int32Array, B: number, T: number): Int32Arr
     return targets;
 }
 
+/** a forward pass that overflowed with weights that passed the NaN/Inf check at load: they are out of range */
+function nonFiniteOutput(what: string): QloraError {
+    return new QloraError(
+        `the model's forward pass overflowed: ${what}. A weight of the model or of the adapter is far out ` +
+            "of range (a damaged file, or an adapter from a diverged run); re-download the model, or train or merge the adapter again"
+    );
+}
+
 /** the batch's index tensors on the backend */
 interface StepContext<X extends TensorTypes> {
     B: number;
@@ -237,6 +246,8 @@ export class DecoderGraph<X extends TensorTypes> {
             train ? (this.options.fullGrads?.lmHead ?? null) : null
         );
         be.free(xf);
+        // the trainer words its own message for a training step (a diverged update names the learning rate)
+        if (!train && !Number.isFinite(loss.lossSum)) throw nonFiniteOutput(`the loss is ${loss.lossSum}`);
         if (!train || !dxf) {
             for (const t of [x, rstdF, ids]) be.free(t);
             this.freeContext(ctx);
@@ -320,9 +331,22 @@ export class DecoderGraph<X extends TensorTypes> {
         return xf;
     }
 
-    /** logits [rows, V] (fp32, host) of final hidden states; all B*T rows unless `rows` is given */
+    /**
+     * logits [rows, V] (fp32, host) of final hidden states; all B*T rows unless `rows` is given. Non-finite logits are
+     * refused: finite weights far out of range (a damaged file holds 3e38 as easily as 0.01) overflow on the way
+     */
     logits(hidden: X["f"], rows: number[] | null, totalRows: number): Float32Array {
-        return this.backend.logits(hidden, rows, this.weights.lmHead, totalRows, this.config.hiddenSize, this.config.vocabSize);
+        const out = this.backend.logits(
+            hidden,
+            rows,
+            this.weights.lmHead,
+            totalRows,
+            this.config.hiddenSize,
+            this.config.vocabSize
+        );
+        const bad = countNonFinite(out);
+        if (bad.nan + bad.inf > 0) throw nonFiniteOutput(`${bad.nan + bad.inf} of ${out.length} logits are NaN or infinite`);
+        return out;
     }
 
     private embed(ids: X["i"], idsHost: Int32Array, N: number): X["f"] {
