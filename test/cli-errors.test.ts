@@ -119,7 +119,7 @@ test("--device: cpu runs on the host, auto falls back to it silently without a G
     expectError(qlora(...args, "--device", "gpu"), '--device expects auto, cpu or cuda, got "gpu"');
     const evalArgs = ["eval", "--data", path.join(REPO_ROOT, "examples", "data", "alpaca_eval.json"), "--json"];
     if (!cudaAvailability().usable) {
-        const auto = qlora(...args);
+        const auto = qlora(...args, "--device", "auto");
         assert.equal(auto.code, 0, auto.stderr);
         assert.equal(auto.stdout, cpuRun.stdout);
         assert.equal(auto.stderr, "", "no GPU: auto says nothing");

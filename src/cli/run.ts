@@ -104,7 +104,8 @@ export function addModelOptions(cmd: Command, adapterHelp = "a PEFT adapter fold
         .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
         .option("-a, --adapter <dir>", adapterHelp)
         .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
-        .option("--device <device>", "auto (the GPU when one is usable), cpu or cuda", parseDevice, "auto");
+        // cpu by default until the GPU inference path has run on a GPU machine (it was written without one): then auto
+        .option("--device <device>", "cpu (default), cuda, or auto (the GPU when one is usable)", parseDevice, "cpu");
 }
 
 function parseDevice(value: string): "auto" | "cpu" | "cuda" {
