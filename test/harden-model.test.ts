@@ -24,7 +24,7 @@ import {copyModel, editConfig} from "./helpers/model-copy.js";
 import {QloraError} from "../src/errors.js";
 import {countNonFinite} from "../src/backend/cpu.js";
 import {Rng} from "../src/backend/rng.js";
-import {DenseLinear} from "../src/backend/linear.js";
+import type {DenseLinear} from "../src/backend/linear.js";
 import {SafetensorsFile} from "../src/io/safetensors.js";
 import {loadModel} from "../src/api/models.js";
 import {DecoderModel, KVCache} from "../src/model/decoder.js";
