@@ -10,6 +10,7 @@ import {addVocabMetadata, readGgufVocab} from "../io/gguf-vocab.js";
 import {addDeltaWeight} from "../lora/layer.js";
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readTensorF32} from "../model/weights.js";
 import {readAdapter} from "../peft/adapter-files.js";
+import {templateSizeProblem} from "../tokenizer/bounded-template.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
 import {dequantize4bit, type QuantState4bit} from "../quant/nf4.js";
 import {
@@ -60,6 +61,11 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
     const arch = ggufArchFor(cfg);
     // everything that can be checked without the weights is checked before they are read
     const vocab = await readGgufVocab(dir, {vocabSize: cfg.vocabSize, preTokenizer: opts.preTokenizer});
+    // the chat template goes into the file as it is: the limit that rendering applies holds here too
+    for (const [name, text] of [["chat_template", vocab.chatTemplate], ...vocab.namedChatTemplates] as const) {
+        const tooLong = text === null ? null : templateSizeProblem(text);
+        if (tooLong) throw new QloraError(`${name} ${tooLong}`, {file: path.join(dir, "tokenizer_config.json")});
+    }
     const ropeFactors = arch === "llama" ? llama3RopeFactors(cfg) : null;
     addArchMetadataCheck(cfg, arch);
 

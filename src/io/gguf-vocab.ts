@@ -147,10 +147,16 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         tokens[id] = token;
     }
     const addedTokens = (Array.isArray(tokenizer.added_tokens) ? tokenizer.added_tokens : []) as Json[];
-    for (const added of addedTokens) {
-        const id = added.id as number,
-            content = added.content as string;
-        if (!Number.isInteger(id) || typeof content !== "string") continue;
+    for (const [i, added] of addedTokens.entries()) {
+        const id = added?.id as number,
+            content = added?.content as string;
+        if (added === null || typeof added !== "object" || !Number.isInteger(id) || typeof content !== "string")
+            throw new QloraError(
+                `added_tokens[${i}] is ${quoteValue(added)}, expected {"id": <token id>, "content": <text>, ...}`,
+                {
+                    file: tokenizerFile
+                }
+            );
         if (id < 0 || id >= n)
             throw new QloraError(
                 `added token ${quoteValue(content)} has id ${id}, outside the model's ${n} ` +

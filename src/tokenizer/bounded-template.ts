@@ -101,13 +101,18 @@ const formatCount = (n: number): string => Math.round(n).toLocaleString("en-US")
 
 /** Parses a template; errors are the library's (SyntaxError, RangeError for nesting too deep) or a TemplateLimitError. */
 export function parseTemplate(text: string, limits: Readonly<TemplateLimits> = DEFAULT_TEMPLATE_LIMITS): Template {
-    if (text.length > limits.templateChars) {
-        throw new TemplateLimitError(
-            `ran past its size limit: it is ${formatCount(text.length)} characters long, more than the ` +
-                `${formatCount(limits.templateChars)} a template may have (real ones are under 64 K)`
-        );
-    }
+    const tooLong = templateSizeProblem(text, limits);
+    if (tooLong) throw new TemplateLimitError(tooLong);
     return new Template(text);
+}
+
+/** why a template is too long to accept (rendering, or carrying it into a GGUF file), or null */
+export function templateSizeProblem(text: string, limits: Readonly<TemplateLimits> = DEFAULT_TEMPLATE_LIMITS): string | null {
+    if (text.length <= limits.templateChars) return null;
+    return (
+        `ran past its size limit: it is ${formatCount(text.length)} characters long, more than the ` +
+        `${formatCount(limits.templateChars)} a template may have (real ones are under 64 K)`
+    );
 }
 
 /** Renders a parsed template as Template.render does, under `limits`. */

@@ -1,0 +1,54 @@
+// harden-gguf-vocab.test.ts: fuzz findings in the GGUF export's reading of tokenizer files: a malformed
+// added_tokens entry was a TypeError, and a chat template of megabytes was written into a GGUF that readers
+// cannot parse; both are now one-line errors, with nothing written.
+import {test} from "node:test";
+import assert from "node:assert/strict";
+import {existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync} from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import {QloraError} from "../src/errors.js";
+import {exportGguf} from "../src/api/export-gguf.js";
+import {copyModel} from "./helpers/model-copy.js";
+
+const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-gguf-vocab-"));
+process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
+
+function editJson(file: string, change: (j: Record<string, unknown>) => void): void {
+    const j = JSON.parse(readFileSync(file, "utf8"));
+    change(j);
+    writeFileSync(file, JSON.stringify(j));
+}
+
+test("an added_tokens entry that is not an object is named, not a TypeError", async () => {
+    const dir = copyModel(path.join(tmp, "null-added"), (d) =>
+        editJson(path.join(d, "tokenizer.json"), (j) => {
+            (j.added_tokens as unknown[])[0] = null;
+        })
+    );
+    const out = path.join(tmp, "null-added.gguf");
+    await assert.rejects(
+        exportGguf({modelDir: dir, out, outtype: "f16"}),
+        (e: unknown) =>
+            e instanceof QloraError &&
+            /tokenizer\.json: added_tokens\[0\] is null, expected \{"id": <token id>, "content": <text>/.test(e.message)
+    );
+    assert.equal(existsSync(out), false);
+});
+
+test("a chat template past the template size limit is refused before anything is written", async () => {
+    const dir = copyModel(path.join(tmp, "huge-template"), (d) =>
+        editJson(path.join(d, "tokenizer_config.json"), (j) => {
+            j.chat_template = "A".repeat(2_000_000);
+        })
+    );
+    const out = path.join(tmp, "huge-template.gguf");
+    await assert.rejects(
+        exportGguf({modelDir: dir, out, outtype: "f16"}),
+        (e: unknown) =>
+            e instanceof QloraError &&
+            /tokenizer_config\.json: chat_template ran past its size limit: it is 2,000,000 characters long, more than the 1,048,576/.test(
+                e.message
+            )
+    );
+    assert.equal(existsSync(out), false);
+});
