@@ -123,3 +123,16 @@ test("a 4M-character word is encoded only up to the budget; keep_end and bfd_spl
         assert.ok(whole.longest >= 20_000, JSON.stringify(options));
     }
 });
+
+test("a tokenizer.json without its first added token still loads (the clip bound skips what is not a string)", async () => {
+    const {copyModel} = await import("./helpers/model-copy.js");
+    const {readFileSync} = await import("node:fs");
+    const dir = copyModel(path.join(tmp, "no-content"), (d) => {
+        const file = path.join(d, "tokenizer.json");
+        const j = JSON.parse(readFileSync(file, "utf8"));
+        j.added_tokens.splice(0, 1); // what the fuzz case did: the first added token (<|endoftext|>) removed
+        writeFileSync(file, JSON.stringify(j));
+    });
+    const t = await HfTokenizer.load(dir);
+    assert.equal(t.longestTokenChars, tokenizer.longestTokenChars);
+});

@@ -122,7 +122,8 @@ export class HfTokenizer {
         const vocab = tokenizer.get_vocab(true);
         this.vocabSize = vocab.size;
         let longest = 1;
-        for (const token of vocab.keys()) if (token.length > longest) longest = token.length;
+        // a damaged added_tokens entry can leave a key that is not a string: it spans no text
+        for (const token of vocab.keys()) if (typeof token === "string" && token.length > longest) longest = token.length;
         this.longestTokenChars = longest;
         this.bosTokenId = this.roleTokenId("bos_token");
         this.eosTokenId = this.roleTokenId("eos_token");
