@@ -52,3 +52,23 @@ test("a chat template past the template size limit is refused before anything is
     );
     assert.equal(existsSync(out), false);
 });
+
+test("HfTokenizer refuses token ids that are not integers (they surfaced later as a decode error of the library)", async () => {
+    const {HfTokenizer} = await import("../src/tokenizer/index.js");
+    const vocabDir = copyModel(path.join(tmp, "string-id"), (d) =>
+        editJson(path.join(d, "tokenizer.json"), (j) => {
+            (j.model as {vocab: Record<string, unknown>}).vocab["hello"] = "Split";
+        })
+    );
+    await assert.rejects(
+        HfTokenizer.load(vocabDir),
+        (e: unknown) =>
+            e instanceof QloraError && /tokenizer\.json: model\.vocab\["hello"\] is "Split", expected a token id/.test(e.message)
+    );
+    const addedDir = copyModel(path.join(tmp, "object-id"), (d) =>
+        editJson(path.join(d, "tokenizer.json"), (j) => {
+            (j.added_tokens as {id: unknown}[])[1].id = {value: 16383};
+        })
+    );
+    await assert.rejects(HfTokenizer.load(addedDir), /added_tokens\[1\]\.id is \{"value":16383\}, expected a token id/);
+});

@@ -90,6 +90,30 @@ function templateMessage(err: unknown): string {
     return text.length > 300 ? text.slice(0, 300) + "…" : text;
 }
 
+/**
+ * Token ids in tokenizer.json must be ids: the tokenizers library takes any JSON value there, and a string or
+ * fraction then surfaces later as a token id that decoding rejects. Checked once, naming the entry.
+ */
+function checkTokenIds(json: Record<string, unknown>, file: string): void {
+    const isId = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 0;
+    const model = json.model as Record<string, unknown> | null | undefined;
+    const vocab = model && typeof model === "object" ? model.vocab : undefined;
+    if (vocab && typeof vocab === "object" && !Array.isArray(vocab))
+        for (const [token, id] of Object.entries(vocab))
+            if (!isId(id))
+                throw new QloraError(
+                    `model.vocab[${quoteValue(token)}] is ${quoteValue(id)}, expected a token id (an integer >= 0)`,
+                    {file}
+                );
+    const added = json.added_tokens;
+    if (Array.isArray(added))
+        added.forEach((entry, i) => {
+            const id = (entry as {id?: unknown} | null)?.id;
+            if (!isId(id))
+                throw new QloraError(`added_tokens[${i}].id is ${quoteValue(id)}, expected a token id (an integer >= 0)`, {file});
+        });
+}
+
 export class HfTokenizer {
     /** the folder the tokenizer was loaded from */
     readonly dir: string;
@@ -144,6 +168,7 @@ export class HfTokenizer {
             );
         }
         const tokenizerJson = parseJsonObject(tokenizerText, tokenizerPath);
+        checkTokenIds(tokenizerJson, tokenizerPath);
 
         const configPath = path.join(dir, TOKENIZER_CONFIG_FILE_NAME);
         const configText = await readOptionalText(configPath);
