@@ -445,6 +445,6 @@ export class CudaModel implements CudaLinearContext, CausalLm {
     }
 
     score(batch: TrainBatch): LossResult {
-        return this.graph.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        return this.graph.score(batch);
     }
 }

@@ -155,7 +155,7 @@ export class DecoderModel implements CausalLm {
     }
 
     score(batch: TrainBatch): LossResult {
-        return this.hostGraph().forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        return this.hostGraph().score(batch);
     }
 
     /** the final hidden states [B*T, C] after the last norm */

@@ -246,8 +246,6 @@ export class DecoderGraph<X extends TensorTypes> {
             train ? (this.options.fullGrads?.lmHead ?? null) : null
         );
         be.free(xf);
-        // the trainer words its own message for a training step (a diverged update names the learning rate)
-        if (!train && !Number.isFinite(loss.lossSum)) throw nonFiniteOutput(`the loss is ${loss.lossSum}`);
         if (!train || !dxf) {
             for (const t of [x, rstdF, ids]) be.free(t);
             this.freeContext(ctx);
@@ -278,6 +276,16 @@ export class DecoderGraph<X extends TensorTypes> {
         if (dEmbed) be.embeddingBackward(dEmbed, dx, ids, N, V, C);
         for (const t of [dx, inputs[0] as X["f"], ids]) be.free(t);
         this.freeContext(ctx);
+        return loss;
+    }
+
+    /**
+     * the loss of a batch, forward only (evaluation of a model as it is); a non-finite loss is refused. The trainer's
+     * own evaluation passes call forwardBackward instead: a run that diverged gets the trainer's message.
+     */
+    score(batch: TrainBatch): LossResult {
+        const loss = this.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
+        if (!Number.isFinite(loss.lossSum)) throw nonFiniteOutput(`the loss is ${loss.lossSum}`);
         return loss;
     }
 
