@@ -124,12 +124,15 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
     /** whether the fused 4-bit GEMV takes this layer's layout (false after it refused once) */
     private gemvUsable = true;
 
-    /** y[N, out] = x W^T: for a few rows of a 4-bit weight (decoding) the fused dequantize + GEMV, else a GEMM */
-    private baseProduct(y: DeviceBuffer, x: DeviceBuffer, N: number): void {
+    /**
+     * y[N, out] = x W^T: with `fused`, for a few rows of a 4-bit weight (decoding) the fused dequantize + GEMV, else
+     * a GEMM over the bf16 weight
+     */
+    private baseProduct(y: DeviceBuffer, x: DeviceBuffer, N: number, fused: boolean): void {
         const g = cudaGemmOps(),
             {w} = this,
             q = w.nf4;
-        if (q && this.gemvUsable && N <= GEMV_4BIT_MAX_M) {
+        if (fused && q && this.gemvUsable && N <= GEMV_4BIT_MAX_M) {
             try {
                 g.gemv4bit(
                     y.ptr,
@@ -180,26 +183,7 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
         const g = cudaGemmOps(),
             {w} = this;
         // training keeps the GEMM: the GEMV rounds differently, and the backward's product must match the forward's
-        if (train)
-            g.gemm(
-                false,
-                true,
-                N,
-                w.outF,
-                w.inF,
-                1,
-                x.ptr,
-                w.inF,
-                "bf16",
-                this.weight().ptr,
-                w.inF,
-                "bf16",
-                0,
-                y.ptr,
-                w.outF,
-                "bf16"
-            );
-        else this.baseProduct(y, x, N);
+        this.baseProduct(y, x, N, !train);
         if (w.bias) cudaLoraOps().addBiasBf16(y.ptr, w.bias.ptr, N, w.outF);
         const l = this.lora;
         if (!l) return null;
