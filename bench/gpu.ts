@@ -114,7 +114,6 @@ for (const name of models) {
             {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"},
             {initRng: new Rng(0)}
         );
-        lora.setTraining(true);
         cuda().resetPeakMemoryStats();
         const engine = createEngine(
             "cuda",

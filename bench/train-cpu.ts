@@ -28,7 +28,6 @@ const model = await DecoderModel.load(MODEL_DIR, {
 });
 const cfg = model.config;
 const lora = applyLora(model, {r: 16, lora_alpha: 32, target_modules: "all-linear"}, {initRng: new Rng(1)});
-lora.setTraining(true);
 const tensors = lora.trainableTensors();
 const opt = createOptimizer(
     "paged_adamw_8bit",

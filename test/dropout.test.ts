@@ -63,7 +63,6 @@ test("the clock: seeds differ by run, micro-batch and projection; evaluation pas
         {r: 4, lora_alpha: 8, target_modules: ["q_proj"], lora_dropout: 0.2, init_lora_weights: false},
         {initRng: new Rng(3), dropoutClock: clock}
     );
-    lora.setTraining(true);
     const trainer = new DecoderTrainer(model, clock);
     const row = (n: number): TokenizedRow => ({
         inputIds: Int32Array.from({length: n}, (_, i) => 100 + i),

@@ -57,7 +57,7 @@ test("HfTokenizer refuses token ids that are not integers (they surfaced later a
     const {HfTokenizer} = await import("../src/tokenizer/index.js");
     const vocabDir = copyModel(path.join(tmp, "string-id"), (d) =>
         editJson(path.join(d, "tokenizer.json"), (j) => {
-            (j.model as {vocab: Record<string, unknown>}).vocab["hello"] = "Split";
+            (j.model as {vocab: Record<string, unknown>}).vocab.hello = "Split";
         })
     );
     await assert.rejects(

@@ -304,8 +304,8 @@ describe("Linear4bit", () => {
             const dxExpected = new Float32Array(M * K).fill(0.5),
                 dx = new Float32Array(M * K).fill(0.5);
             linearBackwardInput(dxExpected, dy, M, dense, true);
-            layer.backwardInput(dx, dy, M, true);
-            assertSame(dx, dxExpected, "backwardInput (accumulate)");
+            layer.productTranspose(dx, dy, M, true);
+            assertSame(dx, dxExpected, "productTranspose (accumulate)");
 
             // tiles of a few rows (the last one ragged) give the same result up to summation order
             const tiled = new Linear4bit(layer.state, bias, {tileElements: 3 * K + 5});
@@ -315,7 +315,7 @@ describe("Linear4bit", () => {
                 assert.ok(Math.abs(out2[i] - expected[i]) <= 1e-5 * (1 + Math.abs(expected[i])), `tiled forward ${i}`);
             const dx2 = new Float32Array(M * K).fill(NaN);
             linearBackwardInput(dxExpected, dy, M, dense, false);
-            tiled.backwardInput(dx2, dy, M, false);
+            tiled.productTranspose(dx2, dy, M, false);
             for (let i = 0; i < dx2.length; i++)
                 assert.ok(Math.abs(dx2[i] - dxExpected[i]) <= 1e-5 * (1 + Math.abs(dxExpected[i])), `tiled backward ${i}`);
         } finally {

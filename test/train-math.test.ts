@@ -33,7 +33,6 @@ async function loraModel(dropout = 0) {
         {r: 4, lora_alpha: 8, target_modules: "all-linear", lora_dropout: dropout, init_lora_weights: false},
         {initRng: new Rng(3), dropoutClock}
     );
-    lora.setTraining(true);
     return {model, lora, trainer: new DecoderTrainer(model, dropoutClock), dropoutClock};
 }
 
@@ -140,7 +139,6 @@ test("modules_to_save trains full copies of lm_head and embed_tokens: gradients 
         {r: 4, lora_alpha: 8, target_modules: ["q_proj"], modules_to_save: ["lm_head", "embed_tokens"]},
         {initRng: new Rng(3)}
     );
-    lora.setTraining(true);
     assert.notEqual(model.params.lmHead, model.params.embed, "the tied output layer is untied into two trained copies");
     const names = lora.trainableTensors().map((t) => t.name);
     assert.ok(names.includes("base_model.model.lm_head.weight") && names.includes("base_model.model.model.embed_tokens.weight"));

@@ -14,3 +14,17 @@ cudaError_t qlora_cuda_dropout_bf16(uint16_t* out, const uint16_t* inp, uint64_t
 cudaError_t qlora_cuda_dropout_add_bf16(uint16_t* y, const uint16_t* x, uint64_t seed, float p, int64_t n,
                                         cudaStream_t stream);
 }
+
+// DoRA and trained-bias kernels (lora/projection.ts through the Backend):
+extern "C" {
+// out[m, n] (bf16; = or += when accumulate) x[m, n] * (k[n] + offset)   (k f32 [N]; out may alias x)
+cudaError_t qlora_cuda_scale_columns_bf16(uint16_t* out, const uint16_t* x, const float* k, float offset, int64_t M,
+                                          int64_t N, int accumulate, cudaStream_t stream);
+// dst[n] (f32, +=) sum_m a[m, n] * b[m, n] / div[n]   (a, b bf16 [M, N]; b and div may be NULL: factor 1)
+cudaError_t qlora_cuda_column_sums_bf16(float* dst, const uint16_t* a, const uint16_t* b, const float* div, int64_t M,
+                                        int64_t N, cudaStream_t stream);
+// out[r] = sqrt(sum_c W[r, c]^2)   (f32 W [R, C], float64 sums)
+cudaError_t qlora_cuda_row_norms_f32(float* out, const float* W, int64_t R, int64_t C, cudaStream_t stream);
+// out[i] = a[i] / b[i]   (f32)
+cudaError_t qlora_cuda_divide_f32(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream);
+}

@@ -26,7 +26,6 @@ export async function evaluateLoss(
     let longest = 0;
     for (const row of data.rows) longest = Math.max(longest, row.inputIds.length);
     checkRowsFitContext(loaded.model.config, longest, "max_seq_length", data.options.maxSeqLength);
-    loaded.lora?.setTraining(false);
     const loader = new DataLoader(data.rows, {batchSize, padTokenId: padTokenIdOf(loaded.tokenizer), shuffle: false, seed: 0});
     let sum = 0,
         count = 0;

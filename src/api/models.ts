@@ -77,7 +77,7 @@ export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Prom
             lm = new CudaModel(model);
             deviceNote = `device: cuda (${cudaAvailability().info?.devices[0]?.name ?? "GPU"})`;
         } catch (err) {
-            // what the GPU path cannot run yet (DoRA, trained biases, some head sizes): auto falls back and says so
+            // what the GPU path cannot run (head sizes other than 64 and 128): auto falls back and says so
             if (requested === "cuda" || !(err instanceof QloraError)) throw err;
             device = "cpu";
             deviceNote = `device: cpu (the GPU cannot run this model: ${err.message})`;

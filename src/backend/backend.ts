@@ -46,8 +46,8 @@ export interface Backend<X extends TensorTypes> {
     // ---- ops
     /** out[N, C] = table[ids]; returns the first position whose id is outside [0, V), or -1 */
     embedding(out: X["f"], ids: X["i"], table: X["f"], N: number, V: number, C: number): number;
-    /** dtable[V, C] (fp32 host, +=) from dout[N, C]: a trained embedding (modules_to_save) */
-    embeddingBackward(dtable: Float32Array, dout: X["f"], ids: X["i"], N: number, V: number, C: number): void;
+    /** dtable[V, C] (fp32, +=) from dout[N, C]: a trained embedding (modules_to_save) */
+    embeddingBackward(dtable: X["f"], dout: X["f"], ids: X["i"], N: number, V: number, C: number): void;
     /** out = rmsnorm(x) * w; rstd[N] when not null */
     rmsnorm(out: X["f"], rstd: X["f"] | null, x: X["f"], w: X["f"], N: number, C: number, eps: number): void;
     /** h = x + y (h may alias y), out = rmsnorm(h) * w, rstd[N] of h */
@@ -120,7 +120,7 @@ export interface Backend<X extends TensorTypes> {
     /**
      * the causal-LM loss of hidden states xf[N, C] through the output layer head[V, C], in chunks of rows:
      * cross-entropy summed over rows whose target >= 0; with dxf, dxf[N, C] (=) gets the gradient scaled by
-     * lossScale, and dHead (fp32 host [V, C], +=) the output layer's when it trains
+     * lossScale, and dHead (fp32 [V, C], +=) the output layer's when it trains
      */
     causalLmLoss(
         xf: X["f"],
@@ -132,10 +132,70 @@ export interface Backend<X extends TensorTypes> {
         lossScale: number,
         dxf: X["f"] | null,
         chunkRows: number,
-        dHead: Float32Array | null
+        dHead: X["f"] | null
     ): LossResult;
     /** logits[rows, V] (fp32, host) = hidden[rows] head^T; all N rows when rows is null */
     logits(hidden: X["f"], rows: number[] | null, head: X["f"], N: number, C: number, V: number): Float32Array;
+
+    // ---- trainable tensors (LoRA, DoRA magnitudes, biases): fp32 masters and gradients, as stats() tensors
+    /** an fp32 tensor holding `host`; on the CPU the array itself (the host optimizer updates it in place) */
+    param(host: Float32Array): X["f"];
+    /** host (=) the fp32 tensor's values: a no-op where they share memory */
+    paramToHost(host: Float32Array, t: X["f"]): void;
+    /** zeros an fp32 tensor of n elements */
+    zeroParam(t: X["f"], n: number): void;
+    /**
+     * the fp32 tensor `t` (n elements) in the activation dtype, for the GEMMs: written into `into` (made when
+     * null) and returned; on the CPU `t` itself
+     */
+    computeCopy(t: X["f"], n: number, into: X["f"] | null): X["f"];
+
+    // ---- the projection layers' ops (lora/projection.ts)
+    /**
+     * row-major C[M, N] = alpha op(A) op(B) + beta C, op(A) [M, K], op(B) [K, N], transposed when tA / tB;
+     * A and B in one dtype (activations and compute copies, or two fp32 tensors), C an activation or fp32
+     */
+    gemm(
+        tA: boolean,
+        tB: boolean,
+        M: number,
+        N: number,
+        K: number,
+        alpha: number,
+        A: X["f"],
+        B: X["f"],
+        beta: number,
+        C: X["f"]
+    ): void;
+    /** out[n] = x[n] keep(seed, i) / (1 - p): the counter-based mask of dropout.ts (out may alias x) */
+    dropout(out: X["f"], x: X["f"], seed: number, p: number, n: number): void;
+    /** y[n] += x[n] keep(seed, i) / (1 - p): dropout's backward into an input gradient */
+    dropoutAdd(y: X["f"], x: X["f"], seed: number, p: number, n: number): void;
+    /** y[M, N] += bias[N] */
+    addBias(y: X["f"], bias: X["f"], M: number, N: number): void;
+    /** out[m, n] (= or += when accumulate) x[m, n] (k[n] + offset); k fp32 [N] (DoRA's magnitude scale) */
+    scaleColumns(out: X["f"], x: X["f"], k: X["f"], offset: number, M: number, N: number, accumulate: boolean): void;
+    /** dst[n] (fp32, +=) sum_m a[m, n] (b[m, n] when b) / (div[n] when div): bias and magnitude gradients */
+    columnSums(dst: X["f"], a: X["f"], b: X["f"] | null, div: X["f"] | null, M: number, N: number): void;
+    /** out[r] = ||W[r, :]|| (fp32 W [R, C], sums in float64) */
+    rowNorms(out: X["f"], W: X["f"], R: number, C: number): void;
+    /** out[i] = a[i] / b[i] (fp32) */
+    divide(out: X["f"], a: X["f"], b: X["f"], n: number): void;
+}
+
+/**
+ * A frozen weight W [out, in] on one backend (dense, or 4-bit dequantized as its products need it); the bias is
+ * not part of it (the projection adds it, and trains it when asked).
+ */
+export interface FrozenWeight<F> {
+    readonly inFeatures: number;
+    readonly outFeatures: number;
+    /** y[M, out] (=) x[M, in] W^T; `decoding`: an inference step of a few rows (the fused 4-bit GEMV may serve it) */
+    product(y: F, x: F, M: number, decoding: boolean): void;
+    /** dx[M, in] (= or += when accumulate) dy[M, out] W */
+    productTranspose(dx: F, dy: F, M: number, accumulate: boolean): void;
+    /** out (fp32 [out, in], =) W as the products see it (4-bit: dequantized and rounded to its dtype) */
+    weightInto(out: F): void;
 }
 
 /**
@@ -152,4 +212,6 @@ export interface GraphLinear<F> {
     backward(dx: F, dy: F, x: F, saved: unknown, M: number, accumulate: boolean): void;
     /** frees what forward returned */
     release(saved: unknown): void;
+    /** after an optimizer step changed the trainable tensors: new compute copies, no cached DoRA norms */
+    afterUpdate(): void;
 }

@@ -222,6 +222,80 @@ export class CpuBackend implements Backend<CpuTensors> {
         cpu().sgemm(false, true, M, V, C, 1, h, C, head, C, 0, out, V);
         return out;
     }
+
+    param(host: Float32Array): Float32Array {
+        return host;
+    }
+    paramToHost(host: Float32Array, t: Float32Array): void {
+        if (host !== t) host.set(t);
+    }
+    zeroParam(t: Float32Array, n: number): void {
+        t.fill(0, 0, n);
+    }
+    computeCopy(t: Float32Array): Float32Array {
+        return t; // fp32 is the compute dtype
+    }
+
+    gemm(
+        tA: boolean,
+        tB: boolean,
+        M: number,
+        N: number,
+        K: number,
+        alpha: number,
+        A: Float32Array,
+        B: Float32Array,
+        beta: number,
+        C: Float32Array
+    ): void {
+        cpu().sgemm(tA, tB, M, N, K, alpha, A, tA ? M : K, B, tB ? K : N, beta, C, N);
+    }
+    dropout(out: Float32Array, x: Float32Array, seed: number, p: number, n: number): void {
+        const mask = new Float32Array(n);
+        cpu().dropoutMask(mask, seed, p, n);
+        for (let i = 0; i < n; i++) out[i] = x[i] * mask[i];
+    }
+    dropoutAdd(y: Float32Array, x: Float32Array, seed: number, p: number, n: number): void {
+        const mask = new Float32Array(n);
+        cpu().dropoutMask(mask, seed, p, n);
+        for (let i = 0; i < n; i++) y[i] += x[i] * mask[i];
+    }
+    addBias(y: Float32Array, bias: Float32Array, M: number, N: number): void {
+        cpu().addBias(y, y, bias, M, N);
+    }
+    scaleColumns(
+        out: Float32Array,
+        x: Float32Array,
+        k: Float32Array,
+        offset: number,
+        M: number,
+        N: number,
+        accumulate: boolean
+    ): void {
+        for (let m = 0; m < M; m++)
+            for (let n = 0; n < N; n++) {
+                const i = m * N + n;
+                const v = x[i] * (k[n] + offset);
+                out[i] = accumulate ? out[i] + v : v;
+            }
+    }
+    columnSums(dst: Float32Array, a: Float32Array, b: Float32Array | null, div: Float32Array | null, M: number, N: number): void {
+        for (let n = 0; n < N; n++) {
+            let s = 0;
+            for (let m = 0; m < M; m++) s += b ? a[m * N + n] * b[m * N + n] : a[m * N + n];
+            dst[n] += div ? s / div[n] : s;
+        }
+    }
+    rowNorms(out: Float32Array, W: Float32Array, R: number, C: number): void {
+        for (let r = 0; r < R; r++) {
+            let ss = 0;
+            for (let c = 0; c < C; c++) ss += W[r * C + c] ** 2;
+            out[r] = Math.sqrt(ss);
+        }
+    }
+    divide(out: Float32Array, a: Float32Array, b: Float32Array, n: number): void {
+        for (let i = 0; i < n; i++) out[i] = a[i] / b[i];
+    }
 }
 
 function gatherRows(x: Float32Array, rows: number[], C: number): Float32Array {

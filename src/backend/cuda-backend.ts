@@ -2,7 +2,8 @@
 // caching allocator of native/cuda/runtime.cpp), the ops are the CUDA addon's kernels, queued on one stream.
 import {cuda, DeviceBuffer} from "./cuda.js";
 import {cudaAttentionOps} from "./cuda-attention-types.js";
-import {cudaGemmOps} from "./cuda-gemm-types.js";
+import {cudaGemmOps, type GemmDtype} from "./cuda-gemm-types.js";
+import {cudaLoraOps} from "./cuda-lora-types.js";
 import {cudaKernelOps} from "./cuda-kernels-types.js";
 import type {Backend, LossResult} from "./backend.js";
 
@@ -55,11 +56,8 @@ export class CudaBackend implements Backend<CudaTensors> {
         bad.free();
         return count > 0 ? first : -1;
     }
-    embeddingBackward(dtable: Float32Array, dout: DeviceBuffer, ids: DeviceBuffer, N: number, V: number, C: number): void {
-        const d = DeviceBuffer.from("f32", dtable);
-        cudaKernelOps().embeddingBackward(d.ptr, dout.ptr, ids.ptr, N, V, C);
-        cuda().download(dtable, d.ptr);
-        d.free();
+    embeddingBackward(dtable: DeviceBuffer, dout: DeviceBuffer, ids: DeviceBuffer, N: number, V: number, C: number): void {
+        cudaKernelOps().embeddingBackward(dtable.ptr, dout.ptr, ids.ptr, N, V, C);
     }
     rmsnorm(
         out: DeviceBuffer,
@@ -234,9 +232,8 @@ export class CudaBackend implements Backend<CudaTensors> {
         lossScale: number,
         dxf: DeviceBuffer | null,
         chunkRows: number,
-        dHead: Float32Array | null
+        dHead: DeviceBuffer | null
     ): LossResult {
-        if (dHead) throw new Error("a trained output layer (modules_to_save) has no CUDA loss yet");
         const g = cudaGemmOps(),
             k = cudaKernelOps();
         const targets = DeviceBuffer.from("i32", targetsHost);
@@ -287,6 +284,26 @@ export class CudaBackend implements Backend<CudaTensors> {
                     C,
                     "bf16"
                 );
+                // a trained output layer (modules_to_save): dHead[V, C] (fp32) += dlogits^T h
+                if (dHead)
+                    g.gemm(
+                        true,
+                        false,
+                        V,
+                        C,
+                        M,
+                        1,
+                        logits.ptr,
+                        V,
+                        "bf16",
+                        xf.ptr + start * C * ACT_BYTES,
+                        C,
+                        "bf16",
+                        1,
+                        dHead.ptr,
+                        C,
+                        "f32"
+                    );
             } else k.crossEntropyForward(lossRow, null, count.ptr, logits.ptr, tgt, M, V);
         }
         const lossHost = lossBuf.toHost() as Float32Array;
@@ -327,6 +344,88 @@ export class CudaBackend implements Backend<CudaTensors> {
         out.free();
         return host;
     }
+
+    param(host: Float32Array): DeviceBuffer {
+        return DeviceBuffer.from("f32", host);
+    }
+    paramToHost(host: Float32Array, t: DeviceBuffer): void {
+        cuda().download(host, t.ptr);
+    }
+    zeroParam(t: DeviceBuffer, n: number): void {
+        cuda().memset(t.ptr, 0, n * 4);
+    }
+    computeCopy(t: DeviceBuffer, n: number, into: DeviceBuffer | null): DeviceBuffer {
+        const out = into ?? DeviceBuffer.alloc("bf16", n);
+        cudaKernelOps().f32ToBf16(out.ptr, t.ptr, n);
+        return out;
+    }
+
+    gemm(
+        tA: boolean,
+        tB: boolean,
+        M: number,
+        N: number,
+        K: number,
+        alpha: number,
+        A: DeviceBuffer,
+        B: DeviceBuffer,
+        beta: number,
+        C: DeviceBuffer
+    ): void {
+        cudaGemmOps().gemm(
+            tA,
+            tB,
+            M,
+            N,
+            K,
+            alpha,
+            A.ptr,
+            tA ? M : K,
+            gemmDtype(A),
+            B.ptr,
+            tB ? K : N,
+            gemmDtype(B),
+            beta,
+            C.ptr,
+            N,
+            gemmDtype(C)
+        );
+    }
+    dropout(out: DeviceBuffer, x: DeviceBuffer, seed: number, p: number, n: number): void {
+        cudaLoraOps().dropoutBf16(out.ptr, x.ptr, seed, p, n);
+    }
+    dropoutAdd(y: DeviceBuffer, x: DeviceBuffer, seed: number, p: number, n: number): void {
+        cudaLoraOps().dropoutAddBf16(y.ptr, x.ptr, seed, p, n);
+    }
+    addBias(y: DeviceBuffer, bias: DeviceBuffer, M: number, N: number): void {
+        cudaLoraOps().addBiasBf16(y.ptr, bias.ptr, M, N);
+    }
+    scaleColumns(
+        out: DeviceBuffer,
+        x: DeviceBuffer,
+        k: DeviceBuffer,
+        offset: number,
+        M: number,
+        N: number,
+        accumulate: boolean
+    ): void {
+        cudaLoraOps().scaleColumnsBf16(out.ptr, x.ptr, k.ptr, offset, M, N, accumulate);
+    }
+    columnSums(dst: DeviceBuffer, a: DeviceBuffer, b: DeviceBuffer | null, div: DeviceBuffer | null, M: number, N: number): void {
+        cudaLoraOps().columnSumsBf16(dst.ptr, a.ptr, b?.ptr ?? null, div?.ptr ?? null, M, N);
+    }
+    rowNorms(out: DeviceBuffer, W: DeviceBuffer, R: number, C: number): void {
+        cudaLoraOps().rowNormsF32(out.ptr, W.ptr, R, C);
+    }
+    divide(out: DeviceBuffer, a: DeviceBuffer, b: DeviceBuffer, n: number): void {
+        cudaLoraOps().divideF32(out.ptr, a.ptr, b.ptr, n);
+    }
+}
+
+/** a matrix's dtype as the GEMM names it */
+function gemmDtype(t: DeviceBuffer): GemmDtype {
+    if (t.dtype === "f32" || t.dtype === "bf16" || t.dtype === "f16") return t.dtype;
+    throw new Error(`gemm: a ${t.dtype} buffer is no float matrix`);
 }
 
 let shared: CudaBackend | null = null;

@@ -1,6 +1,7 @@
-// cuda-lora-types.ts: a hand-written mirror of the LoRA step's small kernels that native/addon/cuda_lora.cpp binds
-// into the CUDA addon (C declarations: native/cuda/lora_extras.h). Buffers are bf16 device addresses
-// (DeviceBuffer.ptr); every op is queued on the backend's stream and returns before the GPU is done.
+// cuda-lora-types.ts: a hand-written mirror of the projection layers' small kernels (LoRA, DoRA, trained biases)
+// that native/addon/cuda_lora.cpp binds into the CUDA addon (C declarations: native/cuda/lora_extras.h). Buffers
+// are device addresses (DeviceBuffer.ptr) of the dtypes each op names; every op is queued on the backend's stream
+// and returns before the GPU is done.
 import {cuda} from "./cuda.js";
 
 export interface CudaLoraOps {
@@ -10,6 +11,14 @@ export interface CudaLoraOps {
     dropoutBf16(out: number, inp: number, seed: number, p: number, n: number): void;
     /** y[n] += x[n] * keep(seed, i) / (1 - p): dropout's backward into an input gradient */
     dropoutAddBf16(y: number, x: number, seed: number, p: number, n: number): void;
+    /** out[m, n] (bf16; = or += when accumulate) x[m, n] (k[n] + offset), k f32 [N]; out may alias x */
+    scaleColumnsBf16(out: number, x: number, k: number, offset: number, M: number, N: number, accumulate: boolean): void;
+    /** dst[n] (f32, +=) sum_m a[m, n] b[m, n] / div[n] (a, b bf16; b and div null: factor 1), float64 sums */
+    columnSumsBf16(dst: number, a: number, b: number | null, div: number | null, M: number, N: number): void;
+    /** out[r] = ||W[r, :]|| (f32 W [R, C], float64 sums) */
+    rowNormsF32(out: number, W: number, R: number, C: number): void;
+    /** out[i] = a[i] / b[i] (f32) */
+    divideF32(out: number, a: number, b: number, n: number): void;
 }
 
 /** the CUDA addon seen through its LoRA kernels (throws when CUDA is not usable) */

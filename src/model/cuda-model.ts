@@ -1,22 +1,23 @@
 // cuda-model.ts: a model on an NVIDIA GPU, for training (the QLoRA/LoRA step) and for inference (generation with a
 // KV cache in device memory, evaluation): the decoder graph (graph.ts) over the CUDA backend, with the projections
-// on the device: bf16 base weights (NF4 dequantized into one scratch buffer right before each GEMM, or the fused
-// 4-bit GEMV when decoding a few rows), fp32 LoRA master weights with bf16 copies for the GEMMs, fp32 gradients.
+// (lora/projection.ts, the CPU's too) on the device: bf16 base weights (NF4 dequantized into one scratch buffer
+// right before each GEMM, or the fused 4-bit GEMV when decoding a few rows), fp32 trainable tensors (LoRA, DoRA
+// magnitudes, biases) with bf16 copies for the GEMMs, fp32 gradients.
 //
 // LoRA dropout masks are a hash of (seed, micro-batch, projection, element) shared with the CPU
 // (native/include/qlora_dropout.h, backend/dropout.ts): a block recomputed under gradient checkpointing
 // regenerates them, and the CPU and the GPU draw the same masks.
 import {QloraError} from "../errors.js";
-import type {GraphLinear} from "../backend/backend.js";
+import type {FrozenWeight} from "../backend/backend.js";
 import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
-import {cuda, DeviceBuffer} from "../backend/cuda.js";
+import {DeviceBuffer} from "../backend/cuda.js";
 import {cudaGemmOps, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
-import {cudaLoraOps} from "../backend/cuda-lora-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
-import {DenseLinear, type LinearLayer} from "../backend/linear.js";
-import {LoraLinear} from "../lora/layer.js";
+import {DenseLinear, type BaseLinear} from "../backend/linear.js";
+import {frozenBase} from "../lora/layer.js";
+import {Projection, type BackendTensor} from "../lora/projection.js";
 import {Linear4bit} from "../quant/linear4bit.js";
 import type {DecoderModel} from "./decoder.js";
 import {
@@ -25,78 +26,72 @@ import {
     type ForwardBackwardOptions,
     type GraphWeights,
     type LossResult,
-    type TrainBatch
+    type TrainBatch,
+    type TrainedFull,
+    trainedOnBackend
 } from "./graph.js";
 import type {CausalLm, LmForwardOptions} from "./causal-lm.js";
 import type {ModelConfig} from "../io/hf-config.js";
-import {PROJ_NAMES, projectionIndex, type ProjName} from "./weights.js";
+import {PROJ_NAMES, type ProjName} from "./weights.js";
 
-/** a projection's frozen weight on the device */
-interface DeviceWeight {
-    outF: number;
-    inF: number;
-    bias: DeviceBuffer | null; // bf16 [out]
-    dense: DeviceBuffer | null; // bf16 [out, in]
-    nf4: {
-        packed: DeviceBuffer;
-        absmax: DeviceBuffer | null;
-        absmaxQ: DeviceBuffer | null;
-        nestedAbsmax: DeviceBuffer | null;
-        nestedCode: DeviceBuffer | null;
-        code: DeviceBuffer;
-        offset: number;
-        blocksize: number;
-        nestedBlocksize: number;
-    } | null;
-}
-
-/** the LoRA branch of a projection on the device */
-interface DeviceLora {
-    host: LoraLinear;
-    r: number;
-    scaling: number;
-    dropout: number;
-    A: DeviceBuffer; // f32 [r, in] master
-    B: DeviceBuffer; // f32 [out, r]
-    dA: DeviceBuffer; // f32 grads
-    dB: DeviceBuffer;
-    Ab: DeviceBuffer; // bf16 copies for the GEMMs
-    Bb: DeviceBuffer;
+/** the 4-bit storage of a frozen weight on the device (bnb's layout) */
+interface Device4bit {
+    packed: DeviceBuffer;
+    absmax: DeviceBuffer | null;
+    absmaxQ: DeviceBuffer | null;
+    nestedAbsmax: DeviceBuffer | null;
+    nestedCode: DeviceBuffer | null;
+    code: DeviceBuffer;
+    offset: number;
+    blocksize: number;
+    nestedBlocksize: number;
 }
 
 function bf16Upload(values: Float32Array): DeviceBuffer {
     return DeviceBuffer.from("bf16", f32ToHalf(values, "BF16"));
 }
 
-/** the scratch buffer dequantized weights land in, and the dropout seed of the current micro-batch */
-interface CudaLinearContext {
-    readonly scratchW: DeviceBuffer;
-    dropoutSeed(index: number): number;
-}
+/**
+ * A projection's frozen weight on the device: bf16 [out, in], or 4-bit dequantized into the model's shared scratch
+ * right before each GEMM (or read by the fused dequantize + GEMV when decoding a few rows).
+ */
+class CudaWeight implements FrozenWeight<DeviceBuffer> {
+    private readonly dense: DeviceBuffer | null = null;
+    private readonly q: Device4bit | null = null;
+    /** whether the fused 4-bit GEMV takes this layer's layout (false after it refused once) */
+    private gemvUsable = true;
 
-/** one projection on the device: y = x W^T (+ b) (+ s drop(x) A^T B^T); forward hands xa = drop(x) A^T to backward */
-class CudaLinear implements GraphLinear<DeviceBuffer> {
     constructor(
-        readonly w: DeviceWeight,
-        readonly lora: DeviceLora | null,
-        private readonly index: number,
-        private readonly ctx: CudaLinearContext
-    ) {}
-
-    get inFeatures(): number {
-        return this.w.inF;
+        base: BaseLinear,
+        private readonly scratch: DeviceBuffer
+    ) {
+        this.inFeatures = base.inFeatures;
+        this.outFeatures = base.outFeatures;
+        if (base instanceof Linear4bit) {
+            const s = base.state;
+            this.q = {
+                packed: DeviceBuffer.from("u8", s.packed),
+                code: DeviceBuffer.from("f32", s.quantMap),
+                absmax: s.absmax ? DeviceBuffer.from("f32", s.absmax) : null,
+                absmaxQ: s.absmaxQ ? DeviceBuffer.from("u8", s.absmaxQ) : null,
+                nestedAbsmax: s.nestedAbsmax ? DeviceBuffer.from("f32", s.nestedAbsmax) : null,
+                nestedCode: s.nestedQuantMap ? DeviceBuffer.from("f32", s.nestedQuantMap) : null,
+                offset: s.offset,
+                blocksize: s.blocksize,
+                nestedBlocksize: s.nestedBlocksize
+            };
+        } else if (base instanceof DenseLinear) this.dense = bf16Upload(base.weightF32());
+        else throw new QloraError("the CUDA backend supports dense and 4-bit projections");
     }
-    get outFeatures(): number {
-        return this.w.outF;
-    }
+    readonly inFeatures: number;
+    readonly outFeatures: number;
 
     /** the bf16 weight: the dense copy, or the 4-bit weight dequantized into the shared scratch */
     private weight(): DeviceBuffer {
-        const {w} = this;
-        if (w.dense) return w.dense;
-        const q = w.nf4!;
+        if (this.dense) return this.dense;
+        const q = this.q!;
         cudaGemmOps().dequantize4bit(
-            this.ctx.scratchW.ptr,
+            this.scratch.ptr,
             "bf16",
             q.packed.ptr,
             q.absmax?.ptr ?? 0,
@@ -107,34 +102,20 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
             q.code.ptr,
             q.blocksize,
             q.nestedBlocksize,
-            w.outF * w.inF
+            this.outFeatures * this.inFeatures
         );
-        return this.ctx.scratchW;
+        return this.scratch;
     }
-
-    /** drop(x) into a new buffer, or null without dropout */
-    private dropped(x: DeviceBuffer, N: number): DeviceBuffer | null {
-        const l = this.lora!;
-        if (l.dropout <= 0) return null;
-        const out = DeviceBuffer.alloc("bf16", N * this.w.inF);
-        cudaLoraOps().dropoutBf16(out.ptr, x.ptr, this.ctx.dropoutSeed(this.index), l.dropout, N * this.w.inF);
-        return out;
-    }
-
-    /** whether the fused 4-bit GEMV takes this layer's layout (false after it refused once) */
-    private gemvUsable = true;
 
     /**
-     * y[N, out] = x W^T: with `fused`, for a few rows of a 4-bit weight (decoding) the fused dequantize + GEMV, else
-     * a GEMM over the bf16 weight
+     * y[M, out] = x W^T: when decoding a few rows of a 4-bit weight, the fused dequantize + GEMV; else a GEMM over
+     * the bf16 weight (training keeps the GEMM: the GEMV rounds differently, and the backward's product must match)
      */
-    private baseProduct(y: DeviceBuffer, x: DeviceBuffer, N: number, fused: boolean): void {
-        const g = cudaGemmOps(),
-            {w} = this,
-            q = w.nf4;
-        if (fused && q && this.gemvUsable && N <= GEMV_4BIT_MAX_M) {
+    product(y: DeviceBuffer, x: DeviceBuffer, M: number, decoding: boolean): void {
+        const q = this.q;
+        if (decoding && q && this.gemvUsable && M <= GEMV_4BIT_MAX_M) {
             try {
-                g.gemv4bit(
+                cudaGemmOps().gemv4bit(
                     y.ptr,
                     "bf16",
                     x.ptr,
@@ -148,9 +129,9 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
                     q.code.ptr,
                     q.blocksize,
                     q.nestedBlocksize,
-                    N,
-                    w.outF,
-                    w.inF
+                    M,
+                    this.outFeatures,
+                    this.inFeatures
                 );
                 return;
             } catch (err) {
@@ -159,98 +140,25 @@ class CudaLinear implements GraphLinear<DeviceBuffer> {
                 this.gemvUsable = false;
             }
         }
-        g.gemm(
-            false,
-            true,
-            N,
-            w.outF,
-            w.inF,
-            1,
-            x.ptr,
-            w.inF,
-            "bf16",
-            this.weight().ptr,
-            w.inF,
-            "bf16",
-            0,
-            y.ptr,
-            w.outF,
-            "bf16"
-        );
+        cudaBackend().gemm(false, true, M, this.outFeatures, this.inFeatures, 1, x, this.weight(), 0, y);
     }
 
-    forward(y: DeviceBuffer, x: DeviceBuffer, N: number, train: boolean): DeviceBuffer | null {
-        const g = cudaGemmOps(),
-            {w} = this;
-        // training keeps the GEMM: the GEMV rounds differently, and the backward's product must match the forward's
-        this.baseProduct(y, x, N, !train);
-        if (w.bias) cudaLoraOps().addBiasBf16(y.ptr, w.bias.ptr, N, w.outF);
-        const l = this.lora;
-        if (!l) return null;
-        const dropped = train ? this.dropped(x, N) : null;
-        const xa = DeviceBuffer.alloc("bf16", N * l.r);
-        g.gemm(false, true, N, l.r, w.inF, 1, (dropped ?? x).ptr, w.inF, "bf16", l.Ab.ptr, w.inF, "bf16", 0, xa.ptr, l.r, "bf16");
-        g.gemm(false, true, N, w.outF, l.r, l.scaling, xa.ptr, l.r, "bf16", l.Bb.ptr, l.r, "bf16", 1, y.ptr, w.outF, "bf16");
-        dropped?.free();
-        if (train) return xa;
-        xa.free();
-        return null;
+    productTranspose(dx: DeviceBuffer, dy: DeviceBuffer, M: number, accumulate: boolean): void {
+        cudaBackend().gemm(false, false, M, this.inFeatures, this.outFeatures, 1, dy, this.weight(), accumulate ? 1 : 0, dx);
     }
 
-    backward(dx: DeviceBuffer, dy: DeviceBuffer, x: DeviceBuffer, saved: unknown, N: number, accumulate: boolean): void {
-        const g = cudaGemmOps(),
-            {w} = this;
-        g.gemm(
-            false,
-            false,
-            N,
-            w.inF,
-            w.outF,
-            1,
-            dy.ptr,
-            w.outF,
-            "bf16",
-            this.weight().ptr,
-            w.inF,
-            "bf16",
-            accumulate ? 1 : 0,
-            dx.ptr,
-            w.inF,
-            "bf16"
-        );
-        const l = this.lora,
-            xa = saved as DeviceBuffer | null;
-        if (!l || !xa) return;
-        // dB[out, r] += s dy^T xa
-        g.gemm(true, false, w.outF, l.r, N, l.scaling, dy.ptr, w.outF, "bf16", xa.ptr, l.r, "bf16", 1, l.dB.ptr, l.r, "f32");
-        // dxa[N, r] = s dy B
-        const dxa = DeviceBuffer.alloc("bf16", N * l.r);
-        g.gemm(false, false, N, l.r, w.outF, l.scaling, dy.ptr, w.outF, "bf16", l.Bb.ptr, l.r, "bf16", 0, dxa.ptr, l.r, "bf16");
-        // dA[r, in] += dxa^T drop(x)
-        const dropped = this.dropped(x, N);
-        g.gemm(true, false, l.r, w.inF, N, 1, dxa.ptr, l.r, "bf16", (dropped ?? x).ptr, w.inF, "bf16", 1, l.dA.ptr, w.inF, "f32");
-        // dx += (dxa A) * mask
-        if (dropped) {
-            // drop(x) is no longer needed: reuse it as the [N, in] temporary
-            g.gemm(false, false, N, w.inF, l.r, 1, dxa.ptr, l.r, "bf16", l.Ab.ptr, w.inF, "bf16", 0, dropped.ptr, w.inF, "bf16");
-            cudaLoraOps().dropoutAddBf16(dx.ptr, dropped.ptr, this.ctx.dropoutSeed(this.index), l.dropout, N * w.inF);
-            dropped.free();
-        } else {
-            g.gemm(false, false, N, w.inF, l.r, 1, dxa.ptr, l.r, "bf16", l.Ab.ptr, w.inF, "bf16", 1, dx.ptr, w.inF, "bf16");
-        }
-        dxa.free();
-    }
-
-    release(saved: unknown): void {
-        (saved as DeviceBuffer | null)?.free();
+    weightInto(out: DeviceBuffer): void {
+        cudaKernelOps().bf16ToF32(out.ptr, this.weight().ptr, this.outFeatures * this.inFeatures);
     }
 }
 
-export class CudaModel implements CudaLinearContext, CausalLm {
+export class CudaModel implements CausalLm {
     readonly device = "cuda" as const;
-    readonly scratchW: DeviceBuffer; // bf16, the largest projection: dequantized weights land here
+    /** bf16, the largest projection: dequantized 4-bit weights land here */
+    private readonly scratchW: DeviceBuffer;
     private readonly graph: DecoderGraph<CudaTensors>;
-    private readonly loras: DeviceLora[] = [];
+    private readonly projections: Projection<CudaTensors>[] = [];
+    private readonly trained: TrainedFull<BackendTensor<DeviceBuffer>>;
 
     /**
      * `offloadActivations`: with gradient checkpointing, each block's input goes to host memory once the next
@@ -272,116 +180,63 @@ export class CudaModel implements CudaLinearContext, CausalLm {
             0
         );
         this.scratchW = DeviceBuffer.alloc("bf16", maxW);
+        const be = cudaBackend();
+        // full weights that train (modules_to_save): fp32 masters and gradients on the device, bf16 copies for the graph
+        this.trained = p.trainedFull ? trainedOnBackend<CudaTensors>(be, p.trainedFull) : {};
         const embed = bf16Upload(p.embed);
         const weights: GraphWeights<CudaTensors> = {
             embed,
             lmHead: p.lmHead === p.embed ? embed : bf16Upload(p.lmHead),
             finalNorm: bf16Upload(p.norm),
             invFreq: DeviceBuffer.from("f32", model.invFreq),
-            layers: p.layers.map((layer, l) => {
-                const proj = {} as Record<ProjName, CudaLinear>;
-                for (const name of PROJ_NAMES) proj[name] = this.toDevice(layer.proj[name], projectionIndex(l, name));
+            layers: p.layers.map((layer) => {
+                const proj = {} as Record<ProjName, Projection<CudaTensors>>;
+                for (const name of PROJ_NAMES) {
+                    const host = layer.proj[name];
+                    proj[name] = new Projection(be, new CudaWeight(frozenBase(host), this.scratchW), host);
+                    this.projections.push(proj[name]);
+                }
                 return {inputNorm: bf16Upload(layer.inputNorm), postNorm: bf16Upload(layer.postNorm), proj};
             })
         };
-        this.graph = new DecoderGraph(cudaBackend(), cfg, weights, {
+        this.graph = new DecoderGraph(be, cfg, weights, {
             attentionScaling: model.attentionScaling,
-            offloadActivations
+            offloadActivations,
+            trained: this.trained
         });
     }
 
-    private toDevice(layer: LinearLayer, index: number): CudaLinear {
-        const lora = layer instanceof LoraLinear ? layer : null;
-        const base = lora ? lora.base : layer;
-        const w: DeviceWeight = {
-            outF: base.outFeatures,
-            inF: base.inFeatures,
-            bias: base.bias ? bf16Upload(base.bias) : null,
-            dense: null,
-            nf4: null
-        };
-        if (base instanceof Linear4bit) {
-            const s = base.state;
-            w.nf4 = {
-                packed: DeviceBuffer.from("u8", s.packed),
-                code: DeviceBuffer.from("f32", s.quantMap),
-                absmax: s.absmax ? DeviceBuffer.from("f32", s.absmax) : null,
-                absmaxQ: s.absmaxQ ? DeviceBuffer.from("u8", s.absmaxQ) : null,
-                nestedAbsmax: s.nestedAbsmax ? DeviceBuffer.from("f32", s.nestedAbsmax) : null,
-                nestedCode: s.nestedQuantMap ? DeviceBuffer.from("f32", s.nestedQuantMap) : null,
-                offset: s.offset,
-                blocksize: s.blocksize,
-                nestedBlocksize: s.nestedBlocksize
-            };
-        } else if (base instanceof DenseLinear) {
-            w.dense = bf16Upload(base.weightF32());
-        } else throw new QloraError("the CUDA trainer supports dense and 4-bit projections");
-        let dl: DeviceLora | null = null;
-        if (lora?.lora) {
-            if (lora.dBias)
-                throw new QloraError("training biases (bias: all / lora_only) is not supported on CUDA yet; use bias: none");
-            if (lora.lora.magnitude)
-                throw new QloraError("DoRA (use_dora) is not supported on CUDA yet; train it with --device cpu");
-            const l = lora.lora;
-            dl = {
-                host: lora,
-                r: l.r,
-                scaling: l.scaling,
-                dropout: l.dropout,
-                A: DeviceBuffer.from("f32", l.A),
-                B: DeviceBuffer.from("f32", l.B),
-                dA: DeviceBuffer.zeros("f32", l.A.length),
-                dB: DeviceBuffer.zeros("f32", l.B.length),
-                Ab: DeviceBuffer.alloc("bf16", l.A.length),
-                Bb: DeviceBuffer.alloc("bf16", l.B.length)
-            };
-            this.loras.push(dl);
-            this.refreshLoraCopy(dl);
-        }
-        return new CudaLinear(w, dl, index, this);
+    /** the trainable tensors on the device, in the order of the LoRA model's trainableTensors() */
+    deviceTensors(): {name: string; param: DeviceBuffer; grad: DeviceBuffer; decay: boolean; fp32State: boolean}[] {
+        return this.allTensors().map((t) => ({
+            name: t.host.name,
+            param: t.param,
+            grad: t.grad,
+            decay: t.host.decay,
+            fp32State: t.host.fp32State ?? false
+        }));
     }
 
-    /** the mask seed of one projection in the current micro-batch: the CPU layers' seed (DropoutClock) */
-    dropoutSeed(index: number): number {
-        return this.dropoutClock.seedFor(index);
-    }
-
-    private refreshLoraCopy(l: DeviceLora): void {
-        const k = cudaKernelOps();
-        k.f32ToBf16(l.Ab.ptr, l.A.ptr, l.A.length);
-        k.f32ToBf16(l.Bb.ptr, l.B.ptr, l.B.length);
-    }
-
-    /** the trainable tensors on the device, in the order of lora.trainableTensors() (A then B per module) */
-    deviceTensors(): {name: string; param: DeviceBuffer; grad: DeviceBuffer}[] {
-        return this.loras.flatMap((l) => [
-            {name: `base_model.model.${l.host.module}.lora_A.weight`, param: l.A, grad: l.dA},
-            {name: `base_model.model.${l.host.module}.lora_B.weight`, param: l.B, grad: l.dB}
-        ]);
+    private allTensors(): BackendTensor<DeviceBuffer>[] {
+        const full = [this.trained.lmHead, this.trained.embed].filter((t) => t !== undefined);
+        return this.projections.flatMap((p) => p.tensors).concat(full);
     }
 
     zeroGrad(): void {
-        for (const l of this.loras) {
-            cuda().memset(l.dA.ptr, 0, l.dA.bytes);
-            cuda().memset(l.dB.ptr, 0, l.dB.bytes);
-        }
+        for (const t of this.allTensors()) cudaBackend().zeroParam(t.grad, t.host.grad.length);
     }
 
-    /** after the optimizer updated the f32 masters: new bf16 copies */
+    /** after the optimizer updated the fp32 masters: new bf16 copies, DoRA norms of the new weights */
     afterOptimizerStep(): void {
-        for (const l of this.loras) this.refreshLoraCopy(l);
+        this.graph.afterUpdate();
     }
 
-    /** copies the device LoRA weights (and grads) back into the host LoraLinear layers */
+    /** copies the device tensors (and grads) back into the host layers */
     syncToHost(withGrads = false): void {
-        for (const l of this.loras) {
-            const lw = l.host.lora!;
-            cuda().download(lw.A, l.A.ptr);
-            cuda().download(lw.B, l.B.ptr);
-            if (withGrads) {
-                cuda().download(l.host.dA!, l.dA.ptr);
-                cuda().download(l.host.dB!, l.dB.ptr);
-            }
+        const be = cudaBackend();
+        for (const t of this.allTensors()) {
+            be.paramToHost(t.host.param, t.param);
+            if (withGrads) be.paramToHost(t.host.grad, t.grad);
         }
     }
 

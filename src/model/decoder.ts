@@ -6,7 +6,11 @@ import {cpu, halfToF32} from "../backend/cpu.js";
 import {cpuBackend, type CpuTensors} from "../backend/cpu-backend.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {computeRopeInvFreq} from "./rope.js";
-import {DenseLinear, HostGraphLinear, type LinearLayer} from "../backend/linear.js";
+import {DenseLinear, type LinearLayer} from "../backend/linear.js";
+import {frozenBase} from "../lora/layer.js";
+import {Projection} from "../lora/projection.js";
+import {trainedOnBackend, type TrainedFull} from "./graph.js";
+import type {TrainableTensor} from "../lora/layer.js";
 import {DecoderGraph, KVCache, shiftTargets, type GraphWeights, type LossResult, type TrainBatch} from "./graph.js";
 import type {CausalLm} from "./causal-lm.js";
 
@@ -46,8 +50,8 @@ export interface DecoderParams {
     layers: DecoderLayer[];
     norm: Float32Array; // [C]
     lmHead: Float32Array; // [V, C], the embedding itself when tied
-    /** gradients of full weights that train (LoRA's modules_to_save): the embedding and/or the output layer */
-    fullGrads?: {embed?: Float32Array; lmHead?: Float32Array};
+    /** full weights that train (LoRA's modules_to_save): the embedding and/or the output layer, with gradients */
+    trainedFull?: TrainedFull<TrainableTensor>;
 }
 
 export interface ForwardOptions {
@@ -170,9 +174,9 @@ export class DecoderModel implements CausalLm {
 
     /**
      * The decoder graph over the CPU backend with this model's current layers (LoRA wraps them after loading,
-     * so the graph is made when asked for). `fullGrads`: the trainer's gradients of full weights (modules_to_save).
+     * so the graph is made when asked for). `trainFull`: the full weights that train (modules_to_save) get gradients.
      */
-    hostGraph(options: {fullGrads?: DecoderParams["fullGrads"]} = {}): DecoderGraph<CpuTensors> {
+    hostGraph(options: {trainFull?: boolean} = {}): DecoderGraph<CpuTensors> {
         const p = this.params;
         const weights: GraphWeights<CpuTensors> = {
             embed: p.embed,
@@ -180,12 +184,17 @@ export class DecoderModel implements CausalLm {
             finalNorm: p.norm,
             invFreq: this.invFreq,
             layers: p.layers.map((layer) => {
-                const proj = {} as Record<ProjName, HostGraphLinear>;
-                for (const name of PROJ_NAMES) proj[name] = new HostGraphLinear(layer.proj[name]);
+                const proj = {} as Record<ProjName, Projection<CpuTensors>>;
+                for (const name of PROJ_NAMES)
+                    proj[name] = new Projection(cpuBackend(), frozenBase(layer.proj[name]), layer.proj[name]);
                 return {inputNorm: layer.inputNorm, postNorm: layer.postNorm, proj};
             })
         };
-        return new DecoderGraph(cpuBackend(), this.config, weights, {attentionScaling: this.attentionScaling, ...options});
+        const full = options.trainFull ? p.trainedFull : undefined;
+        return new DecoderGraph(cpuBackend(), this.config, weights, {
+            attentionScaling: this.attentionScaling,
+            trained: full && trainedOnBackend<CpuTensors>(cpuBackend(), full)
+        });
     }
 
     /**

@@ -17,6 +17,8 @@ import type {Backend, GraphLinear, LossResult, TensorTypes} from "../backend/bac
 import {countNonFinite} from "../backend/cpu.js";
 import {MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
 import type {ProjName} from "./weights.js";
+import type {TrainableTensor} from "../lora/layer.js";
+import {backendTensor, type BackendTensor} from "../lora/projection.js";
 
 export type {LossResult};
 
@@ -57,10 +59,30 @@ export interface GraphOptions<X extends TensorTypes> {
     attentionScaling: number;
     /** with gradient checkpointing, block inputs wait in host memory for the recomputation (Unsloth's offload) */
     offloadActivations?: boolean;
-    /** gradients of full weights that train (modules_to_save): fp32 host [V, C] */
-    fullGrads?: {embed?: Float32Array; lmHead?: Float32Array};
+    /**
+     * full weights that train (modules_to_save): fp32 masters and gradients [V, C] on the backend; weights.embed /
+     * lmHead are their compute copies (refreshed by afterUpdate)
+     */
+    trained?: TrainedFull<BackendTensor<X["f"]>>;
     /** only for the type: the backend's tensors */
     tensors?: X;
+}
+
+/** the full weights that can train (PEFT's modules_to_save), one thing each */
+export interface TrainedFull<T> {
+    embed?: T;
+    lmHead?: T;
+}
+
+/** the trained full weights of the host model as backend tensors */
+export function trainedOnBackend<X extends TensorTypes>(
+    be: Backend<X>,
+    full: TrainedFull<TrainableTensor>
+): TrainedFull<BackendTensor<X["f"]>> {
+    return {
+        embed: full.embed && backendTensor(be, full.embed),
+        lmHead: full.lmHead && backendTensor(be, full.lmHead)
+    };
 }
 
 /** per-layer key/value tensors [B, capacity, Hkv, D] for incremental decoding, on one backend */
@@ -194,6 +216,15 @@ export class DecoderGraph<X extends TensorTypes> {
         this.scale = 1 / Math.sqrt(config.headDim);
     }
 
+    /** after an optimizer step changed the trainable tensors: the projections refresh what they derive from them */
+    afterUpdate(): void {
+        for (const layer of this.weights.layers) for (const p of Object.values(layer.proj)) p.afterUpdate();
+        const t = this.options.trained,
+            w = this.weights;
+        if (t?.embed) this.backend.computeCopy(t.embed.param, t.embed.host.param.length, w.embed);
+        if (t?.lmHead) this.backend.computeCopy(t.lmHead.param, t.lmHead.host.param.length, w.lmHead);
+    }
+
     /** runs forward (and backward unless noBackward) on one micro-batch; parameter gradients accumulate */
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
         const be = this.backend,
@@ -243,7 +274,7 @@ export class DecoderGraph<X extends TensorTypes> {
             opts.lossScale,
             dxf,
             opts.lossChunkRows ?? be.lossChunkRows,
-            train ? (this.options.fullGrads?.lmHead ?? null) : null
+            train ? (this.options.trained?.lmHead?.grad ?? null) : null
         );
         be.free(xf);
         if (!train || !dxf) {
@@ -272,7 +303,7 @@ export class DecoderGraph<X extends TensorTypes> {
             be.free(inputs[l + 1] as X["f"]);
             acts[l] = null;
         }
-        const dEmbed = this.options.fullGrads?.embed;
+        const dEmbed = this.options.trained?.embed?.grad;
         if (dEmbed) be.embeddingBackward(dEmbed, dx, ids, N, V, C);
         for (const t of [dx, inputs[0] as X["f"], ids]) be.free(t);
         this.freeContext(ctx);

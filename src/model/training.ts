@@ -19,12 +19,17 @@ export class DecoderTrainer {
         readonly model: DecoderModel,
         private readonly dropoutClock: DropoutClock | null = null
     ) {
-        this.graph = model.hostGraph({fullGrads: model.params.fullGrads});
+        this.graph = model.hostGraph({trainFull: true});
     }
 
     /** runs forward (and backward unless noBackward) on one micro-batch; parameter gradients accumulate */
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
         if (!opts.noBackward && this.dropoutClock) this.dropoutClock.microBatch++;
         return this.graph.forwardBackward(batch, opts);
+    }
+
+    /** after the optimizer updated the host tensors (DoRA's norms follow the weights) */
+    afterOptimizerStep(): void {
+        this.graph.afterUpdate();
     }
 }

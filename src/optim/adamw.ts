@@ -180,7 +180,12 @@ function resolveOptions(options: AdamWOptions): ResolvedAdamWOptions {
     return resolved;
 }
 
-function stateKindFor(numel: number, fp32State: boolean, options: ResolvedAdamWOptions): StateKind {
+/** the optimizer state a tensor gets: 8-bit blockwise only under 8-bit optimizers, for large tensors not kept in fp32 */
+export function stateKindFor(
+    numel: number,
+    fp32State: boolean,
+    options: Pick<ResolvedAdamWOptions, "variant" | "optimBits" | "min8bitSize">
+): StateKind {
     if (options.variant === "torch") return "torch32";
     if (options.optimBits === 8 && !fp32State && numel >= options.min8bitSize) return "bnb8";
     return "bnb32";

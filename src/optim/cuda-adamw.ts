@@ -5,7 +5,7 @@
 import {QloraError} from "../errors.js";
 import {cuda, DeviceBuffer} from "../backend/cuda.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
-import type {OptimizerStateDict} from "./adamw.js";
+import {stateKindFor, type OptimizerStateDict} from "./adamw.js";
 
 /** AdamW over device tensors (the transformers optim names; 8-bit states for >= 4096 elements) */
 export class CudaAdamW {
@@ -26,7 +26,7 @@ export class CudaAdamW {
     private readonly sumsq: DeviceBuffer;
 
     constructor(
-        tensors: {name: string; param: DeviceBuffer; grad: DeviceBuffer; decay: boolean}[],
+        tensors: {name: string; param: DeviceBuffer; grad: DeviceBuffer; decay: boolean; fp32State?: boolean}[],
         readonly opts: {
             optimBits: 32 | 8;
             paged: boolean;
@@ -47,7 +47,7 @@ export class CudaAdamW {
         };
         for (const t of tensors) {
             const n = t.param.length;
-            const kind = opts.variant === "torch" ? "torch32" : opts.optimBits === 8 && n >= opts.min8bitSize ? "bnb8" : "bnb32";
+            const kind = stateKindFor(n, t.fp32State ?? false, opts);
             const bytes = kind === "bnb8" ? n : n * 4;
             const blocks = Math.ceil(n / opts.blocksize);
             this.slots.push({

@@ -6,7 +6,7 @@ import type {DropoutClock} from "../backend/dropout.js";
 import {Rng} from "../backend/rng.js";
 import type {ModelConfig} from "../io/hf-config.js";
 import {checkRankFits, LORA_DEFAULTS, loraScaling, validateLoraConfig, type LoraConfig} from "../lora/config.js";
-import {baseWeightF32, doraRowNorms, LoraLinear, type TrainableTensor} from "../lora/layer.js";
+import {baseWeightF32, doraRowNorms, frozenBase, LoraLinear, type TrainableTensor} from "../lora/layer.js";
 import {matchTargets} from "../lora/targets.js";
 import type {DecoderModel} from "../model/decoder.js";
 import {expectedTensors, PROJ_NAMES, projectionIndex, projModule, type ProjName} from "../model/weights.js";
@@ -17,7 +17,6 @@ export interface LoraModel {
     /** every wrapped module, by its module name */
     layers: Map<string, LoraLinear>;
     trainableTensors(): TrainableTensor[];
-    setTraining(on: boolean): void;
     zeroGrad(): void;
 }
 
@@ -67,7 +66,10 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
     const layers = new Map<string, LoraLinear>();
     const full = fullCopies(model, config.modules_to_save ?? [], opts.weights);
     for (const m of modules) {
-        const base = model.params.layers[m.layer].proj[m.proj];
+        const slot = model.params.layers[m.layer].proj[m.proj];
+        // one adapter per model: a second would wrap the first's layer and train both
+        if (slot instanceof LoraLinear) throw new Error(`${m.name} already has a LoRA adapter; load a fresh base model`);
+        const base = frozenBase(slot);
         const isTarget = targets.has(m.name);
         const trainBias = config.bias === "all" || (config.bias === "lora_only" && isTarget);
         if (!isTarget && !(trainBias && base.bias)) continue;
@@ -116,10 +118,6 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
         config,
         layers,
         trainableTensors: () => [...layers.values()].flatMap((l) => l.trainableTensors()).concat(full),
-        setTraining: (on) =>
-            layers.forEach((l) => {
-                l.training = on;
-            }),
         zeroGrad: () => {
             layers.forEach((l) => l.zeroGrad());
             full.forEach((t) => t.grad.fill(0));
@@ -143,19 +141,26 @@ function fullCopies(model: DecoderModel, names: string[], weights?: Map<string, 
         if (w.length !== V * C) throw new QloraError(`${key} has ${w.length} values, the model needs [${V}, ${C}]`);
         return w;
     };
-    p.fullGrads = {};
+    p.trainedFull = {};
     if (wanted.has("lm_head")) {
         const key = "base_model.model.lm_head.weight";
         p.lmHead = copy(key, p.lmHead);
-        p.fullGrads.lmHead = new Float32Array(V * C);
-        out.push({name: key, param: p.lmHead, grad: p.fullGrads.lmHead, shape: [V, C], decay: true});
+        p.trainedFull.lmHead = {name: key, param: p.lmHead, grad: new Float32Array(V * C), shape: [V, C], decay: true};
+        out.push(p.trainedFull.lmHead);
     }
     if (wanted.has("embed_tokens")) {
         const key = "base_model.model.model.embed_tokens.weight";
         // as in PEFT, a tied output layer keeps the original weight: only the input embedding is the trained copy
         p.embed = copy(key, p.embed);
-        p.fullGrads.embed = new Float32Array(V * C);
-        out.push({name: key, param: p.embed, grad: p.fullGrads.embed, shape: [V, C], decay: true, fp32State: true});
+        p.trainedFull.embed = {
+            name: key,
+            param: p.embed,
+            grad: new Float32Array(V * C),
+            shape: [V, C],
+            decay: true,
+            fp32State: true
+        };
+        out.push(p.trainedFull.embed);
     }
     return out;
 }

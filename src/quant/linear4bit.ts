@@ -3,7 +3,7 @@
 // 0.5 bytes a weight at rest and the scratch never exceeds one tile whatever the layer size.
 import {QloraError} from "../errors.js";
 import {cpu, type DenseWeight} from "../backend/cpu.js";
-import type {LinearLayer} from "../backend/linear.js";
+import type {BaseLinear} from "../backend/linear.js";
 import {dequantize4bit, dequantize4bitRowsInto, quantize4bit, type Quantize4bitOptions, type QuantState4bit} from "./nf4.js";
 
 /** default scratch tile: 8 Mi floats (32 MiB); a 7B model's largest projection takes four tiles */
@@ -31,7 +31,7 @@ export interface Linear4bitOptions {
     tileElements?: number;
 }
 
-export class Linear4bit implements LinearLayer {
+export class Linear4bit implements BaseLinear {
     readonly outFeatures: number;
     readonly inFeatures: number;
     /** rows of W dequantized per GEMM */
@@ -63,6 +63,12 @@ export class Linear4bit implements LinearLayer {
 
     /** out[M, out] = x[M, in] @ W^T + bias */
     forward(out: Float32Array, x: Float32Array, M: number): void {
+        this.product(out, x, M);
+        if (this.bias) cpu().addBias(out, out, this.bias, M, this.outFeatures);
+    }
+
+    /** y[M, out] = x[M, in] @ W^T, a tile of dequantized rows at a time */
+    product(y: Float32Array, x: Float32Array, M: number): void {
         const ops = cpu();
         const N = this.outFeatures,
             K = this.inFeatures;
@@ -70,14 +76,18 @@ export class Linear4bit implements LinearLayer {
         for (let r0 = 0; r0 < N; r0 += this.tileRows) {
             const rows = Math.min(this.tileRows, N - r0);
             dequantize4bitRowsInto(w, this.state, r0, rows);
-            // columns [r0, r0 + rows) of out, row stride N
-            ops.sgemm(false, true, M, rows, K, 1, x, K, w, K, 0, r0 === 0 ? out : out.subarray(r0), N);
+            // columns [r0, r0 + rows) of y, row stride N
+            ops.sgemm(false, true, M, rows, K, 1, x, K, w, K, 0, r0 === 0 ? y : y.subarray(r0), N);
         }
-        if (this.bias) ops.addBias(out, out, this.bias, M, N);
+    }
+
+    /** out (=) the dequantized weight [out, in] */
+    weightInto(out: Float32Array): void {
+        dequantize4bitRowsInto(out, this.state, 0, this.outFeatures);
     }
 
     /** dx[M, in] (= or += when accumulate) = dy[M, out] @ W: the gradient through the frozen weight */
-    backwardInput(dx: Float32Array, dy: Float32Array, M: number, accumulate: boolean): void {
+    productTranspose(dx: Float32Array, dy: Float32Array, M: number, accumulate: boolean): void {
         const ops = cpu();
         const N = this.outFeatures,
             K = this.inFeatures;

@@ -123,6 +123,7 @@ class CpuEngine implements TrainEngine {
     }
     optimizerStep(lr: number): void {
         this.optimizer.step(lr);
+        this.trainer.afterOptimizerStep();
     }
     syncToHost(): void {}
     setMicroBatchIndex(n: number): void {
@@ -155,8 +156,6 @@ class CudaEngine implements TrainEngine {
         private readonly dropoutClock: DropoutClock,
         offloadActivations: boolean
     ) {
-        if (model.params.fullGrads?.embed || model.params.fullGrads?.lmHead)
-            throw new QloraError("modules_to_save is not supported on CUDA yet; train it with --device cpu");
         this.trainer = new CudaModel(model, dropoutClock, offloadActivations);
         const names = new Set(lora.trainableTensors().map((t) => t.name));
         const device = this.trainer.deviceTensors();
@@ -164,7 +163,7 @@ class CudaEngine implements TrainEngine {
             throw new Error("the device tensors do not match the LoRA model's trainable tensors");
         const o = optimizerOptionsFor(optim, args);
         this.optimizer = new CudaAdamW(
-            device.map((t) => ({...t, decay: weightDecayFor(t.name)})),
+            device.map((t) => ({...t, decay: t.decay && weightDecayFor(t.name)})),
             o,
             optimizerDynamicMaps()
         );

@@ -325,7 +325,6 @@ async function trainInOutputDir(
             {initRng: new Rng(config.seed), dropoutClock}
         );
     lora.config.base_model_name_or_path ??= path.basename(config.model);
-    lora.setTraining(true);
     const engine = createEngine(
         device,
         model,
@@ -461,7 +460,6 @@ async function trainInOutputDir(
 
     const evaluate = async (): Promise<{loss: number; tokens: number} | null> => {
         if (!evalData) return null;
-        lora.setTraining(false);
         const evalLoader = new DataLoader(evalData.rows, {
             batchSize: config.per_device_eval_batch_size,
             padTokenId: padTokenIdOf(tokenizer),
@@ -476,7 +474,6 @@ async function trainInOutputDir(
             count += r.targets;
             await yieldToEventLoop();
         }
-        lora.setTraining(true);
         return {loss: sum / Math.max(1, count), tokens: count};
     };
     const checkpointParts = () => {

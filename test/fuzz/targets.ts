@@ -80,7 +80,6 @@ export async function runTarget(kind: TargetKind, p: Record<string, unknown>): P
         case "load-adapter": {
             const model = await DecoderModel.load(p.model as string);
             const lora = await loadAdapter(p.adapter as string, model);
-            lora.setTraining(false);
             const bad =
                 findNonFinite(
                     lora.trainableTensors().map((t) => ({[t.name]: t.param})),

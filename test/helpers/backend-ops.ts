@@ -15,7 +15,11 @@
 //     the embedding gradient (plain fp32 sums), 1e-3 for logits and 2e-3 for lse (tensor-core sums in another
 //     order; test/gpu/attention.test.ts allows lse 2e-3 too).
 // Copies (embedding, cacheWrite) and the residual add are exact on both: the expected value is the input, or the
-// fp32 sum rounded by the backend's own storage (io.round).
+// fp32 sum rounded by the backend's own storage (io.round). So are the projection layers' elementwise ops with one
+// rounding (addBias, dropout, divide), the fp32 round trips of trainable tensors (param, paramToHost, zeroParam)
+// and the compute copies (computeCopy: io.round of the master). Their other ops: gemm 1e-5 on fp32 (1e-5 for fp32
+// masters on CUDA too: no TF32), bf16 outputs BF16_OUT, fp32 outputs of bf16 inputs 1e-4 (tensor-core sums);
+// columnSums and rowNorms 1e-6 (fp32 results of float64 sums); scaleColumns and dropoutAdd 1e-6 / BF16_OUT.
 //
 // Each case prints one llm.c-style line: `OK     op  shape  maxRel ... (tol ...)` or `NOT OK ...` followed by the
 // failing checks.
@@ -25,7 +29,7 @@ import type {Backend, TensorTypes} from "../../src/backend/backend.js";
 import {cpuBackend, type CpuTensors} from "../../src/backend/cpu-backend.js";
 import {cudaBackend, type CudaTensors} from "../../src/backend/cuda-backend.js";
 import {DeviceBuffer} from "../../src/backend/cuda.js";
-import {f32ToHalf, halfToF32} from "../../src/backend/cpu.js";
+import {cpu, f32ToHalf, halfToF32} from "../../src/backend/cpu.js";
 import {parseModelConfig} from "../../src/io/hf-config.js";
 import {computeRopeInvFreq} from "../../src/model/rope.js";
 import {Prng, randn32} from "./prng.js";
@@ -39,12 +43,16 @@ import {
     refAttention,
     refAttentionBackward,
     refCausalLmLoss,
+    refColumnSums,
     refEmbedding,
     refEmbeddingBackward,
+    refGemm,
     refLogits,
     refRmsnorm,
     refRmsnormBackward,
     refRope,
+    refRowNorms,
+    refScaleColumns,
     refSwiglu,
     refSwigluBackward,
     rms,
@@ -159,6 +167,15 @@ export class CaseRun<X extends TensorTypes> {
         return this.own(this.io.uploadStats(host));
     }
 
+    /**
+     * an fp32 tensor made by be.param (a trainable tensor's master or gradient) holding `host` exactly; from a copy,
+     * as the CPU's param returns the array itself and ops then write it
+     */
+    param(host: ArrayLike<number>): Held<X["f"]> {
+        const h = Float32Array.from(host);
+        return {t: this.own(this.be.param(Float32Array.from(h))), v: f64(h)};
+    }
+
     indices(host: ArrayLike<number>): X["i"] {
         return this.own(this.be.indices(Int32Array.from(host)));
     }
@@ -228,8 +245,8 @@ export class CaseRun<X extends TensorTypes> {
 
 /**
  * the ops of the Backend interface, and the storage methods with a contract of their own (zeros, with activation
- * and stats; offload then restore): a method added there and not here fails to compile. indices, mask and free
- * serve every case.
+ * and stats; offload then restore; the trainable tensors' param, paramToHost, zeroParam, computeCopy): a method
+ * added there and not here fails to compile. indices, mask and free serve every case.
  */
 const OP_NAMES = {
     embedding: true,
@@ -248,7 +265,19 @@ const OP_NAMES = {
     causalLmLoss: true,
     logits: true,
     zeros: true,
-    offload: true
+    offload: true,
+    param: true,
+    paramToHost: true,
+    zeroParam: true,
+    computeCopy: true,
+    gemm: true,
+    dropout: true,
+    dropoutAdd: true,
+    addBias: true,
+    scaleColumns: true,
+    columnSums: true,
+    rowNorms: true,
+    divide: true
 } satisfies Record<
     Exclude<
         keyof Backend<TensorTypes>,
@@ -984,6 +1013,365 @@ for (const [N, C, V, rows] of [
             const got = r.be.logits(hidden.t, rows ? [...rows] : null, head.t, N, C, V);
             const want = refLogits(hidden.v, rows ? [...rows] : Array.from({length: N}, (_, i) => i), head.v, C, V);
             r.close("logits (fp32)", got, want, {float32: 1e-5, bfloat16: 1e-3});
+        }
+    });
+}
+
+// ---- trainable tensors: fp32 masters and gradients on the backend, and their compute copies
+
+/** randn values with edge cases up front: -0, a subnormal, near the fp32 maximum, tiny and huge magnitudes */
+function paramHost(rng: Prng, n: number): Float32Array {
+    const h = randn32(rng, n, 3);
+    [-0, 1e-40, -3.4e38, 1e-30, 65504].forEach((e, i) => {
+        if (i < n) h[i] = e;
+    });
+    return h;
+}
+
+for (const n of [1, 17, 4099]) {
+    OP_CASES.push({
+        op: "param",
+        shape: `n=${n} then paramToHost`,
+        run(r) {
+            const host = paramHost(r.rng, n);
+            const hc = Float32Array.from(host);
+            const p = r.own(r.be.param(hc));
+            if (r.be.device === "cpu") r.that("CPU: param(host) is host itself", p === hc);
+            r.exact("holds host (fp32)", r.get(p), host);
+            const back = nanFilled(n);
+            r.be.paramToHost(back, p);
+            r.exact("paramToHost(param(host)) = host", back, host);
+            r.exact("host untouched", hc, host);
+        }
+    });
+    OP_CASES.push({
+        op: "paramToHost",
+        shape: `n=${n} after columnSums wrote it`,
+        run(r) {
+            // a gradient as the projection keeps it: be.param(host.grad), accumulated by an op, then synced
+            const pre = randn32(r.rng, n);
+            const hostGrad = Float32Array.from(pre);
+            const g = r.own(r.be.param(hostGrad));
+            const a = r.randn(3 * n);
+            r.be.columnSums(g, a.t, null, null, 3, n);
+            const held = r.get(g);
+            const sums = refColumnSums(a.v, null, null, 3, n);
+            r.close(
+                "the tensor holds pre + sums",
+                held,
+                sums.map((s, i) => s + pre[i]),
+                {float32: 1e-6, bfloat16: 1e-6}
+            );
+            const other = nanFilled(n);
+            r.be.paramToHost(other, g);
+            r.exact("into another array: the tensor's values", other, held);
+            r.be.paramToHost(hostGrad, g); // a no-op where they share memory (the CPU)
+            r.exact("into the array param() was made from", hostGrad, held);
+        }
+    });
+    OP_CASES.push({
+        op: "zeroParam",
+        shape: `n=${n}`,
+        run(r) {
+            const p = r.param(randn32(r.rng, n, 1, 3));
+            r.be.zeroParam(p.t, n);
+            r.exact("param: all 0", r.get(p.t), new Float64Array(n));
+            const back = nanFilled(n);
+            r.be.paramToHost(back, p.t);
+            r.exact("paramToHost: all 0", back, new Float64Array(n));
+            const s = r.own(r.be.stats(n));
+            r.be.zeroParam(s, n);
+            r.exact("stats(n): all 0", r.get(s), new Float64Array(n));
+        }
+    });
+    OP_CASES.push({
+        op: "computeCopy",
+        shape: `n=${n} into a tensor and a new one`,
+        run(r) {
+            const host = paramHost(r.rng, n);
+            const p = r.param(host);
+            // the activation dtype's values (bf16 on CUDA, where -3.4e38 rounds to -inf as io.round has it)
+            const want = f64(r.io.round(host));
+            const into = r.out(n);
+            const c1 = r.be.computeCopy(p.t, n, into);
+            r.exact("into: the master in the activation dtype", r.get(c1), want);
+            const c2 = r.be.computeCopy(p.t, n, null);
+            if (c2 !== p.t) r.own(c2);
+            r.exact("new: the master in the activation dtype", r.get(c2), want);
+            if (r.be.device === "cpu") r.that("CPU: returns t itself", c1 === p.t && c2 === p.t);
+            else r.that("returns `into`, or a new tensor", c1 === into && c2 !== p.t && c2 !== into);
+            r.exact("the master untouched", r.get(p.t), p.v);
+        }
+    });
+}
+
+// ---- the projection layers' GEMM: C[M, N] = alpha op(A) op(B) + beta C, beta 0 onto NaN (C write-only) then 1
+
+type GemmKind = "C activation" | "C fp32" | "fp32 masters";
+
+const GEMM_KINDS: {kind: GemmKind; what: string; tol: Tol}[] = [
+    // fp32 sums; bf16: the output's storage rounding
+    {kind: "C activation", what: "A, B activations", tol: {float32: 1e-5, bfloat16: BF16_OUT}},
+    // gradients accumulated in fp32 (dA, dB): bf16 products exact, fp32 tensor-core sums in their own order
+    {kind: "C fp32", what: "A, B activations; C fp32 (stats, param)", tol: {float32: 1e-5, bfloat16: 1e-4}},
+    // DoRA's W + s B A on the fp32 masters: fp32 FMA sums on both (TF32 would give ~1e-3)
+    {kind: "fp32 masters", what: "A, B, C fp32 (param)", tol: {float32: 1e-5, bfloat16: 1e-5}}
+];
+const GEMM_SHAPES = [
+    [1, 17, 3],
+    [17, 1, 33],
+    [33, 70, 1],
+    [70, 3, 17]
+] as const;
+const GEMM_ALPHAS = [0.5, -1.75, Math.fround(1 / 3), 2];
+
+for (const {kind, what, tol} of GEMM_KINDS)
+    GEMM_SHAPES.forEach(([M, N, K], si) => {
+        for (const tA of [false, true])
+            for (const tB of [false, true]) {
+                const a0 = GEMM_ALPHAS[si],
+                    a1 = GEMM_ALPHAS[(si + 1) % GEMM_ALPHAS.length];
+                OP_CASES.push({
+                    op: "gemm",
+                    shape: `${kind} M=${M} N=${N} K=${K} ${tA ? "A^T" : "A"} ${tB ? "B^T" : "B"}`,
+                    run(r) {
+                        const masters = kind === "fp32 masters";
+                        const A = masters ? r.param(randn32(r.rng, M * K)) : r.randn(M * K),
+                            B = masters ? r.param(randn32(r.rng, K * N)) : r.randn(K * N);
+                        // beta 0: C is write-only (NaN-filled; r.stats is the dtype of be.stats)
+                        const C0 = kind === "C activation" ? r.out(M * N) : r.stats(M * N);
+                        r.be.gemm(tA, tB, M, N, K, a0, A.t, B.t, 0, C0);
+                        r.close(
+                            `${what}: alpha=${+a0.toPrecision(3)} beta=0`,
+                            r.get(C0),
+                            refGemm(tA, tB, M, N, K, a0, A.v, B.v, 0, null),
+                            tol
+                        );
+                        // beta 1: accumulation onto C
+                        const C1 = kind === "C activation" ? r.randn(M * N) : r.param(randn32(r.rng, M * N));
+                        r.be.gemm(tA, tB, M, N, K, a1, A.t, B.t, 1, C1.t);
+                        r.close(
+                            `${what}: alpha=${+a1.toPrecision(3)} beta=1`,
+                            r.get(C1.t),
+                            refGemm(tA, tB, M, N, K, a1, A.v, B.v, 1, C1.v),
+                            tol
+                        );
+                        r.exact("A untouched", r.get(A.t), A.v);
+                        r.exact("B untouched", r.get(B.t), B.v);
+                    }
+                });
+            }
+    });
+
+// ---- dropout: the counter-based mask of the CPU addon (native/include/qlora_dropout.h), the same on every device
+
+/** the mask as the CPU addon draws it: keep / (1 - p) or 0 */
+function dropoutMask(seed: number, p: number, n: number): Float32Array {
+    const mask = new Float32Array(n);
+    cpu().dropoutMask(mask, seed, p, n);
+    return mask;
+}
+
+const DROPOUT_CASES = [
+    {n: 1, p: 0.1, seed: 2 ** 52 + 1, tag: "2^52+1"},
+    {n: 17, p: 0.5, seed: 2 ** 52 - 17, tag: "2^52-17"},
+    {n: 4099, p: 0.1, seed: 2 ** 52 + 123457, tag: "2^52+123457"},
+    {n: 100003, p: 0.5, seed: 2 ** 52 + 2 ** 40 + 3, tag: "2^52+2^40+3"}
+];
+
+/** for large n: the kept fraction within 5 sigma of 1 - p (the mask is no constant) */
+function keptFraction<X extends TensorTypes>(r: CaseRun<X>, mask: Float32Array, p: number): void {
+    const n = mask.length;
+    if (n < 1000) return;
+    const kept = mask.reduce((c, m) => c + (m !== 0 ? 1 : 0), 0) / n;
+    r.that(`kept fraction ~ ${1 - p}`, Math.abs(kept - (1 - p)) <= 5 * Math.sqrt((p * (1 - p)) / n), `kept ${kept}`);
+}
+
+for (const {n, p, seed, tag} of DROPOUT_CASES) {
+    const shape = `n=${n} p=${p} seed=${tag}`;
+    OP_CASES.push({
+        op: "dropout",
+        shape,
+        run(r) {
+            const x = r.randn(n);
+            const mask = dropoutMask(seed, p, n);
+            keptFraction(r, mask, p);
+            // one fp32 product, then the backend's storage rounding: exact
+            const want = f64(r.io.round(Float32Array.from(x.v, (v, i) => v * mask[i])));
+            const out = r.out(n);
+            r.be.dropout(out, x.t, seed, p, n);
+            r.exact("out = x * mask", r.get(out), want);
+            r.exact("x untouched", r.get(x.t), x.v);
+            const y = r.upload(Float32Array.from(x.v));
+            r.be.dropout(y.t, y.t, seed, p, n);
+            r.exact("in place (out = x): x * mask", r.get(y.t), want);
+        }
+    });
+    OP_CASES.push({
+        op: "dropoutAdd",
+        shape,
+        run(r) {
+            const y = r.randn(n),
+                x = r.randn(n);
+            const mask = dropoutMask(seed, p, n);
+            keptFraction(r, mask, p);
+            r.be.dropoutAdd(y.t, x.t, seed, p, n);
+            const got = r.get(y.t);
+            const dropped = [...mask.keys()].filter((i) => mask[i] === 0);
+            r.exact(`${dropped.length} dropped: y untouched`, pick(got, dropped), pick(y.v, dropped));
+            // one fp32 rounding of the sum (fused or not on CUDA), then the backend's storage rounding
+            r.close(
+                "y += x * mask",
+                got,
+                y.v.map((v, i) => v + x.v[i] * mask[i]),
+                {float32: 1e-6, bfloat16: BF16_OUT}
+            );
+            r.exact("x untouched", r.get(x.t), x.v);
+        }
+    });
+}
+
+// ---- bias, DoRA's column scaling, the bias and magnitude gradients, the weight norms
+
+for (const [M, N] of [
+    [1, 1],
+    [3, 17],
+    [17, 33],
+    [70, 4099]
+]) {
+    OP_CASES.push({
+        op: "addBias",
+        shape: `M=${M} N=${N}`,
+        run(r) {
+            const y = r.randn(M * N),
+                bias = r.randn(N, 0.5); // the bias's compute copy: an activation tensor
+            r.be.addBias(y.t, bias.t, M, N);
+            // one fp32 sum, then the backend's storage rounding: exact
+            r.exact("y += bias", r.get(y.t), f64(r.io.round(Float32Array.from(y.v, (v, i) => v + bias.v[i % N]))));
+            r.exact("bias untouched", r.get(bias.t), bias.v);
+        }
+    });
+}
+
+// fp32 products and sums; bf16: the output's storage rounding
+const SCALE_TOL = {float32: 1e-6, bfloat16: BF16_OUT};
+
+for (const [M, N] of [
+    [1, 1],
+    [3, 17],
+    [33, 4099]
+])
+    for (const offset of [0, -1])
+        for (const accumulate of [false, true]) {
+            OP_CASES.push({
+                op: "scaleColumns",
+                shape: `M=${M} N=${N} offset=${offset} ${accumulate ? "+=" : "="}`,
+                run(r) {
+                    const x = r.randn(M * N),
+                        k = r.param(randn32(r.rng, N, 0.3, 1)); // fp32 k = m / norm ~ 1
+                    const pre = accumulate ? r.randn(M * N) : null;
+                    const out = pre ? pre.t : r.out(M * N);
+                    r.be.scaleColumns(out, x.t, k.t, offset, M, N, accumulate);
+                    const op = accumulate ? "+=" : "=";
+                    r.close(
+                        `out ${op} x (k + offset)`,
+                        r.get(out),
+                        refScaleColumns(x.v, k.v, offset, M, N, pre?.v ?? null),
+                        SCALE_TOL
+                    );
+                    r.exact("x untouched", r.get(x.t), x.v);
+                    const xa = r.upload(Float32Array.from(x.v));
+                    r.be.scaleColumns(xa.t, xa.t, k.t, offset, M, N, accumulate);
+                    r.close(
+                        `out aliasing x: x ${op} x (k + offset)`,
+                        r.get(xa.t),
+                        refScaleColumns(x.v, k.v, offset, M, N, accumulate ? x.v : null),
+                        SCALE_TOL
+                    );
+                }
+            });
+        }
+
+// fp32 results of float64 sums on both backends
+const SUMS_TOL = {float32: 1e-6, bfloat16: 1e-6};
+
+for (const [M, N] of [
+    [1, 1],
+    [17, 33],
+    [257, 4099]
+])
+    for (const withB of [false, true])
+        for (const withDiv of [false, true]) {
+            OP_CASES.push({
+                op: "columnSums",
+                shape: `M=${M} N=${N} ${withB ? "a*b" : "a"}${withDiv ? " / div" : ""}`,
+                run(r) {
+                    const a = r.randn(M * N),
+                        b = withB ? r.randn(M * N) : null;
+                    // div: DoRA's weight norms (fp32, positive)
+                    const div = withDiv ? r.param(randn32(r.rng, N).map((v) => 0.5 + Math.abs(v))) : null;
+                    const pre = randn32(r.rng, N); // a previous micro-batch's gradient: +=
+                    const dst = r.param(pre);
+                    r.be.columnSums(dst.t, a.t, b?.t ?? null, div?.t ?? null, M, N);
+                    const sums = refColumnSums(a.v, b?.v ?? null, div?.v ?? null, M, N);
+                    r.close(
+                        "dst += sums",
+                        r.get(dst.t),
+                        sums.map((s, n) => s + pre[n]),
+                        SUMS_TOL
+                    );
+                    r.be.columnSums(dst.t, a.t, b?.t ?? null, div?.t ?? null, M, N);
+                    r.close(
+                        "twice",
+                        r.get(dst.t),
+                        sums.map((s, n) => 2 * s + pre[n]),
+                        SUMS_TOL
+                    );
+                }
+            });
+        }
+
+/** row scales of the rowNorms cases: squares of 1e20 overflow fp32, of 1e-25 underflow it (float64 sums needed) */
+const ROW_SCALES = [1, 1e20, 1e-25, 0, 0.01, 1, 3];
+
+for (const [R, C] of [
+    [1, 1],
+    [3, 17],
+    [7, 4099]
+]) {
+    OP_CASES.push({
+        op: "rowNorms",
+        shape: `R=${R} C=${C} row scales ${ROW_SCALES.slice(0, R)
+            .map((v) => (v >= 1e6 || (v > 0 && v < 1e-6) ? v.toExponential() : String(v)))
+            .join(",")}`,
+        run(r) {
+            const host = randn32(r.rng, R * C);
+            for (let i = 0; i < R; i++) for (let c = 0; c < C; c++) host[i * C + c] *= ROW_SCALES[i];
+            const W = r.param(host);
+            const out = r.stats(R);
+            r.be.rowNorms(out, W.t, R, C);
+            // per row (floor 0): each norm against its own magnitude
+            r.close("norms (fp32)", r.get(out), refRowNorms(W.v, R, C), SUMS_TOL, 0);
+            r.exact("W untouched", r.get(W.t), W.v);
+        }
+    });
+}
+
+for (const n of [1, 17, 4099]) {
+    OP_CASES.push({
+        op: "divide",
+        shape: `n=${n}`,
+        run(r) {
+            const a = r.param(randn32(r.rng, n, 1, 1)),
+                b = r.param(randn32(r.rng, n, 2));
+            const out = r.stats(n);
+            r.be.divide(out, a.t, b.t, n);
+            // one correctly rounded fp32 division: exact
+            r.exact(
+                "out = a / b",
+                r.get(out),
+                Float64Array.from(a.v, (v, i) => Math.fround(v / b.v[i]))
+            );
         }
     });
 }

@@ -428,3 +428,72 @@ export function refCausalLmLoss(
     }
     return {lossSum, targets: count, dxf, dHead};
 }
+
+// ------------------------------------------------------------------
+// the projection layers' ops (LoRA, DoRA, trained biases)
+
+/**
+ * row-major C[M, N] = alpha op(A) op(B) + beta C: op(A) [M, K] is A [M, K], or A^T with A stored [K, M] when tA;
+ * op(B) [K, N] is B [K, N], or B^T with B stored [N, K] when tB; C is not read when beta is 0
+ */
+export function refGemm(
+    tA: boolean,
+    tB: boolean,
+    M: number,
+    N: number,
+    K: number,
+    alpha: number,
+    A: ArrayLike<number>,
+    B: ArrayLike<number>,
+    beta: number,
+    C: ArrayLike<number> | null
+): Float64Array {
+    const out = new Float64Array(M * N);
+    for (let m = 0; m < M; m++)
+        for (let n = 0; n < N; n++) {
+            let s = 0;
+            for (let k = 0; k < K; k++) s += (tA ? A[k * M + m] : A[m * K + k]) * (tB ? B[n * K + k] : B[k * N + n]);
+            out[m * N + n] = alpha * s + (beta !== 0 ? beta * C![m * N + n] : 0);
+        }
+    return out;
+}
+
+/** out[m, n] = x[m, n] (k[n] + offset), plus pre[m, n] when given (accumulate) */
+export function refScaleColumns(
+    x: ArrayLike<number>,
+    k: ArrayLike<number>,
+    offset: number,
+    M: number,
+    N: number,
+    pre: ArrayLike<number> | null
+): Float64Array {
+    const out = new Float64Array(M * N);
+    for (let m = 0; m < M; m++)
+        for (let n = 0; n < N; n++) out[m * N + n] = (pre ? pre[m * N + n] : 0) + x[m * N + n] * (k[n] + offset);
+    return out;
+}
+
+/** s[n] = sum_m a[m, n] (b[m, n] when b) / (div[n] when div) */
+export function refColumnSums(
+    a: ArrayLike<number>,
+    b: ArrayLike<number> | null,
+    div: ArrayLike<number> | null,
+    M: number,
+    N: number
+): Float64Array {
+    const s = new Float64Array(N);
+    for (let m = 0; m < M; m++) for (let n = 0; n < N; n++) s[n] += a[m * N + n] * (b ? b[m * N + n] : 1);
+    if (div) for (let n = 0; n < N; n++) s[n] /= div[n];
+    return s;
+}
+
+/** out[r] = ||W[r, :]|| of W [R, C] */
+export function refRowNorms(W: ArrayLike<number>, R: number, C: number): Float64Array {
+    const out = new Float64Array(R);
+    for (let r = 0; r < R; r++) {
+        let ss = 0;
+        for (let c = 0; c < C; c++) ss += W[r * C + c] ** 2;
+        out[r] = Math.sqrt(ss);
+    }
+    return out;
+}
