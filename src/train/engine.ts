@@ -27,8 +27,8 @@ export interface TrainEngine {
     /** the gradient norm before clipping */
     clipGradNorm(maxNorm: number): number;
     optimizerStep(lr: number): void;
-    /** makes the host LoRA tensors current (before saving an adapter) */
-    syncToHost(): void;
+    /** makes the host trainable tensors (and with `withGrads` their gradients) current: before saving an adapter */
+    syncToHost(withGrads?: boolean): void;
     optimizerState(): OptimizerStateDict;
     loadOptimizerState(state: OptimizerStateDict): void;
     /** training micro-batches done so far (the dropout masks derive from it; set on resume) */
@@ -182,8 +182,8 @@ class CudaEngine implements TrainEngine {
         this.optimizer.step(lr);
         this.trainer.afterOptimizerStep();
     }
-    syncToHost(): void {
-        this.trainer.syncToHost();
+    syncToHost(withGrads = false): void {
+        this.trainer.syncToHost(withGrads);
     }
     setMicroBatchIndex(n: number): void {
         this.dropoutClock.microBatch = n;
