@@ -1,5 +1,5 @@
 // The layering of docs/DESIGN.md holds in src/: every relative import points to the importing file's own folder,
-// a lower layer, or a file directly under src/ (order: cli > api > export > train > data > peft > model > lora > quant >
+// a lower layer, or a file directly under src/ (order: cli > serve > api > export > train > data > peft > model > lora > quant >
 // optim > tokenizer > io > backend).
 import {test} from "node:test";
 import assert from "node:assert/strict";

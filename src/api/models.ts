@@ -60,7 +60,7 @@ export function resolveModelDir(dir: string | undefined): string {
 export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Promise<LoadedModel> {
     const resolved = resolveModelDir(dir);
     const requested = opts.device ?? "cpu";
-    let device = resolveDevice(requested);
+    const device = resolveDevice(requested);
     // the GPU computes in bf16, so a bf16 checkpoint is quantized from its bf16 values there (as QLoRA trains it)
     const computeDtype = device === "cuda" ? "bfloat16" : "float32";
     const quantization = opts.loadIn4bit ? bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: computeDtype}) : null;
@@ -70,20 +70,43 @@ export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Prom
     const eos = new Set<number>(model.config.eosTokenIds);
     if (tokenizer.eosTokenId !== null) eos.add(tokenizer.eosTokenId);
     for (const id of await generationConfigEos(resolved)) eos.add(id);
-    let lm: CausalLm = model;
-    let deviceNote: string | null = null;
-    if (device === "cuda") {
-        try {
-            lm = new CudaModel(model);
-            deviceNote = `device: cuda (${cudaAvailability().info?.devices[0]?.name ?? "GPU"})`;
-        } catch (err) {
-            // what the GPU path cannot run (head sizes other than 64 and 128): auto falls back and says so
-            if (requested === "cuda" || !(err instanceof QloraError)) throw err;
-            device = "cpu";
-            deviceNote = `device: cpu (the GPU cannot run this model: ${err.message})`;
-        }
+    return {dir: resolved, model, tokenizer, lora, eosTokenIds: [...eos], ...onDevice(model, device, requested)};
+}
+
+/**
+ * The same base with another adapter (PEFT's several adapters on one base model): the frozen weights are shared,
+ * not copied; the adapter's layers wrap them in a copy of the model's layer table. On the GPU the variant gets
+ * its own device copy of the base (one per adapter, for now).
+ */
+export async function withAdapter(base: LoadedModel, adapterDir: string): Promise<LoadedModel> {
+    if (base.lora) throw new Error("withAdapter: the base already carries an adapter");
+    const p = base.model.params;
+    const model = new DecoderModel(base.model.config, {
+        ...p,
+        layers: p.layers.map((layer) => ({...layer, proj: {...layer.proj}}))
+    });
+    const lora = await loadAdapter(path.resolve(adapterDir), model);
+    return {...base, model, lora, ...onDevice(model, base.device, base.device)};
+}
+
+/** the model as generation runs it: the host model, or its copy on the GPU (auto falls back and says why) */
+function onDevice(
+    model: DecoderModel,
+    device: "cpu" | "cuda",
+    requested: "auto" | "cpu" | "cuda"
+): Pick<LoadedModel, "lm" | "device" | "deviceNote"> {
+    if (device === "cpu") return {lm: model, device, deviceNote: null};
+    try {
+        return {
+            lm: new CudaModel(model),
+            device,
+            deviceNote: `device: cuda (${cudaAvailability().info?.devices[0]?.name ?? "GPU"})`
+        };
+    } catch (err) {
+        // what the GPU path cannot run (head sizes other than 64 and 128): auto falls back and says so
+        if (requested === "cuda" || !(err instanceof QloraError)) throw err;
+        return {lm: model, device: "cpu", deviceNote: `device: cpu (the GPU cannot run this model: ${err.message})`};
     }
-    return {dir: resolved, model, lm, device, deviceNote, tokenizer, lora, eosTokenIds: [...eos]};
 }
 
 /** generation_config.json is a few kB; anything above this is not one */

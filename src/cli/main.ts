@@ -9,6 +9,7 @@ import {registerExport} from "./commands/export.js";
 import {registerGenerate} from "./commands/generate.js";
 import {registerInspect} from "./commands/inspect.js";
 import {registerMerge} from "./commands/merge.js";
+import {registerServe} from "./commands/serve.js";
 import {registerTrain} from "./commands/train.js";
 import {reportError} from "./run.js";
 
@@ -26,6 +27,7 @@ registerGenerate(program);
 registerEval(program);
 registerMerge(program);
 registerChat(program);
+registerServe(program);
 registerInspect(program);
 registerExport(program);
 

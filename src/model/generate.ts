@@ -2,7 +2,7 @@
 // applied in that order (as transformers' logits warpers are), from a seeded generator.
 import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
-import type {CausalLm, LmCache} from "./causal-lm.js";
+import type {CausalLm} from "./causal-lm.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */
@@ -34,6 +34,21 @@ export const DEFAULT_SAMPLING: SamplingOptions = {greedy: false, temperature: 0.
 
 /** decodes on the model's device (CPU or GPU: any CausalLm); sampling runs on the host */
 export function generate(model: CausalLm, promptIds: number[], opts: GenerateOptions): GenerateResult {
+    const steps = decodeSteps(model, promptIds, opts);
+    for (;;) {
+        const next = steps.next();
+        if (next.done) return next.value;
+        opts.onToken?.(next.value);
+    }
+}
+
+/**
+ * The decode loop, one new token per step (the ids are yielded, the result returned): generate() runs it to the
+ * end; the server awaits between steps so other requests and slow clients are served meanwhile, and stops it with
+ * return() when its client goes away (the KV cache is released either way). The options are checked on the
+ * first step.
+ */
+export function* decodeSteps(model: CausalLm, promptIds: number[], opts: GenerateOptions): Generator<number, GenerateResult> {
     const sampling = {...DEFAULT_SAMPLING, ...stripUndefined(opts)};
     if (!sampling.greedy && !(sampling.temperature > 0))
         throw new QloraError(
@@ -52,43 +67,32 @@ export function generate(model: CausalLm, promptIds: number[], opts: GenerateOpt
     const capacity = Math.min(context, promptIds.length + opts.maxNewTokens);
     const cache = model.newCache(1, capacity);
     try {
-        return decode(model, cache, promptIds, opts, sampling, capacity);
+        const rng = new Rng(sampling.seed);
+        const eos = new Set(opts.eosTokenIds ?? model.config.eosTokenIds);
+        const out = [...promptIds];
+        const newIds: number[] = [];
+        let input = Int32Array.from(promptIds);
+        let stopReason: GenerateResult["stopReason"] = "max_new_tokens";
+        while (newIds.length < opts.maxNewTokens) {
+            if (cache.length + input.length > capacity) {
+                stopReason = "context";
+                break;
+            }
+            const logits = model.forward(input, 1, input.length, {cache, logitRows: [input.length - 1]});
+            const id = pickToken(logits, sampling, rng);
+            out.push(id);
+            newIds.push(id);
+            yield id;
+            if (eos.has(id)) {
+                stopReason = "eos";
+                break;
+            }
+            input = Int32Array.from([id]);
+        }
+        return {outputIds: out, newIds, stopReason};
     } finally {
         cache.release();
     }
-}
-
-function decode(
-    model: CausalLm,
-    cache: LmCache,
-    promptIds: number[],
-    opts: GenerateOptions,
-    sampling: SamplingOptions,
-    capacity: number
-): GenerateResult {
-    const rng = new Rng(sampling.seed);
-    const eos = new Set(opts.eosTokenIds ?? model.config.eosTokenIds);
-    const out = [...promptIds];
-    const newIds: number[] = [];
-    let input = Int32Array.from(promptIds);
-    let stopReason: GenerateResult["stopReason"] = "max_new_tokens";
-    while (newIds.length < opts.maxNewTokens) {
-        if (cache.length + input.length > capacity) {
-            stopReason = "context";
-            break;
-        }
-        const logits = model.forward(input, 1, input.length, {cache, logitRows: [input.length - 1]});
-        const id = pickToken(logits, sampling, rng);
-        out.push(id);
-        newIds.push(id);
-        opts.onToken?.(id);
-        if (eos.has(id)) {
-            stopReason = "eos";
-            break;
-        }
-        input = Int32Array.from([id]);
-    }
-    return {outputIds: out, newIds, stopReason};
 }
 
 /** chooses the next token from one row of logits */

@@ -1,0 +1,502 @@
+// server.ts: `qlora serve`, an OpenAI-compatible HTTP server (the API of llama.cpp's server, vLLM and
+// LLaMA-Factory's `api`): GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed as
+// server-sent events or not; the request's `model` picks the base or one of its adapters.
+//
+// One model step runs at a time (the compute is synchronous), requests take turns in arrival order, and every
+// request yields to the event loop after each token: other clients are accepted, queued and answered with a 503
+// when the queue is full, streams flush, and a client that goes away stops its generation at the next token.
+// Bodies are capped; every bad request gets OpenAI's error object with a 4xx status.
+import http from "node:http";
+import {randomBytes, randomInt} from "node:crypto";
+import {isQloraError} from "../errors.js";
+import {decodeSteps, type GenerateResult} from "../model/generate.js";
+import type {LoadedModel} from "../api/models.js";
+import type {ChatMessage} from "../tokenizer/index.js";
+
+export interface ServedModel {
+    /** the name clients pass as `model` */
+    id: string;
+    loaded: LoadedModel;
+}
+
+export interface ServerOptions {
+    /** the base first (the default when a request names no model), then its adapters */
+    models: ServedModel[];
+    /** requests waiting or running at once; more get 503 */
+    maxQueue: number;
+    /** the largest request body, in bytes; larger get 413 */
+    maxBodyBytes: number;
+    /** called with one line per finished request (the CLI logs them on stderr) */
+    log?: (line: string) => void;
+}
+
+/** a client's mistake: the status and OpenAI's error fields */
+class RequestError extends Error {
+    constructor(
+        readonly status: number,
+        message: string,
+        readonly param: string | null = null,
+        readonly code: string | null = null,
+        readonly type = status === 404 ? "not_found_error" : "invalid_request_error"
+    ) {
+        super(message);
+    }
+}
+
+/** at most this many stop strings, as OpenAI allows */
+const MAX_STOP = 4;
+
+/** what one request asks of the model, checked */
+interface Job {
+    served: ServedModel;
+    promptIds: number[];
+    maxTokens: number;
+    greedy: boolean;
+    temperature: number;
+    topP: number;
+    topK: number;
+    seed: number;
+    stop: string[];
+    stream: boolean;
+    includeUsage: boolean;
+}
+
+export function createServer(opts: ServerOptions): http.Server {
+    if (opts.models.length === 0) throw new Error("createServer: no model to serve");
+    const created = Math.floor(Date.now() / 1000);
+    let queued = 0;
+    // the turn of the next request: each one waits for the previous one to finish
+    let turn: Promise<void> = Promise.resolve();
+
+    const findModel = (name: unknown): ServedModel => {
+        if (name === undefined || name === null) return opts.models[0];
+        if (typeof name !== "string") throw new RequestError(400, "`model` must be a string", "model");
+        const m = opts.models.find((x) => x.id === name);
+        if (!m)
+            throw new RequestError(
+                404,
+                `The model \`${name}\` does not exist; this server has: ${opts.models.map((x) => x.id).join(", ")}`,
+                "model",
+                "model_not_found"
+            );
+        return m;
+    };
+
+    const handle = async (req: http.IncomingMessage, res: http.ServerResponse): Promise<void> => {
+        const url = new URL(req.url ?? "/", "http://localhost");
+        const route = url.pathname.replace(/\/+$/, "");
+        if (req.method === "GET" && (route === "/v1/models" || route === "/models")) {
+            sendJson(res, 200, {
+                object: "list",
+                data: opts.models.map((m) => ({id: m.id, object: "model", created, owned_by: "qlora"}))
+            });
+            return;
+        }
+        if (req.method === "GET" && route === "/health") {
+            sendJson(res, 200, {status: "ok"});
+            return;
+        }
+        const chat = route === "/v1/chat/completions" || route === "/chat/completions";
+        const completion = route === "/v1/completions" || route === "/completions";
+        if (!chat && !completion) throw new RequestError(404, `no route ${req.method} ${url.pathname}`, null, "unknown_route");
+        if (req.method !== "POST") throw new RequestError(405, `${url.pathname} takes POST`, null, "method_not_allowed");
+        const body = await readJsonBody(req, opts.maxBodyBytes);
+        const job = chat ? chatJob(body, findModel(body.model)) : completionJob(body, findModel(body.model));
+        if (queued >= opts.maxQueue)
+            throw new RequestError(
+                503,
+                `the server is busy: ${queued} requests are waiting or running (--max-queue ${opts.maxQueue}); retry later`,
+                null,
+                "server_busy",
+                "server_error"
+            );
+        queued++;
+        const previous = turn;
+        let done!: () => void;
+        turn = new Promise((resolve) => {
+            done = resolve;
+        });
+        try {
+            await previous;
+            if (res.destroyed) return; // the client left while waiting
+            await run(job, chat, res);
+        } finally {
+            queued--;
+            done();
+        }
+    };
+
+    const run = async (job: Job, chat: boolean, res: http.ServerResponse): Promise<void> => {
+        const {loaded} = job.served;
+        const tok = loaded.tokenizer;
+        const id = `${chat ? "chatcmpl" : "cmpl"}-${randomBytes(12).toString("hex")}`;
+        const object = chat ? "chat.completion" : "text_completion";
+        const eos = new Set(loaded.eosTokenIds);
+        let gone = false;
+        res.on("close", () => {
+            if (!res.writableFinished) gone = true;
+        });
+        const chunk = (delta: string | null, finish: string | null) =>
+            chat
+                ? {
+                      id,
+                      object: "chat.completion.chunk",
+                      created: now(),
+                      model: job.served.id,
+                      choices: [
+                          {
+                              index: 0,
+                              delta: delta === null ? {} : {content: delta},
+                              logprobs: null,
+                              finish_reason: finish
+                          }
+                      ]
+                  }
+                : {
+                      id,
+                      object,
+                      created: now(),
+                      model: job.served.id,
+                      choices: [{index: 0, text: delta ?? "", logprobs: null, finish_reason: finish}]
+                  };
+        if (job.stream) {
+            res.writeHead(200, {"content-type": "text/event-stream", "cache-control": "no-cache", connection: "keep-alive"});
+            if (chat)
+                writeEvent(res, {
+                    ...chunk(null, null),
+                    choices: [{index: 0, delta: {role: "assistant", content: ""}, logprobs: null, finish_reason: null}]
+                });
+        }
+        const decoder = tok.createStreamDecoder({skipSpecialTokens: true});
+        const stops = new StopMatcher(job.stop);
+        let text = "";
+        let finish: "stop" | "length" = "length";
+        let result: GenerateResult | null = null;
+        let generated = 0;
+        const steps = decodeSteps(loaded.lm, job.promptIds, {
+            maxNewTokens: job.maxTokens,
+            greedy: job.greedy,
+            temperature: job.temperature,
+            topK: job.topK,
+            topP: job.topP,
+            seed: job.seed,
+            eosTokenIds: [...eos]
+        });
+        try {
+            for (;;) {
+                const step = steps.next();
+                if (step.done) {
+                    result = step.value;
+                    break;
+                }
+                generated++;
+                if (!eos.has(step.value)) {
+                    const piece = stops.push(decoder.push(step.value));
+                    text += piece.text;
+                    if (job.stream && piece.text) writeEvent(res, chunk(piece.text, null));
+                    if (piece.stopped) {
+                        finish = "stop";
+                        break;
+                    }
+                }
+                // other requests, new connections and the stream's bytes get their turn
+                await new Promise((resolve) => setImmediate(resolve));
+                if (gone) {
+                    opts.log?.(
+                        `${chat ? "chat" : "completion"} model=${job.served.id} prompt=${job.promptIds.length} completion=${generated} finish=client_gone`
+                    );
+                    return;
+                }
+            }
+        } finally {
+            steps.return(undefined as never); // releases the KV cache when the loop stopped early
+        }
+        if (result) {
+            if (result.stopReason === "eos") finish = "stop";
+            const tail = stops.flush(decoder.flush());
+            text += tail;
+            if (job.stream && tail) writeEvent(res, chunk(tail, null));
+        }
+        const usage = {
+            prompt_tokens: job.promptIds.length,
+            completion_tokens: generated,
+            total_tokens: job.promptIds.length + generated
+        };
+        opts.log?.(
+            `${chat ? "chat" : "completion"} model=${job.served.id} prompt=${usage.prompt_tokens} completion=${usage.completion_tokens} finish=${finish}`
+        );
+        if (job.stream) {
+            writeEvent(res, chunk(null, finish));
+            if (job.includeUsage) writeEvent(res, {...chunk(null, null), choices: [], usage});
+            res.end("data: [DONE]\n\n");
+            return;
+        }
+        sendJson(res, 200, {
+            id,
+            object,
+            created: now(),
+            model: job.served.id,
+            choices: [
+                chat
+                    ? {index: 0, message: {role: "assistant", content: text}, logprobs: null, finish_reason: finish}
+                    : {index: 0, text, logprobs: null, finish_reason: finish}
+            ],
+            usage
+        });
+    };
+
+    return http.createServer((req, res) => {
+        handle(req, res).catch((err: unknown) => sendError(res, err));
+    });
+}
+
+function now(): number {
+    return Math.floor(Date.now() / 1000);
+}
+
+function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
+    const data = JSON.stringify(body);
+    res.writeHead(status, {"content-type": "application/json", "content-length": Buffer.byteLength(data)});
+    res.end(data);
+}
+
+function writeEvent(res: http.ServerResponse, body: unknown): void {
+    if (!res.destroyed) res.write(`data: ${JSON.stringify(body)}\n\n`);
+}
+
+/** OpenAI's error object; what qlora itself refuses (a template, a prompt past the context) is a 400 too */
+function sendError(res: http.ServerResponse, err: unknown): void {
+    let status = 500,
+        body: {message: string; type: string; param: string | null; code: string | null};
+    if (err instanceof RequestError) body = {message: err.message, type: err.type, param: err.param, code: err.code};
+    else if (isQloraError(err)) {
+        status = 400;
+        body = {message: err.message, type: "invalid_request_error", param: null, code: null};
+    } else {
+        body = {
+            message: `internal error: ${err instanceof Error ? err.message : String(err)}`,
+            type: "server_error",
+            param: null,
+            code: null
+        };
+    }
+    if (err instanceof RequestError) status = err.status;
+    if (res.headersSent) {
+        // a stream already started: the error is its last event
+        if (!res.destroyed) res.end(`data: ${JSON.stringify({error: body})}\n\n`);
+        return;
+    }
+    const data = JSON.stringify({error: body});
+    res.writeHead(status, {"content-type": "application/json", "content-length": Buffer.byteLength(data), connection: "close"});
+    res.end(data);
+}
+
+/** the request body as a JSON object, at most maxBytes (the rest is not read) */
+async function readJsonBody(req: http.IncomingMessage, maxBytes: number): Promise<Record<string, unknown>> {
+    const declared = Number(req.headers["content-length"]);
+    const tooLarge = () =>
+        new RequestError(413, `the request body is larger than ${maxBytes} bytes (--max-body-bytes)`, null, "request_too_large");
+    if (declared > maxBytes) throw tooLarge();
+    const chunks: Buffer[] = [];
+    let size = 0;
+    for await (const c of req as AsyncIterable<Buffer>) {
+        size += c.length;
+        if (size > maxBytes) throw tooLarge();
+        chunks.push(c);
+    }
+    let body: unknown;
+    try {
+        body = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+    } catch (err) {
+        throw new RequestError(400, `the request body is not valid JSON: ${(err as Error).message}`);
+    }
+    if (typeof body !== "object" || body === null || Array.isArray(body))
+        throw new RequestError(400, "the request body must be a JSON object");
+    return body as Record<string, unknown>;
+}
+
+// ------------------------------------------------------------------
+// request fields (OpenAI's names and defaults)
+
+function optionalNumber(body: Record<string, unknown>, key: string, min: number, max: number): number | undefined {
+    const v = body[key];
+    if (v === undefined || v === null) return undefined;
+    if (typeof v !== "number" || !Number.isFinite(v) || v < min || v > max)
+        throw new RequestError(400, `\`${key}\` must be a number in [${min}, ${max}], got ${JSON.stringify(v)}`, key);
+    return v;
+}
+
+function optionalInteger(body: Record<string, unknown>, key: string, min: number, max: number): number | undefined {
+    const v = optionalNumber(body, key, min, max);
+    if (v !== undefined && !Number.isInteger(v)) throw new RequestError(400, `\`${key}\` must be an integer, got ${v}`, key);
+    return v;
+}
+
+function optionalBoolean(body: Record<string, unknown>, key: string): boolean | undefined {
+    const v = body[key];
+    if (v === undefined || v === null) return undefined;
+    if (typeof v !== "boolean") throw new RequestError(400, `\`${key}\` must be true or false`, key);
+    return v;
+}
+
+/** the fields both endpoints share; the prompt is tokenized by the caller */
+function commonJob(
+    body: Record<string, unknown>,
+    served: ServedModel,
+    promptIds: number[],
+    defaultMaxTokens: number | null
+): Job {
+    const n = optionalInteger(body, "n", 1, 1);
+    if (n !== undefined && n !== 1) throw new RequestError(400, "`n` must be 1", "n");
+    const context = served.loaded.lm.config.maxPositionEmbeddings;
+    if (promptIds.length === 0) throw new RequestError(400, "the prompt is empty", "prompt");
+    if (promptIds.length >= context)
+        throw new RequestError(
+            400,
+            `the prompt has ${promptIds.length} tokens; this model's context is ${context} tokens, which leaves no room to answer`,
+            "messages",
+            "context_length_exceeded"
+        );
+    const room = context - promptIds.length;
+    const asked =
+        optionalInteger(body, "max_completion_tokens", 1, Number.MAX_SAFE_INTEGER) ??
+        optionalInteger(body, "max_tokens", 1, Number.MAX_SAFE_INTEGER);
+    if (asked !== undefined && asked > room)
+        throw new RequestError(
+            400,
+            `max_tokens ${asked} and the prompt's ${promptIds.length} tokens exceed this model's context of ${context} tokens`,
+            "max_tokens",
+            "context_length_exceeded"
+        );
+    const temperature = optionalNumber(body, "temperature", 0, 2) ?? 1;
+    const stop = body.stop;
+    let stops: string[] = [];
+    if (typeof stop === "string") stops = [stop];
+    else if (Array.isArray(stop) && stop.length <= MAX_STOP && stop.every((s) => typeof s === "string")) stops = stop as string[];
+    else if (stop !== undefined && stop !== null)
+        throw new RequestError(400, `\`stop\` must be a string or a list of at most ${MAX_STOP} strings`, "stop");
+    if (stops.some((s) => s.length === 0)) throw new RequestError(400, "`stop` strings must not be empty", "stop");
+    const streamOptions = body.stream_options;
+    if (
+        streamOptions !== undefined &&
+        streamOptions !== null &&
+        (typeof streamOptions !== "object" || Array.isArray(streamOptions))
+    )
+        throw new RequestError(400, "`stream_options` must be an object", "stream_options");
+    return {
+        served,
+        promptIds,
+        maxTokens: asked ?? (defaultMaxTokens === null ? room : Math.min(defaultMaxTokens, room)),
+        // temperature 0 is argmax, as OpenAI-compatible servers read it
+        greedy: temperature === 0,
+        temperature: temperature === 0 ? 1 : temperature,
+        topP: optionalNumber(body, "top_p", Number.MIN_VALUE, 1) ?? 1,
+        topK: optionalInteger(body, "top_k", 0, Number.MAX_SAFE_INTEGER) ?? 0,
+        seed: optionalInteger(body, "seed", 0, Number.MAX_SAFE_INTEGER) ?? randomInt(2 ** 47),
+        stop: stops,
+        stream: optionalBoolean(body, "stream") ?? false,
+        includeUsage: (streamOptions as {include_usage?: unknown} | undefined)?.include_usage === true
+    };
+}
+
+/** POST /v1/chat/completions: the messages through the model's chat template */
+function chatJob(body: Record<string, unknown>, served: ServedModel): Job {
+    const messages = body.messages;
+    if (!Array.isArray(messages) || messages.length === 0)
+        throw new RequestError(400, "`messages` must be a non-empty list of {role, content}", "messages");
+    const chat: ChatMessage[] = messages.map((m, i) => {
+        const where = `messages[${i}]`;
+        if (typeof m !== "object" || m === null) throw new RequestError(400, `${where} must be an object`, where);
+        const {role, content} = m as {role?: unknown; content?: unknown};
+        if (typeof role !== "string" || !["system", "developer", "user", "assistant", "tool"].includes(role))
+            throw new RequestError(400, `${where}.role must be system, developer, user, assistant or tool`, `${where}.role`);
+        return {role: role === "developer" ? "system" : role, content: messageText(content, `${where}.content`)};
+    });
+    const tok = served.loaded.tokenizer;
+    if (!tok.hasChatTemplate)
+        throw new RequestError(
+            400,
+            `the model \`${served.id}\` has no chat template; use /v1/completions with a prompt`,
+            "messages"
+        );
+    const prompt = tok.applyChatTemplate(chat, {addGenerationPrompt: true});
+    return commonJob(body, served, tok.encode(prompt), null);
+}
+
+/** a message's content: a string, or OpenAI's list of text parts */
+function messageText(content: unknown, where: string): string {
+    if (typeof content === "string") return content;
+    if (content === null || content === undefined) return "";
+    if (Array.isArray(content))
+        return content
+            .map((part, i) => {
+                const p = part as {type?: unknown; text?: unknown};
+                if (typeof p !== "object" || p === null || p.type !== "text" || typeof p.text !== "string")
+                    throw new RequestError(
+                        400,
+                        `${where}[${i}] must be {"type": "text", "text": ...} (only text is served)`,
+                        where
+                    );
+                return p.text;
+            })
+            .join("");
+    throw new RequestError(400, `${where} must be a string or a list of text parts`, where);
+}
+
+/** POST /v1/completions: a raw prompt, continued */
+function completionJob(body: Record<string, unknown>, served: ServedModel): Job {
+    let prompt = body.prompt;
+    if (Array.isArray(prompt) && prompt.length === 1) prompt = prompt[0];
+    if (typeof prompt !== "string") throw new RequestError(400, "`prompt` must be a string (one prompt per request)", "prompt");
+    if (body.echo === true) throw new RequestError(400, "`echo` is not supported", "echo");
+    // OpenAI's completions default to 16 tokens
+    return commonJob(body, served, served.loaded.tokenizer.encode(prompt), 16);
+}
+
+/**
+ * Stop strings over streamed text: text is released only once no stop string can still start inside it, and
+ * generation ends at the first stop string (which is not part of the answer).
+ */
+export class StopMatcher {
+    private pending = "";
+    constructor(private readonly stops: string[]) {}
+
+    /** the text now safe to send, and whether a stop string was reached */
+    push(piece: string): {text: string; stopped: boolean} {
+        this.pending += piece;
+        if (this.stops.length === 0) {
+            const text = this.pending;
+            this.pending = "";
+            return {text, stopped: false};
+        }
+        let first = -1;
+        for (const s of this.stops) {
+            const at = this.pending.indexOf(s);
+            if (at >= 0 && (first < 0 || at < first)) first = at;
+        }
+        if (first >= 0) {
+            const text = this.pending.slice(0, first);
+            this.pending = "";
+            return {text, stopped: true};
+        }
+        // hold back the longest tail that is the start of some stop string
+        let hold = 0;
+        for (const s of this.stops)
+            for (let k = Math.min(s.length - 1, this.pending.length); k > hold; k--)
+                if (this.pending.endsWith(s.slice(0, k))) {
+                    hold = k;
+                    break;
+                }
+        const text = this.pending.slice(0, this.pending.length - hold);
+        this.pending = this.pending.slice(this.pending.length - hold);
+        return {text, stopped: false};
+    }
+
+    /** the held-back text at the end of generation, with the decoder's last bytes */
+    flush(last: string): string {
+        const r = this.push(last);
+        const text = r.stopped ? r.text : r.text + this.pending;
+        this.pending = "";
+        return text;
+    }
+}
