@@ -19,6 +19,10 @@ export interface LmForwardOptions {
     cache?: LmCache;
     /** compute logits only for these rows of the flattened [B*T] tokens (default: all) */
     logitRows?: number[];
+    /** [B, cache length + T]: 1 real, 0 padding (batched generation pads prompts on the left) */
+    attentionMask?: Uint8Array;
+    /** [B, T] positions (default: cache length + 0..T-1 for every row) */
+    positionIds?: Int32Array;
 }
 
 export interface CausalLm {

@@ -264,7 +264,11 @@ export class CudaModel implements CausalLm {
 
     /** logits [rows, V] for ids [B, T], appending to `cache` (a KV cache of this model's newCache) */
     forward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions = {}): Float32Array {
-        const hidden = this.graph.forwardHidden(ids, B, T, {cache: opts.cache as KVCache<DeviceBuffer> | undefined});
+        const hidden = this.graph.forwardHidden(ids, B, T, {
+            cache: opts.cache as KVCache<DeviceBuffer> | undefined,
+            attentionMask: opts.attentionMask,
+            positionIds: opts.positionIds
+        });
         try {
             return this.graph.logits(hidden, opts.logitRows ?? null, B * T);
         } finally {

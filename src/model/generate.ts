@@ -43,53 +43,130 @@ export function generate(model: CausalLm, promptIds: number[], opts: GenerateOpt
 }
 
 /**
- * The decode loop, one new token per step (the ids are yielded, the result returned): generate() runs it to the
- * end; the server awaits between steps so other requests and slow clients are served meanwhile, and stops it with
- * return() when its client goes away (the KV cache is released either way). The options are checked on the
- * first step.
+ * Several prompts at once: one forward per step for the whole batch (prompts padded on the left, padding masked,
+ * each row at its own positions), each row sampled from its own generator seeded as generate() seeds one, so a
+ * row's tokens are those generate() gives for its prompt alone (up to the batch's float summation order). A row
+ * that ends keeps its slot, masked, until every row is done.
+ */
+export function generateBatch(model: CausalLm, prompts: number[][], opts: Omit<GenerateOptions, "onToken">): GenerateResult[] {
+    const steps = decodeBatchSteps(model, prompts, opts);
+    for (;;) {
+        const next = steps.next();
+        if (next.done) return next.value;
+    }
+}
+
+/**
+ * The decode loop of one prompt, one new token per step (the ids are yielded, the result returned): generate()
+ * runs it to the end; the server awaits between steps so other requests and slow clients are served meanwhile,
+ * and stops it with return() when its client goes away (the KV cache is released either way).
  */
 export function* decodeSteps(model: CausalLm, promptIds: number[], opts: GenerateOptions): Generator<number, GenerateResult> {
+    const steps = decodeBatchSteps(model, [promptIds], opts);
+    try {
+        for (;;) {
+            const next = steps.next();
+            if (next.done) return next.value[0];
+            yield next.value[0] as number;
+        }
+    } finally {
+        steps.return([]);
+    }
+}
+
+/**
+ * THE decode loop, for a batch of prompts: yields each step's new token per row (null for rows already done) and
+ * returns each row's result. The options are checked on the first step.
+ */
+export function* decodeBatchSteps(
+    model: CausalLm,
+    prompts: number[][],
+    opts: Omit<GenerateOptions, "onToken">
+): Generator<(number | null)[], GenerateResult[]> {
     const sampling = {...DEFAULT_SAMPLING, ...stripUndefined(opts)};
     if (!sampling.greedy && !(sampling.temperature > 0))
         throw new QloraError(
             `temperature must be > 0 for sampling (got ${sampling.temperature}); use --greedy for argmax decoding`
         );
     if (!(sampling.topP > 0 && sampling.topP <= 1)) throw new QloraError(`top_p must be in (0, 1] (got ${sampling.topP})`);
-    if (promptIds.length === 0) throw new QloraError("the prompt is empty: there is nothing to continue from");
     if (!Number.isSafeInteger(opts.maxNewTokens) || opts.maxNewTokens < 0)
         throw new QloraError(`max_new_tokens must be a non-negative integer (got ${opts.maxNewTokens})`);
+    if (prompts.length === 0) throw new QloraError("no prompt to continue");
     const context = model.config.maxPositionEmbeddings;
-    if (promptIds.length > context)
-        throw new QloraError(
-            `the prompt has ${promptIds.length} tokens but the model's context length ` +
-                `(max_position_embeddings in config.json) is ${context}; shorten the prompt`
-        );
-    const capacity = Math.min(context, promptIds.length + opts.maxNewTokens);
-    const cache = model.newCache(1, capacity);
+    let L = 0;
+    for (const p of prompts) {
+        if (p.length === 0) throw new QloraError("the prompt is empty: there is nothing to continue from");
+        if (p.length > context)
+            throw new QloraError(
+                `the prompt has ${p.length} tokens but the model's context length ` +
+                    `(max_position_embeddings in config.json) is ${context}; shorten the prompt`
+            );
+        L = Math.max(L, p.length);
+    }
+    const B = prompts.length,
+        V = model.config.vocabSize;
+    const capacity = Math.min(context, L + opts.maxNewTokens);
+    // padding only when the prompts differ in length: one prompt runs exactly as it always has
+    const padded = prompts.some((p) => p.length !== L);
+    const cache = model.newCache(B, capacity);
     try {
-        const rng = new Rng(sampling.seed);
+        const rngs = prompts.map(() => new Rng(sampling.seed));
         const eos = new Set(opts.eosTokenIds ?? model.config.eosTokenIds);
-        const out = [...promptIds];
-        const newIds: number[] = [];
-        let input = Int32Array.from(promptIds);
-        let stopReason: GenerateResult["stopReason"] = "max_new_tokens";
-        while (newIds.length < opts.maxNewTokens) {
-            if (cache.length + input.length > capacity) {
-                stopReason = "context";
+        const results: GenerateResult[] = prompts.map((p) => ({outputIds: [...p], newIds: [], stopReason: "max_new_tokens"}));
+        const done = new Array<boolean>(B).fill(false);
+        // which cache positions of each row hold real tokens, and the position of each row's next token
+        const keyValid = padded ? new Uint8Array(B * capacity) : null;
+        const nextPos = prompts.map((p) => p.length);
+        let T = L;
+        let input = new Int32Array(B * L);
+        let positions: Int32Array | undefined = padded ? new Int32Array(B * L) : undefined;
+        prompts.forEach((p, b) => {
+            const pad = L - p.length;
+            input.set(p, b * L + pad); // padding: token 0, masked
+            if (!keyValid || !positions) return;
+            keyValid.fill(1, b * capacity + pad, b * capacity + L);
+            for (let t = pad; t < L; t++) positions[b * L + t] = t - pad;
+        });
+        for (let step = 0; step < opts.maxNewTokens && done.includes(false); step++) {
+            if (cache.length + T > capacity) {
+                results.forEach((r, b) => {
+                    if (!done[b]) r.stopReason = "context";
+                });
                 break;
             }
-            const logits = model.forward(input, 1, input.length, {cache, logitRows: [input.length - 1]});
-            const id = pickToken(logits, sampling, rng);
-            out.push(id);
-            newIds.push(id);
-            yield id;
-            if (eos.has(id)) {
-                stopReason = "eos";
-                break;
+            const S = cache.length + T;
+            let attentionMask: Uint8Array | undefined;
+            if (keyValid) {
+                attentionMask = new Uint8Array(B * S);
+                for (let b = 0; b < B; b++) attentionMask.set(keyValid.subarray(b * capacity, b * capacity + S), b * S);
             }
-            input = Int32Array.from([id]);
+            const logitRows = Array.from({length: B}, (_, b) => b * T + T - 1);
+            const logits = model.forward(input, B, T, {cache, logitRows, attentionMask, positionIds: positions});
+            const ids = results.map((r, b) => {
+                if (done[b]) return null;
+                const id = pickToken(logits.subarray(b * V, (b + 1) * V), sampling, rngs[b]);
+                r.outputIds.push(id);
+                r.newIds.push(id);
+                if (eos.has(id)) {
+                    r.stopReason = "eos";
+                    done[b] = true;
+                } else if (r.newIds.length >= opts.maxNewTokens) done[b] = true;
+                return id;
+            });
+            yield ids;
+            // the next step: one token per row; a finished row feeds a masked placeholder
+            T = 1;
+            input = Int32Array.from(ids, (id) => id ?? 0);
+            if (keyValid && positions) {
+                positions = Int32Array.from(nextPos);
+                if (S < capacity)
+                    ids.forEach((id, b) => {
+                        if (id !== null) keyValid[b * capacity + S] = 1;
+                    });
+            }
+            for (let b = 0; b < B; b++) nextPos[b]++;
         }
-        return {outputIds: out, newIds, stopReason};
+        return results;
     } finally {
         cache.release();
     }
