@@ -3,6 +3,7 @@ import {existsSync, statSync} from "node:fs";
 import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {pathExists, readTextFile} from "../io/files.js";
+import {readChatTemplateFile} from "../io/gguf-vocab.js";
 import {packageRoot} from "../backend/native.js";
 import {cudaAvailability, resolveDevice} from "../backend/cuda.js";
 import type {CausalLm} from "../model/causal-lm.js";
@@ -11,7 +12,7 @@ import {DecoderModel} from "../model/decoder.js";
 import {loadAdapter} from "../peft/adapter-files.js";
 import type {LoraModel} from "../peft/inject.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
-import {HfTokenizer} from "../tokenizer/index.js";
+import {CHAT_TEMPLATE_FILE_NAME, HfTokenizer} from "../tokenizer/index.js";
 
 /** the model that ships inside the package, used when no --model is given */
 export const DEFAULT_MODEL_DIR = path.join(packageRoot, "models", "tiny-qwen2");
@@ -25,7 +26,10 @@ export interface LoadedModel {
     device: "cpu" | "cuda";
     /** why that device, when it is worth telling (the GPU chosen, or passed over for a reason) */
     deviceNote: string | null;
+    /** the tokenizer, with the chat template in use (the adapter's training format, by default) */
     tokenizer: HfTokenizer;
+    /** the model's own tokenizer and chat template */
+    baseTokenizer: HfTokenizer;
     /** the adapter applied, when one was given */
     lora: LoraModel | null;
     /** eos ids to stop on: config.json, generation_config.json and the tokenizer's eos token */
@@ -39,6 +43,11 @@ export interface LoadModelOptions {
     loadIn4bit?: boolean;
     /** where to run: cpu (default until the GPU path is checked on a GPU), cuda, or auto (the GPU when usable) */
     device?: "auto" | "cpu" | "cuda";
+    /**
+     * the chat template: by default the adapter's (its training format, chat_template.jinja beside it) or else
+     * the model's; "base" keeps the model's with an adapter; any other value is a Jinja file
+     */
+    template?: string;
 }
 
 export function resolveModelDir(dir: string | undefined): string {
@@ -65,12 +74,30 @@ export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Prom
     const computeDtype = device === "cuda" ? "bfloat16" : "float32";
     const quantization = opts.loadIn4bit ? bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: computeDtype}) : null;
     const model = await DecoderModel.load(resolved, {quantization});
-    const tokenizer = await HfTokenizer.load(resolved);
+    const baseTokenizer = await HfTokenizer.load(resolved);
     const lora = opts.adapter ? await loadAdapter(path.resolve(opts.adapter), model) : null;
+    const tokenizer = await chatTemplateFor(baseTokenizer, opts.adapter, opts.template);
     const eos = new Set<number>(model.config.eosTokenIds);
     if (tokenizer.eosTokenId !== null) eos.add(tokenizer.eosTokenId);
     for (const id of await generationConfigEos(resolved)) eos.add(id);
-    return {dir: resolved, model, tokenizer, lora, eosTokenIds: [...eos], ...onDevice(model, device, requested)};
+    return {dir: resolved, model, tokenizer, baseTokenizer, lora, eosTokenIds: [...eos], ...onDevice(model, device, requested)};
+}
+
+/** the tokenizer with the chat template LoadModelOptions.template asks for */
+async function chatTemplateFor(
+    base: HfTokenizer,
+    adapterDir: string | undefined,
+    template: string | undefined
+): Promise<HfTokenizer> {
+    if (template === "base") return base;
+    if (template !== undefined) {
+        const file = path.resolve(template);
+        return base.withChatTemplate(await readTextFile(file, {what: "chat template", maxBytes: 4 << 20}), file);
+    }
+    if (adapterDir === undefined) return base;
+    // an adapter trained by qlora carries its training format (older adapters and PEFT's may carry the base's)
+    const trained = await readChatTemplateFile(path.resolve(adapterDir));
+    return trained === null ? base : base.withChatTemplate(trained, path.join(path.resolve(adapterDir), CHAT_TEMPLATE_FILE_NAME));
 }
 
 /**
@@ -86,7 +113,8 @@ export async function withAdapter(base: LoadedModel, adapterDir: string): Promis
         layers: p.layers.map((layer) => ({...layer, proj: {...layer.proj}}))
     });
     const lora = await loadAdapter(path.resolve(adapterDir), model);
-    return {...base, model, lora, ...onDevice(model, base.device, base.device)};
+    const tokenizer = await chatTemplateFor(base.baseTokenizer, adapterDir, undefined);
+    return {...base, model, lora, tokenizer, ...onDevice(model, base.device, base.device)};
 }
 
 /** the model as generation runs it: the host model, or its copy on the GPU (auto falls back and says why) */

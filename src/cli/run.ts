@@ -105,7 +105,11 @@ export function addModelOptions(cmd: Command, adapterHelp = "a PEFT adapter fold
         .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
         .option("-a, --adapter <dir>", adapterHelp)
         .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
-        .option("--device <device>", "cpu (default), cuda, or auto (the GPU when one is usable)", parseDevice, "cpu");
+        .option("--device <device>", "cpu (default), cuda, or auto (the GPU when one is usable)", parseDevice, "cpu")
+        .option(
+            "--template <file|base>",
+            "the chat template: a Jinja file, or base for the model's own (default: the adapter's training format when it has one)"
+        );
 }
 
 function parseDevice(value: string): "auto" | "cpu" | "cuda" {
@@ -118,11 +122,17 @@ export interface ModelFlags {
     adapter?: string;
     loadIn4bit?: boolean;
     device?: "auto" | "cpu" | "cuda";
+    template?: string;
 }
 
 /** loads what the model options name, and says on stderr which device runs it when that is worth telling */
 export async function loadModelFromFlags(flags: ModelFlags): Promise<LoadedModel> {
-    const loaded = await loadModel(flags.model, {adapter: flags.adapter, loadIn4bit: flags.loadIn4bit, device: flags.device});
+    const loaded = await loadModel(flags.model, {
+        adapter: flags.adapter,
+        loadIn4bit: flags.loadIn4bit,
+        device: flags.device,
+        template: flags.template
+    });
     if (loaded.deviceNote) console.error(pc.dim(escapeForTerminal(loaded.deviceNote)));
     return loaded;
 }

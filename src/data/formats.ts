@@ -249,12 +249,12 @@ export function templateFields(template: string): string[] {
     return fields;
 }
 
-interface TemplatePart {
+export interface TemplatePart {
     text?: string;
     field?: string;
 }
 
-function parseTemplate(template: string): TemplatePart[] {
+export function parseTemplate(template: string): TemplatePart[] {
     const parts: TemplatePart[] = [];
     let text = "";
     for (let i = 0; i < template.length; i++) {

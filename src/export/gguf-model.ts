@@ -6,7 +6,7 @@ import {QloraError} from "../errors.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {GgufMetadata, type GgufTensor} from "../io/gguf.js";
 import {encodeTensor, GGUF_FILE_TYPE, ggmlTypeName, tensorTypeFor, type GgufOuttype} from "../io/gguf-quants.js";
-import {addVocabMetadata, readGgufVocab} from "../io/gguf-vocab.js";
+import {addVocabMetadata, readChatTemplateFile, readGgufVocab} from "../io/gguf-vocab.js";
 import {addDeltaWeight} from "../lora/layer.js";
 import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readTensorF32} from "../model/weights.js";
 import {readAdapter} from "../peft/adapter-files.js";
@@ -61,6 +61,9 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
     const arch = ggufArchFor(cfg);
     // everything that can be checked without the weights is checked before they are read
     const vocab = await readGgufVocab(dir, {vocabSize: cfg.vocabSize, preTokenizer: opts.preTokenizer});
+    // a fine-tune prompts as it was trained: the adapter's training format replaces the base's template
+    const trainedFormat = opts.adapterDir ? await readChatTemplateFile(opts.adapterDir) : null;
+    if (trainedFormat !== null) vocab.chatTemplate = trainedFormat;
     // the chat template goes into the file as it is: the limit that rendering applies holds here too
     for (const [name, text] of [["chat_template", vocab.chatTemplate], ...vocab.namedChatTemplates] as const) {
         const tooLong = text === null ? null : templateSizeProblem(text);

@@ -85,6 +85,16 @@ export async function readTextFile(file: string, opts: {what?: string; maxBytes?
     return (await readRegularFile(file, opts)).toString("utf8");
 }
 
+/** an optional file's text: null when it does not exist; anything else that stops reading it is an error */
+export async function readOptionalTextFile(file: string, opts: {what?: string; maxBytes?: number} = {}): Promise<string | null> {
+    try {
+        return await readTextFile(file, opts);
+    } catch (err) {
+        if (((err as Error).cause as NodeJS.ErrnoException | undefined)?.code === "ENOENT") return null;
+        throw err;
+    }
+}
+
 /** true when `file` exists (following links), whatever it is; for optional files whose absence is fine */
 export async function pathExists(file: string): Promise<boolean> {
     try {

@@ -4,7 +4,7 @@
 // Llama 3).
 import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
-import {pathExists, readTextFile} from "./files.js";
+import {pathExists, readOptionalTextFile, readTextFile} from "./files.js";
 import type {GgufMetadata} from "./gguf.js";
 
 /** llama.cpp token types (llama_token_type) */
@@ -228,7 +228,9 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         if (addEos === null && last !== null) addEos = last === eosContent;
     }
 
-    // chat templates: tokenizer_config (string or [{name, template}]), else chat_template.jinja
+    // chat templates: tokenizer_config (string or [{name, template}]); a chat_template.jinja beside it is the default
+    // (newer transformers saves it there, and a fine-tune's training format is written there: it wins, as in
+    // HfTokenizer)
     let chatTemplate: string | null = null;
     const namedChatTemplates = new Map<string, string>();
     const fromConfig = config?.chat_template;
@@ -241,11 +243,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
             else namedChatTemplates.set(name, entry.template);
         }
     }
-    if (chatTemplate === null && namedChatTemplates.size === 0) {
-        // no template: llama.cpp falls back to its own detection
-        const file = path.join(dir, "chat_template.jinja");
-        if (await pathExists(file)) chatTemplate = await readTextFile(file, {what: "chat template", maxBytes: 4 << 20});
-    }
+    chatTemplate = (await readChatTemplateFile(dir)) ?? chatTemplate;
 
     return {
         model: "gpt2",
@@ -277,4 +275,15 @@ export function addVocabMetadata(md: GgufMetadata, vocab: GgufVocab): void {
     for (const [name, template] of vocab.namedChatTemplates) md.string(`tokenizer.chat_template.${name}`, template);
     if (vocab.namedChatTemplates.size > 0) md.array("tokenizer.chat_templates", "string", [...vocab.namedChatTemplates.keys()]);
     if (vocab.chatTemplate !== null) md.string("tokenizer.chat_template", vocab.chatTemplate);
+}
+
+/** the largest chat_template.jinja read (templates are kilobytes; the renderer has its own, smaller limit) */
+const MAX_CHAT_TEMPLATE_BYTES = 4 << 20;
+
+/** a folder's chat_template.jinja (a model's, or an adapter's training format), or null when it has none */
+export async function readChatTemplateFile(dir: string): Promise<string | null> {
+    return readOptionalTextFile(path.join(dir, "chat_template.jinja"), {
+        what: "chat template",
+        maxBytes: MAX_CHAT_TEMPLATE_BYTES
+    });
 }

@@ -8,7 +8,8 @@
 //  - "nf4": dequant(NF4(W)) + delta, exactly the weights the adapter saw in training, stored in 16 bits. The
 //    merged model then behaves like the trained QLoRA model, at the cost of carrying the 4-bit rounding of W.
 import path from "node:path";
-import {TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
+import {CHAT_TEMPLATE_FILE_NAME, TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
+import {readChatTemplateFile} from "../io/gguf-vocab.js";
 import {QloraError} from "../errors.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {assertDirOutput, assertOutputSeparate, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
@@ -120,7 +121,11 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             if ("dtype" in config) config.dtype = config.torch_dtype;
             delete (config as Record<string, unknown>).quantization_config;
             await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
+            // the adapter's training format (qlora writes it beside the adapter) is the merged model's chat template
+            const trainedFormat = await readChatTemplateFile(opts.adapter);
+            if (trainedFormat !== null) await writeFileAtomic(path.join(tmp, CHAT_TEMPLATE_FILE_NAME), trainedFormat);
             for (const f of TOKENIZER_FOLDER_FILES) {
+                if (f === CHAT_TEMPLATE_FILE_NAME && trainedFormat !== null) continue;
                 const source = path.join(opts.model, f);
                 // read through files.ts: a FIFO or a folder under a tokenizer file's name is an error, not a hang
                 if (await pathExists(source)) await writeFileAtomic(path.join(tmp, f), await readRegularFile(source, {what: f}));

@@ -7,7 +7,7 @@ import path from "node:path";
 import {Tokenizer} from "@huggingface/tokenizers";
 import type {Template} from "@huggingface/jinja";
 import {QloraError, quoteValue} from "../errors.js";
-import {readTextFile} from "../io/files.js";
+import {readOptionalTextFile} from "../io/files.js";
 import {DEFAULT_TEMPLATE_LIMITS, isStackOverflow, parseTemplate, renderTemplate, TemplateLimitError} from "./bounded-template.js";
 
 /** the files of a model folder that define its tokenizer and generation settings: copied along with a model or
@@ -198,6 +198,21 @@ export class HfTokenizer {
         return this.templates.size > 0;
     }
 
+    /** the text of a chat template (the default one unless named), or null when there is none */
+    chatTemplateText(name?: string): string | null {
+        return this.templates.size === 0 ? null : this.templateSource(name).text;
+    }
+
+    /**
+     * This tokenizer with `text` as its only chat template: a fine-tune's training format (chat_template.jinja
+     * beside an adapter) or a --template file. The template is checked now, so a broken one fails at load.
+     */
+    withChatTemplate(text: string, origin: string): HfTokenizer {
+        const t = new HfTokenizer(this.dir, this.tokenizer, this.config, new Map([["default", {name: "default", text, origin}]]));
+        t.compileTemplate(t.templateSource(undefined));
+        return t;
+    }
+
     /** names of the chat templates available ("default" for a single one) */
     get chatTemplateNames(): string[] {
         return [...this.templates.keys()];
@@ -373,11 +388,9 @@ export class HfTokenizer {
 // A missing optional file is null; anything else that stops reading it (a FIFO, a folder, no permission) is an error.
 async function readOptionalText(filePath: string, maxBytes?: number): Promise<string | null> {
     try {
-        return await readTextFile(filePath, {maxBytes});
+        return await readOptionalTextFile(filePath, {maxBytes});
     } catch (err) {
-        const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
-        if (code === "ENOENT") return null;
-        if (code === "ENOTDIR") {
+        if (((err as Error).cause as NodeJS.ErrnoException | undefined)?.code === "ENOTDIR") {
             throw new QloraError("is not a folder; give the model folder that holds tokenizer.json", {
                 file: path.dirname(filePath),
                 cause: err

@@ -6,7 +6,7 @@
 // checkpoint. Everything read back on resume is validated: a damaged file is refused with a line naming the file
 // and the field, never trusted into a run that silently goes wrong.
 import {randomBytes} from "node:crypto";
-import {TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
+import {CHAT_TEMPLATE_FILE_NAME, TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
 import {promises as fs} from "node:fs";
 import path from "node:path";
 import {z} from "zod";
@@ -104,14 +104,19 @@ export interface CheckpointParts {
     trainingArgs: SavedTrainingArgs;
     /** the model folder, for the tokenizer files */
     modelDir: string;
+    /** the training format as a chat template (null: the base's, copied) */
+    chatTemplate: string | null;
 }
 
 /**
- * copies the tokenizer files of the base model into dir (PEFT's save keeps them beside the adapter); reads go
- * through io/files.ts, so a FIFO or a folder under one of these names is an error, not a hang
+ * copies the tokenizer files of the base model into dir (PEFT's save keeps them beside the adapter), with the
+ * training format as its chat template (chat_template.jinja, data/prompt-format.ts) when the data had one; reads
+ * go through io/files.ts, so a FIFO or a folder under one of these names is an error, not a hang
  */
-export async function copyTokenizerFiles(modelDir: string, dir: string): Promise<void> {
+export async function copyTokenizerFiles(modelDir: string, dir: string, chatTemplate: string | null): Promise<void> {
+    if (chatTemplate !== null) await fs.writeFile(path.join(dir, CHAT_TEMPLATE_FILE_NAME), chatTemplate, {flag: "wx"});
     for (const f of TOKENIZER_FOLDER_FILES) {
+        if (f === CHAT_TEMPLATE_FILE_NAME && chatTemplate !== null) continue;
         const source = path.join(modelDir, f);
         let data: Buffer;
         try {
@@ -129,7 +134,7 @@ export async function saveCheckpoint(dir: string, parts: CheckpointParts): Promi
         dir,
         async (tmp) => {
             await saveAdapter(tmp, parts.lora);
-            await copyTokenizerFiles(parts.modelDir, tmp);
+            await copyTokenizerFiles(parts.modelDir, tmp, parts.chatTemplate);
             const opt = parts.optimizerState;
             const tensors: TensorToWrite[] = Object.entries(opt.tensors).map(([name, data]) => ({
                 name,

@@ -21,6 +21,7 @@ import {checkRowsFitContext} from "../model/training.js";
 import {LRScheduler, resolveWarmupSteps} from "../optim/schedule.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {HfTokenizer} from "../tokenizer/index.js";
+import {promptFormatTemplate} from "../data/prompt-format.js";
 import {
     CHECKPOINT_KIND,
     CHECKPOINT_PREFIX,
@@ -69,6 +70,8 @@ export interface TrainStartInfo {
     resumedFrom: string | null;
     /** settings that differ from the resumed checkpoint's, applied because resume_override names them */
     overrides: ConfigChange[];
+    /** the training format saved as the adapter's chat template ("alpaca", …; null: the base's template) */
+    promptFormat: string | null;
 }
 
 export interface TrainLogRecord {
@@ -297,6 +300,13 @@ async function trainInOutputDir(
         ? await loadDataset(config.eval_dataset, tokenizer, {...dataOptions, packing: false})
         : null;
     for (const w of [...trainData.warnings, ...(evalData?.warnings ?? [])]) reporter.onWarning?.(w);
+    // the training format, saved with every adapter as its chat template: chat and serve prompt it as trained
+    const promptFormat = promptFormatTemplate({
+        format: trainData.options.format,
+        eosToken: trainData.options.eosToken,
+        template: config.template,
+        tokenizerTemplate: tokenizer.chatTemplateText()
+    });
     const maxLen = longestRow(trainData.rows);
     checkRowsFitContext(model.config, maxLen, "max_seq_length", config.max_seq_length);
     const fingerprint = dataFingerprint(trainData.rows);
@@ -447,6 +457,7 @@ async function trainInOutputDir(
         startStep: state.global_step,
         effectiveBatch: config.per_device_train_batch_size * GA,
         resumedFrom: resumeDir,
+        promptFormat: promptFormat?.source ?? null,
         overrides
     });
     if (!resumeDir)
@@ -484,6 +495,7 @@ async function trainInOutputDir(
             scheduler,
             trainerState: state,
             modelDir: config.model,
+            chatTemplate: promptFormat?.template ?? null,
             rng: {loader: loader.position},
             trainingArgs
         };
@@ -607,7 +619,7 @@ async function trainInOutputDir(
         finalDir,
         async (tmp) => {
             await saveAdapter(tmp, lora);
-            await copyTokenizerFiles(config.model, tmp);
+            await copyTokenizerFiles(config.model, tmp, promptFormat?.template ?? null);
         },
         {replace: "owned", kind: FINAL_ADAPTER_KIND}
     );

@@ -13,6 +13,7 @@ interface ServeFlags {
     servedModelName?: string;
     loadIn4bit?: boolean;
     device: "auto" | "cpu" | "cuda";
+    template?: string;
     host: string;
     port: number;
     maxQueue: number;
@@ -55,6 +56,10 @@ export function registerServe(program: Command): void {
             },
             "cpu"
         )
+        .option(
+            "--template <file|base>",
+            "the base model's chat template: a Jinja file, or base (default); each adapter uses its training format when it has one"
+        )
         .option("--host <host>", "the address to listen on (0.0.0.0: every interface)", "127.0.0.1")
         .option("--port <n>", "the port (0: any free one)", parseIntOption("--port", 0), 8000)
         .option(
@@ -68,7 +73,11 @@ export function registerServe(program: Command): void {
             action(async (flags: ServeFlags) => {
                 if (flags.port > 65535) throw new QloraError(`--port must be at most 65535, got ${flags.port}`);
                 const adapters = flags.adapter.map(adapterSpec);
-                const base = await loadModel(flags.model, {loadIn4bit: flags.loadIn4bit, device: flags.device});
+                const base = await loadModel(flags.model, {
+                    loadIn4bit: flags.loadIn4bit,
+                    device: flags.device,
+                    template: flags.template
+                });
                 if (base.deviceNote) console.error(pc.dim(escapeForTerminal(base.deviceNote)));
                 const models: ServedModel[] = [{id: flags.servedModelName ?? path.basename(base.dir), loaded: base}];
                 for (const a of adapters) {

@@ -99,6 +99,12 @@ export function registerTrain(program: Command): void {
                         );
                         if (info.eval) kv("eval data", `${resolved.eval_dataset} (${info.eval.stats.rows} rows)`);
                         kv(
+                            "prompt format",
+                            info.promptFormat
+                                ? `${info.promptFormat} (saved with the adapter as chat_template.jinja: chat and serve use it)`
+                                : "none (plain text data; the adapter keeps the base's chat template)"
+                        );
+                        kv(
                             "steps",
                             `${info.totalSteps} (warmup ${info.warmupSteps}; batch ${resolved.per_device_train_batch_size} x ` +
                                 `${resolved.gradient_accumulation_steps} accumulation = ${info.effectiveBatch})`
