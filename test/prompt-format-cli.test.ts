@@ -87,4 +87,9 @@ test("an alpaca run saves its format with the adapter; chat, merge and GGUF use 
     qlora("export", "gguf", "--adapter", final, "--out", file, "--outtype", "f32");
     const md = (await gguf(file, {allowLocalFile: true})).metadata as unknown as Record<string, unknown>;
     assert.equal(md["tokenizer.chat_template"], saved);
+
+    // and Ollama's Modelfile prompts it the same way (test/ollama.test.ts checks the Go template renders as the Jinja)
+    qlora("export", "ollama", "--adapter", final, "--out", path.join(tmp, "ollama"), "--outtype", "f16");
+    const modelfile = readFileSync(path.join(tmp, "ollama", "Modelfile"), "utf8");
+    assert.ok(modelfile.includes("### 指令:\n{{ $m.Content }}\n\n### 回答:\n"), modelfile);
 });

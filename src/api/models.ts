@@ -84,7 +84,7 @@ export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Prom
 }
 
 /** the tokenizer with the chat template LoadModelOptions.template asks for */
-async function chatTemplateFor(
+export async function chatTemplateFor(
     base: HfTokenizer,
     adapterDir: string | undefined,
     template: string | undefined
@@ -145,7 +145,7 @@ const MAX_GENERATION_CONFIG_BYTES = 16 << 20;
  * A missing file is fine (config.json and the tokenizer decide); a broken one is an error, since ignoring it
  * would silently generate past the end of every turn.
  */
-async function generationConfigEos(dir: string): Promise<number[]> {
+export async function generationConfigEos(dir: string): Promise<number[]> {
     const file = path.join(dir, "generation_config.json");
     if (!(await pathExists(file))) return [];
     const text = await readTextFile(file, {what: "generation config", maxBytes: MAX_GENERATION_CONFIG_BYTES});

@@ -1,9 +1,11 @@
 // qlora export: write a model (optionally with a PEFT adapter merged in) or an adapter alone as GGUF for
 // llama.cpp and everything built on it (node-llama-cpp, ollama, LM Studio).
+import path from "node:path";
 import type {Command} from "commander";
 import {pc} from "../colors.js";
 import {QloraError} from "../../errors.js";
 import {exportGguf, exportGgufLora, type ExportProgress, type GgufLoraOuttype} from "../../api/export-gguf.js";
+import {exportOllama} from "../../api/export-ollama.js";
 import {formatBytes} from "../../io/gguf.js";
 import {GGUF_OUTTYPES, type GgufOuttype} from "../../io/gguf-quants.js";
 import {action} from "../run.js";
@@ -15,6 +17,16 @@ interface GgufFlags {
     out: string;
     name?: string;
     preTokenizer?: string;
+    overwrite?: boolean;
+}
+
+interface OllamaFlags {
+    model?: string;
+    adapter?: string;
+    outtype: string;
+    out: string;
+    lora?: boolean;
+    template?: string;
     overwrite?: boolean;
 }
 
@@ -71,6 +83,39 @@ export function registerExport(program: Command): void {
                         `${result.tensorCount} tensors [${types}], ${formatBytes(result.bytes)} in ` +
                         `${((Date.now() - started) / 1000).toFixed(1)} s`
                 );
+            })
+        );
+
+    exp.command("ollama")
+        .description("write a folder for `ollama create NAME -f DIR/Modelfile`: the GGUF and a Modelfile that prompts as trained")
+        .requiredOption("-o, --out <dir>", "the folder to write (new or empty)")
+        .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
+        .option("-a, --adapter <dir>", "PEFT adapter folder: merged into the GGUF, or kept as a LoRA GGUF with --lora")
+        .option("-t, --outtype <type>", `tensor type: ${GGUF_OUTTYPES.join(", ")}`, "q4_k_m")
+        .option("--lora", "keep the adapter separate (Modelfile ADAPTER) instead of merging it")
+        .option(
+            "--template <file|base>",
+            "the chat template to translate: a Jinja file, or base (default: the adapter's training format, else the model's)"
+        )
+        .option("--overwrite", "replace --out when an earlier qlora export ollama wrote it")
+        .action(
+            action(async (flags: OllamaFlags) => {
+                if (!(GGUF_OUTTYPES as readonly string[]).includes(flags.outtype))
+                    throw new QloraError(`--outtype must be one of ${GGUF_OUTTYPES.join(", ")}, got "${flags.outtype}"`);
+                if (flags.lora && !flags.adapter) throw new QloraError("--lora needs --adapter (the adapter to keep separate)");
+                const result = await exportOllama({
+                    modelDir: flags.model,
+                    adapterDir: flags.adapter,
+                    out: flags.out,
+                    outtype: flags.outtype as GgufOuttype,
+                    lora: flags.lora,
+                    template: flags.template,
+                    overwrite: flags.overwrite
+                });
+                console.log(
+                    `wrote ${result.dir} (${result.files.join(", ")}); stops ${result.stops.map((s) => JSON.stringify(s)).join(", ")}`
+                );
+                console.log(`import it with: ollama create NAME -f ${path.join(result.dir, "Modelfile")}`);
             })
         );
 
