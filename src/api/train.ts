@@ -23,7 +23,9 @@ export function runTraining(config: TrainerConfig, reporter: TrainReporter = {})
  * exits the process); the signal handlers are removed when it returns.
  */
 export async function fineTune(input: TrainConfigInput = {}, reporter: TrainReporter = {}): Promise<TrainResult> {
-    const config = resolveTrainConfig(input as Record<string, unknown>, "fineTune()");
+    const notices: string[] = [];
+    const config = resolveTrainConfig(input as Record<string, unknown>, "fineTune()", notices);
+    for (const n of notices) reporter.onWarning?.(n);
     const usingExample = config.dataset === null;
     return train(
         {

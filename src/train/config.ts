@@ -39,8 +39,18 @@ export const TrainConfigSchema = z
             .default("auto")
             .describe("record format; detected from the first record's keys unless given"),
         template: z.string().nullable().default(null).describe("a prompt template with {field} placeholders for custom records"),
+        dataset_text_field: z
+            .string()
+            .min(1)
+            .nullable()
+            .default(null)
+            .describe('the field of plain-text records (TRL\'s SFTConfig; default "text")'),
         max_seq_length: z.number().int().positive().default(512).describe("truncate each example to this many tokens"),
         packing: z.boolean().default(false).describe("pack examples into rows of max_seq_length (no attention across examples)"),
+        packing_strategy: z
+            .enum(["bfd", "bfd_split"])
+            .default("bfd")
+            .describe("bfd: best-fit decreasing, long examples truncated; bfd_split: long examples split over rows"),
         completion_only_loss: z.boolean().default(true).describe("train on the response tokens only (prompt tokens get no loss)"),
         assistant_only_loss: z.boolean().default(true).describe("for chat data: train on assistant turns only"),
         // BitsAndBytesConfig
@@ -116,6 +126,14 @@ export const TrainConfigSchema = z
             .default(false)
             .describe("GPU: keep the checkpointed block inputs in host memory (less GPU memory, slower)"),
         logging_steps: stepsOrRatio.default(10),
+        eval_strategy: z
+            .enum(["steps", "no"])
+            .default("steps")
+            .describe('"steps": evaluate every eval_steps when there is an eval set; "no": never'),
+        save_strategy: z
+            .enum(["steps", "no"])
+            .default("steps")
+            .describe('"steps": a checkpoint every save_steps; "no": only the final adapter (no resume)'),
         eval_steps: stepsOrRatio
             .nullable()
             .default(null)
@@ -146,8 +164,114 @@ export type TrainConfigInput = z.input<typeof TrainConfigSchema>;
 
 export const TRAIN_CONFIG_KEYS = Object.keys(TrainConfigSchema.shape) as (keyof TrainConfig)[];
 
-/** validates a partial config (from any source) and fills in the defaults */
-export function resolveTrainConfig(input: Record<string, unknown>, source = "config"): TrainConfig {
+/**
+ * Keys users bring from Python scripts (TrainingArguments, SFTConfig, from_pretrained) that are not qlora's own: each
+ * is renamed to qlora's key of the same meaning, accepted with a notice that it changes nothing here, or refused
+ * with what to do instead. Never silently ignored.
+ */
+type ForeignKey = (value: unknown) => {rename?: keyof TrainConfig; notice?: string};
+
+const noEffect =
+    (why: string): ForeignKey =>
+    () => ({notice: why});
+const refused =
+    (why: string, harmless?: (value: unknown) => boolean): ForeignKey =>
+    (value) => {
+        if (harmless?.(value)) return {};
+        throw new QloraError(why);
+    };
+const NO_PARALLEL_DATA = "qlora tokenizes and batches in the training process";
+
+const FOREIGN_KEYS: Record<string, ForeignKey> = {
+    max_length: () => ({rename: "max_seq_length"}), // TRL's SFTConfig name since 0.20
+    evaluation_strategy: () => ({rename: "eval_strategy"}), // the name before transformers 4.46
+    report_to: (v) =>
+        v === "none" || v === null || (Array.isArray(v) && v.length === 0)
+            ? {}
+            : {notice: `report_to ${quoteValue(v)} has no effect: qlora logs to metrics.jsonl and report.html in output_dir`},
+    logging_dir: noEffect("logging_dir has no effect: qlora logs to metrics.jsonl and report.html in output_dir"),
+    run_name: noEffect("run_name has no effect: the run is named by its output_dir"),
+    torch_dtype: (v) => {
+        if (!["auto", "bfloat16", "float16", "float32"].includes(String(v)))
+            throw new QloraError(`torch_dtype must be auto, bfloat16, float16 or float32 (got ${quoteValue(v)})`);
+        return {notice: "torch_dtype has no effect: qlora computes in float32 on the CPU and bfloat16 on the GPU (see bf16)"};
+    },
+    trust_remote_code: refused(
+        "trust_remote_code: qlora never runs code from a model folder; the architectures it supports (Llama, Qwen2, " +
+            "Mistral) load without it: remove the key",
+        (v) => v === false
+    ),
+    formatting_func: refused(
+        "formatting_func is a Python function; describe the prompt with template (a string with {field} placeholders) " +
+            "or dataset_format instead"
+    ),
+    neftune_noise_alpha: refused("neftune_noise_alpha (NEFTune) is not implemented; remove it", (v) => v === null),
+    push_to_hub: refused(
+        "push_to_hub: qlora does not upload; upload output_dir/final with `huggingface-cli upload` after training",
+        (v) => v === false
+    ),
+    hub_model_id: noEffect("hub_model_id has no effect: qlora does not upload (see push_to_hub)"),
+    load_best_model_at_end: refused(
+        "load_best_model_at_end is not implemented: the final adapter is the last step's; pick a checkpoint-N by its " +
+            "eval_loss in metrics.jsonl",
+        (v) => v === false
+    ),
+    metric_for_best_model: noEffect("metric_for_best_model has no effect (see load_best_model_at_end)"),
+    group_by_length: noEffect("group_by_length has no effect: batches follow the shuffled order (use packing to save padding)"),
+    dataloader_num_workers: noEffect(`dataloader_num_workers has no effect: ${NO_PARALLEL_DATA}`),
+    dataloader_pin_memory: noEffect(`dataloader_pin_memory has no effect: ${NO_PARALLEL_DATA}`),
+    dataset_num_proc: noEffect(`dataset_num_proc has no effect: ${NO_PARALLEL_DATA}`),
+    remove_unused_columns: noEffect("remove_unused_columns has no effect: only the fields the format reads are used"),
+    ddp_find_unused_parameters: noEffect("ddp_find_unused_parameters has no effect: qlora trains on one device"),
+    gradient_checkpointing_kwargs: noEffect("gradient_checkpointing_kwargs has no effect: qlora recomputes each block itself"),
+    logging_strategy: refused('logging_strategy: only "steps" (every logging_steps) is implemented', (v) => v === "steps"),
+    logging_first_step: noEffect("logging_first_step has no effect: the first log comes after logging_steps steps"),
+    disable_tqdm: noEffect("disable_tqdm has no effect: the progress bar shows only on a terminal"),
+    log_level: noEffect("log_level has no effect"),
+    eval_accumulation_steps: noEffect("eval_accumulation_steps has no effect: evaluation keeps only the loss sums"),
+    attn_implementation: noEffect("attn_implementation has no effect: qlora uses its own attention kernels"),
+    device_map: noEffect("device_map has no effect: see device (cpu, cuda or auto)"),
+    low_cpu_mem_usage: noEffect("low_cpu_mem_usage has no effect"),
+    use_cache: noEffect("use_cache has no effect while training"),
+    tf32: noEffect("tf32 has no effect: qlora's fp32 GEMMs do not use TF32"),
+    bnb_4bit_quant_storage: noEffect("bnb_4bit_quant_storage has no effect: 4-bit weights are stored packed in uint8"),
+    dataset_kwargs: noEffect("dataset_kwargs has no effect"),
+    max_seq_len: () => ({rename: "max_seq_length"})
+};
+
+/** the config with foreign keys renamed or dropped; their notices are pushed to `notices` */
+function translateForeignKeys(input: Record<string, unknown>, source: string, notices: string[]): Record<string, unknown> {
+    const out: Record<string, unknown> = {};
+    for (const [key, value] of Object.entries(input)) {
+        const foreign = Object.hasOwn(FOREIGN_KEYS, key) ? FOREIGN_KEYS[key] : undefined;
+        if (!foreign) {
+            out[key] = value;
+            continue;
+        }
+        let r: ReturnType<ForeignKey>;
+        try {
+            r = foreign(value);
+        } catch (err) {
+            throw err instanceof QloraError ? new QloraError(err.message, {file: source}) : err;
+        }
+        if (r.notice) notices.push(r.notice);
+        if (r.rename) {
+            if (r.rename in input && input[r.rename] !== value)
+                throw new QloraError(`${key} and ${r.rename} mean the same setting and disagree; keep only ${r.rename}`, {
+                    file: source
+                });
+            out[r.rename] = value;
+        }
+    }
+    return out;
+}
+
+/**
+ * validates a partial config (from any source) and fills in the defaults; keys from the Python tools are
+ * translated (their notices go to `notices` when given)
+ */
+export function resolveTrainConfig(raw: Record<string, unknown>, source = "config", notices: string[] = []): TrainConfig {
+    const input = translateForeignKeys(raw, source, notices);
     for (const key of Object.keys(input)) {
         if (!(TRAIN_CONFIG_KEYS as string[]).includes(key)) {
             const near = closestKey(key);
@@ -200,7 +324,7 @@ export function parseFlags(args: string[]): Record<string, unknown> {
         if (!arg.startsWith("--")) throw new QloraError(`unexpected argument "${arg}": options look like --key value`);
         let [rawKey, value] = arg.slice(2).split(/=(.*)/s, 2) as [string, string | undefined];
         const key = rawKey.replace(/-/g, "_");
-        if (!(TRAIN_CONFIG_KEYS as string[]).includes(key)) {
+        if (!(TRAIN_CONFIG_KEYS as string[]).includes(key) && !Object.hasOwn(FOREIGN_KEYS, key)) {
             const near = closestKey(key);
             throw new QloraError(`unknown option --${rawKey}` + (near ? `; did you mean --${near}?` : ""));
         }
@@ -212,12 +336,12 @@ export function parseFlags(args: string[]): Record<string, unknown> {
                 i++;
             }
         }
-        out[key] = coerce(key as keyof TrainConfig, value);
+        out[key] = coerce(key, value);
     }
     return out;
 }
 
-function coerce(key: keyof TrainConfig, value: string): unknown {
+function coerce(key: string, value: string): unknown {
     if (value === "null" || (value === "none" && key !== "bias")) return null;
     if (key === "target_modules" || key === "modules_to_save" || key === "resume_override") {
         if (key === "target_modules" && (value === "all-linear" || /[\\^$*+?()[\]{}|]/.test(value))) return value;
@@ -236,15 +360,18 @@ function coerce(key: keyof TrainConfig, value: string): unknown {
 export function closestKey(key: string): string | null {
     let best: string | null = null,
         bestDist = Infinity;
-    for (const k of TRAIN_CONFIG_KEYS) {
+    for (const k of [...TRAIN_CONFIG_KEYS, ...Object.keys(FOREIGN_KEYS)]) {
         const d = editDistance(key, k);
         if (d < bestDist) {
             best = k;
             bestDist = d;
         }
     }
-    const contains = TRAIN_CONFIG_KEYS.find((k) => k.includes(key) || key.includes(k));
-    if (bestDist <= Math.max(2, Math.floor(key.length / 3))) return best;
+    if (bestDist <= Math.max(1, Math.floor(Math.min(key.length, best?.length ?? 0) / 4))) return best;
+    // a key written in part (lora_r for r is not one: a suggestion needs most of the letters in common)
+    const contains = TRAIN_CONFIG_KEYS.find(
+        (k) => (k.includes(key) && key.length >= 4) || (key.includes(k) && k.length >= 4 && 2 * k.length >= key.length)
+    );
     return contains ?? null;
 }
 
@@ -257,9 +384,9 @@ function editDistance(a: string, b: string): number {
     return dp[a.length][b.length];
 }
 
-/** config file, then flags, over the defaults */
-export async function loadTrainConfig(configFile: string | null, flags: string[]): Promise<TrainConfig> {
+/** config file, then flags, over the defaults; notices about keys from the Python tools go to `notices` */
+export async function loadTrainConfig(configFile: string | null, flags: string[], notices: string[] = []): Promise<TrainConfig> {
     const fromFile = configFile ? await readConfigFile(configFile) : {};
     if (configFile) resolveTrainConfig(fromFile, configFile); // report file errors against the file
-    return resolveTrainConfig({...fromFile, ...parseFlags(flags)}, configFile ?? "command line");
+    return resolveTrainConfig({...fromFile, ...parseFlags(flags)}, configFile ?? "command line", notices);
 }

@@ -289,16 +289,19 @@ async function trainInOutputDir(
     const dataOptions: DataOptions = {
         dataset_format: config.dataset_format === "auto" ? undefined : (config.dataset_format as DataOptions["dataset_format"]),
         template: config.template ?? undefined,
+        dataset_text_field: config.dataset_text_field ?? undefined,
         max_seq_length: config.max_seq_length,
         packing: config.packing,
+        packing_strategy: config.packing_strategy,
         completion_only_loss: config.completion_only_loss,
         assistant_only_loss: config.assistant_only_loss,
         seed: config.seed
     };
     const trainData = await loadDataset(config.dataset, tokenizer, dataOptions);
-    const evalData = config.eval_dataset
-        ? await loadDataset(config.eval_dataset, tokenizer, {...dataOptions, packing: false})
-        : null;
+    const evalData =
+        config.eval_dataset && config.eval_strategy !== "no"
+            ? await loadDataset(config.eval_dataset, tokenizer, {...dataOptions, packing: false})
+            : null;
     for (const w of [...trainData.warnings, ...(evalData?.warnings ?? [])]) reporter.onWarning?.(w);
     // the training format, saved with every adapter as its chat template: chat and serve prompt it as trained
     const promptFormat = promptFormatTemplate({
@@ -598,7 +601,7 @@ async function trainInOutputDir(
             await emit({type: "eval", ...rec});
             reporter.onEval?.(rec);
         }
-        if (step % saveSteps === 0 || step === totalSteps) await save(step);
+        if (config.save_strategy !== "no" && (step % saveSteps === 0 || step === totalSteps)) await save(step);
         await yieldToEventLoop();
         if (stop.signal) {
             // SIGINT/SIGTERM: the step is done; keep it in a checkpoint (unless this step's was just saved)

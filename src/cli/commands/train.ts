@@ -68,7 +68,9 @@ export function registerTrain(program: Command): void {
             action(async (args: string[]) => {
                 const configFile = args.length > 0 && !args[0].startsWith("--") ? args[0] : null;
                 const flags = (configFile ? args.slice(1) : args).filter((a) => a !== "--debug");
-                const config = await loadTrainConfig(configFile, flags);
+                const notices: string[] = [];
+                const config = await loadTrainConfig(configFile, flags, notices);
+                for (const n of notices) console.error(pc.yellow(`notice: ${n}`));
                 const usingExample = config.dataset === null;
                 const model = resolveModelDir(config.model ?? undefined);
                 const resolved = {
