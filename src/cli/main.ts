@@ -4,6 +4,7 @@ import {readFileSync} from "node:fs";
 import path from "node:path";
 import {packageRoot} from "../backend/native.js";
 import {registerChat} from "./commands/chat.js";
+import {registerData} from "./commands/data.js";
 import {registerEval} from "./commands/eval.js";
 import {registerExport} from "./commands/export.js";
 import {registerGenerate} from "./commands/generate.js";
@@ -28,6 +29,7 @@ registerEval(program);
 registerMerge(program);
 registerChat(program);
 registerServe(program);
+registerData(program);
 registerInspect(program);
 registerExport(program);
 

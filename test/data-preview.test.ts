@@ -1,0 +1,57 @@
+// qlora data preview: the summary, the samples with their trained tokens marked ([[...]] in a pipe), and --json.
+import {test} from "node:test";
+import assert from "node:assert/strict";
+import {spawnSync} from "node:child_process";
+import {readFileSync} from "node:fs";
+import path from "node:path";
+import {HfTokenizer} from "../src/tokenizer/index.js";
+import {MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
+
+const cli = (...args: string[]) => {
+    const r = spawnSync(
+        process.execPath,
+        ["--import", "tsx", path.join(REPO_ROOT, "src/cli/main.ts"), "data", "preview", ...args],
+        {
+            encoding: "utf8",
+            cwd: REPO_ROOT
+        }
+    );
+    assert.equal(r.status, 0, r.stderr);
+    return r.stdout;
+};
+
+test("alpaca data: the response and its EOS are the trained text; the prompt is not", () => {
+    const file = path.join(REPO_ROOT, "examples/data/alpaca_train.json");
+    const first = JSON.parse(readFileSync(file, "utf8"))[0] as {output: string};
+    const out = cli("--dataset", file, "-n", "3", "--max-seq-length", "64");
+    assert.match(out, /^format\s+alpaca \(json\)$/m);
+    assert.match(out, /^records\s+400$/m);
+    assert.match(out, /^prompt format alpaca$/m);
+    const samples = out.split("--- sample ").slice(1);
+    assert.equal(samples.length, 3);
+    assert.ok(samples[0].includes(`### 回答:\n[[${first.output}<|endoftext|>]]`), samples[0]);
+    assert.ok(!/\[\[[^\]]*### 指令/.test(out), "no prompt text is marked trained");
+});
+
+test("--json gives each sample's input_ids and label_mask, and chat data trains the assistant turns only", async () => {
+    const file = path.join(REPO_ROOT, "examples/data/chat_train.jsonl");
+    const j = JSON.parse(cli("--dataset", file, "-n", "2", "--json")) as {
+        format: string;
+        targets: number;
+        samples: {input_ids: number[]; label_mask: number[]}[];
+    };
+    assert.equal(j.format, "messages");
+    assert.equal(j.samples.length, 2);
+    const tok = await HfTokenizer.load(MODEL_DIR);
+    for (const s of j.samples) {
+        assert.equal(s.input_ids.length, s.label_mask.length);
+        const trained = tok.decode(s.input_ids.filter((_, i) => s.label_mask[i] === 1));
+        const untrained = tok.decode(s.input_ids.filter((_, i) => s.label_mask[i] === 0));
+        assert.ok(!trained.includes("<|im_start|>user"), trained);
+        assert.match(untrained, /<\|im_start\|>user/);
+        assert.ok(s.label_mask.some((m) => m === 1));
+    }
+    const first = JSON.parse(readFileSync(file, "utf8").split("\n")[0]) as {messages: {role: string; content: string}[]};
+    const answer = first.messages.find((m) => m.role === "assistant")!.content;
+    assert.ok(tok.decode(j.samples[0].input_ids.filter((_, i) => j.samples[0].label_mask[i] === 1)).includes(answer));
+});
