@@ -106,7 +106,10 @@ export interface TrainResult {
     outputDir: string;
     finalDir: string;
     globalStep: number;
+    /** transformers' train_loss: the mean step loss of this run (of this session, when resumed) */
     trainLoss: number;
+    /** the last step's loss */
+    lastLoss: number;
     evalLoss: number | null;
     metricsFile: string;
     reportFile: string;
@@ -517,6 +520,9 @@ async function trainInOutputDir(
     const startStep = state.global_step;
     let windowStart = Date.now();
     let lastLoss = NaN;
+    // transformers' train_loss: the mean of the step losses of this run (of this session, when resumed)
+    let sessionLossSum = 0,
+        sessionSteps = 0;
     while (state.global_step < totalSteps) {
         // one optimizer step over GA micro-batches: count the targets first (SPEC-training §8)
         const micro: Batch[] = [];
@@ -564,6 +570,8 @@ async function trainInOutputDir(
         state.epoch = epoch;
         state.num_input_tokens_seen += tokens;
         lastLoss = loss;
+        sessionLossSum += loss;
+        sessionSteps++;
         const acc = state.qlora_log_accumulator;
         acc.lossSum += loss;
         acc.steps += 1;
@@ -615,6 +623,7 @@ async function trainInOutputDir(
         const logged = state.log_history.filter((h) => typeof h.loss === "number");
         if (logged.length > 0) lastLoss = logged[logged.length - 1].loss as number;
     }
+    const trainLoss = sessionSteps > 0 ? sessionLossSum / sessionSteps : lastLoss;
     // the final adapter, PEFT's layout, with the tokenizer files beside it
     const finalDir = path.join(outputDir, "final");
     engine.syncToHost();
@@ -633,7 +642,8 @@ async function trainInOutputDir(
         type: "end",
         step: state.global_step,
         final_dir: finalDir,
-        train_loss: lastLoss,
+        train_loss: trainLoss,
+        last_loss: lastLoss,
         eval_loss: evalLoss,
         time: new Date().toISOString()
     });
@@ -655,5 +665,5 @@ async function trainInOutputDir(
         },
         records
     );
-    return {outputDir, finalDir, globalStep: state.global_step, trainLoss: lastLoss, evalLoss, metricsFile, reportFile};
+    return {outputDir, finalDir, globalStep: state.global_step, trainLoss, lastLoss, evalLoss, metricsFile, reportFile};
 }

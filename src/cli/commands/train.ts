@@ -170,7 +170,8 @@ export function registerTrain(program: Command): void {
                 }
                 (bar as cliProgress.SingleBar | null)?.stop();
                 console.log(
-                    `${pc.green("done")}: ${result.globalStep} steps, final loss ${result.trainLoss.toFixed(4)}` +
+                    `${pc.green("done")}: ${result.globalStep} steps, train_loss ${result.trainLoss.toFixed(4)} (mean), ` +
+                        `last loss ${result.lastLoss.toFixed(4)}` +
                         (result.evalLoss !== null ? `, eval loss ${result.evalLoss.toFixed(4)}` : "")
                 );
                 console.log(`adapter  ${result.finalDir}`);
