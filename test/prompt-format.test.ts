@@ -124,17 +124,83 @@ test("prompt_completion text data: the prompt is sent as it is; text and tokeniz
     assert.equal(promptFormatTemplate({format: "tokenized", eosToken, tokenizerTemplate: "x"}), null);
 });
 
-test("a system message is left out of the alpaca prompt (training had none), and history turns follow each other", () => {
-    const pf = promptFormatTemplate({format: "alpaca", eosToken: "<|im_end|>", tokenizerTemplate: null})!;
+test("alpaca records with system and history (LLaMA-Factory's fields) render as trained, turn by turn", () => {
+    const pf = promptFormatTemplate({format: "alpaca", eosToken, tokenizerTemplate: null})!;
     const chat = tok.withChatTemplate(pf.template, "test");
-    const text = chat.applyChatTemplate(
-        [
-            {role: "system", content: "Be brief."},
-            {role: "user", content: "Add 2 and 3."},
-            {role: "assistant", content: "5"},
-            {role: "user", content: "Now double it.", input: "   "}
-        ],
-        {addGenerationPrompt: true}
+    const records = [
+        {system: "Be brief.", instruction: "Add 2 and 3.", output: "5"},
+        {instruction: "Now double it.", input: "", output: "10", history: [["Add 2 and 3.", "5"]]},
+        {
+            system: "You are a calculator.",
+            instruction: "Multiply.",
+            input: "4 5",
+            output: "20",
+            history: [
+                ["Add 1 and 1.", "2"],
+                ["Subtract 1 from 3.", "2"]
+            ]
+        }
+    ];
+    for (const [i, record] of records.entries()) {
+        const example = formatRecord(record, "alpaca");
+        const trained = tokenizeExample(example, tok, {completionOnlyLoss: true, assistantOnlyLoss: true, eosToken});
+        const messages: ChatMessage[] = [
+            ...(record.system ? [{role: "system", content: record.system}] : []),
+            ...(record.history ?? []).flatMap(([q, a]) => [
+                {role: "user", content: q},
+                {role: "assistant", content: a}
+            ]),
+            {role: "user", content: record.instruction, input: record.input ?? ""}
+        ];
+        const prompt = tok.encode(chat.applyChatTemplate(messages, {addGenerationPrompt: true}), {addSpecialTokens: true});
+        const firstTrained = trained.labels.findIndex((l) => l !== -100);
+        assert.deepEqual(prompt, trained.inputIds.slice(0, firstTrained), `record ${i}: the prompt`);
+        const full = chat.applyChatTemplate([...messages, {role: "assistant", content: record.output}]);
+        assert.deepEqual(tok.encode(full, {addSpecialTokens: true}), trained.inputIds, `record ${i}`);
+        // the history's answers are context: only the last answer (and its EOS) is trained
+        assert.equal(trained.labels.filter((l) => l !== -100).length, tok.encode(record.output + eosToken).length);
+    }
+    assert.equal(
+        chat.applyChatTemplate(
+            [
+                {role: "system", content: "Be brief."},
+                {role: "user", content: "Add 2 and 3."},
+                {role: "assistant", content: "5"},
+                {role: "user", content: "Now double it.", input: "   "}
+            ],
+            {addGenerationPrompt: true}
+        ),
+        `Be brief.\n\n### 指令:\nAdd 2 and 3.\n\n### 回答:\n5${eosToken}### 指令:\nNow double it.\n\n### 回答:\n`
     );
-    assert.equal(text, "### 指令:\nAdd 2 and 3.\n\n### 回答:\n5<|im_end|>### 指令:\nNow double it.\n\n### 回答:\n");
+});
+
+test("other column names (LLaMA-Factory's columns and tags) read as the standard ones, and errors name the mapping", () => {
+    const alpaca = formatRecord({question: "Add 2 and 3.", context: "", answer: "5", sys: "Be brief."}, "alpaca", {
+        columns: {prompt: "question", query: "context", response: "answer", system: "sys"}
+    });
+    const direct = formatRecord({instruction: "Add 2 and 3.", input: "", output: "5", system: "Be brief."}, "alpaca");
+    assert.deepEqual(alpaca, direct);
+    assert.equal(detectFormat({question: "q", answer: "a"}, {columns: {prompt: "question", response: "answer"}}), "alpaca");
+    const chat = formatRecord(
+        {
+            dialog: [
+                {speaker: "me", text: "hi"},
+                {speaker: "bot", text: "hello"}
+            ]
+        },
+        detectFormat({dialog: []}, {columns: {messages: "dialog"}}),
+        {columns: {messages: "dialog"}, tags: {role_tag: "speaker", content_tag: "text", user_tag: "me", assistant_tag: "bot"}}
+    );
+    assert.deepEqual(chat, {
+        kind: "messages",
+        messages: [
+            {role: "user", content: "hi"},
+            {role: "assistant", content: "hello"}
+        ],
+        templateExtra: undefined
+    });
+    assert.throws(
+        () => formatRecord({question: "q"}, "alpaca", {columns: {prompt: "question", response: "answer"}}),
+        /missing "output".*\(columns: "question" as "instruction", "answer" as "output"\)/
+    );
 });

@@ -24,11 +24,21 @@ export const DATASET_FORMATS: readonly DatasetFormat[] = [
 export const ALPACA_TEMPLATE = "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n{output}";
 /** The default Alpaca template for records whose `input` is empty or missing. */
 export const ALPACA_TEMPLATE_NO_INPUT = "### 指令:\n{instruction}\n\n### 回答:\n{output}";
+/** what follows an alpaca record's `system` text, before its first turn (LLaMA-Factory's alpaca convention) */
+export const ALPACA_SYSTEM_SUFFIX = "\n\n";
 
 /** one record, ready to tokenize */
 export type Example =
     | {kind: "text"; text: string}
-    | {kind: "prompt_completion"; prompt: string; completion: string}
+    | {
+          kind: "prompt_completion";
+          prompt: string;
+          completion: string;
+          /** text before the first turn (an alpaca record's system text and its suffix) */
+          system?: string;
+          /** earlier turns (an alpaca record's history), in the context but not trained; each ends with the EOS */
+          turns?: {prompt: string; completion: string}[];
+      }
     | {kind: "chat_prompt_completion"; prompt: ChatMessage[]; completion: ChatMessage[]; templateExtra?: Record<string, unknown>}
     | {kind: "messages"; messages: ChatMessage[]; templateExtra?: Record<string, unknown>}
     | {kind: "tokenized"; inputIds: number[]; labels: number[] | null};
@@ -46,6 +56,54 @@ export interface FormatOptions {
     response_field?: string;
     /** the field holding the text of "text" records (default "text") */
     dataset_text_field?: string;
+    /**
+     * other column names, as LLaMA-Factory's dataset_info.json gives them: prompt (the instruction), query (the
+     * input), response (the output), system, history (alpaca); messages (ShareGPT's conversations)
+     */
+    columns?: ColumnMap;
+    /** ShareGPT/messages keys and role names, as LLaMA-Factory's `tags` */
+    tags?: TagMap;
+}
+
+export interface ColumnMap {
+    prompt?: string;
+    query?: string;
+    response?: string;
+    system?: string;
+    history?: string;
+    messages?: string;
+}
+
+export interface TagMap {
+    role_tag?: string;
+    content_tag?: string;
+    user_tag?: string;
+    assistant_tag?: string;
+    system_tag?: string;
+    observation_tag?: string;
+}
+
+const COLUMN_TARGETS: Record<keyof ColumnMap, string> = {
+    prompt: "instruction",
+    query: "input",
+    response: "output",
+    system: "system",
+    history: "history",
+    messages: "conversations"
+};
+
+/** a record with its mapped columns under the standard names (the record itself when there is no mapping) */
+export function applyColumns(record: DataRecord, options: FormatOptions): DataRecord {
+    const columns = options.columns;
+    if (!columns) return record;
+    const out: DataRecord = {...record};
+    for (const [key, target] of Object.entries(COLUMN_TARGETS)) {
+        const from = columns[key as keyof ColumnMap];
+        if (from === undefined || from === target) continue;
+        delete out[target]; // the standard name now means the mapped column only
+        if (Object.hasOwn(record, from)) out[target] = record[from];
+    }
+    return out;
 }
 
 /** Where a record came from, for error messages: "file:LINE" or "file", and its index in the file. */
@@ -97,7 +155,8 @@ const EXPECTED_KEYS: Record<DatasetFormat, string> = {
  * `completion` → prompt_completion, `instruction` → alpaca, the text field → text, `input_ids` → tokenized.
  * A given `template` wins; an explicit `dataset_format` is returned as is.
  */
-export function detectFormat(record: DataRecord, options: FormatOptions = {}, where?: RecordWhere): DatasetFormat {
+export function detectFormat(raw: DataRecord, options: FormatOptions = {}, where?: RecordWhere): DatasetFormat {
+    const record = applyColumns(raw, options);
     const given = options.dataset_format ?? "auto";
     if (given !== "auto") {
         if (!DATASET_FORMATS.includes(given)) {
@@ -122,15 +181,12 @@ export function detectFormat(record: DataRecord, options: FormatOptions = {}, wh
 }
 
 /** Converts one record of `format` to an Example, or throws a QloraError naming the record and the expected keys. */
-export function formatRecord(
-    record: DataRecord,
-    format: DatasetFormat,
-    options: FormatOptions = {},
-    where?: RecordWhere
-): Example {
+export function formatRecord(raw: DataRecord, format: DatasetFormat, options: FormatOptions = {}, where?: RecordWhere): Example {
+    const record = applyColumns(raw, options);
+    const mapped = mappedNames(options);
     const fail = (problem: string): never => {
         throw new QloraError(
-            `${recordName(where)}${problem}; ${format} records need ${EXPECTED_KEYS[format]} (found keys: ${keyList(record)})`,
+            `${recordName(where)}${problem}; ${format} records need ${EXPECTED_KEYS[format]}${mapped} (found keys: ${keyList(raw)})`,
             {file: where?.file}
         );
     };
@@ -151,7 +207,23 @@ export function formatRecord(
             const input = str("input", true);
             const output = str("output");
             const template = input.trim() !== "" ? ALPACA_TEMPLATE : ALPACA_TEMPLATE_NO_INPUT;
-            return splitTemplate(template, {instruction, input, output}, "output", fail);
+            const example = splitTemplate(template, {instruction, input, output}, "output", fail);
+            if (example.kind !== "prompt_completion") return example;
+            // LLaMA-Factory's alpaca fields: a system text, and earlier [instruction, output] turns
+            const system = str("system", true);
+            if (system !== "") example.system = system + ALPACA_SYSTEM_SUFFIX;
+            const history = record.history;
+            if (history !== undefined && history !== null) {
+                if (!Array.isArray(history))
+                    return fail(`"history" is ${describeJsonValue(history)}, not a list of [instruction, output] pairs`);
+                example.turns = history.map((pair, i) => {
+                    if (!Array.isArray(pair) || pair.length !== 2 || typeof pair[0] !== "string" || typeof pair[1] !== "string")
+                        fail(`history[${i}] is ${describeJsonValue(pair)}, not an [instruction, output] pair of strings`);
+                    const turn = splitTemplate(ALPACA_TEMPLATE_NO_INPUT, {instruction: pair[0], output: pair[1]}, "output", fail);
+                    return {prompt: (turn as {prompt: string}).prompt, completion: (turn as {completion: string}).completion};
+                });
+            }
+            return example;
         }
         case "template": {
             const template = options.template;
@@ -217,15 +289,24 @@ export function formatRecord(
             // LLaMA-Factory's ShareGPT variant keeps the system prompt beside the turns
             if (typeof record.system === "string" && record.system !== "")
                 messages.push({role: "system", content: record.system});
+            const tags = options.tags ?? {};
+            const roleNames = new Map<string, string>();
+            for (const [tag, role] of [
+                ["user_tag", "user"],
+                ["assistant_tag", "assistant"],
+                ["system_tag", "system"],
+                ["observation_tag", "tool"]
+            ] as const)
+                if (tags[tag] !== undefined) roleNames.set(tags[tag], role);
             turns.forEach((turn, i) => {
                 if (turn === null || typeof turn !== "object")
                     fail(`conversations[${i}] is ${describeJsonValue(turn)}, not an object`);
                 const t = turn as DataRecord;
-                const from = t.from ?? t.role;
-                const value = t.value ?? t.content;
-                if (typeof from !== "string") fail(`conversations[${i}] has no "from"`);
-                if (typeof value !== "string") fail(`conversations[${i}] has no string "value"`);
-                messages.push({role: mapShareGptRole(from as string), content: value as string});
+                const from = tags.role_tag !== undefined ? t[tags.role_tag] : (t.from ?? t.role);
+                const value = tags.content_tag !== undefined ? t[tags.content_tag] : (t.value ?? t.content);
+                if (typeof from !== "string") fail(`conversations[${i}] has no "${tags.role_tag ?? "from"}"`);
+                if (typeof value !== "string") fail(`conversations[${i}] has no string "${tags.content_tag ?? "value"}"`);
+                messages.push({role: roleNames.get(from as string) ?? mapShareGptRole(from as string), content: value as string});
             });
             return {kind: "messages", messages, templateExtra: templateExtraOf(record)};
         }
@@ -359,6 +440,14 @@ function templateExtraOf(record: DataRecord): Record<string, unknown> | undefine
 
 function isIntList(value: unknown): value is number[] {
     return Array.isArray(value) && value.every((v) => Number.isInteger(v));
+}
+
+/** the column mapping in words, for messages: ` (columns: "question" as "instruction", …)` */
+function mappedNames(options: FormatOptions): string {
+    const pairs = Object.entries(options.columns ?? {})
+        .filter(([key, from]) => from !== undefined && key in COLUMN_TARGETS)
+        .map(([key, from]) => `"${from}" as "${COLUMN_TARGETS[key as keyof ColumnMap]}"`);
+    return pairs.length ? ` (columns: ${pairs.join(", ")})` : "";
 }
 
 function recordName(where?: RecordWhere): string {

@@ -7,14 +7,15 @@
 // training completion followed by the EOS it learned to emit, so [user] with add_generation_prompt is the training
 // text up to the response, token for token:
 //   alpaca:             the seed template (### 指令: / ### 输入: / ### 回答:), with the input branch taken when the
-//                       user message carries a non-empty `input` (as the data's records do)
+//                       user message carries a non-empty `input` (as the data's records do); a system message as
+//                       a record's `system` (its text and a blank line), earlier turns as a record's `history`
 //   template:           the user's {field} template: its first field is the message content, the others are
 //                       message fields of the same name
 //   prompt_completion:  the prompt text as it is (text records: the content is the prompt)
 //   messages, sharegpt: the tokenizer's own chat template, which training rendered them with
-// The alpaca and {field} formats have no system turn in training: a system message is left out of the prompt.
+// The {field} and prompt/completion formats have no system turn in training: a system message is left out.
 import {QloraError} from "../errors.js";
-import {ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, type DatasetFormat, parseTemplate} from "./formats.js";
+import {ALPACA_SYSTEM_SUFFIX, ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, type DatasetFormat, parseTemplate} from "./formats.js";
 
 export interface PromptFormat {
     /** where it comes from, for the log: "alpaca", "template", "prompt_completion", or "the tokenizer's" */
@@ -46,7 +47,8 @@ export function promptFormatTemplate(input: PromptFormatInput): PromptFormat | n
             const user =
                 "{%- if message['input'] is defined and message['input'] is string and message['input'] | trim != '' -%}" +
                 `{{- ${withInput.prompt} -}}{%- else -%}{{- ${noInput.prompt} -}}{%- endif -%}`;
-            return {source: "alpaca", template: conversation(user, `{{- ${withInput.completion}${eos} -}}`)};
+            const system = `{{- message['content'] + ${jinjaString(ALPACA_SYSTEM_SUFFIX)} -}}`;
+            return {source: "alpaca", template: conversation(user, `{{- ${withInput.completion}${eos} -}}`, system)};
         }
         case "template": {
             if (!input.template)
@@ -77,13 +79,17 @@ export function promptFormatTemplate(input: PromptFormatInput): PromptFormat | n
     }
 }
 
-/** a template over the conversation: user turns as prompts, assistant turns as completions, other roles left out */
-function conversation(user: string, assistant: string): string {
+/**
+ * a template over the conversation: user turns as prompts, assistant turns as completions, system messages as the
+ * format writes them (or left out when it has none), other roles left out
+ */
+function conversation(user: string, assistant: string, system?: string): string {
     return (
         "{#- qlora: the training format of this fine-tune (data/prompt-format.ts) -#}\n" +
         "{%- for message in messages -%}" +
         `{%- if message['role'] == 'user' -%}${user}` +
         `{%- elif message['role'] == 'assistant' -%}${assistant}` +
+        (system ? `{%- elif message['role'] == 'system' -%}${system}` : "") +
         "{%- endif -%}" +
         "{%- endfor -%}"
     );

@@ -74,8 +74,13 @@ export function tokenizeExample(example: Example, tokenizer: DataTokenizer, opti
             return {inputIds: ids, labels: ids.slice()};
         }
         case "prompt_completion": {
-            const promptIds = tokenizer.encode(clip(example.prompt), {addSpecialTokens: true});
-            const ids = tokenizer.encode(clip(example.prompt + withEos(example.completion)), {addSpecialTokens: true});
+            // a system text and earlier turns (each answer with its EOS) come before the prompt, untrained
+            const prompt =
+                (example.system ?? "") +
+                (example.turns ?? []).map((t) => t.prompt + withEos(t.completion)).join("") +
+                example.prompt;
+            const promptIds = tokenizer.encode(clip(prompt), {addSpecialTokens: true});
+            const ids = tokenizer.encode(clip(prompt + withEos(example.completion)), {addSpecialTokens: true});
             return maskPrefix(ids, promptIds, options.completionOnlyLoss);
         }
         case "chat_prompt_completion": {

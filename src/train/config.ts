@@ -39,6 +39,32 @@ export const TrainConfigSchema = z
             .default("auto")
             .describe("record format; detected from the first record's keys unless given"),
         template: z.string().nullable().default(null).describe("a prompt template with {field} placeholders for custom records"),
+        columns: z
+            .object({
+                prompt: z.string().min(1).optional(),
+                query: z.string().min(1).optional(),
+                response: z.string().min(1).optional(),
+                system: z.string().min(1).optional(),
+                history: z.string().min(1).optional(),
+                messages: z.string().min(1).optional()
+            })
+            .strict()
+            .nullable()
+            .default(null)
+            .describe("other column names, as LLaMA-Factory's dataset_info: prompt, query, response, system, history, messages"),
+        tags: z
+            .object({
+                role_tag: z.string().min(1).optional(),
+                content_tag: z.string().min(1).optional(),
+                user_tag: z.string().min(1).optional(),
+                assistant_tag: z.string().min(1).optional(),
+                system_tag: z.string().min(1).optional(),
+                observation_tag: z.string().min(1).optional()
+            })
+            .strict()
+            .nullable()
+            .default(null)
+            .describe("ShareGPT keys and role names, as LLaMA-Factory's tags: role_tag, content_tag, user_tag, ..."),
         dataset_text_field: z
             .string()
             .min(1)
@@ -343,6 +369,15 @@ export function parseFlags(args: string[]): Record<string, unknown> {
 
 function coerce(key: string, value: string): unknown {
     if (value === "null" || (value === "none" && key !== "bias")) return null;
+    if (key === "columns" || key === "tags") {
+        try {
+            return JSON.parse(value);
+        } catch {
+            throw new QloraError(
+                `--${key} expects a JSON object, e.g. '{"prompt": "question", "response": "answer"}' (got ${quoteValue(value)})`
+            );
+        }
+    }
     if (key === "target_modules" || key === "modules_to_save" || key === "resume_override") {
         if (key === "target_modules" && (value === "all-linear" || /[\\^$*+?()[\]{}|]/.test(value))) return value;
         return value

@@ -293,6 +293,8 @@ async function trainInOutputDir(
         dataset_format: config.dataset_format === "auto" ? undefined : (config.dataset_format as DataOptions["dataset_format"]),
         template: config.template ?? undefined,
         dataset_text_field: config.dataset_text_field ?? undefined,
+        columns: config.columns ?? undefined,
+        tags: config.tags ?? undefined,
         max_seq_length: config.max_seq_length,
         packing: config.packing,
         packing_strategy: config.packing_strategy,

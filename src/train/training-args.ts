@@ -21,6 +21,8 @@ export const RESUME_KEY_CLASSES: Record<keyof TrainerConfig, "free" | "override"
     dataset_format: "fixed",
     template: "fixed",
     dataset_text_field: "fixed",
+    columns: "fixed",
+    tags: "fixed",
     max_seq_length: "fixed",
     packing: "fixed",
     packing_strategy: "fixed",
