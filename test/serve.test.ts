@@ -258,7 +258,13 @@ describe("qlora serve (OpenAI API)", () => {
             });
         const first = long(),
             second = long();
-        await new Promise((resolve) => setTimeout(resolve, 100));
+        // both are in the queue (GET /health counts them) before the third is sent
+        for (let tries = 0; ; tries++) {
+            const health = (await (await fetch(`${url.replace(/\/v1$/, "")}/health`)).json()) as {queued: number};
+            if (health.queued === 2) break;
+            assert.ok(tries < 500, "the two requests reach the server");
+            await new Promise((resolve) => setTimeout(resolve, 10));
+        }
         await assert.rejects(long(), (err: InstanceType<typeof OpenAI.APIError>) => {
             assert.equal(err.status, 503);
             assert.match(err.message, /busy.*--max-queue 2/);

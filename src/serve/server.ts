@@ -93,7 +93,7 @@ export function createServer(opts: ServerOptions): http.Server {
             return;
         }
         if (req.method === "GET" && route === "/health") {
-            sendJson(res, 200, {status: "ok"});
+            sendJson(res, 200, {status: "ok", queued, max_queue: opts.maxQueue});
             return;
         }
         const chat = route === "/v1/chat/completions" || route === "/chat/completions";
