@@ -72,3 +72,26 @@ test("HfTokenizer refuses token ids that are not integers (they surfaced later a
     );
     await assert.rejects(HfTokenizer.load(addedDir), /added_tokens\[1\]\.id is \{"value":16383\}, expected a token id/);
 });
+
+test("additional_special_tokens: a non-string entry is named, and a huge list loads fast (fuzz case 9735 hung 60 s)", async () => {
+    const {HfTokenizer} = await import("../src/tokenizer/index.js");
+    const bad = copyModel(path.join(tmp, "list-entries"), (d) =>
+        editJson(path.join(d, "tokenizer_config.json"), (j) => {
+            j.additional_special_tokens = [[], []];
+        })
+    );
+    await assert.rejects(HfTokenizer.load(bad), /"additional_special_tokens"\[0\] is \[\], not a token string/);
+    // 300,000 strings (the library compared each with every one before it: 16 s here before the fix)
+    const many = copyModel(path.join(tmp, "many-specials"), (d) =>
+        editJson(path.join(d, "tokenizer_config.json"), (j) => {
+            j.additional_special_tokens = [...Array.from({length: 300000}, (_, i) => `<extra_${i}>`), "<|im_end|>"];
+        })
+    );
+    const t0 = Date.now();
+    const tok = await HfTokenizer.load(many);
+    const ms = Date.now() - t0;
+    assert.ok(ms < 8000, `${ms} ms`);
+    // a known token in the list still counts as special: it is skipped when decoding with skipSpecialTokens
+    const id = tok.tokenToId("<|im_end|>")!;
+    assert.equal(tok.decode([id], {skipSpecialTokens: true}), "");
+});

@@ -172,7 +172,8 @@ export class HfTokenizer {
 
         const configPath = path.join(dir, TOKENIZER_CONFIG_FILE_NAME);
         const configText = await readOptionalText(configPath);
-        const config = configText === null ? {} : normalizeTokenizerConfig(parseJsonObject(configText, configPath));
+        const config =
+            configText === null ? {} : normalizeTokenizerConfig(parseJsonObject(configText, configPath), configPath, tokenizerJson);
 
         const templates = readTemplatesFromConfig(config, configPath);
         const templatePath = path.join(dir, CHAT_TEMPLATE_FILE_NAME);
@@ -415,7 +416,11 @@ function parseJsonObject(text: string, file: string): Record<string, unknown> {
 
 // Older tokenizer_config.json files store special tokens as serialized AddedToken objects
 // ({"__type": "AddedToken", "content": "<s>", …}); everything downstream wants the plain strings.
-function normalizeTokenizerConfig(config: Record<string, unknown>): Record<string, unknown> {
+function normalizeTokenizerConfig(
+    config: Record<string, unknown>,
+    configPath: string,
+    tokenizerJson: Record<string, unknown>
+): Record<string, unknown> {
     const contentOf = (value: unknown): unknown =>
         value !== null && typeof value === "object" && typeof (value as {content?: unknown}).content === "string"
             ? (value as {content: string}).content
@@ -424,8 +429,34 @@ function normalizeTokenizerConfig(config: Record<string, unknown>): Record<strin
     for (const role of SPECIAL_TOKEN_ROLES) {
         if (role in normalized) normalized[role] = contentOf(normalized[role]);
     }
-    if (Array.isArray(normalized.additional_special_tokens)) {
-        normalized.additional_special_tokens = normalized.additional_special_tokens.map(contentOf);
+    const additional = normalized.additional_special_tokens;
+    if (additional !== undefined && additional !== null) {
+        if (!Array.isArray(additional))
+            throw new QloraError(
+                `"additional_special_tokens" should be a list of token strings, found ${quoteValue(additional)}`,
+                {file: configPath}
+            );
+        // the tokenizer library checks each entry against the ones before it (quadratic): hand it each known token
+        // once; a string that is no token of tokenizer.json can never be produced, so it changes nothing
+        const vocab = (tokenizerJson.model as {vocab?: unknown} | undefined)?.vocab;
+        const added = new Set(
+            Array.isArray(tokenizerJson.added_tokens)
+                ? tokenizerJson.added_tokens.map((t) => (t as {content?: unknown})?.content)
+                : []
+        );
+        const known = (token: string) =>
+            added.has(token) || (vocab !== null && typeof vocab === "object" && !Array.isArray(vocab) && Object.hasOwn(vocab, token));
+        const tokens = new Set<string>();
+        additional.forEach((entry, i) => {
+            const content = contentOf(entry);
+            if (typeof content !== "string")
+                throw new QloraError(
+                    `"additional_special_tokens"[${i}] is ${quoteValue(entry)}, not a token string (or {"content": ...}); fix or remove it`,
+                    {file: configPath}
+                );
+            if (known(content)) tokens.add(content);
+        });
+        normalized.additional_special_tokens = [...tokens];
     }
     return normalized;
 }
