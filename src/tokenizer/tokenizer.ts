@@ -173,7 +173,9 @@ export class HfTokenizer {
         const configPath = path.join(dir, TOKENIZER_CONFIG_FILE_NAME);
         const configText = await readOptionalText(configPath);
         const config =
-            configText === null ? {} : normalizeTokenizerConfig(parseJsonObject(configText, configPath), configPath, tokenizerJson);
+            configText === null
+                ? {}
+                : normalizeTokenizerConfig(parseJsonObject(configText, configPath), configPath, tokenizerJson);
 
         const templates = readTemplatesFromConfig(config, configPath);
         const templatePath = path.join(dir, CHAT_TEMPLATE_FILE_NAME);
@@ -445,7 +447,8 @@ function normalizeTokenizerConfig(
                 : []
         );
         const known = (token: string) =>
-            added.has(token) || (vocab !== null && typeof vocab === "object" && !Array.isArray(vocab) && Object.hasOwn(vocab, token));
+            added.has(token) ||
+            (vocab !== null && typeof vocab === "object" && !Array.isArray(vocab) && Object.hasOwn(vocab, token));
         const tokens = new Set<string>();
         additional.forEach((entry, i) => {
             const content = contentOf(entry);
