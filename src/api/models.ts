@@ -41,7 +41,7 @@ export interface LoadModelOptions {
     adapter?: string;
     /** quantize the projections to NF4 with double quantization as they load (as QLoRA trains them) */
     loadIn4bit?: boolean;
-    /** where to run: cpu (default until the GPU path is checked on a GPU), cuda, or auto (the GPU when usable) */
+    /** where to run: auto (default: the GPU when one is usable), cuda, or cpu */
     device?: "auto" | "cpu" | "cuda";
     /**
      * the chat template: by default the adapter's (its training format, chat_template.jinja beside it) or else
@@ -68,7 +68,7 @@ export function resolveModelDir(dir: string | undefined): string {
 /** loads config.json, the safetensors weights (fp32 on the CPU) and the tokenizer of a model folder */
 export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Promise<LoadedModel> {
     const resolved = resolveModelDir(dir);
-    const requested = opts.device ?? "cpu";
+    const requested = opts.device ?? "auto";
     const device = resolveDevice(requested);
     // the GPU computes in bf16, so a bf16 checkpoint is quantized from its bf16 values there (as QLoRA trains it)
     const computeDtype = device === "cuda" ? "bfloat16" : "float32";

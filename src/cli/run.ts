@@ -100,12 +100,11 @@ export function parseFloatOption(name: string): (value: string) => number {
 
 /** the model options every command that runs a model shares: --model, --adapter, --load-in-4bit, --device */
 export function addModelOptions(cmd: Command, adapterHelp = "a PEFT adapter folder to apply (e.g. qlora_output/final)"): Command {
-    // --device: cpu by default until the GPU inference path has run on a GPU machine (it was written without one)
     return cmd
         .option("-m, --model <dir>", "Hugging Face model folder (default: the embedded tiny-qwen2)")
         .option("-a, --adapter <dir>", adapterHelp)
         .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
-        .option("--device <device>", "cpu (default), cuda, or auto (the GPU when one is usable)", parseDevice, "cpu")
+        .option("--device <device>", "auto (default: the GPU when one is usable), cuda, or cpu", parseDevice, "auto")
         .option(
             "--template <file|base>",
             "the chat template: a Jinja file, or base for the model's own (default: the adapter's training format when it has one)"

@@ -365,22 +365,23 @@ for (const [N, V, C] of [
             if (N >= 8) ids[7] = V - 2;
             const idsT = r.indices(ids);
             const dout = r.randn(N * C);
-            const pre = randn32(r.rng, V * C); // a previous micro-batch's gradient: fp32 host, +=
-            const dtable = Float32Array.from(pre);
-            r.be.embeddingBackward(dtable, dout.t, idsT, N, V, C);
+            const pre = randn32(r.rng, V * C); // a previous micro-batch's gradient: an fp32 tensor, +=
+            const dtable = r.param(pre);
+            r.be.embeddingBackward(dtable.t, dout.t, idsT, N, V, C);
             const grad = refEmbeddingBackward(dout.v, ids, V, C);
             const tol = {float32: 1e-6, bfloat16: 1e-5};
+            const once = r.get(dtable.t);
             r.close(
                 "dtable += grad",
-                dtable,
+                once,
                 grad.map((g, i) => g + pre[i]),
                 tol
             );
-            r.exact("unused row untouched", dtable.subarray((V - 1) * C), pre.subarray((V - 1) * C));
-            r.be.embeddingBackward(dtable, dout.t, idsT, N, V, C);
+            r.exact("unused row untouched", once.subarray((V - 1) * C), pre.subarray((V - 1) * C));
+            r.be.embeddingBackward(dtable.t, dout.t, idsT, N, V, C);
             r.close(
                 "twice",
-                dtable,
+                r.get(dtable.t),
                 grad.map((g, i) => 2 * g + pre[i]),
                 tol
             );
@@ -388,9 +389,9 @@ for (const [N, V, C] of [
             const t64 = f64(randn32(r.rng, V * C));
             const idx = sample(r.rng, V * C, 64);
             const fd = fdGrad(() => refEmbedding(ids, t64, C), t64, dout.v, idx);
-            const fresh = new Float32Array(V * C);
-            r.be.embeddingBackward(fresh, dout.t, idsT, N, V, C);
-            r.close("vs FD", pick(fresh, idx), fd, tol);
+            const fresh = r.param(new Float32Array(V * C));
+            r.be.embeddingBackward(fresh.t, dout.t, idsT, N, V, C);
+            r.close("vs FD", pick(r.get(fresh.t), idx), fd, tol);
         }
     });
 }
@@ -611,6 +612,8 @@ interface AttnShape {
     /** some query sees no key: its out row must be 0 and its lse -inf */
     expectMasked?: boolean;
     fd: number;
+    /** the bf16 tolerance of the backward's gradients, where not 3e-2 */
+    bf16GradTol?: number;
 }
 
 const ATTN_SHAPES: AttnShape[] = [
@@ -645,6 +648,10 @@ const ATTN_SHAPES: AttnShape[] = [
         D: 128,
         past: 0,
         fd: 24,
+        // segments of 3 to 5 tokens: dS = P (dP - D) cancels over so few keys that D_i = rowsum(dO * O) from the bf16
+        // O decides the worst element (H100: maxRel 5.2e-2; test/gpu/attention.test.ts's 256-token packed case is
+        // within relL2 2.6e-3 of the fp32 kernel)
+        bf16GradTol: 6e-2,
         expectMasked: true,
         seg: [
             [0, 0, 0, 1, 1, 1, 1, 2, 2, 2],
@@ -760,7 +767,7 @@ for (const s of ATTN_SHAPES) {
                 dv = r.out(B * S * Hkv * D);
             r.be.attentionBackward(dq, dk, dv, g.t, q.t, k.t, v.t, out, lse, kv, seg, B, T, Hq, Hkv, D, a.scale);
             const an = refAttentionBackward(a, q.v, k.v, v.v, g.v);
-            const tol = {float32: 2e-5, bfloat16: 3e-2};
+            const tol = {float32: 2e-5, bfloat16: s.bf16GradTol ?? 3e-2};
             // dq and dk are exactly 0 where a query sees a single key (one token: the whole tensor), and rounding
             // noise on the GPU (D_i is taken from the bf16 out); gradients of this problem are ~0.1..1, so noise
             // is judged against 1e-4 at least
@@ -944,7 +951,6 @@ for (const s of LOSS_SHAPES) {
         shape:
             `N=${N} C=${C} V=${V} chunkRows=${s.chunkRows ?? "default"}${s.dHead ? " dHead" : ""}` +
             ` (${targets.filter((t) => t < 0).length} ignored)`,
-        unsupported: (be) => (s.dHead && be.device === "cuda" ? "a trained output layer has no CUDA loss yet" : null),
         run(r) {
             const xf = r.randn(N * C),
                 head = r.randn(V * C, 0.5);
@@ -954,9 +960,9 @@ for (const s of LOSS_SHAPES) {
             const chunkRows = s.chunkRows ?? r.be.lossChunkRows;
             const ref = refCausalLmLoss(xf.v, tg, head.v, N, C, V, lossScale);
             const preHead = randn32(r.rng, V * C); // dHead accumulates (+=)
-            const dHead = s.dHead ? Float32Array.from(preHead) : null;
+            const dHead = s.dHead ? r.param(preHead) : null; // an fp32 tensor (the trained lm_head's gradient)
             const dxf = r.out(N * C);
-            const res = r.be.causalLmLoss(xf.t, tg, head.t, N, C, V, lossScale, dxf, chunkRows, dHead);
+            const res = r.be.causalLmLoss(xf.t, tg, head.t, N, C, V, lossScale, dxf, chunkRows, dHead?.t ?? null);
             r.that(`targets = ${ref.targets}`, res.targets === ref.targets, `got ${res.targets}`);
             if (count === 0) r.that("lossSum = 0", res.lossSum === 0, `got ${res.lossSum}`);
             else r.close("lossSum", [res.lossSum], [ref.lossSum], {float32: 1e-5, bfloat16: BF16_OUT});
@@ -983,7 +989,7 @@ for (const s of LOSS_SHAPES) {
             if (dHead)
                 r.close(
                     "dHead += grad",
-                    dHead,
+                    r.get(dHead.t),
                     ref.dHead.map((g, i) => g + preHead[i]),
                     {float32: 1e-5, bfloat16: 3e-2}
                 );

@@ -49,12 +49,12 @@ export function registerServe(program: Command): void {
         .option("--load-in-4bit", "quantize the base to NF4 as QLoRA trained it")
         .option(
             "--device <device>",
-            "cpu (default), cuda, or auto (the GPU when one is usable)",
+            "auto (default: the GPU when one is usable), cuda, or cpu",
             (v: string) => {
                 if (v === "auto" || v === "cpu" || v === "cuda") return v;
                 return reportError(new QloraError(`--device expects auto, cpu or cuda, got ${quoteValue(v)}`));
             },
-            "cpu"
+            "auto"
         )
         .option(
             "--template <file|base>",
