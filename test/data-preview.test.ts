@@ -2,7 +2,8 @@
 import {test} from "node:test";
 import assert from "node:assert/strict";
 import {spawnSync} from "node:child_process";
-import {readFileSync} from "node:fs";
+import {mkdtempSync, readFileSync, rmSync, writeFileSync} from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import {HfTokenizer} from "../src/tokenizer/index.js";
 import {MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
@@ -54,4 +55,17 @@ test("--json gives each sample's input_ids and label_mask, and chat data trains 
     const first = JSON.parse(readFileSync(file, "utf8").split("\n")[0]) as {messages: {role: string; content: string}[]};
     const answer = first.messages.find((m) => m.role === "assistant")!.content;
     assert.ok(tok.decode(j.samples[0].input_ids.filter((_, i) => j.samples[0].label_mask[i] === 1)).includes(answer));
+});
+
+test("--columns maps other column names (LLaMA-Factory's dataset_info) before the format is detected", () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-preview-"));
+    try {
+        const file = path.join(dir, "qa.json");
+        writeFileSync(file, JSON.stringify([{question: "Add 2 and 3.", answer: "5"}]));
+        const out = cli("--dataset", file, "--columns", '{"prompt": "question", "response": "answer"}', "-n", "1");
+        assert.match(out, /^format\s+alpaca \(json\)$/m);
+        assert.ok(out.includes("### 指令:\nAdd 2 and 3.\n\n### 回答:\n[[5<|endoftext|>]]"), out);
+    } finally {
+        rmSync(dir, {recursive: true, force: true});
+    }
 });
