@@ -186,6 +186,53 @@ describe("qlora serve (OpenAI API)", () => {
         assert.equal(text, expected);
     });
 
+    test("concurrent requests for one model are decoded as one batch, each answered as it would be alone", async () => {
+        const asks = [
+            {content: "Name three colours.", max: 12, model: "tiny"},
+            {content: "1, 2, 3, 4,", max: 5, model: "tiny"},
+            {content: "写一首诗", max: 9, model: "tiny"}
+        ];
+        const alone = asks.map((a) => greedyChat(base, a.content, a.max).text);
+        // a server of its own with room for all three at once
+        const lines: string[] = [];
+        const own = createServer({
+            models: [{id: "tiny", loaded: base}],
+            maxQueue: 8,
+            maxBodyBytes: 64 << 10,
+            log: (line) => lines.push(line)
+        });
+        await new Promise<void>((resolve) => own.listen(0, "127.0.0.1", resolve));
+        after(() => {
+            own.closeAllConnections();
+            own.close();
+        });
+        const ownClient = new OpenAI({
+            baseURL: `http://127.0.0.1:${(own.address() as AddressInfo).port}/v1`,
+            apiKey: "unused",
+            maxRetries: 0
+        });
+        const answers = await Promise.all(
+            asks.map((a) =>
+                ownClient.chat.completions.create({
+                    model: a.model,
+                    messages: [{role: "user", content: a.content}],
+                    temperature: 0,
+                    max_tokens: a.max
+                })
+            )
+        );
+        assert.deepEqual(
+            answers.map((r) => r.choices[0].message.content),
+            alone
+        );
+        console.log(lines.join("\n"));
+        // the first request may start alone; the two behind it then share a batch
+        assert.ok(
+            lines.some((l) => /batch=[23] /.test(l)),
+            lines.join("\n")
+        );
+    });
+
     test("bad requests get OpenAI's error object with a 4xx status", async () => {
         const bad = async (body: Record<string, unknown>, status: number, match: RegExp) => {
             await assert.rejects(client.chat.completions.create(body as never), (err: InstanceType<typeof OpenAI.APIError>) => {
@@ -329,7 +376,7 @@ test("qlora serve: listens, lists its models, answers, and exits 0 on SIGTERM", 
     const exited = new Promise<number | null>((resolve) => child.on("exit", resolve));
     child.kill("SIGTERM");
     assert.equal(await exited, 0);
-    assert.match(stderr, /chat model=fx prompt=\d+ completion=\d+ finish=/);
+    assert.match(stderr, /chat model=fx batch=1 prompt=\d+ completion=\d+ finish=/);
 });
 
 test("qlora serve refuses two adapters with one name, and an adapter named with an empty NAME=", async () => {

@@ -27,7 +27,8 @@ export interface GenerateResult {
     /** the prompt followed by the new tokens */
     outputIds: number[];
     newIds: number[];
-    stopReason: "eos" | "max_new_tokens" | "context";
+    /** cancelled: the caller stopped the row (a server client that went away) */
+    stopReason: "eos" | "max_new_tokens" | "context" | "cancelled";
 }
 
 export const DEFAULT_SAMPLING: SamplingOptions = {greedy: false, temperature: 0.7, topK: 50, topP: 0.9, seed: 0};
@@ -74,6 +75,27 @@ export function* decodeSteps(model: CausalLm, promptIds: number[], opts: Generat
     }
 }
 
+/** what may differ between the rows of one batch (the server batches requests with their own settings) */
+export interface RowOptions extends Partial<SamplingOptions> {
+    maxNewTokens?: number;
+}
+
+export interface BatchDecodeOptions extends Omit<GenerateOptions, "onToken"> {
+    /** per row, over the shared options */
+    rows?: RowOptions[];
+    /** a row whose caller went away: it stops (stop reason "cancelled") and its slot is masked from then on */
+    cancelled?: (row: number) => boolean;
+}
+
+/** checks one row's sampling settings and length */
+function checkRow(s: SamplingOptions, maxNewTokens: number): void {
+    if (!s.greedy && !(s.temperature > 0))
+        throw new QloraError(`temperature must be > 0 for sampling (got ${s.temperature}); use --greedy for argmax decoding`);
+    if (!(s.topP > 0 && s.topP <= 1)) throw new QloraError(`top_p must be in (0, 1] (got ${s.topP})`);
+    if (!Number.isSafeInteger(maxNewTokens) || maxNewTokens < 0)
+        throw new QloraError(`max_new_tokens must be a non-negative integer (got ${maxNewTokens})`);
+}
+
 /**
  * THE decode loop, for a batch of prompts: yields each step's new token per row (null for rows already done) and
  * returns each row's result. The options are checked on the first step.
@@ -81,16 +103,17 @@ export function* decodeSteps(model: CausalLm, promptIds: number[], opts: Generat
 export function* decodeBatchSteps(
     model: CausalLm,
     prompts: number[][],
-    opts: Omit<GenerateOptions, "onToken">
+    opts: BatchDecodeOptions
 ): Generator<(number | null)[], GenerateResult[]> {
-    const sampling = {...DEFAULT_SAMPLING, ...stripUndefined(opts)};
-    if (!sampling.greedy && !(sampling.temperature > 0))
-        throw new QloraError(
-            `temperature must be > 0 for sampling (got ${sampling.temperature}); use --greedy for argmax decoding`
-        );
-    if (!(sampling.topP > 0 && sampling.topP <= 1)) throw new QloraError(`top_p must be in (0, 1] (got ${sampling.topP})`);
-    if (!Number.isSafeInteger(opts.maxNewTokens) || opts.maxNewTokens < 0)
-        throw new QloraError(`max_new_tokens must be a non-negative integer (got ${opts.maxNewTokens})`);
+    const shared = {...DEFAULT_SAMPLING, ...stripUndefined(opts)};
+    const rows = prompts.map((_, b) => {
+        const own = stripUndefined(opts.rows?.[b] ?? {});
+        const sampling: SamplingOptions = {...shared, ...own};
+        const maxNew = own.maxNewTokens ?? opts.maxNewTokens;
+        checkRow(sampling, maxNew);
+        return {sampling, maxNew};
+    });
+    checkRow(shared, opts.maxNewTokens);
     if (prompts.length === 0) throw new QloraError("no prompt to continue");
     const context = model.config.maxPositionEmbeddings;
     let L = 0;
@@ -103,17 +126,19 @@ export function* decodeBatchSteps(
             );
         L = Math.max(L, p.length);
     }
+    const longest = rows.reduce((m, r) => Math.max(m, r.maxNew), 0);
     const B = prompts.length,
         V = model.config.vocabSize;
-    const capacity = Math.min(context, L + opts.maxNewTokens);
+    const capacity = Math.min(context, L + longest);
     // padding only when the prompts differ in length: one prompt runs exactly as it always has
     const padded = prompts.some((p) => p.length !== L);
     const cache = model.newCache(B, capacity);
     try {
-        const rngs = prompts.map(() => new Rng(sampling.seed));
+        const rngs = rows.map((r) => new Rng(r.sampling.seed));
         const eos = new Set(opts.eosTokenIds ?? model.config.eosTokenIds);
         const results: GenerateResult[] = prompts.map((p) => ({outputIds: [...p], newIds: [], stopReason: "max_new_tokens"}));
-        const done = new Array<boolean>(B).fill(false);
+        // a row asked for no new token is done before the first step
+        const done = rows.map((r) => r.maxNew === 0);
         // which cache positions of each row hold real tokens, and the position of each row's next token
         const keyValid = padded ? new Uint8Array(B * capacity) : null;
         const nextPos = prompts.map((p) => p.length);
@@ -127,7 +152,15 @@ export function* decodeBatchSteps(
             keyValid.fill(1, b * capacity + pad, b * capacity + L);
             for (let t = pad; t < L; t++) positions[b * L + t] = t - pad;
         });
-        for (let step = 0; step < opts.maxNewTokens && done.includes(false); step++) {
+        for (let step = 0; step < longest && done.includes(false); step++) {
+            // rows whose caller went away stop before the step (their slot stays, masked)
+            results.forEach((r, b) => {
+                if (!done[b] && opts.cancelled?.(b)) {
+                    r.stopReason = "cancelled";
+                    done[b] = true;
+                }
+            });
+            if (!done.includes(false)) break;
             if (cache.length + T > capacity) {
                 results.forEach((r, b) => {
                     if (!done[b]) r.stopReason = "context";
@@ -144,13 +177,13 @@ export function* decodeBatchSteps(
             const logits = model.forward(input, B, T, {cache, logitRows, attentionMask, positionIds: positions});
             const ids = results.map((r, b) => {
                 if (done[b]) return null;
-                const id = pickToken(logits.subarray(b * V, (b + 1) * V), sampling, rngs[b]);
+                const id = pickToken(logits.subarray(b * V, (b + 1) * V), rows[b].sampling, rngs[b]);
                 r.outputIds.push(id);
                 r.newIds.push(id);
                 if (eos.has(id)) {
                     r.stopReason = "eos";
                     done[b] = true;
-                } else if (r.newIds.length >= opts.maxNewTokens) done[b] = true;
+                } else if (r.newIds.length >= rows[b].maxNew) done[b] = true;
                 return id;
             });
             yield ids;

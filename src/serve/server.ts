@@ -2,14 +2,15 @@
 // LLaMA-Factory's `api`): GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed as
 // server-sent events or not; the request's `model` picks the base or one of its adapters.
 //
-// One model step runs at a time (the compute is synchronous), requests take turns in arrival order, and every
-// request yields to the event loop after each token: other clients are accepted, queued and answered with a 503
-// when the queue is full, streams flush, and a client that goes away stops its generation at the next token.
+// Requests wait in arrival order; the first in line runs with the others waiting for the same model as one batch
+// (one forward per step for all of them, each row with its own settings, each answered as soon as it ends), then
+// the next. The loop yields to the event loop after every step: other clients are accepted, queued and answered
+// with a 503 when the queue is full, streams flush, and a client that goes away stops its row at the next step.
 // Bodies are capped; every bad request gets OpenAI's error object with a 4xx status.
 import http from "node:http";
 import {randomBytes, randomInt} from "node:crypto";
 import {isQloraError} from "../errors.js";
-import {decodeSteps, type GenerateResult} from "../model/generate.js";
+import {decodeBatchSteps} from "../model/generate.js";
 import type {LoadedModel} from "../api/models.js";
 import type {ChatMessage} from "../tokenizer/index.js";
 
@@ -26,6 +27,8 @@ export interface ServerOptions {
     maxQueue: number;
     /** the largest request body, in bytes; larger get 413 */
     maxBodyBytes: number;
+    /** requests for the same model decoded together, each with its own settings (default 8) */
+    maxBatch?: number;
     /** called with one line per finished request (the CLI logs them on stderr) */
     log?: (line: string) => void;
 }
@@ -65,8 +68,10 @@ export function createServer(opts: ServerOptions): http.Server {
     if (opts.models.length === 0) throw new Error("createServer: no model to serve");
     const created = Math.floor(Date.now() / 1000);
     let queued = 0;
-    // the turn of the next request: each one waits for the previous one to finish
-    let turn: Promise<void> = Promise.resolve();
+    // requests waiting for the model, in arrival order; one batch runs at a time
+    const waiting: Request[] = [];
+    let running = false;
+    const maxBatch = opts.maxBatch ?? 8;
 
     const findModel = (name: unknown): ServedModel => {
         if (name === undefined || name === null) return opts.models[0];
@@ -111,143 +116,230 @@ export function createServer(opts: ServerOptions): http.Server {
                 "server_error"
             );
         queued++;
-        const previous = turn;
-        let done!: () => void;
-        turn = new Promise((resolve) => {
-            done = resolve;
-        });
         try {
-            await previous;
-            if (res.destroyed) return; // the client left while waiting
-            await run(job, chat, res);
+            await new Promise<void>((resolve, reject) => {
+                waiting.push({job, chat, res, resolve, reject});
+                void pump();
+            });
         } finally {
             queued--;
-            done();
         }
     };
 
-    const run = async (job: Job, chat: boolean, res: http.ServerResponse): Promise<void> => {
-        const {loaded} = job.served;
-        const tok = loaded.tokenizer;
-        const id = `${chat ? "chatcmpl" : "cmpl"}-${randomBytes(12).toString("hex")}`;
-        const object = chat ? "chat.completion" : "text_completion";
-        const eos = new Set(loaded.eosTokenIds);
-        let gone = false;
-        res.on("close", () => {
-            if (!res.writableFinished) gone = true;
-        });
-        const chunk = (delta: string | null, finish: string | null) =>
-            chat
-                ? {
-                      id,
-                      object: "chat.completion.chunk",
-                      created: now(),
-                      model: job.served.id,
-                      choices: [
-                          {
-                              index: 0,
-                              delta: delta === null ? {} : {content: delta},
-                              logprobs: null,
-                              finish_reason: finish
-                          }
-                      ]
-                  }
-                : {
-                      id,
-                      object,
-                      created: now(),
-                      model: job.served.id,
-                      choices: [{index: 0, text: delta ?? "", logprobs: null, finish_reason: finish}]
-                  };
-        if (job.stream) {
-            res.writeHead(200, {"content-type": "text/event-stream", "cache-control": "no-cache", connection: "keep-alive"});
-            if (chat)
-                writeEvent(res, {
-                    ...chunk(null, null),
-                    choices: [{index: 0, delta: {role: "assistant", content: ""}, logprobs: null, finish_reason: null}]
+    /**
+     * Runs the waiting requests: the first in line with those behind it for the same model (up to --max-batch,
+     * while the longest prompt and the most tokens asked fit the context together) as one batch, each row with
+     * its own settings; then the next. A request that arrives meanwhile waits for the next batch.
+     */
+    const pump = async (): Promise<void> => {
+        if (running) return;
+        running = true;
+        try {
+            while (waiting.length > 0) {
+                const first = waiting.shift()!;
+                const batch = [first];
+                const context = first.job.served.loaded.lm.config.maxPositionEmbeddings;
+                let longestPrompt = first.job.promptIds.length,
+                    mostTokens = first.job.maxTokens;
+                for (let i = 0; i < waiting.length && batch.length < maxBatch; ) {
+                    const r = waiting[i];
+                    const prompt = Math.max(longestPrompt, r.job.promptIds.length),
+                        tokens = Math.max(mostTokens, r.job.maxTokens);
+                    if (r.job.served !== first.job.served || prompt + tokens > context) {
+                        i++;
+                        continue;
+                    }
+                    batch.push(r);
+                    waiting.splice(i, 1);
+                    longestPrompt = prompt;
+                    mostTokens = tokens;
+                }
+                const live = batch.filter((r) => {
+                    if (r.res.destroyed) r.resolve(); // the client left while waiting
+                    return !r.res.destroyed;
                 });
+                if (live.length === 0) continue;
+                try {
+                    await run(live);
+                } catch (err) {
+                    for (const r of live) r.reject(err);
+                }
+            }
+        } finally {
+            running = false;
         }
-        const decoder = tok.createStreamDecoder({skipSpecialTokens: true});
-        const stops = new StopMatcher(job.stop);
-        let text = "";
-        let finish: "stop" | "length" = "length";
-        let result: GenerateResult | null = null;
-        let generated = 0;
-        const steps = decodeSteps(loaded.lm, job.promptIds, {
-            maxNewTokens: job.maxTokens,
-            greedy: job.greedy,
-            temperature: job.temperature,
-            topK: job.topK,
-            topP: job.topP,
-            seed: job.seed,
-            eosTokenIds: [...eos]
-        });
+    };
+
+    /** one batch: a row per request, each streamed and answered as soon as it ends */
+    const run = async (requests: Request[]): Promise<void> => {
+        const {loaded} = requests[0].job.served;
+        const eos = new Set(loaded.eosTokenIds);
+        const rows = requests.map((r) => new Row(r, loaded.tokenizer.createStreamDecoder({skipSpecialTokens: true})));
+        for (const row of rows) row.start();
+        const steps = decodeBatchSteps(
+            loaded.lm,
+            requests.map((r) => r.job.promptIds),
+            {
+                maxNewTokens: Math.max(...requests.map((r) => r.job.maxTokens)),
+                eosTokenIds: [...eos],
+                rows: requests.map(({job}) => ({
+                    maxNewTokens: job.maxTokens,
+                    greedy: job.greedy,
+                    temperature: job.temperature,
+                    topK: job.topK,
+                    topP: job.topP,
+                    seed: job.seed
+                })),
+                cancelled: (b) => rows[b].ended
+            }
+        );
+        const end = (row: Row, finish: Finish) => {
+            const line = row.end(finish, rows.length);
+            if (line) opts.log?.(line);
+        };
         try {
             for (;;) {
                 const step = steps.next();
                 if (step.done) {
-                    result = step.value;
+                    // rows still open ran into the context or their token limit
+                    for (const row of rows)
+                        if (!row.ended) end(row, step.value[rows.indexOf(row)].stopReason === "eos" ? "stop" : "length");
                     break;
                 }
-                generated++;
-                if (!eos.has(step.value)) {
-                    const piece = stops.push(decoder.push(step.value));
-                    text += piece.text;
-                    if (job.stream && piece.text) writeEvent(res, chunk(piece.text, null));
-                    if (piece.stopped) {
-                        finish = "stop";
-                        break;
-                    }
-                }
-                // other requests, new connections and the stream's bytes get their turn
+                step.value.forEach((id, b) => {
+                    const row = rows[b];
+                    if (id === null || row.ended) return;
+                    row.generated++;
+                    if (eos.has(id)) return end(row, "stop");
+                    if (row.push(id)) return end(row, "stop");
+                    if (row.generated >= row.request.job.maxTokens) end(row, "length");
+                });
+                if (rows.every((r) => r.ended)) break;
+                // other requests, new connections and the streams' bytes get their turn
                 await new Promise((resolve) => setImmediate(resolve));
-                if (gone) {
-                    opts.log?.(
-                        `${chat ? "chat" : "completion"} model=${job.served.id} prompt=${job.promptIds.length} completion=${generated} finish=client_gone`
-                    );
-                    return;
-                }
+                for (const row of rows) if (!row.ended && row.gone) end(row, "client_gone");
             }
         } finally {
-            steps.return(undefined as never); // releases the KV cache when the loop stopped early
+            steps.return([]); // releases the KV cache when the loop stopped early
         }
-        if (result) {
-            if (result.stopReason === "eos") finish = "stop";
-            const tail = stops.flush(decoder.flush());
-            text += tail;
-            if (job.stream && tail) writeEvent(res, chunk(tail, null));
-        }
-        const usage = {
-            prompt_tokens: job.promptIds.length,
-            completion_tokens: generated,
-            total_tokens: job.promptIds.length + generated
-        };
-        opts.log?.(
-            `${chat ? "chat" : "completion"} model=${job.served.id} prompt=${usage.prompt_tokens} completion=${usage.completion_tokens} finish=${finish}`
-        );
-        if (job.stream) {
-            writeEvent(res, chunk(null, finish));
-            if (job.includeUsage) writeEvent(res, {...chunk(null, null), choices: [], usage});
-            res.end("data: [DONE]\n\n");
-            return;
-        }
-        sendJson(res, 200, {
-            id,
-            object,
-            created: now(),
-            model: job.served.id,
-            choices: [
-                chat
-                    ? {index: 0, message: {role: "assistant", content: text}, logprobs: null, finish_reason: finish}
-                    : {index: 0, text, logprobs: null, finish_reason: finish}
-            ],
-            usage
-        });
     };
 
     return http.createServer((req, res) => {
         handle(req, res).catch((err: unknown) => sendError(res, err));
     });
+}
+
+type Finish = "stop" | "length" | "client_gone";
+
+/** a request waiting for, or in, a batch */
+interface Request {
+    job: Job;
+    chat: boolean;
+    res: http.ServerResponse;
+    resolve: () => void;
+    reject: (err: unknown) => void;
+}
+
+/** one request's row of a batch: its text so far, its stream, and its answer when it ends */
+class Row {
+    readonly id: string;
+    generated = 0;
+    ended = false;
+    /** the client closed the connection before the answer was complete */
+    gone = false;
+    private text = "";
+    private readonly stops: StopMatcher;
+    /** generation ended at a stop string (the text after it is dropped) */
+    private stoppedByString = false;
+
+    constructor(
+        readonly request: Request,
+        private readonly decoder: {push(id: number): string; flush(): string}
+    ) {
+        this.id = `${request.chat ? "chatcmpl" : "cmpl"}-${randomBytes(12).toString("hex")}`;
+        this.stops = new StopMatcher(request.job.stop);
+        request.res.on("close", () => {
+            if (!request.res.writableFinished) this.gone = true;
+        });
+    }
+
+    private chunk(delta: string | null, finish: string | null): Record<string, unknown> {
+        const {job, chat} = this.request;
+        return chat
+            ? {
+                  id: this.id,
+                  object: "chat.completion.chunk",
+                  created: now(),
+                  model: job.served.id,
+                  choices: [{index: 0, delta: delta === null ? {} : {content: delta}, logprobs: null, finish_reason: finish}]
+              }
+            : {
+                  id: this.id,
+                  object: "text_completion",
+                  created: now(),
+                  model: job.served.id,
+                  choices: [{index: 0, text: delta ?? "", logprobs: null, finish_reason: finish}]
+              };
+    }
+
+    /** the stream's headers and its first event */
+    start(): void {
+        const {job, chat, res} = this.request;
+        if (!job.stream) return;
+        res.writeHead(200, {"content-type": "text/event-stream", "cache-control": "no-cache", connection: "keep-alive"});
+        if (chat)
+            writeEvent(res, {
+                ...this.chunk(null, null),
+                choices: [{index: 0, delta: {role: "assistant", content: ""}, logprobs: null, finish_reason: null}]
+            });
+    }
+
+    /** a new token that is not an end of sequence; true when a stop string ended the answer */
+    push(id: number): boolean {
+        const piece = this.stops.push(this.decoder.push(id));
+        this.send(piece.text);
+        if (piece.stopped) this.stoppedByString = true;
+        return piece.stopped;
+    }
+
+    private send(text: string): void {
+        this.text += text;
+        if (this.request.job.stream && text) writeEvent(this.request.res, this.chunk(text, null));
+    }
+
+    /** answers the request (unless its client is gone) and returns the log line */
+    end(finish: Finish, batch: number): string {
+        this.ended = true;
+        const {job, chat, res, resolve} = this.request;
+        const line = `${chat ? "chat" : "completion"} model=${job.served.id} batch=${batch} prompt=${job.promptIds.length} completion=${this.generated} finish=${finish}`;
+        resolve();
+        if (finish === "client_gone") return line;
+        if (!this.stoppedByString) this.send(this.stops.flush(this.decoder.flush()));
+        const usage = {
+            prompt_tokens: job.promptIds.length,
+            completion_tokens: this.generated,
+            total_tokens: job.promptIds.length + this.generated
+        };
+        if (job.stream) {
+            writeEvent(res, this.chunk(null, finish));
+            if (job.includeUsage) writeEvent(res, {...this.chunk(null, null), choices: [], usage});
+            if (!res.destroyed) res.end("data: [DONE]\n\n");
+            return line;
+        }
+        sendJson(res, 200, {
+            id: this.id,
+            object: chat ? "chat.completion" : "text_completion",
+            created: now(),
+            model: job.served.id,
+            choices: [
+                chat
+                    ? {index: 0, message: {role: "assistant", content: this.text}, logprobs: null, finish_reason: finish}
+                    : {index: 0, text: this.text, logprobs: null, finish_reason: finish}
+            ],
+            usage
+        });
+        return line;
+    }
 }
 
 function now(): number {

@@ -17,6 +17,7 @@ interface ServeFlags {
     host: string;
     port: number;
     maxQueue: number;
+    maxBatch: number;
     maxBodyBytes: number;
 }
 
@@ -68,6 +69,12 @@ export function registerServe(program: Command): void {
             parseIntOption("--max-queue", 1),
             64
         )
+        .option(
+            "--max-batch <n>",
+            "requests for one model decoded together (each with its own settings)",
+            parseIntOption("--max-batch", 1),
+            8
+        )
         .option("--max-body-bytes <n>", "the largest request body", parseIntOption("--max-body-bytes", 1024), 4 << 20)
         .action(
             action(async (flags: ServeFlags) => {
@@ -91,6 +98,7 @@ export function registerServe(program: Command): void {
                     models,
                     maxQueue: flags.maxQueue,
                     maxBodyBytes: flags.maxBodyBytes,
+                    maxBatch: flags.maxBatch,
                     log: (line) => console.error(pc.dim(escapeForTerminal(line)))
                 });
                 await new Promise<void>((resolve, reject) => {
