@@ -8,7 +8,7 @@ import type {GgufOuttype} from "../io/gguf-quants.js";
 import {modelfileText, ollamaTemplate, probeTurns} from "../export/ollama.js";
 import {HfTokenizer} from "../tokenizer/index.js";
 import {exportGguf, exportGgufLora} from "./export-gguf.js";
-import {chatTemplateFor, generationConfigEos, resolveModelDir} from "./models.js";
+import {chatTemplateFor, resolveModelDir, stopTokenIds} from "./models.js";
 
 export const OLLAMA_FOLDER_KIND = "ollama-model";
 
@@ -47,10 +47,8 @@ export async function exportOllama(opts: ExportOllamaOptions): Promise<ExportOll
     const template = ollamaTemplate(
         probeTurns((messages, gen) => tokenizer.applyChatTemplate(messages, {addGenerationPrompt: gen}))
     );
-    const cfg = await loadModelConfig(modelDir);
-    const eosIds = new Set([...cfg.eosTokenIds, ...(await generationConfigEos(modelDir))]);
-    if (tokenizer.eosTokenId !== null) eosIds.add(tokenizer.eosTokenId);
-    const stops = [...new Set([...eosIds].map((id) => tokenizer.idToToken(id)).filter((t): t is string => t !== null))];
+    const eosIds = await stopTokenIds(modelDir, await loadModelConfig(modelDir), tokenizer);
+    const stops = [...new Set(eosIds.map((id) => tokenizer.idToToken(id)).filter((t): t is string => t !== null))];
     const files = opts.lora && opts.adapterDir ? ["model.gguf", "adapter.gguf", "Modelfile"] : ["model.gguf", "Modelfile"];
     await writeDirAtomic(
         out,

@@ -3,7 +3,7 @@ import {existsSync, statSync} from "node:fs";
 import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {pathExists, readTextFile} from "../io/files.js";
-import {readChatTemplateFile} from "../io/gguf-vocab.js";
+import {MAX_CHAT_TEMPLATE_BYTES, readChatTemplateFile} from "../io/gguf-vocab.js";
 import {packageRoot} from "../backend/native.js";
 import {cudaAvailability, resolveDevice} from "../backend/cuda.js";
 import type {CausalLm} from "../model/causal-lm.js";
@@ -13,6 +13,7 @@ import {loadAdapter} from "../peft/adapter-files.js";
 import type {LoraModel} from "../peft/inject.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
 import {CHAT_TEMPLATE_FILE_NAME, HfTokenizer} from "../tokenizer/index.js";
+import type {ModelConfig} from "../io/hf-config.js";
 
 /** the model that ships inside the package, used when no --model is given */
 export const DEFAULT_MODEL_DIR = path.join(packageRoot, "models", "tiny-qwen2");
@@ -77,10 +78,8 @@ export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Prom
     const baseTokenizer = await HfTokenizer.load(resolved);
     const lora = opts.adapter ? await loadAdapter(path.resolve(opts.adapter), model) : null;
     const tokenizer = await chatTemplateFor(baseTokenizer, opts.adapter, opts.template);
-    const eos = new Set<number>(model.config.eosTokenIds);
-    if (tokenizer.eosTokenId !== null) eos.add(tokenizer.eosTokenId);
-    for (const id of await generationConfigEos(resolved)) eos.add(id);
-    return {dir: resolved, model, tokenizer, baseTokenizer, lora, eosTokenIds: [...eos], ...onDevice(model, device, requested)};
+    const eosTokenIds = await stopTokenIds(resolved, model.config, tokenizer);
+    return {dir: resolved, model, tokenizer, baseTokenizer, lora, eosTokenIds, ...onDevice(model, device, requested)};
 }
 
 /** the tokenizer with the chat template LoadModelOptions.template asks for */
@@ -92,7 +91,7 @@ export async function chatTemplateFor(
     if (template === "base") return base;
     if (template !== undefined) {
         const file = path.resolve(template);
-        return base.withChatTemplate(await readTextFile(file, {what: "chat template", maxBytes: 4 << 20}), file);
+        return base.withChatTemplate(await readTextFile(file, {what: "chat template", maxBytes: MAX_CHAT_TEMPLATE_BYTES}), file);
     }
     if (adapterDir === undefined) return base;
     // an adapter trained by qlora carries its training format (older adapters and PEFT's may carry the base's)
@@ -140,12 +139,20 @@ function onDevice(
 /** generation_config.json is a few kB; anything above this is not one */
 const MAX_GENERATION_CONFIG_BYTES = 16 << 20;
 
+/** the ids generation stops at: config.json's, the tokenizer's eos token and generation_config.json's */
+export async function stopTokenIds(dir: string, config: ModelConfig, tokenizer: HfTokenizer): Promise<number[]> {
+    const eos = new Set<number>(config.eosTokenIds);
+    if (tokenizer.eosTokenId !== null) eos.add(tokenizer.eosTokenId);
+    for (const id of await generationConfigEos(dir)) eos.add(id);
+    return [...eos];
+}
+
 /**
  * eos_token_id of generation_config.json (a number or a list), which chat models use to stop at end of turn.
  * A missing file is fine (config.json and the tokenizer decide); a broken one is an error, since ignoring it
  * would silently generate past the end of every turn.
  */
-export async function generationConfigEos(dir: string): Promise<number[]> {
+async function generationConfigEos(dir: string): Promise<number[]> {
     const file = path.join(dir, "generation_config.json");
     if (!(await pathExists(file))) return [];
     const text = await readTextFile(file, {what: "generation config", maxBytes: MAX_GENERATION_CONFIG_BYTES});

@@ -278,7 +278,7 @@ export function addVocabMetadata(md: GgufMetadata, vocab: GgufVocab): void {
 }
 
 /** the largest chat_template.jinja read (templates are kilobytes; the renderer has its own, smaller limit) */
-const MAX_CHAT_TEMPLATE_BYTES = 4 << 20;
+export const MAX_CHAT_TEMPLATE_BYTES = 4 << 20;
 
 /** a folder's chat_template.jinja (a model's, or an adapter's training format), or null when it has none */
 export async function readChatTemplateFile(dir: string): Promise<string | null> {

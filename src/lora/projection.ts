@@ -264,16 +264,4 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
             this.doraScale = null;
         }
     }
-
-    zeroGrad(): void {
-        for (const t of this.tensors) this.be.zeroParam(t.grad, t.host.grad.length);
-    }
-
-    /** the host tensors (and their gradients) from the backend's: before saving an adapter, or checking */
-    syncToHost(withGrads = false): void {
-        for (const t of this.tensors) {
-            this.be.paramToHost(t.host.param, t.param);
-            if (withGrads) this.be.paramToHost(t.host.grad, t.grad);
-        }
-    }
 }
