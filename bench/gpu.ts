@@ -7,17 +7,15 @@
 //   node bench/gpu.js [--models qwen2-0.5b,qwen2-7b] [--modes qlora,lora] [--shape 4x512] [--steps 10]
 //                     [--dir /tmp/models] [--peer path/to/peer_lora.py] [--offload]
 import {spawnSync} from "node:child_process";
-import {existsSync} from "node:fs";
-import path from "node:path";
 import {performance} from "node:perf_hooks";
 import {cuda, cudaMemoryStats} from "../src/backend/cuda.js";
 import {DropoutClock} from "../src/backend/dropout.js";
 import {Rng} from "../src/backend/rng.js";
 import {applyLora} from "../src/peft/inject.js";
 import {DecoderModel} from "../src/model/decoder.js";
-import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
 import {bitsAndBytesConfig} from "../src/quant/config.js";
 import {createEngine} from "../src/train/engine.js";
+import {CONFIGS, syntheticModel} from "./models.js";
 
 const arg = (name: string, def: string) => {
     const i = process.argv.indexOf(`--${name}`);
@@ -32,26 +30,6 @@ const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
 const offload = process.argv.includes("--offload");
 
-const CONFIGS: Record<string, Record<string, unknown>> = {
-    "qwen2-0.5b": {
-        vocab_size: 151936,
-        hidden_size: 896,
-        intermediate_size: 4864,
-        num_hidden_layers: 24,
-        num_attention_heads: 14,
-        num_key_value_heads: 2,
-        tie_word_embeddings: true
-    },
-    "qwen2-7b": {
-        vocab_size: 152064,
-        hidden_size: 3584,
-        intermediate_size: 18944,
-        num_hidden_layers: 28,
-        num_attention_heads: 28,
-        num_key_value_heads: 4,
-        tie_word_embeddings: false
-    }
-};
 // transformers + peft + bitsandbytes QLoRA on the H200 (../shared/bench/RESULTS.md; bitsandbytes is not installed there)
 const BNB_QLORA_BY_SHAPE: Record<string, Record<string, {tokS: number; peak: number}>> = {
     "4x512": {"qwen2-7b": {tokS: 3264, peak: 12.89}, "qwen2-0.5b": {tokS: 6477, peak: 5.61}},
@@ -73,28 +51,7 @@ interface Row {
 const rows: Row[] = [];
 
 for (const name of models) {
-    const modelDir = path.join(dir, name);
-    if (!existsSync(path.join(modelDir, "config.json"))) {
-        const t0 = performance.now();
-        await writeSyntheticCheckpoint(modelDir, {
-            config: {
-                architectures: ["Qwen2ForCausalLM"],
-                model_type: "qwen2",
-                ...CONFIGS[name],
-                max_position_embeddings: 32768,
-                rope_theta: 1e6,
-                rms_norm_eps: 1e-6,
-                hidden_act: "silu",
-                torch_dtype: "bfloat16",
-                use_cache: true
-            },
-            dtype: "BF16",
-            seed: 0,
-            std: 0.02,
-            fast: true
-        });
-        console.log(`wrote ${modelDir} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-    }
+    const modelDir = await syntheticModel(dir, name);
     for (const mode of modes) {
         cuda().emptyCache();
         const t0 = performance.now();

@@ -36,7 +36,7 @@ mkdir -p .device/shared/fixtures/ref-qwen2 .device/shared/bench
 for f in adapter batch.safetensors greedy.json lora_grads.safetensors qlora_grads.safetensors trainable_r8.txt; do
     cp -r "../shared/fixtures/ref-qwen2/$f" .device/shared/fixtures/ref-qwen2/
 done
-cp ../shared/bench/peer_lora.py .device/shared/bench/
+cp ../shared/bench/peer_lora.py ../shared/bench/peer_generate.py .device/shared/bench/
 # the fuzz seeds (the tiny model is linked to the package's copy on the device)
 mkdir -p .device/shared/datasets
 cp ../shared/datasets/{alpaca_zh_demo.json,alpaca_en_demo.json,messages_demo.jsonl,sharegpt_demo.json} .device/shared/datasets/

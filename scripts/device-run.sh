@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (after scripts/device-pack.sh here, with .device carried):
 #   bash scripts/device-run.sh test [filter]   the GPU tests (test/gpu/*filter*)
-#   bash scripts/device-run.sh bench [args]    the GPU benchmark
+#   bash scripts/device-run.sh bench [args]    the GPU training benchmark (bench/gpu.ts)
+#   bash scripts/device-run.sh generate [args] the GPU generation benchmark (bench/generate.ts)
 #   bash scripts/device-run.sh fuzz [args]     npm run fuzz on the machine's cores (--jobs N)
 #   bash scripts/device-run.sh soak [args]     npm run soak
 # Output goes to stdout and, when $OUT is set, to $OUT/*.log.
@@ -23,6 +24,7 @@ what=${1:-test}; shift || true
 case "$what" in
     test) node --test --test-reporter=spec $(find .device/js/test/gpu -name "*${1:-}*.test.js" | sort) 2>&1 | tee "${OUT:-/tmp}/gpu-tests.log" ;;
     bench) node .device/js/bench/gpu.js "$@" 2>&1 | tee "${OUT:-/tmp}/gpu-bench.log" ;;
+    generate) node .device/js/bench/generate.js --peer .device/shared/bench/peer_generate.py "$@" 2>&1 | tee "${OUT:-/tmp}/generate-bench.log" ;;
     fuzz) node .device/js/scripts/fuzz.js "$@" 2>&1 | tee "${OUT:-/tmp}/fuzz.log" ;;
     soak) node .device/js/scripts/soak.js "$@" 2>&1 | tee "${OUT:-/tmp}/soak.log" ;;
     *) node "$what" "$@" ;;
