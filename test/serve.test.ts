@@ -15,7 +15,8 @@ import {applyLora} from "../src/peft/inject.js";
 import {saveAdapter} from "../src/peft/adapter-files.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {Rng} from "../src/backend/rng.js";
-import {createServer, StopMatcher, type ServedModel} from "../src/serve/server.js";
+import {StopMatcher} from "../src/model/stop-strings.js";
+import {createServer, type ServedModel} from "../src/serve/server.js";
 import {FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-serve-"));

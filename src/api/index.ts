@@ -5,8 +5,16 @@ export type {LoadedModel, LoadModelOptions} from "./models.js";
 export {fineTune, runTraining, TrainingInterrupted, EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA} from "./train.js";
 export {TrainConfigSchema, loadTrainConfig, resolveTrainConfig} from "./train-config.js";
 export type {TrainConfig, TrainConfigInput} from "./train-config.js";
-export {evaluateLoss} from "./evaluate.js";
-export type {EvalResult} from "./evaluate.js";
+export {
+    evaluateLoss,
+    evaluateTasks,
+    builtinTaskNames,
+    loadTask,
+    reportJson,
+    reportMarkdown,
+    writeResultsDir
+} from "./evaluate.js";
+export type {EvalResult, EvalReport, EvaluateTasksOptions, TaskResult} from "./evaluate.js";
 export {inspectModel} from "./inspect.js";
 export type {ModelDescription} from "./inspect.js";
 export {generate, DEFAULT_SAMPLING} from "../model/generate.js";

@@ -11,6 +11,7 @@ import http from "node:http";
 import {randomBytes, randomInt} from "node:crypto";
 import {isQloraError} from "../errors.js";
 import {decodeBatchSteps} from "../model/generate.js";
+import {StopMatcher} from "../model/stop-strings.js";
 import type {LoadedModel} from "../api/models.js";
 import type {ChatMessage} from "../tokenizer/index.js";
 
@@ -543,52 +544,4 @@ function completionJob(body: Record<string, unknown>, served: ServedModel): Job 
     if (body.echo === true) throw new RequestError(400, "`echo` is not supported", "echo");
     // OpenAI's completions default to 16 tokens
     return commonJob(body, served, served.loaded.tokenizer.encode(prompt), 16);
-}
-
-/**
- * Stop strings over streamed text: text is released only once no stop string can still start inside it, and
- * generation ends at the first stop string (which is not part of the answer).
- */
-export class StopMatcher {
-    private pending = "";
-    constructor(private readonly stops: string[]) {}
-
-    /** the text now safe to send, and whether a stop string was reached */
-    push(piece: string): {text: string; stopped: boolean} {
-        this.pending += piece;
-        if (this.stops.length === 0) {
-            const text = this.pending;
-            this.pending = "";
-            return {text, stopped: false};
-        }
-        let first = -1;
-        for (const s of this.stops) {
-            const at = this.pending.indexOf(s);
-            if (at >= 0 && (first < 0 || at < first)) first = at;
-        }
-        if (first >= 0) {
-            const text = this.pending.slice(0, first);
-            this.pending = "";
-            return {text, stopped: true};
-        }
-        // hold back the longest tail that is the start of some stop string
-        let hold = 0;
-        for (const s of this.stops)
-            for (let k = Math.min(s.length - 1, this.pending.length); k > hold; k--)
-                if (this.pending.endsWith(s.slice(0, k))) {
-                    hold = k;
-                    break;
-                }
-        const text = this.pending.slice(0, this.pending.length - hold);
-        this.pending = this.pending.slice(this.pending.length - hold);
-        return {text, stopped: false};
-    }
-
-    /** the held-back text at the end of generation, with the decoder's last bytes */
-    flush(last: string): string {
-        const r = this.push(last);
-        const text = r.stopped ? r.text : r.text + this.pending;
-        this.pending = "";
-        return text;
-    }
 }

@@ -10,6 +10,7 @@ export const LAYER_ORDER = [
     "cli",
     "serve",
     "api",
+    "eval",
     "export",
     "train",
     "data",

@@ -1,0 +1,84 @@
+// generate-until.ts: greedy generation until a stop string, as lm-evaluation-harness's generate_until: the prompt
+// keeps its last (context length - max_gen_toks) tokens, decoding stops at an end-of-sequence token, at
+// max_gen_toks, or when the text reaches one of the stop strings (the text is cut before it). Prompts are batched
+// (model/generate.ts's decodeBatchSteps: left padding, masked), longest first.
+import {QloraError} from "../errors.js";
+import type {CausalLm} from "../model/causal-lm.js";
+import {decodeBatchSteps} from "../model/generate.js";
+import type {StreamDecoder} from "../tokenizer/index.js";
+import {StopMatcher} from "../model/stop-strings.js";
+
+export interface GenerationModel {
+    lm: CausalLm;
+    tokenizer: {encode(text: string): number[]; createStreamDecoder(options?: {skipSpecialTokens?: boolean}): StreamDecoder};
+    eosTokenIds: number[];
+}
+
+export interface GenerateUntilOptions {
+    until: readonly string[];
+    maxGenToks: number;
+    batchSize: number;
+    onProgress?: (done: number, total: number) => void;
+}
+
+export interface GenerateUntilResult {
+    /** the generated text, cut before the first stop string */
+    text: string;
+    /** the prompt lost tokens from the left to leave room for max_gen_toks */
+    truncated: boolean;
+    /** tokens generated (the stop string's included) */
+    tokens: number;
+}
+
+export function generateUntil(model: GenerationModel, prompts: string[], opts: GenerateUntilOptions): GenerateUntilResult[] {
+    const context = model.lm.config.maxPositionEmbeddings;
+    const maxPrompt = context - opts.maxGenToks;
+    if (maxPrompt < 1)
+        throw new QloraError(
+            `max_gen_toks ${opts.maxGenToks} leaves no room for the prompt in the model's context of ${context} tokens; ` +
+                "lower generation_kwargs.max_gen_toks"
+        );
+    const encoded = prompts.map((p) => model.tokenizer.encode(p));
+    const results: GenerateUntilResult[] = encoded.map((ids) => ({text: "", truncated: ids.length > maxPrompt, tokens: 0}));
+    const order = encoded.map((_, i) => i).sort((a, b) => encoded[b].length - encoded[a].length || a - b);
+    let done = 0;
+    for (let start = 0; start < order.length; start += opts.batchSize) {
+        const batch = order.slice(start, start + opts.batchSize);
+        const decoders = batch.map(() => model.tokenizer.createStreamDecoder({skipSpecialTokens: true}));
+        const stops = batch.map(() => new StopMatcher(opts.until));
+        const stopped = batch.map(() => false);
+        const texts = batch.map(() => "");
+        const eos = new Set(model.eosTokenIds);
+        const steps = decodeBatchSteps(
+            model.lm,
+            batch.map((i) => {
+                const ids = encoded[i].slice(-maxPrompt);
+                // an empty prompt starts from the end-of-text token, as the harness does
+                return ids.length > 0 ? ids : [model.eosTokenIds[0] ?? 0];
+            }),
+            {maxNewTokens: opts.maxGenToks, greedy: true, eosTokenIds: [...eos], cancelled: (b) => stopped[b]}
+        );
+        try {
+            for (;;) {
+                const step = steps.next();
+                if (step.done) break;
+                step.value.forEach((id, b) => {
+                    if (id === null || stopped[b]) return;
+                    results[batch[b]].tokens++;
+                    if (eos.has(id)) return;
+                    const piece = stops[b].push(decoders[b].push(id));
+                    texts[b] += piece.text;
+                    if (piece.stopped) stopped[b] = true;
+                });
+            }
+        } finally {
+            steps.return([]);
+        }
+        batch.forEach((i, b) => {
+            results[i].text = stopped[b] ? texts[b] : texts[b] + stops[b].flush(decoders[b].flush());
+        });
+        done += batch.length;
+        opts.onProgress?.(done, prompts.length);
+    }
+    return results;
+}
