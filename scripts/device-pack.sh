@@ -29,9 +29,13 @@ cp -r node_modules/@huggingface/gguf .device/node_modules/@huggingface/gguf
 # the carried tree is limited to 64 MiB: no type declarations, maps or sources in the runtime packages
 find .device/node_modules \( -name '*.d.ts' -o -name '*.d.cts' -o -name '*.d.mts' -o -name '*.map' -o -name '*.md' \) -delete
 rm -rf .device/node_modules/zod/src  # zod's TypeScript sources (its JavaScript is beside them)
+# the compiled tree imports ESM only: zod's CommonJS copies and yaml's browser build are not loaded there
+find .device/node_modules/zod -name '*.cjs' -delete
+rm -rf .device/node_modules/yaml/browser
 # the addons for the H200 only (sm_90), built in their own folder so the full build stays as it is
 CUDA_ARCHS="90-real" QLORA_BUILD_DIR=build-device QLORA_CUDA=ON node scripts/build-native.mjs >/dev/null
 rm -rf .device/build && mkdir -p .device/build/Release && cp build-device/Release/*.node .device/build/Release/
+strip --strip-unneeded .device/build/Release/*.node
 mkdir -p .device/shared/fixtures/ref-qwen2 .device/shared/bench
 for f in adapter batch.safetensors greedy.json lora_grads.safetensors qlora_grads.safetensors trainable_r8.txt; do
     cp -r "../shared/fixtures/ref-qwen2/$f" .device/shared/fixtures/ref-qwen2/
