@@ -46,3 +46,34 @@ function shortenRuns(text: string): string {
 export function isQloraError(err: unknown): err is QloraError {
     return err instanceof QloraError;
 }
+
+/**
+ * the key of `known` that `key` was meant to be, for "did you mean" messages: one a few letters apart (a typo), or
+ * one written in part ("role" for role_tag, "lora_dropout_rate" for lora_dropout); `partOf` limits the second kind
+ */
+export function nearestKey(key: string, known: readonly string[], partOf: readonly string[] = known): string | null {
+    let best: string | null = null,
+        bestDistance = Infinity;
+    for (const k of known) {
+        const d = editDistance(key, k);
+        if (d < bestDistance) [best, bestDistance] = [k, d];
+    }
+    if (best !== null && bestDistance <= Math.max(1, Math.floor(Math.min(key.length, best.length) / 4))) return best;
+    // a suggestion from a part needs most of the letters in common (lora_r is not r)
+    return (
+        partOf.find(
+            (k) => (k.includes(key) && key.length >= 4) || (key.includes(k) && k.length >= 4 && 2 * k.length >= key.length)
+        ) ?? null
+    );
+}
+
+function editDistance(a: string, b: string): number {
+    let row = Array.from({length: b.length + 1}, (_, j) => j);
+    for (let i = 1; i <= a.length; i++) {
+        const next = [i];
+        for (let j = 1; j <= b.length; j++)
+            next[j] = Math.min(row[j] + 1, next[j - 1] + 1, row[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+        row = next;
+    }
+    return row[b.length];
+}

@@ -6,6 +6,7 @@ import {mkdtempSync, readFileSync, rmSync, writeFileSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {HfTokenizer} from "../src/tokenizer/index.js";
+import {expectError, qlora} from "./helpers/harden-train.js";
 import {MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
 
 const cli = (...args: string[]) => {
@@ -68,4 +69,27 @@ test("--columns maps other column names (LLaMA-Factory's dataset_info) before th
     } finally {
         rmSync(dir, {recursive: true, force: true});
     }
+});
+
+test("--columns and --tags are checked by the train keys' schema: the same message as train for the same mistake", () => {
+    const data = path.join(REPO_ROOT, "examples/data/alpaca_train.json");
+    const cases: [string, string][] = [
+        ["--columns", '{"promt": "q"}'], // an unknown key, with the key meant
+        ["--columns", '{"prompt": 3}'], // a value of the wrong type
+        ["--tags", '{"role": "from"}'], // a key written in part
+        ["--tags", "{role_tag: from}"] // not JSON
+    ];
+    const messages = cases.map(([flag, json]) => {
+        const train = expectError(qlora(REPO_ROOT, "train", flag, json));
+        const preview = expectError(qlora(REPO_ROOT, "data", "preview", "--dataset", data, flag, json));
+        // train names the flags' source ("command line: "); the rest is the same words
+        assert.equal(preview, train.replace("error: command line: ", "error: "));
+        return preview;
+    });
+    assert.deepEqual(messages, [
+        'error: columns: unknown key "promt"; did you mean "prompt"? (got {"promt":"q"})',
+        "error: columns.prompt: Invalid input: expected string, received number",
+        'error: tags: unknown key "role"; did you mean "role_tag"? (got {"role":"from"})',
+        `error: --tags expects a JSON object, e.g. '{"role_tag": "from", "content_tag": "value"}' (got "{role_tag: from}")`
+    ]);
 });

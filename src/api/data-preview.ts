@@ -1,5 +1,6 @@
 // data-preview.ts: what training will see of a dataset, before training: the detected format, counts (truncated,
 // dropped), a token-length histogram and the first samples as the model gets them, with the trained tokens marked.
+import {checkMapSetting} from "../data/column-map.js";
 import {describeDataset, loadDataset, type DataOptions, type DatasetDescription} from "../data/index.js";
 import {promptFormatTemplate} from "../data/prompt-format.js";
 import {HfTokenizer} from "../tokenizer/index.js";
@@ -33,6 +34,8 @@ export interface DataPreview {
 }
 
 export async function previewDataset(dataset: string, opts: PreviewOptions = {}): Promise<DataPreview> {
+    // a mapping from a caller is checked as the train config checks it: a misspelt key would map nothing
+    opts = {...opts, columns: checkMapSetting("columns", opts.columns), tags: checkMapSetting("tags", opts.tags)};
     const tokenizer = await HfTokenizer.load(resolveModelDir(opts.model));
     const prepared = await loadDataset(dataset, tokenizer, opts);
     const samples = prepared.rows.slice(0, opts.samples ?? 5).map((row): PreviewSample => {

@@ -5,6 +5,7 @@
 
 import {QloraError} from "../errors.js";
 import type {ChatMessage} from "../tokenizer/index.js";
+import type {ColumnMap, TagMap} from "./column-map.js";
 import {describeJsonValue} from "./readers.js";
 import type {DataRecord} from "./readers.js";
 
@@ -65,23 +66,7 @@ export interface FormatOptions {
     tags?: TagMap;
 }
 
-export interface ColumnMap {
-    prompt?: string;
-    query?: string;
-    response?: string;
-    system?: string;
-    history?: string;
-    messages?: string;
-}
-
-export interface TagMap {
-    role_tag?: string;
-    content_tag?: string;
-    user_tag?: string;
-    assistant_tag?: string;
-    system_tag?: string;
-    observation_tag?: string;
-}
+export type {ColumnMap, TagMap} from "./column-map.js";
 
 const COLUMN_TARGETS: Record<keyof ColumnMap, string> = {
     prompt: "instruction",

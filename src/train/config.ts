@@ -4,7 +4,8 @@
 import path from "node:path";
 import {parse as parseYaml} from "yaml";
 import {z} from "zod";
-import {QloraError, quoteValue} from "../errors.js";
+import {nearestKey, QloraError, quoteValue} from "../errors.js";
+import {ColumnMapSchema, parseMapFlag, TagMapSchema} from "../data/column-map.js";
 import {readTextFile} from "../io/files.js";
 import {loraScalingProblem} from "../lora/config.js";
 import {OPTIMIZER_NAMES} from "../optim/adamw.js";
@@ -39,30 +40,10 @@ export const TrainConfigSchema = z
             .default("auto")
             .describe("record format; detected from the first record's keys unless given"),
         template: z.string().nullable().default(null).describe("a prompt template with {field} placeholders for custom records"),
-        columns: z
-            .object({
-                prompt: z.string().min(1).optional(),
-                query: z.string().min(1).optional(),
-                response: z.string().min(1).optional(),
-                system: z.string().min(1).optional(),
-                history: z.string().min(1).optional(),
-                messages: z.string().min(1).optional()
-            })
-            .strict()
-            .nullable()
+        columns: ColumnMapSchema.nullable()
             .default(null)
             .describe("other column names, as LLaMA-Factory's dataset_info: prompt, query, response, system, history, messages"),
-        tags: z
-            .object({
-                role_tag: z.string().min(1).optional(),
-                content_tag: z.string().min(1).optional(),
-                user_tag: z.string().min(1).optional(),
-                assistant_tag: z.string().min(1).optional(),
-                system_tag: z.string().min(1).optional(),
-                observation_tag: z.string().min(1).optional()
-            })
-            .strict()
-            .nullable()
+        tags: TagMapSchema.nullable()
             .default(null)
             .describe("ShareGPT keys and role names, as LLaMA-Factory's tags: role_tag, content_tag, user_tag, ..."),
         dataset_text_field: z
@@ -369,15 +350,7 @@ export function parseFlags(args: string[]): Record<string, unknown> {
 
 function coerce(key: string, value: string): unknown {
     if (value === "null" || (value === "none" && key !== "bias")) return null;
-    if (key === "columns" || key === "tags") {
-        try {
-            return JSON.parse(value);
-        } catch {
-            throw new QloraError(
-                `--${key} expects a JSON object, e.g. '{"prompt": "question", "response": "answer"}' (got ${quoteValue(value)})`
-            );
-        }
-    }
+    if (key === "columns" || key === "tags") return parseMapFlag(key, value);
     if (key === "target_modules" || key === "modules_to_save" || key === "resume_override") {
         if (key === "target_modules" && (value === "all-linear" || /[\\^$*+?()[\]{}|]/.test(value))) return value;
         return value
@@ -391,32 +364,9 @@ function coerce(key: string, value: string): unknown {
     return value;
 }
 
-/** the valid key nearest to `key` by edit distance, when it is near enough to be a typo */
+/** the valid key nearest to `key`, when it is near enough to be a typo or written in part */
 export function closestKey(key: string): string | null {
-    let best: string | null = null,
-        bestDist = Infinity;
-    for (const k of [...TRAIN_CONFIG_KEYS, ...Object.keys(FOREIGN_KEYS)]) {
-        const d = editDistance(key, k);
-        if (d < bestDist) {
-            best = k;
-            bestDist = d;
-        }
-    }
-    if (bestDist <= Math.max(1, Math.floor(Math.min(key.length, best?.length ?? 0) / 4))) return best;
-    // a key written in part (lora_r for r is not one: a suggestion needs most of the letters in common)
-    const contains = TRAIN_CONFIG_KEYS.find(
-        (k) => (k.includes(key) && key.length >= 4) || (key.includes(k) && k.length >= 4 && 2 * k.length >= key.length)
-    );
-    return contains ?? null;
-}
-
-function editDistance(a: string, b: string): number {
-    const dp = Array.from({length: a.length + 1}, (_, i) => [i, ...new Array<number>(b.length).fill(0)]);
-    for (let j = 1; j <= b.length; j++) dp[0][j] = j;
-    for (let i = 1; i <= a.length; i++)
-        for (let j = 1; j <= b.length; j++)
-            dp[i][j] = Math.min(dp[i - 1][j] + 1, dp[i][j - 1] + 1, dp[i - 1][j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
-    return dp[a.length][b.length];
+    return nearestKey(key, [...TRAIN_CONFIG_KEYS, ...Object.keys(FOREIGN_KEYS)], TRAIN_CONFIG_KEYS);
 }
 
 /** config file, then flags, over the defaults; notices about keys from the Python tools go to `notices` */

@@ -4,8 +4,8 @@ import {previewDataset} from "../../api/data-preview.js";
 import {formatDatasetDescription} from "../../data/index.js";
 import {QloraError, quoteValue} from "../../errors.js";
 import picocolors from "picocolors";
-import type {ColumnMap, TagMap} from "../../data/formats.js";
-import {action, escapeForTerminal, parseIntOption, reportError} from "../run.js";
+import {mapSettingFromFlag} from "../../data/column-map.js";
+import {action, escapeForTerminal, parseIntOption} from "../run.js";
 
 interface PreviewFlags {
     dataset: string;
@@ -14,30 +14,11 @@ interface PreviewFlags {
     template?: string;
     maxSeqLength?: number;
     packing?: boolean;
-    columns?: ColumnMap;
-    tags?: TagMap;
+    /** JSON text, parsed and checked as the train keys are */
+    columns?: string;
+    tags?: string;
     n: number;
     json?: boolean;
-}
-
-/** a flag whose value is a JSON object */
-function parseJsonObject(flag: string): (value: string) => Record<string, string> {
-    return (value) => {
-        let parsed: unknown;
-        try {
-            parsed = JSON.parse(value);
-        } catch {
-            return reportError(new QloraError(`${flag} expects a JSON object of strings, got ${quoteValue(value)}`));
-        }
-        if (
-            typeof parsed !== "object" ||
-            parsed === null ||
-            Array.isArray(parsed) ||
-            !Object.values(parsed).every((v) => typeof v === "string")
-        )
-            return reportError(new QloraError(`${flag} expects a JSON object of strings, got ${quoteValue(value)}`));
-        return parsed as Record<string, string>;
-    };
 }
 
 const FORMATS = ["auto", "alpaca", "text", "prompt_completion", "messages", "sharegpt", "template", "tokenized"];
@@ -56,16 +37,8 @@ export function registerData(program: Command): void {
             parseIntOption("--max-seq-length", 2)
         )
         .option("--packing", "pack examples into rows of max_seq_length")
-        .option(
-            "--columns <json>",
-            'other column names, as the train key: \'{"prompt": "question", "response": "answer"}\'',
-            parseJsonObject("--columns")
-        )
-        .option(
-            "--tags <json>",
-            "ShareGPT keys and role names, as the train key (role_tag, content_tag, user_tag, ...)",
-            parseJsonObject("--tags")
-        )
+        .option("--columns <json>", 'other column names, as the train key: \'{"prompt": "question", "response": "answer"}\'')
+        .option("--tags <json>", "ShareGPT keys and role names, as the train key (role_tag, content_tag, user_tag, ...)")
         .option("-n, --n <n>", "samples to show", parseIntOption("-n", 0), 5)
         .option("--json", "one JSON object: the summary, and input_ids and label_mask of each sample")
         .action(
@@ -80,8 +53,8 @@ export function registerData(program: Command): void {
                     template: flags.template,
                     max_seq_length: flags.maxSeqLength,
                     packing: flags.packing,
-                    columns: flags.columns,
-                    tags: flags.tags,
+                    columns: mapSettingFromFlag("columns", flags.columns),
+                    tags: mapSettingFromFlag("tags", flags.tags),
                     samples: flags.n
                 });
                 if (flags.json) {
