@@ -3,7 +3,7 @@
 import {test} from "node:test";
 import assert from "node:assert/strict";
 import {DecoderModel} from "../src/model/decoder.js";
-import {generate, generateBatch} from "../src/model/generate.js";
+import {generate, generateBatch, SlotDecoder} from "../src/model/generate.js";
 import {HfTokenizer} from "../src/tokenizer/index.js";
 import {MODEL_DIR} from "./helpers/paths.js";
 
@@ -41,4 +41,59 @@ test("a row that reaches an end-of-sequence id stops while the others go on", ()
         assert.deepEqual(batch[b].newIds, one.newIds, `prompt ${b}`);
         assert.equal(batch[b].stopReason, one.stopReason);
     });
+});
+
+/** greedy continuation by a full forward pass of the whole sequence per token: no KV cache, no batch */
+function greedyByRecompute(prompt: number[], n: number): number[] {
+    const ids = [...prompt];
+    const V = model.config.vocabSize;
+    for (let i = 0; i < n; i++) {
+        const logits = model.forward(Int32Array.from(ids), 1, ids.length, {logitRows: [ids.length - 1]});
+        let best = 0;
+        for (let v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
+        ids.push(best);
+    }
+    return ids.slice(prompt.length);
+}
+
+test("continuous batching: rows join a running batch and leave it, each gets the tokens of its prompt alone", () => {
+    const greedy = {greedy: true};
+    const dec = new SlotDecoder(model, 2, 64, [-1]);
+    const a = dec.join(prompts[0], {...greedy, maxNewTokens: 5});
+    dec.step();
+    dec.step();
+    // b joins a row that is 3 tokens ahead: the two rows now sit at different cache lengths
+    const b = dec.join(prompts[1], {...greedy, maxNewTokens: 9});
+    assert.equal(dec.free, 0);
+    while (!a.done) dec.step();
+    // a (cache row 0) ended: b moved into its row, and c takes the freed one at once
+    assert.equal(dec.active, 1);
+    const c = dec.join(prompts[2], {maxNewTokens: 7, greedy: false, temperature: 0.8, topK: 30, topP: 0.9, seed: 3});
+    while (dec.active > 0) dec.step();
+    dec.release();
+    assert.deepEqual(a.result.newIds, greedyByRecompute(prompts[0], 5));
+    assert.deepEqual(b.result.newIds, greedyByRecompute(prompts[1], 9));
+    assert.deepEqual(
+        c.result.newIds,
+        generate(model, prompts[2], {maxNewTokens: 7, greedy: false, temperature: 0.8, topK: 30, topP: 0.9, seed: 3}).newIds
+    );
+    assert.deepEqual(
+        [a, b, c].map((r) => r.result.stopReason),
+        ["max_new_tokens", "max_new_tokens", "max_new_tokens"]
+    );
+});
+
+test("continuous batching: a row that leaves frees its place; a full row stops at the context", () => {
+    const dec = new SlotDecoder(model, 2, prompts[3].length + 3, [-1]);
+    const gone = dec.join(prompts[0], {greedy: true, maxNewTokens: 20});
+    const kept = dec.join(prompts[3], {greedy: true, maxNewTokens: 20});
+    dec.step();
+    dec.leave(gone);
+    assert.equal(gone.result.stopReason, "cancelled");
+    assert.deepEqual([dec.active, dec.free], [1, 1]);
+    while (dec.active > 0) dec.step();
+    // the prompt fills all but 3 positions: 4 tokens (the last needs no place), then the context is full
+    assert.equal(kept.result.stopReason, "context");
+    assert.deepEqual(kept.result.newIds, greedyByRecompute(prompts[3], 4));
+    dec.release();
 });

@@ -187,6 +187,62 @@ describe("qlora serve (OpenAI API)", () => {
         assert.equal(text, expected);
     });
 
+    test("continuous batching: requests join a running batch when a row is free, each answered as it would be alone", async () => {
+        const lines: string[] = [];
+        const own = createServer({
+            models: [{id: "tiny", loaded: base}],
+            maxQueue: 8,
+            maxBodyBytes: 64 << 10,
+            maxBatch: 2,
+            log: (line) => lines.push(line)
+        });
+        await new Promise<void>((resolve) => own.listen(0, "127.0.0.1", resolve));
+        after(() => {
+            own.closeAllConnections();
+            own.close();
+        });
+        const ownClient = new OpenAI({
+            baseURL: `http://127.0.0.1:${(own.address() as AddressInfo).port}/v1`,
+            apiKey: "unused",
+            maxRetries: 0
+        });
+        const ask = (content: string, max: number) =>
+            ownClient.chat.completions
+                .create({model: "tiny", messages: [{role: "user", content}], temperature: 0, max_tokens: max})
+                .then((r) => ({text: r.choices[0].message.content, at: performance.now()}));
+        const long = greedyChat(base, "写一首诗", 40);
+        assert.ok(long.tokens >= 25, `the long answer runs ${long.tokens} tokens`);
+        // the long request streams; once it is under way, two short ones arrive: the first joins its batch at
+        // once, the second waits for a free row (--max-batch 2) and joins when the first leaves
+        const stream = await ownClient.chat.completions.create({
+            model: "tiny",
+            messages: [{role: "user", content: "写一首诗"}],
+            temperature: 0,
+            max_tokens: 40,
+            stream: true
+        });
+        let longText = "",
+            chunks = 0;
+        let shorts: Promise<{text: string | null; at: number}[]> | null = null;
+        for await (const c of stream) {
+            longText += c.choices[0]?.delta?.content ?? "";
+            if (++chunks === 4) shorts = Promise.all([ask("1, 2, 3, 4,", 5), ask("Name three colours.", 4)]);
+        }
+        const longEnd = performance.now();
+        const [first, second] = await shorts!;
+        assert.equal(longText, long.text);
+        assert.deepEqual(
+            [first.text, second.text],
+            [greedyChat(base, "1, 2, 3, 4,", 5).text, greedyChat(base, "Name three colours.", 4).text]
+        );
+        // both short answers came while the long one was still running: neither waited for its batch to end
+        assert.ok(first.at < longEnd && second.at < longEnd, lines.join("\n"));
+        assert.ok(
+            lines.some((l) => l.includes(`completion=${long.tokens} finish=stop`) && l.includes("batch=2")),
+            lines.join("\n")
+        );
+    });
+
     test("concurrent requests for one model are decoded as one batch, each answered as it would be alone", async () => {
         const asks = [
             {content: "Name three colours.", max: 12, model: "tiny"},
@@ -247,7 +303,7 @@ describe("qlora serve (OpenAI API)", () => {
         await bad({model: "tiny", messages: hi, temperature: 5}, 400, /temperature` must be a number in \[0, 2\]/);
         await bad({model: "tiny", messages: []}, 400, /messages` must be a non-empty list/);
         await bad({model: "tiny", messages: [{role: "wizard", content: "x"}]}, 400, /messages\[0\]\.role must be/);
-        await bad({model: "tiny", messages: hi, max_tokens: 10 ** 9}, 400, /exceed this model's context/);
+        await bad({model: "tiny", messages: hi, max_tokens: 10 ** 9}, 400, /exceed the \d+ positions a request holds here/);
         await bad({model: "tiny", messages: hi, n: 2}, 400, /`n` must be/);
         await bad({model: "tiny", messages: hi, stop: ["a", "b", "c", "d", "e"]}, 400, /at most 4 strings/);
         // not JSON, and a body over --max-body-bytes

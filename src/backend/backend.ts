@@ -114,9 +114,12 @@ export interface Backend<X extends TensorTypes> {
     /** y += x */
     addInplace(y: X["f"], x: X["f"], n: number): void;
     /**
-     * rows [B*T) of cache[B, capacity, rowElems] from position `past` on = x[B, T, rowElems]: the KV cache write
+     * the KV cache write: cache[b, pasts[b] .. pasts[b] + T) = x[b, 0 .. T) for b < B, in cache[B, capacity,
+     * rowElems] (each row at its own length: continuous batching decodes rows of different lengths together)
      */
-    cacheWrite(cache: X["f"], x: X["f"], B: number, T: number, capacity: number, past: number, rowElems: number): void;
+    cacheWrite(cache: X["f"], x: X["f"], B: number, T: number, capacity: number, pasts: Int32Array, rowElems: number): void;
+    /** the elements [offset, offset + length) of t, sharing its memory (never freed on its own) */
+    view(t: X["f"], offset: number, length: number): X["f"];
     /**
      * the causal-LM loss of hidden states xf[N, C] through the output layer head[V, C], in chunks of rows:
      * cross-entropy summed over rows whose target >= 0; with dxf, dxf[N, C] (=) gets the gradient scaled by

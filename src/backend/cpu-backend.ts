@@ -165,11 +165,14 @@ export class CpuBackend implements Backend<CpuTensors> {
         B: number,
         T: number,
         capacity: number,
-        past: number,
+        pasts: Int32Array,
         rowElems: number
     ): void {
         for (let b = 0; b < B; b++)
-            cache.set(x.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + past) * rowElems);
+            cache.set(x.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + pasts[b]) * rowElems);
+    }
+    view(t: Float32Array, offset: number, length: number): Float32Array {
+        return t.subarray(offset, offset + length);
     }
 
     causalLmLoss(

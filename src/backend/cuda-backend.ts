@@ -214,12 +214,16 @@ export class CudaBackend implements Backend<CudaTensors> {
         B: number,
         T: number,
         capacity: number,
-        past: number,
+        pasts: Int32Array,
         rowElems: number
     ): void {
         const bytes = T * rowElems * ACT_BYTES;
         for (let b = 0; b < B; b++)
-            cuda().copy(cache.ptr + (b * capacity + past) * rowElems * ACT_BYTES, x.ptr + b * bytes, bytes);
+            cuda().copy(cache.ptr + (b * capacity + pasts[b]) * rowElems * ACT_BYTES, x.ptr + b * bytes, bytes);
+    }
+    view(t: DeviceBuffer, offset: number, length: number): DeviceBuffer {
+        if (offset < 0 || offset + length > t.length) throw new Error(`view [${offset}, +${length}) of a buffer of ${t.length}`);
+        return new DeviceBuffer(t.ptr + (offset * t.bytes) / t.length, t.dtype, length);
     }
 
     causalLmLoss(

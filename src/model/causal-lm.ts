@@ -8,8 +8,14 @@ import type {LossResult, TrainBatch} from "./graph.js";
 export interface LmCache {
     readonly batch: number;
     readonly capacity: number;
-    /** positions filled so far */
+    /** positions filled, per row (rows decoded together may be at different lengths) */
+    readonly lengths: Int32Array;
+    /** positions filled in the longest row */
     readonly length: number;
+    /** moves a row's keys and values to another row, which it replaces (continuous batching keeps rows packed) */
+    moveRow(from: number, to: number): void;
+    /** empties a row */
+    clearRow(row: number): void;
     /** frees its memory; the cache is unusable afterwards */
     release(): void;
 }
@@ -17,6 +23,11 @@ export interface LmCache {
 export interface LmForwardOptions {
     /** the cache the new keys and values are appended to (from newCache of the same model) */
     cache?: LmCache;
+    /**
+     * the cache row of the first of the B rows (default 0): rows firstRow .. firstRow + B - 1 are appended to, each
+     * after its own filled positions. Rows at different lengths take one token each (T = 1).
+     */
+    firstRow?: number;
     /** compute logits only for these rows of the flattened [B*T] tokens (default: all) */
     logitRows?: number[];
     /** [B, cache length + T]: 1 real, 0 padding (batched generation pads prompts on the left) */

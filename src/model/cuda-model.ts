@@ -11,7 +11,7 @@ import {QloraError} from "../errors.js";
 import type {FrozenWeight} from "../backend/backend.js";
 import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
-import {DeviceBuffer} from "../backend/cuda.js";
+import {cuda, DeviceBuffer} from "../backend/cuda.js";
 import {cudaGemmOps, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
@@ -266,6 +266,7 @@ export class CudaModel implements CausalLm {
     forward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions = {}): Float32Array {
         const hidden = this.graph.forwardHidden(ids, B, T, {
             cache: opts.cache as KVCache<DeviceBuffer> | undefined,
+            firstRow: opts.firstRow,
             attentionMask: opts.attentionMask,
             positionIds: opts.positionIds
         });
@@ -283,7 +284,8 @@ export class CudaModel implements CausalLm {
             batch,
             capacity,
             (n) => DeviceBuffer.zeros("bf16", n),
-            (t) => t.free()
+            (t) => t.free(),
+            (t, to, from, n) => cuda().copy(t.ptr + 2 * to, t.ptr + 2 * from, 2 * n)
         );
     }
 

@@ -60,6 +60,8 @@ export interface ForwardOptions {
     /** [B, T] positions; default: past length + 0..T-1 for every row (as transformers does without position_ids) */
     positionIds?: Int32Array;
     cache?: KVCache<Float32Array>;
+    /** the cache row of the first of the B rows */
+    firstRow?: number;
     /** compute logits only for these rows of the flattened [B*T] tokens (default: all) */
     logitRows?: number[];
 }

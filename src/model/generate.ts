@@ -2,7 +2,7 @@
 // applied in that order (as transformers' logits warpers are), from a seeded generator.
 import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
-import type {CausalLm} from "./causal-lm.js";
+import type {CausalLm, LmCache} from "./causal-lm.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */
@@ -87,6 +87,15 @@ export interface BatchDecodeOptions extends Omit<GenerateOptions, "onToken"> {
     cancelled?: (row: number) => boolean;
 }
 
+function checkPrompt(prompt: number[], context: number): void {
+    if (prompt.length === 0) throw new QloraError("the prompt is empty: there is nothing to continue from");
+    if (prompt.length > context)
+        throw new QloraError(
+            `the prompt has ${prompt.length} tokens but the model's context length ` +
+                `(max_position_embeddings in config.json) is ${context}; shorten the prompt`
+        );
+}
+
 /** checks one row's sampling settings and length */
 function checkRow(s: SamplingOptions, maxNewTokens: number): void {
     if (!s.greedy && !(s.temperature > 0))
@@ -97,8 +106,10 @@ function checkRow(s: SamplingOptions, maxNewTokens: number): void {
 }
 
 /**
- * THE decode loop, for a batch of prompts: yields each step's new token per row (null for rows already done) and
- * returns each row's result. The options are checked on the first step.
+ * A batch of prompts decoded together (THE batch decode loop: generate, generateBatch, eval and the server's
+ * batches run it): yields each step's new token per row (null for rows already done) and returns each row's
+ * result. The options are checked on the first step. Rows run in a SlotDecoder, so a row that ends frees its
+ * place at once.
  */
 export function* decodeBatchSteps(
     model: CausalLm,
@@ -108,100 +119,179 @@ export function* decodeBatchSteps(
     const shared = {...DEFAULT_SAMPLING, ...stripUndefined(opts)};
     const rows = prompts.map((_, b) => {
         const own = stripUndefined(opts.rows?.[b] ?? {});
-        const sampling: SamplingOptions = {...shared, ...own};
-        const maxNew = own.maxNewTokens ?? opts.maxNewTokens;
-        checkRow(sampling, maxNew);
-        return {sampling, maxNew};
+        const maxNewTokens = own.maxNewTokens ?? opts.maxNewTokens;
+        checkRow({...shared, ...own}, maxNewTokens);
+        return {...shared, ...own, maxNewTokens};
     });
     checkRow(shared, opts.maxNewTokens);
     if (prompts.length === 0) throw new QloraError("no prompt to continue");
     const context = model.config.maxPositionEmbeddings;
-    let L = 0;
-    for (const p of prompts) {
-        if (p.length === 0) throw new QloraError("the prompt is empty: there is nothing to continue from");
-        if (p.length > context)
-            throw new QloraError(
-                `the prompt has ${p.length} tokens but the model's context length ` +
-                    `(max_position_embeddings in config.json) is ${context}; shorten the prompt`
-            );
-        L = Math.max(L, p.length);
-    }
-    const longest = rows.reduce((m, r) => Math.max(m, r.maxNew), 0);
-    const B = prompts.length,
-        V = model.config.vocabSize;
-    const capacity = Math.min(context, L + longest);
-    // padding only when the prompts differ in length: one prompt runs exactly as it always has
-    const padded = prompts.some((p) => p.length !== L);
-    const cache = model.newCache(B, capacity);
+    // every prompt is checked before the first one is prefilled
+    for (const p of prompts) checkPrompt(p, context);
+    const longest = rows.reduce((m, r) => Math.max(m, r.maxNewTokens), 0);
+    const L = prompts.reduce((m, p) => Math.max(m, p.length), 0);
+    const decoder = new SlotDecoder(model, prompts.length, Math.min(context, L + longest), opts.eosTokenIds);
     try {
-        const rngs = rows.map((r) => new Rng(r.sampling.seed));
-        const eos = new Set(opts.eosTokenIds ?? model.config.eosTokenIds);
-        const results: GenerateResult[] = prompts.map((p) => ({outputIds: [...p], newIds: [], stopReason: "max_new_tokens"}));
-        // a row asked for no new token is done before the first step
-        const done = rows.map((r) => r.maxNew === 0);
-        // which cache positions of each row hold real tokens, and the position of each row's next token
-        const keyValid = padded ? new Uint8Array(B * capacity) : null;
-        const nextPos = prompts.map((p) => p.length);
-        let T = L;
-        let input = new Int32Array(B * L);
-        let positions: Int32Array | undefined = padded ? new Int32Array(B * L) : undefined;
-        prompts.forEach((p, b) => {
-            const pad = L - p.length;
-            input.set(p, b * L + pad); // padding: token 0, masked
-            if (!keyValid || !positions) return;
-            keyValid.fill(1, b * capacity + pad, b * capacity + L);
-            for (let t = pad; t < L; t++) positions[b * L + t] = t - pad;
-        });
-        for (let step = 0; step < longest && done.includes(false); step++) {
-            // rows whose caller went away stop before the step (their slot stays, masked)
-            results.forEach((r, b) => {
-                if (!done[b] && opts.cancelled?.(b)) {
-                    r.stopReason = "cancelled";
-                    done[b] = true;
-                }
+        const handles = prompts.map((p, b) => decoder.join(p, rows[b]));
+        if (handles.some((h) => h.result.newIds.length > 0)) yield handles.map((h) => h.result.newIds[0] ?? null);
+        while (decoder.active > 0) {
+            // rows whose caller went away stop before the step
+            handles.forEach((h, b) => {
+                if (!h.done && opts.cancelled?.(b)) decoder.leave(h, "cancelled");
             });
-            if (!done.includes(false)) break;
-            if (cache.length + T > capacity) {
-                results.forEach((r, b) => {
-                    if (!done[b]) r.stopReason = "context";
-                });
-                break;
-            }
-            const S = cache.length + T;
-            let attentionMask: Uint8Array | undefined;
-            if (keyValid) {
-                attentionMask = new Uint8Array(B * S);
-                for (let b = 0; b < B; b++) attentionMask.set(keyValid.subarray(b * capacity, b * capacity + S), b * S);
-            }
-            const logitRows = Array.from({length: B}, (_, b) => b * T + T - 1);
-            const logits = model.forward(input, B, T, {cache, logitRows, attentionMask, positionIds: positions});
-            const ids = results.map((r, b) => {
-                if (done[b]) return null;
-                const id = pickToken(logits.subarray(b * V, (b + 1) * V), rows[b].sampling, rngs[b]);
-                r.outputIds.push(id);
-                r.newIds.push(id);
-                if (eos.has(id)) {
-                    r.stopReason = "eos";
-                    done[b] = true;
-                } else if (r.newIds.length >= rows[b].maxNew) done[b] = true;
-                return id;
-            });
-            yield ids;
-            // the next step: one token per row; a finished row feeds a masked placeholder
-            T = 1;
-            input = Int32Array.from(ids, (id) => id ?? 0);
-            if (keyValid && positions) {
-                positions = Int32Array.from(nextPos);
-                if (S < capacity)
-                    ids.forEach((id, b) => {
-                        if (id !== null) keyValid[b * capacity + S] = 1;
-                    });
-            }
-            for (let b = 0; b < B; b++) nextPos[b]++;
+            if (decoder.active === 0) break;
+            const step = decoder.step();
+            yield handles.map((h) => step.get(h) ?? null);
         }
-        return results;
+        return handles.map((h) => h.result);
     } finally {
-        cache.release();
+        decoder.release();
+    }
+}
+
+/** a row of a SlotDecoder: its settings and what it produced so far */
+export interface DecodeRow {
+    readonly result: GenerateResult;
+    /** ended: eos, its token limit, the context, or left */
+    readonly done: boolean;
+}
+
+interface ActiveRow extends DecodeRow {
+    result: GenerateResult;
+    done: boolean;
+    sampling: SamplingOptions;
+    maxNew: number;
+    rng: Rng;
+}
+
+/**
+ * Continuous batching: rows decoded together in one KV cache of `slots` rows, each at its own length. A row joins
+ * at any time (its prompt is prefilled into a free cache row and its first token chosen), every step() gives each
+ * active row its next token in one forward pass, and a row that ends (eos, its limit, the context, or leave())
+ * frees its cache row at once: the last row moves into its place, so the active rows stay rows 0..active-1.
+ * Each row samples from its own generator seeded as generate() seeds one, so its tokens are those of the prompt
+ * alone, whatever joins or leaves around it (up to the float summation order of the batch).
+ */
+export class SlotDecoder {
+    private readonly cache: LmCache;
+    /** rows[i] occupies cache row i */
+    private readonly rows: ActiveRow[] = [];
+    private readonly eos: Set<number>;
+
+    constructor(
+        readonly model: CausalLm,
+        readonly slots: number,
+        /** positions per row: the longest prompt plus new tokens a row may reach */
+        readonly capacity: number,
+        eosTokenIds?: number[]
+    ) {
+        if (!(Number.isSafeInteger(slots) && slots >= 1)) throw new Error(`SlotDecoder: slots must be >= 1 (got ${slots})`);
+        this.cache = model.newCache(slots, capacity);
+        this.eos = new Set(eosTokenIds ?? model.config.eosTokenIds);
+    }
+
+    get active(): number {
+        return this.rows.length;
+    }
+
+    get free(): number {
+        return this.slots - this.rows.length;
+    }
+
+    /**
+     * starts a row: prefills its prompt in a free cache row and chooses its first token (in result.newIds). A row
+     * asked for no token, or whose first token ends it, is done at once and takes no place.
+     */
+    join(prompt: number[], options: RowOptions & {maxNewTokens: number}): DecodeRow {
+        const sampling: SamplingOptions = {...DEFAULT_SAMPLING, ...stripUndefined(options)};
+        checkRow(sampling, options.maxNewTokens);
+        checkPrompt(prompt, this.model.config.maxPositionEmbeddings);
+        if (prompt.length > this.capacity)
+            throw new QloraError(`the prompt has ${prompt.length} tokens but a row holds ${this.capacity} positions`);
+        const row: ActiveRow = {
+            result: {outputIds: [...prompt], newIds: [], stopReason: "max_new_tokens"},
+            done: false,
+            sampling,
+            maxNew: options.maxNewTokens,
+            rng: new Rng(sampling.seed)
+        };
+        if (row.maxNew === 0) {
+            row.done = true;
+            return row;
+        }
+        if (this.free === 0) throw new Error("SlotDecoder.join: no free row");
+        const at = this.rows.length;
+        const logits = this.model.forward(Int32Array.from(prompt), 1, prompt.length, {
+            cache: this.cache,
+            firstRow: at,
+            logitRows: [prompt.length - 1]
+        });
+        this.rows.push(row);
+        if (this.accept(row, logits)) this.remove([at]);
+        return row;
+    }
+
+    /** one token for every active row, in one forward pass: the new token of each row that took one */
+    step(): Map<DecodeRow, number> {
+        const out = new Map<DecodeRow, number>();
+        // a row whose cache row is full cannot take its last token in: it has reached the context
+        const full = this.rows.flatMap((_, i) => (this.cache.lengths[i] >= this.capacity ? [i] : []));
+        for (const i of full) this.finish(this.rows[i], "context");
+        this.remove(full);
+        const B = this.rows.length;
+        if (B === 0) return out;
+        const V = this.model.config.vocabSize;
+        const input = Int32Array.from(this.rows, (r) => r.result.newIds[r.result.newIds.length - 1]);
+        const logits = this.model.forward(input, B, 1, {
+            cache: this.cache,
+            logitRows: Array.from({length: B}, (_, b) => b)
+        });
+        const ended: number[] = [];
+        this.rows.forEach((row, b) => {
+            if (this.accept(row, logits.subarray(b * V, (b + 1) * V))) ended.push(b);
+            out.set(row, row.result.newIds[row.result.newIds.length - 1]);
+        });
+        this.remove(ended);
+        return out;
+    }
+
+    /** stops a row (a server client that went away): its place is freed at once */
+    leave(row: DecodeRow, reason: GenerateResult["stopReason"] = "cancelled"): void {
+        const i = this.rows.indexOf(row as ActiveRow);
+        this.finish(row as ActiveRow, reason);
+        if (i >= 0) this.remove([i]);
+    }
+
+    release(): void {
+        this.cache.release();
+    }
+
+    /** takes a row's next token from its logits; true when the row ended with it */
+    private accept(row: ActiveRow, logits: Float32Array): boolean {
+        const id = pickToken(logits, row.sampling, row.rng);
+        row.result.outputIds.push(id);
+        row.result.newIds.push(id);
+        if (this.eos.has(id)) this.finish(row, "eos");
+        else if (row.result.newIds.length >= row.maxNew) this.finish(row, "max_new_tokens");
+        return row.done;
+    }
+
+    private finish(row: ActiveRow, reason: GenerateResult["stopReason"]): void {
+        if (row.done) return;
+        row.done = true;
+        row.result.stopReason = reason;
+    }
+
+    /** frees the cache rows of these rows: the last active rows move into the gaps */
+    private remove(indices: number[]): void {
+        for (const i of [...indices].sort((a, b) => b - a)) {
+            const last = this.rows.length - 1;
+            if (i !== last) {
+                this.cache.moveRow(last, i);
+                this.rows[i] = this.rows[last];
+            } else this.cache.clearRow(i);
+            this.rows.pop();
+        }
     }
 }
 

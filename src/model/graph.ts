@@ -85,18 +85,25 @@ export function trainedOnBackend<X extends TensorTypes>(
     };
 }
 
-/** per-layer key/value tensors [B, capacity, Hkv, D] for incremental decoding, on one backend */
+/**
+ * per-layer key/value tensors [B, capacity, Hkv, D] for incremental decoding, on one backend. Each row has its own
+ * length: rows decoded together may be at different positions (continuous batching: a row that ends leaves, a new
+ * one joins in its place).
+ */
 export class KVCache<F = Float32Array> {
     readonly k: F[];
     readonly v: F[];
-    /** number of positions already filled */
-    length = 0;
+    /** positions filled, per row */
+    readonly lengths: Int32Array;
     constructor(
         readonly cfg: ModelConfig,
         readonly batch: number,
         readonly capacity: number,
         alloc: (n: number) => F = (n) => new Float32Array(n) as F,
-        private readonly free: (t: F) => void = () => undefined
+        private readonly free: (t: F) => void = () => undefined,
+        /** copies n elements of t from offset `from` to offset `to` (the regions never overlap) */
+        private readonly copyWithin: (t: F, to: number, from: number, n: number) => void = (t, to, from, n) =>
+            (t as Float32Array).copyWithin(to, from, from + n)
     ) {
         const n = batch * capacity * cfg.numKeyValueHeads * cfg.headDim;
         // the cache is sized from the request (prompt + max new tokens, capped by the context): a request past
@@ -108,12 +115,34 @@ export class KVCache<F = Float32Array> {
             );
         this.k = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
         this.v = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
+        this.lengths = new Int32Array(batch);
+    }
+
+    /** positions filled in the longest row */
+    get length(): number {
+        return this.lengths.reduce((m, x) => Math.max(m, x), 0);
+    }
+
+    /** moves row `from` (its filled positions) to row `to`, which it replaces; `from` is left empty */
+    moveRow(from: number, to: number): void {
+        if (from === to) return;
+        const rowElems = this.cfg.numKeyValueHeads * this.cfg.headDim;
+        const n = this.lengths[from] * rowElems;
+        for (const t of [...this.k, ...this.v])
+            this.copyWithin(t, to * this.capacity * rowElems, from * this.capacity * rowElems, n);
+        this.lengths[to] = this.lengths[from];
+        this.lengths[from] = 0;
+    }
+
+    /** empties a row (its positions are overwritten by the next row placed there) */
+    clearRow(row: number): void {
+        this.lengths[row] = 0;
     }
 
     /** frees the buffers (device memory); the cache is unusable afterwards */
     release(): void {
         for (const t of [...this.k, ...this.v]) this.free(t);
-        this.length = 0;
+        this.lengths.fill(0);
     }
 }
 
@@ -125,6 +154,8 @@ export interface InferenceOptions<F> {
     /** [B, T] packed-sequence index per token (scoring packed rows; not with a cache) */
     segIds?: Int32Array;
     cache?: KVCache<F>;
+    /** the cache row of the first of the B rows (the B rows use cache rows firstRow .. firstRow + B - 1) */
+    firstRow?: number;
 }
 
 /**
@@ -177,8 +208,14 @@ interface StepContext<X extends TensorTypes> {
     pos: X["i"];
     keyValid: X["u8"] | null;
     seg: X["i"] | null;
-    /** inference: the cache the block appends its keys and values to */
+    /** inference: the cache the block appends its keys and values to, from its row firstRow on */
     cache: KVCache<X["f"]> | null;
+    firstRow: number;
+    /** [B] each row's filled positions before this forward (where its new keys go) */
+    pasts: Int32Array;
+    /** the attention's query offset: the rows' common length, or with rows at different lengths (one token each,
+     * their keys beyond their own length hidden by keyValid) the longest */
+    past: number;
 }
 
 /** what a block's backward needs from its forward */
@@ -330,30 +367,44 @@ export class DecoderGraph<X extends TensorTypes> {
         const N = B * T,
             C = cfg.hiddenSize;
         const cache = opts.cache ?? null;
-        const past = cache ? cache.length : 0;
-        const S = cache ? cache.capacity : T;
+        const firstRow = opts.firstRow ?? 0;
         if (idsHost.length !== N) throw new Error(`forward: ids has ${idsHost.length} elements, expected B*T = ${N}`);
-        if (cache && (cache.batch !== B || past + T > cache.capacity))
-            throw new QloraError(`the sequence needs ${past + T} positions but the cache holds ${cache.capacity}`);
-        if (past + T > cfg.maxPositionEmbeddings)
+        if (cache && !(Number.isSafeInteger(firstRow) && firstRow >= 0 && firstRow + B <= cache.batch))
+            throw new Error(`forward: rows ${firstRow}..${firstRow + B - 1} of a cache of ${cache.batch} rows`);
+        const pasts = cache ? cache.lengths.slice(firstRow, firstRow + B) : new Int32Array(B);
+        const longest = pasts.reduce((m, x) => Math.max(m, x), 0);
+        const uniform = pasts.every((x) => x === longest);
+        // rows at different lengths decode one token each; their attention hides the keys beyond each row's own
+        if (!uniform && (T !== 1 || opts.attentionMask || opts.positionIds))
+            throw new Error("forward: cache rows at different lengths take one token each, without a mask or positions");
+        const S = cache ? cache.capacity : T;
+        if (cache && longest + T > cache.capacity)
+            throw new QloraError(`the sequence needs ${longest + T} positions but the cache holds ${cache.capacity}`);
+        if (longest + T > cfg.maxPositionEmbeddings)
             throw new QloraError(
-                `the sequence has ${past + T} tokens but the model's context length ` +
+                `the sequence has ${longest + T} tokens but the model's context length ` +
                     `(max_position_embeddings) is ${cfg.maxPositionEmbeddings}`
             );
-        const pos = opts.positionIds ?? new Int32Array(N).map((_, i) => past + (i % T));
+        const pos = opts.positionIds ?? new Int32Array(N).map((_, i) => pasts[Math.floor(i / T)] + (i % T));
         let keyValid: Uint8Array | null = null;
         if (opts.attentionMask) {
-            const sMask = past + T;
+            const sMask = longest + T;
             if (opts.attentionMask.length !== B * sMask)
                 throw new Error(`forward: attentionMask has ${opts.attentionMask.length} elements, expected ${B * sMask}`);
             // with a cache, keys beyond past + t are hidden by causality, so the mask can span the whole capacity
             keyValid = new Uint8Array(B * S);
             for (let b = 0; b < B; b++) keyValid.set(opts.attentionMask.subarray(b * sMask, (b + 1) * sMask), b * S);
+        } else if (!uniform) {
+            keyValid = new Uint8Array(B * S);
+            for (let b = 0; b < B; b++) keyValid.fill(1, b * S, b * S + pasts[b] + 1);
         }
         const ids = be.indices(idsHost);
         if (opts.segIds && (cache || opts.segIds.length !== N))
             throw new Error(`forward: segIds needs ${N} elements and no cache`);
         const ctx = this.context(B, T, pos, keyValid, opts.segIds ?? null, cache);
+        ctx.firstRow = firstRow;
+        ctx.pasts = pasts;
+        ctx.past = longest;
         let x = this.embed(ids, idsHost, N);
         be.free(ids);
         for (let l = 0; l < cfg.numHiddenLayers; l++) {
@@ -362,7 +413,7 @@ export class DecoderGraph<X extends TensorTypes> {
             be.free(x);
             x = a.out;
         }
-        if (cache) cache.length = past + T;
+        if (cache) for (let b = 0; b < B; b++) cache.lengths[firstRow + b] += T;
         this.freeContext(ctx);
         const xf = be.activation(N * C);
         be.rmsnorm(xf, null, x, this.weights.finalNorm, N, C, cfg.rmsNormEps);
@@ -419,7 +470,10 @@ export class DecoderGraph<X extends TensorTypes> {
             pos: be.indices(pos),
             keyValid: hides ? be.mask(keyValid!) : null,
             seg: seg ? be.indices(seg) : null,
-            cache
+            cache,
+            firstRow: 0,
+            pasts: new Int32Array(B),
+            past: 0
         };
     }
 
@@ -482,12 +536,13 @@ export class DecoderGraph<X extends TensorTypes> {
             past = 0;
         const cache = ctx.cache;
         if (cache) {
-            past = cache.length;
+            past = ctx.past;
             S = cache.capacity;
-            be.cacheWrite(cache.k[l], a.k, B, T, S, past, Hkv * D);
-            be.cacheWrite(cache.v[l], a.v, B, T, S, past, Hkv * D);
-            keys = cache.k[l];
-            values = cache.v[l];
+            const rows = (t: X["f"]) => be.view(t, ctx.firstRow * S * Hkv * D, B * S * Hkv * D);
+            keys = ctx.firstRow === 0 && B === cache.batch ? cache.k[l] : rows(cache.k[l]);
+            values = ctx.firstRow === 0 && B === cache.batch ? cache.v[l] : rows(cache.v[l]);
+            be.cacheWrite(keys, a.k, B, T, S, ctx.pasts, Hkv * D);
+            be.cacheWrite(values, a.v, B, T, S, ctx.pasts, Hkv * D);
         }
         be.attention(
             a.att,

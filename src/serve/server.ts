@@ -10,7 +10,7 @@
 import http from "node:http";
 import {randomBytes, randomInt} from "node:crypto";
 import {isQloraError} from "../errors.js";
-import {decodeBatchSteps} from "../model/generate.js";
+import {type DecodeRow, SlotDecoder} from "../model/generate.js";
 import {StopMatcher} from "../model/stop-strings.js";
 import type {LoadedModel} from "../api/models.js";
 import type {ChatMessage} from "../tokenizer/index.js";
@@ -30,6 +30,9 @@ export interface ServerOptions {
     maxBodyBytes: number;
     /** requests for the same model decoded together, each with its own settings (default 8) */
     maxBatch?: number;
+    /** positions per request, prompt and answer (default 4096, at most the model's context): each of the
+     * --max-batch rows of a model's KV cache holds this many */
+    ctxSize?: number;
     /** called with one line per finished request (the CLI logs them on stderr) */
     log?: (line: string) => void;
 }
@@ -69,10 +72,13 @@ export function createServer(opts: ServerOptions): http.Server {
     if (opts.models.length === 0) throw new Error("createServer: no model to serve");
     const created = Math.floor(Date.now() / 1000);
     let queued = 0;
-    // requests waiting for the model, in arrival order; one batch runs at a time
+    // requests waiting for a free row of their model's batch, in arrival order
     const waiting: Request[] = [];
+    // the models decoding now, each with its batch
+    const lanes = new Map<ServedModel, Lane>();
     let running = false;
     const maxBatch = opts.maxBatch ?? 8;
+    const ctxSize = opts.ctxSize ?? DEFAULT_CTX_SIZE;
 
     const findModel = (name: unknown): ServedModel => {
         if (name === undefined || name === null) return opts.models[0];
@@ -107,7 +113,9 @@ export function createServer(opts: ServerOptions): http.Server {
         if (!chat && !completion) throw new RequestError(404, `no route ${req.method} ${url.pathname}`, null, "unknown_route");
         if (req.method !== "POST") throw new RequestError(405, `${url.pathname} takes POST`, null, "method_not_allowed");
         const body = await readJsonBody(req, opts.maxBodyBytes);
-        const job = chat ? chatJob(body, findModel(body.model)) : completionJob(body, findModel(body.model));
+        const served = findModel(body.model);
+        const positions = Math.min(served.loaded.lm.config.maxPositionEmbeddings, ctxSize);
+        const job = chat ? chatJob(body, served, positions) : completionJob(body, served, positions);
         if (queued >= opts.maxQueue)
             throw new RequestError(
                 503,
@@ -128,101 +136,110 @@ export function createServer(opts: ServerOptions): http.Server {
     };
 
     /**
-     * Runs the waiting requests: the first in line with those behind it for the same model (up to --max-batch,
-     * while the longest prompt and the most tokens asked fit the context together) as one batch, each row with
-     * its own settings; then the next. A request that arrives meanwhile waits for the next batch.
+     * Continuous batching: each model decodes its requests as rows of one SlotDecoder (up to --max-batch). A
+     * request joins its model's running batch as soon as a row is free (its prompt prefilled, its first token
+     * streamed), every step gives each row its next token, and a row that ends frees its place for the next
+     * request at once. Models take turns step by step; between steps the event loop serves connections and
+     * streams.
      */
     const pump = async (): Promise<void> => {
         if (running) return;
         running = true;
         try {
-            while (waiting.length > 0) {
-                const first = waiting.shift()!;
-                const batch = [first];
-                const context = first.job.served.loaded.lm.config.maxPositionEmbeddings;
-                let longestPrompt = first.job.promptIds.length,
-                    mostTokens = first.job.maxTokens;
-                for (let i = 0; i < waiting.length && batch.length < maxBatch; ) {
-                    const r = waiting[i];
-                    const prompt = Math.max(longestPrompt, r.job.promptIds.length),
-                        tokens = Math.max(mostTokens, r.job.maxTokens);
-                    if (r.job.served !== first.job.served || prompt + tokens > context) {
-                        i++;
-                        continue;
+            while (waiting.length > 0 || lanes.size > 0) {
+                admit();
+                for (const lane of [...lanes.values()]) {
+                    if (lane.rows.size > 0) {
+                        const step = lane.decoder.step();
+                        for (const [handle, id] of step) deliver(lane, handle, id);
+                        // a row that ran out of positions ends without a token
+                        for (const [handle, row] of lane.rows) if (handle.done) finish(lane, handle, row, "length");
                     }
-                    batch.push(r);
-                    waiting.splice(i, 1);
-                    longestPrompt = prompt;
-                    mostTokens = tokens;
+                    if (lane.rows.size === 0 && !waiting.some((r) => r.job.served === lane.served)) {
+                        lane.decoder.release(); // the KV cache is freed while the model has nothing to do
+                        lanes.delete(lane.served);
+                    }
                 }
-                const live = batch.filter((r) => {
-                    if (r.res.destroyed) r.resolve(); // the client left while waiting
-                    return !r.res.destroyed;
-                });
-                if (live.length === 0) continue;
-                try {
-                    await run(live);
-                } catch (err) {
-                    for (const r of live) r.reject(err);
-                }
+                // other requests, new connections and the streams' bytes get their turn
+                await new Promise((resolve) => setImmediate(resolve));
+                for (const lane of lanes.values())
+                    for (const [handle, row] of lane.rows)
+                        if (row.gone) {
+                            lane.decoder.leave(handle, "cancelled");
+                            finish(lane, handle, row, "client_gone");
+                        }
             }
         } finally {
             running = false;
         }
     };
 
-    /** one batch: a row per request, each streamed and answered as soon as it ends */
-    const run = async (requests: Request[]): Promise<void> => {
-        const {loaded} = requests[0].job.served;
-        const eos = new Set(loaded.eosTokenIds);
-        const rows = requests.map((r) => new Row(r, loaded.tokenizer.createStreamDecoder({skipSpecialTokens: true})));
-        for (const row of rows) row.start();
-        const steps = decodeBatchSteps(
-            loaded.lm,
-            requests.map((r) => r.job.promptIds),
-            {
-                maxNewTokens: Math.max(...requests.map((r) => r.job.maxTokens)),
-                eosTokenIds: [...eos],
-                rows: requests.map(({job}) => ({
-                    maxNewTokens: job.maxTokens,
-                    greedy: job.greedy,
-                    temperature: job.temperature,
-                    topK: job.topK,
-                    topP: job.topP,
-                    seed: job.seed
-                })),
-                cancelled: (b) => rows[b].ended
+    /** the waiting requests that have a free row in their model's batch join it, in arrival order */
+    const admit = (): void => {
+        for (let i = 0; i < waiting.length; ) {
+            const r = waiting[i];
+            if (r.res.destroyed) {
+                waiting.splice(i, 1);
+                r.resolve(); // the client left while waiting
+                continue;
             }
-        );
-        const end = (row: Row, finish: Finish) => {
-            const line = row.end(finish, rows.length);
-            if (line) opts.log?.(line);
-        };
-        try {
-            for (;;) {
-                const step = steps.next();
-                if (step.done) {
-                    // rows still open ran into the context or their token limit
-                    for (const row of rows)
-                        if (!row.ended) end(row, step.value[rows.indexOf(row)].stopReason === "eos" ? "stop" : "length");
-                    break;
-                }
-                step.value.forEach((id, b) => {
-                    const row = rows[b];
-                    if (id === null || row.ended) return;
-                    row.generated++;
-                    if (eos.has(id)) return end(row, "stop");
-                    if (row.push(id)) return end(row, "stop");
-                    if (row.generated >= row.request.job.maxTokens) end(row, "length");
+            const lane = laneFor(r.job.served);
+            if (lane.decoder.free === 0) {
+                i++;
+                continue;
+            }
+            waiting.splice(i, 1);
+            const {loaded} = r.job.served;
+            const row = new Row(r, loaded.tokenizer.createStreamDecoder({skipSpecialTokens: true}));
+            let handle: DecodeRow;
+            try {
+                handle = lane.decoder.join(r.job.promptIds, {
+                    maxNewTokens: r.job.maxTokens,
+                    greedy: r.job.greedy,
+                    temperature: r.job.temperature,
+                    topK: r.job.topK,
+                    topP: r.job.topP,
+                    seed: r.job.seed
                 });
-                if (rows.every((r) => r.ended)) break;
-                // other requests, new connections and the streams' bytes get their turn
-                await new Promise((resolve) => setImmediate(resolve));
-                for (const row of rows) if (!row.ended && row.gone) end(row, "client_gone");
+            } catch (err) {
+                r.reject(err);
+                continue;
             }
-        } finally {
-            steps.return([]); // releases the KV cache when the loop stopped early
+            row.start();
+            lane.rows.set(handle, row);
+            for (const other of lane.rows.values()) other.batch = Math.max(other.batch, lane.rows.size);
+            deliver(lane, handle, handle.result.newIds[0]);
         }
+    };
+
+    const laneFor = (served: ServedModel): Lane => {
+        let lane = lanes.get(served);
+        if (!lane) {
+            const positions = Math.min(served.loaded.lm.config.maxPositionEmbeddings, ctxSize);
+            const decoder = new SlotDecoder(served.loaded.lm, maxBatch, positions, served.loaded.eosTokenIds);
+            lane = {served, decoder, rows: new Map()};
+            lanes.set(served, lane);
+        }
+        return lane;
+    };
+
+    /** a row's new token: streamed, unless it is the end of the sequence or completes a stop string */
+    const deliver = (lane: Lane, handle: DecodeRow, id: number | undefined): void => {
+        const row = lane.rows.get(handle);
+        if (!row || id === undefined) return;
+        row.generated++;
+        const reason = handle.result.stopReason;
+        if (handle.done && reason === "eos") finish(lane, handle, row, "stop");
+        else if (row.push(id)) {
+            lane.decoder.leave(handle, "cancelled");
+            finish(lane, handle, row, "stop");
+        } else if (handle.done) finish(lane, handle, row, "length");
+    };
+
+    const finish = (lane: Lane, handle: DecodeRow, row: Row, how: Finish): void => {
+        lane.rows.delete(handle);
+        const line = row.end(how);
+        if (line) opts.log?.(line);
     };
 
     return http.createServer((req, res) => {
@@ -231,6 +248,16 @@ export function createServer(opts: ServerOptions): http.Server {
 }
 
 type Finish = "stop" | "length" | "client_gone";
+
+/** positions per request when --ctx-size is not given (llama.cpp's server default) */
+export const DEFAULT_CTX_SIZE = 4096;
+
+/** a model's running batch: its requests as rows of one SlotDecoder */
+interface Lane {
+    served: ServedModel;
+    decoder: SlotDecoder;
+    rows: Map<DecodeRow, Row>;
+}
 
 /** a request waiting for, or in, a batch */
 interface Request {
@@ -246,6 +273,8 @@ class Row {
     readonly id: string;
     generated = 0;
     ended = false;
+    /** the most rows its batch had while it ran (logged) */
+    batch = 1;
     /** the client closed the connection before the answer was complete */
     gone = false;
     private text = "";
@@ -309,10 +338,10 @@ class Row {
     }
 
     /** answers the request (unless its client is gone) and returns the log line */
-    end(finish: Finish, batch: number): string {
+    end(finish: Finish): string {
         this.ended = true;
         const {job, chat, res, resolve} = this.request;
-        const line = `${chat ? "chat" : "completion"} model=${job.served.id} batch=${batch} prompt=${job.promptIds.length} completion=${this.generated} finish=${finish}`;
+        const line = `${chat ? "chat" : "completion"} model=${job.served.id} batch=${this.batch} prompt=${job.promptIds.length} completion=${this.generated} finish=${finish}`;
         resolve();
         if (finish === "client_gone") return line;
         if (!this.stoppedByString) this.send(this.stops.flush(this.decoder.flush()));
@@ -437,16 +466,17 @@ function commonJob(
     body: Record<string, unknown>,
     served: ServedModel,
     promptIds: number[],
-    defaultMaxTokens: number | null
+    defaultMaxTokens: number | null,
+    /** positions a request may take: the model's context, or less with --ctx-size */
+    context: number
 ): Job {
     const n = optionalInteger(body, "n", 1, 1);
     if (n !== undefined && n !== 1) throw new RequestError(400, "`n` must be 1", "n");
-    const context = served.loaded.lm.config.maxPositionEmbeddings;
     if (promptIds.length === 0) throw new RequestError(400, "the prompt is empty", "prompt");
     if (promptIds.length >= context)
         throw new RequestError(
             400,
-            `the prompt has ${promptIds.length} tokens; this model's context is ${context} tokens, which leaves no room to answer`,
+            `the prompt has ${promptIds.length} tokens; a request holds ${context} positions here (the model's context, or --ctx-size), which leaves no room to answer`,
             "messages",
             "context_length_exceeded"
         );
@@ -457,7 +487,7 @@ function commonJob(
     if (asked !== undefined && asked > room)
         throw new RequestError(
             400,
-            `max_tokens ${asked} and the prompt's ${promptIds.length} tokens exceed this model's context of ${context} tokens`,
+            `max_tokens ${asked} and the prompt's ${promptIds.length} tokens exceed the ${context} positions a request holds here (the model's context, or --ctx-size)`,
             "max_tokens",
             "context_length_exceeded"
         );
@@ -493,7 +523,7 @@ function commonJob(
 }
 
 /** POST /v1/chat/completions: the messages through the model's chat template */
-function chatJob(body: Record<string, unknown>, served: ServedModel): Job {
+function chatJob(body: Record<string, unknown>, served: ServedModel, context: number): Job {
     const messages = body.messages;
     if (!Array.isArray(messages) || messages.length === 0)
         throw new RequestError(400, "`messages` must be a non-empty list of {role, content}", "messages");
@@ -513,7 +543,7 @@ function chatJob(body: Record<string, unknown>, served: ServedModel): Job {
             "messages"
         );
     const prompt = tok.applyChatTemplate(chat, {addGenerationPrompt: true});
-    return commonJob(body, served, tok.encode(prompt), null);
+    return commonJob(body, served, tok.encode(prompt), null, context);
 }
 
 /** a message's content: a string, or OpenAI's list of text parts */
@@ -537,11 +567,11 @@ function messageText(content: unknown, where: string): string {
 }
 
 /** POST /v1/completions: a raw prompt, continued */
-function completionJob(body: Record<string, unknown>, served: ServedModel): Job {
+function completionJob(body: Record<string, unknown>, served: ServedModel, context: number): Job {
     let prompt = body.prompt;
     if (Array.isArray(prompt) && prompt.length === 1) prompt = prompt[0];
     if (typeof prompt !== "string") throw new RequestError(400, "`prompt` must be a string (one prompt per request)", "prompt");
     if (body.echo === true) throw new RequestError(400, "`echo` is not supported", "echo");
     // OpenAI's completions default to 16 tokens
-    return commonJob(body, served, served.loaded.tokenizer.encode(prompt), 16);
+    return commonJob(body, served, served.loaded.tokenizer.encode(prompt), 16, context);
 }

@@ -262,6 +262,7 @@ const OP_NAMES = {
     swigluBackward: true,
     addInplace: true,
     cacheWrite: true,
+    view: true,
     causalLmLoss: true,
     logits: true,
     zeros: true,
@@ -873,26 +874,47 @@ for (const n of [1, 7, 17, 100003]) {
     });
 }
 
-for (const [B, T, capacity, past, rowElems] of [
-    [1, 1, 5, 0, 8],
-    [2, 3, 11, 8, 24],
-    [2, 3, 7, 2, 128],
-    [3, 17, 20, 3, 40]
-]) {
+for (const [T, capacity, rowElems, pasts] of [
+    [1, 5, 8, [0]],
+    [3, 11, 24, [8, 0]],
+    [3, 7, 128, [2, 4]],
+    [1, 20, 40, [3, 19, 0]],
+    [17, 20, 40, [3, 0, 1]]
+] as [number, number, number, number[]][]) {
+    const B = pasts.length;
     OP_CASES.push({
         op: "cacheWrite",
-        shape: `B=${B} T=${T} capacity=${capacity} past=${past} row=${rowElems}`,
+        shape: `B=${B} T=${T} capacity=${capacity} pasts=${pasts} row=${rowElems}`,
         run(r) {
             const cache = r.randn(B * capacity * rowElems),
                 x = r.randn(B * T * rowElems);
-            r.be.cacheWrite(cache.t, x.t, B, T, capacity, past, rowElems);
+            r.be.cacheWrite(cache.t, x.t, B, T, capacity, Int32Array.from(pasts), rowElems);
             const want = f64(cache.v);
             for (let b = 0; b < B; b++)
-                want.set(x.v.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + past) * rowElems);
-            r.exact("rows [past, past + T) written, the rest untouched", r.get(cache.t), want);
+                want.set(x.v.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + pasts[b]) * rowElems);
+            r.exact("each row's [past, past + T) written, the rest untouched", r.get(cache.t), want);
         }
     });
 }
+
+// a view shares its parent's memory: the cache rows of a batch that starts at a later row are written through one
+OP_CASES.push({
+    op: "view",
+    shape: "rows 2..3 of a 4-row cache",
+    run(r) {
+        const capacity = 6,
+            rowElems = 16,
+            T = 2;
+        const cache = r.randn(4 * capacity * rowElems),
+            x = r.randn(2 * T * rowElems);
+        const rows = r.be.view(cache.t, 2 * capacity * rowElems, 2 * capacity * rowElems);
+        r.be.cacheWrite(rows, x.t, 2, T, capacity, Int32Array.from([1, 3]), rowElems);
+        const want = f64(cache.v);
+        want.set(x.v.subarray(0, T * rowElems), (2 * capacity + 1) * rowElems);
+        want.set(x.v.subarray(T * rowElems), (3 * capacity + 3) * rowElems);
+        r.exact("the parent holds what was written through the view", r.get(cache.t), want);
+    }
+});
 
 // ---- storage: zeros, and the host round trip of offloaded gradient checkpointing
 

@@ -3,7 +3,7 @@ import path from "node:path";
 import type {Command} from "commander";
 import {QloraError, quoteValue} from "../../errors.js";
 import {loadModel, withAdapter} from "../../api/models.js";
-import {createServer, type ServedModel} from "../../serve/server.js";
+import {createServer, DEFAULT_CTX_SIZE, type ServedModel} from "../../serve/server.js";
 import {pc} from "../colors.js";
 import {action, escapeForTerminal, parseIntOption, reportError} from "../run.js";
 
@@ -18,6 +18,7 @@ interface ServeFlags {
     port: number;
     maxQueue: number;
     maxBatch: number;
+    ctxSize: number;
     maxBodyBytes: number;
 }
 
@@ -75,6 +76,12 @@ export function registerServe(program: Command): void {
             parseIntOption("--max-batch", 1),
             8
         )
+        .option(
+            "--ctx-size <n>",
+            "positions per request, prompt and answer (at most the model's context); the KV cache holds --max-batch of them",
+            parseIntOption("--ctx-size", 2),
+            DEFAULT_CTX_SIZE
+        )
         .option("--max-body-bytes <n>", "the largest request body", parseIntOption("--max-body-bytes", 1024), 4 << 20)
         .action(
             action(async (flags: ServeFlags) => {
@@ -99,6 +106,7 @@ export function registerServe(program: Command): void {
                     maxQueue: flags.maxQueue,
                     maxBodyBytes: flags.maxBodyBytes,
                     maxBatch: flags.maxBatch,
+                    ctxSize: flags.ctxSize,
                     log: (line) => console.error(pc.dim(escapeForTerminal(line)))
                 });
                 await new Promise<void>((resolve, reject) => {
