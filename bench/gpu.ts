@@ -66,10 +66,12 @@ for (const name of models) {
                       })
                     : null
         });
+        // the dropout masks are seeded from the run's micro-batch clock, as the trainer seeds them
+        const dropoutClock = new DropoutClock(0);
         const lora = applyLora(
             model,
             {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"},
-            {initRng: new Rng(0)}
+            {initRng: new Rng(0), dropoutClock}
         );
         cuda().resetPeakMemoryStats();
         const engine = createEngine(
@@ -78,7 +80,7 @@ for (const name of models) {
             lora,
             mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch",
             {},
-            new DropoutClock(0),
+            dropoutClock,
             offload
         );
         const loadS = (performance.now() - t0) / 1000;

@@ -26,6 +26,8 @@ for dep in $(node -e '
 done
 # the fuzz harness reads GGUF files with @huggingface/gguf (a development dependency, 0.5 MiB)
 cp -r node_modules/@huggingface/gguf .device/node_modules/@huggingface/gguf
+cp -r node_modules/@huggingface/tasks .device/node_modules/@huggingface/tasks  # which @huggingface/gguf imports
+rm -rf .device/node_modules/@huggingface/tasks/src .device/node_modules/@huggingface/tasks/dist/commonjs
 # the carried tree is limited to 64 MiB: no type declarations, maps or sources in the runtime packages
 find .device/node_modules \( -name '*.d.ts' -o -name '*.d.cts' -o -name '*.d.mts' -o -name '*.map' -o -name '*.md' \) -delete
 rm -rf .device/node_modules/zod/src  # zod's TypeScript sources (its JavaScript is beside them)
