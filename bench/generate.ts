@@ -181,7 +181,8 @@ function child(args: string[], what: string): void {
     });
     for (const line of r.stdout.split("\n")) {
         if (line.startsWith("ROW ")) rows.push(JSON.parse(line.slice(4)));
-        else if (line) console.log(line);
+        // everything is echoed as it comes, so a run cut short still shows what it measured
+        if (line) console.log(line);
     }
     if (r.status !== 0) console.log(`${what} exited with ${r.status}`);
 }
@@ -258,6 +259,7 @@ if (peer) {
         {encoding: "utf8"}
     );
     for (const line of r.stdout.split("\n").filter((l) => l.startsWith("{"))) {
+        console.log(`peer ${line}`);
         const j = JSON.parse(line);
         rows.push({
             impl: "transformers + peft (adapter unmerged)",
