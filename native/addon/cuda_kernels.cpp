@@ -276,6 +276,18 @@ Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
 // ------------------------------------------------------------------
 // cross-entropy
 
+// argmaxRowsF32(x, R, V, out, bad)
+Napi::Value ArgmaxRowsF32(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const float* x = dev<const float>(info, 0);
+    int64_t R = int_arg(info, 1), V = int_arg(info, 2);
+    int32_t* out = dev<int32_t>(info, 3);
+    int32_t* bad = dev<int32_t>(info, 4);
+    QLORA_CHECK_ARGS(env);
+    if (!check_sizes(env, "argmaxRowsF32", {R, V})) return env.Undefined();
+    return done(env, qlora_cuda_argmax_rows_f32(x, R, V, out, bad, S()), "argmaxRowsF32");
+}
+
 // crossEntropyForward(loss, lse|null, count|null, logits, targets, N, V)
 Napi::Value CrossEntropyForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -505,6 +517,7 @@ void register_cuda_kernels(Napi::Env env, Napi::Object exports) {
     fn("ropeBackward", RopeBackward);
     fn("swigluForward", SwigluForward);
     fn("swigluBackward", SwigluBackward);
+    fn("argmaxRowsF32", ArgmaxRowsF32);
     fn("crossEntropyForward", CrossEntropyForward);
     fn("crossEntropyBackward", CrossEntropyBackward);
     fn("crossEntropyFused", CrossEntropyFused);

@@ -206,3 +206,64 @@ extern "C" cudaError_t qlora_cuda_cross_entropy_fused(float* loss, float* lse, i
         <<<grid, threads_for(V), 0, stream>>>(loss, lse, count, logits, targets, dloss_scale, N, V);
     return cudaGetLastError();
 }
+
+// ------------------------------------------------------------------
+// greedy decoding: the argmax of each row of logits, on the device (only R token ids cross to the host)
+
+__device__ __forceinline__ void argmax_merge(float& best, int& idx, int& bad, float ov, int oi, int ob) {
+    if (ov > best || (ov == best && oi < idx)) {
+        best = ov;
+        idx = oi;
+    }
+    bad += ob;
+}
+
+__device__ __forceinline__ void argmax_warp(float& best, int& idx, int& bad) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_merge(best, idx, bad, __shfl_down_sync(0xffffffffu, best, o), __shfl_down_sync(0xffffffffu, idx, o),
+                     __shfl_down_sync(0xffffffffu, bad, o));
+}
+
+// one block per row; the first index of the largest finite value, as the host's argmax; non-finite values counted
+__global__ void __launch_bounds__(1024) argmax_rows_f32_kernel(const float* __restrict__ x, int64_t V,
+                                                                int32_t* __restrict__ out, int32_t* __restrict__ bad) {
+    const float* row = x + (int64_t)blockIdx.x * V;
+    float best = -INFINITY;
+    int idx = INT_MAX, nbad = 0;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+        const float v = row[i];
+        if (!isfinite(v)) nbad++;
+        else if (v > best) {  // a thread's indices increase: the first of equal values is kept
+            best = v;
+            idx = (int)i;
+        }
+    }
+    argmax_warp(best, idx, nbad);
+    __shared__ float s_best[32];
+    __shared__ int s_idx[32], s_bad[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) {
+        s_best[warp] = best;
+        s_idx[warp] = idx;
+        s_bad[warp] = nbad;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    best = lane < warps ? s_best[lane] : -INFINITY;
+    idx = lane < warps ? s_idx[lane] : INT_MAX;
+    nbad = lane < warps ? s_bad[lane] : 0;
+    argmax_warp(best, idx, nbad);
+    if (lane == 0) {
+        out[blockIdx.x] = idx == INT_MAX ? 0 : idx;
+        if (nbad) atomicAdd(bad, nbad);
+    }
+}
+
+extern "C" cudaError_t qlora_cuda_argmax_rows_f32(const float* x, int64_t R, int64_t V, int32_t* out, int32_t* bad,
+                                                 cudaStream_t stream) {
+    if (R == 0) return cudaSuccess;
+    if (R > INT32_MAX || V > INT32_MAX) return cudaErrorInvalidValue;
+    argmax_rows_f32_kernel<<<(unsigned)R, 1024, 0, stream>>>(x, V, out, bad);
+    return cudaGetLastError();
+}

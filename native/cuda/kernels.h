@@ -106,6 +106,11 @@ cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup, const uin
 // softmax cross-entropy over a chunk of rows of bf16 logits (the lm_head output), one block per row, fp32 online
 // max/sum. targets < 0 (or >= V) are ignored: loss 0, not counted, zero gradient row.
 
+// out[r] (i32) = the first index of the largest finite value of x[r, :] (f32 [R, V]): greedy decoding on the
+// device; *bad (one int32 on the device, +=; zero it first) the number of NaN or infinite values
+cudaError_t qlora_cuda_argmax_rows_f32(const float* x, int64_t R, int64_t V, int32_t* out, int32_t* bad,
+                                       cudaStream_t stream);
+
 // loss[N] (f32), lse[N] (f32, nullable), count (one int32 on the device, nullable: += the number of counted rows,
 // so chunks add up; zero it first), logits[N,V] (bf16), targets[N] (i32)
 cudaError_t qlora_cuda_cross_entropy_forward(float* loss, float* lse, int32_t* count, const uint16_t* logits,

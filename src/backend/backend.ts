@@ -139,6 +139,18 @@ export interface Backend<X extends TensorTypes> {
     ): LossResult;
     /** logits[rows, V] (fp32, host) = hidden[rows] head^T; all N rows when rows is null */
     logits(hidden: X["f"], rows: number[] | null, head: X["f"], N: number, C: number, V: number): Float32Array;
+    /**
+     * greedy decoding: the first index of the largest finite logit of each of those rows (the logits stay where they
+     * are computed), and how many logits are NaN or infinite
+     */
+    argmaxLogits(
+        hidden: X["f"],
+        rows: number[] | null,
+        head: X["f"],
+        N: number,
+        C: number,
+        V: number
+    ): {ids: Int32Array; nonFinite: number};
 
     // ---- trainable tensors (LoRA, DoRA magnitudes, biases): fp32 masters and gradients, as stats() tensors
     /** an fp32 tensor holding `host`; on the CPU the array itself (the host optimizer updates it in place) */

@@ -225,6 +225,30 @@ export class CpuBackend implements Backend<CpuTensors> {
         cpu().sgemm(false, true, M, V, C, 1, h, C, head, C, 0, out, V);
         return out;
     }
+    argmaxLogits(
+        hidden: Float32Array,
+        rows: number[] | null,
+        head: Float32Array,
+        N: number,
+        C: number,
+        V: number
+    ): {ids: Int32Array; nonFinite: number} {
+        const logits = this.logits(hidden, rows, head, N, C, V);
+        const M = logits.length / V;
+        const ids = new Int32Array(M);
+        let nonFinite = 0;
+        for (let r = 0; r < M; r++) {
+            let best = -Infinity,
+                idx = -1;
+            for (let i = r * V; i < (r + 1) * V; i++) {
+                const x = logits[i];
+                if (!Number.isFinite(x)) nonFinite++;
+                else if (x > best) [best, idx] = [x, i - r * V];
+            }
+            ids[r] = Math.max(0, idx);
+        }
+        return {ids, nonFinite};
+    }
 
     param(host: Float32Array): Float32Array {
         return host;

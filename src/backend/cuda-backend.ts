@@ -319,34 +319,50 @@ export class CudaBackend implements Backend<CudaTensors> {
     }
 
     logits(hidden: DeviceBuffer, rows: number[] | null, head: DeviceBuffer, N: number, C: number, V: number): Float32Array {
-        const g = cudaGemmOps();
-        const M = rows ? rows.length : N;
-        const out = DeviceBuffer.alloc("f32", M * V);
-        if (rows)
-            rows.forEach((r, i) =>
-                g.gemm(
-                    false,
-                    true,
-                    1,
-                    V,
-                    C,
-                    1,
-                    hidden.ptr + r * C * ACT_BYTES,
-                    C,
-                    "bf16",
-                    head.ptr,
-                    C,
-                    "bf16",
-                    0,
-                    out.ptr + i * V * 4,
-                    V,
-                    "f32"
-                )
-            );
-        else g.gemm(false, true, N, V, C, 1, hidden.ptr, C, "bf16", head.ptr, C, "bf16", 0, out.ptr, V, "f32");
+        const out = this.deviceLogits(hidden, rows, head, N, C, V);
         const host = out.toHost() as Float32Array;
         out.free();
         return host;
+    }
+    argmaxLogits(
+        hidden: DeviceBuffer,
+        rows: number[] | null,
+        head: DeviceBuffer,
+        N: number,
+        C: number,
+        V: number
+    ): {ids: Int32Array; nonFinite: number} {
+        const logits = this.deviceLogits(hidden, rows, head, N, C, V);
+        const M = logits.length / V;
+        // the ids and the non-finite count in one buffer: one copy to the host
+        const out = DeviceBuffer.zeros("i32", M + 1);
+        cudaKernelOps().argmaxRowsF32(logits.ptr, M, V, out.ptr, out.ptr + 4 * M);
+        logits.free();
+        const host = out.toHost() as Int32Array;
+        out.free();
+        return {ids: host.subarray(0, M), nonFinite: host[M]};
+    }
+    /** f32 logits [rows, V] on the device */
+    private deviceLogits(
+        hidden: DeviceBuffer,
+        rows: number[] | null,
+        head: DeviceBuffer,
+        N: number,
+        C: number,
+        V: number
+    ): DeviceBuffer {
+        const M = rows ? rows.length : N;
+        // the asked rows gathered into one block, so lm_head is read once for all of them (a GEMM per row reads its
+        // [V, C] weight once per row: 32 times for a decoding step of 32 rows)
+        let x = hidden;
+        if (rows && !rows.every((r, i) => r === i)) {
+            x = DeviceBuffer.alloc("bf16", M * C);
+            rows.forEach((r, i) => cuda().copy(x.ptr + i * C * ACT_BYTES, hidden.ptr + r * C * ACT_BYTES, C * ACT_BYTES));
+        }
+        const out = DeviceBuffer.alloc("f32", M * V);
+        cudaGemmOps().gemm(false, true, M, V, C, 1, x.ptr, C, "bf16", head.ptr, C, "bf16", 0, out.ptr, V, "f32");
+        if (x !== hidden) x.free();
+        return out;
     }
 
     param(host: Float32Array): DeviceBuffer {

@@ -111,6 +111,9 @@ export interface CudaKernelOps extends CudaAddon {
     swigluBackward(dgate: number, dup: number, dout: number, gate: number, up: number, n: number): void;
 
     // ------------------------------------------------------------------
+    /** out[r] (i32) = the first index of the largest finite value of x[r, :] (f32 [R, V]); bad (one i32, +=) the
+     * number of NaN or infinite values */
+    argmaxRowsF32(x: number, R: number, V: number, out: number, bad: number): void;
     // cross-entropy over bf16 logits [N,V]; targets < 0 (or >= V) are ignored
     /** loss[N], lse[N] (nullable), count (nullable int32 on the device: += counted rows) */
     crossEntropyForward(

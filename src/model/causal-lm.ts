@@ -41,6 +41,8 @@ export interface CausalLm {
     readonly device: "cpu" | "cuda";
     /** logits [rows, V] (fp32, host memory) for ids [B, T] */
     forward(ids: Int32Array, B: number, T: number, opts?: LmForwardOptions): Float32Array;
+    /** greedy decoding: the forward, then the argmax token of each logit row, computed where the logits are */
+    argmaxForward(ids: Int32Array, B: number, T: number, opts?: LmForwardOptions): Int32Array;
     /** an empty KV cache for `batch` rows of `capacity` positions, in the model's memory; release() frees it */
     newCache(batch: number, capacity: number): LmCache;
     /** the summed loss and target count of a batch, forward only (evaluation) */

@@ -264,6 +264,15 @@ export class CudaModel implements CausalLm {
 
     /** logits [rows, V] for ids [B, T], appending to `cache` (a KV cache of this model's newCache) */
     forward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions = {}): Float32Array {
+        return this.withHidden(ids, B, T, opts, (hidden) => this.graph.logits(hidden, opts.logitRows ?? null, B * T));
+    }
+
+    /** greedy decoding: the argmax of each logit row on the device; only the token ids come to the host */
+    argmaxForward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions = {}): Int32Array {
+        return this.withHidden(ids, B, T, opts, (hidden) => this.graph.argmaxTokens(hidden, opts.logitRows ?? null, B * T));
+    }
+
+    private withHidden<R>(ids: Int32Array, B: number, T: number, opts: LmForwardOptions, use: (hidden: DeviceBuffer) => R): R {
         const hidden = this.graph.forwardHidden(ids, B, T, {
             cache: opts.cache as KVCache<DeviceBuffer> | undefined,
             firstRow: opts.firstRow,
@@ -271,7 +280,7 @@ export class CudaModel implements CausalLm {
             positionIds: opts.positionIds
         });
         try {
-            return this.graph.logits(hidden, opts.logitRows ?? null, B * T);
+            return use(hidden);
         } finally {
             hidden.free();
         }

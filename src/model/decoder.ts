@@ -156,6 +156,11 @@ export class DecoderModel implements CausalLm {
         return this.logits(hidden, opts.logitRows ?? null, B * T);
     }
 
+    argmaxForward(ids: Int32Array, B: number, T: number, opts: ForwardOptions = {}): Int32Array {
+        const hidden = this.forwardHidden(ids, B, T, opts);
+        return this.hostGraph().argmaxTokens(hidden, opts.logitRows ?? null, B * T);
+    }
+
     newCache(batch: number, capacity: number): KVCache<Float32Array> {
         return new KVCache(this.config, batch, capacity);
     }

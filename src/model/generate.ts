@@ -2,7 +2,7 @@
 // applied in that order (as transformers' logits warpers are), from a seeded generator.
 import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
-import type {CausalLm, LmCache} from "./causal-lm.js";
+import type {CausalLm, LmCache, LmForwardOptions} from "./causal-lm.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */
@@ -221,13 +221,13 @@ export class SlotDecoder {
         }
         if (this.free === 0) throw new Error("SlotDecoder.join: no free row");
         const at = this.rows.length;
-        const logits = this.model.forward(Int32Array.from(prompt), 1, prompt.length, {
+        const [id] = this.next([row], Int32Array.from(prompt), 1, prompt.length, {
             cache: this.cache,
             firstRow: at,
             logitRows: [prompt.length - 1]
         });
         this.rows.push(row);
-        if (this.accept(row, logits)) this.remove([at]);
+        if (this.accept(row, id)) this.remove([at]);
         return row;
     }
 
@@ -240,16 +240,12 @@ export class SlotDecoder {
         this.remove(full);
         const B = this.rows.length;
         if (B === 0) return out;
-        const V = this.model.config.vocabSize;
         const input = Int32Array.from(this.rows, (r) => r.result.newIds[r.result.newIds.length - 1]);
-        const logits = this.model.forward(input, B, 1, {
-            cache: this.cache,
-            logitRows: Array.from({length: B}, (_, b) => b)
-        });
+        const ids = this.next(this.rows, input, B, 1, {cache: this.cache, logitRows: Array.from({length: B}, (_, b) => b)});
         const ended: number[] = [];
         this.rows.forEach((row, b) => {
-            if (this.accept(row, logits.subarray(b * V, (b + 1) * V))) ended.push(b);
-            out.set(row, row.result.newIds[row.result.newIds.length - 1]);
+            if (this.accept(row, ids[b])) ended.push(b);
+            out.set(row, ids[b]);
         });
         this.remove(ended);
         return out;
@@ -266,9 +262,19 @@ export class SlotDecoder {
         this.cache.release();
     }
 
-    /** takes a row's next token from its logits; true when the row ended with it */
-    private accept(row: ActiveRow, logits: Float32Array): boolean {
-        const id = pickToken(logits, row.sampling, row.rng);
+    /**
+     * the next token of each row from one forward pass: when every row decodes greedily the argmax is taken where
+     * the logits are (on the GPU only the ids come back), else each row picks from its logits on the host
+     */
+    private next(rows: ActiveRow[], ids: Int32Array, B: number, T: number, opts: LmForwardOptions): number[] {
+        if (rows.every((r) => r.sampling.greedy)) return Array.from(this.model.argmaxForward(ids, B, T, opts));
+        const logits = this.model.forward(ids, B, T, opts);
+        const V = this.model.config.vocabSize;
+        return rows.map((row, b) => pickToken(logits.subarray(b * V, (b + 1) * V), row.sampling, row.rng));
+    }
+
+    /** takes a row's next token; true when the row ended with it */
+    private accept(row: ActiveRow, id: number): boolean {
         row.result.outputIds.push(id);
         row.result.newIds.push(id);
         if (this.eos.has(id)) this.finish(row, "eos");

@@ -439,6 +439,20 @@ export class DecoderGraph<X extends TensorTypes> {
         return out;
     }
 
+    /** greedy decoding: the argmax token of each of those rows (the logits are not copied out); non-finite refused */
+    argmaxTokens(hidden: X["f"], rows: number[] | null, totalRows: number): Int32Array {
+        const r = this.backend.argmaxLogits(
+            hidden,
+            rows,
+            this.weights.lmHead,
+            totalRows,
+            this.config.hiddenSize,
+            this.config.vocabSize
+        );
+        if (r.nonFinite > 0) throw nonFiniteOutput(`${r.nonFinite} logits are NaN or infinite`);
+        return r.ids;
+    }
+
     private embed(ids: X["i"], idsHost: Int32Array, N: number): X["f"] {
         const cfg = this.config;
         const x = this.backend.activation(N * cfg.hiddenSize);

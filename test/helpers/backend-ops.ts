@@ -263,6 +263,7 @@ const OP_NAMES = {
     addInplace: true,
     cacheWrite: true,
     view: true,
+    argmaxLogits: true,
     causalLmLoss: true,
     logits: true,
     zeros: true,
@@ -1030,6 +1031,7 @@ for (const [N, C, V, rows] of [
     [1, 8, 11, null],
     [17, 40, 50, null],
     [17, 40, 50, [16, 0, 5, 5]],
+    [17, 40, 50, [0, 1, 2, 3]],
     [3, 24, 37, [2]]
 ] as const) {
     OP_CASES.push({
@@ -1041,6 +1043,51 @@ for (const [N, C, V, rows] of [
             const got = r.be.logits(hidden.t, rows ? [...rows] : null, head.t, N, C, V);
             const want = refLogits(hidden.v, rows ? [...rows] : Array.from({length: N}, (_, i) => i), head.v, C, V);
             r.close("logits (fp32)", got, want, {float32: 1e-5, bfloat16: 1e-3});
+        }
+    });
+}
+
+/** the first index of the largest finite value of each row, and the count of non-finite values */
+function refArgmax(logits: Float32Array, V: number): {ids: number[]; nonFinite: number} {
+    const ids: number[] = [];
+    let nonFinite = 0;
+    for (let r = 0; r < logits.length / V; r++) {
+        let best = -Infinity,
+            idx = 0;
+        for (let i = 0; i < V; i++) {
+            const x = logits[r * V + i];
+            if (!Number.isFinite(x)) nonFinite++;
+            else if (x > best) [best, idx] = [x, i];
+        }
+        ids.push(idx);
+    }
+    return {ids, nonFinite};
+}
+
+// greedy decoding on the backend: the argmax of the logits the backend's own logits() gives (so the GEMM's rounding
+// is the same on both sides), exactly; a vocabulary wider than a block's threads and duplicate maxima included
+for (const [N, C, V, rows, poison] of [
+    [1, 8, 11, null, false],
+    [17, 40, 3001, [16, 0, 5, 5], false],
+    [5, 24, 2053, null, false],
+    [3, 24, 37, [2, 0], true]
+] as const) {
+    OP_CASES.push({
+        op: "argmaxLogits",
+        shape: `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}${poison ? " (an infinite head row)" : ""}`,
+        run(r) {
+            const hidden = r.randn(N * C);
+            const headValues = randn32(r.rng, V * C, 0.5);
+            // two vocabulary rows equal: their logits tie, and the first index must win
+            headValues.copyWithin(7 * C, 3 * C, 4 * C);
+            if (poison) headValues.fill(Infinity, 9 * C, 10 * C);
+            const head = r.upload(headValues);
+            const asked = rows ? [...rows] : null;
+            const got = r.be.argmaxLogits(hidden.t, asked, head.t, N, C, V);
+            const want = refArgmax(r.be.logits(hidden.t, asked, head.t, N, C, V), V);
+            r.exact("argmax ids", got.ids, want.ids);
+            r.exact("non-finite count", [got.nonFinite], [want.nonFinite]);
+            if (poison && want.nonFinite === 0) throw new Error("the infinite head row gave no non-finite logit");
         }
     });
 }
