@@ -20,6 +20,11 @@ export interface ModelIdentity {
     adapterDir: string | null;
     loadIn4bit: boolean;
     device: "cpu" | "cuda";
+    /**
+     * what was made of model + adapter before it ran: "merged" (a 16-bit merge) or "gguf:TYPE" (that merge
+     * exported to GGUF and run by llama.cpp); absent for the model as loaded
+     */
+    form?: string;
 }
 
 /** the cache folder: $QLORA_CACHE/eval, else $XDG_CACHE_HOME/qlora/eval, else ~/.cache/qlora/eval */

@@ -1,15 +1,15 @@
 // generate-until.ts: greedy generation until a stop string, as lm-evaluation-harness's generate_until: the prompt
 // keeps its last (context length - max_gen_toks) tokens, decoding stops at an end-of-sequence token, at
 // max_gen_toks, or when the text reaches one of the stop strings (the text is cut before it). Prompts are batched
-// (model/generate.ts's decodeBatchSteps: left padding, masked), longest first.
+// in the model's order (longest first, or by their tokens for llama.cpp); the model only decodes (model.ts
+// greedySteps: a CausalLm's decodeBatchSteps, or llama.cpp); the text, the stop strings and the counts are decided
+// here, the same for every model.
 import {QloraError} from "../errors.js";
-import type {CausalLm} from "../model/causal-lm.js";
-import {decodeBatchSteps} from "../model/generate.js";
-import type {StreamDecoder} from "../tokenizer/index.js";
 import {StopMatcher} from "../model/stop-strings.js";
+import type {StreamDecoder} from "../tokenizer/index.js";
+import {type EvalLm, rowOrder} from "./model.js";
 
 export interface GenerationModel {
-    lm: CausalLm;
     tokenizer: {encode(text: string): number[]; createStreamDecoder(options?: {skipSpecialTokens?: boolean}): StreamDecoder};
     eosTokenIds: number[];
 }
@@ -30,8 +30,13 @@ export interface GenerateUntilResult {
     tokens: number;
 }
 
-export function generateUntil(model: GenerationModel, prompts: string[], opts: GenerateUntilOptions): GenerateUntilResult[] {
-    const context = model.lm.config.maxPositionEmbeddings;
+export async function generateUntil(
+    lm: EvalLm,
+    model: GenerationModel,
+    prompts: string[],
+    opts: GenerateUntilOptions
+): Promise<GenerateUntilResult[]> {
+    const context = lm.config.maxPositionEmbeddings;
     const maxPrompt = context - opts.maxGenToks;
     if (maxPrompt < 1)
         throw new QloraError(
@@ -40,7 +45,8 @@ export function generateUntil(model: GenerationModel, prompts: string[], opts: G
         );
     const encoded = prompts.map((p) => model.tokenizer.encode(p));
     const results: GenerateUntilResult[] = encoded.map((ids) => ({text: "", truncated: ids.length > maxPrompt, tokens: 0}));
-    const order = encoded.map((_, i) => i).sort((a, b) => encoded[b].length - encoded[a].length || a - b);
+    const order = rowOrder(encoded, lm.rowOrder);
+    const eos = new Set(model.eosTokenIds);
     let done = 0;
     for (let start = 0; start < order.length; start += opts.batchSize) {
         const batch = order.slice(start, start + opts.batchSize);
@@ -48,32 +54,23 @@ export function generateUntil(model: GenerationModel, prompts: string[], opts: G
         const stops = batch.map(() => new StopMatcher(opts.until));
         const stopped = batch.map(() => false);
         const texts = batch.map(() => "");
-        const eos = new Set(model.eosTokenIds);
-        const steps = decodeBatchSteps(
-            model.lm,
+        const steps = lm.greedySteps(
             batch.map((i) => {
                 const ids = encoded[i].slice(-maxPrompt);
                 // an empty prompt starts from the end-of-text token, as the harness does
                 return ids.length > 0 ? ids : [model.eosTokenIds[0] ?? 0];
             }),
-            {maxNewTokens: opts.maxGenToks, greedy: true, eosTokenIds: [...eos], cancelled: (b) => stopped[b]}
+            {maxNewTokens: opts.maxGenToks, eosTokenIds: [...eos], cancelled: (b) => stopped[b]}
         );
-        try {
-            for (;;) {
-                const step = steps.next();
-                if (step.done) break;
-                step.value.forEach((id, b) => {
-                    if (id === null || stopped[b]) return;
-                    results[batch[b]].tokens++;
-                    if (eos.has(id)) return;
-                    const piece = stops[b].push(decoders[b].push(id));
-                    texts[b] += piece.text;
-                    if (piece.stopped) stopped[b] = true;
-                });
-            }
-        } finally {
-            steps.return([]);
-        }
+        for await (const step of steps)
+            step.forEach((id, b) => {
+                if (id === null || stopped[b]) return;
+                results[batch[b]].tokens++;
+                if (eos.has(id)) return;
+                const piece = stops[b].push(decoders[b].push(id));
+                texts[b] += piece.text;
+                if (piece.stopped) stopped[b] = true;
+            });
         batch.forEach((i, b) => {
             results[i].text = stopped[b] ? texts[b] : texts[b] + stops[b].flush(decoders[b].flush());
         });

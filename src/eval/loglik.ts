@@ -3,12 +3,15 @@
 //   the context alone, and the continuation's tokens are the whole's tokens past the context's length (so a
 //   merge across the boundary is scored as the harness scores it); no special tokens are added;
 // - truncation: the model sees the last max_length tokens of context+continuation minus its last token;
-// - the score is the sum over the continuation's tokens of log-softmax(logits), computed here in float64.
-// When every continuation of a context is one token, one forward of the context gives all of them (the logits at its
-// last position); otherwise each continuation is its own row. Rows are sorted by length, batched, padded on the
-// right (causal attention: padding after a row's last token never changes its logits) and read at the positions
-// needed through logitRows.
+// - the score is the sum over the continuation's tokens of log p(token), log-softmax in float64 (model.ts).
+// When every continuation of a context is one token, one row of the context gives all of them (read at its last
+// position); otherwise each continuation is its own row. Rows are sorted (longest first for a CausalLm, by their
+// tokens for llama.cpp) and scored batchSize at a time by the model (model.ts: one padded forward of a CausalLm, or
+// one llama.cpp sequence row after row).
+// The scoring is one generator (loglikelihoodSteps): it yields each batch of rows and takes back their scores, so
+// the same code runs over a synchronous CausalLm (loglikelihoods) and an async model (loglikelihoodsOf).
 import type {CausalLm} from "../model/causal-lm.js";
+import {causalTokenLogprobs, type EvalLm, type RowOrder, rowOrder, type ScoreRow, type TokenLogprob} from "./model.js";
 
 export interface LoglikRequest {
     context: string;
@@ -30,20 +33,20 @@ export interface EncodeTokenizer {
 
 export interface LoglikOptions {
     batchSize: number;
-    /** the context length (default: the model's max_position_embeddings) */
+    /** the context length (default: the model's) */
     maxLength?: number;
     /** the token an empty context starts from (the harness uses the end-of-text token) */
     prefixTokenId?: number;
-    /** called after each forward with the requests done so far */
+    /** called after each batch with the requests done so far */
     onProgress?: (done: number, total: number) => void;
+    /** the order rows are scored in (default: longest first) */
+    order?: RowOrder;
 }
 
-/** one model input: its tokens, and per scored continuation the positions and tokens to read */
-interface Row {
-    ids: number[];
-    /** the request and its continuations scored from this row */
+/** one model input: its tokens and reads, and per read the request and continuation it adds to */
+interface Row extends ScoreRow {
     request: number;
-    conts: {cont: number; tokens: number[]}[];
+    conts: number[];
 }
 
 /** the context and continuation tokens of one pair, the harness's _encode_pair */
@@ -62,22 +65,6 @@ export function encodePair(
     return {context: ctx, continuation: whole.slice(ctx.length)};
 }
 
-/** the log-sum-exp (float64) and the argmax of one row of logits */
-function rowStats(logits: Float32Array, offset: number, V: number): {lse: number; argmax: number} {
-    let max = -Infinity;
-    let argmax = 0;
-    for (let v = 0; v < V; v++) {
-        const x = logits[offset + v];
-        if (x > max) {
-            max = x;
-            argmax = v;
-        }
-    }
-    let sum = 0;
-    for (let v = 0; v < V; v++) sum += Math.exp(logits[offset + v] - max);
-    return {lse: max + Math.log(sum), argmax};
-}
-
 /** the requests' rows: one per context when every continuation is a single token, else one per continuation */
 function buildRows(
     tokenizer: EncodeTokenizer,
@@ -92,80 +79,103 @@ function buildRows(
         const ctx = pairs[0]?.context ?? [];
         const context = ctx.length > 0 ? ctx : prefix;
         if (pairs.every((p) => p.continuation.length === 1)) {
-            // the model input is context+cont minus its last token: the context, the same for every continuation
+            // the model input is context+cont minus its last token: the context, the same for every continuation,
+            // and every continuation is read at its last position
             if (context.length > maxLength) truncated[r] = true;
+            const ids = context.slice(-maxLength);
             rows.push({
-                ids: context.slice(-maxLength),
+                ids,
                 request: r,
-                conts: pairs.map((p, cont) => ({cont, tokens: p.continuation}))
+                reads: pairs.map((p) => ({at: ids.length - 1, token: p.continuation[0]})),
+                conts: pairs.map((_, cont) => cont)
             });
             return;
         }
         pairs.forEach((p, cont) => {
             const whole = [...(p.context.length > 0 ? p.context : prefix), ...p.continuation];
             if (whole.length > maxLength + 1) truncated[r] = true;
-            rows.push({ids: whole.slice(-(maxLength + 1), -1), request: r, conts: [{cont, tokens: p.continuation}]});
+            const ids = whole.slice(-(maxLength + 1), -1);
+            // a continuation of m tokens: token j is predicted at position n - m + j (all of it that fits)
+            const n = ids.length;
+            const m = Math.min(p.continuation.length, n);
+            const reads = p.continuation.slice(p.continuation.length - m).map((token, j) => ({at: n - m + j, token}));
+            rows.push({ids, request: r, reads, conts: reads.map(() => cont)});
         });
     });
     return {rows, truncated};
 }
 
-/** the log-likelihood of each continuation of each request (see the top of this file for the conventions) */
+/**
+ * THE scoring of log-likelihood requests: yields each batch of rows to score, takes back their scores (per row, per
+ * read) and returns each request's result
+ */
+export function* loglikelihoodSteps(
+    tokenizer: EncodeTokenizer,
+    requests: LoglikRequest[],
+    opts: LoglikOptions & {maxLength: number}
+): Generator<ScoreRow[], LoglikResult[], TokenLogprob[][]> {
+    const prefix = opts.prefixTokenId === undefined ? [] : [opts.prefixTokenId];
+    const {rows, truncated} = buildRows(tokenizer, requests, opts.maxLength, prefix);
+    const results: LoglikResult[] = requests.map((req, r) => ({
+        logliks: req.continuations.map(() => 0),
+        greedy: req.continuations.map(() => true),
+        truncated: truncated[r]
+    }));
+    // longest first, as the harness orders them (the first batch shows at once whether memory suffices), or
+    // rows sharing a prefix together, for a model that keeps the previous row's tokens (model.ts)
+    const order = rowOrder(
+        rows.map((r) => r.ids),
+        opts.order ?? "longest-first"
+    );
+    const remaining = requests.map(() => 0);
+    for (const row of rows) remaining[row.request]++;
+    let done = 0;
+    for (let start = 0; start < order.length; start += opts.batchSize) {
+        const batch = order.slice(start, start + opts.batchSize).map((i) => rows[i]);
+        const scores = yield batch.map(({ids, reads}) => ({ids, reads}));
+        batch.forEach((row, b) => {
+            const result = results[row.request];
+            scores[b].forEach((s, j) => {
+                const cont = row.conts[j];
+                result.logliks[cont] += s.logprob;
+                if (!s.greedy) result.greedy[cont] = false;
+            });
+        });
+        for (const row of batch) if (--remaining[row.request] === 0) done++;
+        opts.onProgress?.(done, requests.length);
+    }
+    return results;
+}
+
+/** the log-likelihood of each continuation of each request, on a CausalLm (synchronous) */
 export function loglikelihoods(
     lm: CausalLm,
     tokenizer: EncodeTokenizer,
     requests: LoglikRequest[],
     opts: LoglikOptions
 ): LoglikResult[] {
-    const maxLength = opts.maxLength ?? lm.config.maxPositionEmbeddings;
-    const prefix = opts.prefixTokenId === undefined ? [] : [opts.prefixTokenId];
-    const {rows, truncated} = buildRows(tokenizer, requests, maxLength, prefix);
-    const results: LoglikResult[] = requests.map((req, r) => ({
-        logliks: req.continuations.map(() => 0),
-        greedy: req.continuations.map(() => true),
-        truncated: truncated[r]
-    }));
-    // longest first, as the harness orders them: the first batch shows at once whether memory suffices
-    const order = rows.map((_, i) => i).sort((a, b) => rows[b].ids.length - rows[a].ids.length || a - b);
-    const remaining = requests.map(() => 0);
-    for (const row of rows) remaining[row.request]++;
-    let done = 0;
-    const V = lm.config.vocabSize;
-    for (let start = 0; start < order.length; start += opts.batchSize) {
-        const batch = order.slice(start, start + opts.batchSize).map((i) => rows[i]);
-        const T = Math.max(...batch.map((row) => row.ids.length));
-        const ids = new Int32Array(batch.length * T); // right padding with token 0, never attended to by real tokens
-        const logitRows: number[] = [];
-        // per row and continuation: the logits row each continuation token is read from
-        const reads: {row: Row; cont: number; token: number; at: number}[] = [];
-        batch.forEach((row, b) => {
-            ids.set(row.ids, b * T);
-            const n = row.ids.length;
-            if (row.conts.length > 1 || row.conts[0].tokens.length === 1) {
-                // one-token continuations: all read from the last position
-                logitRows.push(b * T + n - 1);
-                for (const c of row.conts) reads.push({row, cont: c.cont, token: c.tokens[0], at: logitRows.length - 1});
-                return;
-            }
-            // a continuation of m tokens: token j is predicted at position n - m + j
-            const {cont, tokens} = row.conts[0];
-            const m = Math.min(tokens.length, n);
-            const first = logitRows.length;
-            for (let j = 0; j < m; j++) logitRows.push(b * T + n - m + j);
-            tokens.slice(tokens.length - m).forEach((token, j) => reads.push({row, cont, token, at: first + j}));
-        });
-        const logits = lm.forward(ids, batch.length, T, {logitRows});
-        const stats = logitRows.map((_, i) => rowStats(logits, i * V, V));
-        for (const read of reads) {
-            const {lse, argmax} = stats[read.at];
-            const result = results[read.row.request];
-            result.logliks[read.cont] += logits[read.at * V + read.token] - lse;
-            // the harness's is_greedy: the token is the argmax (ties count as greedy)
-            if (argmax !== read.token && logits[read.at * V + read.token] < logits[read.at * V + argmax])
-                result.greedy[read.cont] = false;
-        }
-        for (const row of batch) if (--remaining[row.request] === 0) done++;
-        opts.onProgress?.(done, requests.length);
-    }
-    return results;
+    const steps = loglikelihoodSteps(tokenizer, requests, {
+        ...opts,
+        maxLength: opts.maxLength ?? lm.config.maxPositionEmbeddings
+    });
+    let step = steps.next();
+    while (!step.done) step = steps.next(causalTokenLogprobs(lm, step.value));
+    return step.value;
+}
+
+/** the same on any EvalLm (a CausalLm, or a GGUF model through llama.cpp) */
+export async function loglikelihoodsOf(
+    lm: EvalLm,
+    tokenizer: EncodeTokenizer,
+    requests: LoglikRequest[],
+    opts: LoglikOptions
+): Promise<LoglikResult[]> {
+    const steps = loglikelihoodSteps(tokenizer, requests, {
+        ...opts,
+        maxLength: opts.maxLength ?? lm.config.maxPositionEmbeddings,
+        order: lm.rowOrder
+    });
+    let step = steps.next();
+    while (!step.done) step = steps.next(await lm.tokenLogprobs(step.value));
+    return step.value;
 }

@@ -1,6 +1,7 @@
 // results.ts: an evaluation's results as JSON (lm-evaluation-harness's key names: acc, acc_stderr,
 // "exact_match,strict-match", "exact_match_stderr,strict-match"), as a markdown table, and as an output folder
 // (results.json, results.md, samples_<task>.jsonl) written atomically.
+import {promises as fs} from "node:fs";
 import path from "node:path";
 import {assertDirOutput, assertOutputSeparate, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import type {MeanStderr} from "./stats.js";
@@ -18,6 +19,8 @@ export interface EvalRunConfig {
     num_fewshot: number | null;
     subjects: string[] | null;
     batch_size: number;
+    /** --compare: merged or gguf:TYPE when the model was made from model + adapter (absent otherwise) */
+    form?: string;
 }
 
 export interface EvalReport {
@@ -28,7 +31,7 @@ export interface EvalReport {
 }
 
 /** "exact_match,strict-match" + "_stderr" -> "exact_match_stderr,strict-match" (the harness's filter suffix) */
-function metricKey(metric: string, suffix: string): string {
+export function metricKey(metric: string, suffix: string): string {
     const comma = metric.indexOf(",");
     return comma < 0 ? `${metric}${suffix}` : `${metric.slice(0, comma)}${suffix}${metric.slice(comma)}`;
 }
@@ -115,7 +118,8 @@ export function reportMarkdown(report: EvalReport): string {
     const line = (cells: string[]) => `| ${cells.map((c) => c.replace(/\|/g, "\\|")).join(" | ")} |`;
     const c = report.config;
     return [
-        `model: ${c.model}${c.adapter ? `, adapter: ${c.adapter}` : ""}${c.load_in_4bit ? " (4-bit)" : ""}, device: ${c.device}` +
+        `model: ${c.model}${c.adapter ? `, adapter: ${c.adapter}` : ""}${c.form ? ` (${c.form})` : ""}` +
+            `${c.load_in_4bit ? " (4-bit)" : ""}, device: ${c.device}` +
             `, limit: ${c.limit ?? "none"}, batch_size: ${c.batch_size}`,
         "",
         line(header),
@@ -126,7 +130,7 @@ export function reportMarkdown(report: EvalReport): string {
 }
 
 /** how an existing results folder is treated: replaced only with --overwrite, and only when eval wrote it */
-function resultsDirOutput(overwrite: boolean) {
+export function resultsDirOutput(overwrite: boolean) {
     return {replace: overwrite ? "owned" : "never", kind: EVAL_RESULTS_KIND, overwriteHint: "--overwrite"} as const;
 }
 
@@ -136,19 +140,18 @@ export async function checkResultsDir(dir: string, inputs: {path: string; what: 
     await assertDirOutput(dir, resultsDirOutput(overwrite));
 }
 
+/** writes results.json, results.md and samples_<task>.jsonl into `dir` (a folder being filled, made here) */
+export async function fillResultsDir(dir: string, report: EvalReport): Promise<void> {
+    await fs.mkdir(dir, {recursive: true});
+    await writeFileAtomic(path.join(dir, "results.json"), JSON.stringify(reportJson(report), null, 2) + "\n");
+    await writeFileAtomic(path.join(dir, "results.md"), reportMarkdown(report));
+    for (const t of report.tasks) {
+        const samples = t.groups.flatMap((g) => g.samples.map((s) => JSON.stringify({subject: g.subject, ...s})));
+        if (samples.length > 0) await writeFileAtomic(path.join(dir, `samples_${t.task}.jsonl`), samples.join("\n") + "\n");
+    }
+}
+
 /** writes results.json, results.md and samples_<task>.jsonl into `dir` as one atomic folder */
 export async function writeResultsDir(dir: string, report: EvalReport, overwrite: boolean): Promise<void> {
-    await writeDirAtomic(
-        dir,
-        async (tmp) => {
-            await writeFileAtomic(path.join(tmp, "results.json"), JSON.stringify(reportJson(report), null, 2) + "\n");
-            await writeFileAtomic(path.join(tmp, "results.md"), reportMarkdown(report));
-            for (const t of report.tasks) {
-                const samples = t.groups.flatMap((g) => g.samples.map((s) => JSON.stringify({subject: g.subject, ...s})));
-                if (samples.length > 0)
-                    await writeFileAtomic(path.join(tmp, `samples_${t.task}.jsonl`), samples.join("\n") + "\n");
-            }
-        },
-        resultsDirOutput(overwrite)
-    );
+    await writeDirAtomic(dir, (tmp) => fillResultsDir(tmp, report), resultsDirOutput(overwrite));
 }

@@ -2,26 +2,17 @@
 // (choice_loglik, exact_match, pass_at_1, loss), per-subject and total scores with standard errors, each subject
 // cached on its own (cache.ts).
 import {QloraError} from "../errors.js";
-import type {CausalLm} from "../model/causal-lm.js";
-import type {HfTokenizer} from "../tokenizer/index.js";
-import {EVAL_CACHE_VERSION, type EvalCache, fingerprint, type ModelIdentity} from "./cache.js";
+import {EVAL_CACHE_VERSION, type EvalCache, fingerprint} from "./cache.js";
 import {humanEvalProgram, requirePython3, runPythonTestsMany} from "./code-exec.js";
 import {type Doc, type DocGroup, loadDocGroups, MAX_FOLDER_DEPTH} from "./docs.js";
 import {exactMatch, extractAnswer} from "./extract.js";
 import {generateUntil} from "./generate-until.js";
-import {loglikelihoods} from "./loglik.js";
-import {evaluateLoss} from "./loss.js";
+import {loglikelihoodsOf} from "./loglik.js";
+import {evaluateLossOf} from "./loss.js";
+import type {EvalModel} from "./model.js";
 import {choiceTarget, fewshotPrefix, questionPrompt, renderTemplate} from "./prompt.js";
 import {macroMean, type MeanStderr, meanStderr} from "./stats.js";
 import type {LoadedTask, MetricKind} from "./task.js";
-
-/** what a task needs of a loaded model */
-export interface EvalModel {
-    lm: CausalLm;
-    tokenizer: HfTokenizer;
-    eosTokenIds: number[];
-    identity: ModelIdentity;
-}
 
 export interface EvalProgress {
     task: string;
@@ -119,19 +110,19 @@ function argmax(values: number[]): number {
 }
 
 /** choice_loglik: each question's choices scored by log-likelihood, the most likely one chosen */
-function runChoice(
+async function runChoice(
     model: EvalModel,
     task: LoadedTask,
     pending: Pending[],
     settings: TaskSettings,
     progress: (n: number) => void
-): GroupResult[] {
+): Promise<GroupResult[]> {
     const {spec} = task;
     const choices = spec.doc_to_choice ?? [];
     const requests = pending.flatMap((p) =>
         p.prompts.map((context) => ({context, continuations: choices.map((c) => spec.target_delimiter + c)}))
     );
-    const results = loglikelihoods(model.lm, model.tokenizer, requests, {
+    const results = await loglikelihoodsOf(await model.lm(), model.tokenizer, requests, {
         batchSize: settings.batchSize,
         prefixTokenId: model.eosTokenIds[0],
         onProgress: (done) => progress(done)
@@ -176,7 +167,8 @@ async function runGeneration(
 ): Promise<GroupResult[]> {
     const {spec} = task;
     const python = spec.metric === "pass_at_1" ? requirePython3() : null; // before hours of generation, not after
-    const outputs = generateUntil(
+    const outputs = await generateUntil(
+        await model.lm(),
         model,
         pending.flatMap((p) => p.prompts),
         {
@@ -247,6 +239,8 @@ async function groupKeys(
         adapter: identity.adapterDir ? await fingerprint(identity.adapterDir) : null,
         load_in_4bit: identity.loadIn4bit,
         device: identity.device,
+        // merged, gguf:TYPE (absent for the model as loaded, so the keys of earlier runs still match)
+        form: identity.form,
         task_file: task.hash,
         data: await fingerprint(task.dataPath, MAX_FOLDER_DEPTH).catch(() => null),
         fewshot_data: task.fewshotPath ? await fingerprint(task.fewshotPath, MAX_FOLDER_DEPTH).catch(() => null) : null,
@@ -278,7 +272,7 @@ export async function runTask(model: EvalModel, task: LoadedTask, settings: Task
         if (truncated > 0)
             warn(
                 `task ${task.name}: ${truncated} of ${samples.length} prompts were longer than the model's context ` +
-                    `(${model.lm.config.maxPositionEmbeddings} tokens) and lost tokens from the left`
+                    `(${model.contextLength} tokens) and lost tokens from the left`
             );
         const scores = scoreSamples(samples);
         const macro =
@@ -307,8 +301,9 @@ export async function runTask(model: EvalModel, task: LoadedTask, settings: Task
         const hit = settings.cache ? await settings.cache.get<LossScores>(task.name, key) : null;
         if (hit) return finish([{subject: null, n: hit.rows, truncated: 0, cached: true, scores: {}, samples: []}], hit);
         settings.onProgress?.({task: task.name, done: 0, total: 1});
-        const r = await evaluateLoss(
-            model,
+        const r = await evaluateLossOf(
+            await model.lm(),
+            model.tokenizer,
             task.dataPath,
             {
                 dataset_format: spec.dataset_format,
@@ -358,7 +353,7 @@ export async function runTask(model: EvalModel, task: LoadedTask, settings: Task
     if (pending.length > 0) {
         const fresh =
             spec.metric === "choice_loglik"
-                ? runChoice(model, task, pending, settings, progress)
+                ? await runChoice(model, task, pending, settings, progress)
                 : await runGeneration(model, task, pending, settings, progress);
         for (let i = 0; i < pending.length; i++) {
             results[groups.indexOf(pending[i].group)] = fresh[i];

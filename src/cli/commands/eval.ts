@@ -1,9 +1,23 @@
 // qlora eval: benchmark tasks (--task: MMLU, CMMLU, GSM8K, HumanEval or a task file), or loss and perplexity on a
-// data file (--data), of a model with an optional adapter and 4-bit base.
+// data file (--data), of a model with an optional adapter and 4-bit base; --compare runs the tasks on the base, the
+// base + adapter, the merged model and its GGUF export, side by side.
 import {Option, type Command} from "commander";
 import cliProgress from "cli-progress";
-import {checkResultsDir, evaluateLoss, evaluateTasks, reportJson, reportMarkdown, writeResultsDir} from "../../api/evaluate.js";
+import {
+    checkResultsDir,
+    compareJson,
+    compareMarkdown,
+    compareModels,
+    evaluateLoss,
+    evaluateTasks,
+    parseCompareColumns,
+    reportJson,
+    reportMarkdown,
+    writeCompareDir,
+    writeResultsDir
+} from "../../api/evaluate.js";
 import {resolveModelDir} from "../../api/models.js";
+import {cpu} from "../../backend/cpu.js";
 import type {DataOptions} from "../../data/index.js";
 import {QloraError} from "../../errors.js";
 import {builtinTaskNames, loadTask} from "../../eval/task.js";
@@ -27,6 +41,8 @@ interface EvalFlags extends ModelFlags {
     maxSeqLength: number;
     allTokens?: boolean;
     json?: boolean;
+    compare?: string;
+    threads?: number;
 }
 
 export function registerEval(program: Command): void {
@@ -60,11 +76,26 @@ export function registerEval(program: Command): void {
             1024
         )
         .option("--all-tokens", "--data: score every token, not only responses / assistant turns")
+        .option(
+            "--compare <columns>",
+            "--task on several forms of the fine-tune, side by side: base, adapter, merged, gguf[:TYPE] (with --adapter; " +
+                "TYPE q4_k_m by default, or f16, q8_0, f32)"
+        )
+        .option(
+            "--threads <n>",
+            "CPU threads of qlora's CPU backend and of llama.cpp (default: all cores)",
+            parseIntOption("--threads", 1)
+        )
         .option("--json", "print the results as one JSON line")
         .action(
             action(async (flags: EvalFlags) => {
+                if (flags.threads) cpu().setNumThreads(flags.threads);
                 if (flags.task !== undefined && flags.data !== undefined)
                     throw new QloraError("give --task (benchmark tasks) or --data (loss on a data file), not both");
+                if (flags.compare !== undefined && flags.task === undefined)
+                    throw new QloraError(
+                        "--compare runs benchmark tasks: give them with --task (a task file with metric loss scores a data file)"
+                    );
                 if (flags.task !== undefined) return runTasks(flags);
                 if (flags.data !== undefined) return runLoss(flags, flags.data);
                 throw new QloraError(
@@ -113,43 +144,28 @@ function splitList(value: string, flag: string): string[] {
     return items;
 }
 
-/** --task: benchmark tasks, with a progress bar on a terminal */
-async function runTasks(flags: EvalFlags): Promise<void> {
-    const tasks = splitList(flags.task ?? "", "--task");
-    const modelDir = resolveModelDir(flags.model);
-    // the output folder is checked before hours of evaluation, and again when it is written
-    if (flags.output)
-        await checkResultsDir(
-            flags.output,
-            [{path: modelDir, what: "model folder"}, ...(flags.adapter ? [{path: flags.adapter, what: "adapter folder"}] : [])],
-            flags.overwrite === true
-        );
-    // the task files are checked before the model loads: a typo costs a second, not a model load
-    for (const task of tasks) await loadTask(task, {dataDir: flags.dataDir});
-    const loaded = await loadModelFromFlags(flags);
+/** a progress bar on stderr when it is a terminal, one per task; warnings stop it so they show on their own line */
+function progressBar() {
     let bar: cliProgress.SingleBar | null = null;
     let barTask = "";
-    const stopBar = () => {
+    const stop = () => {
         bar?.stop();
         bar = null;
     };
-    const report = await evaluateTasks(loaded, tasks, {
-        adapter: flags.adapter,
-        loadIn4bit: flags.loadIn4bit,
-        limit: flags.limit,
-        subjects: flags.subjects === undefined ? undefined : splitList(flags.subjects, "--subjects"),
-        numFewshot: flags.num_fewshot ?? flags.numFewshot,
-        batchSize: flags.batch_size ?? flags.batchSize,
-        dataDir: flags.dataDir,
-        cache: flags.cache,
-        onWarning: (m) => {
-            stopBar();
+    return {
+        stop,
+        onWarning: (m: string) => {
+            stop();
             console.error(pc.yellow(`warning: ${escapeForTerminal(m)}`));
         },
-        onProgress: ({task, done, total}) => {
+        onStatus: (m: string) => {
+            stop();
+            console.error(pc.dim(escapeForTerminal(m)));
+        },
+        onProgress: ({task, done, total}: {task: string; done: number; total: number}) => {
             if (process.stderr.isTTY !== true) return;
             if (!bar || barTask !== task) {
-                stopBar();
+                stop();
                 barTask = task;
                 bar = new cliProgress.SingleBar(
                     {
@@ -163,13 +179,62 @@ async function runTasks(flags: EvalFlags): Promise<void> {
                 bar.start(total, done);
             } else bar.update(done);
         }
-    });
-    stopBar();
+    };
+}
+
+/** --task: benchmark tasks (on several forms of the fine-tune with --compare), with a progress bar on a terminal */
+async function runTasks(flags: EvalFlags): Promise<void> {
+    const tasks = splitList(flags.task ?? "", "--task");
+    // the columns, the output folder and the task files are checked before the model loads (and hours of work)
+    const columns = flags.compare === undefined ? null : splitList(flags.compare, "--compare");
+    if (columns) parseCompareColumns(columns, flags.adapter);
+    const modelDir = resolveModelDir(flags.model);
+    if (flags.output)
+        await checkResultsDir(
+            flags.output,
+            [{path: modelDir, what: "model folder"}, ...(flags.adapter ? [{path: flags.adapter, what: "adapter folder"}] : [])],
+            flags.overwrite === true
+        );
+    for (const task of tasks) await loadTask(task, {dataDir: flags.dataDir});
+    const progress = progressBar();
+    const options = {
+        adapter: flags.adapter,
+        loadIn4bit: flags.loadIn4bit,
+        limit: flags.limit,
+        subjects: flags.subjects === undefined ? undefined : splitList(flags.subjects, "--subjects"),
+        numFewshot: flags.num_fewshot ?? flags.numFewshot,
+        batchSize: flags.batch_size ?? flags.batchSize,
+        dataDir: flags.dataDir,
+        cache: flags.cache,
+        onWarning: progress.onWarning,
+        onProgress: progress.onProgress
+    };
+    // file text (task names, subjects) reaches the terminal escaped, line by line
+    const print = (markdown: string) => process.stdout.write(markdown.split("\n").map(escapeForTerminal).join("\n"));
+    if (columns) {
+        // the base alone: the adapter is applied, merged and exported per column
+        const base = await loadModelFromFlags({...flags, adapter: undefined});
+        const report = await compareModels(base, tasks, columns, {
+            ...options,
+            ggufThreads: flags.threads,
+            onStatus: progress.onStatus
+        });
+        progress.stop();
+        if (flags.output) await writeCompareDir(flags.output, report, flags.overwrite === true);
+        if (flags.json) console.log(JSON.stringify(compareJson(report)));
+        else {
+            print(compareMarkdown(report));
+            if (flags.output) console.log(`\nresults  ${flags.output}/compare.md, compare.json, compare.html`);
+        }
+        return;
+    }
+    const loaded = await loadModelFromFlags(flags);
+    const report = await evaluateTasks(loaded, tasks, options);
+    progress.stop();
     if (flags.output) await writeResultsDir(flags.output, report, flags.overwrite === true);
     if (flags.json) console.log(JSON.stringify(reportJson(report)));
     else {
-        // file text (task names, subjects) reaches the terminal escaped, line by line
-        process.stdout.write(reportMarkdown(report).split("\n").map(escapeForTerminal).join("\n"));
+        print(reportMarkdown(report));
         if (flags.output) console.log(`\nresults  ${flags.output}/results.json, results.md`);
     }
 }
