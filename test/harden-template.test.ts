@@ -8,6 +8,7 @@ import {promises as fs} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {Template} from "@huggingface/jinja";
+import {formatRecord} from "../src/data/formats.js";
 import {QloraError} from "../src/errors.js";
 import {HfTokenizer} from "../src/tokenizer/index.js";
 import {DEFAULT_TEMPLATE_LIMITS, parseTemplate, renderTemplate, TemplateLimitError} from "../src/tokenizer/bounded-template.js";
@@ -470,6 +471,27 @@ describe("tokenizer files are read without blocking", {skip: process.platform ==
                 assert.match(err.message, new RegExp(`${file.replace(".", "\\.")}: expected a regular file, found a FIFO`));
                 return true;
             });
+        });
+    }
+});
+
+// a Jinja template in the train config's `template` key is rendered by the same bounded renderer, once per record
+describe("hostile Jinja templates in the template key are refused, naming the key", () => {
+    const expected: Record<string, RegExp> = {
+        "huge-range": HOSTILE["huge-range"].expect,
+        doubling: /ran past its size limit: it built a value of [\d,]+ characters, more than the [\d,]+ allowed/,
+        "recursive-macro": HOSTILE["recursive-macro"].expect,
+        "nested-ifs": /cannot be parsed: it nests deeper than the parser can follow/
+    };
+    for (const [name, expect] of Object.entries(expected)) {
+        test(name, {timeout: 60_000}, () => {
+            const template = `{{ instruction }}${HOSTILE[name].template}`;
+            const {err, seconds} = expectQloraError(() =>
+                formatRecord({instruction: "hi", output: "ok"}, "template", {template})
+            );
+            assert.ok(err.message.startsWith("template: the Jinja template "), err.message);
+            assert.match(err.message, expect);
+            assert.ok(seconds < 10, `took ${seconds.toFixed(1)} s`);
         });
     }
 });

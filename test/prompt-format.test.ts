@@ -1,10 +1,11 @@
 // The training format as a chat template (data/prompt-format.ts): for every sample of each example dataset and
 // format, the inference prompt rendered from the saved template equals the training text up to the start of the
-// response, token for token, and the conversation with the answer equals the whole training example, EOS included.
+// response, token for token, and the conversation with the answer equals the whole training example, EOS included;
+// for the seed alpaca format, {field} templates and Jinja templates with an optional-input branch.
 import {test} from "node:test";
 import assert from "node:assert/strict";
 import path from "node:path";
-import {detectFormat, formatRecord, type FormatOptions} from "../src/data/formats.js";
+import {detectFormat, formatRecord, isJinjaTemplate, type FormatOptions} from "../src/data/formats.js";
 import {promptFormatTemplate} from "../src/data/prompt-format.js";
 import {readRecords} from "../src/data/readers.js";
 import {resolveEosToken, tokenizeExample} from "../src/data/tokenize.js";
@@ -26,10 +27,24 @@ const alpacaTurns = (r: Record<string, unknown>) => ({
     answer: r.output as string
 });
 
+const ALPACA_FILES = [
+    path.join(REPO_ROOT, "examples/data/alpaca_train.json"),
+    path.join(DATASETS, "alpaca_zh_demo.json"),
+    path.join(DATASETS, "alpaca_en_demo.json")
+];
+
+// Jinja user templates with an optional-input branch (LLaMA-Factory/axolotl style): one for the prompt only (the
+// response follows it), one that prints {{ output }} with text after it, written over several lines as a YAML block
+// would give it (trim_blocks drops the newline after each tag)
+const JINJA_TEMPLATES = [
+    "### 指令:\n{{ instruction }}\n{% if input %}### 输入:\n{{ input }}\n{% endif %}### 回答:\n",
+    "{% if input %}Below is a task with context.\n{% endif %}### Instruction:\n{{ instruction | trim }}\n{% if input %}\n" +
+        "### Input:\n{{ input }}\n{% endif %}\n### Response:\n{{ output }}\n-- end\n"
+];
+
 const CASES: Case[] = [
-    {file: path.join(REPO_ROOT, "examples/data/alpaca_train.json"), options: {}, turns: alpacaTurns},
-    {file: path.join(DATASETS, "alpaca_zh_demo.json"), options: {}, turns: alpacaTurns},
-    {file: path.join(DATASETS, "alpaca_en_demo.json"), options: {}, turns: alpacaTurns},
+    ...ALPACA_FILES.map((file) => ({file, options: {}, turns: alpacaTurns})),
+    ...JINJA_TEMPLATES.flatMap((template) => ALPACA_FILES.map((file) => ({file, options: {template}, turns: alpacaTurns}))),
     {
         // a user template with a second field and text after the response
         file: path.join(DATASETS, "alpaca_en_demo.json"),
@@ -77,7 +92,8 @@ for (const c of CASES) {
             assert.ok(full.endsWith(eosToken!), "the answer ends with the EOS the model learned");
         });
         console.log(`${label}: ${records.length} records (${withInput} with an input) render as trained`);
-        if (format === "alpaca") assert.ok(withInput > 0 && withInput < records.length, "both alpaca branches are exercised");
+        if (format === "alpaca" || isJinjaTemplate(c.options.template ?? ""))
+            assert.ok(withInput > 0 && withInput < records.length, "both branches (with and without input) are exercised");
     });
 }
 

@@ -7,6 +7,7 @@ import {QloraError} from "../errors.js";
 import type {ChatMessage} from "../tokenizer/index.js";
 import type {ColumnMap, TagMap} from "./column-map.js";
 import {describeJsonValue} from "./readers.js";
+import {compileJinjaTemplate, renderJinjaRecord} from "./user-template.js";
 import type {DataRecord} from "./readers.js";
 
 export type DatasetFormat = "alpaca" | "text" | "prompt_completion" | "messages" | "sharegpt" | "template" | "tokenized";
@@ -48,9 +49,10 @@ export interface FormatOptions {
     /** "auto" (default): detected from the first record's keys; a `template` implies "template" */
     dataset_format?: DatasetFormat | "auto";
     /**
-     * a prompt template with `{field}` placeholders filled from each record (`{{`/`}}` for literal braces); the
-     * response is the record's `response_field`; when the template contains `{<response_field>}` too, the prompt
-     * is everything before it and the completion is the response plus what follows it
+     * a prompt template with `{field}` placeholders filled from each record (`{{`/`}}` for literal braces), or a
+     * Jinja template (isJinjaTemplate; user-template.ts) whose variables are the record's fields; the response is
+     * the record's `response_field`; when the template contains `{<response_field>}` (`{{ <response_field> }}`)
+     * too, the prompt is everything before it and the completion is the response plus what follows it
      */
     template?: string | null;
     /** the field holding the response for `template` (default "output") */
@@ -160,7 +162,7 @@ export function detectFormat(raw: DataRecord, options: FormatOptions = {}, where
     throw new QloraError(
         `${recordName(where)}cannot tell the dataset format from its keys (${keyList(record)}); records need ` +
             `"instruction"/"input"/"output" (alpaca), "text", "prompt"/"completion", "messages" or "conversations" ` +
-            "(ShareGPT); or set dataset_format, or give a template with {field} placeholders",
+            "(ShareGPT); or set dataset_format, or give a template ({field} placeholders or Jinja)",
         {file: where?.file}
     );
 }
@@ -212,8 +214,19 @@ export function formatRecord(raw: DataRecord, format: DatasetFormat, options: Fo
         }
         case "template": {
             const template = options.template;
-            if (!template) throw new QloraError(`dataset_format "template" needs a template string with {field} placeholders`);
+            if (!template)
+                throw new QloraError(
+                    `dataset_format "template" needs a template: a string with {field} placeholders, or a Jinja template`
+                );
             const responseField = options.response_field ?? "output";
+            if (isJinjaTemplate(template)) {
+                const jinja = compileJinjaTemplate(template, responseField);
+                const templateFail = (problem: string): never => {
+                    throw new QloraError(`${recordName(where)}${problem}`, {file: where?.file});
+                };
+                const parts = renderJinjaRecord(jinja, record, str(responseField), templateFail);
+                return {kind: "prompt_completion", ...parts};
+            }
             const values: Record<string, string> = {};
             for (const field of new Set([...templateFields(template), responseField])) {
                 // a placeholder may name a nested value: {meta.topic}
@@ -304,6 +317,60 @@ export function formatRecord(raw: DataRecord, format: DatasetFormat, options: Fo
             }
             return {kind: "tokenized", inputIds: ids, labels: (labels as number[] | undefined) ?? null};
         }
+    }
+}
+
+/**
+ * A `template` is Jinja when it has a `{% … %}` or `{# … #}` tag, or `{{ … }}` and no `{field}` placeholder: in a
+ * {field} template `{{` and `}}` are literal braces, and one that has placeholders keeps meaning what it meant.
+ */
+export function isJinjaTemplate(template: string): boolean {
+    return /\{[%#]/.test(template) || (template.includes("{{") && templateFields(template).length === 0);
+}
+
+/**
+ * The check of a Jinja template's variables over a whole dataset: a variable no record has is a misspelt field
+ * (a field only some records have is an optional one, undefined in the others). `see` each record, then `finish`.
+ */
+export class TemplateVariableCheck {
+    private readonly missing: Set<string>;
+    private readonly columns = new Set<string>();
+
+    private constructor(
+        private readonly options: FormatOptions,
+        variables: string[]
+    ) {
+        this.missing = new Set(variables);
+    }
+
+    /** the check for data formatted with `options`, or null when its template is not a Jinja one */
+    static of(format: DatasetFormat, options: FormatOptions): TemplateVariableCheck | null {
+        const template = options.template;
+        if (format !== "template" || !template || !isJinjaTemplate(template)) return null;
+        const responseField = options.response_field ?? "output";
+        // the response is required of every record, and a record without it is refused by name
+        const variables = compileJinjaTemplate(template, responseField).variables.filter((v) => v !== responseField);
+        return variables.length ? new TemplateVariableCheck(options, variables) : null;
+    }
+
+    see(raw: DataRecord): void {
+        const record = applyColumns(raw, this.options);
+        for (const key of Object.keys(record)) {
+            this.columns.add(key);
+            this.missing.delete(key);
+        }
+    }
+
+    finish(): void {
+        if (this.missing.size === 0) return;
+        const names = [...this.missing].map((v) => `"${v}"`).join(", ");
+        const columns = [...this.columns];
+        const list = columns.slice(0, 20).join(", ") + (columns.length > 20 ? ", …" : "");
+        throw new QloraError(
+            `template: ${names} ${this.missing.size === 1 ? "is not a field" : "are not fields"} of any record; ` +
+                `the columns are ${list || "none"}${mappedNames(this.options)}; use one of those names, or map a ` +
+                "column to it with columns"
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 
 import {Rng} from "../backend/rng.js";
 import {QloraError} from "../errors.js";
-import {detectFormat, formatRecord} from "./formats.js";
+import {detectFormat, formatRecord, TemplateVariableCheck} from "./formats.js";
 import type {DatasetFormat, FormatOptions, RecordWhere} from "./formats.js";
 import {packSequences} from "./packing.js";
 import type {PackingStrategy, TokenizedRow} from "./packing.js";
@@ -168,6 +168,7 @@ class DatasetBuilder {
     private truncated = 0;
     private dropped = 0;
     private prefixMismatches = 0;
+    private templateCheck: TemplateVariableCheck | null = null;
 
     constructor(
         private readonly tokenizer: DataTokenizer,
@@ -185,7 +186,9 @@ class DatasetBuilder {
             this.format = detectFormat(record, this.options, where);
             this.resolved = resolveDataOptions(this.options, this.format, this.tokenizer);
             this.fileFormat = fileFormat;
+            this.templateCheck = TemplateVariableCheck.of(this.format, this.options);
         }
+        this.templateCheck?.see(record);
         const resolved = this.resolved!;
         let tokenized: TokenizedExample;
         try {
@@ -215,6 +218,8 @@ class DatasetBuilder {
         const records = this.records;
         if (records === 0 || this.resolved === null || this.format === null)
             throw new QloraError("the dataset is empty (no records)");
+        // a Jinja template's misspelt field renders as empty in every record: refused before anything else is said
+        this.templateCheck?.finish();
         const resolved = this.resolved;
         const {truncated, dropped, prefixMismatches, kept} = this;
         const warnings: string[] = [];

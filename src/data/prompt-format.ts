@@ -10,12 +10,21 @@
 //                       user message carries a non-empty `input` (as the data's records do); a system message as
 //                       a record's `system` (its text and a blank line), earlier turns as a record's `history`
 //   template:           the user's {field} template: its first field is the message content, the others are
-//                       message fields of the same name
+//                       message fields of the same name; a Jinja template likewise, with its first printed field
+//                       as the content (see jinjaConversation)
 //   prompt_completion:  the prompt text as it is (text records: the content is the prompt)
 //   messages, sharegpt: the tokenizer's own chat template, which training rendered them with
 // The {field} and prompt/completion formats have no system turn in training: a system message is left out.
 import {QloraError} from "../errors.js";
-import {ALPACA_SYSTEM_SUFFIX, ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, type DatasetFormat, parseTemplate} from "./formats.js";
+import {
+    ALPACA_SYSTEM_SUFFIX,
+    ALPACA_TEMPLATE,
+    ALPACA_TEMPLATE_NO_INPUT,
+    type DatasetFormat,
+    isJinjaTemplate,
+    parseTemplate
+} from "./formats.js";
+import {compileJinjaTemplate, type JinjaUserTemplate, RESPONSE_MARKER, TEMPLATE_MACRO} from "./user-template.js";
 
 export interface PromptFormat {
     /** where it comes from, for the log: "alpaca", "template", "prompt_completion", or "the tokenizer's" */
@@ -28,7 +37,7 @@ export interface PromptFormatInput {
     format: DatasetFormat;
     /** the EOS string appended to completions in training (null: none) */
     eosToken: string | null;
-    /** the user's {field} template and its response field, for format "template" */
+    /** the user's template ({field} or Jinja) and its response field, for format "template" */
     template?: string | null;
     responseField?: string;
     /** the tokenizer's default chat template, used by chat formats (null: it has none) */
@@ -52,8 +61,11 @@ export function promptFormatTemplate(input: PromptFormatInput): PromptFormat | n
         }
         case "template": {
             if (!input.template)
-                throw new QloraError(`dataset_format "template" needs a template string with {field} placeholders`);
+                throw new QloraError(
+                    `dataset_format "template" needs a template: a string with {field} placeholders, or a Jinja template`
+                );
             const response = input.responseField ?? "output";
+            if (isJinjaTemplate(input.template)) return jinjaConversation(compileJinjaTemplate(input.template, response), eos);
             const fields = parseTemplate(input.template)
                 .map((p) => p.field)
                 .filter((f): f is string => f !== undefined && f !== response);
@@ -80,12 +92,44 @@ export function promptFormatTemplate(input: PromptFormatInput): PromptFormat | n
 }
 
 /**
- * a template over the conversation: user turns as prompts, assistant turns as completions, system messages as the
- * format writes them (or left out when it has none), other roles left out
+ * A user's Jinja template over the conversation: its text is the macro the data was rendered with
+ * (user-template.ts), called for each user turn with the message's content as the template's first printed field
+ * and the message's other fields by name (absent ones undefined, as in a record that lacks them). The user turn
+ * is what the macro renders before the response; the assistant turn is the answer, what the macro renders after
+ * the response (for the fields of the user turn before it) and the EOS.
  */
-function conversation(user: string, assistant: string, system?: string): string {
+function jinjaConversation(t: JinjaUserTemplate, eos: string): PromptFormat {
+    const args = (message: string, response: string) =>
+        t.variables
+            .map((name) =>
+                name === t.responseField
+                    ? response
+                    : name === t.contentVariable
+                      ? `${message}['content']`
+                      : `${message}[${jinjaString(name)}]`
+            )
+            .join(", ");
+    const marker = jinjaString(RESPONSE_MARKER);
+    const call = (message: string) => `${TEMPLATE_MACRO}(${args(message, marker)})`;
+    const user = t.printsResponse ? `{{- ${call("message")}.split(${marker})[0] -}}` : `{{- ${call("message")} -}}`;
+    const after = t.printsResponse ? ` + ${call("qlora.user")}.split(${marker})[1]` : "";
+    const assistant = `{{- message['content']${after}${eos} -}}`;
+    // the macro, and the last user turn remembered for the text after the answer
+    const preamble = `${t.macro}{%- set qlora = namespace(user={}) -%}`;
+    return {
+        source: "template",
+        template: conversation(`{%- set qlora.user = message -%}${user}`, assistant, undefined, preamble)
+    };
+}
+
+/**
+ * a template over the conversation: user turns as prompts, assistant turns as completions, system messages as the
+ * format writes them (or left out when it has none), other roles left out; `preamble` comes before the loop
+ */
+function conversation(user: string, assistant: string, system?: string, preamble = ""): string {
     return (
         "{#- qlora: the training format of this fine-tune (data/prompt-format.ts) -#}\n" +
+        preamble +
         "{%- for message in messages -%}" +
         `{%- if message['role'] == 'user' -%}${user}` +
         `{%- elif message['role'] == 'assistant' -%}${assistant}` +

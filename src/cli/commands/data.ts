@@ -30,7 +30,7 @@ export function registerData(program: Command): void {
         .requiredOption("-d, --dataset <file>", "JSON, JSONL or Parquet file, or a folder")
         .option("-m, --model <dir>", "the model whose tokenizer prepares the data (default: the embedded tiny-qwen2)")
         .option("--dataset-format <format>", `record format: ${FORMATS.join(", ")}`)
-        .option("--template <text>", "a prompt template with {field} placeholders (as the train key)")
+        .option("--template <text>", "a prompt template with {field} placeholders or in Jinja (as the train key)")
         .option(
             "--max-seq-length <n>",
             "truncate each example to this many tokens (default 1024)",
