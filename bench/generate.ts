@@ -20,7 +20,7 @@ import path from "node:path";
 import {performance} from "node:perf_hooks";
 import {fileURLToPath} from "node:url";
 import {DEFAULT_MODEL_DIR} from "../src/api/models.js";
-import {cuda, cudaAvailability, cudaMemoryStats, DeviceBuffer} from "../src/backend/cuda.js";
+import {cuda, cudaAvailability, DeviceBuffer} from "../src/backend/cuda.js";
 import {Rng} from "../src/backend/rng.js";
 import {loadModelConfig} from "../src/io/hf-config.js";
 import type {CausalLm} from "../src/model/causal-lm.js";
@@ -29,6 +29,7 @@ import {DecoderModel} from "../src/model/decoder.js";
 import {decodeBatchSteps} from "../src/model/generate.js";
 import {applyLora} from "../src/peft/inject.js";
 import {bitsAndBytesConfig} from "../src/quant/config.js";
+import {memoryReport} from "../src/train/memory.js";
 import {syntheticModel} from "./models.js";
 
 const arg = (name: string, def: string) => {
@@ -43,6 +44,10 @@ const newTokens = Number(arg("new", "256"));
 const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
 const firstToken = !process.argv.includes("--no-first-token");
+// --sample: decode with a chat setting (temperature 0.7, top-k 50, top-p 0.9, repetition penalty 1.1) instead of
+// greedy, to see what choosing tokens on the device costs (the peer stays greedy)
+const sampled = process.argv.includes("--sample");
+const decoding = sampled ? {greedy: false, temperature: 0.7, topK: 50, topP: 0.9, repetitionPenalty: 1.1} : {greedy: true};
 // --device cpu: the same measurements on the host model (a smoke run of this script on a machine with no GPU)
 const onCpu = arg("device", "cuda") === "cpu";
 const sync = () => {
@@ -140,9 +145,9 @@ async function timeBase(base: string): Promise<void> {
         const prompts = Array.from({length: bs}, () => Array.from({length: promptLen}, () => prng.int(V)));
         const ids = Int32Array.from(prompts.flat());
         const logitRows = Array.from({length: bs}, (_, b) => b * promptLen + promptLen - 1);
-        const greedy = {greedy: true, eosTokenIds: []};
+        const decode = {...decoding, eosTokenIds: []};
         // warm-up at this shape: the attention and GEMM workspaces are set up outside the timings
-        for (const _ of decodeBatchSteps(lm, prompts, {...greedy, maxNewTokens: 4}));
+        for (const _ of decodeBatchSteps(lm, prompts, {...decode, maxNewTokens: 4}));
         sync();
         if (!onCpu) cuda().resetPeakMemoryStats();
         const cache = lm.newCache(bs, promptLen + newTokens);
@@ -154,7 +159,7 @@ async function timeBase(base: string): Promise<void> {
         let steps = 0,
             first = 0;
         t = performance.now();
-        for (const _ of decodeBatchSteps(lm, prompts, {...greedy, maxNewTokens: newTokens}))
+        for (const _ of decodeBatchSteps(lm, prompts, {...decode, maxNewTokens: newTokens}))
             if (steps++ === 0) first = performance.now();
         sync();
         const decodeS = (performance.now() - first) / 1000;
@@ -165,7 +170,8 @@ async function timeBase(base: string): Promise<void> {
             batch: bs,
             prefillTokS: (bs * promptLen) / prefillS,
             decodeTokS: (bs * (newTokens - 1)) / decodeS,
-            peakGiB: onCpu ? process.memoryUsage().rss / GiB : cudaMemoryStats().peakAllocated / GiB,
+            // the process's max RSS on the CPU (loading included), the allocator's peak since the reset on the GPU
+            peakGiB: memoryReport(onCpu ? "cpu" : "cuda").peak / GiB,
             note: `load ${loadS.toFixed(0)} s; first step ${((first - t) / 1000).toFixed(2)} s`
         };
         console.log(`ROW ${JSON.stringify(row)}`);
@@ -237,7 +243,8 @@ const passOn = [
     "--prompt",
     String(promptLen),
     "--new",
-    String(newTokens)
+    String(newTokens),
+    ...(sampled ? ["--sample"] : [])
 ];
 for (const base of bases) child([...passOn, "--dir", dir, "--child", base], `the ${base} run`);
 if (peer) {
@@ -276,7 +283,8 @@ if (peer) {
 const firstS = firstToken ? firstTokenSeconds() : null;
 
 console.log(
-    `\n${gpu}, ${name} architecture (random weights), r=${R} adapter on all 7 projections unmerged, greedy, ` +
+    `\n${gpu}, ${name} architecture (random weights), r=${R} adapter on all 7 projections unmerged, ` +
+        `${sampled ? "sampled (T 0.7, top-k 50, top-p 0.9, repetition penalty 1.1; the peer greedy)" : "greedy"}, ` +
         `prompt ${promptLen}, ${newTokens} new tokens\n`
 );
 console.log("| implementation | base | batch | prefill tok/s | decode tok/s | peak GiB | notes |");

@@ -7,15 +7,8 @@
 //   node bench/gpu.js [--models qwen2-0.5b,qwen2-7b] [--modes qlora,lora] [--shape 4x512] [--steps 10]
 //                     [--dir /tmp/models] [--peer path/to/peer_lora.py] [--offload]
 import {spawnSync} from "node:child_process";
-import {performance} from "node:perf_hooks";
-import {cuda, cudaMemoryStats} from "../src/backend/cuda.js";
-import {DropoutClock} from "../src/backend/dropout.js";
-import {Rng} from "../src/backend/rng.js";
-import {applyLora} from "../src/peft/inject.js";
-import {DecoderModel} from "../src/model/decoder.js";
-import {bitsAndBytesConfig} from "../src/quant/config.js";
-import {createEngine} from "../src/train/engine.js";
-import {CONFIGS, syntheticModel} from "./models.js";
+import {syntheticModel} from "./models.js";
+import {setupTraining, timeSteps, type TrainMode} from "./train-steps.js";
 
 const arg = (name: string, def: string) => {
     const i = process.argv.indexOf(`--${name}`);
@@ -53,78 +46,18 @@ const rows: Row[] = [];
 for (const name of models) {
     const modelDir = await syntheticModel(dir, name);
     for (const mode of modes) {
-        cuda().emptyCache();
-        const t0 = performance.now();
-        const model = await DecoderModel.load(modelDir, {
-            quantization:
-                mode === "qlora"
-                    ? bitsAndBytesConfig({
-                          load_in_4bit: true,
-                          bnb_4bit_quant_type: "nf4",
-                          bnb_4bit_use_double_quant: true,
-                          bnb_4bit_compute_dtype: "bfloat16"
-                      })
-                    : null
-        });
-        // the dropout masks are seeded from the run's micro-batch clock, as the trainer seeds them
-        const dropoutClock = new DropoutClock(0);
-        const lora = applyLora(
-            model,
-            {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: "all-linear"},
-            {initRng: new Rng(0), dropoutClock}
-        );
-        cuda().resetPeakMemoryStats();
-        const engine = createEngine(
-            "cuda",
-            model,
-            lora,
-            mode === "qlora" ? "paged_adamw_8bit" : "adamw_torch",
-            {},
-            dropoutClock,
-            offload
-        );
-        const loadS = (performance.now() - t0) / 1000;
-        const rng = new Rng(1);
-        const V = Number(CONFIGS[name].vocab_size),
-            N = bs * seq;
-        const batches = Array.from({length: 4}, () => {
-            const ids = Int32Array.from({length: N}, () => rng.int(V));
-            return {
-                B: bs,
-                T: seq,
-                inputIds: ids,
-                labels: ids,
-                attentionMask: null,
-                positionIds: Int32Array.from({length: N}, (_, i) => i % seq),
-                segIds: null
-            };
-        });
-        let t1 = 0;
-        const losses: number[] = [];
-        for (let i = 0; i < warmup + steps; i++) {
-            if (i === warmup) {
-                cuda().synchronize();
-                t1 = performance.now();
-            }
-            const b = batches[i % 4];
-            engine.zeroGrad();
-            const r = engine.forwardBackward(b, {lossScale: 1 / (N - bs), gradientCheckpointing: true});
-            engine.clipGradNorm(0);
-            engine.optimizerStep(2e-4);
-            losses.push(r.lossSum / r.targets);
-        }
-        cuda().synchronize();
-        const dt = (performance.now() - t1) / 1000;
-        const peak = cudaMemoryStats().peakAllocated / 2 ** 30;
+        // the peak counts this mode's model only (the earlier mode's device buffers stay allocated in this process)
+        const setup = await setupTraining(modelDir, mode as TrainMode, {offload});
+        const t = timeSteps(setup, {batch: bs, seq, steps, warmup, gradientCheckpointing: true});
         rows.push({
             model: name,
             impl: `qlora (this project)${offload ? ", offloaded checkpoints" : ""}`,
             mode,
-            tokS: (steps * N) / dt,
-            samplesS: (steps * bs) / dt,
-            stepMs: (1000 * dt) / steps,
-            peakGiB: peak,
-            note: `load ${loadS.toFixed(0)} s, loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`
+            tokS: t.tokensPerSecond,
+            samplesS: t.samplesPerSecond,
+            stepMs: t.stepMs,
+            peakGiB: (t.peakBytes ?? 0) / 2 ** 30,
+            note: `load ${setup.loadSeconds.toFixed(0)} s, loss ${t.lossFirst.toFixed(3)} -> ${t.lossLast.toFixed(3)}`
         });
         console.log(JSON.stringify(rows[rows.length - 1]));
     }

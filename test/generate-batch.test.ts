@@ -97,3 +97,35 @@ test("continuous batching: a row that leaves frees its place; a full row stops a
     assert.deepEqual(kept.result.newIds, greedyByRecompute(prompts[3], 4));
     dec.release();
 });
+
+test("repetition penalty: the prompt's and the answer's tokens are penalized at every step, batched or alone", () => {
+    const penalty = 1.8;
+    const n = 8;
+    const V = model.config.vocabSize;
+    // the reference: a full forward per token, transformers' penalty over the distinct ids so far, then the argmax
+    const reference = (prompt: number[]) => {
+        const ids = [...prompt];
+        for (let i = 0; i < n; i++) {
+            const logits = model.forward(Int32Array.from(ids), 1, ids.length, {logitRows: [ids.length - 1]});
+            for (const t of new Set(ids)) logits[t] = logits[t] < 0 ? logits[t] * penalty : logits[t] / penalty;
+            let best = 0;
+            for (let v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
+            ids.push(best);
+        }
+        return ids.slice(prompt.length);
+    };
+    const opts = {maxNewTokens: n, greedy: true, repetitionPenalty: penalty, eosTokenIds: [-1]};
+    const batch = generateBatch(model, prompts, opts);
+    let changed = 0;
+    prompts.forEach((p, b) => {
+        assert.deepEqual(batch[b].newIds, reference(p), `prompt ${b}`);
+        assert.deepEqual(generate(model, p, opts).newIds, batch[b].newIds, `prompt ${b} alone`);
+        if (generate(model, p, {...opts, repetitionPenalty: 1}).newIds.join() !== batch[b].newIds.join()) changed++;
+    });
+    assert.ok(changed > 0, "the penalty changed no answer");
+    // sampled with a penalty: a row's tokens are those of its own seeded run
+    const sampled = {maxNewTokens: 8, greedy: false, temperature: 0.9, topK: 0, topP: 0.95, repetitionPenalty: 1.3, seed: 9};
+    const rows = generateBatch(model, prompts, sampled);
+    prompts.forEach((p, b) => assert.deepEqual(rows[b].newIds, generate(model, p, sampled).newIds, `sampled prompt ${b}`));
+    assert.throws(() => generate(model, prompts[0], {maxNewTokens: 2, repetitionPenalty: 0}), /repetition_penalty must be > 0/);
+});

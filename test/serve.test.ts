@@ -163,6 +163,23 @@ describe("qlora serve (OpenAI API)", () => {
             )
         );
         assert.equal(r.usage?.completion_tokens, want.newIds.length);
+        // repetition_penalty (vLLM's extension of the API) is generate's repetitionPenalty
+        const penalized = generate(base.lm, ids, {
+            maxNewTokens: 16,
+            greedy: true,
+            repetitionPenalty: 1.8,
+            eosTokenIds: base.eosTokenIds
+        });
+        const request = {model: "tiny", prompt: "The capital of France is", temperature: 0, repetition_penalty: 1.8};
+        const p = await client.completions.create(request);
+        assert.equal(
+            p.choices[0].text,
+            base.tokenizer.decode(
+                penalized.newIds.filter((id) => !eos.has(id)),
+                {skipSpecialTokens: true}
+            )
+        );
+        assert.notDeepEqual(penalized.newIds, want.newIds, "the penalty changed nothing");
     });
 
     test("a stop string ends the answer before it, streamed or not", async () => {
@@ -301,6 +318,7 @@ describe("qlora serve (OpenAI API)", () => {
         const hi = [{role: "user", content: "hi"}];
         await bad({model: "nope", messages: hi}, 404, /model `nope` does not exist.*tiny, fixture, second/);
         await bad({model: "tiny", messages: hi, temperature: 5}, 400, /temperature` must be a number in \[0, 2\]/);
+        await bad({model: "tiny", messages: hi, repetition_penalty: 0}, 400, /repetition_penalty` must be a number in/);
         await bad({model: "tiny", messages: []}, 400, /messages` must be a non-empty list/);
         await bad({model: "tiny", messages: [{role: "wizard", content: "x"}]}, 400, /messages\[0\]\.role must be/);
         await bad({model: "tiny", messages: hi, max_tokens: 10 ** 9}, 400, /exceed the \d+ positions a request holds here/);

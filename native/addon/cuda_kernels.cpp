@@ -276,16 +276,19 @@ Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
 // ------------------------------------------------------------------
 // cross-entropy
 
-// argmaxRowsF32(x, R, V, out, bad)
-Napi::Value ArgmaxRowsF32(const Napi::CallbackInfo& info) {
+// pickTokensF32(x, R, V, params, entries|null, E, out, bad)
+Napi::Value PickTokensF32(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const float* x = dev<const float>(info, 0);
+    float* x = dev<float>(info, 0);
     int64_t R = int_arg(info, 1), V = int_arg(info, 2);
-    int32_t* out = dev<int32_t>(info, 3);
-    int32_t* bad = dev<int32_t>(info, 4);
+    const int32_t* params = dev<const int32_t>(info, 3);
+    const int32_t* entries = dev<const int32_t>(info, 4, true);
+    int64_t E = int_arg(info, 5);
+    int32_t* out = dev<int32_t>(info, 6);
+    int32_t* bad = dev<int32_t>(info, 7);
     QLORA_CHECK_ARGS(env);
-    if (!check_sizes(env, "argmaxRowsF32", {R, V})) return env.Undefined();
-    return done(env, qlora_cuda_argmax_rows_f32(x, R, V, out, bad, S()), "argmaxRowsF32");
+    if (!check_sizes(env, "pickTokensF32", {R, V, E})) return env.Undefined();
+    return done(env, qlora_cuda_pick_tokens_f32(x, R, V, params, entries, E, out, bad, S()), "pickTokensF32");
 }
 
 // crossEntropyForward(loss, lse|null, count|null, logits, targets, N, V)
@@ -517,7 +520,7 @@ void register_cuda_kernels(Napi::Env env, Napi::Object exports) {
     fn("ropeBackward", RopeBackward);
     fn("swigluForward", SwigluForward);
     fn("swigluBackward", SwigluBackward);
-    fn("argmaxRowsF32", ArgmaxRowsF32);
+    fn("pickTokensF32", PickTokensF32);
     fn("crossEntropyForward", CrossEntropyForward);
     fn("crossEntropyBackward", CrossEntropyBackward);
     fn("crossEntropyFused", CrossEntropyFused);

@@ -103,13 +103,17 @@ cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup, const uin
                                        const uint16_t* up, int64_t n, cudaStream_t stream);
 
 // ------------------------------------------------------------------
+// choosing the next token of each row of f32 logits x[R, V] (sampling.cu; the CPU reference is
+// src/backend/sampling.ts): params[r * 5 + 0..4] = temperature (f32 bits; 0: greedy, the first index of the largest
+// value), top_k (0: off), top_p (f32 bits; 1: off), the draw u (a uniform uint32), repetition_penalty (f32 bits).
+// entries[0..E) the rows and entries[E..2E) the tokens the penalty applies to (distinct per row; nullable when
+// E = 0): x is penalized in place. out[r] (i32) the token; *bad (one int32, +=; zero it first) the number of NaN or
+// infinite logits (a row with any is answered greedily).
+cudaError_t qlora_cuda_pick_tokens_f32(float* x, int64_t R, int64_t V, const int32_t* params, const int32_t* entries,
+                                       int64_t E, int32_t* out, int32_t* bad, cudaStream_t stream);
+
 // softmax cross-entropy over a chunk of rows of bf16 logits (the lm_head output), one block per row, fp32 online
 // max/sum. targets < 0 (or >= V) are ignored: loss 0, not counted, zero gradient row.
-
-// out[r] (i32) = the first index of the largest finite value of x[r, :] (f32 [R, V]): greedy decoding on the
-// device; *bad (one int32 on the device, +=; zero it first) the number of NaN or infinite values
-cudaError_t qlora_cuda_argmax_rows_f32(const float* x, int64_t R, int64_t V, int32_t* out, int32_t* bad,
-                                       cudaStream_t stream);
 
 // loss[N] (f32), lse[N] (f32, nullable), count (one int32 on the device, nullable: += the number of counted rows,
 // so chunks add up; zero it first), logits[N,V] (bf16), targets[N] (i32)

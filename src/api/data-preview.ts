@@ -4,7 +4,7 @@ import {checkMapSetting} from "../data/column-map.js";
 import {describeDataset, loadDataset, type DataOptions, type DatasetDescription} from "../data/index.js";
 import {promptFormatTemplate} from "../data/prompt-format.js";
 import {HfTokenizer} from "../tokenizer/index.js";
-import {resolveModelDir} from "./models.js";
+import {resolveModel} from "./models.js";
 
 export interface PreviewOptions extends DataOptions {
     /** the model folder whose tokenizer (and chat template) the data is prepared with (default: the embedded model) */
@@ -36,7 +36,7 @@ export interface DataPreview {
 export async function previewDataset(dataset: string, opts: PreviewOptions = {}): Promise<DataPreview> {
     // a mapping from a caller is checked as the train config checks it: a misspelt key would map nothing
     opts = {...opts, columns: checkMapSetting("columns", opts.columns), tags: checkMapSetting("tags", opts.tags)};
-    const tokenizer = await HfTokenizer.load(resolveModelDir(opts.model));
+    const tokenizer = await HfTokenizer.load(await resolveModel(opts.model, {weights: false}));
     const prepared = await loadDataset(dataset, tokenizer, opts);
     const samples = prepared.rows.slice(0, opts.samples ?? 5).map((row): PreviewSample => {
         const labelMask = Array.from(row.labels, (l) => (l === -100 ? 0 : 1));

@@ -11,7 +11,7 @@ import {
     type GgufLoraOuttype
 } from "../export/gguf-lora.js";
 import {exportModelToGguf, type ExportGgufResult, type ModelToGgufOptions} from "../export/gguf-model.js";
-import {resolveModelDir} from "./models.js";
+import {resolveModel} from "./models.js";
 
 export type {ExportProgress} from "../export/gguf-output.js";
 export type {ExportGgufLoraResult, ExportGgufResult, GgufLoraOuttype};
@@ -25,7 +25,7 @@ export interface ExportGgufOptions extends Omit<ModelToGgufOptions, "modelDir"> 
 export async function exportGguf(opts: ExportGgufOptions): Promise<ExportGgufResult> {
     if (!GGUF_OUTTYPES.includes(opts.outtype))
         throw new QloraError(`--outtype ${quoteValue(opts.outtype)} is not one of ${GGUF_OUTTYPES.join(", ")}`);
-    return exportModelToGguf({...opts, modelDir: resolveModelDir(opts.modelDir)});
+    return exportModelToGguf({...opts, modelDir: await resolveModel(opts.modelDir)});
 }
 
 export interface ExportGgufLoraOptions extends Omit<AdapterToGgufOptions, "modelDir" | "outtype"> {
@@ -40,5 +40,5 @@ export async function exportGgufLora(opts: ExportGgufLoraOptions): Promise<Expor
     const outtype = opts.outtype ?? "f32";
     if (outtype !== "f32" && outtype !== "f16")
         throw new QloraError(`--outtype ${quoteValue(outtype)} is not one of f32, f16 for a LoRA adapter`);
-    return exportAdapterToGguf({...opts, outtype, modelDir: resolveModelDir(opts.modelDir)});
+    return exportAdapterToGguf({...opts, outtype, modelDir: await resolveModel(opts.modelDir, {weights: false})});
 }

@@ -8,7 +8,7 @@ import type {GgufOuttype} from "../io/gguf-quants.js";
 import {modelfileText, ollamaTemplate, probeTurns} from "../export/ollama.js";
 import {HfTokenizer} from "../tokenizer/index.js";
 import {exportGguf, exportGgufLora} from "./export-gguf.js";
-import {chatTemplateFor, resolveModelDir, stopTokenIds} from "./models.js";
+import {chatTemplateFor, resolveModel, stopTokenIds} from "./models.js";
 
 export const OLLAMA_FOLDER_KIND = "ollama-model";
 
@@ -34,7 +34,7 @@ export interface ExportOllamaResult {
 }
 
 export async function exportOllama(opts: ExportOllamaOptions): Promise<ExportOllamaResult> {
-    const modelDir = resolveModelDir(opts.modelDir);
+    const modelDir = await resolveModel(opts.modelDir);
     const out = path.resolve(opts.out);
     await assertOutputSeparate(out, [
         {path: modelDir, what: "model folder"},

@@ -4,15 +4,23 @@ import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {pathExists, readTextFile} from "../io/files.js";
 import {MAX_CHAT_TEMPLATE_BYTES, readChatTemplateFile} from "../io/gguf-vocab.js";
+import {
+    cachedHubModelSync,
+    fetchHubModel,
+    HubNotFoundError,
+    type HubModelRequest,
+    type HubModelResult,
+    isHubModelId
+} from "../io/hub.js";
 import {packageRoot} from "../backend/native.js";
-import {cudaAvailability, resolveDevice} from "../backend/cuda.js";
+import {chooseDevice, type DeviceChoice} from "../backend/cuda.js";
 import type {CausalLm} from "../model/causal-lm.js";
 import {CudaModel} from "../model/cuda-model.js";
 import {DecoderModel} from "../model/decoder.js";
 import {loadAdapter} from "../peft/adapter-files.js";
 import type {LoraModel} from "../peft/inject.js";
 import {bitsAndBytesConfig} from "../quant/config.js";
-import {CHAT_TEMPLATE_FILE_NAME, HfTokenizer} from "../tokenizer/index.js";
+import {CHAT_TEMPLATE_FILE_NAME, HfTokenizer, TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
 import type {ModelConfig} from "../io/hf-config.js";
 
 /** the model that ships inside the package, used when no --model is given */
@@ -51,14 +59,49 @@ export interface LoadModelOptions {
     template?: string;
 }
 
+/** the files of a model folder that qlora reads besides the weights: config.json and the tokenizer's */
+const MODEL_TEXT_FILES: readonly string[] = ["config.json", ...TOKENIZER_FOLDER_FILES];
+
+/**
+ * The model folder `nameOrDir` names, the one resolver of --model and of the train config's model: a folder
+ * that exists (it always wins), else a Hugging Face Hub id (ORG/NAME), fetched into the Hugging Face cache
+ * as huggingface_hub does (only what is missing; HF_HUB_OFFLINE=1: the cache only, no network).
+ * `weights: false` fetches the config and tokenizer files only.
+ */
+export async function resolveModel(nameOrDir?: string, opts: {revision?: string; weights?: boolean} = {}): Promise<string> {
+    if (nameOrDir === undefined || existsSync(path.resolve(nameOrDir)) || !isHubModelId(nameOrDir))
+        return resolveModelDir(nameOrDir);
+    try {
+        return (await downloadModel(nameOrDir, opts)).dir;
+    } catch (err) {
+        // ORG/NAME may also be a mistyped relative path: say that no such folder exists either
+        if (err instanceof HubNotFoundError)
+            throw new QloraError(`no folder ${path.resolve(nameOrDir)} exists; ${err.message}`, {cause: err});
+        throw err;
+    }
+}
+
+/** fetches the files of a Hub model that qlora reads into the Hugging Face cache (or opts.localDir) */
+export function downloadModel(repoId: string, opts: Omit<HubModelRequest, "repoId" | "textFiles"> = {}): Promise<HubModelResult> {
+    return fetchHubModel({...opts, repoId, textFiles: MODEL_TEXT_FILES});
+}
+
+/**
+ * The model folder `dir` names, synchronously: a folder, or a Hub id already in the Hugging Face cache (this
+ * never downloads; resolveModel does).
+ */
 export function resolveModelDir(dir: string | undefined): string {
     const resolved = path.resolve(dir ?? DEFAULT_MODEL_DIR);
-    if (!existsSync(resolved))
+    if (!existsSync(resolved)) {
+        const cached = dir === undefined ? null : cachedHubModelSync(dir);
+        if (cached) return cached;
         throw new QloraError(
             "the model folder does not exist (pass a Hugging Face model folder " +
-                "with config.json, *.safetensors and tokenizer.json)",
+                "with config.json, *.safetensors and tokenizer.json" +
+                (dir !== undefined && isHubModelId(dir) ? `, or fetch the Hub model first: qlora download ${dir})` : ")"),
             {file: resolved}
         );
+    }
     if (!statSync(resolved).isDirectory())
         throw new QloraError("expected a model folder, got a file " + "(pass the folder that holds config.json)", {
             file: resolved
@@ -68,9 +111,10 @@ export function resolveModelDir(dir: string | undefined): string {
 
 /** loads config.json, the safetensors weights (fp32 on the CPU) and the tokenizer of a model folder */
 export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Promise<LoadedModel> {
-    const resolved = resolveModelDir(dir);
+    const resolved = await resolveModel(dir);
     const requested = opts.device ?? "auto";
-    const device = resolveDevice(requested);
+    const choice = chooseDevice(requested);
+    const device = choice.device;
     // the GPU computes in bf16, so a bf16 checkpoint is quantized from its bf16 values there (as QLoRA trains it)
     const computeDtype = device === "cuda" ? "bfloat16" : "float32";
     const quantization = opts.loadIn4bit ? bitsAndBytesConfig({load_in_4bit: true, bnb_4bit_compute_dtype: computeDtype}) : null;
@@ -79,7 +123,15 @@ export async function loadModel(dir?: string, opts: LoadModelOptions = {}): Prom
     const lora = opts.adapter ? await loadAdapter(path.resolve(opts.adapter), model) : null;
     const tokenizer = await chatTemplateFor(baseTokenizer, opts.adapter, opts.template);
     const eosTokenIds = await stopTokenIds(resolved, model.config, tokenizer);
-    return {dir: resolved, model, tokenizer, baseTokenizer, lora, eosTokenIds, ...onDevice(model, device, requested)};
+    return {
+        dir: resolved,
+        model,
+        tokenizer,
+        baseTokenizer,
+        lora,
+        eosTokenIds,
+        ...onDevice(model, device, requested, deviceLine(choice))
+    };
 }
 
 /** the tokenizer with the chat template LoadModelOptions.template asks for */
@@ -113,22 +165,24 @@ export async function withAdapter(base: LoadedModel, adapterDir: string): Promis
     });
     const lora = await loadAdapter(path.resolve(adapterDir), model);
     const tokenizer = await chatTemplateFor(base.baseTokenizer, adapterDir, undefined);
-    return {...base, model, lora, tokenizer, ...onDevice(model, base.device, base.device)};
+    return {...base, model, lora, tokenizer, ...onDevice(model, base.device, base.device, base.deviceNote)};
 }
 
 /** the model as generation runs it: the host model, or its copy on the GPU (auto falls back and says why) */
+/** the device line a command prints: the GPU chosen, or passed over for a reason (silent without any GPU) */
+function deviceLine(choice: DeviceChoice): string | null {
+    return choice.device === "cuda" || choice.gpuSeen ? choice.line : null;
+}
+
 function onDevice(
     model: DecoderModel,
     device: "cpu" | "cuda",
-    requested: "auto" | "cpu" | "cuda"
+    requested: "auto" | "cpu" | "cuda",
+    note: string | null
 ): Pick<LoadedModel, "lm" | "device" | "deviceNote"> {
-    if (device === "cpu") return {lm: model, device, deviceNote: null};
+    if (device === "cpu") return {lm: model, device, deviceNote: note};
     try {
-        return {
-            lm: new CudaModel(model),
-            device,
-            deviceNote: `device: cuda (${cudaAvailability().info?.devices[0]?.name ?? "GPU"})`
-        };
+        return {lm: new CudaModel(model), device, deviceNote: note};
     } catch (err) {
         // what the GPU path cannot run (head sizes other than 64 and 128): auto falls back and says so
         if (requested === "cuda" || !(err instanceof QloraError)) throw err;

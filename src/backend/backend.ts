@@ -5,6 +5,7 @@
 //
 // Conventions (as in llm.c and both native op sets): outputs first, sizes last; parameter gradients accumulate
 // (+=), activation gradients overwrite (=); an output may alias an input only where the op says so.
+import type {TokenPick} from "./sampling.js";
 
 /** the tensor types of one backend: float activations/weights, int32 indices, uint8 masks */
 export interface TensorTypes {
@@ -140,16 +141,18 @@ export interface Backend<X extends TensorTypes> {
     /** logits[rows, V] (fp32, host) = hidden[rows] head^T; all N rows when rows is null */
     logits(hidden: X["f"], rows: number[] | null, head: X["f"], N: number, C: number, V: number): Float32Array;
     /**
-     * greedy decoding: the first index of the largest finite logit of each of those rows (the logits stay where they
-     * are computed), and how many logits are NaN or infinite
+     * decoding: the next token of each of those rows, chosen where the logits are (only the ids leave the device),
+     * each row by its pick (greedy, or sampled: sampling.ts); all rows greedy when picks is null. nonFinite: how many
+     * logits are NaN or infinite
      */
-    argmaxLogits(
+    pickTokens(
         hidden: X["f"],
         rows: number[] | null,
         head: X["f"],
         N: number,
         C: number,
-        V: number
+        V: number,
+        picks: readonly TokenPick[] | null
     ): {ids: Int32Array; nonFinite: number};
 
     // ---- trainable tensors (LoRA, DoRA magnitudes, biases): fp32 masters and gradients, as stats() tensors

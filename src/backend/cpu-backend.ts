@@ -2,6 +2,7 @@
 // ops are the native CPU addon's (native/cpu/*.cpp, OpenMP).
 import {cpu} from "./cpu.js";
 import type {Backend, LossResult} from "./backend.js";
+import {pickTokensHost, type TokenPick} from "./sampling.js";
 
 export interface CpuTensors {
     f: Float32Array;
@@ -225,29 +226,16 @@ export class CpuBackend implements Backend<CpuTensors> {
         cpu().sgemm(false, true, M, V, C, 1, h, C, head, C, 0, out, V);
         return out;
     }
-    argmaxLogits(
+    pickTokens(
         hidden: Float32Array,
         rows: number[] | null,
         head: Float32Array,
         N: number,
         C: number,
-        V: number
+        V: number,
+        picks: readonly TokenPick[] | null
     ): {ids: Int32Array; nonFinite: number} {
-        const logits = this.logits(hidden, rows, head, N, C, V);
-        const M = logits.length / V;
-        const ids = new Int32Array(M);
-        let nonFinite = 0;
-        for (let r = 0; r < M; r++) {
-            let best = -Infinity,
-                idx = -1;
-            for (let i = r * V; i < (r + 1) * V; i++) {
-                const x = logits[i];
-                if (!Number.isFinite(x)) nonFinite++;
-                else if (x > best) [best, idx] = [x, i - r * V];
-            }
-            ids[r] = Math.max(0, idx);
-        }
-        return {ids, nonFinite};
+        return pickTokensHost(this.logits(hidden, rows, head, N, C, V), V, picks);
     }
 
     param(host: Float32Array): Float32Array {

@@ -6,6 +6,7 @@ import {cudaGemmOps, type GemmDtype} from "./cuda-gemm-types.js";
 import {cudaLoraOps} from "./cuda-lora-types.js";
 import {cudaKernelOps} from "./cuda-kernels-types.js";
 import type {Backend, LossResult} from "./backend.js";
+import {pickArguments, type TokenPick} from "./sampling.js";
 
 export interface CudaTensors {
     f: DeviceBuffer;
@@ -324,23 +325,29 @@ export class CudaBackend implements Backend<CudaTensors> {
         out.free();
         return host;
     }
-    argmaxLogits(
+    pickTokens(
         hidden: DeviceBuffer,
         rows: number[] | null,
         head: DeviceBuffer,
         N: number,
         C: number,
-        V: number
+        V: number,
+        picks: readonly TokenPick[] | null
     ): {ids: Int32Array; nonFinite: number} {
         const logits = this.deviceLogits(hidden, rows, head, N, C, V);
         const M = logits.length / V;
+        const {params, entries} = pickArguments(M, picks);
+        const p = DeviceBuffer.from("i32", params);
+        const e = entries.length > 0 ? DeviceBuffer.from("i32", entries) : null;
         // the ids and the non-finite count in one buffer: one copy to the host
         const out = DeviceBuffer.zeros("i32", M + 1);
-        cudaKernelOps().argmaxRowsF32(logits.ptr, M, V, out.ptr, out.ptr + 4 * M);
-        logits.free();
-        const host = out.toHost() as Int32Array;
-        out.free();
-        return {ids: host.subarray(0, M), nonFinite: host[M]};
+        try {
+            cudaKernelOps().pickTokensF32(logits.ptr, M, V, p.ptr, e?.ptr ?? null, entries.length / 2, out.ptr, out.ptr + 4 * M);
+            const host = out.toHost() as Int32Array;
+            return {ids: host.subarray(0, M), nonFinite: host[M]};
+        } finally {
+            for (const b of [logits, p, e, out]) b?.free();
+        }
     }
     /** f32 logits [rows, V] on the device */
     private deviceLogits(

@@ -111,9 +111,22 @@ export interface CudaKernelOps extends CudaAddon {
     swigluBackward(dgate: number, dup: number, dout: number, gate: number, up: number, n: number): void;
 
     // ------------------------------------------------------------------
-    /** out[r] (i32) = the first index of the largest finite value of x[r, :] (f32 [R, V]); bad (one i32, +=) the
-     * number of NaN or infinite values */
-    argmaxRowsF32(x: number, R: number, V: number, out: number, bad: number): void;
+    /**
+     * the next token of each row of f32 logits x[R, V] (penalized in place), as src/backend/sampling.ts picks it:
+     * params (i32 [R * 5]) = temperature (f32 bits; 0 greedy), top_k, top_p (f32 bits), u (uint32), repetition
+     * penalty (f32 bits); entries (i32 [2E], nullable when E = 0) the rows then the tokens to penalize (distinct per
+     * row); out (i32 [R]); bad (one i32, +=) the number of NaN or infinite logits
+     */
+    pickTokensF32(
+        x: number,
+        R: number,
+        V: number,
+        params: number,
+        entries: number | null,
+        E: number,
+        out: number,
+        bad: number
+    ): void;
     // cross-entropy over bf16 logits [N,V]; targets < 0 (or >= V) are ignored
     /** loss[N], lse[N] (nullable), count (nullable int32 on the device: += counted rows) */
     crossEntropyForward(

@@ -1,5 +1,7 @@
-// cuda.ts: the CUDA backend as TypeScript sees it: is a GPU usable (and if not, what exactly is missing), and
-// device buffers with a dtype and an element count on top of the addon's raw addresses.
+// cuda.ts: the CUDA backend as TypeScript sees it: is a GPU usable (and if not, what exactly is missing), which
+// device --device picks and why, and device buffers with a dtype and an element count on top of the addon's raw
+// addresses.
+import {existsSync} from "node:fs";
 import {QloraError} from "../errors.js";
 import {cudaAddonError, loadCudaAddon} from "./native.js";
 import type {CudaAddon, CudaDeviceInfo, CudaMemoryStats} from "./native-types.js";
@@ -14,18 +16,44 @@ export interface CudaAvailability {
     info: CudaDeviceInfo | null;
 }
 
+/** what cudaAvailability looks at; tests hand in a fake one (the CUDA addon is loaded once per process) */
+export interface CudaProbe {
+    /** the CUDA addon's device query, or null when the addon is not built or cannot load */
+    deviceInfo(): CudaDeviceInfo | null;
+    /** why the addon is missing, when it is */
+    addonError(): string | null;
+    /**
+     * the machine shows this process an NVIDIA GPU whether or not the addon is built: a loaded kernel driver
+     * (Linux: /proc/driver/nvidia/version) and no CUDA_VISIBLE_DEVICES hiding every device
+     */
+    gpuPresent(): boolean;
+}
+
+export const systemCudaProbe: CudaProbe = {
+    deviceInfo: () => loadCudaAddon()?.deviceInfo() ?? null,
+    addonError: cudaAddonError,
+    gpuPresent: () => {
+        const visible = process.env.CUDA_VISIBLE_DEVICES;
+        return existsSync("/proc/driver/nvidia/version") && visible !== "" && visible !== "-1";
+    }
+};
+
+/** a device's compute capability as a number (8.6) */
+export function computeCapability(d: {major: number; minor: number}): number {
+    return d.major + d.minor / 10;
+}
+
 /** checks the addon, the driver, a device of compute capability >= 8.0 and cuBLASLt, in that order */
-export function cudaAvailability(): CudaAvailability {
-    const addon = loadCudaAddon();
-    if (!addon)
+export function cudaAvailability(probe: CudaProbe = systemCudaProbe): CudaAvailability {
+    const info = probe.deviceInfo();
+    if (!info)
         return {
             usable: false,
             info: null,
             reason:
-                `the CUDA backend is not built: ${cudaAddonError()}. Install the CUDA ` +
+                `the CUDA backend is not built: ${probe.addonError()}. Install the CUDA ` +
                 "toolkit (nvcc) and run: npm run build:native"
         };
-    const info = addon.deviceInfo();
     if (info.error || info.devices.length === 0)
         return {
             usable: false,
@@ -36,7 +64,7 @@ export function cudaAvailability(): CudaAvailability {
                     ? " (no NVIDIA driver: install it, or check that libcuda.so.1 is on the library path)"
                     : "")
         };
-    const best = info.devices.reduce((max, d) => Math.max(max, d.major + d.minor / 10), 0);
+    const best = info.devices.reduce((max, d) => Math.max(max, computeCapability(d)), 0);
     if (best < MIN_COMPUTE_CAPABILITY)
         return {
             usable: false,
@@ -56,13 +84,47 @@ export function cudaAvailability(): CudaAvailability {
     return {usable: true, info, reason: null};
 }
 
-/** `--device`: auto takes the GPU when one is usable; cuda fails with the reason when it is not */
-export function resolveDevice(requested: "auto" | "cpu" | "cuda"): "cpu" | "cuda" {
-    if (requested === "cpu") return "cpu";
-    const a = cudaAvailability();
-    if (a.usable) return "cuda";
+/** the device a command runs on, and why */
+export interface DeviceChoice {
+    device: "cpu" | "cuda";
+    /** why: the GPU's name, compute capability and memory; or why auto passed the GPU over */
+    reason: string;
+    /**
+     * the machine has an NVIDIA GPU (or driver) to tell about: the GPU was chosen, or passed over for a reason the
+     * user can fix. On a machine without one, auto's choice of the CPU needs no line.
+     */
+    gpuSeen: boolean;
+    /** the one line commands print: `device: cuda (NVIDIA H100 80GB HBM3, compute capability 9.0, 79.1 GiB)` */
+    line: string;
+    availability: CudaAvailability | null;
+}
+
+/** the GPU a CUDA run uses (device 0: the kernels run on the current device, which is 0 unless set) */
+function gpuDescription(info: CudaDeviceInfo): string {
+    const d = info.devices[0];
+    return `${d.name}, compute capability ${computeCapability(d).toFixed(1)}, ${(d.totalBytes / 2 ** 30).toFixed(1)} GiB`;
+}
+
+/** `--device`: auto takes the GPU when one is usable (else the CPU, saying why); cuda fails with the reason */
+export function chooseDevice(requested: "auto" | "cpu" | "cuda", probe: CudaProbe = systemCudaProbe): DeviceChoice {
+    const choice = (device: "cpu" | "cuda", reason: string, gpuSeen: boolean, availability: CudaAvailability | null) => ({
+        device,
+        reason,
+        gpuSeen,
+        line: `device: ${device} (${reason})`,
+        availability
+    });
+    if (requested === "cpu") return choice("cpu", "--device cpu", false, null);
+    const a = cudaAvailability(probe);
+    if (a.usable && a.info) return choice("cuda", gpuDescription(a.info), true, a);
     if (requested === "cuda") throw new QloraError(`--device cuda: ${a.reason}`);
-    return "cpu";
+    const gpuSeen = (a.info?.devices.length ?? 0) > 0 || probe.gpuPresent();
+    return choice("cpu", `auto: ${a.reason}`, gpuSeen, a);
+}
+
+/** `--device` as a device name (chooseDevice without the reason) */
+export function resolveDevice(requested: "auto" | "cpu" | "cuda"): "cpu" | "cuda" {
+    return chooseDevice(requested).device;
 }
 
 let addon: CudaAddon | null = null;
@@ -88,7 +150,14 @@ export class DeviceBuffer {
     ) {}
 
     static alloc(dtype: DeviceDtype, length: number): DeviceBuffer {
-        return new DeviceBuffer(cuda().alloc(Math.max(1, length) * DTYPE_BYTES[dtype]), dtype, length);
+        const bytes = Math.max(1, length) * DTYPE_BYTES[dtype];
+        try {
+            return new DeviceBuffer(cuda().alloc(bytes), dtype, length);
+        } catch (err) {
+            if (err instanceof Error && /out of GPU memory/.test(err.message))
+                throw outOfMemoryError(bytes, cuda().memoryStats(), err);
+            throw err;
+        }
     }
 
     static zeros(dtype: DeviceDtype, length: number): DeviceBuffer {
@@ -131,6 +200,19 @@ export class DeviceBuffer {
     [Symbol.dispose](): void {
         this.free();
     }
+}
+
+/** the addon's out-of-memory error as a one-line QloraError: what was asked for, what is in use, what to change */
+export function outOfMemoryError(bytes: number, s: CudaMemoryStats, cause?: unknown): QloraError {
+    const gib = (b: number | undefined) => (b === undefined ? "?" : (b / 2 ** 30).toFixed(2));
+    return new QloraError(
+        `out of GPU memory: allocating ${bytes.toLocaleString("en-US")} bytes (${gib(bytes)} GiB) failed with ${gib(s.allocated)} GiB in use by qlora ` +
+            `(peak ${gib(s.peakAllocated)} GiB) and ${gib(s.deviceFree)} GiB free of the GPU's ${gib(s.deviceTotal)} GiB. ` +
+            "Training: lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective batch), " +
+            "max_seq_length or per_device_eval_batch_size, or set gradient_checkpointing, gradient_checkpointing_offload " +
+            "or load_in_4bit (qlora plan shows what fits); generation: lower --max-batch or --ctx-size",
+        {cause}
+    );
 }
 
 export function cudaMemoryStats(): CudaMemoryStats {

@@ -2,7 +2,7 @@
 // with --debug (or QLORA_DEBUG=1).
 import type {Command} from "commander";
 import {pc} from "./colors.js";
-import {DEFAULT_SAMPLING} from "../model/generate.js";
+import {DEFAULT_SAMPLING, type SamplingOptions} from "../model/generate.js";
 import {isQloraError, QloraError, quoteValue} from "../errors.js";
 import {loadModel, type LoadedModel} from "../api/models.js";
 
@@ -136,7 +136,27 @@ export async function loadModelFromFlags(flags: ModelFlags): Promise<LoadedModel
     return loaded;
 }
 
-/** the decoding options of generate and chat: --greedy, --temperature, --top-k, --top-p */
+/** the flags addSamplingOptions adds */
+export interface SamplingFlags {
+    greedy?: boolean;
+    temperature: number;
+    topK: number;
+    topP: number;
+    repetitionPenalty: number;
+}
+
+/** the sampling settings of those flags (generate()'s options) */
+export function samplingOf(flags: SamplingFlags): Omit<SamplingOptions, "seed"> {
+    return {
+        greedy: flags.greedy ?? false,
+        temperature: flags.temperature,
+        topK: flags.topK,
+        topP: flags.topP,
+        repetitionPenalty: flags.repetitionPenalty
+    };
+}
+
+/** the decoding options of generate and chat: --greedy, --temperature, --top-k, --top-p, --repetition-penalty */
 export function addSamplingOptions(cmd: Command): Command {
     return cmd
         .option("--greedy", "greedy decoding (argmax) instead of sampling")
@@ -147,5 +167,11 @@ export function addSamplingOptions(cmd: Command): Command {
             parseIntOption("--top-k", 0),
             DEFAULT_SAMPLING.topK
         )
-        .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP);
+        .option("--top-p <p>", "nucleus sampling mass", parseFloatOption("--top-p"), DEFAULT_SAMPLING.topP)
+        .option(
+            "--repetition-penalty <x>",
+            "divide the logits of tokens already in the prompt or the output by x (transformers' repetition_penalty; 1: off)",
+            parseFloatOption("--repetition-penalty"),
+            DEFAULT_SAMPLING.repetitionPenalty
+        );
 }

@@ -1,6 +1,7 @@
 // causal-lm.ts: what generation, chat and evaluation need of a model, whatever device it runs on: logits for
 // new tokens with a KV cache, and the loss of a batch. The host DecoderModel and the device CudaModel both run the
 // one decoder graph (graph.ts) and implement this.
+import type {TokenPick} from "../backend/sampling.js";
 import type {ModelConfig} from "../io/hf-config.js";
 import type {LossResult, TrainBatch} from "./graph.js";
 
@@ -41,8 +42,11 @@ export interface CausalLm {
     readonly device: "cpu" | "cuda";
     /** logits [rows, V] (fp32, host memory) for ids [B, T] */
     forward(ids: Int32Array, B: number, T: number, opts?: LmForwardOptions): Float32Array;
-    /** greedy decoding: the forward, then the argmax token of each logit row, computed where the logits are */
-    argmaxForward(ids: Int32Array, B: number, T: number, opts?: LmForwardOptions): Int32Array;
+    /**
+     * decoding: the forward, then the next token of each logit row (greedy, or sampled by its pick), chosen where
+     * the logits are; all rows greedy when picks is null
+     */
+    pickForward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions, picks: readonly TokenPick[] | null): Int32Array;
     /** an empty KV cache for `batch` rows of `capacity` positions, in the model's memory; release() frees it */
     newCache(batch: number, capacity: number): LmCache;
     /** the summed loss and target count of a batch, forward only (evaluation) */

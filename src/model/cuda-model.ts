@@ -11,6 +11,7 @@ import {QloraError} from "../errors.js";
 import type {FrozenWeight} from "../backend/backend.js";
 import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
+import type {TokenPick} from "../backend/sampling.js";
 import {cuda, DeviceBuffer} from "../backend/cuda.js";
 import {cudaGemmOps, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
@@ -267,9 +268,9 @@ export class CudaModel implements CausalLm {
         return this.withHidden(ids, B, T, opts, (hidden) => this.graph.logits(hidden, opts.logitRows ?? null, B * T));
     }
 
-    /** greedy decoding: the argmax of each logit row on the device; only the token ids come to the host */
-    argmaxForward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions = {}): Int32Array {
-        return this.withHidden(ids, B, T, opts, (hidden) => this.graph.argmaxTokens(hidden, opts.logitRows ?? null, B * T));
+    /** decoding: each logit row's next token chosen on the device; only the token ids come to the host */
+    pickForward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions, picks: readonly TokenPick[] | null): Int32Array {
+        return this.withHidden(ids, B, T, opts, (hidden) => this.graph.pickTokens(hidden, opts.logitRows ?? null, B * T, picks));
     }
 
     private withHidden<R>(ids: Int32Array, B: number, T: number, opts: LmForwardOptions, use: (hidden: DeviceBuffer) => R): R {

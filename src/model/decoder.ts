@@ -4,6 +4,7 @@
 import {QloraError} from "../errors.js";
 import {cpu, halfToF32} from "../backend/cpu.js";
 import {cpuBackend, type CpuTensors} from "../backend/cpu-backend.js";
+import type {TokenPick} from "../backend/sampling.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {computeRopeInvFreq} from "./rope.js";
 import {DenseLinear, type LinearLayer} from "../backend/linear.js";
@@ -156,9 +157,9 @@ export class DecoderModel implements CausalLm {
         return this.logits(hidden, opts.logitRows ?? null, B * T);
     }
 
-    argmaxForward(ids: Int32Array, B: number, T: number, opts: ForwardOptions = {}): Int32Array {
+    pickForward(ids: Int32Array, B: number, T: number, opts: ForwardOptions, picks: readonly TokenPick[] | null): Int32Array {
         const hidden = this.forwardHidden(ids, B, T, opts);
-        return this.hostGraph().argmaxTokens(hidden, opts.logitRows ?? null, B * T);
+        return this.hostGraph().pickTokens(hidden, opts.logitRows ?? null, B * T, picks);
     }
 
     newCache(batch: number, capacity: number): KVCache<Float32Array> {

@@ -1,7 +1,9 @@
-// generate.ts: autoregressive decoding with a KV cache: greedy, or sampled with temperature, top-k and top-p
-// applied in that order (as transformers' logits warpers are), from a seeded generator.
+// generate.ts: autoregressive decoding with a KV cache: greedy, or sampled with repetition penalty, temperature,
+// top-k and top-p applied in that order (as transformers' logits processors and warpers are), from a seeded
+// generator. The token is chosen where the logits are (src/backend/sampling.ts; on the GPU only ids come back).
 import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
+import type {TokenPick} from "../backend/sampling.js";
 import type {CausalLm, LmCache, LmForwardOptions} from "./causal-lm.js";
 
 export interface SamplingOptions {
@@ -12,6 +14,8 @@ export interface SamplingOptions {
     topK: number;
     /** keep the smallest set whose probability reaches p (1: off) */
     topP: number;
+    /** transformers' repetition_penalty: the logits of the prompt's and the generated tokens / it (1: off) */
+    repetitionPenalty: number;
     seed: number;
 }
 
@@ -31,9 +35,16 @@ export interface GenerateResult {
     stopReason: "eos" | "max_new_tokens" | "context" | "cancelled";
 }
 
-export const DEFAULT_SAMPLING: SamplingOptions = {greedy: false, temperature: 0.7, topK: 50, topP: 0.9, seed: 0};
+export const DEFAULT_SAMPLING: SamplingOptions = {
+    greedy: false,
+    temperature: 0.7,
+    topK: 50,
+    topP: 0.9,
+    repetitionPenalty: 1,
+    seed: 0
+};
 
-/** decodes on the model's device (CPU or GPU: any CausalLm); sampling runs on the host */
+/** decodes on the model's device (CPU or GPU: any CausalLm), choosing each token there */
 export function generate(model: CausalLm, promptIds: number[], opts: GenerateOptions): GenerateResult {
     const steps = decodeSteps(model, promptIds, opts);
     for (;;) {
@@ -101,6 +112,10 @@ function checkRow(s: SamplingOptions, maxNewTokens: number): void {
     if (!s.greedy && !(s.temperature > 0))
         throw new QloraError(`temperature must be > 0 for sampling (got ${s.temperature}); use --greedy for argmax decoding`);
     if (!(s.topP > 0 && s.topP <= 1)) throw new QloraError(`top_p must be in (0, 1] (got ${s.topP})`);
+    if (!(Number.isSafeInteger(s.topK) && s.topK >= 0))
+        throw new QloraError(`top_k must be a non-negative integer (0: off) (got ${s.topK})`);
+    if (!(s.repetitionPenalty > 0 && Number.isFinite(s.repetitionPenalty)))
+        throw new QloraError(`repetition_penalty must be > 0 (1: off) (got ${s.repetitionPenalty})`);
     if (!Number.isSafeInteger(maxNewTokens) || maxNewTokens < 0)
         throw new QloraError(`max_new_tokens must be a non-negative integer (got ${maxNewTokens})`);
 }
@@ -162,6 +177,8 @@ interface ActiveRow extends DecodeRow {
     sampling: SamplingOptions;
     maxNew: number;
     rng: Rng;
+    /** the distinct tokens of the prompt and the output, while a repetition penalty applies */
+    seen: Set<number> | null;
 }
 
 /**
@@ -213,7 +230,8 @@ export class SlotDecoder {
             done: false,
             sampling,
             maxNew: options.maxNewTokens,
-            rng: new Rng(sampling.seed)
+            rng: new Rng(sampling.seed),
+            seen: sampling.repetitionPenalty !== 1 ? new Set(prompt) : null
         };
         if (row.maxNew === 0) {
             row.done = true;
@@ -262,21 +280,17 @@ export class SlotDecoder {
         this.cache.release();
     }
 
-    /**
-     * the next token of each row from one forward pass: when every row decodes greedily the argmax is taken where
-     * the logits are (on the GPU only the ids come back), else each row picks from its logits on the host
-     */
+    /** the next token of each row from one forward pass, chosen where the logits are (each row by its settings) */
     private next(rows: ActiveRow[], ids: Int32Array, B: number, T: number, opts: LmForwardOptions): number[] {
-        if (rows.every((r) => r.sampling.greedy)) return Array.from(this.model.argmaxForward(ids, B, T, opts));
-        const logits = this.model.forward(ids, B, T, opts);
-        const V = this.model.config.vocabSize;
-        return rows.map((row, b) => pickToken(logits.subarray(b * V, (b + 1) * V), row.sampling, row.rng));
+        const picks = rows.every((r) => r.sampling.greedy && !r.seen) ? null : rows.map(tokenPick);
+        return Array.from(this.model.pickForward(ids, B, T, opts, picks));
     }
 
     /** takes a row's next token; true when the row ended with it */
     private accept(row: ActiveRow, id: number): boolean {
         row.result.outputIds.push(id);
         row.result.newIds.push(id);
+        row.seen?.add(id);
         if (this.eos.has(id)) this.finish(row, "eos");
         else if (row.result.newIds.length >= row.maxNew) this.finish(row, "max_new_tokens");
         return row.done;
@@ -301,46 +315,17 @@ export class SlotDecoder {
     }
 }
 
-/** chooses the next token from one row of logits */
-export function pickToken(logits: Float32Array, s: SamplingOptions, rng: Rng): number {
-    if (s.greedy) return argmax(logits);
-    const V = logits.length;
-    // temperature
-    const scaled = new Float32Array(V);
-    for (let i = 0; i < V; i++) scaled[i] = logits[i] / s.temperature;
-    // candidates sorted by logit, descending
-    let order = Array.from({length: V}, (_, i) => i).sort((a, b) => scaled[b] - scaled[a]);
-    if (s.topK > 0 && s.topK < V) {
-        // transformers keeps every token whose logit is >= the k-th largest
-        const kth = scaled[order[s.topK - 1]];
-        order = order.filter((i) => scaled[i] >= kth);
-    }
-    const max = scaled[order[0]];
-    let probs = order.map((i) => Math.exp(scaled[i] - max));
-    let sum = probs.reduce((a, b) => a + b, 0);
-    probs = probs.map((p) => p / sum);
-    if (s.topP < 1) {
-        // keep the most likely tokens until their mass reaches top_p (always at least one)
-        let mass = 0,
-            keep = 0;
-        while (keep < probs.length && (keep === 0 || mass < s.topP)) mass += probs[keep++];
-        order = order.slice(0, keep);
-        probs = probs.slice(0, keep);
-        sum = probs.reduce((a, b) => a + b, 0);
-        probs = probs.map((p) => p / sum);
-    }
-    let r = rng.next();
-    for (let i = 0; i < probs.length; i++) {
-        r -= probs[i];
-        if (r < 0) return order[i];
-    }
-    return order[order.length - 1];
-}
-
-export function argmax(x: Float32Array): number {
-    let best = 0;
-    for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
-    return best;
+/** how a row picks its next token; a sampled row draws one number from its generator per token */
+function tokenPick(row: ActiveRow): TokenPick {
+    const s = row.sampling;
+    return {
+        temperature: s.greedy ? 0 : s.temperature,
+        topK: s.topK,
+        topP: s.topP,
+        u32: s.greedy ? 0 : row.rng.nextU32(),
+        repetitionPenalty: s.repetitionPenalty,
+        seen: row.seen ? Int32Array.from(row.seen) : null
+    };
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {

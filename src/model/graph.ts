@@ -14,6 +14,7 @@
 // Gradient rule (llm.c): parameter gradients +=, activation gradients =, the residual stream +=.
 import {QloraError} from "../errors.js";
 import type {Backend, GraphLinear, LossResult, TensorTypes} from "../backend/backend.js";
+import type {TokenPick} from "../backend/sampling.js";
 import {countNonFinite} from "../backend/cpu.js";
 import {MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
 import type {ProjName} from "./weights.js";
@@ -439,15 +440,16 @@ export class DecoderGraph<X extends TensorTypes> {
         return out;
     }
 
-    /** greedy decoding: the argmax token of each of those rows (the logits are not copied out); non-finite refused */
-    argmaxTokens(hidden: X["f"], rows: number[] | null, totalRows: number): Int32Array {
-        const r = this.backend.argmaxLogits(
+    /** decoding: the next token of each of those rows, chosen where the logits are (not copied out); non-finite refused */
+    pickTokens(hidden: X["f"], rows: number[] | null, totalRows: number, picks: readonly TokenPick[] | null): Int32Array {
+        const r = this.backend.pickTokens(
             hidden,
             rows,
             this.weights.lmHead,
             totalRows,
             this.config.hiddenSize,
-            this.config.vocabSize
+            this.config.vocabSize,
+            picks
         );
         if (r.nonFinite > 0) throw nonFiniteOutput(`${r.nonFinite} logits are NaN or infinite`);
         return r.ids;

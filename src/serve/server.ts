@@ -62,6 +62,7 @@ interface Job {
     temperature: number;
     topP: number;
     topK: number;
+    repetitionPenalty: number;
     seed: number;
     stop: string[];
     stream: boolean;
@@ -199,6 +200,7 @@ export function createServer(opts: ServerOptions): http.Server {
                     temperature: r.job.temperature,
                     topK: r.job.topK,
                     topP: r.job.topP,
+                    repetitionPenalty: r.job.repetitionPenalty,
                     seed: r.job.seed
                 });
             } catch (err) {
@@ -242,9 +244,15 @@ export function createServer(opts: ServerOptions): http.Server {
         if (line) opts.log?.(line);
     };
 
-    return http.createServer((req, res) => {
+    const server = http.createServer((req, res) => {
         handle(req, res).catch((err: unknown) => sendError(res, err));
     });
+    // Node closes an idle kept-alive connection after 5 s, racing a client that reuses it right then (the client
+    // sees ECONNRESET); clients (the openai package's undici among them) keep connections for longer, so the
+    // server keeps them for a minute, as common HTTP servers do
+    server.keepAliveTimeout = 65_000;
+    server.headersTimeout = 66_000;
+    return server;
 }
 
 type Finish = "stop" | "length" | "client_gone";
@@ -515,6 +523,8 @@ function commonJob(
         temperature: temperature === 0 ? 1 : temperature,
         topP: optionalNumber(body, "top_p", Number.MIN_VALUE, 1) ?? 1,
         topK: optionalInteger(body, "top_k", 0, Number.MAX_SAFE_INTEGER) ?? 0,
+        // vLLM's and transformers' name (llama.cpp's server calls it repeat_penalty)
+        repetitionPenalty: optionalNumber(body, "repetition_penalty", Number.MIN_VALUE, 100) ?? 1,
         seed: optionalInteger(body, "seed", 0, Number.MAX_SAFE_INTEGER) ?? randomInt(2 ** 47),
         stop: stops,
         stream: optionalBoolean(body, "stream") ?? false,

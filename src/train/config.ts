@@ -24,7 +24,13 @@ const unitInterval = z.number().min(0, "expected a number in [0, 1)").lt(1, "exp
 export const TrainConfigSchema = z
     .object({
         // model and data
-        model: z.string().nullable().default(null).describe("Hugging Face model folder (default: the embedded tiny-qwen2)"),
+        model: z
+            .string()
+            .nullable()
+            .default(null)
+            .describe(
+                "Hugging Face model folder or Hub id ORG/NAME, fetched into the HF cache (default: the embedded tiny-qwen2)"
+            ),
         dataset: z
             .string()
             .nullable()
@@ -97,6 +103,12 @@ export const TrainConfigSchema = z
             .describe("total optimizer steps; overrides num_train_epochs when > 0"),
         per_device_train_batch_size: z.number().int().positive().default(4),
         per_device_eval_batch_size: z.number().int().positive().default(8),
+        auto_find_batch_size: z
+            .boolean()
+            .default(false)
+            .describe(
+                "on the GPU, halve per_device_train_batch_size (doubling gradient_accumulation_steps) until the memory plan fits"
+            ),
         gradient_accumulation_steps: z.number().int().positive().default(1),
         learning_rate: z.number().positive().default(2e-4),
         weight_decay: z.number().min(0).default(0),

@@ -1,7 +1,6 @@
 // engine.ts: where a training step runs. The trainer's loop is the same on both devices; an engine owns the
 // step's compute (forward/backward), the gradients, clipping and the optimizer.
 import {QloraError} from "../errors.js";
-import {cudaMemoryStats} from "../backend/cuda.js";
 import type {LoraModel} from "../peft/inject.js";
 import type {DecoderModel} from "../model/decoder.js";
 import {CudaModel} from "../model/cuda-model.js";
@@ -33,8 +32,7 @@ export interface TrainEngine {
     loadOptimizerState(state: OptimizerStateDict): void;
     /** training micro-batches done so far (the dropout masks derive from it; set on resume) */
     setMicroBatchIndex(n: number): void;
-    /** bytes in use: the process on the CPU, the caching allocator on the GPU */
-    memory(): {current: number; peak: number; label: string};
+    // memory is measured by memory.ts's memoryReport(device), for every caller alike
 }
 
 /**
@@ -87,7 +85,6 @@ class CpuEngine implements TrainEngine {
     private readonly trainer: DecoderTrainer;
     private readonly optimizer: AdamW;
     private readonly grads: Float32Array[];
-    private peakRss = 0;
 
     constructor(
         model: DecoderModel,
@@ -134,11 +131,6 @@ class CpuEngine implements TrainEngine {
     }
     loadOptimizerState(state: OptimizerStateDict): void {
         this.optimizer.loadStateDict(state);
-    }
-    memory() {
-        const rss = process.memoryUsage().rss;
-        this.peakRss = Math.max(this.peakRss, rss);
-        return {current: rss, peak: this.peakRss, label: "rss"};
     }
 }
 
@@ -193,9 +185,5 @@ class CudaEngine implements TrainEngine {
     }
     loadOptimizerState(state: OptimizerStateDict): void {
         this.optimizer.loadStateDict(state);
-    }
-    memory() {
-        const s = cudaMemoryStats();
-        return {current: s.allocated, peak: s.peakAllocated, label: "gpu"};
     }
 }

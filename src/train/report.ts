@@ -1,5 +1,6 @@
 // report.ts: a self-contained report.html (uPlot and the metrics inlined; opens without a network) with the
-// training and evaluation loss, the learning rate and the gradient norm against the step.
+// training and evaluation loss, the learning rate and the gradient norm against the step, and the run's health
+// warnings (health.ts).
 import {readFileSync} from "node:fs";
 import {createRequire} from "node:module";
 import path from "node:path";
@@ -46,14 +47,21 @@ export async function writeReport(
     const rows = Object.entries(summary)
         .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(String(v))}</td></tr>`)
         .join("");
+    const warnings = records.filter((r) => r.type === "warning");
+    const warningList = warnings.length
+        ? `<h2>health warnings</h2><ul class="warnings">${warnings
+              .map((w) => `<li>step ${escapeHtml(String(w.step))}: ${escapeHtml(String(w.message))}</li>`)
+              .join("")}</ul>`
+        : "<p>health warnings: none</p>";
     // the JSON goes into a <script> block: escape "<" so no "</script>" can end it early
     const json = JSON.stringify(data).replace(/</g, "\\u003c");
     const html = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(title)}</title>
 <style>${css}
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:20px}table{border-collapse:collapse;margin-bottom:16px}
-th{text-align:left;padding:2px 12px 2px 0;color:#666;font-weight:normal}td{padding:2px 0}.chart{margin:12px 0}</style>
-</head><body><h1>${escapeHtml(title)}</h1><table>${rows}</table>
+th{text-align:left;padding:2px 12px 2px 0;color:#666;font-weight:normal}td{padding:2px 0}.chart{margin:12px 0}
+h2{font-size:16px}.warnings li{color:#a15c00;margin:4px 0}</style>
+</head><body><h1>${escapeHtml(title)}</h1><table>${rows}</table>${warningList}
 <div id="loss" class="chart"></div><div id="lr" class="chart"></div><div id="gn" class="chart"></div>
 <script>${js}</script>
 <script>

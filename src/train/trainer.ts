@@ -8,11 +8,12 @@ import path from "node:path";
 import {QloraError} from "../errors.js";
 import type {TrainConfig} from "./config.js";
 import {cpu} from "../backend/cpu.js";
-import {resolveDevice} from "../backend/cuda.js";
+import {chooseDevice, type DeviceChoice} from "../backend/cuda.js";
 import {DropoutClock} from "../backend/dropout.js";
 import {Rng} from "../backend/rng.js";
 import {assertDirOutput, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {readTextFile} from "../io/files.js";
+import {hubIdOfSnapshot} from "../io/hub.js";
 import {DataLoader, loadDataset, padTokenIdOf, type Batch, type DataOptions, type PreparedDataset} from "../data/index.js";
 import {loadAdapter, saveAdapter} from "../peft/adapter-files.js";
 import {applyLora, trainableParametersLine, type LoraModel} from "../peft/inject.js";
@@ -37,6 +38,9 @@ import {
     type TrainerState
 } from "./checkpoint.js";
 import {checkComputeDtype, createEngine} from "./engine.js";
+import {TrainingHealth, type HealthSample} from "./health.js";
+import {formatPeakMemory, memoryReport} from "./memory.js";
+import {gpuPreflight} from "./plan-memory.js";
 import {checkOutputPolicy, markOutputDir, openOutputDir, removeEarlierRun, type OutputDir} from "./output-dir.js";
 import {writeReport, type MetricRecord} from "./report.js";
 import {StopRequest, TrainingInterrupted, type StopSignal} from "./stop.js";
@@ -87,8 +91,11 @@ export interface TrainLogRecord {
     remaining_s: number;
     /** the process's resident memory on the CPU; the caching allocator's allocated bytes on the GPU */
     memory_bytes: number;
+    /** high-water marks, not samples: the OS's max RSS on the CPU, the allocator's peak on the GPU */
     peak_memory_bytes: number;
     memory_kind: string;
+    /** the process's max RSS (on the GPU too: host memory holds offloaded activations and paged states) */
+    host_peak_memory_bytes: number;
 }
 
 export interface TrainReporter {
@@ -98,6 +105,8 @@ export interface TrainReporter {
     onEval?(rec: {step: number; eval_loss: number; eval_perplexity: number; eval_tokens: number}): void;
     onSave?(dir: string, removed: string[]): void;
     onWarning?(message: string): void;
+    /** the device the run takes and why (without this hook, auto passing over a GPU comes as a warning) */
+    onDevice?(choice: DeviceChoice): void;
     /** a first SIGINT/SIGTERM: the run finishes its step, saves a checkpoint and stops */
     onStopping?(signal: StopSignal): void;
 }
@@ -231,8 +240,13 @@ async function assertReplaceable(outputDir: string, resumeDir: string): Promise<
 }
 
 export async function train(config: TrainerConfig, reporter: TrainReporter = {}): Promise<TrainResult> {
-    const device = resolveDevice(config.device);
+    const choice = chooseDevice(config.device);
+    const device = choice.device;
+    if (reporter.onDevice) reporter.onDevice(choice);
+    else if (device === "cpu" && choice.gpuSeen) reporter.onWarning?.(choice.line);
     checkComputeDtype(device, config);
+    // a run the GPU cannot hold is refused (or, with auto_find_batch_size, shrunk) before the weights load
+    if (device === "cuda") config = await gpuPreflight(config, choice, (m) => reporter.onWarning?.(m));
     if (config.threads) cpu().setNumThreads(config.threads);
     const overrideProblem = resumeOverrideProblem(config.resume_override ?? []);
     if (overrideProblem) throw new QloraError(`resume_override: ${overrideProblem}`);
@@ -338,11 +352,11 @@ async function trainInOutputDir(
                 use_dora: config.use_dora,
                 modules_to_save: config.modules_to_save,
                 init_lora_weights: config.init_lora_weights,
-                base_model_name_or_path: path.basename(config.model)
+                base_model_name_or_path: baseModelName(config.model)
             },
             {initRng: new Rng(config.seed), dropoutClock}
         );
-    lora.config.base_model_name_or_path ??= path.basename(config.model);
+    lora.config.base_model_name_or_path ??= baseModelName(config.model);
     const engine = createEngine(
         device,
         model,
@@ -518,6 +532,19 @@ async function trainInOutputDir(
         lastSaved = dir;
         return dir;
     };
+    // health warnings continue over a resume: the earlier session's logs feed the medians and minima
+    const health = new TrainingHealth({
+        learningRate: config.learning_rate,
+        maxGradNorm: config.max_grad_norm,
+        warmupSteps
+    });
+    health.replay(
+        state.log_history.flatMap((h): HealthSample[] =>
+            typeof h.loss === "number" && typeof h.grad_norm === "number" && typeof h.learning_rate === "number"
+                ? [{step: Number(h.step), loss: h.loss, gradNorm: h.grad_norm, learningRate: h.learning_rate}]
+                : []
+        )
+    );
     const startTime = Date.now();
     const startStep = state.global_step;
     let windowStart = Date.now();
@@ -583,26 +610,34 @@ async function trainInOutputDir(
         if (step % loggingSteps === 0 || step === totalSteps) {
             const now = Date.now();
             const elapsed = (now - startTime) / 1000;
+            const memory = memoryReport(engine.device);
+            const meanLoss = acc.lossSum / acc.steps;
             const rec: TrainLogRecord = {
                 step,
                 total_steps: totalSteps,
                 epoch: Number(epoch.toFixed(4)),
-                loss: Number((acc.lossSum / acc.steps).toFixed(4)),
+                loss: Number(meanLoss.toFixed(4)),
                 learning_rate: lr,
                 grad_norm: gradNorm,
                 tokens_per_second: acc.tokens / Math.max(1e-9, (now - windowStart) / 1000),
                 num_tokens: state.num_input_tokens_seen,
                 elapsed_s: elapsed,
                 remaining_s: (elapsed / (step - startStep)) * (totalSteps - step),
-                memory_bytes: engine.memory().current,
-                peak_memory_bytes: engine.memory().peak,
-                memory_kind: engine.memory().label
+                memory_bytes: memory.current,
+                peak_memory_bytes: memory.peak,
+                memory_kind: memory.kind,
+                host_peak_memory_bytes: memory.host.peakRssBytes
             };
             state.log_history.push({loss: rec.loss, grad_norm: gradNorm, learning_rate: lr, epoch: rec.epoch, step});
             state.qlora_log_accumulator = {lossSum: 0, steps: 0, tokens: 0};
             windowStart = now;
             await emit({type: "train", ...rec});
             reporter.onLog?.(rec);
+            for (const w of health.observe({step, loss: meanLoss, gradNorm, learningRate: lr, targets: numItems})) {
+                state.log_history.push({warning: w.kind, message: w.message, epoch: rec.epoch, step});
+                await emit({type: "warning", step, kind: w.kind, message: w.message});
+                reporter.onWarning?.(`step ${step}: ${w.message}`);
+            }
         }
         if (evalData && (step % evalSteps === 0 || step === totalSteps)) {
             const ev = (await evaluate())!;
@@ -640,6 +675,7 @@ async function trainInOutputDir(
     const trainLogs = records.filter((r) => r.type === "train");
     const evalLogs = records.filter((r) => r.type === "eval");
     const evalLoss = evalLogs.length ? Number(evalLogs[evalLogs.length - 1].eval_loss) : null;
+    const memory = memoryReport(engine.device);
     await emit({
         type: "end",
         step: state.global_step,
@@ -647,6 +683,9 @@ async function trainInOutputDir(
         train_loss: trainLoss,
         last_loss: lastLoss,
         eval_loss: evalLoss,
+        memory_kind: memory.kind,
+        peak_memory_bytes: memory.peak,
+        host_peak_memory_bytes: memory.host.peakRssBytes,
         time: new Date().toISOString()
     });
     const reportFile = path.join(outputDir, "report.html");
@@ -663,9 +702,15 @@ async function trainInOutputDir(
             trainable: trainableLine,
             "first / last logged loss": first && last ? `${first.loss} / ${last.loss}` : "-",
             "final eval loss": evalLoss === null ? "-" : evalLoss.toFixed(4),
+            "peak memory": formatPeakMemory(memory),
             "final adapter": finalDir
         },
         records
     );
     return {outputDir, finalDir, globalStep: state.global_step, trainLoss, lastLoss, evalLoss, metricsFile, reportFile};
+}
+
+/** what the adapter records as its base: the Hub id of a model from the Hugging Face cache (as PEFT does), else the folder's name */
+function baseModelName(modelDir: string): string {
+    return hubIdOfSnapshot(modelDir) ?? path.basename(modelDir);
 }

@@ -42,6 +42,8 @@ export const RESUME_KEY_CLASSES: Record<keyof TrainerConfig, "free" | "override"
     modules_to_save: "fixed",
     init_lora_weights: "fixed",
     per_device_train_batch_size: "fixed",
+    // the batch it settles on is the one a resumed run must keep
+    auto_find_batch_size: "free",
     gradient_accumulation_steps: "fixed",
     optim: "fixed",
     seed: "fixed",

@@ -30,6 +30,7 @@ import {cpuBackend, type CpuTensors} from "../../src/backend/cpu-backend.js";
 import {cudaBackend, type CudaTensors} from "../../src/backend/cuda-backend.js";
 import {DeviceBuffer} from "../../src/backend/cuda.js";
 import {cpu, f32ToHalf, halfToF32} from "../../src/backend/cpu.js";
+import {pickTokensHost, type TokenPick} from "../../src/backend/sampling.js";
 import {parseModelConfig} from "../../src/io/hf-config.js";
 import {computeRopeInvFreq} from "../../src/model/rope.js";
 import {Prng, randn32} from "./prng.js";
@@ -263,7 +264,7 @@ const OP_NAMES = {
     addInplace: true,
     cacheWrite: true,
     view: true,
-    argmaxLogits: true,
+    pickTokens: true,
     causalLmLoss: true,
     logits: true,
     zeros: true,
@@ -1064,17 +1065,32 @@ function refArgmax(logits: Float32Array, V: number): {ids: number[]; nonFinite: 
     return {ids, nonFinite};
 }
 
-// greedy decoding on the backend: the argmax of the logits the backend's own logits() gives (so the GEMM's rounding
-// is the same on both sides), exactly; a vocabulary wider than a block's threads and duplicate maxima included
-for (const [N, C, V, rows, poison] of [
-    [1, 8, 11, null, false],
-    [17, 40, 3001, [16, 0, 5, 5], false],
-    [5, 24, 2053, null, false],
-    [3, 24, 37, [2, 0], true]
+// decoding on the backend: greedy rows get the argmax of the logits the backend's own logits() gives (so the GEMM's
+// rounding is the same on both sides), exactly; a vocabulary wider than a block's threads and duplicate maxima
+// included. Sampled rows (temperature, top-k, top-p, repetition penalty, mixed with greedy rows in one batch) get
+// the token src/backend/sampling.ts picks from those logits: the same integers, so the same token unless an exp
+// rounds differently right at the draw.
+const SAMPLED: Omit<TokenPick, "u32" | "seen">[] = [
+    {temperature: 0.7, topK: 50, topP: 0.9, repetitionPenalty: 1},
+    {temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1},
+    {temperature: 1.3, topK: 0, topP: 0.5, repetitionPenalty: 1.3},
+    {temperature: 0.2, topK: 1, topP: 1, repetitionPenalty: 1},
+    {temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1.5},
+    {temperature: 2, topK: 3000, topP: 0.999, repetitionPenalty: 0.8}
+];
+for (const [N, C, V, rows, poison, sampled] of [
+    [1, 8, 11, null, false, false],
+    [17, 40, 3001, [16, 0, 5, 5], false, false],
+    [5, 24, 2053, null, false, false],
+    [3, 24, 37, [2, 0], true, false],
+    [6, 40, 3001, null, false, true],
+    [12, 24, 5003, [11, 0, 3, 3, 7, 1, 2, 4, 5, 6, 8, 9], false, true]
 ] as const) {
     OP_CASES.push({
-        op: "argmaxLogits",
-        shape: `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}${poison ? " (an infinite head row)" : ""}`,
+        op: "pickTokens",
+        shape:
+            `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}${poison ? " (an infinite head row)" : ""}` +
+            (sampled ? " sampled" : " greedy"),
         run(r) {
             const hidden = r.randn(N * C);
             const headValues = randn32(r.rng, V * C, 0.5);
@@ -1083,11 +1099,28 @@ for (const [N, C, V, rows, poison] of [
             if (poison) headValues.fill(Infinity, 9 * C, 10 * C);
             const head = r.upload(headValues);
             const asked = rows ? [...rows] : null;
-            const got = r.be.argmaxLogits(hidden.t, asked, head.t, N, C, V);
-            const want = refArgmax(r.be.logits(hidden.t, asked, head.t, N, C, V), V);
-            r.exact("argmax ids", got.ids, want.ids);
-            r.exact("non-finite count", [got.nonFinite], [want.nonFinite]);
-            if (poison && want.nonFinite === 0) throw new Error("the infinite head row gave no non-finite logit");
+            const M = asked ? asked.length : N;
+            const picks: TokenPick[] | null = sampled
+                ? Array.from({length: M}, (_, i) => ({
+                      ...SAMPLED[i % SAMPLED.length],
+                      u32: r.rng.u32(),
+                      seen: Int32Array.from(new Set(Array.from({length: 40}, () => r.rng.int(V))))
+                  }))
+                : null;
+            const got = r.be.pickTokens(hidden.t, asked, head.t, N, C, V, picks);
+            const logits = r.be.logits(hidden.t, asked, head.t, N, C, V);
+            if (!sampled) {
+                const want = refArgmax(logits, V);
+                r.exact("argmax ids", got.ids, want.ids);
+                r.exact("non-finite count", [got.nonFinite], [want.nonFinite]);
+                if (poison && want.nonFinite === 0) throw new Error("the infinite head row gave no non-finite logit");
+                return;
+            }
+            const want = pickTokensHost(logits, V, picks);
+            r.exact("picked ids", got.ids, want.ids);
+            r.exact("non-finite count", [got.nonFinite], [0]);
+            const distinct = new Set(want.ids).size;
+            if (distinct < M / 2) throw new Error(`the sampled rows picked only ${distinct} distinct tokens`);
         }
     });
 }

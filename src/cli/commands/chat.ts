@@ -5,19 +5,24 @@ import type {Command} from "commander";
 import pc from "picocolors";
 import {generate} from "../../model/generate.js";
 import type {ChatMessage} from "../../tokenizer/index.js";
-import {action, addModelOptions, loadModelFromFlags, type ModelFlags, addSamplingOptions, parseIntOption} from "../run.js";
+import {
+    action,
+    addModelOptions,
+    loadModelFromFlags,
+    type ModelFlags,
+    addSamplingOptions,
+    parseIntOption,
+    samplingOf,
+    type SamplingFlags
+} from "../run.js";
 
-interface ChatFlags {
+interface ChatFlags extends SamplingFlags {
     model?: string;
     adapter?: string;
     loadIn4bit?: boolean;
     device?: ModelFlags["device"];
     system?: string;
     maxNewTokens: number;
-    greedy?: boolean;
-    temperature: number;
-    topK: number;
-    topP: number;
     seed: number;
 }
 
@@ -76,10 +81,7 @@ export function registerChat(program: Command): void {
                     const decoder = tokenizer.createStreamDecoder({skipSpecialTokens: true});
                     const result = generate(lm, ids, {
                         maxNewTokens: Math.min(flags.maxNewTokens, lm.config.maxPositionEmbeddings - ids.length),
-                        greedy: flags.greedy ?? false,
-                        temperature: flags.temperature,
-                        topK: flags.topK,
-                        topP: flags.topP,
+                        ...samplingOf(flags),
                         seed: flags.seed + turn,
                         eosTokenIds: [...eos],
                         onToken: (id) => {

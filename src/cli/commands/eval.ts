@@ -16,7 +16,7 @@ import {
     writeCompareDir,
     writeResultsDir
 } from "../../api/evaluate.js";
-import {resolveModelDir} from "../../api/models.js";
+import {resolveModel} from "../../api/models.js";
 import {cpu} from "../../backend/cpu.js";
 import type {DataOptions} from "../../data/index.js";
 import {QloraError} from "../../errors.js";
@@ -188,7 +188,7 @@ async function runTasks(flags: EvalFlags): Promise<void> {
     // the columns, the output folder and the task files are checked before the model loads (and hours of work)
     const columns = flags.compare === undefined ? null : splitList(flags.compare, "--compare");
     if (columns) parseCompareColumns(columns, flags.adapter);
-    const modelDir = resolveModelDir(flags.model);
+    const modelDir = await resolveModel(flags.model);
     if (flags.output)
         await checkResultsDir(
             flags.output,

@@ -2,19 +2,24 @@
 import type {Command} from "commander";
 import {QloraError} from "../../errors.js";
 import {DEFAULT_SAMPLING, generate} from "../../model/generate.js";
-import {action, addModelOptions, loadModelFromFlags, type ModelFlags, addSamplingOptions, parseIntOption} from "../run.js";
+import {
+    action,
+    addModelOptions,
+    loadModelFromFlags,
+    type ModelFlags,
+    addSamplingOptions,
+    parseIntOption,
+    samplingOf,
+    type SamplingFlags
+} from "../run.js";
 
-interface GenerateFlags {
+interface GenerateFlags extends SamplingFlags {
     model?: string;
     adapter?: string;
     loadIn4bit?: boolean;
     device?: ModelFlags["device"];
     prompt: string;
     maxNewTokens: number;
-    greedy?: boolean;
-    temperature: number;
-    topK: number;
-    topP: number;
     seed: number;
     chat?: boolean;
     system?: string;
@@ -47,10 +52,7 @@ export function registerGenerate(program: Command): void {
                 if (!flags.json && !flags.chat) process.stdout.write(text);
                 const result = generate(lm, promptIds, {
                     maxNewTokens: flags.maxNewTokens,
-                    greedy: flags.greedy ?? false,
-                    temperature: flags.temperature,
-                    topK: flags.topK,
-                    topP: flags.topP,
+                    ...samplingOf(flags),
                     seed: flags.seed,
                     eosTokenIds: [...eos],
                     onToken: flags.json

@@ -1,7 +1,7 @@
 // qlora inspect: what a model folder holds: architecture, sizes, parameter count, dtypes, tokenizer.
 import type {Command} from "commander";
 import {pc} from "../colors.js";
-import {resolveModelDir} from "../../api/models.js";
+import {resolveModel} from "../../api/models.js";
 import {inspectModel} from "../../api/inspect.js";
 import {action} from "../run.js";
 
@@ -28,7 +28,7 @@ export function registerInspect(program: Command): void {
         .option("--json", "print the description as JSON")
         .action(
             action(async (flags: {model?: string; json?: boolean}) => {
-                const info = await inspectModel(resolveModelDir(flags.model));
+                const info = await inspectModel(await resolveModel(flags.model));
                 if (flags.json) {
                     console.log(JSON.stringify(info, null, 2));
                     return;

@@ -1,6 +1,6 @@
 // qlora merge: fold a LoRA adapter into its base model and write a 16-bit Hugging Face folder.
 import type {Command} from "commander";
-import {resolveModelDir} from "../../api/models.js";
+import {resolveModel} from "../../api/models.js";
 import {QloraError} from "../../errors.js";
 import {mergeAdapter} from "../../peft/merge.js";
 import {action} from "../run.js";
@@ -32,7 +32,7 @@ export function registerMerge(program: Command): void {
                     if (flags.dtype !== "bf16" && flags.dtype !== "f16")
                         throw new QloraError(`--dtype must be bf16 or f16 (got "${flags.dtype}")`);
                     const r = await mergeAdapter({
-                        model: resolveModelDir(flags.model),
+                        model: await resolveModel(flags.model),
                         adapter: flags.adapter,
                         out: flags.out,
                         dtype: flags.dtype,

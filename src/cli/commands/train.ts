@@ -3,7 +3,7 @@ import path from "node:path";
 import type {Command} from "commander";
 import cliProgress from "cli-progress";
 import {pc} from "../colors.js";
-import {DEFAULT_MODEL_DIR, resolveModelDir} from "../../api/models.js";
+import {DEFAULT_MODEL_DIR, resolveModel} from "../../api/models.js";
 import {EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA, runTraining} from "../../api/train.js";
 import {loadTrainConfig, TrainConfigSchema} from "../../api/train-config.js";
 import {TrainingInterrupted, type TrainLogRecord} from "../../train/trainer.js";
@@ -72,7 +72,7 @@ export function registerTrain(program: Command): void {
                 const config = await loadTrainConfig(configFile, flags, notices);
                 for (const n of notices) console.error(pc.yellow(`notice: ${n}`));
                 const usingExample = config.dataset === null;
-                const model = resolveModelDir(config.model ?? undefined);
+                const model = await resolveModel(config.model ?? undefined);
                 const resolved = {
                     ...config,
                     model,
@@ -147,6 +147,11 @@ export function registerTrain(program: Command): void {
                             )
                         ),
                     onWarning: (m) => print(pc.yellow(`warning: ${m}`)),
+                    // the device line as the other commands print it; a GPU that auto passes over is a warning
+                    onDevice: (c) => {
+                        if (c.device === "cuda") console.error(pc.dim(c.line));
+                        else if (c.gpuSeen) print(pc.yellow(`warning: ${c.line}`));
+                    },
                     onStopping: (signal) =>
                         print(
                             pc.yellow(
