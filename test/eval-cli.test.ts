@@ -3,36 +3,25 @@
 // nothing; a new subject is the only thing computed).
 import {test} from "node:test";
 import assert from "node:assert/strict";
-import {spawnSync} from "node:child_process";
 import {mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {loadModel} from "../src/api/models.js";
 import {loadTask} from "../src/eval/task.js";
 import {generate} from "../src/model/generate.js";
+import {expectOneLineError, runCli} from "./helpers/cli.js";
 import {MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
 
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-eval-cli-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 const CACHE = path.join(tmp, "cache");
 
+/** qlora with the results cache in this test's temporary folder */
 function qlora(...args: string[]) {
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {
-        encoding: "utf8",
-        cwd: REPO_ROOT,
-        env: {...process.env, QLORA_CACHE: CACHE}
-    });
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
+    return runCli(args, {env: {...process.env, QLORA_CACHE: CACHE}});
 }
 
-function expectError(r: ReturnType<typeof qlora>, ...fragments: string[]) {
-    assert.equal(r.code, 1, `exit code (stderr: ${r.stderr})`);
-    const lines = r.stderr.trim().split("\n");
-    assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
-    assert.match(lines[0], /^.*error:/);
-    for (const f of fragments) assert.ok(lines[0].includes(f), `${JSON.stringify(f)} in ${lines[0]}`);
-}
+const expectError = expectOneLineError;
 
 function writeTask(name: string, yaml: string): string {
     const file = path.join(tmp, name);

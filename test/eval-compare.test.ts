@@ -16,30 +16,20 @@ import {gunzipSync} from "node:zlib";
 import {compareJson, compareModels} from "../src/api/evaluate.js";
 import {loadModel} from "../src/api/models.js";
 import {meanStderr} from "../src/eval/stats.js";
+import {CLI, expectOneLineError, runCli} from "./helpers/cli.js";
 import {DATASETS, FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
 
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
 const ADAPTER = path.join(FIXTURES, "adapter");
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-eval-compare-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 const CACHE = path.join(tmp, "cache");
 
+/** qlora with the results cache in this test's temporary folder */
 function qlora(...args: string[]) {
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {
-        encoding: "utf8",
-        cwd: REPO_ROOT,
-        env: {...process.env, QLORA_CACHE: CACHE}
-    });
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
+    return runCli(args, {env: {...process.env, QLORA_CACHE: CACHE}});
 }
 
-function expectError(r: ReturnType<typeof qlora>, ...fragments: string[]) {
-    assert.equal(r.code, 1, `exit code (stderr: ${r.stderr})`);
-    const lines = r.stderr.trim().split("\n");
-    assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
-    assert.match(lines[0], /^.*error:/);
-    for (const f of fragments) assert.ok(lines[0].includes(f), `${JSON.stringify(f)} in ${lines[0]}`);
-}
+const expectError = expectOneLineError;
 
 // the user's tasks: GSM8K questions as multiple choice (the right number and three others) and as exact match
 const gsm8k = gunzipSync(readFileSync(path.join(DATASETS, "eval", "gsm8k_test.jsonl.gz")))

@@ -16,11 +16,7 @@ import {
     type SamplingFlags
 } from "../run.js";
 
-interface ChatFlags extends SamplingFlags {
-    model?: string;
-    adapter?: string;
-    loadIn4bit?: boolean;
-    device?: ModelFlags["device"];
+interface ChatFlags extends ModelFlags, SamplingFlags {
     system?: string;
     maxNewTokens: number;
     seed: number;

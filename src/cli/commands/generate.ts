@@ -13,11 +13,7 @@ import {
     type SamplingFlags
 } from "../run.js";
 
-interface GenerateFlags extends SamplingFlags {
-    model?: string;
-    adapter?: string;
-    loadIn4bit?: boolean;
-    device?: ModelFlags["device"];
+interface GenerateFlags extends ModelFlags, SamplingFlags {
     prompt: string;
     maxNewTokens: number;
     seed: number;
