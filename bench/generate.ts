@@ -14,6 +14,7 @@
 //
 //   node bench/generate.js [--model qwen2-7b|DIR] [--bases nf4,bf16] [--batches 1,8,32] [--prompt 512] [--new 256]
 //                          [--dir /tmp/models] [--peer path/to/peer_generate.py] [--no-first-token]
+//                          [--graphs on,off] (decoding steps replayed as CUDA graphs, or queued kernel by kernel)
 import {spawnSync} from "node:child_process";
 import {copyFileSync, existsSync} from "node:fs";
 import path from "node:path";
@@ -47,6 +48,7 @@ const firstToken = !process.argv.includes("--no-first-token");
 // --sample: decode with a chat setting (temperature 0.7, top-k 50, top-p 0.9, repetition penalty 1.1) instead of
 // greedy, to see what choosing tokens on the device costs (the peer stays greedy)
 const sampled = process.argv.includes("--sample");
+const graphModes = arg("graphs", "on").split(",");
 const decoding = sampled ? {greedy: false, temperature: 0.7, topK: 50, topP: 0.9, repetitionPenalty: 1.1} : {greedy: true};
 // --device cpu: the same measurements on the host model (a smoke run of this script on a machine with no GPU)
 const onCpu = arg("device", "cuda") === "cpu";
@@ -141,41 +143,45 @@ async function timeBase(base: string): Promise<void> {
     const lm: CausalLm = onCpu ? model : new CudaModel(model);
     const loadS = (performance.now() - t0) / 1000;
     const prng = new Rng(1);
-    for (const bs of batches) {
-        const prompts = Array.from({length: bs}, () => Array.from({length: promptLen}, () => prng.int(V)));
-        const ids = Int32Array.from(prompts.flat());
-        const logitRows = Array.from({length: bs}, (_, b) => b * promptLen + promptLen - 1);
-        const decode = {...decoding, eosTokenIds: []};
-        // warm-up at this shape: the attention and GEMM workspaces are set up outside the timings
-        for (const _ of decodeBatchSteps(lm, prompts, {...decode, maxNewTokens: 4}));
-        sync();
-        if (!onCpu) cuda().resetPeakMemoryStats();
-        const cache = lm.newCache(bs, promptLen + newTokens);
-        let t = performance.now();
-        lm.forward(ids, bs, promptLen, {cache, logitRows});
-        sync();
-        const prefillS = (performance.now() - t) / 1000;
-        cache.release();
-        let steps = 0,
-            first = 0;
-        t = performance.now();
-        for (const _ of decodeBatchSteps(lm, prompts, {...decode, maxNewTokens: newTokens}))
-            if (steps++ === 0) first = performance.now();
-        sync();
-        const decodeS = (performance.now() - first) / 1000;
-        if (steps !== newTokens) throw new Error(`decoded ${steps} steps, expected ${newTokens}`);
-        const row: Row = {
-            impl: "qlora (this project)",
-            base,
-            batch: bs,
-            prefillTokS: (bs * promptLen) / prefillS,
-            decodeTokS: (bs * (newTokens - 1)) / decodeS,
-            // the process's max RSS on the CPU (loading included), the allocator's peak since the reset on the GPU
-            peakGiB: memoryReport(onCpu ? "cpu" : "cuda").peak / GiB,
-            note: `load ${loadS.toFixed(0)} s; first step ${((first - t) / 1000).toFixed(2)} s`
-        };
-        console.log(`ROW ${JSON.stringify(row)}`);
-    }
+    for (const graphs of onCpu ? ["off"] : graphModes)
+        for (const bs of batches) {
+            if (lm instanceof CudaModel) lm.cudaGraphs = graphs === "on";
+            const prompts = Array.from({length: bs}, () => Array.from({length: promptLen}, () => prng.int(V)));
+            const ids = Int32Array.from(prompts.flat());
+            const logitRows = Array.from({length: bs}, (_, b) => b * promptLen + promptLen - 1);
+            const decode = {...decoding, eosTokenIds: []};
+            // warm-up at this shape: the attention and GEMM workspaces are set up outside the timings
+            for (const _ of decodeBatchSteps(lm, prompts, {...decode, maxNewTokens: 4}));
+            sync();
+            if (!onCpu) cuda().resetPeakMemoryStats();
+            const cache = lm.newCache(bs, promptLen + newTokens);
+            let t = performance.now();
+            lm.forward(ids, bs, promptLen, {cache, logitRows});
+            sync();
+            const prefillS = (performance.now() - t) / 1000;
+            cache.release();
+            let steps = 0,
+                first = 0;
+            const before = lm instanceof CudaModel ? lm.decodeGraphStats().replays : 0;
+            t = performance.now();
+            for (const _ of decodeBatchSteps(lm, prompts, {...decode, maxNewTokens: newTokens}))
+                if (steps++ === 0) first = performance.now();
+            sync();
+            const decodeS = (performance.now() - first) / 1000;
+            if (steps !== newTokens) throw new Error(`decoded ${steps} steps, expected ${newTokens}`);
+            const replays = lm instanceof CudaModel ? lm.decodeGraphStats().replays - before : 0;
+            const row: Row = {
+                impl: onCpu ? "qlora (this project)" : `qlora (this project), CUDA graphs ${graphs}`,
+                base,
+                batch: bs,
+                prefillTokS: (bs * promptLen) / prefillS,
+                decodeTokS: (bs * (newTokens - 1)) / decodeS,
+                // the process's max RSS on the CPU (loading included), the allocator's peak since the reset on the GPU
+                peakGiB: memoryReport(onCpu ? "cpu" : "cuda").peak / GiB,
+                note: `load ${loadS.toFixed(0)} s; first step ${((first - t) / 1000).toFixed(2)} s; ${replays} graph replays`
+            };
+            console.log(`ROW ${JSON.stringify(row)}`);
+        }
 }
 
 /** runs `args` of this script in a child process, echoing its output; the ROW lines become table rows */
@@ -244,6 +250,8 @@ const passOn = [
     String(promptLen),
     "--new",
     String(newTokens),
+    "--graphs",
+    graphModes.join(","),
     ...(sampled ? ["--sample"] : [])
 ];
 for (const base of bases) child([...passOn, "--dir", dir, "--child", base], `the ${base} run`);

@@ -37,7 +37,7 @@ bool check(const Napi::CallbackInfo& info, const char* op, const void* const* pt
     return false;
 }
 
-// attentionForward(out, lse|0, q, k, v, keyValid|0, seg|0, B, T, S, Hq, Hkv, D, qOffset, scale)
+// attentionForward(out, lse|0, q, k, v, keyValid|0, seg|0, B, T, S, Hq, Hkv, D, qOffset, scale[, qOffsets|0])
 Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     static const bool nullable[7] = {false, true, false, false, false, true, true};
@@ -51,13 +51,21 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     if (!device_ptrs(info, 0, 7, nullable, p) || !sizes(info, 7, s, &scale)) return env.Undefined();
     const void* bf16_ptrs[4] = {p[0], p[2], p[3], p[4]};
     if (!check(info, "attentionForward", bf16_ptrs, 4, p[6] != nullptr, s)) return env.Undefined();
+    const int32_t* qOffsets =
+        info.Length() > 15 ? static_cast<const int32_t*>(device_ptr_arg(info, 15, true)) : nullptr;
+    QLORA_CHECK_ARGS(env);
+    if (qOffsets && p[6]) {
+        Napi::RangeError::New(env, "attentionForward: per-row offsets (qOffsets) cannot be combined with seg")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
     cuda_throw(
         env,
         qlora_cuda_attention_forward(static_cast<__nv_bfloat16*>(p[0]), static_cast<float*>(p[1]),
                                      static_cast<const __nv_bfloat16*>(p[2]), static_cast<const __nv_bfloat16*>(p[3]),
                                      static_cast<const __nv_bfloat16*>(p[4]), static_cast<const uint8_t*>(p[5]),
-                                     static_cast<const int32_t*>(p[6]), s[0], s[1], s[2], s[3], s[4], s[5], s[6], scale,
-                                     qlora_cuda::stream()),
+                                     static_cast<const int32_t*>(p[6]), qOffsets, s[0], s[1], s[2], s[3], s[4], s[5],
+                                     s[6], scale, qlora_cuda::stream()),
         "attentionForward");
     return env.Undefined();
 }

@@ -152,6 +152,18 @@ Napi::Value EmbeddingForward(const Napi::CallbackInfo& info) {
     return done(env, qlora_cuda_embedding_forward(out, bad, ids, table, N, V, C, S()), "embeddingForward");
 }
 
+// cacheWrite(cache, x, pasts, B, T, capacity, rowElems): bf16 cache rows at device-held lengths
+Napi::Value CacheWrite(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint16_t* cache = dev<uint16_t>(info, 0);
+    const uint16_t* x = dev<const uint16_t>(info, 1);
+    const int32_t* pasts = dev<const int32_t>(info, 2);
+    int64_t B = int_arg(info, 3), T = int_arg(info, 4), capacity = int_arg(info, 5), rowElems = int_arg(info, 6);
+    QLORA_CHECK_ARGS(env);
+    if (!check_sizes(env, "cacheWrite", {B, T, capacity, rowElems})) return env.Undefined();
+    return done(env, qlora_cuda_cache_write(cache, x, pasts, B, T, capacity, rowElems, S()), "cacheWrite");
+}
+
 // embeddingBackward(dtable, dout, ids, N, V, C)
 Napi::Value EmbeddingBackward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -512,6 +524,7 @@ void register_cuda_kernels(Napi::Env env, Napi::Object exports) {
     fn("axpy", Axpy);
     fn("castAdd", CastAdd);
     fn("embeddingForward", EmbeddingForward);
+    fn("cacheWrite", CacheWrite);
     fn("embeddingBackward", EmbeddingBackward);
     fn("rmsnormForward", RmsnormForward);
     fn("residualRmsnormForward", ResidualRmsnormForward);

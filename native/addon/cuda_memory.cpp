@@ -134,6 +134,39 @@ static Napi::Value SetDevice(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
+// graphBegin(): work queued from now on is recorded into a CUDA graph, not run (runtime.h)
+static Napi::Value GraphBegin(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    cuda_throw(env, qlora_cuda::graph_capture_begin(), "graphBegin");
+    return env.Undefined();
+}
+
+// graphEnd() -> handle of the instantiated graph; throws (the capture is over) when it cannot be captured
+static Napi::Value GraphEnd(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    cudaGraphExec_t exec = nullptr;
+    if (cuda_throw(env, qlora_cuda::graph_capture_end(&exec), "graphEnd")) return env.Undefined();
+    return Napi::Number::New(env, (double)reinterpret_cast<uintptr_t>(exec));
+}
+
+// graphLaunch(handle): queues one replay on the stream
+static Napi::Value GraphLaunch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto exec = reinterpret_cast<cudaGraphExec_t>(device_ptr_arg(info, 0));
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, qlora_cuda::graph_launch(exec), "graphLaunch");
+    return env.Undefined();
+}
+
+// graphDestroy(handle)
+static Napi::Value GraphDestroy(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto exec = reinterpret_cast<cudaGraphExec_t>(device_ptr_arg(info, 0));
+    QLORA_CHECK_ARGS(env);
+    qlora_cuda::graph_destroy(exec);
+    return env.Undefined();
+}
+
 void register_cuda_memory(Napi::Env env, Napi::Object exports) {
     exports.Set("alloc", Napi::Function::New(env, Alloc, "alloc"));
     exports.Set("free", Napi::Function::New(env, Free, "free"));
@@ -146,4 +179,8 @@ void register_cuda_memory(Napi::Env env, Napi::Object exports) {
     exports.Set("resetPeakMemoryStats", Napi::Function::New(env, ResetPeak, "resetPeakMemoryStats"));
     exports.Set("emptyCache", Napi::Function::New(env, EmptyCache, "emptyCache"));
     exports.Set("setDevice", Napi::Function::New(env, SetDevice, "setDevice"));
+    exports.Set("graphBegin", Napi::Function::New(env, GraphBegin, "graphBegin"));
+    exports.Set("graphEnd", Napi::Function::New(env, GraphEnd, "graphEnd"));
+    exports.Set("graphLaunch", Napi::Function::New(env, GraphLaunch, "graphLaunch"));
+    exports.Set("graphDestroy", Napi::Function::New(env, GraphDestroy, "graphDestroy"));
 }

@@ -50,6 +50,7 @@ struct Params {
     float* dv_acc;
     const uint8_t* key_valid;
     const int32_t* seg;
+    const int32_t* q_offsets;  // forward: per-row query offsets [B] (device), replacing q_offset when not null
     int B, T, S, Hq, Hkv, G, D, q_offset, heads_per_block;
     float scale, scale_log2;
 };
@@ -184,9 +185,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
     const bf16* vg = p.v + ((int64_t)b * S * p.Hkv + hk) * D;
     const uint8_t* kvalid = p.key_valid ? p.key_valid + (int64_t)b * S : nullptr;
     const int32_t* segb = p.seg ? p.seg + (int64_t)b * S : nullptr;
+    const int q_offset = p.q_offsets ? max(0, min(p.q_offsets[b], S)) : p.q_offset;
 
     // keys [0, kend) can be visible to some query of this tile: later tiles are skipped (causality)
-    const int kend = min(S, p.q_offset + min(m0 + BM, T));
+    const int kend = min(S, q_offset + min(m0 + BM, T));
     const int n_tiles = kend > 0 ? (kend + BN - 1) / BN : 0;
 
     // this thread's two query rows: accumulator rows lane/4 and lane/4 + 8 of the warp's 16
@@ -194,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int t = m0 + warp * 16 + (lane >> 2) + 8 * r;
-        qpos[r] = p.q_offset + t;
+        qpos[r] = q_offset + t;
         qseg[r] = (segb && t < T) ? segb[qpos[r]] : 0;
     }
 
@@ -261,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
         }
 
         // scale into the log2 domain, mask, online softmax
-        const bool need_mask = n0 + BN > S || n0 + BN - 1 > p.q_offset + m0 || kvalid != nullptr || segb != nullptr;
+        const bool need_mask = n0 + BN > S || n0 + BN - 1 > q_offset + m0 || kvalid != nullptr || segb != nullptr;
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < BN / 8; nt++) {
@@ -735,11 +737,12 @@ extern "C" const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, 
 }
 
 extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
-                                                    const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T,
-                                                    int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset,
-                                                    float scale, cudaStream_t stream) {
+                                                    const uint8_t* key_valid, const int32_t* seg,
+                                                    const int32_t* q_offsets, int64_t B, int64_t T, int64_t S,
+                                                    int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset, float scale,
+                                                    cudaStream_t stream) {
     const void* ptrs[] = {out, q, k, v};
-    if (qlora_cuda_attention_check(ptrs, 4, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset))
+    if (qlora_cuda_attention_check(ptrs, 4, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset) || (q_offsets && seg))
         return cudaErrorInvalidValue;
     if (B == 0 || T == 0) return cudaSuccess;
     Params p = {};
@@ -750,6 +753,7 @@ extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const
     p.lse_out = lse;
     p.key_valid = key_valid;
     p.seg = seg;
+    p.q_offsets = q_offsets;
     p.B = (int)B;
     p.T = (int)T;
     p.S = (int)S;

@@ -1,4 +1,4 @@
-// elementwise.cu: conversions, fill, scale, add, axpy, cast-add and SwiGLU (kernels.h).
+// elementwise.cu: conversions, fill, scale, add, axpy, cast-add, SwiGLU and the KV cache write (kernels.h).
 //
 // One grid-stride kernel template: each op processes W elements per 16-byte access (`vec`) when every pointer
 // is 16-byte aligned, and one element at a time (`one`) for the tail or for unaligned pointers.
@@ -329,4 +329,35 @@ extern "C" cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup
                                                   cudaStream_t stream) {
     const bool aligned = aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up);
     return launch(SwigluBackward{dgate, dup, dout, gate, up}, n, aligned, stream);
+}
+
+// ------------------------------------------------------------------
+// KV cache: row b's T new positions go to positions pasts[b] .. pasts[b] + T - 1 of its cache row, read from
+// device memory so that a captured decoding step (CUDA graph) replays at any lengths
+
+namespace {
+
+__global__ void __launch_bounds__(kThreads) cache_write_kernel(uint16_t* cache, const uint16_t* x, const int32_t* pasts,
+                                                               int T, int64_t capacity, int64_t row_elems, bool vec) {
+    const int b = blockIdx.x / T, t = blockIdx.x % T;
+    const int64_t pos = (int64_t)pasts[b] + t;
+    if (pos < 0 || pos >= capacity) return;  // the host checks lengths; never write outside the row
+    uint16_t* dst = cache + ((int64_t)b * capacity + pos) * row_elems;
+    const uint16_t* src = x + ((int64_t)b * T + t) * row_elems;
+    if (vec) {
+        for (int64_t i = threadIdx.x; i < row_elems / 8; i += blockDim.x) store8(dst, i, load8(src, i));
+    } else {
+        for (int64_t i = threadIdx.x; i < row_elems; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+}  // namespace
+
+extern "C" cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x, const int32_t* pasts, int64_t B,
+                                              int64_t T, int64_t capacity, int64_t row_elems, cudaStream_t stream) {
+    if (B < 0 || T < 0 || capacity < 0 || row_elems < 0 || B * T > INT32_MAX) return cudaErrorInvalidValue;
+    if (B == 0 || T == 0 || row_elems == 0) return cudaSuccess;
+    const bool vec = row_elems % 8 == 0 && aligned16(cache) && aligned16(x);
+    cache_write_kernel<<<(unsigned)(B * T), kThreads, 0, stream>>>(cache, x, pasts, (int)T, capacity, row_elems, vec);
+    return cudaGetLastError();
 }

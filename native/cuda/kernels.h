@@ -44,6 +44,10 @@ cudaError_t qlora_cuda_add_bf16(uint16_t* y, const uint16_t* x, int64_t n, cudaS
 cudaError_t qlora_cuda_axpy_f32(float* y, float alpha, const float* x, int64_t n, cudaStream_t stream);
 // y[n] (f32) = fmaf(alpha, x[n] (bf16), y[n]): accumulates a bf16 gradient into an fp32 one
 cudaError_t qlora_cuda_cast_add_bf16_f32(float* y, const uint16_t* x, float alpha, int64_t n, cudaStream_t stream);
+// KV cache write (bf16): cache[b, pasts[b] + t, :] = x[b, t, :] for cache [B, capacity, row_elems] and x
+// [B, T, row_elems]; pasts[B] (int32) in device memory; positions outside [0, capacity) are skipped
+cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x, const int32_t* pasts, int64_t B, int64_t T,
+                                   int64_t capacity, int64_t row_elems, cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // embedding

@@ -26,6 +26,15 @@ void device_free(void* ptr);
 // gives every cached, unused buffer back to the driver
 void empty_cache();
 MemoryStats memory_stats();
+
+// CUDA graphs of work queued on stream(). Between begin and end, the stream records instead of running, and
+// device_alloc/device_free use the graph pool (runtime.cpp): buffers a graph touches keep their addresses until
+// the last graph is destroyed. end instantiates the graph (exec is null on failure; the capture is over either way).
+cudaError_t graph_capture_begin();
+cudaError_t graph_capture_end(cudaGraphExec_t* exec);
+cudaError_t graph_launch(cudaGraphExec_t exec);
+// waits for queued work, destroys the graph and, with the last one, gives its pool back to the cache
+void graph_destroy(cudaGraphExec_t exec);
 void reset_peak_stats();
 
 }  // namespace qlora_cuda

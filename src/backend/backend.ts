@@ -45,8 +45,11 @@ export interface Backend<X extends TensorTypes> {
     restore(host: X["f"] | Uint16Array | Float32Array): X["f"];
 
     // ---- ops
-    /** out[N, C] = table[ids]; returns the first position whose id is outside [0, V), or -1 */
-    embedding(out: X["f"], ids: X["i"], table: X["f"], N: number, V: number, C: number): number;
+    /**
+     * out[N, C] = table[ids]; returns the first position whose id is outside [0, V), or -1. With check false the
+     * caller has checked the ids: nothing is reported and nothing waits for the device (a recorded step)
+     */
+    embedding(out: X["f"], ids: X["i"], table: X["f"], N: number, V: number, C: number, check?: boolean): number;
     /** dtable[V, C] (fp32, +=) from dout[N, C]: a trained embedding (modules_to_save) */
     embeddingBackward(dtable: X["f"], dout: X["f"], ids: X["i"], N: number, V: number, C: number): void;
     /** out = rmsnorm(x) * w; rstd[N] when not null */
@@ -70,8 +73,9 @@ export interface Backend<X extends TensorTypes> {
     ropeBackward(dx: X["f"], pos: X["i"], invFreq: X["f"], attentionScaling: number, N: number, H: number, D: number): void;
     /**
      * causal grouped-query attention: out[B, T, Hq, D] from q[B, T, Hq, D] and k, v[B, S, Hkv, D]; query t sits at
-     * key position past + t; keyValid[B, S] hides padding, seg[B, S] keeps attention inside packed sequences;
-     * lse[B, Hq, T] saved for the backward when not null
+     * key position past + t, past one number or one per row (i32 [B] on the backend, not with seg: rows of a KV
+     * cache at their own lengths); keyValid[B, S] hides padding, seg[B, S] keeps attention inside packed
+     * sequences; lse[B, Hq, T] saved for the backward when not null
      */
     attention(
         out: X["f"],
@@ -87,7 +91,7 @@ export interface Backend<X extends TensorTypes> {
         Hq: number,
         Hkv: number,
         D: number,
-        past: number,
+        past: number | X["i"],
         scale: number
     ): void;
     attentionBackward(
@@ -116,9 +120,10 @@ export interface Backend<X extends TensorTypes> {
     addInplace(y: X["f"], x: X["f"], n: number): void;
     /**
      * the KV cache write: cache[b, pasts[b] .. pasts[b] + T) = x[b, 0 .. T) for b < B, in cache[B, capacity,
-     * rowElems] (each row at its own length: continuous batching decodes rows of different lengths together)
+     * rowElems] (each row at its own length: continuous batching decodes rows of different lengths together);
+     * pasts [B] on the backend, so that a recorded decoding step replays at other lengths
      */
-    cacheWrite(cache: X["f"], x: X["f"], B: number, T: number, capacity: number, pasts: Int32Array, rowElems: number): void;
+    cacheWrite(cache: X["f"], x: X["f"], B: number, T: number, capacity: number, pasts: X["i"], rowElems: number): void;
     /** the elements [offset, offset + length) of t, sharing its memory (never freed on its own) */
     view(t: X["f"], offset: number, length: number): X["f"];
     /**

@@ -118,10 +118,38 @@ export class CpuBackend implements Backend<CpuTensors> {
         Hq: number,
         Hkv: number,
         D: number,
-        past: number,
+        past: number | Int32Array,
         scale: number
     ): void {
-        cpu().attentionForward(out, lse, q, k, v, keyValid, seg, B, T, S, Hq, Hkv, D, past, scale);
+        if (typeof past === "number" || past.every((p) => p === past[0])) {
+            const offset = typeof past === "number" ? past : (past[0] ?? 0);
+            cpu().attentionForward(out, lse, q, k, v, keyValid, seg, B, T, S, Hq, Hkv, D, offset, scale);
+            return;
+        }
+        if (seg) throw new Error("attention: per-row offsets cannot be combined with packed segments");
+        // rows at their own lengths: one call per row over views of its tensors
+        const qRow = T * Hq * D,
+            kvRow = S * Hkv * D;
+        for (let b = 0; b < B; b++) {
+            const row = <T extends Float32Array | Uint8Array>(t: T, n: number) => t.subarray(b * n, (b + 1) * n) as T;
+            cpu().attentionForward(
+                row(out, qRow),
+                lse ? row(lse, Hq * T) : null,
+                row(q, qRow),
+                row(k, kvRow),
+                row(v, kvRow),
+                keyValid ? row(keyValid, S) : null,
+                null,
+                1,
+                T,
+                S,
+                Hq,
+                Hkv,
+                D,
+                past[b],
+                scale
+            );
+        }
     }
     attentionBackward(
         dq: Float32Array,

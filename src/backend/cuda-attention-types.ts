@@ -11,7 +11,8 @@ export interface CudaAttentionOps {
      * lse[B,Hq,T] (f32, natural log, =; null to skip) from q[B,T,Hq,D], k/v[B,S,Hkv,D] (bf16). Query t sits at key
      * position qOffset + t; key j is visible to it when j <= qOffset + t, keyValid[b,j] != 0 (u8 [B,S], null: all)
      * and seg[b,j] == seg[b,qOffset+t] (i32 [B,S], null: one segment; needs qOffset + T <= S). A query with no
-     * visible key gets zeros and lse = -inf. D must be 64 or 128; bf16 buffers 16-byte aligned.
+     * visible key gets zeros and lse = -inf. D must be 64 or 128; bf16 buffers 16-byte aligned. qOffsets (i32 [B]
+     * on the device, not with seg): each row's own query offset instead of qOffset, clamped to [0, S].
      */
     attentionForward(
         out: number,
@@ -28,7 +29,8 @@ export interface CudaAttentionOps {
         Hkv: number,
         D: number,
         qOffset: number,
-        scale: number
+        scale: number,
+        qOffsets?: number | null
     ): void;
     /**
      * Flash attention backward: dq[B,T,Hq,D], dk/dv[B,S,Hkv,D] (bf16, =) from dout, the forward's inputs, its out

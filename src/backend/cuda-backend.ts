@@ -50,7 +50,11 @@ export class CudaBackend implements Backend<CudaTensors> {
         return host instanceof Uint16Array ? DeviceBuffer.from("bf16", host) : (host as DeviceBuffer);
     }
 
-    embedding(out: DeviceBuffer, ids: DeviceBuffer, table: DeviceBuffer, N: number, V: number, C: number): number {
+    embedding(out: DeviceBuffer, ids: DeviceBuffer, table: DeviceBuffer, N: number, V: number, C: number, check = true): number {
+        if (!check) {
+            cudaKernelOps().embeddingForward(out.ptr, null, ids.ptr, table.ptr, N, V, C);
+            return -1;
+        }
         const bad = DeviceBuffer.zeros("i32", 2);
         cudaKernelOps().embeddingForward(out.ptr, bad.ptr, ids.ptr, table.ptr, N, V, C);
         const [count, first] = bad.toHost() as Int32Array;
@@ -131,9 +135,10 @@ export class CudaBackend implements Backend<CudaTensors> {
         Hq: number,
         Hkv: number,
         D: number,
-        past: number,
+        past: number | DeviceBuffer,
         scale: number
     ): void {
+        const perRow = typeof past !== "number";
         cudaAttentionOps().attentionForward(
             out.ptr,
             lse?.ptr ?? null,
@@ -148,8 +153,9 @@ export class CudaBackend implements Backend<CudaTensors> {
             Hq,
             Hkv,
             D,
-            past,
-            scale
+            perRow ? 0 : past,
+            scale,
+            perRow ? past.ptr : null
         );
     }
     attentionBackward(
@@ -215,12 +221,10 @@ export class CudaBackend implements Backend<CudaTensors> {
         B: number,
         T: number,
         capacity: number,
-        pasts: Int32Array,
+        pasts: DeviceBuffer,
         rowElems: number
     ): void {
-        const bytes = T * rowElems * ACT_BYTES;
-        for (let b = 0; b < B; b++)
-            cuda().copy(cache.ptr + (b * capacity + pasts[b]) * rowElems * ACT_BYTES, x.ptr + b * bytes, bytes);
+        cudaKernelOps().cacheWrite(cache.ptr, x.ptr, pasts.ptr, B, T, capacity, rowElems);
     }
     view(t: DeviceBuffer, offset: number, length: number): DeviceBuffer {
         if (offset < 0 || offset + length > t.length) throw new Error(`view [${offset}, +${length}) of a buffer of ${t.length}`);

@@ -31,6 +31,8 @@ export interface CudaKernelOps extends CudaAddon {
     addInplace(y: number, x: number, n: number): void;
     /** y[n] += x[n] (bf16, fp32 sum rounded: the residual stream) */
     addInplaceBf16(y: number, x: number, n: number): void;
+    /** KV cache rows (bf16): cache[b, pasts[b] + t, :] = x[b, t, :], pasts [B] int32 on the device */
+    cacheWrite(cache: number, x: number, pasts: number, B: number, T: number, capacity: number, rowElems: number): void;
     /** y[n] = fma(alpha, x[n], y[n]) (f32) */
     axpy(y: number, alpha: number, x: number, n: number): void;
     /** y[n] (f32) = fma(alpha, x[n] (bf16), y[n]): a bf16 gradient into an fp32 accumulator */

@@ -177,6 +177,12 @@ export class DeviceBuffer {
         return this.length * DTYPE_BYTES[this.dtype];
     }
 
+    /** overwrites the buffer with host data of its length (synchronous) */
+    upload(data: Float32Array | Uint16Array | Uint8Array | Int32Array): void {
+        if (data.length !== this.length) throw new Error(`upload: ${data.length} elements into a buffer of ${this.length}`);
+        cuda().upload(this.ptr, data);
+    }
+
     /** copies the buffer to the host (waits for queued work) */
     toHost(): Float32Array | Uint16Array | Uint8Array | Int32Array {
         const out =
@@ -217,4 +223,46 @@ export function outOfMemoryError(bytes: number, s: CudaMemoryStats, cause?: unkn
 
 export function cudaMemoryStats(): CudaMemoryStats {
     return cuda().memoryStats();
+}
+
+/**
+ * A CUDA graph: the work some code queues on the stream, recorded once and replayed with one launch (the decoding
+ * step of a 7B model is about a thousand kernels; queued one by one from JavaScript, the host, not the GPU, sets
+ * the pace). The recorded kernels keep their arguments: what changes between replays must live in device buffers
+ * the code read (token ids, positions, lengths), written before each launch. The buffers the recording allocates
+ * come from the graph pool (native/cuda/runtime.cpp) and keep their addresses while any graph exists.
+ */
+export class CudaGraph {
+    private destroyed = false;
+    private constructor(private readonly handle: number) {}
+
+    /** records what `record` queues (nothing runs); throws, with the recording abandoned, when it cannot be captured */
+    static capture(record: () => void): CudaGraph {
+        const addon = cuda();
+        addon.graphBegin();
+        try {
+            record();
+        } catch (err) {
+            try {
+                addon.graphDestroy(addon.graphEnd());
+            } catch {
+                // the capture is over either way; the recording's own error is the one to report
+            }
+            throw err;
+        }
+        return new CudaGraph(addon.graphEnd());
+    }
+
+    /** queues one replay */
+    launch(): void {
+        if (this.destroyed) throw new Error("CudaGraph: launched after destroy()");
+        cuda().graphLaunch(this.handle);
+    }
+
+    /** waits for queued work and frees the graph */
+    destroy(): void {
+        if (this.destroyed) return;
+        this.destroyed = true;
+        cuda().graphDestroy(this.handle);
+    }
 }

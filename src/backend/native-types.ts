@@ -187,4 +187,12 @@ export interface CudaAddon {
     memoryStats(): CudaMemoryStats;
     resetPeakMemoryStats(): void;
     emptyCache(): void;
+    /** work queued from now on is recorded into a CUDA graph instead of run; allocations use the graph pool */
+    graphBegin(): void;
+    /** ends the recording: the instantiated graph's handle (throws when the work could not be captured) */
+    graphEnd(): number;
+    /** queues one replay of the graph on the stream */
+    graphLaunch(graph: number): void;
+    /** waits for queued work and destroys the graph (with the last one, its pool goes back to the cache) */
+    graphDestroy(graph: number): void;
 }

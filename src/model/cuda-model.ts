@@ -31,6 +31,7 @@ import {
     type TrainedFull,
     trainedOnBackend
 } from "./graph.js";
+import {DecodeGraphs, cudaGraphsByDefault} from "./cuda-decode-graphs.js";
 import type {CausalLm, LmForwardOptions} from "./causal-lm.js";
 import type {ModelConfig} from "../io/hf-config.js";
 import {PROJ_NAMES, type ProjName} from "./weights.js";
@@ -205,6 +206,17 @@ export class CudaModel implements CausalLm {
             offloadActivations,
             trained: this.trained
         });
+        this.decodeGraphs = new DecodeGraphs(this.graph);
+    }
+
+    /** whether one-token decoding steps replay CUDA graphs (default: on unless QLORA_CUDA_GRAPHS=0) */
+    cudaGraphs = cudaGraphsByDefault();
+    private readonly decodeGraphs: DecodeGraphs;
+
+    /** decoding steps recorded as CUDA graphs, replays, and why recording failed (null: it has not) */
+    decodeGraphStats(): {recorded: number; replays: number; failure: string | null} {
+        const g = this.decodeGraphs;
+        return {recorded: g.recorded, replays: g.replays, failure: g.failure};
     }
 
     /** the trainable tensors on the device, in the order of the LoRA model's trainableTensors() */
@@ -268,8 +280,21 @@ export class CudaModel implements CausalLm {
         return this.withHidden(ids, B, T, opts, (hidden) => this.graph.logits(hidden, opts.logitRows ?? null, B * T));
     }
 
-    /** decoding: each logit row's next token chosen on the device; only the token ids come to the host */
+    /**
+     * decoding: each logit row's next token chosen on the device; only the token ids come to the host. A one-token
+     * step over cache rows replays a recorded CUDA graph (cuda-decode-graphs.ts) unless cudaGraphs is off.
+     */
     pickForward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions, picks: readonly TokenPick[] | null): Int32Array {
+        const cache = opts.cache as KVCache<DeviceBuffer> | undefined;
+        if (this.cudaGraphs && cache && T === 1 && !opts.attentionMask && !opts.positionIds) {
+            const plan = this.graph.planStep(ids, B, T, {cache, firstRow: opts.firstRow});
+            const hidden = this.decodeGraphs.step(ids, plan);
+            if (hidden) {
+                // the recorded hidden states stay with the graph (the next replay overwrites them)
+                cache.advance(plan.firstRow, B, T);
+                return this.graph.pickTokens(hidden, opts.logitRows ?? null, B * T, picks);
+            }
+        }
         return this.withHidden(ids, B, T, opts, (hidden) => this.graph.pickTokens(hidden, opts.logitRows ?? null, B * T, picks));
     }
 
@@ -287,16 +312,21 @@ export class CudaModel implements CausalLm {
         }
     }
 
-    /** a KV cache in device memory (bf16); release() frees it */
+    /** a KV cache in device memory (bf16); release() frees it (and the decoding steps recorded over it) */
     newCache(batch: number, capacity: number): KVCache<DeviceBuffer> {
-        return new KVCache<DeviceBuffer>(
+        const cache: KVCache<DeviceBuffer> = new KVCache<DeviceBuffer>(
             this.model.config,
             batch,
             capacity,
             (n) => DeviceBuffer.zeros("bf16", n),
-            (t) => t.free(),
+            (t) => {
+                this.decodeGraphs.drop(cache);
+                t.free();
+            },
             (t, to, from, n) => cuda().copy(t.ptr + 2 * to, t.ptr + 2 * from, 2 * n)
         );
+        this.decodeGraphs.track(cache);
+        return cache;
     }
 
     score(batch: TrainBatch): LossResult {

@@ -135,6 +135,11 @@ export class KVCache<F = Float32Array> {
         this.lengths[from] = 0;
     }
 
+    /** rows firstRow .. firstRow + B - 1 took T more positions each */
+    advance(firstRow: number, B: number, T: number): void {
+        for (let b = 0; b < B; b++) this.lengths[firstRow + b] += T;
+    }
+
     /** empties a row (its positions are overwritten by the next row placed there) */
     clearRow(row: number): void {
         this.lengths[row] = 0;
@@ -212,11 +217,35 @@ interface StepContext<X extends TensorTypes> {
     /** inference: the cache the block appends its keys and values to, from its row firstRow on */
     cache: KVCache<X["f"]> | null;
     firstRow: number;
-    /** [B] each row's filled positions before this forward (where its new keys go) */
+    /** with a cache: [B] each row's filled positions before this forward (where its new keys go) */
+    pasts: X["i"] | null;
+    /** the attention's query offset: 0 without a cache, else each row's own (pasts) */
+    past: number | X["i"];
+}
+
+/** the host side of an inference step (DecoderGraph.planStep) */
+export interface StepPlan<X extends TensorTypes> {
+    B: number;
+    T: number;
+    N: number;
+    cache: KVCache<X["f"]> | null;
+    firstRow: number;
+    /** [B] each row's cache length before the step */
     pasts: Int32Array;
-    /** the attention's query offset: the rows' common length, or with rows at different lengths (one token each,
-     * their keys beyond their own length hidden by keyValid) the longest */
-    past: number;
+    /** [B*T] positions */
+    pos: Int32Array;
+    /** [B, S] keys to hide (padding), or null */
+    keyValid: Uint8Array | null;
+}
+
+/** an inference step's inputs on the backend (forwardStep reads them; the caller owns them) */
+export interface StepInputs<X extends TensorTypes> {
+    ids: X["i"];
+    pos: X["i"];
+    /** with a cache: each row's length before the step [B] */
+    pasts: X["i"] | null;
+    keyValid: X["u8"] | null;
+    seg: X["i"] | null;
 }
 
 /** what a block's backward needs from its forward */
@@ -363,19 +392,45 @@ export class DecoderGraph<X extends TensorTypes> {
      * are appended to it and attention covers the cached positions.
      */
     forwardHidden(idsHost: Int32Array, B: number, T: number, opts: InferenceOptions<X["f"]> = {}): X["f"] {
-        const be = this.backend,
-            cfg = this.config;
-        const N = B * T,
-            C = cfg.hiddenSize;
+        const step = this.planStep(idsHost, B, T, opts);
+        const be = this.backend;
+        const inputs: StepInputs<X> = {
+            ids: be.indices(idsHost),
+            pos: be.indices(step.pos),
+            pasts: step.cache ? be.indices(step.pasts) : null,
+            keyValid: step.keyValid ? be.mask(step.keyValid) : null,
+            seg: opts.segIds ? be.indices(opts.segIds) : null
+        };
+        try {
+            const xf = this.forwardStep(inputs, step);
+            step.cache?.advance(step.firstRow, B, T);
+            return xf;
+        } finally {
+            for (const t of [inputs.ids, inputs.pos, inputs.pasts, inputs.keyValid, inputs.seg]) be.free(t);
+        }
+    }
+
+    /**
+     * the host side of an inference step: every check (ids in the vocabulary, cache rows and capacity, the
+     * context length), each row's cache length and the positions. Nothing is queued on the backend.
+     */
+    planStep(idsHost: Int32Array, B: number, T: number, opts: InferenceOptions<X["f"]> = {}): StepPlan<X> {
+        const cfg = this.config;
+        const N = B * T;
         const cache = opts.cache ?? null;
         const firstRow = opts.firstRow ?? 0;
         if (idsHost.length !== N) throw new Error(`forward: ids has ${idsHost.length} elements, expected B*T = ${N}`);
+        for (let i = 0; i < N; i++)
+            if (!(idsHost[i] >= 0 && idsHost[i] < cfg.vocabSize))
+                throw new QloraError(
+                    `token id ${idsHost[i]} at position ${i} is outside the vocabulary (${cfg.vocabSize} tokens)`
+                );
         if (cache && !(Number.isSafeInteger(firstRow) && firstRow >= 0 && firstRow + B <= cache.batch))
             throw new Error(`forward: rows ${firstRow}..${firstRow + B - 1} of a cache of ${cache.batch} rows`);
         const pasts = cache ? cache.lengths.slice(firstRow, firstRow + B) : new Int32Array(B);
         const longest = pasts.reduce((m, x) => Math.max(m, x), 0);
         const uniform = pasts.every((x) => x === longest);
-        // rows at different lengths decode one token each; their attention hides the keys beyond each row's own
+        // rows at different lengths decode one token each, each row's queries at its own offset
         if (!uniform && (T !== 1 || opts.attentionMask || opts.positionIds))
             throw new Error("forward: cache rows at different lengths take one token each, without a mask or positions");
         const S = cache ? cache.capacity : T;
@@ -393,29 +448,46 @@ export class DecoderGraph<X extends TensorTypes> {
             if (opts.attentionMask.length !== B * sMask)
                 throw new Error(`forward: attentionMask has ${opts.attentionMask.length} elements, expected ${B * sMask}`);
             // with a cache, keys beyond past + t are hidden by causality, so the mask can span the whole capacity
-            keyValid = new Uint8Array(B * S);
-            for (let b = 0; b < B; b++) keyValid.set(opts.attentionMask.subarray(b * sMask, (b + 1) * sMask), b * S);
-        } else if (!uniform) {
-            keyValid = new Uint8Array(B * S);
-            for (let b = 0; b < B; b++) keyValid.fill(1, b * S, b * S + pasts[b] + 1);
+            const full = new Uint8Array(B * S);
+            for (let b = 0; b < B; b++) full.set(opts.attentionMask.subarray(b * sMask, (b + 1) * sMask), b * S);
+            // an all-ones mask hides nothing: the kernels skip the test
+            if (!opts.attentionMask.every((v) => v === 1)) keyValid = full;
         }
-        const ids = be.indices(idsHost);
         if (opts.segIds && (cache || opts.segIds.length !== N))
             throw new Error(`forward: segIds needs ${N} elements and no cache`);
-        const ctx = this.context(B, T, pos, keyValid, opts.segIds ?? null, cache);
-        ctx.firstRow = firstRow;
-        ctx.pasts = pasts;
-        ctx.past = longest;
-        let x = this.embed(ids, idsHost, N);
-        be.free(ids);
+        return {B, T, N, cache, firstRow, pasts, pos, keyValid};
+    }
+
+    /**
+     * the device side of an inference step: the final hidden states [N, C] from the step's inputs on the backend.
+     * It only queues work (no copy back, no allocation that outlives it but the result), so that a decoding step
+     * can be recorded once and replayed (CudaModel's CUDA graphs). The cache's lengths are left to the caller.
+     */
+    forwardStep(inputs: StepInputs<X>, step: StepPlan<X>): X["f"] {
+        const be = this.backend,
+            cfg = this.config;
+        const {B, T, N, cache} = step;
+        const C = cfg.hiddenSize;
+        const ctx: StepContext<X> = {
+            B,
+            T,
+            N,
+            pos: inputs.pos,
+            keyValid: inputs.keyValid,
+            seg: inputs.seg,
+            cache,
+            firstRow: step.firstRow,
+            pasts: inputs.pasts,
+            past: inputs.pasts ?? 0
+        };
+        let x = be.activation(N * C);
+        be.embedding(x, inputs.ids, this.weights.embed, N, cfg.vocabSize, C, false);
         for (let l = 0; l < cfg.numHiddenLayers; l++) {
             const a = this.blockForward(l, x, ctx, false);
             this.releaseActs(a, l);
             be.free(x);
             x = a.out;
         }
-        if (cache) for (let b = 0; b < B; b++) cache.lengths[firstRow + b] += T;
-        this.freeContext(ctx);
         const xf = be.activation(N * C);
         be.rmsnorm(xf, null, x, this.weights.finalNorm, N, C, cfg.rmsNormEps);
         be.free(x);
@@ -488,7 +560,7 @@ export class DecoderGraph<X extends TensorTypes> {
             seg: seg ? be.indices(seg) : null,
             cache,
             firstRow: 0,
-            pasts: new Int32Array(B),
+            pasts: null,
             past: 0
         };
     }
@@ -548,11 +620,9 @@ export class DecoderGraph<X extends TensorTypes> {
         be.rope(a.k, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hkv, D);
         let keys = a.k,
             values = a.v,
-            S = T,
-            past = 0;
+            S = T;
         const cache = ctx.cache;
-        if (cache) {
-            past = ctx.past;
+        if (cache && ctx.pasts) {
             S = cache.capacity;
             const rows = (t: X["f"]) => be.view(t, ctx.firstRow * S * Hkv * D, B * S * Hkv * D);
             keys = ctx.firstRow === 0 && B === cache.batch ? cache.k[l] : rows(cache.k[l]);
@@ -574,7 +644,7 @@ export class DecoderGraph<X extends TensorTypes> {
             Hq,
             Hkv,
             D,
-            past,
+            ctx.past,
             this.scale
         );
         project("o_proj", a.h, a.att);

@@ -126,3 +126,59 @@ test("continuous batching on the GPU: rows joining and leaving a running batch g
     console.log(`continuous batching on the GPU: ${same} of 3 rows identical to one-by-one`);
     assert.ok(same >= 2);
 });
+
+test("CUDA graphs: replayed decoding steps give eager decoding's tokens bit for bit (rows joining, leaving, sampled)", {
+    skip
+}, async () => {
+    const model = await DecoderModel.load(MODEL_DIR, {
+        quantization: bitsAndBytesConfig({
+            load_in_4bit: true,
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_compute_dtype: "bfloat16"
+        })
+    });
+    await loadAdapter(path.join(FIXTURES, "adapter"), model);
+    const device = new CudaModel(model);
+    const prompts = [PROMPT, [...PROMPT, ...PROMPT], PROMPT.slice(0, 2), [17, 4, 900]];
+    // the same schedule twice: a greedy row, a sampled row with a repetition penalty, rows joining a running
+    // batch at other lengths and leaving it (the batch size changes: each size is its own recording)
+    const run = (graphs: boolean) => {
+        device.cudaGraphs = graphs;
+        const dec = new SlotDecoder(device, 3, 64, [-1]);
+        const a = dec.join(prompts[0], {greedy: true, maxNewTokens: 12});
+        const b = dec.join(prompts[1], {
+            greedy: false,
+            temperature: 0.9,
+            topK: 40,
+            topP: 0.9,
+            seed: 7,
+            repetitionPenalty: 1.3,
+            maxNewTokens: 5
+        });
+        for (let i = 0; i < 3; i++) dec.step();
+        const c = dec.join(prompts[2], {greedy: true, maxNewTokens: 9});
+        while (!b.done) dec.step();
+        const d = dec.join(prompts[3], {greedy: false, temperature: 1.2, seed: 3, maxNewTokens: 7});
+        while (dec.active > 0) dec.step();
+        dec.release();
+        return [a, b, c, d].map((r) => r.result.newIds);
+    };
+    const eager = run(false);
+    const before = device.decodeGraphStats();
+    const graphed = run(true);
+    const stats = device.decodeGraphStats();
+    console.log(
+        `CUDA graphs: ${stats.recorded} recordings, ${stats.replays - before.replays} replays; failure: ${stats.failure}`
+    );
+    assert.equal(stats.failure, null);
+    assert.equal(before.replays, 0, "graphs off: nothing replayed");
+    assert.ok(
+        stats.recorded >= 2 && stats.replays - before.replays >= 15,
+        `recorded ${stats.recorded}, replays ${stats.replays}`
+    );
+    assert.deepEqual(graphed, eager);
+    assert.deepEqual(
+        eager.map((ids) => ids.length),
+        [12, 5, 9, 7]
+    );
+});

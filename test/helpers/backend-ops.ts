@@ -876,6 +876,45 @@ for (const n of [1, 7, 17, 100003]) {
     });
 }
 
+// rows of a KV cache at their own lengths (continuous batching; a recorded decoding step): each row's queries sit
+// at its own offset, given per row on the backend; the reference is each row alone at its offset
+for (const [T, S, Hq, Hkv, D, pasts] of [
+    [1, 70, 4, 2, 64, [0, 37, 69]],
+    [1, 130, 2, 1, 128, [64, 5, 127, 63]],
+    [3, 40, 2, 2, 64, [0, 20, 37]],
+    [1, 9, 2, 1, 64, [4, 4]]
+] as [number, number, number, number, number, number[]][]) {
+    const B = pasts.length;
+    OP_CASES.push({
+        op: "attention",
+        shape: `per-row offsets B=${B} T=${T} S=${S} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts}`,
+        run(r) {
+            const scale = Math.fround(1 / Math.sqrt(D));
+            const q = r.randn(B * T * Hq * D, 1.5),
+                k = r.randn(B * S * Hkv * D, 1.5),
+                v = r.randn(B * S * Hkv * D);
+            const out = r.out(B * T * Hq * D),
+                lse = r.stats(B * Hq * T);
+            r.be.attention(out, lse, q.t, k.t, v.t, null, null, B, T, S, Hq, Hkv, D, r.indices(pasts), scale);
+            const refOut = new Float64Array(B * T * Hq * D),
+                refLse = new Float64Array(B * Hq * T);
+            for (let b = 0; b < B; b++) {
+                const row = (x: Float64Array, n: number) => x.subarray(b * n, (b + 1) * n);
+                const one = refAttention(
+                    {B: 1, T, S, Hq, Hkv, D, qOffset: pasts[b], keyValid: null, seg: null, scale},
+                    row(q.v, T * Hq * D),
+                    row(k.v, S * Hkv * D),
+                    row(v.v, S * Hkv * D)
+                );
+                refOut.set(one.out, b * T * Hq * D);
+                refLse.set(one.lse, b * Hq * T);
+            }
+            r.close("out", r.get(out), refOut, {float32: 1e-5, bfloat16: BF16_OUT});
+            r.close("lse", r.get(lse), refLse, {float32: 2e-6, bfloat16: 2e-3});
+        }
+    });
+}
+
 for (const [T, capacity, rowElems, pasts] of [
     [1, 5, 8, [0]],
     [3, 11, 24, [8, 0]],
@@ -890,7 +929,7 @@ for (const [T, capacity, rowElems, pasts] of [
         run(r) {
             const cache = r.randn(B * capacity * rowElems),
                 x = r.randn(B * T * rowElems);
-            r.be.cacheWrite(cache.t, x.t, B, T, capacity, Int32Array.from(pasts), rowElems);
+            r.be.cacheWrite(cache.t, x.t, B, T, capacity, r.indices(pasts), rowElems);
             const want = f64(cache.v);
             for (let b = 0; b < B; b++)
                 want.set(x.v.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + pasts[b]) * rowElems);
@@ -910,7 +949,7 @@ OP_CASES.push({
         const cache = r.randn(4 * capacity * rowElems),
             x = r.randn(2 * T * rowElems);
         const rows = r.be.view(cache.t, 2 * capacity * rowElems, 2 * capacity * rowElems);
-        r.be.cacheWrite(rows, x.t, 2, T, capacity, Int32Array.from([1, 3]), rowElems);
+        r.be.cacheWrite(rows, x.t, 2, T, capacity, r.indices([1, 3]), rowElems);
         const want = f64(cache.v);
         want.set(x.v.subarray(0, T * rowElems), (2 * capacity + 1) * rowElems);
         want.set(x.v.subarray(T * rowElems), (3 * capacity + 3) * rowElems);
