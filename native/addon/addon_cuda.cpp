@@ -29,6 +29,10 @@ static Napi::Value DeviceInfo(const Napi::CallbackInfo& info) {
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
     res.Set("error", err == cudaSuccess ? env.Null() : Napi::String::New(env, cudaGetErrorString(err)));
+    // the free-memory query makes each device current in turn: the caller's device is restored afterwards (else a
+    // later allocation would land on the last GPU)
+    int current = 0;
+    const bool restore = err == cudaSuccess && count > 0 && cudaGetDevice(&current) == cudaSuccess;
     for (int i = 0; err == cudaSuccess && i < count; i++) {
         cudaDeviceProp prop;
         if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
@@ -43,6 +47,7 @@ static Napi::Value DeviceInfo(const Napi::CallbackInfo& info) {
             d.Set("freeBytes", (double)free_b);
         devices.Set(devices.Length(), d);
     }
+    if (restore) cudaSetDevice(current);
     res.Set("devices", devices);
     Napi::Value lt = env.Null();
     for (const char* name : kCublasLtNames) {

@@ -126,11 +126,14 @@ Napi::Value Dequantize4bit(const Napi::CallbackInfo& info) {
 }
 
 // gemv4bit(y, yDtype, x, xDtype, packed, absmax|0, absmaxQ|0, nestedAbsmax|0, nestedCode|0, offset, code,
-//          blocksize, nestedBlocksize, M, N, K): y[M, N] = x[M, K] @ W^T for M <= 8, W[N, K] 4-bit
+//          blocksize, nestedBlocksize, M, N, K[, loraXa, loraB, loraR, loraScale]):
+// y[M, N] = x[M, K] @ W^T (+ loraScale * loraXa[M, r] @ loraB[N, r]^T, rounded once) for M <= 8, W[N, K] 4-bit.
+// The LoRA arguments are optional: loraR absent, undefined or 0 means no LoRA term.
 Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (info.Length() < 16) {
-        Napi::TypeError::New(env, "gemv4bit: expected 16 arguments").ThrowAsJavaScriptException();
+        Napi::TypeError::New(env, "gemv4bit: expected 16 arguments (20 with the LoRA term)")
+            .ThrowAsJavaScriptException();
         return env.Undefined();
     }
     void* y = device_ptr_arg(info, 0);
@@ -146,6 +149,11 @@ Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
     const float* code = (const float*)device_ptr_arg(info, 10);
     const int64_t blocksize = int_arg(info, 11), nestedBlocksize = int_arg(info, 12);
     const int64_t M = int_arg(info, 13), N = int_arg(info, 14), K = int_arg(info, 15);
+    // info[i] past the arguments given is undefined
+    const int64_t loraR = info[18].IsUndefined() || info[18].IsNull() ? 0 : int_arg(info, 18);
+    const void* loraXa = loraR != 0 ? device_ptr_arg(info, 16, true) : nullptr;
+    const void* loraB = loraR != 0 ? device_ptr_arg(info, 17, true) : nullptr;
+    const double loraScale = loraR != 0 ? num_arg(info, 19) : 0.0;
     QLORA_CHECK_ARGS(env);
     if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || N < 0 || K < 0 || (yDtype != QLORA_CUDA_F32 && yDtype != xDtype) ||
         (absmaxQ && (!nestedAbsmax || !nestedCode)) || (!absmaxQ && !absmax)) {
@@ -155,9 +163,21 @@ Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
             .ThrowAsJavaScriptException();
         return env.Undefined();
     }
-    cudaError_t err =
-        qlora_cuda_gemv_4bit(y, yDtype, x, xDtype, packed, absmax, absmaxQ, nestedAbsmax, nestedCode, (float)offset,
-                             code, blocksize, nestedBlocksize, M, N, K, qlora_cuda::stream());
+    if (loraR < 0 || loraR > QLORA_GEMV_4BIT_MAX_LORA_R) {
+        Napi::RangeError::New(env, "gemv4bit: loraR = " + std::to_string(loraR) + " is outside 0.." +
+                                       std::to_string(QLORA_GEMV_4BIT_MAX_LORA_R) +
+                                       ", the ranks the fused LoRA term takes: add the LoRA branch with gemm instead")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    if (loraR > 0 && (!loraXa || !loraB)) {
+        Napi::RangeError::New(env, "gemv4bit: loraR > 0 needs the device buffers loraXa [M, r] and loraB [N, r]")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    cudaError_t err = qlora_cuda_gemv_4bit(y, yDtype, x, xDtype, packed, absmax, absmaxQ, nestedAbsmax, nestedCode,
+                                           (float)offset, code, blocksize, nestedBlocksize, M, N, K, loraXa, loraB,
+                                           loraR, (float)loraScale, qlora_cuda::stream());
     if (err == cudaErrorNotSupported) {
         Napi::RangeError::New(env,
                               "gemv4bit: unsupported layout (needs K % 8 == 0, power-of-two block sizes >= 8, "

@@ -23,16 +23,25 @@ cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* 
                                        float offset, const float* code, int64_t blocksize, int64_t nested_blocksize,
                                        int64_t n, cudaStream_t stream);
 
-// Fused dequantization + GEMV for generation: y[M, N] = x[M, K] @ W^T with W[N, K] the 4-bit weight above
-// (n = N * K; each weight is rounded to x's dtype before the product, as dequantize-then-GEMM does), fp32
-// accumulation. 1 <= M <= QLORA_GEMV_4BIT_MAX_M; x (x_dtype) row-major [M, K], 16-byte aligned; y (f32 or
-// x_dtype) row-major [M, N]. Needs K % 8 == 0, a power-of-two blocksize >= 8 (and nested_blocksize) and a 4-byte
-// aligned `packed`: returns cudaErrorNotSupported otherwise (then dequantize and use the GEMM).
+// Fused dequantization + GEMV for generation, with an optional LoRA branch in the same pass:
+//   y[m, n] = round_y( sum_k x[m, k] W[n, k]  +  lora_scale * sum_j lora_xa[m, j] lora_b[n, j] )
+// with W[N, K] the 4-bit weight above (n = N * K; each weight is rounded to x's dtype before the product, as
+// dequantize-then-GEMM does), both sums accumulated in fp32 and one rounding to y's dtype at the end.
+// 1 <= M <= QLORA_GEMV_4BIT_MAX_M; x (x_dtype) row-major [M, K], 16-byte aligned; y (f32 or x_dtype) row-major
+// [M, N]. LoRA: lora_r == 0 (lora_xa, lora_b ignored) or 1 <= lora_r <= QLORA_GEMV_4BIT_MAX_LORA_R with lora_xa
+// (x_dtype, row-major [M, lora_r], the LoRA A product x A^T) and lora_b (x_dtype, row-major [N, lora_r], PEFT's
+// lora_B.weight); any other lora_r, or a NULL pointer with lora_r > 0, returns cudaErrorInvalidValue.
+// Needs K % 8 == 0, a power-of-two blocksize >= 8 (and nested_blocksize) and a 4-byte aligned `packed`: returns
+// cudaErrorNotSupported otherwise (then dequantize and use the GEMM).
+// Two kernels: bf16/f16 x with K % 32 == 0, blocksize >= 32 and a 16-byte aligned `packed` take the tensor-core
+// kernel (16-byte weight loads, mma.sync with fp32 accumulators); the rest one warp per row on the CUDA cores.
 #define QLORA_GEMV_4BIT_MAX_M 8
+#define QLORA_GEMV_4BIT_MAX_LORA_R 64
 cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x, int x_dtype, const uint8_t* packed,
                                  const float* absmax, const uint8_t* absmax_q, const float* nested_absmax,
                                  const float* nested_code, float offset, const float* code, int64_t blocksize,
-                                 int64_t nested_blocksize, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+                                 int64_t nested_blocksize, int64_t M, int64_t N, int64_t K, const void* lora_xa,
+                                 const void* lora_b, int64_t lora_r, float lora_scale, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -215,6 +215,11 @@ export interface FrozenWeight<F> {
     readonly outFeatures: number;
     /** y[M, out] (=) x[M, in] W^T; `decoding`: an inference step of a few rows (the fused 4-bit GEMV may serve it) */
     product(y: F, x: F, M: number, decoding: boolean): void;
+    /**
+     * decoding, where a fused kernel can: y (=) x W^T + scale xa B^T in one pass (xa [M, r], B [out, r] in the
+     * activation dtype) and true; false when it cannot, and nothing was done (the caller adds the LoRA branch)
+     */
+    productWithLora?(y: F, x: F, M: number, lora: {xa: F; B: F; r: number; scale: number}): boolean;
     /** dx[M, in] (= or += when accumulate) dy[M, out] W */
     productTranspose(dx: F, dy: F, M: number, accumulate: boolean): void;
     /** out (fp32 [out, in], =) W as the products see it (4-bit: dequantized and rounded to its dtype) */

@@ -8,6 +8,8 @@ export type GemmDtype = "f32" | "bf16" | "f16";
 
 /** the largest M gemv4bit takes */
 export const GEMV_4BIT_MAX_M = 8;
+/** the largest LoRA rank gemv4bit's fused LoRA term takes (QLORA_GEMV_4BIT_MAX_LORA_R of native/cuda/nf4.h) */
+export const GEMV_4BIT_MAX_LORA_R = 64;
 
 export interface GemmInfo {
     /** the soname that loaded, e.g. "libcublasLt.so.13" */
@@ -96,6 +98,11 @@ export interface CudaGemmOps {
      * arguments as dequantize4bit, n = N * K), each weight rounded to xDtype before the product, fp32 accumulation.
      * 1 <= M <= 8; yDtype is "f32" or xDtype. Throws a RangeError for layouts it does not handle (K % 8 != 0,
      * non-power-of-two block sizes, misaligned x): use dequantize4bit + gemm there.
+     *
+     * With loraR > 0 the LoRA branch joins the same pass: y = x @ W^T + loraScale * loraXa @ loraB^T, both sums in
+     * fp32 and y rounded once (a separate gemm with beta = 1 would round x @ W^T first). loraXa is [M, loraR]
+     * (x A^T), loraB is [N, loraR] (PEFT's lora_B.weight), both in xDtype, row-major. loraR <= GEMV_4BIT_MAX_LORA_R
+     * (a RangeError otherwise); omit the four arguments (or pass loraR = 0) for no LoRA term.
      */
     gemv4bit(
         y: number,
@@ -113,7 +120,11 @@ export interface CudaGemmOps {
         nestedBlocksize: number,
         M: number,
         N: number,
-        K: number
+        K: number,
+        loraXa?: number,
+        loraB?: number,
+        loraR?: number,
+        loraScale?: number
     ): void;
     /** loads cuBLASLt if needed (throws with the reason when it cannot) and reports it */
     gemmInfo(): GemmInfo;

@@ -154,9 +154,13 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
             const xa = be.activation(M * l.r);
             be.gemm(false, true, M, l.r, K, 1, xd ?? x, l.Ac, 0, xa);
             if (!l.magnitude) {
+                // decoding: the base product and the LoRA update in one pass where the weight has a fused kernel;
                 // training keeps the GEMM for the base: the backward's product must match the forward's
-                this.base.product(y, x, M, !train);
-                be.gemm(false, true, M, N, l.r, l.scaling, xa, l.Bc, 1, y);
+                const fused = !train && !xd && this.base.productWithLora?.(y, x, M, {xa, B: l.Bc, r: l.r, scale: l.scaling});
+                if (!fused) {
+                    this.base.product(y, x, M, !train);
+                    be.gemm(false, true, M, N, l.r, l.scaling, xa, l.Bc, 1, y);
+                }
                 saved = {xa, inner: null};
             } else {
                 const {k} = this.dora();

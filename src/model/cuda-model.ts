@@ -13,7 +13,7 @@ import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {cuda, DeviceBuffer} from "../backend/cuda.js";
-import {cudaGemmOps, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
+import {cudaGemmOps, GEMV_4BIT_MAX_LORA_R, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {DenseLinear, type BaseLinear} from "../backend/linear.js";
@@ -114,35 +114,62 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
      * the bf16 weight (training keeps the GEMM: the GEMV rounds differently, and the backward's product must match)
      */
     product(y: DeviceBuffer, x: DeviceBuffer, M: number, decoding: boolean): void {
-        const q = this.q;
-        if (decoding && q && this.gemvUsable && M <= GEMV_4BIT_MAX_M) {
-            try {
-                cudaGemmOps().gemv4bit(
-                    y.ptr,
-                    "bf16",
-                    x.ptr,
-                    "bf16",
-                    q.packed.ptr,
-                    q.absmax?.ptr ?? 0,
-                    q.absmaxQ?.ptr ?? 0,
-                    q.nestedAbsmax?.ptr ?? 0,
-                    q.nestedCode?.ptr ?? 0,
-                    q.offset,
-                    q.code.ptr,
-                    q.blocksize,
-                    q.nestedBlocksize,
-                    M,
-                    this.outFeatures,
-                    this.inFeatures
-                );
-                return;
-            } catch (err) {
-                // a layout the kernel does not handle (K % 8, block size): dequantize + GEMM from now on
-                if (!(err instanceof RangeError)) throw err;
-                this.gemvUsable = false;
-            }
-        }
+        if (decoding && this.gemv(y, x, M, null)) return;
         cudaBackend().gemm(false, true, M, this.outFeatures, this.inFeatures, 1, x, this.weight(), 0, y);
+    }
+
+    /** decoding a few rows of a 4-bit weight: the fused GEMV adds the LoRA update before its one rounding */
+    productWithLora(
+        y: DeviceBuffer,
+        x: DeviceBuffer,
+        M: number,
+        lora: {xa: DeviceBuffer; B: DeviceBuffer; r: number; scale: number}
+    ): boolean {
+        return lora.r <= GEMV_4BIT_MAX_LORA_R && this.gemv(y, x, M, lora);
+    }
+
+    /**
+     * y[M, out] = x W^T (+ scale xa B^T) by the fused dequantize + GEMV when the weight is 4-bit and M small;
+     * false when it does not apply (a layout the kernel refused once is not tried again: dequantize + GEMM)
+     */
+    private gemv(
+        y: DeviceBuffer,
+        x: DeviceBuffer,
+        M: number,
+        lora: {xa: DeviceBuffer; B: DeviceBuffer; r: number; scale: number} | null
+    ): boolean {
+        const q = this.q;
+        if (!q || !this.gemvUsable || M > GEMV_4BIT_MAX_M) return false;
+        try {
+            cudaGemmOps().gemv4bit(
+                y.ptr,
+                "bf16",
+                x.ptr,
+                "bf16",
+                q.packed.ptr,
+                q.absmax?.ptr ?? 0,
+                q.absmaxQ?.ptr ?? 0,
+                q.nestedAbsmax?.ptr ?? 0,
+                q.nestedCode?.ptr ?? 0,
+                q.offset,
+                q.code.ptr,
+                q.blocksize,
+                q.nestedBlocksize,
+                M,
+                this.outFeatures,
+                this.inFeatures,
+                lora?.xa.ptr,
+                lora?.B.ptr,
+                lora?.r ?? 0,
+                lora?.scale
+            );
+            return true;
+        } catch (err) {
+            // a layout the kernel does not handle (K % 8, block size): dequantize + GEMM from now on
+            if (!(err instanceof RangeError)) throw err;
+            this.gemvUsable = false;
+            return false;
+        }
     }
 
     productTranspose(dx: DeviceBuffer, dy: DeviceBuffer, M: number, accumulate: boolean): void {
