@@ -13,7 +13,7 @@ import {loadAdapter, saveAdapter} from "../src/peft/adapter-files.js";
 import {applyLora} from "../src/peft/inject.js";
 import {LoraLinear} from "../src/lora/layer.js";
 import {Projection} from "../src/lora/projection.js";
-import {cpuBackend} from "../src/backend/cpu-backend.js";
+import {cpuBackend, type CpuTensors} from "../src/backend/cpu-backend.js";
 import {DenseLinear} from "../src/backend/linear.js";
 import {mergeAdapter} from "../src/peft/merge.js";
 import {DecoderModel} from "../src/model/decoder.js";
@@ -136,7 +136,7 @@ for (const dropout of [0, 0.3]) {
             {clock, projection: 3}
         );
         // the projection as the graph runs it, on the CPU backend (its gradients are the host layer's arrays)
-        const proj = new Projection(cpuBackend(), layer.base, layer);
+        const proj = new Projection<CpuTensors>(cpuBackend(), layer.base, layer);
         const y = new Float32Array(M * N);
         const saved = proj.forward(y, x, M, true);
         const dx = new Float32Array(M * K);

@@ -37,7 +37,8 @@ bool check(const Napi::CallbackInfo& info, const char* op, const void* const* pt
     return false;
 }
 
-// attentionForward(out, lse|0, q, k, v, keyValid|0, seg|0, B, T, S, Hq, Hkv, D, qOffset, scale[, qOffsets|0])
+// attentionForward(out, lse|0, q, k, v, keyValid|0, seg|0, B, T, S, Hq, Hkv, D, qOffset, scale[, qOffsets|0
+//                  [, blockTable|0, tableStride]])
 Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     static const bool nullable[7] = {false, true, false, false, false, true, true};
@@ -53,9 +54,18 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     if (!check(info, "attentionForward", bf16_ptrs, 4, p[6] != nullptr, s)) return env.Undefined();
     const int32_t* qOffsets =
         info.Length() > 15 ? static_cast<const int32_t*>(device_ptr_arg(info, 15, true)) : nullptr;
+    const int32_t* blockTable =
+        info.Length() > 16 ? static_cast<const int32_t*>(device_ptr_arg(info, 16, true)) : nullptr;
+    const int64_t tableStride = blockTable ? int_arg(info, 17) : 0;
     QLORA_CHECK_ARGS(env);
-    if (qOffsets && p[6]) {
-        Napi::RangeError::New(env, "attentionForward: per-row offsets (qOffsets) cannot be combined with seg")
+    if ((qOffsets || blockTable) && p[6]) {
+        Napi::RangeError::New(env, "attentionForward: per-row offsets and block tables cannot be combined with seg")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    if (blockTable && (tableStride < 1 || s[2] > tableStride * QLORA_CUDA_KV_BLOCK)) {
+        Napi::RangeError::New(env, "attentionForward: a block table needs 1 <= tableStride and S <= tableStride * " +
+                                       std::to_string(QLORA_CUDA_KV_BLOCK))
             .ThrowAsJavaScriptException();
         return env.Undefined();
     }
@@ -64,8 +74,8 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
         qlora_cuda_attention_forward(static_cast<__nv_bfloat16*>(p[0]), static_cast<float*>(p[1]),
                                      static_cast<const __nv_bfloat16*>(p[2]), static_cast<const __nv_bfloat16*>(p[3]),
                                      static_cast<const __nv_bfloat16*>(p[4]), static_cast<const uint8_t*>(p[5]),
-                                     static_cast<const int32_t*>(p[6]), qOffsets, s[0], s[1], s[2], s[3], s[4], s[5],
-                                     s[6], scale, qlora_cuda::stream()),
+                                     static_cast<const int32_t*>(p[6]), qOffsets, blockTable, tableStride, s[0], s[1],
+                                     s[2], s[3], s[4], s[5], s[6], scale, qlora_cuda::stream()),
         "attentionForward");
     return env.Undefined();
 }

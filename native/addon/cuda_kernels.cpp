@@ -152,16 +152,20 @@ Napi::Value EmbeddingForward(const Napi::CallbackInfo& info) {
     return done(env, qlora_cuda_embedding_forward(out, bad, ids, table, N, V, C, S()), "embeddingForward");
 }
 
-// cacheWrite(cache, x, pasts, B, T, capacity, rowElems): bf16 cache rows at device-held lengths
+// cacheWrite(cache, x, pasts, B, T, capacity, rowElems[, table|0, tableStride, block]): bf16 cache rows at
+// device-held lengths, contiguous or paged
 Napi::Value CacheWrite(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     uint16_t* cache = dev<uint16_t>(info, 0);
     const uint16_t* x = dev<const uint16_t>(info, 1);
     const int32_t* pasts = dev<const int32_t>(info, 2);
     int64_t B = int_arg(info, 3), T = int_arg(info, 4), capacity = int_arg(info, 5), rowElems = int_arg(info, 6);
+    const int32_t* table = has_arg(info, 7) ? dev<const int32_t>(info, 7, true) : nullptr;
+    const int64_t tableStride = table ? int_arg(info, 8) : 0, block = table ? int_arg(info, 9) : 0;
     QLORA_CHECK_ARGS(env);
-    if (!check_sizes(env, "cacheWrite", {B, T, capacity, rowElems})) return env.Undefined();
-    return done(env, qlora_cuda_cache_write(cache, x, pasts, B, T, capacity, rowElems, S()), "cacheWrite");
+    if (!check_sizes(env, "cacheWrite", {B, T, capacity, rowElems, tableStride, block})) return env.Undefined();
+    return done(env, qlora_cuda_cache_write(cache, x, pasts, table, tableStride, block, B, T, capacity, rowElems, S()),
+                "cacheWrite");
 }
 
 // embeddingBackward(dtable, dout, ids, N, V, C)

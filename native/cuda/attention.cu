@@ -30,7 +30,8 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kThreads = 128;  // 4 warps per block in both kernels
+constexpr int kThreads = 128;                  // 4 warps per block in both kernels
+constexpr int kKvBlock = QLORA_CUDA_KV_BLOCK;  // positions per block of a paged KV cache: one forward key tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -51,6 +52,10 @@ struct Params {
     const uint8_t* key_valid;
     const int32_t* seg;
     const int32_t* q_offsets;  // forward: per-row query offsets [B] (device), replacing q_offset when not null
+    // forward: a paged KV cache: key tile i of row b (keys 64 i .. 64 i + 63) is block block_table[b * table_stride
+    // + i] of k/v, which are [blocks, 64, Hkv, D]; S is the rows' logical length (<= 64 * table_stride)
+    const int32_t* block_table;
+    int table_stride;
     int B, T, S, Hq, Hkv, G, D, q_offset, heads_per_block;
     float scale, scale_log2;
 };
@@ -157,8 +162,8 @@ __device__ __forceinline__ void load_rows(bf16* s, const bf16* g, int64_t row_st
 
 template <int D>
 struct FwdTraits {
-    static constexpr int BM = 64;  // queries per block (16 per warp)
-    static constexpr int BN = 64;  // keys per tile
+    static constexpr int BM = 64;        // queries per block (16 per warp)
+    static constexpr int BN = kKvBlock;  // keys per tile: one block of a paged KV cache
     static constexpr int LD = D + 8;
     static constexpr size_t smem_bytes = (size_t)(BM + 4 * BN) * LD * sizeof(bf16) + 2 * BN * sizeof(int);
 };
@@ -181,11 +186,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
     const int T = p.T, S = p.S, m0 = m_block * BM;
     const int64_t q_stride = (int64_t)p.Hq * D, kv_stride = (int64_t)p.Hkv * D;
     const bf16* qg = p.q + ((int64_t)b * T * p.Hq + h) * D;
-    const bf16* kg = p.k + ((int64_t)b * S * p.Hkv + hk) * D;
-    const bf16* vg = p.v + ((int64_t)b * S * p.Hkv + hk) * D;
     const uint8_t* kvalid = p.key_valid ? p.key_valid + (int64_t)b * S : nullptr;
     const int32_t* segb = p.seg ? p.seg + (int64_t)b * S : nullptr;
     const int q_offset = p.q_offsets ? max(0, min(p.q_offsets[b], S)) : p.q_offset;
+    // key row n0 (a multiple of BN) of this (b, kv head): contiguous rows, or the block the table names
+    const int32_t* btab = p.block_table ? p.block_table + (int64_t)b * p.table_stride : nullptr;
+    auto kv_rows = [&](const bf16* base, int n0) -> const bf16* {
+        if (!btab) return base + (((int64_t)b * S + n0) * p.Hkv + hk) * D;
+        return base + ((int64_t)max(btab[n0 / BN], 0) * BN * p.Hkv + hk) * D;
+    };
 
     // keys [0, kend) can be visible to some query of this tile: later tiles are skipped (causality)
     const int kend = min(S, q_offset + min(m0 + BM, T));
@@ -218,8 +227,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
 
     if (n_tiles > 0) {
         load_rows<BM, D>(sQ, qg, q_stride, m0, T, tid);
-        load_rows<BN, D>(sK, kg, kv_stride, 0, S, tid);
-        load_rows<BN, D>(sV, vg, kv_stride, 0, S, tid);
+        load_rows<BN, D>(sK, kv_rows(p.k, 0), kv_stride, 0, S, tid);
+        load_rows<BN, D>(sV, kv_rows(p.v, 0), kv_stride, 0, S, tid);
         cp_async_commit();
         fetch_mask(0);
     }
@@ -231,8 +240,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
             sSeg[tid] = nxt_seg;
         }
         if (it + 1 < n_tiles) {
-            load_rows<BN, D>(sK + (buf ^ 1) * BN * LD, kg, kv_stride, n0 + BN, S, tid);
-            load_rows<BN, D>(sV + (buf ^ 1) * BN * LD, vg, kv_stride, n0 + BN, S, tid);
+            load_rows<BN, D>(sK + (buf ^ 1) * BN * LD, kv_rows(p.k, n0 + BN), kv_stride, 0, S - n0 - BN, tid);
+            load_rows<BN, D>(sV + (buf ^ 1) * BN * LD, kv_rows(p.v, n0 + BN), kv_stride, 0, S - n0 - BN, tid);
             cp_async_commit();
             fetch_mask(n0 + BN);
             cp_async_wait<1>();
@@ -738,11 +747,14 @@ extern "C" const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, 
 
 extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
                                                     const uint8_t* key_valid, const int32_t* seg,
-                                                    const int32_t* q_offsets, int64_t B, int64_t T, int64_t S,
-                                                    int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset, float scale,
+                                                    const int32_t* q_offsets, const int32_t* block_table,
+                                                    int64_t table_stride, int64_t B, int64_t T, int64_t S, int64_t Hq,
+                                                    int64_t Hkv, int64_t D, int64_t q_offset, float scale,
                                                     cudaStream_t stream) {
     const void* ptrs[] = {out, q, k, v};
     if (qlora_cuda_attention_check(ptrs, 4, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset) || (q_offsets && seg))
+        return cudaErrorInvalidValue;
+    if (block_table && (seg || table_stride < 1 || table_stride > (1 << 24) || S > table_stride * kKvBlock))
         return cudaErrorInvalidValue;
     if (B == 0 || T == 0) return cudaSuccess;
     Params p = {};
@@ -754,6 +766,8 @@ extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const
     p.key_valid = key_valid;
     p.seg = seg;
     p.q_offsets = q_offsets;
+    p.block_table = block_table;
+    p.table_stride = (int)table_stride;
     p.B = (int)B;
     p.T = (int)T;
     p.S = (int)S;

@@ -27,13 +27,19 @@ int qlora_cuda_attention_supports_head_dim(int64_t D);
 const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, int n_ptrs, int seg_given, int64_t B, int64_t T,
                                        int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset);
 
+// positions per block of a paged KV cache (the forward kernel's key tile)
+#define QLORA_CUDA_KV_BLOCK 64
+
 // out[B,T,Hq,D] (=), lse[B,Hq,T] (= ; may be NULL). q_offsets (may be NULL; not with seg): per-row query offsets
 // [B] in device memory, used instead of q_offset (rows of a KV cache at their own lengths; a captured decoding
-// step replays at any lengths); each is clamped to [0, S]
+// step replays at any lengths); each is clamped to [0, S]. block_table (may be NULL; not with seg): a paged KV
+// cache, k/v [blocks, QLORA_CUDA_KV_BLOCK, Hkv, D] and block_table[B, table_stride] (device) naming the block of
+// each row's positions 64 i .. 64 i + 63; S (<= 64 * table_stride) is then the rows' logical length.
 cudaError_t qlora_cuda_attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                          const __nv_bfloat16* v, const uint8_t* key_valid, const int32_t* seg,
-                                         const int32_t* q_offsets, int64_t B, int64_t T, int64_t S, int64_t Hq,
-                                         int64_t Hkv, int64_t D, int64_t q_offset, float scale, cudaStream_t stream);
+                                         const int32_t* q_offsets, const int32_t* block_table, int64_t table_stride,
+                                         int64_t B, int64_t T, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
+                                         int64_t q_offset, float scale, cudaStream_t stream);
 
 // dq[B,T,Hq,D] (=), dk/dv[B,S,Hkv,D] (=), all bf16; recomputes the probabilities from q, k and the forward's lse.
 // Uses an f32 workspace from the caching allocator (qlora_cuda::device_alloc): D_i[B,Hq,T], and dq/dk/dv

@@ -333,16 +333,24 @@ extern "C" cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup
 
 // ------------------------------------------------------------------
 // KV cache: row b's T new positions go to positions pasts[b] .. pasts[b] + T - 1 of its cache row, read from
-// device memory so that a captured decoding step (CUDA graph) replays at any lengths
+// device memory so that a captured decoding step (CUDA graph) replays at any lengths. Paged: position j of row b
+// is row j % block of block table[b * table_stride + j / block] of the cache.
 
 namespace {
 
-__global__ void __launch_bounds__(kThreads) cache_write_kernel(uint16_t* cache, const uint16_t* x, const int32_t* pasts,
-                                                               int T, int64_t capacity, int64_t row_elems, bool vec) {
+__global__ void __launch_bounds__(kThreads)
+    cache_write_kernel(uint16_t* cache, const uint16_t* x, const int32_t* pasts, const int32_t* table,
+                       int64_t table_stride, int64_t block, int T, int64_t capacity, int64_t row_elems, bool vec) {
     const int b = blockIdx.x / T, t = blockIdx.x % T;
     const int64_t pos = (int64_t)pasts[b] + t;
     if (pos < 0 || pos >= capacity) return;  // the host checks lengths; never write outside the row
-    uint16_t* dst = cache + ((int64_t)b * capacity + pos) * row_elems;
+    int64_t at = (int64_t)b * capacity + pos;
+    if (table) {
+        const int32_t blk = table[b * table_stride + pos / block];
+        if (blk < 0) return;  // no block reserved there (the host reserves before the step)
+        at = (int64_t)blk * block + pos % block;
+    }
+    uint16_t* dst = cache + at * row_elems;
     const uint16_t* src = x + ((int64_t)b * T + t) * row_elems;
     if (vec) {
         for (int64_t i = threadIdx.x; i < row_elems / 8; i += blockDim.x) store8(dst, i, load8(src, i));
@@ -353,11 +361,14 @@ __global__ void __launch_bounds__(kThreads) cache_write_kernel(uint16_t* cache, 
 
 }  // namespace
 
-extern "C" cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x, const int32_t* pasts, int64_t B,
+extern "C" cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x, const int32_t* pasts,
+                                              const int32_t* table, int64_t table_stride, int64_t block, int64_t B,
                                               int64_t T, int64_t capacity, int64_t row_elems, cudaStream_t stream) {
     if (B < 0 || T < 0 || capacity < 0 || row_elems < 0 || B * T > INT32_MAX) return cudaErrorInvalidValue;
+    if (table && (block < 1 || table_stride < 1 || capacity > table_stride * block)) return cudaErrorInvalidValue;
     if (B == 0 || T == 0 || row_elems == 0) return cudaSuccess;
     const bool vec = row_elems % 8 == 0 && aligned16(cache) && aligned16(x);
-    cache_write_kernel<<<(unsigned)(B * T), kThreads, 0, stream>>>(cache, x, pasts, (int)T, capacity, row_elems, vec);
+    cache_write_kernel<<<(unsigned)(B * T), kThreads, 0, stream>>>(cache, x, pasts, table, table_stride, block, (int)T,
+                                                                   capacity, row_elems, vec);
     return cudaGetLastError();
 }

@@ -45,9 +45,12 @@ cudaError_t qlora_cuda_axpy_f32(float* y, float alpha, const float* x, int64_t n
 // y[n] (f32) = fmaf(alpha, x[n] (bf16), y[n]): accumulates a bf16 gradient into an fp32 one
 cudaError_t qlora_cuda_cast_add_bf16_f32(float* y, const uint16_t* x, float alpha, int64_t n, cudaStream_t stream);
 // KV cache write (bf16): cache[b, pasts[b] + t, :] = x[b, t, :] for cache [B, capacity, row_elems] and x
-// [B, T, row_elems]; pasts[B] (int32) in device memory; positions outside [0, capacity) are skipped
-cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x, const int32_t* pasts, int64_t B, int64_t T,
-                                   int64_t capacity, int64_t row_elems, cudaStream_t stream);
+// [B, T, row_elems]; pasts[B] (int32) in device memory; positions outside [0, capacity) are skipped. With a block
+// table (table[B, table_stride], may be NULL) the cache is paged: [blocks, block, row_elems], position j of row b
+// in block table[b, j / block] (entries < 0: skipped)
+cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x, const int32_t* pasts, const int32_t* table,
+                                   int64_t table_stride, int64_t block, int64_t B, int64_t T, int64_t capacity,
+                                   int64_t row_elems, cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // embedding

@@ -8,6 +8,14 @@
 import type {TokenPick} from "./sampling.js";
 
 /** the tensor types of one backend: float activations/weights, int32 indices, uint8 masks */
+/** a paged KV cache's block tables on a backend (model/graph.ts KVCache): row b's positions block * i .. are in
+ * block table[b * stride + i] */
+export interface KvBlocksOf<I> {
+    table: I;
+    stride: number;
+    block: number;
+}
+
 export interface TensorTypes {
     f: unknown;
     i: unknown;
@@ -92,7 +100,9 @@ export interface Backend<X extends TensorTypes> {
         Hkv: number,
         D: number,
         past: number | X["i"],
-        scale: number
+        scale: number,
+        /** a paged KV cache: k, v are block pools [blocks * block, Hkv, D] and S the rows' logical length */
+        blocks?: KvBlocksOf<X["i"]> | null
     ): void;
     attentionBackward(
         dq: X["f"],
@@ -123,9 +133,19 @@ export interface Backend<X extends TensorTypes> {
      * rowElems] (each row at its own length: continuous batching decodes rows of different lengths together);
      * pasts [B] on the backend, so that a recorded decoding step replays at other lengths
      */
-    cacheWrite(cache: X["f"], x: X["f"], B: number, T: number, capacity: number, pasts: X["i"], rowElems: number): void;
+    cacheWrite(
+        cache: X["f"],
+        x: X["f"],
+        B: number,
+        T: number,
+        capacity: number,
+        pasts: X["i"],
+        rowElems: number,
+        /** a paged cache: [blocks * block, rowElems], row b's position j in block table[b * stride + j / block] */
+        blocks?: KvBlocksOf<X["i"]> | null
+    ): void;
     /** the elements [offset, offset + length) of t, sharing its memory (never freed on its own) */
-    view(t: X["f"], offset: number, length: number): X["f"];
+    view<T extends X["f"] | X["i"]>(t: T, offset: number, length: number): T;
     /**
      * the causal-LM loss of hidden states xf[N, C] through the output layer head[V, C], in chunks of rows:
      * cross-entropy summed over rows whose target >= 0; with dxf, dxf[N, C] (=) gets the gradient scaled by

@@ -1,7 +1,7 @@
 // cpu-backend.ts: the Backend on the host: fp32 tensors are Float32Arrays (the garbage collector owns them), the
 // ops are the native CPU addon's (native/cpu/*.cpp, OpenMP).
 import {cpu} from "./cpu.js";
-import type {Backend, LossResult} from "./backend.js";
+import type {Backend, KvBlocksOf, LossResult} from "./backend.js";
 import {pickTokensHost, type TokenPick} from "./sampling.js";
 
 export interface CpuTensors {
@@ -119,34 +119,54 @@ export class CpuBackend implements Backend<CpuTensors> {
         Hkv: number,
         D: number,
         past: number | Int32Array,
-        scale: number
+        scale: number,
+        blocks?: KvBlocksOf<Int32Array> | null
     ): void {
-        if (typeof past === "number" || past.every((p) => p === past[0])) {
+        if (!blocks && (typeof past === "number" || past.every((p) => p === past[0]))) {
             const offset = typeof past === "number" ? past : (past[0] ?? 0);
             cpu().attentionForward(out, lse, q, k, v, keyValid, seg, B, T, S, Hq, Hkv, D, offset, scale);
             return;
         }
-        if (seg) throw new Error("attention: per-row offsets cannot be combined with packed segments");
-        // rows at their own lengths: one call per row over views of its tensors
+        if (seg) throw new Error("attention: per-row offsets and paged caches cannot be combined with packed segments");
+        // rows at their own lengths, or in cache blocks: one call per row over its tensors (a paged row's keys
+        // gathered into one contiguous run first, as far as its queries can see)
         const qRow = T * Hq * D,
-            kvRow = S * Hkv * D;
+            kvRow = Hkv * D;
         for (let b = 0; b < B; b++) {
+            const offset = typeof past === "number" ? past : past[b];
             const row = <T extends Float32Array | Uint8Array>(t: T, n: number) => t.subarray(b * n, (b + 1) * n) as T;
+            let keys: Float32Array, values: Float32Array, Sb: number;
+            if (blocks) {
+                Sb = Math.min(S, Math.ceil((offset + T) / blocks.block) * blocks.block);
+                keys = new Float32Array(Sb * kvRow);
+                values = new Float32Array(Sb * kvRow);
+                for (let j0 = 0; j0 < Sb; j0 += blocks.block) {
+                    const at = blockRow(blocks, b, j0);
+                    if (at < 0) continue;
+                    const n = Math.min(blocks.block, Sb - j0) * kvRow;
+                    keys.set(k.subarray(at * kvRow, at * kvRow + n), j0 * kvRow);
+                    values.set(v.subarray(at * kvRow, at * kvRow + n), j0 * kvRow);
+                }
+            } else {
+                Sb = S;
+                keys = row(k, S * kvRow);
+                values = row(v, S * kvRow);
+            }
             cpu().attentionForward(
                 row(out, qRow),
                 lse ? row(lse, Hq * T) : null,
                 row(q, qRow),
-                row(k, kvRow),
-                row(v, kvRow),
-                keyValid ? row(keyValid, S) : null,
+                keys,
+                values,
+                keyValid ? keyValid.subarray(b * S, b * S + Sb) : null,
                 null,
                 1,
                 T,
-                S,
+                Sb,
                 Hq,
                 Hkv,
                 D,
-                past[b],
+                offset,
                 scale
             );
         }
@@ -195,13 +215,20 @@ export class CpuBackend implements Backend<CpuTensors> {
         T: number,
         capacity: number,
         pasts: Int32Array,
-        rowElems: number
+        rowElems: number,
+        blocks?: KvBlocksOf<Int32Array> | null
     ): void {
         for (let b = 0; b < B; b++)
-            cache.set(x.subarray(b * T * rowElems, (b + 1) * T * rowElems), (b * capacity + pasts[b]) * rowElems);
+            for (let t = 0; t < T; t++) {
+                const j = pasts[b] + t;
+                if (j < 0 || j >= capacity) continue; // as the kernel: never outside the row
+                const at = blocks ? blockRow(blocks, b, j) : b * capacity + j;
+                if (at < 0) continue;
+                cache.set(x.subarray((b * T + t) * rowElems, (b * T + t + 1) * rowElems), at * rowElems);
+            }
     }
-    view(t: Float32Array, offset: number, length: number): Float32Array {
-        return t.subarray(offset, offset + length);
+    view<T extends Float32Array | Int32Array>(t: T, offset: number, length: number): T {
+        return t.subarray(offset, offset + length) as T;
     }
 
     causalLmLoss(
@@ -352,4 +379,10 @@ let shared: CpuBackend | null = null;
 /** the process's CPU backend (stateless: one is enough) */
 export function cpuBackend(): CpuBackend {
     return (shared ??= new CpuBackend());
+}
+
+/** the pool row of row b's position j in a paged KV cache, or -1 where no block is reserved */
+function blockRow(blocks: KvBlocksOf<Int32Array>, b: number, j: number): number {
+    const blk = blocks.table[b * blocks.stride + Math.floor(j / blocks.block)];
+    return blk < 0 ? -1 : blk * blocks.block + (j % blocks.block);
 }

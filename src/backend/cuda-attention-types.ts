@@ -30,7 +30,10 @@ export interface CudaAttentionOps {
         D: number,
         qOffset: number,
         scale: number,
-        qOffsets?: number | null
+        qOffsets?: number | null,
+        /** a paged KV cache: k/v [blocks, 64, Hkv, D], blockTable [B, tableStride] (i32), S <= 64 * tableStride */
+        blockTable?: number | null,
+        tableStride?: number
     ): void;
     /**
      * Flash attention backward: dq[B,T,Hq,D], dk/dv[B,S,Hkv,D] (bf16, =) from dout, the forward's inputs, its out

@@ -1,11 +1,11 @@
 // cuda-backend.ts: the Backend on an NVIDIA GPU: activations bf16 and statistics fp32 in device memory (the
 // caching allocator of native/cuda/runtime.cpp), the ops are the CUDA addon's kernels, queued on one stream.
-import {cuda, DeviceBuffer} from "./cuda.js";
+import {cuda, DeviceBuffer, DTYPE_BYTES} from "./cuda.js";
 import {cudaAttentionOps} from "./cuda-attention-types.js";
 import {cudaGemmOps, type GemmDtype} from "./cuda-gemm-types.js";
 import {cudaLoraOps} from "./cuda-lora-types.js";
 import {cudaKernelOps} from "./cuda-kernels-types.js";
-import type {Backend, LossResult} from "./backend.js";
+import type {Backend, KvBlocksOf, LossResult} from "./backend.js";
 import {pickArguments, type TokenPick} from "./sampling.js";
 
 export interface CudaTensors {
@@ -13,6 +13,9 @@ export interface CudaTensors {
     i: DeviceBuffer;
     u8: DeviceBuffer;
 }
+
+/** positions per block of a paged KV cache in the attention kernel (native/cuda/attention.h QLORA_CUDA_KV_BLOCK) */
+const KV_BLOCK_CUDA = 64;
 
 /** bytes per element of the activation dtype (bf16) */
 const ACT_BYTES = 2;
@@ -136,8 +139,12 @@ export class CudaBackend implements Backend<CudaTensors> {
         Hkv: number,
         D: number,
         past: number | DeviceBuffer,
-        scale: number
+        scale: number,
+        blocks?: KvBlocksOf<DeviceBuffer> | null
     ): void {
+        // the kernel's key tile is one cache block
+        if (blocks && blocks.block !== KV_BLOCK_CUDA)
+            throw new Error(`attention: cache blocks of ${blocks.block} positions; the kernel takes ${KV_BLOCK_CUDA}`);
         const perRow = typeof past !== "number";
         cudaAttentionOps().attentionForward(
             out.ptr,
@@ -155,7 +162,9 @@ export class CudaBackend implements Backend<CudaTensors> {
             D,
             perRow ? 0 : past,
             scale,
-            perRow ? past.ptr : null
+            perRow ? past.ptr : null,
+            blocks?.table.ptr ?? null,
+            blocks?.stride ?? 0
         );
     }
     attentionBackward(
@@ -222,13 +231,25 @@ export class CudaBackend implements Backend<CudaTensors> {
         T: number,
         capacity: number,
         pasts: DeviceBuffer,
-        rowElems: number
+        rowElems: number,
+        blocks?: KvBlocksOf<DeviceBuffer> | null
     ): void {
-        cudaKernelOps().cacheWrite(cache.ptr, x.ptr, pasts.ptr, B, T, capacity, rowElems);
+        cudaKernelOps().cacheWrite(
+            cache.ptr,
+            x.ptr,
+            pasts.ptr,
+            B,
+            T,
+            capacity,
+            rowElems,
+            blocks?.table.ptr ?? null,
+            blocks?.stride ?? 0,
+            blocks?.block ?? 0
+        );
     }
-    view(t: DeviceBuffer, offset: number, length: number): DeviceBuffer {
+    view<T extends DeviceBuffer>(t: T, offset: number, length: number): T {
         if (offset < 0 || offset + length > t.length) throw new Error(`view [${offset}, +${length}) of a buffer of ${t.length}`);
-        return new DeviceBuffer(t.ptr + (offset * t.bytes) / t.length, t.dtype, length);
+        return new DeviceBuffer(t.ptr + offset * DTYPE_BYTES[t.dtype], t.dtype, length) as T;
     }
 
     causalLmLoss(

@@ -32,7 +32,19 @@ export interface CudaKernelOps extends CudaAddon {
     /** y[n] += x[n] (bf16, fp32 sum rounded: the residual stream) */
     addInplaceBf16(y: number, x: number, n: number): void;
     /** KV cache rows (bf16): cache[b, pasts[b] + t, :] = x[b, t, :], pasts [B] int32 on the device */
-    cacheWrite(cache: number, x: number, pasts: number, B: number, T: number, capacity: number, rowElems: number): void;
+    cacheWrite(
+        cache: number,
+        x: number,
+        pasts: number,
+        B: number,
+        T: number,
+        capacity: number,
+        rowElems: number,
+        /** a paged cache [blocks * block, rowElems]: table [B, tableStride] of block ids (< 0: none) */
+        table?: number | null,
+        tableStride?: number,
+        block?: number
+    ): void;
     /** y[n] = fma(alpha, x[n], y[n]) (f32) */
     axpy(y: number, alpha: number, x: number, n: number): void;
     /** y[n] (f32) = fma(alpha, x[n] (bf16), y[n]): a bf16 gradient into an fp32 accumulator */

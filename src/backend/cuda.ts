@@ -138,7 +138,7 @@ export function cuda(): CudaAddon {
 }
 
 export type DeviceDtype = "f32" | "bf16" | "f16" | "u8" | "i32";
-const DTYPE_BYTES: Record<DeviceDtype, number> = {f32: 4, bf16: 2, f16: 2, u8: 1, i32: 4};
+export const DTYPE_BYTES: Record<DeviceDtype, number> = {f32: 4, bf16: 2, f16: 2, u8: 1, i32: 4};
 
 /** a device buffer: an address, a dtype and a length in elements */
 export class DeviceBuffer {

@@ -13,9 +13,16 @@ export interface LmCache {
     readonly lengths: Int32Array;
     /** positions filled in the longest row */
     readonly length: number;
+    /** blocks in the pool and not held by a row (the cache is paged: graph.ts KVCache) */
+    readonly blocks: number;
+    readonly freeBlockCount: number;
+    /** blocks a row holds */
+    heldBlocks(row: number): number;
+    /** gives a row the blocks of its first `positions` positions ahead of time (a QloraError when the pool is short) */
+    reserve(row: number, positions: number): void;
     /** moves a row's keys and values to another row, which it replaces (continuous batching keeps rows packed) */
     moveRow(from: number, to: number): void;
-    /** empties a row */
+    /** empties a row: its blocks go back to the pool */
     clearRow(row: number): void;
     /** frees its memory; the cache is unusable afterwards */
     release(): void;
@@ -47,8 +54,11 @@ export interface CausalLm {
      * the logits are; all rows greedy when picks is null
      */
     pickForward(ids: Int32Array, B: number, T: number, opts: LmForwardOptions, picks: readonly TokenPick[] | null): Int32Array;
-    /** an empty KV cache for `batch` rows of `capacity` positions, in the model's memory; release() frees it */
-    newCache(batch: number, capacity: number): LmCache;
+    /**
+     * an empty paged KV cache for `batch` rows of up to `capacity` positions, in the model's memory, with `blocks`
+     * blocks of KV_BLOCK positions shared by the rows (default: every row at full capacity); release() frees it
+     */
+    newCache(batch: number, capacity: number, blocks?: number): LmCache;
     /** the summed loss and target count of a batch, forward only (evaluation) */
     score(batch: TrainBatch): LossResult;
 }

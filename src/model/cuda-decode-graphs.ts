@@ -2,16 +2,17 @@
 // cache rows) queues about 30 kernels per layer; launched one by one from JavaScript, the host sets the pace (a
 // 7B model decoded at batch 1 used a sixth of the GPU's memory bandwidth). The graph's own decoder forward
 // (DecoderGraph.forwardStep) is recorded once per (cache, rows) and replayed: the step's inputs (token ids,
-// positions, each row's cache length) live in one device buffer written before each launch, the attention and
-// the cache write read the lengths from it, and the final hidden states land in the same buffer every time.
+// positions, each row's cache length and block table) live in one device buffer written before each launch, the
+// attention and the cache write read the lengths and blocks from it, and the final hidden states land in the
+// same buffer every time.
 // Choosing the tokens (logits GEMM, sampling) stays outside: its settings change from step to step.
 import {CudaGraph, DeviceBuffer} from "../backend/cuda.js";
-import type {CudaTensors} from "../backend/cuda-backend.js";
-import type {DecoderGraph, KVCache, StepInputs, StepPlan} from "./graph.js";
+import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
+import {type DecoderGraph, type KVCache, type StepInputs, type StepPlan, stepIndices, stepInputViews} from "./graph.js";
 
 interface Recorded {
     graph: CudaGraph;
-    /** i32 [3B]: ids | positions | cache lengths */
+    /** i32: graph.ts stepIndices (ids | positions | cache lengths | block tables) */
     inputs: DeviceBuffer;
     /** the final hidden states [B, C] each replay writes */
     hidden: DeviceBuffer;
@@ -45,10 +46,7 @@ export class DecodeGraphs {
         if (this.failure !== null || !cache || !steps || plan.T !== 1 || plan.keyValid) return null;
         const key = `${plan.firstRow}/${plan.B}`;
         const seen = steps.get(key) ?? 0;
-        const host = new Int32Array(3 * plan.B);
-        host.set(ids, 0);
-        host.set(plan.pos, plan.B);
-        host.set(plan.pasts, 2 * plan.B);
+        const host = stepIndices(ids, plan);
         if (typeof seen === "number") {
             // the first step of a shape runs eagerly: lazy setup (cuBLASLt plans, the GEMV's layout check, the
             // workspace) happens outside the recording
@@ -71,10 +69,8 @@ export class DecodeGraphs {
     }
 
     private record(host: Int32Array, plan: StepPlan<CudaTensors>): Recorded | null {
-        const B = plan.B;
         const inputs = DeviceBuffer.from("i32", host);
-        const view = (at: number) => new DeviceBuffer(inputs.ptr + 4 * at * B, "i32", B);
-        const stepInputs: StepInputs<CudaTensors> = {ids: view(0), pos: view(1), pasts: view(2), keyValid: null, seg: null};
+        const stepInputs: StepInputs<CudaTensors> = {...stepInputViews(cudaBackend(), inputs, plan), keyValid: null, seg: null};
         let hidden: DeviceBuffer | null = null;
         try {
             const graph = CudaGraph.capture(() => {

@@ -12,7 +12,7 @@ import type {FrozenWeight} from "../backend/backend.js";
 import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
 import type {TokenPick} from "../backend/sampling.js";
-import {cuda, DeviceBuffer} from "../backend/cuda.js";
+import {DeviceBuffer} from "../backend/cuda.js";
 import {cudaGemmOps, GEMV_4BIT_MAX_LORA_R, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
@@ -339,8 +339,8 @@ export class CudaModel implements CausalLm {
         }
     }
 
-    /** a KV cache in device memory (bf16); release() frees it (and the decoding steps recorded over it) */
-    newCache(batch: number, capacity: number): KVCache<DeviceBuffer> {
+    /** a paged KV cache in device memory (bf16); release() frees it (and the decoding steps recorded over it) */
+    newCache(batch: number, capacity: number, blocks?: number): KVCache<DeviceBuffer> {
         const cache: KVCache<DeviceBuffer> = new KVCache<DeviceBuffer>(
             this.model.config,
             batch,
@@ -350,7 +350,7 @@ export class CudaModel implements CausalLm {
                 this.decodeGraphs.drop(cache);
                 t.free();
             },
-            (t, to, from, n) => cuda().copy(t.ptr + 2 * to, t.ptr + 2 * from, 2 * n)
+            blocks
         );
         this.decodeGraphs.track(cache);
         return cache;

@@ -162,8 +162,8 @@ export class DecoderModel implements CausalLm {
         return this.hostGraph().pickTokens(hidden, opts.logitRows ?? null, B * T, picks);
     }
 
-    newCache(batch: number, capacity: number): KVCache<Float32Array> {
-        return new KVCache(this.config, batch, capacity);
+    newCache(batch: number, capacity: number, blocks?: number): KVCache<Float32Array> {
+        return new KVCache(this.config, batch, capacity, undefined, undefined, blocks);
     }
 
     score(batch: TrainBatch): LossResult {

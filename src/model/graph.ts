@@ -13,7 +13,7 @@
 // token mean (SPEC-training §8); the backend computes it in chunks of rows and never holds the whole logits.
 // Gradient rule (llm.c): parameter gradients +=, activation gradients =, the residual stream +=.
 import {QloraError} from "../errors.js";
-import type {Backend, GraphLinear, LossResult, TensorTypes} from "../backend/backend.js";
+import type {Backend, GraphLinear, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {countNonFinite} from "../backend/cpu.js";
 import {MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
@@ -86,37 +86,58 @@ export function trainedOnBackend<X extends TensorTypes>(
     };
 }
 
+/** positions per block of a KV cache (the CUDA attention's key tile: native/cuda/attention.h QLORA_CUDA_KV_BLOCK) */
+export const KV_BLOCK = 64;
+
 /**
- * per-layer key/value tensors [B, capacity, Hkv, D] for incremental decoding, on one backend. Each row has its own
- * length: rows decoded together may be at different positions (continuous batching: a row that ends leaves, a new
- * one joins in its place).
+ * The key/value tensors of incremental decoding, on one backend, paged as vLLM's PagedAttention pages them: per
+ * layer one pool of blocks [blocks * KV_BLOCK, Hkv, D], and per row a table of the blocks holding its positions.
+ * Rows take blocks as they grow (or reserve them ahead), so sequences of different lengths share the pool: it
+ * can hold fewer positions than rows x capacity. Each row has its own length: rows decoded together may be at
+ * different positions (continuous batching: a row that ends leaves, a new one joins in its place, and moving a
+ * row moves its table, not its keys).
  */
 export class KVCache<F = Float32Array> {
     readonly k: F[];
     readonly v: F[];
     /** positions filled, per row */
     readonly lengths: Int32Array;
+    /** blocks a row may hold: ceil(capacity / KV_BLOCK) */
+    readonly blocksPerRow: number;
+    /** blocks in the pool */
+    readonly blocks: number;
+    /** [batch, blocksPerRow]: the block of each row's positions KV_BLOCK i .., -1 where none is reserved */
+    readonly table: Int32Array;
+    private readonly freeBlocks: number[];
+
     constructor(
         readonly cfg: ModelConfig,
         readonly batch: number,
+        /** positions a row may reach */
         readonly capacity: number,
         alloc: (n: number) => F = (n) => new Float32Array(n) as F,
         private readonly free: (t: F) => void = () => undefined,
-        /** copies n elements of t from offset `from` to offset `to` (the regions never overlap) */
-        private readonly copyWithin: (t: F, to: number, from: number, n: number) => void = (t, to, from, n) =>
-            (t as Float32Array).copyWithin(to, from, from + n)
+        /** blocks in the pool (default: enough for every row at full capacity) */
+        blocks?: number
     ) {
-        const n = batch * capacity * cfg.numKeyValueHeads * cfg.headDim;
+        if (!(Number.isSafeInteger(batch) && batch >= 1 && Number.isSafeInteger(capacity) && capacity >= 1))
+            throw new Error(`KVCache: batch ${batch} and capacity ${capacity} must be positive integers`);
+        this.blocksPerRow = Math.ceil(capacity / KV_BLOCK);
+        this.blocks = blocks ?? batch * this.blocksPerRow;
+        const n = this.blocks * KV_BLOCK * cfg.numKeyValueHeads * cfg.headDim;
         // the cache is sized from the request (prompt + max new tokens, capped by the context): a request past
         // what one buffer holds is an error that says what to lower, not a RangeError
-        if (!(Number.isSafeInteger(n) && n <= MAX_TENSOR_ELEMENTS))
+        if (!(Number.isSafeInteger(this.blocks) && this.blocks >= 1 && Number.isSafeInteger(n) && n <= MAX_TENSOR_ELEMENTS))
             throw new QloraError(
-                `a key/value cache for ${capacity} positions (x ${batch} rows) needs ${n} values per layer, ` +
-                    `more than one buffer holds (${MAX_TENSOR_ELEMENTS}); lower the number of new tokens or the prompt length`
+                `a key/value cache for ${capacity} positions (x ${batch} rows, ${this.blocks} blocks of ${KV_BLOCK}) ` +
+                    `needs ${n} values per layer, more than one buffer holds (${MAX_TENSOR_ELEMENTS}); lower the number of new tokens or the prompt length`
             );
         this.k = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
         this.v = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
         this.lengths = new Int32Array(batch);
+        this.table = new Int32Array(batch * this.blocksPerRow).fill(-1);
+        // a stack: block 0 is handed out first
+        this.freeBlocks = Array.from({length: this.blocks}, (_, i) => this.blocks - 1 - i);
     }
 
     /** positions filled in the longest row */
@@ -124,15 +145,37 @@ export class KVCache<F = Float32Array> {
         return this.lengths.reduce((m, x) => Math.max(m, x), 0);
     }
 
-    /** moves row `from` (its filled positions) to row `to`, which it replaces; `from` is left empty */
-    moveRow(from: number, to: number): void {
-        if (from === to) return;
-        const rowElems = this.cfg.numKeyValueHeads * this.cfg.headDim;
-        const n = this.lengths[from] * rowElems;
-        for (const t of [...this.k, ...this.v])
-            this.copyWithin(t, to * this.capacity * rowElems, from * this.capacity * rowElems, n);
-        this.lengths[to] = this.lengths[from];
-        this.lengths[from] = 0;
+    /** blocks not held by any row */
+    get freeBlockCount(): number {
+        return this.freeBlocks.length;
+    }
+
+    /** blocks a row of `positions` positions holds */
+    static blocksFor(positions: number): number {
+        return Math.ceil(positions / KV_BLOCK);
+    }
+
+    /** blocks of a row */
+    heldBlocks(row: number): number {
+        let n = 0;
+        for (let i = 0; i < this.blocksPerRow; i++) if (this.table[row * this.blocksPerRow + i] >= 0) n++;
+        return n;
+    }
+
+    /** gives row `row` blocks for its first `positions` positions (those it lacks); nothing changes when the pool is short */
+    reserve(row: number, positions: number): void {
+        if (positions > this.capacity)
+            throw new QloraError(`the sequence needs ${positions} positions but the cache holds ${this.capacity}`);
+        const need = KVCache.blocksFor(positions);
+        const base = row * this.blocksPerRow;
+        let missing = 0;
+        for (let i = 0; i < need; i++) if (this.table[base + i] < 0) missing++;
+        if (missing > this.freeBlocks.length)
+            throw new QloraError(
+                `the key/value cache is full: a row needs ${missing} more blocks of ${KV_BLOCK} positions and ` +
+                    `${this.freeBlocks.length} of ${this.blocks} are free; wait for a running sequence to end, or give the cache more positions`
+            );
+        for (let i = 0; i < need; i++) if (this.table[base + i] < 0) this.table[base + i] = this.freeBlocks.pop()!;
     }
 
     /** rows firstRow .. firstRow + B - 1 took T more positions each */
@@ -140,8 +183,25 @@ export class KVCache<F = Float32Array> {
         for (let b = 0; b < B; b++) this.lengths[firstRow + b] += T;
     }
 
-    /** empties a row (its positions are overwritten by the next row placed there) */
+    /** moves row `from` (its blocks and length) to row `to`, whose blocks are freed; `from` is left empty */
+    moveRow(from: number, to: number): void {
+        if (from === to) return;
+        this.clearRow(to);
+        const w = this.blocksPerRow;
+        this.table.copyWithin(to * w, from * w, (from + 1) * w);
+        this.table.fill(-1, from * w, (from + 1) * w);
+        this.lengths[to] = this.lengths[from];
+        this.lengths[from] = 0;
+    }
+
+    /** empties a row: its blocks go back to the pool */
     clearRow(row: number): void {
+        const w = this.blocksPerRow;
+        for (let i = row * w; i < (row + 1) * w; i++)
+            if (this.table[i] >= 0) {
+                this.freeBlocks.push(this.table[i]);
+                this.table[i] = -1;
+            }
         this.lengths[row] = 0;
     }
 
@@ -214,9 +274,9 @@ interface StepContext<X extends TensorTypes> {
     pos: X["i"];
     keyValid: X["u8"] | null;
     seg: X["i"] | null;
-    /** inference: the cache the block appends its keys and values to, from its row firstRow on */
+    /** inference: the cache the block appends its keys and values to (its rows' block tables in `blocks`) */
     cache: KVCache<X["f"]> | null;
-    firstRow: number;
+    blocks: KvBlocksOf<X["i"]> | null;
     /** with a cache: [B] each row's filled positions before this forward (where its new keys go) */
     pasts: X["i"] | null;
     /** the attention's query offset: 0 without a cache, else each row's own (pasts) */
@@ -244,8 +304,42 @@ export interface StepInputs<X extends TensorTypes> {
     pos: X["i"];
     /** with a cache: each row's length before the step [B] */
     pasts: X["i"] | null;
+    /** with a cache: the rows' block tables [B, blocksPerRow] */
+    table: X["i"] | null;
     keyValid: X["u8"] | null;
     seg: X["i"] | null;
+}
+
+/**
+ * a step's integer inputs in one array, so that one copy puts them on the backend: ids [N] | positions [N], and
+ * with a cache | lengths [B] | block tables [B * blocksPerRow]
+ */
+export function stepIndices<X extends TensorTypes>(ids: Int32Array, plan: StepPlan<X>): Int32Array {
+    const {N, B, cache} = plan;
+    const w = cache ? cache.blocksPerRow : 0;
+    const out = new Int32Array(2 * N + (cache ? B + B * w : 0));
+    out.set(ids, 0);
+    out.set(plan.pos, N);
+    if (cache) {
+        out.set(plan.pasts, 2 * N);
+        out.set(cache.table.subarray(plan.firstRow * w, (plan.firstRow + B) * w), 2 * N + B);
+    }
+    return out;
+}
+
+/** the inputs of a step over stepIndices' array on the backend (views into it: free the array, not them) */
+export function stepInputViews<X extends TensorTypes>(
+    be: Backend<X>,
+    packed: X["i"],
+    plan: StepPlan<X>
+): Pick<StepInputs<X>, "ids" | "pos" | "pasts" | "table"> {
+    const {N, B, cache} = plan;
+    return {
+        ids: be.view(packed, 0, N),
+        pos: be.view(packed, N, N),
+        pasts: cache ? be.view(packed, 2 * N, B) : null,
+        table: cache ? be.view(packed, 2 * N + B, B * cache.blocksPerRow) : null
+    };
 }
 
 /** what a block's backward needs from its forward */
@@ -394,10 +488,9 @@ export class DecoderGraph<X extends TensorTypes> {
     forwardHidden(idsHost: Int32Array, B: number, T: number, opts: InferenceOptions<X["f"]> = {}): X["f"] {
         const step = this.planStep(idsHost, B, T, opts);
         const be = this.backend;
+        const packed = be.indices(stepIndices(idsHost, step));
         const inputs: StepInputs<X> = {
-            ids: be.indices(idsHost),
-            pos: be.indices(step.pos),
-            pasts: step.cache ? be.indices(step.pasts) : null,
+            ...stepInputViews(be, packed, step),
             keyValid: step.keyValid ? be.mask(step.keyValid) : null,
             seg: opts.segIds ? be.indices(opts.segIds) : null
         };
@@ -406,13 +499,14 @@ export class DecoderGraph<X extends TensorTypes> {
             step.cache?.advance(step.firstRow, B, T);
             return xf;
         } finally {
-            for (const t of [inputs.ids, inputs.pos, inputs.pasts, inputs.keyValid, inputs.seg]) be.free(t);
+            for (const t of [packed, inputs.keyValid, inputs.seg]) be.free(t);
         }
     }
 
     /**
      * the host side of an inference step: every check (ids in the vocabulary, cache rows and capacity, the
-     * context length), each row's cache length and the positions. Nothing is queued on the backend.
+     * context length), each row's cache length and the positions, and the cache blocks the new positions need
+     * (reserved here: a full cache is refused before anything runs). Nothing is queued on the backend.
      */
     planStep(idsHost: Int32Array, B: number, T: number, opts: InferenceOptions<X["f"]> = {}): StepPlan<X> {
         const cfg = this.config;
@@ -455,6 +549,7 @@ export class DecoderGraph<X extends TensorTypes> {
         }
         if (opts.segIds && (cache || opts.segIds.length !== N))
             throw new Error(`forward: segIds needs ${N} elements and no cache`);
+        if (cache) for (let b = 0; b < B; b++) cache.reserve(firstRow + b, pasts[b] + T);
         return {B, T, N, cache, firstRow, pasts, pos, keyValid};
     }
 
@@ -476,7 +571,7 @@ export class DecoderGraph<X extends TensorTypes> {
             keyValid: inputs.keyValid,
             seg: inputs.seg,
             cache,
-            firstRow: step.firstRow,
+            blocks: cache && inputs.table ? {table: inputs.table, stride: cache.blocksPerRow, block: KV_BLOCK} : null,
             pasts: inputs.pasts,
             past: inputs.pasts ?? 0
         };
@@ -559,7 +654,7 @@ export class DecoderGraph<X extends TensorTypes> {
             keyValid: hides ? be.mask(keyValid!) : null,
             seg: seg ? be.indices(seg) : null,
             cache,
-            firstRow: 0,
+            blocks: null,
             pasts: null,
             past: 0
         };
@@ -622,13 +717,12 @@ export class DecoderGraph<X extends TensorTypes> {
             values = a.v,
             S = T;
         const cache = ctx.cache;
-        if (cache && ctx.pasts) {
+        if (cache && ctx.pasts && ctx.blocks) {
             S = cache.capacity;
-            const rows = (t: X["f"]) => be.view(t, ctx.firstRow * S * Hkv * D, B * S * Hkv * D);
-            keys = ctx.firstRow === 0 && B === cache.batch ? cache.k[l] : rows(cache.k[l]);
-            values = ctx.firstRow === 0 && B === cache.batch ? cache.v[l] : rows(cache.v[l]);
-            be.cacheWrite(keys, a.k, B, T, S, ctx.pasts, Hkv * D);
-            be.cacheWrite(values, a.v, B, T, S, ctx.pasts, Hkv * D);
+            keys = cache.k[l];
+            values = cache.v[l];
+            be.cacheWrite(keys, a.k, B, T, S, ctx.pasts, Hkv * D, ctx.blocks);
+            be.cacheWrite(values, a.v, B, T, S, ctx.pasts, Hkv * D, ctx.blocks);
         }
         be.attention(
             a.att,
@@ -645,7 +739,8 @@ export class DecoderGraph<X extends TensorTypes> {
             Hkv,
             D,
             ctx.past,
-            this.scale
+            this.scale,
+            ctx.blocks
         );
         project("o_proj", a.h, a.att);
         be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);

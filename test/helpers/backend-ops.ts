@@ -915,6 +915,98 @@ for (const [T, S, Hq, Hkv, D, pasts] of [
     });
 }
 
+// a paged KV cache (graph.ts KVCache): rows' positions live in blocks of a shared pool named by a block table;
+// the block size is the CUDA kernel's key tile (64). Keys are written through the table, and attention reads each
+// row's blocks in table order: the reference is each row alone over its positions gathered from the pool
+for (const [T, Hq, Hkv, D, pasts, tables] of [
+    [1, 4, 2, 64, [0, 70, 130], [[5], [0, 3], [1, 4, 2]]],
+    [
+        3,
+        2,
+        1,
+        128,
+        [10, 61],
+        [
+            [2, -1, -1],
+            [0, 1, -1]
+        ]
+    ],
+    [
+        1,
+        2,
+        2,
+        64,
+        [63, 64],
+        [
+            [3, -1],
+            [1, 2]
+        ]
+    ]
+] as [number, number, number, number, number[], number[][]][]) {
+    const B = pasts.length,
+        block = 64,
+        stride = Math.max(...tables.map((t) => t.length));
+    const blocks = 1 + Math.max(...tables.flat());
+    const S = stride * block;
+    const table = tables.flatMap((t) => [...t, ...new Array(stride - t.length).fill(-1)]);
+    const shape = `paged B=${B} T=${T} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts} tables=${JSON.stringify(tables)}`;
+    // the pool row of row b's position j
+    const at = (b: number, j: number) => table[b * stride + Math.floor(j / block)] * block + (j % block);
+    OP_CASES.push({
+        op: "cacheWrite",
+        shape,
+        run(r) {
+            const rowElems = Hkv * D;
+            const cache = r.randn(blocks * block * rowElems),
+                x = r.randn(B * T * rowElems);
+            r.be.cacheWrite(cache.t, x.t, B, T, S, r.indices(pasts), rowElems, {table: r.indices(table), stride, block});
+            const want = f64(cache.v);
+            for (let b = 0; b < B; b++)
+                for (let t = 0; t < T; t++)
+                    want.set(x.v.subarray((b * T + t) * rowElems, (b * T + t + 1) * rowElems), at(b, pasts[b] + t) * rowElems);
+            r.exact("each new position in its block, the rest of the pool untouched", r.get(cache.t), want);
+        }
+    });
+    OP_CASES.push({
+        op: "attention",
+        shape,
+        run(r) {
+            const scale = Math.fround(1 / Math.sqrt(D));
+            const kvRow = Hkv * D;
+            const q = r.randn(B * T * Hq * D, 1.5),
+                k = r.randn(blocks * block * kvRow, 1.5),
+                v = r.randn(blocks * block * kvRow);
+            const out = r.out(B * T * Hq * D),
+                lse = r.stats(B * Hq * T);
+            r.be.attention(out, lse, q.t, k.t, v.t, null, null, B, T, S, Hq, Hkv, D, r.indices(pasts), scale, {
+                table: r.indices(table),
+                stride,
+                block
+            });
+            const refOut = new Float64Array(B * T * Hq * D),
+                refLse = new Float64Array(B * Hq * T);
+            for (let b = 0; b < B; b++) {
+                const n = pasts[b] + T;
+                const gather = (pool: Float64Array) => {
+                    const g = new Float64Array(n * kvRow);
+                    for (let j = 0; j < n; j++) g.set(pool.subarray(at(b, j) * kvRow, (at(b, j) + 1) * kvRow), j * kvRow);
+                    return g;
+                };
+                const one = refAttention(
+                    {B: 1, T, S: n, Hq, Hkv, D, qOffset: pasts[b], keyValid: null, seg: null, scale},
+                    q.v.subarray(b * T * Hq * D, (b + 1) * T * Hq * D),
+                    gather(k.v),
+                    gather(v.v)
+                );
+                refOut.set(one.out, b * T * Hq * D);
+                refLse.set(one.lse, b * Hq * T);
+            }
+            r.close("out", r.get(out), refOut, {float32: 1e-5, bfloat16: BF16_OUT});
+            r.close("lse", r.get(lse), refLse, {float32: 2e-6, bfloat16: 2e-3});
+        }
+    });
+}
+
 for (const [T, capacity, rowElems, pasts] of [
     [1, 5, 8, [0]],
     [3, 11, 24, [8, 0]],
