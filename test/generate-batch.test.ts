@@ -129,3 +129,50 @@ test("repetition penalty: the prompt's and the answer's tokens are penalized at 
     prompts.forEach((p, b) => assert.deepEqual(rows[b].newIds, generate(model, p, sampled).newIds, `sampled prompt ${b}`));
     assert.throws(() => generate(model, prompts[0], {maxNewTokens: 2, repetitionPenalty: 0}), /repetition_penalty must be > 0/);
 });
+
+test("paged KV cache: rows of different lengths share a pool smaller than rows x capacity; a row waits for blocks", () => {
+    // 3 rows of up to 256 positions (4 blocks of 64 each unpaged: 12) in a pool of 5 blocks
+    const dec = new SlotDecoder(model, 3, 256, [-1], 5);
+    const long = [...prompts[2], ...prompts[2], ...prompts[2]];
+    assert.ok(long.length > 64 && long.length + 20 <= 128, `a prompt of ${long.length} tokens takes 2 blocks`);
+    const a = dec.join(prompts[0], {greedy: true, maxNewTokens: 30}); // 1 block
+    const b = dec.join(long, {greedy: true, maxNewTokens: 20}); // 2 blocks
+    assert.equal(dec.canJoin(prompts[1].length, 150), false, "3 blocks asked, 2 free");
+    assert.equal(dec.canJoin(prompts[1].length, 40), true);
+    const c = dec.join(prompts[1], {greedy: true, maxNewTokens: 40}); // 1 block
+    assert.equal(dec.canJoin(prompts[3].length, 80), false, "2 blocks asked, 1 free");
+    assert.throws(
+        () => dec.join(prompts[3], {greedy: true, maxNewTokens: 2}),
+        (err: unknown) => err instanceof Error && /no free row/.test(err.message),
+        "the rows are taken"
+    );
+    while (!b.done) dec.step();
+    // b's 2 blocks went back to the pool when it left (c, the last row, moved into its place without a copy)
+    assert.equal(dec.canJoin(prompts[3].length, 80), true);
+    const d = dec.join(prompts[3], {greedy: true, maxNewTokens: 80});
+    while (dec.active > 0) dec.step();
+    dec.release();
+    // every row gets the tokens of its prompt alone (recomputed from scratch, no cache)
+    assert.deepEqual(a.result.newIds, greedyByRecompute(prompts[0], 30));
+    assert.deepEqual(b.result.newIds, greedyByRecompute(long, 20));
+    assert.deepEqual(c.result.newIds, greedyByRecompute(prompts[1], 40));
+    assert.deepEqual(d.result.newIds, greedyByRecompute(prompts[3], 80));
+});
+
+test("paged KV cache: a full pool is a one-line error and reserves nothing", async () => {
+    const {KVCache} = await import("../src/model/graph.js");
+    const cache = new KVCache(model.config, 2, 200, undefined, undefined, 3);
+    cache.reserve(0, 130); // 3 blocks
+    assert.equal(cache.freeBlockCount, 0);
+    assert.throws(
+        () => cache.reserve(1, 10),
+        (err: unknown) =>
+            err instanceof Error &&
+            /the key\/value cache is full: a row needs 1 more blocks of 64 positions and 0 of 3 are free/.test(err.message)
+    );
+    assert.equal(cache.heldBlocks(1), 0);
+    cache.moveRow(0, 1);
+    assert.deepEqual([cache.heldBlocks(0), cache.heldBlocks(1), cache.freeBlockCount], [0, 3, 0]);
+    cache.clearRow(1);
+    assert.equal(cache.freeBlockCount, 3);
+});

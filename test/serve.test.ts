@@ -260,6 +260,65 @@ describe("qlora serve (OpenAI API)", () => {
         );
     });
 
+    test("--kv-cache-tokens: requests share the cache in blocks; one waits for the blocks of its answer, none is cut short", async () => {
+        const lines: string[] = [];
+        // 2 rows but a cache of 2 blocks (128 positions): a request of prompt + max_tokens <= 64 takes 1 block
+        const own = createServer({
+            models: [{id: "tiny", loaded: base}],
+            maxQueue: 8,
+            maxBodyBytes: 64 << 10,
+            maxBatch: 2,
+            kvCacheTokens: 128,
+            log: (line) => lines.push(line)
+        });
+        await new Promise<void>((resolve) => own.listen(0, "127.0.0.1", resolve));
+        after(() => {
+            own.closeAllConnections();
+            own.close();
+        });
+        const ownClient = new OpenAI({
+            baseURL: `http://127.0.0.1:${(own.address() as AddressInfo).port}/v1`,
+            apiKey: "unused",
+            maxRetries: 0
+        });
+        const ask = (content: string, max: number) =>
+            ownClient.chat.completions
+                .create({model: "tiny", messages: [{role: "user", content}], temperature: 0, max_tokens: max})
+                .then((r) => ({text: r.choices[0].message.content, at: performance.now()}));
+        const promptTokens = greedyChat(base, "写一首诗", 1).promptTokens;
+        // the long request reserves both blocks (its prompt and 60 tokens pass 64 positions)
+        const longMax = 60;
+        assert.ok(promptTokens + longMax > 64 && promptTokens + longMax <= 128, `prompt ${promptTokens} tokens`);
+        const long = greedyChat(base, "写一首诗", longMax);
+        // long enough that the short answer, had it not waited, would have ended first
+        assert.ok(long.tokens >= 20, `the long answer runs ${long.tokens} tokens`);
+        const stream = await ownClient.chat.completions.create({
+            model: "tiny",
+            messages: [{role: "user", content: "写一首诗"}],
+            temperature: 0,
+            max_tokens: longMax,
+            stream: true
+        });
+        let longText = "",
+            chunks = 0;
+        let short: Promise<{text: string | null; at: number}> | null = null;
+        for await (const c of stream) {
+            longText += c.choices[0]?.delta?.content ?? "";
+            // a row is free but no block: the short request waits for the long one to end
+            if (++chunks === 3) short = ask("1, 2, 3, 4,", 5);
+        }
+        const longEnd = performance.now();
+        const answer = await short!;
+        assert.equal(longText, long.text);
+        assert.equal(answer.text, greedyChat(base, "1, 2, 3, 4,", 5).text);
+        assert.ok(answer.at > longEnd - 1, "the short request waited for the blocks");
+        // a request is capped at the cache's size, with the flag named
+        await assert.rejects(
+            ask("写一首诗", 200),
+            (err: unknown) => err instanceof OpenAI.APIError && err.status === 400 && /--kv-cache-tokens/.test(err.message)
+        );
+    });
+
     test("concurrent requests for one model are decoded as one batch, each answered as it would be alone", async () => {
         const asks = [
             {content: "Name three colours.", max: 12, model: "tiny"},

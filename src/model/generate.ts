@@ -5,6 +5,7 @@ import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
 import type {TokenPick} from "../backend/sampling.js";
 import type {CausalLm, LmCache, LmForwardOptions} from "./causal-lm.js";
+import {kvBlocksFor} from "./graph.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */
@@ -200,10 +201,15 @@ export class SlotDecoder {
         readonly slots: number,
         /** positions per row: the longest prompt plus new tokens a row may reach */
         readonly capacity: number,
-        eosTokenIds?: number[]
+        eosTokenIds?: number[],
+        /**
+         * blocks of KV_BLOCK positions in the cache, shared by the rows (default: every row at full capacity).
+         * Fewer let more rows run when most are short: a row reserves what its prompt and new tokens need
+         */
+        blocks?: number
     ) {
         if (!(Number.isSafeInteger(slots) && slots >= 1)) throw new Error(`SlotDecoder: slots must be >= 1 (got ${slots})`);
-        this.cache = model.newCache(slots, capacity);
+        this.cache = model.newCache(slots, capacity, blocks);
         this.eos = new Set(eosTokenIds ?? model.config.eosTokenIds);
     }
 
@@ -213,6 +219,16 @@ export class SlotDecoder {
 
     get free(): number {
         return this.slots - this.rows.length;
+    }
+
+    /** positions a row of this prompt and this many new tokens reserves (its whole run, so it never waits mid-way) */
+    private positionsFor(promptLength: number, maxNewTokens: number): number {
+        return Math.min(this.capacity, promptLength + maxNewTokens);
+    }
+
+    /** whether a row of this prompt and new tokens can join now: a free row and the cache blocks it reserves */
+    canJoin(promptLength: number, maxNewTokens: number): boolean {
+        return this.free > 0 && this.cache.freeBlockCount >= kvBlocksFor(this.positionsFor(promptLength, maxNewTokens));
     }
 
     /**
@@ -239,11 +255,19 @@ export class SlotDecoder {
         }
         if (this.free === 0) throw new Error("SlotDecoder.join: no free row");
         const at = this.rows.length;
-        const [id] = this.next([row], Int32Array.from(prompt), 1, prompt.length, {
-            cache: this.cache,
-            firstRow: at,
-            logitRows: [prompt.length - 1]
-        });
+        // the row's blocks for its whole run (a QloraError naming the free blocks when the cache is short)
+        this.cache.reserve(at, this.positionsFor(prompt.length, row.maxNew));
+        let id: number;
+        try {
+            [id] = this.next([row], Int32Array.from(prompt), 1, prompt.length, {
+                cache: this.cache,
+                firstRow: at,
+                logitRows: [prompt.length - 1]
+            });
+        } catch (err) {
+            this.cache.clearRow(at);
+            throw err;
+        }
         this.rows.push(row);
         if (this.accept(row, id)) this.remove([at]);
         return row;

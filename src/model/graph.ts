@@ -89,6 +89,11 @@ export function trainedOnBackend<X extends TensorTypes>(
 /** positions per block of a KV cache (the CUDA attention's key tile: native/cuda/attention.h QLORA_CUDA_KV_BLOCK) */
 export const KV_BLOCK = 64;
 
+/** blocks a row of `positions` positions holds */
+export function kvBlocksFor(positions: number): number {
+    return Math.ceil(positions / KV_BLOCK);
+}
+
 /**
  * The key/value tensors of incremental decoding, on one backend, paged as vLLM's PagedAttention pages them: per
  * layer one pool of blocks [blocks * KV_BLOCK, Hkv, D], and per row a table of the blocks holding its positions.
@@ -150,10 +155,6 @@ export class KVCache<F = Float32Array> {
         return this.freeBlocks.length;
     }
 
-    /** blocks a row of `positions` positions holds */
-    static blocksFor(positions: number): number {
-        return Math.ceil(positions / KV_BLOCK);
-    }
 
     /** blocks of a row */
     heldBlocks(row: number): number {
@@ -166,7 +167,7 @@ export class KVCache<F = Float32Array> {
     reserve(row: number, positions: number): void {
         if (positions > this.capacity)
             throw new QloraError(`the sequence needs ${positions} positions but the cache holds ${this.capacity}`);
-        const need = KVCache.blocksFor(positions);
+        const need = kvBlocksFor(positions);
         const base = row * this.blocksPerRow;
         let missing = 0;
         for (let i = 0; i < need; i++) if (this.table[base + i] < 0) missing++;

@@ -11,6 +11,7 @@ import http from "node:http";
 import {randomBytes, randomInt} from "node:crypto";
 import {isQloraError} from "../errors.js";
 import {type DecodeRow, SlotDecoder} from "../model/generate.js";
+import {kvBlocksFor} from "../model/graph.js";
 import {StopMatcher} from "../model/stop-strings.js";
 import type {LoadedModel} from "../api/models.js";
 import type {ChatMessage} from "../tokenizer/index.js";
@@ -33,6 +34,12 @@ export interface ServerOptions {
     /** positions per request, prompt and answer (default 4096, at most the model's context): each of the
      * --max-batch rows of a model's KV cache holds this many */
     ctxSize?: number;
+    /**
+     * positions in each model's KV cache, shared by its running requests in blocks of 64 (default: --max-batch
+     * x --ctx-size): a request joins when a row is free and the blocks of its prompt and max_tokens are, so many
+     * short requests can run where a few long ones fit. A request is also capped at this many positions
+     */
+    kvCacheTokens?: number;
     /** called with one line per finished request (the CLI logs them on stderr) */
     log?: (line: string) => void;
 }
@@ -80,6 +87,9 @@ export function createServer(opts: ServerOptions): http.Server {
     let running = false;
     const maxBatch = opts.maxBatch ?? 8;
     const ctxSize = opts.ctxSize ?? DEFAULT_CTX_SIZE;
+    /** positions a request may take on a model: its context, --ctx-size and the KV cache's size */
+    const positionsFor = (served: ServedModel) =>
+        Math.min(served.loaded.lm.config.maxPositionEmbeddings, ctxSize, opts.kvCacheTokens ?? Number.POSITIVE_INFINITY);
 
     const findModel = (name: unknown): ServedModel => {
         if (name === undefined || name === null) return opts.models[0];
@@ -115,7 +125,7 @@ export function createServer(opts: ServerOptions): http.Server {
         if (req.method !== "POST") throw new RequestError(405, `${url.pathname} takes POST`, null, "method_not_allowed");
         const body = await readJsonBody(req, opts.maxBodyBytes);
         const served = findModel(body.model);
-        const positions = Math.min(served.loaded.lm.config.maxPositionEmbeddings, ctxSize);
+        const positions = positionsFor(served);
         const job = chat ? chatJob(body, served, positions) : completionJob(body, served, positions);
         if (queued >= opts.maxQueue)
             throw new RequestError(
@@ -175,7 +185,7 @@ export function createServer(opts: ServerOptions): http.Server {
         }
     };
 
-    /** the waiting requests that have a free row in their model's batch join it, in arrival order */
+    /** the waiting requests that have a free row and the cache blocks they need in their model's batch join it, in arrival order */
     const admit = (): void => {
         for (let i = 0; i < waiting.length; ) {
             const r = waiting[i];
@@ -185,7 +195,7 @@ export function createServer(opts: ServerOptions): http.Server {
                 continue;
             }
             const lane = laneFor(r.job.served);
-            if (lane.decoder.free === 0) {
+            if (!lane.decoder.canJoin(r.job.promptIds.length, r.job.maxTokens)) {
                 i++;
                 continue;
             }
@@ -217,8 +227,8 @@ export function createServer(opts: ServerOptions): http.Server {
     const laneFor = (served: ServedModel): Lane => {
         let lane = lanes.get(served);
         if (!lane) {
-            const positions = Math.min(served.loaded.lm.config.maxPositionEmbeddings, ctxSize);
-            const decoder = new SlotDecoder(served.loaded.lm, maxBatch, positions, served.loaded.eosTokenIds);
+            const blocks = opts.kvCacheTokens === undefined ? undefined : kvBlocksFor(opts.kvCacheTokens);
+            const decoder = new SlotDecoder(served.loaded.lm, maxBatch, positionsFor(served), served.loaded.eosTokenIds, blocks);
             lane = {served, decoder, rows: new Map()};
             lanes.set(served, lane);
         }
@@ -484,7 +494,7 @@ function commonJob(
     if (promptIds.length >= context)
         throw new RequestError(
             400,
-            `the prompt has ${promptIds.length} tokens; a request holds ${context} positions here (the model's context, or --ctx-size), which leaves no room to answer`,
+            `the prompt has ${promptIds.length} tokens; a request holds ${context} positions here (the model's context, --ctx-size or --kv-cache-tokens), which leaves no room to answer`,
             "messages",
             "context_length_exceeded"
         );
@@ -495,7 +505,7 @@ function commonJob(
     if (asked !== undefined && asked > room)
         throw new RequestError(
             400,
-            `max_tokens ${asked} and the prompt's ${promptIds.length} tokens exceed the ${context} positions a request holds here (the model's context, or --ctx-size)`,
+            `max_tokens ${asked} and the prompt's ${promptIds.length} tokens exceed the ${context} positions a request holds here (the model's context, --ctx-size or --kv-cache-tokens)`,
             "max_tokens",
             "context_length_exceeded"
         );

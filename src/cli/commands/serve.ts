@@ -19,6 +19,7 @@ interface ServeFlags {
     maxQueue: number;
     maxBatch: number;
     ctxSize: number;
+    kvCacheTokens?: number;
     maxBodyBytes: number;
 }
 
@@ -82,6 +83,11 @@ export function registerServe(program: Command): void {
             parseIntOption("--ctx-size", 2),
             DEFAULT_CTX_SIZE
         )
+        .option(
+            "--kv-cache-tokens <n>",
+            "positions in each model's KV cache, shared by its running requests in blocks of 64 (default: --max-batch x --ctx-size); a request waits until its prompt and max_tokens fit",
+            parseIntOption("--kv-cache-tokens", 64)
+        )
         .option("--max-body-bytes <n>", "the largest request body", parseIntOption("--max-body-bytes", 1024), 4 << 20)
         .action(
             action(async (flags: ServeFlags) => {
@@ -107,6 +113,7 @@ export function registerServe(program: Command): void {
                     maxBodyBytes: flags.maxBodyBytes,
                     maxBatch: flags.maxBatch,
                     ctxSize: flags.ctxSize,
+                    kvCacheTokens: flags.kvCacheTokens,
                     log: (line) => console.error(pc.dim(escapeForTerminal(line)))
                 });
                 await new Promise<void>((resolve, reject) => {
