@@ -97,17 +97,18 @@ describe("safetensors write/read round trip", () => {
                 tensors.map((t) => t.name)
             );
             for (const tensor of tensors) {
+                const data = tensor.data as ArrayBufferView;
                 const info = file.info(tensor.name);
                 assert.equal(info.dtype, tensor.dtype);
                 assert.deepEqual(info.shape, tensor.shape);
-                assert.equal(info.byteLength, tensor.data.byteLength);
+                assert.equal(info.byteLength, data.byteLength);
                 const bytes = await file.readBytes(tensor.name);
-                assert.deepEqual(bytes, new Uint8Array(tensor.data.buffer, tensor.data.byteOffset, tensor.data.byteLength));
+                assert.deepEqual(bytes, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
                 const typed = await file.readTyped(tensor.name);
-                assert.equal(typed.constructor, tensor.dtype === "BOOL" ? Uint8Array : tensor.data.constructor);
+                assert.equal(typed.constructor, tensor.dtype === "BOOL" ? Uint8Array : data.constructor);
                 assert.deepEqual(
                     Array.from(typed as ArrayLike<number | bigint>),
-                    Array.from(tensor.data as unknown as ArrayLike<number | bigint>)
+                    Array.from(data as unknown as ArrayLike<number | bigint>)
                 );
             }
             assert.deepEqual(Array.from(await file.readF32("f64")), [1.5, -2.25, Math.fround(Math.PI), -0]);
@@ -214,6 +215,44 @@ describe("safetensors write/read round trip", () => {
         assert.equal(reopened.indexPath, null);
         assert.equal(reopened.names().length, 6);
         await reopened.close();
+    });
+
+    test("lazy tensors are made one at a time as the writer reaches them; a wrong size is refused, nothing left", async () => {
+        const dir = path.join(tempDir, "lazy");
+        const made: string[] = [];
+        let alive = 0,
+            mostAlive = 0;
+        // each producer's array is dropped by the writer before the next is asked for: at most one at a time
+        const lazy = (name: string, value: number): TensorToWrite => ({
+            name,
+            dtype: "F32",
+            shape: [10],
+            data: async () => {
+                made.push(name);
+                mostAlive = Math.max(mostAlive, ++alive);
+                await new Promise((r) => setImmediate(r));
+                alive--;
+                return new Float32Array(10).fill(value);
+            }
+        });
+        const tensors = [lazy("a", 1), lazy("b", 2), lazy("c", 3)];
+        assert.deepEqual(made, [], "nothing is made before writing");
+        const result = await writeShardedSafetensors(dir, "model", tensors, 100);
+        assert.deepEqual(made, ["a", "b", "c"]);
+        assert.equal(mostAlive, 1);
+        assert.equal(result.totalSize, 120);
+        const ckpt = await SafetensorsCheckpoint.open(dir);
+        assert.deepEqual(Array.from(await ckpt.readF32("c")), new Array(10).fill(3));
+        await ckpt.close();
+        const badPath = path.join(tempDir, "lazy-bad.safetensors");
+        await assert.rejects(
+            writeSafetensors(badPath, [lazy("a", 1), {name: "short", dtype: "F32", shape: [4], data: () => new Float32Array(3)}]),
+            /tensor "short" is F32 \[4\] \(16 bytes\) but its data has 12 bytes/
+        );
+        assert.deepEqual(
+            (await fs.readdir(tempDir)).filter((f) => f.startsWith("lazy-bad") || f.includes(".tmp-")),
+            []
+        );
     });
 
     test("a tensor larger than the shard limit gets a shard of its own", async () => {

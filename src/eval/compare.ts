@@ -225,7 +225,7 @@ export function compareSummary(report: CompareReport): string {
     const adapter = report.columns.find((x) => x.report.config.adapter)?.report.config.adapter ?? null;
     return (
         `model: ${c.model}${adapter ? `, adapter: ${adapter}` : ""}${c.load_in_4bit ? " (4-bit base)" : ""}, device: ${c.device}` +
-        `, limit: ${c.limit ?? "none"}, num_fewshot: ${c.num_fewshot ?? "tasks'"}, batch_size: ${c.batch_size}`
+        `, limit: ${c.limit ?? "none"}, num_fewshot: ${c.num_fewshot ?? "each task's own"}, batch_size: ${c.batch_size}`
     );
 }
 

@@ -66,7 +66,33 @@ export interface TensorToWrite {
     name: string;
     dtype: SafetensorsDtype;
     shape: readonly number[];
-    data: ArrayBufferView;
+    /**
+     * the bytes, or a function that makes them when the writer gets to this tensor (a merge computes one tensor
+     * at a time instead of holding the whole model); its size must be the dtype's times the shape's
+     */
+    data: ArrayBufferView | (() => ArrayBufferView | Promise<ArrayBufferView>);
+}
+
+/** the bytes a tensor takes in the file: its dtype's size times its elements */
+function tensorBytes(tensor: TensorToWrite): number {
+    return shapeNumel(tensor.shape) * SAFETENSORS_DTYPE_SIZES[tensor.dtype];
+}
+
+/** a tensor's data, made now when it is lazy, checked against its dtype and shape */
+async function tensorData(tensor: TensorToWrite, file: string): Promise<ArrayBufferView> {
+    const data = typeof tensor.data === "function" ? await tensor.data() : tensor.data;
+    checkDataSize(tensor, data, file);
+    return data;
+}
+
+function checkDataSize(tensor: TensorToWrite, data: ArrayBufferView, file: string): void {
+    const expectedBytes = tensorBytes(tensor);
+    if (data.byteLength !== expectedBytes)
+        throw new QloraError(
+            `tensor "${tensor.name}" is ${tensor.dtype} ${formatShape(tensor.shape)} (${expectedBytes} bytes) ` +
+                `but its data has ${data.byteLength} bytes`,
+            {file}
+        );
 }
 
 /** safetensors' own limit (MAX_HEADER_SIZE in the Rust crate); anything larger is corruption, not a model */
@@ -835,14 +861,7 @@ function validateTensorsToWrite(tensors: readonly TensorToWrite[], file: string)
                 {file}
             );
         }
-        const expectedBytes = shapeNumel(tensor.shape) * SAFETENSORS_DTYPE_SIZES[tensor.dtype];
-        if (tensor.data.byteLength !== expectedBytes) {
-            throw new QloraError(
-                `tensor "${tensor.name}" is ${tensor.dtype} ${formatShape(tensor.shape)} (${expectedBytes} bytes) ` +
-                    `but its data has ${tensor.data.byteLength} bytes`,
-                {file}
-            );
-        }
+        if (typeof tensor.data !== "function") checkDataSize(tensor, tensor.data, file);
     }
 }
 
@@ -871,7 +890,7 @@ function encodeHeader(tensors: readonly TensorToWrite[], metadata: Record<string
     if (metadata) header.__metadata__ = metadata;
     let offset = 0;
     for (const tensor of tensors) {
-        const end = offset + tensor.data.byteLength;
+        const end = offset + tensorBytes(tensor);
         header[tensor.name] = {dtype: tensor.dtype, shape: [...tensor.shape], data_offsets: [offset, end]};
         offset = end;
     }
@@ -902,8 +921,9 @@ export async function writeSafetensors(
         await writeFully(out.handle, header, 8);
         let position = 8 + header.length;
         for (const tensor of tensors) {
-            await writeFully(out.handle, bytesOf(tensor.data), position);
-            position += tensor.data.byteLength;
+            const data = await tensorData(tensor, filePath);
+            await writeFully(out.handle, bytesOf(data), position);
+            position += data.byteLength;
         }
     } catch (err) {
         await out.abort();
@@ -965,7 +985,7 @@ export async function writeShardedSafetensors(
     let currentBytes = 0;
     let totalSize = 0;
     for (const tensor of tensors) {
-        const size = tensor.data.byteLength;
+        const size = tensorBytes(tensor);
         if (current.length > 0 && currentBytes + size > maxShardBytes) {
             shards.push(current);
             current = [];

@@ -65,6 +65,9 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
     const shapes = expectedTensors(untie ? {...cfg, tieWordEmbeddings: false} : cfg);
     const ckpt = await SafetensorsCheckpoint.open(opts.model);
     let merged = 0;
+    const halfDtype = dtype === "bf16" ? "BF16" : "F16";
+    // one tensor at a time: each is read, merged and converted when the writer reaches it (a 7B merge holds one
+    // projection in memory, not the model); a refusal on the way aborts the temporary folder, the output is untouched
     const tensors: TensorToWrite[] = [];
     try {
         checkConfigAgainstCheckpoint(cfg, ckpt);
@@ -75,63 +78,68 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             const source = untie && name === "lm_head.weight" ? "model.embed_tokens.weight" : name;
             if (!replaced && !ckpt.has(source))
                 throw new QloraError(`tensor "${source}" is missing from the base checkpoint`, {file: opts.model});
-            let w = replaced ?? (await readTensorF32(ckpt, source));
             const mod = name.replace(/\.weight$/, "");
             const branch = name.endsWith(".weight") ? adapter.branches.get(mod) : undefined;
-            if (branch) {
-                if (opts.againstNf4) {
-                    // the base as QLoRA training saw it: NF4 + double quant of the bf16 weights, dequantized
-                    const bits = f32ToHalf(w, "BF16");
-                    w = dequantize4bit(quantize4bit({bf16: bits}, {shape: [shape[0], shape[1]]}), {roundToDtype: false});
+            const mergedTensor = async (): Promise<Uint16Array> => {
+                let w = replaced ?? (await readTensorF32(ckpt, source));
+                if (branch) {
+                    if (opts.againstNf4) {
+                        // the base as QLoRA training saw it: NF4 + double quant of the bf16 weights, dequantized
+                        const bits = f32ToHalf(w, "BF16");
+                        w = dequantize4bit(quantize4bit({bf16: bits}, {shape: [shape[0], shape[1]]}), {roundToDtype: false});
+                    }
+                    addDeltaWeight(w, branch, shape[0], shape[1]);
+                    // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
+                    if (branch.magnitude) applyDoraMagnitude(w, branch.magnitude, shape[0], shape[1]);
+                    merged++;
                 }
-                addDeltaWeight(w, branch, shape[0], shape[1]);
-                // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
-                if (branch.magnitude) applyDoraMagnitude(w, branch.magnitude, shape[0], shape[1]);
-                merged++;
-            }
-            const halfDtype = dtype === "bf16" ? "BF16" : "F16";
-            const bits = f32ToHalf(w, halfDtype);
-            // f16 tops out at 65504: a merged weight beyond it would be written as Inf
-            assertFinite(
-                name,
-                bits,
-                out,
-                halfDtype,
-                dtype === "f16"
-                    ? "the merged weights exceed the f16 range: merge with --dtype bf16"
-                    : "the adapter or the base holds values out of range"
-            );
-            tensors.push({name, dtype: halfDtype, shape, data: bits});
+                const bits = f32ToHalf(w, halfDtype);
+                // f16 tops out at 65504: a merged weight beyond it would be written as Inf
+                assertFinite(
+                    name,
+                    bits,
+                    out,
+                    halfDtype,
+                    dtype === "f16"
+                        ? "the merged weights exceed the f16 range: merge with --dtype bf16"
+                        : "the adapter or the base holds values out of range"
+                );
+                return bits;
+            };
+            tensors.push({name, dtype: halfDtype, shape, data: mergedTensor});
         }
+        if (adapter.branches.size > 0 && ![...adapter.branches.keys()].every((m) => shapes.has(`${m}.weight`)))
+            throw new QloraError(`only some of the adapter's ${adapter.branches.size} modules are in the model`);
+        await writeDirAtomic(
+            out,
+            async (tmp) => {
+                await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {
+                    format: "pt",
+                    qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
+                    qlora_adapter: path.basename(path.resolve(opts.adapter))
+                });
+                if (merged !== adapter.branches.size)
+                    throw new QloraError(`only ${merged} of the adapter's ${adapter.branches.size} modules were merged`);
+                const config: Record<string, unknown> = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
+                if (untie) config.tie_word_embeddings = false;
+                if ("dtype" in config) config.dtype = config.torch_dtype;
+                delete (config as Record<string, unknown>).quantization_config;
+                await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
+                // the adapter's training format (qlora writes it beside the adapter) is the merged model's chat template
+                const trainedFormat = await readChatTemplateFile(opts.adapter);
+                if (trainedFormat !== null) await writeFileAtomic(path.join(tmp, CHAT_TEMPLATE_FILE_NAME), trainedFormat);
+                for (const f of TOKENIZER_FOLDER_FILES) {
+                    if (f === CHAT_TEMPLATE_FILE_NAME && trainedFormat !== null) continue;
+                    const source = path.join(opts.model, f);
+                    // read through files.ts: a FIFO or a folder under a tokenizer file's name is an error, not a hang
+                    if (await pathExists(source))
+                        await writeFileAtomic(path.join(tmp, f), await readRegularFile(source, {what: f}));
+                }
+            },
+            outputPolicy
+        );
     } finally {
         await ckpt.close();
     }
-    if (merged !== adapter.branches.size)
-        throw new QloraError(`only ${merged} of the adapter's ${adapter.branches.size} modules were merged`);
-    await writeDirAtomic(
-        out,
-        async (tmp) => {
-            await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {
-                format: "pt",
-                qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
-                qlora_adapter: path.basename(path.resolve(opts.adapter))
-            });
-            const config: Record<string, unknown> = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
-            if (untie) config.tie_word_embeddings = false;
-            if ("dtype" in config) config.dtype = config.torch_dtype;
-            delete (config as Record<string, unknown>).quantization_config;
-            await writeFileAtomic(path.join(tmp, "config.json"), JSON.stringify(config, null, 2) + "\n");
-            // the adapter's training format (qlora writes it beside the adapter) is the merged model's chat template
-            const trainedFormat = await readChatTemplateFile(opts.adapter);
-            if (trainedFormat !== null) await writeFileAtomic(path.join(tmp, CHAT_TEMPLATE_FILE_NAME), trainedFormat);
-            for (const f of TOKENIZER_FOLDER_FILES) {
-                if (f === CHAT_TEMPLATE_FILE_NAME && trainedFormat !== null) continue;
-                const source = path.join(opts.model, f);
-                // read through files.ts: a FIFO or a folder under a tokenizer file's name is an error, not a hang
-                if (await pathExists(source)) await writeFileAtomic(path.join(tmp, f), await readRegularFile(source, {what: f}));
-            }
-        },
-        outputPolicy
-    );
     return {out, merged, tensors: tensors.length};
 }
