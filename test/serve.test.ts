@@ -38,6 +38,32 @@ function greedyChat(m: LoadedModel, content: string, maxTokens: number): {text: 
     };
 }
 
+/** a server of its own for the tiny base (closed after the test), the lines it logs and a client for it */
+async function ownServer(
+    limits: {maxBatch?: number; kvCacheTokens?: number},
+    base: LoadedModel
+): Promise<{lines: string[]; client: OpenAI}> {
+    const lines: string[] = [];
+    const own = createServer({
+        models: [{id: "tiny", loaded: base}],
+        maxQueue: 8,
+        maxBodyBytes: 64 << 10,
+        ...limits,
+        log: (line) => lines.push(line)
+    });
+    await new Promise<void>((resolve) => own.listen(0, "127.0.0.1", resolve));
+    after(() => {
+        own.closeAllConnections();
+        own.close();
+    });
+    const client = new OpenAI({
+        baseURL: `http://127.0.0.1:${(own.address() as AddressInfo).port}/v1`,
+        apiKey: "unused",
+        maxRetries: 0
+    });
+    return {lines, client};
+}
+
 describe("qlora serve (OpenAI API)", () => {
     let base: LoadedModel, a1: LoadedModel, a2: LoadedModel;
     let server: ReturnType<typeof createServer>;
@@ -205,24 +231,7 @@ describe("qlora serve (OpenAI API)", () => {
     });
 
     test("continuous batching: requests join a running batch when a row is free, each answered as it would be alone", async () => {
-        const lines: string[] = [];
-        const own = createServer({
-            models: [{id: "tiny", loaded: base}],
-            maxQueue: 8,
-            maxBodyBytes: 64 << 10,
-            maxBatch: 2,
-            log: (line) => lines.push(line)
-        });
-        await new Promise<void>((resolve) => own.listen(0, "127.0.0.1", resolve));
-        after(() => {
-            own.closeAllConnections();
-            own.close();
-        });
-        const ownClient = new OpenAI({
-            baseURL: `http://127.0.0.1:${(own.address() as AddressInfo).port}/v1`,
-            apiKey: "unused",
-            maxRetries: 0
-        });
+        const {lines, client: ownClient} = await ownServer({maxBatch: 2}, base);
         const ask = (content: string, max: number) =>
             ownClient.chat.completions
                 .create({model: "tiny", messages: [{role: "user", content}], temperature: 0, max_tokens: max})
@@ -261,26 +270,8 @@ describe("qlora serve (OpenAI API)", () => {
     });
 
     test("--kv-cache-tokens: requests share the cache in blocks; one waits for the blocks of its answer, none is cut short", async () => {
-        const lines: string[] = [];
         // 2 rows but a cache of 2 blocks (128 positions): a request of prompt + max_tokens <= 64 takes 1 block
-        const own = createServer({
-            models: [{id: "tiny", loaded: base}],
-            maxQueue: 8,
-            maxBodyBytes: 64 << 10,
-            maxBatch: 2,
-            kvCacheTokens: 128,
-            log: (line) => lines.push(line)
-        });
-        await new Promise<void>((resolve) => own.listen(0, "127.0.0.1", resolve));
-        after(() => {
-            own.closeAllConnections();
-            own.close();
-        });
-        const ownClient = new OpenAI({
-            baseURL: `http://127.0.0.1:${(own.address() as AddressInfo).port}/v1`,
-            apiKey: "unused",
-            maxRetries: 0
-        });
+        const {client: ownClient} = await ownServer({maxBatch: 2, kvCacheTokens: 128}, base);
         const ask = (content: string, max: number) =>
             ownClient.chat.completions
                 .create({model: "tiny", messages: [{role: "user", content}], temperature: 0, max_tokens: max})
@@ -327,23 +318,7 @@ describe("qlora serve (OpenAI API)", () => {
         ];
         const alone = asks.map((a) => greedyChat(base, a.content, a.max).text);
         // a server of its own with room for all three at once
-        const lines: string[] = [];
-        const own = createServer({
-            models: [{id: "tiny", loaded: base}],
-            maxQueue: 8,
-            maxBodyBytes: 64 << 10,
-            log: (line) => lines.push(line)
-        });
-        await new Promise<void>((resolve) => own.listen(0, "127.0.0.1", resolve));
-        after(() => {
-            own.closeAllConnections();
-            own.close();
-        });
-        const ownClient = new OpenAI({
-            baseURL: `http://127.0.0.1:${(own.address() as AddressInfo).port}/v1`,
-            apiKey: "unused",
-            maxRetries: 0
-        });
+        const {lines, client: ownClient} = await ownServer({}, base);
         const answers = await Promise.all(
             asks.map((a) =>
                 ownClient.chat.completions.create({

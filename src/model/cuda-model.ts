@@ -49,6 +49,21 @@ interface Device4bit {
     nestedBlocksize: number;
 }
 
+/** the quantization state as dequantize4bit and gemv4bit take it, in their argument order */
+function quantStateArgs(q: Device4bit): [number, number, number, number, number, number, number, number, number] {
+    return [
+        q.packed.ptr,
+        q.absmax?.ptr ?? 0,
+        q.absmaxQ?.ptr ?? 0,
+        q.nestedAbsmax?.ptr ?? 0,
+        q.nestedCode?.ptr ?? 0,
+        q.offset,
+        q.code.ptr,
+        q.blocksize,
+        q.nestedBlocksize
+    ];
+}
+
 function bf16Upload(values: Float32Array): DeviceBuffer {
     return DeviceBuffer.from("bf16", f32ToHalf(values, "BF16"));
 }
@@ -92,20 +107,7 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
     private weight(): DeviceBuffer {
         if (this.dense) return this.dense;
         const q = this.q!;
-        cudaGemmOps().dequantize4bit(
-            this.scratch.ptr,
-            "bf16",
-            q.packed.ptr,
-            q.absmax?.ptr ?? 0,
-            q.absmaxQ?.ptr ?? 0,
-            q.nestedAbsmax?.ptr ?? 0,
-            q.nestedCode?.ptr ?? 0,
-            q.offset,
-            q.code.ptr,
-            q.blocksize,
-            q.nestedBlocksize,
-            this.outFeatures * this.inFeatures
-        );
+        cudaGemmOps().dequantize4bit(this.scratch.ptr, "bf16", ...quantStateArgs(q), this.outFeatures * this.inFeatures);
         return this.scratch;
     }
 
@@ -146,15 +148,7 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
                 "bf16",
                 x.ptr,
                 "bf16",
-                q.packed.ptr,
-                q.absmax?.ptr ?? 0,
-                q.absmaxQ?.ptr ?? 0,
-                q.nestedAbsmax?.ptr ?? 0,
-                q.nestedCode?.ptr ?? 0,
-                q.offset,
-                q.code.ptr,
-                q.blocksize,
-                q.nestedBlocksize,
+                ...quantStateArgs(q),
                 M,
                 this.outFeatures,
                 this.inFeatures,

@@ -155,7 +155,6 @@ export class KVCache<F = Float32Array> {
         return this.freeBlocks.length;
     }
 
-
     /** blocks of a row */
     heldBlocks(row: number): number {
         let n = 0;

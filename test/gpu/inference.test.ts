@@ -16,6 +16,19 @@ const gpu = cudaAvailability();
 const skip = gpu.usable ? false : `no usable GPU: ${gpu.reason}`;
 const PROMPT = [3915, 559, 1954, 621, 259]; // greedy.json's prompt
 
+/** the fixtures' model as QLoRA runs it on the GPU: the NF4 + double-quant base with the adapter */
+async function nf4WithAdapter(): Promise<CudaModel> {
+    const model = await DecoderModel.load(MODEL_DIR, {
+        quantization: bitsAndBytesConfig({
+            load_in_4bit: true,
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_compute_dtype: "bfloat16"
+        })
+    });
+    await loadAdapter(path.join(FIXTURES, "adapter"), model);
+    return new CudaModel(model);
+}
+
 for (const quantized of [false, true]) {
     const what = quantized ? "NF4 base (fused GEMV while decoding)" : "bf16 base";
     test(`${what} + adapter: prefill and cached decoding logits match the host model; greedy tokens agree`, {skip}, async () => {
@@ -70,15 +83,7 @@ test("evaluation loss on the GPU matches the host's", {skip}, async () => {
 test("batched generation on the GPU equals one-by-one generation (prompts of different lengths, NF4 + adapter)", {
     skip
 }, async () => {
-    const model = await DecoderModel.load(MODEL_DIR, {
-        quantization: bitsAndBytesConfig({
-            load_in_4bit: true,
-            bnb_4bit_use_double_quant: true,
-            bnb_4bit_compute_dtype: "bfloat16"
-        })
-    });
-    await loadAdapter(path.join(FIXTURES, "adapter"), model);
-    const device = new CudaModel(model);
+    const device = await nf4WithAdapter();
     const prompts = [PROMPT, PROMPT.slice(0, 2), [...PROMPT, ...PROMPT], [17]];
     const opts = {maxNewTokens: 10, greedy: true, eosTokenIds: [-1]};
     const batch = generateBatch(device, prompts, opts);
@@ -130,15 +135,7 @@ test("continuous batching on the GPU: rows joining and leaving a running batch g
 test("CUDA graphs: replayed decoding steps give eager decoding's tokens bit for bit (rows joining, leaving, sampled)", {
     skip
 }, async () => {
-    const model = await DecoderModel.load(MODEL_DIR, {
-        quantization: bitsAndBytesConfig({
-            load_in_4bit: true,
-            bnb_4bit_use_double_quant: true,
-            bnb_4bit_compute_dtype: "bfloat16"
-        })
-    });
-    await loadAdapter(path.join(FIXTURES, "adapter"), model);
-    const device = new CudaModel(model);
+    const device = await nf4WithAdapter();
     const prompts = [PROMPT, [...PROMPT, ...PROMPT], PROMPT.slice(0, 2), [17, 4, 900]];
     // the same schedule twice: a greedy row, a sampled row with a repetition penalty, rows joining a running
     // batch at other lengths and leaving it (the batch size changes: each size is its own recording)
