@@ -56,7 +56,7 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
         info.Length() > 15 ? static_cast<const int32_t*>(device_ptr_arg(info, 15, true)) : nullptr;
     const int32_t* blockTable =
         info.Length() > 16 ? static_cast<const int32_t*>(device_ptr_arg(info, 16, true)) : nullptr;
-    const int64_t tableStride = blockTable ? int_arg(info, 17) : 0;
+    const int64_t tableStride = blockTable && info.Length() > 17 ? int_arg(info, 17) : 0;
     QLORA_CHECK_ARGS(env);
     if ((qOffsets || blockTable) && p[6]) {
         Napi::RangeError::New(env, "attentionForward: per-row offsets and block tables cannot be combined with seg")

@@ -149,12 +149,17 @@ Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
     const float* code = (const float*)device_ptr_arg(info, 10);
     const int64_t blocksize = int_arg(info, 11), nestedBlocksize = int_arg(info, 12);
     const int64_t M = int_arg(info, 13), N = int_arg(info, 14), K = int_arg(info, 15);
-    // info[i] past the arguments given is undefined
-    const int64_t loraR = info[18].IsUndefined() || info[18].IsNull() ? 0 : int_arg(info, 18);
-    const void* loraXa = loraR != 0 ? device_ptr_arg(info, 16, true) : nullptr;
-    const void* loraB = loraR != 0 ? device_ptr_arg(info, 17, true) : nullptr;
-    const double loraScale = loraR != 0 ? num_arg(info, 19) : 0.0;
+    // the LoRA term's arguments are optional (absent, undefined or null: none)
+    const int64_t loraR = info.Length() > 18 && !info[18].IsUndefined() && !info[18].IsNull() ? int_arg(info, 18) : 0;
+    const void* loraXa = loraR != 0 && info.Length() > 16 ? device_ptr_arg(info, 16, true) : nullptr;
+    const void* loraB = loraR != 0 && info.Length() > 17 ? device_ptr_arg(info, 17, true) : nullptr;
+    const bool hasScale = info.Length() > 19 && !info[19].IsUndefined();
+    const double loraScale = loraR != 0 && hasScale ? num_arg(info, 19) : 0.0;
     QLORA_CHECK_ARGS(env);
+    if (loraR != 0 && !hasScale) {
+        Napi::TypeError::New(env, "gemv4bit: loraR > 0 needs loraScale (argument 20)").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
     if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || N < 0 || K < 0 || (yDtype != QLORA_CUDA_F32 && yDtype != xDtype) ||
         (absmaxQ && (!nestedAbsmax || !nestedCode)) || (!absmaxQ && !absmax)) {
         Napi::RangeError::New(env, "gemv4bit: needs 1 <= M <= " + std::to_string(QLORA_GEMV_4BIT_MAX_M) +

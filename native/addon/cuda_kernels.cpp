@@ -160,8 +160,9 @@ Napi::Value CacheWrite(const Napi::CallbackInfo& info) {
     const uint16_t* x = dev<const uint16_t>(info, 1);
     const int32_t* pasts = dev<const int32_t>(info, 2);
     int64_t B = int_arg(info, 3), T = int_arg(info, 4), capacity = int_arg(info, 5), rowElems = int_arg(info, 6);
-    const int32_t* table = has_arg(info, 7) ? dev<const int32_t>(info, 7, true) : nullptr;
-    const int64_t tableStride = table ? int_arg(info, 8) : 0, block = table ? int_arg(info, 9) : 0;
+    const int32_t* table = info.Length() > 7 ? dev<const int32_t>(info, 7, true) : nullptr;
+    const int64_t tableStride = table && info.Length() > 8 ? int_arg(info, 8) : 0;
+    const int64_t block = table && info.Length() > 9 ? int_arg(info, 9) : 0;
     QLORA_CHECK_ARGS(env);
     if (!check_sizes(env, "cacheWrite", {B, T, capacity, rowElems, tableStride, block})) return env.Undefined();
     return done(env, qlora_cuda_cache_write(cache, x, pasts, table, tableStride, block, B, T, capacity, rowElems, S()),
