@@ -1,32 +1,19 @@
 // Bad input to the CLI: one line naming the file and the problem, exit code 1, no stack trace.
 import {test} from "node:test";
 import assert from "node:assert/strict";
-import {spawnSync} from "node:child_process";
 import {mkdtempSync, readFileSync, rmSync, writeFileSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {REPO_ROOT} from "./helpers/paths.js";
+import {expectOneLineError, runCli} from "./helpers/cli.js";
 import {copyModel, editConfig} from "./helpers/model-copy.js";
 
 /** a copy of the embedded model with some files changed */
 const modelCopy = (name: string, edit: (dir: string) => void) => copyModel(path.join(tmp, name), edit);
 
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
+const qlora = (...args: string[]) => runCli(args);
 
-function qlora(...args: string[]) {
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {encoding: "utf8", cwd: REPO_ROOT});
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
-}
-
-function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp)[]) {
-    assert.equal(r.code, 1, `exit code (stderr: ${r.stderr})`);
-    const lines = r.stderr.trim().split("\n");
-    assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
-    assert.match(lines[0], /^.*error:/);
-    assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-    for (const f of fragments)
-        assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
-}
+const expectError = expectOneLineError;
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-cli-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));

@@ -14,24 +14,15 @@ import {applyLora} from "../src/peft/inject.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
 import {FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
+import {expectOneLineError, runCli} from "./helpers/cli.js";
 
 const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-gguf-cli-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 
-function qlora(...args: string[]) {
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {encoding: "utf8", cwd: REPO_ROOT});
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
-}
+const qlora = (...args: string[]) => runCli(args);
 
-function expectError(r: ReturnType<typeof qlora>, ...fragments: string[]) {
-    assert.equal(r.code, 1, `exit code (stderr: ${r.stderr})`);
-    const lines = r.stderr.trim().split("\n");
-    assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
-    assert.match(lines[0], /error:/);
-    assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-    for (const f of fragments) assert.ok(lines[0].includes(f), `"${f}" in: ${lines[0]}`);
-}
+const expectError = expectOneLineError;
 
 /** nothing under `file`'s name, and no temporary file beside it */
 function assertNothingWritten(file: string) {

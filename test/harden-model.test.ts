@@ -20,6 +20,7 @@ import {
 import os from "node:os";
 import path from "node:path";
 import {FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
+import {expectOneLineError, runCli} from "./helpers/cli.js";
 import {copyModel, editConfig} from "./helpers/model-copy.js";
 import {QloraError} from "../src/errors.js";
 import {countNonFinite} from "../src/backend/cpu.js";
@@ -36,7 +37,6 @@ import {LORA_DEFAULTS} from "../src/lora/config.js";
 import {matchTargets} from "../src/lora/targets.js";
 import {quantize4bit, validateQuantState} from "../src/quant/nf4.js";
 
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
 const EVAL_DATA = path.join(REPO_ROOT, "examples", "data", "alpaca_eval.json");
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-harden-model-"));
@@ -46,25 +46,10 @@ process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 function qlora(...args: string[]) {
     const env: NodeJS.ProcessEnv = {...process.env, NO_COLOR: "1"};
     delete env.FORCE_COLOR;
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {
-        encoding: "utf8",
-        cwd: REPO_ROOT,
-        timeout: 60_000,
-        env
-    });
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr, signal: r.signal};
+    return runCli(args, {env, timeoutMs: 60_000});
 }
 
-function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp)[]) {
-    assert.equal(r.signal, null, `the command was killed (${r.signal}): it hung`);
-    assert.equal(r.code, 1, `exit code (stdout: ${r.stdout}\nstderr: ${r.stderr})`);
-    const lines = r.stderr.trim().split("\n");
-    assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
-    assert.match(lines[0], /error:/);
-    assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-    for (const f of fragments)
-        assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
-}
+const expectError = expectOneLineError;
 
 let copies = 0;
 /** a copy of the embedded model with some files changed */

@@ -4,7 +4,6 @@
 // completed or rolled back to the newest complete folder.
 import {describe, test} from "node:test";
 import assert from "node:assert/strict";
-import {spawnSync} from "node:child_process";
 import {createHash} from "node:crypto";
 import {
     cpSync,
@@ -18,10 +17,8 @@ import {
     symlinkSync,
     writeFileSync
 } from "node:fs";
-import {createRequire} from "node:module";
 import os from "node:os";
 import path from "node:path";
-import {pathToFileURL} from "node:url";
 import {exportGguf, exportGgufLora} from "../src/api/export-gguf.js";
 import {isQloraError} from "../src/errors.js";
 import {
@@ -38,27 +35,14 @@ import {GgmlType} from "../src/io/gguf-quants.js";
 import {writeShardedSafetensors} from "../src/io/safetensors.js";
 import {mergeAdapter} from "../src/peft/merge.js";
 import {FIXTURES, MODEL_DIR, REPO_ROOT} from "./helpers/paths.js";
-
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
-// an absolute loader URL, so the CLI also starts from a working folder outside the checkout
-const TSX = pathToFileURL(createRequire(import.meta.url).resolve("tsx")).href;
+import {expectOneLineError, runCli} from "./helpers/cli.js";
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-outputs-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 
-function qlora(args: string[], cwd = REPO_ROOT) {
-    const r = spawnSync(process.execPath, ["--import", TSX, CLI, ...args], {encoding: "utf8", cwd});
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
-}
+const qlora = (args: string[], cwd = REPO_ROOT) => runCli(args, {cwd});
 
-function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp)[]) {
-    assert.equal(r.code, 1, `exit code (stderr: ${r.stderr}, stdout: ${r.stdout})`);
-    const lines = r.stderr.trim().split("\n");
-    assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
-    assert.match(lines[0], /^error:/);
-    for (const f of fragments)
-        assert.match(lines[0], typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
-}
+const expectError = expectOneLineError;
 
 /** the same checks through the library calls (no process start): a QloraError with every fragment */
 async function rejectsWith(promise: Promise<unknown>, ...fragments: string[]) {

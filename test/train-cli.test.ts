@@ -1,15 +1,13 @@
 // qlora train end to end: outputs, exact resume after SIGKILL, and bad input.
 import {test} from "node:test";
 import assert from "node:assert/strict";
-import {spawn, spawnSync} from "node:child_process";
+import {spawn} from "node:child_process";
 import {chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import {DATASETS, REPO_ROOT} from "./helpers/paths.js";
+import {DATASETS} from "./helpers/paths.js";
+import {CLI, expectOneLineError, runCli, TSX} from "./helpers/cli.js";
 
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
-// runs from a scratch folder, so tsx is passed by its resolved location
-const TSX = import.meta.resolve("tsx");
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-train-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 
@@ -28,18 +26,9 @@ const FAST = [
     "8"
 ];
 
-function qlora(...args: string[]) {
-    const r = spawnSync(process.execPath, ["--import", TSX, CLI, ...args], {encoding: "utf8", cwd: tmp});
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
-}
+const qlora = (...args: string[]) => runCli(args, {cwd: tmp});
 
-function expectError(r: ReturnType<typeof qlora>, ...fragments: (string | RegExp)[]) {
-    assert.equal(r.code, 1, `exit code; stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
-    const err = r.stderr.trim();
-    assert.equal(err.split("\n").length, 1, `one line: ${err}`);
-    for (const f of fragments)
-        assert.match(err, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
-}
+const expectError = expectOneLineError;
 
 test("a short QLoRA run writes checkpoints, metrics.jsonl, report.html and a PEFT adapter; the loss falls", () => {
     const out = path.join(tmp, "run");

@@ -6,26 +6,32 @@ import path from "node:path";
 import {REPO_ROOT} from "./paths.js";
 
 export const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
+/** tsx's loader as an absolute URL, so the CLI also starts from a working folder outside the checkout */
+export const TSX = import.meta.resolve("tsx");
 
 export interface CliResult {
     code: number | null;
     stdout: string;
     stderr: string;
+    /** the signal that killed it (a run past `timeoutMs`), or null */
+    signal?: NodeJS.Signals | null;
 }
 
-/** runs `qlora ...args` to the end (in the repository root unless cwd says otherwise) */
-export function runCli(args: string[], opts: {cwd?: string; env?: NodeJS.ProcessEnv} = {}): CliResult {
-    const r = spawnSync(process.execPath, ["--import", "tsx", CLI, ...args], {
+/** runs `qlora ...args` to the end (in the repository root unless cwd says otherwise; killed past timeoutMs) */
+export function runCli(args: string[], opts: {cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number} = {}): CliResult {
+    const r = spawnSync(process.execPath, ["--import", TSX, CLI, ...args], {
         encoding: "utf8",
         cwd: opts.cwd ?? REPO_ROOT,
-        env: opts.env ?? process.env
+        env: opts.env ?? process.env,
+        timeout: opts.timeoutMs
     });
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
+    return {code: r.status, stdout: r.stdout, stderr: r.stderr, signal: r.signal};
 }
 
 /** a refusal: exit 1, one stderr line with `error:` and no stack trace, holding each fragment (text or pattern) */
 export function expectOneLineError(r: CliResult, ...fragments: (string | RegExp)[]): string {
-    assert.equal(r.code, 1, `exit code (stderr: ${r.stderr})`);
+    assert.ok(!r.signal, `the command was killed (${r.signal}): it hung`);
+    assert.equal(r.code, 1, `exit code (stdout: ${r.stdout}\nstderr: ${r.stderr})`);
     const lines = r.stderr.trim().split("\n");
     assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`);
     assert.match(lines[0], /error:/);

@@ -1,14 +1,10 @@
 // harden-train.ts: running `qlora train` from the harden-train-* tests (the real CLI, the embedded tiny model).
-import assert from "node:assert/strict";
-import {spawn, spawnSync, type ChildProcess} from "node:child_process";
+import {spawn, type ChildProcess} from "node:child_process";
 import {createHash} from "node:crypto";
 import {existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import {REPO_ROOT} from "./paths.js";
-
-const CLI = path.join(REPO_ROOT, "src", "cli", "main.ts");
-const TSX = import.meta.resolve("tsx");
+import {CLI, type CliResult, expectOneLineError, runCli, TSX} from "./cli.js";
 
 /** the smallest settings that still train: the tiny model, 64 tokens, batch 1, one thread; a log line every step,
  * the example eval split only at the end */
@@ -31,15 +27,8 @@ export function scratch(name: string): string {
     return dir;
 }
 
-export interface CliResult {
-    code: number | null;
-    stdout: string;
-    stderr: string;
-}
-
 export function qlora(cwd: string, ...args: string[]): CliResult {
-    const r = spawnSync(process.execPath, ["--import", TSX, CLI, ...args], {encoding: "utf8", cwd});
-    return {code: r.status, stdout: r.stdout, stderr: r.stderr};
+    return runCli(args, {cwd});
 }
 
 export function qloraAsync(cwd: string, ...args: string[]): {child: ChildProcess; done: Promise<CliResult>; stdout(): string} {
@@ -59,15 +48,7 @@ export function qloraAsync(cwd: string, ...args: string[]): {child: ChildProcess
 }
 
 /** exit code 1 and exactly one stderr line, holding every fragment */
-export function expectError(r: CliResult, ...fragments: (string | RegExp)[]): string {
-    assert.equal(r.code, 1, `exit code; stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
-    const err = r.stderr.trim();
-    assert.equal(err.split("\n").length, 1, `one line: ${err}`);
-    assert.doesNotMatch(err, /\n\s+at /, "no stack trace");
-    for (const f of fragments)
-        assert.match(err, typeof f === "string" ? new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : f);
-    return err;
-}
+export const expectError = expectOneLineError;
 
 /** path → content hash of every file (and every folder) under dir: to show that nothing changed */
 export function treeHash(dir: string): Record<string, string> {
