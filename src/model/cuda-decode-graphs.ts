@@ -46,26 +46,27 @@ export class DecodeGraphs {
         if (this.failure !== null || !cache || !steps || plan.T !== 1 || plan.keyValid) return null;
         const key = `${plan.firstRow}/${plan.B}`;
         const seen = steps.get(key) ?? 0;
+        // the first step of a shape runs eagerly: lazy setup (cuBLASLt plans, the GEMV's layout check, the
+        // workspace) happens outside the recording
+        if (seen === 0) {
+            steps.set(key, 1);
+            return null;
+        }
         const host = stepIndices(ids, plan);
+        let step: Recorded;
         if (typeof seen === "number") {
-            // the first step of a shape runs eagerly: lazy setup (cuBLASLt plans, the GEMV's layout check, the
-            // workspace) happens outside the recording
-            if (seen === 0) {
-                steps.set(key, 1);
-                return null;
-            }
             const recorded = this.record(host, plan);
             if (!recorded) return null;
             steps.set(key, recorded);
             this.recorded++;
-            this.replays++;
-            recorded.graph.launch();
-            return recorded.hidden;
+            step = recorded;
+        } else {
+            seen.inputs.upload(host);
+            step = seen;
         }
-        seen.inputs.upload(host);
         this.replays++;
-        seen.graph.launch();
-        return seen.hidden;
+        step.graph.launch();
+        return step.hidden;
     }
 
     private record(host: Int32Array, plan: StepPlan<CudaTensors>): Recorded | null {

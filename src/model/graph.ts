@@ -162,10 +162,15 @@ export class KVCache<F = Float32Array> {
         return n;
     }
 
-    /** gives row `row` blocks for its first `positions` positions (those it lacks); nothing changes when the pool is short */
-    reserve(row: number, positions: number): void {
+    /** refuses a row longer than the cache's rows */
+    checkFits(positions: number): void {
         if (positions > this.capacity)
             throw new QloraError(`the sequence needs ${positions} positions but the cache holds ${this.capacity}`);
+    }
+
+    /** gives row `row` blocks for its first `positions` positions (those it lacks); nothing changes when the pool is short */
+    reserve(row: number, positions: number): void {
+        this.checkFits(positions);
         const need = kvBlocksFor(positions);
         const base = row * this.blocksPerRow;
         let missing = 0;
@@ -528,8 +533,7 @@ export class DecoderGraph<X extends TensorTypes> {
         if (!uniform && (T !== 1 || opts.attentionMask || opts.positionIds))
             throw new Error("forward: cache rows at different lengths take one token each, without a mask or positions");
         const S = cache ? cache.capacity : T;
-        if (cache && longest + T > cache.capacity)
-            throw new QloraError(`the sequence needs ${longest + T} positions but the cache holds ${cache.capacity}`);
+        cache?.checkFits(longest + T);
         if (longest + T > cfg.maxPositionEmbeddings)
             throw new QloraError(
                 `the sequence has ${longest + T} tokens but the model's context length ` +

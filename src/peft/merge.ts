@@ -91,7 +91,6 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
                     addDeltaWeight(w, branch, shape[0], shape[1]);
                     // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
                     if (branch.magnitude) applyDoraMagnitude(w, branch.magnitude, shape[0], shape[1]);
-                    merged++;
                 }
                 const bits = f32ToHalf(w, halfDtype);
                 // f16 tops out at 65504: a merged weight beyond it would be written as Inf
@@ -106,10 +105,12 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
                 );
                 return bits;
             };
+            if (branch) merged++;
             tensors.push({name, dtype: halfDtype, shape, data: mergedTensor});
         }
-        if (adapter.branches.size > 0 && ![...adapter.branches.keys()].every((m) => shapes.has(`${m}.weight`)))
-            throw new QloraError(`only some of the adapter's ${adapter.branches.size} modules are in the model`);
+        // every module of the adapter has its weight in the model: checked before anything is written
+        if (merged !== adapter.branches.size)
+            throw new QloraError(`only ${merged} of the adapter's ${adapter.branches.size} modules were merged`);
         await writeDirAtomic(
             out,
             async (tmp) => {
@@ -118,8 +119,6 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
                     qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
                     qlora_adapter: path.basename(path.resolve(opts.adapter))
                 });
-                if (merged !== adapter.branches.size)
-                    throw new QloraError(`only ${merged} of the adapter's ${adapter.branches.size} modules were merged`);
                 const config: Record<string, unknown> = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
                 if (untie) config.tie_word_embeddings = false;
                 if ("dtype" in config) config.dtype = config.torch_dtype;

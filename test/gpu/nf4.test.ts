@@ -73,11 +73,9 @@ if (!availability.usable) {
         return s.shape.reduce((a, b) => a * b, 1);
     }
 
-    /** runs the GPU dequantization into `out` at byte offset `offsetBytes` */
-    function dequantOnGpu(s: QuantState4bit, d: DeviceState, out: DeviceBuffer, dtype: GemmDtype, offsetBytes = 0): void {
-        ops.dequantize4bit(
-            out.ptr + offsetBytes,
-            dtype,
+    /** a quantization state as dequantize4bit and gemv4bit take it, in their argument order */
+    function stateArgs(s: QuantState4bit, d: DeviceState) {
+        return [
             d.packed.ptr,
             d.absmax?.ptr ?? 0,
             d.absmaxQ?.ptr ?? 0,
@@ -86,9 +84,13 @@ if (!availability.usable) {
             s.offset,
             d.code.ptr,
             s.blocksize,
-            s.nestedBlocksize,
-            numel(s)
-        );
+            s.nestedBlocksize
+        ] as const;
+    }
+
+    /** runs the GPU dequantization into `out` at byte offset `offsetBytes` */
+    function dequantOnGpu(s: QuantState4bit, d: DeviceState, out: DeviceBuffer, dtype: GemmDtype, offsetBytes = 0): void {
+        ops.dequantize4bit(out.ptr + offsetBytes, dtype, ...stateArgs(s, d), numel(s));
     }
 
     /** the CPU's f32 result as the bits the GPU must produce in `dtype` */
@@ -331,24 +333,7 @@ if (!availability.usable) {
             dB = r > 0 ? uploadAs(B, xDtype) : null;
         const dy = DeviceBuffer.alloc(yDtype, M * N);
         try {
-            const args = [
-                dy.ptr,
-                yDtype,
-                dx.ptr,
-                xDtype,
-                d.packed.ptr,
-                d.absmax?.ptr ?? 0,
-                d.absmaxQ?.ptr ?? 0,
-                d.nestedAbsmax?.ptr ?? 0,
-                d.nestedCode?.ptr ?? 0,
-                s.offset,
-                d.code.ptr,
-                s.blocksize,
-                s.nestedBlocksize,
-                M,
-                N,
-                K
-            ] as const;
+            const args = [dy.ptr, yDtype, dx.ptr, xDtype, ...stateArgs(s, d), M, N, K] as const;
             if (dxa && dB) ops.gemv4bit(...args, dxa.ptr, dB.ptr, r, scale);
             else ops.gemv4bit(...args);
             const got = downloadAs(dy, yDtype, M * N);
@@ -401,24 +386,7 @@ if (!availability.usable) {
         const x = DeviceBuffer.zeros("bf16", M * K),
             y = DeviceBuffer.alloc("bf16", M * N);
         try {
-            const args = [
-                y.ptr,
-                "bf16",
-                x.ptr,
-                "bf16",
-                d.packed.ptr,
-                0,
-                d.absmaxQ!.ptr,
-                d.nestedAbsmax!.ptr,
-                d.nestedCode!.ptr,
-                s.offset,
-                d.code.ptr,
-                s.blocksize,
-                s.nestedBlocksize,
-                M,
-                N,
-                K
-            ] as const;
+            const args = [y.ptr, "bf16", x.ptr, "bf16", ...stateArgs(s, d), M, N, K] as const;
             (ops.gemv4bit as (...a: unknown[]) => void)(...args, ...trailing);
         } finally {
             d.free();
@@ -489,15 +457,7 @@ if (!availability.usable) {
                         "bf16",
                         x.ptr,
                         "bf16",
-                        d.packed.ptr,
-                        0,
-                        d.absmaxQ!.ptr,
-                        d.nestedAbsmax!.ptr,
-                        d.nestedCode!.ptr,
-                        s.offset,
-                        d.code.ptr,
-                        s.blocksize,
-                        s.nestedBlocksize,
+                        ...stateArgs(s, d),
                         M,
                         N,
                         K,
