@@ -8,6 +8,12 @@
 // domain), so the T x S matrix is never materialized. Key tiles past the tile's last causal key are never visited;
 // the mask (causal, key_valid, seg, partial tiles) is applied only on tiles that need it.
 //
+// Decode (T = 1 without lse, i.e. inference; flash-decoding): a 64-query tile would waste 63/64 of its work and
+// the grid would have only B * Hq blocks, so instead one block takes all G query heads of a kv head (the rows of
+// one mma tile: each K/V tile is read once per group) over one chunk of the row's keys. The chunks of a row
+// (whole 64-key tiles, as many as fill the GPU) write f32 partials (max, sum, unnormalized O) to a workspace and a
+// second kernel combines them in a fixed order (deterministic; no host sync, so a captured step replays).
+//
 // Backward: a pre-kernel computes D_i = rowsum(dO * O) (f32). Then one block per 64-key tile of one (b, kv head)
 // and a group of its query heads; each warp owns 16 keys and keeps their dK, dV accumulators in registers while
 // the block walks the query tiles of each head in the group (starting at the first tile a causal query can see
@@ -22,6 +28,8 @@
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdint.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 #include "runtime.h"
@@ -56,6 +64,11 @@ struct Params {
     // + i] of k/v, which are [blocks, 64, Hkv, D]; S is the rows' logical length (<= 64 * table_stride)
     const int32_t* block_table;
     int table_stride;
+    // decode: each chunk's unnormalized O [B,Hq,n_splits,D] and (running max in the log2 domain, sum)
+    // [B,Hq,n_splits]; n_splits: the most chunks a row is split into
+    float* part_o;
+    float2* part_ml;
+    int n_splits;
     int B, T, S, Hq, Hkv, G, D, q_offset, heads_per_block;
     float scale, scale_log2;
 };
@@ -368,6 +381,273 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
             const int t = m0 + warp * 16 + (lane >> 2) + 8 * r;
             if (t < T) p.lse_out[((int64_t)b * p.Hq + h) * T + t] = lse_r[r];
         }
+    }
+}
+
+// ------------------------------------------------------------------
+// decode (flash-decoding): T = 1, no lse
+
+// how row b's keys are split: keys [0, kend) are visible by position; their tiles of BN are cut into chunks of
+// `per` tiles, `used` of them non-empty. Both decode kernels derive it from the row's offset on the device, so a
+// captured step replays at any lengths with the grid (p.n_splits chunks at most) fixed at capture.
+struct DecodeRow {
+    int kend, per, used;
+};
+
+__device__ __forceinline__ DecodeRow decode_row(const Params& p, int b) {
+    const int q_offset = p.q_offsets ? max(0, min(p.q_offsets[b], p.S)) : p.q_offset;
+    DecodeRow r;
+    r.kend = min(p.S, q_offset + 1);
+    const int tiles = (r.kend + kKvBlock - 1) / kKvBlock;
+    r.per = max(1, (tiles + p.n_splits - 1) / p.n_splits);
+    r.used = (tiles + r.per - 1) / r.per;
+    return r;
+}
+
+template <int D>
+struct DecTraits {
+    static constexpr int BN = kKvBlock;  // keys per tile (one block of a paged KV cache), 16 per warp
+    static constexpr int HM = 16;        // query heads per block: the 16 rows of the mma tile (G may be fewer)
+    static constexpr int LD = D + 8;
+    static constexpr int LDO = D + 8;  // row stride (floats) of the warps' partial O in the merge
+    static constexpr size_t smem_bytes = (size_t)(HM + 4 * BN) * LD * sizeof(bf16) + BN * sizeof(int);
+    // the merge reuses the K/V tiles for each warp's O, max and sum
+    static constexpr size_t merge_bytes = (size_t)4 * HM * (LDO + 2) * sizeof(float);
+    static_assert(merge_bytes <= (size_t)4 * BN * LD * sizeof(bf16), "the merge must fit in the K/V tiles");
+};
+
+// One block per (chunk, row b, kv head, group of up to 16 of its query heads): the heads are the rows of one mma
+// tile, so each K/V tile is read once for the group. Each warp takes 16 keys of every 64-key tile and keeps its own
+// online softmax over them (the forward kernel's, on a 16 x 16 score tile); the 4 warps' partials are merged
+// through shared memory in a fixed order. A row with one chunk writes its bf16 out here; otherwise the
+// chunk's running max (log2 domain), sum and unnormalized O go to the f32 workspace for the combine kernel.
+template <int D>
+__global__ void __launch_bounds__(kThreads) attn_decode_kernel(const Params p) {
+    using Tr = DecTraits<D>;
+    constexpr int BN = Tr::BN, HM = Tr::HM, LD = Tr::LD, LDO = Tr::LDO;
+    static_assert(D % 16 == 0 && BN == 16 * (kThreads / 32), "each warp takes 16 keys of a tile");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);            // [HM][LD]
+    bf16* sK = sQ + HM * LD;                                 // [2][BN][LD]
+    bf16* sV = sK + 2 * BN * LD;                             // [2][BN][LD]
+    int* sValid = reinterpret_cast<int*>(sV + 2 * BN * LD);  // [BN]: key visible (position, key_valid)
+    float* sO = reinterpret_cast<float*>(sK);                // merge: [4][HM][LDO]
+    float* sM = sO + 4 * HM * LDO;                           // merge: [4][HM]
+    float* sL = sM + 4 * HM;                                 // merge: [4][HM]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int split = blockIdx.x;
+    const int b = blockIdx.y / p.Hkv, hk = blockIdx.y % p.Hkv;
+    const int h0 = hk * p.G + blockIdx.z * HM, nh = min(HM, p.G - (int)blockIdx.z * HM);
+    const DecodeRow row = decode_row(p, b);
+    if (split >= max(row.used, 1)) return;  // past the row's keys (split 0 still writes a row with no key)
+    const bool direct = row.used <= 1;
+    const int kend = row.kend;
+    const int tile0 = split * row.per;
+    const int n_tiles = max(0, min(tile0 + row.per, (kend + BN - 1) / BN) - tile0);
+
+    const int64_t kv_stride = (int64_t)p.Hkv * D;
+    const uint8_t* kvalid = p.key_valid ? p.key_valid + (int64_t)b * p.S : nullptr;
+    const int32_t* btab = p.block_table ? p.block_table + (int64_t)b * p.table_stride : nullptr;
+    auto kv_rows = [&](const bf16* base, int n0) -> const bf16* {
+        if (!btab) return base + (((int64_t)b * p.S + n0) * p.Hkv + hk) * D;
+        return base + ((int64_t)max(btab[n0 / BN], 0) * BN * p.Hkv + hk) * D;
+    };
+    // rows at or past kend are zero-filled, never read: a paged row's later blocks need not exist
+    auto load_kv = [&](int n0, int buf) {
+        load_rows<BN, D>(sK + buf * BN * LD, kv_rows(p.k, n0), kv_stride, 0, kend - n0, tid);
+        load_rows<BN, D>(sV + buf * BN * LD, kv_rows(p.v, n0), kv_stride, 0, kend - n0, tid);
+    };
+    int nxt_valid = 0;
+    auto fetch_mask = [&](int n0) {
+        if (tid < BN) {
+            const int j = n0 + tid;
+            nxt_valid = j < kend && (!kvalid || kvalid[j]);
+        }
+    };
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};
+    uint32_t qf[D / 16][4];
+
+    if (n_tiles > 0) {
+        // q[b, 0, h0 .. h0 + nh) is nh contiguous rows of D; the tile's other rows are zeros
+        load_rows<HM, D>(sQ, p.q + ((int64_t)b * p.Hq + h0) * D, D, 0, nh, tid);
+        load_kv(tile0 * BN, 0);
+        cp_async_commit();
+        fetch_mask(tile0 * BN);
+    }
+
+    for (int it = 0; it < n_tiles; it++) {
+        const int n0 = (tile0 + it) * BN, buf = it & 1;
+        if (tid < BN) sValid[tid] = nxt_valid;
+        if (it + 1 < n_tiles) {
+            load_kv(n0 + BN, buf ^ 1);
+            cp_async_commit();
+            fetch_mask(n0 + BN);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) ldsm_x4(qf[kk], a_addr(sQ, LD, 0, kk * 16, lane));
+        }
+        const bf16* ks = sK + buf * BN * LD;
+        const bf16* vs = sV + buf * BN * LD;
+
+        // S = Q K^T: the group's heads x this warp's 16 keys
+        float s[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t bfr[4];
+            ldsm_x4(bfr, bnk_addr(ks, LD, warp * 16, kk * 16, lane));
+            mma16816(s[0], qf[kk], bfr[0], bfr[1]);
+            mma16816(s[1], qf[kk], bfr[2], bfr[3]);
+        }
+
+        // scale into the log2 domain, mask, online softmax (as in the forward kernel)
+        const bool need_mask = n0 + BN > kend || kvalid != nullptr;
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float x = s[nt][e] * p.scale_log2;
+                if (need_mask && !sValid[warp * 16 + nt * 8 + (lane & 3) * 2 + (e & 1)]) x = -INFINITY;
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+        float base[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m_i[r], mx[r]);
+            base[r] = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: stays at zero
+            const float alpha = exp2f(m_i[r] - base[r]);
+            m_i[r] = m_new;
+            l_i[r] *= alpha;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                o[dt][2 * r] *= alpha;
+                o[dt][2 * r + 1] *= alpha;
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float pe = exp2f(s[nt][e] - base[e >> 1]);
+                s[nt][e] = pe;
+                l_i[e >> 1] += pe;
+            }
+        }
+
+        // O += P V over this warp's 16 keys
+        uint32_t a[4];
+        acc_to_a(a, s[0], s[1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; dp++) {
+            uint32_t bfr[4];
+            ldsm_x4_t(bfr, bkn_addr(vs, LD, dp * 16, warp * 16, lane));
+            mma16816(o[2 * dp], a, bfr[0], bfr[1]);
+            mma16816(o[2 * dp + 1], a, bfr[2], bfr[3]);
+        }
+        __syncthreads();  // the next iteration refills this buffer and the mask; the merge reuses the tiles
+    }
+
+    // merge the 4 warps (fixed order): each warp's rows to shared memory, then one thread per (head, d)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = l_i[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int hr = (lane >> 2) + 8 * r;
+        if ((lane & 3) == 0) {
+            sM[warp * HM + hr] = m_i[r];
+            sL[warp * HM + hr] = l;
+        }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+            *reinterpret_cast<float2*>(sO + (warp * HM + hr) * LDO + dt * 8 + (lane & 3) * 2) =
+                make_float2(o[dt][2 * r], o[dt][2 * r + 1]);
+    }
+    __syncthreads();
+    for (int i = tid; i < nh * D; i += kThreads) {
+        const int hr = i / D, d = i % D;
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < 4; w++) m = fmaxf(m, sM[w * HM + hr]);
+        float l = 0.0f, acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            const float mw = sM[w * HM + hr];
+            const float f = mw == -INFINITY ? 0.0f : exp2f(mw - m);
+            l += sL[w * HM + hr] * f;
+            acc += sO[(w * HM + hr) * LDO + d] * f;
+        }
+        const int64_t bh = (int64_t)b * p.Hq + h0 + hr;
+        if (direct) {
+            p.o[bh * D + d] = __float2bfloat16(l > 0.0f ? acc * (1.0f / l) : 0.0f);
+        } else {
+            const int64_t part = bh * p.n_splits + split;
+            p.part_o[part * D + d] = acc;
+            if (d == 0) p.part_ml[part] = make_float2(m, l);
+        }
+    }
+}
+
+// out[b, h] from the chunks of rows with more than one: one block per (b, h); warp w sums chunks w, w + 8, ...
+// (lane: d = lane + 32 i), then the 8 warps' sums are added in order, so the result does not depend on timing
+constexpr int kCombineWarps = 8;
+
+template <int D>
+__global__ void __launch_bounds__(kCombineWarps * 32) attn_decode_combine_kernel(const Params p) {
+    constexpr int V = D / 32;
+    __shared__ float sAcc[kCombineWarps][D];
+    __shared__ float sL[kCombineWarps];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t bh = blockIdx.x;
+    const DecodeRow row = decode_row(p, (int)(bh / p.Hq));
+    if (row.used <= 1) return;  // the decode kernel wrote it
+    const float2* ml = p.part_ml + bh * p.n_splits;
+    const float* po = p.part_o + bh * p.n_splits * D;
+
+    float m = -INFINITY;
+    for (int c = lane; c < row.used; c += 32) m = fmaxf(m, ml[c].x);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+
+    float l = 0.0f, acc[V];
+#pragma unroll
+    for (int i = 0; i < V; i++) acc[i] = 0.0f;
+#pragma unroll 4
+    for (int c = warp; c < row.used; c += kCombineWarps) {
+        const float2 x = ml[c];
+        const float f = x.x == -INFINITY ? 0.0f : exp2f(x.x - m);
+        l += x.y * f;
+#pragma unroll
+        for (int i = 0; i < V; i++) acc[i] += po[(int64_t)c * D + lane + 32 * i] * f;
+    }
+#pragma unroll
+    for (int i = 0; i < V; i++) sAcc[warp][lane + 32 * i] = acc[i];
+    if (lane == 0) sL[warp] = l;
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float lt = 0.0f, at = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kCombineWarps; w++) {
+            lt += sL[w];
+            at += sAcc[w][d];
+        }
+        p.o[bh * D + d] = __float2bfloat16(lt > 0.0f ? at * (1.0f / lt) : 0.0f);
     }
 }
 
@@ -688,13 +968,64 @@ cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-// query heads per backward block: all G of a kv head when the kv tiles alone give >= 2 blocks per SM, else
-// the fewest that do (a divisor of G), so that small batches still fill the GPU
-int bwd_heads_per_block(int64_t kv_blocks, int G) {
+size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+// the current device's SM count (132, an H100's, if it cannot be read)
+int device_sms() {
     int dev = 0, sms = 132;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
         sms = 132;
+    return sms;
+}
+
+// Decode: n_splits, the most chunks a row is cut into, from the sizes only (the rows' lengths live on the device
+// and change between replays of a captured step): enough for 2 blocks per SM, at most one chunk per 64-key tile of
+// S. Each row then cuts its own keys into at most n_splits chunks of whole tiles, so a short row of a long cache
+// still spreads over many blocks (the blocks past its keys return at once).
+template <int D>
+cudaError_t launch_decode(Params p, cudaStream_t stream) {
+    using Tr = DecTraits<D>;
+    const int groups = CEIL_DIV(p.G, Tr::HM);
+    const int64_t blocks_per_split = (int64_t)p.B * p.Hkv * groups;
+    const int64_t want = CEIL_DIV(2 * (int64_t)device_sms(), blocks_per_split);
+    p.n_splits = (int)std::max<int64_t>(1, std::min<int64_t>(want, CEIL_DIV((int64_t)p.S, (int64_t)Tr::BN)));
+
+    // workspace (only when a row can have several chunks): part_o, then part_ml
+    const int64_t parts = (int64_t)p.B * p.Hq * p.n_splits;
+    const size_t o_bytes = align256(parts * D * sizeof(float));
+    char* ws = nullptr;
+    cudaError_t err = cudaSuccess;
+    if (p.n_splits > 1) {
+        ws = static_cast<char*>(qlora_cuda::device_alloc(o_bytes + parts * sizeof(float2), &err));
+        if (!ws) return err;
+        p.part_o = reinterpret_cast<float*>(ws);
+        p.part_ml = reinterpret_cast<float2*>(ws + o_bytes);
+    }
+    do {
+        err = cudaFuncSetAttribute(attn_decode_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)Tr::smem_bytes);
+        if (err != cudaSuccess) break;
+        attn_decode_kernel<D><<<dim3(p.n_splits, p.B * p.Hkv, groups), kThreads, Tr::smem_bytes, stream>>>(p);
+        if ((err = cudaGetLastError()) != cudaSuccess || !ws) break;
+        attn_decode_combine_kernel<D><<<(unsigned)(p.B * p.Hq), kCombineWarps * 32, 0, stream>>>(p);
+        err = cudaGetLastError();
+    } while (false);
+    if (ws) {
+        // the workspace goes back to the cache now (stream-ordered on qlora_cuda::stream(); else wait first)
+        if (stream != qlora_cuda::stream()) {
+            cudaError_t e2 = cudaStreamSynchronize(stream);
+            if (err == cudaSuccess) err = e2;
+        }
+        qlora_cuda::device_free(ws);
+    }
+    return err;
+}
+
+// query heads per backward block: all G of a kv head when the kv tiles alone give >= 2 blocks per SM, else
+// the fewest that do (a divisor of G), so that small batches still fill the GPU
+int bwd_heads_per_block(int64_t kv_blocks, int G) {
+    const int sms = device_sms();
     for (int split = 1; split <= G; split++) {
         if (G % split) continue;
         if (kv_blocks * split >= 2 * (int64_t)sms) return G / split;
@@ -721,8 +1052,6 @@ cudaError_t launch_cast(bf16* dst, const float* src, int64_t n, cudaStream_t str
     f32_to_bf16_kernel<<<(unsigned)(blocks < 8192 ? blocks : 8192), 256, 0, stream>>>(dst, src, n4);
     return cudaGetLastError();
 }
-
-size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
 }  // namespace
 
@@ -778,6 +1107,8 @@ extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const
     p.q_offset = (int)q_offset;
     p.scale = scale;
     p.scale_log2 = scale * kLog2e;
+    // one query per row and no lse (decoding): split the keys across blocks instead of a 64-query tile per head
+    if (T == 1 && !lse && !seg) return D == 64 ? launch_decode<64>(p, stream) : launch_decode<128>(p, stream);
     return D == 64 ? launch_fwd<64>(p, stream) : launch_fwd<128>(p, stream);
 }
 

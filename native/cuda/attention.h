@@ -35,6 +35,11 @@ const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, int n_ptrs,
 // step replays at any lengths); each is clamped to [0, S]. block_table (may be NULL; not with seg): a paged KV
 // cache, k/v [blocks, QLORA_CUDA_KV_BLOCK, Hkv, D] and block_table[B, table_stride] (device) naming the block of
 // each row's positions 64 i .. 64 i + 63; S (<= 64 * table_stride) is then the rows' logical length.
+// T == 1 with lse == NULL and seg == NULL (a decoding step) takes a split-KV kernel (flash-decoding): it reads only
+// the keys a row can see (a paged row's blocks past its length need not exist) and uses an f32 workspace from the
+// caching allocator, B * Hq * n * (D + 2) floats for n = min(ceil(S / 64), ceil(2 * SMs / (B * Hkv * ceil(G / 16))))
+// chunks per row (none when n = 1), returned once the work is queued as in the backward. Its output is
+// deterministic, as the other kernels'; passing an lse selects the general kernel.
 cudaError_t qlora_cuda_attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* k,
                                          const __nv_bfloat16* v, const uint8_t* key_valid, const int32_t* seg,
                                          const int32_t* q_offsets, const int32_t* block_table, int64_t table_stride,
