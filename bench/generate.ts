@@ -15,6 +15,7 @@
 //   node bench/generate.js [--model qwen2-7b|DIR] [--bases nf4,bf16] [--batches 1,8,32] [--prompt 512] [--new 256]
 //                          [--dir /tmp/models] [--peer path/to/peer_generate.py] [--no-first-token]
 //                          [--graphs on,off] (decoding steps replayed as CUDA graphs, or queued kernel by kernel)
+//                          [--profile] (after each row, one decoding step timed op by op on the GPU: src/backend/cuda-profile.ts)
 import {spawnSync} from "node:child_process";
 import {copyFileSync, existsSync} from "node:fs";
 import path from "node:path";
@@ -22,6 +23,7 @@ import {performance} from "node:perf_hooks";
 import {fileURLToPath} from "node:url";
 import {DEFAULT_MODEL_DIR} from "../src/api/models.js";
 import {cuda, cudaAvailability, DeviceBuffer} from "../src/backend/cuda.js";
+import {formatProfile, profileCuda} from "../src/backend/cuda-profile.js";
 import {Rng} from "../src/backend/rng.js";
 import {loadModelConfig} from "../src/io/hf-config.js";
 import type {CausalLm} from "../src/model/causal-lm.js";
@@ -49,6 +51,7 @@ const firstToken = !process.argv.includes("--no-first-token");
 // greedy, to see what choosing tokens on the device costs (the peer stays greedy)
 const sampled = process.argv.includes("--sample");
 const graphModes = arg("graphs", "on").split(",");
+const profile = process.argv.includes("--profile");
 const decoding = sampled ? {greedy: false, temperature: 0.7, topK: 50, topP: 0.9, repetitionPenalty: 1.1} : {greedy: true};
 // --device cpu: the same measurements on the host model (a smoke run of this script on a machine with no GPU)
 const onCpu = arg("device", "cuda") === "cpu";
@@ -181,7 +184,27 @@ async function timeBase(base: string): Promise<void> {
                 note: `load ${loadS.toFixed(0)} s; first step ${((first - t) / 1000).toFixed(2)} s; ${replays} graph replays`
             };
             console.log(`ROW ${JSON.stringify(row)}`);
+            if (profile && !onCpu) profileStep(lm, prompts, decode, `${base} batch ${bs}, CUDA graphs ${graphs}`);
         }
+}
+
+/** one decoding step (the fifth token: past the eager first step and the recording) timed op by op */
+function profileStep(
+    lm: CausalLm,
+    prompts: number[][],
+    decode: Omit<Parameters<typeof decodeBatchSteps>[2], "maxNewTokens">,
+    what: string
+): void {
+    const steps = decodeBatchSteps(lm, prompts, {...decode, maxNewTokens: 8});
+    for (let i = 0; ; i++) {
+        if (i !== 4) {
+            if (steps.next().done) break;
+            continue;
+        }
+        const {result, profile: p} = profileCuda(() => steps.next());
+        console.log(`\n${formatProfile(p, `profile of one decoding step, ${what}`)}\n`);
+        if (result.done) break;
+    }
 }
 
 /** runs `args` of this script in a child process, echoing its output; the ROW lines become table rows */
@@ -252,7 +275,8 @@ const passOn = [
     String(newTokens),
     "--graphs",
     graphModes.join(","),
-    ...(sampled ? ["--sample"] : [])
+    ...(sampled ? ["--sample"] : []),
+    ...(profile ? ["--profile"] : [])
 ];
 for (const base of bases) child([...passOn, "--dir", dir, "--child", base], `the ${base} run`);
 if (peer) {

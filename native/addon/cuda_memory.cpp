@@ -167,6 +167,32 @@ static Napi::Value GraphDestroy(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
+// profileHold(us): the stream waits `us` microseconds before the work queued after it (runtime.h)
+static Napi::Value ProfileHold(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t us = int_arg(info, 0);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, qlora_cuda::profile_hold(us), "profileHold");
+    return env.Undefined();
+}
+
+// profileMark(): a timing event on the stream
+static Napi::Value ProfileMark(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    cuda_throw(env, qlora_cuda::profile_mark(), "profileMark");
+    return env.Undefined();
+}
+
+// profileRead() -> Float64Array of the milliseconds between consecutive marks (waits for the stream)
+static Napi::Value ProfileRead(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::vector<double> ms;
+    if (cuda_throw(env, qlora_cuda::profile_read(&ms), "profileRead")) return env.Undefined();
+    Napi::Float64Array out = Napi::Float64Array::New(env, ms.size());
+    for (size_t i = 0; i < ms.size(); i++) out[i] = ms[i];
+    return out;
+}
+
 void register_cuda_memory(Napi::Env env, Napi::Object exports) {
     exports.Set("alloc", Napi::Function::New(env, Alloc, "alloc"));
     exports.Set("free", Napi::Function::New(env, Free, "free"));
@@ -178,6 +204,9 @@ void register_cuda_memory(Napi::Env env, Napi::Object exports) {
     exports.Set("memoryStats", Napi::Function::New(env, MemoryStats, "memoryStats"));
     exports.Set("resetPeakMemoryStats", Napi::Function::New(env, ResetPeak, "resetPeakMemoryStats"));
     exports.Set("emptyCache", Napi::Function::New(env, EmptyCache, "emptyCache"));
+    exports.Set("profileHold", Napi::Function::New(env, ProfileHold, "profileHold"));
+    exports.Set("profileMark", Napi::Function::New(env, ProfileMark, "profileMark"));
+    exports.Set("profileRead", Napi::Function::New(env, ProfileRead, "profileRead"));
     exports.Set("setDevice", Napi::Function::New(env, SetDevice, "setDevice"));
     exports.Set("graphBegin", Napi::Function::New(env, GraphBegin, "graphBegin"));
     exports.Set("graphEnd", Napi::Function::New(env, GraphEnd, "graphEnd"));

@@ -9,8 +9,10 @@
 // pool's blocks are reused within captures (graphs replay one at a time on the one stream) but are never handed
 // to uncaptured work while a graph exists; once the last graph is destroyed they go back to the cache.
 #include "runtime.h"
+#include <chrono>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -168,6 +170,40 @@ void reset_peak_stats() {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_stats.peak_allocated = g_stats.allocated;
     g_stats.peak_reserved = g_stats.reserved;
+}
+
+namespace {
+std::vector<cudaEvent_t> g_marks;  // events of the current profile, in order; reused after a read
+size_t g_marks_used = 0;
+
+void CUDART_CB sleep_callback(void* us) { std::this_thread::sleep_for(std::chrono::microseconds((intptr_t)us)); }
+}  // namespace
+
+cudaError_t profile_hold(int64_t us) {
+    if (us < 0 || us > 10'000'000) return cudaErrorInvalidValue;
+    return cudaLaunchHostFunc(stream(), sleep_callback, reinterpret_cast<void*>((intptr_t)us));
+}
+
+cudaError_t profile_mark() {
+    if (g_marks_used == g_marks.size()) {
+        cudaEvent_t e;
+        cudaError_t err = cudaEventCreate(&e);
+        if (err != cudaSuccess) return err;
+        g_marks.push_back(e);
+    }
+    return cudaEventRecord(g_marks[g_marks_used++], stream());
+}
+
+cudaError_t profile_read(std::vector<double>* elapsed_ms) {
+    elapsed_ms->clear();
+    cudaError_t err = cudaStreamSynchronize(stream());
+    for (size_t i = 1; err == cudaSuccess && i < g_marks_used; i++) {
+        float ms = 0.0f;
+        err = cudaEventElapsedTime(&ms, g_marks[i - 1], g_marks[i]);
+        elapsed_ms->push_back(ms);
+    }
+    g_marks_used = 0;
+    return err;
 }
 
 }  // namespace qlora_cuda

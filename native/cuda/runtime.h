@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <vector>
 
 namespace qlora_cuda {
 
@@ -36,5 +37,13 @@ cudaError_t graph_launch(cudaGraphExec_t exec);
 // waits for queued work, destroys the graph and, with the last one, gives its pool back to the cache
 void graph_destroy(cudaGraphExec_t exec);
 void reset_peak_stats();
+
+// Profiling (benchmarks): profile_hold makes the stream wait `us` microseconds (a host callback that sleeps), so
+// that the work queued behind it runs back to back whatever the host's pace; profile_mark records a timing event
+// on the stream; profile_read waits for the stream and gives the milliseconds between consecutive marks since
+// the last read (marks - 1 values), then forgets the marks.
+cudaError_t profile_hold(int64_t us);
+cudaError_t profile_mark();
+cudaError_t profile_read(std::vector<double>* elapsed_ms);
 
 }  // namespace qlora_cuda

@@ -195,4 +195,10 @@ export interface CudaAddon {
     graphLaunch(graph: number): void;
     /** waits for queued work and destroys the graph (with the last one, its pool goes back to the cache) */
     graphDestroy(graph: number): void;
+    /** profiling: the stream waits `us` microseconds, so that the work queued after it runs back to back */
+    profileHold(us: number): void;
+    /** profiling: a timing event on the stream */
+    profileMark(): void;
+    /** profiling: waits for the stream; the milliseconds between consecutive marks since the last read */
+    profileRead(): Float64Array;
 }
