@@ -778,7 +778,7 @@ export function preQuantizedOf(cfg: ModelConfig): PreQuantized | null {
  * The trainer's preflight on the GPU, before any weight is read: a run whose plan exceeds the device's free memory
  * is refused with the settings that would fit; with auto_find_batch_size the batch is halved (accumulation
  * doubled) until the plan fits, and `log` says so. The plan assumes every row max_seq_length tokens long (a batch
- * of the longest rows can come at any step).
+ * of the longest rows can come at any step): the trainer passes the data's longest row there when it is shorter.
  */
 export async function gpuPreflight<
     S extends MemorySettings & {

@@ -245,8 +245,6 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     if (reporter.onDevice) reporter.onDevice(choice);
     else if (device === "cpu" && choice.gpuSeen) reporter.onWarning?.(choice.line);
     checkComputeDtype(device, config);
-    // a run the GPU cannot hold is refused (or, with auto_find_batch_size, shrunk) before the weights load
-    if (device === "cuda") config = await gpuPreflight(config, choice, (m) => reporter.onWarning?.(m));
     if (config.threads) cpu().setNumThreads(config.threads);
     const overrideProblem = resumeOverrideProblem(config.resume_override ?? []);
     if (overrideProblem) throw new QloraError(`resume_override: ${overrideProblem}`);
@@ -257,7 +255,7 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
     ]);
     const stop = new StopRequest((signal) => reporter.onStopping?.(signal));
     try {
-        return await trainInOutputDir(config, reporter, device, out, stop);
+        return await trainInOutputDir(config, reporter, choice, out, stop);
     } finally {
         stop.dispose();
         await out.lock.release();
@@ -269,28 +267,16 @@ export async function train(config: TrainerConfig, reporter: TrainReporter = {})
 async function trainInOutputDir(
     config: TrainerConfig,
     reporter: TrainReporter,
-    device: "cpu" | "cuda",
+    choice: DeviceChoice,
     out: OutputDir,
     stop: StopRequest
 ): Promise<TrainResult> {
+    const device = choice.device;
     const outputDir = out.dir;
     for (const line of out.recovered) reporter.onWarning?.(`output_dir: ${line}`);
     const resumeDir = await resolveResumeDir(outputDir, config.resume_from_checkpoint);
     const earlierRun = checkOutputPolicy(out, {resumeDir, overwrite: config.overwrite_output_dir ?? false});
     if (resumeDir && earlierRun.length === 0) await assertReplaceable(outputDir, resumeDir);
-
-    // a resumed run must be the run that was interrupted: checked before anything expensive is loaded
-    let savedArgs: SavedTrainingArgs | null = null;
-    let overrides: ConfigChange[] = [];
-    if (resumeDir) {
-        savedArgs = await readCheckpointTrainingArgs(resumeDir);
-        if (savedArgs) overrides = checkResumeSettings(savedArgs, config, resumeDir);
-        else
-            reporter.onWarning?.(
-                `${resumeDir} has no training_args.json (a checkpoint of an older qlora): changed ` +
-                    "settings cannot be checked; resuming with the checkpoint's adapter, optimizer state and schedule"
-            );
-    }
 
     // model, tokenizer and data
     const tokenizer = await HfTokenizer.load(config.model);
@@ -302,7 +288,6 @@ async function trainInOutputDir(
               bnb_4bit_use_double_quant: config.bnb_4bit_use_double_quant
           })
         : null;
-    const model = await DecoderModel.load(config.model, {quantization});
     const dataOptions: DataOptions = {
         dataset_format: config.dataset_format === "auto" ? undefined : (config.dataset_format as DataOptions["dataset_format"]),
         template: config.template ?? undefined,
@@ -330,6 +315,29 @@ async function trainInOutputDir(
         tokenizerTemplate: tokenizer.chatTemplateText()
     });
     const maxLen = longestRow(trainData.rows);
+    // a run the GPU cannot hold is refused (or, with auto_find_batch_size, shrunk) before the weights load; a
+    // batch is padded to its longest row, so the data's longest row (train or eval) bounds the plan's rows
+    if (device === "cuda") {
+        const rowTokens = Math.min(config.max_seq_length, Math.max(maxLen, evalData ? longestRow(evalData.rows) : 0));
+        const planned = await gpuPreflight({...config, max_seq_length: Math.max(1, rowTokens)}, choice, (m) =>
+            reporter.onWarning?.(m)
+        );
+        config = {...planned, max_seq_length: config.max_seq_length};
+    }
+    // a resumed run must be the run that was interrupted: its settings (as the preflight left them) are checked
+    // before the weights load, its data right after
+    let savedArgs: SavedTrainingArgs | null = null;
+    let overrides: ConfigChange[] = [];
+    if (resumeDir) {
+        savedArgs = await readCheckpointTrainingArgs(resumeDir);
+        if (savedArgs) overrides = checkResumeSettings(savedArgs, config, resumeDir);
+        else
+            reporter.onWarning?.(
+                `${resumeDir} has no training_args.json (a checkpoint of an older qlora): changed ` +
+                    "settings cannot be checked; resuming with the checkpoint's adapter, optimizer state and schedule"
+            );
+    }
+    const model = await DecoderModel.load(config.model, {quantization});
     checkRowsFitContext(model.config, maxLen, "max_seq_length", config.max_seq_length);
     const fingerprint = dataFingerprint(trainData.rows);
     if (savedArgs && resumeDir) checkResumeData(savedArgs, fingerprint, resumeDir);
