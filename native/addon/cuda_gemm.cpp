@@ -1,5 +1,6 @@
-// cuda_gemm.cpp: bindings of the CUDA gemm ops: cuBLASLt GEMM (row-major, the CPU sgemm contract) and the
-// NF4/FP4 dequantization. Device buffers are addresses (numbers); dtypes are "f32" | "bf16" | "f16".
+// cuda_gemm.cpp: bindings of the CUDA gemm ops: cuBLASLt GEMM (row-major, the CPU sgemm contract), the NF4/FP4
+// dequantization and the fused 4-bit GEMV (one weight, or a group of weights on one x). Device buffers are addresses
+// (numbers); dtypes are "f32" | "bf16" | "f16".
 #include <string>
 #include "cuda_bindings.h"
 #include "napi_util.h"
@@ -125,6 +126,22 @@ Napi::Value Dequantize4bit(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
+// why gemv4bit / gemv4bitGroup refuses a part ("" when it takes it); `what` starts the message
+std::string gemv_part_problem(const std::string& what, const QloraGemv4bitPart& p, int xDtype, int64_t M, int64_t K) {
+    if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || p.N < 0 || K < 0 ||
+        (p.y_dtype != QLORA_CUDA_F32 && p.y_dtype != xDtype) || (p.absmax_q && (!p.nested_absmax || !p.nested_code)) ||
+        (!p.absmax_q && !p.absmax))
+        return what + "needs 1 <= M <= " + std::to_string(QLORA_GEMV_4BIT_MAX_M) +
+               ", y in f32 or x's dtype, and either absmax or absmaxQ with nestedAbsmax and nestedCode";
+    if (p.lora_r < 0 || p.lora_r > QLORA_GEMV_4BIT_MAX_LORA_R)
+        return what + "loraR = " + std::to_string(p.lora_r) + " is outside 0.." +
+               std::to_string(QLORA_GEMV_4BIT_MAX_LORA_R) +
+               ", the ranks the fused LoRA term takes: add the LoRA branch with gemm instead";
+    if (p.lora_r > 0 && (!p.lora_xa || !p.lora_b))
+        return what + "loraR > 0 needs the device buffers loraXa [M, r] and loraB [N, r]";
+    return "";
+}
+
 // gemv4bit(y, yDtype, x, xDtype, packed, absmax|0, absmaxQ|0, nestedAbsmax|0, nestedCode|0, offset, code,
 //          blocksize, nestedBlocksize, M, N, K[, loraXa, loraB, loraR, loraScale]):
 // y[M, N] = x[M, K] @ W^T (+ loraScale * loraXa[M, r] @ loraB[N, r]^T, rounded once) for M <= 8, W[N, K] 4-bit.
@@ -136,53 +153,41 @@ Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
             .ThrowAsJavaScriptException();
         return env.Undefined();
     }
-    void* y = device_ptr_arg(info, 0);
-    const int yDtype = dtype_arg(info, 1);
+    QloraGemv4bitPart p = {};
+    p.y = device_ptr_arg(info, 0);
+    p.y_dtype = dtype_arg(info, 1);
     const void* x = device_ptr_arg(info, 2);
     const int xDtype = dtype_arg(info, 3);
-    const uint8_t* packed = (const uint8_t*)device_ptr_arg(info, 4);
-    const float* absmax = (const float*)device_ptr_arg(info, 5, true);
-    const uint8_t* absmaxQ = (const uint8_t*)device_ptr_arg(info, 6, true);
-    const float* nestedAbsmax = (const float*)device_ptr_arg(info, 7, true);
-    const float* nestedCode = (const float*)device_ptr_arg(info, 8, true);
-    const double offset = num_arg(info, 9);
-    const float* code = (const float*)device_ptr_arg(info, 10);
-    const int64_t blocksize = int_arg(info, 11), nestedBlocksize = int_arg(info, 12);
-    const int64_t M = int_arg(info, 13), N = int_arg(info, 14), K = int_arg(info, 15);
+    p.packed = (const uint8_t*)device_ptr_arg(info, 4);
+    p.absmax = (const float*)device_ptr_arg(info, 5, true);
+    p.absmax_q = (const uint8_t*)device_ptr_arg(info, 6, true);
+    p.nested_absmax = (const float*)device_ptr_arg(info, 7, true);
+    p.nested_code = (const float*)device_ptr_arg(info, 8, true);
+    p.offset = (float)num_arg(info, 9);
+    p.code = (const float*)device_ptr_arg(info, 10);
+    p.blocksize = int_arg(info, 11);
+    p.nested_blocksize = int_arg(info, 12);
+    const int64_t M = int_arg(info, 13), K = int_arg(info, 15);
+    p.N = int_arg(info, 14);
     // the LoRA term's arguments are optional (absent, undefined or null: none)
-    const int64_t loraR = info.Length() > 18 && !info[18].IsUndefined() && !info[18].IsNull() ? int_arg(info, 18) : 0;
-    const void* loraXa = loraR != 0 && info.Length() > 16 ? device_ptr_arg(info, 16, true) : nullptr;
-    const void* loraB = loraR != 0 && info.Length() > 17 ? device_ptr_arg(info, 17, true) : nullptr;
+    p.lora_r = info.Length() > 18 && !info[18].IsUndefined() && !info[18].IsNull() ? int_arg(info, 18) : 0;
+    p.lora_xa = p.lora_r != 0 && info.Length() > 16 ? device_ptr_arg(info, 16, true) : nullptr;
+    p.lora_b = p.lora_r != 0 && info.Length() > 17 ? device_ptr_arg(info, 17, true) : nullptr;
     const bool hasScale = info.Length() > 19 && !info[19].IsUndefined();
-    const double loraScale = loraR != 0 && hasScale ? num_arg(info, 19) : 0.0;
+    p.lora_scale = p.lora_r != 0 && hasScale ? (float)num_arg(info, 19) : 0.0f;
     QLORA_CHECK_ARGS(env);
-    if (loraR != 0 && !hasScale) {
+    if (p.lora_r != 0 && !hasScale) {
         Napi::TypeError::New(env, "gemv4bit: loraR > 0 needs loraScale (argument 20)").ThrowAsJavaScriptException();
         return env.Undefined();
     }
-    if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || N < 0 || K < 0 || (yDtype != QLORA_CUDA_F32 && yDtype != xDtype) ||
-        (absmaxQ && (!nestedAbsmax || !nestedCode)) || (!absmaxQ && !absmax)) {
-        Napi::RangeError::New(env, "gemv4bit: needs 1 <= M <= " + std::to_string(QLORA_GEMV_4BIT_MAX_M) +
-                                       ", y in f32 or x's dtype, and either absmax or absmaxQ with nestedAbsmax and "
-                                       "nestedCode")
-            .ThrowAsJavaScriptException();
+    const std::string problem = gemv_part_problem("gemv4bit: ", p, xDtype, M, K);
+    if (!problem.empty()) {
+        Napi::RangeError::New(env, problem).ThrowAsJavaScriptException();
         return env.Undefined();
     }
-    if (loraR < 0 || loraR > QLORA_GEMV_4BIT_MAX_LORA_R) {
-        Napi::RangeError::New(env, "gemv4bit: loraR = " + std::to_string(loraR) + " is outside 0.." +
-                                       std::to_string(QLORA_GEMV_4BIT_MAX_LORA_R) +
-                                       ", the ranks the fused LoRA term takes: add the LoRA branch with gemm instead")
-            .ThrowAsJavaScriptException();
-        return env.Undefined();
-    }
-    if (loraR > 0 && (!loraXa || !loraB)) {
-        Napi::RangeError::New(env, "gemv4bit: loraR > 0 needs the device buffers loraXa [M, r] and loraB [N, r]")
-            .ThrowAsJavaScriptException();
-        return env.Undefined();
-    }
-    cudaError_t err = qlora_cuda_gemv_4bit(y, yDtype, x, xDtype, packed, absmax, absmaxQ, nestedAbsmax, nestedCode,
-                                           (float)offset, code, blocksize, nestedBlocksize, M, N, K, loraXa, loraB,
-                                           loraR, (float)loraScale, qlora_cuda::stream());
+    cudaError_t err = qlora_cuda_gemv_4bit(p.y, p.y_dtype, x, xDtype, p.packed, p.absmax, p.absmax_q, p.nested_absmax,
+                                           p.nested_code, p.offset, p.code, p.blocksize, p.nested_blocksize, M, p.N, K,
+                                           p.lora_xa, p.lora_b, p.lora_r, p.lora_scale, qlora_cuda::stream());
     if (err == cudaErrorNotSupported) {
         Napi::RangeError::New(env,
                               "gemv4bit: unsupported layout (needs K % 8 == 0, power-of-two block sizes >= 8, "
@@ -191,6 +196,148 @@ Napi::Value Gemv4bit(const Napi::CallbackInfo& info) {
         return env.Undefined();
     }
     cuda_throw(env, err, "gemv4bit");
+    return env.Undefined();
+}
+
+// the fields of one part object of gemv4bitGroup; a bad field leaves a pending TypeError naming it
+class PartFields {
+  public:
+    PartFields(Napi::Env env, Napi::Object part, uint32_t i)
+        : env_(env), part_(part), where_("gemv4bitGroup: parts[" + std::to_string(i) + "].") {}
+
+    bool present(const char* key) {
+        if (env_.IsExceptionPending()) return false;
+        const Napi::Value v = part_.Get(key);
+        return !v.IsUndefined() && !v.IsNull();
+    }
+    double number(const char* key) {
+        if (env_.IsExceptionPending()) return 0;
+        const Napi::Value v = part_.Get(key);
+        if (v.IsNumber()) return v.As<Napi::Number>().DoubleValue();
+        fail(key, "expected a number");
+        return 0;
+    }
+    int64_t integer(const char* key) {
+        if (env_.IsExceptionPending()) return 0;
+        const Napi::Value v = part_.Get(key);
+        if (v.IsNumber()) return v.As<Napi::Number>().Int64Value();
+        fail(key, "expected a number");
+        return 0;
+    }
+    // a device address; with `nullable`, 0, null or absent mean none
+    void* device_ptr(const char* key, bool nullable = false) {
+        if (env_.IsExceptionPending()) return nullptr;
+        const Napi::Value v = part_.Get(key);
+        if (nullable && (v.IsUndefined() || v.IsNull())) return nullptr;
+        const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+        if (d == 0 && nullable) return nullptr;
+        if (d <= 0) {
+            fail(key, "expected a device buffer address");
+            return nullptr;
+        }
+        return reinterpret_cast<void*>(static_cast<uintptr_t>(d));
+    }
+    int dtype(const char* key) {
+        if (env_.IsExceptionPending()) return -1;
+        const Napi::Value v = part_.Get(key);
+        if (v.IsString()) {
+            const std::string s = v.As<Napi::String>().Utf8Value();
+            if (s == "f32") return QLORA_CUDA_F32;
+            if (s == "bf16") return QLORA_CUDA_BF16;
+            if (s == "f16") return QLORA_CUDA_F16;
+        }
+        fail(key, "expected a dtype \"f32\", \"bf16\" or \"f16\"");
+        return -1;
+    }
+    // the message prefix naming the part
+    std::string where() const { return where_.substr(0, where_.size() - 1) + ": "; }
+
+  private:
+    void fail(const char* key, const char* what) {
+        Napi::TypeError::New(env_, where_ + key + ": " + what).ThrowAsJavaScriptException();
+    }
+    Napi::Env env_;
+    Napi::Object part_;
+    std::string where_;
+};
+
+// gemv4bitGroup(x, xDtype, M, K, parts): parts is an array of 1..4 objects {y, yDtype, packed, absmax, absmaxQ,
+// nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize, N[, loraXa, loraB, loraR, loraScale]}, each
+// gemv4bit's arguments of one weight: every part's y in one launch of the tensor-core kernel, each bit for bit what
+// gemv4bit gives for that part alone. A RangeError for layouts that kernel does not take (then gemv4bit per part).
+Napi::Value Gemv4bitGroup(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 5) {
+        Napi::TypeError::New(env, "gemv4bitGroup: expected 5 arguments (x, xDtype, M, K, parts)")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    const void* x = device_ptr_arg(info, 0);
+    const int xDtype = dtype_arg(info, 1);
+    const int64_t M = int_arg(info, 2), K = int_arg(info, 3);
+    QLORA_CHECK_ARGS(env);
+    if (!info[4].IsArray()) {
+        Napi::TypeError::New(env, "gemv4bitGroup: argument 4: expected an array of parts").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    const Napi::Array list = info[4].As<Napi::Array>();
+    const uint32_t count = list.Length();
+    if (count < 1 || count > QLORA_GEMV_4BIT_MAX_PARTS) {
+        Napi::RangeError::New(env, "gemv4bitGroup: takes 1.." + std::to_string(QLORA_GEMV_4BIT_MAX_PARTS) +
+                                       " parts, got " + std::to_string(count))
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    QloraGemv4bitPart parts[QLORA_GEMV_4BIT_MAX_PARTS] = {};
+    for (uint32_t i = 0; i < count; i++) {
+        const Napi::Value v = list.Get(i);
+        if (!v.IsObject()) {
+            Napi::TypeError::New(env, "gemv4bitGroup: parts[" + std::to_string(i) + "]: expected an object")
+                .ThrowAsJavaScriptException();
+            return env.Undefined();
+        }
+        PartFields f(env, v.As<Napi::Object>(), i);
+        QloraGemv4bitPart& p = parts[i];
+        p.y = f.device_ptr("y");
+        p.y_dtype = f.dtype("yDtype");
+        p.packed = (const uint8_t*)f.device_ptr("packed");
+        p.absmax = (const float*)f.device_ptr("absmax", true);
+        p.absmax_q = (const uint8_t*)f.device_ptr("absmaxQ", true);
+        p.nested_absmax = (const float*)f.device_ptr("nestedAbsmax", true);
+        p.nested_code = (const float*)f.device_ptr("nestedCode", true);
+        p.offset = (float)f.number("offset");
+        p.code = (const float*)f.device_ptr("code");
+        p.blocksize = f.integer("blocksize");
+        p.nested_blocksize = f.integer("nestedBlocksize");
+        p.N = f.integer("N");
+        // the LoRA term is optional (loraR absent, null or 0: none)
+        p.lora_r = f.present("loraR") ? f.integer("loraR") : 0;
+        if (p.lora_r != 0) {
+            p.lora_xa = f.device_ptr("loraXa", true);
+            p.lora_b = f.device_ptr("loraB", true);
+            if (!f.present("loraScale")) {
+                QLORA_CHECK_ARGS(env);
+                Napi::TypeError::New(env, f.where() + "loraR > 0 needs loraScale").ThrowAsJavaScriptException();
+                return env.Undefined();
+            }
+            p.lora_scale = (float)f.number("loraScale");
+        }
+        QLORA_CHECK_ARGS(env);
+        const std::string problem = gemv_part_problem(f.where(), p, xDtype, M, K);
+        if (!problem.empty()) {
+            Napi::RangeError::New(env, problem).ThrowAsJavaScriptException();
+            return env.Undefined();
+        }
+    }
+    const cudaError_t err = qlora_cuda_gemv_4bit_group(x, xDtype, M, K, parts, count, qlora_cuda::stream());
+    if (err == cudaErrorNotSupported) {
+        Napi::RangeError::New(env,
+                              "gemv4bitGroup: unsupported layout (needs bf16 or f16 x, K % 32 == 0, power-of-two block "
+                              "sizes >= 32, 16-byte aligned x and packed): call gemv4bit for each part instead")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    cuda_throw(env, err, "gemv4bitGroup");
     return env.Undefined();
 }
 
@@ -228,6 +375,7 @@ void register_cuda_gemm(Napi::Env env, Napi::Object exports) {
     exports.Set("gemmStridedBatched", Napi::Function::New(env, GemmStridedBatched, "gemmStridedBatched"));
     exports.Set("dequantize4bit", Napi::Function::New(env, Dequantize4bit, "dequantize4bit"));
     exports.Set("gemv4bit", Napi::Function::New(env, Gemv4bit, "gemv4bit"));
+    exports.Set("gemv4bitGroup", Napi::Function::New(env, Gemv4bitGroup, "gemv4bitGroup"));
     exports.Set("gemmInfo", Napi::Function::New(env, GemmInfo, "gemmInfo"));
     exports.Set("gemmClearCache", Napi::Function::New(env, GemmClearCache, "gemmClearCache"));
 }

@@ -11,11 +11,14 @@
 // bytes (f32), so both the loads and the stores are fully coalesced across a warp; each thread handles UNROLL
 // such units with all loads issued before the first use.
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include "common.cuh"
 #include "gemm.h"
 #include "nf4.h"
 #include "qlora_bnb.h"
 #include "qlora_float.h"
+#include "runtime.h"
 
 namespace {
 
@@ -325,20 +328,36 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
 }
 
-// ---- the tensor-core kernel: bf16/f16 x, K % 32 == 0, blocksize >= 32
-// A warp computes a 16 x 8 tile of y^T (16 rows n of W, the M <= 8 rows of x padded to 8) with
-// mma.m16n8k16 (fp32 accumulators). Lane (g, t) = (lane / 4, lane % 4) loads per k-step one 16-byte unit (32
-// weights, one bnb block or half of one) of rows n0 + g and n0 + g + 8: the four lanes t of a row read 64
-// consecutive bytes, a warp 1 KB (16 rows x 128 k). The sum over k does not care which k the mma calls which, so
-// each lane feeds its own weights: in mma j of a unit, the fragment columns (2t, 2t+1 | 2t+8, 2t+9) are the
-// unit's k = 4j + (0, 1 | 2, 3), for the weights (A) as for x (B, 8 bytes of row m = g, read through L1).
-// The warps of a block split K (`split` of them per 16-row tile, interleaved k-steps, MMA_UNROLL steps of
-// loads in flight per warp) and add their tiles through shared memory in a fixed order. The LoRA term is one
-// more mma chain over j < r (zero-padded to 16) with its own accumulators: y = acc + scale * lora, rounded once.
-// Shared memory: the 16 codes, the 256 nested codes, and the split-K partial tiles (8 KB).
+// ---- the tensor-core kernel: bf16/f16 x, K % 32 == 0, blocksize >= 32; one launch computes 1..4 parts (the
+// projections of one x: q, k and v, or gate and up), the parts' blocks concatenated in the grid.
+//
+// A warp computes a 16 x 8 tile of y^T (16 rows n of W, the M <= 8 rows of x padded to 8) with mma.m16n8k16
+// (fp32 accumulators). Lane (g, t) = (lane / 4, lane % 4) loads per k-step one 16-byte unit (32 weights, one
+// bnb block or half of one) of rows n0 + g and n0 + g + 8: the four lanes t of a row read 64 consecutive bytes,
+// a warp 1 KB (16 rows x 128 k). The sum over k does not care which k the mma calls which, so each lane feeds
+// its own weights: in mma j of a word, the fragment columns (2t, 2t+1 | 2t+8, 2t+9) are the word's
+// k = 4j + (0, 1 | 2, 3), for the weights (A) as for x (B, 8 bytes of row m = g, read through L1).
+//
+// K is split into G slices per tile (slice j takes the k-steps j, j + G, j + 2G, ...): `ws` warps of a block
+// (1, 2, 4 or 8; the block then holds 8 / ws tiles) times `bs` blocks (bs > 1 only with ws = 8, for parts with
+// few tiles). Each warp keeps DEPTH k-steps of weight and scale loads in flight (a ring: step i is decoded,
+// then its registers take the loads of step i + DEPTH); its first loads go out before the code tables are
+// filled. The slices of a tile are added in a fixed order: the warps of a block through shared memory, then
+// (bs > 1) the blocks' fp32 partials in a workspace, by the last block of the tile to arrive (a __threadfence
+// and an atomic counter that it resets to 0), partial 0 first. Every part's plan (ws, bs) depends only on its
+// own N and K and the GPU, so a part gives the same bits alone or in a group, in every run.
+// The LoRA term is one more mma chain over j < r (zero-padded to 16) with its own accumulators, split over
+// the slices the same way: y = acc + scale * lora, rounded once.
+// Shared memory: the code table (16 floats, or PAIR: 256 float2 (code[hi], code[lo]) indexed by a whole
+// byte), the 256 nested codes, the split-K partial tiles (8 KB).
 
 constexpr int MMA_WARPS = 8;
-constexpr int MMA_UNROLL = 2;
+constexpr int MMA_THREADS = MMA_WARPS * 32;
+// per part: the most tiles that may be split across blocks (the counters are a static array)
+constexpr int64_t MAX_SPLIT_TILES = 1024;
+// the arrival counters of the tiles split across blocks: part p uses [p * MAX_SPLIT_TILES, ...); zero between
+// launches (the last block of a tile resets its counter)
+__device__ unsigned int g_split_counters[QLORA_GEMV_4BIT_MAX_PARTS * MAX_SPLIT_TILES];
 
 // c[16 x 8] += a[16 x 16] b[16 x 8], bf16 or f16 operands, f32 accumulators
 template <int XT>
@@ -358,33 +377,58 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// the code at byte offset `off` (4 * nibble) of the shared table
-__device__ __forceinline__ float code_at(const float* s_code, uint32_t off) {
-    return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_code) + off);
+// the float at byte offset `off` of a shared table
+__device__ __forceinline__ float table_at(const float* s_table, uint32_t off) {
+    return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_table) + off);
 }
 
-// byte b of the planes hi = (w >> 2) & 0x3c3c3c3c, lo = (w << 2) & 0x3c3c3c3c (4 x the high / low nibble of each
-// byte of the word w, i.e. byte offsets into the code table): the two weights of byte b of w (the first in the
-// high nibble), decoded and rounded to XT, packed with the first in the low half
 template <int XT>
-__device__ __forceinline__ uint32_t decode_pair(uint32_t hi, uint32_t lo, int b, float scale, const float* s_code) {
-    const float first = mul(code_at(s_code, __byte_perm(hi, 0, 0x4440 | b)), scale);
-    const float second = mul(code_at(s_code, __byte_perm(lo, 0, 0x4440 | b)), scale);
+__device__ __forceinline__ uint32_t pack_x(float first, float second) {
     return XT == QLORA_CUDA_BF16 ? pack_bf16x2(first, second) : pack_f16x2(first, second);
 }
 
-// 8 k of a unit: word wl of row n0 + g, wh of row n0 + g + 8 (scales sl, sh), x pairs (k 0-1, 2-3, 4-5, 6-7)
+// byte b of the planes hi = (w >> 2) & 0x3c3c3c3c, lo = (w << 2) & 0x3c3c3c3c (4 x the high / low nibble of each
+// byte of the word w, i.e. byte offsets into the 16-entry code table): the two weights of byte b of w (the first
+// in the high nibble), decoded and rounded to XT, packed with the first in the low half
 template <int XT>
+__device__ __forceinline__ uint32_t decode_pair(uint32_t hi, uint32_t lo, int b, float scale, const float* s_code) {
+    const float first = mul(table_at(s_code, __byte_perm(hi, 0, 0x4440 | b)), scale);
+    const float second = mul(table_at(s_code, __byte_perm(lo, 0, 0x4440 | b)), scale);
+    return pack_x<XT>(first, second);
+}
+
+// PAIR: the two weights of the byte whose offset (8 x byte) into the 256-entry pair table is `off`
+template <int XT>
+__device__ __forceinline__ uint32_t decode_pair_table(uint32_t off, float scale, const float* s_pair) {
+    const float2 c = *reinterpret_cast<const float2*>(reinterpret_cast<const char*>(s_pair) + off);
+    return pack_x<XT>(mul(c.x, scale), mul(c.y, scale));
+}
+
+// 8 k of a unit: word wl of row n0 + g, wh of row n0 + g + 8 (scales sl, sh), x pairs (k 0-1, 2-3, 4-5, 6-7)
+template <int XT, bool PAIR>
 __device__ __forceinline__ void mma_word(float (&c)[4], uint32_t wl, uint32_t wh, float sl, float sh, uint4 xq,
-                                         const float* s_code) {
-    const uint32_t l_hi = (wl >> 2) & 0x3c3c3c3cu, l_lo = (wl << 2) & 0x3c3c3c3cu;
-    const uint32_t h_hi = (wh >> 2) & 0x3c3c3c3cu, h_lo = (wh << 2) & 0x3c3c3c3cu;
+                                         const float* s_table) {
+    if (PAIR) {
+        // 8 x byte b of the word: one LDS.64 per pair of weights
+        const uint32_t l0 = (wl << 3) & 0x7f8u, l1 = (wl >> 5) & 0x7f8u, l2 = (wl >> 13) & 0x7f8u,
+                       l3 = (wl >> 21) & 0x7f8u;
+        const uint32_t h0 = (wh << 3) & 0x7f8u, h1 = (wh >> 5) & 0x7f8u, h2 = (wh >> 13) & 0x7f8u,
+                       h3 = (wh >> 21) & 0x7f8u;
+        mma16816<XT>(c, decode_pair_table<XT>(l0, sl, s_table), decode_pair_table<XT>(h0, sh, s_table),
+                     decode_pair_table<XT>(l1, sl, s_table), decode_pair_table<XT>(h1, sh, s_table), xq.x, xq.y);
+        mma16816<XT>(c, decode_pair_table<XT>(l2, sl, s_table), decode_pair_table<XT>(h2, sh, s_table),
+                     decode_pair_table<XT>(l3, sl, s_table), decode_pair_table<XT>(h3, sh, s_table), xq.z, xq.w);
+    } else {
+        const uint32_t l_hi = (wl >> 2) & 0x3c3c3c3cu, l_lo = (wl << 2) & 0x3c3c3c3cu;
+        const uint32_t h_hi = (wh >> 2) & 0x3c3c3c3cu, h_lo = (wh << 2) & 0x3c3c3c3cu;
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-        // bytes 2j (k 4j, 4j + 1) and 2j + 1 (k 4j + 2, 4j + 3)
-        mma16816<XT>(c, decode_pair<XT>(l_hi, l_lo, 2 * j, sl, s_code), decode_pair<XT>(h_hi, h_lo, 2 * j, sh, s_code),
-                     decode_pair<XT>(l_hi, l_lo, 2 * j + 1, sl, s_code),
-                     decode_pair<XT>(h_hi, h_lo, 2 * j + 1, sh, s_code), j ? xq.z : xq.x, j ? xq.w : xq.y);
+        for (int j = 0; j < 2; j++) {
+            // bytes 2j (k 4j, 4j + 1) and 2j + 1 (k 4j + 2, 4j + 3)
+            mma16816<XT>(c, decode_pair<XT>(l_hi, l_lo, 2 * j, sl, s_table),
+                         decode_pair<XT>(h_hi, h_lo, 2 * j, sh, s_table),
+                         decode_pair<XT>(l_hi, l_lo, 2 * j + 1, sl, s_table),
+                         decode_pair<XT>(h_hi, h_lo, 2 * j + 1, sh, s_table), j ? xq.z : xq.x, j ? xq.w : xq.y);
+        }
     }
 }
 
@@ -395,105 +439,146 @@ __device__ __forceinline__ uint32_t lora_pair(const uint16_t* p, int64_t row, in
     return lo | hi << 16;
 }
 
-template <int XT, bool NESTED>
-__global__ void __launch_bounds__(MMA_WARPS * 32)
-    gemv4bit_mma_kernel(void* __restrict__ y, bool y_f32, const uint16_t* __restrict__ x,
-                        const uint4* __restrict__ packed, const float* __restrict__ absmax,
-                        const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested_absmax,
-                        const float* __restrict__ nested_code, float offset, const float* __restrict__ code,
-                        int block_shift, int nested_shift, int M, int64_t N, int64_t K, int split,
-                        const uint16_t* __restrict__ lora_xa, const uint16_t* __restrict__ lora_b, int lora_r,
-                        float lora_scale) {
-    static_assert(XT == QLORA_CUDA_BF16 || XT == QLORA_CUDA_F16, "the mma takes bf16 or f16 operands");
-    __shared__ float s_code[16];
-    __shared__ float s_nested[NESTED ? 256 : 1];
-    __shared__ float s_part[MMA_WARPS][8][32];
-    if (threadIdx.x < 16) s_code[threadIdx.x] = code[threadIdx.x];
-    if (NESTED) s_nested[threadIdx.x] = nested_code[threadIdx.x];  // MMA_WARPS * 32 == 256
-    __syncthreads();
+// one part of a launch, as the kernel sees it
+struct MmaPart {
+    void* y;
+    const uint4* packed;
+    const float* absmax;
+    const uint8_t* absmax_q;
+    const float* nested_absmax;
+    const float* nested_code;
+    const float* code;
+    const uint16_t* lora_xa;
+    const uint16_t* lora_b;
+    float* partials;  // bs > 1: [tiles][bs][8][32] fp32, the blocks' partial tiles (acc then lora)
+    int64_t N, tiles;
+    int64_t block_begin;  // the part's first block in the grid
+    float offset, lora_scale;
+    int lora_r, block_shift, nested_shift;
+    int ws_log2;  // warps per tile in a block: 1 << ws_log2
+    int bs;       // blocks per tile
+    bool y_f32, nested;
+};
 
+struct MmaLaunch {
+    MmaPart part[QLORA_GEMV_4BIT_MAX_PARTS];
+    const uint16_t* x;
+    int64_t K;
+    int M, nparts;
+};
+
+// the block `blk` (counted from the part's first) of part `d`, part index p
+template <int XT, int DEPTH, bool PAIR, bool NESTED>
+__device__ __forceinline__ void mma_part(const MmaLaunch& L, const MmaPart& d, int p, int64_t blk, float* s_table,
+                                         float* s_nested, float (*s_part)[8][32]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int sk = warp & (split - 1);  // this warp's share of K (split is a power of two)
-    const int64_t n0 = ((int64_t)blockIdx.x * (MMA_WARPS / split) + warp / split) * 16;
-    const bool active = n0 < N;  // warp-uniform: the block's last tiles may lie past N
+    const int ws = 1 << d.ws_log2, bs = d.bs, G = ws * bs;
+    int64_t tile;
+    int slice, b = 0;
+    if (bs == 1) {
+        tile = blk * (MMA_WARPS >> d.ws_log2) + (warp >> d.ws_log2);
+        slice = warp & (ws - 1);
+    } else {
+        tile = blk / bs;
+        b = (int)(blk - tile * bs);
+        slice = b * MMA_WARPS + warp;
+    }
+    const int64_t N = d.N, K = L.K, n0 = tile * 16;
+    const bool active = tile < d.tiles;  // warp-uniform: the block's last tiles may lie past N
     // rows past N read row N - 1 (in bounds; their results are not stored)
     const int64_t row_lo = min(n0 + g, N - 1), row_hi = min(n0 + g + 8, N - 1);
     const int64_t units = K >> 5, steps = CEIL_DIV(units, (int64_t)4);
-    const uint4* p_lo = packed + row_lo * units;
-    const uint4* p_hi = packed + row_hi * units;
+    const uint4* p_lo = d.packed + row_lo * units;
+    const uint4* p_hi = d.packed + row_hi * units;
+    const int64_t e_lo = row_lo * K, e_hi = row_hi * K;  // the rows' first elements
+    const int M = L.M;
     const bool has_x = g < M;  // fragment column g is row g of x (zero past M)
-    const uint4* xg = reinterpret_cast<const uint4*>(x + (int64_t)(has_x ? g : 0) * K);
+    const uint4* xg = reinterpret_cast<const uint4*>(L.x + (int64_t)(has_x ? g : 0) * K);
+
+    // the ring: slot u holds the weights and scales (or NESTED: the nested absmax and the 8-bit codes) of a step
+    uint4 wl[DEPTH], wh[DEPTH];
+    float sl[DEPTH], sh[DEPTH];
+    uint32_t ql[DEPTH], qh[DEPTH];
+    auto load = [&](int u, int64_t step) {
+        const int64_t unit = step * 4 + t;
+        wl[u] = wh[u] = make_uint4(0, 0, 0, 0);
+        sl[u] = sh[u] = 0.0f;
+        ql[u] = qh[u] = 0;
+        if (active && unit < units) {
+            wl[u] = __ldg(p_lo + unit);
+            wh[u] = __ldg(p_hi + unit);
+            // blocksize >= 32: the unit lies in the block of its first element
+            const int64_t bl = (e_lo + unit * 32) >> d.block_shift, bh = (e_hi + unit * 32) >> d.block_shift;
+            if (NESTED) {
+                ql[u] = __ldg(d.absmax_q + bl);
+                qh[u] = __ldg(d.absmax_q + bh);
+                sl[u] = __ldg(d.nested_absmax + (bl >> d.nested_shift));
+                sh[u] = __ldg(d.nested_absmax + (bh >> d.nested_shift));
+            } else {
+                sl[u] = __ldg(d.absmax + bl);
+                sh[u] = __ldg(d.absmax + bh);
+            }
+        }
+    };
+    // the first loads go out before the tables are filled
+#pragma unroll
+    for (int u = 0; u < DEPTH; u++) load(u, slice + (int64_t)u * G);
+
+    if (PAIR) {
+        const int i = threadIdx.x;  // MMA_THREADS == 256 pairs
+        reinterpret_cast<float2*>(s_table)[i] = make_float2(__ldg(d.code + (i >> 4)), __ldg(d.code + (i & 15)));
+    } else if (threadIdx.x < 16) {
+        s_table[threadIdx.x] = __ldg(d.code + threadIdx.x);
+    }
+    if (NESTED) s_nested[threadIdx.x] = __ldg(d.nested_code + threadIdx.x);
+    __syncthreads();
 
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, lora[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (active) {
-        for (int64_t s0 = sk; s0 < steps; s0 += (int64_t)split * MMA_UNROLL) {
-            // all the weight and scale loads of MMA_UNROLL steps first, then their use
-            uint4 wl[MMA_UNROLL], wh[MMA_UNROLL];
-            float sl[MMA_UNROLL], sh[MMA_UNROLL];     // the scales, or (NESTED) the nested absmax
-            uint32_t ql[MMA_UNROLL], qh[MMA_UNROLL];  // NESTED: the 8-bit codes of the scales
+        for (int64_t s0 = slice; s0 < steps; s0 += (int64_t)DEPTH * G) {
 #pragma unroll
-            for (int u = 0; u < MMA_UNROLL; u++) {
-                const int64_t unit = (s0 + (int64_t)u * split) * 4 + t;
-                wl[u] = wh[u] = make_uint4(0, 0, 0, 0);
-                sl[u] = sh[u] = 0.0f;
-                ql[u] = qh[u] = 0;
-                if (unit < units) {
-                    wl[u] = __ldg(p_lo + unit);
-                    wh[u] = __ldg(p_hi + unit);
-                    // blocksize >= 32: the unit lies in the block of its first element
-                    const int64_t bl = ((row_lo * units + unit) << 5) >> block_shift;
-                    const int64_t bh = ((row_hi * units + unit) << 5) >> block_shift;
-                    if (NESTED) {
-                        ql[u] = __ldg(absmax_q + bl);
-                        qh[u] = __ldg(absmax_q + bh);
-                        sl[u] = __ldg(nested_absmax + (bl >> nested_shift));
-                        sh[u] = __ldg(nested_absmax + (bh >> nested_shift));
-                    } else {
-                        sl[u] = __ldg(absmax + bl);
-                        sh[u] = __ldg(absmax + bh);
-                    }
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < MMA_UNROLL; u++) {
-                const int64_t step = s0 + (int64_t)u * split;
+            for (int u = 0; u < DEPTH; u++) {
+                const int64_t step = s0 + (int64_t)u * G;
                 if (step >= steps) break;  // warp-uniform
                 const int64_t unit = step * 4 + t;
                 float scale_lo = sl[u], scale_hi = sh[u];
                 if (NESTED) {
-                    scale_lo = nested_block_absmax(s_nested[ql[u]], sl[u], offset);
-                    scale_hi = nested_block_absmax(s_nested[qh[u]], sh[u], offset);
+                    scale_lo = nested_block_absmax(s_nested[ql[u]], sl[u], d.offset);
+                    scale_hi = nested_block_absmax(s_nested[qh[u]], sh[u], d.offset);
                 }
                 // x[g, 32 unit .. + 32): zero past K (the weights there are finite) and for g >= M
                 uint4 xq[4];
                 const bool x_ok = has_x && unit < units;
 #pragma unroll
                 for (int q = 0; q < 4; q++) xq[q] = x_ok ? __ldg(xg + unit * 4 + q) : make_uint4(0, 0, 0, 0);
-                mma_word<XT>(acc, wl[u].x, wh[u].x, scale_lo, scale_hi, xq[0], s_code);
-                mma_word<XT>(acc, wl[u].y, wh[u].y, scale_lo, scale_hi, xq[1], s_code);
-                mma_word<XT>(acc, wl[u].z, wh[u].z, scale_lo, scale_hi, xq[2], s_code);
-                mma_word<XT>(acc, wl[u].w, wh[u].w, scale_lo, scale_hi, xq[3], s_code);
+                mma_word<XT, PAIR>(acc, wl[u].x, wh[u].x, scale_lo, scale_hi, xq[0], s_table);
+                mma_word<XT, PAIR>(acc, wl[u].y, wh[u].y, scale_lo, scale_hi, xq[1], s_table);
+                mma_word<XT, PAIR>(acc, wl[u].z, wh[u].z, scale_lo, scale_hi, xq[2], s_table);
+                mma_word<XT, PAIR>(acc, wl[u].w, wh[u].w, scale_lo, scale_hi, xq[3], s_table);
+                // the slot's registers are free: the step DEPTH further on
+                load(u, step + (int64_t)DEPTH * G);
             }
         }
         // LoRA: k-step s of 16 j's, same fragment scheme (columns 2t, 2t+1 | 2t+8, 2t+9 = j 4t + (0, 1 | 2, 3))
-        for (int s = sk; s < (lora_r + 15) >> 4; s += split) {
+        const int r = d.lora_r;
+        for (int s = slice; s < (r + 15) >> 4; s += G) {
             const int j = s * 16 + 4 * t;
-            const uint32_t b0 = has_x ? lora_pair(lora_xa, g, j, lora_r) : 0u;
-            const uint32_t b1 = has_x ? lora_pair(lora_xa, g, j + 2, lora_r) : 0u;
-            mma16816<XT>(lora, lora_pair(lora_b, row_lo, j, lora_r), lora_pair(lora_b, row_hi, j, lora_r),
-                         lora_pair(lora_b, row_lo, j + 2, lora_r), lora_pair(lora_b, row_hi, j + 2, lora_r), b0, b1);
+            const uint32_t b0 = has_x ? lora_pair(d.lora_xa, g, j, r) : 0u;
+            const uint32_t b1 = has_x ? lora_pair(d.lora_xa, g, j + 2, r) : 0u;
+            mma16816<XT>(lora, lora_pair(d.lora_b, row_lo, j, r), lora_pair(d.lora_b, row_hi, j, r),
+                         lora_pair(d.lora_b, row_lo, j + 2, r), lora_pair(d.lora_b, row_hi, j + 2, r), b0, b1);
         }
     }
-    if (split > 1) {
-        // the warps sk = 0 .. split - 1 of a tile are consecutive; the first adds the others' tiles in order
+    if (ws > 1) {
+        // the warps of a tile are consecutive; the first adds the others' tiles in order
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             s_part[warp][i][lane] = acc[i];
             s_part[warp][4 + i][lane] = lora[i];
         }
         __syncthreads();
-        if (sk != 0) return;
-        for (int w = 1; w < split; w++) {
+        if ((warp & (ws - 1)) != 0) return;
+        for (int w = 1; w < ws; w++) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 acc[i] += s_part[warp + w][i][lane];
@@ -501,16 +586,154 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
             }
         }
     }
+    if (bs > 1) {
+        // warp 0 holds the block's partial tile; the last block of the tile to arrive adds all of them in order
+        float* mine = d.partials + (tile * bs + b) * 256;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __stcg(mine + i * 32 + lane, acc[i]);
+            __stcg(mine + (4 + i) * 32 + lane, lora[i]);
+        }
+        __threadfence();
+        __syncwarp();
+        unsigned int* counter = g_split_counters + p * MAX_SPLIT_TILES + tile;
+        unsigned int arrived = 0;
+        if (lane == 0) arrived = atomicAdd(counter, 1u);
+        arrived = __shfl_sync(0xffffffffu, arrived, 0);
+        if (arrived != (unsigned)(bs - 1)) return;
+        __threadfence();
+        const float* all = d.partials + tile * bs * 256;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            acc[i] = __ldcg(all + i * 32 + lane);
+            lora[i] = __ldcg(all + (4 + i) * 32 + lane);
+        }
+        for (int k = 1; k < bs; k++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                acc[i] += __ldcg(all + k * 256 + i * 32 + lane);
+                lora[i] += __ldcg(all + k * 256 + (4 + i) * 32 + lane);
+            }
+        }
+        if (lane == 0) *counter = 0;  // every block of the tile has arrived: ready for the next launch
+    }
     if (!active) return;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         // accumulator i: row n0 + g (+ 8 for i >= 2) of W, row 2t + (i & 1) of x
         const int m = 2 * t + (i & 1);
         const int64_t n = n0 + g + (i >= 2 ? 8 : 0);
-        if (m < M && n < N) store_y<XT>(y, y_f32, m * N + n, lora_r > 0 ? fmaf(lora_scale, lora[i], acc[i]) : acc[i]);
+        if (m < M && n < N)
+            store_y<XT>(d.y, d.y_f32, m * N + n, d.lora_r > 0 ? fmaf(d.lora_scale, lora[i], acc[i]) : acc[i]);
     }
 }
 
+// DEPTH: k-steps of loads in flight per warp; PAIR: the 256-entry pair table instead of the 16 codes
+template <int XT, int DEPTH, bool PAIR>
+__global__ void __launch_bounds__(MMA_THREADS, DEPTH > 2 ? 2 : 3)
+    gemv4bit_mma_kernel(const __grid_constant__ MmaLaunch L) {
+    static_assert(XT == QLORA_CUDA_BF16 || XT == QLORA_CUDA_F16, "the mma takes bf16 or f16 operands");
+    __shared__ __align__(16) float s_table[PAIR ? 512 : 16];
+    __shared__ float s_nested[256];
+    __shared__ float s_part[MMA_WARPS][8][32];
+    int p = 0;
+#pragma unroll
+    for (int i = 1; i < QLORA_GEMV_4BIT_MAX_PARTS; i++)
+        if (i < L.nparts && (int64_t)blockIdx.x >= L.part[i].block_begin) p = i;
+    const MmaPart& d = L.part[p];
+    const int64_t blk = (int64_t)blockIdx.x - d.block_begin;
+    if (d.nested)
+        mma_part<XT, DEPTH, PAIR, true>(L, d, p, blk, s_table, s_nested, s_part);
+    else
+        mma_part<XT, DEPTH, PAIR, false>(L, d, p, blk, s_table, s_nested, s_part);
+}
+
+// ---- launching the tensor-core kernel
+
+// the kernel variant: QLORA_GEMV4BIT_VARIANT = lds2 (default) | lds4 | pair2 | pair4 (the code table, then the
+// k-steps in flight per warp), read once
+struct MmaVariant {
+    int depth;
+    bool pair;
+};
+
+MmaVariant mma_variant() {
+    static const MmaVariant v = [] {
+        const char* s = getenv("QLORA_GEMV4BIT_VARIANT");
+        if (s && strcmp(s, "lds4") == 0) return MmaVariant{4, false};
+        if (s && strcmp(s, "pair2") == 0) return MmaVariant{2, true};
+        if (s && strcmp(s, "pair4") == 0) return MmaVariant{4, true};
+        return MmaVariant{2, false};
+    }();
+    return v;
+}
+
+// the GPU's SM count, asked once
+int sm_count() {
+    static const int sms = [] {
+        int dev = 0, n = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
+            cudaGetLastError();
+            n = 132;
+        }
+        return n;
+    }();
+    return sms;
+}
+
+// how many blocks of a kernel variant fit on one SM at once, asked once
+template <int XT, int DEPTH, bool PAIR>
+int mma_blocks_per_sm() {
+    static const int occupancy = [] {
+        int n = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv4bit_mma_kernel<XT, DEPTH, PAIR>, MMA_THREADS, 0) !=
+                cudaSuccess ||
+            n < 1) {
+            cudaGetLastError();
+            n = 2;
+        }
+        return n;
+    }();
+    return occupancy;
+}
+
+struct PartPlan {
+    int ws_log2, bs;
+    int64_t tiles, blocks;
+};
+
+// How a part's K is split (a function of N, K and the GPU only). Warps per tile: up to 8, each with >= 1 k-step.
+// Blocks per tile: when all the tiles times every split that leaves each warp >= 1 k-step fit the GPU at once
+// (few tiles: k/v), the most such blocks; otherwise more blocks only where they even out the blocks per SM
+// (224 blocks on 132 SMs leave 92 SMs with twice the work of 40; 896 come to 6.8 each), each warp keeping >= 4
+// k-steps, and only for parts of at most MAX_SPLIT_TILES tiles.
+PartPlan plan_part(int64_t N, int64_t K, int sms, int blocks_per_sm) {
+    const int64_t steps = CEIL_DIV(K >> 5, (int64_t)4);
+    PartPlan pl = {0, 1, CEIL_DIV(N, (int64_t)16), 0};
+    while (pl.ws_log2 < 3 && (int64_t(2) << pl.ws_log2) <= steps) pl.ws_log2++;
+    if (pl.ws_log2 == 3 && pl.tiles <= MAX_SPLIT_TILES) {
+        const int64_t fit = (int64_t)sms * blocks_per_sm, most = steps / MMA_WARPS;
+        if (pl.tiles * most <= fit) {
+            pl.bs = (int)most;
+        } else {
+            // blocks b over the SMs: the busiest SM has ceil(b / sms) of them, against b / sms on average
+            int64_t best = pl.tiles, best_max = CEIL_DIV(best, (int64_t)sms);
+            for (int64_t bs = 2; bs <= steps / (4 * MMA_WARPS); bs++) {
+                const int64_t b = pl.tiles * bs, b_max = CEIL_DIV(b, (int64_t)sms);
+                if (b_max * best < best_max * b) {
+                    best = b;
+                    best_max = b_max;
+                    pl.bs = (int)bs;
+                }
+            }
+        }
+    }
+    pl.blocks = pl.bs > 1 ? pl.tiles * pl.bs : CEIL_DIV(pl.tiles, (int64_t)(MMA_WARPS >> pl.ws_log2));
+    return pl;
+}
+
+// one part's checked arguments (x, M and K are the launch's)
 struct GemvArgs {
     void* y;
     bool y_f32;
@@ -530,22 +753,78 @@ struct GemvArgs {
     float lora_scale;
 };
 
-template <int XT, bool NESTED>
-cudaError_t launch_gemv_mma(const GemvArgs& a, cudaStream_t stream) {
-    // K split over as many warps per tile as keep >= 3 k-steps each (up to the 8 of a block): the most, smallest
-    // blocks, so that the last wave of blocks is a small part of the work (a few blocks per SM at 80 registers);
-    // fewer tiles per block only costs x reuse through L1 when M > 1
-    const int64_t tiles = CEIL_DIV(a.N, (int64_t)16), steps = CEIL_DIV(a.K >> 5, (int64_t)4);
-    int split = 1;
-    while (split < MMA_WARPS && 6 * split <= steps) split *= 2;
-    const int64_t blocks = CEIL_DIV(tiles, (int64_t)(MMA_WARPS / split));
+// whether the tensor-core kernel takes the part (x's dtype and alignment are checked by the caller)
+bool mma_takes(const GemvArgs& a) {
+    return a.K % 32 == 0 && a.block_shift >= 5 && (reinterpret_cast<uintptr_t>(a.packed) & 15) == 0;
+}
+
+template <int XT, int DEPTH, bool PAIR>
+cudaError_t launch_mma_variant(const GemvArgs* parts, int nparts, cudaStream_t stream) {
+    const int sms = sm_count(), blocks_per_sm = mma_blocks_per_sm<XT, DEPTH, PAIR>();
+    MmaLaunch L;
+    memset(&L, 0, sizeof L);
+    L.x = reinterpret_cast<const uint16_t*>(parts[0].x);
+    L.K = parts[0].K;
+    L.M = (int)parts[0].M;
+    int64_t blocks = 0, partial_floats = 0;
+    int64_t partial_at[QLORA_GEMV_4BIT_MAX_PARTS];
+    for (int i = 0; i < nparts; i++) {
+        const GemvArgs& a = parts[i];
+        if (a.N == 0) continue;
+        const PartPlan pl = plan_part(a.N, a.K, sms, blocks_per_sm);
+        const int k = L.nparts++;
+        MmaPart& d = L.part[k];
+        d.y = a.y;
+        d.packed = reinterpret_cast<const uint4*>(a.packed);
+        d.absmax = a.absmax;
+        d.absmax_q = a.absmax_q;
+        d.nested_absmax = a.nested_absmax;
+        d.nested_code = a.nested_code;
+        d.code = a.code;
+        d.lora_xa = reinterpret_cast<const uint16_t*>(a.lora_xa);
+        d.lora_b = reinterpret_cast<const uint16_t*>(a.lora_b);
+        d.N = a.N;
+        d.tiles = pl.tiles;
+        d.block_begin = blocks;
+        d.offset = a.offset;
+        d.lora_scale = a.lora_scale;
+        d.lora_r = a.lora_r;
+        d.block_shift = a.block_shift;
+        d.nested_shift = a.nested_shift;
+        d.ws_log2 = pl.ws_log2;
+        d.bs = pl.bs;
+        d.y_f32 = a.y_f32;
+        d.nested = a.absmax_q != nullptr;
+        blocks += pl.blocks;
+        partial_at[k] = partial_floats;
+        if (pl.bs > 1) partial_floats += pl.tiles * pl.bs * 256;
+    }
+    if (L.nparts == 0) return cudaSuccess;
     if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-    gemv4bit_mma_kernel<XT, NESTED><<<(unsigned)blocks, MMA_WARPS * 32, 0, stream>>>(
-        a.y, a.y_f32, reinterpret_cast<const uint16_t*>(a.x), reinterpret_cast<const uint4*>(a.packed), a.absmax,
-        a.absmax_q, a.nested_absmax, a.nested_code, a.offset, a.code, a.block_shift, a.nested_shift, (int)a.M, a.N, a.K,
-        split, reinterpret_cast<const uint16_t*>(a.lora_xa), reinterpret_cast<const uint16_t*>(a.lora_b), a.lora_r,
-        a.lora_scale);
-    return cudaGetLastError();
+    // the blocks' partial tiles: stream-ordered like every buffer of the allocator (from the graph pool while
+    // a graph is captured), so it can go back to the cache as soon as the kernel is queued
+    float* partials = nullptr;
+    if (partial_floats > 0) {
+        cudaError_t err = cudaSuccess;
+        partials = static_cast<float*>(qlora_cuda::device_alloc((size_t)partial_floats * sizeof(float), &err));
+        if (!partials) return err;
+        for (int k = 0; k < L.nparts; k++)
+            if (L.part[k].bs > 1) L.part[k].partials = partials + partial_at[k];
+    }
+    gemv4bit_mma_kernel<XT, DEPTH, PAIR><<<(unsigned)blocks, MMA_THREADS, 0, stream>>>(L);
+    const cudaError_t err = cudaGetLastError();
+    qlora_cuda::device_free(partials);
+    return err;
+}
+
+template <int XT>
+cudaError_t launch_mma(const GemvArgs* parts, int nparts, cudaStream_t stream) {
+    const MmaVariant v = mma_variant();
+    if (v.pair)
+        return v.depth == 4 ? launch_mma_variant<XT, 4, true>(parts, nparts, stream)
+                            : launch_mma_variant<XT, 2, true>(parts, nparts, stream);
+    return v.depth == 4 ? launch_mma_variant<XT, 4, false>(parts, nparts, stream)
+                        : launch_mma_variant<XT, 2, false>(parts, nparts, stream);
 }
 
 template <int XT, int MR>
@@ -564,12 +843,10 @@ cudaError_t launch_gemv_warp_m(const GemvArgs& a, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
+// one part on the CUDA cores (any x dtype, K % 8 == 0, blocksize >= 8)
 template <int XT>
-cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
-    if constexpr (XT != QLORA_CUDA_F32) {
-        if (a.K % 32 == 0 && a.block_shift >= 5 && (reinterpret_cast<uintptr_t>(a.packed) & 15) == 0)
-            return a.absmax_q ? launch_gemv_mma<XT, true>(a, stream) : launch_gemv_mma<XT, false>(a, stream);
-    }
+cudaError_t launch_gemv_warp(const GemvArgs& a, cudaStream_t stream) {
+    if (a.N == 0) return cudaSuccess;
     switch (a.M) {
         case 1:
             return launch_gemv_warp_m<XT, 1>(a, stream);
@@ -589,6 +866,73 @@ cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
             return launch_gemv_warp_m<XT, 8>(a, stream);
         default:
             return cudaErrorInvalidValue;
+    }
+}
+
+// checks one part (cudaErrorInvalidValue for bad arguments, cudaErrorNotSupported for layouts neither kernel
+// takes) and fills `a`
+cudaError_t check_part(const QloraGemv4bitPart& p, const void* x, int x_dtype, int64_t M, int64_t K, GemvArgs* a) {
+    if (p.N < 0 || !p.y || !p.packed || !p.code) return cudaErrorInvalidValue;
+    if (p.absmax_q ? (!p.nested_absmax || !p.nested_code) : !p.absmax) return cudaErrorInvalidValue;
+    if (p.y_dtype != QLORA_CUDA_F32 && p.y_dtype != x_dtype) return cudaErrorInvalidValue;
+    if (p.lora_r < 0 || p.lora_r > QLORA_GEMV_4BIT_MAX_LORA_R || (p.lora_r > 0 && (!p.lora_xa || !p.lora_b)))
+        return cudaErrorInvalidValue;
+    const int block_shift = log2_exact(p.blocksize);
+    const int nested_shift = p.absmax_q ? log2_exact(p.nested_blocksize) : 0;
+    if (K % 8 != 0 || block_shift < 3 || nested_shift < 0 || (reinterpret_cast<uintptr_t>(p.packed) & 3) != 0 ||
+        (reinterpret_cast<uintptr_t>(x) & 15) != 0)
+        return cudaErrorNotSupported;
+    *a = GemvArgs{p.y,
+                  p.y_dtype == QLORA_CUDA_F32,
+                  x,
+                  p.packed,
+                  p.absmax,
+                  p.absmax_q,
+                  p.nested_absmax,
+                  p.nested_code,
+                  p.offset,
+                  p.code,
+                  block_shift,
+                  nested_shift,
+                  M,
+                  p.N,
+                  K,
+                  p.lora_xa,
+                  p.lora_b,
+                  (int)p.lora_r,
+                  p.lora_scale};
+    return cudaSuccess;
+}
+
+// gemv4bit (one part: either kernel) and gemv4bit_group (all parts in one tensor-core launch)
+cudaError_t gemv_parts(const void* x, int x_dtype, int64_t M, int64_t K, const QloraGemv4bitPart* parts, int64_t nparts,
+                       bool group, cudaStream_t stream) {
+    if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || K < 0 || !x || !parts || nparts < 1 || nparts > QLORA_GEMV_4BIT_MAX_PARTS)
+        return cudaErrorInvalidValue;
+    if (x_dtype != QLORA_CUDA_F32 && x_dtype != QLORA_CUDA_BF16 && x_dtype != QLORA_CUDA_F16)
+        return cudaErrorInvalidValue;
+    GemvArgs a[QLORA_GEMV_4BIT_MAX_PARTS];
+    cudaError_t status = cudaSuccess;
+    for (int64_t i = 0; i < nparts; i++) {
+        const cudaError_t err = check_part(parts[i], x, x_dtype, M, K, &a[i]);
+        if (err == cudaErrorInvalidValue) return err;
+        if (err != cudaSuccess) status = err;
+    }
+    if (status != cudaSuccess) return status;
+    bool mma = x_dtype != QLORA_CUDA_F32;
+    for (int64_t i = 0; i < nparts; i++) mma = mma && mma_takes(a[i]);
+    // K == 0 still runs a kernel: y is then the LoRA term alone (or zeros)
+    if (mma)
+        return x_dtype == QLORA_CUDA_BF16 ? launch_mma<QLORA_CUDA_BF16>(a, (int)nparts, stream)
+                                          : launch_mma<QLORA_CUDA_F16>(a, (int)nparts, stream);
+    if (group) return cudaErrorNotSupported;
+    switch (x_dtype) {
+        case QLORA_CUDA_F32:
+            return launch_gemv_warp<QLORA_CUDA_F32>(a[0], stream);
+        case QLORA_CUDA_BF16:
+            return launch_gemv_warp<QLORA_CUDA_BF16>(a[0], stream);
+        default:
+            return launch_gemv_warp<QLORA_CUDA_F16>(a[0], stream);
     }
 }
 
@@ -624,46 +968,13 @@ extern "C" cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x,
                                             int64_t blocksize, int64_t nested_blocksize, int64_t M, int64_t N,
                                             int64_t K, const void* lora_xa, const void* lora_b, int64_t lora_r,
                                             float lora_scale, cudaStream_t stream) {
-    if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || N < 0 || K < 0 || !y || !x || !packed || !code)
-        return cudaErrorInvalidValue;
-    if (absmax_q ? (!nested_absmax || !nested_code) : !absmax) return cudaErrorInvalidValue;
-    if (y_dtype != QLORA_CUDA_F32 && y_dtype != x_dtype) return cudaErrorInvalidValue;
-    if (lora_r < 0 || lora_r > QLORA_GEMV_4BIT_MAX_LORA_R || (lora_r > 0 && (!lora_xa || !lora_b)))
-        return cudaErrorInvalidValue;
-    if (N == 0) return cudaSuccess;
-    const int block_shift = log2_exact(blocksize);
-    const int nested_shift = absmax_q ? log2_exact(nested_blocksize) : 0;
-    if (K % 8 != 0 || block_shift < 3 || nested_shift < 0 || (reinterpret_cast<uintptr_t>(packed) & 3) != 0 ||
-        (reinterpret_cast<uintptr_t>(x) & 15) != 0)
-        return cudaErrorNotSupported;
-    // K == 0 still runs a kernel: y is then the LoRA term alone (or zeros)
-    const GemvArgs a = {y,
-                        y_dtype == QLORA_CUDA_F32,
-                        x,
-                        packed,
-                        absmax,
-                        absmax_q,
-                        nested_absmax,
-                        nested_code,
-                        offset,
-                        code,
-                        block_shift,
-                        nested_shift,
-                        M,
-                        N,
-                        K,
-                        lora_xa,
-                        lora_b,
-                        (int)lora_r,
-                        lora_scale};
-    switch (x_dtype) {
-        case QLORA_CUDA_F32:
-            return launch_gemv<QLORA_CUDA_F32>(a, stream);
-        case QLORA_CUDA_BF16:
-            return launch_gemv<QLORA_CUDA_BF16>(a, stream);
-        case QLORA_CUDA_F16:
-            return launch_gemv<QLORA_CUDA_F16>(a, stream);
-        default:
-            return cudaErrorInvalidValue;
-    }
+    const QloraGemv4bitPart part = {y,           y_dtype, packed, absmax,    absmax_q,         nested_absmax,
+                                    nested_code, offset,  code,   blocksize, nested_blocksize, N,
+                                    lora_xa,     lora_b,  lora_r, lora_scale};
+    return gemv_parts(x, x_dtype, M, K, &part, 1, false, stream);
+}
+
+extern "C" cudaError_t qlora_cuda_gemv_4bit_group(const void* x, int x_dtype, int64_t M, int64_t K,
+                                                  const QloraGemv4bitPart* parts, int64_t nparts, cudaStream_t stream) {
+    return gemv_parts(x, x_dtype, M, K, parts, nparts, true, stream);
 }

@@ -34,7 +34,9 @@ cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* 
 // Needs K % 8 == 0, a power-of-two blocksize >= 8 (and nested_blocksize) and a 4-byte aligned `packed`: returns
 // cudaErrorNotSupported otherwise (then dequantize and use the GEMM).
 // Two kernels: bf16/f16 x with K % 32 == 0, blocksize >= 32 and a 16-byte aligned `packed` take the tensor-core
-// kernel (16-byte weight loads, mma.sync with fp32 accumulators); the rest one warp per row on the CUDA cores.
+// kernel (16-byte weight loads, mma.sync with fp32 accumulators, K split over warps and, for few rows, blocks,
+// added in a fixed order: the same bits on every run); the rest one warp per row on the CUDA cores.
+// QLORA_GEMV4BIT_VARIANT (read once) picks the tensor-core kernel's variant: lds2 (default), lds4, pair2, pair4.
 #define QLORA_GEMV_4BIT_MAX_M 8
 #define QLORA_GEMV_4BIT_MAX_LORA_R 64
 cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x, int x_dtype, const uint8_t* packed,
@@ -42,6 +44,35 @@ cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x, int x_dtyp
                                  const float* nested_code, float offset, const float* code, int64_t blocksize,
                                  int64_t nested_blocksize, int64_t M, int64_t N, int64_t K, const void* lora_xa,
                                  const void* lora_b, int64_t lora_r, float lora_scale, cudaStream_t stream);
+
+// One weight of a grouped GEMV: qlora_cuda_gemv_4bit's arguments that belong to the weight (W[N, K], its y).
+typedef struct QloraGemv4bitPart {
+    void* y;
+    int y_dtype;
+    const uint8_t* packed;
+    const float* absmax;
+    const uint8_t* absmax_q;
+    const float* nested_absmax;
+    const float* nested_code;
+    float offset;
+    const float* code;
+    int64_t blocksize;
+    int64_t nested_blocksize;
+    int64_t N;
+    const void* lora_xa;
+    const void* lora_b;
+    int64_t lora_r;
+    float lora_scale;
+} QloraGemv4bitPart;
+
+// Several weights applied to one x (q, k and v; gate and up) in ONE launch of the tensor-core kernel: part i's
+// y is bit for bit what qlora_cuda_gemv_4bit gives for that part alone. 1 <= nparts <= QLORA_GEMV_4BIT_MAX_PARTS;
+// M, K and x as for qlora_cuda_gemv_4bit. cudaErrorInvalidValue for bad arguments; cudaErrorNotSupported when
+// a part is not for the tensor-core kernel (f32 x, K % 32 != 0, blocksize < 32 or not a power of two, `packed`
+// not 16-byte aligned, x not 16-byte aligned): then call qlora_cuda_gemv_4bit per part.
+#define QLORA_GEMV_4BIT_MAX_PARTS 4
+cudaError_t qlora_cuda_gemv_4bit_group(const void* x, int x_dtype, int64_t M, int64_t K, const QloraGemv4bitPart* parts,
+                                       int64_t nparts, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -10,6 +10,32 @@ export type GemmDtype = "f32" | "bf16" | "f16";
 export const GEMV_4BIT_MAX_M = 8;
 /** the largest LoRA rank gemv4bit's fused LoRA term takes (QLORA_GEMV_4BIT_MAX_LORA_R of native/cuda/nf4.h) */
 export const GEMV_4BIT_MAX_LORA_R = 64;
+/** the most parts gemv4bitGroup takes (QLORA_GEMV_4BIT_MAX_PARTS of native/cuda/nf4.h) */
+export const GEMV_4BIT_MAX_PARTS = 4;
+
+/**
+ * One weight of a gemv4bitGroup call: gemv4bit's arguments that belong to the weight W[N, K] (its quantization
+ * state, y and LoRA term), under the same names. Pointers that do not apply are 0.
+ */
+export interface Gemv4bitPart {
+    y: number;
+    yDtype: GemmDtype;
+    packed: number;
+    absmax: number;
+    absmaxQ: number;
+    nestedAbsmax: number;
+    nestedCode: number;
+    offset: number;
+    code: number;
+    blocksize: number;
+    nestedBlocksize: number;
+    N: number;
+    loraXa?: number;
+    loraB?: number;
+    /** absent or 0: no LoRA term */
+    loraR?: number;
+    loraScale?: number;
+}
 
 export interface GemmInfo {
     /** the soname that loaded, e.g. "libcublasLt.so.13" */
@@ -126,6 +152,13 @@ export interface CudaGemmOps {
         loraR?: number,
         loraScale?: number
     ): void;
+    /**
+     * gemv4bit for 1..GEMV_4BIT_MAX_PARTS weights applied to one x (q, k and v; gate and up) in ONE kernel launch:
+     * each part's y is bit for bit what gemv4bit gives for that part alone. Takes only what gemv4bit's tensor-core
+     * kernel takes (bf16 or f16 x, K % 32 == 0, power-of-two block sizes >= 32, 16-byte aligned x and packed) and
+     * throws a RangeError otherwise: call gemv4bit for each part then.
+     */
+    gemv4bitGroup(x: number, xDtype: GemmDtype, M: number, K: number, parts: readonly Gemv4bitPart[]): void;
     /** loads cuBLASLt if needed (throws with the reason when it cannot) and reports it */
     gemmInfo(): GemmInfo;
     /** drops the cached matmul plans */

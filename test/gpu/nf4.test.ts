@@ -2,14 +2,18 @@
 // bit-exact, bf16/f16 output equal to the round-to-nearest-even of the CPU's f32, with and without double
 // quantization, several block sizes, odd n, misaligned output (the element-wise kernel), no writes past n.
 // The fused 4-bit GEMV (gemv4bit) against a float64 reference, with and without its LoRA term, on both of its
-// kernels; argument errors. Prints the bandwidth of both on the shapes that matter. Runs only on a machine with a
-// usable GPU (npm run test:gpu).
+// kernels; argument errors. The grouped launch (gemv4bitGroup): each part bit for bit gemv4bit's; K split across
+// blocks for small N: the same bits on every run and in CUDA graph replays. Prints the bandwidth of both on the
+// shapes that matter (the GEMV once per kernel variant, test/gpu/gemv4bit-timing.ts in a child process). Runs only
+// on a machine with a usable GPU (npm run test:gpu).
 import {test, describe} from "node:test";
 import assert from "node:assert/strict";
+import {spawnSync} from "node:child_process";
 import {randomFillSync} from "node:crypto";
+import path from "node:path";
 import {cpu} from "../../src/backend/cpu.js";
 import {cuda, cudaAvailability, CudaGraph, DeviceBuffer} from "../../src/backend/cuda.js";
-import {cudaGemmOps, type GemmDtype} from "../../src/backend/cuda-gemm-types.js";
+import {cudaGemmOps, type Gemv4bitPart, type GemmDtype} from "../../src/backend/cuda-gemm-types.js";
 import {Rng} from "../../src/backend/rng.js";
 import {
     dequantize4bit,
@@ -19,6 +23,8 @@ import {
     type QuantState4bit,
     type QuantType
 } from "../../src/quant/nf4.js";
+import {TSX} from "../helpers/cli.js";
+import {REPO_ROOT} from "../helpers/paths.js";
 
 const availability = cudaAvailability();
 
@@ -278,19 +284,23 @@ if (!availability.usable) {
         );
     }
 
-    /**
-     * y = x @ W^T (+ scale * xa @ B^T) on the GPU (fused, one pass) against a float64 reference from the same
-     * inputs: W dequantized on the CPU and rounded to x's dtype, x, xa and B rounded to x's dtype. Per element
-     * |y - ref| <= relTol |ref| + 1e-5 sqrt(K + r) S + 1e-7, where relTol is the rounding of y to its dtype (2^-8
-     * for bf16, 2^-11 for f16, 0 for f32: relative half an ulp, rounded up) and S = sum |x||W| + |scale| sum |xa||B|
-     * bounds the fp32 accumulation error (any summation order). With a 16-bit y and a LoRA term, y must also be
-     * rounded ONCE: at least 95% of the elements equal round(ref) exactly (fp32 summation order flips a few near
-     * ties). Rounding x @ W^T to y's dtype before adding the LoRA term, as a separate gemm with beta = 1 does, matches
-     * only about 75% (the LoRA term here is of the size of x @ W^T).
-     */
-    function checkGemv(c: GemvCase): void {
-        const {M, N, K, xDtype, yDtype} = c;
-        const what = describeCase(c);
+    /** a GEMV problem on the CPU: the quantized weight, the inputs (rounded to x's dtype) and the float64 reference */
+    interface GemvProblem {
+        s: QuantState4bit;
+        x: Float32Array;
+        xa: Float32Array;
+        B: Float32Array;
+        r: number;
+        scale: number;
+        /** y = x @ W^T + scale * xa @ B^T in float64, W dequantized on the CPU and rounded to x's dtype */
+        ref: Float64Array;
+        /** sum |x||W| + |scale| sum |xa||B| per element: the size of the fp32 accumulation error */
+        S: Float64Array;
+    }
+
+    /** the problem of a case; `sharedX` replaces its own x (the parts of a group share one x) */
+    function gemvProblem(c: GemvCase, sharedX?: Float32Array): GemvProblem {
+        const {M, N, K, xDtype} = c;
         const s = quantize4bit(weights(N * K, c.seed), {
             quantType: c.quantType,
             compressStatistics: c.compress,
@@ -299,7 +309,7 @@ if (!availability.usable) {
         });
         const W = roundTo(dequantize4bit(s, {roundToDtype: false}), xDtype);
         const rng = new Rng(c.seed);
-        const x = uniform(M * K, 1, xDtype, rng);
+        const x = sharedX ?? uniform(M * K, 1, xDtype, rng);
         const r = c.lora?.r ?? 0,
             scale = c.lora?.scale ?? 0;
         // |B| ~ 1/sqrt(r): the LoRA term is about as large as x @ W^T for every r
@@ -327,39 +337,122 @@ if (!availability.usable) {
                 S[m * N + n] = abs + Math.abs(scale) * labs;
             }
         }
-        const d = toDevice(s);
-        const dx = uploadAs(x, xDtype),
-            dxa = r > 0 ? uploadAs(xa, xDtype) : null,
-            dB = r > 0 ? uploadAs(B, xDtype) : null;
-        const dy = DeviceBuffer.alloc(yDtype, M * N);
-        try {
-            const args = [dy.ptr, yDtype, dx.ptr, xDtype, ...stateArgs(s, d), M, N, K] as const;
-            if (dxa && dB) ops.gemv4bit(...args, dxa.ptr, dB.ptr, r, scale);
-            else ops.gemv4bit(...args);
-            const got = downloadAs(dy, yDtype, M * N);
-            const relTol = yDtype === "bf16" ? 2 ** -8 : yDtype === "f16" ? 2 ** -11 : 0;
-            for (let i = 0; i < M * N; i++) {
-                const err = Math.abs(got[i] - ref[i]);
-                const tol = relTol * Math.abs(ref[i]) + 1e-5 * Math.sqrt(K + r) * S[i] + 1e-7;
-                if (!(err <= tol))
-                    assert.fail(
-                        `${what}: y[${Math.floor(i / N)}, ${i % N}] = ${got[i]}, reference ${ref[i]} ` +
-                            `(|err| ${err.toExponential(2)} > ${tol.toExponential(2)})`
-                    );
+        return {s, x, xa, B, r, scale, ref, S};
+    }
+
+    /** a problem's inputs on the device (x left out when the caller shares one) */
+    interface GemvDevice {
+        d: DeviceState;
+        x: DeviceBuffer | null;
+        xa: DeviceBuffer | null;
+        B: DeviceBuffer | null;
+        free(): void;
+    }
+
+    function uploadProblem(c: GemvCase, p: GemvProblem, withX = true): GemvDevice {
+        const dev: GemvDevice = {
+            d: toDevice(p.s),
+            x: withX ? uploadAs(p.x, c.xDtype) : null,
+            xa: p.r > 0 ? uploadAs(p.xa, c.xDtype) : null,
+            B: p.r > 0 ? uploadAs(p.B, c.xDtype) : null,
+            free() {
+                for (const b of [dev.x, dev.xa, dev.B]) b?.free();
+                dev.d.free();
             }
-            if (r > 0 && yDtype !== "f32") {
-                const once = roundTo(Float32Array.from(ref), yDtype);
-                let equal = 0;
-                for (let i = 0; i < M * N; i++) if (got[i] === once[i]) equal++;
-                assert.ok(
-                    equal >= 0.95 * M * N,
-                    `${what}: ${equal} of ${M * N} elements equal the reference rounded once to ${yDtype} ` +
-                        `(want >= 95%): y looks rounded before the LoRA term was added`
+        };
+        return dev;
+    }
+
+    /** queues gemv4bit for a case into y (x: the problem's own, or `x` when given) */
+    function gemvOnGpu(c: GemvCase, p: GemvProblem, dev: GemvDevice, y: DeviceBuffer, x = dev.x!): void {
+        const args = [y.ptr, c.yDtype, x.ptr, c.xDtype, ...stateArgs(p.s, dev.d), c.M, c.N, c.K] as const;
+        if (dev.xa && dev.B) ops.gemv4bit(...args, dev.xa.ptr, dev.B.ptr, p.r, p.scale);
+        else ops.gemv4bit(...args);
+    }
+
+    /** a case as one part of gemv4bitGroup */
+    function groupPart(c: GemvCase, p: GemvProblem, dev: GemvDevice, y: DeviceBuffer): Gemv4bitPart {
+        const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] = stateArgs(
+            p.s,
+            dev.d
+        );
+        const part: Gemv4bitPart = {
+            y: y.ptr,
+            yDtype: c.yDtype,
+            packed,
+            absmax,
+            absmaxQ,
+            nestedAbsmax,
+            nestedCode,
+            offset,
+            code,
+            blocksize,
+            nestedBlocksize,
+            N: c.N
+        };
+        if (dev.xa && dev.B) Object.assign(part, {loraXa: dev.xa.ptr, loraB: dev.B.ptr, loraR: p.r, loraScale: p.scale});
+        return part;
+    }
+
+    /** y's bits as stored (bit-identity checks: -0 and NaN payloads count) */
+    function rawBits(buf: DeviceBuffer, dtype: GemmDtype, n: number): Uint16Array | Uint32Array {
+        const bits = dtype === "f32" ? new Uint32Array(n) : new Uint16Array(n);
+        cuda().download(bits, buf.ptr);
+        return bits;
+    }
+
+    /** the index of the first element where two results differ, or -1 */
+    function firstDifference(a: Uint16Array | Uint32Array, b: Uint16Array | Uint32Array): number {
+        assert.equal(a.length, b.length);
+        for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
+        return -1;
+    }
+
+    /**
+     * y from the GPU against the float64 reference. Per element |y - ref| <= relTol |ref| + 1e-5 sqrt(K + r) S +
+     * 1e-7, where relTol is the rounding of y to its dtype (2^-8 for bf16, 2^-11 for f16, 0 for f32: relative half
+     * an ulp, rounded up) and S = sum |x||W| + |scale| sum |xa||B| bounds the fp32 accumulation error (any summation
+     * order). With a 16-bit y and a LoRA term, y must also be rounded ONCE: at least 95% of the elements equal
+     * round(ref) exactly (fp32 summation order flips a few near ties). Rounding x @ W^T to y's dtype before adding
+     * the LoRA term, as a separate gemm with beta = 1 does, matches only about 75% (the LoRA term here is of the size
+     * of x @ W^T).
+     */
+    function assertNearReference(c: GemvCase, p: GemvProblem, got: Float32Array, what = describeCase(c)): void {
+        const {M, N, K, yDtype} = c;
+        const {ref, S, r} = p;
+        const relTol = yDtype === "bf16" ? 2 ** -8 : yDtype === "f16" ? 2 ** -11 : 0;
+        for (let i = 0; i < M * N; i++) {
+            const err = Math.abs(got[i] - ref[i]);
+            const tol = relTol * Math.abs(ref[i]) + 1e-5 * Math.sqrt(K + r) * S[i] + 1e-7;
+            if (!(err <= tol))
+                assert.fail(
+                    `${what}: y[${Math.floor(i / N)}, ${i % N}] = ${got[i]}, reference ${ref[i]} ` +
+                        `(|err| ${err.toExponential(2)} > ${tol.toExponential(2)})`
                 );
-            }
+        }
+        if (r > 0 && yDtype !== "f32") {
+            const once = roundTo(Float32Array.from(ref), yDtype);
+            let equal = 0;
+            for (let i = 0; i < M * N; i++) if (got[i] === once[i]) equal++;
+            assert.ok(
+                equal >= 0.95 * M * N,
+                `${what}: ${equal} of ${M * N} elements equal the reference rounded once to ${yDtype} ` +
+                    `(want >= 95%): y looks rounded before the LoRA term was added`
+            );
+        }
+    }
+
+    /** y = x @ W^T (+ scale * xa @ B^T) on the GPU (fused, one pass) against the float64 reference */
+    function checkGemv(c: GemvCase): void {
+        const p = gemvProblem(c);
+        const dev = uploadProblem(c, p);
+        const dy = DeviceBuffer.alloc(c.yDtype, c.M * c.N);
+        try {
+            gemvOnGpu(c, p, dev, dy);
+            assertNearReference(c, p, downloadAs(dy, c.yDtype, c.M * c.N));
         } finally {
-            for (const b of [dx, dxa, dB, dy]) b?.free();
-            d.free();
+            dy.free();
+            dev.free();
         }
     }
 
@@ -492,7 +585,7 @@ if (!availability.usable) {
                     () => gemvCall(1, 64, [xa.ptr, 0, 16, 1]),
                     (err: Error) => err instanceof RangeError && /needs the device buffers loraXa/.test(err.message)
                 );
-                assert.throws(() => gemvCall(1, 64, [xa.ptr, b.ptr, 16]), /expected a number/); // no scale
+                assert.throws(() => gemvCall(1, 64, [xa.ptr, b.ptr, 16]), /loraR > 0 needs loraScale/); // no scale
             } finally {
                 xa.free();
                 b.free();
@@ -500,105 +593,222 @@ if (!availability.usable) {
         });
     });
 
-    /**
-     * Device microseconds per call of `call(i)`, i = 0 .. calls - 1: the calls recorded once into a CUDA graph and
-     * replayed (no host launch overhead); queued one by one from JavaScript when the capture fails.
-     */
-    function deviceMicros(call: (i: number) => void, calls: number): {us: number; how: string} {
-        const addon = cuda();
-        for (let i = 0; i < calls; i++) call(i);
-        addon.synchronize();
-        const reps = 10;
-        let graph: CudaGraph | null = null;
-        try {
-            graph = CudaGraph.capture(() => {
-                for (let i = 0; i < calls; i++) call(i);
-            });
-        } catch {
-            graph = null;
-        }
-        const t0 = performance.now();
-        for (let r = 0; r < reps; r++) {
-            if (graph) graph.launch();
-            else for (let i = 0; i < calls; i++) call(i);
-        }
-        addon.synchronize();
-        const us = ((performance.now() - t0) * 1000) / (reps * calls);
-        graph?.destroy();
-        return {us, how: graph ? "graph replay" : "queued from JS"};
+    /** a GEMV case with the seed taken from a counter */
+    function gemvCase(
+        M: number,
+        N: number,
+        K: number,
+        xDtype: GemmDtype,
+        yDtype: GemmDtype,
+        quantType: QuantType,
+        compress: boolean,
+        seed: number,
+        lora?: {r: number; scale: number},
+        blocksize = 64
+    ): GemvCase {
+        return {M, N, K, xDtype, yDtype, quantType, compress, blocksize, lora, seed};
     }
 
-    describe("gemv4bit on Qwen2-7B shapes (printed, not asserted)", () => {
-        test("NF4 double quant, bs 64, bf16: q/o, k/v, gate/up, down; M = 1 and 8; LoRA none and r = 16", () => {
-            const shapes: [string, number, number][] = [
-                ["q/o", 3584, 3584],
-                ["k/v", 512, 3584],
-                ["gate/up", 18944, 3584],
-                ["down", 3584, 18944]
-            ];
-            const bs = 64,
-                rank = 16,
-                rng = new Rng(5);
-            const nestedCode = DeviceBuffer.from("f32", SIGNED_DYNAMIC_MAP),
-                code = DeviceBuffer.from("f32", NF4_CODE);
-            for (const [name, N, K] of shapes) {
-                const bytes = (N * K) / 2,
-                    nblocks = (N * K) / bs,
-                    nnested = Math.ceil(nblocks / 256);
-                // copies of the weight cycled through, 128 MB in all, so that they come from HBM, not the 50 MB L2
-                const copies = Math.max(1, Math.ceil(128e6 / bytes));
-                const packedHost = new Uint8Array(copies * bytes),
-                    qHost = new Uint8Array(copies * nblocks);
-                randomFillSync(packedHost);
-                randomFillSync(qHost);
-                const packed = DeviceBuffer.from("u8", packedHost),
-                    absmaxQ = DeviceBuffer.from("u8", qHost);
-                const nested = DeviceBuffer.from(
-                    "f32",
-                    Float32Array.from({length: copies * nnested}, () => 0.05 * rng.next())
+    /**
+     * One gemv4bitGroup launch for parts sharing M, K, x's dtype: each part's y must be bit for bit the y of gemv4bit
+     * called for that part alone, and near the float64 reference.
+     */
+    function checkGroup(parts: GemvCase[]): void {
+        const {M, K, xDtype} = parts[0];
+        const x = uniform(M * K, 1, xDtype, new Rng(parts[0].seed + 1000));
+        const problems = parts.map((c) => gemvProblem(c, x));
+        const dx = uploadAs(x, xDtype);
+        const devs = parts.map((c, i) => uploadProblem(c, problems[i], false));
+        const grouped = parts.map((c) => DeviceBuffer.alloc(c.yDtype, c.M * c.N));
+        const alone = parts.map((c) => DeviceBuffer.alloc(c.yDtype, c.M * c.N));
+        const what = `gemv4bitGroup M=${M} K=${K} ${xDtype} [${parts.map((c) => describeCase(c)).join("; ")}]`;
+        try {
+            for (const y of grouped) cuda().memset(y.ptr, 0xff, y.bytes);
+            ops.gemv4bitGroup(
+                dx.ptr,
+                xDtype,
+                M,
+                K,
+                parts.map((c, i) => groupPart(c, problems[i], devs[i], grouped[i]))
+            );
+            parts.forEach((c, i) => gemvOnGpu(c, problems[i], devs[i], alone[i], dx));
+            parts.forEach((c, i) => {
+                const n = c.M * c.N;
+                const a = rawBits(grouped[i], c.yDtype, n),
+                    b = rawBits(alone[i], c.yDtype, n);
+                const at = firstDifference(a, b);
+                assert.equal(
+                    at,
+                    -1,
+                    `${what}: part ${i} y[${at}] is 0x${a[at]?.toString(16)} in the group, 0x${b[at]?.toString(16)} alone`
                 );
-                for (const M of [1, 8]) {
-                    const x = uploadAs(uniform(M * K, 1, "bf16", rng), "bf16"),
-                        y = DeviceBuffer.alloc("bf16", M * N);
-                    const xa = uploadAs(uniform(M * rank, 1, "bf16", rng), "bf16"),
-                        B = uploadAs(uniform(N * rank, 0.1, "bf16", rng), "bf16");
-                    for (const lora of [false, true]) {
-                        const call = (i: number) => {
-                            const c = i % copies;
-                            const args = [
-                                y.ptr,
-                                "bf16",
-                                x.ptr,
-                                "bf16",
-                                packed.ptr + c * bytes,
-                                0,
-                                absmaxQ.ptr + c * nblocks,
-                                nested.ptr + c * nnested * 4,
-                                nestedCode.ptr,
-                                0.03,
-                                code.ptr,
-                                bs,
-                                256,
-                                M,
-                                N,
-                                K
-                            ] as const;
-                            if (lora) ops.gemv4bit(...args, xa.ptr, B.ptr, rank, 2);
-                            else ops.gemv4bit(...args);
-                        };
-                        const {us, how} = deviceMicros(call, Math.max(copies, 20));
-                        const weightBytes = bytes + nblocks + nnested * 4;
-                        console.log(
-                            `gemv4bit ${name} ${N}x${K} M=${M}${lora ? ` + LoRA r=${rank}` : ""}: ${us.toFixed(1)} us, ` +
-                                `${(weightBytes / us / 1e3).toFixed(0)} GB/s of weight bytes (${how})`
-                        );
+                assertNearReference(c, problems[i], downloadAs(grouped[i], c.yDtype, n), `${what}: part ${i}`);
+            });
+        } finally {
+            for (const b of [dx, ...grouped, ...alone]) b.free();
+            for (const d of devs) d.free();
+        }
+    }
+
+    describe("gemv4bitGroup: several weights on one x in one launch", () => {
+        // On an H100 (132 SMs) K = 3584 (28 k-steps of 128) splits every tile of N = 512 over 3 blocks, K = 4096
+        // the tiles of N = 40 and 131 over 4, K = 18944 those of N = 16 and 48 over 18 (the split rules of nf4.cu);
+        // K = 768 keeps each tile in one block (4 warps), K = 2080 ends on a partial k-step.
+        test("each part's y is gemv4bit's bit for bit: 1..4 parts, N = 512 and N % 16 != 0, LoRA or not, nested or not", () => {
+            let seed = 500;
+            const s = () => seed++;
+            // q, k, v of Qwen2-7B with the LoRA term on each, as decoding computes them
+            checkGroup([
+                gemvCase(1, 3584, 3584, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2}),
+                gemvCase(1, 512, 3584, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2}),
+                gemvCase(1, 512, 3584, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2})
+            ]);
+            checkGroup([
+                gemvCase(8, 200, 768, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2}),
+                gemvCase(8, 77, 768, "bf16", "f32", "fp4", false, s()),
+                gemvCase(8, 512, 768, "bf16", "bf16", "nf4", true, s(), {r: 64, scale: 0.5}),
+                gemvCase(8, 16, 768, "bf16", "bf16", "nf4", false, s(), {r: 1, scale: -1}, 32)
+            ]);
+            checkGroup([
+                gemvCase(3, 40, 4096, "f16", "f16", "nf4", true, s(), {r: 16, scale: 2}),
+                gemvCase(3, 131, 4096, "f16", "f32", "fp4", true, s())
+            ]);
+            checkGroup([
+                gemvCase(2, 300, 2080, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2}, 128),
+                gemvCase(2, 512, 2080, "bf16", "bf16", "fp4", false, s())
+            ]);
+            checkGroup([
+                gemvCase(1, 16, 18944, "bf16", "bf16", "nf4", true, s(), {r: 64, scale: 2}),
+                gemvCase(1, 48, 18944, "bf16", "f32", "nf4", false, s())
+            ]);
+            checkGroup([gemvCase(5, 100, 1024, "bf16", "bf16", "nf4", true, s(), {r: 8, scale: 4})]);
+        });
+
+        test("small N split across blocks: near the CPU, the same bits on every run and in CUDA graph replays", () => {
+            let seed = 600;
+            const cases = [
+                gemvCase(1, 512, 3584, "bf16", "bf16", "nf4", true, seed++),
+                gemvCase(8, 512, 3584, "bf16", "bf16", "nf4", true, seed++, {r: 16, scale: 2}),
+                gemvCase(3, 40, 4096, "f16", "f32", "fp4", false, seed++),
+                gemvCase(1, 16, 18944, "bf16", "bf16", "nf4", true, seed++, {r: 64, scale: 0.5})
+            ];
+            for (const c of cases) {
+                const what = describeCase(c),
+                    n = c.M * c.N;
+                const p = gemvProblem(c);
+                const dev = uploadProblem(c, p);
+                const y = DeviceBuffer.alloc(c.yDtype, n);
+                let graph: CudaGraph | null = null;
+                try {
+                    gemvOnGpu(c, p, dev, y);
+                    const first = rawBits(y, c.yDtype, n);
+                    assertNearReference(c, p, downloadAs(y, c.yDtype, n));
+                    for (let run = 0; run < 3; run++) {
+                        cuda().memset(y.ptr, 0xff, y.bytes);
+                        gemvOnGpu(c, p, dev, y);
+                        const at = firstDifference(rawBits(y, c.yDtype, n), first);
+                        assert.equal(at, -1, `${what}: run ${run + 2} differs from the first at y[${at}]`);
                     }
-                    for (const b of [x, y, xa, B]) b.free();
+                    graph = CudaGraph.capture(() => gemvOnGpu(c, p, dev, y));
+                    for (let replay = 0; replay < 3; replay++) {
+                        cuda().memset(y.ptr, 0xff, y.bytes);
+                        graph.launch();
+                        const at = firstDifference(rawBits(y, c.yDtype, n), first);
+                        assert.equal(at, -1, `${what}: graph replay ${replay + 1} differs from the eager call at y[${at}]`);
+                    }
+                } finally {
+                    graph?.destroy();
+                    y.free();
+                    dev.free();
                 }
-                for (const b of [packed, absmaxQ, nested]) b.free();
             }
-            nestedCode.free();
-            code.free();
+        });
+
+        test("what the tensor-core kernel does not take throws, naming the part", () => {
+            const K = 64,
+                N = 16;
+            const s = quantize4bit(weights(N * K, 9), {shape: [N, K], compressStatistics: true});
+            const d = toDevice(s);
+            const x = DeviceBuffer.zeros("bf16", 8 * K),
+                xf = DeviceBuffer.zeros("f32", 8 * K),
+                y = DeviceBuffer.alloc("f32", 8 * N),
+                xa = DeviceBuffer.zeros("bf16", 8 * 65),
+                b = DeviceBuffer.zeros("bf16", N * 65);
+            const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] = stateArgs(s, d);
+            const part: Gemv4bitPart = {
+                y: y.ptr,
+                yDtype: "f32",
+                packed,
+                absmax,
+                absmaxQ,
+                nestedAbsmax,
+                nestedCode,
+                offset,
+                code,
+                blocksize,
+                nestedBlocksize,
+                N
+            };
+            const group = (parts: unknown[], M = 1, k = K, xPtr = x.ptr, xDtype: GemmDtype = "bf16") =>
+                (ops.gemv4bitGroup as (...a: unknown[]) => void)(xPtr, xDtype, M, k, parts);
+            try {
+                group([part]); // a valid call first: the refusals below are about what they change
+                assert.throws(
+                    () => group([part], 1, K, xf.ptr, "f32"),
+                    (err: Error) =>
+                        err instanceof RangeError && /gemv4bitGroup: unsupported layout.*gemv4bit for each part/.test(err.message)
+                );
+                assert.throws(() => group([part], 1, 40), /unsupported layout/); // K % 32 != 0
+                assert.throws(
+                    () => group([]),
+                    (err: Error) => err instanceof RangeError && /takes 1\.\.4 parts, got 0/.test(err.message)
+                );
+                assert.throws(() => group([part, part, part, part, part]), /takes 1\.\.4 parts, got 5/);
+                assert.throws(() => group([part], 9), /parts\[0\]: needs 1 <= M <= 8/);
+                assert.throws(
+                    () => group([part, {...part, packed: undefined}]),
+                    (err: Error) =>
+                        err instanceof TypeError && /parts\[1\]\.packed: expected a device buffer address/.test(err.message)
+                );
+                assert.throws(() => group([part, {...part, yDtype: "f64"}]), /parts\[1\]\.yDtype: expected a dtype/);
+                assert.throws(() => group([{...part, yDtype: "f16"}]), /parts\[0\]: needs .*y in f32 or x's dtype/);
+                assert.throws(() => group([part, 7]), /parts\[1\]: expected an object/);
+                assert.throws(
+                    () => group([part, {...part, loraXa: xa.ptr, loraB: b.ptr, loraR: 65, loraScale: 1}]),
+                    (err: Error) => err instanceof RangeError && /parts\[1\]: loraR = 65 is outside 0\.\.64/.test(err.message)
+                );
+                assert.throws(
+                    () => group([{...part, loraXa: xa.ptr, loraB: b.ptr, loraR: 16}]),
+                    /parts\[0\]: loraR > 0 needs loraScale/
+                );
+                assert.throws(
+                    () => group([{...part, loraXa: xa.ptr, loraR: 16, loraScale: 1}]),
+                    /parts\[0\]: loraR > 0 needs the device buffers loraXa/
+                );
+                assert.throws(() => group(part as unknown as unknown[]), /argument 4: expected an array of parts/);
+            } finally {
+                for (const buf of [x, xf, y, xa, b]) buf.free();
+                d.free();
+            }
+        });
+    });
+
+    // The timing runs in a child process per variant of the tensor-core kernel (QLORA_GEMV4BIT_VARIANT, read once
+    // per process): lds2 / lds4 (the 16-entry code table, 2 or 4 k-steps of loads in flight per warp) and pair2 /
+    // pair4 (the 256-entry table of code pairs, one 8-byte lookup per two weights).
+    describe("gemv4bit on Qwen2-7B shapes, every kernel variant (printed, not asserted)", () => {
+        test("q/o, k/v, gate/up, down; M = 1 and 8; LoRA none and r = 16; q+k+v and gate+up grouped vs separate", () => {
+            const script = path.join(REPO_ROOT, "test", "gpu", "gemv4bit-timing.ts");
+            for (const variant of ["lds2", "lds4", "pair2", "pair4"]) {
+                const r = spawnSync(process.execPath, ["--import", TSX, script], {
+                    encoding: "utf8",
+                    cwd: REPO_ROOT,
+                    env: {...process.env, QLORA_GEMV4BIT_VARIANT: variant},
+                    timeout: 600_000
+                });
+                console.log(`--- QLORA_GEMV4BIT_VARIANT=${variant}\n${r.stdout.trimEnd()}`);
+                assert.equal(r.status, 0, `the timing run of ${variant} failed (signal ${r.signal}): ${r.stderr}`);
+            }
         });
     });
 
