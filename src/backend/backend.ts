@@ -210,6 +210,12 @@ export interface Backend<X extends TensorTypes> {
         beta: number,
         C: X["f"]
     ): void;
+    /**
+     * decoding: out_p[M, r_p] (=) x[M, K] A_p^T for projections sharing x (PEFT's lora_A [r_p, K] compute copies),
+     * in one pass where the backend has a kernel for it: true; false when it has none for these shapes, and
+     * nothing was done (the caller runs one gemm per part)
+     */
+    loraDownGroup?(x: X["f"], M: number, K: number, parts: {out: X["f"]; A: X["f"]; r: number}[]): boolean;
     /** out[n] = x[n] keep(seed, i) / (1 - p): the counter-based mask of dropout.ts (out may alias x) */
     dropout(out: X["f"], x: X["f"], seed: number, p: number, n: number): void;
     /** y[n] += x[n] keep(seed, i) / (1 - p): dropout's backward into an input gradient */
@@ -226,6 +232,14 @@ export interface Backend<X extends TensorTypes> {
     divide(out: X["f"], a: X["f"], b: X["f"], n: number): void;
 }
 
+/** a LoRA update as a fused product adds it: scale xa B^T, xa [M, r] = x A^T and B [out, r] in the activation dtype */
+export interface LoraTerm<F> {
+    xa: F;
+    B: F;
+    r: number;
+    scale: number;
+}
+
 /**
  * A frozen weight W [out, in] on one backend (dense, or 4-bit dequantized as its products need it); the bias is
  * not part of it (the projection adds it, and trains it when asked).
@@ -239,7 +253,12 @@ export interface FrozenWeight<F> {
      * decoding, where a fused kernel can: y (=) x W^T + scale xa B^T in one pass (xa [M, r], B [out, r] in the
      * activation dtype) and true; false when it cannot, and nothing was done (the caller adds the LoRA branch)
      */
-    productWithLora?(y: F, x: F, M: number, lora: {xa: F; B: F; r: number; scale: number}): boolean;
+    productWithLora?(y: F, x: F, M: number, lora: LoraTerm<F>): boolean;
+    /**
+     * decoding, where a fused kernel can: for every part (this weight is the first's), y (=) x W^T (+ its LoRA
+     * term), all of the same x [M, in], in one launch, and true; false when it cannot, and nothing was done
+     */
+    productGroup?(parts: {weight: FrozenWeight<F>; y: F; lora: LoraTerm<F> | null}[], x: F, M: number): boolean;
     /** dx[M, in] (= or += when accumulate) dy[M, out] W */
     productTranspose(dx: F, dy: F, M: number, accumulate: boolean): void;
     /** out (fp32 [out, in], =) W as the products see it (4-bit: dequantized and rounded to its dtype) */
@@ -256,6 +275,12 @@ export interface GraphLinear<F> {
     readonly outFeatures: number;
     /** y[M, out] (=) = layer(x[M, in]); `train`: dropout on, and keep what backward needs */
     forward(y: F, x: F, M: number, train: boolean): unknown;
+    /**
+     * decoding: this layer and `others` (ys[0] is this layer's output, ys[i] that of others[i - 1]), all of the
+     * same x, as `forward(y, x, M, false)` of each, in fewer launches where the backend has fused kernels; false,
+     * with nothing done, when the group does not qualify (the caller runs each forward)
+     */
+    forwardShared?(others: GraphLinear<F>[], ys: F[], x: F, M: number): boolean;
     /** dx[M, in] (= or += when accumulate) from dy[M, out]; parameter gradients += */
     backward(dx: F, dy: F, x: F, saved: unknown, M: number, accumulate: boolean): void;
     /** frees what forward returned */

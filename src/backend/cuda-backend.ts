@@ -3,7 +3,7 @@
 import {cuda, DeviceBuffer, DTYPE_BYTES} from "./cuda.js";
 import {cudaAttentionOps} from "./cuda-attention-types.js";
 import {cudaGemmOps, type GemmDtype} from "./cuda-gemm-types.js";
-import {cudaLoraOps} from "./cuda-lora-types.js";
+import {cudaLoraOps, LORA_DOWN_MAX_M, LORA_DOWN_MAX_PARTS, LORA_DOWN_MAX_R} from "./cuda-lora-types.js";
 import {cudaKernelOps} from "./cuda-kernels-types.js";
 import type {Backend, KvBlocksOf, LossResult} from "./backend.js";
 import {pickArguments, type TokenPick} from "./sampling.js";
@@ -442,6 +442,24 @@ export class CudaBackend implements Backend<CudaTensors> {
             N,
             gemmDtype(C)
         );
+    }
+    loraDownGroup(x: DeviceBuffer, M: number, K: number, parts: {out: DeviceBuffer; A: DeviceBuffer; r: number}[]): boolean {
+        // the kernel's limits, checked here so that a prefill or a wide rank goes to the GEMM without a throw
+        if (M > LORA_DOWN_MAX_M || parts.length > LORA_DOWN_MAX_PARTS || K % 8 !== 0 || x.dtype !== "bf16") return false;
+        if (parts.some((p) => p.r > LORA_DOWN_MAX_R || p.A.dtype !== "bf16")) return false;
+        try {
+            cudaLoraOps().loraDown(
+                x.ptr,
+                M,
+                K,
+                parts.map((p) => ({out: p.out.ptr, A: p.A.ptr, r: p.r}))
+            );
+            return true;
+        } catch (err) {
+            // shapes or alignments the kernel does not take: the caller's gemms
+            if (err instanceof RangeError) return false;
+            throw err;
+        }
     }
     dropout(out: DeviceBuffer, x: DeviceBuffer, seed: number, p: number, n: number): void {
         cudaLoraOps().dropoutBf16(out.ptr, x.ptr, seed, p, n);

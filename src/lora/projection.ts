@@ -16,7 +16,7 @@
 //
 // Trainable tensors are fp32 on the backend (on the CPU the host arrays themselves, so the host optimizer updates
 // them in place); the GEMMs read compute copies in the activation dtype (bf16 on the GPU), refreshed by afterUpdate.
-import type {Backend, FrozenWeight, GraphLinear, TensorTypes} from "../backend/backend.js";
+import type {Backend, FrozenWeight, GraphLinear, LoraTerm, TensorTypes} from "../backend/backend.js";
 import type {LinearLayer} from "../backend/linear.js";
 import {LoraLinear, type TrainableTensor} from "./layer.js";
 
@@ -152,15 +152,11 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
             const seed = this.dropoutSeed(train);
             const xd = this.dropped(x, M, seed);
             const xa = be.activation(M * l.r);
-            be.gemm(false, true, M, l.r, K, 1, xd ?? x, l.Ac, 0, xa);
+            // decoding: the skinny kernel where the backend has one (a GEMM of M <= 8 rows is mostly overhead)
+            if (train || !be.loraDownGroup?.(x, M, K, [{out: xa, A: l.Ac, r: l.r}]))
+                be.gemm(false, true, M, l.r, K, 1, xd ?? x, l.Ac, 0, xa);
             if (!l.magnitude) {
-                // decoding: the base product and the LoRA update in one pass where the weight has a fused kernel;
-                // training keeps the GEMM for the base: the backward's product must match the forward's
-                const fused = !train && !xd && this.base.productWithLora?.(y, x, M, {xa, B: l.Bc, r: l.r, scale: l.scaling});
-                if (!fused) {
-                    this.base.product(y, x, M, !train);
-                    be.gemm(false, true, M, N, l.r, l.scaling, xa, l.Bc, 1, y);
-                }
+                this.baseWithLora(y, x, xa, M, train || xd !== null);
                 saved = {xa, inner: null};
             } else {
                 const {k} = this.dora();
@@ -191,6 +187,60 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
             return null;
         }
         return saved;
+    }
+
+    /**
+     * y = x W^T + s xa B^T (xa = x A^T given). Decoding: in one pass where the weight has a fused kernel;
+     * `exact` (training, or an xa from dropped inputs) keeps the GEMM for the base: the backward's product must
+     * match the forward's
+     */
+    private baseWithLora(y: X["f"], x: X["f"], xa: X["f"], M: number, exact: boolean): void {
+        const l = this.lora!;
+        if (!exact && this.base.productWithLora?.(y, x, M, this.loraTerm(xa))) return;
+        this.base.product(y, x, M, !exact);
+        this.be.gemm(false, true, M, this.outFeatures, l.r, l.scaling, xa, l.Bc, 1, y);
+    }
+
+    private loraTerm(xa: X["f"]): LoraTerm<X["f"]> {
+        const l = this.lora!;
+        return {xa, B: l.Bc, r: l.r, scale: l.scaling};
+    }
+
+    /**
+     * Decoding q, k and v (or gate and up) of one input: every LoRA down product x A^T in one pass, then every
+     * base product with its LoRA update in one fused launch, where the backend has the kernels (else the same
+     * math one projection at a time). Only plain LoRA or no adapter on the same backend and input width: DoRA
+     * and other layers return false.
+     */
+    forwardShared(others: GraphLinear<X["f"]>[], ys: X["f"][], x: X["f"], M: number): boolean {
+        const group: Projection<X>[] = [this];
+        for (const o of others) {
+            if (!(o instanceof Projection) || o.be !== this.be || o.inFeatures !== this.inFeatures) return false;
+            group.push(o as Projection<X>);
+        }
+        if (group.some((p) => p.lora?.magnitude)) return false;
+        const be = this.be,
+            K = this.inFeatures;
+        const withLora = group.filter((p) => p.lora);
+        const xas = new Map(withLora.map((p) => [p, be.activation(M * p.lora!.r)]));
+        const downs = withLora.map((p) => ({out: xas.get(p)!, A: p.lora!.Ac, r: p.lora!.r}));
+        if (downs.length > 0 && !be.loraDownGroup?.(x, M, K, downs))
+            for (const d of downs) be.gemm(false, true, M, d.r, K, 1, x, d.A, 0, d.out);
+        const parts = group.map((p, i) => {
+            const xa = xas.get(p);
+            return {weight: p.base, y: ys[i], lora: xa ? p.loraTerm(xa) : null};
+        });
+        if (!this.base.productGroup?.(parts, x, M))
+            group.forEach((p, i) => {
+                const xa = xas.get(p);
+                if (xa) p.baseWithLora(ys[i], x, xa, M, false);
+                else p.base.product(ys[i], x, M, true);
+            });
+        group.forEach((p, i) => {
+            if (p.bias) be.addBias(ys[i], p.bias, M, p.outFeatures);
+        });
+        for (const xa of xas.values()) be.free(xa);
+        return true;
     }
 
     backward(dx: X["f"], dy: X["f"], x: X["f"], saved: unknown, M: number, accumulate: boolean): void {

@@ -8,12 +8,12 @@
 // (native/include/qlora_dropout.h, backend/dropout.ts): a block recomputed under gradient checkpointing
 // regenerates them, and the CPU and the GPU draw the same masks.
 import {QloraError} from "../errors.js";
-import type {FrozenWeight} from "../backend/backend.js";
+import type {FrozenWeight, LoraTerm} from "../backend/backend.js";
 import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {DeviceBuffer} from "../backend/cuda.js";
-import {cudaGemmOps, GEMV_4BIT_MAX_LORA_R, GEMV_4BIT_MAX_M} from "../backend/cuda-gemm-types.js";
+import {cudaGemmOps, GEMV_4BIT_MAX_LORA_R, GEMV_4BIT_MAX_M, GEMV_4BIT_MAX_PARTS} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {DenseLinear, type BaseLinear} from "../backend/linear.js";
@@ -77,6 +77,8 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
     private readonly q: Device4bit | null = null;
     /** whether the fused 4-bit GEMV takes this layer's layout (false after it refused once) */
     private gemvUsable = true;
+    /** whether the grouped GEMV took the group this weight leads (false after it refused once) */
+    private groupUsable = true;
 
     constructor(
         base: BaseLinear,
@@ -162,6 +164,56 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
             // a layout the kernel does not handle (K % 8, block size): dequantize + GEMM from now on
             if (!(err instanceof RangeError)) throw err;
             this.gemvUsable = false;
+            return false;
+        }
+    }
+
+    /** decoding q, k, v (or gate, up) of one x: the 4-bit weights' fused GEMVs, LoRA terms included, in one launch */
+    productGroup(
+        parts: {weight: FrozenWeight<DeviceBuffer>; y: DeviceBuffer; lora: LoraTerm<DeviceBuffer> | null}[],
+        x: DeviceBuffer,
+        M: number
+    ): boolean {
+        const K = this.inFeatures;
+        const usable = (w: FrozenWeight<DeviceBuffer>): w is CudaWeight =>
+            w instanceof CudaWeight && w.q !== null && w.gemvUsable && w.inFeatures === K;
+        if (!this.groupUsable || M > GEMV_4BIT_MAX_M || parts.length > GEMV_4BIT_MAX_PARTS) return false;
+        if (!parts.every((p) => usable(p.weight))) return false;
+        if (parts.some((p) => p.lora && p.lora.r > GEMV_4BIT_MAX_LORA_R)) return false;
+        try {
+            cudaGemmOps().gemv4bitGroup(
+                x.ptr,
+                "bf16",
+                M,
+                K,
+                parts.map(({weight, y, lora}) => {
+                    const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] =
+                        quantStateArgs((weight as CudaWeight).q!);
+                    return {
+                        y: y.ptr,
+                        yDtype: "bf16" as const,
+                        packed,
+                        absmax,
+                        absmaxQ,
+                        nestedAbsmax,
+                        nestedCode,
+                        offset,
+                        code,
+                        blocksize,
+                        nestedBlocksize,
+                        N: weight.outFeatures,
+                        loraXa: lora?.xa.ptr,
+                        loraB: lora?.B.ptr,
+                        loraR: lora?.r ?? 0,
+                        loraScale: lora?.scale
+                    };
+                })
+            );
+            return true;
+        } catch (err) {
+            // a layout the grouped kernel does not take: each weight on its own from now on
+            if (!(err instanceof RangeError)) throw err;
+            this.groupUsable = false;
             return false;
         }
     }

@@ -711,10 +711,14 @@ export class DecoderGraph<X extends TensorTypes> {
             const saved = p[name].forward(y, input, N, train);
             if (saved !== null && saved !== undefined) a.saved.set(name, saved);
         };
+        // inference: the projections of one input together (fused launches where the backend has them)
+        const projectShared = (names: ProjName[], ys: X["f"][], input: X["f"]) => {
+            const [first, ...rest] = names.map((n) => p[n]);
+            if (!train && first.forwardShared?.(rest, ys, input, N)) return;
+            names.forEach((n, i) => project(n, ys[i], input));
+        };
         be.rmsnorm(a.xn1, a.rstd1, x, layer.inputNorm, N, C, eps);
-        project("q_proj", a.q, a.xn1);
-        project("k_proj", a.k, a.xn1);
-        project("v_proj", a.v, a.xn1);
+        projectShared(["q_proj", "k_proj", "v_proj"], [a.q, a.k, a.v], a.xn1);
         be.rope(a.q, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hq, D);
         be.rope(a.k, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hkv, D);
         let keys = a.k,
@@ -748,8 +752,7 @@ export class DecoderGraph<X extends TensorTypes> {
         );
         project("o_proj", a.h, a.att);
         be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);
-        project("gate_proj", a.gate, a.xn2);
-        project("up_proj", a.up, a.xn2);
+        projectShared(["gate_proj", "up_proj"], [a.gate, a.up], a.xn2);
         be.swiglu(a.act, a.gate, a.up, N * I);
         project("down_proj", a.out, a.act);
         be.addInplace(a.out, a.h, N * C);

@@ -274,6 +274,7 @@ const OP_NAMES = {
     zeroParam: true,
     computeCopy: true,
     gemm: true,
+    loraDownGroup: true,
     dropout: true,
     dropoutAdd: true,
     addBias: true,
@@ -1400,6 +1401,38 @@ for (const {kind, what, tol} of GEMM_KINDS)
                     }
                 });
             }
+    });
+
+// ---- decoding's LoRA down products of one input: out_p[M, r_p] = x[M, K] A_p^T in one pass (optional op)
+
+for (const [M, K, ranks] of [
+    [1, 3584, [16, 16, 16]],
+    [3, 72, [1, 64]],
+    [8, 18944, [16]],
+    [2, 40, [8, 5, 3, 2]]
+] as const)
+    OP_CASES.push({
+        op: "loraDownGroup",
+        shape: `M=${M} K=${K} r=${ranks.join("+")}`,
+        unsupported: (be) => (be.loraDownGroup ? null : `no fused LoRA down kernel on ${be.device} (one gemm per part)`),
+        run(r) {
+            const x = r.randn(M * K);
+            const parts = ranks.map((rank) => ({A: r.randn(rank * K, 0.05), out: r.out(M * rank), r: rank}));
+            const done = r.be.loraDownGroup!(
+                x.t,
+                M,
+                K,
+                parts.map((p) => ({out: p.out, A: p.A.t, r: p.r}))
+            );
+            r.that("the kernel takes these shapes", done);
+            parts.forEach((p, i) =>
+                r.close(`part ${i} (r=${p.r})`, r.get(p.out), refGemm(false, true, M, p.r, K, 1, x.v, p.A.v, 0, null), {
+                    float32: 1e-5,
+                    bfloat16: BF16_OUT
+                })
+            );
+            r.exact("x untouched", r.get(x.t), x.v);
+        }
     });
 
 // ---- dropout: the counter-based mask of the CPU addon (native/include/qlora_dropout.h), the same on every device
