@@ -38,6 +38,8 @@ rm -rf .device/node_modules/yaml/browser
 CUDA_ARCHS="90-real" QLORA_BUILD_DIR=build-device QLORA_CUDA=ON node scripts/build-native.mjs >/dev/null
 rm -rf .device/build && mkdir -p .device/build/Release && cp build-device/Release/*.node .device/build/Release/
 strip --strip-unneeded .device/build/Release/*.node
+# compressed for the trip (the carried tree is limited to 64 MiB); device-run.sh unpacks them
+xz -T0 -9 .device/build/Release/*.node
 mkdir -p .device/shared/fixtures/ref-qwen2 .device/shared/bench
 for f in adapter batch.safetensors greedy.json lora_grads.safetensors qlora_grads.safetensors trainable_r8.txt; do
     cp -r "../shared/fixtures/ref-qwen2/$f" .device/shared/fixtures/ref-qwen2/

@@ -12,6 +12,10 @@ root=$PWD
 if ! command -v node >/dev/null; then
     xz -dc .device/node.xz > /usr/local/bin/node && chmod +x /usr/local/bin/node
 fi
+# the addons travel compressed (device-pack.sh)
+for z in .device/build/Release/*.node.xz; do
+    [ -e "$z" ] && xz -dc "$z" > "${z%.xz}"
+done
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 export QLORA_NATIVE_DIR="$root/.device/build/Release" QLORA_SHARED="$root/.device/shared"
 # the compiled tree needs the package's data beside it

@@ -262,9 +262,10 @@ class PartFields {
 };
 
 // gemv4bitGroup(x, xDtype, M, K, parts): parts is an array of 1..4 objects {y, yDtype, packed, absmax, absmaxQ,
-// nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize, N[, loraXa, loraB, loraR, loraScale]}, each
-// gemv4bit's arguments of one weight: every part's y in one launch of the tensor-core kernel, each bit for bit what
-// gemv4bit gives for that part alone. A RangeError for layouts that kernel does not take (then gemv4bit per part).
+// nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize, N[, loraXa, loraB, loraR, loraScale, bias]},
+// each gemv4bit's arguments of one weight (and its bias [N], added before the one rounding): every part's y in one
+// launch of the tensor-core kernel, each bit for bit what gemv4bit gives for that part alone (without a bias). A
+// RangeError for layouts that kernel does not take (then gemv4bit per part).
 Napi::Value Gemv4bitGroup(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (info.Length() < 5) {
@@ -322,6 +323,8 @@ Napi::Value Gemv4bitGroup(const Napi::CallbackInfo& info) {
             }
             p.lora_scale = (float)f.number("loraScale");
         }
+        // the bias is optional too (absent, null or 0: none): [N] in xDtype, added before the one rounding
+        p.bias = f.present("bias") ? f.device_ptr("bias", true) : nullptr;
         QLORA_CHECK_ARGS(env);
         const std::string problem = gemv_part_problem(f.where(), p, xDtype, M, K);
         if (!problem.empty()) {

@@ -450,7 +450,8 @@ struct MmaPart {
     const float* code;
     const uint16_t* lora_xa;
     const uint16_t* lora_b;
-    float* partials;  // bs > 1: [tiles][bs][8][32] fp32, the blocks' partial tiles (acc then lora)
+    const uint16_t* bias;  // [N] in x's dtype, or null
+    float* partials;       // bs > 1: [tiles][bs][8][32] fp32, the blocks' partial tiles (acc then lora)
     int64_t N, tiles;
     int64_t block_begin;  // the part's first block in the grid
     float offset, lora_scale;
@@ -623,8 +624,11 @@ __device__ __forceinline__ void mma_part(const MmaLaunch& L, const MmaPart& d, i
         // accumulator i: row n0 + g (+ 8 for i >= 2) of W, row 2t + (i & 1) of x
         const int m = 2 * t + (i & 1);
         const int64_t n = n0 + g + (i >= 2 ? 8 : 0);
-        if (m < M && n < N)
-            store_y<XT>(d.y, d.y_f32, m * N + n, d.lora_r > 0 ? fmaf(d.lora_scale, lora[i], acc[i]) : acc[i]);
+        if (m < M && n < N) {
+            float v = d.lora_r > 0 ? fmaf(d.lora_scale, lora[i], acc[i]) : acc[i];
+            if (d.bias) v += load_f32<XT>(d.bias, n);
+            store_y<XT>(d.y, d.y_f32, m * N + n, v);
+        }
     }
 }
 
@@ -751,6 +755,7 @@ struct GemvArgs {
     const void* lora_b;
     int lora_r;
     float lora_scale;
+    const void* bias;  // the tensor-core kernel only (null otherwise)
 };
 
 // whether the tensor-core kernel takes the part (x's dtype and alignment are checked by the caller)
@@ -783,6 +788,7 @@ cudaError_t launch_mma_variant(const GemvArgs* parts, int nparts, cudaStream_t s
         d.code = a.code;
         d.lora_xa = reinterpret_cast<const uint16_t*>(a.lora_xa);
         d.lora_b = reinterpret_cast<const uint16_t*>(a.lora_b);
+        d.bias = reinterpret_cast<const uint16_t*>(a.bias);
         d.N = a.N;
         d.tiles = pl.tiles;
         d.block_begin = blocks;
@@ -900,7 +906,8 @@ cudaError_t check_part(const QloraGemv4bitPart& p, const void* x, int x_dtype, i
                   p.lora_xa,
                   p.lora_b,
                   (int)p.lora_r,
-                  p.lora_scale};
+                  p.lora_scale,
+                  p.bias};
     return cudaSuccess;
 }
 
@@ -925,7 +932,7 @@ cudaError_t gemv_parts(const void* x, int x_dtype, int64_t M, int64_t K, const Q
     if (mma)
         return x_dtype == QLORA_CUDA_BF16 ? launch_mma<QLORA_CUDA_BF16>(a, (int)nparts, stream)
                                           : launch_mma<QLORA_CUDA_F16>(a, (int)nparts, stream);
-    if (group) return cudaErrorNotSupported;
+    if (group || a[0].bias) return cudaErrorNotSupported;
     switch (x_dtype) {
         case QLORA_CUDA_F32:
             return launch_gemv_warp<QLORA_CUDA_F32>(a[0], stream);
@@ -968,9 +975,9 @@ extern "C" cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x,
                                             int64_t blocksize, int64_t nested_blocksize, int64_t M, int64_t N,
                                             int64_t K, const void* lora_xa, const void* lora_b, int64_t lora_r,
                                             float lora_scale, cudaStream_t stream) {
-    const QloraGemv4bitPart part = {y,           y_dtype, packed, absmax,    absmax_q,         nested_absmax,
-                                    nested_code, offset,  code,   blocksize, nested_blocksize, N,
-                                    lora_xa,     lora_b,  lora_r, lora_scale};
+    const QloraGemv4bitPart part = {y,           y_dtype, packed, absmax,     absmax_q,         nested_absmax,
+                                    nested_code, offset,  code,   blocksize,  nested_blocksize, N,
+                                    lora_xa,     lora_b,  lora_r, lora_scale, nullptr};
     return gemv_parts(x, x_dtype, M, K, &part, 1, false, stream);
 }
 

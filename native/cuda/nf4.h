@@ -63,6 +63,8 @@ typedef struct QloraGemv4bitPart {
     const void* lora_b;
     int64_t lora_r;
     float lora_scale;
+    // optional (NULL: none; the group's tensor-core kernel only): y += bias[N] (x_dtype) before the one rounding
+    const void* bias;
 } QloraGemv4bitPart;
 
 // Several weights applied to one x (q, k and v; gate and up) in ONE launch of the tensor-core kernel: part i's

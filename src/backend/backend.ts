@@ -144,6 +144,29 @@ export interface Backend<X extends TensorTypes> {
         /** a paged cache: [blocks * block, rowElems], row b's position j in block table[b * stride + j / block] */
         blocks?: KvBlocksOf<X["i"]> | null
     ): void;
+    /**
+     * a decoding step's RoPE and cache write in one op: exactly rope(q, .., N, Hq, D) and rope(k, .., N, Hkv, D) (q
+     * and k rotated in place, N = B * T), then cacheWrite(cacheK, k, B, T, capacity, pasts, Hkv * D, blocks) and
+     * cacheWrite(cacheV, v, ..): one launch instead of four where the backend fuses them
+     */
+    ropeCacheWrite(
+        q: X["f"],
+        k: X["f"],
+        v: X["f"],
+        pos: X["i"],
+        invFreq: X["f"],
+        attentionScaling: number,
+        B: number,
+        T: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        cacheK: X["f"],
+        cacheV: X["f"],
+        capacity: number,
+        pasts: X["i"],
+        blocks?: KvBlocksOf<X["i"]> | null
+    ): void;
     /** the elements [offset, offset + length) of t, sharing its memory (never freed on its own) */
     view<T extends X["f"] | X["i"]>(t: T, offset: number, length: number): T;
     /**
@@ -256,9 +279,10 @@ export interface FrozenWeight<F> {
     productWithLora?(y: F, x: F, M: number, lora: LoraTerm<F>): boolean;
     /**
      * decoding, where a fused kernel can: for every part (this weight is the first's), y (=) x W^T (+ its LoRA
-     * term), all of the same x [M, in], in one launch, and true; false when it cannot, and nothing was done
+     * term) (+ its bias [out], activation dtype), all of the same x [M, in], in one launch, and true; false when it
+     * cannot, and nothing was done
      */
-    productGroup?(parts: {weight: FrozenWeight<F>; y: F; lora: LoraTerm<F> | null}[], x: F, M: number): boolean;
+    productGroup?(parts: {weight: FrozenWeight<F>; y: F; lora: LoraTerm<F> | null; bias: F | null}[], x: F, M: number): boolean;
     /** dx[M, in] (= or += when accumulate) dy[M, out] W */
     productTranspose(dx: F, dy: F, M: number, accumulate: boolean): void;
     /** out (fp32 [out, in], =) W as the products see it (4-bit: dequantized and rounded to its dtype) */

@@ -35,6 +35,8 @@ export interface Gemv4bitPart {
     /** absent or 0: no LoRA term */
     loraR?: number;
     loraScale?: number;
+    /** absent or 0: none; else the bias [N] (xDtype), added before y's one rounding */
+    bias?: number;
 }
 
 export interface GemmInfo {

@@ -228,17 +228,16 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
             for (const d of downs) be.gemm(false, true, M, d.r, K, 1, x, d.A, 0, d.out);
         const parts = group.map((p, i) => {
             const xa = xas.get(p);
-            return {weight: p.base, y: ys[i], lora: xa ? p.loraTerm(xa) : null};
+            return {weight: p.base, y: ys[i], lora: xa ? p.loraTerm(xa) : null, bias: p.bias};
         });
+        // the fused launch adds the biases too (Qwen2's q, k and v have them)
         if (!this.base.productGroup?.(parts, x, M))
             group.forEach((p, i) => {
                 const xa = xas.get(p);
                 if (xa) p.baseWithLora(ys[i], x, xa, M, false);
                 else p.base.product(ys[i], x, M, true);
+                if (p.bias) be.addBias(ys[i], p.bias, M, p.outFeatures);
             });
-        group.forEach((p, i) => {
-            if (p.bias) be.addBias(ys[i], p.bias, M, p.outFeatures);
-        });
         for (const xa of xas.values()) be.free(xa);
         return true;
     }

@@ -170,7 +170,12 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
 
     /** decoding q, k, v (or gate, up) of one x: the 4-bit weights' fused GEMVs, LoRA terms included, in one launch */
     productGroup(
-        parts: {weight: FrozenWeight<DeviceBuffer>; y: DeviceBuffer; lora: LoraTerm<DeviceBuffer> | null}[],
+        parts: {
+            weight: FrozenWeight<DeviceBuffer>;
+            y: DeviceBuffer;
+            lora: LoraTerm<DeviceBuffer> | null;
+            bias: DeviceBuffer | null;
+        }[],
         x: DeviceBuffer,
         M: number
     ): boolean {
@@ -179,14 +184,14 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
             w instanceof CudaWeight && w.q !== null && w.gemvUsable && w.inFeatures === K;
         if (!this.groupUsable || M > GEMV_4BIT_MAX_M || parts.length > GEMV_4BIT_MAX_PARTS) return false;
         if (!parts.every((p) => usable(p.weight))) return false;
-        if (parts.some((p) => p.lora && p.lora.r > GEMV_4BIT_MAX_LORA_R)) return false;
+        if (parts.some((p) => (p.lora && p.lora.r > GEMV_4BIT_MAX_LORA_R) || (p.bias && p.bias.dtype !== "bf16"))) return false;
         try {
             cudaGemmOps().gemv4bitGroup(
                 x.ptr,
                 "bf16",
                 M,
                 K,
-                parts.map(({weight, y, lora}) => {
+                parts.map(({weight, y, lora, bias}) => {
                     const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] =
                         quantStateArgs((weight as CudaWeight).q!);
                     return {
@@ -205,7 +210,8 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
                         loraXa: lora?.xa.ptr,
                         loraB: lora?.B.ptr,
                         loraR: lora?.r ?? 0,
-                        loraScale: lora?.scale
+                        loraScale: lora?.scale,
+                        bias: bias?.ptr
                     };
                 })
             );

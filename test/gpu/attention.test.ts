@@ -512,7 +512,9 @@ if (!availability.usable) {
                 Hq,
                 Hkv,
                 D,
-                Math.min(Math.max(offsets[b], 0), S),
+                // the kernel clamps an offset to [0, S]; offset S sees the same keys (all S) as S - 1, the most the
+                // CPU op takes
+                Math.min(Math.max(offsets[b], 0), S - 1),
                 1 / Math.sqrt(D)
             );
         }

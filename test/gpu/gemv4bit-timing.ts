@@ -151,7 +151,11 @@ const shapes: [string, number, number][] = [
     ["gate/up", 18944, 3584],
     ["down", 3584, 18944]
 ];
-for (const [name, N, K] of shapes) {
+// QLORA_GEMV_TIMING_ONLY=gate/up (a comma list of the names below) times only those shapes and groups, e.g. to run
+// the script under a profiler (ncu) with few launches before the one of interest
+const only = process.env.QLORA_GEMV_TIMING_ONLY?.split(",") ?? null;
+const wanted = (name: string) => only === null || only.includes(name);
+for (const [name, N, K] of shapes.filter(([name]) => wanted(name))) {
     const w = new Weight(N, K, copiesFor((N * K) / 2));
     for (const M of [1, 8]) {
         const x = bf16Buffer(M * K, 1),
@@ -171,7 +175,7 @@ const groups: [string, number[], number][] = [
     ["q+k+v", [3584, 512, 512], 3584],
     ["gate+up", [18944, 18944], 3584]
 ];
-for (const [name, Ns, K] of groups) {
+for (const [name, Ns, K] of groups.filter(([name]) => wanted(name))) {
     const setBytes = Ns.reduce((a, N) => a + (N * K) / 2, 0);
     const copies = copiesFor(setBytes);
     const ws = Ns.map((N) => new Weight(N, K, copies));

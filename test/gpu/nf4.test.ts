@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import {spawnSync} from "node:child_process";
 import {randomFillSync} from "node:crypto";
 import path from "node:path";
+import {fileURLToPath} from "node:url";
 import {cpu} from "../../src/backend/cpu.js";
 import {cuda, cudaAvailability, CudaGraph, DeviceBuffer} from "../../src/backend/cuda.js";
 import {cudaGemmOps, type Gemv4bitPart, type GemmDtype} from "../../src/backend/cuda-gemm-types.js";
@@ -23,7 +24,6 @@ import {
     type QuantState4bit,
     type QuantType
 } from "../../src/quant/nf4.js";
-import {TSX} from "../helpers/cli.js";
 import {REPO_ROOT} from "../helpers/paths.js";
 
 const availability = cudaAvailability();
@@ -684,6 +684,44 @@ if (!availability.usable) {
             checkGroup([gemvCase(5, 100, 1024, "bf16", "bf16", "nf4", true, s(), {r: 8, scale: 4})]);
         });
 
+        test("a part's bias joins before the one rounding: f32 y is gemv4bit's y + bias, bit for bit", () => {
+            // f32 y makes the sum checkable exactly: the kernel adds the bias to the fp32 result, as the host does here
+            const cases = [
+                gemvCase(3, 512, 768, "bf16", "f32", "nf4", true, 710, {r: 16, scale: 2}),
+                gemvCase(3, 131, 768, "bf16", "f32", "nf4", false, 711)
+            ];
+            const {M, K} = cases[0];
+            const x = uniform(M * K, 1, "bf16", new Rng(712));
+            const problems = cases.map((c) => gemvProblem(c, x));
+            const dx = uploadAs(x, "bf16");
+            const devs = cases.map((c, i) => uploadProblem(c, problems[i], false));
+            const biasHost = cases.map((c) => uniform(c.N, 0.5, "bf16", new Rng(c.seed + 7)));
+            const biases = biasHost.map((b) => uploadAs(b, "bf16"));
+            const grouped = cases.map((c) => DeviceBuffer.alloc("f32", c.M * c.N));
+            const alone = cases.map((c) => DeviceBuffer.alloc("f32", c.M * c.N));
+            try {
+                ops.gemv4bitGroup(
+                    dx.ptr,
+                    "bf16",
+                    M,
+                    K,
+                    cases.map((c, i) => ({...groupPart(c, problems[i], devs[i], grouped[i]), bias: biases[i].ptr}))
+                );
+                cases.forEach((c, i) => gemvOnGpu(c, problems[i], devs[i], alone[i], dx));
+                cases.forEach((c, i) => {
+                    const g = downloadAs(grouped[i], "f32", c.M * c.N),
+                        a = downloadAs(alone[i], "f32", c.M * c.N);
+                    for (let e = 0; e < g.length; e++) {
+                        const want = Math.fround(a[e] + biasHost[i][e % c.N]);
+                        assert.ok(Object.is(g[e], want), `part ${i} y[${e}] = ${g[e]}, want ${a[e]} + ${biasHost[i][e % c.N]}`);
+                    }
+                });
+            } finally {
+                for (const b of [dx, ...biases, ...grouped, ...alone]) b.free();
+                for (const d of devs) d.free();
+            }
+        });
+
         test("small N split across blocks: near the CPU, the same bits on every run and in CUDA graph replays", () => {
             let seed = 600;
             const cases = [
@@ -798,9 +836,16 @@ if (!availability.usable) {
     // pair4 (the 256-entry table of code pairs, one 8-byte lookup per two weights).
     describe("gemv4bit on Qwen2-7B shapes, every kernel variant (printed, not asserted)", () => {
         test("q/o, k/v, gate/up, down; M = 1 and 8; LoRA none and r = 16; q+k+v and gate+up grouped vs separate", () => {
-            const script = path.join(REPO_ROOT, "test", "gpu", "gemv4bit-timing.ts");
+            // this process's --import flags (tsx in development), not the test runner's
+            const loaderFlags = () =>
+                process.execArgv.flatMap((a, i, all) =>
+                    a.startsWith("--import=") ? [a] : a === "--import" && i + 1 < all.length ? [a, all[i + 1]] : []
+                );
+            // beside this file, run as this process runs (a .ts under tsx, or the compiled .js on the GPU machine)
+            const here = fileURLToPath(import.meta.url);
+            const script = path.join(path.dirname(here), `gemv4bit-timing${path.extname(here)}`);
             for (const variant of ["lds2", "lds4", "pair2", "pair4"]) {
-                const r = spawnSync(process.execPath, ["--import", TSX, script], {
+                const r = spawnSync(process.execPath, [...loaderFlags(), script], {
                     encoding: "utf8",
                     cwd: REPO_ROOT,
                     env: {...process.env, QLORA_GEMV4BIT_VARIANT: variant},
