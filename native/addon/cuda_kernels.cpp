@@ -261,6 +261,36 @@ Napi::Value RopeBackward(const Napi::CallbackInfo& info) {
     return Rope<qlora_cuda_rope_backward>(info, "ropeBackward");
 }
 
+// ropeCacheWrite(q, k, cacheK, cacheV, v, pos, invFreq, attentionScaling, pasts, B, T, Hq, Hkv, D, capacity
+// [, table|0, tableStride, block]): ropeForward of q and k in place, then cacheWrite of k and v, in one launch
+Napi::Value RopeCacheWrite(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint16_t* q = dev<uint16_t>(info, 0);
+    uint16_t* k = dev<uint16_t>(info, 1);
+    uint16_t* cacheK = dev<uint16_t>(info, 2);
+    uint16_t* cacheV = dev<uint16_t>(info, 3);
+    const uint16_t* v = dev<const uint16_t>(info, 4);
+    const int32_t* pos = dev<const int32_t>(info, 5);
+    const float* inv_freq = dev<const float>(info, 6);
+    float scaling = f32_arg(info, 7);
+    const int32_t* pasts = dev<const int32_t>(info, 8);
+    int64_t B = int_arg(info, 9), T = int_arg(info, 10), Hq = int_arg(info, 11), Hkv = int_arg(info, 12),
+            D = int_arg(info, 13), capacity = int_arg(info, 14);
+    const int32_t* table = info.Length() > 15 ? dev<const int32_t>(info, 15, true) : nullptr;
+    const int64_t tableStride = table && info.Length() > 16 ? int_arg(info, 16) : 0;
+    const int64_t block = table && info.Length() > 17 ? int_arg(info, 17) : 0;
+    QLORA_CHECK_ARGS(env);
+    if (!check_sizes(env, "ropeCacheWrite", {B, T, Hq, Hkv, D, capacity, tableStride, block})) return env.Undefined();
+    if (D % 2 != 0 || D > 2048) {
+        Napi::RangeError::New(env, "ropeCacheWrite: D must be even and <= 2048").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    return done(env,
+                qlora_cuda_rope_cache_write(q, k, cacheK, cacheV, v, pos, inv_freq, scaling, pasts, table, tableStride,
+                                            block, B, T, Hq, Hkv, D, capacity, S()),
+                "ropeCacheWrite");
+}
+
 // ------------------------------------------------------------------
 // SwiGLU
 
@@ -536,6 +566,7 @@ void register_cuda_kernels(Napi::Env env, Napi::Object exports) {
     fn("rmsnormBackward", RmsnormBackward);
     fn("ropeForward", RopeForward);
     fn("ropeBackward", RopeBackward);
+    fn("ropeCacheWrite", RopeCacheWrite);
     fn("swigluForward", SwigluForward);
     fn("swigluBackward", SwigluBackward);
     fn("pickTokensF32", PickTokensF32);

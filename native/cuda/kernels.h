@@ -98,6 +98,16 @@ cudaError_t qlora_cuda_rope_forward(uint16_t* out, const uint16_t* inp, const in
 cudaError_t qlora_cuda_rope_backward(uint16_t* dinp, const uint16_t* dout, const int32_t* pos, const float* inv_freq,
                                      float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t row_stride,
                                      cudaStream_t stream);
+// a decoding step's RoPE and KV cache write in one launch, bit-identical to qlora_cuda_rope_forward of q and of k
+// (in place, packed rows) followed by qlora_cuda_cache_write of k and of v: q[B*T, Hq, D] and k[B*T, Hkv, D] rotated
+// in place at positions pos[B*T]; the rotated k rows and the v rows [B*T, Hkv, D] written to cache_k and cache_v
+// at each row's pasts[b] + t, contiguous or paged through table, with qlora_cuda_cache_write's rules (positions
+// outside [0, capacity) and table entries < 0 are skipped; those tokens are still rotated). D even, D <= 2048.
+cudaError_t qlora_cuda_rope_cache_write(uint16_t* q, uint16_t* k, uint16_t* cache_k, uint16_t* cache_v,
+                                        const uint16_t* v, const int32_t* pos, const float* inv_freq,
+                                        float attention_scaling, const int32_t* pasts, const int32_t* table,
+                                        int64_t table_stride, int64_t block, int64_t B, int64_t T, int64_t Hq,
+                                        int64_t Hkv, int64_t D, int64_t capacity, cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // SwiGLU: out = silu(gate) * up (bf16)

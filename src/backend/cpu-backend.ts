@@ -227,6 +227,29 @@ export class CpuBackend implements Backend<CpuTensors> {
                 cache.set(x.subarray((b * T + t) * rowElems, (b * T + t + 1) * rowElems), at * rowElems);
             }
     }
+    ropeCacheWrite(
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        pos: Int32Array,
+        invFreq: Float32Array,
+        attentionScaling: number,
+        B: number,
+        T: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        cacheK: Float32Array,
+        cacheV: Float32Array,
+        capacity: number,
+        pasts: Int32Array,
+        blocks?: KvBlocksOf<Int32Array> | null
+    ): void {
+        this.rope(q, pos, invFreq, attentionScaling, B * T, Hq, D);
+        this.rope(k, pos, invFreq, attentionScaling, B * T, Hkv, D);
+        this.cacheWrite(cacheK, k, B, T, capacity, pasts, Hkv * D, blocks);
+        this.cacheWrite(cacheV, v, B, T, capacity, pasts, Hkv * D, blocks);
+    }
     view<T extends Float32Array | Int32Array>(t: T, offset: number, length: number): T {
         return t.subarray(offset, offset + length) as T;
     }

@@ -247,6 +247,45 @@ export class CudaBackend implements Backend<CudaTensors> {
             blocks?.block ?? 0
         );
     }
+    ropeCacheWrite(
+        q: DeviceBuffer,
+        k: DeviceBuffer,
+        v: DeviceBuffer,
+        pos: DeviceBuffer,
+        invFreq: DeviceBuffer,
+        attentionScaling: number,
+        B: number,
+        T: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        cacheK: DeviceBuffer,
+        cacheV: DeviceBuffer,
+        capacity: number,
+        pasts: DeviceBuffer,
+        blocks?: KvBlocksOf<DeviceBuffer> | null
+    ): void {
+        cudaKernelOps().ropeCacheWrite(
+            q.ptr,
+            k.ptr,
+            cacheK.ptr,
+            cacheV.ptr,
+            v.ptr,
+            pos.ptr,
+            invFreq.ptr,
+            attentionScaling,
+            pasts.ptr,
+            B,
+            T,
+            Hq,
+            Hkv,
+            D,
+            capacity,
+            blocks?.table.ptr ?? null,
+            blocks?.stride ?? 0,
+            blocks?.block ?? 0
+        );
+    }
     view<T extends DeviceBuffer>(t: T, offset: number, length: number): T {
         if (offset < 0 || offset + length > t.length) throw new Error(`view [${offset}, +${length}) of a buffer of ${t.length}`);
         return new DeviceBuffer(t.ptr + offset * DTYPE_BYTES[t.dtype], t.dtype, length) as T;

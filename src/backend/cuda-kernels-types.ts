@@ -116,6 +116,32 @@ export interface CudaKernelOps extends CudaAddon {
         D: number,
         rowStride?: number
     ): void;
+    /**
+     * a decoding step's ropeForward of q [B*T, Hq, D] and k [B*T, Hkv, D] (in place, packed rows) and cacheWrite
+     * of k and v [B*T, Hkv, D] into cacheK, cacheV at each row's pasts[b] + t, in one launch, bit-identical to
+     * those four calls
+     */
+    ropeCacheWrite(
+        q: number,
+        k: number,
+        cacheK: number,
+        cacheV: number,
+        v: number,
+        pos: number,
+        invFreq: number,
+        attentionScaling: number,
+        pasts: number,
+        B: number,
+        T: number,
+        Hq: number,
+        Hkv: number,
+        D: number,
+        capacity: number,
+        /** a paged cache [blocks * block, Hkv * D]: table [B, tableStride] of block ids (< 0: none) */
+        table?: number | null,
+        tableStride?: number,
+        block?: number
+    ): void;
 
     // ------------------------------------------------------------------
     // SwiGLU (bf16)

@@ -719,8 +719,8 @@ export class DecoderGraph<X extends TensorTypes> {
         };
         be.rmsnorm(a.xn1, a.rstd1, x, layer.inputNorm, N, C, eps);
         projectShared(["q_proj", "k_proj", "v_proj"], [a.q, a.k, a.v], a.xn1);
-        be.rope(a.q, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hq, D);
-        be.rope(a.k, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hkv, D);
+        const {invFreq} = this.weights,
+            {attentionScaling} = this.options;
         let keys = a.k,
             values = a.v,
             S = T;
@@ -729,8 +729,28 @@ export class DecoderGraph<X extends TensorTypes> {
             S = cache.capacity;
             keys = cache.k[l];
             values = cache.v[l];
-            be.cacheWrite(keys, a.k, B, T, S, ctx.pasts, Hkv * D, ctx.blocks);
-            be.cacheWrite(values, a.v, B, T, S, ctx.pasts, Hkv * D, ctx.blocks);
+            // RoPE of q and k and the cache write of k and v: one launch per layer where the backend fuses them
+            be.ropeCacheWrite(
+                a.q,
+                a.k,
+                a.v,
+                ctx.pos,
+                invFreq,
+                attentionScaling,
+                B,
+                T,
+                Hq,
+                Hkv,
+                D,
+                keys,
+                values,
+                S,
+                ctx.pasts,
+                ctx.blocks
+            );
+        } else {
+            be.rope(a.q, ctx.pos, invFreq, attentionScaling, N, Hq, D);
+            be.rope(a.k, ctx.pos, invFreq, attentionScaling, N, Hkv, D);
         }
         be.attention(
             a.att,

@@ -14,7 +14,7 @@
 // A timing table (GB/s) closes the file; it only prints.
 import {after, describe, test} from "node:test";
 import assert from "node:assert/strict";
-import {cudaAvailability, DeviceBuffer, type DeviceDtype} from "../../src/backend/cuda.js";
+import {CudaGraph, cudaAvailability, DeviceBuffer, type DeviceDtype} from "../../src/backend/cuda.js";
 import {cpu} from "../../src/backend/cpu.js";
 import {cudaKernelOps, type CudaKernelOps} from "../../src/backend/cuda-kernels-types.js";
 import {Prng, randn32 as randn} from "../helpers/prng.js";
@@ -482,6 +482,295 @@ if (!availability.usable) {
                     }
                 }
             }
+        });
+
+        test("rope + KV cache write fused: bit-identical to ropeForward, ropeForward, cacheWrite, cacheWrite; graph replay", () => {
+            const rng = new Prng(10);
+            interface FusedCase {
+                what: string;
+                B: number;
+                T: number;
+                Hq: number;
+                Hkv: number;
+                D: number;
+                pasts: number[];
+                capacity: number;
+                paged?: {block: number; tables: number[][]};
+                /** bytes the caches start past a 16-byte boundary (their rows then take the scalar path) */
+                offset: number;
+                scaling: number;
+            }
+            const cases: FusedCase[] = [
+                {
+                    what: "Qwen2-7B decoding step",
+                    B: 1,
+                    T: 1,
+                    Hq: 28,
+                    Hkv: 4,
+                    D: 128,
+                    pasts: [37],
+                    capacity: 64,
+                    offset: 0,
+                    scaling: 1
+                },
+                {
+                    // row 1's position 64 has no block, row 2's positions from 128 are past capacity
+                    what: "3 rows into a paged cache, shuffled table",
+                    B: 3,
+                    T: 5,
+                    Hq: 28,
+                    Hkv: 4,
+                    D: 128,
+                    pasts: [0, 60, 126],
+                    capacity: 128,
+                    paged: {
+                        block: 64,
+                        tables: [
+                            [3, 1],
+                            [0, -1],
+                            [2, 4]
+                        ]
+                    },
+                    offset: 0,
+                    scaling: 0.9
+                },
+                {
+                    what: "misaligned cache (scalar path)",
+                    B: 2,
+                    T: 1,
+                    Hq: 4,
+                    Hkv: 2,
+                    D: 64,
+                    pasts: [3, 0],
+                    capacity: 8,
+                    offset: 2,
+                    scaling: 1
+                },
+                {
+                    what: "half = 5, GQA 3:1, past capacity",
+                    B: 2,
+                    T: 3,
+                    Hq: 3,
+                    Hkv: 1,
+                    D: 10,
+                    pasts: [1, 5],
+                    capacity: 7,
+                    offset: 0,
+                    scaling: 1.1
+                }
+            ];
+            for (const c0 of cases) {
+                const {B, T, Hq, Hkv, D, pasts, capacity, paged, offset, scaling} = c0;
+                const N = B * T,
+                    rowElems = Hkv * D;
+                const stride = paged ? paged.tables[0].length : 0,
+                    block = paged?.block ?? 0;
+                const table = paged ? paged.tables.flat() : [];
+                const cacheRows = paged ? (1 + Math.max(...table)) * block : B * capacity;
+                const rowOf = (b: number, j: number): number => {
+                    if (j < 0 || j >= capacity) return -1;
+                    if (!paged) return b * capacity + j;
+                    const blk = table[b * stride + Math.floor(j / block)];
+                    return blk < 0 ? -1 : blk * block + (j % block);
+                };
+                const invFreq = Float32Array.from({length: D / 2}, (_, i) => 1 / 1e6 ** ((2 * i) / D));
+                const pos = Int32Array.from({length: N}, () => rng.int(131072));
+                if (N > 1) pos[0] = 0; // a decoding step keeps its random position: angle 0 rotates nothing
+                const q = bf16(randn(rng, N * Hq * D)),
+                    kk = bf16(randn(rng, N * rowElems)),
+                    v = bf16(randn(rng, N * rowElems));
+                const ck0 = bf16(randn(rng, cacheRows * rowElems)),
+                    cv0 = bf16(randn(rng, cacheRows * rowElems));
+                const posDev = upload("i32", pos),
+                    fDev = upload("f32", invFreq),
+                    pastsDev = upload("i32", Int32Array.from(pasts));
+                const tablePtr = paged ? upload("i32", Int32Array.from(table)).ptr : null;
+                type Bufs = {q: number; k: number; v: number; ck: number; cv: number};
+                const fresh = (): Bufs => ({
+                    q: upload("bf16", q.bits).ptr,
+                    k: upload("bf16", kk.bits).ptr,
+                    v: upload("bf16", v.bits).ptr,
+                    ck: uploadAt(k, "bf16", ck0.bits, offset),
+                    cv: uploadAt(k, "bf16", cv0.bits, offset)
+                });
+                const refill = (b: Bufs) => {
+                    k.upload(b.q, q.bits);
+                    k.upload(b.k, kk.bits);
+                    k.upload(b.ck, ck0.bits);
+                    k.upload(b.cv, cv0.bits);
+                };
+                const fourCalls = (b: Bufs) => {
+                    k.ropeForward(b.q, b.q, posDev.ptr, fDev.ptr, scaling, N, Hq, D);
+                    k.ropeForward(b.k, b.k, posDev.ptr, fDev.ptr, scaling, N, Hkv, D);
+                    k.cacheWrite(b.ck, b.k, pastsDev.ptr, B, T, capacity, rowElems, tablePtr, stride, block);
+                    k.cacheWrite(b.cv, b.v, pastsDev.ptr, B, T, capacity, rowElems, tablePtr, stride, block);
+                };
+                const fused = (b: Bufs) =>
+                    k.ropeCacheWrite(
+                        b.q,
+                        b.k,
+                        b.ck,
+                        b.cv,
+                        b.v,
+                        posDev.ptr,
+                        fDev.ptr,
+                        scaling,
+                        pastsDev.ptr,
+                        B,
+                        T,
+                        Hq,
+                        Hkv,
+                        D,
+                        capacity,
+                        tablePtr,
+                        stride,
+                        block
+                    );
+                const state = (b: Bufs) => ({
+                    q: downloadBf16(k, b.q, N * Hq * D),
+                    k: downloadBf16(k, b.k, N * rowElems),
+                    v: downloadBf16(k, b.v, N * rowElems),
+                    cacheK: downloadBf16(k, b.ck, cacheRows * rowElems),
+                    cacheV: downloadBf16(k, b.cv, cacheRows * rowElems)
+                });
+                const same = (what: string, got: ReturnType<typeof state>, want: ReturnType<typeof state>) => {
+                    for (const key of ["q", "k", "v", "cacheK", "cacheV"] as const) {
+                        const diff = bitsEqualCount(got[key], want[key]);
+                        report(
+                            diff === 0,
+                            `ropeCacheWrite ${c0.what}: ${what} ${key}`,
+                            `${diff} of ${want[key].length} codes differ`
+                        );
+                        assert.equal(diff, 0, `${c0.what}: ${what} ${key}`);
+                    }
+                };
+
+                const ref = fresh(),
+                    got = fresh();
+                fourCalls(ref);
+                fused(got);
+                const want = state(ref),
+                    fusedState = state(got);
+                same("vs the four calls", fusedState, want);
+                // and the four calls themselves: the rotation against the CPU, each cache row where cacheWrite's rules put it
+                const refQ = new Float32Array(N * Hq * D),
+                    refK = new Float32Array(N * rowElems);
+                c.ropeForward(refQ, q.vals, pos, invFreq, scaling, N, Hq, D);
+                c.ropeForward(refK, kk.vals, pos, invFreq, scaling, N, Hkv, D);
+                checkBf16(`ropeCacheWrite ${c0.what} q`, fusedState.q, refQ, true);
+                checkBf16(`ropeCacheWrite ${c0.what} k`, fusedState.k, refK, true);
+                const hostK = ck0.bits.slice(),
+                    hostV = cv0.bits.slice();
+                let written = 0;
+                for (let b = 0; b < B; b++)
+                    for (let t = 0; t < T; t++) {
+                        const at = rowOf(b, pasts[b] + t);
+                        if (at < 0) continue;
+                        written++;
+                        const n = b * T + t;
+                        hostK.set(fusedState.k.subarray(n * rowElems, (n + 1) * rowElems), at * rowElems);
+                        hostV.set(v.bits.subarray(n * rowElems, (n + 1) * rowElems), at * rowElems);
+                    }
+                assert.equal(bitsEqualCount(fusedState.cacheK, hostK), 0, `${c0.what}: cacheK rows (${written} of ${N} written)`);
+                assert.equal(bitsEqualCount(fusedState.cacheV, hostV), 0, `${c0.what}: cacheV rows (${written} of ${N} written)`);
+
+                // captured once, replayed at other lengths (pasts read on the device): the same as eager calls there
+                const replayed = fresh();
+                refill(replayed);
+                const graph = CudaGraph.capture(() => fused(replayed));
+                try {
+                    for (const shift of [1, 2]) {
+                        const at = pasts.map((p, b) => (p + shift * (b + 1)) % capacity);
+                        k.upload(pastsDev.ptr, Int32Array.from(at));
+                        refill(replayed);
+                        graph.launch();
+                        const eager = fresh();
+                        fourCalls(eager);
+                        same(`graph replay at pasts ${at}`, state(replayed), state(eager));
+                    }
+                } finally {
+                    graph.destroy();
+                    k.upload(pastsDev.ptr, Int32Array.from(pasts));
+                }
+            }
+        });
+
+        test("rope + KV cache write fused: time per layer in a CUDA graph (printed only)", () => {
+            // a Qwen2-7B decoding layer's share: 28 layers recorded, the graph replayed
+            const layers = 28,
+                Hq = 28,
+                Hkv = 4,
+                D = 128,
+                block = 64,
+                perRow = 64;
+            const rows: string[] = [];
+            for (const B of [1, 8]) {
+                const q = alloc("bf16", B * Hq * D),
+                    kx = alloc("bf16", B * Hkv * D),
+                    v = alloc("bf16", B * Hkv * D);
+                const cacheK = alloc("bf16", B * perRow * block * Hkv * D),
+                    cacheV = alloc("bf16", B * perRow * block * Hkv * D);
+                for (const b of [q, kx, v]) k.fillBf16(b.ptr, 0.25, b.length);
+                const pos = upload(
+                        "i32",
+                        Int32Array.from({length: B}, (_, b) => 1000 + b)
+                    ),
+                    pasts = upload(
+                        "i32",
+                        Int32Array.from({length: B}, (_, b) => 1000 + b)
+                    ),
+                    inv = upload(
+                        "f32",
+                        Float32Array.from({length: D / 2}, (_, i) => 1 / 1e6 ** ((2 * i) / D))
+                    ),
+                    table = upload(
+                        "i32",
+                        Int32Array.from({length: B * perRow}, (_, i) => i)
+                    );
+                const S = perRow * block;
+                const four = () => {
+                    k.ropeForward(q.ptr, q.ptr, pos.ptr, inv.ptr, 1, B, Hq, D);
+                    k.ropeForward(kx.ptr, kx.ptr, pos.ptr, inv.ptr, 1, B, Hkv, D);
+                    k.cacheWrite(cacheK.ptr, kx.ptr, pasts.ptr, B, 1, S, Hkv * D, table.ptr, perRow, block);
+                    k.cacheWrite(cacheV.ptr, v.ptr, pasts.ptr, B, 1, S, Hkv * D, table.ptr, perRow, block);
+                };
+                const fused = () =>
+                    k.ropeCacheWrite(
+                        q.ptr,
+                        kx.ptr,
+                        cacheK.ptr,
+                        cacheV.ptr,
+                        v.ptr,
+                        pos.ptr,
+                        inv.ptr,
+                        1,
+                        pasts.ptr,
+                        B,
+                        1,
+                        Hq,
+                        Hkv,
+                        D,
+                        S,
+                        table.ptr,
+                        perRow,
+                        block
+                    );
+                for (const [what, call] of [
+                    ["ropeForward x2 + cacheWrite x2", four],
+                    ["ropeCacheWrite", fused]
+                ] as const) {
+                    const graph = CudaGraph.capture(() => {
+                        for (let l = 0; l < layers; l++) call();
+                    });
+                    try {
+                        const us = (timeIt(k, () => graph.launch(), 50) * 1e6) / layers;
+                        rows.push(`  B=${B} ${what.padEnd(32)} ${us.toFixed(2).padStart(7)} us per layer`);
+                    } finally {
+                        graph.destroy();
+                    }
+                }
+            }
+            console.log(`rope + cache write, Qwen2-7B decoding (graph replay):\n${rows.join("\n")}`);
         });
 
         test("swiglu forward/backward", () => {

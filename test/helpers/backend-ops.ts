@@ -263,6 +263,7 @@ const OP_NAMES = {
     swigluBackward: true,
     addInplace: true,
     cacheWrite: true,
+    ropeCacheWrite: true,
     view: true,
     pickTokens: true,
     causalLmLoss: true,
@@ -1049,6 +1050,155 @@ OP_CASES.push({
         r.exact("the parent holds what was written through the view", r.get(cache.t), want);
     }
 });
+
+// ---- the fused RoPE + KV cache write of a decoding step: q and k rotated in place as rope does them, the rotated
+// k and the v rows at each row's pasts[b] + t of a contiguous or paged cache, with cacheWrite's skipping rules
+
+interface RopeCacheShape {
+    T: number;
+    Hq: number;
+    Hkv: number;
+    D: number;
+    /** [B] each row's filled positions */
+    pasts: number[];
+    /** [B*T] the RoPE positions (default pasts[b] + t) */
+    pos?: number[];
+    capacity: number;
+    /** a paged cache: blocks of `block` positions, tables[b] row b's block ids (-1: none reserved) */
+    paged?: {block: number; tables: number[][]};
+    config: Record<string, unknown>;
+    rope: string;
+}
+
+const ROPE_CACHE_SHAPES: RopeCacheShape[] = [
+    // one decoding token, head dim 64
+    {T: 1, Hq: 2, Hkv: 1, D: 64, pasts: [5], capacity: 8, config: {}, rope: "default"},
+    // odd sizes (half = 5: no 16-byte path), positions apart from the cache slots, row 0's last token past capacity
+    // (where a write would land on row 1's position 0, which row 1 leaves alone)
+    {
+        T: 3,
+        Hq: 3,
+        Hkv: 1,
+        D: 10,
+        pasts: [5, 3, 0],
+        pos: [7, 0, 100, 3, 4, 5, 4095, 1, 9],
+        capacity: 7,
+        config: {rope_theta: 1000000},
+        rope: "theta=1e6"
+    },
+    // a paged cache with a shuffled table: row 0 crosses a block boundary, row 1's second token has no block
+    // reserved, row 2's second token is past capacity; attention scaling != 1
+    {
+        T: 2,
+        Hq: 4,
+        Hkv: 2,
+        D: 128,
+        pasts: [3, 7, 11],
+        capacity: 12,
+        paged: {
+            block: 4,
+            tables: [
+                [5, 0, 7],
+                [2, 6, -1],
+                [1, 3, 4]
+            ]
+        },
+        config: {
+            max_position_embeddings: 8192,
+            rope_scaling: {rope_type: "yarn", factor: 4, original_max_position_embeddings: 2048}
+        },
+        rope: "yarn (scaling != 1)"
+    },
+    // Qwen2-7B's heads decoding two rows of different lengths in 64-position blocks
+    {
+        T: 1,
+        Hq: 28,
+        Hkv: 4,
+        D: 128,
+        pasts: [0, 130],
+        capacity: 192,
+        paged: {
+            block: 64,
+            tables: [
+                [4, -1, -1],
+                [0, 5, 2]
+            ]
+        },
+        config: {rope_theta: 1000000},
+        rope: "theta=1e6"
+    }
+];
+
+for (const s of ROPE_CACHE_SHAPES) {
+    const {T, Hq, Hkv, D, pasts, capacity, paged} = s;
+    const B = pasts.length,
+        N = B * T,
+        rowElems = Hkv * D;
+    const pos = s.pos ?? pasts.flatMap((p) => Array.from({length: T}, (_, t) => p + t));
+    const stride = paged ? paged.tables[0].length : 0;
+    const table = paged?.tables.flat() ?? [];
+    const cacheRows = paged ? (1 + Math.max(...table)) * paged.block : B * capacity;
+    // the cache row of row b's position j (cacheWrite's rules), -1: skipped
+    const rowOf = (b: number, j: number): number => {
+        if (j < 0 || j >= capacity) return -1;
+        if (!paged) return b * capacity + j;
+        const blk = table[b * stride + Math.floor(j / paged.block)];
+        return blk < 0 ? -1 : blk * paged.block + (j % paged.block);
+    };
+    let skipped = 0;
+    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) if (rowOf(b, pasts[b] + t) < 0) skipped++;
+    const layout = paged ? `paged block=${paged.block} tables=${JSON.stringify(paged.tables)}` : `capacity=${capacity}`;
+    OP_CASES.push({
+        op: "ropeCacheWrite",
+        shape: `B=${B} T=${T} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts} ${layout} ${s.rope} (${skipped} skipped)`,
+        run(r) {
+            const {invFreq, scaling} = ropeFrequencies({N, H: Hq, D, config: s.config, rope: s.rope, pos});
+            const angles = ropeAngles(pos, invFreq);
+            const q = r.randn(N * Hq * D),
+                k = r.randn(N * rowElems),
+                v = r.randn(N * rowElems);
+            const cacheK = r.randn(cacheRows * rowElems),
+                cacheV = r.randn(cacheRows * rowElems);
+            const blocks = paged ? {table: r.indices(table), stride, block: paged.block} : null;
+            r.be.ropeCacheWrite(
+                q.t,
+                k.t,
+                v.t,
+                r.indices(pos),
+                r.uploadStats(invFreq),
+                scaling,
+                B,
+                T,
+                Hq,
+                Hkv,
+                D,
+                cacheK.t,
+                cacheV.t,
+                capacity,
+                r.indices(pasts),
+                blocks
+            );
+            const tol = {float32: 2e-6, bfloat16: BF16_OUT};
+            const kRotated = r.get(k.t);
+            r.close("q (in place) = rope(q)", r.get(q.t), refRope(q.v, angles, scaling, N, Hq, D), tol);
+            r.close("k (in place) = rope(k)", kRotated, refRope(k.v, angles, scaling, N, Hkv, D), tol);
+            // the cache holds exactly what cacheWrite of the rotated k and of v would have written
+            const wantK = f64(cacheK.v),
+                wantV = f64(cacheV.v);
+            for (let b = 0; b < B; b++)
+                for (let t = 0; t < T; t++) {
+                    const at = rowOf(b, pasts[b] + t);
+                    if (at < 0) continue;
+                    const n = b * T + t;
+                    wantK.set(kRotated.subarray(n * rowElems, (n + 1) * rowElems), at * rowElems);
+                    wantV.set(v.v.subarray(n * rowElems, (n + 1) * rowElems), at * rowElems);
+                }
+            r.exact("cacheK: the rotated k rows at their positions, the rest untouched", r.get(cacheK.t), wantK);
+            r.exact("cacheV: the v rows at their positions, the rest untouched", r.get(cacheV.t), wantV);
+            r.exact("v unchanged", r.get(v.t), v.v);
+        }
+    });
+}
 
 // ---- storage: zeros, and the host round trip of offloaded gradient checkpointing
 
