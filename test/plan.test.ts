@@ -217,6 +217,19 @@ test("the train preflight refuses a run above the free memory, naming both sizes
     // the same halving the planner reports, which fits
     const fit = halveBatchToFit(requireArchitecture("qwen2-7b"), config, free + 0.5 * GiB)!;
     assert.equal(fit.settings.per_device_train_batch_size, 8);
+    // data whose longest row is 512 tokens: batches of 16 x 512 fit, and the settings come back as given
+    assert.equal(await gpuPreflight(config, gpu(free), (m) => logs.push(m), 512), config);
+    // ... and rows of 4000 do not: the message counts the rows the data has
+    await assert.rejects(
+        gpuPreflight(config, gpu(free), () => undefined, 4000),
+        /: this run \(batches of 16 x 4000 tokens\) needs about/
+    );
+    // halved for rows of 4000, max_seq_length as given
+    const halved = await gpuPreflight({...config, auto_find_batch_size: true}, gpu(free), () => undefined, 4000);
+    assert.deepEqual(
+        [halved.per_device_train_batch_size, halved.gradient_accumulation_steps, halved.max_seq_length],
+        [8, 2, 4096]
+    );
     // no free memory reported (an older addon): no preflight
     assert.equal(await gpuPreflight(config, gpu(undefined), () => undefined), config);
 });

@@ -777,8 +777,9 @@ export function preQuantizedOf(cfg: ModelConfig): PreQuantized | null {
 /**
  * The trainer's preflight on the GPU, before any weight is read: a run whose plan exceeds the device's free memory
  * is refused with the settings that would fit; with auto_find_batch_size the batch is halved (accumulation
- * doubled) until the plan fits, and `log` says so. The plan assumes every row max_seq_length tokens long (a batch
- * of the longest rows can come at any step): the trainer passes the data's longest row there when it is shorter.
+ * doubled) until the plan fits, and `log` says so. A batch is padded to its longest row, and a batch of the
+ * longest rows can come at any step: the plan's rows are max_seq_length tokens, or the data's longest row
+ * (`longestRow`, train or eval) when that is shorter. The settings come back as given but for the batch halving.
  */
 export async function gpuPreflight<
     S extends MemorySettings & {
@@ -788,9 +789,12 @@ export async function gpuPreflight<
         eval_strategy: string;
         auto_find_batch_size?: boolean;
     }
->(config: S, choice: DeviceChoice, log: (message: string) => void): Promise<S> {
+>(config: S, choice: DeviceChoice, log: (message: string) => void, longestRow?: number): Promise<S> {
     const free = choice.availability?.info?.devices[0]?.freeBytes;
     if (free === undefined) return config;
+    const given = config;
+    if (longestRow !== undefined && longestRow >= 1 && longestRow < config.max_seq_length)
+        config = {...config, max_seq_length: longestRow};
     const cfg = await loadModelConfig(config.model);
     checkPlanInputs(config);
     const opts: MemoryPlanOptions = {
@@ -800,7 +804,7 @@ export async function gpuPreflight<
     // the free memory was measured with this process's CUDA context made: the plan's context is already spent
     const budget = free + CUDA_CONTEXT_BYTES;
     const plan = planDeviceMemory(cfg, config, opts);
-    if (plan.totalBytes <= budget) return config;
+    if (plan.totalBytes <= budget) return given;
     const gib = (b: number) => (b / GiB).toFixed(2);
     if (config.auto_find_batch_size) {
         const fit = halveBatchToFit(cfg, config, budget, opts);
@@ -809,7 +813,7 @@ export async function gpuPreflight<
                 `auto_find_batch_size: ${fit.changes.join(", ")} (the plan needs ${gib(fit.plan.totalBytes)} GiB; ` +
                     `${gib(free)} GiB of the GPU are free)`
             );
-            return {...config, ...fit.settings};
+            return {...given, ...fit.settings, max_seq_length: given.max_seq_length};
         }
     }
     const fixes = fitSuggestions(cfg, config, budget, opts);

@@ -318,11 +318,8 @@ async function trainInOutputDir(
     // a run the GPU cannot hold is refused (or, with auto_find_batch_size, shrunk) before the weights load; a
     // batch is padded to its longest row, so the data's longest row (train or eval) bounds the plan's rows
     if (device === "cuda") {
-        const rowTokens = Math.min(config.max_seq_length, Math.max(maxLen, evalData ? longestRow(evalData.rows) : 0));
-        const planned = await gpuPreflight({...config, max_seq_length: Math.max(1, rowTokens)}, choice, (m) =>
-            reporter.onWarning?.(m)
-        );
-        config = {...planned, max_seq_length: config.max_seq_length};
+        const dataLongest = Math.max(maxLen, evalData ? longestRow(evalData.rows) : 0);
+        config = await gpuPreflight(config, choice, (m) => reporter.onWarning?.(m), dataLongest);
     }
     // a resumed run must be the run that was interrupted: its settings (as the preflight left them) are checked
     // before the weights load, its data right after
