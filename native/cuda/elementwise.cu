@@ -4,6 +4,7 @@
 // is 16-byte aligned, and one element at a time (`one`) for the tail or for unaligned pointers.
 #include "kernels.h"
 #include "kernel_utils.cuh"
+#include "kv_cache_row.cuh"
 
 using namespace qk;
 
@@ -342,14 +343,8 @@ __global__ void __launch_bounds__(kThreads)
     cache_write_kernel(uint16_t* cache, const uint16_t* x, const int32_t* pasts, const int32_t* table,
                        int64_t table_stride, int64_t block, int T, int64_t capacity, int64_t row_elems, bool vec) {
     const int b = blockIdx.x / T, t = blockIdx.x % T;
-    const int64_t pos = (int64_t)pasts[b] + t;
-    if (pos < 0 || pos >= capacity) return;  // the host checks lengths; never write outside the row
-    int64_t at = (int64_t)b * capacity + pos;
-    if (table) {
-        const int32_t blk = table[b * table_stride + pos / block];
-        if (blk < 0) return;  // no block reserved there (the host reserves before the step)
-        at = (int64_t)blk * block + pos % block;
-    }
+    const int64_t at = qk::kv_cache_row(pasts, table, table_stride, block, capacity, b, t);
+    if (at < 0) return;
     uint16_t* dst = cache + at * row_elems;
     const uint16_t* src = x + ((int64_t)b * T + t) * row_elems;
     if (vec) {

@@ -1,5 +1,5 @@
 // kv_cache_row.cuh: where a token's key/value row goes in the KV cache (kernels.h qlora_cuda_cache_write's rules),
-// for the kernels that write the cache (rope.cu's fused RoPE + cache write).
+// for the kernels that write the cache (elementwise.cu's cache write, rope.cu's fused RoPE + cache write).
 #pragma once
 #include <stdint.h>
 
