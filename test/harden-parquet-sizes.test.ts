@@ -1,7 +1,7 @@
-// Issue 8, the Parquet leftover: a column chunk or page whose declared size cannot be real is refused with one
-// line naming the file, the row group and the column, before hyparquet allocates from that size. Before, such a
-// file ended as the decoder's out-of-memory after seconds, was read with a 2 GiB page buffer, or read as records
-// with empty or missing values.
+// Issue 8, the Parquet leftover: a column chunk or page whose declared size cannot be real, or a page whose runs or
+// DELTA_BYTE_ARRAY lengths cannot fit what it holds, is refused with one line naming the file, the row group and the
+// column, before hyparquet allocates from that size. Before, such a file ended as the decoder's out-of-memory after
+// seconds, was read with a 2 GiB page buffer, or read as records with empty, missing or gigabyte-long values.
 import {test} from "node:test";
 import assert from "node:assert/strict";
 import {mkdtempSync, rmSync, writeFileSync} from "node:fs";
@@ -187,4 +187,92 @@ test("a column chunk outside the file, or declaring more than can be decoded", a
         'cannot read it as Parquet: row group 0, column "output" says it is 10000000 bytes uncompressed from ' +
             `${stored} bytes of GZIP, more than GZIP can expand (1032:1)${ADVICE}`
     );
+});
+
+// The runs of a page: hyparquet writes an RLE run of definition levels or dictionary indices whole, so a damaged run
+// length grew its array until the decoder died at its heap limit, and the file was refused after about 20 s as an
+// out-of-memory. Now the run is refused before hyparquet reads it, in v1 and v2 pages, stored or compressed.
+const ROWS = 20;
+const taskOf = (i: number) => (i < 10 ? "add the numbers" : `task ${i % 3}`); // an RLE run of indices, then bit-packed
+const inputOf = (i: number) => (i % 3 === 1 || i >= 8 ? null : `${i} ${i + 2}`); // bit-packed levels, then an RLE run
+const outputOf = (i: number) => (i % 4 === 0 ? null : ["8", "two", "5"][i % 3]);
+function nullableColumns(v2: boolean): ParquetColumn[] {
+    const rows = Array.from({length: ROWS}, (_, i) => i);
+    return [
+        {name: "instruction", kind: "string", values: rows.map(taskOf), dictionary: true, v2},
+        {name: "input", kind: "string", values: rows.map(inputOf), optional: true, v2},
+        {name: "output", kind: "string", values: rows.map(outputOf), optional: true, dictionary: true, v2}
+    ];
+}
+
+test("nullable and dictionary-encoded columns, v1 and v2 pages, stored or gzipped, read as written", async () => {
+    const expected = Array.from({length: ROWS}, (_, i) => ({instruction: taskOf(i), input: inputOf(i), output: outputOf(i)}));
+    for (const v2 of [false, true])
+        for (const codec of ["none", "gzip"] as const) {
+            const read = await readRecords(write(writeParquet(nullableColumns(v2), codec)));
+            assert.deepEqual(read.records, expected, `v2 ${v2}, ${codec}`);
+        }
+});
+
+/** refused with `message` (which names the page by the byte offset of its data page) in well under the old 20 s */
+async function refusedQuickly(whole: Buffer, column: number, message: (pageAt: string) => string): Promise<void> {
+    const started = Date.now();
+    await refused(write(whole), message(`at byte ${chunkMeta(whole, column).data_page_offset}`));
+    const elapsed = Date.now() - started;
+    assert.ok(elapsed < 5000, `refused after ${elapsed} ms`);
+}
+
+test("a definition-level run longer than its page is refused before hyparquet grows its array", async () => {
+    for (const [v2, codec] of [
+        [false, "none"],
+        [false, "gzip"],
+        [true, "gzip"]
+    ] as const) {
+        const whole = writeParquet(nullableColumns(v2), codec, {definitionLevelRun: 2 ** 31 - 1});
+        await refusedQuickly(
+            whole,
+            1,
+            (pageAt) =>
+                `cannot read records 0–19 (row group 0) as Parquet: column "input" has a ${v2 ? "DATA_PAGE_V2" : "DATA_PAGE"} ` +
+                `${pageAt} whose definition levels have a run of 2147483647 values where 20 are left${ADVICE}`
+        );
+    }
+});
+
+test("a dictionary-index run longer than its page is refused before hyparquet grows its array", async () => {
+    for (const [v2, codec] of [
+        [false, "none"],
+        [false, "gzip"],
+        [true, "gzip"]
+    ] as const) {
+        const whole = writeParquet(nullableColumns(v2), codec, {dictionaryIndexRun: 2 ** 31 - 1});
+        await refusedQuickly(
+            whole,
+            0,
+            (pageAt) =>
+                `cannot read records 0–19 (row group 0) as Parquet: column "instruction" has a ${v2 ? "DATA_PAGE_V2" : "DATA_PAGE"} ` +
+                `${pageAt} whose dictionary indices have a run of 2147483647 values where 20 are left${ADVICE}`
+        );
+    }
+});
+
+test("DELTA_BYTE_ARRAY values repeating more bytes than the value before them are refused before hyparquet allocates", async () => {
+    // each value was allocated its prefix length and filled from the one before: a page of a few dozen bytes took
+    // gigabytes outside the decoder's heap
+    const texts = ["add 3 5", "add 1 1", "add 2 2"];
+    for (const v2 of [false, true]) {
+        const columns: ParquetColumn[] = [{name: "text", kind: "string", values: texts, delta: true, v2}];
+        const read = await readRecords(write(writeParquet(columns, "gzip")));
+        assert.deepEqual(
+            read.records,
+            texts.map((text) => ({text}))
+        );
+        await refusedQuickly(
+            writeParquet(columns, "gzip", {deltaPrefixLength: 2 ** 28}),
+            0,
+            (pageAt) =>
+                `cannot read records 0–2 (row group 0) as Parquet: column "text" has a ${v2 ? "DATA_PAGE_V2" : "DATA_PAGE"} ` +
+                `${pageAt} whose DELTA_BYTE_ARRAY lengths say value 1 repeats 268435456 bytes of the 7 before it${ADVICE}`
+        );
+    }
 });
