@@ -468,6 +468,127 @@ struct MmaLaunch {
     int M, nparts;
 };
 
+// the kernel's inner loop: the 16-float code table (LDS), the 256-entry pair table (PAIR) or the register
+// table with per-block scaling (LUT, below)
+enum MmaKind { KIND_LDS, KIND_PAIR, KIND_LUT };
+
+// where a warp's tile and K slice lie, for the block `blk` (counted from the part's first) of part `d`
+struct MmaTile {
+    int64_t tile, n0;
+    int64_t row_lo, row_hi;  // rows n0 + g and n0 + g + 8, clamped to N - 1
+    int slice, G, b, g, t;
+    bool active;  // warp-uniform: the block's last tiles may lie past N
+    bool has_x;   // fragment column g is row g of x (zero past M)
+};
+
+__device__ __forceinline__ MmaTile mma_tile(const MmaLaunch& L, const MmaPart& d, int64_t blk) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    MmaTile T;
+    T.g = lane >> 2;
+    T.t = lane & 3;
+    const int ws = 1 << d.ws_log2;
+    T.G = ws * d.bs;
+    T.b = 0;
+    if (d.bs == 1) {
+        T.tile = blk * (MMA_WARPS >> d.ws_log2) + (warp >> d.ws_log2);
+        T.slice = warp & (ws - 1);
+    } else {
+        T.tile = blk / d.bs;
+        T.b = (int)(blk - T.tile * d.bs);
+        T.slice = T.b * MMA_WARPS + warp;
+    }
+    T.n0 = T.tile * 16;
+    T.active = T.tile < d.tiles;
+    // rows past N read row N - 1 (in bounds; their results are not stored)
+    T.row_lo = min(T.n0 + T.g, d.N - 1);
+    T.row_hi = min(T.n0 + T.g + 8, d.N - 1);
+    T.has_x = T.g < L.M;
+    return T;
+}
+
+// The LoRA chain, then the slices of the tile added in order (the warps of a block through shared memory,
+// then the blocks through the workspace), then y = acc + scale * lora (+ bias), rounded once.
+template <int XT>
+__device__ __forceinline__ void mma_finish(const MmaLaunch& L, const MmaPart& d, int p, const MmaTile& T,
+                                           float (&acc)[4], float (*s_part)[8][32]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = T.g, t = T.t;
+    const int ws = 1 << d.ws_log2, bs = d.bs;
+    const int64_t N = d.N, tile = T.tile;
+    const int M = L.M;
+    float lora[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (T.active) {
+        // LoRA: k-step s of 16 j's, same fragment scheme (columns 2t, 2t+1 | 2t+8, 2t+9 = j 4t + (0, 1 | 2, 3))
+        const int r = d.lora_r;
+        for (int s = T.slice; s < (r + 15) >> 4; s += T.G) {
+            const int j = s * 16 + 4 * t;
+            const uint32_t b0 = T.has_x ? lora_pair(d.lora_xa, g, j, r) : 0u;
+            const uint32_t b1 = T.has_x ? lora_pair(d.lora_xa, g, j + 2, r) : 0u;
+            mma16816<XT>(lora, lora_pair(d.lora_b, T.row_lo, j, r), lora_pair(d.lora_b, T.row_hi, j, r),
+                         lora_pair(d.lora_b, T.row_lo, j + 2, r), lora_pair(d.lora_b, T.row_hi, j + 2, r), b0, b1);
+        }
+    }
+    if (ws > 1) {
+        // the warps of a tile are consecutive; the first adds the others' tiles in order
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            s_part[warp][i][lane] = acc[i];
+            s_part[warp][4 + i][lane] = lora[i];
+        }
+        __syncthreads();
+        if ((warp & (ws - 1)) != 0) return;
+        for (int w = 1; w < ws; w++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                acc[i] += s_part[warp + w][i][lane];
+                lora[i] += s_part[warp + w][4 + i][lane];
+            }
+        }
+    }
+    if (bs > 1) {
+        // warp 0 holds the block's partial tile; the last block of the tile to arrive adds all of them in order
+        float* mine = d.partials + (tile * bs + T.b) * 256;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __stcg(mine + i * 32 + lane, acc[i]);
+            __stcg(mine + (4 + i) * 32 + lane, lora[i]);
+        }
+        __threadfence();
+        __syncwarp();
+        unsigned int* counter = g_split_counters + p * MAX_SPLIT_TILES + tile;
+        unsigned int arrived = 0;
+        if (lane == 0) arrived = atomicAdd(counter, 1u);
+        arrived = __shfl_sync(0xffffffffu, arrived, 0);
+        if (arrived != (unsigned)(bs - 1)) return;
+        __threadfence();
+        const float* all = d.partials + tile * bs * 256;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            acc[i] = __ldcg(all + i * 32 + lane);
+            lora[i] = __ldcg(all + (4 + i) * 32 + lane);
+        }
+        for (int k = 1; k < bs; k++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                acc[i] += __ldcg(all + k * 256 + i * 32 + lane);
+                lora[i] += __ldcg(all + k * 256 + (4 + i) * 32 + lane);
+            }
+        }
+        if (lane == 0) *counter = 0;  // every block of the tile has arrived: ready for the next launch
+    }
+    if (!T.active) return;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        // accumulator i: row n0 + g (+ 8 for i >= 2) of W, row 2t + (i & 1) of x
+        const int m = 2 * t + (i & 1);
+        const int64_t n = T.n0 + g + (i >= 2 ? 8 : 0);
+        if (m < M && n < N) {
+            float v = d.lora_r > 0 ? fmaf(d.lora_scale, lora[i], acc[i]) : acc[i];
+            if (d.bias) v += load_f32<XT>(d.bias, n);
+            store_y<XT>(d.y, d.y_f32, m * N + n, v);
+        }
+    }
+}
+
 // the block `blk` (counted from the part's first) of part `d`, part index p
 template <int XT, int DEPTH, bool PAIR, bool NESTED>
 __device__ __forceinline__ void mma_part(const MmaLaunch& L, const MmaPart& d, int p, int64_t blk, float* s_table,
@@ -632,12 +753,173 @@ __device__ __forceinline__ void mma_part(const MmaLaunch& L, const MmaPart& d, i
     }
 }
 
-// DEPTH: k-steps of loads in flight per warp; PAIR: the 256-entry pair table instead of the 16 codes
-template <int XT, int DEPTH, bool PAIR>
-__global__ void __launch_bounds__(MMA_THREADS, DEPTH > 2 ? 2 : 3)
+// ---- the LUT kind (QLORA_GEMV4BIT_VARIANT=lut): blocksize a power of two >= 64 and K % 64 == 0.
+// A k-step is 64 k of each row of the tile, all in one quantization block (a step starts at a multiple of 64
+// of the flat weight index). Lane (g, t) loads bytes [8t, 8t + 8) of the step (weights 16t .. 16t + 15, two
+// words) of rows n0 + g and n0 + g + 8, and the same 16 k of x row m = g (32 bytes). In mma i (0..3) of a step
+// the fragment columns (2t, 2t+1 | 2t+8, 2t+9) are the step's k = 16t + 4i + (0, 1 | 2, 3), for the weights
+// (bytes 2i, 2i + 1 of the lane's 8) as for x. The 4 mmas of a step add into zeroed block accumulators that
+// join acc once, times the block's scale: y = sum_b s_b sum_{k in b} x_k round(code[q_k]). So a weight is its
+// code value rounded to x's dtype, not the scaled weight as in the table kinds (the same relative rounding,
+// 2^-9 for bf16), and no weight is multiplied.
+// The code -> bf16/f16 lookup runs in registers: lo[j] / hi[j] hold the low / high bytes of the rounded code
+// values 4j .. 4j + 3 (entry e in byte e % 4). 4 weights are 16 bits of a word, nibble j giving byte j: PRMT
+// with the nibbles' low 3 bits picks among the entries 0..7 and among 8..15, a PRMT in sign-replicate mode
+// turns bit 3 of each nibble into a byte mask that chooses between the two (one LOP3), and two PRMTs
+// interleave the low and high bytes into the packed pairs. test/gemv-lut-decode.test.ts restates the selector
+// constants, emulates PRMT and checks the decode of every 16-bit input against the table.
+
+// prmt(a, b, .): bytes 0, 2 (4, 6) of two packed 16-bit pairs a, b: their low bytes, entry order
+constexpr uint32_t LUT_LOW_BYTES = 0x6420u;
+constexpr uint32_t LUT_HIGH_BYTES = 0x7531u;
+// prmt(w << 4, w, .): 0xff in byte j where bit 3 of nibble j of w is set, 0 elsewhere (sign-replicate mode:
+// selector nibble 8 + i copies bit 7 of source byte i), for the nibbles 0..3 and 4..7 of w
+constexpr uint32_t LUT_BIT3_NIBBLES_0_3 = 0xD9C8u;
+constexpr uint32_t LUT_BIT3_NIBBLES_4_7 = 0xFBEAu;
+// prmt(lo, hi, .): the values of nibbles 1 (low half) and 0, and of nibbles 3 and 2 (bnb puts a byte's first
+// weight in its high nibble; the mma wants the first in the low half)
+constexpr uint32_t LUT_FIRST_PAIR = 0x4051u;
+constexpr uint32_t LUT_SECOND_PAIR = 0x6273u;
+
+struct CodeLut {
+    uint32_t lo[4], hi[4];
+};
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+    return d;
+}
+
+// the 16 code values rounded to XT (round to nearest even), split into low and high bytes
+template <int XT>
+__device__ __forceinline__ CodeLut lut_build(const float* s_code) {
+    CodeLut lut;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float4 c = reinterpret_cast<const float4*>(s_code)[j];
+        const uint32_t p01 = pack_x<XT>(c.x, c.y), p23 = pack_x<XT>(c.z, c.w);
+        lut.lo[j] = prmt(p01, p23, LUT_LOW_BYTES);
+        lut.hi[j] = prmt(p01, p23, LUT_HIGH_BYTES);
+    }
+    return lut;
+}
+
+// 4 weights: `sel` holds their nibbles (bits 15..0; PRMT ignores the bits above and, with bit 3 of each
+// nibble cleared, copies bytes), `upper` the mask of the nibbles >= 8. first / second: the pairs of the low /
+// high byte, packed with the high nibble's weight in the low half
+__device__ __forceinline__ void lut_decode4(const CodeLut& lut, uint32_t sel, uint32_t upper, uint32_t& first,
+                                            uint32_t& second) {
+    const uint32_t lo = (prmt(lut.lo[0], lut.lo[1], sel) & ~upper) | (prmt(lut.lo[2], lut.lo[3], sel) & upper);
+    const uint32_t hi = (prmt(lut.hi[0], lut.hi[1], sel) & ~upper) | (prmt(lut.hi[2], lut.hi[3], sel) & upper);
+    first = prmt(lo, hi, LUT_FIRST_PAIR);
+    second = prmt(lo, hi, LUT_SECOND_PAIR);
+}
+
+// the 8 weights of a code word: pair[b] = the two weights of byte b, packed for the mma
+__device__ __forceinline__ void lut_word(const CodeLut& lut, uint32_t w, uint32_t (&pair)[4]) {
+    const uint32_t sel = w & 0x77777777u, w4 = w << 4;
+    lut_decode4(lut, sel, prmt(w4, w, LUT_BIT3_NIBBLES_0_3), pair[0], pair[1]);
+    lut_decode4(lut, sel >> 16, prmt(w4, w, LUT_BIT3_NIBBLES_4_7), pair[2], pair[3]);
+}
+
+// 8 k of a step: word wl of row n0 + g, wh of row n0 + g + 8, x pairs (k 0-1, 2-3, 4-5, 6-7); c unscaled
+template <int XT>
+__device__ __forceinline__ void lut_mma_word(float (&c)[4], const CodeLut& lut, uint32_t wl, uint32_t wh, uint4 xq) {
+    uint32_t l[4], h[4];
+    lut_word(lut, wl, l);
+    lut_word(lut, wh, h);
+    mma16816<XT>(c, l[0], h[0], l[1], h[1], xq.x, xq.y);
+    mma16816<XT>(c, l[2], h[2], l[3], h[3], xq.z, xq.w);
+}
+
+// the LUT kind: the block `blk` (counted from the part's first) of part `d`, part index p
+template <int XT, int DEPTH, bool NESTED>
+__device__ __forceinline__ void mma_part_lut(const MmaLaunch& L, const MmaPart& d, int p, int64_t blk, float* s_code,
+                                             float* s_nested, float (*s_part)[8][32]) {
+    const MmaTile T = mma_tile(L, d, blk);
+    const int t = T.t, slice = T.slice, G = T.G;
+    const int64_t K = L.K, steps = K >> 6;
+    // 8-byte units: a row has K / 16, a step 4, the lane's is unit 4 step + t
+    const uint2* p_lo = reinterpret_cast<const uint2*>(d.packed) + T.row_lo * (K >> 4) + t;
+    const uint2* p_hi = reinterpret_cast<const uint2*>(d.packed) + T.row_hi * (K >> 4) + t;
+    const int64_t e_lo = T.row_lo * K, e_hi = T.row_hi * K;  // the rows' first elements
+    // x row g: 8 uint4 a step, the lane's two at 2t
+    const uint4* xg = reinterpret_cast<const uint4*>(L.x + (int64_t)(T.has_x ? T.g : 0) * K) + 2 * t;
+
+    // the ring: slot u holds the weights and scales (or NESTED: the nested absmax and the 8-bit codes) of a step
+    uint2 wl[DEPTH], wh[DEPTH];
+    float sl[DEPTH], sh[DEPTH];
+    uint32_t ql[DEPTH], qh[DEPTH];
+    auto load = [&](int u, int64_t step) {
+        wl[u] = wh[u] = make_uint2(0, 0);
+        sl[u] = sh[u] = 0.0f;
+        ql[u] = qh[u] = 0;
+        if (T.active && step < steps) {
+            wl[u] = __ldg(p_lo + step * 4);
+            wh[u] = __ldg(p_hi + step * 4);
+            const int64_t bl = (e_lo + step * 64) >> d.block_shift, bh = (e_hi + step * 64) >> d.block_shift;
+            if (NESTED) {
+                ql[u] = __ldg(d.absmax_q + bl);
+                qh[u] = __ldg(d.absmax_q + bh);
+                sl[u] = __ldg(d.nested_absmax + (bl >> d.nested_shift));
+                sh[u] = __ldg(d.nested_absmax + (bh >> d.nested_shift));
+            } else {
+                sl[u] = __ldg(d.absmax + bl);
+                sh[u] = __ldg(d.absmax + bh);
+            }
+        }
+    };
+    // the first loads go out before the tables are filled
+#pragma unroll
+    for (int u = 0; u < DEPTH; u++) load(u, slice + (int64_t)u * G);
+
+    if (threadIdx.x < 16) s_code[threadIdx.x] = __ldg(d.code + threadIdx.x);
+    if (NESTED) s_nested[threadIdx.x] = __ldg(d.nested_code + threadIdx.x);
+    __syncthreads();
+    const CodeLut lut = lut_build<XT>(s_code);
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (T.active) {
+        for (int64_t s0 = slice; s0 < steps; s0 += (int64_t)DEPTH * G) {
+#pragma unroll
+            for (int u = 0; u < DEPTH; u++) {
+                const int64_t step = s0 + (int64_t)u * G;
+                if (step >= steps) break;  // warp-uniform
+                float scale_lo = sl[u], scale_hi = sh[u];
+                if (NESTED) {
+                    scale_lo = nested_block_absmax(s_nested[ql[u]], sl[u], d.offset);
+                    scale_hi = nested_block_absmax(s_nested[qh[u]], sh[u], d.offset);
+                }
+                // x[g, 64 step + 16t .. + 16): zero for g >= M
+                uint4 x0 = make_uint4(0, 0, 0, 0), x1 = make_uint4(0, 0, 0, 0);
+                if (T.has_x) {
+                    x0 = __ldg(xg + step * 8);
+                    x1 = __ldg(xg + step * 8 + 1);
+                }
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                lut_mma_word<XT>(c, lut, wl[u].x, wh[u].x, x0);
+                lut_mma_word<XT>(c, lut, wl[u].y, wh[u].y, x1);
+                // c[0], c[1]: row n0 + g, c[2], c[3]: row n0 + g + 8
+                acc[0] = fmaf(scale_lo, c[0], acc[0]);
+                acc[1] = fmaf(scale_lo, c[1], acc[1]);
+                acc[2] = fmaf(scale_hi, c[2], acc[2]);
+                acc[3] = fmaf(scale_hi, c[3], acc[3]);
+                // the slot's registers are free: the step DEPTH further on
+                load(u, step + (int64_t)DEPTH * G);
+            }
+        }
+    }
+    mma_finish<XT>(L, d, p, T, acc, s_part);
+}
+
+// DEPTH: k-steps of loads in flight per warp; KIND: the inner loop (MmaKind). A LUT step is half an LDS step, so
+// LUT's DEPTH 4 (108 registers, 2 blocks per SM) has as many bytes in flight per warp as LDS's 2.
+template <int XT, int DEPTH, int KIND>
+__global__ void __launch_bounds__(MMA_THREADS, DEPTH <= 2 ? 3 : 2)
     gemv4bit_mma_kernel(const __grid_constant__ MmaLaunch L) {
     static_assert(XT == QLORA_CUDA_BF16 || XT == QLORA_CUDA_F16, "the mma takes bf16 or f16 operands");
-    __shared__ __align__(16) float s_table[PAIR ? 512 : 16];
+    __shared__ __align__(16) float s_table[KIND == KIND_PAIR ? 512 : 16];
     __shared__ float s_nested[256];
     __shared__ float s_part[MMA_WARPS][8][32];
     int p = 0;
@@ -646,28 +928,37 @@ __global__ void __launch_bounds__(MMA_THREADS, DEPTH > 2 ? 2 : 3)
         if (i < L.nparts && (int64_t)blockIdx.x >= L.part[i].block_begin) p = i;
     const MmaPart& d = L.part[p];
     const int64_t blk = (int64_t)blockIdx.x - d.block_begin;
-    if (d.nested)
-        mma_part<XT, DEPTH, PAIR, true>(L, d, p, blk, s_table, s_nested, s_part);
-    else
-        mma_part<XT, DEPTH, PAIR, false>(L, d, p, blk, s_table, s_nested, s_part);
+    if constexpr (KIND == KIND_LUT) {
+        if (d.nested)
+            mma_part_lut<XT, DEPTH, true>(L, d, p, blk, s_table, s_nested, s_part);
+        else
+            mma_part_lut<XT, DEPTH, false>(L, d, p, blk, s_table, s_nested, s_part);
+    } else {
+        if (d.nested)
+            mma_part<XT, DEPTH, KIND == KIND_PAIR, true>(L, d, p, blk, s_table, s_nested, s_part);
+        else
+            mma_part<XT, DEPTH, KIND == KIND_PAIR, false>(L, d, p, blk, s_table, s_nested, s_part);
+    }
 }
 
 // ---- launching the tensor-core kernel
 
-// the kernel variant: QLORA_GEMV4BIT_VARIANT = lds2 (default) | lds4 | pair2 | pair4 (the code table, then the
-// k-steps in flight per warp), read once
+// the kernel variant: QLORA_GEMV4BIT_VARIANT = lds2 (default) | lds4 | pair2 | pair4 | lut (= lut4) | lut2 (the
+// inner loop, then the k-steps in flight per warp; lut only where lut_takes, the other parts lds2), read once
 struct MmaVariant {
     int depth;
-    bool pair;
+    int kind;  // MmaKind
 };
 
 MmaVariant mma_variant() {
     static const MmaVariant v = [] {
         const char* s = getenv("QLORA_GEMV4BIT_VARIANT");
-        if (s && strcmp(s, "lds4") == 0) return MmaVariant{4, false};
-        if (s && strcmp(s, "pair2") == 0) return MmaVariant{2, true};
-        if (s && strcmp(s, "pair4") == 0) return MmaVariant{4, true};
-        return MmaVariant{2, false};
+        if (s && strcmp(s, "lds4") == 0) return MmaVariant{4, KIND_LDS};
+        if (s && strcmp(s, "pair2") == 0) return MmaVariant{2, KIND_PAIR};
+        if (s && strcmp(s, "pair4") == 0) return MmaVariant{4, KIND_PAIR};
+        if (s && strcmp(s, "lut") == 0) return MmaVariant{4, KIND_LUT};
+        if (s && strcmp(s, "lut2") == 0) return MmaVariant{2, KIND_LUT};
+        return MmaVariant{2, KIND_LDS};
     }();
     return v;
 }
@@ -687,11 +978,11 @@ int sm_count() {
 }
 
 // how many blocks of a kernel variant fit on one SM at once, asked once
-template <int XT, int DEPTH, bool PAIR>
+template <int XT, int DEPTH, int KIND>
 int mma_blocks_per_sm() {
     static const int occupancy = [] {
         int n = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv4bit_mma_kernel<XT, DEPTH, PAIR>, MMA_THREADS, 0) !=
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv4bit_mma_kernel<XT, DEPTH, KIND>, MMA_THREADS, 0) !=
                 cudaSuccess ||
             n < 1) {
             cudaGetLastError();
@@ -707,13 +998,13 @@ struct PartPlan {
     int64_t tiles, blocks;
 };
 
-// How a part's K is split (a function of N, K and the GPU only). Warps per tile: up to 8, each with >= 1 k-step.
+// How a part's K is split (a function of N, its k-steps (K and the kernel kind) and the GPU only). Warps per
+// tile: up to 8, each with >= 1 k-step.
 // Blocks per tile: when all the tiles times every split that leaves each warp >= 1 k-step fit the GPU at once
 // (few tiles: k/v), the most such blocks; otherwise more blocks only where they even out the blocks per SM
 // (224 blocks on 132 SMs leave 92 SMs with twice the work of 40; 896 come to 6.8 each), each warp keeping >= 4
 // k-steps, and only for parts of at most MAX_SPLIT_TILES tiles.
-PartPlan plan_part(int64_t N, int64_t K, int sms, int blocks_per_sm) {
-    const int64_t steps = CEIL_DIV(K >> 5, (int64_t)4);
+PartPlan plan_part(int64_t N, int64_t steps, int sms, int blocks_per_sm) {
     PartPlan pl = {0, 1, CEIL_DIV(N, (int64_t)16), 0};
     while (pl.ws_log2 < 3 && (int64_t(2) << pl.ws_log2) <= steps) pl.ws_log2++;
     if (pl.ws_log2 == 3 && pl.tiles <= MAX_SPLIT_TILES) {
@@ -763,9 +1054,18 @@ bool mma_takes(const GemvArgs& a) {
     return a.K % 32 == 0 && a.block_shift >= 5 && (reinterpret_cast<uintptr_t>(a.packed) & 15) == 0;
 }
 
-template <int XT, int DEPTH, bool PAIR>
+// whether the LUT kind takes a part the tensor-core kernel takes: a 64-k step must lie inside one block
+bool lut_takes(const GemvArgs& a) { return a.K % 64 == 0 && a.block_shift >= 6; }
+
+// a k-step of the kind: 64 k (LUT) or 4 units of 32 k
+template <int KIND>
+int64_t mma_steps(int64_t K) {
+    return KIND == KIND_LUT ? K >> 6 : CEIL_DIV(K >> 5, (int64_t)4);
+}
+
+template <int XT, int DEPTH, int KIND>
 cudaError_t launch_mma_variant(const GemvArgs* parts, int nparts, cudaStream_t stream) {
-    const int sms = sm_count(), blocks_per_sm = mma_blocks_per_sm<XT, DEPTH, PAIR>();
+    const int sms = sm_count(), blocks_per_sm = mma_blocks_per_sm<XT, DEPTH, KIND>();
     MmaLaunch L;
     memset(&L, 0, sizeof L);
     L.x = reinterpret_cast<const uint16_t*>(parts[0].x);
@@ -776,7 +1076,7 @@ cudaError_t launch_mma_variant(const GemvArgs* parts, int nparts, cudaStream_t s
     for (int i = 0; i < nparts; i++) {
         const GemvArgs& a = parts[i];
         if (a.N == 0) continue;
-        const PartPlan pl = plan_part(a.N, a.K, sms, blocks_per_sm);
+        const PartPlan pl = plan_part(a.N, mma_steps<KIND>(a.K), sms, blocks_per_sm);
         const int k = L.nparts++;
         MmaPart& d = L.part[k];
         d.y = a.y;
@@ -817,7 +1117,7 @@ cudaError_t launch_mma_variant(const GemvArgs* parts, int nparts, cudaStream_t s
         for (int k = 0; k < L.nparts; k++)
             if (L.part[k].bs > 1) L.part[k].partials = partials + partial_at[k];
     }
-    gemv4bit_mma_kernel<XT, DEPTH, PAIR><<<(unsigned)blocks, MMA_THREADS, 0, stream>>>(L);
+    gemv4bit_mma_kernel<XT, DEPTH, KIND><<<(unsigned)blocks, MMA_THREADS, 0, stream>>>(L);
     const cudaError_t err = cudaGetLastError();
     qlora_cuda::device_free(partials);
     return err;
@@ -826,11 +1126,29 @@ cudaError_t launch_mma_variant(const GemvArgs* parts, int nparts, cudaStream_t s
 template <int XT>
 cudaError_t launch_mma(const GemvArgs* parts, int nparts, cudaStream_t stream) {
     const MmaVariant v = mma_variant();
-    if (v.pair)
-        return v.depth == 4 ? launch_mma_variant<XT, 4, true>(parts, nparts, stream)
-                            : launch_mma_variant<XT, 2, true>(parts, nparts, stream);
-    return v.depth == 4 ? launch_mma_variant<XT, 4, false>(parts, nparts, stream)
-                        : launch_mma_variant<XT, 2, false>(parts, nparts, stream);
+    if (v.kind == KIND_LUT) {
+        // the parts LUT takes in one launch, the others (lds2) in another: a part's kernel, and so its bits,
+        // do not depend on the parts beside it
+        GemvArgs lut[QLORA_GEMV_4BIT_MAX_PARTS], rest[QLORA_GEMV_4BIT_MAX_PARTS];
+        int nlut = 0, nrest = 0;
+        for (int i = 0; i < nparts; i++) {
+            if (lut_takes(parts[i]))
+                lut[nlut++] = parts[i];
+            else
+                rest[nrest++] = parts[i];
+        }
+        if (nlut > 0) {
+            const cudaError_t err = v.depth == 4 ? launch_mma_variant<XT, 4, KIND_LUT>(lut, nlut, stream)
+                                                 : launch_mma_variant<XT, 2, KIND_LUT>(lut, nlut, stream);
+            if (err != cudaSuccess) return err;
+        }
+        return nrest > 0 ? launch_mma_variant<XT, 2, KIND_LDS>(rest, nrest, stream) : cudaSuccess;
+    }
+    if (v.kind == KIND_PAIR)
+        return v.depth == 4 ? launch_mma_variant<XT, 4, KIND_PAIR>(parts, nparts, stream)
+                            : launch_mma_variant<XT, 2, KIND_PAIR>(parts, nparts, stream);
+    return v.depth == 4 ? launch_mma_variant<XT, 4, KIND_LDS>(parts, nparts, stream)
+                        : launch_mma_variant<XT, 2, KIND_LDS>(parts, nparts, stream);
 }
 
 template <int XT, int MR>

@@ -36,7 +36,10 @@ cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* 
 // Two kernels: bf16/f16 x with K % 32 == 0, blocksize >= 32 and a 16-byte aligned `packed` take the tensor-core
 // kernel (16-byte weight loads, mma.sync with fp32 accumulators, K split over warps and, for few rows, blocks,
 // added in a fixed order: the same bits on every run); the rest one warp per row on the CUDA cores.
-// QLORA_GEMV4BIT_VARIANT (read once) picks the tensor-core kernel's variant: lds2 (default), lds4, pair2, pair4.
+// QLORA_GEMV4BIT_VARIANT (read once) picks the tensor-core kernel's variant: lds2 (default), lds4, pair2, pair4,
+// or lut / lut2 (blocksize >= 64, K % 64 == 0: the codes rounded to x's dtype from a register table, each block's
+// products scaled once on the fp32 accumulators, so y = sum_b s_b sum_k x_k dtype(code_k): the one rounding of a
+// weight falls on the code instead of on code * scale).
 #define QLORA_GEMV_4BIT_MAX_M 8
 #define QLORA_GEMV_4BIT_MAX_LORA_R 64
 cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x, int x_dtype, const uint8_t* packed,

@@ -3,7 +3,9 @@
 // quantization, several block sizes, odd n, misaligned output (the element-wise kernel), no writes past n.
 // The fused 4-bit GEMV (gemv4bit) against a float64 reference, with and without its LoRA term, on both of its
 // kernels; argument errors. The grouped launch (gemv4bitGroup): each part bit for bit gemv4bit's; K split across
-// blocks for small N: the same bits on every run and in CUDA graph replays. Prints the bandwidth of both on the
+// blocks for small N: the same bits on every run and in CUDA graph replays. The same tests and the LUT kernel's own
+// (QLORA_GEMV4BIT_VARIANT=lut|lut2, a child process each): near the reference of its weights round(code) * scale
+// and the usual round(code * scale), groups bit for bit, repeatable. Prints the bandwidth of both on the
 // shapes that matter (the GEMV once per kernel variant, test/gpu/gemv4bit-timing.ts in a child process). Runs only
 // on a machine with a usable GPU (npm run test:gpu).
 import {test, describe} from "node:test";
@@ -21,6 +23,7 @@ import {
     NF4_CODE,
     quantize4bit,
     SIGNED_DYNAMIC_MAP,
+    stateAbsmax,
     type QuantState4bit,
     type QuantType
 } from "../../src/quant/nf4.js";
@@ -296,10 +299,36 @@ if (!availability.usable) {
         ref: Float64Array;
         /** sum |x||W| + |scale| sum |xa||B| per element: the size of the fp32 accumulation error */
         S: Float64Array;
+        /** whether W is the LUT kernel's */
+        lut: boolean;
     }
 
-    /** the problem of a case; `sharedX` replaces its own x (the parts of a group share one x) */
-    function gemvProblem(c: GemvCase, sharedX?: Float32Array): GemvProblem {
+    // QLORA_GEMV4BIT_VARIANT=lut|lut2 (the LUT kernel's child process, below): the tensor-core kernel rounds each
+    // code value to x's dtype and scales the block sums, where the other variants round each scaled weight
+    const LUT_VARIANT = /^lut2?$/.test(process.env.QLORA_GEMV4BIT_VARIANT ?? "");
+
+    /** whether the LUT kernel computes the case: 16-bit x, K % 64 == 0, blocksize >= 64 (else lds2 does) */
+    function lutRuns(c: GemvCase): boolean {
+        return LUT_VARIANT && c.xDtype !== "f32" && c.K % 64 === 0 && (c.blocksize ?? 64) >= 64;
+    }
+
+    /** the weights as the LUT kernel sees them: round(code[q]) * (the block's scale), in float64 */
+    function lutWeights(s: QuantState4bit, xDtype: GemmDtype): Float64Array {
+        const code = roundTo(s.quantMap, xDtype),
+            scales = stateAbsmax(s);
+        const W = new Float64Array(numel(s));
+        for (let i = 0; i < W.length; i++) {
+            const byte = s.packed[i >> 1];
+            W[i] = code[i & 1 ? byte & 15 : byte >> 4] * scales[Math.floor(i / s.blocksize)];
+        }
+        return W;
+    }
+
+    /**
+     * The problem of a case; `sharedX` replaces its own x (the parts of a group share one x). The reference takes
+     * the weights the kernel that runs the case sees (LUT's, or `usualWeights`: round(code[q] * scale)).
+     */
+    function gemvProblem(c: GemvCase, sharedX?: Float32Array, usualWeights = false): GemvProblem {
         const {M, N, K, xDtype} = c;
         const s = quantize4bit(weights(N * K, c.seed), {
             quantType: c.quantType,
@@ -307,7 +336,8 @@ if (!availability.usable) {
             blocksize: c.blocksize ?? 64,
             shape: [N, K]
         });
-        const W = roundTo(dequantize4bit(s, {roundToDtype: false}), xDtype);
+        const lut = lutRuns(c) && !usualWeights;
+        const W = lut ? lutWeights(s, xDtype) : roundTo(dequantize4bit(s, {roundToDtype: false}), xDtype);
         const rng = new Rng(c.seed);
         const x = sharedX ?? uniform(M * K, 1, xDtype, rng);
         const r = c.lora?.r ?? 0,
@@ -337,7 +367,7 @@ if (!availability.usable) {
                 S[m * N + n] = abs + Math.abs(scale) * labs;
             }
         }
-        return {s, x, xa, B, r, scale, ref, S};
+        return {s, x, xa, B, r, scale, ref, S, lut};
     }
 
     /** a problem's inputs on the device (x left out when the caller shares one) */
@@ -416,21 +446,33 @@ if (!availability.usable) {
      * round(ref) exactly (fp32 summation order flips a few near ties). Rounding x @ W^T to y's dtype before adding
      * the LoRA term, as a separate gemm with beta = 1 does, matches only about 75% (the LoRA term here is of the size
      * of x @ W^T).
+     * `tight`: the reference has the kernel's own weights (the LUT kernel's), so only the fp32 sums differ, bounded
+     * by (the roundings on a path: ~8 in a block's mmas, one a block, one a slice) 2^-22 S. `weightRel`: the
+     * kernel's weights differ from the reference's by up to that much relative (the LUT kernel against the usual
+     * reference: round(code) * scale vs round(code * scale), 2^-8 for bf16, 2^-10 for f16), with `roundedOnce:
+     * false`, as the near-tie test would count those differences.
      */
-    function assertNearReference(c: GemvCase, p: GemvProblem, got: Float32Array, what = describeCase(c)): void {
+    function assertNearReference(
+        c: GemvCase,
+        p: GemvProblem,
+        got: Float32Array,
+        what = describeCase(c),
+        {tight = p.lut, roundedOnce = true, weightRel = 0} = {}
+    ): void {
         const {M, N, K, yDtype} = c;
         const {ref, S, r} = p;
         const relTol = yDtype === "bf16" ? 2 ** -8 : yDtype === "f16" ? 2 ** -11 : 0;
+        const sumTol = (tight ? (K / 64 + r / 16 + 32) * 2 ** -22 : 1e-5 * Math.sqrt(K + r)) + weightRel;
         for (let i = 0; i < M * N; i++) {
             const err = Math.abs(got[i] - ref[i]);
-            const tol = relTol * Math.abs(ref[i]) + 1e-5 * Math.sqrt(K + r) * S[i] + 1e-7;
+            const tol = relTol * Math.abs(ref[i]) + sumTol * S[i] + 1e-7;
             if (!(err <= tol))
                 assert.fail(
                     `${what}: y[${Math.floor(i / N)}, ${i % N}] = ${got[i]}, reference ${ref[i]} ` +
                         `(|err| ${err.toExponential(2)} > ${tol.toExponential(2)})`
                 );
         }
-        if (r > 0 && yDtype !== "f32") {
+        if (roundedOnce && r > 0 && yDtype !== "f32") {
             const once = roundTo(Float32Array.from(ref), yDtype);
             let equal = 0;
             for (let i = 0; i < M * N; i++) if (got[i] === once[i]) equal++;
@@ -650,6 +692,40 @@ if (!availability.usable) {
         }
     }
 
+    /** each case near the reference, then the same bits on 3 more runs and 3 CUDA graph replays */
+    function checkRepeatable(cases: GemvCase[]): void {
+        for (const c of cases) {
+            const what = describeCase(c),
+                n = c.M * c.N;
+            const p = gemvProblem(c);
+            const dev = uploadProblem(c, p);
+            const y = DeviceBuffer.alloc(c.yDtype, n);
+            let graph: CudaGraph | null = null;
+            try {
+                gemvOnGpu(c, p, dev, y);
+                const first = rawBits(y, c.yDtype, n);
+                assertNearReference(c, p, downloadAs(y, c.yDtype, n));
+                for (let run = 0; run < 3; run++) {
+                    cuda().memset(y.ptr, 0xff, y.bytes);
+                    gemvOnGpu(c, p, dev, y);
+                    const at = firstDifference(rawBits(y, c.yDtype, n), first);
+                    assert.equal(at, -1, `${what}: run ${run + 2} differs from the first at y[${at}]`);
+                }
+                graph = CudaGraph.capture(() => gemvOnGpu(c, p, dev, y));
+                for (let replay = 0; replay < 3; replay++) {
+                    cuda().memset(y.ptr, 0xff, y.bytes);
+                    graph.launch();
+                    const at = firstDifference(rawBits(y, c.yDtype, n), first);
+                    assert.equal(at, -1, `${what}: graph replay ${replay + 1} differs from the eager call at y[${at}]`);
+                }
+            } finally {
+                graph?.destroy();
+                y.free();
+                dev.free();
+            }
+        }
+    }
+
     describe("gemv4bitGroup: several weights on one x in one launch", () => {
         // On an H100 (132 SMs) K = 3584 (28 k-steps of 128) splits every tile of N = 512 over 3 blocks, K = 4096
         // the tiles of N = 40 and 131 over 4, K = 18944 those of N = 16 and 48 over 18 (the split rules of nf4.cu);
@@ -724,42 +800,12 @@ if (!availability.usable) {
 
         test("small N split across blocks: near the CPU, the same bits on every run and in CUDA graph replays", () => {
             let seed = 600;
-            const cases = [
+            checkRepeatable([
                 gemvCase(1, 512, 3584, "bf16", "bf16", "nf4", true, seed++),
                 gemvCase(8, 512, 3584, "bf16", "bf16", "nf4", true, seed++, {r: 16, scale: 2}),
                 gemvCase(3, 40, 4096, "f16", "f32", "fp4", false, seed++),
                 gemvCase(1, 16, 18944, "bf16", "bf16", "nf4", true, seed++, {r: 64, scale: 0.5})
-            ];
-            for (const c of cases) {
-                const what = describeCase(c),
-                    n = c.M * c.N;
-                const p = gemvProblem(c);
-                const dev = uploadProblem(c, p);
-                const y = DeviceBuffer.alloc(c.yDtype, n);
-                let graph: CudaGraph | null = null;
-                try {
-                    gemvOnGpu(c, p, dev, y);
-                    const first = rawBits(y, c.yDtype, n);
-                    assertNearReference(c, p, downloadAs(y, c.yDtype, n));
-                    for (let run = 0; run < 3; run++) {
-                        cuda().memset(y.ptr, 0xff, y.bytes);
-                        gemvOnGpu(c, p, dev, y);
-                        const at = firstDifference(rawBits(y, c.yDtype, n), first);
-                        assert.equal(at, -1, `${what}: run ${run + 2} differs from the first at y[${at}]`);
-                    }
-                    graph = CudaGraph.capture(() => gemvOnGpu(c, p, dev, y));
-                    for (let replay = 0; replay < 3; replay++) {
-                        cuda().memset(y.ptr, 0xff, y.bytes);
-                        graph.launch();
-                        const at = firstDifference(rawBits(y, c.yDtype, n), first);
-                        assert.equal(at, -1, `${what}: graph replay ${replay + 1} differs from the eager call at y[${at}]`);
-                    }
-                } finally {
-                    graph?.destroy();
-                    y.free();
-                    dev.free();
-                }
-            }
+            ]);
         });
 
         test("what the tensor-core kernel does not take throws, naming the part", () => {
@@ -831,20 +877,124 @@ if (!availability.usable) {
         });
     });
 
+    // this process's --import flags (tsx in development), not the test runner's
+    const loaderFlags = () =>
+        process.execArgv.flatMap((a, i, all) =>
+            a.startsWith("--import=") ? [a] : a === "--import" && i + 1 < all.length ? [a, all[i + 1]] : []
+        );
+    const thisFile = fileURLToPath(import.meta.url);
+
+    if (LUT_VARIANT) {
+        describe(`LUT kernel (QLORA_GEMV4BIT_VARIANT=${process.env.QLORA_GEMV4BIT_VARIANT})`, () => {
+            test("near the reference of its own weights (tight) and the usual one (usual tolerance); closer to its own", () => {
+                let seed = 800;
+                const cases = [
+                    gemvCase(1, 512, 3584, "bf16", "f32", "nf4", true, seed++),
+                    gemvCase(8, 200, 768, "bf16", "bf16", "nf4", true, seed++, {r: 16, scale: 2}),
+                    gemvCase(3, 131, 4096, "f16", "f32", "fp4", false, seed++),
+                    gemvCase(2, 77, 2048, "bf16", "f32", "nf4", true, seed++, undefined, 128),
+                    // blocks of 4096 across rows of 3584
+                    gemvCase(1, 48, 3584, "bf16", "f32", "nf4", true, seed++, undefined, 4096),
+                    gemvCase(1, 16, 18944, "bf16", "bf16", "nf4", true, seed++, {r: 64, scale: 0.5}),
+                    gemvCase(5, 100, 64, "bf16", "f32", "nf4", true, seed++)
+                ];
+                for (const c of cases) {
+                    const own = gemvProblem(c),
+                        usual = gemvProblem(c, undefined, true);
+                    assert.ok(own.lut && !usual.lut);
+                    const dev = uploadProblem(c, own);
+                    const dy = DeviceBuffer.alloc(c.yDtype, c.M * c.N);
+                    try {
+                        gemvOnGpu(c, own, dev, dy);
+                        const got = downloadAs(dy, c.yDtype, c.M * c.N);
+                        assertNearReference(c, own, got);
+                        assertNearReference(c, usual, got, `${describeCase(c)} (usual weights)`, {
+                            roundedOnce: false,
+                            weightRel: c.xDtype === "bf16" ? 2 ** -8 : 2 ** -10
+                        });
+                        if (c.yDtype === "f32") {
+                            // the weights differ by 2^-9 relative, the fp32 sums by far less: y is the LUT kernel's
+                            let closer = 0;
+                            for (let i = 0; i < got.length; i++)
+                                if (Math.abs(got[i] - own.ref[i]) < Math.abs(got[i] - usual.ref[i])) closer++;
+                            assert.ok(
+                                closer >= 0.9 * got.length,
+                                `${describeCase(c)}: ${closer} of ${got.length} closer to the LUT reference`
+                            );
+                        }
+                    } finally {
+                        dy.free();
+                        dev.free();
+                    }
+                }
+            });
+
+            test("groups mixing LUT parts and parts it leaves to lds2 (blocksize 32): each part's y is gemv4bit's bit for bit", () => {
+                let seed = 850;
+                const s = () => seed++;
+                checkGroup([
+                    gemvCase(2, 200, 1024, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2}),
+                    gemvCase(2, 77, 1024, "bf16", "f32", "nf4", false, s(), undefined, 32),
+                    gemvCase(2, 64, 1024, "bf16", "bf16", "fp4", true, s(), undefined, 256)
+                ]);
+                checkGroup([
+                    gemvCase(1, 3584, 3584, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2}),
+                    gemvCase(1, 512, 3584, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2}),
+                    gemvCase(1, 512, 3584, "bf16", "bf16", "nf4", true, s(), {r: 16, scale: 2})
+                ]);
+            });
+
+            test("the same bits on every run and in CUDA graph replays, K split across blocks", () => {
+                let seed = 870;
+                checkRepeatable([
+                    gemvCase(1, 512, 3584, "bf16", "bf16", "nf4", true, seed++),
+                    gemvCase(8, 512, 3584, "bf16", "f32", "nf4", true, seed++, {r: 16, scale: 2}),
+                    gemvCase(1, 16, 18944, "bf16", "bf16", "nf4", true, seed++, {r: 64, scale: 0.5})
+                ]);
+            });
+        });
+    } else {
+        // The LUT kernel (QLORA_GEMV4BIT_VARIANT, read once per process) in a child process per variant: this file's
+        // gemv4bit and gemv4bitGroup tests (whose references then take the LUT kernel's weights) and its own.
+        describe("gemv4bit's LUT kernel variants in child processes", () => {
+            test("QLORA_GEMV4BIT_VARIANT = lut, lut2", () => {
+                for (const variant of ["lut", "lut2"]) {
+                    const r = spawnSync(
+                        process.execPath,
+                        [
+                            ...loaderFlags(),
+                            "--test",
+                            "--test-name-pattern=^(gemv4bit \\(fused|gemv4bitGroup:|LUT kernel)",
+                            thisFile
+                        ],
+                        {
+                            encoding: "utf8",
+                            cwd: REPO_ROOT,
+                            env: {...process.env, QLORA_GEMV4BIT_VARIANT: variant},
+                            timeout: 600_000
+                        }
+                    );
+                    assert.equal(
+                        r.status,
+                        0,
+                        `QLORA_GEMV4BIT_VARIANT=${variant} (signal ${r.signal}):\n${r.stdout}\n${r.stderr}`
+                    );
+                    assert.match(r.stdout, /# pass [1-9]/);
+                    assert.match(r.stdout, /# fail 0/);
+                }
+            });
+        });
+    }
+
     // The timing runs in a child process per variant of the tensor-core kernel (QLORA_GEMV4BIT_VARIANT, read once
-    // per process): lds2 / lds4 (the 16-entry code table, 2 or 4 k-steps of loads in flight per warp) and pair2 /
-    // pair4 (the 256-entry table of code pairs, one 8-byte lookup per two weights).
+    // per process): lds2 / lds4 (the 16-entry code table, 2 or 4 k-steps of loads in flight per warp), pair2 /
+    // pair4 (the 256-entry table of code pairs, one 8-byte lookup per two weights) and lut / lut2 (the code table
+    // in registers, the block scale on the accumulators; 4 or 2 k-steps of 64 in flight).
     describe("gemv4bit on Qwen2-7B shapes, every kernel variant (printed, not asserted)", () => {
         test("q/o, k/v, gate/up, down; M = 1 and 8; LoRA none and r = 16; q+k+v and gate+up grouped vs separate", () => {
-            // this process's --import flags (tsx in development), not the test runner's
-            const loaderFlags = () =>
-                process.execArgv.flatMap((a, i, all) =>
-                    a.startsWith("--import=") ? [a] : a === "--import" && i + 1 < all.length ? [a, all[i + 1]] : []
-                );
             // beside this file, run as this process runs (a .ts under tsx, or the compiled .js on the GPU machine)
-            const here = fileURLToPath(import.meta.url);
-            const script = path.join(path.dirname(here), `gemv4bit-timing${path.extname(here)}`);
-            for (const variant of ["lds2", "lds4", "pair2", "pair4"]) {
+            const script = path.join(path.dirname(thisFile), `gemv4bit-timing${path.extname(thisFile)}`);
+            for (const variant of ["lds2", "lds4", "pair2", "pair4", "lut", "lut2"]) {
                 const r = spawnSync(process.execPath, [...loaderFlags(), script], {
                     encoding: "utf8",
                     cwd: REPO_ROOT,
