@@ -5,9 +5,10 @@
 // replayed (no host launch overhead), over copies of the weights that add up to >= 128 MB, so that they come
 // from HBM and not from the 50 MB L2.
 import {randomFillSync} from "node:crypto";
-import {cuda, CudaGraph, DeviceBuffer} from "../../src/backend/cuda.js";
+import {DeviceBuffer} from "../../src/backend/cuda.js";
 import {cudaGemmOps, type Gemv4bitPart} from "../../src/backend/cuda-gemm-types.js";
 import {Rng} from "../../src/backend/rng.js";
+import {graphMicros} from "../helpers/gpu-timing.js";
 import {NF4_CODE, SIGNED_DYNAMIC_MAP} from "../../src/quant/nf4.js";
 
 const ops = cudaGemmOps();
@@ -115,27 +116,6 @@ function gemv4bit(x: DeviceBuffer, M: number, K: number, p: Gemv4bitPart): void 
     else ops.gemv4bit(...args);
 }
 
-/** device microseconds per call of `call(i)`, i = 0 .. calls - 1, recorded once into a CUDA graph and replayed */
-function deviceMicros(call: (i: number) => void, calls: number): number {
-    const addon = cuda();
-    for (let i = 0; i < calls; i++) call(i);
-    addon.synchronize();
-    const graph = CudaGraph.capture(() => {
-        for (let i = 0; i < calls; i++) call(i);
-    });
-    try {
-        graph.launch();
-        addon.synchronize();
-        const reps = 10,
-            t0 = performance.now();
-        for (let r = 0; r < reps; r++) graph.launch();
-        addon.synchronize();
-        return ((performance.now() - t0) * 1000) / (reps * calls);
-    } finally {
-        graph.destroy();
-    }
-}
-
 function report(label: string, us: number, bytes: number): void {
     console.log(`${label}: ${us.toFixed(1)} us, ${(bytes / us / 1e3).toFixed(0)} GB/s of weight bytes`);
 }
@@ -162,7 +142,7 @@ for (const [name, N, K] of shapes.filter(([name]) => wanted(name))) {
             y = DeviceBuffer.alloc("bf16", M * N),
             xa = bf16Buffer(M * RANK, 1);
         for (const lora of [false, true]) {
-            const us = deviceMicros((i) => gemv4bit(x, M, K, w.part(i % w.copies, y, lora ? xa : null)), Math.max(w.copies, 20));
+            const us = graphMicros((i) => gemv4bit(x, M, K, w.part(i % w.copies, y, lora ? xa : null)), Math.max(w.copies, 20));
             report(`gemv4bit ${name} ${N}x${K} M=${M}${lora ? ` + LoRA r=${RANK}` : ""}`, us, w.weightBytes);
         }
         for (const b of [x, y, xa]) b.free();
@@ -190,12 +170,12 @@ for (const [name, Ns, K] of groups.filter(([name]) => wanted(name))) {
             const calls = Math.max(copies, 20);
             report(
                 `${label}, one gemv4bitGroup`,
-                deviceMicros((i) => ops.gemv4bitGroup(x.ptr, "bf16", M, K, parts(i)), calls),
+                graphMicros((i) => ops.gemv4bitGroup(x.ptr, "bf16", M, K, parts(i)), calls),
                 bytes
             );
             report(
                 `${label}, ${Ns.length} gemv4bit`,
-                deviceMicros((i) => {
+                graphMicros((i) => {
                     for (const p of parts(i)) gemv4bit(x, M, K, p);
                 }, calls),
                 bytes

@@ -6,10 +6,11 @@
 import {test, describe} from "node:test";
 import assert from "node:assert/strict";
 import {cpu} from "../../src/backend/cpu.js";
-import {cuda, cudaAvailability, CudaGraph, DeviceBuffer} from "../../src/backend/cuda.js";
+import {cudaAvailability, CudaGraph, DeviceBuffer} from "../../src/backend/cuda.js";
 import {cudaGemmOps} from "../../src/backend/cuda-gemm-types.js";
 import {cudaLoraOps, type LoraDownPart} from "../../src/backend/cuda-lora-types.js";
 import {Rng} from "../../src/backend/rng.js";
+import {graphMicros} from "../helpers/gpu-timing.js";
 
 const availability = cudaAvailability();
 
@@ -242,29 +243,6 @@ if (!availability.usable) {
      * Device microseconds per call of `call(i)`, i = 0 .. calls - 1: the calls recorded once into a CUDA graph and
      * replayed (no host launch overhead); queued one by one from JavaScript when the capture fails.
      */
-    function deviceMicros(call: (i: number) => void, calls: number): {us: number; how: string} {
-        const addon = cuda();
-        for (let i = 0; i < calls; i++) call(i);
-        addon.synchronize();
-        const reps = 10;
-        let graph: CudaGraph | null = null;
-        try {
-            graph = CudaGraph.capture(() => {
-                for (let i = 0; i < calls; i++) call(i);
-            });
-        } catch {
-            graph = null;
-        }
-        const t0 = performance.now();
-        for (let r = 0; r < reps; r++) {
-            if (graph) graph.launch();
-            else for (let i = 0; i < calls; i++) call(i);
-        }
-        addon.synchronize();
-        const us = ((performance.now() - t0) * 1000) / (reps * calls);
-        graph?.destroy();
-        return {us, how: graph ? "graph replay" : "queued from JS"};
-    }
 
     describe("loraDown on the Qwen2-7B groups (printed, not asserted)", () => {
         test("q,k,v; o; gate,up; down at r = 16, M = 1 and 8: one loraDown launch vs one cuBLAS gemm per part", () => {
@@ -294,15 +272,15 @@ if (!availability.usable) {
                             return part;
                         });
                     });
-                    const ours = deviceMicros((i) => ops.loraDown(x.ptr, M, K, partsOf[i % copies]), copies);
-                    const theirs = deviceMicros((i) => {
+                    const ours = graphMicros((i) => ops.loraDown(x.ptr, M, K, partsOf[i % copies]), copies);
+                    const theirs = graphMicros((i) => {
                         for (const {out, A, r} of partsOf[i % copies])
                             gemm.gemm(false, true, M, r, K, 1, x.ptr, K, "bf16", A, K, "bf16", 0, out, r, "bf16");
                     }, copies);
                     console.log(
-                        `lora A ${name} (K = ${K}, r = ${ranks.join("+")}) M = ${M}: loraDown ${ours.us.toFixed(2)} us/launch ` +
-                            `(${(bytes / ours.us / 1e3).toFixed(0)} GB/s of A, ${ours.how}); cuBLAS ${theirs.us.toFixed(2)} us for ` +
-                            `${ranks.length} gemm${ranks.length > 1 ? "s" : ""}, ${(theirs.us / ranks.length).toFixed(2)} us/launch (${theirs.how})`
+                        `lora A ${name} (K = ${K}, r = ${ranks.join("+")}) M = ${M}: loraDown ${ours.toFixed(2)} us/launch ` +
+                            `(${(bytes / ours / 1e3).toFixed(0)} GB/s of A, graph replay); cuBLAS ${theirs.toFixed(2)} us for ` +
+                            `${ranks.length} gemm${ranks.length > 1 ? "s" : ""}, ${(theirs / ranks.length).toFixed(2)} us/launch (graph replay)`
                     );
                     x.free();
                     for (const o of outs) o.free();
