@@ -54,6 +54,20 @@ export interface GemmInfo {
     fallbackCalls: number;
 }
 
+/** a 4-bit weight's quantization state as dequantize4bit and gemv4bit take it, in their argument order */
+export type Gemv4bitStateArgs = readonly [number, number, number, number, number, number, number, number, number];
+
+/** the same state as the fields of a gemv4bitGroup part */
+export function gemv4bitStateFields(
+    a: Gemv4bitStateArgs
+): Pick<
+    Gemv4bitPart,
+    "packed" | "absmax" | "absmaxQ" | "nestedAbsmax" | "nestedCode" | "offset" | "code" | "blocksize" | "nestedBlocksize"
+> {
+    const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] = a;
+    return {packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize};
+}
+
 export interface CudaGemmOps {
     /**
      * Row-major C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C, the CPU sgemm contract: op(A) = A (A is

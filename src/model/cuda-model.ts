@@ -13,7 +13,14 @@ import {DropoutClock} from "../backend/dropout.js";
 import {cudaBackend, type CudaTensors} from "../backend/cuda-backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {DeviceBuffer} from "../backend/cuda.js";
-import {cudaGemmOps, GEMV_4BIT_MAX_LORA_R, GEMV_4BIT_MAX_M, GEMV_4BIT_MAX_PARTS} from "../backend/cuda-gemm-types.js";
+import {
+    cudaGemmOps,
+    GEMV_4BIT_MAX_LORA_R,
+    GEMV_4BIT_MAX_M,
+    GEMV_4BIT_MAX_PARTS,
+    gemv4bitStateFields,
+    type Gemv4bitStateArgs
+} from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {DenseLinear, type BaseLinear} from "../backend/linear.js";
@@ -50,7 +57,7 @@ interface Device4bit {
 }
 
 /** the quantization state as dequantize4bit and gemv4bit take it, in their argument order */
-function quantStateArgs(q: Device4bit): [number, number, number, number, number, number, number, number, number] {
+function quantStateArgs(q: Device4bit): Gemv4bitStateArgs {
     return [
         q.packed.ptr,
         q.absmax?.ptr ?? 0,
@@ -192,20 +199,10 @@ class CudaWeight implements FrozenWeight<DeviceBuffer> {
                 M,
                 K,
                 parts.map(({weight, y, lora, bias}) => {
-                    const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] =
-                        quantStateArgs((weight as CudaWeight).q!);
                     return {
                         y: y.ptr,
                         yDtype: "bf16" as const,
-                        packed,
-                        absmax,
-                        absmaxQ,
-                        nestedAbsmax,
-                        nestedCode,
-                        offset,
-                        code,
-                        blocksize,
-                        nestedBlocksize,
+                        ...gemv4bitStateFields(quantStateArgs((weight as CudaWeight).q!)),
                         N: weight.outFeatures,
                         loraXa: lora?.xa.ptr,
                         loraB: lora?.B.ptr,

@@ -16,7 +16,7 @@ import path from "node:path";
 import {fileURLToPath} from "node:url";
 import {cpu} from "../../src/backend/cpu.js";
 import {cuda, cudaAvailability, CudaGraph, DeviceBuffer} from "../../src/backend/cuda.js";
-import {cudaGemmOps, type Gemv4bitPart, type GemmDtype} from "../../src/backend/cuda-gemm-types.js";
+import {cudaGemmOps, gemv4bitStateFields, type Gemv4bitPart, type GemmDtype} from "../../src/backend/cuda-gemm-types.js";
 import {Rng} from "../../src/backend/rng.js";
 import {
     dequantize4bit,
@@ -402,24 +402,7 @@ if (!availability.usable) {
 
     /** a case as one part of gemv4bitGroup */
     function groupPart(c: GemvCase, p: GemvProblem, dev: GemvDevice, y: DeviceBuffer): Gemv4bitPart {
-        const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] = stateArgs(
-            p.s,
-            dev.d
-        );
-        const part: Gemv4bitPart = {
-            y: y.ptr,
-            yDtype: c.yDtype,
-            packed,
-            absmax,
-            absmaxQ,
-            nestedAbsmax,
-            nestedCode,
-            offset,
-            code,
-            blocksize,
-            nestedBlocksize,
-            N: c.N
-        };
+        const part: Gemv4bitPart = {y: y.ptr, yDtype: c.yDtype, ...gemv4bitStateFields(stateArgs(p.s, dev.d)), N: c.N};
         if (dev.xa && dev.B) Object.assign(part, {loraXa: dev.xa.ptr, loraB: dev.B.ptr, loraR: p.r, loraScale: p.scale});
         return part;
     }
@@ -818,21 +801,7 @@ if (!availability.usable) {
                 y = DeviceBuffer.alloc("f32", 8 * N),
                 xa = DeviceBuffer.zeros("bf16", 8 * 65),
                 b = DeviceBuffer.zeros("bf16", N * 65);
-            const [packed, absmax, absmaxQ, nestedAbsmax, nestedCode, offset, code, blocksize, nestedBlocksize] = stateArgs(s, d);
-            const part: Gemv4bitPart = {
-                y: y.ptr,
-                yDtype: "f32",
-                packed,
-                absmax,
-                absmaxQ,
-                nestedAbsmax,
-                nestedCode,
-                offset,
-                code,
-                blocksize,
-                nestedBlocksize,
-                N
-            };
+            const part: Gemv4bitPart = {y: y.ptr, yDtype: "f32", ...gemv4bitStateFields(stateArgs(s, d)), N};
             const group = (parts: unknown[], M = 1, k = K, xPtr = x.ptr, xDtype: GemmDtype = "bf16") =>
                 (ops.gemv4bitGroup as (...a: unknown[]) => void)(xPtr, xDtype, M, k, parts);
             try {
