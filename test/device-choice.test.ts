@@ -108,6 +108,8 @@ test("out of GPU memory: the bytes asked for, the allocator's use and peak, and 
             peakAllocated: 75.25 * GiB,
             peakReserved: 76 * GiB,
             numAllocs: 10,
+            pagedBytes: 0,
+            pinnedHostBytes: 0,
             deviceFree: 1.5 * GiB,
             deviceTotal: 79.19 * GiB
         },

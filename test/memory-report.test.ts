@@ -8,7 +8,7 @@ import {mkdtempSync, readFileSync, rmSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {cudaAvailability} from "../src/backend/cuda.js";
-import {formatGpuMemory, gpuMemory, memoryReport, printGpuMemory} from "../src/train/memory.js";
+import {formatGpuMemory, formatPeakMemory, gpuMemory, memoryReport, printGpuMemory} from "../src/train/memory.js";
 import {REPO_ROOT} from "./helpers/paths.js";
 
 const MiB = 2 ** 20;
@@ -114,4 +114,28 @@ test("gpuMemory() and printGpuMemory() say what there is, with or without a GPU"
     assert.equal(lines.length, m.devices.length + 1);
     assert.match(lines[0], /^GPU 0 \(.+\): [\d.]+ GiB total, [\d.]+ GiB free$/);
     assert.match(lines.at(-1)!, /^qlora allocator: [\d.]+ GiB allocated, [\d.]+ GiB reserved \(cached\), peak [\d.]+ GiB/);
+});
+
+test("paged optimizer states and pinned offload memory are reported beside the allocator's peak", () => {
+    const GiB = 2 ** 30;
+    const allocator = {
+        allocatedBytes: 1 * GiB,
+        reservedBytes: 2 * GiB,
+        peakAllocatedBytes: 6.25 * GiB,
+        peakReservedBytes: 7 * GiB,
+        pagedBytes: 0.5 * GiB,
+        pinnedHostBytes: 3 * GiB
+    };
+    const host = {rssBytes: GiB, peakRssBytes: 1.5 * GiB};
+    const r = {device: "cuda", host, gpu: allocator, kind: "gpu", current: GiB, peak: 6.25 * GiB} as const;
+    assert.equal(formatPeakMemory(r), "6.25 GiB GPU (allocator peak) + 0.50 GiB paged optimizer states, 1.50 GiB host (max RSS)");
+    assert.equal(
+        formatPeakMemory({...r, gpu: {...allocator, pagedBytes: 0}}),
+        "6.25 GiB GPU (allocator peak), 1.50 GiB host (max RSS)"
+    );
+    const lines = formatGpuMemory({available: true, reason: null, devices: [], allocator});
+    assert.deepEqual(lines, [
+        "qlora allocator: 1.00 GiB allocated, 2.00 GiB reserved (cached), peak 6.25 GiB allocated, 7.00 GiB reserved; " +
+            "paged optimizer states 0.50 GiB; offloaded activations 3.00 GiB pinned host memory"
+    ]);
 });

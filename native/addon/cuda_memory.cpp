@@ -2,6 +2,7 @@
 // from typed arrays, memset, synchronize, and the allocator's statistics.
 #include "cuda_bindings.h"
 #include "napi_util.h"
+#include "../cuda/optim.h"
 #include "../cuda/runtime.h"
 
 using namespace qlora_napi;
@@ -97,7 +98,8 @@ static Napi::Value Synchronize(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
-// memoryStats() -> {allocated, reserved, peakAllocated, peakReserved, numAllocs, deviceFree, deviceTotal}
+// memoryStats() -> {allocated, reserved, peakAllocated, peakReserved, numAllocs, pagedBytes, pinnedHostBytes,
+// deviceFree, deviceTotal}
 static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto s = qlora_cuda::memory_stats();
@@ -107,6 +109,8 @@ static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
     o.Set("peakAllocated", (double)s.peak_allocated);
     o.Set("peakReserved", (double)s.peak_reserved);
     o.Set("numAllocs", (double)s.num_allocs);
+    o.Set("pagedBytes", (double)qlora_cuda_paged_bytes());
+    o.Set("pinnedHostBytes", (double)qlora_cuda::host_pinned_bytes());
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
         o.Set("deviceFree", (double)free_b);
@@ -122,7 +126,51 @@ static Napi::Value ResetPeak(const Napi::CallbackInfo& info) {
 
 static Napi::Value EmptyCache(const Napi::CallbackInfo& info) {
     qlora_cuda::empty_cache();
+    qlora_cuda::host_slots_free();
     return info.Env().Undefined();
+}
+
+// hostOffload(src, bytes) -> slot: src copied to pinned host memory on the copy stream, after the queued work
+static Napi::Value HostOffload(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    void* src = device_ptr_arg(info, 0);
+    int64_t bytes = int_arg(info, 1);
+    QLORA_CHECK_ARGS(env);
+    cudaError_t err = cudaSuccess;
+    int slot = qlora_cuda::host_offload(src, (size_t)bytes, &err);
+    if (slot < 0) {
+        cuda_throw(env, err == cudaSuccess ? cudaErrorUnknown : err, "hostOffload");
+        return env.Undefined();
+    }
+    return Napi::Number::New(env, slot);
+}
+
+// hostFence(slot): the stream waits for the slot's copy to host
+static Napi::Value HostFence(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t slot = int_arg(info, 0);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, qlora_cuda::host_fence((int)slot), "hostFence");
+    return env.Undefined();
+}
+
+// hostPrefetch(slot, dst): the slot copied back into dst on the copy stream, after the queued work
+static Napi::Value HostPrefetch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t slot = int_arg(info, 0);
+    void* dst = device_ptr_arg(info, 1);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, qlora_cuda::host_prefetch((int)slot, dst), "hostPrefetch");
+    return env.Undefined();
+}
+
+// hostRestore(slot): the stream waits for the copy back; the slot is free again
+static Napi::Value HostRestore(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t slot = int_arg(info, 0);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, qlora_cuda::host_restore((int)slot), "hostRestore");
+    return env.Undefined();
 }
 
 // setDevice(index)
@@ -204,6 +252,10 @@ void register_cuda_memory(Napi::Env env, Napi::Object exports) {
     exports.Set("memoryStats", Napi::Function::New(env, MemoryStats, "memoryStats"));
     exports.Set("resetPeakMemoryStats", Napi::Function::New(env, ResetPeak, "resetPeakMemoryStats"));
     exports.Set("emptyCache", Napi::Function::New(env, EmptyCache, "emptyCache"));
+    exports.Set("hostOffload", Napi::Function::New(env, HostOffload, "hostOffload"));
+    exports.Set("hostFence", Napi::Function::New(env, HostFence, "hostFence"));
+    exports.Set("hostPrefetch", Napi::Function::New(env, HostPrefetch, "hostPrefetch"));
+    exports.Set("hostRestore", Napi::Function::New(env, HostRestore, "hostRestore"));
     exports.Set("profileHold", Napi::Function::New(env, ProfileHold, "profileHold"));
     exports.Set("profileMark", Napi::Function::New(env, ProfileMark, "profileMark"));
     exports.Set("profileRead", Napi::Function::New(env, ProfileRead, "profileRead"));

@@ -6,6 +6,8 @@
 // inline PTX on the device (qlora_float.h), so --use_fast_math can neither fuse nor approximate them.
 #include <limits.h>
 #include <math.h>
+#include <mutex>
+#include <unordered_map>
 #include "optim.h"
 #include "kernel_utils.cuh"
 #include "qlora_adamw.h"
@@ -366,10 +368,25 @@ static bool concurrent_managed_access(int* device) {
     return concurrent != 0;
 }
 
+// the bytes of paged states held: they are outside the caching allocator, and memoryStats reports them beside it
+static std::mutex g_paged_mutex;
+static std::unordered_map<void*, size_t> g_paged;
+static size_t g_paged_bytes = 0;
+
+extern "C" size_t qlora_cuda_paged_bytes() {
+    std::lock_guard<std::mutex> lock(g_paged_mutex);
+    return g_paged_bytes;
+}
+
 extern "C" cudaError_t qlora_cuda_alloc_paged(void** ptr, size_t bytes) {
     *ptr = nullptr;
     if (bytes == 0) bytes = 1;
     QLORA_CUDA_TRY(cudaMallocManaged(ptr, bytes, cudaMemAttachGlobal));
+    {
+        std::lock_guard<std::mutex> lock(g_paged_mutex);
+        g_paged[*ptr] = bytes;
+        g_paged_bytes += bytes;
+    }
     int dev = 0;
     if (concurrent_managed_access(&dev)) {
         // best effort: the memory works without the advice
@@ -385,7 +402,18 @@ extern "C" cudaError_t qlora_cuda_alloc_paged(void** ptr, size_t bytes) {
     return cudaSuccess;
 }
 
-extern "C" cudaError_t qlora_cuda_free_paged(void* ptr) { return ptr ? cudaFree(ptr) : cudaSuccess; }
+extern "C" cudaError_t qlora_cuda_free_paged(void* ptr) {
+    if (!ptr) return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> lock(g_paged_mutex);
+        auto it = g_paged.find(ptr);
+        if (it != g_paged.end()) {
+            g_paged_bytes -= it->second;
+            g_paged.erase(it);
+        }
+    }
+    return cudaFree(ptr);
+}
 
 extern "C" cudaError_t qlora_cuda_prefetch_paged(const void* ptr, size_t bytes, int to_device, cudaStream_t stream) {
     int dev = 0;

@@ -71,6 +71,8 @@ cudaError_t qlora_cuda_optim_scale(float* x, float s, int64_t n, cudaStream_t st
 // unchanged.
 cudaError_t qlora_cuda_alloc_paged(void** ptr, size_t bytes);
 cudaError_t qlora_cuda_free_paged(void* ptr);
+// bytes of paged states allocated and not freed
+size_t qlora_cuda_paged_bytes();
 cudaError_t qlora_cuda_prefetch_paged(const void* ptr, size_t bytes, int to_device, cudaStream_t stream);
 
 #ifdef __cplusplus

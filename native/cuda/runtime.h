@@ -46,4 +46,18 @@ cudaError_t profile_hold(int64_t us);
 cudaError_t profile_mark();
 cudaError_t profile_read(std::vector<double>* elapsed_ms);
 
+// Offloaded activations (offload.cpp): copies between device buffers and pinned host slots on a second stream.
+// host_offload: after the work queued so far, copies `bytes` at src into a slot; returns the slot (-1 with err set)
+int host_offload(const void* src, size_t bytes, cudaError_t* err);
+// the stream waits for the slot's copy to host: call before src is freed or written
+cudaError_t host_fence(int slot);
+// after the work queued so far, copies the slot back into dst (the slot's bytes)
+cudaError_t host_prefetch(int slot, void* dst);
+// the stream waits for the copy back; the slot is free for the next offload of its size
+cudaError_t host_restore(int slot);
+// pinned bytes held by the slots (in use or idle)
+size_t host_pinned_bytes();
+// gives the idle slots' pinned memory back (emptyCache)
+void host_slots_free();
+
 }  // namespace qlora_cuda

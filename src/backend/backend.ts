@@ -16,6 +16,11 @@ export interface KvBlocksOf<I> {
     block: number;
 }
 
+/** an activation on its way to or from host memory (offloaded gradient checkpointing); opaque to the graph */
+export interface HostCopy {
+    readonly hostCopy: true;
+}
+
 export interface TensorTypes {
     f: unknown;
     i: unknown;
@@ -48,9 +53,15 @@ export interface Backend<X extends TensorTypes> {
     mask(host: Uint8Array): X["u8"];
     /** releases a tensor now (device memory); a no-op where the garbage collector owns storage */
     free(t: X["f"] | X["i"] | X["u8"] | null): void;
-    /** a host copy of an activation tensor, and back: offloaded gradient checkpointing */
-    offload(t: X["f"]): X["f"] | Uint16Array | Float32Array;
-    restore(host: X["f"] | Uint16Array | Float32Array): X["f"];
+    /**
+     * offloaded gradient checkpointing: starts copying an activation to host memory, overlapping the work queued
+     * after this call; t stays usable until freed, and free(t) is ordered after the copy
+     */
+    offload(t: X["f"]): HostCopy;
+    /** starts copying a host copy back into a new tensor, overlapping the work queued after this call */
+    prefetch(h: HostCopy): HostCopy;
+    /** the tensor of a prefetched (or offloaded) host copy, ready for the work queued after this call */
+    restore(h: HostCopy): X["f"];
 
     // ---- ops
     /**

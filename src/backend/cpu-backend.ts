@@ -1,8 +1,13 @@
 // cpu-backend.ts: the Backend on the host: fp32 tensors are Float32Arrays (the garbage collector owns them), the
 // ops are the native CPU addon's (native/cpu/*.cpp, OpenMP).
 import {cpu} from "./cpu.js";
-import type {Backend, KvBlocksOf, LossResult} from "./backend.js";
+import type {Backend, HostCopy, KvBlocksOf, LossResult} from "./backend.js";
 import {pickTokensHost, type TokenPick} from "./sampling.js";
+
+/** activations live in host memory: an offloaded one is the tensor itself */
+interface CpuHostCopy extends HostCopy {
+    tensor: Float32Array;
+}
 
 export interface CpuTensors {
     f: Float32Array;
@@ -31,11 +36,14 @@ export class CpuBackend implements Backend<CpuTensors> {
         return host;
     }
     free(): void {}
-    offload(t: Float32Array): Float32Array {
-        return t; // host memory already
+    offload(t: Float32Array): HostCopy {
+        return {hostCopy: true, tensor: t} as CpuHostCopy; // host memory already
     }
-    restore(host: Float32Array): Float32Array {
-        return host;
+    prefetch(h: HostCopy): HostCopy {
+        return h;
+    }
+    restore(h: HostCopy): Float32Array {
+        return (h as CpuHostCopy).tensor;
     }
 
     embedding(out: Float32Array, ids: Int32Array, table: Float32Array, N: number, V: number, C: number): number {

@@ -5,7 +5,7 @@ import {cudaAttentionOps} from "./cuda-attention-types.js";
 import {cudaGemmOps, type GemmDtype} from "./cuda-gemm-types.js";
 import {cudaLoraOps, LORA_DOWN_MAX_M, LORA_DOWN_MAX_PARTS, LORA_DOWN_MAX_R} from "./cuda-lora-types.js";
 import {cudaKernelOps} from "./cuda-kernels-types.js";
-import type {Backend, KvBlocksOf, LossResult} from "./backend.js";
+import type {Backend, HostCopy, KvBlocksOf, LossResult} from "./backend.js";
 import {pickArguments, type TokenPick} from "./sampling.js";
 
 export interface CudaTensors {
@@ -16,6 +16,17 @@ export interface CudaTensors {
 
 /** positions per block of a paged KV cache in the attention kernel (native/cuda/attention.h QLORA_CUDA_KV_BLOCK) */
 const KV_BLOCK_CUDA = 64;
+
+/** an activation in a pinned host slot; `device` once a prefetch has started copying it back */
+class CudaHostCopy implements HostCopy {
+    readonly hostCopy = true;
+    constructor(
+        readonly slot: number,
+        readonly dtype: DeviceBuffer["dtype"],
+        readonly length: number,
+        readonly device: DeviceBuffer | null = null
+    ) {}
+}
 
 /** bytes per element of the activation dtype (bf16) */
 const ACT_BYTES = 2;
@@ -41,16 +52,32 @@ export class CudaBackend implements Backend<CudaTensors> {
         return DeviceBuffer.from("u8", host);
     }
     free(t: DeviceBuffer | null): void {
-        t?.free();
-    }
-    /** the bf16 bits on the host; the device buffer is freed */
-    offload(t: DeviceBuffer): Uint16Array {
-        const host = t.toHost() as Uint16Array;
+        if (!t) return;
+        const slot = this.copyingToHost.get(t);
+        if (slot !== undefined) {
+            // the caching allocator may hand the memory out to the next op: the copy to host must be done first
+            cuda().hostFence(slot);
+            this.copyingToHost.delete(t);
+        }
         t.free();
-        return host;
     }
-    restore(host: DeviceBuffer | Uint16Array | Float32Array): DeviceBuffer {
-        return host instanceof Uint16Array ? DeviceBuffer.from("bf16", host) : (host as DeviceBuffer);
+    /** buffers being copied to host memory (offload), by their copy's pinned slot (native/cuda/offload.cpp) */
+    private readonly copyingToHost = new Map<DeviceBuffer, number>();
+    offload(t: DeviceBuffer): HostCopy {
+        const slot = cuda().hostOffload(t.ptr, t.bytes);
+        this.copyingToHost.set(t, slot);
+        return new CudaHostCopy(slot, t.dtype, t.length);
+    }
+    prefetch(h: HostCopy): HostCopy {
+        const c = h as CudaHostCopy;
+        const device = DeviceBuffer.alloc(c.dtype, c.length);
+        cuda().hostPrefetch(c.slot, device.ptr);
+        return new CudaHostCopy(c.slot, c.dtype, c.length, device);
+    }
+    restore(h: HostCopy): DeviceBuffer {
+        const c = (h as CudaHostCopy).device ? (h as CudaHostCopy) : (this.prefetch(h) as CudaHostCopy);
+        cuda().hostRestore(c.slot);
+        return c.device!;
     }
 
     embedding(out: DeviceBuffer, ids: DeviceBuffer, table: DeviceBuffer, N: number, V: number, C: number, check = true): number {

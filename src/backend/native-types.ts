@@ -163,6 +163,10 @@ export interface CudaMemoryStats {
     peakAllocated: number;
     peakReserved: number;
     numAllocs: number;
+    /** paged optimizer states (unified memory, outside the allocator) */
+    pagedBytes: number;
+    /** pinned host slots of offloaded activations (host memory) */
+    pinnedHostBytes: number;
     deviceFree?: number;
     deviceTotal?: number;
 }
@@ -186,7 +190,16 @@ export interface CudaAddon {
     synchronize(): void;
     memoryStats(): CudaMemoryStats;
     resetPeakMemoryStats(): void;
+    /** gives cached device buffers and idle pinned host slots back */
     emptyCache(): void;
+    /** offloaded activations (native/cuda/offload.cpp): src copied to a pinned host slot on the copy stream, after the queued work */
+    hostOffload(src: number, bytes: number): number;
+    /** the stream waits for the slot's copy to host (before src is freed) */
+    hostFence(slot: number): void;
+    /** the slot copied back into dst on the copy stream, after the queued work */
+    hostPrefetch(slot: number, dst: number): void;
+    /** the stream waits for the copy back; the slot is free again */
+    hostRestore(slot: number): void;
     /** work queued from now on is recorded into a CUDA graph instead of run; allocations use the graph pool */
     graphBegin(): void;
     /** ends the recording: the instantiated graph's handle (throws when the work could not be captured) */

@@ -13,7 +13,7 @@
 // token mean (SPEC-training §8); the backend computes it in chunks of rows and never holds the whole logits.
 // Gradient rule (llm.c): parameter gradients +=, activation gradients =, the residual stream +=.
 import {QloraError} from "../errors.js";
-import type {Backend, GraphLinear, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
+import type {Backend, GraphLinear, HostCopy, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {countNonFinite} from "../backend/cpu.js";
 import {MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
@@ -409,14 +409,16 @@ export class DecoderGraph<X extends TensorTypes> {
 
         const checkpoint = opts.gradientCheckpointing && train;
         const offload = checkpoint && !!this.options.offloadActivations;
-        const inputs: (X["f"] | Uint16Array | Float32Array)[] = [x0];
+        const inputs: (X["f"] | HostCopy)[] = [x0];
         const acts: (BlockActs<X["f"]> | null)[] = [];
         let x = x0;
         for (let l = 0; l < L; l++) {
+            // an offloaded input's copy to host memory runs beside the block's forward
+            const host = offload ? be.offload(x) : null;
             const a = this.blockForward(l, x, ctx, train);
-            // a block's input is read again only by its backward (or recomputation)
-            if (!train) be.free(x);
-            else if (offload) inputs[l] = be.offload(x);
+            // a block's input is read again only by its backward (or recomputation); the free waits for the copy
+            if (!train || host) be.free(x);
+            if (host) inputs[l] = host;
             x = a.out;
             inputs.push(x);
             if (checkpoint || !train) {
@@ -454,9 +456,12 @@ export class DecoderGraph<X extends TensorTypes> {
         be.rmsnormBackward(dx, dxf, x, w.finalNorm, rstdF, N, C);
         be.free(dxf);
         be.free(rstdF);
+        // offloaded inputs come back one block ahead: the copy runs beside the block before it
+        let prefetched = offload ? be.prefetch(inputs[L - 1] as HostCopy) : null;
         for (let l = L - 1; l >= 0; l--) {
-            const input = be.restore(inputs[l]);
+            const input = prefetched ? be.restore(prefetched) : (inputs[l] as X["f"]);
             inputs[l] = input;
+            prefetched = offload && l > 0 ? be.prefetch(inputs[l - 1] as HostCopy) : null;
             let a = acts[l];
             // recomputed under gradient checkpointing: the dropout masks are a function of the micro-batch, so the
             // recomputation draws the masks of the first forward

@@ -22,6 +22,10 @@ export interface AllocatorMemory {
     /** highest allocatedBytes so far (torch.cuda.max_memory_allocated) */
     peakAllocatedBytes: number;
     peakReservedBytes: number;
+    /** paged optimizer states: unified memory outside the allocator (as bitsandbytes' are outside torch's), resident on the GPU unless evicted */
+    pagedBytes: number;
+    /** pinned host memory of offloaded activations (gradient_checkpointing_offload) */
+    pinnedHostBytes: number;
 }
 
 export interface MemoryReport {
@@ -45,7 +49,9 @@ function allocatorMemory(): AllocatorMemory {
         allocatedBytes: s.allocated,
         reservedBytes: s.reserved,
         peakAllocatedBytes: s.peakAllocated,
-        peakReservedBytes: s.peakReserved
+        peakReservedBytes: s.peakReserved,
+        pagedBytes: s.pagedBytes ?? 0,
+        pinnedHostBytes: s.pinnedHostBytes ?? 0
     };
 }
 
@@ -92,7 +98,9 @@ export function formatGpuMemory(m: GpuMemory): string[] {
     const s = m.allocator!;
     lines.push(
         `qlora allocator: ${gib(s.allocatedBytes)} allocated, ${gib(s.reservedBytes)} reserved (cached), ` +
-            `peak ${gib(s.peakAllocatedBytes)} allocated, ${gib(s.peakReservedBytes)} reserved`
+            `peak ${gib(s.peakAllocatedBytes)} allocated, ${gib(s.peakReservedBytes)} reserved` +
+            (s.pagedBytes > 0 ? `; paged optimizer states ${gib(s.pagedBytes)}` : "") +
+            (s.pinnedHostBytes > 0 ? `; offloaded activations ${gib(s.pinnedHostBytes)} pinned host memory` : "")
     );
     return lines;
 }
@@ -107,5 +115,7 @@ export function printGpuMemory(print: (line: string) => void = console.log): Gpu
 /** a report's peaks in one line: "1.21 GiB (max RSS)", or the GPU allocator's peak and the host's */
 export function formatPeakMemory(r: MemoryReport): string {
     const host = `${gib(r.host.peakRssBytes)} host (max RSS)`;
-    return r.gpu ? `${gib(r.gpu.peakAllocatedBytes)} GPU (allocator peak), ${host}` : host;
+    if (!r.gpu) return host;
+    const paged = r.gpu.pagedBytes > 0 ? ` + ${gib(r.gpu.pagedBytes)} paged optimizer states` : "";
+    return `${gib(r.gpu.peakAllocatedBytes)} GPU (allocator peak)${paged}, ${host}`;
 }

@@ -616,9 +616,11 @@ class StepReplay {
         let dx = this.act("backward_temporaries", N * C);
         mem.free(dxf);
         mem.free(rstdF);
+        // offloaded inputs come back one block ahead (graph.ts prefetches while the block before runs)
+        if (offload) inputs[L - 1] = this.act("block_inputs", N * C);
         for (let l = L - 1; l >= 0; l--) {
             mem.phase = `backward, block ${l}`;
-            if (inputs[l] === null) inputs[l] = this.act("block_inputs", N * C); // restored from host memory
+            if (offload && l > 0) inputs[l - 1] = this.act("block_inputs", N * C);
             const a = acts[l] ?? this.blockForward(l, true);
             const dPrev = this.blockBackward(l);
             mem.free(dx);

@@ -939,7 +939,9 @@ if (!availability.usable) {
                         {
                             encoding: "utf8",
                             cwd: REPO_ROOT,
-                            env: {...process.env, QLORA_GEMV4BIT_VARIANT: variant},
+                            // without NODE_TEST_CONTEXT: under `node --test` the child would report to the parent's
+                            // runner in its binary protocol instead of printing its TAP summary
+                            env: {...process.env, NODE_TEST_CONTEXT: undefined, QLORA_GEMV4BIT_VARIANT: variant},
                             timeout: 600_000
                         }
                     );

@@ -286,7 +286,16 @@ const OP_NAMES = {
 } satisfies Record<
     Exclude<
         keyof Backend<TensorTypes>,
-        "device" | "activationDtype" | "lossChunkRows" | "activation" | "stats" | "indices" | "mask" | "free" | "restore"
+        | "device"
+        | "activationDtype"
+        | "lossChunkRows"
+        | "activation"
+        | "stats"
+        | "indices"
+        | "mask"
+        | "free"
+        | "prefetch"
+        | "restore"
     >,
     true
 >;
@@ -1217,8 +1226,32 @@ for (const n of [1, 17, 4099]) {
         shape: `n=${n} then restore`,
         run(r) {
             const x = r.randn(n);
-            const host = r.be.offload(x.t); // x.t is given up (freed on CUDA)
+            const host = r.be.offload(x.t);
             r.exact("restore(offload(x)) = x", r.get(r.own(r.be.restore(host))), x.v);
+        }
+    });
+    OP_CASES.push({
+        op: "offload",
+        shape: `3 x n=${n}, freed and overwritten, prefetched one ahead`,
+        run(r) {
+            // as the graph does: free (its memory reused at once by the allocator) right after the offload, then
+            // bring them back in reverse order, each prefetched while the one after it is in use
+            const xs = [r.randn(n), r.randn(n), r.randn(n)];
+            const other = r.randn(n);
+            const hosts = xs.map((x) => {
+                const h = r.be.offload(x.t);
+                r.be.free(x.t);
+                const reuse = r.be.activation(n); // likely the block just freed: written after the copy only
+                r.be.swiglu(reuse, other.t, other.t, n);
+                r.be.free(reuse);
+                return h;
+            });
+            let next = r.be.prefetch(hosts[2]);
+            for (let i = 2; i >= 0; i--) {
+                const t = r.own(r.be.restore(next));
+                if (i > 0) next = r.be.prefetch(hosts[i - 1]);
+                r.exact(`input ${i} back`, r.get(t), xs[i].v);
+            }
         }
     });
 }
