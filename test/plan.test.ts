@@ -243,7 +243,7 @@ test("the speed estimate is within 25% of every run measured on the H100, and sc
         const err = (100 * (est - rate)) / rate;
         worst = Math.max(worst, Math.abs(err));
         console.log(
-            `${arch} ${quantized ? "QLoRA" : "LoRA "} ${shape} checkpointing ${ckpt ? "on " : "off"}: estimated ` +
+            `${arch} ${quantized ? "QLoRA" : "LoRA "} ${shape} checkpointing ${ckpt}: estimated ` +
                 `${Math.round(est)} tokens/s, measured ${rate} (${err.toFixed(1)}%)`
         );
         assert.ok(Math.abs(err) <= 25, `${arch} ${quantized} ${shape} ${ckpt}: ${err.toFixed(1)}%`);
