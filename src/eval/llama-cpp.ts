@@ -18,13 +18,25 @@ const MIN_F32 = 1.401298464324817e-45;
 export interface GgufLmOptions {
     /** cuda: llama.cpp may offload to the GPU (its prebuilt CUDA or Vulkan binary); cpu: the CPU binary only */
     device: "cpu" | "cuda";
-    /** CPU threads (default: llama.cpp's, every core) */
+    /** CPU threads (default: ggufThreads) */
     threads?: number;
 }
 
 export interface GgufLm extends EvalLm {
+    /** the CPU threads llama.cpp evaluates with (its context's, once one is made) */
+    readonly threads: number;
     /** frees the model and its context (llama.cpp's memory) */
     dispose(): Promise<void>;
+}
+
+/**
+ * the threads a context is given: `requested`, else llama.cpp's own default (its cpu_get_num_math(): the physical
+ * cores). Left to node-llama-cpp 3.21.1, a context takes at least 4 threads whatever the machine has; llama.cpp's
+ * threads wait for each other at every op by spinning, so more threads than cores cost a scheduler time slice per
+ * op: on 2 cores, 983 ms per decoded token of the embedded model with 4 threads, 14 ms with 2, 2 ms with 1.
+ */
+export function ggufThreads(llama: Pick<Llama, "cpuMathCores">, requested: number | undefined): number {
+    return requested ?? Math.max(1, llama.cpuMathCores);
 }
 
 type NodeLlamaCpp = typeof import("node-llama-cpp");
@@ -80,6 +92,7 @@ export async function checkLlamaCpp(device: "cpu" | "cuda"): Promise<void> {
 /** opens a GGUF model file for evaluation; `config` is the config.json of the model it was exported from */
 export async function openGgufLm(file: string, config: ModelConfig, opts: GgufLmOptions): Promise<GgufLm> {
     const llama = await getLlamaFor(opts.device);
+    const threads = ggufThreads(llama, opts.threads);
     const before = llamaLog.length;
     let model: LlamaModel;
     try {
@@ -104,7 +117,7 @@ export async function openGgufLm(file: string, config: ModelConfig, opts: GgufLm
             const size = Math.min(config.maxPositionEmbeddings, grown);
             await context?.dispose();
             context = null;
-            context = await model.createContext({contextSize: size, threads: opts.threads});
+            context = await model.createContext({contextSize: size, threads});
             sequence = context.getSequence();
         }
         return sequence;
@@ -137,6 +150,9 @@ export async function openGgufLm(file: string, config: ModelConfig, opts: GgufLm
     const lm: GgufLm = {
         config,
         rowOrder: "shared-prefix",
+        get threads() {
+            return context?.currentThreads ?? threads;
+        },
         async tokenLogprobs(rows) {
             const out: TokenLogprob[][] = [];
             for (const row of rows) out.push(await scoreRow(row));

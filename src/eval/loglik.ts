@@ -11,7 +11,7 @@
 // The scoring is one generator (loglikelihoodSteps): it yields each batch of rows and takes back their scores, so
 // the same code runs over a synchronous CausalLm (loglikelihoods) and an async model (loglikelihoodsOf).
 import type {CausalLm} from "../model/causal-lm.js";
-import {causalTokenLogprobs, type EvalLm, type RowOrder, rowOrder, type ScoreRow, type TokenLogprob} from "./model.js";
+import {causalScorer, type EvalLm, type RowOrder, rowOrder, type ScoreRow, type TokenLogprob} from "./model.js";
 
 export interface LoglikRequest {
     context: string;
@@ -55,14 +55,22 @@ export function encodePair(
     context: string,
     continuation: string
 ): {context: number[]; continuation: number[]} {
-    const spaces = context.length - context.trimEnd().length;
-    if (spaces > 0) {
-        continuation = context.slice(context.length - spaces) + continuation;
-        context = context.slice(0, context.length - spaces);
-    }
-    const whole = tokenizer.encode(context + continuation);
-    const ctx = tokenizer.encode(context);
-    return {context: ctx, continuation: whole.slice(ctx.length)};
+    return encodePairs(tokenizer, context, [continuation])[0];
+}
+
+/** encodePair of one context with each of its continuations (the context, the same for all, encoded once) */
+function encodePairs(
+    tokenizer: EncodeTokenizer,
+    context: string,
+    continuations: string[]
+): {context: number[]; continuation: number[]}[] {
+    const trimmed = context.trimEnd();
+    const spaces = context.slice(trimmed.length);
+    const ctx = tokenizer.encode(trimmed);
+    return continuations.map((continuation) => ({
+        context: ctx,
+        continuation: tokenizer.encode(trimmed + spaces + continuation).slice(ctx.length)
+    }));
 }
 
 /** the requests' rows: one per context when every continuation is a single token, else one per continuation */
@@ -75,7 +83,7 @@ function buildRows(
     const rows: Row[] = [];
     const truncated = requests.map(() => false);
     requests.forEach((req, r) => {
-        const pairs = req.continuations.map((c) => encodePair(tokenizer, req.context, c));
+        const pairs = encodePairs(tokenizer, req.context, req.continuations);
         const ctx = pairs[0]?.context ?? [];
         const context = ctx.length > 0 ? ctx : prefix;
         if (pairs.every((p) => p.continuation.length === 1)) {
@@ -147,20 +155,26 @@ export function* loglikelihoodSteps(
     return results;
 }
 
-/** the log-likelihood of each continuation of each request, on a CausalLm (synchronous) */
+/** the log-likelihood of each continuation of each request, on a CausalLm (synchronous; scored as causalEvalLm scores) */
 export function loglikelihoods(
     lm: CausalLm,
     tokenizer: EncodeTokenizer,
     requests: LoglikRequest[],
     opts: LoglikOptions
 ): LoglikResult[] {
-    const steps = loglikelihoodSteps(tokenizer, requests, {
-        ...opts,
-        maxLength: opts.maxLength ?? lm.config.maxPositionEmbeddings
-    });
-    let step = steps.next();
-    while (!step.done) step = steps.next(causalTokenLogprobs(lm, step.value));
-    return step.value;
+    const scorer = causalScorer(lm);
+    try {
+        const steps = loglikelihoodSteps(tokenizer, requests, {
+            ...opts,
+            maxLength: opts.maxLength ?? lm.config.maxPositionEmbeddings,
+            order: opts.order ?? scorer.order
+        });
+        let step = steps.next();
+        while (!step.done) step = steps.next(scorer.score(step.value));
+        return step.value;
+    } finally {
+        scorer.release();
+    }
 }
 
 /** the same on any EvalLm (a CausalLm, or a GGUF model through llama.cpp) */
@@ -175,7 +189,11 @@ export async function loglikelihoodsOf(
         maxLength: opts.maxLength ?? lm.config.maxPositionEmbeddings,
         order: lm.rowOrder
     });
-    let step = steps.next();
-    while (!step.done) step = steps.next(await lm.tokenLogprobs(step.value));
-    return step.value;
+    try {
+        let step = steps.next();
+        while (!step.done) step = steps.next(await lm.tokenLogprobs(step.value));
+        return step.value;
+    } finally {
+        lm.endScoring?.();
+    }
 }

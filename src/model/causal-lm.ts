@@ -62,3 +62,16 @@ export interface CausalLm {
     /** the summed loss and target count of a batch, forward only (evaluation) */
     score(batch: TrainBatch): LossResult;
 }
+
+/**
+ * forgets a cache row's positions from `length` on: the row's next forward writes over them (the row keeps its
+ * blocks). A row's length is the cache's whole record of what it holds (the host's lengths, which every step of
+ * either device reads), so a shorter length is a shorter row. Evaluation keeps a shared few-shot prefix this way.
+ */
+export function truncateCacheRow(cache: LmCache, row: number, length: number): void {
+    if (!(Number.isSafeInteger(row) && row >= 0 && row < cache.batch))
+        throw new Error(`truncateCacheRow: row ${row} of a cache of ${cache.batch} rows`);
+    if (!(Number.isSafeInteger(length) && length >= 0 && length <= cache.lengths[row]))
+        throw new Error(`truncateCacheRow: length ${length} of a row of ${cache.lengths[row]} positions`);
+    cache.lengths[row] = length;
+}
