@@ -5,10 +5,16 @@
 // paged_adamw_8bit (QLoRA) or adamw_torch (LoRA); 3 warm-up and 10 timed steps.
 //
 //   node bench/gpu.js [--models qwen2-0.5b,qwen2-7b] [--modes qlora,lora] [--shape 4x512] [--steps 10]
-//                     [--dir /tmp/models] [--peer path/to/peer_lora.py] [--offload]
+//                     [--dir /tmp/models] [--peer path/to/peer_lora.py] [--offload] [--profile]
+// --profile: after each row, one more step timed op by op on the GPU (src/backend/cuda-profile.ts), and the
+// memory at the step's peak term by term as `qlora plan` predicts it (src/train/plan-memory.ts), beside the
+// allocator's measured peak.
 import {spawnSync} from "node:child_process";
+import {formatProfile} from "../src/backend/cuda-profile.js";
+import {loadModelConfig} from "../src/io/hf-config.js";
+import {GiB, planDeviceMemory} from "../src/train/plan-memory.js";
 import {syntheticModel} from "./models.js";
-import {setupTraining, timeSteps, type TrainMode} from "./train-steps.js";
+import {benchSettings, profileStep, setupTraining, timeSteps, type TrainMode} from "./train-steps.js";
 
 const arg = (name: string, def: string) => {
     const i = process.argv.indexOf(`--${name}`);
@@ -22,6 +28,7 @@ const steps = Number(arg("steps", "10")),
 const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
 const offload = process.argv.includes("--offload");
+const profile = process.argv.includes("--profile");
 
 // transformers + peft + bitsandbytes QLoRA on the H200 (../shared/bench/RESULTS.md; bitsandbytes is not installed there)
 const BNB_QLORA_BY_SHAPE: Record<string, Record<string, {tokS: number; peak: number}>> = {
@@ -60,6 +67,23 @@ for (const name of models) {
             note: `load ${setup.loadSeconds.toFixed(0)} s, loss ${t.lossFirst.toFixed(3)} -> ${t.lossLast.toFixed(3)}`
         });
         console.log(JSON.stringify(rows[rows.length - 1]));
+        if (profile) {
+            const what = `${name} ${mode} ${bs}x${seq}${offload ? ", offloaded checkpoints" : ""}`;
+            console.log(
+                `\n${formatProfile(profileStep(setup, {batch: bs, seq, gradientCheckpointing: true}), `one training step of ${what}`)}\n`
+            );
+            const plan = planDeviceMemory(
+                await loadModelConfig(modelDir),
+                benchSettings(mode as TrainMode, bs, seq, offload ? "offload" : "on")
+            );
+            console.log(`memory of ${what} at the step's peak (${plan.peakPhase}), as the plan predicts it\n`);
+            console.log("| term | GiB |\n|---|--:|");
+            for (const t of plan.terms) console.log(`| ${t.label} | ${(t.bytes / GiB).toFixed(3)} |`);
+            console.log(`| caching allocator rounding | ${(plan.roundingBytes / GiB).toFixed(3)} |`);
+            console.log(
+                `| **predicted peak** (measured: ${(t.peakBytes === null ? 0 : t.peakBytes / GiB).toFixed(3)}) | ${(plan.peakBytes / GiB).toFixed(3)} |\n`
+            );
+        }
     }
     if (peer) {
         const r = spawnSync(

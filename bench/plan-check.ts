@@ -14,18 +14,17 @@
 import {spawnSync} from "node:child_process";
 import {fileURLToPath} from "node:url";
 import {DEFAULT_MODEL_DIR} from "../src/api/models.js";
-import {BENCHMARK_SETTINGS, estimateSpeed, gpuByDeviceName, gpuByName} from "../src/api/plan-gpus.js";
+import {estimateSpeed, gpuByDeviceName, gpuByName} from "../src/api/plan-gpus.js";
 import {cudaAvailability} from "../src/backend/cuda.js";
 import {loadModelConfig} from "../src/io/hf-config.js";
-import {resolveTrainConfig} from "../src/train/config.js";
 import {GiB, planDeviceMemory} from "../src/train/plan-memory.js";
 import {syntheticModel} from "./models.js";
-import {MODE_OPTIM, setupTraining, timeSteps, type TrainMode} from "./train-steps.js";
+import {benchSettings, type Checkpointing, setupTraining, timeSteps, type TrainMode} from "./train-steps.js";
 
 interface Case {
     batch: number;
     seq: number;
-    ckpt: "on" | "off" | "offload";
+    ckpt: Checkpointing;
 }
 
 interface Group {
@@ -96,17 +95,7 @@ function runGroup(group: Group): Measured[] {
     return out;
 }
 
-function settingsOf(mode: TrainMode, c: Case) {
-    return resolveTrainConfig({
-        ...BENCHMARK_SETTINGS,
-        load_in_4bit: mode === "qlora",
-        optim: MODE_OPTIM[mode],
-        per_device_train_batch_size: c.batch,
-        max_seq_length: c.seq,
-        gradient_checkpointing: c.ckpt !== "off",
-        gradient_checkpointing_offload: c.ckpt === "offload"
-    });
-}
+const settingsOf = (mode: TrainMode, c: Case) => benchSettings(mode, c.batch, c.seq, c.ckpt);
 
 async function main(): Promise<void> {
     const childArg = process.argv.indexOf("--child");

@@ -3,7 +3,9 @@
 // trainer's engine (paged_adamw_8bit for QLoRA, adamw_torch for LoRA), random token batches, warm-up steps, then
 // timed steps (forward + backward, clipping, optimizer), and the caching allocator's peak.
 import {performance} from "node:perf_hooks";
+import {benchmarkSettings, type Checkpointing} from "../src/api/plan-gpus.js";
 import {cuda, cudaMemoryStats} from "../src/backend/cuda.js";
+import {type Profile, profileCuda} from "../src/backend/cuda-profile.js";
 import {DropoutClock} from "../src/backend/dropout.js";
 import {Rng} from "../src/backend/rng.js";
 import {DecoderModel} from "../src/model/decoder.js";
@@ -16,6 +18,12 @@ export type TrainMode = "qlora" | "lora";
 
 /** the optimizer each mode trains with (the seed recipe's, and peft's usual one for bf16 LoRA) */
 export const MODE_OPTIM: Record<TrainMode, string> = {qlora: "paged_adamw_8bit", lora: "adamw_torch"};
+
+export type {Checkpointing};
+
+/** the train settings of a benchmark step (what `qlora plan` is asked about it) */
+export const benchSettings = (mode: TrainMode, batch: number, seq: number, ckpt: Checkpointing) =>
+    benchmarkSettings(batch, seq, ckpt, {load_in_4bit: mode === "qlora", optim: MODE_OPTIM[mode]});
 
 /** a model with its LoRA adapter and an engine on `device`, as the trainer builds them */
 export interface TrainSetup {
@@ -112,13 +120,7 @@ export function timeSteps(
             sync();
             t1 = performance.now();
         }
-        engine.zeroGrad();
-        const r = engine.forwardBackward(batches[i % batches.length], {
-            lossScale: 1 / (N - o.batch),
-            gradientCheckpointing: o.gradientCheckpointing
-        });
-        engine.clipGradNorm(0);
-        engine.optimizerStep(2e-4);
+        const r = trainStep(engine, batches[i % batches.length], o);
         losses.push(r.lossSum / r.targets);
     }
     sync();
@@ -131,4 +133,24 @@ export function timeSteps(
         lossFirst: losses[0],
         lossLast: losses[losses.length - 1]
     };
+}
+
+/** one step as the benchmarks run it: forward + backward, clipping, the optimizer */
+function trainStep(engine: TrainEngine, batch: TrainBatch, o: {batch: number; seq: number; gradientCheckpointing: boolean}) {
+    engine.zeroGrad();
+    const r = engine.forwardBackward(batch, {
+        lossScale: 1 / (o.batch * o.seq - o.batch),
+        gradientCheckpointing: o.gradientCheckpointing
+    });
+    engine.clipGradNorm(0);
+    engine.optimizerStep(2e-4);
+    return r;
+}
+
+/** one more step timed op by op on the GPU (src/backend/cuda-profile.ts; after timeSteps, so nothing is cold) */
+export function profileStep(setup: TrainSetup, o: {batch: number; seq: number; gradientCheckpointing: boolean}): Profile {
+    const [batch] = randomBatches(1, o.batch, o.seq, setup.vocabSize, 7);
+    cuda().synchronize();
+    // a 7B step queues about 10,000 ops: the hold must outlast the host's queuing of the work before the first wait
+    return profileCuda(() => trainStep(setup.engine, batch, o), {holdUs: 1_000_000}).profile;
 }

@@ -244,12 +244,23 @@ export const BENCHMARK_SETTINGS = {
 /** the settings of a MEASURED_RUNS row */
 export function measuredRunSettings(shape: string, checkpointing: Checkpointing): MemorySettings {
     const [B, T] = shape.split("x").map(Number);
+    return benchmarkSettings(B, T, checkpointing);
+}
+
+/** the benchmark's settings at another batch x length and checkpointing, with any other train keys over them */
+export function benchmarkSettings(
+    batch: number,
+    seq: number,
+    checkpointing: Checkpointing,
+    keys: Record<string, unknown> = {}
+): MemorySettings {
     return resolveTrainConfig({
         ...BENCHMARK_SETTINGS,
-        per_device_train_batch_size: B,
-        max_seq_length: T,
+        per_device_train_batch_size: batch,
+        max_seq_length: seq,
         gradient_checkpointing: checkpointing !== "off",
-        gradient_checkpointing_offload: checkpointing === "offload"
+        gradient_checkpointing_offload: checkpointing === "offload",
+        ...keys
     });
 }
 

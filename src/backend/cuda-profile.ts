@@ -3,8 +3,9 @@
 // Every function of the CUDA addon that queues work is wrapped for the duration: a timing event follows each
 // call. Before the first one, the stream is held still for a moment (profileHold), so the work queued behind it
 // runs back to back at the GPU's pace, not the host's: the time between two events is then one op's kernel time
-// plus the gap the GPU takes between kernels. A synchronous upload inside the window ends the hold early (the host
-// waits for the queued work), so uploads are counted and reported.
+// plus the gap the GPU takes between kernels. A call that makes the host wait for the stream (a download, a
+// synchronous upload, synchronize: a training step reads its loss) ends the hold; the next op holds the stream
+// again, and the interval across the wait is left out (counted in `waits`).
 import {cuda} from "./cuda.js";
 import type {CudaAddon} from "./native-types.js";
 
@@ -22,8 +23,15 @@ export interface Profile {
     totalMs: number;
     /** host milliseconds the profiled function took (its queuing, not the GPU's work) */
     hostMs: number;
-    /** uploads inside the window: each made the host wait, so the ops before it ran at the host's pace */
-    syncUploads: number;
+    /** host waits for the stream inside the window (downloads, uploads, synchronize); their intervals are left out */
+    waits: number;
+}
+
+export interface ProfileOptions {
+    /** how long the stream is held still before the work queued behind it runs, microseconds */
+    holdUs?: number;
+    /** the addon whose functions are timed (tests pass a fake one) */
+    addon?: CudaAddon;
 }
 
 /** functions that queue no GPU work, or wait for it: not wrapped */
@@ -32,9 +40,6 @@ const NOT_OPS = new Set([
     "setDevice",
     "alloc",
     "free",
-    "upload",
-    "download",
-    "synchronize",
     "memoryStats",
     "resetPeakMemoryStats",
     "emptyCache",
@@ -56,34 +61,45 @@ function label(op: string, a: unknown[]): string {
     return op;
 }
 
+/** functions after which the host has waited for the stream: the hold is over */
+const WAITS = new Set(["upload", "download", "synchronize"]);
+
+/** the label of an interval across a host wait and the next hold (left out of the profile) */
+const WAIT_GAP = "";
+
 /** runs fn with every op of the CUDA addon timed; fn's ops must be queued on the addon's one stream */
-export function profileCuda<T>(fn: () => T, holdUs = 200_000): {result: T; profile: Profile} {
-    const addon = cuda() as unknown as Record<string, unknown> & CudaAddon;
+export function profileCuda<T>(fn: () => T, opts: ProfileOptions = {}): {result: T; profile: Profile} {
+    const holdUs = opts.holdUs ?? 200_000;
+    const addon = (opts.addon ?? cuda()) as unknown as Record<string, unknown> & CudaAddon;
     const saved = new Map<string, (...a: unknown[]) => unknown>();
     const labels: string[] = [];
     let held = false,
-        syncUploads = 0;
+        marked = false,
+        waits = 0;
     for (const [name, f] of Object.entries(addon)) {
         if (typeof f !== "function" || NOT_OPS.has(name)) continue;
         const original = f as (...a: unknown[]) => unknown;
         saved.set(name, original);
-        addon[name] = (...a: unknown[]) => {
-            if (!held) {
-                addon.profileHold(holdUs);
-                addon.profileMark();
-                held = true;
-            }
-            const out = original.apply(addon, a);
-            addon.profileMark();
-            labels.push(label(name, a));
-            return out;
-        };
+        addon[name] = WAITS.has(name)
+            ? (...a: unknown[]) => {
+                  if (held) waits++;
+                  held = false;
+                  return original.apply(addon, a);
+              }
+            : (...a: unknown[]) => {
+                  if (!held) {
+                      addon.profileHold(holdUs);
+                      addon.profileMark();
+                      // after a wait, the interval from the last op's mark spans the wait and the hold
+                      if (marked) labels.push(WAIT_GAP);
+                      held = marked = true;
+                  }
+                  const out = original.apply(addon, a);
+                  addon.profileMark();
+                  labels.push(label(name, a));
+                  return out;
+              };
     }
-    const upload = addon.upload;
-    addon.upload = (...a: Parameters<CudaAddon["upload"]>) => {
-        if (held) syncUploads++;
-        upload.apply(addon, a);
-    };
     addon.profileRead(); // drop marks of an earlier, unfinished profile
     const t0 = performance.now();
     let result: T;
@@ -91,13 +107,13 @@ export function profileCuda<T>(fn: () => T, holdUs = 200_000): {result: T; profi
         result = fn();
     } finally {
         for (const [name, f] of saved) addon[name] = f;
-        addon.upload = upload;
     }
     const hostMs = performance.now() - t0;
     const elapsed = addon.profileRead();
     const byOp = new Map<string, ProfileRow>();
     let totalMs = 0;
     labels.forEach((op, i) => {
+        if (op === WAIT_GAP) return;
         const ms = elapsed[i] ?? 0;
         totalMs += ms;
         const row = byOp.get(op) ?? {op, calls: 0, ms: 0};
@@ -106,14 +122,14 @@ export function profileCuda<T>(fn: () => T, holdUs = 200_000): {result: T; profi
         byOp.set(op, row);
     });
     const rows = [...byOp.values()].sort((x, y) => y.ms - x.ms);
-    return {result, profile: {rows, totalMs, hostMs, syncUploads}};
+    return {result, profile: {rows, totalMs, hostMs, waits}};
 }
 
 /** the profile as a markdown table, the largest first */
 export function formatProfile(p: Profile, title: string): string {
     const lines = [
         `${title}: ${p.totalMs.toFixed(3)} ms on the GPU, ${p.hostMs.toFixed(1)} ms on the host` +
-            (p.syncUploads ? ` (${p.syncUploads} synchronous uploads inside: times before them include host pace)` : ""),
+            (p.waits ? ` (${p.waits} host waits for the stream inside, the time across them left out)` : ""),
         "",
         "| op | calls | ms | us per call | share |",
         "|---|--:|--:|--:|--:|"
