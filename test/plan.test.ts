@@ -10,12 +10,14 @@ import path from "node:path";
 import {knownArchitecture, requireArchitecture} from "../src/api/plan-architectures.js";
 import {
     BENCHMARK_SETTINGS,
+    benchmarkSettings,
     estimateSpeed,
     gpuByDeviceName,
     gpuByName,
     MEASURED_RUNS,
     measuredRunSettings
 } from "../src/api/plan-gpus.js";
+import {planHostMemory} from "../src/api/plan-host.js";
 import {planTraining, writeRecipe} from "../src/api/plan.js";
 import type {DeviceChoice} from "../src/backend/cuda.js";
 import {QloraError} from "../src/errors.js";
@@ -386,4 +388,17 @@ test("qlora plan: the table, --json, --write-config, and one-line errors", () =>
         assert.match(lines[0], fragment);
     }
     assert.equal(knownArchitecture("QWEN2-7B")?.hiddenSize, 3584);
+});
+
+test("the host plan of an offloaded run counts the pinned block inputs, bf16, every layer", () => {
+    const cfg = requireArchitecture("qwen2-7b");
+    const at = (offload: boolean, checkpointing = true) =>
+        planHostMemory(cfg, benchmarkSettings(1, 16384, offload ? "offload" : checkpointing ? "on" : "off"), "cuda", null);
+    const off = at(true),
+        on = at(false);
+    const pinned = off.terms.find((t) => t.label.startsWith("offloaded block inputs"));
+    // 28 layers x 16,384 tokens x 3,584 x 2 bytes = 3.06 GiB
+    assert.equal(pinned?.bytes, 28 * 16384 * 3584 * 2);
+    assert.equal(off.bytes - on.bytes, pinned.bytes);
+    assert.ok(!on.terms.some((t) => t.label.startsWith("offloaded")));
 });

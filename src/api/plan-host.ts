@@ -53,6 +53,12 @@ export function planHostMemory(
         {label: "trainable weights and gradients (fp32)", bytes: 8 * trainable},
         {label: "Node.js, tokenizer, native thread pools (approx.)", bytes: PROCESS_BASE_BYTES}
     ];
+    if (device === "cuda" && s.gradient_checkpointing && s.gradient_checkpointing_offload)
+        // native/cuda/offload.cpp: every block input of a micro-batch in a pinned slot (bf16), kept for the next step
+        terms.splice(2, 0, {
+            label: "offloaded block inputs (pinned host memory, bf16)",
+            bytes: L * s.per_device_train_batch_size * s.max_seq_length * C * 2
+        });
     if (device === "cpu") {
         const o = optimizerOptionsFor(s.optim);
         const kind = stateKindFor(loraParams, false, o);
