@@ -141,6 +141,17 @@ describe("malformed data files", () => {
         await qloraError(load(number), `${number}:2: record 1: "output" is a number, not a string (write it in quotes: "8")`);
         const nul = write("null.jsonl", `${good}\n\n${alpaca({instruction: null})}\n`);
         await qloraError(load(nul), `${nul}:3: record 1: "instruction" is null, not a string`);
+        // a null value is named as null, not as a missing key (Parquet and HF datasets rows hold nulls)
+        const nullPrompt = write("null-prompt.jsonl", `{"prompt": null, "completion": "8"}\n`);
+        await qloraError(
+            load(nullPrompt),
+            `${nullPrompt}:1: record 0: "prompt" is null, not a string or a list of messages; prompt_completion records need`
+        );
+        const nullField = write("null-field.jsonl", `{"q": null, "a": "8"}\n`);
+        await qloraError(
+            load(nullField, {dataset_format: "template", template: "Q: {q}\nA: ", response_field: "a"}),
+            `${nullField}:1: record 0: "q" is null; the template needs "q", "a"`
+        );
         const nested = write("nested.json", `[${good}, ${good}, ${alpaca({instruction: {text: "add"}})}]`);
         await qloraError(load(nested), `${nested}: record 2: "instruction" is an object, not a string`);
         const list = write("list.jsonl", `{"text": ["a", "b"]}\n`);

@@ -240,7 +240,7 @@ export function formatRecord(raw: DataRecord, format: DatasetFormat, options: Fo
                     : record[field];
                 if (value === undefined || value === null) {
                     throw new QloraError(
-                        `${recordName(where)}missing "${field}"; the template needs ${[...templateFields(template), responseField].map((f) => `"${f}"`).join(", ")} ` +
+                        `${recordName(where)}${value === null ? `"${field}" is null` : `missing "${field}"`}; the template needs ${[...templateFields(template), responseField].map((f) => `"${f}"`).join(", ")} ` +
                             `(found keys: ${keyList(record)})`,
                         {file: where?.file}
                     );
@@ -253,8 +253,14 @@ export function formatRecord(raw: DataRecord, format: DatasetFormat, options: Fo
         case "prompt_completion": {
             const prompt = record.prompt;
             const completion = record.completion;
-            if (prompt === undefined || prompt === null) fail(`missing "prompt"`);
-            if (completion === undefined || completion === null) fail(`missing "completion"`);
+            // null (a Parquet or HF datasets row without the value) is named as such: the key is there
+            for (const [key, value] of [
+                ["prompt", prompt],
+                ["completion", completion]
+            ] as const) {
+                if (value === undefined) fail(`missing "${key}"`);
+                if (value === null) fail(`"${key}" is null, not a string or a list of messages`);
+            }
             if (Array.isArray(prompt) || Array.isArray(completion)) {
                 if (!Array.isArray(prompt) || !Array.isArray(completion))
                     fail(`"prompt" and "completion" should both be strings or both lists of messages`);

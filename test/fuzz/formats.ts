@@ -17,7 +17,7 @@ import {
     tryParseJson,
     type Dictionary
 } from "./mutators.js";
-import {writeParquet, type ParquetLies} from "../helpers/parquet-writer.js";
+import {type ParquetColumn, writeParquet, type ParquetLies} from "../helpers/parquet-writer.js";
 import type {FuzzRng} from "./rng.js";
 import {TINY_MODEL, type Seeds} from "./seeds.js";
 
@@ -661,8 +661,34 @@ const PARQUET_LIES: readonly (keyof ParquetLies)[] = [
     "numChildren",
     "repetition",
     "footerLength",
-    "dropMagic"
+    "dropMagic",
+    "definitionLevelRun",
+    "dictionaryIndexRun",
+    "deltaPrefixLength"
 ];
+
+/**
+ * the seed columns written the ways Parquet writers write them: a column may be OPTIONAL (with some nulls),
+ * dictionary-encoded, DELTA_BYTE_ARRAY (strings) and on a v2 page, so the lies and byte mutations reach the
+ * level, dictionary and delta decoders, not only PLAIN pages
+ */
+function writtenColumns(rng: FuzzRng, columns: readonly ParquetColumn[], withNulls: boolean, log: string[]): ParquetColumn[] {
+    return columns.map((c) => {
+        const optional = rng.chance(0.3),
+            encoding = rng.pick(["plain", "dictionary", "delta"] as const),
+            v2 = rng.chance(0.3);
+        const delta = encoding === "delta" && c.kind === "string";
+        // nulls only where the case mutates: the control case's rows must load
+        const nulls = withNulls && optional && rng.chance(0.5) ? Math.max(1, Math.round(c.values.length * 0.1)) : 0;
+        const values = c.values.map((v, i) => (nulls > 0 && i % Math.ceil(c.values.length / nulls) === 0 ? null : v));
+        if (optional || encoding !== "plain" || v2)
+            log.push(
+                `parquet: ${c.name} ${optional ? `optional (${nulls} nulls)` : "required"}, ${delta ? "delta" : encoding === "delta" ? "plain" : encoding}` +
+                    `${v2 ? ", v2 page" : ""}`
+            );
+        return {...c, values, optional, dictionary: encoding === "dictionary", delta, v2} as ParquetColumn;
+    });
+}
 
 function lieValue(rng: FuzzRng, lie: keyof ParquetLies): ParquetLies[keyof ParquetLies] {
     switch (lie) {
@@ -678,6 +704,10 @@ function lieValue(rng: FuzzRng, lie: keyof ParquetLies): ParquetLies[keyof Parqu
             return rng.pick([0, 1, 8, 100_000, 2 ** 31, 0xffffffff]);
         case "dropMagic":
             return rng.pick(["head", "tail"] as const);
+        case "definitionLevelRun":
+        case "dictionaryIndexRun":
+        case "deltaPrefixLength":
+            return rng.pick([0, 1, 7, 1000, 2 ** 20, 2 ** 31 - 1]);
         default:
             return rng.pick<number | bigint>([0, -1, 1, 3, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2n ** 62n, 1_000_000, 100_000_000]);
     }
@@ -685,10 +715,12 @@ function lieValue(rng: FuzzRng, lie: keyof ParquetLies): ParquetLies[keyof Parqu
 
 const datasetParquet: FormatDef = {
     name: "dataset-parquet",
-    description: "Parquet data sets: lying footer fields (sizes, counts, offsets, codec, types) and byte mutations",
+    description:
+        "Parquet data sets (optional, dictionary, delta and v2 columns): lying footer fields (sizes, counts, offsets, " +
+        "codec, types, level and index runs, delta prefixes) and byte mutations",
     async build(ctx) {
         const log: string[] = [];
-        const columns = ctx.rng.pick(ctx.seeds.parquetColumns);
+        const columns = writtenColumns(ctx.rng, ctx.rng.pick(ctx.seeds.parquetColumns), ctx.mutate, log);
         const codec = ctx.rng.pick(["none", "gzip"] as const);
         const lies: ParquetLies = {};
         const structural = ctx.mutate && ctx.rng.chance(0.5);
