@@ -3,8 +3,10 @@
 #   node.xz        this machine's node binary (../shared/device/pack-node.sh)
 #   js/            src, test and bench compiled to JavaScript (no tsx needed there)
 #   node_modules/  the runtime dependencies only
-#   shared/        the fixtures the GPU tests read (../shared does not travel)
-# The native addons come from build/ (carry it too). Then, on the device: bash scripts/device-run.sh
+#   shared/        the fixtures the GPU tests read, the example data sets and the eval tasks' data (../shared does not travel)
+#   node-llama-cpp.tar.xz  node-llama-cpp and its prebuilt CPU binary (the gguf column of qlora eval --compare)
+# The native addons come from build/ (carry it too). Carry: .device/node.xz .device/js .device/node_modules
+# .device/build .device/shared .device/node-llama-cpp.tar.xz (49 MiB). Then, on the device: bash scripts/device-run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ../shared/device/pack-node.sh >/dev/null
@@ -48,4 +50,37 @@ cp ../shared/bench/peer_lora.py ../shared/bench/peer_generate.py .device/shared/
 # the fuzz seeds (the tiny model is linked to the package's copy on the device)
 mkdir -p .device/shared/datasets
 cp ../shared/datasets/{alpaca_zh_demo.json,alpaca_en_demo.json,messages_demo.jsonl,sharegpt_demo.json} .device/shared/datasets/
+# the eval tasks' data (qlora eval --task; 3.3 MiB)
+mkdir -p .device/shared/datasets/eval
+cp ../shared/datasets/eval/* .device/shared/datasets/eval/
+# node-llama-cpp with its prebuilt CPU binary (the gguf column of qlora eval --compare) and what it imports, one
+# tar.xz (device-run.sh unpacks it into .device/node_modules); carry .device/node-llama-cpp.tar.xz too. Its 34 MiB
+# llama.cpp source bundle is for building from source, which the eval never does (build: "never").
+nlc_deps=$(node -e '
+    // every package node-llama-cpp imports, resolved as Node resolves it (a nested copy first, then upwards);
+    // the top-level folders that hold them (a nested copy travels inside its parent)
+    const fs = require("fs"), path = require("path");
+    const root = path.resolve("node_modules"), seen = new Set();
+    const resolveFrom = (dir, name) => {
+        for (let d = dir; ; d = path.dirname(d)) {
+            const c = path.join(d, "node_modules", name);
+            if (fs.existsSync(path.join(c, "package.json"))) return c;
+            if (path.dirname(d) === d) return null;
+        }
+    };
+    const walk = (dir) => {
+        if (!dir || seen.has(dir)) return;
+        seen.add(dir);
+        const p = JSON.parse(fs.readFileSync(path.join(dir, "package.json"), "utf8"));
+        for (const name of Object.keys(p.dependencies ?? {})) walk(resolveFrom(dir, name));
+    };
+    walk(path.join(root, "node-llama-cpp"));
+    walk(path.join(root, "@node-llama-cpp/linux-x64"));
+    const top = new Set([...seen].map((d) => {
+        const parts = path.relative(root, d).split(path.sep);
+        return parts[0].startsWith("@") ? parts.slice(0, 2).join("/") : parts[0];
+    }));
+    console.log([...top].join(" "));')
+# shellcheck disable=SC2086
+tar -C node_modules --exclude=node-llama-cpp/llama/gitRelease.bundle -cf - $nlc_deps | xz -T0 -6 > .device/node-llama-cpp.tar.xz
 du -sh .device/* .device/build/Release

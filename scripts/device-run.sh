@@ -5,12 +5,17 @@
 #   bash scripts/device-run.sh generate [args] the GPU generation benchmark (bench/generate.ts)
 #   bash scripts/device-run.sh fuzz [args]     npm run fuzz on the machine's cores (--jobs N)
 #   bash scripts/device-run.sh soak [args]     npm run soak
+#   bash scripts/device-run.sh qlora [args]    the CLI (e.g. qlora eval --compare ...; the eval data is in .device/shared)
 # Output goes to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 if ! command -v node >/dev/null; then
     xz -dc .device/node.xz > /usr/local/bin/node && chmod +x /usr/local/bin/node
+fi
+# node-llama-cpp travels as one tar.xz (device-pack.sh), when carried
+if [ -e .device/node-llama-cpp.tar.xz ] && [ ! -e .device/node_modules/node-llama-cpp ]; then
+    xz -dc .device/node-llama-cpp.tar.xz | tar -C .device/node_modules -xf -
 fi
 # the addons travel compressed (device-pack.sh)
 for z in .device/build/Release/*.node.xz; do
@@ -19,7 +24,7 @@ done
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 export QLORA_NATIVE_DIR="$root/.device/build/Release" QLORA_SHARED="$root/.device/shared"
 # the compiled tree needs the package's data beside it
-for p in models examples package.json node_modules; do
+for p in models examples eval-tasks package.json node_modules; do
     [ -e ".device/js/$p" ] || ln -s "$root/$([ "$p" = node_modules ] && echo .device/node_modules || echo "$p")" ".device/js/$p"
 done
 mkdir -p .device/shared/models && ln -sfn "$root/models/tiny-qwen2" .device/shared/models/tiny-qwen2
@@ -31,5 +36,6 @@ case "$what" in
     generate) node .device/js/bench/generate.js --peer .device/shared/bench/peer_generate.py "$@" 2>&1 | tee "${OUT:-/tmp}/generate-bench.log" ;;
     fuzz) node .device/js/scripts/fuzz.js "$@" 2>&1 | tee "${OUT:-/tmp}/fuzz.log" ;;
     soak) node .device/js/scripts/soak.js "$@" 2>&1 | tee "${OUT:-/tmp}/soak.log" ;;
+    qlora) QLORA_EVAL_DATA="$root/.device/shared/datasets/eval" node .device/js/src/cli/main.js "$@" ;;
     *) node "$what" "$@" ;;
 esac
