@@ -177,7 +177,9 @@ test("optional pieces warn and say what they are for: python3, node-llama-cpp, e
 test("this machine: the real environment answers without a GPU, and qlora doctor --json exits 0 quickly", async () => {
     const t0 = Date.now();
     const r = await runDoctor(systemDoctorEnvironment());
-    assert.ok(Date.now() - t0 < 2000, `doctor's checks took ${Date.now() - t0} ms`);
+    // "quickly": no check builds, downloads or waits on the network (minutes); not a speed measure, so the bound
+    // leaves room for a machine busy with other work (4.2 s was seen next to two other test runs on 2 cores)
+    assert.ok(Date.now() - t0 < 20_000, `doctor's checks took ${Date.now() - t0} ms`);
     assert.equal(check(r, "node").status, "ok");
     assert.equal(check(r, "cpu addon").status, "ok");
     const cli = spawnSync(
