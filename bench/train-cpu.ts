@@ -2,7 +2,9 @@
 // that the machine's measured matmul rate sets: the time the step's GEMMs alone take at the GFLOP/s this
 // machine reaches on those exact shapes.
 //
-//   npm run bench:train-cpu [-- --batch 4 --seq 128 --steps 10 --checkpointing true]
+//   npm run bench:train-cpu [-- --batch 4 --seq 128 --steps 10 --no-checkpointing --profile]
+//
+// --profile: after the timed steps, a few more steps with every native op timed: where the step's time goes.
 import {performance} from "node:perf_hooks";
 import {cpu} from "../src/backend/cpu.js";
 import {Rng} from "../src/backend/rng.js";
@@ -21,6 +23,7 @@ const B = arg("batch", 4),
     T = arg("seq", 128),
     steps = arg("steps", 10);
 const checkpointing = !process.argv.includes("--no-checkpointing");
+const profile = process.argv.includes("--profile");
 const N = B * T;
 
 const model = await DecoderModel.load(MODEL_DIR, {
@@ -53,11 +56,47 @@ const time = (fn: () => void, reps: number) => {
     for (let i = 0; i < reps; i++) fn();
     return (performance.now() - t0) / reps / 1000;
 };
-const stepTime = time(() => {
+const step = () => {
     lora.zeroGrad();
     trainer.forwardBackward(batch, {lossScale: 1 / N, gradientCheckpointing: checkpointing});
     opt.step(1e-4);
-}, steps);
+};
+const stepTime = time(step, steps);
+
+// the step op by op: every function of the addon wrapped with a timer (sgemm split into the LoRA GEMMs, N = r,
+// and the others), and the rest of the step (JavaScript, allocation) as the remainder
+const opTimes = new Map<string, {ms: number; calls: number}>();
+let profiledStep = 0;
+if (profile) {
+    const addon = cpu() as unknown as Record<string, unknown>;
+    const originals = new Map<string, (...a: unknown[]) => unknown>();
+    for (const [name, fn] of Object.entries(addon)) {
+        if (typeof fn !== "function") continue;
+        originals.set(name, fn as (...a: unknown[]) => unknown);
+        addon[name] = (...a: unknown[]) => {
+            const t0 = performance.now();
+            const result = (fn as (...a: unknown[]) => unknown)(...a);
+            const label =
+                name === "sgemm" ? (a[3] === 16 || a[2] === 16 || a[4] === 16 ? "sgemm (LoRA, r = 16)" : "sgemm") : name;
+            const entry = opTimes.get(label) ?? {ms: 0, calls: 0};
+            entry.ms += performance.now() - t0;
+            entry.calls++;
+            opTimes.set(label, entry);
+            return result;
+        };
+    }
+    const reps = Math.max(2, Math.ceil(steps / 2));
+    step();
+    opTimes.clear();
+    const t0 = performance.now();
+    for (let i = 0; i < reps; i++) step();
+    profiledStep = (performance.now() - t0) / reps;
+    for (const entry of opTimes.values()) {
+        entry.ms /= reps;
+        entry.calls /= reps;
+    }
+    for (const [name, fn] of originals) addon[name] = fn;
+}
 
 // the GEMMs of one step: [label, M, N, K, transA, transB, count]
 const C = cfg.hiddenSize,
@@ -115,3 +154,14 @@ console.log(
 );
 console.log(`| bound from the matmul rate | ${(N / gemmTime).toFixed(0)} tokens/s |`);
 console.log(`| throughput / bound | ${((gemmTime / stepTime) * 100).toFixed(0)}% |`);
+if (profile) {
+    console.log(`\n| op (profiled step: ${profiledStep.toFixed(1)} ms) | calls | ms | % of step |\n|---|---|---|---|`);
+    const sorted = [...opTimes].sort((a, b) => b[1].ms - a[1].ms);
+    let total = 0;
+    for (const [name, {ms, calls}] of sorted) {
+        total += ms;
+        console.log(`| ${name} | ${calls.toFixed(0)} | ${ms.toFixed(2)} | ${((ms / profiledStep) * 100).toFixed(1)}% |`);
+    }
+    const rest = profiledStep - total;
+    console.log(`| outside the native ops | | ${rest.toFixed(2)} | ${((rest / profiledStep) * 100).toFixed(1)}% |`);
+}

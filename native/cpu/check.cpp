@@ -22,8 +22,7 @@ template <typename Bits, Bits MAGNITUDE, Bits EXPONENT>
 static void count_nonfinite_bits(const Bits* data, int64_t n, int64_t* nan_count, int64_t* inf_count) {
     constexpr int64_t BLOCK = 1 << 14;
     std::atomic<int64_t> nans{0}, infs{0};
-    // one core scans warm memory at memory speed; threads only pay off on large tensors, and on a busy machine
-    // each parallel region waits for its slowest thread, so small tensors run inline
+    // one core scans warm memory at memory speed: threads only pay off on large tensors, so small ones run inline
     parallel_for(n, 1 << 24, [&](int64_t begin, int64_t end) {
         int64_t chunk_nans = 0, chunk_infs = 0;
         for (int64_t b = begin; b < end; b += BLOCK) {

@@ -1,6 +1,7 @@
 // ops.cpp: the elementwise and row-wise CPU ops: dtype conversion, embedding, RMSNorm, RoPE, SwiGLU and
 // softmax cross-entropy, forward and backward. fp32 compute; each loop is threaded with parallel_for and
-// written so the compiler vectorizes it (omp simd on reductions).
+// written so the compiler vectorizes it (omp simd on reductions), but for the expf loops, vectorized by hand
+// with glibc's expf (below).
 #include <math.h>
 #include <string.h>
 #include <immintrin.h>
@@ -10,6 +11,104 @@
 #include "parallel.h"
 
 using qlora::parallel_for;
+
+// ------------------------------------------------------------------
+// expf eight lanes at a time, bit for bit the expf of glibc 2.27+ (e_expf.c from ARM's optimized-routines, in
+// the FMA build that x86-64 glibc runs on every CPU these ops need): the argument in double, 2^(k/32) from a
+// 32-entry table, a cubic polynomial, one rounding to float. The table and constants are glibc's
+// (__exp2f_data); lanes with |x| >= 80 (overflow, underflow, inf, NaN) call expf itself. It replaced scalar
+// expf in the loops below, which spent most of their time in it; it is used only when a check at first use
+// finds it equal to this process's expf (a libm with another algorithm keeps the scalar loops, and with them
+// the same results as before).
+
+namespace {
+
+alignas(64) const uint64_t kExp2Table[32] = {
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51, 0x3fef72b83c7d517b,
+    0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1, 0x3fef06fe0a31b715, 0x3feef1a7373aa9cb,
+    0x3feedea64c123422, 0x3feece086061892d, 0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429,
+    0x3feea47eb03a5585, 0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d, 0x3feee89f995ad3ad,
+    0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069, 0x3fef5818dcfba487, 0x3fef7c97337b9b5f,
+    0x3fefa4afa2a490da, 0x3fefd0765b6e4540};
+
+inline __m256d f64_bits(uint64_t bits) { return _mm256_castsi256_pd(_mm256_set1_epi64x((long long)bits)); }
+
+// exp of four doubles (floats widened), before the final rounding to float; the operations of glibc's
+// __expf_fma in its order, each fused multiply-add where it fuses one
+inline __m256d exp_f64x4(__m256d xd) {
+    const __m256d inv_ln2_n = f64_bits(0x40471547652b82fe), shift = f64_bits(0x4338000000000000);
+    const __m256d kd_shifted = _mm256_fmadd_pd(inv_ln2_n, xd, shift);
+    const __m256i ki = _mm256_castpd_si256(kd_shifted);
+    const __m256d kd = _mm256_sub_pd(kd_shifted, shift);
+    const __m256d r = _mm256_fmsub_pd(inv_ln2_n, xd, kd);
+    __m256i t = _mm256_i64gather_epi64((const long long*)kExp2Table, _mm256_and_si256(ki, _mm256_set1_epi64x(31)), 8);
+    t = _mm256_add_epi64(t, _mm256_slli_epi64(ki, 47));
+    const __m256d z = _mm256_fmadd_pd(r, f64_bits(0x3ebc6af84b912394), f64_bits(0x3f2ebfce50fac4f3));
+    const __m256d r2 = _mm256_mul_pd(r, r);
+    __m256d y = _mm256_fmadd_pd(r, f64_bits(0x3f962e42ff0c52d6), _mm256_set1_pd(1.0));
+    y = _mm256_fmadd_pd(z, r2, y);
+    return _mm256_mul_pd(y, _mm256_castsi256_pd(t));
+}
+
+inline __m256 exp_f32x8(__m256 x) {
+    __m256 y = _mm256_set_m128(_mm256_cvtpd_ps(exp_f64x4(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)))),
+                               _mm256_cvtpd_ps(exp_f64x4(_mm256_cvtps_pd(_mm256_castps256_ps128(x)))));
+    // glibc's slow path: the top 12 bits of |x| at or above those of 80
+    const __m256i magnitude = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
+    const int slow =
+        _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x429fffff))));
+    if (slow) {
+        alignas(32) float xs[8], ys[8];
+        _mm256_store_ps(xs, x);
+        _mm256_store_ps(ys, y);
+        for (int i = 0; i < 8; i++)
+            if (slow >> i & 1) ys[i] = expf(xs[i]);
+        y = _mm256_load_ps(ys);
+    }
+    return y;
+}
+
+// whether exp_f32x8 gives this process's expf: every 32749th float (all exponents, both signs, inf, NaN) and
+// 65536 points of [-104, 89], where expf is neither 0, 1 nor inf
+bool vector_expf() {
+    static const bool same = [] {
+        alignas(32) float xs[8], ys[8];
+        for (int64_t i = 0; i < (1 << 17) + (1 << 16); i += 8) {
+            for (int k = 0; k < 8; k++) {
+                const int64_t j = i + k;
+                if (j < (1 << 17)) {
+                    const uint32_t bits = (uint32_t)(j * 32749);
+                    memcpy(&xs[k], &bits, 4);
+                } else {
+                    xs[k] = -104.0f + 193.0f * (float)(j - (1 << 17)) / 65536.0f;
+                }
+            }
+            _mm256_store_ps(ys, exp_f32x8(_mm256_load_ps(xs)));
+            for (int k = 0; k < 8; k++) {
+                const float ref = expf(xs[k]);
+                if (memcmp(&ref, &ys[k], 4) != 0) return false;
+            }
+        }
+        return true;
+    }();
+    return same;
+}
+
+}  // namespace
+
+namespace qlora {
+// for native/cpu/test_exp.cpp: whether the loops below run the vectorized expf
+bool expf_vectorized() { return vector_expf(); }
+}  // namespace qlora
+
+namespace {
+
+// s + e in order, with s the first operand of the instruction: the operand whose NaN x86 returns when both are
+// NaN (a plain `s += e` leaves that order to the compiler)
+inline double add_f64(double s, float e) { return _mm_cvtsd_f64(_mm_add_sd(_mm_set_sd(s), _mm_set_sd((double)e))); }
+
+}  // namespace
 
 // ------------------------------------------------------------------
 // dtype conversion
@@ -204,8 +303,16 @@ extern "C" void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int6
 // SwiGLU
 
 extern "C" void qlora_cpu_swiglu_forward(float* out, const float* gate, const float* up, int64_t n) {
+    const bool vec = vector_expf();
     parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; i++) {
+        int64_t i = b;
+        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+        for (; vec && i + 8 <= e; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 sig = _mm256_add_ps(one, exp_f32x8(_mm256_xor_ps(g, sign)));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(up + i)));
+        }
+        for (; i < e; i++) {
             float g = gate[i];
             out[i] = g / (1.0f + expf(-g)) * up[i];
         }
@@ -214,8 +321,19 @@ extern "C" void qlora_cpu_swiglu_forward(float* out, const float* gate, const fl
 
 extern "C" void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
                                           const float* up, int64_t n) {
+    const bool vec = vector_expf();
     parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; i++) {
+        int64_t i = b;
+        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+        for (; vec && i + 8 <= e; i += 8) {
+            // the scalar loop's operations in its order; 1 + g (1 - s) is the fused multiply-add GCC makes of it
+            const __m256 g = _mm256_loadu_ps(gate + i), d = _mm256_loadu_ps(dout + i), u = _mm256_loadu_ps(up + i);
+            const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp_f32x8(_mm256_xor_ps(g, sign))));
+            _mm256_storeu_ps(dup + i, _mm256_mul_ps(_mm256_mul_ps(d, g), s));
+            const __m256 dus = _mm256_mul_ps(_mm256_mul_ps(d, u), s);
+            _mm256_storeu_ps(dgate + i, _mm256_mul_ps(dus, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one)));
+        }
+        for (; i < e; i++) {
             float g = gate[i];
             float s = 1.0f / (1.0f + expf(-g));
             float d = dout[i];
@@ -231,13 +349,33 @@ extern "C" void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float*
 
 extern "C" int64_t qlora_cpu_cross_entropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets,
                                                    int64_t N, int64_t V) {
+    const bool vec = vector_expf();
     parallel_for(N, 1, [&](int64_t b, int64_t e) {
+        alignas(32) float ex[8];
         for (int64_t n = b; n < e; n++) {
             const float* x = logits + n * V;
             float m = -INFINITY;
-            for (int64_t v = 0; v < V; v++) m = x[v] > m ? x[v] : m;
+            int64_t v = 0;
+            if (vec && V >= 8) {
+                // maxps(x, m) keeps m when x is NaN, as the scalar loop does; the maximum of the lanes is the
+                // same value, but for its sign when it is zero, which the scalar loop then settles
+                __m256 mv = _mm256_set1_ps(-INFINITY);
+                for (; v + 8 <= V; v += 8) mv = _mm256_max_ps(_mm256_loadu_ps(x + v), mv);
+                _mm256_store_ps(ex, mv);
+                for (int k = 0; k < 8; k++) m = ex[k] > m ? ex[k] : m;
+                if (m == 0.0f) m = -INFINITY, v = 0;
+            }
+            for (; v < V; v++) m = x[v] > m ? x[v] : m;
             double s = 0.0;
-            for (int64_t v = 0; v < V; v++) s += expf(x[v] - m);
+            v = 0;
+            if (vec) {
+                const __m256 mv = _mm256_set1_ps(m);
+                for (; v + 8 <= V; v += 8) {
+                    _mm256_store_ps(ex, exp_f32x8(_mm256_sub_ps(_mm256_loadu_ps(x + v), mv)));
+                    for (int k = 0; k < 8; k++) s = add_f64(s, ex[k]);
+                }
+            }
+            for (; v < V; v++) s = add_f64(s, expf(x[v] - m));
             float l = m + (float)log(s);
             if (lse) lse[n] = l;
             int32_t t = targets[n];
@@ -251,6 +389,7 @@ extern "C" int64_t qlora_cpu_cross_entropy_forward(float* loss, float* lse, cons
 
 extern "C" void qlora_cpu_cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
                                                  const int32_t* targets, float dloss_scale, int64_t N, int64_t V) {
+    const bool vec = vector_expf();
     parallel_for(N, 1, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; n++) {
             const float* x = logits + n * V;
@@ -261,7 +400,13 @@ extern "C" void qlora_cpu_cross_entropy_backward(float* dlogits, const float* lo
                 continue;
             }
             float l = lse[n];
-            for (int64_t v = 0; v < V; v++) d[v] = expf(x[v] - l) * dloss_scale;
+            int64_t v = 0;
+            if (vec) {
+                const __m256 lv = _mm256_set1_ps(l), scale = _mm256_set1_ps(dloss_scale);
+                for (; v + 8 <= V; v += 8)
+                    _mm256_storeu_ps(d + v, _mm256_mul_ps(exp_f32x8(_mm256_sub_ps(_mm256_loadu_ps(x + v), lv)), scale));
+            }
+            for (; v < V; v++) d[v] = expf(x[v] - l) * dloss_scale;
             d[t] -= dloss_scale;
         }
     });

@@ -1,5 +1,5 @@
 // cpu-backend.ts: the Backend on the host: fp32 tensors are Float32Arrays (the garbage collector owns them), the
-// ops are the native CPU addon's (native/cpu/*.cpp, OpenMP).
+// ops are the native CPU addon's (native/cpu/*.cpp, threaded by its work-claiming pool).
 import {cpu} from "./cpu.js";
 import type {Backend, HostCopy, KvBlocksOf, LossResult} from "./backend.js";
 import {pickTokensHost, type TokenPick} from "./sampling.js";
