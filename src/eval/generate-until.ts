@@ -7,7 +7,7 @@
 import {QloraError} from "../errors.js";
 import {StopMatcher} from "../model/stop-strings.js";
 import type {StreamDecoder} from "../tokenizer/index.js";
-import {type EvalLm, rowOrder} from "./model.js";
+import {type EvalLm, rowOrder, yieldToEventLoop} from "./model.js";
 
 export interface GenerationModel {
     tokenizer: {encode(text: string): number[]; createStreamDecoder(options?: {skipSpecialTokens?: boolean}): StreamDecoder};
@@ -62,7 +62,7 @@ export async function generateUntil(
             }),
             {maxNewTokens: opts.maxGenToks, eosTokenIds: [...eos], cancelled: (b) => stopped[b]}
         );
-        for await (const step of steps)
+        for await (const step of steps) {
             step.forEach((id, b) => {
                 if (id === null || stopped[b]) return;
                 results[batch[b]].tokens++;
@@ -71,6 +71,8 @@ export async function generateUntil(
                 texts[b] += piece.text;
                 if (piece.stopped) stopped[b] = true;
             });
+            await yieldToEventLoop();
+        }
         batch.forEach((i, b) => {
             results[i].text = stopped[b] ? texts[b] : texts[b] + stops[b].flush(decoders[b].flush());
         });

@@ -4,6 +4,7 @@
 // greedy tokens; log-probabilities are taken here. node-llama-cpp is large and native: it is imported only when a
 // GGUF file is evaluated. Rows and prompts run one after another on one llama.cpp sequence, which keeps the tokens
 // a row shares with the previous one (few-shot prefixes) in its cache.
+import os from "node:os";
 import type {Llama, LlamaContext, LlamaContextSequence, LlamaModel, Token} from "node-llama-cpp";
 import {QloraError} from "../errors.js";
 import type {ModelConfig} from "../io/hf-config.js";
@@ -31,12 +32,13 @@ export interface GgufLm extends EvalLm {
 
 /**
  * the threads a context is given: `requested`, else llama.cpp's own default (its cpu_get_num_math(): the physical
- * cores). Left to node-llama-cpp 3.21.1, a context takes at least 4 threads whatever the machine has; llama.cpp's
- * threads wait for each other at every op by spinning, so more threads than cores cost a scheduler time slice per
- * op: on 2 cores, 983 ms per decoded token of the embedded model with 4 threads, 14 ms with 2, 2 ms with 1.
+ * cores), at most the CPUs this process may run on. Left to node-llama-cpp 3.21.1, a context takes at least 4
+ * threads whatever the machine has; llama.cpp's threads wait for each other at every op by spinning, so more
+ * threads than cores cost a scheduler time slice per op: on 2 cores, 983 ms per decoded token of the embedded model
+ * with 4 threads, 14 ms with 2, 2 ms with 1.
  */
 export function ggufThreads(llama: Pick<Llama, "cpuMathCores">, requested: number | undefined): number {
-    return requested ?? Math.max(1, llama.cpuMathCores);
+    return requested ?? Math.max(1, Math.min(llama.cpuMathCores, os.availableParallelism()));
 }
 
 type NodeLlamaCpp = typeof import("node-llama-cpp");

@@ -5,13 +5,13 @@
 // - truncation: the model sees the last max_length tokens of context+continuation minus its last token;
 // - the score is the sum over the continuation's tokens of log p(token), log-softmax in float64 (model.ts).
 // When every continuation of a context is one token, one row of the context gives all of them (read at its last
-// position); otherwise each continuation is its own row. Rows are sorted (longest first for a CausalLm, by their
-// tokens for llama.cpp) and scored batchSize at a time by the model (model.ts: one padded forward of a CausalLm, or
-// one llama.cpp sequence row after row).
+// position); otherwise each continuation is its own row. Rows are sorted as the model takes them best (model.ts
+// rowOrder: by their tokens on the CPU and for llama.cpp, which run row after row on top of the tokens a row shares
+// with the previous one; longest first on the GPU, one padded forward per batch) and handed over batchSize at a time.
 // The scoring is one generator (loglikelihoodSteps): it yields each batch of rows and takes back their scores, so
 // the same code runs over a synchronous CausalLm (loglikelihoods) and an async model (loglikelihoodsOf).
 import type {CausalLm} from "../model/causal-lm.js";
-import {causalScorer, type EvalLm, type RowOrder, rowOrder, type ScoreRow, type TokenLogprob} from "./model.js";
+import {causalScorer, type EvalLm, type RowOrder, rowOrder, type ScoreRow, type TokenLogprob, yieldToEventLoop} from "./model.js";
 
 export interface LoglikRequest {
     context: string;
@@ -191,7 +191,11 @@ export async function loglikelihoodsOf(
     });
     try {
         let step = steps.next();
-        while (!step.done) step = steps.next(await lm.tokenLogprobs(step.value));
+        while (!step.done) {
+            const scores = await lm.tokenLogprobs(step.value);
+            await yieldToEventLoop();
+            step = steps.next(scores);
+        }
         return step.value;
     } finally {
         lm.endScoring?.();

@@ -5,7 +5,7 @@
 import {DataLoader, loadDataset, padTokenIdOf, type DataOptions, type DataTokenizer, type PrepareStats} from "../data/index.js";
 import type {CausalLm} from "../model/causal-lm.js";
 import {checkRowsFitContext} from "../model/training.js";
-import {causalEvalLm, type EvalLm} from "./model.js";
+import {causalEvalLm, type EvalLm, yieldToEventLoop} from "./model.js";
 
 export interface EvalResult {
     loss: number;
@@ -46,6 +46,7 @@ export async function evaluateLossOf(
         const r = await lm.lossSums(batch);
         sum += r.lossSum;
         count += r.targets;
+        await yieldToEventLoop();
     }
     const loss = sum / Math.max(1, count);
     return {loss, perplexity: Math.exp(loss), tokens: count, rows: data.rows.length, stats: data.stats, warnings: data.warnings};

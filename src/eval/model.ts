@@ -61,6 +61,13 @@ export interface EvalLm {
 
 export type RowOrder = "longest-first" | "shared-prefix";
 
+/**
+ * lets the event loop run (a signal handler, a progress bar's timer) between steps of work that is otherwise one
+ * chain of promises: a CausalLm computes synchronously, so scoring and generation never give it a turn otherwise
+ * (a SIGTERM to `qlora eval --compare` waited for the end of a whole GSM8K task)
+ */
+export const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
 /** the indexes of `rows` in the order a model takes them best (see EvalLm.rowOrder); ties keep their order */
 export function rowOrder(rows: readonly (readonly number[])[], order: RowOrder): number[] {
     const byLength = (a: number, b: number) => rows[b].length - rows[a].length || a - b;
