@@ -95,7 +95,8 @@ extern "C" void qlora_cpu_adamw_bnb8_step(float* param, uint8_t* state1, uint8_t
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     const adamw::BnbScalars scalars = adamw::bnb_scalars(lr, beta1, beta2, eps, weight_decay, step);
     // a block's update is its own (absmax, 8-bit codes), so any split gives the same bits; a LoRA tensor has a few
-    // dozen blocks, and kGrain / blocksize would run each on one thread (bench:train-cpu, tiny-qwen2: 37 -> 20 ms a step)
+    // dozen blocks, and kGrain / blocksize would run each on one thread (bench:train-cpu, tiny-qwen2: 37 -> 20 ms a
+    // step)
     const int64_t grain = std::max<int64_t>(1, kBlockwiseGrain / blocksize);
     parallel_for(nblocks, grain, [&](int64_t block_begin, int64_t block_end) {
         const adamw::BnbScalars c = scalars;
