@@ -109,6 +109,8 @@ export interface TrainReporter {
     onDevice?(choice: DeviceChoice): void;
     /** a first SIGINT/SIGTERM: the run finishes its step, saves a checkpoint and stops */
     onStopping?(signal: StopSignal): void;
+    /** every record as it is appended to metrics.jsonl (start, train, eval, warning, save, end): `qlora ui` streams them */
+    onRecord?(rec: MetricRecord): void;
 }
 
 export interface TrainResult {
@@ -463,6 +465,7 @@ async function trainInOutputDir(
         await fs.appendFile(metricsFile, JSON.stringify(rec) + "\n", {
             flag: fsConstants.O_WRONLY | fsConstants.O_APPEND | fsConstants.O_CREAT | fsConstants.O_NOFOLLOW
         });
+        reporter.onRecord?.(rec);
     };
     await writeMetrics();
 

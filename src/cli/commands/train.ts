@@ -80,6 +80,11 @@ export function registerTrain(program: Command): void {
                     eval_dataset: config.eval_dataset ?? (usingExample ? EXAMPLE_EVAL_DATA : null)
                 };
                 const tty = process.stdout.isTTY === true;
+                // `qlora ui` runs this command as a child process with an IPC channel: the metrics records and steps
+                // go to it as they happen (a UI that went away loses them; the run goes on)
+                const toParent = (msg: object) => {
+                    if (process.connected) process.send?.(msg, undefined, {}, () => undefined);
+                };
                 let bar: cliProgress.SingleBar | null = null;
                 const print = (line: string) => {
                     if (bar) bar.stop();
@@ -119,6 +124,7 @@ export function registerTrain(program: Command): void {
                         console.log(info.trainableLine);
                     },
                     onStep(step, total) {
+                        toParent({type: "step", step, total});
                         if (!tty) return;
                         if (!bar) {
                             bar = new cliProgress.SingleBar(
@@ -133,6 +139,7 @@ export function registerTrain(program: Command): void {
                         } else bar.update(step);
                     },
                     onLog: (r) => print(logLine(r)),
+                    onRecord: (record) => toParent({type: "record", record}),
                     onEval: (r) =>
                         print(
                             pc.cyan(
