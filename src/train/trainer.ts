@@ -150,6 +150,13 @@ export async function readMetricsForResume(
     upToStep: number,
     warn: (message: string) => void
 ): Promise<MetricRecord[]> {
+    const records = await readMetrics(file, warn);
+    // the run goes on from the checkpoint: an "end" of an earlier finish of it is no longer the end
+    return records.filter((r) => r.type === "start" || (r.type !== "end" && typeof r.step === "number" && r.step <= upToStep));
+}
+
+/** every record of a metrics.jsonl ([] when there is none); lines that do not parse are dropped with a warning */
+export async function readMetrics(file: string, warn: (message: string) => void): Promise<MetricRecord[]> {
     let text: string;
     try {
         text = await readTextFile(file, {what: "metrics file"});
@@ -174,8 +181,7 @@ export async function readMetricsForResume(
             `${file}: dropped ${bad.length} line${bad.length === 1 ? "" : "s"} that ${bad.length === 1 ? "is" : "are"} not a ` +
                 `JSON record (line ${bad.slice(0, 3).join(", ")}${bad.length > 3 ? ", ..." : ""}: cut short by a kill?); kept the other ${records.length}`
         );
-    // the run goes on from the checkpoint: an "end" of an earlier finish of it is no longer the end
-    return records.filter((r) => r.type === "start" || (r.type !== "end" && typeof r.step === "number" && r.step <= upToStep));
+    return records;
 }
 
 /** what is known when the loss or the gradient norm is not finite, to say what caused it */
