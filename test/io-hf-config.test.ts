@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import {fileURLToPath} from "node:url";
 import {QloraError} from "../src/errors.js";
-import {loadModelConfig, parseModelConfig} from "../src/io/hf-config.js";
+import {attentionWindow, loadModelConfig, parseModelConfig} from "../src/io/hf-config.js";
 import {computeRopeInvFreq} from "../src/model/rope.js";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
@@ -136,6 +136,7 @@ describe("config.json parsing", () => {
                 mlpBias: false,
                 hiddenAct: "silu",
                 slidingWindow: null,
+                layerTypes: Array.from({length: 8}, () => "full_attention"),
                 bosTokenId: 16381,
                 eosTokenIds: [16381],
                 padTokenId: null,
@@ -218,7 +219,73 @@ describe("config.json parsing", () => {
         assert.deepEqual(cfg.eosTokenIds, []);
         assert.equal(cfg.torchDtype, null);
         assert.deepEqual(cfg.architectures, []);
-        assert.equal(parseModelConfig({...minimal, use_sliding_window: true}, "q/config.json").slidingWindow, 4096);
+        // use_sliding_window alone: max_window_layers (28) is past the 2 layers, so none slides
+        assert.equal(parseModelConfig({...minimal, use_sliding_window: true}, "q/config.json").slidingWindow, null);
+    });
+
+    test("sliding-window layers: mistral on every layer, qwen2 from max_window_layers or layer_types", () => {
+        const m = parseModelConfig(withChanges(mistralConfig, {num_hidden_layers: 3}), "m/config.json");
+        assert.deepEqual(m.layerTypes, ["sliding_attention", "sliding_attention", "sliding_attention"]);
+        assert.deepEqual(
+            [0, 1, 2].map((l) => attentionWindow(m, l)),
+            [4096, 4096, 4096]
+        );
+        // MistralConfig's default when the key is absent
+        const absent = parseModelConfig(withChanges(mistralConfig, {sliding_window: undefined}), "m/config.json");
+        assert.equal(absent.slidingWindow, 4096);
+        const none = parseModelConfig(withChanges(mistralConfig, {sliding_window: null, num_hidden_layers: 2}), "m/config.json");
+        assert.deepEqual([attentionWindow(none, 0), attentionWindow(none, 1)], [0, 0]);
+        const qwen = {
+            model_type: "qwen2",
+            vocab_size: 100,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            sliding_window: 8,
+            use_sliding_window: true,
+            max_window_layers: 2
+        };
+        const q = parseModelConfig(qwen, "q/config.json");
+        assert.deepEqual(
+            [0, 1, 2, 3].map((l) => attentionWindow(q, l)),
+            [0, 0, 8, 8]
+        );
+        assert.equal(q.slidingWindow, 8);
+        const typed = parseModelConfig(
+            {...qwen, layer_types: ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]},
+            "q/config.json"
+        );
+        assert.deepEqual(
+            [0, 1, 2, 3].map((l) => attentionWindow(typed, l)),
+            [8, 0, 8, 0]
+        );
+        // without use_sliding_window no layer slides, and layer_types may not ask for one
+        assert.equal(parseModelConfig({...qwen, use_sliding_window: false}, "q/config.json").slidingWindow, null);
+        const refuse = (changes: Record<string, unknown>, pattern: RegExp) =>
+            assert.throws(
+                () => parseModelConfig(withChanges(qwen, changes), "q/config.json"),
+                (e: unknown) => e instanceof QloraError && pattern.test(e.message)
+            );
+        refuse(
+            {use_sliding_window: false, layer_types: ["sliding_attention", "full_attention", "full_attention", "full_attention"]},
+            /"layer_types" has "sliding_attention" layers but no window/
+        );
+        refuse(
+            {layer_types: ["full_attention", "chunked_attention", "full_attention", "full_attention"]},
+            /"layer_types\[1\]" is "chunked_attention", which qlora does not implement/
+        );
+        refuse({layer_types: ["full_attention"]}, /"layer_types" .* expected a list of 4 entries/);
+        refuse({max_window_layers: -1}, /"max_window_layers" is -1/);
+        refuse({sliding_window: 0}, /"sliding_window" is 0, expected a positive integer or null/);
+        assert.throws(
+            () =>
+                parseModelConfig(
+                    withChanges(mistralConfig, {num_hidden_layers: 2, layer_types: ["sliding_attention", "full_attention"]}),
+                    "m/config.json"
+                ),
+            /"layer_types" mixes full and sliding layers/
+        );
     });
 
     test("rope scaling from rope_scaling.type (old key) and from rope_parameters (transformers 5)", () => {

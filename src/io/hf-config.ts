@@ -58,8 +58,10 @@ export interface ModelConfig {
     mlpBias: boolean;
     /** always "silu": other activations are rejected */
     hiddenAct: string;
-    /** sliding-window attention width when the model uses it, else null */
+    /** the sliding window's width (transformers' config.sliding_window once resolved), null when no layer slides */
     slidingWindow: number | null;
+    /** transformers' layer_types: which layers attend through the window (attentionWindow gives a layer's width) */
+    layerTypes: LayerType[];
     bosTokenId: number | null;
     eosTokenIds: number[];
     padTokenId: number | null;
@@ -69,6 +71,20 @@ export interface ModelConfig {
     raw: Record<string, unknown>;
     /** the file the config came from (for messages) */
     file: string;
+}
+
+/** transformers' names of a layer's attention (config.layer_types) */
+export type LayerType = "full_attention" | "sliding_attention";
+
+const LAYER_TYPES: readonly LayerType[] = ["full_attention", "sliding_attention"];
+
+/**
+ * the attention window of layer l: 0 for full attention, else W, and the query at position i then sees the keys
+ * j with i - W < j <= i (transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window; flash-attn's
+ * window_size = (W - 1, 0)): W keys counting its own
+ */
+export function attentionWindow(cfg: Pick<ModelConfig, "layerTypes" | "slidingWindow">, l: number): number {
+    return cfg.layerTypes[l] === "sliding_attention" && cfg.slidingWindow !== null ? cfg.slidingWindow : 0;
 }
 
 export const CONFIG_FILE_NAME = "config.json";
@@ -326,7 +342,7 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     }
     const mlpBias = family === "llama" ? config.boolean("mlp_bias", false) : false;
 
-    const slidingWindow = readSlidingWindow(config, family);
+    const {slidingWindow, layerTypes} = readAttentionLayout(config, family, numHiddenLayers);
     const torchDtype = readTorchDtype(config);
 
     const quantizationConfig = json.quantization_config ?? null;
@@ -355,6 +371,7 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         mlpBias,
         hiddenAct: "silu",
         slidingWindow,
+        layerTypes,
         bosTokenId: config.tokenId("bos_token_id"),
         eosTokenIds: config.tokenIds("eos_token_id"),
         padTokenId: config.tokenId("pad_token_id"),
@@ -464,17 +481,83 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
     return result;
 }
 
-function readSlidingWindow(config: ConfigReader, family: ModelType): number | null {
-    if (family === "llama") return null;
-    // MistralConfig defaults to a 4096 window when the key is absent; an explicit null turns it off
-    const value = family === "mistral" && !("sliding_window" in config.json) ? 4096 : config.json.sliding_window;
-    if (value === undefined || value === null) return null;
-    if (typeof value !== "number" || !Number.isSafeInteger(value) || value <= 0) {
-        config.fail("sliding_window", `is ${quoteValue(value)}, expected a positive integer or null`);
+/** families whose every layer slides when sliding_window is set (MistralAttention, Phi3Attention); the default width */
+const EVERY_LAYER_SLIDES: ReadonlyMap<string, number | null> = new Map([
+    ["mistral", 4096],
+    ["phi3", null]
+]);
+/** families that slide only with use_sliding_window, on the layers layer_types (or max_window_layers) names */
+const QWEN_WINDOW_LAYOUT = new Set(["qwen2", "qwen3"]);
+
+/**
+ * The sliding window and which layers use it, as transformers resolves them: Mistral (and Phi-3) slide on every
+ * layer when sliding_window is set (MistralModel ignores layer_types with a warning; qlora refuses a mixed list rather
+ * than guess); Qwen2/Qwen3 keep sliding_window only with use_sliding_window, on the layers of layer_types, which
+ * defaults to "sliding_attention" for layers >= max_window_layers (Qwen2Config.__post_init__); Llama never slides.
+ */
+function readAttentionLayout(
+    config: ConfigReader,
+    family: string,
+    layers: number
+): {slidingWindow: number | null; layerTypes: LayerType[]} {
+    const json = config.json;
+    const everyLayer = EVERY_LAYER_SLIDES.has(family);
+    const qwen = QWEN_WINDOW_LAYOUT.has(family);
+    let layerTypes: LayerType[] | null = null;
+    if (json.layer_types !== undefined && json.layer_types !== null) {
+        const list = json.layer_types;
+        if (!Array.isArray(list) || list.length !== layers)
+            config.fail(
+                "layer_types",
+                `is ${quoteValue(list)}, expected a list of ${layers} entries (one per layer, num_hidden_layers)`
+            );
+        list.forEach((t, i) => {
+            if (!(LAYER_TYPES as readonly unknown[]).includes(t))
+                config.fail(
+                    `layer_types[${i}]`,
+                    `is ${quoteValue(t)}, which qlora does not implement (supported: ${LAYER_TYPES.join(", ")})`
+                );
+        });
+        layerTypes = list as LayerType[];
     }
-    // qwen2 only slides when use_sliding_window is set (and then only above max_window_layers)
-    if (family === "qwen2" && config.json.use_sliding_window !== true) return null;
-    return value;
+    const full = (): LayerType[] => Array.from({length: layers}, () => "full_attention");
+    if (!everyLayer && !qwen) return {slidingWindow: null, layerTypes: full()};
+
+    const fallback = everyLayer ? EVERY_LAYER_SLIDES.get(family)! : 4096;
+    const value = "sliding_window" in json ? json.sliding_window : fallback;
+    if (value !== undefined && value !== null && (typeof value !== "number" || !Number.isSafeInteger(value) || value <= 0))
+        config.fail("sliding_window", `is ${quoteValue(value)}, expected a positive integer or null`);
+    let window = (value ?? null) as number | null;
+    if (qwen && !config.boolean("use_sliding_window", false)) window = null;
+
+    if (everyLayer) {
+        if (window !== null && layerTypes?.includes("full_attention"))
+            config.fail(
+                "layer_types",
+                `mixes full and sliding layers, but transformers' ${family} model applies sliding_window to every layer ` +
+                    "and ignores layer_types; remove layer_types, or set sliding_window to null for full attention"
+            );
+        return {
+            slidingWindow: window,
+            layerTypes: window === null ? full() : Array.from({length: layers}, () => "sliding_attention")
+        };
+    }
+    if (!layerTypes) {
+        const first = json.max_window_layers ?? 28;
+        if (typeof first !== "number" || !Number.isSafeInteger(first) || first < 0)
+            config.fail("max_window_layers", `is ${quoteValue(first)}, expected a non-negative integer`);
+        layerTypes = Array.from({length: layers}, (_, i) =>
+            window !== null && i >= first ? "sliding_attention" : "full_attention"
+        );
+    }
+    // transformers' create_sliding_window_causal_mask raises here too
+    if (window === null && layerTypes.includes("sliding_attention"))
+        config.fail(
+            "layer_types",
+            'has "sliding_attention" layers but no window: set "use_sliding_window": true and a "sliding_window" width, ' +
+                'or make every entry "full_attention"'
+        );
+    return {slidingWindow: layerTypes.includes("sliding_attention") ? window : null, layerTypes};
 }
 
 function readTorchDtype(config: ConfigReader): ModelConfig["torchDtype"] {
