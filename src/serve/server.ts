@@ -45,7 +45,7 @@ export interface ServerOptions {
 }
 
 /** a client's mistake: the status and OpenAI's error fields */
-class RequestError extends Error {
+export class RequestError extends Error {
     constructor(
         readonly status: number,
         message: string,
@@ -77,6 +77,20 @@ interface Job {
 }
 
 export function createServer(opts: ServerOptions): http.Server {
+    const server = http.createServer(createRequestHandler(opts));
+    // Node closes an idle kept-alive connection after 5 s, racing a client that reuses it right then (the client
+    // sees ECONNRESET); clients (the openai package's undici among them) keep connections for longer, so the
+    // server keeps them for a minute, as common HTTP servers do
+    server.keepAliveTimeout = 65_000;
+    server.headersTimeout = 66_000;
+    return server;
+}
+
+/**
+ * the server's request handling alone, for a server that mounts it under its own routes (`qlora ui` chats with a
+ * run's adapter through it): the request's path must be one of the routes above, /v1/... or /...
+ */
+export function createRequestHandler(opts: ServerOptions): (req: http.IncomingMessage, res: http.ServerResponse) => void {
     if (opts.models.length === 0) throw new Error("createServer: no model to serve");
     const created = Math.floor(Date.now() / 1000);
     let queued = 0;
@@ -254,15 +268,9 @@ export function createServer(opts: ServerOptions): http.Server {
         if (line) opts.log?.(line);
     };
 
-    const server = http.createServer((req, res) => {
+    return (req, res) => {
         handle(req, res).catch((err: unknown) => sendError(res, err));
-    });
-    // Node closes an idle kept-alive connection after 5 s, racing a client that reuses it right then (the client
-    // sees ECONNRESET); clients (the openai package's undici among them) keep connections for longer, so the
-    // server keeps them for a minute, as common HTTP servers do
-    server.keepAliveTimeout = 65_000;
-    server.headersTimeout = 66_000;
-    return server;
+    };
 }
 
 type Finish = "stop" | "length" | "client_gone";
@@ -394,18 +402,18 @@ function now(): number {
     return Math.floor(Date.now() / 1000);
 }
 
-function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
+export function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
     const data = JSON.stringify(body);
     res.writeHead(status, {"content-type": "application/json", "content-length": Buffer.byteLength(data)});
     res.end(data);
 }
 
-function writeEvent(res: http.ServerResponse, body: unknown): void {
+export function writeEvent(res: http.ServerResponse, body: unknown): void {
     if (!res.destroyed) res.write(`data: ${JSON.stringify(body)}\n\n`);
 }
 
 /** OpenAI's error object; what qlora itself refuses (a template, a prompt past the context) is a 400 too */
-function sendError(res: http.ServerResponse, err: unknown): void {
+export function sendError(res: http.ServerResponse, err: unknown): void {
     let status = 500,
         body: {message: string; type: string; param: string | null; code: string | null};
     if (err instanceof RequestError) body = {message: err.message, type: err.type, param: err.param, code: err.code};
@@ -431,11 +439,15 @@ function sendError(res: http.ServerResponse, err: unknown): void {
     res.end(data);
 }
 
-/** the request body as a JSON object, at most maxBytes (the rest is not read) */
-async function readJsonBody(req: http.IncomingMessage, maxBytes: number): Promise<Record<string, unknown>> {
+/** the request body as a JSON object, at most maxBytes (the rest is not read); `limitFlag` names the option that sets it */
+export async function readJsonBody(
+    req: http.IncomingMessage,
+    maxBytes: number,
+    limitFlag = "--max-body-bytes"
+): Promise<Record<string, unknown>> {
     const declared = Number(req.headers["content-length"]);
     const tooLarge = () =>
-        new RequestError(413, `the request body is larger than ${maxBytes} bytes (--max-body-bytes)`, null, "request_too_large");
+        new RequestError(413, `the request body is larger than ${maxBytes} bytes (${limitFlag})`, null, "request_too_large");
     if (declared > maxBytes) throw tooLarge();
     const chunks: Buffer[] = [];
     let size = 0;
