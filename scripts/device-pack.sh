@@ -3,14 +3,18 @@
 #   node.xz        this machine's node binary (../shared/device/pack-node.sh)
 #   js/            src, test and bench compiled to JavaScript (no tsx needed there)
 #   node_modules/  the runtime dependencies only
-#   shared/        the fixtures the GPU tests read, the example data sets and the eval tasks' data (../shared does not travel)
+#   shared/        the fixtures the GPU tests read (../shared does not travel)
+#   data/          the example data sets (the fuzz seeds) and the eval tasks' data (qlora eval --task)
 #   node-llama-cpp.tar.xz  node-llama-cpp and its prebuilt CPU binary (the gguf column of qlora eval --compare)
-# The native addons come from build/ (carry it too). Carry: .device/node.xz .device/js .device/node_modules
-# .device/build .device/shared .device/node-llama-cpp.tar.xz (49 MiB). Then, on the device: bash scripts/device-run.sh
+# The native addons come from build/ (carry it too). Carry for tests and benchmarks: .device/node.xz .device/js
+# .device/node_modules .device/build .device/shared (38 MiB; with the 26 MiB of tracked files the run tool's 64 MiB
+# is nearly full). For qlora eval and fuzz carry .device/data (5 MiB) and, for the gguf column, .device/node-llama-cpp.tar.xz
+# (7 MiB) instead of .device/shared; both at once may pass the limit. Then, on the device:
+# bash scripts/device-run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ../shared/device/pack-node.sh >/dev/null
-rm -rf .device/js .device/node_modules .device/shared
+rm -rf .device/js .device/node_modules .device/shared .device/data
 npx tsc -p tsconfig.json --outDir .device/js --noEmit false --declaration false --sourceMap false || echo "(tsc reported errors; the JavaScript was emitted anyway)"
 mkdir -p .device/node_modules
 for dep in $(node -p "Object.keys(require('./package.json').dependencies).join(' ')"); do
@@ -48,11 +52,11 @@ for f in adapter batch.safetensors greedy.json lora_grads.safetensors qlora_grad
 done
 cp ../shared/bench/peer_lora.py ../shared/bench/peer_generate.py .device/shared/bench/
 # the fuzz seeds (the tiny model is linked to the package's copy on the device)
-mkdir -p .device/shared/datasets
-cp ../shared/datasets/{alpaca_zh_demo.json,alpaca_en_demo.json,messages_demo.jsonl,sharegpt_demo.json} .device/shared/datasets/
-# the eval tasks' data (qlora eval --task; 3.3 MiB)
-mkdir -p .device/shared/datasets/eval
-cp ../shared/datasets/eval/* .device/shared/datasets/eval/
+mkdir -p .device/data/datasets
+cp ../shared/datasets/{alpaca_zh_demo.json,alpaca_en_demo.json,messages_demo.jsonl,sharegpt_demo.json} .device/data/datasets/
+# the eval tasks' data (qlora eval --task; 3.3 MiB), a carry of its own
+mkdir -p .device/data/datasets/eval
+cp ../shared/datasets/eval/* .device/data/datasets/eval/
 # node-llama-cpp with its prebuilt CPU binary (the gguf column of qlora eval --compare) and what it imports, one
 # tar.xz (device-run.sh unpacks it into .device/node_modules); carry .device/node-llama-cpp.tar.xz too. Its 34 MiB
 # llama.cpp source bundle is for building from source, which the eval never does (build: "never").

@@ -5,7 +5,7 @@
 #   bash scripts/device-run.sh generate [args] the GPU generation benchmark (bench/generate.ts)
 #   bash scripts/device-run.sh fuzz [args]     npm run fuzz on the machine's cores (--jobs N)
 #   bash scripts/device-run.sh soak [args]     npm run soak
-#   bash scripts/device-run.sh qlora [args]    the CLI (e.g. qlora eval --compare ...; the eval data is in .device/shared)
+#   bash scripts/device-run.sh qlora [args]    the CLI (e.g. qlora eval --compare ...; the eval data is in .device/data)
 # Output goes to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,8 @@ for p in models examples eval-tasks package.json node_modules; do
     [ -e ".device/js/$p" ] || ln -s "$root/$([ "$p" = node_modules ] && echo .device/node_modules || echo "$p")" ".device/js/$p"
 done
 mkdir -p .device/shared/models && ln -sfn "$root/models/tiny-qwen2" .device/shared/models/tiny-qwen2
+# the data sets travel in .device/data when carried (device-pack.sh)
+[ -d .device/data/datasets ] && [ ! -e .device/shared/datasets ] && ln -s "$root/.device/data/datasets" .device/shared/datasets
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 what=${1:-test}; shift || true
 case "$what" in
@@ -36,6 +38,6 @@ case "$what" in
     generate) node .device/js/bench/generate.js --peer .device/shared/bench/peer_generate.py "$@" 2>&1 | tee "${OUT:-/tmp}/generate-bench.log" ;;
     fuzz) node .device/js/scripts/fuzz.js "$@" 2>&1 | tee "${OUT:-/tmp}/fuzz.log" ;;
     soak) node .device/js/scripts/soak.js "$@" 2>&1 | tee "${OUT:-/tmp}/soak.log" ;;
-    qlora) QLORA_EVAL_DATA="$root/.device/shared/datasets/eval" node .device/js/src/cli/main.js "$@" ;;
+    qlora) QLORA_EVAL_DATA="$root/.device/data/datasets/eval" node .device/js/src/cli/main.js "$@" ;;
     *) node "$what" "$@" ;;
 esac
