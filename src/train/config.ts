@@ -6,6 +6,7 @@ import {parse as parseYaml} from "yaml";
 import {z} from "zod";
 import {nearestKey, QloraError, quoteValue} from "../errors.js";
 import {ColumnMapSchema, parseMapFlag, TagMapSchema} from "../data/column-map.js";
+import type {DataOptions} from "../data/index.js";
 import {readTextFile} from "../io/files.js";
 import {loraScalingProblem} from "../lora/config.js";
 import {OPTIMIZER_NAMES} from "../optim/adamw.js";
@@ -180,6 +181,38 @@ export const TrainConfigSchema = z
 
 export type TrainConfig = z.infer<typeof TrainConfigSchema>;
 export type TrainConfigInput = z.input<typeof TrainConfigSchema>;
+
+/** how the data keys of a config prepare the data (the trainer; the data preview of `qlora ui`) */
+export function dataOptionsOf(
+    config: Pick<
+        TrainConfig,
+        | "dataset_format"
+        | "template"
+        | "dataset_text_field"
+        | "columns"
+        | "tags"
+        | "max_seq_length"
+        | "packing"
+        | "packing_strategy"
+        | "completion_only_loss"
+        | "assistant_only_loss"
+        | "seed"
+    >
+): DataOptions {
+    return {
+        dataset_format: config.dataset_format === "auto" ? undefined : config.dataset_format,
+        template: config.template ?? undefined,
+        dataset_text_field: config.dataset_text_field ?? undefined,
+        columns: config.columns ?? undefined,
+        tags: config.tags ?? undefined,
+        max_seq_length: config.max_seq_length,
+        packing: config.packing,
+        packing_strategy: config.packing_strategy,
+        completion_only_loss: config.completion_only_loss,
+        assistant_only_loss: config.assistant_only_loss,
+        seed: config.seed
+    };
+}
 
 export const TRAIN_CONFIG_KEYS = Object.keys(TrainConfigSchema.shape) as (keyof TrainConfig)[];
 

@@ -6,7 +6,7 @@
 import {constants as fsConstants, promises as fs} from "node:fs";
 import path from "node:path";
 import {QloraError} from "../errors.js";
-import type {TrainConfig} from "./config.js";
+import {dataOptionsOf, type TrainConfig} from "./config.js";
 import {cpu} from "../backend/cpu.js";
 import {chooseDevice, type DeviceChoice} from "../backend/cuda.js";
 import {DropoutClock} from "../backend/dropout.js";
@@ -14,7 +14,7 @@ import {Rng} from "../backend/rng.js";
 import {assertDirOutput, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {readTextFile} from "../io/files.js";
 import {hubIdOfSnapshot} from "../io/hub.js";
-import {DataLoader, loadDataset, padTokenIdOf, type Batch, type DataOptions, type PreparedDataset} from "../data/index.js";
+import {DataLoader, loadDataset, padTokenIdOf, type Batch, type PreparedDataset} from "../data/index.js";
 import {loadAdapter, saveAdapter} from "../peft/adapter-files.js";
 import {applyLora, trainableParametersLine, type LoraModel} from "../peft/inject.js";
 import {DecoderModel} from "../model/decoder.js";
@@ -296,19 +296,7 @@ async function trainInOutputDir(
               bnb_4bit_use_double_quant: config.bnb_4bit_use_double_quant
           })
         : null;
-    const dataOptions: DataOptions = {
-        dataset_format: config.dataset_format === "auto" ? undefined : (config.dataset_format as DataOptions["dataset_format"]),
-        template: config.template ?? undefined,
-        dataset_text_field: config.dataset_text_field ?? undefined,
-        columns: config.columns ?? undefined,
-        tags: config.tags ?? undefined,
-        max_seq_length: config.max_seq_length,
-        packing: config.packing,
-        packing_strategy: config.packing_strategy,
-        completion_only_loss: config.completion_only_loss,
-        assistant_only_loss: config.assistant_only_loss,
-        seed: config.seed
-    };
+    const dataOptions = dataOptionsOf(config);
     const trainData = await loadDataset(config.dataset, tokenizer, dataOptions);
     const evalData =
         config.eval_dataset && config.eval_strategy !== "no"
