@@ -555,6 +555,7 @@ interface AttnCase {
     seg?: number[][]; // [B][S]
     fd: number; // FD coordinates sampled per tensor
     expectMasked?: boolean; // some query row sees no key
+    window?: number; // sliding window (keys qpos - window < j <= qpos)
 }
 
 const attnCases: AttnCase[] = [
@@ -629,7 +630,41 @@ const attnCases: AttnCase[] = [
     },
     {name: "decode T=1", B: 4, T: 1, S: 13, Hq: 4, Hkv: 4, D: 24, qOffset: 12, fd: 200},
     {name: "chunk q_offset<S-T", B: 1, T: 4, S: 12, Hq: 4, Hkv: 2, D: 24, qOffset: 5, fd: 300},
-    {name: "long", B: 1, T: 64, S: 64, Hq: 4, Hkv: 2, D: 64, qOffset: 0, fd: 25}
+    {name: "long", B: 1, T: 64, S: 64, Hq: 4, Hkv: 2, D: 64, qOffset: 0, fd: 25},
+    {name: "window gqa", B: 2, T: 12, S: 12, Hq: 4, Hkv: 2, D: 24, qOffset: 0, fd: 300, window: 4},
+    {name: "window 1 (itself only)", B: 1, T: 6, S: 6, Hq: 2, Hkv: 1, D: 24, qOffset: 0, fd: 200, window: 1},
+    {
+        name: "window + padding",
+        B: 2,
+        T: 9,
+        S: 9,
+        Hq: 4,
+        Hkv: 2,
+        D: 24,
+        qOffset: 0,
+        fd: 200,
+        window: 3,
+        expectMasked: true,
+        keyValid: [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 0, 0, 0, 1, 1, 1] // query 5 of b=1 sees keys 3..5 only: all hidden
+        ]
+    },
+    {
+        name: "window + packed seg",
+        B: 1,
+        T: 10,
+        S: 10,
+        Hq: 2,
+        Hkv: 1,
+        D: 24,
+        qOffset: 0,
+        fd: 200,
+        window: 3,
+        seg: [[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]]
+    },
+    {name: "window + kv-cache", B: 2, T: 3, S: 11, Hq: 4, Hkv: 2, D: 24, qOffset: 8, fd: 200, window: 5},
+    {name: "window decode T=1", B: 2, T: 1, S: 13, Hq: 4, Hkv: 2, D: 24, qOffset: 12, fd: 200, window: 6}
 ];
 
 describe("attention", () => {
@@ -641,7 +676,20 @@ describe("attention", () => {
             const rng = new Prng(61 + B * 100 + T * 10 + D);
             const kv = ac.keyValid ? Uint8Array.from(ac.keyValid.flat()) : null;
             const seg = ac.seg ? Int32Array.from(ac.seg.flat()) : null;
-            const a: AttnProblem = {B, T, S, Hq, Hkv, D, qOffset, keyValid: kv, seg, scale: Math.fround(1 / Math.sqrt(D))};
+            const window = ac.window ?? 0;
+            const a: AttnProblem = {
+                B,
+                T,
+                S,
+                Hq,
+                Hkv,
+                D,
+                qOffset,
+                keyValid: kv,
+                seg,
+                scale: Math.fround(1 / Math.sqrt(D)),
+                window
+            };
             const nq = B * T * Hq * D,
                 nk = B * S * Hkv * D;
             const q = randn32(rng, nq, 1.5),
@@ -653,8 +701,25 @@ describe("attention", () => {
             const ref = refAttention(a, q64, k64, v64);
             const out = nanFilled(nq),
                 lse = nanFilled(B * Hq * T);
-            cpu.attentionForward(out, lse, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale);
+            cpu.attentionForward(out, lse, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale, window);
             const short = ac.name;
+            if (window > 0) {
+                // the window must change the result (it hides keys), and a window covering every key must not
+                const full = nanFilled(nq),
+                    wide = nanFilled(nq);
+                cpu.attentionForward(full, null, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale);
+                cpu.attentionForward(wide, null, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale, S + qOffset);
+                c.that(
+                    `attentionForward: ${short} differs from no window`,
+                    full.some((x, i) => x !== out[i]),
+                    ""
+                );
+                c.exact(
+                    `attentionForward: ${short} window >= S is no window`,
+                    new Uint32Array(wide.buffer),
+                    new Uint32Array(full.buffer)
+                );
+            }
             c.close(`attentionForward: ${short} out`, out, ref.out, 1e-5);
             c.close(`attentionForward: ${short} lse`, lse, ref.lse, 2e-6);
             if (ac.expectMasked) {
@@ -671,7 +736,7 @@ describe("attention", () => {
                 c.that(`attentionForward: ${short} fully-masked rows: out=0, lse=-inf`, zeros, `${masked.length} masked rows`);
             }
             const out2 = nanFilled(nq);
-            cpu.attentionForward(out2, null, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale);
+            cpu.attentionForward(out2, null, q, k, v, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale, window);
             c.exact(`attentionForward: ${short} lse=null same out`, new Uint32Array(out2.buffer), new Uint32Array(out.buffer));
 
             const g = randn32(rng, nq),
@@ -679,7 +744,7 @@ describe("attention", () => {
             const dq = nanFilled(nq),
                 dk = nanFilled(nk),
                 dv = nanFilled(nk); // all (=): garbage must go
-            cpu.attentionBackward(dq, dk, dv, g, q, k, v, out, lse, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale);
+            cpu.attentionBackward(dq, dk, dv, g, q, k, v, out, lse, kv, seg, B, T, S, Hq, Hkv, D, qOffset, a.scale, window);
             const an = refAttentionBackward(a, q64, k64, v64, g64);
             c.close(`attentionBackward: ${short} dq vs analytic`, dq, an.dq, 2e-5);
             c.close(`attentionBackward: ${short} dk vs analytic`, dk, an.dk, 2e-5);
@@ -701,6 +766,10 @@ describe("attention", () => {
         const z = new Float32Array(4096);
         assert.throws(() => cpu.attentionForward(z, null, z, z, z, null, null, 1, 4, 4, 3, 2, 8, 0, 1), RangeError);
         assert.throws(() => cpu.attentionForward(z, null, z, z, z, null, null, 1, 4, 6, 2, 2, 8, 3, 1), RangeError);
+        assert.throws(
+            () => cpu.attentionForward(z, null, z, z, z, null, null, 1, 4, 4, 2, 2, 8, 0, 1, -1),
+            /window must be >= 0/
+        );
     });
 });
 

@@ -159,6 +159,7 @@ static Napi::Value Rope(const Napi::CallbackInfo& info) {
 struct AttnDims {
     int64_t B, T, S, Hq, Hkv, D, qOffset;
     float scale;
+    int64_t window;  // the optional argument after scale (0 or absent: no sliding window)
 };
 
 static bool attn_dims(const Napi::CallbackInfo& info, size_t first, AttnDims& d) {
@@ -171,7 +172,13 @@ static bool attn_dims(const Napi::CallbackInfo& info, size_t first, AttnDims& d)
     d.D = int_arg(info, first + 5);
     d.qOffset = int_arg(info, first + 6);
     d.scale = (float)num_arg(info, first + 7);
+    d.window = info.Length() > first + 8 && !info[first + 8].IsUndefined() ? int_arg(info, first + 8) : 0;
     if (env.IsExceptionPending()) return false;
+    if (d.window < 0) {
+        Napi::RangeError::New(env, "attention: window must be >= 0 (0: no sliding window)")
+            .ThrowAsJavaScriptException();
+        return false;
+    }
     if (d.Hkv <= 0 || d.Hq % d.Hkv != 0 || d.T > d.S || d.qOffset < 0 || d.qOffset + d.T > d.S) {
         Napi::RangeError::New(env, "attention: bad sizes (need Hq % Hkv == 0, T <= S, q_offset + T <= S)")
             .ThrowAsJavaScriptException();
@@ -180,7 +187,7 @@ static bool attn_dims(const Napi::CallbackInfo& info, size_t first, AttnDims& d)
     return true;
 }
 
-// attentionForward(out, lse|null, q, k, v, keyValid|null, seg|null, B, T, S, Hq, Hkv, D, qOffset, scale)
+// attentionForward(out, lse|null, q, k, v, keyValid|null, seg|null, B, T, S, Hq, Hkv, D, qOffset, scale[, window])
 static Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     AttnDims d;
@@ -193,11 +200,13 @@ static Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     const uint8_t* kv = array_arg<uint8_t>(info, 5, d.B * d.S, true);
     const int32_t* seg = array_arg<int32_t>(info, 6, d.B * d.S, true);
     QLORA_CHECK_ARGS(env);
-    qlora_cpu_attention_forward(out, lse, q, k, v, kv, seg, d.B, d.T, d.S, d.Hq, d.Hkv, d.D, d.qOffset, d.scale);
+    qlora_cpu_attention_forward(out, lse, q, k, v, kv, seg, d.B, d.T, d.S, d.Hq, d.Hkv, d.D, d.qOffset, d.scale,
+                                d.window);
     return env.Undefined();
 }
 
-// attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid|null, seg|null, B, T, S, Hq, Hkv, D, qOffset, scale)
+// attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid|null, seg|null, B, T, S, Hq, Hkv, D, qOffset, scale
+//                   [, window])
 static Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     AttnDims d;
@@ -216,7 +225,7 @@ static Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     const int32_t* seg = array_arg<int32_t>(info, 10, d.B * d.S, true);
     QLORA_CHECK_ARGS(env);
     qlora_cpu_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, kv, seg, d.B, d.T, d.S, d.Hq, d.Hkv, d.D,
-                                 d.qOffset, d.scale);
+                                 d.qOffset, d.scale, d.window);
     return env.Undefined();
 }
 

@@ -94,17 +94,19 @@ void qlora_cpu_rope_backward(float* dinp, const float* dout, const int32_t* pos,
 //
 // q[B,T,Hq,D], k/v[B,S,Hkv,D] with S >= T: query t sits at key position q_offset + t (q_offset = S - T
 // for a KV cache, 0 for training). Key j is visible to query t when j <= q_offset + t, key_valid[b,j] != 0
-// (NULL: all valid; the padding mask) and seg[b,j] == seg[b,q_offset+t] (NULL: one segment; packing).
+// (NULL: all valid; the padding mask), seg[b,j] == seg[b,q_offset+t] (NULL: one segment; packing) and, with a
+// sliding window (window > 0; 0: none), j > q_offset + t - window: W keys counting its own, transformers'
+// sliding_window_overlay (kv_idx > q_idx - sliding_window) and flash-attn's window_size = (W - 1, 0).
 // A query with no visible key gets zeros. out[B,T,Hq,D]; lse[B,Hq,T] is the log-sum-exp of the scaled
 // scores, saved for backward (may be NULL).
 void qlora_cpu_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                                  const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T, int64_t S,
-                                 int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset, float scale);
+                                 int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset, float scale, int64_t window);
 // dq (=), dk (=), dv (=); recomputes the probabilities from q, k and lse
 void qlora_cpu_attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                                   const float* v, const float* out, const float* lse, const uint8_t* key_valid,
                                   const int32_t* seg, int64_t B, int64_t T, int64_t S, int64_t Hq, int64_t Hkv,
-                                  int64_t D, int64_t q_offset, float scale);
+                                  int64_t D, int64_t q_offset, float scale, int64_t window);
 
 // ------------------------------------------------------------------
 // SwiGLU: out = silu(gate) * up

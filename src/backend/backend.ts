@@ -94,7 +94,8 @@ export interface Backend<X extends TensorTypes> {
      * causal grouped-query attention: out[B, T, Hq, D] from q[B, T, Hq, D] and k, v[B, S, Hkv, D]; query t sits at
      * key position past + t, past one number or one per row (i32 [B] on the backend, not with seg: rows of a KV
      * cache at their own lengths); keyValid[B, S] hides padding, seg[B, S] keeps attention inside packed
-     * sequences; lse[B, Hq, T] saved for the backward when not null
+     * sequences; lse[B, Hq, T] saved for the backward when not null. window (a layer's sliding window, 0 or absent:
+     * none): the query at key position i sees keys i - window < j <= i only (io/hf-config.ts attentionWindow)
      */
     attention(
         out: X["f"],
@@ -113,7 +114,8 @@ export interface Backend<X extends TensorTypes> {
         past: number | X["i"],
         scale: number,
         /** a paged KV cache: k, v are block pools [blocks * block, Hkv, D] and S the rows' logical length */
-        blocks?: KvBlocksOf<X["i"]> | null
+        blocks?: KvBlocksOf<X["i"]> | null,
+        window?: number
     ): void;
     attentionBackward(
         dq: X["f"],
@@ -132,7 +134,9 @@ export interface Backend<X extends TensorTypes> {
         Hq: number,
         Hkv: number,
         D: number,
-        scale: number
+        scale: number,
+        /** the forward's sliding window (0 or absent: none) */
+        window?: number
     ): void;
     /** out = silu(gate) * up */
     swiglu(out: X["f"], gate: X["f"], up: X["f"], n: number): void;

@@ -128,11 +128,12 @@ export class CpuBackend implements Backend<CpuTensors> {
         D: number,
         past: number | Int32Array,
         scale: number,
-        blocks?: KvBlocksOf<Int32Array> | null
+        blocks?: KvBlocksOf<Int32Array> | null,
+        window = 0
     ): void {
         if (!blocks && (typeof past === "number" || past.every((p) => p === past[0]))) {
             const offset = typeof past === "number" ? past : (past[0] ?? 0);
-            cpu().attentionForward(out, lse, q, k, v, keyValid, seg, B, T, S, Hq, Hkv, D, offset, scale);
+            cpu().attentionForward(out, lse, q, k, v, keyValid, seg, B, T, S, Hq, Hkv, D, offset, scale, window);
             return;
         }
         if (seg) throw new Error("attention: per-row offsets and paged caches cannot be combined with packed segments");
@@ -148,7 +149,9 @@ export class CpuBackend implements Backend<CpuTensors> {
                 Sb = Math.min(S, Math.ceil((offset + T) / blocks.block) * blocks.block);
                 keys = new Float32Array(Sb * kvRow);
                 values = new Float32Array(Sb * kvRow);
-                for (let j0 = 0; j0 < Sb; j0 += blocks.block) {
+                // blocks wholly behind the window are never read (a KV cache frees them): they stay zeros
+                const from = window > 0 ? Math.max(0, offset - window + 1) : 0;
+                for (let j0 = from - (from % blocks.block); j0 < Sb; j0 += blocks.block) {
                     const at = blockRow(blocks, b, j0);
                     if (at < 0) continue;
                     const n = Math.min(blocks.block, Sb - j0) * kvRow;
@@ -175,7 +178,8 @@ export class CpuBackend implements Backend<CpuTensors> {
                 Hkv,
                 D,
                 offset,
-                scale
+                scale,
+                window
             );
         }
     }
@@ -196,9 +200,10 @@ export class CpuBackend implements Backend<CpuTensors> {
         Hq: number,
         Hkv: number,
         D: number,
-        scale: number
+        scale: number,
+        window = 0
     ): void {
-        cpu().attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid, seg, B, T, T, Hq, Hkv, D, 0, scale);
+        cpu().attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid, seg, B, T, T, Hq, Hkv, D, 0, scale, window);
     }
     swiglu(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void {
         cpu().swigluForward(out, gate, up, n);

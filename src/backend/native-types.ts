@@ -90,7 +90,9 @@ export interface CpuAddon {
         Hkv: number,
         D: number,
         qOffset: number,
-        scale: number
+        scale: number,
+        /** a sliding window: key j visible to query t only when j > qOffset + t - window (0 or absent: none) */
+        window?: number
     ): void;
     attentionBackward(
         dq: Float32Array,
@@ -111,7 +113,9 @@ export interface CpuAddon {
         Hkv: number,
         D: number,
         qOffset: number,
-        scale: number
+        scale: number,
+        /** a sliding window: key j visible to query t only when j > qOffset + t - window (0 or absent: none) */
+        window?: number
     ): void;
 
     /** mask[n] = 1 / (1 - p) where element i is kept, else 0: LoRA dropout, the CUDA kernels' masks (seed < 2^53) */

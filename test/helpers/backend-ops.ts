@@ -628,6 +628,8 @@ interface AttnShape {
     fd: number;
     /** the bf16 tolerance of the backward's gradients, where not 3e-2 */
     bf16GradTol?: number;
+    /** a sliding window (keys past + t - window < j only) */
+    window?: number;
 }
 
 const ATTN_SHAPES: AttnShape[] = [
@@ -692,6 +694,29 @@ const ATTN_SHAPES: AttnShape[] = [
         ]
     },
     {name: "decode T=1 past=12", B: 2, T: 1, S: 13, Hq: 4, Hkv: 4, D: 128, past: 12, fd: 0},
+    {name: "window 5 gqa", B: 2, T: 40, S: 40, Hq: 4, Hkv: 2, D: 64, past: 0, fd: 16, window: 5},
+    // windows across the CUDA kernels' 64-key tiles: whole tiles before the window are skipped
+    {name: "window 70 over tiles", B: 1, T: 150, S: 150, Hq: 2, Hkv: 1, D: 128, past: 0, fd: 8, window: 70},
+    {name: "window 64 = one tile", B: 1, T: 130, S: 130, Hq: 2, Hkv: 2, D: 64, past: 0, fd: 8, window: 64},
+    {
+        name: "window + padding",
+        B: 2,
+        T: 9,
+        S: 9,
+        Hq: 2,
+        Hkv: 1,
+        D: 64,
+        past: 0,
+        fd: 16,
+        window: 3,
+        expectMasked: true,
+        keyValid: [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 0, 0, 0, 1, 1, 1] // query 5 of b=1 sees keys 3..5 only: all hidden
+        ]
+    },
+    {name: "window kv-cache past=70", B: 2, T: 3, S: 73, Hq: 4, Hkv: 2, D: 64, past: 70, fd: 0, window: 20},
+    {name: "window decode past=140", B: 2, T: 1, S: 141, Hq: 4, Hkv: 1, D: 128, past: 140, fd: 0, window: 65},
     // a cache filled up to past + T = 9 of its 12 positions: keys past the queries are hidden by causality
     {name: "cache chunk past=5", B: 1, T: 4, S: 12, Hq: 4, Hkv: 2, D: 64, past: 5, fd: 0}
 ];
@@ -717,7 +742,8 @@ function attnInputs<X extends TensorTypes>(r: CaseRun<X>, s: AttnShape): AttnInp
         qOffset: s.past,
         keyValid: s.keyValid?.flat() ?? null,
         seg: s.seg?.flat() ?? null,
-        scale: Math.fround(1 / Math.sqrt(D))
+        scale: Math.fround(1 / Math.sqrt(D)),
+        window: s.window ?? 0
     };
     return {
         a,
@@ -729,7 +755,9 @@ function attnInputs<X extends TensorTypes>(r: CaseRun<X>, s: AttnShape): AttnInp
     };
 }
 
-const attnTag = (s: AttnShape) => `${s.name} B=${s.B} T=${s.T} S=${s.S} Hq=${s.Hq} Hkv=${s.Hkv} D=${s.D} past=${s.past}`;
+const attnTag = (s: AttnShape) =>
+    `${s.name} B=${s.B} T=${s.T} S=${s.S} Hq=${s.Hq} Hkv=${s.Hkv} D=${s.D} past=${s.past}` +
+    (s.window ? ` window=${s.window}` : "");
 
 for (const s of ATTN_SHAPES) {
     OP_CASES.push({
@@ -741,7 +769,7 @@ for (const s of ATTN_SHAPES) {
             const ref = refAttention(a, q.v, k.v, v.v);
             const out = r.out(B * T * Hq * D),
                 lse = r.stats(B * Hq * T);
-            r.be.attention(out, lse, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, past, a.scale);
+            r.be.attention(out, lse, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, past, a.scale, null, a.window);
             const got = r.get(out),
                 lseGot = r.get(lse);
             r.close("out", got, ref.out, {float32: 1e-5, bfloat16: BF16_OUT});
@@ -760,7 +788,7 @@ for (const s of ATTN_SHAPES) {
                 r.that(`${masked.length} fully masked queries: out 0, lse -inf`, zeros);
             }
             const out2 = r.out(B * T * Hq * D);
-            r.be.attention(out2, null, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, past, a.scale);
+            r.be.attention(out2, null, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, past, a.scale, null, a.window);
             r.exact("lse=null: same out", r.get(out2), got);
         }
     });
@@ -774,12 +802,12 @@ for (const s of ATTN_SHAPES) {
             const {a, q, k, v, kv, seg} = attnInputs(r, s);
             const out = r.out(B * T * Hq * D),
                 lse = r.stats(B * Hq * T);
-            r.be.attention(out, lse, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, 0, a.scale);
+            r.be.attention(out, lse, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, 0, a.scale, null, a.window);
             const g = r.randn(B * T * Hq * D);
             const dq = r.out(B * T * Hq * D),
                 dk = r.out(B * S * Hkv * D),
                 dv = r.out(B * S * Hkv * D);
-            r.be.attentionBackward(dq, dk, dv, g.t, q.t, k.t, v.t, out, lse, kv, seg, B, T, Hq, Hkv, D, a.scale);
+            r.be.attentionBackward(dq, dk, dv, g.t, q.t, k.t, v.t, out, lse, kv, seg, B, T, Hq, Hkv, D, a.scale, a.window);
             const an = refAttentionBackward(a, q.v, k.v, v.v, g.v);
             const tol = {float32: 2e-5, bfloat16: s.bf16GradTol ?? 3e-2};
             // dq and dk are exactly 0 where a query sees a single key (one token: the whole tensor), and rounding
@@ -889,16 +917,21 @@ for (const n of [1, 7, 17, 100003]) {
 
 // rows of a KV cache at their own lengths (continuous batching; a recorded decoding step): each row's queries sit
 // at its own offset, given per row on the backend; the reference is each row alone at its offset
-for (const [T, S, Hq, Hkv, D, pasts] of [
+for (const [T, S, Hq, Hkv, D, pasts, window = 0] of [
     [1, 70, 4, 2, 64, [0, 37, 69]],
     [1, 130, 2, 1, 128, [64, 5, 127, 63]],
     [3, 40, 2, 2, 64, [0, 20, 37]],
-    [1, 9, 2, 1, 64, [4, 4]]
-] as [number, number, number, number, number, number[]][]) {
+    [1, 9, 2, 1, 64, [4, 4]],
+    // a sliding window: each row's first visible key is its own
+    [1, 200, 4, 2, 64, [199, 5, 64, 130], 70],
+    [2, 140, 2, 1, 128, [100, 0, 138], 3]
+] as [number, number, number, number, number, number[], number?][]) {
     const B = pasts.length;
     OP_CASES.push({
         op: "attention",
-        shape: `per-row offsets B=${B} T=${T} S=${S} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts}`,
+        shape:
+            `per-row offsets B=${B} T=${T} S=${S} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts}` +
+            (window ? ` window=${window}` : ""),
         run(r) {
             const scale = Math.fround(1 / Math.sqrt(D));
             const q = r.randn(B * T * Hq * D, 1.5),
@@ -906,13 +939,13 @@ for (const [T, S, Hq, Hkv, D, pasts] of [
                 v = r.randn(B * S * Hkv * D);
             const out = r.out(B * T * Hq * D),
                 lse = r.stats(B * Hq * T);
-            r.be.attention(out, lse, q.t, k.t, v.t, null, null, B, T, S, Hq, Hkv, D, r.indices(pasts), scale);
+            r.be.attention(out, lse, q.t, k.t, v.t, null, null, B, T, S, Hq, Hkv, D, r.indices(pasts), scale, null, window);
             const refOut = new Float64Array(B * T * Hq * D),
                 refLse = new Float64Array(B * Hq * T);
             for (let b = 0; b < B; b++) {
                 const row = (x: Float64Array, n: number) => x.subarray(b * n, (b + 1) * n);
                 const one = refAttention(
-                    {B: 1, T, S, Hq, Hkv, D, qOffset: pasts[b], keyValid: null, seg: null, scale},
+                    {B: 1, T, S, Hq, Hkv, D, qOffset: pasts[b], keyValid: null, seg: null, scale, window},
                     row(q.v, T * Hq * D),
                     row(k.v, S * Hkv * D),
                     row(v.v, S * Hkv * D)
@@ -929,7 +962,7 @@ for (const [T, S, Hq, Hkv, D, pasts] of [
 // a paged KV cache (graph.ts KVCache): rows' positions live in blocks of a shared pool named by a block table;
 // the block size is the CUDA kernel's key tile (64). Keys are written through the table, and attention reads each
 // row's blocks in table order: the reference is each row alone over its positions gathered from the pool
-for (const [T, Hq, Hkv, D, pasts, tables] of [
+for (const [T, Hq, Hkv, D, pasts, tables, windowArg] of [
     [1, 4, 2, 64, [0, 70, 130], [[5], [0, 3], [1, 4, 2]]],
     [
         3,
@@ -952,15 +985,44 @@ for (const [T, Hq, Hkv, D, pasts, tables] of [
             [3, -1],
             [1, 2]
         ]
+    ],
+    // a sliding window of 60: a row's blocks wholly behind it are freed (-1) and never read
+    [
+        1,
+        4,
+        2,
+        64,
+        [130, 70, 10],
+        [
+            [-1, 0, 2],
+            [3, 1, -1],
+            [4, -1, -1]
+        ],
+        60
+    ],
+    [
+        2,
+        2,
+        1,
+        128,
+        [200, 127],
+        [
+            [-1, -1, 0, 1],
+            [-1, 2, 3, -1]
+        ],
+        64
     ]
-] as [number, number, number, number, number[], number[][]][]) {
+] as [number, number, number, number, number[], number[][], number?][]) {
+    const window = windowArg ?? 0;
     const B = pasts.length,
         block = 64,
         stride = Math.max(...tables.map((t) => t.length));
     const blocks = 1 + Math.max(...tables.flat());
     const S = stride * block;
     const table = tables.flatMap((t) => [...t, ...new Array(stride - t.length).fill(-1)]);
-    const shape = `paged B=${B} T=${T} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts} tables=${JSON.stringify(tables)}`;
+    const shape =
+        `paged B=${B} T=${T} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts} tables=${JSON.stringify(tables)}` +
+        (window ? ` window=${window}` : "");
     // the pool row of row b's position j
     const at = (b: number, j: number) => table[b * stride + Math.floor(j / block)] * block + (j % block);
     OP_CASES.push({
@@ -989,22 +1051,38 @@ for (const [T, Hq, Hkv, D, pasts, tables] of [
                 v = r.randn(blocks * block * kvRow);
             const out = r.out(B * T * Hq * D),
                 lse = r.stats(B * Hq * T);
-            r.be.attention(out, lse, q.t, k.t, v.t, null, null, B, T, S, Hq, Hkv, D, r.indices(pasts), scale, {
-                table: r.indices(table),
-                stride,
-                block
-            });
+            r.be.attention(
+                out,
+                lse,
+                q.t,
+                k.t,
+                v.t,
+                null,
+                null,
+                B,
+                T,
+                S,
+                Hq,
+                Hkv,
+                D,
+                r.indices(pasts),
+                scale,
+                {table: r.indices(table), stride, block},
+                window
+            );
             const refOut = new Float64Array(B * T * Hq * D),
                 refLse = new Float64Array(B * Hq * T);
             for (let b = 0; b < B; b++) {
                 const n = pasts[b] + T;
+                // positions in freed blocks (behind the window) are NaN: reading one would show
                 const gather = (pool: Float64Array) => {
-                    const g = new Float64Array(n * kvRow);
-                    for (let j = 0; j < n; j++) g.set(pool.subarray(at(b, j) * kvRow, (at(b, j) + 1) * kvRow), j * kvRow);
+                    const g = new Float64Array(n * kvRow).fill(Number.NaN);
+                    for (let j = 0; j < n; j++)
+                        if (at(b, j) >= 0) g.set(pool.subarray(at(b, j) * kvRow, (at(b, j) + 1) * kvRow), j * kvRow);
                     return g;
                 };
                 const one = refAttention(
-                    {B: 1, T, S: n, Hq, Hkv, D, qOffset: pasts[b], keyValid: null, seg: null, scale},
+                    {B: 1, T, S: n, Hq, Hkv, D, qOffset: pasts[b], keyValid: null, seg: null, scale, window},
                     q.v.subarray(b * T * Hq * D, (b + 1) * T * Hq * D),
                     gather(k.v),
                     gather(v.v)

@@ -221,6 +221,8 @@ export interface AttnProblem {
     /** [B, S] packed-sequence index (null: one sequence per row) */
     seg: ArrayLike<number> | null;
     scale: number;
+    /** a sliding window (0 or absent: none) */
+    window?: number;
 }
 
 export function attnVisible(a: AttnProblem, b: number, j: number, qpos: number): boolean {
@@ -228,6 +230,8 @@ export function attnVisible(a: AttnProblem, b: number, j: number, qpos: number):
     if (j > qpos) return false;
     if (a.keyValid && !a.keyValid[b * S + j]) return false;
     if (a.seg && a.seg[b * S + j] !== a.seg[b * S + qpos]) return false;
+    // transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window
+    if (a.window && !(j > qpos - a.window)) return false;
     return true;
 }
 
