@@ -5,7 +5,7 @@ import {cudaAttentionOps} from "./cuda-attention-types.js";
 import {cudaGemmOps, type GemmDtype} from "./cuda-gemm-types.js";
 import {cudaLoraOps, LORA_DOWN_MAX_M, LORA_DOWN_MAX_PARTS, LORA_DOWN_MAX_R} from "./cuda-lora-types.js";
 import {cudaKernelOps} from "./cuda-kernels-types.js";
-import type {Backend, HostCopy, KvBlocksOf, LossResult} from "./backend.js";
+import {checkColumnCopy, type Backend, type HostCopy, type KvBlocksOf, type LossResult} from "./backend.js";
 import {pickArguments, type TokenPick} from "./sampling.js";
 
 export interface CudaTensors {
@@ -77,6 +77,9 @@ export class CudaBackend implements Backend<CudaTensors> {
     restore(h: HostCopy): DeviceBuffer {
         const c = (h as CudaHostCopy).device ? (h as CudaHostCopy) : (this.prefetch(h) as CudaHostCopy);
         cuda().hostRestore(c.slot);
+        // the slot is free now; a source still unfreed (restored before it was freed) needs no fence: the compute
+        // stream already waits for the copy back, queued on the copy stream after the copy out
+        for (const [t, slot] of this.copyingToHost) if (slot === c.slot) this.copyingToHost.delete(t);
         return c.device!;
     }
 
@@ -136,9 +139,10 @@ export class CudaBackend implements Backend<CudaTensors> {
         attentionScaling: number,
         N: number,
         H: number,
-        D: number
+        D: number,
+        R = D
     ): void {
-        cudaKernelOps().ropeForward(x.ptr, x.ptr, pos.ptr, invFreq.ptr, attentionScaling, N, H, D);
+        cudaKernelOps().ropeForward(x.ptr, x.ptr, pos.ptr, invFreq.ptr, attentionScaling, N, H, D, H * D, R);
     }
     ropeBackward(
         dx: DeviceBuffer,
@@ -147,9 +151,10 @@ export class CudaBackend implements Backend<CudaTensors> {
         attentionScaling: number,
         N: number,
         H: number,
-        D: number
+        D: number,
+        R = D
     ): void {
-        cudaKernelOps().ropeBackward(dx.ptr, dx.ptr, pos.ptr, invFreq.ptr, attentionScaling, N, H, D);
+        cudaKernelOps().ropeBackward(dx.ptr, dx.ptr, pos.ptr, invFreq.ptr, attentionScaling, N, H, D, H * D, R);
     }
     attention(
         out: DeviceBuffer,
@@ -167,7 +172,8 @@ export class CudaBackend implements Backend<CudaTensors> {
         D: number,
         past: number | DeviceBuffer,
         scale: number,
-        blocks?: KvBlocksOf<DeviceBuffer> | null
+        blocks?: KvBlocksOf<DeviceBuffer> | null,
+        window = 0
     ): void {
         // the kernel's key tile is one cache block
         if (blocks && blocks.block !== KV_BLOCK_CUDA)
@@ -191,7 +197,8 @@ export class CudaBackend implements Backend<CudaTensors> {
             scale,
             perRow ? past.ptr : null,
             blocks?.table.ptr ?? null,
-            blocks?.stride ?? 0
+            blocks?.stride ?? 0,
+            window
         );
     }
     attentionBackward(
@@ -211,7 +218,8 @@ export class CudaBackend implements Backend<CudaTensors> {
         Hq: number,
         Hkv: number,
         D: number,
-        scale: number
+        scale: number,
+        window = 0
     ): void {
         cudaAttentionOps().attentionBackward(
             dq.ptr,
@@ -232,7 +240,8 @@ export class CudaBackend implements Backend<CudaTensors> {
             Hkv,
             D,
             0,
-            scale
+            scale,
+            window
         );
     }
     swiglu(out: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, n: number): void {
@@ -290,7 +299,8 @@ export class CudaBackend implements Backend<CudaTensors> {
         cacheV: DeviceBuffer,
         capacity: number,
         pasts: DeviceBuffer,
-        blocks?: KvBlocksOf<DeviceBuffer> | null
+        blocks?: KvBlocksOf<DeviceBuffer> | null,
+        R = D
     ): void {
         cudaKernelOps().ropeCacheWrite(
             q.ptr,
@@ -310,8 +320,22 @@ export class CudaBackend implements Backend<CudaTensors> {
             capacity,
             blocks?.table.ptr ?? null,
             blocks?.stride ?? 0,
-            blocks?.block ?? 0
+            blocks?.block ?? 0,
+            R
         );
+    }
+    copyColumns(
+        dst: DeviceBuffer,
+        dstCols: number,
+        dstOffset: number,
+        src: DeviceBuffer,
+        srcCols: number,
+        srcOffset: number,
+        M: number,
+        n: number
+    ): void {
+        checkColumnCopy(dst.length, dstCols, dstOffset, src.length, srcCols, srcOffset, M, n);
+        cudaKernelOps().copyColumns(dst.ptr, dstCols, dstOffset, src.ptr, srcCols, srcOffset, M, n);
     }
     view<T extends DeviceBuffer>(t: T, offset: number, length: number): T {
         if (offset < 0 || offset + length > t.length) throw new Error(`view [${offset}, +${length}) of a buffer of ${t.length}`);
