@@ -158,8 +158,16 @@ export const MEASURED_RUNS: readonly (readonly [string, boolean, string, Checkpo
     ["qwen2-7b", false, "1x16384", "on", 6084],
     ["qwen2-7b", false, "1x512", "off", 9833],
     ["qwen2-7b", false, "4x512", "off", 13543],
-    ["qwen2-7b", false, "1x4096", "off", 12024]
+    ["qwen2-7b", false, "1x4096", "off", 12024],
     // 7B LoRA 1x16384 without checkpointing needs 85 GiB: not run
+    ["qwen2-7b", true, "1x512", "offload", 5887],
+    ["qwen2-7b", true, "4x512", "offload", 8951],
+    ["qwen2-7b", true, "1x4096", "offload", 8259],
+    ["qwen2-7b", true, "1x16384", "offload", 5950],
+    ["qwen2-7b", false, "1x512", "offload", 7729],
+    ["qwen2-7b", false, "4x512", "offload", 9703],
+    ["qwen2-7b", false, "1x4096", "offload", 8506],
+    ["qwen2-7b", false, "1x16384", "offload", 5985]
 ];
 
 /** the work of one micro-batch: the terms of the step-time model */
