@@ -42,7 +42,7 @@ import {TrainingHealth, type HealthSample} from "./health.js";
 import {formatPeakMemory, memoryReport} from "./memory.js";
 import {gpuPreflight} from "./plan-memory.js";
 import {checkOutputPolicy, markOutputDir, openOutputDir, removeEarlierRun, type OutputDir} from "./output-dir.js";
-import {writeReport, type MetricRecord} from "./report.js";
+import {hardwareOf, writeReport, type MetricRecord} from "./report.js";
 import {StopRequest, TrainingInterrupted, type StopSignal} from "./stop.js";
 import {
     checkResumeData,
@@ -525,11 +525,39 @@ async function trainInOutputDir(
         };
     };
     let lastSaved: string | null = resumeDir && path.dirname(resumeDir) === outputDir ? resumeDir : null;
+    // report.html, rewritten at each checkpoint and at the end: a run that stops or crashes keeps its last one
+    const hardware = hardwareOf(choice);
+    const writeRunReport = (finalDir: string | null) => {
+        const trainLogs = records.filter((r) => r.type === "train");
+        const first = trainLogs[0],
+            last = trainLogs[trainLogs.length - 1];
+        const evalLogs = records.filter((r) => r.type === "eval");
+        return writeReport(path.join(outputDir, "report.html"), {
+            title: `qlora training report: ${path.basename(config.model)}`,
+            summary: {
+                model: config.model,
+                dataset: config.dataset,
+                "eval dataset": config.eval_dataset ?? "none",
+                steps: state.global_step,
+                trainable: trainableLine,
+                "first / last logged loss": first && last ? `${first.loss} / ${last.loss}` : "-",
+                [finalDir ? "final eval loss" : "last eval loss"]: evalLogs.length
+                    ? Number(evalLogs[evalLogs.length - 1].eval_loss).toFixed(4)
+                    : "-",
+                "peak memory": formatPeakMemory(memoryReport(engine.device)),
+                "final adapter": finalDir ?? "not yet (the run has not finished)"
+            },
+            hardware,
+            config: config as unknown as Record<string, unknown>,
+            records
+        });
+    };
     const save = async (step: number): Promise<string> => {
         const dir = path.join(outputDir, `${CHECKPOINT_PREFIX}${step}`);
         await saveCheckpoint(dir, checkpointParts());
         const removed = await rotateCheckpoints(outputDir, config.save_total_limit, dir);
         await emit({type: "save", step, dir});
+        await writeRunReport(null);
         reporter.onSave?.(dir, removed);
         lastSaved = dir;
         return dir;
@@ -674,7 +702,6 @@ async function trainInOutputDir(
         },
         {replace: "owned", kind: FINAL_ADAPTER_KIND}
     );
-    const trainLogs = records.filter((r) => r.type === "train");
     const evalLogs = records.filter((r) => r.type === "eval");
     const evalLoss = evalLogs.length ? Number(evalLogs[evalLogs.length - 1].eval_loss) : null;
     const memory = memoryReport(engine.device);
@@ -690,25 +717,8 @@ async function trainInOutputDir(
         host_peak_memory_bytes: memory.host.peakRssBytes,
         time: new Date().toISOString()
     });
+    await writeRunReport(finalDir);
     const reportFile = path.join(outputDir, "report.html");
-    const first = trainLogs[0],
-        last = trainLogs[trainLogs.length - 1];
-    await writeReport(
-        reportFile,
-        `qlora training report: ${path.basename(config.model)}`,
-        {
-            model: config.model,
-            dataset: config.dataset,
-            "eval dataset": config.eval_dataset ?? "none",
-            steps: state.global_step,
-            trainable: trainableLine,
-            "first / last logged loss": first && last ? `${first.loss} / ${last.loss}` : "-",
-            "final eval loss": evalLoss === null ? "-" : evalLoss.toFixed(4),
-            "peak memory": formatPeakMemory(memory),
-            "final adapter": finalDir
-        },
-        records
-    );
     return {outputDir, finalDir, globalStep: state.global_step, trainLoss, lastLoss, evalLoss, metricsFile, reportFile};
 }
 
