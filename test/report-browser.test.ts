@@ -49,7 +49,13 @@ interface ChartState {
 /** opens a report and reads every chart's axes, series and data */
 async function openReport(b: BrowserSession, file: string): Promise<Record<string, ChartState>> {
     await b.page.goto(`file://${file}`);
-    await b.page.waitForFunction(() => "qloraCharts" in globalThis);
+    // every chart drawn (uPlot draws in a microtask after its constructor)
+    await b.page.waitForFunction(() => {
+        // biome-ignore lint/suspicious/noExplicitAny: uPlot's instances, read in the page
+        const charts = (globalThis as any).qloraCharts as Record<string, any> | undefined;
+        // biome-ignore lint/suspicious/noExplicitAny: as above
+        return charts !== undefined && Object.values(charts).every((u) => u.axes.every((a: any) => a._values));
+    });
     return b.page.evaluate(() => {
         // biome-ignore lint/suspicious/noExplicitAny: uPlot's instances, read in the page
         const charts = (globalThis as any).qloraCharts as Record<string, any>;
