@@ -15,6 +15,7 @@ import {registerMerge} from "./commands/merge.js";
 import {registerPlan} from "./commands/plan.js";
 import {registerServe} from "./commands/serve.js";
 import {registerTrain} from "./commands/train.js";
+import {registerUi} from "./commands/ui.js";
 import {reportError} from "./run.js";
 
 const pkg = JSON.parse(readFileSync(path.join(packageRoot, "package.json"), "utf8")) as {version: string};
@@ -38,5 +39,6 @@ registerExport(program);
 registerPlan(program);
 registerDoctor(program);
 registerDownload(program);
+registerUi(program);
 
 program.parseAsync(process.argv).catch(reportError);

@@ -8,6 +8,7 @@ import ts from "typescript";
 /** the layers, highest first */
 export const LAYER_ORDER = [
     "cli",
+    "ui",
     "serve",
     "api",
     "eval",
