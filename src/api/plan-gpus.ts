@@ -3,7 +3,7 @@
 // traffic, a fixed cost per block) and by the GPU's bf16 dense rate and memory bandwidth. An estimate, labelled so.
 import {QloraError} from "../errors.js";
 import type {ModelConfig} from "../io/hf-config.js";
-import {PROJ_NAMES, projShape} from "../model/weights.js";
+import {projNames, projShape} from "../model/weights.js";
 import {resolveTrainConfig} from "../train/config.js";
 import {GiB, type MemorySettings} from "../train/plan-memory.js";
 import {requireArchitecture} from "./plan-architectures.js";
@@ -160,6 +160,22 @@ export const MEASURED_RUNS: readonly (readonly [string, boolean, string, Checkpo
     ["qwen2-7b", false, "4x512", "off", 13543],
     ["qwen2-7b", false, "1x4096", "off", 12024],
     // 7B LoRA 1x16384 without checkpointing needs 85 GiB: not run
+    ["qwen2-0.5b", true, "1x512", "offload", 11229],
+    ["qwen2-0.5b", true, "4x512", "offload", 44603],
+    ["qwen2-0.5b", true, "1x4096", "offload", 45722],
+    ["qwen2-0.5b", true, "1x16384", "offload", 33841],
+    ["qwen2-0.5b", false, "1x512", "offload", 12557],
+    ["qwen2-0.5b", false, "4x512", "offload", 46762],
+    ["qwen2-0.5b", false, "1x4096", "offload", 47355],
+    ["qwen2-0.5b", false, "1x16384", "offload", 33977],
+    ["qwen2-1.5b", true, "1x512", "offload", 9955],
+    ["qwen2-1.5b", true, "4x512", "offload", 24072],
+    ["qwen2-1.5b", true, "1x4096", "offload", 22455],
+    ["qwen2-1.5b", true, "1x16384", "offload", 16697],
+    ["qwen2-1.5b", false, "1x512", "offload", 11311],
+    ["qwen2-1.5b", false, "4x512", "offload", 26214],
+    ["qwen2-1.5b", false, "1x4096", "offload", 23468],
+    ["qwen2-1.5b", false, "1x16384", "offload", 16791],
     ["qwen2-7b", true, "1x512", "offload", 5887],
     ["qwen2-7b", true, "4x512", "offload", 8951],
     ["qwen2-7b", true, "1x4096", "offload", 8259],
@@ -198,7 +214,7 @@ export function stepWork(cfg: ModelConfig, s: MemorySettings, quantized: boolean
     const passes = ckpt ? 3 : 2;
     let projWeights = 0,
         loraWeights = 0;
-    for (const p of PROJ_NAMES) {
+    for (const p of projNames(cfg)) {
         const [out, inF] = projShape(cfg, p);
         projWeights += out * inF;
         loraWeights += s.r * (out + inF);
