@@ -110,7 +110,7 @@ function checkAxes(charts: Record<string, ChartState>, lastStep: number): void {
 
 const LR = 2e-4;
 
-test("report.html of a real CPU run: steps on the x axes, readable learning rates, tokens/s, memory, eval, timing, hardware, config; one per checkpoint too", {
+test("report.html of a real CPU run: steps on the x axes, readable learning rates, tokens/s, memory, eval, timing, hardware, config; one per checkpoint; one over a resumed run", {
     skip
 }, async (t) => {
     const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-report-browser-"));
@@ -118,21 +118,21 @@ test("report.html of a real CPU run: steps on the x axes, readable learning rate
     const out = path.join(dir, "run");
     // the report a checkpoint leaves, copied before the run goes on (what a run that crashes after it keeps)
     const atSave = path.join(dir, "report-at-6.html");
-    await fineTune(
-        {
-            output_dir: out,
-            max_steps: 12,
-            logging_steps: 1,
-            eval_steps: 4,
-            save_steps: 6,
-            per_device_train_batch_size: 2,
-            max_seq_length: 64,
-            learning_rate: LR,
-            warmup_steps: 3,
-            device: "cpu"
-        },
-        {onSave: (d) => d.endsWith("checkpoint-6") && copyFileSync(path.join(out, "report.html"), atSave)}
-    );
+    const settings = {
+        output_dir: out,
+        max_steps: 12,
+        logging_steps: 1,
+        eval_steps: 4,
+        save_steps: 6,
+        per_device_train_batch_size: 2,
+        max_seq_length: 64,
+        learning_rate: LR,
+        warmup_steps: 3,
+        device: "cpu" as const
+    };
+    await fineTune(settings, {
+        onSave: (d) => d.endsWith("checkpoint-6") && copyFileSync(path.join(out, "report.html"), atSave)
+    });
     const records = readFileSync(path.join(out, "metrics.jsonl"), "utf8")
         .trim()
         .split("\n")
@@ -232,6 +232,19 @@ test("report.html of a real CPU run: steps on the x axes, readable learning rate
     assert.match((await tableRows(b, "summary"))["final adapter"], /^not yet/);
     assert.deepEqual(b.errors, []);
     console.log(`screenshot: ${await b.screenshot("report-at-checkpoint-6")}`);
+
+    // resumed from checkpoint-12 for 4 more steps: one report over both sessions
+    await fineTune({...settings, max_steps: 16, resume_from_checkpoint: true, resume_override: ["max_steps"]});
+    const resumed = await openReport(b, path.join(out, "report.html"));
+    checkAxes(resumed, 16);
+    assert.deepEqual(
+        resumed.lr.data[0],
+        Array.from({length: 16}, (_, i) => i + 1)
+    );
+    const resumedTiming = await tableRows(b, "timing");
+    assert.equal(resumedTiming.status, "finished at step 16");
+    assert.match(resumedTiming["training time"], / in 2 sessions \(resumed\)$/);
+    assert.deepEqual(b.errors, []);
 });
 
 /** train records as the trainer writes them */
