@@ -126,6 +126,8 @@ describe("config.json parsing", () => {
                 numKeyValueHeads: 2,
                 headDim: 64,
                 rotaryDim: 64,
+                qkNorm: false,
+                fusedProjections: false,
                 rmsNormEps: 1e-6,
                 ropeTheta: 1e6,
                 ropeScaling: null,
@@ -338,7 +340,7 @@ describe("config.json errors", () => {
     test("unsupported model_type", () => {
         assertConfigError(
             withChanges(mistralConfig, {model_type: "gpt2"}),
-            /model_type "gpt2" is not supported \(supported: llama, qwen2, mistral\)/
+            /model_type "gpt2" is not supported \(supported: llama, qwen2, qwen3, mistral, phi3\)/
         );
         assertConfigError(withChanges(mistralConfig, {model_type: undefined}), /"model_type" is undefined/);
     });
@@ -508,4 +510,157 @@ test("partial_rotary_factor below 1 is refused: Llama/Qwen2/Mistral and the RoPE
         /"partial_rotary_factor" is 0\.25/
     );
     assert.equal(parseModelConfig(withChanges(llama31Config, {partial_rotary_factor: 1}), "x/config.json").rotaryDim, 128);
+});
+
+// ------------------------------------------------------------------
+// Qwen3 and Phi-3 / Phi-4-mini (issue 15)
+
+/** Qwen/Qwen3-0.6B's config.json (transformers 4 layout) */
+const qwen3Config = {
+    architectures: ["Qwen3ForCausalLM"],
+    attention_bias: false,
+    attention_dropout: 0.0,
+    bos_token_id: 151643,
+    eos_token_id: 151645,
+    head_dim: 128,
+    hidden_act: "silu",
+    hidden_size: 1024,
+    intermediate_size: 3072,
+    max_position_embeddings: 40960,
+    max_window_layers: 28,
+    model_type: "qwen3",
+    num_attention_heads: 16,
+    num_hidden_layers: 28,
+    num_key_value_heads: 8,
+    rms_norm_eps: 1e-6,
+    rope_scaling: null,
+    rope_theta: 1000000,
+    sliding_window: null,
+    tie_word_embeddings: true,
+    torch_dtype: "bfloat16",
+    use_sliding_window: false,
+    vocab_size: 151936
+};
+
+/** microsoft/Phi-4-mini-instruct's config.json, with its 48 longrope factors shortened to a formula */
+const phi4MiniConfig = {
+    architectures: ["Phi3ForCausalLM"],
+    attention_bias: false,
+    attention_dropout: 0.0,
+    bos_token_id: 199999,
+    embd_pdrop: 0.0,
+    eos_token_id: 199999,
+    full_attn_mod: 1,
+    hidden_act: "silu",
+    hidden_size: 3072,
+    intermediate_size: 8192,
+    max_position_embeddings: 131072,
+    model_type: "phi3",
+    num_attention_heads: 24,
+    num_hidden_layers: 32,
+    num_key_value_heads: 8,
+    original_max_position_embeddings: 4096,
+    pad_token_id: 199999,
+    partial_rotary_factor: 0.75,
+    resid_pdrop: 0.0,
+    rms_norm_eps: 1e-5,
+    rope_scaling: {
+        long_factor: Array.from({length: 48}, (_, i) => 1 + i * 0.5),
+        short_factor: Array.from({length: 48}, (_, i) => 1 + i * 0.01),
+        type: "longrope"
+    },
+    rope_theta: 10000.0,
+    sliding_window: 262144,
+    tie_word_embeddings: true,
+    torch_dtype: "bfloat16",
+    vocab_size: 200064
+};
+
+describe("qwen3 and phi3 configs", () => {
+    test("Qwen3-0.6B: head_dim independent of hidden_size / heads, q/k norms, no biases", () => {
+        const c = parseModelConfig(qwen3Config, "q3/config.json");
+        assert.equal(c.modelType, "qwen3");
+        assert.equal(c.headDim, 128); // 1024 / 16 would be 64
+        assert.equal(c.rotaryDim, 128);
+        assert.equal(c.qkNorm, true);
+        assert.equal(c.fusedProjections, false);
+        assert.equal(c.attentionBias, false);
+        assert.equal(c.attentionOutputBias, false);
+        assert.equal(c.slidingWindow, null);
+        // Qwen3Config's head_dim default is 128, not hidden_size / heads
+        const {head_dim: _drop, ...noHeadDim} = qwen3Config;
+        assert.equal(parseModelConfig(noHeadDim, "q3/config.json").headDim, 128);
+        // attention_bias covers q, k, v and o as in Qwen3Attention
+        const biased = parseModelConfig(withChanges(qwen3Config, {attention_bias: true}), "q3/config.json");
+        assert.equal(biased.attentionBias, true);
+        assert.equal(biased.attentionOutputBias, true);
+    });
+
+    test("Phi-4-mini: fused projections, partial rotary 0.75 of 128, longrope", () => {
+        const c = parseModelConfig(phi4MiniConfig, "phi/config.json");
+        assert.equal(c.modelType, "phi3");
+        assert.equal(c.fusedProjections, true);
+        assert.equal(c.qkNorm, false);
+        assert.equal(c.headDim, 128);
+        assert.equal(c.rotaryDim, 96);
+        assert.equal(c.rmsNormEps, 1e-5);
+        assert.equal(c.ropeScaling?.type, "longrope");
+        assert.equal(c.attentionBias, false);
+    });
+
+    test("longrope: short_factor's table below the original context, long_factor's from it, transformers' attention factor", () => {
+        const c = parseModelConfig(phi4MiniConfig, "phi/config.json");
+        const rope = computeRopeInvFreq(c);
+        const dim = 96;
+        assert.equal(rope.invFreq.length, dim / 2);
+        // factor = 131072 / 4096 = 32; sqrt(1 + ln 32 / ln 4096)
+        assert.ok(Math.abs(rope.attentionScaling - Math.sqrt(1 + Math.log(32) / Math.log(4096))) < 1e-12);
+        assert.equal(rope.long?.fromPosition, 4096);
+        for (let i = 0; i < dim / 2; i++) {
+            const base = 10000 ** ((2 * i) / dim);
+            const short = 1 / ((1 + i * 0.01) * base);
+            const long = 1 / ((1 + i * 0.5) * base);
+            // f32 ops as torch's: the rounded exponent alone moves base ** e by up to ln(1e4) x 2^-24 ~ 5.5e-7
+            assert.ok(Math.abs(rope.invFreq[i] - short) <= 1e-6 * short, `short ${i}: ${rope.invFreq[i]} vs ${short}`);
+            assert.ok(Math.abs(rope.long!.invFreq[i] - long) <= 1e-6 * long, `long ${i}: ${rope.long!.invFreq[i]} vs ${long}`);
+        }
+        // transformers 5 keeps original_max_position_embeddings (and partial_rotary_factor) in rope_parameters
+        const {rope_scaling, original_max_position_embeddings, partial_rotary_factor, rope_theta, ...rest} = phi4MiniConfig;
+        const v5 = parseModelConfig(
+            {
+                ...rest,
+                rope_parameters: {
+                    rope_type: "longrope",
+                    rope_theta,
+                    partial_rotary_factor,
+                    original_max_position_embeddings,
+                    short_factor: rope_scaling.short_factor,
+                    long_factor: rope_scaling.long_factor
+                }
+            },
+            "phi/config.json"
+        );
+        assert.equal(v5.rotaryDim, 96);
+        const v5rope = computeRopeInvFreq(v5);
+        assert.deepEqual(v5rope.invFreq, rope.invFreq);
+        assert.deepEqual(v5rope.long, rope.long);
+        assert.equal(v5rope.attentionScaling, rope.attentionScaling);
+    });
+
+    test("phi3 values qlora does not implement are refused, naming the key", () => {
+        assertConfigError(
+            withChanges(phi4MiniConfig, {rope_scaling: {...phi4MiniConfig.rope_scaling, short_factor: [1, 2, 3]}}),
+            /"rope_scaling\.short_factor" has 3 entries; longrope needs one per rotary frequency \(48/
+        );
+        assertConfigError(withChanges(phi4MiniConfig, {resid_pdrop: 0.1}), /"resid_pdrop" is 0\.1/);
+        assertConfigError(withChanges(phi4MiniConfig, {embd_pdrop: 0.1}), /"embd_pdrop" is 0\.1/);
+        assertConfigError(withChanges(phi4MiniConfig, {partial_rotary_factor: 0.31}), /"partial_rotary_factor" gives 39 rotary/);
+        assertConfigError(withChanges(phi4MiniConfig, {head_dim: 64}), /"head_dim" is 64, but a phi3 model's heads split/);
+        assertConfigError(
+            withChanges(phi4MiniConfig, {rope_scaling: {...phi4MiniConfig.rope_scaling, type: "ntk-by-parts"}}),
+            /"rope_scaling\.rope_type" is "ntk-by-parts", which qlora does not implement/
+        );
+        // qwen3 rotates whole heads like qwen2
+        assertConfigError(withChanges(qwen3Config, {partial_rotary_factor: 0.5}), /not supported for model_type "qwen3"/);
+    });
 });

@@ -136,23 +136,25 @@ static Napi::Value RmsnormBackward(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
-// ropeForward/ropeBackward(out, inp, pos, invFreq, attentionScaling, N, H, D)
-template <void (*FN)(float*, const float*, const int32_t*, const float*, float, int64_t, int64_t, int64_t)>
+// ropeForward/ropeBackward(out, inp, pos, invFreq, attentionScaling, N, H, D[, rotary = D])
+template <void (*FN)(float*, const float*, const int32_t*, const float*, float, int64_t, int64_t, int64_t, int64_t)>
 static Napi::Value Rope(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     float scaling = (float)num_arg(info, 4);
     int64_t N = int_arg(info, 5), H = int_arg(info, 6), D = int_arg(info, 7);
+    int64_t R = info.Length() > 8 && !info[8].IsUndefined() ? int_arg(info, 8) : D;
     QLORA_CHECK_ARGS(env);
-    if (D % 2 != 0 || D > 1024) {
-        Napi::RangeError::New(env, "rope: head dim must be even and <= 1024").ThrowAsJavaScriptException();
+    if (D % 2 != 0 || D > 1024 || R % 2 != 0 || R < 2 || R > D) {
+        Napi::RangeError::New(env, "rope: head dim must be even and <= 1024, rotary dims even and in [2, D]")
+            .ThrowAsJavaScriptException();
         return env.Undefined();
     }
     float* out = array_arg<float>(info, 0, N * H * D);
     const float* inp = array_arg<float>(info, 1, N * H * D);
     const int32_t* pos = array_arg<int32_t>(info, 2, N);
-    const float* inv = array_arg<float>(info, 3, D / 2);
+    const float* inv = array_arg<float>(info, 3, R / 2);
     QLORA_CHECK_ARGS(env);
-    FN(out, inp, pos, inv, scaling, N, H, D);
+    FN(out, inp, pos, inv, scaling, N, H, D, R);
     return env.Undefined();
 }
 

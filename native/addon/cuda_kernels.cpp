@@ -233,10 +233,10 @@ Napi::Value RmsnormBackward(const Napi::CallbackInfo& info) {
 }
 
 // ------------------------------------------------------------------
-// RoPE: (out, inp, pos, invFreq, attentionScaling, N, H, D, rowStride = H*D)
+// RoPE: (out, inp, pos, invFreq, attentionScaling, N, H, D, rowStride = H*D, rotary = D)
 
 template <cudaError_t (*F)(uint16_t*, const uint16_t*, const int32_t*, const float*, float, int64_t, int64_t, int64_t,
-                           int64_t, cudaStream_t)>
+                           int64_t, int64_t, cudaStream_t)>
 Napi::Value Rope(const Napi::CallbackInfo& info, const char* op) {
     Napi::Env env = info.Env();
     uint16_t* out = dev<uint16_t>(info, 0);
@@ -246,14 +246,16 @@ Napi::Value Rope(const Napi::CallbackInfo& info, const char* op) {
     float scaling = f32_arg(info, 4);
     int64_t N = int_arg(info, 5), H = int_arg(info, 6), D = int_arg(info, 7);
     int64_t stride = has_arg(info, 8) ? int_arg(info, 8) : H * D;
+    int64_t rotary = has_arg(info, 9) ? int_arg(info, 9) : D;
     QLORA_CHECK_ARGS(env);
     if (!check_sizes(env, op, {N, H, D})) return env.Undefined();
-    if (D % 2 != 0 || D > 2048 || (N > 0 && stride < H * D)) {
-        Napi::RangeError::New(env, std::string(op) + ": D must be even and <= 2048, rowStride >= H*D")
+    if (D % 2 != 0 || D > 2048 || (N > 0 && stride < H * D) || rotary % 2 != 0 || rotary < 2 || rotary > D) {
+        Napi::RangeError::New(env,
+                              std::string(op) + ": D must be even and <= 2048, rowStride >= H*D, rotary even in [2, D]")
             .ThrowAsJavaScriptException();
         return env.Undefined();
     }
-    return done(env, F(out, inp, pos, inv_freq, scaling, N, H, D, stride, S()), op);
+    return done(env, F(out, inp, pos, inv_freq, scaling, N, H, D, stride, rotary, S()), op);
 }
 
 Napi::Value RopeForward(const Napi::CallbackInfo& info) { return Rope<qlora_cuda_rope_forward>(info, "ropeForward"); }
@@ -262,7 +264,8 @@ Napi::Value RopeBackward(const Napi::CallbackInfo& info) {
 }
 
 // ropeCacheWrite(q, k, cacheK, cacheV, v, pos, invFreq, attentionScaling, pasts, B, T, Hq, Hkv, D, capacity
-// [, table|0, tableStride, block]): ropeForward of q and k in place, then cacheWrite of k and v, in one launch
+// [, table|0, tableStride, block, rotary = D]): ropeForward of q and k in place, then cacheWrite of k and v, in one
+// launch
 Napi::Value RopeCacheWrite(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     uint16_t* q = dev<uint16_t>(info, 0);
@@ -279,16 +282,31 @@ Napi::Value RopeCacheWrite(const Napi::CallbackInfo& info) {
     const int32_t* table = info.Length() > 15 ? dev<const int32_t>(info, 15, true) : nullptr;
     const int64_t tableStride = table && info.Length() > 16 ? int_arg(info, 16) : 0;
     const int64_t block = table && info.Length() > 17 ? int_arg(info, 17) : 0;
+    const int64_t rotary = has_arg(info, 18) ? int_arg(info, 18) : D;
     QLORA_CHECK_ARGS(env);
     if (!check_sizes(env, "ropeCacheWrite", {B, T, Hq, Hkv, D, capacity, tableStride, block})) return env.Undefined();
-    if (D % 2 != 0 || D > 2048) {
-        Napi::RangeError::New(env, "ropeCacheWrite: D must be even and <= 2048").ThrowAsJavaScriptException();
+    if (D % 2 != 0 || D > 2048 || rotary % 2 != 0 || rotary < 2 || rotary > D) {
+        Napi::RangeError::New(env, "ropeCacheWrite: D must be even and <= 2048, rotary even in [2, D]")
+            .ThrowAsJavaScriptException();
         return env.Undefined();
     }
     return done(env,
                 qlora_cuda_rope_cache_write(q, k, cacheK, cacheV, v, pos, inv_freq, scaling, pasts, table, tableStride,
-                                            block, B, T, Hq, Hkv, D, capacity, S()),
+                                            block, B, T, Hq, Hkv, D, capacity, rotary, S()),
                 "ropeCacheWrite");
+}
+
+// copyColumns(dst, dstCols, dstOffset, src, srcCols, srcOffset, M, n)
+Napi::Value CopyColumns(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint16_t* dst = dev<uint16_t>(info, 0);
+    int64_t dstCols = int_arg(info, 1), dstOffset = int_arg(info, 2);
+    const uint16_t* src = dev<const uint16_t>(info, 3);
+    int64_t srcCols = int_arg(info, 4), srcOffset = int_arg(info, 5), M = int_arg(info, 6), n = int_arg(info, 7);
+    QLORA_CHECK_ARGS(env);
+    if (!check_sizes(env, "copyColumns", {dstCols, dstOffset, srcCols, srcOffset, M, n})) return env.Undefined();
+    return done(env, qlora_cuda_copy_columns(dst, dstCols, dstOffset, src, srcCols, srcOffset, M, n, S()),
+                "copyColumns");
 }
 
 // ------------------------------------------------------------------
@@ -567,6 +585,7 @@ void register_cuda_kernels(Napi::Env env, Napi::Object exports) {
     fn("ropeForward", RopeForward);
     fn("ropeBackward", RopeBackward);
     fn("ropeCacheWrite", RopeCacheWrite);
+    fn("copyColumns", CopyColumns);
     fn("swigluForward", SwigluForward);
     fn("swigluBackward", SwigluBackward);
     fn("pickTokensF32", PickTokensF32);

@@ -252,9 +252,10 @@ extern "C" void qlora_cpu_rmsnorm_backward(float* dinp, float* dweight, const fl
 // ------------------------------------------------------------------
 // RoPE (rotate_half)
 
+// the first R dimensions of each head rotate (pairs (i, i + R/2)); the others pass through (partial rotary)
 static void rope_apply(float* out, const float* inp, const int32_t* pos, const float* inv_freq, float scaling,
-                       int64_t N, int64_t H, int64_t D, float sign) {
-    int64_t half = D / 2;
+                       int64_t N, int64_t H, int64_t D, int64_t R, float sign) {
+    int64_t half = R / 2;
     parallel_for(N, 8, [&](int64_t b, int64_t e) {
         float cs[512], sn[512];  // D <= 1024
         for (int64_t n = b; n < e; n++) {
@@ -273,20 +274,23 @@ static void rope_apply(float* out, const float* inp, const int32_t* pos, const f
                     y[i] = x0 * cs[i] - x1 * sn[i];
                     y[i + half] = x1 * cs[i] + x0 * sn[i];
                 }
+                if (y != x)
+                    for (int64_t i = R; i < D; i++) y[i] = x[i];
             }
         }
     });
 }
 
 extern "C" void qlora_cpu_rope_forward(float* out, const float* inp, const int32_t* pos, const float* inv_freq,
-                                       float attention_scaling, int64_t N, int64_t H, int64_t D) {
-    rope_apply(out, inp, pos, inv_freq, attention_scaling, N, H, D, 1.0f);
+                                       float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t R) {
+    rope_apply(out, inp, pos, inv_freq, attention_scaling, N, H, D, R, 1.0f);
 }
 
 extern "C" void qlora_cpu_rope_backward(float* dinp, const float* dout, const int32_t* pos, const float* inv_freq,
-                                        float attention_scaling, int64_t N, int64_t H, int64_t D) {
-    // the rotation is orthogonal (times a scale): its transpose is the rotation by -angle
-    rope_apply(dinp, dout, pos, inv_freq, attention_scaling, N, H, D, -1.0f);
+                                        float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t R) {
+    // the rotation is orthogonal (times a scale): its transpose is the rotation by -angle; the pass-through
+    // dimensions' gradient is the identity
+    rope_apply(dinp, dout, pos, inv_freq, attention_scaling, N, H, D, R, -1.0f);
 }
 
 // ------------------------------------------------------------------

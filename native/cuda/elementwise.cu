@@ -367,3 +367,17 @@ extern "C" cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x
                                                                    capacity, row_elems, vec);
     return cudaGetLastError();
 }
+
+// ------------------------------------------------------------------
+// column blocks of row-major matrices: one strided 2-D copy (a memcpy node when a decoding step is recorded)
+
+extern "C" cudaError_t qlora_cuda_copy_columns(uint16_t* dst, int64_t dst_cols, int64_t dst_offset, const uint16_t* src,
+                                               int64_t src_cols, int64_t src_offset, int64_t M, int64_t n,
+                                               cudaStream_t stream) {
+    if (M < 0 || n < 0 || dst_offset < 0 || src_offset < 0 || dst_offset + n > dst_cols || src_offset + n > src_cols)
+        return cudaErrorInvalidValue;
+    if (M == 0 || n == 0) return cudaSuccess;
+    const size_t elem = sizeof(uint16_t);
+    return cudaMemcpy2DAsync(dst + dst_offset, (size_t)dst_cols * elem, src + src_offset, (size_t)src_cols * elem,
+                             (size_t)n * elem, (size_t)M, cudaMemcpyDeviceToDevice, stream);
+}

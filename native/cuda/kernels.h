@@ -51,6 +51,10 @@ cudaError_t qlora_cuda_cast_add_bf16_f32(float* y, const uint16_t* x, float alph
 cudaError_t qlora_cuda_cache_write(uint16_t* cache, const uint16_t* x, const int32_t* pasts, const int32_t* table,
                                    int64_t table_stride, int64_t block, int64_t B, int64_t T, int64_t capacity,
                                    int64_t row_elems, cudaStream_t stream);
+// dst[m, dst_offset + j] = src[m, src_offset + j] (bf16) for m < M, j < n, rows of dst_cols and src_cols values:
+// the parts of a fused projection's output (Phi-3's qkv_proj, gate_up_proj) and the joining of their gradients
+cudaError_t qlora_cuda_copy_columns(uint16_t* dst, int64_t dst_cols, int64_t dst_offset, const uint16_t* src,
+                                    int64_t src_cols, int64_t src_offset, int64_t M, int64_t n, cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // embedding
@@ -85,19 +89,20 @@ cudaError_t qlora_cuda_rmsnorm_backward(uint16_t* dinp, float* dweight, const ui
                                         cudaStream_t stream);
 
 // ------------------------------------------------------------------
-// RoPE, rotate-half layout (pairs (i, i + D/2) in each head); angle = f32(pos * inv_freq[i]), precise cos/sin
-// (the CPU's cosf/sinf to within an ulp), times attention_scaling.
+// RoPE, rotate-half layout (pairs (i, i + R/2) in each head, R = rotary); angle = f32(pos * inv_freq[i]), precise
+// cos/sin (the CPU's cosf/sinf to within an ulp), times attention_scaling. Only the first R (even, <= D; <= 0: D)
+// dimensions of each head rotate; the others pass through (partial rotary, Phi-3).
 
-// out[N,H,D] (bf16, in place allowed), inp[N,H,D] (bf16), pos[N] (i32), inv_freq[D/2] (f32). Consecutive tokens
+// out[N,H,D] (bf16, in place allowed), inp[N,H,D] (bf16), pos[N] (i32), inv_freq[R/2] (f32). Consecutive tokens
 // are row_stride elements apart in both inp and out (row_stride >= H*D, or <= 0 for packed rows: H*D; more for
 // the q or k part of a fused qkv buffer). D even, D <= 2048.
 cudaError_t qlora_cuda_rope_forward(uint16_t* out, const uint16_t* inp, const int32_t* pos, const float* inv_freq,
                                     float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t row_stride,
-                                    cudaStream_t stream);
+                                    int64_t rotary, cudaStream_t stream);
 // the transposed rotation: dinp = R(pos)^T dout (in place allowed)
 cudaError_t qlora_cuda_rope_backward(uint16_t* dinp, const uint16_t* dout, const int32_t* pos, const float* inv_freq,
                                      float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t row_stride,
-                                     cudaStream_t stream);
+                                     int64_t rotary, cudaStream_t stream);
 // a decoding step's RoPE and KV cache write in one launch, bit-identical to qlora_cuda_rope_forward of q and of k
 // (in place, packed rows) followed by qlora_cuda_cache_write of k and of v: q[B*T, Hq, D] and k[B*T, Hkv, D] rotated
 // in place at positions pos[B*T]; the rotated k rows and the v rows [B*T, Hkv, D] written to cache_k and cache_v
@@ -107,7 +112,7 @@ cudaError_t qlora_cuda_rope_cache_write(uint16_t* q, uint16_t* k, uint16_t* cach
                                         const uint16_t* v, const int32_t* pos, const float* inv_freq,
                                         float attention_scaling, const int32_t* pasts, const int32_t* table,
                                         int64_t table_stride, int64_t block, int64_t B, int64_t T, int64_t Hq,
-                                        int64_t Hkv, int64_t D, int64_t capacity, cudaStream_t stream);
+                                        int64_t Hkv, int64_t D, int64_t capacity, int64_t rotary, cudaStream_t stream);
 
 // ------------------------------------------------------------------
 // SwiGLU: out = silu(gate) * up (bf16)

@@ -82,12 +82,13 @@ void qlora_cpu_rmsnorm_backward(float* dinp, float* dweight, const float* dout, 
 // RoPE, "rotate half" layout as in transformers (pairs (i, i + D/2) within each head)
 //   x' = x * cos(pos * inv_freq) + rotate_half(x) * sin(pos * inv_freq), times attention_scaling
 
-// out[N,H,D] (in place allowed), inp[N,H,D], pos[N], inv_freq[D/2]
+// out[N,H,D] (in place allowed), inp[N,H,D], pos[N], inv_freq[R/2]: the first R (even, <= D) dimensions of each
+// head rotate, pairs (i, i + R/2); the others are copied (partial rotary embedding: Phi-3)
 void qlora_cpu_rope_forward(float* out, const float* inp, const int32_t* pos, const float* inv_freq,
-                            float attention_scaling, int64_t N, int64_t H, int64_t D);
+                            float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t R);
 // the inverse rotation: dinp = R(pos)^T dout (in place allowed)
 void qlora_cpu_rope_backward(float* dinp, const float* dout, const int32_t* pos, const float* inv_freq,
-                             float attention_scaling, int64_t N, int64_t H, int64_t D);
+                             float attention_scaling, int64_t N, int64_t H, int64_t D, int64_t R);
 
 // ------------------------------------------------------------------
 // attention: softmax(q k^T * scale + mask) v, causal, grouped-query (Hq = G * Hkv)

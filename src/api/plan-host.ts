@@ -2,7 +2,7 @@
 // copies of the bf16 weights, or packed 4-bit projections) and stays there for the run on either device; the CPU
 // backend adds its optimizer states and the fp32 activations of a step.
 import type {ModelConfig} from "../io/hf-config.js";
-import {PROJ_NAMES, projHasBias, projShape} from "../model/weights.js";
+import {projNames, projHasBias, projShape} from "../model/weights.js";
 import {optimizerOptionsFor, stateKindFor} from "../optim/adamw.js";
 import {NESTED_BLOCKSIZE} from "../quant/nf4.js";
 import {GiB, planHostStepBytes, type MemorySettings, type PreQuantized} from "../train/plan-memory.js";
@@ -32,7 +32,7 @@ export function planHostMemory(
     weights += 4 * C * (2 * L + 1);
     let loraParams = 0,
         projWeights = 0;
-    for (const p of PROJ_NAMES) {
+    for (const p of projNames(cfg)) {
         const [out, inF] = projShape(cfg, p);
         const n = out * inF;
         if (quant) {

@@ -13,7 +13,7 @@ import {writeFileAtomic} from "../io/atomic.js";
 import {pathExists} from "../io/files.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {SafetensorsCheckpoint, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE} from "../io/safetensors.js";
-import {checkConfigAgainstCheckpoint, PROJ_NAMES, projModule, projShape} from "../model/weights.js";
+import {checkConfigAgainstCheckpoint, projModule, projNames, projShape} from "../model/weights.js";
 import {resolveTrainConfig, type TrainConfig} from "../train/config.js";
 import {
     checkPlanInputs,
@@ -162,20 +162,23 @@ async function resolvePlanModel(name: string | null | undefined): Promise<Traini
 
 /** a bitsandbytes 4-bit checkpoint's layout, from its first projection's headers (bnb-checkpoint.ts names) */
 function preQuantizedLayout(cfg: ModelConfig, ckpt: SafetensorsCheckpoint): PreQuantized | null {
-    const weight = `${projModule(0, "q_proj")}.weight`;
+    const first = projNames(cfg)[0];
+    const weight = `${projModule(0, first)}.weight`;
     if (!ckpt.has(`${weight}.absmax`)) return null;
-    const [out, inF] = projShape(cfg, "q_proj");
+    const [out, inF] = projShape(cfg, first);
     const nblocks = ckpt.info(`${weight}.absmax`).shape.reduce((a, b) => a * b, 1);
     return {blocksize: Math.ceil((out * inF) / Math.max(1, nblocks)), doubleQuant: ckpt.has(`${weight}.nested_absmax`)};
 }
 
 function parameterCount(cfg: ModelConfig): number {
     let n = cfg.vocabSize * cfg.hiddenSize * (cfg.tieWordEmbeddings ? 1 : 2);
-    for (const p of PROJ_NAMES) {
+    for (const p of projNames(cfg)) {
         const [out, inF] = projShape(cfg, p);
         n += out * inF * cfg.numHiddenLayers;
     }
-    return n + cfg.hiddenSize * (2 * cfg.numHiddenLayers + 1);
+    // qwen3's q_norm and k_norm: head_dim each per layer
+    const qkNorms = cfg.qkNorm ? 2 * cfg.headDim * cfg.numHiddenLayers : 0;
+    return n + cfg.hiddenSize * (2 * cfg.numHiddenLayers + 1) + qkNorms;
 }
 
 /** the GPU the plan answers for: --gpu, --gpu-memory, or this machine's (its free memory) */

@@ -87,9 +87,21 @@ export interface Backend<X extends TensorTypes> {
     ): void;
     /** dx (=) from dy, the forward's input x, w and rstd (a frozen norm weight) */
     rmsnormBackward(dx: X["f"], dy: X["f"], x: X["f"], w: X["f"], rstd: X["f"], N: number, C: number): void;
-    /** RoPE (rotate half) in place on [N, H, D] rows at positions pos[N] */
-    rope(x: X["f"], pos: X["i"], invFreq: X["f"], attentionScaling: number, N: number, H: number, D: number): void;
-    ropeBackward(dx: X["f"], pos: X["i"], invFreq: X["f"], attentionScaling: number, N: number, H: number, D: number): void;
+    /**
+     * RoPE (rotate half) in place on [N, H, D] rows at positions pos[N]: the first R dimensions of each head
+     * rotate (pairs (i, i + R/2), invFreq [R/2]), the rest pass through (partial rotary, Phi-3); R defaults to D
+     */
+    rope(x: X["f"], pos: X["i"], invFreq: X["f"], attentionScaling: number, N: number, H: number, D: number, R?: number): void;
+    ropeBackward(
+        dx: X["f"],
+        pos: X["i"],
+        invFreq: X["f"],
+        attentionScaling: number,
+        N: number,
+        H: number,
+        D: number,
+        R?: number
+    ): void;
     /**
      * causal grouped-query attention: out[B, T, Hq, D] from q[B, T, Hq, D] and k, v[B, S, Hkv, D]; query t sits at
      * key position past + t, past one number or one per row (i32 [B] on the backend, not with seg: rows of a KV
@@ -180,7 +192,23 @@ export interface Backend<X extends TensorTypes> {
         cacheV: X["f"],
         capacity: number,
         pasts: X["i"],
-        blocks?: KvBlocksOf<X["i"]> | null
+        blocks?: KvBlocksOf<X["i"]> | null,
+        /** rotary dimensions of a head, as rope's R (default D) */
+        R?: number
+    ): void;
+    /**
+     * dst[m, dstOffset + j] = src[m, srcOffset + j] for m < M, j < n, in rows of dstCols and srcCols values: the
+     * parts of a fused projection's output (phi3's qkv_proj, gate_up_proj) and the joining of their gradients
+     */
+    copyColumns(
+        dst: X["f"],
+        dstCols: number,
+        dstOffset: number,
+        src: X["f"],
+        srcCols: number,
+        srcOffset: number,
+        M: number,
+        n: number
     ): void;
     /** the elements [offset, offset + length) of t, sharing its memory (never freed on its own) */
     view<T extends X["f"] | X["i"]>(t: T, offset: number, length: number): T;
@@ -326,4 +354,28 @@ export interface GraphLinear<F> {
     release(saved: unknown): void;
     /** after an optimizer step changed the trainable tensors: new compute copies, no cached DoRA norms */
     afterUpdate(): void;
+}
+
+/** the bounds of Backend.copyColumns, checked on the host by both backends (a programming error, not user input) */
+export function checkColumnCopy(
+    dstLength: number,
+    dstCols: number,
+    dstOffset: number,
+    srcLength: number,
+    srcCols: number,
+    srcOffset: number,
+    M: number,
+    n: number
+): void {
+    const ok =
+        [dstCols, dstOffset, srcCols, srcOffset, M, n].every((v) => Number.isSafeInteger(v) && v >= 0) &&
+        dstOffset + n <= dstCols &&
+        srcOffset + n <= srcCols &&
+        M * dstCols <= dstLength &&
+        M * srcCols <= srcLength;
+    if (!ok)
+        throw new Error(
+            `copyColumns: ${n} columns from offset ${srcOffset} of ${M} rows of ${srcCols} (${srcLength} values) ` +
+                `to offset ${dstOffset} of rows of ${dstCols} (${dstLength} values) do not fit`
+        );
 }

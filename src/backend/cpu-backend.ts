@@ -1,7 +1,7 @@
 // cpu-backend.ts: the Backend on the host: fp32 tensors are Float32Arrays (the garbage collector owns them), the
 // ops are the native CPU addon's (native/cpu/*.cpp, threaded by its work-claiming pool).
 import {cpu} from "./cpu.js";
-import type {Backend, HostCopy, KvBlocksOf, LossResult} from "./backend.js";
+import {checkColumnCopy, type Backend, type HostCopy, type KvBlocksOf, type LossResult} from "./backend.js";
 import {pickTokensHost, type TokenPick} from "./sampling.js";
 
 /** activations live in host memory: an offloaded one is the tensor itself */
@@ -97,9 +97,10 @@ export class CpuBackend implements Backend<CpuTensors> {
         attentionScaling: number,
         N: number,
         H: number,
-        D: number
+        D: number,
+        R = D
     ): void {
-        cpu().ropeForward(x, x, pos, invFreq, attentionScaling, N, H, D);
+        cpu().ropeForward(x, x, pos, invFreq, attentionScaling, N, H, D, R);
     }
     ropeBackward(
         dx: Float32Array,
@@ -108,9 +109,10 @@ export class CpuBackend implements Backend<CpuTensors> {
         attentionScaling: number,
         N: number,
         H: number,
-        D: number
+        D: number,
+        R = D
     ): void {
-        cpu().ropeBackward(dx, dx, pos, invFreq, attentionScaling, N, H, D);
+        cpu().ropeBackward(dx, dx, pos, invFreq, attentionScaling, N, H, D, R);
     }
     attention(
         out: Float32Array,
@@ -256,15 +258,31 @@ export class CpuBackend implements Backend<CpuTensors> {
         cacheV: Float32Array,
         capacity: number,
         pasts: Int32Array,
-        blocks?: KvBlocksOf<Int32Array> | null
+        blocks?: KvBlocksOf<Int32Array> | null,
+        R = D
     ): void {
-        this.rope(q, pos, invFreq, attentionScaling, B * T, Hq, D);
-        this.rope(k, pos, invFreq, attentionScaling, B * T, Hkv, D);
+        this.rope(q, pos, invFreq, attentionScaling, B * T, Hq, D, R);
+        this.rope(k, pos, invFreq, attentionScaling, B * T, Hkv, D, R);
         this.cacheWrite(cacheK, k, B, T, capacity, pasts, Hkv * D, blocks);
         this.cacheWrite(cacheV, v, B, T, capacity, pasts, Hkv * D, blocks);
     }
     view<T extends Float32Array | Int32Array>(t: T, offset: number, length: number): T {
         return t.subarray(offset, offset + length) as T;
+    }
+    copyColumns(
+        dst: Float32Array,
+        dstCols: number,
+        dstOffset: number,
+        src: Float32Array,
+        srcCols: number,
+        srcOffset: number,
+        M: number,
+        n: number
+    ): void {
+        checkColumnCopy(dst.length, dstCols, dstOffset, src.length, srcCols, srcOffset, M, n);
+        // a row's columns are contiguous: one copy per row
+        for (let m = 0; m < M; m++)
+            dst.set(src.subarray(m * srcCols + srcOffset, m * srcCols + srcOffset + n), m * dstCols + dstOffset);
     }
 
     causalLmLoss(

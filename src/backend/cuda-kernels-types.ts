@@ -45,6 +45,17 @@ export interface CudaKernelOps extends CudaAddon {
         tableStride?: number,
         block?: number
     ): void;
+    /** bf16 dst[m, dstOffset + j] = src[m, srcOffset + j], m < M, j < n, rows of dstCols / srcCols values */
+    copyColumns(
+        dst: number,
+        dstCols: number,
+        dstOffset: number,
+        src: number,
+        srcCols: number,
+        srcOffset: number,
+        M: number,
+        n: number
+    ): void;
     /** y[n] = fma(alpha, x[n], y[n]) (f32) */
     axpy(y: number, alpha: number, x: number, n: number): void;
     /** y[n] (f32) = fma(alpha, x[n] (bf16), y[n]): a bf16 gradient into an fp32 accumulator */
@@ -93,7 +104,9 @@ export interface CudaKernelOps extends CudaAddon {
     ): void;
 
     // ------------------------------------------------------------------
-    // RoPE (rotate half), bf16 [N,H,D] rows `rowStride` elements apart (default H*D); in place allowed
+    // RoPE (rotate half), bf16 [N,H,D] rows `rowStride` elements apart (default H*D); in place allowed. The first
+    // `rotary` dimensions of each head rotate (pairs (i, i + rotary/2), invFreq [rotary/2]), the rest pass through
+    // (default rotary: D)
     ropeForward(
         out: number,
         inp: number,
@@ -103,7 +116,8 @@ export interface CudaKernelOps extends CudaAddon {
         N: number,
         H: number,
         D: number,
-        rowStride?: number
+        rowStride?: number,
+        rotary?: number
     ): void;
     ropeBackward(
         dinp: number,
@@ -114,7 +128,8 @@ export interface CudaKernelOps extends CudaAddon {
         N: number,
         H: number,
         D: number,
-        rowStride?: number
+        rowStride?: number,
+        rotary?: number
     ): void;
     /**
      * a decoding step's ropeForward of q [B*T, Hq, D] and k [B*T, Hkv, D] (in place, packed rows) and cacheWrite
@@ -140,7 +155,9 @@ export interface CudaKernelOps extends CudaAddon {
         /** a paged cache [blocks * block, Hkv * D]: table [B, tableStride] of block ids (< 0: none) */
         table?: number | null,
         tableStride?: number,
-        block?: number
+        block?: number,
+        /** rotary dimensions of a head, as ropeForward's (default D) */
+        rotary?: number
     ): void;
 
     // ------------------------------------------------------------------

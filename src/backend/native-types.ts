@@ -62,7 +62,9 @@ export interface CpuAddon {
         attentionScaling: number,
         N: number,
         H: number,
-        D: number
+        D: number,
+        /** rotary dimensions of each head (pairs (i, i + rotary/2), invFreq [rotary/2]); the rest pass through. Default D */
+        rotary?: number
     ): void;
     ropeBackward(
         dinp: Float32Array,
@@ -72,7 +74,8 @@ export interface CpuAddon {
         attentionScaling: number,
         N: number,
         H: number,
-        D: number
+        D: number,
+        rotary?: number
     ): void;
 
     attentionForward(

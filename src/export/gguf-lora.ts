@@ -5,7 +5,7 @@ import {QloraError} from "../errors.js";
 import {loadModelConfig} from "../io/hf-config.js";
 import {GgufMetadata, type GgufTensor} from "../io/gguf.js";
 import {encodeTensor, GgmlType} from "../io/gguf-quants.js";
-import {PROJ_NAMES, type ProjName} from "../model/weights.js";
+import {projNames, type ProjName} from "../model/weights.js";
 import {readAdapter} from "../peft/adapter-files.js";
 import {ggufArchFor, ggufNameOfModule, permutationHeads, permuteQkRows, type GgufArch} from "./gguf-metadata.js";
 import {assertGgufOutput, type ExportProgress, writeGgufReporting} from "./gguf-output.js";
@@ -78,7 +78,7 @@ export async function exportAdapterToGguf(opts: AdapterToGgufOptions): Promise<E
 
     const type = opts.outtype === "f16" ? GgmlType.F16 : GgmlType.F32;
     const tensors: GgufTensor[] = [];
-    for (const module of [...adapter.branches.keys()].sort(compareModules)) {
+    for (const module of [...adapter.branches.keys()].sort(moduleOrder(projNames(cfg)))) {
         const {A, B, r: rank, inFeatures: K, outFeatures: N} = adapter.branches.get(module)!;
         const name = ggufNameOfModule(module);
         if (!name) throw new QloraError(`the adapter targets ${module}, which has no GGUF tensor`, {file: opts.adapterDir});
@@ -97,11 +97,11 @@ export async function exportAdapterToGguf(opts: AdapterToGgufOptions): Promise<E
     return {file: written.file, arch, bytes: written.bytes, tensorCount: written.tensorCount, alpha, r};
 }
 
-/** layer order, then the projection order of a block */
-function compareModules(a: string, b: string): number {
+/** layer order, then the projection order of a block (`names`: the model's projections) */
+function moduleOrder(names: readonly ProjName[]): (a: string, b: string) => number {
     const key = (m: string) => {
         const match = /^model\.layers\.(\d+)\.\w+\.(\w+)$/.exec(m);
-        return match ? Number(match[1]) * 16 + PROJ_NAMES.indexOf(match[2] as ProjName) : 0;
+        return match ? Number(match[1]) * 16 + names.indexOf(match[2] as ProjName) : 0;
     };
-    return key(a) - key(b);
+    return (a, b) => key(a) - key(b);
 }

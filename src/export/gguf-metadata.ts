@@ -1,6 +1,7 @@
-// gguf-metadata.ts: how a Hugging Face llama/qwen2 decoder maps onto llama.cpp's GGUF model: architecture, tensor
-// names, the q/k row permutation of llama, hyper-parameter metadata and the llama3 rope factors
-// (SPEC-gguf §5, §6; convert_hf_to_gguf's LlamaModel / Qwen2Model). Model knowledge, so it sits in export/ and
+// gguf-metadata.ts: how a Hugging Face llama/qwen2/qwen3/phi3 decoder maps onto llama.cpp's GGUF model: architecture,
+// tensor names, the q/k row permutation of llama, hyper-parameter metadata, the llama3 rope factors and phi3's
+// longrope factor tensors (SPEC-gguf §5, §6; convert_hf_to_gguf's LlamaModel / Qwen2Model / Qwen3Model /
+// Phi3MiniModel). Model knowledge, so it sits in export/ and
 // io/ keeps only the GGUF format.
 import {QloraError} from "../errors.js";
 import type {ModelConfig} from "../io/hf-config.js";
@@ -8,13 +9,19 @@ import type {GgufMetadata} from "../io/gguf.js";
 import type {ProjName} from "../model/weights.js";
 
 /** the llama.cpp architectures qlora exports */
-export type GgufArch = "qwen2" | "llama";
+export type GgufArch = "qwen2" | "qwen3" | "phi3" | "llama";
 
-const CAUSAL_LM_CLASSES = new Set(["Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"]);
+const CAUSAL_LM_CLASSES = new Set([
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Phi3ForCausalLM"
+]);
 
 /**
- * The llama.cpp architecture of a model: qwen2 for Qwen2/2.5, llama for Llama and Mistral (as the converter
- * does). Anything else is a QloraError naming config.json.
+ * The llama.cpp architecture of a model: qwen2 for Qwen2/2.5, qwen3 for Qwen3, phi3 for Phi-3 and Phi-4-mini,
+ * llama for Llama and Mistral (as the converter does). Anything else is a QloraError naming config.json.
  */
 export function ggufArchFor(cfg: ModelConfig): GgufArch {
     const unsupported = cfg.architectures.find((a) => !CAUSAL_LM_CLASSES.has(a));
@@ -26,25 +33,41 @@ export function ggufArchFor(cfg: ModelConfig): GgufArch {
     switch (cfg.modelType) {
         case "qwen2":
             return "qwen2";
+        case "qwen3":
+            // llama.cpp's qwen3 graph has no attention biases
+            if (cfg.attentionBias)
+                throw new QloraError(
+                    `"attention_bias" is true: llama.cpp's qwen3 architecture has no attention biases, so this model cannot be exported to GGUF`,
+                    {file: cfg.file}
+                );
+            return "qwen3";
+        case "phi3":
+            return "phi3";
         case "llama":
         case "mistral":
             return "llama";
         default:
             throw new QloraError(
-                `model_type "${String(cfg.modelType)}" cannot be exported to GGUF (supported: qwen2, llama, mistral)`,
+                `model_type "${String(cfg.modelType)}" cannot be exported to GGUF (supported: qwen2, qwen3, llama, mistral, phi3)`,
                 {file: cfg.file}
             );
     }
 }
 
-/** the GGUF block tensor of each Hugging Face projection (tensor_mapping.py) */
+/**
+ * The GGUF block tensor of each Hugging Face projection (tensor_mapping.py). llama.cpp's phi3 keeps the fused
+ * modules fused: qkv_proj is attn_qkv, and gate_up_proj is ffn_up with 2 x intermediate_size rows (gate first),
+ * which its graph splits in half.
+ */
 export const GGUF_PROJ_NAMES = {
     q_proj: "attn_q",
     k_proj: "attn_k",
     v_proj: "attn_v",
+    qkv_proj: "attn_qkv",
     o_proj: "attn_output",
     gate_proj: "ffn_gate",
     up_proj: "ffn_up",
+    gate_up_proj: "ffn_up",
     down_proj: "ffn_down"
 } as const satisfies Record<ProjName, string>;
 
@@ -53,6 +76,11 @@ export function ggufNameOfModule(module: string, suffix = "weight"): string | nu
     const m = /^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$/.exec(module);
     if (!m || !(m[2] in GGUF_PROJ_NAMES)) return null;
     return `blk.${m[1]}.${GGUF_PROJ_NAMES[m[2] as keyof typeof GGUF_PROJ_NAMES]}.${suffix}`;
+}
+
+/** qwen3's per-head norms: blk.N.attn_q_norm.weight / attn_k_norm.weight (Qwen3Model's tensor map) */
+export function ggufQkNormNames(layer: number): {q: string; k: string} {
+    return {q: `blk.${layer}.attn_q_norm.weight`, k: `blk.${layer}.attn_k_norm.weight`};
 }
 
 /** llama's q_proj/k_proj rows need the NORM-RoPE permutation (qwen2 uses NEOX RoPE: names only) */
@@ -99,6 +127,10 @@ export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufAr
     md.u32(`${a}.attention.head_count_kv`, cfg.numKeyValueHeads);
     md.f32(`${a}.rope.freq_base`, cfg.ropeTheta);
     md.f32(`${a}.attention.layer_norm_rms_epsilon`, cfg.rmsNormEps);
+    if (arch === "phi3") {
+        addPhi3Metadata(md, cfg);
+        return;
+    }
     const explicitHeadDim = cfg.raw.head_dim !== undefined && cfg.raw.head_dim !== null;
     if (explicitHeadDim || cfg.headDim * cfg.numAttentionHeads !== cfg.hiddenSize) {
         md.u32(`${a}.attention.key_length`, cfg.headDim);
@@ -145,6 +177,41 @@ export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufAr
                 {file: cfg.file}
             );
     }
+}
+
+/**
+ * Phi3MiniModel.set_gguf_parameters: the pretrained context, the rotary dimensions, the sliding window (0: none),
+ * and for longrope the attention factor (its factor tensors: phi3RopeFactors)
+ */
+function addPhi3Metadata(md: GgufMetadata, cfg: ModelConfig): void {
+    const original = phi3OriginalContext(cfg);
+    md.u32("phi3.rope.scaling.original_context_length", original);
+    md.u32("phi3.rope.dimension_count", cfg.rotaryDim);
+    md.u32("phi3.attention.sliding_window", cfg.slidingWindow ?? 0);
+    const scaling = cfg.ropeScaling;
+    if (!scaling) return;
+    if (scaling.type !== "longrope")
+        throw new QloraError(
+            `rope_scaling type "${scaling.type}" on a phi3 model cannot be exported to GGUF (llama.cpp's phi3 reads longrope only)`,
+            {file: cfg.file}
+        );
+    // the converter's attention factor: from the context ratio, whatever attention_factor says
+    const scale = cfg.maxPositionEmbeddings / original;
+    md.f32("phi3.rope.scaling.attn_factor", scale > 1 ? Math.sqrt(1 + Math.log(scale) / Math.log(original)) : 1);
+}
+
+/** original_max_position_embeddings of a phi3 config (top level in transformers 4, rope_parameters in 5) */
+function phi3OriginalContext(cfg: ModelConfig): number {
+    const top = cfg.raw.original_max_position_embeddings;
+    if (typeof top === "number" && Number.isSafeInteger(top) && top > 0) return top;
+    return cfg.ropeScaling?.originalMaxPositionEmbeddings ?? cfg.maxPositionEmbeddings;
+}
+
+/** phi3 longrope: rope_factors_long.weight and rope_factors_short.weight [rotaryDim/2] as the converter writes them */
+export function phi3RopeFactors(cfg: ModelConfig): {long: Float32Array; short: Float32Array} | null {
+    const s = cfg.ropeScaling;
+    if (s?.type !== "longrope") return null;
+    return {long: Float32Array.from(s.raw.long_factor as number[]), short: Float32Array.from(s.raw.short_factor as number[])};
 }
 
 /** llama3 rope scaling: the per-frequency divisors llama.cpp reads from rope_freqs.weight [rotaryDim/2], else null */

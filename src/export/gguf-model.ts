@@ -8,7 +8,7 @@ import {GgufMetadata, type GgufTensor} from "../io/gguf.js";
 import {encodeTensor, GGUF_FILE_TYPE, ggmlTypeName, tensorTypeFor, type GgufOuttype} from "../io/gguf-quants.js";
 import {addVocabMetadata, readChatTemplateFile, readGgufVocab} from "../io/gguf-vocab.js";
 import {addDeltaWeight} from "../lora/layer.js";
-import {openCheckpoint, PROJ_NAMES, projHasBias, projModule, projShape, readTensorF32} from "../model/weights.js";
+import {openCheckpoint, projHasBias, projModule, projNames, projShape, qkNormNames, readTensorF32} from "../model/weights.js";
 import {readAdapter} from "../peft/adapter-files.js";
 import {templateSizeProblem} from "../tokenizer/bounded-template.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
@@ -17,7 +17,9 @@ import {
     addArchMetadata,
     GGUF_PROJ_NAMES,
     ggufArchFor,
+    ggufQkNormNames,
     llama3RopeFactors,
+    phi3RopeFactors,
     permutationHeads,
     permuteQkRows,
     type GgufArch
@@ -120,8 +122,14 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
         add("token_embd.weight", cfg.vocabSize, C, () => weights.read("model.embed_tokens.weight", cfg.vocabSize * C));
         for (let l = 0; l < cfg.numHiddenLayers; l++) {
             add(`blk.${l}.attn_norm.weight`, 1, C, () => weights.read(`model.layers.${l}.input_layernorm.weight`, C));
-            for (const p of PROJ_NAMES) {
-                if (p === "gate_proj")
+            if (cfg.qkNorm) {
+                const hf = qkNormNames(l),
+                    gg = ggufQkNormNames(l);
+                add(gg.q, 1, cfg.headDim, () => weights.read(hf.q, cfg.headDim));
+                add(gg.k, 1, cfg.headDim, () => weights.read(hf.k, cfg.headDim));
+            }
+            for (const p of projNames(cfg)) {
+                if (p === "gate_proj" || p === "gate_up_proj")
                     add(`blk.${l}.ffn_norm.weight`, 1, C, () =>
                         weights.read(`model.layers.${l}.post_attention_layernorm.weight`, C)
                     );
@@ -148,6 +156,11 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
         add("output_norm.weight", 1, C, () => weights.read("model.norm.weight", C));
         if (!tied) add("output.weight", cfg.vocabSize, C, () => weights.read("lm_head.weight", cfg.vocabSize * C));
         if (ropeFactors) add("rope_freqs.weight", 1, ropeFactors.length, async () => ropeFactors);
+        const longrope = arch === "phi3" ? phi3RopeFactors(cfg) : null;
+        if (longrope) {
+            add("rope_factors_long.weight", 1, longrope.long.length, async () => longrope.long);
+            add("rope_factors_short.weight", 1, longrope.short.length, async () => longrope.short);
+        }
 
         const written = await writeGgufReporting(opts.out, {metadata: md, tensors}, opts.onProgress);
         return {file: written.file, arch, bytes: written.bytes, tensorCount: written.tensorCount, typeCounts};

@@ -183,6 +183,9 @@ export function tensorTypeFor(name: string, ne: readonly number[], outtype: Gguf
                 type = rowLength % GGML_TYPE_TRAITS[GgmlType.Q4_K].blockSize !== 0 ? GgmlType.Q8_0 : GgmlType.Q6_K;
             } else if (name.endsWith("attn_v.weight") || name.endsWith("ffn_down.weight")) {
                 if (useMoreBits(layerOf(name), ctx.blockCount)) type = GgmlType.Q6_K;
+            } else if (name.endsWith("attn_qkv.weight")) {
+                // a fused q/k/v (phi3) holds attn_v's rows: llama-quantize gives the whole tensor Q5_K
+                type = GgmlType.Q5_K;
             }
             return typeFallback(type, rowLength);
         }

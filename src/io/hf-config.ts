@@ -1,7 +1,8 @@
-// Hugging Face config.json for the decoder family we implement (llama, qwen2, mistral), normalized to one
-// camelCase shape, plus the RoPE inverse frequencies transformers derives from it.
+// Hugging Face config.json for the decoder family we implement (llama, qwen2, qwen3, mistral, phi3), normalized to
+// one camelCase shape, plus the RoPE inverse frequencies transformers derives from it.
 //
-// Defaults follow transformers' LlamaConfig / Qwen2Config / MistralConfig for keys a file may leave out. Both the
+// Defaults follow transformers' LlamaConfig / Qwen2Config / Qwen3Config / MistralConfig / Phi3Config for keys a
+// file may leave out. Both the
 // transformers 4 layout (top-level rope_theta, rope_scaling, torch_dtype) and the transformers 5 one
 // (rope_parameters, dtype) are accepted.
 
@@ -10,9 +11,9 @@ import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "./files.js";
 
-export type ModelType = "llama" | "qwen2" | "mistral";
+export type ModelType = "llama" | "qwen2" | "qwen3" | "mistral" | "phi3";
 
-const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ["llama", "qwen2", "mistral"];
+const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ["llama", "qwen2", "qwen3", "mistral", "phi3"];
 
 export type RopeType = "default" | "linear" | "dynamic" | "llama3" | "yarn" | "longrope";
 
@@ -45,6 +46,10 @@ export interface ModelConfig {
     headDim: number;
     /** the dimensions of each head that RoPE rotates: head_dim × partial_rotary_factor (all of them unless set) */
     rotaryDim: number;
+    /** qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE */
+    qkNorm: boolean;
+    /** phi3: q, k, v in one qkv_proj and gate, up in one gate_up_proj (PEFT targets the fused modules) */
+    fusedProjections: boolean;
     rmsNormEps: number;
     ropeTheta: number;
     ropeScaling: RopeScaling | null;
@@ -249,6 +254,8 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     let headDim: number;
     if (config.has("head_dim")) {
         headDim = config.positiveInt("head_dim");
+    } else if (family === "qwen3") {
+        headDim = 128; // Qwen3Config's default: its head size does not follow from hidden_size
     } else {
         if (hiddenSize % numAttentionHeads !== 0) {
             config.fail(
@@ -286,10 +293,10 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         }
     }
 
-    const rmsNormEps = config.positiveNumber("rms_norm_eps", 1e-6);
+    const rmsNormEps = config.positiveNumber("rms_norm_eps", family === "phi3" ? 1e-5 : 1e-6);
     const maxPositionEmbeddings = config.positiveInt(
         "max_position_embeddings",
-        family === "mistral" ? 4096 * 32 : family === "qwen2" ? 32768 : 2048
+        family === "mistral" ? 4096 * 32 : family === "qwen2" || family === "qwen3" ? 32768 : family === "phi3" ? 4096 : 2048
     );
 
     const ropeParameters = json.rope_parameters;
@@ -301,39 +308,74 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     }
     const ropeTheta = readRopeTheta(config, isPlainObject(ropeParameters) ? ropeParameters : null);
     const ropeScaling = readRopeScaling(config, isPlainObject(ropeParameters) ? ropeParameters : null);
-    const partial = json.partial_rotary_factor ?? ropeScaling?.raw.partial_rotary_factor ?? 1;
+    // transformers 5 keeps partial_rotary_factor in rope_parameters, 4 at the top level
+    const partial =
+        json.partial_rotary_factor ??
+        (isPlainObject(ropeParameters) ? ropeParameters.partial_rotary_factor : undefined) ??
+        ropeScaling?.raw.partial_rotary_factor ??
+        1;
     if (typeof partial !== "number" || !(partial > 0 && partial <= 1))
         config.fail("partial_rotary_factor", `is ${quoteValue(partial)}, expected a number in (0, 1]`);
     const rotaryDim = Math.trunc(headDim * partial);
-    if (rotaryDim % 2 !== 0)
+    if (rotaryDim % 2 !== 0 || rotaryDim === 0)
         config.fail(
             "partial_rotary_factor",
-            `gives ${rotaryDim} rotary dimensions of the ${headDim} in a head; RoPE rotates pairs, so it must be even`
+            `gives ${rotaryDim} rotary dimensions of the ${headDim} in a head; RoPE rotates pairs, so it must be even and positive`
         );
-    // transformers' Llama/Qwen2/Mistral rotate every dimension of a head (their apply_rotary_pos_emb cannot take
-    // fewer), and so do qlora's RoPE kernels: a partial factor belongs to other architectures (Phi, GPT-NeoX)
-    if (rotaryDim !== headDim)
+    // transformers' Llama/Qwen2/Qwen3/Mistral rotate every dimension of a head (their apply_rotary_pos_emb cannot
+    // take fewer); Phi3's rotates the first head_dim x partial_rotary_factor and passes the rest through
+    if (rotaryDim !== headDim && family !== "phi3")
         config.fail(
             "partial_rotary_factor",
             `is ${partial}: RoPE over ${rotaryDim} of the ${headDim} dimensions of a head is not ` +
                 `supported for model_type ${quoteValue(json.model_type)} (transformers rotates all of them); remove the key or set it to 1`
         );
+    if (family === "phi3") {
+        // Phi3Attention splits qkv_proj by hidden_size / num_attention_heads; a head_dim that differs is a broken file
+        if (headDim * numAttentionHeads !== hiddenSize)
+            config.fail(
+                "head_dim",
+                `is ${headDim}, but a phi3 model's heads split hidden_size ${hiddenSize} into ${numAttentionHeads} heads of ${hiddenSize / numAttentionHeads}`
+            );
+        // Phi3's residual and embedding dropout would change training; released Phi-3/Phi-4 configs set them to 0
+        for (const key of ["resid_pdrop", "embd_pdrop"]) {
+            const p = json[key] ?? 0;
+            if (p !== 0)
+                config.fail(
+                    key,
+                    `is ${quoteValue(p)}; qlora implements Phi-3 without residual/embedding dropout (set it to 0.0)`
+                );
+        }
+    }
+
+    if (ropeScaling?.type === "longrope") {
+        const key = json.rope_scaling ? "rope_scaling" : "rope_parameters";
+        for (const name of ["short_factor", "long_factor"]) {
+            const list = ropeScaling.raw[name] as number[];
+            if (list.length !== rotaryDim / 2)
+                config.fail(
+                    `${key}.${name}`,
+                    `has ${list.length} entries; longrope needs one per rotary frequency (${rotaryDim / 2} = head_dim x partial_rotary_factor / 2)`
+                );
+        }
+    }
 
     const hiddenAct = json.hidden_act ?? "silu";
     if (hiddenAct !== "silu") {
         config.fail(
             "hidden_act",
-            `is ${quoteValue(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/mistral, which uses "silu"`
+            `is ${quoteValue(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/qwen3/mistral/phi3, which uses "silu"`
         );
     }
 
-    // qwen2 always puts a bias on q/k/v and never on o_proj; llama's attention_bias covers all four
+    // qwen2 always puts a bias on q/k/v and never on o_proj; llama's and qwen3's attention_bias covers all four;
+    // phi3's qkv_proj and o_proj have none
     let attentionBias: boolean;
     let attentionOutputBias: boolean;
     if (family === "qwen2") {
         attentionBias = true;
         attentionOutputBias = false;
-    } else if (family === "llama") {
+    } else if (family === "llama" || family === "qwen3") {
         attentionBias = config.boolean("attention_bias", false);
         attentionOutputBias = attentionBias;
     } else {
@@ -361,6 +403,8 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         numKeyValueHeads,
         headDim,
         rotaryDim,
+        qkNorm: family === "qwen3",
+        fusedProjections: family === "phi3",
         rmsNormEps,
         ropeTheta,
         ropeScaling,

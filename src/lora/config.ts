@@ -37,7 +37,9 @@ export const LORA_DEFAULTS: LoraConfig = {
 export const DEFAULT_TARGETS: Record<string, string[]> = {
     llama: ["q_proj", "v_proj"],
     qwen2: ["q_proj", "v_proj"],
-    mistral: ["q_proj", "v_proj"]
+    qwen3: ["q_proj", "v_proj"],
+    mistral: ["q_proj", "v_proj"],
+    phi3: ["qkv_proj"]
 };
 
 /** the modules modules_to_save can name: full trainable copies of the output layer and the embedding */

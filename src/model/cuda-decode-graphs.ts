@@ -44,7 +44,8 @@ export class DecodeGraphs {
         const cache = plan.cache;
         const steps = cache ? this.byCache.get(cache) : undefined;
         if (this.failure !== null || !cache || !steps || plan.T !== 1 || plan.keyValid) return null;
-        const key = `${plan.firstRow}/${plan.B}`;
+        // a longrope step records the table it reads: short and long steps are different recordings
+        const key = `${plan.firstRow}/${plan.B}${plan.longRope ? "/long" : ""}`;
         const seen = steps.get(key) ?? 0;
         // the first step of a shape runs eagerly: lazy setup (cuBLASLt plans, the GEMV's layout check, the
         // workspace) happens outside the recording

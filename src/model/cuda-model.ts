@@ -41,7 +41,7 @@ import {
 import {DecodeGraphs, cudaGraphsByDefault} from "./cuda-decode-graphs.js";
 import type {CausalLm, LmForwardOptions} from "./causal-lm.js";
 import type {ModelConfig} from "../io/hf-config.js";
-import {PROJ_NAMES, type ProjName} from "./weights.js";
+import {projNames, type ProjName} from "./weights.js";
 
 /** the 4-bit storage of a frozen weight on the device (bnb's layout) */
 interface Device4bit {
@@ -254,7 +254,7 @@ export class CudaModel implements CausalLm {
         if (cfg.headDim !== 64 && cfg.headDim !== 128)
             throw new QloraError(`the CUDA attention kernels handle head_dim 64 and 128; this model has ${cfg.headDim}`);
         const maxW = p.layers.reduce(
-            (m, layer) => PROJ_NAMES.reduce((mm, n) => Math.max(mm, layer.proj[n].outFeatures * layer.proj[n].inFeatures), m),
+            (m, layer) => projNames(cfg).reduce((mm, n) => Math.max(mm, layer.proj[n].outFeatures * layer.proj[n].inFeatures), m),
             0
         );
         this.scratchW = DeviceBuffer.alloc("bf16", maxW);
@@ -267,14 +267,24 @@ export class CudaModel implements CausalLm {
             lmHead: p.lmHead === p.embed ? embed : bf16Upload(p.lmHead),
             finalNorm: bf16Upload(p.norm),
             invFreq: DeviceBuffer.from("f32", model.invFreq),
+            longRope: model.longRope && {
+                invFreq: DeviceBuffer.from("f32", model.longRope.invFreq),
+                fromPosition: model.longRope.fromPosition
+            },
             layers: p.layers.map((layer) => {
                 const proj = {} as Record<ProjName, Projection<CudaTensors>>;
-                for (const name of PROJ_NAMES) {
+                for (const name of projNames(cfg)) {
                     const host = layer.proj[name];
                     proj[name] = new Projection(be, new CudaWeight(frozenBase(host), this.scratchW), host);
                     this.projections.push(proj[name]);
                 }
-                return {inputNorm: bf16Upload(layer.inputNorm), postNorm: bf16Upload(layer.postNorm), proj};
+                return {
+                    inputNorm: bf16Upload(layer.inputNorm),
+                    postNorm: bf16Upload(layer.postNorm),
+                    qNorm: layer.qNorm && bf16Upload(layer.qNorm),
+                    kNorm: layer.kNorm && bf16Upload(layer.kNorm),
+                    proj
+                };
             })
         };
         this.graph = new DecoderGraph(be, cfg, weights, {

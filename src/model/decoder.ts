@@ -1,4 +1,4 @@
-// decoder.ts: the decoder-only transformer family (Llama, Qwen2, Mistral), one implementation driven by
+// decoder.ts: the decoder-only transformer family (Llama, Qwen2, Qwen3, Mistral, Phi-3), one implementation driven by
 // config.json: loading (fp32, or 4-bit projections) and the host model's forward, which runs the one decoder
 // graph (graph.ts) on the CPU backend. Weights are read from bf16/f16/f32 checkpoints.
 import {QloraError} from "../errors.js";
@@ -18,10 +18,11 @@ import type {CausalLm} from "./causal-lm.js";
 export {KVCache};
 import {
     openCheckpoint,
-    PROJ_NAMES,
     projHasBias,
     projModule,
+    projNames,
     projShape,
+    qkNormNames,
     readFloatTensor,
     readTensorF32,
     type ProjName
@@ -43,6 +44,10 @@ export interface LoadOptions {
 export interface DecoderLayer {
     inputNorm: Float32Array; // [C]
     postNorm: Float32Array; // [C]
+    /** qwen3: RMSNorm weights over each head of q and k [head_dim] */
+    qNorm?: Float32Array;
+    kNorm?: Float32Array;
+    /** the model's projections (projNames(config): the other names are absent) */
     proj: Record<ProjName, LinearLayer>;
 }
 
@@ -71,6 +76,8 @@ export class DecoderModel implements CausalLm {
     readonly device = "cpu" as const;
     readonly invFreq: Float32Array;
     readonly attentionScaling: number;
+    /** longrope: long_factor's table and the position from which transformers uses it */
+    readonly longRope: {invFreq: Float32Array; fromPosition: number} | null;
 
     constructor(
         readonly config: ModelConfig,
@@ -79,6 +86,7 @@ export class DecoderModel implements CausalLm {
         const rope = computeRopeInvFreq(config);
         this.invFreq = rope.invFreq;
         this.attentionScaling = rope.attentionScaling;
+        this.longRope = rope.long ?? null;
     }
 
     /** loads config.json and the safetensors weights of a Hugging Face model folder (fp32, or 4-bit projections) */
@@ -114,7 +122,7 @@ export class DecoderModel implements CausalLm {
             const layers: DecoderLayer[] = [];
             for (let l = 0; l < cfg.numHiddenLayers; l++) {
                 const proj = {} as Record<ProjName, LinearLayer>;
-                for (const p of PROJ_NAMES) {
+                for (const p of projNames(cfg)) {
                     const [outF, inF] = projShape(cfg, p);
                     const name = `${projModule(l, p)}.weight`;
                     const bias = projHasBias(cfg, p) ? await read(`${projModule(l, p)}.bias`) : null;
@@ -123,9 +131,11 @@ export class DecoderModel implements CausalLm {
                     else if (quant) proj[p] = new Linear4bit(await quantizeWeight(ckpt, name, [outF, inF], quant), bias);
                     else proj[p] = new DenseLinear({outFeatures: outF, inFeatures: inF, weight: await read(name), bias});
                 }
+                const qk = cfg.qkNorm ? qkNormNames(l) : null;
                 layers.push({
                     inputNorm: await read(`model.layers.${l}.input_layernorm.weight`),
                     postNorm: await read(`model.layers.${l}.post_attention_layernorm.weight`),
+                    ...(qk ? {qNorm: await read(qk.q), kNorm: await read(qk.k)} : {}),
                     proj
                 });
             }
@@ -191,11 +201,12 @@ export class DecoderModel implements CausalLm {
             lmHead: p.lmHead,
             finalNorm: p.norm,
             invFreq: this.invFreq,
+            longRope: this.longRope,
             layers: p.layers.map((layer) => {
                 const proj = {} as Record<ProjName, Projection<CpuTensors>>;
-                for (const name of PROJ_NAMES)
+                for (const name of projNames(this.config))
                     proj[name] = new Projection(cpuBackend(), frozenBase(layer.proj[name]), layer.proj[name]);
-                return {inputNorm: layer.inputNorm, postNorm: layer.postNorm, proj};
+                return {inputNorm: layer.inputNorm, postNorm: layer.postNorm, qNorm: layer.qNorm, kNorm: layer.kNorm, proj};
             })
         };
         const full = options.trainFull ? p.trainedFull : undefined;

@@ -1,4 +1,4 @@
-// graph.ts: the decoder (Llama / Qwen2 / Mistral), written once over the Backend interface: the training forward
+// graph.ts: the decoder (Llama / Qwen2 / Qwen3 / Mistral / Phi-3), written once over the Backend interface: the training forward
 // (activations saved, or recomputed under gradient checkpointing, optionally offloaded to the host), the
 // hand-written backward (no autograd), and the inference forward with a KV cache. The CPU and the GPU run this
 // same code; what differs is the backend (fp32 host ops, or bf16 CUDA kernels) and the projection layers handed
@@ -7,6 +7,10 @@
 // Block (pre-norm, as transformers' LlamaDecoderLayer / Qwen2DecoderLayer):
 //   h = x + o_proj(attn(rope(q_proj(norm1(x))), rope(k_proj(.)), v_proj(.)))
 //   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
+// Qwen3 normalizes each head of q and k (q_norm, k_norm: RMSNorm over head_dim) before RoPE; Phi-3 computes q, k,
+// v with one qkv_proj and gate, up with one gate_up_proj (split into the same buffers after the product, their
+// gradients joined before its backward) and rotates only the first rotary_dim dimensions of each head (partial
+// RoPE); longrope switches to long_factor's table for a forward whose largest position reaches the original context.
 //
 // The loss is transformers' causal-LM cross-entropy (logits at t predict labels[t+1]) summed over targets and
 // multiplied by lossScale, so the trainer can pass 1 / (targets in the whole accumulated batch) and get the true
@@ -53,7 +57,17 @@ export interface GraphWeights<X extends TensorTypes> {
     lmHead: X["f"];
     finalNorm: X["f"]; // [C]
     invFreq: X["f"]; // RoPE inverse frequencies [rotaryDim / 2]
-    layers: {inputNorm: X["f"]; postNorm: X["f"]; proj: Record<ProjName, GraphLinear<X["f"]>>}[];
+    /** longrope: long_factor's table [rotaryDim / 2], used by a forward whose largest position is >= fromPosition */
+    longRope?: {invFreq: X["f"]; fromPosition: number} | null;
+    layers: {
+        inputNorm: X["f"];
+        postNorm: X["f"];
+        /** qwen3: the per-head RMSNorm weights of q and k [head_dim] */
+        qNorm?: X["f"];
+        kNorm?: X["f"];
+        /** the model's projections (weights.ts projNames: the fused ones for phi3) */
+        proj: Record<ProjName, GraphLinear<X["f"]>>;
+    }[];
 }
 
 export interface GraphOptions<X extends TensorTypes> {
@@ -286,6 +300,8 @@ interface StepContext<X extends TensorTypes> {
     pasts: X["i"] | null;
     /** the attention's query offset: 0 without a cache, else each row's own (pasts) */
     past: number | X["i"];
+    /** the RoPE table of this forward (longrope: short or long) */
+    invFreq: X["f"];
 }
 
 /** the host side of an inference step (DecoderGraph.planStep) */
@@ -301,6 +317,8 @@ export interface StepPlan<X extends TensorTypes> {
     pos: Int32Array;
     /** [B, S] keys to hide (padding), or null */
     keyValid: Uint8Array | null;
+    /** longrope: the step runs on long_factor's table (its largest position reaches the original context) */
+    longRope: boolean;
 }
 
 /** an inference step's inputs on the backend (forwardStep reads them; the caller owns them) */
@@ -352,6 +370,11 @@ interface BlockActs<F> {
     x: F; // block input [N, C]
     xn1: F; // [N, C]
     rstd1: F; // [N]
+    /** qwen3: q and k as projected, before the per-head norm (null without q_norm / k_norm) */
+    qRaw: F | null; // [N, Hq*D]
+    kRaw: F | null; // [N, Hkv*D]
+    rstdQ: F | null; // [N*Hq]
+    rstdK: F | null; // [N*Hkv]
     q: F; // [N, Hq*D] after RoPE
     k: F; // [N, Hkv*D] after RoPE
     v: F; // [N, Hkv*D]
@@ -368,7 +391,33 @@ interface BlockActs<F> {
     saved: Map<ProjName, unknown>;
 }
 
-const INTERMEDIATE_ACTS = ["xn1", "rstd1", "q", "k", "v", "att", "lse", "h", "xn2", "rstd2", "gate", "up", "act"] as const;
+const INTERMEDIATE_ACTS = [
+    "xn1",
+    "rstd1",
+    "qRaw",
+    "kRaw",
+    "rstdQ",
+    "rstdK",
+    "q",
+    "k",
+    "v",
+    "att",
+    "lse",
+    "h",
+    "xn2",
+    "rstd2",
+    "gate",
+    "up",
+    "act"
+] as const;
+
+/** whether a forward at these positions runs on longrope's long table (transformers: max(position_ids) + 1 > original) */
+function usesLongRope(longRope: {fromPosition: number} | null | undefined, positions: Int32Array): boolean {
+    if (!longRope) return false;
+    let last = -1;
+    for (let i = 0; i < positions.length; i++) if (positions[i] > last) last = positions[i];
+    return last + 1 > longRope.fromPosition;
+}
 
 export class DecoderGraph<X extends TensorTypes> {
     private readonly scale: number;
@@ -559,7 +608,7 @@ export class DecoderGraph<X extends TensorTypes> {
         if (opts.segIds && (cache || opts.segIds.length !== N))
             throw new Error(`forward: segIds needs ${N} elements and no cache`);
         if (cache) for (let b = 0; b < B; b++) cache.reserve(firstRow + b, pasts[b] + T);
-        return {B, T, N, cache, firstRow, pasts, pos, keyValid};
+        return {B, T, N, cache, firstRow, pasts, pos, keyValid, longRope: usesLongRope(this.weights.longRope, pos)};
     }
 
     /**
@@ -582,7 +631,8 @@ export class DecoderGraph<X extends TensorTypes> {
             cache,
             blocks: cache && inputs.table ? {table: inputs.table, stride: cache.blocksPerRow, block: KV_BLOCK} : null,
             pasts: inputs.pasts,
-            past: inputs.pasts ?? 0
+            past: inputs.pasts ?? 0,
+            invFreq: this.ropeTable(step.longRope)
         };
         let x = be.activation(N * C);
         be.embedding(x, inputs.ids, this.weights.embed, N, cfg.vocabSize, C, false);
@@ -665,8 +715,14 @@ export class DecoderGraph<X extends TensorTypes> {
             cache,
             blocks: null,
             pasts: null,
-            past: 0
+            past: 0,
+            invFreq: this.ropeTable(usesLongRope(this.weights.longRope, pos))
         };
+    }
+
+    /** the RoPE inverse frequencies of a forward: longrope's long table or the usual one */
+    private ropeTable(long: boolean): X["f"] {
+        return long && this.weights.longRope ? this.weights.longRope.invFreq : this.weights.invFreq;
     }
 
     private freeContext(ctx: StepContext<X>): void {
@@ -694,10 +750,15 @@ export class DecoderGraph<X extends TensorTypes> {
         const I = cfg.intermediateSize,
             eps = cfg.rmsNormEps;
         const act = (n: number) => be.activation(n);
+        const qkNorm = layer.qNorm !== undefined && layer.kNorm !== undefined;
         const a: BlockActs<X["f"]> = {
             x,
             xn1: act(N * C),
             rstd1: be.stats(N),
+            qRaw: qkNorm ? act(N * Hq * D) : null,
+            kRaw: qkNorm ? act(N * Hkv * D) : null,
+            rstdQ: qkNorm ? be.stats(N * Hq) : null,
+            rstdK: qkNorm ? be.stats(N * Hkv) : null,
             q: act(N * Hq * D),
             k: act(N * Hkv * D),
             v: act(N * Hkv * D),
@@ -723,9 +784,26 @@ export class DecoderGraph<X extends TensorTypes> {
             names.forEach((n, i) => project(n, ys[i], input));
         };
         be.rmsnorm(a.xn1, a.rstd1, x, layer.inputNorm, N, C, eps);
-        projectShared(["q_proj", "k_proj", "v_proj"], [a.q, a.k, a.v], a.xn1);
-        const {invFreq} = this.weights,
-            {attentionScaling} = this.options;
+        const qOut = a.qRaw ?? a.q,
+            kOut = a.kRaw ?? a.k;
+        if (cfg.fusedProjections) {
+            // phi3: one product for q, k and v, then each part into its own buffer
+            const W = (Hq + 2 * Hkv) * D;
+            const qkv = act(N * W);
+            project("qkv_proj", qkv, a.xn1);
+            be.copyColumns(qOut, Hq * D, 0, qkv, W, 0, N, Hq * D);
+            be.copyColumns(kOut, Hkv * D, 0, qkv, W, Hq * D, N, Hkv * D);
+            be.copyColumns(a.v, Hkv * D, 0, qkv, W, (Hq + Hkv) * D, N, Hkv * D);
+            be.free(qkv);
+        } else projectShared(["q_proj", "k_proj", "v_proj"], [qOut, kOut, a.v], a.xn1);
+        if (a.qRaw && a.kRaw) {
+            // qwen3: each head of q and k is a row of head_dim values for the RMSNorm
+            be.rmsnorm(a.q, a.rstdQ, a.qRaw, layer.qNorm!, N * Hq, D, eps);
+            be.rmsnorm(a.k, a.rstdK, a.kRaw, layer.kNorm!, N * Hkv, D, eps);
+        }
+        const {invFreq} = ctx,
+            {attentionScaling} = this.options,
+            R = cfg.rotaryDim;
         let keys = a.k,
             values = a.v,
             S = T;
@@ -751,11 +829,12 @@ export class DecoderGraph<X extends TensorTypes> {
                 values,
                 S,
                 ctx.pasts,
-                ctx.blocks
+                ctx.blocks,
+                R
             );
         } else {
-            be.rope(a.q, ctx.pos, invFreq, attentionScaling, N, Hq, D);
-            be.rope(a.k, ctx.pos, invFreq, attentionScaling, N, Hkv, D);
+            be.rope(a.q, ctx.pos, invFreq, attentionScaling, N, Hq, D, R);
+            be.rope(a.k, ctx.pos, invFreq, attentionScaling, N, Hkv, D, R);
         }
         be.attention(
             a.att,
@@ -777,7 +856,14 @@ export class DecoderGraph<X extends TensorTypes> {
         );
         project("o_proj", a.h, a.att);
         be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);
-        projectShared(["gate_proj", "up_proj"], [a.gate, a.up], a.xn2);
+        if (cfg.fusedProjections) {
+            // phi3: gate_up_proj's rows are [gate; up] (Phi3MLP chunks its output in two)
+            const gateUp = act(N * 2 * I);
+            project("gate_up_proj", gateUp, a.xn2);
+            be.copyColumns(a.gate, I, 0, gateUp, 2 * I, 0, N, I);
+            be.copyColumns(a.up, I, 0, gateUp, 2 * I, I, N, I);
+            be.free(gateUp);
+        } else projectShared(["gate_proj", "up_proj"], [a.gate, a.up], a.xn2);
         be.swiglu(a.act, a.gate, a.up, N * I);
         project("down_proj", a.out, a.act);
         be.addInplace(a.out, a.h, N * C);
@@ -807,8 +893,16 @@ export class DecoderGraph<X extends TensorTypes> {
         be.swigluBackward(dgate, dup, dact, a.gate, a.up, N * I);
         be.free(dact);
         const dxn = act(N * C);
-        back("gate_proj", dxn, dgate, a.xn2, false);
-        back("up_proj", dxn, dup, a.xn2, true);
+        if (cfg.fusedProjections) {
+            const dGateUp = act(N * 2 * I);
+            be.copyColumns(dGateUp, 2 * I, 0, dgate, I, 0, N, I);
+            be.copyColumns(dGateUp, 2 * I, I, dup, I, 0, N, I);
+            back("gate_up_proj", dxn, dGateUp, a.xn2, false);
+            be.free(dGateUp);
+        } else {
+            back("gate_proj", dxn, dgate, a.xn2, false);
+            back("up_proj", dxn, dup, a.xn2, true);
+        }
         be.free(dgate);
         be.free(dup);
         const dh = act(N * C);
@@ -822,12 +916,34 @@ export class DecoderGraph<X extends TensorTypes> {
             dv = act(N * Hkv * D);
         be.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, ctx.keyValid, ctx.seg, B, T, Hq, Hkv, D, this.scale);
         be.free(datt);
-        be.ropeBackward(dq, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hq, D);
-        be.ropeBackward(dk, ctx.pos, this.weights.invFreq, this.options.attentionScaling, N, Hkv, D);
-        back("q_proj", dxn, dq, a.xn1, false);
-        back("k_proj", dxn, dk, a.xn1, true);
-        back("v_proj", dxn, dv, a.xn1, true);
-        for (const t of [dq, dk, dv]) be.free(t);
+        const R = cfg.rotaryDim;
+        be.ropeBackward(dq, ctx.pos, ctx.invFreq, this.options.attentionScaling, N, Hq, D, R);
+        be.ropeBackward(dk, ctx.pos, ctx.invFreq, this.options.attentionScaling, N, Hkv, D, R);
+        // qwen3: back through the per-head norms (their weights are frozen)
+        let dqRaw = dq,
+            dkRaw = dk;
+        if (a.qRaw && a.kRaw) {
+            dqRaw = act(N * Hq * D);
+            dkRaw = act(N * Hkv * D);
+            be.rmsnormBackward(dqRaw, dq, a.qRaw, layer.qNorm!, a.rstdQ!, N * Hq, D);
+            be.rmsnormBackward(dkRaw, dk, a.kRaw, layer.kNorm!, a.rstdK!, N * Hkv, D);
+            be.free(dq);
+            be.free(dk);
+        }
+        if (cfg.fusedProjections) {
+            const W = (Hq + 2 * Hkv) * D;
+            const dqkv = act(N * W);
+            be.copyColumns(dqkv, W, 0, dqRaw, Hq * D, 0, N, Hq * D);
+            be.copyColumns(dqkv, W, Hq * D, dkRaw, Hkv * D, 0, N, Hkv * D);
+            be.copyColumns(dqkv, W, (Hq + Hkv) * D, dv, Hkv * D, 0, N, Hkv * D);
+            back("qkv_proj", dxn, dqkv, a.xn1, false);
+            be.free(dqkv);
+        } else {
+            back("q_proj", dxn, dqRaw, a.xn1, false);
+            back("k_proj", dxn, dkRaw, a.xn1, true);
+            back("v_proj", dxn, dv, a.xn1, true);
+        }
+        for (const t of [dqRaw, dkRaw, dv]) be.free(t);
         const dx = act(N * C);
         be.rmsnormBackward(dx, dxn, a.x, layer.inputNorm, a.rstd1, N, C);
         be.addInplace(dx, dh, N * C);

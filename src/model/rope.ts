@@ -17,6 +17,11 @@ export interface RopeFrequencies {
     invFreq: Float32Array<ArrayBuffer>;
     /** multiplies cos and sin (yarn/longrope attention scaling; 1 otherwise) */
     attentionScaling: number;
+    /**
+     * longrope: the table of long_factor, which transformers switches to for a forward whose largest position
+     * reaches original_max_position_embeddings (invFreq holds short_factor's table)
+     */
+    long?: {invFreq: Float32Array<ArrayBuffer>; fromPosition: number};
 }
 
 /** base ** (arange(0, dim, 2) / dim) in f32, as torch computes it */
@@ -42,7 +47,9 @@ export function computeRopeInvFreq(cfg: ModelConfig): RopeFrequencies {
     const rope = ropeFrequencies(cfg);
     // extreme rope_theta or scaling factors overflow float32 (a factor of 1e-40 divides by a subnormal): the
     // model would run on Inf/NaN or collapsed positions instead of failing
-    const bad = rope.invFreq.findIndex((x) => !(Number.isFinite(x) && x > 0));
+    const bad = [rope.invFreq, rope.long?.invFreq ?? rope.invFreq]
+        .map((t) => t.findIndex((x) => !(Number.isFinite(x) && x > 0)))
+        .reduce((a, b) => Math.max(a, b));
     if (bad >= 0 || !(Number.isFinite(rope.attentionScaling) && rope.attentionScaling > 0)) {
         const key = cfg.ropeScaling ? (cfg.raw.rope_scaling ? "rope_scaling" : "rope_parameters") : "rope_theta";
         throw new QloraError(
@@ -152,29 +159,39 @@ function yarnFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, d
 }
 
 function longropeFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, dim: number): RopeFrequencies {
+    // Phi-3 keeps the pretrained context in original_max_position_embeddings (top level in transformers 4, inside
+    // rope_parameters in 5); then the ratio of the extended to the pretrained context is the factor
     const topLevelOriginal = cfg.raw.original_max_position_embeddings;
+    const original =
+        typeof topLevelOriginal === "number" && topLevelOriginal > 0 ? topLevelOriginal : scaling.originalMaxPositionEmbeddings;
     let factor = scaling.factor;
     let originalMaxPositions = cfg.maxPositionEmbeddings;
-    if (typeof topLevelOriginal === "number" && topLevelOriginal > 0) {
-        // Phi-3 style: the ratio of the extended to the pretrained context is the factor
-        originalMaxPositions = topLevelOriginal;
-        factor = cfg.maxPositionEmbeddings / topLevelOriginal;
+    if (original !== undefined) {
+        originalMaxPositions = original;
+        factor = cfg.maxPositionEmbeddings / original;
     }
     let attentionScaling = scaling.attentionFactor;
     if (attentionScaling === undefined) {
         attentionScaling =
             factor === undefined || factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(originalMaxPositions));
     }
-    // at init (no sequence longer than the original context seen yet) transformers uses short_factor
-    const shortFactor = scaling.raw.short_factor as number[];
     const positionFrequencies = ropePositionFrequencies(base, dim);
-    if (shortFactor.length !== positionFrequencies.length) {
-        throw new QloraError(
-            `"rope_scaling.short_factor" has ${shortFactor.length} entries but the rotary dimension needs ${positionFrequencies.length}`,
-            {file: cfg.file}
-        );
-    }
-    const invFreq = new Float32Array(positionFrequencies.length);
-    for (let i = 0; i < invFreq.length; i++) invFreq[i] = f32(1 / f32(f32(shortFactor[i]) * positionFrequencies[i]));
-    return {invFreq, attentionScaling};
+    // 1 / (ext_factors * base ** (arange(0, dim, 2) / dim)) in f32
+    const table = (name: "short_factor" | "long_factor"): Float32Array<ArrayBuffer> => {
+        const factors = scaling.raw[name] as number[];
+        if (factors.length !== positionFrequencies.length)
+            throw new QloraError(
+                `"rope_scaling.${name}" has ${factors.length} entries but the rotary dimension needs ${positionFrequencies.length}`,
+                {file: cfg.file}
+            );
+        const out = new Float32Array(positionFrequencies.length);
+        for (let i = 0; i < out.length; i++) out[i] = f32(1 / f32(f32(factors[i]) * positionFrequencies[i]));
+        return out;
+    };
+    // short_factor until a sequence is longer than the original context (transformers' longrope_frequency_update)
+    return {
+        invFreq: table("short_factor"),
+        attentionScaling,
+        long: {invFreq: table("long_factor"), fromPosition: originalMaxPositions}
+    };
 }

@@ -1,4 +1,4 @@
-// weights.ts: reads a Hugging Face decoder checkpoint (llama / qwen2 / mistral names) into fp32 buffers,
+// weights.ts: reads a Hugging Face decoder checkpoint (llama / qwen2 / qwen3 / mistral / phi3 names) into fp32 buffers,
 // checking config.json against the checkpoint's headers before anything is allocated, and every value read for
 // NaN and Inf.
 import path from "node:path";
@@ -7,18 +7,37 @@ import {countNonFinite, halfToF32, type FloatDtype} from "../backend/cpu.js";
 import type {ModelConfig} from "../io/hf-config.js";
 import {SafetensorsCheckpoint} from "../io/safetensors.js";
 
-export type ProjName = "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj";
+export type ProjName =
+    | "q_proj"
+    | "k_proj"
+    | "v_proj"
+    | "o_proj"
+    | "gate_proj"
+    | "up_proj"
+    | "down_proj"
+    | "qkv_proj"
+    | "gate_up_proj";
+/** the projections of llama / qwen2 / qwen3 / mistral, in the order of their dropout numbers */
 export const PROJ_NAMES: readonly ProjName[] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+/** phi3's: q, k, v in one qkv_proj ([q; k; v] rows), gate and up in one gate_up_proj ([gate; up] rows) */
+export const FUSED_PROJ_NAMES: readonly ProjName[] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
 
-/** a projection's number in the model (layer-major, PROJ_NAMES order): part of its dropout seed on every device */
-export function projectionIndex(layer: number, proj: ProjName): number {
-    return layer * PROJ_NAMES.length + PROJ_NAMES.indexOf(proj);
+/** the projections of each layer of this model, as its checkpoint and PEFT name them */
+export function projNames(cfg: ModelConfig): readonly ProjName[] {
+    return cfg.fusedProjections ? FUSED_PROJ_NAMES : PROJ_NAMES;
 }
+
+/** a projection's number in the model (layer-major, projNames order): part of its dropout seed on every device */
+export function projectionIndex(cfg: ModelConfig, layer: number, proj: ProjName): number {
+    const names = projNames(cfg);
+    return layer * names.length + names.indexOf(proj);
+}
+
+const MLP_PROJ: ReadonlySet<string> = new Set(["gate_proj", "up_proj", "down_proj", "gate_up_proj"]);
 
 /** the module path of a projection, as PEFT and Hugging Face name it */
 export function projModule(layer: number, proj: ProjName): string {
-    const group = proj.endsWith("_proj") && ["gate_proj", "up_proj", "down_proj"].includes(proj) ? "mlp" : "self_attn";
-    return `model.layers.${layer}.${group}.${proj}`;
+    return `model.layers.${layer}.${MLP_PROJ.has(proj) ? "mlp" : "self_attn"}.${proj}`;
 }
 
 /** [out, in] of each projection, from the config */
@@ -31,20 +50,29 @@ export function projShape(cfg: ModelConfig, proj: ProjName): [number, number] {
         case "k_proj":
         case "v_proj":
             return [cfg.numKeyValueHeads * D, C];
+        case "qkv_proj":
+            return [(cfg.numAttentionHeads + 2 * cfg.numKeyValueHeads) * D, C];
         case "o_proj":
             return [C, cfg.numAttentionHeads * D];
         case "gate_proj":
         case "up_proj":
             return [cfg.intermediateSize, C];
+        case "gate_up_proj":
+            return [2 * cfg.intermediateSize, C];
         case "down_proj":
             return [C, cfg.intermediateSize];
     }
 }
 
 export function projHasBias(cfg: ModelConfig, proj: ProjName): boolean {
-    if (proj === "q_proj" || proj === "k_proj" || proj === "v_proj") return cfg.attentionBias;
+    if (proj === "q_proj" || proj === "k_proj" || proj === "v_proj" || proj === "qkv_proj") return cfg.attentionBias;
     if (proj === "o_proj") return cfg.attentionOutputBias;
     return cfg.mlpBias;
+}
+
+/** qwen3's per-head norms of q and k: model.layers.N.self_attn.{q,k}_norm.weight [head_dim] */
+export function qkNormNames(layer: number): {q: string; k: string} {
+    return {q: `model.layers.${layer}.self_attn.q_norm.weight`, k: `model.layers.${layer}.self_attn.k_norm.weight`};
 }
 
 /** every tensor name and shape the config implies */
@@ -54,7 +82,12 @@ export function expectedTensors(cfg: ModelConfig): Map<string, number[]> {
     for (let l = 0; l < cfg.numHiddenLayers; l++) {
         m.set(`model.layers.${l}.input_layernorm.weight`, [cfg.hiddenSize]);
         m.set(`model.layers.${l}.post_attention_layernorm.weight`, [cfg.hiddenSize]);
-        for (const p of PROJ_NAMES) {
+        if (cfg.qkNorm) {
+            const n = qkNormNames(l);
+            m.set(n.q, [cfg.headDim]);
+            m.set(n.k, [cfg.headDim]);
+        }
+        for (const p of projNames(cfg)) {
             const shape = projShape(cfg, p);
             m.set(`${projModule(l, p)}.weight`, shape);
             if (projHasBias(cfg, p)) m.set(`${projModule(l, p)}.bias`, [shape[0]]);

@@ -9,7 +9,7 @@ import {checkRankFits, LORA_DEFAULTS, loraScaling, validateLoraConfig, type Lora
 import {baseWeightF32, doraRowNorms, frozenBase, LoraLinear, type TrainableTensor} from "../lora/layer.js";
 import {matchTargets} from "../lora/targets.js";
 import type {DecoderModel} from "../model/decoder.js";
-import {expectedTensors, PROJ_NAMES, projectionIndex, projModule, type ProjName} from "../model/weights.js";
+import {expectedTensors, projectionIndex, projModule, projNames, type ProjName} from "../model/weights.js";
 
 export interface LoraModel {
     model: DecoderModel;
@@ -24,7 +24,7 @@ export interface LoraModel {
 export function linearModules(cfg: ModelConfig): {name: string; layer: number; proj: ProjName}[] {
     const out: {name: string; layer: number; proj: ProjName}[] = [];
     for (let l = 0; l < cfg.numHiddenLayers; l++)
-        for (const p of PROJ_NAMES) out.push({name: projModule(l, p), layer: l, proj: p});
+        for (const p of projNames(cfg)) out.push({name: projModule(l, p), layer: l, proj: p});
     return out;
 }
 
@@ -108,7 +108,9 @@ export function applyLora(model: DecoderModel, partial: Partial<LoraConfig>, opt
             }
             lora = {r, scaling, dropout: config.lora_dropout, A, B, magnitude};
         }
-        const dropout = opts.dropoutClock ? {clock: opts.dropoutClock, projection: projectionIndex(m.layer, m.proj)} : null;
+        const dropout = opts.dropoutClock
+            ? {clock: opts.dropoutClock, projection: projectionIndex(model.config, m.layer, m.proj)}
+            : null;
         const layer = new LoraLinear(m.name, base, lora, trainBias, dropout);
         model.params.layers[m.layer].proj[m.proj] = layer;
         layers.set(m.name, layer);

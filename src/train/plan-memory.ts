@@ -16,7 +16,7 @@ import type {DeviceChoice} from "../backend/cuda.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {LORA_DEFAULTS, validateLoraConfig, type LoraConfig} from "../lora/config.js";
 import {matchTargets} from "../lora/targets.js";
-import {PROJ_NAMES, projHasBias, projShape, type ProjName} from "../model/weights.js";
+import {projHasBias, projNames, projShape, type ProjName} from "../model/weights.js";
 import {optimizerOptionsFor, stateKindFor} from "../optim/adamw.js";
 import {linearModules} from "../peft/inject.js";
 import {NESTED_BLOCKSIZE} from "../quant/nf4.js";
@@ -406,6 +406,11 @@ class StepReplay {
     private readonly Hq: number;
     private readonly Hkv: number;
     private readonly D: number;
+    /** qwen3: q/k before their per-head norms are kept, with the norms' rstd */
+    private readonly qkNorm: boolean;
+    /** phi3: qkv_proj / gate_up_proj outputs land in a temporary before they are split */
+    private readonly fused: boolean;
+    private readonly names: readonly ProjName[];
     private readonly N: number;
     private readonly dropout: boolean;
 
@@ -424,6 +429,9 @@ class StepReplay {
         this.Hq = cfg.numAttentionHeads;
         this.Hkv = cfg.numKeyValueHeads;
         this.D = cfg.headDim;
+        this.qkNorm = cfg.qkNorm;
+        this.fused = cfg.fusedProjections;
+        this.names = projNames(cfg);
         this.N = B * T;
         this.dropout = train && lora.lora_dropout > 0;
     }
@@ -479,6 +487,7 @@ class StepReplay {
         const intermediates = [
             a(N * C), // xn1
             stats(N), // rstd1
+            ...(this.qkNorm ? [a(N * Hq * D), a(N * Hkv * D), stats(N * Hq), stats(N * Hkv)] : []), // qRaw kRaw rstdQ rstdK
             a(N * Hq * D), // q
             a(N * Hkv * D), // k
             a(N * Hkv * D), // v
@@ -497,7 +506,12 @@ class StepReplay {
             out: this.act(recompute ? "block_activations" : "block_inputs", N * C)
         };
         if (this.lora.use_dora) this.doraScales(l);
-        for (const name of PROJ_NAMES) this.projForward(l, name, block);
+        for (const name of this.names) {
+            // a fused projection's whole output exists while its forward runs, then is split and freed
+            const fusedOut = name === "qkv_proj" ? a(N * (Hq + 2 * Hkv) * D) : name === "gate_up_proj" ? a(N * 2 * I) : null;
+            this.projForward(l, name, block);
+            this.mem.free(fusedOut);
+        }
         return block;
     }
 
@@ -530,8 +544,14 @@ class StepReplay {
             dup = t(N * I);
         this.mem.free(dact);
         const dxn = t(N * C);
-        this.projBackward(l, "gate_proj");
-        this.projBackward(l, "up_proj");
+        if (this.fused) {
+            const dGateUp = t(N * 2 * I);
+            this.projBackward(l, "gate_up_proj");
+            this.mem.free(dGateUp);
+        } else {
+            this.projBackward(l, "gate_proj");
+            this.projBackward(l, "up_proj");
+        }
         this.mem.free(dgate);
         this.mem.free(dup);
         const dh = t(N * C);
@@ -546,10 +566,24 @@ class StepReplay {
         // (the CPU's attention keeps its workspace inside the native op)
         if (this.flavour.device === "cuda") this.mem.free(this.mem.alloc("backward_temporaries", ws));
         this.mem.free(datt);
-        this.projBackward(l, "q_proj");
-        this.projBackward(l, "k_proj");
-        this.projBackward(l, "v_proj");
-        for (const x of [dq, dk, dv]) this.mem.free(x);
+        let dqRaw = dq,
+            dkRaw = dk;
+        if (this.qkNorm) {
+            dqRaw = t(N * Hq * D);
+            dkRaw = t(N * Hkv * D);
+            this.mem.free(dq);
+            this.mem.free(dk);
+        }
+        if (this.fused) {
+            const dqkv = t(N * (Hq + 2 * Hkv) * D);
+            this.projBackward(l, "qkv_proj");
+            this.mem.free(dqkv);
+        } else {
+            this.projBackward(l, "q_proj");
+            this.projBackward(l, "k_proj");
+            this.projBackward(l, "v_proj");
+        }
+        for (const x of [dqRaw, dkRaw, dv]) this.mem.free(x);
         const dx = t(N * C);
         this.mem.free(dxn);
         this.mem.free(dh);

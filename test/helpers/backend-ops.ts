@@ -264,6 +264,7 @@ const OP_NAMES = {
     addInplace: true,
     cacheWrite: true,
     ropeCacheWrite: true,
+    copyColumns: true,
     view: true,
     pickTokens: true,
     causalLmLoss: true,
@@ -422,7 +423,10 @@ const NORM_SHAPES: NormShape[] = [
     {N: 1, C: 8, eps: 1e-6, fd: 8},
     {N: 3, C: 24, eps: 1e-5, fd: 72},
     {N: 17, C: 40, eps: 1e-6, fd: 100},
-    {N: 64, C: 1024, eps: 1e-6, fd: 40}
+    {N: 64, C: 1024, eps: 1e-6, fd: 40},
+    // qwen3's q_norm / k_norm: the rows are tokens x heads, each of head_dim values
+    {N: 7 * 4, C: 64, eps: 1e-6, fd: 60},
+    {N: 5 * 2, C: 128, eps: 1e-6, fd: 60}
 ];
 
 /** x with rows of very different scales and (N >= 3) an all-zero row: out = 0, rstd = 1/sqrt(eps) */
@@ -554,10 +558,29 @@ const ROPE_SHAPES: RopeShape[] = [
             max_position_embeddings: 8192,
             rope_scaling: {rope_type: "yarn", factor: 4, original_max_position_embeddings: 2048}
         }
+    },
+    {
+        // Phi-3 / Phi-4-mini: partial rotary (the first 32 of 64 dimensions) with longrope's attention scaling
+        N: 6,
+        H: 3,
+        D: 64,
+        rope: "phi3 partial rotary 0.5, longrope",
+        pos: [0, 1, 9, 30, 200, 511],
+        config: {
+            model_type: "phi3",
+            partial_rotary_factor: 0.5,
+            max_position_embeddings: 2048,
+            original_max_position_embeddings: 512,
+            rope_scaling: {
+                type: "longrope",
+                short_factor: Array.from({length: 16}, (_, i) => 1 + i / 8),
+                long_factor: Array.from({length: 16}, (_, i) => 2 + i / 4)
+            }
+        }
     }
 ];
 
-function ropeFrequencies(s: RopeShape): {invFreq: Float32Array; scaling: number} {
+function ropeFrequencies(s: RopeShape): {invFreq: Float32Array; scaling: number; R: number} {
     const cfg = parseModelConfig(
         {
             model_type: "llama",
@@ -573,8 +596,9 @@ function ropeFrequencies(s: RopeShape): {invFreq: Float32Array; scaling: number}
         "config.json"
     );
     const {invFreq, attentionScaling} = computeRopeInvFreq(cfg);
-    if (invFreq.length !== s.D / 2) throw new Error(`rope case: ${invFreq.length} frequencies for D=${s.D}`);
-    return {invFreq, scaling: Math.fround(attentionScaling)};
+    const R = cfg.rotaryDim;
+    if (invFreq.length !== R / 2) throw new Error(`rope case: ${invFreq.length} frequencies for ${R} rotary dimensions`);
+    return {invFreq, scaling: Math.fround(attentionScaling), R};
 }
 
 for (const s of ROPE_SHAPES) {
@@ -585,25 +609,25 @@ for (const s of ROPE_SHAPES) {
         op: "rope",
         shape,
         run(r) {
-            const {invFreq, scaling} = ropeFrequencies(s);
+            const {invFreq, scaling, R} = ropeFrequencies(s);
             const x = r.randn(N * H * D);
-            r.be.rope(x.t, r.indices(pos), r.uploadStats(invFreq), scaling, N, H, D); // in place
-            r.close("x (in place)", r.get(x.t), refRope(x.v, ropeAngles(pos, invFreq), scaling, N, H, D), tol);
+            r.be.rope(x.t, r.indices(pos), r.uploadStats(invFreq), scaling, N, H, D, R); // in place
+            r.close("x (in place)", r.get(x.t), refRope(x.v, ropeAngles(pos, invFreq), scaling, N, H, D, false, R), tol);
         }
     });
     OP_CASES.push({
         op: "ropeBackward",
         shape,
         run(r) {
-            const {invFreq, scaling} = ropeFrequencies(s);
+            const {invFreq, scaling, R} = ropeFrequencies(s);
             const angles = ropeAngles(pos, invFreq);
             const g = r.randn(N * H * D);
-            r.be.ropeBackward(g.t, r.indices(pos), r.uploadStats(invFreq), scaling, N, H, D);
+            r.be.ropeBackward(g.t, r.indices(pos), r.uploadStats(invFreq), scaling, N, H, D, R);
             const got = r.get(g.t);
-            r.close("dx (in place) vs analytic R^T dy", got, refRope(g.v, angles, scaling, N, H, D, true), tol);
+            r.close("dx (in place) vs analytic R^T dy", got, refRope(g.v, angles, scaling, N, H, D, true, R), tol);
             const x64 = f64(randn32(r.rng, N * H * D)),
                 idx = sample(r.rng, N * H * D, 64);
-            const fd = fdGrad(() => refRope(x64, angles, scaling, N, H, D), x64, g.v, idx);
+            const fd = fdGrad(() => refRope(x64, angles, scaling, N, H, D, false, R), x64, g.v, idx);
             r.close("dx vs FD", pick(got, idx), fd, tol);
         }
     });
@@ -1213,6 +1237,34 @@ const ROPE_CACHE_SHAPES: RopeCacheShape[] = [
         },
         config: {rope_theta: 1000000},
         rope: "theta=1e6"
+    },
+    // Phi-4-mini's partial rotary (3/4 of each head) with longrope's attention scaling, two rows decoding
+    {
+        T: 1,
+        Hq: 4,
+        Hkv: 2,
+        D: 128,
+        pasts: [3, 70],
+        capacity: 128,
+        paged: {
+            block: 64,
+            tables: [
+                [3, -1],
+                [0, 1]
+            ]
+        },
+        config: {
+            model_type: "phi3",
+            partial_rotary_factor: 0.75,
+            max_position_embeddings: 8192,
+            original_max_position_embeddings: 1024,
+            rope_scaling: {
+                type: "longrope",
+                short_factor: Array.from({length: 48}, (_, i) => 1 + i / 32),
+                long_factor: Array.from({length: 48}, (_, i) => 1 + i / 4)
+            }
+        },
+        rope: "phi3 partial rotary 0.75, longrope"
     }
 ];
 
@@ -1239,7 +1291,7 @@ for (const s of ROPE_CACHE_SHAPES) {
         op: "ropeCacheWrite",
         shape: `B=${B} T=${T} Hq=${Hq} Hkv=${Hkv} D=${D} pasts=${pasts} ${layout} ${s.rope} (${skipped} skipped)`,
         run(r) {
-            const {invFreq, scaling} = ropeFrequencies({N, H: Hq, D, config: s.config, rope: s.rope, pos});
+            const {invFreq, scaling, R} = ropeFrequencies({N, H: Hq, D, config: s.config, rope: s.rope, pos});
             const angles = ropeAngles(pos, invFreq);
             const q = r.randn(N * Hq * D),
                 k = r.randn(N * rowElems),
@@ -1263,12 +1315,13 @@ for (const s of ROPE_CACHE_SHAPES) {
                 cacheV.t,
                 capacity,
                 r.indices(pasts),
-                blocks
+                blocks,
+                R
             );
             const tol = {float32: 2e-6, bfloat16: BF16_OUT};
             const kRotated = r.get(k.t);
-            r.close("q (in place) = rope(q)", r.get(q.t), refRope(q.v, angles, scaling, N, Hq, D), tol);
-            r.close("k (in place) = rope(k)", kRotated, refRope(k.v, angles, scaling, N, Hkv, D), tol);
+            r.close("q (in place) = rope(q)", r.get(q.t), refRope(q.v, angles, scaling, N, Hq, D, false, R), tol);
+            r.close("k (in place) = rope(k)", kRotated, refRope(k.v, angles, scaling, N, Hkv, D, false, R), tol);
             // the cache holds exactly what cacheWrite of the rotated k and of v would have written
             const wantK = f64(cacheK.v),
                 wantV = f64(cacheV.v);
@@ -1283,6 +1336,40 @@ for (const s of ROPE_CACHE_SHAPES) {
             r.exact("cacheK: the rotated k rows at their positions, the rest untouched", r.get(cacheK.t), wantK);
             r.exact("cacheV: the v rows at their positions, the rest untouched", r.get(cacheV.t), wantV);
             r.exact("v unchanged", r.get(v.t), v.v);
+        }
+    });
+}
+
+// ---- copyColumns: phi3's fused qkv_proj / gate_up_proj outputs split into parts and their gradients joined
+
+for (const [M, parts] of [
+    [5, [4, 2, 2]],
+    [3, [7, 1]],
+    [17, [256, 64, 64]]
+] as const) {
+    const W = parts.reduce((a, b) => a + b, 0);
+    OP_CASES.push({
+        op: "copyColumns",
+        shape: `M=${M} parts=${parts.join("+")} split then join`,
+        run(r) {
+            const fused = r.randn(M * W);
+            const pieces = parts.map((n) => r.randn(M * n));
+            let offset = 0;
+            for (const [i, n] of parts.entries()) {
+                r.be.copyColumns(pieces[i].t, n, 0, fused.t, W, offset, M, n);
+                const want = new Float64Array(M * n);
+                for (let m = 0; m < M; m++) for (let j = 0; j < n; j++) want[m * n + j] = fused.v[m * W + offset + j];
+                r.exact(`part ${i}: columns ${offset}..${offset + n - 1} of each row`, r.get(pieces[i].t), want);
+                offset += n;
+            }
+            // joined back (in reverse order, into a buffer of other values): the fused rows again
+            const joined = r.randn(M * W);
+            offset = W;
+            for (let i = parts.length - 1; i >= 0; i--) {
+                offset -= parts[i];
+                r.be.copyColumns(joined.t, W, offset, pieces[i].t, parts[i], 0, M, parts[i]);
+            }
+            r.exact("joined = fused", r.get(joined.t), f64(fused.v));
         }
     });
 }

@@ -5,7 +5,7 @@ import {DenseLinear} from "../../src/backend/linear.js";
 import {decodeTensor, encodeTensor, tensorTypeFor, type GgufOuttype} from "../../src/io/gguf-quants.js";
 import {GGUF_PROJ_NAMES} from "../../src/export/gguf-metadata.js";
 import {DecoderModel, type DecoderLayer} from "../../src/model/decoder.js";
-import {PROJ_NAMES, type ProjName} from "../../src/model/weights.js";
+import {projNames, type ProjName} from "../../src/model/weights.js";
 
 export function roundTripModel(model: DecoderModel, outtype: GgufOuttype): DecoderModel {
     const cfg = model.config;
@@ -20,8 +20,10 @@ export function roundTripModel(model: DecoderModel, outtype: GgufOuttype): Decod
     const layers: DecoderLayer[] = p.layers.map((layer, l) => ({
         inputNorm: layer.inputNorm,
         postNorm: layer.postNorm,
+        qNorm: layer.qNorm,
+        kNorm: layer.kNorm,
         proj: Object.fromEntries(
-            PROJ_NAMES.map((proj) => {
+            projNames(cfg).map((proj) => {
                 const base = layer.proj[proj] as DenseLinear;
                 const {outFeatures, inFeatures} = base;
                 const weight = roundTrip(`blk.${l}.${GGUF_PROJ_NAMES[proj]}.weight`, base.dense.weight, outFeatures, inFeatures);

@@ -1,7 +1,8 @@
 // reference-decoder.ts: a deliberately plain float64 implementation of the decoder forward, written from
-// transformers' modeling_llama / modeling_qwen2 and sharing no code with src/model, so that the model can be
-// checked on configurations the golden fixtures do not cover (llama names, untied embeddings, no biases,
-// head_dim != hidden / heads, rope scaling).
+// transformers' modeling_llama / modeling_qwen2 / modeling_qwen3 / modeling_phi3 and sharing no code with src/model,
+// so that the model can be checked on configurations the golden fixtures do not cover (llama names, untied
+// embeddings, no biases, head_dim != hidden / heads, rope scaling, sliding-window layers, qwen3's q/k norms, phi3's
+// fused projections and partial rotary).
 import type {ModelConfig} from "../../src/io/hf-config.js";
 
 export type Tensors = Map<string, Float64Array>;
@@ -28,8 +29,17 @@ function rmsnorm(x: Float64Array, N: number, C: number, w: Float64Array, eps: nu
     return y;
 }
 
-function rope(x: Float64Array, T: number, H: number, D: number, invFreq: Float32Array | Float64Array, scaling: number): void {
-    const half = D / 2;
+/** rotate_half RoPE of the first R dimensions of each head (Phi3: the rest pass through) */
+function rope(
+    x: Float64Array,
+    T: number,
+    H: number,
+    D: number,
+    invFreq: Float32Array | Float64Array,
+    scaling: number,
+    R = D
+): void {
+    const half = R / 2;
     for (let t = 0; t < T; t++)
         for (let h = 0; h < H; h++) {
             const o = (t * H + h) * D;
@@ -72,34 +82,73 @@ export function referenceForward(
         const p = `model.layers.${l}.`;
         const opt = (n: string) => w.get(p + n);
         const xn = rmsnorm(x, T, C, get(p + "input_layernorm.weight"), cfg.rmsNormEps);
-        const q = linear(xn, T, C, get(p + "self_attn.q_proj.weight"), Hq * D, opt("self_attn.q_proj.bias"));
-        const k = linear(xn, T, C, get(p + "self_attn.k_proj.weight"), Hkv * D, opt("self_attn.k_proj.bias"));
-        const v = linear(xn, T, C, get(p + "self_attn.v_proj.weight"), Hkv * D, opt("self_attn.v_proj.bias"));
-        rope(q, T, Hq, D, invFreq, scaling);
-        rope(k, T, Hkv, D, invFreq, scaling);
+        let q: Float64Array, k: Float64Array, v: Float64Array;
+        const qkvW = opt("self_attn.qkv_proj.weight");
+        if (qkvW) {
+            // Phi3Attention: qkv rows are [q; k; v]
+            const W = (Hq + 2 * Hkv) * D;
+            const qkv = linear(xn, T, C, qkvW, W);
+            const part = (from: number, n: number) => {
+                const out = new Float64Array(T * n);
+                for (let t = 0; t < T; t++) out.set(qkv.subarray(t * W + from, t * W + from + n), t * n);
+                return out;
+            };
+            q = part(0, Hq * D);
+            k = part(Hq * D, Hkv * D);
+            v = part((Hq + Hkv) * D, Hkv * D);
+        } else {
+            q = linear(xn, T, C, get(p + "self_attn.q_proj.weight"), Hq * D, opt("self_attn.q_proj.bias"));
+            k = linear(xn, T, C, get(p + "self_attn.k_proj.weight"), Hkv * D, opt("self_attn.k_proj.bias"));
+            v = linear(xn, T, C, get(p + "self_attn.v_proj.weight"), Hkv * D, opt("self_attn.v_proj.bias"));
+        }
+        // Qwen3Attention: RMSNorm over each head of q and k, before RoPE
+        const qNorm = opt("self_attn.q_norm.weight"),
+            kNorm = opt("self_attn.k_norm.weight");
+        if (qNorm) q = rmsnorm(q, T * Hq, D, qNorm, cfg.rmsNormEps);
+        if (kNorm) k = rmsnorm(k, T * Hkv, D, kNorm, cfg.rmsNormEps);
+        rope(q, T, Hq, D, invFreq, scaling, cfg.rotaryDim);
+        rope(k, T, Hkv, D, invFreq, scaling, cfg.rotaryDim);
         const att = new Float64Array(T * Hq * D);
+        // a sliding layer's mask: transformers' sliding_window_overlay, kv_idx > q_idx - sliding_window
+        const window = cfg.layerTypes[l] === "sliding_attention" ? cfg.slidingWindow : null;
+        const sees = (t: number, j: number) => j <= t && (window === null || j > t - window);
         for (let h = 0; h < Hq; h++) {
             const hk = Math.floor(h / (Hq / Hkv));
             for (let t = 0; t < T; t++) {
                 const s = new Float64Array(t + 1);
                 let m = -Infinity;
                 for (let j = 0; j <= t; j++) {
+                    if (!sees(t, j)) continue;
                     let d = 0;
                     for (let e = 0; e < D; e++) d += q[(t * Hq + h) * D + e] * k[(j * Hkv + hk) * D + e];
                     s[j] = d / Math.sqrt(D);
                     m = Math.max(m, s[j]);
                 }
                 let z = 0;
-                for (let j = 0; j <= t; j++) z += s[j] = Math.exp(s[j] - m);
+                for (let j = 0; j <= t; j++) if (sees(t, j)) z += s[j] = Math.exp(s[j] - m);
                 for (let j = 0; j <= t; j++)
-                    for (let e = 0; e < D; e++) att[(t * Hq + h) * D + e] += (s[j] / z) * v[(j * Hkv + hk) * D + e];
+                    if (sees(t, j))
+                        for (let e = 0; e < D; e++) att[(t * Hq + h) * D + e] += (s[j] / z) * v[(j * Hkv + hk) * D + e];
             }
         }
         const o = linear(att, T, Hq * D, get(p + "self_attn.o_proj.weight"), C, opt("self_attn.o_proj.bias"));
         x = x.map((val, i) => val + o[i]);
         const xn2 = rmsnorm(x, T, C, get(p + "post_attention_layernorm.weight"), cfg.rmsNormEps);
-        const g = linear(xn2, T, C, get(p + "mlp.gate_proj.weight"), I, opt("mlp.gate_proj.bias"));
-        const u = linear(xn2, T, C, get(p + "mlp.up_proj.weight"), I, opt("mlp.up_proj.bias"));
+        let g: Float64Array, u: Float64Array;
+        const gateUpW = opt("mlp.gate_up_proj.weight");
+        if (gateUpW) {
+            // Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            const gu = linear(xn2, T, C, gateUpW, 2 * I);
+            g = new Float64Array(T * I);
+            u = new Float64Array(T * I);
+            for (let t = 0; t < T; t++) {
+                g.set(gu.subarray(t * 2 * I, t * 2 * I + I), t * I);
+                u.set(gu.subarray(t * 2 * I + I, (t + 1) * 2 * I), t * I);
+            }
+        } else {
+            g = linear(xn2, T, C, get(p + "mlp.gate_proj.weight"), I, opt("mlp.gate_proj.bias"));
+            u = linear(xn2, T, C, get(p + "mlp.up_proj.weight"), I, opt("mlp.up_proj.bias"));
+        }
         const a = g.map((gv, i) => (gv / (1 + Math.exp(-gv))) * u[i]);
         const d = linear(a, T, I, get(p + "mlp.down_proj.weight"), C, opt("mlp.down_proj.bias"));
         x = x.map((val, i) => val + d[i]);

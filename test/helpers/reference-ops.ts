@@ -176,7 +176,11 @@ export function ropeAngles(pos: ArrayLike<number>, invFreq: Float32Array): Float
     return a;
 }
 
-/** x * cos + rotate_half(x) * sin on [N, H, D] rows; `inverse`: the transpose (rotation by -angle), i.e. the backward */
+/**
+ * x * cos + rotate_half(x) * sin on [N, H, D] rows; `inverse`: the transpose (rotation by -angle), i.e. the
+ * backward. Only the first R dimensions of a head rotate (partial rotary, as Phi3's apply_rotary_pos_emb: pairs
+ * (i, i + R/2)); the rest pass through unscaled.
+ */
 export function refRope(
     x: ArrayLike<number>,
     angles: Float64Array,
@@ -184,10 +188,11 @@ export function refRope(
     N: number,
     H: number,
     D: number,
-    inverse = false
+    inverse = false,
+    R = D
 ): Float64Array {
-    const half = D / 2,
-        out = new Float64Array(N * H * D);
+    const half = R / 2,
+        out = Float64Array.from({length: N * H * D}, (_, i) => x[i]);
     for (let n = 0; n < N; n++) {
         for (let h = 0; h < H; h++) {
             const o = (n * H + h) * D;
