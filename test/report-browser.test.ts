@@ -284,7 +284,7 @@ test("report.html from records: 2,000 steps, a small cosine learning rate, flat 
         title: `a run ${hostile}`,
         summary: {model: hostile},
         hardware: {device: "cuda (a GPU)"},
-        config: {learning_rate: 3e-5, note: hostile},
+        config: {learning_rate: 3e-5, note: hostile, unset: undefined, target_modules: ["q_proj", "v_proj"]},
         records,
         now: new Date("2025-01-01T00:30:00.000Z")
     });
@@ -311,7 +311,12 @@ test("report.html from records: 2,000 steps, a small cosine learning rate, flat 
     // what the records said is shown as text, never run
     assert.equal(await b.page.evaluate(() => (globalThis as {pwned?: number}).pwned), undefined);
     assert.equal(await b.page.textContent(".warnings li"), `step 20: ${hostile}`);
-    assert.equal((await tableRows(b, "config")).note, hostile);
+    assert.deepEqual(await tableRows(b, "config"), {
+        learning_rate: "0.00003",
+        note: hostile,
+        unset: "-",
+        target_modules: '["q_proj","v_proj"]'
+    });
     assert.deepEqual(b.errors, []);
     console.log(`screenshot: ${await b.screenshot("report-records")}`);
 

@@ -103,7 +103,8 @@ function escapeHtml(s: string): string {
 function table(rows: Record<string, unknown>, id: string): string {
     const cells = Object.entries(rows)
         .map(
-            ([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(typeof v === "string" ? v : JSON.stringify(v))}</td></tr>`
+            ([k, v]) =>
+                `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(typeof v === "string" ? v : (JSON.stringify(v) ?? "-"))}</td></tr>`
         )
         .join("");
     return `<table id="${id}">${cells}</table>`;
