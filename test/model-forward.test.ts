@@ -162,3 +162,113 @@ test("a mistral checkpoint (GQA 8:1, no biases)", async () => {
         1e-4
     );
 });
+
+// a tiny Mistral whose sliding window (4) is shorter than the prompt (11 tokens)
+const mistralWindowConfig = {
+    ...llamaConfig,
+    architectures: ["MistralForCausalLM"],
+    model_type: "mistral",
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    head_dim: 32,
+    rope_theta: 10000.0,
+    sliding_window: 4
+};
+
+test("a mistral checkpoint with a sliding window shorter than the prompt: the reference's logits, not the windowless model's", async () => {
+    const m = await checkAgainstReference(mistralWindowConfig, "F32", 1e-4);
+    assert.deepEqual(m.config.layerTypes, ["sliding_attention", "sliding_attention"]);
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-synth-"));
+    try {
+        await writeSyntheticCheckpoint(dir, {config: mistralWindowConfig, dtype: "F32", seed: 7, std: 0.08});
+        const windowed = await DecoderModel.load(dir);
+        await writeSyntheticCheckpoint(dir, {
+            config: {...mistralWindowConfig, sliding_window: null},
+            dtype: "F32",
+            seed: 7,
+            std: 0.08
+        });
+        const full = await DecoderModel.load(dir);
+        const ids = Int32Array.from([1, 17, 250, 3, 99, 42, 7, 199, 5, 0, 128]);
+        const a = windowed.forward(ids, 1, ids.length),
+            b = full.forward(ids, 1, ids.length);
+        const V = windowed.config.vocabSize;
+        const diffAt = (t: number) => {
+            let d = 0;
+            for (let v = 0; v < V; v++) d = Math.max(d, Math.abs(a[t * V + v] - b[t * V + v]));
+            return d;
+        };
+        // positions 0..3 see their whole past either way; from 4 on the window hides the first keys
+        for (let t = 0; t < 4; t++) assert.ok(diffAt(t) <= 1e-5, `position ${t}: ${diffAt(t)}`);
+        for (let t = 4; t < ids.length; t++) assert.ok(diffAt(t) > 1e-3, `position ${t} should differ: ${diffAt(t)}`);
+    } finally {
+        rmSync(dir, {recursive: true, force: true});
+    }
+});
+
+test("sliding window: the KV cache drops blocks behind the window and decodes the logits of a full forward", async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-synth-"));
+    try {
+        // a window of 70 crosses a 64-position block; 200 positions make the cache drop two blocks
+        await writeSyntheticCheckpoint(dir, {
+            config: {...mistralWindowConfig, sliding_window: 70},
+            dtype: "F32",
+            seed: 3,
+            std: 0.08
+        });
+        const m = await DecoderModel.load(dir);
+        const V = m.config.vocabSize;
+        const ids = Int32Array.from({length: 200}, (_, i) => (i * 37 + 11) % V);
+        const full = m.forward(ids, 1, ids.length);
+        const cache = new KVCache(m.config, 1, 200);
+        assert.equal(cache.window, 70);
+        m.forward(ids.subarray(0, 10), 1, 10, {cache});
+        let maxDiff = 0,
+            mostHeld = 0;
+        for (let t = 10; t < ids.length; t++) {
+            const step = m.forward(ids.subarray(t, t + 1), 1, 1, {cache});
+            for (let v = 0; v < V; v++) maxDiff = Math.max(maxDiff, Math.abs(step[v] - full[t * V + v]));
+            mostHeld = Math.max(mostHeld, cache.heldBlocks(0));
+        }
+        assert.ok(maxDiff < 1e-4, `cache vs full max diff ${maxDiff}`);
+        // at length 200 the next query sees keys 131..199: blocks 0 and 1 (positions 0..127) went back
+        assert.deepEqual(Array.from(cache.table.subarray(0, 4)), [-1, -1, cache.table[2], cache.table[3]]);
+        assert.ok(cache.table[2] >= 0 && cache.table[3] >= 0);
+        assert.equal(cache.freeBlockCount, 2);
+        assert.ok(mostHeld <= cache.peakBlocks(10, 200), `held ${mostHeld} blocks at once`);
+        // a row cut back past what was dropped starts over; one cut within what it holds keeps its keys
+        assert.equal(cache.truncate(0, 150), 0);
+        assert.equal(cache.length, 0);
+    } finally {
+        rmSync(dir, {recursive: true, force: true});
+    }
+});
+
+test("sliding window: greedy generation runs in a pool of the blocks a row holds at once and equals recomputation", async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-synth-"));
+    try {
+        await writeSyntheticCheckpoint(dir, {
+            config: {...mistralWindowConfig, sliding_window: 20},
+            dtype: "F32",
+            seed: 5,
+            std: 0.08
+        });
+        const m = await DecoderModel.load(dir);
+        const prompt = [1, 17, 250, 3, 99, 42, 7, 199];
+        const maxNew = 150;
+        // 158 positions take 3 blocks; with the window a row holds at most 2 at once, and the pool has 2
+        assert.equal(new KVCache(m.config, 1, 158).peakBlocks(prompt.length, 158), 2);
+        const out = generate(m, prompt, {maxNewTokens: maxNew, greedy: true, eosTokenIds: []});
+        const ids = [...prompt];
+        const V = m.config.vocabSize;
+        for (let i = 0; i < maxNew; i++) {
+            const logits = m.forward(Int32Array.from(ids), 1, ids.length);
+            let best = 0;
+            for (let v = 1; v < V; v++) if (logits[(ids.length - 1) * V + v] > logits[(ids.length - 1) * V + best]) best = v;
+            ids.push(best);
+        }
+        assert.deepEqual(out.outputIds, ids);
+    } finally {
+        rmSync(dir, {recursive: true, force: true});
+    }
+});

@@ -30,6 +30,16 @@ bool sizes(const Napi::CallbackInfo& info, size_t first, int64_t* s, float* scal
     return !info.Env().IsExceptionPending();
 }
 
+// the optional sliding window at info[i] (absent or undefined: 0, none); a negative one is a RangeError
+int64_t window_arg(const Napi::CallbackInfo& info, size_t i) {
+    if (info.Length() <= i || info[i].IsUndefined()) return 0;
+    const int64_t w = int_arg(info, i);
+    if (!info.Env().IsExceptionPending() && w < 0)
+        Napi::RangeError::New(info.Env(), "attention: window must be >= 0 (0: no sliding window)")
+            .ThrowAsJavaScriptException();
+    return w;
+}
+
 bool check(const Napi::CallbackInfo& info, const char* op, const void* const* ptrs, int n, bool seg, const int64_t* s) {
     const char* why = qlora_cuda_attention_check(ptrs, n, seg ? 1 : 0, s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
     if (!why) return true;
@@ -38,7 +48,7 @@ bool check(const Napi::CallbackInfo& info, const char* op, const void* const* pt
 }
 
 // attentionForward(out, lse|0, q, k, v, keyValid|0, seg|0, B, T, S, Hq, Hkv, D, qOffset, scale[, qOffsets|0
-//                  [, blockTable|0, tableStride]])
+//                  [, blockTable|0, tableStride[, window]]])
 Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     static const bool nullable[7] = {false, true, false, false, false, true, true};
@@ -57,6 +67,7 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     const int32_t* blockTable =
         info.Length() > 16 ? static_cast<const int32_t*>(device_ptr_arg(info, 16, true)) : nullptr;
     const int64_t tableStride = blockTable && info.Length() > 17 ? int_arg(info, 17) : 0;
+    const int64_t window = window_arg(info, 18);
     QLORA_CHECK_ARGS(env);
     if ((qOffsets || blockTable) && p[6]) {
         Napi::RangeError::New(env, "attentionForward: per-row offsets and block tables cannot be combined with seg")
@@ -75,12 +86,13 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
                                      static_cast<const __nv_bfloat16*>(p[2]), static_cast<const __nv_bfloat16*>(p[3]),
                                      static_cast<const __nv_bfloat16*>(p[4]), static_cast<const uint8_t*>(p[5]),
                                      static_cast<const int32_t*>(p[6]), qOffsets, blockTable, tableStride, s[0], s[1],
-                                     s[2], s[3], s[4], s[5], s[6], scale, qlora_cuda::stream()),
+                                     s[2], s[3], s[4], s[5], s[6], scale, window, qlora_cuda::stream()),
         "attentionForward");
     return env.Undefined();
 }
 
-// attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid|0, seg|0, B, T, S, Hq, Hkv, D, qOffset, scale)
+// attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid|0, seg|0, B, T, S, Hq, Hkv, D, qOffset, scale
+//                   [, window])
 Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     static const bool nullable[11] = {false, false, false, false, false, false, false, false, false, true, true};
@@ -94,14 +106,17 @@ Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     if (!device_ptrs(info, 0, 11, nullable, p) || !sizes(info, 11, s, &scale)) return env.Undefined();
     const void* bf16_ptrs[8] = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
     if (!check(info, "attentionBackward", bf16_ptrs, 8, p[10] != nullptr, s)) return env.Undefined();
+    const int64_t window = window_arg(info, 19);
+    QLORA_CHECK_ARGS(env);
     cuda_throw(
         env,
-        qlora_cuda_attention_backward(
-            static_cast<__nv_bfloat16*>(p[0]), static_cast<__nv_bfloat16*>(p[1]), static_cast<__nv_bfloat16*>(p[2]),
-            static_cast<const __nv_bfloat16*>(p[3]), static_cast<const __nv_bfloat16*>(p[4]),
-            static_cast<const __nv_bfloat16*>(p[5]), static_cast<const __nv_bfloat16*>(p[6]),
-            static_cast<const __nv_bfloat16*>(p[7]), static_cast<const float*>(p[8]), static_cast<const uint8_t*>(p[9]),
-            static_cast<const int32_t*>(p[10]), s[0], s[1], s[2], s[3], s[4], s[5], s[6], scale, qlora_cuda::stream()),
+        qlora_cuda_attention_backward(static_cast<__nv_bfloat16*>(p[0]), static_cast<__nv_bfloat16*>(p[1]),
+                                      static_cast<__nv_bfloat16*>(p[2]), static_cast<const __nv_bfloat16*>(p[3]),
+                                      static_cast<const __nv_bfloat16*>(p[4]), static_cast<const __nv_bfloat16*>(p[5]),
+                                      static_cast<const __nv_bfloat16*>(p[6]), static_cast<const __nv_bfloat16*>(p[7]),
+                                      static_cast<const float*>(p[8]), static_cast<const uint8_t*>(p[9]),
+                                      static_cast<const int32_t*>(p[10]), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                                      scale, window, qlora_cuda::stream()),
         "attentionBackward");
     return env.Undefined();
 }

@@ -69,6 +69,8 @@ struct Params {
     float* part_o;
     float2* part_ml;
     int n_splits;
+    // a sliding window: key j is visible to the query at key position i only when j > i - window (0: none)
+    int window;
     int B, T, S, Hq, Hkv, G, D, q_offset, heads_per_block;
     float scale, scale_log2;
 };
@@ -209,9 +211,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
         return base + ((int64_t)max(btab[n0 / BN], 0) * BN * p.Hkv + hk) * D;
     };
 
-    // keys [0, kend) can be visible to some query of this tile: later tiles are skipped (causality)
+    // keys [kbeg, kend) can be visible to some query of this tile: later tiles are skipped (causality), and so are
+    // earlier ones wholly behind the window of the tile's first query (a KV cache may have freed their blocks)
     const int kend = min(S, q_offset + min(m0 + BM, T));
-    const int n_tiles = kend > 0 ? (kend + BN - 1) / BN : 0;
+    const int kbeg = p.window > 0 ? max(0, q_offset + m0 - p.window + 1) : 0;
+    const int tile0 = kbeg / BN;
+    const int n_tiles = kend > tile0 * BN ? (kend + BN - 1) / BN - tile0 : 0;
 
     // this thread's two query rows: accumulator rows lane/4 and lane/4 + 8 of the warp's 16
     int qpos[2], qseg[2];
@@ -240,14 +245,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
 
     if (n_tiles > 0) {
         load_rows<BM, D>(sQ, qg, q_stride, m0, T, tid);
-        load_rows<BN, D>(sK, kv_rows(p.k, 0), kv_stride, 0, S, tid);
-        load_rows<BN, D>(sV, kv_rows(p.v, 0), kv_stride, 0, S, tid);
+        load_rows<BN, D>(sK, kv_rows(p.k, tile0 * BN), kv_stride, 0, S - tile0 * BN, tid);
+        load_rows<BN, D>(sV, kv_rows(p.v, tile0 * BN), kv_stride, 0, S - tile0 * BN, tid);
         cp_async_commit();
-        fetch_mask(0);
+        fetch_mask(tile0 * BN);
     }
 
     for (int it = 0; it < n_tiles; it++) {
-        const int n0 = it * BN, buf = it & 1;
+        const int n0 = (tile0 + it) * BN, buf = it & 1;
         if (tid < BN) {
             sValid[tid] = nxt_valid;
             sSeg[tid] = nxt_seg;
@@ -285,7 +290,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
         }
 
         // scale into the log2 domain, mask, online softmax
-        const bool need_mask = n0 + BN > S || n0 + BN - 1 > q_offset + m0 || kvalid != nullptr || segb != nullptr;
+        // the window hides key n0 from the tile's last query when n0 <= its position - window
+        const bool need_mask = n0 + BN > S || n0 + BN - 1 > q_offset + m0 || kvalid != nullptr || segb != nullptr ||
+                               (p.window > 0 && n0 <= q_offset + m0 + BM - 1 - p.window);
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < BN / 8; nt++) {
@@ -295,7 +302,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
                 float x = s[nt][e] * p.scale_log2;
                 if (need_mask) {
                     const int jl = nt * 8 + (lane & 3) * 2 + (e & 1), j = n0 + jl;
-                    const bool vis = sValid[jl] && j <= qpos[r] && (!segb || sSeg[jl] == qseg[r]);
+                    const bool vis = sValid[jl] && j <= qpos[r] && (!segb || sSeg[jl] == qseg[r]) &&
+                                     (p.window <= 0 || j > qpos[r] - p.window);
                     x = vis ? x : -INFINITY;
                 }
                 s[nt][e] = x;
@@ -387,18 +395,21 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
 // ------------------------------------------------------------------
 // decode (flash-decoding): T = 1, no lse
 
-// how row b's keys are split: keys [0, kend) are visible by position; their tiles of BN are cut into chunks of
-// `per` tiles, `used` of them non-empty. Both decode kernels derive it from the row's offset on the device, so a
-// captured step replays at any lengths with the grid (p.n_splits chunks at most) fixed at capture.
+// how row b's keys are split: keys [kbeg, kend) are visible by position (causality and the window); their tiles
+// of BN, from tile `first`, are cut into chunks of `per` tiles, `used` of them non-empty. Both decode kernels derive
+// it from the row's offset on the device, so a captured step replays at any lengths with the grid (p.n_splits
+// chunks at most) fixed at capture.
 struct DecodeRow {
-    int kend, per, used;
+    int kbeg, kend, first, per, used;
 };
 
 __device__ __forceinline__ DecodeRow decode_row(const Params& p, int b) {
     const int q_offset = p.q_offsets ? max(0, min(p.q_offsets[b], p.S)) : p.q_offset;
     DecodeRow r;
     r.kend = min(p.S, q_offset + 1);
-    const int tiles = (r.kend + kKvBlock - 1) / kKvBlock;
+    r.kbeg = p.window > 0 ? max(0, q_offset - p.window + 1) : 0;
+    r.first = r.kbeg / kKvBlock;
+    const int tiles = max(0, (r.kend + kKvBlock - 1) / kKvBlock - r.first);
     r.per = max(1, (tiles + p.n_splits - 1) / p.n_splits);
     r.used = (tiles + r.per - 1) / r.per;
     return r;
@@ -442,8 +453,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const Params p) {
     const DecodeRow row = decode_row(p, b);
     if (split >= max(row.used, 1)) return;  // past the row's keys (split 0 still writes a row with no key)
     const bool direct = row.used <= 1;
-    const int kend = row.kend;
-    const int tile0 = split * row.per;
+    const int kend = row.kend, kbeg = row.kbeg;
+    const int tile0 = row.first + split * row.per;
     const int n_tiles = max(0, min(tile0 + row.per, (kend + BN - 1) / BN) - tile0);
 
     const int64_t kv_stride = (int64_t)p.Hkv * D;
@@ -462,7 +473,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const Params p) {
     auto fetch_mask = [&](int n0) {
         if (tid < BN) {
             const int j = n0 + tid;
-            nxt_valid = j < kend && (!kvalid || kvalid[j]);
+            nxt_valid = j < kend && j >= kbeg && (!kvalid || kvalid[j]);
         }
     };
 
@@ -512,7 +523,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const Params p) {
         }
 
         // scale into the log2 domain, mask, online softmax (as in the forward kernel)
-        const bool need_mask = n0 + BN > kend || kvalid != nullptr;
+        const bool need_mask = n0 + BN > kend || n0 < kbeg || kvalid != nullptr;
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
@@ -719,10 +730,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
     const int h_first = hk * p.G + blockIdx.z * p.heads_per_block;
     const int T = p.T, S = p.S, q_offset = p.q_offset;
 
-    // the first query that can see key n0 is t = n0 - q_offset
+    // the first query that can see key n0 is t = n0 - q_offset; with a window, the last that can see the tile's last
+    // key j is t = j + window - 1 - q_offset (later query tiles are skipped)
     const int t_first = max(0, n0 - q_offset);
     if (t_first >= T) return;  // no query sees these keys: their dK, dV stay zero
-    const int m_begin = t_first / BM, nm = (T + BM - 1) / BM - m_begin;
+    const int m_tiles = (T + BM - 1) / BM;
+    const int t_last = p.window > 0 ? min(n0 + BN, S) - 1 + p.window - 1 - q_offset : T - 1;
+    if (t_last < 0) return;  // every query is past the window of these keys
+    const int m_begin = t_first / BM, nm = min(m_tiles, t_last / BM + 1) - m_begin;
+    if (nm <= 0) return;
     const int total = p.heads_per_block * nm;
 
     const int64_t q_stride = (int64_t)p.Hq * D, kv_stride = (int64_t)p.Hkv * D;
@@ -820,7 +836,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
         }
 
         // P^T = exp2(S^T * scale * log2e - lse * log2e), masked
-        const bool need_mask = n0 + BN > S || n0 + BN - 1 > q_offset + m0 || kvalid != nullptr || segb != nullptr;
+        // the window hides key n0 from the step's last query when its position >= n0 + window
+        const bool need_mask = n0 + BN > S || n0 + BN - 1 > q_offset + m0 || kvalid != nullptr || segb != nullptr ||
+                               (p.window > 0 && q_offset + m0 + BM - 1 >= n0 + p.window);
 #pragma unroll
         for (int nt = 0; nt < BM / 8; nt++) {
 #pragma unroll
@@ -828,7 +846,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
                 const int il = nt * 8 + (lane & 3) * 2 + (e & 1), r = e >> 1;
                 float pr = exp2f(st[nt][e] * p.scale_log2 - sLse[il]);
                 if (need_mask) {
-                    const bool vis = kvis[r] && kpos[r] <= q_offset + m0 + il && (!segb || kseg[r] == sQseg[il]);
+                    const int qpos = q_offset + m0 + il;
+                    const bool vis = kvis[r] && kpos[r] <= qpos && (!segb || kseg[r] == sQseg[il]) &&
+                                     (p.window <= 0 || kpos[r] > qpos - p.window);
                     pr = vis ? pr : 0.0f;
                 }
                 st[nt][e] = pr;
@@ -970,6 +990,10 @@ cudaError_t launch_fwd(const Params& p, cudaStream_t stream) {
 
 size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
+// the kernels' window: positions are < 2^30 (qlora_cuda_attention_check), so a wider window hides nothing and is
+// none (0), which keeps position + window in an int
+int window_arg(int64_t window) { return window > 0 && window < (1 << 30) ? (int)window : 0; }
+
 // the current device's SM count (132, an H100's, if it cannot be read)
 int device_sms() {
     int dev = 0, sms = 132;
@@ -989,7 +1013,10 @@ cudaError_t launch_decode(Params p, cudaStream_t stream) {
     const int groups = CEIL_DIV(p.G, Tr::HM);
     const int64_t blocks_per_split = (int64_t)p.B * p.Hkv * groups;
     const int64_t want = CEIL_DIV(2 * (int64_t)device_sms(), blocks_per_split);
-    p.n_splits = (int)std::max<int64_t>(1, std::min<int64_t>(want, CEIL_DIV((int64_t)p.S, (int64_t)Tr::BN)));
+    // a row's visible keys span ceil(S / 64) tiles at most, or with a window W the tiles that W keys can touch
+    int64_t row_tiles = CEIL_DIV((int64_t)p.S, (int64_t)Tr::BN);
+    if (p.window > 0) row_tiles = std::min<int64_t>(row_tiles, CEIL_DIV((int64_t)p.window - 1, (int64_t)Tr::BN) + 1);
+    p.n_splits = (int)std::max<int64_t>(1, std::min<int64_t>(want, row_tiles));
 
     // workspace (only when a row can have several chunks): part_o, then part_ml
     const int64_t parts = (int64_t)p.B * p.Hq * p.n_splits;
@@ -1079,9 +1106,10 @@ extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const
                                                     const int32_t* q_offsets, const int32_t* block_table,
                                                     int64_t table_stride, int64_t B, int64_t T, int64_t S, int64_t Hq,
                                                     int64_t Hkv, int64_t D, int64_t q_offset, float scale,
-                                                    cudaStream_t stream) {
+                                                    int64_t window, cudaStream_t stream) {
     const void* ptrs[] = {out, q, k, v};
-    if (qlora_cuda_attention_check(ptrs, 4, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset) || (q_offsets && seg))
+    if (qlora_cuda_attention_check(ptrs, 4, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset) || (q_offsets && seg) ||
+        window < 0)
         return cudaErrorInvalidValue;
     if (block_table && (seg || table_stride < 1 || table_stride > (1 << 24) || S > table_stride * kKvBlock))
         return cudaErrorInvalidValue;
@@ -1105,6 +1133,7 @@ extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const
     p.G = (int)(Hq / Hkv);
     p.D = (int)D;
     p.q_offset = (int)q_offset;
+    p.window = window_arg(window);
     p.scale = scale;
     p.scale_log2 = scale * kLog2e;
     // one query per row and no lse (decoding): split the keys across blocks instead of a 64-query tile per head
@@ -1116,9 +1145,9 @@ extern "C" cudaError_t qlora_cuda_attention_backward(bf16* dq, bf16* dk, bf16* d
                                                      const bf16* k, const bf16* v, const bf16* out, const float* lse,
                                                      const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T,
                                                      int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset,
-                                                     float scale, cudaStream_t stream) {
+                                                     float scale, int64_t window, cudaStream_t stream) {
     const void* ptrs[] = {dq, dk, dv, dout, q, k, v, out};
-    if (qlora_cuda_attention_check(ptrs, 8, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset) || !lse)
+    if (qlora_cuda_attention_check(ptrs, 8, seg != nullptr, B, T, S, Hq, Hkv, D, q_offset) || !lse || window < 0)
         return cudaErrorInvalidValue;
     const int64_t n_q = B * T * Hq * D, n_kv = B * S * Hkv * D;
     if (n_q == 0) {  // no query: dk = dv = 0
@@ -1155,6 +1184,7 @@ extern "C" cudaError_t qlora_cuda_attention_backward(bf16* dq, bf16* dk, bf16* d
     p.G = (int)(Hq / Hkv);
     p.D = (int)D;
     p.q_offset = (int)q_offset;
+    p.window = window_arg(window);
     p.scale = scale;
     p.scale_log2 = scale * kLog2e;
 

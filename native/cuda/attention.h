@@ -4,7 +4,10 @@
 //
 //   q[B,T,Hq,D], k/v[B,S,Hkv,D], out[B,T,Hq,D] (bf16), lse[B,Hq,T] (f32, natural log, -inf for a query with no
 //   visible key, whose out row is zeros). Query t sits at key position q_offset + t; key j is visible to it when
-//   j <= q_offset + t, key_valid[b,j] != 0 (NULL: all valid) and seg[b,j] == seg[b,q_offset+t] (NULL: one segment).
+//   j <= q_offset + t, key_valid[b,j] != 0 (NULL: all valid), seg[b,j] == seg[b,q_offset+t] (NULL: one segment)
+//   and, with a sliding window (window > 0; 0: none), j > q_offset + t - window (transformers'
+//   sliding_window_overlay; flash-attn's window_size = (window - 1, 0)). Key tiles wholly outside a query tile's
+//   window are never read: a paged cache may have freed their blocks.
 //   Grouped-query heads: Hq = G * Hkv, query head h reads kv head h / G.
 //
 // Head dims 64 and 128 (qlora_cuda_attention_supports_head_dim); other D return cudaErrorInvalidValue. All bf16
@@ -44,7 +47,7 @@ cudaError_t qlora_cuda_attention_forward(__nv_bfloat16* out, float* lse, const _
                                          const __nv_bfloat16* v, const uint8_t* key_valid, const int32_t* seg,
                                          const int32_t* q_offsets, const int32_t* block_table, int64_t table_stride,
                                          int64_t B, int64_t T, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
-                                         int64_t q_offset, float scale, cudaStream_t stream);
+                                         int64_t q_offset, float scale, int64_t window, cudaStream_t stream);
 
 // dq[B,T,Hq,D] (=), dk/dv[B,S,Hkv,D] (=), all bf16; recomputes the probabilities from q, k and the forward's lse.
 // Uses an f32 workspace from the caching allocator (qlora_cuda::device_alloc): D_i[B,Hq,T], and dq/dk/dv
@@ -55,7 +58,7 @@ cudaError_t qlora_cuda_attention_backward(__nv_bfloat16* dq, __nv_bfloat16* dk, 
                                           const __nv_bfloat16* v, const __nv_bfloat16* out, const float* lse,
                                           const uint8_t* key_valid, const int32_t* seg, int64_t B, int64_t T, int64_t S,
                                           int64_t Hq, int64_t Hkv, int64_t D, int64_t q_offset, float scale,
-                                          cudaStream_t stream);
+                                          int64_t window, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -12,7 +12,8 @@ export interface CudaAttentionOps {
      * position qOffset + t; key j is visible to it when j <= qOffset + t, keyValid[b,j] != 0 (u8 [B,S], null: all)
      * and seg[b,j] == seg[b,qOffset+t] (i32 [B,S], null: one segment; needs qOffset + T <= S). A query with no
      * visible key gets zeros and lse = -inf. D must be 64 or 128; bf16 buffers 16-byte aligned. qOffsets (i32 [B]
-     * on the device, not with seg): each row's own query offset instead of qOffset, clamped to [0, S].
+     * on the device, not with seg): each row's own query offset instead of qOffset, clamped to [0, S]. window (0 or
+     * absent: none): key j is visible only when j > qOffset + t - window; key tiles wholly behind it are not read.
      */
     attentionForward(
         out: number,
@@ -33,7 +34,8 @@ export interface CudaAttentionOps {
         qOffsets?: number | null,
         /** a paged KV cache: k/v [blocks, 64, Hkv, D], blockTable [B, tableStride] (i32), S <= 64 * tableStride */
         blockTable?: number | null,
-        tableStride?: number
+        tableStride?: number,
+        window?: number
     ): void;
     /**
      * Flash attention backward: dq[B,T,Hq,D], dk/dv[B,S,Hkv,D] (bf16, =) from dout, the forward's inputs, its out
@@ -59,7 +61,9 @@ export interface CudaAttentionOps {
         Hkv: number,
         D: number,
         qOffset: number,
-        scale: number
+        scale: number,
+        /** the forward's sliding window (0 or absent: none) */
+        window?: number
     ): void;
     /** whether the kernels handle head dim D (64 and 128) */
     attentionSupportsHeadDim(D: number): boolean;

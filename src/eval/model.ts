@@ -190,7 +190,8 @@ export class PrefixCachedScorer {
         let keep = 0;
         const limit = Math.min(firstRead, this.cached.length);
         while (keep < limit && this.cached[keep] === row.ids[keep]) keep++;
-        truncateCacheRow(cache, 0, keep);
+        // a sliding window may have dropped keys the shared prefix needs: the row then starts over
+        keep = truncateCacheRow(cache, 0, keep);
         // until the forward succeeds, the cache holds the shared tokens only
         this.cached = row.ids.slice(0, keep);
         const input = Int32Array.from(row.ids.slice(keep));

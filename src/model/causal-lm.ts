@@ -20,6 +20,14 @@ export interface LmCache {
     heldBlocks(row: number): number;
     /** gives a row the blocks of its first `positions` positions ahead of time (a QloraError when the pool is short) */
     reserve(row: number, positions: number): void;
+    /** free blocks not promised to rows (pledge) */
+    readonly availableBlocks: number;
+    /** the most blocks a row of this prompt and run length holds at once (fewer than its positions need with a sliding window) */
+    peakBlocks(promptLength: number, positions: number): number;
+    /** promises a row blocks for its later reservations (a QloraError when the pool is short) */
+    pledge(row: number, blocks: number): void;
+    /** forgets a row's positions from `length` on (truncateCacheRow); the length it kept */
+    truncate(row: number, length: number): number;
     /** moves a row's keys and values to another row, which it replaces (continuous batching keeps rows packed) */
     moveRow(from: number, to: number): void;
     /** empties a row: its blocks go back to the pool */
@@ -67,11 +75,13 @@ export interface CausalLm {
  * forgets a cache row's positions from `length` on: the row's next forward writes over them (the row keeps its
  * blocks). A row's length is the cache's whole record of what it holds (the host's lengths, which every step of
  * either device reads), so a shorter length is a shorter row. Evaluation keeps a shared few-shot prefix this way.
+ * Returns the length kept: 0 (the row emptied) when keys a query at `length` would see were already dropped
+ * behind a sliding window (graph.ts KVCache), so the caller runs the row from its start.
  */
-export function truncateCacheRow(cache: LmCache, row: number, length: number): void {
+export function truncateCacheRow(cache: LmCache, row: number, length: number): number {
     if (!(Number.isSafeInteger(row) && row >= 0 && row < cache.batch))
         throw new Error(`truncateCacheRow: row ${row} of a cache of ${cache.batch} rows`);
     if (!(Number.isSafeInteger(length) && length >= 0 && length <= cache.lengths[row]))
         throw new Error(`truncateCacheRow: length ${length} of a row of ${cache.lengths[row]} positions`);
-    cache.lengths[row] = length;
+    return cache.truncate(row, length);
 }

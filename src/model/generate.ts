@@ -5,7 +5,7 @@ import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
 import type {TokenPick} from "../backend/sampling.js";
 import type {CausalLm, LmCache, LmForwardOptions} from "./causal-lm.js";
-import {kvBlocksFor} from "./graph.js";
+import {cacheWindow, kvPeakBlocks} from "./graph.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */
@@ -146,7 +146,12 @@ export function* decodeBatchSteps(
     for (const p of prompts) checkPrompt(p, context);
     const longest = rows.reduce((m, r) => Math.max(m, r.maxNewTokens), 0);
     const L = prompts.reduce((m, p) => Math.max(m, p.length), 0);
-    const decoder = new SlotDecoder(model, prompts.length, Math.min(context, L + longest), opts.eosTokenIds);
+    const capacity = Math.min(context, L + longest);
+    // with sliding-window layers only, the pool holds what the rows hold at once (blocks behind the windows go
+    // back as they run), so a long generation keeps bounded memory
+    const window = cacheWindow(model.config);
+    const blocks = window > 0 ? prompts.length * kvPeakBlocks(window, L, capacity) : undefined;
+    const decoder = new SlotDecoder(model, prompts.length, capacity, opts.eosTokenIds, blocks);
     try {
         const handles = prompts.map((p, b) => decoder.join(p, rows[b]));
         if (handles.some((h) => h.result.newIds.length > 0)) yield handles.map((h) => h.result.newIds[0] ?? null);
@@ -226,9 +231,12 @@ export class SlotDecoder {
         return Math.min(this.capacity, promptLength + maxNewTokens);
     }
 
-    /** whether a row of this prompt and new tokens can join now: a free row and the cache blocks it reserves */
+    /** whether a row of this prompt and new tokens can join now: a free row and the cache blocks it will hold at once */
     canJoin(promptLength: number, maxNewTokens: number): boolean {
-        return this.free > 0 && this.cache.freeBlockCount >= kvBlocksFor(this.positionsFor(promptLength, maxNewTokens));
+        return (
+            this.free > 0 &&
+            this.cache.availableBlocks >= this.cache.peakBlocks(promptLength, this.positionsFor(promptLength, maxNewTokens))
+        );
     }
 
     /**
@@ -255,8 +263,9 @@ export class SlotDecoder {
         }
         if (this.free === 0) throw new Error("SlotDecoder.join: no free row");
         const at = this.rows.length;
-        // the row's blocks for its whole run (a QloraError naming the free blocks when the cache is short)
-        this.cache.reserve(at, this.positionsFor(prompt.length, row.maxNew));
+        // the blocks of its whole run promised (a QloraError naming the free blocks when the cache is short): all its
+        // positions', or with a sliding window those it holds at once (blocks behind the window go back as it runs)
+        this.cache.pledge(at, this.cache.peakBlocks(prompt.length, this.positionsFor(prompt.length, row.maxNew)));
         let id: number;
         try {
             [id] = this.next([row], Int32Array.from(prompt), 1, prompt.length, {

@@ -20,7 +20,7 @@ import {QloraError} from "../errors.js";
 import type {Backend, GraphLinear, HostCopy, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {countNonFinite} from "../backend/cpu.js";
-import {MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
+import {attentionWindow, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
 import type {ProjName} from "./weights.js";
 import type {TrainableTensor} from "../lora/layer.js";
 import {backendTensor, type BackendTensor} from "../lora/projection.js";
@@ -109,12 +109,40 @@ export function kvBlocksFor(positions: number): number {
 }
 
 /**
+ * the most blocks a KV cache row holds at once when it prefills `promptLength` positions and then decodes one at a
+ * time up to `positions`: all of them, or with a window (cacheWindow) the prompt's blocks, then those the window
+ * spans (floor((window - 1) / KV_BLOCK) + 1) and the one being filled
+ */
+export function kvPeakBlocks(window: number, promptLength: number, positions: number): number {
+    const all = kvBlocksFor(positions);
+    if (window === 0) return all;
+    return Math.min(all, Math.max(kvBlocksFor(promptLength), Math.floor((window - 1) / KV_BLOCK) + 2));
+}
+
+/**
+ * how far back a KV cache must keep keys: the widest sliding window of the model's layers, or 0 when a layer attends
+ * to every position (then nothing is ever dropped)
+ */
+export function cacheWindow(cfg: ModelConfig): number {
+    let widest = 0;
+    for (let l = 0; l < cfg.numHiddenLayers; l++) {
+        const w = attentionWindow(cfg, l);
+        if (w === 0) return 0;
+        widest = Math.max(widest, w);
+    }
+    return widest;
+}
+
+/**
  * The key/value tensors of incremental decoding, on one backend, paged as vLLM's PagedAttention pages them: per
  * layer one pool of blocks [blocks * KV_BLOCK, Hkv, D], and per row a table of the blocks holding its positions.
  * Rows take blocks as they grow (or reserve them ahead), so sequences of different lengths share the pool: it
  * can hold fewer positions than rows x capacity. Each row has its own length: rows decoded together may be at
  * different positions (continuous batching: a row that ends leaves, a new one joins in its place, and moving a
- * row moves its table, not its keys).
+ * row moves its table, not its keys). With sliding-window layers only (cacheWindow > 0), a block whose positions
+ * every later query's window has passed goes back to the pool as the row advances (its table entry becomes -1;
+ * the attention never reads it), so a long generation holds about window / KV_BLOCK + 2 blocks per row. A row
+ * can pledge the blocks of its whole run (SlotDecoder.join), so that it never waits for a block mid-way.
  */
 export class KVCache<F = Float32Array> {
     readonly k: F[];
@@ -127,7 +155,13 @@ export class KVCache<F = Float32Array> {
     readonly blocks: number;
     /** [batch, blocksPerRow]: the block of each row's positions KV_BLOCK i .., -1 where none is reserved */
     readonly table: Int32Array;
+    /** keys older than this many positions behind a row's next query are dropped (0: kept; cacheWindow) */
+    readonly window: number;
     private readonly freeBlocks: number[];
+    /** per row: its leading blocks given back (wholly behind the window); they are not reserved again */
+    private readonly dropped: Int32Array;
+    /** per row: the blocks promised to it (pledge), of which it may not hold all yet */
+    private readonly pledged: Int32Array;
 
     constructor(
         readonly cfg: ModelConfig,
@@ -155,6 +189,9 @@ export class KVCache<F = Float32Array> {
         this.v = Array.from({length: cfg.numHiddenLayers}, () => alloc(n));
         this.lengths = new Int32Array(batch);
         this.table = new Int32Array(batch * this.blocksPerRow).fill(-1);
+        this.window = cacheWindow(cfg);
+        this.dropped = new Int32Array(batch);
+        this.pledged = new Int32Array(batch);
         // a stack: block 0 is handed out first
         this.freeBlocks = Array.from({length: this.blocks}, (_, i) => this.blocks - 1 - i);
     }
@@ -167,6 +204,25 @@ export class KVCache<F = Float32Array> {
     /** blocks not held by any row */
     get freeBlockCount(): number {
         return this.freeBlocks.length;
+    }
+
+    /** free blocks not promised to a row that does not hold them yet: what a new row may pledge */
+    get availableBlocks(): number {
+        let owed = 0;
+        for (let r = 0; r < this.batch; r++) owed += this.owed(r);
+        return this.freeBlocks.length - owed;
+    }
+
+    /** kvPeakBlocks of this cache's window */
+    peakBlocks(promptLength: number, positions: number): number {
+        return kvPeakBlocks(this.window, promptLength, positions);
+    }
+
+    /** promises row `row` blocks of the pool, so that its later reservations never find it short (a QloraError now if it is) */
+    pledge(row: number, blocks: number): void {
+        const missing = Math.max(0, blocks - this.heldBlocks(row)) - this.owed(row);
+        if (missing > this.availableBlocks) throw this.full(missing);
+        this.pledged[row] = blocks;
     }
 
     /** blocks of a row */
@@ -182,24 +238,43 @@ export class KVCache<F = Float32Array> {
             throw new QloraError(`the sequence needs ${positions} positions but the cache holds ${this.capacity}`);
     }
 
-    /** gives row `row` blocks for its first `positions` positions (those it lacks); nothing changes when the pool is short */
+    /**
+     * gives row `row` blocks for its first `positions` positions (those it lacks, past the ones dropped behind the
+     * window; its pledge first); nothing changes when the pool is short
+     */
     reserve(row: number, positions: number): void {
         this.checkFits(positions);
         const need = kvBlocksFor(positions);
         const base = row * this.blocksPerRow;
         let missing = 0;
-        for (let i = 0; i < need; i++) if (this.table[base + i] < 0) missing++;
-        if (missing > this.freeBlocks.length)
-            throw new QloraError(
-                `the key/value cache is full: a row needs ${missing} more blocks of ${KV_BLOCK} positions and ` +
-                    `${this.freeBlocks.length} of ${this.blocks} are free; wait for a running sequence to end, or give the cache more positions`
-            );
-        for (let i = 0; i < need; i++) if (this.table[base + i] < 0) this.table[base + i] = this.freeBlocks.pop()!;
+        for (let i = this.dropped[row]; i < need; i++) if (this.table[base + i] < 0) missing++;
+        if (missing > this.availableBlocks + this.owed(row)) throw this.full(missing);
+        for (let i = this.dropped[row]; i < need; i++)
+            if (this.table[base + i] < 0) this.table[base + i] = this.freeBlocks.pop()!;
     }
 
-    /** rows firstRow .. firstRow + B - 1 took T more positions each */
+    /**
+     * rows firstRow .. firstRow + B - 1 took T more positions each; with a window, the blocks no later query can
+     * see (every position j <= length - window) go back to the pool
+     */
     advance(firstRow: number, B: number, T: number): void {
-        for (let b = 0; b < B; b++) this.lengths[firstRow + b] += T;
+        for (let b = 0; b < B; b++) {
+            const row = firstRow + b;
+            this.lengths[row] += T;
+            if (this.window === 0) continue;
+            // the next query sits at position `length` and sees keys j > length - window
+            const behind = Math.floor((this.lengths[row] - this.window + 1) / KV_BLOCK);
+            for (let i = this.dropped[row]; i < behind; i++) {
+                const at = row * this.blocksPerRow + i;
+                if (this.table[at] >= 0) this.freeBlocks.push(this.table[at]);
+                this.table[at] = -1;
+            }
+            this.dropped[row] = Math.max(this.dropped[row], behind);
+            // one position at a time from here on (SlotDecoder's rows after their prompt): the pledge shrinks to the
+            // blocks a window spans
+            const decodePeak = kvPeakBlocks(this.window, 1, this.capacity);
+            this.pledged[row] = Math.min(this.pledged[row], Math.max(this.heldBlocks(row), decodePeak));
+        }
     }
 
     /** moves row `from` (its blocks and length) to row `to`, whose blocks are freed; `from` is left empty */
@@ -209,8 +284,24 @@ export class KVCache<F = Float32Array> {
         const w = this.blocksPerRow;
         this.table.copyWithin(to * w, from * w, (from + 1) * w);
         this.table.fill(-1, from * w, (from + 1) * w);
-        this.lengths[to] = this.lengths[from];
-        this.lengths[from] = 0;
+        for (const a of [this.lengths, this.dropped, this.pledged]) {
+            a[to] = a[from];
+            a[from] = 0;
+        }
+    }
+
+    /**
+     * forgets row `row`'s positions from `length` on (it keeps its blocks) and returns `length`; or, when the keys a
+     * query at `length` sees were already dropped behind the window, empties the row and returns 0
+     */
+    truncate(row: number, length: number): number {
+        const needed = this.window > 0 ? Math.floor(Math.max(0, length - this.window + 1) / KV_BLOCK) : 0;
+        if (this.dropped[row] > needed) {
+            this.clearRow(row);
+            return 0;
+        }
+        this.lengths[row] = length;
+        return length;
     }
 
     /** empties a row: its blocks go back to the pool */
@@ -222,6 +313,20 @@ export class KVCache<F = Float32Array> {
                 this.table[i] = -1;
             }
         this.lengths[row] = 0;
+        this.dropped[row] = 0;
+        this.pledged[row] = 0;
+    }
+
+    /** blocks promised to a row beyond those it holds */
+    private owed(row: number): number {
+        return Math.max(0, this.pledged[row] - this.heldBlocks(row));
+    }
+
+    private full(missing: number): QloraError {
+        return new QloraError(
+            `the key/value cache is full: a row needs ${missing} more blocks of ${KV_BLOCK} positions and ` +
+                `${this.availableBlocks} of ${this.blocks} are free; wait for a running sequence to end, or give the cache more positions`
+        );
     }
 
     /** frees the buffers (device memory); the cache is unusable afterwards */
@@ -852,7 +957,8 @@ export class DecoderGraph<X extends TensorTypes> {
             D,
             ctx.past,
             this.scale,
-            ctx.blocks
+            ctx.blocks,
+            attentionWindow(cfg, l)
         );
         project("o_proj", a.h, a.att);
         be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);
@@ -914,7 +1020,26 @@ export class DecoderGraph<X extends TensorTypes> {
         const dq = act(N * Hq * D),
             dk = act(N * Hkv * D),
             dv = act(N * Hkv * D);
-        be.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, ctx.keyValid, ctx.seg, B, T, Hq, Hkv, D, this.scale);
+        be.attentionBackward(
+            dq,
+            dk,
+            dv,
+            datt,
+            a.q,
+            a.k,
+            a.v,
+            a.att,
+            a.lse,
+            ctx.keyValid,
+            ctx.seg,
+            B,
+            T,
+            Hq,
+            Hkv,
+            D,
+            this.scale,
+            attentionWindow(cfg, l)
+        );
         be.free(datt);
         const R = cfg.rotaryDim;
         be.ropeBackward(dq, ctx.pos, ctx.invFreq, this.options.attentionScaling, N, Hq, D, R);

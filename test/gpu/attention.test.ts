@@ -2,8 +2,9 @@
 // and backward (dq, dk, dv) on head dims 64 and 128, grouped-query and plain heads, partial tiles, a padding mask
 // with right- and left-padded rows and a fully masked row, packed segments, a KV cache (q_offset > 0, T < S), and
 // a long sequence; the decode kernel (T = 1 without lse: per-row offsets, contiguous and paged caches, key_valid,
-// deterministic bits, a CUDA graph replayed at other lengths); then timing tables (no assertions on time). Runs
-// only on a machine with a usable GPU (npm run test:gpu).
+// deterministic bits, a CUDA graph replayed at other lengths); sliding windows in all of them (keys behind a
+// window are NaN and their cache blocks absent, so reading one would show); then timing tables (no assertions on
+// time; a sliding window against full attention). Runs only on a machine with a usable GPU (npm run test:gpu).
 //
 // Inputs are random normals rounded to bf16; the CPU runs in f32 on exactly those bf16 values, so the only
 // differences are the GPU's own roundings: P and dS are rounded to bf16 before their tensor-core products, and out,
@@ -136,6 +137,8 @@ if (!availability.usable) {
         seed?: number;
         /** also run the forward with lse = null and check that out is unchanged */
         nullLse?: boolean;
+        /** a sliding window (0 or absent: none) */
+        window?: number;
     }
 
     function runCase(c: Case): void {
@@ -151,12 +154,30 @@ if (!availability.usable) {
             v = randomBf16(rng, nkv);
         const dout = randomBf16(rng, nq);
         const kv = c.keyValid ?? null,
-            seg = c.seg ?? null;
+            seg = c.seg ?? null,
+            window = c.window ?? 0;
 
         // CPU reference on the bf16 values
         const outRef = new Float32Array(nq),
             lseRef = new Float32Array(nl);
-        cpu().attentionForward(outRef, lseRef, q.values, k.values, v.values, kv, seg, B, T, S, Hq, Hkv, D, qOffset, scale);
+        cpu().attentionForward(
+            outRef,
+            lseRef,
+            q.values,
+            k.values,
+            v.values,
+            kv,
+            seg,
+            B,
+            T,
+            S,
+            Hq,
+            Hkv,
+            D,
+            qOffset,
+            scale,
+            window
+        );
         const dqRef = new Float32Array(nq),
             dkRef = new Float32Array(nkv),
             dvRef = new Float32Array(nkv);
@@ -179,7 +200,8 @@ if (!availability.usable) {
             Hkv,
             D,
             qOffset,
-            scale
+            scale,
+            window
         );
 
         const bufs: DeviceBuffer[] = [];
@@ -212,7 +234,11 @@ if (!availability.usable) {
                 Hkv,
                 D,
                 qOffset,
-                scale
+                scale,
+                null,
+                null,
+                0,
+                window
             );
             const out = downloadBf16(dOut),
                 lse = dLse.toHost() as Float32Array;
@@ -254,7 +280,11 @@ if (!availability.usable) {
                     Hkv,
                     D,
                     qOffset,
-                    scale
+                    scale,
+                    null,
+                    null,
+                    0,
+                    window
                 );
                 assert.deepEqual(dOut2.toHost(), dOut.toHost(), `${c.name}: out with lse = null differs`);
             }
@@ -281,7 +311,8 @@ if (!availability.usable) {
                 Hkv,
                 D,
                 qOffset,
-                scale
+                scale,
+                window
             );
             const dq = downloadBf16(dDq),
                 dk = downloadBf16(dDk),
@@ -380,6 +411,86 @@ if (!availability.usable) {
             seg: segOf(1, 300, [[150, 148, 2]])
         });
         cases.push({name: "long 1x2048 Hq=32 Hkv=8 D=128", B: 1, T: 2048, S: 2048, Hq: 32, Hkv: 8, D: 128, seed: 99});
+        // sliding windows: inside one key tile, exactly one, across tiles (whole tiles skipped before and after),
+        // one key (itself), with padding, packing and a cache
+        for (const [D, window] of [
+            [64, 5],
+            [128, 64],
+            [64, 100],
+            [128, 129],
+            [64, 1]
+        ])
+            cases.push({name: `window ${window} D=${D} T=S=300`, B: 2, T: 300, S: 300, Hq: 4, Hkv: 2, D, window, nullLse: true});
+        cases.push({
+            name: "window 30 + padding D=128 T=S=150",
+            B: 4,
+            T: 150,
+            S: 150,
+            Hq: 4,
+            Hkv: 2,
+            D: 128,
+            seed: 7,
+            window: 30,
+            // row 2: keys 50..99 hidden, so queries 50..78 see nothing in their window (zeros, lse -inf)
+            keyValid: keyValidOf(4, 150, [
+                [[0, 150]],
+                [[0, 100]],
+                [
+                    [0, 50],
+                    [100, 150]
+                ],
+                []
+            ])
+        });
+        cases.push({
+            name: "window 40 + packed segments D=64 T=S=256",
+            B: 2,
+            T: 256,
+            S: 256,
+            Hq: 4,
+            Hkv: 1,
+            D: 64,
+            seed: 11,
+            window: 40,
+            seg: segOf(2, 256, [
+                [50, 70, 136],
+                [1, 100, 130]
+            ]),
+            keyValid: keyValidOf(2, 256, [[[0, 256]], [[0, 231]]])
+        });
+        cases.push({
+            name: "window 70 kv cache T=5 S=300 q_offset=295",
+            B: 2,
+            T: 5,
+            S: 300,
+            Hq: 8,
+            Hkv: 2,
+            D: 128,
+            qOffset: 295,
+            window: 70
+        });
+        cases.push({
+            name: "window 200 kv cache T=1 S=300 q_offset=299",
+            B: 2,
+            T: 1,
+            S: 300,
+            Hq: 8,
+            Hkv: 2,
+            D: 64,
+            qOffset: 299,
+            window: 200
+        });
+        cases.push({
+            name: "window 256 long 1x2048 Hq=32 Hkv=8 D=128",
+            B: 1,
+            T: 2048,
+            S: 2048,
+            Hq: 32,
+            Hkv: 8,
+            D: 128,
+            seed: 99,
+            window: 256
+        });
 
         for (const c of cases) test(c.name, () => runCase(c));
 
@@ -454,6 +565,10 @@ if (!availability.usable) {
         /** key_valid[b, j] = 0 where this is true (no key_valid when absent) */
         masked?: (b: number, j: number) => boolean;
         seed?: number;
+        /** a sliding window (0 or absent: none) */
+        window?: number;
+        /** the shortest offsets a replay runs at (default: offsets): keys behind their windows are absent */
+        minOffsets?: number[];
     }
 
     interface DecodeInputs {
@@ -465,8 +580,11 @@ if (!availability.usable) {
 
     /** keys row b's query can see by position when its offset is `offset` */
     const visibleKeys = (S: number, offset: number) => Math.min(S, Math.max(0, offset) + 1);
+    /** the first key the window lets it see (the kernel clamps an offset to [0, S]) */
+    const firstKey = (S: number, offset: number, window = 0) =>
+        window > 0 ? Math.max(0, Math.min(Math.max(offset, 0), S) - window + 1) : 0;
 
-    /** random q, k, v (k and v NaN past the keys each row sees at c.offsets) and key_valid */
+    /** random q, k, v (k and v NaN outside the keys each row sees at c.offsets) and key_valid */
     function decodeInputs(c: DecodeCase): DecodeInputs {
         const {B, S, Hq, Hkv, D} = c;
         const rng = new Rng(c.seed ?? 4321);
@@ -477,9 +595,12 @@ if (!availability.usable) {
         for (let b = 0; b < B; b++) {
             const from = (b * S + visibleKeys(S, c.offsets[b])) * kvRow,
                 to = (b + 1) * S * kvRow;
+            const before = (b * S + firstKey(S, (c.minOffsets ?? c.offsets)[b], c.window)) * kvRow;
             for (const t of [k, v]) {
                 t.bits.fill(0xffff, from, to);
                 t.values.fill(Number.NaN, from, to);
+                t.bits.fill(0xffff, b * S * kvRow, before);
+                t.values.fill(Number.NaN, b * S * kvRow, before);
             }
         }
         let keyValid: Uint8Array | null = null;
@@ -515,7 +636,8 @@ if (!availability.usable) {
                 // the kernel clamps an offset to [0, S]; offset S sees the same keys (all S) as S - 1, the most the
                 // CPU op takes
                 Math.min(Math.max(offsets[b], 0), S - 1),
-                1 / Math.sqrt(D)
+                1 / Math.sqrt(D),
+                c.window ?? 0
             );
         }
         return out;
@@ -524,7 +646,7 @@ if (!availability.usable) {
     /**
      * the inputs on the device, k/v contiguous [B, S, Hkv, D] or as a paged cache: the blocks rows can see (at
      * c.offsets) in shuffled order in a pool whose other blocks are NaN, the table one column wider than needed
-     * and -1 past each row's blocks; `call` queues the decode into out at the offsets in a device i32 [B]
+     * and -1 past each row's blocks and before its window's (freed, as a KV cache frees them); `call` queues the decode into out at the offsets in a device i32 [B]
      */
     function decodeOnDevice(c: DecodeCase, inp: DecodeInputs, paged: boolean) {
         const {B, S, Hq, Hkv, D} = c;
@@ -548,7 +670,7 @@ if (!availability.usable) {
             v = new Uint16Array(blocks * blockElems).fill(0xffff);
             for (let b = 0; b < B; b++) {
                 const needed = Math.ceil(visibleKeys(S, c.offsets[b]) / KV_BLOCK);
-                for (let i = 0; i < needed; i++) {
+                for (let i = Math.floor(firstKey(S, (c.minOffsets ?? c.offsets)[b], c.window) / KV_BLOCK); i < needed; i++) {
                     const at = order[b * perRow + i];
                     tableHost[b * stride + i] = at;
                     const from = (b * S + i * KV_BLOCK) * Hkv * D,
@@ -582,7 +704,8 @@ if (!availability.usable) {
                 1 / Math.sqrt(D),
                 dOffsets.ptr,
                 table?.ptr ?? null,
-                stride
+                stride,
+                c.window ?? 0
             );
         return {call, free: () => bufs.forEach((b) => b.free())};
     }
@@ -606,7 +729,7 @@ if (!availability.usable) {
         for (let b = 0; b < c.B; b++) {
             const kend = visibleKeys(c.S, offsets[b]);
             let sees = false;
-            for (let j = 0; j < kend && !sees; j++) sees = inp.keyValid?.[b * c.S + j] !== 0;
+            for (let j = firstKey(c.S, offsets[b], c.window); j < kend && !sees; j++) sees = inp.keyValid?.[b * c.S + j] !== 0;
             if (!sees) {
                 empty++;
                 for (let i = b * n; i < (b + 1) * n; i++)
@@ -661,7 +784,41 @@ if (!availability.usable) {
                 masked: (b, j) => (b === 3 && j < 40) || (b === 5 && j < 650) || b === 8 || (b === 10 && j % 3 === 0)
             },
             {name: "16/2 D=128 B=1 S=700", B: 1, S: 700, Hq: 16, Hkv: 2, D: 128, offsets: [699]},
-            {name: "20/1 D=64 B=3 S=700 (heads in 2 groups)", B: 3, S: 700, Hq: 20, Hkv: 1, D: 64, offsets: [699, 300, 5]}
+            {name: "20/1 D=64 B=3 S=700 (heads in 2 groups)", B: 3, S: 700, Hq: 20, Hkv: 1, D: 64, offsets: [699, 300, 5]},
+            // sliding windows: a row's chunks start at its window's first tile
+            {
+                name: "window 300 28/4 D=128 B=3 S=5000",
+                B: 3,
+                S: 5000,
+                Hq: 28,
+                Hkv: 4,
+                D: 128,
+                offsets: [4999, 767, 100],
+                window: 300
+            },
+            {
+                name: "window 64 16/2 D=64 B=17 S=700 key_valid",
+                B: 17,
+                S: 700,
+                Hq: 16,
+                Hkv: 2,
+                D: 64,
+                offsets: spread(17, 699),
+                window: 64,
+                // row 4 (offset 175): its last 70 keys hidden, so nothing in its window (zeros); row 9: every other key
+                masked: (b, j) => (b === 4 && j > 175 - 70) || (b === 9 && j % 2 === 0)
+            },
+            {name: "window 1 8/8 D=128 B=3 S=130", B: 3, S: 130, Hq: 8, Hkv: 8, D: 128, offsets: [129, 64, 0], window: 1},
+            {
+                name: "window 4096 28/4 D=128 B=2 S=5000",
+                B: 2,
+                S: 5000,
+                Hq: 28,
+                Hkv: 4,
+                D: 128,
+                offsets: [4999, 4200],
+                window: 4096
+            }
         ];
 
         for (const c of decodeCases) {
@@ -709,56 +866,71 @@ if (!availability.usable) {
             });
         }
 
-        test("captured in a CUDA graph, replayed at other lengths", () => {
-            // the grid is fixed at capture; each replay reads the rows' offsets from the device
-            const lengths = [
-                [699, 64, 0],
-                [10, 699, 300]
-            ];
-            const c: DecodeCase = {
-                name: "graph 28/4 D=128 B=3 S=700",
-                B: 3,
-                S: 700,
-                Hq: 28,
-                Hkv: 4,
-                D: 128,
-                offsets: lengths[0].map((x, b) => Math.max(x, lengths[1][b])),
-                masked: (b, j) => b === 2 && j % 5 === 1
-            };
-            const inp = decodeInputs(c);
-            const dev = decodeOnDevice(c, inp, true);
-            const dOffsets = DeviceBuffer.from("i32", Int32Array.from(lengths[0]));
-            const n = c.B * c.Hq * c.D;
-            const replayed = garbage("bf16", n),
-                eager = garbage("bf16", n);
-            let graph: CudaGraph | null = null;
-            try {
-                graph = CudaGraph.capture(() => dev.call(replayed, dOffsets));
-                for (const offsets of lengths) {
-                    dOffsets.upload(Int32Array.from(offsets));
-                    cuda().memset(replayed.ptr, 0xff, replayed.bytes);
-                    graph.launch();
-                    const got = replayed.toHost() as Uint16Array;
-                    dev.call(eager, dOffsets);
-                    assert.deepEqual(eager.toHost(), got, `replay at ${offsets}: differs from a call at the same lengths`);
-                    const ref = decodeReference(c, inp, offsets);
-                    const {worstRel} = checkDecodeRows(`${c.name} at ${offsets}`, c, inp, offsets, downloadBf16(replayed), ref);
-                    console.log(`  decode ${c.name} replayed at ${offsets}: worst row relL2 ${worstRel.toExponential(2)}`);
+        for (const window of [0, 200])
+            test(`captured in a CUDA graph, replayed at other lengths${window ? ` (window ${window})` : ""}`, () => {
+                // the grid is fixed at capture; each replay reads the rows' offsets from the device (with a window, the
+                // inputs hold NaN behind each row's window at the longest lengths, where no replay may read)
+                const lengths = [
+                    [699, 64, 0],
+                    [10, 699, 300]
+                ];
+                const c: DecodeCase = {
+                    name: `graph 28/4 D=128 B=3 S=700${window ? ` window ${window}` : ""}`,
+                    window,
+                    B: 3,
+                    S: 700,
+                    Hq: 28,
+                    Hkv: 4,
+                    D: 128,
+                    offsets: lengths[0].map((x, b) => Math.max(x, lengths[1][b])),
+                    minOffsets: lengths[0].map((x, b) => Math.min(x, lengths[1][b])),
+                    masked: (b, j) => b === 2 && j % 5 === 1
+                };
+                const inp = decodeInputs(c);
+                const dev = decodeOnDevice(c, inp, true);
+                const dOffsets = DeviceBuffer.from("i32", Int32Array.from(lengths[0]));
+                const n = c.B * c.Hq * c.D;
+                const replayed = garbage("bf16", n),
+                    eager = garbage("bf16", n);
+                let graph: CudaGraph | null = null;
+                try {
+                    graph = CudaGraph.capture(() => dev.call(replayed, dOffsets));
+                    for (const offsets of lengths) {
+                        dOffsets.upload(Int32Array.from(offsets));
+                        cuda().memset(replayed.ptr, 0xff, replayed.bytes);
+                        graph.launch();
+                        const got = replayed.toHost() as Uint16Array;
+                        dev.call(eager, dOffsets);
+                        assert.deepEqual(eager.toHost(), got, `replay at ${offsets}: differs from a call at the same lengths`);
+                        const ref = decodeReference(c, inp, offsets);
+                        const {worstRel} = checkDecodeRows(
+                            `${c.name} at ${offsets}`,
+                            c,
+                            inp,
+                            offsets,
+                            downloadBf16(replayed),
+                            ref
+                        );
+                        console.log(`  decode ${c.name} replayed at ${offsets}: worst row relL2 ${worstRel.toExponential(2)}`);
+                    }
+                } finally {
+                    graph?.destroy();
+                    for (const b of [replayed, eager, dOffsets]) b.free();
+                    dev.free();
                 }
-            } finally {
-                graph?.destroy();
-                for (const b of [replayed, eager, dOffsets]) b.free();
-                dev.free();
-            }
-        });
+            });
     });
 
     describe("cuda attention timing", () => {
         test("forward / backward throughput (causal, bf16)", () => {
-            const shapes = [
+            // with a sliding window, key tiles outside it are skipped: the time should follow the visible pairs
+            const shapes: {name: string; B: number; T: number; Hq: number; Hkv: number; D: number; window?: number}[] = [
                 {name: "Qwen2-7B", B: 4, T: 512, Hq: 28, Hkv: 4, D: 128},
                 {name: "Qwen2-0.5B-like", B: 4, T: 512, Hq: 14, Hkv: 2, D: 64},
-                {name: "long", B: 1, T: 2048, Hq: 32, Hkv: 8, D: 128}
+                {name: "long", B: 1, T: 2048, Hq: 32, Hkv: 8, D: 128},
+                {name: "8k full", B: 1, T: 8192, Hq: 32, Hkv: 8, D: 128},
+                {name: "8k window 1024", B: 1, T: 8192, Hq: 32, Hkv: 8, D: 128, window: 1024},
+                {name: "8k window 4096", B: 1, T: 8192, Hq: 32, Hkv: 8, D: 128, window: 4096}
             ];
             const rows: string[] = [];
             for (const s of shapes) {
@@ -782,8 +954,29 @@ if (!availability.usable) {
                 const [q, k, v, dout, out, lse, dq, dk, dv] = bufs;
                 try {
                     const scale = 1 / Math.sqrt(D);
+                    const window = s.window ?? 0;
                     const fwd = () =>
-                        ops.attentionForward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, 0, 0, B, T, S, Hq, Hkv, D, 0, scale);
+                        ops.attentionForward(
+                            out.ptr,
+                            lse.ptr,
+                            q.ptr,
+                            k.ptr,
+                            v.ptr,
+                            0,
+                            0,
+                            B,
+                            T,
+                            S,
+                            Hq,
+                            Hkv,
+                            D,
+                            0,
+                            scale,
+                            null,
+                            null,
+                            0,
+                            window
+                        );
                     const bwd = () =>
                         ops.attentionBackward(
                             dq.ptr,
@@ -804,7 +997,8 @@ if (!availability.usable) {
                             Hkv,
                             D,
                             0,
-                            scale
+                            scale,
+                            window
                         );
                     const time = (fn: () => void, iters: number): number => {
                         for (let i = 0; i < 3; i++) fn();
@@ -816,9 +1010,12 @@ if (!availability.usable) {
                     };
                     const fwdMs = time(fwd, 20);
                     const bwdMs = time(bwd, 20);
-                    // causal: T(T+1)/2 (query, key) pairs per head; forward 2 matmuls (4 D flops a pair), backward
-                    // 5 (2.5x the forward: the FlashAttention convention, recomputing S not counted)
-                    const fwdFlops = 4 * B * Hq * D * ((T * (T + 1)) / 2);
+                    // causal: T(T+1)/2 (query, key) pairs per head (with a window W: query i sees min(i + 1, W));
+                    // forward 2 matmuls (4 D flops a pair), backward 5 (2.5x the forward: the FlashAttention
+                    // convention, recomputing S not counted)
+                    const W = window > 0 ? Math.min(window, T) : T;
+                    const pairs = (W * (W + 1)) / 2 + (T - W) * W;
+                    const fwdFlops = 4 * B * Hq * D * pairs;
                     const bwdFlops = 2.5 * fwdFlops;
                     const cell = (ms: number, flops: number) =>
                         `${ms.toFixed(3).padStart(7)} ms ${(flops / ms / 1e9).toFixed(1).padStart(6)} TFLOP/s`;
