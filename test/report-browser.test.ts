@@ -4,7 +4,7 @@
 // keeps (window.qloraCharts): each axis's `_values` are the labels it drew, `_splits` the values they stand for.
 import {test} from "node:test";
 import assert from "node:assert/strict";
-import {copyFileSync, mkdtempSync, readFileSync, rmSync} from "node:fs";
+import {copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmdirSync, rmSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {fineTune} from "../src/api/index.js";
@@ -356,4 +356,27 @@ test("timingOf: training time over resumed sessions (elapsed_s starts again at e
     );
     assert.equal(formatDuration(59.94), "59.9s");
     assert.equal(formatDuration(3725), "1h 2m 5s");
+});
+
+test("a report that cannot be written at a checkpoint is a warning, not the end of the run", async (t) => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "qlora-report-unwritable-"));
+    t.after(() => rmSync(dir, {recursive: true, force: true}));
+    const out = path.join(dir, "run");
+    const report = path.join(out, "report.html");
+    const warnings: string[] = [];
+    const result = await fineTune(
+        {output_dir: out, max_steps: 3, save_steps: 2, per_device_train_batch_size: 1, max_seq_length: 32, device: "cpu"},
+        {
+            // a folder in the report's place: renaming the new report over it fails
+            onStep: (step) => step === 1 && mkdirSync(report),
+            onSave: (saved) => saved.endsWith("checkpoint-2") && rmdirSync(report),
+            onWarning: (w) => warnings.push(w)
+        }
+    );
+    assert.equal(result.globalStep, 3);
+    assert.deepEqual(
+        warnings.filter((w) => w.includes("report.html")).map((w) => w.replace(/: .*/, "")),
+        ["report.html not refreshed at checkpoint-2"]
+    );
+    assert.match(readFileSync(report, "utf8"), /finished at step 3/);
 });

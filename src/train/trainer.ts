@@ -557,7 +557,10 @@ async function trainInOutputDir(
         await saveCheckpoint(dir, checkpointParts());
         const removed = await rotateCheckpoints(outputDir, config.save_total_limit, dir);
         await emit({type: "save", step, dir});
-        await writeRunReport(null);
+        // the checkpoint is what a resume needs: a report that cannot be written is said, not fatal
+        await writeRunReport(null).catch((err: Error) =>
+            reporter.onWarning?.(`report.html not refreshed at ${path.basename(dir)}: ${err.message}`)
+        );
         reporter.onSave?.(dir, removed);
         lastSaved = dir;
         return dir;
