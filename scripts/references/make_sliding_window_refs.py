@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Reference files of a tiny random Mistral whose sliding window (4) is shorter than its prompts (issue 15).
+
+Run on a machine with torch, transformers and peft; nothing is downloaded: the model is built from a config here
+(MistralForCausalLM, fp32, attn_implementation="eager", so transformers' sliding-window mask applies: query i sees
+keys i - 4 < j <= i), the tokenizer is copied from tiny-qwen2 and vocab_size is its size.
+
+    python3 scripts/references/make_sliding_window_refs.py --tokenizer ../shared/models/tiny-qwen2 --out test/fixtures/arch
+
+It writes test/fixtures/arch/mistral-sw/ with the files make_arch_refs.py writes for every model (its make(): see
+its docstring): config.json, model.safetensors, tokenizer files, reference.safetensors (input_ids, labels, logits at
+three positions, loss), greedy.json (16 greedy tokens, with and without the adapter), chat.json, adapter/ (a PEFT
+LoRA, r=4, every linear module), lora_grads.safetensors (peft's gradients on `labels`), bnb-4bit/ when bitsandbytes
+and CUDA are there, and README.md with the versions. test/arch-mistral-sw.test.ts reads them.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import make_arch_refs as arch  # noqa: E402
+
+WINDOW = 4
+
+
+def mistral_sw_config():
+    from transformers import MistralConfig
+
+    # head_dim 16 != hidden_size / num_attention_heads = 8; grouped-query heads; untied embeddings
+    return MistralConfig(
+        vocab_size=arch.VOCAB,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=WINDOW,
+        tie_word_embeddings=False,
+        bos_token_id=arch.EOS,
+        eos_token_id=arch.EOS,
+        architectures=["MistralForCausalLM"],
+    )
+
+
+SPEC = {
+    "config": mistral_sw_config,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "chat_template": None,
+    "long": False,
+}
+
+
+def check_window_applies(out):
+    """the saved model's logits must change when the window is lifted: otherwise the fixture tests nothing"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(arch.PROMPT, return_tensors="pt").input_ids
+    assert ids.shape[1] > 2 * WINDOW, f"the prompt ({ids.shape[1]} tokens) must be longer than the window"
+    with torch.no_grad():
+        windowed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+        full = AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch.float32, attn_implementation="eager", sliding_window=None
+        )
+        a, b = windowed(ids).logits[0, -1], full(ids).logits[0, -1]
+    diff = float((a - b).abs().max())
+    assert diff > 1e-2, f"lifting the window changes the last logits by {diff} only"
+    return diff
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", required=True, help="the tiny-qwen2 folder (tokenizer.json, tokenizer_config.json)")
+    ap.add_argument("--out", default="test/fixtures/arch", help="where the mistral-sw/ folder goes")
+    args = ap.parse_args()
+
+    import peft
+    import torch
+    import transformers
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    print(" ".join(f"{k} {v}" for k, v in versions.items()))
+    os.makedirs(args.out, exist_ok=True)
+    arch.make("mistral-sw", SPEC, args.tokenizer, args.out, versions)
+    out = os.path.join(args.out, "mistral-sw")
+    diff = check_window_applies(out)
+    with open(os.path.join(out, "README.md"), "a") as f:
+        f.write(
+            f"- made by `scripts/references/make_sliding_window_refs.py` (make_arch_refs.make): sliding_window {WINDOW}, "
+            f"shorter than the prompt; lifting it changes the last position's logits by up to {diff:.3f}\n"
+        )
+    print(f"mistral-sw: lifting the window changes the last logits by up to {diff:.3f}")
+
+
+if __name__ == "__main__":
+    main()
