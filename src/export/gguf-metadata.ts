@@ -116,6 +116,23 @@ export function permutationHeads(arch: GgufArch, cfg: ModelConfig, proj: string)
     return 0;
 }
 
+/**
+ * the llama.cpp architectures whose graph applies {arch}.attention.sliding_window: convert_hf_to_gguf.py writes the
+ * key for them (Phi3MiniModel: the window, 0 for none) and for no other of ours (LlamaModel, which Mistral
+ * converts to, and Qwen2Model/Qwen3Model write none, and llama.cpp's llama, qwen2 and qwen3 attend to every
+ * position)
+ */
+const SLIDING_WINDOW_ARCHS: ReadonlySet<GgufArch> = new Set(["phi3"]);
+
+/** what a GGUF of this model cannot carry: a sliding window its llama.cpp architecture ignores (null: nothing) */
+export function ggufWindowNote(cfg: ModelConfig, arch: GgufArch): string | null {
+    if (cfg.slidingWindow === null || SLIDING_WINDOW_ARCHS.has(arch)) return null;
+    return (
+        `llama.cpp's ${arch} architecture has no sliding window (convert_hf_to_gguf.py writes none for it either): ` +
+        `past ${cfg.slidingWindow} tokens (sliding_window in config.json) its output differs from the model's`
+    );
+}
+
 /** writes {arch}.* hyper-parameters (SPEC-gguf §6): counts as UINT32, floats as FLOAT32 */
 export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufArch): void {
     const a = arch;

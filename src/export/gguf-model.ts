@@ -18,6 +18,7 @@ import {
     GGUF_PROJ_NAMES,
     ggufArchFor,
     ggufQkNormNames,
+    ggufWindowNote,
     llama3RopeFactors,
     phi3RopeFactors,
     permutationHeads,
@@ -50,6 +51,8 @@ export interface ExportGgufResult {
     tensorCount: number;
     /** how many tensors got each ggml type, e.g. {F32: 33, Q4_K: 40, Q6_K: 9} */
     typeCounts: Record<string, number>;
+    /** what llama.cpp will do otherwise than the model (ggufWindowNote), one sentence each */
+    notes: string[];
 }
 
 /** writes a llama.cpp GGUF model from a Hugging Face folder (and optionally a PEFT adapter merged into it) */
@@ -163,7 +166,8 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
         }
 
         const written = await writeGgufReporting(opts.out, {metadata: md, tensors}, opts.onProgress);
-        return {file: written.file, arch, bytes: written.bytes, tensorCount: written.tensorCount, typeCounts};
+        const notes = [ggufWindowNote(cfg, arch)].filter((n): n is string => n !== null);
+        return {file: written.file, arch, bytes: written.bytes, tensorCount: written.tensorCount, typeCounts, notes};
     } finally {
         await weights.close();
     }

@@ -83,6 +83,7 @@ export function registerExport(program: Command): void {
                         `${result.tensorCount} tensors [${types}], ${formatBytes(result.bytes)} in ` +
                         `${((Date.now() - started) / 1000).toFixed(1)} s`
                 );
+                for (const note of result.notes) console.log(`note: ${note}`);
             })
         );
 
