@@ -217,6 +217,22 @@ function addPhi3Metadata(md: GgufMetadata, cfg: ModelConfig): void {
     md.f32("phi3.rope.scaling.attn_factor", scale > 1 ? Math.sqrt(1 + Math.log(scale) / Math.log(original)) : 1);
 }
 
+/**
+ * llama.cpp gives a model whose general.name contains "phi-3" or "phi3" Phi-3's SentencePiece token attributes,
+ * looking up </s>, <unk>, <s> and <|endoftext|> by text: without them the GGUF fails to load ("_Map_base::at").
+ * The problem as a sentence, or null.
+ */
+export function phi3NameProblem(name: string, tokens: readonly string[]): string | null {
+    if (!/phi-?3/i.test(name)) return null;
+    const have = new Set(tokens);
+    const missing = ["</s>", "<unk>", "<s>", "<|endoftext|>"].filter((t) => !have.has(t));
+    if (missing.length === 0) return null;
+    return (
+        `general.name "${name}" makes llama.cpp treat the vocabulary as Phi-3's and look up ${missing.join(", ")}, ` +
+        "which this tokenizer lacks (the file would not load); give another name with --name"
+    );
+}
+
 /** original_max_position_embeddings of a phi3 config (top level in transformers 4, rope_parameters in 5) */
 function phi3OriginalContext(cfg: ModelConfig): number {
     const top = cfg.raw.original_max_position_embeddings;

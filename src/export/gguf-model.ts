@@ -20,6 +20,7 @@ import {
     ggufQkNormNames,
     ggufWindowNote,
     llama3RopeFactors,
+    phi3NameProblem,
     phi3RopeFactors,
     permutationHeads,
     permuteQkRows,
@@ -74,6 +75,9 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
         const tooLong = text === null ? null : templateSizeProblem(text);
         if (tooLong) throw new QloraError(`${name} ${tooLong}`, {file: path.join(dir, "tokenizer_config.json")});
     }
+    const name = opts.name ?? modelName(cfg, dir);
+    const badName = arch === "phi3" ? phi3NameProblem(name, vocab.tokens) : null;
+    if (badName) throw new QloraError(badName);
     const ropeFactors = arch === "llama" ? llama3RopeFactors(cfg) : null;
     addArchMetadataCheck(cfg, arch);
 
@@ -103,7 +107,7 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
         const md = new GgufMetadata();
         md.string("general.architecture", arch);
         md.string("general.type", "model");
-        md.string("general.name", opts.name ?? modelName(cfg, dir));
+        md.string("general.name", name);
         md.u32("general.file_type", GGUF_FILE_TYPE[opts.outtype]);
         md.u32("general.quantization_version", 2);
         addArchMetadata(md, cfg, arch);

@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""Reference files of tiny random Qwen3 and Phi-3 models, made with transformers and peft (issue 15).
+
+Run on a machine with torch, transformers and peft (bitsandbytes with CUDA adds the pre-quantized checkpoint);
+nothing is downloaded: the models are built from config dicts here, the tokenizer is copied from tiny-qwen2.
+
+    python3 scripts/references/make_arch_refs.py --tokenizer ../shared/models/tiny-qwen2 --out test/fixtures/arch
+
+For each model it writes test/fixtures/arch/<name>/:
+    config.json, model.safetensors (bf16), generation_config.json   the model, as save_pretrained writes it
+    tokenizer.json, tokenizer_config.json                           tiny-qwen2's tokenizer (phi3: a Phi-3 chat template)
+    reference.safetensors   input_ids, labels [1, T] (int64); logits [P, V] f32 at logit_positions [P] (int64) of
+                            the fp32 forward (bf16 weights upcast, eager attention); loss [1] (labels: -100 on the
+                            first 3 positions); phi3 also long_input_ids [1, T2] with T2 > original context and
+                            long_logits at long_logit_positions (longrope's long_factor table)
+    greedy.json             prompt_ids, output_ids (prompt + 16 greedy tokens, no eos stop), adapter_output_ids (the
+                            same with the LoRA adapter), the smallest top-1/top-2 logit margin on the way; phi3 also
+                            long_prompt_ids / long_output_ids
+    chat.json               messages, prompt_ids (apply_chat_template, add_generation_prompt), output_ids (+16 greedy)
+    adapter/                a PEFT LoRA (r=4, alpha 8, every linear module by its PEFT name, B nonzero:
+                            init_lora_weights=False), save_pretrained
+    lora_grads.safetensors  d loss / d every lora_A, lora_B (PEFT's saved names) of one loss.backward() on `labels`,
+                            the adapter on the fp32 model in train mode (dropout 0), and loss [1]
+    bnb-4bit/               (when bitsandbytes and CUDA are there) the model loaded in 4 bits (nf4, double quant,
+                            compute fp32) and saved: config.json + model.safetensors
+    README.md               the versions used and this list
+
+Weights are drawn with a fixed seed and scaled so that logits are well spread (embedding N(0, 1), projections
+N(0, 1/in), norms 1 + N(0, 0.2)): greedy choices then have margins far above the fp32 tolerance. A seed whose
+greedy run has a top-1/top-2 margin below MIN_MARGIN is skipped for the next one (the seed used is in README.md).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+
+MIN_MARGIN = 0.05
+NEW_TOKENS = 16
+PROMPT = "The cat sat on the mat and looked at the little bird in the tree."
+LONG_PROMPT = (
+    "In the middle of the old town there is a small square with a fountain, and every morning the baker opens "
+    "his shop while the children walk to school and the birds sing on the roofs."
+)
+MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+VOCAB = 16384
+EOS = 16381
+
+
+def qwen3_config():
+    from transformers import Qwen3Config
+
+    # head_dim 64 != hidden_size / num_attention_heads = 8; q_norm / k_norm; no biases
+    return Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        architectures=["Qwen3ForCausalLM"],
+    )
+
+
+def phi3_config():
+    from transformers import Phi3Config
+
+    rotary_half = 16  # head_dim 64 x partial_rotary_factor 0.5 / 2
+    return Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        original_max_position_embeddings=40,
+        partial_rotary_factor=0.5,
+        rope_theta=10000.0,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0 + 0.05 * i for i in range(rotary_half)],
+            "long_factor": [1.0 + 0.75 * i for i in range(rotary_half)],
+        },
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+        sliding_window=None,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=None,
+        architectures=["Phi3ForCausalLM"],
+    )
+
+
+MODELS = {
+    "qwen3": {
+        "config": qwen3_config,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "chat_template": None,
+        "long": False,
+    },
+    "phi3": {
+        "config": phi3_config,
+        "targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        "chat_template": PHI3_CHAT_TEMPLATE,
+        "long": True,
+    },
+}
+
+
+def scaled_init(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            z = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                v = 1.0 + 0.2 * z
+            elif "embed_tokens" in name:
+                v = z
+            elif p.dim() == 2:
+                v = z / math.sqrt(p.shape[1])
+            else:
+                v = 0.1 * z
+            # the bf16 values the checkpoint will hold, so the fp32 reference runs on exactly those
+            p.copy_(v.to(torch.bfloat16).to(torch.float32))
+
+
+def greedy(model, ids, new_tokens):
+    """greedy continuation without an eos stop, and the smallest top-1/top-2 margin of its steps"""
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    margin = min(float(torch.topk(s[0], 2).values[0] - torch.topk(s[0], 2).values[1]) for s in out.scores)
+    return out.sequences[0].tolist(), margin
+
+
+def write_tokenizer(src, out, chat_template):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(src, f), os.path.join(out, f))
+    if chat_template is not None:
+        path = os.path.join(out, "tokenizer_config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["chat_template"] = chat_template
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
+def logits_at(model, ids, positions):
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    return logits[positions].contiguous()
+
+
+def make(name, spec, tokenizer_dir, out_root, versions):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import LoraConfig, get_peft_model
+
+    out = os.path.join(out_root, name)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    write_tokenizer(tokenizer_dir, out, spec["chat_template"])
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == VOCAB, f"the tokenizer has {len(tok)} tokens, the models {VOCAB}"
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    long_prompt = tok(LONG_PROMPT, return_tensors="pt").input_ids
+    chat_ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt")
+    if not isinstance(chat_ids, torch.Tensor):  # transformers 5 may hand back a BatchEncoding
+        chat_ids = chat_ids["input_ids"]
+    assert prompt.shape[1] > 8
+
+    for seed in range(100):
+        torch.manual_seed(seed)
+        cfg = spec["config"]()
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+        scaled_init(model, seed)
+        model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+        model.eval()
+        model.generation_config.eos_token_id = None
+        output_ids, margin = greedy(model, prompt, NEW_TOKENS)
+        margins = [margin]
+        if spec["long"]:
+            original = cfg.original_max_position_embeddings
+            assert prompt.shape[1] + NEW_TOKENS <= original < long_prompt.shape[1], "prompt lengths vs the original context"
+            long_output_ids, m = greedy(model, long_prompt, NEW_TOKENS)
+            margins.append(m)
+        chat_output_ids, m = greedy(model, chat_ids, NEW_TOKENS)
+        margins.append(m)
+        if min(margins) >= MIN_MARGIN:
+            break
+        print(f"{name}: seed {seed} has a greedy margin of {min(margins):.4f}, trying the next", file=sys.stderr)
+    else:
+        raise SystemExit(f"{name}: no seed gave greedy margins >= {MIN_MARGIN}")
+
+    T = prompt.shape[1]
+    positions = [0, T // 2, T - 1]
+    labels = prompt.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        loss = model(prompt, labels=labels).loss
+    ref = {
+        "input_ids": prompt.to(torch.int64).contiguous(),
+        "labels": labels.to(torch.int64).contiguous(),
+        "logit_positions": torch.tensor(positions, dtype=torch.int64),
+        "logits": logits_at(model, prompt, positions),
+        "loss": loss.reshape(1).to(torch.float32),
+    }
+    greedy_json = {"prompt_ids": prompt[0].tolist(), "output_ids": output_ids, "seed": seed}
+    if spec["long"]:
+        T2 = long_prompt.shape[1]
+        ref["long_input_ids"] = long_prompt.to(torch.int64).contiguous()
+        ref["long_logit_positions"] = torch.tensor([T2 - 1], dtype=torch.int64)
+        ref["long_logits"] = logits_at(model, long_prompt, [T2 - 1])
+        greedy_json["long_prompt_ids"] = long_prompt[0].tolist()
+        greedy_json["long_output_ids"] = long_output_ids
+    save_file(ref, os.path.join(out, "reference.safetensors"))
+    with open(os.path.join(out, "chat.json"), "w") as f:
+        json.dump({"messages": MESSAGES, "prompt_ids": chat_ids[0].tolist(), "output_ids": chat_output_ids}, f)
+        f.write("\n")
+
+    # the LoRA: every linear module by its PEFT name, B drawn (init_lora_weights=False) so every gradient is nonzero
+    lora_cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=spec["targets"], lora_dropout=0.0, bias="none", init_lora_weights=False
+    )
+    torch.manual_seed(seed + 1000)
+    peft_model = get_peft_model(model, lora_cfg)
+    peft_model.save_pretrained(os.path.join(out, "adapter"))
+    peft_model.train()
+    peft_model.zero_grad()
+    lora_loss = peft_model(prompt, labels=labels).loss
+    lora_loss.backward()
+    grads = {"loss": lora_loss.detach().reshape(1).to(torch.float32)}
+    for pname, p in peft_model.named_parameters():
+        if "lora_" in pname:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{pname}: no gradient"
+            grads[pname.replace(".default", "")] = p.grad.detach().to(torch.float32).contiguous()
+    save_file(grads, os.path.join(out, "lora_grads.safetensors"))
+    peft_model.eval()
+    adapter_output_ids, m = greedy(peft_model, prompt, NEW_TOKENS)
+    greedy_json["adapter_output_ids"] = adapter_output_ids
+    greedy_json["min_margin"] = min(margins + [m])
+    with open(os.path.join(out, "greedy.json"), "w") as f:
+        json.dump(greedy_json, f)
+        f.write("\n")
+
+    bnb_note = save_bnb(out)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(readme(name, spec, versions, seed, greedy_json["min_margin"], bnb_note))
+    print(f"{name}: seed {seed}, loss {float(loss):.5f}, LoRA loss {float(lora_loss):.5f}, margin {greedy_json['min_margin']:.3f}")
+
+
+def save_bnb(out):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bnb-4bit/ not made: bitsandbytes is not installed"
+    if not torch.cuda.is_available():
+        return "bnb-4bit/ not made: no CUDA device"
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    m = AutoModelForCausalLM.from_pretrained(out, quantization_config=q, dtype=torch.float32, device_map={"": 0})
+    m.save_pretrained(os.path.join(out, "bnb-4bit"), safe_serialization=True)
+    return "bnb-4bit/: from_pretrained(quantization_config=nf4 + double quant, compute float32) then save_pretrained"
+
+
+def readme(name, spec, versions, seed, margin, bnb_note):
+    lines = [
+        f"# tiny {name} references (issue 15)",
+        "",
+        "Made by `scripts/references/make_arch_refs.py` (see its docstring for every file); do not edit by hand.",
+        "",
+        "| package | version |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in versions.items()],
+        "",
+        f"- seed {seed}; smallest top-1/top-2 logit margin of the greedy runs: {margin:.4f}",
+        f"- LoRA targets: {', '.join(spec['targets'])} (r=4, lora_alpha=8, init_lora_weights=False)",
+        f"- {bnb_note}",
+        "- fp32 on the CPU, eager attention, bf16 weights upcast",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", required=True, help="the tiny-qwen2 folder (tokenizer.json, tokenizer_config.json)")
+    ap.add_argument("--out", default="test/fixtures/arch", help="where the <name>/ folders go")
+    ap.add_argument("--only", choices=sorted(MODELS), help="make one model only")
+    args = ap.parse_args()
+
+    import peft
+    import transformers
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    try:
+        import bitsandbytes
+
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    print(" ".join(f"{k} {v}" for k, v in versions.items()))
+    os.makedirs(args.out, exist_ok=True)
+    for name, spec in MODELS.items():
+        if args.only and name != args.only:
+            continue
+        make(name, spec, args.tokenizer, args.out, versions)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+// Phi-3 / Phi-4-mini, issue 15: fused qkv_proj and gate_up_proj (LoRA on the fused modules, as PEFT does),
+// partial rotary embedding (partial_rotary_factor), LongRoPE (short_factor below the original context, long_factor
+// from it, attention factor). Synthetic checkpoints are checked against the float64 reference decoder, finite
+// differences and llama.cpp (GGUF arch "phi3": attn_qkv, ffn_up of 2 x ff rows, rope_factors_long/short);
+// test/fixtures/arch/phi3 (made by scripts/references/make_arch_refs.py) against transformers and peft.
+import {before, test} from "node:test";
+import assert from "node:assert/strict";
+import path from "node:path";
+import {exportGguf} from "../src/api/export-gguf.js";
+import type {DecoderModel} from "../src/model/decoder.js";
+import {HfTokenizer} from "../src/tokenizer/index.js";
+import {
+    checkAgainstReference,
+    checkCacheDecoding,
+    checkGgufInLlamaCpp,
+    checkLoraGradients,
+    fixtureTests,
+    saveRandomAdapter,
+    syntheticModel,
+    tempDir
+} from "./helpers/arch-checks.js";
+
+const tmp = tempDir("qlora-phi3-");
+
+/** Phi-4-mini's shape in small: tied embeddings, GQA, partial rotary 0.5 of head_dim 64, longrope */
+function phi3(original: number): Record<string, unknown> {
+    return {
+        architectures: ["Phi3ForCausalLM"],
+        model_type: "phi3",
+        vocab_size: 16384,
+        hidden_size: 128,
+        intermediate_size: 192,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        max_position_embeddings: 4096,
+        original_max_position_embeddings: original,
+        partial_rotary_factor: 0.5,
+        rope_theta: 10000,
+        rope_scaling: {
+            type: "longrope",
+            short_factor: Array.from({length: 16}, (_, i) => 1 + 0.05 * i),
+            long_factor: Array.from({length: 16}, (_, i) => 1 + 0.75 * i)
+        },
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        resid_pdrop: 0,
+        embd_pdrop: 0,
+        attention_dropout: 0,
+        sliding_window: null,
+        bos_token_id: 16381,
+        eos_token_id: 16381,
+        hidden_act: "silu"
+    };
+}
+
+/** original context 512: a context of 256 stays on short_factor (qlora, transformers and llama.cpp alike) */
+const SHORT_DIR = path.join(tmp, "tiny-short");
+/** original context 16: prompts longer than it run on long_factor everywhere (llama.cpp: a context above 16) */
+const LONG_DIR = path.join(tmp, "tiny-long");
+let shortModel: DecoderModel;
+let longModel: DecoderModel;
+let tokenizer: HfTokenizer;
+const LONG_TEXT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。To be, or not to be: that is the question.";
+
+before(async () => {
+    shortModel = await syntheticModel(SHORT_DIR, phi3(512), {std: 0.1});
+    longModel = await syntheticModel(LONG_DIR, phi3(16), {std: 0.1, seed: 11});
+    tokenizer = await HfTokenizer.load(SHORT_DIR);
+});
+
+test("phi3: fused projections, partial rotary and longrope match the float64 reference", async () => {
+    const cfg = shortModel.config;
+    assert.equal(cfg.fusedProjections, true);
+    assert.equal(cfg.rotaryDim, 32);
+    assert.equal(shortModel.invFreq.length, 16);
+    assert.ok(shortModel.attentionScaling > 1, "longrope's attention factor (max / original > 1)");
+    assert.deepEqual(Object.keys(shortModel.params.layers[0].proj).sort(), ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]);
+    await checkAgainstReference(SHORT_DIR, shortModel, tokenizer.encode("床前明月光，疑是地上霜。The quick brown fox"));
+    // past the original context the whole forward runs on long_factor's table
+    const ids = tokenizer.encode(LONG_TEXT);
+    assert.ok(ids.length > 16);
+    await checkAgainstReference(LONG_DIR, longModel, ids, true);
+});
+
+test("phi3: LoRA gradients of qkv_proj / gate_up_proj match finite differences; checkpointing recomputes them exactly", () => {
+    checkLoraGradients(shortModel, tokenizer.encode("To be, or not to be: that is the question."));
+});
+
+test("phi3: incremental decoding with the KV cache gives the logits of a full forward (short and long tables)", () => {
+    checkCacheDecoding(shortModel, tokenizer.encode("春眠不觉晓，处处闻啼鸟。夜来风雨声"), 5);
+    // prefilled past the original context: every step runs on long_factor, as the full forward does
+    const ids = tokenizer.encode(LONG_TEXT);
+    checkCacheDecoding(longModel, ids, 20);
+});
+
+test("phi3: GGUF f16 (arch phi3, attn_qkv, 2 x ff ffn_up, rope factors) and a LoRA GGUF generate qlora's greedy text in llama.cpp", async () => {
+    const expectTensors = [
+        "blk.0.attn_qkv.weight",
+        "blk.1.ffn_up.weight",
+        "rope_factors_long.weight",
+        "rope_factors_short.weight"
+    ];
+    const adapter = path.join(tmp, "adapter");
+    await saveRandomAdapter(SHORT_DIR, adapter);
+    await checkGgufInLlamaCpp(
+        SHORT_DIR,
+        tmp,
+        tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。"),
+        tokenizer.encode("The quick brown fox"),
+        {
+            adapterDir: adapter,
+            expectTensors,
+            expectMetadata: {
+                "general.architecture": "phi3",
+                "phi3.rope.dimension_count": 32,
+                "phi3.rope.scaling.original_context_length": 512,
+                "phi3.context_length": 4096
+            }
+        }
+    );
+    // a name llama.cpp would take for Phi-3's SentencePiece vocabulary is refused before anything is written
+    await assert.rejects(
+        exportGguf({modelDir: SHORT_DIR, outtype: "f16", out: path.join(tmp, "named.gguf"), name: "Phi-3 tiny"}),
+        /general\.name "Phi-3 tiny" makes llama\.cpp treat the vocabulary as Phi-3's and look up <\/s>, <unk>, <s>, .*--name/
+    );
+    // long_factor: llama.cpp picks it for a context above the original one, qlora for positions past it
+    const ids = tokenizer.encode(LONG_TEXT);
+    await checkGgufInLlamaCpp(LONG_DIR, tmp, ids, ids, {expectTensors});
+});
+
+fixtureTests("phi3", {llamaPrompt: "long"});

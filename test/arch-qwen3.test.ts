@@ -1,0 +1,87 @@
+// Qwen3 (dense), issue 15: q_norm / k_norm (RMSNorm over each head before RoPE), head_dim independent of
+// hidden_size / num_attention_heads, no attention biases. Synthetic checkpoints are checked against the float64
+// reference decoder, finite differences and llama.cpp (GGUF arch "qwen3"); test/fixtures/arch/qwen3 (made by
+// scripts/references/make_arch_refs.py with transformers and peft) against transformers and peft.
+import {before, test} from "node:test";
+import assert from "node:assert/strict";
+import path from "node:path";
+import type {DecoderModel} from "../src/model/decoder.js";
+import {HfTokenizer} from "../src/tokenizer/index.js";
+import {
+    checkAgainstReference,
+    checkCacheDecoding,
+    checkGgufInLlamaCpp,
+    checkLoraGradients,
+    fixtureTests,
+    saveRandomAdapter,
+    syntheticModel,
+    tempDir
+} from "./helpers/arch-checks.js";
+
+const tmp = tempDir("qlora-qwen3-");
+const DIR = path.join(tmp, "tiny-qwen3");
+
+/** head_dim 64 while hidden_size / heads = 16; q/k norms; GQA */
+const QWEN3 = {
+    architectures: ["Qwen3ForCausalLM"],
+    model_type: "qwen3",
+    vocab_size: 16384,
+    hidden_size: 64,
+    intermediate_size: 160,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    head_dim: 64,
+    max_position_embeddings: 1024,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1000000,
+    tie_word_embeddings: true,
+    attention_bias: false,
+    bos_token_id: 16381,
+    eos_token_id: 16381,
+    hidden_act: "silu"
+};
+
+let model: DecoderModel;
+let tokenizer: HfTokenizer;
+before(async () => {
+    model = await syntheticModel(DIR, QWEN3, {std: 0.15});
+    tokenizer = await HfTokenizer.load(DIR);
+});
+
+test("qwen3: the forward matches the float64 reference (q/k norms per head, head_dim != hidden / heads)", async () => {
+    assert.equal(model.config.headDim, 64);
+    assert.ok(model.params.layers.every((l) => l.qNorm?.length === 64 && l.kNorm?.length === 64));
+    await checkAgainstReference(DIR, model, tokenizer.encode("床前明月光，疑是地上霜。The quick brown fox"));
+});
+
+test("qwen3: LoRA gradients through the q/k norms match finite differences; checkpointing recomputes them exactly", () => {
+    checkLoraGradients(model, tokenizer.encode("To be, or not to be: that is the question."));
+});
+
+test("qwen3: incremental decoding with the KV cache gives the logits of a full forward", () => {
+    checkCacheDecoding(model, tokenizer.encode("春眠不觉晓，处处闻啼鸟。夜来风雨声"), 5);
+});
+
+test("qwen3: GGUF f16 (arch qwen3, attn_q_norm / attn_k_norm) and a LoRA GGUF generate qlora's greedy text in llama.cpp", async () => {
+    const adapter = path.join(tmp, "adapter");
+    await saveRandomAdapter(DIR, adapter);
+    await checkGgufInLlamaCpp(
+        DIR,
+        tmp,
+        tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。"),
+        tokenizer.encode("The quick brown fox"),
+        {
+            adapterDir: adapter,
+            expectTensors: ["blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "blk.0.attn_q.weight"],
+            expectMetadata: {
+                "general.architecture": "qwen3",
+                "qwen3.attention.key_length": 64,
+                "qwen3.attention.value_length": 64,
+                "qwen3.rope.dimension_count": 64
+            }
+        }
+    );
+});
+
+fixtureTests("qwen3", {llamaPrompt: "prompt"});
