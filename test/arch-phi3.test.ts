@@ -14,6 +14,7 @@ import {
     checkCacheDecoding,
     checkGgufInLlamaCpp,
     checkLoraGradients,
+    checkQuantizedGguf,
     fixtureTests,
     saveRandomAdapter,
     syntheticModel,
@@ -127,6 +128,10 @@ test("phi3: GGUF f16 (arch phi3, attn_qkv, 2 x ff ffn_up, rope factors) and a Lo
     // long_factor: llama.cpp picks it for a context above the original one, qlora for positions past it
     const ids = tokenizer.encode(LONG_TEXT);
     await checkGgufInLlamaCpp(LONG_DIR, tmp, ids, ids, {expectTensors});
+});
+
+test("phi3: q8_0 and q4_k_m GGUF exports load in llama.cpp and match qlora on the encoded weights", async () => {
+    await checkQuantizedGguf(SHORT_DIR, tmp, tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。"));
 });
 
 fixtureTests("phi3", {llamaPrompt: "long"});

@@ -12,6 +12,7 @@ import {
     checkCacheDecoding,
     checkGgufInLlamaCpp,
     checkLoraGradients,
+    checkQuantizedGguf,
     fixtureTests,
     saveRandomAdapter,
     syntheticModel,
@@ -82,6 +83,10 @@ test("qwen3: GGUF f16 (arch qwen3, attn_q_norm / attn_k_norm) and a LoRA GGUF ge
             }
         }
     );
+});
+
+test("qwen3: q8_0 and q4_k_m GGUF exports load in llama.cpp and match qlora on the encoded weights", async () => {
+    await checkQuantizedGguf(DIR, tmp, tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。"));
 });
 
 fixtureTests("qwen3", {llamaPrompt: "prompt"});

@@ -27,6 +27,7 @@ import {applyLora, type LoraModel} from "../../src/peft/inject.js";
 import {mergeAdapter} from "../../src/peft/merge.js";
 import {bitsAndBytesConfig, QLORA_BNB_DEFAULTS} from "../../src/quant/config.js";
 import {HfTokenizer} from "../../src/tokenizer/index.js";
+import {roundTripModel} from "./gguf-reference.js";
 import {llamaGreedy, llamaMeanKl, loadGguf} from "./llama-cpp.js";
 import {MODEL_DIR, REPO_ROOT} from "./paths.js";
 import {referenceForward, type Tensors} from "./reference-decoder.js";
@@ -206,6 +207,30 @@ export async function checkGgufInLlamaCpp(
         }
     } finally {
         await llama.dispose();
+    }
+}
+
+/**
+ * q8_0 and q4_k_m exports load in llama.cpp and give the distributions of qlora on the same encoded weights
+ * (gguf-reference.ts roundTripModel: llama.cpp's per-tensor type choice, fused attn_qkv counted as attn_v)
+ */
+export async function checkQuantizedGguf(dir: string, tmp: string, ids: number[]): Promise<void> {
+    const model = await DecoderModel.load(dir);
+    for (const outtype of ["q8_0", "q4_k_m"] as const) {
+        const out = path.join(tmp, `${path.basename(dir)}-${outtype}.gguf`);
+        const result = await exportGguf({modelDir: dir, outtype, out, overwrite: true, name: "qlora test model"});
+        const reference = roundTripModel(model, outtype).forward(Int32Array.from(ids), 1, ids.length);
+        const llama = await loadGguf(out);
+        try {
+            const {meanKl, top1Agreement} = await llamaMeanKl(llama, ids, reference);
+            console.log(
+                `${model.config.modelType} ${outtype} ${JSON.stringify(result.typeCounts)}: mean KL ${meanKl.toExponential(2)} ` +
+                    `vs qlora on the encoded weights, top-1 agreement ${top1Agreement}`
+            );
+            assert.ok(meanKl < 1e-3, `${outtype}: mean KL ${meanKl}`);
+        } finally {
+            await llama.dispose();
+        }
     }
 }
 
