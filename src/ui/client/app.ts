@@ -25,15 +25,15 @@ let lastStep: {step: number; total: number; time: number} | null = null;
 let stepRate: {firstStep: number; firstTime: number} | null = null;
 
 const charts = {
-    loss: new StepChart($("chart-loss"), "loss", "loss", [
+    loss: new StepChart("loss", $("chart-loss"), "loss", "loss", [
         {label: "train loss", color: COLORS[0]},
         {label: "eval loss", color: COLORS[1], points: true}
     ]),
-    lr: new StepChart($("chart-lr"), "learning rate", "lr", [{label: "learning rate", color: COLORS[2]}]),
-    tps: new StepChart($("chart-tps"), "throughput", "tokens/s", [{label: "tokens/s", color: COLORS[3]}]),
-    mem: new StepChart($("chart-mem"), "memory", "MiB", [{label: "memory peak (MiB)", color: COLORS[4]}])
+    lr: new StepChart("lr", $("chart-lr"), "learning rate", "lr", [{label: "learning rate", color: COLORS[2]}]),
+    tps: new StepChart("tps", $("chart-tps"), "throughput", "tokens/s", [{label: "tokens/s", color: COLORS[3]}]),
+    mem: new StepChart("memory", $("chart-mem"), "memory", "MiB", [{label: "memory peak (MiB)", color: COLORS[4]}])
 };
-const compareChart = new StepChart($("compare-chart"), "train loss of the runs compared", "loss", []);
+const compareChart = new StepChart("compare", $("compare-chart"), "train loss of the runs compared", "loss", []);
 const chat = new ChatPanel(
     $("chat-messages"),
     $("chat-form") as HTMLFormElement,
@@ -159,6 +159,16 @@ function renderRuns(): void {
     }
 }
 
+/** the watched run's row follows its records between the list's refreshes */
+function updateListedRun(rec: MetricRecord): void {
+    const row = runs.find((r) => r.name === watched);
+    if (!row || typeof rec.step !== "number") return;
+    row.step = Math.max(row.step, rec.step);
+    if (rec.type === "train" && typeof rec.loss === "number") row.lastLoss = rec.loss;
+    if (rec.type === "eval" && typeof rec.eval_loss === "number") row.evalLoss = rec.eval_loss;
+    renderRuns();
+}
+
 async function refreshRuns(): Promise<void> {
     runs = (await api<{runs: RunSummary[]}>("/api/runs")).runs;
     for (const name of [...compared]) if (!runs.some((r) => r.name === name)) compared.delete(name);
@@ -201,6 +211,8 @@ function renderCharts(): void {
     charts.mem.set(series("train", "peak_memory_bytes", 2 ** 20), [
         {label: `${memKind === "rss" ? "max RSS" : "GPU allocator peak"} (MiB)`, color: COLORS[4]}
     ]);
+    // a chart drawn before the others were shown had the whole row
+    for (const c of Object.values(charts)) c.resize();
 }
 
 /** seconds left: from the step events' pace in this session, else from the last logged record */
@@ -261,6 +273,7 @@ function onEvent(ev: RunEvent): void {
             records.push(ev.record);
             if (typeof ev.record.step === "number" && current) current.step = Math.max(current.step, ev.record.step);
             if (ev.record.type !== "save") renderCharts();
+            updateListedRun(ev.record);
             break;
         case "step":
             lastStep = {step: ev.step, total: ev.total, time: ev.time};
@@ -300,7 +313,6 @@ async function main(): Promise<void> {
     const schema = await api<SchemaReply>("/api/schema");
     $("output-root").textContent = schema.outputRoot;
     form = new RunForm($("run-form") as HTMLFormElement, schema);
-    (window as unknown as {qloraForm: RunForm}).qloraForm = form;
     const gpuSelect = $("plan-gpu") as HTMLSelectElement;
     gpuSelect.append(new Option("this machine", ""));
     const formError = $("form-error");

@@ -18,7 +18,9 @@ interface ReportCharts {
     ): UPlot;
     qloraFormatValue(v: number, digits?: number): string;
 }
-const page = globalThis as unknown as ReportCharts;
+const page = globalThis as unknown as ReportCharts & {qloraCharts?: Record<string, UPlot>};
+/** the charts on the page by name, as report.html keeps them */
+const drawn: Record<string, UPlot> = (page.qloraCharts = {});
 
 export const COLORS = [
     "#1f77b4",
@@ -48,6 +50,8 @@ export class StepChart {
     private plot: UPlot | null = null;
 
     constructor(
+        /** the chart's name in window.qloraCharts (its uPlot instance, for tests and the console) */
+        private readonly id: string,
         private readonly el: HTMLElement,
         private readonly title: string,
         private readonly yLabel: string,
@@ -56,13 +60,15 @@ export class StepChart {
         el.hidden = true;
     }
 
+    /** the chart's box (a grid cell or the panel), shown, less the panel's padding */
     private width(): number {
-        return Math.max(320, Math.min(this.el.parentElement?.clientWidth || 640, 900));
+        return Math.max(300, Math.min(this.el.clientWidth || 640, 1100));
     }
 
     /** new data ([steps, ...one array per series]); a change of series draws the chart anew */
     set(data: UPlot.AlignedData, series?: SeriesSpec[]): void {
         const x = data[0] as number[];
+        // shown before it is measured: a hidden box has no width
         this.el.hidden = x.length === 0;
         if (series && JSON.stringify(series) !== JSON.stringify(this.series)) {
             this.series = series;
@@ -70,6 +76,8 @@ export class StepChart {
         }
         if (this.plot) {
             this.plot.setData(data);
+            // the legend follows the newest step, as the report's shows the last one
+            if (x.length > 0) this.plot.setLegend({idx: x.length - 1});
             return;
         }
         if (x.length === 0) return;
@@ -80,15 +88,20 @@ export class StepChart {
             series: this.series.map((s, i) => ({...s, values: (data[i + 1] ?? []) as (number | null)[]})),
             width: this.width()
         });
+        drawn[this.id] = this.plot;
     }
 
     destroy(): void {
         this.plot?.destroy();
         this.plot = null;
+        delete drawn[this.id];
     }
 
+    /** fits the chart to its box again (the window, or the charts beside it, changed) */
     resize(): void {
-        this.plot?.setSize({width: this.width(), height: 220});
+        if (!this.plot) return;
+        const width = this.width();
+        if (Math.abs(width - this.plot.width) > 2) this.plot.setSize({width, height: 220});
     }
 }
 
