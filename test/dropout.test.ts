@@ -32,7 +32,7 @@ test("dropoutMask keeps exactly the elements the splitmix64 rule keeps, scaled b
     ] as const) {
         const n = 20_001;
         const mask = new Float32Array(n).fill(NaN);
-        cpu().dropoutMask(mask, seed, p, n);
+        cpu().dropoutMask(mask, seed, p, n, 0);
         const scale = Math.fround(1 / Math.fround(1 - p));
         let kept = 0;
         for (let i = 0; i < n; i++) {
@@ -44,7 +44,13 @@ test("dropoutMask keeps exactly the elements the splitmix64 rule keeps, scaled b
         const sd = Math.sqrt(n * p * (1 - p));
         assert.ok(Math.abs(kept - n * (1 - p)) < 5 * sd, `kept ${kept} of ${n} at p ${p}`);
     }
-    assert.throws(() => cpu().dropoutMask(new Float32Array(4), 1, 1, 4), /0 <= p < 1/);
+    assert.throws(() => cpu().dropoutMask(new Float32Array(4), 1, 1, 4, 0), /0 <= p < 1/);
+    // from element `first`: the masks of elements first, first + 1, ... of the whole tensor
+    const first = 2 ** 40 + 3;
+    const part = new Float32Array(1000);
+    cpu().dropoutMask(part, 77, 0.2, 1000, first);
+    for (let i = 0; i < 1000; i++) assert.equal(part[i] !== 0, keepRef(77n, BigInt(first + i), 0.2), `element ${first + i}`);
+    assert.throws(() => cpu().dropoutMask(new Float32Array(4), 1, 0.1, 4, -1), /first must be >= 0/);
 });
 
 test("the clock: seeds differ by run, micro-batch and projection; evaluation passes do not advance it", async () => {

@@ -144,7 +144,7 @@ for (const dropout of [0, 0.3]) {
         // the reference: the same mask (a function of the seed: test/dropout.test.ts checks it), k from the initial
         // weights and held fixed
         const drawn = new Float32Array(M * K);
-        if (p > 0) cpu().dropoutMask(drawn, clock.seedFor(3), p, M * K);
+        if (p > 0) cpu().dropoutMask(drawn, clock.seedFor(3), p, M * K, 0);
         const mask = Float64Array.from({length: M * K}, (_, i) => (p > 0 ? drawn[i] : 1));
         const norm = Array.from({length: N}, (_, n) => {
             let ss = 0;

@@ -231,20 +231,22 @@ static Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
-// dropoutMask(mask, seed, p, n); seed < 2^53
+// dropoutMask(mask, seed, p, n, first); seed < 2^53, first >= 0
 static Napi::Value DropoutMask(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     int64_t n = int_arg(info, 3);
+    int64_t first = int_arg(info, 4);
     int64_t seed = int_arg(info, 1);
     double p = num_arg(info, 2);
     QLORA_CHECK_ARGS(env);
     float* mask = array_arg<float>(info, 0, n);
     QLORA_CHECK_ARGS(env);
-    if (seed < 0 || !(p >= 0.0 && p < 1.0)) {
-        Napi::RangeError::New(env, "dropoutMask: seed must be >= 0 and 0 <= p < 1").ThrowAsJavaScriptException();
+    if (seed < 0 || first < 0 || !(p >= 0.0 && p < 1.0)) {
+        Napi::RangeError::New(env, "dropoutMask: seed and first must be >= 0 and 0 <= p < 1")
+            .ThrowAsJavaScriptException();
         return env.Undefined();
     }
-    qlora_cpu_dropout_mask(mask, (uint64_t)seed, (float)p, n);
+    qlora_cpu_dropout_mask(mask, (uint64_t)seed, (float)p, n, first);
     return env.Undefined();
 }
 

@@ -21,8 +21,8 @@ static Napi::Value AddBiasBf16(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
-// dropoutBf16(out, inp, seed, p, n) / dropoutAddBf16(y, x, seed, p, n); seed < 2^53
-template <cudaError_t (*FN)(uint16_t*, const uint16_t*, uint64_t, float, int64_t, cudaStream_t)>
+// dropoutBf16(out, inp, seed, p, n, first) / dropoutAddBf16(y, x, seed, p, n, first); seed < 2^53
+template <cudaError_t (*FN)(uint16_t*, const uint16_t*, uint64_t, float, int64_t, int64_t, cudaStream_t)>
 static Napi::Value Dropout(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto* out = (uint16_t*)device_ptr_arg(info, 0);
@@ -30,8 +30,9 @@ static Napi::Value Dropout(const Napi::CallbackInfo& info) {
     int64_t seed = int_arg(info, 2);
     float p = (float)num_arg(info, 3);
     int64_t n = int_arg(info, 4);
+    int64_t first = int_arg(info, 5);
     QLORA_CHECK_ARGS(env);
-    cuda_throw(env, FN(out, inp, (uint64_t)seed, p, n, qlora_cuda::stream()), "dropout");
+    cuda_throw(env, FN(out, inp, (uint64_t)seed, p, n, first, qlora_cuda::stream()), "dropout");
     return env.Undefined();
 }
 

@@ -296,10 +296,10 @@ extern "C" void qlora_cpu_rope_backward(float* dinp, const float* dout, const in
 // ------------------------------------------------------------------
 // dropout (the same masks as the CUDA kernels: native/include/qlora_dropout.h)
 
-extern "C" void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n) {
+extern "C" void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n, int64_t first) {
     const float scale = 1.0f / (1.0f - p);
     parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; i++) mask[i] = qlora_dropout_keep(seed, (uint64_t)i, p) ? scale : 0.0f;
+        for (int64_t i = b; i < e; i++) mask[i] = qlora_dropout_keep(seed, (uint64_t)(first + i), p) ? scale : 0.0f;
     });
 }
 

@@ -13,19 +13,19 @@ __global__ void add_bias_bf16_kernel(uint16_t* y, const uint16_t* bias, int64_t 
     y[i] = qk::f32_to_bf16(v);
 }
 
-__global__ void dropout_bf16_kernel(uint16_t* out, const uint16_t* inp, uint64_t seed, float p, float scale,
-                                    int64_t n) {
+__global__ void dropout_bf16_kernel(uint16_t* out, const uint16_t* inp, uint64_t seed, float p, float scale, int64_t n,
+                                    int64_t first) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float v = qlora_dropout_keep(seed, (uint64_t)i, p) ? qk::bf16_to_f32(inp[i]) * scale : 0.0f;
+    float v = qlora_dropout_keep(seed, (uint64_t)(first + i), p) ? qk::bf16_to_f32(inp[i]) * scale : 0.0f;
     out[i] = qk::f32_to_bf16(v);
 }
 
-__global__ void dropout_add_bf16_kernel(uint16_t* y, const uint16_t* x, uint64_t seed, float p, float scale,
-                                        int64_t n) {
+__global__ void dropout_add_bf16_kernel(uint16_t* y, const uint16_t* x, uint64_t seed, float p, float scale, int64_t n,
+                                        int64_t first) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    if (!qlora_dropout_keep(seed, (uint64_t)i, p)) return;
+    if (!qlora_dropout_keep(seed, (uint64_t)(first + i), p)) return;
     y[i] = qk::f32_to_bf16(qk::bf16_to_f32(y[i]) + qk::bf16_to_f32(x[i]) * scale);
 }
 
@@ -41,20 +41,20 @@ extern "C" cudaError_t qlora_cuda_add_bias_bf16(uint16_t* y, const uint16_t* bia
 }
 
 extern "C" cudaError_t qlora_cuda_dropout_bf16(uint16_t* out, const uint16_t* inp, uint64_t seed, float p, int64_t n,
-                                               cudaStream_t stream) {
+                                               int64_t first, cudaStream_t stream) {
     if (n == 0) return cudaSuccess;
-    if (!(p >= 0.0f && p < 1.0f)) return cudaErrorInvalidValue;
+    if (!(p >= 0.0f && p < 1.0f) || first < 0) return cudaErrorInvalidValue;
     const int block = 256;
-    dropout_bf16_kernel<<<CEIL_DIV(n, block), block, 0, stream>>>(out, inp, seed, p, 1.0f / (1.0f - p), n);
+    dropout_bf16_kernel<<<CEIL_DIV(n, block), block, 0, stream>>>(out, inp, seed, p, 1.0f / (1.0f - p), n, first);
     return cudaGetLastError();
 }
 
 extern "C" cudaError_t qlora_cuda_dropout_add_bf16(uint16_t* y, const uint16_t* x, uint64_t seed, float p, int64_t n,
-                                                   cudaStream_t stream) {
+                                                   int64_t first, cudaStream_t stream) {
     if (n == 0) return cudaSuccess;
-    if (!(p >= 0.0f && p < 1.0f)) return cudaErrorInvalidValue;
+    if (!(p >= 0.0f && p < 1.0f) || first < 0) return cudaErrorInvalidValue;
     const int block = 256;
-    dropout_add_bf16_kernel<<<CEIL_DIV(n, block), block, 0, stream>>>(y, x, seed, p, 1.0f / (1.0f - p), n);
+    dropout_add_bf16_kernel<<<CEIL_DIV(n, block), block, 0, stream>>>(y, x, seed, p, 1.0f / (1.0f - p), n, first);
     return cudaGetLastError();
 }
 

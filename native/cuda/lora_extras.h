@@ -7,12 +7,13 @@
 extern "C" {
 // y[N,C] (bf16) += bias[C] (bf16)
 cudaError_t qlora_cuda_add_bias_bf16(uint16_t* y, const uint16_t* bias, int64_t N, int64_t C, cudaStream_t stream);
-// out[n] = inp[n] * keep(seed, i) / (1 - p)   (bf16; in place allowed)
+// out[n] = inp[n] * keep(seed, first + i) / (1 - p)   (bf16; in place allowed; first: the element of the whole
+// tensor where this part starts)
 cudaError_t qlora_cuda_dropout_bf16(uint16_t* out, const uint16_t* inp, uint64_t seed, float p, int64_t n,
-                                    cudaStream_t stream);
-// y[n] += x[n] * keep(seed, i) / (1 - p)   (bf16): the backward of dropout into an input gradient
+                                    int64_t first, cudaStream_t stream);
+// y[n] += x[n] * keep(seed, first + i) / (1 - p)   (bf16): the backward of dropout into an input gradient
 cudaError_t qlora_cuda_dropout_add_bf16(uint16_t* y, const uint16_t* x, uint64_t seed, float p, int64_t n,
-                                        cudaStream_t stream);
+                                        int64_t first, cudaStream_t stream);
 }
 
 // DoRA and trained-bias kernels (lora/projection.ts through the Backend):

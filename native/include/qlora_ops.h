@@ -113,8 +113,9 @@ void qlora_cpu_attention_backward(float* dq, float* dk, float* dv, const float* 
 // SwiGLU: out = silu(gate) * up
 
 // out[N], gate[N], up[N]
-// LoRA dropout: mask[i] = 1 / (1 - p) where element i is kept (qlora_dropout.h), else 0; 0 <= p < 1
-void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n);
+// LoRA dropout: mask[i] = 1 / (1 - p) where element first + i is kept (qlora_dropout.h), else 0; 0 <= p < 1
+// (first: the rows of a tensor processed in parts draw the masks of the whole)
+void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n, int64_t first);
 
 void qlora_cpu_swiglu_forward(float* out, const float* gate, const float* up, int64_t n);
 // dgate (=), dup (=)

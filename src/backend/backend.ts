@@ -282,10 +282,13 @@ export interface Backend<X extends TensorTypes> {
      * nothing was done (the caller runs one gemm per part)
      */
     loraDownGroup?(x: X["f"], M: number, K: number, parts: {out: X["f"]; A: X["f"]; r: number}[]): boolean;
-    /** out[n] = x[n] keep(seed, i) / (1 - p): the counter-based mask of dropout.ts (out may alias x) */
-    dropout(out: X["f"], x: X["f"], seed: number, p: number, n: number): void;
-    /** y[n] += x[n] keep(seed, i) / (1 - p): dropout's backward into an input gradient */
-    dropoutAdd(y: X["f"], x: X["f"], seed: number, p: number, n: number): void;
+    /**
+     * out[n] = x[n] keep(seed, first + i) / (1 - p): the counter-based mask of dropout.ts (out may alias x); `first`
+     * (default 0): the element of the whole tensor where x starts, so a tensor processed in parts draws its own masks
+     */
+    dropout(out: X["f"], x: X["f"], seed: number, p: number, n: number, first?: number): void;
+    /** y[n] += x[n] keep(seed, first + i) / (1 - p): dropout's backward into an input gradient */
+    dropoutAdd(y: X["f"], x: X["f"], seed: number, p: number, n: number, first?: number): void;
     /** y[M, N] += bias[N] */
     addBias(y: X["f"], bias: X["f"], M: number, N: number): void;
     /** out[m, n] (= or += when accumulate) x[m, n] (k[n] + offset); k fp32 [N] (DoRA's magnitude scale) */
@@ -340,16 +343,21 @@ export interface FrozenWeight<F> {
 export interface GraphLinear<F> {
     readonly inFeatures: number;
     readonly outFeatures: number;
-    /** y[M, out] (=) = layer(x[M, in]); `train`: dropout on, and keep what backward needs */
-    forward(y: F, x: F, M: number, train: boolean): unknown;
+    /**
+     * y[M, out] (=) = layer(x[M, in]); `train`: dropout on, and keep what backward needs; `firstRow`: x is rows
+     * [firstRow, firstRow + M) of the layer's whole input (dropout draws the whole input's masks)
+     */
+    forward(y: F, x: F, M: number, train: boolean, firstRow?: number): unknown;
+    /** what backward needs of forward(_, x, M, true, firstRow), without computing y where it can */
+    saveForBackward(x: F, M: number, firstRow?: number): unknown;
     /**
      * decoding: this layer and `others` (ys[0] is this layer's output, ys[i] that of others[i - 1]), all of the
      * same x, as `forward(y, x, M, false)` of each, in fewer launches where the backend has fused kernels; false,
      * with nothing done, when the group does not qualify (the caller runs each forward)
      */
     forwardShared?(others: GraphLinear<F>[], ys: F[], x: F, M: number): boolean;
-    /** dx[M, in] (= or += when accumulate) from dy[M, out]; parameter gradients += */
-    backward(dx: F, dy: F, x: F, saved: unknown, M: number, accumulate: boolean): void;
+    /** dx[M, in] (= or += when accumulate) from dy[M, out]; parameter gradients += (rows as forward's) */
+    backward(dx: F, dy: F, x: F, saved: unknown, M: number, accumulate: boolean, firstRow?: number): void;
     /** frees what forward returned */
     release(saved: unknown): void;
     /** after an optimizer step changed the trainable tensors: new compute copies, no cached DoRA norms */

@@ -374,14 +374,14 @@ export class CpuBackend implements Backend<CpuTensors> {
     ): void {
         cpu().sgemm(tA, tB, M, N, K, alpha, A, tA ? M : K, B, tB ? K : N, beta, C, N);
     }
-    dropout(out: Float32Array, x: Float32Array, seed: number, p: number, n: number): void {
+    dropout(out: Float32Array, x: Float32Array, seed: number, p: number, n: number, first = 0): void {
         const mask = new Float32Array(n);
-        cpu().dropoutMask(mask, seed, p, n);
+        cpu().dropoutMask(mask, seed, p, n, first);
         for (let i = 0; i < n; i++) out[i] = x[i] * mask[i];
     }
-    dropoutAdd(y: Float32Array, x: Float32Array, seed: number, p: number, n: number): void {
+    dropoutAdd(y: Float32Array, x: Float32Array, seed: number, p: number, n: number, first = 0): void {
         const mask = new Float32Array(n);
-        cpu().dropoutMask(mask, seed, p, n);
+        cpu().dropoutMask(mask, seed, p, n, first);
         for (let i = 0; i < n; i++) y[i] += x[i] * mask[i];
     }
     addBias(y: Float32Array, bias: Float32Array, M: number, N: number): void {

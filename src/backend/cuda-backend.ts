@@ -551,11 +551,11 @@ export class CudaBackend implements Backend<CudaTensors> {
             throw err;
         }
     }
-    dropout(out: DeviceBuffer, x: DeviceBuffer, seed: number, p: number, n: number): void {
-        cudaLoraOps().dropoutBf16(out.ptr, x.ptr, seed, p, n);
+    dropout(out: DeviceBuffer, x: DeviceBuffer, seed: number, p: number, n: number, first = 0): void {
+        cudaLoraOps().dropoutBf16(out.ptr, x.ptr, seed, p, n, first);
     }
-    dropoutAdd(y: DeviceBuffer, x: DeviceBuffer, seed: number, p: number, n: number): void {
-        cudaLoraOps().dropoutAddBf16(y.ptr, x.ptr, seed, p, n);
+    dropoutAdd(y: DeviceBuffer, x: DeviceBuffer, seed: number, p: number, n: number, first = 0): void {
+        cudaLoraOps().dropoutAddBf16(y.ptr, x.ptr, seed, p, n, first);
     }
     addBias(y: DeviceBuffer, bias: DeviceBuffer, M: number, N: number): void {
         cudaLoraOps().addBiasBf16(y.ptr, bias.ptr, M, N);

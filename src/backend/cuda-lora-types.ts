@@ -21,9 +21,9 @@ export interface CudaLoraOps {
     /** y[N,C] += bias[C] */
     addBiasBf16(y: number, bias: number, N: number, C: number): void;
     /** out[n] = inp[n] * keep(seed, i) / (1 - p), the mask a hash of (seed, i) (seed < 2^53); in place allowed */
-    dropoutBf16(out: number, inp: number, seed: number, p: number, n: number): void;
+    dropoutBf16(out: number, inp: number, seed: number, p: number, n: number, first: number): void;
     /** y[n] += x[n] * keep(seed, i) / (1 - p): dropout's backward into an input gradient */
-    dropoutAddBf16(y: number, x: number, seed: number, p: number, n: number): void;
+    dropoutAddBf16(y: number, x: number, seed: number, p: number, n: number, first: number): void;
     /** out[m, n] (bf16; = or += when accumulate) x[m, n] (k[n] + offset), k f32 [N]; out may alias x */
     scaleColumnsBf16(out: number, x: number, k: number, offset: number, M: number, N: number, accumulate: boolean): void;
     /** dst[n] (f32, +=) sum_m a[m, n] b[m, n] / div[n] (a, b bf16; b and div null: factor 1), float64 sums */

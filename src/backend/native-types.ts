@@ -121,8 +121,11 @@ export interface CpuAddon {
         window?: number
     ): void;
 
-    /** mask[n] = 1 / (1 - p) where element i is kept, else 0: LoRA dropout, the CUDA kernels' masks (seed < 2^53) */
-    dropoutMask(mask: Float32Array, seed: number, p: number, n: number): void;
+    /**
+     * mask[n] = 1 / (1 - p) where element first + i is kept, else 0: LoRA dropout, the CUDA kernels' masks (seed <
+     * 2^53; first: where this part of the tensor starts)
+     */
+    dropoutMask(mask: Float32Array, seed: number, p: number, n: number, first: number): void;
     swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
     swigluBackward(
         dgate: Float32Array,

@@ -113,12 +113,12 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         return this.seed();
     }
 
-    /** drop(x) in a new tensor, or null without dropout */
-    private dropped(x: X["f"], M: number, seed: number | null): X["f"] | null {
+    /** drop(x) in a new tensor, or null without dropout; x is rows [firstRow, firstRow + M) of the layer's input */
+    private dropped(x: X["f"], M: number, seed: number | null, firstRow: number): X["f"] | null {
         if (seed === null) return null;
         const n = M * this.inFeatures,
             out = this.be.activation(n);
-        this.be.dropout(out, x, seed, this.lora!.dropout, n);
+        this.be.dropout(out, x, seed, this.lora!.dropout, n, firstRow * this.inFeatures);
         return out;
     }
 
@@ -141,7 +141,7 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         return this.doraScale;
     }
 
-    forward(y: X["f"], x: X["f"], M: number, train: boolean): Saved<X["f"]> | null {
+    forward(y: X["f"], x: X["f"], M: number, train: boolean, firstRow = 0): Saved<X["f"]> | null {
         const be = this.be,
             l = this.lora,
             N = this.outFeatures,
@@ -150,7 +150,7 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         if (!l) this.base.product(y, x, M, !train);
         else {
             const seed = this.dropoutSeed(train);
-            const xd = this.dropped(x, M, seed);
+            const xd = this.dropped(x, M, seed, firstRow);
             const xa = be.activation(M * l.r);
             // decoding: the skinny kernel where the backend has one (a GEMM of M <= 8 rows is mostly overhead)
             if (train || !be.loraDownGroup?.(x, M, K, [{out: xa, A: l.Ac, r: l.r}]))
@@ -242,7 +242,28 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         return true;
     }
 
-    backward(dx: X["f"], dy: X["f"], x: X["f"], saved: unknown, M: number, accumulate: boolean): void {
+    /**
+     * what backward needs of a training forward of x without its product: LoRA's xa = drop(x) A^T (DoRA: the whole
+     * forward, whose output it needs); null without LoRA
+     */
+    saveForBackward(x: X["f"], M: number, firstRow = 0): Saved<X["f"]> | null {
+        const be = this.be,
+            l = this.lora;
+        if (!l) return null;
+        if (l.magnitude) {
+            const y = be.activation(M * this.outFeatures);
+            const saved = this.forward(y, x, M, true, firstRow);
+            be.free(y);
+            return saved;
+        }
+        const xd = this.dropped(x, M, this.dropoutSeed(true), firstRow);
+        const xa = be.activation(M * l.r);
+        be.gemm(false, true, M, l.r, this.inFeatures, 1, xd ?? x, l.Ac, 0, xa);
+        be.free(xd);
+        return {xa, inner: null};
+    }
+
+    backward(dx: X["f"], dy: X["f"], x: X["f"], saved: unknown, M: number, accumulate: boolean, firstRow = 0): void {
         const be = this.be,
             l = this.lora,
             s = saved as Saved<X["f"]> | null,
@@ -271,7 +292,7 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
                 const t = be.activation(M * K);
                 be.scaleColumns(scaled, dy, k, -1, M, N, false);
                 this.base.productTranspose(t, scaled, M, false);
-                be.dropoutAdd(dx, t, seed, l.dropout, M * K);
+                be.dropoutAdd(dx, t, seed, l.dropout, M * K, firstRow * K);
                 be.free(t);
                 be.scaleColumns(scaled, dy, k, 0, M, N, false);
             }
@@ -284,13 +305,13 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         be.gemm(false, false, M, l.r, N, l.scaling, g, l.Bc, 0, dxa);
         be.free(scaled);
         // dA[r, in] += dxa^T drop(x)
-        const xd = this.dropped(x, M, seed);
+        const xd = this.dropped(x, M, seed, firstRow);
         be.gemm(true, false, l.r, K, M, 1, dxa, xd ?? x, 1, l.A.grad);
         // dx += (dxa A) * mask
         if (xd) {
             // drop(x) is no longer needed: it becomes the [M, in] temporary
             be.gemm(false, false, M, K, l.r, 1, dxa, l.Ac, 0, xd);
-            be.dropoutAdd(dx, xd, seed!, l.dropout, M * K);
+            be.dropoutAdd(dx, xd, seed!, l.dropout, M * K, firstRow * K);
             be.free(xd);
         } else be.gemm(false, false, M, K, l.r, 1, dxa, l.Ac, 1, dx);
         be.free(dxa);

@@ -192,9 +192,10 @@ export class DecoderModel implements CausalLm {
 
     /**
      * The decoder graph over the CPU backend with this model's current layers (LoRA wraps them after loading,
-     * so the graph is made when asked for). `trainFull`: the full weights that train (modules_to_save) get gradients.
+     * so the graph is made when asked for). `trainFull`: the full weights that train (modules_to_save) get gradients;
+     * `mlpChunkRows`: GraphOptions' (tests run the chunked MLP on short sequences with it).
      */
-    hostGraph(options: {trainFull?: boolean} = {}): DecoderGraph<CpuTensors> {
+    hostGraph(options: {trainFull?: boolean; mlpChunkRows?: number} = {}): DecoderGraph<CpuTensors> {
         const p = this.params;
         const weights: GraphWeights<CpuTensors> = {
             embed: p.embed,
@@ -212,6 +213,7 @@ export class DecoderModel implements CausalLm {
         const full = options.trainFull ? p.trainedFull : undefined;
         return new DecoderGraph(cpuBackend(), this.config, weights, {
             attentionScaling: this.attentionScaling,
+            mlpChunkRows: options.mlpChunkRows,
             trained: full && trainedOnBackend<CpuTensors>(cpuBackend(), full)
         });
     }

@@ -16,6 +16,12 @@
 // multiplied by lossScale, so the trainer can pass 1 / (targets in the whole accumulated batch) and get the true
 // token mean (SPEC-training §8); the backend computes it in chunks of rows and never holds the whole logits.
 // Gradient rule (llm.c): parameter gradients +=, activation gradients =, the residual stream +=.
+//
+// The MLP is token-wise, so where its activations are not kept (a forward under gradient checkpointing or for
+// inference) it runs in chunks of rows, and under checkpointing the backward recomputes it chunk by chunk instead
+// of the block's recomputation holding it whole: the [tokens, intermediate] tensors, the largest of a long sequence,
+// never exist for more than one chunk (Unsloth's and Arctic's tiled MLP). Dropout masks follow each element's
+// place in the whole tensor, so chunked and whole passes draw the same masks.
 import {QloraError} from "../errors.js";
 import type {Backend, GraphLinear, HostCopy, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
 import type {TokenPick} from "../backend/sampling.js";
@@ -74,6 +80,8 @@ export interface GraphOptions<X extends TensorTypes> {
     attentionScaling: number;
     /** with gradient checkpointing, block inputs wait in host memory for the recomputation (Unsloth's offload) */
     offloadActivations?: boolean;
+    /** rows of the MLP's chunks where its activations are not kept (default: mlpChunkRows(intermediate_size)) */
+    mlpChunkRows?: number;
     /**
      * full weights that train (modules_to_save): fp32 masters and gradients [V, C] on the backend; weights.embed /
      * lmHead are their compute copies (refreshed by afterUpdate)
@@ -488,10 +496,12 @@ interface BlockActs<F> {
     h: F; // [N, C] residual after attention
     xn2: F;
     rstd2: F;
-    gate: F; // [N, I]
-    up: F; // [N, I]
-    act: F; // [N, I] silu(gate) * up
-    out: F; // [N, C] block output
+    /** the MLP's activations: null where the MLP ran in chunks, or is left to the backward (see mlpMode) */
+    gate: F | null; // [N, I]
+    up: F | null; // [N, I]
+    act: F | null; // [N, I] silu(gate) * up
+    /** the block output; null when the MLP is left to the backward (a recomputation needs no output) */
+    out: F | null; // [N, C]
     /** what each projection's forward kept for its backward */
     saved: Map<ProjName, unknown>;
 }
@@ -515,6 +525,29 @@ const INTERMEDIATE_ACTS = [
     "up",
     "act"
 ] as const;
+
+/**
+ * How a block's forward runs its MLP: "keep" saves gate, up and act for the backward (training without
+ * checkpointing); "chunked" computes the output in chunks of rows and keeps nothing (a checkpointed training
+ * forward, inference); "backward" skips it (the recomputation under checkpointing: blockBackward recomputes the
+ * MLP chunk by chunk beside its gradient)
+ */
+type MlpMode = "keep" | "chunked" | "backward";
+
+/** elements of one [rows, intermediate] tensor of an MLP chunk: 64 Mi (128 MiB in bf16) */
+const MLP_CHUNK_ELEMENTS = 2 ** 26;
+
+/** rows of an MLP chunk for this intermediate size (at least 1024: smaller GEMMs lose speed) */
+export function mlpChunkRows(intermediateSize: number): number {
+    return Math.max(1024, Math.floor(MLP_CHUNK_ELEMENTS / intermediateSize / 64) * 64);
+}
+
+/** [first row, rows] of each chunk of N rows */
+function chunksOf(N: number, rows: number): [number, number][] {
+    const out: [number, number][] = [];
+    for (let r = 0; r < N; r += rows) out.push([r, Math.min(rows, N - r)]);
+    return out;
+}
 
 /** whether a forward at these positions runs on longrope's long table (transformers: max(position_ids) + 1 > original) */
 function usesLongRope(longRope: {fromPosition: number} | null | undefined, positions: Int32Array): boolean {
@@ -569,11 +602,11 @@ export class DecoderGraph<X extends TensorTypes> {
         for (let l = 0; l < L; l++) {
             // an offloaded input's copy to host memory runs beside the block's forward
             const host = offload ? be.offload(x) : null;
-            const a = this.blockForward(l, x, ctx, train);
+            const a = this.blockForward(l, x, ctx, train, train && !checkpoint ? "keep" : "chunked");
             // a block's input is read again only by its backward (or recomputation); the free waits for the copy
             if (!train || host) be.free(x);
             if (host) inputs[l] = host;
-            x = a.out;
+            x = a.out!;
             inputs.push(x);
             if (checkpoint || !train) {
                 this.releaseActs(a, l);
@@ -619,7 +652,7 @@ export class DecoderGraph<X extends TensorTypes> {
             let a = acts[l];
             // recomputed under gradient checkpointing: the dropout masks are a function of the micro-batch, so the
             // recomputation draws the masks of the first forward
-            a ??= this.blockForward(l, input, ctx, true);
+            a ??= this.blockForward(l, input, ctx, true, "backward");
             const dPrev = this.blockBackward(l, a, dx, ctx);
             be.free(dx);
             dx = dPrev;
@@ -742,10 +775,10 @@ export class DecoderGraph<X extends TensorTypes> {
         let x = be.activation(N * C);
         be.embedding(x, inputs.ids, this.weights.embed, N, cfg.vocabSize, C, false);
         for (let l = 0; l < cfg.numHiddenLayers; l++) {
-            const a = this.blockForward(l, x, ctx, false);
+            const a = this.blockForward(l, x, ctx, false, "chunked");
             this.releaseActs(a, l);
             be.free(x);
-            x = a.out;
+            x = a.out!;
         }
         const xf = be.activation(N * C);
         be.rmsnorm(xf, null, x, this.weights.finalNorm, N, C, cfg.rmsNormEps);
@@ -842,7 +875,7 @@ export class DecoderGraph<X extends TensorTypes> {
         a.saved.clear();
     }
 
-    private blockForward(l: number, x: X["f"], ctx: StepContext<X>, train: boolean): BlockActs<X["f"]> {
+    private blockForward(l: number, x: X["f"], ctx: StepContext<X>, train: boolean, mlp: MlpMode): BlockActs<X["f"]> {
         const be = this.backend,
             cfg = this.config,
             layer = this.weights.layers[l],
@@ -872,10 +905,10 @@ export class DecoderGraph<X extends TensorTypes> {
             h: act(N * C),
             xn2: act(N * C),
             rstd2: be.stats(N),
-            gate: act(N * I),
-            up: act(N * I),
-            act: act(N * I),
-            out: act(N * C),
+            gate: mlp === "keep" ? act(N * I) : null,
+            up: mlp === "keep" ? act(N * I) : null,
+            act: mlp === "keep" ? act(N * I) : null,
+            out: mlp === "backward" ? null : act(N * C),
             saved: new Map()
         };
         const project = (name: ProjName, y: X["f"], input: X["f"]) => {
@@ -887,6 +920,12 @@ export class DecoderGraph<X extends TensorTypes> {
             const [first, ...rest] = names.map((n) => p[n]);
             if (!train && first.forwardShared?.(rest, ys, input, N)) return;
             names.forEach((n, i) => project(n, ys[i], input));
+        };
+        // a chunk of the MLP's rows: nothing is kept for a backward (each projection's state is freed at once)
+        const projectRows = (names: ProjName[], ys: X["f"][], input: X["f"], M: number, first: number) => {
+            const [head, ...rest] = names.map((n) => p[n]);
+            if (!train && rest.length > 0 && head.forwardShared?.(rest, ys, input, M)) return;
+            names.forEach((n, i) => p[n].release(p[n].forward(ys[i], input, M, train, first)));
         };
         be.rmsnorm(a.xn1, a.rstd1, x, layer.inputNorm, N, C, eps);
         const qOut = a.qRaw ?? a.q,
@@ -962,18 +1001,116 @@ export class DecoderGraph<X extends TensorTypes> {
         );
         project("o_proj", a.h, a.att);
         be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);
-        if (cfg.fusedProjections) {
-            // phi3: gate_up_proj's rows are [gate; up] (Phi3MLP chunks its output in two)
-            const gateUp = act(N * 2 * I);
-            project("gate_up_proj", gateUp, a.xn2);
-            be.copyColumns(a.gate, I, 0, gateUp, 2 * I, 0, N, I);
-            be.copyColumns(a.up, I, 0, gateUp, 2 * I, I, N, I);
-            be.free(gateUp);
-        } else projectShared(["gate_proj", "up_proj"], [a.gate, a.up], a.xn2);
-        be.swiglu(a.act, a.gate, a.up, N * I);
-        project("down_proj", a.out, a.act);
-        be.addInplace(a.out, a.h, N * C);
+        if (mlp === "keep") {
+            this.gateUp(a.gate!, a.up!, a.xn2, N, projectShared);
+            be.swiglu(a.act!, a.gate!, a.up!, N * I);
+            project("down_proj", a.out!, a.act!);
+        } else if (mlp === "chunked")
+            for (const [r0, m] of chunksOf(N, this.options.mlpChunkRows ?? mlpChunkRows(I))) {
+                const rows = (t: X["f"], width: number) => (m === N ? t : be.view(t, r0 * width, m * width));
+                const gate = act(m * I),
+                    up = act(m * I);
+                this.gateUp(gate, up, rows(a.xn2, C), m, (names, ys, input) => projectRows(names, ys, input, m, r0));
+                const h = act(m * I);
+                be.swiglu(h, gate, up, m * I);
+                be.free(gate);
+                be.free(up);
+                projectRows(["down_proj"], [rows(a.out!, C)], h, m, r0);
+                be.free(h);
+            }
+        if (a.out) be.addInplace(a.out, a.h, N * C);
         return a;
+    }
+
+    /**
+     * gate and up [M, I] of M rows of the MLP's input xn, the products by `project` (phi3: one gate_up_proj, whose
+     * rows are [gate; up] as Phi3MLP chunks its output, split into the two buffers)
+     */
+    private gateUp(
+        gate: X["f"],
+        up: X["f"],
+        xn: X["f"],
+        M: number,
+        project: (names: ProjName[], ys: X["f"][], input: X["f"]) => void
+    ): void {
+        const be = this.backend,
+            I = this.config.intermediateSize;
+        if (!this.config.fusedProjections) {
+            project(["gate_proj", "up_proj"], [gate, up], xn);
+            return;
+        }
+        const both = be.activation(M * 2 * I);
+        project(["gate_up_proj"], [both], xn);
+        be.copyColumns(gate, I, 0, both, 2 * I, 0, M, I);
+        be.copyColumns(up, I, 0, both, 2 * I, I, M, I);
+        be.free(both);
+    }
+
+    /**
+     * d(xn) of the MLP's input from d(out), the MLP recomputed chunk by chunk beside its gradient (gradient
+     * checkpointing): per chunk gate, up and act again, down's own backward state without its product, then the
+     * chunk's gradients; parameter gradients accumulate over the chunks
+     */
+    private mlpBackwardChunked(l: number, xn2: X["f"], dout: X["f"], N: number): X["f"] {
+        const be = this.backend,
+            p = this.weights.layers[l].proj,
+            C = this.config.hiddenSize,
+            I = this.config.intermediateSize;
+        const act = (n: number) => be.activation(n);
+        const dxn = act(N * C);
+        for (const [r0, m] of chunksOf(N, this.options.mlpChunkRows ?? mlpChunkRows(I))) {
+            const rows = (t: X["f"], width: number) => (m === N ? t : be.view(t, r0 * width, m * width));
+            const xn = rows(xn2, C);
+            const saved = new Map<ProjName, unknown>();
+            const gate = act(m * I),
+                up = act(m * I);
+            this.gateUp(gate, up, xn, m, (names, ys, input) =>
+                names.forEach((n, i) => saved.set(n, p[n].forward(ys[i], input, m, true, r0)))
+            );
+            const h = act(m * I);
+            be.swiglu(h, gate, up, m * I);
+            const downSaved = p.down_proj.saveForBackward(h, m, r0);
+            const dh = act(m * I);
+            p.down_proj.backward(dh, rows(dout, C), h, downSaved, m, false, r0);
+            p.down_proj.release(downSaved);
+            be.free(h);
+            const dgate = act(m * I),
+                dup = act(m * I);
+            be.swigluBackward(dgate, dup, dh, gate, up, m * I);
+            be.free(dh);
+            be.free(gate);
+            be.free(up);
+            this.gateUpBackward(rows(dxn, C), dgate, dup, xn, m, (name, dx, dy, x, accumulate) =>
+                p[name].backward(dx, dy, x, saved.get(name) ?? null, m, accumulate, r0)
+            );
+            for (const [name, s] of saved) p[name].release(s);
+        }
+        return dxn;
+    }
+
+    /** dxn (=) from d(gate) and d(up) (phi3: joined into d(gate_up) first); frees dgate and dup */
+    private gateUpBackward(
+        dxn: X["f"],
+        dgate: X["f"],
+        dup: X["f"],
+        xn: X["f"],
+        M: number,
+        back: (name: ProjName, dx: X["f"], dy: X["f"], x: X["f"], accumulate: boolean) => void
+    ): void {
+        const be = this.backend,
+            I = this.config.intermediateSize;
+        if (this.config.fusedProjections) {
+            const both = be.activation(M * 2 * I);
+            be.copyColumns(both, 2 * I, 0, dgate, I, 0, M, I);
+            be.copyColumns(both, 2 * I, I, dup, I, 0, M, I);
+            back("gate_up_proj", dxn, both, xn, false);
+            be.free(both);
+        } else {
+            back("gate_proj", dxn, dgate, xn, false);
+            back("up_proj", dxn, dup, xn, true);
+        }
+        be.free(dgate);
+        be.free(dup);
     }
 
     /** returns d(block input) from d(block output) */
@@ -992,25 +1129,17 @@ export class DecoderGraph<X extends TensorTypes> {
         const back = (name: ProjName, dx: X["f"], dy: X["f"], x: X["f"], accumulate: boolean) =>
             p[name].backward(dx, dy, x, a.saved.get(name) ?? null, N, accumulate);
         // MLP: out = h + down(silu(gate(xn2)) * up(xn2))
-        const dact = act(N * I);
-        back("down_proj", dact, dout, a.act, false);
-        const dgate = act(N * I),
-            dup = act(N * I);
-        be.swigluBackward(dgate, dup, dact, a.gate, a.up, N * I);
-        be.free(dact);
-        const dxn = act(N * C);
-        if (cfg.fusedProjections) {
-            const dGateUp = act(N * 2 * I);
-            be.copyColumns(dGateUp, 2 * I, 0, dgate, I, 0, N, I);
-            be.copyColumns(dGateUp, 2 * I, I, dup, I, 0, N, I);
-            back("gate_up_proj", dxn, dGateUp, a.xn2, false);
-            be.free(dGateUp);
-        } else {
-            back("gate_proj", dxn, dgate, a.xn2, false);
-            back("up_proj", dxn, dup, a.xn2, true);
-        }
-        be.free(dgate);
-        be.free(dup);
+        let dxn: X["f"];
+        if (a.gate && a.up && a.act) {
+            const dact = act(N * I);
+            back("down_proj", dact, dout, a.act, false);
+            const dgate = act(N * I),
+                dup = act(N * I);
+            be.swigluBackward(dgate, dup, dact, a.gate, a.up, N * I);
+            be.free(dact);
+            dxn = act(N * C);
+            this.gateUpBackward(dxn, dgate, dup, a.xn2, N, (name, dx, dy, x, accumulate) => back(name, dx, dy, x, accumulate));
+        } else dxn = this.mlpBackwardChunked(l, a.xn2, dout, N);
         const dh = act(N * C);
         be.rmsnormBackward(dh, dxn, a.h, layer.postNorm, a.rstd2, N, C);
         be.addInplace(dh, dout, N * C); // the residual stream

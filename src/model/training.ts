@@ -17,9 +17,10 @@ export class DecoderTrainer {
      */
     constructor(
         readonly model: DecoderModel,
-        private readonly dropoutClock: DropoutClock | null = null
+        private readonly dropoutClock: DropoutClock | null = null,
+        options: {mlpChunkRows?: number} = {}
     ) {
-        this.graph = model.hostGraph({trainFull: true});
+        this.graph = model.hostGraph({trainFull: true, ...options});
     }
 
     /** runs forward (and backward unless noBackward) on one micro-batch; parameter gradients accumulate */

@@ -16,7 +16,8 @@ import type {DeviceChoice} from "../backend/cuda.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {LORA_DEFAULTS, validateLoraConfig, type LoraConfig} from "../lora/config.js";
 import {matchTargets} from "../lora/targets.js";
-import {projHasBias, projNames, projShape, type ProjName} from "../model/weights.js";
+import {mlpChunkRows} from "../model/graph.js";
+import {projHasBias, projShape, type ProjName} from "../model/weights.js";
 import {optimizerOptionsFor, stateKindFor} from "../optim/adamw.js";
 import {linearModules} from "../peft/inject.js";
 import {NESTED_BLOCKSIZE} from "../quant/nf4.js";
@@ -384,7 +385,8 @@ function replayModel(
 interface BlockReplay {
     intermediates: number[];
     saved: number[];
-    out: number;
+    /** null: a recomputation whose MLP is left to the backward */
+    out: number | null;
 }
 
 /** what differs between the backends for the graph's allocations */
@@ -410,7 +412,6 @@ class StepReplay {
     private readonly qkNorm: boolean;
     /** phi3: qkv_proj / gate_up_proj outputs land in a temporary before they are split */
     private readonly fused: boolean;
-    private readonly names: readonly ProjName[];
     private readonly N: number;
     private readonly dropout: boolean;
 
@@ -431,7 +432,6 @@ class StepReplay {
         this.D = cfg.headDim;
         this.qkNorm = cfg.qkNorm;
         this.fused = cfg.fusedProjections;
-        this.names = projNames(cfg);
         this.N = B * T;
         this.dropout = train && lora.lora_dropout > 0;
     }
@@ -444,27 +444,78 @@ class StepReplay {
         return this.layers[l].find((p) => p.name === name)!;
     }
 
-    /** Projection.forward: drop(x) for the LoRA branch (freed at once), xa [M, r] kept for the backward */
-    private projForward(l: number, name: ProjName, block: BlockReplay): void {
-        const p = this.proj(l, name),
-            M = this.N;
+    /**
+     * Projection.forward of M rows: drop(x) for the LoRA branch (freed at once), xa [M, r] (and DoRA's inner) kept
+     * for the backward into `saved` (freed at once when not training)
+     */
+    private projForward(l: number, name: ProjName, saved: number[], M = this.N): void {
+        const p = this.proj(l, name);
         if (!p.lora) return;
         const xd = this.dropout ? this.act("block_activations", M * p.in) : null;
         const xa = this.act("block_activations", M * this.lora.r);
         if (this.lora.use_dora) {
             const inner = this.act("block_activations", M * p.out);
             if (xd !== null) this.mem.free(this.act("block_activations", M * p.out)); // lt
-            block.saved.push(inner);
+            saved.push(inner);
         }
         this.mem.free(xd);
-        if (this.train) block.saved.push(xa);
+        if (this.train) saved.push(xa);
         else this.mem.free(xa);
     }
 
-    /** Projection.backward: its temporaries, all freed before it returns */
-    private projBackward(l: number, name: ProjName): void {
-        const p = this.proj(l, name),
-            M = this.N;
+    /** Projection.saveForBackward of M rows: xa without the product (DoRA: the forward, into a freed output) */
+    private projSaveForBackward(l: number, name: ProjName, saved: number[], M: number): void {
+        const p = this.proj(l, name);
+        if (!p.lora) return;
+        if (this.lora.use_dora) {
+            const y = this.act("block_activations", M * p.out);
+            this.projForward(l, name, saved, M);
+            this.mem.free(y);
+            return;
+        }
+        const xd = this.dropout ? this.act("block_activations", M * p.in) : null;
+        saved.push(this.act("block_activations", M * this.lora.r));
+        this.mem.free(xd);
+    }
+
+    /**
+     * the MLP's gate and up products of M rows (phi3: into one temporary, then split); `keep`: their backward states
+     * go to `saved`, else each is freed as soon as its product is done (graph.ts projectRows)
+     */
+    private gateUpForward(l: number, saved: number[], M: number, keep = true): void {
+        const project = (name: ProjName) => {
+            const states: number[] = [];
+            this.projForward(l, name, states, M);
+            if (keep) saved.push(...states);
+            else for (const x of states) this.mem.free(x);
+        };
+        if (!this.fused) {
+            project("gate_proj");
+            project("up_proj");
+            return;
+        }
+        const both = this.act("block_activations", M * 2 * this.I);
+        project("gate_up_proj");
+        this.mem.free(both);
+    }
+
+    /** graph.ts gateUpBackward of M rows: frees dgate and dup */
+    private gateUpBackward(l: number, dgate: number, dup: number, M: number): void {
+        if (this.fused) {
+            const both = this.act("backward_temporaries", M * 2 * this.I);
+            this.projBackward(l, "gate_up_proj", M);
+            this.mem.free(both);
+        } else {
+            this.projBackward(l, "gate_proj", M);
+            this.projBackward(l, "up_proj", M);
+        }
+        this.mem.free(dgate);
+        this.mem.free(dup);
+    }
+
+    /** Projection.backward of M rows: its temporaries, all freed before it returns */
+    private projBackward(l: number, name: ProjName, M = this.N): void {
+        const p = this.proj(l, name);
         if (!p.lora) return;
         let scaled: number | null = null;
         if (this.lora.use_dora) {
@@ -478,8 +529,8 @@ class StepReplay {
         this.mem.free(dxa);
     }
 
-    /** `recompute`: the block again under checkpointing (its output is then a copy, not the next block's input) */
-    blockForward(l: number, recompute = false): BlockReplay {
+    /** graph.ts blockForward; `mlp` as its MlpMode ("backward": the recomputation under checkpointing) */
+    blockForward(l: number, mlp: "keep" | "chunked" | "backward"): BlockReplay {
         const {N, C, I, Hq, Hkv, D, B, T} = this;
         const a = (n: number) => this.act("block_activations", n);
         const stats = (n: number) => this.mem.alloc("block_activations", 4 * n);
@@ -496,23 +547,46 @@ class StepReplay {
             a(N * C), // h
             a(N * C), // xn2
             stats(N), // rstd2
-            a(N * I), // gate
-            a(N * I), // up
-            a(N * I) // act
+            ...(mlp === "keep" ? [a(N * I), a(N * I), a(N * I)] : []) // gate, up, act
         ];
         const block: BlockReplay = {
             intermediates,
             saved: [],
-            out: this.act(recompute ? "block_activations" : "block_inputs", N * C)
+            out: mlp === "backward" ? null : this.act("block_inputs", N * C)
         };
         if (this.lora.use_dora) this.doraScales(l);
-        for (const name of this.names) {
+        const attention = this.fused ? (["qkv_proj", "o_proj"] as const) : (["q_proj", "k_proj", "v_proj", "o_proj"] as const);
+        for (const name of attention) {
             // a fused projection's whole output exists while its forward runs, then is split and freed
-            const fusedOut = name === "qkv_proj" ? a(N * (Hq + 2 * Hkv) * D) : name === "gate_up_proj" ? a(N * 2 * I) : null;
-            this.projForward(l, name, block);
+            const fusedOut = name === "qkv_proj" ? a(N * (Hq + 2 * Hkv) * D) : null;
+            this.projForward(l, name, block.saved);
             this.mem.free(fusedOut);
         }
+        if (mlp === "keep") {
+            this.gateUpForward(l, block.saved, N);
+            this.projForward(l, "down_proj", block.saved);
+        } else if (mlp === "chunked")
+            for (const m of this.mlpChunks()) {
+                const gate = a(m * I),
+                    up = a(m * I);
+                this.gateUpForward(l, [], m, false);
+                const h = a(m * I);
+                this.mem.free(gate);
+                this.mem.free(up);
+                const kept: number[] = [];
+                this.projForward(l, "down_proj", kept, m);
+                for (const t of kept) this.mem.free(t);
+                this.mem.free(h);
+            }
         return block;
+    }
+
+    /** rows of each MLP chunk (graph.ts chunksOf) */
+    private mlpChunks(): number[] {
+        const rows = mlpChunkRows(this.I),
+            out: number[] = [];
+        for (let r = 0; r < this.N; r += rows) out.push(Math.min(rows, this.N - r));
+        return out;
     }
 
     /** DoRA's k and norm per projection, from a transient fp32 copy of W (cached until the optimizer step) */
@@ -534,26 +608,42 @@ class StepReplay {
         block.saved = [];
     }
 
-    /** graph.ts blockBackward: returns the handle of d(block input) */
-    blockBackward(l: number): number {
+    /** graph.ts blockBackward (`chunked`: the MLP recomputed chunk by chunk): returns the handle of d(block input) */
+    blockBackward(l: number, chunked: boolean): number {
         const {N, C, I, Hq, Hkv, D, B, T} = this;
         const t = (n: number) => this.act("backward_temporaries", n);
-        const dact = t(N * I);
-        this.projBackward(l, "down_proj");
-        const dgate = t(N * I),
-            dup = t(N * I);
-        this.mem.free(dact);
-        const dxn = t(N * C);
-        if (this.fused) {
-            const dGateUp = t(N * 2 * I);
-            this.projBackward(l, "gate_up_proj");
-            this.mem.free(dGateUp);
+        let dxn: number;
+        if (!chunked) {
+            const dact = t(N * I);
+            this.projBackward(l, "down_proj");
+            const dgate = t(N * I),
+                dup = t(N * I);
+            this.mem.free(dact);
+            dxn = t(N * C);
+            this.gateUpBackward(l, dgate, dup, N);
         } else {
-            this.projBackward(l, "gate_proj");
-            this.projBackward(l, "up_proj");
+            // graph.ts mlpBackwardChunked
+            dxn = t(N * C);
+            const a = (n: number) => this.act("block_activations", n);
+            for (const m of this.mlpChunks()) {
+                const saved: number[] = [];
+                const gate = a(m * I),
+                    up = a(m * I);
+                this.gateUpForward(l, saved, m);
+                const h = a(m * I);
+                const downSaved: number[] = [];
+                this.projSaveForBackward(l, "down_proj", downSaved, m);
+                const dh = t(m * I);
+                this.projBackward(l, "down_proj", m);
+                for (const x of downSaved) this.mem.free(x);
+                this.mem.free(h);
+                const dgate = t(m * I),
+                    dup = t(m * I);
+                for (const x of [dh, gate, up]) this.mem.free(x);
+                this.gateUpBackward(l, dgate, dup, m);
+                for (const x of saved) this.mem.free(x);
+            }
         }
-        this.mem.free(dgate);
-        this.mem.free(dup);
         const dh = t(N * C);
         const datt = t(N * Hq * D);
         this.projBackward(l, "o_proj");
@@ -624,13 +714,13 @@ class StepReplay {
         let x = x0;
         for (let l = 0; l < L; l++) {
             mem.phase = `forward, block ${l}`;
-            const a = this.blockForward(l);
+            const a = this.blockForward(l, this.train && !checkpoint ? "keep" : "chunked");
             if (!this.train) mem.free(x);
             else if (offload) {
                 mem.free(x);
                 inputs[l] = null;
             }
-            x = a.out;
+            x = a.out!;
             inputs.push(x);
             if (checkpoint || !this.train) {
                 this.release(a);
@@ -655,8 +745,8 @@ class StepReplay {
         for (let l = L - 1; l >= 0; l--) {
             mem.phase = `backward, block ${l}`;
             if (offload && l > 0) inputs[l - 1] = this.act("block_inputs", N * C);
-            const a = acts[l] ?? this.blockForward(l, true);
-            const dPrev = this.blockBackward(l);
+            const a = acts[l] ?? this.blockForward(l, "backward");
+            const dPrev = this.blockBackward(l, acts[l] === null);
             mem.free(dx);
             dx = dPrev;
             this.release(a);

@@ -1788,7 +1788,7 @@ for (const [M, K, ranks] of [
 /** the mask as the CPU addon draws it: keep / (1 - p) or 0 */
 function dropoutMask(seed: number, p: number, n: number): Float32Array {
     const mask = new Float32Array(n);
-    cpu().dropoutMask(mask, seed, p, n);
+    cpu().dropoutMask(mask, seed, p, n, 0);
     return mask;
 }
 
@@ -1825,6 +1825,12 @@ for (const {n, p, seed, tag} of DROPOUT_CASES) {
             const y = r.upload(Float32Array.from(x.v));
             r.be.dropout(y.t, y.t, seed, p, n);
             r.exact("in place (out = x): x * mask", r.get(y.t), want);
+            // a part of a larger tensor starting at element `first` draws that tensor's masks
+            const first = 3 * n + 7;
+            const part = dropoutMask(seed, p, first + n).subarray(first);
+            r.be.dropout(out, x.t, seed, p, n, first);
+            const wantPart = f64(r.io.round(Float32Array.from(x.v, (v, i) => v * part[i])));
+            r.exact("a part from element first: x * mask[first..]", r.get(out), wantPart);
         }
     });
     OP_CASES.push({
@@ -1846,6 +1852,16 @@ for (const {n, p, seed, tag} of DROPOUT_CASES) {
                 y.v.map((v, i) => v + x.v[i] * mask[i]),
                 {float32: 1e-6, bfloat16: BF16_OUT}
             );
+            // a part of a larger tensor starting at element `first` draws that tensor's masks
+            const first = 2 * n + 5;
+            const part = dropoutMask(seed, p, first + n).subarray(first);
+            const z = r.upload(new Float32Array(n));
+            r.be.dropoutAdd(z.t, x.t, seed, p, n, first);
+            const wantPart = x.v.map((v, i) => v * part[i]);
+            r.close("a part from element first: 0 += x * mask[first..]", r.get(z.t), wantPart, {
+                float32: 1e-6,
+                bfloat16: BF16_OUT
+            });
             r.exact("x untouched", r.get(x.t), x.v);
         }
     });
