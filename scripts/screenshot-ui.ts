@@ -31,7 +31,7 @@ try {
     // the run to compare with: a higher learning rate
     await fineTune({...common, learning_rate: 1e-3, warmup_steps: 6, save_steps: 60, output_dir: path.join(root, "lr-1e-3")});
     const app = await startUi({outputRoot: root, assetsDir: buildPage(path.join(tmp, "page"))});
-    const b = await openBrowser(undefined, {width: 1400, height: 1000, screenshotDir: path.dirname(values.out!)});
+    const b = await openBrowser(undefined, {width: 1400, height: 1250, screenshotDir: path.dirname(values.out!)});
     try {
         const page = b.page;
         await page.goto(app.base);
