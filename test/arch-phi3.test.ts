@@ -12,6 +12,7 @@ import {HfTokenizer} from "../src/tokenizer/index.js";
 import {
     checkAgainstReference,
     checkCacheDecoding,
+    checkFineTune,
     checkGgufInLlamaCpp,
     checkLoraGradients,
     checkQuantizedGguf,
@@ -132,6 +133,10 @@ test("phi3: GGUF f16 (arch phi3, attn_qkv, 2 x ff ffn_up, rope factors) and a Lo
 
 test("phi3: q8_0 and q4_k_m GGUF exports load in llama.cpp and match qlora on the encoded weights", async () => {
     await checkQuantizedGguf(SHORT_DIR, tmp, tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。"));
+});
+
+test("phi3: qlora train (QLoRA on the CPU, default targets) saves an adapter that chats through the template", async () => {
+    await checkFineTune(SHORT_DIR, tmp, "cpu");
 });
 
 fixtureTests("phi3", {llamaPrompt: "long"});

@@ -10,6 +10,7 @@ import {HfTokenizer} from "../src/tokenizer/index.js";
 import {
     checkAgainstReference,
     checkCacheDecoding,
+    checkFineTune,
     checkGgufInLlamaCpp,
     checkLoraGradients,
     checkQuantizedGguf,
@@ -87,6 +88,10 @@ test("qwen3: GGUF f16 (arch qwen3, attn_q_norm / attn_k_norm) and a LoRA GGUF ge
 
 test("qwen3: q8_0 and q4_k_m GGUF exports load in llama.cpp and match qlora on the encoded weights", async () => {
     await checkQuantizedGguf(DIR, tmp, tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。"));
+});
+
+test("qwen3: qlora train (QLoRA on the CPU, default targets) saves an adapter that chats through the template", async () => {
+    await checkFineTune(DIR, tmp, "cpu");
 });
 
 fixtureTests("qwen3", {llamaPrompt: "prompt"});

@@ -9,7 +9,7 @@ import {checkRankFits, LORA_DEFAULTS, loraScaling, validateLoraConfig, type Lora
 import {baseWeightF32, doraRowNorms, frozenBase, LoraLinear, type TrainableTensor} from "../lora/layer.js";
 import {matchTargets} from "../lora/targets.js";
 import type {DecoderModel} from "../model/decoder.js";
-import {expectedTensors, projectionIndex, projModule, projNames, type ProjName} from "../model/weights.js";
+import {expectedTensors, PROJ_NAMES, projectionIndex, projModule, projNames, type ProjName} from "../model/weights.js";
 
 export interface LoraModel {
     model: DecoderModel;
@@ -26,6 +26,17 @@ export function linearModules(cfg: ModelConfig): {name: string; layer: number; p
     for (let l = 0; l < cfg.numHiddenLayers; l++)
         for (const p of projNames(cfg)) out.push({name: projModule(l, p), layer: l, proj: p});
     return out;
+}
+
+/**
+ * The train config's targets on this model: its default (and any list of) all seven llama-family projections
+ * means every linear projection, which on a model with fused modules (phi3) are qkv_proj, o_proj, gate_up_proj
+ * and down_proj; anything else is matched as given (PEFT's rules: q_proj alone matches nothing on phi3).
+ */
+export function trainTargets(cfg: ModelConfig, targets: LoraConfig["target_modules"]): LoraConfig["target_modules"] {
+    const everyProjection =
+        Array.isArray(targets) && targets.length === PROJ_NAMES.length && PROJ_NAMES.every((p) => targets.includes(p));
+    return cfg.fusedProjections && everyProjection ? [...projNames(cfg)] : targets;
 }
 
 export interface ApplyLoraOptions {

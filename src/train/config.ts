@@ -80,7 +80,9 @@ export const TrainConfigSchema = z
         lora_alpha: z.number().positive("expected a positive number").default(32),
         target_modules: targetModules
             .default(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-            .describe('module names, a regex (full match) or "all-linear"'),
+            .describe(
+                'module names, a regex (full match) or "all-linear"; the default (every projection) means qkv_proj, o_proj, gate_up_proj, down_proj on phi3'
+            ),
         lora_dropout: unitInterval.default(0.05),
         bias: z.enum(["none", "all", "lora_only"]).default("none"),
         use_rslora: z.boolean().default(false),

@@ -19,7 +19,7 @@ import {matchTargets} from "../lora/targets.js";
 import {mlpChunkRows} from "../model/graph.js";
 import {projHasBias, projShape, type ProjName} from "../model/weights.js";
 import {optimizerOptionsFor, stateKindFor} from "../optim/adamw.js";
-import {linearModules} from "../peft/inject.js";
+import {linearModules, trainTargets} from "../peft/inject.js";
 import {NESTED_BLOCKSIZE} from "../quant/nf4.js";
 import type {TrainConfig} from "./config.js";
 
@@ -233,7 +233,7 @@ function projectionPlans(cfg: ModelConfig, lora: LoraConfig): ProjPlan[][] {
     const targets = new Set(
         matchTargets(
             modules.map((m) => m.name),
-            lora,
+            {...lora, target_modules: trainTargets(cfg, lora.target_modules)},
             cfg.modelType
         )
     );

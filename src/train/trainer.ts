@@ -16,7 +16,7 @@ import {readTextFile} from "../io/files.js";
 import {hubIdOfSnapshot} from "../io/hub.js";
 import {DataLoader, loadDataset, padTokenIdOf, type Batch, type PreparedDataset} from "../data/index.js";
 import {loadAdapter, saveAdapter} from "../peft/adapter-files.js";
-import {applyLora, trainableParametersLine, type LoraModel} from "../peft/inject.js";
+import {applyLora, trainableParametersLine, trainTargets, type LoraModel} from "../peft/inject.js";
 import {DecoderModel} from "../model/decoder.js";
 import {checkRowsFitContext} from "../model/training.js";
 import {LRScheduler, resolveWarmupSteps} from "../optim/schedule.js";
@@ -346,7 +346,7 @@ async function trainInOutputDir(
             {
                 r: config.r,
                 lora_alpha: config.lora_alpha,
-                target_modules: config.target_modules,
+                target_modules: trainTargets(model.config, config.target_modules),
                 lora_dropout: config.lora_dropout,
                 bias: config.bias,
                 use_rslora: config.use_rslora,

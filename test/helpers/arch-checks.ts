@@ -13,6 +13,7 @@ import os from "node:os";
 import path from "node:path";
 import {gguf} from "@huggingface/gguf";
 import {exportGguf, exportGgufLora} from "../../src/api/export-gguf.js";
+import {fineTune} from "../../src/api/train.js";
 import {f32ToHalf, halfToF32} from "../../src/backend/cpu.js";
 import {Rng} from "../../src/backend/rng.js";
 import {collate} from "../../src/data/index.js";
@@ -27,6 +28,7 @@ import {applyLora, type LoraModel} from "../../src/peft/inject.js";
 import {mergeAdapter} from "../../src/peft/merge.js";
 import {bitsAndBytesConfig, QLORA_BNB_DEFAULTS} from "../../src/quant/config.js";
 import {HfTokenizer} from "../../src/tokenizer/index.js";
+import {relL2} from "./fixtures.js";
 import {roundTripModel} from "./gguf-reference.js";
 import {llamaGreedy, llamaMeanKl, loadGguf} from "./llama-cpp.js";
 import {MODEL_DIR, REPO_ROOT} from "./paths.js";
@@ -211,6 +213,39 @@ export async function checkGgufInLlamaCpp(
 }
 
 /**
+ * qlora train on the model folder (QLoRA: the 4-bit base, the default targets = every linear projection of this
+ * architecture, the example data) for a few steps on `device`, then the saved adapter chats through the model's
+ * own chat template
+ */
+export async function checkFineTune(dir: string, tmp: string, device: "cpu" | "cuda"): Promise<void> {
+    const out = path.join(tmp, `train-${device}-${path.basename(dir)}`);
+    const result = await fineTune({
+        model: dir,
+        output_dir: out,
+        max_steps: 4,
+        logging_steps: 1,
+        max_seq_length: 64,
+        per_device_train_batch_size: 2,
+        learning_rate: 1e-3,
+        r: 4,
+        save_strategy: "no",
+        device
+    });
+    assert.ok(Number.isFinite(result.trainLoss) && Number.isFinite(result.lastLoss));
+    const cfg = (await DecoderModel.load(dir)).config;
+    const saved = JSON.parse(readFileSync(path.join(result.finalDir, "adapter_config.json"), "utf8"));
+    assert.deepEqual([...saved.target_modules].sort(), [...projNames(cfg)].sort(), "every linear projection, by PEFT's names");
+    const model = await DecoderModel.load(dir);
+    await loadAdapter(result.finalDir, model);
+    const tokenizer = await HfTokenizer.load(dir);
+    const prompt = tokenizer.encode(
+        tokenizer.applyChatTemplate([{role: "user", content: "Name a color."}], {addGenerationPrompt: true})
+    );
+    const reply = generate(model, prompt, {maxNewTokens: 8, greedy: true, eosTokenIds: [EOS]});
+    assert.ok(reply.newIds.length > 0);
+}
+
+/**
  * q8_0 and q4_k_m exports load in llama.cpp and give the distributions of qlora on the same encoded weights
  * (gguf-reference.ts roundTripModel: llama.cpp's per-tensor type choice, fused attn_qkv counted as attn_v)
  */
@@ -255,16 +290,6 @@ interface Greedy {
     adapter_output_ids: number[];
     long_prompt_ids?: number[];
     long_output_ids?: number[];
-}
-
-function relL2(a: Float32Array, b: Float32Array): number {
-    let num = 0,
-        den = 0;
-    for (let i = 0; i < a.length; i++) {
-        num += (a[i] - b[i]) ** 2;
-        den += b[i] ** 2;
-    }
-    return Math.sqrt(num / den);
 }
 
 async function readRef(dir: string) {
