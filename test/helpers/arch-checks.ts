@@ -34,7 +34,11 @@ import {llamaGreedy, llamaMeanKl, loadGguf} from "./llama-cpp.js";
 import {MODEL_DIR, REPO_ROOT} from "./paths.js";
 import {referenceForward, type Tensors} from "./reference-decoder.js";
 
-export const ARCH_FIXTURES = path.join(REPO_ROOT, "test", "fixtures", "arch");
+/** test/fixtures/arch of the checkout (the GPU machine runs the compiled tests from .device/js, two levels below it) */
+export const ARCH_FIXTURES =
+    [REPO_ROOT, path.join(REPO_ROOT, "..", "..")]
+        .map((root) => path.join(root, "test", "fixtures", "arch"))
+        .find((d) => existsSync(d)) ?? path.join(REPO_ROOT, "test", "fixtures", "arch");
 export const GENERATE_FIXTURES =
     "python3 scripts/references/make_arch_refs.py --tokenizer ../shared/models/tiny-qwen2 --out test/fixtures/arch " +
     "(on a machine with torch, transformers and peft; then commit the folder)";
