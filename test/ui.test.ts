@@ -259,6 +259,52 @@ describe("a run: start, live records, stop, resume, chat", () => {
     });
 });
 
+describe("a run of another process", () => {
+    test("qlora train in a terminal: listed as running there, not resumable here, its records followed from metrics.jsonl", async () => {
+        const dir = path.join(root, "from-cli");
+        const child = spawn(
+            process.execPath,
+            [
+                "--import",
+                TSX,
+                CLI,
+                "train",
+                ...Object.entries({...SHORT, max_steps: "200"}).map(([k, v]) => `--${k}=${v}`),
+                `--output_dir=${dir}`
+            ],
+            {cwd: REPO_ROOT, stdio: "ignore"}
+        );
+        const exited = new Promise<number | null>((resolve) => child.once("exit", resolve));
+        let reader: EventReader | null = null;
+        try {
+            // its first records
+            let run: RunSummary | undefined;
+            for (let i = 0; i < 300 && !(run && run.step >= 1); i++) {
+                await new Promise((r) => setTimeout(r, 200));
+                run = (await call<{runs: RunSummary[]}>(`${app.base}/api/runs`)).body.runs.find((r) => r.name === "from-cli");
+            }
+            assert.ok(run, "listed");
+            assert.equal(run.status, "running");
+            assert.match(run.elsewhere ?? "", new RegExp(`^pid ${child.pid} \\(qlora train\\)$`));
+            assert.equal(run.live, false);
+            assert.equal((await call(`${app.base}/api/runs/from-cli/stop`, {})).status, 409, "not this UI's to stop");
+            reader = new EventReader(`${app.base}/api/runs/from-cli/events`);
+            const snap = await reader.waitFor((e) => e.type === "snapshot", 10_000);
+            const had = (snap.event as Extract<RunEvent, {type: "snapshot"}>).records.filter((r) => r.type === "train").length;
+            const next = await reader.waitFor((e) => e.type === "record" && e.record.type === "train", 60_000);
+            assert.equal((next.event as Extract<RunEvent, {type: "record"}>).record.step, had + 1, "the next step, once");
+        } finally {
+            reader?.close();
+            child.kill("SIGINT");
+            await exited;
+        }
+        const after = await call<RunSummary>(`${app.base}/api/runs/from-cli`);
+        assert.equal(after.body.status, "stopped");
+        assert.equal(after.body.elsewhere, null);
+        assert.equal(after.body.resumable, true, "stopped with a checkpoint: this UI may resume it now");
+    });
+});
+
 describe("access", () => {
     test("a loopback UI needs no token and answers only loopback Host names", async () => {
         assert.equal(tokenFor("127.0.0.1"), null);

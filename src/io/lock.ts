@@ -125,6 +125,12 @@ function ownerLiveness(owner: LockOwner): "alive" | "dead" | "unknown" {
     return "alive";
 }
 
+/** the process that holds `dir`'s lock, when one does (a lock whose owner is certainly gone is no holder) */
+export async function folderLockHolder(dir: string): Promise<LockOwner | null> {
+    const lock = await readLock(path.join(dir, LOCK_FILE));
+    return lock.state === "held" && ownerLiveness(lock.owner) !== "dead" ? lock.owner : null;
+}
+
 /** creates the lock file with the owner's JSON in one step; false when a lock file exists */
 async function tryCreate(file: string, owner: LockOwner): Promise<boolean> {
     const tmp = `${file}.${randomBytes(8).toString("hex")}.tmp`;

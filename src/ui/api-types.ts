@@ -108,6 +108,8 @@ export interface RunSummary {
     error: string | null;
     /** ISO time of the start record */
     started: string | null;
+    /** the process that trains it when that is not this UI (`pid N (qlora train)`), else null */
+    elsewhere: string | null;
 }
 
 /** GET /api/runs/NAME/events: server-sent events, one JSON object per `data:` line */

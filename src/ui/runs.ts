@@ -8,10 +8,11 @@
 // command line shown for it. The child sends each metrics record over its IPC channel as it is written
 // (trainer.ts's onRecord, cli/commands/train.ts), and the UI forwards it to the pages as server-sent events.
 import {type ChildProcess, spawn} from "node:child_process";
-import {promises as fs} from "node:fs";
+import {type FSWatcher, promises as fs, watch} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import type http from "node:http";
+import {folderLockHolder} from "../io/lock.js";
 import {CHECKPOINT_PREFIX, listCheckpoints} from "../train/checkpoint.js";
 import {readMetrics, readMetricsForResume} from "../train/trainer.js";
 import {RequestError, writeEvent} from "../serve/server.js";
@@ -45,6 +46,8 @@ class RunHub {
     readonly pages = new Set<http.ServerResponse>();
     /** the child exited (resolves at once when there is none) */
     exited: Promise<void> = Promise.resolve();
+    /** a run that another process trains (the CLI): its metrics.jsonl followed while pages watch it */
+    tail: {watcher: FSWatcher; sent: number; timer: NodeJS.Timeout | null} | null = null;
 
     constructor(
         readonly name: string,
@@ -93,9 +96,20 @@ export class RunManager {
         return hub;
     }
 
+    /** metrics.jsonl of runs this UI does not run, by file, while its size and time stay the same (the list is polled) */
+    private readonly fileRecords = new Map<string, {key: string; records: MetricRecord[]}>();
+
     private async records(hub: RunHub): Promise<MetricRecord[]> {
         if (hub.records) return hub.records;
-        return readMetrics(path.join(hub.dir, "metrics.jsonl"), () => undefined);
+        const file = path.join(hub.dir, "metrics.jsonl");
+        const stat = await fs.stat(file).catch(() => null);
+        if (!stat) return [];
+        const key = `${stat.size}:${stat.mtimeMs}`;
+        const cached = this.fileRecords.get(file);
+        if (cached?.key === key) return cached.records;
+        const records = await readMetrics(file, () => undefined);
+        this.fileRecords.set(file, {key, records});
+        return records;
     }
 
     /** every run of the output root, the most recent first */
@@ -138,6 +152,9 @@ export class RunManager {
         // a run this UI saw end, then finished or resumed elsewhere: the folder says more than the memory
         if (!hub.child && end && status !== "finished") status = "finished";
         const latest = checkpoints.at(-1);
+        // a run trained by another process (`qlora train` in a terminal): running, and not this UI's to resume
+        const holder = hub.child ? null : await folderLockHolder(hub.dir);
+        if (holder) status = "running";
         return {
             name: hub.name,
             dir: hub.dir,
@@ -147,12 +164,13 @@ export class RunManager {
             lastLoss: num(train?.loss),
             evalLoss: num(evalRec?.eval_loss),
             adapter: hasFinal ? path.join(hub.dir, "final") : (latest?.dir ?? null),
-            resumable: !hub.child && !end && latest !== undefined && start !== undefined,
+            resumable: !hub.child && !holder && !end && latest !== undefined && start !== undefined,
             live: hub.child !== null || hub.status !== null,
             command: hub.command,
             exitCode: hub.exitCode,
             error: hub.error,
-            started: typeof start?.time === "string" ? start.time : null
+            started: typeof start?.time === "string" ? start.time : null,
+            elsewhere: holder ? `pid ${holder.pid} (${holder.command})` : null
         };
     }
 
@@ -224,13 +242,55 @@ export class RunManager {
             logs: hub.logs
         } satisfies RunEvent);
         hub.pages.add(res);
-        res.on("close", () => hub.pages.delete(res));
+        res.on("close", () => {
+            hub.pages.delete(res);
+            if (hub.pages.size === 0) this.untail(hub);
+        });
+        if (!hub.child && !hub.tail && (await folderLockHolder(hub.dir))) this.tailRun(hub, records.length);
+    }
+
+    /**
+     * follows a run another process trains: the records appended to its metrics.jsonl (the file is the only channel
+     * to a process this UI did not start) go to the pages, until its lock is released
+     */
+    private tailRun(hub: RunHub, sent: number): void {
+        const file = path.join(hub.dir, "metrics.jsonl");
+        const update = async () => {
+            if (!hub.tail) return;
+            hub.tail.timer = null;
+            const records = await this.records(hub);
+            for (const record of records.slice(hub.tail.sent)) hub.send({type: "record", record});
+            hub.tail.sent = records.length;
+            const summary = await this.summaryOf(hub, records);
+            if (summary.status !== "running") {
+                hub.send({type: "status", run: summary});
+                this.untail(hub);
+            }
+        };
+        try {
+            const watcher = watch(file, () => {
+                // one read per burst of appends
+                if (hub.tail && !hub.tail.timer) hub.tail.timer = setTimeout(() => void update(), 200);
+            });
+            watcher.on("error", () => this.untail(hub));
+            hub.tail = {watcher, sent, timer: null};
+        } catch {
+            // no metrics.jsonl yet: the page has the snapshot
+        }
+    }
+
+    private untail(hub: RunHub): void {
+        if (!hub.tail) return;
+        hub.tail.watcher.close();
+        if (hub.tail.timer) clearTimeout(hub.tail.timer);
+        hub.tail = null;
     }
 
     /** stops every run this UI started (each saves a checkpoint) and waits for them */
     async close(): Promise<void> {
         for (const hub of this.hubs.values()) {
             if (hub.child && hub.status === "running") hub.child.kill("SIGINT");
+            this.untail(hub);
             for (const res of hub.pages) res.end();
         }
         await Promise.all([...this.hubs.values()].map((h) => h.exited));

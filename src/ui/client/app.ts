@@ -172,6 +172,12 @@ function updateListedRun(rec: MetricRecord): void {
 async function refreshRuns(): Promise<void> {
     runs = (await api<{runs: RunSummary[]}>("/api/runs")).runs;
     for (const name of [...compared]) if (!runs.some((r) => r.name === name)) compared.delete(name);
+    // a run of another process sends no status of its own when it ends: the list's is newer
+    const listed = runs.find((r) => r.name === watched);
+    if (listed && current?.elsewhere && listed.status !== current.status) {
+        current = listed;
+        renderStatus();
+    }
     renderRuns();
 }
 
@@ -231,7 +237,7 @@ function renderStatus(): void {
     const lastTrain = records.filter((x) => x.type === "train").at(-1);
     const step = Math.max(r.step, lastStep?.step ?? 0);
     const total = lastStep?.total ?? r.totalSteps;
-    const parts = [r.status, `step ${step}${total ? `/${total}` : ""}`];
+    const parts = [r.elsewhere ? `${r.status} in ${r.elsewhere}` : r.status, `step ${step}${total ? `/${total}` : ""}`];
     if (lastTrain) parts.push(`loss ${formatNumber(lastTrain.loss as number)}`);
     if (r.status === "running" && total) parts.push(`ETA ${formatDuration(eta())}`);
     if (lastTrain && typeof lastTrain.tokens_per_second === "number")
@@ -239,7 +245,8 @@ function renderStatus(): void {
     const st = $("run-status");
     st.textContent = parts.join(" · ");
     st.className = `status st-${r.status}`;
-    ($("stop") as HTMLButtonElement).disabled = r.status !== "running";
+    // a run of another process is stopped where it runs (Ctrl+C there)
+    ($("stop") as HTMLButtonElement).disabled = r.status !== "running" || r.elsewhere !== null;
     ($("resume") as HTMLButtonElement).disabled = !r.resumable;
     $("run-command").textContent = r.command ?? "";
     $("run-error").textContent = r.error ?? "";
