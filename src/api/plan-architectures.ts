@@ -109,6 +109,43 @@ export const KNOWN_ARCHITECTURES: Record<string, Record<string, unknown>> = {
         torch_dtype: "bfloat16",
         sliding_window: null,
         tie_word_embeddings: false
+    },
+    "qwen3-8b": {
+        architectures: ["Qwen3ForCausalLM"],
+        model_type: "qwen3",
+        vocab_size: 151936,
+        hidden_size: 4096,
+        intermediate_size: 12288,
+        num_hidden_layers: 36,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        max_position_embeddings: 40960,
+        rope_theta: 1e6,
+        rms_norm_eps: 1e-6,
+        hidden_act: "silu",
+        torch_dtype: "bfloat16",
+        attention_bias: false,
+        tie_word_embeddings: false
+    },
+    // Phi-4-mini-instruct's sizes; its LongRoPE factors are left out (they change no size, only the positions)
+    "phi-4-mini": {
+        architectures: ["Phi3ForCausalLM"],
+        model_type: "phi3",
+        vocab_size: 200064,
+        hidden_size: 3072,
+        intermediate_size: 8192,
+        num_hidden_layers: 32,
+        num_attention_heads: 24,
+        num_key_value_heads: 8,
+        partial_rotary_factor: 0.75,
+        max_position_embeddings: 4096,
+        rope_theta: 10000,
+        rms_norm_eps: 1e-5,
+        hidden_act: "silu",
+        torch_dtype: "bfloat16",
+        sliding_window: null,
+        tie_word_embeddings: true
     }
 };
 
