@@ -232,6 +232,22 @@ describe("a run: start, live records, stop, resume, chat", () => {
         assert.equal((await call(`${app.base}/api/runs/a%2Fb`)).status, 400);
     });
 
+    test("a run started into a folder that holds an earlier run: the CLI's refusal, and the earlier run unchanged", async () => {
+        const from = reader.events.length;
+        const started = await call<RunSummary>(`${app.base}/api/runs`, {values: {...SHORT, output_dir: name}});
+        assert.equal(started.status, 201);
+        const {event} = await reader.waitFor((e) => e.type === "status" && e.run.exitCode !== null, 60_000, from);
+        const run = (event as Extract<RunEvent, {type: "status"}>).run;
+        assert.match(run.error ?? "", /--overwrite_output_dir true to replace it/);
+        assert.equal(run.exitCode, 1);
+        assert.equal(run.status, "finished", "the folder's run, not the refused one");
+        assert.equal(run.step, 10);
+        assert.equal(
+            (await call<{records: MetricRecord[]}>(`${app.base}/api/runs/${name}/metrics`)).body.records.length > 10,
+            true
+        );
+    });
+
     test("chat with the run's adapter through the openai client: the answer of qlora serve's handler", async () => {
         const client = new OpenAI({baseURL: `${app.base}/api/runs/${name}/v1`, apiKey: "unused", maxRetries: 0});
         const ask = {model: name, messages: [{role: "user" as const, content: "Name a color."}], max_tokens: 12, temperature: 0};

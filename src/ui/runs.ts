@@ -188,6 +188,14 @@ export class RunManager {
     async resume(name: string): Promise<RunSummary> {
         const hub = await this.existing(name);
         if (hub.child) throw this.busy(hub);
+        const holder = await folderLockHolder(hub.dir);
+        if (holder)
+            throw new RequestError(
+                409,
+                `run ${JSON.stringify(name)} is running in pid ${holder.pid} (${holder.command})`,
+                "name",
+                "run_busy"
+            );
         const metricsFile = path.join(hub.dir, "metrics.jsonl");
         const records = await readMetrics(metricsFile, () => undefined);
         const start = records.find((r) => r.type === "start");
@@ -329,6 +337,7 @@ export class RunManager {
         });
         hub.child = child;
         let lastError: string | null = null;
+        let wrote = false;
         const lines = (stream: NodeJS.ReadableStream) => {
             let rest = "";
             stream.setEncoding("utf8");
@@ -348,6 +357,7 @@ export class RunManager {
         lines(child.stderr!);
         child.on("message", (msg: {type?: string; record?: MetricRecord; step?: number; total?: number}) => {
             if (msg.type === "record" && msg.record) {
+                wrote = true;
                 hub.records ??= [];
                 hub.records.push(msg.record);
                 hub.send({type: "record", record: msg.record});
@@ -362,8 +372,15 @@ export class RunManager {
                 hub.status = code === 0 ? "finished" : code === 130 || code === 143 ? "stopped" : "failed";
                 if (hub.status === "failed")
                     hub.error = lastError ?? (signal ? `the training process was killed by ${signal}` : `exit status ${code}`);
+                // refused before it wrote anything (an earlier run in the folder, a bad dataset): the folder's own
+                // records and status stand, with the refusal as the run's error
+                if (!wrote) {
+                    hub.records = null;
+                    if (hub.status === "failed" && (await fs.stat(path.join(hub.dir, "metrics.jsonl")).catch(() => null)))
+                        hub.status = null;
+                }
                 await cleanup?.().catch(() => undefined);
-                hub.send({type: "status", run: await this.summaryOf(hub, hub.records ?? [])});
+                hub.send({type: "status", run: await this.summaryOf(hub, await this.records(hub))});
                 resolve();
             };
             child.once("error", (err) => {
