@@ -228,6 +228,11 @@ describe("a run: start, live records, stop, resume, chat", () => {
         assert.equal(run.totalSteps, 10);
         assert.ok(run.lastLoss !== null && run.lastLoss > 0);
         assert.ok(!list.body.runs.some((r) => r.name === "not-a-run"));
+        const report = await fetch(`${app.base}/api/runs/${name}/report.html`);
+        assert.equal(report.status, 200);
+        assert.match(await report.text(), /<html/);
+        assert.match(report.headers.get("content-security-policy") ?? "", /^sandbox allow-scripts; default-src 'none'/);
+        assert.equal((await fetch(`${app.base}/api/runs/not-a-run/report.html`)).status, 404);
         assert.equal((await call(`${app.base}/api/runs/nope`)).status, 404);
         assert.equal((await call(`${app.base}/api/runs/a%2Fb`)).status, 400);
     });

@@ -171,6 +171,16 @@ export function createUiServer(opts: UiServerOptions): UiServer {
             if (get && rest === "") return sendJson(res, 200, await runs.summary(name));
             if (get && rest === "/metrics") return sendJson(res, 200, {records: await runs.metrics(name)});
             if (get && rest === "/events") return runs.follow(name, res);
+            if (get && rest === "/report.html") {
+                await runs.summary(name);
+                // the run's report.html is one self-contained page with inline scripts: allowed for it alone, in a
+                // sandbox (an origin of its own: it reaches neither this API nor its cookie) and with no network
+                res.setHeader(
+                    "content-security-policy",
+                    "sandbox allow-scripts; default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
+                );
+                return sendFile(res, path.join(outputRoot, name, "report.html"));
+            }
             if (method === "POST" && rest === "/stop") {
                 await body(req);
                 return sendJson(res, 200, await runs.stop(name));

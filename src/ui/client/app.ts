@@ -249,6 +249,10 @@ function renderStatus(): void {
     ($("stop") as HTMLButtonElement).disabled = r.status !== "running" || r.elsewhere !== null;
     ($("resume") as HTMLButtonElement).disabled = !r.resumable;
     $("run-command").textContent = r.command ?? "";
+    // the report is written at each checkpoint and at the end
+    const report = $("run-report") as HTMLAnchorElement;
+    report.hidden = r.adapter === null;
+    report.href = apiUrl(runPath(r.name, "/report.html"));
     $("run-error").textContent = r.error ?? "";
     // chat: the run's adapter, once there is one
     const chatPanel = $("chat-panel");
