@@ -157,16 +157,18 @@ __device__ __forceinline__ const bf16* bkn_addr(const bf16* s, int ld, int n0, i
 }
 
 // ROWS rows of D bf16 from global (row r at g + (row0 + r) * row_stride) into a padded shared tile; rows at or
-// past `limit` are zero-filled
+// past `limit`, and before `lo`, are zero-filled (never read: a masked key's V row must be finite, as 0 * NaN in
+// P V is NaN)
 template <int ROWS, int D>
-__device__ __forceinline__ void load_rows(bf16* s, const bf16* g, int64_t row_stride, int row0, int limit, int tid) {
+__device__ __forceinline__ void load_rows(bf16* s, const bf16* g, int64_t row_stride, int row0, int limit, int tid,
+                                          int lo = 0) {
     constexpr int kChunks = D / 8, kLd = D + 8, kN = ROWS * kChunks;
     static_assert(kN % kThreads == 0, "tile size must be a multiple of the block's 16-byte copies");
 #pragma unroll
     for (int i = 0; i < kN / kThreads; i++) {
         int c = tid + i * kThreads;
         int r = c / kChunks, cc = c % kChunks;
-        bool ok = row0 + r < limit;
+        bool ok = row0 + r < limit && row0 + r >= lo;
         const bf16* src = ok ? g + (int64_t)(row0 + r) * row_stride + cc * 8 : g;
         cp_async16(s + r * kLd + cc * 8, src, ok);
     }
@@ -245,8 +247,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
 
     if (n_tiles > 0) {
         load_rows<BM, D>(sQ, qg, q_stride, m0, T, tid);
-        load_rows<BN, D>(sK, kv_rows(p.k, tile0 * BN), kv_stride, 0, S - tile0 * BN, tid);
-        load_rows<BN, D>(sV, kv_rows(p.v, tile0 * BN), kv_stride, 0, S - tile0 * BN, tid);
+        // keys outside [kbeg, kend) are hidden from every query of the tile: zero-filled, not read
+        load_rows<BN, D>(sK, kv_rows(p.k, tile0 * BN), kv_stride, 0, kend - tile0 * BN, tid, kbeg - tile0 * BN);
+        load_rows<BN, D>(sV, kv_rows(p.v, tile0 * BN), kv_stride, 0, kend - tile0 * BN, tid, kbeg - tile0 * BN);
         cp_async_commit();
         fetch_mask(tile0 * BN);
     }
@@ -258,8 +261,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
             sSeg[tid] = nxt_seg;
         }
         if (it + 1 < n_tiles) {
-            load_rows<BN, D>(sK + (buf ^ 1) * BN * LD, kv_rows(p.k, n0 + BN), kv_stride, 0, S - n0 - BN, tid);
-            load_rows<BN, D>(sV + (buf ^ 1) * BN * LD, kv_rows(p.v, n0 + BN), kv_stride, 0, S - n0 - BN, tid);
+            load_rows<BN, D>(sK + (buf ^ 1) * BN * LD, kv_rows(p.k, n0 + BN), kv_stride, 0, kend - n0 - BN, tid);
+            load_rows<BN, D>(sV + (buf ^ 1) * BN * LD, kv_rows(p.v, n0 + BN), kv_stride, 0, kend - n0 - BN, tid);
             cp_async_commit();
             fetch_mask(n0 + BN);
             cp_async_wait<1>();
@@ -464,10 +467,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const Params p) {
         if (!btab) return base + (((int64_t)b * p.S + n0) * p.Hkv + hk) * D;
         return base + ((int64_t)max(btab[n0 / BN], 0) * BN * p.Hkv + hk) * D;
     };
-    // rows at or past kend are zero-filled, never read: a paged row's later blocks need not exist
+    // rows at or past kend are zero-filled, never read: a paged row's later blocks need not exist; so are those
+    // before kbeg in the window's first tile (a cache may hold anything there, NaN included)
     auto load_kv = [&](int n0, int buf) {
-        load_rows<BN, D>(sK + buf * BN * LD, kv_rows(p.k, n0), kv_stride, 0, kend - n0, tid);
-        load_rows<BN, D>(sV + buf * BN * LD, kv_rows(p.v, n0), kv_stride, 0, kend - n0, tid);
+        load_rows<BN, D>(sK + buf * BN * LD, kv_rows(p.k, n0), kv_stride, 0, kend - n0, tid, kbeg - n0);
+        load_rows<BN, D>(sV + buf * BN * LD, kv_rows(p.v, n0), kv_stride, 0, kend - n0, tid, kbeg - n0);
     };
     int nxt_valid = 0;
     auto fetch_mask = [&](int n0) {
