@@ -718,7 +718,10 @@ const ATTN_SHAPES: AttnShape[] = [
         ]
     },
     {name: "decode T=1 past=12", B: 2, T: 1, S: 13, Hq: 4, Hkv: 4, D: 128, past: 12, fd: 0},
-    {name: "window 5 gqa", B: 2, T: 40, S: 40, Hq: 4, Hkv: 2, D: 64, past: 0, fd: 16, window: 5},
+    // at most 5 keys a query: dS = P (dP - D_i) cancels as in "packed seg", so D_i from the bf16 out decides the
+    // worst dq element (H100: maxRel 4.5e-2; emulating the kernel's bf16 out and dS in numpy gives 2e-2..5e-2 over
+    // 20 seeds, and a window one key wider in dq alone gives > 50)
+    {name: "window 5 gqa", B: 2, T: 40, S: 40, Hq: 4, Hkv: 2, D: 64, past: 0, fd: 16, window: 5, bf16GradTol: 6e-2},
     // windows across the CUDA kernels' 64-key tiles: whole tiles before the window are skipped
     {name: "window 70 over tiles", B: 1, T: 150, S: 150, Hq: 2, Hkv: 1, D: 128, past: 0, fd: 8, window: 70},
     {name: "window 64 = one tile", B: 1, T: 130, S: 130, Hq: 2, Hkv: 2, D: 64, past: 0, fd: 8, window: 64},
@@ -813,7 +816,11 @@ for (const s of ATTN_SHAPES) {
             }
             const out2 = r.out(B * T * Hq * D);
             r.be.attention(out2, null, q.t, k.t, v.t, kv, seg, B, T, S, Hq, Hkv, D, past, a.scale, null, a.window);
-            r.exact("lse=null: same out", r.get(out2), got);
+            // T = 1 without lse is CUDA's split-KV decode kernel, whose chunks and warps keep maxima of their own, so
+            // P rounds to bf16 otherwise than in the forward kernel once the keys span several warps (H100, S = 141:
+            // 238 of 1,024 outputs a few bf16 ulps apart): there the reference's tolerance, elsewhere the same numbers
+            if (T === 1) r.close("lse=null: out", r.get(out2), ref.out, {float32: 1e-5, bfloat16: BF16_OUT});
+            else r.exact("lse=null: same out", r.get(out2), got);
         }
     });
     // the backward trains on whole sequences: no cache
