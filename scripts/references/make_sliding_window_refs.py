@@ -23,9 +23,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_arch_refs as arch  # noqa: E402
 
 WINDOW = 4
+HEAD_DIM = 16
+ROPE_THETA = 10000.0
 
 
-def mistral_sw_config():
+def mistral_sw_rope():
+    """the rope settings in both spellings make_arch_refs.make tries: transformers 4's rope_theta, 5's rope_parameters"""
+    return [
+        {"rope_theta": ROPE_THETA},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}},
+    ]
+
+
+def mistral_sw_expected_rope():
+    """the inverse frequencies and attention scaling of plain RoPE over the whole head (what make's check wants)"""
+    import torch
+
+    shape = torch.arange(0, HEAD_DIM, 2, dtype=torch.int64).float() / HEAD_DIM
+    return 1.0 / (ROPE_THETA**shape), 1.0
+
+
+def mistral_sw_config(rope=None):
     from transformers import MistralConfig
 
     # head_dim 16 != hidden_size / num_attention_heads = 8; grouped-query heads; untied embeddings
@@ -36,32 +54,43 @@ def mistral_sw_config():
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=HEAD_DIM,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
         sliding_window=WINDOW,
         tie_word_embeddings=False,
         bos_token_id=arch.EOS,
         eos_token_id=arch.EOS,
         architectures=["MistralForCausalLM"],
+        **(rope or mistral_sw_rope()[0]),
     )
 
 
+# what make_arch_refs.make reads: config(rope) for each of rope()'s spellings until check_rope accepts one
 SPEC = {
     "config": mistral_sw_config,
+    "rope": mistral_sw_rope,
     "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "chat_template": None,
     "long": False,
 }
 
 
-def check_window_applies(out):
+def check_rope_of_mistral_sw():
+    """make_arch_refs.check_rope takes its expectation from expected_rope(name), which knows qwen3 and phi3 only
+    (any other name gets phi3's): give it mistral-sw's plain RoPE"""
+    known = getattr(arch, "expected_rope", None)
+    if known is not None:
+        arch.expected_rope = lambda name: mistral_sw_expected_rope() if name == "mistral-sw" else known(name)
+
+
+def check_window_applies(out, tokenizer_dir):
     """the saved model's logits must change when the window is lifted: otherwise the fixture tests nothing"""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(out)
+    # tiny-qwen2's tokenizer: make() may leave tokenizer.json out of the fixture
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = tok(arch.PROMPT, return_tensors="pt").input_ids
     assert ids.shape[1] > 2 * WINDOW, f"the prompt ({ids.shape[1]} tokens) must be longer than the window"
     with torch.no_grad():
@@ -90,9 +119,10 @@ def main():
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     print(" ".join(f"{k} {v}" for k, v in versions.items()))
     os.makedirs(args.out, exist_ok=True)
+    check_rope_of_mistral_sw()
     arch.make("mistral-sw", SPEC, args.tokenizer, args.out, versions)
     out = os.path.join(args.out, "mistral-sw")
-    diff = check_window_applies(out)
+    diff = check_window_applies(out, args.tokenizer)
     with open(os.path.join(out, "README.md"), "a") as f:
         f.write(
             f"- made by `scripts/references/make_sliding_window_refs.py` (make_arch_refs.make): sliding_window {WINDOW}, "
