@@ -8,7 +8,9 @@ nothing is downloaded: the models are built from config dicts here, the tokenize
 
 For each model it writes test/fixtures/arch/<name>/:
     config.json, model.safetensors (bf16), generation_config.json   the model, as save_pretrained writes it
-    tokenizer.json, tokenizer_config.json                           tiny-qwen2's tokenizer (phi3: a Phi-3 chat template)
+    tokenizer_config.json   tiny-qwen2's (phi3: with a Phi-3-style chat template); tiny-qwen2's tokenizer.json is
+                            used to make the references and then removed (1.2 MB, the same as models/tiny-qwen2's:
+                            the tests put it back beside a copy of the folder)
     reference.safetensors   input_ids, labels [1, T] (int64); logits [P, V] f32 at logit_positions [P] (int64) of
                             the fp32 forward (bf16 weights upcast, eager attention); loss [1] (labels: -100 on the
                             first 3 positions); phi3 also long_input_ids [1, T2] with T2 > original context and
@@ -16,7 +18,8 @@ For each model it writes test/fixtures/arch/<name>/:
     greedy.json             prompt_ids, output_ids (prompt + 16 greedy tokens, no eos stop), adapter_output_ids (the
                             same with the LoRA adapter), the smallest top-1/top-2 logit margin on the way; phi3 also
                             long_prompt_ids / long_output_ids
-    chat.json               messages, prompt_ids (apply_chat_template, add_generation_prompt), output_ids (+16 greedy)
+    chat.json               messages, prompt_ids (apply_chat_template, add_generation_prompt), output_ids (+16 greedy;
+                            phi3's run passes the original context on the way: see greedy())
     adapter/                a PEFT LoRA (r=4, alpha 8, every linear module by its PEFT name, B nonzero:
                             init_lora_weights=False), save_pretrained
     lora_grads.safetensors  d loss / d every lora_A, lora_B (PEFT's saved names) of one loss.backward() on `labels`,
@@ -25,9 +28,10 @@ For each model it writes test/fixtures/arch/<name>/:
                             compute fp32) and saved: config.json + model.safetensors
     README.md               the versions used and this list
 
-Weights are drawn with a fixed seed and scaled so that logits are well spread (embedding N(0, 1), projections
-N(0, 1/in), norms 1 + N(0, 0.2)): greedy choices then have margins far above the fp32 tolerance. A seed whose
-greedy run has a top-1/top-2 margin below MIN_MARGIN is skipped for the next one (the seed used is in README.md).
+Weights are drawn with a fixed seed and scaled so that logits are well spread and greedy text does not just repeat
+its last token (embedding N(0, 0.3^2), projections N(0, 4/in), norms 1 + N(0, 0.2^2); with a larger tied embedding
+every position predicts its own token). A seed whose greedy runs have a top-1/top-2 logit margin below MIN_MARGIN
+is skipped for the next one (the seed used is in README.md), so that the fp32 tolerance cannot flip a choice.
 """
 
 import argparse
@@ -55,7 +59,31 @@ VOCAB = 16384
 EOS = 16381
 
 
-def qwen3_config():
+# transformers 4 takes rope_theta / rope_scaling, 5 rope_parameters (and converts the old keys, mostly): each
+# config is tried in both spellings and the first whose rotary embedding is the intended one is used (check_rope)
+def qwen3_rope():
+    return [
+        {"rope_theta": 1000000.0},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+    ]
+
+
+def phi3_rope():
+    rotary_half = 16  # head_dim 64 x partial_rotary_factor 0.5 / 2
+    factors = {
+        "short_factor": [1.0 + 0.05 * i for i in range(rotary_half)],
+        "long_factor": [1.0 + 0.75 * i for i in range(rotary_half)],
+    }
+    return [
+        {"rope_theta": 10000.0, "rope_scaling": {"type": "longrope", **factors}, "partial_rotary_factor": 0.5},
+        {
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, **factors},
+            "partial_rotary_factor": 0.5,
+        },
+    ]
+
+
+def qwen3_config(rope):
     from transformers import Qwen3Config
 
     # head_dim 64 != hidden_size / num_attention_heads = 8; q_norm / k_norm; no biases
@@ -69,20 +97,19 @@ def qwen3_config():
         head_dim=64,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
         tie_word_embeddings=True,
         attention_bias=False,
         use_sliding_window=False,
         bos_token_id=EOS,
         eos_token_id=EOS,
         architectures=["Qwen3ForCausalLM"],
+        **rope,
     )
 
 
-def phi3_config():
+def phi3_config(rope):
     from transformers import Phi3Config
 
-    rotary_half = 16  # head_dim 64 x partial_rotary_factor 0.5 / 2
     return Phi3Config(
         vocab_size=VOCAB,
         hidden_size=128,
@@ -92,13 +119,6 @@ def phi3_config():
         num_key_value_heads=1,
         max_position_embeddings=256,
         original_max_position_embeddings=40,
-        partial_rotary_factor=0.5,
-        rope_theta=10000.0,
-        rope_scaling={
-            "type": "longrope",
-            "short_factor": [1.0 + 0.05 * i for i in range(rotary_half)],
-            "long_factor": [1.0 + 0.75 * i for i in range(rotary_half)],
-        },
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         resid_pdrop=0.0,
@@ -109,23 +129,52 @@ def phi3_config():
         eos_token_id=EOS,
         pad_token_id=None,
         architectures=["Phi3ForCausalLM"],
+        **rope,
     )
+
+
+def expected_rope(name):
+    """inverse frequencies (the short table for phi3) and attention scaling the configs above mean"""
+    if name == "qwen3":
+        dim, base, factors, scaling = 64, 1000000.0, [1.0] * 32, 1.0
+    else:
+        dim, base, factors = 32, 10000.0, phi3_rope()[0]["rope_scaling"]["short_factor"]
+        scaling = math.sqrt(1 + math.log(256 / 40) / math.log(40))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**shape), scaling
+
+
+def check_rope(name, model):
+    """whether transformers built the rotary embedding the config means (rope keys understood, partial rotary)"""
+    rotary = model.model.rotary_emb
+    inv_freq, scaling = expected_rope(name)
+    got = rotary.inv_freq.detach().float().cpu()
+    return got.shape == inv_freq.shape and torch.allclose(got, inv_freq, rtol=1e-6) and abs(rotary.attention_scaling - scaling) < 1e-6
 
 
 MODELS = {
     "qwen3": {
         "config": qwen3_config,
+        "rope": qwen3_rope,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "chat_template": None,
         "long": False,
     },
     "phi3": {
         "config": phi3_config,
+        "rope": phi3_rope,
         "targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         "chat_template": PHI3_CHAT_TEMPLATE,
         "long": True,
     },
 }
+
+
+def fp32():
+    """the dtype keyword of from_pretrained / from_config: dtype in transformers 5, torch_dtype before"""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
 
 
 def scaled_init(model, seed):
@@ -136,29 +185,55 @@ def scaled_init(model, seed):
             if name.endswith("norm.weight"):
                 v = 1.0 + 0.2 * z
             elif "embed_tokens" in name:
-                v = z
+                v = 0.3 * z
             elif p.dim() == 2:
-                v = z / math.sqrt(p.shape[1])
+                v = 2.0 * z / math.sqrt(p.shape[1])
             else:
                 v = 0.1 * z
             # the bf16 values the checkpoint will hold, so the fp32 reference runs on exactly those
             p.copy_(v.to(torch.bfloat16).to(torch.float32))
 
 
-def greedy(model, ids, new_tokens):
-    """greedy continuation without an eos stop, and the smallest top-1/top-2 margin of its steps"""
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    margin = min(float(torch.topk(s[0], 2).values[0] - torch.topk(s[0], 2).values[1]) for s in out.scores)
-    return out.sequences[0].tolist(), margin
+def greedy(model, ids, new_tokens, refill_at=None):
+    """
+    greedy continuation without an eos stop, one token a step over a KV cache as generate() runs it, and the
+    smallest top-1/top-2 margin of its steps. refill_at (phi3: original_max_position_embeddings): the step whose
+    cache holds that many positions runs the whole sequence again without a cache, on long_factor's table, as
+    Phi3ForCausalLM.prepare_inputs_for_generation means to ("enforce re-compute cache"). transformers 5's generate()
+    drops the cache there but then feeds only the last token (its input_ids are sliced by cache_position even
+    without a cache), so from then on each token is predicted from the one before it alone: that is not followed.
+    Runs that never reach refill_at are checked against generate() itself.
+    """
+    from transformers import DynamicCache
+
+    seq = ids[0].tolist()
+    margins = []
+    refilled = False
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        for step in range(new_tokens):
+            top = torch.topk(logits, 2).values
+            margins.append(float(top[0] - top[1]))
+            seq.append(int(logits.argmax()))
+            if step == new_tokens - 1:
+                break
+            past = cache.get_seq_length()
+            if refill_at is not None and past == refill_at:
+                refilled = True
+                cache = DynamicCache(config=model.config)
+                logits = model(torch.tensor([seq]), past_key_values=cache, use_cache=True).logits[0, -1]
+            else:
+                step_ids = torch.tensor([[seq[-1]]])
+                logits = model(
+                    step_ids, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[past]])
+                ).logits[0, -1]
+    if not refilled:
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+        assert out[0].tolist() == seq, "the step-by-step greedy run differs from generate()"
+    return seq, min(margins)
 
 
 def write_tokenizer(src, out, chat_template):
@@ -199,23 +274,32 @@ def make(name, spec, tokenizer_dir, out_root, versions):
         chat_ids = chat_ids["input_ids"]
     assert prompt.shape[1] > 8
 
+    for rope in spec["rope"]():
+        cfg = spec["config"](rope)
+        if check_rope(name, AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **fp32())):
+            break
+        print(f"{name}: transformers {versions['transformers']} reads {sorted(rope)} otherwise, trying the other spelling", file=sys.stderr)
+    else:
+        raise SystemExit(f"{name}: no spelling of the rope settings gives the intended rotary embedding")
     for seed in range(100):
         torch.manual_seed(seed)
-        cfg = spec["config"]()
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+        cfg = spec["config"](rope)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **fp32())
         scaled_init(model, seed)
         model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", **fp32())
+        assert check_rope(name, model), "the saved config.json reloads with another rotary embedding"
         model.eval()
         model.generation_config.eos_token_id = None
-        output_ids, margin = greedy(model, prompt, NEW_TOKENS)
+        refill_at = getattr(cfg, "original_max_position_embeddings", None) if spec["long"] else None
+        output_ids, margin = greedy(model, prompt, NEW_TOKENS, refill_at)
         margins = [margin]
         if spec["long"]:
             original = cfg.original_max_position_embeddings
             assert prompt.shape[1] + NEW_TOKENS <= original < long_prompt.shape[1], "prompt lengths vs the original context"
-            long_output_ids, m = greedy(model, long_prompt, NEW_TOKENS)
+            long_output_ids, m = greedy(model, long_prompt, NEW_TOKENS, refill_at)
             margins.append(m)
-        chat_output_ids, m = greedy(model, chat_ids, NEW_TOKENS)
+        chat_output_ids, m = greedy(model, chat_ids, NEW_TOKENS, refill_at)
         margins.append(m)
         if min(margins) >= MIN_MARGIN:
             break
@@ -267,7 +351,7 @@ def make(name, spec, tokenizer_dir, out_root, versions):
             grads[pname.replace(".default", "")] = p.grad.detach().to(torch.float32).contiguous()
     save_file(grads, os.path.join(out, "lora_grads.safetensors"))
     peft_model.eval()
-    adapter_output_ids, m = greedy(peft_model, prompt, NEW_TOKENS)
+    adapter_output_ids, m = greedy(peft_model, prompt, NEW_TOKENS, refill_at)
     greedy_json["adapter_output_ids"] = adapter_output_ids
     greedy_json["min_margin"] = min(margins + [m])
     with open(os.path.join(out, "greedy.json"), "w") as f:
@@ -275,9 +359,10 @@ def make(name, spec, tokenizer_dir, out_root, versions):
         f.write("\n")
 
     bnb_note = save_bnb(out)
+    os.remove(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(readme(name, spec, versions, seed, greedy_json["min_margin"], bnb_note))
-    print(f"{name}: seed {seed}, loss {float(loss):.5f}, LoRA loss {float(lora_loss):.5f}, margin {greedy_json['min_margin']:.3f}")
+    print(f"{name}: seed {seed}, loss {loss.item():.5f}, LoRA loss {lora_loss.item():.5f}, margin {greedy_json['min_margin']:.3f}")
 
 
 def save_bnb(out):
@@ -295,7 +380,7 @@ def save_bnb(out):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    m = AutoModelForCausalLM.from_pretrained(out, quantization_config=q, dtype=torch.float32, device_map={"": 0})
+    m = AutoModelForCausalLM.from_pretrained(out, quantization_config=q, device_map={"": 0}, **fp32())
     m.save_pretrained(os.path.join(out, "bnb-4bit"), safe_serialization=True)
     return "bnb-4bit/: from_pretrained(quantization_config=nf4 + double quant, compute float32) then save_pretrained"
 

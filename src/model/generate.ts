@@ -4,8 +4,9 @@
 import {QloraError} from "../errors.js";
 import {Rng} from "../backend/rng.js";
 import type {TokenPick} from "../backend/sampling.js";
-import type {CausalLm, LmCache, LmForwardOptions} from "./causal-lm.js";
+import {truncateCacheRow, type CausalLm, type LmCache, type LmForwardOptions} from "./causal-lm.js";
 import {cacheWindow, kvPeakBlocks} from "./graph.js";
+import {longropeOriginalContext} from "./rope.js";
 
 export interface SamplingOptions {
     /** greedy decoding (argmax); otherwise sampling */
@@ -200,6 +201,8 @@ export class SlotDecoder {
     /** rows[i] occupies cache row i */
     private readonly rows: ActiveRow[] = [];
     private readonly eos: Set<number>;
+    /** longrope: the cache length from which a row's step runs its whole sequence again (refill), else null */
+    private readonly refillAt: number | null;
 
     constructor(
         readonly model: CausalLm,
@@ -216,6 +219,8 @@ export class SlotDecoder {
         if (!(Number.isSafeInteger(slots) && slots >= 1)) throw new Error(`SlotDecoder: slots must be >= 1 (got ${slots})`);
         this.cache = model.newCache(slots, capacity, blocks);
         this.eos = new Set(eosTokenIds ?? model.config.eosTokenIds);
+        // without original_max_position_embeddings transformers never switches (it compares with the context)
+        this.refillAt = longropeOriginalContext(model.config) ?? null;
     }
 
     get active(): number {
@@ -292,7 +297,20 @@ export class SlotDecoder {
         const B = this.rows.length;
         if (B === 0) return out;
         const input = Int32Array.from(this.rows, (r) => r.result.newIds[r.result.newIds.length - 1]);
+        const crossing = this.rows.flatMap((_, b) => (this.cache.lengths[b] === this.refillAt ? [b] : []));
         const ids = this.next(this.rows, input, B, 1, {cache: this.cache, logitRows: Array.from({length: B}, (_, b) => b)});
+        // longrope (Phi-3): the step whose sequence first passes the original context runs the whole sequence again
+        // on long_factor's table, as Phi3ForCausalLM.prepare_inputs_for_generation drops the cache there; that row's
+        // token of the batched step (over keys rotated by the short table) is replaced
+        for (const b of crossing) {
+            const seq = this.rows[b].result.outputIds;
+            truncateCacheRow(this.cache, b, 0);
+            [ids[b]] = this.next([this.rows[b]], Int32Array.from(seq), 1, seq.length, {
+                cache: this.cache,
+                firstRow: b,
+                logitRows: [seq.length - 1]
+            });
+        }
         const ended: number[] = [];
         this.rows.forEach((row, b) => {
             if (this.accept(row, ids[b])) ended.push(b);

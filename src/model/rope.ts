@@ -158,12 +158,19 @@ function yarnFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, d
     return {invFreq, attentionScaling};
 }
 
+/**
+ * longrope's pretrained context: original_max_position_embeddings (top level in transformers 4, inside
+ * rope_parameters in 5), undefined when the config has none; null for other rope types
+ */
+export function longropeOriginalContext(cfg: ModelConfig): number | undefined | null {
+    if (cfg.ropeScaling?.type !== "longrope") return null;
+    const topLevel = cfg.raw.original_max_position_embeddings;
+    return typeof topLevel === "number" && topLevel > 0 ? topLevel : cfg.ropeScaling.originalMaxPositionEmbeddings;
+}
+
 function longropeFrequencies(cfg: ModelConfig, scaling: RopeScaling, base: number, dim: number): RopeFrequencies {
-    // Phi-3 keeps the pretrained context in original_max_position_embeddings (top level in transformers 4, inside
-    // rope_parameters in 5); then the ratio of the extended to the pretrained context is the factor
-    const topLevelOriginal = cfg.raw.original_max_position_embeddings;
-    const original =
-        typeof topLevelOriginal === "number" && topLevelOriginal > 0 ? topLevelOriginal : scaling.originalMaxPositionEmbeddings;
+    // Phi-3: then the ratio of the extended to the pretrained context is the factor
+    const original = longropeOriginalContext(cfg) ?? undefined;
     let factor = scaling.factor;
     let originalMaxPositions = cfg.maxPositionEmbeddings;
     if (original !== undefined) {
