@@ -6,6 +6,7 @@
 //
 //   node bench/gpu.js [--models qwen2-0.5b,qwen2-7b] [--modes qlora,lora] [--shape 4x512] [--steps 10]
 //                     [--dir /tmp/models] [--peer path/to/peer_lora.py] [--offload] [--profile] [--longest GiB]
+//                     [--warmup 3]
 // A shape past the architecture's max_position_embeddings runs on a copy of its config with the context raised
 // (the weights are links; RoPE extends as it does with a larger max_position_embeddings).
 // --longest GiB: instead of --shape, batch 1 at the longest sequence (a multiple of 1024, at most 131,072) whose
@@ -29,7 +30,7 @@ const models = arg("models", "qwen2-0.5b,qwen2-7b").split(",");
 const modes = arg("modes", "qlora,lora").split(",");
 const [bs, seq] = arg("shape", "4x512").split("x").map(Number);
 const steps = Number(arg("steps", "10")),
-    warmup = 3;
+    warmup = Number(arg("warmup", "3"));
 const dir = arg("dir", "/tmp/models");
 const peer = arg("peer", "");
 const offload = process.argv.includes("--offload");
