@@ -5,7 +5,9 @@
 // test/fixtures/arch/phi3 (made by scripts/references/make_arch_refs.py) against transformers and peft.
 import {before, test} from "node:test";
 import assert from "node:assert/strict";
+import {cp, readFile, writeFile} from "node:fs/promises";
 import path from "node:path";
+import {gguf} from "@huggingface/gguf";
 import {exportGguf} from "../src/api/export-gguf.js";
 import type {DecoderModel} from "../src/model/decoder.js";
 import {HfTokenizer} from "../src/tokenizer/index.js";
@@ -21,6 +23,10 @@ import {
     syntheticModel,
     tempDir
 } from "./helpers/arch-checks.js";
+import {loadGguf} from "./helpers/llama-cpp.js";
+
+/** Phi-4-mini's tokenizer.json Split regex (tiktoken's o200k_base pattern) */
+const O200K_SPLIT = String.raw`[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+`;
 
 const tmp = tempDir("qlora-phi3-");
 
@@ -137,6 +143,41 @@ test("phi3: q8_0 and q4_k_m GGUF exports load in llama.cpp and match qlora on th
 
 test("phi3: qlora train (QLoRA on the CPU, default targets) saves an adapter that chats through the template", async () => {
     await checkFineTune(SHORT_DIR, tmp, "cpu");
+});
+
+test("phi3: Phi-4-mini's o200k pre-tokenizer is written as llama.cpp's gpt-4o, which splits text as the tokenizer does", async () => {
+    // tiny-qwen2's vocabulary behind Phi-4-mini's Split regex. Its merges never join digits (Qwen2 splits them one
+    // by one), so one token becomes "12" with the first merge "1 2": o200k's groups of three digits then tokenize
+    // differently from Qwen2's split, and a tokenizer that split like Qwen2 would be caught
+    const dir = path.join(tmp, "tiny-o200k");
+    await cp(SHORT_DIR, dir, {recursive: true});
+    const json = JSON.parse(await readFile(path.join(dir, "tokenizer.json"), "utf8"));
+    const vocab = json.model.vocab as Record<string, number>;
+    const reused = Object.keys(vocab).find((k) => vocab[k] === 16380)!;
+    delete vocab[reused];
+    vocab["12"] = 16380;
+    json.model.merges.unshift(["1", "2"]);
+    await writeFile(path.join(dir, "tokenizer.json"), JSON.stringify(json));
+    const qwenSplit = await HfTokenizer.load(dir);
+    json.pre_tokenizer.pretokenizers[0].pattern.Regex = O200K_SPLIT;
+    await writeFile(path.join(dir, "tokenizer.json"), JSON.stringify(json));
+    const out = path.join(tmp, "o200k.gguf");
+    await exportGguf({modelDir: dir, outtype: "f16", out, name: "qlora test model"});
+    const md = (await gguf(out, {allowLocalFile: true})).metadata as unknown as Record<string, unknown>;
+    assert.equal(md["tokenizer.ggml.pre"], "gpt-4o");
+    const ours = await HfTokenizer.load(dir);
+    const llama = await loadGguf(out);
+    try {
+        const texts = ["Don't SHOUT, I'm here!  12345 apples\n\nNew line's end", "CamelCaseWords and mixedUP text 3.14159, 412"];
+        for (const text of texts) {
+            const theirs = Array.from(llama.tokenize(text)).map(Number);
+            assert.deepEqual(theirs, ours.encode(text), text);
+        }
+        assert.ok(ours.encode(texts[0]).includes(16380), "o200k's split lets the 1 2 merge happen");
+        assert.notDeepEqual(ours.encode(texts[0]), qwenSplit.encode(texts[0]), "the control: Qwen2's split tokenizes otherwise");
+    } finally {
+        await llama.dispose();
+    }
 });
 
 fixtureTests("phi3", {llamaPrompt: "long"});
