@@ -39,8 +39,8 @@ test("the scan sees every registration form and follows the argument helpers", (
     assert.equal(counts("cpu", "quantize4bitBf16"), "6-6");
     // device_ptrs(info, 0, 11, ...) and sizes(info, 11, ...): loops over first + i
     assert.equal(counts("cuda", "attentionBackward"), "19-19");
-    // Rope<...>(info, "ropeForward") with has_arg(info, 8): an optional trailing argument
-    assert.equal(counts("cuda", "ropeForward"), "8-9");
+    // Rope<...>(info, "ropeForward") with has_arg(info, 8) and has_arg(info, 9): optional trailing arguments
+    assert.equal(counts("cuda", "ropeForward"), "8-10");
     // info.Length() > 2 && ...: optional byte offset
     assert.equal(counts("cuda", "upload"), "2-3");
     assert.equal(counts("cuda", "deviceInfo"), "0-0");
