@@ -102,9 +102,11 @@ test("num_hidden_layers 1e9 is refused within a second, with one line naming the
 test("a layer count or embedding the checkpoint does not hold is refused before the per-layer tensors are listed", async () => {
     // plausible sizes, but not those of the weights: the checkpoint's own layer count and embedding shape decide
     for (const layers of [9, 7, 5000]) {
+        // layer_types (one entry per layer) follows, so that only the checkpoint disagrees
         const dir = modelCopy((d) =>
             editConfig(d, (c) => {
                 c.num_hidden_layers = layers;
+                c.layer_types = Array.from({length: layers}, () => "full_attention");
             })
         );
         const start = performance.now();
@@ -296,6 +298,7 @@ test("a pre-quantized bnb-4bit checkpoint gets the same checks: layer count, NaN
     const layers = await bnbCopy((d) =>
         editConfig(d, (c) => {
             c.num_hidden_layers = 9;
+            c.layer_types = Array.from({length: 9}, () => "full_attention");
         })
     );
     await rejectsQlora(DecoderModel.load(layers), `"num_hidden_layers" is 9 but the checkpoint`, "holds 8 layers");

@@ -33,12 +33,12 @@ test("the scan sees every registration form and follows the argument helpers", (
     assert.equal(counts("cpu", "sgemm"), "13-13");
     // CONVERT(Bf16ToF32, ...): a binding defined by a macro
     assert.equal(counts("cpu", "bf16ToF32"), "3-3");
-    // attn_dims(info, 7, d) reads first .. first + 7
-    assert.equal(counts("cpu", "attentionForward"), "15-15");
+    // attn_dims(info, 7, d) reads first .. first + 7, then an optional window
+    assert.equal(counts("cpu", "attentionForward"), "15-16");
     // add("quantize4bitBf16", Quantize4bit<uint16_t, ...>): a template bound through a lambda
     assert.equal(counts("cpu", "quantize4bitBf16"), "6-6");
-    // device_ptrs(info, 0, 11, ...) and sizes(info, 11, ...): loops over first + i
-    assert.equal(counts("cuda", "attentionBackward"), "19-19");
+    // device_ptrs(info, 0, 11, ...) and sizes(info, 11, ...): loops over first + i; window_arg: an optional window
+    assert.equal(counts("cuda", "attentionBackward"), "19-20");
     // Rope<...>(info, "ropeForward") with has_arg(info, 8) and has_arg(info, 9): optional trailing arguments
     assert.equal(counts("cuda", "ropeForward"), "8-10");
     // info.Length() > 2 && ...: optional byte offset

@@ -32,7 +32,8 @@ bool sizes(const Napi::CallbackInfo& info, size_t first, int64_t* s, float* scal
 
 // the optional sliding window at info[i] (absent or undefined: 0, none); a negative one is a RangeError
 int64_t window_arg(const Napi::CallbackInfo& info, size_t i) {
-    if (info.Length() <= i || info[i].IsUndefined()) return 0;
+    // (written as `Length() > i` so test/helpers/native-ops.ts reads the argument as optional)
+    if (!(info.Length() > i) || info[i].IsUndefined()) return 0;
     const int64_t w = int_arg(info, i);
     if (!info.Env().IsExceptionPending() && w < 0)
         Napi::RangeError::New(info.Env(), "attention: window must be >= 0 (0: no sliding window)")

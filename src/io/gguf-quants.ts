@@ -181,11 +181,7 @@ export function tensorTypeFor(name: string, ne: readonly number[], outtype: Gguf
             if (name === "output.weight" || (ctx.tiedEmbeddings && name === "token_embd.weight")) {
                 // the output layer (or the embedding that doubles as it) keeps more precision
                 type = rowLength % GGML_TYPE_TRAITS[GgmlType.Q4_K].blockSize !== 0 ? GgmlType.Q8_0 : GgmlType.Q6_K;
-            } else if (
-                name.endsWith("attn_v.weight") ||
-                name.endsWith("attn_qkv.weight") ||
-                name.endsWith("ffn_down.weight")
-            ) {
+            } else if (name.endsWith("attn_v.weight") || name.endsWith("attn_qkv.weight") || name.endsWith("ffn_down.weight")) {
                 // a fused q/k/v (phi3) counts as attn_v (llama-quant.cpp's category_is_attn_v)
                 if (useMoreBits(layerOf(name), ctx.blockCount)) type = GgmlType.Q6_K;
             }
