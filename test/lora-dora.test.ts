@@ -19,6 +19,7 @@ import {mergeAdapter} from "../src/peft/merge.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {DecoderTrainer, type TrainBatch} from "../src/model/training.js";
 import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
+import {centralDifference} from "./helpers/fixtures.js";
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-dora-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
@@ -95,14 +96,7 @@ test("DoRA magnitude gradients agree with finite differences through the whole m
         // the norm does not depend on m, so the detached-norm gradient of m is the true derivative
         if (!t.name.endsWith("magnitude_vector") || !/layers\.[01]\.(self_attn\.q_proj|mlp\.down_proj)/.test(t.name)) continue;
         for (const i of [0, 5, t.param.length - 1]) {
-            const v = t.param[i],
-                eps = 1e-2 * Math.abs(v);
-            t.param[i] = v + eps;
-            const lp = loss();
-            t.param[i] = v - eps;
-            const lm = loss();
-            t.param[i] = v;
-            const fd = (lp - lm) / (2 * eps);
+            const fd = centralDifference(t.param, i, 1e-2 * Math.abs(t.param[i]), loss);
             assert.ok(Math.abs(fd - t.grad[i]) <= 2e-2 * Math.max(1e-3, Math.abs(fd)), `${t.name}[${i}]: ${t.grad[i]} vs ${fd}`);
             checked++;
         }

@@ -12,6 +12,7 @@ import {writeSyntheticCheckpoint} from "../src/model/synthetic.js";
 import {readTensorF32} from "../src/model/weights.js";
 import {referenceForward, type Tensors} from "./helpers/reference-decoder.js";
 import {FIXTURES, MODEL_DIR} from "./helpers/paths.js";
+import {centralDifference} from "./helpers/fixtures.js";
 
 const model = await DecoderModel.load(MODEL_DIR);
 
@@ -314,14 +315,7 @@ test("sliding window: LoRA gradients through the windowed backward match finite 
         let checked = 0;
         for (const t of lora.trainableTensors()) {
             for (const i of [0, 5, t.param.length - 1]) {
-                const v = t.param[i],
-                    eps = 1e-2;
-                t.param[i] = v + eps;
-                const lp = loss();
-                t.param[i] = v - eps;
-                const lm = loss();
-                t.param[i] = v;
-                const fd = (lp - lm) / (2 * eps);
+                const fd = centralDifference(t.param, i, 1e-2, loss);
                 assert.ok(
                     Math.abs(fd - t.grad[i]) <= 2e-2 * Math.max(2e-2, Math.abs(fd)),
                     `${t.name}[${i}]: ${t.grad[i]} vs ${fd}`

@@ -9,6 +9,7 @@ import {applyLora} from "../src/peft/inject.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {DecoderTrainer} from "../src/model/training.js";
 import {MODEL_DIR} from "./helpers/paths.js";
+import {centralDifference} from "./helpers/fixtures.js";
 
 function row(ids: number[], promptLen: number): TokenizedRow {
     return {inputIds: Int32Array.from(ids), labels: Int32Array.from(ids.map((id, i) => (i < promptLen ? -100 : id)))};
@@ -193,14 +194,7 @@ test("modules_to_save trains full copies of lm_head and embed_tokens: gradients 
         // an element of a row the batch actually uses: the first target token's row (head) / the first input id's row (embedding)
         const row = t.name.includes("lm_head") ? rows[0].labels[rows[0].labels.length - 1] : rows[0].inputIds[0];
         for (const i of [row * C, row * C + 7]) {
-            const v = t.param[i],
-                eps = 1e-2;
-            t.param[i] = v + eps;
-            const lp = loss();
-            t.param[i] = v - eps;
-            const lm = loss();
-            t.param[i] = v;
-            const fd = (lp - lm) / (2 * eps);
+            const fd = centralDifference(t.param, i, 1e-2, loss);
             assert.ok(Math.abs(fd - t.grad[i]) <= 2e-2 * Math.max(1e-2, Math.abs(fd)), `${t.name}[${i}]: ${t.grad[i]} vs ${fd}`);
         }
     }

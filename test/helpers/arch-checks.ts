@@ -28,7 +28,7 @@ import {applyLora, type LoraModel} from "../../src/peft/inject.js";
 import {mergeAdapter} from "../../src/peft/merge.js";
 import {bitsAndBytesConfig, QLORA_BNB_DEFAULTS} from "../../src/quant/config.js";
 import {HfTokenizer} from "../../src/tokenizer/index.js";
-import {relL2} from "./fixtures.js";
+import {centralDifference, relL2} from "./fixtures.js";
 import {roundTripModel} from "./gguf-reference.js";
 import {llamaGreedy, llamaMeanKl, loadGguf} from "./llama-cpp.js";
 import {MODEL_DIR, REPO_ROOT} from "./paths.js";
@@ -131,13 +131,7 @@ export function checkLoraGradients(model: DecoderModel, ids: number[]): void {
         ]) {
             let i = from;
             for (let j = from; j < to; j++) if (Math.abs(t.grad[j]) > Math.abs(t.grad[i])) i = j;
-            const v = t.param[i];
-            t.param[i] = v + eps;
-            const lp = loss();
-            t.param[i] = v - eps;
-            const lm = loss();
-            t.param[i] = v;
-            const fd = (lp - lm) / (2 * eps);
+            const fd = centralDifference(t.param, i, eps, loss);
             assert.ok(Math.abs(t.grad[i]) > 2 * resolution, `${t.name}: gradients too small to check (${t.grad[i]})`);
             assert.ok(
                 Math.abs(fd - t.grad[i]) <= 3e-2 * Math.abs(fd) + resolution,

@@ -1,5 +1,5 @@
-// fixtures.ts: the golden batch of ../shared/fixtures/ref-qwen2 as a training batch, and the error measure the
-// fixtures' README uses for gradients.
+// fixtures.ts: the golden batch of ../shared/fixtures/ref-qwen2 as a training batch, the error measure the
+// fixtures' README uses for gradients, and the central difference the gradient tests check against.
 import path from "node:path";
 import {SafetensorsFile} from "../../src/io/safetensors.js";
 import type {TrainBatch} from "../../src/model/training.js";
@@ -24,4 +24,15 @@ export function relL2(a: Float32Array, b: Float32Array): number {
         den += b[i] ** 2;
     }
     return Math.sqrt(num / den);
+}
+
+/** (loss(p + eps) - loss(p - eps)) / (2 eps) for element i of param, which is left as it was */
+export function centralDifference(param: Float32Array, i: number, eps: number, loss: () => number): number {
+    const v = param[i];
+    param[i] = v + eps;
+    const lp = loss();
+    param[i] = v - eps;
+    const lm = loss();
+    param[i] = v;
+    return (lp - lm) / (2 * eps);
 }
