@@ -7,6 +7,11 @@
 export class DropoutClock {
     /** training micro-batches started so far (evaluation passes do not count); set on resume */
     microBatch = 0;
+    /**
+     * token rows of the micro-batch's [rows, T] layout before this process's first row: a rank of a data-parallel
+     * run draws its rows' masks where they sit in the global micro-batch, so N ranks draw one process's masks
+     */
+    rowOffset = 0;
 
     constructor(readonly runSeed: number) {}
 

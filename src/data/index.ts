@@ -27,7 +27,7 @@ export type {PackingStrategy, TokenizedRow} from "./packing.js";
 export {collate, padTokenIdOf} from "./collate.js";
 export type {Batch, CollateOptions} from "./collate.js";
 export {DataLoader} from "./loader.js";
-export type {DataLoaderOptions, LoadedBatch, LoaderPosition} from "./loader.js";
+export type {DataLoaderOptions, LoadedBatch, LoaderPosition, ShardBatch} from "./loader.js";
 export {
     DEFAULT_MAX_SEQ_LENGTH,
     clipBudget,

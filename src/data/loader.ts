@@ -37,6 +37,20 @@ export interface LoadedBatch {
     rows: number[];
 }
 
+/** a rank's part of a global micro-batch (DataLoader.nextShard) */
+export interface ShardBatch {
+    /** null when the global batch has no rows for this rank (the short last batch of an epoch) */
+    batch: Batch | null;
+    epoch: number;
+    index: number;
+    /** the row indices this rank holds */
+    rows: number[];
+    /** rows in the global micro-batch */
+    globalRows: number;
+    /** this rank's first row within the global micro-batch */
+    firstRow: number;
+}
+
 /**
  * Yields micro-batches forever, epoch after epoch (`next()`), or one pass (`epoch()` / iteration). Epoch e's order
  * is a Fisher-Yates shuffle drawn from an Rng whose state at the start of the epoch is saved in the position; the
@@ -99,17 +113,53 @@ export class DataLoader {
 
     /** The next micro-batch; at the end of an epoch the next one starts with a new order. */
     next(): LoadedBatch {
-        const epoch = this.epochIndex;
-        const index = this.batchIndex;
-        const size = this.options.batchSize;
-        const rows = this.order.slice(index * size, Math.min((index + 1) * size, this.order.length));
+        const {epoch, index, rows} = this.advance();
         const batch = collate(
             rows.map((i) => this.rows[i]),
             this.options
         );
+        return {batch, epoch, index, rows};
+    }
+
+    /**
+     * Rank `rank`'s part of the next micro-batch of a data-parallel run. The loader's batchSize is the global
+     * micro-batch (per_device_train_batch_size x worldSize rows); rank r takes its rows [r * per, (r + 1) * per):
+     * the batches of one process with the global batch size, cut into consecutive slices, which is what accelerate's
+     * BatchSamplerShard gives (rank r's i-th batch is batch i * worldSize + r of per-device size). The last,
+     * shorter batch of an epoch is cut as it is, so a rank may get fewer rows or none (batch null), where
+     * accelerate's even_batches repeats rows from the start: the N-rank run then sees exactly the 1-process rows.
+     * `padToGlobal`: pad to the global micro-batch's longest row, so the rank's rows sit in the same [rows, T]
+     * layout as in one process (the dropout masks are drawn over that layout).
+     */
+    nextShard(rank: number, worldSize: number, padToGlobal: boolean): ShardBatch {
+        const per = this.options.batchSize / worldSize;
+        if (!Number.isInteger(per) || rank < 0 || rank >= worldSize)
+            throw new RangeError(`nextShard: rank ${rank} of ${worldSize} with a global batch of ${this.options.batchSize}`);
+        const {epoch, index, rows: globalRows} = this.advance();
+        let longest = 0;
+        for (const i of globalRows) longest = Math.max(longest, this.rows[i].inputIds.length);
+        const rows = globalRows.slice(rank * per, (rank + 1) * per);
+        const batch =
+            rows.length === 0
+                ? null
+                : collate(
+                      rows.map((i) => this.rows[i]),
+                      padToGlobal
+                          ? {...this.options, padToLength: Math.max(longest, this.options.padToLength ?? 0)}
+                          : this.options
+                  );
+        return {batch, epoch, index, rows, globalRows: globalRows.length, firstRow: rank * per};
+    }
+
+    /** the rows of the next batch, and moves past it */
+    private advance(): {epoch: number; index: number; rows: number[]} {
+        const epoch = this.epochIndex;
+        const index = this.batchIndex;
+        const size = this.options.batchSize;
+        const rows = this.order.slice(index * size, Math.min((index + 1) * size, this.order.length));
         this.batchIndex++;
         if (this.batchIndex >= this.batchesPerEpoch) this.nextEpoch();
-        return {batch, epoch, index, rows};
+        return {epoch, index, rows};
     }
 
     /** The batches left in the current epoch (all of it when at its start). */

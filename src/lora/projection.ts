@@ -59,6 +59,8 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
     /** the trainable tensors, in the host layer's trainableTensors() order */
     readonly tensors: BackendTensor<X["f"]>[] = [];
     private readonly seed: (() => number) | null;
+    /** the token rows of the micro-batch before this process's (a rank of a data-parallel run: DropoutClock.rowOffset) */
+    private readonly maskRowOffset: () => number;
 
     constructor(
         private readonly be: Backend<X>,
@@ -97,6 +99,7 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         }
         const src = lora?.dropoutSource;
         this.seed = src ? () => src.clock.seedFor(src.projection) : null;
+        this.maskRowOffset = src ? () => src.clock.rowOffset : () => 0;
     }
 
     get inFeatures(): number {
@@ -118,7 +121,7 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         if (seed === null) return null;
         const n = M * this.inFeatures,
             out = this.be.activation(n);
-        this.be.dropout(out, x, seed, this.lora!.dropout, n, firstRow * this.inFeatures);
+        this.be.dropout(out, x, seed, this.lora!.dropout, n, (firstRow + this.maskRowOffset()) * this.inFeatures);
         return out;
     }
 
@@ -292,7 +295,7 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
                 const t = be.activation(M * K);
                 be.scaleColumns(scaled, dy, k, -1, M, N, false);
                 this.base.productTranspose(t, scaled, M, false);
-                be.dropoutAdd(dx, t, seed, l.dropout, M * K, firstRow * K);
+                be.dropoutAdd(dx, t, seed, l.dropout, M * K, (firstRow + this.maskRowOffset()) * K);
                 be.free(t);
                 be.scaleColumns(scaled, dy, k, 0, M, N, false);
             }
@@ -311,7 +314,7 @@ export class Projection<X extends TensorTypes> implements GraphLinear<X["f"]> {
         if (xd) {
             // drop(x) is no longer needed: it becomes the [M, in] temporary
             be.gemm(false, false, M, K, l.r, 1, dxa, l.Ac, 0, xd);
-            be.dropoutAdd(dx, xd, seed!, l.dropout, M * K, firstRow * K);
+            be.dropoutAdd(dx, xd, seed!, l.dropout, M * K, (firstRow + this.maskRowOffset()) * K);
             be.free(xd);
         } else be.gemm(false, false, M, K, l.r, 1, dxa, l.Ac, 1, dx);
         be.free(dxa);

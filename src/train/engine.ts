@@ -32,6 +32,9 @@ export interface TrainEngine {
     loadOptimizerState(state: OptimizerStateDict): void;
     /** training micro-batches done so far (the dropout masks derive from it; set on resume) */
     setMicroBatchIndex(n: number): void;
+    /** the trainable tensors' gradients in host memory, which a data-parallel run sums over the ranks; null where
+     * they live on the device */
+    hostGradients(): {name: string; grad: Float32Array}[] | null;
     // memory is measured by memory.ts's memoryReport(device), for every caller alike
 }
 
@@ -85,6 +88,7 @@ class CpuEngine implements TrainEngine {
     private readonly trainer: DecoderTrainer;
     private readonly optimizer: AdamW;
     private readonly grads: Float32Array[];
+    private readonly names: string[];
 
     constructor(
         model: DecoderModel,
@@ -107,6 +111,11 @@ class CpuEngine implements TrainEngine {
             args
         );
         this.grads = tensors.map((t) => t.grad);
+        this.names = tensors.map((t) => t.name);
+    }
+
+    hostGradients(): {name: string; grad: Float32Array}[] {
+        return this.grads.map((grad, i) => ({name: this.names[i], grad}));
     }
 
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
@@ -176,6 +185,9 @@ class CudaEngine implements TrainEngine {
     }
     syncToHost(withGrads = false): void {
         this.trainer.syncToHost(withGrads);
+    }
+    hostGradients(): null {
+        return null;
     }
     setMicroBatchIndex(n: number): void {
         this.dropoutClock.microBatch = n;

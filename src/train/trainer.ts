@@ -14,7 +14,11 @@ import {Rng} from "../backend/rng.js";
 import {assertDirOutput, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {readTextFile} from "../io/files.js";
 import {hubIdOfSnapshot} from "../io/hub.js";
-import {DataLoader, loadDataset, padTokenIdOf, type Batch, type PreparedDataset} from "../data/index.js";
+import {DataLoader, loadDataset, padTokenIdOf, type PreparedDataset, type ShardBatch} from "../data/index.js";
+import {BucketedAllReduce} from "../parallel/buckets.js";
+import {checkSameOnEveryRank, broadcastJson, SoloCollective, type Collective} from "../parallel/collective.js";
+import {distContextFromEnv, type DistContext} from "../parallel/context.js";
+import {TcpCollective} from "../parallel/tcp.js";
 import {loadAdapter, saveAdapter} from "../peft/adapter-files.js";
 import {applyLora, trainableParametersLine, trainTargets, type LoraModel} from "../peft/inject.js";
 import {DecoderModel} from "../model/decoder.js";
@@ -71,6 +75,8 @@ export interface TrainStartInfo {
     warmupSteps: number;
     startStep: number;
     effectiveBatch: number;
+    /** processes of a data-parallel run (WORLD_SIZE; 1 without one) */
+    worldSize: number;
     resumedFrom: string | null;
     /** settings that differ from the resumed checkpoint's, applied because resume_override names them */
     overrides: ConfigChange[];
@@ -247,28 +253,53 @@ async function assertReplaceable(outputDir: string, resumeDir: string): Promise<
         if (c.step > from) await assertDirOutput(c.dir, {replace: "owned", kind: CHECKPOINT_KIND});
 }
 
+/**
+ * Trains one adapter. Under torchrun's variables (WORLD_SIZE > 1: `qlora train --nproc_per_node N` or torchrun) this
+ * process is one rank of a data-parallel run (docs/DESIGN.md, "Several processes"): each rank computes its slice of
+ * every global micro-batch, the gradients are summed over the ranks, and rank 0 alone writes output_dir.
+ */
 export async function train(config: TrainerConfig, reporter: TrainReporter = {}): Promise<TrainResult> {
+    const dist = distContextFromEnv();
+    // every rank reports the same run: rank 0 speaks for it (the others' errors still end their process)
+    if (dist.rank !== 0) reporter = {};
     const choice = chooseDevice(config.device);
     const device = choice.device;
     if (reporter.onDevice) reporter.onDevice(choice);
     else if (device === "cpu" && choice.gpuSeen) reporter.onWarning?.(choice.line);
     checkComputeDtype(device, config);
+    if (dist.worldSize > 1 && device === "cuda")
+        throw new QloraError(
+            `WORLD_SIZE=${dist.worldSize} on the GPU: data-parallel training there needs the NCCL all-reduce of the ` +
+                "device gradients, which is not wired into the CUDA engine yet (NCCL's binding is, see parallel/nccl.ts); " +
+                "run the ranks with --device cpu, or train on one GPU"
+        );
     if (config.threads) cpu().setNumThreads(config.threads);
     const overrideProblem = resumeOverrideProblem(config.resume_override ?? []);
     if (overrideProblem) throw new QloraError(`resume_override: ${overrideProblem}`);
-    const out = await openOutputDir(config.output_dir, [
-        {path: config.model, what: "model folder"},
-        {path: config.dataset, what: "training dataset"},
-        {path: config.eval_dataset, what: "eval dataset"}
-    ]);
-    const stop = new StopRequest((signal) => reporter.onStopping?.(signal));
+    const coll: Collective = dist.worldSize > 1 ? await TcpCollective.connect(dist) : new SoloCollective();
     try {
-        return await trainInOutputDir(config, reporter, choice, out, stop);
+        // rank 0 alone takes output_dir (its lock, recovery, policy); the other ranks only read from it
+        const out =
+            dist.rank === 0
+                ? await openOutputDir(config.output_dir, [
+                      {path: config.model, what: "model folder"},
+                      {path: config.dataset, what: "training dataset"},
+                      {path: config.eval_dataset, what: "eval dataset"}
+                  ])
+                : null;
+        const stop = new StopRequest((signal) => reporter.onStopping?.(signal));
+        try {
+            return await trainInOutputDir(config, reporter, choice, out, stop, dist, coll);
+        } finally {
+            stop.dispose();
+            if (out) {
+                await out.lock.release();
+                // a folder this run created and never wrote into (it failed before the first write) goes again
+                if (out.created) await fs.rmdir(out.dir).catch(() => undefined);
+            }
+        }
     } finally {
-        stop.dispose();
-        await out.lock.release();
-        // a folder this run created and never wrote into (it failed before the first write) goes again
-        if (out.created) await fs.rmdir(out.dir).catch(() => undefined);
+        await coll.close();
     }
 }
 
@@ -276,15 +307,21 @@ async function trainInOutputDir(
     config: TrainerConfig,
     reporter: TrainReporter,
     choice: DeviceChoice,
-    out: OutputDir,
-    stop: StopRequest
+    /** null on ranks other than 0, which write nothing */
+    out: OutputDir | null,
+    stop: StopRequest,
+    dist: DistContext,
+    coll: Collective
 ): Promise<TrainResult> {
     const device = choice.device;
-    const outputDir = out.dir;
-    for (const line of out.recovered) reporter.onWarning?.(`output_dir: ${line}`);
-    const resumeDir = await resolveResumeDir(outputDir, config.resume_from_checkpoint);
-    const earlierRun = checkOutputPolicy(out, {resumeDir, overwrite: config.overwrite_output_dir ?? false});
-    if (resumeDir && earlierRun.length === 0) await assertReplaceable(outputDir, resumeDir);
+    const W = dist.worldSize;
+    const outputDir = out?.dir ?? path.resolve(config.output_dir);
+    for (const line of out?.recovered ?? []) reporter.onWarning?.(`output_dir: ${line}`);
+    // rank 0 decides what is resumed (the folder is its to change); every rank then reads that checkpoint
+    let resumeDir = out ? await resolveResumeDir(outputDir, config.resume_from_checkpoint) : null;
+    const earlierRun = out ? checkOutputPolicy(out, {resumeDir, overwrite: config.overwrite_output_dir ?? false}) : [];
+    if (out && resumeDir && earlierRun.length === 0) await assertReplaceable(outputDir, resumeDir);
+    resumeDir = await broadcastJson(coll, resumeDir);
 
     // model, tokenizer and data
     const tokenizer = await HfTokenizer.load(config.model);
@@ -323,7 +360,7 @@ async function trainInOutputDir(
     let overrides: ConfigChange[] = [];
     if (resumeDir) {
         savedArgs = await readCheckpointTrainingArgs(resumeDir);
-        if (savedArgs) overrides = checkResumeSettings(savedArgs, config, resumeDir);
+        if (savedArgs) overrides = checkResumeSettings(savedArgs, config, resumeDir, W);
         else
             reporter.onWarning?.(
                 `${resumeDir} has no training_args.json (a checkpoint of an older qlora): changed ` +
@@ -334,6 +371,13 @@ async function trainInOutputDir(
     checkRowsFitContext(model.config, maxLen, "max_seq_length", config.max_seq_length);
     const fingerprint = dataFingerprint(trainData.rows);
     if (savedArgs && resumeDir) checkResumeData(savedArgs, fingerprint, resumeDir);
+    // the ranks must run one training: the same settings (paths resolved) and the same tokenized data
+    await checkSameOnEveryRank(coll, "the training run", {
+        ...trainingArgsOf(config, fingerprint, W).config,
+        data: fingerprint,
+        resume: resumeDir,
+        output_dir: outputDir
+    });
     if (stop.signal) throw new TrainingInterrupted(stop.signal, 0, null);
 
     // LoRA: fresh (PEFT's init from the seed), or the adapter of the checkpoint being resumed
@@ -373,9 +417,10 @@ async function trainInOutputDir(
         config.gradient_checkpointing && config.gradient_checkpointing_offload
     );
 
-    // steps: one step = gradient_accumulation_steps micro-batches
+    // steps: one step = gradient_accumulation_steps global micro-batches of per_device_train_batch_size x
+    // WORLD_SIZE rows, each cut into one slice per rank (DataLoader.nextShard)
     const loader = new DataLoader(trainData.rows, {
-        batchSize: config.per_device_train_batch_size,
+        batchSize: config.per_device_train_batch_size * W,
         padTokenId: padTokenIdOf(tokenizer),
         shuffle: true,
         seed: config.seed
@@ -440,20 +485,31 @@ async function trainInOutputDir(
         state.max_steps = totalSteps;
         engine.setMicroBatchIndex(state.global_step * GA);
     }
-    const trainingArgs = trainingArgsOf(config, fingerprint);
+    const trainingArgs = trainingArgsOf(config, fingerprint, W);
+    const gradients = engine.hostGradients();
+    if (W > 1 && !gradients) throw new Error("a data-parallel run needs the engine's host gradients");
+    const bucketed =
+        W > 1
+            ? new BucketedAllReduce(
+                  gradients!.map((g) => g.grad),
+                  gradients!.map((g) => g.name)
+              )
+            : null;
+    // rank r's rows keep their place in the global micro-batch's [rows, T] layout, where their dropout masks are
+    const padToGlobal = W > 1 && lora.trainableTensors().length > 0 && config.lora_dropout > 0;
 
     // metrics.jsonl: on resume, keep only what happened up to the checkpoint
     const metricsFile = path.join(outputDir, "metrics.jsonl");
-    const records: MetricRecord[] = resumeDir
-        ? await readMetricsForResume(metricsFile, state.global_step, (m) => reporter.onWarning?.(m))
-        : [];
+    const records: MetricRecord[] =
+        resumeDir && out ? await readMetricsForResume(metricsFile, state.global_step, (m) => reporter.onWarning?.(m)) : [];
     if (stop.signal) throw new TrainingInterrupted(stop.signal, state.global_step, resumeDir);
 
     // the first write: the earlier run goes (overwrite_output_dir), the folder is marked as a training run's
-    if (earlierRun.length > 0) await removeEarlierRun(outputDir, earlierRun);
-    await markOutputDir(out);
+    if (out && earlierRun.length > 0) await removeEarlierRun(outputDir, earlierRun);
+    if (out) await markOutputDir(out);
     const writeMetrics = () => writeFileAtomic(metricsFile, records.map((r) => JSON.stringify(r)).join("\n") + "\n");
     const emit = async (rec: MetricRecord) => {
+        if (!out) return;
         records.push(rec);
         // O_NOFOLLOW: the file is the regular one written above; a link planted under its name is not written through
         await fs.appendFile(metricsFile, JSON.stringify(rec) + "\n", {
@@ -461,7 +517,7 @@ async function trainInOutputDir(
         });
         reporter.onRecord?.(rec);
     };
-    await writeMetrics();
+    if (out) await writeMetrics();
 
     const trainableLine = trainableParametersLine(lora);
     reporter.onStart?.({
@@ -479,7 +535,8 @@ async function trainInOutputDir(
         totalSteps,
         warmupSteps,
         startStep: state.global_step,
-        effectiveBatch: config.per_device_train_batch_size * GA,
+        effectiveBatch: config.per_device_train_batch_size * W * GA,
+        worldSize: W,
         resumedFrom: resumeDir,
         promptFormat: promptFormat?.source ?? null,
         overrides
@@ -554,6 +611,8 @@ async function trainInOutputDir(
     };
     const save = async (step: number): Promise<string> => {
         const dir = path.join(outputDir, `${CHECKPOINT_PREFIX}${step}`);
+        lastSaved = dir;
+        if (!out) return dir;
         await saveCheckpoint(dir, checkpointParts());
         const removed = await rotateCheckpoints(outputDir, config.save_total_limit, dir);
         await emit({type: "save", step, dir});
@@ -562,7 +621,6 @@ async function trainInOutputDir(
             reporter.onWarning?.(`report.html not refreshed at ${path.basename(dir)}: ${err.message}`)
         );
         reporter.onSave?.(dir, removed);
-        lastSaved = dir;
         return dir;
     };
     // health warnings continue over a resume: the earlier session's logs feed the medians and minima
@@ -587,23 +645,43 @@ async function trainInOutputDir(
         sessionSteps = 0;
     while (state.global_step < totalSteps) {
         // one optimizer step over GA micro-batches: count the targets first (SPEC-training §8)
-        const micro: Batch[] = [];
+        const micro: ShardBatch[] = [];
         let epoch = 0;
         for (let i = 0; i < GA; i++) {
-            const next = loader.next();
-            micro.push(next.batch);
+            const next = loader.nextShard(dist.rank, W, padToGlobal);
+            micro.push(next);
             epoch = next.epoch + (next.index + 1) / loader.batchesPerEpoch;
         }
-        const numItems = micro.reduce((a, b) => a + b.numTargets, 0);
+        // the loss scale is 1 / (targets of the whole global batch): each rank's gradient is its share of the
+        // token mean, and their sum over the ranks is the gradient of one process with the global batch
+        const counts = new Float64Array(2);
+        for (const {batch} of micro)
+            if (batch) {
+                counts[0] += batch.numTargets;
+                counts[1] += batch.attentionMask.reduce((a, v) => a + v, 0);
+            }
+        await coll.allReduceSum(counts);
+        const [numItems, tokens] = counts;
         engine.zeroGrad();
-        let lossSum = 0,
-            tokens = 0;
-        for (const b of micro) {
-            if (b.numTargets === 0) continue;
-            const r = engine.forwardBackward(b, {lossScale: 1 / numItems, gradientCheckpointing: config.gradient_checkpointing});
+        let lossSum = 0;
+        for (let m = 0; m < GA; m++) {
+            const {batch, firstRow} = micro[m];
+            // the masks follow the global micro-batch's index, computed or not (a rank may have no targets in it)
+            engine.setMicroBatchIndex(state.global_step * GA + m);
+            if (!batch || batch.numTargets === 0) continue;
+            dropoutClock.rowOffset = firstRow * batch.T;
+            const r = engine.forwardBackward(batch, {
+                lossScale: 1 / numItems,
+                gradientCheckpointing: config.gradient_checkpointing
+            });
             lossSum += r.lossSum;
-            tokens += b.attentionMask.reduce((a, v) => a + v, 0);
             await yieldToEventLoop();
+        }
+        if (bucketed) {
+            await bucketed.run(coll);
+            const sums = new Float64Array([lossSum]);
+            await coll.allReduceSum(sums);
+            lossSum = sums[0];
         }
         const loss = lossSum / Math.max(1, numItems);
         const step = state.global_step + 1;
@@ -672,7 +750,7 @@ async function trainInOutputDir(
                 reporter.onWarning?.(`step ${step}: ${w.message}`);
             }
         }
-        if (evalData && (step % evalSteps === 0 || step === totalSteps)) {
+        if (out && evalData && (step % evalSteps === 0 || step === totalSteps)) {
             const ev = (await evaluate())!;
             const rec = {step, eval_loss: ev.loss, eval_perplexity: Math.exp(ev.loss), eval_tokens: ev.tokens};
             state.log_history.push({eval_loss: ev.loss, epoch: state.epoch, step});
@@ -681,10 +759,19 @@ async function trainInOutputDir(
         }
         if (config.save_strategy !== "no" && (step % saveSteps === 0 || step === totalSteps)) await save(step);
         await yieldToEventLoop();
-        if (stop.signal) {
+        // the ranks stop together: a signal seen by any rank (the launcher forwards one to each) stops all after this step
+        let stopSignal: StopSignal | null = stop.signal;
+        if (W > 1) {
+            const flag = new Float64Array([stop.signal ? 1 : 0]);
+            await coll.allReduceSum(flag);
+            if (flag[0] > 0) stopSignal ??= "SIGTERM";
+        }
+        if (stopSignal) {
             // SIGINT/SIGTERM: the step is done; keep it in a checkpoint (unless this step's was just saved)
             const dir = lastSaved === path.join(outputDir, `${CHECKPOINT_PREFIX}${step}`) ? lastSaved : await save(step);
-            throw new TrainingInterrupted(stop.signal, step, dir);
+            // no rank ends before rank 0's checkpoint is complete (a launcher stops the others when one ends)
+            await coll.barrier();
+            throw new TrainingInterrupted(stopSignal, step, dir);
         }
     }
 
@@ -697,6 +784,11 @@ async function trainInOutputDir(
     // the final adapter, PEFT's layout, with the tokenizer files beside it
     const finalDir = path.join(outputDir, "final");
     engine.syncToHost();
+    const reportFile = path.join(outputDir, "report.html");
+    if (!out) {
+        await coll.barrier();
+        return {outputDir, finalDir, globalStep: state.global_step, trainLoss, lastLoss, evalLoss: null, metricsFile, reportFile};
+    }
     await writeDirAtomic(
         finalDir,
         async (tmp) => {
@@ -721,7 +813,8 @@ async function trainInOutputDir(
         time: new Date().toISOString()
     });
     await writeRunReport(finalDir);
-    const reportFile = path.join(outputDir, "report.html");
+    // the other ranks end once the final adapter and the report are written
+    await coll.barrier();
     return {outputDir, finalDir, globalStep: state.global_step, trainLoss, lastLoss, evalLoss, metricsFile, reportFile};
 }
 

@@ -131,6 +131,8 @@ export interface SavedTrainingArgs {
     /** the run's resolved settings (absolute paths) */
     config: Record<string, unknown>;
     data: DataFingerprint;
+    /** the ranks of a data-parallel run (absent: 1) */
+    world_size?: number;
 }
 
 /** the comparable form of a value: absolute paths, module lists as sets */
@@ -140,17 +142,19 @@ function normalize(key: string, value: unknown): unknown {
     return value ?? null;
 }
 
-export function trainingArgsOf(config: TrainerConfig, data: DataFingerprint): SavedTrainingArgs {
+/** `worldSize`: the ranks of a data-parallel run (saved only when more than 1) */
+export function trainingArgsOf(config: TrainerConfig, data: DataFingerprint, worldSize = 1): SavedTrainingArgs {
     const saved: Record<string, unknown> = {};
     for (const key of KEYS) saved[key] = normalize(key, config[key]);
-    return {format: "qlora.training_args", version: 1, config: saved, data};
+    return {format: "qlora.training_args", version: 1, config: saved, data, ...(worldSize > 1 ? {world_size: worldSize} : {})};
 }
 
 const SavedArgsSchema = z.object({
     format: z.literal("qlora.training_args"),
     version: z.literal(1),
     config: z.record(z.string(), z.unknown()),
-    data: z.object({rows: z.number().int().min(0), tokens: z.number().int().min(0), hash: z.string()})
+    data: z.object({rows: z.number().int().min(0), tokens: z.number().int().min(0), hash: z.string()}),
+    world_size: z.number().int().min(1).optional()
 });
 
 /** parses training_args.json; a QloraError naming the file when it is not one */
@@ -186,7 +190,8 @@ function same(a: unknown, b: unknown): boolean {
 /** the settings of `config` that differ from the saved run, split by what the resume rule allows */
 export function compareTrainingArgs(
     saved: SavedTrainingArgs,
-    config: TrainerConfig
+    config: TrainerConfig,
+    worldSize = 1
 ): {
     fixed: ConfigChange[];
     notNamed: ConfigChange[];
@@ -200,9 +205,16 @@ export function compareTrainingArgs(
         if (cls === "free" || !(key in saved.config)) continue;
         // num_train_epochs means nothing while max_steps sets the length
         if (key === "num_train_epochs" && bothStepCounted) continue;
-        const was = saved.config[key],
+        let was = saved.config[key],
             now = normalize(key, config[key]);
-        if (same(was, now)) continue;
+        const savedWorld = saved.world_size ?? 1;
+        if (key === "per_device_train_batch_size" && (savedWorld > 1 || worldSize > 1)) {
+            // the data order is the global micro-batch's (per device x ranks): it may be split over other ranks
+            if (Number(was) * savedWorld === Number(now) * worldSize) continue;
+            const global = (b: unknown, w: number) => `${Number(b) * w} (${b} per device x ${w} rank${w === 1 ? "" : "s"})`;
+            was = global(was, savedWorld);
+            now = global(now, worldSize);
+        } else if (same(was, now)) continue;
         const change = {key, saved: was, now};
         if (cls === "fixed") out.fixed.push(change);
         else if (named.has(key)) out.overridden.push(change);
@@ -217,8 +229,13 @@ const show = (v: unknown) => (typeof v === "string" ? v : quoteValue(v));
  * Refuses a resume whose settings differ from the checkpoint's, listing every difference (key: saved → new), unless
  * each difference is an overridable key named in resume_override. Returns the keys that are overridden.
  */
-export function checkResumeSettings(saved: SavedTrainingArgs, config: TrainerConfig, checkpointDir: string): ConfigChange[] {
-    const {fixed, notNamed, overridden} = compareTrainingArgs(saved, config);
+export function checkResumeSettings(
+    saved: SavedTrainingArgs,
+    config: TrainerConfig,
+    checkpointDir: string,
+    worldSize = 1
+): ConfigChange[] {
+    const {fixed, notNamed, overridden} = compareTrainingArgs(saved, config, worldSize);
     if (fixed.length === 0 && notNamed.length === 0) return overridden;
     const list = [...fixed, ...notNamed].map((c) => `${c.key}: ${show(c.saved)} → ${show(c.now)}`).join(", ");
     const parts: string[] = [];

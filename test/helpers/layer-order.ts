@@ -14,6 +14,7 @@ export const LAYER_ORDER = [
     "eval",
     "export",
     "train",
+    "parallel",
     "data",
     "peft",
     "model",

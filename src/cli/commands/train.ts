@@ -7,7 +7,8 @@ import {DEFAULT_MODEL_DIR, resolveModel} from "../../api/models.js";
 import {EXAMPLE_EVAL_DATA, EXAMPLE_TRAIN_DATA, runTraining} from "../../api/train.js";
 import {loadTrainConfig, TrainConfigSchema} from "../../api/train-config.js";
 import {TrainingInterrupted, type TrainLogRecord} from "../../train/trainer.js";
-import {quoteValue} from "../../errors.js";
+import {QloraError, quoteValue} from "../../errors.js";
+import {failureLine, launchWorkers, takeNprocFlag} from "../../parallel/launch.js";
 import {action} from "../run.js";
 
 function formatDuration(s: number): string {
@@ -65,7 +66,19 @@ export function registerTrain(program: Command): void {
         .helpOption("-h, --help", "show the keys")
         .addHelpText("after", `\nKeys (in the config file, or as --key value; flags override the file):\n${keysHelp()}\n`)
         .action(
-            action(async (args: string[]) => {
+            action(async (allArgs: string[]) => {
+                // --nproc_per_node N (torchrun's flag): N ranks of this same command, each a process of its own
+                const {nproc, rest: args} = takeNprocFlag(allArgs);
+                if (nproc !== null && nproc > 1) {
+                    const launched = await launchWorkers({
+                        nproc,
+                        execPath: process.execPath,
+                        args: [...process.execArgv, process.argv[1], "train", ...args],
+                        onMessage: process.send ? (m) => process.connected && process.send?.(m as object) : undefined
+                    });
+                    if (launched.failure) throw new QloraError(failureLine(launched.failure));
+                    process.exit(launched.exitCode);
+                }
                 const configFile = args.length > 0 && !args[0].startsWith("--") ? args[0] : null;
                 const flags = (configFile ? args.slice(1) : args).filter((a) => a !== "--debug");
                 const notices: string[] = [];
@@ -114,6 +127,7 @@ export function registerTrain(program: Command): void {
                         kv(
                             "steps",
                             `${info.totalSteps} (warmup ${info.warmupSteps}; batch ${resolved.per_device_train_batch_size} x ` +
+                                (info.worldSize > 1 ? `${info.worldSize} ranks x ` : "") +
                                 `${resolved.gradient_accumulation_steps} accumulation = ${info.effectiveBatch})`
                         );
                         kv("optimizer", `${resolved.optim}, lr ${resolved.learning_rate}, ${resolved.lr_scheduler_type}`);
