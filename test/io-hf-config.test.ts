@@ -128,6 +128,12 @@ describe("config.json parsing", () => {
                 rotaryDim: 64,
                 qkNorm: false,
                 fusedProjections: false,
+                rmsNormUnitOffset: false,
+                sandwichNorms: false,
+                embedScale: null,
+                attentionScale: 0.125,
+                finalLogitSoftcap: null,
+                localRope: null,
                 rmsNormEps: 1e-6,
                 ropeTheta: 1e6,
                 ropeScaling: null,
@@ -340,7 +346,7 @@ describe("config.json errors", () => {
     test("unsupported model_type", () => {
         assertConfigError(
             withChanges(mistralConfig, {model_type: "gpt2"}),
-            /model_type "gpt2" is not supported \(supported: llama, qwen2, qwen3, mistral, phi3\)/
+            /model_type "gpt2" is not supported \(supported: llama, qwen2, qwen3, mistral, phi3, gemma3_text\)/
         );
         assertConfigError(withChanges(mistralConfig, {model_type: undefined}), /"model_type" is undefined/);
     });

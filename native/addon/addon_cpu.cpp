@@ -278,6 +278,67 @@ static Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
+// geluTanhGluForward(out, gate, up, n)
+static Napi::Value GeluTanhGluForward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t n = int_arg(info, 3);
+    QLORA_CHECK_ARGS(env);
+    float* out = array_arg<float>(info, 0, n);
+    const float* g = array_arg<float>(info, 1, n);
+    const float* u = array_arg<float>(info, 2, n);
+    QLORA_CHECK_ARGS(env);
+    qlora_cpu_gelu_tanh_glu_forward(out, g, u, n);
+    return env.Undefined();
+}
+
+// geluTanhGluBackward(dgate, dup, dout, gate, up, n)
+static Napi::Value GeluTanhGluBackward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t n = int_arg(info, 5);
+    QLORA_CHECK_ARGS(env);
+    float* dg = array_arg<float>(info, 0, n);
+    float* du = array_arg<float>(info, 1, n);
+    const float* dout = array_arg<float>(info, 2, n);
+    const float* g = array_arg<float>(info, 3, n);
+    const float* u = array_arg<float>(info, 4, n);
+    QLORA_CHECK_ARGS(env);
+    qlora_cpu_gelu_tanh_glu_backward(dg, du, dout, g, u, n);
+    return env.Undefined();
+}
+
+// softcapForward(x, n, cap): in place
+static Napi::Value SoftcapForward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t n = int_arg(info, 1);
+    double cap = num_arg(info, 2);
+    QLORA_CHECK_ARGS(env);
+    float* x = array_arg<float>(info, 0, n);
+    QLORA_CHECK_ARGS(env);
+    if (!(cap > 0.0)) {
+        Napi::RangeError::New(env, "softcapForward: cap must be > 0").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    qlora_cpu_softcap_forward(x, n, (float)cap);
+    return env.Undefined();
+}
+
+// softcapBackward(dx, y, n, cap): dx *= 1 - (y / cap)^2
+static Napi::Value SoftcapBackward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t n = int_arg(info, 2);
+    double cap = num_arg(info, 3);
+    QLORA_CHECK_ARGS(env);
+    float* dx = array_arg<float>(info, 0, n);
+    const float* y = array_arg<float>(info, 1, n);
+    QLORA_CHECK_ARGS(env);
+    if (!(cap > 0.0)) {
+        Napi::RangeError::New(env, "softcapBackward: cap must be > 0").ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    qlora_cpu_softcap_backward(dx, y, n, (float)cap);
+    return env.Undefined();
+}
+
 // crossEntropyForward(loss, lse, logits, targets, N, V) -> number of counted rows
 static Napi::Value CrossEntropyForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -330,6 +391,10 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     fn("dropoutMask", DropoutMask);
     fn("swigluForward", SwigluForward);
     fn("swigluBackward", SwigluBackward);
+    fn("geluTanhGluForward", GeluTanhGluForward);
+    fn("geluTanhGluBackward", GeluTanhGluBackward);
+    fn("softcapForward", SoftcapForward);
+    fn("softcapBackward", SoftcapBackward);
     fn("crossEntropyForward", CrossEntropyForward);
     fn("crossEntropyBackward", CrossEntropyBackward);
     register_quant_ops(env, exports);

@@ -108,6 +108,12 @@ Napi::Value ScaleF32(const Napi::CallbackInfo& info) {
 Napi::Value ScaleBf16(const Napi::CallbackInfo& info) {
     return WithScalar<uint16_t, qlora_cuda_scale_bf16>(info, "scaleBf16");
 }
+Napi::Value SoftcapF32(const Napi::CallbackInfo& info) {
+    return WithScalar<float, qlora_cuda_softcap_f32>(info, "softcapF32");
+}
+Napi::Value SoftcapBf16(const Napi::CallbackInfo& info) {
+    return WithScalar<uint16_t, qlora_cuda_softcap_bf16>(info, "softcapBf16");
+}
 Napi::Value OptimScale(const Napi::CallbackInfo& info) {
     return WithScalar<float, qlora_cuda_optim_scale>(info, "optimScale");
 }
@@ -338,6 +344,42 @@ Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
     return done(env, qlora_cuda_swiglu_backward(dgate, dup, dout, gate, up, n, S()), "swigluBackward");
 }
 
+// geluTanhGluForward(out, gate, up, n)
+Napi::Value GeluTanhGluForward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint16_t* out = dev<uint16_t>(info, 0);
+    const uint16_t* gate = dev<const uint16_t>(info, 1);
+    const uint16_t* up = dev<const uint16_t>(info, 2);
+    int64_t n = int_arg(info, 3);
+    QLORA_CHECK_ARGS(env);
+    if (!check_sizes(env, "geluTanhGluForward", {n})) return env.Undefined();
+    return done(env, qlora_cuda_gelu_tanh_glu_forward(out, gate, up, n, S()), "geluTanhGluForward");
+}
+
+// geluTanhGluBackward(dgate, dup, dout, gate, up, n)
+Napi::Value GeluTanhGluBackward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint16_t* dgate = dev<uint16_t>(info, 0);
+    uint16_t* dup = dev<uint16_t>(info, 1);
+    const uint16_t* dout = dev<const uint16_t>(info, 2);
+    const uint16_t* gate = dev<const uint16_t>(info, 3);
+    const uint16_t* up = dev<const uint16_t>(info, 4);
+    int64_t n = int_arg(info, 5);
+    QLORA_CHECK_ARGS(env);
+    if (!check_sizes(env, "geluTanhGluBackward", {n})) return env.Undefined();
+    return done(env, qlora_cuda_gelu_tanh_glu_backward(dgate, dup, dout, gate, up, n, S()), "geluTanhGluBackward");
+}
+
+// an optional trailing soft cap (0 when absent: none); written as `Length() > i` so test/helpers/native-ops.ts reads
+// the argument as optional
+float softcap_arg(const Napi::CallbackInfo& info, size_t i) {
+    if (!(info.Length() > i) || info[i].IsUndefined()) return 0.0f;
+    const float cap = f32_arg(info, i);
+    if (!info.Env().IsExceptionPending() && !(cap >= 0.0f))
+        Napi::RangeError::New(info.Env(), "crossEntropy: softcap must be >= 0 (0: none)").ThrowAsJavaScriptException();
+    return cap;
+}
+
 // ------------------------------------------------------------------
 // cross-entropy
 
@@ -371,7 +413,7 @@ Napi::Value CrossEntropyForward(const Napi::CallbackInfo& info) {
                 "crossEntropyForward");
 }
 
-// crossEntropyBackward(dlogits, logits, lse, targets, dlossScale, N, V)
+// crossEntropyBackward(dlogits, logits, lse, targets, dlossScale, N, V, softcap?)
 Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     uint16_t* dlogits = dev<uint16_t>(info, 0);
@@ -380,13 +422,14 @@ Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
     const int32_t* targets = dev<const int32_t>(info, 3);
     float scale = f32_arg(info, 4);
     int64_t N = int_arg(info, 5), V = int_arg(info, 6);
+    const float softcap = softcap_arg(info, 7);
     QLORA_CHECK_ARGS(env);
     if (!check_sizes(env, "crossEntropyBackward", {N, V})) return env.Undefined();
-    return done(env, qlora_cuda_cross_entropy_backward(dlogits, logits, lse, targets, scale, N, V, S()),
+    return done(env, qlora_cuda_cross_entropy_backward(dlogits, logits, lse, targets, scale, N, V, softcap, S()),
                 "crossEntropyBackward");
 }
 
-// crossEntropyFused(loss, lse|null, count|null, logits (in: logits, out: dlogits), targets, dlossScale, N, V)
+// crossEntropyFused(loss, lse|null, count|null, logits (in: logits, out: dlogits), targets, dlossScale, N, V, softcap?)
 Napi::Value CrossEntropyFused(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     float* loss = dev<float>(info, 0);
@@ -396,9 +439,10 @@ Napi::Value CrossEntropyFused(const Napi::CallbackInfo& info) {
     const int32_t* targets = dev<const int32_t>(info, 4);
     float scale = f32_arg(info, 5);
     int64_t N = int_arg(info, 6), V = int_arg(info, 7);
+    const float softcap = softcap_arg(info, 8);
     QLORA_CHECK_ARGS(env);
     if (!check_sizes(env, "crossEntropyFused", {N, V})) return env.Undefined();
-    return done(env, qlora_cuda_cross_entropy_fused(loss, lse, count, logits, targets, scale, N, V, S()),
+    return done(env, qlora_cuda_cross_entropy_fused(loss, lse, count, logits, targets, scale, N, V, softcap, S()),
                 "crossEntropyFused");
 }
 
@@ -592,6 +636,10 @@ void register_cuda_kernels(Napi::Env env, Napi::Object exports) {
     fn("crossEntropyForward", CrossEntropyForward);
     fn("crossEntropyBackward", CrossEntropyBackward);
     fn("crossEntropyFused", CrossEntropyFused);
+    fn("geluTanhGluForward", GeluTanhGluForward);
+    fn("geluTanhGluBackward", GeluTanhGluBackward);
+    fn("softcapF32", SoftcapF32);
+    fn("softcapBf16", SoftcapBf16);
     fn("adamwTorchStep", AdamwTorchStep);
     fn("adamwBnb32Step", AdamwBnb32Step);
     fn("adamwBnb8Step", AdamwBnb8Step);

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <immintrin.h>
 #include "../include/qlora_float.h"
+#include "../include/qlora_act.h"
 #include "../include/qlora_dropout.h"
 #include "../include/qlora_ops.h"
 #include "parallel.h"
@@ -345,6 +346,41 @@ extern "C" void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float*
             dup[i] = d * g * s;
             dgate[i] = d * u * s * (1.0f + g * (1.0f - s));
         }
+    });
+}
+
+// ------------------------------------------------------------------
+// GELU-tanh gated MLP (Gemma: gelu_pytorch_tanh(gate) * up)
+
+extern "C" void qlora_cpu_gelu_tanh_glu_forward(float* out, const float* gate, const float* up, int64_t n) {
+    parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; i++) out[i] = qlora_act::gelu_tanh(gate[i]) * up[i];
+    });
+}
+
+extern "C" void qlora_cpu_gelu_tanh_glu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                                                 const float* up, int64_t n) {
+    parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; i++) {
+            const float g = gate[i], d = dout[i];
+            dup[i] = d * qlora_act::gelu_tanh(g);
+            dgate[i] = d * up[i] * qlora_act::gelu_tanh_grad(g);
+        }
+    });
+}
+
+// ------------------------------------------------------------------
+// logit soft-capping (Gemma's final_logit_softcapping)
+
+extern "C" void qlora_cpu_softcap_forward(float* x, int64_t n, float cap) {
+    parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; i++) x[i] = qlora_act::softcap(x[i], cap);
+    });
+}
+
+extern "C" void qlora_cpu_softcap_backward(float* dx, const float* y, int64_t n, float cap) {
+    parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; i++) dx[i] *= qlora_act::softcap_grad(y[i], cap);
     });
 }
 

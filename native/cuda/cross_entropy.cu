@@ -10,6 +10,7 @@
 #include <limits.h>
 #include "kernels.h"
 #include "kernel_utils.cuh"
+#include "../include/qlora_act.h"
 
 using namespace qk;
 
@@ -109,9 +110,10 @@ __device__ __forceinline__ float row_lse(const uint16_t* x, int64_t V, float* sm
     return m + (float)log((double)s);
 }
 
-// d[V] = (exp(x - lse) - onehot(t)) * scale as bf16, or zeros when the target is ignored; d may alias x
+// d[V] = (exp(x - lse) - onehot(t)) * scale as bf16, or zeros when the target is ignored; d may alias x.
+// softcap > 0: x holds soft-capped logits, and the gradient is taken through the cap (times 1 - (x / cap)^2)
 __device__ __forceinline__ void write_grad_row(uint16_t* d, const uint16_t* x, int64_t V, int64_t t, bool valid,
-                                               float lse, float scale) {
+                                               float lse, float scale, float softcap) {
     if (!valid) {
         const int64_t head = head_of(d, V), nvec = (V - head) >> 3, tail = head + (nvec << 3);
         for (int64_t i = threadIdx.x; i < head; i += blockDim.x) d[i] = 0;
@@ -123,7 +125,7 @@ __device__ __forceinline__ void write_grad_row(uint16_t* d, const uint16_t* x, i
     auto grad = [&](float v, int64_t i) {
         float g = __fmul_rn(__expf(v - lse), scale);
         if (i == t) g = __fsub_rn(g, scale);
-        return g;
+        return softcap > 0.0f ? g * qlora_act::softcap_grad(v, softcap) : g;
     };
     // the vector path needs d and x at the same offset from a 16-byte boundary
     const bool same = (((uintptr_t)d ^ (uintptr_t)x) & 15u) == 0;
@@ -142,7 +144,7 @@ __device__ __forceinline__ void write_grad_row(uint16_t* d, const uint16_t* x, i
 template <bool FUSED>
 __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_forward_kernel(float* loss, float* lse_out, int32_t* count, uint16_t* logits, const int32_t* targets,
-                                 float scale, int64_t N, int64_t V) {
+                                 float scale, int64_t N, int64_t V, float softcap) {
     __shared__ float sm[32], ss[32];
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
         uint16_t* x = logits + n * V;
@@ -156,17 +158,17 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
         if (FUSED) {
             __syncthreads();  // x[t] is read before the row is overwritten
-            write_grad_row(x, x, V, t, valid, lse, scale);
+            write_grad_row(x, x, V, t, valid, lse, scale, softcap);
         }
     }
 }
 
 __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_backward_kernel(uint16_t* dlogits, const uint16_t* logits, const float* lse, const int32_t* targets,
-                                  float scale, int64_t N, int64_t V) {
+                                  float scale, int64_t N, int64_t V, float softcap) {
     for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
         const int64_t t = targets[n];
-        write_grad_row(dlogits + n * V, logits + n * V, V, t, t >= 0 && t < V, lse[n], scale);
+        write_grad_row(dlogits + n * V, logits + n * V, V, t, t >= 0 && t < V, lse[n], scale, softcap);
     }
 }
 
@@ -180,29 +182,29 @@ extern "C" cudaError_t qlora_cuda_cross_entropy_forward(float* loss, float* lse,
     if (N < 0 || V <= 0) return N == 0 ? cudaSuccess : cudaErrorInvalidValue;
     if (N == 0) return cudaSuccess;
     const unsigned grid = (unsigned)(N < INT_MAX ? N : INT_MAX);
-    cross_entropy_forward_kernel<false>
-        <<<grid, threads_for(V), 0, stream>>>(loss, lse, count, const_cast<uint16_t*>(logits), targets, 0.0f, N, V);
+    cross_entropy_forward_kernel<false><<<grid, threads_for(V), 0, stream>>>(
+        loss, lse, count, const_cast<uint16_t*>(logits), targets, 0.0f, N, V, 0.0f);
     return cudaGetLastError();
 }
 
 extern "C" cudaError_t qlora_cuda_cross_entropy_backward(uint16_t* dlogits, const uint16_t* logits, const float* lse,
                                                          const int32_t* targets, float dloss_scale, int64_t N,
-                                                         int64_t V, cudaStream_t stream) {
+                                                         int64_t V, float softcap, cudaStream_t stream) {
     if (N < 0 || V <= 0) return N == 0 ? cudaSuccess : cudaErrorInvalidValue;
     if (N == 0) return cudaSuccess;
     const unsigned grid = (unsigned)(N < INT_MAX ? N : INT_MAX);
-    cross_entropy_backward_kernel<<<grid, threads_for(V), 0, stream>>>(dlogits, logits, lse, targets, dloss_scale, N,
-                                                                       V);
+    cross_entropy_backward_kernel<<<grid, threads_for(V), 0, stream>>>(dlogits, logits, lse, targets, dloss_scale, N, V,
+                                                                       softcap);
     return cudaGetLastError();
 }
 
 extern "C" cudaError_t qlora_cuda_cross_entropy_fused(float* loss, float* lse, int32_t* count, uint16_t* logits,
                                                       const int32_t* targets, float dloss_scale, int64_t N, int64_t V,
-                                                      cudaStream_t stream) {
+                                                      float softcap, cudaStream_t stream) {
     if (N < 0 || V <= 0) return N == 0 ? cudaSuccess : cudaErrorInvalidValue;
     if (N == 0) return cudaSuccess;
     const unsigned grid = (unsigned)(N < INT_MAX ? N : INT_MAX);
     cross_entropy_forward_kernel<true>
-        <<<grid, threads_for(V), 0, stream>>>(loss, lse, count, logits, targets, dloss_scale, N, V);
+        <<<grid, threads_for(V), 0, stream>>>(loss, lse, count, logits, targets, dloss_scale, N, V, softcap);
     return cudaGetLastError();
 }

@@ -5,6 +5,7 @@
 #include "kernels.h"
 #include "kernel_utils.cuh"
 #include "kv_cache_row.cuh"
+#include "../include/qlora_act.h"
 
 using namespace qk;
 
@@ -213,6 +214,78 @@ struct CastAddBf16F32 {
 };
 
 // ------------------------------------------------------------------
+// GELU-tanh gated MLP (Gemma) and logit soft-capping: native/include/qlora_act.h's functions
+
+struct GeluTanhGluForward {
+    static constexpr int W = 8;
+    uint16_t* out;
+    const uint16_t* gate;
+    const uint16_t* up;
+    __device__ static float f(float g, float u) { return qlora_act::gelu_tanh(g) * u; }
+    __device__ void vec(int64_t i) const {
+        float g[8], u[8];
+        unpack_bf16x8(load8(gate, i), g);
+        unpack_bf16x8(load8(up, i), u);
+#pragma unroll
+        for (int k = 0; k < 8; k++) g[k] = f(g[k], u[k]);
+        store8(out, i, pack_bf16x8(g));
+    }
+    __device__ void one(int64_t i) const { out[i] = f32_to_bf16(f(bf16_to_f32(gate[i]), bf16_to_f32(up[i]))); }
+};
+
+struct GeluTanhGluBackward {
+    static constexpr int W = 8;
+    uint16_t* dgate;
+    uint16_t* dup;
+    const uint16_t* dout;
+    const uint16_t* gate;
+    const uint16_t* up;
+    // dup = d gelu_tanh(g); dgate = d u gelu_tanh'(g)
+    __device__ static void f(float d, float g, float u, float& dg, float& du) {
+        du = d * qlora_act::gelu_tanh(g);
+        dg = d * u * qlora_act::gelu_tanh_grad(g);
+    }
+    __device__ void vec(int64_t i) const {
+        float d[8], g[8], u[8], dg[8], du[8];
+        unpack_bf16x8(load8(dout, i), d);
+        unpack_bf16x8(load8(gate, i), g);
+        unpack_bf16x8(load8(up, i), u);
+#pragma unroll
+        for (int k = 0; k < 8; k++) f(d[k], g[k], u[k], dg[k], du[k]);
+        store8(dgate, i, pack_bf16x8(dg));
+        store8(dup, i, pack_bf16x8(du));
+    }
+    __device__ void one(int64_t i) const {
+        float dg, du;
+        f(bf16_to_f32(dout[i]), bf16_to_f32(gate[i]), bf16_to_f32(up[i]), dg, du);
+        dgate[i] = f32_to_bf16(dg);
+        dup[i] = f32_to_bf16(du);
+    }
+};
+
+struct SoftcapBf16 {
+    static constexpr int W = 8;
+    uint16_t* x;
+    float cap;
+    __device__ void vec(int64_t i) const {
+        float a[8];
+        unpack_bf16x8(load8(x, i), a);
+#pragma unroll
+        for (int k = 0; k < 8; k++) a[k] = qlora_act::softcap(a[k], cap);
+        store8(x, i, pack_bf16x8(a));
+    }
+    __device__ void one(int64_t i) const { x[i] = f32_to_bf16(qlora_act::softcap(bf16_to_f32(x[i]), cap)); }
+};
+
+struct SoftcapF32 {
+    static constexpr int W = 1;
+    float* x;
+    float cap;
+    __device__ void vec(int64_t i) const { one(i); }
+    __device__ void one(int64_t i) const { x[i] = qlora_act::softcap(x[i], cap); }
+};
+
+// ------------------------------------------------------------------
 // SwiGLU
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + __expf(-g)); }
@@ -330,6 +403,28 @@ extern "C" cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup
                                                   cudaStream_t stream) {
     const bool aligned = aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up);
     return launch(SwigluBackward{dgate, dup, dout, gate, up}, n, aligned, stream);
+}
+
+extern "C" cudaError_t qlora_cuda_gelu_tanh_glu_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up,
+                                                        int64_t n, cudaStream_t stream) {
+    return launch(GeluTanhGluForward{out, gate, up}, n, aligned16(out) && aligned16(gate) && aligned16(up), stream);
+}
+
+extern "C" cudaError_t qlora_cuda_gelu_tanh_glu_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout,
+                                                         const uint16_t* gate, const uint16_t* up, int64_t n,
+                                                         cudaStream_t stream) {
+    const bool aligned = aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up);
+    return launch(GeluTanhGluBackward{dgate, dup, dout, gate, up}, n, aligned, stream);
+}
+
+extern "C" cudaError_t qlora_cuda_softcap_bf16(uint16_t* x, float cap, int64_t n, cudaStream_t stream) {
+    if (!(cap > 0.0f)) return cudaErrorInvalidValue;
+    return launch(SoftcapBf16{x, cap}, n, aligned16(x), stream);
+}
+
+extern "C" cudaError_t qlora_cuda_softcap_f32(float* x, float cap, int64_t n, cudaStream_t stream) {
+    if (!(cap > 0.0f)) return cudaErrorInvalidValue;
+    return launch(SoftcapF32{x, cap}, n, true, stream);
 }
 
 // ------------------------------------------------------------------

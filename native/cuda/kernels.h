@@ -125,6 +125,17 @@ cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup, const uin
                                        const uint16_t* up, int64_t n, cudaStream_t stream);
 
 // ------------------------------------------------------------------
+// Gemma's GELU-tanh gated MLP: out = gelu_pytorch_tanh(gate) * up (bf16; native/include/qlora_act.h), aliasing as
+// SwiGLU's
+cudaError_t qlora_cuda_gelu_tanh_glu_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up, int64_t n,
+                                             cudaStream_t stream);
+cudaError_t qlora_cuda_gelu_tanh_glu_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout,
+                                              const uint16_t* gate, const uint16_t* up, int64_t n, cudaStream_t stream);
+// logit soft-capping in place: x = cap tanh(x / cap), cap > 0 (Gemma's final_logit_softcapping)
+cudaError_t qlora_cuda_softcap_bf16(uint16_t* x, float cap, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_softcap_f32(float* x, float cap, int64_t n, cudaStream_t stream);
+
+// ------------------------------------------------------------------
 // choosing the next token of each row of f32 logits x[R, V] (sampling.cu; the CPU reference is
 // src/backend/sampling.ts): params[r * 5 + 0..4] = temperature (f32 bits; 0: greedy, the first index of the largest
 // value), top_k (0: off), top_p (f32 bits; 1: off), the draw u (a uniform uint32), repetition_penalty (f32 bits).
@@ -142,15 +153,16 @@ cudaError_t qlora_cuda_pick_tokens_f32(float* x, int64_t R, int64_t V, const int
 cudaError_t qlora_cuda_cross_entropy_forward(float* loss, float* lse, int32_t* count, const uint16_t* logits,
                                              const int32_t* targets, int64_t N, int64_t V, cudaStream_t stream);
 // dlogits[N,V] (bf16, =) = (softmax(logits) - onehot(target)) * dloss_scale; dlogits may alias logits (in place).
-// lse[N] from the forward.
+// lse[N] from the forward. softcap > 0: the logits are soft-capped values y = cap tanh(z / cap)
+// (qlora_cuda_softcap_bf16) and the gradient is taken to z: times 1 - (y / cap)^2
 cudaError_t qlora_cuda_cross_entropy_backward(uint16_t* dlogits, const uint16_t* logits, const float* lse,
                                               const int32_t* targets, float dloss_scale, int64_t N, int64_t V,
-                                              cudaStream_t stream);
+                                              float softcap, cudaStream_t stream);
 // forward and backward in one pass per row: loss, lse, count as the forward, then the logits are overwritten
-// in place by their gradient (the row is re-read from L2 rather than from device memory)
+// in place by their gradient (the row is re-read from L2 rather than from device memory); softcap as the backward's
 cudaError_t qlora_cuda_cross_entropy_fused(float* loss, float* lse, int32_t* count, uint16_t* logits,
                                            const int32_t* targets, float dloss_scale, int64_t N, int64_t V,
-                                           cudaStream_t stream);
+                                           float softcap, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

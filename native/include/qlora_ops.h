@@ -122,6 +122,16 @@ void qlora_cpu_swiglu_forward(float* out, const float* gate, const float* up, in
 void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
                                int64_t n);
 
+// GELU-tanh gated MLP (Gemma): out = gelu_pytorch_tanh(gate) * up; dgate (=), dup (=)
+void qlora_cpu_gelu_tanh_glu_forward(float* out, const float* gate, const float* up, int64_t n);
+void qlora_cpu_gelu_tanh_glu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                                      int64_t n);
+
+// logit soft-capping (Gemma's final_logit_softcapping), in place: x = cap tanh(x / cap); cap > 0
+void qlora_cpu_softcap_forward(float* x, int64_t n, float cap);
+// dx *= 1 - (y / cap)^2, y the capped values
+void qlora_cpu_softcap_backward(float* dx, const float* y, int64_t n, float cap);
+
 // ------------------------------------------------------------------
 // softmax cross-entropy over rows of logits
 //

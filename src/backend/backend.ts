@@ -153,6 +153,11 @@ export interface Backend<X extends TensorTypes> {
     /** out = silu(gate) * up */
     swiglu(out: X["f"], gate: X["f"], up: X["f"], n: number): void;
     swigluBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void;
+    /** out = gelu_pytorch_tanh(gate) * up (Gemma's MLP) */
+    geluTanhGlu(out: X["f"], gate: X["f"], up: X["f"], n: number): void;
+    geluTanhGluBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void;
+    /** x *= s in place (Gemma's embedding scale; s already in the activation dtype) */
+    scale(x: X["f"], s: number, n: number): void;
     /** y += x */
     addInplace(y: X["f"], x: X["f"], n: number): void;
     /**
@@ -215,7 +220,8 @@ export interface Backend<X extends TensorTypes> {
     /**
      * the causal-LM loss of hidden states xf[N, C] through the output layer head[V, C], in chunks of rows:
      * cross-entropy summed over rows whose target >= 0; with dxf, dxf[N, C] (=) gets the gradient scaled by
-     * lossScale, and dHead (fp32 [V, C], +=) the output layer's when it trains
+     * lossScale, and dHead (fp32 [V, C], +=) the output layer's when it trains. softcap > 0: the logits are
+     * cap tanh(logits / cap) first (Gemma's final_logit_softcapping), forward and backward
      */
     causalLmLoss(
         xf: X["f"],
@@ -227,10 +233,11 @@ export interface Backend<X extends TensorTypes> {
         lossScale: number,
         dxf: X["f"] | null,
         chunkRows: number,
-        dHead: X["f"] | null
+        dHead: X["f"] | null,
+        softcap?: number
     ): LossResult;
-    /** logits[rows, V] (fp32, host) = hidden[rows] head^T; all N rows when rows is null */
-    logits(hidden: X["f"], rows: number[] | null, head: X["f"], N: number, C: number, V: number): Float32Array;
+    /** logits[rows, V] (fp32, host) = hidden[rows] head^T; all N rows when rows is null; soft-capped when softcap > 0 */
+    logits(hidden: X["f"], rows: number[] | null, head: X["f"], N: number, C: number, V: number, softcap?: number): Float32Array;
     /**
      * decoding: the next token of each of those rows, chosen where the logits are (only the ids leave the device),
      * each row by its pick (greedy, or sampled: sampling.ts); all rows greedy when picks is null. nonFinite: how many
@@ -243,7 +250,9 @@ export interface Backend<X extends TensorTypes> {
         N: number,
         C: number,
         V: number,
-        picks: readonly TokenPick[] | null
+        picks: readonly TokenPick[] | null,
+        /** the logits soft-capped first when > 0 (sampling sees the capped values) */
+        softcap?: number
     ): {ids: Int32Array; nonFinite: number};
 
     // ---- trainable tensors (LoRA, DoRA magnitudes, biases): fp32 masters and gradients, as stats() tensors

@@ -220,6 +220,22 @@ export class CpuBackend implements Backend<CpuTensors> {
     ): void {
         cpu().swigluBackward(dgate, dup, dout, gate, up, n);
     }
+    geluTanhGlu(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void {
+        cpu().geluTanhGluForward(out, gate, up, n);
+    }
+    geluTanhGluBackward(
+        dgate: Float32Array,
+        dup: Float32Array,
+        dout: Float32Array,
+        gate: Float32Array,
+        up: Float32Array,
+        n: number
+    ): void {
+        cpu().geluTanhGluBackward(dgate, dup, dout, gate, up, n);
+    }
+    scale(x: Float32Array, s: number, n: number): void {
+        for (let i = 0; i < n; i++) x[i] *= s;
+    }
     addInplace(y: Float32Array, x: Float32Array, n: number): void {
         cpu().addInplace(y, x, n);
     }
@@ -295,7 +311,8 @@ export class CpuBackend implements Backend<CpuTensors> {
         lossScale: number,
         dxf: Float32Array | null,
         chunkRows: number,
-        dHead: Float32Array | null
+        dHead: Float32Array | null,
+        softcap = 0
     ): LossResult {
         const ops = cpu();
         let lossSum = 0,
@@ -312,12 +329,19 @@ export class CpuBackend implements Backend<CpuTensors> {
             idx.forEach((r, i) => (tg[i] = targets[r]));
             const logits = new Float32Array(M * V);
             ops.sgemm(false, true, M, V, C, 1, h, C, head, C, 0, logits, V);
+            if (softcap > 0) ops.softcapForward(logits, M * V, softcap);
             const loss = new Float32Array(M),
                 lse = new Float32Array(M);
             count += ops.crossEntropyForward(loss, lse, logits, tg, M, V);
             for (let i = 0; i < M; i++) lossSum += loss[i];
             if (dxf) {
-                ops.crossEntropyBackward(logits, logits, lse, tg, lossScale, M, V); // in place: dlogits
+                if (softcap > 0) {
+                    // the capped logits are needed for the cap's own backward: the gradient goes to a buffer of its own
+                    const dlogits = new Float32Array(M * V);
+                    ops.crossEntropyBackward(dlogits, logits, lse, tg, lossScale, M, V);
+                    ops.softcapBackward(dlogits, logits, M * V, softcap);
+                    logits.set(dlogits);
+                } else ops.crossEntropyBackward(logits, logits, lse, tg, lossScale, M, V); // in place: dlogits
                 // a trained output layer (modules_to_save): dW[V, C] += dlogits^T h
                 if (dHead) ops.sgemm(true, false, V, C, M, 1, logits, V, h, C, 1, dHead, C);
                 const dh = new Float32Array(M * C);
@@ -328,11 +352,20 @@ export class CpuBackend implements Backend<CpuTensors> {
         return {lossSum, targets: count};
     }
 
-    logits(hidden: Float32Array, rows: number[] | null, head: Float32Array, N: number, C: number, V: number): Float32Array {
+    logits(
+        hidden: Float32Array,
+        rows: number[] | null,
+        head: Float32Array,
+        N: number,
+        C: number,
+        V: number,
+        softcap = 0
+    ): Float32Array {
         const h = rows ? gatherRows(hidden, rows, C) : hidden;
         const M = rows ? rows.length : N;
         const out = new Float32Array(M * V);
         cpu().sgemm(false, true, M, V, C, 1, h, C, head, C, 0, out, V);
+        if (softcap > 0) cpu().softcapForward(out, M * V, softcap);
         return out;
     }
     pickTokens(
@@ -342,9 +375,10 @@ export class CpuBackend implements Backend<CpuTensors> {
         N: number,
         C: number,
         V: number,
-        picks: readonly TokenPick[] | null
+        picks: readonly TokenPick[] | null,
+        softcap = 0
     ): {ids: Int32Array; nonFinite: number} {
-        return pickTokensHost(this.logits(hidden, rows, head, N, C, V), V, picks);
+        return pickTokensHost(this.logits(hidden, rows, head, N, C, V, softcap), V, picks);
     }
 
     param(host: Float32Array): Float32Array {

@@ -257,6 +257,22 @@ export class CudaBackend implements Backend<CudaTensors> {
     ): void {
         cudaKernelOps().swigluBackward(dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n);
     }
+    geluTanhGlu(out: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, n: number): void {
+        cudaKernelOps().geluTanhGluForward(out.ptr, gate.ptr, up.ptr, n);
+    }
+    geluTanhGluBackward(
+        dgate: DeviceBuffer,
+        dup: DeviceBuffer,
+        dout: DeviceBuffer,
+        gate: DeviceBuffer,
+        up: DeviceBuffer,
+        n: number
+    ): void {
+        cudaKernelOps().geluTanhGluBackward(dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n);
+    }
+    scale(x: DeviceBuffer, s: number, n: number): void {
+        cudaKernelOps().scaleBf16(x.ptr, s, n);
+    }
     addInplace(y: DeviceBuffer, x: DeviceBuffer, n: number): void {
         cudaKernelOps().addInplaceBf16(y.ptr, x.ptr, n);
     }
@@ -352,7 +368,8 @@ export class CudaBackend implements Backend<CudaTensors> {
         lossScale: number,
         dxf: DeviceBuffer | null,
         chunkRows: number,
-        dHead: DeviceBuffer | null
+        dHead: DeviceBuffer | null,
+        softcap = 0
     ): LossResult {
         const g = cudaGemmOps(),
             k = cudaKernelOps();
@@ -384,8 +401,11 @@ export class CudaBackend implements Backend<CudaTensors> {
             );
             const tgt = targets.ptr + start * 4,
                 lossRow = lossBuf.ptr + start * 4;
+            // gemma3: the bf16 logits capped in place, as transformers caps its bf16 logits; the loss's backward
+            // takes the gradient through the cap from the capped values
+            if (softcap > 0) k.softcapBf16(logits.ptr, softcap, M * V);
             if (dxf) {
-                k.crossEntropyFused(lossRow, null, count.ptr, logits.ptr, tgt, lossScale, M, V);
+                k.crossEntropyFused(lossRow, null, count.ptr, logits.ptr, tgt, lossScale, M, V, softcap);
                 g.gemm(
                     false,
                     false,
@@ -434,8 +454,16 @@ export class CudaBackend implements Backend<CudaTensors> {
         return {lossSum, targets: countHost};
     }
 
-    logits(hidden: DeviceBuffer, rows: number[] | null, head: DeviceBuffer, N: number, C: number, V: number): Float32Array {
-        const out = this.deviceLogits(hidden, rows, head, N, C, V);
+    logits(
+        hidden: DeviceBuffer,
+        rows: number[] | null,
+        head: DeviceBuffer,
+        N: number,
+        C: number,
+        V: number,
+        softcap = 0
+    ): Float32Array {
+        const out = this.deviceLogits(hidden, rows, head, N, C, V, softcap);
         const host = out.toHost() as Float32Array;
         out.free();
         return host;
@@ -447,9 +475,10 @@ export class CudaBackend implements Backend<CudaTensors> {
         N: number,
         C: number,
         V: number,
-        picks: readonly TokenPick[] | null
+        picks: readonly TokenPick[] | null,
+        softcap = 0
     ): {ids: Int32Array; nonFinite: number} {
-        const logits = this.deviceLogits(hidden, rows, head, N, C, V);
+        const logits = this.deviceLogits(hidden, rows, head, N, C, V, softcap);
         const M = logits.length / V;
         const {params, entries} = pickArguments(M, picks);
         const p = DeviceBuffer.from("i32", params);
@@ -464,14 +493,15 @@ export class CudaBackend implements Backend<CudaTensors> {
             for (const b of [logits, p, e, out]) b?.free();
         }
     }
-    /** f32 logits [rows, V] on the device */
+    /** f32 logits [rows, V] on the device, soft-capped when softcap > 0 */
     private deviceLogits(
         hidden: DeviceBuffer,
         rows: number[] | null,
         head: DeviceBuffer,
         N: number,
         C: number,
-        V: number
+        V: number,
+        softcap: number
     ): DeviceBuffer {
         const M = rows ? rows.length : N;
         // the asked rows gathered into one block, so lm_head is read once for all of them (a GEMM per row reads its
@@ -484,6 +514,7 @@ export class CudaBackend implements Backend<CudaTensors> {
         const out = DeviceBuffer.alloc("f32", M * V);
         cudaGemmOps().gemm(false, true, M, V, C, 1, x.ptr, C, "bf16", head.ptr, C, "bf16", 0, out.ptr, V, "f32");
         if (x !== hidden) x.free();
+        if (softcap > 0) cudaKernelOps().softcapF32(out.ptr, softcap, M * V);
         return out;
     }
 

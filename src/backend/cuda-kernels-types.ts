@@ -195,7 +195,10 @@ export interface CudaKernelOps extends CudaAddon {
         N: number,
         V: number
     ): void;
-    /** dlogits[N,V] (bf16, =) = (softmax - onehot) * dlossScale; dlogits may equal logits */
+    /**
+     * dlogits[N,V] (bf16, =) = (softmax - onehot) * dlossScale; dlogits may equal logits. softcap > 0: the logits
+     * are soft-capped (softcapBf16) and the gradient goes through the cap
+     */
     crossEntropyBackward(
         dlogits: number,
         logits: number,
@@ -203,9 +206,10 @@ export interface CudaKernelOps extends CudaAddon {
         targets: number,
         dlossScale: number,
         N: number,
-        V: number
+        V: number,
+        softcap?: number
     ): void;
-    /** the forward, then the logits overwritten in place by their gradient (one pass over HBM) */
+    /** the forward, then the logits overwritten in place by their gradient (one pass over HBM); softcap as the backward's */
     crossEntropyFused(
         loss: number,
         lse: number | null,
@@ -214,8 +218,15 @@ export interface CudaKernelOps extends CudaAddon {
         targets: number,
         dlossScale: number,
         N: number,
-        V: number
+        V: number,
+        softcap?: number
     ): void;
+    /** out = gelu_pytorch_tanh(gate) * up (bf16; Gemma's MLP) */
+    geluTanhGluForward(out: number, gate: number, up: number, n: number): void;
+    geluTanhGluBackward(dgate: number, dup: number, dout: number, gate: number, up: number, n: number): void;
+    /** x = cap tanh(x / cap) in place, cap > 0 (Gemma's final_logit_softcapping) */
+    softcapF32(x: number, cap: number, n: number): void;
+    softcapBf16(x: number, cap: number, n: number): void;
 
     // ------------------------------------------------------------------
     // optimizer (fp32 params/grads; bit-identical to loadOptimOps()'s functions of the same names)

@@ -136,6 +136,21 @@ export interface CpuAddon {
         n: number
     ): void;
 
+    /** out = gelu_pytorch_tanh(gate) * up (Gemma's MLP) */
+    geluTanhGluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
+    geluTanhGluBackward(
+        dgate: Float32Array,
+        dup: Float32Array,
+        dout: Float32Array,
+        gate: Float32Array,
+        up: Float32Array,
+        n: number
+    ): void;
+    /** x = cap tanh(x / cap) in place (Gemma's final_logit_softcapping); cap > 0 */
+    softcapForward(x: Float32Array, n: number, cap: number): void;
+    /** dx *= 1 - (y / cap)^2, y the capped values */
+    softcapBackward(dx: Float32Array, y: Float32Array, n: number, cap: number): void;
+
     /** returns the number of rows with a target >= 0 */
     crossEntropyForward(
         loss: Float32Array,

@@ -1,7 +1,7 @@
-// Hugging Face config.json for the decoder family we implement (llama, qwen2, qwen3, mistral, phi3), normalized to
+// Hugging Face config.json for the decoder family we implement (llama, qwen2, qwen3, mistral, phi3, gemma3_text), normalized to
 // one camelCase shape, plus the RoPE inverse frequencies transformers derives from it.
 //
-// Defaults follow transformers' LlamaConfig / Qwen2Config / Qwen3Config / MistralConfig / Phi3Config for keys a
+// Defaults follow transformers' LlamaConfig / Qwen2Config / Qwen3Config / MistralConfig / Phi3Config / Gemma3TextConfig for keys a
 // file may leave out. Both the
 // transformers 4 layout (top-level rope_theta, rope_scaling, torch_dtype) and the transformers 5 one
 // (rope_parameters, dtype) are accepted.
@@ -11,9 +11,12 @@ import path from "node:path";
 import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "./files.js";
 
-export type ModelType = "llama" | "qwen2" | "qwen3" | "mistral" | "phi3";
+export type ModelType = "llama" | "qwen2" | "qwen3" | "mistral" | "phi3" | "gemma3_text";
 
-const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ["llama", "qwen2", "qwen3", "mistral", "phi3"];
+const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text"];
+
+/** the MLP's activation: SwiGLU (silu) or Gemma's GELU-tanh gate (gelu_pytorch_tanh) */
+export type HiddenAct = "silu" | "gelu_pytorch_tanh";
 
 export type RopeType = "default" | "linear" | "dynamic" | "llama3" | "yarn" | "longrope";
 
@@ -46,8 +49,23 @@ export interface ModelConfig {
     headDim: number;
     /** the dimensions of each head that RoPE rotates: head_dim × partial_rotary_factor (all of them unless set) */
     rotaryDim: number;
-    /** qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE */
+    /** qwen3, gemma3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE */
     qkNorm: boolean;
+    /** gemma3: every RMSNorm multiplies by (1 + weight) (Gemma3RMSNorm), the checkpoint holds weight - 1 */
+    rmsNormUnitOffset: boolean;
+    /**
+     * gemma3: post_attention_layernorm normalizes the attention's output before the residual add, and the MLP sits
+     * between pre_feedforward_layernorm and post_feedforward_layernorm (Gemma3DecoderLayer)
+     */
+    sandwichNorms: boolean;
+    /** gemma3: the embeddings are multiplied by sqrt(hidden_size) (in the activation dtype, as transformers casts it); null: not */
+    embedScale: number | null;
+    /** the attention's score scale: head_dim^-0.5, or gemma3's query_pre_attn_scalar^-0.5 */
+    attentionScale: number;
+    /** gemma3: logits = cap tanh(logits / cap) (final_logit_softcapping), in the loss and in generation; null: none */
+    finalLogitSoftcap: number | null;
+    /** gemma3: the RoPE of sliding layers (rope_local_base_freq, or rope_parameters.sliding_attention); null: one RoPE */
+    localRope: {theta: number; scaling: RopeScaling | null} | null;
     /** phi3: q, k, v in one qkv_proj and gate, up in one gate_up_proj (PEFT targets the fused modules) */
     fusedProjections: boolean;
     rmsNormEps: number;
@@ -61,8 +79,8 @@ export interface ModelConfig {
     attentionOutputBias: boolean;
     /** bias on gate/up/down projections (llama: mlp_bias) */
     mlpBias: boolean;
-    /** always "silu": other activations are rejected */
-    hiddenAct: string;
+    /** silu (SwiGLU) or gelu_pytorch_tanh (gemma3); other activations are rejected */
+    hiddenAct: HiddenAct;
     /** the sliding window's width (transformers' config.sliding_window once resolved), null when no layer slides */
     slidingWindow: number | null;
     /** transformers' layer_types: which layers attend through the window (attentionWindow gives a layer's width) */
@@ -256,6 +274,8 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         headDim = config.positiveInt("head_dim");
     } else if (family === "qwen3") {
         headDim = 128; // Qwen3Config's default: its head size does not follow from hidden_size
+    } else if (family === "gemma3_text") {
+        headDim = 256; // Gemma3TextConfig's default
     } else {
         if (hiddenSize % numAttentionHeads !== 0) {
             config.fail(
@@ -296,8 +316,17 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     const rmsNormEps = config.positiveNumber("rms_norm_eps", family === "phi3" ? 1e-5 : 1e-6);
     const maxPositionEmbeddings = config.positiveInt(
         "max_position_embeddings",
-        family === "mistral" ? 4096 * 32 : family === "qwen2" || family === "qwen3" ? 32768 : family === "phi3" ? 4096 : 2048
+        family === "mistral"
+            ? 4096 * 32
+            : family === "qwen2" || family === "qwen3"
+              ? 32768
+              : family === "phi3"
+                ? 4096
+                : family === "gemma3_text"
+                  ? 131072
+                  : 2048
     );
+    const gemma = family === "gemma3_text";
 
     const ropeParameters = json.rope_parameters;
     if (ropeParameters !== undefined && ropeParameters !== null && !isPlainObject(ropeParameters)) {
@@ -306,8 +335,14 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
             `is ${quoteValue(ropeParameters)}, expected an object such as {"rope_type": "default", "rope_theta": 10000}`
         );
     }
-    const ropeTheta = readRopeTheta(config, isPlainObject(ropeParameters) ? ropeParameters : null);
-    const ropeScaling = readRopeScaling(config, isPlainObject(ropeParameters) ? ropeParameters : null);
+    let ropeTheta: number, ropeScaling: RopeScaling | null;
+    let localRope: ModelConfig["localRope"] = null;
+    if (gemma)
+        ({ropeTheta, ropeScaling, localRope} = readGemmaRope(config, isPlainObject(ropeParameters) ? ropeParameters : null));
+    else {
+        ropeTheta = readRopeTheta(config, isPlainObject(ropeParameters) ? ropeParameters : null);
+        ropeScaling = readRopeScaling(config, isPlainObject(ropeParameters) ? ropeParameters : null);
+    }
     // transformers 5 keeps partial_rotary_factor in rope_parameters, 4 at the top level
     const partial =
         json.partial_rotary_factor ??
@@ -360,13 +395,18 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         }
     }
 
-    const hiddenAct = json.hidden_act ?? "silu";
-    if (hiddenAct !== "silu") {
+    // Gemma3MLP reads hidden_activation (hidden_act is an older key some files still carry); the others hidden_act
+    const actKey = gemma ? "hidden_activation" : "hidden_act";
+    const hiddenAct = json[actKey] ?? (gemma ? "gelu_pytorch_tanh" : "silu");
+    if (hiddenAct !== (gemma ? "gelu_pytorch_tanh" : "silu")) {
         config.fail(
-            "hidden_act",
-            `is ${quoteValue(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/qwen3/mistral/phi3, which uses "silu"`
+            actKey,
+            gemma
+                ? `is ${quoteValue(hiddenAct)}; qlora implements Gemma 3's GELU-tanh gated MLP, "gelu_pytorch_tanh"`
+                : `is ${quoteValue(hiddenAct)}; qlora implements the SwiGLU MLP of llama/qwen2/qwen3/mistral/phi3, which uses "silu"`
         );
     }
+    const gemmaKeys = gemma ? readGemmaKeys(config, hiddenSize, numAttentionHeads) : null;
 
     // qwen2 always puts a bias on q/k/v and never on o_proj; llama's and qwen3's attention_bias covers all four;
     // phi3's qkv_proj and o_proj have none
@@ -375,7 +415,7 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     if (family === "qwen2") {
         attentionBias = true;
         attentionOutputBias = false;
-    } else if (family === "llama" || family === "qwen3") {
+    } else if (family === "llama" || family === "qwen3" || gemma) {
         attentionBias = config.boolean("attention_bias", false);
         attentionOutputBias = attentionBias;
     } else {
@@ -403,17 +443,23 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
         numKeyValueHeads,
         headDim,
         rotaryDim,
-        qkNorm: family === "qwen3",
+        qkNorm: family === "qwen3" || gemma,
         fusedProjections: family === "phi3",
+        rmsNormUnitOffset: gemma,
+        sandwichNorms: gemma,
+        embedScale: gemma ? Math.sqrt(hiddenSize) : null,
+        attentionScale: gemmaKeys ? gemmaKeys.queryPreAttnScalar ** -0.5 : headDim ** -0.5,
+        finalLogitSoftcap: gemmaKeys?.finalLogitSoftcap ?? null,
+        localRope,
         rmsNormEps,
         ropeTheta,
         ropeScaling,
         maxPositionEmbeddings,
-        tieWordEmbeddings: config.boolean("tie_word_embeddings", false),
+        tieWordEmbeddings: config.boolean("tie_word_embeddings", gemma), // Gemma3TextConfig ties by default
         attentionBias,
         attentionOutputBias,
         mlpBias,
-        hiddenAct: "silu",
+        hiddenAct: hiddenAct as HiddenAct,
         slidingWindow,
         layerTypes,
         bosTokenId: config.tokenId("bos_token_id"),
@@ -426,22 +472,42 @@ export function parseModelConfig(json: unknown, file: string): ModelConfig {
     };
 }
 
-function readRopeTheta(config: ConfigReader, ropeParameters: Record<string, unknown> | null): number {
-    if (config.has("rope_theta")) return config.positiveNumber("rope_theta");
+/**
+ * rope_theta: the top-level key (transformers 4), else rope_parameters' (5). `opts`: the top-level key to read
+ * (gemma3's local RoPE: rope_local_base_freq), the name of the rope_parameters object in messages and the default
+ */
+function readRopeTheta(
+    config: ConfigReader,
+    ropeParameters: Record<string, unknown> | null,
+    opts: {topKey?: string; paramsKey?: string; fallback?: number} = {}
+): number {
+    const topKey = opts.topKey ?? "rope_theta";
+    if (config.has(topKey)) return config.positiveNumber(topKey);
     if (ropeParameters && ropeParameters.rope_theta !== undefined && ropeParameters.rope_theta !== null) {
         const theta = ropeParameters.rope_theta;
         if (typeof theta !== "number" || !Number.isFinite(theta) || theta <= 0) {
-            config.fail("rope_parameters.rope_theta", `is ${quoteValue(theta)}, expected a positive number`);
+            config.fail(
+                `${opts.paramsKey ?? "rope_parameters"}.rope_theta`,
+                `is ${quoteValue(theta)}, expected a positive number`
+            );
         }
         return theta;
     }
-    return 10000; // the default of LlamaConfig, Qwen2Config and MistralConfig alike
+    return opts.fallback ?? 10000; // the default of LlamaConfig, Qwen2Config and MistralConfig alike
 }
 
-function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, unknown> | null): RopeScaling | null {
+/**
+ * the RoPE scaling of rope_scaling (transformers 4) or rope_parameters (5); `opts.paramsKey` names the
+ * rope_parameters object in messages, `opts.topLevel` false ignores rope_scaling (gemma3's local RoPE has none)
+ */
+function readRopeScaling(
+    config: ConfigReader,
+    ropeParameters: Record<string, unknown> | null,
+    opts: {paramsKey?: string; topLevel?: boolean} = {}
+): RopeScaling | null {
     let key: string;
     let scaling: Record<string, unknown>;
-    const ropeScaling = config.json.rope_scaling;
+    const ropeScaling = opts.topLevel === false ? null : config.json.rope_scaling;
     if (ropeScaling !== undefined && ropeScaling !== null) {
         if (!isPlainObject(ropeScaling)) {
             config.fail(
@@ -452,7 +518,7 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
         key = "rope_scaling";
         scaling = ropeScaling;
     } else if (ropeParameters) {
-        key = "rope_parameters";
+        key = opts.paramsKey ?? "rope_parameters";
         scaling = ropeParameters;
     } else {
         return null;
@@ -525,6 +591,79 @@ function readRopeScaling(config: ConfigReader, ropeParameters: Record<string, un
     return result;
 }
 
+/**
+ * Gemma 3's two RoPEs (Gemma3TextConfig.convert_rope_params_to_dict): full-attention layers use rope_theta (default
+ * 1e6) with rope_scaling, sliding layers rope_local_base_freq (default 1e4) without scaling (transformers 4 keys);
+ * transformers 5 writes rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}
+ */
+function readGemmaRope(
+    config: ConfigReader,
+    ropeParameters: Record<string, unknown> | null
+): {ropeTheta: number; ropeScaling: RopeScaling | null; localRope: {theta: number; scaling: RopeScaling | null}} {
+    const part = (layerType: LayerType): Record<string, unknown> | null => {
+        if (!ropeParameters) return null;
+        const value = ropeParameters[layerType];
+        if (value === undefined || value === null) return null;
+        if (!isPlainObject(value))
+            config.fail(
+                `rope_parameters.${layerType}`,
+                `is ${quoteValue(value)}, expected an object such as {"rope_type": "default", "rope_theta": 10000}`
+            );
+        return value;
+    };
+    if (ropeParameters && !Object.keys(ropeParameters).every((k) => (LAYER_TYPES as readonly string[]).includes(k)))
+        config.fail(
+            "rope_parameters",
+            `is ${quoteValue(ropeParameters)}; a gemma3_text config keys it by layer type ({"full_attention": {...}, "sliding_attention": {...}})`
+        );
+    const global = part("full_attention"),
+        local = part("sliding_attention");
+    const paramsKey = (t: LayerType) => `rope_parameters.${t}`;
+    const ropeTheta = readRopeTheta(config, global, {paramsKey: paramsKey("full_attention"), fallback: 1_000_000});
+    const ropeScaling = readRopeScaling(config, global, {paramsKey: paramsKey("full_attention")});
+    const theta = readRopeTheta(config, local, {
+        topKey: "rope_local_base_freq",
+        paramsKey: paramsKey("sliding_attention"),
+        fallback: 10_000
+    });
+    const scaling = readRopeScaling(config, local, {paramsKey: paramsKey("sliding_attention"), topLevel: false});
+    for (const [s, t] of [
+        [ropeScaling, "full_attention"],
+        [scaling, "sliding_attention"]
+    ] as const)
+        if (s?.type === "longrope")
+            config.fail(
+                config.json.rope_scaling && t === "full_attention" ? "rope_scaling" : paramsKey(t),
+                "is longrope, which qlora implements for phi3 only"
+            );
+    return {ropeTheta, ropeScaling, localRope: {theta, scaling}};
+}
+
+/** Gemma 3's own keys: the attention scale, soft-capping (the attention's refused), bidirectional attention refused */
+function readGemmaKeys(
+    config: ConfigReader,
+    hiddenSize: number,
+    heads: number
+): {queryPreAttnScalar: number; finalLogitSoftcap: number | null} {
+    // Gemma3TextConfig.validate_architecture raises on this too
+    if (hiddenSize % heads !== 0)
+        config.fail(
+            "hidden_size",
+            `is ${hiddenSize}, not a multiple of num_attention_heads (${heads}), which Gemma3TextConfig requires`
+        );
+    const queryPreAttnScalar = config.positiveNumber("query_pre_attn_scalar", 256);
+    const finalLogitSoftcap = config.has("final_logit_softcapping") ? config.positiveNumber("final_logit_softcapping") : null;
+    if (config.has("attn_logit_softcapping"))
+        config.fail(
+            "attn_logit_softcapping",
+            `is ${quoteValue(config.json.attn_logit_softcapping)}; qlora's attention kernels have no soft-capping ` +
+                "(Gemma 3's released configs set it to null, and transformers' Gemma3Attention does not apply it): set it to null"
+        );
+    if (config.boolean("use_bidirectional_attention", false))
+        config.fail("use_bidirectional_attention", "is true; qlora implements causal (decoder) attention only: set it to false");
+    return {queryPreAttnScalar, finalLogitSoftcap};
+}
+
 /** families whose every layer slides when sliding_window is set (MistralAttention, Phi3Attention); the default width */
 const EVERY_LAYER_SLIDES: ReadonlyMap<string, number | null> = new Map([
     ["mistral", 4096],
@@ -565,6 +704,7 @@ function readAttentionLayout(
         layerTypes = list as LayerType[];
     }
     const full = (): LayerType[] => Array.from({length: layers}, () => "full_attention");
+    if (family === "gemma3_text") return gemmaLayout(config, layers, layerTypes);
     if (!everyLayer && !qwen) return {slidingWindow: null, layerTypes: full()};
 
     const fallback = everyLayer ? EVERY_LAYER_SLIDES.get(family)! : 4096;
@@ -602,6 +742,31 @@ function readAttentionLayout(
                 'or make every entry "full_attention"'
         );
     return {slidingWindow: layerTypes.includes("sliding_attention") ? window : null, layerTypes};
+}
+
+/**
+ * Gemma 3: layer_types, or every sliding_window_pattern-th layer full and the others sliding (Gemma3TextConfig's
+ * default, pattern 6); the window defaults to 4096
+ */
+function gemmaLayout(
+    config: ConfigReader,
+    layers: number,
+    given: LayerType[] | null
+): {slidingWindow: number | null; layerTypes: LayerType[]} {
+    const pattern = config.positiveInt("sliding_window_pattern", 6);
+    const layerTypes =
+        given ??
+        Array.from({length: layers}, (_, i): LayerType => ((i + 1) % pattern !== 0 ? "sliding_attention" : "full_attention"));
+    const json = config.json;
+    const value = "sliding_window" in json ? json.sliding_window : 4096;
+    if (value !== null && (typeof value !== "number" || !Number.isSafeInteger(value) || value <= 0))
+        config.fail("sliding_window", `is ${quoteValue(value)}, expected a positive integer`);
+    if (value === null && layerTypes.includes("sliding_attention"))
+        config.fail(
+            "sliding_window",
+            'is null, but the model has "sliding_attention" layers (layer_types or sliding_window_pattern): give the window width'
+        );
+    return {slidingWindow: layerTypes.includes("sliding_attention") ? (value as number) : null, layerTypes};
 }
 
 function readTorchDtype(config: ConfigReader): ModelConfig["torchDtype"] {

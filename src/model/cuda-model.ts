@@ -271,6 +271,10 @@ export class CudaModel implements CausalLm {
                 invFreq: DeviceBuffer.from("f32", model.longRope.invFreq),
                 fromPosition: model.longRope.fromPosition
             },
+            localRope: model.localRope && {
+                invFreq: DeviceBuffer.from("f32", model.localRope.invFreq),
+                attentionScaling: model.localRope.attentionScaling
+            },
             layers: p.layers.map((layer) => {
                 const proj = {} as Record<ProjName, Projection<CudaTensors>>;
                 for (const name of projNames(cfg)) {
@@ -283,6 +287,9 @@ export class CudaModel implements CausalLm {
                     postNorm: bf16Upload(layer.postNorm),
                     qNorm: layer.qNorm && bf16Upload(layer.qNorm),
                     kNorm: layer.kNorm && bf16Upload(layer.kNorm),
+                    // gemma3: (1 + w) rounded to bf16 once (transformers multiplies by it in fp32)
+                    attnOutNorm: layer.attnOutNorm && bf16Upload(layer.attnOutNorm),
+                    mlpOutNorm: layer.mlpOutNorm && bf16Upload(layer.mlpOutNorm),
                     proj
                 };
             })

@@ -1,4 +1,4 @@
-// decoder.ts: the decoder-only transformer family (Llama, Qwen2, Qwen3, Mistral, Phi-3), one implementation driven by
+// decoder.ts: the decoder-only transformer family (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 3), one implementation driven by
 // config.json: loading (fp32, or 4-bit projections) and the host model's forward, which runs the one decoder
 // graph (graph.ts) on the CPU backend. Weights are read from bf16/f16/f32 checkpoints.
 import {QloraError} from "../errors.js";
@@ -6,7 +6,7 @@ import {cpu, halfToF32} from "../backend/cpu.js";
 import {cpuBackend, type CpuTensors} from "../backend/cpu-backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
-import {computeRopeInvFreq} from "./rope.js";
+import {computeLocalRope, computeRopeInvFreq} from "./rope.js";
 import {DenseLinear, type LinearLayer} from "../backend/linear.js";
 import {frozenBase} from "../lora/layer.js";
 import {Projection} from "../lora/projection.js";
@@ -22,6 +22,7 @@ import {
     projModule,
     projNames,
     projShape,
+    layerNormNames,
     qkNormNames,
     readFloatTensor,
     readTensorF32,
@@ -41,12 +42,20 @@ export interface LoadOptions {
     quantization?: BitsAndBytesConfig | null;
 }
 
+/**
+ * RMSNorm weights as the graph multiplies by them: gemma3's (1 + w) (Gemma3RMSNorm, in fp32) is added here, once, as
+ * llama.cpp's converter does
+ */
 export interface DecoderLayer {
     inputNorm: Float32Array; // [C]
+    /** the norm before the MLP (llama's post_attention_layernorm, gemma3's pre_feedforward_layernorm) */
     postNorm: Float32Array; // [C]
-    /** qwen3: RMSNorm weights over each head of q and k [head_dim] */
+    /** qwen3, gemma3: RMSNorm weights over each head of q and k [head_dim] */
     qNorm?: Float32Array;
     kNorm?: Float32Array;
+    /** gemma3: the norms of the attention's output (its post_attention_layernorm) and of the MLP's [C] */
+    attnOutNorm?: Float32Array;
+    mlpOutNorm?: Float32Array;
     /** the model's projections (projNames(config): the other names are absent) */
     proj: Record<ProjName, LinearLayer>;
 }
@@ -78,6 +87,8 @@ export class DecoderModel implements CausalLm {
     readonly attentionScaling: number;
     /** longrope: long_factor's table and the position from which transformers uses it */
     readonly longRope: {invFreq: Float32Array; fromPosition: number} | null;
+    /** gemma3: the RoPE of the sliding layers (rope_local_base_freq) */
+    readonly localRope: {invFreq: Float32Array; attentionScaling: number} | null;
 
     constructor(
         readonly config: ModelConfig,
@@ -87,6 +98,8 @@ export class DecoderModel implements CausalLm {
         this.invFreq = rope.invFreq;
         this.attentionScaling = rope.attentionScaling;
         this.longRope = rope.long ?? null;
+        const local = computeLocalRope(config);
+        this.localRope = local && {invFreq: local.invFreq, attentionScaling: local.attentionScaling};
     }
 
     /** loads config.json and the safetensors weights of a Hugging Face model folder (fp32, or 4-bit projections) */
@@ -97,6 +110,7 @@ export class DecoderModel implements CausalLm {
 
     static async fromCheckpoint(dir: string, cfg: ModelConfig, opts: LoadOptions = {}): Promise<DecoderModel> {
         computeRopeInvFreq(cfg); // a rope config that overflows float32 fails here, before any weight is read
+        computeLocalRope(cfg);
         let preQuantized: Map<string, QuantState4bit> | null = null;
         if (cfg.quantizationConfig) {
             const bnb = await loadBnb4bitCheckpoint(dir);
@@ -118,6 +132,11 @@ export class DecoderModel implements CausalLm {
         const ckpt = await openCheckpoint(dir, cfg, new Set(preQuantized?.keys() ?? []));
         try {
             const read = (name: string) => readTensorF32(ckpt, name);
+            const readNorm = async (name: string) => {
+                const w = await read(name);
+                if (cfg.rmsNormUnitOffset) for (let i = 0; i < w.length; i++) w[i] += 1;
+                return w;
+            };
             const embed = await read("model.embed_tokens.weight");
             const layers: DecoderLayer[] = [];
             for (let l = 0; l < cfg.numHiddenLayers; l++) {
@@ -132,14 +151,18 @@ export class DecoderModel implements CausalLm {
                     else proj[p] = new DenseLinear({outFeatures: outF, inFeatures: inF, weight: await read(name), bias});
                 }
                 const qk = cfg.qkNorm ? qkNormNames(l) : null;
+                const norms = layerNormNames(cfg, l);
                 layers.push({
-                    inputNorm: await read(`model.layers.${l}.input_layernorm.weight`),
-                    postNorm: await read(`model.layers.${l}.post_attention_layernorm.weight`),
-                    ...(qk ? {qNorm: await read(qk.q), kNorm: await read(qk.k)} : {}),
+                    inputNorm: await readNorm(norms.input),
+                    postNorm: await readNorm(norms.preMlp),
+                    ...(qk ? {qNorm: await readNorm(qk.q), kNorm: await readNorm(qk.k)} : {}),
+                    ...(norms.attnOut && norms.mlpOut
+                        ? {attnOutNorm: await readNorm(norms.attnOut), mlpOutNorm: await readNorm(norms.mlpOut)}
+                        : {}),
                     proj
                 });
             }
-            const norm = await read("model.norm.weight");
+            const norm = await readNorm("model.norm.weight");
             const lmHead = cfg.tieWordEmbeddings ? embed : await read("lm_head.weight");
             return new DecoderModel(cfg, {embed, layers, norm, lmHead});
         } finally {
@@ -203,11 +226,13 @@ export class DecoderModel implements CausalLm {
             finalNorm: p.norm,
             invFreq: this.invFreq,
             longRope: this.longRope,
+            localRope: this.localRope,
             layers: p.layers.map((layer) => {
                 const proj = {} as Record<ProjName, Projection<CpuTensors>>;
                 for (const name of projNames(this.config))
                     proj[name] = new Projection(cpuBackend(), frozenBase(layer.proj[name]), layer.proj[name]);
-                return {inputNorm: layer.inputNorm, postNorm: layer.postNorm, qNorm: layer.qNorm, kNorm: layer.kNorm, proj};
+                const {inputNorm, postNorm, qNorm, kNorm, attnOutNorm, mlpOutNorm} = layer;
+                return {inputNorm, postNorm, qNorm, kNorm, attnOutNorm, mlpOutNorm, proj};
             })
         };
         const full = options.trainFull ? p.trainedFull : undefined;
@@ -226,6 +251,7 @@ export class DecoderModel implements CausalLm {
         const V = this.config.vocabSize;
         const targets = shiftTargets(labels, B, T);
         const losses = new Float32Array(B * T);
+        // logits from forward() are soft-capped already (gemma3)
         const count = cpu().crossEntropyForward(losses, null, logits, targets, B * T, V);
         let sum = 0;
         for (let i = 0; i < losses.length; i++) sum += losses[i];

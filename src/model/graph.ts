@@ -1,4 +1,4 @@
-// graph.ts: the decoder (Llama / Qwen2 / Qwen3 / Mistral / Phi-3), written once over the Backend interface: the training forward
+// graph.ts: the decoder (Llama / Qwen2 / Qwen3 / Mistral / Phi-3 / Gemma 3), written once over the Backend interface: the training forward
 // (activations saved, or recomputed under gradient checkpointing, optionally offloaded to the host), the
 // hand-written backward (no autograd), and the inference forward with a KV cache. The CPU and the GPU run this
 // same code; what differs is the backend (fp32 host ops, or bf16 CUDA kernels) and the projection layers handed
@@ -11,6 +11,10 @@
 // v with one qkv_proj and gate, up with one gate_up_proj (split into the same buffers after the product, their
 // gradients joined before its backward) and rotates only the first rotary_dim dimensions of each head (partial
 // RoPE); longrope switches to long_factor's table for a forward whose largest position reaches the original context.
+// Gemma 3 (Gemma3DecoderLayer) scales the embeddings by sqrt(hidden_size), normalizes q and k per head like Qwen3,
+// puts a norm on the attention's output and on the MLP's before their residual adds (sandwich norms), gates its MLP
+// with GELU-tanh, gives its sliding layers a RoPE of their own (rope_local_base_freq), scales attention scores by
+// query_pre_attn_scalar^-0.5 and soft-caps the final logits; its (1 + w) norm weights come in with the 1 added.
 //
 // The loss is transformers' causal-LM cross-entropy (logits at t predict labels[t+1]) summed over targets and
 // multiplied by lossScale, so the trainer can pass 1 / (targets in the whole accumulated batch) and get the true
@@ -25,7 +29,7 @@
 import {QloraError} from "../errors.js";
 import type {Backend, GraphLinear, HostCopy, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
 import type {TokenPick} from "../backend/sampling.js";
-import {countNonFinite} from "../backend/cpu.js";
+import {countNonFinite, f32ToHalf, halfToF32} from "../backend/cpu.js";
 import {attentionWindow, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
 import type {ProjName} from "./weights.js";
 import type {TrainableTensor} from "../lora/layer.js";
@@ -65,12 +69,18 @@ export interface GraphWeights<X extends TensorTypes> {
     invFreq: X["f"]; // RoPE inverse frequencies [rotaryDim / 2]
     /** longrope: long_factor's table [rotaryDim / 2], used by a forward whose largest position is >= fromPosition */
     longRope?: {invFreq: X["f"]; fromPosition: number} | null;
+    /** gemma3: the RoPE of sliding layers [rotaryDim / 2] and its attention scaling (the others use invFreq) */
+    localRope?: {invFreq: X["f"]; attentionScaling: number} | null;
     layers: {
         inputNorm: X["f"];
+        /** the norm before the MLP */
         postNorm: X["f"];
-        /** qwen3: the per-head RMSNorm weights of q and k [head_dim] */
+        /** qwen3, gemma3: the per-head RMSNorm weights of q and k [head_dim] */
         qNorm?: X["f"];
         kNorm?: X["f"];
+        /** gemma3: the norms of the attention's and the MLP's outputs, before their residual adds */
+        attnOutNorm?: X["f"];
+        mlpOutNorm?: X["f"];
         /** the model's projections (weights.ts projNames: the fused ones for phi3) */
         proj: Record<ProjName, GraphLinear<X["f"]>>;
     }[];
@@ -493,13 +503,19 @@ interface BlockActs<F> {
     v: F; // [N, Hkv*D]
     att: F; // [N, Hq*D]
     lse: F; // [B, Hq, T]
+    /** gemma3: o_proj's output before its norm (attnOutNorm), and that norm's rstd */
+    oRaw: F | null; // [N, C]
+    rstdO: F | null; // [N]
     h: F; // [N, C] residual after attention
     xn2: F;
     rstd2: F;
     /** the MLP's activations: null where the MLP ran in chunks, or is left to the backward (see mlpMode) */
     gate: F | null; // [N, I]
     up: F | null; // [N, I]
-    act: F | null; // [N, I] silu(gate) * up
+    act: F | null; // [N, I] silu(gate) * up (gemma3: gelu_tanh(gate) * up)
+    /** gemma3: down_proj's output before its norm (mlpOutNorm), and that norm's rstd */
+    mRaw: F | null; // [N, C]
+    rstdM: F | null; // [N]
     /** the block output; null when the MLP is left to the backward (a recomputation needs no output) */
     out: F | null; // [N, C]
     /** what each projection's forward kept for its backward */
@@ -518,12 +534,16 @@ const INTERMEDIATE_ACTS = [
     "v",
     "att",
     "lse",
+    "oRaw",
+    "rstdO",
     "h",
     "xn2",
     "rstd2",
     "gate",
     "up",
-    "act"
+    "act",
+    "mRaw",
+    "rstdM"
 ] as const;
 
 /**
@@ -559,6 +579,10 @@ function usesLongRope(longRope: {fromPosition: number} | null | undefined, posit
 
 export class DecoderGraph<X extends TensorTypes> {
     private readonly scale: number;
+    /** gemma3: the embedding scale in the activation dtype (transformers casts it to the weights' dtype); 1: none */
+    private readonly embedScale: number;
+    /** the final logits' soft cap (gemma3), 0: none */
+    private readonly softcap: number;
 
     constructor(
         readonly backend: Backend<X>,
@@ -566,7 +590,19 @@ export class DecoderGraph<X extends TensorTypes> {
         readonly weights: GraphWeights<X>,
         private readonly options: GraphOptions<X>
     ) {
-        this.scale = 1 / Math.sqrt(config.headDim);
+        this.scale = config.attentionScale;
+        const s = config.embedScale;
+        this.embedScale =
+            s === null
+                ? 1
+                : backend.activationDtype === "bfloat16"
+                  ? halfToF32(f32ToHalf(Float32Array.of(s), "BF16"), "BF16")[0]
+                  : Math.fround(s);
+        this.softcap = config.finalLogitSoftcap ?? 0;
+        if (config.sandwichNorms && !weights.layers.every((l) => l.attnOutNorm && l.mlpOutNorm))
+            throw new Error("graph: a gemma3 model needs attnOutNorm and mlpOutNorm on every layer");
+        if (config.localRope && !weights.localRope)
+            throw new Error("graph: a gemma3 model needs its sliding layers' RoPE (localRope)");
     }
 
     /** after an optimizer step changed the trainable tensors: the projections refresh what they derive from them */
@@ -629,7 +665,8 @@ export class DecoderGraph<X extends TensorTypes> {
             opts.lossScale,
             dxf,
             opts.lossChunkRows ?? be.lossChunkRows,
-            train ? (this.options.trained?.lmHead?.grad ?? null) : null
+            train ? (this.options.trained?.lmHead?.grad ?? null) : null,
+            this.softcap
         );
         be.free(xf);
         if (!train || !dxf) {
@@ -662,7 +699,10 @@ export class DecoderGraph<X extends TensorTypes> {
             acts[l] = null;
         }
         const dEmbed = this.options.trained?.embed?.grad;
-        if (dEmbed) be.embeddingBackward(dEmbed, dx, ids, N, V, C);
+        if (dEmbed) {
+            if (this.embedScale !== 1) be.scale(dx, this.embedScale, N * C);
+            be.embeddingBackward(dEmbed, dx, ids, N, V, C);
+        }
         for (const t of [dx, inputs[0] as X["f"], ids]) be.free(t);
         this.freeContext(ctx);
         return loss;
@@ -774,6 +814,7 @@ export class DecoderGraph<X extends TensorTypes> {
         };
         let x = be.activation(N * C);
         be.embedding(x, inputs.ids, this.weights.embed, N, cfg.vocabSize, C, false);
+        if (this.embedScale !== 1) be.scale(x, this.embedScale, N * C);
         for (let l = 0; l < cfg.numHiddenLayers; l++) {
             const a = this.blockForward(l, x, ctx, false, "chunked");
             this.releaseActs(a, l);
@@ -797,7 +838,8 @@ export class DecoderGraph<X extends TensorTypes> {
             this.weights.lmHead,
             totalRows,
             this.config.hiddenSize,
-            this.config.vocabSize
+            this.config.vocabSize,
+            this.softcap
         );
         const bad = countNonFinite(out);
         if (bad.nan + bad.inf > 0) throw nonFiniteOutput(`${bad.nan + bad.inf} of ${out.length} logits are NaN or infinite`);
@@ -813,7 +855,8 @@ export class DecoderGraph<X extends TensorTypes> {
             totalRows,
             this.config.hiddenSize,
             this.config.vocabSize,
-            picks
+            picks,
+            this.softcap
         );
         if (r.nonFinite > 0) throw nonFiniteOutput(`${r.nonFinite} logits are NaN or infinite`);
         return r.ids;
@@ -829,6 +872,7 @@ export class DecoderGraph<X extends TensorTypes> {
                 `token id ${idsHost[bad]} at position ${bad} is outside the vocabulary (${cfg.vocabSize} tokens)`
             );
         }
+        if (this.embedScale !== 1) this.backend.scale(x, this.embedScale, N * cfg.hiddenSize);
         return x;
     }
 
@@ -863,6 +907,25 @@ export class DecoderGraph<X extends TensorTypes> {
         return long && this.weights.longRope ? this.weights.longRope.invFreq : this.weights.invFreq;
     }
 
+    /** layer l's RoPE: the forward's table, or gemma3's local one on a sliding layer */
+    private ropeOf(l: number, ctx: StepContext<X>): {invFreq: X["f"]; scaling: number} {
+        const local = this.weights.localRope;
+        if (local && this.config.layerTypes[l] === "sliding_attention")
+            return {invFreq: local.invFreq, scaling: local.attentionScaling};
+        return {invFreq: ctx.invFreq, scaling: this.options.attentionScaling};
+    }
+
+    /** the MLP's gate: silu(gate) * up, or gemma3's gelu_tanh(gate) * up */
+    private gatedAct(out: X["f"], gate: X["f"], up: X["f"], n: number): void {
+        if (this.config.hiddenAct === "gelu_pytorch_tanh") this.backend.geluTanhGlu(out, gate, up, n);
+        else this.backend.swiglu(out, gate, up, n);
+    }
+
+    private gatedActBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void {
+        if (this.config.hiddenAct === "gelu_pytorch_tanh") this.backend.geluTanhGluBackward(dgate, dup, dout, gate, up, n);
+        else this.backend.swigluBackward(dgate, dup, dout, gate, up, n);
+    }
+
     private freeContext(ctx: StepContext<X>): void {
         for (const t of [ctx.pos, ctx.keyValid, ctx.seg]) this.backend.free(t);
     }
@@ -875,7 +938,7 @@ export class DecoderGraph<X extends TensorTypes> {
         a.saved.clear();
     }
 
-    private blockForward(l: number, x: X["f"], ctx: StepContext<X>, train: boolean, mlp: MlpMode): BlockActs<X["f"]> {
+    private blockForward(l: number, x: X["f"], ctx: StepContext<X>, train: boolean, mode: MlpMode): BlockActs<X["f"]> {
         const be = this.backend,
             cfg = this.config,
             layer = this.weights.layers[l],
@@ -889,6 +952,9 @@ export class DecoderGraph<X extends TensorTypes> {
             eps = cfg.rmsNormEps;
         const act = (n: number) => be.activation(n);
         const qkNorm = layer.qNorm !== undefined && layer.kNorm !== undefined;
+        const sandwich = cfg.sandwichNorms;
+        // gemma3: the MLP's output norm needs the MLP's output in the backward, so a recomputation runs it too
+        const mlp: MlpMode = sandwich && mode === "backward" ? "chunked" : mode;
         const a: BlockActs<X["f"]> = {
             x,
             xn1: act(N * C),
@@ -902,12 +968,16 @@ export class DecoderGraph<X extends TensorTypes> {
             v: act(N * Hkv * D),
             att: act(N * Hq * D),
             lse: be.stats(B * Hq * T),
+            oRaw: sandwich ? act(N * C) : null,
+            rstdO: sandwich ? be.stats(N) : null,
             h: act(N * C),
             xn2: act(N * C),
             rstd2: be.stats(N),
             gate: mlp === "keep" ? act(N * I) : null,
             up: mlp === "keep" ? act(N * I) : null,
             act: mlp === "keep" ? act(N * I) : null,
+            mRaw: sandwich ? act(N * C) : null,
+            rstdM: sandwich ? be.stats(N) : null,
             out: mlp === "backward" ? null : act(N * C),
             saved: new Map()
         };
@@ -945,8 +1015,7 @@ export class DecoderGraph<X extends TensorTypes> {
             be.rmsnorm(a.q, a.rstdQ, a.qRaw, layer.qNorm!, N * Hq, D, eps);
             be.rmsnorm(a.k, a.rstdK, a.kRaw, layer.kNorm!, N * Hkv, D, eps);
         }
-        const {invFreq} = ctx,
-            {attentionScaling} = this.options,
+        const {invFreq, scaling: attentionScaling} = this.ropeOf(l, ctx),
             R = cfg.rotaryDim;
         let keys = a.k,
             values = a.v,
@@ -999,12 +1068,18 @@ export class DecoderGraph<X extends TensorTypes> {
             ctx.blocks,
             attentionWindow(cfg, l)
         );
-        project("o_proj", a.h, a.att);
+        if (a.oRaw) {
+            // gemma3: the attention's output normalized before the residual add
+            project("o_proj", a.oRaw, a.att);
+            be.rmsnorm(a.h, a.rstdO, a.oRaw, layer.attnOutNorm!, N, C, eps);
+        } else project("o_proj", a.h, a.att);
         be.residualRmsnorm(a.h, a.xn2, a.rstd2, x, a.h, layer.postNorm, N, C, eps);
+        // the MLP writes its output here: the block output, or gemma3's raw output for its norm
+        const mlpOut = a.mRaw ?? a.out;
         if (mlp === "keep") {
             this.gateUp(a.gate!, a.up!, a.xn2, N, projectShared);
-            be.swiglu(a.act!, a.gate!, a.up!, N * I);
-            project("down_proj", a.out!, a.act!);
+            this.gatedAct(a.act!, a.gate!, a.up!, N * I);
+            project("down_proj", mlpOut!, a.act!);
         } else if (mlp === "chunked")
             for (const [r0, m] of chunksOf(N, this.options.mlpChunkRows ?? mlpChunkRows(I))) {
                 const rows = (t: X["f"], width: number) => (m === N ? t : be.view(t, r0 * width, m * width));
@@ -1012,12 +1087,13 @@ export class DecoderGraph<X extends TensorTypes> {
                     up = act(m * I);
                 this.gateUp(gate, up, rows(a.xn2, C), m, (names, ys, input) => projectRows(names, ys, input, m, r0));
                 const h = act(m * I);
-                be.swiglu(h, gate, up, m * I);
+                this.gatedAct(h, gate, up, m * I);
                 be.free(gate);
                 be.free(up);
-                projectRows(["down_proj"], [rows(a.out!, C)], h, m, r0);
+                projectRows(["down_proj"], [rows(mlpOut!, C)], h, m, r0);
                 be.free(h);
             }
+        if (a.out && a.mRaw) be.rmsnorm(a.out, a.rstdM, a.mRaw, layer.mlpOutNorm!, N, C, eps);
         if (a.out) be.addInplace(a.out, a.h, N * C);
         return a;
     }
@@ -1068,7 +1144,7 @@ export class DecoderGraph<X extends TensorTypes> {
                 names.forEach((n, i) => saved.set(n, p[n].forward(ys[i], input, m, true, r0)))
             );
             const h = act(m * I);
-            be.swiglu(h, gate, up, m * I);
+            this.gatedAct(h, gate, up, m * I);
             const downSaved = p.down_proj.saveForBackward(h, m, r0);
             const dh = act(m * I);
             p.down_proj.backward(dh, rows(dout, C), h, downSaved, m, false, r0);
@@ -1076,7 +1152,7 @@ export class DecoderGraph<X extends TensorTypes> {
             be.free(h);
             const dgate = act(m * I),
                 dup = act(m * I);
-            be.swigluBackward(dgate, dup, dh, gate, up, m * I);
+            this.gatedActBackward(dgate, dup, dh, gate, up, m * I);
             be.free(dh);
             be.free(gate);
             be.free(up);
@@ -1128,24 +1204,35 @@ export class DecoderGraph<X extends TensorTypes> {
         const act = (n: number) => be.activation(n);
         const back = (name: ProjName, dx: X["f"], dy: X["f"], x: X["f"], accumulate: boolean) =>
             p[name].backward(dx, dy, x, a.saved.get(name) ?? null, N, accumulate);
-        // MLP: out = h + down(silu(gate(xn2)) * up(xn2))
+        // MLP: out = h + down(silu(gate(xn2)) * up(xn2)) (gemma3: h + norm(down(gelu_tanh(gate(xn2)) * up(xn2))))
+        let dmlp = dout;
+        if (a.mRaw) {
+            dmlp = act(N * C);
+            be.rmsnormBackward(dmlp, dout, a.mRaw, layer.mlpOutNorm!, a.rstdM!, N, C);
+        }
         let dxn: X["f"];
         if (a.gate && a.up && a.act) {
             const dact = act(N * I);
-            back("down_proj", dact, dout, a.act, false);
+            back("down_proj", dact, dmlp, a.act, false);
             const dgate = act(N * I),
                 dup = act(N * I);
-            be.swigluBackward(dgate, dup, dact, a.gate, a.up, N * I);
+            this.gatedActBackward(dgate, dup, dact, a.gate, a.up, N * I);
             be.free(dact);
             dxn = act(N * C);
             this.gateUpBackward(dxn, dgate, dup, a.xn2, N, (name, dx, dy, x, accumulate) => back(name, dx, dy, x, accumulate));
-        } else dxn = this.mlpBackwardChunked(l, a.xn2, dout, N);
+        } else dxn = this.mlpBackwardChunked(l, a.xn2, dmlp, N);
+        if (dmlp !== dout) be.free(dmlp);
         const dh = act(N * C);
         be.rmsnormBackward(dh, dxn, a.h, layer.postNorm, a.rstd2, N, C);
         be.addInplace(dh, dout, N * C); // the residual stream
-        // attention: h = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+        // attention: h = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))) (gemma3: x + norm(o(...)))
         const datt = act(N * Hq * D);
-        back("o_proj", datt, dh, a.att, false);
+        if (a.oRaw) {
+            const doRaw = act(N * C);
+            be.rmsnormBackward(doRaw, dh, a.oRaw, layer.attnOutNorm!, a.rstdO!, N, C);
+            back("o_proj", datt, doRaw, a.att, false);
+            be.free(doRaw);
+        } else back("o_proj", datt, dh, a.att, false);
         const dq = act(N * Hq * D),
             dk = act(N * Hkv * D),
             dv = act(N * Hkv * D);
@@ -1170,10 +1257,11 @@ export class DecoderGraph<X extends TensorTypes> {
             attentionWindow(cfg, l)
         );
         be.free(datt);
-        const R = cfg.rotaryDim;
-        be.ropeBackward(dq, ctx.pos, ctx.invFreq, this.options.attentionScaling, N, Hq, D, R);
-        be.ropeBackward(dk, ctx.pos, ctx.invFreq, this.options.attentionScaling, N, Hkv, D, R);
-        // qwen3: back through the per-head norms (their weights are frozen)
+        const R = cfg.rotaryDim,
+            rope = this.ropeOf(l, ctx);
+        be.ropeBackward(dq, ctx.pos, rope.invFreq, rope.scaling, N, Hq, D, R);
+        be.ropeBackward(dk, ctx.pos, rope.invFreq, rope.scaling, N, Hkv, D, R);
+        // qwen3, gemma3: back through the per-head norms (their weights are frozen)
         let dqRaw = dq,
             dkRaw = dk;
         if (a.qRaw && a.kRaw) {

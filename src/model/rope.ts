@@ -63,6 +63,15 @@ export function computeRopeInvFreq(cfg: ModelConfig): RopeFrequencies {
     return rope;
 }
 
+/**
+ * gemma3: the RoPE of its sliding layers (rope_local_base_freq and no scaling, or rope_parameters.sliding_attention),
+ * computed as the global one is; null for a model with one RoPE
+ */
+export function computeLocalRope(cfg: ModelConfig): RopeFrequencies | null {
+    if (!cfg.localRope) return null;
+    return computeRopeInvFreq({...cfg, ropeTheta: cfg.localRope.theta, ropeScaling: cfg.localRope.scaling, localRope: null});
+}
+
 function ropeFrequencies(cfg: ModelConfig): RopeFrequencies {
     const dim = cfg.rotaryDim;
     const base = cfg.ropeTheta;

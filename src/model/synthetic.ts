@@ -20,12 +20,16 @@ export interface SyntheticOptions {
     fast?: boolean;
 }
 
-/** writes config.json + safetensors with N(0, std) weights, norms around 1 and small biases; returns the config */
+/**
+ * writes config.json + safetensors with N(0, std) weights, norms around 1 (gemma3's stored w - 1 around 0) and
+ * small biases; returns the config
+ */
 export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptions): Promise<ModelConfig> {
     const cfg = parseModelConfig(opts.config, path.join(dir, "config.json"));
     const rng = new Rng(opts.seed ?? 0);
     const std = opts.std ?? 0.02;
     const dtype = opts.dtype ?? "BF16";
+    const normBase = cfg.rmsNormUnitOffset ? 0 : 1;
     const tensors: TensorToWrite[] = [];
     for (const [name, shape] of expectedTensors(cfg)) {
         const n = shape.reduce((a, b) => a * b, 1);
@@ -36,7 +40,7 @@ export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptio
             // uniform on [-sqrt(3), sqrt(3)] (unit variance) from a xorshift32 seeded by the Rng
             let s = rng.nextU32() | 1;
             const scale = ((isNorm ? 0.1 : isBias ? 0.1 : std) * Math.sqrt(3)) / 2147483648;
-            const base = isNorm ? 1 : 0;
+            const base = isNorm ? normBase : 0;
             for (let i = 0; i < n; i++) {
                 s ^= s << 13;
                 s ^= s >>> 17;
@@ -46,7 +50,7 @@ export async function writeSyntheticCheckpoint(dir: string, opts: SyntheticOptio
         } else {
             for (let i = 0; i < n; i++) {
                 const z = rng.normal();
-                values[i] = isNorm ? 1 + 0.1 * z : isBias ? 0.1 * z : std * z;
+                values[i] = isNorm ? normBase + 0.1 * z : isBias ? 0.1 * z : std * z;
             }
         }
         tensors.push({name, dtype, shape, data: dtype === "F32" ? values : f32ToHalf(values, dtype)});

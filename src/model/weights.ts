@@ -1,4 +1,4 @@
-// weights.ts: reads a Hugging Face decoder checkpoint (llama / qwen2 / qwen3 / mistral / phi3 names) into fp32 buffers,
+// weights.ts: reads a Hugging Face decoder checkpoint (llama / qwen2 / qwen3 / mistral / phi3 / gemma3 names) into fp32 buffers,
 // checking config.json against the checkpoint's headers before anything is allocated, and every value read for
 // NaN and Inf.
 import path from "node:path";
@@ -70,9 +70,28 @@ export function projHasBias(cfg: ModelConfig, proj: ProjName): boolean {
     return cfg.mlpBias;
 }
 
-/** qwen3's per-head norms of q and k: model.layers.N.self_attn.{q,k}_norm.weight [head_dim] */
+/** qwen3's and gemma3's per-head norms of q and k: model.layers.N.self_attn.{q,k}_norm.weight [head_dim] */
 export function qkNormNames(layer: number): {q: string; k: string} {
     return {q: `model.layers.${layer}.self_attn.q_norm.weight`, k: `model.layers.${layer}.self_attn.k_norm.weight`};
+}
+
+/**
+ * the RMSNorm weights of a layer by their role in the graph: before attention (input), before the MLP (preMlp),
+ * and gemma3's norms of the attention's and the MLP's outputs (Gemma3DecoderLayer: its post_attention_layernorm
+ * normalizes the attention output; pre_feedforward_layernorm is what llama's post_attention_layernorm is)
+ */
+export function layerNormNames(
+    cfg: ModelConfig,
+    layer: number
+): {input: string; preMlp: string; attnOut?: string; mlpOut?: string} {
+    const p = `model.layers.${layer}.`;
+    if (!cfg.sandwichNorms) return {input: `${p}input_layernorm.weight`, preMlp: `${p}post_attention_layernorm.weight`};
+    return {
+        input: `${p}input_layernorm.weight`,
+        preMlp: `${p}pre_feedforward_layernorm.weight`,
+        attnOut: `${p}post_attention_layernorm.weight`,
+        mlpOut: `${p}post_feedforward_layernorm.weight`
+    };
 }
 
 /** every tensor name and shape the config implies */
@@ -80,8 +99,7 @@ export function expectedTensors(cfg: ModelConfig): Map<string, number[]> {
     const m = new Map<string, number[]>();
     m.set("model.embed_tokens.weight", [cfg.vocabSize, cfg.hiddenSize]);
     for (let l = 0; l < cfg.numHiddenLayers; l++) {
-        m.set(`model.layers.${l}.input_layernorm.weight`, [cfg.hiddenSize]);
-        m.set(`model.layers.${l}.post_attention_layernorm.weight`, [cfg.hiddenSize]);
+        for (const name of Object.values(layerNormNames(cfg, l))) m.set(name, [cfg.hiddenSize]);
         if (cfg.qkNorm) {
             const n = qkNormNames(l);
             m.set(n.q, [cfg.headDim]);

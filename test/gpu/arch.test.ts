@@ -1,9 +1,11 @@
-// arch.test.ts (GPU), issue 15: Qwen3 (q/k norms per head, head_dim != hidden / heads) and Phi-3 / Phi-4-mini
-// (fused qkv_proj / gate_up_proj, partial rotary, longrope's short and long tables) on the CUDA backend: logits,
+// arch.test.ts (GPU), issue 15: Qwen3 (q/k norms per head, head_dim != hidden / heads), Phi-3 / Phi-4-mini
+// (fused qkv_proj / gate_up_proj, partial rotary, longrope's short and long tables) and Gemma 3 (sandwich norms,
+// GELU-tanh gate, scaled embeddings, sliding/global layers with two RoPEs, soft-capped logits) on the CUDA backend: logits,
 // LoRA and QLoRA gradients and cached decoding against the host model (bf16 tolerances, as test/gpu/trainer.test.ts
 // and inference.test.ts), CUDA-graph decoding equal to eager decoding across the longrope switch, a short QLoRA run
 // with `qlora train`, and, where test/fixtures/arch/<name> exists, the logits and LoRA gradients of transformers/peft.
-// The ops under it (per-head RMSNorm rows, partial-rotary RoPE and RoPE + cache write, copyColumns) are rows of
+// The ops under it (per-head RMSNorm rows, partial-rotary RoPE and RoPE + cache write, copyColumns, geluTanhGlu,
+// scale, soft-capped causalLmLoss / logits / pickTokens) are rows of
 // test/gpu/backend-ops.test.ts.
 import {test} from "node:test";
 import assert from "node:assert/strict";
@@ -66,7 +68,34 @@ const PHI3 = {
     hidden_act: "silu"
 };
 
-const ARCHS = {qwen3: QWEN3, phi3: PHI3} as const;
+/**
+ * Gemma 3 in small: (1 + w) and sandwich norms, GELU-tanh gate, embeddings x sqrt(64) (8: exact in bf16), layers
+ * sliding (window 5, local RoPE base 1e4), sliding, full (base 1e6, linear x4), scores x 48^-0.5, logits capped at 4
+ */
+const GEMMA3 = {
+    architectures: ["Gemma3ForCausalLM"],
+    model_type: "gemma3_text",
+    vocab_size: 16384,
+    hidden_size: 64,
+    intermediate_size: 160,
+    num_hidden_layers: 3,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    head_dim: 64,
+    max_position_embeddings: 1024,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1000000,
+    rope_local_base_freq: 10000,
+    rope_scaling: {rope_type: "linear", factor: 4},
+    sliding_window: 5,
+    sliding_window_pattern: 3,
+    query_pre_attn_scalar: 48,
+    final_logit_softcapping: 4,
+    hidden_activation: "gelu_pytorch_tanh",
+    tie_word_embeddings: true
+};
+
+const ARCHS = {qwen3: QWEN3, phi3: PHI3, gemma3: GEMMA3} as const;
 const ids = (n: number) => Array.from({length: n}, (_, i) => (i * 7919 + 13) % 16000);
 
 function batchOf(tokens: number[]): TrainBatch {

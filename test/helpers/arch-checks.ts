@@ -79,7 +79,7 @@ export async function checkAgainstReference(dir: string, model: DecoderModel, id
     for (const name of ckpt.names()) weights.set(name, Float64Array.from(await readTensorF32(ckpt, name)));
     await ckpt.close();
     const table = long ? model.longRope!.invFreq : model.invFreq;
-    const ref = referenceForward(model.config, weights, ids, table, model.attentionScaling);
+    const ref = referenceForward(model.config, weights, ids, table, model.attentionScaling, model.localRope);
     const got = model.forward(Int32Array.from(ids), 1, ids.length);
     const {diff, scale} = maxAbsDiff(got, ref);
     console.log(

@@ -55,6 +55,9 @@ import {
     refRowNorms,
     refScaleColumns,
     refSwiglu,
+    refGeluTanhGlu,
+    refGeluTanhGluBackward,
+    softcap64,
     refSwigluBackward,
     rms,
     ropeAngles,
@@ -261,6 +264,9 @@ const OP_NAMES = {
     attentionBackward: true,
     swiglu: true,
     swigluBackward: true,
+    geluTanhGlu: true,
+    geluTanhGluBackward: true,
+    scale: true,
     addInplace: true,
     cacheWrite: true,
     ropeCacheWrite: true,
@@ -930,6 +936,75 @@ for (const n of [1, 3, 9, 17, 100003]) {
     });
 }
 
+// ---- Gemma's GELU-tanh gate (the edge values of SwiGLU's cases: tanh saturates both ways)
+
+for (const n of [1, 3, 9, 17, 100003]) {
+    OP_CASES.push({
+        op: "geluTanhGlu",
+        shape: `n=${n}`,
+        run(r) {
+            const {gate, up} = swigluInputs(r, n);
+            const out = r.out(n);
+            r.be.geluTanhGlu(out, gate.t, up.t, n);
+            r.close("out", r.get(out), refGeluTanhGlu(gate.v, up.v), {float32: 2e-6, bfloat16: BF16_OUT});
+        }
+    });
+    OP_CASES.push({
+        op: "geluTanhGluBackward",
+        shape: `n=${n}`,
+        run(r) {
+            const {gate, up} = swigluInputs(r, n);
+            const dout = r.randn(n);
+            const dgate = r.out(n),
+                dup = r.out(n);
+            r.be.geluTanhGluBackward(dgate, dup, dout.t, gate.t, up.t, n);
+            const ref = refGeluTanhGluBackward(dout.v, gate.v, up.v);
+            const tol = {float32: 4e-6, bfloat16: BF16_OUT};
+            const dg = r.get(dgate),
+                du = r.get(dup);
+            r.close("dgate (=) vs analytic", dg, ref.dgate, tol);
+            r.close("dup (=) vs analytic", du, ref.dup, tol);
+            const idx = [...new Set([...sample(r.rng, n, 48), ...SWIGLU_EDGES.keys()].filter((i) => i < n))];
+            const g64 = pick(gate.v, idx),
+                u64 = pick(up.v, idx),
+                d64 = pick(dout.v, idx),
+                local = [...idx.keys()];
+            r.close(
+                "dgate vs FD",
+                pick(dg, idx),
+                fdGrad(() => refGeluTanhGlu(g64, u64), g64, d64, local),
+                tol
+            );
+            r.close(
+                "dup vs FD",
+                pick(du, idx),
+                fdGrad(() => refGeluTanhGlu(g64, u64), u64, d64, local),
+                tol
+            );
+        }
+    });
+}
+
+// ---- scale (Gemma's embedding scale)
+
+for (const n of [1, 9, 100003]) {
+    OP_CASES.push({
+        op: "scale",
+        shape: `n=${n}`,
+        run(r) {
+            const x = r.randn(n);
+            const s = 33.9411;
+            r.be.scale(x.t, s, n);
+            r.close(
+                "x * s (in place)",
+                r.get(x.t),
+                Float64Array.from(x.v, (v) => v * s),
+                {float32: 1e-7, bfloat16: BF16_OUT}
+            );
+        }
+    });
+}
+
 // ---- residual add, KV-cache write
 
 for (const n of [1, 7, 17, 100003]) {
@@ -1438,6 +1513,8 @@ interface LossShape {
     /** null: the backend's lossChunkRows */
     chunkRows: number | null;
     dHead?: boolean;
+    /** Gemma's final_logit_softcapping */
+    softcap?: number;
 }
 
 const LOSS_SHAPES: LossShape[] = [
@@ -1452,6 +1529,17 @@ const LOSS_SHAPES: LossShape[] = [
         targets: [5, -100, 0, 36, 12, 12, -1, 30, 2, -100, -100, 7, 8, 9, 33, 1, -100],
         chunkRows: 5,
         dHead: true
+    },
+    // soft-capped logits (|logits| up to ~10 here, so a cap of 3 saturates some)
+    {N: 3, C: 24, V: 50, targets: [-100, 7, 49], chunkRows: 1, softcap: 3},
+    {
+        N: 17,
+        C: 40,
+        V: 37,
+        targets: [5, -100, 0, 36, 12, 12, -1, 30, 2, -100, -100, 7, 8, 9, 33, 1, -100],
+        chunkRows: 4,
+        dHead: true,
+        softcap: 5
     }
 ];
 
@@ -1461,6 +1549,7 @@ for (const s of LOSS_SHAPES) {
         op: "causalLmLoss",
         shape:
             `N=${N} C=${C} V=${V} chunkRows=${s.chunkRows ?? "default"}${s.dHead ? " dHead" : ""}` +
+            `${s.softcap ? ` softcap=${s.softcap}` : ""}` +
             ` (${targets.filter((t) => t < 0).length} ignored)`,
         run(r) {
             const xf = r.randn(N * C),
@@ -1469,11 +1558,12 @@ for (const s of LOSS_SHAPES) {
             const count = targets.filter((t) => t >= 0).length;
             const lossScale = Math.fround(1 / Math.max(count, 1));
             const chunkRows = s.chunkRows ?? r.be.lossChunkRows;
-            const ref = refCausalLmLoss(xf.v, tg, head.v, N, C, V, lossScale);
+            const cap = s.softcap ?? 0;
+            const ref = refCausalLmLoss(xf.v, tg, head.v, N, C, V, lossScale, cap);
             const preHead = randn32(r.rng, V * C); // dHead accumulates (+=)
             const dHead = s.dHead ? r.param(preHead) : null; // an fp32 tensor (the trained lm_head's gradient)
             const dxf = r.out(N * C);
-            const res = r.be.causalLmLoss(xf.t, tg, head.t, N, C, V, lossScale, dxf, chunkRows, dHead?.t ?? null);
+            const res = r.be.causalLmLoss(xf.t, tg, head.t, N, C, V, lossScale, dxf, chunkRows, dHead?.t ?? null, cap);
             r.that(`targets = ${ref.targets}`, res.targets === ref.targets, `got ${res.targets}`);
             if (count === 0) r.that("lossSum = 0", res.lossSum === 0, `got ${res.lossSum}`);
             else r.close("lossSum", [res.lossSum], [ref.lossSum], {float32: 1e-5, bfloat16: BF16_OUT});
@@ -1490,7 +1580,7 @@ for (const s of LOSS_SHAPES) {
                 const x64 = f64(xf.v),
                     idx = sample(r.rng, N * C, 48);
                 const fd = fdGrad(
-                    () => Float64Array.of(refCausalLmLoss(x64, tg, head.v, N, C, V, lossScale).lossSum * lossScale),
+                    () => Float64Array.of(refCausalLmLoss(x64, tg, head.v, N, C, V, lossScale, cap).lossSum * lossScale),
                     x64,
                     [1],
                     idx
@@ -1505,7 +1595,7 @@ for (const s of LOSS_SHAPES) {
                     {float32: 1e-5, bfloat16: 3e-2}
                 );
             // evaluation: no gradient, the same loss
-            const res2 = r.be.causalLmLoss(xf.t, tg, head.t, N, C, V, lossScale, null, chunkRows, null);
+            const res2 = r.be.causalLmLoss(xf.t, tg, head.t, N, C, V, lossScale, null, chunkRows, null, cap);
             r.that(
                 "dxf=null: same loss",
                 res2.lossSum === res.lossSum && res2.targets === res.targets,
@@ -1515,21 +1605,23 @@ for (const s of LOSS_SHAPES) {
     });
 }
 
-for (const [N, C, V, rows] of [
-    [1, 8, 11, null],
-    [17, 40, 50, null],
-    [17, 40, 50, [16, 0, 5, 5]],
-    [17, 40, 50, [0, 1, 2, 3]],
-    [3, 24, 37, [2]]
+for (const [N, C, V, rows, cap] of [
+    [1, 8, 11, null, 0],
+    [17, 40, 50, null, 0],
+    [17, 40, 50, [16, 0, 5, 5], 0],
+    [17, 40, 50, [0, 1, 2, 3], 0],
+    [3, 24, 37, [2], 0],
+    [17, 40, 50, [16, 0, 5, 5], 3]
 ] as const) {
     OP_CASES.push({
         op: "logits",
-        shape: `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}`,
+        shape: `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}${cap ? ` softcap=${cap}` : ""}`,
         run(r) {
             const hidden = r.randn(N * C),
                 head = r.randn(V * C, 0.5);
-            const got = r.be.logits(hidden.t, rows ? [...rows] : null, head.t, N, C, V);
-            const want = refLogits(hidden.v, rows ? [...rows] : Array.from({length: N}, (_, i) => i), head.v, C, V);
+            const got = r.be.logits(hidden.t, rows ? [...rows] : null, head.t, N, C, V, cap);
+            const all = Array.from({length: N}, (_, i) => i);
+            const want = softcap64(refLogits(hidden.v, rows ? [...rows] : all, head.v, C, V), cap);
             r.close("logits (fp32)", got, want, {float32: 1e-5, bfloat16: 1e-3});
         }
     });
@@ -1565,19 +1657,21 @@ const SAMPLED: Omit<TokenPick, "u32" | "seen">[] = [
     {temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1.5},
     {temperature: 2, topK: 3000, topP: 0.999, repetitionPenalty: 0.8}
 ];
-for (const [N, C, V, rows, poison, sampled] of [
-    [1, 8, 11, null, false, false],
-    [17, 40, 3001, [16, 0, 5, 5], false, false],
-    [5, 24, 2053, null, false, false],
-    [3, 24, 37, [2, 0], true, false],
-    [6, 40, 3001, null, false, true],
-    [12, 24, 5003, [11, 0, 3, 3, 7, 1, 2, 4, 5, 6, 8, 9], false, true]
+for (const [N, C, V, rows, poison, sampled, cap] of [
+    [1, 8, 11, null, false, false, 0],
+    [6, 40, 3001, null, false, true, 2],
+    [17, 40, 3001, [16, 0, 5, 5], false, false, 0],
+    [5, 24, 2053, null, false, false, 0],
+    [3, 24, 37, [2, 0], true, false, 0],
+    [6, 40, 3001, null, false, true, 0],
+    [12, 24, 5003, [11, 0, 3, 3, 7, 1, 2, 4, 5, 6, 8, 9], false, true, 0]
 ] as const) {
     OP_CASES.push({
         op: "pickTokens",
         shape:
             `N=${N} C=${C} V=${V} rows=${rows ? `[${rows.join(",")}]` : "all"}${poison ? " (an infinite head row)" : ""}` +
-            (sampled ? " sampled" : " greedy"),
+            (sampled ? " sampled" : " greedy") +
+            (cap ? ` softcap=${cap}` : ""),
         run(r) {
             const hidden = r.randn(N * C);
             const headValues = randn32(r.rng, V * C, 0.5);
@@ -1594,8 +1688,8 @@ for (const [N, C, V, rows, poison, sampled] of [
                       seen: Int32Array.from(new Set(Array.from({length: 40}, () => r.rng.int(V))))
                   }))
                 : null;
-            const got = r.be.pickTokens(hidden.t, asked, head.t, N, C, V, picks);
-            const logits = r.be.logits(hidden.t, asked, head.t, N, C, V);
+            const got = r.be.pickTokens(hidden.t, asked, head.t, N, C, V, picks, cap);
+            const logits = r.be.logits(hidden.t, asked, head.t, N, C, V, cap);
             if (!sampled) {
                 const want = refArgmax(logits, V);
                 r.exact("argmax ids", got.ids, want.ids);

@@ -1,8 +1,9 @@
 // reference-decoder.ts: a deliberately plain float64 implementation of the decoder forward, written from
-// transformers' modeling_llama / modeling_qwen2 / modeling_qwen3 / modeling_phi3 and sharing no code with src/model,
+// transformers' modeling_llama / modeling_qwen2 / modeling_qwen3 / modeling_phi3 / modeling_gemma3 and sharing no code with src/model,
 // so that the model can be checked on configurations the golden fixtures do not cover (llama names, untied
 // embeddings, no biases, head_dim != hidden / heads, rope scaling, sliding-window layers, qwen3's q/k norms, phi3's
-// fused projections and partial rotary).
+// fused projections and partial rotary, gemma3's (1 + w) and sandwich norms, scaled embeddings, GELU-tanh gate,
+// local RoPE, query_pre_attn_scalar and final soft-capping).
 import type {ModelConfig} from "../../src/io/hf-config.js";
 
 export type Tensors = Map<string, Float64Array>;
@@ -55,13 +56,14 @@ function rope(
         }
 }
 
-/** logits [T, V] of one unpadded sequence */
+/** logits [T, V] of one unpadded sequence; `local`: gemma3's RoPE of sliding layers */
 export function referenceForward(
     cfg: ModelConfig,
     w: Tensors,
     ids: number[],
     invFreq: Float32Array | Float64Array,
-    scaling = 1
+    scaling = 1,
+    local: {invFreq: Float32Array | Float64Array; attentionScaling: number} | null = null
 ): Float64Array {
     const T = ids.length,
         C = cfg.hiddenSize,
@@ -75,13 +77,21 @@ export function referenceForward(
         if (!t) throw new Error(`reference: missing ${n}`);
         return t;
     };
+    const gemma = cfg.modelType === "gemma3_text";
+    // Gemma3RMSNorm multiplies by (1 + w)
+    const norm = (x: Float64Array, N: number, D: number, name: string) => {
+        const weight = get(name);
+        return rmsnorm(x, N, D, gemma ? weight.map((v) => 1 + v) : weight, cfg.rmsNormEps);
+    };
     const emb = get("model.embed_tokens.weight");
     let x = new Float64Array(T * C);
     ids.forEach((id, t) => x.set(emb.subarray(id * C, (id + 1) * C), t * C));
+    // Gemma3TextScaledWordEmbedding: the scale as a float32 tensor (the fp32 model's dtype)
+    if (gemma) x = x.map((v) => v * Math.fround(Math.sqrt(C)));
     for (let l = 0; l < cfg.numHiddenLayers; l++) {
         const p = `model.layers.${l}.`;
         const opt = (n: string) => w.get(p + n);
-        const xn = rmsnorm(x, T, C, get(p + "input_layernorm.weight"), cfg.rmsNormEps);
+        const xn = norm(x, T, C, p + "input_layernorm.weight");
         let q: Float64Array, k: Float64Array, v: Float64Array;
         const qkvW = opt("self_attn.qkv_proj.weight");
         if (qkvW) {
@@ -102,12 +112,16 @@ export function referenceForward(
             v = linear(xn, T, C, get(p + "self_attn.v_proj.weight"), Hkv * D, opt("self_attn.v_proj.bias"));
         }
         // Qwen3Attention: RMSNorm over each head of q and k, before RoPE
-        const qNorm = opt("self_attn.q_norm.weight"),
-            kNorm = opt("self_attn.k_norm.weight");
-        if (qNorm) q = rmsnorm(q, T * Hq, D, qNorm, cfg.rmsNormEps);
-        if (kNorm) k = rmsnorm(k, T * Hkv, D, kNorm, cfg.rmsNormEps);
-        rope(q, T, Hq, D, invFreq, scaling, cfg.rotaryDim);
-        rope(k, T, Hkv, D, invFreq, scaling, cfg.rotaryDim);
+        if (opt("self_attn.q_norm.weight")) q = norm(q, T * Hq, D, p + "self_attn.q_norm.weight");
+        if (opt("self_attn.k_norm.weight")) k = norm(k, T * Hkv, D, p + "self_attn.k_norm.weight");
+        // Gemma3RotaryEmbedding: sliding layers rotate by the local base
+        const sliding = cfg.layerTypes[l] === "sliding_attention";
+        const table = local && sliding ? local.invFreq : invFreq,
+            tableScaling = local && sliding ? local.attentionScaling : scaling;
+        rope(q, T, Hq, D, table, tableScaling, cfg.rotaryDim);
+        rope(k, T, Hkv, D, table, tableScaling, cfg.rotaryDim);
+        // Gemma3Attention: query_pre_attn_scalar ** -0.5
+        const scoreScale = gemma ? (cfg.raw.query_pre_attn_scalar as number) ** -0.5 : 1 / Math.sqrt(D);
         const att = new Float64Array(T * Hq * D);
         // a sliding layer's mask: transformers' sliding_window_overlay, kv_idx > q_idx - sliding_window
         const window = cfg.layerTypes[l] === "sliding_attention" ? cfg.slidingWindow : null;
@@ -121,7 +135,7 @@ export function referenceForward(
                     if (!sees(t, j)) continue;
                     let d = 0;
                     for (let e = 0; e < D; e++) d += q[(t * Hq + h) * D + e] * k[(j * Hkv + hk) * D + e];
-                    s[j] = d / Math.sqrt(D);
+                    s[j] = d * scoreScale;
                     m = Math.max(m, s[j]);
                 }
                 let z = 0;
@@ -131,9 +145,11 @@ export function referenceForward(
                         for (let e = 0; e < D; e++) att[(t * Hq + h) * D + e] += (s[j] / z) * v[(j * Hkv + hk) * D + e];
             }
         }
-        const o = linear(att, T, Hq * D, get(p + "self_attn.o_proj.weight"), C, opt("self_attn.o_proj.bias"));
+        let o = linear(att, T, Hq * D, get(p + "self_attn.o_proj.weight"), C, opt("self_attn.o_proj.bias"));
+        // Gemma3DecoderLayer: post_attention_layernorm on the attention output, pre_feedforward_layernorm before the MLP
+        if (gemma) o = norm(o, T, C, p + "post_attention_layernorm.weight");
         x = x.map((val, i) => val + o[i]);
-        const xn2 = rmsnorm(x, T, C, get(p + "post_attention_layernorm.weight"), cfg.rmsNormEps);
+        const xn2 = norm(x, T, C, p + (gemma ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight"));
         let g: Float64Array, u: Float64Array;
         const gateUpW = opt("mlp.gate_up_proj.weight");
         if (gateUpW) {
@@ -149,11 +165,18 @@ export function referenceForward(
             g = linear(xn2, T, C, get(p + "mlp.gate_proj.weight"), I, opt("mlp.gate_proj.bias"));
             u = linear(xn2, T, C, get(p + "mlp.up_proj.weight"), I, opt("mlp.up_proj.bias"));
         }
-        const a = g.map((gv, i) => (gv / (1 + Math.exp(-gv))) * u[i]);
-        const d = linear(a, T, I, get(p + "mlp.down_proj.weight"), C, opt("mlp.down_proj.bias"));
+        // gelu_pytorch_tanh for gemma3, silu otherwise
+        const gelu = (v: number) => 0.5 * v * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (v + 0.044715 * v ** 3)));
+        const a = g.map((gv, i) => (gemma ? gelu(gv) : gv / (1 + Math.exp(-gv))) * u[i]);
+        let d = linear(a, T, I, get(p + "mlp.down_proj.weight"), C, opt("mlp.down_proj.bias"));
+        if (gemma) d = norm(d, T, C, p + "post_feedforward_layernorm.weight");
         x = x.map((val, i) => val + d[i]);
     }
-    const xf = rmsnorm(x, T, C, get("model.norm.weight"), cfg.rmsNormEps);
+    const xf = norm(x, T, C, "model.norm.weight");
     const head = cfg.tieWordEmbeddings ? emb : get("lm_head.weight");
-    return linear(xf, T, C, head, V);
+    const logits = linear(xf, T, C, head, V);
+    // Gemma3ForCausalLM: final_logit_softcapping
+    const cap = cfg.raw.final_logit_softcapping;
+    if (gemma && typeof cap === "number") return logits.map((v) => cap * Math.tanh(v / cap));
+    return logits;
 }

@@ -371,6 +371,43 @@ export function refSwigluBackward(
 }
 
 // ------------------------------------------------------------------
+// Gemma's GELU-tanh gate: out = gelu_pytorch_tanh(gate) * up
+
+export function geluTanh64(x: number): number {
+    return 0.5 * x * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (x + 0.044715 * x ** 3)));
+}
+
+export function refGeluTanhGlu(gate: ArrayLike<number>, up: ArrayLike<number>): Float64Array {
+    return Float64Array.from({length: gate.length}, (_, i) => geluTanh64(gate[i]) * up[i]);
+}
+
+/** dgate, dup of L = sum(geluTanhGlu(gate, up) * dout), the derivative written out */
+export function refGeluTanhGluBackward(
+    dout: ArrayLike<number>,
+    gate: ArrayLike<number>,
+    up: ArrayLike<number>
+): {dgate: Float64Array; dup: Float64Array} {
+    const n = gate.length,
+        dgate = new Float64Array(n),
+        dup = new Float64Array(n);
+    const k = Math.sqrt(2 / Math.PI);
+    for (let i = 0; i < n; i++) {
+        const x = gate[i];
+        const t = Math.tanh(k * (x + 0.044715 * x ** 3));
+        const grad = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x);
+        dup[i] = dout[i] * geluTanh64(x);
+        dgate[i] = dout[i] * up[i] * grad;
+    }
+    return {dgate, dup};
+}
+
+/** cap tanh(x / cap) in place (cap 0: unchanged) */
+export function softcap64(x: Float64Array, cap: number): Float64Array {
+    if (cap > 0) for (let i = 0; i < x.length; i++) x[i] = cap * Math.tanh(x[i] / cap);
+    return x;
+}
+
+// ------------------------------------------------------------------
 // softmax cross-entropy and the output layer
 
 /** log(sum(exp(x[off .. off + V)))) */
@@ -412,10 +449,12 @@ export function refCausalLmLoss(
     N: number,
     C: number,
     V: number,
-    lossScale: number
+    lossScale: number,
+    /** > 0: the logits are cap tanh(logits / cap) (Gemma's final_logit_softcapping) */
+    softcap = 0
 ): {lossSum: number; targets: number; dxf: Float64Array; dHead: Float64Array} {
     const all = Array.from({length: N}, (_, i) => i);
-    const logits = refLogits(xf, all, head, C, V);
+    const logits = softcap64(refLogits(xf, all, head, C, V), softcap);
     const dxf = new Float64Array(N * C),
         dHead = new Float64Array(V * C);
     let lossSum = 0,
@@ -429,6 +468,7 @@ export function refCausalLmLoss(
         count++;
         for (let v = 0; v < V; v++) d[v] = Math.exp(logits[n * V + v] - lse) * lossScale;
         d[t] -= lossScale;
+        if (softcap > 0) for (let v = 0; v < V; v++) d[v] *= 1 - (logits[n * V + v] / softcap) ** 2;
         for (let v = 0; v < V; v++)
             for (let c = 0; c < C; c++) {
                 dxf[n * C + c] += d[v] * head[v * C + c];

@@ -1,0 +1,149 @@
+// Gemma 3 text (Gemma3ForCausalLM, model_type gemma3_text), issue 15: (1 + w) RMSNorms, embeddings scaled by
+// sqrt(hidden_size), a GELU-tanh gated MLP, norms on the attention's and the MLP's outputs (sandwich norms), q/k norms,
+// sliding layers interleaved with global ones (sliding_window_pattern) with a RoPE base of their own, query_pre_attn_scalar,
+// final logit soft-capping, tied embeddings. Synthetic checkpoints are checked against the float64 reference decoder
+// and finite differences; test/fixtures/arch/gemma3 (made by scripts/references/make_arch_refs.py with transformers
+// and peft) against transformers and peft.
+import {before, test} from "node:test";
+import assert from "node:assert/strict";
+import path from "node:path";
+import {parseModelConfig} from "../src/io/hf-config.js";
+import type {DecoderModel} from "../src/model/decoder.js";
+import {HfTokenizer} from "../src/tokenizer/index.js";
+import {
+    checkAgainstReference,
+    checkCacheDecoding,
+    checkLoraGradients,
+    fixtureTests,
+    syntheticModel,
+    tempDir
+} from "./helpers/arch-checks.js";
+
+const tmp = tempDir("qlora-gemma3-");
+const DIR = path.join(tmp, "tiny-gemma3");
+
+/**
+ * head_dim 64 while hidden / heads = 16; GQA 4/2; layers sliding, sliding, full (pattern 3) with a window of 5 below
+ * the prompts' length; local base 1e4 against a global 1e6 with linear scaling; scores scaled by 48^-0.5; logits
+ * capped at 4
+ */
+const GEMMA3 = {
+    architectures: ["Gemma3ForCausalLM"],
+    model_type: "gemma3_text",
+    vocab_size: 16384,
+    hidden_size: 64,
+    intermediate_size: 160,
+    num_hidden_layers: 3,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    head_dim: 64,
+    max_position_embeddings: 1024,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1000000,
+    rope_local_base_freq: 10000,
+    rope_scaling: {rope_type: "linear", factor: 4},
+    sliding_window: 5,
+    sliding_window_pattern: 3,
+    query_pre_attn_scalar: 48,
+    final_logit_softcapping: 4,
+    attn_logit_softcapping: null,
+    hidden_activation: "gelu_pytorch_tanh",
+    tie_word_embeddings: true,
+    attention_bias: false,
+    bos_token_id: 16381,
+    eos_token_id: 16381
+};
+
+let model: DecoderModel;
+let tokenizer: HfTokenizer;
+before(async () => {
+    model = await syntheticModel(DIR, GEMMA3, {std: 0.15});
+    tokenizer = await HfTokenizer.load(DIR);
+});
+
+test("gemma3: the config reader resolves the layer pattern, both RoPEs, the scales and the soft cap", () => {
+    const c = model.config;
+    assert.deepEqual(c.layerTypes, ["sliding_attention", "sliding_attention", "full_attention"]);
+    assert.equal(c.slidingWindow, 5);
+    assert.equal(c.hiddenAct, "gelu_pytorch_tanh");
+    assert.equal(c.attentionScale, 48 ** -0.5);
+    assert.equal(c.embedScale, 8);
+    assert.equal(c.finalLogitSoftcap, 4);
+    assert.deepEqual(c.localRope, {theta: 10000, scaling: null});
+    assert.equal(c.ropeTheta, 1000000);
+    assert.equal(c.ropeScaling?.type, "linear");
+    // the local table is the plain base-1e4 one, the global one base 1e6 divided by the factor
+    assert.ok(Math.abs(model.localRope!.invFreq[1] - 10000 ** (-2 / 64)) < 1e-7);
+    assert.ok(Math.abs(model.invFreq[1] - 1000000 ** (-2 / 64) / 4) < 1e-8);
+    // Gemma3TextConfig's defaults: every 6th layer full, window 4096, tied embeddings, head_dim 256, scalar 256
+    const d = parseModelConfig(
+        {
+            model_type: "gemma3_text",
+            vocab_size: 32,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 7,
+            num_attention_heads: 2
+        },
+        "config.json"
+    );
+    assert.deepEqual(
+        d.layerTypes.map((t) => t[0]),
+        ["s", "s", "s", "s", "s", "f", "s"]
+    );
+    assert.equal(d.slidingWindow, 4096);
+    assert.equal(d.headDim, 256);
+    assert.equal(d.attentionScale, 1 / 16);
+    assert.ok(d.tieWordEmbeddings && d.finalLogitSoftcap === null);
+    // transformers 5's rope_parameters per layer type
+    const five = parseModelConfig(
+        {
+            ...GEMMA3,
+            rope_theta: undefined,
+            rope_local_base_freq: undefined,
+            rope_scaling: undefined,
+            rope_parameters: {
+                full_attention: {rope_type: "linear", factor: 8, rope_theta: 500000},
+                sliding_attention: {rope_type: "default", rope_theta: 20000}
+            }
+        },
+        "config.json"
+    );
+    assert.equal(five.ropeTheta, 500000);
+    assert.equal(five.ropeScaling?.factor, 8);
+    assert.deepEqual(five.localRope, {theta: 20000, scaling: null});
+});
+
+test("gemma3: configs qlora cannot run are refused naming the key", () => {
+    const refuse = (extra: Record<string, unknown>, key: RegExp) =>
+        assert.throws(() => parseModelConfig({...GEMMA3, ...extra}, "config.json"), key);
+    refuse({attn_logit_softcapping: 50}, /"attn_logit_softcapping" is 50.*set it to null/);
+    refuse({use_bidirectional_attention: true}, /"use_bidirectional_attention" is true/);
+    refuse({hidden_activation: "gelu"}, /"hidden_activation" is "gelu".*gelu_pytorch_tanh/);
+    refuse({final_logit_softcapping: -1}, /"final_logit_softcapping" is -1/);
+    refuse({sliding_window: null}, /"sliding_window" is null, but the model has "sliding_attention" layers/);
+    refuse({layer_types: ["sliding_attention", "global"]}, /"layer_types"/);
+    refuse({rope_parameters: {rope_type: "default", rope_theta: 1}}, /"rope_parameters" .*keys it by layer type/);
+    refuse({hidden_size: 66}, /"hidden_size" is 66, not a multiple of num_attention_heads/);
+});
+
+test("gemma3: the forward matches the float64 reference (sliding/global layers, two RoPEs, sandwich norms, soft cap)", async () => {
+    const ids = tokenizer.encode("床前明月光，疑是地上霜。The quick brown fox jumps over the lazy dog");
+    assert.ok(ids.length > 3 * GEMMA3.sliding_window);
+    assert.ok(model.params.layers.every((l) => l.attnOutNorm?.length === 64 && l.mlpOutNorm?.length === 64));
+    await checkAgainstReference(DIR, model, ids);
+    // the cap holds every logit inside (-4, 4), and some come near it
+    const logits = model.forward(Int32Array.from(ids), 1, ids.length);
+    const top = logits.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    assert.ok(top < 4 && top > 2, `largest |logit| ${top}`);
+});
+
+test("gemma3: LoRA gradients through GELU-tanh, the sandwich norms and the soft cap match finite differences; checkpointing recomputes them exactly", () => {
+    checkLoraGradients(model, tokenizer.encode("To be, or not to be: that is the question."));
+});
+
+test("gemma3: incremental decoding with the KV cache gives the logits of a full forward", () => {
+    checkCacheDecoding(model, tokenizer.encode("春眠不觉晓，处处闻啼鸟。夜来风雨声"), 5);
+});
+
+fixtureTests("gemma3", {llamaPrompt: "prompt"});
