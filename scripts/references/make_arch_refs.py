@@ -30,11 +30,14 @@ For each model it writes test/fixtures/arch/<name>/:
 
 Weights are drawn with a fixed seed and scaled so that logits are well spread and greedy text does not just repeat
 its last token (embedding N(0, 0.3^2), projections N(0, 4/in), norms 1 + N(0, 0.2^2); with a larger tied embedding
-every position predicts its own token). A seed whose greedy runs have a top-1/top-2 logit margin below MIN_MARGIN
-is skipped for the next one (the seed used is in README.md), so that the fp32 tolerance cannot flip a choice.
+every position predicts its own token). The final norm is scaled by sqrt(128 / hidden_size), so that the logits
+spread as a hidden-128 model's (std about 3.4) whatever the (small) hidden size: the top-1/top-2 gaps grow with
+them, and the tests' logits tolerance is absolute. A seed whose greedy runs have a top-1/top-2 logit margin below
+MIN_MARGIN is skipped for the next one (the seed used is in README.md), so that the fp32 tolerance cannot flip a choice.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -43,7 +46,10 @@ import sys
 
 import torch
 
-MIN_MARGIN = 0.05
+# 10x the tests' logits tolerance (2e-3): no implementation within it can flip a greedy choice. Runs of 16 steps
+# (prompt, chat, adapter; phi3's long prompt) with every gap >= 0.05, the earlier bound, are rare among seeds of
+# these small models (phi3 at hidden 32: none of 100)
+MIN_MARGIN = 0.02
 NEW_TOKENS = 16
 PROMPT = "The cat sat on the mat and looked at the little bird in the tree."
 LONG_PROMPT = (
@@ -57,6 +63,18 @@ PHI3_CHAT_TEMPLATE = (
 )
 VOCAB = 16384
 EOS = 16381
+# the models are as small as their features allow: the fixtures are committed, and the working tree travels to the
+# GPU machine within 64 MiB. With tiny-qwen2's vocabulary the tied bf16 embedding is most of model.safetensors
+# (VOCAB x hidden x 2 bytes), so hidden_size is what is cut:
+#   qwen3: hidden 16 with head_dim 64 (still != hidden / heads), q/k norms, GQA 4/2
+#   phi3: hidden 64 in one head of 64 (phi3's head_dim is hidden / heads; CUDA's attention takes 64 and 128, and
+#   test/gpu/arch.test.ts runs this fixture), so one key/value head: no GQA here (the synthetic phi3 of
+#   test/arch-phi3.test.ts has it, against llama.cpp), partial rotary 0.5 (32 rotary dims: 16 factors)
+QWEN3_HIDDEN = 16
+PHI3_HIDDEN = 64
+PHI3_HEADS = 1
+PHI3_PARTIAL_ROTARY = 0.5
+PHI3_ROTARY_HALF = int(PHI3_HIDDEN // PHI3_HEADS * PHI3_PARTIAL_ROTARY) // 2
 
 
 # transformers 4 takes rope_theta / rope_scaling, 5 rope_parameters (and converts the old keys, mostly): each
@@ -69,16 +87,18 @@ def qwen3_rope():
 
 
 def phi3_rope():
-    rotary_half = 16  # head_dim 64 x partial_rotary_factor 0.5 / 2
+    # one factor per rotary frequency, from 1 to 1.75 (short) and to 12.25 (long)
+    half = PHI3_ROTARY_HALF
     factors = {
-        "short_factor": [1.0 + 0.05 * i for i in range(rotary_half)],
-        "long_factor": [1.0 + 0.75 * i for i in range(rotary_half)],
+        "short_factor": [1.0 + 0.75 * i / (half - 1) for i in range(half)],
+        "long_factor": [1.0 + 11.25 * i / (half - 1) for i in range(half)],
     }
+    partial = PHI3_PARTIAL_ROTARY
     return [
-        {"rope_theta": 10000.0, "rope_scaling": {"type": "longrope", **factors}, "partial_rotary_factor": 0.5},
+        {"rope_theta": 10000.0, "rope_scaling": {"type": "longrope", **factors}, "partial_rotary_factor": partial},
         {
-            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, **factors},
-            "partial_rotary_factor": 0.5,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": partial, **factors},
+            "partial_rotary_factor": partial,
         },
     ]
 
@@ -86,10 +106,10 @@ def phi3_rope():
 def qwen3_config(rope):
     from transformers import Qwen3Config
 
-    # head_dim 64 != hidden_size / num_attention_heads = 8; q_norm / k_norm; no biases
+    # head_dim 64 != hidden_size / num_attention_heads = 4; q_norm / k_norm; no biases
     return Qwen3Config(
         vocab_size=VOCAB,
-        hidden_size=32,
+        hidden_size=QWEN3_HIDDEN,
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -112,11 +132,11 @@ def phi3_config(rope):
 
     return Phi3Config(
         vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=192,
+        hidden_size=PHI3_HIDDEN,
+        intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=PHI3_HEADS,
+        num_key_value_heads=PHI3_HEADS,
         max_position_embeddings=256,
         original_max_position_embeddings=40,
         rms_norm_eps=1e-5,
@@ -138,7 +158,7 @@ def expected_rope(name):
     if name == "qwen3":
         dim, base, factors, scaling = 64, 1000000.0, [1.0] * 32, 1.0
     else:
-        dim, base, factors = 32, 10000.0, phi3_rope()[0]["rope_scaling"]["short_factor"]
+        dim, base, factors = 2 * PHI3_ROTARY_HALF, 10000.0, phi3_rope()[0]["rope_scaling"]["short_factor"]
         scaling = math.sqrt(1 + math.log(256 / 40) / math.log(40))
     shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**shape), scaling
@@ -182,7 +202,9 @@ def scaled_init(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             z = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("norm.weight"):
+            if name == "model.norm.weight":
+                v = (1.0 + 0.2 * z) * math.sqrt(128 / model.config.hidden_size)
+            elif name.endswith("norm.weight"):
                 v = 1.0 + 0.2 * z
             elif "embed_tokens" in name:
                 v = 0.3 * z
@@ -281,6 +303,10 @@ def make(name, spec, tokenizer_dir, out_root, versions):
         print(f"{name}: transformers {versions['transformers']} reads {sorted(rope)} otherwise, trying the other spelling", file=sys.stderr)
     else:
         raise SystemExit(f"{name}: no spelling of the rope settings gives the intended rotary embedding")
+    # the LoRA: every linear module by its PEFT name, B drawn (init_lora_weights=False) so every gradient is nonzero
+    lora_cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=spec["targets"], lora_dropout=0.0, bias="none", init_lora_weights=False
+    )
     for seed in range(100):
         torch.manual_seed(seed)
         cfg = spec["config"](rope)
@@ -302,7 +328,15 @@ def make(name, spec, tokenizer_dir, out_root, versions):
         chat_output_ids, m = greedy(model, chat_ids, NEW_TOKENS, refill_at)
         margins.append(m)
         if min(margins) >= MIN_MARGIN:
-            break
+            # the adapter's greedy run is checked token for token too: its margin counts (the LoRA on a copy, so
+            # that `model` stays the base model)
+            torch.manual_seed(seed + 1000)
+            peft_model = get_peft_model(copy.deepcopy(model), lora_cfg)
+            peft_model.eval()
+            adapter_output_ids, m = greedy(peft_model, prompt, NEW_TOKENS, refill_at)
+            margins.append(m)
+            if min(margins) >= MIN_MARGIN:
+                break
         print(f"{name}: seed {seed} has a greedy margin of {min(margins):.4f}, trying the next", file=sys.stderr)
     else:
         raise SystemExit(f"{name}: no seed gave greedy margins >= {MIN_MARGIN}")
@@ -333,12 +367,6 @@ def make(name, spec, tokenizer_dir, out_root, versions):
         json.dump({"messages": MESSAGES, "prompt_ids": chat_ids[0].tolist(), "output_ids": chat_output_ids}, f)
         f.write("\n")
 
-    # the LoRA: every linear module by its PEFT name, B drawn (init_lora_weights=False) so every gradient is nonzero
-    lora_cfg = LoraConfig(
-        r=4, lora_alpha=8, target_modules=spec["targets"], lora_dropout=0.0, bias="none", init_lora_weights=False
-    )
-    torch.manual_seed(seed + 1000)
-    peft_model = get_peft_model(model, lora_cfg)
     peft_model.save_pretrained(os.path.join(out, "adapter"))
     peft_model.train()
     peft_model.zero_grad()
@@ -350,10 +378,8 @@ def make(name, spec, tokenizer_dir, out_root, versions):
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{pname}: no gradient"
             grads[pname.replace(".default", "")] = p.grad.detach().to(torch.float32).contiguous()
     save_file(grads, os.path.join(out, "lora_grads.safetensors"))
-    peft_model.eval()
-    adapter_output_ids, m = greedy(peft_model, prompt, NEW_TOKENS, refill_at)
     greedy_json["adapter_output_ids"] = adapter_output_ids
-    greedy_json["min_margin"] = min(margins + [m])
+    greedy_json["min_margin"] = min(margins)
     with open(os.path.join(out, "greedy.json"), "w") as f:
         json.dump(greedy_json, f)
         f.write("\n")
