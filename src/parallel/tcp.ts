@@ -286,6 +286,8 @@ export class TcpCollective implements Collective {
                     p &&
                     new Promise<void>((resolve) => {
                         p.closing = true;
+                        // a socket the other side already closed has nothing left to end
+                        if (p.socket.destroyed) return resolve();
                         p.socket.end(() => resolve());
                         p.socket.once("close", () => resolve());
                     })
