@@ -8,10 +8,11 @@ keys i - 4 < j <= i), the tokenizer is copied from tiny-qwen2 and vocab_size is 
     python3 scripts/references/make_sliding_window_refs.py --tokenizer ../shared/models/tiny-qwen2 --out test/fixtures/arch
 
 It writes test/fixtures/arch/mistral-sw/ with the files make_arch_refs.py writes for every model (its make(): see
-its docstring): config.json, model.safetensors, tokenizer files, reference.safetensors (input_ids, labels, logits at
-three positions, loss), greedy.json (16 greedy tokens, with and without the adapter), chat.json, adapter/ (a PEFT
-LoRA, r=4, every linear module), lora_grads.safetensors (peft's gradients on `labels`), bnb-4bit/ when bitsandbytes
-and CUDA are there, and README.md with the versions. test/arch-mistral-sw.test.ts reads them.
+its docstring): config.json, model.safetensors, tokenizer_config.json (tokenizer.json left out, as there),
+reference.safetensors (input_ids, labels, logits at three positions, loss), greedy.json (16 greedy tokens, with and
+without the adapter), chat.json, adapter/ (a PEFT LoRA, r=4, every linear module), lora_grads.safetensors (peft's
+gradients on `labels`), bnb-4bit/ when bitsandbytes and CUDA are there, and README.md with the versions.
+test/arch-mistral-sw.test.ts reads them.
 """
 
 import argparse
@@ -23,7 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_arch_refs as arch  # noqa: E402
 
 WINDOW = 4
-HEAD_DIM = 16
+# head_dim 64: a size CUDA's attention kernels take; hidden 16 and tied embeddings keep the committed folder small
+# (make_arch_refs.py: the tied bf16 embedding is most of it)
+HIDDEN = 16
+HEAD_DIM = 64
 ROPE_THETA = 10000.0
 
 
@@ -46,10 +50,10 @@ def mistral_sw_expected_rope():
 def mistral_sw_config(rope=None):
     from transformers import MistralConfig
 
-    # head_dim 16 != hidden_size / num_attention_heads = 8; grouped-query heads; untied embeddings
+    # head_dim 64 != hidden_size / num_attention_heads = 4; grouped-query heads; tied embeddings
     return MistralConfig(
         vocab_size=arch.VOCAB,
-        hidden_size=32,
+        hidden_size=HIDDEN,
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -58,7 +62,7 @@ def mistral_sw_config(rope=None):
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         sliding_window=WINDOW,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
         bos_token_id=arch.EOS,
         eos_token_id=arch.EOS,
         architectures=["MistralForCausalLM"],

@@ -162,18 +162,24 @@ export function checkCacheDecoding(model: DecoderModel, ids: number[], split: nu
 
 /**
  * exports the model folder to GGUF f16 and checks llama.cpp against qlora: next-token distributions over `ids`
- * (mean KL) and greedy continuations of `prompt` token for token; with `adapterDir` also the LoRA GGUF on that base
+ * (mean KL) and greedy continuations of `prompt` token for token (null: not compared); with `adapterDir` also the
+ * LoRA GGUF on that base. `expectNote`: a note the export must return (what llama.cpp does otherwise than the model)
  */
 export async function checkGgufInLlamaCpp(
     dir: string,
     tmp: string,
     ids: number[],
-    prompt: number[],
-    opts: {adapterDir?: string; expectTensors?: string[]; expectMetadata?: Record<string, unknown>} = {}
+    prompt: number[] | null,
+    opts: {adapterDir?: string; expectTensors?: string[]; expectMetadata?: Record<string, unknown>; expectNote?: RegExp} = {}
 ): Promise<void> {
     const out = path.join(tmp, `${path.basename(dir)}-f16.gguf`);
     // a name without "phi3" in it: llama.cpp would take the vocabulary for Phi-3's (phi3NameProblem)
-    await exportGguf({modelDir: dir, outtype: "f16", out, overwrite: true, name: "qlora test model"});
+    const result = await exportGguf({modelDir: dir, outtype: "f16", out, overwrite: true, name: "qlora test model"});
+    if (opts.expectNote)
+        assert.ok(
+            result.notes.some((n) => opts.expectNote!.test(n)),
+            `the export's notes ${JSON.stringify(result.notes)} say ${opts.expectNote}`
+        );
     const parsed = await gguf(out, {allowLocalFile: true});
     const names = new Set(parsed.tensorInfos.map((t) => t.name));
     for (const n of opts.expectTensors ?? []) assert.ok(names.has(n), `the GGUF has ${n}`);
@@ -186,9 +192,11 @@ export async function checkGgufInLlamaCpp(
         const {meanKl, top1Agreement} = await llamaMeanKl(llama, ids, logits);
         console.log(`${model.config.modelType} f16 GGUF: mean KL ${meanKl.toExponential(2)}, top-1 agreement ${top1Agreement}`);
         assert.ok(meanKl < 1e-3, `mean KL ${meanKl}`);
-        const ours = generate(model, prompt, {maxNewTokens: 16, greedy: true, eosTokenIds: []}).newIds;
-        const theirs = await llamaGreedy(llama, prompt, {maxNewTokens: 16});
-        assert.deepEqual(theirs, ours, "llama.cpp's greedy text is qlora's");
+        if (prompt) {
+            const ours = generate(model, prompt, {maxNewTokens: 16, greedy: true, eosTokenIds: []}).newIds;
+            const theirs = await llamaGreedy(llama, prompt, {maxNewTokens: 16});
+            assert.deepEqual(theirs, ours, "llama.cpp's greedy text is qlora's");
+        }
         if (opts.adapterDir) {
             const loraOut = path.join(tmp, `${path.basename(dir)}-lora.gguf`);
             await exportGgufLora({adapterDir: opts.adapterDir, modelDir: dir, out: loraOut, outtype: "f16", overwrite: true});
@@ -202,8 +210,10 @@ export async function checkGgufInLlamaCpp(
                 `${model.config.modelType} LoRA GGUF: mean KL ${klLora.toExponential(2)} (${klWithout.toExponential(2)} without it)`
             );
             assert.ok(klLora < 1e-3 && klWithout > 100 * klLora, `mean KL ${klLora} with the adapter, ${klWithout} without`);
-            const oursLora = generate(withAdapter, prompt, {maxNewTokens: 16, greedy: true, eosTokenIds: []}).newIds;
-            assert.deepEqual(await llamaGreedy(llama, prompt, {maxNewTokens: 16, lora}), oursLora);
+            if (prompt) {
+                const oursLora = generate(withAdapter, prompt, {maxNewTokens: 16, greedy: true, eosTokenIds: []}).newIds;
+                assert.deepEqual(await llamaGreedy(llama, prompt, {maxNewTokens: 16, lora}), oursLora);
+            }
         }
     } finally {
         await llama.dispose();
@@ -317,15 +327,23 @@ function checkLogitsAt(model: DecoderModel, ids: number[], positions: number[], 
 }
 
 /**
- * registers the tests against test/fixtures/arch/<name>; they skip, saying how to make the folder, only when it is
- * missing. `llamaPrompt`: which prompt llama.cpp's greedy text is compared on ("long": phi3's, whose positions run
- * past the original context as llama.cpp's long-factor choice assumes for a context of 256)
+ * registers the tests against test/fixtures/arch/<name>; they skip, saying how to make the folder (`generate`, the
+ * command: make_arch_refs.py's unless given), only when it is missing. `llamaPrompt`: which prompt llama.cpp's
+ * greedy text is compared on ("long": phi3's, whose positions run past the original context as llama.cpp's
+ * long-factor choice assumes for a context of 256; "window": none, for a sliding window that llama.cpp's graph of
+ * the GGUF architecture does not apply, so that greedy text longer than the window differs there: the
+ * distributions are compared on the prompt's first sliding_window tokens, and the export must say so in its notes).
+ * Returns the model folder (the fixture with tiny-qwen2's tokenizer.json) and the skip reason, for a test file's
+ * own tests on the fixture.
  */
-export function fixtureTests(name: string, opts: {llamaPrompt: "prompt" | "long"}): void {
+export function fixtureTests(
+    name: string,
+    opts: {llamaPrompt: "prompt" | "long" | "window"; generate?: string}
+): {dir: string; skip: string | false} {
     const fixture = path.join(ARCH_FIXTURES, name);
     const skip = existsSync(fixture)
         ? false
-        : `${path.relative(REPO_ROOT, fixture)} is missing; make it with ${GENERATE_FIXTURES}`;
+        : `${path.relative(REPO_ROOT, fixture)} is missing; make it with ${opts.generate ?? GENERATE_FIXTURES}`;
     const greedy = (): Greedy => JSON.parse(readFileSync(path.join(fixture, "greedy.json"), "utf8"));
     const tmp = skip ? "" : tempDir(`qlora-arch-${name}-`);
     // the model folder: the fixture's files and tiny-qwen2's tokenizer.json, which the fixture does not repeat
@@ -372,16 +390,22 @@ export function fixtureTests(name: string, opts: {llamaPrompt: "prompt" | "long"
         const trainer = new DecoderTrainer(model);
         const b = collate([{inputIds: Int32Array.from(r.ids), labels: Int32Array.from(r.labels)}], {padTokenId: EOS});
         const targets = r.labels.slice(1).filter((l) => l >= 0).length;
-        lora.zeroGrad();
-        const res = trainer.forwardBackward(b, {lossScale: 1 / targets, gradientCheckpointing: true});
         const ref = await SafetensorsFile.open(path.join(dir, "lora_grads.safetensors"));
         const refLoss = (await ref.readF32("loss"))[0];
-        assert.ok(Math.abs(res.lossSum / res.targets - refLoss) <= 1e-4, `LoRA loss ${res.lossSum / res.targets} vs ${refLoss}`);
         let worst = 0;
-        for (const t of lora.trainableTensors()) {
-            const e = relL2(t.grad, await ref.readF32(t.name));
-            worst = Math.max(worst, e);
-            assert.ok(e <= 1e-3, `${t.name}: relative L2 ${e}`);
+        for (const gradientCheckpointing of [false, true]) {
+            lora.zeroGrad();
+            const res = trainer.forwardBackward(b, {lossScale: 1 / targets, gradientCheckpointing});
+            const what = gradientCheckpointing ? " (gradient checkpointing)" : "";
+            assert.ok(
+                Math.abs(res.lossSum / res.targets - refLoss) <= 1e-4,
+                `LoRA loss ${res.lossSum / res.targets} vs ${refLoss}${what}`
+            );
+            for (const t of lora.trainableTensors()) {
+                const e = relL2(t.grad, await ref.readF32(t.name));
+                worst = Math.max(worst, e);
+                assert.ok(e <= 1e-3, `${t.name}: relative L2 ${e}${what}`);
+            }
         }
         assert.equal(lora.trainableTensors().length, ref.names().length - 1, "a gradient for every tensor peft has");
         await ref.close();
@@ -478,14 +502,25 @@ export function fixtureTests(name: string, opts: {llamaPrompt: "prompt" | "long"
         assert.deepEqual(a, b, "the same 4-bit weights");
     });
 
-    test(`${name}: GGUF f16 export generates qlora's greedy text in llama.cpp (and the adapter as a LoRA GGUF)`, {
-        skip
-    }, async () => {
+    const ggufWhat =
+        opts.llamaPrompt === "window"
+            ? "gives qlora's distributions in llama.cpp within the sliding window (its graph has none)"
+            : "generates qlora's greedy text in llama.cpp";
+    test(`${name}: GGUF f16 export ${ggufWhat} (and the adapter as a LoRA GGUF)`, {skip}, async () => {
         const g = greedy();
         const r = await readRef(dir);
+        const adapterDir = path.join(dir, "adapter");
+        if (opts.llamaPrompt === "window") {
+            const window = (await DecoderModel.load(dir)).config.slidingWindow;
+            assert.ok(window !== null && g.prompt_ids.length > window, "the prompt is longer than the sliding window");
+            await checkGgufInLlamaCpp(dir, tmp, r.ids.slice(0, window), null, {
+                adapterDir,
+                expectNote: new RegExp(`has no sliding window.*past ${window} tokens`)
+            });
+            return;
+        }
         const prompt = opts.llamaPrompt === "long" ? g.long_prompt_ids! : g.prompt_ids;
-        await checkGgufInLlamaCpp(dir, tmp, opts.llamaPrompt === "long" ? r.longIds! : r.ids, prompt, {
-            adapterDir: path.join(dir, "adapter")
-        });
+        await checkGgufInLlamaCpp(dir, tmp, opts.llamaPrompt === "long" ? r.longIds! : r.ids, prompt, {adapterDir});
     });
+    return {dir, skip};
 }
