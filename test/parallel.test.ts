@@ -188,7 +188,7 @@ test("bucketed all-reduce sums every gradient tensor over the ranks", async () =
     assert.ok(reducers[0].buckets.length >= 3, "several buckets");
     await Promise.all(ranks.map((c, r) => reducers[r].run(c)));
     for (const g of grads)
-        shapes.forEach((n, t) =>
+        shapes.forEach((_n, t) =>
             assert.deepEqual(
                 [...g[t].subarray(0, 3)],
                 [0, 1, 2].map((i) => 3 * (t + i))

@@ -59,5 +59,7 @@ export async function checkSameOnEveryRank(coll: Collective, what: string, value
                 `${JSON.stringify(ref[differs!])} on rank 0); start every rank with the same command, files and variables`
         );
     if (flags[0] > 0)
-        throw new QloraError(`${flags[0]} rank(s) have ${what} that differ from rank 0's (see their errors); start every rank the same way`);
+        throw new QloraError(
+            `${flags[0]} rank(s) have ${what} that differ from rank 0's (see their errors); start every rank the same way`
+        );
 }

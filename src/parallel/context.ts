@@ -32,7 +32,9 @@ function intVar(env: Env, name: string, min: number, max: number, fallback?: num
     const text = env[name];
     if (text === undefined || text === "") {
         if (fallback !== undefined) return fallback;
-        throw new QloraError(`${name} is not set; a data-parallel run (WORLD_SIZE > 1) needs it: set it, or run with qlora train --nproc_per_node N`);
+        throw new QloraError(
+            `${name} is not set; a data-parallel run (WORLD_SIZE > 1) needs it: set it, or run with qlora train --nproc_per_node N`
+        );
     }
     if (!/^\d+$/.test(text.trim()) || Number(text) < min || Number(text) > max)
         throw new QloraError(
@@ -54,7 +56,9 @@ export function distContextFromEnv(env: Env = process.env): DistContext {
     const localRank = intVar(env, "LOCAL_RANK", 0, localWorldSize - 1, localWorldSize === worldSize ? rank : undefined);
     const masterAddr = (env.MASTER_ADDR ?? "127.0.0.1").trim();
     if (masterAddr === "" || /\s/.test(masterAddr))
-        throw new QloraError(`MASTER_ADDR=${JSON.stringify(env.MASTER_ADDR)} must be a host name or IP address (rank 0's machine)`);
+        throw new QloraError(
+            `MASTER_ADDR=${JSON.stringify(env.MASTER_ADDR)} must be a host name or IP address (rank 0's machine)`
+        );
     const masterPort = intVar(env, "MASTER_PORT", 1, 65535, 29500);
     return {rank, worldSize, localRank, localWorldSize, masterAddr, masterPort};
 }

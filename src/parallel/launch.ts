@@ -100,7 +100,12 @@ export async function launchWorkers(opts: LaunchOptions): Promise<LaunchResult> 
                 const ipc = rank === 0 && opts.onMessage !== undefined;
                 const child = spawn(opts.execPath, opts.args, {
                     env: {...env, ...envOf(ctx)},
-                    stdio: [rank === 0 ? "inherit" : "ignore", rank === 0 ? "inherit" : "ignore", "pipe", ...(ipc ? ["ipc" as const] : [])],
+                    stdio: [
+                        rank === 0 ? "inherit" : "ignore",
+                        rank === 0 ? "inherit" : "ignore",
+                        "pipe",
+                        ...(ipc ? ["ipc" as const] : [])
+                    ],
                     detached: true
                 });
                 children.push(child);

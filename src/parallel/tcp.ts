@@ -8,7 +8,7 @@ import {QloraError} from "../errors.js";
 import type {BroadcastBuffer, Collective, ReduceBuffer} from "./collective.js";
 import type {DistContext} from "./context.js";
 
-const enum Op {
+enum Op {
     Hello = 1,
     Welcome = 2,
     Reduce = 3,
