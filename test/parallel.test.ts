@@ -81,7 +81,7 @@ test("bucket plan: reversed tensor order, a 1 MiB first bucket, then buckets clo
 });
 
 function rowsOf(lengths: number[]) {
-    return lengths.map((n, i) => ({inputIds: new Array(n).fill(i + 1), labels: new Array(n).fill(i + 1)}));
+    return lengths.map((n, i) => ({inputIds: new Int32Array(n).fill(i + 1), labels: new Int32Array(n).fill(i + 1)}));
 }
 
 test("sharding: each rank a disjoint consecutive slice of the 1-process global micro-batch, padded to its longest", () => {
