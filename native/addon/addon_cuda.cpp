@@ -68,6 +68,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     register_cuda_kernels(env, exports);
     register_cuda_attention(env, exports);
     register_cuda_lora(env, exports);
+    register_cuda_nccl(env, exports);
     return exports;
 }
 

@@ -14,6 +14,7 @@ void register_cuda_gemm(Napi::Env env, Napi::Object exports);       // cuda_gemm
 void register_cuda_kernels(Napi::Env env, Napi::Object exports);    // cuda_kernels.cpp
 void register_cuda_attention(Napi::Env env, Napi::Object exports);  // cuda_attention.cpp
 void register_cuda_lora(Napi::Env env, Napi::Object exports);       // cuda_lora.cpp
+void register_cuda_nccl(Napi::Env env, Napi::Object exports);       // cuda_nccl.cpp
 
 namespace qlora_napi {
 
