@@ -6,9 +6,11 @@
 // and peft) against transformers and peft.
 import {before, test} from "node:test";
 import assert from "node:assert/strict";
+import {cpSync, readFileSync, writeFileSync} from "node:fs";
 import path from "node:path";
 import {parseModelConfig} from "../src/io/hf-config.js";
-import type {DecoderModel} from "../src/model/decoder.js";
+import {SafetensorsFile} from "../src/io/safetensors.js";
+import {DecoderModel} from "../src/model/decoder.js";
 import {HfTokenizer} from "../src/tokenizer/index.js";
 import {
     checkAgainstReference,
@@ -146,4 +148,33 @@ test("gemma3: incremental decoding with the KV cache gives the logits of a full 
     checkCacheDecoding(model, tokenizer.encode("春眠不觉晓，处处闻啼鸟。夜来风雨声"), 5);
 });
 
-fixtureTests("gemma3", {llamaPrompt: "prompt"});
+const fixture = fixtureTests("gemma3", {llamaPrompt: "prompt", gguf: "not yet: qlora's GGUF export refuses gemma3"});
+
+test("gemma3 fixture: its window, local RoPE base and soft cap each change the logits (the fixture tests them)", {
+    skip: fixture.skip
+}, async () => {
+    const ref = await SafetensorsFile.open(path.join(fixture.dir, "reference.safetensors"));
+    const ids = await ref.readI32("input_ids");
+    await ref.close();
+    const T = ids.length;
+    const cfg = JSON.parse(readFileSync(path.join(fixture.dir, "config.json"), "utf8"));
+    assert.ok(T > 2 * cfg.sliding_window, "the prompt is longer than the sliding window");
+    const base = (await DecoderModel.load(fixture.dir)).forward(ids, 1, T);
+    const rope = cfg.rope_parameters;
+    const variants: [string, Record<string, unknown>][] = [
+        ["the window lifted", {sliding_window: T}],
+        ["the sliding layers on the full layers' RoPE", {rope_parameters: {...rope, sliding_attention: rope.full_attention}}],
+        ["no soft cap", {final_logit_softcapping: null}]
+    ];
+    for (const [what, change] of variants) {
+        const dir = path.join(tempDir("qlora-gemma3-variant-"), "model");
+        cpSync(fixture.dir, dir, {recursive: true});
+        writeFileSync(path.join(dir, "config.json"), JSON.stringify({...cfg, ...change}));
+        const other = (await DecoderModel.load(dir)).forward(ids, 1, T);
+        let d = 0;
+        for (let i = 0; i < base.length; i++) d = Math.max(d, Math.abs(other[i] - base[i]));
+        console.log(`gemma3 fixture, ${what}: logits change by up to ${d.toFixed(3)}`);
+        // 50x the fixture tests' logits tolerance
+        assert.ok(d > 0.1, `${what}: the logits change by ${d} only`);
+    }
+});

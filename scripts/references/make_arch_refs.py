@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference files of tiny random Qwen3 and Phi-3 models, made with transformers and peft (issue 15).
+"""Reference files of tiny random Qwen3, Phi-3 and Gemma 3 (text) models, made with transformers and peft (issue 15).
 
 Run on a machine with torch, transformers and peft (bitsandbytes with CUDA adds the pre-quantized checkpoint);
 nothing is downloaded: the models are built from config dicts here, the tokenizer is copied from tiny-qwen2.
@@ -8,7 +8,8 @@ nothing is downloaded: the models are built from config dicts here, the tokenize
 
 For each model it writes test/fixtures/arch/<name>/:
     config.json, model.safetensors (bf16), generation_config.json   the model, as save_pretrained writes it
-    tokenizer_config.json   tiny-qwen2's (phi3: with a Phi-3-style chat template); tiny-qwen2's tokenizer.json is
+    tokenizer_config.json   tiny-qwen2's (phi3: with a Phi-3-style chat template; gemma3: tiny-qwen2's own
+                            template, as the tokenizer has none of Gemma's <start_of_turn> tokens); tiny-qwen2's tokenizer.json is
                             used to make the references and then removed (1.2 MB, the same as models/tiny-qwen2's:
                             the tests put it back beside a copy of the folder)
     reference.safetensors   input_ids, labels [1, T] (int64); logits [P, V] f32 at logit_positions [P] (int64) of
@@ -30,7 +31,9 @@ For each model it writes test/fixtures/arch/<name>/:
 
 Weights are drawn with a fixed seed and scaled so that logits are well spread and greedy text does not just repeat
 its last token (embedding N(0, 0.3^2), projections N(0, 4/in), norms 1 + N(0, 0.2^2); with a larger tied embedding
-every position predicts its own token). The final norm is scaled by sqrt(128 / hidden_size), so that the logits
+every position predicts its own token; Gemma's RMSNorms scale by 1 + w, so its stored norm weights are the
+same scales less 1, and it multiplies the embeddings by sqrt(hidden_size), so its stored (tied) embedding is divided
+by that and its final norm multiplied by it: the residual stream and the logits spread as the other models'). The final norm is scaled by sqrt(128 / hidden_size), so that the logits
 spread as a hidden-128 model's (std about 3.4) whatever the (small) hidden size: the top-1/top-2 gaps grow with
 them, and the tests' logits tolerance is absolute. A seed whose greedy runs have a top-1/top-2 logit margin below
 MIN_MARGIN is skipped for the next one (the seed used is in README.md), so that the fp32 tolerance cannot flip a choice.
@@ -75,6 +78,16 @@ PHI3_HIDDEN = 64
 PHI3_HEADS = 1
 PHI3_PARTIAL_ROTARY = 0.5
 PHI3_ROTARY_HALF = int(PHI3_HIDDEN // PHI3_HEADS * PHI3_PARTIAL_ROTARY) // 2
+#   gemma3: hidden 16 (its sqrt, the embedding scale, is exact in bf16; 64 would make model.safetensors 2 MB) with
+#   head_dim 64, GQA 2/1, layers sliding, sliding, full with a window of 5 (below the prompts' lengths), the sliding
+#   layers' RoPE base (1e4) other than the full layer's (1e6, linear factor 2), query_pre_attn_scalar 48 (not
+#   head_dim), logits soft-capped at 10 (the logits spread to about +-13 uncapped, so the cap bends the top ones)
+GEMMA3_HIDDEN = 16
+GEMMA3_HEAD_DIM = 64
+GEMMA3_WINDOW = 5
+GEMMA3_THETA = 1000000.0
+GEMMA3_LOCAL_THETA = 10000.0
+GEMMA3_LINEAR_FACTOR = 2.0
 
 
 # transformers 4 takes rope_theta / rope_scaling, 5 rope_parameters (and converts the old keys, mostly): each
@@ -100,6 +113,19 @@ def phi3_rope():
             "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": partial, **factors},
             "partial_rotary_factor": partial,
         },
+    ]
+
+
+def gemma3_rope():
+    scaling = {"rope_type": "linear", "factor": GEMMA3_LINEAR_FACTOR}
+    return [
+        {
+            "rope_parameters": {
+                "full_attention": {**scaling, "rope_theta": GEMMA3_THETA},
+                "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_THETA},
+            }
+        },
+        {"rope_theta": GEMMA3_THETA, "rope_local_base_freq": GEMMA3_LOCAL_THETA, "rope_scaling": scaling},
     ]
 
 
@@ -153,6 +179,45 @@ def phi3_config(rope):
     )
 
 
+def gemma3_config(rope):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=GEMMA3_HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=GEMMA3_HEAD_DIM,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=GEMMA3_WINDOW,
+        query_pre_attn_scalar=48,
+        final_logit_softcapping=10.0,
+        attn_logit_softcapping=None,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        attention_bias=False,
+        attention_dropout=0.0,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=None,
+        architectures=["Gemma3ForCausalLM"],
+        **rope,
+    )
+
+
+def gemma3_expected_rope():
+    """the inverse frequencies of the full and the sliding layers (attention scaling 1 for both)"""
+    shape = torch.arange(0, GEMMA3_HEAD_DIM, 2, dtype=torch.int64).float() / GEMMA3_HEAD_DIM
+    return {
+        "full_attention": 1.0 / (GEMMA3_THETA**shape) / GEMMA3_LINEAR_FACTOR,
+        "sliding_attention": 1.0 / (GEMMA3_LOCAL_THETA**shape),
+    }
+
+
 def expected_rope(name):
     """inverse frequencies (the short table for phi3) and attention scaling the configs above mean"""
     if name == "qwen3":
@@ -167,6 +232,15 @@ def expected_rope(name):
 def check_rope(name, model):
     """whether transformers built the rotary embedding the config means (rope keys understood, partial rotary)"""
     rotary = model.model.rotary_emb
+    if name == "gemma3":
+        # one table per layer type (transformers 5's Gemma3RotaryEmbedding)
+        for kind, want in gemma3_expected_rope().items():
+            got = getattr(rotary, f"{kind}_inv_freq", None)
+            if got is None or got.shape != want.shape or not torch.allclose(got.detach().float().cpu(), want, rtol=1e-6):
+                return False
+            if abs(getattr(rotary, f"{kind}_attention_scaling") - 1.0) > 1e-6:
+                return False
+        return True
     inv_freq, scaling = expected_rope(name)
     got = rotary.inv_freq.detach().float().cpu()
     return got.shape == inv_freq.shape and torch.allclose(got, inv_freq, rtol=1e-6) and abs(rotary.attention_scaling - scaling) < 1e-6
@@ -187,6 +261,18 @@ MODELS = {
         "chat_template": PHI3_CHAT_TEMPLATE,
         "long": True,
     },
+    "gemma3": {
+        "config": gemma3_config,
+        "rope": gemma3_rope,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        # tiny-qwen2's own template: its tokenizer has none of Gemma's turn tokens
+        "chat_template": None,
+        "long": False,
+        # Gemma3RMSNorm scales by (1 + weight)
+        "norm_offset": 1.0,
+        # the model multiplies the embeddings by sqrt(hidden_size) (4, exact in bf16)
+        "embed_scale": math.sqrt(GEMMA3_HIDDEN),
+    },
 }
 
 
@@ -197,17 +283,17 @@ def fp32():
     return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
 
 
-def scaled_init(model, seed):
+def scaled_init(model, seed, norm_offset=0.0, embed_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             z = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if name == "model.norm.weight":
-                v = (1.0 + 0.2 * z) * math.sqrt(128 / model.config.hidden_size)
+                v = (1.0 + 0.2 * z) * math.sqrt(128 / model.config.hidden_size) * embed_scale - norm_offset
             elif name.endswith("norm.weight"):
-                v = 1.0 + 0.2 * z
+                v = 1.0 + 0.2 * z - norm_offset
             elif "embed_tokens" in name:
-                v = 0.3 * z
+                v = 0.3 * z / embed_scale
             elif p.dim() == 2:
                 v = 2.0 * z / math.sqrt(p.shape[1])
             else:
@@ -311,7 +397,7 @@ def make(name, spec, tokenizer_dir, out_root, versions):
         torch.manual_seed(seed)
         cfg = spec["config"](rope)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", **fp32())
-        scaled_init(model, seed)
+        scaled_init(model, seed, spec.get("norm_offset", 0.0), spec.get("embed_scale", 1.0))
         model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
         model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", **fp32())
         assert check_rope(name, model), "the saved config.json reloads with another rotary embedding"
