@@ -13,6 +13,7 @@ import {SafetensorsFile} from "../src/io/safetensors.js";
 import {DecoderModel} from "../src/model/decoder.js";
 import {HfTokenizer} from "../src/tokenizer/index.js";
 import {
+    GEMMA3,
     checkAgainstReference,
     checkCacheDecoding,
     checkLoraGradients,
@@ -23,38 +24,6 @@ import {
 
 const tmp = tempDir("qlora-gemma3-");
 const DIR = path.join(tmp, "tiny-gemma3");
-
-/**
- * head_dim 64 while hidden / heads = 16; GQA 4/2; layers sliding, sliding, full (pattern 3) with a window of 5 below
- * the prompts' length; local base 1e4 against a global 1e6 with linear scaling; scores scaled by 48^-0.5; logits
- * capped at 4
- */
-const GEMMA3 = {
-    architectures: ["Gemma3ForCausalLM"],
-    model_type: "gemma3_text",
-    vocab_size: 16384,
-    hidden_size: 64,
-    intermediate_size: 160,
-    num_hidden_layers: 3,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    head_dim: 64,
-    max_position_embeddings: 1024,
-    rms_norm_eps: 1e-6,
-    rope_theta: 1000000,
-    rope_local_base_freq: 10000,
-    rope_scaling: {rope_type: "linear", factor: 4},
-    sliding_window: 5,
-    sliding_window_pattern: 3,
-    query_pre_attn_scalar: 48,
-    final_logit_softcapping: 4,
-    attn_logit_softcapping: null,
-    hidden_activation: "gelu_pytorch_tanh",
-    tie_word_embeddings: true,
-    attention_bias: false,
-    bos_token_id: 16381,
-    eos_token_id: 16381
-};
 
 let model: DecoderModel;
 let tokenizer: HfTokenizer;

@@ -8,6 +8,7 @@ import path from "node:path";
 import type {DecoderModel} from "../src/model/decoder.js";
 import {HfTokenizer} from "../src/tokenizer/index.js";
 import {
+    QWEN3,
     checkAgainstReference,
     checkCacheDecoding,
     checkFineTune,
@@ -22,27 +23,6 @@ import {
 
 const tmp = tempDir("qlora-qwen3-");
 const DIR = path.join(tmp, "tiny-qwen3");
-
-/** head_dim 64 while hidden_size / heads = 16; q/k norms; GQA */
-const QWEN3 = {
-    architectures: ["Qwen3ForCausalLM"],
-    model_type: "qwen3",
-    vocab_size: 16384,
-    hidden_size: 64,
-    intermediate_size: 160,
-    num_hidden_layers: 2,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    head_dim: 64,
-    max_position_embeddings: 1024,
-    rms_norm_eps: 1e-6,
-    rope_theta: 1000000,
-    tie_word_embeddings: true,
-    attention_bias: false,
-    bos_token_id: 16381,
-    eos_token_id: 16381,
-    hidden_act: "silu"
-};
 
 let model: DecoderModel;
 let tokenizer: HfTokenizer;

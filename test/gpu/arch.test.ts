@@ -20,29 +20,12 @@ import {generate} from "../../src/model/generate.js";
 import {DecoderTrainer, type TrainBatch} from "../../src/model/training.js";
 import {loadAdapter} from "../../src/peft/adapter-files.js";
 import {bitsAndBytesConfig, QLORA_BNB_DEFAULTS} from "../../src/quant/config.js";
-import {ARCH_FIXTURES, checkFineTune, randomLora, syntheticModel, tempDir} from "../helpers/arch-checks.js";
+import {ARCH_FIXTURES, checkFineTune, GEMMA3, QWEN3, randomLora, syntheticModel, tempDir} from "../helpers/arch-checks.js";
 import {relL2} from "../helpers/fixtures.js";
 
 const gpu = cudaAvailability();
 const skip = gpu.usable ? false : `no usable GPU: ${gpu.reason}`;
 const tmp = skip ? "" : tempDir("qlora-gpu-arch-");
-
-const QWEN3 = {
-    architectures: ["Qwen3ForCausalLM"],
-    model_type: "qwen3",
-    vocab_size: 16384,
-    hidden_size: 64,
-    intermediate_size: 160,
-    num_hidden_layers: 2,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    head_dim: 64,
-    max_position_embeddings: 1024,
-    rms_norm_eps: 1e-6,
-    rope_theta: 1000000,
-    tie_word_embeddings: true,
-    hidden_act: "silu"
-};
 
 /** Phi-4-mini's shape in small; original context 16, so that decoding crosses into long_factor */
 const PHI3 = {
@@ -66,33 +49,6 @@ const PHI3 = {
     rms_norm_eps: 1e-5,
     tie_word_embeddings: true,
     hidden_act: "silu"
-};
-
-/**
- * Gemma 3 in small: (1 + w) and sandwich norms, GELU-tanh gate, embeddings x sqrt(64) (8: exact in bf16), layers
- * sliding (window 5, local RoPE base 1e4), sliding, full (base 1e6, linear x4), scores x 48^-0.5, logits capped at 4
- */
-const GEMMA3 = {
-    architectures: ["Gemma3ForCausalLM"],
-    model_type: "gemma3_text",
-    vocab_size: 16384,
-    hidden_size: 64,
-    intermediate_size: 160,
-    num_hidden_layers: 3,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    head_dim: 64,
-    max_position_embeddings: 1024,
-    rms_norm_eps: 1e-6,
-    rope_theta: 1000000,
-    rope_local_base_freq: 10000,
-    rope_scaling: {rope_type: "linear", factor: 4},
-    sliding_window: 5,
-    sliding_window_pattern: 3,
-    query_pre_attn_scalar: 48,
-    final_logit_softcapping: 4,
-    hidden_activation: "gelu_pytorch_tanh",
-    tie_word_embeddings: true
 };
 
 const ARCHS = {qwen3: QWEN3, phi3: PHI3, gemma3: GEMMA3} as const;
