@@ -6,7 +6,7 @@
 #   shared/        the fixtures the GPU tests read (../shared does not travel)
 #   data/          the example data sets (the fuzz seeds) and the eval tasks' data (qlora eval --task)
 #   node-llama-cpp.tar.xz  node-llama-cpp and its prebuilt CPU binary (the gguf column of qlora eval --compare)
-# The native addons come from build/ (carry it too). Carry for tests and benchmarks: .device/node.xz .device/js
+# The native addons come from build/ (carry it too; js/ and node_modules/ may travel as runtime.tar.xz, below). Carry for tests and benchmarks: .device/node.xz .device/js
 # .device/node_modules .device/build .device/shared (38 MiB; with the 26 MiB of tracked files the run tool's 64 MiB
 # is nearly full). For qlora eval and fuzz carry .device/data (5 MiB) and, for the gguf column, .device/node-llama-cpp.tar.xz
 # (7 MiB) instead of .device/shared; both at once may pass the limit. Then, on the device:
@@ -87,4 +87,7 @@ nlc_deps=$(node -e '
     console.log([...top].join(" "));')
 # shellcheck disable=SC2086
 tar -C node_modules --exclude=node-llama-cpp/llama/gitRelease.bundle -cf - $nlc_deps | xz -T0 -6 > .device/node-llama-cpp.tar.xz
+# js/ and node_modules/ also travel as one tar.xz (3 MiB instead of 7; device-run.sh unpacks it when they are absent):
+# carry .device/runtime.tar.xz in their place when the fixtures would pass the limit
+tar -C .device -cf - js node_modules | xz -T0 -9 > .device/runtime.tar.xz
 du -sh .device/* .device/build/Release

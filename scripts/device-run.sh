@@ -13,6 +13,10 @@ root=$PWD
 if ! command -v node >/dev/null; then
     xz -dc .device/node.xz > /usr/local/bin/node && chmod +x /usr/local/bin/node
 fi
+# js/ and node_modules/ may travel as one tar.xz (device-pack.sh)
+if [ -e .device/runtime.tar.xz ] && [ ! -e .device/js ]; then
+    xz -dc .device/runtime.tar.xz | tar -C .device -xf -
+fi
 # node-llama-cpp travels as one tar.xz (device-pack.sh), when carried
 if [ -e .device/node-llama-cpp.tar.xz ] && [ ! -e .device/node_modules/node-llama-cpp ]; then
     xz -dc .device/node-llama-cpp.tar.xz | tar -C .device/node_modules -xf -

@@ -30,7 +30,6 @@ import {bitsAndBytesConfig, QLORA_BNB_DEFAULTS} from "../../src/quant/config.js"
 import {HfTokenizer} from "../../src/tokenizer/index.js";
 import {centralDifference, relL2} from "./fixtures.js";
 import {roundTripModel} from "./gguf-reference.js";
-import {llamaGreedy, llamaMeanKl, loadGguf} from "./llama-cpp.js";
 import {MODEL_DIR, REPO_ROOT} from "./paths.js";
 import {referenceForward, type Tensors} from "./reference-decoder.js";
 
@@ -186,6 +185,8 @@ export async function checkGgufInLlamaCpp(
     const md = parsed.metadata as unknown as Record<string, unknown>;
     for (const [k, v] of Object.entries(opts.expectMetadata ?? {})) assert.deepEqual(md[k], v, k);
     const model = await DecoderModel.load(dir);
+    // loaded on use: the GPU machine runs the CUDA arch tests without node-llama-cpp
+    const {llamaGreedy, llamaMeanKl, loadGguf} = await import("./llama-cpp.js");
     const llama = await loadGguf(out);
     try {
         const logits = model.forward(Int32Array.from(ids), 1, ids.length);
@@ -259,6 +260,7 @@ export async function checkFineTune(dir: string, tmp: string, device: "cpu" | "c
  */
 export async function checkQuantizedGguf(dir: string, tmp: string, ids: number[]): Promise<void> {
     const model = await DecoderModel.load(dir);
+    const {llamaMeanKl, loadGguf} = await import("./llama-cpp.js");
     for (const outtype of ["q8_0", "q4_k_m"] as const) {
         const out = path.join(tmp, `${path.basename(dir)}-${outtype}.gguf`);
         const result = await exportGguf({modelDir: dir, outtype, out, overwrite: true, name: "qlora test model"});
