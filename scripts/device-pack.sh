@@ -90,4 +90,6 @@ tar -C node_modules --exclude=node-llama-cpp/llama/gitRelease.bundle -cf - $nlc_
 # js/ and node_modules/ also travel as one tar.xz (3 MiB instead of 7; device-run.sh unpacks it when they are absent):
 # carry .device/runtime.tar.xz in their place when the fixtures would pass the limit
 tar -C .device -cf - js node_modules | xz -T0 -9 > .device/runtime.tar.xz
+# data/ likewise (5.3 MiB -> 3.6): carry .device/data.tar.xz in its place
+tar -C .device -cf - data | xz -T0 -9 > .device/data.tar.xz
 du -sh .device/* .device/build/Release

@@ -17,6 +17,9 @@ fi
 if [ -e .device/runtime.tar.xz ] && [ ! -e .device/js ]; then
     xz -dc .device/runtime.tar.xz | tar -C .device -xf -
 fi
+if [ -e .device/data.tar.xz ] && [ ! -e .device/data ]; then
+    xz -dc .device/data.tar.xz | tar -C .device -xf -
+fi
 # node-llama-cpp travels as one tar.xz (device-pack.sh), when carried
 if [ -e .device/node-llama-cpp.tar.xz ] && [ ! -e .device/node_modules/node-llama-cpp ]; then
     xz -dc .device/node-llama-cpp.tar.xz | tar -C .device/node_modules -xf -
