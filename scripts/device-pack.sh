@@ -14,6 +14,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ../shared/device/pack-node.sh >/dev/null
+# without its debug symbols (Debian's node carries them): 22 MB instead of 24 on the trip, the same program
+node_bin=$(readlink -f "$(command -v node)")
+if [[ ! -f .device/node.stripped || $node_bin -nt .device/node.stripped ]]; then
+    strip --strip-all -o .device/node.stripped "$node_bin"
+    xz -T0 -6 -c .device/node.stripped > .device/node.xz.tmp && mv .device/node.xz.tmp .device/node.xz
+fi
 rm -rf .device/js .device/node_modules .device/shared .device/data
 npx tsc -p tsconfig.json --outDir .device/js --noEmit false --declaration false --sourceMap false || echo "(tsc reported errors; the JavaScript was emitted anyway)"
 mkdir -p .device/node_modules
@@ -59,7 +65,8 @@ mkdir -p .device/data/datasets/eval
 cp ../shared/datasets/eval/* .device/data/datasets/eval/
 # node-llama-cpp with its prebuilt CPU binary (the gguf column of qlora eval --compare) and what it imports, one
 # tar.xz (device-run.sh unpacks it into .device/node_modules); carry .device/node-llama-cpp.tar.xz too. Its 34 MiB
-# llama.cpp source bundle is for building from source, which the eval never does (build: "never").
+# llama.cpp source bundle is for building from source, which the eval never does (build: "never"); type
+# declarations, source maps and markdown are not loaded.
 nlc_deps=$(node -e '
     // every package node-llama-cpp imports, resolved as Node resolves it (a nested copy first, then upwards);
     // the top-level folders that hold them (a nested copy travels inside its parent)
@@ -86,7 +93,7 @@ nlc_deps=$(node -e '
     }));
     console.log([...top].join(" "));')
 # shellcheck disable=SC2086
-tar -C node_modules --exclude=node-llama-cpp/llama/gitRelease.bundle -cf - $nlc_deps | xz -T0 -6 > .device/node-llama-cpp.tar.xz
+tar -C node_modules --exclude=node-llama-cpp/llama/gitRelease.bundle --exclude='*.d.ts' --exclude='*.map' --exclude='*.md' -cf - $nlc_deps | xz -T0 -6 > .device/node-llama-cpp.tar.xz
 # js/ and node_modules/ also travel as one tar.xz (3 MiB instead of 7; device-run.sh unpacks it when they are absent):
 # carry .device/runtime.tar.xz in their place when the fixtures would pass the limit
 tar -C .device -cf - js node_modules | xz -T0 -9 > .device/runtime.tar.xz
