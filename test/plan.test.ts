@@ -40,9 +40,22 @@ const bench = (mode: "qlora" | "lora", patch: Record<string, unknown> = {}) =>
     });
 const termOf = (plan: MemoryPlan, term: string) => plan.terms.find((t) => t.term === term)?.bytes ?? 0;
 
+/** runs fn as with QLORA_CUDA_EMBED_ON_HOST=0 (the input embedding in device memory, as before 2026-12-08) */
+function embedOnDevice<T>(fn: () => T): T {
+    const saved = process.env.QLORA_CUDA_EMBED_ON_HOST;
+    process.env.QLORA_CUDA_EMBED_ON_HOST = "0";
+    try {
+        return fn();
+    } finally {
+        if (saved === undefined) delete process.env.QLORA_CUDA_EMBED_ON_HOST;
+        else process.env.QLORA_CUDA_EMBED_ON_HOST = saved;
+    }
+}
+
 test("the plan predicts the allocator peaks measured on an H100 within 10%", () => {
     // bench/gpu.ts measured both methods in one process, QLoRA first, and never freed the QLoRA model's device
-    // buffers: its LoRA peaks hold the QLoRA model too (the cuBLASLt workspace is the process's, counted once)
+    // buffers: its LoRA peaks hold the QLoRA model too (the cuBLASLt workspace is the process's, counted once).
+    // These runs kept the input embedding in device memory
     const measured = [
         {arch: "qwen2-7b", mode: "qlora", gib: 7.09},
         {arch: "qwen2-7b", mode: "lora", gib: 22.5},
@@ -54,11 +67,11 @@ test("the plan predicts the allocator peaks measured on an H100 within 10%", () 
     ];
     for (const m of measured) {
         const cfg = requireArchitecture(m.arch);
-        const plan = planDeviceMemory(cfg, bench(m.mode));
+        const plan = embedOnDevice(() => planDeviceMemory(cfg, bench(m.mode)));
         let predicted = plan.peakBytes;
         let own = "";
         if (m.mode === "lora") {
-            const qlora = planDeviceMemory(cfg, bench("qlora"));
+            const qlora = embedOnDevice(() => planDeviceMemory(cfg, bench("qlora")));
             predicted += qlora.staticBytes - termOf(qlora, "gemm_workspace");
             own = `  (${(plan.peakBytes / GiB).toFixed(2)} + ${((predicted - plan.peakBytes) / GiB).toFixed(2)})`;
         }
@@ -93,7 +106,16 @@ test("the terms are what src/quant stores and the CUDA model uploads", () => {
         VC = cfg.vocabSize * cfg.hiddenSize;
     assert.equal(termOf(plan, "base_4bit"), codes * L);
     assert.equal(termOf(plan, "base_4bit_state"), scales * L);
-    assert.equal(termOf(plan, "embed"), 2 * VC);
+    // Qwen2-7B's input embedding is frozen and untied: pinned host memory, unless turned off or trained
+    assert.equal(termOf(plan, "embed"), 0);
+    assert.equal(termOf(embedOnDevice(() => planDeviceMemory(cfg, bench("qlora"))), "embed"), 2 * VC);
+    assert.equal(termOf(planDeviceMemory(cfg, bench("qlora", {modules_to_save: ["embed_tokens"]})), "embed"), 2 * VC);
+    const pinned = (settings: ReturnType<typeof bench>) =>
+        planHostMemory(cfg, settings, "cuda", null).terms.find((t) => t.label.startsWith("input embedding"))?.bytes ?? 0;
+    assert.equal(pinned(bench("qlora")), 2 * VC);
+    assert.equal(pinned(bench("qlora", {modules_to_save: ["embed_tokens"]})), 0);
+    // a tied embedding is the output layer's weight too: on the device
+    assert.equal(termOf(planDeviceMemory(requireArchitecture("qwen2-0.5b"), bench("qlora")), "embed"), 2 * 151936 * 896);
     assert.equal(termOf(plan, "lm_head"), 2 * VC, "Qwen2-7B does not tie its output layer");
     assert.equal(termOf(plan, "dequant_scratch"), 2 * biggest);
     assert.equal(termOf(plan, "lora_params"), 4 * lora * L);

@@ -31,6 +31,28 @@ static Napi::Value Free(const Napi::CallbackInfo& info) {
     return info.Env().Undefined();
 }
 
+// hostAlloc(bytes) -> address: pinned host memory the device reads over PCIe (qlora_cuda::host_resident_alloc)
+static Napi::Value HostAlloc(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t bytes = int_arg(info, 0);
+    QLORA_CHECK_ARGS(env);
+    cudaError_t err;
+    void* p = qlora_cuda::host_resident_alloc((size_t)bytes, &err);
+    if (!p) {
+        Napi::Error::New(env, "could not allocate " + std::to_string(bytes) +
+                                  " bytes of pinned host memory mapped for the GPU: " + cudaGetErrorString(err))
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    return Napi::Number::New(env, (double)reinterpret_cast<uintptr_t>(p));
+}
+
+static Napi::Value HostFree(const Napi::CallbackInfo& info) {
+    void* p = device_ptr_arg(info, 0, true);
+    qlora_cuda::host_resident_free(p);
+    return info.Env().Undefined();
+}
+
 // upload(dst, src: TypedArray, dstOffsetBytes = 0): async copy on the stream (src must stay alive until the
 // next synchronize; the TS wrapper keeps a reference)
 static Napi::Value Upload(const Napi::CallbackInfo& info) {
@@ -44,8 +66,9 @@ static Napi::Value Upload(const Napi::CallbackInfo& info) {
     auto arr = info[1].As<Napi::TypedArray>();
     int64_t offset = info.Length() > 2 && info[2].IsNumber() ? int_arg(info, 2) : 0;
     const char* src = (const char*)arr.ArrayBuffer().Data() + arr.ByteOffset();
-    // a synchronous copy: pageable host memory would be staged anyway, and the array may be collected after
-    cuda_throw(env, cudaMemcpyAsync(dst + offset, src, arr.ByteLength(), cudaMemcpyHostToDevice, qlora_cuda::stream()),
+    // cudaMemcpyDefault: dst may be a host-resident buffer (unified addressing tells the direction).
+    // A synchronous copy: pageable host memory would be staged anyway, and the array may be collected after
+    cuda_throw(env, cudaMemcpyAsync(dst + offset, src, arr.ByteLength(), cudaMemcpyDefault, qlora_cuda::stream()),
                "upload");
     cuda_throw(env, cudaStreamSynchronize(qlora_cuda::stream()), "upload");
     return env.Undefined();
@@ -63,8 +86,7 @@ static Napi::Value Download(const Napi::CallbackInfo& info) {
     QLORA_CHECK_ARGS(env);
     int64_t offset = info.Length() > 2 && info[2].IsNumber() ? int_arg(info, 2) : 0;
     char* dst = (char*)arr.ArrayBuffer().Data() + arr.ByteOffset();
-    if (cuda_throw(env,
-                   cudaMemcpyAsync(dst, src + offset, arr.ByteLength(), cudaMemcpyDeviceToHost, qlora_cuda::stream()),
+    if (cuda_throw(env, cudaMemcpyAsync(dst, src + offset, arr.ByteLength(), cudaMemcpyDefault, qlora_cuda::stream()),
                    "download"))
         return env.Undefined();
     cuda_throw(env, cudaStreamSynchronize(qlora_cuda::stream()), "download");
@@ -244,6 +266,8 @@ static Napi::Value ProfileRead(const Napi::CallbackInfo& info) {
 void register_cuda_memory(Napi::Env env, Napi::Object exports) {
     exports.Set("alloc", Napi::Function::New(env, Alloc, "alloc"));
     exports.Set("free", Napi::Function::New(env, Free, "free"));
+    exports.Set("hostAlloc", Napi::Function::New(env, HostAlloc, "hostAlloc"));
+    exports.Set("hostFree", Napi::Function::New(env, HostFree, "hostFree"));
     exports.Set("upload", Napi::Function::New(env, Upload, "upload"));
     exports.Set("download", Napi::Function::New(env, Download, "download"));
     exports.Set("memset", Napi::Function::New(env, Memset, "memset"));

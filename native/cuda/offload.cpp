@@ -14,6 +14,7 @@
 // Pinned slots are allocated once per size and kept (a training step offloads the same sizes every step):
 // cudaHostAlloc is slow, and the host memory they hold is what offloading trades the device memory for.
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 #include "runtime.h"
 
@@ -111,6 +112,40 @@ cudaError_t host_restore(int slot) {
     // the next offload into this slot is queued on the copy stream, after this copy back
     s->busy = false;
     return e;
+}
+
+static std::unordered_map<void*, size_t> g_resident;
+
+void* host_resident_alloc(size_t bytes, cudaError_t* err) {
+    void* host = nullptr;
+    *err = cudaHostAlloc(&host, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    void* dev = nullptr;
+    if (*err == cudaSuccess) *err = cudaHostGetDevicePointer(&dev, host, 0);
+    // without unified addressing the device would need its own address for the buffer: refused (every GPU the
+    // kernels are built for has it, on 64-bit hosts)
+    if (*err == cudaSuccess && dev != host) *err = cudaErrorNotSupported;
+    if (*err != cudaSuccess) {
+        if (host) cudaFreeHost(host);
+        cudaGetLastError();
+        return nullptr;
+    }
+    std::lock_guard<std::mutex> lock(g_offload_mutex);
+    g_resident[host] = bytes;
+    g_pinned_bytes += bytes;
+    return host;
+}
+
+void host_resident_free(void* p) {
+    {
+        std::lock_guard<std::mutex> lock(g_offload_mutex);
+        auto it = g_resident.find(p);
+        if (it == g_resident.end()) return;
+        g_pinned_bytes -= it->second;
+        g_resident.erase(it);
+    }
+    // kernels queued before the free may still read it
+    cudaStreamSynchronize(stream());
+    cudaFreeHost(p);
 }
 
 size_t host_pinned_bytes() {

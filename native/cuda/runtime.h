@@ -55,7 +55,12 @@ cudaError_t host_fence(int slot);
 cudaError_t host_prefetch(int slot, void* dst);
 // the stream waits for the copy back; the slot is free for the next offload of its size
 cudaError_t host_restore(int slot);
-// pinned bytes held by the slots (in use or idle)
+// host_resident_alloc: pinned host memory mapped into the device's address space (kernels read it over PCIe):
+// frozen tables a step reads a few rows of (the input embedding) live there instead of in device memory.
+// Returns null with err set; the address is the same on the host and the device (unified addressing)
+void* host_resident_alloc(size_t bytes, cudaError_t* err);
+void host_resident_free(void* p);
+// pinned bytes held by the slots (in use or idle) and by host-resident buffers
 size_t host_pinned_bytes();
 // gives the idle slots' pinned memory back (emptyCache)
 void host_slots_free();

@@ -5,7 +5,7 @@ import type {ModelConfig} from "../io/hf-config.js";
 import {projNames, projHasBias, projShape} from "../model/weights.js";
 import {optimizerOptionsFor, stateKindFor} from "../optim/adamw.js";
 import {NESTED_BLOCKSIZE} from "../quant/nf4.js";
-import {GiB, planHostStepBytes, type MemorySettings, type PreQuantized} from "../train/plan-memory.js";
+import {GiB, embedOnHost, planHostStepBytes, type MemorySettings, type PreQuantized} from "../train/plan-memory.js";
 
 /** Node.js itself, the native addon's thread pools, the tokenizer: measured on tiny-qwen2 runs, roughly */
 const PROCESS_BASE_BYTES = 0.25 * GiB;
@@ -53,6 +53,8 @@ export function planHostMemory(
         {label: "trainable weights and gradients (fp32)", bytes: 8 * trainable},
         {label: "Node.js, tokenizer, native thread pools (approx.)", bytes: PROCESS_BASE_BYTES}
     ];
+    if (device === "cuda" && embedOnHost(cfg, saved))
+        terms.splice(2, 0, {label: "input embedding (pinned host memory the GPU reads, bf16)", bytes: 2 * V * C});
     if (device === "cuda" && s.gradient_checkpointing && s.gradient_checkpointing_offload)
         // native/cuda/offload.cpp: every block input of a micro-batch in a pinned slot (bf16), kept for the next step
         terms.splice(2, 0, {

@@ -146,7 +146,9 @@ export class DeviceBuffer {
     constructor(
         readonly ptr: number,
         readonly dtype: DeviceDtype,
-        readonly length: number
+        readonly length: number,
+        /** in pinned host memory mapped for the device (hostResident), not in device memory */
+        readonly onHost = false
     ) {}
 
     static alloc(dtype: DeviceDtype, length: number): DeviceBuffer {
@@ -163,6 +165,17 @@ export class DeviceBuffer {
     static zeros(dtype: DeviceDtype, length: number): DeviceBuffer {
         const b = DeviceBuffer.alloc(dtype, length);
         cuda().memset(b.ptr, 0, b.bytes);
+        return b;
+    }
+
+    /**
+     * A buffer in pinned host memory that kernels read over PCIe, for frozen tables a step reads a few rows of
+     * (the input embedding: 1 GiB of a 7B model's device memory for about 15 MB read a step). Its address is
+     * the device's (unified addressing), so every op takes it as it takes a device buffer.
+     */
+    static hostResident(dtype: DeviceDtype, data: Float32Array | Uint16Array | Uint8Array | Int32Array): DeviceBuffer {
+        const b = new DeviceBuffer(cuda().hostAlloc(Math.max(1, data.length) * DTYPE_BYTES[dtype]), dtype, data.length, true);
+        cuda().upload(b.ptr, data);
         return b;
     }
 
@@ -200,7 +213,8 @@ export class DeviceBuffer {
     free(): void {
         if (this.freed) return;
         this.freed = true;
-        cuda().free(this.ptr);
+        if (this.onHost) cuda().hostFree(this.ptr);
+        else cuda().free(this.ptr);
     }
 
     [Symbol.dispose](): void {

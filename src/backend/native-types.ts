@@ -206,6 +206,9 @@ export interface CudaAddon {
     setDevice(index: number): void;
     alloc(bytes: number): number;
     free(ptr: number): void;
+    /** pinned host memory mapped for the device (kernels read it over PCIe); the address is the same on both */
+    hostAlloc(bytes: number): number;
+    hostFree(ptr: number): void;
     /** host to device (synchronous) at dst + offset bytes */
     upload(dst: number, src: ArrayBufferView, dstOffsetBytes?: number): void;
     /** device to host, after the stream's queued work */

@@ -75,6 +75,21 @@ function bf16Upload(values: Float32Array): DeviceBuffer {
     return DeviceBuffer.from("bf16", f32ToHalf(values, "BF16"));
 }
 
+/** QLORA_CUDA_EMBED_ON_HOST=0 keeps the input embedding in device memory */
+export function embedOnHostByDefault(): boolean {
+    return process.env.QLORA_CUDA_EMBED_ON_HOST !== "0";
+}
+
+/** bf16 in pinned host memory mapped for the device; in device memory where the host cannot pin it */
+function hostResidentBf16(values: Float32Array): DeviceBuffer {
+    const bits = f32ToHalf(values, "BF16");
+    try {
+        return DeviceBuffer.hostResident("bf16", bits);
+    } catch {
+        return DeviceBuffer.from("bf16", bits);
+    }
+}
+
 /**
  * A projection's frozen weight on the device: bf16 [out, in], or 4-bit dequantized into the model's shared scratch
  * right before each GEMM (or read by the fused dequantize + GEMV when decoding a few rows).
@@ -237,6 +252,8 @@ export class CudaModel implements CausalLm {
     private readonly graph: DecoderGraph<CudaTensors>;
     private readonly projections: Projection<CudaTensors>[] = [];
     private readonly trained: TrainedFull<BackendTensor<DeviceBuffer>>;
+    /** where the input embedding lives: "host" (pinned, read over PCIe: frozen and untied) or "device" */
+    readonly embedPlacement: "host" | "device";
 
     /**
      * `offloadActivations`: with gradient checkpointing, each block's input goes to host memory once the next
@@ -261,7 +278,10 @@ export class CudaModel implements CausalLm {
         const be = cudaBackend();
         // full weights that train (modules_to_save): fp32 masters and gradients on the device, bf16 copies for the graph
         this.trained = p.trainedFull ? trainedOnBackend<CudaTensors>(be, p.trainedFull) : {};
-        const embed = bf16Upload(p.embed);
+        // a frozen, untied input embedding stays in pinned host memory: a step gathers only its tokens' rows
+        const embedOnHost = p.lmHead !== p.embed && !this.trained.embed && embedOnHostByDefault();
+        const embed = embedOnHost ? hostResidentBf16(p.embed) : bf16Upload(p.embed);
+        this.embedPlacement = embed.onHost ? "host" : "device";
         const weights: GraphWeights<CudaTensors> = {
             embed,
             lmHead: p.lmHead === p.embed ? embed : bf16Upload(p.lmHead),

@@ -16,6 +16,7 @@ import type {DeviceChoice} from "../backend/cuda.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
 import {LORA_DEFAULTS, validateLoraConfig, type LoraConfig} from "../lora/config.js";
 import {matchTargets} from "../lora/targets.js";
+import {embedOnHostByDefault} from "../model/cuda-model.js";
 import {mlpChunkRows} from "../model/graph.js";
 import {projHasBias, projShape, type ProjName} from "../model/weights.js";
 import {optimizerOptionsFor, stateKindFor} from "../optim/adamw.js";
@@ -255,6 +256,15 @@ function projectionPlans(cfg: ModelConfig, lora: LoraConfig): ProjPlan[][] {
 }
 
 /** the LoraConfig a run's settings give (validated as applyLora validates it) */
+/**
+ * Whether the CUDA engine keeps the input embedding in pinned host memory (bf16) rather than on the device: when
+ * it is frozen and not shared with the output layer (model/cuda-model.ts; QLORA_CUDA_EMBED_ON_HOST=0 turns it off)
+ */
+export function embedOnHost(cfg: ModelConfig, modulesToSave: ReadonlySet<string>): boolean {
+    if (!embedOnHostByDefault()) return false;
+    return (!cfg.tieWordEmbeddings || modulesToSave.has("lm_head")) && !modulesToSave.has("embed_tokens");
+}
+
 function loraConfigOf(s: MemorySettings): LoraConfig {
     return validateLoraConfig(
         {
@@ -303,7 +313,8 @@ function replayModel(
         mem.alloc("full_params", 4 * V * C);
         mem.alloc("full_grads", 4 * V * C);
     }
-    mem.alloc("embed", 2 * V * C);
+    // a frozen, untied input embedding lives in pinned host memory (CudaModel: embedOnHost)
+    if (!embedOnHost(cfg, saved)) mem.alloc("embed", 2 * V * C);
     // a tied output layer shares the embedding unless lm_head trains (its copy unties it)
     if (!cfg.tieWordEmbeddings || trainHead) mem.alloc("lm_head", 2 * V * C);
     mem.alloc("norms", 2 * C);
