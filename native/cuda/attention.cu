@@ -30,6 +30,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "runtime.h"
@@ -1076,6 +1077,15 @@ cudaError_t launch_bwd(Params p, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
+// f(std::integral_constant<int, D>) for the head dims the kernels are instantiated for (64: Llama-style small
+// models, 96: Phi-3-mini/medium and Phi-3.5-mini, 128: most 7B+ models); D is checked before (supports_head_dim)
+template <typename F>
+cudaError_t with_head_dim(int64_t D, F&& f) {
+    if (D == 64) return f(std::integral_constant<int, 64>{});
+    if (D == 96) return f(std::integral_constant<int, 96>{});
+    return f(std::integral_constant<int, 128>{});
+}
+
 cudaError_t launch_cast(bf16* dst, const float* src, int64_t n, cudaStream_t stream) {
     const int64_t n4 = n / 4;  // n is a multiple of D, itself a multiple of 16
     if (n4 == 0) return cudaSuccess;
@@ -1086,12 +1096,12 @@ cudaError_t launch_cast(bf16* dst, const float* src, int64_t n, cudaStream_t str
 
 }  // namespace
 
-extern "C" int qlora_cuda_attention_supports_head_dim(int64_t D) { return D == 64 || D == 128; }
+extern "C" int qlora_cuda_attention_supports_head_dim(int64_t D) { return D == 64 || D == 96 || D == 128; }
 
 extern "C" const char* qlora_cuda_attention_check(const void* const* bf16_ptrs, int n_ptrs, int seg_given, int64_t B,
                                                   int64_t T, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
                                                   int64_t q_offset) {
-    if (!qlora_cuda_attention_supports_head_dim(D)) return "the CUDA attention supports head dims 64 and 128 only";
+    if (!qlora_cuda_attention_supports_head_dim(D)) return "the CUDA attention supports head dims 64, 96 and 128 only";
     if (B < 0 || T < 0 || S < 0) return "B, T and S must be >= 0";
     if (Hq <= 0 || Hkv <= 0 || Hq % Hkv != 0) return "Hq must be a positive multiple of Hkv";
     if (q_offset < 0) return "q_offset must be >= 0";
@@ -1141,8 +1151,9 @@ extern "C" cudaError_t qlora_cuda_attention_forward(bf16* out, float* lse, const
     p.scale = scale;
     p.scale_log2 = scale * kLog2e;
     // one query per row and no lse (decoding): split the keys across blocks instead of a 64-query tile per head
-    if (T == 1 && !lse && !seg) return D == 64 ? launch_decode<64>(p, stream) : launch_decode<128>(p, stream);
-    return D == 64 ? launch_fwd<64>(p, stream) : launch_fwd<128>(p, stream);
+    if (T == 1 && !lse && !seg)
+        return with_head_dim(D, [&](auto d) { return launch_decode<decltype(d)::value>(p, stream); });
+    return with_head_dim(D, [&](auto d) { return launch_fwd<decltype(d)::value>(p, stream); });
 }
 
 extern "C" cudaError_t qlora_cuda_attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* dout, const bf16* q,
@@ -1199,7 +1210,7 @@ extern "C" cudaError_t qlora_cuda_attention_backward(bf16* dq, bf16* dk, bf16* d
         attn_bwd_dot_kernel<<<(unsigned)CEIL_DIV(rows, (int64_t)8), 256, 0, stream>>>(p);
         if ((err = cudaGetLastError()) != cudaSuccess) break;
         if (S > 0) {
-            err = D == 64 ? launch_bwd<64>(p, stream) : launch_bwd<128>(p, stream);
+            err = with_head_dim(D, [&](auto d) { return launch_bwd<decltype(d)::value>(p, stream); });
             if (err != cudaSuccess) break;
         }
         if ((err = launch_cast(dq, p.dq_acc, n_q, stream)) != cudaSuccess) break;

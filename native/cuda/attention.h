@@ -10,7 +10,7 @@
 //   window are never read: a paged cache may have freed their blocks.
 //   Grouped-query heads: Hq = G * Hkv, query head h reads kv head h / G.
 //
-// Head dims 64 and 128 (qlora_cuda_attention_supports_head_dim); other D return cudaErrorInvalidValue. All bf16
+// Head dims 64, 96 and 128 (qlora_cuda_attention_supports_head_dim); other D return cudaErrorInvalidValue. All bf16
 // pointers must be 16-byte aligned (the caching allocator's buffers are). Every launcher queues its work on `stream`
 // and returns the launch status (cudaErrorInvalidValue for bad sizes, see qlora_cuda_attention_check).
 #pragma once

@@ -170,7 +170,7 @@ export async function withAdapter(base: LoadedModel, adapterDir: string): Promis
 
 /** the model as generation runs it: the host model, or its copy on the GPU (auto falls back and says why) */
 /** the device line a command prints: the GPU chosen, or passed over for a reason (silent without any GPU) */
-function deviceLine(choice: DeviceChoice): string | null {
+export function deviceLine(choice: DeviceChoice): string | null {
     return choice.device === "cuda" || choice.gpuSeen ? choice.line : null;
 }
 
@@ -184,7 +184,7 @@ function onDevice(
     try {
         return {lm: new CudaModel(model), device, deviceNote: note};
     } catch (err) {
-        // what the GPU path cannot run (head sizes other than 64 and 128): auto falls back and says so
+        // what the GPU path cannot run (head sizes other than 64, 96 and 128): auto falls back and says so
         if (requested === "cuda" || !(err instanceof QloraError)) throw err;
         return {lm: model, device: "cpu", deviceNote: `device: cpu (the GPU cannot run this model: ${err.message})`};
     }

@@ -11,7 +11,7 @@ export interface CudaAttentionOps {
      * lse[B,Hq,T] (f32, natural log, =; null to skip) from q[B,T,Hq,D], k/v[B,S,Hkv,D] (bf16). Query t sits at key
      * position qOffset + t; key j is visible to it when j <= qOffset + t, keyValid[b,j] != 0 (u8 [B,S], null: all)
      * and seg[b,j] == seg[b,qOffset+t] (i32 [B,S], null: one segment; needs qOffset + T <= S). A query with no
-     * visible key gets zeros and lse = -inf. D must be 64 or 128; bf16 buffers 16-byte aligned. qOffsets (i32 [B]
+     * visible key gets zeros and lse = -inf. D must be 64, 96 or 128; bf16 buffers 16-byte aligned. qOffsets (i32 [B]
      * on the device, not with seg): each row's own query offset instead of qOffset, clamped to [0, S]. window (0 or
      * absent: none): key j is visible only when j > qOffset + t - window; key tiles wholly behind it are not read.
      */
@@ -65,7 +65,7 @@ export interface CudaAttentionOps {
         /** the forward's sliding window (0 or absent: none) */
         window?: number
     ): void;
-    /** whether the kernels handle head dim D (64 and 128) */
+    /** whether the kernels handle head dim D (64, 96 and 128) */
     attentionSupportsHeadDim(D: number): boolean;
 }
 

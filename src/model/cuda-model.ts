@@ -22,6 +22,7 @@ import {
     type Gemv4bitStateArgs
 } from "../backend/cuda-gemm-types.js";
 import {cudaKernelOps} from "../backend/cuda-kernels-types.js";
+import {cudaAttentionOps} from "../backend/cuda-attention-types.js";
 import {f32ToHalf} from "../backend/cpu.js";
 import {DenseLinear, type BaseLinear} from "../backend/linear.js";
 import {frozenBase} from "../lora/layer.js";
@@ -268,8 +269,8 @@ export class CudaModel implements CausalLm {
     ) {
         const cfg = model.config,
             p = model.params;
-        if (cfg.headDim !== 64 && cfg.headDim !== 128)
-            throw new QloraError(`the CUDA attention kernels handle head_dim 64 and 128; this model has ${cfg.headDim}`);
+        if (!cudaAttentionOps().attentionSupportsHeadDim(cfg.headDim))
+            throw new QloraError(`the CUDA attention kernels handle head_dim 64, 96 and 128; this model has ${cfg.headDim}`);
         const maxW = p.layers.reduce(
             (m, layer) => projNames(cfg).reduce((mm, n) => Math.max(mm, layer.proj[n].outFeatures * layer.proj[n].inFeatures), m),
             0

@@ -1,10 +1,10 @@
 // arch.test.ts (GPU), issue 15: Qwen3 (q/k norms per head, head_dim != hidden / heads), Phi-3 / Phi-4-mini
-// (fused qkv_proj / gate_up_proj, partial rotary, longrope's short and long tables) and Gemma 3 (sandwich norms,
+// (fused qkv_proj / gate_up_proj, partial rotary, longrope's short and long tables; Phi-3-mini's head_dim 96) and Gemma 3 (sandwich norms,
 // GELU-tanh gate, scaled embeddings, sliding/global layers with two RoPEs, soft-capped logits) on the CUDA backend: logits,
 // LoRA and QLoRA gradients and cached decoding against the host model (bf16 tolerances, as test/gpu/trainer.test.ts
 // and inference.test.ts), CUDA-graph decoding equal to eager decoding across the longrope switch, a short QLoRA run
 // with `qlora train`, and, where test/fixtures/arch/<name> exists, the logits and LoRA gradients of transformers/peft.
-// The ops under it (per-head RMSNorm rows, partial-rotary RoPE and RoPE + cache write, copyColumns, geluTanhGlu,
+// The ops under it (per-head RMSNorm rows, partial-rotary RoPE and RoPE + cache write, copyColumns, gatedAct,
 // scale, soft-capped causalLmLoss / logits / pickTokens) are rows of
 // test/gpu/backend-ops.test.ts.
 import {test} from "node:test";
@@ -51,7 +51,21 @@ const PHI3 = {
     hidden_act: "silu"
 };
 
-const ARCHS = {qwen3: QWEN3, phi3: PHI3, gemma3: GEMMA3} as const;
+/** Phi-3-mini's / Phi-3.5-mini's shape in small: head_dim 96 (3072 / 32 there), full rotary, plain heads */
+const PHI3_MINI = {
+    ...PHI3,
+    hidden_size: 192,
+    num_attention_heads: 2,
+    num_key_value_heads: 2,
+    partial_rotary_factor: 1,
+    rope_scaling: {
+        type: "longrope",
+        short_factor: Array.from({length: 48}, (_, i) => 1 + 0.02 * i),
+        long_factor: Array.from({length: 48}, (_, i) => 1 + 0.5 * i)
+    }
+};
+
+const ARCHS = {qwen3: QWEN3, phi3: PHI3, "phi3-mini": PHI3_MINI, gemma3: GEMMA3} as const;
 const ids = (n: number) => Array.from({length: n}, (_, i) => (i * 7919 + 13) % 16000);
 
 function batchOf(tokens: number[]): TrainBatch {
@@ -142,7 +156,13 @@ for (const [name, config] of Object.entries(ARCHS)) {
     });
 
     const fixture = path.join(ARCH_FIXTURES, name);
-    const noFixture = skip || (existsSync(fixture) ? false : `${fixture} is missing (scripts/references/make_arch_refs.py)`);
+    const noFixture =
+        skip ||
+        (name === "phi3-mini"
+            ? "no transformers fixture of this shape (test/fixtures/arch/phi3 is checked above)"
+            : existsSync(fixture)
+              ? false
+              : `${fixture} is missing (scripts/references/make_arch_refs.py)`);
     test(`${name} on CUDA: logits and LoRA gradients of the transformers/peft fixture (bf16 tolerances)`, {
         skip: noFixture
     }, async () => {

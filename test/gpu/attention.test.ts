@@ -1,5 +1,5 @@
 // Flash attention on the GPU (native/cuda/attention.cu) against the CPU op (the reference): forward (out, lse)
-// and backward (dq, dk, dv) on head dims 64 and 128, grouped-query and plain heads, partial tiles, a padding mask
+// and backward (dq, dk, dv) on head dims 64, 96 and 128, grouped-query and plain heads, partial tiles, a padding mask
 // with right- and left-padded rows and a fully masked row, packed segments, a KV cache (q_offset > 0, T < S), and
 // a long sequence; the decode kernel (T = 1 without lse: per-row offsets, contiguous and paged caches, key_valid,
 // deterministic bits, a CUDA graph replayed at other lengths); sliding windows in all of them (keys behind a
@@ -354,11 +354,14 @@ if (!availability.usable) {
             {name: "Hq=Hkv D=64 T=S=130", B: 2, T: 130, S: 130, Hq: 3, Hkv: 3, D: 64},
             {name: "Hq=Hkv D=128 T=S=70", B: 1, T: 70, S: 70, Hq: 2, Hkv: 2, D: 128},
             {name: "tiny T=S=1", B: 2, T: 1, S: 1, Hq: 2, Hkv: 1, D: 64},
-            {name: "G=7 D=128 T=S=96", B: 1, T: 96, S: 96, Hq: 14, Hkv: 2, D: 128}
+            {name: "G=7 D=128 T=S=96", B: 1, T: 96, S: 96, Hq: 14, Hkv: 2, D: 128},
+            // Phi-3-mini/medium and Phi-3.5-mini: head_dim 96 (32 heads of a 3072 hidden size)
+            {name: "gqa D=96 T=S=128", B: 2, T: 128, S: 128, Hq: 4, Hkv: 2, D: 96, nullLse: true},
+            {name: "partial tiles D=96 T=S=200", B: 2, T: 200, S: 200, Hq: 4, Hkv: 2, D: 96}
         ];
         // padding: row 0 full, row 1 right-padded (100 valid), row 2 left-padded (first 20 invalid: its first
         // 20 queries see nothing), row 3 fully masked
-        for (const D of [64, 128]) {
+        for (const D of [64, 96, 128]) {
             const B = 4,
                 S = 150;
             cases.push({
@@ -375,7 +378,7 @@ if (!availability.usable) {
         }
         // packed segments: row 0 three segments; row 1 a one-token segment, two more, then 25 padded positions
         // (seg -1, key_valid 0: fully masked queries)
-        for (const D of [64, 128]) {
+        for (const D of [64, 96, 128]) {
             const B = 2,
                 S = 256;
             cases.push({
@@ -398,6 +401,7 @@ if (!availability.usable) {
         cases.push({name: "kv cache T=1 S=300 q_offset=299", B: 2, T: 1, S: 300, Hq: 8, Hkv: 2, D: 128, qOffset: 299});
         cases.push({name: "kv cache T=5 S=300 q_offset=295", B: 2, T: 5, S: 300, Hq: 8, Hkv: 2, D: 128, qOffset: 295});
         cases.push({name: "kv cache T=5 S=300 q_offset=295 D=64", B: 2, T: 5, S: 300, Hq: 8, Hkv: 2, D: 64, qOffset: 295});
+        cases.push({name: "kv cache T=1 S=300 q_offset=299 D=96", B: 2, T: 1, S: 300, Hq: 8, Hkv: 2, D: 96, qOffset: 299});
         cases.push({name: "kv cache T=5 S=300 q_offset=100", B: 1, T: 5, S: 300, Hq: 4, Hkv: 4, D: 64, qOffset: 100});
         cases.push({
             name: "kv cache + segments T=5 S=300",
@@ -418,6 +422,7 @@ if (!availability.usable) {
             [128, 64],
             [64, 100],
             [128, 129],
+            [96, 70],
             [64, 1]
         ])
             cases.push({name: `window ${window} D=${D} T=S=300`, B: 2, T: 300, S: 300, Hq: 4, Hkv: 2, D, window, nullLse: true});
@@ -500,10 +505,11 @@ if (!availability.usable) {
             const seg = DeviceBuffer.from("i32", new Int32Array(64));
             try {
                 assert.equal(ops.attentionSupportsHeadDim(64), true);
-                assert.equal(ops.attentionSupportsHeadDim(96), false);
+                assert.equal(ops.attentionSupportsHeadDim(96), true);
+                assert.equal(ops.attentionSupportsHeadDim(80), false);
                 assert.throws(
-                    () => ops.attentionForward(buf.ptr, lse.ptr, buf.ptr, buf.ptr, buf.ptr, 0, 0, 1, 4, 4, 1, 1, 96, 0, 1),
-                    /head dims 64 and 128/
+                    () => ops.attentionForward(buf.ptr, lse.ptr, buf.ptr, buf.ptr, buf.ptr, 0, 0, 1, 4, 4, 1, 1, 80, 0, 1),
+                    /head dims 64, 96 and 128/
                 );
                 assert.throws(
                     () => ops.attentionForward(buf.ptr, lse.ptr, buf.ptr, buf.ptr, buf.ptr, 0, 0, 1, 4, 4, 3, 2, 64, 0, 1),
@@ -784,6 +790,7 @@ if (!availability.usable) {
                 masked: (b, j) => (b === 3 && j < 40) || (b === 5 && j < 650) || b === 8 || (b === 10 && j % 3 === 0)
             },
             {name: "16/2 D=128 B=1 S=700", B: 1, S: 700, Hq: 16, Hkv: 2, D: 128, offsets: [699]},
+            {name: "32/32 D=96 B=3 S=700 (Phi-3-mini)", B: 3, S: 700, Hq: 32, Hkv: 32, D: 96, offsets: [699, 300, 5]},
             {name: "20/1 D=64 B=3 S=700 (heads in 2 groups)", B: 3, S: 700, Hq: 20, Hkv: 1, D: 64, offsets: [699, 300, 5]},
             // sliding windows: a row's chunks start at its window's first tile
             {

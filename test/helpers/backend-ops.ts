@@ -639,7 +639,7 @@ for (const s of ROPE_SHAPES) {
     });
 }
 
-// ---- attention (the CUDA kernels take head dims 64 and 128)
+// ---- attention (the CUDA kernels take head dims 64, 96 and 128)
 
 interface AttnShape {
     name: string;
