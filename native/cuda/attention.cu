@@ -164,10 +164,12 @@ template <int ROWS, int D>
 __device__ __forceinline__ void load_rows(bf16* s, const bf16* g, int64_t row_stride, int row0, int limit, int tid,
                                           int lo = 0) {
     constexpr int kChunks = D / 8, kLd = D + 8, kN = ROWS * kChunks;
-    static_assert(kN % kThreads == 0, "tile size must be a multiple of the block's 16-byte copies");
+    // a tile that is not a whole number of the block's copies (decode's 16 query rows of D = 96) has a last,
+    // partial round; for the others the guard compiles away
 #pragma unroll
-    for (int i = 0; i < kN / kThreads; i++) {
+    for (int i = 0; i < (kN + kThreads - 1) / kThreads; i++) {
         int c = tid + i * kThreads;
+        if (kN % kThreads != 0 && c >= kN) break;
         int r = c / kChunks, cc = c % kChunks;
         bool ok = row0 + r < limit && row0 + r >= lo;
         const bf16* src = ok ? g + (int64_t)(row0 + r) * row_stride + cc * 8 : g;
