@@ -31,6 +31,8 @@ export interface ExportOllamaResult {
     files: string[];
     template: string;
     stops: string[];
+    /** what llama.cpp will do otherwise than the model (the GGUF export's notes), one sentence each */
+    notes: string[];
 }
 
 export async function exportOllama(opts: ExportOllamaOptions): Promise<ExportOllamaResult> {
@@ -50,15 +52,16 @@ export async function exportOllama(opts: ExportOllamaOptions): Promise<ExportOll
     const eosIds = await stopTokenIds(modelDir, await loadModelConfig(modelDir), tokenizer);
     const stops = [...new Set(eosIds.map((id) => tokenizer.idToToken(id)).filter((t): t is string => t !== null))];
     const files = opts.lora && opts.adapterDir ? ["model.gguf", "adapter.gguf", "Modelfile"] : ["model.gguf", "Modelfile"];
+    let notes: string[] = [];
     await writeDirAtomic(
         out,
         async (tmp) => {
-            await exportGguf({
+            ({notes} = await exportGguf({
                 modelDir,
                 adapterDir: opts.lora ? undefined : opts.adapterDir,
                 outtype: opts.outtype,
                 out: path.join(tmp, "model.gguf")
-            });
+            }));
             if (opts.lora && opts.adapterDir)
                 await exportGgufLora({modelDir, adapterDir: opts.adapterDir, out: path.join(tmp, "adapter.gguf")});
             const modelfile = modelfileText({
@@ -71,5 +74,5 @@ export async function exportOllama(opts: ExportOllamaOptions): Promise<ExportOll
         },
         policy
     );
-    return {dir: out, files, template, stops};
+    return {dir: out, files, template, stops, notes};
 }

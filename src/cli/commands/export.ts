@@ -116,6 +116,7 @@ export function registerExport(program: Command): void {
                 console.log(
                     `wrote ${result.dir} (${result.files.join(", ")}); stops ${result.stops.map((s) => JSON.stringify(s)).join(", ")}`
                 );
+                for (const note of result.notes) console.log(`note: ${note}`);
                 console.log(`import it with: ollama create NAME -f ${path.join(result.dir, "Modelfile")}`);
             })
         );
