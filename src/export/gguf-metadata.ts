@@ -1,27 +1,30 @@
-// gguf-metadata.ts: how a Hugging Face llama/qwen2/qwen3/phi3 decoder maps onto llama.cpp's GGUF model: architecture,
-// tensor names, the q/k row permutation of llama, hyper-parameter metadata, the llama3 rope factors and phi3's
-// longrope factor tensors (SPEC-gguf §5, §6; convert_hf_to_gguf's LlamaModel / Qwen2Model / Qwen3Model /
-// Phi3MiniModel). Model knowledge, so it sits in export/ and
-// io/ keeps only the GGUF format.
+// gguf-metadata.ts: how a Hugging Face llama/qwen2/qwen3/phi3/gemma3_text decoder maps onto llama.cpp's GGUF model:
+// architecture, tensor names, the q/k row permutation of llama, hyper-parameter metadata, the llama3 rope factors,
+// phi3's longrope factor tensors and gemma3's layer pattern and norms (SPEC-gguf §5, §6; convert_hf_to_gguf's
+// LlamaModel / Qwen2Model / Qwen3Model / Phi3MiniModel / Gemma3Model, and what llama.cpp's graphs read). Model
+// knowledge, so it sits in export/ and io/ keeps only the GGUF format.
+import {f32ToHalf, halfToF32} from "../backend/cpu.js";
 import {QloraError} from "../errors.js";
 import type {ModelConfig} from "../io/hf-config.js";
 import type {GgufMetadata} from "../io/gguf.js";
 import type {ProjName} from "../model/weights.js";
 
 /** the llama.cpp architectures qlora exports */
-export type GgufArch = "qwen2" | "qwen3" | "phi3" | "llama";
+export type GgufArch = "qwen2" | "qwen3" | "phi3" | "llama" | "gemma3";
 
 const CAUSAL_LM_CLASSES = new Set([
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
-    "Phi3ForCausalLM"
+    "Phi3ForCausalLM",
+    "Gemma3ForCausalLM"
 ]);
 
 /**
  * The llama.cpp architecture of a model: qwen2 for Qwen2/2.5, qwen3 for Qwen3, phi3 for Phi-3 and Phi-4-mini,
- * llama for Llama and Mistral (as the converter does). Anything else is a QloraError naming config.json.
+ * llama for Llama and Mistral (as the converter does), gemma3 for Gemma 3 text. Anything else, or a gemma3 model that
+ * llama.cpp's graph cannot reproduce (checkGemma3), is a QloraError naming config.json.
  */
 export function ggufArchFor(cfg: ModelConfig): GgufArch {
     const unsupported = cfg.architectures.find((a) => !CAUSAL_LM_CLASSES.has(a));
@@ -46,9 +49,12 @@ export function ggufArchFor(cfg: ModelConfig): GgufArch {
         case "llama":
         case "mistral":
             return "llama";
+        case "gemma3_text":
+            checkGemma3(cfg);
+            return "gemma3";
         default:
             throw new QloraError(
-                `model_type "${String(cfg.modelType)}" cannot be exported to GGUF (supported: qwen2, qwen3, llama, mistral, phi3)`,
+                `model_type "${String(cfg.modelType)}" cannot be exported to GGUF (supported: qwen2, qwen3, llama, mistral, phi3, gemma3_text)`,
                 {file: cfg.file}
             );
     }
@@ -78,12 +84,21 @@ export function ggufNameOfModule(module: string, suffix = "weight"): string | nu
     return `blk.${m[1]}.${GGUF_PROJ_NAMES[m[2] as keyof typeof GGUF_PROJ_NAMES]}.${suffix}`;
 }
 
-/** qwen3's per-head norms: blk.N.attn_q_norm.weight / attn_k_norm.weight (Qwen3Model's tensor map) */
+/** qwen3's and gemma3's per-head norms: blk.N.attn_q_norm.weight / attn_k_norm.weight (tensor_mapping.py) */
 export function ggufQkNormNames(layer: number): {q: string; k: string} {
     return {q: `blk.${layer}.attn_q_norm.weight`, k: `blk.${layer}.attn_k_norm.weight`};
 }
 
-/** llama's q_proj/k_proj rows need the NORM-RoPE permutation (qwen2 uses NEOX RoPE: names only) */
+/**
+ * gemma3's norms of the attention's output (HF post_attention_layernorm) and of the MLP's (post_feedforward_layernorm):
+ * blk.N.post_attention_norm.weight / post_ffw_norm.weight; its pre_feedforward_layernorm is ffn_norm as llama's
+ * post_attention_layernorm is
+ */
+export function ggufSandwichNormNames(layer: number): {attnOut: string; mlpOut: string} {
+    return {attnOut: `blk.${layer}.post_attention_norm.weight`, mlpOut: `blk.${layer}.post_ffw_norm.weight`};
+}
+
+/** llama's q_proj/k_proj rows need the NORM-RoPE permutation (qwen2, qwen3, phi3 and gemma3 use NEOX RoPE: names only) */
 export function permutesQk(arch: GgufArch): boolean {
     return arch === "llama";
 }
@@ -118,11 +133,12 @@ export function permutationHeads(arch: GgufArch, cfg: ModelConfig, proj: string)
 
 /**
  * the llama.cpp architectures whose graph applies {arch}.attention.sliding_window: convert_hf_to_gguf.py writes the
- * key for them (Phi3MiniModel: the window, 0 for none) and for no other of ours (LlamaModel, which Mistral
+ * key for them (Phi3MiniModel: the window, 0 for none; Gemma3Model: the window of the sliding layers, whose period
+ * gemma3SwaPattern writes beside it) and for no other of ours (LlamaModel, which Mistral
  * converts to, and Qwen2Model/Qwen3Model write none, and llama.cpp's llama, qwen2 and qwen3 attend to every
  * position)
  */
-const SLIDING_WINDOW_ARCHS: ReadonlySet<GgufArch> = new Set(["phi3"]);
+const SLIDING_WINDOW_ARCHS: ReadonlySet<GgufArch> = new Set(["phi3", "gemma3"]);
 
 /** what a GGUF of this model cannot carry: a sliding window its llama.cpp architecture ignores (null: nothing) */
 export function ggufWindowNote(cfg: ModelConfig, arch: GgufArch): string | null {
@@ -146,6 +162,10 @@ export function addArchMetadata(md: GgufMetadata, cfg: ModelConfig, arch: GgufAr
     md.f32(`${a}.attention.layer_norm_rms_epsilon`, cfg.rmsNormEps);
     if (arch === "phi3") {
         addPhi3Metadata(md, cfg);
+        return;
+    }
+    if (arch === "gemma3") {
+        addGemma3Metadata(md, cfg);
         return;
     }
     const explicitHeadDim = cfg.raw.head_dim !== undefined && cfg.raw.head_dim !== null;
@@ -215,6 +235,98 @@ function addPhi3Metadata(md: GgufMetadata, cfg: ModelConfig): void {
     // the converter's attention factor: from the context ratio, whatever attention_factor says
     const scale = cfg.maxPositionEmbeddings / original;
     md.f32("phi3.rope.scaling.attn_factor", scale > 1 ? Math.sqrt(1 + Math.log(scale) / Math.log(original)) : 1);
+}
+
+/**
+ * What llama.cpp's gemma3 graph (src/models/gemma3.cpp) cannot reproduce, refused naming the key: biases (it has
+ * none), a layer pattern that no single period gives (gemma3SwaPattern), RoPE scaling on the sliding layers (it
+ * runs them at scale 1) and global scalings other than linear (YaRN's attention factor would reach the sliding
+ * layers too). query_pre_attn_scalar needs no refusal: gemma3QueryNormScale folds it into attn_q_norm.
+ */
+function checkGemma3(cfg: ModelConfig): void {
+    const refuse = (what: string) =>
+        new QloraError(`${what}, so this gemma3_text model cannot be exported to GGUF`, {file: cfg.file});
+    if (cfg.attentionBias || cfg.attentionOutputBias || cfg.mlpBias)
+        throw refuse(
+            `it has ${cfg.mlpBias ? "MLP" : "attention"} biases (config.json), which llama.cpp's gemma3 architecture lacks`
+        );
+    gemma3SwaPattern(cfg);
+    const local = cfg.localRope?.scaling;
+    if (local)
+        throw refuse(
+            `its sliding layers' RoPE has "${local.type}" scaling (rope_parameters.sliding_attention), and llama.cpp's gemma3 runs them unscaled`
+        );
+    const scaling = cfg.ropeScaling;
+    if (scaling && scaling.type !== "linear" && scaling.type !== "dynamic")
+        throw refuse(
+            `its rope scaling is "${scaling.type}"; llama.cpp's gemma3 takes linear scaling of the full-attention layers only`
+        );
+}
+
+/**
+ * The period llama.cpp's gemma3 reads from {arch}.attention.sliding_window_pattern (a u32; default 6): layer i slides
+ * unless i % p == p - 1 (llama_hparams::set_swa_pattern), as transformers' sliding_window_pattern does. null when no
+ * layer slides (then no window is written and every layer attends to all positions on the global RoPE). layer_types
+ * that no period gives cannot be expressed (an array value is ignored by this llama.cpp's gemma3): a QloraError.
+ */
+export function gemma3SwaPattern(cfg: ModelConfig): number | null {
+    const sliding = cfg.layerTypes.map((t) => t === "sliding_attention");
+    if (!sliding.includes(true)) return null;
+    const gives = (p: number) => sliding.every((s, i) => s === i % p < p - 1);
+    // Gemma 3's own period first, so released models get the value llama.cpp assumes
+    for (const p of [6, ...Array.from({length: sliding.length}, (_, i) => i + 2)]) if (gives(p)) return p;
+    throw new QloraError(
+        `layer_types [${cfg.layerTypes.join(", ")}] is no periodic pattern (every p-th layer full): llama.cpp's gemma3 ` +
+            "derives the sliding layers from one period (sliding_window_pattern), so this model cannot be exported to GGUF",
+        {file: cfg.file}
+    );
+}
+
+/**
+ * llama.cpp's gemma3 scales q by 1/sqrt(head_dim) (1/sqrt(hidden_size / heads) for a 62-layer model, Gemma 3 27B),
+ * transformers by query_pre_attn_scalar^-0.5: the ratio of the two, which the export multiplies into attn_q_norm
+ * (q's RMSNorm weight, RoPE and the score scale are linear in it), or 1 where they agree (the released models)
+ */
+export function gemma3QueryNormScale(cfg: ModelConfig): number {
+    const denominator = cfg.numHiddenLayers === 62 ? Math.floor(cfg.hiddenSize / cfg.numAttentionHeads) : cfg.headDim;
+    const ratio = cfg.attentionScale * Math.sqrt(denominator);
+    return Math.abs(ratio - 1) < 1e-6 ? 1 : ratio;
+}
+
+/**
+ * gemma3: llama.cpp multiplies the embeddings by sqrt(hidden_size) in f32, transformers (and qlora on the GPU) by its
+ * bf16 rounding when the activations are bf16 (Gemma3TextScaledWordEmbedding casts the scale to the weights' dtype):
+ * a sentence where the two differ (Gemma 3 1B: 33.94 against 34), else null
+ */
+export function gemma3EmbedScaleNote(cfg: ModelConfig): string | null {
+    const exact = Math.fround(Math.sqrt(cfg.hiddenSize));
+    const bf16 = halfToF32(f32ToHalf(Float32Array.of(exact), "BF16"), "BF16")[0];
+    if (bf16 === exact) return null;
+    return (
+        `llama.cpp scales the embeddings by sqrt(${cfg.hiddenSize}) = ${exact.toFixed(3)}, where transformers and ` +
+        `qlora running in bf16 use its bf16 rounding ${bf16} (fp32 runs use ${exact.toFixed(3)} as llama.cpp does)`
+    );
+}
+
+/**
+ * Gemma3Model.set_gguf_parameters: head_dim as key/value length, the soft cap, for sliding layers the window and
+ * their RoPE base (rope.freq_base is the full layers'), linear scaling of the full layers as rope.scaling (llama.cpp
+ * applies it to those only); and the layer period, which the converter leaves at llama.cpp's default of 6
+ */
+function addGemma3Metadata(md: GgufMetadata, cfg: ModelConfig): void {
+    md.u32("gemma3.attention.key_length", cfg.headDim);
+    md.u32("gemma3.attention.value_length", cfg.headDim);
+    if (cfg.finalLogitSoftcap !== null) md.f32("gemma3.final_logit_softcapping", cfg.finalLogitSoftcap);
+    const pattern = gemma3SwaPattern(cfg);
+    if (pattern !== null) {
+        md.u32("gemma3.attention.sliding_window", cfg.slidingWindow!);
+        md.u32("gemma3.attention.sliding_window_pattern", pattern);
+        md.f32("gemma3.rope.freq_base_swa", cfg.localRope?.theta ?? 10_000);
+    }
+    if (cfg.ropeScaling?.type === "linear") {
+        md.string("gemma3.rope.scaling.type", "linear");
+        md.f32("gemma3.rope.scaling.factor", cfg.ropeScaling.factor!);
+    }
 }
 
 /**

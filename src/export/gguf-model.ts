@@ -1,6 +1,7 @@
 // gguf-model.ts: a Hugging Face model folder (optionally with a PEFT adapter merged in f32 first: W + scaling·B·A)
 // to a llama.cpp GGUF model (f32, f16, q8_0 or q4_k_m). The pipeline is SPEC-gguf §8: map names, permute llama's
-// q/k rows, choose a type per tensor, quantize, write (streamed tensor by tensor; temporary name, then rename).
+// q/k rows (gemma3: add the norms' 1, fold query_pre_attn_scalar into q's norm), choose a type per tensor, quantize,
+// write (streamed tensor by tensor; temporary name, then rename).
 import path from "node:path";
 import {QloraError} from "../errors.js";
 import {loadModelConfig, type ModelConfig} from "../io/hf-config.js";
@@ -8,7 +9,16 @@ import {GgufMetadata, type GgufTensor} from "../io/gguf.js";
 import {encodeTensor, GGUF_FILE_TYPE, ggmlTypeName, tensorTypeFor, type GgufOuttype} from "../io/gguf-quants.js";
 import {addVocabMetadata, readChatTemplateFile, readGgufVocab} from "../io/gguf-vocab.js";
 import {addDeltaWeight} from "../lora/layer.js";
-import {openCheckpoint, projHasBias, projModule, projNames, projShape, qkNormNames, readTensorF32} from "../model/weights.js";
+import {
+    layerNormNames,
+    openCheckpoint,
+    projHasBias,
+    projModule,
+    projNames,
+    projShape,
+    qkNormNames,
+    readTensorF32
+} from "../model/weights.js";
 import {readAdapter} from "../peft/adapter-files.js";
 import {templateSizeProblem} from "../tokenizer/bounded-template.js";
 import {loadBnb4bitCheckpoint} from "../quant/bnb-checkpoint.js";
@@ -16,8 +26,11 @@ import {dequantize4bit, type QuantState4bit} from "../quant/nf4.js";
 import {
     addArchMetadata,
     GGUF_PROJ_NAMES,
+    gemma3EmbedScaleNote,
+    gemma3QueryNormScale,
     ggufArchFor,
     ggufQkNormNames,
+    ggufSandwichNormNames,
     ggufWindowNote,
     llama3RopeFactors,
     phi3NameProblem,
@@ -52,7 +65,7 @@ export interface ExportGgufResult {
     tensorCount: number;
     /** how many tensors got each ggml type, e.g. {F32: 33, Q4_K: 40, Q6_K: 9} */
     typeCounts: Record<string, number>;
-    /** what llama.cpp will do otherwise than the model (ggufWindowNote), one sentence each */
+    /** what llama.cpp will do otherwise than the model (ggufWindowNote, gemma3EmbedScaleNote), one sentence each */
     notes: string[];
 }
 
@@ -126,20 +139,38 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
             tensors.push({name, type, ne, data: async () => encodeTensor(type, await values(), cols, rows)});
         };
 
+        // Gemma3RMSNorm multiplies by (1 + w) and llama.cpp by the weight itself: the 1 is added in f32, as the
+        // converter does and as qlora's loader does
+        const readNorm = async (name: string, n: number) => {
+            const w = await weights.read(name, n);
+            if (cfg.rmsNormUnitOffset) for (let i = 0; i < n; i++) w[i] += 1;
+            return w;
+        };
+        // gemma3: query_pre_attn_scalar folded into q's norm (gemma3QueryNormScale)
+        const qNormScale = arch === "gemma3" ? gemma3QueryNormScale(cfg) : 1;
+
         add("token_embd.weight", cfg.vocabSize, C, () => weights.read("model.embed_tokens.weight", cfg.vocabSize * C));
         for (let l = 0; l < cfg.numHiddenLayers; l++) {
-            add(`blk.${l}.attn_norm.weight`, 1, C, () => weights.read(`model.layers.${l}.input_layernorm.weight`, C));
+            const norms = layerNormNames(cfg, l);
+            add(`blk.${l}.attn_norm.weight`, 1, C, () => readNorm(norms.input, C));
             if (cfg.qkNorm) {
                 const hf = qkNormNames(l),
                     gg = ggufQkNormNames(l);
-                add(gg.q, 1, cfg.headDim, () => weights.read(hf.q, cfg.headDim));
-                add(gg.k, 1, cfg.headDim, () => weights.read(hf.k, cfg.headDim));
+                add(gg.q, 1, cfg.headDim, async () => {
+                    const w = await readNorm(hf.q, cfg.headDim);
+                    if (qNormScale !== 1) for (let i = 0; i < w.length; i++) w[i] *= qNormScale;
+                    return w;
+                });
+                add(gg.k, 1, cfg.headDim, () => readNorm(hf.k, cfg.headDim));
+            }
+            const sandwich = ggufSandwichNormNames(l);
+            if (norms.attnOut) {
+                const name = norms.attnOut;
+                add(sandwich.attnOut, 1, C, () => readNorm(name, C));
             }
             for (const p of projNames(cfg)) {
                 if (p === "gate_proj" || p === "gate_up_proj")
-                    add(`blk.${l}.ffn_norm.weight`, 1, C, () =>
-                        weights.read(`model.layers.${l}.post_attention_layernorm.weight`, C)
-                    );
+                    add(`blk.${l}.ffn_norm.weight`, 1, C, () => readNorm(norms.preMlp, C));
                 const [outF, inF] = projShape(cfg, p);
                 const module = projModule(l, p);
                 const heads = permutationHeads(arch, cfg, p);
@@ -159,8 +190,12 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
                     });
                 }
             }
+            if (norms.mlpOut) {
+                const name = norms.mlpOut;
+                add(sandwich.mlpOut, 1, C, () => readNorm(name, C));
+            }
         }
-        add("output_norm.weight", 1, C, () => weights.read("model.norm.weight", C));
+        add("output_norm.weight", 1, C, () => readNorm("model.norm.weight", C));
         if (!tied) add("output.weight", cfg.vocabSize, C, () => weights.read("lm_head.weight", cfg.vocabSize * C));
         if (ropeFactors) add("rope_freqs.weight", 1, ropeFactors.length, async () => ropeFactors);
         const longrope = arch === "phi3" ? phi3RopeFactors(cfg) : null;
@@ -170,7 +205,9 @@ export async function exportModelToGguf(opts: ModelToGgufOptions): Promise<Expor
         }
 
         const written = await writeGgufReporting(opts.out, {metadata: md, tensors}, opts.onProgress);
-        const notes = [ggufWindowNote(cfg, arch)].filter((n): n is string => n !== null);
+        const notes = [ggufWindowNote(cfg, arch), arch === "gemma3" ? gemma3EmbedScaleNote(cfg) : null].filter(
+            (n): n is string => n !== null
+        );
         return {file: written.file, arch, bytes: written.bytes, tensorCount: written.tensorCount, typeCounts, notes};
     } finally {
         await weights.close();

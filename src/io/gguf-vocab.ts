@@ -126,7 +126,7 @@ export async function readGgufVocab(dir: string, opts: ReadVocabOptions): Promis
         );
     if (model.byte_fallback === true)
         throw new QloraError(
-            "this is a SentencePiece-style BPE tokenizer (byte_fallback, as in Llama 2, TinyLlama or " +
+            "this is a SentencePiece-style BPE tokenizer (byte_fallback, as in Llama 2, Gemma 3, TinyLlama or " +
                 "Mistral v0.1); the GGUF export supports byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3) only so far",
             {file: tokenizerFile}
         );

@@ -335,13 +335,12 @@ function checkLogitsAt(model: DecoderModel, ids: number[], positions: number[], 
  * long-factor choice assumes for a context of 256; "window": none, for a sliding window that llama.cpp's graph of
  * the GGUF architecture does not apply, so that greedy text longer than the window differs there: the
  * distributions are compared on the prompt's first sliding_window tokens, and the export must say so in its notes).
- * `gguf`: why the GGUF check is skipped, for an architecture qlora's export does not write yet.
  * Returns the model folder (the fixture with tiny-qwen2's tokenizer.json) and the skip reason, for a test file's
  * own tests on the fixture.
  */
 export function fixtureTests(
     name: string,
-    opts: {llamaPrompt: "prompt" | "long" | "window"; generate?: string; gguf?: string}
+    opts: {llamaPrompt: "prompt" | "long" | "window"; generate?: string}
 ): {dir: string; skip: string | false} {
     const fixture = path.join(ARCH_FIXTURES, name);
     const skip = existsSync(fixture)
@@ -509,7 +508,7 @@ export function fixtureTests(
         opts.llamaPrompt === "window"
             ? "gives qlora's distributions in llama.cpp within the sliding window (its graph has none)"
             : "generates qlora's greedy text in llama.cpp";
-    test(`${name}: GGUF f16 export ${ggufWhat} (and the adapter as a LoRA GGUF)`, {skip: skip || opts.gguf}, async () => {
+    test(`${name}: GGUF f16 export ${ggufWhat} (and the adapter as a LoRA GGUF)`, {skip}, async () => {
         const g = greedy();
         const r = await readRef(dir);
         const adapterDir = path.join(dir, "adapter");

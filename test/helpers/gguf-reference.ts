@@ -17,11 +17,9 @@ export function roundTripModel(model: DecoderModel, outtype: GgufOuttype): Decod
     const p = model.params;
     const embed = roundTrip("token_embd.weight", p.embed, cfg.vocabSize, cfg.hiddenSize);
     const lmHead = cfg.tieWordEmbeddings ? embed : roundTrip("output.weight", p.lmHead, cfg.vocabSize, cfg.hiddenSize);
+    // norms stay f32 in every outtype: only the projections change
     const layers: DecoderLayer[] = p.layers.map((layer, l) => ({
-        inputNorm: layer.inputNorm,
-        postNorm: layer.postNorm,
-        qNorm: layer.qNorm,
-        kNorm: layer.kNorm,
+        ...layer,
         proj: Object.fromEntries(
             projNames(cfg).map((proj) => {
                 const base = layer.proj[proj] as DenseLinear;
