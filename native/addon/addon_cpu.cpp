@@ -250,23 +250,25 @@ static Napi::Value DropoutMask(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
-// swigluForward(out, gate, up, n)
-static Napi::Value SwigluForward(const Napi::CallbackInfo& info) {
+// gatedActForward(out, gate, up, n, act): out = act(gate) * up
+static Napi::Value GatedActForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     int64_t n = int_arg(info, 3);
+    int act = gated_act_arg(info, 4);
     QLORA_CHECK_ARGS(env);
     float* out = array_arg<float>(info, 0, n);
     const float* g = array_arg<float>(info, 1, n);
     const float* u = array_arg<float>(info, 2, n);
     QLORA_CHECK_ARGS(env);
-    qlora_cpu_swiglu_forward(out, g, u, n);
+    qlora_cpu_gated_act_forward(out, g, u, n, act);
     return env.Undefined();
 }
 
-// swigluBackward(dgate, dup, dout, gate, up, n)
-static Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
+// gatedActBackward(dgate, dup, dout, gate, up, n, act)
+static Napi::Value GatedActBackward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     int64_t n = int_arg(info, 5);
+    int act = gated_act_arg(info, 6);
     QLORA_CHECK_ARGS(env);
     float* dg = array_arg<float>(info, 0, n);
     float* du = array_arg<float>(info, 1, n);
@@ -274,35 +276,7 @@ static Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
     const float* g = array_arg<float>(info, 3, n);
     const float* u = array_arg<float>(info, 4, n);
     QLORA_CHECK_ARGS(env);
-    qlora_cpu_swiglu_backward(dg, du, dout, g, u, n);
-    return env.Undefined();
-}
-
-// geluTanhGluForward(out, gate, up, n)
-static Napi::Value GeluTanhGluForward(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    int64_t n = int_arg(info, 3);
-    QLORA_CHECK_ARGS(env);
-    float* out = array_arg<float>(info, 0, n);
-    const float* g = array_arg<float>(info, 1, n);
-    const float* u = array_arg<float>(info, 2, n);
-    QLORA_CHECK_ARGS(env);
-    qlora_cpu_gelu_tanh_glu_forward(out, g, u, n);
-    return env.Undefined();
-}
-
-// geluTanhGluBackward(dgate, dup, dout, gate, up, n)
-static Napi::Value GeluTanhGluBackward(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    int64_t n = int_arg(info, 5);
-    QLORA_CHECK_ARGS(env);
-    float* dg = array_arg<float>(info, 0, n);
-    float* du = array_arg<float>(info, 1, n);
-    const float* dout = array_arg<float>(info, 2, n);
-    const float* g = array_arg<float>(info, 3, n);
-    const float* u = array_arg<float>(info, 4, n);
-    QLORA_CHECK_ARGS(env);
-    qlora_cpu_gelu_tanh_glu_backward(dg, du, dout, g, u, n);
+    qlora_cpu_gated_act_backward(dg, du, dout, g, u, n, act);
     return env.Undefined();
 }
 
@@ -389,10 +363,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     fn("attentionForward", AttentionForward);
     fn("attentionBackward", AttentionBackward);
     fn("dropoutMask", DropoutMask);
-    fn("swigluForward", SwigluForward);
-    fn("swigluBackward", SwigluBackward);
-    fn("geluTanhGluForward", GeluTanhGluForward);
-    fn("geluTanhGluBackward", GeluTanhGluBackward);
+    fn("gatedActForward", GatedActForward);
+    fn("gatedActBackward", GatedActBackward);
     fn("softcapForward", SoftcapForward);
     fn("softcapBackward", SoftcapBackward);
     fn("crossEntropyForward", CrossEntropyForward);

@@ -316,22 +316,23 @@ Napi::Value CopyColumns(const Napi::CallbackInfo& info) {
 }
 
 // ------------------------------------------------------------------
-// SwiGLU
+// the gated MLP's activation
 
-// swigluForward(out, gate, up, n)
-Napi::Value SwigluForward(const Napi::CallbackInfo& info) {
+// gatedActForward(out, gate, up, n, act): out = act(gate) * up
+Napi::Value GatedActForward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     uint16_t* out = dev<uint16_t>(info, 0);
     const uint16_t* gate = dev<const uint16_t>(info, 1);
     const uint16_t* up = dev<const uint16_t>(info, 2);
     int64_t n = int_arg(info, 3);
+    int act = gated_act_arg(info, 4);
     QLORA_CHECK_ARGS(env);
-    if (!check_sizes(env, "swigluForward", {n})) return env.Undefined();
-    return done(env, qlora_cuda_swiglu_forward(out, gate, up, n, S()), "swigluForward");
+    if (!check_sizes(env, "gatedActForward", {n})) return env.Undefined();
+    return done(env, qlora_cuda_gated_act_forward(out, gate, up, n, act, S()), "gatedActForward");
 }
 
-// swigluBackward(dgate, dup, dout, gate, up, n)
-Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
+// gatedActBackward(dgate, dup, dout, gate, up, n, act)
+Napi::Value GatedActBackward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     uint16_t* dgate = dev<uint16_t>(info, 0);
     uint16_t* dup = dev<uint16_t>(info, 1);
@@ -339,35 +340,10 @@ Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
     const uint16_t* gate = dev<const uint16_t>(info, 3);
     const uint16_t* up = dev<const uint16_t>(info, 4);
     int64_t n = int_arg(info, 5);
+    int act = gated_act_arg(info, 6);
     QLORA_CHECK_ARGS(env);
-    if (!check_sizes(env, "swigluBackward", {n})) return env.Undefined();
-    return done(env, qlora_cuda_swiglu_backward(dgate, dup, dout, gate, up, n, S()), "swigluBackward");
-}
-
-// geluTanhGluForward(out, gate, up, n)
-Napi::Value GeluTanhGluForward(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    uint16_t* out = dev<uint16_t>(info, 0);
-    const uint16_t* gate = dev<const uint16_t>(info, 1);
-    const uint16_t* up = dev<const uint16_t>(info, 2);
-    int64_t n = int_arg(info, 3);
-    QLORA_CHECK_ARGS(env);
-    if (!check_sizes(env, "geluTanhGluForward", {n})) return env.Undefined();
-    return done(env, qlora_cuda_gelu_tanh_glu_forward(out, gate, up, n, S()), "geluTanhGluForward");
-}
-
-// geluTanhGluBackward(dgate, dup, dout, gate, up, n)
-Napi::Value GeluTanhGluBackward(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    uint16_t* dgate = dev<uint16_t>(info, 0);
-    uint16_t* dup = dev<uint16_t>(info, 1);
-    const uint16_t* dout = dev<const uint16_t>(info, 2);
-    const uint16_t* gate = dev<const uint16_t>(info, 3);
-    const uint16_t* up = dev<const uint16_t>(info, 4);
-    int64_t n = int_arg(info, 5);
-    QLORA_CHECK_ARGS(env);
-    if (!check_sizes(env, "geluTanhGluBackward", {n})) return env.Undefined();
-    return done(env, qlora_cuda_gelu_tanh_glu_backward(dgate, dup, dout, gate, up, n, S()), "geluTanhGluBackward");
+    if (!check_sizes(env, "gatedActBackward", {n})) return env.Undefined();
+    return done(env, qlora_cuda_gated_act_backward(dgate, dup, dout, gate, up, n, act, S()), "gatedActBackward");
 }
 
 // an optional trailing soft cap (0 when absent: none); written as `Length() > i` so test/helpers/native-ops.ts reads
@@ -630,14 +606,12 @@ void register_cuda_kernels(Napi::Env env, Napi::Object exports) {
     fn("ropeBackward", RopeBackward);
     fn("ropeCacheWrite", RopeCacheWrite);
     fn("copyColumns", CopyColumns);
-    fn("swigluForward", SwigluForward);
-    fn("swigluBackward", SwigluBackward);
+    fn("gatedActForward", GatedActForward);
+    fn("gatedActBackward", GatedActBackward);
     fn("pickTokensF32", PickTokensF32);
     fn("crossEntropyForward", CrossEntropyForward);
     fn("crossEntropyBackward", CrossEntropyBackward);
     fn("crossEntropyFused", CrossEntropyFused);
-    fn("geluTanhGluForward", GeluTanhGluForward);
-    fn("geluTanhGluBackward", GeluTanhGluBackward);
     fn("softcapF32", SoftcapF32);
     fn("softcapBf16", SoftcapBf16);
     fn("adamwTorchStep", AdamwTorchStep);

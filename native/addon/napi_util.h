@@ -5,6 +5,7 @@
 #include <napi.h>
 #include <stdint.h>
 #include <string>
+#include "../include/qlora_act.h"
 
 namespace qlora_napi {
 
@@ -73,6 +74,20 @@ inline double num_arg(const Napi::CallbackInfo& info, size_t i) {
 }
 
 inline bool bool_arg(const Napi::CallbackInfo& info, size_t i) { return info[i].ToBoolean().Value(); }
+
+// the gated MLP's activation named by info[i] (src/backend/backend.ts's GatedAct) as its qlora_gated_act
+// (native/include/qlora_act.h); throws unless it is "silu" or "gelu_tanh"
+inline int gated_act_arg(const Napi::CallbackInfo& info, size_t i) {
+    if (info[i].IsString()) {
+        const std::string name = info[i].As<Napi::String>().Utf8Value();
+        if (name == "silu") return QLORA_ACT_SILU;
+        if (name == "gelu_tanh") return QLORA_ACT_GELU_TANH;
+    }
+    Napi::TypeError::New(info.Env(),
+                         "argument " + std::to_string(i) + ": expected the activation \"silu\" or \"gelu_tanh\"")
+        .ThrowAsJavaScriptException();
+    return QLORA_ACT_SILU;
+}
 
 }  // namespace qlora_napi
 

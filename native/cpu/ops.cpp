@@ -1,7 +1,7 @@
-// ops.cpp: the elementwise and row-wise CPU ops: dtype conversion, embedding, RMSNorm, RoPE, SwiGLU and
-// softmax cross-entropy, forward and backward. fp32 compute; each loop is threaded with parallel_for and
-// written so the compiler vectorizes it (omp simd on reductions), but for the expf loops, vectorized by hand
-// with glibc's expf (below).
+// ops.cpp: the elementwise and row-wise CPU ops: dtype conversion, embedding, RMSNorm, RoPE, the gated MLP
+// activation (SwiGLU, GELU-tanh), soft-capping and softmax cross-entropy, forward and backward. fp32 compute; each
+// loop is threaded with parallel_for and written so the compiler vectorizes it (omp simd on reductions), but for the
+// expf loops, vectorized by hand with glibc's expf (below).
 #include <math.h>
 #include <string.h>
 #include <immintrin.h>
@@ -305,68 +305,71 @@ extern "C" void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int6
 }
 
 // ------------------------------------------------------------------
-// SwiGLU
+// the gated MLP's activation: out = act(gate) * up, act one of qlora_act.h's (SwiGLU's silu, Gemma's gelu_tanh)
 
-extern "C" void qlora_cpu_swiglu_forward(float* out, const float* gate, const float* up, int64_t n) {
-    const bool vec = vector_expf();
+namespace {
+
+// silu eight lanes at a time with the vectorized expf, the scalar loop's operations in its order: from b while
+// eight elements are left before e; returns the first element it left
+int64_t silu_forward_x8(float* out, const float* gate, const float* up, int64_t b, int64_t e) {
+    int64_t i = b;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= e; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 sig = _mm256_add_ps(one, exp_f32x8(_mm256_xor_ps(g, sign)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+    return i;
+}
+
+int64_t silu_backward_x8(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t b,
+                         int64_t e) {
+    int64_t i = b;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= e; i += 8) {
+        // 1 + g (1 - s) is the fused multiply-add GCC makes of the scalar loop's
+        const __m256 g = _mm256_loadu_ps(gate + i), d = _mm256_loadu_ps(dout + i), u = _mm256_loadu_ps(up + i);
+        const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp_f32x8(_mm256_xor_ps(g, sign))));
+        _mm256_storeu_ps(dup + i, _mm256_mul_ps(_mm256_mul_ps(d, g), s));
+        const __m256 dus = _mm256_mul_ps(_mm256_mul_ps(d, u), s);
+        _mm256_storeu_ps(dgate + i, _mm256_mul_ps(dus, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one)));
+    }
+    return i;
+}
+
+template <int Act>
+void gated_act_forward(float* out, const float* gate, const float* up, int64_t n) {
+    const bool vec = Act == QLORA_ACT_SILU && vector_expf();
     parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
-        int64_t i = b;
-        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-        for (; vec && i + 8 <= e; i += 8) {
-            const __m256 g = _mm256_loadu_ps(gate + i);
-            const __m256 sig = _mm256_add_ps(one, exp_f32x8(_mm256_xor_ps(g, sign)));
-            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(up + i)));
-        }
-        for (; i < e; i++) {
-            float g = gate[i];
-            out[i] = g / (1.0f + expf(-g)) * up[i];
-        }
+        int64_t i = vec ? silu_forward_x8(out, gate, up, b, e) : b;
+        for (; i < e; i++) out[i] = qlora_act::gated_forward<Act>(gate[i], up[i]);
     });
 }
 
-extern "C" void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
-                                          const float* up, int64_t n) {
-    const bool vec = vector_expf();
+template <int Act>
+void gated_act_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t n) {
+    const bool vec = Act == QLORA_ACT_SILU && vector_expf();
     parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
-        int64_t i = b;
-        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-        for (; vec && i + 8 <= e; i += 8) {
-            // the scalar loop's operations in its order; 1 + g (1 - s) is the fused multiply-add GCC makes of it
-            const __m256 g = _mm256_loadu_ps(gate + i), d = _mm256_loadu_ps(dout + i), u = _mm256_loadu_ps(up + i);
-            const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp_f32x8(_mm256_xor_ps(g, sign))));
-            _mm256_storeu_ps(dup + i, _mm256_mul_ps(_mm256_mul_ps(d, g), s));
-            const __m256 dus = _mm256_mul_ps(_mm256_mul_ps(d, u), s);
-            _mm256_storeu_ps(dgate + i, _mm256_mul_ps(dus, _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one)));
-        }
-        for (; i < e; i++) {
-            float g = gate[i];
-            float s = 1.0f / (1.0f + expf(-g));
-            float d = dout[i];
-            float u = up[i];
-            dup[i] = d * g * s;
-            dgate[i] = d * u * s * (1.0f + g * (1.0f - s));
-        }
+        int64_t i = vec ? silu_backward_x8(dgate, dup, dout, gate, up, b, e) : b;
+        for (; i < e; i++) qlora_act::gated_backward<Act>(dout[i], gate[i], up[i], dgate[i], dup[i]);
     });
 }
 
-// ------------------------------------------------------------------
-// GELU-tanh gated MLP (Gemma: gelu_pytorch_tanh(gate) * up)
+}  // namespace
 
-extern "C" void qlora_cpu_gelu_tanh_glu_forward(float* out, const float* gate, const float* up, int64_t n) {
-    parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; i++) out[i] = qlora_act::gelu_tanh(gate[i]) * up[i];
-    });
+extern "C" void qlora_cpu_gated_act_forward(float* out, const float* gate, const float* up, int64_t n, int act) {
+    if (act == QLORA_ACT_GELU_TANH)
+        gated_act_forward<QLORA_ACT_GELU_TANH>(out, gate, up, n);
+    else
+        gated_act_forward<QLORA_ACT_SILU>(out, gate, up, n);
 }
 
-extern "C" void qlora_cpu_gelu_tanh_glu_backward(float* dgate, float* dup, const float* dout, const float* gate,
-                                                 const float* up, int64_t n) {
-    parallel_for(n, 1 << 14, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; i++) {
-            const float g = gate[i], d = dout[i];
-            dup[i] = d * qlora_act::gelu_tanh(g);
-            dgate[i] = d * up[i] * qlora_act::gelu_tanh_grad(g);
-        }
-    });
+extern "C" void qlora_cpu_gated_act_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                                             const float* up, int64_t n, int act) {
+    if (act == QLORA_ACT_GELU_TANH)
+        gated_act_backward<QLORA_ACT_GELU_TANH>(dgate, dup, dout, gate, up, n);
+    else
+        gated_act_backward<QLORA_ACT_SILU>(dgate, dup, dout, gate, up, n);
 }
 
 // ------------------------------------------------------------------

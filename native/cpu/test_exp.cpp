@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "qlora_act.h"
 #include "qlora_ops.h"
 
 namespace qlora {
@@ -111,8 +112,8 @@ int main(int argc, char** argv) {
                 u[(size_t)i] = test_value((int)i + 3);
                 dout[(size_t)i] = test_value((int)i + 5);
             }
-            qlora_cpu_swiglu_forward(out.data(), g.data(), u.data(), n);
-            qlora_cpu_swiglu_backward(dg.data(), du.data(), dout.data(), g.data(), u.data(), n);
+            qlora_cpu_gated_act_forward(out.data(), g.data(), u.data(), n, QLORA_ACT_SILU);
+            qlora_cpu_gated_act_backward(dg.data(), du.data(), dout.data(), g.data(), u.data(), n, QLORA_ACT_SILU);
             for (int64_t i = 0; i < n; i++) {
                 const float gi = g[(size_t)i], ui = u[(size_t)i], d = dout[(size_t)i];
                 const float s = 1.0f / (1.0f + expf(-gi));

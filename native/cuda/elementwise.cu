@@ -1,4 +1,5 @@
-// elementwise.cu: conversions, fill, scale, add, axpy, cast-add, SwiGLU and the KV cache write (kernels.h).
+// elementwise.cu: conversions, fill, scale, add, axpy, cast-add, the gated MLP activation, soft-capping and the KV
+// cache write (kernels.h).
 //
 // One grid-stride kernel template: each op processes W elements per 16-byte access (`vec`) when every pointer
 // is 16-byte aligned, and one element at a time (`one`) for the tail or for unaligned pointers.
@@ -214,54 +215,7 @@ struct CastAddBf16F32 {
 };
 
 // ------------------------------------------------------------------
-// GELU-tanh gated MLP (Gemma) and logit soft-capping: native/include/qlora_act.h's functions
-
-struct GeluTanhGluForward {
-    static constexpr int W = 8;
-    uint16_t* out;
-    const uint16_t* gate;
-    const uint16_t* up;
-    __device__ static float f(float g, float u) { return qlora_act::gelu_tanh(g) * u; }
-    __device__ void vec(int64_t i) const {
-        float g[8], u[8];
-        unpack_bf16x8(load8(gate, i), g);
-        unpack_bf16x8(load8(up, i), u);
-#pragma unroll
-        for (int k = 0; k < 8; k++) g[k] = f(g[k], u[k]);
-        store8(out, i, pack_bf16x8(g));
-    }
-    __device__ void one(int64_t i) const { out[i] = f32_to_bf16(f(bf16_to_f32(gate[i]), bf16_to_f32(up[i]))); }
-};
-
-struct GeluTanhGluBackward {
-    static constexpr int W = 8;
-    uint16_t* dgate;
-    uint16_t* dup;
-    const uint16_t* dout;
-    const uint16_t* gate;
-    const uint16_t* up;
-    // dup = d gelu_tanh(g); dgate = d u gelu_tanh'(g)
-    __device__ static void f(float d, float g, float u, float& dg, float& du) {
-        du = d * qlora_act::gelu_tanh(g);
-        dg = d * u * qlora_act::gelu_tanh_grad(g);
-    }
-    __device__ void vec(int64_t i) const {
-        float d[8], g[8], u[8], dg[8], du[8];
-        unpack_bf16x8(load8(dout, i), d);
-        unpack_bf16x8(load8(gate, i), g);
-        unpack_bf16x8(load8(up, i), u);
-#pragma unroll
-        for (int k = 0; k < 8; k++) f(d[k], g[k], u[k], dg[k], du[k]);
-        store8(dgate, i, pack_bf16x8(dg));
-        store8(dup, i, pack_bf16x8(du));
-    }
-    __device__ void one(int64_t i) const {
-        float dg, du;
-        f(bf16_to_f32(dout[i]), bf16_to_f32(gate[i]), bf16_to_f32(up[i]), dg, du);
-        dgate[i] = f32_to_bf16(dg);
-        dup[i] = f32_to_bf16(du);
-    }
-};
+// logit soft-capping: native/include/qlora_act.h's function
 
 struct SoftcapBf16 {
     static constexpr int W = 8;
@@ -286,53 +240,48 @@ struct SoftcapF32 {
 };
 
 // ------------------------------------------------------------------
-// SwiGLU
+// the gated MLP's activation, out = act(gate) * up: native/include/qlora_act.h's, one kernel per qlora_gated_act
 
-__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + __expf(-g)); }
-
-struct SwigluForward {
+template <int Act>
+struct GatedActForward {
     static constexpr int W = 8;
     uint16_t* out;
     const uint16_t* gate;
     const uint16_t* up;
-    __device__ static float f(float g, float u) { return g * sigmoid(g) * u; }
     __device__ void vec(int64_t i) const {
         float g[8], u[8];
         unpack_bf16x8(load8(gate, i), g);
         unpack_bf16x8(load8(up, i), u);
 #pragma unroll
-        for (int k = 0; k < 8; k++) g[k] = f(g[k], u[k]);
+        for (int k = 0; k < 8; k++) g[k] = qlora_act::gated_forward<Act>(g[k], u[k]);
         store8(out, i, pack_bf16x8(g));
     }
-    __device__ void one(int64_t i) const { out[i] = f32_to_bf16(f(bf16_to_f32(gate[i]), bf16_to_f32(up[i]))); }
+    __device__ void one(int64_t i) const {
+        out[i] = f32_to_bf16(qlora_act::gated_forward<Act>(bf16_to_f32(gate[i]), bf16_to_f32(up[i])));
+    }
 };
 
-struct SwigluBackward {
+template <int Act>
+struct GatedActBackward {
     static constexpr int W = 8;
     uint16_t* dgate;
     uint16_t* dup;
     const uint16_t* dout;
     const uint16_t* gate;
     const uint16_t* up;
-    // dup = d * silu(g); dgate = d * u * s * (1 + g * (1 - s)), s = sigmoid(g)
-    __device__ static void f(float d, float g, float u, float& dg, float& du) {
-        const float s = sigmoid(g);
-        du = d * g * s;
-        dg = d * u * s * (1.0f + g * (1.0f - s));
-    }
     __device__ void vec(int64_t i) const {
         float d[8], g[8], u[8], dg[8], du[8];
         unpack_bf16x8(load8(dout, i), d);
         unpack_bf16x8(load8(gate, i), g);
         unpack_bf16x8(load8(up, i), u);
 #pragma unroll
-        for (int k = 0; k < 8; k++) f(d[k], g[k], u[k], dg[k], du[k]);
+        for (int k = 0; k < 8; k++) qlora_act::gated_backward<Act>(d[k], g[k], u[k], dg[k], du[k]);
         store8(dgate, i, pack_bf16x8(dg));
         store8(dup, i, pack_bf16x8(du));
     }
     __device__ void one(int64_t i) const {
         float dg, du;
-        f(bf16_to_f32(dout[i]), bf16_to_f32(gate[i]), bf16_to_f32(up[i]), dg, du);
+        qlora_act::gated_backward<Act>(bf16_to_f32(dout[i]), bf16_to_f32(gate[i]), bf16_to_f32(up[i]), dg, du);
         dgate[i] = f32_to_bf16(dg);
         dup[i] = f32_to_bf16(du);
     }
@@ -393,28 +342,31 @@ extern "C" cudaError_t qlora_cuda_cast_add_bf16_f32(float* y, const uint16_t* x,
     return launch(CastAddBf16F32{y, x, alpha}, n, aligned16(y) && aligned16(x), stream);
 }
 
-extern "C" cudaError_t qlora_cuda_swiglu_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up, int64_t n,
-                                                 cudaStream_t stream) {
-    return launch(SwigluForward{out, gate, up}, n, aligned16(out) && aligned16(gate) && aligned16(up), stream);
+extern "C" cudaError_t qlora_cuda_gated_act_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up, int64_t n,
+                                                    int act, cudaStream_t stream) {
+    const bool aligned = aligned16(out) && aligned16(gate) && aligned16(up);
+    switch (act) {
+        case QLORA_ACT_SILU:
+            return launch(GatedActForward<QLORA_ACT_SILU>{out, gate, up}, n, aligned, stream);
+        case QLORA_ACT_GELU_TANH:
+            return launch(GatedActForward<QLORA_ACT_GELU_TANH>{out, gate, up}, n, aligned, stream);
+        default:
+            return cudaErrorInvalidValue;
+    }
 }
 
-extern "C" cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout,
-                                                  const uint16_t* gate, const uint16_t* up, int64_t n,
-                                                  cudaStream_t stream) {
+extern "C" cudaError_t qlora_cuda_gated_act_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout,
+                                                     const uint16_t* gate, const uint16_t* up, int64_t n, int act,
+                                                     cudaStream_t stream) {
     const bool aligned = aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up);
-    return launch(SwigluBackward{dgate, dup, dout, gate, up}, n, aligned, stream);
-}
-
-extern "C" cudaError_t qlora_cuda_gelu_tanh_glu_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up,
-                                                        int64_t n, cudaStream_t stream) {
-    return launch(GeluTanhGluForward{out, gate, up}, n, aligned16(out) && aligned16(gate) && aligned16(up), stream);
-}
-
-extern "C" cudaError_t qlora_cuda_gelu_tanh_glu_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout,
-                                                         const uint16_t* gate, const uint16_t* up, int64_t n,
-                                                         cudaStream_t stream) {
-    const bool aligned = aligned16(dgate) && aligned16(dup) && aligned16(dout) && aligned16(gate) && aligned16(up);
-    return launch(GeluTanhGluBackward{dgate, dup, dout, gate, up}, n, aligned, stream);
+    switch (act) {
+        case QLORA_ACT_SILU:
+            return launch(GatedActBackward<QLORA_ACT_SILU>{dgate, dup, dout, gate, up}, n, aligned, stream);
+        case QLORA_ACT_GELU_TANH:
+            return launch(GatedActBackward<QLORA_ACT_GELU_TANH>{dgate, dup, dout, gate, up}, n, aligned, stream);
+        default:
+            return cudaErrorInvalidValue;
+    }
 }
 
 extern "C" cudaError_t qlora_cuda_softcap_bf16(uint16_t* x, float cap, int64_t n, cudaStream_t stream) {

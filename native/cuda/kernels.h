@@ -10,7 +10,7 @@
 // Any alignment works; 16-byte aligned buffers (what the allocator hands out) with row lengths that are multiples
 // of 8 elements take the vectorized paths.
 //
-// Sources: elementwise.cu (conversions, fill, scale, add, axpy, cast-add, SwiGLU), embedding.cu, norm.cu
+// Sources: elementwise.cu (conversions, fill, scale, add, axpy, cast-add, gated activation), embedding.cu, norm.cu
 // (RMSNorm, residual + RMSNorm), rope.cu, cross_entropy.cu.
 #pragma once
 #include <cuda_runtime.h>
@@ -115,22 +115,17 @@ cudaError_t qlora_cuda_rope_cache_write(uint16_t* q, uint16_t* k, uint16_t* cach
                                         int64_t Hkv, int64_t D, int64_t capacity, int64_t rotary, cudaStream_t stream);
 
 // ------------------------------------------------------------------
-// SwiGLU: out = silu(gate) * up (bf16)
+// the gated MLP's activation: out = act(gate) * up (bf16), act a qlora_gated_act of native/include/qlora_act.h
+// (QLORA_ACT_SILU: SwiGLU; QLORA_ACT_GELU_TANH: Gemma's gelu_pytorch_tanh); another act: cudaErrorInvalidValue
 
 // out[n], gate[n], up[n]; out may alias gate or up
-cudaError_t qlora_cuda_swiglu_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up, int64_t n,
-                                      cudaStream_t stream);
+cudaError_t qlora_cuda_gated_act_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up, int64_t n, int act,
+                                         cudaStream_t stream);
 // dgate[n] (=), dup[n] (=); dgate may alias gate, dup may alias up, either may alias dout
-cudaError_t qlora_cuda_swiglu_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout, const uint16_t* gate,
-                                       const uint16_t* up, int64_t n, cudaStream_t stream);
+cudaError_t qlora_cuda_gated_act_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout, const uint16_t* gate,
+                                          const uint16_t* up, int64_t n, int act, cudaStream_t stream);
 
 // ------------------------------------------------------------------
-// Gemma's GELU-tanh gated MLP: out = gelu_pytorch_tanh(gate) * up (bf16; native/include/qlora_act.h), aliasing as
-// SwiGLU's
-cudaError_t qlora_cuda_gelu_tanh_glu_forward(uint16_t* out, const uint16_t* gate, const uint16_t* up, int64_t n,
-                                             cudaStream_t stream);
-cudaError_t qlora_cuda_gelu_tanh_glu_backward(uint16_t* dgate, uint16_t* dup, const uint16_t* dout,
-                                              const uint16_t* gate, const uint16_t* up, int64_t n, cudaStream_t stream);
 // logit soft-capping in place: x = cap tanh(x / cap), cap > 0 (Gemma's final_logit_softcapping)
 cudaError_t qlora_cuda_softcap_bf16(uint16_t* x, float cap, int64_t n, cudaStream_t stream);
 cudaError_t qlora_cuda_softcap_f32(float* x, float cap, int64_t n, cudaStream_t stream);

@@ -110,22 +110,19 @@ void qlora_cpu_attention_backward(float* dq, float* dk, float* dv, const float* 
                                   int64_t D, int64_t q_offset, float scale, int64_t window);
 
 // ------------------------------------------------------------------
-// SwiGLU: out = silu(gate) * up
-
-// out[N], gate[N], up[N]
 // LoRA dropout: mask[i] = 1 / (1 - p) where element first + i is kept (qlora_dropout.h), else 0; 0 <= p < 1
 // (first: the rows of a tensor processed in parts draw the masks of the whole)
 void qlora_cpu_dropout_mask(float* mask, uint64_t seed, float p, int64_t n, int64_t first);
 
-void qlora_cpu_swiglu_forward(float* out, const float* gate, const float* up, int64_t n);
-// dgate (=), dup (=)
-void qlora_cpu_swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
-                               int64_t n);
+// ------------------------------------------------------------------
+// the gated MLP's activation: out = act(gate) * up, act a qlora_gated_act of qlora_act.h (QLORA_ACT_SILU: SwiGLU;
+// QLORA_ACT_GELU_TANH: Gemma's gelu_pytorch_tanh)
 
-// GELU-tanh gated MLP (Gemma): out = gelu_pytorch_tanh(gate) * up; dgate (=), dup (=)
-void qlora_cpu_gelu_tanh_glu_forward(float* out, const float* gate, const float* up, int64_t n);
-void qlora_cpu_gelu_tanh_glu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
-                                      int64_t n);
+// out[n], gate[n], up[n]
+void qlora_cpu_gated_act_forward(float* out, const float* gate, const float* up, int64_t n, int act);
+// dgate (=), dup (=); dgate may alias gate, dup may alias up
+void qlora_cpu_gated_act_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                                  int64_t n, int act);
 
 // logit soft-capping (Gemma's final_logit_softcapping), in place: x = cap tanh(x / cap); cap > 0
 void qlora_cpu_softcap_forward(float* x, int64_t n, float cap);

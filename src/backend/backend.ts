@@ -7,6 +7,13 @@
 // (+=), activation gradients overwrite (=); an output may alias an input only where the op says so.
 import type {TokenPick} from "./sampling.js";
 
+/**
+ * the gated MLP's activations, out = act(gate) * up: silu (SwiGLU: llama, qwen2/3, mistral, phi3) and gelu_tanh
+ * (GELU with the tanh approximation: gemma3). config.json's names for them map here in io/hf-config.ts (gatedActOf)
+ */
+export const GATED_ACTS = ["silu", "gelu_tanh"] as const;
+export type GatedAct = (typeof GATED_ACTS)[number];
+
 /** the tensor types of one backend: float activations/weights, int32 indices, uint8 masks */
 /** a paged KV cache's block tables on a backend (model/graph.ts KVCache): row b's positions block * i .. are in
  * block table[b * stride + i] */
@@ -150,12 +157,10 @@ export interface Backend<X extends TensorTypes> {
         /** the forward's sliding window (0 or absent: none) */
         window?: number
     ): void;
-    /** out = silu(gate) * up */
-    swiglu(out: X["f"], gate: X["f"], up: X["f"], n: number): void;
-    swigluBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void;
-    /** out = gelu_pytorch_tanh(gate) * up (Gemma's MLP) */
-    geluTanhGlu(out: X["f"], gate: X["f"], up: X["f"], n: number): void;
-    geluTanhGluBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void;
+    /** the MLP's gate: out = act(gate) * up (silu: SwiGLU; gelu_tanh: Gemma's) */
+    gatedAct(out: X["f"], gate: X["f"], up: X["f"], n: number, act: GatedAct): void;
+    /** dgate (=), dup (=) of gatedAct */
+    gatedActBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number, act: GatedAct): void;
     /** x *= s in place (Gemma's embedding scale; s already in the activation dtype) */
     scale(x: X["f"], s: number, n: number): void;
     /** y += x */

@@ -1,7 +1,7 @@
 // cpu-backend.ts: the Backend on the host: fp32 tensors are Float32Arrays (the garbage collector owns them), the
 // ops are the native CPU addon's (native/cpu/*.cpp, threaded by its work-claiming pool).
 import {cpu} from "./cpu.js";
-import {checkColumnCopy, type Backend, type HostCopy, type KvBlocksOf, type LossResult} from "./backend.js";
+import {checkColumnCopy, type Backend, type GatedAct, type HostCopy, type KvBlocksOf, type LossResult} from "./backend.js";
 import {pickTokensHost, type TokenPick} from "./sampling.js";
 
 /** activations live in host memory: an offloaded one is the tensor itself */
@@ -207,31 +207,19 @@ export class CpuBackend implements Backend<CpuTensors> {
     ): void {
         cpu().attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, keyValid, seg, B, T, T, Hq, Hkv, D, 0, scale, window);
     }
-    swiglu(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void {
-        cpu().swigluForward(out, gate, up, n);
+    gatedAct(out: Float32Array, gate: Float32Array, up: Float32Array, n: number, act: GatedAct): void {
+        cpu().gatedActForward(out, gate, up, n, act);
     }
-    swigluBackward(
+    gatedActBackward(
         dgate: Float32Array,
         dup: Float32Array,
         dout: Float32Array,
         gate: Float32Array,
         up: Float32Array,
-        n: number
+        n: number,
+        act: GatedAct
     ): void {
-        cpu().swigluBackward(dgate, dup, dout, gate, up, n);
-    }
-    geluTanhGlu(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void {
-        cpu().geluTanhGluForward(out, gate, up, n);
-    }
-    geluTanhGluBackward(
-        dgate: Float32Array,
-        dup: Float32Array,
-        dout: Float32Array,
-        gate: Float32Array,
-        up: Float32Array,
-        n: number
-    ): void {
-        cpu().geluTanhGluBackward(dgate, dup, dout, gate, up, n);
+        cpu().gatedActBackward(dgate, dup, dout, gate, up, n, act);
     }
     scale(x: Float32Array, s: number, n: number): void {
         for (let i = 0; i < n; i++) x[i] *= s;

@@ -5,7 +5,7 @@ import {cudaAttentionOps} from "./cuda-attention-types.js";
 import {cudaGemmOps, type GemmDtype} from "./cuda-gemm-types.js";
 import {cudaLoraOps, LORA_DOWN_MAX_M, LORA_DOWN_MAX_PARTS, LORA_DOWN_MAX_R} from "./cuda-lora-types.js";
 import {cudaKernelOps} from "./cuda-kernels-types.js";
-import {checkColumnCopy, type Backend, type HostCopy, type KvBlocksOf, type LossResult} from "./backend.js";
+import {checkColumnCopy, type Backend, type GatedAct, type HostCopy, type KvBlocksOf, type LossResult} from "./backend.js";
 import {pickArguments, type TokenPick} from "./sampling.js";
 
 export interface CudaTensors {
@@ -244,31 +244,19 @@ export class CudaBackend implements Backend<CudaTensors> {
             window
         );
     }
-    swiglu(out: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, n: number): void {
-        cudaKernelOps().swigluForward(out.ptr, gate.ptr, up.ptr, n);
+    gatedAct(out: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, n: number, act: GatedAct): void {
+        cudaKernelOps().gatedActForward(out.ptr, gate.ptr, up.ptr, n, act);
     }
-    swigluBackward(
+    gatedActBackward(
         dgate: DeviceBuffer,
         dup: DeviceBuffer,
         dout: DeviceBuffer,
         gate: DeviceBuffer,
         up: DeviceBuffer,
-        n: number
+        n: number,
+        act: GatedAct
     ): void {
-        cudaKernelOps().swigluBackward(dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n);
-    }
-    geluTanhGlu(out: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, n: number): void {
-        cudaKernelOps().geluTanhGluForward(out.ptr, gate.ptr, up.ptr, n);
-    }
-    geluTanhGluBackward(
-        dgate: DeviceBuffer,
-        dup: DeviceBuffer,
-        dout: DeviceBuffer,
-        gate: DeviceBuffer,
-        up: DeviceBuffer,
-        n: number
-    ): void {
-        cudaKernelOps().geluTanhGluBackward(dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n);
+        cudaKernelOps().gatedActBackward(dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n, act);
     }
     scale(x: DeviceBuffer, s: number, n: number): void {
         cudaKernelOps().scaleBf16(x.ptr, s, n);

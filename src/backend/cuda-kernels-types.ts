@@ -7,6 +7,7 @@
 // results with download()/DeviceBuffer.toHost(), which wait for the stream. Gradient rule as on the CPU:
 // parameter gradients accumulate (+=), activation gradients overwrite (=).
 import {cuda} from "./cuda.js";
+import type {GatedAct} from "./backend.js";
 import type {CudaAddon} from "./native-types.js";
 
 export interface CudaKernelOps extends CudaAddon {
@@ -161,11 +162,11 @@ export interface CudaKernelOps extends CudaAddon {
     ): void;
 
     // ------------------------------------------------------------------
-    // SwiGLU (bf16)
-    /** out[n] = silu(gate) * up */
-    swigluForward(out: number, gate: number, up: number, n: number): void;
+    // the gated MLP's activation (bf16)
+    /** out[n] = act(gate) * up (silu: SwiGLU; gelu_tanh: Gemma's gelu_pytorch_tanh); out may alias gate or up */
+    gatedActForward(out: number, gate: number, up: number, n: number, act: GatedAct): void;
     /** dgate (=), dup (=); dgate may alias gate, dup may alias up */
-    swigluBackward(dgate: number, dup: number, dout: number, gate: number, up: number, n: number): void;
+    gatedActBackward(dgate: number, dup: number, dout: number, gate: number, up: number, n: number, act: GatedAct): void;
 
     // ------------------------------------------------------------------
     /**
@@ -221,9 +222,6 @@ export interface CudaKernelOps extends CudaAddon {
         V: number,
         softcap?: number
     ): void;
-    /** out = gelu_pytorch_tanh(gate) * up (bf16; Gemma's MLP) */
-    geluTanhGluForward(out: number, gate: number, up: number, n: number): void;
-    geluTanhGluBackward(dgate: number, dup: number, dout: number, gate: number, up: number, n: number): void;
     /** x = cap tanh(x / cap) in place, cap > 0 (Gemma's final_logit_softcapping) */
     softcapF32(x: number, cap: number, n: number): void;
     softcapBf16(x: number, cap: number, n: number): void;

@@ -1,5 +1,6 @@
 // native-types.ts: a hand-written mirror of the exports of native/addon/addon_cpu.cpp and addon_cuda.cpp.
 // Buffers are typed arrays of the exact element type; sizes are element counts. Outputs first, sizes last.
+import type {GatedAct} from "./backend.js";
 
 export interface CpuAddon {
     /** row-major C[M,N] = alpha * op(A) @ op(B) + beta * C (cblas_sgemm contract) */
@@ -126,25 +127,17 @@ export interface CpuAddon {
      * 2^53; first: where this part of the tensor starts)
      */
     dropoutMask(mask: Float32Array, seed: number, p: number, n: number, first: number): void;
-    swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
-    swigluBackward(
+    /** out = act(gate) * up: the gated MLP (silu: SwiGLU; gelu_tanh: Gemma's gelu_pytorch_tanh) */
+    gatedActForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number, act: GatedAct): void;
+    /** dgate (=), dup (=); dgate may alias gate, dup may alias up */
+    gatedActBackward(
         dgate: Float32Array,
         dup: Float32Array,
         dout: Float32Array,
         gate: Float32Array,
         up: Float32Array,
-        n: number
-    ): void;
-
-    /** out = gelu_pytorch_tanh(gate) * up (Gemma's MLP) */
-    geluTanhGluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
-    geluTanhGluBackward(
-        dgate: Float32Array,
-        dup: Float32Array,
-        dout: Float32Array,
-        gate: Float32Array,
-        up: Float32Array,
-        n: number
+        n: number,
+        act: GatedAct
     ): void;
     /** x = cap tanh(x / cap) in place (Gemma's final_logit_softcapping); cap > 0 */
     softcapForward(x: Float32Array, n: number, cap: number): void;

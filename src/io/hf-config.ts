@@ -8,6 +8,7 @@
 
 import {promises as fs} from "node:fs";
 import path from "node:path";
+import type {GatedAct} from "../backend/backend.js";
 import {QloraError, quoteValue} from "../errors.js";
 import {readTextFile} from "./files.js";
 
@@ -15,8 +16,16 @@ export type ModelType = "llama" | "qwen2" | "qwen3" | "mistral" | "phi3" | "gemm
 
 const SUPPORTED_MODEL_TYPES: readonly ModelType[] = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text"];
 
-/** the MLP's activation: SwiGLU (silu) or Gemma's GELU-tanh gate (gelu_pytorch_tanh) */
+/** the MLP's activation as config.json names it (hidden_act; gemma3: hidden_activation) */
 export type HiddenAct = "silu" | "gelu_pytorch_tanh";
+
+/** the backend's gated activation for each: SwiGLU's silu, Gemma's GELU with the tanh approximation */
+const GATED_ACT_OF: Record<HiddenAct, GatedAct> = {silu: "silu", gelu_pytorch_tanh: "gelu_tanh"};
+
+/** the Backend.gatedAct activation of a config's MLP */
+export function gatedActOf(hiddenAct: HiddenAct): GatedAct {
+    return GATED_ACT_OF[hiddenAct];
+}
 
 export type RopeType = "default" | "linear" | "dynamic" | "llama3" | "yarn" | "longrope";
 

@@ -27,10 +27,10 @@
 // never exist for more than one chunk (Unsloth's and Arctic's tiled MLP). Dropout masks follow each element's
 // place in the whole tensor, so chunked and whole passes draw the same masks.
 import {QloraError} from "../errors.js";
-import type {Backend, GraphLinear, HostCopy, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
+import type {Backend, GatedAct, GraphLinear, HostCopy, KvBlocksOf, LossResult, TensorTypes} from "../backend/backend.js";
 import type {TokenPick} from "../backend/sampling.js";
 import {countNonFinite, f32ToHalf, halfToF32} from "../backend/cpu.js";
-import {attentionWindow, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
+import {attentionWindow, gatedActOf, MAX_TENSOR_ELEMENTS, type ModelConfig} from "../io/hf-config.js";
 import type {ProjName} from "./weights.js";
 import type {TrainableTensor} from "../lora/layer.js";
 import {backendTensor, type BackendTensor} from "../lora/projection.js";
@@ -583,6 +583,8 @@ export class DecoderGraph<X extends TensorTypes> {
     private readonly embedScale: number;
     /** the final logits' soft cap (gemma3), 0: none */
     private readonly softcap: number;
+    /** the MLP's gate: silu(gate) * up, or gemma3's gelu_tanh(gate) * up */
+    private readonly mlpAct: GatedAct;
 
     constructor(
         readonly backend: Backend<X>,
@@ -599,6 +601,7 @@ export class DecoderGraph<X extends TensorTypes> {
                   ? halfToF32(f32ToHalf(Float32Array.of(s), "BF16"), "BF16")[0]
                   : Math.fround(s);
         this.softcap = config.finalLogitSoftcap ?? 0;
+        this.mlpAct = gatedActOf(config.hiddenAct);
         if (config.sandwichNorms && !weights.layers.every((l) => l.attnOutNorm && l.mlpOutNorm))
             throw new Error("graph: a gemma3 model needs attnOutNorm and mlpOutNorm on every layer");
         if (config.localRope && !weights.localRope)
@@ -915,17 +918,6 @@ export class DecoderGraph<X extends TensorTypes> {
         return {invFreq: ctx.invFreq, scaling: this.options.attentionScaling};
     }
 
-    /** the MLP's gate: silu(gate) * up, or gemma3's gelu_tanh(gate) * up */
-    private gatedAct(out: X["f"], gate: X["f"], up: X["f"], n: number): void {
-        if (this.config.hiddenAct === "gelu_pytorch_tanh") this.backend.geluTanhGlu(out, gate, up, n);
-        else this.backend.swiglu(out, gate, up, n);
-    }
-
-    private gatedActBackward(dgate: X["f"], dup: X["f"], dout: X["f"], gate: X["f"], up: X["f"], n: number): void {
-        if (this.config.hiddenAct === "gelu_pytorch_tanh") this.backend.geluTanhGluBackward(dgate, dup, dout, gate, up, n);
-        else this.backend.swigluBackward(dgate, dup, dout, gate, up, n);
-    }
-
     private freeContext(ctx: StepContext<X>): void {
         for (const t of [ctx.pos, ctx.keyValid, ctx.seg]) this.backend.free(t);
     }
@@ -1078,7 +1070,7 @@ export class DecoderGraph<X extends TensorTypes> {
         const mlpOut = a.mRaw ?? a.out;
         if (mlp === "keep") {
             this.gateUp(a.gate!, a.up!, a.xn2, N, projectShared);
-            this.gatedAct(a.act!, a.gate!, a.up!, N * I);
+            be.gatedAct(a.act!, a.gate!, a.up!, N * I, this.mlpAct);
             project("down_proj", mlpOut!, a.act!);
         } else if (mlp === "chunked")
             for (const [r0, m] of chunksOf(N, this.options.mlpChunkRows ?? mlpChunkRows(I))) {
@@ -1087,7 +1079,7 @@ export class DecoderGraph<X extends TensorTypes> {
                     up = act(m * I);
                 this.gateUp(gate, up, rows(a.xn2, C), m, (names, ys, input) => projectRows(names, ys, input, m, r0));
                 const h = act(m * I);
-                this.gatedAct(h, gate, up, m * I);
+                be.gatedAct(h, gate, up, m * I, this.mlpAct);
                 be.free(gate);
                 be.free(up);
                 projectRows(["down_proj"], [rows(mlpOut!, C)], h, m, r0);
@@ -1144,7 +1136,7 @@ export class DecoderGraph<X extends TensorTypes> {
                 names.forEach((n, i) => saved.set(n, p[n].forward(ys[i], input, m, true, r0)))
             );
             const h = act(m * I);
-            this.gatedAct(h, gate, up, m * I);
+            be.gatedAct(h, gate, up, m * I, this.mlpAct);
             const downSaved = p.down_proj.saveForBackward(h, m, r0);
             const dh = act(m * I);
             p.down_proj.backward(dh, rows(dout, C), h, downSaved, m, false, r0);
@@ -1152,7 +1144,7 @@ export class DecoderGraph<X extends TensorTypes> {
             be.free(h);
             const dgate = act(m * I),
                 dup = act(m * I);
-            this.gatedActBackward(dgate, dup, dh, gate, up, m * I);
+            be.gatedActBackward(dgate, dup, dh, gate, up, m * I, this.mlpAct);
             be.free(dh);
             be.free(gate);
             be.free(up);
@@ -1216,7 +1208,7 @@ export class DecoderGraph<X extends TensorTypes> {
             back("down_proj", dact, dmlp, a.act, false);
             const dgate = act(N * I),
                 dup = act(N * I);
-            this.gatedActBackward(dgate, dup, dact, a.gate, a.up, N * I);
+            be.gatedActBackward(dgate, dup, dact, a.gate, a.up, N * I, this.mlpAct);
             be.free(dact);
             dxn = act(N * C);
             this.gateUpBackward(dxn, dgate, dup, a.xn2, N, (name, dx, dy, x, accumulate) => back(name, dx, dy, x, accumulate));

@@ -5,9 +5,9 @@
 // their exact f32 values. Tolerances:
 //   - bf16 outputs: relative L2 error <= 1e-2 against the CPU's f32 output. Rounding the output to bf16 alone
 //     costs ~2^-9 relative (rms ~1e-3), so 1e-2 leaves room for fp32 summation-order differences, not for a bug.
-//     Forwards without cancellation-prone sums (conversions, RMSNorm out, RoPE, SwiGLU) are also checked element
-//     by element: |gpu - cpu| <= 1 bf16 ulp of the CPU value (+ a floor of 1e-5 rms for values near zero), i.e.
-//     the GPU's fp32 result rounds to the CPU's bf16 or its neighbour. Backwards print that count but only
+//     Forwards without cancellation-prone sums (conversions, RMSNorm out, RoPE, SwiGLU) are also checked element by
+//     element: |gpu - cpu| <= 1 bf16 ulp of the CPU value (+ a floor of 1e-5 rms for values near zero), i.e. the
+//     GPU's fp32 result rounds to the CPU's bf16 or its neighbour. Backwards print that count but only
 //     assert the L2 error (their subtractions can cancel, so single small elements may differ by more).
 //   - f32 statistics (rstd, lse, loss) and f32 gradients: max |gpu - cpu| / (|cpu| + rms(cpu)) <= 1e-5.
 //   - exact ops (conversions, copies, bf16 residual add): bit equality.
@@ -16,6 +16,7 @@ import {after, describe, test} from "node:test";
 import assert from "node:assert/strict";
 import {CudaGraph, cudaAvailability, DeviceBuffer, type DeviceDtype} from "../../src/backend/cuda.js";
 import {cpu} from "../../src/backend/cpu.js";
+import {GATED_ACTS} from "../../src/backend/backend.js";
 import {cudaKernelOps, type CudaKernelOps} from "../../src/backend/cuda-kernels-types.js";
 import {Prng, randn32 as randn} from "../helpers/prng.js";
 import {timeIt} from "../helpers/gpu-timing.js";
@@ -773,36 +774,41 @@ if (!availability.usable) {
             console.log(`rope + cache write, Qwen2-7B decoding (graph replay):\n${rows.join("\n")}`);
         });
 
-        test("swiglu forward/backward", () => {
-            const rng = new Prng(7);
-            for (const n of [1, 257, 8000, (1 << 20) + 5]) {
-                for (const offset of [0, 2]) {
-                    const gate = bf16(randn(rng, n, 2)),
-                        up = bf16(randn(rng, n)),
-                        dout = bf16(randn(rng, n));
-                    const refOut = new Float32Array(n),
-                        refDg = new Float32Array(n),
-                        refDu = new Float32Array(n);
-                    c.swigluForward(refOut, gate.vals, up.vals, n);
-                    c.swigluBackward(refDg, refDu, dout.vals, gate.vals, up.vals, n);
-                    const gDev = uploadAt(k, "bf16", gate.bits, offset),
-                        uDev = uploadAt(k, "bf16", up.bits, offset);
-                    const dDev = uploadAt(k, "bf16", dout.bits, offset);
-                    const out = alloc("bf16", n),
-                        dg = alloc("bf16", n),
-                        du = alloc("bf16", n);
-                    k.swigluForward(out.ptr, gDev, uDev, n);
-                    checkBf16(`swigluForward n=${n} offset=${offset}`, downloadBf16(k, out.ptr, n), refOut, true);
-                    k.swigluBackward(dg.ptr, du.ptr, dDev, gDev, uDev, n);
-                    checkBf16(`swigluBackward n=${n} offset=${offset} dgate`, downloadBf16(k, dg.ptr, n), refDg, false);
-                    checkBf16(`swigluBackward n=${n} offset=${offset} dup`, downloadBf16(k, du.ptr, n), refDu, false);
-                    // in place: the gradients overwrite gate and up
-                    k.swigluBackward(gDev, uDev, dDev, gDev, uDev, n);
-                    assert.equal(bitsEqualCount(downloadBf16(k, gDev, n), downloadBf16(k, dg.ptr, n)), 0);
-                    assert.equal(bitsEqualCount(downloadBf16(k, uDev, n), downloadBf16(k, du.ptr, n)), 0);
+        for (const act of GATED_ACTS)
+            test(`gated activation (${act}) forward/backward`, () => {
+                const rng = new Prng(7);
+                for (const n of [1, 257, 8000, (1 << 20) + 5]) {
+                    for (const offset of [0, 2]) {
+                        const gate = bf16(randn(rng, n, 2)),
+                            up = bf16(randn(rng, n)),
+                            dout = bf16(randn(rng, n));
+                        const refOut = new Float32Array(n),
+                            refDg = new Float32Array(n),
+                            refDu = new Float32Array(n);
+                        c.gatedActForward(refOut, gate.vals, up.vals, n, act);
+                        c.gatedActBackward(refDg, refDu, dout.vals, gate.vals, up.vals, n, act);
+                        const gDev = uploadAt(k, "bf16", gate.bits, offset),
+                            uDev = uploadAt(k, "bf16", up.bits, offset);
+                        const dDev = uploadAt(k, "bf16", dout.bits, offset);
+                        const out = alloc("bf16", n),
+                            dg = alloc("bf16", n),
+                            du = alloc("bf16", n);
+                        const what = `${act} n=${n} offset=${offset}`;
+                        k.gatedActForward(out.ptr, gDev, uDev, n, act);
+                        // gelu_tanh: the device's tanhf is tanh.approx (--use_fast_math, ~2^-11 relative), and where
+                        // 1 + tanh cancels (gate below -2) that is more than a bf16 ulp of the small output: L2 only
+                        const strict = act === "silu";
+                        checkBf16(`gatedActForward ${what}`, downloadBf16(k, out.ptr, n), refOut, strict);
+                        k.gatedActBackward(dg.ptr, du.ptr, dDev, gDev, uDev, n, act);
+                        checkBf16(`gatedActBackward ${what} dgate`, downloadBf16(k, dg.ptr, n), refDg, false);
+                        checkBf16(`gatedActBackward ${what} dup`, downloadBf16(k, du.ptr, n), refDu, false);
+                        // in place: the gradients overwrite gate and up
+                        k.gatedActBackward(gDev, uDev, dDev, gDev, uDev, n, act);
+                        assert.equal(bitsEqualCount(downloadBf16(k, gDev, n), downloadBf16(k, dg.ptr, n)), 0);
+                        assert.equal(bitsEqualCount(downloadBf16(k, uDev, n), downloadBf16(k, du.ptr, n)), 0);
+                    }
                 }
-            }
-        });
+            });
 
         test("cross-entropy forward, backward (in place and not), fused", () => {
             const rng = new Prng(8);
@@ -908,9 +914,9 @@ if (!availability.usable) {
                     timeIt(k, () => k.rmsnormBackward(dx.ptr, dw.ptr, y.ptr, x.ptr, w.ptr, r.ptr, N, C))
                 );
                 line(
-                    `swigluForward ${N}x${C}`,
+                    `gatedActForward silu ${N}x${C}`,
                     3 * N * C * 2,
-                    timeIt(k, () => k.swigluForward(out.ptr, x.ptr, y.ptr, N * C))
+                    timeIt(k, () => k.gatedActForward(out.ptr, x.ptr, y.ptr, N * C, "silu"))
                 );
                 const pos = upload(
                     "i32",

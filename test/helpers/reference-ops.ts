@@ -5,6 +5,7 @@
 // Error metric: rel_i = |got_i - ref_i| / (|ref_i| + floor), floor = rms(ref) unless given, so an element near zero
 // is judged against the typical magnitude of the tensor; a check passes when max rel_i <= tol. Non-finite
 // reference values (-inf lse, NaN conversions) must match exactly.
+import type {GatedAct} from "../../src/backend/backend.js";
 import type {Prng} from "./prng.js";
 
 export function f64(a: ArrayLike<number>): Float64Array {
@@ -340,63 +341,54 @@ export function refAttentionBackward(
 }
 
 // ------------------------------------------------------------------
-// SwiGLU: out = silu(gate) * up
+// the gated MLP's activation: out = act(gate) * up (silu: SwiGLU; gelu_tanh: Gemma's gelu_pytorch_tanh)
 
 export function silu64(g: number): number {
     return g / (1 + Math.exp(-g));
 }
 
-export function refSwiglu(gate: ArrayLike<number>, up: ArrayLike<number>): Float64Array {
-    return Float64Array.from({length: gate.length}, (_, i) => silu64(gate[i]) * up[i]);
-}
-
-/** dgate, dup of L = sum(swiglu(gate, up) * dout) */
-export function refSwigluBackward(
-    dout: ArrayLike<number>,
-    gate: ArrayLike<number>,
-    up: ArrayLike<number>
-): {dgate: Float64Array; dup: Float64Array} {
-    const n = gate.length,
-        dgate = new Float64Array(n),
-        dup = new Float64Array(n);
-    for (let i = 0; i < n; i++) {
-        const x = gate[i],
-            u = up[i],
-            d = dout[i];
-        const s = 1 / (1 + Math.exp(-x));
-        dup[i] = d * x * s;
-        dgate[i] = d * u * s * (1 + x * (1 - s));
-    }
-    return {dgate, dup};
-}
-
-// ------------------------------------------------------------------
-// Gemma's GELU-tanh gate: out = gelu_pytorch_tanh(gate) * up
-
 export function geluTanh64(x: number): number {
     return 0.5 * x * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (x + 0.044715 * x ** 3)));
 }
 
-export function refGeluTanhGlu(gate: ArrayLike<number>, up: ArrayLike<number>): Float64Array {
-    return Float64Array.from({length: gate.length}, (_, i) => geluTanh64(gate[i]) * up[i]);
+/** each activation and its derivative, written out */
+const ACT64: Record<GatedAct, {f: (x: number) => number; grad: (x: number) => number}> = {
+    silu: {
+        f: silu64,
+        grad(x) {
+            const s = 1 / (1 + Math.exp(-x));
+            return s * (1 + x * (1 - s));
+        }
+    },
+    gelu_tanh: {
+        f: geluTanh64,
+        grad(x) {
+            const k = Math.sqrt(2 / Math.PI);
+            const t = Math.tanh(k * (x + 0.044715 * x ** 3));
+            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x);
+        }
+    }
+};
+
+export function refGatedAct(act: GatedAct, gate: ArrayLike<number>, up: ArrayLike<number>): Float64Array {
+    const f = ACT64[act].f;
+    return Float64Array.from({length: gate.length}, (_, i) => f(gate[i]) * up[i]);
 }
 
-/** dgate, dup of L = sum(geluTanhGlu(gate, up) * dout), the derivative written out */
-export function refGeluTanhGluBackward(
+/** dgate, dup of L = sum(gatedAct(gate, up) * dout) */
+export function refGatedActBackward(
+    act: GatedAct,
     dout: ArrayLike<number>,
     gate: ArrayLike<number>,
     up: ArrayLike<number>
 ): {dgate: Float64Array; dup: Float64Array} {
+    const {f, grad} = ACT64[act];
     const n = gate.length,
         dgate = new Float64Array(n),
         dup = new Float64Array(n);
-    const k = Math.sqrt(2 / Math.PI);
     for (let i = 0; i < n; i++) {
-        const x = gate[i];
-        const t = Math.tanh(k * (x + 0.044715 * x ** 3));
-        const grad = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x);
-        dup[i] = dout[i] * geluTanh64(x);
-        dgate[i] = dout[i] * up[i] * grad;
+        dup[i] = dout[i] * f(gate[i]);
+        dgate[i] = dout[i] * up[i] * grad(gate[i]);
     }
     return {dgate, dup};
 }
