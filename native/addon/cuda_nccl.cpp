@@ -41,28 +41,27 @@ static Napi::Value NcclInitRank(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
-// ncclAllReduceSum(buf, count, dtype: 0 f32 | 1 f64)
-static Napi::Value NcclAllReduceSum(const Napi::CallbackInfo& info) {
+// a collective over one device buffer, (buf, size, k) handed to Collective(buf, size, k):
+// ncclAllReduceSum(buf, count, dtype: 0 f32 | 1 f64) and ncclBroadcast(buf, bytes, root)
+template <bool (*Collective)(void*, size_t, int, std::string*)>
+static Napi::Value BufferCollective(const Napi::CallbackInfo& info, const char* op) {
     Napi::Env env = info.Env();
     void* buf = device_ptr_arg(info, 0);
-    int64_t count = int_arg(info, 1);
-    int64_t dtype = int_arg(info, 2);
+    int64_t size = int_arg(info, 1);
+    int64_t k = int_arg(info, 2);
     QLORA_CHECK_ARGS(env);
+    if (size < 0) return fail(env, std::string(op) + ": the size must be >= 0, got " + std::to_string(size));
     std::string error;
-    if (!qlora_nccl::all_reduce_sum(buf, (size_t)count, (int)dtype, &error)) return fail(env, error);
+    if (!Collective(buf, (size_t)size, (int)k, &error)) return fail(env, error);
     return env.Undefined();
 }
 
-// ncclBroadcast(buf, bytes, root)
+static Napi::Value NcclAllReduceSum(const Napi::CallbackInfo& info) {
+    return BufferCollective<qlora_nccl::all_reduce_sum>(info, "ncclAllReduceSum");
+}
+
 static Napi::Value NcclBroadcast(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    void* buf = device_ptr_arg(info, 0);
-    int64_t bytes = int_arg(info, 1);
-    int64_t root = int_arg(info, 2);
-    QLORA_CHECK_ARGS(env);
-    std::string error;
-    if (!qlora_nccl::broadcast(buf, (size_t)bytes, (int)root, &error)) return fail(env, error);
-    return env.Undefined();
+    return BufferCollective<qlora_nccl::broadcast>(info, "ncclBroadcast");
 }
 
 static Napi::Value NcclDestroy(const Napi::CallbackInfo& info) {
