@@ -142,8 +142,15 @@ const TERM_INDEX = new Map(TERMS.map((t, i) => [t, i]));
  * once (it waits in the cache, which `allocated` excludes). Remembers what each term held at the peak.
  */
 class AllocatorReplay {
-    /** `round`: the size class of a request (the GPU's caching allocator; exact sizes on the host) */
-    constructor(private readonly round: (bytes: number) => number = allocatorRound) {}
+    /**
+     * `round`: the size class of a request (the GPU's caching allocator; exact sizes on the host); `trace`, when
+     * given, receives +bytes for each request and -bytes for each free, in order (tests compare it with what the
+     * backend allocates)
+     */
+    constructor(
+        private readonly round: (bytes: number) => number = allocatorRound,
+        private readonly trace?: number[]
+    ) {}
 
     // live blocks by handle (handles are indices; a freed block's bytes are set to -1)
     private readonly bytes: number[] = [0];
@@ -165,6 +172,7 @@ class AllocatorReplay {
         this.rounded.push(rounded);
         this.term.push(t);
         this.byTerm[t] += bytes;
+        this.trace?.push(bytes);
         this.requested += bytes;
         this.current += rounded;
         if (this.current > this.peak) {
@@ -179,6 +187,7 @@ class AllocatorReplay {
     free(id: number | null | undefined): void {
         if (!id || this.bytes[id] < 0) return; // freed twice: harmless, as DeviceBuffer.free
         this.byTerm[this.term[id]] -= this.bytes[id];
+        this.trace?.push(-this.bytes[id]);
         this.requested -= this.bytes[id];
         this.current -= this.rounded[id];
         this.bytes[id] = -1;
@@ -423,6 +432,8 @@ class StepReplay {
     private readonly qkNorm: boolean;
     /** phi3: qkv_proj / gate_up_proj outputs land in a temporary before they are split */
     private readonly fused: boolean;
+    /** gemma3: the attention's and the MLP's outputs are normalized before the residual adds (raw output and rstd kept) */
+    private readonly sandwich: boolean;
     private readonly N: number;
     private readonly dropout: boolean;
 
@@ -443,6 +454,7 @@ class StepReplay {
         this.D = cfg.headDim;
         this.qkNorm = cfg.qkNorm;
         this.fused = cfg.fusedProjections;
+        this.sandwich = cfg.sandwichNorms;
         this.N = B * T;
         this.dropout = train && lora.lora_dropout > 0;
     }
@@ -464,14 +476,16 @@ class StepReplay {
         if (!p.lora) return;
         const xd = this.dropout ? this.act("block_activations", M * p.in) : null;
         const xa = this.act("block_activations", M * this.lora.r);
+        let inner: number | null = null;
         if (this.lora.use_dora) {
-            const inner = this.act("block_activations", M * p.out);
+            this.doraScale(l, name);
+            inner = this.act("block_activations", M * p.out);
             if (xd !== null) this.mem.free(this.act("block_activations", M * p.out)); // lt
-            saved.push(inner);
         }
         this.mem.free(xd);
-        if (this.train) saved.push(xa);
-        else this.mem.free(xa);
+        // Projection.release frees xa, then inner
+        if (this.train) saved.push(xa, ...(inner === null ? [] : [inner]));
+        else for (const t of [xa, inner]) this.mem.free(t);
     }
 
     /** Projection.saveForBackward of M rows: xa without the product (DoRA: the forward, into a freed output) */
@@ -540,9 +554,11 @@ class StepReplay {
         this.mem.free(dxa);
     }
 
-    /** graph.ts blockForward; `mlp` as its MlpMode ("backward": the recomputation under checkpointing) */
-    blockForward(l: number, mlp: "keep" | "chunked" | "backward"): BlockReplay {
+    /** graph.ts blockForward; `mode` as its MlpMode ("backward": the recomputation under checkpointing) */
+    blockForward(l: number, mode: "keep" | "chunked" | "backward"): BlockReplay {
         const {N, C, I, Hq, Hkv, D, B, T} = this;
+        // gemma3: a recomputation runs the MLP too (its output norm needs the MLP's output)
+        const mlp = this.sandwich && mode === "backward" ? "chunked" : mode;
         const a = (n: number) => this.act("block_activations", n);
         const stats = (n: number) => this.mem.alloc("block_activations", 4 * n);
         // every tensor of BlockActs is allocated up front, in its order
@@ -555,17 +571,18 @@ class StepReplay {
             a(N * Hkv * D), // v
             a(N * Hq * D), // att
             stats(B * Hq * T), // lse
+            ...(this.sandwich ? [a(N * C), stats(N)] : []), // oRaw rstdO
             a(N * C), // h
             a(N * C), // xn2
             stats(N), // rstd2
-            ...(mlp === "keep" ? [a(N * I), a(N * I), a(N * I)] : []) // gate, up, act
+            ...(mlp === "keep" ? [a(N * I), a(N * I), a(N * I)] : []), // gate, up, act
+            ...(this.sandwich ? [a(N * C), stats(N)] : []) // mRaw rstdM
         ];
         const block: BlockReplay = {
             intermediates,
             saved: [],
             out: mlp === "backward" ? null : this.act("block_inputs", N * C)
         };
-        if (this.lora.use_dora) this.doraScales(l);
         const attention = this.fused ? (["qkv_proj", "o_proj"] as const) : (["q_proj", "k_proj", "v_proj", "o_proj"] as const);
         for (const name of attention) {
             // a fused projection's whole output exists while its forward runs, then is split and freed
@@ -600,17 +617,20 @@ class StepReplay {
         return out;
     }
 
-    /** DoRA's k and norm per projection, from a transient fp32 copy of W (cached until the optimizer step) */
-    private readonly doraDone = new Set<number>();
-    private doraScales(l: number): void {
-        if (this.doraDone.has(l)) return;
-        this.doraDone.add(l);
-        for (const p of this.layers[l]) {
-            if (!p.lora) continue;
-            this.mem.free(this.mem.alloc("block_activations", 4 * p.out * p.in));
-            this.mem.alloc("lora_copies", 4 * p.out);
-            this.mem.alloc("lora_copies", 4 * p.out);
-        }
+    /**
+     * Projection.dora at a projection's first DoRA forward: k and the row norms from a transient fp32 W + s B A,
+     * cached until the optimizer step
+     */
+    private readonly doraDone = new Set<string>();
+    private doraScale(l: number, name: ProjName): void {
+        const key = `${l}.${name}`;
+        if (this.doraDone.has(key)) return;
+        this.doraDone.add(key);
+        const p = this.proj(l, name);
+        const W = this.mem.alloc("block_activations", 4 * p.out * p.in);
+        this.mem.alloc("lora_copies", 4 * p.out);
+        this.mem.alloc("lora_copies", 4 * p.out);
+        this.mem.free(W);
     }
 
     release(block: BlockReplay): void {
@@ -623,6 +643,8 @@ class StepReplay {
     blockBackward(l: number, chunked: boolean): number {
         const {N, C, I, Hq, Hkv, D, B, T} = this;
         const t = (n: number) => this.act("backward_temporaries", n);
+        // gemma3: back through the MLP's output norm first
+        const dmlp = this.sandwich ? t(N * C) : null;
         let dxn: number;
         if (!chunked) {
             const dact = t(N * I);
@@ -655,9 +677,13 @@ class StepReplay {
                 for (const x of saved) this.mem.free(x);
             }
         }
+        this.mem.free(dmlp);
         const dh = t(N * C);
         const datt = t(N * Hq * D);
+        // gemma3: back through the attention output's norm into o_proj's output
+        const doRaw = this.sandwich ? t(N * C) : null;
         this.projBackward(l, "o_proj");
+        this.mem.free(doRaw);
         const dq = t(N * Hq * D),
             dk = t(N * Hkv * D),
             dv = t(N * Hkv * D);
@@ -718,7 +744,8 @@ class StepReplay {
         const ids = mem.alloc("batch", 4 * N);
         const ctx = [mem.alloc("batch", 4 * N), opts.packing ? mem.alloc("batch", 4 * N) : null];
         const x0 = this.act("block_inputs", N * C);
-        mem.free(mem.alloc("batch", 8)); // the embedding's out-of-range report
+        // the CUDA embedding's out-of-range report (the CPU's is a return value)
+        if (this.flavour.device === "cuda") mem.free(mem.alloc("batch", 8));
         // inputs[l]: a device handle, or null while offloaded to host memory
         const inputs: (number | null)[] = [x0];
         const acts: (BlockReplay | null)[] = [];
@@ -815,10 +842,10 @@ export function planDeviceMemory(cfg: ModelConfig, s: MemorySettings, opts: Memo
  * The host memory one CPU training micro-batch adds to the model (fp32 activations, the live set the graph keeps
  * referenced; the garbage collector frees what it drops later, so the process's peak is higher).
  */
-export function planHostStepBytes(cfg: ModelConfig, s: MemorySettings): number {
+export function planHostStepBytes(cfg: ModelConfig, s: MemorySettings, trace?: number[]): number {
     const lora = loraConfigOf(s);
     const layers = projectionPlans(cfg, lora);
-    const mem = new AllocatorReplay((b) => b);
+    const mem = new AllocatorReplay((b) => b, trace);
     new StepReplay(mem, cfg, layers, lora, s.per_device_train_batch_size, s.max_seq_length, true, CPU_FLAVOUR).run({
         checkpointing: s.gradient_checkpointing,
         offload: false,
