@@ -10,6 +10,7 @@
 #include "../include/qlora_dropout.h"
 #include "../include/qlora_ops.h"
 #include "parallel.h"
+#include "vexp.h"
 
 using qlora::parallel_for;
 
@@ -101,6 +102,13 @@ bool vector_expf() {
 namespace qlora {
 // for native/cpu/test_exp.cpp: whether the loops below run the vectorized expf
 bool expf_vectorized() { return vector_expf(); }
+
+void expf_inplace(float* x, int64_t n) {
+    int64_t i = 0;
+    if (vector_expf())
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp_f32x8(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++) x[i] = expf(x[i]);
+}
 }  // namespace qlora
 
 namespace {
