@@ -126,6 +126,27 @@ Napi::Value Dequantize4bit(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
+// quantize4bitBf16(packed, absmax, inp, quantType, blocksize, n): packed[ceil(n/2)] (u8), absmax[ceil(n/blocksize)]
+// (f32) <- inp[n] (bf16), quantType 0 (NF4) or 1 (FP4)
+Napi::Value Quantize4bitBf16(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto* packed = (uint8_t*)device_ptr_arg(info, 0);
+    auto* absmax = (float*)device_ptr_arg(info, 1);
+    const auto* inp = (const uint16_t*)device_ptr_arg(info, 2);
+    const int64_t quantType = int_arg(info, 3), blocksize = int_arg(info, 4), n = int_arg(info, 5);
+    QLORA_CHECK_ARGS(env);
+    if (n < 0 || blocksize < 2 || blocksize % 2 != 0 || (quantType != 0 && quantType != 1)) {
+        Napi::RangeError::New(env,
+                              "quantize4bitBf16: needs n >= 0, an even blocksize >= 2 and quantType 0 (nf4) or 1 (fp4)")
+            .ThrowAsJavaScriptException();
+        return env.Undefined();
+    }
+    cuda_throw(env,
+               qlora_cuda_quantize_4bit_bf16(packed, absmax, inp, (int)quantType, blocksize, n, qlora_cuda::stream()),
+               "quantize4bitBf16");
+    return env.Undefined();
+}
+
 // why gemv4bit / gemv4bitGroup refuses a part ("" when it takes it); `what` starts the message
 std::string gemv_part_problem(const std::string& what, const QloraGemv4bitPart& p, int xDtype, int64_t M, int64_t K) {
     if (M < 1 || M > QLORA_GEMV_4BIT_MAX_M || p.N < 0 || K < 0 ||
@@ -377,6 +398,7 @@ void register_cuda_gemm(Napi::Env env, Napi::Object exports) {
     exports.Set("gemm", Napi::Function::New(env, Gemm, "gemm"));
     exports.Set("gemmStridedBatched", Napi::Function::New(env, GemmStridedBatched, "gemmStridedBatched"));
     exports.Set("dequantize4bit", Napi::Function::New(env, Dequantize4bit, "dequantize4bit"));
+    exports.Set("quantize4bitBf16", Napi::Function::New(env, Quantize4bitBf16, "quantize4bitBf16"));
     exports.Set("gemv4bit", Napi::Function::New(env, Gemv4bit, "gemv4bit"));
     exports.Set("gemv4bitGroup", Napi::Function::New(env, Gemv4bitGroup, "gemv4bitGroup"));
     exports.Set("gemmInfo", Napi::Function::New(env, GemmInfo, "gemmInfo"));

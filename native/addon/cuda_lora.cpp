@@ -87,6 +87,18 @@ static Napi::Value DivideF32(const Napi::CallbackInfo& info) {
     return env.Undefined();
 }
 
+// scaleRowsRatioF32(W, num, den, R, C): W[r, c] = fl32(W[r, c] * (num[r] / den[r])), ratio and product in float64
+static Napi::Value ScaleRowsRatioF32(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto* W = (float*)device_ptr_arg(info, 0);
+    auto* num = (const float*)device_ptr_arg(info, 1);
+    auto* den = (const float*)device_ptr_arg(info, 2);
+    int64_t R = int_arg(info, 3), C = int_arg(info, 4);
+    QLORA_CHECK_ARGS(env);
+    cuda_throw(env, qlora_cuda_scale_rows_ratio_f32(W, num, den, R, C, qlora_cuda::stream()), "scaleRowsRatioF32");
+    return env.Undefined();
+}
+
 // parts[i].<key> of loraDown as a number; NaN with a pending TypeError when it is not one (or, for an address, when
 // it is not positive)
 static double lora_part_field(Napi::Env env, Napi::Object part, size_t i, const char* key, bool address) {
@@ -182,6 +194,7 @@ void register_cuda_lora(Napi::Env env, Napi::Object exports) {
     exports.Set("columnSumsBf16", Napi::Function::New(env, ColumnSumsBf16, "columnSumsBf16"));
     exports.Set("rowNormsF32", Napi::Function::New(env, RowNormsF32, "rowNormsF32"));
     exports.Set("divideF32", Napi::Function::New(env, DivideF32, "divideF32"));
+    exports.Set("scaleRowsRatioF32", Napi::Function::New(env, ScaleRowsRatioF32, "scaleRowsRatioF32"));
     exports.Set("addBiasBf16", Napi::Function::New(env, AddBiasBf16, "addBiasBf16"));
     exports.Set("dropoutBf16", Napi::Function::New(env, Dropout<qlora_cuda_dropout_bf16>, "dropoutBf16"));
     exports.Set("dropoutAddBf16", Napi::Function::New(env, Dropout<qlora_cuda_dropout_add_bf16>, "dropoutAddBf16"));

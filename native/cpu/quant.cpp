@@ -13,38 +13,11 @@
 #include <math.h>
 #include "../include/qlora_bnb.h"
 #include "../include/qlora_float.h"
+#include "../include/qlora_nf4.h"
 #include "../include/qlora_quant.h"
 #include "parallel.h"
 
 namespace {
-
-// bnb's dQuantizeNF4 decision tree, flattened: the code is the number of thresholds u strictly exceeds
-// (a NaN exceeds none and gets code 0, as in the tree). The literals are bnb's, and the compiler rounds them
-// straight from decimal to f32 as nvcc does: 4 of them (t0, t8, t12, t14) are 1 ulp away from the f32
-// midpoints of the code table that bnb's pure-torch backend compares against.
-const float kNf4Thresholds[15] = {
-    -0.8480964004993439f,  -0.6106329262256622f,   -0.4599952697753906f, -0.33967943489551544f, -0.23460740596055984f,
-    -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,   0.2035212516784668f,
-    0.2920137718319893f,   0.3893125355243683f,    0.5016634166240692f,  0.6427869200706482f,   0.8614784181118011f};
-
-inline uint8_t quantize_nf4(float u) {
-    int c = 0;
-    for (int k = 0; k < 15; k++) c += u > kNf4Thresholds[k];
-    return (uint8_t)c;
-}
-
-// bnb's dQuantizeFP4: sign bit from u < 0, magnitude by the thresholds between the sorted FP4 magnitudes
-const float kFp4Thresholds[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f};
-// low 3 bits of the code of the k-th smallest magnitude: 0, 0.0052, 0.1667, 0.25, 0.333, 0.5, 0.667, 1
-const uint8_t kFp4CodeByRank[8] = {0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011};
-
-inline uint8_t quantize_fp4(float u) {
-    uint8_t sign = u < 0 ? 0b1000 : 0;
-    float a = fabsf(u);
-    int r = 0;
-    for (int k = 0; k < 7; k++) r += a > kFp4Thresholds[k];
-    return (uint8_t)(kFp4CodeByRank[r] + sign);
-}
 
 inline float round_f16(float f) { return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
 
@@ -69,7 +42,7 @@ inline float load_f32<uint16_t>(const uint16_t* p, int64_t i) {
 template <typename T>
 void quantize_4bit(uint8_t* packed, float* absmax, const T* inp, int quant_type, int64_t bs, int64_t n) {
     const int64_t nblocks = (n + bs - 1) / bs;
-    const uint8_t zero_code = quant_type == QLORA_QUANT_NF4 ? 7 : 0;
+    const uint8_t zero_code = qlora::q4::zero_code(quant_type);
     qlora::parallel_for(nblocks, std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) {
             const int64_t begin = b * bs, end = std::min(n, begin + bs);
@@ -78,8 +51,7 @@ void quantize_4bit(uint8_t* packed, float* absmax, const T* inp, int quant_type,
             absmax[b] = amax;
             // an odd n pads the last byte's low nibble with the code of 0, as the CUDA kernel's zero-filled load
             const int64_t pend = begin + ((end - begin + 1) & ~(int64_t)1);
-            if (amax == 0.0f) {
-                // CUDA would compute 0 * inf = NaN and emit code 0; the exact-zero code decodes to 0 under any scale
+            if (qlora::q4::is_zero_absmax(amax)) {
                 for (int64_t i = begin; i < pend; i += 2) packed[i >> 1] = (uint8_t)(zero_code << 4 | zero_code);
                 continue;
             }
@@ -87,15 +59,8 @@ void quantize_4bit(uint8_t* packed, float* absmax, const T* inp, int quant_type,
             for (int64_t i = begin; i < pend; i += 2) {
                 float u0 = load_f32(inp, i) * r;
                 float u1 = i + 1 < end ? load_f32(inp, i + 1) * r : 0.0f;
-                uint8_t q0, q1;
-                if (quant_type == QLORA_QUANT_NF4) {
-                    q0 = quantize_nf4(u0);
-                    q1 = quantize_nf4(u1);
-                } else {
-                    q0 = quantize_fp4(u0);
-                    q1 = quantize_fp4(u1);
-                }
-                packed[i >> 1] = (uint8_t)(q0 << 4 | q1);
+                packed[i >> 1] = (uint8_t)(qlora::q4::quantize_4bit_value(u0, quant_type) << 4 |
+                                           qlora::q4::quantize_4bit_value(u1, quant_type));
             }
         }
     });

@@ -155,6 +155,27 @@ __global__ void divide_f32_kernel(float* out, const float* a, const float* b, in
     if (i < n) out[i] = qk::ieee::div(a[i], b[i]);
 }
 
+// W[r, c] = fl32(W[r, c] * (num[r] / den[r])), the ratio and the product in float64 (each rounded to nearest, no
+// FMA to contract), then one rounding to f32 without .ftz: what JavaScript's `w[i] *= num[r] / den[r]` over a
+// Float32Array computes (lora/layer.ts applyDoraMagnitude)
+// f32 -> f64 keeping subnormals (--use_fast_math makes a plain cast cvt.ftz.f64.f32)
+__device__ __forceinline__ double widen(float x) {
+    double d;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(x));
+    return d;
+}
+
+__global__ void scale_rows_ratio_f32_kernel(float* W, const float* num, const float* den, int64_t R, int64_t C) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= R * C) return;
+    const int64_t r = i / C;
+    const double k = __ddiv_rn(widen(num[r]), widen(den[r]));
+    const double v = __dmul_rn(widen(W[i]), k);
+    float f;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(f) : "d"(v));  // no .ftz: a subnormal result stays
+    W[i] = f;
+}
+
 extern "C" cudaError_t qlora_cuda_scale_columns_bf16(uint16_t* out, const uint16_t* x, const float* k, float offset,
                                                      int64_t M, int64_t N, int accumulate, cudaStream_t stream) {
     if (M * N == 0) return cudaSuccess;
@@ -183,5 +204,16 @@ extern "C" cudaError_t qlora_cuda_divide_f32(float* out, const float* a, const f
     if (n == 0) return cudaSuccess;
     const int block = 256;
     divide_f32_kernel<<<CEIL_DIV(n, block), block, 0, stream>>>(out, a, b, n);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t qlora_cuda_scale_rows_ratio_f32(float* W, const float* num, const float* den, int64_t R,
+                                                       int64_t C, cudaStream_t stream) {
+    if (R < 0 || C < 0) return cudaErrorInvalidValue;
+    if (R * C == 0) return cudaSuccess;
+    const int block = 256;
+    const int64_t grid = CEIL_DIV(R * C, (int64_t)block);
+    if (grid > INT32_MAX) return cudaErrorInvalidValue;
+    scale_rows_ratio_f32_kernel<<<(unsigned)grid, block, 0, stream>>>(W, num, den, R, C);
     return cudaGetLastError();
 }

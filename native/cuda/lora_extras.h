@@ -28,4 +28,8 @@ cudaError_t qlora_cuda_column_sums_bf16(float* dst, const uint16_t* a, const uin
 cudaError_t qlora_cuda_row_norms_f32(float* out, const float* W, int64_t R, int64_t C, cudaStream_t stream);
 // out[i] = a[i] / b[i]   (f32)
 cudaError_t qlora_cuda_divide_f32(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream);
+// W[r, c] = fl32(W[r, c] * (num[r] / den[r]))   (f32 W [R, C], num and den f32 [R]; the ratio and the product in
+// float64, rounded to f32 once): DoRA's merged rows, m / ||W + s B A|| as the CPU merge scales them
+cudaError_t qlora_cuda_scale_rows_ratio_f32(float* W, const float* num, const float* den, int64_t R, int64_t C,
+                                            cudaStream_t stream);
 }

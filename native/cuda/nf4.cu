@@ -1,4 +1,5 @@
-// nf4.cu: NF4/FP4 dequantization (bitsandbytes layout) to f32/bf16/f16, bit-identical to the CPU reference.
+// nf4.cu: NF4/FP4 dequantization (bitsandbytes layout) to f32/bf16/f16, and quantization of bf16 values (at the
+// end of the file), bit-identical to the CPU reference.
 //
 // Exactness: the CPU computes every product and sum in f32 on its own (fp-contract off) and keeps subnormals.
 // This file is built with --use_fast_math (-ftz=true, -fmad=true), so the arithmetic that must match is the
@@ -18,6 +19,7 @@
 #include "nf4.h"
 #include "qlora_bnb.h"
 #include "qlora_float.h"
+#include "qlora_nf4.h"
 #include "runtime.h"
 
 namespace {
@@ -1302,4 +1304,62 @@ extern "C" cudaError_t qlora_cuda_gemv_4bit(void* y, int y_dtype, const void* x,
 extern "C" cudaError_t qlora_cuda_gemv_4bit_group(const void* x, int x_dtype, int64_t M, int64_t K,
                                                   const QloraGemv4bitPart* parts, int64_t nparts, cudaStream_t stream) {
     return gemv_parts(x, x_dtype, M, K, parts, nparts, true, stream);
+}
+
+// ------------------------------------------------------------------
+// quantization of bf16 values to NF4/FP4 (kQuantizeBlockwise), bit-identical to the CPU's
+// qlora_cpu_quantize_4bit_bf16: the same per-value code (qlora_nf4.h) and the same f32 operations, each an IEEE
+// one without .ftz (qlora_float.h), so --use_fast_math changes nothing.
+
+namespace {
+
+constexpr int QUANT_WARPS = 8;
+
+// one warp per block of `bs` values: the block's absmax (a max is exact in any order), then two values a lane into
+// one byte, the first in the high nibble; an odd n pads the last byte's low nibble with the code of 0
+__global__ void __launch_bounds__(QUANT_WARPS * 32)
+    quantize4bit_bf16_kernel(uint8_t* __restrict__ packed, float* __restrict__ absmax, const uint16_t* __restrict__ inp,
+                             int quant_type, int64_t bs, int64_t n, int64_t nblocks) {
+    const int64_t b = (int64_t)blockIdx.x * QUANT_WARPS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (b >= nblocks) return;  // the whole warp: b is the warp's
+    const int64_t begin = b * bs, end = begin + bs < n ? begin + bs : n;
+    float amax = 0.0f;
+    for (int64_t i = begin + lane; i < end; i += 32)
+        amax = qlora::ieee::max(amax, qlora::ieee::abs(qlora::bf16_to_f32(inp[i])));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = qlora::ieee::max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) absmax[b] = amax;
+    const bool zero = qlora::q4::is_zero_absmax(amax);
+    const float r = zero ? 0.0f : qlora::ieee::div(1.0f, amax);
+    const uint8_t zc = qlora::q4::zero_code(quant_type);
+    const int64_t pairs = (end - begin + 1) / 2;
+    for (int64_t p = lane; p < pairs; p += 32) {
+        const int64_t i = begin + 2 * p;
+        uint8_t q0 = zc, q1 = zc;
+        if (!zero) {
+            const float u0 = qlora::ieee::mul(qlora::bf16_to_f32(inp[i]), r);
+            const float u1 = i + 1 < end ? qlora::ieee::mul(qlora::bf16_to_f32(inp[i + 1]), r) : 0.0f;
+            q0 = qlora::q4::quantize_4bit_value(u0, quant_type);
+            q1 = qlora::q4::quantize_4bit_value(u1, quant_type);
+        }
+        packed[i >> 1] = (uint8_t)(q0 << 4 | q1);
+    }
+}
+
+}  // namespace
+
+extern "C" cudaError_t qlora_cuda_quantize_4bit_bf16(uint8_t* packed, float* absmax, const uint16_t* inp,
+                                                     int quant_type, int64_t blocksize, int64_t n,
+                                                     cudaStream_t stream) {
+    if (n < 0 || blocksize < 2 || (blocksize & 1) != 0) return cudaErrorInvalidValue;
+    if (quant_type != QLORA_QUANT_NF4 && quant_type != QLORA_QUANT_FP4) return cudaErrorInvalidValue;
+    if (n == 0) return cudaSuccess;
+    if (!packed || !absmax || !inp) return cudaErrorInvalidValue;
+    const int64_t nblocks = CEIL_DIV(n, blocksize);
+    const int64_t grid = CEIL_DIV(nblocks, (int64_t)QUANT_WARPS);
+    if (grid > INT32_MAX) return cudaErrorInvalidValue;
+    quantize4bit_bf16_kernel<<<(unsigned)grid, QUANT_WARPS * 32, 0, stream>>>(packed, absmax, inp, quant_type,
+                                                                              blocksize, n, nblocks);
+    return cudaGetLastError();
 }

@@ -1,4 +1,5 @@
-// nf4.h: bitsandbytes-compatible NF4/FP4 dequantization on the GPU (SPEC-quant.md §3, §6).
+// nf4.h: bitsandbytes-compatible NF4/FP4 dequantization (and quantization of bf16 values) on the GPU
+// (SPEC-quant.md §3, §6).
 //
 // Bit-identical to the CPU reference qlora_cpu_dequantize_4bit_rows (native/cpu/quant.cpp):
 //   scale_j = absmax[j]                                                        (plain f32 scales), or
@@ -22,6 +23,14 @@ cudaError_t qlora_cuda_dequantize_4bit(void* out, int out_dtype, const uint8_t* 
                                        const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code,
                                        float offset, const float* code, int64_t blocksize, int64_t nested_blocksize,
                                        int64_t n, cudaStream_t stream);
+
+// packed[ceil(n/2)] (u8) and absmax[ceil(n/blocksize)] (f32) <- inp[n] (bf16 bits), quant_type QLORA_QUANT_NF4 or
+// QLORA_QUANT_FP4 (native/include/qlora_quant.h): bit-identical to qlora_cpu_quantize_4bit_bf16, i.e. to bnb's
+// kQuantizeBlockwise (absmax of each block, u = x * fl32(1/absmax), the code of u; an all-zero block gets the code
+// of 0). blocksize even and >= 2 (every bnb block size is); no double quantization (the caller quantizes the
+// absmax, as quantize4bit in src/quant/nf4.ts does). Queued on `stream`; cudaErrorInvalidValue for bad arguments.
+cudaError_t qlora_cuda_quantize_4bit_bf16(uint8_t* packed, float* absmax, const uint16_t* inp, int quant_type,
+                                          int64_t blocksize, int64_t n, cudaStream_t stream);
 
 // Fused dequantization + GEMV for generation, with an optional LoRA branch in the same pass:
 //   y[m, n] = round_y( sum_k x[m, k] W[n, k]  +  lora_scale * sum_j lora_xa[m, j] lora_b[n, j] )

@@ -136,6 +136,13 @@ export interface CudaGemmOps {
         n: number
     ): void;
     /**
+     * bitsandbytes NF4/FP4 quantization of bf16 values, bit-identical to the CPU's quantize4bitBf16: packed[ceil(n/2)]
+     * (u8, first element in the high nibble) and absmax[ceil(n/blocksize)] (f32) from inp[n] (bf16); quantType 0 (nf4)
+     * or 1 (fp4) as QUANT_TYPE_CODE; an even blocksize >= 2. No double quantization: quantize the absmax on the host
+     * (src/quant/nf4.ts doubleQuantizeAbsmax) as quantize4bit does.
+     */
+    quantize4bitBf16(packed: number, absmax: number, inp: number, quantType: number, blocksize: number, n: number): void;
+    /**
      * Fused dequantization + GEMV for generation: y[M, N] = x[M, K] @ W^T, W[N, K] the 4-bit weight (same
      * arguments as dequantize4bit, n = N * K), each weight rounded to xDtype before the product, fp32 accumulation.
      * 1 <= M <= 8; yDtype is "f32" or xDtype. Throws a RangeError for layouts it does not handle (K % 8 != 0,

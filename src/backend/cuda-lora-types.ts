@@ -33,6 +33,11 @@ export interface CudaLoraOps {
     /** out[i] = a[i] / b[i] (f32) */
     divideF32(out: number, a: number, b: number, n: number): void;
     /**
+     * W[r, c] = fl32(W[r, c] (num[r] / den[r])) (f32 W [R, C], num and den f32 [R]), the ratio and the product in
+     * float64: DoRA's merged rows as lora/layer.ts applyDoraMagnitude scales them on the host
+     */
+    scaleRowsRatioF32(W: number, num: number, den: number, R: number, C: number): void;
+    /**
      * The LoRA "A" products of a decoding step in one launch: for each part, out[M, r] = x[M, K] @ A[r, K]^T, all
      * bf16 row-major, fp32 sums rounded once (gemm(false, true, M, r, K, 1, x, A, 0, out) up to the summation order;
      * the same bits every run; capturable in a CUDA graph). Parts that share x (q, k, v; gate, up) go in one call.

@@ -189,15 +189,23 @@ export function quantize4bit(values: Float32Array | {bf16: Uint16Array}, options
         dtype
     };
     if (!compress || nblocks === 0) return state;
+    return {...state, absmax: null, ...doubleQuantizeAbsmax(absmax), nestedQuantMap: SIGNED_DYNAMIC_MAP};
+}
 
-    // double quantization: 8-bit codes of (absmax - mean) in blocks of 256 (SPEC-quant §6)
+/**
+ * bnb's double quantization of the block scales (compress_statistics, SPEC-quant §6): 8-bit codes of (absmax - mean)
+ * in blocks of NESTED_BLOCKSIZE over SIGNED_DYNAMIC_MAP. quantize4bit's second step, and the host's part of a
+ * quantization whose 4-bit codes the GPU computed.
+ */
+export function doubleQuantizeAbsmax(absmax: Float32Array): {absmaxQ: Uint8Array; nestedAbsmax: Float32Array; offset: number} {
+    const nblocks = absmax.length;
     const offset = meanF32(absmax);
     const centered = new Float32Array(nblocks);
     for (let i = 0; i < nblocks; i++) centered[i] = absmax[i] - offset;
     const absmaxQ = new Uint8Array(nblocks);
     const nestedAbsmax = new Float32Array(Math.ceil(nblocks / NESTED_BLOCKSIZE));
-    ops.quantizeBlockwise8bit(absmaxQ, nestedAbsmax, centered, SIGNED_DYNAMIC_MAP, NESTED_BLOCKSIZE, nblocks);
-    return {...state, absmax: null, absmaxQ, nestedAbsmax, offset, nestedQuantMap: SIGNED_DYNAMIC_MAP};
+    loadQuantOps().quantizeBlockwise8bit(absmaxQ, nestedAbsmax, centered, SIGNED_DYNAMIC_MAP, NESTED_BLOCKSIZE, nblocks);
+    return {absmaxQ, nestedAbsmax, offset};
 }
 
 /** checks that a state's arrays have the sizes its shape and block sizes imply (states read from files) */
