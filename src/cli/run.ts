@@ -111,7 +111,8 @@ export function addModelOptions(cmd: Command, adapterHelp = "a PEFT adapter fold
         );
 }
 
-function parseDevice(value: string): "auto" | "cpu" | "cuda" {
+/** --device's value: auto, cpu or cuda (anything else: a one-line error) */
+export function parseDevice(value: string): "auto" | "cpu" | "cuda" {
     if (value === "auto" || value === "cpu" || value === "cuda") return value;
     return reportError(new QloraError(`--device expects auto, cpu or cuda, got ${quoteValue(value)}`));
 }

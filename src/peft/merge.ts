@@ -7,19 +7,28 @@
 //    so the merged model differs from the trained one by the quantization error.
 //  - "nf4": dequant(NF4(W)) + delta, exactly the weights the adapter saw in training, stored in 16 bits. The
 //    merged model then behaves like the trained QLoRA model, at the cost of carrying the 4-bit rounding of W.
+//
+// Each projection is merged by mergeProjection, written once over a MergeExecutor (merge-executor.ts): on the host,
+// or on an NVIDIA GPU (device "cuda": the same steps as kernels; equal to the host's merge but for rare one-ulp
+// differences of the fp32 GEMM's summation order, which merge-executor.ts describes).
 import path from "node:path";
 import {CHAT_TEMPLATE_FILE_NAME, TOKENIZER_FOLDER_FILES} from "../tokenizer/index.js";
 import {readChatTemplateFile} from "../io/gguf-vocab.js";
 import {QloraError} from "../errors.js";
-import {f32ToHalf} from "../backend/cpu.js";
+import {f32ToHalf, halfToF32} from "../backend/cpu.js";
 import {assertDirOutput, assertOutputSeparate, writeDirAtomic, writeFileAtomic} from "../io/atomic.js";
 import {pathExists, readRegularFile} from "../io/files.js";
 import {loadModelConfig} from "../io/hf-config.js";
 import {SafetensorsCheckpoint, writeShardedSafetensors, type TensorToWrite} from "../io/safetensors.js";
-import {addDeltaWeight, applyDoraMagnitude} from "../lora/layer.js";
-import {assertFinite, checkConfigAgainstCheckpoint, expectedTensors, readTensorF32} from "../model/weights.js";
-import {dequantize4bit, quantize4bit} from "../quant/nf4.js";
-import {readAdapter} from "./adapter-files.js";
+import {
+    assertFinite,
+    checkConfigAgainstCheckpoint,
+    expectedTensors,
+    readFloatTensor,
+    type RawFloatTensor
+} from "../model/weights.js";
+import {readAdapter, type AdapterBranch} from "./adapter-files.js";
+import {cpuMergeExecutor, cudaMergeExecutor, type MergeExecutor} from "./merge-executor.js";
 
 export interface MergeOptions {
     model: string;
@@ -31,12 +40,49 @@ export interface MergeOptions {
     maxShardBytes?: number;
     /** replace `out` when it is a folder an earlier qlora merge wrote (never any other folder) */
     overwrite?: boolean;
+    /**
+     * where the merge computes (default "cpu"): "cuda" runs each projection's merge on the GPU (chooseDevice of
+     * backend/cuda.ts resolves --device's auto); the result equals the host's but for rare one-ulp differences
+     */
+    device?: "cpu" | "cuda";
+}
+
+/**
+ * W' = W + s B A of one projection (DoRA: rows rescaled to m / ||W + s B A||), W the base weight as loaded by the
+ * executor (or its NF4 round trip with againstNf4), as 16-bit bits: the merge, written once for every device
+ */
+export function mergeProjection<T>(
+    ex: MergeExecutor<T>,
+    base: T,
+    branch: AdapterBranch,
+    againstNf4: boolean,
+    dtype: "BF16" | "F16"
+): Uint16Array {
+    const R = branch.outFeatures,
+        C = branch.inFeatures;
+    let W = base;
+    try {
+        if (againstNf4) {
+            // the base as QLoRA training saw it: NF4 + double quant of the bf16 weights, dequantized
+            const q = ex.nf4RoundTrip(W, R, C);
+            ex.free(W);
+            W = q;
+        }
+        ex.addDelta(W, branch);
+        // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
+        if (branch.magnitude) ex.applyMagnitude(W, branch.magnitude, R, C);
+        return ex.toHalf(W, dtype);
+    } finally {
+        ex.free(W);
+    }
 }
 
 /** the kind in the marker of a merged model folder: `--overwrite` replaces only folders of this kind */
 export const MERGED_MODEL_KIND = "merged-model";
 
-export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; merged: number; tensors: number}> {
+export async function mergeAdapter(
+    opts: MergeOptions
+): Promise<{out: string; merged: number; tensors: number; device: "cpu" | "cuda"}> {
     const dtype = opts.dtype ?? "bf16";
     const out = path.resolve(opts.out);
     // the output is checked before anything is read: a refused merge is quick, and never touches its inputs
@@ -63,6 +109,9 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
     // original): the merged model gets its own output layer
     const untie = cfg.tieWordEmbeddings && adapter.fullWeights.size > 0;
     const shapes = expectedTensors(untie ? {...cfg, tieWordEmbeddings: false} : cfg);
+    const device = opts.device ?? "cpu";
+    // a GPU that cannot run is refused here, before anything is read
+    const ex: MergeExecutor<unknown> = device === "cuda" ? cudaMergeExecutor() : cpuMergeExecutor();
     const ckpt = await SafetensorsCheckpoint.open(opts.model);
     let merged = 0;
     const halfDtype = dtype === "bf16" ? "BF16" : "F16";
@@ -81,18 +130,13 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             const mod = name.replace(/\.weight$/, "");
             const branch = name.endsWith(".weight") ? adapter.branches.get(mod) : undefined;
             const mergedTensor = async (): Promise<Uint16Array> => {
-                let w = replaced ?? (await readTensorF32(ckpt, source));
-                if (branch) {
-                    if (opts.againstNf4) {
-                        // the base as QLoRA training saw it: NF4 + double quant of the bf16 weights, dequantized
-                        const bits = f32ToHalf(w, "BF16");
-                        w = dequantize4bit(quantize4bit({bf16: bits}, {shape: [shape[0], shape[1]]}), {roundToDtype: false});
-                    }
-                    addDeltaWeight(w, branch, shape[0], shape[1]);
-                    // DoRA: W' = (m / ||W + s B A||_row) (W + s B A)
-                    if (branch.magnitude) applyDoraMagnitude(w, branch.magnitude, shape[0], shape[1]);
-                }
-                const bits = f32ToHalf(w, halfDtype);
+                // the checkpoint's values are checked for NaN and Inf once the executor holds them, before the merge
+                const read = <R>(use: (raw: RawFloatTensor) => R): Promise<R> =>
+                    replaced ? Promise.resolve(use({dtype: "F32", values: replaced})) : readFloatTensor(ckpt, source, use);
+                const bits = branch
+                    ? mergeProjection(ex, await read((raw) => ex.weight(raw)), branch, opts.againstNf4 ?? false, halfDtype)
+                    : // a tensor without a branch is only converted (a 16-bit one of the output dtype is kept as it is)
+                      await read((raw) => (raw.dtype === halfDtype ? raw.values : f32ToHalf(toF32(raw), halfDtype)));
                 // f16 tops out at 65504: a merged weight beyond it would be written as Inf
                 assertFinite(
                     name,
@@ -117,7 +161,9 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
                 await writeShardedSafetensors(tmp, "model", tensors, opts.maxShardBytes ?? 5 * 2 ** 30, {
                     format: "pt",
                     qlora_merge: opts.againstNf4 ? "dequantized-nf4 base + lora" : "16-bit base + lora",
-                    qlora_adapter: path.basename(path.resolve(opts.adapter))
+                    qlora_adapter: path.basename(path.resolve(opts.adapter)),
+                    // the bits depend on it in rare ulps (the GEMM's summation order)
+                    qlora_merge_device: device
                 });
                 const config: Record<string, unknown> = {...cfg.raw, torch_dtype: dtype === "bf16" ? "bfloat16" : "float16"};
                 if (untie) config.tie_word_embeddings = false;
@@ -138,7 +184,12 @@ export async function mergeAdapter(opts: MergeOptions): Promise<{out: string; me
             outputPolicy
         );
     } finally {
+        ex.close();
         await ckpt.close();
     }
-    return {out, merged, tensors: tensors.length};
+    return {out, merged, tensors: tensors.length, device};
+}
+
+function toF32(raw: RawFloatTensor): Float32Array {
+    return raw.dtype === "F32" ? raw.values : halfToF32(raw.values, raw.dtype);
 }
