@@ -201,7 +201,8 @@ test("gemma3: the GGUF layer period, the folded query scale, and what llama.cpp'
     refuse({attention_bias: true}, /attention biases.*cannot be exported to GGUF/);
 });
 
-test("gemma3: Gemma 3's own tokenizer kind (BPE with byte fallback, SentencePiece-style) is refused by the GGUF export in one line", async () => {
+// Gemma 3's own tokenizer kind (SentencePiece BPE with byte fallback) exports: test/gguf-spm.test.ts
+test("gemma3: a tokenizer.json marked byte_fallback with neither tokenizer.model nor SentencePiece's byte tokens is refused by the GGUF export in one line", async () => {
     const dir = path.join(tmp, "byte-fallback");
     cpSync(DIR, dir, {recursive: true});
     const tok = JSON.parse(readFileSync(path.join(dir, "tokenizer.json"), "utf8"));
@@ -209,7 +210,7 @@ test("gemma3: Gemma 3's own tokenizer kind (BPE with byte fallback, SentencePiec
     writeFileSync(path.join(dir, "tokenizer.json"), JSON.stringify(tok));
     await assert.rejects(
         exportGguf({modelDir: dir, outtype: "f16", out: path.join(tmp, "byte-fallback.gguf")}),
-        /tokenizer\.json.*SentencePiece-style BPE tokenizer \(byte_fallback, as in Llama 2, Gemma 3/
+        /tokenizer\.json.*SentencePiece-style BPE tokenizer \(byte_fallback, as in Llama 2, Gemma 3.*no tokenizer\.model; model\.vocab has 0 of the 256 byte tokens/
     );
 });
 
