@@ -162,3 +162,174 @@ describe("bnb's 8-bit searches (qlora_bnb.h)", () => {
         );
     });
 });
+
+// ------------------------------------------------------------------
+// the whole 8-bit step, against a float32 reference of bnb's kernel (kOptimizerStatic8bit2StateBlockwise)
+
+/** the float32 fmaf of a, b, c (float32 values): a * b is exact in a double; the double sum s of it and c is
+ *  rounded once more to float32, which is fmaf's result except where s is a float32 midpoint that the sum's
+ *  rounding error (two-sum) moves off */
+function fmaF32(a: number, b: number, c: number): number {
+    const p = a * b,
+        s = p + c;
+    const bb = s - p,
+        err = p - (s - bb) + (c - bb);
+    const r = f32(s);
+    if (err === 0 || r === s || !Number.isFinite(s)) return r;
+    const other = nextF32(r, s > r);
+    if (s !== (r + other) / 2) return r;
+    // a midpoint: the exact sum lies on err's side of it
+    return err > 0 === other > r ? other : r;
+}
+
+/** one bnb 8-bit AdamW step at step 1 (powf(beta, 1) = beta), every float32 rounding spelled out */
+function bnb8StepReference(
+    st: {param: Float32Array; state1: Uint8Array; state2: Uint8Array; absmax1: Float32Array; absmax2: Float32Array},
+    grad: Float32Array,
+    qmap1: Float32Array,
+    qmap2: Float32Array,
+    h: {lr: number; beta1: number; beta2: number; eps: number; wd: number},
+    blocksize: number
+): void {
+    const lr = f32(h.lr),
+        beta1 = f32(h.beta1),
+        beta2 = f32(h.beta2),
+        eps = f32(h.eps),
+        wd = f32(h.wd);
+    const correction1 = f32(1 - beta1),
+        correction2 = f32(Math.sqrt(f32(1 - beta2)));
+    const stepSize = f32(f32(-lr * correction2) / correction1);
+    const w1 = f32(1 - beta1),
+        w2 = f32(1 - beta2);
+    const decay = fmaF32(-lr, wd, 1);
+    const n = grad.length;
+    for (let base = 0, b = 0; base < n; base += blocksize, b++) {
+        const len = Math.min(blocksize, n - base);
+        const old1 = st.absmax1[b],
+            old2 = st.absmax2[b];
+        const ms: number[] = [],
+            vs: number[] = [];
+        let max1 = -3.4028234663852886e38,
+            max2 = -3.4028234663852886e38;
+        for (let j = 0; j < len; j++) {
+            const i = base + j,
+                g = grad[i];
+            let m = 0,
+                v = 0;
+            if (Number.isFinite(g)) {
+                v = fmaF32(f32(w2 * g), g, f32(f32(qmap2[st.state2[i]] * old2) * beta2));
+                m = fmaF32(w1, g, f32(f32(qmap1[st.state1[i]] * old1) * beta1));
+            }
+            ms.push(m);
+            vs.push(v);
+            max1 = Math.max(max1, Math.abs(m));
+            max2 = Math.max(max2, Math.abs(v));
+        }
+        if (len < blocksize) {
+            // bnb pads the last block with g = 0 and codes 128 / 0
+            max1 = Math.max(max1, Math.abs(f32(f32(qmap1[128] * old1) * beta1)));
+            max2 = Math.max(max2, 0);
+        }
+        st.absmax1[b] = max1;
+        st.absmax2[b] = max2;
+        for (let j = 0; j < len; j++) {
+            const i = base + j,
+                m = ms[j],
+                v = vs[j];
+            if (Number.isFinite(grad[i])) {
+                let p = fmaF32(stepSize, f32(m / fmaF32(correction2, eps, f32(Math.sqrt(v)))), st.param[i]);
+                if (wd > 0) p = f32(p * decay);
+                st.param[i] = p;
+            }
+            let c1 = bnbSearch(qmap1, f32(m / max1), true, false);
+            if (signBit(qmap1[c1]) !== signBit(m)) c1 = (m > 0 ? c1 + 1 : c1 - 1) & 255;
+            st.state1[i] = c1;
+            st.state2[i] = bnbSearch(qmap2, f32(v / max2), false, false);
+        }
+    }
+}
+
+describe("the 8-bit AdamW step (native/cpu/optim.cpp)", () => {
+    test("random states, gradients of every scale, non-finite ones and zero blocks: bnb's kernel bit for bit", () => {
+        const ops = loadOptimOps();
+        const qmap1 = new Float32Array(256),
+            qmap2 = new Float32Array(256);
+        ops.optimDynamicMap(qmap1, true);
+        ops.optimDynamicMap(qmap2, false);
+        const rng = new Prng(21);
+        let elements = 0;
+        // 256: the vector code throughout; 40, 100: vectors and a scalar rest per block; 7: scalar only
+        for (const [blocksize, n] of [
+            [256, 256 * 12 + 77],
+            [40, 1000],
+            [100, 999],
+            [7, 300],
+            [2048, 5000]
+        ]) {
+            for (const wd of [0, 0.01]) {
+                const nblocks = Math.ceil(n / blocksize);
+                const st = {
+                    param: new Float32Array(n),
+                    state1: new Uint8Array(n),
+                    state2: new Uint8Array(n),
+                    absmax1: new Float32Array(nblocks),
+                    absmax2: new Float32Array(nblocks)
+                };
+                const grad = new Float32Array(n);
+                for (let i = 0; i < n; i++) {
+                    st.param[i] = rng.normal() * 0.05;
+                    st.state1[i] = rng.int(256);
+                    st.state2[i] = rng.int(256);
+                    // magnitudes from 1e-12 to 1e2, some exact zeros and non-finite values
+                    const u = rng.uniform();
+                    grad[i] =
+                        u < 0.01
+                            ? [NaN, Infinity, -Infinity, 0, -0][rng.int(5)]
+                            : rng.normal() * 10 ** (-12 + 14 * rng.uniform());
+                }
+                for (let b = 0; b < nblocks; b++) {
+                    st.absmax1[b] = b % 5 === 3 ? 0 : 10 ** (-8 + 8 * rng.uniform());
+                    st.absmax2[b] = b % 5 === 3 ? 0 : 10 ** (-16 + 16 * rng.uniform());
+                }
+                // a block whose gradients are all zero or not finite: its new scales are 0 and its codes 0/0's
+                grad.fill(0, 0, Math.min(n, blocksize)).fill(NaN, 0, Math.min(n, blocksize) >> 1);
+                const h = {lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, wd};
+                const ref = {
+                    param: st.param.slice(),
+                    state1: st.state1.slice(),
+                    state2: st.state2.slice(),
+                    absmax1: st.absmax1.slice(),
+                    absmax2: st.absmax2.slice()
+                };
+                bnb8StepReference(ref, grad, qmap1, qmap2, h, blocksize);
+                ops.adamwBnb8Step(
+                    st.param,
+                    st.state1,
+                    st.state2,
+                    st.absmax1,
+                    st.absmax2,
+                    grad,
+                    qmap1,
+                    qmap2,
+                    h.lr,
+                    h.beta1,
+                    h.beta2,
+                    h.eps,
+                    h.wd,
+                    1,
+                    blocksize,
+                    n
+                );
+                for (const key of ["param", "state1", "state2", "absmax1", "absmax2"] as const) {
+                    const mine = st[key],
+                        want = ref[key];
+                    for (let i = 0; i < mine.length; i++)
+                        if (!Object.is(mine[i], want[i]))
+                            assert.fail(`blocksize ${blocksize}, wd ${wd}: ${key}[${i}] = ${mine[i]}, the reference ${want[i]}`);
+                }
+                elements += n;
+            }
+        }
+        assert.ok(elements > 10_000);
+    });
+});
