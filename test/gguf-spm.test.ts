@@ -431,6 +431,91 @@ test("a Gemma 3 model with Gemma 3's tokenizer kind: llama.cpp's gemma3 tokenize
     }
 });
 
+test("Phi-3's tokenizer (Llama 2's with <|endoftext|> and the chat tokens added): a phi3 GGUF named Phi-3 loads in llama.cpp, which tokenizes and generates as qlora does", async () => {
+    const exp = expected("llama");
+    const dir = path.join(tmp, "spm-phi3");
+    await writeSyntheticCheckpoint(dir, {
+        config: {
+            architectures: ["Phi3ForCausalLM"],
+            model_type: "phi3",
+            vocab_size: VOCAB,
+            hidden_size: 128,
+            intermediate_size: 192,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            max_position_embeddings: 4096,
+            partial_rotary_factor: 0.5,
+            rope_theta: 10000,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            sliding_window: null,
+            bos_token_id: 1,
+            eos_token_id: 1000,
+            hidden_act: "silu"
+        },
+        dtype: "F32",
+        // a seed whose 16 greedy steps all have a top-1/top-2 logit gap over 0.28 (seed 5's 0.004 flips in f16)
+        seed: 11,
+        std: 0.3
+    });
+    for (const f of ["tokenizer.model", "tokenizer.json", "tokenizer_config.json"])
+        cpSync(path.join(SPM, "llama", f), path.join(dir, f));
+    // Phi-3-mini's added tokens (32000.. there): in tokenizer.json and tokenizer_config.json's added_tokens_decoder
+    const added = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"];
+    editJson(path.join(dir, "tokenizer.json"), (j) => {
+        for (const [i, content] of added.entries())
+            (j.added_tokens as unknown[]).push({
+                id: 1000 + i,
+                content,
+                single_word: false,
+                lstrip: false,
+                rstrip: i > 0,
+                normalized: false,
+                special: true
+            });
+    });
+    editJson(path.join(dir, "tokenizer_config.json"), (j) => {
+        for (const [i, content] of added.entries())
+            (j.added_tokens_decoder as Record<string, unknown>)[String(1000 + i)] = {content, special: true};
+        j.eos_token = "<|endoftext|>";
+        j.chat_template =
+            "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}" +
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
+    });
+    // llama.cpp gives a model named Phi-3 that vocabulary's token attributes, looking up </s>, <unk>, <s> and
+    // <|endoftext|> by text: the SentencePiece vocabulary has them
+    const out = path.join(tmp, "spm-phi3.gguf");
+    await exportGguf({modelDir: dir, outtype: "f16", out, name: "Phi-3 spm test"});
+    const md = await metadataOf(out);
+    assert.equal(md["tokenizer.ggml.model"], "llama");
+    assert.equal(md["tokenizer.ggml.eos_token_id"], 1000);
+    assert.deepEqual((md["tokenizer.ggml.token_type"] as number[]).slice(1000, 1005), [3, 3, 3, 3, TokenType.UNUSED]);
+    const tokenizer = await HfTokenizer.load(dir);
+    const model = await DecoderModel.load(dir);
+    const llama = await loadGguf(out);
+    try {
+        const plain = llamaTokenizes(llama, exp.texts, exp.sentencepiece, false);
+        assert.deepEqual(plain.differing, []);
+        const chat = tokenizer.encode(
+            tokenizer.applyChatTemplate([{role: "user", content: "写一首诗 about the sea"}], {addGenerationPrompt: true}),
+            {addSpecialTokens: true}
+        );
+        assert.ok(chat.includes(1003) && chat.includes(1001), "<|user|> and <|assistant|> are single tokens");
+        const text = tokenizer.applyChatTemplate([{role: "user", content: "写一首诗 about the sea"}], {
+            addGenerationPrompt: true
+        });
+        assert.deepEqual(Array.from(llama.tokenize(text, true)), tokenizer.encode(text));
+        const {meanKl} = await llamaMeanKl(llama, chat, model.forward(Int32Array.from(chat), 1, chat.length));
+        console.log(`phi3 SPM f16: mean KL ${meanKl.toExponential(2)} over ${chat.length} positions`);
+        assert.ok(meanKl < 1e-3, `mean KL ${meanKl}`);
+        const ours = generate(model, chat, {maxNewTokens: 16, greedy: true, eosTokenIds: []}).newIds;
+        assert.deepEqual(await llamaGreedy(llama, chat, {maxNewTokens: 16}), ours);
+    } finally {
+        await llama.dispose();
+    }
+});
+
 test("without tokenizer.model (transformers 5 saves none) the scores come from tokenizer.json's merges, and llama.cpp still tokenizes as SentencePiece and qlora do", async () => {
     for (const [fixture, config] of [
         ["llama", {}],
