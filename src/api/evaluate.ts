@@ -191,7 +191,8 @@ export async function compareModels(
             const out = path.join(scratch, "merged");
             const dtype = base.model.config.torchDtype === "float16" ? "f16" : "bf16";
             status(`merging the adapter into a ${dtype} copy of the base${loadIn4bit ? " as NF4 rounded it" : ""} (${out})`);
-            await mergeAdapter({model: base.dir, adapter: adapterDir, out, dtype, againstNf4: loadIn4bit});
+            // on the device the base runs on (equal to the host's merge but for rare one-ulp differences)
+            await mergeAdapter({model: base.dir, adapter: adapterDir, out, dtype, againstNf4: loadIn4bit, device: base.device});
             return out;
         })();
         return merged;
