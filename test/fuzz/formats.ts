@@ -481,12 +481,47 @@ const safetensors: FormatDef = {
 const gguf: FormatDef = {
     name: "gguf",
     description:
-        "GGUF export (qlora writes GGUF, it reads none): mutated model, tokenizer and adapter inputs; the .gguf written must parse",
+        "GGUF export (qlora writes GGUF, it reads none): mutated model, tokenizer (SentencePiece's tokenizer.model too) and adapter inputs; the .gguf written must parse",
     async build(ctx) {
         const log: string[] = [];
         const model = path.join(ctx.dir, "model"),
             adapter = path.join(ctx.dir, "adapter"),
             outDir = path.join(ctx.dir, "out");
+        if (ctx.rng.chance(0.2)) {
+            // the SentencePiece vocabulary: tokenizer.model read by qlora's protobuf reader and checked against
+            // tokenizer.json; without it, the scores derived from tokenizer.json's merges
+            await copyInto(ctx.seeds.spm, model);
+            const withoutModel = ctx.rng.chance(0.25);
+            if (withoutModel && ctx.mutate) await fs.rm(path.join(model, "tokenizer.model"));
+            const target = ctx.rng.weighted([
+                [withoutModel ? 0 : 50, "tokenizer.model"],
+                [withoutModel ? 60 : 25, "tokenizer.json"],
+                [withoutModel ? 40 : 25, "tokenizer_config.json"]
+            ] as const);
+            const rel = `model/${target}`;
+            if (target === "tokenizer.model") await mutateFile(ctx, rel, "bytes", null, log);
+            else
+                await mutateFile(
+                    ctx,
+                    rel,
+                    "json",
+                    await jsonDict(`gguf-spm:${target}`, path.join(ctx.dir, rel), TOKENIZER_KEYS, TOKENIZER_STRINGS),
+                    log
+                );
+            const outtype = ctx.rng.pick(["f32", "f16", "q8_0"]);
+            const out = path.join(outDir, "model.gguf");
+            return {
+                format: "gguf",
+                index: ctx.index,
+                variant: withoutModel ? "spm-without-model" : "spm",
+                kind: "export-gguf",
+                params: {model, adapter: null, outtype, out},
+                mutations: withoutModel && ctx.mutate ? ["model/tokenizer.model: removed", ...log] : log,
+                writes: [/^out(\/|$)/],
+                expectOutputs: ["out/model.gguf"],
+                cli: ["export", "gguf", "--model", model, "--out", out, "--outtype", outtype]
+            };
+        }
         if (ctx.rng.chance(0.6)) {
             await copyInto(ctx.seeds.small, model);
             const withAdapter = ctx.rng.chance(0.3);

@@ -22,6 +22,11 @@ export interface Seeds {
     smallTemplate: string;
     /** the same weights in three shards with model.safetensors.index.json */
     sharded: string;
+    /**
+     * a small Llama with test/fixtures/spm/llama's SentencePiece tokenizer (tokenizer.model, byte-fallback
+     * tokenizer.json): the GGUF export's SentencePiece vocabulary
+     */
+    spm: string;
     /** adapters saved by qlora after training the small model (LoRA; DoRA with trained biases) */
     adapter: string;
     adapterDora: string;
@@ -91,6 +96,34 @@ export async function buildSeeds(root: string): Promise<Seeds> {
     await fs.writeFile(path.join(smallTemplate, "chat_template.jinja"), String(tokCfg.chat_template ?? ""));
     delete tokCfg.chat_template;
     await fs.writeFile(path.join(smallTemplate, "tokenizer_config.json"), JSON.stringify(tokCfg, null, 2) + "\n");
+
+    const spm = path.join(root, "spm");
+    await writeSyntheticCheckpoint(spm, {
+        config: {
+            architectures: ["LlamaForCausalLM"],
+            model_type: "llama",
+            vocab_size: 1024,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000,
+            tie_word_embeddings: false,
+            bos_token_id: 1,
+            eos_token_id: 2,
+            hidden_act: "silu"
+        },
+        seed: 7,
+        dtype: "BF16"
+    });
+    await copyFiles(path.join(REPO_ROOT, "test", "fixtures", "spm", "llama"), spm, [
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json"
+    ]);
 
     const sharded = path.join(root, "sharded");
     await writeSyntheticCheckpoint(sharded, {config, seed: 7, dtype: "BF16", maxShardBytes: 450_000});
@@ -207,6 +240,7 @@ export async function buildSeeds(root: string): Promise<Seeds> {
         root,
         small,
         smallTemplate,
+        spm,
         sharded,
         adapter,
         adapterDora,
