@@ -213,6 +213,24 @@ test("tokenizer.model: a hand-made ModelProto (unknown fields, defaults) parses;
     assert.ok(refused > 250, `${refused} of ${tries.length} damaged models refused`);
 });
 
+test("qlora's tokenizer on SentencePiece-style tokenizer.json (Llama 2's Prepend + Replace normalizer, Gemma's Replace; byte fallback; Metaspace in the Mistral v0.3 test): the tokenizers library's ids, and decode and stream decode give every text back", async () => {
+    for (const name of ["llama", "gemma3"]) {
+        const exp = expected(name);
+        const tokenizer = await HfTokenizer.load(path.join(SPM, name));
+        for (const [i, text] of exp.texts.entries()) {
+            const ids = tokenizer.encode(text);
+            assert.deepEqual(ids, exp.tokenizers[i], JSON.stringify(text));
+            const stream = tokenizer.createStreamDecoder();
+            const streamed = ids.map((id) => stream.push(id)).join("") + stream.flush();
+            assert.deepEqual([tokenizer.decode(ids), streamed], [text, text], `${name}: ${JSON.stringify(text)}`);
+        }
+        assert.deepEqual(
+            exp.special_texts.map((t) => tokenizer.encode(t)),
+            exp.special_tokenizers
+        );
+    }
+});
+
 let llamaDir: string;
 let llamaGguf: string;
 before(async () => {
