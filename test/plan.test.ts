@@ -108,7 +108,13 @@ test("the terms are what src/quant stores and the CUDA model uploads", () => {
     assert.equal(termOf(plan, "base_4bit_state"), scales * L);
     // Qwen2-7B's input embedding is frozen and untied: pinned host memory, unless turned off or trained
     assert.equal(termOf(plan, "embed"), 0);
-    assert.equal(termOf(embedOnDevice(() => planDeviceMemory(cfg, bench("qlora"))), "embed"), 2 * VC);
+    assert.equal(
+        termOf(
+            embedOnDevice(() => planDeviceMemory(cfg, bench("qlora"))),
+            "embed"
+        ),
+        2 * VC
+    );
     assert.equal(termOf(planDeviceMemory(cfg, bench("qlora", {modules_to_save: ["embed_tokens"]})), "embed"), 2 * VC);
     const pinned = (settings: ReturnType<typeof bench>) =>
         planHostMemory(cfg, settings, "cuda", null).terms.find((t) => t.label.startsWith("input embedding"))?.bytes ?? 0;
