@@ -3,13 +3,15 @@
 import type {DropoutClock} from "../backend/dropout.js";
 import type {DecoderModel} from "./decoder.js";
 import type {DecoderGraph, ForwardBackwardOptions, LossResult, TrainBatch} from "./graph.js";
-import type {CpuTensors} from "../backend/cpu-backend.js";
+import {cpuBackend, CpuBufferPool, type CpuTensors} from "../backend/cpu-backend.js";
 
 export {checkPositionsFitContext, checkRowsFitContext, shiftTargets} from "./graph.js";
 export type {ForwardBackwardOptions, LossResult, TrainBatch} from "./graph.js";
 
 export class DecoderTrainer {
     private readonly graph: DecoderGraph<CpuTensors>;
+    /** the step's tensors, reused from one step to the next (held while the trainer is) */
+    private readonly pool = new CpuBufferPool();
 
     /**
      * `dropoutClock`: the clock the model's LoRA layers seed their dropout masks from (applyLora's); each training
@@ -26,11 +28,11 @@ export class DecoderTrainer {
     /** runs forward (and backward unless noBackward) on one micro-batch; parameter gradients accumulate */
     forwardBackward(batch: TrainBatch, opts: ForwardBackwardOptions): LossResult {
         if (!opts.noBackward && this.dropoutClock) this.dropoutClock.microBatch++;
-        return this.graph.forwardBackward(batch, opts);
+        return cpuBackend().withPool(this.pool, () => this.graph.forwardBackward(batch, opts));
     }
 
     /** after the optimizer updated the host tensors (DoRA's norms follow the weights) */
     afterOptimizerStep(): void {
-        this.graph.afterUpdate();
+        cpuBackend().withPool(this.pool, () => this.graph.afterUpdate());
     }
 }
