@@ -1,5 +1,6 @@
 // test_exp.cpp: the vectorized expf of ops.cpp against this process's expf, bit for bit, and the ops that use it
-// (SwiGLU, softmax cross-entropy) against their scalar loops. Run by test/cpu-pool.test.ts, with ops.cpp built as
+// (SwiGLU, softmax cross-entropy) against their scalar loops, also where the cross-entropy forward's parallel sum
+// lands next to a float midpoint. Run by test/cpu-pool.test.ts, with ops.cpp built as
 // CMakeLists.txt builds it:
 //
 //   c++ -O3 -std=gnu++17 -mavx2 -mfma -mf16c -fno-math-errno -fopenmp-simd -pthread -Inative/include
@@ -160,6 +161,55 @@ int main(int argc, char** argv) {
             ok &= count == ref_count;
         }
         check(ok, "cross-entropy forward and backward: the scalar loops' values");
+    }
+
+    // The forward takes l from a sum in parallel when the sequential loop's sum must round to the same l (ops.cpp
+    // lse_from_parallel_sum). Rows whose log-sum lies next to a float midpoint test that margin: one logit is set
+    // so that log(s) of the sequential sum comes within ~1e-12 of a midpoint between two floats, where the two
+    // sums round to different floats unless the op falls back to the loop.
+    {
+        bool ok = true;
+        int near = 0;
+        const int64_t V = 16384 + 5;
+        std::vector<float> x((size_t)V);
+        for (int row = 0; row < 300 && ok; row++) {
+            for (int64_t v = 0; v < V; v++) x[(size_t)v] = ((float)(next_u32() >> 8) / 16777216.0f - 0.5f) * 16.0f;
+            const int64_t j = 1 + (int64_t)(next_u32() % (uint32_t)(V - 1));
+            x[0] = 8.5f;  // the maximum
+            const float m = 8.5f;
+            double rest = 0.0;
+            for (int64_t v = 0; v < V; v++)
+                if (v != j) rest += expf(x[(size_t)v] - m);
+            // the float midpoint next above log(rest): the term of x[j] brings log(s) onto it
+            const float f = (float)log(rest);
+            double mid = ((double)f + (double)nextafterf(f, INFINITY)) / 2.0;
+            if (mid <= log(rest))
+                mid = ((double)nextafterf(f, INFINITY) + (double)nextafterf(nextafterf(f, INFINITY), INFINITY)) / 2.0;
+            const double term = exp(mid) - rest;
+            if (!(term > 1e-30 && term < 0.5)) continue;
+            // the float x[j] whose sequential sum puts log(s) closest to the midpoint
+            float best = m + logf((float)term), xj = best;
+            double best_gap = INFINITY;
+            for (int k = 0; k < 8; k++) xj = nextafterf(xj, -INFINITY);
+            for (int k = 0; k < 16; k++, xj = nextafterf(xj, INFINITY)) {
+                x[(size_t)j] = xj;
+                double s = 0.0;
+                for (int64_t v = 0; v < V; v++) s += expf(x[(size_t)v] - m);
+                const double gap = fabs(log(s) - mid);
+                if (gap < best_gap) best_gap = gap, best = xj;
+            }
+            x[(size_t)j] = best;
+            near += best_gap < 4e-12;
+            double s = 0.0;
+            for (int64_t v = 0; v < V; v++) s += expf(x[(size_t)v] - m);
+            const float l = m + (float)log(s);
+            float loss, lse;
+            const int32_t target = 0;
+            qlora_cpu_cross_entropy_forward(&loss, &lse, x.data(), &target, 1, V);
+            ok &= same(lse, l) && same(loss, l - x[0]);
+        }
+        printf("     (%d of 300 rows within 4e-12 of a midpoint)\n", near);
+        check(ok && near >= 100, "cross-entropy forward next to float midpoints: the scalar loop's values");
     }
 
     printf("%s\n", g_failures ? "FAILED" : "ALL OK");
