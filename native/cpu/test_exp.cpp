@@ -23,9 +23,11 @@
 #include "qlora_act.h"
 #include "qlora_ops.h"
 
-namespace qlora {
-bool expf_vectorized();  // ops.cpp
-}
+namespace qlora {  // ops.cpp
+bool expf_vectorized();
+int expf_lanes();
+void set_expf_lanes(int lanes);
+}  // namespace qlora
 
 static int g_failures = 0;
 static void check(bool ok, const char* what) {
@@ -71,13 +73,7 @@ static float test_value(int i) {
     }
 }
 
-int main(int argc, char** argv) {
-    const bool all = argc > 1 && strcmp(argv[1], "--all") == 0;
-    qlora_cpu_set_num_threads(2);
-    // false when this libm's expf is another algorithm: the ops then keep the scalar loops (checked below all the
-    // same); test/cpu-pool.test.ts expects it on glibc 2.27+
-    printf("     (vectorized expf in use: %s)\n", qlora::expf_vectorized() ? "yes" : "no");
-
+static void run_checks(bool all) {
     // expf: dlogits of one row of V values with lse 0, scale 1 and the target the last value (not compared)
     {
         const int64_t V = (1 << 20) + 1;
@@ -210,6 +206,22 @@ int main(int argc, char** argv) {
         }
         printf("     (%d of 300 rows within 4e-12 of a midpoint)\n", near);
         check(ok && near >= 100, "cross-entropy forward next to float midpoints: the scalar loop's values");
+    }
+}
+
+int main(int argc, char** argv) {
+    const bool all = argc > 1 && strcmp(argv[1], "--all") == 0;
+    qlora_cpu_set_num_threads(2);
+    // false when this libm's expf is another algorithm: the ops then keep the scalar loops (checked below all the
+    // same); test/cpu-pool.test.ts expects it on glibc 2.27+
+    printf("     (vectorized expf in use: %s)\n", qlora::expf_vectorized() ? "yes" : "no");
+    // every vector expf this CPU runs: AVX-512 where the ops use it, and AVX2
+    const char* names[] = {"scalar", "AVX2", "AVX-512"};
+    const int detected = qlora::expf_lanes();
+    for (int lanes = detected; lanes >= std::min(detected, 1); lanes--) {
+        qlora::set_expf_lanes(lanes);
+        printf("     (expf lanes: %s)\n", names[lanes]);
+        run_checks(all);
     }
 
     printf("%s\n", g_failures ? "FAILED" : "ALL OK");
