@@ -6,10 +6,11 @@
 #   shared/        the fixtures the GPU tests read (../shared does not travel)
 #   data/          the example data sets (the fuzz seeds) and the eval tasks' data (qlora eval --task)
 #   node-llama-cpp.tar.xz  node-llama-cpp and its prebuilt CPU binary (the gguf column of qlora eval --compare)
-# The native addons come from build/ (carry it too; js/ and node_modules/ may travel as runtime.tar.xz, below). Carry for tests and benchmarks: .device/node.xz .device/js
-# .device/node_modules .device/build .device/shared (38 MiB; with the 26 MiB of tracked files the run tool's 64 MiB
-# is nearly full). For qlora eval and fuzz carry .device/data (5 MiB) and, for the gguf column, .device/node-llama-cpp.tar.xz
-# (7 MiB) instead of .device/shared; both at once may pass the limit. Then, on the device:
+# The native addons come from build/. The run tool carries at most 64 MiB with the tracked files (32 MB), so the
+# carries are compressed: for tests and benchmarks .device/node.xz .device/runtime.tar.xz (js/ and node_modules/)
+# .device/build .device/shared (about 29 MB); for qlora eval (scripts/device-eval-table.sh) and fuzz
+# .device/node.xz .device/runtime.tar.xz .device/build .device/data.tar.xz .device/node-llama-cpp.tar.xz (about
+# 34 MB) instead. device-run.sh unpacks what came. Then, on the device:
 # bash scripts/device-run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
