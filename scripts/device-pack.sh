@@ -9,8 +9,8 @@
 # The native addons come from build/. The run tool carries at most 64 MiB with the tracked files (32 MB), so the
 # carries are compressed: for tests and benchmarks .device/node.xz .device/runtime.tar.xz (js/ and node_modules/)
 # .device/build .device/shared (about 29 MB); for qlora eval (scripts/device-eval-table.sh) and fuzz
-# .device/node.xz .device/runtime.tar.xz .device/build .device/data.tar.xz .device/node-llama-cpp.tar.xz (about
-# 34 MB) instead. device-run.sh unpacks what came. Then, on the device:
+# .device/node.xz .device/runtime.tar.xz .device/build .device/data.tar.xz (or .device/seeds.tar.xz for fuzz)
+# .device/node-llama-cpp.tar.xz (about 34 MB) instead. device-run.sh unpacks what came. Then, on the device:
 # bash scripts/device-run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +98,8 @@ tar -C node_modules --exclude=node-llama-cpp/llama/gitRelease.bundle --exclude='
 # js/ and node_modules/ also travel as one tar.xz (3 MiB instead of 7; device-run.sh unpacks it when they are absent):
 # carry .device/runtime.tar.xz in their place when the fixtures would pass the limit
 tar -C .device -cf - js node_modules | xz -T0 -9 > .device/runtime.tar.xz
-# data/ likewise (5.3 MiB -> 3.6): carry .device/data.tar.xz in its place
-tar -C .device -cf - data | xz -T0 -9 > .device/data.tar.xz
+# data/ likewise, in two: the eval tasks' data (data.tar.xz, 3.3 MB: qlora eval) and the fuzz seeds
+# (seeds.tar.xz, 0.5 MB: npm run fuzz); carry what the run needs in place of data/
+tar -C .device -cf - data/datasets/eval | xz -T0 -9 > .device/data.tar.xz
+tar -C .device --exclude=data/datasets/eval -cf - data | xz -T0 -9 > .device/seeds.tar.xz
 du -sh .device/* .device/build/Release

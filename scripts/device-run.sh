@@ -17,9 +17,9 @@ fi
 if [ -e .device/runtime.tar.xz ] && [ ! -e .device/js ]; then
     xz -dc .device/runtime.tar.xz | tar -C .device -xf -
 fi
-if [ -e .device/data.tar.xz ] && [ ! -e .device/data ]; then
-    xz -dc .device/data.tar.xz | tar -C .device -xf -
-fi
+for z in .device/data.tar.xz .device/seeds.tar.xz; do
+    [ -e "$z" ] && xz -dc "$z" | tar -C .device -xf - --skip-old-files
+done
 # node-llama-cpp travels as one tar.xz (device-pack.sh), when carried
 if [ -e .device/node-llama-cpp.tar.xz ] && [ ! -e .device/node_modules/node-llama-cpp ]; then
     xz -dc .device/node-llama-cpp.tar.xz | tar -C .device/node_modules -xf -
