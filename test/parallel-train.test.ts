@@ -70,6 +70,19 @@ function sameRun(dir: string, reference: string): void {
             h = Number(b[i].grad_norm);
         assert.ok(Math.abs(g - h) <= 1e-5 * h, `step ${r.step}: grad_norm ${g} vs ${h}`);
     });
+    // the final evaluation, its batches shared by the ranks: every token counted once, the loss of (nearly) the same
+    // adapter
+    const evals = (d: string) => metrics(d).filter((r) => r.type === "eval");
+    const e = evals(dir),
+        f = evals(reference);
+    assert.ok(f.length > 0, "the run evaluates");
+    assert.equal(e.length, f.length);
+    e.forEach((r, i) => {
+        assert.equal(r.eval_tokens, f[i].eval_tokens, `step ${r.step}: eval tokens`);
+        const x = Number(r.eval_loss),
+            y = Number(f[i].eval_loss);
+        assert.ok(Math.abs(x - y) <= 1e-4 * y, `step ${r.step}: eval_loss ${x} vs ${y}`);
+    });
     // fp32 sums in another order, through 3 AdamW updates (which divide by sqrt(v): small gradients move as much as large ones)
     const d = adapterDiff(path.join(dir, "final"), path.join(reference, "final"));
     assert.ok(d < 2e-4, `final adapters differ by ${d} (relative)`);

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import {distContextFromEnv, envOf, SINGLE_PROCESS} from "../src/parallel/context.js";
 import {takeNprocFlag, freePort} from "../src/parallel/launch.js";
 import {BucketedAllReduce, planBuckets} from "../src/parallel/buckets.js";
-import {broadcastJson, checkSameOnEveryRank} from "../src/parallel/collective.js";
+import {broadcastJson, checkSameOnEveryRank, shardedSums, SoloCollective} from "../src/parallel/collective.js";
 import {TcpCollective} from "../src/parallel/tcp.js";
 import {DataLoader} from "../src/data/loader.js";
 import {QloraError} from "../src/errors.js";
@@ -140,6 +140,37 @@ async function group(W: number): Promise<TcpCollective[]> {
         )
     );
 }
+
+test("shardedSums: items split over the ranks (i on rank i mod W), sums in item order: one process's bits", async () => {
+    const n = 11;
+    const rng = new Rng(7);
+    // values of very different sizes, so that another summation order would change the bits
+    const values = Array.from({length: n}, () => [(rng.next() - 0.5) * 10 ** Math.floor(rng.next() * 12 - 6), rng.int(1000)]);
+    const solo: number[] = [0, 0];
+    for (const v of values) for (let k = 0; k < 2; k++) solo[k] += v[k];
+    for (const W of [2, 3]) {
+        const ranks = await group(W);
+        const computed = ranks.map(() => [] as number[]);
+        const results = await Promise.all(
+            ranks.map((c) =>
+                shardedSums(c, values.keys(), 2, (item, index) => {
+                    assert.equal(item, index);
+                    computed[c.rank].push(index);
+                    return values[index];
+                })
+            )
+        );
+        for (const r of results) assert.deepEqual(r, solo);
+        computed.forEach((items, rank) =>
+            assert.deepEqual(
+                items,
+                [...Array(n).keys()].filter((i) => i % W === rank)
+            )
+        );
+        await Promise.all(ranks.map((c) => c.close()));
+    }
+    assert.deepEqual(await shardedSums(new SoloCollective(), values.keys(), 2, (i) => values[i]), solo);
+});
 
 test("TCP collective: fp32 sums in rank order, the same bits on every rank and every run; broadcast; JSON", async () => {
     const W = 3,

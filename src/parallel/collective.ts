@@ -27,6 +27,33 @@ export class SoloCollective implements Collective {
     async close(): Promise<void> {}
 }
 
+/**
+ * The items (the same sequence on every rank) split over the ranks, item i computed on rank i mod W, each giving
+ * `width` numbers; returns, on every rank, their sums over the items in item order: the bits one process computing
+ * every item would get (each item's slot is filled by one rank and zero on the others, so the float64 all-reduce
+ * adds only zeros to it). For evaluation passes: the ranks share the batches instead of each running them all.
+ */
+export async function shardedSums<T>(
+    coll: Collective,
+    items: Iterable<T>,
+    width: number,
+    compute: (item: T, index: number) => Promise<number[]> | number[]
+): Promise<number[]> {
+    const mine: number[] = [];
+    let n = 0;
+    for (const item of items) {
+        const values = n % coll.worldSize === coll.rank ? await compute(item, n) : new Array<number>(width).fill(0);
+        if (values.length !== width) throw new Error(`shardedSums: item ${n} gave ${values.length} values, not ${width}`);
+        mine.push(...values);
+        n++;
+    }
+    const parts = Float64Array.from(mine);
+    await coll.allReduceSum(parts);
+    const sums = new Array<number>(width).fill(0);
+    for (let i = 0; i < n; i++) for (let k = 0; k < width; k++) sums[k] += parts[i * width + k];
+    return sums;
+}
+
 /** rank 0's value (JSON) on every rank; the others pass what they have, which is replaced */
 export async function broadcastJson<T>(coll: Collective, value: T): Promise<T> {
     if (coll.worldSize === 1) return value;

@@ -16,7 +16,7 @@ import {readTextFile} from "../io/files.js";
 import {hubIdOfSnapshot} from "../io/hub.js";
 import {DataLoader, loadDataset, padTokenIdOf, type PreparedDataset, type ShardBatch} from "../data/index.js";
 import {BucketedAllReduce} from "../parallel/buckets.js";
-import {checkSameOnEveryRank, broadcastJson, SoloCollective, type Collective} from "../parallel/collective.js";
+import {checkSameOnEveryRank, broadcastJson, shardedSums, SoloCollective, type Collective} from "../parallel/collective.js";
 import {distContextFromEnv, type DistContext} from "../parallel/context.js";
 import {TcpCollective} from "../parallel/tcp.js";
 import {loadAdapter, saveAdapter} from "../peft/adapter-files.js";
@@ -558,14 +558,13 @@ async function trainInOutputDir(
             shuffle: false,
             seed: 0
         });
-        let sum = 0,
-            count = 0;
-        for (const {batch} of evalLoader.epoch()) {
+        // the ranks share the batches (batch i on rank i mod WORLD_SIZE); the sums come out in batch order, the
+        // bits of one process
+        const [sum, count] = await shardedSums(coll, evalLoader.epoch(), 2, async ({batch}) => {
             const r = engine.forwardBackward(batch, {lossScale: 0, gradientCheckpointing: false, noBackward: true});
-            sum += r.lossSum;
-            count += r.targets;
             await yieldToEventLoop();
-        }
+            return [r.lossSum, r.targets];
+        });
         return {loss: sum / Math.max(1, count), tokens: count};
     };
     const checkpointParts = () => {
@@ -750,7 +749,8 @@ async function trainInOutputDir(
                 reporter.onWarning?.(`step ${step}: ${w.message}`);
             }
         }
-        if (out && evalData && (step % evalSteps === 0 || step === totalSteps)) {
+        // every rank evaluates its share of the batches (rank 0 alone writes the record)
+        if (evalData && (step % evalSteps === 0 || step === totalSteps)) {
             const ev = (await evaluate())!;
             const rec = {step, eval_loss: ev.loss, eval_perplexity: Math.exp(ev.loss), eval_tokens: ev.tokens};
             state.log_history.push({eval_loss: ev.loss, epoch: state.epoch, step});
