@@ -10,40 +10,21 @@ import path from "node:path";
 import {deviceLine} from "../src/api/models.js";
 import {f32ToHalf} from "../src/backend/cpu.js";
 import {chooseDevice, cudaAvailability} from "../src/backend/cuda.js";
-import {Rng} from "../src/backend/rng.js";
 import {loadModelConfig} from "../src/io/hf-config.js";
 import {SafetensorsCheckpoint} from "../src/io/safetensors.js";
 import {addDeltaWeight, applyDoraMagnitude} from "../src/lora/layer.js";
-import {DecoderModel} from "../src/model/decoder.js";
 import {readTensorF32} from "../src/model/weights.js";
-import {readAdapter, saveAdapter, type AdapterBranch} from "../src/peft/adapter-files.js";
-import {applyLora} from "../src/peft/inject.js";
+import {readAdapter, type AdapterBranch} from "../src/peft/adapter-files.js";
 import {mergeAdapter, mergeProjection} from "../src/peft/merge.js";
 import type {MergeExecutor} from "../src/peft/merge-executor.js";
 import {dequantize4bit, quantize4bit} from "../src/quant/nf4.js";
 import {expectOneLineError, runCli} from "./helpers/cli.js";
 import {FIXTURES, MODEL_DIR} from "./helpers/paths.js";
+import {doraAdapter} from "./helpers/dora-adapter.js";
 
 const tmp = mkdtempSync(path.join(os.tmpdir(), "qlora-merge-exec-"));
 process.on("exit", () => rmSync(tmp, {recursive: true, force: true}));
 const ADAPTER = path.join(FIXTURES, "adapter");
-
-/** a DoRA adapter on q, v and down with random B and magnitudes (the fixture adapter is plain LoRA) */
-async function doraAdapter(): Promise<string> {
-    const dir = path.join(tmp, "dora-adapter");
-    if (existsSync(dir)) return dir;
-    const model = await DecoderModel.load(MODEL_DIR);
-    const lora = applyLora(
-        model,
-        {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj", "down_proj"], use_dora: true, init_lora_weights: "gaussian"},
-        {initRng: new Rng(5)}
-    );
-    const rng = new Rng(9);
-    for (const t of lora.trainableTensors())
-        for (let i = 0; i < t.param.length; i++) t.param[i] += (t.name.endsWith("magnitude_vector") ? 0.5 : 0.05) * rng.normal();
-    await saveAdapter(dir, lora);
-    return dir;
-}
 
 /** the merge of one tensor as merge.ts computed it before the executors: the reference of the CPU path */
 async function referenceTensor(
@@ -68,8 +49,8 @@ for (const c of [
     {what: "the fixture adapter, bf16", adapter: () => Promise.resolve(ADAPTER), nf4: false, dtype: "bf16"},
     {what: "the fixture adapter, bf16, --against-nf4", adapter: () => Promise.resolve(ADAPTER), nf4: true, dtype: "bf16"},
     {what: "the fixture adapter, f16, --against-nf4", adapter: () => Promise.resolve(ADAPTER), nf4: true, dtype: "f16"},
-    {what: "a DoRA adapter, bf16", adapter: doraAdapter, nf4: false, dtype: "bf16"},
-    {what: "a DoRA adapter, f16, --against-nf4", adapter: doraAdapter, nf4: true, dtype: "f16"}
+    {what: "a DoRA adapter, bf16", adapter: () => doraAdapter(tmp), nf4: false, dtype: "bf16"},
+    {what: "a DoRA adapter, f16, --against-nf4", adapter: () => doraAdapter(tmp), nf4: true, dtype: "f16"}
 ] as const)
     test(`--device cpu: ${c.what} merges to the bits of the merge before the executors`, async () => {
         const adapterDir = await c.adapter();

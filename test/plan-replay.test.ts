@@ -17,45 +17,9 @@ import {DecoderTrainer, type TrainBatch} from "../src/model/training.js";
 import {applyLora} from "../src/peft/inject.js";
 import {resolveTrainConfig} from "../src/train/config.js";
 import {planHostStepBytes} from "../src/train/plan-memory.js";
-import {GEMMA3, QWEN3, tempDir} from "./helpers/arch-checks.js";
+import {SMALL_VOCAB_ARCHS as ARCHS, tempDir} from "./helpers/arch-checks.js";
 
 const tmp = tempDir("qlora-plan-replay-");
-
-const QWEN2 = {
-    architectures: ["Qwen2ForCausalLM"],
-    model_type: "qwen2",
-    vocab_size: 256,
-    hidden_size: 64,
-    intermediate_size: 160,
-    num_hidden_layers: 2,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    max_position_embeddings: 2048,
-    rms_norm_eps: 1e-6,
-    tie_word_embeddings: true
-};
-const PHI3 = {
-    architectures: ["Phi3ForCausalLM"],
-    model_type: "phi3",
-    vocab_size: 256,
-    hidden_size: 128,
-    intermediate_size: 160,
-    num_hidden_layers: 2,
-    num_attention_heads: 2,
-    num_key_value_heads: 1,
-    max_position_embeddings: 2048,
-    partial_rotary_factor: 0.75,
-    rms_norm_eps: 1e-5,
-    tie_word_embeddings: true,
-    hidden_act: "silu"
-};
-// a vocabulary of 256 keeps the loss's logits from hiding the blocks' activations in the peak
-const ARCHS: Record<string, Record<string, unknown>> = {
-    qwen2: QWEN2,
-    qwen3: {...QWEN3, vocab_size: 256, max_position_embeddings: 2048},
-    phi3: PHI3,
-    gemma3: {...GEMMA3, vocab_size: 256, max_position_embeddings: 2048}
-};
 
 /** +bytes per request and -bytes per free of the CPU backend while fn runs */
 function traced(fn: () => void): number[] {

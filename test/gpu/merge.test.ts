@@ -7,7 +7,7 @@
 // without a branch equal.
 import {test} from "node:test";
 import assert from "node:assert/strict";
-import {existsSync, mkdtempSync, rmSync} from "node:fs";
+import {mkdtempSync, rmSync} from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import {chooseDevice, cudaAvailability, DeviceBuffer} from "../../src/backend/cuda.js";
@@ -19,12 +19,11 @@ import {Rng} from "../../src/backend/rng.js";
 import {loadModelConfig} from "../../src/io/hf-config.js";
 import {SafetensorsCheckpoint} from "../../src/io/safetensors.js";
 import type {RawFloatTensor} from "../../src/model/weights.js";
-import {DecoderModel} from "../../src/model/decoder.js";
-import {readAdapter, saveAdapter} from "../../src/peft/adapter-files.js";
-import {applyLora} from "../../src/peft/inject.js";
+import {readAdapter} from "../../src/peft/adapter-files.js";
 import {mergeAdapter} from "../../src/peft/merge.js";
 import {cpuMergeExecutor, cudaMergeExecutor} from "../../src/peft/merge-executor.js";
 import {FIXTURES, MODEL_DIR} from "../helpers/paths.js";
+import {doraAdapter} from "../helpers/dora-adapter.js";
 
 const gpu = cudaAvailability();
 const skip = gpu.usable ? false : `no usable GPU: ${gpu.reason}`;
@@ -138,23 +137,6 @@ test("scaleRowsRatioF32: fl32(w (m / n)) with the ratio and the product in float
     for (const b of [dW, dNum, dDen]) b.free();
 });
 
-/** a DoRA adapter on q, v and down with random B and magnitudes (the fixture adapter is plain LoRA) */
-async function doraAdapter(): Promise<string> {
-    const dir = path.join(tmp, "dora-adapter");
-    if (existsSync(dir)) return dir;
-    const model = await DecoderModel.load(MODEL_DIR);
-    const lora = applyLora(
-        model,
-        {r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj", "down_proj"], use_dora: true, init_lora_weights: "gaussian"},
-        {initRng: new Rng(5)}
-    );
-    const rng = new Rng(9);
-    for (const t of lora.trainableTensors())
-        for (let i = 0; i < t.param.length; i++) t.param[i] += (t.name.endsWith("magnitude_vector") ? 0.5 : 0.05) * rng.normal();
-    await saveAdapter(dir, lora);
-    return dir;
-}
-
 /** distance in units in the last place between two bf16 or f16 bit patterns (same sign-magnitude order) */
 function ulps(a: number, b: number): number {
     const ord = (x: number) => (x & 0x8000 ? -(x & 0x7fff) : x & 0x7fff);
@@ -180,7 +162,7 @@ for (const c of [
         nf4: true,
         dtype: "f16"
     },
-    {what: "a DoRA adapter, bf16, --against-nf4", adapter: doraAdapter, nf4: true, dtype: "bf16"}
+    {what: "a DoRA adapter, bf16, --against-nf4", adapter: () => doraAdapter(tmp), nf4: true, dtype: "bf16"}
 ] as const)
     test(`merge on the GPU: ${c.what}: every value within one ulp of the CPU merge, at most ${MAX_DIFFERING * 100}% differ`, {
         skip

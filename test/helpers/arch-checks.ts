@@ -581,3 +581,41 @@ export const GEMMA3 = {
     bos_token_id: 16381,
     eos_token_id: 16381
 };
+
+/**
+ * One small model of each graph shape the planner and the CPU step distinguish (Qwen2 biases, Qwen3 per-head
+ * norms, Phi-3 fused projections, Gemma 3 sandwich norms), with a vocabulary of 256 so that the loss's logits do
+ * not hide the blocks' activations (test/plan-replay.test.ts, test/cpu-buffer-pool.test.ts)
+ */
+export const SMALL_VOCAB_ARCHS: Record<string, Record<string, unknown>> = {
+    qwen2: {
+        architectures: ["Qwen2ForCausalLM"],
+        model_type: "qwen2",
+        vocab_size: 256,
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 2048,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: true
+    },
+    qwen3: {...QWEN3, vocab_size: 256, max_position_embeddings: 2048},
+    phi3: {
+        architectures: ["Phi3ForCausalLM"],
+        model_type: "phi3",
+        vocab_size: 256,
+        hidden_size: 128,
+        intermediate_size: 160,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        max_position_embeddings: 2048,
+        partial_rotary_factor: 0.75,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        hidden_act: "silu"
+    },
+    gemma3: {...GEMMA3, vocab_size: 256, max_position_embeddings: 2048}
+};
